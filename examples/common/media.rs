@@ -1,0 +1,662 @@
+//! Pre-encoded media for synthetic publishers: VP8 from IVF files, Opus from Ogg files.
+//!
+//! Nothing is encoded at run time. A clip is parsed once (and cached per path), then played in a
+//! loop by a [`FrameCursor`] whose RTP timestamps keep running across the loop boundary, turned
+//! into RTP packets by a [`MediaPacketizer`] (webrtc-rs's packetizer and payloaders), and paced at
+//! the frame rate by [`run_pacer`] on a tokio interval.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use bytes::Bytes;
+use plaza::signal::TrackKind;
+use rtc::rtp;
+use rtc::rtp::packetizer::Packetizer;
+
+/// Directory of the assets shipped with the repository.
+pub fn assets_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+/// The default VP8 clip: 320x240, 30 fps, keyframe every 30 frames.
+pub fn default_video_file() -> PathBuf {
+    assets_dir().join("video_320x240_vp8.ivf")
+}
+
+/// The default Opus clip: 48 kHz, 20 ms frames.
+pub fn default_audio_file() -> PathBuf {
+    assets_dir().join("audio_sine_opus.ogg")
+}
+
+/// RTP clock rates.
+pub const VIDEO_CLOCK_RATE: u32 = 90_000;
+pub const AUDIO_CLOCK_RATE: u32 = 48_000;
+/// Outbound MTU the packetizer cuts frames to (the same as webrtc-rs's sample track).
+pub const RTP_MTU: usize = 1200;
+
+/// One encoded frame (VP8 frame or Opus packet) and its duration in RTP clock units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub data: Bytes,
+    /// Duration in units of the RTP clock (90 kHz video, 48 kHz audio).
+    pub samples: u32,
+    /// A VP8 keyframe (always false for audio).
+    pub keyframe: bool,
+}
+
+/// A parsed clip, played in a loop.
+#[derive(Debug, Clone)]
+pub struct Clip {
+    pub kind: TrackKind,
+    pub frames: Vec<Frame>,
+    /// Time between frames for pacing (the first frame's duration).
+    pub frame_interval: Duration,
+    /// Video size, 0 for audio.
+    pub width: u16,
+    pub height: u16,
+}
+
+impl Clip {
+    /// Parses a VP8 IVF file (constant frame rate from the IVF header's time base).
+    pub fn parse_ivf(data: &[u8]) -> Result<Clip> {
+        ensure!(data.len() >= 32, "IVF: file shorter than its header");
+        ensure!(&data[0..4] == b"DKIF", "IVF: bad signature");
+        let header_size = u16::from_le_bytes([data[6], data[7]]) as usize;
+        let fourcc = &data[8..12];
+        ensure!(
+            fourcc == b"VP80",
+            "IVF: codec {:?} is not VP8",
+            String::from_utf8_lossy(fourcc)
+        );
+        let width = u16::from_le_bytes([data[12], data[13]]);
+        let height = u16::from_le_bytes([data[14], data[15]]);
+        let rate = u32::from_le_bytes([data[16], data[17], data[18], data[19]]);
+        let scale = u32::from_le_bytes([data[20], data[21], data[22], data[23]]);
+        ensure!(rate > 0 && scale > 0, "IVF: zero time base {scale}/{rate}");
+        let samples = (u64::from(VIDEO_CLOCK_RATE) * u64::from(scale) / u64::from(rate)) as u32;
+        ensure!(samples > 0, "IVF: frame rate {rate}/{scale} too high");
+        let frame_interval = Duration::from_secs_f64(f64::from(scale) / f64::from(rate));
+
+        let mut frames = Vec::new();
+        let mut pos = header_size.max(32);
+        while pos + 12 <= data.len() {
+            let size =
+                u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]])
+                    as usize;
+            pos += 12;
+            ensure!(
+                pos + size <= data.len(),
+                "IVF: frame {} truncated",
+                frames.len()
+            );
+            let frame = Bytes::copy_from_slice(&data[pos..pos + size]);
+            pos += size;
+            if frame.is_empty() {
+                continue;
+            }
+            // VP8 frame tag: bit 0 of the first byte is 0 for a keyframe (RFC 6386 §9.1).
+            let keyframe = frame[0] & 0x01 == 0;
+            frames.push(Frame {
+                data: frame,
+                samples,
+                keyframe,
+            });
+        }
+        ensure!(!frames.is_empty(), "IVF: no frames");
+        ensure!(frames[0].keyframe, "IVF: first frame is not a keyframe");
+        Ok(Clip {
+            kind: TrackKind::Video,
+            frames,
+            frame_interval,
+            width,
+            height,
+        })
+    }
+
+    /// Parses an Ogg Opus file into Opus packets (any number per page, packets may span pages);
+    /// durations come from each packet's TOC byte.
+    pub fn parse_ogg_opus(data: &[u8]) -> Result<Clip> {
+        let mut packets: Vec<Vec<u8>> = Vec::new();
+        let mut partial: Vec<u8> = Vec::new();
+        let mut serial: Option<u32> = None;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            ensure!(data.len() >= pos + 27, "Ogg: truncated page header at {pos}");
+            ensure!(&data[pos..pos + 4] == b"OggS", "Ogg: bad capture pattern at {pos}");
+            ensure!(data[pos + 4] == 0, "Ogg: unknown version");
+            let page_serial = u32::from_le_bytes([
+                data[pos + 14],
+                data[pos + 15],
+                data[pos + 16],
+                data[pos + 17],
+            ]);
+            let nsegs = data[pos + 26] as usize;
+            ensure!(
+                data.len() >= pos + 27 + nsegs,
+                "Ogg: truncated segment table"
+            );
+            let lacing = &data[pos + 27..pos + 27 + nsegs];
+            let body_len: usize = lacing.iter().map(|&l| l as usize).sum();
+            let mut body = pos + 27 + nsegs;
+            ensure!(data.len() >= body + body_len, "Ogg: truncated page body");
+            pos = body + body_len;
+            if *serial.get_or_insert(page_serial) != page_serial {
+                // Only the first logical stream is played.
+                continue;
+            }
+            for &l in lacing {
+                partial.extend_from_slice(&data[body..body + l as usize]);
+                body += l as usize;
+                if l < 255 {
+                    packets.push(std::mem::take(&mut partial));
+                }
+            }
+        }
+        let mut frames = Vec::new();
+        for p in packets {
+            if p.starts_with(b"OpusHead") || p.starts_with(b"OpusTags") || p.is_empty() {
+                continue;
+            }
+            let samples = opus_packet_samples(&p)
+                .ok_or_else(|| anyhow!("Opus: bad TOC in packet {}", frames.len()))?;
+            frames.push(Frame {
+                data: Bytes::from(p),
+                samples,
+                keyframe: false,
+            });
+        }
+        ensure!(!frames.is_empty(), "Ogg: no Opus packets");
+        let frame_interval = Duration::from_micros(
+            u64::from(frames[0].samples) * 1_000_000 / u64::from(AUDIO_CLOCK_RATE),
+        );
+        Ok(Clip {
+            kind: TrackKind::Audio,
+            frames,
+            frame_interval,
+            width: 0,
+            height: 0,
+        })
+    }
+
+    /// Loads and parses a clip by file extension (`.ivf` or `.ogg`/`.opus`), cached per path so
+    /// many peers share one copy.
+    pub fn load(path: &Path) -> Result<Arc<Clip>> {
+        static CACHE: OnceLock<Mutex<HashMap<PathBuf, Arc<Clip>>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        if let Some(clip) = cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .cloned()
+        {
+            return Ok(clip);
+        }
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let clip = match ext.as_str() {
+            "ivf" => Clip::parse_ivf(&data),
+            "ogg" | "opus" => Clip::parse_ogg_opus(&data),
+            _ => bail!("{}: unknown media file type", path.display()),
+        }
+        .with_context(|| format!("parsing {}", path.display()))?;
+        let clip = Arc::new(clip);
+        cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_owned(), clip.clone());
+        Ok(clip)
+    }
+
+    /// Total duration of one pass, in RTP clock units.
+    pub fn total_samples(&self) -> u64 {
+        self.frames.iter().map(|f| u64::from(f.samples)).sum()
+    }
+}
+
+/// Samples (at 48 kHz) in one Opus packet, from its TOC byte (RFC 6716 §3.1).
+pub fn opus_packet_samples(packet: &[u8]) -> Option<u32> {
+    let toc = *packet.first()?;
+    let config = toc >> 3;
+    let frame = match config {
+        0..=11 => [480, 960, 1920, 2880][(config % 4) as usize],
+        12..=15 => [480, 960][(config % 2) as usize],
+        _ => [120, 240, 480, 960][(config % 4) as usize],
+    };
+    let count = match toc & 0x03 {
+        0 => 1,
+        1 | 2 => 2,
+        _ => u32::from(*packet.get(1)? & 0x3f),
+    };
+    (count > 0 && frame * count <= 5760).then_some(frame * count)
+}
+
+/// Walks a clip in a loop; can jump to the next keyframe on request.
+#[derive(Debug, Clone)]
+pub struct FrameCursor {
+    clip: Arc<Clip>,
+    next: usize,
+    /// Completed passes over the clip.
+    pub loops: u64,
+}
+
+impl FrameCursor {
+    pub fn new(clip: Arc<Clip>) -> Self {
+        FrameCursor {
+            clip,
+            next: 0,
+            loops: 0,
+        }
+    }
+
+    pub fn clip(&self) -> &Arc<Clip> {
+        &self.clip
+    }
+
+    /// The next frame. With `want_keyframe`, skips forward (wrapping) to the next keyframe if
+    /// the next frame is not one; timestamps stay continuous since each call advances by the
+    /// returned frame's duration only.
+    pub fn next_frame(&mut self, want_keyframe: bool) -> &Frame {
+        let frames = &self.clip.frames;
+        if want_keyframe && !frames[self.next].keyframe {
+            let n = frames.len();
+            if let Some(step) = (1..n).find(|s| frames[(self.next + s) % n].keyframe) {
+                if self.next + step >= n {
+                    self.loops += 1;
+                }
+                self.next = (self.next + step) % n;
+            }
+        }
+        let idx = self.next;
+        self.next += 1;
+        if self.next == frames.len() {
+            self.next = 0;
+            self.loops += 1;
+        }
+        &frames[idx]
+    }
+}
+
+/// Turns frames into RTP packets with webrtc-rs's packetizer (VP8 with picture ids, Opus).
+pub struct MediaPacketizer {
+    cursor: FrameCursor,
+    packetizer: Box<dyn Packetizer + Send>,
+}
+
+impl MediaPacketizer {
+    pub fn new(clip: Arc<Clip>, ssrc: u32, payload_type: u8) -> Result<Self> {
+        let (payloader, clock_rate): (Box<dyn rtp::packetizer::Payloader>, u32) = match clip.kind
+        {
+            TrackKind::Video => {
+                let mut p = rtp::codec::vp8::Vp8Payloader::default();
+                p.enable_picture_id = true;
+                (Box::new(p), VIDEO_CLOCK_RATE)
+            }
+            TrackKind::Audio => (
+                Box::<rtp::codec::opus::OpusPayloader>::default(),
+                AUDIO_CLOCK_RATE,
+            ),
+        };
+        let packetizer = rtp::packetizer::new_packetizer(
+            Instant::now(),
+            RTP_MTU,
+            payload_type,
+            ssrc,
+            payloader,
+            Box::new(rtp::sequence::new_random_sequencer()),
+            clock_rate,
+        );
+        Ok(MediaPacketizer {
+            cursor: FrameCursor::new(clip),
+            packetizer: Box::new(packetizer),
+        })
+    }
+
+    /// Packetizes the next frame. Returns the packets and whether the frame was a keyframe.
+    pub fn next_packets(&mut self, want_keyframe: bool) -> Result<(Vec<rtp::Packet>, bool)> {
+        let frame = self.cursor.next_frame(want_keyframe);
+        let keyframe = frame.keyframe;
+        let (data, samples) = (frame.data.clone(), frame.samples);
+        let packets = self
+            .packetizer
+            .packetize(Instant::now(), &data, samples)
+            .map_err(|e| anyhow!("packetize: {e}"))?;
+        Ok((packets, keyframe))
+    }
+
+    pub fn loops(&self) -> u64 {
+        self.cursor.loops
+    }
+}
+
+/// Where the pacer writes packets (a webrtc-rs local track, or a channel in tests).
+pub trait PacketSink: Send + Sync + 'static {
+    fn write(&self, packet: rtp::Packet) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Counters a pacer keeps for one local track.
+#[derive(Debug, Clone, Default)]
+pub struct SendCounters {
+    pub packets: u64,
+    /// RTP payload bytes.
+    pub bytes: u64,
+    pub frames: u64,
+    pub keyframes: u64,
+    pub write_errors: u64,
+    pub last_error: Option<String>,
+    pub started_at: Option<Instant>,
+    /// Keyframe requests (PLI/FIR) received for this track.
+    pub keyframe_requests: u64,
+}
+
+/// Shared control and counters of a pacer.
+#[derive(Debug, Default)]
+pub struct PacerControl {
+    pub counters: Mutex<SendCounters>,
+    /// While set, no frames are sent (the clip position still advances, like a muted camera's
+    /// clock).
+    pub paused: AtomicBool,
+    /// Set to make the next frame a keyframe (jumping forward in the clip).
+    pub keyframe_requested: AtomicBool,
+}
+
+impl PacerControl {
+    pub fn counters(&self) -> SendCounters {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn request_keyframe(&self) {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keyframe_requests += 1;
+        self.keyframe_requested.store(true, Ordering::Release);
+    }
+}
+
+/// Sends one frame per tick, forever (until the task is aborted or the sink is gone).
+/// `on_progress` is called after each frame (to wake waiters).
+pub async fn run_pacer<S: PacketSink>(
+    mut packetizer: MediaPacketizer,
+    interval: Duration,
+    sink: S,
+    control: Arc<PacerControl>,
+    on_progress: impl Fn() + Send + 'static,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    // Burst (the default) catches up after a stall, so the average rate matches the RTP clock.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    control
+        .counters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .started_at = Some(Instant::now());
+    loop {
+        ticker.tick().await;
+        let want_key = control.keyframe_requested.swap(false, Ordering::AcqRel);
+        let (packets, keyframe) = match packetizer.next_packets(want_key) {
+            Ok(p) => p,
+            Err(e) => {
+                let mut c = control.counters.lock().unwrap_or_else(|e| e.into_inner());
+                c.write_errors += 1;
+                c.last_error = Some(e.to_string());
+                continue;
+            }
+        };
+        if control.paused.load(Ordering::Acquire) {
+            continue;
+        }
+        let mut sent = 0u64;
+        let mut bytes = 0u64;
+        let mut error = None;
+        for p in packets {
+            let len = p.payload.len() as u64;
+            match sink.write(p).await {
+                Ok(()) => {
+                    sent += 1;
+                    bytes += len;
+                }
+                Err(e) => error = Some(e),
+            }
+        }
+        {
+            let mut c = control.counters.lock().unwrap_or_else(|e| e.into_inner());
+            c.packets += sent;
+            c.bytes += bytes;
+            if sent > 0 {
+                c.frames += 1;
+                if keyframe {
+                    c.keyframes += 1;
+                }
+            }
+            if let Some(e) = error {
+                c.write_errors += 1;
+                c.last_error = Some(e);
+            }
+        }
+        on_progress();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn video() -> Arc<Clip> {
+        Clip::load(&default_video_file()).expect("video asset")
+    }
+
+    fn audio() -> Arc<Clip> {
+        Clip::load(&default_audio_file()).expect("audio asset")
+    }
+
+    #[test]
+    fn video_asset_parses() {
+        let clip = video();
+        assert_eq!((clip.width, clip.height), (320, 240));
+        assert_eq!(clip.frame_interval, Duration::from_secs_f64(1.0 / 30.0));
+        assert!(clip.frames.iter().all(|f| f.samples == 3000));
+        let keys: Vec<usize> = (0..clip.frames.len())
+            .filter(|&i| clip.frames[i].keyframe)
+            .collect();
+        assert_eq!(keys[0], 0);
+        assert!(keys.windows(2).all(|w| w[1] - w[0] == 30), "{keys:?}");
+        assert!(clip.frames.len() >= 150);
+    }
+
+    #[test]
+    fn audio_asset_parses_into_20ms_packets() {
+        let clip = audio();
+        assert_eq!(clip.frame_interval, Duration::from_millis(20));
+        assert!(clip.frames.iter().all(|f| f.samples == 960));
+        assert!(clip.frames.len() >= 250, "{}", clip.frames.len());
+    }
+
+    #[test]
+    fn simulcast_assets_parse() {
+        for (name, w, h) in [
+            ("simulcast_f_1280x720_vp8.ivf", 1280, 720),
+            ("simulcast_h_640x360_vp8.ivf", 640, 360),
+            ("simulcast_q_320x180_vp8.ivf", 320, 180),
+        ] {
+            let clip = Clip::load(&assets_dir().join(name)).unwrap();
+            assert_eq!((clip.width, clip.height), (w, h));
+            assert_eq!(clip.frames.len(), 150);
+        }
+    }
+
+    #[test]
+    fn opus_toc() {
+        // config 31 (CELT FB 20 ms), code 0.
+        assert_eq!(opus_packet_samples(&[31 << 3]), Some(960));
+        // config 1 (SILK NB 20 ms), code 1: two frames.
+        assert_eq!(opus_packet_samples(&[(1 << 3) | 1]), Some(1920));
+        // config 16 (CELT 2.5 ms), code 3 with 4 frames.
+        assert_eq!(opus_packet_samples(&[(16 << 3) | 3, 4]), Some(480));
+        assert_eq!(opus_packet_samples(&[]), None);
+        assert_eq!(opus_packet_samples(&[3]), None);
+    }
+
+    #[test]
+    fn ogg_packets_spanning_pages_and_several_per_page() {
+        fn page(serial: u32, lacing: &[u8], body: &[u8]) -> Vec<u8> {
+            let mut p = b"OggS".to_vec();
+            p.push(0);
+            p.push(0);
+            p.extend_from_slice(&0u64.to_le_bytes());
+            p.extend_from_slice(&serial.to_le_bytes());
+            p.extend_from_slice(&0u32.to_le_bytes());
+            p.extend_from_slice(&0u32.to_le_bytes());
+            p.push(lacing.len() as u8);
+            p.extend_from_slice(lacing);
+            p.extend_from_slice(body);
+            p
+        }
+        let head = b"OpusHead\x01\x01\x00\x00\x80\xbb\x00\x00\x00\x00\x00".to_vec();
+        let mut file = page(7, &[head.len() as u8], &head);
+        file.extend(page(7, &[8], b"OpusTags"));
+        // Two packets in one page: 3 bytes and 2 bytes.
+        let (a, b) = ([31u8 << 3, 1, 2], [31u8 << 3, 9]);
+        file.extend(page(7, &[3, 2], &[&a[..], &b[..]].concat()));
+        // One 300-byte packet spanning two pages (255 | 45).
+        let mut big = vec![31u8 << 3];
+        big.resize(300, 0xaa);
+        file.extend(page(7, &[255], &big[..255]));
+        file.extend(page(7, &[45], &big[255..]));
+        let clip = Clip::parse_ogg_opus(&file).unwrap();
+        let sizes: Vec<usize> = clip.frames.iter().map(|f| f.data.len()).collect();
+        assert_eq!(sizes, vec![3, 2, 300]);
+    }
+
+    #[test]
+    fn ivf_rejects_garbage() {
+        assert!(Clip::parse_ivf(b"nope").is_err());
+        let mut bad = vec![0u8; 32];
+        bad[0..4].copy_from_slice(b"DKIF");
+        bad[8..12].copy_from_slice(b"VP90");
+        assert!(Clip::parse_ivf(&bad).is_err());
+    }
+
+    #[test]
+    fn cursor_loops_and_jumps_to_keyframes() {
+        let clip = video();
+        let n = clip.frames.len();
+        let mut c = FrameCursor::new(clip.clone());
+        assert!(c.next_frame(false).keyframe);
+        for _ in 1..n {
+            c.next_frame(false);
+        }
+        assert_eq!(c.loops, 1);
+        assert!(c.next_frame(false).keyframe, "loop restarts at frame 0");
+        // At frame 1: a keyframe request jumps to frame 30.
+        let f = c.next_frame(true).clone();
+        assert!(f.keyframe);
+        assert_eq!(f, clip.frames[30]);
+        assert!(!c.next_frame(true).keyframe || n <= 31);
+    }
+
+    #[test]
+    fn packets_are_continuous_across_loops() {
+        let clip = audio();
+        let n = clip.frames.len();
+        let mut p = MediaPacketizer::new(clip, 1234, 111).unwrap();
+        let mut last: Option<(u16, u32)> = None;
+        for _ in 0..(2 * n + 5) {
+            let (pkts, _) = p.next_packets(false).unwrap();
+            assert_eq!(pkts.len(), 1);
+            let h = &pkts[0].header;
+            assert_eq!((h.ssrc, h.payload_type), (1234, 111));
+            if let Some((seq, ts)) = last {
+                assert_eq!(h.sequence_number, seq.wrapping_add(1));
+                assert_eq!(h.timestamp, ts.wrapping_add(960));
+            }
+            last = Some((h.sequence_number, h.timestamp));
+        }
+        assert_eq!(p.loops(), 2);
+    }
+
+    #[test]
+    fn video_frames_are_split_with_marker_on_last() {
+        let mut p = MediaPacketizer::new(video(), 1, 96).unwrap();
+        let (pkts, key) = p.next_packets(false).unwrap();
+        assert!(key);
+        assert!(!pkts.is_empty());
+        assert!(pkts.iter().all(|p| p.payload.len() <= RTP_MTU - 12));
+        assert!(pkts.last().unwrap().header.marker);
+        assert!(pkts[..pkts.len() - 1].iter().all(|p| !p.header.marker));
+        let ts = pkts[0].header.timestamp;
+        let (next, _) = p.next_packets(false).unwrap();
+        assert_eq!(next[0].header.timestamp, ts.wrapping_add(3000));
+    }
+
+    struct ChannelSink(tokio::sync::mpsc::UnboundedSender<rtp::Packet>);
+
+    impl PacketSink for ChannelSink {
+        fn write(&self, packet: rtp::Packet) -> impl Future<Output = Result<(), String>> + Send {
+            let r = self.0.send(packet).map_err(|e| e.to_string());
+            async move { r }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_sends_at_frame_rate_and_honours_keyframe_requests() {
+        let clip = audio();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let control = Arc::new(PacerControl::default());
+        let packetizer = MediaPacketizer::new(clip.clone(), 9, 111).unwrap();
+        let task = tokio::spawn(run_pacer(
+            packetizer,
+            clip.frame_interval,
+            ChannelSink(tx),
+            control.clone(),
+            || {},
+        ));
+        // Virtual time: one second of 20 ms frames is 50 frames (+1 for the immediate first tick).
+        tokio::time::sleep(Duration::from_millis(1000) + Duration::from_micros(1)).await;
+        let mut got = 0;
+        while rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 51);
+        assert_eq!(control.counters().packets, 51);
+        control.paused.store(true, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 51, "paused pacer sends nothing");
+        task.abort();
+
+        // Video: a keyframe request makes the next frame a keyframe.
+        let clip = video();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let control = Arc::new(PacerControl::default());
+        let packetizer = MediaPacketizer::new(clip.clone(), 10, 96).unwrap();
+        let task = tokio::spawn(run_pacer(
+            packetizer,
+            clip.frame_interval,
+            ChannelSink(tx),
+            control.clone(),
+            || {},
+        ));
+        tokio::time::sleep(clip.frame_interval * 3).await;
+        assert_eq!(control.counters().keyframes, 1);
+        control.request_keyframe();
+        tokio::time::sleep(clip.frame_interval).await;
+        let c = control.counters();
+        assert_eq!((c.keyframes, c.keyframe_requests), (2, 1));
+        assert!(rx.try_recv().is_ok());
+        task.abort();
+    }
+}

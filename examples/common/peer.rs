@@ -1,0 +1,1994 @@
+//! A synthetic Plaza participant: WebSocket signaling plus two webrtc-rs peer connections.
+//!
+//! - **subscriber PC**: answers every `subscribe_offer` (the latest one when several are queued),
+//!   receives the server's `chat`/`input` data channels and the forwarded tracks, and keeps
+//!   per-track receive statistics.
+//! - **publisher PC** (when publishing): Opus + VP8 tracks fed from pre-encoded files, offered
+//!   with `publish_offer`; media starts once the connection is up.
+//!
+//! Every wait is bounded by a timeout; server misbehaviour is recorded as events and returned as
+//! errors, never a panic. State changes wake waiters through a `watch` counter, so tests wait
+//! for conditions, not for time.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Display;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt, StreamExt};
+use plaza::signal::{
+    ClientMessage, ErrorCode, IceCandidate, ParticipantInfo, PcTarget, ServerMessage, TrackInfo,
+    TrackKind,
+};
+use rtc::interceptor::Slot;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RtpCodecKind,
+};
+use serde_json::{Map, Value};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::AbortHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::Track;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
+    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+    register_default_interceptors,
+};
+use webrtc::rtp_transceiver::RtpSender;
+
+use super::envelope;
+use super::keyframe::{KEYFRAME_TAP_SLOT, KeyframeRequestTap, is_keyframe_request};
+use super::media::{
+    self, Clip, MediaPacketizer, PacerControl, PacketSink, SendCounters, run_pacer,
+};
+use super::recv::RemoteTrackStats;
+
+type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+// ───────────────────────────── options and public types ─────────────────────────────
+
+/// How a synthetic peer joins and what it publishes.
+#[derive(Debug, Clone)]
+pub struct PeerOptions {
+    pub publish_audio: bool,
+    pub publish_video: bool,
+    /// Ogg Opus file for the audio track.
+    pub audio_file: PathBuf,
+    /// VP8 IVF file for the video track.
+    pub video_file: PathBuf,
+    /// `join.auto_subscribe` (None = server default, which is true).
+    pub auto_subscribe: Option<bool>,
+    pub token: Option<String>,
+    pub protocol: Option<u32>,
+    /// Bound of every connect step (WebSocket open, join, publish answer, connection, channels)
+    /// and of each peer-connection operation.
+    pub timeout: Duration,
+    /// `connect` returns only once the publisher PC is connected (when publishing) and both
+    /// data channels are open.
+    pub wait_ready: bool,
+    /// How many recent packets each remote track keeps for inspection.
+    pub keep_recent_packets: usize,
+    /// How many received data-channel messages are kept (oldest dropped first).
+    pub max_kept_messages: usize,
+    /// Local address the peer connections bind (host candidates only; mDNS is off).
+    pub bind_ip: String,
+}
+
+impl Default for PeerOptions {
+    fn default() -> Self {
+        PeerOptions {
+            publish_audio: false,
+            publish_video: false,
+            audio_file: media::default_audio_file(),
+            video_file: media::default_video_file(),
+            auto_subscribe: None,
+            token: None,
+            protocol: None,
+            timeout: Duration::from_secs(10),
+            wait_ready: true,
+            keep_recent_packets: 64,
+            max_kept_messages: 10_000,
+            bind_ip: "127.0.0.1".to_owned(),
+        }
+    }
+}
+
+impl PeerOptions {
+    /// Publishes audio and video (and subscribes, like every participant).
+    pub fn publisher() -> Self {
+        PeerOptions {
+            publish_audio: true,
+            publish_video: true,
+            ..Default::default()
+        }
+    }
+
+    /// Subscribes only.
+    pub fn subscriber() -> Self {
+        PeerOptions::default()
+    }
+
+    pub fn publishing(&self) -> bool {
+        self.publish_audio || self.publish_video
+    }
+}
+
+/// What the server said in `joined`, plus how long joining took.
+#[derive(Debug, Clone)]
+pub struct JoinedInfo {
+    pub protocol: u32,
+    pub server_version: String,
+    pub room: String,
+    pub participant_id: String,
+    pub participants: Vec<ParticipantInfo>,
+    pub max_data_message: usize,
+    /// WebSocket open → `joined` received.
+    pub join_latency: Duration,
+}
+
+/// A data channel of the subscriber connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// Reliable, ordered.
+    Chat,
+    /// Unordered, no retransmissions.
+    Input,
+    /// Any other label the server opened.
+    Other(String),
+}
+
+impl Channel {
+    pub fn label(&self) -> &str {
+        match self {
+            Channel::Chat => "chat",
+            Channel::Input => "input",
+            Channel::Other(l) => l,
+        }
+    }
+
+    pub fn from_label(label: &str) -> Channel {
+        match label {
+            "chat" => Channel::Chat,
+            "input" => Channel::Input,
+            other => Channel::Other(other.to_owned()),
+        }
+    }
+}
+
+/// A payload to send on a data channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    Text(String),
+    Binary(Bytes),
+}
+
+/// A data-channel message received from the server.
+#[derive(Debug, Clone)]
+pub struct DataMessage {
+    pub channel: Channel,
+    /// The sender (`from` in the envelope header), if the envelope had one.
+    pub from: Option<String>,
+    /// The payload after the envelope header.
+    pub payload: Bytes,
+    pub is_text: bool,
+    /// The whole envelope header.
+    pub header: Map<String, Value>,
+    /// Set when the message was not a valid envelope (then `payload` is the whole message).
+    pub malformed: Option<String>,
+    pub received_at: Instant,
+}
+
+impl DataMessage {
+    /// The payload as text, for text messages that are valid UTF-8.
+    pub fn text(&self) -> Option<&str> {
+        if self.is_text {
+            std::str::from_utf8(&self.payload).ok()
+        } else {
+            None
+        }
+    }
+}
+
+/// Something that happened to the peer, in order of arrival.
+#[derive(Debug, Clone)]
+pub enum PeerEvent {
+    /// Every message the server sent (including offers, answers and trickles).
+    Server(ServerMessage),
+    /// A server text frame that is not a valid `ServerMessage`.
+    Unparsed { text: String, error: String },
+    /// The WebSocket ended (`reason` says how).
+    WsClosed { reason: String },
+    /// The nth `subscribe_offer` was answered.
+    SubscribeAnswered { n: u64 },
+    /// The publisher's answer was applied.
+    PublishAnswered { n: u64 },
+    /// An offer/answer could not be applied (the connection goes on).
+    NegotiationFailed { target: PcTarget, error: String },
+    /// A server ICE candidate could not be added.
+    CandidateFailed { target: PcTarget, error: String },
+    ConnectionState {
+        target: PcTarget,
+        state: RTCPeerConnectionState,
+    },
+    /// A forwarded track delivered its first packet.
+    TrackStarted {
+        track_id: String,
+        stream_id: String,
+        kind: TrackKind,
+    },
+    TrackEnded { track_id: String },
+    DataChannelOpen { label: String },
+    DataChannelClosed { label: String },
+    /// Local media started flowing on the publisher PC.
+    MediaStarted {
+        kind: TrackKind,
+        client_track_id: String,
+        payload_type: u8,
+    },
+    /// A local problem worth knowing about (e.g. media could not start).
+    Warning { message: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct TimedEvent {
+    pub at: Instant,
+    pub event: PeerEvent,
+}
+
+/// Offer/answer and ICE bookkeeping.
+#[derive(Debug, Clone, Default)]
+pub struct NegotiationStats {
+    pub subscribe_offers: u64,
+    /// Offers superseded by a newer one before they were handled.
+    pub subscribe_offers_skipped: u64,
+    pub subscribe_answers: u64,
+    pub publish_offers: u64,
+    pub publish_answers: u64,
+    pub remote_candidates_added: u64,
+    pub local_candidates_sent: u64,
+    pub errors: Vec<String>,
+}
+
+/// A published local track and its send counters.
+#[derive(Debug, Clone)]
+pub struct LocalTrackStats {
+    pub kind: TrackKind,
+    /// Our own track id (the msid track id in the offer).
+    pub client_track_id: String,
+    /// The server's id for it, once the server announced it (`track_published`).
+    pub server_track_id: Option<String>,
+    pub ssrc: u32,
+    pub payload_type: Option<u8>,
+    pub paused: bool,
+    pub counters: SendCounters,
+}
+
+/// A snapshot of everything the peer knows.
+#[derive(Debug, Clone)]
+pub struct PeerStats {
+    pub name: String,
+    pub participant_id: String,
+    pub remote_tracks: Vec<RemoteTrackStats>,
+    pub local_tracks: Vec<LocalTrackStats>,
+    pub negotiation: NegotiationStats,
+    pub messages_received: u64,
+    pub closed: Option<String>,
+}
+
+// ───────────────────────────── shared state ─────────────────────────────
+
+#[derive(Debug, Default)]
+struct State {
+    participant_id: Option<String>,
+    events: Vec<TimedEvent>,
+    remote_tracks: BTreeMap<String, RemoteTrackStats>,
+    room_tracks: BTreeMap<String, TrackInfo>,
+    participants: BTreeMap<String, ParticipantInfo>,
+    messages: VecDeque<DataMessage>,
+    messages_total: u64,
+    negotiation: NegotiationStats,
+    pc_state: HashMap<PcTarget, RTCPeerConnectionState>,
+    open_channels: Vec<String>,
+    closed: Option<String>,
+    joined: Option<std::result::Result<JoinedInfo, String>>,
+}
+
+impl State {
+    fn push(&mut self, event: PeerEvent) {
+        self.events.push(TimedEvent {
+            at: Instant::now(),
+            event,
+        });
+    }
+
+    fn add_participant(&mut self, p: &ParticipantInfo) {
+        for t in &p.tracks {
+            self.room_tracks.insert(t.id.clone(), t.clone());
+        }
+        self.participants.insert(p.id.clone(), p.clone());
+    }
+}
+
+struct Shared {
+    name: String,
+    ws_opened_at: Instant,
+    keep_recent: usize,
+    max_kept_messages: usize,
+    state: Mutex<State>,
+    version: watch::Sender<u64>,
+    messages_tx: broadcast::Sender<DataMessage>,
+    channels: Mutex<HashMap<String, Arc<dyn DataChannel>>>,
+    remote_handles: Mutex<HashMap<String, Arc<dyn TrackRemote>>>,
+    tasks: Mutex<Vec<AbortHandle>>,
+    ping_seq: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let r = f(&mut self.state());
+        self.bump();
+        r
+    }
+
+    fn event(&self, event: PeerEvent) {
+        self.update(|s| s.push(event));
+    }
+
+    fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(fut);
+        lock(&self.tasks).push(handle.abort_handle());
+    }
+
+    fn abort_tasks(&self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Waits until `f` returns `Some`, re-checking on every state change, for at most `timeout`.
+    async fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&State) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.version.subscribe();
+        loop {
+            if let Some(v) = f(&self.state()) {
+                return Ok(v);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => bail!("{}: peer state dropped while waiting for {what}", self.name),
+                Err(_) => bail!("{}: timed out after {timeout:?} waiting for {what}", self.name),
+            }
+        }
+    }
+}
+
+enum WsOut {
+    Text(String),
+    Close,
+}
+
+enum NegCmd {
+    Offer(String),
+    Answer(String),
+    Candidate(IceCandidate),
+}
+
+async fn bounded<T, E: Display>(
+    timeout: Duration,
+    what: &str,
+    fut: impl Future<Output = std::result::Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => bail!("{what} timed out after {timeout:?}"),
+        Ok(Err(e)) => bail!("{what}: {e}"),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+fn encode(msg: &ClientMessage) -> String {
+    // Plain serde structs: serialising cannot fail.
+    serde_json::to_string(msg).unwrap_or_default()
+}
+
+// ───────────────────────────── peer-connection event handler ─────────────────────────────
+
+struct PcHandler {
+    target: PcTarget,
+    shared: Arc<Shared>,
+    ws_tx: mpsc::Sender<WsOut>,
+}
+
+type HandlerFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+fn done<'a>() -> HandlerFuture<'a> {
+    Box::pin(std::future::ready(()))
+}
+
+// `PeerConnectionEventHandler` is declared with `#[async_trait]`; this is its expansion written
+// out, so the examples need no extra dependency. The handlers run on the connection's driver
+// task, so they only record and spawn.
+impl PeerConnectionEventHandler for PcHandler {
+    fn on_ice_candidate<'life0, 'async_trait>(
+        &'life0 self,
+        event: RTCPeerConnectionIceEvent,
+    ) -> HandlerFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        match event.candidate.to_json() {
+            Ok(init) => {
+                let msg = ClientMessage::Trickle {
+                    target: self.target,
+                    candidate: IceCandidate {
+                        candidate: init.candidate,
+                        // BUNDLE: every m-line shares the first one's transport.
+                        sdp_mid: Some("0".to_owned()),
+                        sdp_mline_index: Some(0),
+                        username_fragment: init.username_fragment,
+                    },
+                };
+                let sent = self.ws_tx.try_send(WsOut::Text(encode(&msg))).is_ok();
+                self.shared.update(|s| {
+                    if sent {
+                        s.negotiation.local_candidates_sent += 1;
+                    } else {
+                        s.negotiation
+                            .errors
+                            .push("local candidate dropped: signaling queue full or closed".into());
+                    }
+                });
+            }
+            Err(e) => self.shared.update(|s| {
+                s.negotiation
+                    .errors
+                    .push(format!("local candidate to_json: {e}"))
+            }),
+        }
+        done()
+    }
+
+    fn on_connection_state_change<'life0, 'async_trait>(
+        &'life0 self,
+        state: RTCPeerConnectionState,
+    ) -> HandlerFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        let target = self.target;
+        self.shared.update(|s| {
+            s.pc_state.insert(target, state);
+            s.push(PeerEvent::ConnectionState { target, state });
+        });
+        done()
+    }
+
+    fn on_data_channel<'life0, 'async_trait>(
+        &'life0 self,
+        data_channel: Arc<dyn DataChannel>,
+    ) -> HandlerFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        let shared = self.shared.clone();
+        self.shared.spawn(data_channel_task(shared, data_channel));
+        done()
+    }
+
+    fn on_track<'life0, 'async_trait>(
+        &'life0 self,
+        track: Arc<dyn TrackRemote>,
+    ) -> HandlerFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        let shared = self.shared.clone();
+        self.shared.spawn(remote_track_task(shared, track));
+        done()
+    }
+}
+
+async fn data_channel_task(shared: Arc<Shared>, dc: Arc<dyn DataChannel>) {
+    let label = match dc.label().await {
+        Ok(l) => l,
+        Err(e) => {
+            shared.event(PeerEvent::Warning {
+                message: format!("data channel without label: {e}"),
+            });
+            return;
+        }
+    };
+    let channel = Channel::from_label(&label);
+    lock(&shared.channels).insert(label.clone(), dc.clone());
+    shared.update(|s| {
+        s.open_channels.push(label.clone());
+        s.push(PeerEvent::DataChannelOpen {
+            label: label.clone(),
+        });
+    });
+    while let Some(event) = dc.poll().await {
+        match event {
+            DataChannelEvent::OnMessage(msg) => {
+                let data = msg.data.freeze();
+                let received_at = Instant::now();
+                let m = match envelope::decode(data.clone()) {
+                    Ok(env) => DataMessage {
+                        channel: channel.clone(),
+                        from: env.from().map(str::to_owned),
+                        payload: env.payload,
+                        is_text: msg.is_string,
+                        header: env.header,
+                        malformed: None,
+                        received_at,
+                    },
+                    Err(e) => DataMessage {
+                        channel: channel.clone(),
+                        from: None,
+                        payload: data,
+                        is_text: msg.is_string,
+                        header: Map::new(),
+                        malformed: Some(e),
+                        received_at,
+                    },
+                };
+                let _ = shared.messages_tx.send(m.clone());
+                shared.update(|s| {
+                    if s.messages.len() >= shared.max_kept_messages {
+                        s.messages.pop_front();
+                    }
+                    s.messages.push_back(m);
+                    s.messages_total += 1;
+                });
+            }
+            DataChannelEvent::OnClose => break,
+            _ => {}
+        }
+    }
+    lock(&shared.channels).remove(&label);
+    shared.update(|s| {
+        s.open_channels.retain(|l| l != &label);
+        s.push(PeerEvent::DataChannelClosed { label });
+    });
+}
+
+async fn remote_track_task(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
+    let track_id = track.track_id().await;
+    let stream_id = track.stream_id().await;
+    let kind = match track.kind().await {
+        RtpCodecKind::Audio => TrackKind::Audio,
+        _ => TrackKind::Video,
+    };
+    lock(&shared.remote_handles).insert(track_id.clone(), track.clone());
+    shared.update(|s| {
+        s.remote_tracks.insert(
+            track_id.clone(),
+            RemoteTrackStats::new(
+                track_id.clone(),
+                stream_id.clone(),
+                kind,
+                shared.keep_recent,
+            ),
+        );
+        s.push(PeerEvent::TrackStarted {
+            track_id: track_id.clone(),
+            stream_id,
+            kind,
+        });
+    });
+    while let Some(event) = track.poll().await {
+        match event {
+            TrackRemoteEvent::OnOpen(init) => {
+                let mime = track.codec(init.ssrc).await.map(|c| c.mime_type);
+                shared.update(|s| {
+                    if let Some(t) = s.remote_tracks.get_mut(&track_id) {
+                        t.mime_type = mime;
+                    }
+                });
+            }
+            TrackRemoteEvent::OnRtpPacket(pkt) => {
+                let now = Instant::now();
+                shared.update(|s| {
+                    if let Some(t) = s.remote_tracks.get_mut(&track_id) {
+                        t.on_packet(&pkt, now);
+                    }
+                });
+            }
+            TrackRemoteEvent::OnEnded => break,
+            _ => {}
+        }
+    }
+    lock(&shared.remote_handles).remove(&track_id);
+    shared.update(|s| {
+        if let Some(t) = s.remote_tracks.get_mut(&track_id) {
+            t.ended = true;
+        }
+        s.push(PeerEvent::TrackEnded { track_id });
+    });
+}
+
+// ───────────────────────────── peer connections ─────────────────────────────
+
+fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+fn vp8_codec() -> RTCRtpCodec {
+    let fb = |typ: &str, parameter: &str| RTCPFeedback {
+        typ: typ.to_owned(),
+        parameter: parameter.to_owned(),
+    };
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: vec![
+            fb("goog-remb", ""),
+            fb("ccm", "fir"),
+            fb("nack", ""),
+            fb("nack", "pli"),
+        ],
+    }
+}
+
+async fn build_pc(
+    target: PcTarget,
+    shared: &Arc<Shared>,
+    ws_tx: &mpsc::Sender<WsOut>,
+    opts: &PeerOptions,
+) -> Result<Arc<dyn PeerConnection>> {
+    let mut media_engine = MediaEngine::default();
+    match target {
+        // Accept whatever the server forwards.
+        PcTarget::Subscriber => media_engine
+            .register_default_codecs()
+            .map_err(|e| anyhow!("register codecs: {e}"))?,
+        // Offer exactly what the files contain: Opus and VP8 (no RTX).
+        PcTarget::Publisher => {
+            media_engine
+                .register_codec(
+                    RTCRtpCodecParameters {
+                        rtp_codec: opus_codec(),
+                        payload_type: 111,
+                        ..Default::default()
+                    },
+                    RtpCodecKind::Audio,
+                )
+                .map_err(|e| anyhow!("register opus: {e}"))?;
+            media_engine
+                .register_codec(
+                    RTCRtpCodecParameters {
+                        rtp_codec: vp8_codec(),
+                        payload_type: 96,
+                        ..Default::default()
+                    },
+                    RtpCodecKind::Video,
+                )
+                .map_err(|e| anyhow!("register vp8: {e}"))?;
+        }
+    }
+    let mut registry = register_default_interceptors(Registry::new(), &mut media_engine)
+        .map_err(|e| anyhow!("interceptors: {e}"))?;
+    if target == PcTarget::Publisher {
+        registry = registry.with(
+            Slot::from(KEYFRAME_TAP_SLOT),
+            KeyframeRequestTap::default(),
+        );
+    }
+    let setting_engine = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .build();
+    let handler = Arc::new(PcHandler {
+        target,
+        shared: shared.clone(),
+        ws_tx: ws_tx.clone(),
+    });
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(media_engine)
+        .with_setting_engine(setting_engine)
+        .with_interceptor_registry(registry)
+        .with_handler(handler)
+        .with_udp_addrs(vec![format!("{}:0", opts.bind_ip)])
+        .build();
+    let pc = bounded(opts.timeout, "build peer connection", pc).await?;
+    Ok(Arc::new(pc))
+}
+
+fn to_init(c: IceCandidate) -> RTCIceCandidateInit {
+    RTCIceCandidateInit {
+        candidate: c.candidate,
+        sdp_mid: c.sdp_mid,
+        sdp_mline_index: c.sdp_mline_index,
+        username_fragment: c.username_fragment,
+        ..Default::default()
+    }
+}
+
+async fn add_candidate(
+    pc: &Arc<dyn PeerConnection>,
+    target: PcTarget,
+    c: IceCandidate,
+    shared: &Shared,
+    timeout: Duration,
+) {
+    if c.candidate.trim().is_empty() {
+        // End-of-candidates: nothing to add.
+        return;
+    }
+    match bounded(timeout, "add_ice_candidate", pc.add_ice_candidate(to_init(c))).await {
+        Ok(()) => shared.update(|s| s.negotiation.remote_candidates_added += 1),
+        Err(e) => shared.update(|s| {
+            s.negotiation.errors.push(e.to_string());
+            s.push(PeerEvent::CandidateFailed {
+                target,
+                error: e.to_string(),
+            });
+        }),
+    }
+}
+
+async fn answer_offer(pc: &Arc<dyn PeerConnection>, sdp: String, t: Duration) -> Result<String> {
+    let offer = RTCSessionDescription::offer(sdp).map_err(|e| anyhow!("bad offer SDP: {e}"))?;
+    bounded(t, "set_remote_description(offer)", pc.set_remote_description(offer)).await?;
+    let answer = bounded(t, "create_answer", pc.create_answer(None)).await?;
+    let sdp = answer.sdp.clone();
+    bounded(t, "set_local_description(answer)", pc.set_local_description(answer)).await?;
+    Ok(sdp)
+}
+
+/// Owns the negotiation of one PC: subscriber (answers offers) or publisher (applies answers).
+/// Server candidates are held until a remote description exists.
+async fn negotiation_task(
+    target: PcTarget,
+    pc: Arc<dyn PeerConnection>,
+    mut rx: mpsc::Receiver<NegCmd>,
+    shared: Arc<Shared>,
+    ws_tx: mpsc::Sender<WsOut>,
+    t: Duration,
+) {
+    let mut have_remote = false;
+    let mut pending: Vec<IceCandidate> = Vec::new();
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            NegCmd::Candidate(c) if have_remote => add_candidate(&pc, target, c, &shared, t).await,
+            NegCmd::Candidate(c) => pending.push(c),
+            NegCmd::Offer(sdp) if target == PcTarget::Subscriber => {
+                // Answer only the latest of the offers already queued.
+                let mut latest = sdp;
+                let mut skipped = 0;
+                let mut later = Vec::new();
+                while let Ok(cmd) = rx.try_recv() {
+                    match cmd {
+                        NegCmd::Offer(s) => {
+                            latest = s;
+                            skipped += 1;
+                        }
+                        NegCmd::Candidate(c) => later.push(c),
+                        NegCmd::Answer(_) => {}
+                    }
+                }
+                let n = shared.update(|s| {
+                    s.negotiation.subscribe_offers += 1 + skipped;
+                    s.negotiation.subscribe_offers_skipped += skipped;
+                    s.negotiation.subscribe_offers
+                });
+                match answer_offer(&pc, latest, t).await {
+                    Ok(answer) => {
+                        let msg = ClientMessage::SubscribeAnswer { sdp: answer };
+                        if ws_tx.send(WsOut::Text(encode(&msg))).await.is_err() {
+                            break;
+                        }
+                        have_remote = true;
+                        shared.update(|s| {
+                            s.negotiation.subscribe_answers += 1;
+                            s.push(PeerEvent::SubscribeAnswered { n });
+                        });
+                    }
+                    Err(e) => shared.update(|s| {
+                        s.negotiation.errors.push(format!("subscribe offer {n}: {e}"));
+                        s.push(PeerEvent::NegotiationFailed {
+                            target,
+                            error: e.to_string(),
+                        });
+                    }),
+                }
+                pending.extend(later);
+                if have_remote {
+                    for c in pending.drain(..) {
+                        add_candidate(&pc, target, c, &shared, t).await;
+                    }
+                }
+            }
+            NegCmd::Answer(sdp) if target == PcTarget::Publisher => {
+                let applied = async {
+                    let answer = RTCSessionDescription::answer(sdp)
+                        .map_err(|e| anyhow!("bad answer SDP: {e}"))?;
+                    bounded(t, "set_remote_description(answer)", pc.set_remote_description(answer))
+                        .await
+                }
+                .await;
+                match applied {
+                    Ok(()) => {
+                        have_remote = true;
+                        shared.update(|s| {
+                            s.negotiation.publish_answers += 1;
+                            let n = s.negotiation.publish_answers;
+                            s.push(PeerEvent::PublishAnswered { n });
+                        });
+                        for c in pending.drain(..) {
+                            add_candidate(&pc, target, c, &shared, t).await;
+                        }
+                    }
+                    Err(e) => shared.update(|s| {
+                        s.negotiation.errors.push(format!("publish answer: {e}"));
+                        s.push(PeerEvent::NegotiationFailed {
+                            target,
+                            error: e.to_string(),
+                        });
+                    }),
+                }
+            }
+            NegCmd::Offer(_) | NegCmd::Answer(_) => shared.update(|s| {
+                s.push(PeerEvent::Warning {
+                    message: format!("unexpected offer/answer for the {target:?} connection"),
+                })
+            }),
+        }
+    }
+}
+
+// ───────────────────────────── signaling ─────────────────────────────
+
+async fn writer_task(
+    mut sink: futures_util::stream::SplitSink<WsStream, Message>,
+    mut rx: mpsc::Receiver<WsOut>,
+    shared: Arc<Shared>,
+) {
+    while let Some(out) = rx.recv().await {
+        let result = match out {
+            WsOut::Text(t) => sink.send(Message::text(t)).await,
+            WsOut::Close => {
+                let _ = sink.close().await;
+                break;
+            }
+        };
+        if let Err(e) = result {
+            shared.update(|s| {
+                s.closed.get_or_insert(format!("websocket send failed: {e}"));
+            });
+            break;
+        }
+    }
+}
+
+struct Routes {
+    subscriber: mpsc::Sender<NegCmd>,
+    publisher: Option<mpsc::Sender<NegCmd>>,
+}
+
+impl Routes {
+    fn for_target(&self, target: PcTarget) -> Option<&mpsc::Sender<NegCmd>> {
+        match target {
+            PcTarget::Subscriber => Some(&self.subscriber),
+            PcTarget::Publisher => self.publisher.as_ref(),
+        }
+    }
+}
+
+async fn reader_task(mut stream: SplitStream<WsStream>, shared: Arc<Shared>, routes: Routes) {
+    let reason = loop {
+        let msg = match stream.next().await {
+            None => break "websocket closed".to_owned(),
+            Some(Err(e)) => break format!("websocket error: {e}"),
+            Some(Ok(m)) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t.to_string(),
+            Message::Close(frame) => break format!("websocket closed by server: {frame:?}"),
+            Message::Binary(b) => {
+                shared.event(PeerEvent::Unparsed {
+                    text: String::from_utf8_lossy(&b).into_owned(),
+                    error: "binary frame".to_owned(),
+                });
+                continue;
+            }
+            _ => continue,
+        };
+        let msg: ServerMessage = match serde_json::from_str(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                shared.event(PeerEvent::Unparsed {
+                    text,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        // Route negotiation messages to the connection's task (in order with candidates).
+        let routed = match &msg {
+            ServerMessage::SubscribeOffer { sdp } => {
+                Some((PcTarget::Subscriber, NegCmd::Offer(sdp.clone())))
+            }
+            ServerMessage::PublishAnswer { sdp } => {
+                Some((PcTarget::Publisher, NegCmd::Answer(sdp.clone())))
+            }
+            ServerMessage::Trickle { target, candidate } => {
+                Some((*target, NegCmd::Candidate(candidate.clone())))
+            }
+            _ => None,
+        };
+        let ws_opened_at = shared.ws_opened_at;
+        shared.update(|s| {
+            apply_server_message(s, &msg, ws_opened_at);
+            s.push(PeerEvent::Server(msg));
+        });
+        if let Some((target, cmd)) = routed {
+            match routes.for_target(target) {
+                Some(tx) => {
+                    let _ = tx.send(cmd).await;
+                }
+                None => shared.event(PeerEvent::Warning {
+                    message: format!("server sent {target:?} negotiation but we do not publish"),
+                }),
+            }
+        }
+    };
+    shared.update(|s| {
+        s.closed.get_or_insert(reason.clone());
+        if s.joined.is_none() {
+            s.joined = Some(Err(format!("before joined: {reason}")));
+        }
+        s.push(PeerEvent::WsClosed { reason });
+    });
+}
+
+fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instant) {
+    match msg {
+        ServerMessage::Joined {
+            protocol,
+            server_version,
+            room,
+            participant_id,
+            participants,
+            max_data_message,
+        } => {
+            s.participant_id = Some(participant_id.clone());
+            for p in participants {
+                s.add_participant(p);
+            }
+            if s.joined.is_none() {
+                s.joined = Some(Ok(JoinedInfo {
+                    protocol: *protocol,
+                    server_version: server_version.clone(),
+                    room: room.clone(),
+                    participant_id: participant_id.clone(),
+                    participants: participants.clone(),
+                    max_data_message: *max_data_message,
+                    join_latency: ws_opened_at.elapsed(),
+                }));
+            }
+        }
+        ServerMessage::ParticipantJoined { participant } => s.add_participant(participant),
+        ServerMessage::ParticipantLeft { participant_id } => {
+            s.participants.remove(participant_id);
+            s.room_tracks
+                .retain(|_, t| &t.participant_id != participant_id);
+        }
+        ServerMessage::TrackPublished { track } => {
+            s.room_tracks.insert(track.id.clone(), track.clone());
+            if let Some(p) = s.participants.get_mut(&track.participant_id) {
+                p.tracks.retain(|t| t.id != track.id);
+                p.tracks.push(track.clone());
+            }
+        }
+        ServerMessage::TrackUnpublished {
+            track_id,
+            participant_id,
+        } => {
+            s.room_tracks.remove(track_id);
+            if let Some(p) = s.participants.get_mut(participant_id) {
+                p.tracks.retain(|t| &t.id != track_id);
+            }
+        }
+        ServerMessage::TrackMuted {
+            track_id, muted, ..
+        } => {
+            if let Some(t) = s.room_tracks.get_mut(track_id) {
+                t.muted = *muted;
+            }
+        }
+        ServerMessage::Error {
+            code,
+            message,
+            request,
+        } => {
+            if s.joined.is_none() {
+                s.joined = Some(Err(format!(
+                    "server error {code:?} ({}): {message}",
+                    request.as_deref().unwrap_or("-")
+                )));
+            }
+        }
+        ServerMessage::Leave { reason } => {
+            if s.joined.is_none() {
+                s.joined = Some(Err(format!("server sent leave: {reason}")));
+            }
+        }
+        _ => {}
+    }
+}
+
+// ───────────────────────────── publishing ─────────────────────────────
+
+/// A local track of the publisher PC.
+#[derive(Clone)]
+struct LocalTrack {
+    kind: TrackKind,
+    client_track_id: String,
+    ssrc: u32,
+    mime_type: &'static str,
+    clip: Arc<Clip>,
+    track: Arc<TrackLocalStaticRTP>,
+    sender: Arc<dyn RtpSender>,
+    control: Arc<PacerControl>,
+    payload_type: Arc<Mutex<Option<u8>>>,
+}
+
+struct TrackSink(Arc<TrackLocalStaticRTP>);
+
+impl PacketSink for TrackSink {
+    fn write(
+        &self,
+        packet: rtc::rtp::Packet,
+    ) -> impl Future<Output = std::result::Result<(), String>> + Send {
+        let track = self.0.clone();
+        async move { track.write_rtp(packet).await.map_err(|e| e.to_string()) }
+    }
+}
+
+async fn negotiated_payload_type(sender: &Arc<dyn RtpSender>, mime: &str) -> Result<u8> {
+    let params = sender
+        .get_parameters()
+        .await
+        .map_err(|e| anyhow!("get_parameters: {e}"))?;
+    let codecs = &params.rtp_parameters.codecs;
+    codecs
+        .iter()
+        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime))
+        .or_else(|| codecs.first())
+        .map(|c| c.payload_type)
+        .ok_or_else(|| anyhow!("no negotiated codec for {mime}"))
+}
+
+/// Waits (in the background, tied to the peer's lifetime) for the publisher PC to connect,
+/// then starts one pacer and one RTCP reader per track.
+async fn start_media(shared: Arc<Shared>, tracks: Vec<LocalTrack>, t: Duration) {
+    let connected = |s: &State| {
+        (s.pc_state.get(&PcTarget::Publisher) == Some(&RTCPeerConnectionState::Connected))
+            .then_some(())
+    };
+    let mut warned = false;
+    while let Err(e) = shared.wait_until(t, "publisher connected", connected).await {
+        if !warned {
+            warned = true;
+            shared.event(PeerEvent::Warning {
+                message: format!("media not started yet: {e}"),
+            });
+        }
+    }
+    for lt in tracks {
+        let pt = match negotiated_payload_type(&lt.sender, lt.mime_type).await {
+            Ok(pt) => pt,
+            Err(e) => {
+                shared.event(PeerEvent::Warning {
+                    message: format!("{}: {e}", lt.client_track_id),
+                });
+                continue;
+            }
+        };
+        *lock(&lt.payload_type) = Some(pt);
+        let packetizer = match MediaPacketizer::new(lt.clip.clone(), lt.ssrc, pt) {
+            Ok(p) => p,
+            Err(e) => {
+                shared.event(PeerEvent::Warning {
+                    message: format!("{}: {e}", lt.client_track_id),
+                });
+                continue;
+            }
+        };
+        let progress = {
+            let shared = shared.clone();
+            move || shared.bump()
+        };
+        shared.spawn(run_pacer(
+            packetizer,
+            lt.clip.frame_interval,
+            TrackSink(lt.track.clone()),
+            lt.control.clone(),
+            progress,
+        ));
+        let (track, control, rtcp_shared) = (lt.track.clone(), lt.control.clone(), shared.clone());
+        shared.spawn(async move {
+            while let Some(event) = track.poll().await {
+                if let TrackLocalEvent::OnRtcpPacket(packets) = event
+                    && packets.iter().any(|p| is_keyframe_request(p.as_ref()))
+                {
+                    control.request_keyframe();
+                    rtcp_shared.bump();
+                }
+            }
+        });
+        shared.event(PeerEvent::MediaStarted {
+            kind: lt.kind,
+            client_track_id: lt.client_track_id.clone(),
+            payload_type: pt,
+        });
+    }
+}
+
+// ───────────────────────────── the peer ─────────────────────────────
+
+/// A connected synthetic participant. Dropping it tears everything down (best effort);
+/// [`Peer::leave`] does it politely.
+pub struct Peer {
+    shared: Arc<Shared>,
+    ws_tx: mpsc::Sender<WsOut>,
+    subscriber: Arc<dyn PeerConnection>,
+    publisher: Option<Arc<dyn PeerConnection>>,
+    local_tracks: Vec<LocalTrack>,
+    joined: JoinedInfo,
+    opts: PeerOptions,
+    room: String,
+    left: AtomicBool,
+}
+
+/// Tears down a peer that failed half-way through `connect` (and is reused by `Drop`).
+struct Teardown {
+    shared: Arc<Shared>,
+    pcs: Vec<Arc<dyn PeerConnection>>,
+    armed: bool,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        if self.armed {
+            teardown(&self.shared, std::mem::take(&mut self.pcs));
+        }
+    }
+}
+
+fn teardown(shared: &Arc<Shared>, pcs: Vec<Arc<dyn PeerConnection>>) {
+    shared.abort_tasks();
+    lock(&shared.channels).clear();
+    lock(&shared.remote_handles).clear();
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        for pc in pcs {
+            handle.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), pc.close()).await;
+            });
+        }
+    }
+}
+
+impl Peer {
+    /// Opens the WebSocket, joins `room` as `name`, sets up the subscriber PC and, when
+    /// publishing, the publisher PC with its tracks. See [`PeerOptions::wait_ready`].
+    pub async fn connect(url: &str, room: &str, name: &str, opts: PeerOptions) -> Result<Peer> {
+        let t = opts.timeout;
+        let (ws, _response) = bounded(t, "websocket connect", tokio_tungstenite::connect_async(url))
+            .await
+            .with_context(|| format!("{name}: connecting to {url}"))?;
+        let ws_opened_at = Instant::now();
+        let (sink, stream) = ws.split();
+        let (version, _) = watch::channel(0u64);
+        let (messages_tx, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            name: name.to_owned(),
+            ws_opened_at,
+            keep_recent: opts.keep_recent_packets,
+            max_kept_messages: opts.max_kept_messages.max(1),
+            state: Mutex::new(State::default()),
+            version,
+            messages_tx,
+            channels: Mutex::new(HashMap::new()),
+            remote_handles: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            ping_seq: AtomicU64::new(0),
+        });
+        let mut guard = Teardown {
+            shared: shared.clone(),
+            pcs: Vec::new(),
+            armed: true,
+        };
+        let (ws_tx, ws_rx) = mpsc::channel::<WsOut>(1024);
+        shared.spawn(writer_task(sink, ws_rx, shared.clone()));
+
+        let subscriber = build_pc(PcTarget::Subscriber, &shared, &ws_tx, &opts).await?;
+        guard.pcs.push(subscriber.clone());
+        let (sub_tx, sub_rx) = mpsc::channel(256);
+        shared.spawn(negotiation_task(
+            PcTarget::Subscriber,
+            subscriber.clone(),
+            sub_rx,
+            shared.clone(),
+            ws_tx.clone(),
+            t,
+        ));
+        let (pub_tx, pub_rx) = if opts.publishing() {
+            let (tx, rx) = mpsc::channel(256);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        shared.spawn(reader_task(
+            stream,
+            shared.clone(),
+            Routes {
+                subscriber: sub_tx,
+                publisher: pub_tx,
+            },
+        ));
+
+        let join = ClientMessage::Join {
+            room: room.to_owned(),
+            name: name.to_owned(),
+            token: opts.token.clone(),
+            protocol: opts.protocol,
+            auto_subscribe: opts.auto_subscribe,
+        };
+        send_ws(&ws_tx, encode(&join), t).await?;
+        let joined = shared
+            .wait_until(t, "joined", |s| s.joined.clone())
+            .await?
+            .map_err(|e| anyhow!("{name}: join failed: {e}"))?;
+
+        let mut publisher = None;
+        let mut local_tracks = Vec::new();
+        if let Some(pub_rx) = pub_rx {
+            let pc = build_pc(PcTarget::Publisher, &shared, &ws_tx, &opts).await?;
+            guard.pcs.push(pc.clone());
+            shared.spawn(negotiation_task(
+                PcTarget::Publisher,
+                pc.clone(),
+                pub_rx,
+                shared.clone(),
+                ws_tx.clone(),
+                t,
+            ));
+            let mut wanted = Vec::new();
+            if opts.publish_audio {
+                wanted.push((TrackKind::Audio, opts.audio_file.clone()));
+            }
+            if opts.publish_video {
+                wanted.push((TrackKind::Video, opts.video_file.clone()));
+            }
+            for (kind, file) in wanted {
+                let clip = Clip::load(&file)?;
+                if clip.kind != kind {
+                    bail!("{}: is not a {kind:?} file", file.display());
+                }
+                local_tracks.push(add_local_track(&pc, name, kind, clip, t).await?);
+            }
+            let offer = bounded(t, "create_offer", pc.create_offer(None)).await?;
+            let sdp = offer.sdp.clone();
+            bounded(t, "set_local_description(offer)", pc.set_local_description(offer)).await?;
+            shared.update(|s| s.negotiation.publish_offers += 1);
+            send_ws(&ws_tx, encode(&ClientMessage::PublishOffer { sdp }), t).await?;
+            shared
+                .wait_until(t, "publish_answer applied", |s| {
+                    if s.negotiation.publish_answers > 0 {
+                        return Some(Ok(()));
+                    }
+                    s.events.iter().rev().find_map(|e| match &e.event {
+                        PeerEvent::NegotiationFailed {
+                            target: PcTarget::Publisher,
+                            error,
+                        } => Some(Err(error.clone())),
+                        PeerEvent::Server(ServerMessage::Error {
+                            request: Some(r),
+                            message,
+                            ..
+                        }) if r == "publish_offer" => Some(Err(message.clone())),
+                        _ => None,
+                    })
+                })
+                .await?
+                .map_err(|e| anyhow!("{name}: publish failed: {e}"))?;
+            shared.spawn(start_media(shared.clone(), local_tracks.clone(), t));
+            publisher = Some(pc);
+        }
+
+        let peer = Peer {
+            shared: shared.clone(),
+            ws_tx,
+            subscriber,
+            publisher,
+            local_tracks,
+            joined,
+            opts,
+            room: room.to_owned(),
+            left: AtomicBool::new(false),
+        };
+        guard.armed = false;
+        if peer.opts.wait_ready {
+            if peer.publisher.is_some() {
+                peer.wait_connected(PcTarget::Publisher, t).await?;
+            }
+            peer.wait_data_channels(t).await?;
+        }
+        Ok(peer)
+    }
+
+    // ── identity ──
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn room(&self) -> &str {
+        &self.room
+    }
+
+    pub fn participant_id(&self) -> &str {
+        &self.joined.participant_id
+    }
+
+    pub fn joined(&self) -> &JoinedInfo {
+        &self.joined
+    }
+
+    pub fn options(&self) -> &PeerOptions {
+        &self.opts
+    }
+
+    /// When the WebSocket opened (the origin of join times).
+    pub fn ws_opened_at(&self) -> Instant {
+        self.shared.ws_opened_at
+    }
+
+    // ── events ──
+
+    pub fn events(&self) -> Vec<TimedEvent> {
+        self.shared.state().events.clone()
+    }
+
+    pub fn event_count(&self) -> usize {
+        self.shared.state().events.len()
+    }
+
+    /// Waits for an event matching `pred` (already recorded ones count too).
+    pub async fn wait_for_event(
+        &self,
+        pred: impl FnMut(&PeerEvent) -> bool,
+        timeout: Duration,
+    ) -> Result<PeerEvent> {
+        self.wait_for_event_after(0, pred, timeout)
+            .await
+            .map(|(_, e)| e)
+    }
+
+    /// Waits for an event matching `pred` at index `from` or later (see [`Peer::event_count`]).
+    /// Returns its index and the event.
+    pub async fn wait_for_event_after(
+        &self,
+        from: usize,
+        mut pred: impl FnMut(&PeerEvent) -> bool,
+        timeout: Duration,
+    ) -> Result<(usize, PeerEvent)> {
+        self.shared
+            .wait_until(timeout, "event", |s| {
+                s.events
+                    .iter()
+                    .enumerate()
+                    .skip(from)
+                    .find(|(_, e)| pred(&e.event))
+                    .map(|(i, e)| (i, e.event.clone()))
+            })
+            .await
+    }
+
+    /// Waits for a server message matching `pred`.
+    pub async fn wait_for_server(
+        &self,
+        mut pred: impl FnMut(&ServerMessage) -> bool,
+        timeout: Duration,
+    ) -> Result<ServerMessage> {
+        match self
+            .wait_for_event(
+                |e| matches!(e, PeerEvent::Server(m) if pred(m)),
+                timeout,
+            )
+            .await?
+        {
+            PeerEvent::Server(m) => Ok(m),
+            _ => unreachable!("predicate only matches server messages"),
+        }
+    }
+
+    /// Waits for an `error` from the server at event index `from` or later.
+    pub async fn wait_for_error_after(
+        &self,
+        from: usize,
+        timeout: Duration,
+    ) -> Result<(ErrorCode, String, Option<String>)> {
+        let (_, e) = self
+            .wait_for_event_after(
+                from,
+                |e| matches!(e, PeerEvent::Server(ServerMessage::Error { .. })),
+                timeout,
+            )
+            .await?;
+        match e {
+            PeerEvent::Server(ServerMessage::Error {
+                code,
+                message,
+                request,
+            }) => Ok((code, message, request)),
+            _ => unreachable!("predicate only matches errors"),
+        }
+    }
+
+    /// Server errors received so far.
+    pub fn server_errors(&self) -> Vec<(ErrorCode, String)> {
+        self.shared
+            .state()
+            .events
+            .iter()
+            .filter_map(|e| match &e.event {
+                PeerEvent::Server(ServerMessage::Error { code, message, .. }) => {
+                    Some((*code, message.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    // ── room view ──
+
+    /// Tracks the room announced (joined / participant_joined / track_published), minus
+    /// unpublished ones.
+    pub fn room_tracks(&self) -> Vec<TrackInfo> {
+        self.shared.state().room_tracks.values().cloned().collect()
+    }
+
+    /// The other participants, as last announced.
+    pub fn participants(&self) -> Vec<ParticipantInfo> {
+        self.shared.state().participants.values().cloned().collect()
+    }
+
+    pub async fn wait_for_room_track(
+        &self,
+        mut pred: impl FnMut(&TrackInfo) -> bool,
+        timeout: Duration,
+    ) -> Result<TrackInfo> {
+        self.shared
+            .wait_until(timeout, "room track", |s| {
+                s.room_tracks.values().find(|t| pred(t)).cloned()
+            })
+            .await
+    }
+
+    pub async fn wait_for_participant(
+        &self,
+        mut pred: impl FnMut(&ParticipantInfo) -> bool,
+        timeout: Duration,
+    ) -> Result<ParticipantInfo> {
+        self.shared
+            .wait_until(timeout, "participant", |s| {
+                s.participants.values().find(|p| pred(p)).cloned()
+            })
+            .await
+    }
+
+    // ── receiving media ──
+
+    pub fn remote_tracks(&self) -> Vec<RemoteTrackStats> {
+        self.shared.state().remote_tracks.values().cloned().collect()
+    }
+
+    pub fn remote_track(&self, track_id: &str) -> Option<RemoteTrackStats> {
+        self.shared.state().remote_tracks.get(track_id).cloned()
+    }
+
+    /// Waits until at least `n` remote tracks are live (have packets and have not ended).
+    pub async fn wait_for_tracks(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RemoteTrackStats>> {
+        self.shared
+            .wait_until(timeout, &format!("{n} live remote tracks"), |s| {
+                let live: Vec<_> = s
+                    .remote_tracks
+                    .values()
+                    .filter(|t| t.packets > 0 && !t.ended)
+                    .cloned()
+                    .collect();
+                (live.len() >= n).then_some(live)
+            })
+            .await
+    }
+
+    /// Waits until remote track `track_id` has received at least `n` packets in total.
+    pub async fn wait_for_packets(
+        &self,
+        track_id: &str,
+        n: u64,
+        timeout: Duration,
+    ) -> Result<RemoteTrackStats> {
+        self.shared
+            .wait_until(timeout, &format!("{n} packets on {track_id}"), |s| {
+                s.remote_tracks
+                    .get(track_id)
+                    .filter(|t| t.packets >= n)
+                    .cloned()
+            })
+            .await
+    }
+
+    /// Waits for a remote track matching `pred`.
+    pub async fn wait_for_remote_track(
+        &self,
+        mut pred: impl FnMut(&RemoteTrackStats) -> bool,
+        timeout: Duration,
+    ) -> Result<RemoteTrackStats> {
+        self.shared
+            .wait_until(timeout, "remote track", |s| {
+                s.remote_tracks.values().find(|t| pred(t)).cloned()
+            })
+            .await
+    }
+
+    /// Sends a PLI for a remote track to the server.
+    pub async fn request_keyframe(&self, track_id: &str) -> Result<()> {
+        let track = lock(&self.shared.remote_handles)
+            .get(track_id)
+            .cloned()
+            .ok_or_else(|| anyhow!("no live remote track {track_id}"))?;
+        let ssrc = track
+            .ssrcs()
+            .await
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow!("remote track {track_id} has no SSRC"))?;
+        let pli = PictureLossIndication {
+            sender_ssrc: 0,
+            media_ssrc: ssrc,
+        };
+        bounded(self.opts.timeout, "write_rtcp(PLI)", track.write_rtcp(vec![Box::new(pli)])).await
+    }
+
+    // ── publishing ──
+
+    pub fn local_tracks(&self) -> Vec<LocalTrackStats> {
+        let s = self.shared.state();
+        self.local_tracks
+            .iter()
+            .map(|lt| LocalTrackStats {
+                kind: lt.kind,
+                client_track_id: lt.client_track_id.clone(),
+                server_track_id: server_id_of(&s, self.participant_id(), lt),
+                ssrc: lt.ssrc,
+                payload_type: *lock(&lt.payload_type),
+                paused: lt.control.paused.load(Ordering::Acquire),
+                counters: lt.control.counters(),
+            })
+            .collect()
+    }
+
+    /// Waits until the local track of `kind` has sent at least `n` packets.
+    pub async fn wait_for_sent_packets(
+        &self,
+        kind: TrackKind,
+        n: u64,
+        timeout: Duration,
+    ) -> Result<SendCounters> {
+        let lt = self
+            .local_tracks
+            .iter()
+            .find(|t| t.kind == kind)
+            .ok_or_else(|| anyhow!("not publishing {kind:?}"))?
+            .control
+            .clone();
+        self.shared
+            .wait_until(timeout, &format!("{n} {kind:?} packets sent"), |_| {
+                let c = lt.counters();
+                (c.packets >= n).then_some(c)
+            })
+            .await
+    }
+
+    /// Stops (or resumes) sending the local track of `kind` and tells the server (`mute`).
+    /// Needs the server's id for the track (from `track_published`).
+    pub async fn set_muted(&self, kind: TrackKind, muted: bool) -> Result<()> {
+        let lt = self
+            .local_tracks
+            .iter()
+            .find(|t| t.kind == kind)
+            .ok_or_else(|| anyhow!("not publishing {kind:?}"))?;
+        lt.control.paused.store(muted, Ordering::Release);
+        let server_id = self
+            .shared
+            .wait_until(self.opts.timeout, "server id of our track", |s| {
+                server_id_of(s, self.participant_id(), lt)
+            })
+            .await?;
+        self.send(ClientMessage::Mute {
+            track_id: server_id,
+            muted,
+        })
+        .await
+    }
+
+    // ── data channels ──
+
+    /// Waits until both `chat` and `input` are open.
+    pub async fn wait_data_channels(&self, timeout: Duration) -> Result<()> {
+        self.shared
+            .wait_until(timeout, "data channels chat and input", |s| {
+                (s.open_channels.iter().any(|l| l == "chat")
+                    && s.open_channels.iter().any(|l| l == "input"))
+                .then_some(())
+            })
+            .await
+    }
+
+    async fn channel(&self, channel: &Channel) -> Result<Arc<dyn DataChannel>> {
+        let label = channel.label().to_owned();
+        self.shared
+            .wait_until(self.opts.timeout, &format!("data channel {label}"), |s| {
+                s.open_channels.contains(&label).then_some(())
+            })
+            .await?;
+        lock(&self.shared.channels)
+            .get(&label)
+            .cloned()
+            .ok_or_else(|| anyhow!("data channel {label} closed"))
+    }
+
+    /// Sends a text message on `chat`, to everyone (None) or to the named participants.
+    pub async fn send_chat(&self, text: &str, to: Option<Vec<String>>) -> Result<()> {
+        self.send_data(Channel::Chat, Payload::Text(text.to_owned()), to)
+            .await
+    }
+
+    /// Sends a binary message on `input`, to everyone (None) or to the named participants.
+    pub async fn send_input(&self, bytes: &[u8], to: Option<Vec<String>>) -> Result<()> {
+        self.send_data(
+            Channel::Input,
+            Payload::Binary(Bytes::copy_from_slice(bytes)),
+            to,
+        )
+        .await
+    }
+
+    /// Sends an enveloped message on any channel.
+    pub async fn send_data(
+        &self,
+        channel: Channel,
+        payload: Payload,
+        to: Option<Vec<String>>,
+    ) -> Result<()> {
+        let to = to.as_deref();
+        match payload {
+            Payload::Text(text) => {
+                let data = envelope::encode_text(to, &text);
+                self.send_raw_data(channel, Bytes::from(data), true).await
+            }
+            Payload::Binary(bytes) => {
+                let data = envelope::encode(to, &bytes);
+                self.send_raw_data(channel, Bytes::from(data), false).await
+            }
+        }
+    }
+
+    /// Sends `data` as is (no envelope): for testing how the server treats bad envelopes.
+    pub async fn send_raw_data(&self, channel: Channel, data: Bytes, is_text: bool) -> Result<()> {
+        let dc = self.channel(&channel).await?;
+        let what = format!("send on {}", channel.label());
+        if is_text {
+            let text = std::str::from_utf8(&data).context("text message is not UTF-8")?;
+            bounded(self.opts.timeout, &what, dc.send_text(text)).await
+        } else {
+            bounded(self.opts.timeout, &what, dc.send(BytesMut::from(&data[..]))).await
+        }
+    }
+
+    /// Received data-channel messages (the most recent `max_kept_messages`).
+    pub fn messages(&self) -> Vec<DataMessage> {
+        self.shared.state().messages.iter().cloned().collect()
+    }
+
+    /// Messages received since the peer connected (including ones no longer kept).
+    pub fn message_count(&self) -> u64 {
+        self.shared.state().messages_total
+    }
+
+    /// A live feed of received messages (from now on).
+    pub fn subscribe_messages(&self) -> broadcast::Receiver<DataMessage> {
+        self.shared.messages_tx.subscribe()
+    }
+
+    /// Waits for a kept message matching `pred` (already received ones count too).
+    pub async fn wait_for_message(
+        &self,
+        mut pred: impl FnMut(&DataMessage) -> bool,
+        timeout: Duration,
+    ) -> Result<DataMessage> {
+        self.shared
+            .wait_until(timeout, "data-channel message", |s| {
+                s.messages.iter().find(|m| pred(m)).cloned()
+            })
+            .await
+    }
+
+    // ── signaling ──
+
+    /// Sends any client message.
+    pub async fn send(&self, msg: ClientMessage) -> Result<()> {
+        send_ws(&self.ws_tx, encode(&msg), self.opts.timeout).await
+    }
+
+    /// Sends a raw text frame (for protocol-error tests).
+    pub async fn send_ws_text(&self, text: impl Into<String>) -> Result<()> {
+        send_ws(&self.ws_tx, text.into(), self.opts.timeout).await
+    }
+
+    /// Subscribes to (or unsubscribes from) tracks by server id.
+    pub async fn subscribe(&self, track_ids: Vec<String>, subscribe: bool) -> Result<()> {
+        self.send(ClientMessage::Subscribe {
+            track_ids,
+            subscribe,
+        })
+        .await
+    }
+
+    /// Round trip of a `ping` → `pong` on the WebSocket.
+    pub async fn ping(&self) -> Result<Duration> {
+        let n = self.shared.ping_seq.fetch_add(1, Ordering::Relaxed);
+        let ts = n as f64 + 0.5;
+        let start = self.event_count();
+        let t0 = Instant::now();
+        self.send(ClientMessage::Ping { ts: Some(ts) }).await?;
+        self.wait_for_event_after(
+            start,
+            |e| matches!(e, PeerEvent::Server(ServerMessage::Pong { ts: Some(x) }) if *x == ts),
+            self.opts.timeout,
+        )
+        .await?;
+        Ok(t0.elapsed())
+    }
+
+    pub fn negotiation(&self) -> NegotiationStats {
+        self.shared.state().negotiation.clone()
+    }
+
+    /// Waits until at least `n` subscribe offers have been answered in total.
+    pub async fn wait_for_subscribe_answers(&self, n: u64, timeout: Duration) -> Result<()> {
+        self.shared
+            .wait_until(timeout, &format!("{n} subscribe answers"), |s| {
+                (s.negotiation.subscribe_answers >= n).then_some(())
+            })
+            .await
+    }
+
+    pub fn connection_state(&self, target: PcTarget) -> Option<RTCPeerConnectionState> {
+        self.shared.state().pc_state.get(&target).copied()
+    }
+
+    /// Waits for the `target` connection to be connected; fails early if it failed.
+    pub async fn wait_connected(&self, target: PcTarget, timeout: Duration) -> Result<()> {
+        self.shared
+            .wait_until(timeout, &format!("{target:?} connected"), |s| {
+                match s.pc_state.get(&target) {
+                    Some(RTCPeerConnectionState::Connected) => Some(Ok(())),
+                    Some(RTCPeerConnectionState::Failed) => {
+                        Some(Err(anyhow!("{target:?} connection failed")))
+                    }
+                    _ => None,
+                }
+            })
+            .await?
+    }
+
+    /// The direct handles, for tests that need the webrtc-rs API.
+    pub fn subscriber_pc(&self) -> &Arc<dyn PeerConnection> {
+        &self.subscriber
+    }
+
+    pub fn publisher_pc(&self) -> Option<&Arc<dyn PeerConnection>> {
+        self.publisher.as_ref()
+    }
+
+    // ── stats and lifecycle ──
+
+    pub fn stats(&self) -> PeerStats {
+        let local_tracks = self.local_tracks();
+        let s = self.shared.state();
+        PeerStats {
+            name: self.shared.name.clone(),
+            participant_id: self.joined.participant_id.clone(),
+            remote_tracks: s.remote_tracks.values().cloned().collect(),
+            local_tracks,
+            negotiation: s.negotiation.clone(),
+            messages_received: s.messages_total,
+            closed: s.closed.clone(),
+        }
+    }
+
+    /// Why the signaling connection ended, if it did.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.shared.state().closed.clone()
+    }
+
+    pub async fn wait_closed(&self, timeout: Duration) -> Result<String> {
+        self.shared
+            .wait_until(timeout, "websocket closed", |s| s.closed.clone())
+            .await
+    }
+
+    /// Leaves politely: `leave`, waits (bounded) for the server to close the socket, then closes
+    /// both peer connections. Idempotent.
+    pub async fn leave(&self) -> Result<()> {
+        if self.left.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let sent = self.send(ClientMessage::Leave).await;
+        if sent.is_ok() {
+            let _ = self.wait_closed(Duration::from_secs(2)).await;
+        }
+        let _ = self.ws_tx.try_send(WsOut::Close);
+        self.close_pcs().await;
+        Ok(())
+    }
+
+    /// Drops the connection without `leave` (as a crashed client would).
+    pub async fn disconnect(&self) {
+        if self.left.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.ws_tx.try_send(WsOut::Close);
+        self.close_pcs().await;
+    }
+
+    async fn close_pcs(&self) {
+        self.shared.abort_tasks();
+        let mut closes = vec![self.subscriber.clone()];
+        closes.extend(self.publisher.clone());
+        for pc in closes {
+            let _ = tokio::time::timeout(Duration::from_secs(2), pc.close()).await;
+        }
+        lock(&self.shared.channels).clear();
+        lock(&self.shared.remote_handles).clear();
+        self.shared.update(|s| {
+            s.closed.get_or_insert_with(|| "left".to_owned());
+        });
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if !self.left.swap(true, Ordering::AcqRel) {
+            let _ = self.ws_tx.try_send(WsOut::Close);
+            let mut pcs = vec![self.subscriber.clone()];
+            pcs.extend(self.publisher.clone());
+            teardown(&self.shared, pcs);
+        }
+    }
+}
+
+fn server_id_of(s: &State, participant_id: &str, lt: &LocalTrack) -> Option<String> {
+    let mine = s
+        .room_tracks
+        .values()
+        .filter(|t| t.participant_id == participant_id);
+    let mut by_kind = None;
+    for t in mine {
+        if t.client_track_id == lt.client_track_id {
+            return Some(t.id.clone());
+        }
+        if t.kind == lt.kind {
+            by_kind = Some(t.id.clone());
+        }
+    }
+    by_kind
+}
+
+async fn send_ws(ws_tx: &mpsc::Sender<WsOut>, text: String, t: Duration) -> Result<()> {
+    match tokio::time::timeout(t, ws_tx.send(WsOut::Text(text))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => bail!("signaling connection is closed"),
+        Err(_) => bail!("signaling queue full for {t:?}"),
+    }
+}
+
+async fn add_local_track(
+    pc: &Arc<dyn PeerConnection>,
+    name: &str,
+    kind: TrackKind,
+    clip: Arc<Clip>,
+    t: Duration,
+) -> Result<LocalTrack> {
+    let (codec_kind, codec, mime, label) = match kind {
+        TrackKind::Audio => (RtpCodecKind::Audio, opus_codec(), MIME_TYPE_OPUS, "audio"),
+        TrackKind::Video => (RtpCodecKind::Video, vp8_codec(), MIME_TYPE_VP8, "video"),
+    };
+    let ssrc = rand::random::<u32>() | 1;
+    let client_track_id = format!("{name}-{label}");
+    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        format!("{name}-stream"),
+        client_track_id.clone(),
+        format!("{name} {label}"),
+        codec_kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }],
+    )));
+    let sender = bounded(
+        t,
+        "add_track",
+        pc.add_track(track.clone() as Arc<dyn TrackLocal>),
+    )
+    .await?;
+    Ok(LocalTrack {
+        kind,
+        client_track_id,
+        ssrc,
+        mime_type: mime,
+        clip,
+        track,
+        sender,
+        control: Arc::new(PacerControl::default()),
+        payload_type: Arc::new(Mutex::new(None)),
+    })
+}

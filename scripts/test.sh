@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every Plaza test: formatting, lints, unit tests, integration tests with real
+# webrtc-rs peers over loopback (and, once present, browser tests in headless Chromium).
+# Fails loudly when something it needs cannot be had; never skips silently.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --release -- -D warnings
+
+step "build (release)"
+cargo build --release --all-targets
+
+step "unit + integration tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --release --no-fail-fast --test-threads 2
+else
+  cargo test --release --no-fail-fast -- --test-threads 2
+fi

@@ -1,0 +1,743 @@
+//! Server configuration: command-line flags, `PLAZA_*` environment variables and an optional
+//! TOML file.
+//!
+//! Precedence, per setting: **flag > environment > file > built-in default**. The file is named
+//! with `--config FILE` (or `PLAZA_CONFIG`); its keys are the long flag names in snake_case:
+//!
+//! ```toml
+//! bind = "0.0.0.0"
+//! port = 7880
+//! udp_bind = "0.0.0.0"
+//! udp_port = 7882
+//! announce_ip = ["203.0.113.7"]   # or a single string
+//! log_level = "info,plaza=debug"
+//! log_format = "json"
+//! max_ws_message = 65536
+//! max_data_message = 16384
+//! ```
+//!
+//! The loader takes the environment as a lookup function ([`Config::load_from`]), so tests
+//! never depend on the process environment. Empty environment variables count as unset
+//! (handy with compose files). `RUST_LOG` is honoured as a lower-priority alias of
+//! `PLAZA_LOG_LEVEL`.
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Default HTTP/WebSocket port.
+pub const DEFAULT_PORT: u16 = 7880;
+/// Default media (UDP) port.
+pub const DEFAULT_UDP_PORT: u16 = 7882;
+/// Default largest WebSocket message accepted from a client, in bytes.
+pub const DEFAULT_MAX_WS_MESSAGE: usize = 64 * 1024;
+/// Default largest data-channel payload relayed, in bytes.
+pub const DEFAULT_MAX_DATA_MESSAGE: usize = 16 * 1024;
+
+/// Smallest accepted `max_ws_message` (an SDP offer needs a few KiB).
+pub const MIN_WS_MESSAGE: usize = 1024;
+/// Largest accepted `max_ws_message`.
+pub const MAX_WS_MESSAGE: usize = 16 * 1024 * 1024;
+/// Largest accepted `max_data_message`: the SCTP maximum message size `rtc` advertises.
+pub const MAX_DATA_MESSAGE: usize = 256 * 1024;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("expected `text` or `json`, got `{other}`")),
+        }
+    }
+}
+
+/// The effective server configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The TOML file the settings were read from, if any.
+    pub config_file: Option<PathBuf>,
+    /// HTTP/WebSocket bind address.
+    pub bind: IpAddr,
+    /// HTTP/WebSocket port (0 = ephemeral).
+    pub port: u16,
+    /// Media UDP bind address.
+    pub udp_bind: IpAddr,
+    /// Media UDP port (0 = ephemeral).
+    pub udp_port: u16,
+    /// IPs written into the server's ICE candidates. Empty means "the UDP bind address"
+    /// (see [`Config::announce_ips`]); [`Config::load_from`] fills it in.
+    pub announce_ips: Vec<IpAddr>,
+    /// `tracing_subscriber::EnvFilter` directive, e.g. `info` or `info,plaza=debug`.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// Largest WebSocket text message accepted from a client, in bytes.
+    pub max_ws_message: usize,
+    /// Largest data-channel payload relayed, in bytes.
+    pub max_data_message: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            config_file: None,
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: DEFAULT_PORT,
+            udp_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            udp_port: DEFAULT_UDP_PORT,
+            announce_ips: Vec::new(),
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
+            max_ws_message: DEFAULT_MAX_WS_MESSAGE,
+            max_data_message: DEFAULT_MAX_DATA_MESSAGE,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Bad command line, or `--help` / `--version` (call [`clap::Error::exit`]).
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("invalid value {value:?} in environment variable {var}: {message}")]
+    Env {
+        var: &'static str,
+        value: String,
+        message: String,
+    },
+    #[error(
+        "the UDP bind address is {udp_bind} (unspecified), so Plaza cannot know which IP to put \
+         in its ICE candidates: set --announce-ip (or PLAZA_ANNOUNCE_IP) to the address clients \
+         reach this host at"
+    )]
+    AnnounceIpRequired { udp_bind: IpAddr },
+    #[error("--announce-ip {0} is not usable in an ICE candidate (unspecified or multicast)")]
+    BadAnnounceIp(IpAddr),
+    #[error("invalid --log-level {directive:?}: {message}")]
+    LogLevel { directive: String, message: String },
+    #[error("--{name} must be between {min} and {max} bytes, got {value}")]
+    OutOfRange {
+        name: &'static str,
+        value: usize,
+        min: usize,
+        max: usize,
+    },
+}
+
+/// Command-line flags. Every setting is optional here so the layers can be merged.
+#[derive(Debug, Parser)]
+#[command(
+    name = "plaza",
+    version,
+    about = "Plaza: a WebRTC SFU for media and data channels",
+    after_help = "Every flag can also be set with a PLAZA_* environment variable (e.g. \
+                  PLAZA_UDP_PORT) or in the TOML file given with --config. Precedence: flag > \
+                  environment > file > default."
+)]
+struct Args {
+    /// TOML config file [env: PLAZA_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// HTTP/WebSocket bind address [env: PLAZA_BIND] [default: 127.0.0.1]
+    #[arg(long, value_name = "IP")]
+    bind: Option<IpAddr>,
+    /// HTTP/WebSocket port, 0 = ephemeral [env: PLAZA_PORT] [default: 7880]
+    #[arg(long)]
+    port: Option<u16>,
+    /// Media UDP bind address [env: PLAZA_UDP_BIND] [default: 127.0.0.1]
+    #[arg(long, value_name = "IP")]
+    udp_bind: Option<IpAddr>,
+    /// Media UDP port, 0 = ephemeral [env: PLAZA_UDP_PORT] [default: 7882]
+    #[arg(long)]
+    udp_port: Option<u16>,
+    /// IP(s) put in ICE candidates; repeatable or comma-separated [env: PLAZA_ANNOUNCE_IP]
+    /// [default: the UDP bind address]
+    #[arg(long = "announce-ip", value_name = "IP", value_delimiter = ',')]
+    announce_ip: Vec<IpAddr>,
+    /// Log filter directive (EnvFilter syntax) [env: PLAZA_LOG_LEVEL, RUST_LOG] [default: info]
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log format [env: PLAZA_LOG_FORMAT] [default: text]
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Largest WebSocket message from a client, bytes [env: PLAZA_MAX_WS_MESSAGE]
+    /// [default: 65536]
+    #[arg(long, value_name = "BYTES")]
+    max_ws_message: Option<usize>,
+    /// Largest data-channel payload relayed, bytes [env: PLAZA_MAX_DATA_MESSAGE]
+    /// [default: 16384]
+    #[arg(long, value_name = "BYTES")]
+    max_data_message: Option<usize>,
+}
+
+/// A string or a list of strings (for `announce_ip` in the file).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(IpAddr),
+    Many(Vec<IpAddr>),
+}
+
+/// The TOML file's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    bind: Option<IpAddr>,
+    port: Option<u16>,
+    udp_bind: Option<IpAddr>,
+    udp_port: Option<u16>,
+    #[serde(alias = "announce_ips")]
+    announce_ip: Option<OneOrMany>,
+    log_level: Option<String>,
+    log_format: Option<LogFormat>,
+    max_ws_message: Option<usize>,
+    max_data_message: Option<usize>,
+}
+
+/// One layer of optional settings (flags, env or file).
+#[derive(Debug, Default)]
+struct Layer {
+    bind: Option<IpAddr>,
+    port: Option<u16>,
+    udp_bind: Option<IpAddr>,
+    udp_port: Option<u16>,
+    announce_ips: Option<Vec<IpAddr>>,
+    log_level: Option<String>,
+    log_format: Option<LogFormat>,
+    max_ws_message: Option<usize>,
+    max_data_message: Option<usize>,
+}
+
+impl Layer {
+    /// `self` wins over `lower` for every setting it has.
+    fn over(self, lower: Layer) -> Layer {
+        Layer {
+            bind: self.bind.or(lower.bind),
+            port: self.port.or(lower.port),
+            udp_bind: self.udp_bind.or(lower.udp_bind),
+            udp_port: self.udp_port.or(lower.udp_port),
+            announce_ips: self.announce_ips.or(lower.announce_ips),
+            log_level: self.log_level.or(lower.log_level),
+            log_format: self.log_format.or(lower.log_format),
+            max_ws_message: self.max_ws_message.or(lower.max_ws_message),
+            max_data_message: self.max_data_message.or(lower.max_data_message),
+        }
+    }
+}
+
+impl From<Args> for Layer {
+    fn from(a: Args) -> Layer {
+        Layer {
+            bind: a.bind,
+            port: a.port,
+            udp_bind: a.udp_bind,
+            udp_port: a.udp_port,
+            announce_ips: (!a.announce_ip.is_empty()).then_some(a.announce_ip),
+            log_level: a.log_level,
+            log_format: a.log_format,
+            max_ws_message: a.max_ws_message,
+            max_data_message: a.max_data_message,
+        }
+    }
+}
+
+impl From<FileConfig> for Layer {
+    fn from(f: FileConfig) -> Layer {
+        Layer {
+            bind: f.bind,
+            port: f.port,
+            udp_bind: f.udp_bind,
+            udp_port: f.udp_port,
+            announce_ips: f.announce_ip.map(|a| match a {
+                OneOrMany::One(ip) => vec![ip],
+                OneOrMany::Many(ips) => ips,
+            }),
+            log_level: f.log_level,
+            log_format: f.log_format,
+            max_ws_message: f.max_ws_message,
+            max_data_message: f.max_data_message,
+        }
+    }
+}
+
+/// Reads `PLAZA_*` variables through `lookup`; empty values count as unset.
+struct EnvReader<F>(F);
+
+impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
+    fn raw(&self, var: &str) -> Option<String> {
+        (self.0)(var).filter(|v| !v.trim().is_empty())
+    }
+
+    fn parse<T: FromStr>(&self, var: &'static str) -> Result<Option<T>, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.raw(var) {
+            None => Ok(None),
+            Some(value) => value
+                .trim()
+                .parse::<T>()
+                .map(Some)
+                .map_err(|e| ConfigError::Env {
+                    var,
+                    message: e.to_string(),
+                    value,
+                }),
+        }
+    }
+
+    fn ip_list(&self, var: &'static str) -> Result<Option<Vec<IpAddr>>, ConfigError> {
+        let Some(value) = self.raw(var) else {
+            return Ok(None);
+        };
+        let mut ips = Vec::new();
+        for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            ips.push(part.parse::<IpAddr>().map_err(|e| ConfigError::Env {
+                var,
+                value: value.clone(),
+                message: format!("`{part}`: {e}"),
+            })?);
+        }
+        Ok(Some(ips))
+    }
+
+    fn layer(&self) -> Result<Layer, ConfigError> {
+        Ok(Layer {
+            bind: self.parse("PLAZA_BIND")?,
+            port: self.parse("PLAZA_PORT")?,
+            udp_bind: self.parse("PLAZA_UDP_BIND")?,
+            udp_port: self.parse("PLAZA_UDP_PORT")?,
+            announce_ips: self.ip_list("PLAZA_ANNOUNCE_IP")?,
+            log_level: self.raw("PLAZA_LOG_LEVEL").or_else(|| self.raw("RUST_LOG")),
+            log_format: self.parse("PLAZA_LOG_FORMAT")?,
+            max_ws_message: self.parse("PLAZA_MAX_WS_MESSAGE")?,
+            max_data_message: self.parse("PLAZA_MAX_DATA_MESSAGE")?,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Layer, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok(file.into())
+}
+
+impl Config {
+    /// Load from the process's command line and environment.
+    pub fn load() -> Result<Config, ConfigError> {
+        Config::load_from(std::env::args_os(), |var| std::env::var(var).ok())
+    }
+
+    /// Load from explicit arguments (the first is the program name) and an environment
+    /// lookup, then validate. Flag > env > file > default.
+    pub fn load_from<I, T, F>(args: I, env: F) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+        F: Fn(&str) -> Option<String>,
+    {
+        let mut args = Args::try_parse_from(args)?;
+        let env = EnvReader(env);
+        let config_file = args
+            .config
+            .take()
+            .or_else(|| env.raw("PLAZA_CONFIG").map(PathBuf::from));
+        let file = match &config_file {
+            Some(path) => read_file(path)?,
+            None => Layer::default(),
+        };
+        let merged = Layer::from(args).over(env.layer()?).over(file);
+
+        let d = Config::default();
+        let mut config = Config {
+            config_file,
+            bind: merged.bind.unwrap_or(d.bind),
+            port: merged.port.unwrap_or(d.port),
+            udp_bind: merged.udp_bind.unwrap_or(d.udp_bind),
+            udp_port: merged.udp_port.unwrap_or(d.udp_port),
+            announce_ips: merged.announce_ips.unwrap_or_default(),
+            log_level: merged.log_level.unwrap_or(d.log_level),
+            log_format: merged.log_format.unwrap_or(d.log_format),
+            max_ws_message: merged.max_ws_message.unwrap_or(d.max_ws_message),
+            max_data_message: merged.max_data_message.unwrap_or(d.max_data_message),
+        };
+        config.announce_ips = config.announce_ips()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The IPs to announce: the configured ones (deduplicated), or the UDP bind address when
+    /// none is configured. Fails when that would be an unspecified address.
+    pub fn announce_ips(&self) -> Result<Vec<IpAddr>, ConfigError> {
+        if self.announce_ips.is_empty() {
+            if self.udp_bind.is_unspecified() {
+                return Err(ConfigError::AnnounceIpRequired {
+                    udp_bind: self.udp_bind,
+                });
+            }
+            return Ok(vec![self.udp_bind]);
+        }
+        let mut ips: Vec<IpAddr> = Vec::with_capacity(self.announce_ips.len());
+        for &ip in &self.announce_ips {
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(ConfigError::BadAnnounceIp(ip));
+            }
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        Ok(ips)
+    }
+
+    /// Check every setting (also called by [`crate::server::start`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.announce_ips()?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            ConfigError::LogLevel {
+                directive: self.log_level.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        check_range(
+            "max-ws-message",
+            self.max_ws_message,
+            MIN_WS_MESSAGE,
+            MAX_WS_MESSAGE,
+        )?;
+        check_range(
+            "max-data-message",
+            self.max_data_message,
+            1,
+            MAX_DATA_MESSAGE,
+        )?;
+        Ok(())
+    }
+
+    /// The HTTP listen address.
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
+    }
+
+    /// The media UDP bind address.
+    pub fn udp_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.udp_bind, self.udp_port)
+    }
+}
+
+fn check_range(
+    name: &'static str,
+    value: usize,
+    min: usize,
+    max: usize,
+) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            name,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn load(args: &[&str], pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["plaza"];
+        argv.extend_from_slice(args);
+        Config::load_from(argv, env(pairs))
+    }
+
+    struct TempFile(PathBuf);
+    impl TempFile {
+        fn new(contents: &str) -> TempFile {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "plaza-config-test-{}-{}.toml",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&path, contents).unwrap();
+            TempFile(path)
+        }
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn defaults_without_anything() {
+        let c = load(&[], &[]).unwrap();
+        let d = Config {
+            announce_ips: vec![ip("127.0.0.1")],
+            ..Config::default()
+        };
+        assert_eq!(c, d);
+        assert_eq!(c.http_addr(), "127.0.0.1:7880".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.udp_addr(), "127.0.0.1:7882".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.max_ws_message, 65536);
+        assert_eq!(c.max_data_message, 16384);
+        assert_eq!(c.log_level, "info");
+        assert_eq!(c.log_format, LogFormat::Text);
+        Config::default().validate().unwrap();
+        assert_eq!(
+            Config::default().announce_ips().unwrap(),
+            vec![ip("127.0.0.1")]
+        );
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let file = TempFile::new(
+            r#"
+            port = 1000
+            udp_port = 1001
+            bind = "127.0.0.2"
+            log_format = "json"
+            max_data_message = 1000
+            "#,
+        );
+        // File only (via PLAZA_CONFIG).
+        let c = load(&[], &[("PLAZA_CONFIG", file.path())]).unwrap();
+        assert_eq!(c.port, 1000);
+        assert_eq!(c.udp_port, 1001);
+        assert_eq!(c.bind, ip("127.0.0.2"));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.max_data_message, 1000);
+        assert_eq!(c.max_ws_message, DEFAULT_MAX_WS_MESSAGE); // default
+        assert_eq!(c.config_file.as_deref(), Some(file.0.as_path()));
+
+        // Env over file.
+        let c = load(
+            &["--config", file.path()],
+            &[("PLAZA_PORT", "2000"), ("PLAZA_LOG_FORMAT", "text")],
+        )
+        .unwrap();
+        assert_eq!(c.port, 2000);
+        assert_eq!(c.udp_port, 1001);
+        assert_eq!(c.log_format, LogFormat::Text);
+
+        // Flag over env over file.
+        let c = load(
+            &[
+                "--config",
+                file.path(),
+                "--port",
+                "3000",
+                "--log-format",
+                "json",
+            ],
+            &[("PLAZA_PORT", "2000"), ("PLAZA_UDP_PORT", "2001")],
+        )
+        .unwrap();
+        assert_eq!(c.port, 3000);
+        assert_eq!(c.udp_port, 2001);
+        assert_eq!(c.bind, ip("127.0.0.2"));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn config_flag_beats_config_env() {
+        let a = TempFile::new("port = 1");
+        let b = TempFile::new("port = 2");
+        let c = load(&["--config", a.path()], &[("PLAZA_CONFIG", b.path())]).unwrap();
+        assert_eq!(c.port, 1);
+    }
+
+    #[test]
+    fn announce_ips_from_every_layer() {
+        let c = load(
+            &[
+                "--announce-ip",
+                "10.0.0.1,10.0.0.2",
+                "--announce-ip",
+                "10.0.0.3",
+            ],
+            &[("PLAZA_ANNOUNCE_IP", "10.9.9.9")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.announce_ips,
+            vec![ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3")]
+        );
+
+        let c = load(&[], &[("PLAZA_ANNOUNCE_IP", " 10.0.0.1 , ::1 ,10.0.0.1")]).unwrap();
+        assert_eq!(c.announce_ips, vec![ip("10.0.0.1"), ip("::1")]);
+
+        let one = TempFile::new(r#"announce_ip = "192.0.2.1""#);
+        let c = load(&["--config", one.path()], &[]).unwrap();
+        assert_eq!(c.announce_ips, vec![ip("192.0.2.1")]);
+        let many = TempFile::new(r#"announce_ips = ["192.0.2.1", "192.0.2.2"]"#);
+        let c = load(&["--config", many.path()], &[]).unwrap();
+        assert_eq!(c.announce_ips, vec![ip("192.0.2.1"), ip("192.0.2.2")]);
+
+        // Default: the UDP bind address.
+        let c = load(&["--udp-bind", "127.0.0.5"], &[]).unwrap();
+        assert_eq!(c.announce_ips, vec![ip("127.0.0.5")]);
+    }
+
+    #[test]
+    fn unspecified_udp_bind_needs_announce_ip() {
+        let e = load(&["--udp-bind", "0.0.0.0"], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::AnnounceIpRequired { .. }), "{e}");
+        assert!(e.to_string().contains("--announce-ip"), "{e}");
+        let c = load(
+            &["--udp-bind", "0.0.0.0"],
+            &[("PLAZA_ANNOUNCE_IP", "198.51.100.4")],
+        )
+        .unwrap();
+        assert_eq!(c.announce_ips, vec![ip("198.51.100.4")]);
+        let e = load(&["--announce-ip", "0.0.0.0"], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::BadAnnounceIp(_)), "{e}");
+        let bad = Config {
+            udp_bind: ip("::"),
+            ..Config::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn empty_env_is_unset() {
+        let c = load(&[], &[("PLAZA_PORT", ""), ("PLAZA_ANNOUNCE_IP", " ")]).unwrap();
+        assert_eq!(c.port, DEFAULT_PORT);
+        assert_eq!(c.announce_ips, vec![ip("127.0.0.1")]);
+    }
+
+    #[test]
+    fn bad_values_are_reported() {
+        let e = load(&[], &[("PLAZA_PORT", "seventy")]).unwrap_err();
+        match &e {
+            ConfigError::Env { var, value, .. } => {
+                assert_eq!(*var, "PLAZA_PORT");
+                assert_eq!(value, "seventy");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let e = load(&[], &[("PLAZA_ANNOUNCE_IP", "1.2.3.4,nope")]).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        let e = load(&[], &[("PLAZA_LOG_FORMAT", "xml")]).unwrap_err();
+        assert!(matches!(e, ConfigError::Env { .. }), "{e}");
+        assert!(matches!(
+            load(&["--port", "99999"], &[]).unwrap_err(),
+            ConfigError::Cli(_)
+        ));
+        assert!(matches!(
+            load(&["--frobnicate"], &[]).unwrap_err(),
+            ConfigError::Cli(_)
+        ));
+        let e = load(&["--max-ws-message", "10"], &[]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::OutOfRange {
+                    name: "max-ws-message",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = load(&["--max-data-message", "0"], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::OutOfRange { .. }), "{e}");
+        let e = load(&["--log-level", "info,[[["], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::LogLevel { .. }), "{e}");
+    }
+
+    #[test]
+    fn file_errors_are_reported() {
+        let e = load(&["--config", "/nonexistent/plaza.toml"], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::ReadFile { .. }), "{e}");
+        assert!(e.to_string().contains("/nonexistent/plaza.toml"));
+        let typo = TempFile::new("prot = 1");
+        let e = load(&["--config", typo.path()], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::ParseFile { .. }), "{e}");
+        assert!(e.to_string().contains("prot"), "{e}");
+        let wrong_type = TempFile::new(r#"port = "x""#);
+        assert!(matches!(
+            load(&["--config", wrong_type.path()], &[]).unwrap_err(),
+            ConfigError::ParseFile { .. }
+        ));
+    }
+
+    #[test]
+    fn log_level_sources() {
+        assert_eq!(
+            load(&[], &[("RUST_LOG", "debug")]).unwrap().log_level,
+            "debug"
+        );
+        assert_eq!(
+            load(&[], &[("RUST_LOG", "debug"), ("PLAZA_LOG_LEVEL", "warn")])
+                .unwrap()
+                .log_level,
+            "warn"
+        );
+        assert_eq!(
+            load(
+                &["--log-level", "plaza=trace"],
+                &[("PLAZA_LOG_LEVEL", "warn")]
+            )
+            .unwrap()
+            .log_level,
+            "plaza=trace"
+        );
+    }
+
+    #[test]
+    fn help_is_a_cli_error() {
+        match load(&["--help"], &[]).unwrap_err() {
+            ConfigError::Cli(e) => assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! Starting and stopping the server: the media UDP socket, the SFU core and the HTTP server.
+//!
+//! [`start`] binds both sockets (ports may be 0 for ephemeral ones), hands the UDP socket to
+//! the core ([`crate::sfu::core::spawn`]) and serves the axum router. [`Server::shutdown`]
+//! stops accepting connections, asks the core to shut down (it tells every participant
+//! `leave` and closes their event channels, which ends their WebSocket sessions), waits for
+//! the HTTP server and the sessions, and returns — within [`SHUTDOWN_TIMEOUT`] whatever
+//! happens.
+
+use crate::config::{Config, ConfigError};
+use crate::http::{self, AppState, HttpSettings};
+use crate::sfu::core::CoreConfig;
+use crate::sfu::{SfuError, SfuHandle};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout_at};
+use tracing::{info, warn};
+
+/// Upper bound for [`Server::shutdown`].
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the server could not start (or stopped by itself).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen for HTTP on {addr}: {source}{}", in_use_hint(.source, "--port"))]
+    BindHttp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot bind the media UDP socket to {addr}: {source}{}", in_use_hint(.source, "--udp-port"))]
+    BindUdp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the media UDP socket: {0}")]
+    UdpSetup(#[source] std::io::Error),
+    #[error("cannot start the SFU core: {0}")]
+    Core(#[from] SfuError),
+    #[error("the server stopped unexpectedly: {0}")]
+    Stopped(String),
+}
+
+fn in_use_hint(e: &std::io::Error, flag: &str) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            " (another process, maybe another Plaza, uses this port: stop it or choose another \
+             with {flag})"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => {
+            " (this host has no such address: check the bind address)".to_owned()
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (ports below 1024 need privileges: choose a higher one)".to_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    http_addr: SocketAddr,
+    udp_addr: SocketAddr,
+    handle: SfuHandle,
+    /// `true` = stop: ends the HTTP server's accept loop and sessions that have not joined.
+    stop: watch::Sender<bool>,
+    http_task: Option<JoinHandle<std::io::Result<()>>>,
+    core_stopped: Option<oneshot::Receiver<()>>,
+    /// Yields `None` once every WebSocket session (and the router) is gone.
+    sessions: mpsc::Receiver<()>,
+}
+
+/// Bind the sockets, start the core and the HTTP server.
+pub async fn start(config: Config) -> Result<Server, ServerError> {
+    start_with_core(config, crate::sfu::core::spawn).await
+}
+
+/// [`start`] with the core's `spawn` passed in (tests use a fake core).
+pub(crate) async fn start_with_core<F>(config: Config, spawn_core: F) -> Result<Server, ServerError>
+where
+    F: FnOnce(
+        CoreConfig,
+        std::net::UdpSocket,
+    ) -> Result<(SfuHandle, oneshot::Receiver<()>), SfuError>,
+{
+    config.validate()?;
+    let announce_ips = config.announce_ips()?;
+
+    let udp_want = config.udp_addr();
+    let socket = std::net::UdpSocket::bind(udp_want).map_err(|source| ServerError::BindUdp {
+        addr: udp_want,
+        source,
+    })?;
+    socket
+        .set_nonblocking(true)
+        .map_err(ServerError::UdpSetup)?;
+    let udp_addr = socket.local_addr().map_err(ServerError::UdpSetup)?;
+
+    let http_want = config.http_addr();
+    let bind_http = |source| ServerError::BindHttp {
+        addr: http_want,
+        source,
+    };
+    let listener = TcpListener::bind(http_want).await.map_err(bind_http)?;
+    let http_addr = listener.local_addr().map_err(bind_http)?;
+
+    let (handle, core_stopped) = spawn_core(
+        CoreConfig {
+            announce_ips: announce_ips.clone(),
+            max_data_message: config.max_data_message,
+        },
+        socket,
+    )?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    let (sessions_tx, sessions) = mpsc::channel(1);
+    let state = AppState::new(
+        handle.clone(),
+        HttpSettings::new(config.max_ws_message),
+        stop_rx.clone(),
+        sessions_tx,
+    );
+    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let mut stop_http = stop_rx;
+    let http_task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_http.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    info!(%http_addr, %udp_addr, ?announce_ips, "plaza started");
+    Ok(Server {
+        http_addr,
+        udp_addr,
+        handle,
+        stop,
+        http_task: Some(http_task),
+        core_stopped: Some(core_stopped),
+        sessions,
+    })
+}
+
+impl Server {
+    /// The bound HTTP/WebSocket address (with the real port when 0 was asked for).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The bound media UDP address (with the real port when 0 was asked for).
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_addr
+    }
+
+    /// The core's command handle.
+    pub fn handle(&self) -> &SfuHandle {
+        &self.handle
+    }
+
+    /// Graceful shutdown, bounded by [`SHUTDOWN_TIMEOUT`].
+    pub async fn shutdown(mut self) {
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        // Stop accepting connections; sessions that have not joined close themselves.
+        let _ = self.stop.send(true);
+        // The core says `leave` to everyone and closes their event channels.
+        if timeout_at(deadline, self.handle.shutdown()).await.is_err() {
+            warn!("the SFU core did not shut down in time");
+        }
+        if let Some(mut task) = self.http_task.take() {
+            match timeout_at(deadline, &mut task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server failed"),
+                Ok(Err(e)) => warn!(error = %e, "HTTP server task failed"),
+                Err(_) => {
+                    warn!("HTTP server did not stop in time");
+                    task.abort();
+                }
+            }
+        }
+        // Let the sessions send their last frames and close.
+        if timeout_at(deadline, self.sessions.recv()).await.is_err() {
+            warn!("some WebSocket sessions did not close in time");
+        }
+        if let Some(core) = self.core_stopped.take() {
+            if timeout_at(deadline, core).await.is_err() {
+                warn!("the SFU core did not stop in time");
+            }
+        }
+        info!("plaza stopped");
+    }
+
+    /// Resolves if the HTTP server or the core stops on its own.
+    async fn stopped_by_itself(&mut self) -> String {
+        enum Which {
+            Http(String),
+            Core,
+        }
+        let which = match (self.http_task.as_mut(), self.core_stopped.as_mut()) {
+            (Some(http), Some(core)) => tokio::select! {
+                r = http => Which::Http(match r {
+                    Ok(Ok(())) => "the HTTP server ended".to_owned(),
+                    Ok(Err(e)) => format!("the HTTP server failed: {e}"),
+                    Err(e) => format!("the HTTP server task failed: {e}"),
+                }),
+                _ = core => Which::Core,
+            },
+            _ => std::future::pending().await,
+        };
+        match which {
+            Which::Http(reason) => {
+                self.http_task = None;
+                reason
+            }
+            Which::Core => {
+                self.core_stopped = None;
+                "the SFU core stopped".to_owned()
+            }
+        }
+    }
+}
+
+/// Start, log the addresses, run until `shutdown` resolves, then shut down gracefully.
+/// Returns an error if startup fails or a component stops by itself.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let announce = config.announce_ips()?;
+    let mut server = start(config).await?;
+    let http = server.http_addr();
+    let demo = if http.ip().is_unspecified() {
+        SocketAddr::new(announce[0], http.port())
+    } else {
+        http
+    };
+    info!(
+        "signaling on ws://{demo}/rtc, media on udp {}, demo page at http://{demo}/",
+        server.udp_addr()
+    );
+    let failure = tokio::select! {
+        () = shutdown => None,
+        reason = server.stopped_by_itself() => Some(reason),
+    };
+    match &failure {
+        None => info!("shutting down"),
+        Some(reason) => warn!(%reason, "shutting down"),
+    }
+    server.shutdown().await;
+    match failure {
+        None => Ok(()),
+        Some(reason) => Err(ServerError::Stopped(reason)),
+    }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("received Ctrl-C"),
+        () = term => info!("received SIGTERM"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::fake_core::{self, Seen};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    fn test_config() -> Config {
+        Config {
+            port: 0,
+            udp_port: 0,
+            ..Config::default()
+        }
+    }
+
+    async fn start_fake(config: Config) -> (Server, mpsc::UnboundedReceiver<Seen>) {
+        let (handle, seen, stopped) = fake_core::spawn();
+        let server = start_with_core(config, move |cfg, socket| {
+            assert_eq!(
+                cfg.announce_ips,
+                vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+            );
+            assert_eq!(
+                cfg.max_data_message,
+                crate::config::DEFAULT_MAX_DATA_MESSAGE
+            );
+            assert!(socket.local_addr().unwrap().port() != 0);
+            Ok((handle, stopped))
+        })
+        .await
+        .unwrap();
+        (server, seen)
+    }
+
+    async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn ephemeral_ports_health_and_graceful_shutdown() {
+        let (server, mut seen) = start_fake(test_config()).await;
+        let http = server.http_addr();
+        assert_ne!(http.port(), 0);
+        assert_ne!(server.udp_addr().port(), 0);
+        assert_eq!(server.udp_addr().ip(), http.ip());
+
+        let (status, body) = http_get(http, "/healthz").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "ok");
+        assert_eq!(v["participants"], 0);
+        let (status, _) = http_get(http, "/../Cargo.toml").await;
+        assert_eq!(status, 404);
+
+        // One joined session and one that never joins.
+        let (mut joined, _) = tokio_tungstenite::connect_async(format!("ws://{http}/rtc"))
+            .await
+            .unwrap();
+        joined
+            .send(WsMessage::text(r#"{"type":"join","room":"r","name":"a"}"#))
+            .await
+            .unwrap();
+        let m = joined.next().await.unwrap().unwrap();
+        assert!(m.to_text().unwrap().contains(r#""type":"joined""#), "{m:?}");
+        let (mut idle, _) = tokio_tungstenite::connect_async(format!("ws://{http}/rtc"))
+            .await
+            .unwrap();
+        assert_eq!(server.handle().stats().await.unwrap().participants, 1);
+
+        let started = std::time::Instant::now();
+        server.shutdown().await;
+        assert!(
+            started.elapsed() < SHUTDOWN_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+
+        let m = joined.next().await.unwrap().unwrap();
+        assert_eq!(
+            m.to_text().unwrap(),
+            r#"{"type":"leave","reason":"shutdown"}"#
+        );
+        match joined.next().await {
+            Some(Ok(WsMessage::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1000);
+                assert_eq!(frame.reason.as_str(), "shutdown");
+            }
+            other => panic!("expected close, got {other:?}"),
+        }
+        match idle.next().await {
+            Some(Ok(WsMessage::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
+            other => panic!("expected close, got {other:?}"),
+        }
+        let mut log = Vec::new();
+        while let Ok(s) = seen.try_recv() {
+            log.push(s);
+        }
+        assert!(log.contains(&Seen::Shutdown), "{log:?}");
+        assert_eq!(
+            log.iter()
+                .filter(|s| matches!(s, Seen::Disconnect { .. }))
+                .count(),
+            1,
+            "{log:?}"
+        );
+        // The listener is closed.
+        assert!(tokio::net::TcpStream::connect(http).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn port_in_use_is_a_clear_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let config = Config {
+            port,
+            ..test_config()
+        };
+        let err = start_with_core(config, |_, _| -> Result<_, SfuError> {
+            panic!("the core must not start when binding fails")
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ServerError::BindHttp { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&port.to_string()) && text.contains("--port"),
+            "{text}"
+        );
+
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let config = Config {
+            udp_port: udp.local_addr().unwrap().port(),
+            ..test_config()
+        };
+        let err = start_with_core(config, |_, _| -> Result<_, SfuError> { panic!() })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("--udp-port"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn invalid_config_is_refused() {
+        let config = Config {
+            udp_bind: "0.0.0.0".parse().unwrap(),
+            ..test_config()
+        };
+        let err = start_with_core(config, |_, _| -> Result<_, SfuError> { panic!() })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("--announce-ip"), "{err}");
+    }
+}

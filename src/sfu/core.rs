@@ -1,0 +1,1894 @@
+//! The core task: owns the UDP socket, every participant's `rtc` peer connections, rooms,
+//! published tracks and their down-tracks. One owner, no locks on the packet path.
+//!
+//! The loop waits for whichever comes first — a datagram, a command from signaling, or the
+//! earliest peer-connection deadline from the timer heap — then lets the touched peer
+//! connections produce output (`poll_write`/`poll_event`/`poll_read`) until nothing is left.
+
+use super::data::{self, DataError};
+use super::keyframe::KeyframeThrottle;
+use super::rewrite::Rewriter;
+use super::vp8;
+use super::{Command, CoreStats, JoinAccepted, JoinRequest, SfuError, SfuHandle};
+use crate::signal::{
+    ClientMessage, ErrorCode, IceCandidate, PROTOCOL_VERSION, ParticipantInfo, PcTarget,
+    ServerMessage, TrackInfo, TrackKind,
+};
+use bytes::BytesMut;
+use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
+use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::peer_connection::RTCPeerConnectionBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::{
+    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
+};
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
+};
+use rtc::rtcp;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, info_span, trace, warn};
+
+/// What the core needs to know.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Addresses written into the server's ICE candidates (one host candidate each),
+    /// all with the UDP socket's port.
+    pub announce_ips: Vec<IpAddr>,
+    /// Largest data-channel payload relayed, in bytes.
+    pub max_data_message: usize,
+}
+
+/// Start the core on its own thread, owning `socket` (a bound, non-blocking std socket).
+/// Returns the handle and a receiver that resolves when the core has stopped.
+pub fn spawn(
+    config: CoreConfig,
+    socket: std::net::UdpSocket,
+) -> Result<(SfuHandle, oneshot::Receiver<()>), SfuError> {
+    socket.set_nonblocking(true)?;
+    let local_addr = socket.local_addr()?;
+    let (tx, rx) = mpsc::channel(4096);
+    let (done_tx, done_rx) = oneshot::channel();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("plaza-core".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match UdpSocket::from_std(socket) {
+                    Ok(socket) => {
+                        let mut core = Core::new(config, socket, local_addr);
+                        core.run(rx).await;
+                    }
+                    Err(e) => warn!("core could not adopt the UDP socket: {e}"),
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    Ok((SfuHandle::new(tx), done_rx))
+}
+
+const MAX_DATAGRAM: usize = 1500;
+/// How many datagrams to take from the socket per wakeup before serving other work.
+const RECV_BATCH: usize = 64;
+/// Minimum time between keyframe requests to one publisher track.
+const KEYFRAME_INTERVAL: Duration = Duration::from_millis(500);
+/// A participant whose transport never connects is dropped after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum PcKind {
+    Publisher,
+    Subscriber,
+}
+
+impl PcKind {
+    fn target(self) -> PcTarget {
+        match self {
+            PcKind::Publisher => PcTarget::Publisher,
+            PcKind::Subscriber => PcTarget::Subscriber,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct PcKey {
+    part: u64,
+    kind: PcKind,
+}
+
+/// One `rtc` peer connection with the bookkeeping the loop needs.
+struct Pc {
+    rtc: RTCPeerConnection,
+    ufrag: String,
+    deadline: Option<Instant>,
+    addrs: Vec<SocketAddr>,
+    connected: bool,
+    created: Instant,
+    /// Already in the dirty queue.
+    queued: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    Chat,
+    Input,
+}
+
+impl Channel {
+    fn label(self) -> &'static str {
+        match self {
+            Channel::Chat => "chat",
+            Channel::Input => "input",
+        }
+    }
+}
+
+struct Participant {
+    pid: String,
+    name: String,
+    room: String,
+    events: mpsc::Sender<ServerMessage>,
+    auto_subscribe: bool,
+    sub: Pc,
+    publ: Option<Pc>,
+    /// A subscriber offer is out and its answer not yet applied.
+    sub_offer_pending: bool,
+    /// Something changed while an offer was out: offer again after the answer.
+    sub_needs_offer: bool,
+    channels: HashMap<RTCDataChannelId, Channel>,
+    open_channels: HashMap<&'static str, RTCDataChannelId>,
+    /// Publisher-side `rtc` track id → server track id.
+    pub_tracks: HashMap<String, String>,
+    /// Server track ids this participant publishes, in order.
+    published: Vec<String>,
+    /// Server track id → sender on this participant's subscriber PC.
+    subscriptions: HashMap<String, RTCRtpSenderId>,
+    limiter: data::RateLimiter,
+    joined_at: Instant,
+}
+
+struct DownTrack {
+    sender: RTCRtpSenderId,
+    ssrc: u32,
+    payload_type: Option<u8>,
+    rewriter: Rewriter,
+    /// Video: forward nothing until a keyframe arrives.
+    waiting_keyframe: bool,
+}
+
+struct Track {
+    id: String,
+    publisher: u64,
+    room: String,
+    kind: TrackKind,
+    codec: RTCRtpCodec,
+    client_track_id: String,
+    stream_id: String,
+    receiver: RTCRtpReceiverId,
+    media_ssrc: u32,
+    muted: bool,
+    layers: Vec<String>,
+    down: HashMap<u64, DownTrack>,
+    throttle: KeyframeThrottle,
+}
+
+impl Track {
+    fn info(&self, publisher_pid: &str) -> TrackInfo {
+        TrackInfo {
+            id: self.id.clone(),
+            participant_id: publisher_pid.to_owned(),
+            kind: self.kind,
+            mime_type: self.codec.mime_type.clone(),
+            client_track_id: self.client_track_id.clone(),
+            muted: self.muted,
+            layers: self.layers.clone(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Room {
+    /// Participants in join order.
+    members: Vec<u64>,
+}
+
+struct Core {
+    cfg: CoreConfig,
+    socket: UdpSocket,
+    local_addr: SocketAddr,
+    rooms: HashMap<String, Room>,
+    parts: HashMap<u64, Participant>,
+    by_pid: HashMap<String, u64>,
+    tracks: HashMap<String, Track>,
+    ufrags: HashMap<String, PcKey>,
+    addrs: HashMap<SocketAddr, PcKey>,
+    timers: BinaryHeap<Reverse<(Instant, PcKey)>>,
+    dirty: VecDeque<PcKey>,
+    stats: CoreStats,
+    next_id: u64,
+    /// Keyframe requests to send: (track id).
+    keyframe_wanted: Vec<String>,
+    /// Participants to remove at the end of this turn (with reason).
+    doomed: Vec<(u64, String)>,
+}
+
+fn random_string(n: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Is this a keyframe start of the given codec?
+fn is_keyframe(mime: &str, payload: &[u8]) -> bool {
+    if mime.eq_ignore_ascii_case(MIME_TYPE_VP8) {
+        vp8::is_keyframe(payload)
+    } else if mime.eq_ignore_ascii_case(MIME_TYPE_H264) {
+        h264_is_keyframe(payload)
+    } else {
+        true
+    }
+}
+
+/// H.264 (RFC 6184): an IDR slice or SPS in a single NAL, STAP-A, or the start of an FU-A.
+fn h264_is_keyframe(payload: &[u8]) -> bool {
+    let Some(&first) = payload.first() else {
+        return false;
+    };
+    match first & 0x1f {
+        5 | 7 => true,
+        24 => {
+            // STAP-A: 2-byte sizes then NALs
+            let mut i = 1;
+            while i + 2 < payload.len() {
+                let size = u16::from_be_bytes([payload[i], payload[i + 1]]) as usize;
+                if let Some(&nal) = payload.get(i + 2) {
+                    if matches!(nal & 0x1f, 5 | 7) {
+                        return true;
+                    }
+                }
+                i += 2 + size;
+            }
+            false
+        }
+        28 => payload
+            .get(1)
+            .is_some_and(|fu| fu & 0x80 != 0 && matches!(fu & 0x1f, 5 | 7)),
+        _ => false,
+    }
+}
+
+/// Marks keyframe requests and other feedback from subscribers for the application.
+#[derive(Default)]
+struct DeliverFeedback {
+    read_queue: VecDeque<TaggedPacket>,
+    write_queue: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(pkts) = &msg.message.packet {
+            let wanted = pkts.iter().any(|p| {
+                p.as_any().downcast_ref::<PictureLossIndication>().is_some()
+                    || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+            });
+            if wanted {
+                msg.message.add(Attribute::DeliverToApplication);
+            }
+        }
+        self.read_queue.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.read_queue.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.write_queue.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.write_queue.pop_front()
+    }
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn poll_timeout(&mut self) -> Option<Self::Time> {
+        None
+    }
+}
+
+impl Interceptor for DeliverFeedback {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
+    let mut me = MediaEngine::default();
+    let fb = |typ: &str, parameter: &str| RTCPFeedback {
+        typ: typ.to_owned(),
+        parameter: parameter.to_owned(),
+    };
+    me.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: MIME_TYPE_OPUS.to_owned(),
+                clock_rate: 48000,
+                channels: 2,
+                sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+                rtcp_feedback: vec![],
+            },
+            payload_type: 111,
+        },
+        RtpCodecKind::Audio,
+    )?;
+    let video_fb = vec![
+        fb("goog-remb", ""),
+        fb("ccm", "fir"),
+        fb("nack", ""),
+        fb("nack", "pli"),
+    ];
+    me.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: MIME_TYPE_VP8.to_owned(),
+                clock_rate: 90000,
+                channels: 0,
+                sdp_fmtp_line: String::new(),
+                rtcp_feedback: video_fb.clone(),
+            },
+            payload_type: 96,
+        },
+        RtpCodecKind::Video,
+    )?;
+    me.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: MIME_TYPE_H264.to_owned(),
+                clock_rate: 90000,
+                channels: 0,
+                sdp_fmtp_line:
+                    "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
+                        .to_owned(),
+                rtcp_feedback: video_fb,
+            },
+            payload_type: 102,
+        },
+        RtpCodecKind::Video,
+    )?;
+    Ok(me)
+}
+
+impl Core {
+    fn new(cfg: CoreConfig, socket: UdpSocket, local_addr: SocketAddr) -> Self {
+        Core {
+            cfg,
+            socket,
+            local_addr,
+            rooms: HashMap::new(),
+            parts: HashMap::new(),
+            by_pid: HashMap::new(),
+            tracks: HashMap::new(),
+            ufrags: HashMap::new(),
+            addrs: HashMap::new(),
+            timers: BinaryHeap::new(),
+            dirty: VecDeque::new(),
+            stats: CoreStats::default(),
+            next_id: 1,
+            keyframe_wanted: Vec::new(),
+            doomed: Vec::new(),
+        }
+    }
+
+    async fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut buf = vec![0u8; MAX_DATAGRAM * 2];
+        let mut maintenance = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let next = self.next_deadline();
+            let sleep = tokio::time::sleep_until(
+                next.map(tokio::time::Instant::from_std)
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
+            );
+            tokio::select! {
+                biased;
+                cmd = rx.recv() => {
+                    match cmd {
+                        Some(Command::Shutdown { done }) => {
+                            self.shutdown().await;
+                            let _ = done.send(());
+                            return;
+                        }
+                        Some(cmd) => self.handle_command(cmd),
+                        None => {
+                            self.shutdown().await;
+                            return;
+                        }
+                    }
+                }
+                res = self.socket.recv_from(&mut buf) => {
+                    match res {
+                        Ok((n, from)) => {
+                            let now = Instant::now();
+                            self.handle_datagram(now, &buf[..n], from);
+                            // Take what else is already queued, bounded.
+                            for _ in 1..RECV_BATCH {
+                                match self.socket.try_recv_from(&mut buf) {
+                                    Ok((n, from)) => self.handle_datagram(now, &buf[..n], from),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        Err(e) => debug!("udp recv error: {e}"),
+                    }
+                }
+                _ = sleep => {
+                    self.fire_timers(Instant::now());
+                }
+                _ = maintenance.tick() => {
+                    self.maintenance(Instant::now());
+                }
+            }
+            self.process();
+        }
+    }
+
+    // ---------------------------------------------------------------- timers
+
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            match self.pc(key) {
+                Some(pc) if pc.deadline == Some(at) => return Some(at),
+                _ => {
+                    self.timers.pop();
+                }
+            }
+        }
+        None
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(pc) = self.pc_mut(key) else { continue };
+            if pc.deadline != Some(at) {
+                continue;
+            }
+            pc.deadline = None;
+            if let Err(e) = pc.rtc.handle_timeout(now) {
+                debug!("handle_timeout: {e}");
+            }
+            self.mark_dirty(key);
+        }
+    }
+
+    fn reschedule(&mut self, key: PcKey) {
+        let Some(pc) = self.pc_mut(key) else { return };
+        let next = pc.rtc.poll_timeout();
+        if next != pc.deadline {
+            pc.deadline = next;
+            if let Some(at) = next {
+                self.timers.push(Reverse((at, key)));
+            }
+        }
+    }
+
+    fn pc(&self, key: PcKey) -> Option<&Pc> {
+        let p = self.parts.get(&key.part)?;
+        match key.kind {
+            PcKind::Subscriber => Some(&p.sub),
+            PcKind::Publisher => p.publ.as_ref(),
+        }
+    }
+
+    fn pc_mut(&mut self, key: PcKey) -> Option<&mut Pc> {
+        let p = self.parts.get_mut(&key.part)?;
+        match key.kind {
+            PcKind::Subscriber => Some(&mut p.sub),
+            PcKind::Publisher => p.publ.as_mut(),
+        }
+    }
+
+    // ---------------------------------------------------------------- UDP in
+
+    fn handle_datagram(&mut self, now: Instant, data: &[u8], from: SocketAddr) {
+        self.stats.udp_datagrams_in += 1;
+        let Some(&first) = data.first() else {
+            self.stats.udp_datagrams_ignored += 1;
+            return;
+        };
+        let key = match self.addrs.get(&from) {
+            Some(k) => Some(*k),
+            None if first < 4 => stun_username(data)
+                .and_then(|u| u.split(':').next().map(str::to_owned))
+                .and_then(|local| self.ufrags.get(&local).copied()),
+            None => None,
+        };
+        let Some(key) = key else {
+            self.stats.udp_datagrams_ignored += 1;
+            trace!(%from, "datagram from unknown address ignored");
+            return;
+        };
+        let local_addr = self.local_addr;
+        let Some(pc) = self.pc_mut(key) else {
+            self.stats.udp_datagrams_ignored += 1;
+            return;
+        };
+        let res = pc.rtc.handle_read(TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: BytesMut::from(data),
+        });
+        match res {
+            Ok(()) => {
+                if !self.addrs.contains_key(&from) && first < 4 {
+                    self.addrs.insert(from, key);
+                    if let Some(pc) = self.pc_mut(key) {
+                        pc.addrs.push(from);
+                    }
+                }
+            }
+            Err(e) => {
+                self.stats.udp_datagrams_ignored += 1;
+                trace!(%from, "datagram rejected: {e}");
+            }
+        }
+        self.mark_dirty(key);
+    }
+
+    fn mark_dirty(&mut self, key: PcKey) {
+        if let Some(pc) = self.pc_mut(key) {
+            if !pc.queued {
+                pc.queued = true;
+                self.dirty.push_back(key);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- processing
+
+    /// Drain every touched peer connection until nothing is left to do.
+    fn process(&mut self) {
+        let mut rounds = 0;
+        loop {
+            if !self.keyframe_wanted.is_empty() {
+                self.send_keyframe_requests(Instant::now());
+            }
+            if let Some(key) = self.dirty.pop_front() {
+                rounds += 1;
+                if let Some(pc) = self.pc_mut(key) {
+                    pc.queued = false;
+                }
+                self.drain_pc(key);
+                if rounds > 100_000 {
+                    warn!("processing did not settle; deferring");
+                    break;
+                }
+                continue;
+            }
+            if self.doomed.is_empty() {
+                break;
+            }
+            let doomed = std::mem::take(&mut self.doomed);
+            for (part, reason) in doomed {
+                self.remove_participant(part, &reason, true);
+            }
+        }
+    }
+
+    fn drain_pc(&mut self, key: PcKey) {
+        // 1. Outgoing datagrams.
+        self.flush(key);
+        // 2. Events.
+        loop {
+            let Some(pc) = self.pc_mut(key) else { return };
+            let Some(ev) = pc.rtc.poll_event() else { break };
+            self.handle_pc_event(key, ev);
+        }
+        // 3. Application messages.
+        loop {
+            let Some(pc) = self.pc_mut(key) else { return };
+            let Some(msg) = pc.rtc.poll_read() else { break };
+            self.handle_pc_message(key, msg);
+        }
+        self.flush(key);
+        self.reschedule(key);
+    }
+
+    fn flush(&mut self, key: PcKey) {
+        let Some(p) = self.parts.get_mut(&key.part) else {
+            return;
+        };
+        let pc = match key.kind {
+            PcKind::Subscriber => &mut p.sub,
+            PcKind::Publisher => match p.publ.as_mut() {
+                Some(pc) => pc,
+                None => return,
+            },
+        };
+        while let Some(out) = pc.rtc.poll_write() {
+            // Drop, never block: a full socket buffer loses this datagram only.
+            if let Err(e) = self
+                .socket
+                .try_send_to(&out.message, out.transport.peer_addr)
+            {
+                trace!("udp send to {} failed: {e}", out.transport.peer_addr);
+            }
+        }
+    }
+
+    fn handle_pc_event(&mut self, key: PcKey, ev: RTCPeerConnectionEvent) {
+        match ev {
+            RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                let pid = self
+                    .parts
+                    .get(&key.part)
+                    .map(|p| p.pid.clone())
+                    .unwrap_or_default();
+                debug!(participant = %pid, pc = ?key.kind, "connection state {state}");
+                match state {
+                    RTCPeerConnectionState::Connected => {
+                        if let Some(pc) = self.pc_mut(key) {
+                            pc.connected = true;
+                        }
+                        if key.kind == PcKind::Subscriber {
+                            self.refresh_downtracks(key.part);
+                        }
+                    }
+                    RTCPeerConnectionState::Failed => {
+                        self.doomed
+                            .push((key.part, format!("{:?} connection failed", key.kind)));
+                    }
+                    _ => {}
+                }
+            }
+            RTCPeerConnectionEvent::OnIceCandidateEvent(_) => {
+                // Our host candidates (and end-of-candidates) are already in every SDP we send.
+            }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                if key.kind == PcKind::Publisher {
+                    self.on_published_track(key.part, init);
+                }
+            }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
+                if key.kind == PcKind::Publisher {
+                    let tid = self
+                        .parts
+                        .get_mut(&key.part)
+                        .and_then(|p| p.pub_tracks.remove(&track_id));
+                    if let Some(tid) = tid {
+                        self.unpublish(&tid);
+                    }
+                }
+            }
+            RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id)) => {
+                if let Some(p) = self.parts.get_mut(&key.part) {
+                    if let Some(ch) = p.channels.get(&id) {
+                        p.open_channels.insert(ch.label(), id);
+                    }
+                }
+            }
+            RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id)) => {
+                if let Some(p) = self.parts.get_mut(&key.part) {
+                    p.open_channels.retain(|_, v| *v != id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_pc_message(&mut self, key: PcKey, msg: TaggedRTCMessage) {
+        match msg.message {
+            RTCMessage::RtpPacket(track_id, packet) => {
+                if key.kind == PcKind::Publisher {
+                    self.forward_rtp(key.part, &track_id, packet, msg.now);
+                }
+            }
+            RTCMessage::RtcpPacket(track_id, packets) => {
+                if key.kind == PcKind::Subscriber {
+                    self.on_subscriber_feedback(&track_id, &packets);
+                }
+            }
+            RTCMessage::DataChannelMessage(id, m) => {
+                self.relay_data(key.part, id, m.is_string, &m.data, msg.now);
+            }
+            _ => {}
+        }
+    }
+
+    // ---------------------------------------------------------------- media
+
+    fn on_published_track(
+        &mut self,
+        part: u64,
+        init: rtc::peer_connection::event::RTCTrackEventInit,
+    ) {
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
+        if p.pub_tracks.contains_key(&init.track_id) {
+            // another encoding (simulcast layer) of a known track
+            return;
+        }
+        let Some(pc) = p.publ.as_mut() else { return };
+        let Some(receiver) = pc.rtc.rtp_receiver(init.receiver_id) else {
+            return;
+        };
+        let track = receiver.track();
+        let kind = match track.kind() {
+            RtpCodecKind::Audio => TrackKind::Audio,
+            _ => TrackKind::Video,
+        };
+        let Some(codec) = track.codec(init.ssrc).cloned() else {
+            warn!(participant = %p.pid, "published track without codec; ignored");
+            return;
+        };
+        let tid = format!("TR_{}", random_string(12));
+        let stream_id = init.stream_ids.first().cloned().unwrap_or_default();
+        let t = Track {
+            id: tid.clone(),
+            publisher: part,
+            room: p.room.clone(),
+            kind,
+            codec,
+            client_track_id: init.track_id.clone(),
+            stream_id,
+            receiver: init.receiver_id,
+            media_ssrc: init.ssrc,
+            muted: false,
+            layers: init.rid.iter().cloned().collect(),
+            down: HashMap::new(),
+            throttle: KeyframeThrottle::new(KEYFRAME_INTERVAL),
+        };
+        p.pub_tracks.insert(init.track_id.clone(), tid.clone());
+        p.published.push(tid.clone());
+        let info = t.info(&p.pid);
+        let room = p.room.clone();
+        let span = info_span!("track", room = %room, participant = %p.pid, track = %tid);
+        let _g = span.enter();
+        info!(kind = ?kind, mime = %info.mime_type, "track published");
+        self.tracks.insert(tid.clone(), t);
+        self.broadcast(
+            &room,
+            Some(part),
+            ServerMessage::TrackPublished { track: info },
+        );
+        // Auto-subscribe the others.
+        let members = self
+            .rooms
+            .get(&room)
+            .map(|r| r.members.clone())
+            .unwrap_or_default();
+        for m in members {
+            if m != part && self.parts.get(&m).is_some_and(|p| p.auto_subscribe) {
+                self.subscribe(m, &tid);
+            }
+        }
+    }
+
+    fn subscribe(&mut self, sub: u64, tid: &str) -> bool {
+        let Some(track) = self.tracks.get(tid) else {
+            return false;
+        };
+        if track.publisher == sub || track.down.contains_key(&sub) {
+            return false;
+        }
+        let kind = match track.kind {
+            TrackKind::Audio => RtpCodecKind::Audio,
+            TrackKind::Video => RtpCodecKind::Video,
+        };
+        let codec = track.codec.clone();
+        let stream = self
+            .parts
+            .get(&track.publisher)
+            .map(|p| p.pid.clone())
+            .unwrap_or_default();
+        let Some(p) = self.parts.get_mut(&sub) else {
+            return false;
+        };
+        let ssrc: u32 = rand::random::<u32>() | 1;
+        let mst = MediaStreamTrack::new(
+            stream,
+            tid.to_owned(),
+            tid.to_owned(),
+            kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec,
+                ..Default::default()
+            }],
+        );
+        let sender = match p.sub.rtc.add_track(mst) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(participant = %p.pid, track = %tid, "add_track failed: {e}");
+                return false;
+            }
+        };
+        p.subscriptions.insert(tid.to_owned(), sender);
+        let is_video = kind == RtpCodecKind::Video;
+        if let Some(track) = self.tracks.get_mut(tid) {
+            track.down.insert(
+                sub,
+                DownTrack {
+                    sender,
+                    ssrc,
+                    payload_type: None,
+                    rewriter: Rewriter::new(ssrc),
+                    waiting_keyframe: is_video,
+                },
+            );
+        }
+        self.renegotiate(sub);
+        true
+    }
+
+    fn unsubscribe(&mut self, sub: u64, tid: &str) -> bool {
+        if let Some(t) = self.tracks.get_mut(tid) {
+            t.down.remove(&sub);
+        }
+        let Some(p) = self.parts.get_mut(&sub) else {
+            return false;
+        };
+        let Some(sender) = p.subscriptions.remove(tid) else {
+            return false;
+        };
+        if let Err(e) = p.sub.rtc.remove_track(sender) {
+            debug!(participant = %p.pid, "remove_track: {e}");
+        }
+        self.renegotiate(sub);
+        true
+    }
+
+    /// After a (re)negotiation of `sub`'s subscriber PC: learn payload types and ask for
+    /// keyframes for video down-tracks that are waiting for one.
+    fn refresh_downtracks(&mut self, sub: u64) {
+        let Some(p) = self.parts.get_mut(&sub) else {
+            return;
+        };
+        let connected = p.sub.connected;
+        let subs: Vec<(String, RTCRtpSenderId)> = p
+            .subscriptions
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for (tid, sender_id) in subs {
+            let Some(track) = self.tracks.get_mut(&tid) else {
+                continue;
+            };
+            let Some(dt) = track.down.get_mut(&sub) else {
+                continue;
+            };
+            if dt.payload_type.is_none() {
+                let Some(p) = self.parts.get_mut(&sub) else {
+                    return;
+                };
+                if let Some(mut sender) = p.sub.rtc.rtp_sender(sender_id) {
+                    let params = sender.get_parameters();
+                    let pt = params
+                        .rtp_parameters
+                        .codecs
+                        .iter()
+                        .find(|c| {
+                            c.rtp_codec
+                                .mime_type
+                                .eq_ignore_ascii_case(&track.codec.mime_type)
+                                && c.rtp_codec.sdp_fmtp_line == track.codec.sdp_fmtp_line
+                        })
+                        .or_else(|| {
+                            params.rtp_parameters.codecs.iter().find(|c| {
+                                c.rtp_codec
+                                    .mime_type
+                                    .eq_ignore_ascii_case(&track.codec.mime_type)
+                            })
+                        })
+                        .map(|c| c.payload_type);
+                    dt.payload_type = pt;
+                }
+            }
+            if connected && dt.payload_type.is_some() && dt.waiting_keyframe {
+                self.keyframe_wanted.push(tid.clone());
+            }
+        }
+    }
+
+    fn forward_rtp(&mut self, part: u64, rtc_track: &str, mut packet: rtp::Packet, now: Instant) {
+        self.stats.rtp_packets_in += 1;
+        let Some(tid) = self
+            .parts
+            .get(&part)
+            .and_then(|p| p.pub_tracks.get(rtc_track))
+            .cloned()
+        else {
+            return;
+        };
+        let Some(track) = self.tracks.get_mut(&tid) else {
+            return;
+        };
+        if packet.header.ssrc != track.media_ssrc {
+            // Another simulcast layer: handled by the simulcast issue; the base layer only.
+            return;
+        }
+        if track.muted || track.down.is_empty() {
+            return;
+        }
+        let keyframe =
+            track.kind == TrackKind::Video && is_keyframe(&track.codec.mime_type, &packet.payload);
+        if keyframe {
+            track.throttle.on_keyframe(now);
+        }
+        // Header extensions of the publisher leg are not negotiated on the subscriber leg.
+        packet.header.extension = false;
+        packet.header.extensions.clear();
+        packet.header.extension_profile = 0;
+        let clock_rate = track.codec.clock_rate;
+        let mut want_keyframe = false;
+        for (&sub, dt) in track.down.iter_mut() {
+            let Some(pt) = dt.payload_type else { continue };
+            if dt.waiting_keyframe {
+                if !keyframe {
+                    want_keyframe = true;
+                    continue;
+                }
+                dt.waiting_keyframe = false;
+            }
+            let Some((seq, ts)) = dt.rewriter.rewrite(
+                packet.header.ssrc,
+                packet.header.sequence_number,
+                packet.header.timestamp,
+                clock_rate,
+                now,
+            ) else {
+                continue;
+            };
+            let mut out = packet.clone();
+            out.header.ssrc = dt.ssrc;
+            out.header.payload_type = pt;
+            out.header.sequence_number = seq;
+            out.header.timestamp = ts;
+            let Some(p) = self.parts.get_mut(&sub) else {
+                continue;
+            };
+            let Some(mut sender) = p.sub.rtc.rtp_sender(dt.sender) else {
+                continue;
+            };
+            match sender.write_rtp(now, out) {
+                Ok(()) => {
+                    self.stats.rtp_packets_forwarded += 1;
+                    if !p.sub.queued {
+                        p.sub.queued = true;
+                        self.dirty.push_back(PcKey {
+                            part: sub,
+                            kind: PcKind::Subscriber,
+                        });
+                    }
+                }
+                Err(e) => {
+                    self.stats.rtp_packets_dropped += 1;
+                    trace!("write_rtp: {e}");
+                }
+            }
+        }
+        if want_keyframe {
+            self.keyframe_wanted.push(tid);
+        }
+    }
+
+    fn on_subscriber_feedback(&mut self, track_id: &str, packets: &[Box<dyn rtcp::Packet>]) {
+        let wants = packets.iter().any(|p| {
+            p.as_any().downcast_ref::<PictureLossIndication>().is_some()
+                || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+        });
+        if wants && self.tracks.contains_key(track_id) {
+            self.keyframe_wanted.push(track_id.to_owned());
+        }
+    }
+
+    fn send_keyframe_requests(&mut self, now: Instant) {
+        let wanted = std::mem::take(&mut self.keyframe_wanted);
+        for tid in wanted {
+            let Some(track) = self.tracks.get_mut(&tid) else {
+                continue;
+            };
+            if track.kind != TrackKind::Video || !track.throttle.request(now) {
+                continue;
+            }
+            let (publisher, receiver, media_ssrc) =
+                (track.publisher, track.receiver, track.media_ssrc);
+            let Some(pc) = self.parts.get_mut(&publisher).and_then(|p| p.publ.as_mut()) else {
+                continue;
+            };
+            if let Some(mut r) = pc.rtc.rtp_receiver(receiver) {
+                trace!(track = %tid, "PLI to publisher");
+                if let Err(e) = r.write_rtcp(
+                    now,
+                    vec![Box::new(PictureLossIndication {
+                        sender_ssrc: 0,
+                        media_ssrc,
+                    })],
+                ) {
+                    debug!("write_rtcp PLI: {e}");
+                }
+            }
+            self.mark_dirty(PcKey {
+                part: publisher,
+                kind: PcKind::Publisher,
+            });
+        }
+    }
+
+    fn unpublish(&mut self, tid: &str) {
+        let Some(track) = self.tracks.remove(tid) else {
+            return;
+        };
+        let publisher_pid = self
+            .parts
+            .get(&track.publisher)
+            .map(|p| p.pid.clone())
+            .unwrap_or_default();
+        if let Some(p) = self.parts.get_mut(&track.publisher) {
+            p.published.retain(|t| t != tid);
+            p.pub_tracks.retain(|_, v| v != tid);
+        }
+        for (&sub, _) in track.down.iter() {
+            if let Some(p) = self.parts.get_mut(&sub) {
+                if let Some(sender) = p.subscriptions.remove(tid) {
+                    if let Err(e) = p.sub.rtc.remove_track(sender) {
+                        debug!("remove_track: {e}");
+                    }
+                }
+            }
+            self.renegotiate(sub);
+        }
+        info!(track = %tid, participant = %publisher_pid, "track unpublished");
+        self.broadcast(
+            &track.room,
+            Some(track.publisher),
+            ServerMessage::TrackUnpublished {
+                track_id: tid.to_owned(),
+                participant_id: publisher_pid,
+            },
+        );
+    }
+
+    // ---------------------------------------------------------------- data channels
+
+    fn relay_data(
+        &mut self,
+        part: u64,
+        id: RTCDataChannelId,
+        is_text: bool,
+        msg: &[u8],
+        now: Instant,
+    ) {
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
+        let Some(channel) = p.channels.get(&id).copied() else {
+            return;
+        };
+        let inbound = match data::parse_client(msg, self.cfg.max_data_message) {
+            Ok(i) => i,
+            Err(e) => {
+                let code = match e {
+                    DataError::TooLarge { .. } => ErrorCode::MessageTooLarge,
+                    _ => ErrorCode::InvalidField,
+                };
+                let m = ServerMessage::error(
+                    code,
+                    format!("{} data-channel message dropped: {e}", channel.label()),
+                    Some(channel.label()),
+                );
+                self.send_to(part, m);
+                return;
+            }
+        };
+        if !p.limiter.allow(now, inbound.payload.len()) {
+            let m = ServerMessage::error(
+                ErrorCode::Unavailable,
+                format!(
+                    "{} data-channel message dropped: rate limit exceeded",
+                    channel.label()
+                ),
+                Some(channel.label()),
+            );
+            self.send_to(part, m);
+            return;
+        }
+        let framed = data::frame_for_receiver(&p.pid, inbound.payload);
+        let room = p.room.clone();
+        let targets: Vec<u64> = if inbound.to.is_empty() {
+            self.rooms
+                .get(&room)
+                .map(|r| r.members.iter().copied().filter(|&m| m != part).collect())
+                .unwrap_or_default()
+        } else {
+            inbound
+                .to
+                .iter()
+                .filter_map(|pid| self.by_pid.get(pid.as_str()).copied())
+                .filter(|m| *m != part && self.parts.get(m).is_some_and(|p| p.room == room))
+                .collect()
+        };
+        for t in targets {
+            let Some(tp) = self.parts.get_mut(&t) else {
+                continue;
+            };
+            let Some(&dc_id) = tp.open_channels.get(channel.label()) else {
+                continue;
+            };
+            let Some(mut dc) = tp.sub.rtc.data_channel(dc_id) else {
+                continue;
+            };
+            let res = if is_text {
+                match std::str::from_utf8(&framed) {
+                    Ok(s) => dc.send_text(now, s.to_owned()),
+                    Err(_) => dc.send(now, BytesMut::from(&framed[..])),
+                }
+            } else {
+                dc.send(now, BytesMut::from(&framed[..]))
+            };
+            match res {
+                Ok(()) => {
+                    self.stats.data_messages_relayed += 1;
+                    self.mark_dirty(PcKey {
+                        part: t,
+                        kind: PcKind::Subscriber,
+                    });
+                }
+                Err(e) => debug!("data-channel send: {e}"),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- signaling
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Join { req, reply } => {
+                let res = self.join(req);
+                let _ = reply.send(res);
+            }
+            Command::Client { participant, msg } => {
+                if let Some(&part) = self.by_pid.get(&participant) {
+                    self.handle_client(part, msg);
+                }
+            }
+            Command::Disconnect {
+                participant,
+                reason,
+            } => {
+                if let Some(&part) = self.by_pid.get(&participant) {
+                    self.remove_participant(part, &reason, false);
+                }
+            }
+            Command::Stats { reply } => {
+                let mut s = self.stats.clone();
+                s.rooms = self.rooms.len();
+                s.participants = self.parts.len();
+                s.published_tracks = self.tracks.len();
+                let _ = reply.send(s);
+            }
+            Command::Shutdown { .. } => {}
+        }
+    }
+
+    fn new_pc(&mut self, key: PcKey) -> Result<Pc, SfuError> {
+        let ufrag = random_string(16);
+        let pwd = random_string(32);
+        let setting = SettingEngineBuilder::new()
+            .with_answering_dtls_role(RTCDtlsRole::Server)
+            .with_ice_credentials(ufrag.clone(), pwd)
+            .with_lite(true)
+            .build();
+        let mut me = media_engine().map_err(|e| SfuError::Rtc(e.to_string()))?;
+        let registry = Registry::new().with(Slot::from(14_000), DeliverFeedback::default());
+        let registry = register_default_interceptors(registry, &mut me)
+            .map_err(|e| SfuError::Rtc(e.to_string()))?;
+        let now = Instant::now();
+        let mut rtc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(setting)
+            .with_media_engine(me)
+            .with_interceptor_registry(registry)
+            .build(now)
+            .map_err(|e| SfuError::Rtc(e.to_string()))?;
+        let port = self.local_addr.port();
+        for ip in &self.cfg.announce_ips {
+            let cand = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: ip.to_string(),
+                    port,
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()
+            .map_err(|e| SfuError::Rtc(e.to_string()))?;
+            let init = RTCIceCandidate::from(&cand)
+                .to_json()
+                .map_err(|e| SfuError::Rtc(e.to_string()))?;
+            rtc.add_local_candidate(init)
+                .map_err(|e| SfuError::Rtc(e.to_string()))?;
+        }
+        rtc.add_local_candidate(RTCIceCandidateInit::default())
+            .map_err(|e| SfuError::Rtc(e.to_string()))?;
+        self.ufrags.insert(ufrag.clone(), key);
+        Ok(Pc {
+            rtc,
+            ufrag,
+            deadline: None,
+            addrs: Vec::new(),
+            connected: false,
+            created: now,
+            queued: false,
+        })
+    }
+
+    fn join(&mut self, req: JoinRequest) -> Result<JoinAccepted, SfuError> {
+        let room = req.room.trim().to_owned();
+        let name = req.name.trim().to_owned();
+        validate_name("room", &room)?;
+        validate_name("name", &name)?;
+        let part = self.next_id;
+        self.next_id += 1;
+        let pid = format!("PA_{}", random_string(12));
+        let key = PcKey {
+            part,
+            kind: PcKind::Subscriber,
+        };
+        let mut sub = self.new_pc(key)?;
+        let mut channels = HashMap::new();
+        for (label, init) in [
+            (
+                Channel::Chat,
+                RTCDataChannelInit {
+                    ordered: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                Channel::Input,
+                RTCDataChannelInit {
+                    ordered: false,
+                    max_retransmits: Some(0),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let dc = sub
+                .rtc
+                .create_data_channel(label.label(), Some(init))
+                .map_err(|e| SfuError::Rtc(e.to_string()))?;
+            channels.insert(dc.id(), label);
+        }
+        let others: Vec<ParticipantInfo> = self
+            .rooms
+            .get(&room)
+            .map(|r| r.members.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| self.participant_info(*m))
+            .collect();
+        let participant = Participant {
+            pid: pid.clone(),
+            name: name.clone(),
+            room: room.clone(),
+            events: req.events,
+            auto_subscribe: req.auto_subscribe,
+            sub,
+            publ: None,
+            sub_offer_pending: false,
+            sub_needs_offer: false,
+            channels,
+            open_channels: HashMap::new(),
+            pub_tracks: HashMap::new(),
+            published: Vec::new(),
+            subscriptions: HashMap::new(),
+            limiter: data::RateLimiter::default(),
+            joined_at: Instant::now(),
+        };
+        self.parts.insert(part, participant);
+        self.by_pid.insert(pid.clone(), part);
+        let span = info_span!("participant", room = %room, participant = %pid);
+        let _g = span.enter();
+        info!(name = %name, "joined");
+        if let Some(info) = self.participant_info(part) {
+            self.broadcast(
+                &room,
+                Some(part),
+                ServerMessage::ParticipantJoined { participant: info },
+            );
+        }
+        self.rooms
+            .entry(room.clone())
+            .or_default()
+            .members
+            .push(part);
+        // Subscribe to what is already published.
+        if req.auto_subscribe {
+            let existing: Vec<String> = self
+                .tracks
+                .values()
+                .filter(|t| t.room == room)
+                .map(|t| t.id.clone())
+                .collect();
+            for tid in existing {
+                self.subscribe(part, &tid);
+            }
+        }
+        // The initial subscriber offer goes out after `joined` (queued behind it).
+        self.renegotiate(part);
+        Ok(JoinAccepted {
+            participant_id: pid.clone(),
+            joined: ServerMessage::Joined {
+                protocol: PROTOCOL_VERSION,
+                server_version: env!("CARGO_PKG_VERSION").to_owned(),
+                room,
+                participant_id: pid,
+                participants: others,
+                max_data_message: self.cfg.max_data_message,
+            },
+        })
+    }
+
+    fn participant_info(&self, part: u64) -> Option<ParticipantInfo> {
+        let p = self.parts.get(&part)?;
+        Some(ParticipantInfo {
+            id: p.pid.clone(),
+            name: p.name.clone(),
+            tracks: p
+                .published
+                .iter()
+                .filter_map(|t| self.tracks.get(t))
+                .map(|t| t.info(&p.pid))
+                .collect(),
+        })
+    }
+
+    /// Send a (re)offer on the subscriber PC, or remember to once the pending one is answered.
+    fn renegotiate(&mut self, part: u64) {
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
+        if p.sub_offer_pending {
+            p.sub_needs_offer = true;
+            return;
+        }
+        p.sub_needs_offer = false;
+        let offer = match p.sub.rtc.create_offer(None) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(participant = %p.pid, "create_offer failed: {e}");
+                return;
+            }
+        };
+        if let Err(e) = p
+            .sub
+            .rtc
+            .set_local_description(Instant::now(), offer.clone())
+        {
+            warn!(participant = %p.pid, "set_local_description(offer) failed: {e}");
+            return;
+        }
+        let sdp = p
+            .sub
+            .rtc
+            .local_description()
+            .map(|d| d.sdp)
+            .unwrap_or(offer.sdp);
+        p.sub_offer_pending = true;
+        self.send_to(part, ServerMessage::SubscribeOffer { sdp });
+        self.mark_dirty(PcKey {
+            part,
+            kind: PcKind::Subscriber,
+        });
+    }
+
+    fn handle_client(&mut self, part: u64, msg: ClientMessage) {
+        let Some(p) = self.parts.get(&part) else {
+            return;
+        };
+        let span = info_span!("participant", room = %p.room, participant = %p.pid);
+        let _g = span.enter();
+        match msg {
+            ClientMessage::Join { .. } => self.send_to(
+                part,
+                ServerMessage::error(ErrorCode::InvalidState, "already joined", Some("join")),
+            ),
+            ClientMessage::PublishOffer { sdp } => self.on_publish_offer(part, sdp),
+            ClientMessage::SubscribeAnswer { sdp } => self.on_subscribe_answer(part, sdp),
+            ClientMessage::Trickle { target, candidate } => {
+                let kind = match target {
+                    PcTarget::Publisher => PcKind::Publisher,
+                    PcTarget::Subscriber => PcKind::Subscriber,
+                };
+                let key = PcKey { part, kind };
+                let res = match self.pc_mut(key) {
+                    None => Err("no publisher connection yet: send publish_offer first".to_owned()),
+                    Some(pc) => pc
+                        .rtc
+                        .add_remote_candidate(RTCIceCandidateInit {
+                            candidate: candidate.candidate,
+                            sdp_mid: candidate.sdp_mid,
+                            sdp_mline_index: candidate.sdp_mline_index,
+                            username_fragment: candidate.username_fragment,
+                            ..Default::default()
+                        })
+                        .map_err(|e| e.to_string()),
+                };
+                match res {
+                    Ok(()) => self.mark_dirty(key),
+                    Err(e) => self.send_to(
+                        part,
+                        ServerMessage::error(
+                            ErrorCode::InvalidCandidate,
+                            format!("candidate not added: {e}"),
+                            Some("trickle"),
+                        ),
+                    ),
+                }
+            }
+            ClientMessage::Subscribe {
+                track_ids,
+                subscribe,
+            } => {
+                for tid in track_ids {
+                    let room_ok = self
+                        .tracks
+                        .get(&tid)
+                        .is_some_and(|t| self.parts.get(&part).is_some_and(|p| p.room == t.room));
+                    if !room_ok {
+                        self.send_to(
+                            part,
+                            ServerMessage::error(
+                                ErrorCode::NotFound,
+                                format!("no track {tid} in this room"),
+                                Some("subscribe"),
+                            ),
+                        );
+                        continue;
+                    }
+                    if subscribe {
+                        self.subscribe(part, &tid);
+                    } else {
+                        self.unsubscribe(part, &tid);
+                    }
+                }
+            }
+            ClientMessage::Mute { track_id, muted } => {
+                let owned = self
+                    .tracks
+                    .get(&track_id)
+                    .is_some_and(|t| t.publisher == part);
+                if !owned {
+                    self.send_to(
+                        part,
+                        ServerMessage::error(
+                            ErrorCode::NotFound,
+                            format!("you publish no track {track_id}"),
+                            Some("mute"),
+                        ),
+                    );
+                    return;
+                }
+                let room = match self.tracks.get_mut(&track_id) {
+                    Some(t) => {
+                        t.muted = muted;
+                        if !muted {
+                            for dt in t.down.values_mut() {
+                                if t.kind == TrackKind::Video {
+                                    dt.waiting_keyframe = true;
+                                }
+                            }
+                        }
+                        t.room.clone()
+                    }
+                    None => return,
+                };
+                if !muted {
+                    self.keyframe_wanted.push(track_id.clone());
+                }
+                let pid = self
+                    .parts
+                    .get(&part)
+                    .map(|p| p.pid.clone())
+                    .unwrap_or_default();
+                self.broadcast(
+                    &room,
+                    None,
+                    ServerMessage::TrackMuted {
+                        track_id,
+                        participant_id: pid,
+                        muted,
+                    },
+                );
+            }
+            ClientMessage::Ping { ts } => self.send_to(part, ServerMessage::Pong { ts }),
+            ClientMessage::Leave => self.remove_participant(part, "left", false),
+        }
+    }
+
+    fn on_publish_offer(&mut self, part: u64, sdp: String) {
+        let key = PcKey {
+            part,
+            kind: PcKind::Publisher,
+        };
+        let offer = match RTCSessionDescription::offer(sdp) {
+            Ok(o) => o,
+            Err(e) => {
+                self.send_to(
+                    part,
+                    ServerMessage::error(
+                        ErrorCode::InvalidSdp,
+                        format!("offer could not be parsed: {e}"),
+                        Some("publish_offer"),
+                    ),
+                );
+                return;
+            }
+        };
+        if self.parts.get(&part).is_some_and(|p| p.publ.is_none()) {
+            match self.new_pc(key) {
+                Ok(pc) => {
+                    if let Some(p) = self.parts.get_mut(&part) {
+                        p.publ = Some(pc);
+                    }
+                }
+                Err(e) => {
+                    self.send_to(
+                        part,
+                        ServerMessage::error(
+                            ErrorCode::Internal,
+                            e.to_string(),
+                            Some("publish_offer"),
+                        ),
+                    );
+                    return;
+                }
+            }
+        }
+        let Some(pc) = self.pc_mut(key) else { return };
+        let res = pc
+            .rtc
+            .set_remote_description(Instant::now(), offer)
+            .map_err(|e| (ErrorCode::InvalidSdp, format!("offer rejected: {e}")))
+            .and_then(|_| {
+                pc.rtc
+                    .create_answer(None)
+                    .map_err(|e| (ErrorCode::InvalidSdp, format!("no answer possible: {e}")))
+            })
+            .and_then(|answer| {
+                pc.rtc
+                    .set_local_description(Instant::now(), answer.clone())
+                    .map_err(|e| (ErrorCode::Internal, format!("answer not applied: {e}")))?;
+                Ok(pc
+                    .rtc
+                    .local_description()
+                    .map(|d| d.sdp)
+                    .unwrap_or(answer.sdp))
+            });
+        match res {
+            Ok(sdp) => self.send_to(part, ServerMessage::PublishAnswer { sdp }),
+            Err((code, msg)) => {
+                self.send_to(part, ServerMessage::error(code, msg, Some("publish_offer")));
+            }
+        }
+        self.mark_dirty(key);
+    }
+
+    fn on_subscribe_answer(&mut self, part: u64, sdp: String) {
+        let key = PcKey {
+            part,
+            kind: PcKind::Subscriber,
+        };
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
+        if !p.sub_offer_pending {
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::InvalidState,
+                    "no subscribe_offer is waiting for an answer",
+                    Some("subscribe_answer"),
+                ),
+            );
+            return;
+        }
+        let res = RTCSessionDescription::answer(sdp)
+            .map_err(|e| format!("answer could not be parsed: {e}"))
+            .and_then(|a| {
+                p.sub
+                    .rtc
+                    .set_remote_description(Instant::now(), a)
+                    .map_err(|e| format!("answer rejected: {e}"))
+            });
+        match res {
+            Ok(()) => {
+                p.sub_offer_pending = false;
+                let again = p.sub_needs_offer;
+                self.refresh_downtracks(part);
+                if again {
+                    self.renegotiate(part);
+                }
+            }
+            Err(e) => {
+                self.send_to(
+                    part,
+                    ServerMessage::error(ErrorCode::InvalidSdp, e, Some("subscribe_answer")),
+                );
+            }
+        }
+        self.mark_dirty(key);
+    }
+
+    // ---------------------------------------------------------------- lifecycle
+
+    fn send_to(&mut self, part: u64, msg: ServerMessage) {
+        let Some(p) = self.parts.get(&part) else {
+            return;
+        };
+        match p.events.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(participant = %p.pid, "signaling queue full; disconnecting");
+                self.doomed.push((part, "signaling queue full".into()));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.doomed.push((part, "signaling closed".into()));
+            }
+        }
+    }
+
+    fn broadcast(&mut self, room: &str, except: Option<u64>, msg: ServerMessage) {
+        let members = self
+            .rooms
+            .get(room)
+            .map(|r| r.members.clone())
+            .unwrap_or_default();
+        for m in members {
+            if Some(m) != except {
+                self.send_to(m, msg.clone());
+            }
+        }
+    }
+
+    fn remove_participant(&mut self, part: u64, reason: &str, tell: bool) {
+        let Some(p) = self.parts.get(&part) else {
+            return;
+        };
+        let span = info_span!("participant", room = %p.room, participant = %p.pid);
+        let _g = span.enter();
+        info!(reason, "leaving");
+        if tell {
+            let _ = p.events.try_send(ServerMessage::Leave {
+                reason: reason.to_owned(),
+            });
+        }
+        let published = p.published.clone();
+        let subs: Vec<String> = p.subscriptions.keys().cloned().collect();
+        for tid in published {
+            self.unpublish(&tid);
+        }
+        for tid in subs {
+            if let Some(t) = self.tracks.get_mut(&tid) {
+                t.down.remove(&part);
+            }
+        }
+        let Some(mut p) = self.parts.remove(&part) else {
+            return;
+        };
+        self.by_pid.remove(&p.pid);
+        for pc in std::iter::once(&mut p.sub).chain(p.publ.as_mut()) {
+            let _ = pc.rtc.close();
+            while let Some(out) = pc.rtc.poll_write() {
+                let _ = self
+                    .socket
+                    .try_send_to(&out.message, out.transport.peer_addr);
+            }
+            self.ufrags.remove(&pc.ufrag);
+            for a in &pc.addrs {
+                self.addrs.remove(a);
+            }
+        }
+        if let Some(room) = self.rooms.get_mut(&p.room) {
+            room.members.retain(|m| *m != part);
+            if room.members.is_empty() {
+                info!(room = %p.room, "room closed");
+                self.rooms.remove(&p.room);
+            }
+        }
+        self.dirty.retain(|k| k.part != part);
+        let pid = p.pid.clone();
+        let room = p.room.clone();
+        drop(p); // closes the events channel: the WebSocket session ends
+        self.broadcast(
+            &room,
+            None,
+            ServerMessage::ParticipantLeft {
+                participant_id: pid,
+            },
+        );
+    }
+
+    fn maintenance(&mut self, now: Instant) {
+        // Drop participants whose transport never came up.
+        let stale: Vec<u64> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| {
+                !p.sub.connected && now.duration_since(p.sub.created) > CONNECT_TIMEOUT
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for part in stale {
+            self.remove_participant(part, "transport did not connect in time", true);
+        }
+        let _ = now;
+    }
+
+    async fn shutdown(&mut self) {
+        info!(participants = self.parts.len(), "core shutting down");
+        let parts: Vec<u64> = self.parts.keys().copied().collect();
+        for part in parts {
+            self.remove_participant(part, "server shutting down", true);
+        }
+    }
+}
+
+fn validate_name(field: &str, value: &str) -> Result<(), SfuError> {
+    if value.is_empty() {
+        return Err(SfuError::InvalidJoin(format!(
+            "`{field}` must not be empty"
+        )));
+    }
+    if value.chars().count() > 128 {
+        return Err(SfuError::InvalidJoin(format!(
+            "`{field}` is longer than 128 characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(SfuError::InvalidJoin(format!(
+            "`{field}` contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The USERNAME attribute of a STUN message, if `data` is one (RFC 8489).
+pub fn stun_username(data: &[u8]) -> Option<&str> {
+    if data.len() < 20 || data[0] & 0xc0 != 0 {
+        return None;
+    }
+    if data[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+        return None;
+    }
+    let len = u16::from_be_bytes([data[2], data[3]]) as usize;
+    let body = data.get(20..20 + len)?;
+    let mut i = 0;
+    while i + 4 <= body.len() {
+        let typ = u16::from_be_bytes([body[i], body[i + 1]]);
+        let alen = u16::from_be_bytes([body[i + 2], body[i + 3]]) as usize;
+        let value = body.get(i + 4..i + 4 + alen)?;
+        if typ == 0x0006 {
+            return std::str::from_utf8(value).ok();
+        }
+        i += 4 + alen.div_ceil(4) * 4;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stun_with_username(user: &str) -> Vec<u8> {
+        let mut attr = vec![0x00, 0x06];
+        attr.extend_from_slice(&(user.len() as u16).to_be_bytes());
+        attr.extend_from_slice(user.as_bytes());
+        while attr.len() % 4 != 0 {
+            attr.push(0);
+        }
+        let mut m = vec![0x00, 0x01];
+        m.extend_from_slice(&(attr.len() as u16).to_be_bytes());
+        m.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+        m.extend_from_slice(&[7u8; 12]);
+        m.extend_from_slice(&attr);
+        m
+    }
+
+    #[test]
+    fn stun_username_is_found() {
+        let m = stun_with_username("server:client");
+        assert_eq!(stun_username(&m), Some("server:client"));
+    }
+
+    #[test]
+    fn stun_parser_survives_garbage() {
+        let mut x: u32 = 0x1234_5678;
+        for len in 0..200 {
+            let mut v = Vec::with_capacity(len);
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                v.push(x as u8);
+            }
+            if len >= 8 {
+                v[0] = 0;
+                v[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+            }
+            let _ = stun_username(&v);
+        }
+        let mut m = stun_with_username("a:b");
+        m.truncate(m.len() - 2);
+        assert_eq!(stun_username(&m), None);
+    }
+
+    #[test]
+    fn h264_keyframes() {
+        assert!(h264_is_keyframe(&[0x65, 0]));
+        assert!(h264_is_keyframe(&[0x67, 0]));
+        assert!(!h264_is_keyframe(&[0x61, 0]));
+        assert!(h264_is_keyframe(&[0x7c, 0x85]));
+        assert!(!h264_is_keyframe(&[0x7c, 0x05]));
+        assert!(h264_is_keyframe(&[0x78, 0, 2, 0x67, 0, 0, 1, 0x65]));
+        assert!(!h264_is_keyframe(&[]));
+        assert!(!h264_is_keyframe(&[0x78, 0xff]));
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("room", "").is_err());
+        assert!(validate_name("room", "a\nb").is_err());
+        assert!(validate_name("room", &"x".repeat(129)).is_err());
+        assert!(validate_name("room", "demo").is_ok());
+    }
+}

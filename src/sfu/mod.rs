@@ -1,0 +1,154 @@
+//! The SFU core: rooms, participants, tracks and down-tracks, and the one task that owns them
+//! together with the media UDP socket.
+//!
+//! Signaling talks to the core only through [`SfuHandle`]: commands go in over an mpsc
+//! channel, replies come back over a oneshot (join) or on the participant's own event channel
+//! (everything else). The core never blocks on signaling: a participant whose event channel is
+//! full is disconnected rather than waited for.
+
+pub mod core;
+pub mod data;
+pub mod keyframe;
+pub mod rewrite;
+pub mod vp8;
+
+use crate::signal::{ClientMessage, ServerMessage};
+use tokio::sync::{mpsc, oneshot};
+
+/// Capacity of each participant's signaling event queue.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// Server-assigned participant id (`PA_...`).
+pub type ParticipantId = String;
+
+/// What the WebSocket session asks of the core.
+#[derive(Debug)]
+pub enum Command {
+    Join {
+        req: JoinRequest,
+        reply: oneshot::Sender<Result<JoinAccepted, SfuError>>,
+    },
+    /// Any post-join client message (offers, answers, trickle, subscribe, mute, leave).
+    Client {
+        participant: ParticipantId,
+        msg: ClientMessage,
+    },
+    /// The WebSocket went away (or the client said `leave`).
+    Disconnect {
+        participant: ParticipantId,
+        reason: String,
+    },
+    /// Graceful shutdown: tell everyone, close everything, then stop the loop.
+    Shutdown { done: oneshot::Sender<()> },
+    /// Snapshot of counters for `/healthz` and benchmarks.
+    Stats { reply: oneshot::Sender<CoreStats> },
+}
+
+/// A join, as the WebSocket session passes it on.
+#[derive(Debug)]
+pub struct JoinRequest {
+    pub room: String,
+    pub name: String,
+    pub auto_subscribe: bool,
+    /// Where the core sends this participant's signaling events (bounded).
+    pub events: mpsc::Sender<ServerMessage>,
+}
+
+/// A successful join.
+#[derive(Debug)]
+pub struct JoinAccepted {
+    pub participant_id: ParticipantId,
+    /// The `joined` message to send to the client first.
+    pub joined: ServerMessage,
+}
+
+/// Counters exported by the core.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CoreStats {
+    pub rooms: usize,
+    pub participants: usize,
+    pub published_tracks: usize,
+    pub rtp_packets_in: u64,
+    pub rtp_packets_forwarded: u64,
+    pub rtp_packets_dropped: u64,
+    pub udp_datagrams_in: u64,
+    pub udp_datagrams_ignored: u64,
+    pub data_messages_relayed: u64,
+}
+
+/// Errors at the core's boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum SfuError {
+    #[error("invalid join: {0}")]
+    InvalidJoin(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the SFU core is overloaded")]
+    Overloaded,
+    #[error("webrtc: {0}")]
+    Rtc(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Cloneable handle to the core task.
+#[derive(Debug, Clone)]
+pub struct SfuHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl SfuHandle {
+    pub fn new(tx: mpsc::Sender<Command>) -> Self {
+        SfuHandle { tx }
+    }
+
+    /// Join a room. The `events` channel in `req` receives everything after `joined`.
+    pub async fn join(&self, req: JoinRequest) -> Result<JoinAccepted, SfuError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Join { req, reply })
+            .await
+            .map_err(|_| SfuError::ShuttingDown)?;
+        rx.await.map_err(|_| SfuError::ShuttingDown)?
+    }
+
+    /// Pass a post-join client message to the core. Replies arrive on the events channel.
+    pub async fn client(&self, participant: &str, msg: ClientMessage) -> Result<(), SfuError> {
+        self.tx
+            .send(Command::Client {
+                participant: participant.to_owned(),
+                msg,
+            })
+            .await
+            .map_err(|_| SfuError::ShuttingDown)
+    }
+
+    /// The participant's WebSocket is gone.
+    pub async fn disconnect(&self, participant: &str, reason: &str) {
+        let _ = self
+            .tx
+            .send(Command::Disconnect {
+                participant: participant.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .await;
+    }
+
+    /// Ask the core to shut down gracefully; resolves when it has.
+    pub async fn shutdown(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Current counters.
+    pub async fn stats(&self) -> Result<CoreStats, SfuError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Stats { reply })
+            .await
+            .map_err(|_| SfuError::ShuttingDown)?;
+        rx.await.map_err(|_| SfuError::ShuttingDown)
+    }
+}

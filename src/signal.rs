@@ -1,0 +1,371 @@
+//! The signaling protocol: JSON messages over the WebSocket at `/rtc`.
+//!
+//! Every message is a JSON object with a `type` field (snake_case). The protocol is versioned
+//! by [`PROTOCOL_VERSION`]; a client may send the version it speaks in `join.protocol`, and the
+//! server refuses a major version it does not know. `signaling/README.md` documents every message.
+//!
+//! Two peer connections per participant:
+//! - **publisher** (client offers, server answers): `publish_offer` → `publish_answer`;
+//! - **subscriber** (server offers, client answers): `subscribe_offer` → `subscribe_answer`.
+//!
+//! ICE candidates trickle both ways in `trickle`, tagged with the peer connection they belong to.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this server speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Which of a participant's two peer connections a message is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PcTarget {
+    /// The connection the participant sends media on (client offers).
+    Publisher,
+    /// The connection the participant receives media and data channels on (server offers).
+    Subscriber,
+}
+
+/// An ICE candidate, in the browser's `RTCIceCandidateInit` JSON shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct IceCandidate {
+    /// The `candidate:` line; an empty string means end-of-candidates.
+    pub candidate: String,
+    #[serde(rename = "sdpMid", default, skip_serializing_if = "Option::is_none")]
+    pub sdp_mid: Option<String>,
+    #[serde(
+        rename = "sdpMLineIndex",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sdp_mline_index: Option<u16>,
+    #[serde(
+        rename = "usernameFragment",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub username_fragment: Option<String>,
+}
+
+/// Media kind of a track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrackKind {
+    Audio,
+    Video,
+}
+
+/// A published track as the room sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackInfo {
+    /// Server-assigned track id (`TR_...`). On the subscriber connection the forwarded
+    /// track's MediaStreamTrack id is this id and its stream id is the publisher's participant id.
+    pub id: String,
+    /// Participant id of the publisher.
+    pub participant_id: String,
+    pub kind: TrackKind,
+    /// Codec mime type, e.g. `video/VP8`, `audio/opus`.
+    pub mime_type: String,
+    /// The publisher's own track id (the `msid` track id in its offer), so a client can map
+    /// its local tracks to server ids.
+    pub client_track_id: String,
+    pub muted: bool,
+    /// Simulcast layers offered by the publisher (RIDs), empty when not simulcast.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
+}
+
+/// A participant as the room sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipantInfo {
+    /// Server-assigned participant id (`PA_...`).
+    pub id: String,
+    /// Display name given at join.
+    pub name: String,
+    pub tracks: Vec<TrackInfo>,
+}
+
+/// Messages from a client to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// First message on a connection: join (and create, if needed) a room.
+    Join {
+        room: String,
+        name: String,
+        /// Access token; accepted but not yet checked (a later issue adds auth).
+        #[serde(default)]
+        token: Option<String>,
+        /// Protocol version the client speaks; defaults to the server's.
+        #[serde(default)]
+        protocol: Option<u32>,
+        /// Subscribe to every track in the room automatically (default true).
+        #[serde(default)]
+        auto_subscribe: Option<bool>,
+    },
+    /// Offer for the publisher peer connection (initial or renegotiation).
+    PublishOffer { sdp: String },
+    /// Answer to the server's `subscribe_offer`.
+    SubscribeAnswer { sdp: String },
+    /// A local ICE candidate of the client's `target` connection.
+    Trickle {
+        target: PcTarget,
+        candidate: IceCandidate,
+    },
+    /// Subscribe to (or unsubscribe from) tracks by server id.
+    Subscribe {
+        track_ids: Vec<String>,
+        subscribe: bool,
+    },
+    /// Mute or unmute one of the participant's own published tracks.
+    Mute { track_id: String, muted: bool },
+    /// Keep-alive / latency probe; answered with `pong` carrying the same `ts`.
+    Ping {
+        #[serde(default)]
+        ts: Option<f64>,
+    },
+    /// Leave the room; the server closes both peer connections and the WebSocket.
+    Leave,
+}
+
+/// Messages from the server to a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Reply to `join`.
+    Joined {
+        protocol: u32,
+        server_version: String,
+        room: String,
+        participant_id: String,
+        /// The other participants already in the room, with their tracks.
+        participants: Vec<ParticipantInfo>,
+        /// Largest data-channel payload (bytes) the server relays.
+        max_data_message: usize,
+    },
+    ParticipantJoined {
+        participant: ParticipantInfo,
+    },
+    ParticipantLeft {
+        participant_id: String,
+    },
+    TrackPublished {
+        track: TrackInfo,
+    },
+    TrackUnpublished {
+        track_id: String,
+        participant_id: String,
+    },
+    TrackMuted {
+        track_id: String,
+        participant_id: String,
+        muted: bool,
+    },
+    /// Answer to `publish_offer`.
+    PublishAnswer {
+        sdp: String,
+    },
+    /// Server offer for the subscriber peer connection; reply with `subscribe_answer`.
+    SubscribeOffer {
+        sdp: String,
+    },
+    /// A server ICE candidate for the client's `target` connection.
+    Trickle {
+        target: PcTarget,
+        candidate: IceCandidate,
+    },
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ts: Option<f64>,
+    },
+    /// Something the client sent could not be done. The connection stays open unless the
+    /// error is fatal (then a `leave` follows).
+    Error {
+        code: ErrorCode,
+        message: String,
+        /// The `type` of the message that caused it, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<String>,
+    },
+    /// The server ends the session (shutdown, kicked, or fatal error); the socket closes next.
+    Leave {
+        reason: String,
+    },
+}
+
+/// Machine-readable error codes carried by [`ServerMessage::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, or not an object of a known shape.
+    MalformedMessage,
+    /// `type` names no message this server knows.
+    UnknownMessageType,
+    /// A required field is missing or empty, or a value is out of range.
+    InvalidField,
+    /// The message needs a joined session (or `join` was sent twice).
+    InvalidState,
+    /// The SDP could not be parsed or applied.
+    InvalidSdp,
+    /// The ICE candidate could not be parsed or applied.
+    InvalidCandidate,
+    /// A WebSocket or data-channel message was larger than the limit.
+    MessageTooLarge,
+    /// The referenced track or participant does not exist.
+    NotFound,
+    /// Protocol version mismatch.
+    UnsupportedProtocol,
+    /// The server is shutting down or overloaded.
+    Unavailable,
+    /// Anything else: a bug, reported rather than hidden.
+    Internal,
+}
+
+impl ServerMessage {
+    /// Convenience constructor for an error reply.
+    pub fn error(code: ErrorCode, message: impl Into<String>, request: Option<&str>) -> Self {
+        ServerMessage::Error {
+            code,
+            message: message.into(),
+            request: request.map(str::to_owned),
+        }
+    }
+}
+
+/// Why a client message could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("message is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("message has no string field `type`")]
+    MissingType,
+    #[error("unknown message type `{0}`")]
+    UnknownType(String),
+    #[error("invalid `{kind}` message: {detail}")]
+    InvalidFields { kind: String, detail: String },
+}
+
+impl DecodeError {
+    /// The error code to send back for this decode failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::NotJson(_) | DecodeError::MissingType => ErrorCode::MalformedMessage,
+            DecodeError::UnknownType(_) => ErrorCode::UnknownMessageType,
+            DecodeError::InvalidFields { .. } => ErrorCode::InvalidField,
+        }
+    }
+
+    /// The offending message's `type`, when it had one.
+    pub fn request_type(&self) -> Option<&str> {
+        match self {
+            DecodeError::UnknownType(t) => Some(t),
+            DecodeError::InvalidFields { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+}
+
+const CLIENT_TYPES: &[&str] = &[
+    "join",
+    "publish_offer",
+    "subscribe_answer",
+    "trickle",
+    "subscribe",
+    "mute",
+    "ping",
+    "leave",
+];
+
+/// Decode one client message, telling apart bad JSON, unknown types and bad fields.
+pub fn decode_client(text: &str) -> Result<ClientMessage, DecodeError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let kind = value
+        .get("type")
+        .and_then(|t| t.as_str())
+        .ok_or(DecodeError::MissingType)?
+        .to_owned();
+    if !CLIENT_TYPES.contains(&kind.as_str()) {
+        return Err(DecodeError::UnknownType(kind));
+    }
+    serde_json::from_value(value).map_err(|e| DecodeError::InvalidFields {
+        kind,
+        detail: e.to_string(),
+    })
+}
+
+/// Encode a server message as JSON text.
+pub fn encode_server(msg: &ServerMessage) -> String {
+    // Serialising these plain structs cannot fail.
+    serde_json::to_string(msg).unwrap_or_else(|_| {
+        r#"{"type":"error","code":"internal","message":"encode failed"}"#.to_owned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_parses_with_defaults() {
+        let m = decode_client(r#"{"type":"join","room":"r","name":"alice"}"#).unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Join {
+                room: "r".into(),
+                name: "alice".into(),
+                token: None,
+                protocol: None,
+                auto_subscribe: None
+            }
+        );
+    }
+
+    #[test]
+    fn errors_are_told_apart() {
+        assert!(matches!(
+            decode_client("{nope"),
+            Err(DecodeError::NotJson(_))
+        ));
+        assert_eq!(decode_client("{}"), Err(DecodeError::MissingType));
+        assert_eq!(
+            decode_client(r#"{"type":"dance"}"#),
+            Err(DecodeError::UnknownType("dance".into()))
+        );
+        let e = decode_client(r#"{"type":"join","name":"x"}"#).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidField);
+        assert_eq!(e.request_type(), Some("join"));
+    }
+
+    #[test]
+    fn trickle_uses_browser_field_names() {
+        let m = decode_client(
+            r#"{"type":"trickle","target":"publisher","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0","sdpMLineIndex":0}}"#,
+        )
+        .unwrap();
+        match m {
+            ClientMessage::Trickle { target, candidate } => {
+                assert_eq!(target, PcTarget::Publisher);
+                assert_eq!(candidate.sdp_mid.as_deref(), Some("0"));
+                assert_eq!(candidate.sdp_mline_index, Some(0));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_messages_are_tagged() {
+        let s = encode_server(&ServerMessage::error(
+            ErrorCode::InvalidSdp,
+            "bad",
+            Some("publish_offer"),
+        ));
+        assert_eq!(
+            s,
+            r#"{"type":"error","code":"invalid_sdp","message":"bad","request":"publish_offer"}"#
+        );
+        let s = encode_server(&ServerMessage::Leave {
+            reason: "shutdown".into(),
+        });
+        assert_eq!(s, r#"{"type":"leave","reason":"shutdown"}"#);
+    }
+}
