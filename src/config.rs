@@ -525,8 +525,14 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c, d);
-        assert_eq!(c.http_addr(), "127.0.0.1:7880".parse::<SocketAddr>().unwrap());
-        assert_eq!(c.udp_addr(), "127.0.0.1:7882".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            c.http_addr(),
+            "127.0.0.1:7880".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            c.udp_addr(),
+            "127.0.0.1:7882".parse::<SocketAddr>().unwrap()
+        );
         assert_eq!(c.max_ws_message, 65536);
         assert_eq!(c.max_data_message, 16384);
         assert_eq!(c.log_level, "info");

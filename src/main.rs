@@ -31,8 +31,8 @@ fn main() -> ExitCode {
     match runtime.block_on(plaza::server::run(config, plaza::server::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "plaza failed");
-            eprintln!("plaza: {e}");
+            // Logging is set up by now: report there (stdout), not twice.
+            tracing::error!("plaza: {e}");
             ExitCode::FAILURE
         }
     }
@@ -40,7 +40,10 @@ fn main() -> ExitCode {
 
 fn init_tracing(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let filter = EnvFilter::try_new(&config.log_level)?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match config.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

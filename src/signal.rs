@@ -212,6 +212,8 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// The referenced track or participant does not exist.
     NotFound,
+    /// Too many data-channel messages or bytes per second from this participant.
+    RateLimited,
     /// Protocol version mismatch.
     UnsupportedProtocol,
     /// The server is shutting down or overloaded.

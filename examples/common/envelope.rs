@@ -83,7 +83,10 @@ mod tests {
     fn encodes_broadcast_and_addressed() {
         assert_eq!(encode(None, b"hi"), b"{}\nhi".to_vec());
         let to = vec!["PA_a".to_owned(), "PA_b".to_owned()];
-        assert_eq!(encode_text(Some(&to), "x"), "{\"to\":[\"PA_a\",\"PA_b\"]}\nx");
+        assert_eq!(
+            encode_text(Some(&to), "x"),
+            "{\"to\":[\"PA_a\",\"PA_b\"]}\nx"
+        );
     }
 
     #[test]

@@ -85,9 +85,8 @@ impl Clip {
         let mut frames = Vec::new();
         let mut pos = header_size.max(32);
         while pos + 12 <= data.len() {
-            let size =
-                u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]])
-                    as usize;
+            let size = u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]])
+                as usize;
             pos += 12;
             ensure!(
                 pos + size <= data.len(),
@@ -126,8 +125,14 @@ impl Clip {
         let mut serial: Option<u32> = None;
         let mut pos = 0usize;
         while pos < data.len() {
-            ensure!(data.len() >= pos + 27, "Ogg: truncated page header at {pos}");
-            ensure!(&data[pos..pos + 4] == b"OggS", "Ogg: bad capture pattern at {pos}");
+            ensure!(
+                data.len() >= pos + 27,
+                "Ogg: truncated page header at {pos}"
+            );
+            ensure!(
+                &data[pos..pos + 4] == b"OggS",
+                "Ogg: bad capture pattern at {pos}"
+            );
             ensure!(data[pos + 4] == 0, "Ogg: unknown version");
             let page_serial = u32::from_le_bytes([
                 data[pos + 14],
@@ -293,8 +298,7 @@ pub struct MediaPacketizer {
 
 impl MediaPacketizer {
     pub fn new(clip: Arc<Clip>, ssrc: u32, payload_type: u8) -> Result<Self> {
-        let (payloader, clock_rate): (Box<dyn rtp::packetizer::Payloader>, u32) = match clip.kind
-        {
+        let (payloader, clock_rate): (Box<dyn rtp::packetizer::Payloader>, u32) = match clip.kind {
             TrackKind::Video => {
                 let mut p = rtp::codec::vp8::Vp8Payloader::default();
                 p.enable_picture_id = true;
@@ -385,8 +389,8 @@ impl PacerControl {
     }
 }
 
-/// Sends one frame per tick, forever (until the task is aborted or the sink is gone).
-/// `on_progress` is called after each frame (to wake waiters).
+/// Sends one frame per tick, forever (until the task is aborted).
+/// `on_progress` is called after every tick, paused or not (to wake waiters).
 pub async fn run_pacer<S: PacketSink>(
     mut packetizer: MediaPacketizer,
     interval: Duration,
@@ -415,6 +419,7 @@ pub async fn run_pacer<S: PacketSink>(
             }
         };
         if control.paused.load(Ordering::Acquire) {
+            on_progress();
             continue;
         }
         let mut sent = 0u64;
@@ -563,7 +568,13 @@ mod tests {
         let f = c.next_frame(true).clone();
         assert!(f.keyframe);
         assert_eq!(f, clip.frames[30]);
-        assert!(!c.next_frame(true).keyframe || n <= 31);
+        // Without a request the clip continues after the keyframe.
+        assert_eq!(c.next_frame(false), &clip.frames[31]);
+        // A request when the next frame already is a keyframe does not skip it.
+        for _ in 32..60 {
+            c.next_frame(false);
+        }
+        assert_eq!(c.next_frame(true), &clip.frames[60]);
     }
 
     #[test]
@@ -609,54 +620,85 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn pacer_sends_at_frame_rate_and_honours_keyframe_requests() {
-        let clip = audio();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let control = Arc::new(PacerControl::default());
+    /// Starts a pacer on `clip` writing into a channel; `ticks` gets one item per tick.
+    fn start(
+        clip: Arc<Clip>,
+        control: Arc<PacerControl>,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::mpsc::UnboundedReceiver<rtp::Packet>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tick_tx, ticks) = tokio::sync::mpsc::unbounded_channel();
         let packetizer = MediaPacketizer::new(clip.clone(), 9, 111).unwrap();
         let task = tokio::spawn(run_pacer(
             packetizer,
             clip.frame_interval,
             ChannelSink(tx),
-            control.clone(),
-            || {},
+            control,
+            move || {
+                let _ = tick_tx.send(());
+            },
         ));
-        // Virtual time: one second of 20 ms frames is 50 frames (+1 for the immediate first tick).
-        tokio::time::sleep(Duration::from_millis(1000) + Duration::from_micros(1)).await;
-        let mut got = 0;
-        while rx.try_recv().is_ok() {
-            got += 1;
-        }
-        assert_eq!(got, 51);
-        assert_eq!(control.counters().packets, 51);
-        control.paused.store(true, Ordering::Release);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        while rx.try_recv().is_ok() {
-            got += 1;
-        }
-        assert_eq!(got, 51, "paused pacer sends nothing");
-        task.abort();
+        (task, rx, ticks)
+    }
 
-        // Video: a keyframe request makes the next frame a keyframe.
-        let clip = video();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("pacer stalled")
+            .expect("pacer gone")
+    }
+
+    #[tokio::test]
+    async fn pacer_never_runs_ahead_of_the_frame_rate_and_can_pause() {
+        let clip = audio();
         let control = Arc::new(PacerControl::default());
-        let packetizer = MediaPacketizer::new(clip.clone(), 10, 96).unwrap();
-        let task = tokio::spawn(run_pacer(
-            packetizer,
-            clip.frame_interval,
-            ChannelSink(tx),
-            control.clone(),
-            || {},
-        ));
-        tokio::time::sleep(clip.frame_interval * 3).await;
-        assert_eq!(control.counters().keyframes, 1);
+        let (task, mut rx, mut ticks) = start(clip.clone(), control.clone());
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            next(&mut rx).await;
+        }
+        // Ticks are scheduled at start + k * 20 ms: 10 frames take at least 9 intervals.
+        assert!(
+            t0.elapsed() >= clip.frame_interval * 9,
+            "{:?}",
+            t0.elapsed()
+        );
+        control.paused.store(true, Ordering::Release);
+        // Drain what was sent before the pause took effect, then watch three paused ticks.
+        for _ in 0..2 {
+            next(&mut ticks).await;
+        }
+        while rx.try_recv().is_ok() {}
+        let sent = control.counters().packets;
+        for _ in 0..3 {
+            next(&mut ticks).await;
+        }
+        assert!(rx.try_recv().is_err(), "paused pacer sends nothing");
+        assert_eq!(control.counters().packets, sent);
+        control.paused.store(false, Ordering::Release);
+        next(&mut rx).await;
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn pacer_answers_keyframe_requests() {
+        let clip = video();
+        let control = Arc::new(PacerControl::default());
+        let (task, _rx, mut ticks) = start(clip.clone(), control.clone());
+        for _ in 0..3 {
+            next(&mut ticks).await;
+        }
+        assert_eq!(control.counters().keyframes, 1, "only frame 0 so far");
         control.request_keyframe();
-        tokio::time::sleep(clip.frame_interval).await;
+        let before = control.counters().frames;
+        while control.counters().frames == before {
+            next(&mut ticks).await;
+        }
         let c = control.counters();
         assert_eq!((c.keyframes, c.keyframe_requests), (2, 1));
-        assert!(rx.try_recv().is_ok());
         task.abort();
     }
 }

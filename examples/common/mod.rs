@@ -19,7 +19,7 @@ pub mod peer;
 pub mod recv;
 
 pub use peer::{
-    Channel, DataMessage, JoinedInfo, LocalTrackStats, NegotiationStats, Payload, Peer,
-    PeerEvent, PeerOptions, PeerStats, TimedEvent,
+    Channel, DataMessage, JoinedInfo, LocalTrackStats, NegotiationStats, Payload, Peer, PeerEvent,
+    PeerOptions, PeerStats, TimedEvent,
 };
 pub use recv::{PacketInfo, RemoteTrackStats};

@@ -213,17 +213,32 @@ pub enum PeerEvent {
     /// Every message the server sent (including offers, answers and trickles).
     Server(ServerMessage),
     /// A server text frame that is not a valid `ServerMessage`.
-    Unparsed { text: String, error: String },
+    Unparsed {
+        text: String,
+        error: String,
+    },
     /// The WebSocket ended (`reason` says how).
-    WsClosed { reason: String },
+    WsClosed {
+        reason: String,
+    },
     /// The nth `subscribe_offer` was answered.
-    SubscribeAnswered { n: u64 },
+    SubscribeAnswered {
+        n: u64,
+    },
     /// The publisher's answer was applied.
-    PublishAnswered { n: u64 },
+    PublishAnswered {
+        n: u64,
+    },
     /// An offer/answer could not be applied (the connection goes on).
-    NegotiationFailed { target: PcTarget, error: String },
+    NegotiationFailed {
+        target: PcTarget,
+        error: String,
+    },
     /// A server ICE candidate could not be added.
-    CandidateFailed { target: PcTarget, error: String },
+    CandidateFailed {
+        target: PcTarget,
+        error: String,
+    },
     ConnectionState {
         target: PcTarget,
         state: RTCPeerConnectionState,
@@ -234,9 +249,15 @@ pub enum PeerEvent {
         stream_id: String,
         kind: TrackKind,
     },
-    TrackEnded { track_id: String },
-    DataChannelOpen { label: String },
-    DataChannelClosed { label: String },
+    TrackEnded {
+        track_id: String,
+    },
+    DataChannelOpen {
+        label: String,
+    },
+    DataChannelClosed {
+        label: String,
+    },
     /// Local media started flowing on the publisher PC.
     MediaStarted {
         kind: TrackKind,
@@ -244,7 +265,9 @@ pub enum PeerEvent {
         payload_type: u8,
     },
     /// A local problem worth knowing about (e.g. media could not start).
-    Warning { message: String },
+    Warning {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -339,6 +362,15 @@ struct Shared {
     remote_handles: Mutex<HashMap<String, Arc<dyn TrackRemote>>>,
     tasks: Mutex<Vec<AbortHandle>>,
     ping_seq: AtomicU64,
+    /// Local candidates are held until the description they belong to was sent (so the server
+    /// never sees a `trickle` before the `publish_offer` / first `subscribe_answer`).
+    gates: Mutex<HashMap<PcTarget, CandidateGate>>,
+}
+
+#[derive(Default)]
+struct CandidateGate {
+    open: bool,
+    held: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -369,6 +401,42 @@ impl Shared {
         lock(&self.tasks).push(handle.abort_handle());
     }
 
+    /// Sends a local candidate now, or holds it until [`Shared::open_gate`] for its connection.
+    fn send_candidate(&self, target: PcTarget, text: String, ws_tx: &mpsc::Sender<WsOut>) {
+        let sent = {
+            let mut gates = lock(&self.gates);
+            let gate = gates.entry(target).or_default();
+            if gate.open {
+                ws_tx.try_send(WsOut::Text(text)).is_ok()
+            } else {
+                gate.held.push(text);
+                true
+            }
+        };
+        self.update(|s| {
+            if sent {
+                s.negotiation.local_candidates_sent += 1;
+            } else {
+                s.negotiation
+                    .errors
+                    .push("local candidate dropped: signaling queue full or closed".into());
+            }
+        });
+    }
+
+    /// Lets `target`'s candidates through, flushing the held ones first (in order).
+    fn open_gate(&self, target: PcTarget, ws_tx: &mpsc::Sender<WsOut>) {
+        let mut gates = lock(&self.gates);
+        let gate = gates.entry(target).or_default();
+        if gate.open {
+            return;
+        }
+        gate.open = true;
+        for text in gate.held.drain(..) {
+            let _ = ws_tx.try_send(WsOut::Text(text));
+        }
+    }
+
     fn abort_tasks(&self) {
         for t in lock(&self.tasks).drain(..) {
             t.abort();
@@ -391,7 +459,10 @@ impl Shared {
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => bail!("{}: peer state dropped while waiting for {what}", self.name),
-                Err(_) => bail!("{}: timed out after {timeout:?} waiting for {what}", self.name),
+                Err(_) => bail!(
+                    "{}: timed out after {timeout:?} waiting for {what}",
+                    self.name
+                ),
             }
         }
     }
@@ -463,16 +534,8 @@ impl PeerConnectionEventHandler for PcHandler {
                         username_fragment: init.username_fragment,
                     },
                 };
-                let sent = self.ws_tx.try_send(WsOut::Text(encode(&msg))).is_ok();
-                self.shared.update(|s| {
-                    if sent {
-                        s.negotiation.local_candidates_sent += 1;
-                    } else {
-                        s.negotiation
-                            .errors
-                            .push("local candidate dropped: signaling queue full or closed".into());
-                    }
-                });
+                self.shared
+                    .send_candidate(self.target, encode(&msg), &self.ws_tx);
             }
             Err(e) => self.shared.update(|s| {
                 s.negotiation
@@ -694,7 +757,6 @@ async fn build_pc(
                     RTCRtpCodecParameters {
                         rtp_codec: opus_codec(),
                         payload_type: 111,
-                        ..Default::default()
                     },
                     RtpCodecKind::Audio,
                 )
@@ -704,7 +766,6 @@ async fn build_pc(
                     RTCRtpCodecParameters {
                         rtp_codec: vp8_codec(),
                         payload_type: 96,
-                        ..Default::default()
                     },
                     RtpCodecKind::Video,
                 )
@@ -714,10 +775,7 @@ async fn build_pc(
     let mut registry = register_default_interceptors(Registry::new(), &mut media_engine)
         .map_err(|e| anyhow!("interceptors: {e}"))?;
     if target == PcTarget::Publisher {
-        registry = registry.with(
-            Slot::from(KEYFRAME_TAP_SLOT),
-            KeyframeRequestTap::default(),
-        );
+        registry = registry.with(Slot::from(KEYFRAME_TAP_SLOT), KeyframeRequestTap::default());
     }
     let setting_engine = SettingEngineBuilder::new()
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
@@ -760,7 +818,13 @@ async fn add_candidate(
         // End-of-candidates: nothing to add.
         return;
     }
-    match bounded(timeout, "add_ice_candidate", pc.add_ice_candidate(to_init(c))).await {
+    match bounded(
+        timeout,
+        "add_ice_candidate",
+        pc.add_ice_candidate(to_init(c)),
+    )
+    .await
+    {
         Ok(()) => shared.update(|s| s.negotiation.remote_candidates_added += 1),
         Err(e) => shared.update(|s| {
             s.negotiation.errors.push(e.to_string());
@@ -774,10 +838,20 @@ async fn add_candidate(
 
 async fn answer_offer(pc: &Arc<dyn PeerConnection>, sdp: String, t: Duration) -> Result<String> {
     let offer = RTCSessionDescription::offer(sdp).map_err(|e| anyhow!("bad offer SDP: {e}"))?;
-    bounded(t, "set_remote_description(offer)", pc.set_remote_description(offer)).await?;
+    bounded(
+        t,
+        "set_remote_description(offer)",
+        pc.set_remote_description(offer),
+    )
+    .await?;
     let answer = bounded(t, "create_answer", pc.create_answer(None)).await?;
     let sdp = answer.sdp.clone();
-    bounded(t, "set_local_description(answer)", pc.set_local_description(answer)).await?;
+    bounded(
+        t,
+        "set_local_description(answer)",
+        pc.set_local_description(answer),
+    )
+    .await?;
     Ok(sdp)
 }
 
@@ -823,6 +897,7 @@ async fn negotiation_task(
                         if ws_tx.send(WsOut::Text(encode(&msg))).await.is_err() {
                             break;
                         }
+                        shared.open_gate(PcTarget::Subscriber, &ws_tx);
                         have_remote = true;
                         shared.update(|s| {
                             s.negotiation.subscribe_answers += 1;
@@ -830,7 +905,9 @@ async fn negotiation_task(
                         });
                     }
                     Err(e) => shared.update(|s| {
-                        s.negotiation.errors.push(format!("subscribe offer {n}: {e}"));
+                        s.negotiation
+                            .errors
+                            .push(format!("subscribe offer {n}: {e}"));
                         s.push(PeerEvent::NegotiationFailed {
                             target,
                             error: e.to_string(),
@@ -848,8 +925,12 @@ async fn negotiation_task(
                 let applied = async {
                     let answer = RTCSessionDescription::answer(sdp)
                         .map_err(|e| anyhow!("bad answer SDP: {e}"))?;
-                    bounded(t, "set_remote_description(answer)", pc.set_remote_description(answer))
-                        .await
+                    bounded(
+                        t,
+                        "set_remote_description(answer)",
+                        pc.set_remote_description(answer),
+                    )
+                    .await
                 }
                 .await;
                 match applied {
@@ -899,7 +980,8 @@ async fn writer_task(
         };
         if let Err(e) = result {
             shared.update(|s| {
-                s.closed.get_or_insert(format!("websocket send failed: {e}"));
+                s.closed
+                    .get_or_insert(format!("websocket send failed: {e}"));
             });
             break;
         }
@@ -1046,18 +1128,14 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             code,
             message,
             request,
-        } => {
-            if s.joined.is_none() {
-                s.joined = Some(Err(format!(
-                    "server error {code:?} ({}): {message}",
-                    request.as_deref().unwrap_or("-")
-                )));
-            }
+        } if s.joined.is_none() => {
+            s.joined = Some(Err(format!(
+                "server error {code:?} ({}): {message}",
+                request.as_deref().unwrap_or("-")
+            )));
         }
-        ServerMessage::Leave { reason } => {
-            if s.joined.is_none() {
-                s.joined = Some(Err(format!("server sent leave: {reason}")));
-            }
+        ServerMessage::Leave { reason } if s.joined.is_none() => {
+            s.joined = Some(Err(format!("server sent leave: {reason}")));
         }
         _ => {}
     }
@@ -1220,9 +1298,13 @@ impl Peer {
     /// publishing, the publisher PC with its tracks. See [`PeerOptions::wait_ready`].
     pub async fn connect(url: &str, room: &str, name: &str, opts: PeerOptions) -> Result<Peer> {
         let t = opts.timeout;
-        let (ws, _response) = bounded(t, "websocket connect", tokio_tungstenite::connect_async(url))
-            .await
-            .with_context(|| format!("{name}: connecting to {url}"))?;
+        let (ws, _response) = bounded(
+            t,
+            "websocket connect",
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .with_context(|| format!("{name}: connecting to {url}"))?;
         let ws_opened_at = Instant::now();
         let (sink, stream) = ws.split();
         let (version, _) = watch::channel(0u64);
@@ -1239,6 +1321,7 @@ impl Peer {
             remote_handles: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             ping_seq: AtomicU64::new(0),
+            gates: Mutex::new(HashMap::new()),
         });
         let mut guard = Teardown {
             shared: shared.clone(),
@@ -1316,9 +1399,15 @@ impl Peer {
             }
             let offer = bounded(t, "create_offer", pc.create_offer(None)).await?;
             let sdp = offer.sdp.clone();
-            bounded(t, "set_local_description(offer)", pc.set_local_description(offer)).await?;
+            bounded(
+                t,
+                "set_local_description(offer)",
+                pc.set_local_description(offer),
+            )
+            .await?;
             shared.update(|s| s.negotiation.publish_offers += 1);
             send_ws(&ws_tx, encode(&ClientMessage::PublishOffer { sdp }), t).await?;
+            shared.open_gate(PcTarget::Publisher, &ws_tx);
             shared
                 .wait_until(t, "publish_answer applied", |s| {
                     if s.negotiation.publish_answers > 0 {
@@ -1439,10 +1528,7 @@ impl Peer {
         timeout: Duration,
     ) -> Result<ServerMessage> {
         match self
-            .wait_for_event(
-                |e| matches!(e, PeerEvent::Server(m) if pred(m)),
-                timeout,
-            )
+            .wait_for_event(|e| matches!(e, PeerEvent::Server(m) if pred(m)), timeout)
             .await?
         {
             PeerEvent::Server(m) => Ok(m),
@@ -1528,7 +1614,12 @@ impl Peer {
     // ── receiving media ──
 
     pub fn remote_tracks(&self) -> Vec<RemoteTrackStats> {
-        self.shared.state().remote_tracks.values().cloned().collect()
+        self.shared
+            .state()
+            .remote_tracks
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn remote_track(&self, track_id: &str) -> Option<RemoteTrackStats> {
@@ -1600,7 +1691,12 @@ impl Peer {
             sender_ssrc: 0,
             media_ssrc: ssrc,
         };
-        bounded(self.opts.timeout, "write_rtcp(PLI)", track.write_rtcp(vec![Box::new(pli)])).await
+        bounded(
+            self.opts.timeout,
+            "write_rtcp(PLI)",
+            track.write_rtcp(vec![Box::new(pli)]),
+        )
+        .await
     }
 
     // ── publishing ──

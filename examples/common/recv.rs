@@ -132,7 +132,9 @@ impl RemoteTrackStats {
         self.packets += 1;
         self.bytes += pkt.payload.len() as u64;
         if let Some(last) = self.last_packet_at {
-            self.max_interarrival = self.max_interarrival.max(now.saturating_duration_since(last));
+            self.max_interarrival = self
+                .max_interarrival
+                .max(now.saturating_duration_since(last));
         }
         self.first_packet_at.get_or_insert(now);
         self.last_packet_at = Some(now);
@@ -142,7 +144,10 @@ impl RemoteTrackStats {
         if !self.payload_types.contains(&h.payload_type) {
             self.payload_types.push(h.payload_type);
         }
-        self.seq.entry(h.ssrc).or_default().on_seq(h.sequence_number);
+        self.seq
+            .entry(h.ssrc)
+            .or_default()
+            .on_seq(h.sequence_number);
         let vp8 = if self.kind == TrackKind::Video && self.is_vp8() {
             parse_vp8_descriptor(&pkt.payload)
         } else {
@@ -222,8 +227,12 @@ pub fn parse_vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
     if x {
         let b1 = *p.get(i)?;
         i += 1;
-        let (has_i, has_l, has_t, has_k) =
-            (b1 & 0x80 != 0, b1 & 0x40 != 0, b1 & 0x20 != 0, b1 & 0x10 != 0);
+        let (has_i, has_l, has_t, has_k) = (
+            b1 & 0x80 != 0,
+            b1 & 0x40 != 0,
+            b1 & 0x20 != 0,
+            b1 & 0x10 != 0,
+        );
         if has_i {
             let m = *p.get(i)?;
             if m & 0x80 != 0 {

@@ -71,7 +71,7 @@ pub(crate) async fn upgrade(
         .on_upgrade(move |socket| {
             let span = info_span!(
                 "ws",
-                peer = field::debug(peer),
+                peer = field::display(peer.map_or_else(|| "-".to_owned(), |p| p.to_string())),
                 participant = field::Empty,
                 room = field::Empty
             );
@@ -102,8 +102,8 @@ async fn session(socket: WebSocket, state: AppState) {
         return;
     };
     let span = tracing::Span::current();
-    span.record("participant", participant.participant_id.as_str());
-    span.record("room", room.as_str());
+    span.record("participant", field::display(&participant.participant_id));
+    span.record("room", field::display(&room));
     let pid = participant.participant_id;
     info!("participant joined");
 

@@ -11,8 +11,8 @@ use super::rewrite::Rewriter;
 use super::vp8;
 use super::{Command, CoreStats, JoinAccepted, JoinRequest, SfuError, SfuHandle};
 use crate::signal::{
-    ClientMessage, ErrorCode, IceCandidate, PROTOCOL_VERSION, ParticipantInfo, PcTarget,
-    ServerMessage, TrackInfo, TrackKind,
+    ClientMessage, ErrorCode, PROTOCOL_VERSION, ParticipantInfo, PcTarget, ServerMessage,
+    TrackInfo, TrackKind,
 };
 use bytes::BytesMut;
 use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
@@ -106,15 +106,6 @@ enum PcKind {
     Subscriber,
 }
 
-impl PcKind {
-    fn target(self) -> PcTarget {
-        match self {
-            PcKind::Publisher => PcTarget::Publisher,
-            PcKind::Subscriber => PcTarget::Subscriber,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct PcKey {
     part: u64,
@@ -131,7 +122,13 @@ struct Pc {
     created: Instant,
     /// Already in the dirty queue.
     queued: bool,
+    /// Connectivity checks that arrived before the remote description (the client starts
+    /// checking as soon as it has answered; its answer may still be on the WebSocket).
+    early: Vec<(SocketAddr, Instant, BytesMut)>,
 }
+
+/// At most this many early datagrams are kept per peer connection.
+const EARLY_MAX: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Channel {
@@ -169,7 +166,6 @@ struct Participant {
     /// Server track id → sender on this participant's subscriber PC.
     subscriptions: HashMap<String, RTCRtpSenderId>,
     limiter: data::RateLimiter,
-    joined_at: Instant,
 }
 
 struct DownTrack {
@@ -188,7 +184,6 @@ struct Track {
     kind: TrackKind,
     codec: RTCRtpCodec,
     client_track_id: String,
-    stream_id: String,
     receiver: RTCRtpReceiverId,
     media_ssrc: u32,
     muted: bool,
@@ -550,6 +545,12 @@ impl Core {
             self.stats.udp_datagrams_ignored += 1;
             return;
         };
+        if pc.rtc.remote_description().is_none() {
+            if pc.early.len() < EARLY_MAX {
+                pc.early.push((from, now, BytesMut::from(data)));
+            }
+            return;
+        }
         let res = pc.rtc.handle_read(TaggedBytesMut {
             now,
             transport: TransportContext {
@@ -686,20 +687,20 @@ impl Core {
             RTCPeerConnectionEvent::OnIceCandidateEvent(_) => {
                 // Our host candidates (and end-of-candidates) are already in every SDP we send.
             }
-            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
-                if key.kind == PcKind::Publisher {
-                    self.on_published_track(key.part, init);
-                }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init))
+                if key.kind == PcKind::Publisher =>
+            {
+                self.on_published_track(key.part, init);
             }
-            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id)) => {
-                if key.kind == PcKind::Publisher {
-                    let tid = self
-                        .parts
-                        .get_mut(&key.part)
-                        .and_then(|p| p.pub_tracks.remove(&track_id));
-                    if let Some(tid) = tid {
-                        self.unpublish(&tid);
-                    }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id))
+                if key.kind == PcKind::Publisher =>
+            {
+                let tid = self
+                    .parts
+                    .get_mut(&key.part)
+                    .and_then(|p| p.pub_tracks.remove(&track_id));
+                if let Some(tid) = tid {
+                    self.unpublish(&tid);
                 }
             }
             RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id)) => {
@@ -720,15 +721,11 @@ impl Core {
 
     fn handle_pc_message(&mut self, key: PcKey, msg: TaggedRTCMessage) {
         match msg.message {
-            RTCMessage::RtpPacket(track_id, packet) => {
-                if key.kind == PcKind::Publisher {
-                    self.forward_rtp(key.part, &track_id, packet, msg.now);
-                }
+            RTCMessage::RtpPacket(track_id, packet) if key.kind == PcKind::Publisher => {
+                self.forward_rtp(key.part, &track_id, packet, msg.now);
             }
-            RTCMessage::RtcpPacket(track_id, packets) => {
-                if key.kind == PcKind::Subscriber {
-                    self.on_subscriber_feedback(&track_id, &packets);
-                }
+            RTCMessage::RtcpPacket(track_id, packets) if key.kind == PcKind::Subscriber => {
+                self.on_subscriber_feedback(&track_id, &packets);
             }
             RTCMessage::DataChannelMessage(id, m) => {
                 self.relay_data(key.part, id, m.is_string, &m.data, msg.now);
@@ -765,7 +762,6 @@ impl Core {
             return;
         };
         let tid = format!("TR_{}", random_string(12));
-        let stream_id = init.stream_ids.first().cloned().unwrap_or_default();
         let t = Track {
             id: tid.clone(),
             publisher: part,
@@ -773,7 +769,6 @@ impl Core {
             kind,
             codec,
             client_track_id: init.track_id.clone(),
-            stream_id,
             receiver: init.receiver_id,
             media_ssrc: init.ssrc,
             muted: false,
@@ -959,6 +954,7 @@ impl Core {
         let keyframe =
             track.kind == TrackKind::Video && is_keyframe(&track.codec.mime_type, &packet.payload);
         if keyframe {
+            trace!(track = %tid, "keyframe");
             track.throttle.on_keyframe(now);
         }
         // Header extensions of the publisher leg are not negotiated on the subscriber leg.
@@ -969,6 +965,12 @@ impl Core {
         let mut want_keyframe = false;
         for (&sub, dt) in track.down.iter_mut() {
             let Some(pt) = dt.payload_type else { continue };
+            let Some(p) = self.parts.get_mut(&sub) else {
+                continue;
+            };
+            if !p.sub.connected {
+                continue;
+            }
             if dt.waiting_keyframe {
                 if !keyframe {
                     want_keyframe = true;
@@ -976,23 +978,22 @@ impl Core {
                 }
                 dt.waiting_keyframe = false;
             }
-            let Some((seq, ts)) = dt.rewriter.rewrite(
-                packet.header.ssrc,
-                packet.header.sequence_number,
-                packet.header.timestamp,
+            let src = super::rewrite::SrcPacket {
+                ssrc: packet.header.ssrc,
+                seq: packet.header.sequence_number,
+                timestamp: packet.header.timestamp,
                 clock_rate,
-                now,
-            ) else {
+                arrival: now,
+            };
+            let Some(h) = dt.rewriter.rewrite(&src) else {
                 continue;
             };
+            let (seq, ts) = (h.seq, h.timestamp);
             let mut out = packet.clone();
             out.header.ssrc = dt.ssrc;
             out.header.payload_type = pt;
             out.header.sequence_number = seq;
             out.header.timestamp = ts;
-            let Some(p) = self.parts.get_mut(&sub) else {
-                continue;
-            };
             let Some(mut sender) = p.sub.rtc.rtp_sender(dt.sender) else {
                 continue;
             };
@@ -1111,34 +1112,25 @@ impl Core {
         let Some(channel) = p.channels.get(&id).copied() else {
             return;
         };
-        let inbound = match data::parse_client(msg, self.cfg.max_data_message) {
+        let inbound = data::parse_client(msg, self.cfg.max_data_message)
+            .and_then(|i| p.limiter.check(now, i.payload.len()).map(|_| i));
+        let inbound = match inbound {
             Ok(i) => i,
             Err(e) => {
                 let code = match e {
                     DataError::TooLarge { .. } => ErrorCode::MessageTooLarge,
+                    DataError::RateLimited { .. } => ErrorCode::RateLimited,
                     _ => ErrorCode::InvalidField,
                 };
                 let m = ServerMessage::error(
                     code,
-                    format!("{} data-channel message dropped: {e}", channel.label()),
+                    format!("{} data-channel message not relayed: {e}", channel.label()),
                     Some(channel.label()),
                 );
                 self.send_to(part, m);
                 return;
             }
         };
-        if !p.limiter.allow(now, inbound.payload.len()) {
-            let m = ServerMessage::error(
-                ErrorCode::Unavailable,
-                format!(
-                    "{} data-channel message dropped: rate limit exceeded",
-                    channel.label()
-                ),
-                Some(channel.label()),
-            );
-            self.send_to(part, m);
-            return;
-        }
         let framed = data::frame_for_receiver(&p.pid, inbound.payload);
         let room = p.room.clone();
         let targets: Vec<u64> = if inbound.to.is_empty() {
@@ -1147,12 +1139,31 @@ impl Core {
                 .map(|r| r.members.iter().copied().filter(|&m| m != part).collect())
                 .unwrap_or_default()
         } else {
-            inbound
-                .to
-                .iter()
-                .filter_map(|pid| self.by_pid.get(pid.as_str()).copied())
-                .filter(|m| *m != part && self.parts.get(m).is_some_and(|p| p.room == room))
-                .collect()
+            let mut found = Vec::with_capacity(inbound.to.len());
+            let mut unknown = Vec::new();
+            for pid in &inbound.to {
+                match self.by_pid.get(pid.as_str()).copied() {
+                    Some(m) if self.parts.get(&m).is_some_and(|p| p.room == room) => {
+                        if m != part {
+                            found.push(m)
+                        }
+                    }
+                    _ => unknown.push(pid.clone()),
+                }
+            }
+            if !unknown.is_empty() {
+                let m = ServerMessage::error(
+                    ErrorCode::NotFound,
+                    format!(
+                        "{} data-channel message not delivered to unknown participant(s): {}",
+                        channel.label(),
+                        unknown.join(", ")
+                    ),
+                    Some(channel.label()),
+                );
+                self.send_to(part, m);
+            }
+            found
         };
         for t in targets {
             let Some(tp) = self.parts.get_mut(&t) else {
@@ -1268,6 +1279,7 @@ impl Core {
             connected: false,
             created: now,
             queued: false,
+            early: Vec::new(),
         })
     }
 
@@ -1332,7 +1344,6 @@ impl Core {
             published: Vec::new(),
             subscriptions: HashMap::new(),
             limiter: data::RateLimiter::default(),
-            joined_at: Instant::now(),
         };
         self.parts.insert(part, participant);
         self.by_pid.insert(pid.clone(), part);
@@ -1654,6 +1665,12 @@ impl Core {
             Ok(()) => {
                 p.sub_offer_pending = false;
                 let again = p.sub_needs_offer;
+                let early = std::mem::take(&mut p.sub.early);
+                for (from, at, data) in early {
+                    // counted once already, when it arrived
+                    self.stats.udp_datagrams_in = self.stats.udp_datagrams_in.saturating_sub(1);
+                    self.handle_datagram(at, &data, from);
+                }
                 self.refresh_downtracks(part);
                 if again {
                     self.renegotiate(part);
