@@ -661,6 +661,18 @@ impl Core {
 
     fn handle_pc_event(&mut self, key: PcKey, ev: RTCPeerConnectionEvent) {
         match ev {
+            RTCPeerConnectionEvent::OnIceConnectionStateChangeEvent(
+                rtc::peer_connection::state::RTCIceConnectionState::Connected,
+            ) => {
+                // When we are the DTLS client, `rtc` queues the ClientHello but only sends it
+                // on its next timer; kick it now instead of ~200 ms later.
+                if let Some(pc) = self.pc_mut(key) {
+                    if let Err(e) = pc.rtc.handle_timeout(Instant::now()) {
+                        debug!("handle_timeout after ICE connected: {e}");
+                    }
+                }
+                self.mark_dirty(key);
+            }
             RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                 let pid = self
                     .parts
@@ -1232,7 +1244,7 @@ impl Core {
         let ufrag = random_string(16);
         let pwd = random_string(32);
         let setting = SettingEngineBuilder::new()
-            .with_answering_dtls_role(RTCDtlsRole::Server)
+            .with_answering_dtls_role(RTCDtlsRole::Client)
             .with_ice_credentials(ufrag.clone(), pwd)
             .with_lite(true)
             .build();
