@@ -46,6 +46,16 @@ pub struct IceCandidate {
     pub username_fragment: Option<String>,
 }
 
+/// A simulcast quality level. Layers are ranked by what they carry (resolution, then
+/// bitrate), never by the order of the RID list: the smallest is `low`, the largest `high`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quality {
+    Low,
+    Medium,
+    High,
+}
+
 /// Media kind of a track.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -118,6 +128,19 @@ pub enum ClientMessage {
     },
     /// Mute or unmute one of the participant's own published tracks.
     Mute { track_id: String, muted: bool },
+    /// Per-subscription preferences for a video track (simulcast layer selection): the
+    /// highest quality wanted and/or the pixel size of the element it is rendered into.
+    /// Omitted fields keep their previous value; `quality: null` with no size resets to
+    /// "best available".
+    TrackSettings {
+        track_id: String,
+        #[serde(default)]
+        quality: Option<Quality>,
+        #[serde(default)]
+        width: Option<u32>,
+        #[serde(default)]
+        height: Option<u32>,
+    },
     /// Keep-alive / latency probe; answered with `pong` carrying the same `ts`.
     Ping {
         #[serde(default)]
@@ -176,6 +199,24 @@ pub enum ServerMessage {
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ts: Option<f64>,
+    },
+    /// The simulcast layer a subscriber receives for a track changed (for a quality indicator).
+    LayerChanged {
+        track_id: String,
+        quality: Quality,
+        /// RID of the layer now forwarded (empty for a non-simulcast track).
+        rid: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        width: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        height: Option<u32>,
+    },
+    /// To a publisher: the simulcast layers (RIDs) of its track that someone needs. The client
+    /// may pause the other encodings (`RTCRtpEncodingParameters.active = false`) until a
+    /// later `publisher_layers` lists them again.
+    PublisherLayers {
+        track_id: String,
+        active: Vec<String>,
     },
     /// Something the client sent could not be done. The connection stays open unless the
     /// error is fatal (then a `leave` follows).
@@ -273,6 +314,7 @@ const CLIENT_TYPES: &[&str] = &[
     "trickle",
     "subscribe",
     "mute",
+    "track_settings",
     "ping",
     "leave",
 ];

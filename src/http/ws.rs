@@ -545,6 +545,7 @@ fn kind(msg: &ClientMessage) -> &'static str {
         ClientMessage::Trickle { .. } => "trickle",
         ClientMessage::Subscribe { .. } => "subscribe",
         ClientMessage::Mute { .. } => "mute",
+        ClientMessage::TrackSettings { .. } => "track_settings",
         ClientMessage::Ping { .. } => "ping",
         ClientMessage::Leave => "leave",
     }

@@ -5,6 +5,7 @@
 //! earliest peer-connection deadline from the timer heap — then lets the touched peer
 //! connections produce output (`poll_write`/`poll_event`/`poll_read`) until nothing is left.
 
+use super::bwe::{Estimate, SharedGcc};
 use super::data::{self, DataError};
 use super::keyframe::KeyframeThrottle;
 use super::rewrite::Rewriter;
@@ -16,12 +17,16 @@ use crate::signal::{
 };
 use bytes::BytesMut;
 use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
+use rtc::interceptor::CongestionControlBuilder;
 use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
-use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_nack, configure_rtcp_reports, configure_twcc_sender_only,
+    register_default_interceptors,
+};
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
 };
@@ -166,6 +171,8 @@ struct Participant {
     /// Server track id → sender on this participant's subscriber PC.
     subscriptions: HashMap<String, RTCRtpSenderId>,
     limiter: data::RateLimiter,
+    /// Downlink estimate of the subscriber connection (TWCC/GCC, REMB fallback).
+    estimate: Estimate,
 }
 
 struct DownTrack {
@@ -1240,7 +1247,10 @@ impl Core {
         }
     }
 
-    fn new_pc(&mut self, key: PcKey) -> Result<Pc, SfuError> {
+    /// A new peer connection. The subscriber side gets TWCC + GCC bandwidth estimation into
+    /// `estimate`; the publisher side the default chain (NACK generation, TWCC feedback to the
+    /// publisher, receiver reports, simulcast header extensions).
+    fn new_pc(&mut self, key: PcKey, estimate: Option<&Estimate>) -> Result<Pc, SfuError> {
         let ufrag = random_string(16);
         let pwd = random_string(32);
         let setting = SettingEngineBuilder::new()
@@ -1250,8 +1260,20 @@ impl Core {
             .build();
         let mut me = media_engine().map_err(|e| SfuError::Rtc(e.to_string()))?;
         let registry = Registry::new().with(Slot::from(14_000), DeliverFeedback::default());
-        let registry = register_default_interceptors(registry, &mut me)
-            .map_err(|e| SfuError::Rtc(e.to_string()))?;
+        let registry = match estimate {
+            None => register_default_interceptors(registry, &mut me)
+                .map_err(|e| SfuError::Rtc(e.to_string()))?,
+            Some(estimate) => {
+                let registry = configure_nack(registry, &mut me);
+                let registry = configure_rtcp_reports(registry);
+                let registry = configure_twcc_sender_only(registry, &mut me)
+                    .map_err(|e| SfuError::Rtc(e.to_string()))?;
+                registry.with(
+                    Slot::CongestionControl,
+                    CongestionControlBuilder::new(SharedGcc::new(estimate.clone())).build(),
+                )
+            }
+        };
         let now = Instant::now();
         let mut rtc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -1307,7 +1329,8 @@ impl Core {
             part,
             kind: PcKind::Subscriber,
         };
-        let mut sub = self.new_pc(key)?;
+        let estimate = Estimate::new(Instant::now());
+        let mut sub = self.new_pc(key, Some(&estimate))?;
         let mut channels = HashMap::new();
         for (label, init) in [
             (
@@ -1356,6 +1379,7 @@ impl Core {
             published: Vec::new(),
             subscriptions: HashMap::new(),
             limiter: data::RateLimiter::default(),
+            estimate,
         };
         self.parts.insert(part, participant);
         self.by_pid.insert(pid.clone(), part);
@@ -1573,6 +1597,9 @@ impl Core {
                     },
                 );
             }
+            ClientMessage::TrackSettings { .. } => {
+                // Layer selection arrives with simulcast support.
+            }
             ClientMessage::Ping { ts } => self.send_to(part, ServerMessage::Pong { ts }),
             ClientMessage::Leave => self.remove_participant(part, "left", false),
         }
@@ -1598,7 +1625,7 @@ impl Core {
             }
         };
         if self.parts.get(&part).is_some_and(|p| p.publ.is_none()) {
-            match self.new_pc(key) {
+            match self.new_pc(key, None) {
                 Ok(pc) => {
                     if let Some(p) = self.parts.get_mut(&part) {
                         p.publ = Some(pc);
@@ -1799,6 +1826,9 @@ impl Core {
             .collect();
         for part in stale {
             self.remove_participant(part, "transport did not connect in time", true);
+        }
+        for p in self.parts.values() {
+            trace!(participant = %p.pid, twcc = ?p.estimate.twcc(), remb = ?p.estimate.remb(now), "downlink estimate");
         }
         let _ = now;
     }

@@ -6,10 +6,12 @@
 //! (everything else). The core never blocks on signaling: a participant whose event channel is
 //! full is disconnected rather than waited for.
 
+pub mod bwe;
 pub mod core;
 pub mod data;
 pub mod keyframe;
 pub mod rewrite;
+pub mod selector;
 pub mod vp8;
 
 use crate::signal::{ClientMessage, ServerMessage};

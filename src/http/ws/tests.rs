@@ -341,6 +341,8 @@ async fn core_closing_the_channel_closes_the_socket() {
         serde_json::json!({"type":"leave","reason":"kicked"})
     );
     assert_eq!(recv_close(&mut ws).await, (1000, "kicked".to_owned()));
+    // Reading on sends the client's close reply and sees the server end the connection.
+    while let Some(Ok(_)) = ws.next().await {}
     h.next_seen().await; // the mute
     match h.next_seen().await {
         Seen::Disconnect { participant, .. } => assert_eq!(participant, pid),

@@ -1,0 +1,1 @@
+//! Simulcast layer selection (being written).
