@@ -41,8 +41,9 @@ pub const DEFAULT_MAX_DATA_MESSAGE: usize = 16 * 1024;
 pub const MIN_WS_MESSAGE: usize = 1024;
 /// Largest accepted `max_ws_message`.
 pub const MAX_WS_MESSAGE: usize = 16 * 1024 * 1024;
-/// Largest accepted `max_data_message`: the SCTP maximum message size `rtc` advertises.
-pub const MAX_DATA_MESSAGE: usize = 256 * 1024;
+/// Largest accepted `max_data_message`: the SCTP maximum message size `rtc` advertises
+/// (`a=max-message-size:65536`) less room for the relay header (`{"from":"PA_…"}` + newline).
+pub const MAX_DATA_MESSAGE: usize = 65_536 - 256;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]

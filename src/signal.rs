@@ -219,7 +219,7 @@ pub enum ServerMessage {
         active: Vec<String>,
     },
     /// Something the client sent could not be done. The connection stays open unless the
-    /// error is fatal (then a `leave` follows).
+    /// error is fatal (then the server closes the WebSocket).
     Error {
         code: ErrorCode,
         message: String,

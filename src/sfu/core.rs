@@ -41,6 +41,7 @@ use rtc::peer_connection::transport::{
 use rtc::rtcp;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
@@ -237,6 +238,9 @@ struct Core {
     keyframe_wanted: Vec<String>,
     /// Participants to remove at the end of this turn (with reason).
     doomed: Vec<(u64, String)>,
+    /// Participants whose subscriber connection needs a new offer at the end of this turn.
+    renegotiate_queue: Vec<u64>,
+    shutting_down: bool,
 }
 
 fn random_string(n: usize) -> String {
@@ -304,8 +308,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(pkts) = &msg.message.packet {
             let wanted = pkts.iter().any(|p| {
-                p.as_any().downcast_ref::<PictureLossIndication>().is_some()
-                    || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+                let any = p.as_any();
+                any.is::<PictureLossIndication>()
+                    || any.is::<FullIntraRequest>()
+                    || any.is::<ReceiverEstimatedMaximumBitrate>()
             });
             if wanted {
                 msg.message.add(Attribute::DeliverToApplication);
@@ -413,6 +419,8 @@ impl Core {
             next_id: 1,
             keyframe_wanted: Vec::new(),
             doomed: Vec::new(),
+            renegotiate_queue: Vec::new(),
+            shutting_down: false,
         }
     }
 
@@ -615,6 +623,13 @@ impl Core {
                 }
                 continue;
             }
+            if !self.renegotiate_queue.is_empty() {
+                let queue = std::mem::take(&mut self.renegotiate_queue);
+                for part in queue {
+                    self.send_offer(part);
+                }
+                continue;
+            }
             if self.doomed.is_empty() {
                 break;
             }
@@ -722,14 +737,18 @@ impl Core {
                     self.unpublish(&tid);
                 }
             }
-            RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id)) => {
+            RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id))
+                if key.kind == PcKind::Subscriber =>
+            {
                 if let Some(p) = self.parts.get_mut(&key.part) {
                     if let Some(ch) = p.channels.get(&id) {
                         p.open_channels.insert(ch.label(), id);
                     }
                 }
             }
-            RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id)) => {
+            RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id))
+                if key.kind == PcKind::Subscriber =>
+            {
                 if let Some(p) = self.parts.get_mut(&key.part) {
                     p.open_channels.retain(|_, v| *v != id);
                 }
@@ -744,9 +763,9 @@ impl Core {
                 self.forward_rtp(key.part, &track_id, packet, msg.now);
             }
             RTCMessage::RtcpPacket(track_id, packets) if key.kind == PcKind::Subscriber => {
-                self.on_subscriber_feedback(&track_id, &packets);
+                self.on_subscriber_feedback(key.part, &track_id, &packets, msg.now);
             }
-            RTCMessage::DataChannelMessage(id, m) => {
+            RTCMessage::DataChannelMessage(id, m) if key.kind == PcKind::Subscriber => {
                 self.relay_data(key.part, id, m.is_string, &m.data, msg.now);
             }
             _ => {}
@@ -1038,10 +1057,22 @@ impl Core {
         }
     }
 
-    fn on_subscriber_feedback(&mut self, track_id: &str, packets: &[Box<dyn rtcp::Packet>]) {
+    fn on_subscriber_feedback(
+        &mut self,
+        part: u64,
+        track_id: &str,
+        packets: &[Box<dyn rtcp::Packet>],
+        now: Instant,
+    ) {
+        for p in packets {
+            if let Some(remb) = p.as_any().downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+                if let Some(sub) = self.parts.get(&part) {
+                    sub.estimate.set_remb(now, remb.bitrate.max(0.0) as u64);
+                }
+            }
+        }
         let wants = packets.iter().any(|p| {
-            p.as_any().downcast_ref::<PictureLossIndication>().is_some()
-                || p.as_any().downcast_ref::<FullIntraRequest>().is_some()
+            p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
         });
         if wants && self.tracks.contains_key(track_id) {
             self.keyframe_wanted.push(track_id.to_owned());
@@ -1439,8 +1470,21 @@ impl Core {
         })
     }
 
-    /// Send a (re)offer on the subscriber PC, or remember to once the pending one is answered.
+    /// Ask for a (re)offer on the subscriber PC. Deferred to the end of the current turn so
+    /// that several track changes (a late joiner's existing tracks, audio and video starting
+    /// together) go out in one offer.
     fn renegotiate(&mut self, part: u64) {
+        if self.shutting_down {
+            return;
+        }
+        if !self.renegotiate_queue.contains(&part) {
+            self.renegotiate_queue.push(part);
+        }
+    }
+
+    /// Send a (re)offer on the subscriber PC now, or remember to once the pending one is
+    /// answered.
+    fn send_offer(&mut self, part: u64) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -1498,7 +1542,17 @@ impl Core {
                 };
                 let key = PcKey { part, kind };
                 let res = match self.pc_mut(key) {
-                    None => Err("no publisher connection yet: send publish_offer first".to_owned()),
+                    None => {
+                        self.send_to(
+                            part,
+                            ServerMessage::error(
+                                ErrorCode::InvalidState,
+                                "no publisher connection yet: send publish_offer first",
+                                Some("trickle"),
+                            ),
+                        );
+                        return;
+                    }
                     Some(pc) => pc
                         .rtc
                         .add_remote_candidate(RTCIceCandidateInit {
@@ -1566,6 +1620,7 @@ impl Core {
                     return;
                 }
                 let room = match self.tracks.get_mut(&track_id) {
+                    Some(t) if t.muted == muted => return,
                     Some(t) => {
                         t.muted = muted;
                         if !muted {
@@ -1665,12 +1720,49 @@ impl Core {
                     .unwrap_or(answer.sdp))
             });
         match res {
-            Ok(sdp) => self.send_to(part, ServerMessage::PublishAnswer { sdp }),
+            Ok(sdp) => {
+                self.send_to(part, ServerMessage::PublishAnswer { sdp });
+                self.drop_stopped_publications(part);
+            }
             Err((code, msg)) => {
                 self.send_to(part, ServerMessage::error(code, msg, Some("publish_offer")));
             }
         }
         self.mark_dirty(key);
+    }
+
+    /// After a publisher renegotiation: tracks whose transceiver no longer receives (the
+    /// client removed the track, or set it inactive) are unpublished.
+    fn drop_stopped_publications(&mut self, part: u64) {
+        use rtc::rtp_transceiver::RTCRtpTransceiverDirection as Dir;
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
+        let Some(pc) = p.publ.as_mut() else { return };
+        let ids: Vec<_> = pc.rtc.get_transceivers().collect();
+        let mut receiving = Vec::new();
+        for id in ids {
+            if let Some(t) = pc.rtc.rtp_transceiver(id) {
+                if matches!(t.direction(), Dir::Recvonly | Dir::Sendrecv) {
+                    if let Some(r) = t.receiver() {
+                        receiving.push(r);
+                    }
+                }
+            }
+        }
+        let stopped: Vec<String> = p
+            .published
+            .iter()
+            .filter(|tid| {
+                self.tracks
+                    .get(*tid)
+                    .is_some_and(|t| !receiving.contains(&t.receiver))
+            })
+            .cloned()
+            .collect();
+        for tid in stopped {
+            self.unpublish(&tid);
+        }
     }
 
     fn on_subscribe_answer(&mut self, part: u64, sdp: String) {
@@ -1712,7 +1804,7 @@ impl Core {
                 }
                 self.refresh_downtracks(part);
                 if again {
-                    self.renegotiate(part);
+                    self.send_offer(part);
                 }
             }
             Err(e) => {
@@ -1744,6 +1836,9 @@ impl Core {
     }
 
     fn broadcast(&mut self, room: &str, except: Option<u64>, msg: ServerMessage) {
+        if self.shutting_down {
+            return;
+        }
         let members = self
             .rooms
             .get(room)
@@ -1835,6 +1930,7 @@ impl Core {
 
     async fn shutdown(&mut self) {
         info!(participants = self.parts.len(), "core shutting down");
+        self.shutting_down = true;
         let parts: Vec<u64> = self.parts.keys().copied().collect();
         for part in parts {
             self.remove_participant(part, "server shutting down", true);
