@@ -39,7 +39,14 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(config: &Config) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let filter = EnvFilter::try_new(&config.log_level)?;
+    // webrtc-rs logs connection-setup noise at warn (e.g. a DTLS server-name notice per peer,
+    // packets that beat the handshake); keep it out unless the user asks for those targets.
+    let directives = if config.log_level.contains("rtc") {
+        config.log_level.clone()
+    } else {
+        format!("rtc=error,rtc_ice=warn,rtc_dtls=error,{}", config.log_level)
+    };
+    let filter = EnvFilter::try_new(&directives)?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

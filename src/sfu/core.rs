@@ -8,11 +8,14 @@
 use super::bwe::{Estimate, SharedGcc};
 use super::data::{self, DataError};
 use super::keyframe::KeyframeThrottle;
-use super::rewrite::Rewriter;
+use super::rewrite::{Rewriter, Vp8Munger};
+use super::selector::{
+    BitrateMeter, LayerInfo, LayerSelector, PacketAction, Requested, layer_quality, needed_layers,
+};
 use super::vp8;
 use super::{Command, CoreStats, JoinAccepted, JoinRequest, SfuError, SfuHandle};
 use crate::signal::{
-    ClientMessage, ErrorCode, PROTOCOL_VERSION, ParticipantInfo, PcTarget, ServerMessage,
+    ClientMessage, ErrorCode, PROTOCOL_VERSION, ParticipantInfo, PcTarget, Quality, ServerMessage,
     TrackInfo, TrackKind,
 };
 use bytes::BytesMut;
@@ -51,7 +54,7 @@ use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
@@ -103,6 +106,10 @@ const MAX_DATAGRAM: usize = 1500;
 const RECV_BATCH: usize = 64;
 /// Minimum time between keyframe requests to one publisher track.
 const KEYFRAME_INTERVAL: Duration = Duration::from_millis(500);
+/// A simulcast layer nobody needs for this long is paused at the publisher.
+const DYNACAST_GRACE: Duration = Duration::from_secs(5);
+/// How often layer selection runs (besides on every packet).
+const SELECT_INTERVAL: Duration = Duration::from_millis(250);
 /// A participant whose transport never connects is dropped after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -181,8 +188,36 @@ struct DownTrack {
     ssrc: u32,
     payload_type: Option<u8>,
     rewriter: Rewriter,
-    /// Video: forward nothing until a keyframe arrives.
-    waiting_keyframe: bool,
+    /// VP8: keeps picture id / TL0PICIDX / KEYIDX continuous across layer switches.
+    munger: Option<Vp8Munger>,
+    /// Video: which simulcast layer this subscriber gets (one layer for plain video).
+    /// `None` for audio, which is always forwarded.
+    selector: Option<LayerSelector>,
+}
+
+/// One encoding of a published track: a simulcast layer, or the only one.
+struct Layer {
+    /// RID, empty for a track without simulcast.
+    rid: String,
+    /// Learned from the track event or from the first packet of the layer.
+    ssrc: Option<u32>,
+    width: u32,
+    height: u32,
+    meter: BitrateMeter,
+    throttle: KeyframeThrottle,
+}
+
+impl Layer {
+    fn new(rid: String, ssrc: Option<u32>) -> Self {
+        Layer {
+            rid,
+            ssrc,
+            width: 0,
+            height: 0,
+            meter: BitrateMeter::new(),
+            throttle: KeyframeThrottle::new(KEYFRAME_INTERVAL),
+        }
+    }
 }
 
 struct Track {
@@ -193,11 +228,14 @@ struct Track {
     codec: RTCRtpCodec,
     client_track_id: String,
     receiver: RTCRtpReceiverId,
-    media_ssrc: u32,
     muted: bool,
-    layers: Vec<String>,
+    /// Encodings; a layer's id is its index here (never reordered).
+    layers: Vec<Layer>,
     down: HashMap<u64, DownTrack>,
-    throttle: KeyframeThrottle,
+    /// Dynacast: layers the publisher was told to pause, and since when each layer has been
+    /// unneeded.
+    paused_upstream: BTreeSet<usize>,
+    unneeded_since: HashMap<usize, Instant>,
 }
 
 impl Track {
@@ -209,8 +247,39 @@ impl Track {
             mime_type: self.codec.mime_type.clone(),
             client_track_id: self.client_track_id.clone(),
             muted: self.muted,
-            layers: self.layers.clone(),
+            layers: self
+                .layers
+                .iter()
+                .filter(|l| !l.rid.is_empty())
+                .map(|l| l.rid.clone())
+                .collect(),
         }
+    }
+
+    fn is_simulcast(&self) -> bool {
+        self.layers.len() > 1 || self.layers.first().is_some_and(|l| !l.rid.is_empty())
+    }
+
+    /// What the selector needs to know of each layer now.
+    fn layer_infos(&self, now: Instant) -> Vec<LayerInfo> {
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(id, l)| {
+                let active = l.meter.is_active(now);
+                LayerInfo {
+                    id,
+                    width: l.width,
+                    height: l.height,
+                    bitrate_bps: if active {
+                        l.meter.bps(now)
+                    } else {
+                        l.meter.last_active_bps()
+                    },
+                    active,
+                }
+            })
+            .collect()
     }
 }
 
@@ -234,8 +303,8 @@ struct Core {
     dirty: VecDeque<PcKey>,
     stats: CoreStats,
     next_id: u64,
-    /// Keyframe requests to send: (track id).
-    keyframe_wanted: Vec<String>,
+    /// Keyframe requests to send: (track id, layer).
+    keyframe_wanted: Vec<(String, usize)>,
     /// Participants to remove at the end of this turn (with reason).
     doomed: Vec<(u64, String)>,
     /// Participants whose subscriber connection needs a new offer at the end of this turn.
@@ -427,6 +496,8 @@ impl Core {
     async fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
         let mut buf = vec![0u8; MAX_DATAGRAM * 2];
         let mut maintenance = tokio::time::interval(Duration::from_secs(1));
+        let mut select_tick = tokio::time::interval(SELECT_INTERVAL);
+        select_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self.next_deadline();
             let sleep = tokio::time::sleep_until(
@@ -467,6 +538,9 @@ impl Core {
                 }
                 _ = sleep => {
                     self.fire_timers(Instant::now());
+                }
+                _ = select_tick.tick() => {
+                    self.select_layers(Instant::now());
                 }
                 _ = maintenance.tick() => {
                     self.maintenance(Instant::now());
@@ -782,8 +856,18 @@ impl Core {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
-        if p.pub_tracks.contains_key(&init.track_id) {
-            // another encoding (simulcast layer) of a known track
+        if let Some(tid) = p.pub_tracks.get(&init.track_id) {
+            // Another encoding (simulcast layer) of a known track.
+            if let Some(t) = self.tracks.get_mut(tid) {
+                let rid = init.rid.clone().unwrap_or_default();
+                match t.layers.iter_mut().find(|l| l.rid == rid) {
+                    Some(l) => l.ssrc = Some(init.ssrc),
+                    None => {
+                        debug!(track = %tid, rid = %rid, ssrc = init.ssrc, "simulcast layer");
+                        t.layers.push(Layer::new(rid, Some(init.ssrc)));
+                    }
+                }
+            }
             return;
         }
         let Some(pc) = p.publ.as_mut() else { return };
@@ -808,11 +892,14 @@ impl Core {
             codec,
             client_track_id: init.track_id.clone(),
             receiver: init.receiver_id,
-            media_ssrc: init.ssrc,
             muted: false,
-            layers: init.rid.iter().cloned().collect(),
+            layers: vec![Layer::new(
+                init.rid.clone().unwrap_or_default(),
+                Some(init.ssrc),
+            )],
             down: HashMap::new(),
-            throttle: KeyframeThrottle::new(KEYFRAME_INTERVAL),
+            paused_upstream: BTreeSet::new(),
+            unneeded_since: HashMap::new(),
         };
         p.pub_tracks.insert(init.track_id.clone(), tid.clone());
         p.published.push(tid.clone());
@@ -822,11 +909,8 @@ impl Core {
         let _g = span.enter();
         info!(kind = ?kind, mime = %info.mime_type, "track published");
         self.tracks.insert(tid.clone(), t);
-        self.broadcast(
-            &room,
-            Some(part),
-            ServerMessage::TrackPublished { track: info },
-        );
+        // Everyone, the publisher included: that is how it learns the server id of its track.
+        self.broadcast(&room, None, ServerMessage::TrackPublished { track: info });
         // Auto-subscribe the others.
         let members = self
             .rooms
@@ -884,15 +968,27 @@ impl Core {
         };
         p.subscriptions.insert(tid.to_owned(), sender);
         let is_video = kind == RtpCodecKind::Video;
+        let now = Instant::now();
         if let Some(track) = self.tracks.get_mut(tid) {
+            let selector = is_video.then(|| {
+                let mut sel = LayerSelector::new(Requested::default());
+                sel.update(&track.layer_infos(now), None, now);
+                sel
+            });
+            let munger = track
+                .codec
+                .mime_type
+                .eq_ignore_ascii_case(MIME_TYPE_VP8)
+                .then(Vp8Munger::new);
             track.down.insert(
                 sub,
                 DownTrack {
                     sender,
                     ssrc,
                     payload_type: None,
-                    rewriter: Rewriter::new(ssrc),
-                    waiting_keyframe: is_video,
+                    rewriter: Rewriter::with_initial(ssrc, rand::random(), rand::random()),
+                    munger,
+                    selector,
                 },
             );
         }
@@ -963,10 +1059,32 @@ impl Core {
                     dt.payload_type = pt;
                 }
             }
-            if connected && dt.payload_type.is_some() && dt.waiting_keyframe {
-                self.keyframe_wanted.push(tid.clone());
+            if connected && dt.payload_type.is_some() {
+                if let Some(layer) = dt.selector.as_ref().and_then(|s| s.wants_keyframe()) {
+                    self.keyframe_wanted.push((tid.clone(), layer));
+                }
             }
         }
+    }
+
+    /// Which layer of `track` an incoming SSRC belongs to, learning new layers on the way.
+    fn layer_of(&mut self, part: u64, tid: &str, ssrc: u32) -> Option<usize> {
+        let track = self.tracks.get(tid)?;
+        if let Some(i) = track.layers.iter().position(|l| l.ssrc == Some(ssrc)) {
+            return Some(i);
+        }
+        // Unknown SSRC: ask the receiver which RID it carries (RID-based simulcast).
+        let receiver = track.receiver;
+        let pc = self.parts.get_mut(&part)?.publ.as_mut()?;
+        let rid = pc.rtc.rtp_receiver(receiver)?.track().rid(ssrc)?.to_owned();
+        let track = self.tracks.get_mut(tid)?;
+        if let Some(i) = track.layers.iter().position(|l| l.rid == rid) {
+            track.layers[i].ssrc = Some(ssrc);
+            return Some(i);
+        }
+        debug!(track = %tid, rid = %rid, ssrc, "simulcast layer");
+        track.layers.push(Layer::new(rid, Some(ssrc)));
+        Some(track.layers.len() - 1)
     }
 
     fn forward_rtp(&mut self, part: u64, rtc_track: &str, mut packet: rtp::Packet, now: Instant) {
@@ -979,28 +1097,37 @@ impl Core {
         else {
             return;
         };
+        let Some(li) = self.layer_of(part, &tid, packet.header.ssrc) else {
+            return;
+        };
         let Some(track) = self.tracks.get_mut(&tid) else {
             return;
         };
-        if packet.header.ssrc != track.media_ssrc {
-            // Another simulcast layer: handled by the simulcast issue; the base layer only.
-            return;
+        let is_video = track.kind == TrackKind::Video;
+        let is_vp8 = track.codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_VP8);
+        let keyframe = is_video && is_keyframe(&track.codec.mime_type, &packet.payload);
+        let layer = &mut track.layers[li];
+        layer.meter.add(now, packet.payload.len() + 12);
+        if keyframe {
+            trace!(track = %tid, layer = li, "keyframe");
+            layer.throttle.on_keyframe(now);
+            if is_vp8 {
+                if let Some(size) = vp8::keyframe_size(&packet.payload) {
+                    layer.width = u32::from(size.width);
+                    layer.height = u32::from(size.height);
+                }
+            }
         }
         if track.muted || track.down.is_empty() {
             return;
-        }
-        let keyframe =
-            track.kind == TrackKind::Video && is_keyframe(&track.codec.mime_type, &packet.payload);
-        if keyframe {
-            trace!(track = %tid, "keyframe");
-            track.throttle.on_keyframe(now);
         }
         // Header extensions of the publisher leg are not negotiated on the subscriber leg.
         packet.header.extension = false;
         packet.header.extensions.clear();
         packet.header.extension_profile = 0;
         let clock_rate = track.codec.clock_rate;
-        let mut want_keyframe = false;
+        let mut want_keyframe: Option<usize> = None;
+        let mut switched_subs: Vec<u64> = Vec::new();
         for (&sub, dt) in track.down.iter_mut() {
             let Some(pt) = dt.payload_type else { continue };
             let Some(p) = self.parts.get_mut(&sub) else {
@@ -1009,12 +1136,21 @@ impl Core {
             if !p.sub.connected {
                 continue;
             }
-            if dt.waiting_keyframe {
-                if !keyframe {
-                    want_keyframe = true;
-                    continue;
+            let mut switched = false;
+            if let Some(sel) = dt.selector.as_mut() {
+                match sel.on_packet(li, keyframe, now) {
+                    PacketAction::Drop => {
+                        if let Some(l) = sel.wants_keyframe() {
+                            want_keyframe = Some(l);
+                        }
+                        continue;
+                    }
+                    PacketAction::Forward { switched: s } => switched = s,
                 }
-                dt.waiting_keyframe = false;
+            }
+            if switched {
+                dt.rewriter.force_switch();
+                switched_subs.push(sub);
             }
             let src = super::rewrite::SrcPacket {
                 ssrc: packet.header.ssrc,
@@ -1026,12 +1162,17 @@ impl Core {
             let Some(h) = dt.rewriter.rewrite(&src) else {
                 continue;
             };
-            let (seq, ts) = (h.seq, h.timestamp);
             let mut out = packet.clone();
             out.header.ssrc = dt.ssrc;
             out.header.payload_type = pt;
-            out.header.sequence_number = seq;
-            out.header.timestamp = ts;
+            out.header.sequence_number = h.seq;
+            out.header.timestamp = h.timestamp;
+            if let Some(m) = dt.munger.as_mut() {
+                let mut payload = BytesMut::from(&packet.payload[..]);
+                if m.munge(&mut payload, h.switched || switched).is_ok() {
+                    out.payload = payload.freeze();
+                }
+            }
             let Some(mut sender) = p.sub.rtc.rtp_sender(dt.sender) else {
                 continue;
             };
@@ -1052,9 +1193,39 @@ impl Core {
                 }
             }
         }
-        if want_keyframe {
-            self.keyframe_wanted.push(tid);
+        if let Some(l) = want_keyframe {
+            self.keyframe_wanted.push((tid.clone(), l));
         }
+        for sub in switched_subs {
+            self.report_layer(&tid, sub, now);
+        }
+    }
+
+    /// Tell a subscriber which layer of a track it now receives.
+    fn report_layer(&mut self, tid: &str, sub: u64, now: Instant) {
+        let Some(track) = self.tracks.get(tid) else {
+            return;
+        };
+        let Some(cur) = track
+            .down
+            .get(&sub)
+            .and_then(|d| d.selector.as_ref())
+            .and_then(|s| s.current())
+        else {
+            return;
+        };
+        let infos = track.layer_infos(now);
+        let quality = layer_quality(&infos, cur).unwrap_or(Quality::High);
+        let layer = &track.layers[cur];
+        let msg = ServerMessage::LayerChanged {
+            track_id: tid.to_owned(),
+            quality,
+            rid: layer.rid.clone(),
+            width: (layer.width > 0).then_some(layer.width),
+            height: (layer.height > 0).then_some(layer.height),
+        };
+        debug!(track = %tid, layer = %layer.rid, ?quality, "layer changed");
+        self.send_to(sub, msg);
     }
 
     fn on_subscriber_feedback(
@@ -1074,27 +1245,42 @@ impl Core {
         let wants = packets.iter().any(|p| {
             p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
         });
-        if wants && self.tracks.contains_key(track_id) {
-            self.keyframe_wanted.push(track_id.to_owned());
+        if wants {
+            let layer = self.tracks.get(track_id).and_then(|t| {
+                let sel = t.down.get(&part)?.selector.as_ref()?;
+                sel.wants_keyframe().or(sel.current())
+            });
+            if let Some(l) = layer {
+                self.keyframe_wanted.push((track_id.to_owned(), l));
+            }
         }
     }
 
     fn send_keyframe_requests(&mut self, now: Instant) {
         let wanted = std::mem::take(&mut self.keyframe_wanted);
-        for tid in wanted {
+        for (tid, li) in wanted {
             let Some(track) = self.tracks.get_mut(&tid) else {
                 continue;
             };
-            if track.kind != TrackKind::Video || !track.throttle.request(now) {
+            if track.kind != TrackKind::Video {
                 continue;
             }
-            let (publisher, receiver, media_ssrc) =
-                (track.publisher, track.receiver, track.media_ssrc);
+            let Some(layer) = track.layers.get_mut(li) else {
+                continue;
+            };
+            let Some(media_ssrc) = layer.ssrc else {
+                continue;
+            };
+            if !layer.throttle.request(now) {
+                continue;
+            }
+            let (publisher, receiver) = (track.publisher, track.receiver);
             let Some(pc) = self.parts.get_mut(&publisher).and_then(|p| p.publ.as_mut()) else {
                 continue;
             };
             if let Some(mut r) = pc.rtc.rtp_receiver(receiver) {
-                trace!(track = %tid, "PLI to publisher");
+                trace!(track = %tid, layer = li, "PLI to publisher");
+                self.stats.keyframe_requests += 1;
                 if let Err(e) = r.write_rtcp(
                     now,
                     vec![Box::new(PictureLossIndication {
@@ -1109,6 +1295,102 @@ impl Core {
                 part: publisher,
                 kind: PcKind::Publisher,
             });
+        }
+    }
+
+    /// Re-run layer selection for every video down-track: bandwidth per subscriber (audio
+    /// first, then video tracks in turn), keyframe requests for pending switches, retries of
+    /// lost keyframe requests, and dynacast (pause layers nobody needs).
+    fn select_layers(&mut self, now: Instant) {
+        // Budget per subscriber: the downlink estimate less the audio it receives.
+        let mut budget: HashMap<u64, Option<i64>> = HashMap::new();
+        for (&part, p) in &self.parts {
+            budget.insert(part, p.estimate.available(now).map(|b| b as i64));
+        }
+        for t in self.tracks.values() {
+            if t.kind == TrackKind::Audio {
+                let bps = t.layers.first().map_or(0, |l| l.meter.bps(now)) as i64;
+                for sub in t.down.keys() {
+                    if let Some(Some(b)) = budget.get_mut(sub) {
+                        *b -= bps;
+                    }
+                }
+            }
+        }
+        let mut tids: Vec<String> = self
+            .tracks
+            .values()
+            .filter(|t| t.kind == TrackKind::Video)
+            .map(|t| t.id.clone())
+            .collect();
+        tids.sort();
+        let mut wanted = Vec::new();
+        let mut layer_msgs: Vec<(u64, ServerMessage)> = Vec::new();
+        for tid in tids {
+            let Some(track) = self.tracks.get_mut(&tid) else {
+                continue;
+            };
+            let infos = track.layer_infos(now);
+            for (sub, dt) in track.down.iter_mut() {
+                let Some(sel) = dt.selector.as_mut() else {
+                    continue;
+                };
+                let avail = budget.get(sub).copied().flatten();
+                sel.update(&infos, avail.map(|b| b.max(0) as u64), now);
+                if let (Some(Some(b)), Some(target)) = (budget.get_mut(sub), sel.target()) {
+                    *b -= infos.get(target).map_or(0, |l| l.bitrate_bps) as i64;
+                }
+                if let Some(l) = sel.wants_keyframe() {
+                    wanted.push((tid.clone(), l));
+                }
+            }
+            // Retries of keyframe requests whose keyframe never came.
+            for (li, layer) in track.layers.iter_mut().enumerate() {
+                if layer.throttle.due(now) {
+                    wanted.push((tid.clone(), li));
+                }
+            }
+            // Dynacast.
+            if track.is_simulcast() && !track.down.is_empty() {
+                let needed = needed_layers(track.down.values().filter_map(|d| d.selector.as_ref()));
+                let mut changed = false;
+                for li in 0..track.layers.len() {
+                    if needed.contains(&li) {
+                        track.unneeded_since.remove(&li);
+                        if track.paused_upstream.remove(&li) {
+                            changed = true;
+                        }
+                    } else {
+                        let since = *track.unneeded_since.entry(li).or_insert(now);
+                        if now.duration_since(since) >= DYNACAST_GRACE
+                            && track.paused_upstream.insert(li)
+                        {
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    let active: Vec<String> = track
+                        .layers
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !track.paused_upstream.contains(i))
+                        .map(|(_, l)| l.rid.clone())
+                        .collect();
+                    debug!(track = %tid, ?active, "dynacast: publisher layers");
+                    layer_msgs.push((
+                        track.publisher,
+                        ServerMessage::PublisherLayers {
+                            track_id: tid.clone(),
+                            active,
+                        },
+                    ));
+                }
+            }
+        }
+        self.keyframe_wanted.extend(wanted);
+        for (part, msg) in layer_msgs {
+            self.send_to(part, msg);
         }
     }
 
@@ -1624,9 +1906,23 @@ impl Core {
                     Some(t) => {
                         t.muted = muted;
                         if !muted {
+                            // Resume every subscriber at a keyframe, without a sequence gap.
+                            let now = Instant::now();
+                            let infos = t.layer_infos(now);
                             for dt in t.down.values_mut() {
-                                if t.kind == TrackKind::Video {
-                                    dt.waiting_keyframe = true;
+                                dt.rewriter.force_switch();
+                                if let Some(sel) = dt.selector.as_mut() {
+                                    let keep = sel.requested().clone();
+                                    let pause = Requested {
+                                        width: Some(0),
+                                        height: Some(0),
+                                        ..keep.clone()
+                                    };
+                                    sel.set_requested(pause, &infos, now);
+                                    sel.set_requested(keep, &infos, now);
+                                    if let Some(l) = sel.wants_keyframe() {
+                                        self.keyframe_wanted.push((track_id.clone(), l));
+                                    }
                                 }
                             }
                         }
@@ -1634,9 +1930,6 @@ impl Core {
                     }
                     None => return,
                 };
-                if !muted {
-                    self.keyframe_wanted.push(track_id.clone());
-                }
                 let pid = self
                     .parts
                     .get(&part)
@@ -1652,8 +1945,52 @@ impl Core {
                     },
                 );
             }
-            ClientMessage::TrackSettings { .. } => {
-                // Layer selection arrives with simulcast support.
+            ClientMessage::TrackSettings {
+                track_id,
+                quality,
+                width,
+                height,
+            } => {
+                let now = Instant::now();
+                let Some(track) = self.tracks.get_mut(&track_id) else {
+                    self.send_to(
+                        part,
+                        ServerMessage::error(
+                            ErrorCode::NotFound,
+                            format!("no track {track_id}"),
+                            Some("track_settings"),
+                        ),
+                    );
+                    return;
+                };
+                let infos = track.layer_infos(now);
+                let Some(sel) = track
+                    .down
+                    .get_mut(&part)
+                    .and_then(|d| d.selector.as_mut())
+                else {
+                    self.send_to(
+                        part,
+                        ServerMessage::error(
+                            ErrorCode::InvalidState,
+                            format!("not subscribed to video track {track_id}"),
+                            Some("track_settings"),
+                        ),
+                    );
+                    return;
+                };
+                let size_given = width.is_some() || height.is_some();
+                let prev = sel.requested().clone();
+                let requested = Requested {
+                    max_quality: quality.or(if size_given { prev.max_quality } else { None }),
+                    width: if size_given { width } else { prev.width },
+                    height: if size_given { height } else { prev.height },
+                };
+                debug!(track = %track_id, ?requested, "track settings");
+                sel.set_requested(requested, &infos, now);
+                if let Some(l) = sel.wants_keyframe() {
+                    self.keyframe_wanted.push((track_id, l));
+                }
             }
             ClientMessage::Ping { ts } => self.send_to(part, ServerMessage::Pong { ts }),
             ClientMessage::Leave => self.remove_participant(part, "left", false),

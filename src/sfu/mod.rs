@@ -76,6 +76,8 @@ pub struct CoreStats {
     pub udp_datagrams_in: u64,
     pub udp_datagrams_ignored: u64,
     pub data_messages_relayed: u64,
+    /// Keyframe requests (PLI) sent to publishers.
+    pub keyframe_requests: u64,
 }
 
 /// Errors at the core's boundary.
