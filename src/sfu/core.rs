@@ -105,7 +105,7 @@ const MAX_DATAGRAM: usize = 1500;
 /// How many datagrams to take from the socket per wakeup before serving other work.
 const RECV_BATCH: usize = 64;
 /// Minimum time between keyframe requests to one publisher track.
-const KEYFRAME_INTERVAL: Duration = Duration::from_millis(500);
+const KEYFRAME_INTERVAL: Duration = Duration::from_millis(300);
 /// A simulcast layer nobody needs for this long is paused at the publisher.
 const DYNACAST_GRACE: Duration = Duration::from_secs(5);
 /// How often layer selection runs (besides on every packet).
