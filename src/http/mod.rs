@@ -8,6 +8,7 @@
 
 #[cfg(test)]
 pub(crate) mod fake_core;
+pub mod metrics;
 pub mod ws;
 
 use crate::sfu::SfuHandle;
@@ -86,6 +87,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics::metrics))
         .route("/rtc", get(ws::upgrade))
         .fallback(static_file)
         .with_state(state)
