@@ -617,12 +617,19 @@ impl Core {
             self.stats.udp_datagrams_ignored += 1;
             return;
         };
-        let key = match self.addrs.get(&from) {
-            Some(k) => Some(*k),
-            None if first < 4 => stun_username(data)
-                .and_then(|u| u.split(':').next().map(str::to_owned))
-                .and_then(|local| self.ufrags.get(&local).copied()),
-            None => None,
+        // STUN goes by the server ufrag in USERNAME (whatever address it comes from); all else
+        // only from addresses the connection itself has chosen to talk to (see `flush`), so a
+        // stranger who learns a ufrag still cannot inject DTLS or SRTP.
+        let key = if first < 4 {
+            match stun_username(data) {
+                Some(u) => u
+                    .split(':')
+                    .next()
+                    .and_then(|local| self.ufrags.get(local).copied()),
+                None => self.addrs.get(&from).copied(),
+            }
+        } else {
+            self.addrs.get(&from).copied()
         };
         let Some(key) = key else {
             self.stats.udp_datagrams_ignored += 1;
@@ -651,14 +658,7 @@ impl Core {
             message: BytesMut::from(data),
         });
         match res {
-            Ok(()) => {
-                if !self.addrs.contains_key(&from) && first < 4 {
-                    self.addrs.insert(from, key);
-                    if let Some(pc) = self.pc_mut(key) {
-                        pc.addrs.push(from);
-                    }
-                }
-            }
+            Ok(()) => {}
             Err(e) => {
                 self.stats.udp_datagrams_ignored += 1;
                 trace!(%from, "datagram rejected: {e}");
@@ -745,12 +745,16 @@ impl Core {
             },
         };
         while let Some(out) = pc.rtc.poll_write() {
+            let to = out.transport.peer_addr;
+            if !pc.addrs.contains(&to) && is_validated_send(&out.message) {
+                // The connection answered a check that passed (or sends DTLS/SRTP) there:
+                // from now on non-STUN datagrams from that address belong to it.
+                pc.addrs.push(to);
+                self.addrs.insert(to, key);
+            }
             // Drop, never block: a full socket buffer loses this datagram only.
-            if let Err(e) = self
-                .socket
-                .try_send_to(&out.message, out.transport.peer_addr)
-            {
-                trace!("udp send to {} failed: {e}", out.transport.peer_addr);
+            if let Err(e) = self.socket.try_send_to(&out.message, to) {
+                trace!("udp send to {to} failed: {e}");
             }
         }
     }
@@ -1964,11 +1968,7 @@ impl Core {
                     return;
                 };
                 let infos = track.layer_infos(now);
-                let Some(sel) = track
-                    .down
-                    .get_mut(&part)
-                    .and_then(|d| d.selector.as_mut())
-                else {
+                let Some(sel) = track.down.get_mut(&part).and_then(|d| d.selector.as_mut()) else {
                     self.send_to(
                         part,
                         ServerMessage::error(
@@ -2292,6 +2292,16 @@ fn validate_name(field: &str, value: &str) -> Result<(), SfuError> {
         )));
     }
     Ok(())
+}
+
+/// Does sending this datagram show the connection has validated its destination? A STUN
+/// Binding success response (only sent for a check whose MESSAGE-INTEGRITY verified), or
+/// anything that is not STUN (DTLS, SRTP: only sent on the selected pair).
+fn is_validated_send(data: &[u8]) -> bool {
+    match data {
+        [b0, b1, ..] if *b0 < 4 => *b0 == 0x01 && *b1 == 0x01,
+        _ => true,
+    }
 }
 
 /// The USERNAME attribute of a STUN message, if `data` is one (RFC 8489).
