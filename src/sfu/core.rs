@@ -170,6 +170,10 @@ struct Participant {
     sub_offer_pending: bool,
     /// Something changed while an offer was out: offer again after the answer.
     sub_needs_offer: bool,
+    /// Subscriber offers sent so far; the number of the latest.
+    offers_sent: u64,
+    /// Number of the latest subscriber offer whose answer has been applied.
+    offers_answered: u64,
     channels: HashMap<RTCDataChannelId, Channel>,
     open_channels: HashMap<&'static str, RTCDataChannelId>,
     /// Publisher-side `rtc` track id → server track id.
@@ -193,6 +197,9 @@ struct DownTrack {
     /// Video: which simulcast layer this subscriber gets (one layer for plain video).
     /// `None` for audio, which is always forwarded.
     selector: Option<LayerSelector>,
+    /// The first subscriber offer that carries this down-track: nothing is forwarded (and no
+    /// keyframe spent) before the answer to that offer is applied.
+    first_offer: u64,
 }
 
 /// One encoding of a published track: a simulcast layer, or the only one.
@@ -971,6 +978,7 @@ impl Core {
             }
         };
         p.subscriptions.insert(tid.to_owned(), sender);
+        let first_offer = p.offers_sent + 1;
         let is_video = kind == RtpCodecKind::Video;
         let now = Instant::now();
         if let Some(track) = self.tracks.get_mut(tid) {
@@ -993,6 +1001,7 @@ impl Core {
                     rewriter: Rewriter::with_initial(ssrc, rand::random(), rand::random()),
                     munger,
                     selector,
+                    first_offer,
                 },
             );
         }
@@ -1024,6 +1033,7 @@ impl Core {
             return;
         };
         let connected = p.sub.connected;
+        let answered = p.offers_answered;
         let subs: Vec<(String, RTCRtpSenderId)> = p
             .subscriptions
             .iter()
@@ -1036,6 +1046,9 @@ impl Core {
             let Some(dt) = track.down.get_mut(&sub) else {
                 continue;
             };
+            if dt.first_offer > answered {
+                continue;
+            }
             if dt.payload_type.is_none() {
                 let Some(p) = self.parts.get_mut(&sub) else {
                     return;
@@ -1689,6 +1702,8 @@ impl Core {
             sub,
             publ: None,
             sub_offer_pending: false,
+            offers_sent: 0,
+            offers_answered: 0,
             sub_needs_offer: false,
             channels,
             open_channels: HashMap::new(),
@@ -1801,6 +1816,7 @@ impl Core {
             .map(|d| d.sdp)
             .unwrap_or(offer.sdp);
         p.sub_offer_pending = true;
+        p.offers_sent += 1;
         self.send_to(part, ServerMessage::SubscribeOffer { sdp });
         self.mark_dirty(PcKey {
             part,
@@ -2132,6 +2148,7 @@ impl Core {
         match res {
             Ok(()) => {
                 p.sub_offer_pending = false;
+                p.offers_answered = p.offers_sent;
                 let again = p.sub_needs_offer;
                 let early = std::mem::take(&mut p.sub.early);
                 for (from, at, data) in early {
