@@ -1932,11 +1932,11 @@ impl Core {
                             for dt in t.down.values_mut() {
                                 dt.rewriter.force_switch();
                                 if let Some(sel) = dt.selector.as_mut() {
-                                    let keep = sel.requested().clone();
+                                    let keep = sel.requested();
                                     let pause = Requested {
                                         width: Some(0),
                                         height: Some(0),
-                                        ..keep.clone()
+                                        ..keep
                                     };
                                     sel.set_requested(pause, &infos, now);
                                     sel.set_requested(keep, &infos, now);
@@ -1996,7 +1996,7 @@ impl Core {
                     return;
                 };
                 let size_given = width.is_some() || height.is_some();
-                let prev = sel.requested().clone();
+                let prev = sel.requested();
                 let requested = Requested {
                     max_quality: quality.or(if size_given { prev.max_quality } else { None }),
                     width: if size_given { width } else { prev.width },
