@@ -16,6 +16,25 @@
 //! Exit status is non-zero when a peer failed to join, when a peer that should have received
 //! media (there are publishers other than itself) received none, or when a peer received no chat
 //! message although other peers exist.
+//!
+//! Simulcast (`--simulcast`): publishers send three VP8 layers (q 320x180, h 640x360, f
+//! 1280x720; RIDs offered in `--rid-order`). Subscribers may ask for a layer
+//! (`--preferred-layer`), switch between low and that layer every `--switch-every` seconds, and
+//! receive through a bottleneck (`--subscriber-bandwidth 300kbps`, for the first
+//! `--limited-subscribers` only if given), from the start or from `--cut-at` seconds into the
+//! run (until `--restore-at`). Reported per subscriber video track: the sizes received
+//! (frames and packets by resolution), `layer_changed` count, continuity; switch latency
+//! (`track_settings` → first packet of the new size, p50/p99, by target layer); time to
+//! downgrade after the cut (and to upgrade after the restore); keyframe requests each publisher
+//! layer received (count and per minute).
+//!
+//! ```text
+//! cargo run --release --example loadtest -- --publishers 1 --subscribers 10 --simulcast \
+//!     --switch-every 2 --duration 20 --json switch.json
+//! cargo run --release --example loadtest -- --publishers 1 --subscribers 4 --simulcast \
+//!     --subscriber-bandwidth 400kbps --limited-subscribers 2 --warmup 30 --cut-at 5 \
+//!     --restore-at 15 --duration 30
+//! ```
 
 mod common;
 
@@ -26,10 +45,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use common::{Channel, DataMessage, Peer, PeerOptions, RemoteTrackStats};
+use common::layers::{self, SwitchRequest, Target};
+use common::{
+    Channel, DataMessage, LocalTrackStats, Peer, PeerOptions, RemoteTrackStats, SimulcastOptions,
+};
 use futures_util::StreamExt;
 use futures_util::future::join_all;
-use plaza::signal::TrackKind;
+use plaza::signal::{Quality, TrackKind};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
@@ -73,6 +95,48 @@ struct Args {
     /// Ogg Opus file to publish (default: assets/audio_sine_opus.ogg).
     #[arg(long)]
     audio: Option<PathBuf>,
+    /// Pid of the server when it runs on this machine: its CPU time and RSS are read from
+    /// /proc/<pid> (CPU time per forwarded packet, RSS per participant).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// The server's metrics URL (counters + its own CPU time and RSS; works remotely).
+    /// Default: http://<host:port of --url>/metrics, falling back to /healthz (counters only).
+    #[arg(long)]
+    metrics_url: Option<String>,
+    /// Publishers send simulcast video: three layers (q 320x180, h 640x360, f 1280x720).
+    #[arg(long)]
+    simulcast: bool,
+    /// Order of the RIDs in the publishers' offers: standard (q,h,f), reversed, random.
+    #[arg(long, default_value = "random")]
+    rid_order: String,
+    /// Receive-bandwidth limit of subscribers (e.g. 300kbps, 1.5Mbps), enforced on their
+    /// receive path by a local bottleneck relay.
+    #[arg(long)]
+    subscriber_bandwidth: Option<String>,
+    /// Limit only the first N subscribers (default: all of them).
+    #[arg(long)]
+    limited_subscribers: Option<usize>,
+    /// Subscribers ask for this layer of every simulcast track (low, medium, high).
+    #[arg(long)]
+    preferred_layer: Option<String>,
+    /// Subscribers alternate their preferred layer every SECS: low and --preferred-layer
+    /// (high if not given, or if that is low).
+    #[arg(long)]
+    switch_every: Option<f64>,
+    /// The limited subscribers receive without limit until SECS into the run, then at
+    /// --subscriber-bandwidth (time to downgrade is measured).
+    #[arg(long)]
+    cut_at: Option<f64>,
+    /// ... and without limit again from SECS into the run (time to upgrade is measured).
+    #[arg(long)]
+    restore_at: Option<f64>,
+    /// Before the run, wait up to SECS for every subscriber to receive its preferred layer
+    /// (the top one by default) of every simulcast track, and keep it for 2 s.
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
+    /// Queue bound of the bandwidth limit, milliseconds (beyond it packets are dropped).
+    #[arg(long, default_value_t = 200)]
+    bottleneck_queue_ms: u64,
 }
 
 /// Microseconds since the process's clock origin (shared by every peer here).
@@ -135,6 +199,8 @@ fn summarize(values: &[f64]) -> LatencySummary {
 struct Member {
     peer: Arc<Peer>,
     publisher: bool,
+    /// Behind the bandwidth limit.
+    limited: bool,
     dc: Arc<Mutex<DcCounters>>,
 }
 
@@ -145,7 +211,7 @@ struct TrackReport {
     publisher: String,
     publisher_id: String,
     track_id: String,
-    kind: Option<TrackKind>,
+    kind: TrackKind,
     packets_sent: Option<u64>,
     packets_received: u64,
     bytes_received: u64,
@@ -195,6 +261,12 @@ async fn main() {
 
 async fn run(args: Args) -> Result<bool> {
     now_us();
+    let mut recorder = common::measure::Recorder::start(common::measure::ServerSource::plaza(
+        &args.url,
+        args.server_pid,
+        args.metrics_url.clone(),
+    ))
+    .await;
     let started = Instant::now();
     let timeout = Duration::from_secs(args.timeout.max(1));
     let mut base = PeerOptions {
@@ -214,6 +286,13 @@ async fn run(args: Args) -> Result<bool> {
         common::media::Clip::load(&base.video_file)?;
         common::media::Clip::load(&base.audio_file)?;
     }
+    let sc = SimulcastArgs::from_args(&args)?;
+    if args.simulcast {
+        let layers = SimulcastOptions::standard();
+        for (_, file) in &layers.layers {
+            common::media::Clip::load(file)?;
+        }
+    }
 
     println!(
         "loadtest: {} publishers + {} subscribers → {} room {:?}, {} s of traffic",
@@ -229,21 +308,25 @@ async fn run(args: Args) -> Result<bool> {
     ] {
         let joins = futures_util::stream::iter((1..=count).map(|i| {
             let name = format!("{prefix}-{i}");
+            let limited = !role_pub && sc.limited(i);
             let opts = PeerOptions {
                 publish_audio: role_pub,
                 publish_video: role_pub,
+                simulcast: (role_pub && args.simulcast).then(|| sc.rid_order(args.simulcast)),
+                subscriber_bandwidth_bps: limited.then_some(sc.initial_rate()),
+                subscriber_max_queue_delay: Duration::from_millis(args.bottleneck_queue_ms),
                 ..base.clone()
             };
             let (url, room) = (args.url.clone(), args.room.clone());
             async move {
                 let r = Peer::connect(&url, &room, &name, opts).await;
-                (name, r)
+                (name, limited, r)
             }
         }))
         .buffer_unordered(args.join_concurrency.max(1))
         .collect::<Vec<_>>()
         .await;
-        for (name, r) in joins {
+        for (name, limited, r) in joins {
             match r {
                 Ok(peer) => {
                     println!(
@@ -254,6 +337,7 @@ async fn run(args: Args) -> Result<bool> {
                     members.push(Member {
                         peer: Arc::new(peer),
                         publisher: role_pub,
+                        limited,
                         dc: Arc::default(),
                     });
                 }
@@ -278,6 +362,14 @@ async fn run(args: Args) -> Result<bool> {
         2 * others
     };
 
+    if members.is_empty() {
+        for f in &failures {
+            eprintln!("FAIL: {f}");
+        }
+        eprintln!("no peer joined; nothing to measure");
+        return Ok(false);
+    }
+
     // Wait (bounded) for everyone to receive every track.
     let join_wait = Duration::from_secs(args.join_timeout);
     let waits = members.iter().map(|m| {
@@ -300,6 +392,61 @@ async fn run(args: Args) -> Result<bool> {
         args.duration
     );
 
+    // Simulcast: the video tracks each subscriber receives from simulcast publishers, its
+    // preferred layer, and the warm-up.
+    let targets = simulcast_targets(&members);
+    if let Some(q) = sc.preferred {
+        for t in &targets {
+            if let Err(e) = t
+                .subscriber
+                .track_settings(&t.track_id, Some(q), None, None)
+                .await
+            {
+                eprintln!("  {}: track_settings: {e:#}", t.subscriber.name());
+            }
+        }
+    }
+    if args.warmup > 0.0 && !targets.is_empty() {
+        let want = sc.preferred.unwrap_or(Quality::High);
+        let bound = Duration::from_secs_f64(args.warmup);
+        let t0 = Instant::now();
+        let limited_now = sc.initial_rate() > 0;
+        let waits = targets.iter().filter_map(|t| {
+            let size = t.sizes.get(&want).copied()?;
+            let limited = members
+                .iter()
+                .any(|m| m.limited && Arc::ptr_eq(&m.peer, &t.subscriber));
+            if limited && limited_now {
+                return None;
+            }
+            Some(async move {
+                t.subscriber
+                    .wait_for_track_state(
+                        &t.track_id,
+                        "warm-up",
+                        // Kept for 2 s: a new subscriber gets the top layer at once and drops
+                        // when the first bandwidth estimate arrives.
+                        |s| {
+                            s.resolution == Some(size)
+                                && s.resolution_changes
+                                    .last()
+                                    .is_some_and(|c| c.at.elapsed() >= Duration::from_secs(2))
+                        },
+                        bound,
+                    )
+                    .await
+                    .is_ok()
+            })
+        });
+        let done = join_all(waits).await;
+        println!(
+            "warm-up: {}/{} tracks on {want:?} after {:.1} s",
+            done.iter().filter(|ok| **ok).count(),
+            done.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+
     // Traffic.
     let ids: Vec<String> = members
         .iter()
@@ -315,7 +462,61 @@ async fn run(args: Args) -> Result<bool> {
             .collect();
         peer_traffic(m.peer.clone(), m.dc.clone(), targets, i, run_for, interval)
     });
-    join_all(traffic).await;
+    let peers: Vec<Arc<Peer>> = members.iter().map(|m| m.peer.clone()).collect();
+    common::measure::map_plaza_probe(&peers);
+    let totals = common::measure::plaza_client_totals(&peers);
+    recorder.joined(members.len(), totals).await;
+    let progress_peers = peers.clone();
+    recorder
+        .begin(
+            "loadtest",
+            Arc::new(move || common::measure::plaza_client_totals(&progress_peers)),
+        )
+        .await;
+    let traffic_start = Instant::now();
+    let deadline = tokio::time::Instant::now() + run_for;
+    let keyframes_at_start: Vec<(Arc<Peer>, Vec<LocalTrackStats>)> = members
+        .iter()
+        .filter(|m| m.publisher)
+        .map(|m| (m.peer.clone(), m.peer.local_tracks()))
+        .collect();
+    let switching = async {
+        match sc.switch_every {
+            Some(every) if !targets.is_empty() => {
+                let (a, b) = sc.switch_pair();
+                layers::run_switches(targets.clone(), a, b, every, deadline).await
+            }
+            _ => Vec::new(),
+        }
+    };
+    let limited_peers: Vec<Arc<Peer>> = members
+        .iter()
+        .filter(|m| m.limited)
+        .map(|m| m.peer.clone())
+        .collect();
+    let rate_changes = rate_schedule(&sc, &limited_peers, run_for);
+    let (_, requests, (cut_at, restore_at)) =
+        tokio::join!(join_all(traffic), switching, rate_changes);
+    let traffic_window = traffic_start.elapsed();
+    let measured = recorder
+        .end(common::measure::plaza_client_totals(&peers))
+        .await;
+    let joins = common::measure::plaza_join_summary(&peers);
+    let simulcast = (args.simulcast || sc.rate.is_some()).then(|| {
+        simulcast_report(
+            &members,
+            &peers,
+            &requests,
+            &sc,
+            cut_at,
+            restore_at,
+            &keyframes_at_start,
+            traffic_window,
+        )
+    });
+    if let Some(r) = &simulcast {
+        failures.extend(r.failures.iter().cloned());
+    }
 
     // Report.
     let peers_by_id: BTreeMap<String, &Member> = members
@@ -417,13 +618,31 @@ async fn run(args: Args) -> Result<bool> {
         "data channels: chat sent {chat_sent} / received {chat_recv}, input sent {input_sent} / received {input_recv}"
     );
 
+    measured.print();
+    if let Some(r) = &simulcast {
+        r.print();
+    }
+    for (name, s) in [
+        ("join: ready (ms)", &joins.ready_ms),
+        ("join: signaling (ms)", &joins.signaling_ms),
+        ("join: first media (ms)", &joins.first_media_ms),
+    ] {
+        println!(
+            "{name:<24} n={:<6} p50 {:>7.1} p90 {:>7.1} p99 {:>7.1} max {:>7.1}",
+            s.count, s.p50, s.p90, s.p99, s.max
+        );
+    }
+
     let ok = failures.is_empty();
     if let Some(path) = &args.json {
         let report = json!({
+            "server": measured,
+            "join_ms": joins,
             "args": args,
             "ok": ok,
             "failures": failures,
             "wall_time_s": started.elapsed().as_secs_f64(),
+            "simulcast": simulcast.as_ref().map(|r| &r.json),
             "peers": peer_reports,
             "tracks": tracks,
             "data_channel": {
@@ -486,7 +705,7 @@ fn track_report(
             .unwrap_or_else(|| "?".to_owned()),
         publisher_id,
         track_id: t.track_id.clone(),
-        kind: Some(info.map(|i| i.kind).unwrap_or(t.kind)),
+        kind: info.map(|i| i.kind).unwrap_or(t.kind),
         packets_sent,
         packets_received: t.packets,
         bytes_received: t.bytes,
@@ -526,7 +745,12 @@ async fn peer_traffic(
                     }
                     Ok(Ok(m)) => m,
                 };
-                on_message(&peer, &dc, msg).await;
+                if tokio::time::timeout_at(grace, on_message(&peer, &dc, msg))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
             }
         }
     };
@@ -544,15 +768,24 @@ async fn peer_traffic(
             }
             let to = targets[(offset + seq as usize) % targets.len()].clone();
             let ping = json!({"lt": "ping", "seq": seq, "t_us": now_us()}).to_string();
-            let r = peer.send_chat(&ping, Some(vec![to.clone()])).await;
+            let r = bounded_send(grace, peer.send_chat(&ping, Some(vec![to.clone()]))).await;
             record_send(&dc, r, true);
             let input = json!({"lt": "input", "seq": seq, "t_us": now_us()}).to_string();
-            let r = peer.send_input(input.as_bytes(), Some(vec![to])).await;
+            let r = bounded_send(grace, peer.send_input(input.as_bytes(), Some(vec![to]))).await;
             record_send(&dc, r, false);
             seq += 1;
         }
     };
     tokio::join!(receiver, sender);
+}
+
+async fn bounded_send(
+    deadline: tokio::time::Instant,
+    send: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    tokio::time::timeout_at(deadline, send)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("send still pending at the end of the run")))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -641,9 +874,8 @@ fn print_summary(
             t.subscriber,
             t.publisher,
             match t.kind {
-                Some(TrackKind::Audio) => "audio",
-                Some(TrackKind::Video) => "video",
-                None => "?",
+                TrackKind::Audio => "audio",
+                TrackKind::Video => "video",
             },
             t.packets_sent.map_or("?".to_owned(), |n| n.to_string()),
             t.packets_received,
@@ -677,5 +909,419 @@ mod tests {
         assert_eq!(s.p50, 51.0);
         assert_eq!(s.p99, 99.0);
         assert_eq!(summarize(&[]).count, 0);
+    }
+}
+
+// ───────────────────────────── simulcast ─────────────────────────────
+
+/// The simulcast and bandwidth options, parsed and checked.
+struct SimulcastArgs {
+    rate: Option<u64>,
+    limited: Option<usize>,
+    cut_at: Option<Duration>,
+    restore_at: Option<Duration>,
+    preferred: Option<Quality>,
+    switch_every: Option<Duration>,
+    rid_order: String,
+}
+
+impl SimulcastArgs {
+    fn from_args(a: &Args) -> Result<Self> {
+        let rate = a
+            .subscriber_bandwidth
+            .as_deref()
+            .map(layers::parse_rate)
+            .transpose()?;
+        let secs = |v: Option<f64>, what: &str| -> Result<Option<Duration>> {
+            match v {
+                None => Ok(None),
+                Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+                Some(s) => anyhow::bail!("--{what} {s}: not a number of seconds"),
+            }
+        };
+        if (a.cut_at.is_some() || a.restore_at.is_some()) && rate.is_none() {
+            anyhow::bail!("--cut-at / --restore-at need --subscriber-bandwidth");
+        }
+        if !matches!(a.rid_order.as_str(), "standard" | "reversed" | "random") {
+            anyhow::bail!("--rid-order {}: standard, reversed or random", a.rid_order);
+        }
+        let switch_every = secs(a.switch_every, "switch-every")?;
+        if switch_every.is_some_and(|d| d < Duration::from_millis(100)) {
+            anyhow::bail!("--switch-every must be at least 0.1 s");
+        }
+        Ok(SimulcastArgs {
+            rate,
+            limited: a.limited_subscribers,
+            cut_at: secs(a.cut_at, "cut-at")?,
+            restore_at: secs(a.restore_at, "restore-at")?,
+            preferred: a
+                .preferred_layer
+                .as_deref()
+                .map(layers::parse_quality)
+                .transpose()?,
+            switch_every,
+            rid_order: a.rid_order.clone(),
+        })
+    }
+
+    /// Whether subscriber number `i` (1-based) is behind the bandwidth limit.
+    fn limited(&self, i: usize) -> bool {
+        self.rate.is_some() && self.limited.is_none_or(|n| i <= n)
+    }
+
+    /// The limit at join: none yet when it comes with `--cut-at`.
+    fn initial_rate(&self) -> u64 {
+        match (self.rate, self.cut_at) {
+            (Some(r), None) => r,
+            _ => 0,
+        }
+    }
+
+    fn rid_order(&self, _simulcast: bool) -> SimulcastOptions {
+        let layers = SimulcastOptions::standard();
+        match self.rid_order.as_str() {
+            "reversed" => layers.reversed(),
+            "random" => layers.shuffled(),
+            _ => layers,
+        }
+    }
+
+    /// The two layers switches alternate between.
+    fn switch_pair(&self) -> (Quality, Quality) {
+        match self.preferred {
+            Some(q) if q != Quality::Low => (Quality::Low, q),
+            _ => (Quality::Low, Quality::High),
+        }
+    }
+}
+
+/// Every (subscriber, simulcast video track) pair, with the sizes of the track's layers.
+fn simulcast_targets(members: &[Member]) -> Vec<Target> {
+    let mut out = Vec::new();
+    for m in members.iter().filter(|m| !m.publisher) {
+        for info in m.peer.room_tracks() {
+            if info.kind != TrackKind::Video {
+                continue;
+            }
+            let Some(publisher) = members
+                .iter()
+                .find(|p| p.peer.participant_id() == info.participant_id)
+            else {
+                continue;
+            };
+            let Some(local) = publisher.peer.local_tracks().into_iter().find(|l| {
+                l.server_track_id.as_deref() == Some(info.id.as_str())
+                    || l.client_track_id == info.client_track_id
+            }) else {
+                continue;
+            };
+            if local.layers.len() < 2 {
+                continue;
+            }
+            out.push(Target {
+                subscriber: m.peer.clone(),
+                track_id: info.id.clone(),
+                sizes: layers::quality_sizes(&local),
+            });
+        }
+    }
+    out
+}
+
+/// Cuts the limited subscribers' bandwidth at `--cut-at` and restores it at `--restore-at`
+/// (both within the run). Returns when each happened.
+async fn rate_schedule(
+    sc: &SimulcastArgs,
+    limited: &[Arc<Peer>],
+    run_for: Duration,
+) -> (Option<Instant>, Option<Instant>) {
+    let start = tokio::time::Instant::now();
+    let mut cut = None;
+    let mut restore = None;
+    if let (Some(at), Some(rate)) = (sc.cut_at, sc.rate)
+        && at < run_for
+    {
+        tokio::time::sleep_until(start + at).await;
+        for p in limited {
+            let _ = p.set_subscriber_bandwidth(rate);
+        }
+        cut = Some(Instant::now());
+        println!(
+            "cut: {} subscriber(s) limited to {} kbit/s at {:.1} s",
+            limited.len(),
+            rate / 1000,
+            at.as_secs_f64()
+        );
+    }
+    if let Some(at) = sc.restore_at
+        && at < run_for
+    {
+        tokio::time::sleep_until(start + at).await;
+        for p in limited {
+            let _ = p.set_subscriber_bandwidth(0);
+        }
+        restore = Some(Instant::now());
+        println!("restore: limit lifted at {:.1} s", at.as_secs_f64());
+    }
+    (cut, restore)
+}
+
+struct SimulcastReport {
+    json: Value,
+    lines: Vec<String>,
+    failures: Vec<String>,
+}
+
+impl SimulcastReport {
+    fn print(&self) {
+        println!();
+        for l in &self.lines {
+            println!("{l}");
+        }
+    }
+}
+
+fn fmt_millis(m: &layers::Millis) -> String {
+    if m.count == 0 {
+        return "n=0".to_owned();
+    }
+    format!(
+        "n={} p50 {:.0} p90 {:.0} p99 {:.0} max {:.0} ms",
+        m.count, m.p50, m.p90, m.p99, m.max
+    )
+}
+
+/// How the limited subscribers' video tracks reacted to a rate change at `at` (`down`: a
+/// cut): the reports, the times to the first change, how many did not change; one line each
+/// for the summary.
+fn rate_changes(
+    limited: &[&Member],
+    at: Option<Instant>,
+    down: bool,
+    until: Instant,
+    lines: &mut Vec<String>,
+) -> (Value, Vec<f64>, usize) {
+    let Some(at) = at else {
+        return (Value::Null, Vec::new(), 0);
+    };
+    let reports: Vec<layers::RateChangeReport> = limited
+        .iter()
+        .flat_map(|m| {
+            m.peer
+                .remote_tracks()
+                .into_iter()
+                .filter(|t| t.kind == TrackKind::Video)
+                .map(|t| layers::rate_change(m.peer.name(), &t, at, down, until))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let size = |s: Option<(u16, u16)>| s.map_or("-".to_owned(), |(w, h)| format!("{w}x{h}"));
+    let round = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
+    for r in &reports {
+        lines.push(format!(
+            "  {} {}: {} → first {} after {} (layer_changed after {}), settled on {} after {}",
+            if down { "cut" } else { "restore" },
+            r.subscriber,
+            size(r.before),
+            size(r.after),
+            round(r.after_ms),
+            round(r.layer_changed_ms),
+            size(r.settled),
+            round(r.settled_ms),
+        ));
+    }
+    let times: Vec<f64> = reports.iter().filter_map(|r| r.after_ms).collect();
+    let missing = reports.iter().filter(|r| r.after_ms.is_none()).count();
+    (json!(reports), times, missing)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn simulcast_report(
+    members: &[Member],
+    peers: &[Arc<Peer>],
+    requests: &[SwitchRequest],
+    sc: &SimulcastArgs,
+    cut_at: Option<Instant>,
+    restore_at: Option<Instant>,
+    keyframes_at_start: &[(Arc<Peer>, Vec<LocalTrackStats>)],
+    window: Duration,
+) -> SimulcastReport {
+    let now = Instant::now();
+    let mut lines = Vec::new();
+    let mut failures = Vec::new();
+
+    // What each subscriber's video tracks received.
+    let mut tracks = Vec::new();
+    for m in members {
+        for t in m.peer.remote_tracks() {
+            if t.kind != TrackKind::Video {
+                continue;
+            }
+            let r = layers::track_layers(m.peer.name(), m.limited, &t);
+            if r.switches_without_keyframe > 0
+                || r.picture_id_jumps > 0
+                || r.timestamp_regressions > 0
+            {
+                failures.push(format!(
+                    "{} {}: glitch: {} switch(es) on an interframe, {} picture-id jump(s), {} \
+                     timestamp regression(s): {:?}",
+                    m.peer.name(),
+                    t.track_id,
+                    r.switches_without_keyframe,
+                    r.picture_id_jumps,
+                    r.timestamp_regressions,
+                    t.continuity.anomalies
+                ));
+            }
+            tracks.push(r);
+        }
+    }
+    lines.push(format!(
+        "{:<8} {:<4} {:>9} {:>9} {:>9} {:>6} {:>6} {:>7} {:>9}",
+        "sub", "lim", "320x180", "640x360", "1280x720", "l_chg", "switch", "missing", "final"
+    ));
+    for t in &tracks {
+        let f = |k: &str| t.frames_by_size.get(k).copied().unwrap_or(0);
+        lines.push(format!(
+            "{:<8} {:<4} {:>9} {:>9} {:>9} {:>6} {:>6} {:>7} {:>9}",
+            t.subscriber,
+            if t.limited { "yes" } else { "" },
+            f("320x180"),
+            f("640x360"),
+            f("1280x720"),
+            t.layer_changed,
+            t.switches,
+            t.seq_missing,
+            t.final_size
+                .map_or("-".to_owned(), |(w, h)| format!("{w}x{h}"))
+        ));
+    }
+    lines.push("(frames received per layer size; l_chg = layer_changed messages)".to_owned());
+
+    // Switch latency.
+    let switches = layers::switch_report(requests, peers);
+    if switches.requests > 0 {
+        lines.push(format!(
+            "switch latency (track_settings → first packet of the new size): {} \
+             [{} requests, {} already there, {} incomplete {:?}]",
+            fmt_millis(&switches.latency_ms),
+            switches.requests,
+            switches.already,
+            switches.incomplete,
+            switches.incomplete_by_quality
+        ));
+        for (q, m) in &switches.latency_by_quality_ms {
+            lines.push(format!("  to {q:<7} {}", fmt_millis(m)));
+        }
+        lines.push(format!(
+            "  track_settings → layer_changed: {}",
+            fmt_millis(&switches.layer_changed_ms)
+        ));
+    }
+
+    // Bandwidth cut / restore.
+    let limited: Vec<&Member> = members.iter().filter(|m| m.limited).collect();
+    let mut settle_lines: Vec<String> = Vec::new();
+    let (cut_tracks, down_ms, not_down) = rate_changes(
+        &limited,
+        cut_at,
+        true,
+        restore_at.unwrap_or(now),
+        &mut settle_lines,
+    );
+    let (restore_tracks, up_ms, not_up) =
+        rate_changes(&limited, restore_at, false, now, &mut settle_lines);
+    let down = layers::millis(&down_ms);
+    let up = layers::millis(&up_ms);
+    if cut_at.is_some() {
+        lines.push(format!(
+            "time to downgrade after the cut to {} kbit/s: {} ({not_down} track(s) not downgraded)",
+            sc.rate.unwrap_or(0) / 1000,
+            fmt_millis(&down)
+        ));
+    }
+    if restore_at.is_some() {
+        lines.push(format!(
+            "time to upgrade after the restore: {} ({not_up} track(s) not upgraded)",
+            fmt_millis(&up)
+        ));
+    }
+    let relays: Vec<Value> = limited
+        .iter()
+        .filter_map(|m| {
+            let r = m.peer.relay_stats()?;
+            Some(json!({
+                "subscriber": m.peer.name(),
+                "rate_bps": r.rate_bps,
+                "down_packets": r.down_packets,
+                "down_dropped": r.down_dropped,
+                "down_rtp": r.down_rtp,
+                "down_rtp_repeats": r.down_rtp_repeats,
+                "max_queue_delay_ms": ms(r.max_queue_delay),
+            }))
+        })
+        .collect();
+    lines.append(&mut settle_lines);
+    if let Some(r) = relays.first() {
+        lines.push(format!(
+            "bottleneck of {}: {} datagrams delivered, {} dropped; RTP {} of which {} repeats \
+             (retransmissions)",
+            r["subscriber"],
+            r["down_packets"],
+            r["down_dropped"],
+            r["down_rtp"],
+            r["down_rtp_repeats"]
+        ));
+    }
+
+    // Keyframe requests per publisher layer.
+    let mut keyframes = Vec::new();
+    for (p, start) in keyframes_at_start {
+        keyframes.extend(layers::keyframe_reports(p, start, window));
+    }
+    for k in &keyframes {
+        lines.push(format!(
+            "keyframe requests to {} layer {} ({}): {} in {:.1} s = {:.1}/min; keyframes sent {}; \
+             dynacast pauses {} resumes {}",
+            k.publisher,
+            k.rid,
+            k.size,
+            k.requests,
+            window.as_secs_f64(),
+            k.per_minute,
+            k.keyframes_sent,
+            k.dynacast_pauses,
+            k.dynacast_resumes
+        ));
+    }
+    let total_requests: u64 = keyframes.iter().map(|k| k.requests).sum();
+    let minutes = window.as_secs_f64() / 60.0;
+
+    let json = json!({
+        "tracks": tracks,
+        "switches": switches,
+        "cut": {
+            "rate_bps": sc.rate,
+            "at_s": sc.cut_at.map(|d| d.as_secs_f64()),
+            "downgrade_ms": down,
+            "not_downgraded": not_down,
+            "tracks": cut_tracks,
+        },
+        "restore": {
+            "at_s": sc.restore_at.map(|d| d.as_secs_f64()),
+            "upgrade_ms": up,
+            "not_upgraded": not_up,
+            "tracks": restore_tracks,
+        },
+        "bottlenecks": relays,
+        "keyframe_requests": keyframes,
+        "keyframe_requests_total": total_requests,
+        "keyframe_requests_per_minute": if minutes > 0.0 { total_requests as f64 / minutes } else { 0.0 },
+        "window_s": window.as_secs_f64(),
+    });
+    SimulcastReport {
+        json,
+        lines,
+        failures,
     }
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every Plaza test: formatting, lints, unit tests, integration tests with real
-# webrtc-rs peers over loopback (and, once present, browser tests in headless Chromium).
-# Fails loudly when something it needs cannot be had; never skips silently.
+# webrtc-rs peers over loopback, and browser end-to-end tests in headless Chromium (installed
+# with playwright-core when missing). Fails loudly when something it needs cannot be had; never
+# skips silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,3 +23,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --release --no-fail-fast -- --test-threads 2
 fi
+
+step "browser end-to-end tests (headless Chromium, loopback-only network namespace)"
+PLAZA_BIN="$PWD/target/release/plaza" ./scripts/browser-tests.sh

@@ -211,12 +211,16 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         height: Option<u32>,
     },
-    /// To a publisher: the simulcast layers (RIDs) of its track that someone needs. The client
-    /// may pause the other encodings (`RTCRtpEncodingParameters.active = false`) until a
-    /// later `publisher_layers` lists them again.
+    /// To a publisher (dynacast): which simulcast layers (RIDs) of its track someone needs.
+    /// The client may pause the encodings listed in `paused`
+    /// (`RTCRtpEncodingParameters.active = false`) until a later `publisher_layers` no longer
+    /// lists them. `active` lists the layers the server has received and wants; a RID in
+    /// neither list has not reached the server yet and must stay on.
     PublisherLayers {
         track_id: String,
         active: Vec<String>,
+        #[serde(default)]
+        paused: Vec<String>,
     },
     /// Something the client sent could not be done. The connection stays open unless the
     /// error is fatal (then the server closes the WebSocket).

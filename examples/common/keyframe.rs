@@ -5,11 +5,14 @@
 //! `DeliverToApplication` (see the `rtcp-processing` example of webrtc 0.21).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 
@@ -21,10 +24,48 @@ pub fn is_keyframe_request(packet: &dyn rtc::rtcp::Packet) -> bool {
     any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
 }
 
+/// The media SSRCs a keyframe request asks for (PLI: its media SSRC; FIR: each entry's SSRC);
+/// empty for any other packet.
+pub fn keyframe_request_ssrcs(packet: &dyn rtc::rtcp::Packet) -> Vec<u32> {
+    let any = packet.as_any();
+    if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+        vec![pli.media_ssrc]
+    } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+        fir.fir.iter().map(|e| e.ssrc).collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// What the tap saw of the feedback a publisher received.
+#[derive(Debug, Default)]
+pub struct FeedbackCounters {
+    /// Packets the server asked to retransmit (NACK): loss on the publisher → server leg.
+    pub nacked_packets: AtomicU64,
+    pub nack_messages: AtomicU64,
+}
+
+impl FeedbackCounters {
+    pub fn nacked_packets(&self) -> u64 {
+        self.nacked_packets.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Default)]
 pub struct KeyframeRequestTap {
     read_queue: VecDeque<TaggedPacket>,
     write_queue: VecDeque<TaggedPacket>,
+    counters: Arc<FeedbackCounters>,
+}
+
+impl KeyframeRequestTap {
+    /// A tap that also counts NACKs into `counters`.
+    pub fn with_counters(counters: Arc<FeedbackCounters>) -> Self {
+        KeyframeRequestTap {
+            counters,
+            ..Default::default()
+        }
+    }
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
@@ -38,6 +79,17 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
         if let Packet::Rtcp(packets) = &msg.message.packet
             && !packets.is_empty()
         {
+            for p in packets {
+                if let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() {
+                    let n: u64 = nack
+                        .nacks
+                        .iter()
+                        .map(|pair| 1 + u64::from(pair.lost_packets.count_ones()))
+                        .sum();
+                    self.counters.nacked_packets.fetch_add(n, Ordering::Relaxed);
+                    self.counters.nack_messages.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             let requests: Vec<Box<dyn rtc::rtcp::Packet>> = packets
                 .iter()
                 .filter(|p| is_keyframe_request(p.as_ref()))

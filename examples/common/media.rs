@@ -33,6 +33,107 @@ pub fn default_audio_file() -> PathBuf {
     assets_dir().join("audio_sine_opus.ogg")
 }
 
+/// The simulcast clips shipped in `assets/`, as `(rid, file)` from the smallest to the largest:
+/// `q` 320x180 ~150 kbit/s, `h` 640x360 ~500 kbit/s, `f` 1280x720 ~1.5 Mbit/s (same picture,
+/// keyframes at the same frame indexes).
+pub fn simulcast_files() -> Vec<(String, PathBuf)> {
+    [
+        ("q", "simulcast_q_320x180_vp8.ivf"),
+        ("h", "simulcast_h_640x360_vp8.ivf"),
+        ("f", "simulcast_f_1280x720_vp8.ivf"),
+    ]
+    .into_iter()
+    .map(|(rid, file)| (rid.to_owned(), assets_dir().join(file)))
+    .collect()
+}
+
+/// Frame size from the start of a VP8 keyframe (RFC 6386 §9.1: 3-byte frame tag, start code
+/// `9d 01 2a`, 14-bit width and height). `None` for an interframe or a bad start code.
+pub fn vp8_keyframe_size(frame: &[u8]) -> Option<(u16, u16)> {
+    if frame.first()? & 0x01 != 0 {
+        return None;
+    }
+    let &[0x9d, 0x01, 0x2a, w0, w1, h0, h1] = frame.get(3..10)? else {
+        return None;
+    };
+    Some((
+        u16::from_le_bytes([w0, w1]) & 0x3fff,
+        u16::from_le_bytes([h0, h1]) & 0x3fff,
+    ))
+}
+
+/// Bytes of a frame's start that identify it (see [`frame_fingerprint`]).
+pub const FINGERPRINT_BYTES: usize = 48;
+
+/// A fingerprint of a VP8 frame from its first [`FINGERPRINT_BYTES`] bytes: enough to tell
+/// which clip (so which simulcast layer) and which frame a received packet carries, because the
+/// first RTP packet of a frame holds at least that much of it (or the whole frame) unchanged —
+/// an SFU rewrites the payload descriptor, never the VP8 data.
+pub fn frame_fingerprint(data: &[u8]) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    data[..data.len().min(FINGERPRINT_BYTES)].hash(&mut h);
+    h.finish()
+}
+
+/// Where a known frame comes from: the size of its clip and its index in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameOrigin {
+    /// The clip's frame size (0x0 when two clips of different sizes share this fingerprint).
+    pub width: u16,
+    pub height: u16,
+    pub index: usize,
+    pub keyframe: bool,
+}
+
+fn frame_index() -> &'static Mutex<HashMap<u64, FrameOrigin>> {
+    static INDEX: OnceLock<Mutex<HashMap<u64, FrameOrigin>>> = OnceLock::new();
+    INDEX.get_or_init(Default::default)
+}
+
+fn index_clip(clip: &Clip) {
+    if clip.kind != TrackKind::Video {
+        return;
+    }
+    let mut index = frame_index().lock().unwrap_or_else(|e| e.into_inner());
+    for (i, f) in clip.frames.iter().enumerate() {
+        let origin = FrameOrigin {
+            width: clip.width,
+            height: clip.height,
+            index: i,
+            keyframe: f.keyframe,
+        };
+        index
+            .entry(frame_fingerprint(&f.data))
+            .and_modify(|o| {
+                if (o.width, o.height) != (origin.width, origin.height) {
+                    o.width = 0;
+                    o.height = 0;
+                }
+            })
+            .or_insert(origin);
+    }
+}
+
+/// The clip frame a received frame start is, if a video clip with it was loaded in this process
+/// (every [`Clip::load`] indexes its frames; [`index_known_clips`] loads the shipped ones).
+pub fn known_frame(frame_start: &[u8]) -> Option<FrameOrigin> {
+    frame_index()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&frame_fingerprint(frame_start))
+        .copied()
+}
+
+/// Loads (and so indexes) every video clip shipped in `assets/`, so that a process that only
+/// receives can still tell which clip a frame comes from.
+pub fn index_known_clips() {
+    for (_, file) in simulcast_files() {
+        let _ = Clip::load(&file);
+    }
+    let _ = Clip::load(&default_video_file());
+}
+
 /// RTP clock rates.
 pub const VIDEO_CLOCK_RATE: u32 = 90_000;
 pub const AUDIO_CLOCK_RATE: u32 = 48_000;
@@ -213,6 +314,7 @@ impl Clip {
             _ => bail!("{}: unknown media file type", path.display()),
         }
         .with_context(|| format!("parsing {}", path.display()))?;
+        index_clip(&clip);
         let clip = Arc::new(clip);
         cache
             .lock()
@@ -294,9 +396,30 @@ impl FrameCursor {
 pub struct MediaPacketizer {
     cursor: FrameCursor,
     packetizer: Box<dyn Packetizer + Send>,
+    /// VP8: the next picture id (15 bits), see [`MediaPacketizer::new`].
+    picture_id: Option<u16>,
+}
+
+/// Rewrites the picture id of a VP8 payload descriptor written by webrtc-rs's payloader (X=1,
+/// I=1, 7- or 15-bit id) into a 15-bit one with `value`. `None` if the descriptor has no
+/// picture id.
+pub fn set_picture_id_15(payload: &[u8], value: u16) -> Option<Bytes> {
+    let (&b0, &b1) = (payload.first()?, payload.get(1)?);
+    if b0 & 0x80 == 0 || b1 & 0x80 == 0 {
+        return None;
+    }
+    let m = *payload.get(2)?;
+    let rest = if m & 0x80 != 0 { 4 } else { 3 };
+    let mut out = Vec::with_capacity(payload.len() + 1);
+    out.extend_from_slice(&[b0, b1, 0x80 | ((value >> 8) & 0x7f) as u8, value as u8]);
+    out.extend_from_slice(payload.get(rest..)?);
+    Some(Bytes::from(out))
 }
 
 impl MediaPacketizer {
+    /// A packetizer for `clip`. VP8 packets carry a 15-bit picture id starting at a random
+    /// value, as browsers send them (webrtc-rs's payloader alone would start at 0 and send ids
+    /// below 128 in 7 bits, changing width mid-stream).
     pub fn new(clip: Arc<Clip>, ssrc: u32, payload_type: u8) -> Result<Self> {
         let (payloader, clock_rate): (Box<dyn rtp::packetizer::Payloader>, u32) = match clip.kind {
             TrackKind::Video => {
@@ -309,9 +432,11 @@ impl MediaPacketizer {
                 AUDIO_CLOCK_RATE,
             ),
         };
+        let is_video = clip.kind == TrackKind::Video;
         let packetizer = rtp::packetizer::new_packetizer(
             Instant::now(),
-            RTP_MTU,
+            // One byte is kept for the 15-bit picture id written below.
+            if is_video { RTP_MTU - 1 } else { RTP_MTU },
             payload_type,
             ssrc,
             payloader,
@@ -321,6 +446,7 @@ impl MediaPacketizer {
         Ok(MediaPacketizer {
             cursor: FrameCursor::new(clip),
             packetizer: Box::new(packetizer),
+            picture_id: is_video.then(|| rand::random::<u16>() & 0x7fff),
         })
     }
 
@@ -329,11 +455,27 @@ impl MediaPacketizer {
         let frame = self.cursor.next_frame(want_keyframe);
         let keyframe = frame.keyframe;
         let (data, samples) = (frame.data.clone(), frame.samples);
-        let packets = self
+        let mut packets = self
             .packetizer
             .packetize(Instant::now(), &data, samples)
             .map_err(|e| anyhow!("packetize: {e}"))?;
+        if let Some(pid) = self.picture_id.as_mut() {
+            for p in &mut packets {
+                if let Some(payload) = set_picture_id_15(&p.payload, *pid) {
+                    p.payload = payload;
+                }
+            }
+            *pid = (*pid + 1) & 0x7fff;
+        }
         Ok((packets, keyframe))
+    }
+
+    /// Lets one frame's time pass without sending it (a paused encoder): the clip and the RTP
+    /// timestamp advance, sequence numbers and picture ids do not (nothing was sent, so the
+    /// receiver must see no gap).
+    pub fn skip_frame(&mut self) {
+        let samples = self.cursor.next_frame(false).samples;
+        self.packetizer.skip_samples(samples);
     }
 
     pub fn loops(&self) -> u64 {
@@ -361,15 +503,38 @@ pub struct SendCounters {
     pub keyframe_requests: u64,
 }
 
+impl SendCounters {
+    /// Adds `other` (another simulcast layer of the same track) into `self`.
+    pub fn add(&mut self, other: &SendCounters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.frames += other.frames;
+        self.keyframes += other.keyframes;
+        self.write_errors += other.write_errors;
+        self.keyframe_requests += other.keyframe_requests;
+        if other.last_error.is_some() {
+            self.last_error.clone_from(&other.last_error);
+        }
+        self.started_at = match (self.started_at, other.started_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
 /// Shared control and counters of a pacer.
 #[derive(Debug, Default)]
 pub struct PacerControl {
     pub counters: Mutex<SendCounters>,
-    /// While set, no frames are sent (the clip position still advances, like a muted camera's
-    /// clock).
+    /// While set, no frames are sent (the clip position and the RTP timestamp still advance,
+    /// like a muted camera's clock; sequence numbers do not).
     pub paused: AtomicBool,
     /// Set to make the next frame a keyframe (jumping forward in the clip).
     pub keyframe_requested: AtomicBool,
+    /// While set, no frames are sent either: the server asked to pause this simulcast layer
+    /// (`publisher_layers` without its RID). Kept apart from `paused`, which is the
+    /// application's.
+    pub dynacast_paused: AtomicBool,
 }
 
 impl PacerControl {
@@ -378,6 +543,11 @@ impl PacerControl {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Whether frames are being held back (by the application or by the server).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire) || self.dynacast_paused.load(Ordering::Acquire)
     }
 
     pub fn request_keyframe(&self) {
@@ -408,6 +578,12 @@ pub async fn run_pacer<S: PacketSink>(
         .started_at = Some(Instant::now());
     loop {
         ticker.tick().await;
+        if control.is_paused() {
+            // A keyframe request waits for the resume (which starts with a keyframe anyway).
+            packetizer.skip_frame();
+            on_progress();
+            continue;
+        }
         let want_key = control.keyframe_requested.swap(false, Ordering::AcqRel);
         let (packets, keyframe) = match packetizer.next_packets(want_key) {
             Ok(p) => p,
@@ -418,10 +594,6 @@ pub async fn run_pacer<S: PacketSink>(
                 continue;
             }
         };
-        if control.paused.load(Ordering::Acquire) {
-            on_progress();
-            continue;
-        }
         let mut sent = 0u64;
         let mut bytes = 0u64;
         let mut error = None;
@@ -499,6 +671,42 @@ mod tests {
             assert_eq!((clip.width, clip.height), (w, h));
             assert_eq!(clip.frames.len(), 150);
         }
+    }
+
+    #[test]
+    fn simulcast_layers_are_distinct_streams_with_aligned_keyframes() {
+        let mut keys = Vec::new();
+        for (rid, file) in simulcast_files() {
+            let clip = Clip::load(&file).unwrap();
+            let k: Vec<usize> = (0..clip.frames.len())
+                .filter(|&i| clip.frames[i].keyframe)
+                .collect();
+            assert_eq!(k, vec![0, 60, 120], "{rid}");
+            keys.push(k);
+            for &i in &keys[0] {
+                assert_eq!(
+                    vp8_keyframe_size(&clip.frames[i].data),
+                    Some((clip.width, clip.height)),
+                    "{rid} frame {i}"
+                );
+            }
+            assert_eq!(vp8_keyframe_size(&clip.frames[1].data), None);
+        }
+        // Every frame of every shipped clip is told apart by its fingerprint.
+        index_known_clips();
+        for (_, file) in simulcast_files() {
+            let clip = Clip::load(&file).unwrap();
+            for (i, f) in clip.frames.iter().enumerate() {
+                let origin = known_frame(&f.data).expect("indexed");
+                assert_eq!(
+                    (origin.width, origin.height, origin.index, origin.keyframe),
+                    (clip.width, clip.height, i, f.keyframe),
+                    "{} frame {i}",
+                    file.display()
+                );
+            }
+        }
+        assert_eq!(known_frame(b"not a frame of ours"), None);
     }
 
     #[test]
@@ -657,8 +865,9 @@ mod tests {
         let control = Arc::new(PacerControl::default());
         let (task, mut rx, mut ticks) = start(clip.clone(), control.clone());
         let t0 = Instant::now();
+        let mut last = None;
         for _ in 0..10 {
-            next(&mut rx).await;
+            last = Some(next(&mut rx).await);
         }
         // Ticks are scheduled at start + k * 20 ms: 10 frames take at least 9 intervals.
         assert!(
@@ -668,10 +877,14 @@ mod tests {
         );
         control.paused.store(true, Ordering::Release);
         // Drain what was sent before the pause took effect, then watch three paused ticks.
+        while ticks.try_recv().is_ok() {}
         for _ in 0..2 {
             next(&mut ticks).await;
         }
-        while rx.try_recv().is_ok() {}
+        while let Ok(p) = rx.try_recv() {
+            last = Some(p);
+        }
+        let last = last.expect("packets before the pause");
         let sent = control.counters().packets;
         for _ in 0..3 {
             next(&mut ticks).await;
@@ -679,7 +892,14 @@ mod tests {
         assert!(rx.try_recv().is_err(), "paused pacer sends nothing");
         assert_eq!(control.counters().packets, sent);
         control.paused.store(false, Ordering::Release);
-        next(&mut rx).await;
+        // No sequence gap (nothing was sent), but the clock went on.
+        let p = next(&mut rx).await;
+        assert_eq!(
+            p.header.sequence_number,
+            last.header.sequence_number.wrapping_add(1)
+        );
+        let skipped = p.header.timestamp.wrapping_sub(last.header.timestamp);
+        assert!(skipped >= 4 * 960, "timestamp advanced by {skipped}");
         task.abort();
     }
 

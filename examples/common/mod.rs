@@ -2,24 +2,52 @@
 //!
 //! Used as `mod common;` from `examples/*.rs` and as
 //! `#[path = "../examples/common/mod.rs"] mod common;` from `tests/*.rs`, so nothing here assumes
-//! it is a crate root.
+//! it is a crate root. Its unit tests run with `cargo test --example loadtest`.
 //!
 //! - [`peer`]: [`Peer`] — WebSocket signaling + subscriber/publisher peer connections (webrtc-rs
 //!   0.21), events, waits, data channels, stats.
-//! - [`media`]: pre-encoded VP8 (IVF) and Opus (Ogg) clips, looped and paced into RTP.
-//! - [`recv`]: per-remote-track receive statistics (loss from sequence gaps, VP8 keyframes).
+//! - [`media`]: pre-encoded VP8 (IVF) and Opus (Ogg) clips from `assets/`, looped and paced into
+//!   RTP; publishers answer PLI/FIR by jumping to the clip's next keyframe.
+//! - [`recv`]: per-remote-track receive statistics (loss from sequence gaps, VP8 keyframes,
+//!   the last N packets).
 //! - [`envelope`]: the data-channel envelope (`{"to":[..]}\n` / `{"from":".."}\n` + payload).
 //! - [`keyframe`]: the interceptor that lets publishers see PLI/FIR.
+//! - [`layers`]: simulcast measurements for the load tester (layer switches, bandwidth cuts).
+//! - [`relay`]: a UDP relay with a bandwidth bottleneck, to limit what a subscriber receives.
+//! - [`probe`]: media latency probe (publisher send → subscriber receive of the same packet).
+//! - [`measure`]: server counters, CPU time and RSS sampled around a window; percentiles; a
+//!   progress line.
+//! - [`janus`]: the same synthetic media against Janus's videoroom plugin (benchmark
+//!   comparison).
+//!
+//! ```ignore
+//! let alice = Peer::connect(&url, "room", "alice", PeerOptions::publisher()).await?;
+//! let bob = Peer::connect(&url, "room", "bob", PeerOptions::subscriber()).await?;
+//! let tracks = bob.wait_for_tracks(2, Duration::from_secs(10)).await?;
+//! bob.wait_for_packets(&tracks[0].track_id, 50, Duration::from_secs(10)).await?;
+//! alice.send_chat("hi", Some(vec![bob.participant_id().to_owned()])).await?;
+//! let msg = bob.wait_for_message(|m| m.text() == Some("hi"), Duration::from_secs(5)).await?;
+//! assert_eq!(msg.from.as_deref(), Some(alice.participant_id()));
+//! bob.leave().await?;
+//! ```
+//!
+//! Every wait takes a timeout and re-checks its condition on each state change (no sleeps);
+//! what the server does wrong ends up in [`PeerEvent`]s and `Err`s, never in a panic.
 #![allow(dead_code, unused_imports)]
 
 pub mod envelope;
+pub mod janus;
 pub mod keyframe;
+pub mod layers;
+pub mod measure;
 pub mod media;
 pub mod peer;
+pub mod probe;
 pub mod recv;
+pub mod relay;
 
 pub use peer::{
-    Channel, DataMessage, JoinedInfo, LocalTrackStats, NegotiationStats, Payload, Peer, PeerEvent,
-    PeerOptions, PeerStats, TimedEvent,
+    Channel, DataMessage, JoinedInfo, LocalLayerStats, LocalTrackStats, NegotiationStats, Payload,
+    Peer, PeerEvent, PeerOptions, PeerStats, SimulcastOptions, TimedEvent,
 };
-pub use recv::{PacketInfo, RemoteTrackStats};
+pub use recv::{LayerChange, PacketInfo, RemoteTrackStats};

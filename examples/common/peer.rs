@@ -4,7 +4,14 @@
 //!   receives the server's `chat`/`input` data channels and the forwarded tracks, and keeps
 //!   per-track receive statistics.
 //! - **publisher PC** (when publishing): Opus + VP8 tracks fed from pre-encoded files, offered
-//!   with `publish_offer`; media starts once the connection is up.
+//!   with `publish_offer`; media starts once the connection is up. With
+//!   [`PeerOptions::simulcast`] the video track has one encoding per layer (RIDs, `a=rid` /
+//!   `a=simulcast` in the offer, MID + RID header extensions on every packet), each fed from its
+//!   own clip; keyframe requests are answered per layer (by media SSRC) and the server's
+//!   `publisher_layers` pauses and resumes layers ([`PeerOptions::honour_publisher_layers`]).
+//! - **bandwidth limit** ([`PeerOptions::subscriber_bandwidth_bps`]): the subscriber PC talks
+//!   to the server through a local UDP relay whose downstream is a bottleneck
+//!   ([`super::relay`]), changeable at run time ([`Peer::set_subscriber_bandwidth`]).
 //!
 //! Every wait is bounded by a timeout; server misbehaviour is recorded as events and returned as
 //! errors, never a panic. State changes wake waiters through a `watch` counter, so tests wait
@@ -24,8 +31,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use plaza::signal::{
-    ClientMessage, ErrorCode, IceCandidate, ParticipantInfo, PcTarget, ServerMessage, TrackInfo,
-    TrackKind,
+    ClientMessage, ErrorCode, IceCandidate, ParticipantInfo, PcTarget, Quality, ServerMessage,
+    TrackInfo, TrackKind,
 };
 use rtc::interceptor::Slot;
 use rtc::media_stream::MediaStreamTrack;
@@ -55,11 +62,14 @@ use webrtc::peer_connection::{
 use webrtc::rtp_transceiver::RtpSender;
 
 use super::envelope;
-use super::keyframe::{KEYFRAME_TAP_SLOT, KeyframeRequestTap, is_keyframe_request};
+use super::keyframe::{
+    FeedbackCounters, KEYFRAME_TAP_SLOT, KeyframeRequestTap, keyframe_request_ssrcs,
+};
 use super::media::{
     self, Clip, MediaPacketizer, PacerControl, PacketSink, SendCounters, run_pacer,
 };
-use super::recv::RemoteTrackStats;
+use super::recv::{LayerChange, RemoteTrackStats};
+use super::relay::{self, Relay, RelayStats};
 
 type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -90,6 +100,50 @@ pub struct PeerOptions {
     pub max_kept_messages: usize,
     /// Local address the peer connections bind (host candidates only; mDNS is off).
     pub bind_ip: String,
+    /// Publish the video track as simulcast (replaces `video_file`).
+    pub simulcast: Option<SimulcastOptions>,
+    /// Pause / resume simulcast layers as the server's `publisher_layers` says (dynacast).
+    pub honour_publisher_layers: bool,
+    /// Receive through a bottleneck of this many bit/s (see [`super::relay`]); `Some(0)` puts
+    /// the relay in place without a limit, so that one can be set later with
+    /// [`Peer::set_subscriber_bandwidth`].
+    pub subscriber_bandwidth_bps: Option<u64>,
+    /// Queue bound of that bottleneck, as a delay: beyond it packets are dropped.
+    pub subscriber_max_queue_delay: Duration,
+}
+
+/// The layers of a simulcast video track.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimulcastOptions {
+    /// `(rid, VP8 IVF file)`, in the order they are offered (`a=rid` lines and the
+    /// `a=simulcast` list). The server must rank layers by content, not by this order.
+    pub layers: Vec<(String, PathBuf)>,
+}
+
+impl SimulcastOptions {
+    /// The shipped clips `q` (320x180), `h` (640x360), `f` (1280x720), offered in that order.
+    pub fn standard() -> Self {
+        SimulcastOptions {
+            layers: media::simulcast_files(),
+        }
+    }
+
+    /// The same layers offered in reverse order (`f`, `h`, `q`).
+    pub fn reversed(mut self) -> Self {
+        self.layers.reverse();
+        self
+    }
+
+    /// The same layers in a random order.
+    pub fn shuffled(mut self) -> Self {
+        use rand::seq::SliceRandom;
+        self.layers.shuffle(&mut rand::rng());
+        self
+    }
+
+    pub fn rids(&self) -> Vec<String> {
+        self.layers.iter().map(|(r, _)| r.clone()).collect()
+    }
 }
 
 impl Default for PeerOptions {
@@ -107,6 +161,10 @@ impl Default for PeerOptions {
             keep_recent_packets: 64,
             max_kept_messages: 10_000,
             bind_ip: "127.0.0.1".to_owned(),
+            simulcast: None,
+            honour_publisher_layers: true,
+            subscriber_bandwidth_bps: None,
+            subscriber_max_queue_delay: relay::DEFAULT_MAX_DELAY,
         }
     }
 }
@@ -124,6 +182,14 @@ impl PeerOptions {
     /// Subscribes only.
     pub fn subscriber() -> Self {
         PeerOptions::default()
+    }
+
+    /// Publishes audio and simulcast video (the three shipped layers).
+    pub fn simulcast_publisher() -> Self {
+        PeerOptions {
+            simulcast: Some(SimulcastOptions::standard()),
+            ..PeerOptions::publisher()
+        }
     }
 
     pub fn publishing(&self) -> bool {
@@ -249,6 +315,8 @@ pub enum PeerEvent {
         stream_id: String,
         kind: TrackKind,
     },
+    /// The server unpublished a forwarded track (or its publisher left), or the connection
+    /// closed.
     TrackEnded {
         track_id: String,
     },
@@ -298,9 +366,34 @@ pub struct LocalTrackStats {
     pub client_track_id: String,
     /// The server's id for it, once the server announced it (`track_published`).
     pub server_track_id: Option<String>,
+    /// SSRC of the (first) encoding.
     pub ssrc: u32,
     pub payload_type: Option<u8>,
+    /// Every layer is paused (by the application or the server).
     pub paused: bool,
+    /// Sum over the layers.
+    pub counters: SendCounters,
+    /// Per encoding: one for a plain track, one per RID for simulcast (in offer order).
+    pub layers: Vec<LocalLayerStats>,
+    /// `publisher_layers` messages received for this track.
+    pub publisher_layers_received: u64,
+}
+
+/// One encoding of a local track.
+#[derive(Debug, Clone)]
+pub struct LocalLayerStats {
+    /// RID, empty for a plain track.
+    pub rid: String,
+    pub ssrc: u32,
+    pub width: u16,
+    pub height: u16,
+    /// Paused by the application ([`Peer::pause_layer`], [`Peer::pause_media`], mute).
+    pub paused: bool,
+    /// Paused because the server's last `publisher_layers` did not list it.
+    pub dynacast_paused: bool,
+    /// How often `publisher_layers` paused / resumed it.
+    pub dynacast_pauses: u64,
+    pub dynacast_resumes: u64,
     pub counters: SendCounters,
 }
 
@@ -332,6 +425,10 @@ struct State {
     open_channels: Vec<String>,
     closed: Option<String>,
     joined: Option<std::result::Result<JoinedInfo, String>>,
+    /// `layer_changed` for tracks that have not delivered a packet yet.
+    pending_layer_changes: HashMap<String, Vec<LayerChange>>,
+    /// `publisher_layers` received: server track id → count.
+    publisher_layers: HashMap<String, u64>,
 }
 
 impl State {
@@ -340,6 +437,31 @@ impl State {
             at: Instant::now(),
             event,
         });
+    }
+
+    /// Marks a forwarded track as ended. webrtc-rs 0.21 never reports the end of a remote track
+    /// (only closing the connection ends its event stream), so the server's
+    /// `track_unpublished` / `participant_left` are what end it.
+    fn end_remote_track(&mut self, track_id: &str) {
+        if let Some(t) = self.remote_tracks.get_mut(track_id)
+            && !t.ended
+        {
+            t.ended = true;
+            self.push(PeerEvent::TrackEnded {
+                track_id: track_id.to_owned(),
+            });
+        }
+    }
+
+    fn layer_changed(&mut self, track_id: &str, change: LayerChange) {
+        match self.remote_tracks.get_mut(track_id) {
+            Some(t) => t.on_layer_changed(change),
+            None => self
+                .pending_layer_changes
+                .entry(track_id.to_owned())
+                .or_default()
+                .push(change),
+        }
     }
 
     fn add_participant(&mut self, p: &ParticipantInfo) {
@@ -365,6 +487,19 @@ struct Shared {
     /// Local candidates are held until the description they belong to was sent (so the server
     /// never sees a `trickle` before the `publish_offer` / first `subscribe_answer`).
     gates: Mutex<HashMap<PcTarget, CandidateGate>>,
+    /// The bottleneck in front of the subscriber connection, if any.
+    relay: Option<Arc<Relay>>,
+    /// Encodings of the local tracks, for `publisher_layers` and keyframe requests.
+    encodings: Mutex<Vec<LocalEncodings>>,
+    honour_publisher_layers: bool,
+    /// NACKs the publisher connection received.
+    feedback: Arc<FeedbackCounters>,
+}
+
+/// The encodings of one local track, as the signaling reader needs them.
+struct LocalEncodings {
+    client_track_id: String,
+    layers: Vec<LocalLayer>,
 }
 
 #[derive(Default)]
@@ -434,6 +569,89 @@ impl Shared {
         gate.open = true;
         for text in gate.held.drain(..) {
             let _ = ws_tx.try_send(WsOut::Text(text));
+        }
+    }
+
+    /// The server's offer for the subscriber connection, pointed at the relay if there is one.
+    fn via_relay_sdp(&self, sdp: &str) -> String {
+        let Some(relay) = &self.relay else {
+            return sdp.to_owned();
+        };
+        let (rewritten, server) = relay::rewrite_candidates(sdp, relay.client_facing_addr());
+        match server {
+            Some(addr) => relay.set_upstream(addr),
+            None if relay.upstream().is_none() => self.event(PeerEvent::Warning {
+                message: "subscribe_offer without a UDP candidate: the relay has no target".into(),
+            }),
+            None => {}
+        }
+        rewritten
+    }
+
+    /// A trickled server candidate for the subscriber connection, pointed at the relay (`None`:
+    /// one the relay cannot carry, dropped).
+    fn via_relay_candidate(&self, c: &IceCandidate) -> Option<IceCandidate> {
+        let Some(relay) = &self.relay else {
+            return Some(c.clone());
+        };
+        let text = c.candidate.trim();
+        let body = text.strip_prefix("a=").unwrap_or(text);
+        match relay::rewrite_candidate(body, relay.client_facing_addr()) {
+            relay::CandidateRewrite::NotACandidate => Some(c.clone()),
+            relay::CandidateRewrite::Unusable => None,
+            relay::CandidateRewrite::Rewritten(candidate, addr) => {
+                if relay.upstream().is_none() {
+                    relay.set_upstream(addr);
+                }
+                (relay.upstream() == Some(addr)).then(|| IceCandidate {
+                    candidate,
+                    ..c.clone()
+                })
+            }
+        }
+    }
+
+    /// Applies a `publisher_layers`: pauses the encodings of our track `track_id` (server id)
+    /// whose RID is not in `active`, resumes the others.
+    /// Dynacast: pause exactly the encodings the server lists in `paused` (a layer the server
+    /// has not received yet is in neither list and stays on).
+    fn apply_publisher_layers(&self, track_id: &str, paused: &[String]) {
+        let client_track_id = self
+            .state()
+            .room_tracks
+            .get(track_id)
+            .map(|t| t.client_track_id.clone());
+        let encodings = lock(&self.encodings);
+        let simulcast: Vec<&LocalEncodings> = encodings
+            .iter()
+            .filter(|e| e.layers.iter().any(|l| !l.rid.is_empty()))
+            .collect();
+        let target = match client_track_id {
+            Some(id) => simulcast.iter().find(|e| e.client_track_id == id).copied(),
+            // Not announced to us yet: our only simulcast track, if there is one.
+            None if simulcast.len() == 1 => Some(simulcast[0]),
+            None => None,
+        };
+        let Some(enc) = target else {
+            drop(encodings);
+            self.event(PeerEvent::Warning {
+                message: format!("publisher_layers for {track_id}, which we do not publish"),
+            });
+            return;
+        };
+        for l in enc.layers.iter().filter(|l| !l.rid.is_empty()) {
+            let pause = paused.contains(&l.rid);
+            let was = l.control.dynacast_paused.swap(pause, Ordering::AcqRel);
+            if was != pause {
+                let counter = if pause {
+                    &l.dynacast_pauses
+                } else {
+                    // Resume at a keyframe: subscribers of this layer need one.
+                    l.control.keyframe_requested.store(true, Ordering::Release);
+                    &l.dynacast_resumes
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -660,16 +878,22 @@ async fn remote_track_task(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
         _ => TrackKind::Video,
     };
     lock(&shared.remote_handles).insert(track_id.clone(), track.clone());
+    let probe_key = super::probe::track_key(&track_id);
     shared.update(|s| {
-        s.remote_tracks.insert(
+        let mut stats = RemoteTrackStats::new(
             track_id.clone(),
-            RemoteTrackStats::new(
-                track_id.clone(),
-                stream_id.clone(),
-                kind,
-                shared.keep_recent,
-            ),
+            stream_id.clone(),
+            kind,
+            shared.keep_recent,
         );
+        for change in s
+            .pending_layer_changes
+            .remove(&track_id)
+            .unwrap_or_default()
+        {
+            stats.on_layer_changed(change);
+        }
+        s.remote_tracks.insert(track_id.clone(), stats);
         s.push(PeerEvent::TrackStarted {
             track_id: track_id.clone(),
             stream_id,
@@ -688,6 +912,7 @@ async fn remote_track_task(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
             }
             TrackRemoteEvent::OnRtpPacket(pkt) => {
                 let now = Instant::now();
+                super::probe::received(probe_key, &pkt.payload, now);
                 shared.update(|s| {
                     if let Some(t) = s.remote_tracks.get_mut(&track_id) {
                         t.on_packet(&pkt, now);
@@ -699,12 +924,7 @@ async fn remote_track_task(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
         }
     }
     lock(&shared.remote_handles).remove(&track_id);
-    shared.update(|s| {
-        if let Some(t) = s.remote_tracks.get_mut(&track_id) {
-            t.ended = true;
-        }
-        s.push(PeerEvent::TrackEnded { track_id });
-    });
+    shared.update(|s| s.end_remote_track(&track_id));
 }
 
 // ───────────────────────────── peer connections ─────────────────────────────
@@ -775,7 +995,10 @@ async fn build_pc(
     let mut registry = register_default_interceptors(Registry::new(), &mut media_engine)
         .map_err(|e| anyhow!("interceptors: {e}"))?;
     if target == PcTarget::Publisher {
-        registry = registry.with(Slot::from(KEYFRAME_TAP_SLOT), KeyframeRequestTap::default());
+        registry = registry.with(
+            Slot::from(KEYFRAME_TAP_SLOT),
+            KeyframeRequestTap::with_counters(shared.feedback.clone()),
+        );
     }
     let setting_engine = SettingEngineBuilder::new()
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
@@ -1033,18 +1256,32 @@ async fn reader_task(mut stream: SplitStream<WsStream>, shared: Arc<Shared>, rou
         };
         // Route negotiation messages to the connection's task (in order with candidates).
         let routed = match &msg {
-            ServerMessage::SubscribeOffer { sdp } => {
-                Some((PcTarget::Subscriber, NegCmd::Offer(sdp.clone())))
-            }
+            ServerMessage::SubscribeOffer { sdp } => Some((
+                PcTarget::Subscriber,
+                NegCmd::Offer(shared.via_relay_sdp(sdp)),
+            )),
             ServerMessage::PublishAnswer { sdp } => {
                 Some((PcTarget::Publisher, NegCmd::Answer(sdp.clone())))
             }
+            ServerMessage::Trickle {
+                target: PcTarget::Subscriber,
+                candidate,
+            } => shared
+                .via_relay_candidate(candidate)
+                .map(|c| (PcTarget::Subscriber, NegCmd::Candidate(c))),
             ServerMessage::Trickle { target, candidate } => {
                 Some((*target, NegCmd::Candidate(candidate.clone())))
             }
             _ => None,
         };
         let ws_opened_at = shared.ws_opened_at;
+        if let ServerMessage::PublisherLayers {
+            track_id, paused, ..
+        } = &msg
+            && shared.honour_publisher_layers
+        {
+            shared.apply_publisher_layers(track_id, paused);
+        }
         shared.update(|s| {
             apply_server_message(s, &msg, ws_opened_at);
             s.push(PeerEvent::Server(msg));
@@ -1100,6 +1337,15 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             s.participants.remove(participant_id);
             s.room_tracks
                 .retain(|_, t| &t.participant_id != participant_id);
+            let gone: Vec<String> = s
+                .remote_tracks
+                .values()
+                .filter(|t| &t.stream_id == participant_id)
+                .map(|t| t.track_id.clone())
+                .collect();
+            for id in gone {
+                s.end_remote_track(&id);
+            }
         }
         ServerMessage::TrackPublished { track } => {
             s.room_tracks.insert(track.id.clone(), track.clone());
@@ -1116,6 +1362,7 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             if let Some(p) = s.participants.get_mut(participant_id) {
                 p.tracks.retain(|t| &t.id != track_id);
             }
+            s.end_remote_track(track_id);
         }
         ServerMessage::TrackMuted {
             track_id, muted, ..
@@ -1123,6 +1370,25 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             if let Some(t) = s.room_tracks.get_mut(track_id) {
                 t.muted = *muted;
             }
+        }
+        ServerMessage::LayerChanged {
+            track_id,
+            quality,
+            rid,
+            width,
+            height,
+        } => s.layer_changed(
+            track_id,
+            LayerChange {
+                at: Instant::now(),
+                quality: *quality,
+                rid: rid.clone(),
+                width: *width,
+                height: *height,
+            },
+        ),
+        ServerMessage::PublisherLayers { track_id, .. } => {
+            *s.publisher_layers.entry(track_id.clone()).or_default() += 1;
         }
         ServerMessage::Error {
             code,
@@ -1148,25 +1414,100 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
 struct LocalTrack {
     kind: TrackKind,
     client_track_id: String,
-    ssrc: u32,
     mime_type: &'static str,
-    clip: Arc<Clip>,
+    /// One per encoding (one for a plain track), in offer order.
+    layers: Vec<LocalLayer>,
     track: Arc<TrackLocalStaticRTP>,
     sender: Arc<dyn RtpSender>,
-    control: Arc<PacerControl>,
     payload_type: Arc<Mutex<Option<u8>>>,
 }
 
-struct TrackSink(Arc<TrackLocalStaticRTP>);
+/// One encoding of a local track: its clip, SSRC and pacer.
+#[derive(Clone)]
+struct LocalLayer {
+    /// RID, empty for a plain track.
+    rid: String,
+    ssrc: u32,
+    clip: Arc<Clip>,
+    control: Arc<PacerControl>,
+    dynacast_pauses: Arc<AtomicU64>,
+    dynacast_resumes: Arc<AtomicU64>,
+}
+
+impl LocalTrack {
+    fn counters(&self) -> SendCounters {
+        let mut c = SendCounters::default();
+        for l in &self.layers {
+            c.add(&l.control.counters());
+        }
+        c
+    }
+
+    fn set_paused(&self, paused: bool) {
+        for l in &self.layers {
+            l.control.paused.store(paused, Ordering::Release);
+        }
+    }
+}
+
+/// Writes a pacer's packets to a local track, adding header extensions (MID and RID for a
+/// simulcast layer, so the server can tell the encodings apart).
+struct TrackSink {
+    track: Arc<TrackLocalStaticRTP>,
+    extensions: Vec<(u8, Bytes)>,
+}
 
 impl PacketSink for TrackSink {
     fn write(
         &self,
-        packet: rtc::rtp::Packet,
+        mut packet: rtc::rtp::Packet,
     ) -> impl Future<Output = std::result::Result<(), String>> + Send {
-        let track = self.0.clone();
-        async move { track.write_rtp(packet).await.map_err(|e| e.to_string()) }
+        let track = self.track.clone();
+        let mut err = None;
+        for (id, value) in &self.extensions {
+            if let Err(e) = packet.header.set_extension(*id, value.clone()) {
+                err = Some(format!("header extension {id}: {e}"));
+            }
+        }
+        super::probe::sent(packet.header.ssrc, &packet.payload);
+        async move {
+            if let Some(e) = err {
+                return Err(e);
+            }
+            track.write_rtp(packet).await.map_err(|e| e.to_string())
+        }
     }
+}
+
+/// Negotiated id of the header extension `uri` on `sender`.
+async fn extension_id(sender: &Arc<dyn RtpSender>, uri: &str) -> Result<u8> {
+    let params = sender
+        .get_parameters()
+        .await
+        .map_err(|e| anyhow!("get_parameters: {e}"))?;
+    params
+        .rtp_parameters
+        .header_extensions
+        .iter()
+        .find(|h| h.uri == uri)
+        .map(|h| h.id as u8)
+        .ok_or_else(|| anyhow!("header extension {uri} not negotiated"))
+}
+
+/// The MID of the transceiver that sends `sender`.
+async fn mid_of(pc: &Arc<dyn PeerConnection>, sender: &Arc<dyn RtpSender>) -> Result<String> {
+    for t in pc.get_transceivers().await {
+        if let Ok(Some(s)) = t.sender().await
+            && s.id() == sender.id()
+        {
+            return t
+                .mid()
+                .await
+                .map_err(|e| anyhow!("mid: {e}"))?
+                .ok_or_else(|| anyhow!("transceiver has no mid yet"));
+        }
+    }
+    bail!("no transceiver for our sender")
 }
 
 async fn negotiated_payload_type(sender: &Arc<dyn RtpSender>, mime: &str) -> Result<u8> {
@@ -1184,8 +1525,13 @@ async fn negotiated_payload_type(sender: &Arc<dyn RtpSender>, mime: &str) -> Res
 }
 
 /// Waits (in the background, tied to the peer's lifetime) for the publisher PC to connect,
-/// then starts one pacer and one RTCP reader per track.
-async fn start_media(shared: Arc<Shared>, tracks: Vec<LocalTrack>, t: Duration) {
+/// then starts one pacer per encoding and one RTCP reader per track.
+async fn start_media(
+    shared: Arc<Shared>,
+    pc: Arc<dyn PeerConnection>,
+    tracks: Vec<LocalTrack>,
+    t: Duration,
+) {
     let connected = |s: &State| {
         (s.pc_state.get(&PcTarget::Publisher) == Some(&RTCPeerConnectionState::Connected))
             .then_some(())
@@ -1210,33 +1556,79 @@ async fn start_media(shared: Arc<Shared>, tracks: Vec<LocalTrack>, t: Duration) 
             }
         };
         *lock(&lt.payload_type) = Some(pt);
-        let packetizer = match MediaPacketizer::new(lt.clip.clone(), lt.ssrc, pt) {
-            Ok(p) => p,
-            Err(e) => {
-                shared.event(PeerEvent::Warning {
-                    message: format!("{}: {e}", lt.client_track_id),
-                });
-                continue;
+        let simulcast = lt.layers.iter().any(|l| !l.rid.is_empty());
+        let mut ids = None;
+        if simulcast {
+            let found = async {
+                let mid_id = extension_id(&lt.sender, rtc::sdp::extmap::SDES_MID_URI).await?;
+                let rid_id =
+                    extension_id(&lt.sender, rtc::sdp::extmap::SDES_RTP_STREAM_ID_URI).await?;
+                let mid = mid_of(&pc, &lt.sender).await?;
+                anyhow::Ok((mid_id, rid_id, mid))
             }
-        };
-        let progress = {
-            let shared = shared.clone();
-            move || shared.bump()
-        };
-        shared.spawn(run_pacer(
-            packetizer,
-            lt.clip.frame_interval,
-            TrackSink(lt.track.clone()),
-            lt.control.clone(),
-            progress,
-        ));
-        let (track, control, rtcp_shared) = (lt.track.clone(), lt.control.clone(), shared.clone());
+            .await;
+            match found {
+                Ok(found) => ids = Some(found),
+                Err(e) => {
+                    shared.event(PeerEvent::Warning {
+                        message: format!("{}: simulcast not possible: {e}", lt.client_track_id),
+                    });
+                    continue;
+                }
+            }
+        }
+        for layer in &lt.layers {
+            let packetizer = match MediaPacketizer::new(layer.clip.clone(), layer.ssrc, pt) {
+                Ok(p) => p,
+                Err(e) => {
+                    shared.event(PeerEvent::Warning {
+                        message: format!("{}: {e}", lt.client_track_id),
+                    });
+                    continue;
+                }
+            };
+            let progress = {
+                let shared = shared.clone();
+                move || shared.bump()
+            };
+            let extensions = match &ids {
+                Some((mid_id, rid_id, mid)) => vec![
+                    (*mid_id, Bytes::from(mid.clone())),
+                    (*rid_id, Bytes::from(layer.rid.clone())),
+                ],
+                None => Vec::new(),
+            };
+            let sink = TrackSink {
+                track: lt.track.clone(),
+                extensions,
+            };
+            shared.spawn(run_pacer(
+                packetizer,
+                layer.clip.frame_interval,
+                sink,
+                layer.control.clone(),
+                progress,
+            ));
+        }
+        let (track, layers, rtcp_shared) = (lt.track.clone(), lt.layers.clone(), shared.clone());
         shared.spawn(async move {
             while let Some(event) = track.poll().await {
-                if let TrackLocalEvent::OnRtcpPacket(packets) = event
-                    && packets.iter().any(|p| is_keyframe_request(p.as_ref()))
+                let TrackLocalEvent::OnRtcpPacket(packets) = event else {
+                    continue;
+                };
+                let mut any = false;
+                for ssrc in packets
+                    .iter()
+                    .flat_map(|p| keyframe_request_ssrcs(p.as_ref()))
                 {
-                    control.request_keyframe();
+                    any = true;
+                    // Per layer, by media SSRC; an SSRC we do not know asks every layer.
+                    let known = layers.iter().any(|l| l.ssrc == ssrc);
+                    for l in layers.iter().filter(|l| !known || l.ssrc == ssrc) {
+                        l.control.request_keyframe();
+                    }
+                }
+                if any {
                     rtcp_shared.bump();
                 }
             }
@@ -1309,6 +1701,14 @@ impl Peer {
         let (sink, stream) = ws.split();
         let (version, _) = watch::channel(0u64);
         let (messages_tx, _) = broadcast::channel(4096);
+        let (relay, relay_tasks) = match opts.subscriber_bandwidth_bps {
+            Some(rate) => {
+                let (r, tasks) =
+                    Relay::bind(&opts.bind_ip, rate, opts.subscriber_max_queue_delay).await?;
+                (Some(Arc::new(r)), tasks)
+            }
+            None => (None, Vec::new()),
+        };
         let shared = Arc::new(Shared {
             name: name.to_owned(),
             ws_opened_at,
@@ -1322,12 +1722,19 @@ impl Peer {
             tasks: Mutex::new(Vec::new()),
             ping_seq: AtomicU64::new(0),
             gates: Mutex::new(HashMap::new()),
+            relay,
+            encodings: Mutex::new(Vec::new()),
+            honour_publisher_layers: opts.honour_publisher_layers,
+            feedback: Arc::default(),
         });
         let mut guard = Teardown {
             shared: shared.clone(),
             pcs: Vec::new(),
             armed: true,
         };
+        for task in relay_tasks {
+            shared.spawn(task);
+        }
         let (ws_tx, ws_rx) = mpsc::channel::<WsOut>(1024);
         shared.spawn(writer_task(sink, ws_rx, shared.clone()));
 
@@ -1385,17 +1792,33 @@ impl Peer {
             ));
             let mut wanted = Vec::new();
             if opts.publish_audio {
-                wanted.push((TrackKind::Audio, opts.audio_file.clone()));
+                wanted.push((
+                    TrackKind::Audio,
+                    vec![(String::new(), opts.audio_file.clone())],
+                ));
             }
             if opts.publish_video {
-                wanted.push((TrackKind::Video, opts.video_file.clone()));
+                let files = match &opts.simulcast {
+                    Some(sc) => sc.layers.clone(),
+                    None => vec![(String::new(), opts.video_file.clone())],
+                };
+                wanted.push((TrackKind::Video, files));
             }
-            for (kind, file) in wanted {
-                let clip = Clip::load(&file)?;
-                if clip.kind != kind {
-                    bail!("{}: is not a {kind:?} file", file.display());
+            for (kind, files) in wanted {
+                let mut clips = Vec::new();
+                for (rid, file) in files {
+                    let clip = Clip::load(&file)?;
+                    if clip.kind != kind {
+                        bail!("{}: is not a {kind:?} file", file.display());
+                    }
+                    clips.push((rid, clip));
                 }
-                local_tracks.push(add_local_track(&pc, name, kind, clip, t).await?);
+                let lt = add_local_track(&pc, name, kind, clips, t).await?;
+                lock(&shared.encodings).push(LocalEncodings {
+                    client_track_id: lt.client_track_id.clone(),
+                    layers: lt.layers.clone(),
+                });
+                local_tracks.push(lt);
             }
             let offer = bounded(t, "create_offer", pc.create_offer(None)).await?;
             let sdp = offer.sdp.clone();
@@ -1428,7 +1851,12 @@ impl Peer {
                 })
                 .await?
                 .map_err(|e| anyhow!("{name}: publish failed: {e}"))?;
-            shared.spawn(start_media(shared.clone(), local_tracks.clone(), t));
+            shared.spawn(start_media(
+                shared.clone(),
+                pc.clone(),
+                local_tracks.clone(),
+                t,
+            ));
             publisher = Some(pc);
         }
 
@@ -1702,17 +2130,44 @@ impl Peer {
     // ── publishing ──
 
     pub fn local_tracks(&self) -> Vec<LocalTrackStats> {
-        let s = self.shared.state();
+        self.local_stats(&self.shared.state())
+    }
+
+    fn local_stats(&self, s: &State) -> Vec<LocalTrackStats> {
         self.local_tracks
             .iter()
-            .map(|lt| LocalTrackStats {
-                kind: lt.kind,
-                client_track_id: lt.client_track_id.clone(),
-                server_track_id: server_id_of(&s, self.participant_id(), lt),
-                ssrc: lt.ssrc,
-                payload_type: *lock(&lt.payload_type),
-                paused: lt.control.paused.load(Ordering::Acquire),
-                counters: lt.control.counters(),
+            .map(|lt| {
+                let server_track_id = server_id_of(s, self.participant_id(), lt);
+                let layers: Vec<LocalLayerStats> = lt
+                    .layers
+                    .iter()
+                    .map(|l| LocalLayerStats {
+                        rid: l.rid.clone(),
+                        ssrc: l.ssrc,
+                        width: l.clip.width,
+                        height: l.clip.height,
+                        paused: l.control.paused.load(Ordering::Acquire),
+                        dynacast_paused: l.control.dynacast_paused.load(Ordering::Acquire),
+                        dynacast_pauses: l.dynacast_pauses.load(Ordering::Relaxed),
+                        dynacast_resumes: l.dynacast_resumes.load(Ordering::Relaxed),
+                        counters: l.control.counters(),
+                    })
+                    .collect();
+                LocalTrackStats {
+                    kind: lt.kind,
+                    client_track_id: lt.client_track_id.clone(),
+                    publisher_layers_received: server_track_id
+                        .as_ref()
+                        .and_then(|id| s.publisher_layers.get(id))
+                        .copied()
+                        .unwrap_or(0),
+                    server_track_id,
+                    ssrc: lt.layers.first().map_or(0, |l| l.ssrc),
+                    payload_type: *lock(&lt.payload_type),
+                    paused: layers.iter().all(|l| l.paused || l.dynacast_paused),
+                    counters: lt.counters(),
+                    layers,
+                }
             })
             .collect()
     }
@@ -1729,12 +2184,30 @@ impl Peer {
             .iter()
             .find(|t| t.kind == kind)
             .ok_or_else(|| anyhow!("not publishing {kind:?}"))?
-            .control
             .clone();
         self.shared
             .wait_until(timeout, &format!("{n} {kind:?} packets sent"), |_| {
                 let c = lt.counters();
                 (c.packets >= n).then_some(c)
+            })
+            .await
+    }
+
+    /// Waits until the local track of `kind` satisfies `pred` (e.g. keyframe requests seen).
+    pub async fn wait_for_local_track(
+        &self,
+        kind: TrackKind,
+        mut pred: impl FnMut(&LocalTrackStats) -> bool,
+        timeout: Duration,
+    ) -> Result<LocalTrackStats> {
+        if !self.local_tracks.iter().any(|t| t.kind == kind) {
+            bail!("not publishing {kind:?}");
+        }
+        self.shared
+            .wait_until(timeout, &format!("local {kind:?} track condition"), |s| {
+                self.local_stats(s)
+                    .into_iter()
+                    .find(|t| t.kind == kind && pred(t))
             })
             .await
     }
@@ -1747,18 +2220,106 @@ impl Peer {
             .iter()
             .find(|t| t.kind == kind)
             .ok_or_else(|| anyhow!("not publishing {kind:?}"))?;
-        lt.control.paused.store(muted, Ordering::Release);
         let server_id = self
             .shared
             .wait_until(self.opts.timeout, "server id of our track", |s| {
                 server_id_of(s, self.participant_id(), lt)
             })
             .await?;
+        lt.set_paused(muted);
         self.send(ClientMessage::Mute {
             track_id: server_id,
             muted,
         })
         .await
+    }
+
+    /// Pauses or resumes the local track of `kind` without telling the server (a camera that
+    /// stops producing frames).
+    pub fn pause_media(&self, kind: TrackKind, paused: bool) -> Result<()> {
+        let lt = self
+            .local_tracks
+            .iter()
+            .find(|t| t.kind == kind)
+            .ok_or_else(|| anyhow!("not publishing {kind:?}"))?;
+        lt.set_paused(paused);
+        Ok(())
+    }
+
+    /// Pauses or resumes one simulcast layer (by RID) of the local video track, without
+    /// telling the server (an encoder that drops a layer, e.g. for CPU or bandwidth).
+    pub fn pause_layer(&self, rid: &str, paused: bool) -> Result<()> {
+        let layer = self
+            .local_tracks
+            .iter()
+            .flat_map(|t| t.layers.iter())
+            .find(|l| !l.rid.is_empty() && l.rid == rid)
+            .ok_or_else(|| anyhow!("no simulcast layer {rid:?}"))?;
+        layer.control.paused.store(paused, Ordering::Release);
+        if !paused {
+            // An encoder that resumes a layer starts it with a keyframe.
+            layer
+                .control
+                .keyframe_requested
+                .store(true, Ordering::Release);
+        }
+        self.shared.bump();
+        Ok(())
+    }
+
+    // ── bandwidth limit ──
+
+    /// Changes the subscriber connection's downstream limit (bit/s; 0 = unlimited). Needs
+    /// [`PeerOptions::subscriber_bandwidth_bps`] set at connect (the relay is put in place
+    /// then).
+    pub fn set_subscriber_bandwidth(&self, bps: u64) -> Result<()> {
+        let relay = self.shared.relay.as_ref().ok_or_else(|| {
+            anyhow!(
+                "{}: no relay (connect with subscriber_bandwidth_bps)",
+                self.name()
+            )
+        })?;
+        relay.set_rate(bps);
+        Ok(())
+    }
+
+    /// Packets the server asked this publisher to retransmit (NACK): loss between this
+    /// publisher and the server.
+    pub fn nacked_packets(&self) -> u64 {
+        self.shared.feedback.nacked_packets()
+    }
+
+    /// Counters of the subscriber connection's relay, if there is one.
+    pub fn relay_stats(&self) -> Option<RelayStats> {
+        self.shared.relay.as_ref().map(|r| r.stats())
+    }
+
+    /// The `layer_changed` messages received for `track_id` so far.
+    pub fn layer_changes(&self, track_id: &str) -> Vec<LayerChange> {
+        let s = self.shared.state();
+        match s.remote_tracks.get(track_id) {
+            Some(t) => t.layer_changes.clone(),
+            None => s
+                .pending_layer_changes
+                .get(track_id)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Waits until remote track `track_id` satisfies `pred`.
+    pub async fn wait_for_track_state(
+        &self,
+        track_id: &str,
+        what: &str,
+        mut pred: impl FnMut(&RemoteTrackStats) -> bool,
+        timeout: Duration,
+    ) -> Result<RemoteTrackStats> {
+        self.shared
+            .wait_until(timeout, &format!("{track_id}: {what}"), |s| {
+                s.remote_tracks.get(track_id).filter(|t| pred(t)).cloned()
+            })
+            .await
     }
 
     // ── data channels ──
@@ -1767,11 +2328,19 @@ impl Peer {
     pub async fn wait_data_channels(&self, timeout: Duration) -> Result<()> {
         self.shared
             .wait_until(timeout, "data channels chat and input", |s| {
-                (s.open_channels.iter().any(|l| l == "chat")
-                    && s.open_channels.iter().any(|l| l == "input"))
-                .then_some(())
+                if s.open_channels.iter().any(|l| l == "chat")
+                    && s.open_channels.iter().any(|l| l == "input")
+                {
+                    Some(Ok(()))
+                } else {
+                    s.closed.as_ref().map(|r| {
+                        Err(anyhow!(
+                            "signaling closed ({r}) before data channels opened"
+                        ))
+                    })
+                }
             })
-            .await
+            .await?
     }
 
     async fn channel(&self, channel: &Channel) -> Result<Arc<dyn DataChannel>> {
@@ -1884,6 +2453,24 @@ impl Peer {
         .await
     }
 
+    /// Per-subscription preferences for a video track (`track_settings`: simulcast quality
+    /// and/or rendered size).
+    pub async fn track_settings(
+        &self,
+        track_id: &str,
+        quality: Option<Quality>,
+        width: Option<u32>,
+        height: Option<u32>,
+    ) -> Result<()> {
+        self.send(ClientMessage::TrackSettings {
+            track_id: track_id.to_owned(),
+            quality,
+            width,
+            height,
+        })
+        .await
+    }
+
     /// Round trip of a `ping` → `pong` on the WebSocket.
     pub async fn ping(&self) -> Result<Duration> {
         let n = self.shared.ping_seq.fetch_add(1, Ordering::Relaxed);
@@ -1926,7 +2513,11 @@ impl Peer {
                     Some(RTCPeerConnectionState::Failed) => {
                         Some(Err(anyhow!("{target:?} connection failed")))
                     }
-                    _ => None,
+                    _ => s.closed.as_ref().map(|r| {
+                        Err(anyhow!(
+                            "signaling closed ({r}) before {target:?} connected"
+                        ))
+                    }),
                 }
             })
             .await?
@@ -2019,16 +2610,26 @@ impl Drop for Peer {
 }
 
 fn server_id_of(s: &State, participant_id: &str, lt: &LocalTrack) -> Option<String> {
+    find_server_id(s, participant_id, &lt.client_track_id, lt.kind)
+}
+
+/// The server id of one of our tracks: by client track id, else by kind.
+fn find_server_id(
+    s: &State,
+    participant_id: &str,
+    client_track_id: &str,
+    kind: TrackKind,
+) -> Option<String> {
     let mine = s
         .room_tracks
         .values()
         .filter(|t| t.participant_id == participant_id);
     let mut by_kind = None;
     for t in mine {
-        if t.client_track_id == lt.client_track_id {
+        if t.client_track_id == client_track_id {
             return Some(t.id.clone());
         }
-        if t.kind == lt.kind {
+        if t.kind == kind {
             by_kind = Some(t.id.clone());
         }
     }
@@ -2043,32 +2644,57 @@ async fn send_ws(ws_tx: &mpsc::Sender<WsOut>, text: String, t: Duration) -> Resu
     }
 }
 
+/// Adds a local track with one encoding per `(rid, clip)`: one with an empty RID for a plain
+/// track, several with RIDs for simulcast (`a=rid:<rid> send` and `a=simulcast:send` in the
+/// offer, in this order).
 async fn add_local_track(
     pc: &Arc<dyn PeerConnection>,
     name: &str,
     kind: TrackKind,
-    clip: Arc<Clip>,
+    clips: Vec<(String, Arc<Clip>)>,
     t: Duration,
 ) -> Result<LocalTrack> {
     let (codec_kind, codec, mime, label) = match kind {
         TrackKind::Audio => (RtpCodecKind::Audio, opus_codec(), MIME_TYPE_OPUS, "audio"),
         TrackKind::Video => (RtpCodecKind::Video, vp8_codec(), MIME_TYPE_VP8, "video"),
     };
-    let ssrc = rand::random::<u32>() | 1;
+    if clips.is_empty() || (clips.len() > 1 && clips.iter().any(|(rid, _)| rid.is_empty())) {
+        bail!("a track needs one clip, or one clip per non-empty RID");
+    }
     let client_track_id = format!("{name}-{label}");
+    let mut layers = Vec::new();
+    let mut encodings = Vec::new();
+    for (rid, clip) in clips {
+        let ssrc = loop {
+            let s = rand::random::<u32>() | 1;
+            if layers.iter().all(|l: &LocalLayer| l.ssrc != s) {
+                break s;
+            }
+        };
+        encodings.push(RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                rid: rid.clone(),
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec: codec.clone(),
+            ..Default::default()
+        });
+        layers.push(LocalLayer {
+            rid,
+            ssrc,
+            clip,
+            control: Arc::new(PacerControl::default()),
+            dynacast_pauses: Arc::new(AtomicU64::new(0)),
+            dynacast_resumes: Arc::new(AtomicU64::new(0)),
+        });
+    }
     let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
         format!("{name}-stream"),
         client_track_id.clone(),
         format!("{name} {label}"),
         codec_kind,
-        vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(ssrc),
-                ..Default::default()
-            },
-            codec,
-            ..Default::default()
-        }],
+        encodings,
     )));
     let sender = bounded(
         t,
@@ -2079,12 +2705,125 @@ async fn add_local_track(
     Ok(LocalTrack {
         kind,
         client_track_id,
-        ssrc,
         mime_type: mime,
-        clip,
+        layers,
         track,
         sender,
-        control: Arc::new(PacerControl::default()),
         payload_type: Arc::new(Mutex::new(None)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_send<T: Send>(_: &T) {}
+
+    /// `Peer` can be shared across tasks, and its futures can be spawned.
+    #[allow(unreachable_code, clippy::diverging_sub_expression)]
+    fn _peer_and_its_futures_are_send(peer: Arc<Peer>) {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Peer>();
+        let d = Duration::ZERO;
+        is_send(&Peer::connect("", "", "", PeerOptions::default()));
+        is_send(&peer.wait_for_tracks(1, d));
+        is_send(&peer.wait_for_event(|_| true, d));
+        is_send(&peer.wait_for_message(|_| true, d));
+        is_send(&peer.send_chat("", None));
+        is_send(&peer.send_input(b"", None));
+        is_send(&peer.request_keyframe(""));
+        is_send(&peer.set_muted(TrackKind::Audio, true));
+        is_send(&peer.ping());
+        is_send(&peer.leave());
+    }
+
+    #[test]
+    fn server_ids_of_local_tracks_prefer_the_client_track_id() {
+        let info = |id: &str, pid: &str, kind, client: &str| TrackInfo {
+            id: id.into(),
+            participant_id: pid.into(),
+            kind,
+            mime_type: String::new(),
+            client_track_id: client.into(),
+            muted: false,
+            layers: vec![],
+        };
+        let mut s = State::default();
+        for t in [
+            info("TR_0", "PA_other", TrackKind::Video, "me-video"),
+            info("TR_1", "PA_me", TrackKind::Video, "other-video"),
+            info("TR_2", "PA_me", TrackKind::Video, "me-video"),
+        ] {
+            s.room_tracks.insert(t.id.clone(), t);
+        }
+        let id = |client, kind| find_server_id(&s, "PA_me", client, kind);
+        assert_eq!(id("me-video", TrackKind::Video), Some("TR_2".into()));
+        assert_eq!(id("renamed", TrackKind::Video).as_deref(), Some("TR_2"));
+        assert_eq!(id("me-audio", TrackKind::Audio), None);
+    }
+
+    #[test]
+    fn server_messages_update_the_room_view() {
+        let mut s = State::default();
+        let now = Instant::now();
+        let track = TrackInfo {
+            id: "TR_a".into(),
+            participant_id: "PA_p".into(),
+            kind: TrackKind::Audio,
+            mime_type: "audio/opus".into(),
+            client_track_id: "p-audio".into(),
+            muted: false,
+            layers: vec![],
+        };
+        apply_server_message(
+            &mut s,
+            &ServerMessage::ParticipantJoined {
+                participant: ParticipantInfo {
+                    id: "PA_p".into(),
+                    name: "p".into(),
+                    tracks: vec![],
+                },
+            },
+            now,
+        );
+        apply_server_message(
+            &mut s,
+            &ServerMessage::TrackPublished {
+                track: track.clone(),
+            },
+            now,
+        );
+        assert_eq!(s.participants["PA_p"].tracks, vec![track.clone()]);
+        s.remote_tracks.insert(
+            "TR_a".into(),
+            RemoteTrackStats::new("TR_a".into(), "PA_p".into(), TrackKind::Audio, 0),
+        );
+        apply_server_message(
+            &mut s,
+            &ServerMessage::TrackMuted {
+                track_id: "TR_a".into(),
+                participant_id: "PA_p".into(),
+                muted: true,
+            },
+            now,
+        );
+        assert!(s.room_tracks["TR_a"].muted);
+        apply_server_message(
+            &mut s,
+            &ServerMessage::ParticipantLeft {
+                participant_id: "PA_p".into(),
+            },
+            now,
+        );
+        assert!(s.room_tracks.is_empty() && s.participants.is_empty());
+        assert!(s.remote_tracks["TR_a"].ended);
+        assert!(matches!(
+            s.events.last().map(|e| &e.event),
+            Some(PeerEvent::TrackEnded { track_id }) if track_id == "TR_a"
+        ));
+        // A join error before `joined` fails the join; after it, it does not.
+        let err = ServerMessage::error(ErrorCode::InvalidField, "bad", Some("join"));
+        apply_server_message(&mut s, &err, now);
+        assert!(matches!(&s.joined, Some(Err(e)) if e.contains("bad")));
+    }
 }

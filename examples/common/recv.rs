@@ -1,11 +1,150 @@
 //! Receive-side statistics of one remote track: packets, bytes, loss from sequence gaps,
 //! VP8 keyframes, and the last N packets for tests to inspect.
+//!
+//! For simulcast it also tells which layer arrives and whether the stream stays one clean
+//! stream across layer switches:
+//! - **resolution**: the frame size of every VP8 keyframe (parsed from the VP8 payload header);
+//!   every packet counts towards the size of the last keyframe before it
+//!   ([`RemoteTrackStats::packets_by_resolution`]), and each change is timestamped
+//!   ([`RemoteTrackStats::resolution_changes`]);
+//! - **origin of every frame** (not only keyframes): the first bytes of each frame are looked up
+//!   among the clips loaded in this process ([`super::media::known_frame`]), which tells the
+//!   layer of interframes too. A change of origin is a *switch*; a switch on an interframe is a
+//!   glitch a decoder would show ([`ContinuityStats::switches_without_keyframe`]);
+//! - **continuity** ([`ContinuityStats`]): sequence numbers without gaps, timestamps that never
+//!   go back, VP8 picture ids that advance by one per frame;
+//! - **`layer_changed`** messages from the server, with their arrival times.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use plaza::signal::TrackKind;
+use plaza::signal::{Quality, TrackKind};
 use rtc::rtp;
+
+use super::media::{FrameOrigin, known_frame, vp8_keyframe_size};
+
+/// How many entries the per-track histories (resolution changes, switches, anomalies) keep.
+pub const MAX_HISTORY: usize = 10_000;
+
+/// A `layer_changed` message from the server, as received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerChange {
+    pub at: Instant,
+    pub quality: Quality,
+    pub rid: String,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+}
+
+/// The received frame size changed (at a keyframe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolutionChange {
+    pub at: Instant,
+    pub width: u16,
+    pub height: u16,
+    /// Sequence number of the keyframe's first packet.
+    pub seq: u16,
+    /// Index of the packet in the track (0 = first packet received).
+    pub packet_index: u64,
+}
+
+/// The origin (clip size) of the received frames changed: a layer switch as the receiver sees
+/// it. Only frames whose origin is known count (see [`super::media::known_frame`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchPoint {
+    pub at: Instant,
+    pub from: (u16, u16),
+    pub to: (u16, u16),
+    /// The first frame of the new layer is a keyframe (it must be).
+    pub keyframe: bool,
+    pub seq: u16,
+}
+
+/// Whether the received stream is one clean stream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContinuityStats {
+    /// Forward jumps of the sequence number by more than one (in arrival order).
+    pub seq_gaps: u64,
+    /// Packets missing in those jumps.
+    pub seq_gap_packets: u64,
+    /// Packets whose sequence number is not above the previous one (reordering, duplicates,
+    /// retransmissions).
+    pub seq_backwards: u64,
+    /// Of those, packets that filled a gap (late: reordered, or lost and retransmitted after
+    /// a NACK), and the longest time a gap waited to be filled.
+    pub seq_recovered: u64,
+    pub max_recovery: Duration,
+    /// Consecutive packets whose RTP timestamp went back.
+    pub timestamp_regressions: u64,
+    /// Frame starts checked for picture-id continuity (previous frame start seen, no sequence
+    /// gap in between).
+    pub picture_ids_checked: u64,
+    /// Of those, frames whose picture id was not the previous frame's plus one.
+    pub picture_id_jumps: u64,
+    /// Frame starts whose origin was looked up, and how many were found.
+    pub frames: u64,
+    pub frames_known: u64,
+    /// Layer switches seen in the frames' origin.
+    pub switches: u64,
+    /// Switches whose first frame was not a keyframe although no packet was missing before
+    /// it (a decoder would glitch).
+    pub switches_without_keyframe: u64,
+    /// Switches first seen on an interframe right after a sequence gap: the keyframe may have
+    /// been lost on the way (a bottleneck), so nothing can be said of the server.
+    pub switches_after_loss: u64,
+    /// The first anomalies, described (for test failure messages).
+    pub anomalies: Vec<String>,
+}
+
+impl ContinuityStats {
+    /// Packets missing from the sequence and never received late.
+    pub fn seq_missing(&self) -> u64 {
+        self.seq_gap_packets.saturating_sub(self.seq_recovered)
+    }
+
+    /// No sequence number missing for good, no timestamp regression, no picture-id jump, no
+    /// switch on an interframe.
+    pub fn is_clean(&self) -> bool {
+        self.seq_missing() == 0
+            && self.timestamp_regressions == 0
+            && self.picture_id_jumps == 0
+            && self.switches_without_keyframe == 0
+    }
+
+    fn note(&mut self, what: String) {
+        if self.anomalies.len() < 50 {
+            self.anomalies.push(what);
+        }
+    }
+
+    /// Loss notes are many under a bottleneck: they take at most 20 of the 50 slots.
+    fn note_loss(&mut self, what: impl FnOnce() -> String) {
+        if self.anomalies.len() < 20 {
+            self.anomalies.push(what());
+        }
+    }
+}
+
+/// What the continuity check remembers of the previous packet / frame.
+#[derive(Debug, Clone, Default)]
+struct Last {
+    seq: Option<u16>,
+    timestamp: Option<u32>,
+    /// Picture id (and its width in bits) of the last frame start, and whether a sequence gap
+    /// happened since.
+    picture_id: Option<(u16, u16)>,
+    gap_since_frame: bool,
+    /// Origin (clip size) of the last known frame.
+    origin: Option<(u16, u16)>,
+    /// What the last frame was, if known.
+    frame: Option<FrameOrigin>,
+    /// Sequence numbers skipped by gaps and not received yet, with when the gap was seen
+    /// (bounded: the oldest are forgotten).
+    missing: VecDeque<(u16, Instant)>,
+}
+
+/// At most this many missing sequence numbers are remembered for late arrivals.
+const MAX_MISSING: usize = 1024;
 
 /// What was seen of one received RTP packet.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,10 +236,27 @@ pub struct RemoteTrackStats {
     pub ssrcs: Vec<u32>,
     pub payload_types: Vec<u8>,
     pub seq: HashMap<u32, SeqTracker>,
+    /// The server unpublished the track (or its publisher left), or the connection closed.
     pub ended: bool,
     /// The most recent packets, oldest first.
     pub recent: VecDeque<PacketInfo>,
     pub keep_recent: usize,
+    /// VP8: the frame size of the last keyframe received.
+    pub resolution: Option<(u16, u16)>,
+    /// VP8: every change of the keyframe size (the first keyframe included), oldest first.
+    pub resolution_changes: Vec<ResolutionChange>,
+    /// VP8: packets by the frame size of the keyframe they follow (packets before the first
+    /// keyframe are not counted).
+    pub packets_by_resolution: BTreeMap<(u16, u16), u64>,
+    /// VP8: frames by the size of the clip they come from (frames of unknown origin are not
+    /// counted; see the module docs).
+    pub frames_by_origin: BTreeMap<(u16, u16), u64>,
+    /// VP8: layer switches seen in the frames' origin, oldest first.
+    pub switches: Vec<SwitchPoint>,
+    /// `layer_changed` messages for this track, oldest first.
+    pub layer_changes: Vec<LayerChange>,
+    pub continuity: ContinuityStats,
+    last: Last,
 }
 
 impl RemoteTrackStats {
@@ -124,6 +280,14 @@ impl RemoteTrackStats {
             ended: false,
             recent: VecDeque::new(),
             keep_recent,
+            resolution: None,
+            resolution_changes: Vec::new(),
+            packets_by_resolution: BTreeMap::new(),
+            frames_by_origin: BTreeMap::new(),
+            switches: Vec::new(),
+            layer_changes: Vec::new(),
+            continuity: ContinuityStats::default(),
+            last: Last::default(),
         }
     }
 
@@ -158,6 +322,7 @@ impl RemoteTrackStats {
             self.keyframes += 1;
             self.first_keyframe_at.get_or_insert(now);
         }
+        self.check_continuity(pkt, vp8.as_ref(), now);
         if self.keep_recent > 0 {
             if self.recent.len() == self.keep_recent {
                 self.recent.pop_front();
@@ -176,6 +341,195 @@ impl RemoteTrackStats {
                 tl0_pic_idx: vp8.and_then(|d| d.tl0_pic_idx),
             });
         }
+    }
+
+    /// Sequence, timestamp, picture-id and layer-switch checks, and the resolution bookkeeping.
+    fn check_continuity(&mut self, pkt: &rtp::Packet, vp8: Option<&Vp8Descriptor>, now: Instant) {
+        let h = &pkt.header;
+        let index = self.packets - 1;
+        let c = &mut self.continuity;
+        let last = &mut self.last;
+        if let Some(prev) = last.seq {
+            let delta = h.sequence_number.wrapping_sub(prev) as i16;
+            if delta > 1 {
+                c.seq_gaps += 1;
+                c.seq_gap_packets += (delta - 1) as u64;
+                last.gap_since_frame = true;
+                for k in 1..delta as u16 {
+                    if last.missing.len() == MAX_MISSING {
+                        last.missing.pop_front();
+                    }
+                    last.missing.push_back((prev.wrapping_add(k), now));
+                }
+                c.note_loss(|| {
+                    format!(
+                        "sequence gap: {prev} -> {} ({} missing) at packet {index}",
+                        h.sequence_number,
+                        delta - 1
+                    )
+                });
+            } else if delta <= 0 {
+                c.seq_backwards += 1;
+                if let Some(i) = last
+                    .missing
+                    .iter()
+                    .position(|(s, _)| *s == h.sequence_number)
+                    && let Some((_, seen)) = last.missing.remove(i)
+                {
+                    c.seq_recovered += 1;
+                    let waited = now.saturating_duration_since(seen);
+                    c.max_recovery = c.max_recovery.max(waited);
+                    c.note_loss(|| {
+                        format!(
+                            "seq {} arrived {:.1} ms after its gap was seen",
+                            h.sequence_number,
+                            waited.as_secs_f64() * 1000.0
+                        )
+                    });
+                }
+            }
+            if delta <= 0 {
+                // Reordered or repeated: not part of the in-order walk.
+                return;
+            }
+        }
+        last.seq = Some(h.sequence_number);
+        if let Some(prev) = last.timestamp
+            && (h.timestamp.wrapping_sub(prev) as i32) < 0
+        {
+            c.timestamp_regressions += 1;
+            c.note(format!(
+                "timestamp went back: {prev} -> {} at seq {}",
+                h.timestamp, h.sequence_number
+            ));
+        }
+        last.timestamp = Some(h.timestamp);
+
+        let Some(d) = vp8 else { return };
+        let vp8_data = pkt.payload.get(d.header_len..).unwrap_or_default();
+        if d.keyframe_start
+            && let Some(size) = vp8_keyframe_size(vp8_data)
+            && self.resolution != Some(size)
+        {
+            if self.resolution_changes.len() < MAX_HISTORY {
+                self.resolution_changes.push(ResolutionChange {
+                    at: now,
+                    width: size.0,
+                    height: size.1,
+                    seq: h.sequence_number,
+                    packet_index: index,
+                });
+            }
+            self.resolution = Some(size);
+        }
+        if let Some(size) = self.resolution {
+            *self.packets_by_resolution.entry(size).or_default() += 1;
+        }
+        if !(d.start_of_partition && d.partition_id == 0) {
+            return;
+        }
+        // A frame starts here.
+        let origin = known_frame(vp8_data);
+        let describe = |o: Option<FrameOrigin>| match o {
+            Some(o) => format!(
+                "{}x{} frame {}{}",
+                o.width,
+                o.height,
+                o.index,
+                if o.keyframe { " (key)" } else { "" }
+            ),
+            None => "unknown frame".to_owned(),
+        };
+        if let Some(pid) = d.picture_id {
+            // The field may change width between frames (webrtc-rs sends ids below 128 in 7
+            // bits): the value must still be the previous one plus one, modulo the field.
+            let modulo: u16 = if d.picture_id_15bit { 1 << 15 } else { 1 << 7 };
+            if let Some((prev, _)) = last.picture_id
+                && !last.gap_since_frame
+            {
+                c.picture_ids_checked += 1;
+                let expected = (prev + 1) % modulo;
+                if pid != expected {
+                    c.picture_id_jumps += 1;
+                    c.note(format!(
+                        "picture id jumped: {prev} -> {pid} (expected {expected}) at seq {}, \
+                         {}-bit, {} after {}",
+                        h.sequence_number,
+                        if d.picture_id_15bit { 15 } else { 7 },
+                        describe(origin),
+                        describe(last.frame)
+                    ));
+                }
+            }
+            last.picture_id = Some((pid, modulo));
+        }
+        let gap_before = std::mem::replace(&mut last.gap_since_frame, false);
+        last.frame = origin;
+        c.frames += 1;
+        let Some(FrameOrigin { width, height, .. }) = origin else {
+            return;
+        };
+        if width == 0 {
+            return;
+        }
+        c.frames_known += 1;
+        *self.frames_by_origin.entry((width, height)).or_default() += 1;
+        if let Some(from) = last.origin
+            && from != (width, height)
+        {
+            c.switches += 1;
+            if !d.keyframe_start && gap_before {
+                c.switches_after_loss += 1;
+            } else if !d.keyframe_start {
+                c.switches_without_keyframe += 1;
+                c.note(format!(
+                    "switch {}x{} -> {width}x{height} on an interframe at seq {}",
+                    from.0, from.1, h.sequence_number
+                ));
+            }
+            if self.switches.len() < MAX_HISTORY {
+                self.switches.push(SwitchPoint {
+                    at: now,
+                    from,
+                    to: (width, height),
+                    keyframe: d.keyframe_start,
+                    seq: h.sequence_number,
+                });
+            }
+        }
+        last.origin = Some((width, height));
+    }
+
+    /// Records a `layer_changed` message for this track.
+    pub fn on_layer_changed(&mut self, change: LayerChange) {
+        if self.layer_changes.len() < MAX_HISTORY {
+            self.layer_changes.push(change);
+        }
+    }
+
+    /// The frame sizes received from `since` on: the one in force at `since`, then every
+    /// change after it, in order.
+    pub fn resolutions_since(&self, since: Instant) -> Vec<(u16, u16)> {
+        let mut out: Vec<(u16, u16)> = Vec::new();
+        let before = self
+            .resolution_changes
+            .iter()
+            .rev()
+            .find(|c| c.at <= since)
+            .map(|c| (c.width, c.height));
+        out.extend(before);
+        for c in self.resolution_changes.iter().filter(|c| c.at > since) {
+            out.push((c.width, c.height));
+        }
+        out
+    }
+
+    /// When the first keyframe of size `size` arrived at or after `since`.
+    pub fn first_resolution_at(&self, size: (u16, u16), since: Instant) -> Option<Instant> {
+        self.resolution_changes
+            .iter()
+            .find(|c| c.at >= since && (c.width, c.height) == size)
+            .map(|c| c.at)
     }
 
     fn is_vp8(&self) -> bool {
@@ -210,6 +564,8 @@ pub struct Vp8Descriptor {
     pub start_of_partition: bool,
     pub partition_id: u8,
     pub picture_id: Option<u16>,
+    /// The picture id is 15 bits long (M bit), else 7.
+    pub picture_id_15bit: bool,
     pub tl0_pic_idx: Option<u8>,
     /// The packet starts a frame (S=1, PID=0) and that frame is a keyframe.
     pub keyframe_start: bool,
@@ -224,6 +580,7 @@ pub fn parse_vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
     let partition_id = b0 & 0x07;
     let mut i = 1;
     let (mut picture_id, mut tl0_pic_idx) = (None, None);
+    let mut picture_id_15bit = false;
     if x {
         let b1 = *p.get(i)?;
         i += 1;
@@ -238,6 +595,7 @@ pub fn parse_vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
             if m & 0x80 != 0 {
                 let m2 = *p.get(i + 1)?;
                 picture_id = Some((u16::from(m & 0x7f) << 8) | u16::from(m2));
+                picture_id_15bit = true;
                 i += 2;
             } else {
                 picture_id = Some(u16::from(m & 0x7f));
@@ -259,6 +617,7 @@ pub fn parse_vp8_descriptor(p: &[u8]) -> Option<Vp8Descriptor> {
         start_of_partition,
         partition_id,
         picture_id,
+        picture_id_15bit,
         tl0_pic_idx,
         keyframe_start,
         header_len: i,
@@ -301,6 +660,149 @@ mod tests {
         let d = parse_vp8_descriptor(&[0x00, 0x00]).unwrap();
         assert!(!d.keyframe_start);
         assert!(parse_vp8_descriptor(&[0x80]).is_none());
+    }
+
+    use super::super::media::{Clip, MediaPacketizer, simulcast_files};
+
+    /// Packets of `frames` frames of the simulcast clip `rid`, starting at frame `from`.
+    fn layer_packets(rid: &str, from: usize, frames: usize) -> Vec<Vec<rtp::Packet>> {
+        let file = simulcast_files()
+            .into_iter()
+            .find(|(r, _)| r == rid)
+            .unwrap()
+            .1;
+        let mut p = MediaPacketizer::new(Clip::load(&file).unwrap(), 7, 96).unwrap();
+        for _ in 0..from {
+            p.next_packets(false).unwrap();
+        }
+        (0..frames)
+            .map(|_| p.next_packets(false).unwrap().0)
+            .collect()
+    }
+
+    /// What an SFU does to a stream of frames from several layers: one SSRC, continuous
+    /// sequence numbers, timestamps and (15-bit) picture ids.
+    fn rewrite(frames: Vec<Vec<rtp::Packet>>) -> Vec<rtp::Packet> {
+        let mut out = Vec::new();
+        let (mut seq, mut ts, mut pid) = (65_530u16, 4_294_960_000u32, 32_765u16);
+        for frame in frames {
+            for mut p in frame {
+                p.header.ssrc = 1;
+                p.header.sequence_number = seq;
+                p.header.timestamp = ts;
+                seq = seq.wrapping_add(1);
+                let d = parse_vp8_descriptor(&p.payload).unwrap();
+                assert!(d.picture_id.is_some(), "picture id present");
+                let mut payload = vec![p.payload[0] | 0x80, 0x80];
+                payload.extend([0x80 | (pid >> 8) as u8, pid as u8]);
+                payload.extend_from_slice(&p.payload[d.header_len..]);
+                p.payload = payload.into();
+                out.push(p);
+            }
+            ts = ts.wrapping_add(3000);
+            pid = (pid + 1) % (1 << 15);
+        }
+        out
+    }
+
+    fn receive(packets: &[rtp::Packet]) -> RemoteTrackStats {
+        let mut s = RemoteTrackStats::new("TR_x".into(), "PA_y".into(), TrackKind::Video, 0);
+        let now = Instant::now();
+        for p in packets {
+            s.on_packet(p, now);
+        }
+        s
+    }
+
+    #[test]
+    fn publishers_send_continuous_15_bit_picture_ids() {
+        let packets: Vec<rtp::Packet> = layer_packets("q", 0, 200).into_iter().flatten().collect();
+        assert!(
+            packets
+                .iter()
+                .all(|p| parse_vp8_descriptor(&p.payload).is_some_and(|d| d.picture_id_15bit))
+        );
+        let s = receive(&packets);
+        assert!(s.continuity.is_clean(), "{:?}", s.continuity);
+        assert_eq!(s.continuity.picture_ids_checked, 199);
+        assert_eq!(s.continuity.frames_known, 200);
+    }
+
+    #[test]
+    fn switches_at_keyframes_are_clean() {
+        // q frames 50..60, then h from its keyframe at 60, then q again from 120.
+        let mut frames = layer_packets("q", 50, 10);
+        frames.extend(layer_packets("h", 60, 60));
+        frames.extend(layer_packets("q", 120, 5));
+        let s = receive(&rewrite(frames));
+        let c = &s.continuity;
+        assert!(c.is_clean(), "{c:?}");
+        assert_eq!((c.frames, c.frames_known, c.switches), (75, 75, 2), "{c:?}");
+        assert!(c.picture_ids_checked >= 74, "{c:?}");
+        assert_eq!(s.switches.len(), 2);
+        assert_eq!(
+            (s.switches[0].from, s.switches[0].to),
+            ((320, 180), (640, 360))
+        );
+        assert!(s.switches.iter().all(|w| w.keyframe));
+        // Packets before the first keyframe have no known resolution.
+        let sizes: Vec<(u16, u16)> = s
+            .resolution_changes
+            .iter()
+            .map(|r| (r.width, r.height))
+            .collect();
+        assert_eq!(sizes, vec![(640, 360), (320, 180)]);
+        assert_eq!(s.resolution, Some((320, 180)));
+        assert_eq!(s.frames_by_origin[&(320, 180)], 15);
+        assert_eq!(s.frames_by_origin[&(640, 360)], 60);
+        assert!(s.packets_by_resolution[&(640, 360)] >= 60);
+    }
+
+    #[test]
+    fn a_switch_on_an_interframe_and_gaps_are_caught() {
+        let mut frames = layer_packets("q", 0, 10);
+        frames.extend(layer_packets("h", 10, 10));
+        let mut packets = rewrite(frames);
+        let s = receive(&packets);
+        assert_eq!(
+            s.continuity.switches_without_keyframe, 1,
+            "{:?}",
+            s.continuity
+        );
+        assert!(!s.continuity.is_clean());
+        assert_eq!(s.resolution_changes.len(), 1, "only q's keyframe");
+
+        // A lost packet: one gap, and the picture id after it is not checked.
+        let lost = packets.remove(30);
+        let s = receive(&packets);
+        assert_eq!(
+            (s.continuity.seq_gaps, s.continuity.seq_gap_packets),
+            (1, 1)
+        );
+        assert_eq!(s.lost(), 1);
+        // Late arrival of the lost packet: counted as backwards, nothing else.
+        packets.push(lost);
+        let s = receive(&packets);
+        assert_eq!(s.continuity.seq_backwards, 1);
+        assert_eq!(s.continuity.seq_recovered, 1);
+        assert_eq!(s.continuity.seq_missing(), 0);
+        assert_eq!(s.lost(), 0);
+
+        // A picture id that jumps, and a timestamp that goes back.
+        let mut packets = rewrite(layer_packets("q", 0, 5));
+        let last = packets.len() - 1;
+        // The last frame's first packet gets a picture id 5 too far.
+        let first_of_last = packets
+            .iter()
+            .rposition(|p| p.payload[0] & 0x10 != 0)
+            .unwrap();
+        let mut payload = packets[first_of_last].payload.to_vec();
+        payload[3] = payload[3].wrapping_add(5);
+        packets[first_of_last].payload = payload.into();
+        packets[last].header.timestamp = packets[0].header.timestamp.wrapping_sub(1);
+        let s = receive(&packets);
+        assert_eq!(s.continuity.timestamp_regressions, 1);
+        assert_eq!(s.continuity.picture_id_jumps, 1, "{:?}", s.continuity);
     }
 
     #[test]

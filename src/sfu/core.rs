@@ -1142,6 +1142,7 @@ impl Core {
         packet.header.extension = false;
         packet.header.extensions.clear();
         packet.header.extension_profile = 0;
+        packet.header.extensions_padding = 0;
         let clock_rate = track.codec.clock_rate;
         let mut want_keyframe: Option<usize> = None;
         let mut switched_subs: Vec<u64> = Vec::new();
@@ -1387,19 +1388,22 @@ impl Core {
                     }
                 }
                 if changed {
-                    let active: Vec<String> = track
+                    let (paused, active): (Vec<_>, Vec<_>) = track
                         .layers
                         .iter()
                         .enumerate()
-                        .filter(|(i, _)| !track.paused_upstream.contains(i))
-                        .map(|(_, l)| l.rid.clone())
-                        .collect();
+                        .partition(|(i, _)| track.paused_upstream.contains(i));
+                    let rids = |v: Vec<(usize, &Layer)>| -> Vec<String> {
+                        v.into_iter().map(|(_, l)| l.rid.clone()).collect()
+                    };
+                    let (active, paused) = (rids(active), rids(paused));
                     debug!(track = %tid, ?active, "dynacast: publisher layers");
                     layer_msgs.push((
                         track.publisher,
                         ServerMessage::PublisherLayers {
                             track_id: tid.clone(),
                             active,
+                            paused,
                         },
                     ));
                 }

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# End-to-end tests of the browser client and demo page in headless Chromium.
+#
+#   scripts/browser-tests.sh            run tests/browser/*.test.js
+#   scripts/browser-tests.sh --bench    also run the measurements (tests/browser/bench.js)
+#   scripts/browser-tests.sh --bench-only
+#
+# Installs what is missing (Debian chromium via apt, playwright-core via npm ci), builds the
+# release server if needed, then runs everything inside a loopback-only network namespace
+# (unshare --net; the server listens on 127.0.0.1:7880 / UDP 7882 there). Fails, never skips,
+# when something cannot be had. Artifacts (screenshot, server log): target/browser/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+die() { printf '\nbrowser-tests: FAILED: %s\n' "$*" >&2; exit 1; }
+step() { printf '\n==> %s\n' "$*"; }
+
+RUN_TESTS=1
+RUN_BENCH=0
+for arg in "$@"; do
+  case "$arg" in
+    --bench) RUN_BENCH=1 ;;
+    --bench-only) RUN_BENCH=1; RUN_TESTS=0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) die "unknown argument $arg" ;;
+  esac
+done
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+if [ ! -x "$CHROMIUM" ]; then
+  step "installing Debian chromium (apt)"
+  as_root apt-get update -qq || die "apt-get update failed; cannot install chromium"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+    || die "apt-get install chromium failed"
+  [ -x "$CHROMIUM" ] || die "$CHROMIUM is still missing after installing chromium"
+fi
+"$CHROMIUM" --version 2>/dev/null | head -n1 || die "$CHROMIUM does not run"
+
+command -v node >/dev/null || die "node is missing (apt-get install nodejs npm)"
+node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' \
+  || die "node >= 20 is needed (have $(node --version))"
+command -v unshare >/dev/null && command -v ip >/dev/null || die "unshare and ip (util-linux, iproute2) are needed"
+
+# npm ci when playwright-core is missing or not the version package-lock.json pins.
+if ! (cd tests/browser && node -e '
+  const want = require("./package-lock.json").packages["node_modules/playwright-core"].version;
+  const have = require("./node_modules/playwright-core/package.json").version;
+  process.exit(want === have ? 0 : 1);' 2>/dev/null); then
+  step "npm ci (tests/browser)"
+  (cd tests/browser && npm ci --no-audit --no-fund) || die "npm ci in tests/browser failed"
+fi
+
+if [ -z "${PLAZA_BIN:-}" ]; then
+  step "cargo build --release --bin plaza"
+  cargo build --release --bin plaza || die "building the server failed"
+  export PLAZA_BIN="$ROOT/target/release/plaza"
+fi
+
+mkdir -p target/browser
+export ARTIFACTS="$ROOT/target/browser" CHROMIUM
+
+# Everything below runs in a private network namespace with only loopback: the server, the
+# browsers and the tests cannot reach (or be reached from) anything else.
+# Root gets a plain network namespace; anyone else a user namespace mapped to root, if allowed.
+if [ "$(id -u)" = 0 ]; then NETNS=(unshare --net); else NETNS=(unshare --user --map-root-user --net); fi
+"${NETNS[@]}" true 2>/dev/null || die "cannot create a network namespace (${NETNS[*]}): run as root or allow unprivileged user namespaces"
+step "entering a loopback-only network namespace"
+"${NETNS[@]}" bash -euo pipefail -c '
+  ip link set lo up
+  cd tests/browser
+  status=0
+  if [ "$1" = 1 ]; then
+    echo "==> node --test"
+    node --test --test-concurrency=1 --test-reporter=spec ./*.test.js || status=$?
+  fi
+  if [ "$2" = 1 ]; then
+    echo "==> measurements (bench.js)"
+    node bench.js || status=$?
+  fi
+  exit $status
+' browser-tests "$RUN_TESTS" "$RUN_BENCH" || die "browser tests failed (server log: target/browser/plaza.log)"
+printf '\nbrowser-tests: ok\n'

@@ -1,0 +1,351 @@
+// Plaza demo page: join a room, see everyone, chat. Uses only plaza-client.js.
+//
+// URL parameters: room, name (both: join at once), quality=low|medium|high (caps every remote
+// video and, unless adaptive=1, turns off size-based selection so the cap is what you get).
+import { PlazaClient } from './plaza-client.js';
+
+const $ = (sel) => document.querySelector(sel);
+const params = new URLSearchParams(location.search);
+const QUALITY_LABEL = { low: 'low', medium: 'medium', high: 'high' };
+
+// Exposed for tests and for poking at from the console.
+const demo = (window.plaza = { client: null, times: { joinClick: null, joined: null, firstFrame: null }, tiles: new Map() });
+
+let statsTimer = null;
+let lastBytes = new Map(); // participant id → {bytes, t}
+
+// ---- small UI helpers ----
+
+function showMessage(text, kind = 'error') {
+  $('#message-text').textContent = text;
+  $('#message').className = `message ${kind === 'error' ? '' : kind}`.trim();
+  $('#message').hidden = false;
+}
+$('#message-close').onclick = () => ($('#message').hidden = true);
+
+function setStatus(state, text) {
+  $('#status').dataset.state = state;
+  $('#status').textContent = text ?? state;
+}
+
+function chatLine({ from, text, mine = false, system = false }) {
+  const li = document.createElement('li');
+  if (system) li.className = 'system';
+  if (mine) li.className = 'mine';
+  if (from) {
+    const b = document.createElement('span');
+    b.className = 'from';
+    b.textContent = from;
+    li.append(b);
+  }
+  li.append(document.createTextNode(text));
+  const log = $('#chat-log');
+  log.append(li);
+  log.scrollTop = log.scrollHeight;
+}
+
+function tileFor(id, name, local = false) {
+  let tile = demo.tiles.get(id);
+  if (tile) return tile;
+  tile = $('#tile-template').content.firstElementChild.cloneNode(true);
+  tile.dataset.participantId = id;
+  tile.querySelector('.name').textContent = local ? `${name} (you)` : name;
+  if (local) tile.classList.add('local');
+  demo.tiles.set(id, tile);
+  if (local) $('#grid').prepend(tile);
+  else $('#grid').append(tile);
+  return tile;
+}
+
+function removeTile(id) {
+  const tile = demo.tiles.get(id);
+  if (!tile) return;
+  tile.querySelectorAll('video, audio').forEach((el) => demo.client?.detach(el));
+  tile.remove();
+  demo.tiles.delete(id);
+  lastBytes.delete(id);
+}
+
+function setBadges(tile, { cam, mic }) {
+  const parts = [];
+  if (cam) parts.push('camera off');
+  if (mic) parts.push('muted');
+  tile.querySelector('.badges').textContent = parts.join(' · ');
+  tile.classList.toggle('camera-off', !!cam);
+}
+
+// ---- joining ----
+
+async function join(room, name) {
+  const quality = params.get('quality') || null;
+  const adaptive = quality ? params.get('adaptive') === '1' : params.get('adaptive') !== '0';
+  $('#message').hidden = true;
+  $('#join').disabled = true;
+  demo.times = { joinClick: performance.now(), joined: null, subscriberConnected: null, firstTrack: null, firstFrame: null };
+
+  const client = new PlazaClient({ room, name, defaultQuality: quality, adaptiveStream: adaptive });
+  demo.client = client;
+  wire(client);
+  $('#quality').value = quality ?? '';
+
+  // Camera and signaling in parallel: whichever is slower decides the join time.
+  const media = navigator.mediaDevices
+    ? navigator.mediaDevices.getUserMedia({ video: { width: 1280, height: 720 }, audio: true }).catch((e) => e)
+    : Promise.resolve(new Error('this page needs a secure context (https or localhost) for the camera'));
+
+  setStatus('connecting', 'connecting…');
+  try {
+    await client.connect();
+  } catch (err) {
+    media.then((m) => m instanceof MediaStream && m.getTracks().forEach((t) => t.stop()));
+    demo.client = null;
+    $('#join').disabled = false;
+    setStatus('disconnected', 'not connected');
+    showMessage(
+      err.code === 'unreachable' || err.code === 'timeout'
+        ? `Cannot reach the Plaza server at ${client.options.url}. Is it running? (${err.message})`
+        : `Could not join: ${err.message}`,
+    );
+    return;
+  }
+  demo.times.joined = performance.now();
+  $('#join-form').hidden = true;
+  $('#call').hidden = false;
+  $('#room-title').textContent = `room ${client.room}`;
+  const url = new URL(location.href);
+  url.searchParams.set('room', room);
+  url.searchParams.set('name', name);
+  history.replaceState(null, '', url);
+
+  const local = tileFor('local', name, true);
+  const stream = await media;
+  if (stream instanceof MediaStream) {
+    local.querySelector('video').srcObject = stream;
+    try {
+      await client.publish({ stream });
+    } catch (err) {
+      showMessage(`Could not publish camera and microphone: ${err.message}`);
+    }
+  } else {
+    const why = stream?.name === 'NotAllowedError' ? 'access was refused' : stream?.name === 'NotFoundError' ? 'no camera or microphone was found' : stream?.message;
+    showMessage(`Camera and microphone unavailable (${why}). You joined as a viewer: you can still watch and chat.`);
+    local.querySelector('.stats').textContent = 'not publishing';
+    $('#toggle-camera').disabled = true;
+    $('#toggle-mic').disabled = true;
+  }
+  statsTimer = setInterval(updateStats, 1000);
+}
+
+function wire(client) {
+  client.on('pcstatechange', ({ target, state }) => {
+    if (target === 'subscriber' && state === 'connected' && demo.times.subscriberConnected === null) demo.times.subscriberConnected = performance.now();
+  });
+  client.on('connectionstatechange', ({ state, reason }) => {
+    const text = { connecting: 'connecting…', connected: 'connected', reconnecting: 'reconnecting…', disconnected: 'disconnected', failed: 'connection lost' }[state];
+    setStatus(state, text ?? state);
+    if (state === 'failed') showMessage(`Lost the connection to the server and could not get it back (${reason}).`);
+  });
+  client.on('reconnecting', ({ attempt, reason }) => setStatus('reconnecting', `reconnecting (attempt ${attempt}: ${reason})…`));
+  client.on('reconnected', () => {
+    $('#message').hidden = true;
+    chatLine({ text: 'reconnected', system: true });
+  });
+  client.on('participantjoined', ({ participant }) => {
+    const tile = tileFor(participant.id, participant.name);
+    const tracks = [...participant.tracks.values()];
+    tile._mute = { cam: tracks.some((t) => t.kind === 'video' && t.muted), mic: tracks.some((t) => t.kind === 'audio' && t.muted) };
+    setBadges(tile, tile._mute);
+    if (client.state === 'connected') chatLine({ text: `${participant.name} joined`, system: true });
+  });
+  client.on('participantleft', ({ participantId, participant, reason }) => {
+    removeTile(participantId);
+    if (participant && reason !== 'disconnected') chatLine({ text: `${participant.name} left`, system: true });
+  });
+  client.on('trackadded', ({ trackId, participantId, kind, participant }) => {
+    const tile = tileFor(participantId, participant?.name ?? participantId);
+    if (kind === 'video') {
+      if (demo.times.firstTrack === null) demo.times.firstTrack = performance.now();
+      const video = tile.querySelector('video');
+      client.attach(trackId, video);
+      tile.dataset.videoTrack = trackId;
+      tile.querySelector('.layer').textContent = '';
+      watchFirstFrame(video);
+    } else {
+      let audio = tile.querySelector('audio');
+      if (!audio) {
+        audio = document.createElement('audio');
+        tile.append(audio);
+      }
+      client.attach(trackId, audio);
+      tile.dataset.audioTrack = trackId;
+    }
+  });
+  client.on('trackremoved', ({ trackId, participantId, kind }) => {
+    const tile = demo.tiles.get(participantId);
+    if (!tile) return;
+    const el = tile.querySelector(kind === 'video' ? 'video' : 'audio');
+    if (el && el.dataset.plazaTrack === trackId) client.detach(el);
+    delete tile.dataset[kind === 'video' ? 'videoTrack' : 'audioTrack'];
+  });
+  client.on('trackmuted', ({ participantId, trackId, muted }) => {
+    const tile = demo.tiles.get(participantId);
+    const p = client.participants.get(participantId);
+    if (!tile || !p) return;
+    const kindOf = (id) => p.tracks.get(id)?.kind ?? client.remoteTracks.get(id)?.kind;
+    const state = tile._mute ?? (tile._mute = { cam: false, mic: false });
+    if (kindOf(trackId) === 'video') state.cam = muted;
+    else state.mic = muted;
+    setBadges(tile, state);
+  });
+  client.on('layerchanged', ({ participantId, quality, rid, width, height }) => {
+    const tile = demo.tiles.get(participantId);
+    if (!tile) return;
+    const size = width && height ? ` ${width}×${height}` : '';
+    tile.querySelector('.layer').textContent = `layer ${QUALITY_LABEL[quality] ?? quality}${rid ? ` (${rid})` : ''}${size}`;
+    tile.dataset.layer = quality;
+  });
+  client.on('channelopen', ({ label }) => {
+    if (label !== 'chat') return;
+    $('#chat-input').disabled = false;
+    $('#chat-send').disabled = false;
+  });
+  client.on('channelclose', ({ label }) => {
+    if (label !== 'chat') return;
+    $('#chat-input').disabled = true;
+    $('#chat-send').disabled = true;
+  });
+  client.on('chat', ({ participant, from, text, binary }) => {
+    chatLine({ from: participant?.name ?? from, text: binary ? '[binary message]' : text });
+  });
+  client.on('dataerror', ({ message }) => showMessage(message));
+  client.on('autoplayblocked', () => ($('#enable-sound').hidden = false));
+  client.on('error', (err) => {
+    // Connection problems are shown by the state handlers; the rest is worth a line.
+    if (['unreachable', 'timeout', 'transport_failed'].includes(err.code)) return;
+    if (err.request === 'chat' || err.request === 'input') return; // shown by 'dataerror'
+    console.warn('plaza error', err.code, err.message);
+  });
+}
+
+/** Record when the first remote video frame is shown (for the join-latency measurement). */
+function watchFirstFrame(video) {
+  const mark = () => {
+    if (demo.times.firstFrame === null) demo.times.firstFrame = performance.now();
+  };
+  if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(mark);
+  else video.addEventListener('loadeddata', mark, { once: true });
+}
+
+// ---- stats overlay ----
+
+function fmtRate(bps) {
+  return bps >= 1e6 ? `${(bps / 1e6).toFixed(2)} Mb/s` : `${Math.round(bps / 1e3)} kb/s`;
+}
+
+async function updateStats() {
+  const client = demo.client;
+  if (!client) return;
+  for (const [id, tile] of demo.tiles) {
+    const out = tile.querySelector('.stats');
+    if (id === 'local') {
+      const layers = await client.getPublishStats();
+      const order = { q: 0, h: 1, f: 2 };
+      const video = layers
+        .filter((l) => l.kind === 'video' && (l.frameWidth || l.active === false))
+        .sort((x, y) => (order[x.rid] ?? 9) - (order[y.rid] ?? 9));
+      const line = (l) => (l.active === false ? `${l.rid} paused` : `${l.rid ?? 'video'} ${l.frameWidth}×${l.frameHeight} ${Math.round(l.framesPerSecond)} fps`);
+      out.textContent = video.length ? video.map(line).join('\n') : layers.length ? 'starting…' : out.textContent;
+      continue;
+    }
+    const v = tile.dataset.videoTrack ? await client.getTrackStats(tile.dataset.videoTrack) : null;
+    const a = tile.dataset.audioTrack ? await client.getTrackStats(tile.dataset.audioTrack) : null;
+    const bytes = (v?.bytesReceived ?? 0) + (a?.bytesReceived ?? 0);
+    const t = v?.timestamp ?? a?.timestamp ?? performance.now();
+    const prev = lastBytes.get(id);
+    lastBytes.set(id, { bytes, t });
+    const lines = [];
+    if (!v && !a) {
+      out.textContent = '';
+      continue;
+    }
+    if (v) lines.push(`${v.frameWidth}×${v.frameHeight} ${Math.round(v.framesPerSecond)} fps`);
+    if (prev && t > prev.t) lines.push(fmtRate(((bytes - prev.bytes) * 8 * 1000) / (t - prev.t)));
+    const rtt = v?.roundTripTime ?? a?.roundTripTime;
+    if (rtt != null) lines.push(`RTT ${Math.round(rtt * 1000)} ms`);
+    out.textContent = lines.join('\n');
+    if (v?.frameWidth && !tile.dataset.layer) tile.querySelector('.layer').textContent = `${v.frameWidth}×${v.frameHeight}`;
+  }
+}
+
+// ---- controls ----
+
+$('#join-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const room = $('#room').value.trim();
+  const name = $('#name').value.trim();
+  if (room && name) join(room, name);
+});
+
+$('#toggle-camera').onclick = () => {
+  const on = !demo.client.cameraEnabled;
+  demo.client.setCameraEnabled(on);
+  $('#toggle-camera').textContent = on ? 'Camera on' : 'Camera off';
+  $('#toggle-camera').setAttribute('aria-pressed', String(!on));
+  setBadges(demo.tiles.get('local'), { cam: !on, mic: !demo.client.microphoneEnabled });
+};
+
+$('#toggle-mic').onclick = () => {
+  const on = !demo.client.microphoneEnabled;
+  demo.client.setMicrophoneEnabled(on);
+  $('#toggle-mic').textContent = on ? 'Mic on' : 'Mic off';
+  $('#toggle-mic').setAttribute('aria-pressed', String(!on));
+  setBadges(demo.tiles.get('local'), { cam: !demo.client.cameraEnabled, mic: !on });
+};
+
+$('#quality').onchange = () => {
+  const q = $('#quality').value || null;
+  demo.client?.setDefaultQuality(q);
+  demo.client?.setAdaptiveStream(!q || params.get('adaptive') === '1');
+  const url = new URL(location.href);
+  if (q) url.searchParams.set('quality', q);
+  else url.searchParams.delete('quality');
+  history.replaceState(null, '', url);
+};
+
+$('#enable-sound').onclick = () => {
+  document.querySelectorAll('audio').forEach((a) => a.play().catch(() => {}));
+  $('#enable-sound').hidden = true;
+};
+
+$('#chat-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const text = $('#chat-input').value;
+  if (!text.trim() || !demo.client) return;
+  try {
+    demo.client.sendChat(text);
+    chatLine({ from: 'you', text, mine: true });
+    $('#chat-input').value = '';
+  } catch (err) {
+    showMessage(`Message not sent: ${err.message}`);
+  }
+});
+
+$('#leave').onclick = () => {
+  demo.client?.leave();
+  demo.client?.stopLocalMedia();
+  clearInterval(statsTimer);
+  for (const id of [...demo.tiles.keys()]) removeTile(id);
+  demo.client = null;
+  $('#call').hidden = true;
+  $('#join-form').hidden = false;
+  $('#join').disabled = false;
+  $('#room-title').textContent = '';
+  setStatus('disconnected', 'left');
+};
+
+// ---- start ----
+
+if (params.get('room')) $('#room').value = params.get('room');
+if (params.get('name')) $('#name').value = params.get('name');
+if (params.get('room') && params.get('name')) join(params.get('room').trim(), params.get('name').trim());
+else $('#name').focus();

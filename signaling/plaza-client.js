@@ -1,0 +1,1124 @@
+// Plaza browser client: a plain ES module, no dependencies, no bundler.
+//
+//   import { PlazaClient } from '/plaza-client.js';
+//   const client = new PlazaClient({ room: 'demo', name: 'alice' });
+//   client.on('trackadded', ({ trackId, track }) => { /* attach it */ });
+//   await client.connect();
+//   await client.publish({ video: true, audio: true });
+//
+// The wire protocol is described in signaling/README.md (src/signal.rs is authoritative);
+// this client's API in signaling/CLIENT.md.
+
+/** Protocol version this client speaks (`join.protocol`). */
+export const PROTOCOL_VERSION = 1;
+
+/** Simulcast layers published for camera video: RID, downscale factor, bitrate cap (bps). */
+export const SIMULCAST_LAYERS = Object.freeze([
+  Object.freeze({ rid: 'q', quality: 'low', scaleResolutionDownBy: 4, maxBitrate: 150_000 }),
+  Object.freeze({ rid: 'h', quality: 'medium', scaleResolutionDownBy: 2, maxBitrate: 500_000 }),
+  Object.freeze({ rid: 'f', quality: 'high', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 }),
+]);
+
+/** Quality names accepted by `setQuality` (`null` = no cap). */
+export const QUALITIES = Object.freeze(['low', 'medium', 'high']);
+
+const DEFAULTS = {
+  url: null, // default: ws(s)://<page host>/rtc
+  room: null,
+  name: null,
+  token: undefined,
+  autoSubscribe: true,
+  adaptiveStream: true, // report rendered video sizes (track_settings width/height)
+  defaultQuality: null, // cap for every remote video: 'low' | 'medium' | 'high' | null
+  reconnect: true,
+  reconnectDelays: [250, 500, 1000, 2000, 4000, 8000], // ms; the last one repeats
+  maxReconnectAttempts: 20,
+  connectTimeout: 10_000, // ms for WebSocket open + `joined`
+  pingInterval: 10_000, // ms between signaling pings
+  pingTimeout: 25_000, // ms without any server message before the socket is considered dead
+  sizeDebounce: 250, // ms between a video element's resize and the track_settings it causes
+  // Simulcast layers keep their sizes under CPU or bandwidth pressure (the frame rate drops
+  // instead, and the server switches layers), so a layer's size stays what the server expects.
+  degradationPreference: 'maintain-resolution',
+  rtcConfiguration: {},
+  WebSocket: null, // injectable for tests; default globalThis.WebSocket
+};
+
+/** An error with a machine-readable `code` (server codes, or client ones listed in CLIENT.md). */
+export class PlazaError extends Error {
+  constructor(code, message, extra = {}) {
+    super(message);
+    this.name = 'PlazaError';
+    this.code = code;
+    Object.assign(this, extra);
+  }
+}
+
+/** Smallest event emitter: `on` returns a function that removes the handler. */
+class Emitter {
+  #handlers = new Map();
+  on(type, fn) {
+    if (!this.#handlers.has(type)) this.#handlers.set(type, new Set());
+    this.#handlers.get(type).add(fn);
+    return () => this.off(type, fn);
+  }
+  off(type, fn) {
+    this.#handlers.get(type)?.delete(fn);
+  }
+  once(type, fn) {
+    const off = this.on(type, (e) => {
+      off();
+      fn(e);
+    });
+    return off;
+  }
+  emit(type, detail) {
+    for (const fn of [...(this.#handlers.get(type) ?? [])]) {
+      try {
+        fn(detail);
+      } catch (err) {
+        console.error(`plaza: '${type}' handler threw`, err);
+      }
+    }
+    if (type !== '*') {
+      for (const fn of [...(this.#handlers.get('*') ?? [])]) {
+        try {
+          fn({ type, detail });
+        } catch (err) {
+          console.error('plaza: wildcard handler threw', err);
+        }
+      }
+    }
+  }
+}
+
+// ---- SDP helpers (only what the client needs) ------------------------------------------
+
+/** Media sections of an SDP: [{mid, kind, port, direction, msid: {streamId, trackId}|null}] */
+export function parseMediaSections(sdp) {
+  const out = [];
+  const parts = sdp.split(/\r?\nm=/).slice(1);
+  for (const part of parts) {
+    const lines = part.split(/\r?\n/);
+    const [kind, port] = lines[0].split(' ');
+    const sec = { kind, port: Number(port), mid: null, direction: 'sendrecv', msid: null };
+    for (const line of lines) {
+      if (line.startsWith('a=mid:')) sec.mid = line.slice(6).trim();
+      else if (line.startsWith('a=msid:')) {
+        const [streamId, trackId] = line.slice(7).trim().split(/\s+/);
+        sec.msid = { streamId, trackId: trackId ?? null };
+      } else if (/^a=(sendrecv|sendonly|recvonly|inactive)$/.test(line)) {
+        sec.direction = line.slice(2);
+      }
+    }
+    out.push(sec);
+  }
+  return out;
+}
+
+function encodeEnvelope(header, payload) {
+  const head = JSON.stringify(header ?? {}) + '\n';
+  if (typeof payload === 'string') return head + payload;
+  const body =
+    payload instanceof ArrayBuffer
+      ? new Uint8Array(payload)
+      : new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength);
+  const h = new TextEncoder().encode(head);
+  const msg = new Uint8Array(h.length + body.length);
+  msg.set(h);
+  msg.set(body, h.length);
+  return msg;
+}
+
+function decodeEnvelope(data) {
+  if (typeof data === 'string') {
+    const nl = data.indexOf('\n');
+    if (nl < 0) return null;
+    return { header: JSON.parse(data.slice(0, nl) || '{}'), text: data.slice(nl + 1), binary: false };
+  }
+  const bytes = new Uint8Array(data);
+  const nl = bytes.indexOf(0x0a);
+  if (nl < 0) return null;
+  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(0, nl)) || '{}');
+  return { header, data: bytes.slice(nl + 1), binary: true };
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// ---- the client -------------------------------------------------------------------------
+
+/**
+ * One participant in one Plaza room. See signaling/CLIENT.md for the full API.
+ *
+ * State: 'idle' → 'connecting' → 'connected' ⇄ 'reconnecting' → 'disconnected' | 'failed'.
+ */
+export class PlazaClient extends Emitter {
+  constructor(options = {}) {
+    super();
+    this.options = { ...DEFAULTS, ...options };
+    if (!this.options.url) {
+      const loc = globalThis.location;
+      this.options.url = loc ? `${loc.protocol === 'https:' ? 'wss' : 'ws'}://${loc.host}/rtc` : 'ws://127.0.0.1:7880/rtc';
+    }
+    /** 'idle' | 'connecting' | 'connected' | 'reconnecting' | 'disconnected' | 'failed' */
+    this.state = 'idle';
+    /** This participant's id in the current session (changes on rejoin). */
+    this.participantId = null;
+    this.room = this.options.room;
+    this.name = this.options.name;
+    /** The server's `joined` message of the current session. */
+    this.joinInfo = null;
+    /** Other participants: id → {id, name, tracks: Map<trackId, TrackInfo>} */
+    this.participants = new Map();
+    /** Remote tracks being received: server track id → RemoteTrack (see CLIENT.md). */
+    this.remoteTracks = new Map();
+    /** The published local stream (camera + mic), or null. */
+    this.localStream = null;
+    this.cameraEnabled = true;
+    this.microphoneEnabled = true;
+
+    this._sess = null; // the current session (one WebSocket + two PCs)
+    this._leaving = false;
+    this._publishSpec = null; // what to (re)publish
+    this._settings = new Map(); // trackId → {quality, width, height} wanted by the app
+    this._sent = new Map(); // trackId → last track_settings sent (JSON)
+    this._elements = new Map(); // trackId → Set<HTMLMediaElement>
+    this._sizeTimers = new Map();
+    this._ownTrackIds = new Map(); // local (client) track id → server track id
+    this._reconnectAttempt = 0;
+    this._reconnectTimer = null;
+    this._resizeObserver =
+      typeof ResizeObserver === 'function' ? new ResizeObserver((entries) => this._onResize(entries)) : null;
+  }
+
+  // ---- lifecycle ----
+
+  /**
+   * Connect to the server and join the room. Resolves with the `joined` message; rejects with a
+   * PlazaError (`unreachable`, `timeout`, or a server error code such as `invalid_field`).
+   * `room`/`name` may be given here or in the constructor.
+   */
+  async connect({ room, name, token } = {}) {
+    if (room !== undefined) this.room = room;
+    if (name !== undefined) this.name = name;
+    if (token !== undefined) this.options.token = token;
+    if (!this.room || !this.name) throw new PlazaError('invalid_field', 'room and name are required');
+    if (this._sess) throw new PlazaError('invalid_state', 'already connected');
+    this._leaving = false;
+    this._setState('connecting');
+    try {
+      const joined = await this._openSession();
+      this._setState('connected');
+      return joined;
+    } catch (err) {
+      this._setState('disconnected');
+      throw err;
+    }
+  }
+
+  /** Leave the room for good (no reconnect). Local media keeps running; see `stopLocalMedia`. */
+  leave() {
+    this._leaving = true;
+    clearTimeout(this._reconnectTimer);
+    const sess = this._sess;
+    if (sess) {
+      this._sendOn(sess, { type: 'leave' });
+      this._closeSession(sess, 'left');
+    }
+    this._setState('disconnected');
+  }
+
+  /** Stop the camera and microphone tracks this client captured. */
+  stopLocalMedia() {
+    this.localStream?.getTracks().forEach((t) => t.stop());
+  }
+
+  // ---- publishing ----
+
+  /**
+   * Publish camera and/or microphone. `video`/`audio`: true, false, or getUserMedia constraints;
+   * or pass an existing `stream`. Video is sent as three simulcast layers (SIMULCAST_LAYERS)
+   * unless `simulcast: false`. Resolves with the local MediaStream once the server answered.
+   * Rejects with the getUserMedia error (e.g. NotAllowedError) when capture fails.
+   */
+  async publish({ video = true, audio = true, stream = null, simulcast = true } = {}) {
+    if (!stream) {
+      const constraints = {
+        video: video === true ? { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } } : video,
+        audio: audio === true ? { echoCancellation: true, noiseSuppression: true } : audio,
+      };
+      stream = await navigator.mediaDevices.getUserMedia(constraints);
+    }
+    this.localStream = stream;
+    this._publishSpec = { stream, simulcast };
+    const v = stream.getVideoTracks()[0];
+    const a = stream.getAudioTracks()[0];
+    if (v) v.enabled = this.cameraEnabled;
+    if (a) a.enabled = this.microphoneEnabled;
+    this.emit('localstream', { stream });
+    if (this._sess?.joined) await this._publishOn(this._sess);
+    return stream;
+  }
+
+  /** Turn the camera on or off: `track.enabled` locally and `mute` on the server. */
+  setCameraEnabled(enabled) {
+    this.cameraEnabled = !!enabled;
+    return this._setLocalEnabled('video', this.cameraEnabled);
+  }
+
+  /** Turn the microphone on or off: `track.enabled` locally and `mute` on the server. */
+  setMicrophoneEnabled(enabled) {
+    this.microphoneEnabled = !!enabled;
+    return this._setLocalEnabled('audio', this.microphoneEnabled);
+  }
+
+  /** Server track id of one of this client's published tracks ('audio'/'video'), when known. */
+  ownTrackId(kind) {
+    const t = kind === 'video' ? this.localStream?.getVideoTracks()[0] : this.localStream?.getAudioTracks()[0];
+    return t ? this._ownTrackIds.get(t.id) ?? null : null;
+  }
+
+  // ---- data channels ----
+
+  /** Send on the reliable `chat` channel. `data`: string, ArrayBuffer or typed array. `to`: ids. */
+  sendChat(data, { to } = {}) {
+    this._sendData('chat', data, to);
+  }
+
+  /** Send on the unordered, unreliable `input` channel. */
+  sendInput(data, { to } = {}) {
+    this._sendData('input', data, to);
+  }
+
+  /** Whether the data channel `label` ('chat' | 'input') is open. */
+  channelOpen(label) {
+    return this._sess?.channels[label]?.readyState === 'open';
+  }
+
+  // ---- receiving ----
+
+  /**
+   * Render a remote track into a media element (sets srcObject, plays). For video, the element's
+   * rendered size is reported to the server (adaptive stream) while it stays attached.
+   * Returns the element. Safe to call again after a track was replaced.
+   */
+  attach(trackId, element) {
+    const rt = this.remoteTracks.get(trackId);
+    if (!rt) throw new PlazaError('not_found', `no remote track ${trackId}`);
+    element.srcObject = new MediaStream([rt.track]);
+    element.autoplay = true;
+    element.playsInline = true;
+    element.dataset.plazaTrack = trackId;
+    const p = element.play?.();
+    p?.catch?.((err) => this.emit('autoplayblocked', { trackId, element, error: err }));
+    if (!this._elements.has(trackId)) this._elements.set(trackId, new Set());
+    this._elements.get(trackId).add(element);
+    if (rt.kind === 'video' && this.options.adaptiveStream && this._resizeObserver) {
+      this._resizeObserver.observe(element);
+      this._scheduleSize(trackId);
+    }
+    return element;
+  }
+
+  /** Stop rendering into `element` (and stop reporting its size). */
+  detach(element) {
+    const trackId = element.dataset.plazaTrack;
+    this._resizeObserver?.unobserve(element);
+    element.srcObject = null;
+    delete element.dataset.plazaTrack;
+    const set = this._elements.get(trackId);
+    if (set) {
+      set.delete(element);
+      if (!set.size) this._elements.delete(trackId);
+      else this._scheduleSize(trackId);
+    }
+  }
+
+  /**
+   * Cap the quality received for a remote video track: 'low' | 'medium' | 'high', or null for
+   * no cap. Kept across renegotiations; sent as `track_settings`.
+   */
+  setQuality(trackId, quality) {
+    if (quality !== null && !QUALITIES.includes(quality)) throw new PlazaError('invalid_field', `bad quality ${quality}`);
+    const s = this._settingsOf(trackId);
+    s.quality = quality;
+    s.qualitySet = true;
+    this._sendSettings(trackId);
+  }
+
+  /** Cap every remote video (present and future) unless a per-track cap was set. */
+  setDefaultQuality(quality) {
+    if (quality !== null && !QUALITIES.includes(quality)) throw new PlazaError('invalid_field', `bad quality ${quality}`);
+    this.options.defaultQuality = quality;
+    for (const [id, rt] of this.remoteTracks) if (rt.kind === 'video') this._sendSettings(id);
+  }
+
+  /** Turn size reporting on or off (off: the server picks by quality cap and bandwidth only). */
+  setAdaptiveStream(enabled) {
+    this.options.adaptiveStream = !!enabled;
+    for (const [id, els] of this._elements) {
+      for (const el of els) {
+        if (enabled) this._resizeObserver?.observe(el);
+        else this._resizeObserver?.unobserve(el);
+      }
+      if (enabled) this._scheduleSize(id);
+    }
+  }
+
+  /** Subscribe to / unsubscribe from tracks (needed with `autoSubscribe: false`). */
+  subscribe(trackIds, subscribe = true) {
+    this._send({ type: 'subscribe', track_ids: [...trackIds], subscribe });
+  }
+
+  // ---- stats ----
+
+  /** Raw reports of both peer connections: {publisher, subscriber} (RTCStatsReport or null). */
+  async getStats() {
+    const s = this._sess;
+    return {
+      publisher: s?.pub ? await s.pub.getStats() : null,
+      subscriber: s?.sub ? await s.sub.getStats() : null,
+    };
+  }
+
+  /**
+   * Receive stats of one remote track: {kind, bytesReceived, packetsReceived, packetsLost,
+   * framesDecoded, frameWidth, frameHeight, framesPerSecond, totalSamplesReceived, jitter,
+   * roundTripTime (s, of the subscriber connection), timestamp (ms)} or null.
+   */
+  async getTrackStats(trackId) {
+    const rt = this.remoteTracks.get(trackId);
+    if (!rt?.receiver) return null;
+    const report = await rt.receiver.getStats();
+    let inbound = null;
+    let pair = null;
+    report.forEach((s) => {
+      if (s.type === 'inbound-rtp') inbound = s;
+      if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
+    });
+    if (!inbound) return null;
+    return {
+      kind: rt.kind,
+      bytesReceived: inbound.bytesReceived ?? 0,
+      packetsReceived: inbound.packetsReceived ?? 0,
+      packetsLost: inbound.packetsLost ?? 0,
+      framesDecoded: inbound.framesDecoded ?? 0,
+      frameWidth: inbound.frameWidth ?? 0,
+      frameHeight: inbound.frameHeight ?? 0,
+      framesPerSecond: inbound.framesPerSecond ?? 0,
+      totalSamplesReceived: inbound.totalSamplesReceived ?? 0,
+      jitter: inbound.jitter ?? 0,
+      roundTripTime: pair?.currentRoundTripTime ?? null,
+      timestamp: inbound.timestamp,
+    };
+  }
+
+  /** Send stats of the published layers: [{rid, active, frameWidth, frameHeight, framesPerSecond, bytesSent, qualityLimitationReason}]. */
+  async getPublishStats() {
+    const pc = this._sess?.pub;
+    if (!pc) return [];
+    const report = await pc.getStats();
+    const out = [];
+    report.forEach((s) => {
+      if (s.type === 'outbound-rtp') {
+        out.push({
+          kind: s.kind,
+          rid: s.rid ?? null,
+          active: s.active,
+          frameWidth: s.frameWidth ?? 0,
+          frameHeight: s.frameHeight ?? 0,
+          framesPerSecond: s.framesPerSecond ?? 0,
+          bytesSent: s.bytesSent ?? 0,
+          qualityLimitationReason: s.qualityLimitationReason,
+          targetBitrate: s.targetBitrate,
+        });
+      }
+    });
+    return out;
+  }
+
+  // =====================================================================================
+  // internals
+
+  _setState(state, detail = {}) {
+    if (this.state === state) return;
+    const previous = this.state;
+    this.state = state;
+    this.emit('connectionstatechange', { state, previous, ...detail });
+  }
+
+  _error(code, message, extra = {}) {
+    const err = new PlazaError(code, message, extra);
+    this.emit('error', err);
+    return err;
+  }
+
+  /** Open a WebSocket, send `join`, resolve on `joined`. The session object owns everything. */
+  _openSession() {
+    const WS = this.options.WebSocket ?? globalThis.WebSocket;
+    const sess = {
+      ws: null,
+      sub: null,
+      pub: null,
+      joined: false,
+      channels: {},
+      pendingSubOffer: null,
+      subBusy: false,
+      subAnswered: false,
+      pubOffered: false,
+      pubCandidates: [],
+      subCandidates: [],
+      pubAnswerWaiter: null,
+      pubQueue: Promise.resolve(),
+      inbox: Promise.resolve(),
+      lastMessage: performance.now(),
+      pingTimer: null,
+      closed: false,
+      mids: new Map(), // mid → server track id (subscriber transceivers currently receiving)
+      endReason: null,
+    };
+    this._sess = sess;
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      const fail = (err) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        this._closeSession(sess, err.message);
+        reject(err);
+      };
+      const timer = setTimeout(
+        () => fail(this._error('timeout', `no answer from ${this.options.url} within ${this.options.connectTimeout} ms`)),
+        this.options.connectTimeout,
+      );
+      let ws;
+      try {
+        ws = new WS(this.options.url);
+      } catch (e) {
+        fail(this._error('unreachable', `cannot open ${this.options.url}: ${e.message}`));
+        return;
+      }
+      sess.ws = ws;
+      ws.binaryType = 'arraybuffer';
+      ws.onopen = () => {
+        const join = { type: 'join', room: this.room, name: this.name, protocol: PROTOCOL_VERSION, auto_subscribe: this.options.autoSubscribe };
+        if (this.options.token !== undefined) join.token = this.options.token;
+        this._sendOn(sess, join);
+      };
+      ws.onerror = () => {
+        if (!sess.joined) fail(this._error('unreachable', `cannot reach the Plaza server at ${this.options.url}`));
+      };
+      ws.onclose = (ev) => {
+        if (!sess.joined) {
+          fail(this._error('unreachable', `connection to ${this.options.url} closed before joining (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ''})`));
+          return;
+        }
+        this._onSocketClosed(sess, ev);
+      };
+      ws.onmessage = (ev) => {
+        if (sess.closed) return;
+        sess.lastMessage = performance.now();
+        let msg;
+        try {
+          msg = JSON.parse(ev.data);
+        } catch {
+          this._error('malformed_message', 'server sent a message that is not JSON');
+          return;
+        }
+        if (!sess.joined) {
+          if (msg.type === 'joined') {
+            settled = true;
+            clearTimeout(timer);
+            this._onJoined(sess, msg).then(
+              () => resolve(msg),
+              (e) => reject(e),
+            );
+          } else if (msg.type === 'error') {
+            fail(this._error(msg.code, msg.message, { request: msg.request }));
+          } else if (msg.type === 'leave') {
+            fail(this._error('unavailable', `server refused: ${msg.reason}`));
+          }
+          return;
+        }
+        // One message at a time, in order: an offer being answered must not be overtaken by
+        // the participant_left that follows it.
+        sess.inbox = sess.inbox
+          .then(() => (sess.closed ? undefined : this._onMessage(sess, msg)))
+          .catch((e) => this._error('internal', `handling ${msg.type}: ${e.message}`, { cause: e }));
+      };
+    });
+  }
+
+  async _onJoined(sess, msg) {
+    sess.joined = true;
+    this.joinInfo = msg;
+    this.participantId = msg.participant_id;
+    this.room = msg.room;
+    this._reconnectAttempt = 0;
+    this._ownTrackIds.clear();
+    // The subscriber PC exists from the join on (the first subscribe_offer follows).
+    const sub = new RTCPeerConnection({ bundlePolicy: 'max-bundle', ...this.options.rtcConfiguration });
+    sess.sub = sub;
+    sub.onicecandidate = (e) => this._onLocalCandidate(sess, 'subscriber', e.candidate);
+    sub.ondatachannel = (e) => this._onDataChannel(sess, e.channel);
+    sub.onconnectionstatechange = () => this._onPcState(sess, 'subscriber', sub.connectionState);
+    sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
+    const fresh = new Map();
+    for (const p of msg.participants) {
+      fresh.set(p.id, { id: p.id, name: p.name, tracks: new Map(p.tracks.map((t) => [t.id, t])) });
+    }
+    this.participants = fresh;
+    this.emit('joined', { participantId: msg.participant_id, room: msg.room, participants: [...fresh.values()], serverVersion: msg.server_version });
+    for (const p of fresh.values()) this.emit('participantjoined', { participant: p });
+    if (this._publishSpec) {
+      // A rejoin republishes; failing to do so leaves a joined (receiving) session, not none.
+      await this._publishOn(sess).catch((e) => this._error(e.code ?? 'internal', `republishing failed: ${e.message}`));
+    }
+  }
+
+  async _onMessage(sess, msg) {
+    switch (msg.type) {
+      case 'subscribe_offer':
+        sess.pendingSubOffer = msg.sdp;
+        await this._answerSubscribeOffers(sess);
+        break;
+      case 'publish_answer': {
+        const w = sess.pubAnswerWaiter;
+        sess.pubAnswerWaiter = null;
+        if (w) w.resolve(msg.sdp);
+        break;
+      }
+      case 'trickle': {
+        const pc = msg.target === 'publisher' ? sess.pub : sess.sub;
+        if (pc) await pc.addIceCandidate(msg.candidate.candidate ? msg.candidate : null).catch(() => {});
+        break;
+      }
+      case 'participant_joined': {
+        const p = msg.participant;
+        const entry = { id: p.id, name: p.name, tracks: new Map(p.tracks.map((t) => [t.id, t])) };
+        this.participants.set(p.id, entry);
+        this.emit('participantjoined', { participant: entry });
+        break;
+      }
+      case 'participant_left': {
+        const p = this.participants.get(msg.participant_id);
+        for (const [id, rt] of this.remoteTracks) if (rt.participantId === msg.participant_id) this._removeRemote(sess, id, 'participant_left');
+        this.participants.delete(msg.participant_id);
+        this.emit('participantleft', { participantId: msg.participant_id, participant: p ?? null });
+        break;
+      }
+      case 'track_published': {
+        const t = msg.track;
+        if (t.participant_id === this.participantId) {
+          this._learnOwnTrack(t);
+          break;
+        }
+        this.participants.get(t.participant_id)?.tracks.set(t.id, t);
+        const rt = this.remoteTracks.get(t.id);
+        if (rt) rt.info = t;
+        this.emit('trackpublished', { track: t });
+        break;
+      }
+      case 'track_unpublished': {
+        this.participants.get(msg.participant_id)?.tracks.delete(msg.track_id);
+        this._removeRemote(sess, msg.track_id, 'unpublished');
+        this.emit('trackunpublished', { trackId: msg.track_id, participantId: msg.participant_id });
+        break;
+      }
+      case 'track_muted': {
+        if (msg.participant_id === this.participantId) {
+          this.emit('localtrackmuted', { trackId: msg.track_id, muted: msg.muted });
+          break;
+        }
+        const info = this.participants.get(msg.participant_id)?.tracks.get(msg.track_id);
+        if (info) info.muted = msg.muted;
+        const rt = this.remoteTracks.get(msg.track_id);
+        if (rt) rt.muted = msg.muted;
+        this.emit('trackmuted', { trackId: msg.track_id, participantId: msg.participant_id, muted: msg.muted });
+        break;
+      }
+      case 'layer_changed': {
+        const rt = this.remoteTracks.get(msg.track_id);
+        const layer = { quality: msg.quality, rid: msg.rid, width: msg.width ?? null, height: msg.height ?? null };
+        if (rt) rt.layer = layer;
+        this.emit('layerchanged', { trackId: msg.track_id, participantId: rt?.participantId ?? null, ...layer });
+        break;
+      }
+      case 'publisher_layers':
+        await this._applyPublisherLayers(sess, msg.track_id, msg.active, msg.paused);
+        break;
+      case 'pong':
+        if (typeof msg.ts === 'number') this.emit('pong', { rtt: performance.now() - msg.ts });
+        break;
+      case 'error': {
+        const w = sess.pubAnswerWaiter;
+        if (w && msg.request === 'publish_offer') {
+          sess.pubAnswerWaiter = null;
+          w.reject(new PlazaError(msg.code, msg.message, { request: msg.request }));
+        }
+        if (msg.request === 'chat' || msg.request === 'input') {
+          this.emit('dataerror', { channel: msg.request, code: msg.code, message: msg.message });
+        }
+        this._error(msg.code, msg.message, { request: msg.request });
+        break;
+      }
+      case 'leave':
+        sess.endReason = msg.reason;
+        break;
+      default:
+        break; // unknown messages are ignored (forward compatibility)
+    }
+  }
+
+  // ---- subscriber connection ----
+
+  async _answerSubscribeOffers(sess) {
+    if (sess.subBusy) return; // the running loop picks up the newest offer
+    sess.subBusy = true;
+    try {
+      while (sess.pendingSubOffer && !sess.closed) {
+        const sdp = sess.pendingSubOffer;
+        sess.pendingSubOffer = null;
+        await sess.sub.setRemoteDescription({ type: 'offer', sdp });
+        const answer = await sess.sub.createAnswer();
+        await sess.sub.setLocalDescription(answer);
+        if (sess.closed) return;
+        this._sendOn(sess, { type: 'subscribe_answer', sdp: sess.sub.localDescription.sdp });
+        if (!sess.subAnswered) {
+          sess.subAnswered = true;
+          for (const c of sess.subCandidates) this._sendOn(sess, { type: 'trickle', target: 'subscriber', candidate: c });
+          sess.subCandidates = [];
+        }
+        this._reconcileRemoteTracks(sess);
+      }
+    } catch (e) {
+      this._error('invalid_sdp', `could not answer the server's offer: ${e.message}`, { cause: e });
+    } finally {
+      sess.subBusy = false;
+    }
+  }
+
+  /**
+   * After each subscribe offer: which transceivers receive which server track now. The remote
+   * offer's `a=msid:<publisher id> <track id>` of each m-section is the mapping (portable; the
+   * browser's MediaStreamTrack.id need not equal it).
+   */
+  _reconcileRemoteTracks(sess) {
+    const sections = parseMediaSections(sess.sub.remoteDescription.sdp);
+    const now = new Map();
+    for (const sec of sections) {
+      if (sec.kind !== 'audio' && sec.kind !== 'video') continue;
+      if (sec.port === 0 || !sec.msid?.trackId) continue;
+      if (sec.direction !== 'sendonly' && sec.direction !== 'sendrecv') continue;
+      now.set(sec.mid, { trackId: sec.msid.trackId, participantId: sec.msid.streamId, kind: sec.kind });
+    }
+    // removals first (a reused m-section may carry a new track)
+    for (const [mid, trackId] of sess.mids) {
+      if (now.get(mid)?.trackId !== trackId) {
+        sess.mids.delete(mid);
+        this._removeRemote(sess, trackId, 'renegotiated');
+      }
+    }
+    const transceivers = sess.sub.getTransceivers();
+    for (const [mid, m] of now) {
+      if (sess.mids.get(mid) === m.trackId) continue;
+      const tr = transceivers.find((t) => t.mid === mid);
+      if (!tr) continue;
+      sess.mids.set(mid, m.trackId);
+      const info = this.participants.get(m.participantId)?.tracks.get(m.trackId) ?? null;
+      const rt = {
+        trackId: m.trackId,
+        participantId: m.participantId,
+        kind: m.kind,
+        track: tr.receiver.track,
+        receiver: tr.receiver,
+        mid,
+        info,
+        muted: info?.muted ?? false,
+        layer: null,
+      };
+      this.remoteTracks.set(m.trackId, rt);
+      this.emit('trackadded', { ...rt, participant: this.participants.get(m.participantId) ?? null });
+      if (rt.kind === 'video') this._sendSettings(m.trackId, true);
+    }
+  }
+
+  _removeRemote(sess, trackId, reason) {
+    const rt = this.remoteTracks.get(trackId);
+    if (!rt) return;
+    this.remoteTracks.delete(trackId);
+    if (sess) for (const [mid, id] of sess.mids) if (id === trackId) sess.mids.delete(mid);
+    for (const el of this._elements.get(trackId) ?? []) this._resizeObserver?.unobserve(el);
+    this._elements.delete(trackId);
+    this._sent.delete(trackId);
+    clearTimeout(this._sizeTimers.get(trackId));
+    this._sizeTimers.delete(trackId);
+    this.emit('trackremoved', { trackId, participantId: rt.participantId, kind: rt.kind, track: rt.track, reason });
+  }
+
+  _onDataChannel(sess, ch) {
+    ch.binaryType = 'arraybuffer';
+    sess.channels[ch.label] = ch;
+    ch.onopen = () => this.emit('channelopen', { label: ch.label });
+    ch.onclose = () => this.emit('channelclose', { label: ch.label });
+    ch.onmessage = (ev) => {
+      let env;
+      try {
+        env = decodeEnvelope(ev.data);
+      } catch {
+        env = null;
+      }
+      if (!env) {
+        this._error('malformed_message', `unframed message on '${ch.label}'`);
+        return;
+      }
+      const from = env.header.from ?? null;
+      const detail = {
+        from,
+        participant: this.participants.get(from) ?? null,
+        binary: env.binary,
+        text: env.binary ? null : env.text,
+        data: env.binary ? env.data : env.text,
+        header: env.header,
+      };
+      if (ch.label === 'chat') this.emit('chat', detail);
+      else if (ch.label === 'input') this.emit('input', detail);
+      else this.emit('datachannelmessage', { label: ch.label, ...detail });
+    };
+    if (ch.readyState === 'open') this.emit('channelopen', { label: ch.label });
+  }
+
+  _sendData(label, data, to) {
+    const ch = this._sess?.channels[label];
+    if (!ch || ch.readyState !== 'open') throw new PlazaError('invalid_state', `the '${label}' channel is not open`);
+    const header = to && to.length ? { to: [...to] } : {};
+    ch.send(encodeEnvelope(header, data));
+  }
+
+  // ---- publisher connection ----
+
+  /** Publish `_publishSpec` on `sess`; calls are serialized (one publish_offer at a time). */
+  _publishOn(sess) {
+    const run = sess.pubQueue.then(() => (sess.closed ? undefined : this._publishNow(sess)));
+    sess.pubQueue = run.catch(() => {});
+    return run;
+  }
+
+  async _publishNow(sess) {
+    const { stream, simulcast } = this._publishSpec;
+    if (sess.pub) {
+      // Already publishing: swap in the new stream's tracks (no renegotiation needed).
+      for (const sender of sess.pub.getSenders()) {
+        const kind = sender.track?.kind ?? null;
+        const next = kind === 'video' ? stream.getVideoTracks()[0] : kind === 'audio' ? stream.getAudioTracks()[0] : null;
+        if (next && sender.track !== next) await sender.replaceTrack(next);
+      }
+      return;
+    }
+    const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle', ...this.options.rtcConfiguration });
+    sess.pub = pc;
+    pc.onicecandidate = (e) => this._onLocalCandidate(sess, 'publisher', e.candidate);
+    pc.onconnectionstatechange = () => this._onPcState(sess, 'publisher', pc.connectionState);
+    const audio = stream.getAudioTracks()[0];
+    const video = stream.getVideoTracks()[0];
+    if (audio) pc.addTransceiver(audio, { direction: 'sendonly', streams: [stream] });
+    if (video) {
+      const init = { direction: 'sendonly', streams: [stream] };
+      if (simulcast) {
+        init.sendEncodings = SIMULCAST_LAYERS.map(({ rid, scaleResolutionDownBy, maxBitrate }) => ({
+          rid,
+          scaleResolutionDownBy,
+          maxBitrate,
+        }));
+      }
+      const tr = pc.addTransceiver(video, init);
+      preferCodec(tr, 'video/VP8');
+    }
+    await this._renegotiatePublisher(sess);
+  }
+
+  async _renegotiatePublisher(sess) {
+    const pc = sess.pub;
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    if (sess.closed) return;
+    const answerSdp = await new Promise((resolve, reject) => {
+      sess.pubAnswerWaiter = { resolve, reject };
+      this._sendOn(sess, { type: 'publish_offer', sdp: pc.localDescription.sdp });
+      if (!sess.pubOffered) {
+        sess.pubOffered = true;
+        for (const c of sess.pubCandidates) this._sendOn(sess, { type: 'trickle', target: 'publisher', candidate: c });
+        sess.pubCandidates = [];
+      }
+    });
+    if (sess.closed) return;
+    await pc.setRemoteDescription({ type: 'answer', sdp: answerSdp });
+    const pref = this.options.degradationPreference;
+    for (const sender of pc.getSenders()) {
+      if (!pref || sender.track?.kind !== 'video') continue;
+      const params = sender.getParameters();
+      if (params.degradationPreference === pref) continue;
+      params.degradationPreference = pref;
+      await sender.setParameters(params).catch(() => {}); // optional: not every browser has it
+    }
+    // A pending mute from before the server knew the tracks is applied when their ids arrive.
+    this.emit('published', { stream: this._publishSpec.stream });
+  }
+
+  // Only the encodings the server names in `paused` are paused: a layer the server has not
+  // received yet (not in `active` either) stays on, so it can still be discovered.
+  async _applyPublisherLayers(sess, trackId, active, paused) {
+    const sender = this._senderForServerTrack(sess, trackId);
+    let applied = false;
+    const params = sender?.getParameters();
+    if (params?.encodings?.length) {
+      let changed = false;
+      for (const enc of params.encodings) {
+        if (!enc.rid) continue;
+        const want = Array.isArray(paused) ? !paused.includes(enc.rid) : active.includes(enc.rid);
+        if (enc.active !== want) {
+          enc.active = want;
+          changed = true;
+        }
+      }
+      applied = true;
+      if (changed) await sender.setParameters(params).catch((e) => ((applied = false), this._error('internal', `setParameters: ${e.message}`)));
+    }
+    this.emit('publisherlayers', { trackId, active: [...active], applied });
+  }
+
+  /** The publisher RTCRtpSender that carries server track `trackId`. */
+  _senderForServerTrack(sess, trackId) {
+    if (!sess.pub) return null;
+    const senders = sess.pub.getSenders().filter((s) => s.track);
+    for (const [clientId, serverId] of this._ownTrackIds) {
+      if (serverId === trackId) return senders.find((s) => s.track.id === clientId) ?? null;
+    }
+    // The server does not (yet) tell a publisher its own track ids; with one simulcast video
+    // sender there is no ambiguity.
+    const simulcast = senders.filter((s) => s.track.kind === 'video' && s.getParameters().encodings?.length > 1);
+    if (simulcast.length === 1) {
+      this._ownTrackIds.set(simulcast[0].track.id, trackId);
+      return simulcast[0];
+    }
+    return null;
+  }
+
+  _learnOwnTrack(info) {
+    this._ownTrackIds.set(info.client_track_id, info.id);
+    const local = this.localStream?.getTracks().find((t) => t.id === info.client_track_id);
+    if (!local) return;
+    const enabled = local.kind === 'video' ? this.cameraEnabled : this.microphoneEnabled;
+    if (!enabled || info.muted) this._send({ type: 'mute', track_id: info.id, muted: !enabled });
+  }
+
+  _setLocalEnabled(kind, enabled) {
+    const track = kind === 'video' ? this.localStream?.getVideoTracks()[0] : this.localStream?.getAudioTracks()[0];
+    if (track) track.enabled = enabled;
+    const serverId = track ? this._ownTrackIds.get(track.id) : null;
+    if (serverId) this._send({ type: 'mute', track_id: serverId, muted: !enabled });
+    this.emit('localmute', { kind, muted: !enabled, trackId: serverId ?? null });
+    return serverId ?? null;
+  }
+
+  // ---- ICE, connection state, keep-alive ----
+
+  _onLocalCandidate(sess, target, candidate) {
+    if (sess.closed) return;
+    const c = candidate ? candidate.toJSON() : { candidate: '' };
+    if (c.candidate === undefined) c.candidate = '';
+    const ready = target === 'publisher' ? sess.pubOffered : sess.subAnswered;
+    if (!ready) {
+      (target === 'publisher' ? sess.pubCandidates : sess.subCandidates).push(c);
+      return;
+    }
+    this._sendOn(sess, { type: 'trickle', target, candidate: c });
+  }
+
+  _onPcState(sess, target, state) {
+    if (sess.closed) return;
+    this.emit('pcstatechange', { target, state });
+    if (state === 'failed') {
+      // The server removes the participant too; start over with a fresh session.
+      this._error('transport_failed', `${target} connection failed`);
+      this._closeSession(sess, `${target} connection failed`);
+      this._scheduleReconnect(`${target} connection failed`);
+    }
+  }
+
+  _keepAlive(sess) {
+    if (sess.closed) return;
+    if (performance.now() - sess.lastMessage > this.options.pingTimeout) {
+      // Half-open socket: treat as dropped.
+      try {
+        sess.ws.close(4000, 'ping timeout');
+      } catch {}
+      this._onSocketClosed(sess, { code: 4000, reason: 'ping timeout' });
+      return;
+    }
+    this._sendOn(sess, { type: 'ping', ts: performance.now() });
+  }
+
+  _onSocketClosed(sess, ev) {
+    if (sess.closed) return;
+    const reason = sess.endReason ?? ev.reason ?? `code ${ev.code}`;
+    this._closeSession(sess, reason);
+    if (this._leaving) return;
+    this.emit('disconnected', { reason, code: ev.code });
+    this._scheduleReconnect(reason);
+  }
+
+  /** Tear down a session: sockets, PCs, and every remote track and participant it knew. */
+  _closeSession(sess, reason) {
+    if (sess.closed) return;
+    sess.closed = true;
+    clearInterval(sess.pingTimer);
+    sess.pubAnswerWaiter?.reject(new PlazaError('unavailable', `session ended: ${reason}`));
+    sess.pubAnswerWaiter = null;
+    try {
+      sess.ws?.close(1000);
+    } catch {}
+    sess.pub?.close();
+    sess.sub?.close();
+    if (this._sess === sess) this._sess = null;
+    for (const id of [...this.remoteTracks.keys()]) this._removeRemote(null, id, 'disconnected');
+    for (const [id, p] of this.participants) this.emit('participantleft', { participantId: id, participant: p, reason: 'disconnected' });
+    this.participants = new Map();
+    this._ownTrackIds.clear();
+  }
+
+  _scheduleReconnect(reason) {
+    if (this._leaving || !this.options.reconnect) {
+      this._setState('disconnected', { reason });
+      return;
+    }
+    if (this._reconnectAttempt >= this.options.maxReconnectAttempts) {
+      this._setState('failed', { reason });
+      this._error('reconnect_failed', `gave up reconnecting after ${this._reconnectAttempt} attempts (${reason})`);
+      return;
+    }
+    const delays = this.options.reconnectDelays;
+    let delay = delays[Math.min(this._reconnectAttempt, delays.length - 1)];
+    // A server that is shutting down asked us to go away: give it time before coming back.
+    if (/shutting down/i.test(reason)) delay = Math.max(delay, 2000);
+    this._reconnectAttempt++;
+    this._setState('reconnecting', { reason, attempt: this._reconnectAttempt, delay });
+    this.emit('reconnecting', { reason, attempt: this._reconnectAttempt, delay });
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = setTimeout(() => this._reconnect(), delay);
+  }
+
+  /**
+   * Re-establish the session. Version 1 servers cannot resume a session (the participant is
+   * removed when its socket closes), so this rejoins the same room under the same name with a
+   * fresh session and republishes. A resume step (same participant id, ICE restart) slots in
+   * before the rejoin once the protocol has one: see `_tryResume`.
+   */
+  async _reconnect() {
+    if (this._leaving) return;
+    try {
+      if (await this._tryResume()) return;
+      const joined = await this._openSession();
+      this._setState('connected');
+      this.emit('reconnected', { participantId: joined.participant_id, resumed: false });
+    } catch (e) {
+      this._scheduleReconnect(e.message);
+    }
+  }
+
+  /** Resume hook: returns true when the old session was resumed. Protocol v1 has no resume. */
+  async _tryResume() {
+    return false;
+  }
+
+  // ---- adaptive stream / quality ----
+
+  _settingsOf(trackId) {
+    if (!this._settings.has(trackId)) this._settings.set(trackId, { quality: null, qualitySet: false, width: null, height: null });
+    return this._settings.get(trackId);
+  }
+
+  _onResize(entries) {
+    for (const e of entries) {
+      const id = e.target.dataset.plazaTrack;
+      if (id) this._scheduleSize(id);
+    }
+  }
+
+  _scheduleSize(trackId) {
+    if (this._sizeTimers.has(trackId)) return;
+    this._sizeTimers.set(
+      trackId,
+      setTimeout(() => {
+        this._sizeTimers.delete(trackId);
+        this._measure(trackId);
+      }, this.options.sizeDebounce),
+    );
+  }
+
+  _measure(trackId) {
+    if (!this.options.adaptiveStream) return;
+    const dpr = globalThis.devicePixelRatio || 1;
+    let w = 0;
+    let h = 0;
+    for (const el of this._elements.get(trackId) ?? []) {
+      const r = el.getBoundingClientRect();
+      w = Math.max(w, Math.round(r.width * dpr));
+      h = Math.max(h, Math.round(r.height * dpr));
+    }
+    if (!w || !h) return; // hidden or detached: keep the last size
+    const s = this._settingsOf(trackId);
+    s.width = w;
+    s.height = h;
+    this._sendSettings(trackId);
+  }
+
+  /** Send `track_settings` when what the server should know changed (or `force`). */
+  _sendSettings(trackId, force = false) {
+    const rt = this.remoteTracks.get(trackId);
+    if (!rt || rt.kind !== 'video') return;
+    const s = this._settingsOf(trackId);
+    const quality = s.qualitySet ? s.quality : this.options.defaultQuality;
+    const msg = { type: 'track_settings', track_id: trackId, quality: quality ?? null };
+    if (this.options.adaptiveStream && s.width && s.height) {
+      msg.width = s.width;
+      msg.height = s.height;
+    }
+    // Nothing to say yet: the server's default is "best available".
+    if (force && msg.quality === null && msg.width === undefined) return;
+    const key = JSON.stringify(msg);
+    if (this._sent.get(trackId) === key) return;
+    this._sent.set(trackId, key);
+    this._send(msg);
+  }
+
+  // ---- sending ----
+
+  _send(msg) {
+    if (this._sess) this._sendOn(this._sess, msg);
+  }
+
+  _sendOn(sess, msg) {
+    if (sess.ws?.readyState === 1) sess.ws.send(JSON.stringify(msg));
+  }
+}
+
+/** Put `mime` first in a transceiver's codec preferences (keeps the others, e.g. RTX). */
+function preferCodec(transceiver, mime) {
+  if (!transceiver.setCodecPreferences) return;
+  const kind = transceiver.receiver.track.kind;
+  for (const source of [globalThis.RTCRtpReceiver, globalThis.RTCRtpSender]) {
+    const caps = source?.getCapabilities?.(kind);
+    if (!caps) continue;
+    const isIt = (c) => c.mimeType.toLowerCase() === mime.toLowerCase();
+    if (!caps.codecs.some(isIt)) continue;
+    try {
+      transceiver.setCodecPreferences([...caps.codecs.filter(isIt), ...caps.codecs.filter((c) => !isIt(c))]);
+      return;
+    } catch {
+      // try the other capability list; the browser's default order is fine otherwise
+    }
+  }
+}
+
+export default PlazaClient;

@@ -1,0 +1,215 @@
+// Shared helpers for the browser tests: the Plaza server, Chromium participants, bounded waits.
+//
+// Environment:
+//   PLAZA_URL      use an already running server (e.g. http://127.0.0.1:7880); otherwise one is
+//                  started from PLAZA_BIN (default: target/release/plaza) on PLAZA_PORT/PLAZA_UDP_PORT
+//   CHROMIUM       browser binary (default /usr/bin/chromium)
+//   ARTIFACTS      where screenshots and logs go (default target/browser)
+import { spawn } from 'node:child_process';
+import { mkdirSync, createWriteStream, existsSync, readFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = dirname(fileURLToPath(import.meta.url));
+export const REPO = resolve(here, '..', '..');
+export const ARTIFACTS = resolve(process.env.ARTIFACTS ?? join(REPO, 'target', 'browser'));
+export const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+mkdirSync(ARTIFACTS, { recursive: true });
+
+export const CHROMIUM_ARGS = [
+  '--headless=new',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--disable-renderer-backgrounding',
+  '--disable-background-timer-throttling',
+  '--disable-backgrounding-occluded-windows',
+  '--allow-loopback-in-peer-connection',
+  '--use-fake-device-for-media-stream',
+  '--use-fake-ui-for-media-stream',
+  '--autoplay-policy=no-user-gesture-required',
+  // A page without camera permission hides its host candidates behind mDNS names; the
+  // namespace has no multicast to register them, so it would gather nothing at all.
+  '--disable-features=WebRtcHideLocalIpsWithMdns',
+];
+
+/** Poll `fn` until it returns a truthy value; throw with `what` (and the last value) on timeout. */
+export async function waitFor(fn, { timeout = 20_000, interval = 100, what = 'condition' } = {}) {
+  const deadline = Date.now() + timeout;
+  let last;
+  let lastErr;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) {
+      lastErr = e;
+    }
+    if (Date.now() > deadline) {
+      const detail = lastErr ? `; last error: ${lastErr.message}` : `; last value: ${JSON.stringify(last)}`;
+      throw new Error(`timed out after ${timeout} ms waiting for ${what}${detail}`);
+    }
+    await new Promise((r) => setTimeout(r, interval));
+  }
+}
+
+/** Start the server (unless PLAZA_URL is set). Returns {url, stop()}. */
+export async function startServer() {
+  if (process.env.PLAZA_URL) return { url: process.env.PLAZA_URL.replace(/\/$/, ''), stop: async () => {}, log: null };
+  const bin = process.env.PLAZA_BIN ?? join(REPO, 'target', 'release', 'plaza');
+  if (!existsSync(bin)) throw new Error(`server binary ${bin} is missing: run cargo build --release --bin plaza`);
+  const port = Number(process.env.PLAZA_PORT ?? 7880);
+  const udpPort = Number(process.env.PLAZA_UDP_PORT ?? 7882);
+  const logPath = join(ARTIFACTS, 'plaza.log');
+  const log = createWriteStream(logPath);
+  const child = spawn(bin, ['--port', String(port), '--udp-port', String(udpPort), '--log-level', process.env.PLAZA_LOG_LEVEL ?? 'info'], {
+    cwd: REPO,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  child.stdout.pipe(log);
+  child.stderr.pipe(log);
+  let exited = null;
+  child.on('exit', (code, signal) => (exited = { code, signal }));
+  const url = `http://127.0.0.1:${port}`;
+  await waitFor(
+    async () => {
+      if (exited) throw new Error(`plaza exited early (${JSON.stringify(exited)}); see ${logPath}`);
+      const r = await fetch(`${url}/healthz`);
+      return r.ok;
+    },
+    { timeout: 15_000, what: `plaza to answer ${url}/healthz` },
+  ).catch((e) => {
+    child.kill('SIGKILL');
+    throw e;
+  });
+  return {
+    url,
+    logPath,
+    async stop() {
+      if (exited) return;
+      child.kill('SIGTERM');
+      await waitFor(() => exited, { timeout: 8_000, what: 'plaza to exit' }).catch(() => child.kill('SIGKILL'));
+    },
+  };
+}
+
+/** Whether this process runs in a network namespace with only loopback (as the tests should). */
+export function loopbackOnly() {
+  try {
+    const ifaces = readFileSync('/proc/net/dev', 'utf8')
+      .split('\n')
+      .slice(2)
+      .map((l) => l.split(':')[0].trim())
+      .filter(Boolean);
+    return ifaces.every((i) => i === 'lo');
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * One participant: its own Chromium process (fresh profile) and one page.
+ * `extraArgs` are appended to CHROMIUM_ARGS; `dropFakeUi` leaves out the flag that accepts
+ * the camera prompt (so `--deny-permission-prompts` can refuse it).
+ */
+export async function launchParticipant(label, { extraArgs = [], dropFakeUi = false, viewport = { width: 1280, height: 800 } } = {}) {
+  const base = dropFakeUi ? CHROMIUM_ARGS.filter((a) => a !== '--use-fake-ui-for-media-stream') : CHROMIUM_ARGS;
+  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...base, ...extraArgs] });
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  const logs = [];
+  page.on('console', (m) => logs.push(`[${label}] ${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => logs.push(`[${label}] pageerror: ${e.message}`));
+  return {
+    label,
+    browser,
+    page,
+    logs,
+    async close() {
+      await browser.close().catch(() => {});
+    },
+  };
+}
+
+/** Open the demo and join through the form (type room and name, click Join). */
+export async function joinViaForm(p, base, room, name) {
+  await p.page.goto(`${base}/`);
+  await p.page.fill('#room', room);
+  await p.page.fill('#name', name);
+  await p.page.click('#join');
+  await p.page.waitForSelector('#call:not([hidden])', { timeout: 15_000 });
+}
+
+/** Open `/?room=..&name=..&extra` (joins at once) and wait until joined. */
+export async function joinViaUrl(p, base, room, name, extra = '') {
+  await p.page.goto(`${base}/?room=${encodeURIComponent(room)}&name=${encodeURIComponent(name)}${extra}`);
+  await p.page.waitForSelector('#call:not([hidden])', { timeout: 15_000 });
+}
+
+/** Stats of every remote track of the page's client, with the publisher's name. */
+export function remoteStats(p) {
+  return p.page.evaluate(async () => {
+    const c = window.plaza.client;
+    if (!c) return [];
+    const out = [];
+    for (const [id, rt] of c.remoteTracks) {
+      const s = await c.getTrackStats(id);
+      out.push({ id, participantId: rt.participantId, name: c.participants.get(rt.participantId)?.name ?? null, kind: rt.kind, ...(s ?? {}) });
+    }
+    return out;
+  });
+}
+
+/** Names shown in the page's grid (remote tiles only). */
+export function gridNames(p) {
+  return p.page.$$eval('#grid .tile:not(.local) .name', (els) => els.map((e) => e.textContent));
+}
+
+/**
+ * Wait until `p` decodes video and receives audio from the participant called `name`, with
+ * frames and samples still growing. Returns the last video stats.
+ */
+export async function waitForMediaFrom(p, name, { timeout = 25_000 } = {}) {
+  const pick = async () => {
+    const all = await remoteStats(p);
+    return { v: all.find((s) => s.name === name && s.kind === 'video'), a: all.find((s) => s.name === name && s.kind === 'audio') };
+  };
+  const first = await waitFor(
+    async () => {
+      const { v, a } = await pick();
+      return v?.framesDecoded > 0 && v.frameWidth > 0 && a?.packetsReceived > 0 ? { v, a } : null;
+    },
+    { timeout, what: `${p.label} to decode video and receive audio from ${name}` },
+  );
+  // growing: more frames and more audio than at the first sighting
+  return waitFor(
+    async () => {
+      const { v, a } = await pick();
+      const ok =
+        v.framesDecoded >= first.v.framesDecoded + 10 &&
+        v.frameWidth > 0 &&
+        a.packetsReceived >= first.a.packetsReceived + 25 &&
+        a.totalSamplesReceived > first.a.totalSamplesReceived;
+      return ok ? { v, a } : null;
+    },
+    { timeout: 10_000, what: `${p.label}'s video and audio from ${name} to keep flowing` },
+  );
+}
+
+/** Width of the video `p` decodes from `name` right now (0 if none). */
+export async function decodedWidth(p, name) {
+  const all = await remoteStats(p);
+  return all.find((s) => s.name === name && s.kind === 'video')?.frameWidth ?? 0;
+}
+
+export function percentile(values, q) {
+  const s = [...values].sort((a, b) => a - b);
+  if (!s.length) return NaN;
+  const i = Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1));
+  return s[i];
+}

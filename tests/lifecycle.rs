@@ -1,0 +1,163 @@
+//! Server and room lifecycle: graceful shutdown with peers connected, rooms that disappear
+//! when their last participant goes.
+
+#[path = "../examples/common/mod.rs"]
+mod common;
+mod support;
+
+use common::{Peer, PeerEvent};
+use plaza::server::SHUTDOWN_TIMEOUT;
+use plaza::signal::{ServerMessage, TrackKind};
+use support::{RawWs, Received, T, TestServer, announced_track, publisher, subscriber};
+
+/// Index of the first event matching `pred`.
+fn position(peer: &Peer, mut pred: impl FnMut(&PeerEvent) -> bool) -> Option<usize> {
+    peer.events().iter().position(|e| pred(&e.event))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_tells_everyone_and_closes() {
+    let server = TestServer::start().await;
+    let alice = publisher(&server, "bye", "alice").await;
+    let bob = publisher(&server, "bye", "bob").await;
+    for (rx, tx) in [(&alice, &bob), (&bob, &alice)] {
+        let id = announced_track(rx, tx, TrackKind::Video).await.id;
+        rx.wait_for_packets(&id, 20, T).await.unwrap();
+    }
+    // A connection that never joined.
+    let mut idle = RawWs::connect(&server.ws_url()).await.unwrap();
+    idle.ping(1.0).await.unwrap();
+    let http = server.http_addr;
+
+    let took = server.shutdown().await;
+    assert!(
+        took < SHUTDOWN_TIMEOUT,
+        "shutdown took {took:?}: it ran into its own timeout, something did not stop"
+    );
+
+    for p in [&alice, &bob] {
+        let closed = p
+            .wait_closed(T)
+            .await
+            .unwrap_or_else(|e| panic!("{}'s WebSocket is closed: {e:#}", p.name()));
+        let leave = position(p, |e| {
+            matches!(e, PeerEvent::Server(ServerMessage::Leave { reason }) if reason.contains("shut"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{} got no `leave` mentioning the shutdown: {:#?}",
+                p.name(),
+                p.events()
+            )
+        });
+        let ws_closed =
+            position(p, |e| matches!(e, PeerEvent::WsClosed { .. })).expect("a WsClosed event");
+        assert!(leave < ws_closed, "`leave` comes before the close");
+        // A clean close frame from the server, not a dropped connection.
+        assert!(
+            closed.contains("closed by server") && closed.contains("shutting down"),
+            "{}: {closed}",
+            p.name()
+        );
+        // Nothing after the leave but the close (e.g. no error).
+        let after: Vec<_> = p
+            .events()
+            .into_iter()
+            .skip(leave + 1)
+            .filter(|e| matches!(e.event, PeerEvent::Server(_)))
+            .collect();
+        assert!(after.is_empty(), "{}: {after:?}", p.name());
+    }
+    match idle.recv().await.unwrap() {
+        Received::Closed(Some((code, _))) => assert_eq!(code, 1001, "going away"),
+        other => panic!("the idle connection is closed with 1001, got {other:?}"),
+    }
+    assert!(
+        tokio::net::TcpStream::connect(http).await.is_err(),
+        "the HTTP listener is closed after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_disappear_when_empty() {
+    let server = TestServer::start().await;
+    let (status, h) = server.healthz().await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        (h["rooms"].as_u64(), h["participants"].as_u64()),
+        (Some(0), Some(0)),
+        "{h}"
+    );
+
+    let ann = publisher(&server, "one", "ann").await;
+    let ben = subscriber(&server, "one", "ben").await;
+    let cid = subscriber(&server, "two", "cid").await;
+    announced_track(&ben, &ann, TrackKind::Video).await;
+    let (_, h) = server.healthz().await.unwrap();
+    assert_eq!(h["rooms"], 2, "{h}");
+    assert_eq!(h["participants"], 3, "{h}");
+    assert_eq!(h["published_tracks"], 2, "{h}");
+
+    // A polite leave: the server closes the socket, the room stays for ben.
+    ann.leave().await.unwrap();
+    assert!(
+        position(&ann, |e| matches!(e, PeerEvent::WsClosed { .. })).is_some(),
+        "the server closes the WebSocket after `leave`: {:?}",
+        ann.closed_reason()
+    );
+    let ann_id = ann.participant_id().to_owned();
+    ben.wait_for_server(
+        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == ann_id),
+        T,
+    )
+    .await
+    .unwrap();
+    let h = server
+        .wait_healthz(
+            "ann gone",
+            |h| h["participants"] == 2 && h["published_tracks"] == 0,
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(h["rooms"], 2, "{h}");
+
+    // A vanished client (no `leave`): its room goes too.
+    ben.disconnect().await;
+    let h = server
+        .wait_healthz(
+            "room `one` gone after ben vanished",
+            |h| h["rooms"] == 1 && h["participants"] == 1,
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(h["published_tracks"], 0, "{h}");
+
+    cid.leave().await.unwrap();
+    server
+        .wait_healthz(
+            "no rooms left",
+            |h| h["rooms"] == 0 && h["participants"] == 0 && h["published_tracks"] == 0,
+            T,
+        )
+        .await
+        .unwrap();
+
+    // The name can be used again: a fresh, empty room.
+    let dan = subscriber(&server, "one", "dan").await;
+    assert!(
+        dan.joined().participants.is_empty(),
+        "stale participants in a re-created room: {:?}",
+        dan.joined().participants
+    );
+    let (_, h) = server.healthz().await.unwrap();
+    assert_eq!(h["rooms"], 1, "{h}");
+    dan.leave().await.unwrap();
+    server
+        .wait_healthz("no rooms left again", |h| h["rooms"] == 0, T)
+        .await
+        .unwrap();
+
+    server.shutdown().await;
+}

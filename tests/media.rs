@@ -1,0 +1,713 @@
+//! Media forwarding end to end: real server, real webrtc-rs peers over loopback.
+
+#[path = "../examples/common/mod.rs"]
+mod common;
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Peer, PeerEvent, RemoteTrackStats};
+use plaza::signal::{ClientMessage, PcTarget, ServerMessage, TrackInfo, TrackKind};
+use support::{
+    T, TestServer, announced_track, assert_media_flows, packets, publisher, subscriber, wait_growth,
+};
+
+const KINDS: [TrackKind; 2] = [TrackKind::Audio, TrackKind::Video];
+
+/// Asserts that `rx` receives `tx`'s audio and video: the ids are the ones the server
+/// announced, the stream id is the publisher's participant id, at least 50 packets each,
+/// and video starts with a keyframe. Returns the announced tracks (audio, video).
+async fn assert_receives(rx: &Peer, tx: &Peer) -> Vec<TrackInfo> {
+    let mut infos = Vec::new();
+    for kind in KINDS {
+        let info = announced_track(rx, tx, kind).await;
+        let (mime, label) = match kind {
+            TrackKind::Audio => ("audio/opus", "audio"),
+            TrackKind::Video => ("video/vp8", "video"),
+        };
+        assert!(
+            info.mime_type.eq_ignore_ascii_case(mime),
+            "{}'s {kind:?} announced as {}",
+            tx.name(),
+            info.mime_type
+        );
+        assert!(info.id.starts_with("TR_"), "{info:?}");
+        assert_eq!(info.client_track_id, format!("{}-{label}", tx.name()));
+        assert!(!info.muted, "{info:?}");
+
+        let stats = rx
+            .wait_for_packets(&info.id, 50, T)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} receives 50 packets of {}'s {kind:?} track {}: {e:#}\nremote tracks: {:#?}",
+                    rx.name(),
+                    tx.name(),
+                    info.id,
+                    rx.remote_tracks()
+                )
+            });
+        assert_eq!(stats.track_id, info.id);
+        assert_eq!(
+            stats.stream_id,
+            tx.participant_id(),
+            "the stream id of a forwarded track is the publisher's participant id"
+        );
+        assert_eq!(stats.kind, kind);
+        if kind == TrackKind::Video {
+            assert!(stats.keyframes >= 1, "no keyframe received: {stats:?}");
+            assert_starts_with_keyframe(rx, &stats);
+        }
+        infos.push(info);
+    }
+    // Exactly the announced tracks of this publisher, nothing else, arrive from it.
+    let received: BTreeSet<String> = rx
+        .remote_tracks()
+        .into_iter()
+        .filter(|t| t.stream_id == tx.participant_id() && !t.ended)
+        .map(|t| t.track_id)
+        .collect();
+    let announced: BTreeSet<String> = infos.iter().map(|t| t.id.clone()).collect();
+    assert_eq!(
+        received,
+        announced,
+        "{}'s tracks at {}",
+        tx.name(),
+        rx.name()
+    );
+    infos
+}
+
+/// The server holds a video down-track until a keyframe: the first packet is a keyframe's.
+fn assert_starts_with_keyframe(rx: &Peer, stats: &RemoteTrackStats) {
+    assert_eq!(
+        stats.recent.len() as u64,
+        stats.packets,
+        "keep_recent_packets too small for this check"
+    );
+    let first = stats.recent.front().expect("packets were received");
+    assert!(
+        first.keyframe_start,
+        "{}: the first video packet on {} is not the start of a keyframe; the first \
+         packets:\n{}signaling around then (ms relative to the first packet):\n{}",
+        rx.name(),
+        stats.track_id,
+        describe(stats.recent.iter().take(12)),
+        signaling_timeline(rx, first.arrival)
+    );
+}
+
+/// Negotiation-related events with their time relative to `t0`, for failure messages.
+fn signaling_timeline(peer: &Peer, t0: std::time::Instant) -> String {
+    let mut out = String::new();
+    for e in peer.events() {
+        let what = match &e.event {
+            PeerEvent::Server(ServerMessage::SubscribeOffer { sdp }) => format!(
+                "subscribe_offer ({} m-lines)",
+                sdp.lines().filter(|l| l.starts_with("m=")).count()
+            ),
+            PeerEvent::Server(ServerMessage::TrackPublished { track }) => {
+                format!("track_published {} {:?}", track.id, track.kind)
+            }
+            PeerEvent::SubscribeAnswered { .. }
+            | PeerEvent::TrackStarted { .. }
+            | PeerEvent::NegotiationFailed { .. } => format!("{:?}", e.event),
+            _ => continue,
+        };
+        let ms = if e.at >= t0 {
+            e.at.duration_since(t0).as_secs_f64() * 1000.0
+        } else {
+            -(t0.duration_since(e.at).as_secs_f64() * 1000.0)
+        };
+        out.push_str(&format!("  {ms:>+9.1} {what}\n"));
+    }
+    out
+}
+
+fn describe<'a>(packets: impl Iterator<Item = &'a common::PacketInfo>) -> String {
+    let mut out = String::new();
+    let mut t0 = None;
+    for p in packets {
+        let t0 = *t0.get_or_insert(p.arrival);
+        out.push_str(&format!(
+            "  +{:>6.1} ms seq {} ts {} marker {} key_start {} len {} picture_id {:?}\n",
+            p.arrival.duration_since(t0).as_secs_f64() * 1000.0,
+            p.sequence_number,
+            p.timestamp,
+            p.marker,
+            p.keyframe_start,
+            p.payload_len,
+            p.picture_id
+        ));
+    }
+    out
+}
+
+fn has_server(peer: &Peer, mut pred: impl FnMut(&ServerMessage) -> bool) -> bool {
+    peer.events()
+        .iter()
+        .any(|e| matches!(&e.event, PeerEvent::Server(m) if pred(m)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_exchange_media_late_joiner_and_leave() {
+    let server = TestServer::start().await;
+    let alice = publisher(&server, "plaza", "alice").await;
+    let bob = publisher(&server, "plaza", "bob").await;
+
+    let alice_tracks = assert_receives(&bob, &alice).await;
+    let bob_tracks = assert_receives(&alice, &bob).await;
+
+    // A late joiner sees both publishers in `joined` and receives all four tracks.
+    let carol = subscriber(&server, "plaza", "carol").await;
+    let others = &carol.joined().participants;
+    assert_eq!(others.len(), 2, "{others:?}");
+    for (p, tracks) in [(&alice, &alice_tracks), (&bob, &bob_tracks)] {
+        let info = others
+            .iter()
+            .find(|o| o.id == p.participant_id())
+            .unwrap_or_else(|| panic!("{} missing from carol's joined: {others:?}", p.name()));
+        assert_eq!(info.name, p.name());
+        let ids: BTreeSet<&str> = info.tracks.iter().map(|t| t.id.as_str()).collect();
+        let want: BTreeSet<&str> = tracks.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, want, "{}'s tracks in carol's joined", p.name());
+    }
+    assert_receives(&carol, &alice).await;
+    assert_receives(&carol, &bob).await;
+    let (_, health) = server.healthz().await.unwrap();
+    assert_eq!(health["participants"], 3, "{health}");
+    assert_eq!(health["published_tracks"], 4, "{health}");
+
+    // Alice leaves: the others hear it, their subscriber connections renegotiate, and bob's
+    // media keeps flowing to carol.
+    let answers_before: Vec<u64> = [&bob, &carol]
+        .iter()
+        .map(|p| p.negotiation().subscribe_answers)
+        .collect();
+    alice.leave().await.unwrap();
+    for (p, before) in [&bob, &carol].into_iter().zip(answers_before) {
+        let alice_id = alice.participant_id().to_owned();
+        p.wait_for_server(
+            |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == alice_id),
+            T,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{} hears that alice left: {e:#}", p.name()));
+        for t in &alice_tracks {
+            assert!(
+                has_server(p, |m| matches!(m,
+                    ServerMessage::TrackUnpublished { track_id, participant_id }
+                        if *track_id == t.id && *participant_id == alice_id)),
+                "{} got no track_unpublished for {} before participant_left",
+                p.name(),
+                t.id
+            );
+        }
+        p.wait_for_subscribe_answers(before + 1, T)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: the subscriber renegotiation after alice left completes: {e:#}; {:?}",
+                    p.name(),
+                    p.negotiation()
+                )
+            });
+        assert!(
+            !p.events().iter().any(|e| matches!(
+                &e.event,
+                PeerEvent::NegotiationFailed { .. }
+                    | PeerEvent::Server(ServerMessage::Error { .. })
+            )),
+            "{}: negotiation failure or error: {:#?}",
+            p.name(),
+            p.events()
+        );
+        assert!(
+            p.room_tracks().iter().all(|t| t.participant_id != alice_id),
+            "{}",
+            p.name()
+        );
+        assert!(p.participants().iter().all(|x| x.id != alice_id));
+    }
+    let flows: Vec<(&Peer, &str)> = bob_tracks.iter().map(|t| (&carol, t.id.as_str())).collect();
+    assert_media_flows("after alice left", &flows, 50).await;
+    let health = server
+        .wait_healthz(
+            "alice gone",
+            |h| h["participants"] == 2 && h["published_tracks"] == 2,
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(health["rooms"], 1, "{health}");
+
+    bob.leave().await.unwrap();
+    carol.leave().await.unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mute_stops_forwarding_and_unmute_resumes_with_keyframe() {
+    let server = TestServer::start().await;
+    let alice = publisher(&server, "mute", "alice").await;
+    let bob = subscriber(&server, "mute", "bob").await;
+    let tracks = assert_receives(&bob, &alice).await;
+    let (audio, video) = (&tracks[0], &tracks[1]);
+    let alice_id = alice.participant_id().to_owned();
+
+    // Mute on the server only: alice keeps sending (as a browser with a disabled track
+    // still does), so what stops is the server's forwarding.
+    alice
+        .send(ClientMessage::Mute {
+            track_id: video.id.clone(),
+            muted: true,
+        })
+        .await
+        .unwrap();
+    let muted = bob
+        .wait_for_server(
+            |m| matches!(m, ServerMessage::TrackMuted { track_id, muted: true, .. } if *track_id == video.id),
+            T,
+        )
+        .await
+        .expect("bob gets track_muted");
+    assert_eq!(
+        muted,
+        ServerMessage::TrackMuted {
+            track_id: video.id.clone(),
+            participant_id: alice_id.clone(),
+            muted: true
+        }
+    );
+    assert!(
+        bob.room_tracks()
+            .iter()
+            .any(|t| t.id == video.id && t.muted)
+    );
+
+    // The observation window for the negative assertion is defined by events, not a fixed
+    // time, so a starved machine cannot make it vacuous: it lasts until alice has sent 30
+    // more video packets (about 1 s) AND bob has received 25 more audio packets (so bob's
+    // receive path was demonstrably running meanwhile, including for anything in flight).
+    let video_before = packets(&bob, &video.id);
+    let sent_before = alice
+        .wait_for_sent_packets(TrackKind::Video, 1, T)
+        .await
+        .unwrap()
+        .packets;
+    alice
+        .wait_for_sent_packets(TrackKind::Video, sent_before + 30, T)
+        .await
+        .expect("alice keeps sending video while muted");
+    wait_growth(&bob, &audio.id, 25).await;
+    let video_grew = packets(&bob, &video.id) - video_before;
+    assert!(
+        video_grew < 5,
+        "muted video still forwarded: {video_grew} packets while alice sent 30"
+    );
+
+    // Unmute: forwarding resumes, starting with a keyframe.
+    let before = packets(&bob, &video.id);
+    alice
+        .send(ClientMessage::Mute {
+            track_id: video.id.clone(),
+            muted: false,
+        })
+        .await
+        .unwrap();
+    bob.wait_for_server(
+        |m| matches!(m, ServerMessage::TrackMuted { track_id, muted: false, participant_id } if *track_id == video.id && *participant_id == alice_id),
+        T,
+    )
+    .await
+    .expect("bob gets track_muted (false)");
+    let stats = wait_growth(&bob, &video.id, 30).await;
+    let after_unmute = (stats.packets - before) as usize;
+    assert!(after_unmute <= stats.recent.len());
+    let first = &stats.recent[stats.recent.len() - after_unmute];
+    assert!(
+        first.keyframe_start,
+        "the first video packet after unmute is not a keyframe start; the packets from \
+         the last one before it:\n{}",
+        describe(
+            stats
+                .recent
+                .iter()
+                .skip(stats.recent.len() - after_unmute - 1)
+                .take(12)
+        )
+    );
+
+    alice.leave().await.unwrap();
+    bob.leave().await.unwrap();
+    server.shutdown().await;
+}
+
+/// `TrackInfo::client_track_id` exists "so a client can map its local tracks to server ids":
+/// the publisher must learn the server ids of its own tracks (the peer library's `set_muted`
+/// relies on it). Then muting through the peer library works end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_learns_its_track_ids_and_set_muted_works() {
+    let server = TestServer::start().await;
+    let alice = publisher(&server, "ids", "alice").await;
+    let bob = subscriber(&server, "ids", "bob").await;
+    let tracks = assert_receives(&bob, &alice).await;
+    for (kind, info) in KINDS.into_iter().zip(&tracks) {
+        alice
+            .wait_for_local_track(kind, |t| t.server_track_id.is_some(), T)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "alice never learns the server id of her {kind:?} track {} \
+                     (no track_published for her own tracks?): {e:#}",
+                    info.id
+                )
+            });
+        let local = alice
+            .local_tracks()
+            .into_iter()
+            .find(|t| t.kind == kind)
+            .unwrap();
+        assert_eq!(local.server_track_id.as_deref(), Some(info.id.as_str()));
+    }
+
+    let video = &tracks[1];
+    alice.set_muted(TrackKind::Video, true).await.unwrap();
+    bob.wait_for_server(
+        |m| matches!(m, ServerMessage::TrackMuted { track_id, muted: true, .. } if *track_id == video.id),
+        T,
+    )
+    .await
+    .expect("bob gets track_muted");
+    alice.set_muted(TrackKind::Video, false).await.unwrap();
+    bob.wait_for_server(
+        |m| matches!(m, ServerMessage::TrackMuted { track_id, muted: false, .. } if *track_id == video.id),
+        T,
+    )
+    .await
+    .expect("bob gets track_muted (false)");
+    wait_growth(&bob, &video.id, 30).await;
+    assert_eq!(
+        alice.connection_state(PcTarget::Publisher),
+        Some(webrtc::peer_connection::RTCPeerConnectionState::Connected)
+    );
+
+    alice.leave().await.unwrap();
+    bob.leave().await.unwrap();
+    server.shutdown().await;
+}
+
+// ───────────────────── a subscriber that answers when told to ─────────────────────
+
+/// A bare subscriber (raw signaling + a webrtc-rs peer connection) whose answers the test
+/// sends explicitly, to hold an offer open for a while as a slow client would.
+mod manual {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use plaza::signal::{ClientMessage, IceCandidate, PcTarget, ServerMessage};
+    use tokio::sync::{mpsc, watch};
+    use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+    use webrtc::peer_connection::{
+        MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+        RTCConfigurationBuilder, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
+        RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+        register_default_interceptors,
+    };
+
+    use crate::common::recv::parse_vp8_descriptor;
+    use crate::support::{RawWs, T};
+
+    /// One received packet: (track id, arrival, sequence number, VP8 keyframe start).
+    pub type Got = (String, Instant, u16, bool);
+
+    type HandlerFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+    struct Handler {
+        candidates: mpsc::UnboundedSender<String>,
+        state: watch::Sender<RTCPeerConnectionState>,
+        packets: Arc<Mutex<Vec<Got>>>,
+    }
+
+    // `PeerConnectionEventHandler` is an `#[async_trait]`; its expansion written out.
+    impl PeerConnectionEventHandler for Handler {
+        fn on_ice_candidate<'l, 'a>(&'l self, e: RTCPeerConnectionIceEvent) -> HandlerFuture<'a>
+        where
+            'l: 'a,
+            Self: 'a,
+        {
+            if let Ok(init) = e.candidate.to_json() {
+                let _ = self.candidates.send(init.candidate);
+            }
+            Box::pin(std::future::ready(()))
+        }
+
+        fn on_connection_state_change<'l, 'a>(
+            &'l self,
+            state: RTCPeerConnectionState,
+        ) -> HandlerFuture<'a>
+        where
+            'l: 'a,
+            Self: 'a,
+        {
+            let _ = self.state.send(state);
+            Box::pin(std::future::ready(()))
+        }
+
+        fn on_track<'l, 'a>(&'l self, track: Arc<dyn TrackRemote>) -> HandlerFuture<'a>
+        where
+            'l: 'a,
+            Self: 'a,
+        {
+            let packets = self.packets.clone();
+            tokio::spawn(async move {
+                let id = track.track_id().await;
+                while let Some(ev) = track.poll().await {
+                    match ev {
+                        TrackRemoteEvent::OnRtpPacket(p) => {
+                            let key =
+                                parse_vp8_descriptor(&p.payload).is_some_and(|d| d.keyframe_start);
+                            packets.lock().unwrap().push((
+                                id.clone(),
+                                Instant::now(),
+                                p.header.sequence_number,
+                                key,
+                            ));
+                        }
+                        TrackRemoteEvent::OnEnded => break,
+                        _ => {}
+                    }
+                }
+            });
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    pub struct Subscriber {
+        pub ws: RawWs,
+        pc: Arc<dyn PeerConnection>,
+        candidates: mpsc::UnboundedReceiver<String>,
+        state: watch::Receiver<RTCPeerConnectionState>,
+        pub packets: Arc<Mutex<Vec<Got>>>,
+        answered_once: bool,
+        held: Vec<IceCandidate>,
+    }
+
+    impl Subscriber {
+        /// Joins `room` with `auto_subscribe: false`.
+        pub async fn join(url: &str, room: &str, name: &str) -> Subscriber {
+            let mut ws = RawWs::connect(url).await.unwrap();
+            ws.send_msg(&ClientMessage::Join {
+                room: room.into(),
+                name: name.into(),
+                token: None,
+                protocol: None,
+                auto_subscribe: Some(false),
+            })
+            .await
+            .unwrap();
+            ws.recv_until("joined", |m| matches!(m, ServerMessage::Joined { .. }))
+                .await
+                .unwrap();
+            let mut media_engine = MediaEngine::default();
+            media_engine.register_default_codecs().unwrap();
+            let registry =
+                register_default_interceptors(Registry::new(), &mut media_engine).unwrap();
+            let (ctx, candidates) = mpsc::unbounded_channel();
+            let (stx, state) = watch::channel(RTCPeerConnectionState::New);
+            let packets = Arc::new(Mutex::new(Vec::new()));
+            let handler = Arc::new(Handler {
+                candidates: ctx,
+                state: stx,
+                packets: packets.clone(),
+            });
+            let pc = PeerConnectionBuilder::new()
+                .with_configuration(RTCConfigurationBuilder::new().build())
+                .with_media_engine(media_engine)
+                .with_setting_engine(
+                    SettingEngineBuilder::new()
+                        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+                        .build(),
+                )
+                .with_interceptor_registry(registry)
+                .with_handler(handler)
+                .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
+                .build()
+                .await
+                .unwrap();
+            Subscriber {
+                ws,
+                pc: Arc::new(pc),
+                candidates,
+                state,
+                packets,
+                answered_once: false,
+                held: Vec::new(),
+            }
+        }
+
+        /// Reads signaling until the next `subscribe_offer` (adding trickled candidates).
+        pub async fn next_offer(&mut self) -> String {
+            loop {
+                let m = self
+                    .ws
+                    .recv_until("subscribe_offer", |m| {
+                        matches!(
+                            m,
+                            ServerMessage::SubscribeOffer { .. } | ServerMessage::Trickle { .. }
+                        )
+                    })
+                    .await
+                    .unwrap();
+                match m {
+                    ServerMessage::SubscribeOffer { sdp } => return sdp,
+                    ServerMessage::Trickle { candidate, .. } => self.held.push(candidate),
+                    _ => unreachable!(),
+                }
+            }
+        }
+
+        /// Applies `offer`, sends the answer, then our candidates.
+        pub async fn answer(&mut self, offer: String) {
+            let offer = RTCSessionDescription::offer(offer).unwrap();
+            self.pc.set_remote_description(offer).await.unwrap();
+            for c in self.held.drain(..) {
+                if !c.candidate.is_empty() {
+                    let _ = self
+                        .pc
+                        .add_ice_candidate(RTCIceCandidateInit {
+                            candidate: c.candidate,
+                            sdp_mid: c.sdp_mid,
+                            sdp_mline_index: c.sdp_mline_index,
+                            username_fragment: c.username_fragment,
+                            ..Default::default()
+                        })
+                        .await;
+                }
+            }
+            let answer = self.pc.create_answer(None).await.unwrap();
+            self.pc.set_local_description(answer.clone()).await.unwrap();
+            self.ws
+                .send_msg(&ClientMessage::SubscribeAnswer { sdp: answer.sdp })
+                .await
+                .unwrap();
+            if !self.answered_once {
+                self.answered_once = true;
+                // Candidates gathered so far (and the first few after).
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+                while let Ok(Some(c)) =
+                    tokio::time::timeout_at(deadline, self.candidates.recv()).await
+                {
+                    self.ws
+                        .send_msg(&ClientMessage::Trickle {
+                            target: PcTarget::Subscriber,
+                            candidate: IceCandidate {
+                                candidate: c,
+                                sdp_mid: Some("0".into()),
+                                sdp_mline_index: Some(0),
+                                username_fragment: None,
+                            },
+                        })
+                        .await
+                        .unwrap();
+                    if *self.state.borrow() == RTCPeerConnectionState::Connected {
+                        break;
+                    }
+                }
+            }
+        }
+
+        pub async fn wait_connected(&mut self) {
+            tokio::time::timeout(
+                T,
+                self.state
+                    .wait_for(|s| *s == RTCPeerConnectionState::Connected),
+            )
+            .await
+            .expect("the manual subscriber connects")
+            .unwrap();
+        }
+
+        pub fn packets_of(&self, track: &str) -> Vec<Got> {
+            self.packets
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|p| p.0 == track)
+                .cloned()
+                .collect()
+        }
+
+        pub async fn close(self) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.pc.close()).await;
+            self.ws.close().await;
+        }
+    }
+}
+
+/// A subscription made while a subscriber offer is out is negotiated by the follow-up offer.
+/// Until the subscriber has answered that offer it cannot receive the new track, so the
+/// server must not spend the track's keyframe (or start forwarding) before then: the first
+/// video packet a slow subscriber gets must still be a keyframe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyframe_is_not_spent_before_a_slow_subscriber_answers() {
+    let server = TestServer::start().await;
+    let bob = publisher(&server, "slow", "bob").await;
+    let mut sub = manual::Subscriber::join(&server.ws_url(), "slow", "slowpoke").await;
+    let offer = sub.next_offer().await;
+    sub.answer(offer).await;
+    sub.wait_connected().await;
+
+    // bob's own view of his tracks (the publisher is told the server ids).
+    let audio = announced_track(&bob, &bob, TrackKind::Audio).await.id;
+    let video = announced_track(&bob, &bob, TrackKind::Video).await.id;
+    // Back to back: the video subscription arrives while the offer for audio is out.
+    for id in [&audio, &video] {
+        sub.ws
+            .send_msg(&ClientMessage::Subscribe {
+                track_ids: vec![id.clone()],
+                subscribe: true,
+            })
+            .await
+            .unwrap();
+    }
+    let offer = sub.next_offer().await;
+    sub.answer(offer).await;
+    let offer = sub.next_offer().await;
+    assert!(
+        offer.contains(&video),
+        "the follow-up offer carries the video track"
+    );
+    // A slow client: the answer takes a while (bob's keyframes keep coming meanwhile).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sub.answer(offer).await;
+
+    let deadline = tokio::time::Instant::now() + T;
+    let got = loop {
+        let got = sub.packets_of(&video);
+        if got.len() >= 30 {
+            break got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow subscriber receives video ({} packets)",
+            got.len()
+        );
+        // The manual subscriber has no change notification: poll its packet list.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let first_key = got.iter().position(|p| p.3);
+    assert_eq!(
+        first_key,
+        Some(0),
+        "the first video packet after the slow answer is not a keyframe start (first \
+         keyframe at packet {first_key:?}, {:?} later)",
+        first_key.map(|i| got[i].1 - got[0].1)
+    );
+    sub.close().await;
+    bob.leave().await.unwrap();
+    server.shutdown().await;
+}

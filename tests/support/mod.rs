@@ -1,0 +1,415 @@
+//! Shared helpers for the integration tests: the real server started in-process on
+//! 127.0.0.1 with ephemeral ports, a minimal HTTP/1.1 GET for `/healthz`, a raw WebSocket
+//! client for protocol-error tests, and media-flow waits on top of the synthetic [`Peer`].
+//!
+//! Every test file declares both modules:
+//!
+//! ```ignore
+//! #[path = "../examples/common/mod.rs"]
+//! mod common;
+//! mod support;
+//! ```
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use plaza::config::Config;
+use plaza::server::Server;
+use plaza::signal::{ClientMessage, ErrorCode, ServerMessage, TrackInfo, TrackKind};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::common::{Peer, PeerOptions, RemoteTrackStats};
+
+/// Bound of every wait. Generous: the CI machine is slow and shared; tests normally finish
+/// their waits in well under a second.
+pub const T: Duration = Duration::from_secs(30);
+
+/// Logs for the tests: `RUST_LOG=plaza=debug cargo test --test media -- --nocapture`.
+/// Silent unless `RUST_LOG` is set.
+pub fn init_tracing() {
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// The test configuration: everything on 127.0.0.1, ephemeral HTTP and UDP ports.
+pub fn test_config() -> Config {
+    Config {
+        bind: "127.0.0.1".parse().unwrap(),
+        port: 0,
+        udp_bind: "127.0.0.1".parse().unwrap(),
+        udp_port: 0,
+        ..Config::default()
+    }
+}
+
+/// A real Plaza server running in this process.
+pub struct TestServer {
+    server: Option<Server>,
+    pub http_addr: SocketAddr,
+    pub udp_addr: SocketAddr,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(test_config()).await
+    }
+
+    pub async fn start_with(config: Config) -> TestServer {
+        init_tracing();
+        let server = plaza::server::start(config)
+            .await
+            .expect("the server starts on ephemeral ports");
+        let http_addr = server.http_addr();
+        let udp_addr = server.udp_addr();
+        assert_ne!(http_addr.port(), 0);
+        assert_ne!(udp_addr.port(), 0);
+        TestServer {
+            server: Some(server),
+            http_addr,
+            udp_addr,
+        }
+    }
+
+    /// The signaling WebSocket URL.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/rtc", self.http_addr)
+    }
+
+    /// Graceful shutdown; returns how long it took.
+    pub async fn shutdown(mut self) -> Duration {
+        let server = self.server.take().expect("not shut down yet");
+        let started = Instant::now();
+        // `Server::shutdown` bounds itself (5 s); this outer bound only catches a hang.
+        tokio::time::timeout(Duration::from_secs(20), server.shutdown())
+            .await
+            .expect("Server::shutdown returned");
+        started.elapsed()
+    }
+
+    pub async fn healthz(&self) -> Result<(u16, Value)> {
+        healthz(self.http_addr).await
+    }
+
+    /// Polls `/healthz` until `pred` holds (there is no event for the core's counters).
+    /// Bounded by `timeout`; returns the last body.
+    pub async fn wait_healthz(
+        &self,
+        what: &str,
+        mut pred: impl FnMut(&Value) -> bool,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.healthz().await?;
+            if status == 200 && pred(&body) {
+                return Ok(body);
+            }
+            if Instant::now() >= deadline {
+                bail!("healthz: {what} not reached in {timeout:?}; last: {status} {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (no new dependencies): status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        anyhow::Ok(out)
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| anyhow!("GET {path}: no complete response in 10 s"))??;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("GET {path}: no header end in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("GET {path}: bad status line in {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body
+            .split_once("\r\n")
+            .ok_or_else(|| anyhow!("bad chunk"))?;
+        let size = usize::from_str_radix(size.trim(), 16).context("chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(rest.get(..size).ok_or_else(|| anyhow!("short chunk"))?);
+        body = rest.get(size + 2..).unwrap_or("");
+    }
+}
+
+/// `GET /healthz` as JSON.
+pub async fn healthz(addr: SocketAddr) -> Result<(u16, Value)> {
+    let (status, body) = http_get(addr, "/healthz").await?;
+    let v = serde_json::from_str(&body).with_context(|| format!("healthz body {body:?}"))?;
+    Ok((status, v))
+}
+
+// ───────────────────────────── peers ─────────────────────────────
+
+/// Options with the tests' bound on every connect step.
+pub fn opts(publish: bool) -> PeerOptions {
+    let base = if publish {
+        PeerOptions::publisher()
+    } else {
+        PeerOptions::subscriber()
+    };
+    PeerOptions {
+        timeout: T,
+        keep_recent_packets: 1000,
+        ..base
+    }
+}
+
+pub async fn publisher(server: &TestServer, room: &str, name: &str) -> Peer {
+    Peer::connect(&server.ws_url(), room, name, opts(true))
+        .await
+        .unwrap_or_else(|e| panic!("{name} connects and publishes: {e:#}"))
+}
+
+pub async fn subscriber(server: &TestServer, room: &str, name: &str) -> Peer {
+    Peer::connect(&server.ws_url(), room, name, opts(false))
+        .await
+        .unwrap_or_else(|e| panic!("{name} connects: {e:#}"))
+}
+
+/// The server's announcement of `publisher`'s track of `kind`, as `viewer` saw it.
+pub async fn announced_track(viewer: &Peer, publisher: &Peer, kind: TrackKind) -> TrackInfo {
+    let pid = publisher.participant_id().to_owned();
+    viewer
+        .wait_for_room_track(|t| t.participant_id == pid && t.kind == kind, T)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} learns about {}'s {kind:?} track: {e:#}",
+                viewer.name(),
+                publisher.name()
+            )
+        })
+}
+
+pub fn packets(peer: &Peer, track_id: &str) -> u64 {
+    peer.remote_track(track_id).map_or(0, |t| t.packets)
+}
+
+/// Waits until `peer` has received `n` more packets on `track_id` than it had when called.
+pub async fn wait_growth(peer: &Peer, track_id: &str, n: u64) -> RemoteTrackStats {
+    let from = packets(peer, track_id);
+    peer.wait_for_packets(track_id, from + n, T)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {n} more packets on {track_id} (had {from}; now {}): {e:#}",
+                peer.name(),
+                packets(peer, track_id)
+            )
+        })
+}
+
+/// Asserts that every listed (receiver, track) keeps receiving media: `n` more packets each,
+/// counted from when this is called (the flows are watched together, not one after another).
+pub async fn assert_media_flows(what: &str, flows: &[(&Peer, &str)], n: u64) {
+    let from: Vec<u64> = flows.iter().map(|(p, t)| packets(p, t)).collect();
+    for ((peer, track), from) in flows.iter().zip(from) {
+        if let Err(e) = peer.wait_for_packets(track, from + n, T).await {
+            panic!(
+                "{what}: {} stopped receiving {track} (had {from}, now {}): {e:#}",
+                peer.name(),
+                packets(peer, track)
+            );
+        }
+    }
+}
+
+/// The `error` messages `peer` got at event index `from` or later.
+pub fn errors_after(peer: &Peer, from: usize) -> Vec<(ErrorCode, String, Option<String>)> {
+    peer.events()
+        .into_iter()
+        .skip(from)
+        .filter_map(|e| match e.event {
+            crate::common::PeerEvent::Server(ServerMessage::Error {
+                code,
+                message,
+                request,
+            }) => Some((code, message, request)),
+            _ => None,
+        })
+        .collect()
+}
+
+// ───────────────────────────── raw WebSocket ─────────────────────────────
+
+/// A bare signaling connection, for sending what a well-behaved client never would.
+pub struct RawWs {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a raw read yielded.
+#[derive(Debug)]
+pub enum Received {
+    Msg(ServerMessage),
+    /// The server closed the connection (close code and reason, if a close frame came).
+    Closed(Option<(u16, String)>),
+}
+
+impl RawWs {
+    pub async fn connect(url: &str) -> Result<RawWs> {
+        let (ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(url))
+            .await
+            .map_err(|_| anyhow!("websocket connect timed out"))??;
+        Ok(RawWs { ws })
+    }
+
+    pub async fn send_text(&mut self, text: impl Into<String>) -> Result<()> {
+        let text: String = text.into();
+        tokio::time::timeout(T, self.ws.send(Message::text(text)))
+            .await
+            .map_err(|_| anyhow!("websocket send timed out"))??;
+        Ok(())
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) -> Result<()> {
+        tokio::time::timeout(T, self.ws.send(Message::binary(data)))
+            .await
+            .map_err(|_| anyhow!("websocket send timed out"))??;
+        Ok(())
+    }
+
+    pub async fn send_msg(&mut self, msg: &ClientMessage) -> Result<()> {
+        self.send_text(serde_json::to_string(msg)?).await
+    }
+
+    /// The next server message or the close; skips WebSocket pings/pongs.
+    pub async fn recv(&mut self) -> Result<Received> {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            let item = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("nothing from the server in {T:?}"))?;
+            match item {
+                None => return Ok(Received::Closed(None)),
+                Some(Err(e)) => bail!("websocket error: {e}"),
+                Some(Ok(Message::Text(t))) => {
+                    let msg = serde_json::from_str(&t)
+                        .with_context(|| format!("not a server message: {t}"))?;
+                    return Ok(Received::Msg(msg));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Ok(Received::Closed(
+                        frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                    ));
+                }
+                Some(Ok(Message::Binary(b))) => bail!("unexpected binary frame {b:?}"),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads until a message matching `pred` (others are skipped; a close is an error).
+    pub async fn recv_until(
+        &mut self,
+        what: &str,
+        mut pred: impl FnMut(&ServerMessage) -> bool,
+    ) -> Result<ServerMessage> {
+        loop {
+            match self
+                .recv()
+                .await
+                .with_context(|| format!("waiting for {what}"))?
+            {
+                Received::Msg(m) if pred(&m) => return Ok(m),
+                Received::Msg(_) => continue,
+                Received::Closed(c) => bail!("closed while waiting for {what}: {c:?}"),
+            }
+        }
+    }
+
+    /// Reads until an `error` (other messages, e.g. offers, are skipped).
+    pub async fn expect_error(&mut self) -> Result<(ErrorCode, String, Option<String>)> {
+        match self
+            .recv_until("an error", |m| matches!(m, ServerMessage::Error { .. }))
+            .await?
+        {
+            ServerMessage::Error {
+                code,
+                message,
+                request,
+            } => Ok((code, message, request)),
+            _ => unreachable!(),
+        }
+    }
+
+    /// `ping` → `pong` with the same `ts`: the session is alive and in step.
+    pub async fn ping(&mut self, ts: f64) -> Result<()> {
+        self.send_msg(&ClientMessage::Ping { ts: Some(ts) }).await?;
+        self.recv_until(
+            "pong",
+            |m| matches!(m, ServerMessage::Pong { ts: Some(x) } if *x == ts),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn join(&mut self, room: &str, name: &str) -> Result<String> {
+        self.send_msg(&ClientMessage::Join {
+            room: room.to_owned(),
+            name: name.to_owned(),
+            token: None,
+            protocol: None,
+            auto_subscribe: None,
+        })
+        .await?;
+        match self
+            .recv_until("joined or error", |m| {
+                matches!(
+                    m,
+                    ServerMessage::Joined { .. } | ServerMessage::Error { .. }
+                )
+            })
+            .await?
+        {
+            ServerMessage::Joined { participant_id, .. } => Ok(participant_id),
+            other => bail!("join refused: {other:?}"),
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+    }
+}
