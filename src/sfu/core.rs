@@ -312,6 +312,8 @@ struct Core {
     next_id: u64,
     /// Keyframe requests to send: (track id, layer).
     keyframe_wanted: Vec<(String, usize)>,
+    /// Throttled keyframe requests whose time has come (already accounted by the throttle).
+    keyframe_retries: Vec<(String, usize)>,
     /// Participants to remove at the end of this turn (with reason).
     doomed: Vec<(u64, String)>,
     /// Participants whose subscriber connection needs a new offer at the end of this turn.
@@ -494,6 +496,7 @@ impl Core {
             stats: CoreStats::default(),
             next_id: 1,
             keyframe_wanted: Vec::new(),
+            keyframe_retries: Vec::new(),
             doomed: Vec::new(),
             renegotiate_queue: Vec::new(),
             shutting_down: false,
@@ -689,7 +692,7 @@ impl Core {
     fn process(&mut self) {
         let mut rounds = 0;
         loop {
-            if !self.keyframe_wanted.is_empty() {
+            if !self.keyframe_wanted.is_empty() || !self.keyframe_retries.is_empty() {
                 self.send_keyframe_requests(Instant::now());
             }
             if let Some(key) = self.dirty.pop_front() {
@@ -1276,7 +1279,12 @@ impl Core {
 
     fn send_keyframe_requests(&mut self, now: Instant) {
         let wanted = std::mem::take(&mut self.keyframe_wanted);
-        for (tid, li) in wanted {
+        let retries = std::mem::take(&mut self.keyframe_retries);
+        let all = wanted
+            .into_iter()
+            .map(|w| (w, false))
+            .chain(retries.into_iter().map(|w| (w, true)));
+        for ((tid, li), retry) in all {
             let Some(track) = self.tracks.get_mut(&tid) else {
                 continue;
             };
@@ -1289,7 +1297,7 @@ impl Core {
             let Some(media_ssrc) = layer.ssrc else {
                 continue;
             };
-            if !layer.throttle.request(now) {
+            if !retry && !layer.throttle.request(now) {
                 continue;
             }
             let (publisher, receiver) = (track.publisher, track.receiver);
@@ -1362,10 +1370,11 @@ impl Core {
                     wanted.push((tid.clone(), l));
                 }
             }
-            // Retries of keyframe requests whose keyframe never came.
+            // Retries of keyframe requests whose keyframe never came (`due` already counts
+            // the retry against the throttle, so it is sent unthrottled).
             for (li, layer) in track.layers.iter_mut().enumerate() {
                 if layer.throttle.due(now) {
-                    wanted.push((tid.clone(), li));
+                    self.keyframe_retries.push((tid.clone(), li));
                 }
             }
             // Dynacast.
