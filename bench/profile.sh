@@ -16,11 +16,11 @@ DURATION=${DURATION:-25}
 PORT=${PORT:-17890}
 UDP_PORT=${UDP_PORT:-17892}
 out="bench/results/$(date -u +%F)-profile-$NAME.txt"
-data=$(mktemp /tmp/plaza-perf.XXXXXX)
+data=/tmp/plaza-perf-$NAME.data   # kept for `perf report -i`
 
 target/release/plaza --port "$PORT" --udp-port "$UDP_PORT" --log-level warn &
 pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -f "$data"' EXIT
+trap 'kill $pid 2>/dev/null || true' EXIT
 sleep 1
 # Record 10 s in the middle of the measured traffic (joins take a few seconds).
 ( sleep $((DURATION / 2)); perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$pid" \
@@ -46,6 +46,10 @@ wait $rec || true
     perf report -i "$data" --stdio --children --sort symbol -g none --percent-limit 0 2>/dev/null \
         | grep -E "Core::(run|process|drain_pc|flush|handle_datagram|forward_rtp|handle_pc_message|fire_timers|select_layers)|RTCPeerConnection::(handle_read|poll_write|handle_timeout|poll_read)|write_rtp|__libc_sendto|__libc_recvfrom|recvfrom|epoll_wait|encrypt_rtp|decrypt_rtp|malloc|memmove" \
         | sed 's/ \+$//' | cut -c1-180 | head -40
+    echo
+    echo "## every function with ≥ 2 % inclusive time (children)"
+    perf report -i "$data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null \
+        | grep -v "^#" | grep -v "^$" | sed 's/ \+$//' | cut -c1-200 | head -120
 } > "$out"
 rm -f "$data.loadtest"
 echo "wrote $out"

@@ -110,6 +110,9 @@ struct Args {
     /// Print only; write no files.
     #[arg(long)]
     no_write: bool,
+    /// Only rebuild `README-table.md` from the newest results in `--out`, then exit.
+    #[arg(long)]
+    readme_only: bool,
     /// Bound of each connect step, seconds.
     #[arg(long, default_value_t = 15)]
     timeout: u64,
@@ -1119,6 +1122,14 @@ fn xlabel(sc: Scenario) -> &'static str {
 
 async fn run(args: Args) -> Result<bool> {
     now_us();
+    if args.readme_only {
+        let path = args.out.join("README-table.md");
+        let text = readme_table(&args.out)
+            .ok_or_else(|| anyhow!("no results in {}", args.out.display()))?;
+        std::fs::write(&path, text)?;
+        println!("wrote {}", path.display());
+        return Ok(true);
+    }
     let scenarios: Vec<Scenario> = args
         .scenarios
         .iter()
@@ -1244,11 +1255,45 @@ async fn run(args: Args) -> Result<bool> {
     }
     if !args.no_write {
         let path = args.out.join("README-table.md");
-        std::fs::write(&path, &readme)?;
+        std::fs::write(&path, readme_table(&args.out).unwrap_or(readme))?;
         println!("wrote {}", path.display());
     }
     println!("server logs in {}", logs.display());
     Ok(all_ok)
+}
+
+/// The README's benchmark section: the newest `<date>-<name>.md` of every scenario (and of the
+/// micro-benchmarks) found in `dir`, so a partial run does not drop the others.
+fn readme_table(dir: &Path) -> Option<String> {
+    let names = [
+        "audio",
+        "meeting",
+        "livestream",
+        "livestream-simulcast",
+        "micro",
+    ];
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    files.sort();
+    let mut out = String::new();
+    for name in names {
+        let suffix = format!("-{name}.md");
+        // `<YYYY-MM-DD>-<name>.md`: the date is the first 10 characters.
+        let newest = files
+            .iter()
+            .rev()
+            .find(|f| f.len() == 10 + suffix.len() && f.ends_with(&suffix));
+        if let Some(f) = newest
+            && let Ok(text) = std::fs::read_to_string(dir.join(f))
+        {
+            out.push_str(text.trim_end());
+            out.push_str(&format!("\n\n<sub>Source: `bench/results/{f}`.</sub>\n\n"));
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 fn report_point(p: &Point) {

@@ -389,7 +389,7 @@ pub struct LocalLayerStats {
     pub height: u16,
     /// Paused by the application ([`Peer::pause_layer`], [`Peer::pause_media`], mute).
     pub paused: bool,
-    /// Paused because the server's last `publisher_layers` did not list it.
+    /// Paused because the server's last `publisher_layers` listed it in `paused`.
     pub dynacast_paused: bool,
     /// How often `publisher_layers` paused / resumed it.
     pub dynacast_pauses: u64,
@@ -611,10 +611,9 @@ impl Shared {
         }
     }
 
-    /// Applies a `publisher_layers`: pauses the encodings of our track `track_id` (server id)
-    /// whose RID is not in `active`, resumes the others.
-    /// Dynacast: pause exactly the encodings the server lists in `paused` (a layer the server
-    /// has not received yet is in neither list and stays on).
+    /// Applies a `publisher_layers` for our track `track_id` (server id): pauses exactly the
+    /// encodings the server lists in `paused` and resumes the others (a layer the server has
+    /// not received yet is in neither list and stays on).
     fn apply_publisher_layers(&self, track_id: &str, paused: &[String]) {
         let client_track_id = self
             .state()

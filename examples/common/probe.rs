@@ -118,10 +118,23 @@ pub fn track_key(id: &str) -> u64 {
 /// Turns the probe on (idempotent). Nothing is recorded before.
 pub fn enable() {
     ENABLED.store(true, Ordering::Release);
+    #[cfg(test)]
+    TEST_ENABLED.with(|e| e.set(true));
 }
 
 pub fn enabled() -> bool {
+    // In test builds the probe records only on the thread that enabled it: the unit tests
+    // below share the process with integration tests whose real peers call `sent` and
+    // `received` from other threads (every `tests/*.rs` includes this module).
+    #[cfg(test)]
+    return TEST_ENABLED.with(|e| e.get());
+    #[cfg(not(test))]
     ENABLED.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+thread_local! {
+    static TEST_ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Records that remote track `key` carries packets of these publisher SSRCs.

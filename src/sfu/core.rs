@@ -898,6 +898,22 @@ impl Core {
             return;
         };
         let tid = format!("TR_{}", random_string(12));
+        // Every RID the publisher offered for this track, seen or not (so `track_published`
+        // lists them all); the first packets of each fill in its SSRC.
+        let offered = pc
+            .rtc
+            .remote_description()
+            .map(|d| offered_rids(&d.sdp, &init.track_id))
+            .unwrap_or_default();
+        let mut layers = vec![Layer::new(
+            init.rid.clone().unwrap_or_default(),
+            Some(init.ssrc),
+        )];
+        for rid in offered {
+            if !layers.iter().any(|l| l.rid == rid) {
+                layers.push(Layer::new(rid, None));
+            }
+        }
         let t = Track {
             id: tid.clone(),
             publisher: part,
@@ -907,10 +923,7 @@ impl Core {
             client_track_id: init.track_id.clone(),
             receiver: init.receiver_id,
             muted: false,
-            layers: vec![Layer::new(
-                init.rid.clone().unwrap_or_default(),
-                Some(init.ssrc),
-            )],
+            layers,
             down: HashMap::new(),
             paused_upstream: BTreeSet::new(),
             unneeded_since: HashMap::new(),
@@ -2324,6 +2337,33 @@ fn validate_name(field: &str, value: &str) -> Result<(), SfuError> {
     Ok(())
 }
 
+/// The RIDs (`a=rid:<id> send`) of the m-section of `sdp` whose `a=msid` names `track_id`.
+fn offered_rids(sdp: &str, track_id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for section in sdp.split("\nm=").skip(1) {
+        let names_track = section.lines().any(|l| {
+            l.trim()
+                .strip_prefix("a=msid:")
+                .is_some_and(|v| v.split_whitespace().nth(1) == Some(track_id))
+        });
+        if !names_track {
+            continue;
+        }
+        for line in section.lines() {
+            let Some(v) = line.trim().strip_prefix("a=rid:") else {
+                continue;
+            };
+            let mut parts = v.split_whitespace();
+            if let (Some(rid), Some("send")) = (parts.next(), parts.next()) {
+                if !out.iter().any(|r| r == rid) {
+                    out.push(rid.to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Does sending this datagram show the connection has validated its destination? A STUN
 /// Binding success response (only sent for a check whose MESSAGE-INTEGRITY verified), or
 /// anything that is not STUN (DTLS, SRTP: only sent on the selected pair).
@@ -2402,6 +2442,16 @@ mod tests {
         let mut m = stun_with_username("a:b");
         m.truncate(m.len() - 2);
         assert_eq!(stun_username(&m), None);
+    }
+
+    #[test]
+    fn offered_rids_are_read_from_the_tracks_section() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=msid:s a1\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=msid:s v1\r\na=rid:f send\r\n\
+                   a=rid:q send\r\na=rid:h send\r\na=simulcast:send f;q;h\r\n";
+        assert_eq!(offered_rids(sdp, "v1"), ["f", "q", "h"]);
+        assert!(offered_rids(sdp, "a1").is_empty());
+        assert!(offered_rids(sdp, "nope").is_empty());
     }
 
     #[test]
