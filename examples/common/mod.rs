@@ -7,9 +7,13 @@
 //! - [`peer`]: [`Peer`] — WebSocket signaling + subscriber/publisher peer connections (webrtc-rs
 //!   0.21), events, waits, data channels, stats.
 //! - [`media`]: pre-encoded VP8 (IVF) and Opus (Ogg) clips from `assets/`, looped and paced into
-//!   RTP; publishers answer PLI/FIR by jumping to the clip's next keyframe.
+//!   RTP (15-bit VP8 picture ids, like browsers); publishers answer PLI/FIR by jumping to the
+//!   clip's next keyframe (per simulcast layer, by media SSRC); frame fingerprints tell a
+//!   receiver which clip (layer) a frame came from.
 //! - [`recv`]: per-remote-track receive statistics (loss from sequence gaps, VP8 keyframes,
-//!   the last N packets).
+//!   the last N packets; for simulcast: the size of every keyframe, the layer of every frame,
+//!   `layer_changed` messages, and continuity of sequence numbers, timestamps and picture ids
+//!   across switches).
 //! - [`envelope`]: the data-channel envelope (`{"to":[..]}\n` / `{"from":".."}\n` + payload).
 //! - [`keyframe`]: the interceptor that lets publishers see PLI/FIR.
 //! - [`layers`]: simulcast measurements for the load tester (layer switches, bandwidth cuts).

@@ -122,14 +122,17 @@ pub fn enable() {
     TEST_ENABLED.with(|e| e.set(true));
 }
 
+#[cfg(not(test))]
 pub fn enabled() -> bool {
-    // In test builds the probe records only on the thread that enabled it: the unit tests
-    // below share the process with integration tests whose real peers call `sent` and
-    // `received` from other threads (every `tests/*.rs` includes this module).
-    #[cfg(test)]
-    return TEST_ENABLED.with(|e| e.get());
-    #[cfg(not(test))]
     ENABLED.load(Ordering::Relaxed)
+}
+
+/// In test builds the probe records only on the thread that enabled it: the unit tests below
+/// share the process with integration tests whose real peers call `sent` and `received` from
+/// other threads (every `tests/*.rs` includes this module).
+#[cfg(test)]
+pub fn enabled() -> bool {
+    TEST_ENABLED.with(|e| e.get())
 }
 
 #[cfg(test)]
