@@ -25,4 +25,4 @@ else
 fi
 
 step "browser end-to-end tests (headless Chromium, loopback-only network namespace)"
-PLAZA_BIN="$PWD/target/release/plaza" ./scripts/browser-tests.sh
+PLAZA_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/plaza" ./scripts/browser-tests.sh
