@@ -12,6 +12,7 @@ use super::rewrite::{Rewriter, Vp8Munger};
 use super::selector::{
     BitrateMeter, LayerInfo, LayerSelector, PacketAction, Requested, layer_quality, needed_layers,
 };
+use super::udp::{self, OutQueue};
 use super::vp8;
 use super::{Command, CoreStats, JoinAccepted, JoinRequest, SfuError, SfuHandle};
 use crate::signal::{
@@ -56,6 +57,7 @@ use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
@@ -135,6 +137,9 @@ struct Pc {
     created: Instant,
     /// Already in the dirty queue.
     queued: bool,
+    /// Needs a full drain (events, application messages, timers), not just its outgoing
+    /// datagrams: set by everything except the forwarding of RTP packets (see `process`).
+    full_drain: bool,
     /// Connectivity checks that arrived before the remote description (the client starts
     /// checking as soon as it has answered; its answer may still be on the WebSocket).
     early: Vec<(SocketAddr, Instant, BytesMut)>,
@@ -176,15 +181,36 @@ struct Participant {
     offers_answered: u64,
     channels: HashMap<RTCDataChannelId, Channel>,
     open_channels: HashMap<&'static str, RTCDataChannelId>,
-    /// Publisher-side `rtc` track id → server track id.
-    pub_tracks: HashMap<String, String>,
-    /// Server track ids this participant publishes, in order.
-    published: Vec<String>,
+    /// What this participant publishes, in order.
+    pub_tracks: Vec<PubTrack>,
     /// Server track id → sender on this participant's subscriber PC.
     subscriptions: HashMap<String, RTCRtpSenderId>,
     limiter: data::RateLimiter,
     /// Downlink estimate of the subscriber connection (TWCC/GCC, REMB fallback).
     estimate: Estimate,
+}
+
+/// A track a participant publishes.
+struct PubTrack {
+    /// The publisher PC's `rtc` track id (what its packets are tagged with).
+    rtc_id: String,
+    /// The server's track id, shared so the packet path can hold it without allocating.
+    tid: Arc<str>,
+}
+
+impl Participant {
+    /// The server track id of the publisher-side `rtc` track `rtc_id`.
+    fn pub_track(&self, rtc_id: &str) -> Option<&Arc<str>> {
+        self.pub_tracks
+            .iter()
+            .find(|t| t.rtc_id == rtc_id)
+            .map(|t| &t.tid)
+    }
+
+    /// Server track ids this participant publishes, in order.
+    fn published(&self) -> impl Iterator<Item = &str> {
+        self.pub_tracks.iter().map(|t| &*t.tid)
+    }
 }
 
 struct DownTrack {
@@ -308,6 +334,8 @@ struct Core {
     addrs: HashMap<SocketAddr, PcKey>,
     timers: BinaryHeap<Reverse<(Instant, PcKey)>>,
     dirty: VecDeque<PcKey>,
+    /// Datagrams produced this turn, sent in batches (see `send_out`).
+    out: OutQueue,
     stats: CoreStats,
     next_id: u64,
     /// Keyframe requests to send: (track id, layer).
@@ -493,6 +521,7 @@ impl Core {
             addrs: HashMap::new(),
             timers: BinaryHeap::new(),
             dirty: VecDeque::new(),
+            out: OutQueue::new(),
             stats: CoreStats::default(),
             next_id: 1,
             keyframe_wanted: Vec::new(),
@@ -621,8 +650,14 @@ impl Core {
 
     // ---------------------------------------------------------------- UDP in
 
+    /// A datagram from the socket: counted, then fed to its connection.
     fn handle_datagram(&mut self, now: Instant, data: &[u8], from: SocketAddr) {
         self.stats.udp_datagrams_in += 1;
+        self.feed_datagram(now, data, from);
+    }
+
+    /// Route a datagram to the connection it belongs to (also used to replay early ones).
+    fn feed_datagram(&mut self, now: Instant, data: &[u8], from: SocketAddr) {
         let Some(&first) = data.first() else {
             self.stats.udp_datagrams_ignored += 1;
             return;
@@ -679,6 +714,7 @@ impl Core {
 
     fn mark_dirty(&mut self, key: PcKey) {
         if let Some(pc) = self.pc_mut(key) {
+            pc.full_drain = true;
             if !pc.queued {
                 pc.queued = true;
                 self.dirty.push_back(key);
@@ -697,10 +733,17 @@ impl Core {
             }
             if let Some(key) = self.dirty.pop_front() {
                 rounds += 1;
-                if let Some(pc) = self.pc_mut(key) {
-                    pc.queued = false;
+                let Some(pc) = self.pc_mut(key) else { continue };
+                pc.queued = false;
+                // A subscriber connection that only had RTP written to it needs its datagrams
+                // sent and nothing else: writing media raises no events, no application
+                // messages and no earlier timer (no pacer is configured). Every extra call into
+                // `rtc` walks its whole handler pipeline, so this halves the work per packet.
+                if std::mem::take(&mut pc.full_drain) {
+                    self.drain_pc(key);
+                } else {
+                    self.flush(key);
                 }
-                self.drain_pc(key);
                 if rounds > 100_000 {
                     warn!("processing did not settle; deferring");
                     break;
@@ -722,10 +765,14 @@ impl Core {
                 self.remove_participant(part, &reason, true);
             }
         }
+        self.send_out();
     }
 
+    /// Everything a connection has for us: outgoing datagrams, events, application messages,
+    /// what those produced, and its next timer.
     fn drain_pc(&mut self, key: PcKey) {
-        // 1. Outgoing datagrams.
+        // 1. Outgoing datagrams first: `rtc` raises some events (ICE connected) only while it
+        //    writes (taking this flush out made joins ~1 s slower).
         self.flush(key);
         // 2. Events.
         loop {
@@ -739,6 +786,7 @@ impl Core {
             let Some(msg) = pc.rtc.poll_read() else { break };
             self.handle_pc_message(key, msg);
         }
+        // 4. What they produced, and the next timer.
         self.flush(key);
         self.reschedule(key);
     }
@@ -762,11 +810,23 @@ impl Core {
                 pc.addrs.push(to);
                 self.addrs.insert(to, key);
             }
-            // Drop, never block: a full socket buffer loses this datagram only.
-            if let Err(e) = self.socket.try_send_to(&out.message, to) {
-                trace!("udp send to {to} failed: {e}");
-            }
+            self.out.push(out.message, to);
         }
+        if self.out.len() >= udp::BATCH {
+            self.send_out();
+        }
+    }
+
+    /// Hand the queued datagrams to the kernel (drop, never block: a full socket buffer loses
+    /// datagrams, never stalls the core).
+    fn send_out(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let o = self.out.send(&self.socket);
+        self.stats.udp_datagrams_out += o.sent;
+        self.stats.udp_datagrams_out_dropped += o.dropped;
+        self.stats.udp_send_calls += o.calls;
     }
 
     fn handle_pc_event(&mut self, key: PcKey, ev: RTCPeerConnectionEvent) {
@@ -819,8 +879,9 @@ impl Core {
             {
                 let tid = self
                     .parts
-                    .get_mut(&key.part)
-                    .and_then(|p| p.pub_tracks.remove(&track_id));
+                    .get(&key.part)
+                    .and_then(|p| p.pub_track(&track_id))
+                    .cloned();
                 if let Some(tid) = tid {
                     self.unpublish(&tid);
                 }
@@ -870,9 +931,9 @@ impl Core {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
-        if let Some(tid) = p.pub_tracks.get(&init.track_id) {
+        if let Some(tid) = p.pub_track(&init.track_id) {
             // Another encoding (simulcast layer) of a known track.
-            if let Some(t) = self.tracks.get_mut(tid) {
+            if let Some(t) = self.tracks.get_mut(&**tid) {
                 let rid = init.rid.clone().unwrap_or_default();
                 match t.layers.iter_mut().find(|l| l.rid == rid) {
                     Some(l) => l.ssrc = Some(init.ssrc),
@@ -928,8 +989,10 @@ impl Core {
             paused_upstream: BTreeSet::new(),
             unneeded_since: HashMap::new(),
         };
-        p.pub_tracks.insert(init.track_id.clone(), tid.clone());
-        p.published.push(tid.clone());
+        p.pub_tracks.push(PubTrack {
+            rtc_id: init.track_id.clone(),
+            tid: Arc::from(tid.as_str()),
+        });
         let info = t.info(&p.pid);
         let room = p.room.clone();
         let span = info_span!("track", room = %room, participant = %p.pid, track = %tid);
@@ -1125,7 +1188,7 @@ impl Core {
         let Some(tid) = self
             .parts
             .get(&part)
-            .and_then(|p| p.pub_tracks.get(rtc_track))
+            .and_then(|p| p.pub_track(rtc_track))
             .cloned()
         else {
             return;
@@ -1133,7 +1196,7 @@ impl Core {
         let Some(li) = self.layer_of(part, &tid, packet.header.ssrc) else {
             return;
         };
-        let Some(track) = self.tracks.get_mut(&tid) else {
+        let Some(track) = self.tracks.get_mut(&*tid) else {
             return;
         };
         let is_video = track.kind == TrackKind::Video;
@@ -1202,10 +1265,8 @@ impl Core {
             out.header.sequence_number = h.seq;
             out.header.timestamp = h.timestamp;
             if let Some(m) = dt.munger.as_mut() {
-                let mut payload = BytesMut::from(&packet.payload[..]);
-                if m.munge(&mut payload, h.switched || switched).is_ok() {
-                    out.payload = payload.freeze();
-                }
+                // Copies the payload only when a descriptor field must change.
+                out.payload = m.munge_shared(&packet.payload, h.switched || switched);
             }
             let Some(mut sender) = p.sub.rtc.rtp_sender(dt.sender) else {
                 continue;
@@ -1228,7 +1289,7 @@ impl Core {
             }
         }
         if let Some(l) = want_keyframe {
-            self.keyframe_wanted.push((tid.clone(), l));
+            self.keyframe_wanted.push((tid.to_string(), l));
         }
         for sub in switched_subs {
             self.report_layer(&tid, sub, now);
@@ -1447,8 +1508,7 @@ impl Core {
             .map(|p| p.pid.clone())
             .unwrap_or_default();
         if let Some(p) = self.parts.get_mut(&track.publisher) {
-            p.published.retain(|t| t != tid);
-            p.pub_tracks.retain(|_, v| v != tid);
+            p.pub_tracks.retain(|t| &*t.tid != tid);
         }
         for (&sub, _) in track.down.iter() {
             if let Some(p) = self.parts.get_mut(&sub) {
@@ -1669,6 +1729,7 @@ impl Core {
             connected: false,
             created: now,
             queued: false,
+            full_drain: false,
             early: Vec::new(),
         })
     }
@@ -1733,8 +1794,7 @@ impl Core {
             sub_needs_offer: false,
             channels,
             open_channels: HashMap::new(),
-            pub_tracks: HashMap::new(),
-            published: Vec::new(),
+            pub_tracks: Vec::new(),
             subscriptions: HashMap::new(),
             limiter: data::RateLimiter::default(),
             estimate,
@@ -1789,8 +1849,7 @@ impl Core {
             id: p.pid.clone(),
             name: p.name.clone(),
             tracks: p
-                .published
-                .iter()
+                .published()
                 .filter_map(|t| self.tracks.get(t))
                 .map(|t| t.info(&p.pid))
                 .collect(),
@@ -2130,14 +2189,13 @@ impl Core {
             }
         }
         let stopped: Vec<String> = p
-            .published
-            .iter()
+            .published()
             .filter(|tid| {
                 self.tracks
                     .get(*tid)
                     .is_some_and(|t| !receiving.contains(&t.receiver))
             })
-            .cloned()
+            .map(str::to_owned)
             .collect();
         for tid in stopped {
             self.unpublish(&tid);
@@ -2178,9 +2236,7 @@ impl Core {
                 let again = p.sub_needs_offer;
                 let early = std::mem::take(&mut p.sub.early);
                 for (from, at, data) in early {
-                    // counted once already, when it arrived
-                    self.stats.udp_datagrams_in = self.stats.udp_datagrams_in.saturating_sub(1);
-                    self.handle_datagram(at, &data, from);
+                    self.feed_datagram(at, &data, from);
                 }
                 self.refresh_downtracks(part);
                 if again {
@@ -2243,7 +2299,7 @@ impl Core {
                 reason: reason.to_owned(),
             });
         }
-        let published = p.published.clone();
+        let published: Vec<String> = p.published().map(str::to_owned).collect();
         let subs: Vec<String> = p.subscriptions.keys().cloned().collect();
         for tid in published {
             self.unpublish(&tid);
@@ -2260,9 +2316,7 @@ impl Core {
         for pc in std::iter::once(&mut p.sub).chain(p.publ.as_mut()) {
             let _ = pc.rtc.close();
             while let Some(out) = pc.rtc.poll_write() {
-                let _ = self
-                    .socket
-                    .try_send_to(&out.message, out.transport.peer_addr);
+                self.out.push(out.message, out.transport.peer_addr);
             }
             self.ufrags.remove(&pc.ufrag);
             for a in &pc.addrs {
@@ -2315,6 +2369,7 @@ impl Core {
         for part in parts {
             self.remove_participant(part, "server shutting down", true);
         }
+        self.send_out();
     }
 }
 

@@ -12,6 +12,7 @@ pub mod data;
 pub mod keyframe;
 pub mod rewrite;
 pub mod selector;
+pub mod udp;
 pub mod vp8;
 
 use crate::signal::{ClientMessage, ServerMessage};
@@ -75,6 +76,11 @@ pub struct CoreStats {
     pub rtp_packets_dropped: u64,
     pub udp_datagrams_in: u64,
     pub udp_datagrams_ignored: u64,
+    /// Datagrams sent, and dropped because the socket buffer was full (or the send failed).
+    pub udp_datagrams_out: u64,
+    pub udp_datagrams_out_dropped: u64,
+    /// Send system calls made (each sends a batch of datagrams).
+    pub udp_send_calls: u64,
     pub data_messages_relayed: u64,
     /// Keyframe requests (PLI) sent to publishers.
     pub keyframe_requests: u64,

@@ -43,6 +43,7 @@
 //! numbering continues modulo the new width, and because a switch always happens on a
 //! keyframe (which references nothing earlier) the receiver loses nothing.
 
+use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -455,25 +456,90 @@ impl Vp8Munger {
         payload: &mut [u8],
         switched: bool,
     ) -> Result<vp8::Descriptor, vp8::Vp8Error> {
+        let (d, plan) = self.plan(payload, switched)?;
+        plan.apply(&d, payload)?;
+        Ok(d)
+    }
+
+    /// Like [`munge`](Self::munge), for a shared payload: returns the payload itself (no copy)
+    /// when no descriptor field changes, which is the case for every packet of the first source
+    /// a down-track forwards; a rewritten copy otherwise. A payload whose descriptor cannot be
+    /// parsed is returned unchanged.
+    pub fn munge_shared(&mut self, payload: &Bytes, switched: bool) -> Bytes {
+        let Ok((d, plan)) = self.plan(payload, switched) else {
+            return payload.clone();
+        };
+        if !plan.changes() {
+            return payload.clone();
+        }
+        let mut out = BytesMut::from(&payload[..]);
+        // The fields were found by parsing this very payload, so writing them cannot fail.
+        let _ = plan.apply(&d, &mut out);
+        out.freeze()
+    }
+
+    /// Map the descriptor fields of `payload` (advancing the munger's state) without writing.
+    fn plan(
+        &mut self,
+        payload: &[u8],
+        switched: bool,
+    ) -> Result<(vp8::Descriptor, MungePlan), vp8::Vp8Error> {
         if switched {
             self.picture_id.rebase = true;
             self.tl0_pic_idx.rebase = true;
             self.key_idx.rebase = true;
         }
         let d = vp8::parse_descriptor(payload)?;
-        if let Some(pid) = d.picture_id {
-            let out = self.picture_id.map(pid.value(), pid.modulus());
+        let picture_id = d
+            .picture_id
+            .map(|pid| (pid.value(), self.picture_id.map(pid.value(), pid.modulus())));
+        let tl0_pic_idx = d
+            .tl0_pic_idx
+            .map(|t| (u16::from(t), self.tl0_pic_idx.map(u16::from(t), 256)));
+        let key_idx = d.key_idx.map(|k| {
+            (
+                u16::from(k),
+                self.key_idx.map(u16::from(k), vp8::KEYIDX_MODULUS),
+            )
+        });
+        Ok((
+            d,
+            MungePlan {
+                picture_id,
+                tl0_pic_idx,
+                key_idx,
+            },
+        ))
+    }
+}
+
+/// The (input, output) value of each descriptor field present in one packet.
+#[derive(Debug, Clone, Copy)]
+struct MungePlan {
+    picture_id: Option<(u16, u16)>,
+    tl0_pic_idx: Option<(u16, u16)>,
+    key_idx: Option<(u16, u16)>,
+}
+
+impl MungePlan {
+    fn changes(&self) -> bool {
+        [self.picture_id, self.tl0_pic_idx, self.key_idx]
+            .into_iter()
+            .flatten()
+            .any(|(i, o)| i != o)
+    }
+
+    fn apply(&self, d: &vp8::Descriptor, payload: &mut [u8]) -> Result<(), vp8::Vp8Error> {
+        if let Some((_, out)) = self.picture_id {
             d.set_picture_id(payload, out)?;
         }
-        if let Some(t) = d.tl0_pic_idx {
-            let out = self.tl0_pic_idx.map(u16::from(t), 256);
+        if let Some((_, out)) = self.tl0_pic_idx {
             d.set_tl0_pic_idx(payload, out as u8)?;
         }
-        if let Some(k) = d.key_idx {
-            let out = self.key_idx.map(u16::from(k), vp8::KEYIDX_MODULUS);
+        if let Some((_, out)) = self.key_idx {
             d.set_key_idx(payload, out as u8)?;
         }
-        Ok(d)
+        Ok(())
     }
 }
 
@@ -1022,6 +1088,31 @@ mod tests {
         m.munge(&mut p, false).unwrap();
         assert_eq!(fields(&p), (1235, 10, 3));
         assert_eq!(&p[p.len() - 2..], &[0xaa, 0xbb]);
+    }
+
+    /// The shared-payload path copies only when a field changes, and then writes exactly what
+    /// the in-place path writes.
+    #[test]
+    fn munge_shared_copies_only_when_needed() {
+        let mut shared = Vp8Munger::new();
+        let mut in_place = Vp8Munger::new();
+        let mut step = |pid: u16, tl0: u8, switched: bool| {
+            let src = Bytes::from(vp8_pkt(pid, true, tl0, 3));
+            let out = shared.munge_shared(&src, switched);
+            let mut expect = src.to_vec();
+            in_place.munge(&mut expect, switched).unwrap();
+            assert_eq!(&out[..], &expect[..]);
+            out.as_ptr() == src.as_ptr()
+        };
+        // First source: passed through untouched, no copy.
+        assert!(step(500, 7, true));
+        assert!(step(501, 8, false));
+        // A new source with other numbering: rewritten into a copy.
+        assert!(!step(9_000, 100, true));
+        assert!(!step(9_001, 101, false));
+        // Garbage is passed through as is.
+        let junk = Bytes::from_static(&[0x80]);
+        assert_eq!(shared.munge_shared(&junk, false), junk);
     }
 
     #[test]
