@@ -8,6 +8,7 @@
 use super::bwe::{Estimate, SharedGcc};
 use super::data::{self, DataError};
 use super::keyframe::KeyframeThrottle;
+use super::latency::LatencyHistogram;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::selector::{
     BitrateMeter, LayerInfo, LayerSelector, PacketAction, Requested, layer_quality, needed_layers,
@@ -336,6 +337,7 @@ struct Core {
     dirty: VecDeque<PcKey>,
     /// Datagrams produced this turn, sent in batches (see `send_out`).
     out: OutQueue,
+    forward_latency: LatencyHistogram,
     stats: CoreStats,
     next_id: u64,
     /// Keyframe requests to send: (track id, layer).
@@ -522,6 +524,7 @@ impl Core {
             timers: BinaryHeap::new(),
             dirty: VecDeque::new(),
             out: OutQueue::new(),
+            forward_latency: LatencyHistogram::new(),
             stats: CoreStats::default(),
             next_id: 1,
             keyframe_wanted: Vec::new(),
@@ -810,7 +813,8 @@ impl Core {
                 pc.addrs.push(to);
                 self.addrs.insert(to, key);
             }
-            self.out.push(out.message, to);
+            let origin = udp::is_rtp(&out.message).then_some(out.now);
+            self.out.push(out.message, to, origin);
         }
         if self.out.len() >= udp::BATCH {
             self.send_out();
@@ -823,7 +827,7 @@ impl Core {
         if self.out.is_empty() {
             return;
         }
-        let o = self.out.send(&self.socket);
+        let o = self.out.send(&self.socket, &mut self.forward_latency);
         self.stats.udp_datagrams_out += o.sent;
         self.stats.udp_datagrams_out_dropped += o.dropped;
         self.stats.udp_send_calls += o.calls;
@@ -1657,6 +1661,7 @@ impl Core {
                 s.rooms = self.rooms.len();
                 s.participants = self.parts.len();
                 s.published_tracks = self.tracks.len();
+                s.forward_latency = self.forward_latency.snapshot();
                 let _ = reply.send(s);
             }
             Command::Shutdown { .. } => {}
@@ -2316,7 +2321,7 @@ impl Core {
         for pc in std::iter::once(&mut p.sub).chain(p.publ.as_mut()) {
             let _ = pc.rtc.close();
             while let Some(out) = pc.rtc.poll_write() {
-                self.out.push(out.message, out.transport.peer_addr);
+                self.out.push(out.message, out.transport.peer_addr, None);
             }
             self.ufrags.remove(&pc.ufrag);
             for a in &pc.addrs {

@@ -10,6 +10,7 @@ pub mod bwe;
 pub mod core;
 pub mod data;
 pub mod keyframe;
+pub mod latency;
 pub mod rewrite;
 pub mod selector;
 pub mod udp;
@@ -84,6 +85,9 @@ pub struct CoreStats {
     pub data_messages_relayed: u64,
     /// Keyframe requests (PLI) sent to publishers.
     pub keyframe_requests: u64,
+    /// Time forwarded RTP packets spent in the server: read from the socket → handed to the
+    /// kernel, over the process life (subtract two snapshots' buckets for a window).
+    pub forward_latency: latency::LatencySnapshot,
 }
 
 /// Errors at the core's boundary.

@@ -6,8 +6,10 @@
 //! send per datagram. Sending never blocks: when the socket buffer is full the rest of the batch
 //! is dropped (and counted), as a congested network would.
 
+use super::latency::LatencyHistogram;
 use bytes::BytesMut;
 use std::net::SocketAddr;
+use std::time::Instant;
 use tokio::net::UdpSocket;
 
 /// Datagrams handed to the kernel per call.
@@ -25,17 +27,28 @@ pub struct SendOutcome {
 #[derive(Debug, Default)]
 pub struct OutQueue {
     queue: Vec<(BytesMut, SocketAddr)>,
+    /// When the packet each queued RTP datagram carries was read from the socket (`None` for
+    /// everything else), parallel to `queue`.
+    origins: Vec<Option<Instant>>,
+}
+
+/// Whether a datagram is an (S)RTP media packet: version 2 and not an RTCP packet type.
+pub fn is_rtp(data: &[u8]) -> bool {
+    data.len() >= 12 && data[0] & 0xC0 == 0x80 && !(192..=223).contains(&data[1])
 }
 
 impl OutQueue {
     pub fn new() -> Self {
         OutQueue {
             queue: Vec::with_capacity(BATCH),
+            origins: Vec::with_capacity(BATCH),
         }
     }
 
-    pub fn push(&mut self, data: BytesMut, to: SocketAddr) {
+    /// Queue a datagram. `origin`: for forwarded media, when its source packet arrived.
+    pub fn push(&mut self, data: BytesMut, to: SocketAddr, origin: Option<Instant>) {
         self.queue.push((data, to));
+        self.origins.push(origin);
     }
 
     pub fn len(&self) -> usize {
@@ -46,13 +59,19 @@ impl OutQueue {
         self.queue.is_empty()
     }
 
-    /// Send everything queued (in order) and empty the queue.
-    pub fn send(&mut self, socket: &UdpSocket) -> SendOutcome {
+    /// Send everything queued (in order) and empty the queue; record in `latency` how long
+    /// each media datagram's packet spent in the server.
+    pub fn send(&mut self, socket: &UdpSocket, latency: &mut LatencyHistogram) -> SendOutcome {
         let mut outcome = SendOutcome::default();
-        for chunk in self.queue.chunks(BATCH) {
+        for (chunk, origins) in self.queue.chunks(BATCH).zip(self.origins.chunks(BATCH)) {
+            let now = Instant::now();
+            for origin in origins.iter().flatten() {
+                latency.record(now.saturating_duration_since(*origin), 1);
+            }
             send_chunk(socket, chunk, &mut outcome);
         }
         self.queue.clear();
+        self.origins.clear();
         outcome
     }
 }
@@ -208,11 +227,18 @@ mod tests {
         for i in 0..n {
             let to = if i % 3 == 0 { &b } else { &a };
             let payload = format!("datagram {i}").into_bytes();
-            q.push(BytesMut::from(&payload[..]), to.local_addr().unwrap());
+            let origin = (i % 2 == 0).then(Instant::now);
+            q.push(
+                BytesMut::from(&payload[..]),
+                to.local_addr().unwrap(),
+                origin,
+            );
         }
         assert_eq!(q.len(), n);
-        let out = q.send(&tx);
+        let mut lat = LatencyHistogram::new();
+        let out = q.send(&tx, &mut lat);
         assert!(q.is_empty());
+        assert_eq!(lat.count(), n.div_ceil(2) as u64);
         assert_eq!(out.sent, n as u64);
         assert_eq!(out.dropped, 0);
         #[cfg(target_os = "linux")]
@@ -228,6 +254,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn rtp_is_told_from_rtcp_and_the_rest() {
+        let mut rtp = [0u8; 12];
+        rtp[0] = 0x80;
+        rtp[1] = 96;
+        assert!(is_rtp(&rtp));
+        rtp[1] = 96 | 0x80; // marker bit set
+        assert!(is_rtp(&rtp));
+        rtp[1] = 201; // RTCP receiver report
+        assert!(!is_rtp(&rtp));
+        assert!(!is_rtp(&[0x16, 0xfe, 0xfd])); // DTLS
+        assert!(!is_rtp(&[0x00, 0x01, 0x00, 0x00])); // STUN
+    }
+
     /// IPv6 destinations are encoded correctly too.
     #[tokio::test]
     async fn ipv6_destination() {
@@ -236,8 +276,8 @@ mod tests {
         rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         let mut q = OutQueue::new();
-        q.push(BytesMut::from(&b"six"[..]), rx.local_addr().unwrap());
-        assert_eq!(q.send(&tx).sent, 1);
+        q.push(BytesMut::from(&b"six"[..]), rx.local_addr().unwrap(), None);
+        assert_eq!(q.send(&tx, &mut LatencyHistogram::new()).sent, 1);
         let mut buf = [0u8; 8];
         let k = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..k], b"six");
