@@ -130,12 +130,16 @@ pub enum ClientMessage {
     Mute { track_id: String, muted: bool },
     /// Per-subscription preferences for a video track (simulcast layer selection): the
     /// highest quality wanted and/or the pixel size of the element it is rendered into.
-    /// Omitted fields keep their previous value; `quality: null` with no size resets to
-    /// "best available".
+    /// `quality`: absent = keep the cap if a size is given (remove it otherwise), `null` =
+    /// no cap ("best available"), a value = that cap. A size given replaces the previous one.
     TrackSettings {
         track_id: String,
-        #[serde(default)]
-        quality: Option<Quality>,
+        #[serde(
+            default,
+            deserialize_with = "present_or_null",
+            skip_serializing_if = "Option::is_none"
+        )]
+        quality: Option<Option<Quality>>,
         #[serde(default)]
         width: Option<u32>,
         #[serde(default)]
@@ -324,6 +328,16 @@ const CLIENT_TYPES: &[&str] = &[
 ];
 
 /// Decode one client message, telling apart bad JSON, unknown types and bad fields.
+/// For `Option<Option<T>>` fields: absent → `None` (via `default`), `null` → `Some(None)`,
+/// a value → `Some(Some(v))`.
+fn present_or_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
 pub fn decode_client(text: &str) -> Result<ClientMessage, DecodeError> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
@@ -365,6 +379,30 @@ mod tests {
                 protocol: None,
                 auto_subscribe: None
             }
+        );
+    }
+
+    /// `quality` absent, `null` and set are three different requests.
+    #[test]
+    fn track_settings_tells_absent_from_null() {
+        let q = |text: &str| match decode_client(text).unwrap() {
+            ClientMessage::TrackSettings { quality, .. } => quality,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            q(r#"{"type":"track_settings","track_id":"t","width":640}"#),
+            None
+        );
+        assert_eq!(
+            q(r#"{"type":"track_settings","track_id":"t","quality":null,"width":640}"#),
+            Some(None)
+        );
+        assert_eq!(
+            q(r#"{"type":"track_settings","track_id":"t","quality":"low"}"#),
+            Some(Some(Quality::Low))
+        );
+        assert!(
+            decode_client(r#"{"type":"track_settings","track_id":"t","quality":"huge"}"#).is_err()
         );
     }
 

@@ -187,6 +187,35 @@ async fn low_preference_receives_only_the_low_layer() {
     server.shutdown().await;
 }
 
+/// A client that sends its whole state each time (cap and rendered size together, as the
+/// browser client does) can set a cap and lift it again with `quality: null`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_sent_with_a_size_is_lifted_by_null() {
+    let server = TestServer::start().await;
+    let publisher = simulcast_publisher(&server, "cap", SimulcastOptions::standard()).await;
+    let sub = viewer(&server, "cap", "sub", opts(false)).await;
+    let video = video_track(&sub, &publisher).await;
+    sub.wait_for_packets(&video.id, 30, T).await.unwrap();
+
+    let asked = Instant::now();
+    sub.track_settings(&video.id, Some(Quality::Low), Some(640), Some(360))
+        .await
+        .unwrap();
+    wait_resolution(&sub, &video.id, LOW, asked, T).await;
+
+    // Same size, no cap: the layer that covers 640x360.
+    let asked = Instant::now();
+    sub.track_settings(&video.id, None, Some(640), Some(360))
+        .await
+        .unwrap();
+    let (_, at) = wait_resolution(&sub, &video.id, MEDIUM, asked, T).await;
+    println!("cap lifted: {:.0} ms", ms(at - asked));
+
+    sub.leave().await.unwrap();
+    publisher.leave().await.unwrap();
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_are_ranked_by_content_not_by_rid_order() {
     let server = TestServer::start().await;

@@ -2463,7 +2463,8 @@ impl Peer {
     ) -> Result<()> {
         self.send(ClientMessage::TrackSettings {
             track_id: track_id.to_owned(),
-            quality,
+            // Always explicit: `None` asks for no cap, also alongside a size.
+            quality: Some(quality),
             width,
             height,
         })

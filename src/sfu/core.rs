@@ -2088,7 +2088,13 @@ impl Core {
                 let size_given = width.is_some() || height.is_some();
                 let prev = sel.requested();
                 let requested = Requested {
-                    max_quality: quality.or(if size_given { prev.max_quality } else { None }),
+                    // Absent: keep the cap alongside a new size (remove it without one);
+                    // `null`: no cap; a value: that cap.
+                    max_quality: match quality {
+                        Some(q) => q,
+                        None if size_given => prev.max_quality,
+                        None => None,
+                    },
                     width: if size_given { width } else { prev.width },
                     height: if size_given { height } else { prev.height },
                 };
