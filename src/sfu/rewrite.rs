@@ -398,12 +398,20 @@ struct Field {
     /// Newest value sent (in the width it was sent with).
     last: Option<u16>,
     rebase: bool,
+    /// Modulus of the previous packet's field (PictureID: 7 or 15 bits).
+    modulus: u16,
 }
 
 impl Field {
     /// `modulus` is a power of two no larger than 2^15.
     fn map(&mut self, value: u16, modulus: u16) -> u16 {
         let mask = modulus.wrapping_sub(1);
+        if self.modulus != modulus {
+            // The source changed the field's width without a switch: an offset computed in the
+            // other width means nothing here, so continue from the last value sent.
+            self.rebase |= self.modulus != 0;
+            self.modulus = modulus;
+        }
         let offset = match self.offset {
             Some(o) if !self.rebase => o,
             _ => {
@@ -1187,6 +1195,35 @@ mod tests {
         m.munge(&mut p, true).unwrap();
         let d = vp8::parse_descriptor(&p).unwrap();
         assert_eq!(d.picture_id, Some(PictureId::Short(3)));
+    }
+
+    /// One source that changes its PictureID width mid-stream (no switch) still yields a
+    /// picture id +1 per frame.
+    #[test]
+    fn munger_width_change_within_a_source() {
+        let mut m = Vp8Munger::new();
+        let mut p = vp8_pkt(300, true, 0, 0);
+        m.munge(&mut p, true).unwrap();
+        // Another layer first, so the offsets are non-zero.
+        let mut p = vp8_pkt(20_000, true, 0, 0);
+        m.munge(&mut p, true).unwrap();
+        assert_eq!(
+            vp8::parse_descriptor(&p).unwrap().picture_id,
+            Some(PictureId::Long(301))
+        );
+        // The same source now sends 7-bit ids.
+        let mut p = vp8_pkt(33, false, 0, 0);
+        m.munge(&mut p, false).unwrap();
+        assert_eq!(
+            vp8::parse_descriptor(&p).unwrap().picture_id,
+            Some(PictureId::Short(46)) // 302 mod 128
+        );
+        let mut p = vp8_pkt(34, false, 0, 0);
+        m.munge(&mut p, false).unwrap();
+        assert_eq!(
+            vp8::parse_descriptor(&p).unwrap().picture_id,
+            Some(PictureId::Short(47))
+        );
     }
 
     #[test]
