@@ -42,6 +42,11 @@ use tracing::{Instrument, debug, field, info, info_span};
 pub const MAX_NAME_CHARS: usize = 128;
 /// How long a session waits for its last frames (close handshake) to go out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// After closing a connection whose client is still sending (a message beyond the hard limit
+/// cannot be read), keep the socket this long before dropping it. Dropping a TCP socket with
+/// unread data sends a reset, and a reset can make the client's kernel discard our close frame
+/// (with its reason) before the client reads it.
+const LINGER: Duration = Duration::from_millis(300);
 /// Queue of replies the reader hands to the writer.
 const LOCAL_QUEUE: usize = 64;
 /// Most events written before one flush.
@@ -147,6 +152,7 @@ async fn wait_for_join(
             Some(Err(e)) => {
                 if let Some((code, reason)) = read_error_close(&e, limit) {
                     close(sink, code, &reason).await;
+                    tokio::time::sleep(LINGER).await;
                 }
                 debug!(error = %e, "websocket read failed before join");
                 return None;
@@ -224,6 +230,8 @@ struct ReaderEnd {
     reason: String,
     /// The reader queued a final frame for the writer: let it go out before returning.
     flush_writer: bool,
+    /// The client may still be sending: wait [`LINGER`] before dropping the socket.
+    linger: bool,
 }
 
 /// Phase 2: reader and writer run concurrently until either ends. Returns the reason.
@@ -244,6 +252,9 @@ async fn run_joined(
             end = &mut reader => {
                 if end.flush_writer {
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut writer).await;
+                }
+                if end.linger {
+                    tokio::time::sleep(LINGER).await;
                 }
                 return end.reason;
             }
@@ -287,6 +298,7 @@ async fn read_loop(
                 return ReaderEnd {
                     reason: format!("websocket read failed: {e}"),
                     flush_writer,
+                    linger: flush_writer,
                 };
             }
         };
@@ -307,6 +319,7 @@ async fn read_loop(
                 return ReaderEnd {
                     reason: "client left".to_owned(),
                     flush_writer,
+                    linger: false,
                 };
             }
             Ok(msg) => {
@@ -332,6 +345,7 @@ async fn read_loop(
                 return ReaderEnd {
                     reason: "the core is gone".to_owned(),
                     flush_writer,
+                    linger: false,
                 };
             }
         };
@@ -342,6 +356,7 @@ async fn read_loop(
     ReaderEnd {
         reason: "client closed the connection".to_owned(),
         flush_writer: false,
+        linger: false,
     }
 }
 

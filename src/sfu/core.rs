@@ -5,10 +5,11 @@
 //! earliest peer-connection deadline from the timer heap — then lets the touched peer
 //! connections produce output (`poll_write`/`poll_event`/`poll_read`) until nothing is left.
 
-use super::bwe::{Estimate, SharedGcc};
+use super::bwe::{Bwe, Estimate};
 use super::data::{self, DataError};
 use super::keyframe::KeyframeThrottle;
 use super::latency::LatencyHistogram;
+use super::nack::NackResponder;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::selector::{
     BitrateMeter, LayerInfo, LayerSelector, PacketAction, Requested, layer_quality, needed_layers,
@@ -29,8 +30,7 @@ use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::{
-    configure_nack, configure_rtcp_reports, configure_twcc_sender_only,
-    register_default_interceptors,
+    configure_rtcp_reports, configure_twcc_sender_only, register_default_interceptors,
 };
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
@@ -1668,8 +1668,9 @@ impl Core {
         }
     }
 
-    /// A new peer connection. The subscriber side gets TWCC + GCC bandwidth estimation into
-    /// `estimate`; the publisher side the default chain (NACK generation, TWCC feedback to the
+    /// A new peer connection. The subscriber side gets TWCC bandwidth estimation
+    /// ([`Bwe`]) into `estimate` and a budgeted NACK responder ([`NackResponder`]); the
+    /// publisher side the default chain (NACK generation, TWCC feedback to the
     /// publisher, receiver reports, simulcast header extensions).
     fn new_pc(&mut self, key: PcKey, estimate: Option<&Estimate>) -> Result<Pc, SfuError> {
         let ufrag = random_string(16);
@@ -1685,13 +1686,28 @@ impl Core {
             None => register_default_interceptors(registry, &mut me)
                 .map_err(|e| SfuError::Rtc(e.to_string()))?,
             Some(estimate) => {
-                let registry = configure_nack(registry, &mut me);
+                // Our own NACK responder (bounded history, retransmission budget against the
+                // estimate) instead of `configure_nack`'s answer-everything one; a subscriber
+                // connection receives no media, so it needs no NACK generator.
+                for parameter in ["", "pli"] {
+                    me.register_feedback(
+                        RTCPFeedback {
+                            typ: "nack".to_owned(),
+                            parameter: parameter.to_owned(),
+                        },
+                        RtpCodecKind::Video,
+                    );
+                }
+                let registry = registry.with(
+                    Slot::NackResponder,
+                    NackResponder::new(Some(estimate.clone())),
+                );
                 let registry = configure_rtcp_reports(registry);
                 let registry = configure_twcc_sender_only(registry, &mut me)
                     .map_err(|e| SfuError::Rtc(e.to_string()))?;
                 registry.with(
                     Slot::CongestionControl,
-                    CongestionControlBuilder::new(SharedGcc::new(estimate.clone())).build(),
+                    CongestionControlBuilder::new(Bwe::new(Some(estimate.clone()))).build(),
                 )
             }
         };

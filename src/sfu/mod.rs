@@ -11,6 +11,7 @@ pub mod core;
 pub mod data;
 pub mod keyframe;
 pub mod latency;
+pub mod nack;
 pub mod rewrite;
 pub mod selector;
 pub mod udp;

@@ -23,7 +23,12 @@
 //!   active layer (never nothing: audio is protected by the core separately). If no layer at
 //!   or below the requested one is active, the nearest active layer above it.
 //! * **current**: the layer being forwarded. It becomes the target only at a keyframe of the
-//!   target layer; until then the current layer keeps flowing.
+//!   target layer; until then the current layer keeps flowing, except after an *urgent*
+//!   downgrade: when the bandwidth falls below half the current layer's bitrate
+//!   ([`URGENT_PERCENT`]), the current layer stops at once (current = `None`) and the
+//!   subscriber waits for the lower layer's keyframe. Behind such a bottleneck most of the
+//!   current layer would be lost anyway; flowing on, it would only fill the bottleneck's queue
+//!   ahead of that keyframe and of the audio.
 //!
 //! # Hysteresis
 //!
@@ -75,6 +80,13 @@ pub const DEFAULT_UP_HOLD: Duration = Duration::from_secs(3);
 
 /// Bandwidth headroom: a layer fits when `bitrate × HEADROOM_PERCENT / 100 ≤ available`.
 pub const HEADROOM_PERCENT: u64 = 110;
+
+/// An *urgent* downgrade: when the bandwidth falls so far that the current layer's bitrate is
+/// more than `URGENT_PERCENT / 100` times the available bandwidth (and the target is a lower
+/// layer), the current layer stops at once instead of flowing until the target's keyframe.
+/// Behind such a bottleneck it would be mostly lost anyway, while filling the queue ahead of the
+/// lower layer's keyframe (and of the audio).
+pub const URGENT_PERCENT: u64 = 200;
 
 /// Width of the sliding window of a [`BitrateMeter`]; also how long after its last packet a
 /// layer still counts as active.
@@ -350,7 +362,9 @@ impl LayerSelector {
     }
 
     /// New layer measurements and/or bandwidth estimate (`None` = unknown, no constraint).
-    /// Recomputes the target; returns whether it changed. Never changes `current`.
+    /// Recomputes the target; returns whether it changed. Changes `current` only on an urgent
+    /// downgrade (see [`URGENT_PERCENT`]): it becomes `None` (nothing is forwarded) until the
+    /// target's keyframe.
     pub fn update(
         &mut self,
         layers: &[LayerInfo],
@@ -380,7 +394,34 @@ impl LayerSelector {
                 state.ok_since = None;
             }
         }
-        self.retarget(layers, now)
+        let changed = self.retarget(layers, now);
+        if self.urgent(layers) {
+            self.current = None;
+        }
+        changed
+    }
+
+    /// Whether the current layer is so far over the bandwidth that it should stop before the
+    /// (lower) target's keyframe arrives.
+    fn urgent(&self, layers: &[LayerInfo]) -> bool {
+        let (Some(cur), Some(target), Some(avail)) =
+            (self.current, self.target, self.available_bps)
+        else {
+            return false;
+        };
+        if cur == target {
+            return false;
+        }
+        let ranked = rank_layers(layers);
+        let rank = |id| ranked.iter().position(|r| r.id == id);
+        let (Some(cur_rank), Some(target_rank)) = (rank(cur), rank(target)) else {
+            return false;
+        };
+        let Some(l) = layers.iter().find(|l| l.id == cur) else {
+            return false;
+        };
+        target_rank < cur_rank
+            && u128::from(l.bitrate_bps) * 100 > u128::from(avail) * u128::from(URGENT_PERCENT)
     }
 
     /// The subscriber changed its preference: applies at once (no hold), within what the
@@ -860,6 +901,38 @@ mod tests {
         assert_eq!(s.on_packet(Q, true, ms(t0, 1_300)), fwd(true));
         assert_eq!(s.last_switch_wait(), Some(Duration::from_millis(100)));
         assert_eq!(s.current_quality(&layers), Some(Quality::Low));
+    }
+
+    #[test]
+    fn urgent_downgrade_stops_the_current_layer_at_once() {
+        let t0 = Instant::now();
+        let layers = three();
+        // A mild shortfall: F (1.5 Mbit/s) keeps flowing until H's keyframe.
+        let mut s = forwarding(&layers, Some(5_000_000), t0);
+        assert!(s.update(&layers, Some(1_000_000), ms(t0, 100)));
+        assert_eq!(s.current(), Some(F));
+        assert_eq!(s.on_packet(F, false, ms(t0, 110)), fwd(false));
+        // The link collapses below half of F: F stops at once, Q's keyframe restarts.
+        assert!(s.update(&layers, Some(300_000), ms(t0, 200)));
+        assert_eq!(s.target(), Some(Q));
+        assert_eq!(s.current(), None);
+        assert_eq!(s.wants_keyframe(), Some(Q));
+        assert_eq!(s.pending_since(), Some(ms(t0, 200)));
+        assert_eq!(s.on_packet(F, false, ms(t0, 210)), PacketAction::Drop);
+        assert_eq!(s.on_packet(F, true, ms(t0, 220)), PacketAction::Drop);
+        assert_eq!(s.on_packet(Q, false, ms(t0, 230)), PacketAction::Drop);
+        assert_eq!(s.on_packet(Q, true, ms(t0, 240)), fwd(true));
+        assert_eq!(s.current(), Some(Q));
+        // At the bottom nothing is urgent: the lowest layer flows whatever the estimate.
+        assert!(!s.update(&layers, Some(10_000), ms(t0, 300)));
+        assert_eq!(s.current(), Some(Q));
+        assert_eq!(s.on_packet(Q, false, ms(t0, 310)), fwd(false));
+        // Unknown bandwidth is never urgent.
+        let mut s = forwarding(&layers, Some(5_000_000), t0);
+        s.set_requested(req(Some(Quality::Low), None, None), &layers, ms(t0, 10));
+        s.update(&layers, None, ms(t0, 20));
+        assert_eq!(s.current(), Some(F));
+        assert_eq!(s.target(), Some(Q));
     }
 
     #[test]

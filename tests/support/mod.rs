@@ -317,27 +317,21 @@ impl RawWs {
 
     /// The next server message or the close; skips WebSocket pings/pongs.
     pub async fn recv(&mut self) -> Result<Received> {
-        let deadline = tokio::time::Instant::now() + T;
-        loop {
-            let item = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .map_err(|_| anyhow!("nothing from the server in {T:?}"))?;
-            match item {
-                None => return Ok(Received::Closed(None)),
-                Some(Err(e)) => bail!("websocket error: {e}"),
-                Some(Ok(Message::Text(t))) => {
-                    let msg = serde_json::from_str(&t)
-                        .with_context(|| format!("not a server message: {t}"))?;
-                    return Ok(Received::Msg(msg));
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    return Ok(Received::Closed(
-                        frame.map(|f| (u16::from(f.code), f.reason.to_string())),
-                    ));
-                }
-                Some(Ok(Message::Binary(b))) => bail!("unexpected binary frame {b:?}"),
-                Some(Ok(_)) => continue,
-            }
+        next_received(&mut self.ws).await
+    }
+
+    /// Send a message the server will refuse before it has read it all (beyond its hard size
+    /// limit) while reading what the server says: the server answers (and closes) while the
+    /// client is still sending, so the send may fail half-way; that is not an error here.
+    pub async fn send_unreadable_and_recv(self, text: String) -> Result<Received> {
+        let (mut sink, mut stream) = self.ws.split();
+        let send = async move {
+            let _ = sink.send(Message::text(text)).await;
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            r = next_received(&mut stream) => r,
+            () = send => unreachable!("the send future never completes"),
         }
     }
 
@@ -411,5 +405,34 @@ impl RawWs {
 
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.ws.close(None)).await;
+    }
+}
+
+/// The next server message or the close from a raw WebSocket stream; skips pings/pongs.
+async fn next_received<S>(ws: &mut S) -> Result<Received>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let item = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .map_err(|_| anyhow!("nothing from the server in {T:?}"))?;
+        match item {
+            None => return Ok(Received::Closed(None)),
+            Some(Err(e)) => bail!("websocket error: {e}"),
+            Some(Ok(Message::Text(t))) => {
+                let msg = serde_json::from_str(&t)
+                    .with_context(|| format!("not a server message: {t}"))?;
+                return Ok(Received::Msg(msg));
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Ok(Received::Closed(
+                    frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                ));
+            }
+            Some(Ok(Message::Binary(b))) => bail!("unexpected binary frame {b:?}"),
+            Some(Ok(_)) => continue,
+        }
     }
 }
