@@ -26,14 +26,15 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
+use common::cli::{self, PeerArgs};
 use common::janus::{JanusOptions, JanusPeer, JanusServer, create_room};
 use common::measure::{
-    self, ClientTotals, Measured, Recorder, ServerSource, Summary, summarize, wait_http_ok,
+    self, ClientTotals, Measured, Recorder, ServerSource, Summary, now_us, summarize, wait_http_ok,
 };
 use common::{Channel, Peer, PeerOptions};
 use futures_util::StreamExt;
@@ -44,6 +45,9 @@ use tokio::sync::broadcast::error::RecvError;
 
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(about = "Plaza benchmark: scenarios × subscriber counts, Plaza beside Janus")]
+#[command(mut_arg("chat_interval_ms", |a| {
+    a.help("Data-channel ping interval per peer (Plaza), milliseconds")
+}))]
 struct Args {
     /// Scenarios to run: audio, meeting, livestream.
     #[arg(
@@ -76,12 +80,9 @@ struct Args {
     /// Seconds between "everyone joined" and the measurement.
     #[arg(long, default_value_t = 3)]
     warmup: u64,
-    /// Peers joining at the same time.
-    #[arg(long, default_value_t = 4)]
-    join_concurrency: usize,
-    /// Data-channel ping interval per peer (Plaza), milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    chat_interval_ms: u64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    peer: PeerArgs,
     /// The plaza binary (default: `plaza` next to this example's directory, i.e. the same
     /// target profile).
     #[arg(long)]
@@ -116,11 +117,6 @@ struct Args {
     /// Bound of each connect step, seconds.
     #[arg(long, default_value_t = 15)]
     timeout: u64,
-}
-
-fn now_us() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
 // ───────────────────────────── scenarios ─────────────────────────────
@@ -232,6 +228,51 @@ impl Point {
             loadavg_before: loadavg(),
             loadavg_after: None,
             wall_s: 0.0,
+        }
+    }
+
+    /// Records the measured window (a failure when no subscriber received anything).
+    fn set_measured(&mut self, measured: Measured) {
+        if measured.window.received_clients == 0 {
+            self.failures.push("subscribers received nothing".into());
+        }
+        self.measured = Some(measured);
+    }
+
+    /// Closes the point once its peers and server are gone: verdict, load average, wall time.
+    fn finish(mut self, started: Instant) -> Self {
+        self.ok = self.failures.is_empty();
+        self.loadavg_after = loadavg();
+        self.wall_s = started.elapsed().as_secs_f64();
+        self
+    }
+}
+
+/// Connects peers `<prefix>-1` … `<prefix>-<count>` (`--join-concurrency` at a time) into
+/// `peers`; a peer that could not join is a failure of `point`.
+async fn join_peers<P, F, Fut>(
+    point: &mut Point,
+    peers: &mut Vec<Arc<P>>,
+    count: usize,
+    prefix: &str,
+    args: &Args,
+    connect: F,
+) where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<P>>,
+{
+    let joins = futures_util::stream::iter((1..=count).map(|i| {
+        let name = format!("{prefix}-{i}");
+        let joined = connect(name.clone());
+        async move { (name, joined.await) }
+    }))
+    .buffer_unordered(args.peer.join_concurrency.max(1))
+    .collect::<Vec<_>>()
+    .await;
+    for (name, r) in joins {
+        match r {
+            Ok(p) => peers.push(Arc::new(p)),
+            Err(e) => point.failures.push(format!("{name}: {e:#}")),
         }
     }
 }
@@ -504,22 +545,11 @@ async fn run_plaza(args: &Args, sc: Scenario, n: usize, logs: &Path) -> Point {
     };
     let mut peers: Vec<Arc<Peer>> = Vec::new();
     for (count, prefix, opts) in [(pubs, "pub", publisher_opts), (subs, "sub", base)] {
-        let joins = futures_util::stream::iter((1..=count).map(|i| {
+        let connect = |name: String| {
             let (url, room, opts) = (server.url.clone(), room.clone(), opts.clone());
-            async move {
-                let name = format!("{prefix}-{i}");
-                (name.clone(), Peer::connect(&url, &room, &name, opts).await)
-            }
-        }))
-        .buffer_unordered(args.join_concurrency.max(1))
-        .collect::<Vec<_>>()
-        .await;
-        for (name, r) in joins {
-            match r {
-                Ok(p) => peers.push(Arc::new(p)),
-                Err(e) => point.failures.push(format!("{name}: {e:#}")),
-            }
-        }
+            async move { Peer::connect(&url, &room, &name, opts).await }
+        };
+        join_peers(&mut point, &mut peers, count, prefix, args, connect).await;
     }
     // Every peer should receive every track of every other publisher.
     let tracks_per_pub = if video { 2 } else { 1 };
@@ -564,7 +594,7 @@ async fn run_plaza(args: &Args, sc: Scenario, n: usize, logs: &Path) -> Point {
     let pings = tokio::spawn(dc_round_trips(
         peers.clone(),
         Duration::from_secs(args.duration),
-        Duration::from_millis(args.chat_interval_ms.max(10)),
+        Duration::from_millis(args.peer.chat_interval_ms.max(10)),
     ));
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     let measured = recorder.end(measure::plaza_client_totals(&peers)).await;
@@ -574,20 +604,14 @@ async fn run_plaza(args: &Args, sc: Scenario, n: usize, logs: &Path) -> Point {
     point.join_signaling_ms = Some(joins.signaling_ms);
     point.first_media_ms = Some(joins.first_media_ms);
     point.dc_rtt_ms = Some(summarize(&rtts));
-    if measured.window.received_clients == 0 {
-        point.failures.push("subscribers received nothing".into());
-    }
-    point.measured = Some(measured);
+    point.set_measured(measured);
     futures_util::future::join_all(peers.iter().map(|p| async move {
         let _ = tokio::time::timeout(Duration::from_secs(3), p.leave()).await;
     }))
     .await;
     drop(peers);
     drop(server);
-    point.ok = point.failures.is_empty();
-    point.loadavg_after = loadavg();
-    point.wall_s = started.elapsed().as_secs_f64();
-    point
+    point.finish(started)
 }
 
 // ───────────────────────────── Janus ─────────────────────────────
@@ -657,22 +681,11 @@ async fn run_janus(
     };
     let mut peers: Vec<Arc<JanusPeer>> = Vec::new();
     for (count, prefix, publish) in [(pubs, "pub", true), (subs, "sub", false)] {
-        let joins = futures_util::stream::iter((1..=count).map(|i| {
+        let connect = |name: String| {
             let o = opts(publish);
-            async move {
-                let name = format!("{prefix}-{i}");
-                (name.clone(), JanusPeer::connect(&name, o).await)
-            }
-        }))
-        .buffer_unordered(args.join_concurrency.max(1))
-        .collect::<Vec<_>>()
-        .await;
-        for (name, r) in joins {
-            match r {
-                Ok(p) => peers.push(Arc::new(p)),
-                Err(e) => point.failures.push(format!("{name}: {e:#}")),
-            }
-        }
+            async move { JanusPeer::connect(&name, o).await }
+        };
+        join_peers(&mut point, &mut peers, count, prefix, args, connect).await;
     }
     let feeds: HashMap<u64, Vec<(TrackKind, u32)>> = peers
         .iter()
@@ -696,7 +709,7 @@ async fn run_janus(
             .collect();
         async move { (p.name().to_owned(), p.subscribe(&wanted).await) }
     }))
-    .buffer_unordered(args.join_concurrency.max(1))
+    .buffer_unordered(args.peer.join_concurrency.max(1))
     .collect::<Vec<_>>()
     .await;
     for (name, r) in subscribes {
@@ -739,10 +752,7 @@ async fn run_janus(
         .map(|d| d.as_secs_f64() * 1000.0)
         .collect();
     point.join_ready_ms = summarize(&ready);
-    if measured.window.received_clients == 0 {
-        point.failures.push("subscribers received nothing".into());
-    }
-    point.measured = Some(measured);
+    point.set_measured(measured);
     futures_util::future::join_all(peers.iter().map(|p| async move {
         let _ = tokio::time::timeout(Duration::from_secs(3), p.leave()).await;
     }))
@@ -750,10 +760,7 @@ async fn run_janus(
     drop(peers);
     drop(server);
     let _ = std::fs::remove_dir_all(&cfg);
-    point.ok = point.failures.is_empty();
-    point.loadavg_after = loadavg();
-    point.wall_s = started.elapsed().as_secs_f64();
-    point
+    point.finish(started)
 }
 
 // ───────────────────────────── tables ─────────────────────────────
@@ -1102,14 +1109,7 @@ fn chart(title: &str, xlabel: &str, points: &[Point], footer: &str) -> String {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    match run(args).await {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("bench: error: {e:#}");
-            std::process::exit(2);
-        }
-    }
+    cli::exit_with("bench", run(args).await);
 }
 
 fn xlabel(sc: Scenario) -> &'static str {

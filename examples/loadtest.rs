@@ -40,12 +40,14 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use common::cli::{self, PeerArgs};
 use common::layers::{self, SwitchRequest, Target};
+use common::measure::{self, Sorted, Summary, now_us};
 use common::{
     Channel, DataMessage, LocalTrackStats, Peer, PeerOptions, RemoteTrackStats, SimulcastOptions,
 };
@@ -83,12 +85,9 @@ struct Args {
     /// How long to wait, after joining, for every peer to receive every track, seconds.
     #[arg(long, default_value_t = 20)]
     join_timeout: u64,
-    /// Data-channel message interval per peer, milliseconds.
-    #[arg(long, default_value_t = 1000)]
-    chat_interval_ms: u64,
-    /// Peers joining at the same time.
-    #[arg(long, default_value_t = 4)]
-    join_concurrency: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    peer: PeerArgs,
     /// VP8 IVF file to publish (default: assets/video_320x240_vp8.ivf).
     #[arg(long)]
     video: Option<PathBuf>,
@@ -139,12 +138,6 @@ struct Args {
     bottleneck_queue_ms: u64,
 }
 
-/// Microseconds since the process's clock origin (shared by every peer here).
-fn now_us() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
-}
-
 #[derive(Debug, Default, Clone)]
 struct DcCounters {
     chat_sent: u64,
@@ -179,20 +172,17 @@ struct LatencySummary {
 }
 
 fn summarize(values: &[f64]) -> LatencySummary {
-    if values.is_empty() {
+    let Some(v) = Sorted::new(values) else {
         return LatencySummary::default();
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let pct = |p: f64| v[((p / 100.0) * (v.len() - 1) as f64).round() as usize];
+    };
     LatencySummary {
-        count: v.len(),
-        min: v[0],
-        p50: pct(50.0),
-        p95: pct(95.0),
-        p99: pct(99.0),
-        max: v[v.len() - 1],
-        mean: v.iter().sum::<f64>() / v.len() as f64,
+        count: v.count(),
+        min: v.min(),
+        p50: v.pct(50.0),
+        p95: v.pct(95.0),
+        p99: v.pct(99.0),
+        max: v.max(),
+        mean: v.mean(),
     }
 }
 
@@ -249,14 +239,7 @@ struct PeerReport {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    match run(args).await {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("loadtest: error: {e:#}");
-            std::process::exit(2);
-        }
-    }
+    cli::exit_with("loadtest", run(args).await);
 }
 
 async fn run(args: Args) -> Result<bool> {
@@ -323,7 +306,7 @@ async fn run(args: Args) -> Result<bool> {
                 (name, limited, r)
             }
         }))
-        .buffer_unordered(args.join_concurrency.max(1))
+        .buffer_unordered(args.peer.join_concurrency.max(1))
         .collect::<Vec<_>>()
         .await;
         for (name, limited, r) in joins {
@@ -453,7 +436,7 @@ async fn run(args: Args) -> Result<bool> {
         .map(|m| m.peer.participant_id().to_owned())
         .collect();
     let run_for = Duration::from_secs(args.duration);
-    let interval = Duration::from_millis(args.chat_interval_ms.max(10));
+    let interval = Duration::from_millis(args.peer.chat_interval_ms.max(10));
     let traffic = members.iter().enumerate().map(|(i, m)| {
         let targets: Vec<String> = ids
             .iter()
@@ -1081,7 +1064,7 @@ impl SimulcastReport {
     }
 }
 
-fn fmt_millis(m: &layers::Millis) -> String {
+fn fmt_millis(m: &Summary) -> String {
     if m.count == 0 {
         return "n=0".to_owned();
     }
@@ -1231,8 +1214,8 @@ fn simulcast_report(
     );
     let (restore_tracks, up_ms, not_up) =
         rate_changes(&limited, restore_at, false, now, &mut settle_lines);
-    let down = layers::millis(&down_ms);
-    let up = layers::millis(&up_ms);
+    let down = measure::summarize(&down_ms);
+    let up = measure::summarize(&up_ms);
     if cut_at.is_some() {
         lines.push(format!(
             "time to downgrade after the cut to {} kbit/s: {} ({not_down} track(s) not downgraded)",

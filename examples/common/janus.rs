@@ -28,22 +28,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use plaza::signal::TrackKind;
-use rtc::interceptor::Slot;
-use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RtpCodecKind,
-};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -53,34 +46,21 @@ use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-    RTCConfigurationBuilder, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
-    RTCSessionDescription, Registry, SettingEngineBuilder, register_default_interceptors,
+    PeerConnection, PeerConnectionEventHandler, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
+    RTCSessionDescription,
 };
 use webrtc::rtp_transceiver::RtpSender;
 
-use super::keyframe::{KEYFRAME_TAP_SLOT, KeyframeRequestTap, is_keyframe_request};
+use super::keyframe::{KeyframeRequestTap, is_keyframe_request};
 use super::media::{self, Clip, MediaPacketizer, PacerControl, PacketSink, SendCounters};
+use super::peer::{
+    HandlerFuture, add_track_with_encodings, bounded, done, local_codec, lock,
+    negotiated_payload_type, new_peer_connection,
+};
 use super::probe;
 use super::recv::RemoteTrackStats;
 
 const KEEPALIVE: Duration = Duration::from_secs(25);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-async fn bounded<T, E: std::fmt::Display>(
-    t: Duration,
-    what: &str,
-    fut: impl Future<Output = std::result::Result<T, E>>,
-) -> Result<T> {
-    match tokio::time::timeout(t, fut).await {
-        Err(_) => bail!("{what} timed out after {t:?}"),
-        Ok(Err(e)) => bail!("{what}: {e}"),
-        Ok(Ok(v)) => Ok(v),
-    }
-}
 
 // ───────────────────────────── the Janus API connection ─────────────────────────────
 
@@ -296,35 +276,6 @@ pub async fn create_room(url: &str, room: u64, max_publishers: usize, t: Duratio
 
 // ───────────────────────────── peer connections ─────────────────────────────
 
-fn opus_codec() -> RTCRtpCodec {
-    RTCRtpCodec {
-        mime_type: MIME_TYPE_OPUS.to_owned(),
-        clock_rate: 48_000,
-        channels: 2,
-        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
-        rtcp_feedback: vec![],
-    }
-}
-
-fn vp8_codec() -> RTCRtpCodec {
-    let fb = |typ: &str, parameter: &str| RTCPFeedback {
-        typ: typ.to_owned(),
-        parameter: parameter.to_owned(),
-    };
-    RTCRtpCodec {
-        mime_type: MIME_TYPE_VP8.to_owned(),
-        clock_rate: 90_000,
-        channels: 0,
-        sdp_fmtp_line: String::new(),
-        rtcp_feedback: vec![
-            fb("goog-remb", ""),
-            fb("ccm", "fir"),
-            fb("nack", ""),
-            fb("nack", "pli"),
-        ],
-    }
-}
-
 /// Candidates of one handle are held until its SDP went out.
 #[derive(Default)]
 struct Gate {
@@ -339,12 +290,6 @@ struct Handler {
     gate: Arc<Mutex<Gate>>,
     shared: Arc<Shared>,
     publisher: bool,
-}
-
-type HandlerFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-
-fn done<'a>() -> HandlerFuture<'a> {
-    Box::pin(std::future::ready(()))
 }
 
 impl Handler {
@@ -436,39 +381,6 @@ async fn build_pc(
     bind_ip: &str,
     t: Duration,
 ) -> Result<(Arc<dyn PeerConnection>, Arc<Mutex<Gate>>)> {
-    let mut media_engine = MediaEngine::default();
-    if publisher {
-        media_engine
-            .register_codec(
-                RTCRtpCodecParameters {
-                    rtp_codec: opus_codec(),
-                    payload_type: 111,
-                },
-                RtpCodecKind::Audio,
-            )
-            .map_err(|e| anyhow!("register opus: {e}"))?;
-        media_engine
-            .register_codec(
-                RTCRtpCodecParameters {
-                    rtp_codec: vp8_codec(),
-                    payload_type: 96,
-                },
-                RtpCodecKind::Video,
-            )
-            .map_err(|e| anyhow!("register vp8: {e}"))?;
-    } else {
-        media_engine
-            .register_default_codecs()
-            .map_err(|e| anyhow!("register codecs: {e}"))?;
-    }
-    let mut registry = register_default_interceptors(Registry::new(), &mut media_engine)
-        .map_err(|e| anyhow!("interceptors: {e}"))?;
-    if publisher {
-        registry = registry.with(Slot::from(KEYFRAME_TAP_SLOT), KeyframeRequestTap::default());
-    }
-    let setting_engine = SettingEngineBuilder::new()
-        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-        .build();
     let gate = Arc::new(Mutex::new(Gate::default()));
     let handler = Arc::new(Handler {
         conn: conn.clone(),
@@ -478,16 +390,9 @@ async fn build_pc(
         shared: shared.clone(),
         publisher,
     });
-    let pc = PeerConnectionBuilder::new()
-        .with_configuration(RTCConfigurationBuilder::new().build())
-        .with_media_engine(media_engine)
-        .with_setting_engine(setting_engine)
-        .with_interceptor_registry(registry)
-        .with_handler(handler)
-        .with_udp_addrs(vec![format!("{bind_ip}:0")])
-        .build();
-    let pc = bounded(t, "build peer connection", pc).await?;
-    Ok((Arc::new(pc), gate))
+    let keyframe_tap = publisher.then(KeyframeRequestTap::default);
+    let pc = new_peer_connection(keyframe_tap, handler, bind_ip, t).await?;
+    Ok((pc, gate))
 }
 
 /// Janus puts its candidates in its SDP; webrtc-rs 0.21 only uses candidates given to
@@ -1076,34 +981,13 @@ async fn add_local_track(
     clip: Arc<Clip>,
     t: Duration,
 ) -> Result<LocalTrack> {
-    let (codec_kind, codec, mime, label) = match kind {
-        TrackKind::Audio => (RtpCodecKind::Audio, opus_codec(), MIME_TYPE_OPUS, "audio"),
-        TrackKind::Video => (RtpCodecKind::Video, vp8_codec(), MIME_TYPE_VP8, "video"),
-    };
+    let (_, _, mime, _) = local_codec(kind);
     if clip.kind != kind {
         bail!("clip is not {kind:?}");
     }
     let ssrc = rand::random::<u32>() | 1;
-    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-        format!("{name}-stream"),
-        format!("{name}-{label}"),
-        format!("{name} {label}"),
-        codec_kind,
-        vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(ssrc),
-                ..Default::default()
-            },
-            codec,
-            ..Default::default()
-        }],
-    )));
-    let sender = bounded(
-        t,
-        "add_track",
-        pc.add_track(track.clone() as Arc<dyn TrackLocal>),
-    )
-    .await?;
+    let (track, sender) =
+        add_track_with_encodings(pc, name, kind, &[(String::new(), ssrc)], t).await?;
     Ok(LocalTrack {
         kind,
         ssrc,
@@ -1113,20 +997,6 @@ async fn add_local_track(
         sender,
         control: Arc::new(PacerControl::default()),
     })
-}
-
-async fn negotiated_payload_type(sender: &Arc<dyn RtpSender>, mime: &str) -> Result<u8> {
-    let params = sender
-        .get_parameters()
-        .await
-        .map_err(|e| anyhow!("get_parameters: {e}"))?;
-    let codecs = &params.rtp_parameters.codecs;
-    codecs
-        .iter()
-        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime))
-        .or_else(|| codecs.first())
-        .map(|c| c.payload_type)
-        .ok_or_else(|| anyhow!("no negotiated codec for {mime}"))
 }
 
 // ───────────────────────────── running Janus ─────────────────────────────

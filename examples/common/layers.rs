@@ -21,6 +21,7 @@ use anyhow::{Result, bail};
 use plaza::signal::{Quality, TrackKind};
 use serde::Serialize;
 
+use super::measure::{Summary, summarize};
 use super::peer::{LocalTrackStats, Peer};
 use super::recv::RemoteTrackStats;
 
@@ -172,36 +173,6 @@ pub async fn run_switches(
         .collect()
 }
 
-/// Percentiles of a set of durations in milliseconds.
-#[derive(Debug, Serialize, Default, Clone, PartialEq)]
-pub struct Millis {
-    pub count: usize,
-    pub min: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub max: f64,
-    pub mean: f64,
-}
-
-pub fn millis(values: &[f64]) -> Millis {
-    if values.is_empty() {
-        return Millis::default();
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let pct = |p: f64| v[((p / 100.0) * (v.len() - 1) as f64).round() as usize];
-    Millis {
-        count: v.len(),
-        min: v[0],
-        p50: pct(50.0),
-        p90: pct(90.0),
-        p99: pct(99.0),
-        max: v[v.len() - 1],
-        mean: v.iter().sum::<f64>() / v.len() as f64,
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -214,11 +185,11 @@ pub struct SwitchReport {
     pub already: usize,
     /// Switches that completed before the next request: `track_settings` → first packet of
     /// the requested size.
-    pub latency_ms: Millis,
+    pub latency_ms: Summary,
     /// The same, by requested quality (moving up waits for the bandwidth estimate).
-    pub latency_by_quality_ms: BTreeMap<String, Millis>,
+    pub latency_by_quality_ms: BTreeMap<String, Summary>,
     /// `track_settings` → the server's `layer_changed` for that quality.
-    pub layer_changed_ms: Millis,
+    pub layer_changed_ms: Summary,
     /// Switches that did not complete before the next request.
     pub incomplete: usize,
     pub incomplete_by_quality: BTreeMap<String, usize>,
@@ -274,9 +245,9 @@ pub fn switch_report(requests: &[SwitchRequest], peers: &[Arc<Peer>]) -> SwitchR
             changed.push(ms(c.at - req.sent_at));
         }
     }
-    r.latency_ms = millis(&all);
-    r.layer_changed_ms = millis(&changed);
-    r.latency_by_quality_ms = by_q.into_iter().map(|(k, v)| (k, millis(&v))).collect();
+    r.latency_ms = summarize(&all);
+    r.layer_changed_ms = summarize(&changed);
+    r.latency_by_quality_ms = by_q.into_iter().map(|(k, v)| (k, summarize(&v))).collect();
     r
 }
 
@@ -490,13 +461,5 @@ mod tests {
         assert!(parse_rate("-3k").is_err());
         assert_eq!(parse_quality("Low").unwrap(), Quality::Low);
         assert!(parse_quality("ultra").is_err());
-    }
-
-    #[test]
-    fn percentiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        let m = millis(&v);
-        assert_eq!((m.count, m.p50, m.p99, m.max), (100, 51.0, 99.0, 100.0));
-        assert_eq!(millis(&[]).count, 0);
     }
 }

@@ -13,8 +13,8 @@
 //! A server without counters (Janus) is measured by what the subscribers received: the caller
 //! passes the client-side totals in with each sample.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -25,11 +25,20 @@ use tokio::net::TcpStream;
 
 use super::peer::{Peer, PeerEvent};
 use super::probe;
+use plaza::http::metrics;
 use plaza::signal::PcTarget;
 use webrtc::peer_connection::RTCPeerConnectionState;
 
+/// Microseconds since the process's clock origin (shared by every peer of the process, so
+/// one-way latencies between them are comparable).
+pub fn now_us() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
 // ───────────────────────────── percentiles ─────────────────────────────
 
+/// Percentiles of a set of values (durations in milliseconds, mostly).
 #[derive(Debug, Serialize, Default, Clone, PartialEq)]
 pub struct Summary {
     pub count: usize,
@@ -41,22 +50,56 @@ pub struct Summary {
     pub mean: f64,
 }
 
+/// A non-empty set of values, sorted, for nearest-rank percentiles (the one implementation
+/// behind [`summarize`] and the load tester's own summary, which has p95 instead of p90).
+pub struct Sorted(Vec<f64>);
+
+impl Sorted {
+    /// `values` (any order) sorted; `None` when there are none.
+    pub fn new(values: &[f64]) -> Option<Sorted> {
+        if values.is_empty() {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        Some(Sorted(v))
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn min(&self) -> f64 {
+        self.0[0]
+    }
+
+    pub fn max(&self) -> f64 {
+        self.0[self.0.len() - 1]
+    }
+
+    pub fn mean(&self) -> f64 {
+        self.0.iter().sum::<f64>() / self.0.len() as f64
+    }
+
+    /// The nearest-rank `p`th percentile (`p` in 0..=100).
+    pub fn pct(&self, p: f64) -> f64 {
+        self.0[((p / 100.0) * (self.0.len() - 1) as f64).round() as usize]
+    }
+}
+
 /// Nearest-rank percentiles of `values` (any order).
 pub fn summarize(values: &[f64]) -> Summary {
-    if values.is_empty() {
+    let Some(v) = Sorted::new(values) else {
         return Summary::default();
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let pct = |p: f64| v[((p / 100.0) * (v.len() - 1) as f64).round() as usize];
+    };
     Summary {
-        count: v.len(),
-        min: v[0],
-        p50: pct(50.0),
-        p90: pct(90.0),
-        p99: pct(99.0),
-        max: v[v.len() - 1],
-        mean: v.iter().sum::<f64>() / v.len() as f64,
+        count: v.count(),
+        min: v.min(),
+        p50: v.pct(50.0),
+        p90: v.pct(90.0),
+        p99: v.pct(99.0),
+        max: v.max(),
+        mean: v.mean(),
     }
 }
 
@@ -68,26 +111,17 @@ pub fn summarize_us_as_ms(us: &[u32]) -> Summary {
 
 // ───────────────────────────── /proc ─────────────────────────────
 
+// The parsers are the server's own (`src/http/metrics.rs`), so both read `/proc` alike.
+
 /// `USER_HZ`, the unit of utime/stime in `/proc/<pid>/stat` (100 on Linux).
-pub const CLOCK_TICKS_PER_S: f64 = 100.0;
+pub const CLOCK_TICKS_PER_S: f64 = metrics::CLOCK_TICKS_PER_S as f64;
+
+/// `Key: N kB` from `/proc/<pid>/status`, in bytes (a unit-less value as it is).
+pub use plaza::http::metrics::parse_status_field as parse_status_kb;
 
 /// utime + stime (ticks) from `/proc/<pid>/stat` text; the command name may contain spaces.
 pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace();
-    let utime: u64 = f.nth(11)?.parse().ok()?;
-    let stime: u64 = f.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// `Key: N kB` from `/proc/<pid>/status`, in bytes.
-pub fn parse_status_kb(status: &str, key: &str) -> Option<u64> {
-    status.lines().find_map(|l| {
-        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
-        let mut p = rest.split_whitespace();
-        let n: u64 = p.next()?.parse().ok()?;
-        Some(if p.next() == Some("kB") { n * 1024 } else { n })
-    })
+    metrics::parse_stat_times(stat).map(|(utime, stime)| utime + stime)
 }
 
 /// CPU time and RSS of a process, read from `/proc`.

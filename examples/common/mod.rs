@@ -21,6 +21,7 @@
 //! - [`probe`]: media latency probe (publisher send → subscriber receive of the same packet).
 //! - [`measure`]: server counters, CPU time and RSS sampled around a window; percentiles; a
 //!   progress line.
+//! - [`cli`]: the command-line flags the load tester and the benchmark share.
 //! - [`janus`]: the same synthetic media against Janus's videoroom plugin (benchmark
 //!   comparison).
 //!
@@ -39,6 +40,7 @@
 //! what the server does wrong ends up in [`PeerEvent`]s and `Err`s, never in a panic.
 #![allow(dead_code, unused_imports)]
 
+pub mod cli;
 pub mod envelope;
 pub mod janus;
 pub mod keyframe;

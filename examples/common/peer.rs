@@ -508,7 +508,8 @@ struct CandidateGate {
     held: Vec<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, recovering it if a holder panicked.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -696,7 +697,8 @@ enum NegCmd {
     Candidate(IceCandidate),
 }
 
-async fn bounded<T, E: Display>(
+/// `fut` within `timeout`; a timeout or an error becomes an `Err` naming `what`.
+pub async fn bounded<T, E: Display>(
     timeout: Duration,
     what: &str,
     fut: impl Future<Output = std::result::Result<T, E>>,
@@ -721,9 +723,10 @@ struct PcHandler {
     ws_tx: mpsc::Sender<WsOut>,
 }
 
-type HandlerFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
-fn done<'a>() -> HandlerFuture<'a> {
+/// The future every `PeerConnectionEventHandler` method returns once it has recorded or spawned.
+pub fn done<'a>() -> HandlerFuture<'a> {
     Box::pin(std::future::ready(()))
 }
 
@@ -928,7 +931,8 @@ async fn remote_track_task(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
 
 // ───────────────────────────── peer connections ─────────────────────────────
 
-fn opus_codec() -> RTCRtpCodec {
+/// Opus as the clips carry it (48 kHz stereo, in-band FEC).
+pub fn opus_codec() -> RTCRtpCodec {
     RTCRtpCodec {
         mime_type: MIME_TYPE_OPUS.to_owned(),
         clock_rate: 48_000,
@@ -938,7 +942,8 @@ fn opus_codec() -> RTCRtpCodec {
     }
 }
 
-fn vp8_codec() -> RTCRtpCodec {
+/// VP8 with the RTCP feedback browsers offer (REMB, FIR, NACK, PLI).
+pub fn vp8_codec() -> RTCRtpCodec {
     let fb = |typ: &str, parameter: &str| RTCPFeedback {
         typ: typ.to_owned(),
         parameter: parameter.to_owned(),
@@ -957,66 +962,76 @@ fn vp8_codec() -> RTCRtpCodec {
     }
 }
 
-async fn build_pc(
-    target: PcTarget,
-    shared: &Arc<Shared>,
-    ws_tx: &mpsc::Sender<WsOut>,
-    opts: &PeerOptions,
+/// Builds a webrtc-rs peer connection the way every synthetic peer here has it, Plaza's and
+/// Janus's ([`super::janus`]): default interceptors, mDNS off, ICE on UDP `bind_ip:0`, built
+/// within `t`. A publisher (`keyframe_tap` given) offers exactly what the files contain, Opus/111
+/// and VP8/96 (no RTX), and sees PLI/FIR through the tap; a subscriber (`None`) accepts whatever
+/// the server forwards (the default codecs).
+pub async fn new_peer_connection(
+    keyframe_tap: Option<KeyframeRequestTap>,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    bind_ip: &str,
+    t: Duration,
 ) -> Result<Arc<dyn PeerConnection>> {
     let mut media_engine = MediaEngine::default();
-    match target {
-        // Accept whatever the server forwards.
-        PcTarget::Subscriber => media_engine
+    if keyframe_tap.is_some() {
+        media_engine
+            .register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: opus_codec(),
+                    payload_type: 111,
+                },
+                RtpCodecKind::Audio,
+            )
+            .map_err(|e| anyhow!("register opus: {e}"))?;
+        media_engine
+            .register_codec(
+                RTCRtpCodecParameters {
+                    rtp_codec: vp8_codec(),
+                    payload_type: 96,
+                },
+                RtpCodecKind::Video,
+            )
+            .map_err(|e| anyhow!("register vp8: {e}"))?;
+    } else {
+        media_engine
             .register_default_codecs()
-            .map_err(|e| anyhow!("register codecs: {e}"))?,
-        // Offer exactly what the files contain: Opus and VP8 (no RTX).
-        PcTarget::Publisher => {
-            media_engine
-                .register_codec(
-                    RTCRtpCodecParameters {
-                        rtp_codec: opus_codec(),
-                        payload_type: 111,
-                    },
-                    RtpCodecKind::Audio,
-                )
-                .map_err(|e| anyhow!("register opus: {e}"))?;
-            media_engine
-                .register_codec(
-                    RTCRtpCodecParameters {
-                        rtp_codec: vp8_codec(),
-                        payload_type: 96,
-                    },
-                    RtpCodecKind::Video,
-                )
-                .map_err(|e| anyhow!("register vp8: {e}"))?;
-        }
+            .map_err(|e| anyhow!("register codecs: {e}"))?;
     }
     let mut registry = register_default_interceptors(Registry::new(), &mut media_engine)
         .map_err(|e| anyhow!("interceptors: {e}"))?;
-    if target == PcTarget::Publisher {
-        registry = registry.with(
-            Slot::from(KEYFRAME_TAP_SLOT),
-            KeyframeRequestTap::with_counters(shared.feedback.clone()),
-        );
+    if let Some(tap) = keyframe_tap {
+        registry = registry.with(Slot::from(KEYFRAME_TAP_SLOT), tap);
     }
     let setting_engine = SettingEngineBuilder::new()
         .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
         .build();
-    let handler = Arc::new(PcHandler {
-        target,
-        shared: shared.clone(),
-        ws_tx: ws_tx.clone(),
-    });
     let pc = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(media_engine)
         .with_setting_engine(setting_engine)
         .with_interceptor_registry(registry)
         .with_handler(handler)
-        .with_udp_addrs(vec![format!("{}:0", opts.bind_ip)])
+        .with_udp_addrs(vec![format!("{bind_ip}:0")])
         .build();
-    let pc = bounded(opts.timeout, "build peer connection", pc).await?;
+    let pc = bounded(t, "build peer connection", pc).await?;
     Ok(Arc::new(pc))
+}
+
+async fn build_pc(
+    target: PcTarget,
+    shared: &Arc<Shared>,
+    ws_tx: &mpsc::Sender<WsOut>,
+    opts: &PeerOptions,
+) -> Result<Arc<dyn PeerConnection>> {
+    let keyframe_tap = (target == PcTarget::Publisher)
+        .then(|| KeyframeRequestTap::with_counters(shared.feedback.clone()));
+    let handler = Arc::new(PcHandler {
+        target,
+        shared: shared.clone(),
+        ws_tx: ws_tx.clone(),
+    });
+    new_peer_connection(keyframe_tap, handler, &opts.bind_ip, opts.timeout).await
 }
 
 fn to_init(c: IceCandidate) -> RTCIceCandidateInit {
@@ -1509,7 +1524,8 @@ async fn mid_of(pc: &Arc<dyn PeerConnection>, sender: &Arc<dyn RtpSender>) -> Re
     bail!("no transceiver for our sender")
 }
 
-async fn negotiated_payload_type(sender: &Arc<dyn RtpSender>, mime: &str) -> Result<u8> {
+/// The payload type negotiated for `mime` on `sender` (else its first codec).
+pub async fn negotiated_payload_type(sender: &Arc<dyn RtpSender>, mime: &str) -> Result<u8> {
     let params = sender
         .get_parameters()
         .await
@@ -2644,54 +2660,41 @@ async fn send_ws(ws_tx: &mpsc::Sender<WsOut>, text: String, t: Duration) -> Resu
     }
 }
 
-/// Adds a local track with one encoding per `(rid, clip)`: one with an empty RID for a plain
+/// What a local track of `kind` sends: (codec kind, codec, MIME type, label in its ids).
+pub fn local_codec(kind: TrackKind) -> (RtpCodecKind, RTCRtpCodec, &'static str, &'static str) {
+    match kind {
+        TrackKind::Audio => (RtpCodecKind::Audio, opus_codec(), MIME_TYPE_OPUS, "audio"),
+        TrackKind::Video => (RtpCodecKind::Video, vp8_codec(), MIME_TYPE_VP8, "video"),
+    }
+}
+
+/// Adds to `pc` the track `<name>-<audio|video>` (stream `<name>-stream`) of `kind`'s codec
+/// ([`local_codec`]), with one encoding per `(rid, ssrc)`: one with an empty RID for a plain
 /// track, several with RIDs for simulcast (`a=rid:<rid> send` and `a=simulcast:send` in the
 /// offer, in this order).
-async fn add_local_track(
+pub async fn add_track_with_encodings(
     pc: &Arc<dyn PeerConnection>,
     name: &str,
     kind: TrackKind,
-    clips: Vec<(String, Arc<Clip>)>,
+    encodings: &[(String, u32)],
     t: Duration,
-) -> Result<LocalTrack> {
-    let (codec_kind, codec, mime, label) = match kind {
-        TrackKind::Audio => (RtpCodecKind::Audio, opus_codec(), MIME_TYPE_OPUS, "audio"),
-        TrackKind::Video => (RtpCodecKind::Video, vp8_codec(), MIME_TYPE_VP8, "video"),
-    };
-    if clips.is_empty() || (clips.len() > 1 && clips.iter().any(|(rid, _)| rid.is_empty())) {
-        bail!("a track needs one clip, or one clip per non-empty RID");
-    }
-    let client_track_id = format!("{name}-{label}");
-    let mut layers = Vec::new();
-    let mut encodings = Vec::new();
-    for (rid, clip) in clips {
-        let ssrc = loop {
-            let s = rand::random::<u32>() | 1;
-            if layers.iter().all(|l: &LocalLayer| l.ssrc != s) {
-                break s;
-            }
-        };
-        encodings.push(RTCRtpEncodingParameters {
+) -> Result<(Arc<TrackLocalStaticRTP>, Arc<dyn RtpSender>)> {
+    let (codec_kind, codec, _, label) = local_codec(kind);
+    let encodings = encodings
+        .iter()
+        .map(|(rid, ssrc)| RTCRtpEncodingParameters {
             rtp_coding_parameters: RTCRtpCodingParameters {
                 rid: rid.clone(),
-                ssrc: Some(ssrc),
+                ssrc: Some(*ssrc),
                 ..Default::default()
             },
             codec: codec.clone(),
             ..Default::default()
-        });
-        layers.push(LocalLayer {
-            rid,
-            ssrc,
-            clip,
-            control: Arc::new(PacerControl::default()),
-            dynacast_pauses: Arc::new(AtomicU64::new(0)),
-            dynacast_resumes: Arc::new(AtomicU64::new(0)),
-        });
-    }
+        })
+        .collect();
     let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
         format!("{name}-stream"),
-        client_track_id.clone(),
+        format!("{name}-{label}"),
         format!("{name} {label}"),
         codec_kind,
         encodings,
@@ -2702,6 +2705,41 @@ async fn add_local_track(
         pc.add_track(track.clone() as Arc<dyn TrackLocal>),
     )
     .await?;
+    Ok((track, sender))
+}
+
+/// Adds a local track with one encoding per `(rid, clip)` (see [`add_track_with_encodings`]).
+async fn add_local_track(
+    pc: &Arc<dyn PeerConnection>,
+    name: &str,
+    kind: TrackKind,
+    clips: Vec<(String, Arc<Clip>)>,
+    t: Duration,
+) -> Result<LocalTrack> {
+    let (_, _, mime, label) = local_codec(kind);
+    if clips.is_empty() || (clips.len() > 1 && clips.iter().any(|(rid, _)| rid.is_empty())) {
+        bail!("a track needs one clip, or one clip per non-empty RID");
+    }
+    let client_track_id = format!("{name}-{label}");
+    let mut layers = Vec::new();
+    for (rid, clip) in clips {
+        let ssrc = loop {
+            let s = rand::random::<u32>() | 1;
+            if layers.iter().all(|l: &LocalLayer| l.ssrc != s) {
+                break s;
+            }
+        };
+        layers.push(LocalLayer {
+            rid,
+            ssrc,
+            clip,
+            control: Arc::new(PacerControl::default()),
+            dynacast_pauses: Arc::new(AtomicU64::new(0)),
+            dynacast_resumes: Arc::new(AtomicU64::new(0)),
+        });
+    }
+    let encodings: Vec<(String, u32)> = layers.iter().map(|l| (l.rid.clone(), l.ssrc)).collect();
+    let (track, sender) = add_track_with_encodings(pc, name, kind, &encodings, t).await?;
     Ok(LocalTrack {
         kind,
         client_track_id,

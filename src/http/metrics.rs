@@ -17,7 +17,7 @@
 //! Counters and process figures are read in the same request, so two requests give consistent
 //! deltas. Everything under `process` is `null` where `/proc` is unavailable (not Linux).
 
-use super::AppState;
+use super::{AppState, ok_stats_body};
 use axum::{
     Json,
     extract::State,
@@ -25,10 +25,6 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
-use std::time::Duration;
-
-/// How long `/metrics` waits for the core's counters.
-const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Linux `USER_HZ`: the unit of utime/stime in `/proc/<pid>/stat`. It is 100 on every Linux
 /// architecture Rust targets (the kernel fixes it for user space), so no `sysconf` is needed.
@@ -121,20 +117,15 @@ pub fn process_usage() -> ProcessUsage {
 
 /// `GET /metrics`. Wire with `.route("/metrics", get(metrics::metrics))`.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    match tokio::time::timeout(STATS_TIMEOUT, state.handle.stats()).await {
-        Ok(Ok(stats)) => {
-            let mut body = serde_json::Map::new();
-            body.insert("status".into(), "ok".into());
-            if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&stats) {
-                body.extend(fields);
-            }
+    match ok_stats_body(&state).await {
+        Some(mut body) => {
             body.insert(
                 "process".into(),
                 serde_json::to_value(process_usage()).unwrap_or_default(),
             );
             (StatusCode::OK, Json(serde_json::Value::Object(body))).into_response()
         }
-        _ => (
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({
                 "status": "unavailable",

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-/// How long `/healthz` waits for the core's counters.
+/// How long `/healthz` and `/metrics` wait for the core's counters.
 const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the HTTP layer needs besides the core handle.
@@ -93,17 +93,28 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Asks the core for its counters (waiting at most [`STATS_TIMEOUT`]) and flattens them into
+/// `{"status":"ok", ...CoreStats}`; `None` when the core does not answer in time. Shared by
+/// `/healthz` and `/metrics`.
+pub(crate) async fn ok_stats_body(
+    state: &AppState,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let stats = tokio::time::timeout(STATS_TIMEOUT, state.handle.stats())
+        .await
+        .ok()?
+        .ok()?;
+    let mut body = serde_json::Map::new();
+    body.insert("status".into(), "ok".into());
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&stats) {
+        body.extend(fields);
+    }
+    Some(body)
+}
+
 async fn healthz(State(state): State<AppState>) -> Response {
-    match tokio::time::timeout(STATS_TIMEOUT, state.handle.stats()).await {
-        Ok(Ok(stats)) => {
-            let mut body = serde_json::Map::new();
-            body.insert("status".into(), "ok".into());
-            if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&stats) {
-                body.extend(fields);
-            }
-            (StatusCode::OK, Json(serde_json::Value::Object(body))).into_response()
-        }
-        _ => (
+    match ok_stats_body(&state).await {
+        Some(body) => (StatusCode::OK, Json(serde_json::Value::Object(body))).into_response(),
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"status": "unavailable"})),
         )

@@ -1,0 +1,35 @@
+//! Command-line flags that the load tester and the benchmark share, flattened into each one's
+//! `Args` with `#[command(flatten)]` (and `#[serde(flatten)]`, so the `args` object of their
+//! JSON reports keeps its keys).
+//!
+//! Only flags with the same name, type, default and meaning are here. The benchmark words the
+//! data-channel interval's help its own way (`mut_arg` in `examples/bench.rs`). Flags that only
+//! share a name (`--duration`, `--timeout`, `--warmup`, `--simulcast`) differ in default, type
+//! or help text, and stay in each tool's own `Args`.
+
+use clap::Args;
+use serde::Serialize;
+
+/// How the synthetic peers join and talk.
+#[derive(Args, Debug, Clone, Serialize)]
+pub struct PeerArgs {
+    /// Data-channel message interval per peer, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub chat_interval_ms: u64,
+    /// Peers joining at the same time.
+    #[arg(long, default_value_t = 4)]
+    pub join_concurrency: usize,
+}
+
+/// Ends a tool's `main` with the outcome of its run: exit status 0 when it passed, 1 when its
+/// checks failed, 2 (after printing `<tool>: error: …`) when it could not run.
+pub fn exit_with(tool: &str, outcome: anyhow::Result<bool>) {
+    match outcome {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("{tool}: error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
