@@ -773,17 +773,17 @@ fn table(points: &[Point]) -> String {
     let mut s = String::new();
     s.push_str(
         "| server | N | peers | fwd pkt/s | server CPU | µs/pkt | latency p50 / p99 / max (ms) \
-         | join p50 / p99 (ms) | loss | DC RTT p50 / p99 (ms) | RSS | RSS/peer joined / end | \
-         gen CPU | CPU wait srv / gen |\n",
+         | in-core p50 / p99 (ms) | join p50 / p99 (ms) | loss | DC RTT p50 / p99 (ms) | RSS \
+         | RSS/peer joined / end | gen CPU | CPU wait srv / gen |\n",
     );
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for p in points {
         let m = p.measured.as_ref();
         let w = m.map(|m| &m.window);
         let l = m.map(|m| &m.media_latency_ms);
         let join = format!("{:.0} / {:.0}", p.join_ready_ms.p50, p.join_ready_ms.p99);
         s.push_str(&format!(
-            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
             p.server,
             if p.ok { "" } else { " ⚠" },
             p.n,
@@ -795,6 +795,12 @@ fn table(points: &[Point]) -> String {
                 "{:.2} / {:.2} / {:.1}",
                 l.p50, l.p99, l.max
             )),
+            w.and_then(|w| w.server_forward_latency_us)
+                .map_or("n/a".into(), |l| format!(
+                    "{:.2} / {:.2}",
+                    l.p50 as f64 / 1000.0,
+                    l.p99 as f64 / 1000.0
+                )),
             join,
             f(w.map(|w| w.loss_percent), 2) + "%",
             p.dc_rtt_ms
@@ -1215,7 +1221,8 @@ async fn run(args: Args) -> Result<bool> {
              CPU time (all threads, /proc/&lt;pid&gt;) ÷ packets forwarded (Plaza: its \
              `rtp_packets_forwarded` counter; Janus: packets the subscribers received). Latency = \
              publisher `write_rtp` → subscriber track delivery of the same packet, both \
-             webrtc-rs stacks included. CPU wait = time the server's / load generator's \
+             webrtc-rs stacks included. In-core = socket read → sendmmsg of the forwarded \
+             packet inside Plaza, from its own histogram (Janus exports none). CPU wait = time the server's / load generator's \
              threads were runnable but waited for a core, % of the window (a busy shared \
              machine shows here). ⚠ = the point had failures (see the JSON).</sub>\n"
         );

@@ -315,6 +315,10 @@ pub struct Sample {
     pub clients: ClientTotals,
     /// This process (the load generator).
     pub generator: ProcUsage,
+    /// The server's in-core forwarding latency histogram (Plaza `/metrics`
+    /// `forward_latency.buckets`: `[upper bound µs, count]`).
+    #[serde(skip)]
+    pub forward_latency_buckets: Option<Vec<(u64, u64)>>,
 }
 
 /// Where to read a server's numbers from.
@@ -361,6 +365,7 @@ impl ServerSource {
         let t = Duration::from_secs(2);
         let mut counters = None;
         let mut self_reported = None;
+        let mut forward_latency_buckets = None;
         if let Some(url) = &self.metrics_url
             && !self.metrics_missing.load(Ordering::Relaxed)
         {
@@ -368,6 +373,9 @@ impl ServerSource {
                 Ok((200, body)) => {
                     if let Ok(v) = serde_json::from_str::<Value>(&body) {
                         counters = counters_from(&v);
+                        forward_latency_buckets = v
+                            .pointer("/forward_latency/buckets")
+                            .and_then(|b| serde_json::from_value(b.clone()).ok());
                         let p = v.get("process");
                         let f = |k: &str| p.and_then(|p| p.get(k)).and_then(Value::as_f64);
                         self_reported = Some(SelfReported {
@@ -395,6 +403,7 @@ impl ServerSource {
             self_reported,
             clients,
             generator: ProcUsage::read(std::process::id()),
+            forward_latency_buckets,
         }
     }
 }
@@ -432,6 +441,33 @@ pub struct WindowStats {
     /// of the window (summed over threads): how much the rest of the machine held them back.
     pub server_cpu_wait_percent: Option<f64>,
     pub generator_cpu_wait_percent: Option<f64>,
+    /// Time forwarded packets spent inside the server (socket read → handed to the kernel),
+    /// from the server's own histogram over the window (Plaza only), µs.
+    pub server_forward_latency_us: Option<InCoreLatency>,
+}
+
+/// Percentiles of the server's in-core forwarding latency over a window, µs (bucket upper
+/// bounds: ≤ 12.5 % above the true value).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct InCoreLatency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+fn in_core_latency(a: &Sample, b: &Sample) -> Option<InCoreLatency> {
+    use plaza::sfu::latency::window_quantile_us as q;
+    let (x, y) = (
+        a.forward_latency_buckets.as_ref()?,
+        b.forward_latency_buckets.as_ref()?,
+    );
+    Some(InCoreLatency {
+        p50: q(x, y, 0.5)?,
+        p90: q(x, y, 0.9)?,
+        p99: q(x, y, 0.99)?,
+        max: q(x, y, 1.0)?,
+    })
 }
 
 pub fn window(a: &Sample, b: &Sample) -> WindowStats {
@@ -509,6 +545,7 @@ pub fn window(a: &Sample, b: &Sample) -> WindowStats {
         },
         generator_cpu_wait_percent: wait_delta(&a.generator, &b.generator)
             .map(|w| 100.0 * w / seconds),
+        server_forward_latency_us: in_core_latency(a, b),
     }
 }
 
@@ -684,12 +721,15 @@ mod tests {
                 packets_sent: 0,
             },
             generator: ProcUsage::default(),
+            forward_latency_buckets: Some(vec![(10, secs * 100), (1000, secs)]),
         };
         let w = window(
             &s(0, Some(1000), 1.0, 500),
             &s(10, Some(101_000), 2.0, 100_500),
         );
         assert_eq!(w.forwarded, 100_000);
+        let l = w.server_forward_latency_us.unwrap();
+        assert_eq!((l.p50, l.p99, l.max), (10, 10, 1000));
         assert!((w.server_us_per_packet.unwrap() - 10.0).abs() < 1e-9);
         assert!((w.server_cpu_percent.unwrap() - 10.0).abs() < 1e-9);
         let w = window(&s(0, None, 1.0, 0), &s(10, None, 1.5, 50_000));
@@ -847,6 +887,13 @@ impl Measured {
             opt(w.server_cpu_wait_percent, "%"),
             opt(w.generator_cpu_wait_percent, "%"),
         );
+        if let Some(l) = w.server_forward_latency_us {
+            println!(
+                "server in-core latency (socket read → sendmmsg, from /metrics): p50 {} p90 {} \
+                 p99 {} max {} µs",
+                l.p50, l.p90, l.p99, l.max
+            );
+        }
         let l = &self.media_latency_ms;
         println!(
             "media latency (publisher write → subscriber receive): n={} p50 {:.2} p90 {:.2} \
