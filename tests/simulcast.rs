@@ -383,15 +383,14 @@ async fn switching_up_and_down_keeps_one_clean_stream() {
     server.shutdown().await;
 }
 
-/// How long a subscriber waits, at most, to reach the top layer after joining: the server's
-/// bandwidth estimate starts below the top layer's bitrate and has to grow first.
-const RAMP_UP: Duration = Duration::from_secs(30);
+/// How long a subscriber waits, at most, to reach the top layer after joining (the estimate
+/// starts at 2.5 Mbit/s, so ~2 s in practice; generous for a loaded CI machine).
+const RAMP_UP: Duration = Duration::from_secs(15);
 /// The bound on the time to downgrade after a bandwidth cut, measured at the subscriber (first
-/// frame of a lower layer). The target is 2 s and the server decides at ~2.0 s, but through the
-/// congested relay the lower layer's keyframe can take several more seconds (retransmissions
-/// crowd the link — an open issue), so the bound here is generous: it proves the downgrade,
-/// the benchmark reports its time.
-const DOWNGRADE_BOUND: Duration = Duration::from_secs(10);
+/// frame of a lower layer). The target is 2 s; the benchmark measures ~1.0 s and this test
+/// ~0.8 s. Twice the target leaves room for a loaded CI machine while still failing if the
+/// downgrade misses its goal by much.
+const DOWNGRADE_BOUND: Duration = Duration::from_secs(4);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bandwidth_cut_downgrades_only_the_limited_subscriber() {

@@ -340,10 +340,8 @@ struct Core {
     forward_latency: LatencyHistogram,
     stats: CoreStats,
     next_id: u64,
-    /// Keyframe requests to send: (track id, layer).
+    /// Keyframe requests to send (through the layer's throttle): (track id, layer).
     keyframe_wanted: Vec<(String, usize)>,
-    /// Throttled keyframe requests whose time has come (already accounted by the throttle).
-    keyframe_retries: Vec<(String, usize)>,
     /// Participants to remove at the end of this turn (with reason).
     doomed: Vec<(u64, String)>,
     /// Participants whose subscriber connection needs a new offer at the end of this turn.
@@ -528,7 +526,6 @@ impl Core {
             stats: CoreStats::default(),
             next_id: 1,
             keyframe_wanted: Vec::new(),
-            keyframe_retries: Vec::new(),
             doomed: Vec::new(),
             renegotiate_queue: Vec::new(),
             shutting_down: false,
@@ -731,7 +728,7 @@ impl Core {
     fn process(&mut self) {
         let mut rounds = 0;
         loop {
-            if !self.keyframe_wanted.is_empty() || !self.keyframe_retries.is_empty() {
+            if !self.keyframe_wanted.is_empty() {
                 self.send_keyframe_requests(Instant::now());
             }
             if let Some(key) = self.dirty.pop_front() {
@@ -1357,12 +1354,7 @@ impl Core {
 
     fn send_keyframe_requests(&mut self, now: Instant) {
         let wanted = std::mem::take(&mut self.keyframe_wanted);
-        let retries = std::mem::take(&mut self.keyframe_retries);
-        let all = wanted
-            .into_iter()
-            .map(|w| (w, false))
-            .chain(retries.into_iter().map(|w| (w, true)));
-        for ((tid, li), retry) in all {
+        for (tid, li) in wanted {
             let Some(track) = self.tracks.get_mut(&tid) else {
                 continue;
             };
@@ -1375,7 +1367,7 @@ impl Core {
             let Some(media_ssrc) = layer.ssrc else {
                 continue;
             };
-            if !retry && !layer.throttle.request(now) {
+            if !layer.throttle.request(now) {
                 continue;
             }
             let (publisher, receiver) = (track.publisher, track.receiver);
@@ -1451,8 +1443,8 @@ impl Core {
             // Retries of keyframe requests whose keyframe never came (`due` already counts
             // the retry against the throttle, so it is sent unthrottled).
             for (li, layer) in track.layers.iter_mut().enumerate() {
-                if layer.throttle.due(now) {
-                    self.keyframe_retries.push((tid.clone(), li));
+                if layer.throttle.retry_due(now) {
+                    self.keyframe_wanted.push((tid.clone(), li));
                 }
             }
             // Dynacast.
@@ -2038,14 +2030,7 @@ impl Core {
                             for dt in t.down.values_mut() {
                                 dt.rewriter.force_switch();
                                 if let Some(sel) = dt.selector.as_mut() {
-                                    let keep = sel.requested();
-                                    let pause = Requested {
-                                        width: Some(0),
-                                        height: Some(0),
-                                        ..keep
-                                    };
-                                    sel.set_requested(pause, &infos, now);
-                                    sel.set_requested(keep, &infos, now);
+                                    sel.restart(&infos, now);
                                     if let Some(l) = sel.wants_keyframe() {
                                         self.keyframe_wanted.push((track_id.clone(), l));
                                     }

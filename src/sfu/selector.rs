@@ -440,6 +440,18 @@ impl LayerSelector {
         self.retarget(layers, now)
     }
 
+    /// Forget the layer being sent and start again at the next keyframe of the target (after
+    /// a pause of the source, e.g. an unmute: what the receiver had is stale). Requested,
+    /// bandwidth and hysteresis state are kept. Returns whether the target changed.
+    pub fn restart(&mut self, layers: &[LayerInfo], now: Instant) -> bool {
+        self.current = None;
+        let changed = self.retarget(layers, now);
+        if !changed && self.target.is_some() {
+            self.pending_since = Some(now);
+        }
+        changed
+    }
+
     /// One packet of layer `layer` arrived; `keyframe` = it is the first packet of a
     /// keyframe. Switches current to the target at the target's keyframe.
     pub fn on_packet(&mut self, layer: usize, keyframe: bool, now: Instant) -> PacketAction {
@@ -1197,6 +1209,26 @@ mod tests {
         assert_eq!(s.wants_keyframe(), Some(Q));
         assert_eq!(s.on_packet(Q, false, ms(t0, 50)), PacketAction::Drop);
         assert_eq!(s.on_packet(Q, true, ms(t0, 60)), fwd(true));
+    }
+
+    /// After a restart (unmute) nothing is forwarded until a keyframe of the target, which
+    /// then counts as a switch; preference and target are kept.
+    #[test]
+    fn restart_waits_for_a_keyframe_of_the_same_target() {
+        let t0 = Instant::now();
+        let layers = three();
+        let mut s = forwarding(&layers, None, t0);
+        assert_eq!(s.current(), Some(F));
+        let before = s.requested();
+        assert!(!s.restart(&layers, ms(t0, 10)));
+        assert_eq!(s.requested(), before);
+        assert_eq!(s.target(), Some(F));
+        assert_eq!(s.current(), None);
+        assert_eq!(s.wants_keyframe(), Some(F));
+        assert_eq!(s.pending_since(), Some(ms(t0, 10)));
+        assert_eq!(s.on_packet(F, false, ms(t0, 20)), PacketAction::Drop);
+        assert_eq!(s.on_packet(F, true, ms(t0, 30)), fwd(true));
+        assert_eq!(s.current(), Some(F));
     }
 
     #[test]
