@@ -113,6 +113,9 @@ const KEYFRAME_INTERVAL: Duration = Duration::from_millis(300);
 const DYNACAST_GRACE: Duration = Duration::from_secs(5);
 /// How often layer selection runs (besides on every packet).
 const SELECT_INTERVAL: Duration = Duration::from_millis(250);
+/// An estimate below this share (%) of the one the last selection used triggers a selection
+/// at once.
+const SHARP_DROP_PERCENT: u64 = 70;
 /// A participant whose transport never connects is dropped after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -189,6 +192,8 @@ struct Participant {
     limiter: data::RateLimiter,
     /// Downlink estimate of the subscriber connection (TWCC/GCC, REMB fallback).
     estimate: Estimate,
+    /// The estimate the last layer selection used (to notice a sharp drop between ticks).
+    selected_at_bps: Option<u64>,
 }
 
 /// A track a participant publishes.
@@ -347,6 +352,9 @@ struct Core {
     /// Participants whose subscriber connection needs a new offer at the end of this turn.
     renegotiate_queue: Vec<u64>,
     shutting_down: bool,
+    /// A subscriber's estimate fell sharply: run layer selection at the end of this turn
+    /// rather than on the next tick.
+    select_now: bool,
 }
 
 fn random_string(n: usize) -> String {
@@ -529,6 +537,7 @@ impl Core {
             doomed: Vec::new(),
             renegotiate_queue: Vec::new(),
             shutting_down: false,
+            select_now: false,
         }
     }
 
@@ -750,6 +759,10 @@ impl Core {
                 }
                 continue;
             }
+            if std::mem::take(&mut self.select_now) {
+                self.select_layers(Instant::now());
+                continue;
+            }
             if !self.renegotiate_queue.is_empty() {
                 let queue = std::mem::take(&mut self.renegotiate_queue);
                 for part in queue {
@@ -789,6 +802,23 @@ impl Core {
         // 4. What they produced, and the next timer.
         self.flush(key);
         self.reschedule(key);
+        if key.kind == PcKind::Subscriber {
+            self.check_estimate_drop(key.part);
+        }
+    }
+
+    /// Feedback just processed may have lowered the subscriber's estimate: a drop below
+    /// [`SHARP_DROP_PERCENT`] of what the last selection used is acted on at once (downgrade
+    /// within the turn, not up to a selection interval later).
+    fn check_estimate_drop(&mut self, part: u64) {
+        let Some(p) = self.parts.get(&part) else {
+            return;
+        };
+        if let (Some(last), Some(now)) = (p.selected_at_bps, p.estimate.twcc()) {
+            if now.saturating_mul(100) < last.saturating_mul(SHARP_DROP_PERCENT) {
+                self.select_now = true;
+            }
+        }
     }
 
     fn flush(&mut self, key: PcKey) {
@@ -1400,8 +1430,10 @@ impl Core {
     fn select_layers(&mut self, now: Instant) {
         // Budget per subscriber: the downlink estimate less the audio it receives.
         let mut budget: HashMap<u64, Option<i64>> = HashMap::new();
-        for (&part, p) in &self.parts {
-            budget.insert(part, p.estimate.available(now).map(|b| b as i64));
+        for (&part, p) in self.parts.iter_mut() {
+            let available = p.estimate.available(now);
+            p.selected_at_bps = available;
+            budget.insert(part, available.map(|b| b as i64));
         }
         for t in self.tracks.values() {
             if t.kind == TrackKind::Audio {
@@ -1811,6 +1843,7 @@ impl Core {
             subscriptions: HashMap::new(),
             limiter: data::RateLimiter::default(),
             estimate,
+            selected_at_bps: None,
         };
         self.parts.insert(part, participant);
         self.by_pid.insert(pid.clone(), part);
