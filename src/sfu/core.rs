@@ -1472,13 +1472,6 @@ impl Core {
                     wanted.push((tid.clone(), l));
                 }
             }
-            // Retries of keyframe requests whose keyframe never came (`due` already counts
-            // the retry against the throttle, so it is sent unthrottled).
-            for (li, layer) in track.layers.iter_mut().enumerate() {
-                if layer.throttle.retry_due(now) {
-                    self.keyframe_wanted.push((tid.clone(), li));
-                }
-            }
             // Dynacast.
             if track.is_simulcast() && !track.down.is_empty() {
                 let needed = needed_layers(track.down.values().filter_map(|d| d.selector.as_ref()));
@@ -1494,6 +1487,8 @@ impl Core {
                         if now.duration_since(since) >= DYNACAST_GRACE
                             && track.paused_upstream.insert(li)
                         {
+                            // A paused layer sends no keyframe: stop asking for one.
+                            track.layers[li].throttle.cancel();
                             changed = true;
                         }
                     }
@@ -1517,6 +1512,17 @@ impl Core {
                             paused,
                         },
                     ));
+                }
+            }
+        }
+        // Retries (through the throttle like any request) of keyframes that never came, for
+        // layers someone still receives from and the publisher still sends.
+        for (tid, track) in self.tracks.iter_mut() {
+            for (li, layer) in track.layers.iter_mut().enumerate() {
+                if track.down.is_empty() || track.paused_upstream.contains(&li) {
+                    layer.throttle.cancel();
+                } else if layer.throttle.retry_due(now) {
+                    wanted.push((tid.clone(), li));
                 }
             }
         }
