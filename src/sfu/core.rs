@@ -5,11 +5,11 @@
 //! earliest peer-connection deadline from the timer heap — then lets the touched peer
 //! connections produce output (`poll_write`/`poll_event`/`poll_read`) until nothing is left.
 
-use super::bwe::{Bwe, Estimate};
+use super::bwe::Estimate;
 use super::data::{self, DataError};
+use super::egress::{self, Egress, KeyCapture};
 use super::keyframe::KeyframeThrottle;
 use super::latency::LatencyHistogram;
-use super::nack::NackResponder;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::selector::{
     BitrateMeter, LayerInfo, LayerSelector, PacketAction, Requested, layer_quality, needed_layers,
@@ -23,15 +23,13 @@ use crate::signal::{
 };
 use bytes::BytesMut;
 use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
-use rtc::interceptor::CongestionControlBuilder;
-use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
+use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
-use rtc::peer_connection::configuration::interceptor_registry::{
-    configure_rtcp_reports, configure_twcc_sender_only, register_default_interceptors,
-};
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
 };
@@ -43,17 +41,15 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
 };
-use rtc::rtcp;
-use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
+use rtc::sdp::extmap::TRANSPORT_CC_URI;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -147,6 +143,11 @@ struct Pc {
     /// Connectivity checks that arrived before the remote description (the client starts
     /// checking as soon as it has answered; its answer may still be on the WebSocket).
     early: Vec<(SocketAddr, Instant, BytesMut)>,
+    /// Where `rtc` last sent something other than STUN (DTLS, SCTP): the remote address of
+    /// the selected candidate pair, where the fast path sends media.
+    media_addr: Option<SocketAddr>,
+    /// Subscriber connections: records SRTP key derivation for the fast path.
+    capture: Option<KeyCapture>,
 }
 
 /// At most this many early datagrams are kept per peer connection.
@@ -194,6 +195,8 @@ struct Participant {
     estimate: Estimate,
     /// The estimate the last layer selection used (to notice a sharp drop between ticks).
     selected_at_bps: Option<u64>,
+    /// The subscriber connection's media path, once its DTLS handshake is done.
+    egress: Option<Egress>,
 }
 
 /// A track a participant publishes.
@@ -220,9 +223,10 @@ impl Participant {
 }
 
 struct DownTrack {
-    sender: RTCRtpSenderId,
     ssrc: u32,
     payload_type: Option<u8>,
+    /// Negotiated id of the transport-wide sequence number extension, if any.
+    twcc_ext: Option<u8>,
     rewriter: Rewriter,
     /// VP8: keeps picture id / TL0PICIDX / KEYIDX continuous across layer switches.
     munger: Option<Vp8Munger>,
@@ -403,60 +407,6 @@ fn h264_is_keyframe(payload: &[u8]) -> bool {
             .is_some_and(|fu| fu & 0x80 != 0 && matches!(fu & 0x1f, 5 | 7)),
         _ => false,
     }
-}
-
-/// Marks keyframe requests and other feedback from subscribers for the application.
-#[derive(Default)]
-struct DeliverFeedback {
-    read_queue: VecDeque<TaggedPacket>,
-    write_queue: VecDeque<TaggedPacket>,
-}
-
-impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = rtc::shared::error::Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(pkts) = &msg.message.packet {
-            let wanted = pkts.iter().any(|p| {
-                let any = p.as_any();
-                any.is::<PictureLossIndication>()
-                    || any.is::<FullIntraRequest>()
-                    || any.is::<ReceiverEstimatedMaximumBitrate>()
-            });
-            if wanted {
-                msg.message.add(Attribute::DeliverToApplication);
-            }
-        }
-        self.read_queue.push_back(msg);
-        Ok(())
-    }
-    fn poll_read(&mut self) -> Option<Self::Rout> {
-        self.read_queue.pop_front()
-    }
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        self.write_queue.push_back(msg);
-        Ok(())
-    }
-    fn poll_write(&mut self) -> Option<Self::Wout> {
-        self.write_queue.pop_front()
-    }
-    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
-        Ok(())
-    }
-    fn poll_timeout(&mut self) -> Option<Self::Time> {
-        None
-    }
-}
-
-impl Interceptor for DeliverFeedback {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
 fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
@@ -690,6 +640,22 @@ impl Core {
             trace!(%from, "datagram from unknown address ignored");
             return;
         };
+        if key.kind == PcKind::Subscriber && egress::is_rtcp(data) {
+            if let Some(egress) = self
+                .parts
+                .get_mut(&key.part)
+                .and_then(|p| p.egress.as_mut())
+            {
+                match egress.on_rtcp(now, data) {
+                    Ok(fb) => self.on_subscriber_feedback(key.part, fb, now),
+                    Err(e) => {
+                        self.stats.udp_datagrams_ignored += 1;
+                        trace!(%from, "subscriber RTCP rejected: {e}");
+                    }
+                }
+                return;
+            }
+        }
         let local_addr = self.local_addr;
         let Some(pc) = self.pc_mut(key) else {
             self.stats.udp_datagrams_ignored += 1;
@@ -802,9 +768,6 @@ impl Core {
         // 4. What they produced, and the next timer.
         self.flush(key);
         self.reschedule(key);
-        if key.kind == PcKind::Subscriber {
-            self.check_estimate_drop(key.part);
-        }
     }
 
     /// Feedback just processed may have lowered the subscriber's estimate: a drop below
@@ -839,6 +802,9 @@ impl Core {
                 // from now on non-STUN datagrams from that address belong to it.
                 pc.addrs.push(to);
                 self.addrs.insert(to, key);
+            }
+            if out.message.first().is_some_and(|&b| b > 3) {
+                pc.media_addr = Some(to);
             }
             let origin = udp::is_rtp(&out.message).then_some(out.now);
             self.out.push(out.message, to, origin);
@@ -887,6 +853,7 @@ impl Core {
                             pc.connected = true;
                         }
                         if key.kind == PcKind::Subscriber {
+                            self.start_egress(key.part);
                             self.refresh_downtracks(key.part);
                         }
                     }
@@ -941,9 +908,6 @@ impl Core {
         match msg.message {
             RTCMessage::RtpPacket(track_id, packet) if key.kind == PcKind::Publisher => {
                 self.forward_rtp(key.part, &track_id, packet, msg.now);
-            }
-            RTCMessage::RtcpPacket(track_id, packets) if key.kind == PcKind::Subscriber => {
-                self.on_subscriber_feedback(key.part, &track_id, &packets, msg.now);
             }
             RTCMessage::DataChannelMessage(id, m) if key.kind == PcKind::Subscriber => {
                 self.relay_data(key.part, id, m.is_string, &m.data, msg.now);
@@ -1105,9 +1069,9 @@ impl Core {
             track.down.insert(
                 sub,
                 DownTrack {
-                    sender,
                     ssrc,
                     payload_type: None,
+                    twcc_ext: None,
                     rewriter: Rewriter::with_initial(ssrc, rand::random(), rand::random()),
                     munger,
                     selector,
@@ -1120,12 +1084,13 @@ impl Core {
     }
 
     fn unsubscribe(&mut self, sub: u64, tid: &str) -> bool {
-        if let Some(t) = self.tracks.get_mut(tid) {
-            t.down.remove(&sub);
-        }
+        let gone = self.tracks.get_mut(tid).and_then(|t| t.down.remove(&sub));
         let Some(p) = self.parts.get_mut(&sub) else {
             return false;
         };
+        if let (Some(dt), Some(e)) = (gone, p.egress.as_mut()) {
+            e.remove_stream(dt.ssrc);
+        }
         let Some(sender) = p.subscriptions.remove(tid) else {
             return false;
         };
@@ -1184,6 +1149,12 @@ impl Core {
                         })
                         .map(|c| c.payload_type);
                     dt.payload_type = pt;
+                    dt.twcc_ext = params
+                        .rtp_parameters
+                        .header_extensions
+                        .iter()
+                        .find(|h| h.uri == TRANSPORT_CC_URI)
+                        .and_then(|h| u8::try_from(h.id).ok());
                 }
             }
             if connected && dt.payload_type.is_some() {
@@ -1299,23 +1270,17 @@ impl Core {
                 // Copies the payload only when a descriptor field must change.
                 out.payload = m.munge_shared(&packet.payload, h.switched || switched);
             }
-            let Some(mut sender) = p.sub.rtc.rtp_sender(dt.sender) else {
+            let (Some(egress), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) else {
                 continue;
             };
-            match sender.write_rtp(now, out) {
-                Ok(()) => {
+            match egress.protect_rtp(now, &mut out, dt.twcc_ext, clock_rate, is_video, keyframe) {
+                Ok(wire) => {
                     self.stats.rtp_packets_forwarded += 1;
-                    if !p.sub.queued {
-                        p.sub.queued = true;
-                        self.dirty.push_back(PcKey {
-                            part: sub,
-                            kind: PcKind::Subscriber,
-                        });
-                    }
+                    self.out.push(wire, to, Some(now));
                 }
                 Err(e) => {
                     self.stats.rtp_packets_dropped += 1;
-                    trace!("write_rtp: {e}");
+                    trace!("fast path: {e}");
                 }
             }
         }
@@ -1354,31 +1319,61 @@ impl Core {
         self.send_to(sub, msg);
     }
 
-    fn on_subscriber_feedback(
-        &mut self,
-        part: u64,
-        track_id: &str,
-        packets: &[Box<dyn rtcp::Packet>],
-        now: Instant,
-    ) {
-        for p in packets {
-            if let Some(remb) = p.as_any().downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
-                if let Some(sub) = self.parts.get(&part) {
-                    sub.estimate.set_remb(now, remb.bitrate.max(0.0) as u64);
-                }
+    /// The subscriber connection is up: its SRTP keys are known, start its fast path.
+    fn start_egress(&mut self, part: u64) {
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
+        if p.egress.is_some() {
+            return;
+        }
+        let res = p
+            .sub
+            .capture
+            .as_ref()
+            .ok_or(egress::EgressError::NoKeys(0))
+            .and_then(|c| c.keys())
+            .and_then(|keys| Egress::new(&keys, p.estimate.clone()));
+        match res {
+            Ok(e) => {
+                debug!(participant = %p.pid, "subscriber fast path ready");
+                p.egress = Some(e);
+            }
+            Err(e) => {
+                warn!(participant = %p.pid, "subscriber media path: {e}");
+                self.doomed
+                    .push((part, format!("subscriber media path could not start: {e}")));
             }
         }
-        let wants = packets.iter().any(|p| {
-            p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()
-        });
-        if wants {
-            let layer = self.tracks.get(track_id).and_then(|t| {
-                let sel = t.down.get(&part)?.selector.as_ref()?;
-                sel.wants_keyframe().or(sel.current())
+    }
+
+    /// What a subscriber's RTCP asked for: retransmissions (already answered by its egress),
+    /// keyframes, a REMB value, a new TWCC estimate.
+    fn on_subscriber_feedback(&mut self, part: u64, fb: egress::Feedback, now: Instant) {
+        let Some(p) = self.parts.get(&part) else {
+            return;
+        };
+        if let Some(to) = p.sub.media_addr {
+            for wire in fb.retransmissions {
+                self.out.push(wire, to, None);
+            }
+        }
+        if let Some(bps) = fb.remb_bps {
+            p.estimate.set_remb(now, bps);
+        }
+        for media_ssrc in fb.keyframes {
+            let layer = p.subscriptions.keys().find_map(|tid| {
+                let t = self.tracks.get(tid)?;
+                let dt = t.down.get(&part).filter(|dt| dt.ssrc == media_ssrc)?;
+                let sel = dt.selector.as_ref()?;
+                Some((tid.clone(), sel.wants_keyframe().or(sel.current())?))
             });
             if let Some(l) = layer {
-                self.keyframe_wanted.push((track_id.to_owned(), l));
+                self.keyframe_wanted.push(l);
             }
+        }
+        if fb.estimate_updated {
+            self.check_estimate_drop(part);
         }
     }
 
@@ -1544,8 +1539,11 @@ impl Core {
         if let Some(p) = self.parts.get_mut(&track.publisher) {
             p.pub_tracks.retain(|t| &*t.tid != tid);
         }
-        for (&sub, _) in track.down.iter() {
+        for (&sub, dt) in track.down.iter() {
             if let Some(p) = self.parts.get_mut(&sub) {
+                if let Some(e) = p.egress.as_mut() {
+                    e.remove_stream(dt.ssrc);
+                }
                 if let Some(sender) = p.subscriptions.remove(tid) {
                     if let Err(e) = p.sub.rtc.remove_track(sender) {
                         debug!("remove_track: {e}");
@@ -1698,49 +1696,62 @@ impl Core {
         }
     }
 
-    /// A new peer connection. The subscriber side gets TWCC bandwidth estimation
-    /// ([`Bwe`]) into `estimate` and a budgeted NACK responder ([`NackResponder`]); the
-    /// publisher side the default chain (NACK generation, TWCC feedback to the
+    /// A new peer connection. A subscriber connection (`estimate` given) runs no interceptors:
+    /// its media goes through the fast path ([`Egress`]: TWCC, NACK, sender reports), for which
+    /// it records its SRTP keys; it offers the two SRTP profiles the fast path handles. The
+    /// publisher side gets `rtc`'s default chain (NACK generation, TWCC feedback to the
     /// publisher, receiver reports, simulcast header extensions).
     fn new_pc(&mut self, key: PcKey, estimate: Option<&Estimate>) -> Result<Pc, SfuError> {
+        let rtc_err = |e: rtc::shared::error::Error| SfuError::Rtc(e.to_string());
         let ufrag = random_string(16);
         let pwd = random_string(32);
-        let setting = SettingEngineBuilder::new()
+        let mut setting = SettingEngineBuilder::new()
             .with_answering_dtls_role(RTCDtlsRole::Client)
             .with_ice_credentials(ufrag.clone(), pwd)
-            .with_lite(true)
-            .build();
-        let mut me = media_engine().map_err(|e| SfuError::Rtc(e.to_string()))?;
-        let registry = Registry::new().with(Slot::from(14_000), DeliverFeedback::default());
+            .with_lite(true);
+        let mut me = media_engine().map_err(rtc_err)?;
+        let mut capture = None;
         let registry = match estimate {
-            None => register_default_interceptors(registry, &mut me)
-                .map_err(|e| SfuError::Rtc(e.to_string()))?,
-            Some(estimate) => {
-                // Our own NACK responder (bounded history, retransmission budget against the
-                // estimate) instead of `configure_nack`'s answer-everything one; a subscriber
-                // connection receives no media, so it needs no NACK generator.
-                for parameter in ["", "pli"] {
+            None => register_default_interceptors(Registry::new(), &mut me).map_err(rtc_err)?,
+            Some(_) => {
+                let c = KeyCapture::new().map_err(|e| SfuError::Rtc(e.to_string()))?;
+                setting = setting
+                    .with_crypto_provider(Arc::new(c.clone()))
+                    .with_srtp_protection_profiles(vec![
+                        SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+                        SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+                    ]);
+                capture = Some(c);
+                for (typ, parameter) in [("nack", ""), ("nack", "pli"), ("transport-cc", "")] {
                     me.register_feedback(
                         RTCPFeedback {
-                            typ: "nack".to_owned(),
+                            typ: typ.to_owned(),
                             parameter: parameter.to_owned(),
                         },
                         RtpCodecKind::Video,
                     );
                 }
-                let registry = registry.with(
-                    Slot::NackResponder,
-                    NackResponder::new(Some(estimate.clone())),
+                me.register_feedback(
+                    RTCPFeedback {
+                        typ: "transport-cc".to_owned(),
+                        parameter: String::new(),
+                    },
+                    RtpCodecKind::Audio,
                 );
-                let registry = configure_rtcp_reports(registry);
-                let registry = configure_twcc_sender_only(registry, &mut me)
-                    .map_err(|e| SfuError::Rtc(e.to_string()))?;
-                registry.with(
-                    Slot::CongestionControl,
-                    CongestionControlBuilder::new(Bwe::new(Some(estimate.clone()))).build(),
-                )
+                for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+                    me.register_header_extension(
+                        RTCRtpHeaderExtensionCapability {
+                            uri: TRANSPORT_CC_URI.to_owned(),
+                        },
+                        kind,
+                        None,
+                    )
+                    .map_err(rtc_err)?;
+                }
+                Registry::new()
             }
         };
+        let setting = setting.build();
         let now = Instant::now();
         let mut rtc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -1782,6 +1793,8 @@ impl Core {
             queued: false,
             full_drain: false,
             early: Vec::new(),
+            media_addr: None,
+            capture,
         })
     }
 
@@ -1850,6 +1863,7 @@ impl Core {
             limiter: data::RateLimiter::default(),
             estimate,
             selected_at_bps: None,
+            egress: None,
         };
         self.parts.insert(part, participant);
         self.by_pid.insert(pid.clone(), part);
@@ -2407,10 +2421,16 @@ impl Core {
         for part in stale {
             self.remove_participant(part, "transport did not connect in time", true);
         }
-        for p in self.parts.values() {
+        // RTCP sender reports for every forwarded stream, once a second.
+        let wall = std::time::SystemTime::now();
+        for p in self.parts.values_mut() {
             trace!(participant = %p.pid, twcc = ?p.estimate.twcc(), remb = ?p.estimate.remb(now), "downlink estimate");
+            if let (Some(e), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) {
+                if let Some(wire) = e.sender_reports(now, wall) {
+                    self.out.push(wire, to, None);
+                }
+            }
         }
-        let _ = now;
     }
 
     async fn shutdown(&mut self) {

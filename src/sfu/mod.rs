@@ -9,6 +9,7 @@
 pub mod bwe;
 pub mod core;
 pub mod data;
+pub mod egress;
 pub mod keyframe;
 pub mod latency;
 pub mod nack;

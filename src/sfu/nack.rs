@@ -25,23 +25,17 @@
 //! recovering waits for exactly that), then the newest ones (the oldest losses are the least
 //! useful, often of a layer the subscriber is leaving). A NACK that is not answered is dropped,
 //! not queued. The decision logic
-//! ([`SendHistory`], [`RetransmitBudget`]) is pure and unit-tested; [`NackResponder`] is the
-//! interceptor around it.
+//! ([`SendHistory`], [`RetransmitBudget`], [`Retransmitter`]) is pure and unit-tested; the
+//! subscriber fast path ([`super::egress`]) feeds it the packets it sends and the NACKs it
+//! receives, and sends what it returns.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{
-    Attribute, AttributedPacket, Interceptor, Packet, StreamInfo, TaggedPacket,
-};
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
-use rtc::sansio::Protocol;
-use rtc::shared::TransportContext;
 
-use super::bwe::Estimate;
 use super::selector::BitrateMeter;
-use super::vp8;
 
 /// Packets remembered per stream (a power of two). At ~150 packets/s (a 1.5 Mbit/s layer) this
 /// is ~1.7 s, more than [`MAX_AGE`].
@@ -241,7 +235,7 @@ impl RetransmitBudget {
     }
 }
 
-/// Counters of a [`NackResponder`] (for logs and tests).
+/// Counters of a [`Retransmitter`] (for logs and tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NackStats {
     /// Sequence numbers asked for.
@@ -254,38 +248,27 @@ pub struct NackStats {
     pub over_budget: u64,
 }
 
+#[derive(Default)]
 struct Stream {
     history: SendHistory,
-    /// VP8: keyframes can be recognised.
-    vp8: bool,
     /// RTP timestamp of the last keyframe sent (its packets share it).
     keyframe_ts: Option<u32>,
-    rtx: Option<(u32, u8)>,
-    rtx_seq: u16,
 }
 
-/// The interceptor: records what leaves on NACK-capable streams, answers NACKs within the
-/// limits of [`SendHistory::check`] and the connection's [`RetransmitBudget`].
-pub struct NackResponder {
-    estimate: Option<Estimate>,
+/// The NACK responder of one subscriber connection: remembers what leaves on its video
+/// streams and answers NACKs within the limits of [`SendHistory::check`] and the connection's
+/// [`RetransmitBudget`]. Driven by the subscriber fast path ([`super::egress`]).
+#[derive(Default)]
+pub struct Retransmitter {
     streams: HashMap<u32, Stream>,
     budget: RetransmitBudget,
     stats: NackStats,
-    read_queue: VecDeque<TaggedPacket>,
-    write_queue: VecDeque<TaggedPacket>,
 }
 
-impl NackResponder {
-    /// A responder budgeting against `estimate` (`None`: the fixed [`UNKNOWN_RATE_BPS`]).
-    pub fn new(estimate: Option<Estimate>) -> Self {
-        NackResponder {
-            estimate,
-            streams: HashMap::new(),
-            budget: RetransmitBudget::new(),
-            stats: NackStats::default(),
-            read_queue: VecDeque::new(),
-            write_queue: VecDeque::new(),
-        }
+impl Retransmitter {
+    /// An empty responder.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Counters so far.
@@ -293,10 +276,40 @@ impl NackResponder {
         self.stats
     }
 
-    fn handle_nack(&mut self, now: Instant, nack: &TransportLayerNack) {
-        let estimate = self.estimate.as_ref().and_then(|e| e.available(now));
-        let Some(stream) = self.streams.get_mut(&nack.media_ssrc) else {
+    /// A packet left as media (not a retransmission). `video`: remember it for NACKs (only
+    /// video negotiates NACK here); `keyframe`: it starts a VP8/H.264 keyframe (the rest of
+    /// the keyframe is recognised by its timestamp).
+    pub fn on_sent(&mut self, now: Instant, packet: &rtp::Packet, video: bool, keyframe: bool) {
+        self.budget.on_media(
+            now,
+            12 + packet.header.csrc.len() * 4 + packet.payload.len(),
+        );
+        if !video {
             return;
+        }
+        let s = self.streams.entry(packet.header.ssrc).or_default();
+        if keyframe {
+            s.keyframe_ts = Some(packet.header.timestamp);
+        }
+        let keyframe = s.keyframe_ts == Some(packet.header.timestamp);
+        s.history.add(now, packet.clone(), keyframe);
+    }
+
+    /// Forget a stream (its down-track is gone).
+    pub fn remove_stream(&mut self, ssrc: u32) {
+        self.streams.remove(&ssrc);
+    }
+
+    /// The packets to retransmit for `nack`, in order, given the subscriber's estimate.
+    pub fn on_nack(
+        &mut self,
+        now: Instant,
+        nack: &TransportLayerNack,
+        estimate_bps: Option<u64>,
+    ) -> Vec<rtp::Packet> {
+        let mut out = Vec::new();
+        let Some(stream) = self.streams.get_mut(&nack.media_ssrc) else {
+            return out;
         };
         let mut seqs: Vec<u16> = nack
             .nacks
@@ -317,140 +330,21 @@ impl NackResponder {
         seqs.sort_by_key(|&seq| !stream.history.is_keyframe(seq));
         for seq in seqs {
             self.stats.requested += 1;
-            match stream.history.check(seq, now) {
-                Verdict::Resend => {}
-                _ => {
-                    self.stats.refused += 1;
-                    continue;
-                }
+            if stream.history.check(seq, now) != Verdict::Resend {
+                self.stats.refused += 1;
+                continue;
             }
             let size = stream.history.size(seq).unwrap_or(0);
-            if !self.budget.try_spend(now, size, estimate) {
+            if !self.budget.try_spend(now, size, estimate_bps) {
                 self.stats.over_budget += 1;
                 continue;
             }
-            let Some(original) = stream.history.resend(seq, now) else {
-                continue;
-            };
-            self.stats.resent += 1;
-            let packet = match stream.rtx {
-                Some((ssrc, pt)) => {
-                    let mut payload = Vec::with_capacity(2 + original.payload.len());
-                    payload.extend_from_slice(&original.header.sequence_number.to_be_bytes());
-                    payload.extend_from_slice(&original.payload);
-                    let seq = stream.rtx_seq;
-                    stream.rtx_seq = seq.wrapping_add(1);
-                    rtp::Packet {
-                        header: rtp::header::Header {
-                            version: 2,
-                            ssrc,
-                            payload_type: pt,
-                            sequence_number: seq,
-                            timestamp: original.header.timestamp,
-                            marker: original.header.marker,
-                            ..Default::default()
-                        },
-                        payload: payload.into(),
-                    }
-                }
-                None => original,
-            };
-            self.write_queue.push_back(TaggedPacket {
-                now,
-                transport: TransportContext::default(),
-                message: AttributedPacket::new(Packet::Rtp(packet)).with(Attribute::Retransmission),
-            });
-        }
-    }
-}
-
-impl Protocol<TaggedPacket, TaggedPacket, ()> for NackResponder {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = rtc::shared::error::Error;
-    type Time = Instant;
-
-    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(pkts) = &msg.message.packet {
-            for p in pkts {
-                if let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() {
-                    self.handle_nack(msg.now, nack);
-                }
+            if let Some(p) = stream.history.resend(seq, now) {
+                self.stats.resent += 1;
+                out.push(p);
             }
         }
-        self.read_queue.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_read(&mut self) -> Option<Self::Rout> {
-        self.read_queue.pop_front()
-    }
-
-    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtp(p) = &msg.message.packet {
-            self.budget
-                .on_media(msg.now, 12 + p.header.csrc.len() * 4 + p.payload.len());
-            if let Some(s) = self.streams.get_mut(&p.header.ssrc) {
-                if s.vp8 && vp8::is_keyframe(&p.payload) {
-                    s.keyframe_ts = Some(p.header.timestamp);
-                }
-                let keyframe = s.keyframe_ts == Some(p.header.timestamp);
-                s.history.add(msg.now, p.clone(), keyframe);
-            }
-        }
-        self.write_queue.push_back(msg);
-        Ok(())
-    }
-
-    fn poll_write(&mut self) -> Option<Self::Wout> {
-        self.write_queue.pop_front()
-    }
-
-    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Self::Error> {
-        Ok(())
-    }
-
-    fn poll_timeout(&mut self) -> Option<Self::Time> {
-        None
-    }
-}
-
-impl Interceptor for NackResponder {
-    fn bind_local_stream(&mut self, info: &StreamInfo) {
-        let nack = info
-            .rtcp_feedback
-            .iter()
-            .any(|fb| fb.typ == "nack" && fb.parameter.is_empty());
-        if nack {
-            let rtx = info.ssrc_rtx.zip(info.payload_type_rtx);
-            self.streams.insert(
-                info.ssrc,
-                Stream {
-                    history: SendHistory::new(),
-                    vp8: info.mime_type.eq_ignore_ascii_case("video/vp8"),
-                    keyframe_ts: None,
-                    rtx,
-                    rtx_seq: 0,
-                },
-            );
-        }
-    }
-
-    fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        self.streams.remove(&info.ssrc);
-    }
-
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
-}
-
-impl Drop for NackResponder {
-    fn drop(&mut self) {
-        if self.stats.requested > 0 {
-            tracing::debug!(stats = ?self.stats, "nack responder");
-        }
+        out
     }
 }
 
@@ -578,7 +472,7 @@ mod tests {
         assert!(!b.try_spend(ms(t0, 1_000), 1_500, Some(100_000)));
     }
 
-    fn nack(ssrc: u32, seqs: &[u16]) -> TaggedPacket {
+    fn nack(ssrc: u32, seqs: &[u16]) -> TransportLayerNack {
         let nacks = seqs
             .iter()
             .map(|&s| NackPair {
@@ -586,78 +480,56 @@ mod tests {
                 lost_packets: 0,
             })
             .collect();
-        let n = TransportLayerNack {
+        TransportLayerNack {
             sender_ssrc: 0,
             media_ssrc: ssrc,
             nacks,
-        };
-        TaggedPacket {
-            now: Instant::now(),
-            transport: TransportContext::default(),
-            message: AttributedPacket::new(Packet::Rtcp(vec![Box::new(n)])),
-        }
-    }
-
-    fn info(ssrc: u32, nack: bool) -> StreamInfo {
-        StreamInfo {
-            ssrc,
-            rtcp_feedback: if nack {
-                vec![rtc::interceptor::RTCPFeedback {
-                    typ: "nack".to_owned(),
-                    parameter: String::new(),
-                }]
-            } else {
-                vec![]
-            },
-            ..Default::default()
         }
     }
 
     #[test]
-    fn interceptor_retransmits_within_limits() {
+    fn retransmits_within_limits_keyframes_first() {
         let t0 = Instant::now();
-        let mut r = NackResponder::new(None);
-        r.bind_local_stream(&info(1, true));
-        r.bind_local_stream(&info(2, false));
+        let mut r = Retransmitter::new();
         for seq in 0..10u16 {
-            for ssrc in [1, 2] {
-                r.handle_write(TaggedPacket {
-                    now: ms(t0, u64::from(seq)),
-                    transport: TransportContext::default(),
-                    message: AttributedPacket::new(Packet::Rtp(pkt(ssrc, seq, 100))),
-                })
-                .expect("write");
-            }
+            let now = ms(t0, u64::from(seq));
+            // Stream 1 is video; packets 6 and 7 are a keyframe (same timestamp).
+            let mut p = pkt(1, seq, 100);
+            p.header.timestamp = if seq >= 6 { 600 } else { u32::from(seq) * 100 };
+            r.on_sent(now, &p, true, seq == 6);
+            // Stream 2 is audio: not remembered.
+            r.on_sent(now, &pkt(2, seq, 100), false, false);
         }
-        while r.poll_write().is_some() {}
-        let mut n = nack(1, &[3, 4]);
-        n.now = ms(t0, 20);
-        r.handle_read(n).expect("read");
-        assert!(r.poll_read().is_some(), "the NACK goes on");
-        let mut resent = Vec::new();
-        while let Some(p) = r.poll_write() {
-            assert!(
-                p.message
-                    .attributes
-                    .iter()
-                    .any(|a| matches!(a, Attribute::Retransmission))
-            );
-            if let Packet::Rtp(p) = p.message.packet {
-                resent.push((p.header.ssrc, p.header.sequence_number));
-            }
-        }
-        // Newest first.
-        assert_eq!(resent, vec![(1, 4), (1, 3)]);
-        // Again at once: too soon. A stream without NACK: nothing.
-        for (ssrc, at) in [(1, 30), (2, 30)] {
-            let mut n = nack(ssrc, &[3, 4]);
-            n.now = ms(t0, at);
-            r.handle_read(n).expect("read");
-        }
-        assert!(r.poll_write().is_none());
+        let resent: Vec<u16> = r
+            .on_nack(ms(t0, 20), &nack(1, &[3, 4, 7]), None)
+            .iter()
+            .map(|p| p.header.sequence_number)
+            .collect();
+        // The keyframe packet first, then newest first.
+        assert_eq!(resent, vec![7, 4, 3]);
+        // Again at once: too soon. The audio stream: nothing.
+        assert!(r.on_nack(ms(t0, 30), &nack(1, &[3, 4]), None).is_empty());
+        assert!(r.on_nack(ms(t0, 30), &nack(2, &[3, 4]), None).is_empty());
         let s = r.stats();
-        assert_eq!(s.requested, 4);
-        assert_eq!(s.resent, 2);
+        assert_eq!(s.requested, 5);
+        assert_eq!(s.resent, 3);
         assert_eq!(s.refused, 2);
+        // A removed stream answers nothing.
+        r.remove_stream(1);
+        assert!(r.on_nack(ms(t0, 400), &nack(1, &[3]), None).is_empty());
+    }
+
+    #[test]
+    fn an_overloaded_link_gets_few_retransmissions() {
+        let t0 = Instant::now();
+        let mut r = Retransmitter::new();
+        for seq in 0..200u16 {
+            r.on_sent(ms(t0, u64::from(seq) * 4), &pkt(1, seq, 1_200), true, false);
+        }
+        let all: Vec<u16> = (0..200).collect();
+        let n = r.on_nack(ms(t0, 800), &nack(1, &all), Some(300_000)).len();
+        // The burst of a 60 kbit/s budget holds one or two 1.2 kB packets.
+        assert!((1..=2).contains(&n), "{n}");
+        assert!(r.stats().over_budget > 0);
     }
 }
