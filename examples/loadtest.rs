@@ -115,6 +115,11 @@ struct Args {
     /// Limit only the first N subscribers (default: all of them).
     #[arg(long)]
     limited_subscribers: Option<usize>,
+    /// When subscribers ask for a keyframe (PLI) of video they cannot decode: off (a webrtc-rs
+    /// peer), libwebrtc (a browser: 200 ms without a decodable frame before the first one,
+    /// 3 s after), eager[:MS] (also when a gap stays unrepaired for MS, default 100).
+    #[arg(long, default_value = "libwebrtc")]
+    subscriber_pli: common::decoder::PliPolicy,
     /// Subscribers ask for this layer of every simulcast track (low, medium, high).
     #[arg(long)]
     preferred_layer: Option<String>,
@@ -298,6 +303,7 @@ async fn run(args: Args) -> Result<bool> {
                 simulcast: (role_pub && args.simulcast).then(|| sc.rid_order(args.simulcast)),
                 subscriber_bandwidth_bps: limited.then_some(sc.initial_rate()),
                 subscriber_max_queue_delay: Duration::from_millis(args.bottleneck_queue_ms),
+                pli_policy: args.subscriber_pli,
                 ..base.clone()
             };
             let (url, room) = (args.url.clone(), args.room.clone());
@@ -1102,15 +1108,18 @@ fn rate_changes(
     let round = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
     for r in &reports {
         lines.push(format!(
-            "  {} {}: {} → first {} after {} (layer_changed after {}), settled on {} after {}",
+            "  {} {}: {} → first {} after {} (decodable after {}; layer_changed after {}), \
+             settled on {} after {}; PLIs sent {}",
             if down { "cut" } else { "restore" },
             r.subscriber,
             size(r.before),
             size(r.after),
             round(r.after_ms),
+            round(r.decodable_ms),
             round(r.layer_changed_ms),
             size(r.settled),
             round(r.settled_ms),
+            r.plis,
         ));
     }
     let times: Vec<f64> = reports.iter().filter_map(|r| r.after_ms).collect();

@@ -262,8 +262,13 @@ pub struct RateChangeReport {
     /// restore), and when.
     pub after: Option<(u16, u16)>,
     pub after_ms: Option<f64>,
+    /// When that first keyframe of another size became decodable (complete, its lost packets
+    /// repaired by retransmission; see [`super::decoder`]).
+    pub decodable_ms: Option<f64>,
     /// First `layer_changed` after the change.
     pub layer_changed_ms: Option<f64>,
+    /// Keyframe requests (PLI) the subscriber's modelled decoder sent over the whole run.
+    pub plis: u64,
     /// Where it settled: the smallest size received after a cut (the largest after a
     /// restore), and when it was first received.
     pub settled: Option<(u16, u16)>,
@@ -327,6 +332,21 @@ pub fn rate_change(
         before,
         after: first.map(|c| (c.width, c.height)),
         after_ms: first.map(|c| ms(c.at - at)),
+        decodable_ms: stats
+            .decoder
+            .as_ref()
+            .and_then(|d| {
+                let before = before.map(pixels);
+                d.decoded_keyframes().iter().find(|k| {
+                    k.at > at
+                        && k.at <= until
+                        && k.size.is_some_and(|s| {
+                            before.is_none_or(|b| if down { pixels(s) < b } else { pixels(s) > b })
+                        })
+                })
+            })
+            .map(|k| ms(k.at - at)),
+        plis: stats.decoder.as_ref().map_or(0, |d| d.plis()),
         layer_changed_ms: stats
             .layer_changes
             .iter()

@@ -14,6 +14,8 @@
 //!   the last N packets; for simulcast: the size of every keyframe, the layer of every frame,
 //!   `layer_changed` messages, and continuity of sequence numbers, timestamps and picture ids
 //!   across switches).
+//! - [`decoder`]: a model of a browser's video receiver: which VP8 frames it could decode
+//!   (retransmissions included) and when it would send a PLI (libwebrtc's timers, or eager).
 //! - [`envelope`]: the data-channel envelope (`{"to":[..]}\n` / `{"from":".."}\n` + payload).
 //! - [`keyframe`]: the interceptor that lets publishers see PLI/FIR.
 //! - [`layers`]: simulcast measurements for the load tester (layer switches, bandwidth cuts).
@@ -41,6 +43,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cli;
+pub mod decoder;
 pub mod envelope;
 pub mod janus;
 pub mod keyframe;

@@ -61,6 +61,7 @@ use webrtc::peer_connection::{
 };
 use webrtc::rtp_transceiver::RtpSender;
 
+use super::decoder::PliPolicy;
 use super::envelope;
 use super::keyframe::{
     FeedbackCounters, KEYFRAME_TAP_SLOT, KeyframeRequestTap, keyframe_request_ssrcs,
@@ -110,6 +111,9 @@ pub struct PeerOptions {
     pub subscriber_bandwidth_bps: Option<u64>,
     /// Queue bound of that bottleneck, as a delay: beyond it packets are dropped.
     pub subscriber_max_queue_delay: Duration,
+    /// When received video asks the server for a keyframe (PLI), as a browser would (see
+    /// [`super::decoder`]). `Off` by default: a webrtc-rs peer without a decoder never does.
+    pub pli_policy: PliPolicy,
 }
 
 /// The layers of a simulcast video track.
@@ -165,6 +169,7 @@ impl Default for PeerOptions {
             honour_publisher_layers: true,
             subscriber_bandwidth_bps: None,
             subscriber_max_queue_delay: relay::DEFAULT_MAX_DELAY,
+            pli_policy: PliPolicy::Off,
         }
     }
 }
@@ -494,6 +499,8 @@ struct Shared {
     honour_publisher_layers: bool,
     /// NACKs the publisher connection received.
     feedback: Arc<FeedbackCounters>,
+    /// When received video asks for a keyframe.
+    pli_policy: PliPolicy,
 }
 
 /// The encodings of one local track, as the signaling reader needs them.
@@ -887,7 +894,8 @@ async fn remote_track_task(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
             stream_id.clone(),
             kind,
             shared.keep_recent,
-        );
+        )
+        .with_pli_policy(shared.pli_policy);
         for change in s
             .pending_layer_changes
             .remove(&track_id)
@@ -915,11 +923,25 @@ async fn remote_track_task(shared: Arc<Shared>, track: Arc<dyn TrackRemote>) {
             TrackRemoteEvent::OnRtpPacket(pkt) => {
                 let now = Instant::now();
                 super::probe::received(probe_key, &pkt.payload, now);
+                let mut pli = false;
                 shared.update(|s| {
                     if let Some(t) = s.remote_tracks.get_mut(&track_id) {
                         t.on_packet(&pkt, now);
+                        pli = t.poll_pli(now);
                     }
                 });
+                if pli {
+                    // Like a browser's receiver: a PLI for the stream that cannot be decoded.
+                    let pli = PictureLossIndication {
+                        sender_ssrc: 0,
+                        media_ssrc: pkt.header.ssrc,
+                    };
+                    if let Err(e) = track.write_rtcp(vec![Box::new(pli)]).await {
+                        shared.event(PeerEvent::Warning {
+                            message: format!("write_rtcp(PLI): {e}"),
+                        });
+                    }
+                }
             }
             TrackRemoteEvent::OnEnded => break,
             _ => {}
@@ -1741,6 +1763,7 @@ impl Peer {
             encodings: Mutex::new(Vec::new()),
             honour_publisher_layers: opts.honour_publisher_layers,
             feedback: Arc::default(),
+            pli_policy: opts.pli_policy,
         });
         let mut guard = Teardown {
             shared: shared.clone(),

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use plaza::signal::{Quality, TrackKind};
 use rtc::rtp;
 
+use super::decoder::{DecoderModel, FramePacket, PliPolicy};
 use super::media::{FrameOrigin, known_frame, vp8_keyframe_size};
 
 /// How many entries the per-track histories (resolution changes, switches, anomalies) keep.
@@ -256,6 +257,10 @@ pub struct RemoteTrackStats {
     /// `layer_changed` messages for this track, oldest first.
     pub layer_changes: Vec<LayerChange>,
     pub continuity: ContinuityStats,
+    /// VP8: what a receiver could decode, and when it would ask for a keyframe (see
+    /// [`super::decoder`]). Every video track has one; its policy is `Off` unless set with
+    /// [`RemoteTrackStats::with_pli_policy`].
+    pub decoder: Option<DecoderModel>,
     last: Last,
 }
 
@@ -287,8 +292,33 @@ impl RemoteTrackStats {
             switches: Vec::new(),
             layer_changes: Vec::new(),
             continuity: ContinuityStats::default(),
+            decoder: (kind == TrackKind::Video).then(|| DecoderModel::new(PliPolicy::Off)),
             last: Last::default(),
         }
+    }
+
+    /// Sets when the modelled receiver asks for keyframes (video tracks only).
+    pub fn with_pli_policy(mut self, policy: PliPolicy) -> Self {
+        if self.kind == TrackKind::Video {
+            self.decoder = Some(DecoderModel::new(policy));
+        }
+        self
+    }
+
+    /// When the first keyframe of size `size` became decodable at or after `since` (a
+    /// keyframe repaired by retransmission included; see [`super::decoder`]).
+    pub fn first_decodable_at(&self, size: (u16, u16), since: Instant) -> Option<Instant> {
+        self.decoder
+            .as_ref()?
+            .decoded_keyframes()
+            .iter()
+            .find(|k| k.at >= since && k.size == Some(size))
+            .map(|k| k.at)
+    }
+
+    /// Whether the modelled receiver asks for a keyframe now (counted as sent).
+    pub fn poll_pli(&mut self, now: Instant) -> bool {
+        self.decoder.as_mut().is_some_and(|d| d.poll_pli(now))
     }
 
     pub fn on_packet(&mut self, pkt: &rtp::Packet, now: Instant) {
@@ -318,6 +348,24 @@ impl RemoteTrackStats {
             None
         };
         let keyframe_start = vp8.is_some_and(|d| d.keyframe_start);
+        if let (Some(d), Some(dec)) = (vp8.as_ref(), self.decoder.as_mut()) {
+            let data = pkt.payload.get(d.header_len..).unwrap_or_default();
+            dec.on_packet(
+                FramePacket {
+                    seq: h.sequence_number,
+                    timestamp: h.timestamp,
+                    frame_start: d.start_of_partition && d.partition_id == 0,
+                    keyframe: d.keyframe_start,
+                    size: if d.keyframe_start {
+                        vp8_keyframe_size(data)
+                    } else {
+                        None
+                    },
+                    marker: h.marker,
+                },
+                now,
+            );
+        }
         if keyframe_start {
             self.keyframes += 1;
             self.first_keyframe_at.get_or_insert(now);

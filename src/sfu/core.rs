@@ -8,7 +8,7 @@
 use super::bwe::Estimate;
 use super::data::{self, DataError};
 use super::egress::{self, Egress, KeyCapture};
-use super::keyframe::KeyframeThrottle;
+use super::keyframe::{KeyframeThrottle, SwitchWatch};
 use super::latency::LatencyHistogram;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::selector::{
@@ -236,6 +236,9 @@ struct DownTrack {
     /// The first subscriber offer that carries this down-track: nothing is forwarded (and no
     /// keyframe spent) before the answer to that offer is applied.
     first_offer: u64,
+    /// Armed at a layer switch: a NACK for packets sent since asks for another keyframe
+    /// (the switch's keyframe was lost on the way; see `keyframe::SwitchWatch`).
+    switch_watch: Option<SwitchWatch>,
 }
 
 /// One encoding of a published track: a simulcast layer, or the only one.
@@ -1076,6 +1079,7 @@ impl Core {
                     munger,
                     selector,
                     first_offer,
+                    switch_watch: None,
                 },
             );
         }
@@ -1292,8 +1296,15 @@ impl Core {
         }
     }
 
-    /// Tell a subscriber which layer of a track it now receives.
+    /// Tell a subscriber which layer of a track it now receives (called right after the
+    /// switch's keyframe packet was sent), and watch for that keyframe's loss.
     fn report_layer(&mut self, tid: &str, sub: u64, now: Instant) {
+        if let Some(dt) = self.tracks.get_mut(tid).and_then(|t| t.down.get_mut(&sub)) {
+            dt.switch_watch = dt
+                .rewriter
+                .last_out_seq()
+                .map(|seq| SwitchWatch::new(seq, now));
+        }
         let Some(track) = self.tracks.get(tid) else {
             return;
         };
@@ -1361,7 +1372,34 @@ impl Core {
         if let Some(bps) = fb.remb_bps {
             p.estimate.set_remb(now, bps);
         }
-        for media_ssrc in fb.keyframes {
+        let mut wanted = fb.keyframes;
+        // Loss of packets sent since a layer switch (its keyframe, most likely): ask again
+        // rather than wait for the publisher's next keyframe.
+        for (media_ssrc, lost) in fb.lost {
+            let tracks = &mut self.tracks;
+            let Some(tid) = p.subscriptions.keys().find(|tid| {
+                tracks
+                    .get(*tid)
+                    .and_then(|t| t.down.get(&part))
+                    .is_some_and(|dt| dt.ssrc == media_ssrc)
+            }) else {
+                continue;
+            };
+            let Some(dt) = tracks.get_mut(tid).and_then(|t| t.down.get_mut(&part)) else {
+                continue;
+            };
+            let Some(watch) = dt.switch_watch.as_mut() else {
+                continue;
+            };
+            let next = dt.rewriter.last_out_seq().map_or(0, |s| s.wrapping_add(1));
+            if watch.on_nack(lost, next, now) {
+                debug!(participant = %p.pid, "switch keyframe lost: asking again");
+                wanted.push(media_ssrc);
+            } else if watch.expired(now) {
+                dt.switch_watch = None;
+            }
+        }
+        for media_ssrc in wanted {
             let layer = p.subscriptions.keys().find_map(|tid| {
                 let t = self.tracks.get(tid)?;
                 let dt = t.down.get(&part).filter(|dt| dt.ssrc == media_ssrc)?;

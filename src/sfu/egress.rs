@@ -42,9 +42,10 @@ use rtc::crypto::{
     CryptoError, HashAlgorithm, HmacAlgorithm, KeyExchangeAlgorithm, Mac, PublicKey, RTCCrypto,
     RTCCryptoProvider, RTCRandom, SignatureScheme, SigningKey, StreamCipher, StreamCipherAlgorithm,
 };
-use rtc::interceptor::{BandwidthEstimator, History, convert_twcc};
+use rtc::interceptor::{Acknowledgement, BandwidthEstimator, PacketReport, convert_twcc};
 use rtc::rtcp;
 use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::cc_feedback_report::Ecn;
 use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
@@ -58,8 +59,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Replay window for the subscriber's SRTCP (as `rtc` uses).
 const REPLAY_WINDOW: usize = 64;
-/// Sent packets awaiting TWCC feedback are forgotten after this long (as `rtc`'s interceptor).
-const TWCC_HORIZON: Duration = Duration::from_secs(2);
+/// Sent packets remembered for TWCC feedback (a power of two): ~7 s at 150 packets/s, far
+/// more than the ~100 ms feedback interval.
+pub const TWCC_LOG: usize = 1024;
 /// At most this many key-derivation blocks are recorded per connection (two contexts need 8
 /// with AES-GCM, 16 with AES-CM/HMAC).
 const MAX_BLOCKS: usize = 64;
@@ -275,6 +277,103 @@ impl RTCCrypto for KeyCapture {
     }
 }
 
+/// One sent packet awaiting its TWCC verdict.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    /// Extended transport-wide sequence number (its low 16 bits are on the wire).
+    id: u64,
+    ssrc: u32,
+    rtp_seq: u16,
+    size: usize,
+    departure: Instant,
+    arrived: bool,
+    arrival: Option<Duration>,
+}
+
+/// What left with a transport-wide sequence number, matched against TWCC feedback: the same
+/// reports as `rtc`'s `History` (in send order; everything before the highest arrived packet
+/// is reported, unacknowledged as lost), in a fixed ring of [`TWCC_LOG`] slots instead of
+/// three hash maps per packet, so nothing needs pruning.
+pub struct TwccLog {
+    slots: Vec<Option<Sent>>,
+    next_id: u64,
+    highest_acked: Option<u64>,
+    next_to_report: u64,
+}
+
+impl Default for TwccLog {
+    fn default() -> Self {
+        TwccLog {
+            slots: vec![None; TWCC_LOG],
+            next_id: 0,
+            highest_acked: None,
+            next_to_report: 0,
+        }
+    }
+}
+
+impl TwccLog {
+    /// Record a packet leaving; returns the transport-wide sequence number to put on it.
+    pub fn add(&mut self, ssrc: u32, rtp_seq: u16, size: usize, departure: Instant) -> u16 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.slots[id as usize % TWCC_LOG] = Some(Sent {
+            id,
+            ssrc,
+            rtp_seq,
+            size,
+            departure,
+            arrived: false,
+            arrival: None,
+        });
+        id as u16
+    }
+
+    /// Apply one acknowledgement of TWCC feedback (unknown or forgotten numbers are ignored).
+    pub fn on_ack(&mut self, ack: &Acknowledgement) {
+        let slot = &mut self.slots[usize::from(ack.sequence_number) % TWCC_LOG];
+        let Some(sent) = slot.as_mut().filter(|s| s.id as u16 == ack.sequence_number) else {
+            return;
+        };
+        sent.arrived = ack.arrived;
+        sent.arrival = ack.arrival;
+        if ack.arrived {
+            self.highest_acked = Some(self.highest_acked.map_or(sent.id, |h| h.max(sent.id)));
+        }
+    }
+
+    /// Everything up to the highest arrived packet since the last call, in send order.
+    pub fn take_reports(&mut self) -> Vec<PacketReport> {
+        let Some(highest) = self.highest_acked else {
+            return Vec::new();
+        };
+        // Older ones have been overwritten.
+        let from = self
+            .next_to_report
+            .max((highest + 1).saturating_sub(TWCC_LOG as u64));
+        let mut out = Vec::new();
+        for id in from..=highest {
+            let slot = &mut self.slots[id as usize % TWCC_LOG];
+            if let Some(s) = slot.take_if(|s| s.id == id) {
+                out.push(PacketReport {
+                    ssrc: s.ssrc,
+                    id: s.id,
+                    rtp_sequence_number: s.rtp_seq,
+                    is_twcc: true,
+                    twcc_sequence_number: s.id as u16,
+                    size: s.size,
+                    arrived: s.arrived,
+                    departure: s.departure,
+                    arrival: s.arrival,
+                    ecn: Ecn::NotEct,
+                });
+            }
+        }
+        self.next_to_report = self.next_to_report.max(highest + 1);
+        out
+    }
+}
+
 /// What a sender report needs of one outgoing stream.
 #[derive(Debug, Clone, Copy)]
 struct SentStream {
@@ -301,13 +400,14 @@ pub struct EgressStats {
 pub struct Egress {
     local: Context,
     remote: Context,
-    twcc_seq: u16,
-    history: History,
+    twcc: TwccLog,
     bwe: Bwe,
     estimate: Estimate,
     retransmit: Retransmitter,
     sent: HashMap<u32, SentStream>,
     stats: EgressStats,
+    /// Plaintext of the packet being protected (reused: no allocation per packet).
+    scratch: Vec<u8>,
 }
 
 /// What the subscriber's RTCP asked of the core (the egress handles NACK and TWCC itself).
@@ -315,6 +415,9 @@ pub struct Egress {
 pub struct Feedback {
     /// Media SSRCs (our down-tracks) the subscriber asked a keyframe for (PLI/FIR).
     pub keyframes: Vec<u32>,
+    /// NACKs, per media SSRC, with the sequence numbers reported lost (after a layer switch
+    /// they tell the core the switch's keyframe was lost).
+    pub lost: Vec<(u32, Vec<u16>)>,
     /// A REMB value, bps.
     pub remb_bps: Option<u64>,
     /// TWCC feedback arrived (the estimate may have changed).
@@ -351,13 +454,13 @@ impl Egress {
         Ok(Egress {
             local,
             remote,
-            twcc_seq: 0,
-            history: History::new(),
+            twcc: TwccLog::default(),
             bwe: Bwe::new(Some(estimate.clone())),
             estimate,
             retransmit: Retransmitter::new(),
             sent: HashMap::new(),
             stats: EgressStats::default(),
+            scratch: Vec::with_capacity(1_500),
         })
     }
 
@@ -411,28 +514,24 @@ impl Egress {
         header.extension_profile = 0;
         header.extensions_padding = 0;
         if let Some(id) = twcc_id {
-            let seq = self.twcc_seq;
-            self.twcc_seq = seq.wrapping_add(1);
             header.extension = true;
             header.extension_profile = rtp::header::EXTENSION_PROFILE_ONE_BYTE;
+            // The size is fixed by the extension, which is set next.
+            let size = packet.payload.len() + 12 + 4 * header.csrc.len() + 8;
+            let seq = self
+                .twcc
+                .add(header.ssrc, header.sequence_number, size, now);
             header
                 .set_extension(id, Bytes::copy_from_slice(&seq.to_be_bytes()))
                 .map_err(|e| EgressError::Encoding(e.to_string()))?;
-            self.history.add_outgoing(
-                header.ssrc,
-                header.sequence_number,
-                true,
-                seq,
-                packet.marshal_size(),
-                now,
-            );
         }
-        let mut plain = BytesMut::zeroed(packet.marshal_size());
+        self.scratch.clear();
+        self.scratch.resize(packet.marshal_size(), 0);
         packet
-            .marshal_to(&mut plain)
+            .marshal_to(&mut self.scratch)
             .map_err(|e| EgressError::Encoding(e.to_string()))?;
         self.local
-            .encrypt_rtp_with_header(&plain, &packet.header)
+            .encrypt_rtp_with_header(&self.scratch, &packet.header)
             .map_err(|e| EgressError::Srtp(e.to_string()))
     }
 
@@ -452,6 +551,7 @@ impl Egress {
         for p in &packets {
             let any = p.as_any();
             if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+                fb.lost.push((nack.media_ssrc, nack_seqs(nack).collect()));
                 let estimate = self.estimate.available(now);
                 for mut packet in self.retransmit.on_nack(now, nack, estimate) {
                     // A retransmission carries a new transport-wide sequence number: the
@@ -465,12 +565,10 @@ impl Egress {
             } else if let Some(cc) = any.downcast_ref::<TransportLayerCc>() {
                 self.stats.twcc_feedback += 1;
                 for ack in convert_twcc(cc) {
-                    self.history.on_twcc_feedback(now, ack);
+                    self.twcc.on_ack(&ack);
                 }
-                let reports = self.history.take_reports();
+                let reports = self.twcc.take_reports();
                 self.bwe.on_reports(now, &reports);
-                self.history
-                    .prune_before(now.checked_sub(TWCC_HORIZON).unwrap_or(now));
                 fb.estimate_updated = true;
             } else if let Some(pli) = any.downcast_ref::<rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>() {
                 fb.keyframes.push(pli.media_ssrc);
@@ -490,11 +588,8 @@ impl Egress {
     }
 
     /// Sender reports for every stream that has sent something, as one encrypted compound
-    /// packet (`None` when there is nothing to report). Also prunes the TWCC history of a
-    /// subscriber that sends no feedback.
+    /// packet (`None` when there is nothing to report).
     pub fn sender_reports(&mut self, now: Instant, wall: SystemTime) -> Option<BytesMut> {
-        self.history
-            .prune_before(now.checked_sub(TWCC_HORIZON).unwrap_or(now));
         if self.sent.is_empty() {
             return None;
         }
@@ -516,6 +611,17 @@ impl Egress {
         let plain = rtcp::packet::marshal(&reports).ok()?;
         self.local.encrypt_rtcp(&plain).ok()
     }
+}
+
+/// The sequence numbers a NACK reports lost.
+pub fn nack_seqs(nack: &TransportLayerNack) -> impl Iterator<Item = u16> + '_ {
+    nack.nacks.iter().flat_map(|p| {
+        std::iter::once(p.packet_id).chain(
+            (0..16u16)
+                .filter(move |i| p.lost_packets & (1 << i) != 0)
+                .map(move |i| p.packet_id.wrapping_add(i + 1)),
+        )
+    })
 }
 
 /// The RTP timestamp that corresponds to `now`, extrapolated from the last packet's.
@@ -735,6 +841,46 @@ mod tests {
         assert_eq!(sr.octet_count, 800);
         // Extrapolated half a second past the last packet.
         assert_eq!(sr.rtp_time, 48_000 * 3 + 24_000);
+    }
+
+    #[test]
+    fn twcc_log_reports_like_rtcs_history() {
+        use rtc::interceptor::History;
+        let t0 = Instant::now();
+        let mut ours = TwccLog::default();
+        let mut theirs = History::new();
+        // 3000 packets (the sequence number wraps the ring several times), fed back in batches
+        // of 10 with every 7th lost; one batch is never fed back at all.
+        for batch in 0..300u64 {
+            for i in 0..10u64 {
+                let n = batch * 10 + i;
+                let at = t0 + Duration::from_millis(n);
+                let seq = ours.add(5, n as u16, 1_000 + i as usize, at);
+                assert_eq!(seq, n as u16);
+                theirs.add_outgoing(5, n as u16, true, seq, 1_000 + i as usize, at);
+            }
+            if batch == 100 {
+                continue;
+            }
+            for i in 0..10u64 {
+                let n = batch * 10 + i;
+                let ack = if n % 7 == 0 {
+                    Acknowledgement::lost(n as u16)
+                } else {
+                    Acknowledgement::received(
+                        n as u16,
+                        Some(Duration::from_millis(n + 20)),
+                        Ecn::NotEct,
+                    )
+                };
+                ours.on_ack(&ack);
+                theirs.on_twcc_feedback(t0, ack);
+            }
+            assert_eq!(ours.take_reports(), theirs.take_reports(), "batch {batch}");
+        }
+        // Unknown or forgotten numbers change nothing.
+        ours.on_ack(&Acknowledgement::received(60_000, None, Ecn::NotEct));
+        assert!(ours.take_reports().is_empty());
     }
 
     #[test]

@@ -19,6 +19,14 @@
 //!   requests were absorbed after the keyframe went by); the caller retries through `request`
 //!   like any other request, so retries obey the same interval.
 //!
+//! [`SwitchWatch`] (one per down-track) covers the other half: a keyframe that reached the
+//! server but was lost on the way to the subscriber. Right after a layer switch, the switch's
+//! keyframe is what the subscriber cannot do without, and it crosses a link that is often
+//! congested (a downgrade happens *because* the link is full): if the subscriber reports the
+//! loss of packets sent since the switch (a NACK), the core asks for another keyframe at once
+//! instead of leaving the subscriber frozen until the publisher's next one (seconds). The
+//! NACK responder still repairs what it can; whichever arrives first wins.
+//!
 //! All methods take the current time as a parameter; nothing reads a clock.
 
 use std::time::{Duration, Instant};
@@ -108,9 +116,114 @@ impl KeyframeThrottle {
     }
 }
 
+/// How long after a layer switch a subscriber's loss report makes the core ask for another
+/// keyframe of the new layer (see [`SwitchWatch`]). Long enough for a bottleneck queue to
+/// drain (≈ 200 ms) plus the NACK's way back, short enough that a link that stays lossy does
+/// not cause a keyframe every [`DEFAULT_MIN_INTERVAL`] forever.
+pub const SWITCH_WATCH: Duration = Duration::from_millis(1_500);
+
+/// Watches the packets a subscriber gets right after a layer switch of its down-track; see
+/// the module docs. Sequence numbers are the down-track's (rewritten, outgoing) ones.
+///
+/// Armed at a switch with the sequence number of the switch keyframe's first packet; until
+/// `SWITCH_WATCH` after the switch, a NACK for any packet sent since then (since the last
+/// recovery request, after one) says the subscriber may not be able to decode: the core should
+/// request a keyframe of the layer being forwarded (through the per-layer throttle, like every
+/// request). Each loss triggers once: after a trigger, only packets sent later count, so the
+/// receiver's repeated NACKs of the same packets do not add requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchWatch {
+    /// First sequence number whose loss counts.
+    from_seq: u16,
+    until: Instant,
+}
+
+impl SwitchWatch {
+    /// A switch happened at `now`; its keyframe's first packet went out as `first_seq`.
+    pub fn new(first_seq: u16, now: Instant) -> Self {
+        SwitchWatch {
+            from_seq: first_seq,
+            until: now.checked_add(SWITCH_WATCH).unwrap_or(now),
+        }
+    }
+
+    /// Whether the watch is over (drop it).
+    pub fn expired(&self, now: Instant) -> bool {
+        now >= self.until
+    }
+
+    /// The subscriber NACKed `lost`; `next_seq` is the sequence number the down-track will
+    /// send next (everything before it has been sent). Returns `true` when a keyframe should
+    /// be requested: the watch is running and a packet in `[from_seq, next_seq)` is reported
+    /// lost. Then only packets from `next_seq` on count.
+    pub fn on_nack(
+        &mut self,
+        lost: impl IntoIterator<Item = u16>,
+        next_seq: u16,
+        now: Instant,
+    ) -> bool {
+        if self.expired(now) {
+            return false;
+        }
+        let span = next_seq.wrapping_sub(self.from_seq);
+        // A span this long cannot be a sane window (sequence numbers moved backwards).
+        if span == 0 || span > u16::MAX / 2 {
+            return false;
+        }
+        let hit = lost
+            .into_iter()
+            .any(|seq| seq.wrapping_sub(self.from_seq) < span);
+        if hit {
+            self.from_seq = next_seq;
+        }
+        hit
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn switch_watch_triggers_on_loss_after_the_switch_only() {
+        let t0 = Instant::now();
+        // Switch keyframe's first packet went out as 65_530 (wrap-around ahead).
+        let mut w = SwitchWatch::new(65_530, t0);
+        // Losses from before the switch (the old layer) do not count.
+        assert!(!w.on_nack([65_500, 65_529], 65_535, ms(t0, 100)));
+        // A packet of the switch keyframe lost: request.
+        assert!(w.on_nack([65_529, 65_531], 2, ms(t0, 300)));
+        // The same loss NACKed again: nothing more.
+        assert!(!w.on_nack([65_531], 4, ms(t0, 400)));
+        // Not yet sent packets cannot be lost: nothing.
+        assert!(!w.on_nack([10], 4, ms(t0, 450)));
+        // A new loss after the recovery request: request again.
+        assert!(w.on_nack([3], 6, ms(t0, 500)));
+        // After the watch, nothing.
+        assert!(!w.expired(ms(t0, 1_499)));
+        assert!(!w.on_nack([8], 20, ms(t0, 1_500)));
+        assert!(w.expired(ms(t0, 1_500)));
+    }
+
+    /// A thousand subscribers losing their switch keyframe at once still give one PLI per
+    /// throttle interval: the watch only says "request", the layer's throttle decides.
+    #[test]
+    fn a_thousand_watches_give_one_pli() {
+        let t0 = Instant::now();
+        let mut throttle = KeyframeThrottle::default();
+        assert!(throttle.request(t0), "the switch's own request");
+        let mut watches: Vec<SwitchWatch> = (0..1000).map(|_| SwitchWatch::new(100, t0)).collect();
+        let mut sent = 0;
+        for w in &mut watches {
+            if w.on_nack([100], 110, ms(t0, 250)) && throttle.request(ms(t0, 250)) {
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, 0, "absorbed by the PLI in flight");
+        assert!(throttle.retry_due(ms(t0, 500)), "... and retried once");
+        assert!(throttle.request(ms(t0, 500)));
+        assert!(!throttle.request(ms(t0, 500)));
+    }
 
     fn ms(base: Instant, n: u64) -> Instant {
         base + Duration::from_millis(n)
