@@ -4,6 +4,7 @@
 #
 #   bench/profile.sh                       # meeting: 6 publishers (audio + video), 4 subscribers
 #   PUBLISHERS=1 SUBSCRIBERS=40 NAME=livestream bench/profile.sh
+#   FREQ=2000 bench/profile.sh             # sample at 2 kHz (default 499 Hz)
 #
 # Needs `perf` (apt-get install -y linux-perf) and a release build (cargo build --release --bins
 # --example loadtest). Ports 17890/17892 by default.
@@ -23,7 +24,7 @@ pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 sleep 1
 # Record 10 s in the middle of the measured traffic (joins take a few seconds).
-( sleep $((DURATION / 2)); perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$pid" \
+( sleep $((DURATION / 2)); perf record -e cpu-clock -F "${FREQ:-499}" --call-graph dwarf,16384 -p "$pid" \
     -o "$data" -- sleep 10 >/dev/null 2>&1 ) &
 rec=$!
 target/release/examples/loadtest --url "ws://127.0.0.1:$PORT/rtc" --room profile \
@@ -33,7 +34,7 @@ wait $rec || true
 {
     echo "# Plaza CPU profile: $NAME ($PUBLISHERS publishers, $SUBSCRIBERS subscribers)"
     echo "# $(date -u '+%F %T') UTC, git $(git rev-parse --short HEAD), load: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "# perf record -e cpu-clock -F 499 --call-graph dwarf -p <plaza> -- sleep 10"
+    echo "# perf record -e cpu-clock -F ${FREQ:-499} --call-graph dwarf -p <plaza> -- sleep 10"
     echo
     echo "## loadtest summary"
     grep -E "^(server|media latency|join:|chat rtt)" "$data.loadtest" || true

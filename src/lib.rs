@@ -13,7 +13,10 @@
 //!
 //! The server drives webrtc-rs's sans-I/O `rtc` core itself: one task owns the UDP socket and
 //! every peer connection, feeds datagrams in, drains what they want to send and drives their
-//! timers from one timer heap. The packet path has one owner and no locks. Pure logic
+//! timers from one timer heap. The packet path has one owner and no locks. What a subscriber
+//! receives bypasses `rtc`'s per-connection pipeline: the core encrypts it with the
+//! connection's own SRTP keys and handles the subscriber's RTCP itself (`sfu::egress`); `rtc`
+//! keeps ICE, DTLS, negotiation, data channels and the publishers' media. Pure logic
 //! (rewriting, keyframe throttling, data-channel envelopes, message parsing) lives in small
 //! modules that are unit-tested without sockets.
 

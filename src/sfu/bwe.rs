@@ -1,12 +1,12 @@
 //! Per-subscriber bandwidth estimation.
 //!
-//! The subscriber connection's interceptor chain runs `rtc`'s congestion-control interceptor,
-//! fed by the subscriber's transport-wide congestion control (TWCC) feedback, with [`Bwe`] as
-//! its estimator. The estimator lives inside the peer connection, so it publishes each new
-//! estimate into an [`Estimate`] cell the core (layer selection) and the NACK responder
-//! (retransmission budget, [`super::nack`]) read. All of them run on the core thread; the
-//! atomics only make the cell `Send + Sync` as the interceptor API requires, nothing contends
-//! on them.
+//! The subscriber fast path ([`super::egress`]) matches the subscriber's transport-wide
+//! congestion control (TWCC) feedback against what it sent and hands the per-packet reports to
+//! [`Bwe`], which implements `rtc`'s `BandwidthEstimator` (so it also fits `rtc`'s
+//! congestion-control interceptor). It publishes each new estimate into an [`Estimate`] cell
+//! that the core (layer selection) and the NACK responder (retransmission budget,
+//! [`super::nack`]) read. All of them run on the core thread; the atomics only keep the cell
+//! `Send + Sync`, nothing contends on them.
 //!
 //! # Why not `rtc`'s `Gcc` as is
 //!
@@ -86,8 +86,8 @@ pub const CAP_FACTOR: f64 = 2.0;
 /// See [`CAP_FACTOR`]: enough room above what is sent for the next simulcast layer.
 pub const CAP_HEADROOM_BPS: f64 = 1_500_000.0;
 
-/// The latest estimate of one subscriber's downlink, shared between its interceptor chain and
-/// the core.
+/// The latest estimate of one subscriber's downlink, shared between its estimator and the
+/// core.
 #[derive(Debug, Clone)]
 pub struct Estimate {
     inner: Arc<Cell>,
