@@ -711,3 +711,64 @@ async fn keyframe_is_not_spent_before_a_slow_subscriber_answers() {
     bob.leave().await.unwrap();
     server.shutdown().await;
 }
+
+/// A subscriber receives RTCP sender reports for every forwarded stream (Plaza writes them
+/// itself: forwarded media bypasses `rtc`'s pipeline), with counts that match what it received,
+/// an RTP timestamp on the stream's own clock and the current wall-clock time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_get_sender_reports_for_forwarded_streams() {
+    let server = TestServer::start().await;
+    let alice = publisher(&server, "reports", "alice").await;
+    let bob = subscriber(&server, "reports", "bob").await;
+    for info in assert_receives(&bob, &alice).await {
+        let before = bob.remote_track(&info.id).expect("a remote track");
+        let ssrc = *before.ssrcs.first().expect("an SSRC");
+        // Reports come once a second: wait for one that covers what has arrived so far.
+        let sr = bob
+            .wait_for_sender_report(
+                ssrc,
+                |s| u64::from(s.packet_count) >= before.packets,
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{:?}: {e:#}", info.kind));
+        let after = bob.remote_track(&info.id).expect("a remote track");
+        // Nothing is lost on loopback: the server sent what bob received, give or take what
+        // was in flight.
+        assert!(
+            u64::from(sr.packet_count) <= after.packets + 20,
+            "{:?}: report says {} packets, bob received {}",
+            info.kind,
+            sr.packet_count,
+            after.packets
+        );
+        assert!(
+            u64::from(sr.octet_count) >= u64::from(sr.packet_count),
+            "{sr:?}"
+        );
+        let clock: i64 = match info.kind {
+            TrackKind::Audio => 48_000,
+            TrackKind::Video => 90_000,
+        };
+        let last = after.recent.back().expect("recent packets").timestamp;
+        let skew = i64::from(sr.rtp_time.wrapping_sub(last) as i32).abs();
+        assert!(
+            skew < clock,
+            "{:?}: report's RTP time {} vs last packet {last}: {skew} ticks apart",
+            info.kind,
+            sr.rtp_time
+        );
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let ntp_secs = (sr.ntp_time >> 32) - 2_208_988_800;
+        assert!(
+            unix.abs_diff(ntp_secs) <= 5,
+            "NTP time {ntp_secs} vs {unix}"
+        );
+    }
+    bob.leave().await.unwrap();
+    alice.leave().await.unwrap();
+    server.shutdown().await;
+}

@@ -572,8 +572,14 @@ async fn unused_layers_are_paused_at_the_publisher_and_resumed() {
         });
     assert!(paused.publisher_layers_received >= 1);
     let sent: Vec<u64> = paused.layers.iter().map(|l| l.counters.packets).collect();
+    let asked: Vec<u64> = paused
+        .layers
+        .iter()
+        .map(|l| l.counters.keyframe_requests)
+        .collect();
 
-    // The paused layers send nothing while q keeps going.
+    // The paused layers send nothing while q keeps going, and the server asks them for no
+    // keyframe (a paused layer cannot answer; retries would go on every 300 ms).
     let later = publisher
         .wait_for_local_track(
             TrackKind::Video,
@@ -586,9 +592,14 @@ async fn unused_layers_are_paused_at_the_publisher_and_resumed() {
         )
         .await
         .unwrap();
-    for (l, before) in later.layers.iter().zip(&sent) {
+    for ((l, before), pli_before) in later.layers.iter().zip(&sent).zip(&asked) {
         if l.rid != "q" {
             assert_eq!(l.counters.packets, *before, "{} sent while paused", l.rid);
+            assert_eq!(
+                l.counters.keyframe_requests, *pli_before,
+                "{} was asked for keyframes while paused",
+                l.rid
+            );
         }
     }
 

@@ -1,17 +1,19 @@
 //! An interceptor that hands keyframe requests (PLI/FIR) for our local tracks to the
-//! application, so a synthetic publisher can answer them by jumping to the next keyframe.
+//! application, so a synthetic publisher can answer them by jumping to the next keyframe, and
+//! records the NACKs a publisher and the RTCP sender reports a subscriber receives.
 //!
 //! webrtc-rs delivers inbound RTCP to a local track only when an interceptor marks it
 //! `DeliverToApplication` (see the `rtcp-processing` example of webrtc 0.21).
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
@@ -37,12 +39,29 @@ pub fn keyframe_request_ssrcs(packet: &dyn rtc::rtcp::Packet) -> Vec<u32> {
     }
 }
 
-/// What the tap saw of the feedback a publisher received.
+/// An RTCP sender report a subscriber received, as it was when it arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct SenderReportSeen {
+    pub ntp_time: u64,
+    pub rtp_time: u32,
+    pub packet_count: u32,
+    pub octet_count: u32,
+    pub at: Instant,
+    /// Sender reports received for this SSRC so far.
+    pub count: u64,
+}
+
+/// What the tap saw of the feedback a publisher received, and of the sender reports a
+/// subscriber received.
 #[derive(Debug, Default)]
 pub struct FeedbackCounters {
     /// Packets the server asked to retransmit (NACK): loss on the publisher → server leg.
     pub nacked_packets: AtomicU64,
     pub nack_messages: AtomicU64,
+    /// The latest sender report per SSRC (subscriber connections).
+    pub sender_reports: Mutex<HashMap<u32, SenderReportSeen>>,
+    /// Woken at every sender report.
+    pub sender_report_arrived: tokio::sync::Notify,
 }
 
 impl FeedbackCounters {
@@ -80,6 +99,23 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
             && !packets.is_empty()
         {
             for p in packets {
+                if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
+                    if let Ok(mut m) = self.counters.sender_reports.lock() {
+                        let count = m.get(&sr.ssrc).map_or(0, |s| s.count) + 1;
+                        m.insert(
+                            sr.ssrc,
+                            SenderReportSeen {
+                                ntp_time: sr.ntp_time,
+                                rtp_time: sr.rtp_time,
+                                packet_count: sr.packet_count,
+                                octet_count: sr.octet_count,
+                                at: msg.now,
+                                count,
+                            },
+                        );
+                    }
+                    self.counters.sender_report_arrived.notify_waiters();
+                }
                 if let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() {
                     let n: u64 = nack
                         .nacks

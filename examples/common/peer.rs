@@ -64,7 +64,8 @@ use webrtc::rtp_transceiver::RtpSender;
 use super::decoder::PliPolicy;
 use super::envelope;
 use super::keyframe::{
-    FeedbackCounters, KEYFRAME_TAP_SLOT, KeyframeRequestTap, keyframe_request_ssrcs,
+    FeedbackCounters, KEYFRAME_TAP_SLOT, KeyframeRequestTap, SenderReportSeen,
+    keyframe_request_ssrcs,
 };
 use super::media::{
     self, Clip, MediaPacketizer, PacerControl, PacketSink, SendCounters, run_pacer,
@@ -1046,8 +1047,8 @@ async fn build_pc(
     ws_tx: &mpsc::Sender<WsOut>,
     opts: &PeerOptions,
 ) -> Result<Arc<dyn PeerConnection>> {
-    let keyframe_tap = (target == PcTarget::Publisher)
-        .then(|| KeyframeRequestTap::with_counters(shared.feedback.clone()));
+    // Publisher side: keyframe requests and NACKs; subscriber side: sender reports.
+    let keyframe_tap = Some(KeyframeRequestTap::with_counters(shared.feedback.clone()));
     let handler = Arc::new(PcHandler {
         target,
         shared: shared.clone(),
@@ -2325,6 +2326,31 @@ impl Peer {
     /// publisher and the server.
     pub fn nacked_packets(&self) -> u64 {
         self.shared.feedback.nacked_packets()
+    }
+
+    /// Waits until the subscriber connection has received an RTCP sender report for `ssrc`
+    /// that satisfies `pred`.
+    pub async fn wait_for_sender_report(
+        &self,
+        ssrc: u32,
+        pred: impl Fn(&SenderReportSeen) -> bool,
+        timeout: Duration,
+    ) -> Result<SenderReportSeen> {
+        let fb = &self.shared.feedback;
+        let wait = async {
+            loop {
+                let arrived = fb.sender_report_arrived.notified();
+                tokio::pin!(arrived);
+                arrived.as_mut().enable();
+                if let Some(sr) = lock(&fb.sender_reports).get(&ssrc).filter(|s| pred(s)) {
+                    return *sr;
+                }
+                arrived.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| anyhow!("no sender report for SSRC {ssrc} within {timeout:?}"))
     }
 
     /// Counters of the subscriber connection's relay, if there is one.
