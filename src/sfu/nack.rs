@@ -22,7 +22,8 @@
 //!   only makes it worse, so the share shrinks to the minimum.
 //!
 //! Within one NACK, packets of a VP8 keyframe come first (a subscriber switching layers or
-//! recovering waits for exactly that), then the newest ones (the oldest losses are the least
+//! recovering waits for exactly that) and may borrow one burst ahead of the budget (repaid by
+//! the retransmissions after them, so the long-run rate is unchanged), then the newest ones (the oldest losses are the least
 //! useful, often of a layer the subscriber is leaving). A NACK that is not answered is dropped,
 //! not queued. The decision logic
 //! ([`SendHistory`], [`RetransmitBudget`], [`Retransmitter`]) is pure and unit-tested; the
@@ -212,8 +213,17 @@ impl RetransmitBudget {
         }
     }
 
-    /// Spend `bytes` on a retransmission if the budget allows; refills first.
-    pub fn try_spend(&mut self, now: Instant, bytes: usize, estimate_bps: Option<u64>) -> bool {
+    /// Spend `bytes` on a retransmission if the budget allows; refills first. A `priority`
+    /// retransmission (a keyframe packet) may borrow up to one burst ahead: the debt is
+    /// repaid from later refills, so the long-run rate stays within the budget and only the
+    /// next ordinary retransmissions wait.
+    pub fn try_spend(
+        &mut self,
+        now: Instant,
+        bytes: usize,
+        estimate_bps: Option<u64>,
+        priority: bool,
+    ) -> bool {
         let rate = self.rate_bps(now, estimate_bps) as f64;
         let cap = (rate * BURST.as_secs_f64()).max(MIN_BURST_BITS);
         let elapsed = match self.last {
@@ -226,7 +236,8 @@ impl RetransmitBudget {
         }
         self.tokens_bits = (self.tokens_bits + rate * elapsed).min(cap);
         let bits = bytes as f64 * 8.0;
-        if self.tokens_bits >= bits {
+        let floor = if priority { -cap } else { 0.0 };
+        if self.tokens_bits - bits >= floor {
             self.tokens_bits -= bits;
             true
         } else {
@@ -325,7 +336,8 @@ impl Retransmitter {
                 continue;
             }
             let size = stream.history.size(seq).unwrap_or(0);
-            if !self.budget.try_spend(now, size, estimate_bps) {
+            let keyframe = stream.history.is_keyframe(seq);
+            if !self.budget.try_spend(now, size, estimate_bps, keyframe) {
                 self.stats.over_budget += 1;
                 continue;
             }
@@ -438,7 +450,7 @@ mod tests {
         for i in 0..400 {
             let now = start + Duration::from_millis(i * 5);
             b.on_media(now, 940); // the media goes on at ~1.5 Mbit/s
-            if b.try_spend(now, 1_200, Some(300_000)) {
+            if b.try_spend(now, 1_200, Some(300_000), false) {
                 sent_bytes += 1_200;
             }
         }
@@ -450,16 +462,16 @@ mod tests {
         let mut b = RetransmitBudget::new();
         let mut sent = 0;
         for i in 0..200 {
-            if b.try_spend(ms(t0, i * 5), 1_200, Some(5_000_000)) {
+            if b.try_spend(ms(t0, i * 5), 1_200, Some(5_000_000), false) {
                 sent += 1;
             }
         }
         assert!(sent >= 150, "{sent}");
         // Time going backwards does not mint tokens.
         let mut b = RetransmitBudget::new();
-        assert!(b.try_spend(ms(t0, 1_000), 1_500, Some(100_000)));
-        assert!(!b.try_spend(ms(t0, 0), 1_500, Some(100_000)));
-        assert!(!b.try_spend(ms(t0, 1_000), 1_500, Some(100_000)));
+        assert!(b.try_spend(ms(t0, 1_000), 1_500, Some(100_000), false));
+        assert!(!b.try_spend(ms(t0, 0), 1_500, Some(100_000), false));
+        assert!(!b.try_spend(ms(t0, 1_000), 1_500, Some(100_000), false));
     }
 
     fn nack(ssrc: u32, seqs: &[u16]) -> TransportLayerNack {
@@ -507,6 +519,25 @@ mod tests {
         // A removed stream answers nothing.
         r.remove_stream(1);
         assert!(r.on_nack(ms(t0, 400), &nack(1, &[3]), None).is_empty());
+    }
+
+    #[test]
+    fn keyframe_packets_borrow_one_burst_ahead() {
+        let t0 = Instant::now();
+        // 60 kbit/s budget (20 % of 300 kbit/s, the media fills the link): a 12 kbit burst.
+        let mut b = RetransmitBudget::new();
+        for i in 0..100 {
+            b.on_media(ms(t0, i * 8), 1_500);
+        }
+        let now = ms(t0, 800);
+        assert!(b.try_spend(now, 1_200, Some(300_000), false));
+        // The burst is spent: an ordinary packet waits, a keyframe packet borrows, once.
+        assert!(!b.try_spend(now, 1_200, Some(300_000), false));
+        assert!(b.try_spend(now, 1_200, Some(300_000), true));
+        assert!(!b.try_spend(now, 1_200, Some(300_000), true));
+        // The debt is repaid before anything else goes: 150 ms at 60 kbit/s refill 9 kbit,
+        // not enough to get from −7.2 kbit to the 9.6 kbit of the next packet.
+        assert!(!b.try_spend(ms(t0, 950), 1_200, Some(300_000), false));
     }
 
     #[test]
