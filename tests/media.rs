@@ -768,6 +768,12 @@ async fn subscribers_get_sender_reports_for_forwarded_streams() {
             "NTP time {ntp_secs} vs {unix}"
         );
     }
+    // The subscriber's RTCP (receiver reports, TWCC feedback) went through the fast path and
+    // authenticated; on loopback no retransmission is refused for lack of budget.
+    let (_, health) = server.healthz().await.unwrap();
+    assert!(health["subscriber_rtcp_in"].as_u64() > Some(0), "{health}");
+    assert_eq!(health["subscriber_rtcp_rejected"], 0, "{health}");
+    assert_eq!(health["nack_over_budget"], 0, "{health}");
     bob.leave().await.unwrap();
     alice.leave().await.unwrap();
     server.shutdown().await;

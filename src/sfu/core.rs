@@ -7,7 +7,7 @@
 
 use super::bwe::Estimate;
 use super::data::{self, DataError};
-use super::egress::{self, Egress, KeyCapture};
+use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::keyframe::{KeyframeThrottle, SwitchWatch};
 use super::latency::LatencyHistogram;
 use super::rewrite::{Rewriter, Vp8Munger};
@@ -351,6 +351,8 @@ struct Core {
     out: OutQueue,
     forward_latency: LatencyHistogram,
     stats: CoreStats,
+    /// Fast-path counters of participants that have left.
+    departed_egress: EgressStats,
     next_id: u64,
     /// Keyframe requests to send (through the layer's throttle): (track id, layer).
     keyframe_wanted: Vec<(String, usize)>,
@@ -485,6 +487,7 @@ impl Core {
             out: OutQueue::new(),
             forward_latency: LatencyHistogram::new(),
             stats: CoreStats::default(),
+            departed_egress: EgressStats::default(),
             next_id: 1,
             keyframe_wanted: Vec::new(),
             doomed: Vec::new(),
@@ -1728,6 +1731,18 @@ impl Core {
                 s.participants = self.parts.len();
                 s.published_tracks = self.tracks.len();
                 s.forward_latency = self.forward_latency.snapshot();
+                let mut e = self.departed_egress;
+                for p in self.parts.values() {
+                    if let Some(eg) = &p.egress {
+                        e += eg.stats();
+                    }
+                }
+                s.nack_requested = e.nack.requested;
+                s.nack_resent = e.nack.resent;
+                s.nack_refused = e.nack.refused;
+                s.nack_over_budget = e.nack.over_budget;
+                s.subscriber_rtcp_in = e.rtcp_in;
+                s.subscriber_rtcp_rejected = e.rtcp_rejected;
                 let _ = reply.send(s);
             }
             Command::Shutdown { .. } => {}
@@ -2416,6 +2431,13 @@ impl Core {
             return;
         };
         self.by_pid.remove(&p.pid);
+        if let Some(e) = &p.egress {
+            let s = e.stats();
+            if s.nack.requested > 0 {
+                debug!(stats = ?s, "subscriber fast path");
+            }
+            self.departed_egress += s;
+        }
         for pc in std::iter::once(&mut p.sub).chain(p.publ.as_mut()) {
             let _ = pc.rtc.close();
             while let Some(out) = pc.rtc.poll_write() {

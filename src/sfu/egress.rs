@@ -396,6 +396,18 @@ pub struct EgressStats {
     pub twcc_feedback: u64,
 }
 
+impl std::ops::AddAssign for EgressStats {
+    fn add_assign(&mut self, o: Self) {
+        self.nack.requested += o.nack.requested;
+        self.nack.resent += o.nack.resent;
+        self.nack.refused += o.nack.refused;
+        self.nack.over_budget += o.nack.over_budget;
+        self.rtcp_in += o.rtcp_in;
+        self.rtcp_rejected += o.rtcp_rejected;
+        self.twcc_feedback += o.twcc_feedback;
+    }
+}
+
 /// One subscriber connection's media out and feedback in (see the module docs).
 pub struct Egress {
     local: Context,

@@ -87,6 +87,16 @@ pub struct CoreStats {
     pub data_messages_relayed: u64,
     /// Keyframe requests (PLI) sent to publishers.
     pub keyframe_requests: u64,
+    /// Subscribers' NACKs: sequence numbers asked for, retransmitted, refused (not remembered,
+    /// too old, retransmitted too often or too recently) and refused for lack of budget.
+    pub nack_requested: u64,
+    pub nack_resent: u64,
+    pub nack_refused: u64,
+    pub nack_over_budget: u64,
+    /// RTCP datagrams from subscribers taken by the fast path, and those rejected (failed
+    /// authentication, replay, unparseable).
+    pub subscriber_rtcp_in: u64,
+    pub subscriber_rtcp_rejected: u64,
     /// Time forwarded RTP packets spent in the server: read from the socket → handed to the
     /// kernel, over the process life (subtract two snapshots' buckets for a window).
     pub forward_latency: latency::LatencySnapshot,
