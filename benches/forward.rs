@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use plaza::sfu::bwe::Estimate;
 use plaza::sfu::egress::{Egress, SrtpKeys};
 use plaza::sfu::latency::LatencyHistogram;
 use plaza::sfu::rewrite::{Rewriter, SrcPacket, Vp8Munger};
@@ -353,8 +352,7 @@ fn bench_egress(c: &mut C) {
             14,
         ),
     ] {
-        let mut e =
-            Egress::new(&keys(profile, salt_len), Estimate::new(Instant::now())).expect("egress");
+        let mut e = Egress::new(&keys(profile, salt_len)).expect("egress");
         let packets: Vec<rtp::Packet> = (0..1024u16)
             .map(|i| packet(vp8_payload(1100, i), i, u32::from(i) * 3000))
             .collect();

@@ -3,10 +3,9 @@
 //! The subscriber fast path ([`super::egress`]) matches the subscriber's transport-wide
 //! congestion control (TWCC) feedback against what it sent and hands the per-packet reports to
 //! [`Bwe`], which implements `rtc`'s `BandwidthEstimator` (so it also fits `rtc`'s
-//! congestion-control interceptor). It publishes each new estimate into an [`Estimate`] cell
-//! that the core (layer selection) and the NACK responder (retransmission budget,
-//! [`super::nack`]) read. All of them run on the core thread; the atomics only keep the cell
-//! `Send + Sync`, nothing contends on them.
+//! congestion-control interceptor). The egress keeps each new target, and the last REMB, in
+//! an [`Estimate`] that the core (layer selection) and the NACK responder (retransmission
+//! budget, [`super::nack`]) read.
 //!
 //! # Why not `rtc`'s `Gcc` as is
 //!
@@ -41,15 +40,13 @@
 //!   subscriber starts on it and falls back within a few hundred milliseconds if its link
 //!   cannot carry it (there is no padding probing yet).
 //!
-//! REMB (`goog-remb`) from receivers that do not send TWCC feedback is the fallback: the core
-//! records it in the same cell with [`Estimate::set_remb`].
+//! REMB (`goog-remb`) from receivers that do not send TWCC feedback is the fallback: the
+//! egress records it in the same [`Estimate`] with [`Estimate::set_remb`].
 
 use rtc::interceptor::{
     BandwidthEstimator, EstimatorStats, OveruseDetector, PacketReport, SlopeEstimator, Usage,
 };
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Starting estimate for a new subscriber: enough for the top layer of a 720p simulcast
@@ -86,61 +83,35 @@ pub const CAP_FACTOR: f64 = 2.0;
 /// See [`CAP_FACTOR`]: enough room above what is sent for the next simulcast layer.
 pub const CAP_HEADROOM_BPS: f64 = 1_500_000.0;
 
-/// The latest estimate of one subscriber's downlink, shared between its estimator and the
-/// core.
-#[derive(Debug, Clone)]
+/// The latest estimate of one subscriber's downlink: the TWCC estimator's target once
+/// feedback has arrived, and the last REMB (fallback). Owned by the subscriber's
+/// [`super::egress::Egress`], next to the estimator.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Estimate {
-    inner: Arc<Cell>,
-    origin: Instant,
-}
-
-#[derive(Debug, Default)]
-struct Cell {
-    /// TWCC estimate in bps; 0 = no feedback has arrived yet.
-    twcc_bps: AtomicU64,
-    /// REMB in bps; 0 = none.
-    remb_bps: AtomicU64,
-    /// When the REMB arrived, in ms since `origin`.
-    remb_at_ms: AtomicU64,
+    twcc_bps: Option<u64>,
+    /// The last REMB value and when it arrived.
+    remb: Option<(u64, Instant)>,
 }
 
 impl Estimate {
-    /// A fresh, empty estimate.
-    pub fn new(origin: Instant) -> Self {
-        Estimate {
-            inner: Arc::new(Cell::default()),
-            origin,
-        }
-    }
-
     /// Record a REMB value received from the subscriber.
-    pub fn set_remb(&self, now: Instant, bps: u64) {
-        self.inner.remb_bps.store(bps.max(1), Ordering::Relaxed);
-        let ms = now.saturating_duration_since(self.origin).as_millis() as u64;
-        self.inner.remb_at_ms.store(ms, Ordering::Relaxed);
+    pub fn set_remb(&mut self, now: Instant, bps: u64) {
+        self.remb = Some((bps.max(1), now));
     }
 
-    fn set_twcc(&self, bps: f64) {
-        self.inner
-            .twcc_bps
-            .store(bps.max(1.0) as u64, Ordering::Relaxed);
+    /// Record the TWCC estimator's new target.
+    pub fn set_twcc(&mut self, bps: f64) {
+        self.twcc_bps = Some(bps.max(1.0) as u64);
     }
 
     /// The TWCC-based estimate, once feedback has arrived.
     pub fn twcc(&self) -> Option<u64> {
-        match self.inner.twcc_bps.load(Ordering::Relaxed) {
-            0 => None,
-            v => Some(v),
-        }
+        self.twcc_bps
     }
 
     /// The REMB value, if one arrived within [`REMB_TTL`].
     pub fn remb(&self, now: Instant) -> Option<u64> {
-        let v = self.inner.remb_bps.load(Ordering::Relaxed);
-        if v == 0 {
-            return None;
-        }
-        let at = self.origin + Duration::from_millis(self.inner.remb_at_ms.load(Ordering::Relaxed));
+        let (v, at) = self.remb?;
         (now.saturating_duration_since(at) <= REMB_TTL).then_some(v)
     }
 
@@ -151,8 +122,7 @@ impl Estimate {
     }
 }
 
-/// The subscriber-side bandwidth estimator (see the module docs), publishing every new target
-/// into an [`Estimate`] when it has one.
+/// The subscriber-side bandwidth estimator (see the module docs).
 pub struct Bwe {
     slope: SlopeEstimator,
     detector: OveruseDetector,
@@ -165,18 +135,17 @@ pub struct Bwe {
     batches: VecDeque<(Instant, usize, usize)>,
     last_update: Option<Instant>,
     last_decrease: Option<Instant>,
-    out: Option<Estimate>,
 }
 
 impl Default for Bwe {
     fn default() -> Self {
-        Self::new(None)
+        Self::new()
     }
 }
 
 impl Bwe {
-    /// An estimator starting at [`INITIAL_BPS`], writing into `out` if given.
-    pub fn new(out: Option<Estimate>) -> Self {
+    /// An estimator starting at [`INITIAL_BPS`].
+    pub fn new() -> Self {
         Bwe {
             slope: SlopeEstimator::new(),
             detector: OveruseDetector::new(),
@@ -187,7 +156,6 @@ impl Bwe {
             batches: VecDeque::new(),
             last_update: None,
             last_decrease: None,
-            out,
         }
     }
 
@@ -304,9 +272,6 @@ impl BandwidthEstimator for Bwe {
             usage = ?self.usage,
             "bwe"
         );
-        if let Some(out) = &self.out {
-            out.set_twcc(self.target);
-        }
     }
 
     fn target_bitrate(&self) -> f64 {
@@ -327,7 +292,7 @@ mod tests {
     #[test]
     fn twcc_wins_over_remb_and_remb_expires() {
         let t0 = Instant::now();
-        let e = Estimate::new(t0);
+        let mut e = Estimate::default();
         assert_eq!(e.available(t0), None);
         e.set_remb(t0, 300_000);
         assert_eq!(e.available(t0 + Duration::from_secs(1)), Some(300_000));
@@ -381,8 +346,7 @@ mod tests {
     #[test]
     fn bwe_backs_off_to_the_delivered_rate_within_a_few_feedbacks() {
         let t0 = Instant::now();
-        let e = Estimate::new(t0);
-        let mut bwe = Bwe::new(Some(e.clone()));
+        let mut bwe = Bwe::new();
         assert_eq!(bwe.target_bitrate(), INITIAL_BPS);
         // 1.7 Mbit/s delivered cleanly for 10 s: grows, but only to the cap.
         run(&mut bwe, t0, 0, 10_000, 1_700_000, 1_700_000);
@@ -393,7 +357,6 @@ mod tests {
             "{}",
             bwe.target_bitrate()
         );
-        assert_eq!(e.twcc(), Some(bwe.target_bitrate() as u64));
         // Cut to 300 kbit/s: within 300 ms of feedback the target is ~0.9 × 300 kbit/s.
         run(&mut bwe, t0, 10_000, 10_300, 1_700_000, 300_000);
         let t = bwe.target_bitrate();

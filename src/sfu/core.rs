@@ -191,8 +191,6 @@ struct Participant {
     /// Server track id → sender on this participant's subscriber PC.
     subscriptions: HashMap<String, RTCRtpSenderId>,
     limiter: data::RateLimiter,
-    /// Downlink estimate of the subscriber connection (TWCC/GCC, REMB fallback).
-    estimate: Estimate,
     /// The estimate the last layer selection used (to notice a sharp drop between ticks).
     selected_at_bps: Option<u64>,
     /// The subscriber connection's media path, once its DTLS handshake is done.
@@ -208,6 +206,15 @@ struct PubTrack {
 }
 
 impl Participant {
+    /// Downlink estimate of the subscriber connection (TWCC, REMB fallback); empty before its
+    /// fast path starts.
+    fn estimate(&self) -> Estimate {
+        self.egress
+            .as_ref()
+            .map(|e| *e.estimate())
+            .unwrap_or_default()
+    }
+
     /// The server track id of the publisher-side `rtc` track `rtc_id`.
     fn pub_track(&self, rtc_id: &str) -> Option<&Arc<str>> {
         self.pub_tracks
@@ -783,7 +790,7 @@ impl Core {
         let Some(p) = self.parts.get(&part) else {
             return;
         };
-        if let (Some(last), Some(now)) = (p.selected_at_bps, p.estimate.twcc()) {
+        if let (Some(last), Some(now)) = (p.selected_at_bps, p.estimate().twcc()) {
             if now.saturating_mul(100) < last.saturating_mul(SHARP_DROP_PERCENT) {
                 self.select_now = true;
             }
@@ -1278,6 +1285,9 @@ impl Core {
                 out.payload = m.munge_shared(&packet.payload, h.switched || switched);
             }
             let (Some(egress), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) else {
+                // Connected, but its fast path did not start (the participant is on its way
+                // out) or no address is known yet.
+                self.stats.rtp_packets_dropped += 1;
                 continue;
             };
             match egress.protect_rtp(now, &mut out, dt.twcc_ext, clock_rate, is_video, keyframe) {
@@ -1347,7 +1357,7 @@ impl Core {
             .as_ref()
             .ok_or(egress::EgressError::NoKeys(0))
             .and_then(|c| c.keys())
-            .and_then(|keys| Egress::new(&keys, p.estimate.clone()));
+            .and_then(|keys| Egress::new(&keys));
         match res {
             Ok(e) => {
                 debug!(participant = %p.pid, "subscriber fast path ready");
@@ -1362,7 +1372,7 @@ impl Core {
     }
 
     /// What a subscriber's RTCP asked for: retransmissions (already answered by its egress),
-    /// keyframes, a REMB value, a new TWCC estimate.
+    /// keyframes, a look at a new TWCC estimate.
     fn on_subscriber_feedback(&mut self, part: u64, fb: egress::Feedback, now: Instant) {
         let Some(p) = self.parts.get(&part) else {
             return;
@@ -1372,20 +1382,32 @@ impl Core {
                 self.out.push(wire, to, None);
             }
         }
-        if let Some(bps) = fb.remb_bps {
-            p.estimate.set_remb(now, bps);
-        }
-        let mut wanted = fb.keyframes;
-        // Loss of packets sent since a layer switch (its keyframe, most likely): ask again
-        // rather than wait for the publisher's next keyframe.
-        for (media_ssrc, lost) in fb.lost {
-            let tracks = &mut self.tracks;
-            let Some(tid) = p.subscriptions.keys().find(|tid| {
+        // Down-tracks by the SSRC the subscriber knows them by (feedback is rare: a scan of
+        // the participant's subscriptions is enough).
+        let tracks = &mut self.tracks;
+        fn tid_of<'a>(
+            subs: &'a HashMap<String, RTCRtpSenderId>,
+            tracks: &HashMap<String, Track>,
+            part: u64,
+            ssrc: u32,
+        ) -> Option<&'a String> {
+            subs.keys().find(|tid| {
                 tracks
                     .get(*tid)
                     .and_then(|t| t.down.get(&part))
-                    .is_some_and(|dt| dt.ssrc == media_ssrc)
-            }) else {
+                    .is_some_and(|dt| dt.ssrc == ssrc)
+            })
+        }
+        let subs = &p.subscriptions;
+        let mut wanted: Vec<&String> = fb
+            .keyframes
+            .iter()
+            .filter_map(|&s| tid_of(subs, tracks, part, s))
+            .collect();
+        // Loss of packets sent since a layer switch (its keyframe, most likely): ask again
+        // rather than wait for the publisher's next keyframe.
+        for (media_ssrc, lost) in fb.lost {
+            let Some(tid) = tid_of(subs, tracks, part, media_ssrc) else {
                 continue;
             };
             let Some(dt) = tracks.get_mut(tid).and_then(|t| t.down.get_mut(&part)) else {
@@ -1397,20 +1419,18 @@ impl Core {
             let next = dt.rewriter.last_out_seq().map_or(0, |s| s.wrapping_add(1));
             if watch.on_nack(lost, next, now) {
                 debug!(participant = %p.pid, "switch keyframe lost: asking again");
-                wanted.push(media_ssrc);
+                wanted.push(tid);
             } else if watch.expired(now) {
                 dt.switch_watch = None;
             }
         }
-        for media_ssrc in wanted {
-            let layer = p.subscriptions.keys().find_map(|tid| {
-                let t = self.tracks.get(tid)?;
-                let dt = t.down.get(&part).filter(|dt| dt.ssrc == media_ssrc)?;
-                let sel = dt.selector.as_ref()?;
-                Some((tid.clone(), sel.wants_keyframe().or(sel.current())?))
+        for tid in wanted {
+            let layer = tracks.get(tid).and_then(|t| {
+                let sel = t.down.get(&part)?.selector.as_ref()?;
+                sel.wants_keyframe().or(sel.current())
             });
             if let Some(l) = layer {
-                self.keyframe_wanted.push(l);
+                self.keyframe_wanted.push((tid.clone(), l));
             }
         }
         if fb.estimate_updated {
@@ -1467,7 +1487,7 @@ impl Core {
         // Budget per subscriber: the downlink estimate less the audio it receives.
         let mut budget: HashMap<u64, Option<i64>> = HashMap::new();
         for (&part, p) in self.parts.iter_mut() {
-            let available = p.estimate.available(now);
+            let available = p.estimate().available(now);
             p.selected_at_bps = available;
             budget.insert(part, available.map(|b| b as i64));
         }
@@ -1749,12 +1769,12 @@ impl Core {
         }
     }
 
-    /// A new peer connection. A subscriber connection (`estimate` given) runs no interceptors:
+    /// A new peer connection. A subscriber connection runs no interceptors:
     /// its media goes through the fast path ([`Egress`]: TWCC, NACK, sender reports), for which
     /// it records its SRTP keys; it offers the two SRTP profiles the fast path handles. The
     /// publisher side gets `rtc`'s default chain (NACK generation, TWCC feedback to the
     /// publisher, receiver reports, simulcast header extensions).
-    fn new_pc(&mut self, key: PcKey, estimate: Option<&Estimate>) -> Result<Pc, SfuError> {
+    fn new_pc(&mut self, key: PcKey) -> Result<Pc, SfuError> {
         let rtc_err = |e: rtc::shared::error::Error| SfuError::Rtc(e.to_string());
         let ufrag = random_string(16);
         let pwd = random_string(32);
@@ -1764,9 +1784,11 @@ impl Core {
             .with_lite(true);
         let mut me = media_engine().map_err(rtc_err)?;
         let mut capture = None;
-        let registry = match estimate {
-            None => register_default_interceptors(Registry::new(), &mut me).map_err(rtc_err)?,
-            Some(_) => {
+        let registry = match key.kind {
+            PcKind::Publisher => {
+                register_default_interceptors(Registry::new(), &mut me).map_err(rtc_err)?
+            }
+            PcKind::Subscriber => {
                 let c = KeyCapture::new().map_err(|e| SfuError::Rtc(e.to_string()))?;
                 setting = setting
                     .with_crypto_provider(Arc::new(c.clone()))
@@ -1863,8 +1885,7 @@ impl Core {
             part,
             kind: PcKind::Subscriber,
         };
-        let estimate = Estimate::new(Instant::now());
-        let mut sub = self.new_pc(key, Some(&estimate))?;
+        let mut sub = self.new_pc(key)?;
         let mut channels = HashMap::new();
         for (label, init) in [
             (
@@ -1914,7 +1935,6 @@ impl Core {
             pub_tracks: Vec::new(),
             subscriptions: HashMap::new(),
             limiter: data::RateLimiter::default(),
-            estimate,
             selected_at_bps: None,
             egress: None,
         };
@@ -2236,7 +2256,7 @@ impl Core {
             }
         };
         if self.parts.get(&part).is_some_and(|p| p.publ.is_none()) {
-            match self.new_pc(key, None) {
+            match self.new_pc(key) {
                 Ok(pc) => {
                     if let Some(p) = self.parts.get_mut(&part) {
                         p.publ = Some(pc);
@@ -2484,7 +2504,7 @@ impl Core {
         // RTCP sender reports for every forwarded stream, once a second.
         let wall = std::time::SystemTime::now();
         for p in self.parts.values_mut() {
-            trace!(participant = %p.pid, twcc = ?p.estimate.twcc(), remb = ?p.estimate.remb(now), "downlink estimate");
+            trace!(participant = %p.pid, twcc = ?p.estimate().twcc(), remb = ?p.estimate().remb(now), "downlink estimate");
             if let (Some(e), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) {
                 if let Some(wire) = e.sender_reports(now, wall) {
                     self.out.push(wire, to, None);

@@ -35,7 +35,7 @@
 //! [`SettingEngineBuilder::with_crypto_provider`]: rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::with_crypto_provider
 
 use super::bwe::{Bwe, Estimate};
-use super::nack::{NackStats, Retransmitter};
+use super::nack::{NackStats, Retransmitter, nack_seqs};
 use bytes::{Bytes, BytesMut};
 use rtc::crypto::{
     AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CbcAlgorithm, CbcCipher, CryptoAlgorithm,
@@ -414,6 +414,7 @@ pub struct Egress {
     remote: Context,
     twcc: TwccLog,
     bwe: Bwe,
+    /// The estimator's target and the last REMB.
     estimate: Estimate,
     retransmit: Retransmitter,
     sent: HashMap<u32, SentStream>,
@@ -430,8 +431,6 @@ pub struct Feedback {
     /// NACKs, per media SSRC, with the sequence numbers reported lost (after a layer switch
     /// they tell the core the switch's keyframe was lost).
     pub lost: Vec<(u32, Vec<u16>)>,
-    /// A REMB value, bps.
-    pub remb_bps: Option<u64>,
     /// TWCC feedback arrived (the estimate may have changed).
     pub estimate_updated: bool,
     /// Retransmissions to send, encrypted.
@@ -439,9 +438,8 @@ pub struct Feedback {
 }
 
 impl Egress {
-    /// The fast path of a connection whose DTLS handshake gave `keys`; its bandwidth estimate
-    /// is published into `estimate`.
-    pub fn new(keys: &SrtpKeys, estimate: Estimate) -> Result<Self, EgressError> {
+    /// The fast path of a connection whose DTLS handshake gave `keys`.
+    pub fn new(keys: &SrtpKeys) -> Result<Self, EgressError> {
         let crypto =
             rtc::crypto::default_provider().map_err(|e| EgressError::Srtp(e.to_string()))?;
         let srtp = |e: rtc::shared::error::Error| EgressError::Srtp(e.to_string());
@@ -467,13 +465,18 @@ impl Egress {
             local,
             remote,
             twcc: TwccLog::default(),
-            bwe: Bwe::new(Some(estimate.clone())),
-            estimate,
+            bwe: Bwe::new(),
+            estimate: Estimate::default(),
             retransmit: Retransmitter::new(),
             sent: HashMap::new(),
             stats: EgressStats::default(),
             scratch: Vec::with_capacity(1_500),
         })
+    }
+
+    /// The subscriber's downlink estimate.
+    pub fn estimate(&self) -> &Estimate {
+        &self.estimate
     }
 
     pub fn stats(&self) -> EgressStats {
@@ -580,14 +583,17 @@ impl Egress {
                     self.twcc.on_ack(&ack);
                 }
                 let reports = self.twcc.take_reports();
-                self.bwe.on_reports(now, &reports);
-                fb.estimate_updated = true;
+                if !reports.is_empty() {
+                    self.bwe.on_reports(now, &reports);
+                    self.estimate.set_twcc(self.bwe.target_bitrate());
+                    fb.estimate_updated = true;
+                }
             } else if let Some(pli) = any.downcast_ref::<rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>() {
                 fb.keyframes.push(pli.media_ssrc);
             } else if let Some(fir) = any.downcast_ref::<rtcp::payload_feedbacks::full_intra_request::FullIntraRequest>() {
                 fb.keyframes.extend(fir.fir.iter().map(|e| e.ssrc));
             } else if let Some(remb) = any.downcast_ref::<rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate>() {
-                fb.remb_bps = Some(remb.bitrate.max(0.0) as u64);
+                self.estimate.set_remb(now, remb.bitrate.max(0.0) as u64);
             }
         }
         Ok(fb)
@@ -623,17 +629,6 @@ impl Egress {
         let plain = rtcp::packet::marshal(&reports).ok()?;
         self.local.encrypt_rtcp(&plain).ok()
     }
-}
-
-/// The sequence numbers a NACK reports lost.
-pub fn nack_seqs(nack: &TransportLayerNack) -> impl Iterator<Item = u16> + '_ {
-    nack.nacks.iter().flat_map(|p| {
-        std::iter::once(p.packet_id).chain(
-            (0..16u16)
-                .filter(move |i| p.lost_packets & (1 << i) != 0)
-                .map(move |i| p.packet_id.wrapping_add(i + 1)),
-        )
-    })
 }
 
 /// The RTP timestamp that corresponds to `now`, extrapolated from the last packet's.
@@ -722,7 +717,7 @@ mod tests {
     /// Our egress and a receiver keyed the other way round (as the subscriber is).
     fn pair(profile: ProtectionProfile, salt_len: usize) -> (Egress, Context, Context) {
         let (keys, _) = keys_for(profile, salt_len);
-        let e = Egress::new(&keys, Estimate::new(Instant::now())).expect("egress");
+        let e = Egress::new(&keys).expect("egress");
         let crypto = rtc::crypto::default_provider().expect("provider");
         // The subscriber decrypts with our local key and encrypts with our remote key.
         let rx = Context::new(
@@ -808,13 +803,22 @@ mod tests {
             sender_ssrc: 1,
             media_ssrc: 7,
         };
-        let compound: Vec<Box<dyn rtcp::Packet>> = vec![Box::new(nack), Box::new(pli)];
+        let remb = rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate {
+            sender_ssrc: 1,
+            bitrate: 800_000.0,
+            ssrcs: vec![7],
+        };
+        let compound: Vec<Box<dyn rtcp::Packet>> =
+            vec![Box::new(nack), Box::new(pli), Box::new(remb)];
         let plain = rtcp::packet::marshal(&compound).expect("marshal");
         let wire = tx.encrypt_rtcp(&plain).expect("encrypt");
         let fb = e
             .on_rtcp(now + Duration::from_millis(30), &wire)
             .expect("rtcp");
         assert_eq!(fb.keyframes, vec![7]);
+        // REMB is the fallback estimate while no TWCC feedback has come.
+        assert_eq!(e.estimate().twcc(), None);
+        assert_eq!(e.estimate().available(now), Some(800_000));
         assert_eq!(fb.retransmissions.len(), 1);
         let again = rx.decrypt_rtp(&fb.retransmissions[0]).expect("decrypt");
         use rtc::shared::marshal::Unmarshal;

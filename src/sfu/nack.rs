@@ -322,7 +322,7 @@ impl Retransmitter {
         let Some(stream) = self.streams.get_mut(&nack.media_ssrc) else {
             return out;
         };
-        let mut seqs: Vec<u16> = super::egress::nack_seqs(nack).collect();
+        let mut seqs: Vec<u16> = nack_seqs(nack).collect();
         // Keyframe packets first, then newest first: when the budget cannot cover everything,
         // a keyframe is what a switching or recovering subscriber waits for, and the most
         // recent losses are the ones still worth repairing (the oldest may be of a layer the
@@ -348,6 +348,17 @@ impl Retransmitter {
         }
         out
     }
+}
+
+/// The sequence numbers a NACK reports lost.
+pub fn nack_seqs(nack: &TransportLayerNack) -> impl Iterator<Item = u16> + '_ {
+    nack.nacks.iter().flat_map(|p| {
+        std::iter::once(p.packet_id).chain(
+            (0..16u16)
+                .filter(move |i| p.lost_packets & (1 << i) != 0)
+                .map(move |i| p.packet_id.wrapping_add(i + 1)),
+        )
+    })
 }
 
 #[cfg(test)]
