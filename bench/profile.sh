@@ -48,6 +48,14 @@ wait $rec || true
         | grep -E "Core::(run|process|drain_pc|flush|handle_datagram|forward_rtp|handle_pc_message|fire_timers|select_layers)|RTCPeerConnection::(handle_read|poll_write|handle_timeout|poll_read)|write_rtp|__libc_sendto|__libc_recvfrom|recvfrom|epoll_wait|encrypt_rtp|decrypt_rtp|malloc|memmove" \
         | sed 's/ \+$//' | cut -c1-180 | head -40
     echo
+    echo "## the kernel delivering the server's datagrams into the receivers' sockets (children)"
+    echo "# On loopback the receive path of every datagram Plaza sends runs inside Plaza's send"
+    echo "# system call: IP/UDP receive, socket queueing and waking the receiving thread. Across a"
+    echo "# real NIC that work happens on the receiving machine."
+    perf report -i "$data" --stdio --children --sort symbol -g none --percent-limit 0 2>/dev/null \
+        | grep -E "\] (__x64_sys_sendmmsg|__sys_sendmmsg|udp_sendmsg|__dev_queue_xmit|__local_bh_enable_ip|do_softirq|net_rx_action|__netif_receive_skb|ip_rcv|ip_local_deliver|__udp4_lib_rcv|sock_def_readable|ep_poll_callback|__wake_up_sync_key|try_to_wake_up)( |$)" \
+        | sed 's/ \+$//' | cut -c1-120
+    echo
     echo "## every function with ≥ 2 % inclusive time (children)"
     perf report -i "$data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null \
         | grep -v "^#" | grep -v "^$" | sed 's/ \+$//' | cut -c1-200 | head -120

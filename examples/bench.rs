@@ -31,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
+use common::affinity;
 use common::cli::{self, PeerArgs};
 use common::janus::{JanusOptions, JanusPeer, JanusServer, create_room};
 use common::measure::{
@@ -117,6 +118,44 @@ struct Args {
     /// Bound of each connect step, seconds.
     #[arg(long, default_value_t = 15)]
     timeout: u64,
+    /// CPUs the server under test runs on (e.g. `0` or `0-1`; default: CPU 0 when the machine
+    /// has at least 2, see `--no-pin`).
+    #[arg(long)]
+    server_cpus: Option<String>,
+    /// CPUs the load generator (this process) runs on (default: every CPU but the server's).
+    #[arg(long)]
+    generator_cpus: Option<String>,
+    /// Let the server and the load generator share every CPU (the default pins them apart:
+    /// see examples/common/affinity.rs for why).
+    #[arg(long)]
+    no_pin: bool,
+}
+
+/// Where the server and the load generator run: `None` = not pinned.
+#[derive(Debug, Clone, Serialize)]
+struct Pinning {
+    server: Vec<usize>,
+    generator: Vec<usize>,
+}
+
+fn pinning(args: &Args) -> Result<Option<Pinning>> {
+    if args.no_pin {
+        return Ok(None);
+    }
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let server = match &args.server_cpus {
+        Some(s) => affinity::parse_cpus(s)?,
+        None if n >= 2 => vec![0],
+        None => return Ok(None),
+    };
+    let generator = match &args.generator_cpus {
+        Some(s) => affinity::parse_cpus(s)?,
+        None => (0..n).filter(|c| !server.contains(c)).collect(),
+    };
+    if generator.is_empty() {
+        bail!("no CPU left for the load generator (--server-cpus takes them all)");
+    }
+    Ok(Some(Pinning { server, generator }))
 }
 
 // ───────────────────────────── scenarios ─────────────────────────────
@@ -402,7 +441,11 @@ async fn start_plaza(args: &Args, log: &Path) -> Result<PlazaServer> {
             anyhow!("no plaza binary next to this example: build it (cargo build --release --bins) or pass --plaza-bin")
         })?;
     let log_file = std::fs::File::create(log)?;
-    let child = Command::new(&bin)
+    let mut cmd = Command::new(&bin);
+    if let Some(p) = pinning(args)? {
+        affinity::pin_command(&mut cmd, &p.server);
+    }
+    let child = cmd
         .args([
             "--bind",
             "127.0.0.1",
@@ -658,7 +701,20 @@ async fn run_janus(
     let started = Instant::now();
     let log = logs.join(format!("janus-{}-{n}.log", sc.name()));
     let cfg = std::env::temp_dir().join(format!("plaza-bench-janus-{}", std::process::id()));
-    let server = match JanusServer::start(&args.janus_bin, &cfg, args.janus_port, ice, &log).await {
+    let server = match JanusServer::start(
+        &args.janus_bin,
+        &cfg,
+        args.janus_port,
+        ice,
+        &log,
+        pinning(args)
+            .ok()
+            .flatten()
+            .as_ref()
+            .map(|p| p.server.as_slice()),
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
             point.failures.push(format!("{e:#}"));
@@ -1112,10 +1168,26 @@ fn chart(title: &str, xlabel: &str, points: &[Point], footer: &str) -> String {
 
 // ───────────────────────────── main ─────────────────────────────
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
-    cli::exit_with("bench", run(args).await);
+    // Pin before the runtime starts its threads: they inherit the affinity.
+    let pins = match pinning(&args) {
+        Ok(p) => p,
+        Err(e) => return cli::exit_with("bench", Err(e)),
+    };
+    if let Some(p) = &pins {
+        if let Err(e) = affinity::pin_current_thread(&p.generator) {
+            return cli::exit_with("bench", Err(e));
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return cli::exit_with("bench", Err(e.into())),
+    };
+    cli::exit_with("bench", rt.block_on(run(args, pins)));
 }
 
 fn xlabel(sc: Scenario) -> &'static str {
@@ -1126,7 +1198,7 @@ fn xlabel(sc: Scenario) -> &'static str {
     }
 }
 
-async fn run(args: Args) -> Result<bool> {
+async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
     now_us();
     if args.readme_only {
         let path = args.out.join("README-table.md");
@@ -1167,6 +1239,15 @@ async fn run(args: Args) -> Result<bool> {
     let machine = machine();
     let build = build_info(plaza_bin.as_deref(), &args.janus_bin);
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let pin_text = match &pins {
+        Some(p) => format!(
+            "server on CPU {}, load generator on CPU {}",
+            affinity::format_cpus(&p.server),
+            affinity::format_cpus(&p.generator)
+        ),
+        None => "server and load generator share the CPUs".to_owned(),
+    };
+    println!("bench: {pin_text}");
     println!(
         "bench {date} {time} UTC on {} × {} ({} GB); build {}; load {:?}",
         machine["nproc"],
@@ -1207,8 +1288,8 @@ async fn run(args: Args) -> Result<bool> {
             .filter_map(|p| p.loadavg_before.map(|l| format!("{:.1}", l[0])))
             .collect();
         let footer = format!(
-            "{date} {time} UTC · {} × {} · git {} ({}) · {} s per point · 1-min load before \
-             each point: {}",
+            "{date} {time} UTC · {} × {} · git {} ({}) · {pin_text} · {} s per point · 1-min \
+             load before each point: {}",
             machine["nproc"],
             machine["cpu_model"].as_str().unwrap_or("?"),
             build["git_rev"].as_str().unwrap_or("?"),
@@ -1243,6 +1324,7 @@ async fn run(args: Args) -> Result<bool> {
                 "time_utc": time,
                 "machine": machine,
                 "build": build,
+                "pinning": pins,
                 "command": command,
                 "args": args,
                 "points": points,

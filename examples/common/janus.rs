@@ -1095,6 +1095,7 @@ impl JanusServer {
         ws_port: u16,
         ice_interface: &str,
         log: &Path,
+        cpus: Option<&[usize]>,
     ) -> Result<JanusServer> {
         std::fs::create_dir_all(config_dir)?;
         for (name, text) in janus_config(
@@ -1110,7 +1111,11 @@ impl JanusServer {
             std::fs::write(config_dir.join(name), text)?;
         }
         let log_file = std::fs::File::create(log)?;
-        let child = Command::new(janus_bin)
+        let mut cmd = Command::new(janus_bin);
+        if let Some(cpus) = cpus {
+            super::affinity::pin_command(&mut cmd, cpus);
+        }
+        let child = cmd
             .arg("-C")
             .arg(config_dir.join("janus.jcfg"))
             .arg("-F")

@@ -42,6 +42,7 @@
 //! what the server does wrong ends up in [`PeerEvent`]s and `Err`s, never in a panic.
 #![allow(dead_code, unused_imports)]
 
+pub mod affinity;
 pub mod cli;
 pub mod decoder;
 pub mod envelope;
