@@ -1301,6 +1301,12 @@ impl Core {
                 }
             }
         }
+        // A keyframe burst fanned out to many subscribers queues thousands of datagrams in one
+        // turn: hand each full batch to the kernel as soon as it is ready, so the first
+        // subscribers' packets do not wait for the last ones' encryption.
+        if self.out.len() >= super::udp::BATCH {
+            self.send_out();
+        }
         if let Some(l) = want_keyframe {
             self.keyframe_wanted.push((tid.to_string(), l));
         }
