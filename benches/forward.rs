@@ -7,7 +7,9 @@
 //! - `rtp/*`: marshalling the RTP packet (what `rtc` does before SRTP);
 //! - `egress/*`: the whole per-subscriber fast path after the rewrite
 //!   (`Egress::protect_rtp`: transport-wide sequence number, NACK history, sender-report
-//!   counters, marshal, SRTP) for both profiles;
+//!   counters, marshal, SRTP) for both profiles; `egress/on_rtcp_twcc/*`: one subscriber
+//!   feedback (`Egress::on_rtcp`: receiver report + transport-cc for 10 sent packets, SRTCP
+//!   decrypt, parse, TWCC log, bandwidth estimator);
 //! - `udp/sendmmsg_64`: the kernel's part, per datagram: `OutQueue::send` of 64 datagrams of
 //!   1100 bytes to 8 loopback sockets that a thread drains (on loopback the delivery into the
 //!   receiving socket runs in the sender's system call, so it is included);
@@ -372,6 +374,131 @@ fn bench_egress(c: &mut C) {
     g.finish();
 }
 
+/// One subscriber's feedback every ~100 ms: a compound SRTCP packet (receiver report +
+/// transport-cc feedback for the 10 packets the egress sent since the last one, 10 ms apart,
+/// all arrived), encrypted with the subscriber's context. Measured in batches of 64 feedbacks
+/// (640 packets sent before them, untimed: fewer than the TWCC log holds), only the
+/// `Egress::on_rtcp` calls are timed.
+fn bench_egress_rtcp(c: &mut C) {
+    use rtc::rtcp::receiver_report::ReceiverReport;
+    use rtc::rtcp::reception_report::ReceptionReport;
+    use rtc::rtcp::transport_feedbacks::transport_layer_cc::{
+        PacketStatusChunk, RecvDelta, RunLengthChunk, StatusChunkTypeTcc, SymbolTypeTcc,
+        TransportLayerCc,
+    };
+    const PER_FEEDBACK: u16 = 10;
+    const BATCH: usize = 64;
+    let mut g = c.benchmark_group("egress");
+    g.measurement_time(Duration::from_secs(3));
+    for (name, profile, salt_len) in [
+        ("aead_aes128_gcm", ProtectionProfile::AeadAes128Gcm, 12),
+        (
+            "aes128_cm_hmac_sha1_80",
+            ProtectionProfile::Aes128CmHmacSha1_80,
+            14,
+        ),
+    ] {
+        let k = keys(profile, salt_len);
+        let mut e = Egress::new(&k).expect("egress");
+        let provider = rtc::srtp::crypto::default_provider().expect("a crypto provider");
+        // The subscriber encrypts with our remote key.
+        let mut tx = Context::new(
+            &k.remote_key,
+            &k.remote_salt,
+            profile,
+            None,
+            None,
+            provider.crypto(),
+        )
+        .expect("SRTP context");
+        let t0 = Instant::now();
+        // Simulated time: one packet every 10 ms (~100 packets/s, a 320x240 video stream).
+        let mut sent = 0u64;
+        let mut fb_count = 0u8;
+        g.bench_function(BenchmarkId::new("on_rtcp_twcc", name), |b| {
+            b.iter_custom(|iters| {
+                let mut total = 0.0;
+                let mut left = iters;
+                while left > 0 {
+                    let n = (left as usize).min(BATCH);
+                    left -= n as u64;
+                    let mut wires = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let base = sent;
+                        for _ in 0..PER_FEEDBACK {
+                            let mut p = packet(vp8_payload(1100, sent as u16), sent as u16, 0);
+                            e.protect_rtp(
+                                t0 + Duration::from_millis(sent * 10),
+                                &mut p,
+                                Some(3),
+                                90_000,
+                                true,
+                                false,
+                            )
+                            .expect("protect");
+                            sent += 1;
+                        }
+                        // Arrivals 20 ms after departure, on the receiver's clock.
+                        let first_arrival_us = (base * 10 + 20) * 1_000;
+                        let reference_time = (first_arrival_us / 64_000) as u32;
+                        let first_delta = first_arrival_us - u64::from(reference_time) * 64_000;
+                        let cc = TransportLayerCc {
+                            sender_ssrc: 0xabcd,
+                            media_ssrc: 0x1234_5678,
+                            base_sequence_number: base as u16,
+                            packet_status_count: PER_FEEDBACK,
+                            reference_time,
+                            fb_pkt_count: fb_count,
+                            packet_chunks: vec![PacketStatusChunk::RunLengthChunk(
+                                RunLengthChunk {
+                                    type_tcc: StatusChunkTypeTcc::RunLengthChunk,
+                                    packet_status_symbol: SymbolTypeTcc::PacketReceivedSmallDelta,
+                                    run_length: PER_FEEDBACK,
+                                },
+                            )],
+                            recv_deltas: (0..PER_FEEDBACK)
+                                .map(|i| RecvDelta {
+                                    type_tcc_packet: SymbolTypeTcc::PacketReceivedSmallDelta,
+                                    delta: if i == 0 { first_delta as i64 } else { 10_000 },
+                                })
+                                .collect(),
+                        };
+                        fb_count = fb_count.wrapping_add(1);
+                        let rr = ReceiverReport {
+                            ssrc: 0xabcd,
+                            reports: vec![ReceptionReport {
+                                ssrc: 0x1234_5678,
+                                last_sequence_number: sent as u32,
+                                jitter: 10,
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        };
+                        let compound: Vec<Box<dyn rtc::rtcp::Packet>> =
+                            vec![Box::new(rr), Box::new(cc)];
+                        let plain = rtc::rtcp::packet::marshal(&compound).expect("marshal");
+                        wires.push((
+                            t0 + Duration::from_millis(sent * 10 + 25),
+                            tx.encrypt_rtcp(&plain).expect("encrypt"),
+                        ));
+                    }
+                    let start = thread_cpu_ns();
+                    let wall = Instant::now();
+                    for (now, wire) in &wires {
+                        black_box(e.on_rtcp(*now, wire).expect("feedback"));
+                    }
+                    total += match (start, thread_cpu_ns()) {
+                        (Some(a), Some(b)) => b.saturating_sub(a) as f64,
+                        _ => wall.elapsed().as_nanos() as f64,
+                    };
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_udp(c: &mut C) {
     let mut g = c.benchmark_group("udp");
     g.measurement_time(Duration::from_secs(3));
@@ -423,6 +550,6 @@ fn bench_udp(c: &mut C) {
 criterion_group! {
     name = benches;
     config = Criterion::default().with_measurement(CpuTime { wall: WallTime });
-    targets = bench_downtrack, bench_pieces, bench_srtp, bench_egress, bench_udp
+    targets = bench_downtrack, bench_pieces, bench_srtp, bench_egress, bench_egress_rtcp, bench_udp
 }
 criterion_main!(benches);

@@ -773,6 +773,7 @@ async fn subscribers_get_sender_reports_for_forwarded_streams() {
     let (_, health) = server.healthz().await.unwrap();
     assert!(health["subscriber_rtcp_in"].as_u64() > Some(0), "{health}");
     assert_eq!(health["subscriber_rtcp_rejected"], 0, "{health}");
+    assert_eq!(health["subscriber_rtcp_malformed"], 0, "{health}");
     assert_eq!(health["nack_over_budget"], 0, "{health}");
     bob.leave().await.unwrap();
     alice.leave().await.unwrap();

@@ -131,6 +131,9 @@ pub struct Bwe {
     /// Arrived packets of the last [`ACKED_WINDOW`]: (arrival on the receiver clock, bytes).
     arrivals: VecDeque<(Duration, usize)>,
     arrived_bytes: usize,
+    /// The latest arrival ever recorded: never dropped from `arrivals` (only arrivals older
+    /// than it by the window are), so it is the newest of the window without a scan.
+    newest: Option<Duration>,
     /// Feedback batches of the last [`LOSS_WINDOW`]: (when, lost, total).
     batches: VecDeque<(Instant, usize, usize)>,
     last_update: Option<Instant>,
@@ -153,6 +156,7 @@ impl Bwe {
             target: INITIAL_BPS,
             arrivals: VecDeque::new(),
             arrived_bytes: 0,
+            newest: None,
             batches: VecDeque::new(),
             last_update: None,
             last_decrease: None,
@@ -163,7 +167,7 @@ impl Bwe {
     /// at least a tenth of a second.
     pub fn acked_bps(&self) -> Option<f64> {
         let (first, _) = *self.arrivals.front()?;
-        let newest = self.arrivals.iter().map(|(a, _)| *a).max()?;
+        let newest = self.newest?;
         let span = newest.saturating_sub(first);
         if span < Duration::from_millis(100) {
             return None;
@@ -185,13 +189,14 @@ impl Bwe {
             if let (true, Some(arrival)) = (r.arrived, r.arrival) {
                 self.arrivals.push_back((arrival, r.size));
                 self.arrived_bytes += r.size;
+                self.newest = Some(self.newest.map_or(arrival, |n| n.max(arrival)));
             }
             if let Some(trend) = self.slope.accumulate(r) {
                 self.usage = self.detector.update(trend.at, trend.estimate_ms);
             }
         }
         // Arrival times are on the receiver's clock and may be slightly out of order.
-        if let Some(newest) = self.arrivals.iter().map(|(a, _)| *a).max() {
+        if let Some(newest) = self.newest {
             while let Some(&(a, size)) = self.arrivals.front() {
                 if newest.saturating_sub(a) <= ACKED_WINDOW {
                     break;

@@ -1769,6 +1769,7 @@ impl Core {
                 s.nack_over_budget = e.nack.over_budget;
                 s.subscriber_rtcp_in = e.rtcp_in;
                 s.subscriber_rtcp_rejected = e.rtcp_rejected;
+                s.subscriber_rtcp_malformed = e.rtcp_malformed;
                 let _ = reply.send(s);
             }
             Command::Shutdown { .. } => {}

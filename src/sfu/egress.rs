@@ -28,6 +28,15 @@
 //! * the budgeted [`Retransmitter`] answering NACKs;
 //! * packet and octet counts for RTCP sender reports.
 //!
+//! Both directions avoid per-packet and per-feedback allocations where `rtc`'s API allows:
+//! [`marshal_rtp`] writes the RTP header with its transport-wide sequence number straight
+//! into a reused buffer (the header's own copy of the extension is a static slice,
+//! [`twcc_seq_bytes`]); the subscriber's RTCP is read in place ([`rtcp_packets`],
+//! [`parse_twcc`], [`parse_nack`], …) into reused buffers instead of `rtc`'s boxed packets,
+//! and a packet it cannot read is skipped, not the whole compound. What remains is `rtc`'s:
+//! SRTP and SRTCP return a freshly allocated buffer (the outgoing datagram itself, and the
+//! decrypted feedback); there is no in-place variant to call.
+//!
 //! `rtc` keeps everything else of the connection: ICE, DTLS, SDP negotiation and the data
 //! channels (SCTP). It no longer sends or receives any RTP or RTCP on a subscriber connection,
 //! so no SRTP context is ever used by both for the same SSRC.
@@ -35,19 +44,17 @@
 //! [`SettingEngineBuilder::with_crypto_provider`]: rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::with_crypto_provider
 
 use super::bwe::{Bwe, Estimate};
-use super::nack::{NackStats, Retransmitter, nack_seqs};
+use super::nack::{NackStats, Retransmitter};
 use bytes::{Bytes, BytesMut};
 use rtc::crypto::{
     AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CbcAlgorithm, CbcCipher, CryptoAlgorithm,
     CryptoError, HashAlgorithm, HmacAlgorithm, KeyExchangeAlgorithm, Mac, PublicKey, RTCCrypto,
     RTCCryptoProvider, RTCRandom, SignatureScheme, SigningKey, StreamCipher, StreamCipherAlgorithm,
 };
-use rtc::interceptor::{Acknowledgement, BandwidthEstimator, PacketReport, convert_twcc};
+use rtc::interceptor::{Acknowledgement, BandwidthEstimator, PacketReport};
 use rtc::rtcp;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::cc_feedback_report::Ecn;
-use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
-use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
 use rtc::shared::marshal::{Marshal, MarshalSize};
 use rtc::srtp::context::Context;
@@ -344,14 +351,22 @@ impl TwccLog {
 
     /// Everything up to the highest arrived packet since the last call, in send order.
     pub fn take_reports(&mut self) -> Vec<PacketReport> {
+        let mut out = Vec::new();
+        self.take_reports_into(&mut out);
+        out
+    }
+
+    /// [`Self::take_reports`] into `out` (cleared first), so a reused buffer saves the
+    /// allocation.
+    pub fn take_reports_into(&mut self, out: &mut Vec<PacketReport>) {
+        out.clear();
         let Some(highest) = self.highest_acked else {
-            return Vec::new();
+            return;
         };
         // Older ones have been overwritten.
         let from = self
             .next_to_report
             .max((highest + 1).saturating_sub(TWCC_LOG as u64));
-        let mut out = Vec::new();
         for id in from..=highest {
             let slot = &mut self.slots[id as usize % TWCC_LOG];
             if let Some(s) = slot.take_if(|s| s.id == id) {
@@ -370,7 +385,6 @@ impl TwccLog {
             }
         }
         self.next_to_report = self.next_to_report.max(highest + 1);
-        out
     }
 }
 
@@ -393,6 +407,8 @@ pub struct EgressStats {
     pub nack: NackStats,
     pub rtcp_in: u64,
     pub rtcp_rejected: u64,
+    /// Packets of decrypted compounds that were malformed and skipped.
+    pub rtcp_malformed: u64,
     pub twcc_feedback: u64,
 }
 
@@ -404,6 +420,7 @@ impl std::ops::AddAssign for EgressStats {
         self.nack.over_budget += o.nack.over_budget;
         self.rtcp_in += o.rtcp_in;
         self.rtcp_rejected += o.rtcp_rejected;
+        self.rtcp_malformed += o.rtcp_malformed;
         self.twcc_feedback += o.twcc_feedback;
     }
 }
@@ -421,6 +438,10 @@ pub struct Egress {
     stats: EgressStats,
     /// Plaintext of the packet being protected (reused: no allocation per packet).
     scratch: Vec<u8>,
+    /// Acknowledgements of the transport-cc feedback being read (reused).
+    acks: Vec<Acknowledgement>,
+    /// Reports handed to the estimator (reused).
+    reports: Vec<PacketReport>,
 }
 
 /// What the subscriber's RTCP asked of the core (the egress handles NACK and TWCC itself).
@@ -471,6 +492,8 @@ impl Egress {
             sent: HashMap::new(),
             stats: EgressStats::default(),
             scratch: Vec::with_capacity(1_500),
+            acks: Vec::new(),
+            reports: Vec::new(),
         })
     }
 
@@ -528,6 +551,7 @@ impl Egress {
         header.extensions.clear();
         header.extension_profile = 0;
         header.extensions_padding = 0;
+        let mut twcc = None;
         if let Some(id) = twcc_id {
             header.extension = true;
             header.extension_profile = rtp::header::EXTENSION_PROFILE_ONE_BYTE;
@@ -536,21 +560,30 @@ impl Egress {
             let seq = self
                 .twcc
                 .add(header.ssrc, header.sequence_number, size, now);
+            // The header keeps the extension (SRTP reads the header's size from it), from a
+            // static table rather than a fresh allocation per packet.
             header
-                .set_extension(id, Bytes::copy_from_slice(&seq.to_be_bytes()))
+                .set_extension(id, twcc_seq_bytes(seq))
+                .map_err(|e| EgressError::Encoding(e.to_string()))?;
+            twcc = Some((id, seq));
+        }
+        if !marshal_rtp(packet, twcc, &mut self.scratch) {
+            self.scratch.clear();
+            self.scratch.resize(packet.marshal_size(), 0);
+            packet
+                .marshal_to(&mut self.scratch)
                 .map_err(|e| EgressError::Encoding(e.to_string()))?;
         }
-        self.scratch.clear();
-        self.scratch.resize(packet.marshal_size(), 0);
-        packet
-            .marshal_to(&mut self.scratch)
-            .map_err(|e| EgressError::Encoding(e.to_string()))?;
         self.local
             .encrypt_rtp_with_header(&self.scratch, &packet.header)
             .map_err(|e| EgressError::Srtp(e.to_string()))
     }
 
-    /// Decrypt and handle one SRTCP datagram from the subscriber.
+    /// Decrypt and handle one SRTCP datagram from the subscriber: receiver reports are
+    /// ignored; transport-cc feeds the estimator, NACKs are answered, PLI/FIR/REMB surface;
+    /// anything else, or malformed, is skipped (counted in [`EgressStats::rtcp_malformed`]),
+    /// never an error for the rest of the compound. Only a datagram that does not decrypt is
+    /// an error.
     pub fn on_rtcp(&mut self, now: Instant, data: &[u8]) -> Result<Feedback, EgressError> {
         let plain = match self.remote.decrypt_rtcp(data) {
             Ok(p) => p,
@@ -560,15 +593,49 @@ impl Egress {
             }
         };
         self.stats.rtcp_in += 1;
-        let packets = rtcp::packet::unmarshal(&mut plain.freeze())
-            .map_err(|e| EgressError::Encoding(e.to_string()))?;
         let mut fb = Feedback::default();
-        for p in &packets {
-            let any = p.as_any();
-            if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
-                fb.lost.push((nack.media_ssrc, nack_seqs(nack).collect()));
+        for p in rtcp_packets(&plain) {
+            let handled = match p {
+                Ok(p) => self.on_rtcp_packet(now, p, &mut fb),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = handled {
+                self.stats.rtcp_malformed += 1;
+                tracing::trace!("subscriber RTCP packet skipped: {e}");
+            }
+        }
+        Ok(fb)
+    }
+
+    fn on_rtcp_packet(
+        &mut self,
+        now: Instant,
+        p: RtcpPacket<'_>,
+        fb: &mut Feedback,
+    ) -> Result<(), RtcpError> {
+        match (p.pt, p.fmt) {
+            (PT_RTPFB, FMT_TWCC) => {
+                parse_twcc(p.body, &mut self.acks)?;
+                self.stats.twcc_feedback += 1;
+                for ack in &self.acks {
+                    self.twcc.on_ack(ack);
+                }
+                self.twcc.take_reports_into(&mut self.reports);
+                if !self.reports.is_empty() {
+                    self.bwe.on_reports(now, &self.reports);
+                    self.estimate.set_twcc(self.bwe.target_bitrate());
+                    fb.estimate_updated = true;
+                }
+                // A feedback may claim up to 65 535 packets: do not keep that much around.
+                if self.acks.capacity() > TWCC_LOG {
+                    self.acks = Vec::new();
+                }
+            }
+            (PT_RTPFB, FMT_NACK) => {
+                let mut lost = Vec::new();
+                let media_ssrc = parse_nack(p.body, &mut lost)?;
                 let estimate = self.estimate.available(now);
-                for mut packet in self.retransmit.on_nack(now, nack, estimate) {
+                for mut packet in self.retransmit.on_nack(now, media_ssrc, &lost, estimate) {
                     // A retransmission carries a new transport-wide sequence number: the
                     // receiver reports its arrival like any other packet.
                     let twcc_id = self.sent.get(&packet.header.ssrc).and_then(|s| s.twcc_id);
@@ -577,26 +644,19 @@ impl Egress {
                         Err(e) => tracing::trace!("retransmission: {e}"),
                     }
                 }
-            } else if let Some(cc) = any.downcast_ref::<TransportLayerCc>() {
-                self.stats.twcc_feedback += 1;
-                for ack in convert_twcc(cc) {
-                    self.twcc.on_ack(&ack);
-                }
-                let reports = self.twcc.take_reports();
-                if !reports.is_empty() {
-                    self.bwe.on_reports(now, &reports);
-                    self.estimate.set_twcc(self.bwe.target_bitrate());
-                    fb.estimate_updated = true;
-                }
-            } else if let Some(pli) = any.downcast_ref::<rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>() {
-                fb.keyframes.push(pli.media_ssrc);
-            } else if let Some(fir) = any.downcast_ref::<rtcp::payload_feedbacks::full_intra_request::FullIntraRequest>() {
-                fb.keyframes.extend(fir.fir.iter().map(|e| e.ssrc));
-            } else if let Some(remb) = any.downcast_ref::<rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate>() {
-                self.estimate.set_remb(now, remb.bitrate.max(0.0) as u64);
+                fb.lost.push((media_ssrc, lost));
             }
+            (PT_PSFB, FMT_PLI) => fb.keyframes.push(feedback_media_ssrc(p.body)?),
+            (PT_PSFB, FMT_FIR) => parse_fir(p.body, &mut fb.keyframes)?,
+            (PT_PSFB, FMT_REMB) => {
+                if let Some(bps) = parse_remb(p.body)? {
+                    self.estimate.set_remb(now, bps);
+                }
+            }
+            // Receiver reports, SDES, BYE, XR and the rest: nothing to do.
+            _ => {}
         }
-        Ok(fb)
+        Ok(())
     }
 
     /// A down-track is gone: forget its stream.
@@ -646,16 +706,318 @@ pub fn ntp_time(wall: SystemTime) -> u64 {
     (secs << 32) | frac
 }
 
+/// Every 16-bit number, big-endian: `Bytes` views of it carry a transport-wide sequence
+/// number without allocating.
+static TWCC_SEQ_BYTES: [u8; 2 * 65_536] = {
+    let mut t = [0u8; 2 * 65_536];
+    let mut i = 0;
+    while i < 65_536 {
+        t[2 * i] = (i >> 8) as u8;
+        t[2 * i + 1] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// `seq` big-endian, as a static `Bytes` (no allocation).
+pub fn twcc_seq_bytes(seq: u16) -> Bytes {
+    let i = 2 * usize::from(seq);
+    Bytes::from_static(&TWCC_SEQ_BYTES[i..i + 2])
+}
+
+/// Write `packet` into `out` (cleared first) as `Packet::marshal_to` would, its header
+/// extensions replaced by the one-byte-header transport-wide sequence number `twcc` (id,
+/// number), or none: the header is written by hand, the payload copied once, nothing
+/// zero-filled first. Returns `false`, leaving `out` to the caller, for what it does not
+/// handle (RTP padding, a version other than 2).
+pub fn marshal_rtp(packet: &rtp::Packet, twcc: Option<(u8, u16)>, out: &mut Vec<u8>) -> bool {
+    let h = &packet.header;
+    let id_ok = twcc.is_none_or(|(id, _)| (1..=14).contains(&id));
+    if h.padding || h.version != 2 || h.csrc.len() > 15 || !id_ok {
+        return false;
+    }
+    out.clear();
+    let ext = if twcc.is_some() { 0x10 } else { 0 };
+    out.push(0x80 | ext | h.csrc.len() as u8);
+    out.push(h.payload_type | if h.marker { 0x80 } else { 0 });
+    out.extend_from_slice(&h.sequence_number.to_be_bytes());
+    out.extend_from_slice(&h.timestamp.to_be_bytes());
+    out.extend_from_slice(&h.ssrc.to_be_bytes());
+    for c in &h.csrc {
+        out.extend_from_slice(&c.to_be_bytes());
+    }
+    if let Some((id, seq)) = twcc {
+        // RFC 8285 one-byte header: profile 0xBEDE, one word of elements: id, length − 1,
+        // two bytes, one byte of padding.
+        let [hi, lo] = seq.to_be_bytes();
+        out.extend_from_slice(&[0xbe, 0xde, 0, 1, id << 4 | 1, hi, lo, 0]);
+    }
+    out.extend_from_slice(&packet.payload);
+    true
+}
+
 /// Whether a datagram is RTCP (RFC 5761 demultiplexing: version 2, payload type 192–223).
 pub fn is_rtcp(data: &[u8]) -> bool {
     data.len() >= 8 && data[0] & 0xC0 == 0x80 && (192..=223).contains(&data[1])
+}
+
+// ---- The subscriber's RTCP, read in place -------------------------------------------------
+//
+// `rtc::rtcp::packet::unmarshal` boxes every packet of a compound and allocates the chunk and
+// delta vectors of a transport-cc feedback, and `convert_twcc` a third vector, every ~100 ms
+// per subscriber; one malformed packet fails the whole compound. The egress reads the few
+// packet types it acts on straight from the decrypted bytes instead (differential-tested
+// against `rtc`'s parsers below) and skips everything else.
+
+/// RTCP packet type of transport-layer feedback (RFC 4585): generic NACK, transport-cc.
+pub const PT_RTPFB: u8 = 205;
+/// RTCP packet type of payload-specific feedback (RFC 4585): PLI, FIR, REMB.
+pub const PT_PSFB: u8 = 206;
+/// Feedback message types (the header's count field) of the packets the egress reads.
+pub const FMT_NACK: u8 = 1;
+pub const FMT_TWCC: u8 = 15;
+pub const FMT_PLI: u8 = 1;
+pub const FMT_FIR: u8 = 4;
+pub const FMT_REMB: u8 = 15;
+/// Reference time unit of transport-cc feedback.
+const TWCC_REFERENCE_TICK: Duration = Duration::from_millis(64);
+/// Receive-delta unit of transport-cc feedback, in microseconds.
+const TWCC_DELTA_US: u64 = 250;
+
+/// Why (part of) a subscriber's RTCP compound could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RtcpError {
+    #[error("RTCP: version is not 2")]
+    Version,
+    #[error("RTCP: packet longer than the datagram")]
+    Length,
+    #[error("RTCP: padding longer than the packet")]
+    Padding,
+    #[error("RTCP: feedback truncated")]
+    Truncated,
+}
+
+/// One packet of an RTCP compound: the header's count/format field, the packet type and the
+/// body (everything after the 4-byte header, padding removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtcpPacket<'a> {
+    pub fmt: u8,
+    pub pt: u8,
+    pub body: &'a [u8],
+}
+
+/// The packets of an RTCP compound, in order, without copying. A packet with bad padding is
+/// an error for that packet only; a bad header or length ends the walk (what follows cannot
+/// be found) with an error.
+pub fn rtcp_packets(data: &[u8]) -> RtcpPackets<'_> {
+    RtcpPackets { rest: data }
+}
+
+/// Iterator of [`rtcp_packets`].
+pub struct RtcpPackets<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for RtcpPackets<'a> {
+    type Item = Result<RtcpPacket<'a>, RtcpError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let data = self.rest;
+        let &[b0, pt, l0, l1, ..] = data else {
+            self.rest = &[];
+            return (!data.is_empty()).then_some(Err(RtcpError::Length));
+        };
+        if b0 >> 6 != 2 {
+            self.rest = &[];
+            return Some(Err(RtcpError::Version));
+        }
+        let len = 4 * (usize::from(u16::from_be_bytes([l0, l1])) + 1);
+        let Some((packet, rest)) = data.split_at_checked(len) else {
+            self.rest = &[];
+            return Some(Err(RtcpError::Length));
+        };
+        self.rest = rest;
+        let mut body = &packet[4..];
+        if b0 & 0x20 != 0 {
+            let pad = body.last().map_or(0, |&p| usize::from(p));
+            if pad == 0 || pad > body.len() {
+                return Some(Err(RtcpError::Padding));
+            }
+            body = &body[..body.len() - pad];
+        }
+        Some(Ok(RtcpPacket {
+            fmt: b0 & 0x1f,
+            pt,
+            body,
+        }))
+    }
+}
+
+fn be_u32(b: &[u8], at: usize) -> Option<u32> {
+    let b = b.get(at..at + 4)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn be_u16(b: &[u8], at: usize) -> Option<u16> {
+    let b = b.get(at..at + 2)?;
+    Some(u16::from_be_bytes([b[0], b[1]]))
+}
+
+/// The media SSRC of a feedback body (PLI, NACK): the second word.
+pub fn feedback_media_ssrc(body: &[u8]) -> Result<u32, RtcpError> {
+    be_u32(body, 4).ok_or(RtcpError::Truncated)
+}
+
+/// The sequence numbers a generic NACK body (RFC 4585 §6.2.1) reports lost, appended to
+/// `out` in the order [`super::nack::nack_seqs`] gives them; returns the media SSRC.
+pub fn parse_nack(body: &[u8], out: &mut Vec<u16>) -> Result<u32, RtcpError> {
+    let media_ssrc = feedback_media_ssrc(body)?;
+    for pair in body[8..].chunks_exact(4) {
+        let pid = u16::from_be_bytes([pair[0], pair[1]]);
+        let blp = u16::from_be_bytes([pair[2], pair[3]]);
+        out.push(pid);
+        out.extend(
+            (0..16u16)
+                .filter(|i| blp & (1 << i) != 0)
+                .map(|i| pid.wrapping_add(i + 1)),
+        );
+    }
+    Ok(media_ssrc)
+}
+
+/// The SSRCs a FIR body (RFC 5104 §4.3.1) asks keyframes of, appended to `out`.
+pub fn parse_fir(body: &[u8], out: &mut Vec<u32>) -> Result<(), RtcpError> {
+    let entries = body.get(8..).ok_or(RtcpError::Truncated)?;
+    out.extend(
+        entries
+            .chunks_exact(8)
+            .map(|e| u32::from_be_bytes([e[0], e[1], e[2], e[3]])),
+    );
+    Ok(())
+}
+
+/// The bitrate of a REMB body (draft-alvestrand-rmcat-remb), bits per second; `None` for
+/// another application-layer feedback (no "REMB" identifier).
+pub fn parse_remb(body: &[u8]) -> Result<Option<u64>, RtcpError> {
+    let fields = body.get(8..16).ok_or(RtcpError::Truncated)?;
+    if &fields[..4] != b"REMB" {
+        return Ok(None);
+    }
+    let exp = u32::from(fields[5] >> 2);
+    let mantissa =
+        u128::from(fields[5] & 3) << 16 | u128::from(fields[6]) << 8 | u128::from(fields[7]);
+    // At most 18 + 63 bits: saturate rather than wrap.
+    Ok(Some(u64::try_from(mantissa << exp).unwrap_or(u64::MAX)))
+}
+
+/// Read a transport-cc feedback body (draft-holmer-rmcat-transport-wide-cc-extensions-01
+/// §3.1) into `out` (cleared first): one acknowledgement per reported packet, in order, with
+/// its arrival time on the receiver's clock, exactly as `rtc`'s `TransportLayerCc` unmarshal
+/// followed by `convert_twcc` gives them — except that nothing past the packet status count
+/// is reported (`rtc` also reports the unused tail of the last chunk) and a feedback without
+/// any receive delta is accepted. Nothing is allocated once `out` has grown. A truncated
+/// feedback is an error and leaves `out` empty.
+pub fn parse_twcc(body: &[u8], out: &mut Vec<Acknowledgement>) -> Result<(), RtcpError> {
+    out.clear();
+    let r = read_twcc(body, out);
+    if r.is_err() {
+        out.clear();
+    }
+    r
+}
+
+fn read_twcc(body: &[u8], out: &mut Vec<Acknowledgement>) -> Result<(), RtcpError> {
+    let (Some(base), Some(count), Some(reference)) =
+        (be_u16(body, 8), be_u16(body, 10), be_u32(body, 12))
+    else {
+        return Err(RtcpError::Truncated);
+    };
+    // 24-bit reference time, then the feedback packet count.
+    let reference = reference >> 8;
+    let count = usize::from(count);
+    const CHUNKS: usize = 16;
+    // Each chunk: (first byte, second byte); the status of `n` more packets.
+    let chunk = |at: usize| -> Result<(u8, u8), RtcpError> {
+        match body.get(at..at + 2) {
+            Some(&[a, b]) => Ok((a, b)),
+            _ => Err(RtcpError::Truncated),
+        }
+    };
+    let covers = |(a, b): (u8, u8)| -> usize {
+        if a & 0x80 == 0 {
+            // Run length: 13 bits.
+            usize::from(u16::from_be_bytes([a & 0x1f, b]))
+        } else if a & 0x40 == 0 {
+            14
+        } else {
+            7
+        }
+    };
+    // The receive deltas follow the last chunk needed for `count` packets.
+    let mut deltas = CHUNKS;
+    let mut covered = 0;
+    while covered < count {
+        covered += covers(chunk(deltas)?);
+        deltas += 2;
+    }
+    let mut arrival = TWCC_REFERENCE_TICK * reference;
+    let mut push = |symbol: u8, deltas: &mut usize| -> Result<(), RtcpError> {
+        let sequence_number = base.wrapping_add(out.len() as u16);
+        let ack = match symbol {
+            0 => Acknowledgement::lost(sequence_number),
+            1 => {
+                let d = *body.get(*deltas).ok_or(RtcpError::Truncated)?;
+                *deltas += 1;
+                arrival += Duration::from_micros(TWCC_DELTA_US * u64::from(d));
+                Acknowledgement::received(sequence_number, Some(arrival), Ecn::NotEct)
+            }
+            2 => {
+                let d = be_u16(body, *deltas).ok_or(RtcpError::Truncated)? as i16;
+                *deltas += 2;
+                let magnitude = Duration::from_micros(TWCC_DELTA_US * u64::from(d.unsigned_abs()));
+                arrival = if d < 0 {
+                    arrival.saturating_sub(magnitude)
+                } else {
+                    arrival + magnitude
+                };
+                Acknowledgement::received(sequence_number, Some(arrival), Ecn::NotEct)
+            }
+            _ => Acknowledgement::received(sequence_number, None, Ecn::NotEct),
+        };
+        out.push(ack);
+        Ok(())
+    };
+    let mut at = CHUNKS;
+    let mut left = count;
+    while left > 0 {
+        let (a, b) = chunk(at)?;
+        at += 2;
+        let n = covers((a, b)).min(left);
+        left -= n;
+        let word = u16::from_be_bytes([a, b]);
+        if a & 0x80 == 0 {
+            let symbol = (a >> 5) & 3;
+            for _ in 0..n {
+                push(symbol, &mut deltas)?;
+            }
+        } else if a & 0x40 == 0 {
+            for i in 0..n {
+                push(((word >> (13 - i)) & 1) as u8, &mut deltas)?;
+            }
+        } else {
+            for i in 0..n {
+                push(((word >> (12 - 2 * i)) & 3) as u8, &mut deltas)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-    use rtc::rtcp::transport_feedbacks::transport_layer_nack::NackPair;
+    use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
 
     /// A recording crypto whose blocks come from `rtc`'s own SRTP key derivation.
     fn derive(profile: ProtectionProfile, key: &[u8], salt: &[u8], capture: &KeyCapture) {
@@ -912,5 +1274,512 @@ mod tests {
             rtp_time_at(u32::MAX, t0, t0 + Duration::from_millis(10), 90_000),
             899
         );
+    }
+    /// xorshift64*: reproducible randomness without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    /// A transport-cc feedback written independently of both parsers, and what it says.
+    struct GenTwcc {
+        /// The whole RTCP packet.
+        wire: Vec<u8>,
+        /// The acknowledgements it encodes (the truth both parsers are checked against).
+        acks: Vec<Acknowledgement>,
+    }
+
+    /// A random, well-formed feedback: run-length and 1-/2-bit status-vector chunks, small
+    /// and large (also negative) deltas, packets received without delta, sequence numbers
+    /// around the wrap, unused vector symbols zero (as libwebrtc writes them), a last run
+    /// that may claim more packets than the count, padding by the padding bit or by zeros.
+    fn gen_twcc(rng: &mut Rng) -> GenTwcc {
+        let base = if rng.chance(30) {
+            65_535 - rng.below(40) as u16
+        } else {
+            rng.next() as u16
+        };
+        let count = if rng.chance(10) {
+            1 + rng.below(3_000) as usize
+        } else {
+            1 + rng.below(60) as usize
+        };
+        let loss = rng.below(60);
+        let large = rng.below(30);
+        let no_delta = if rng.chance(20) { rng.below(20) } else { 0 };
+        let mut symbols: Vec<u8> = (0..count)
+            .map(|_| {
+                if rng.chance(loss) {
+                    0
+                } else if rng.chance(large) {
+                    2
+                } else if rng.chance(no_delta) {
+                    3
+                } else {
+                    1
+                }
+            })
+            .collect();
+        // At least one receive delta (`rtc` rejects a feedback that ends right after an even
+        // number of chunks; tested apart).
+        if !symbols.iter().any(|&s| s == 1 || s == 2) {
+            symbols[0] = 1;
+        }
+        let mut chunks: Vec<u16> = Vec::new();
+        let mut i = 0;
+        while i < count {
+            let run = symbols[i..]
+                .iter()
+                .take_while(|&&s| s == symbols[i])
+                .count();
+            let fits_1bit = symbols[i..].iter().take(14).all(|&s| s <= 1);
+            let choice = rng.below(3);
+            if choice == 0 || run >= 14 {
+                let mut len = run.min(8_191);
+                if i + len == count && rng.chance(20) {
+                    len = (len + rng.below(5) as usize).min(8_191);
+                }
+                chunks.push((u16::from(symbols[i]) << 13) | len as u16);
+                i += len.min(run);
+            } else if choice == 1 && fits_1bit {
+                let mut w = 0x8000u16;
+                for k in 0..14 {
+                    if let Some(&s) = symbols.get(i + k) {
+                        w |= u16::from(s) << (13 - k);
+                    }
+                }
+                chunks.push(w);
+                i += 14;
+            } else {
+                let mut w = 0xc000u16;
+                for k in 0..7 {
+                    if let Some(&s) = symbols.get(i + k) {
+                        w |= u16::from(s) << (12 - 2 * k);
+                    }
+                }
+                chunks.push(w);
+                i += 7;
+            }
+        }
+        let reference = rng.below(1 << 24) as u32;
+        let mut arrival = Duration::from_millis(64) * reference;
+        let mut deltas = Vec::new();
+        let mut acks = Vec::new();
+        for (k, &s) in symbols.iter().enumerate() {
+            let seq = base.wrapping_add(k as u16);
+            acks.push(match s {
+                0 => Acknowledgement::lost(seq),
+                1 => {
+                    let d = if rng.chance(5) {
+                        255
+                    } else {
+                        rng.below(40) as u8
+                    };
+                    deltas.push(d);
+                    arrival += Duration::from_micros(250 * u64::from(d));
+                    Acknowledgement::received(seq, Some(arrival), Ecn::NotEct)
+                }
+                2 => {
+                    let d = match rng.below(4) {
+                        0 => i16::MIN + rng.below(10) as i16,
+                        1 => i16::MAX - rng.below(10) as i16,
+                        2 => -(rng.below(2_000) as i16),
+                        _ => rng.next() as i16,
+                    };
+                    deltas.extend_from_slice(&d.to_be_bytes());
+                    let m = Duration::from_micros(250 * u64::from(d.unsigned_abs()));
+                    arrival = if d < 0 {
+                        arrival.saturating_sub(m)
+                    } else {
+                        arrival + m
+                    };
+                    Acknowledgement::received(seq, Some(arrival), Ecn::NotEct)
+                }
+                _ => Acknowledgement::received(seq, None, Ecn::NotEct),
+            });
+        }
+        let mut body = Vec::new();
+        body.extend_from_slice(&0x1111_2222u32.to_be_bytes());
+        body.extend_from_slice(&0x3333_4444u32.to_be_bytes());
+        body.extend_from_slice(&base.to_be_bytes());
+        body.extend_from_slice(&(count as u16).to_be_bytes());
+        body.extend_from_slice(&reference.to_be_bytes()[1..]);
+        body.push(rng.next() as u8);
+        for c in &chunks {
+            body.extend_from_slice(&c.to_be_bytes());
+        }
+        body.extend_from_slice(&deltas);
+        let mut b0 = 0x80 | FMT_TWCC;
+        let pad = (4 - body.len() % 4) % 4;
+        if pad > 0 && rng.chance(50) {
+            b0 |= 0x20;
+            body.extend(std::iter::repeat_n(0, pad - 1));
+            body.push(pad as u8);
+        } else {
+            body.extend(std::iter::repeat_n(0, pad));
+        }
+        let mut wire = vec![b0, PT_RTPFB];
+        wire.extend_from_slice(&((body.len() / 4) as u16).to_be_bytes());
+        wire.extend_from_slice(&body);
+        GenTwcc { wire, acks }
+    }
+
+    fn rr(ssrc: u32) -> Vec<u8> {
+        let rr = rtc::rtcp::receiver_report::ReceiverReport {
+            ssrc,
+            reports: vec![rtc::rtcp::reception_report::ReceptionReport {
+                ssrc: 7,
+                last_sequence_number: 1234,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        rr.marshal().expect("rr").to_vec()
+    }
+
+    /// `rtc`'s view of a compound: the acknowledgements of its transport-cc feedback.
+    fn rtc_twcc(compound: &[u8]) -> Vec<Acknowledgement> {
+        use rtc::interceptor::convert_twcc;
+        use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
+        let packets =
+            rtcp::packet::unmarshal(&mut Bytes::copy_from_slice(compound)).expect("rtc parses");
+        let cc = packets
+            .iter()
+            .find_map(|p| p.as_any().downcast_ref::<TransportLayerCc>())
+            .expect("transport-cc");
+        convert_twcc(cc)
+    }
+
+    fn our_twcc(compound: &[u8], out: &mut Vec<Acknowledgement>) -> Result<(), RtcpError> {
+        let p = rtcp_packets(compound)
+            .filter_map(Result::ok)
+            .find(|p| (p.pt, p.fmt) == (PT_RTPFB, FMT_TWCC))
+            .expect("transport-cc");
+        parse_twcc(p.body, out)
+    }
+
+    #[test]
+    fn twcc_parser_matches_rtc_on_random_feedback() {
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        let mut ours = Vec::new();
+        let (mut runs, mut vec1, mut vec2, mut padded, mut wrapped) = (0, 0, 0, 0, 0);
+        for n in 0..4_000 {
+            let g = gen_twcc(&mut rng);
+            let mut compound = if n % 2 == 0 { rr(0xabc) } else { Vec::new() };
+            compound.extend_from_slice(&g.wire);
+            our_twcc(&compound, &mut ours).expect("ours parses");
+            assert_eq!(ours, g.acks, "feedback {n}: ours vs the encoder");
+            let theirs = rtc_twcc(&compound);
+            // `rtc` also reports the unused tail of the last chunk (never as arrived with a
+            // time); the reported packets agree exactly.
+            assert!(theirs.len() >= ours.len(), "feedback {n}");
+            assert_eq!(
+                &theirs[..ours.len()],
+                &ours[..],
+                "feedback {n}: ours vs rtc"
+            );
+            assert!(theirs[ours.len()..].iter().all(|a| a.arrival.is_none()));
+            // What the generator covered.
+            for c in g.wire[20..].chunks_exact(2).take(1) {
+                match c[0] >> 6 {
+                    0 | 1 => runs += 1,
+                    2 => vec1 += 1,
+                    _ => vec2 += 1,
+                }
+            }
+            padded += usize::from(g.wire[0] & 0x20 != 0);
+            wrapped +=
+                usize::from(u32::from(g.acks[0].sequence_number) + g.acks.len() as u32 > 65_536);
+        }
+        assert!(runs > 100 && vec1 > 100 && vec2 > 100 && padded > 100 && wrapped > 100);
+    }
+
+    #[test]
+    fn twcc_parser_never_panics_on_malformed_feedback() {
+        let mut rng = Rng(0xdead_beef_0000_0042);
+        let mut out = Vec::new();
+        for n in 0..400 {
+            let g = gen_twcc(&mut rng);
+            let body = &g.wire[4..];
+            // Cut short anywhere before the last delta: an error, nothing reported.
+            let deltas_end = body.len()
+                - if g.wire[0] & 0x20 != 0 {
+                    body[body.len() - 1] as usize
+                } else {
+                    0
+                };
+            for cut in 0..body.len() {
+                let r = parse_twcc(&body[..cut], &mut out);
+                if r.is_err() {
+                    assert!(out.is_empty());
+                } else {
+                    assert_eq!(out, g.acks, "feedback {n} cut at {cut}");
+                }
+                if cut < 16 {
+                    assert_eq!(r, Err(RtcpError::Truncated));
+                }
+            }
+            let _ = deltas_end;
+            // Random corruption: any outcome but a panic.
+            let mut bad = g.wire.clone();
+            for _ in 0..1 + rng.below(4) {
+                let i = rng.below(bad.len() as u64) as usize;
+                bad[i] = rng.next() as u8;
+            }
+            for p in rtcp_packets(&bad).flatten() {
+                let _ = parse_twcc(p.body, &mut out);
+            }
+        }
+        // Pure garbage through the compound walk and every parser.
+        for _ in 0..2_000 {
+            let len = rng.below(80) as usize;
+            let mut junk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            if let Some(b) = junk.first_mut() {
+                *b = 0x80 | (*b & 0x3f);
+            }
+            for p in rtcp_packets(&junk).flatten() {
+                let _ = parse_twcc(p.body, &mut out);
+                let _ = parse_nack(p.body, &mut Vec::new());
+                let _ = parse_fir(p.body, &mut Vec::new());
+                let _ = parse_remb(p.body);
+                let _ = feedback_media_ssrc(p.body);
+            }
+        }
+        // A huge run claimed by a short packet is fine (all lost: no deltas needed), and a
+        // feedback without any delta ending right after an even number of chunks (which
+        // `rtc` rejects) is read.
+        let body = [
+            0, 0, 0, 1, 0, 0, 0, 2, 0xff, 0xf0, 0x00, 0x20, 0, 0, 1, 0, 0x00, 0x10, 0x00, 0x10,
+        ];
+        parse_twcc(&body, &mut out).expect("all lost");
+        assert_eq!(out.len(), 32);
+        assert!(out.iter().all(|a| !a.arrived));
+        assert_eq!(out[16].sequence_number, 0);
+    }
+
+    #[test]
+    fn nack_parser_matches_rtc() {
+        use rtc::shared::marshal::Unmarshal;
+        let mut rng = Rng(0x0bad_cafe_0000_0007);
+        for n in 0..2_000 {
+            let pairs: Vec<NackPair> = (0..1 + rng.below(20))
+                .map(|_| NackPair {
+                    packet_id: if rng.chance(30) {
+                        65_535 - rng.below(20) as u16
+                    } else {
+                        rng.next() as u16
+                    },
+                    lost_packets: if rng.chance(50) { 0 } else { rng.next() as u16 },
+                })
+                .collect();
+            let nack = TransportLayerNack {
+                sender_ssrc: 1,
+                media_ssrc: rng.next() as u32,
+                nacks: pairs,
+            };
+            let wire = nack.marshal().expect("marshal");
+            let theirs =
+                TransportLayerNack::unmarshal(&mut Bytes::copy_from_slice(&wire)).expect("rtc");
+            let want: Vec<u16> = crate::sfu::nack::nack_seqs(&theirs).collect();
+            let p = rtcp_packets(&wire).next().expect("packet").expect("header");
+            assert_eq!((p.pt, p.fmt), (PT_RTPFB, FMT_NACK));
+            let mut got = Vec::new();
+            assert_eq!(
+                parse_nack(p.body, &mut got),
+                Ok(nack.media_ssrc),
+                "nack {n}"
+            );
+            assert_eq!(got, want, "nack {n}");
+        }
+        assert_eq!(
+            parse_nack(&[0; 7], &mut Vec::new()),
+            Err(RtcpError::Truncated)
+        );
+    }
+
+    #[test]
+    fn remb_parser_matches_rtc() {
+        use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate as Remb;
+        use rtc::shared::marshal::Unmarshal;
+        for exp in 0..64u8 {
+            for mantissa in [1u32, 2, 3, 1000, 0x1_ffff, 0x3_ffff] {
+                let mut wire = vec![0x8f, PT_PSFB, 0, 5, 0, 0, 0, 1, 0, 0, 0, 0];
+                wire.extend_from_slice(b"REMB");
+                wire.extend_from_slice(&[1, exp << 2 | (mantissa >> 16) as u8]);
+                wire.extend_from_slice(&(mantissa as u16).to_be_bytes());
+                wire.extend_from_slice(&7u32.to_be_bytes());
+                let theirs = Remb::unmarshal(&mut Bytes::copy_from_slice(&wire)).expect("rtc");
+                let p = rtcp_packets(&wire).next().expect("packet").expect("header");
+                assert_eq!(
+                    parse_remb(p.body),
+                    Ok(Some(theirs.bitrate.max(0.0) as u64)),
+                    "2^{exp} × {mantissa}"
+                );
+            }
+        }
+        // A zero mantissa is zero (`rtc` makes it 2^(exp+23)); another application feedback is
+        // not a REMB.
+        let body = [0, 0, 0, 1, 0, 0, 0, 0, b'R', b'E', b'M', b'B', 1, 0, 0, 0];
+        assert_eq!(parse_remb(&body), Ok(Some(0)));
+        let body = [0, 0, 0, 1, 0, 0, 0, 0, b'G', b'O', b'O', b'G', 1, 0, 0, 0];
+        assert_eq!(parse_remb(&body), Ok(None));
+    }
+
+    #[test]
+    fn one_malformed_packet_does_not_lose_the_rest_of_the_compound() {
+        use rtc::rtcp::payload_feedbacks::full_intra_request::{FirEntry, FullIntraRequest};
+        let (mut e, _, mut tx) = pair(ProtectionProfile::AeadAes128Gcm, 12);
+        let now = Instant::now();
+        let mut compound = rr(0xabc);
+        // A transport-cc feedback whose deltas are missing, an unknown transport feedback,
+        // an APP packet, a PLI too short to name its SSRC: skipped.
+        compound.extend_from_slice(&[
+            0x8f, PT_RTPFB, 0, 5, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 1, 0, 0x20, 0x03, 0, 0,
+        ]);
+        compound.extend_from_slice(&[0x89, PT_RTPFB, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2]);
+        compound.extend_from_slice(&[0x80, 204, 0, 2, 0, 0, 0, 1, b'a', b'b', b'c', b'd']);
+        compound.extend_from_slice(&[0x81, PT_PSFB, 0, 1, 0, 0, 0, 1]);
+        // Then what matters: PLI and FIR.
+        let pli = PictureLossIndication {
+            sender_ssrc: 1,
+            media_ssrc: 7,
+        };
+        compound.extend_from_slice(&pli.marshal().expect("pli"));
+        let fir = FullIntraRequest {
+            sender_ssrc: 1,
+            media_ssrc: 0,
+            fir: vec![
+                FirEntry {
+                    ssrc: 8,
+                    sequence_number: 1,
+                },
+                FirEntry {
+                    ssrc: 9,
+                    sequence_number: 1,
+                },
+            ],
+        };
+        compound.extend_from_slice(&fir.marshal().expect("fir"));
+        let wire = tx.encrypt_rtcp(&compound).expect("encrypt");
+        let fb = e.on_rtcp(now, &wire).expect("feedback");
+        assert_eq!(fb.keyframes, vec![7, 8, 9]);
+        assert!(!fb.estimate_updated);
+        let s = e.stats();
+        assert_eq!((s.rtcp_in, s.rtcp_malformed, s.twcc_feedback), (1, 2, 0));
+        // A broken length ends the walk, keeping what came before it.
+        let mut compound = pli.marshal().expect("pli").to_vec();
+        compound.extend_from_slice(&[0x81, PT_PSFB, 0, 9, 0, 0, 0, 1, 0, 0, 0, 8]);
+        let wire = tx.encrypt_rtcp(&compound).expect("encrypt");
+        let fb = e.on_rtcp(now, &wire).expect("feedback");
+        assert_eq!(fb.keyframes, vec![7]);
+        assert_eq!(e.stats().rtcp_malformed, 3);
+    }
+
+    #[test]
+    fn twcc_feedback_feeds_the_estimator() {
+        let (mut e, _, mut tx) = pair(ProtectionProfile::AeadAes128Gcm, 12);
+        let t0 = Instant::now();
+        for seq in 0..10u16 {
+            let mut p = media(7, seq, 3000);
+            e.protect_rtp(
+                t0 + Duration::from_millis(u64::from(seq)),
+                &mut p,
+                Some(3),
+                90_000,
+                true,
+                false,
+            )
+            .expect("protect");
+        }
+        // All 10 received, 1 ms apart (run-length chunk, small deltas of 4 × 250 µs).
+        let mut fb = vec![
+            0x8f, PT_RTPFB, 0, 7, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 10, 0, 0, 1, 0, 0x20, 10,
+        ];
+        fb.extend_from_slice(&[4; 10]);
+        let mut compound = rr(0xabc);
+        compound.extend_from_slice(&fb);
+        let wire = tx.encrypt_rtcp(&compound).expect("encrypt");
+        assert_eq!(e.estimate().twcc(), None);
+        let out = e
+            .on_rtcp(t0 + Duration::from_millis(40), &wire)
+            .expect("feedback");
+        assert!(out.estimate_updated);
+        assert_eq!(e.stats().twcc_feedback, 1);
+        assert!(e.estimate().twcc().is_some());
+        // Every packet was reported: the log has nothing left to report.
+        assert!(e.twcc.take_reports().is_empty());
+        assert_eq!(e.twcc.next_to_report, 10);
+        // A feedback claiming 65 535 lost packets (9 run-length chunks) is read, and its
+        // buffer is not kept.
+        let mut huge = vec![
+            0x8f, PT_RTPFB, 0, 9, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0xff, 0xff, 0, 0, 2, 1,
+        ];
+        for _ in 0..9 {
+            huge.extend_from_slice(&[0x1f, 0xff]);
+        }
+        huge.extend_from_slice(&[0, 0]);
+        let wire = tx.encrypt_rtcp(&huge).expect("encrypt");
+        e.on_rtcp(t0 + Duration::from_millis(50), &wire)
+            .expect("feedback");
+        assert_eq!(e.stats().twcc_feedback, 2);
+        assert!(e.acks.capacity() <= TWCC_LOG);
+    }
+    #[test]
+    fn rtp_marshal_matches_rtc() {
+        let mut rng = Rng(0x1234_5678_9abc_def0);
+        let mut ours = Vec::new();
+        for n in 0..3_000 {
+            let mut p = media(rng.next() as u32, rng.next() as u16, rng.next() as u32);
+            p.header.marker = rng.chance(30);
+            p.header.payload_type = rng.below(128) as u8;
+            p.header.csrc = (0..rng.below(4)).map(|_| rng.next() as u32).collect();
+            p.payload = Bytes::from(
+                (0..rng.below(1_300))
+                    .map(|_| rng.next() as u8)
+                    .collect::<Vec<u8>>(),
+            );
+            // What the publisher's packet carried is replaced.
+            p.header.extension = true;
+            p.header.extension_profile = rtp::header::EXTENSION_PROFILE_ONE_BYTE;
+            p.header
+                .set_extension(5, Bytes::from_static(&[1, 2, 3]))
+                .expect("ext");
+            let twcc = rng
+                .chance(80)
+                .then(|| (1 + rng.below(14) as u8, rng.next() as u16));
+            p.header.extension = false;
+            p.header.extensions.clear();
+            p.header.extension_profile = 0;
+            if let Some((id, seq)) = twcc {
+                p.header.extension = true;
+                p.header.extension_profile = rtp::header::EXTENSION_PROFILE_ONE_BYTE;
+                p.header
+                    .set_extension(id, twcc_seq_bytes(seq))
+                    .expect("ext");
+                assert_eq!(&twcc_seq_bytes(seq)[..], &seq.to_be_bytes());
+            }
+            assert!(marshal_rtp(&p, twcc, &mut ours));
+            let theirs = p.marshal().expect("marshal");
+            assert_eq!(&ours[..], &theirs[..], "packet {n}");
+            // SRTP splits header and payload by the header's own size.
+            assert_eq!(p.header.marshal_size(), ours.len() - p.payload.len());
+        }
+        // Left to `rtc`: padding, an id a one-byte header cannot carry.
+        let mut p = media(1, 2, 3);
+        assert!(!marshal_rtp(&p, Some((15, 1)), &mut ours));
+        p.header.padding = true;
+        assert!(!marshal_rtp(&p, None, &mut ours));
     }
 }

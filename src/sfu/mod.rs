@@ -93,10 +93,12 @@ pub struct CoreStats {
     pub nack_resent: u64,
     pub nack_refused: u64,
     pub nack_over_budget: u64,
-    /// RTCP datagrams from subscribers taken by the fast path, and those rejected (failed
-    /// authentication, replay, unparseable).
+    /// RTCP datagrams from subscribers taken by the fast path, those rejected (failed
+    /// authentication or replay), and malformed RTCP packets inside authenticated datagrams
+    /// (skipped; the rest of the compound is still used).
     pub subscriber_rtcp_in: u64,
     pub subscriber_rtcp_rejected: u64,
+    pub subscriber_rtcp_malformed: u64,
     /// Time forwarded RTP packets spent in the server: read from the socket → handed to the
     /// kernel, over the process life (subtract two snapshots' buckets for a window).
     pub forward_latency: latency::LatencySnapshot,

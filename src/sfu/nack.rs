@@ -311,18 +311,21 @@ impl Retransmitter {
         self.streams.remove(&ssrc);
     }
 
-    /// The packets to retransmit for `nack`, in order, given the subscriber's estimate.
+    /// The packets to retransmit for a NACK of `media_ssrc` reporting `lost` (in the order
+    /// the NACK lists them, as [`nack_seqs`] gives them), in order, given the subscriber's
+    /// estimate.
     pub fn on_nack(
         &mut self,
         now: Instant,
-        nack: &TransportLayerNack,
+        media_ssrc: u32,
+        lost: &[u16],
         estimate_bps: Option<u64>,
     ) -> Vec<rtp::Packet> {
         let mut out = Vec::new();
-        let Some(stream) = self.streams.get_mut(&nack.media_ssrc) else {
+        let Some(stream) = self.streams.get_mut(&media_ssrc) else {
             return out;
         };
-        let mut seqs: Vec<u16> = nack_seqs(nack).collect();
+        let mut seqs = lost.to_vec();
         // Keyframe packets first, then newest first: when the budget cannot cover everything,
         // a keyframe is what a switching or recovering subscriber waits for, and the most
         // recent losses are the ones still worth repairing (the oldest may be of a layer the
@@ -364,7 +367,6 @@ pub fn nack_seqs(nack: &TransportLayerNack) -> impl Iterator<Item = u16> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rtc::rtcp::transport_feedbacks::transport_layer_nack::NackPair;
 
     fn ms(t: Instant, n: u64) -> Instant {
         t + Duration::from_millis(n)
@@ -485,21 +487,6 @@ mod tests {
         assert!(!b.try_spend(ms(t0, 1_000), 1_500, Some(100_000), false));
     }
 
-    fn nack(ssrc: u32, seqs: &[u16]) -> TransportLayerNack {
-        let nacks = seqs
-            .iter()
-            .map(|&s| NackPair {
-                packet_id: s,
-                lost_packets: 0,
-            })
-            .collect();
-        TransportLayerNack {
-            sender_ssrc: 0,
-            media_ssrc: ssrc,
-            nacks,
-        }
-    }
-
     #[test]
     fn retransmits_within_limits_keyframes_first() {
         let t0 = Instant::now();
@@ -514,22 +501,22 @@ mod tests {
             r.on_sent(now, &pkt(2, seq, 100), false, false);
         }
         let resent: Vec<u16> = r
-            .on_nack(ms(t0, 20), &nack(1, &[3, 4, 7]), None)
+            .on_nack(ms(t0, 20), 1, &[3, 4, 7], None)
             .iter()
             .map(|p| p.header.sequence_number)
             .collect();
         // The keyframe packet first, then newest first.
         assert_eq!(resent, vec![7, 4, 3]);
         // Again at once: too soon. The audio stream: nothing.
-        assert!(r.on_nack(ms(t0, 30), &nack(1, &[3, 4]), None).is_empty());
-        assert!(r.on_nack(ms(t0, 30), &nack(2, &[3, 4]), None).is_empty());
+        assert!(r.on_nack(ms(t0, 30), 1, &[3, 4], None).is_empty());
+        assert!(r.on_nack(ms(t0, 30), 2, &[3, 4], None).is_empty());
         let s = r.stats();
         assert_eq!(s.requested, 5);
         assert_eq!(s.resent, 3);
         assert_eq!(s.refused, 2);
         // A removed stream answers nothing.
         r.remove_stream(1);
-        assert!(r.on_nack(ms(t0, 400), &nack(1, &[3]), None).is_empty());
+        assert!(r.on_nack(ms(t0, 400), 1, &[3], None).is_empty());
     }
 
     #[test]
@@ -559,7 +546,7 @@ mod tests {
             r.on_sent(ms(t0, u64::from(seq) * 4), &pkt(1, seq, 1_200), true, false);
         }
         let all: Vec<u16> = (0..200).collect();
-        let n = r.on_nack(ms(t0, 800), &nack(1, &all), Some(300_000)).len();
+        let n = r.on_nack(ms(t0, 800), 1, &all, Some(300_000)).len();
         // The burst of a 60 kbit/s budget holds one or two 1.2 kB packets.
         assert!((1..=2).contains(&n), "{n}");
         assert!(r.stats().over_budget > 0);
