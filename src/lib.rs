@@ -15,10 +15,12 @@
 //! every peer connection, feeds datagrams in, drains what they want to send and drives their
 //! timers from one timer heap. The packet path has one owner and no locks. What a subscriber
 //! receives bypasses `rtc`'s per-connection pipeline: the core encrypts it with the
-//! connection's own SRTP keys and handles the subscriber's RTCP itself (`sfu::egress`); `rtc`
-//! keeps ICE, DTLS, negotiation, data channels and the publishers' media. Pure logic
-//! (rewriting, keyframe throttling, data-channel envelopes, message parsing) lives in small
-//! modules that are unit-tested without sockets.
+//! connection's own SRTP keys and handles the subscriber's RTCP itself (`sfu::egress`). What a
+//! publisher sends bypasses it too once `rtc` has bound the SSRC to a track: the core decrypts
+//! and forwards it and generates the publisher's feedback (TWCC, NACK, receiver reports, PLI;
+//! `sfu::ingress`). `rtc` keeps ICE, DTLS, negotiation, data channels and track binding. Pure
+//! logic (rewriting, keyframe throttling, data-channel envelopes, message parsing, feedback
+//! generation) lives in small modules that are unit-tested without sockets.
 
 pub mod config;
 pub mod http;

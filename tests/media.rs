@@ -5,6 +5,7 @@ mod common;
 mod support;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Peer, PeerEvent, RemoteTrackStats};
@@ -775,6 +776,62 @@ async fn subscribers_get_sender_reports_for_forwarded_streams() {
     assert_eq!(health["subscriber_rtcp_rejected"], 0, "{health}");
     assert_eq!(health["subscriber_rtcp_malformed"], 0, "{health}");
     assert_eq!(health["nack_over_budget"], 0, "{health}");
+    bob.leave().await.unwrap();
+    alice.leave().await.unwrap();
+    server.shutdown().await;
+}
+
+/// A publisher's feedback comes from Plaza's publisher fast path (its connection runs no `rtc`
+/// interceptors): a video packet the publisher leaves out is asked for (NACK) and counted lost
+/// in receiver reports, all of which the publisher's own stack decrypts and reads; the rest of
+/// its media skips `rtc` and still reaches the subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_get_nacks_and_receiver_reports_from_the_fast_path() {
+    let server = TestServer::start().await;
+    let opts = common::PeerOptions {
+        skip_video_packet: Some(40),
+        ..support::opts(true)
+    };
+    let alice = Peer::connect(&server.ws_url(), "feedback", "alice", opts)
+        .await
+        .expect("alice connects and publishes");
+    let bob = subscriber(&server, "feedback", "bob").await;
+    assert_receives(&bob, &alice).await;
+    // What the publisher's RTCP tap read of the server's feedback (receiver reports come once
+    // a second: wait for one that counts the loss).
+    let fb = alice.feedback();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fb.reported_lost.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, health) = server.healthz().await.unwrap();
+    assert!(
+        alice.nacked_packets() >= 1,
+        "the publisher received no NACK for the packet it left out: {health}"
+    );
+    assert!(
+        fb.report_blocks.load(Ordering::Relaxed) >= 1,
+        "the publisher received no receiver report: {health}"
+    );
+    assert_eq!(
+        fb.reported_lost.load(Ordering::Relaxed),
+        1,
+        "the receiver reports count exactly the packet left out as lost: {health}"
+    );
+    for counter in [
+        "publisher_rtp_fast",
+        "publisher_rtcp_in",
+        "nack_sent_to_publishers",
+        "receiver_reports_sent",
+    ] {
+        assert!(health[counter].as_u64() > Some(0), "{counter}: {health}");
+    }
+    assert_eq!(health["publisher_rtp_rejected"], 0, "{health}");
+    assert_eq!(health["publisher_rtcp_rejected"], 0, "{health}");
+    // Media is on the fast path: only the first packets of each SSRC went through `rtc`.
+    let fast = health["publisher_rtp_fast"].as_u64().unwrap_or(0);
+    let slow = health["publisher_rtp_to_rtc"].as_u64().unwrap_or(0);
+    assert!(fast > 10 * slow, "fast {fast}, through rtc {slow}");
     bob.leave().await.unwrap();
     alice.leave().await.unwrap();
     server.shutdown().await;

@@ -13,7 +13,9 @@ use std::time::Instant;
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
@@ -58,6 +60,11 @@ pub struct FeedbackCounters {
     /// Packets the server asked to retransmit (NACK): loss on the publisher → server leg.
     pub nacked_packets: AtomicU64,
     pub nack_messages: AtomicU64,
+    /// Transport-wide congestion control feedback packets received (publisher connections).
+    pub twcc_feedback: AtomicU64,
+    /// Receiver report blocks received, and the largest cumulative loss one reported.
+    pub report_blocks: AtomicU64,
+    pub reported_lost: AtomicU64,
     /// The latest sender report per SSRC (subscriber connections).
     pub sender_reports: Mutex<HashMap<u32, SenderReportSeen>>,
     /// Woken at every sender report.
@@ -115,6 +122,17 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestTap {
                         );
                     }
                     self.counters.sender_report_arrived.notify_waiters();
+                }
+                if p.as_any().is::<TransportLayerCc>() {
+                    self.counters.twcc_feedback.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(rr) = p.as_any().downcast_ref::<ReceiverReport>() {
+                    for block in &rr.reports {
+                        self.counters.report_blocks.fetch_add(1, Ordering::Relaxed);
+                        self.counters
+                            .reported_lost
+                            .fetch_max(u64::from(block.total_lost), Ordering::Relaxed);
+                    }
                 }
                 if let Some(nack) = p.as_any().downcast_ref::<TransportLayerNack>() {
                     let n: u64 = nack

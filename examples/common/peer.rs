@@ -115,6 +115,9 @@ pub struct PeerOptions {
     /// When received video asks the server for a keyframe (PLI), as a browser would (see
     /// [`super::decoder`]). `Off` by default: a webrtc-rs peer without a decoder never does.
     pub pli_policy: PliPolicy,
+    /// Leave out the Nth RTP packet (1-based) of the first video encoding, as a lossy network
+    /// would: the server should ask for it (NACK) and report it lost. `None`: send everything.
+    pub skip_video_packet: Option<u64>,
 }
 
 /// The layers of a simulcast video track.
@@ -171,6 +174,7 @@ impl Default for PeerOptions {
             subscriber_bandwidth_bps: None,
             subscriber_max_queue_delay: relay::DEFAULT_MAX_DELAY,
             pli_policy: PliPolicy::Off,
+            skip_video_packet: None,
         }
     }
 }
@@ -1492,6 +1496,9 @@ impl LocalTrack {
 struct TrackSink {
     track: Arc<TrackLocalStaticRTP>,
     extensions: Vec<(u8, Bytes)>,
+    /// Leave out this packet (1-based count of packets written).
+    skip: Option<u64>,
+    written: AtomicU64,
 }
 
 impl PacketSink for TrackSink {
@@ -1507,9 +1514,14 @@ impl PacketSink for TrackSink {
             }
         }
         super::probe::sent(packet.header.ssrc, &packet.payload);
+        let n = self.written.fetch_add(1, Ordering::Relaxed) + 1;
+        let skip = self.skip == Some(n);
         async move {
             if let Some(e) = err {
                 return Err(e);
+            }
+            if skip {
+                return Ok(());
             }
             track.write_rtp(packet).await.map_err(|e| e.to_string())
         }
@@ -1569,6 +1581,7 @@ async fn start_media(
     pc: Arc<dyn PeerConnection>,
     tracks: Vec<LocalTrack>,
     t: Duration,
+    skip_video_packet: Option<u64>,
 ) {
     let connected = |s: &State| {
         (s.pc_state.get(&PcTarget::Publisher) == Some(&RTCPeerConnectionState::Connected))
@@ -1636,9 +1649,12 @@ async fn start_media(
                 ],
                 None => Vec::new(),
             };
+            let first_video = lt.kind == TrackKind::Video && std::ptr::eq(layer, &lt.layers[0]);
             let sink = TrackSink {
                 track: lt.track.clone(),
                 extensions,
+                skip: skip_video_packet.filter(|_| first_video),
+                written: AtomicU64::new(0),
             };
             shared.spawn(run_pacer(
                 packetizer,
@@ -1895,6 +1911,7 @@ impl Peer {
                 pc.clone(),
                 local_tracks.clone(),
                 t,
+                opts.skip_video_packet,
             ));
             publisher = Some(pc);
         }
@@ -2326,6 +2343,11 @@ impl Peer {
     /// publisher and the server.
     pub fn nacked_packets(&self) -> u64 {
         self.shared.feedback.nacked_packets()
+    }
+
+    /// What the publisher connection's tap saw of the server's feedback.
+    pub fn feedback(&self) -> &FeedbackCounters {
+        &self.shared.feedback
     }
 
     /// Waits until the subscriber connection has received an RTCP sender report for `ssrc`

@@ -8,6 +8,7 @@
 use super::bwe::Estimate;
 use super::data::{self, DataError};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
+use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::{KeyframeThrottle, SwitchWatch};
 use super::latency::LatencyHistogram;
 use super::rewrite::{Rewriter, Vp8Munger};
@@ -41,7 +42,6 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
 };
-use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
@@ -146,7 +146,7 @@ struct Pc {
     /// Where `rtc` last sent something other than STUN (DTLS, SCTP): the remote address of
     /// the selected candidate pair, where the fast path sends media.
     media_addr: Option<SocketAddr>,
-    /// Subscriber connections: records SRTP key derivation for the fast path.
+    /// Records SRTP key derivation for the fast path.
     capture: Option<KeyCapture>,
 }
 
@@ -195,6 +195,8 @@ struct Participant {
     selected_at_bps: Option<u64>,
     /// The subscriber connection's media path, once its DTLS handshake is done.
     egress: Option<Egress>,
+    /// The publisher connection's media path, once its DTLS handshake is done.
+    ingress: Option<Ingress>,
 }
 
 /// A track a participant publishes.
@@ -360,6 +362,7 @@ struct Core {
     stats: CoreStats,
     /// Fast-path counters of participants that have left.
     departed_egress: EgressStats,
+    departed_ingress: IngressStats,
     next_id: u64,
     /// Keyframe requests to send (through the layer's throttle): (track id, layer).
     keyframe_wanted: Vec<(String, usize)>,
@@ -495,6 +498,7 @@ impl Core {
             forward_latency: LatencyHistogram::new(),
             stats: CoreStats::default(),
             departed_egress: EgressStats::default(),
+            departed_ingress: IngressStats::default(),
             next_id: 1,
             keyframe_wanted: Vec::new(),
             doomed: Vec::new(),
@@ -589,13 +593,28 @@ impl Core {
             if let Err(e) = pc.rtc.handle_timeout(now) {
                 debug!("handle_timeout: {e}");
             }
+            if key.kind == PcKind::Publisher {
+                self.ingress_timeout(key.part, now);
+            }
             self.mark_dirty(key);
         }
     }
 
     fn reschedule(&mut self, key: PcKey) {
-        let Some(pc) = self.pc_mut(key) else { return };
-        let next = pc.rtc.poll_timeout();
+        let Some(p) = self.parts.get_mut(&key.part) else {
+            return;
+        };
+        let (pc, ingress) = match key.kind {
+            PcKind::Subscriber => (&mut p.sub, None),
+            PcKind::Publisher => match p.publ.as_mut() {
+                Some(pc) => (pc, p.ingress.as_ref()),
+                None => return,
+            },
+        };
+        let next = match (pc.rtc.poll_timeout(), ingress.and_then(Ingress::deadline)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if next != pc.deadline {
             pc.deadline = next;
             if let Some(at) = next {
@@ -667,6 +686,54 @@ impl Core {
                     }
                 }
                 return;
+            }
+        }
+        if key.kind == PcKind::Publisher && (128..192).contains(&first) {
+            // SRTP or SRTCP from a publisher: its fast path once it has started. The first
+            // media can arrive in the same batch as the last DTLS flight, before the connected
+            // event: start as soon as the keys are there, so that transport-wide feedback
+            // covers the publisher's first packets (its bandwidth probes).
+            if self
+                .parts
+                .get(&key.part)
+                .is_some_and(|p| p.ingress.is_none())
+            {
+                self.start_ingress_early(key.part);
+            }
+            let res = self
+                .parts
+                .get_mut(&key.part)
+                .and_then(|p| p.ingress.as_mut())
+                .map(|ing| {
+                    if egress::is_rtcp(data) {
+                        ing.on_rtcp(now, data).map(|()| None)
+                    } else {
+                        ing.on_rtp(now, data).map(Some)
+                    }
+                });
+            match res {
+                None => {}
+                Some(Ok(incoming)) => {
+                    self.after_ingress(key.part);
+                    match incoming {
+                        // RTCP, taken.
+                        None => return,
+                        Some(ingress::Incoming {
+                            packet,
+                            track: Some(track),
+                        }) => {
+                            self.forward_rtp(key.part, &track, packet, now);
+                            return;
+                        }
+                        // SSRC not bound yet: `rtc` binds it (below).
+                        Some(_) => {}
+                    }
+                }
+                Some(Err(e)) => {
+                    self.stats.udp_datagrams_ignored += 1;
+                    trace!(%from, "publisher SRTP rejected: {e}");
+                    return;
+                }
             }
         }
         let local_addr = self.local_addr;
@@ -868,6 +935,8 @@ impl Core {
                         if key.kind == PcKind::Subscriber {
                             self.start_egress(key.part);
                             self.refresh_downtracks(key.part);
+                        } else {
+                            self.start_ingress(key.part);
                         }
                     }
                     RTCPeerConnectionState::Failed => {
@@ -920,7 +989,9 @@ impl Core {
     fn handle_pc_message(&mut self, key: PcKey, msg: TaggedRTCMessage) {
         match msg.message {
             RTCMessage::RtpPacket(track_id, packet) if key.kind == PcKind::Publisher => {
+                let ssrc = packet.header.ssrc;
                 self.forward_rtp(key.part, &track_id, packet, msg.now);
+                self.bind_ingress(key.part, &track_id, ssrc);
             }
             RTCMessage::DataChannelMessage(id, m) if key.kind == PcKind::Subscriber => {
                 self.relay_data(key.part, id, m.is_string, &m.data, msg.now);
@@ -1377,6 +1448,119 @@ impl Core {
         }
     }
 
+    /// The publisher connection is up: its SRTP keys are known, start its fast path.
+    fn start_ingress(&mut self, part: u64) {
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
+        let Some(pc) = p.publ.as_ref() else { return };
+        if p.ingress.is_some() {
+            return;
+        }
+        let twcc_ext = pc
+            .rtc
+            .local_description()
+            .and_then(|d| ingress::twcc_ext_id(&d.sdp));
+        let res = pc
+            .capture
+            .as_ref()
+            .ok_or(egress::EgressError::NoKeys(0))
+            .and_then(|c| c.keys())
+            .map_err(|e| e.to_string())
+            .and_then(|keys| Ingress::new(&keys, twcc_ext).map_err(|e| e.to_string()));
+        match res {
+            Ok(i) => {
+                debug!(participant = %p.pid, ?twcc_ext, "publisher fast path ready");
+                p.ingress = Some(i);
+            }
+            Err(e) => {
+                warn!(participant = %p.pid, "publisher media path: {e}");
+                self.doomed
+                    .push((part, format!("publisher media path could not start: {e}")));
+            }
+        }
+    }
+
+    /// Start the publisher's fast path before the connected event if its SRTP keys are
+    /// already derived (nothing happens, and `rtc` takes the datagram, while they are not).
+    fn start_ingress_early(&mut self, part: u64) {
+        let ready = self
+            .parts
+            .get(&part)
+            .and_then(|p| p.publ.as_ref())
+            .and_then(|pc| pc.capture.as_ref())
+            .is_some_and(|c| c.keys().is_ok());
+        if ready {
+            self.start_ingress(part);
+        }
+    }
+
+    /// After the publisher's fast path took a datagram: send the feedback it produced, and
+    /// move the connection's timer earlier if the fast path now needs it sooner.
+    fn after_ingress(&mut self, part: u64) {
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
+        let (Some(ing), Some(pc)) = (p.ingress.as_mut(), p.publ.as_mut()) else {
+            return;
+        };
+        if ing.has_output() {
+            if let Some(to) = pc.media_addr {
+                for wire in ing.take_output() {
+                    self.out.push(wire, to, None);
+                }
+            }
+        }
+        if let Some(at) = ing.deadline() {
+            if pc.deadline.is_none_or(|d| at < d) {
+                pc.deadline = Some(at);
+                self.timers.push(Reverse((
+                    at,
+                    PcKey {
+                        part,
+                        kind: PcKind::Publisher,
+                    },
+                )));
+            }
+        }
+    }
+
+    /// The publisher connection's timer fired: feedback that is due.
+    fn ingress_timeout(&mut self, part: u64, now: Instant) {
+        if let Some(ing) = self.parts.get_mut(&part).and_then(|p| p.ingress.as_mut()) {
+            ing.on_timeout(now);
+            self.after_ingress(part);
+        }
+    }
+
+    /// `rtc` delivered a packet of `ssrc` on its track `rtc_track`: once the SSRC belongs to a
+    /// layer of a published track, its packets skip `rtc`.
+    fn bind_ingress(&mut self, part: u64, rtc_track: &str, ssrc: u32) {
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
+        let Some(ing) = p.ingress.as_mut() else {
+            return;
+        };
+        if ing.is_bound(ssrc) {
+            return;
+        }
+        let Some(track) = p
+            .pub_tracks
+            .iter()
+            .find(|t| t.rtc_id == rtc_track)
+            .and_then(|t| self.tracks.get(&*t.tid))
+        else {
+            return;
+        };
+        if !track.layers.iter().any(|l| l.ssrc == Some(ssrc)) {
+            return;
+        }
+        let video = track.kind == TrackKind::Video;
+        ing.bind(ssrc, rtc_track, track.codec.clock_rate, video);
+        trace!(participant = %p.pid, ssrc, "publisher SSRC on the fast path");
+    }
+
     /// What a subscriber's RTCP asked for: retransmissions (already answered by its egress),
     /// keyframes, a look at a new TWCC estimate.
     fn on_subscriber_feedback(&mut self, part: u64, fb: egress::Feedback, now: Instant) {
@@ -1462,27 +1646,25 @@ impl Core {
             if !layer.throttle.request(now) {
                 continue;
             }
-            let (publisher, receiver) = (track.publisher, track.receiver);
-            let Some(pc) = self.parts.get_mut(&publisher).and_then(|p| p.publ.as_mut()) else {
+            // Through the publisher's fast path only: `rtc` never sends RTCP on a publisher
+            // connection (its SRTCP context shares the fast path's key).
+            let Some(p) = self.parts.get_mut(&track.publisher) else {
                 continue;
             };
-            if let Some(mut r) = pc.rtc.rtp_receiver(receiver) {
-                trace!(track = %tid, layer = li, "PLI to publisher");
-                self.stats.keyframe_requests += 1;
-                if let Err(e) = r.write_rtcp(
-                    now,
-                    vec![Box::new(PictureLossIndication {
-                        sender_ssrc: 0,
-                        media_ssrc,
-                    })],
-                ) {
-                    debug!("write_rtcp PLI: {e}");
+            let (Some(ing), Some(to)) = (
+                p.ingress.as_mut(),
+                p.publ.as_ref().and_then(|pc| pc.media_addr),
+            ) else {
+                continue;
+            };
+            match ing.pli(media_ssrc) {
+                Ok(wire) => {
+                    trace!(track = %tid, layer = li, "PLI to publisher");
+                    self.stats.keyframe_requests += 1;
+                    self.out.push(wire, to, None);
                 }
+                Err(e) => debug!("PLI: {e}"),
             }
-            self.mark_dirty(PcKey {
-                part: publisher,
-                kind: PcKind::Publisher,
-            });
         }
     }
 
@@ -1604,6 +1786,11 @@ impl Core {
             .map(|p| p.pid.clone())
             .unwrap_or_default();
         if let Some(p) = self.parts.get_mut(&track.publisher) {
+            if let Some(ing) = p.ingress.as_mut() {
+                for t in p.pub_tracks.iter().filter(|t| &*t.tid == tid) {
+                    ing.unbind_track(&t.rtc_id);
+                }
+            }
             p.pub_tracks.retain(|t| &*t.tid != tid);
         }
         for (&sub, dt) in track.down.iter() {
@@ -1770,17 +1957,31 @@ impl Core {
                 s.subscriber_rtcp_in = e.rtcp_in;
                 s.subscriber_rtcp_rejected = e.rtcp_rejected;
                 s.subscriber_rtcp_malformed = e.rtcp_malformed;
+                let mut i = self.departed_ingress;
+                for p in self.parts.values() {
+                    if let Some(ing) = &p.ingress {
+                        i += ing.stats();
+                    }
+                }
+                s.publisher_rtp_fast = i.rtp_fast;
+                s.publisher_rtp_to_rtc = i.rtp_to_rtc;
+                s.publisher_rtp_rejected = i.rtp_rejected;
+                s.publisher_rtcp_in = i.rtcp_in;
+                s.publisher_rtcp_rejected = i.rtcp_rejected;
+                s.nack_sent_to_publishers = i.nack_sent;
+                s.twcc_feedback_sent = i.twcc_feedback_sent;
+                s.receiver_reports_sent = i.receiver_reports_sent;
                 let _ = reply.send(s);
             }
             Command::Shutdown { .. } => {}
         }
     }
 
-    /// A new peer connection. A subscriber connection runs no interceptors:
-    /// its media goes through the fast path ([`Egress`]: TWCC, NACK, sender reports), for which
-    /// it records its SRTP keys; it offers the two SRTP profiles the fast path handles. The
-    /// publisher side gets `rtc`'s default chain (NACK generation, TWCC feedback to the
-    /// publisher, receiver reports, simulcast header extensions).
+    /// A new peer connection. No connection runs `rtc` interceptors: media and RTCP go
+    /// through the fast paths ([`Egress`] for subscribers: TWCC, NACK, sender reports;
+    /// [`Ingress`] for publishers: TWCC feedback, NACK generation, receiver reports, PLI), for
+    /// which every connection records its SRTP keys and offers the two SRTP profiles the fast
+    /// paths handle.
     fn new_pc(&mut self, key: PcKey) -> Result<Pc, SfuError> {
         let rtc_err = |e: rtc::shared::error::Error| SfuError::Rtc(e.to_string());
         let ufrag = random_string(16);
@@ -1790,20 +1991,23 @@ impl Core {
             .with_ice_credentials(ufrag.clone(), pwd)
             .with_lite(true);
         let mut me = media_engine().map_err(rtc_err)?;
-        let mut capture = None;
+        let c = KeyCapture::new().map_err(|e| SfuError::Rtc(e.to_string()))?;
+        setting = setting
+            .with_crypto_provider(Arc::new(c.clone()))
+            .with_srtp_protection_profiles(vec![
+                SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+                SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+            ]);
+        let capture = Some(c);
         let registry = match key.kind {
             PcKind::Publisher => {
-                register_default_interceptors(Registry::new(), &mut me).map_err(rtc_err)?
+                // The media engine exactly as the default chain configures it (so the SDP
+                // is unchanged); the interceptors it builds are left out: the fast path
+                // ([`Ingress`]) does their work.
+                let _ = register_default_interceptors(Registry::new(), &mut me).map_err(rtc_err)?;
+                Registry::new()
             }
             PcKind::Subscriber => {
-                let c = KeyCapture::new().map_err(|e| SfuError::Rtc(e.to_string()))?;
-                setting = setting
-                    .with_crypto_provider(Arc::new(c.clone()))
-                    .with_srtp_protection_profiles(vec![
-                        SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
-                        SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
-                    ]);
-                capture = Some(c);
                 for (typ, parameter) in [("nack", ""), ("nack", "pli"), ("transport-cc", "")] {
                     me.register_feedback(
                         RTCPFeedback {
@@ -1944,6 +2148,7 @@ impl Core {
             limiter: data::RateLimiter::default(),
             selected_at_bps: None,
             egress: None,
+            ingress: None,
         };
         self.parts.insert(part, participant);
         self.by_pid.insert(pid.clone(), part);
@@ -2304,6 +2509,9 @@ impl Core {
             });
         match res {
             Ok(sdp) => {
+                if let Some(ing) = self.parts.get_mut(&part).and_then(|p| p.ingress.as_mut()) {
+                    ing.set_twcc_ext(ingress::twcc_ext_id(&sdp));
+                }
                 self.send_to(part, ServerMessage::PublishAnswer { sdp });
                 self.drop_stopped_publications(part);
             }
@@ -2464,6 +2672,9 @@ impl Core {
                 debug!(stats = ?s, "subscriber fast path");
             }
             self.departed_egress += s;
+        }
+        if let Some(ing) = &p.ingress {
+            self.departed_ingress += ing.stats();
         }
         for pc in std::iter::once(&mut p.sub).chain(p.publ.as_mut()) {
             let _ = pc.rtc.close();

@@ -10,6 +10,7 @@ pub mod bwe;
 pub mod core;
 pub mod data;
 pub mod egress;
+pub mod ingress;
 pub mod keyframe;
 pub mod latency;
 pub mod nack;
@@ -99,6 +100,19 @@ pub struct CoreStats {
     pub subscriber_rtcp_in: u64,
     pub subscriber_rtcp_rejected: u64,
     pub subscriber_rtcp_malformed: u64,
+    /// Publishers' RTP packets forwarded by the publisher fast path, handed to `rtc` (their
+    /// SSRC not yet bound to a track) and rejected (authentication, replay, unparseable).
+    pub publisher_rtp_fast: u64,
+    pub publisher_rtp_to_rtc: u64,
+    pub publisher_rtp_rejected: u64,
+    /// RTCP datagrams from publishers taken by the fast path, and those rejected.
+    pub publisher_rtcp_in: u64,
+    pub publisher_rtcp_rejected: u64,
+    /// Feedback sent to publishers: sequence numbers asked for in NACKs, TWCC feedback
+    /// packets, receiver report packets.
+    pub nack_sent_to_publishers: u64,
+    pub twcc_feedback_sent: u64,
+    pub receiver_reports_sent: u64,
     /// Time forwarded RTP packets spent in the server: read from the socket → handed to the
     /// kernel, over the process life (subtract two snapshots' buckets for a window).
     pub forward_latency: latency::LatencySnapshot,
