@@ -11,8 +11,10 @@
 //!   feedback (`Egress::on_rtcp`: receiver report + transport-cc for 10 sent packets, SRTCP
 //!   decrypt, parse, TWCC log, bandwidth estimator);
 //! - `udp/sendmmsg_64`: the kernel's part, per datagram: `OutQueue::send` of 64 datagrams of
-//!   1100 bytes to 8 loopback sockets that a thread drains (on loopback the delivery into the
-//!   receiving socket runs in the sender's system call, so it is included);
+//!   1100 bytes to 8 loopback sockets, each with a thread blocked on it (on loopback the
+//!   delivery into the receiving socket, and waking its thread, run in the sender's system
+//!   call, so they are included); `udp/sendmmsg_64_unwoken`: the same with no thread waiting
+//!   on the sockets (they are emptied every millisecond), so no wake-up is paid;
 //! - `srtp/*`: SRTP protect (server → subscriber) and unprotect (publisher → server) with both
 //!   negotiated profiles, AEAD-AES-128-GCM (webrtc-rs peers) and AES-CM-128-HMAC-SHA1-80
 //!   (Chromium unless offered GCM only), for a 1100-byte video and a 100-byte audio payload.
@@ -544,6 +546,62 @@ fn bench_udp(c: &mut C) {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for d in drains {
         let _ = d.join();
+    }
+
+    // The same sends when no thread waits on the receiving sockets: one thread empties them
+    // every millisecond without blocking, so the kernel queues each datagram but wakes nobody.
+    // That is closer to a real network, where the receiving side runs on another machine.
+    let mut g = c.benchmark_group("udp");
+    g.measurement_time(Duration::from_secs(3));
+    let rxs: Vec<std::net::UdpSocket> = (0..8)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            s.set_nonblocking(true).expect("nonblocking");
+            set_recv_buffer(&s, 4 << 20);
+            s
+        })
+        .collect();
+    let addrs: Vec<_> = rxs.iter().map(|r| r.local_addr().expect("addr")).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for r in &rxs {
+                    while r.recv(&mut buf).is_ok() {}
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("sendmmsg_64_unwoken", |b| {
+        b.iter(|| {
+            let mut q = OutQueue::new();
+            for i in 0..64 {
+                q.push(data.clone(), addrs[i % addrs.len()], None);
+            }
+            black_box(q.send(&tx, &mut latency))
+        })
+    });
+    g.finish();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = drain.join();
+}
+
+/// A larger receive buffer (the drain above empties the sockets only every millisecond).
+fn set_recv_buffer(s: &std::net::UdpSocket, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt with a valid fd and a pointer to an i32 of the stated size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
     }
 }
 

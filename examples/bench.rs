@@ -142,7 +142,7 @@ fn pinning(args: &Args) -> Result<Option<Pinning>> {
     if args.no_pin {
         return Ok(None);
     }
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = affinity::online_cpus();
     let server = match &args.server_cpus {
         Some(s) => affinity::parse_cpus(s)?,
         None if n >= 2 => vec![0],
@@ -338,7 +338,7 @@ fn machine() -> Value {
         .ok()
         .and_then(|t| measure::parse_status_kb(&t, "MemTotal"));
     json!({
-        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "nproc": affinity::online_cpus(),
         "cpu_model": cpu,
         "memory_bytes": mem,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")

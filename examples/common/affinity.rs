@@ -62,6 +62,17 @@ pub fn format_cpus(cpus: &[usize]) -> String {
     out.join(",")
 }
 
+/// CPUs online on the machine (not only those this process may use).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn set_affinity(cpus: &[usize]) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET only writes inside it (indices
