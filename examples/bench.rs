@@ -247,6 +247,12 @@ struct Point {
     loadavg_before: Option<[f64; 3]>,
     loadavg_after: Option<[f64; 3]>,
     wall_s: f64,
+    /// The host's steal time over the point (joins, warm-up and window), % of all CPUs: time
+    /// the hypervisor ran something else on this VM's CPUs. `/proc` CPU time cannot see it,
+    /// and per-packet figures measured while it is high are inflated.
+    host_steal_pct: Option<f64>,
+    #[serde(skip)]
+    steal_before: Option<u64>,
 }
 
 impl Point {
@@ -267,6 +273,8 @@ impl Point {
             loadavg_before: loadavg(),
             loadavg_after: None,
             wall_s: 0.0,
+            host_steal_pct: None,
+            steal_before: steal_ticks(),
         }
     }
 
@@ -283,8 +291,21 @@ impl Point {
         self.ok = self.failures.is_empty();
         self.loadavg_after = loadavg();
         self.wall_s = started.elapsed().as_secs_f64();
+        if let (Some(a), Some(b)) = (self.steal_before, steal_ticks()) {
+            let cpus = affinity::online_cpus() as f64;
+            // /proc/stat counts in USER_HZ ticks (100 per second on Linux).
+            self.host_steal_pct =
+                Some(b.saturating_sub(a) as f64 / (self.wall_s.max(0.001) * 100.0 * cpus) * 100.0);
+        }
         self
     }
+}
+
+/// The machine's total steal time so far, in USER_HZ ticks (`/proc/stat`, first line, 8th
+/// value).
+fn steal_ticks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    text.lines().next()?.split_whitespace().nth(8)?.parse().ok()
 }
 
 /// Connects peers `<prefix>-1` … `<prefix>-<count>` (`--join-concurrency` at a time) into
@@ -1287,9 +1308,17 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
             .iter()
             .filter_map(|p| p.loadavg_before.map(|l| format!("{:.1}", l[0])))
             .collect();
+        let steal = points
+            .iter()
+            .filter_map(|p| p.host_steal_pct)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let steal_text = steal.map_or_else(
+            || "host steal time not available".to_owned(),
+            |v| format!("host steal time ≤ {v:.1} % per point"),
+        );
         let footer = format!(
             "{date} {time} UTC · {} × {} · git {} ({}) · {pin_text} · {} s per point · 1-min \
-             load before each point: {}",
+             load before each point: {} · {steal_text}",
             machine["nproc"],
             machine["cpu_model"].as_str().unwrap_or("?"),
             build["git_rev"].as_str().unwrap_or("?"),
