@@ -103,6 +103,31 @@ pub struct SrtpKeys {
 }
 
 impl SrtpKeys {
+    /// The SRTP contexts for both directions: the local one (what this side encrypts) and the
+    /// remote one (what it decrypts, with replay protection). Errors are `rtc`'s, as text.
+    pub fn contexts(&self) -> Result<(Context, Context), String> {
+        let crypto = rtc::crypto::default_provider().map_err(|e| e.to_string())?;
+        let local = Context::new(
+            &self.local_key,
+            &self.local_salt,
+            self.profile,
+            None,
+            None,
+            crypto.crypto(),
+        )
+        .map_err(|e| e.to_string())?;
+        let remote = Context::new(
+            &self.remote_key,
+            &self.remote_salt,
+            self.profile,
+            Some(srtp_replay_protection(REPLAY_WINDOW)),
+            Some(srtcp_replay_protection(REPLAY_WINDOW)),
+            crypto.crypto(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok((local, remote))
+    }
+
     /// Recover the keys from the AES blocks SRTP key derivation encrypted, in order:
     /// `(master key, input block)`. The first block under a key is label 0 with counter 0:
     /// the master salt, zero-padded. Labels 1 and 4 (authentication keys) mean an
@@ -461,27 +486,7 @@ pub struct Feedback {
 impl Egress {
     /// The fast path of a connection whose DTLS handshake gave `keys`.
     pub fn new(keys: &SrtpKeys) -> Result<Self, EgressError> {
-        let crypto =
-            rtc::crypto::default_provider().map_err(|e| EgressError::Srtp(e.to_string()))?;
-        let srtp = |e: rtc::shared::error::Error| EgressError::Srtp(e.to_string());
-        let local = Context::new(
-            &keys.local_key,
-            &keys.local_salt,
-            keys.profile,
-            None,
-            None,
-            crypto.crypto(),
-        )
-        .map_err(srtp)?;
-        let remote = Context::new(
-            &keys.remote_key,
-            &keys.remote_salt,
-            keys.profile,
-            Some(srtp_replay_protection(REPLAY_WINDOW)),
-            Some(srtcp_replay_protection(REPLAY_WINDOW)),
-            crypto.crypto(),
-        )
-        .map_err(srtp)?;
+        let (local, remote) = keys.contexts().map_err(EgressError::Srtp)?;
         Ok(Egress {
             local,
             remote,

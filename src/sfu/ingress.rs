@@ -72,13 +72,10 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::{
 use rtc::rtp;
 use rtc::shared::marshal::Unmarshal;
 use rtc::srtp::context::Context;
-use rtc::srtp::option::{srtcp_replay_protection, srtp_replay_protection};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Replay window for the publisher's SRTP and SRTCP (as `rtc` uses).
-const REPLAY_WINDOW: usize = 64;
 /// How often TWCC feedback is sent (as `rtc`'s receiver interceptor).
 pub const TWCC_INTERVAL: Duration = Duration::from_millis(100);
 /// Feedback goes out at once when this many packets wait for it.
@@ -783,27 +780,7 @@ impl Ingress {
     /// The fast path of a publisher connection whose DTLS handshake gave `keys`, with the
     /// negotiated transport-wide sequence number extension id.
     pub fn new(keys: &SrtpKeys, twcc_ext: Option<u8>) -> Result<Self, IngressError> {
-        let crypto =
-            rtc::crypto::default_provider().map_err(|e| IngressError::Srtp(e.to_string()))?;
-        let srtp = |e: rtc::shared::error::Error| IngressError::Srtp(e.to_string());
-        let local = Context::new(
-            &keys.local_key,
-            &keys.local_salt,
-            keys.profile,
-            None,
-            None,
-            crypto.crypto(),
-        )
-        .map_err(srtp)?;
-        let remote = Context::new(
-            &keys.remote_key,
-            &keys.remote_salt,
-            keys.profile,
-            Some(srtp_replay_protection(REPLAY_WINDOW)),
-            Some(srtcp_replay_protection(REPLAY_WINDOW)),
-            crypto.crypto(),
-        )
-        .map_err(srtp)?;
+        let (local, remote) = keys.contexts().map_err(IngressError::Srtp)?;
         Ok(Ingress {
             remote,
             local,
