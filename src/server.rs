@@ -116,6 +116,7 @@ where
         CoreConfig {
             announce_ips: announce_ips.clone(),
             max_data_message: config.max_data_message,
+            limits: crate::sfu::CoreLimits::default(),
         },
         socket,
     )?;

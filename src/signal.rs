@@ -261,8 +261,12 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// The referenced track or participant does not exist.
     NotFound,
-    /// Too many data-channel messages or bytes per second from this participant.
+    /// Too many messages (signaling or data channel) or bytes per second from this
+    /// participant; the message was not acted on, the session stays open.
     RateLimited,
+    /// A per-participant cap was reached (candidates, tracks, subscriptions, ids in one
+    /// message); the message was not acted on, the session stays open.
+    LimitExceeded,
     /// Protocol version mismatch.
     UnsupportedProtocol,
     /// The server is shutting down or overloaded.

@@ -68,6 +68,8 @@ pub struct CoreConfig {
     pub announce_ips: Vec<IpAddr>,
     /// Largest data-channel payload relayed, in bytes.
     pub max_data_message: usize,
+    /// Per-participant and per-turn limits.
+    pub limits: super::CoreLimits,
 }
 
 /// Start the core on its own thread, owning `socket` (a bound, non-blocking std socket).

@@ -25,6 +25,34 @@ use tokio::sync::{mpsc, oneshot};
 /// Capacity of each participant's signaling event queue.
 pub const EVENT_QUEUE: usize = 1024;
 
+/// What one participant may make the core hold or do. Every limit is a configuration setting
+/// (`src/config.rs`); hitting one gets the client a clear error and is counted in `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreLimits {
+    /// Remote ICE candidates accepted per peer connection (more get `limit_exceeded`).
+    pub max_remote_candidates: usize,
+    /// Tracks one participant may publish at once.
+    pub max_published_tracks: usize,
+    /// Tracks one participant may be subscribed to at once.
+    pub max_subscriptions: usize,
+    /// Ids in one `subscribe` / `unsubscribe` message.
+    pub max_ids_per_message: usize,
+    /// Client commands the core handles in one turn before it serves the media socket again.
+    pub commands_per_turn: usize,
+}
+
+impl Default for CoreLimits {
+    fn default() -> Self {
+        CoreLimits {
+            max_remote_candidates: 64,
+            max_published_tracks: 16,
+            max_subscriptions: 512,
+            max_ids_per_message: 512,
+            commands_per_turn: 64,
+        }
+    }
+}
+
 /// Server-assigned participant id (`PA_...`).
 pub type ParticipantId = String;
 
