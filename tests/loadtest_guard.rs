@@ -288,7 +288,7 @@ async fn delivery_counts_a_stream_that_stops() {
     let carol_delivery = c.delivery_percent.unwrap();
     assert!(
         carol_delivery < 80.0,
-        "a stream that stopped after a third of the window reads {carol_delivery}%: {c:?}"
+        "a stream that stopped after a quarter of the window reads {carol_delivery}%: {c:?}"
     );
     // What the load tester reported before: gap-based loss sees nothing.
     let carol_audio = carol.remote_track(&audio).unwrap();
