@@ -198,7 +198,7 @@ export async function launchParticipant(label, { extraArgs = [], dropFakeUi = fa
 
 /**
  * Puppeteer's page with the few Playwright page methods the tests use (fill, press,
- * selectOption, textContent, isVisible), so the helpers below work with either browser.
+ * selectOption, textContent, isVisible, addInitScript), so the helpers below work with either browser.
  */
 function playwrightLike(page) {
   const extra = {
@@ -210,6 +210,7 @@ function playwrightLike(page) {
     selectOption: (sel, value) => page.select(sel, value),
     textContent: (sel) => page.$eval(sel, (e) => e.textContent),
     isVisible: async (sel) => (await page.$(sel))?.isVisible() ?? false,
+    addInitScript: (fn) => page.evaluateOnNewDocument(fn),
   };
   return new Proxy(page, {
     get(target, key) {
@@ -332,4 +333,26 @@ export function percentile(values, q) {
   if (!s.length) return NaN;
   const i = Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1));
   return s[i];
+}
+
+/**
+ * Page init script: every RTCPeerConnection the page creates records in `window.__ice` when
+ * it was created and when its ICE connection state first became 'checking' and 'connected'
+ * (performance.now() ms), and whether it sends media ('publisher') or not ('subscriber').
+ */
+export function recordIceTimes() {
+  const Real = window.RTCPeerConnection;
+  window.__ice = [];
+  window.RTCPeerConnection = class extends Real {
+    constructor(...args) {
+      super(...args);
+      const rec = { created: performance.now(), checking: null, connected: null, role: null };
+      window.__ice.push(rec);
+      this.addEventListener('iceconnectionstatechange', () => {
+        const s = this.iceConnectionState === 'completed' ? 'connected' : this.iceConnectionState;
+        if ((s === 'checking' || s === 'connected') && rec[s] === null) rec[s] = performance.now();
+        if (s === 'connected' && rec.role === null) rec.role = this.getSenders().some((x) => x.track) ? 'publisher' : 'subscriber';
+      });
+    }
+  };
 }
