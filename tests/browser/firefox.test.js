@@ -132,7 +132,10 @@ describe('Firefox', { timeout: 300_000 }, () => {
     ).catch(async (e) => {
       throw new Error(`${e.message}; decoded width was ${high}; Firefox sends ${await describeLayers()}`);
     });
-    // The low viewer still gets the low layer while the other gets more.
+    // The low viewer still gets the low layer (Firefox's own 'q' encoding) while the other gets more.
+    const layers = await publishedLayers(fox);
+    assert.equal(layers.find((l) => l.rid === 'q')?.frameWidth, 320, `Firefox's q layer is 320 wide (sends ${await describeLayers()})`);
+    assert.ok(layers.some((l) => l.rid !== 'q' && l.frameWidth === high), `the quality=high viewer's ${high} is one of Firefox's layers`);
     assert.equal(await decodedWidth(chrome, 'fox'), 320);
     console.log(`# Firefox sends ${await describeLayers()}; quality=low viewer decodes ${low} wide, quality=high viewer ${high} wide`);
   });
