@@ -104,12 +104,13 @@ describe('Firefox', { timeout: 300_000 }, () => {
   it('Firefox publishes simulcast: a quality=low Chromium viewer decodes the 320 wide layer, another a larger one', async () => {
     const room = `ff-simulcast-${Date.now()}`;
     await joinViaUrl(fox, server.url, room, 'fox');
-    await waitFor(async () => (await publishedLayers(fox)).filter((l) => l.frameWidth > 0).length >= 2, {
-      timeout: 20_000,
-      what: 'Firefox to send at least two simulcast layers',
-    });
     await Promise.all([joinViaUrl(chrome, server.url, room, 'low', '&quality=low'), joinViaUrl(chrome2, server.url, room, 'high', '&quality=high')]);
     await Promise.all([waitForMediaFrom(chrome, 'fox'), waitForMediaFrom(chrome2, 'fox')]);
+    // Firefox starts with the low layer and adds the larger ones as its bandwidth estimate grows.
+    await waitFor(async () => (await publishedLayers(fox)).filter((l) => l.frameWidth > 0).length >= 2, {
+      timeout: 30_000,
+      what: 'Firefox to send at least two simulcast layers',
+    });
     const describeLayers = async () =>
       (await publishedLayers(fox)).map((l) => `${l.rid}:${l.active === false ? 'paused,' : ''}${l.frameWidth}w`).join(' ');
     let low = 0;
