@@ -1,13 +1,14 @@
 """A Plaza participant built on aiortc, talking the signaling protocol of signaling/README.md.
 
     python aiortc_client.py --url ws://H:P/rtc --room R --name N [--publish] [--expect-from NAME]
-                            [--peer NAME] [--timeout S]
+                            [--peer NAME] [--until-signal] [--media-only] [--timeout S]
 
 Every participant answers the server's subscribe offers and says hello on the `chat` data
 channel. With --publish it also publishes the assets/ clips through aiortc's MediaPlayer (decoded
 and re-encoded by aiortc: VP8 video, Opus audio). With --expect-from NAME it checks that aiortc
 *decodes* NAME's media (video frames with a size, 48 kHz audio frames) and receives NAME's chat,
-then sends `done` on chat and leaves. A publisher leaves when --peer sends `done`. Prints
+then sends `done` on chat and leaves. A publisher leaves when --peer sends `done` (with --until-signal: at
+SIGTERM, passing if its tracks were published and --peer's chat arrived). Prints
 `RESULT {json}` and exits 0 on success, 1 on failure or timeout.
 """
 
@@ -16,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -51,6 +53,8 @@ class Client:
         self.done = asyncio.get_running_loop().create_future()
         self.done_sent = False
         self.sub = RTCPeerConnection()
+        self.sub_connected = asyncio.Event()
+        self.offers_answered = 0
         self.pub = None
         self.ws = None
         self.tasks = []
@@ -97,6 +101,10 @@ class Client:
         @self.sub.on("connectionstatechange")
         def on_state():
             self.log("subscriber PC", self.sub.connectionState)
+            if self.sub.connectionState == "connected":
+                self.sub_connected.set()
+            elif self.sub.connectionState == "failed":
+                self.finish(False, "subscriber PC failed")
 
     async def consume(self, track, st):
         while True:
@@ -113,6 +121,13 @@ class Client:
             self.check()
 
     async def answer(self, sdp):
+        # aiortc 1.16 starts the receivers of a renegotiation only if the (bundled) DTLS transport
+        # is "new" or "connected" when the answer is set: an offer applied while the first DTLS
+        # handshake is still running leaves its tracks without receivers forever (no frames, no
+        # error). So later offers wait until the subscriber PC has connected.
+        if self.offers_answered > 0:
+            await asyncio.wait_for(self.sub_connected.wait(), 10)
+        self.offers_answered += 1
         self.mids.update(parse_sdp(sdp))
         await self.sub.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         await self.sub.setLocalDescription(await self.sub.createAnswer())
@@ -135,6 +150,8 @@ class Client:
         @self.pub.on("connectionstatechange")
         def on_state():
             self.log("publisher PC", self.pub.connectionState)
+            if self.pub.connectionState == "failed":
+                self.finish(False, "publisher PC failed")
 
         await self.pub.setLocalDescription(await self.pub.createOffer())
         sdp = self.pub.localDescription.sdp
@@ -144,7 +161,7 @@ class Client:
 
     # ---- checks ----
     def chat_from(self, name, body=None):
-        return any((c == f"{name}:{body}") if body else c.startswith(f"{name}:hello") for c in self.result["chat_from"])
+        return any((c == f"{name}:{body}") if body else c.startswith(f"{name}:") for c in self.result["chat_from"])
 
     def media_ok(self):
         ts = [t for t in self.result["tracks"].values() if t["from"] == self.args.expect_from]
@@ -155,14 +172,22 @@ class Client:
         a, v = audio[0], video[0]
         return a["frames"] >= 50 and a.get("sample_rate") == 48000 and v["frames"] >= 20 and v.get("width", 0) > 0
 
+    def on_sigterm(self):
+        ok = bool(self.args.publish and len(self.result["own_tracks"]) >= 2 and (not self.args.peer or self.chat_from(self.args.peer)))
+        progress = {k: self.result[k] for k in ("tracks", "chat_from", "own_tracks", "errors")}
+        self.finish(ok, f"stopped by SIGTERM: {json.dumps(progress)}")
+
     def check(self):
         a = self.args
         if a.expect_from:
-            if not self.done_sent and self.media_ok() and self.chat_from(a.expect_from):
+            if not self.done_sent and self.media_ok() and (a.media_only or self.chat_from(a.expect_from)):
                 self.done_sent = True
-                self.chat.send("{}\ndone")
+                if self.chat is not None:
+                    self.chat.send("{}\ndone")
                 asyncio.get_running_loop().call_later(0.3, self.finish, True, f"decoded media and chat from {a.expect_from}")
         elif a.publish:
+            if a.until_signal:
+                return
             if len(self.result["own_tracks"]) >= 2 and (not a.peer or self.chat_from(a.peer, "done")):
                 self.finish(True, f"published {', '.join(self.result['own_tracks'])}; {a.peer} said done")
         elif a.peer and self.chat_from(a.peer):
@@ -205,6 +230,7 @@ class Client:
         self.finish(False, "WebSocket closed")
 
     async def run(self):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.on_sigterm)
         self.setup_sub()
         async with websockets.connect(self.args.url, max_size=None) as ws:
             self.ws = ws
@@ -240,6 +266,8 @@ async def main():
     p.add_argument("--publish", action="store_true")
     p.add_argument("--expect-from")
     p.add_argument("--peer")
+    p.add_argument("--until-signal", action="store_true")
+    p.add_argument("--media-only", action="store_true", help="do not wait for the publisher's chat")
     p.add_argument("--timeout", type=float, default=25)
     args = p.parse_args()
     if os.environ.get("FOREIGN_DEBUG"):

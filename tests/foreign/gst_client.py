@@ -2,13 +2,13 @@
 protocol of signaling/README.md.
 
     python gst_client.py --url ws://H:P/rtc --room R --name N [--publish] [--expect-from NAME]
-                         [--peer NAME] [--timeout S] [--offer-at-negotiation-needed]
+                         [--peer NAME] [--until-signal] [--media-only] [--timeout S] [--offer-at-negotiation-needed]
 
 Every participant answers the server's subscribe offers on a receive-only webrtcbin and says
 hello on the `chat` data channel. With --publish it also publishes `videotestsrc ! vp8enc` and
 `audiotestsrc ! opusenc` on a second webrtcbin. With --expect-from NAME it checks that GStreamer
 *decodes* NAME's media (decodebin: raw video buffers with a size, raw 48 kHz audio buffers) and
-receives NAME's chat, then sends `done` on chat and leaves. A publisher leaves when --peer sends
+receives NAME's chat (not with --media-only, for a publisher that says nothing), then sends `done` on chat and leaves. A publisher leaves when --peer sends
 `done`. Prints `RESULT {json}` and exits 0 on success, 1 on failure or timeout.
 
 The publisher's offer: webrtcbin fires on-negotiation-needed as soon as the sink pads are linked,
@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import random
 import sys
 import threading
@@ -267,7 +268,7 @@ class Client:
     # ---- checks ----
     def chat_from(self, name, body=None):
         with self.lock:
-            return any((c == f"{name}:{body}") if body else c.startswith(f"{name}:hello") for c in self.result["chat_from"])
+            return any((c == f"{name}:{body}") if body else c.startswith(f"{name}:") for c in self.result["chat_from"])
 
     def media_ok(self):
         with self.lock:
@@ -282,14 +283,22 @@ class Client:
         a, v = audio[0], video[0]
         return a["buffers"] >= 50 and a.get("rate") == 48000 and v["buffers"] >= 20 and (v.get("width") or 0) > 0
 
+    def on_sigterm(self):
+        ok = bool(self.args.publish and len(self.result["own_tracks"]) >= 2 and (not self.args.peer or self.chat_from(self.args.peer)))
+        progress = {k: self.result[k] for k in ("tracks", "chat_from", "own_tracks", "errors")}
+        self.finish(ok, f"stopped by SIGTERM: {json.dumps(progress)}")
+
     def check(self):
         a = self.args
         if a.expect_from:
-            if not self.done_sent and self.media_ok() and self.chat_from(a.expect_from) and self.chat_open():
+            if not self.done_sent and self.media_ok() and (a.media_only or self.chat_from(a.expect_from)) and (a.media_only or self.chat_open()):
                 self.done_sent = True
-                self.chat.emit("send-string", "{}\ndone")
+                if self.chat_open():
+                    self.chat.emit("send-string", "{}\ndone")
                 self.loop.call_later(0.3, self.finish, True, f"decoded media and chat from {a.expect_from}")
         elif a.publish:
+            if a.until_signal:
+                return
             if len(self.result["own_tracks"]) >= 2 and (not a.peer or self.chat_from(a.peer, "done")):
                 self.finish(True, f"published {', '.join(self.result['own_tracks'])}; {a.peer} said done")
         elif a.peer and self.chat_from(a.peer):
@@ -344,6 +353,7 @@ class Client:
         self.finish(False, "WebSocket closed")
 
     async def run(self):
+        self.loop.add_signal_handler(signal.SIGTERM, self.on_sigterm)
         glib_loop = GLib.MainLoop()
         threading.Thread(target=glib_loop.run, daemon=True).start()
         self.setup_sub()
@@ -380,6 +390,8 @@ async def main():
     p.add_argument("--publish", action="store_true")
     p.add_argument("--expect-from")
     p.add_argument("--peer")
+    p.add_argument("--until-signal", action="store_true")
+    p.add_argument("--media-only", action="store_true", help="do not wait for the publisher's chat")
     p.add_argument("--timeout", type=float, default=25)
     p.add_argument("--offer-at-negotiation-needed", action="store_true")
     args = p.parse_args()

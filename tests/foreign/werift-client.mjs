@@ -2,15 +2,17 @@
 // signaling/README.md itself.
 //
 //   node werift-client.mjs --url ws://H:P/rtc --room R --name N [--publish] [--expect-from NAME]
-//                          [--peer NAME] [--timeout S]
+//                          [--peer NAME] [--until-signal] [--media-only] [--timeout S]
 //
 // Every participant answers the server's subscribe offers and says hello on the `chat` data
 // channel. With --publish it also publishes Opus + VP8 (assets/ clips, RTP packetised here) on
 // a publisher PC whose offer carries no a=msid (werift's default when a track is added without a
 // stream). With --expect-from NAME it checks what it receives from NAME: one audio track whose
 // packets carry the Opus payload type and are small, one video track whose packets carry the VP8
-// payload type and include a keyframe, and NAME's chat; then it sends `done` on chat and leaves.
-// A publisher leaves when --peer sends `done`. Prints `RESULT {json}` and exits 0 on success,
+// payload type and include a keyframe, and NAME's chat (not with --media-only, for a publisher
+// that says nothing); then it sends `done` on chat and leaves.
+// A publisher leaves when --peer sends `done` (with --until-signal: at SIGTERM, passing if its
+// tracks were published and --peer's chat arrived). Prints `RESULT {json}` and exits 0 on success,
 // 1 on failure or timeout.
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -26,6 +28,8 @@ for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
   const key = a.replace(/^--/, '').replace(/-/g, '_');
   if (a === '--publish') args.publish = true;
+  else if (a === '--until-signal') args.until_signal = true;
+  else if (a === '--media-only') args.media_only = true;
   else args[key] = process.argv[++i];
 }
 for (const k of ['url', 'room', 'name']) if (!args[k]) throw new Error(`--${k} is required`);
@@ -126,7 +130,10 @@ setInterval(() => {
   if (chat && chat.readyState === 'open') chat.send(`{}\nhello from ${args.name}`);
 }, 400);
 
-sub.connectionStateChange.subscribe((s) => log('subscriber PC', s));
+sub.connectionStateChange.subscribe((s) => {
+  log('subscriber PC', s);
+  if (s === 'failed') finish(false, 'subscriber PC failed');
+});
 
 async function answer(sdp) {
   for (const [mid, m] of parseSdp(sdp)) mids.set(mid, m);
@@ -153,6 +160,7 @@ async function publish() {
   send({ type: 'publish_offer', sdp });
   pub.connectionStateChange.subscribe((s) => {
     log('publisher PC', s);
+    if (s === 'failed') finish(false, 'publisher PC failed');
     if (s === 'connected') startMedia(audio, video, vt.sender);
   });
 }
@@ -215,7 +223,7 @@ function mediaOk() {
   const [v] = video;
   return a.packets >= 50 && v.packets >= 30 && v.keyframes >= 1;
 }
-const chatFrom = (name, body) => result.chat_from.some((c) => (body ? c === `${name}:${body}` : c.startsWith(`${name}:hello`)));
+const chatFrom = (name, body) => result.chat_from.some((c) => (body ? c === `${name}:${body}` : c.startsWith(`${name}:`)));
 function progress() {
   return { tracks: result.tracks, chat_from: result.chat_from, own_tracks: result.own_tracks, errors: result.errors };
 }
@@ -223,17 +231,25 @@ let doneSent = false;
 function check() {
   if (finished) return;
   if (args.expect_from) {
-    if (mediaOk() && chatFrom(args.expect_from) && !doneSent) {
+    if (mediaOk() && (args.media_only || chatFrom(args.expect_from)) && !doneSent) {
       doneSent = true;
-      chat.send(`{}\ndone`);
+      if (chat) chat.send(`{}\ndone`);
       setTimeout(() => finish(true, `media and chat from ${args.expect_from}`), 300);
     }
   } else if (args.publish) {
+    if (args.until_signal) return;
     if (result.own_tracks.length >= 2 && (!args.peer || chatFrom(args.peer, 'done'))) finish(true, `published ${result.own_tracks.join(', ')}; ${args.peer ?? 'nobody'} said done`);
   } else if (args.peer && chatFrom(args.peer)) {
     finish(true, `chat from ${args.peer}`);
   }
 }
+
+// --until-signal: a publisher serving a peer that says nothing (the webrtc-rs load tester) runs
+// until SIGTERM, then passes if its tracks were published and the peer's chat arrived.
+process.on('SIGTERM', () => {
+  const ok = args.publish && result.own_tracks.length >= 2 && (!args.peer || chatFrom(args.peer));
+  finish(ok, `stopped by SIGTERM: ${JSON.stringify(progress())}`);
+});
 
 ws.on('open', () => send({ type: 'join', room: args.room, name: args.name, protocol: 1 }));
 ws.on('close', (code, reason) => {
