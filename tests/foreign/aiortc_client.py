@@ -205,6 +205,7 @@ class Client:
             t = msg["type"]
             if t == "joined":
                 self.my_id = msg["participant_id"]
+                self.result["participant_id"] = self.my_id
                 self.names[self.my_id] = self.args.name
                 for p in msg["participants"]:
                     self.names[p["id"]] = p["name"]

@@ -261,6 +261,7 @@ ws.on('message', (raw) => {
   switch (msg.type) {
     case 'joined':
       myId = msg.participant_id;
+      result.participant_id = myId;
       names.set(myId, args.name);
       for (const p of msg.participants) names.set(p.id, p.name);
       log('joined as', myId);
