@@ -7,11 +7,13 @@
 
 use super::bwe::Estimate;
 use super::data::{self, DataError};
+use super::demux::{Claim, Demux, DropCounters};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::{KeyframeThrottle, SwitchWatch};
 use super::latency::LatencyHistogram;
 use super::rewrite::{Rewriter, Vp8Munger};
+use super::sdpcheck;
 use super::selector::{
     BitrateMeter, LayerInfo, LayerSelector, PacketAction, Requested, layer_quality, needed_layers,
 };
@@ -132,9 +134,7 @@ struct PcKey {
 /// One `rtc` peer connection with the bookkeeping the loop needs.
 struct Pc {
     rtc: RTCPeerConnection,
-    ufrag: String,
     deadline: Option<Instant>,
-    addrs: Vec<SocketAddr>,
     connected: bool,
     created: Instant,
     /// Already in the dirty queue.
@@ -201,10 +201,11 @@ struct Participant {
     ingress: Option<Ingress>,
 }
 
-/// A track a participant publishes.
+/// A track a participant publishes: one receiving transceiver of its publisher connection.
+/// Identified by that receiver, never by the client's msid (which may be absent, or the same
+/// on several m-lines): only a new RID on the same receiver is a new layer.
 struct PubTrack {
-    /// The publisher PC's `rtc` track id (what its packets are tagged with).
-    rtc_id: String,
+    receiver: RTCRtpReceiverId,
     /// The server's track id, shared so the packet path can hold it without allocating.
     tid: Arc<str>,
 }
@@ -219,11 +220,11 @@ impl Participant {
             .unwrap_or_default()
     }
 
-    /// The server track id of the publisher-side `rtc` track `rtc_id`.
-    fn pub_track(&self, rtc_id: &str) -> Option<&Arc<str>> {
+    /// The server track id of what the publisher connection's receiver `receiver` gets.
+    fn pub_track(&self, receiver: RTCRtpReceiverId) -> Option<&Arc<str>> {
         self.pub_tracks
             .iter()
-            .find(|t| t.rtc_id == rtc_id)
+            .find(|t| t.receiver == receiver)
             .map(|t| &t.tid)
     }
 
@@ -354,8 +355,10 @@ struct Core {
     parts: HashMap<u64, Participant>,
     by_pid: HashMap<String, u64>,
     tracks: HashMap<String, Track>,
-    ufrags: HashMap<String, PcKey>,
-    addrs: HashMap<SocketAddr, PcKey>,
+    /// Which connection each datagram belongs to.
+    demux: Demux<PcKey>,
+    /// Datagrams dropped, by reason, and log lines for them (rate-limited).
+    drops: DropCounters,
     timers: BinaryHeap<Reverse<(Instant, PcKey)>>,
     dirty: VecDeque<PcKey>,
     /// Datagrams produced this turn, sent in batches (see `send_out`).
@@ -492,8 +495,8 @@ impl Core {
             parts: HashMap::new(),
             by_pid: HashMap::new(),
             tracks: HashMap::new(),
-            ufrags: HashMap::new(),
-            addrs: HashMap::new(),
+            demux: Demux::new(),
+            drops: DropCounters::default(),
             timers: BinaryHeap::new(),
             dirty: VecDeque::new(),
             out: OutQueue::new(),
@@ -651,29 +654,17 @@ impl Core {
 
     /// Route a datagram to the connection it belongs to (also used to replay early ones).
     fn feed_datagram(&mut self, now: Instant, data: &[u8], from: SocketAddr) {
-        let Some(&first) = data.first() else {
-            self.stats.udp_datagrams_ignored += 1;
-            return;
-        };
-        // STUN goes by the server ufrag in USERNAME (whatever address it comes from); all else
-        // only from addresses the connection itself has chosen to talk to (see `flush`), so a
-        // stranger who learns a ufrag still cannot inject DTLS or SRTP.
-        let key = if first < 4 {
-            match stun_username(data) {
-                Some(u) => u
-                    .split(':')
-                    .next()
-                    .and_then(|local| self.ufrags.get(local).copied()),
-                None => self.addrs.get(&from).copied(),
+        // See `demux` for the rules: STUN requests by the server ufrag, responses by the check
+        // they answer, everything else only from addresses the connection validated.
+        let key = match self.demux.route(data, from, now) {
+            Ok(key) => key,
+            Err(reason) => {
+                self.stats.udp_datagrams_ignored += 1;
+                self.drops.count(reason, from, now);
+                return;
             }
-        } else {
-            self.addrs.get(&from).copied()
         };
-        let Some(key) = key else {
-            self.stats.udp_datagrams_ignored += 1;
-            trace!(%from, "datagram from unknown address ignored");
-            return;
-        };
+        let first = data[0];
         if key.kind == PcKind::Subscriber && egress::is_rtcp(data) {
             if let Some(egress) = self
                 .parts
@@ -879,11 +870,11 @@ impl Core {
         };
         while let Some(out) = pc.rtc.poll_write() {
             let to = out.transport.peer_addr;
-            if !pc.addrs.contains(&to) && is_validated_send(&out.message) {
-                // The connection answered a check that passed (or sends DTLS/SRTP) there:
-                // from now on non-STUN datagrams from that address belong to it.
-                pc.addrs.push(to);
-                self.addrs.insert(to, key);
+            // Checks are remembered (their responses are routed back here); a Binding success
+            // or DTLS/SRTP claims the address for this connection, unless another live
+            // connection owns it.
+            if self.demux.on_send(key, &out.message, to, out.now) == Claim::Refused {
+                self.drops.rebind_refused(to, out.now);
             }
             if out.message.first().is_some_and(|&b| b > 3) {
                 pc.media_addr = Some(to);
@@ -956,17 +947,12 @@ impl Core {
             {
                 self.on_published_track(key.part, init);
             }
-            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(track_id))
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnClose(_))
                 if key.kind == PcKind::Publisher =>
             {
-                let tid = self
-                    .parts
-                    .get(&key.part)
-                    .and_then(|p| p.pub_track(&track_id))
-                    .cloned();
-                if let Some(tid) = tid {
-                    self.unpublish(&tid);
-                }
+                // The event names the client's track id, which need not be unique: look at
+                // which receivers still receive instead.
+                self.drop_stopped_publications(key.part);
             }
             RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id))
                 if key.kind == PcKind::Subscriber =>
@@ -990,10 +976,18 @@ impl Core {
 
     fn handle_pc_message(&mut self, key: PcKey, msg: TaggedRTCMessage) {
         match msg.message {
-            RTCMessage::RtpPacket(track_id, packet) if key.kind == PcKind::Publisher => {
+            RTCMessage::RtpPacket(_, packet) if key.kind == PcKind::Publisher => {
+                // Tagged with the client's track id, which need not be unique (no msid, or the
+                // same msid on two m-lines): find the track by SSRC, which `rtc` bound to one
+                // receiver (the track event for it was handled before this packet).
                 let ssrc = packet.header.ssrc;
-                self.forward_rtp(key.part, &track_id, packet, msg.now);
-                self.bind_ingress(key.part, &track_id, ssrc);
+                let Some(tid) = self.published_ssrc(key.part, ssrc) else {
+                    self.stats.rtp_packets_in += 1;
+                    self.stats.rtp_packets_dropped += 1;
+                    return;
+                };
+                self.forward_rtp(key.part, &tid, packet, msg.now);
+                self.bind_ingress(key.part, &tid, ssrc);
             }
             RTCMessage::DataChannelMessage(id, m) if key.kind == PcKind::Subscriber => {
                 self.relay_data(key.part, id, m.is_string, &m.data, msg.now);
@@ -1012,8 +1006,9 @@ impl Core {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
-        if let Some(tid) = p.pub_track(&init.track_id) {
-            // Another encoding (simulcast layer) of a known track.
+        if let Some(tid) = p.pub_track(init.receiver_id) {
+            // Another encoding (simulcast layer) of a known track, or a new SSRC of its only
+            // encoding.
             if let Some(t) = self.tracks.get_mut(&**tid) {
                 let rid = init.rid.clone().unwrap_or_default();
                 match t.layers.iter_mut().find(|l| l.rid == rid) {
@@ -1026,7 +1021,34 @@ impl Core {
             }
             return;
         }
+        if p.pub_tracks.len() >= self.cfg.limits.max_published_tracks {
+            warn!(participant = %p.pid, limit = self.cfg.limits.max_published_tracks, "published track over the limit; ignored");
+            self.stats.limits_hit.published_tracks += 1;
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "at most {} published tracks per participant; track {} is not forwarded",
+                        self.cfg.limits.max_published_tracks, init.track_id
+                    ),
+                    Some("publish_offer"),
+                ),
+            );
+            return;
+        }
         let Some(pc) = p.publ.as_mut() else { return };
+        // The m-section (mid) this receiver belongs to: the track's name when the client gave
+        // no msid.
+        let mut mid = String::new();
+        for id in pc.rtc.get_transceivers().collect::<Vec<_>>() {
+            if let Some(t) = pc.rtc.rtp_transceiver(id) {
+                if t.receiver() == Some(init.receiver_id) {
+                    mid = t.mid().clone().unwrap_or_default();
+                    break;
+                }
+            }
+        }
         let Some(receiver) = pc.rtc.rtp_receiver(init.receiver_id) else {
             return;
         };
@@ -1045,7 +1067,7 @@ impl Core {
         let offered = pc
             .rtc
             .remote_description()
-            .map(|d| offered_rids(&d.sdp, &init.track_id))
+            .map(|d| offered_rids(&d.sdp, &mid))
             .unwrap_or_default();
         let mut layers = vec![Layer::new(
             init.rid.clone().unwrap_or_default(),
@@ -1062,7 +1084,11 @@ impl Core {
             room: p.room.clone(),
             kind,
             codec,
-            client_track_id: init.track_id.clone(),
+            client_track_id: if init.track_id.is_empty() {
+                mid
+            } else {
+                init.track_id.clone()
+            },
             receiver: init.receiver_id,
             muted: false,
             layers,
@@ -1071,7 +1097,7 @@ impl Core {
             unneeded_since: HashMap::new(),
         };
         p.pub_tracks.push(PubTrack {
-            rtc_id: init.track_id.clone(),
+            receiver: init.receiver_id,
             tid: Arc::from(tid.as_str()),
         });
         let info = t.info(&p.pid);
@@ -1272,16 +1298,23 @@ impl Core {
         Some(track.layers.len() - 1)
     }
 
-    fn forward_rtp(&mut self, part: u64, rtc_track: &str, mut packet: rtp::Packet, now: Instant) {
+    /// The server track of a publisher's SSRC (a layer's SSRC, learned from the track event).
+    fn published_ssrc(&self, part: u64, ssrc: u32) -> Option<Arc<str>> {
+        let p = self.parts.get(&part)?;
+        p.pub_tracks
+            .iter()
+            .find(|t| {
+                self.tracks
+                    .get(&*t.tid)
+                    .is_some_and(|tr| tr.layers.iter().any(|l| l.ssrc == Some(ssrc)))
+            })
+            .map(|t| t.tid.clone())
+    }
+
+    /// One packet of the publisher's track `tid` (server id): to every down-track.
+    fn forward_rtp(&mut self, part: u64, tid: &Arc<str>, mut packet: rtp::Packet, now: Instant) {
         self.stats.rtp_packets_in += 1;
-        let Some(tid) = self
-            .parts
-            .get(&part)
-            .and_then(|p| p.pub_track(rtc_track))
-            .cloned()
-        else {
-            return;
-        };
+        let tid = tid.clone();
         let Some(li) = self.layer_of(part, &tid, packet.header.ssrc) else {
             return;
         };
@@ -1535,9 +1568,9 @@ impl Core {
         }
     }
 
-    /// `rtc` delivered a packet of `ssrc` on its track `rtc_track`: once the SSRC belongs to a
-    /// layer of a published track, its packets skip `rtc`.
-    fn bind_ingress(&mut self, part: u64, rtc_track: &str, ssrc: u32) {
+    /// `rtc` delivered a packet of `ssrc` of the published track `tid`: once the SSRC belongs
+    /// to a layer of it, its packets skip `rtc`.
+    fn bind_ingress(&mut self, part: u64, tid: &Arc<str>, ssrc: u32) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -1547,19 +1580,14 @@ impl Core {
         if ing.is_bound(ssrc) {
             return;
         }
-        let Some(track) = p
-            .pub_tracks
-            .iter()
-            .find(|t| t.rtc_id == rtc_track)
-            .and_then(|t| self.tracks.get(&*t.tid))
-        else {
+        let Some(track) = self.tracks.get(&**tid) else {
             return;
         };
         if !track.layers.iter().any(|l| l.ssrc == Some(ssrc)) {
             return;
         }
         let video = track.kind == TrackKind::Video;
-        ing.bind(ssrc, rtc_track, track.codec.clock_rate, video);
+        ing.bind(ssrc, tid.clone(), track.codec.clock_rate, video);
         trace!(participant = %p.pid, ssrc, "publisher SSRC on the fast path");
     }
 
@@ -1789,9 +1817,7 @@ impl Core {
             .unwrap_or_default();
         if let Some(p) = self.parts.get_mut(&track.publisher) {
             if let Some(ing) = p.ingress.as_mut() {
-                for t in p.pub_tracks.iter().filter(|t| &*t.tid == tid) {
-                    ing.unbind_track(&t.rtc_id);
-                }
+                ing.unbind_track(tid);
             }
             p.pub_tracks.retain(|t| &*t.tid != tid);
         }
@@ -1946,6 +1972,7 @@ impl Core {
                 s.participants = self.parts.len();
                 s.published_tracks = self.tracks.len();
                 s.forward_latency = self.forward_latency.snapshot();
+                s.udp_dropped = self.drops.snapshot();
                 let mut e = self.departed_egress;
                 for p in self.parts.values() {
                     if let Some(eg) = &p.egress {
@@ -2070,12 +2097,10 @@ impl Core {
         }
         rtc.add_local_candidate(RTCIceCandidateInit::default())
             .map_err(|e| SfuError::Rtc(e.to_string()))?;
-        self.ufrags.insert(ufrag.clone(), key);
+        self.demux.register(key, &ufrag);
         Ok(Pc {
             rtc,
-            ufrag,
             deadline: None,
-            addrs: Vec::new(),
             connected: false,
             created: now,
             queued: false,
@@ -2455,6 +2480,17 @@ impl Core {
             part,
             kind: PcKind::Publisher,
         };
+        if let Err(e) = sdpcheck::check_offer(&sdp) {
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::InvalidSdp,
+                    format!("offer refused: {e}"),
+                    Some("publish_offer"),
+                ),
+            );
+            return;
+        }
         let offer = match RTCSessionDescription::offer(sdp) {
             Ok(o) => o,
             Err(e) => {
@@ -2469,7 +2505,8 @@ impl Core {
                 return;
             }
         };
-        if self.parts.get(&part).is_some_and(|p| p.publ.is_none()) {
+        let fresh = self.parts.get(&part).is_some_and(|p| p.publ.is_none());
+        if fresh {
             match self.new_pc(key) {
                 Ok(pc) => {
                     if let Some(p) = self.parts.get_mut(&part) {
@@ -2500,9 +2537,11 @@ impl Core {
                     .map_err(|e| (ErrorCode::InvalidSdp, format!("no answer possible: {e}")))
             })
             .and_then(|answer| {
+                // What fails here fails because of the offer (e.g. transport parameters that
+                // parse but cannot be used).
                 pc.rtc
                     .set_local_description(Instant::now(), answer.clone())
-                    .map_err(|e| (ErrorCode::Internal, format!("answer not applied: {e}")))?;
+                    .map_err(|e| (ErrorCode::InvalidSdp, format!("answer not applied: {e}")))?;
                 Ok(pc
                     .rtc
                     .local_description()
@@ -2519,6 +2558,15 @@ impl Core {
             }
             Err((code, msg)) => {
                 self.send_to(part, ServerMessage::error(code, msg, Some("publish_offer")));
+                if fresh {
+                    // A first offer that failed leaves nothing behind: the next one starts
+                    // from a new connection.
+                    if let Some(mut pc) = self.parts.get_mut(&part).and_then(|p| p.publ.take()) {
+                        let _ = pc.rtc.close();
+                        self.demux.release(key);
+                    }
+                    return;
+                }
             }
         }
         self.mark_dirty(key);
@@ -2576,8 +2624,12 @@ impl Core {
             );
             return;
         }
-        let res = RTCSessionDescription::answer(sdp)
-            .map_err(|e| format!("answer could not be parsed: {e}"))
+        let res = sdpcheck::check_answer(&sdp)
+            .map_err(|e| format!("answer refused: {e}"))
+            .and_then(|()| {
+                RTCSessionDescription::answer(sdp)
+                    .map_err(|e| format!("answer could not be parsed: {e}"))
+            })
             .and_then(|a| {
                 p.sub
                     .rtc
@@ -2678,15 +2730,14 @@ impl Core {
         if let Some(ing) = &p.ingress {
             self.departed_ingress += ing.stats();
         }
-        for pc in std::iter::once(&mut p.sub).chain(p.publ.as_mut()) {
+        for (kind, pc) in std::iter::once((PcKind::Subscriber, &mut p.sub))
+            .chain(p.publ.as_mut().map(|pc| (PcKind::Publisher, pc)))
+        {
             let _ = pc.rtc.close();
             while let Some(out) = pc.rtc.poll_write() {
                 self.out.push(out.message, out.transport.peer_addr, None);
             }
-            self.ufrags.remove(&pc.ufrag);
-            for a in &pc.addrs {
-                self.addrs.remove(a);
-            }
+            self.demux.release(PcKey { part, kind });
         }
         if let Some(room) = self.rooms.get_mut(&p.room) {
             room.members.retain(|m| *m != part);
@@ -2709,6 +2760,7 @@ impl Core {
     }
 
     fn maintenance(&mut self, now: Instant) {
+        self.demux.expire(now);
         // Drop participants whose transport never came up.
         let stale: Vec<u64> = self
             .parts
@@ -2763,15 +2815,13 @@ fn validate_name(field: &str, value: &str) -> Result<(), SfuError> {
     Ok(())
 }
 
-/// The RIDs (`a=rid:<id> send`) of the m-section of `sdp` whose `a=msid` names `track_id`.
-fn offered_rids(sdp: &str, track_id: &str) -> Vec<String> {
+/// The RIDs (`a=rid:<id> send`) of the m-section of `sdp` whose `a=mid` is `mid`.
+fn offered_rids(sdp: &str, mid: &str) -> Vec<String> {
     let mut out = Vec::new();
     for section in sdp.split("\nm=").skip(1) {
-        let names_track = section.lines().any(|l| {
-            l.trim()
-                .strip_prefix("a=msid:")
-                .is_some_and(|v| v.split_whitespace().nth(1) == Some(track_id))
-        });
+        let names_track = section
+            .lines()
+            .any(|l| l.trim().strip_prefix("a=mid:") == Some(mid));
         if !names_track {
             continue;
         }
@@ -2790,93 +2840,17 @@ fn offered_rids(sdp: &str, track_id: &str) -> Vec<String> {
     out
 }
 
-/// Does sending this datagram show the connection has validated its destination? A STUN
-/// Binding success response (only sent for a check whose MESSAGE-INTEGRITY verified), or
-/// anything that is not STUN (DTLS, SRTP: only sent on the selected pair).
-fn is_validated_send(data: &[u8]) -> bool {
-    match data {
-        [b0, b1, ..] if *b0 < 4 => *b0 == 0x01 && *b1 == 0x01,
-        _ => true,
-    }
-}
-
-/// The USERNAME attribute of a STUN message, if `data` is one (RFC 8489).
-pub fn stun_username(data: &[u8]) -> Option<&str> {
-    if data.len() < 20 || data[0] & 0xc0 != 0 {
-        return None;
-    }
-    if data[4..8] != [0x21, 0x12, 0xa4, 0x42] {
-        return None;
-    }
-    let len = u16::from_be_bytes([data[2], data[3]]) as usize;
-    let body = data.get(20..20 + len)?;
-    let mut i = 0;
-    while i + 4 <= body.len() {
-        let typ = u16::from_be_bytes([body[i], body[i + 1]]);
-        let alen = u16::from_be_bytes([body[i + 2], body[i + 3]]) as usize;
-        let value = body.get(i + 4..i + 4 + alen)?;
-        if typ == 0x0006 {
-            return std::str::from_utf8(value).ok();
-        }
-        i += 4 + alen.div_ceil(4) * 4;
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn stun_with_username(user: &str) -> Vec<u8> {
-        let mut attr = vec![0x00, 0x06];
-        attr.extend_from_slice(&(user.len() as u16).to_be_bytes());
-        attr.extend_from_slice(user.as_bytes());
-        while attr.len() % 4 != 0 {
-            attr.push(0);
-        }
-        let mut m = vec![0x00, 0x01];
-        m.extend_from_slice(&(attr.len() as u16).to_be_bytes());
-        m.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
-        m.extend_from_slice(&[7u8; 12]);
-        m.extend_from_slice(&attr);
-        m
-    }
-
-    #[test]
-    fn stun_username_is_found() {
-        let m = stun_with_username("server:client");
-        assert_eq!(stun_username(&m), Some("server:client"));
-    }
-
-    #[test]
-    fn stun_parser_survives_garbage() {
-        let mut x: u32 = 0x1234_5678;
-        for len in 0..200 {
-            let mut v = Vec::with_capacity(len);
-            for _ in 0..len {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                v.push(x as u8);
-            }
-            if len >= 8 {
-                v[0] = 0;
-                v[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
-            }
-            let _ = stun_username(&v);
-        }
-        let mut m = stun_with_username("a:b");
-        m.truncate(m.len() - 2);
-        assert_eq!(stun_username(&m), None);
-    }
-
     #[test]
     fn offered_rids_are_read_from_the_tracks_section() {
-        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=msid:s a1\r\n\
-                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=msid:s v1\r\na=rid:f send\r\n\
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=msid:s a1\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=rid:f send\r\n\
                    a=rid:q send\r\na=rid:h send\r\na=simulcast:send f;q;h\r\n";
-        assert_eq!(offered_rids(sdp, "v1"), ["f", "q", "h"]);
-        assert!(offered_rids(sdp, "a1").is_empty());
+        assert_eq!(offered_rids(sdp, "1"), ["f", "q", "h"]);
+        assert!(offered_rids(sdp, "0").is_empty());
         assert!(offered_rids(sdp, "nope").is_empty());
     }
 
