@@ -2,7 +2,7 @@
 protocol of signaling/README.md.
 
     python gst_client.py --url ws://H:P/rtc --room R --name N [--publish] [--expect-from NAME]
-                         [--peer NAME] [--until-signal] [--media-only] [--timeout S] [--offer-at-negotiation-needed]
+                         [--peer NAME] [--until-signal] [--media-only] [--timeout S] [--offer-without-caps]
 
 Every participant answers the server's subscribe offers on a receive-only webrtcbin and says
 hello on the `chat` data channel. With --publish it also publishes `videotestsrc ! vp8enc` and
@@ -15,8 +15,11 @@ The publisher's offer: webrtcbin fires on-negotiation-needed as soon as the sink
 before the payloaders have negotiated caps, and an offer made then has no a=ssrc (webrtcbin only
 writes a=ssrc from the caps' `ssrc` field). This client therefore pins the caps on each
 transceiver (codec-preferences with payload type and ssrc) and creates the offer only once both
-sink pads carry caps; --offer-at-negotiation-needed makes the offer at once instead, to see what
-the server does with it.
+sink pads carry caps. --offer-without-caps instead pins codecs without ssrc and offers before
+any caps: the offer then has no a=ssrc, no a=rid and no RTP header extensions, with the audio
+m-section `a=bundle-only` (port 0). Nobody can demultiplex its RTP, so the server must refuse
+it with `invalid_sdp` naming that m-section (or, should it ever learn to, publish both tracks);
+with this flag the client passes in either case and fails when the server does neither.
 
 libnice ignores loopback interfaces: run it where a non-loopback interface carries an address the
 server is reachable on (scripts/foreign-tests.sh adds 127.0.0.2 on a veth pair).
@@ -243,17 +246,24 @@ class Client:
             pad.set_property("msid", f"gst-{self.args.name}")
             trans = pad.get_property("transceiver")
             trans.set_property("direction", GstWebRTC.WebRTCRTPTransceiverDirection.SENDONLY)
-            if not self.args.offer_at_negotiation_needed:
-                trans.set_property("codec-preferences", Gst.Caps.from_string(caps[kind]))
+            if self.args.offer_without_caps:
+                # codecs but no ssrc: webrtcbin need not wait for caps and writes no a=ssrc
+                caps[kind] = caps[kind].split(",ssrc=")[0]
+            trans.set_property("codec-preferences", Gst.Caps.from_string(caps[kind]))
         self.negotiation_needed = threading.Event()
         self.pub.connect("on-negotiation-needed", lambda _e: self.negotiation_needed.set())
 
     def make_offer(self):
         """Runs in a worker thread: wait for negotiation-needed (and caps), create the offer."""
-        self.pub_pipe.set_state(Gst.State.PLAYING)
-        if not self.negotiation_needed.wait(10):
-            raise RuntimeError("webrtcbin never asked for negotiation")
-        if not self.args.offer_at_negotiation_needed:
+        if self.args.offer_without_caps:
+            # PAUSED: the live sources produce nothing yet, so no caps reach webrtcbin: the offer
+            # an application gets when it offers as soon as its pads are linked.
+            self.pub_pipe.set_state(Gst.State.PAUSED)
+        else:
+            self.pub_pipe.set_state(Gst.State.PLAYING)
+        if not self.args.offer_without_caps:
+            if not self.negotiation_needed.wait(10):
+                raise RuntimeError("webrtcbin never asked for negotiation")
             deadline = time.monotonic() + 10
             pads = [self.pub.get_static_pad("sink_0"), self.pub.get_static_pad("sink_1")]
             while not all(p.get_current_caps() for p in pads):
@@ -263,6 +273,7 @@ class Client:
         reply = promise_wait(self.pub, "create-offer", None)
         offer = reply.get_value("offer")
         promise_wait(self.pub, "set-local-description", offer)
+        self.pub_pipe.set_state(Gst.State.PLAYING)
         return offer.sdp.as_text()
 
     # ---- checks ----
@@ -296,6 +307,9 @@ class Client:
                 if self.chat_open():
                     self.chat.emit("send-string", "{}\ndone")
                 self.loop.call_later(0.3, self.finish, True, f"decoded media and chat from {a.expect_from}")
+        elif a.publish and a.offer_without_caps:
+            if len(self.result["own_tracks"]) >= 2:
+                self.finish(True, f"the server demultiplexed the offer without a=ssrc: published {self.result['own_tracks']}")
         elif a.publish:
             if a.until_signal:
                 return
@@ -348,7 +362,10 @@ class Client:
                 self.log("server error", json.dumps(msg))
                 self.result["errors"].append(msg)
                 if msg.get("request") == "publish_offer":
-                    self.finish(False, f"server refused the publish offer: {msg.get('code')}: {msg.get('message')}")
+                    if self.args.offer_without_caps and msg.get("code") == "invalid_sdp" and any(m in msg.get("message", "") for m in ("video0", "audio1")):
+                        self.finish(True, f"the server refused the offer without a=ssrc, naming the m-section: {msg.get('message')}")
+                    else:
+                        self.finish(False, f"server refused the publish offer: {msg.get('code')}: {msg.get('message')}")
             elif t == "leave":
                 self.finish(False, f"removed by the server: {msg.get('reason')}")
         self.finish(False, "WebSocket closed")
@@ -394,7 +411,7 @@ async def main():
     p.add_argument("--until-signal", action="store_true")
     p.add_argument("--media-only", action="store_true", help="do not wait for the publisher's chat")
     p.add_argument("--timeout", type=float, default=25)
-    p.add_argument("--offer-at-negotiation-needed", action="store_true")
+    p.add_argument("--offer-without-caps", action="store_true")
     args = p.parse_args()
     Gst.init(None)
     await Client(args).run()

@@ -57,6 +57,7 @@ COMBINATIONS = [
     ("werift", "webrtc-rs", "pub-first"),
     ("aiortc", "webrtc-rs", "pub-first"),
     ("gstreamer", "webrtc-rs", "pub-first"),
+    ("gstreamer", None, "offer-without-ssrc"),
 ]
 
 
@@ -236,6 +237,17 @@ def run_rs_subscriber(server, pub, room):
     return ok, detail, {}, [p.log_path, lt.log_path]
 
 
+def run_gst_offer_without_ssrc(server, room):
+    """webrtcbin offers before it knows its caps: no a=ssrc, audio m-section bundle-only. The
+    server must say so (invalid_sdp naming the m-section) rather than accept media it cannot
+    demultiplex."""
+    cmd = client_cmd("gstreamer", server.url, room, "gstreamer-pub", publish=True) + ["--offer-without-caps", "--timeout", "8"]
+    p = Proc(f"{room}-pub-gstreamer", cmd, 20)
+    rc = p.wait()
+    r = p.result()
+    return rc == 0 and bool(r and r.get("ok")), f"pub: {summary(r)}", {}, [p.log_path]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--host-ip", required=True, help="address of a non-loopback interface in this namespace")
@@ -245,7 +257,10 @@ def main():
     os.makedirs(ART, exist_ok=True)
     combos = []
     for pub, sub, order in COMBINATIONS:
-        label = f"{pub} -> {sub}" + (" (late join)" if order == "pub-first" and "webrtc-rs" not in (pub, sub) else "")
+        if order == "offer-without-ssrc":
+            label = "gstreamer offer without a=ssrc"
+        else:
+            label = f"{pub} -> {sub}" + (" (late join)" if order == "pub-first" and "webrtc-rs" not in (pub, sub) else "")
         if not args.only or any(o in label for o in args.only):
             combos.append((label, pub, sub, order))
     if args.list:
@@ -264,9 +279,11 @@ def main():
     rows = []
     try:
         for i, (label, pub, sub, order) in enumerate(combos):
-            room = f"c{i}-{pub}-{sub}"
+            room = f"c{i}-{pub}-{sub or order}"
             t = time.monotonic()
-            if pub == "webrtc-rs":
+            if order == "offer-without-ssrc":
+                ok, detail, extra, logs = run_gst_offer_without_ssrc(server, room)
+            elif pub == "webrtc-rs":
                 ok, detail, extra, logs = run_rs_publisher(server, sub, room)
             elif sub == "webrtc-rs":
                 ok, detail, extra, logs = run_rs_subscriber(server, pub, room)
