@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Plaza against WebRTC clients it did not write: werift (npm), aiortc (PyPI) and GStreamer's
-# webrtcbin (Debian, ICE by libnice), each publishing to and subscribing from the others and a
-# webrtc-rs peer (the load tester). tests/foreign/run.py lists the combinations and checks.
+# webrtcbin (Debian, ICE by libnice), each publishing to and subscribing from the others, a
+# webrtc-rs peer (the load tester) and headless Chromium (the demo page). tests/foreign/run.py
+# lists the combinations and what each checks.
 #
 #   scripts/foreign-tests.sh                 every combination
 #   scripts/foreign-tests.sh --only werift   the combinations whose label contains "werift"
 #   scripts/foreign-tests.sh --list
 #
-# Installs what is missing: GStreamer (apt), werift (npm ci in tests/foreign, pinned by its
-# package-lock.json), aiortc (pip, pinned by tests/foreign/requirements.txt, into the venv
+# Installs what is missing: GStreamer and Chromium (apt), werift and playwright-core (npm ci in
+# tests/foreign, pinned by its package-lock.json), aiortc (pip, pinned by tests/foreign/requirements.txt, into the venv
 # target/foreign-venv, made from /usr/bin/python3 with its system packages so that the same
 # interpreter also has Debian's `gi` for GStreamer). Builds the release server and load tester
 # when PLAZA_BIN is not set. Fails, never skips, when something cannot be had.
@@ -33,7 +34,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
   esac
 done
 
@@ -70,10 +71,21 @@ if ! gst_ok || ! "$SYS_PY" -c 'import ensurepip' 2>/dev/null; then
   gst_ok || die "GStreamer elements are still missing after the install (webrtcbin, nicesrc, vp8enc, opusenc, ...)"
 fi
 
-# --- werift (npm, pinned by the lockfile) ---
+# --- Chromium (apt) ---
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+if [ ! -x "$CHROMIUM" ]; then
+  step "installing Debian chromium (apt)"
+  as_root apt-get update -qq || die "apt-get update failed; cannot install chromium"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+    || die "apt-get install chromium failed"
+  [ -x "$CHROMIUM" ] || die "$CHROMIUM is still missing after installing chromium"
+fi
+export CHROMIUM
+
+# --- werift, playwright-core (npm, pinned by the lockfile) ---
 if ! (cd tests/foreign && node -e '
   const lock = require("./package-lock.json").packages;
-  for (const name of ["werift", "ws"]) {
+  for (const name of ["werift", "ws", "playwright-core"]) {
     const have = require(`./node_modules/${name}/package.json`).version;
     if (have !== lock[`node_modules/${name}`].version) process.exit(1);
   }' 2>/dev/null); then

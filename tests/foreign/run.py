@@ -7,9 +7,11 @@ there); it can also be run by hand in such a namespace:
 
 For each combination a publisher client and a subscriber client join their own room on one
 server (started here on free ports, media on --host-ip): the subscriber must decode (aiortc,
-GStreamer) or see correctly typed packets of (werift, webrtc-rs) an audio and a video track from
-the publisher and receive its chat; the publisher must see its two tracks published and the
-subscriber's chat. Every client runs under a hard timeout. Exit status 1 if any combination fails.
+GStreamer, Chromium) or see correctly typed packets of (werift, webrtc-rs) one audio and one video
+track from the publisher, and receive its chat (not from the load tester, which chats only with
+its own peers); the publisher must see its two tracks published (Chromium: sent) and the
+subscriber's `done` on chat. One more check: a webrtcbin offer nobody can demultiplex must be
+refused. Every client runs under a hard timeout. Exit status 1 if any combination fails.
 """
 
 import argparse
@@ -35,6 +37,7 @@ CLIENTS = {
     "werift": ["node", os.path.join(HERE, "werift-client.mjs")],
     "aiortc": [PY, os.path.join(HERE, "aiortc_client.py")],
     "gstreamer": [PY, os.path.join(HERE, "gst_client.py")],
+    "chromium": ["node", os.path.join(HERE, "chromium-client.mjs")],
 }
 
 # (publisher, subscriber, order): "sub-first" makes the subscriber receive the tracks through a
@@ -57,6 +60,10 @@ COMBINATIONS = [
     ("werift", "webrtc-rs", "pub-first"),
     ("aiortc", "webrtc-rs", "pub-first"),
     ("gstreamer", "webrtc-rs", "pub-first"),
+    ("chromium", "gstreamer", "sub-first"),
+    ("gstreamer", "chromium", "sub-first"),
+    ("chromium", "aiortc", "sub-first"),
+    ("werift", "chromium", "sub-first"),
     ("gstreamer", None, "offer-without-ssrc"),
 ]
 
