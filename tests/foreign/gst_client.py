@@ -350,6 +350,7 @@ class Client:
                 sdp = await asyncio.to_thread(self.answer, msg["sdp"])
                 await self.ws.send(json.dumps({"type": "subscribe_answer", "sdp": sdp}))
             elif t == "publish_answer":
+                self.result["publish_answer"] = True
                 await asyncio.to_thread(
                     promise_wait, self.pub, "set-remote-description", sdp_desc(GstWebRTC.WebRTCSDPType.ANSWER, msg["sdp"])
                 )
@@ -385,6 +386,11 @@ class Client:
                 with self.lock:
                     progress = {k: self.result[k] for k in ("tracks", "chat_from", "own_tracks", "errors")}
                 ok, why = False, f"timed out after {self.args.timeout} s: {json.dumps(progress)}"
+                if self.args.offer_without_caps and self.result.get("publish_answer"):
+                    why = (
+                        "the server answered the offer without a=ssrc (publish_answer, no error) but published no track "
+                        f"within {self.args.timeout} s: it accepted RTP it cannot demultiplex"
+                    )
             try:
                 await ws.send(json.dumps({"type": "leave"}))
             except Exception:
