@@ -12,6 +12,7 @@ use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::{KeyframeThrottle, SwitchWatch};
 use super::latency::LatencyHistogram;
+use super::outbox::Outbox;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::sdpcheck;
 use super::selector::{
@@ -150,6 +151,8 @@ struct Pc {
     media_addr: Option<SocketAddr>,
     /// Records SRTP key derivation for the fast path.
     capture: Option<KeyCapture>,
+    /// Remote candidates added so far (trickled or in the client's SDP).
+    remote_candidates: usize,
 }
 
 /// At most this many early datagrams are kept per peer connection.
@@ -193,6 +196,8 @@ struct Participant {
     /// Server track id → sender on this participant's subscriber PC.
     subscriptions: HashMap<String, RTCRtpSenderId>,
     limiter: data::RateLimiter,
+    /// Signaling events waiting for room in `events` (coalesced).
+    outbox: Outbox,
     /// The estimate the last layer selection used (to notice a sharp drop between ticks).
     selected_at_bps: Option<u64>,
     /// The subscriber connection's media path, once its DTLS handshake is done.
@@ -371,6 +376,8 @@ struct Core {
     next_id: u64,
     /// Keyframe requests to send (through the layer's throttle): (track id, layer).
     keyframe_wanted: Vec<(String, usize)>,
+    /// Participants with events waiting in their outbox.
+    backlogged: BTreeSet<u64>,
     /// Participants to remove at the end of this turn (with reason).
     doomed: Vec<(u64, String)>,
     /// Participants whose subscriber connection needs a new offer at the end of this turn.
@@ -507,6 +514,7 @@ impl Core {
             next_id: 1,
             keyframe_wanted: Vec::new(),
             doomed: Vec::new(),
+            backlogged: BTreeSet::new(),
             renegotiate_queue: Vec::new(),
             shutting_down: false,
             select_now: false,
@@ -524,21 +532,25 @@ impl Core {
                 next.map(tokio::time::Instant::from_std)
                     .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
             );
+            // Commands and datagrams take turns: each branch serves a bounded batch of its own
+            // kind and then a batch of the other, so a flood of either (a client sending cheap
+            // messages as fast as TCP allows, or garbage UDP) delays the other by at most one
+            // batch.
             tokio::select! {
                 biased;
                 cmd = rx.recv() => {
-                    match cmd {
-                        Some(Command::Shutdown { done }) => {
-                            self.shutdown().await;
+                    let Some(cmd) = cmd else {
+                        self.shutdown().await;
+                        return;
+                    };
+                    if let Some(done) = self.serve_commands(cmd, &mut rx) {
+                        self.shutdown().await;
+                        if let Some(done) = done {
                             let _ = done.send(());
-                            return;
                         }
-                        Some(cmd) => self.handle_command(cmd),
-                        None => {
-                            self.shutdown().await;
-                            return;
-                        }
+                        return;
                     }
+                    self.serve_datagrams(&mut buf);
                 }
                 res = self.socket.recv_from(&mut buf) => {
                     match res {
@@ -546,14 +558,18 @@ impl Core {
                             let now = Instant::now();
                             self.handle_datagram(now, &buf[..n], from);
                             // Take what else is already queued, bounded.
-                            for _ in 1..RECV_BATCH {
-                                match self.socket.try_recv_from(&mut buf) {
-                                    Ok((n, from)) => self.handle_datagram(now, &buf[..n], from),
-                                    Err(_) => break,
-                                }
-                            }
+                            self.serve_datagrams(&mut buf);
                         }
                         Err(e) => debug!("udp recv error: {e}"),
+                    }
+                    if let Ok(cmd) = rx.try_recv() {
+                        if let Some(done) = self.serve_commands(cmd, &mut rx) {
+                            self.shutdown().await;
+                            if let Some(done) = done {
+                                let _ = done.send(());
+                            }
+                            return;
+                        }
                     }
                 }
                 _ = sleep => {
@@ -567,6 +583,48 @@ impl Core {
                 }
             }
             self.process();
+        }
+    }
+
+    /// Handle `first` and up to `commands_per_turn - 1` more commands that are already
+    /// queued. `Some(done)`: a shutdown was asked for (`done` is `None` when every sender is
+    /// gone).
+    fn serve_commands(
+        &mut self,
+        first: Command,
+        rx: &mut mpsc::Receiver<Command>,
+    ) -> Option<Option<oneshot::Sender<()>>> {
+        let mut cmd = first;
+        for _ in 1..self.cfg.limits.commands_per_turn.max(1) {
+            match cmd {
+                Command::Shutdown { done } => return Some(Some(done)),
+                other => self.handle_command(other),
+            }
+            cmd = match rx.try_recv() {
+                Ok(c) => c,
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Some(None),
+            };
+        }
+        match cmd {
+            Command::Shutdown { done } => return Some(Some(done)),
+            other => self.handle_command(other),
+        }
+        if !rx.is_empty() {
+            // More are waiting: they wait until the media socket has been served.
+            self.stats.limits_hit.commands_deferred += 1;
+        }
+        None
+    }
+
+    /// Datagrams already queued on the socket, up to one batch.
+    fn serve_datagrams(&mut self, buf: &mut [u8]) {
+        let now = Instant::now();
+        for _ in 1..RECV_BATCH {
+            match self.socket.try_recv_from(buf) {
+                Ok((n, from)) => self.handle_datagram(now, &buf[..n], from),
+                Err(_) => break,
+            }
         }
     }
 
@@ -816,6 +874,9 @@ impl Core {
             for (part, reason) in doomed {
                 self.remove_participant(part, &reason, true);
             }
+        }
+        if !self.backlogged.is_empty() {
+            self.flush_outboxes();
         }
         self.send_out();
     }
@@ -2108,6 +2169,7 @@ impl Core {
             early: Vec::new(),
             media_addr: None,
             capture,
+            remote_candidates: 0,
         })
     }
 
@@ -2173,6 +2235,7 @@ impl Core {
             pub_tracks: Vec::new(),
             subscriptions: HashMap::new(),
             limiter: data::RateLimiter::default(),
+            outbox: Outbox::new(),
             selected_at_bps: None,
             egress: None,
             ingress: None,
@@ -2306,6 +2369,23 @@ impl Core {
                     PcTarget::Subscriber => PcKind::Subscriber,
                 };
                 let key = PcKey { part, kind };
+                let max = self.cfg.limits.max_remote_candidates;
+                if !candidate.candidate.is_empty()
+                    && self.pc(key).is_some_and(|pc| pc.remote_candidates >= max)
+                {
+                    // Each candidate costs the ICE agent a scan of all earlier ones: a
+                    // connection's list stays short.
+                    self.stats.limits_hit.remote_candidates += 1;
+                    self.send_to(
+                        part,
+                        ServerMessage::error(
+                            ErrorCode::LimitExceeded,
+                            format!("at most {max} remote candidates per peer connection"),
+                            Some("trickle"),
+                        ),
+                    );
+                    return;
+                }
                 let res = match self.pc_mut(key) {
                     None => {
                         self.send_to(
@@ -2318,16 +2398,19 @@ impl Core {
                         );
                         return;
                     }
-                    Some(pc) => pc
-                        .rtc
-                        .add_remote_candidate(RTCIceCandidateInit {
+                    Some(pc) => {
+                        if !candidate.candidate.is_empty() {
+                            pc.remote_candidates += 1;
+                        }
+                        pc.rtc.add_remote_candidate(RTCIceCandidateInit {
                             candidate: candidate.candidate,
                             sdp_mid: candidate.sdp_mid,
                             sdp_mline_index: candidate.sdp_mline_index,
                             username_fragment: candidate.username_fragment,
                             ..Default::default()
                         })
-                        .map_err(|e| e.to_string()),
+                    }
+                    .map_err(|e| e.to_string()),
                 };
                 match res {
                     Ok(()) => self.mark_dirty(key),
@@ -2345,27 +2428,73 @@ impl Core {
                 track_ids,
                 subscribe,
             } => {
+                let limits = &self.cfg.limits;
+                if track_ids.len() > limits.max_ids_per_message {
+                    let max = limits.max_ids_per_message;
+                    self.stats.limits_hit.ids_per_message += 1;
+                    self.send_to(
+                        part,
+                        ServerMessage::error(
+                            ErrorCode::LimitExceeded,
+                            format!("at most {max} track ids per message; nothing was done"),
+                            Some("subscribe"),
+                        ),
+                    );
+                    return;
+                }
+                let max_subs = limits.max_subscriptions;
+                let mut unknown = Vec::new();
+                let mut over_limit = 0usize;
                 for tid in track_ids {
                     let room_ok = self
                         .tracks
                         .get(&tid)
                         .is_some_and(|t| self.parts.get(&part).is_some_and(|p| p.room == t.room));
                     if !room_ok {
-                        self.send_to(
-                            part,
-                            ServerMessage::error(
-                                ErrorCode::NotFound,
-                                format!("no track {tid} in this room"),
-                                Some("subscribe"),
-                            ),
-                        );
+                        unknown.push(tid);
                         continue;
                     }
                     if subscribe {
+                        let full = self.parts.get(&part).is_some_and(|p| {
+                            p.subscriptions.len() >= max_subs && !p.subscriptions.contains_key(&tid)
+                        });
+                        if full {
+                            over_limit += 1;
+                            continue;
+                        }
                         self.subscribe(part, &tid);
                     } else {
                         self.unsubscribe(part, &tid);
                     }
+                }
+                // One error per message and cause, not one per id.
+                if !unknown.is_empty() {
+                    let n = unknown.len();
+                    let mut listed: Vec<String> = unknown.into_iter().take(8).collect();
+                    if n > listed.len() {
+                        listed.push(format!("and {} more", n - listed.len()));
+                    }
+                    self.send_to(
+                        part,
+                        ServerMessage::error(
+                            ErrorCode::NotFound,
+                            format!("no track {} in this room", listed.join(", ")),
+                            Some("subscribe"),
+                        ),
+                    );
+                }
+                if over_limit > 0 {
+                    self.stats.limits_hit.subscriptions += 1;
+                    self.send_to(
+                        part,
+                        ServerMessage::error(
+                            ErrorCode::LimitExceeded,
+                            format!(
+                                "at most {max_subs} subscriptions per participant; {over_limit} track(s) not subscribed"
+                            ),
+                            Some("subscribe"),
+                        ),
+                    );
                 }
             }
             ClientMessage::Mute { track_id, muted } => {
@@ -2373,6 +2502,7 @@ impl Core {
                     .tracks
                     .get(&track_id)
                     .is_some_and(|t| t.publisher == part);
+                // (Another participant's track gets the same answer as a made-up id.)
                 if !owned {
                     self.send_to(
                         part,
@@ -2428,12 +2558,19 @@ impl Core {
                 height,
             } => {
                 let now = Instant::now();
-                let Some(track) = self.tracks.get_mut(&track_id) else {
+                // A track of another room is answered exactly like one that does not exist
+                // (no existence oracle across rooms).
+                let room = self.parts.get(&part).map(|p| p.room.clone());
+                let Some(track) = self
+                    .tracks
+                    .get_mut(&track_id)
+                    .filter(|t| Some(&t.room) == room.as_ref())
+                else {
                     self.send_to(
                         part,
                         ServerMessage::error(
                             ErrorCode::NotFound,
-                            format!("no track {track_id}"),
+                            format!("no track {track_id} in this room"),
                             Some("track_settings"),
                         ),
                     );
@@ -2480,6 +2617,26 @@ impl Core {
             part,
             kind: PcKind::Publisher,
         };
+        let candidates = sdpcheck::count_candidates(&sdp);
+        let max = self.cfg.limits.max_remote_candidates;
+        let had = self
+            .pc(PcKey {
+                part,
+                kind: PcKind::Publisher,
+            })
+            .map_or(0, |pc| pc.remote_candidates);
+        if had + candidates > max {
+            self.stats.limits_hit.remote_candidates += 1;
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::LimitExceeded,
+                    format!("at most {max} remote candidates per peer connection"),
+                    Some("publish_offer"),
+                ),
+            );
+            return;
+        }
         if let Err(e) = sdpcheck::check_offer(&sdp) {
             self.send_to(
                 part,
@@ -2550,6 +2707,9 @@ impl Core {
             });
         match res {
             Ok(sdp) => {
+                if let Some(pc) = self.pc_mut(key) {
+                    pc.remote_candidates += candidates;
+                }
                 if let Some(ing) = self.parts.get_mut(&part).and_then(|p| p.ingress.as_mut()) {
                     ing.set_twcc_ext(ingress::twcc_ext_id(&sdp));
                 }
@@ -2624,6 +2784,20 @@ impl Core {
             );
             return;
         }
+        let candidates = sdpcheck::count_candidates(&sdp);
+        let max = self.cfg.limits.max_remote_candidates;
+        if p.sub.remote_candidates + candidates > max {
+            self.stats.limits_hit.remote_candidates += 1;
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::LimitExceeded,
+                    format!("at most {max} remote candidates per peer connection"),
+                    Some("subscribe_answer"),
+                ),
+            );
+            return;
+        }
         let res = sdpcheck::check_answer(&sdp)
             .map_err(|e| format!("answer refused: {e}"))
             .and_then(|()| {
@@ -2638,6 +2812,7 @@ impl Core {
             });
         match res {
             Ok(()) => {
+                p.sub.remote_candidates += candidates;
                 p.sub_offer_pending = false;
                 p.offers_answered = p.offers_sent;
                 let again = p.sub_needs_offer;
@@ -2662,20 +2837,37 @@ impl Core {
 
     // ---------------------------------------------------------------- lifecycle
 
+    /// Queue a signaling event for a participant: into its channel, or behind what already
+    /// waits in its outbox (coalesced; see `outbox`).
     fn send_to(&mut self, part: u64, msg: ServerMessage) {
-        let Some(p) = self.parts.get(&part) else {
+        let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
-        match p.events.try_send(msg) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                warn!(participant = %p.pid, "signaling queue full; disconnecting");
+        if p.events.is_closed() {
+            self.doomed.push((part, "signaling closed".into()));
+            return;
+        }
+        match p.outbox.send(&p.events, msg) {
+            Ok(()) => {
+                if !p.outbox.is_empty() {
+                    self.backlogged.insert(part);
+                }
+            }
+            Err(e) => {
+                warn!(participant = %p.pid, "signaling queue full ({e}); disconnecting");
                 self.doomed.push((part, "signaling queue full".into()));
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.doomed.push((part, "signaling closed".into()));
-            }
         }
+    }
+
+    /// Move waiting events of backlogged participants into their channels.
+    fn flush_outboxes(&mut self) {
+        let parts = &mut self.parts;
+        self.backlogged.retain(|part| {
+            parts
+                .get_mut(part)
+                .is_some_and(|p| !p.outbox.flush(&p.events))
+        });
     }
 
     fn broadcast(&mut self, room: &str, except: Option<u64>, msg: ServerMessage) {
@@ -2695,17 +2887,19 @@ impl Core {
     }
 
     fn remove_participant(&mut self, part: u64, reason: &str, tell: bool) {
-        let Some(p) = self.parts.get(&part) else {
+        let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
         let span = info_span!("participant", room = %p.room, participant = %p.pid);
         let _g = span.enter();
         info!(reason, "leaving");
         if tell {
+            p.outbox.flush(&p.events);
             let _ = p.events.try_send(ServerMessage::Leave {
                 reason: reason.to_owned(),
             });
         }
+        let p = &self.parts[&part];
         let published: Vec<String> = p.published().map(str::to_owned).collect();
         let subs: Vec<String> = p.subscriptions.keys().cloned().collect();
         for tid in published {

@@ -16,6 +16,7 @@ pub mod keyframe;
 pub mod latency;
 pub mod loglimit;
 pub mod nack;
+pub mod outbox;
 pub mod rewrite;
 pub mod sdpcheck;
 pub mod selector;

@@ -138,6 +138,13 @@ fn check(sdp: &str, publishing: bool) -> Result<(), SdpError> {
     Ok(())
 }
 
+/// Candidates (`a=candidate:` lines) in an SDP.
+pub fn count_candidates(sdp: &str) -> usize {
+    sdp.lines()
+        .filter(|l| l.trim_start().starts_with("a=candidate:"))
+        .count()
+}
+
 fn attr_values<'a>(section: &'a str, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     section
         .lines()
