@@ -184,6 +184,10 @@ def run_foreign_pair(server, pub, sub, order, room):
     res = {k: p.result() for k, p in procs.items()}
     ok = rc["pub"] == 0 and rc["sub"] == 0 and all(r and r.get("ok") for r in res.values())
     detail = f"sub: {summary(res['sub'])} | pub: {summary(res['pub'])}"
+    if pub == "werift" and res["pub"] and res["pub"].get("offer_has_msid") is not False:
+        # these combinations are the ones that cover offers without a=msid
+        ok = False
+        detail = "werift's offer now has a=msid: the combination no longer covers offers without it | " + detail
     extra = {}
     if res["pub"]:
         extra = {k: res["pub"].get(k) for k in ("offer_has_msid", "offer_has_ssrc")}
