@@ -28,8 +28,8 @@ async fn harness_with(handle: SfuHandle, seen: mpsc::UnboundedReceiver<Seen>) ->
     let (stop, stop_rx) = watch::channel(false);
     let (sessions_tx, sessions) = mpsc::channel(1);
     let settings = HttpSettings {
-        max_ws_message: LIMIT,
         static_dir: std::env::temp_dir().join("plaza-no-such-dir"),
+        ..HttpSettings::new(LIMIT)
     };
     let app = router(AppState::new(handle, settings, stop_rx, sessions_tx));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -380,7 +380,8 @@ async fn core_gone() {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
-    assert!(out.contains(r#"{"status":"unavailable"}"#), "{out}");
+    assert!(out.contains(r#""status":"unavailable""#), "{out}");
+    assert!(out.contains(r#""http":{"#), "{out}");
 }
 
 #[test]
