@@ -578,11 +578,7 @@ impl Config {
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
             header_timeout: seconds("header-timeout", merged.header_timeout, d.header_timeout)?,
-            message_timeout: seconds(
-                "message-timeout",
-                merged.message_timeout,
-                d.message_timeout,
-            )?,
+            message_timeout: seconds("message-timeout", merged.message_timeout, d.message_timeout)?,
             max_connections: merged.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: merged
                 .max_connections_per_ip

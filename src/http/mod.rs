@@ -19,7 +19,6 @@ use crate::config::{
     DEFAULT_WS_MESSAGE_BURST, DEFAULT_WS_MESSAGE_RATE,
 };
 use crate::sfu::SfuHandle;
-use limits::{ConnLimiter, HttpCounters};
 use axum::{
     Json, Router,
     extract::State,
@@ -27,6 +26,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use limits::{ConnLimiter, HttpCounters};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

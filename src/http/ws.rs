@@ -114,10 +114,7 @@ pub(crate) async fn upgrade(
         HttpCounters::inc(&state.counters.websocket_refused);
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            [(
-                header::RETRY_AFTER,
-                super::serve::RETRY_AFTER_S.to_string(),
-            )],
+            [(header::RETRY_AFTER, super::serve::RETRY_AFTER_S.to_string())],
             "too many connections: try again later\n",
         )
             .into_response();
@@ -251,9 +248,7 @@ impl Guards {
             return Admit::Pass;
         }
         HttpCounters::inc(&self.counters.rate_limited_messages);
-        if self.limited_since.is_none()
-            || now.duration_since(self.last_limited) >= FLOOD_PAUSE
-        {
+        if self.limited_since.is_none() || now.duration_since(self.last_limited) >= FLOOD_PAUSE {
             self.limited_since = Some(now);
         }
         self.last_limited = now;
