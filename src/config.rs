@@ -1020,6 +1020,92 @@ mod tests {
     }
 
     #[test]
+    fn limits_from_every_layer() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(c.join_timeout, DEFAULT_JOIN_TIMEOUT);
+        assert_eq!(c.max_connections_per_ip, DEFAULT_MAX_CONNECTIONS_PER_IP);
+        assert_eq!(c.core_limits, CoreLimits::default());
+
+        let file = TempFile::new(
+            r#"
+            join_timeout = 3
+            idle_timeout = 4.5
+            max_connections = 100
+            ws_message_rate = 7.5
+            max_subscriptions = 9
+            commands_per_turn = 8
+            "#,
+        );
+        let c = load(
+            &[
+                "--config",
+                file.path(),
+                "--header-timeout",
+                "0.25",
+                "--max-remote-candidates",
+                "5",
+            ],
+            &[
+                ("PLAZA_MAX_CONNECTIONS", "200"),
+                ("PLAZA_MESSAGE_TIMEOUT", "2"),
+                ("PLAZA_WS_MESSAGE_BURST", "11"),
+                ("PLAZA_MAX_CONNECTIONS_PER_IP", "3"),
+                ("PLAZA_MAX_PUBLISHED_TRACKS", "4"),
+                ("PLAZA_MAX_IDS_PER_MESSAGE", "6"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.join_timeout, Duration::from_secs(3));
+        assert_eq!(c.idle_timeout, Duration::from_millis(4500));
+        assert_eq!(c.header_timeout, Duration::from_millis(250));
+        assert_eq!(c.message_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_connections, 200); // env over file
+        assert_eq!(c.max_connections_per_ip, 3);
+        assert_eq!(c.ws_message_rate, 7.5);
+        assert_eq!(c.ws_message_burst, 11);
+        assert_eq!(
+            c.core_limits,
+            CoreLimits {
+                max_remote_candidates: 5,
+                max_published_tracks: 4,
+                max_subscriptions: 9,
+                max_ids_per_message: 6,
+                commands_per_turn: 8,
+            }
+        );
+    }
+
+    #[test]
+    fn bad_limits_are_reported() {
+        for (args, name) in [
+            (&["--join-timeout", "0"][..], "join-timeout"),
+            (&["--idle-timeout=-1"][..], "idle-timeout"),
+            (&["--message-timeout", "1e9"][..], "message-timeout"),
+            (&["--max-connections", "0"][..], "max-connections"),
+            (
+                &["--max-connections-per-ip", "0"][..],
+                "max-connections-per-ip",
+            ),
+            (&["--ws-message-rate", "0"][..], "ws-message-rate"),
+            (&["--ws-message-burst", "0"][..], "ws-message-burst"),
+            (&["--commands-per-turn", "0"][..], "commands-per-turn"),
+            (&["--max-subscriptions", "0"][..], "max-subscriptions"),
+        ] {
+            let e = load(args, &[]).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { name: n, .. } if *n == name),
+                "{args:?}: {e}"
+            );
+            assert!(e.to_string().contains(name), "{e}");
+        }
+        let e = load(&[], &[("PLAZA_JOIN_TIMEOUT", "soon")]).unwrap_err();
+        assert!(matches!(e, ConfigError::Env { .. }), "{e}");
+        let nan = TempFile::new("idle_timeout = nan");
+        let e = load(&["--config", nan.path()], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { .. }), "{e}");
+    }
+
+    #[test]
     fn help_is_a_cli_error() {
         match load(&["--help"], &[]).unwrap_err() {
             ConfigError::Cli(e) => assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp),

@@ -20,8 +20,8 @@ use plaza::config::Config;
 use plaza::signal::{ErrorCode, ServerMessage, TrackKind};
 use serde_json::Value;
 use support::{
-    RawWs, Received, T, TestServer, announced_track, assert_media_flows, healthz, publisher,
-    subscriber, test_config,
+    RawWs, Received, T, TestServer, announced_track, assert_media_flows, publisher, subscriber,
+    test_config,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -449,7 +449,7 @@ async fn message_floods_are_rate_limited_and_the_session_stays_usable() {
     let started = Instant::now();
     let flood = async {
         for _ in 0..FLOOD {
-            ws.send_text(r#"{"type":"subscribe","track_ids":[]}"#)
+            ws.send_text(r#"{"type":"subscribe","track_ids":[],"subscribe":true}"#)
                 .await
                 .unwrap();
         }
@@ -482,9 +482,10 @@ async fn message_floods_are_rate_limited_and_the_session_stays_usable() {
         loop {
             match ws.recv().await.unwrap() {
                 Received::Msg(ServerMessage::Pong { ts: Some(x) }) if x == ts => break 'ping,
-                Received::Msg(ServerMessage::Error { code, .. })
-                    if code == ErrorCode::RateLimited =>
-                {
+                Received::Msg(ServerMessage::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }) => {
                     break;
                 }
                 Received::Msg(_) => {}
