@@ -13,9 +13,22 @@
 //! server twice) and one-way latency of chat and input (receive time − send time; all peers run
 //! in this process, so they share one monotonic clock).
 //!
-//! Exit status is non-zero when a peer failed to join, when a peer that should have received
-//! media (there are publishers other than itself) received none, or when a peer received no chat
-//! message although other peers exist.
+//! Media delivery: over the measured window every publisher counts the packets it wrote and
+//! every subscriber the packets it received of each track; delivery = received / written, per
+//! track, per subscriber and in total, next to the gap-based loss (which cannot see a stream
+//! that stops). The window starts once every peer receives every track and ends by pausing the
+//! publishers, then waiting (bounded by `--drain-ms`) for the packets still in flight, so an
+//! honest run reads ~100 % (see `common::delivery`). Simulcast video has no delivery figure (a
+//! subscriber receives one of several layers); subscribers behind `--subscriber-bandwidth` are
+//! reported but not held to `--min-delivery`.
+//!
+//! Exit status is non-zero, with one `FAIL:` line per peer and reason, when a peer failed to
+//! join; when the server removed a peer (a `leave` from the server, its WebSocket closing, a
+//! peer connection going `failed` / `closed`) before the run ended; when a peer got a server
+//! `error` not allowed by `--expect-error`; when a subscriber's delivery of a track fell below
+//! `--min-delivery`; when a peer that should have received media (there are publishers other
+//! than itself) received none; or when a peer received no chat message although other peers
+//! exist. When every peer is removed the run stops early.
 //!
 //! Simulcast (`--simulcast`): publishers send three VP8 layers (q 320x180, h 640x360, f
 //! 1280x720; RIDs offered in `--rid-order`). Subscribers may ask for a layer
@@ -46,6 +59,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use common::cli::{self, PeerArgs};
+use common::delivery::{self, Window};
 use common::layers::{self, SwitchRequest, Target};
 use common::measure::{self, Sorted, Summary, now_us};
 use common::{
@@ -53,7 +67,7 @@ use common::{
 };
 use futures_util::StreamExt;
 use futures_util::future::join_all;
-use plaza::signal::{Quality, TrackKind};
+use plaza::signal::{ErrorCode, Quality, TrackKind};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
@@ -141,6 +155,19 @@ struct Args {
     /// Queue bound of the bandwidth limit, milliseconds (beyond it packets are dropped).
     #[arg(long, default_value_t = 200)]
     bottleneck_queue_ms: u64,
+    /// Fail when a subscriber received less than this percentage of the packets a publisher
+    /// wrote during the window, for any track (simulcast video and bandwidth-limited
+    /// subscribers excepted).
+    #[arg(long, default_value_t = 95.0)]
+    min_delivery: f64,
+    /// At the end of the window the publishers stop writing; wait at most this long for the
+    /// packets still in flight, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    drain_ms: u64,
+    /// A server error code this run expects (e.g. rate_limited); repeatable. Any other server
+    /// `error` a peer receives fails the run.
+    #[arg(long)]
+    expect_error: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -213,6 +240,11 @@ struct TrackReport {
     packets_expected: u64,
     packets_lost: u64,
     loss_percent: f64,
+    /// Over the measured window: packets the publisher wrote, packets this subscriber
+    /// received, and delivery (None: simulcast video, or no publisher in this run).
+    window_expected: Option<u64>,
+    window_received: Option<u64>,
+    delivery_percent: Option<f64>,
     keyframes_received: u64,
     join_time_ms: Option<f64>,
     max_interarrival_ms: f64,
@@ -228,6 +260,14 @@ struct PeerReport {
     tracks_expected: usize,
     tracks_received: usize,
     packets_received: u64,
+    /// Over the measured window, the plain tracks this peer subscribes to: packets written by
+    /// their publishers, packets received, delivery.
+    window_expected: u64,
+    window_received: u64,
+    delivery_percent: Option<f64>,
+    /// Why and when (seconds from the start of the run) the server removed this peer.
+    removed: Option<String>,
+    removed_at_s: Option<f64>,
     chat_sent: u64,
     chat_received: u64,
     input_sent: u64,
@@ -275,6 +315,21 @@ async fn run(args: Args) -> Result<bool> {
         common::media::Clip::load(&base.audio_file)?;
     }
     let sc = SimulcastArgs::from_args(&args)?;
+    if !(0.0..=100.0).contains(&args.min_delivery) {
+        anyhow::bail!(
+            "--min-delivery {}: a percentage (0 … 100)",
+            args.min_delivery
+        );
+    }
+    let expected_errors: Vec<ErrorCode> = args
+        .expect_error
+        .iter()
+        .map(|c| {
+            serde_json::from_value(Value::String(c.clone())).map_err(|_| {
+                anyhow::anyhow!("--expect-error {c}: not an error code (e.g. rate_limited)")
+            })
+        })
+        .collect::<Result<_>>()?;
     if args.simulcast {
         let layers = SimulcastOptions::standard();
         for (_, file) in &layers.layers {
@@ -443,13 +498,23 @@ async fn run(args: Args) -> Result<bool> {
         .collect();
     let run_for = Duration::from_secs(args.duration);
     let interval = Duration::from_millis(args.peer.chat_interval_ms.max(10));
+    // Set when every peer was removed: the run stops early.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let traffic = members.iter().enumerate().map(|(i, m)| {
         let targets: Vec<String> = ids
             .iter()
             .filter(|id| id.as_str() != m.peer.participant_id())
             .cloned()
             .collect();
-        peer_traffic(m.peer.clone(), m.dc.clone(), targets, i, run_for, interval)
+        peer_traffic(
+            m.peer.clone(),
+            m.dc.clone(),
+            targets,
+            i,
+            run_for,
+            interval,
+            stop_rx.clone(),
+        )
     });
     let peers: Vec<Arc<Peer>> = members.iter().map(|m| m.peer.clone()).collect();
     common::measure::map_plaza_probe(&peers);
@@ -464,6 +529,35 @@ async fn run(args: Args) -> Result<bool> {
         .await;
     let traffic_start = Instant::now();
     let deadline = tokio::time::Instant::now() + run_for;
+    let mut window = Window::start(&peers, |p| {
+        !members
+            .iter()
+            .any(|m| m.limited && std::ptr::eq(Arc::as_ptr(&m.peer), p))
+    });
+    let drain_bound = Duration::from_millis(args.drain_ms);
+    let window_end = async {
+        let all_removed = async {
+            let bound = run_for + Duration::from_secs(1);
+            let removed = join_all(peers.iter().map(|p| p.wait_removed(bound))).await;
+            if removed.iter().any(|r| r.is_err()) {
+                std::future::pending::<()>().await;
+            }
+        };
+        let early = tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => false,
+            _ = all_removed => true,
+        };
+        if early {
+            println!(
+                "every peer was removed {:.1} s into the run; stopping",
+                traffic_start.elapsed().as_secs_f64()
+            );
+            let _ = stop_tx.send(true);
+        }
+        window.end();
+        let drained = window.drain(drain_bound).await;
+        (window.finish(), drained)
+    };
     let keyframes_at_start: Vec<(Arc<Peer>, Vec<LocalTrackStats>)> = members
         .iter()
         .filter(|m| m.publisher)
@@ -473,7 +567,10 @@ async fn run(args: Args) -> Result<bool> {
         match sc.switch_every {
             Some(every) if !targets.is_empty() => {
                 let (a, b) = sc.switch_pair();
-                layers::run_switches(targets.clone(), a, b, every, deadline).await
+                tokio::select! {
+                    r = layers::run_switches(targets.clone(), a, b, every, deadline) => r,
+                    _ = stopped(stop_rx.clone()) => Vec::new(),
+                }
             }
             _ => Vec::new(),
         }
@@ -483,10 +580,72 @@ async fn run(args: Args) -> Result<bool> {
         .filter(|m| m.limited)
         .map(|m| m.peer.clone())
         .collect();
-    let rate_changes = rate_schedule(&sc, &limited_peers, run_for);
-    let (_, requests, (cut_at, restore_at)) =
-        tokio::join!(join_all(traffic), switching, rate_changes);
+    let rate_changes = async {
+        tokio::select! {
+            r = rate_schedule(&sc, &limited_peers, run_for) => r,
+            _ = stopped(stop_rx.clone()) => (None, None),
+        }
+    };
+    let (_, requests, (cut_at, restore_at), (flows, drained)) =
+        tokio::join!(join_all(traffic), switching, rate_changes, window_end);
     let traffic_window = traffic_start.elapsed();
+    let window_length = window.length();
+    // Removals and unexpected errors, before our own `leave` ends every session.
+    let removals: Vec<(String, common::Removal)> = members
+        .iter()
+        .filter_map(|m| Some((m.peer.name().to_owned(), m.peer.removed()?)))
+        .collect();
+    for (name, r) in &removals {
+        failures.push(format!(
+            "{name}: removed by the server {}: {}",
+            relative(r.at, traffic_start),
+            r.reason
+        ));
+    }
+    for m in &members {
+        let unexpected: Vec<String> = m
+            .peer
+            .server_errors()
+            .into_iter()
+            .filter(|(c, _)| !expected_errors.contains(c))
+            .map(|(c, msg)| format!("{c:?}: {msg}"))
+            .collect();
+        if let Some(first) = unexpected.first() {
+            failures.push(format!(
+                "{}: {} unexpected server error(s), first {first}",
+                m.peer.name(),
+                unexpected.len()
+            ));
+        }
+    }
+    let delivery_total = delivery::totals(&flows);
+    for m in &members {
+        let name = m.peer.name();
+        let low: Vec<&delivery::Flow> = flows
+            .iter()
+            .filter(|f| f.subscriber == name && f.checked)
+            .filter(|f| f.delivery_percent.is_some_and(|p| p < args.min_delivery))
+            .collect();
+        if !low.is_empty() {
+            let mine = delivery::totals(flows.iter().filter(|f| f.subscriber == name));
+            failures.push(format!(
+                "{name}: delivery {:.1}% < {}% over the {:.1} s window: {}",
+                mine.delivery_percent.unwrap_or(0.0),
+                args.min_delivery,
+                window_length.as_secs_f64(),
+                low.iter()
+                    .map(|f| format!(
+                        "{} {} {} of {}",
+                        f.publisher,
+                        kind_name(f.kind),
+                        f.received.min(f.expected),
+                        f.expected
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
     let measured = recorder
         .end(common::measure::plaza_client_totals(&peers))
         .await;
@@ -531,8 +690,22 @@ async fn run(args: Args) -> Result<bool> {
                 received_tracks += 1;
             }
             packets_received += t.packets;
-            tracks.push(track_report(m, t, &room_tracks, &peers_by_id, origin));
+            let mut r = track_report(m, t, &room_tracks, &peers_by_id, origin);
+            if let Some(f) = flows
+                .iter()
+                .find(|f| f.subscriber == peer.name() && f.track_id == t.track_id)
+            {
+                r.window_expected = Some(f.expected);
+                r.window_received = Some(f.received);
+                r.delivery_percent = f.delivery_percent;
+            }
+            tracks.push(r);
         }
+        let mine = delivery::totals(flows.iter().filter(|f| f.subscriber == peer.name()));
+        let removal = removals
+            .iter()
+            .find(|(n, _)| n == peer.name())
+            .map(|(_, r)| r);
         let expected = expected_tracks(m);
         if expected > 0 && packets_received == 0 {
             failures.push(format!("{}: received no media", peer.name()));
@@ -559,6 +732,14 @@ async fn run(args: Args) -> Result<bool> {
             tracks_expected: expected,
             tracks_received: received_tracks,
             packets_received,
+            window_expected: mine.expected,
+            window_received: mine.received,
+            delivery_percent: mine.delivery_percent,
+            removed: removal.map(|r| r.reason.clone()),
+            removed_at_s: removal.map(|r| match r.at.checked_duration_since(traffic_start) {
+                Some(d) => d.as_secs_f64(),
+                None => -traffic_start.duration_since(r.at).as_secs_f64(),
+            }),
             chat_sent: dc.chat_sent,
             chat_received: dc.chat_received(),
             input_sent: dc.input_sent,
@@ -607,6 +788,35 @@ async fn run(args: Args) -> Result<bool> {
         "data channels: chat sent {chat_sent} / received {chat_recv}, input sent {input_sent} / received {input_recv}"
     );
 
+    let gap_loss = {
+        let (exp, lost) = tracks.iter().fold((0, 0), |(e, l), t| {
+            (e + t.packets_expected, l + t.packets_lost)
+        });
+        if exp > 0 {
+            100.0 * lost as f64 / exp as f64
+        } else {
+            0.0
+        }
+    };
+    let pct = |p: Option<f64>| p.map_or("-".to_owned(), |p| format!("{p:.2}%"));
+    println!(
+        "media delivery over the {:.1} s window: received {} of {} packets written (× subscribers) \
+         = {} (lowest track {}; threshold {}%; drained in {:.1} ms); gap-based loss {gap_loss:.2}%",
+        window_length.as_secs_f64(),
+        delivery_total.received,
+        delivery_total.expected,
+        pct(delivery_total.delivery_percent),
+        pct(delivery_total.min_flow_percent),
+        args.min_delivery,
+        ms(drained),
+    );
+    if !removals.is_empty() {
+        println!(
+            "removed by the server: {} of {} peers",
+            removals.len(),
+            members.len()
+        );
+    }
     measured.print();
     if let Some(r) = &simulcast {
         r.print();
@@ -634,6 +844,28 @@ async fn run(args: Args) -> Result<bool> {
             "simulcast": simulcast.as_ref().map(|r| &r.json),
             "peers": peer_reports,
             "tracks": tracks,
+            "delivery": {
+                "window_s": window_length.as_secs_f64(),
+                "drained_ms": ms(drained),
+                "min_delivery_percent": args.min_delivery,
+                "expected": delivery_total.expected,
+                "received": delivery_total.received,
+                "delivery_percent": delivery_total.delivery_percent,
+                "min_track_percent": delivery_total.min_flow_percent,
+                "gap_loss_percent": gap_loss,
+                "flows": flows,
+                "note": "per (subscriber, track): packets the publisher wrote in the window vs. \
+                         packets the subscriber received (capped at written); simulcast video \
+                         has none",
+            },
+            "removed": removals.iter().map(|(name, r)| json!({
+                "peer": name,
+                "reason": r.reason,
+                "at_s": match r.at.checked_duration_since(traffic_start) {
+                    Some(d) => d.as_secs_f64(),
+                    None => -traffic_start.duration_since(r.at).as_secs_f64(),
+                },
+            })).collect::<Vec<_>>(),
             "data_channel": {
                 "chat_sent": chat_sent,
                 "chat_received": chat_recv,
@@ -701,6 +933,9 @@ fn track_report(
         packets_expected: t.expected(),
         packets_lost: t.lost(),
         loss_percent: t.loss_percent(),
+        window_expected: None,
+        window_received: None,
+        delivery_percent: None,
         keyframes_received: t.keyframes,
         join_time_ms: t
             .first_packet_at
@@ -718,6 +953,7 @@ async fn peer_traffic(
     offset: usize,
     run_for: Duration,
     interval: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let deadline = tokio::time::Instant::now() + run_for;
     let grace = deadline + Duration::from_secs(2);
@@ -765,7 +1001,35 @@ async fn peer_traffic(
             seq += 1;
         }
     };
-    tokio::join!(receiver, sender);
+    tokio::select! {
+        _ = async { tokio::join!(receiver, sender) } => {}
+        _ = stopped(stop) => {}
+    }
+}
+
+/// Returns once `stop` is set (never if its sender is gone unset).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// `at` relative to the start of the run, in words.
+fn relative(at: Instant, start: Instant) -> String {
+    match at.checked_duration_since(start) {
+        Some(d) => format!("{:.1} s into the run", d.as_secs_f64()),
+        None => format!(
+            "{:.1} s before the run started",
+            start.duration_since(at).as_secs_f64()
+        ),
+    }
+}
+
+fn kind_name(k: TrackKind) -> &'static str {
+    match k {
+        TrackKind::Audio => "audio",
+        TrackKind::Video => "video",
+    }
 }
 
 async fn bounded_send(
@@ -836,38 +1100,56 @@ fn print_summary(
 ) {
     println!();
     println!(
-        "{:<8} {:<12} {:>8} {:>9} {:>10} {:>10} {:>10} {:>6}",
-        "peer", "role", "join ms", "tracks", "pkts recv", "chat s/r", "input s/r", "errs"
+        "{:<8} {:<12} {:>8} {:>9} {:>10} {:>8} {:>10} {:>10} {:>6}  state",
+        "peer", "role", "join ms", "tracks", "pkts recv", "deliv%", "chat s/r", "input s/r", "errs"
     );
     for p in peers {
         println!(
-            "{:<8} {:<12} {:>8.1} {:>9} {:>10} {:>10} {:>10} {:>6}",
+            "{:<8} {:<12} {:>8.1} {:>9} {:>10} {:>8} {:>10} {:>10} {:>6}  {}",
             p.name,
             p.role,
             p.join_ms,
             format!("{}/{}", p.tracks_received, p.tracks_expected),
             p.packets_received,
+            p.delivery_percent
+                .map_or("-".to_owned(), |d| format!("{d:.2}")),
             format!("{}/{}", p.chat_sent, p.chat_received),
             format!("{}/{}", p.input_sent, p.input_received),
             p.send_errors + p.server_errors.len() as u64 + p.negotiation_errors.len() as u64,
+            match (&p.removed, p.removed_at_s) {
+                (Some(r), Some(at)) => format!("REMOVED at {at:.1} s: {r}"),
+                _ => "ok".to_owned(),
+            }
         );
     }
     println!();
     println!(
-        "{:<8} {:<8} {:<6} {:>9} {:>9} {:>7} {:>8} {:>9}",
-        "sub", "pub", "kind", "sent", "recv", "loss%", "keyfr", "join ms"
+        "{:<8} {:<8} {:<6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8} {:>9}",
+        "sub",
+        "pub",
+        "kind",
+        "sent",
+        "recv",
+        "win sent",
+        "win recv",
+        "deliv%",
+        "loss%",
+        "keyfr",
+        "join ms"
     );
+    let opt = |v: Option<u64>| v.map_or("-".to_owned(), |n| n.to_string());
     for t in tracks {
         println!(
-            "{:<8} {:<8} {:<6} {:>9} {:>9} {:>7.2} {:>8} {:>9}",
+            "{:<8} {:<8} {:<6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>7.2} {:>8} {:>9}",
             t.subscriber,
             t.publisher,
-            match t.kind {
-                TrackKind::Audio => "audio",
-                TrackKind::Video => "video",
-            },
+            kind_name(t.kind),
             t.packets_sent.map_or("?".to_owned(), |n| n.to_string()),
             t.packets_received,
+            opt(t.window_expected),
+            opt(t.window_received),
+            t.delivery_percent
+                .map_or("-".to_owned(), |d| format!("{d:.2}")),
             t.loss_percent,
             t.keyframes_received,
             t.join_time_ms.map_or("-".to_owned(), |j| format!("{j:.1}")),

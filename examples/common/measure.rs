@@ -303,6 +303,15 @@ pub struct ClientTotals {
     pub packets_received: u64,
     pub packets_expected: u64,
     pub packets_sent: u64,
+    /// Packets the subscribers should have received given what the publishers wrote (each
+    /// plain track's packets times its subscribers); 0 when unknown (simulcast).
+    #[serde(default)]
+    pub packets_due: u64,
+    /// Peers whose session the server (or the network) ended (see `Peer::removed`).
+    #[serde(default)]
+    pub peers_removed: u64,
+    #[serde(default)]
+    pub peers: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -558,8 +567,27 @@ pub fn rss(s: &Sample) -> Option<u64> {
 
 // ───────────────────────────── progress ─────────────────────────────
 
-/// Prints one line per `every` to stderr until the returned guard is dropped: elapsed time,
-/// forwarded packets/s, server CPU %, µs per packet, RSS, received/s, latency so far.
+/// The progress line's view of the peers: how many the server removed, and delivery (received
+/// against what the publishers wrote) between two totals.
+pub fn peer_health(a: &ClientTotals, b: &ClientTotals) -> String {
+    let due = b.packets_due.saturating_sub(a.packets_due);
+    let got = b.packets_received.saturating_sub(a.packets_received);
+    let delivery = if due > 0 {
+        format!("{:.1}%", 100.0 * got.min(due) as f64 / due as f64)
+    } else {
+        "-".to_owned()
+    };
+    let removed = if b.peers_removed > 0 {
+        format!("REMOVED {}/{}", b.peers_removed, b.peers)
+    } else {
+        format!("removed 0/{}", b.peers)
+    };
+    format!("peers: {removed}  delivery {delivery} (recv {got} of {due} written×subscribers)")
+}
+
+/// Prints two lines per `every` to stderr until the returned guard is dropped: the peers
+/// (removed ones, delivery), then elapsed time, forwarded packets/s, server CPU %, µs per
+/// packet, RSS, received/s, latency so far.
 pub fn spawn_progress(
     label: String,
     source: ServerSource,
@@ -582,6 +610,11 @@ pub fn spawn_progress(
             let w = window(&last, &now);
             let (counts, lat) = probe::peek();
             let lat = summarize_us_as_ms(&lat);
+            eprintln!(
+                "  [{label} {:>4.0}s] {}",
+                start.elapsed().as_secs_f64(),
+                peer_health(&last.clients, &now.clients)
+            );
             eprintln!(
                 "  [{label} {:>4.0}s] fwd {:>7.0} pkt/s  server cpu {:>5}  {:>6} µs/pkt  rss {:>7}  \
                  recv {:>7.0} pkt/s  loss {:>5.2}%  latency p50 {:.2} p99 {:.2} ms (n={})  gen cpu {}  \
@@ -718,7 +751,7 @@ mod tests {
             clients: ClientTotals {
                 packets_received: recv,
                 packets_expected: recv + recv / 100,
-                packets_sent: 0,
+                ..Default::default()
             },
             generator: ProcUsage::default(),
             forward_latency_buckets: Some(vec![(10, secs * 100), (1000, secs)]),
@@ -917,15 +950,32 @@ impl Measured {
 
 /// What every peer received and sent so far.
 pub fn plaza_client_totals(peers: &[Arc<Peer>]) -> ClientTotals {
-    let mut t = ClientTotals::default();
+    let mut t = ClientTotals {
+        peers: peers.len() as u64,
+        ..ClientTotals::default()
+    };
+    let subscribing = |p: &Peer| p.options().auto_subscribe != Some(false);
+    let mut due_known = true;
     for p in peers {
         for r in p.remote_tracks() {
             t.packets_received += r.packets;
             t.packets_expected += r.expected();
         }
+        let others = peers
+            .iter()
+            .filter(|o| !Arc::ptr_eq(o, p) && subscribing(o))
+            .count() as u64;
         for l in p.local_tracks() {
             t.packets_sent += l.counters.packets;
+            t.packets_due += l.counters.packets * others;
+            due_known &= l.layers.len() <= 1;
         }
+        if p.removed().is_some() {
+            t.peers_removed += 1;
+        }
+    }
+    if !due_known {
+        t.packets_due = 0;
     }
     t
 }

@@ -16,6 +16,8 @@
 //!   across switches).
 //! - [`decoder`]: a model of a browser's video receiver: which VP8 frames it could decode
 //!   (retransmissions included) and when it would send a PLI (libwebrtc's timers, or eager).
+//! - [`delivery`]: media delivery over a measured window (packets the publishers wrote vs.
+//!   packets each subscriber received), which sees a stream that stops.
 //! - [`envelope`]: the data-channel envelope (`{"to":[..]}\n` / `{"from":".."}\n` + payload).
 //! - [`keyframe`]: the interceptor that lets publishers see PLI/FIR.
 //! - [`layers`]: simulcast measurements for the load tester (layer switches, bandwidth cuts).
@@ -45,6 +47,7 @@
 pub mod affinity;
 pub mod cli;
 pub mod decoder;
+pub mod delivery;
 pub mod envelope;
 pub mod janus;
 pub mod keyframe;
@@ -58,6 +61,6 @@ pub mod relay;
 
 pub use peer::{
     Channel, DataMessage, JoinedInfo, LocalLayerStats, LocalTrackStats, NegotiationStats, Payload,
-    Peer, PeerEvent, PeerOptions, PeerStats, SimulcastOptions, TimedEvent,
+    Peer, PeerEvent, PeerOptions, PeerStats, Removal, SimulcastOptions, TimedEvent,
 };
 pub use recv::{LayerChange, PacketInfo, RemoteTrackStats};

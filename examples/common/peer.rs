@@ -419,6 +419,16 @@ pub struct PeerStats {
     pub closed: Option<String>,
 }
 
+/// The server (or the network) ended the peer's session while it did not mean to leave: the
+/// first of a `leave` from the server, the WebSocket closing, or a peer connection going
+/// `failed` / `closed`. What [`Peer::leave`] / [`Peer::disconnect`] cause afterwards is not a
+/// removal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removal {
+    pub at: Instant,
+    pub reason: String,
+}
+
 // ───────────────────────────── shared state ─────────────────────────────
 
 #[derive(Debug, Default)]
@@ -434,6 +444,8 @@ struct State {
     pc_state: HashMap<PcTarget, RTCPeerConnectionState>,
     open_channels: Vec<String>,
     closed: Option<String>,
+    /// The first sign the session was ended for us (see [`Removal`]).
+    removed: Option<Removal>,
     joined: Option<std::result::Result<JoinedInfo, String>>,
     /// `layer_changed` for tracks that have not delivered a packet yet.
     pending_layer_changes: HashMap<String, Vec<LayerChange>>,
@@ -459,6 +471,16 @@ impl State {
             t.ended = true;
             self.push(PeerEvent::TrackEnded {
                 track_id: track_id.to_owned(),
+            });
+        }
+    }
+
+    /// Records a removal unless one is recorded already.
+    fn remove(&mut self, reason: String) {
+        if self.removed.is_none() {
+            self.removed = Some(Removal {
+                at: Instant::now(),
+                reason,
             });
         }
     }
@@ -506,6 +528,8 @@ struct Shared {
     feedback: Arc<FeedbackCounters>,
     /// When received video asks for a keyframe.
     pli_policy: PliPolicy,
+    /// We are leaving (or disconnecting) on purpose: what follows is no [`Removal`].
+    leaving: AtomicBool,
 }
 
 /// The encodings of one local track, as the signaling reader needs them.
@@ -542,6 +566,13 @@ impl Shared {
 
     fn event(&self, event: PeerEvent) {
         self.update(|s| s.push(event));
+    }
+
+    /// Records a [`Removal`] unless we are leaving on purpose.
+    fn removed(&self, s: &mut State, reason: impl FnOnce() -> String) {
+        if !self.leaving.load(Ordering::Acquire) {
+            s.remove(reason());
+        }
     }
 
     fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
@@ -790,6 +821,13 @@ impl PeerConnectionEventHandler for PcHandler {
         self.shared.update(|s| {
             s.pc_state.insert(target, state);
             s.push(PeerEvent::ConnectionState { target, state });
+            if matches!(
+                state,
+                RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
+            ) {
+                self.shared
+                    .removed(s, || format!("{target:?} connection {state}"));
+            }
         });
         done()
     }
@@ -1325,6 +1363,9 @@ async fn reader_task(mut stream: SplitStream<WsStream>, shared: Arc<Shared>, rou
         }
         shared.update(|s| {
             apply_server_message(s, &msg, ws_opened_at);
+            if let ServerMessage::Leave { reason } = &msg {
+                shared.removed(s, || format!("server sent leave: {reason}"));
+            }
             s.push(PeerEvent::Server(msg));
         });
         if let Some((target, cmd)) = routed {
@@ -1340,6 +1381,7 @@ async fn reader_task(mut stream: SplitStream<WsStream>, shared: Arc<Shared>, rou
     };
     shared.update(|s| {
         s.closed.get_or_insert(reason.clone());
+        shared.removed(s, || reason.clone());
         if s.joined.is_none() {
             s.joined = Some(Err(format!("before joined: {reason}")));
         }
@@ -1779,6 +1821,7 @@ impl Peer {
             relay,
             encodings: Mutex::new(Vec::new()),
             honour_publisher_layers: opts.honour_publisher_layers,
+            leaving: AtomicBool::new(false),
             feedback: Arc::default(),
             pli_policy: opts.pli_policy,
         });
@@ -2640,6 +2683,18 @@ impl Peer {
         self.shared.state().closed.clone()
     }
 
+    /// Whether (and why) the session was ended for us: see [`Removal`].
+    pub fn removed(&self) -> Option<Removal> {
+        self.shared.state().removed.clone()
+    }
+
+    /// Waits (bounded) for a [`Removal`].
+    pub async fn wait_removed(&self, timeout: Duration) -> Result<Removal> {
+        self.shared
+            .wait_until(timeout, "removal", |s| s.removed.clone())
+            .await
+    }
+
     pub async fn wait_closed(&self, timeout: Duration) -> Result<String> {
         self.shared
             .wait_until(timeout, "websocket closed", |s| s.closed.clone())
@@ -2649,6 +2704,7 @@ impl Peer {
     /// Leaves politely: `leave`, waits (bounded) for the server to close the socket, then closes
     /// both peer connections. Idempotent.
     pub async fn leave(&self) -> Result<()> {
+        self.shared.leaving.store(true, Ordering::Release);
         if self.left.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -2663,6 +2719,7 @@ impl Peer {
 
     /// Drops the connection without `leave` (as a crashed client would).
     pub async fn disconnect(&self) {
+        self.shared.leaving.store(true, Ordering::Release);
         if self.left.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -2687,6 +2744,7 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        self.shared.leaving.store(true, Ordering::Release);
         if !self.left.swap(true, Ordering::AcqRel) {
             let _ = self.ws_tx.try_send(WsOut::Close);
             let mut pcs = vec![self.subscriber.clone()];

@@ -812,10 +812,11 @@ impl Ingress {
         self.bound.contains_key(&ssrc)
     }
 
-    /// `rtc` delivered a packet of `ssrc` on `track`: later ones skip `rtc`. `nack`: ask for
+    /// `rtc` delivered a packet of `ssrc` of the (server) track `track`: later ones skip
+    /// `rtc`. `nack`: ask for
     /// its losses (video).
-    pub fn bind(&mut self, ssrc: u32, track: &str, clock_rate: u32, nack: bool) {
-        self.bound.insert(ssrc, Arc::from(track));
+    pub fn bind(&mut self, ssrc: u32, track: Arc<str>, clock_rate: u32, nack: bool) {
+        self.bound.insert(ssrc, track);
         if let Some(r) = self.reception.get_mut(&ssrc) {
             r.set_clock_rate(clock_rate);
         }
@@ -824,7 +825,7 @@ impl Ingress {
         }
     }
 
-    /// The `rtc` track is gone: forget its SSRCs.
+    /// The (server) track is gone: forget its SSRCs.
     pub fn unbind_track(&mut self, track: &str) {
         let gone: Vec<u32> = self
             .bound
@@ -1432,7 +1433,7 @@ mod tests {
             .expect("decrypt");
         assert!(first.track.is_none());
         assert_eq!(first.packet.header.sequence_number, 100);
-        ing.bind(7, "track-a", 90_000, true);
+        ing.bind(7, Arc::from("track-a"), 90_000, true);
         for (i, seq) in [101u16, 102, 104, 105].into_iter().enumerate() {
             let at = t0 + Duration::from_millis(10 * (i as u64 + 1));
             let inc = ing

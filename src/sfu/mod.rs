@@ -9,12 +9,16 @@
 pub mod bwe;
 pub mod core;
 pub mod data;
+pub mod demux;
 pub mod egress;
 pub mod ingress;
 pub mod keyframe;
 pub mod latency;
+pub mod loglimit;
 pub mod nack;
+pub mod outbox;
 pub mod rewrite;
+pub mod sdpcheck;
 pub mod selector;
 pub mod udp;
 pub mod vp8;
@@ -97,6 +101,17 @@ pub struct JoinAccepted {
     pub joined: ServerMessage,
 }
 
+/// How often each [`CoreLimits`] cap refused something (each time the client got an error).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LimitsHit {
+    pub remote_candidates: u64,
+    pub published_tracks: u64,
+    pub subscriptions: u64,
+    pub ids_per_message: u64,
+    /// Turns in which the core left client commands queued to serve the media socket first.
+    pub commands_deferred: u64,
+}
+
 /// Counters exported by the core.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct CoreStats {
@@ -108,6 +123,11 @@ pub struct CoreStats {
     pub rtp_packets_dropped: u64,
     pub udp_datagrams_in: u64,
     pub udp_datagrams_ignored: u64,
+    /// Datagrams the demux could not give to any connection, by reason (part of
+    /// `udp_datagrams_ignored`), and refused address re-bindings.
+    pub udp_dropped: demux::UdpDrops,
+    /// Per-participant caps hit.
+    pub limits_hit: LimitsHit,
     /// Datagrams sent, and dropped because the socket buffer was full (or the send failed).
     pub udp_datagrams_out: u64,
     pub udp_datagrams_out_dropped: u64,
