@@ -142,6 +142,8 @@ pub(crate) async fn upgrade(
 #[derive(Debug)]
 enum Out {
     Msg(ServerMessage),
+    /// An already encoded frame (the `rate_limited` reply, sent once per dropped message).
+    Frame(Message),
     Close(u16, String),
 }
 
@@ -170,6 +172,7 @@ struct Guards {
     last_frame: Instant,
     limited_since: Option<Instant>,
     last_limited: Instant,
+    rate_limited_text: Option<axum::extract::ws::Utf8Bytes>,
 }
 
 /// What [`Guards::admit`] says about one message.
@@ -196,6 +199,7 @@ impl Guards {
             last_frame: now,
             limited_since: None,
             last_limited: now,
+            rate_limited_text: None,
             counters: Arc::clone(&state.counters),
             settings,
         }
@@ -258,15 +262,21 @@ impl Guards {
         }
     }
 
-    fn rate_limited(&self) -> ServerMessage {
-        ServerMessage::error(
-            ErrorCode::RateLimited,
-            format!(
-                "more than {} messages per second (bursts of {}): message dropped",
-                self.settings.ws_message_rate, self.settings.ws_message_burst
-            ),
-            None,
-        )
+    /// The `rate_limited` reply, encoded once per session (a flood gets one per message).
+    fn rate_limited(&mut self) -> Message {
+        let settings = &self.settings;
+        let text = self.rate_limited_text.get_or_insert_with(|| {
+            let msg = ServerMessage::error(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second (bursts of {}): message dropped",
+                    settings.ws_message_rate, settings.ws_message_burst
+                ),
+                None,
+            );
+            signal::encode_server(&msg).into()
+        });
+        Message::Text(text.clone())
     }
 
     /// Counts the expiry; returns the close code and reason, and whether the client may
@@ -408,7 +418,7 @@ async fn wait_for_join(
                 match guards.admit(Instant::now()) {
                     Admit::Pass => {}
                     Admit::Limited => {
-                        if !send_msg(sink, &guards.rate_limited()).await {
+                        if sink.send(guards.rate_limited()).await.is_err() {
                             return None;
                         }
                         continue;
@@ -594,7 +604,7 @@ async fn read_loop(
                 match guards.admit(Instant::now()) {
                     Admit::Pass => {}
                     Admit::Limited => {
-                        if local.send(Out::Msg(guards.rate_limited())).await.is_err() {
+                        if local.send(Out::Frame(guards.rate_limited())).await.is_err() {
                             break;
                         }
                         continue;
@@ -736,28 +746,51 @@ async fn write_loop(
                 continue;
             }
         };
-        match out {
+        let first = match out {
             Out::Msg(msg) => {
                 note_leave(&msg, &mut leave_reason);
-                if sink.feed(text_frame(&msg)).await.is_err() {
-                    return "websocket write failed".to_owned();
-                }
-                // Batch whatever else the core has ready, then flush once.
-                for _ in 0..WRITE_BATCH {
-                    let Ok(msg) = events.try_recv() else { break };
-                    note_leave(&msg, &mut leave_reason);
-                    if sink.feed(text_frame(&msg)).await.is_err() {
-                        return "websocket write failed".to_owned();
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return "websocket write failed".to_owned();
-                }
+                text_frame(&msg)
             }
+            Out::Frame(frame) => frame,
             Out::Close(code, reason) => {
                 close(sink, code, &reason).await;
                 return format!("closed by server: {reason}");
             }
+        };
+        if sink.feed(first).await.is_err() {
+            return "websocket write failed".to_owned();
+        }
+        // Batch the reader's other replies (a flood's `rate_limited` answers)...
+        let mut close_after: Option<(u16, String)> = None;
+        for _ in 0..WRITE_BATCH {
+            let frame = match local.try_recv() {
+                Ok(Out::Msg(msg)) => text_frame(&msg),
+                Ok(Out::Frame(frame)) => frame,
+                Ok(Out::Close(code, reason)) => {
+                    close_after = Some((code, reason));
+                    break;
+                }
+                Err(_) => break,
+            };
+            if sink.feed(frame).await.is_err() {
+                return "websocket write failed".to_owned();
+            }
+        }
+        if let Some((code, reason)) = close_after {
+            let _ = sink.flush().await;
+            close(sink, code, &reason).await;
+            return format!("closed by server: {reason}");
+        }
+        // ...and whatever else the core has ready, then flush once.
+        for _ in 0..WRITE_BATCH {
+            let Ok(msg) = events.try_recv() else { break };
+            note_leave(&msg, &mut leave_reason);
+            if sink.feed(text_frame(&msg)).await.is_err() {
+                return "websocket write failed".to_owned();
+            }
+        }
+        if sink.flush().await.is_err() {
+            return "websocket write failed".to_owned();
         }
     }
 }
