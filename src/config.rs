@@ -14,6 +14,8 @@
 //! log_format = "json"
 //! max_ws_message = 65536
 //! max_data_message = 16384
+//! join_timeout = 10          # seconds; fractions allowed
+//! max_connections_per_ip = 64
 //! ```
 //!
 //! The loader takes the environment as a lookup function ([`Config::load_from`]), so tests
@@ -27,6 +29,9 @@ use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
+
+use crate::sfu::CoreLimits;
 
 /// Default HTTP/WebSocket port.
 pub const DEFAULT_PORT: u16 = 7880;
@@ -36,6 +41,28 @@ pub const DEFAULT_UDP_PORT: u16 = 7882;
 pub const DEFAULT_MAX_WS_MESSAGE: usize = 64 * 1024;
 /// Default largest data-channel payload relayed, in bytes.
 pub const DEFAULT_MAX_DATA_MESSAGE: usize = 16 * 1024;
+
+/// Default time a WebSocket may take to `join`.
+pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a joined WebSocket may stay without sending a frame (pongs count).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a client may take to send its HTTP request headers (also the keep-alive idle
+/// time between requests).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a WebSocket message may take from its first byte to its last.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap of open HTTP/WebSocket connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap of open connections from one client address (IPv6: one /64).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
+/// Default sustained rate of signaling messages one session may send, per second.
+pub const DEFAULT_WS_MESSAGE_RATE: f64 = 50.0;
+/// Default burst of signaling messages one session may send at once.
+pub const DEFAULT_WS_MESSAGE_BURST: usize = 200;
+/// Shortest and longest accepted timeout, in seconds.
+pub const TIMEOUT_RANGE_S: (f64, f64) = (0.01, 86_400.0);
+/// Largest accepted count for the caps and limits.
+pub const MAX_COUNT: usize = 10_000_000;
 
 /// Smallest accepted `max_ws_message` (an SDP offer needs a few KiB).
 pub const MIN_WS_MESSAGE: usize = 1024;
@@ -90,6 +117,26 @@ pub struct Config {
     pub max_ws_message: usize,
     /// Largest data-channel payload relayed, in bytes.
     pub max_data_message: usize,
+    /// Receive and send buffer asked of the kernel for the media UDP socket, in bytes.
+    pub udp_buffer: usize,
+    /// A WebSocket that has not joined within this time is closed.
+    pub join_timeout: Duration,
+    /// A joined WebSocket that sends no frame for this long is closed (the server pings it).
+    pub idle_timeout: Duration,
+    /// Time allowed for a request's HTTP headers (and between keep-alive requests).
+    pub header_timeout: Duration,
+    /// Time allowed for one WebSocket message, first byte to last.
+    pub message_timeout: Duration,
+    /// Open connections in total (a small reserve above it serves `/healthz` and `/metrics`).
+    pub max_connections: usize,
+    /// Open connections from one client address (IPv6: one /64).
+    pub max_connections_per_ip: usize,
+    /// Signaling messages per second one session may send, sustained.
+    pub ws_message_rate: f64,
+    /// Signaling messages one session may send in a burst.
+    pub ws_message_burst: usize,
+    /// Per-participant and per-turn limits of the SFU core.
+    pub core_limits: CoreLimits,
 }
 
 impl Default for Config {
@@ -105,6 +152,16 @@ impl Default for Config {
             log_format: LogFormat::Text,
             max_ws_message: DEFAULT_MAX_WS_MESSAGE,
             max_data_message: DEFAULT_MAX_DATA_MESSAGE,
+            udp_buffer: crate::sfu::core::UDP_BUFFER_DEFAULT,
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            message_timeout: DEFAULT_MESSAGE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            ws_message_rate: DEFAULT_WS_MESSAGE_RATE,
+            ws_message_burst: DEFAULT_WS_MESSAGE_BURST,
+            core_limits: CoreLimits::default(),
         }
     }
 }
@@ -145,6 +202,12 @@ pub enum ConfigError {
         value: usize,
         min: usize,
         max: usize,
+    },
+    #[error("--{name} must be {expected}, got {value}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        expected: String,
     },
 }
 
@@ -192,6 +255,57 @@ struct Args {
     /// [default: 16384]
     #[arg(long, value_name = "BYTES")]
     max_data_message: Option<usize>,
+    /// Media UDP socket receive/send buffer, bytes [env: PLAZA_UDP_BUFFER]
+    /// [default: 8388608]
+    #[arg(long, value_name = "BYTES")]
+    udp_buffer: Option<usize>,
+    /// Seconds a WebSocket may take to join [env: PLAZA_JOIN_TIMEOUT] [default: 10]
+    #[arg(long, value_name = "SECONDS")]
+    join_timeout: Option<f64>,
+    /// Seconds a joined WebSocket may send no frame (the server pings every third of it)
+    /// [env: PLAZA_IDLE_TIMEOUT] [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    idle_timeout: Option<f64>,
+    /// Seconds allowed for a request's HTTP headers and between keep-alive requests
+    /// [env: PLAZA_HEADER_TIMEOUT] [default: 10]
+    #[arg(long, value_name = "SECONDS")]
+    header_timeout: Option<f64>,
+    /// Seconds allowed for one WebSocket message, first byte to last
+    /// [env: PLAZA_MESSAGE_TIMEOUT] [default: 10]
+    #[arg(long, value_name = "SECONDS")]
+    message_timeout: Option<f64>,
+    /// Open HTTP/WebSocket connections in total [env: PLAZA_MAX_CONNECTIONS] [default: 4096]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Open connections per client address (IPv6: per /64) [env: PLAZA_MAX_CONNECTIONS_PER_IP]
+    /// [default: 64]
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
+    /// Signaling messages per second per session, sustained [env: PLAZA_WS_MESSAGE_RATE]
+    /// [default: 50]
+    #[arg(long, value_name = "PER_SECOND")]
+    ws_message_rate: Option<f64>,
+    /// Signaling messages per session in a burst [env: PLAZA_WS_MESSAGE_BURST] [default: 200]
+    #[arg(long, value_name = "N")]
+    ws_message_burst: Option<usize>,
+    /// Remote ICE candidates per peer connection [env: PLAZA_MAX_REMOTE_CANDIDATES]
+    /// [default: 64]
+    #[arg(long, value_name = "N")]
+    max_remote_candidates: Option<usize>,
+    /// Tracks one participant may publish [env: PLAZA_MAX_PUBLISHED_TRACKS] [default: 16]
+    #[arg(long, value_name = "N")]
+    max_published_tracks: Option<usize>,
+    /// Tracks one participant may subscribe to [env: PLAZA_MAX_SUBSCRIPTIONS] [default: 512]
+    #[arg(long, value_name = "N")]
+    max_subscriptions: Option<usize>,
+    /// Ids in one subscribe/unsubscribe message [env: PLAZA_MAX_IDS_PER_MESSAGE]
+    /// [default: 512]
+    #[arg(long, value_name = "N")]
+    max_ids_per_message: Option<usize>,
+    /// Client commands the core handles per turn before serving media again
+    /// [env: PLAZA_COMMANDS_PER_TURN] [default: 64]
+    #[arg(long, value_name = "N")]
+    commands_per_turn: Option<usize>,
 }
 
 /// A string or a list of strings (for `announce_ip` in the file).
@@ -216,6 +330,20 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     max_ws_message: Option<usize>,
     max_data_message: Option<usize>,
+    udp_buffer: Option<usize>,
+    join_timeout: Option<f64>,
+    idle_timeout: Option<f64>,
+    header_timeout: Option<f64>,
+    message_timeout: Option<f64>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    ws_message_rate: Option<f64>,
+    ws_message_burst: Option<usize>,
+    max_remote_candidates: Option<usize>,
+    max_published_tracks: Option<usize>,
+    max_subscriptions: Option<usize>,
+    max_ids_per_message: Option<usize>,
+    commands_per_turn: Option<usize>,
 }
 
 /// One layer of optional settings (flags, env or file).
@@ -230,6 +358,20 @@ struct Layer {
     log_format: Option<LogFormat>,
     max_ws_message: Option<usize>,
     max_data_message: Option<usize>,
+    udp_buffer: Option<usize>,
+    join_timeout: Option<f64>,
+    idle_timeout: Option<f64>,
+    header_timeout: Option<f64>,
+    message_timeout: Option<f64>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    ws_message_rate: Option<f64>,
+    ws_message_burst: Option<usize>,
+    max_remote_candidates: Option<usize>,
+    max_published_tracks: Option<usize>,
+    max_subscriptions: Option<usize>,
+    max_ids_per_message: Option<usize>,
+    commands_per_turn: Option<usize>,
 }
 
 impl Layer {
@@ -245,6 +387,20 @@ impl Layer {
             log_format: self.log_format.or(lower.log_format),
             max_ws_message: self.max_ws_message.or(lower.max_ws_message),
             max_data_message: self.max_data_message.or(lower.max_data_message),
+            udp_buffer: self.udp_buffer.or(lower.udp_buffer),
+            join_timeout: self.join_timeout.or(lower.join_timeout),
+            idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            header_timeout: self.header_timeout.or(lower.header_timeout),
+            message_timeout: self.message_timeout.or(lower.message_timeout),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
+            ws_message_rate: self.ws_message_rate.or(lower.ws_message_rate),
+            ws_message_burst: self.ws_message_burst.or(lower.ws_message_burst),
+            max_remote_candidates: self.max_remote_candidates.or(lower.max_remote_candidates),
+            max_published_tracks: self.max_published_tracks.or(lower.max_published_tracks),
+            max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
+            max_ids_per_message: self.max_ids_per_message.or(lower.max_ids_per_message),
+            commands_per_turn: self.commands_per_turn.or(lower.commands_per_turn),
         }
     }
 }
@@ -261,6 +417,20 @@ impl From<Args> for Layer {
             log_format: a.log_format,
             max_ws_message: a.max_ws_message,
             max_data_message: a.max_data_message,
+            udp_buffer: a.udp_buffer,
+            join_timeout: a.join_timeout,
+            idle_timeout: a.idle_timeout,
+            header_timeout: a.header_timeout,
+            message_timeout: a.message_timeout,
+            max_connections: a.max_connections,
+            max_connections_per_ip: a.max_connections_per_ip,
+            ws_message_rate: a.ws_message_rate,
+            ws_message_burst: a.ws_message_burst,
+            max_remote_candidates: a.max_remote_candidates,
+            max_published_tracks: a.max_published_tracks,
+            max_subscriptions: a.max_subscriptions,
+            max_ids_per_message: a.max_ids_per_message,
+            commands_per_turn: a.commands_per_turn,
         }
     }
 }
@@ -280,6 +450,20 @@ impl From<FileConfig> for Layer {
             log_format: f.log_format,
             max_ws_message: f.max_ws_message,
             max_data_message: f.max_data_message,
+            udp_buffer: f.udp_buffer,
+            join_timeout: f.join_timeout,
+            idle_timeout: f.idle_timeout,
+            header_timeout: f.header_timeout,
+            message_timeout: f.message_timeout,
+            max_connections: f.max_connections,
+            max_connections_per_ip: f.max_connections_per_ip,
+            ws_message_rate: f.ws_message_rate,
+            ws_message_burst: f.ws_message_burst,
+            max_remote_candidates: f.max_remote_candidates,
+            max_published_tracks: f.max_published_tracks,
+            max_subscriptions: f.max_subscriptions,
+            max_ids_per_message: f.max_ids_per_message,
+            commands_per_turn: f.commands_per_turn,
         }
     }
 }
@@ -336,6 +520,20 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             log_format: self.parse("PLAZA_LOG_FORMAT")?,
             max_ws_message: self.parse("PLAZA_MAX_WS_MESSAGE")?,
             max_data_message: self.parse("PLAZA_MAX_DATA_MESSAGE")?,
+            udp_buffer: self.parse("PLAZA_UDP_BUFFER")?,
+            join_timeout: self.parse("PLAZA_JOIN_TIMEOUT")?,
+            idle_timeout: self.parse("PLAZA_IDLE_TIMEOUT")?,
+            header_timeout: self.parse("PLAZA_HEADER_TIMEOUT")?,
+            message_timeout: self.parse("PLAZA_MESSAGE_TIMEOUT")?,
+            max_connections: self.parse("PLAZA_MAX_CONNECTIONS")?,
+            max_connections_per_ip: self.parse("PLAZA_MAX_CONNECTIONS_PER_IP")?,
+            ws_message_rate: self.parse("PLAZA_WS_MESSAGE_RATE")?,
+            ws_message_burst: self.parse("PLAZA_WS_MESSAGE_BURST")?,
+            max_remote_candidates: self.parse("PLAZA_MAX_REMOTE_CANDIDATES")?,
+            max_published_tracks: self.parse("PLAZA_MAX_PUBLISHED_TRACKS")?,
+            max_subscriptions: self.parse("PLAZA_MAX_SUBSCRIPTIONS")?,
+            max_ids_per_message: self.parse("PLAZA_MAX_IDS_PER_MESSAGE")?,
+            commands_per_turn: self.parse("PLAZA_COMMANDS_PER_TURN")?,
         })
     }
 }
@@ -390,6 +588,34 @@ impl Config {
             log_format: merged.log_format.unwrap_or(d.log_format),
             max_ws_message: merged.max_ws_message.unwrap_or(d.max_ws_message),
             max_data_message: merged.max_data_message.unwrap_or(d.max_data_message),
+            udp_buffer: merged.udp_buffer.unwrap_or(d.udp_buffer),
+            join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
+            idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
+            header_timeout: seconds("header-timeout", merged.header_timeout, d.header_timeout)?,
+            message_timeout: seconds("message-timeout", merged.message_timeout, d.message_timeout)?,
+            max_connections: merged.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_ip: merged
+                .max_connections_per_ip
+                .unwrap_or(d.max_connections_per_ip),
+            ws_message_rate: merged.ws_message_rate.unwrap_or(d.ws_message_rate),
+            ws_message_burst: merged.ws_message_burst.unwrap_or(d.ws_message_burst),
+            core_limits: CoreLimits {
+                max_remote_candidates: merged
+                    .max_remote_candidates
+                    .unwrap_or(d.core_limits.max_remote_candidates),
+                max_published_tracks: merged
+                    .max_published_tracks
+                    .unwrap_or(d.core_limits.max_published_tracks),
+                max_subscriptions: merged
+                    .max_subscriptions
+                    .unwrap_or(d.core_limits.max_subscriptions),
+                max_ids_per_message: merged
+                    .max_ids_per_message
+                    .unwrap_or(d.core_limits.max_ids_per_message),
+                commands_per_turn: merged
+                    .commands_per_turn
+                    .unwrap_or(d.core_limits.commands_per_turn),
+            },
         };
         config.announce_ips = config.announce_ips()?;
         config.validate()?;
@@ -440,6 +666,42 @@ impl Config {
             1,
             MAX_DATA_MESSAGE,
         )?;
+        check_range("udp-buffer", self.udp_buffer, 65_536, 1 << 30)?;
+        let (lo, hi) = TIMEOUT_RANGE_S;
+        for (name, d) in [
+            ("join-timeout", self.join_timeout),
+            ("idle-timeout", self.idle_timeout),
+            ("header-timeout", self.header_timeout),
+            ("message-timeout", self.message_timeout),
+        ] {
+            if !(lo..=hi).contains(&d.as_secs_f64()) {
+                return Err(ConfigError::Invalid {
+                    name,
+                    value: format!("{} s", d.as_secs_f64()),
+                    expected: format!("between {lo} and {hi} seconds"),
+                });
+            }
+        }
+        let l = &self.core_limits;
+        for (name, n) in [
+            ("max-connections", self.max_connections),
+            ("max-connections-per-ip", self.max_connections_per_ip),
+            ("ws-message-burst", self.ws_message_burst),
+            ("max-remote-candidates", l.max_remote_candidates),
+            ("max-published-tracks", l.max_published_tracks),
+            ("max-subscriptions", l.max_subscriptions),
+            ("max-ids-per-message", l.max_ids_per_message),
+            ("commands-per-turn", l.commands_per_turn),
+        ] {
+            count_range(name, n)?;
+        }
+        if !(0.01..=1e6).contains(&self.ws_message_rate) {
+            return Err(ConfigError::Invalid {
+                name: "ws-message-rate",
+                value: self.ws_message_rate.to_string(),
+                expected: "between 0.01 and 1000000 messages per second".to_owned(),
+            });
+        }
         Ok(())
     }
 
@@ -452,6 +714,38 @@ impl Config {
     pub fn udp_addr(&self) -> SocketAddr {
         SocketAddr::new(self.udp_bind, self.udp_port)
     }
+}
+
+fn count_range(name: &'static str, value: usize) -> Result<(), ConfigError> {
+    if (1..=MAX_COUNT).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            name,
+            value: value.to_string(),
+            expected: format!("between 1 and {MAX_COUNT}"),
+        })
+    }
+}
+
+/// A timeout given in seconds (flag, env or file), or the default.
+fn seconds(
+    name: &'static str,
+    value: Option<f64>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(s) = value else {
+        return Ok(default);
+    };
+    let (lo, hi) = TIMEOUT_RANGE_S;
+    if !(lo..=hi).contains(&s) {
+        return Err(ConfigError::Invalid {
+            name,
+            value: format!("{s} s"),
+            expected: format!("between {lo} and {hi} seconds"),
+        });
+    }
+    Ok(Duration::from_secs_f64(s))
 }
 
 fn check_range(
@@ -738,6 +1032,92 @@ mod tests {
             .log_level,
             "plaza=trace"
         );
+    }
+
+    #[test]
+    fn limits_from_every_layer() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(c.join_timeout, DEFAULT_JOIN_TIMEOUT);
+        assert_eq!(c.max_connections_per_ip, DEFAULT_MAX_CONNECTIONS_PER_IP);
+        assert_eq!(c.core_limits, CoreLimits::default());
+
+        let file = TempFile::new(
+            r#"
+            join_timeout = 3
+            idle_timeout = 4.5
+            max_connections = 100
+            ws_message_rate = 7.5
+            max_subscriptions = 9
+            commands_per_turn = 8
+            "#,
+        );
+        let c = load(
+            &[
+                "--config",
+                file.path(),
+                "--header-timeout",
+                "0.25",
+                "--max-remote-candidates",
+                "5",
+            ],
+            &[
+                ("PLAZA_MAX_CONNECTIONS", "200"),
+                ("PLAZA_MESSAGE_TIMEOUT", "2"),
+                ("PLAZA_WS_MESSAGE_BURST", "11"),
+                ("PLAZA_MAX_CONNECTIONS_PER_IP", "3"),
+                ("PLAZA_MAX_PUBLISHED_TRACKS", "4"),
+                ("PLAZA_MAX_IDS_PER_MESSAGE", "6"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.join_timeout, Duration::from_secs(3));
+        assert_eq!(c.idle_timeout, Duration::from_millis(4500));
+        assert_eq!(c.header_timeout, Duration::from_millis(250));
+        assert_eq!(c.message_timeout, Duration::from_secs(2));
+        assert_eq!(c.max_connections, 200); // env over file
+        assert_eq!(c.max_connections_per_ip, 3);
+        assert_eq!(c.ws_message_rate, 7.5);
+        assert_eq!(c.ws_message_burst, 11);
+        assert_eq!(
+            c.core_limits,
+            CoreLimits {
+                max_remote_candidates: 5,
+                max_published_tracks: 4,
+                max_subscriptions: 9,
+                max_ids_per_message: 6,
+                commands_per_turn: 8,
+            }
+        );
+    }
+
+    #[test]
+    fn bad_limits_are_reported() {
+        for (args, name) in [
+            (&["--join-timeout", "0"][..], "join-timeout"),
+            (&["--idle-timeout=-1"][..], "idle-timeout"),
+            (&["--message-timeout", "1e9"][..], "message-timeout"),
+            (&["--max-connections", "0"][..], "max-connections"),
+            (
+                &["--max-connections-per-ip", "0"][..],
+                "max-connections-per-ip",
+            ),
+            (&["--ws-message-rate", "0"][..], "ws-message-rate"),
+            (&["--ws-message-burst", "0"][..], "ws-message-burst"),
+            (&["--commands-per-turn", "0"][..], "commands-per-turn"),
+            (&["--max-subscriptions", "0"][..], "max-subscriptions"),
+        ] {
+            let e = load(args, &[]).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { name: n, .. } if *n == name),
+                "{args:?}: {e}"
+            );
+            assert!(e.to_string().contains(name), "{e}");
+        }
+        let e = load(&[], &[("PLAZA_JOIN_TIMEOUT", "soon")]).unwrap_err();
+        assert!(matches!(e, ConfigError::Env { .. }), "{e}");
+        let nan = TempFile::new("idle_timeout = nan");
+        let e = load(&["--config", nan.path()], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { .. }), "{e}");
     }
 
     #[test]

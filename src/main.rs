@@ -21,6 +21,25 @@ fn main() -> ExitCode {
         eprintln!("plaza: cannot set up logging: {e}");
         return ExitCode::from(2);
     }
+    match plaza::server::raise_nofile_limit() {
+        Some((soft, hard)) => {
+            let needed = (config.max_connections + plaza::http::limits::RESERVE) as u64
+                + plaza::server::FD_MARGIN;
+            if soft < needed {
+                tracing::warn!(
+                    soft,
+                    hard,
+                    needed,
+                    "the open-file limit is below what --max-connections needs: the connection \
+                     cap will be lowered to fit (raise the hard limit: ulimit -Hn, systemd \
+                     LimitNOFILE, compose `ulimits: nofile`)"
+                );
+            } else {
+                tracing::info!(soft, hard, "open-file limit");
+            }
+        }
+        None => tracing::warn!("cannot read the open-file limit (RLIMIT_NOFILE)"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,13 +6,21 @@
 //! `leave` and closes their event channels, which ends their WebSocket sessions), waits for
 //! the HTTP server and the sessions, and returns — within [`SHUTDOWN_TIMEOUT`] whatever
 //! happens.
+//!
+//! The HTTP server is Plaza's own accept loop ([`http::serve`]): `TCP_NODELAY`, a header-read
+//! timeout and connection caps. The total cap is lowered to what the process's open-file limit
+//! allows ([`fd_budget`]), so running out of file descriptors cannot lock out new clients and
+//! `/healthz`; [`raise_nofile_limit`] (called by the binary) raises that limit first.
 
 use crate::config::{Config, ConfigError};
+use crate::http::limits::{ConnLimiter, HttpCounters, RESERVE};
+use crate::http::serve::{REFUSALS_IN_FLIGHT, ServeOptions};
 use crate::http::{self, AppState, HttpSettings};
 use crate::sfu::core::CoreConfig;
 use crate::sfu::{SfuError, SfuHandle};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -22,6 +30,68 @@ use tracing::{info, warn};
 
 /// Upper bound for [`Server::shutdown`].
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// File descriptors kept for everything but client connections: the UDP socket, the
+/// listener, epoll, static files, logs, the runtime.
+pub const FD_MARGIN: u64 = 64;
+
+/// The process's open-file limit (soft, hard); `None` where it cannot be read.
+#[allow(clippy::unnecessary_cast)] // `rlim_t` is not `u64` everywhere
+pub fn nofile_limit() -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `getrlimit` writes into the struct we pass.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            return Some((lim.rlim_cur as u64, lim.rlim_max as u64));
+        }
+        None
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard limit: every connection is a
+/// file descriptor, and the common soft limit of 1024 is reached by ~1000 idle sockets.
+/// Returns the (soft, hard) limit in force afterwards.
+#[allow(clippy::unnecessary_cast)] // `rlim_t` is not `u64` everywhere
+pub fn raise_nofile_limit() -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        let (soft, hard) = nofile_limit()?;
+        if soft < hard {
+            let lim = libc::rlimit {
+                rlim_cur: hard as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            // SAFETY: plain syscall with a valid struct.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+                warn!(
+                    soft,
+                    hard,
+                    error = %std::io::Error::last_os_error(),
+                    "cannot raise the open-file limit"
+                );
+            }
+        }
+        nofile_limit()
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// The total connection cap the open-file limit allows: `max_connections`, lowered when the
+/// limit could not hold it plus the reserve, the refusals in flight and [`FD_MARGIN`].
+pub fn fd_budget(max_connections: usize, nofile_soft: Option<u64>) -> usize {
+    let Some(soft) = nofile_soft else {
+        return max_connections;
+    };
+    let overhead = (RESERVE + REFUSALS_IN_FLIGHT) as u64 + FD_MARGIN;
+    let room = soft.saturating_sub(overhead).max(1);
+    max_connections.min(usize::try_from(room).unwrap_or(usize::MAX))
+}
 
 /// Why the server could not start (or stopped by itself).
 #[derive(Debug, thiserror::Error)]
@@ -116,30 +186,53 @@ where
         CoreConfig {
             announce_ips: announce_ips.clone(),
             max_data_message: config.max_data_message,
-            limits: crate::sfu::CoreLimits::default(),
-            udp_buffer: crate::sfu::core::UDP_BUFFER_DEFAULT,
+            limits: config.core_limits.clone(),
+            udp_buffer: config.udp_buffer,
         },
         socket,
     )?;
 
+    let soft = nofile_limit().map(|(soft, _)| soft);
+    let max_connections = fd_budget(config.max_connections, soft);
+    if max_connections < config.max_connections {
+        warn!(
+            configured = config.max_connections,
+            effective = max_connections,
+            open_file_limit = soft,
+            "the open-file limit cannot hold --max-connections: the cap is lowered (raise \
+             `ulimit -n` / LimitNOFILE / compose `ulimits: nofile`)"
+        );
+    }
+    let counters = Arc::new(HttpCounters::default());
+    let limiter = ConnLimiter::new(
+        max_connections,
+        config.max_connections_per_ip,
+        Arc::clone(&counters),
+    );
     let (stop, stop_rx) = watch::channel(false);
     let (sessions_tx, sessions) = mpsc::channel(1);
     let state = AppState::new(
         handle.clone(),
-        HttpSettings::new(config.max_ws_message),
+        HttpSettings::from_config(&config),
         stop_rx.clone(),
         sessions_tx,
+    )
+    .with_limits(Arc::clone(&counters), Arc::clone(&limiter));
+    let app = http::router(state);
+    let opts = ServeOptions {
+        header_timeout: config.header_timeout,
+        limiter,
+        counters,
+    };
+    let http_task = tokio::spawn(http::serve::serve(listener, app, opts, stop_rx));
+    info!(
+        %http_addr,
+        %udp_addr,
+        ?announce_ips,
+        max_connections,
+        max_connections_per_ip = config.max_connections_per_ip,
+        "plaza started"
     );
-    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let mut stop_http = stop_rx;
-    let http_task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_http.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
-    info!(%http_addr, %udp_addr, ?announce_ips, "plaza started");
     Ok(Server {
         http_addr,
         udp_addr,

@@ -4,6 +4,7 @@
 //!
 //! ```json
 //! {"status":"ok", "rtp_packets_forwarded":…, …every CoreStats counter…,
+//!  "http":{"connections_open":…, "refused_per_ip":…, "join_timeouts":…, …},
 //!  "process":{"pid":1234, "cpu_user_s":1.23, "cpu_system_s":0.45, "cpu_total_s":1.68,
 //!             "cpu_runtime_ns":1681234567, "rss_bytes":12345678, "rss_peak_bytes":…,
 //!             "threads":9, "clock_ticks_per_s":100}}
@@ -129,6 +130,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({
                 "status": "unavailable",
+                "http": super::http_json(&state),
                 "process": process_usage(),
             })),
         )

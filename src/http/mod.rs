@@ -1,16 +1,23 @@
 //! HTTP front: the axum router.
 //!
-//! - `GET /healthz`: `{"status":"ok", ...CoreStats}` (503 `{"status":"unavailable"}` when the
-//!   core does not answer);
+//! - `GET /healthz`: `{"status":"ok", ...CoreStats, "http":{...}}` (503
+//!   `{"status":"unavailable"}` when the core does not answer); `http` holds the HTTP front's
+//!   counters ([`limits::HttpStats`]: connections open, refusals, timeouts, rate limiting);
 //! - `GET /rtc`: the signaling WebSocket (see [`ws`]);
 //! - everything else (`GET`/`HEAD`): files from the `signaling/` directory (demo page and JS
 //!   client), `/` being `signaling/index.html`.
 
 #[cfg(test)]
 pub(crate) mod fake_core;
+pub mod limits;
 pub mod metrics;
+pub mod serve;
 pub mod ws;
 
+use crate::config::{
+    Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_JOIN_TIMEOUT, DEFAULT_MESSAGE_TIMEOUT,
+    DEFAULT_WS_MESSAGE_BURST, DEFAULT_WS_MESSAGE_RATE,
+};
 use crate::sfu::SfuHandle;
 use axum::{
     Json, Router,
@@ -19,6 +26,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use limits::{ConnLimiter, HttpCounters};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,14 +42,46 @@ pub struct HttpSettings {
     pub max_ws_message: usize,
     /// Where the demo page and JS client live.
     pub static_dir: PathBuf,
+    /// A WebSocket that has not joined within this time is closed.
+    pub join_timeout: Duration,
+    /// A joined WebSocket that sends no frame for this long is closed; the server pings it
+    /// every third of this.
+    pub idle_timeout: Duration,
+    /// A WebSocket message must complete within this time of its first byte.
+    pub message_timeout: Duration,
+    /// Signaling messages per second one session may send, sustained.
+    pub ws_message_rate: f64,
+    /// Signaling messages one session may send in a burst.
+    pub ws_message_burst: usize,
+    /// A session that has been rate limited without a pause of [`ws::FLOOD_PAUSE`] for this
+    /// long is closed.
+    pub flood_close_after: Duration,
 }
 
 impl HttpSettings {
-    /// Settings with the default static directory ([`default_static_dir`]).
+    /// Default settings with the default static directory ([`default_static_dir`]).
     pub fn new(max_ws_message: usize) -> Self {
         HttpSettings {
             max_ws_message,
             static_dir: default_static_dir(),
+            join_timeout: DEFAULT_JOIN_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            message_timeout: DEFAULT_MESSAGE_TIMEOUT,
+            ws_message_rate: DEFAULT_WS_MESSAGE_RATE,
+            ws_message_burst: DEFAULT_WS_MESSAGE_BURST,
+            flood_close_after: ws::FLOOD_CLOSE_AFTER,
+        }
+    }
+
+    /// The HTTP layer's part of the server configuration.
+    pub fn from_config(config: &Config) -> Self {
+        HttpSettings {
+            join_timeout: config.join_timeout,
+            idle_timeout: config.idle_timeout,
+            message_timeout: config.message_timeout,
+            ws_message_rate: config.ws_message_rate,
+            ws_message_burst: config.ws_message_burst,
+            ..HttpSettings::new(config.max_ws_message)
         }
     }
 }
@@ -65,6 +105,10 @@ pub struct AppState {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Every WebSocket session holds a clone; the server waits until all are dropped.
     pub(crate) sessions: mpsc::Sender<()>,
+    /// What the limits did (served under `"http"` in `/healthz` and `/metrics`).
+    pub(crate) counters: Arc<HttpCounters>,
+    /// The connection caps, when the server's own accept loop is used.
+    pub(crate) limiter: Option<Arc<ConnLimiter>>,
 }
 
 impl AppState {
@@ -79,11 +123,26 @@ impl AppState {
             settings: Arc::new(settings),
             shutdown,
             sessions,
+            counters: Arc::default(),
+            limiter: None,
         }
+    }
+
+    /// The same state with these counters and connection caps (shared with the accept loop).
+    pub fn with_limits(mut self, counters: Arc<HttpCounters>, limiter: Arc<ConnLimiter>) -> Self {
+        self.counters = counters;
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// The HTTP counters, as served under `"http"`.
+    pub fn http_stats(&self) -> limits::HttpStats {
+        self.counters.snapshot(self.limiter.as_deref())
     }
 }
 
-/// The router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
+/// The router. Serve it with [`serve::serve`] (or, without the connection limits, with
+/// `into_make_service_with_connect_info::<SocketAddr>()`).
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -94,8 +153,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Asks the core for its counters (waiting at most [`STATS_TIMEOUT`]) and flattens them into
-/// `{"status":"ok", ...CoreStats}`; `None` when the core does not answer in time. Shared by
-/// `/healthz` and `/metrics`.
+/// `{"status":"ok", ...CoreStats, "http":{...HttpStats}}`; `None` when the core does not answer
+/// in time. Shared by `/healthz` and `/metrics`.
 pub(crate) async fn ok_stats_body(
     state: &AppState,
 ) -> Option<serde_json::Map<String, serde_json::Value>> {
@@ -108,7 +167,12 @@ pub(crate) async fn ok_stats_body(
     if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(&stats) {
         body.extend(fields);
     }
+    body.insert("http".into(), http_json(state));
     Some(body)
+}
+
+pub(crate) fn http_json(state: &AppState) -> serde_json::Value {
+    serde_json::to_value(state.http_stats()).unwrap_or_default()
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
@@ -116,7 +180,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         Some(body) => (StatusCode::OK, Json(serde_json::Value::Object(body))).into_response(),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "unavailable"})),
+            Json(serde_json::json!({"status": "unavailable", "http": http_json(&state)})),
         )
             .into_response(),
     }

@@ -16,9 +16,28 @@
 //! Size limits: text messages over `max_ws_message` get a `message_too_large` error and the
 //! socket stays open. The WebSocket layer itself is configured with a higher hard limit
 //! ([`hard_limit`]); a message beyond that cannot be skipped, so the connection is closed with
-//! close code 1009 and a reason naming the limit.
+//! close code 1009 and a reason naming the limit. The WebSocket layer's buffers are small
+//! ([`READ_BUFFER`], [`WRITE_BUFFER`]): an idle connection costs a few KiB, not 128 KiB.
+//!
+//! Time and rate limits ([`Guards`]), each closing the socket with a close frame whose reason
+//! names the limit, and each counted in `/metrics` (`http`):
+//!
+//! - **join timeout**: no accepted `join` within `join_timeout` → 1008 `join timeout: …`;
+//! - **idle timeout** (after join): the server sends a WebSocket ping every third of
+//!   `idle_timeout`; no frame at all from the client (a pong counts) for `idle_timeout` → 1001
+//!   `idle timeout: …`. Browsers and tungstenite answer pings by themselves;
+//! - **message timeout**: a message whose first bytes arrived but which is not complete within
+//!   `message_timeout` → 1008 `message timeout: …` (known from the bytes the connection has
+//!   read versus the bytes of the messages and control frames it yielded; needs the server's
+//!   accept loop, [`super::serve`]);
+//! - **message rate**: a token bucket (`ws_message_rate` per second, `ws_message_burst` at
+//!   once) on every text or binary message, before and after join. A message over the rate is
+//!   answered with `rate_limited` and dropped (not decoded, not passed to the core); the
+//!   session stays open. A session rate limited without a pause of [`FLOOD_PAUSE`] for
+//!   `flood_close_after` ([`FLOOD_CLOSE_AFTER`]) is closed: 1008 `message rate limit exceeded …`.
 
 use super::AppState;
+use super::limits::{ConnMeta, HttpCounters, TokenBucket};
 use crate::sfu::{EVENT_QUEUE, JoinAccepted, JoinRequest, SfuError, SfuHandle};
 use crate::signal::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
 use axum::{
@@ -27,14 +46,17 @@ use axum::{
         ConnectInfo, State,
         ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code},
     },
-    response::Response,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
 };
 use futures_util::{
     SinkExt, StreamExt,
     stream::{SplitSink, SplitStream},
 };
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, field, info, info_span};
 
@@ -51,15 +73,32 @@ const LINGER: Duration = Duration::from_millis(300);
 const LOCAL_QUEUE: usize = 64;
 /// Most events written before one flush.
 const WRITE_BATCH: usize = 64;
+/// The WebSocket layer's read buffer (tungstenite's default is 128 KiB, allocated up front).
+pub const READ_BUFFER: usize = 4 * 1024;
+/// Bytes the WebSocket layer collects before writing (flushes write everything anyway).
+pub const WRITE_BUFFER: usize = 8 * 1024;
+/// Most bytes waiting to be written to one client before writes fail.
+pub const MAX_WRITE_BUFFER: usize = 4 << 20;
+/// A rate-limited session that has not paused for this long is still flooding.
+pub const FLOOD_PAUSE: Duration = Duration::from_secs(1);
+/// Default time a session may keep flooding before it is closed.
+pub const FLOOD_CLOSE_AFTER: Duration = Duration::from_secs(10);
+/// Bytes read but not yet explained by a complete message that do not count as "a message
+/// started" (tolerance of the byte accounting).
+const MESSAGE_SLACK: u64 = 256;
+/// Wire size of a client control frame without its payload: 2-byte header and 4-byte mask.
+const CONTROL_FRAME_OVERHEAD: u64 = 6;
 
 type Sink = SplitSink<WebSocket, Message>;
 type Stream = SplitStream<WebSocket>;
 
-/// The WebSocket layer's own limit for a message or frame: `max_ws_message` plus 1 MiB.
-/// Messages between the two limits are read and refused politely; beyond this one the
+/// The WebSocket layer's own limit for a message or frame: `max_ws_message` plus a quarter and
+/// 1 KiB. Messages between the two limits are read and refused politely; beyond this one the
 /// connection fails (close code 1009).
 pub fn hard_limit(max_ws_message: usize) -> usize {
-    max_ws_message.saturating_add(1 << 20)
+    max_ws_message
+        .saturating_add(max_ws_message / 4)
+        .saturating_add(1024)
 }
 
 /// `GET /rtc`.
@@ -67,11 +106,26 @@ pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    conn: Option<Extension<ConnMeta>>,
 ) -> Response {
+    let conn = conn.map(|Extension(c)| c);
+    if conn.as_ref().is_some_and(ConnMeta::is_reserve) {
+        // Past the connection cap: this connection serves monitoring, not sessions.
+        HttpCounters::inc(&state.counters.websocket_refused);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, super::serve::RETRY_AFTER_S.to_string())],
+            "too many connections: try again later\n",
+        )
+            .into_response();
+    }
     let hard = hard_limit(state.settings.max_ws_message);
     let peer = peer.map(|Extension(ConnectInfo(addr))| addr);
     ws.max_message_size(hard)
         .max_frame_size(hard)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_failed_upgrade(move |e| debug!(?peer, error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
             let span = info_span!(
@@ -80,7 +134,7 @@ pub(crate) async fn upgrade(
                 participant = field::Empty,
                 room = field::Empty
             );
-            session(socket, state).instrument(span)
+            session(socket, state, conn).instrument(span)
         })
 }
 
@@ -88,20 +142,215 @@ pub(crate) async fn upgrade(
 #[derive(Debug)]
 enum Out {
     Msg(ServerMessage),
+    /// An already encoded frame (the `rate_limited` reply, sent once per dropped message).
+    Frame(Message),
     Close(u16, String),
 }
 
+/// Why [`Guards`] ends a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    Join,
+    Idle,
+    Message,
+    Flood,
+}
+
+/// The session's time and rate limits (see the module docs).
+struct Guards {
+    settings: Arc<super::HttpSettings>,
+    counters: Arc<super::HttpCounters>,
+    bucket: TokenBucket,
+    /// Bytes read by the connection (`None` without the server's accept loop).
+    bytes_read: Option<Arc<AtomicU64>>,
+    /// Bytes explained by complete messages and control frames.
+    accounted: u64,
+    /// Since when bytes of an incomplete message have been waiting.
+    pending_since: Option<Instant>,
+    join_deadline: Instant,
+    joined: bool,
+    last_frame: Instant,
+    limited_since: Option<Instant>,
+    last_limited: Instant,
+    rate_limited_text: Option<axum::extract::ws::Utf8Bytes>,
+}
+
+/// What [`Guards::admit`] says about one message.
+enum Admit {
+    Pass,
+    /// Over the rate: answer `rate_limited`, drop it.
+    Limited,
+    /// Over the rate for too long: close.
+    Close,
+}
+
+impl Guards {
+    fn new(state: &AppState, conn: Option<&ConnMeta>) -> Self {
+        let now = Instant::now();
+        let settings = Arc::clone(&state.settings);
+        let bytes_read = conn.map(ConnMeta::byte_counter);
+        Guards {
+            bucket: TokenBucket::new(settings.ws_message_rate, settings.ws_message_burst, now),
+            accounted: bytes_read.as_ref().map_or(0, |b| b.load(Relaxed)),
+            bytes_read,
+            pending_since: None,
+            join_deadline: now + settings.join_timeout,
+            joined: false,
+            last_frame: now,
+            limited_since: None,
+            last_limited: now,
+            rate_limited_text: None,
+            counters: Arc::clone(&state.counters),
+            settings,
+        }
+    }
+
+    /// How often [`Guards::check`] runs.
+    fn tick(&self) -> Duration {
+        let s = &self.settings;
+        (s.join_timeout.min(s.idle_timeout).min(s.message_timeout) / 4)
+            .clamp(Duration::from_millis(5), Duration::from_secs(1))
+    }
+
+    /// Account for one frame the WebSocket layer yielded.
+    fn on_frame(&mut self, msg: &Message) {
+        self.last_frame = Instant::now();
+        let Some(read) = &self.bytes_read else { return };
+        match msg {
+            Message::Ping(p) | Message::Pong(p) => {
+                self.accounted += CONTROL_FRAME_OVERHEAD + p.len() as u64;
+            }
+            _ => self.accounted = read.load(Relaxed),
+        }
+    }
+
+    /// The time limits, checked every [`Guards::tick`].
+    fn check(&mut self, now: Instant) -> Option<Expiry> {
+        if !self.joined && now >= self.join_deadline {
+            return Some(Expiry::Join);
+        }
+        if self.joined && now.duration_since(self.last_frame) >= self.settings.idle_timeout {
+            return Some(Expiry::Idle);
+        }
+        if let Some(read) = &self.bytes_read {
+            let pending = read.load(Relaxed).saturating_sub(self.accounted);
+            if pending > MESSAGE_SLACK {
+                let since = *self.pending_since.get_or_insert(now);
+                if now.duration_since(since) >= self.settings.message_timeout {
+                    return Some(Expiry::Message);
+                }
+            } else {
+                self.pending_since = None;
+            }
+        }
+        None
+    }
+
+    /// The rate limit, for every text or binary message.
+    fn admit(&mut self, now: Instant) -> Admit {
+        if self.bucket.take(now) {
+            return Admit::Pass;
+        }
+        HttpCounters::inc(&self.counters.rate_limited_messages);
+        if self.limited_since.is_none() || now.duration_since(self.last_limited) >= FLOOD_PAUSE {
+            self.limited_since = Some(now);
+        }
+        self.last_limited = now;
+        match self.limited_since {
+            Some(t) if now.duration_since(t) >= self.settings.flood_close_after => Admit::Close,
+            _ => Admit::Limited,
+        }
+    }
+
+    /// The `rate_limited` reply, encoded once per session (a flood gets one per message).
+    fn rate_limited(&mut self) -> Message {
+        let settings = &self.settings;
+        let text = self.rate_limited_text.get_or_insert_with(|| {
+            let msg = ServerMessage::error(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} messages per second (bursts of {}): message dropped",
+                    settings.ws_message_rate, settings.ws_message_burst
+                ),
+                None,
+            );
+            signal::encode_server(&msg).into()
+        });
+        Message::Text(text.clone())
+    }
+
+    /// Counts the expiry; returns the close code and reason, and whether the client may
+    /// still be sending (linger before dropping the socket).
+    fn close_for(&self, why: Expiry) -> (u16, String, bool) {
+        let s = &self.settings;
+        let c = &self.counters;
+        let secs = |d: Duration| d.as_secs_f64();
+        match why {
+            Expiry::Join => {
+                HttpCounters::inc(&c.join_timeouts);
+                let reason = format!("join timeout: no join within {} s", secs(s.join_timeout));
+                (close_code::POLICY, reason, false)
+            }
+            Expiry::Idle => {
+                HttpCounters::inc(&c.idle_timeouts);
+                let reason = format!(
+                    "idle timeout: nothing received for {} s",
+                    secs(s.idle_timeout)
+                );
+                (close_code::AWAY, reason, false)
+            }
+            Expiry::Message => {
+                HttpCounters::inc(&c.message_timeouts);
+                let reason = format!(
+                    "message timeout: a message took longer than {} s",
+                    secs(s.message_timeout)
+                );
+                (close_code::POLICY, reason, true)
+            }
+            Expiry::Flood => {
+                HttpCounters::inc(&c.rate_limit_closes);
+                let reason = format!(
+                    "message rate limit exceeded for {} s",
+                    secs(s.flood_close_after)
+                );
+                (close_code::POLICY, reason, true)
+            }
+        }
+    }
+}
+
+/// Counts an open WebSocket while alive.
+struct OpenGuard(Arc<super::HttpCounters>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.websockets_open.fetch_sub(1, Relaxed);
+    }
+}
+
 /// One WebSocket session, from upgrade to close.
-async fn session(socket: WebSocket, state: AppState) {
+async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
     // Held until the session ends, so the server can wait for every session on shutdown.
     let _session_guard = state.sessions.clone();
+    state.counters.websockets_open.fetch_add(1, Relaxed);
+    let _open = OpenGuard(Arc::clone(&state.counters));
+    let mut guards = Guards::new(&state, conn.as_ref());
+    // The connection's slot (per-address and total caps) is held until the socket closes.
+    let _conn = conn;
     let limit = state.settings.max_ws_message;
     let (mut sink, mut stream) = socket.split();
     let mut shutdown = state.shutdown.clone();
     debug!("websocket session started");
 
-    let Some((participant, room, events)) =
-        wait_for_join(&mut sink, &mut stream, &state.handle, &mut shutdown, limit).await
+    let Some((participant, room, events)) = wait_for_join(
+        &mut sink,
+        &mut stream,
+        &state.handle,
+        &mut shutdown,
+        limit,
+        &mut guards,
+    )
+    .await
     else {
         debug!("websocket session ended before join");
         return;
@@ -112,8 +361,19 @@ async fn session(socket: WebSocket, state: AppState) {
     let pid = participant.participant_id;
     info!("participant joined");
 
+    guards.joined = true;
+    guards.last_frame = Instant::now();
     let reason = if send_msg(&mut sink, &participant.joined).await {
-        run_joined(&mut sink, &mut stream, &state.handle, &pid, events, limit).await
+        run_joined(
+            &mut sink,
+            &mut stream,
+            &state.handle,
+            &pid,
+            events,
+            limit,
+            &mut guards,
+        )
+        .await
     } else {
         "socket closed before `joined` was sent".to_owned()
     };
@@ -128,7 +388,10 @@ async fn wait_for_join(
     handle: &SfuHandle,
     shutdown: &mut watch::Receiver<bool>,
     limit: usize,
+    guards: &mut Guards,
 ) -> Option<(JoinAccepted, String, mpsc::Receiver<ServerMessage>)> {
+    let mut ticker = tokio::time::interval(guards.tick());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let item = tokio::select! {
             item = stream.next() => item,
@@ -136,7 +399,39 @@ async fn wait_for_join(
                 close(sink, close_code::AWAY, "server shutting down").await;
                 return None;
             }
+            now = ticker.tick() => {
+                if let Some(why) = guards.check(now.into_std()) {
+                    let (code, reason, linger) = guards.close_for(why);
+                    debug!(%reason, "closing before join");
+                    close(sink, code, &reason).await;
+                    if linger {
+                        tokio::time::sleep(LINGER).await;
+                    }
+                    return None;
+                }
+                continue;
+            }
         };
+        if let Some(Ok(frame)) = &item {
+            guards.on_frame(frame);
+            if matches!(frame, Message::Text(_) | Message::Binary(_)) {
+                match guards.admit(Instant::now()) {
+                    Admit::Pass => {}
+                    Admit::Limited => {
+                        if sink.send(guards.rate_limited()).await.is_err() {
+                            return None;
+                        }
+                        continue;
+                    }
+                    Admit::Close => {
+                        let (code, reason, _) = guards.close_for(Expiry::Flood);
+                        close(sink, code, &reason).await;
+                        tokio::time::sleep(LINGER).await;
+                        return None;
+                    }
+                }
+            }
+        }
         let text = match item {
             None => return None,
             Some(Ok(Message::Text(text))) => text,
@@ -151,6 +446,9 @@ async fn wait_for_join(
             Some(Ok(_)) => continue,
             Some(Err(e)) => {
                 if let Some((code, reason)) = read_error_close(&e, limit) {
+                    if code == close_code::SIZE {
+                        HttpCounters::inc(&guards.counters.oversize_closes);
+                    }
                     close(sink, code, &reason).await;
                     tokio::time::sleep(LINGER).await;
                 }
@@ -242,11 +540,13 @@ async fn run_joined(
     pid: &str,
     events: mpsc::Receiver<ServerMessage>,
     limit: usize,
+    guards: &mut Guards,
 ) -> String {
     let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
+    let ping_every = guards.settings.idle_timeout / 3;
     let writer_ended = {
-        let reader = read_loop(stream, local_tx, handle, pid, limit);
-        let writer = write_loop(sink, events, local_rx);
+        let reader = read_loop(stream, local_tx, handle, pid, limit, guards);
+        let writer = write_loop(sink, events, local_rx, ping_every);
         tokio::pin!(reader, writer);
         tokio::select! {
             end = &mut reader => {
@@ -276,8 +576,52 @@ async fn read_loop(
     handle: &SfuHandle,
     pid: &str,
     limit: usize,
+    guards: &mut Guards,
 ) -> ReaderEnd {
-    while let Some(item) = stream.next().await {
+    let mut ticker = tokio::time::interval(guards.tick());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            now = ticker.tick() => {
+                let Some(why) = guards.check(now.into_std()) else { continue };
+                let (code, reason, linger) = guards.close_for(why);
+                debug!(%reason, "closing");
+                let flush_writer = local.send(Out::Close(code, reason.clone())).await.is_ok();
+                return ReaderEnd {
+                    reason,
+                    flush_writer,
+                    linger,
+                };
+            }
+        };
+        if let Ok(frame) = &item {
+            guards.on_frame(frame);
+            if matches!(frame, Message::Text(_) | Message::Binary(_)) {
+                match guards.admit(Instant::now()) {
+                    Admit::Pass => {}
+                    Admit::Limited => {
+                        if local.send(Out::Frame(guards.rate_limited())).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    Admit::Close => {
+                        let (code, reason, _) = guards.close_for(Expiry::Flood);
+                        let flush_writer =
+                            local.send(Out::Close(code, reason.clone())).await.is_ok();
+                        return ReaderEnd {
+                            reason,
+                            flush_writer,
+                            linger: true,
+                        };
+                    }
+                }
+            }
+        }
         let text = match item {
             Ok(Message::Text(text)) => text,
             Ok(Message::Binary(_)) => {
@@ -292,7 +636,12 @@ async fn read_loop(
             Err(e) => {
                 debug!(error = %e, "websocket read failed");
                 let flush_writer = match read_error_close(&e, limit) {
-                    Some((code, reason)) => local.send(Out::Close(code, reason)).await.is_ok(),
+                    Some((code, reason)) => {
+                        if code == close_code::SIZE {
+                            HttpCounters::inc(&guards.counters.oversize_closes);
+                        }
+                        local.send(Out::Close(code, reason)).await.is_ok()
+                    }
                     None => false,
                 };
                 return ReaderEnd {
@@ -365,8 +714,12 @@ async fn write_loop(
     sink: &mut Sink,
     mut events: mpsc::Receiver<ServerMessage>,
     mut local: mpsc::Receiver<Out>,
+    ping_every: Duration,
 ) -> String {
     let mut local_open = true;
+    // Keeps the client sending (its pongs) so a dead connection is noticed (idle timeout).
+    let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The reason of the last `leave` the core sent, used for the close frame.
     let mut leave_reason: Option<String> = None;
     loop {
@@ -386,29 +739,58 @@ async fn write_loop(
                     leave_reason.take().unwrap_or_else(|| "session ended".to_owned()),
                 ),
             },
+            _ = pings.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return "websocket write failed".to_owned();
+                }
+                continue;
+            }
         };
-        match out {
+        let first = match out {
             Out::Msg(msg) => {
                 note_leave(&msg, &mut leave_reason);
-                if sink.feed(text_frame(&msg)).await.is_err() {
-                    return "websocket write failed".to_owned();
-                }
-                // Batch whatever else the core has ready, then flush once.
-                for _ in 0..WRITE_BATCH {
-                    let Ok(msg) = events.try_recv() else { break };
-                    note_leave(&msg, &mut leave_reason);
-                    if sink.feed(text_frame(&msg)).await.is_err() {
-                        return "websocket write failed".to_owned();
-                    }
-                }
-                if sink.flush().await.is_err() {
-                    return "websocket write failed".to_owned();
-                }
+                text_frame(&msg)
             }
+            Out::Frame(frame) => frame,
             Out::Close(code, reason) => {
                 close(sink, code, &reason).await;
                 return format!("closed by server: {reason}");
             }
+        };
+        if sink.feed(first).await.is_err() {
+            return "websocket write failed".to_owned();
+        }
+        // Batch the reader's other replies (a flood's `rate_limited` answers)...
+        let mut close_after: Option<(u16, String)> = None;
+        for _ in 0..WRITE_BATCH {
+            let frame = match local.try_recv() {
+                Ok(Out::Msg(msg)) => text_frame(&msg),
+                Ok(Out::Frame(frame)) => frame,
+                Ok(Out::Close(code, reason)) => {
+                    close_after = Some((code, reason));
+                    break;
+                }
+                Err(_) => break,
+            };
+            if sink.feed(frame).await.is_err() {
+                return "websocket write failed".to_owned();
+            }
+        }
+        if let Some((code, reason)) = close_after {
+            let _ = sink.flush().await;
+            close(sink, code, &reason).await;
+            return format!("closed by server: {reason}");
+        }
+        // ...and whatever else the core has ready, then flush once.
+        for _ in 0..WRITE_BATCH {
+            let Ok(msg) = events.try_recv() else { break };
+            note_leave(&msg, &mut leave_reason);
+            if sink.feed(text_frame(&msg)).await.is_err() {
+                return "websocket write failed".to_owned();
+            }
+        }
+        if sink.flush().await.is_err() {
+            return "websocket write failed".to_owned();
         }
     }
 }

@@ -25,11 +25,19 @@ async fn harness() -> Harness {
 }
 
 async fn harness_with(handle: SfuHandle, seen: mpsc::UnboundedReceiver<Seen>) -> Harness {
+    harness_with_settings(handle, seen, HttpSettings::new(LIMIT)).await
+}
+
+async fn harness_with_settings(
+    handle: SfuHandle,
+    seen: mpsc::UnboundedReceiver<Seen>,
+    settings: HttpSettings,
+) -> Harness {
     let (stop, stop_rx) = watch::channel(false);
     let (sessions_tx, sessions) = mpsc::channel(1);
     let settings = HttpSettings {
-        max_ws_message: LIMIT,
         static_dir: std::env::temp_dir().join("plaza-no-such-dir"),
+        ..settings
     };
     let app = router(AppState::new(handle, settings, stop_rx, sessions_tx));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -380,7 +388,89 @@ async fn core_gone() {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
-    assert!(out.contains(r#"{"status":"unavailable"}"#), "{out}");
+    assert!(out.contains(r#""status":"unavailable""#), "{out}");
+    assert!(out.contains(r#""http":{"#), "{out}");
+}
+
+#[tokio::test]
+async fn sustained_flood_is_rate_limited_then_closed() {
+    let (handle, seen, _stopped) = fake_core::spawn();
+    let settings = HttpSettings {
+        ws_message_rate: 10.0,
+        ws_message_burst: 5,
+        flood_close_after: Duration::from_millis(400),
+        ..HttpSettings::new(LIMIT)
+    };
+    let mut h = harness_with_settings(handle, seen, settings).await;
+    let mut ws = h.connect().await;
+    let pid = join(&mut h, &mut ws, "r", "a").await;
+    let (mut tx, mut rx) = ws.split();
+    // Keep sending far over the rate, without pauses, until the server closes.
+    let flood = tokio::spawn(async move {
+        for _ in 0..2000 {
+            let m = WsMessage::text(r#"{"type":"subscribe","track_ids":[],"subscribe":true}"#);
+            if tx.send(m).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut limited = 0;
+    let (code, reason) = loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), rx.next())
+            .await
+            .expect("no close in time")
+            .expect("socket ended")
+            .expect("socket failed");
+        match m {
+            WsMessage::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                assert_error(&v, "rate_limited");
+                limited += 1;
+            }
+            WsMessage::Close(Some(f)) => break (u16::from(f.code), f.reason.to_string()),
+            _ => {}
+        }
+    };
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("rate limit"), "{reason}");
+    assert!(limited > 10, "{limited}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    flood.abort();
+    // The core saw at most the burst plus what the rate refilled, then the disconnect.
+    let mut passed = 0;
+    loop {
+        match h.next_seen().await {
+            Seen::Client { .. } => passed += 1,
+            Seen::Disconnect { participant, .. } => {
+                assert_eq!(participant, pid);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let allowed = 5 + (took.as_secs_f64() * 10.0).ceil() as usize + 1;
+    assert!(
+        passed <= allowed,
+        "{passed} passed, at most {allowed} allowed"
+    );
+}
+
+#[tokio::test]
+async fn join_timeout_closes_with_a_reason() {
+    let (handle, seen, _stopped) = fake_core::spawn();
+    let settings = HttpSettings {
+        join_timeout: Duration::from_millis(200),
+        ..HttpSettings::new(LIMIT)
+    };
+    let h = harness_with_settings(handle, seen, settings).await;
+    let mut ws = h.connect().await;
+    ping_pong(&mut ws).await;
+    let (code, reason) = recv_close(&mut ws).await;
+    assert_eq!(code, 1008);
+    assert_eq!(reason, "join timeout: no join within 0.2 s");
 }
 
 #[test]
