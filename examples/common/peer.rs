@@ -1793,7 +1793,7 @@ impl Peer {
         let (ws, _response) = bounded(
             t,
             "websocket connect",
-            tokio_tungstenite::connect_async(url),
+            tokio_tungstenite::connect_async_with_config(url, None, true),
         )
         .await
         .with_context(|| format!("{name}: connecting to {url}"))?;
