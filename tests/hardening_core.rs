@@ -19,14 +19,14 @@ mod common;
 mod support;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Peer, PeerEvent};
 use plaza::signal::{ClientMessage, ErrorCode, IceCandidate, PcTarget, ServerMessage, TrackKind};
 use serde_json::Value;
 use support::{
-    RawWs, TestServer, announced_track, assert_media_flows, errors_after, metrics, publisher,
+    RawWs, T, TestServer, announced_track, assert_media_flows, errors_after, metrics, publisher,
     subscriber, window_latency_count, window_latency_us,
 };
 
@@ -315,15 +315,58 @@ async fn during<F: Future>(
 
 // ───────────────────────────── helpers ─────────────────────────────
 
-/// The `error`s `peer` got at index `from` or later with `code`.
-fn errors_with(
-    peer: &Peer,
-    from: usize,
-    code: ErrorCode,
-) -> Vec<(ErrorCode, String, Option<String>)> {
+/// How long each flood is kept up: its volume is sent again and again, each round ending
+/// with a round trip through the core, until this much time has passed.
+const ATTACK: Duration = Duration::from_secs(3);
+
+/// Marker ids of [`core_round_trip`] requests; their errors are not the attack's.
+const SYNC: &str = "TR_sync_";
+static SYNC_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn sync_request() -> (String, ClientMessage) {
+    let marker = format!("{SYNC}{} ", SYNC_SEQ.fetch_add(1, Ordering::Relaxed));
+    let msg = ClientMessage::TrackSettings {
+        track_id: marker.trim_end().to_owned(),
+        quality: None,
+        width: None,
+        height: None,
+    };
+    (marker, msg)
+}
+
+/// A round trip through the core (a `ping` is answered by the WebSocket layer): a
+/// `track_settings` for a made-up marker id, answered `not_found` naming it once the core has
+/// handled everything `peer` sent before.
+async fn core_round_trip(peer: &Peer) -> anyhow::Result<()> {
+    let (marker, msg) = sync_request();
+    let from = peer.event_count();
+    peer.send(msg).await?;
+    peer.wait_for_event_after(
+        from,
+        |e| matches!(e, PeerEvent::Server(ServerMessage::Error { message, .. }) if message.contains(&marker)),
+        T,
+    )
+    .await?;
+    Ok(())
+}
+
+/// [`core_round_trip`] on a raw socket (what else arrives meanwhile is skipped).
+async fn raw_core_round_trip(ws: &mut RawWs) -> anyhow::Result<()> {
+    let (marker, msg) = sync_request();
+    ws.send_msg(&msg).await?;
+    ws.recv_until(
+        "the core's answer",
+        |m| matches!(m, ServerMessage::Error { message, .. } if message.contains(&marker)),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The `error`s `peer` got at index `from` or later, except the answers to round trips.
+fn attack_errors(peer: &Peer, from: usize) -> Vec<(ErrorCode, String, Option<String>)> {
     errors_after(peer, from)
         .into_iter()
-        .filter(|(c, _, _)| *c == code)
+        .filter(|(_, m, _)| !m.contains(SYNC))
         .collect()
 }
 
@@ -342,7 +385,7 @@ fn bogus_candidate(i: usize) -> IceCandidate {
     IceCandidate {
         candidate: format!(
             "candidate:{i} 1 udp 2130706431 127.1.{}.{} 9 typ host",
-            i / 250,
+            i / 250 % 250,
             i % 250 + 1
         ),
         sdp_mid: Some("0".into()),
@@ -367,40 +410,51 @@ async fn candidate_flood_is_capped_and_other_rooms_keep_flowing() {
     let attacker = subscriber(&server, "attack", "flooder").await;
     let from = attacker.event_count();
 
-    let (sent, w) = during(&server, &room, "candidate flood", async {
-        for i in 0..N {
-            attacker
-                .send(ClientMessage::Trickle {
+    let until = Instant::now() + ATTACK;
+    let (rounds, w) = during(&server, &room, "candidate flood", async {
+        let mut rounds = 0;
+        while rounds == 0 || Instant::now() < until {
+            for i in 0..N {
+                let candidate = bogus_candidate(rounds * N + i);
+                let trickle = ClientMessage::Trickle {
                     target: PcTarget::Subscriber,
-                    candidate: bogus_candidate(i),
-                })
-                .await
-                .expect("the attacker's socket takes the candidates");
+                    candidate,
+                };
+                attacker.send(trickle).await?;
+            }
+            core_round_trip(&attacker).await?;
+            rounds += 1;
         }
-        // A round trip through the core: every candidate has been handled.
-        attacker.ping().await.is_ok()
+        anyhow::Ok(rounds)
     })
     .await;
-    assert!(sent, "the attacker's ping after the flood was answered");
 
     // (d) Documented errors, one per refused candidate, and the counter.
-    let refused = errors_with(&attacker, from, ErrorCode::LimitExceeded);
-    let other: Vec<_> = errors_after(&attacker, from)
-        .into_iter()
-        .filter(|(c, _, _)| *c != ErrorCode::LimitExceeded)
+    let errors = attack_errors(&attacker, from);
+    let refused: Vec<_> = errors
+        .iter()
+        .filter(|(c, _, _)| *c == ErrorCode::LimitExceeded)
         .collect();
+    let counted = w.delta("/limits_hit/remote_candidates");
     println!(
-        "   attacker: {} limit_exceeded, other errors {:?}, limits_hit.remote_candidates +{}",
+        "   attacker: {rounds:?} rounds of {N}, {} limit_exceeded, {} other errors {:?}, limits_hit.remote_candidates +{counted}, removed {:?}",
         refused.len(),
-        other.iter().take(3).collect::<Vec<_>>(),
-        w.delta("/limits_hit/remote_candidates")
+        errors.len() - refused.len(),
+        errors
+            .iter()
+            .filter(|(c, _, _)| *c != ErrorCode::LimitExceeded)
+            .take(3)
+            .collect::<Vec<_>>(),
+        attacker.removed().map(|r| r.reason),
     );
     w.assert_bystanders_served();
-    assert!(other.is_empty(), "unexpected errors: {other:?}");
+    let rounds = rounds.expect("the attacker's session took every round");
+    assert_eq!(errors.len(), refused.len(), "unexpected errors: {errors:?}");
     let max = plaza::sfu::CoreLimits::default().max_remote_candidates;
+    let total = rounds * N;
     assert!(
-        refused.len() >= N - max && refused.len() <= N,
-        "{} of {N} candidates refused; at most {max} may be accepted",
+        refused.len() >= total - max && refused.len() <= total,
+        "{} of {total} candidates refused; at most {max} may be accepted",
         refused.len()
     );
     for (_, message, request) in &refused {
@@ -408,7 +462,7 @@ async fn candidate_flood_is_capped_and_other_rooms_keep_flowing() {
         assert!(message.contains(&max.to_string()), "{message}");
     }
     assert_eq!(
-        w.delta("/limits_hit/remote_candidates"),
+        counted,
         refused.len() as i64,
         "limits_hit.remote_candidates counts each refusal"
     );
@@ -427,7 +481,8 @@ async fn candidate_flood_is_capped_and_other_rooms_keep_flowing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mute_flood_removes_nobody_and_everyone_sees_the_final_state() {
-    // Toggles starting with `muted: true` (the track starts unmuted): the last one mutes.
+    // Toggles starting with `muted: true` (the track starts unmuted), an odd number of them:
+    // each round ends muted (and the next one starts with a mute of a muted track, ignored).
     const N: usize = 5001;
     let server = TestServer::start().await;
     let room = Room::start(&server, "stage").await;
@@ -441,26 +496,29 @@ async fn mute_flood_removes_nobody_and_everyone_sees_the_final_state() {
     let marks: Vec<usize> = room.peers().map(Peer::event_count).collect();
     let from = attacker.event_count();
 
-    let (pinged, w) = during(&server, &room, "mute flood", async {
-        for i in 0..N {
-            attacker
-                .send(ClientMessage::Mute {
+    let until = Instant::now() + ATTACK;
+    let (rounds, w) = during(&server, &room, "mute flood", async {
+        let mut rounds = 0;
+        while rounds == 0 || Instant::now() < until {
+            for i in 0..N {
+                let mute = ClientMessage::Mute {
                     track_id: track.clone(),
                     muted: i % 2 == 0,
-                })
-                .await
-                .expect("the attacker's socket takes the mutes");
+                };
+                attacker.send(mute).await?;
+            }
+            core_round_trip(&attacker).await?;
+            rounds += 1;
         }
-        attacker.ping().await.is_ok()
+        anyhow::Ok(rounds)
     })
     .await;
-    assert!(pinged, "the attacker's ping after the flood was answered");
 
-    // Every bystander has had all the core sent it once its own ping comes back (the core
-    // handled all the mutes before that ping, and a participant's events stay in order).
+    // Every bystander has had all the core sent it once its own round trip comes back (the
+    // core handled all the mutes before it, and a participant's events stay in order).
     let mut seen = Vec::new();
     for (p, mark) in room.peers().zip(&marks) {
-        let ok = p.removed().is_none() && p.ping().await.is_ok();
+        let ok = p.removed().is_none() && core_round_trip(p).await.is_ok();
         let muted: Vec<bool> = p
             .events()
             .into_iter()
@@ -482,29 +540,28 @@ async fn mute_flood_removes_nobody_and_everyone_sees_the_final_state() {
         seen.push((p.name().to_owned(), ok, muted));
     }
     println!(
-        "   attacker removed: {:?}",
+        "   attacker: {rounds:?} rounds of {N} mutes, removed {:?}",
         attacker.removed().map(|r| r.reason)
     );
     w.assert_bystanders_served();
+    let rounds = rounds.expect("the attacker's session took every round");
 
     // (e) Nobody was removed for what the attacker did; (d) no errors for muting one's own
     // track; everyone ends up with the final state (muted).
     room.assert_nobody_removed("mute flood");
     for (name, ok, muted) in &seen {
-        assert!(ok, "{name} answers a ping after the mute flood");
+        assert!(ok, "{name} is served by the core after the mute flood");
         assert_eq!(
             muted.last(),
             Some(&true),
             "{name} sees {track} muted in the end ({} track_muted events)",
             muted.len()
         );
-        assert!(muted.len() <= N, "{name}: {} track_muted", muted.len());
+        assert!(muted.len() <= rounds * N, "{name}: {}", muted.len());
     }
-    assert!(
-        errors_after(&attacker, from).is_empty(),
-        "{:?}",
-        errors_after(&attacker, from)
-    );
+    let errors = attack_errors(&attacker, from);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(attacker.removed().is_none(), "{:?}", attacker.removed());
     assert_participants(&server, "after the mute flood", 4).await;
     assert_media_flows("after the mute flood", &room.flows(), 30).await;
 
@@ -527,18 +584,23 @@ async fn cheap_message_flood_does_not_starve_other_rooms() {
     })
     .unwrap();
 
-    let (pinged, w) = during(&server, &room, "cheap-message flood", async {
-        attacker
-            .send_burst(std::iter::repeat_n(cheap.clone(), N))
-            .await
-            .expect("the flood is sent");
-        attacker.ping(7.0).await
+    let until = Instant::now() + ATTACK;
+    let (rounds, w) = during(&server, &room, "cheap-message flood", async {
+        let mut rounds = 0;
+        while rounds == 0 || Instant::now() < until {
+            attacker
+                .send_burst(std::iter::repeat_n(cheap.clone(), N))
+                .await?;
+            raw_core_round_trip(&mut attacker).await?;
+            rounds += 1;
+        }
+        anyhow::Ok(rounds)
     })
     .await;
     let deferred = w.delta("/limits_hit/commands_deferred");
-    println!("   limits_hit.commands_deferred +{deferred}");
+    println!("   attacker: {rounds:?} rounds of {N}, limits_hit.commands_deferred +{deferred}");
     w.assert_bystanders_served();
-    pinged.expect("the attacker's session answers a ping after the flood");
+    rounds.expect("the attacker's session took every round");
     assert!(
         deferred > 0,
         "the core never left commands waiting to serve the media socket: the flood did not queue up, the test proves nothing"
@@ -557,7 +619,7 @@ async fn cheap_message_flood_does_not_starve_other_rooms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_with_thousands_of_ids_gets_one_error_per_message() {
-    const ROUNDS: usize = 20;
+    const PER_ROUND: usize = 20;
     const TOO_MANY: usize = 3500;
     const UNKNOWN: usize = 500;
     let server = TestServer::start().await;
@@ -565,43 +627,49 @@ async fn subscribe_with_thousands_of_ids_gets_one_error_per_message() {
     let attacker = subscriber(&server, "ids", "lister").await;
     let max = plaza::sfu::CoreLimits::default().max_ids_per_message;
     assert!(TOO_MANY > max && UNKNOWN <= max);
-    let ids = |n: usize, salt: usize| -> Vec<String> {
-        (0..n).map(|i| format!("TR_made_up_{salt}_{i}")).collect()
-    };
+    // Message `k`'s ids (short, so 3,500 of them fit in one signaling message).
+    let ids =
+        |n: usize, k: usize| -> Vec<String> { (0..n).map(|i| format!("TR_{k}_{i}")).collect() };
     let from = attacker.event_count();
 
-    let (pinged, w) = during(&server, &room, "subscribe with thousands of ids", async {
-        for r in 0..ROUNDS {
-            attacker
-                .subscribe(ids(TOO_MANY, r), true)
-                .await
-                .expect("sent");
-            attacker
-                .subscribe(ids(UNKNOWN, r), true)
-                .await
-                .expect("sent");
+    let until = Instant::now() + ATTACK;
+    let (rounds, w) = during(&server, &room, "subscribe with thousands of ids", async {
+        let mut rounds = 0;
+        while rounds == 0 || Instant::now() < until {
+            for j in 0..PER_ROUND {
+                let k = rounds * PER_ROUND + j;
+                attacker.subscribe(ids(TOO_MANY, k), true).await?;
+                attacker.subscribe(ids(UNKNOWN, k), true).await?;
+            }
+            core_round_trip(&attacker).await?;
+            rounds += 1;
         }
-        attacker.ping().await.is_ok()
+        anyhow::Ok(rounds)
     })
     .await;
 
-    let errors = errors_after(&attacker, from);
-    let limit = errors_with(&attacker, from, ErrorCode::LimitExceeded);
-    let unknown = errors_with(&attacker, from, ErrorCode::NotFound);
+    let errors = attack_errors(&attacker, from);
+    let count = |code| errors.iter().filter(|(c, _, _)| *c == code).count();
     println!(
-        "   attacker: {} errors ({} limit_exceeded, {} not_found), limits_hit.ids_per_message +{}, removed {:?}",
+        "   attacker: {rounds:?} rounds of {PER_ROUND} × ({TOO_MANY} + {UNKNOWN} ids), {} errors ({} limit_exceeded, {} not_found), limits_hit.ids_per_message +{}, removed {:?}",
         errors.len(),
-        limit.len(),
-        unknown.len(),
+        count(ErrorCode::LimitExceeded),
+        count(ErrorCode::NotFound),
         w.delta("/limits_hit/ids_per_message"),
         attacker.removed().map(|r| r.reason)
     );
     w.assert_bystanders_served();
-    assert!(pinged, "the sender stays and answers a ping");
+    let rounds = rounds.expect("the sender stays and is served");
     assert!(attacker.removed().is_none(), "{:?}", attacker.removed());
     // One error per message: a limit_exceeded for each oversized one, a not_found for each
     // other one, in order.
-    assert_eq!(errors.len(), 2 * ROUNDS, "{errors:?}");
+    let messages = rounds * PER_ROUND;
+    assert_eq!(
+        errors.len(),
+        2 * messages,
+        "{:?}",
+        &errors[..errors.len().min(4)]
+    );
     for (i, (code, message, request)) in errors.iter().enumerate() {
         assert_eq!(request.as_deref(), Some("subscribe"), "{message}");
         if i % 2 == 0 {
@@ -610,10 +678,7 @@ async fn subscribe_with_thousands_of_ids_gets_one_error_per_message() {
         } else {
             assert_eq!(*code, ErrorCode::NotFound, "{message}");
             // The message names a few ids and counts the rest.
-            assert!(
-                message.contains(&format!("TR_made_up_{}_0", i / 2)),
-                "{message}"
-            );
+            assert!(message.contains(&format!("TR_{}_0", i / 2)), "{message}");
             assert!(
                 message.contains(&format!("and {} more", UNKNOWN - 8)),
                 "{message}"
@@ -621,7 +686,7 @@ async fn subscribe_with_thousands_of_ids_gets_one_error_per_message() {
             assert!(message.len() < 1000, "{} chars: {message}", message.len());
         }
     }
-    assert_eq!(w.delta("/limits_hit/ids_per_message"), ROUNDS as i64);
+    assert_eq!(w.delta("/limits_hit/ids_per_message"), messages as i64);
 
     room.assert_nobody_removed("subscribe with thousands of ids");
     assert_participants(&server, "after the subscribe flood", 4).await;
