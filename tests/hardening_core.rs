@@ -626,7 +626,10 @@ async fn subscribe_with_thousands_of_ids_gets_one_error_per_message() {
     let room = Room::start(&server, "calm").await;
     let attacker = subscriber(&server, "ids", "lister").await;
     let max = plaza::sfu::CoreLimits::default().max_ids_per_message;
-    assert!((UNKNOWN..TOO_MANY).contains(&max), "the volumes straddle the limit");
+    assert!(
+        (UNKNOWN..TOO_MANY).contains(&max),
+        "the volumes straddle the limit"
+    );
     // Message `k`'s ids (short, so 3,500 of them fit in one signaling message).
     let ids =
         |n: usize, k: usize| -> Vec<String> { (0..n).map(|i| format!("TR_{k}_{i}")).collect() };
