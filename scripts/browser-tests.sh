@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# End-to-end tests of the browser client and demo page in headless Chromium.
+# End-to-end tests of the browser client and demo page in headless Chromium and Firefox.
 #
 #   scripts/browser-tests.sh            run tests/browser/*.test.js
 #   scripts/browser-tests.sh --bench    also run the measurements (tests/browser/bench.js)
 #   scripts/browser-tests.sh --bench-only
 #
-# Installs what is missing (Debian chromium via apt, playwright-core via npm ci), builds the
-# release server if needed, then runs everything inside a loopback-only network namespace
-# (unshare --net; the server listens on 127.0.0.1:7880 / UDP 7882 there). Fails, never skips,
-# when something cannot be had. Artifacts (screenshot, server log): target/browser/.
+# Installs what is missing (Debian chromium and firefox-esr via apt; playwright-core, which
+# drives Chromium, and puppeteer-core, which drives Firefox over WebDriver BiDi, via npm ci),
+# builds the release server if needed, then runs everything inside a loopback-only network
+# namespace (unshare --net; the server listens on 127.0.0.1:7880 / UDP 7882 there). Fails, never
+# skips, when something cannot be had. Artifacts (screenshots, server logs): target/browser/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -29,26 +30,36 @@ done
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
 
+APT_UPDATED=0
+apt_install() { # package binary
+  step "installing Debian $1 (apt)"
+  if [ "$APT_UPDATED" = 0 ]; then
+    as_root apt-get update -qq || die "apt-get update failed; cannot install $1"
+    APT_UPDATED=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null \
+    || die "apt-get install $1 failed"
+  [ -x "$2" ] || die "$2 is still missing after installing $1"
+}
+
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
-if [ ! -x "$CHROMIUM" ]; then
-  step "installing Debian chromium (apt)"
-  as_root apt-get update -qq || die "apt-get update failed; cannot install chromium"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-    || die "apt-get install chromium failed"
-  [ -x "$CHROMIUM" ] || die "$CHROMIUM is still missing after installing chromium"
-fi
+[ -x "$CHROMIUM" ] || apt_install chromium "$CHROMIUM"
 "$CHROMIUM" --version 2>/dev/null | head -n1 || die "$CHROMIUM does not run"
+FIREFOX=${FIREFOX:-/usr/bin/firefox-esr}
+[ -x "$FIREFOX" ] || apt_install firefox-esr "$FIREFOX"
+"$FIREFOX" --version 2>/dev/null | head -n1 || die "$FIREFOX does not run"
 
 command -v node >/dev/null || die "node is missing (apt-get install nodejs npm)"
 node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' \
   || die "node >= 20 is needed (have $(node --version))"
 command -v unshare >/dev/null && command -v ip >/dev/null || die "unshare and ip (util-linux, iproute2) are needed"
 
-# npm ci when playwright-core is missing or not the version package-lock.json pins.
+# npm ci when a driver is missing or not the version package-lock.json pins.
 if ! (cd tests/browser && node -e '
-  const want = require("./package-lock.json").packages["node_modules/playwright-core"].version;
-  const have = require("./node_modules/playwright-core/package.json").version;
-  process.exit(want === have ? 0 : 1);' 2>/dev/null); then
+  const lock = require("./package-lock.json").packages;
+  for (const m of ["playwright-core", "puppeteer-core"]) {
+    if (lock[`node_modules/${m}`].version !== require(`./node_modules/${m}/package.json`).version) process.exit(1);
+  }' 2>/dev/null); then
   step "npm ci (tests/browser)"
   (cd tests/browser && npm ci --no-audit --no-fund) || die "npm ci in tests/browser failed"
 fi
@@ -60,7 +71,7 @@ if [ -z "${PLAZA_BIN:-}" ]; then
 fi
 
 mkdir -p target/browser
-export ARTIFACTS="$ROOT/target/browser" CHROMIUM
+export ARTIFACTS="$ROOT/target/browser" CHROMIUM FIREFOX
 
 # Everything below runs in a private network namespace with only loopback: the server, the
 # browsers and the tests cannot reach (or be reached from) anything else.
@@ -70,6 +81,8 @@ if [ "$(id -u)" = 0 ]; then NETNS=(unshare --net); else NETNS=(unshare --user --
 step "entering a loopback-only network namespace"
 "${NETNS[@]}" bash -euo pipefail -c '
   ip link set lo up
+  # Firefox gathers no ICE candidates without a default route; Chromium does not mind it.
+  ip route add default dev lo src 127.0.0.1
   cd tests/browser
   status=0
   if [ "$1" = 1 ]; then
@@ -81,5 +94,5 @@ step "entering a loopback-only network namespace"
     node bench.js || status=$?
   fi
   exit $status
-' browser-tests "$RUN_TESTS" "$RUN_BENCH" || die "browser tests failed (server log: target/browser/plaza.log)"
+' browser-tests "$RUN_TESTS" "$RUN_BENCH" || die "browser tests failed (server logs: target/browser/plaza*.log)"
 printf '\nbrowser-tests: ok\n'

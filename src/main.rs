@@ -2,7 +2,10 @@
 
 use plaza::config::{Config, ConfigError, LogFormat};
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::FilterExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, fmt};
 
 fn main() -> ExitCode {
     let config = match Config::load() {
@@ -48,11 +51,17 @@ fn init_tracing(config: &Config) -> Result<(), Box<dyn std::error::Error + Send 
     };
     let filter = EnvFilter::try_new(&directives)?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
+    // Every call site is rate-limited (see `plaza::logging`): bad input must not turn into a
+    // log line per packet.
+    let filter = filter.and(plaza::logging::RateLimit::default());
+    let registry = tracing_subscriber::registry();
     match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_ansi(ansi).with_filter(filter))
+            .try_init()?,
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_filter(filter))
+            .try_init()?,
     }
+    Ok(())
 }

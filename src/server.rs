@@ -117,6 +117,7 @@ where
             announce_ips: announce_ips.clone(),
             max_data_message: config.max_data_message,
             limits: crate::sfu::CoreLimits::default(),
+            udp_buffer: crate::sfu::core::UDP_BUFFER_DEFAULT,
         },
         socket,
     )?;

@@ -118,6 +118,9 @@ pub struct PeerOptions {
     /// Leave out the Nth RTP packet (1-based) of the first video encoding, as a lossy network
     /// would: the server should ask for it (NACK) and report it lost. `None`: send everything.
     pub skip_video_packet: Option<u64>,
+    /// Rewrites the first publish offer's SDP before it is sent (to act as another client
+    /// would, e.g. one that sends no `a=msid`). The local description keeps the original.
+    pub munge_publish_offer: Option<fn(&str) -> String>,
 }
 
 /// The layers of a simulcast video track.
@@ -175,6 +178,7 @@ impl Default for PeerOptions {
             subscriber_max_queue_delay: relay::DEFAULT_MAX_DELAY,
             pli_policy: PliPolicy::Off,
             skip_video_packet: None,
+            munge_publish_offer: None,
         }
     }
 }
@@ -1927,6 +1931,10 @@ impl Peer {
             )
             .await?;
             shared.update(|s| s.negotiation.publish_offers += 1);
+            let sdp = match opts.munge_publish_offer {
+                Some(munge) => munge(&sdp),
+                None => sdp,
+            };
             send_ws(&ws_tx, encode(&ClientMessage::PublishOffer { sdp }), t).await?;
             shared.open_gate(PcTarget::Publisher, &ws_tx);
             shared

@@ -7,7 +7,7 @@
 
 use super::bwe::Estimate;
 use super::data::{self, DataError};
-use super::demux::{Claim, Demux, DropCounters};
+use super::demux::{self, BindingKind, Claim, Demux, DropCounters};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::{KeyframeThrottle, SwitchWatch};
@@ -73,6 +73,50 @@ pub struct CoreConfig {
     pub max_data_message: usize,
     /// Per-participant and per-turn limits.
     pub limits: super::CoreLimits,
+    /// Receive and send buffer asked of the kernel for the media socket, in bytes.
+    pub udp_buffer: usize,
+}
+
+/// Default media socket buffer: a burst of a few thousand full-size datagrams (the kernel's
+/// usual default, ~208 KB, loses datagrams of everyone during a flood).
+pub const UDP_BUFFER_DEFAULT: usize = 8 << 20;
+
+/// Ask for `bytes` of receive and send buffer on `socket`: first past the system maximum
+/// (`SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`), else up to it. Returns what the kernel
+/// granted (it reports twice the usable size).
+fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |force, plain| {
+        // SAFETY: `fd` is a valid socket for the duration of the call; the option value is a
+        // c_int, as both options take.
+        unsafe {
+            let v = &want as *const libc::c_int as *const libc::c_void;
+            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if libc::setsockopt(fd, libc::SOL_SOCKET, force, v, len) != 0 {
+                libc::setsockopt(fd, libc::SOL_SOCKET, plain, v, len);
+            }
+        }
+    };
+    set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
+    set(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
+    let get = |opt| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: as above; `v` and `len` are valid for writes.
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &mut v as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            );
+        }
+        usize::try_from(v).unwrap_or(0)
+    };
+    (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
 }
 
 /// Start the core on its own thread, owning `socket` (a bound, non-blocking std socket).
@@ -83,6 +127,16 @@ pub fn spawn(
 ) -> Result<(SfuHandle, oneshot::Receiver<()>), SfuError> {
     socket.set_nonblocking(true)?;
     let local_addr = socket.local_addr()?;
+    let (rcv, snd) = set_socket_buffers(&socket, config.udp_buffer);
+    if rcv < config.udp_buffer {
+        warn!(
+            wanted = config.udp_buffer,
+            granted = rcv,
+            "media socket receive buffer is smaller than configured (raise net.core.rmem_max, or run with CAP_NET_ADMIN)"
+        );
+    } else {
+        info!(receive = rcv, send = snd, "media socket buffers");
+    }
     let (tx, rx) = mpsc::channel(4096);
     let (done_tx, done_rx) = oneshot::channel();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -153,6 +207,9 @@ struct Pc {
     capture: Option<KeyCapture>,
     /// Remote candidates added so far (trickled or in the client's SDP).
     remote_candidates: usize,
+    /// The client's latest nominating check (USE-CANDIDATE) that `rtc` has not answered yet
+    /// (it answers only once its own check of the pair succeeded), and where it came from.
+    pending_nomination: Option<(SocketAddr, BytesMut)>,
 }
 
 /// At most this many early datagrams are kept per peer connection.
@@ -798,16 +855,39 @@ impl Core {
             }
             return;
         }
-        let res = pc.rtc.handle_read(TaggedBytesMut {
-            now,
-            transport: TransportContext {
-                local_addr,
-                peer_addr: from,
-                ecn: None,
-                transport_protocol: TransportProtocol::UDP,
-            },
-            message: BytesMut::from(data),
-        });
+        let stun = if first < 4 {
+            demux::binding_kind(data)
+        } else {
+            None
+        };
+        if stun == Some(BindingKind::Nominating) {
+            pc.pending_nomination = Some((from, BytesMut::from(data)));
+        }
+        let read = |pc: &mut Pc, data: BytesMut| {
+            pc.rtc.handle_read(TaggedBytesMut {
+                now,
+                transport: TransportContext {
+                    local_addr,
+                    peer_addr: from,
+                    ecn: None,
+                    transport_protocol: TransportProtocol::UDP,
+                },
+                message: data,
+            })
+        };
+        let mut res = read(pc, BytesMut::from(data));
+        if res.is_ok() && stun == Some(BindingKind::Success) {
+            // The answer to the server's own (triggered) check of this pair: the pair has
+            // just succeeded. `rtc` left the client's nominating check that triggered it
+            // unanswered; hand it over again now, so that it is answered and the pair
+            // selected at once rather than at the client's next check or retransmission
+            // (20–130 ms for Firefox). The client takes the answer for its transaction.
+            if let Some((addr, check)) = pc.pending_nomination.take() {
+                if addr == from {
+                    res = read(pc, check);
+                }
+            }
+        }
         match res {
             Ok(()) => {}
             Err(e) => {
@@ -936,6 +1016,12 @@ impl Core {
             // connection owns it.
             if self.demux.on_send(key, &out.message, to, out.now) == Claim::Refused {
                 self.drops.rebind_refused(to, out.now);
+            }
+            if pc.pending_nomination.as_ref().is_some_and(|(a, _)| *a == to)
+                && demux::binding_kind(&out.message) == Some(BindingKind::Success)
+            {
+                // The nominating check was answered.
+                pc.pending_nomination = None;
             }
             if out.message.first().is_some_and(|&b| b > 3) {
                 pc.media_addr = Some(to);
@@ -1145,11 +1231,13 @@ impl Core {
             room: p.room.clone(),
             kind,
             codec,
-            client_track_id: if init.track_id.is_empty() {
-                mid
-            } else {
-                init.track_id.clone()
-            },
+            client_track_id: client_track_id(&init.track_id, &mid, |id| {
+                p.pub_tracks.iter().any(|t| {
+                    self.tracks
+                        .get(&*t.tid)
+                        .is_some_and(|t| t.client_track_id == id)
+                })
+            }),
             receiver: init.receiver_id,
             muted: false,
             layers,
@@ -2034,6 +2122,7 @@ impl Core {
                 s.published_tracks = self.tracks.len();
                 s.forward_latency = self.forward_latency.snapshot();
                 s.udp_dropped = self.drops.snapshot();
+                s.log_lines_suppressed = crate::logging::suppressed_lines();
                 let mut e = self.departed_egress;
                 for p in self.parts.values() {
                     if let Some(eg) = &p.egress {
@@ -2170,6 +2259,7 @@ impl Core {
             media_addr: None,
             capture,
             remote_candidates: 0,
+            pending_nomination: None,
         })
     }
 
@@ -3007,6 +3097,17 @@ fn validate_name(field: &str, value: &str) -> Result<(), SfuError> {
         )));
     }
     Ok(())
+}
+
+/// The name a published track has for its publisher: the msid's track id, or the m-section's
+/// mid when there is no msid or another of the participant's tracks already has that id (so it
+/// is unique per participant).
+fn client_track_id(msid_track: &str, mid: &str, taken: impl Fn(&str) -> bool) -> String {
+    if msid_track.is_empty() || taken(msid_track) {
+        mid.to_owned()
+    } else {
+        msid_track.to_owned()
+    }
 }
 
 /// The RIDs (`a=rid:<id> send`) of the m-section of `sdp` whose `a=mid` is `mid`.

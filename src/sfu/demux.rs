@@ -382,6 +382,49 @@ impl<'a> Stun<'a> {
     }
 }
 
+/// What a STUN Binding message is, for the ICE-lite handling in the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindingKind {
+    /// A connectivity check with USE-CANDIDATE (the client nominates the pair).
+    Nominating,
+    /// Another connectivity check.
+    Check,
+    /// A Binding success response.
+    Success,
+}
+
+/// `Some` for a STUN Binding request or success response.
+pub fn binding_kind(data: &[u8]) -> Option<BindingKind> {
+    let stun = Stun::parse(data)?;
+    if u16::from_be_bytes([data[0], data[1]]) & 0x3eef != 0x0001 {
+        return None; // not the Binding method
+    }
+    match stun.class {
+        StunClass::Request if has_attribute(data, 0x0025) => Some(BindingKind::Nominating),
+        StunClass::Request => Some(BindingKind::Check),
+        StunClass::Success => Some(BindingKind::Success),
+        _ => None,
+    }
+}
+
+/// Does the STUN message carry an attribute of type `typ`?
+fn has_attribute(data: &[u8], typ: u16) -> bool {
+    let len = u16::from_be_bytes([data[2], data[3]]) as usize;
+    let Some(body) = data.get(20..20 + len) else {
+        return false;
+    };
+    let mut i = 0;
+    while i + 4 <= body.len() {
+        let t = u16::from_be_bytes([body[i], body[i + 1]]);
+        let alen = u16::from_be_bytes([body[i + 2], body[i + 3]]) as usize;
+        if t == typ {
+            return true;
+        }
+        i += 4 + alen.div_ceil(4) * 4;
+    }
+    false
+}
+
 /// The USERNAME attribute of a STUN message, if `data` is one (RFC 8489).
 pub fn stun_username(data: &[u8]) -> Option<&str> {
     if data.len() < 20 || data[0] & 0xc0 != 0 {
@@ -607,6 +650,23 @@ mod tests {
         d.on_send(1, DTLS, addr(9000), now);
         d.release(1);
         assert_eq!(d.on_send(2, DTLS, addr(9000), now), Claim::Claimed);
+    }
+
+    #[test]
+    fn binding_kinds() {
+        let mut nominating = stun(REQUEST, 1, Some("s:c"));
+        // USE-CANDIDATE: type 0x0025, length 0.
+        nominating.extend_from_slice(&[0x00, 0x25, 0, 0]);
+        let len = (nominating.len() - 20) as u16;
+        nominating[2..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(binding_kind(&nominating), Some(BindingKind::Nominating));
+        assert_eq!(binding_kind(&stun(REQUEST, 1, Some("s:c"))), Some(BindingKind::Check));
+        assert_eq!(binding_kind(&stun(SUCCESS, 1, None)), Some(BindingKind::Success));
+        assert_eq!(binding_kind(&stun(ERROR, 1, None)), None);
+        assert_eq!(binding_kind(&stun(INDICATION, 1, None)), None);
+        // Another method (Allocate, 0x0003) is not a binding.
+        assert_eq!(binding_kind(&stun(0x0003, 1, None)), None);
+        assert_eq!(binding_kind(DTLS), None);
     }
 
     #[test]

@@ -128,6 +128,8 @@ pub struct CoreStats {
     pub udp_dropped: demux::UdpDrops,
     /// Per-participant caps hit.
     pub limits_hit: LimitsHit,
+    /// Log lines dropped by the per-call-site rate limit (see `crate::logging`).
+    pub log_lines_suppressed: u64,
     /// Datagrams sent, and dropped because the socket buffer was full (or the send failed).
     pub udp_datagrams_out: u64,
     pub udp_datagrams_out_dropped: u64,

@@ -66,7 +66,8 @@ fn check(sdp: &str, publishing: bool) -> Result<(), SdpError> {
             fingerprints += 1;
         }
     }
-    // Media sections that carry RTP (not rejected, not the data channel).
+    // Media sections that carry RTP (not rejected, not the data channel). Port 0 with
+    // `a=bundle-only` is a live section of the bundle (RFC 8843 §6), not a rejected one.
     let media: Vec<(usize, &str)> = sections
         .iter()
         .copied()
@@ -75,7 +76,8 @@ fn check(sdp: &str, publishing: bool) -> Result<(), SdpError> {
             let mut f = s.split_whitespace();
             let kind = f.next().unwrap_or_default();
             let port = f.next().unwrap_or_default();
-            (kind == "audio" || kind == "video") && port != "0"
+            let live = port != "0" || s.lines().any(|l| l.trim() == "a=bundle-only");
+            (kind == "audio" || kind == "video") && live
         })
         .collect();
     for (index, section) in sections.iter().enumerate() {
@@ -232,6 +234,16 @@ mod tests {
             msg.contains("m-section 1") && msg.contains("mid 1") && msg.contains("a=ssrc"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_bundle_only_section_counts_as_live() {
+        // webrtcbin before its caps are known: no SSRC anywhere, the second section
+        // bundle-only with port 0.
+        let audio = "audio 0 UDP/TLS/RTP/SAVPF 111\r\na=mid:audio1\r\na=bundle-only\r\na=sendrecv\r\n";
+        let video = "video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:video0\r\na=sendrecv\r\n";
+        let e = check_offer(&offer(&[video, audio])).unwrap_err();
+        assert!(matches!(e, SdpError::Undemultiplexable { index: 0, .. }), "{e}");
     }
 
     #[test]

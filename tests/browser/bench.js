@@ -1,15 +1,29 @@
-// Measurements in Chromium on loopback (printed, never asserted):
+// Measurements in Chromium and Firefox on loopback (printed, never asserted):
 //  1. join: from the click on "Join" to the first remote video frame presented
 //     (requestVideoFrameCallback on the remote <video>), over JOINS joins (default 10);
+//  1b. the same for Firefox and Chromium joiners taking turns in one run, BROWSER_JOINS each
+//     (default 5), with each joiner's ICE timings: from its connection's ICE state 'checking'
+//     (its first connectivity check) to 'connected' (the nominated pair succeeded);
 //  2. quality switch: from selecting "high" (after "low") in the quality menu to the first
 //     getStats sample (polled every 20 ms) whose decoded frameWidth is 1280, over SWITCHES runs.
 // Run through scripts/browser-tests.sh --bench (loopback-only namespace). Writes
 // target/browser/bench.json.
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ARTIFACTS, startServer, launchParticipant, joinViaUrl, waitFor, waitForMediaFrom, percentile } from './harness.js';
+import {
+  ARTIFACTS,
+  startServer,
+  launchParticipant,
+  launchFirefoxParticipant,
+  joinViaUrl,
+  recordIceTimes,
+  waitFor,
+  waitForMediaFrom,
+  percentile,
+} from './harness.js';
 
 const JOINS = Number(process.env.JOINS ?? 10);
+const BROWSER_JOINS = Number(process.env.BROWSER_JOINS ?? 5);
 const SWITCHES = Number(process.env.SWITCHES ?? 5);
 const fmt = (xs) => xs.map((x) => (Number.isFinite(x) ? x.toFixed(0) : String(x))).join(', ');
 
@@ -50,6 +64,52 @@ try {
     `  milestones, p50 from the click: joined ${p50(results.joined_ms)} ms, remote video track added ${p50(results.video_track_ms)} ms, ` +
       `subscriber connection connected ${p50(results.subscriber_connected_ms)} ms, first frame ${p50(results.joins_ms)} ms`,
   );
+
+  // 1b. Firefox vs Chromium joiners, taking turns (same publisher, same room, same load).
+  const fox = await launchFirefoxParticipant('firefox-viewer');
+  try {
+    results.firefox = await fox.browser.version();
+    const joiners = { firefox: fox, chromium: viewer };
+    for (const p of Object.values(joiners)) await p.page.addInitScript(recordIceTimes);
+    const by = (results.browser_joins = { firefox: [], chromium: [] });
+    for (let i = 0; i < BROWSER_JOINS; i++) {
+      for (const [kind, p] of Object.entries(joiners)) {
+        await p.page.goto(`${server.url}/`);
+        await p.page.fill('#room', room);
+        await p.page.fill('#name', `${kind}-${i}`);
+        await p.page.click('#join');
+        const t = await waitFor(
+          () =>
+            p.page.evaluate(() => {
+              const { joinClick, subscriberConnected, firstFrame } = window.plaza.times;
+              const sub = window.__ice.find((r) => r.role === 'subscriber');
+              const pub = window.__ice.find((r) => r.role === 'publisher');
+              if (firstFrame === null || !sub || !pub) return null;
+              return {
+                frame: firstFrame - joinClick,
+                connected: subscriberConnected - joinClick,
+                sub_checking_to_connected: sub.connected - sub.checking,
+                pub_checking_to_connected: pub.connected - pub.checking,
+              };
+            }),
+          { timeout: 20_000, interval: 50, what: `${kind}: first remote frame and both connections connected (join ${i + 1})` },
+        );
+        by[kind].push(t);
+      }
+    }
+    for (const [kind, xs] of Object.entries(by)) {
+      const col = (k) => xs.map((x) => x[k]);
+      const p50 = (k) => percentile(col(k), 0.5).toFixed(0);
+      results[`${kind}_join_p50_ms`] = percentile(col('frame'), 0.5);
+      console.log(`${kind} join click → first remote frame, ${xs.length} joins (ms): ${fmt(col('frame'))}; p50 ${p50('frame')} ms`);
+      console.log(
+        `  ICE checking → connected (ms): subscriber ${fmt(col('sub_checking_to_connected'))} (p50 ${p50('sub_checking_to_connected')}), ` +
+          `publisher ${fmt(col('pub_checking_to_connected'))} (p50 ${p50('pub_checking_to_connected')})`,
+      );
+    }
+  } finally {
+    await fox.close();
+  }
 
   // 2. quality low → high. First let the publisher's bandwidth estimate ramp up until it sends
   //    its 1280 wide layer to a viewer that wants it, as a user's would after a while.

@@ -1,20 +1,24 @@
-// Shared helpers for the browser tests: the Plaza server, Chromium participants, bounded waits.
+// Shared helpers for the browser tests: the Plaza server, Chromium and Firefox participants,
+// bounded waits.
 //
 // Environment:
 //   PLAZA_URL      use an already running server (e.g. http://127.0.0.1:7880); otherwise one is
 //                  started from PLAZA_BIN (default: target/release/plaza) on PLAZA_PORT/PLAZA_UDP_PORT
 //   CHROMIUM       browser binary (default /usr/bin/chromium)
+//   FIREFOX        Firefox binary (default /usr/bin/firefox-esr), driven over WebDriver BiDi
 //   ARTIFACTS      where screenshots and logs go (default target/browser)
 import { spawn } from 'node:child_process';
 import { mkdirSync, createWriteStream, existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import puppeteer from 'puppeteer-core';
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const REPO = resolve(here, '..', '..');
 export const ARTIFACTS = resolve(process.env.ARTIFACTS ?? join(REPO, 'target', 'browser'));
 export const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+export const FIREFOX = process.env.FIREFOX ?? '/usr/bin/firefox-esr';
 mkdirSync(ARTIFACTS, { recursive: true });
 
 export const CHROMIUM_ARGS = [
@@ -38,6 +42,62 @@ export const CHROMIUM_ARGS = [
   '--disable-features=WebRtcHideLocalIpsWithMdns',
 ];
 
+/**
+ * Firefox prefs of a test participant (on top of puppeteer's own test-profile prefs).
+ * Firefox gathers host candidates only for an interface with a route: in the loopback-only
+ * namespace scripts/browser-tests.sh adds `ip route add default dev lo src 127.0.0.1`.
+ */
+export const FIREFOX_PREFS = {
+  // media: the fake camera (a 30 fps colour cycle) and a tone, no permission prompt
+  'media.navigator.streams.fake': true,
+  'media.navigator.permission.disabled': true,
+  'media.autoplay.default': 0, // allow audible autoplay without a gesture
+  'media.autoplay.blocking_policy': 0,
+  // WebRTC on loopback with plain host candidates (no mDNS .local names, no multicast here)
+  'media.peerconnection.ice.loopback': true,
+  'media.peerconnection.ice.obfuscate_host_addresses': false,
+  'media.peerconnection.ice.no_host': false,
+  'media.peerconnection.ice.default_address_only': false,
+  'media.peerconnection.ice.proxy_only': false,
+  // quiet offline: no updates, telemetry, captive portal, remote settings, safe browsing,
+  // connectivity checks or speculative connections
+  'app.update.enabled': false,
+  'app.update.auto': false,
+  'app.update.checkInstallTime': false,
+  'app.normandy.enabled': false,
+  'browser.shell.checkDefaultBrowser': false,
+  'browser.aboutwelcome.enabled': false,
+  'browser.startup.homepage_override.mstone': 'ignore',
+  'browser.newtabpage.enabled': false,
+  'browser.ping-centre.telemetry': false,
+  'browser.safebrowsing.malware.enabled': false,
+  'browser.safebrowsing.phishing.enabled': false,
+  'browser.safebrowsing.downloads.enabled': false,
+  'browser.safebrowsing.blockedURIs.enabled': false,
+  'browser.safebrowsing.update.enabled': false,
+  'browser.search.update': false,
+  'datareporting.healthreport.uploadEnabled': false,
+  'datareporting.policy.dataSubmissionEnabled': false,
+  'toolkit.telemetry.enabled': false,
+  'toolkit.telemetry.unified': false,
+  'toolkit.telemetry.server': '',
+  'toolkit.telemetry.archive.enabled': false,
+  'network.captive-portal-service.enabled': false,
+  'network.connectivity-service.enabled': false,
+  'network.dns.disablePrefetch': true,
+  'network.http.speculative-parallel-limit': 0,
+  'network.prefetch-next': false,
+  'services.settings.server': 'data:,', // remote settings: nowhere to fetch from
+  'services.settings.poll_interval': 86400 * 365,
+  'extensions.update.enabled': false,
+  'extensions.getAddons.cache.enabled': false,
+  'extensions.blocklist.enabled': false,
+  'media.gmp-manager.updateEnabled': false,
+  'media.gmp-gmpopenh264.enabled': false,
+  'privacy.trackingprotection.enabled': false,
+  'dom.ipc.processPrelaunch.enabled': false,
+};
+
 /** Poll `fn` until it returns a truthy value; throw with `what` (and the last value) on timeout. */
 export async function waitFor(fn, { timeout = 20_000, interval = 100, what = 'condition' } = {}) {
   const deadline = Date.now() + timeout;
@@ -58,14 +118,14 @@ export async function waitFor(fn, { timeout = 20_000, interval = 100, what = 'co
   }
 }
 
-/** Start the server (unless PLAZA_URL is set). Returns {url, stop()}. */
-export async function startServer() {
+/** Start the server (unless PLAZA_URL is set), its log in ARTIFACTS/`logName`. Returns {url, logPath, stop()}. */
+export async function startServer({ logName = 'plaza.log' } = {}) {
   if (process.env.PLAZA_URL) return { url: process.env.PLAZA_URL.replace(/\/$/, ''), stop: async () => {}, log: null };
   const bin = process.env.PLAZA_BIN ?? join(REPO, 'target', 'release', 'plaza');
   if (!existsSync(bin)) throw new Error(`server binary ${bin} is missing: run cargo build --release --bin plaza`);
   const port = Number(process.env.PLAZA_PORT ?? 7880);
   const udpPort = Number(process.env.PLAZA_UDP_PORT ?? 7882);
-  const logPath = join(ARTIFACTS, 'plaza.log');
+  const logPath = join(ARTIFACTS, logName);
   const log = createWriteStream(logPath);
   const child = spawn(bin, ['--port', String(port), '--udp-port', String(udpPort), '--log-level', process.env.PLAZA_LOG_LEVEL ?? 'info'], {
     cwd: REPO,
@@ -134,6 +194,67 @@ export async function launchParticipant(label, { extraArgs = [], dropFakeUi = fa
       await browser.close().catch(() => {});
     },
   };
+}
+
+/**
+ * Puppeteer's page with the few Playwright page methods the tests use (fill, press,
+ * selectOption, textContent, isVisible, addInitScript), so the helpers below work with either browser.
+ */
+function playwrightLike(page) {
+  const extra = {
+    fill: (sel, value) => page.locator(sel).fill(value),
+    press: async (sel, key) => {
+      const el = await page.waitForSelector(sel, { timeout: 10_000 });
+      await el.press(key);
+    },
+    selectOption: (sel, value) => page.select(sel, value),
+    textContent: (sel) => page.$eval(sel, (e) => e.textContent),
+    isVisible: async (sel) => (await page.$(sel))?.isVisible() ?? false,
+    addInitScript: (fn) => page.evaluateOnNewDocument(fn),
+  };
+  return new Proxy(page, {
+    get(target, key) {
+      if (Object.hasOwn(extra, key)) return extra[key];
+      const v = Reflect.get(target, key);
+      return typeof v === 'function' ? v.bind(target) : v;
+    },
+  });
+}
+
+/**
+ * One Firefox participant: its own Firefox process (fresh profile, FIREFOX_PREFS plus `prefs`)
+ * driven over WebDriver BiDi, and one page. Same shape as launchParticipant's.
+ */
+export async function launchFirefoxParticipant(label, { prefs = {}, viewport = { width: 1280, height: 800 } } = {}) {
+  if (!existsSync(FIREFOX)) throw new Error(`${FIREFOX} is missing (apt-get install firefox-esr)`);
+  const browser = await puppeteer.launch({
+    browser: 'firefox',
+    executablePath: FIREFOX,
+    headless: true,
+    defaultViewport: viewport,
+    extraPrefsFirefox: { ...FIREFOX_PREFS, ...prefs },
+    timeout: 30_000,
+    protocolTimeout: 60_000,
+  });
+  try {
+    const raw = (await browser.pages())[0] ?? (await browser.newPage());
+    const logs = [];
+    raw.on('console', (m) => logs.push(`[${label}] ${m.type()}: ${m.text()}`));
+    raw.on('pageerror', (e) => logs.push(`[${label}] pageerror: ${e.message}`));
+    return {
+      label,
+      browser,
+      page: playwrightLike(raw),
+      logs,
+      firefox: true,
+      async close() {
+        await browser.close().catch(() => browser.process()?.kill('SIGKILL'));
+      },
+    };
+  } catch (e) {
+    await browser.close().catch(() => browser.process()?.kill('SIGKILL'));
+    throw e;
+  }
 }
 
 /** Open the demo and join through the form (type room and name, click Join). */
@@ -212,4 +333,26 @@ export function percentile(values, q) {
   if (!s.length) return NaN;
   const i = Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1));
   return s[i];
+}
+
+/**
+ * Page init script: every RTCPeerConnection the page creates records in `window.__ice` when
+ * it was created and when its ICE connection state first became 'checking' and 'connected'
+ * (performance.now() ms), and whether it sends media ('publisher') or not ('subscriber').
+ */
+export function recordIceTimes() {
+  const Real = window.RTCPeerConnection;
+  window.__ice = [];
+  window.RTCPeerConnection = class extends Real {
+    constructor(...args) {
+      super(...args);
+      const rec = { created: performance.now(), checking: null, connected: null, role: null };
+      window.__ice.push(rec);
+      this.addEventListener('iceconnectionstatechange', () => {
+        const s = this.iceConnectionState === 'completed' ? 'connected' : this.iceConnectionState;
+        if ((s === 'checking' || s === 'connected') && rec[s] === null) rec[s] = performance.now();
+        if (s === 'connected' && rec.role === null) rec.role = this.getSenders().some((x) => x.track) ? 'publisher' : 'subscriber';
+      });
+    }
+  };
 }

@@ -1,0 +1,281 @@
+"""A Plaza participant built on aiortc, talking the signaling protocol of signaling/README.md.
+
+    python aiortc_client.py --url ws://H:P/rtc --room R --name N [--publish] [--expect-from NAME]
+                            [--peer NAME] [--until-signal] [--media-only] [--timeout S]
+
+Every participant answers the server's subscribe offers and says hello on the `chat` data
+channel. With --publish it also publishes the assets/ clips through aiortc's MediaPlayer (decoded
+and re-encoded by aiortc: VP8 video, Opus audio). With --expect-from NAME it checks that aiortc
+*decodes* NAME's media (video frames with a size, 48 kHz audio frames) and receives NAME's chat,
+then sends `done` on chat and leaves. A publisher leaves when --peer sends `done` (with --until-signal: at
+SIGTERM, passing if its tracks were published and --peer's chat arrived). Prints
+`RESULT {json}` and exits 0 on success, 1 on failure or timeout.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import websockets
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "assets")
+T0 = time.monotonic()
+
+
+def parse_sdp(sdp):
+    """mid -> {kind, msid} of every m-section."""
+    out, cur = {}, None
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            cur = {"kind": line[2:].split(" ")[0], "msid": None}
+        elif cur is not None and line.startswith("a=mid:"):
+            out[line[6:].strip()] = cur
+        elif cur is not None and line.startswith("a=msid:"):
+            cur["msid"] = line[7:].strip().split(" ")
+    return out
+
+
+class Client:
+    def __init__(self, args):
+        self.args = args
+        self.names = {}
+        self.my_id = None
+        self.mids = {}
+        self.chat = None
+        self.result = {"client": "aiortc", "name": args.name, "errors": [], "tracks": {}, "chat_from": [], "own_tracks": []}
+        self.done = asyncio.get_running_loop().create_future()
+        self.done_sent = False
+        self.sub = RTCPeerConnection()
+        self.sub_connected = asyncio.Event()
+        self.offers_answered = 0
+        self.pub = None
+        self.ws = None
+        self.tasks = []
+
+    def log(self, *m):
+        print(f"[aiortc {self.args.name} +{time.monotonic() - T0:.2f}s]", *m, file=sys.stderr, flush=True)
+
+    def finish(self, ok, why):
+        if not self.done.done():
+            self.done.set_result((ok, why))
+
+    async def send(self, msg):
+        await self.ws.send(json.dumps(msg))
+
+    # ---- subscriber PC ----
+    def setup_sub(self):
+        @self.sub.on("track")
+        def on_track(track):
+            mid = next((t.mid for t in self.sub.getTransceivers() if t.receiver.track is track), None)
+            m = self.mids.get(mid, {})
+            msid = m.get("msid") or [None, None]
+            st = {"mid": mid, "kind": track.kind, "from": self.names.get(msid[0], msid[0]), "track_id": msid[1], "frames": 0}
+            self.result["tracks"][f"mid{mid}"] = st
+            self.log("track mid", mid, track.kind, "from", st["from"])
+            self.tasks.append(asyncio.ensure_future(self.consume(track, st)))
+
+        @self.sub.on("datachannel")
+        def on_dc(channel):
+            self.log("data channel", channel.label)
+            if channel.label != "chat":
+                return
+            self.chat = channel
+
+            @channel.on("message")
+            def on_message(data):
+                text = data.decode() if isinstance(data, bytes) else data
+                head, _, body = text.partition("\n")
+                sender = self.names.get(json.loads(head).get("from"), "?")
+                entry = f"{sender}:{body}"
+                if entry not in self.result["chat_from"]:
+                    self.result["chat_from"].append(entry)
+                self.check()
+
+        @self.sub.on("connectionstatechange")
+        def on_state():
+            self.log("subscriber PC", self.sub.connectionState)
+            if self.sub.connectionState == "connected":
+                self.sub_connected.set()
+            elif self.sub.connectionState == "failed":
+                self.finish(False, "subscriber PC failed")
+
+    async def consume(self, track, st):
+        while True:
+            try:
+                frame = await track.recv()
+            except Exception:
+                return
+            st["frames"] += 1
+            if track.kind == "video":
+                st["width"], st["height"] = frame.width, frame.height
+            else:
+                st["sample_rate"] = frame.sample_rate
+                st["samples"] = st.get("samples", 0) + frame.samples
+            self.check()
+
+    async def answer(self, sdp):
+        # aiortc 1.16 starts the receivers of a renegotiation only if the (bundled) DTLS transport
+        # is "new" or "connected" when the answer is set: an offer applied while the first DTLS
+        # handshake is still running leaves its tracks without receivers forever (no frames, no
+        # error). So later offers wait until the subscriber PC has connected.
+        if self.offers_answered > 0:
+            await asyncio.wait_for(self.sub_connected.wait(), 10)
+        self.offers_answered += 1
+        self.mids.update(parse_sdp(sdp))
+        await self.sub.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await self.sub.setLocalDescription(await self.sub.createAnswer())
+        await self.send({"type": "subscribe_answer", "sdp": self.sub.localDescription.sdp})
+
+    async def hello_loop(self):
+        while True:
+            await asyncio.sleep(0.4)
+            if self.chat is not None and self.chat.readyState == "open":
+                self.chat.send(f"{{}}\nhello from {self.args.name}")
+
+    # ---- publisher PC ----
+    async def publish(self):
+        self.pub = RTCPeerConnection()
+        self.audio_player = MediaPlayer(os.path.join(ASSETS, "audio_sine_opus.ogg"), loop=True)
+        self.video_player = MediaPlayer(os.path.join(ASSETS, "video_320x240_vp8.ivf"), loop=True)
+        self.pub.addTransceiver(self.audio_player.audio, direction="sendonly")
+        self.pub.addTransceiver(self.video_player.video, direction="sendonly")
+
+        @self.pub.on("connectionstatechange")
+        def on_state():
+            self.log("publisher PC", self.pub.connectionState)
+            if self.pub.connectionState == "failed":
+                self.finish(False, "publisher PC failed")
+
+        await self.pub.setLocalDescription(await self.pub.createOffer())
+        sdp = self.pub.localDescription.sdp
+        self.result["offer_has_msid"] = "\na=msid:" in sdp
+        self.result["offer_has_ssrc"] = "\na=ssrc:" in sdp
+        await self.send({"type": "publish_offer", "sdp": sdp})
+
+    # ---- checks ----
+    def chat_from(self, name, body=None):
+        return any((c == f"{name}:{body}") if body else c.startswith(f"{name}:") for c in self.result["chat_from"])
+
+    def media_ok(self):
+        ts = [t for t in self.result["tracks"].values() if t["from"] == self.args.expect_from]
+        audio = [t for t in ts if t["kind"] == "audio"]
+        video = [t for t in ts if t["kind"] == "video"]
+        if len(audio) != 1 or len(video) != 1:
+            return False
+        a, v = audio[0], video[0]
+        return a["frames"] >= 50 and a.get("sample_rate") == 48000 and v["frames"] >= 20 and v.get("width", 0) > 0
+
+    def on_sigterm(self):
+        ok = bool(self.args.publish and len(self.result["own_tracks"]) >= 2 and (not self.args.peer or self.chat_from(self.args.peer)))
+        progress = {k: self.result[k] for k in ("tracks", "chat_from", "own_tracks", "errors")}
+        self.finish(ok, f"stopped by SIGTERM: {json.dumps(progress)}")
+
+    def check(self):
+        a = self.args
+        if a.expect_from:
+            if not self.done_sent and self.media_ok() and (a.media_only or self.chat_from(a.expect_from)):
+                self.done_sent = True
+                if self.chat is not None:
+                    self.chat.send("{}\ndone")
+                asyncio.get_running_loop().call_later(0.3, self.finish, True, f"decoded media and chat from {a.expect_from}")
+        elif a.publish:
+            if a.until_signal:
+                return
+            if len(self.result["own_tracks"]) >= 2 and (not a.peer or self.chat_from(a.peer, "done")):
+                self.finish(True, f"published {', '.join(self.result['own_tracks'])}; {a.peer} said done")
+        elif a.peer and self.chat_from(a.peer):
+            self.finish(True, f"chat from {a.peer}")
+
+    async def signaling(self):
+        try:
+            await self.signaling_loop()
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            self.finish(False, f"signaling failed: {type(e).__name__}: {e}")
+
+    async def signaling_loop(self):
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            t = msg["type"]
+            if t == "joined":
+                self.my_id = msg["participant_id"]
+                self.result["participant_id"] = self.my_id
+                self.names[self.my_id] = self.args.name
+                for p in msg["participants"]:
+                    self.names[p["id"]] = p["name"]
+                self.log("joined as", self.my_id)
+                if self.args.publish:
+                    await self.publish()
+            elif t == "participant_joined":
+                self.names[msg["participant"]["id"]] = msg["participant"]["name"]
+            elif t == "subscribe_offer":
+                await self.answer(msg["sdp"])
+            elif t == "publish_answer":
+                await self.pub.setRemoteDescription(RTCSessionDescription(sdp=msg["sdp"], type="answer"))
+            elif t == "track_published":
+                self.log("track_published", json.dumps(msg["track"]))
+                if msg["track"]["participant_id"] == self.my_id:
+                    self.result["own_tracks"].append(f"{msg['track']['kind']}:{msg['track']['mime_type']}")
+                self.check()
+            elif t == "error":
+                self.log("server error", json.dumps(msg))
+                self.result["errors"].append(msg)
+            elif t == "leave":
+                self.finish(False, f"removed by the server: {msg.get('reason')}")
+        self.finish(False, "WebSocket closed")
+
+    async def run(self):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.on_sigterm)
+        self.setup_sub()
+        async with websockets.connect(self.args.url, max_size=None) as ws:
+            self.ws = ws
+            await self.send({"type": "join", "room": self.args.room, "name": self.args.name, "protocol": 1})
+            tasks = [asyncio.ensure_future(self.signaling()), asyncio.ensure_future(self.hello_loop())]
+            try:
+                ok, why = await asyncio.wait_for(asyncio.shield(self.done), self.args.timeout)
+            except asyncio.TimeoutError:
+                progress = {k: self.result[k] for k in ("tracks", "chat_from", "own_tracks", "errors")}
+                ok, why = False, f"timed out after {self.args.timeout} s: {json.dumps(progress)}"
+            except Exception as e:  # noqa: BLE001 - reported, not hidden
+                ok, why = False, f"{type(e).__name__}: {e}"
+            try:
+                await self.send({"type": "leave"})
+            except Exception:
+                pass
+            for t in tasks + self.tasks:
+                t.cancel()
+        await self.sub.close()
+        if self.pub:
+            await self.pub.close()
+        self.result.update(ok=ok, reason=why)
+        self.log("PASS" if ok else "FAIL", why)
+        print("RESULT " + json.dumps(self.result), flush=True)
+        return ok
+
+
+async def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", required=True)
+    p.add_argument("--room", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--publish", action="store_true")
+    p.add_argument("--expect-from")
+    p.add_argument("--peer")
+    p.add_argument("--until-signal", action="store_true")
+    p.add_argument("--media-only", action="store_true", help="do not wait for the publisher's chat")
+    p.add_argument("--timeout", type=float, default=25)
+    args = p.parse_args()
+    if os.environ.get("FOREIGN_DEBUG"):
+        logging.basicConfig(level=logging.DEBUG)
+    c = Client(args)
+    return await c.run()
+
+
+if __name__ == "__main__":
+    sys.exit(0 if asyncio.run(main()) else 1)

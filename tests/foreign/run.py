@@ -1,0 +1,323 @@
+"""Runs Plaza against clients it did not write and prints a PASS/FAIL table.
+
+Run by scripts/foreign-tests.sh inside a private network namespace that it has prepared (see
+there); it can also be run by hand in such a namespace:
+
+    python tests/foreign/run.py --host-ip 127.0.0.2 [--only SUBSTRING ...] [--list]
+
+For each combination a publisher client and a subscriber client join their own room on one
+server (started here on free ports, media on --host-ip): the subscriber must decode (aiortc,
+GStreamer, Chromium) or see correctly typed packets of (werift, webrtc-rs) one audio and one video
+track from the publisher, and receive its chat (not from the load tester, which chats only with
+its own peers); the publisher must see its two tracks published (Chromium: sent) and the
+subscriber's `done` on chat. One more check: a webrtcbin offer nobody can demultiplex must be
+refused. Every client runs under a hard timeout. Exit status 1 if any combination fails.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+ART = os.path.join(TARGET, "foreign")
+PY = os.environ.get("FOREIGN_PYTHON", os.path.join(TARGET, "foreign-venv", "bin", "python"))
+PLAZA = os.environ.get("PLAZA_BIN", os.path.join(TARGET, "release", "plaza"))
+LOADTEST = os.environ.get("LOADTEST_BIN", os.path.join(TARGET, "release", "examples", "loadtest"))
+CLIENT_TIMEOUT = float(os.environ.get("FOREIGN_CLIENT_TIMEOUT", "20"))
+
+CLIENTS = {
+    "werift": ["node", os.path.join(HERE, "werift-client.mjs")],
+    "aiortc": [PY, os.path.join(HERE, "aiortc_client.py")],
+    "gstreamer": [PY, os.path.join(HERE, "gst_client.py")],
+    "chromium": ["node", os.path.join(HERE, "chromium-client.mjs")],
+}
+
+# (publisher, subscriber, order): "sub-first" makes the subscriber receive the tracks through a
+# renegotiation (track_published → new subscribe_offer); "pub-first" makes it a late joiner that
+# gets them in its first offer.
+COMBINATIONS = [
+    ("werift", "werift", "sub-first"),
+    ("aiortc", "aiortc", "sub-first"),
+    ("gstreamer", "gstreamer", "sub-first"),
+    ("werift", "aiortc", "sub-first"),
+    ("aiortc", "werift", "sub-first"),
+    ("werift", "gstreamer", "sub-first"),
+    ("gstreamer", "werift", "sub-first"),
+    ("aiortc", "gstreamer", "sub-first"),
+    ("gstreamer", "aiortc", "sub-first"),
+    ("gstreamer", "gstreamer", "pub-first"),
+    ("webrtc-rs", "werift", "pub-first"),
+    ("webrtc-rs", "aiortc", "pub-first"),
+    ("webrtc-rs", "gstreamer", "pub-first"),
+    ("werift", "webrtc-rs", "pub-first"),
+    ("aiortc", "webrtc-rs", "pub-first"),
+    ("gstreamer", "webrtc-rs", "pub-first"),
+    ("chromium", "gstreamer", "sub-first"),
+    ("gstreamer", "chromium", "sub-first"),
+    ("chromium", "aiortc", "sub-first"),
+    ("werift", "chromium", "sub-first"),
+    ("gstreamer", None, "offer-without-ssrc"),
+]
+
+
+def free_port(kind):
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Server:
+    def __init__(self, host_ip):
+        self.port = free_port(socket.SOCK_STREAM)
+        self.udp_port = free_port(socket.SOCK_DGRAM)
+        self.log_path = os.path.join(ART, "plaza.log")
+        self.log = open(self.log_path, "w")
+        # HTTP/WebSocket on 127.0.0.1; media bound to and announced on host_ip, an address on a
+        # non-loopback interface (libnice gathers no candidates on loopback interfaces).
+        cmd = [PLAZA, "--port", str(self.port), "--udp-port", str(self.udp_port), "--udp-bind", host_ip, "--announce-ip", host_ip]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.url = f"ws://127.0.0.1:{self.port}/rtc"
+        deadline = time.monotonic() + 15
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"foreign-tests: plaza exited at startup ({self.proc.returncode}); see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise SystemExit(f"foreign-tests: plaza did not answer /healthz within 15 s; see {self.log_path}")
+            time.sleep(0.1)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(8)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Proc:
+    """One client process under a hard timeout, its output in ART/<tag>.log."""
+
+    def __init__(self, tag, cmd, hard_timeout):
+        self.tag = tag
+        self.log_path = os.path.join(ART, f"{tag}.log")
+        self.out = open(self.log_path, "w")
+        self.out.write("$ " + " ".join(cmd) + "\n")
+        self.out.flush()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.out, text=True, cwd=HERE, start_new_session=True)
+        self.deadline = time.monotonic() + hard_timeout
+        self.stdout = ""
+
+    def wait(self):
+        try:
+            self.stdout, _ = self.proc.communicate(timeout=max(0.1, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.stdout, _ = self.proc.communicate()
+            self.out.write(f"\n[runner] killed after its hard timeout\n")
+        self.out.write(self.stdout)
+        self.out.close()
+        return self.proc.returncode
+
+    def terminate(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def result(self):
+        for line in self.stdout.splitlines():
+            if line.startswith("RESULT "):
+                return json.loads(line[7:])
+        return None
+
+
+def client_cmd(kind, url, room, name, **kw):
+    cmd = CLIENTS[kind] + ["--url", url, "--room", room, "--name", name, "--timeout", str(CLIENT_TIMEOUT)]
+    if kw.get("publish"):
+        cmd.append("--publish")
+    if kw.get("expect_from"):
+        cmd += ["--expect-from", kw["expect_from"]]
+    if kw.get("peer"):
+        cmd += ["--peer", kw["peer"]]
+    if kw.get("until_signal"):
+        cmd.append("--until-signal")
+    if kw.get("media_only"):
+        cmd.append("--media-only")
+    return cmd
+
+
+def summary(r):
+    if r is None:
+        return "no RESULT line"
+    return r.get("reason", "")
+
+
+def run_foreign_pair(server, pub, sub, order, room):
+    """Both clients are foreign: the subscriber says `done` on chat when satisfied."""
+    hard = CLIENT_TIMEOUT + 10
+    pcmd = client_cmd(pub, server.url, room, f"{pub}-pub", publish=True, peer=f"{sub}-sub")
+    scmd = client_cmd(sub, server.url, room, f"{sub}-sub", expect_from=f"{pub}-pub", peer=f"{pub}-pub")
+    first, second = (scmd, pcmd) if order == "sub-first" else (pcmd, scmd)
+    tags = {id(pcmd): f"{room}-pub-{pub}", id(scmd): f"{room}-sub-{sub}"}
+    a = Proc(tags[id(first)], first, hard)
+    if order == "pub-first":
+        # a late joiner: let the publisher's tracks reach the server first
+        time.sleep(1.5)
+    b = Proc(tags[id(second)], second, hard)
+    procs = {"pub": a if first is pcmd else b, "sub": b if first is pcmd else a}
+    rc = {k: p.wait() for k, p in procs.items()}
+    res = {k: p.result() for k, p in procs.items()}
+    ok = rc["pub"] == 0 and rc["sub"] == 0 and all(r and r.get("ok") for r in res.values())
+    detail = f"sub: {summary(res['sub'])} | pub: {summary(res['pub'])}"
+    if pub == "werift" and res["pub"] and res["pub"].get("offer_has_msid") is not False:
+        # these combinations are the ones that cover offers without a=msid
+        ok = False
+        detail = "werift's offer now has a=msid: the combination no longer covers offers without it | " + detail
+    extra = {}
+    if res["pub"]:
+        extra = {k: res["pub"].get(k) for k in ("offer_has_msid", "offer_has_ssrc")}
+    return ok, detail, extra, [procs["pub"].log_path, procs["sub"].log_path]
+
+
+def loadtest_cmd(server, room, publishers, subscribers, duration, json_path):
+    return [
+        LOADTEST, "--url", server.url, "--room", room, "--publishers", str(publishers), "--subscribers", str(subscribers),
+        "--duration", str(duration), "--join-timeout", "10", "--timeout", "10", "--chat-interval-ms", "200", "--json", json_path,
+    ]  # fmt: skip
+
+
+def run_rs_publisher(server, sub, room):
+    """webrtc-rs (the load tester's publisher `pub-1`) publishes; a foreign client subscribes.
+    A load tester alone in its room sends no chat, so only the media is checked."""
+    json_path = os.path.join(ART, f"{room}-loadtest.json")
+    lt = Proc(f"{room}-pub-webrtc-rs", loadtest_cmd(server, room, 1, 0, 5, json_path), CLIENT_TIMEOUT + 20)
+    time.sleep(1.5)
+    s = Proc(f"{room}-sub-{sub}", client_cmd(sub, server.url, room, f"{sub}-sub", expect_from="pub-1", media_only=True), CLIENT_TIMEOUT + 10)
+    src = s.wait()
+    lrc = lt.wait()
+    r = s.result()
+    ok = src == 0 and bool(r and r.get("ok")) and lrc == 0
+    return ok, f"sub: {summary(r)} | loadtest exit {lrc}", {}, [lt.log_path, s.log_path]
+
+
+def run_rs_subscriber(server, pub, room):
+    """A foreign client publishes; webrtc-rs (the load tester's subscriber `sub-1`) subscribes.
+    The load tester's JSON report must show sub-1 receiving one audio and one video track of the
+    foreign publisher, with packets (and a VP8 keyframe). A load tester alone in its room sends no
+    chat, so the publisher only checks that its tracks were published."""
+    json_path = os.path.join(ART, f"{room}-loadtest.json")
+    if os.path.exists(json_path):
+        os.remove(json_path)
+    p = Proc(f"{room}-pub-{pub}", client_cmd(pub, server.url, room, f"{pub}-pub", publish=True, until_signal=True), CLIENT_TIMEOUT + 15)
+    time.sleep(1.5)
+    lt = Proc(f"{room}-sub-webrtc-rs", loadtest_cmd(server, room, 0, 1, 4, json_path), CLIENT_TIMEOUT + 10)
+    lrc = lt.wait()
+    p.terminate()
+    prc = p.wait()
+    pr = p.result()
+    why = []
+    got = {}
+    try:
+        with open(json_path) as f:
+            report = json.load(f)
+        for t in report["tracks"]:
+            if t["subscriber"] == "sub-1" and pr and t["publisher_id"] == pr.get("participant_id"):
+                got[t["kind"]] = {"packets": t["packets_received"], "keyframes": t["keyframes_received"]}
+        audio, video = got.get("audio", {}), got.get("video", {})
+        if not (len(got) == 2 and audio.get("packets", 0) >= 50 and video.get("packets", 0) >= 30 and video.get("keyframes", 0) >= 1):
+            why.append("webrtc-rs sub-1 did not receive one audio and one video track with packets (and a keyframe)")
+    except (OSError, ValueError, KeyError) as e:
+        why.append(f"no usable loadtest report ({type(e).__name__}: {e})")
+    ok = lrc == 0 and prc == 0 and bool(pr and pr.get("ok")) and not why
+    detail = f"webrtc-rs received {got}, loadtest exit {lrc} {'; '.join(why)} | pub: {summary(pr)}"
+    return ok, detail, {}, [p.log_path, lt.log_path]
+
+
+def run_gst_offer_without_ssrc(server, room):
+    """webrtcbin offers before it knows its caps: no a=ssrc, audio m-section bundle-only. The
+    server must say so (invalid_sdp naming the m-section) rather than accept media it cannot
+    demultiplex."""
+    cmd = client_cmd("gstreamer", server.url, room, "gstreamer-pub", publish=True) + ["--offer-without-caps", "--timeout", "8"]
+    p = Proc(f"{room}-pub-gstreamer", cmd, 20)
+    rc = p.wait()
+    r = p.result()
+    return rc == 0 and bool(r and r.get("ok")), f"pub: {summary(r)}", {}, [p.log_path]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host-ip", required=True, help="address of a non-loopback interface in this namespace")
+    ap.add_argument("--only", action="append", default=[], help="run combinations whose label contains this")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(ART, exist_ok=True)
+    combos = []
+    for pub, sub, order in COMBINATIONS:
+        if order == "offer-without-ssrc":
+            label = "gstreamer offer without a=ssrc"
+        else:
+            label = f"{pub} -> {sub}" + (" (late join)" if order == "pub-first" and "webrtc-rs" not in (pub, sub) else "")
+        if not args.only or any(o in label for o in args.only):
+            combos.append((label, pub, sub, order))
+    if args.list:
+        for c in combos:
+            print(c[0])
+        return 0
+    if not combos:
+        print("foreign-tests: no combination matches --only", file=sys.stderr)
+        return 1
+    for path in (PLAZA, LOADTEST if any("webrtc-rs" in c[0] for c in combos) else PLAZA, PY):
+        if not os.access(path, os.X_OK):
+            print(f"foreign-tests: FAILED: {path} is missing", file=sys.stderr)
+            return 1
+    server = Server(args.host_ip)
+    print(f"plaza on {server.url}, media on {args.host_ip}:{server.udp_port}; logs in {ART}", flush=True)
+    rows = []
+    try:
+        for i, (label, pub, sub, order) in enumerate(combos):
+            room = f"c{i}-{pub}-{sub or order}"
+            t = time.monotonic()
+            if order == "offer-without-ssrc":
+                ok, detail, extra, logs = run_gst_offer_without_ssrc(server, room)
+            elif pub == "webrtc-rs":
+                ok, detail, extra, logs = run_rs_publisher(server, sub, room)
+            elif sub == "webrtc-rs":
+                ok, detail, extra, logs = run_rs_subscriber(server, pub, room)
+            else:
+                ok, detail, extra, logs = run_foreign_pair(server, pub, sub, order, room)
+            dt = time.monotonic() - t
+            rows.append((label, ok, dt, detail, extra, logs))
+            print(f"{'PASS' if ok else 'FAIL'}  {label:<34} {dt:5.1f} s  {detail if not ok else ''}", flush=True)
+    finally:
+        server.stop()
+    print("\nforeign clients against Plaza")
+    print(f"{'combination':<36}{'result':<8}{'time':>7}  notes")
+    for label, ok, dt, detail, extra, logs in rows:
+        notes = ", ".join(f"{k}={v}" for k, v in extra.items() if v is not None)
+        print(f"{label:<36}{'PASS' if ok else 'FAIL':<8}{dt:6.1f}s  {notes}")
+        if not ok:
+            print(f"    {detail[:600]}")
+            print(f"    logs: {' '.join(os.path.relpath(p, ROOT) for p in logs)}")
+    passed = sum(1 for r in rows if r[1])
+    failed = len(rows) - passed
+    print(f"\nforeign: {passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
