@@ -181,6 +181,33 @@ pub async fn healthz(addr: SocketAddr) -> Result<(u16, Value)> {
     Ok((status, v))
 }
 
+/// `GET /metrics` as JSON.
+pub async fn metrics(addr: SocketAddr) -> Result<(u16, Value)> {
+    let (status, body) = http_get(addr, "/metrics").await?;
+    let v = serde_json::from_str(&body).with_context(|| format!("metrics body {body:?}"))?;
+    Ok((status, v))
+}
+
+/// The `forward_latency` buckets (`[upper bound µs, count]`) of a `/metrics` body.
+pub fn latency_buckets(metrics: &Value) -> Vec<(u64, u64)> {
+    metrics
+        .pointer("/forward_latency/buckets")
+        .and_then(|b| serde_json::from_value(b.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// Quantile `q` of the in-core forwarding latency between two `/metrics` snapshots, in µs
+/// (`None`: nothing was forwarded in between).
+pub fn window_latency_us(earlier: &Value, later: &Value, q: f64) -> Option<u64> {
+    plaza::sfu::latency::window_quantile_us(&latency_buckets(earlier), &latency_buckets(later), q)
+}
+
+/// Packets forwarded in the core between two `/metrics` snapshots.
+pub fn window_latency_count(earlier: &Value, later: &Value) -> u64 {
+    let total = |v: &Value| latency_buckets(v).iter().map(|(_, c)| c).sum::<u64>();
+    total(later).saturating_sub(total(earlier))
+}
+
 // ───────────────────────────── peers ─────────────────────────────
 
 /// Options with the tests' bound on every connect step.
@@ -308,6 +335,24 @@ impl RawWs {
         tokio::time::timeout(T, self.ws.send(Message::binary(data)))
             .await
             .map_err(|_| anyhow!("websocket send timed out"))??;
+        Ok(())
+    }
+
+    /// Sends every message of `texts` as fast as the connection takes them (flushing every
+    /// 256 messages rather than after each).
+    pub async fn send_burst(&mut self, texts: impl IntoIterator<Item = String>) -> Result<()> {
+        let burst = async {
+            for (i, text) in texts.into_iter().enumerate() {
+                self.ws.feed(Message::text(text)).await?;
+                if i % 256 == 255 {
+                    self.ws.flush().await?;
+                }
+            }
+            self.ws.flush().await
+        };
+        tokio::time::timeout(T, burst)
+            .await
+            .map_err(|_| anyhow!("websocket burst timed out"))??;
         Ok(())
     }
 
