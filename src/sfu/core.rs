@@ -1017,7 +1017,10 @@ impl Core {
             if self.demux.on_send(key, &out.message, to, out.now) == Claim::Refused {
                 self.drops.rebind_refused(to, out.now);
             }
-            if pc.pending_nomination.as_ref().is_some_and(|(a, _)| *a == to)
+            if pc
+                .pending_nomination
+                .as_ref()
+                .is_some_and(|(a, _)| *a == to)
                 && demux::binding_kind(&out.message) == Some(BindingKind::Success)
             {
                 // The nominating check was answered.

@@ -660,8 +660,14 @@ mod tests {
         let len = (nominating.len() - 20) as u16;
         nominating[2..4].copy_from_slice(&len.to_be_bytes());
         assert_eq!(binding_kind(&nominating), Some(BindingKind::Nominating));
-        assert_eq!(binding_kind(&stun(REQUEST, 1, Some("s:c"))), Some(BindingKind::Check));
-        assert_eq!(binding_kind(&stun(SUCCESS, 1, None)), Some(BindingKind::Success));
+        assert_eq!(
+            binding_kind(&stun(REQUEST, 1, Some("s:c"))),
+            Some(BindingKind::Check)
+        );
+        assert_eq!(
+            binding_kind(&stun(SUCCESS, 1, None)),
+            Some(BindingKind::Success)
+        );
         assert_eq!(binding_kind(&stun(ERROR, 1, None)), None);
         assert_eq!(binding_kind(&stun(INDICATION, 1, None)), None);
         // Another method (Allocate, 0x0003) is not a binding.

@@ -240,10 +240,14 @@ mod tests {
     fn a_bundle_only_section_counts_as_live() {
         // webrtcbin before its caps are known: no SSRC anywhere, the second section
         // bundle-only with port 0.
-        let audio = "audio 0 UDP/TLS/RTP/SAVPF 111\r\na=mid:audio1\r\na=bundle-only\r\na=sendrecv\r\n";
+        let audio =
+            "audio 0 UDP/TLS/RTP/SAVPF 111\r\na=mid:audio1\r\na=bundle-only\r\na=sendrecv\r\n";
         let video = "video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:video0\r\na=sendrecv\r\n";
         let e = check_offer(&offer(&[video, audio])).unwrap_err();
-        assert!(matches!(e, SdpError::Undemultiplexable { index: 0, .. }), "{e}");
+        assert!(
+            matches!(e, SdpError::Undemultiplexable { index: 0, .. }),
+            "{e}"
+        );
     }
 
     #[test]
