@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Plaza test: formatting, lints, unit tests, integration tests with real
-# webrtc-rs peers over loopback, and browser end-to-end tests in headless Chromium (installed
-# with playwright-core when missing), and the foreign-client tests (werift, aiortc, GStreamer
+# webrtc-rs peers over loopback, browser end-to-end tests in headless Chromium and Firefox
+# (Debian chromium/firefox-esr and the npm drivers installed when missing), and the foreign-client tests (werift, aiortc, GStreamer
 # webrtcbin; installed when missing). Fails loudly when something it needs cannot be had; never
 # skips silently.
 set -euo pipefail
@@ -25,7 +25,7 @@ else
   cargo test --release --no-fail-fast -- --test-threads 2
 fi
 
-step "browser end-to-end tests (headless Chromium, loopback-only network namespace)"
+step "browser end-to-end tests (headless Chromium and Firefox, loopback-only network namespace)"
 PLAZA_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/plaza" ./scripts/browser-tests.sh
 
 step "foreign clients: werift, aiortc, GStreamer webrtcbin, webrtc-rs (network namespace)"
