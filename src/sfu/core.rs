@@ -2947,6 +2947,7 @@ impl Core {
                 }
             }
             Err(e) => {
+                self.stats.limits_hit.signaling_queue_overflows += 1;
                 warn!(participant = %p.pid, "signaling queue full ({e}); disconnecting");
                 self.doomed.push((part, "signaling queue full".into()));
             }

@@ -110,6 +110,9 @@ pub struct LimitsHit {
     pub ids_per_message: u64,
     /// Turns in which the core left client commands queued to serve the media socket first.
     pub commands_deferred: u64,
+    /// Participants removed because more than `outbox::OUTBOX_MAX` signaling events waited
+    /// for them (they did not read their own traffic).
+    pub signaling_queue_overflows: u64,
 }
 
 /// Counters exported by the core.
