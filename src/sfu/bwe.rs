@@ -10,7 +10,7 @@
 //! # Why not `rtc`'s `Gcc` as is
 //!
 //! `rtc`'s GCC takes the minimum of a delay-based and a loss-based half. Measured behind a
-//! drop-tail bottleneck (bench/results/simulcast-2026-11-22.md, session 2):
+//! drop-tail bottleneck (bench/results/simulcast-2026-11-22.md, git 65f861b):
 //!
 //! * Both halves grow without bound while the path is clean, whatever is actually sent: after
 //!   30 s the delay half stood at ~4.5 Mbit/s and the loss half at the 20 Mbit/s ceiling, for

@@ -6,7 +6,7 @@
 //! Forwarding a packet through `rtc` (`RTCRtpSender::write_rtp`, then `poll_write`) costs
 //! ≈ 20 µs of CPU per packet and subscriber: `write_rtp` rebuilds the sender's parameters for
 //! every packet, and the packet then walks every handler of the connection and its interceptor
-//! chain (measured in bench/results/session2-2026-11-22.md). An SFU sends each packet once per
+//! chain (measured in bench/results/2026-11-22-65f861b-analysis.md). An SFU sends each packet once per
 //! subscriber, so that cost multiplies by the audience. The work actually needed is small: set
 //! the transport-wide sequence number, remember the packet for NACKs, encrypt, and send.
 //!
