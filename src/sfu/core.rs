@@ -2462,21 +2462,8 @@ impl Core {
                     PcTarget::Subscriber => PcKind::Subscriber,
                 };
                 let key = PcKey { part, kind };
-                let max = self.cfg.limits.max_remote_candidates;
-                if !candidate.candidate.is_empty()
-                    && self.pc(key).is_some_and(|pc| pc.remote_candidates >= max)
-                {
-                    // Each candidate costs the ICE agent a scan of all earlier ones: a
-                    // connection's list stays short.
-                    self.stats.limits_hit.remote_candidates += 1;
-                    self.send_to(
-                        part,
-                        ServerMessage::error(
-                            ErrorCode::LimitExceeded,
-                            format!("at most {max} remote candidates per peer connection"),
-                            Some("trickle"),
-                        ),
-                    );
+                let adding = usize::from(!candidate.candidate.is_empty());
+                if self.refuse_candidates(key, adding, "trickle") {
                     return;
                 }
                 let res = match self.pc_mut(key) {
@@ -2705,29 +2692,35 @@ impl Core {
         }
     }
 
+    /// Would `adding` more remote candidates take connection `key` past
+    /// `max_remote_candidates`? Then the client is told (`request` names its message), the
+    /// refusal counted, and true returned. Each candidate costs the ICE agent a scan of all
+    /// earlier ones: a connection's list stays short.
+    fn refuse_candidates(&mut self, key: PcKey, adding: usize, request: &str) -> bool {
+        let max = self.cfg.limits.max_remote_candidates;
+        let had = self.pc(key).map_or(0, |pc| pc.remote_candidates);
+        if adding == 0 || had + adding <= max {
+            return false;
+        }
+        self.stats.limits_hit.remote_candidates += 1;
+        self.send_to(
+            key.part,
+            ServerMessage::error(
+                ErrorCode::LimitExceeded,
+                format!("at most {max} remote candidates per peer connection"),
+                Some(request),
+            ),
+        );
+        true
+    }
+
     fn on_publish_offer(&mut self, part: u64, sdp: String) {
         let key = PcKey {
             part,
             kind: PcKind::Publisher,
         };
         let candidates = sdpcheck::count_candidates(&sdp);
-        let max = self.cfg.limits.max_remote_candidates;
-        let had = self
-            .pc(PcKey {
-                part,
-                kind: PcKind::Publisher,
-            })
-            .map_or(0, |pc| pc.remote_candidates);
-        if had + candidates > max {
-            self.stats.limits_hit.remote_candidates += 1;
-            self.send_to(
-                part,
-                ServerMessage::error(
-                    ErrorCode::LimitExceeded,
-                    format!("at most {max} remote candidates per peer connection"),
-                    Some("publish_offer"),
-                ),
-            );
+        if self.refuse_candidates(key, candidates, "publish_offer") {
             return;
         }
         if let Err(e) = sdpcheck::check_offer(&sdp) {
@@ -2878,19 +2871,12 @@ impl Core {
             return;
         }
         let candidates = sdpcheck::count_candidates(&sdp);
-        let max = self.cfg.limits.max_remote_candidates;
-        if p.sub.remote_candidates + candidates > max {
-            self.stats.limits_hit.remote_candidates += 1;
-            self.send_to(
-                part,
-                ServerMessage::error(
-                    ErrorCode::LimitExceeded,
-                    format!("at most {max} remote candidates per peer connection"),
-                    Some("subscribe_answer"),
-                ),
-            );
+        if self.refuse_candidates(key, candidates, "subscribe_answer") {
             return;
         }
+        let Some(p) = self.parts.get_mut(&part) else {
+            return;
+        };
         let res = sdpcheck::check_answer(&sdp)
             .map_err(|e| format!("answer refused: {e}"))
             .and_then(|()| {
