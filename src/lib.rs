@@ -28,3 +28,4 @@ pub mod logging;
 pub mod server;
 pub mod sfu;
 pub mod signal;
+pub mod sim;
