@@ -287,14 +287,18 @@ impl Net {
         );
     }
 
-    /// Drain every node until none has anything more to say.
+    /// Drain every node until a whole pass over them produces nothing. Nodes are polled in
+    /// the order they were added: add the signaling server first, so the events its
+    /// commands produce reach the clients in the same pass.
     fn settle(&mut self) {
         let now = self.now;
         loop {
             let mut commands = 0;
+            let mut datagrams = 0;
             for id in 0..self.nodes.len() {
                 let mut out = Output::default();
                 self.nodes[id].poll_output(now, &mut out);
+                datagrams += out.datagrams.len();
                 for (from, to, data) in out.datagrams {
                     self.send(id, from, to, data);
                 }
@@ -308,7 +312,7 @@ impl Net {
                     }
                 }
             }
-            if commands == 0 {
+            if commands == 0 && datagrams == 0 {
                 break;
             }
         }

@@ -1,0 +1,371 @@
+//! The real SFU core on the simulated network with `rtc` clients: the behaviours that need
+//! time (simulcast switching, bandwidth, dynacast, mute, NACK, sender reports), each in
+//! virtual time. Mirrors `tests/simulcast.rs` and `tests/media.rs`, which test the same over
+//! loopback sockets with real waits.
+
+use super::common::{addr, digest, ip, ms, unwrap_seqs};
+use plaza::signal::{ClientMessage, Quality, ServerMessage, TrackInfo, TrackKind};
+use plaza::sim::server::SfuNode;
+use plaza::sim::{Client, LinkConfig, MediaSpec, Net, NodeId, RtcpIn, RxTrack};
+use std::time::{Duration, Instant};
+
+/// Bound of every wait, in virtual time.
+const T: Duration = Duration::from_secs(20);
+
+struct Sim {
+    net: Net,
+    server: NodeId,
+}
+
+impl Sim {
+    fn new(seed: u64) -> Self {
+        let mut net = Net::new(seed);
+        let now = net.now();
+        let sa = addr(100, 7882);
+        // The server first: see `Net::settle`.
+        let server = net.add_node(SfuNode::new(sa, seed, now), &[sa]);
+        net.set_signaling_server(server);
+        Sim { net, server }
+    }
+
+    fn client(&mut self, n: u8, name: &str, media: MediaSpec) -> NodeId {
+        let now = self.net.now();
+        let c = Client::new(name, "room", ip(n), now, u64::from(n) * 1000, media).expect(name);
+        let addrs = c.addrs();
+        self.net.add_node(c, &addrs)
+    }
+
+    fn c(&mut self, id: NodeId) -> &mut Client {
+        self.net.node::<Client>(id)
+    }
+
+    fn send(&mut self, id: NodeId, msg: ClientMessage) {
+        self.c(id).send(msg);
+    }
+
+    /// The `kind` track `publisher` published, as `viewer` had it announced.
+    fn track(&mut self, viewer: NodeId, publisher: NodeId, kind: TrackKind) -> TrackInfo {
+        let pid = self.c(publisher).participant_id.clone();
+        let found = self.net.run_until_cond(T, |net| {
+            let c = net.node::<Client>(viewer);
+            c.announced_tracks()
+                .iter()
+                .any(|t| Some(&t.participant_id) == pid.as_ref() && t.kind == kind)
+        });
+        assert!(found.is_some(), "{kind:?} track announced to the viewer");
+        self.c(viewer)
+            .announced_tracks()
+            .into_iter()
+            .find(|t| Some(&t.participant_id) == pid.as_ref() && t.kind == kind)
+            .unwrap()
+    }
+
+    fn rx(&mut self, viewer: NodeId, track: &str) -> RxTrack {
+        self.c(viewer)
+            .subscriber
+            .tracks
+            .get(track)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Run until `viewer` receives video of layer `layer` on `track`; returns the time taken.
+    fn wait_layer(&mut self, viewer: NodeId, track: &str, layer: u8, max: Duration) -> Option<Duration> {
+        let track = track.to_owned();
+        self.net.run_until_cond(max, |net| {
+            net.node::<Client>(viewer)
+                .subscriber
+                .tracks
+                .get(&track)
+                .and_then(|t| t.current_layer())
+                == Some(layer)
+        })
+    }
+
+    fn no_errors(&mut self, ids: &[NodeId]) {
+        for &id in ids {
+            let c = self.c(id);
+            assert!(c.errors.is_empty(), "{}: {:?}", c.name, c.errors);
+        }
+    }
+}
+
+fn settings(track: &str, q: Quality) -> ClientMessage {
+    ClientMessage::TrackSettings {
+        track_id: track.to_owned(),
+        quality: Some(Some(q)),
+        width: None,
+        height: None,
+    }
+}
+
+/// What a subscriber must see on one down-track, however the layers changed: one SSRC,
+/// consecutive sequence numbers, picture ids and TL0PICIDX that advance by one per frame,
+/// timestamps that only move forward by a few frames at most, and a new layer only ever
+/// starting at a keyframe of that layer (with that layer's size).
+fn assert_clean_stream(t: &RxTrack, sizes: &[(u16, u16)]) -> usize {
+    assert!(!t.packets.is_empty(), "no video");
+    assert_eq!(t.ssrcs().len(), 1, "one SSRC on the down-track");
+    let seqs = unwrap_seqs(t.packets.iter());
+    for (i, w) in seqs.windows(2).enumerate() {
+        assert_eq!(w[1], w[0] + 1, "sequence gap or jump at packet {}", i + 1);
+    }
+    let first = t.packets[0].vp8.expect("vp8");
+    assert!(first.keyframe, "the down-track starts with a keyframe");
+    let mut switches = 0;
+    let mut prev_frame: Option<(u32, u16, u8)> = None;
+    let mut prev_layer = first.layer;
+    for p in &t.packets {
+        let v = p.vp8.expect("vp8 descriptor");
+        if v.layer != prev_layer {
+            assert!(
+                v.frame_start && v.keyframe,
+                "layer {:?} → {:?} not at a keyframe (seq {})",
+                prev_layer,
+                v.layer,
+                p.seq
+            );
+            let l = v.layer.expect("layer tag") as usize;
+            assert_eq!(v.size, Some(sizes[l]), "keyframe of the new layer");
+            switches += 1;
+            prev_layer = v.layer;
+        }
+        if v.frame_start {
+            let (pid, tl0) = (v.picture_id.expect("pid"), v.tl0.expect("tl0"));
+            if let Some((ts, ppid, ptl0)) = prev_frame {
+                assert_eq!(pid, (ppid + 1) & 0x7fff, "picture id continuity at seq {}", p.seq);
+                assert_eq!(tl0, ptl0.wrapping_add(1), "TL0PICIDX continuity at seq {}", p.seq);
+                let dt = p.ts.wrapping_sub(ts);
+                assert!((1..=9000).contains(&dt), "timestamp step {dt} at seq {}", p.seq);
+            }
+            prev_frame = Some((p.ts, pid, tl0));
+        }
+    }
+    switches
+}
+
+const SIZES: [(u16, u16); 3] = [(320, 180), (640, 360), (1280, 720)];
+
+/// A publisher's audio and video reach a subscriber: the ids the server announced, the
+/// publisher's participant id as stream id, video starting with a keyframe.
+#[test]
+fn media_flows_through_the_sfu() {
+    let wall = Instant::now();
+    let mut s = Sim::new(1);
+    let alice = s.client(1, "alice", MediaSpec::audio_video());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let audio = s.track(bob, alice, TrackKind::Audio);
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.net.run_for(Duration::from_secs(5));
+    s.no_errors(&[alice, bob]);
+    let pid = s.c(alice).participant_id.clone().unwrap();
+    let a = s.rx(bob, &audio.id);
+    let v = s.rx(bob, &video.id);
+    assert!(a.packets.len() > 150, "audio packets: {}", a.packets.len());
+    assert!(v.packets.len() > 150, "video packets: {}", v.packets.len());
+    assert_eq!(v.stream_ids, vec![pid]);
+    assert_clean_stream(&v, &[(640, 360)]);
+    println!("media through the sfu: 5 s in {:.0} ms wall", ms(wall.elapsed()));
+}
+
+/// Simulcast: low, then high, then low again. Every switch happens at a keyframe of the
+/// target layer, on the subscriber's one SSRC, with no gap or jump in sequence numbers,
+/// timestamps and picture ids.
+#[test]
+fn simulcast_switch_at_keyframe_keeps_one_clean_stream() {
+    let mut s = Sim::new(2);
+    let alice = s.client(1, "alice", MediaSpec::simulcast());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.send(bob, settings(&video.id, Quality::Low));
+    assert!(s.wait_layer(bob, &video.id, 0, T).is_some(), "low layer");
+    s.net.run_for(Duration::from_secs(2));
+    s.send(bob, settings(&video.id, Quality::High));
+    let up = s.wait_layer(bob, &video.id, 2, T).expect("switch up to f");
+    s.net.run_for(Duration::from_secs(2));
+    s.send(bob, settings(&video.id, Quality::Low));
+    let down = s.wait_layer(bob, &video.id, 0, T).expect("switch down to q");
+    s.net.run_for(Duration::from_secs(2));
+    s.no_errors(&[alice, bob]);
+    let v = s.rx(bob, &video.id);
+    let switches = assert_clean_stream(&v, &SIZES);
+    assert!(switches >= 2, "switched up and down: {switches}");
+    println!("switch up {:.0} ms, down {:.0} ms (virtual)", ms(up), ms(down));
+}
+
+/// A rate-limited subscriber link makes the server downgrade that subscriber within a few
+/// seconds; lifting the limit brings the top layer back (the time it takes is printed).
+#[test]
+fn bandwidth_cut_downgrades_and_lifting_it_recovers() {
+    let mut s = Sim::new(3);
+    let alice = s.client(1, "alice", MediaSpec::simulcast());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    let to_f = s.wait_layer(bob, &video.id, 2, Duration::from_secs(15));
+    assert!(to_f.is_some(), "the unconstrained subscriber reaches f");
+    s.net.run_for(Duration::from_secs(3));
+    let (server, bob_node) = (s.server, bob);
+    *s.net.link_mut(server, bob_node) = LinkConfig {
+        rate_bps: Some(400_000),
+        queue_bytes: 30_000,
+        ..LinkConfig::default()
+    };
+    let cut = s.net.now();
+    let track = video.id.clone();
+    let down = s.net.run_until_cond(Duration::from_secs(4), |net| {
+        net.node::<Client>(bob_node)
+            .subscriber
+            .tracks
+            .get(&track)
+            .and_then(|t| t.current_layer())
+            .is_some_and(|l| l < 2)
+    });
+    let down = down.unwrap_or_else(|| panic!("no downgrade within 4 s of a 400 kbit/s cut"));
+    s.net.run_for(Duration::from_secs(5));
+    let layer = s.rx(bob, &video.id).current_layer();
+    assert_eq!(layer, Some(0), "only q fits 400 kbit/s");
+    *s.net.link_mut(server, bob_node) = LinkConfig::default();
+    let up = s.wait_layer(bob, &video.id, 2, Duration::from_secs(60));
+    let up = up.expect("back to f within 60 s of lifting the limit");
+    s.no_errors(&[alice, bob]);
+    let _ = cut;
+    println!("bandwidth: downgrade {:.0} ms after the cut, recovery {:.0} ms after the lift", ms(down), ms(up));
+}
+
+/// Dynacast: layers nobody wants are paused at the publisher (`publisher_layers`) and
+/// stop being sent; asking for the top layer resumes it.
+#[test]
+fn unused_layers_are_paused_at_the_publisher_and_resumed() {
+    let mut s = Sim::new(4);
+    let alice = s.client(1, "alice", MediaSpec::simulcast());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.send(bob, settings(&video.id, Quality::Low));
+    let paused = s.net.run_until_cond(T, |net| {
+        let p = net.node::<Client>(alice).publisher.as_ref().unwrap();
+        p.video_layers().iter().all(|l| l.active == (l.spec.rid == "q"))
+    });
+    assert!(paused.is_some(), "h and f paused at the publisher");
+    let sent: Vec<u64> = s.c(alice).publisher.as_ref().unwrap().video_layers().iter().map(|l| l.stats.packets).collect();
+    s.net.run_for(Duration::from_secs(3));
+    let later: Vec<u64> = s.c(alice).publisher.as_ref().unwrap().video_layers().iter().map(|l| l.stats.packets).collect();
+    assert!(later[0] > sent[0] + 60, "q keeps going");
+    assert_eq!((later[1], later[2]), (sent[1], sent[2]), "h and f send nothing while paused");
+    s.send(bob, settings(&video.id, Quality::High));
+    let resumed = s.wait_layer(bob, &video.id, 2, T).expect("f resumed and delivered");
+    assert!(s.c(alice).publisher.as_ref().unwrap().video_layers()[2].active);
+    s.no_errors(&[alice, bob]);
+    println!("paused top layer delivered {:.0} ms after the request", ms(resumed));
+}
+
+/// Mute stops forwarding (the publisher keeps sending), unmute resumes with a keyframe.
+#[test]
+fn mute_stops_forwarding_and_unmute_resumes_with_keyframe() {
+    let mut s = Sim::new(5);
+    let alice = s.client(1, "alice", MediaSpec::audio_video());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.net.run_for(Duration::from_secs(2));
+    s.send(alice, ClientMessage::Mute { track_id: video.id.clone(), muted: true });
+    let track = video.id.clone();
+    let told = s.net.run_until_cond(T, |net| {
+        net.node::<Client>(bob).count_messages(|m| matches!(m, ServerMessage::TrackMuted { track_id, muted: true, .. } if *track_id == track)) > 0
+    });
+    assert!(told.is_some(), "bob gets track_muted");
+    s.net.run_for(Duration::from_millis(200));
+    let before = s.rx(bob, &video.id).packets.len();
+    let sent_before = s.c(alice).publisher.as_ref().unwrap().video_layers()[0].stats.packets;
+    s.net.run_for(Duration::from_secs(3));
+    let sent = s.c(alice).publisher.as_ref().unwrap().video_layers()[0].stats.packets - sent_before;
+    let grew = s.rx(bob, &video.id).packets.len() - before;
+    assert!(sent > 100, "alice kept sending");
+    assert_eq!(grew, 0, "muted video still forwarded");
+    s.send(alice, ClientMessage::Mute { track_id: video.id.clone(), muted: false });
+    let track = video.id.clone();
+    let resumed = s.net.run_until_cond(T, |net| {
+        net.node::<Client>(bob).subscriber.tracks.get(&track).is_some_and(|t| t.packets.len() > before)
+    });
+    assert!(resumed.is_some(), "forwarding resumes");
+    let v = s.rx(bob, &video.id);
+    let first = v.packets[before].vp8.unwrap();
+    assert!(first.keyframe && first.frame_start, "first packet after unmute starts a keyframe");
+    s.no_errors(&[alice, bob]);
+}
+
+/// After a switch the subscriber's NACKs (rtc's NACK generator, on a lossy downlink) get
+/// retransmissions: the sequence numbers end up (nearly) complete, and the server counts
+/// resends.
+#[test]
+fn nack_after_a_switch_gets_retransmissions() {
+    let mut s = Sim::new(6);
+    let alice = s.client(1, "alice", MediaSpec::simulcast());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.send(bob, settings(&video.id, Quality::Low));
+    assert!(s.wait_layer(bob, &video.id, 0, T).is_some());
+    s.send(bob, settings(&video.id, Quality::Medium));
+    assert!(s.wait_layer(bob, &video.id, 1, T).is_some());
+    let (server, b) = (s.server, bob);
+    s.net.link_mut(server, b).loss = 0.03;
+    s.net.run_for(Duration::from_secs(10));
+    s.net.link_mut(server, b).loss = 0.0;
+    s.net.run_for(Duration::from_secs(1));
+    let lost = s.net.link_stats(server, b).lost;
+    assert!(lost > 20, "the link lost packets: {lost}");
+    let v = s.rx(bob, &video.id);
+    let mut seqs = unwrap_seqs(v.packets.iter());
+    seqs.sort_unstable();
+    let span = seqs.last().unwrap() - seqs.first().unwrap() + 1;
+    seqs.dedup();
+    let missing = span - seqs.len() as u64;
+    assert!(missing * 200 <= span, "{missing} of {span} never repaired");
+    s.no_errors(&[alice, bob]);
+    println!("nack: {lost} lost on the downlink, {missing} of {span} never repaired");
+}
+
+/// The subscriber gets sender reports for its down-track's SSRC, and they agree with the
+/// media clock: RTP time advances by 90 kHz × the NTP time between two reports.
+#[test]
+fn sender_reports_are_consistent() {
+    let mut s = Sim::new(7);
+    let alice = s.client(1, "alice", MediaSpec::audio_video());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.net.run_for(Duration::from_secs(20));
+    let ssrc = s.rx(bob, &video.id).ssrcs()[0];
+    let srs: Vec<(u64, u32)> = s
+        .c(bob)
+        .subscriber
+        .rtcp
+        .iter()
+        .filter_map(|(_, r)| match r {
+            RtcpIn::SenderReport { ssrc: s, ntp, rtp, .. } if *s == ssrc => Some((*ntp, *rtp)),
+            _ => None,
+        })
+        .collect();
+    assert!(srs.len() >= 3, "sender reports for the video down-track: {}", srs.len());
+    for w in srs.windows(2) {
+        let dntp = (w[1].0.wrapping_sub(w[0].0)) as f64 / (1u64 << 32) as f64;
+        let drtp = w[1].1.wrapping_sub(w[0].1) as f64 / 90_000.0;
+        assert!(dntp > 0.0, "NTP time moves forward");
+        assert!((drtp - dntp).abs() < 0.05, "RTP {drtp:.3} s vs NTP {dntp:.3} s");
+    }
+    s.no_errors(&[alice, bob]);
+}
+
+/// Same seed, same run, with the server in the loop.
+#[test]
+fn same_seed_same_run_with_the_server() {
+    let run = || {
+        let mut s = Sim::new(9);
+        let alice = s.client(1, "alice", MediaSpec::simulcast());
+        let bob = s.client(2, "bob", MediaSpec::none());
+        let video = s.track(bob, alice, TrackKind::Video);
+        s.send(bob, settings(&video.id, Quality::Medium));
+        s.net.run_for(Duration::from_secs(5));
+        let t0 = s.net.start();
+        let v = s.rx(bob, &video.id);
+        digest(t0, &[&v])
+    };
+    assert_eq!(run(), run());
+}
