@@ -161,20 +161,19 @@ impl Client {
                     }
                 }
             }
-            ServerMessage::PublisherLayers { active, paused, .. } => {
-                if self.obey_publisher_layers {
-                    if let Some(p) = self.publisher.as_mut() {
-                        for rid in paused {
-                            p.set_layer_active(rid, false);
-                        }
-                        for rid in active {
-                            p.set_layer_active(rid, true);
-                        }
+            ServerMessage::PublisherLayers { active, paused, .. } if self.obey_publisher_layers => {
+                if let Some(p) = self.publisher.as_mut() {
+                    for rid in paused {
+                        p.set_layer_active(rid, false);
+                    }
+                    for rid in active {
+                        p.set_layer_active(rid, true);
                     }
                 }
             }
             ServerMessage::Error { code, message, .. } => {
-                self.errors.push(format!("server error {code:?}: {message}"));
+                self.errors
+                    .push(format!("server error {code:?}: {message}"));
             }
             _ => {}
         }

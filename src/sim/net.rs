@@ -247,10 +247,13 @@ impl Net {
         let now = self.now;
         let seq = self.next_seq;
         self.next_seq += 1;
-        let link = self.links.entry((from_node, to_node)).or_insert_with(|| Link {
-            cfg: self.default_link.clone(),
-            ..Default::default()
-        });
+        let link = self
+            .links
+            .entry((from_node, to_node))
+            .or_insert_with(|| Link {
+                cfg: self.default_link.clone(),
+                ..Default::default()
+            });
         link.stats.sent += 1;
         if link.cfg.loss > 0.0 && self.rng.random::<f64>() < link.cfg.loss {
             link.stats.lost += 1;

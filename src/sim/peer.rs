@@ -18,7 +18,9 @@ use rtc::interceptor::{
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine};
+use rtc::peer_connection::configuration::media_engine::{
+    MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
+};
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -319,7 +321,10 @@ impl RxTrack {
     }
     /// The layer (index into the publisher's encodings) of the last packet that carried one.
     pub fn current_layer(&self) -> Option<u8> {
-        self.packets.iter().rev().find_map(|p| p.vp8.and_then(|v| v.layer))
+        self.packets
+            .iter()
+            .rev()
+            .find_map(|p| p.vp8.and_then(|v| v.layer))
     }
     /// Packets received at or after `t`.
     pub fn since(&self, t: Instant) -> impl Iterator<Item = &RxPacket> {
@@ -330,10 +335,22 @@ impl RxTrack {
 /// An RTCP packet the peer received, as far as the tests care.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RtcpIn {
-    Pli { media_ssrc: u32 },
-    Fir { media_ssrc: u32 },
-    Nack { media_ssrc: u32, seqs: Vec<u16> },
-    SenderReport { ssrc: u32, ntp: u64, rtp: u32, packets: u32 },
+    Pli {
+        media_ssrc: u32,
+    },
+    Fir {
+        media_ssrc: u32,
+    },
+    Nack {
+        media_ssrc: u32,
+        seqs: Vec<u16>,
+    },
+    SenderReport {
+        ssrc: u32,
+        ntp: u64,
+        rtp: u32,
+        packets: u32,
+    },
     Twcc,
     Other,
 }
@@ -658,7 +675,11 @@ impl Peer {
     }
 
     fn set_all_layers(&mut self, on: bool) {
-        let rids: Vec<String> = self.video_layers().iter().map(|l| l.spec.rid.clone()).collect();
+        let rids: Vec<String> = self
+            .video_layers()
+            .iter()
+            .map(|l| l.spec.rid.clone())
+            .collect();
         for r in rids {
             self.set_layer_active(&r, on);
         }
@@ -771,7 +792,9 @@ impl Peer {
     }
 
     fn send_video(&mut self, now: Instant) {
-        let Some(mut v) = self.video.take() else { return };
+        let Some(mut v) = self.video.take() else {
+            return;
+        };
         if let Some(due) = v.next_frame.filter(|d| *d <= now) {
             if v.ext.is_none() {
                 v.ext = Some(self.header_ext_ids(v.sender));
@@ -779,7 +802,8 @@ impl Peer {
             }
             let (mid_id, rid_id) = v.ext.unwrap_or((None, None));
             let periodic = v.keyframe_interval.is_some_and(|i| {
-                v.last_periodic_key.is_none_or(|t| now.duration_since(t) >= i)
+                v.last_periodic_key
+                    .is_none_or(|t| now.duration_since(t) >= i)
             });
             if periodic {
                 v.last_periodic_key = Some(now);
@@ -897,7 +921,8 @@ impl Peer {
                         .pc
                         .rtp_receiver(init.receiver_id)
                         .map(|r| r.track().kind());
-                    self.receivers.insert(init.track_id.clone(), init.receiver_id);
+                    self.receivers
+                        .insert(init.track_id.clone(), init.receiver_id);
                     let t = self.tracks.entry(init.track_id.clone()).or_default();
                     t.kind = kind;
                     t.receiver = Some(init.receiver_id);
@@ -910,13 +935,12 @@ impl Peer {
             match message {
                 RTCMessage::RtpPacket(track_id, p) => {
                     let t = self.tracks.entry(track_id).or_default();
-                    let vp8 = if p.header.payload_type == VP8_PT
-                        || t.kind == Some(RtpCodecKind::Video)
-                    {
-                        parse_vp8(&p.payload)
-                    } else {
-                        None
-                    };
+                    let vp8 =
+                        if p.header.payload_type == VP8_PT || t.kind == Some(RtpCodecKind::Video) {
+                            parse_vp8(&p.payload)
+                        } else {
+                            None
+                        };
                     t.packets.push(RxPacket {
                         at,
                         ssrc: p.header.ssrc,

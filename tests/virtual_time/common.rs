@@ -31,7 +31,9 @@ pub fn digest(t0: Instant, tracks: &[&RxTrack]) -> u64 {
             p.ts.wrapping_sub(first.ts).hash(&mut h);
             p.len.hash(&mut h);
             p.marker.hash(&mut h);
-            p.vp8.map(|v| (v.keyframe, v.layer, v.frame, v.size)).hash(&mut h);
+            p.vp8
+                .map(|v| (v.keyframe, v.layer, v.frame, v.size))
+                .hash(&mut h);
         }
     }
     h.finish()

@@ -50,8 +50,16 @@ fn two_peers_connect_and_exchange_simulcast_media() {
     assert!(took < Duration::from_millis(500), "connect took {took:?}");
     p.net.run_for(Duration::from_secs(10));
     let (a, b) = (p.a, p.b);
-    assert!(peer(&mut p.net, a).errors.is_empty(), "{:?}", peer(&mut p.net, a).errors);
-    assert!(peer(&mut p.net, b).errors.is_empty(), "{:?}", peer(&mut p.net, b).errors);
+    assert!(
+        peer(&mut p.net, a).errors.is_empty(),
+        "{:?}",
+        peer(&mut p.net, a).errors
+    );
+    assert!(
+        peer(&mut p.net, b).errors.is_empty(),
+        "{:?}",
+        peer(&mut p.net, b).errors
+    );
     let sent: Vec<(u32, u64, u64)> = peer(&mut p.net, a)
         .video_layers()
         .iter()
@@ -64,7 +72,11 @@ fn two_peers_connect_and_exchange_simulcast_media() {
         .values()
         .find(|t| t.packets.iter().all(|p| p.vp8.is_none()) && !t.packets.is_empty())
         .expect("an audio track");
-    assert!(audio.packets.len() as u64 + 2 >= audio_sent && audio_sent >= 490, "audio {} of {audio_sent}", audio.packets.len());
+    assert!(
+        audio.packets.len() as u64 + 2 >= audio_sent && audio_sent >= 490,
+        "audio {} of {audio_sent}",
+        audio.packets.len()
+    );
     let video = rx
         .tracks
         .values()
@@ -73,20 +85,37 @@ fn two_peers_connect_and_exchange_simulcast_media() {
     // Every layer arrives complete, in order, starting with a keyframe of its own size.
     for (i, (ssrc, packets, keyframes)) in sent.iter().enumerate() {
         let got: Vec<_> = video.packets.iter().filter(|p| p.ssrc == *ssrc).collect();
-        assert_eq!(got.len() as u64, *packets, "layer {i}: all packets arrive (no loss)");
+        assert_eq!(
+            got.len() as u64,
+            *packets,
+            "layer {i}: all packets arrive (no loss)"
+        );
         assert_eq!(*keyframes, 1, "layer {i}: one keyframe, at the start");
         let first = got[0].vp8.expect("vp8");
-        assert!(first.keyframe && first.frame_start, "layer {i} starts with a keyframe");
+        assert!(
+            first.keyframe && first.frame_start,
+            "layer {i} starts with a keyframe"
+        );
         assert_eq!(first.layer, Some(i as u8));
         let seqs = unwrap_seqs(got.iter().copied());
-        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "layer {i}: consecutive seqs");
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "layer {i}: consecutive seqs"
+        );
         let pids: Vec<u16> = got
             .iter()
             .filter(|p| p.vp8.is_some_and(|v| v.frame_start))
             .map(|p| p.vp8.unwrap().picture_id.unwrap())
             .collect();
-        assert!(pids.windows(2).all(|w| w[1] == (w[0] + 1) & 0x7fff), "layer {i}: picture ids");
-        assert!(pids.len() >= 295, "layer {i}: ~30 fps for 10 s, got {}", pids.len());
+        assert!(
+            pids.windows(2).all(|w| w[1] == (w[0] + 1) & 0x7fff),
+            "layer {i}: picture ids"
+        );
+        assert!(
+            pids.len() >= 295,
+            "layer {i}: ~30 fps for 10 s, got {}",
+            pids.len()
+        );
     }
     println!(
         "two peers: connected in {:.1} ms virtual, 10 s of simulcast in {:.1} ms wall",
@@ -108,7 +137,11 @@ fn lossy_link_loses_packets_and_nack_repairs_them() {
     p.net.link_mut(a, b).loss = 0.0;
     p.net.run_for(Duration::from_secs(1));
     let stats = p.net.link_stats(a, b);
-    assert!(stats.lost > 50, "5% of ~{} datagrams lost: {stats:?}", stats.sent);
+    assert!(
+        stats.lost > 50,
+        "5% of ~{} datagrams lost: {stats:?}",
+        stats.sent
+    );
     let layer = peer(&mut p.net, a).video_layers()[0].stats.clone();
     let ssrc = peer(&mut p.net, a).video_layers()[0].ssrc;
     let nacks = peer(&mut p.net, a).rtcp_count(|r| matches!(r, RtcpIn::Nack { .. }));
@@ -154,7 +187,10 @@ fn rate_limited_link_carries_its_rate_and_drops_the_excess() {
     let bits = (after.bytes_delivered - before.bytes_delivered) * 8;
     let rate = bits as f64 / 10.0;
     // ~2.2 Mbit/s offered into 1 Mbit/s: the link runs full and drops the rest.
-    assert!((900_000.0..=1_050_000.0).contains(&rate), "delivered {rate} bit/s");
+    assert!(
+        (900_000.0..=1_050_000.0).contains(&rate),
+        "delivered {rate} bit/s"
+    );
     assert!(after.queue_drops > before.queue_drops + 100, "{after:?}");
 }
 
@@ -186,8 +222,14 @@ fn same_seed_same_run() {
     };
     let (d1, s1) = run(42);
     let (d2, s2) = run(42);
-    assert_eq!(s1, s2, "link counters differ between two runs with one seed");
-    assert_eq!(d1, d2, "receiver record differs between two runs with one seed");
+    assert_eq!(
+        s1, s2,
+        "link counters differ between two runs with one seed"
+    );
+    assert_eq!(
+        d1, d2,
+        "receiver record differs between two runs with one seed"
+    );
     let (d3, _) = run(43);
     assert_ne!(d1, d3, "another seed gives another run");
 }
