@@ -4,7 +4,8 @@
 //! recorder of everything it receives.
 //!
 //! The peer runs `rtc`'s default interceptors (NACK generator and responder, TWCC feedback,
-//! sender and receiver reports) like a browser-ish client would, plus [`RtcpTap`], which
+//! sender and receiver reports) and a TWCC sender (transport-wide sequence numbers on what it
+//! sends), like a browser, plus [`RtcpTap`], which
 //! hands every inbound RTCP packet to the application too (PLI/FIR make the source send a
 //! keyframe; sender reports, NACKs and PLIs are logged for the tests).
 
@@ -14,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rtc::interceptor::{
     Attribute, Interceptor, Packet as IPacket, Registry, Slot, StreamInfo, TaggedPacket,
+    TwccSenderBuilder,
 };
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -490,6 +492,8 @@ impl Peer {
         let mut me = media_engine().map_err(err)?;
         let registry = register_default_interceptors(Registry::new(), &mut me)
             .map_err(err)?
+            // Transport-wide sequence numbers on what the peer sends, as browsers do.
+            .with(Slot::TwccSender, TwccSenderBuilder::new().build())
             .with(Slot::Custom(50_000), RtcpTap::default());
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())

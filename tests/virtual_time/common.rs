@@ -18,6 +18,9 @@ pub fn ip(n: u8) -> IpAddr {
 
 /// A stable digest of what a receiver saw: per packet, its arrival relative to `t0`, its
 /// sequence number and timestamp relative to the first packet, its size and VP8 fields.
+/// Packets that arrive at the same virtual instant are hashed in a canonical order: their
+/// order carries no meaning, and `rtc` emits some of them (NACK retransmissions of several
+/// streams) in `HashMap` order, which differs from run to run.
 pub fn digest(t0: Instant, tracks: &[&RxTrack]) -> u64 {
     let mut h = DefaultHasher::new();
     for t in tracks {
@@ -25,16 +28,22 @@ pub fn digest(t0: Instant, tracks: &[&RxTrack]) -> u64 {
             0u8.hash(&mut h);
             continue;
         };
-        for p in &t.packets {
-            (p.at - t0).hash(&mut h);
-            p.seq.wrapping_sub(first.seq).hash(&mut h);
-            p.ts.wrapping_sub(first.ts).hash(&mut h);
-            p.len.hash(&mut h);
-            p.marker.hash(&mut h);
-            p.vp8
-                .map(|v| (v.keyframe, v.layer, v.frame, v.size))
-                .hash(&mut h);
-        }
+        let mut rows: Vec<_> = t
+            .packets
+            .iter()
+            .map(|p| {
+                (
+                    p.at - t0,
+                    p.seq.wrapping_sub(first.seq),
+                    p.ts.wrapping_sub(first.ts),
+                    p.len,
+                    p.marker,
+                    p.vp8.map(|v| (v.keyframe, v.layer, v.frame, v.size)),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows.hash(&mut h);
     }
     h.finish()
 }
