@@ -270,8 +270,14 @@ fn pli_gets_a_keyframe() {
     );
 }
 
-/// The sender's reports (rtc's SenderReport interceptor) reach the receiver and agree with
-/// the media clock; the receiver's transport-wide feedback reaches the sender.
+/// The sender's reports (rtc's SenderReport interceptor) reach the receiver and their RTP
+/// time follows the media clock; the receiver's transport-wide feedback reaches the sender.
+///
+/// Between two `rtc` peers the NTP field is not checked: `rtc`'s sender report interceptor
+/// takes it from the system clock (`SystemInstant::now` reads `SystemTime::now()`), not from
+/// the instant it is handed, so under virtual time it barely moves. The RTP time is checked
+/// against the virtual arrival times instead. (The server's own sender reports are checked
+/// against NTP in the SFU tests.)
 #[test]
 fn sender_reports_and_twcc_feedback_flow() {
     let mut p = pair(12, MediaSpec::audio_video(), LinkConfig::default());
@@ -281,24 +287,22 @@ fn sender_reports_and_twcc_feedback_flow() {
     let ssrc = peer(&mut p.net, a).video_layers()[0].ssrc;
     let twcc = peer(&mut p.net, a).rtcp_count(|r| matches!(r, RtcpIn::Twcc));
     assert!(twcc > 10, "TWCC feedback packets at the sender: {twcc}");
-    let srs: Vec<(u64, u32)> = peer(&mut p.net, b)
+    let srs: Vec<(Instant, u32)> = peer(&mut p.net, b)
         .rtcp
         .iter()
-        .filter_map(|(_, r)| match r {
-            RtcpIn::SenderReport {
-                ssrc: s, ntp, rtp, ..
-            } if *s == ssrc => Some((*ntp, *rtp)),
+        .filter_map(|(at, r)| match r {
+            RtcpIn::SenderReport { ssrc: s, rtp, .. } if *s == ssrc => Some((*at, *rtp)),
             _ => None,
         })
         .collect();
     assert!(srs.len() >= 3, "sender reports: {}", srs.len());
     for w in srs.windows(2) {
-        let dntp = w[1].0.wrapping_sub(w[0].0) as f64 / (1u64 << 32) as f64;
+        let dt = (w[1].0 - w[0].0).as_secs_f64();
         let drtp = w[1].1.wrapping_sub(w[0].1) as f64 / 90_000.0;
-        assert!(dntp > 0.0);
+        assert!(dt > 0.0);
         assert!(
-            (drtp - dntp).abs() < 0.05,
-            "RTP {drtp:.3} s vs NTP {dntp:.3} s"
+            (drtp - dt).abs() < 0.04,
+            "RTP {drtp:.3} s vs arrival {dt:.3} s"
         );
     }
 }
