@@ -60,6 +60,9 @@ pub struct LinkConfig {
     pub rate_bps: Option<u64>,
     /// Bytes the bottleneck queue holds before it drops arrivals (tail drop).
     pub queue_bytes: usize,
+    /// Extra delay per datagram, uniform in `0..=jitter` (seeded); datagrams may overtake
+    /// each other.
+    pub jitter: Duration,
 }
 
 impl Default for LinkConfig {
@@ -69,6 +72,7 @@ impl Default for LinkConfig {
             loss: 0.0,
             rate_bps: None,
             queue_bytes: 64 * 1024,
+            jitter: Duration::ZERO,
         }
     }
 }
@@ -276,7 +280,11 @@ impl Net {
                 start + tx
             }
         };
-        let at = leaves + link.cfg.delay;
+        let mut at = leaves + link.cfg.delay;
+        if !link.cfg.jitter.is_zero() {
+            let j = self.rng.random_range(0..=link.cfg.jitter.as_nanos() as u64);
+            at += Duration::from_nanos(j);
+        }
         self.queue.push(Reverse((at, seq)));
         self.in_flight.insert(
             seq,
@@ -423,5 +431,189 @@ impl Net {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, n)), 1000)
+    }
+
+    /// Sends `count` datagrams of `size` bytes to `to`, one every `every`, and records what
+    /// it receives.
+    struct Blaster {
+        me: SocketAddr,
+        to: SocketAddr,
+        size: usize,
+        every: Duration,
+        left: u32,
+        next: Option<Instant>,
+        pending: Vec<BytesMut>,
+        got: Vec<(Instant, u32)>,
+    }
+
+    impl Blaster {
+        fn new(me: SocketAddr, to: SocketAddr, start: Instant, count: u32) -> Self {
+            Blaster {
+                me,
+                to,
+                size: 1000,
+                every: Duration::from_millis(1),
+                left: count,
+                next: (count > 0).then_some(start),
+                pending: Vec::new(),
+                got: Vec::new(),
+            }
+        }
+    }
+
+    impl Node for Blaster {
+        fn name(&self) -> String {
+            format!("blaster {}", self.me)
+        }
+        fn handle_datagram(&mut self, now: Instant, _: SocketAddr, _: SocketAddr, d: BytesMut) {
+            self.got
+                .push((now, u32::from_be_bytes([d[0], d[1], d[2], d[3]])));
+        }
+        fn handle_timeout(&mut self, now: Instant) {
+            let n = self.left;
+            let mut d = BytesMut::zeroed(self.size);
+            d[..4].copy_from_slice(&n.to_be_bytes());
+            self.pending.push(d);
+            self.left -= 1;
+            self.next = (self.left > 0).then(|| now + self.every);
+        }
+        fn poll_timeout(&mut self) -> Option<Instant> {
+            self.next
+        }
+        fn poll_output(&mut self, _: Instant, out: &mut Output) {
+            for d in self.pending.drain(..) {
+                out.datagrams.push((self.me, self.to, d));
+            }
+        }
+    }
+
+    fn two(count: u32, link: LinkConfig, seed: u64) -> (Net, NodeId, NodeId) {
+        let mut net = Net::new(seed);
+        net.set_default_link(link);
+        let start = net.now();
+        let a = net.add_node(Blaster::new(addr(1), addr(2), start, count), &[addr(1)]);
+        let b = net.add_node(Blaster::new(addr(2), addr(1), start, 0), &[addr(2)]);
+        (net, a, b)
+    }
+
+    #[test]
+    fn delay_is_exact_and_order_kept() {
+        let (mut net, a, b) = two(100, LinkConfig::default(), 1);
+        net.run_for(Duration::from_secs(1));
+        let start = net.start();
+        let got = net.node::<Blaster>(b).got.clone();
+        assert_eq!(got.len(), 100);
+        for (i, (at, n)) in got.iter().enumerate() {
+            assert_eq!(*n, 100 - i as u32);
+            assert_eq!(*at - start, Duration::from_millis(10 + i as u64));
+        }
+        assert_eq!(net.link_stats(a, b).delivered, 100);
+        assert_eq!(net.elapsed(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn loss_is_seeded_and_about_right() {
+        let link = LinkConfig {
+            loss: 0.1,
+            ..LinkConfig::default()
+        };
+        let lost = |seed| {
+            let (mut net, a, b) = two(10_000, link.clone(), seed);
+            net.run_for(Duration::from_secs(11));
+            let s = net.link_stats(a, b);
+            assert_eq!(s.lost + s.delivered, 10_000);
+            let got: Vec<u32> = net.node::<Blaster>(b).got.iter().map(|g| g.1).collect();
+            (s.lost, got)
+        };
+        let (l1, g1) = lost(5);
+        assert!((800..1200).contains(&l1), "lost {l1} of 10000 at 10%");
+        assert_eq!(lost(5), (l1, g1.clone()), "same seed, same losses");
+        assert_ne!(lost(6).1, g1, "another seed, other losses");
+    }
+
+    #[test]
+    fn rate_limit_serialises_and_tail_drops() {
+        // 1000-byte datagrams every 1 ms = 8 Mbit/s into a 4 Mbit/s link with a 10 kB
+        // queue: each takes 2 ms on the wire, the queue fills and then half is dropped.
+        let link = LinkConfig {
+            rate_bps: Some(4_000_000),
+            queue_bytes: 10_000,
+            ..LinkConfig::default()
+        };
+        let (mut net, a, b) = two(1000, link, 1);
+        net.run_for(Duration::from_secs(3));
+        let s = net.link_stats(a, b);
+        assert_eq!(s.delivered + s.queue_drops, 1000);
+        assert!((495..=515).contains(&s.delivered), "{s:?}");
+        let start = net.start();
+        let got = &net.node_ref::<Blaster>(b).got;
+        assert_eq!(
+            got[0].0 - start,
+            Duration::from_millis(12),
+            "2 ms on the wire + 10 ms"
+        );
+        for w in got.windows(2) {
+            assert_eq!(
+                w[1].0 - w[0].0,
+                Duration::from_millis(2),
+                "back to back at the rate"
+            );
+        }
+        // The queue bounds the delay: at most 10 kB (20 ms) waiting.
+        let sent_at = |n: u32| start + Duration::from_millis(u64::from(1000 - n));
+        let worst = got.iter().map(|(at, n)| *at - sent_at(*n)).max().unwrap();
+        assert!(worst <= Duration::from_millis(34), "worst delay {worst:?}");
+    }
+
+    #[test]
+    fn jitter_reorders_within_its_bound() {
+        let link = LinkConfig {
+            jitter: Duration::from_millis(5),
+            ..LinkConfig::default()
+        };
+        let (mut net, _, b) = two(1000, link, 3);
+        net.run_for(Duration::from_secs(2));
+        let start = net.start();
+        let got = &net.node::<Blaster>(b).got;
+        assert_eq!(got.len(), 1000);
+        let reordered = got.windows(2).filter(|w| w[1].1 > w[0].1).count();
+        assert!(reordered > 50, "reordered {reordered}");
+        for (at, n) in got {
+            let d = *at - (start + Duration::from_millis(u64::from(1000 - n)));
+            assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(15));
+        }
+    }
+
+    #[test]
+    fn run_until_cond_stops_at_the_condition_or_the_bound() {
+        let (mut net, _, b) = two(100, LinkConfig::default(), 1);
+        let took = net.run_until_cond(Duration::from_secs(1), |n| {
+            n.node::<Blaster>(b).got.len() >= 10
+        });
+        assert_eq!(took, Some(Duration::from_millis(19)));
+        let never = net.run_until_cond(Duration::from_secs(1), |n| {
+            n.node::<Blaster>(b).got.len() > 100
+        });
+        assert_eq!(never, None);
+        assert_eq!(net.elapsed(), Duration::from_millis(1019));
+    }
+
+    #[test]
+    fn unknown_address_is_counted_not_delivered() {
+        let mut net = Net::new(1);
+        let start = net.now();
+        net.add_node(Blaster::new(addr(1), addr(9), start, 5), &[addr(1)]);
+        net.run_for(Duration::from_secs(1));
+        assert_eq!(net.unroutable, 5);
     }
 }

@@ -1022,3 +1022,76 @@ impl Peer {
         self.rtcp.iter().filter(|(_, r)| f(r)).count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sfu::vp8;
+
+    fn layer(pid: u16, tl0: u8) -> VideoLayer {
+        VideoLayer {
+            spec: LayerSpec::new("h", 500_000, 640, 360),
+            ssrc: 1,
+            active: true,
+            stats: LayerStats::default(),
+            seq: 0,
+            ts_base: 0,
+            picture_id: pid,
+            tl0,
+            want_keyframe: false,
+        }
+    }
+
+    /// The synthetic payloads are what the server's own VP8 parser expects: descriptor
+    /// fields, frame start, keyframe bit and size.
+    #[test]
+    fn synthetic_vp8_parses_like_the_server_parses_it() {
+        let l = layer(0x1234, 7);
+        let key = vp8_payload(&l, 1, 99, true, true, 600);
+        let d = vp8::parse_descriptor(&key).expect("descriptor");
+        assert!(d.is_frame_start());
+        assert_eq!(d.picture_id.map(|p| p.value()), Some(0x1234));
+        assert_eq!(d.tl0_pic_idx, Some(7));
+        assert!(vp8::is_keyframe(&key));
+        let size = vp8::keyframe_size(&key).expect("size");
+        assert_eq!((size.width, size.height), (640, 360));
+        assert_eq!(key.len(), 600);
+        let mine = parse_vp8(&key).unwrap();
+        assert_eq!(
+            (
+                mine.frame_start,
+                mine.keyframe,
+                mine.size,
+                mine.layer,
+                mine.frame
+            ),
+            (true, true, Some((640, 360)), Some(1), Some(99))
+        );
+        assert_eq!(
+            (mine.picture_id, mine.tl0, mine.pid15),
+            (Some(0x1234), Some(7), true)
+        );
+
+        let inter = vp8_payload(&l, 1, 100, true, false, 300);
+        assert!(!vp8::is_keyframe(&inter));
+        assert!(vp8::parse_descriptor(&inter).unwrap().is_frame_start());
+        assert!(!parse_vp8(&inter).unwrap().keyframe);
+
+        let middle = vp8_payload(&l, 2, 100, false, false, 300);
+        assert!(!vp8::parse_descriptor(&middle).unwrap().is_frame_start());
+        let m = parse_vp8(&middle).unwrap();
+        assert_eq!(
+            (m.frame_start, m.layer, m.frame),
+            (false, Some(2), Some(100))
+        );
+    }
+
+    #[test]
+    fn parse_vp8_never_panics_on_short_input() {
+        let full = vp8_payload(&layer(5, 1), 0, 1, true, true, 64);
+        for n in 0..full.len() {
+            let _ = parse_vp8(&full[..n]);
+        }
+        assert!(parse_vp8(&[]).is_none());
+    }
+}
