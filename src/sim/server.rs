@@ -6,7 +6,7 @@
 
 use super::net::{Node, Output};
 use crate::sfu::core::CoreConfig;
-use crate::sfu::{Command, Sfu, Transmit};
+use crate::sfu::{Command, CoreStats, Sfu, Transmit};
 use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -61,6 +61,16 @@ impl SfuNode {
             timeouts: BTreeMap::new(),
             dirty: true,
         }
+    }
+}
+
+impl SfuNode {
+    /// The core's counters now (a `Command::Stats` answered within the call).
+    pub fn stats(&mut self, now: Instant) -> CoreStats {
+        let (reply, mut rx) = tokio::sync::oneshot::channel();
+        self.sfu.handle_command(now, Command::Stats { reply });
+        self.sfu.end_turn(now);
+        rx.try_recv().expect("the core answers Stats within its turn")
     }
 }
 

@@ -319,6 +319,9 @@ fn nack_after_a_switch_gets_retransmissions() {
     seqs.dedup();
     let missing = span - seqs.len() as u64;
     assert!(missing * 200 <= span, "{missing} of {span} never repaired");
+    let now = s.net.now();
+    let stats = s.net.node::<SfuNode>(server).stats(now);
+    assert!(stats.nack_resent > 0, "the server resent: {stats:?}");
     s.no_errors(&[alice, bob]);
     println!("nack: {lost} lost on the downlink, {missing} of {span} never repaired");
 }
