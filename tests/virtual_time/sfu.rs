@@ -200,9 +200,11 @@ fn bandwidth_cut_downgrades_and_lifting_it_recovers() {
     let mut s = Sim::new(3);
     let alice = s.client(1, "alice", MediaSpec::simulcast());
     let bob = s.client(2, "bob", MediaSpec::none());
+    let carol = s.client(3, "carol", MediaSpec::none());
     let video = s.track(bob, alice, TrackKind::Video);
     let to_f = s.wait_layer(bob, &video.id, 2, Duration::from_secs(15));
     assert!(to_f.is_some(), "the unconstrained subscriber reaches f");
+    assert!(s.wait_layer(carol, &video.id, 2, Duration::from_secs(15)).is_some());
     s.net.run_for(Duration::from_secs(3));
     let (server, bob_node) = (s.server, bob);
     *s.net.link_mut(server, bob_node) = LinkConfig {
@@ -224,12 +226,41 @@ fn bandwidth_cut_downgrades_and_lifting_it_recovers() {
     s.net.run_for(Duration::from_secs(5));
     let layer = s.rx(bob, &video.id).current_layer();
     assert_eq!(layer, Some(0), "only q fits 400 kbit/s");
+    // The other subscriber is not affected: it stayed on f throughout.
+    let c = s.rx(carol, &video.id);
+    let since_cut: Vec<_> = c.since(cut).filter_map(|p| p.vp8.and_then(|v| v.layer)).collect();
+    assert!(since_cut.len() > 500 && since_cut.iter().all(|l| *l == 2), "carol stays on f");
     *s.net.link_mut(server, bob_node) = LinkConfig::default();
     let up = s.wait_layer(bob, &video.id, 2, Duration::from_secs(60));
     let up = up.expect("back to f within 60 s of lifting the limit");
-    s.no_errors(&[alice, bob]);
-    let _ = cut;
+    s.no_errors(&[alice, bob, carol]);
     println!("bandwidth: downgrade {:.0} ms after the cut, recovery {:.0} ms after the lift", ms(down), ms(up));
+}
+
+/// The encoder drops its top layer without a word to the server: the subscriber on it
+/// falls back to the next layer (one clean stream) and returns when the layer comes back.
+#[test]
+fn a_layer_that_stops_does_not_freeze_its_subscribers() {
+    let mut s = Sim::new(8);
+    let alice = s.client(1, "alice", MediaSpec::simulcast());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.send(bob, settings(&video.id, Quality::High));
+    assert!(s.wait_layer(bob, &video.id, 2, T).is_some(), "on f");
+    s.net.run_for(Duration::from_secs(2));
+    {
+        let c = s.c(alice);
+        c.obey_publisher_layers = false;
+        c.publisher.as_mut().unwrap().set_layer_active("f", false);
+    }
+    let fell = s.wait_layer(bob, &video.id, 1, T).expect("falls back to h");
+    s.net.run_for(Duration::from_secs(2));
+    s.c(alice).publisher.as_mut().unwrap().set_layer_active("f", true);
+    let back = s.wait_layer(bob, &video.id, 2, T).expect("back on f");
+    s.net.run_for(Duration::from_secs(1));
+    assert_clean_stream(&s.rx(bob, &video.id), &SIZES);
+    s.no_errors(&[alice, bob]);
+    println!("fell back to h {:.0} ms after f stopped, back on f {:.0} ms after it resumed", ms(fell), ms(back));
 }
 
 /// Dynacast: layers nobody wants are paused at the publisher (`publisher_layers`) and
