@@ -7,5 +7,6 @@
 
 mod virtual_time {
     pub mod common;
+    pub mod sfu;
     pub mod two_peers;
 }

@@ -23,6 +23,7 @@
 pub mod client;
 pub mod net;
 pub mod peer;
+pub mod server;
 
 pub use client::Client;
 pub use net::{LinkConfig, LinkStats, Net, Node, NodeId, Output};

@@ -5,8 +5,7 @@
 //! the datagrams the core sent (collected by [`SimTransmit`]) back to the network.
 
 use super::net::{Node, Output};
-use crate::sfu::core::CoreConfig;
-use crate::sfu::{Command, CoreStats, Sfu, Transmit};
+use crate::sfu::{Command, CoreConfig, CoreStats, Sfu, Transmit};
 use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -47,14 +46,20 @@ pub fn sim_config(ip: IpAddr) -> CoreConfig {
         announce_ips: vec![ip],
         max_data_message: 16 * 1024,
         limits: Default::default(),
-        udp_buffer: crate::sfu::core::UDP_BUFFER_DEFAULT,
+        udp_buffer: crate::io::UDP_BUFFER_DEFAULT,
     }
 }
 
 impl SfuNode {
     /// A core at `addr` started at `now`, its randomness seeded by `seed`.
     pub fn new(addr: SocketAddr, seed: u64, now: Instant) -> Self {
-        let sfu = Sfu::new(sim_config(addr.ip()), addr, seed, now, SimTransmit::default());
+        let sfu = Sfu::new(
+            sim_config(addr.ip()),
+            addr,
+            seed,
+            now,
+            SimTransmit::default(),
+        );
         SfuNode {
             sfu,
             addr,
@@ -68,9 +73,10 @@ impl SfuNode {
     /// The core's counters now (a `Command::Stats` answered within the call).
     pub fn stats(&mut self, now: Instant) -> CoreStats {
         let (reply, mut rx) = tokio::sync::oneshot::channel();
-        self.sfu.handle_command(now, Command::Stats { reply });
+        let _ = self.sfu.handle_command(now, Command::Stats { reply });
         self.sfu.end_turn(now);
-        rx.try_recv().expect("the core answers Stats within its turn")
+        rx.try_recv()
+            .expect("the core answers Stats within its turn")
     }
 }
 
@@ -85,19 +91,20 @@ impl Node for SfuNode {
     }
 
     fn handle_timeout(&mut self, now: Instant) {
-        if let Some((_, reason)) = self.sfu.poll_timeout() {
-            *self.timeouts.entry(format!("{reason:?}")).or_default() += 1;
+        if let Some(d) = self.sfu.poll_timeout() {
+            *self.timeouts.entry(format!("{:?}", d.reason)).or_default() += 1;
         }
         self.sfu.handle_timeout(now);
         self.dirty = true;
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {
-        self.sfu.poll_timeout().map(|(t, _)| t)
+        self.sfu.poll_timeout().map(|d| d.at)
     }
 
     fn handle_command(&mut self, now: Instant, cmd: Command) {
-        self.sfu.handle_command(now, cmd);
+        // `Flow::Stop` (after a shutdown) needs no action here: the node keeps draining.
+        let _ = self.sfu.handle_command(now, cmd);
         self.dirty = true;
     }
 

@@ -45,6 +45,10 @@ impl Sim {
 
     /// The `kind` track `publisher` published, as `viewer` had it announced.
     fn track(&mut self, viewer: NodeId, publisher: NodeId, kind: TrackKind) -> TrackInfo {
+        let joined = self.net.run_until_cond(T, |net| {
+            net.node::<Client>(publisher).participant_id.is_some()
+        });
+        assert!(joined.is_some(), "the publisher joined");
         let pid = self.c(publisher).participant_id.clone();
         let found = self.net.run_until_cond(T, |net| {
             let c = net.node::<Client>(viewer);
@@ -70,7 +74,13 @@ impl Sim {
     }
 
     /// Run until `viewer` receives video of layer `layer` on `track`; returns the time taken.
-    fn wait_layer(&mut self, viewer: NodeId, track: &str, layer: u8, max: Duration) -> Option<Duration> {
+    fn wait_layer(
+        &mut self,
+        viewer: NodeId,
+        track: &str,
+        layer: u8,
+        max: Duration,
+    ) -> Option<Duration> {
         let track = track.to_owned();
         self.net.run_until_cond(max, |net| {
             net.node::<Client>(viewer)
@@ -113,7 +123,7 @@ fn assert_clean_stream(t: &RxTrack, sizes: &[(u16, u16)]) -> usize {
     let first = t.packets[0].vp8.expect("vp8");
     assert!(first.keyframe, "the down-track starts with a keyframe");
     let mut switches = 0;
-    let mut prev_frame: Option<(u32, u16, u8)> = None;
+    let mut prev_frame: Option<(u32, Instant, u16, u8)> = None;
     let mut prev_layer = first.layer;
     for p in &t.packets {
         let v = p.vp8.expect("vp8 descriptor");
@@ -132,13 +142,30 @@ fn assert_clean_stream(t: &RxTrack, sizes: &[(u16, u16)]) -> usize {
         }
         if v.frame_start {
             let (pid, tl0) = (v.picture_id.expect("pid"), v.tl0.expect("tl0"));
-            if let Some((ts, ppid, ptl0)) = prev_frame {
-                assert_eq!(pid, (ppid + 1) & 0x7fff, "picture id continuity at seq {}", p.seq);
-                assert_eq!(tl0, ptl0.wrapping_add(1), "TL0PICIDX continuity at seq {}", p.seq);
+            if let Some((ts, at, ppid, ptl0)) = prev_frame {
+                assert_eq!(
+                    pid,
+                    (ppid + 1) & 0x7fff,
+                    "picture id continuity at seq {}",
+                    p.seq
+                );
+                assert_eq!(
+                    tl0,
+                    ptl0.wrapping_add(1),
+                    "TL0PICIDX continuity at seq {}",
+                    p.seq
+                );
+                // Timestamps move forward with the clock: across a pause in the media (a
+                // layer that stopped) by about the time that passed, never by a jump.
                 let dt = p.ts.wrapping_sub(ts);
-                assert!((1..=9000).contains(&dt), "timestamp step {dt} at seq {}", p.seq);
+                let clock = (p.at - at).as_secs_f64();
+                assert!(
+                    dt >= 1 && (f64::from(dt) / 90_000.0 - clock).abs() < 0.1,
+                    "timestamp step {dt} over {clock:.3} s at seq {}",
+                    p.seq
+                );
             }
-            prev_frame = Some((p.ts, pid, tl0));
+            prev_frame = Some((p.ts, p.at, pid, tl0));
         }
     }
     switches
@@ -165,7 +192,10 @@ fn media_flows_through_the_sfu() {
     assert!(v.packets.len() > 150, "video packets: {}", v.packets.len());
     assert_eq!(v.stream_ids, vec![pid]);
     assert_clean_stream(&v, &[(640, 360)]);
-    println!("media through the sfu: 5 s in {:.0} ms wall", ms(wall.elapsed()));
+    println!(
+        "media through the sfu: 5 s in {:.0} ms wall",
+        ms(wall.elapsed())
+    );
 }
 
 /// Simulcast: low, then high, then low again. Every switch happens at a keyframe of the
@@ -184,13 +214,19 @@ fn simulcast_switch_at_keyframe_keeps_one_clean_stream() {
     let up = s.wait_layer(bob, &video.id, 2, T).expect("switch up to f");
     s.net.run_for(Duration::from_secs(2));
     s.send(bob, settings(&video.id, Quality::Low));
-    let down = s.wait_layer(bob, &video.id, 0, T).expect("switch down to q");
+    let down = s
+        .wait_layer(bob, &video.id, 0, T)
+        .expect("switch down to q");
     s.net.run_for(Duration::from_secs(2));
     s.no_errors(&[alice, bob]);
     let v = s.rx(bob, &video.id);
     let switches = assert_clean_stream(&v, &SIZES);
     assert!(switches >= 2, "switched up and down: {switches}");
-    println!("switch up {:.0} ms, down {:.0} ms (virtual)", ms(up), ms(down));
+    println!(
+        "switch up {:.0} ms, down {:.0} ms (virtual)",
+        ms(up),
+        ms(down)
+    );
 }
 
 /// A rate-limited subscriber link makes the server downgrade that subscriber within a few
@@ -204,7 +240,10 @@ fn bandwidth_cut_downgrades_and_lifting_it_recovers() {
     let video = s.track(bob, alice, TrackKind::Video);
     let to_f = s.wait_layer(bob, &video.id, 2, Duration::from_secs(15));
     assert!(to_f.is_some(), "the unconstrained subscriber reaches f");
-    assert!(s.wait_layer(carol, &video.id, 2, Duration::from_secs(15)).is_some());
+    assert!(
+        s.wait_layer(carol, &video.id, 2, Duration::from_secs(15))
+            .is_some()
+    );
     s.net.run_for(Duration::from_secs(3));
     let (server, bob_node) = (s.server, bob);
     *s.net.link_mut(server, bob_node) = LinkConfig {
@@ -228,13 +267,23 @@ fn bandwidth_cut_downgrades_and_lifting_it_recovers() {
     assert_eq!(layer, Some(0), "only q fits 400 kbit/s");
     // The other subscriber is not affected: it stayed on f throughout.
     let c = s.rx(carol, &video.id);
-    let since_cut: Vec<_> = c.since(cut).filter_map(|p| p.vp8.and_then(|v| v.layer)).collect();
-    assert!(since_cut.len() > 500 && since_cut.iter().all(|l| *l == 2), "carol stays on f");
+    let since_cut: Vec<_> = c
+        .since(cut)
+        .filter_map(|p| p.vp8.and_then(|v| v.layer))
+        .collect();
+    assert!(
+        since_cut.len() > 500 && since_cut.iter().all(|l| *l == 2),
+        "carol stays on f"
+    );
     *s.net.link_mut(server, bob_node) = LinkConfig::default();
     let up = s.wait_layer(bob, &video.id, 2, Duration::from_secs(60));
     let up = up.expect("back to f within 60 s of lifting the limit");
     s.no_errors(&[alice, bob, carol]);
-    println!("bandwidth: downgrade {:.0} ms after the cut, recovery {:.0} ms after the lift", ms(down), ms(up));
+    println!(
+        "bandwidth: downgrade {:.0} ms after the cut, recovery {:.0} ms after the lift",
+        ms(down),
+        ms(up)
+    );
 }
 
 /// The encoder drops its top layer without a word to the server: the subscriber on it
@@ -255,12 +304,20 @@ fn a_layer_that_stops_does_not_freeze_its_subscribers() {
     }
     let fell = s.wait_layer(bob, &video.id, 1, T).expect("falls back to h");
     s.net.run_for(Duration::from_secs(2));
-    s.c(alice).publisher.as_mut().unwrap().set_layer_active("f", true);
+    s.c(alice)
+        .publisher
+        .as_mut()
+        .unwrap()
+        .set_layer_active("f", true);
     let back = s.wait_layer(bob, &video.id, 2, T).expect("back on f");
     s.net.run_for(Duration::from_secs(1));
     assert_clean_stream(&s.rx(bob, &video.id), &SIZES);
     s.no_errors(&[alice, bob]);
-    println!("fell back to h {:.0} ms after f stopped, back on f {:.0} ms after it resumed", ms(fell), ms(back));
+    println!(
+        "fell back to h {:.0} ms after f stopped, back on f {:.0} ms after it resumed",
+        ms(fell),
+        ms(back)
+    );
 }
 
 /// Dynacast: layers nobody wants are paused at the publisher (`publisher_layers`) and
@@ -274,19 +331,46 @@ fn unused_layers_are_paused_at_the_publisher_and_resumed() {
     s.send(bob, settings(&video.id, Quality::Low));
     let paused = s.net.run_until_cond(T, |net| {
         let p = net.node::<Client>(alice).publisher.as_ref().unwrap();
-        p.video_layers().iter().all(|l| l.active == (l.spec.rid == "q"))
+        p.video_layers()
+            .iter()
+            .all(|l| l.active == (l.spec.rid == "q"))
     });
     assert!(paused.is_some(), "h and f paused at the publisher");
-    let sent: Vec<u64> = s.c(alice).publisher.as_ref().unwrap().video_layers().iter().map(|l| l.stats.packets).collect();
+    let sent: Vec<u64> = s
+        .c(alice)
+        .publisher
+        .as_ref()
+        .unwrap()
+        .video_layers()
+        .iter()
+        .map(|l| l.stats.packets)
+        .collect();
     s.net.run_for(Duration::from_secs(3));
-    let later: Vec<u64> = s.c(alice).publisher.as_ref().unwrap().video_layers().iter().map(|l| l.stats.packets).collect();
+    let later: Vec<u64> = s
+        .c(alice)
+        .publisher
+        .as_ref()
+        .unwrap()
+        .video_layers()
+        .iter()
+        .map(|l| l.stats.packets)
+        .collect();
     assert!(later[0] > sent[0] + 60, "q keeps going");
-    assert_eq!((later[1], later[2]), (sent[1], sent[2]), "h and f send nothing while paused");
+    assert_eq!(
+        (later[1], later[2]),
+        (sent[1], sent[2]),
+        "h and f send nothing while paused"
+    );
     s.send(bob, settings(&video.id, Quality::High));
-    let resumed = s.wait_layer(bob, &video.id, 2, T).expect("f resumed and delivered");
+    let resumed = s
+        .wait_layer(bob, &video.id, 2, T)
+        .expect("f resumed and delivered");
     assert!(s.c(alice).publisher.as_ref().unwrap().video_layers()[2].active);
     s.no_errors(&[alice, bob]);
-    println!("paused top layer delivered {:.0} ms after the request", ms(resumed));
+    println!(
+        "paused top layer delivered {:.0} ms after the request",
+        ms(resumed)
+    );
 }
 
 /// Mute stops forwarding (the publisher keeps sending), unmute resumes with a keyframe.
@@ -297,7 +381,13 @@ fn mute_stops_forwarding_and_unmute_resumes_with_keyframe() {
     let bob = s.client(2, "bob", MediaSpec::none());
     let video = s.track(bob, alice, TrackKind::Video);
     s.net.run_for(Duration::from_secs(2));
-    s.send(alice, ClientMessage::Mute { track_id: video.id.clone(), muted: true });
+    s.send(
+        alice,
+        ClientMessage::Mute {
+            track_id: video.id.clone(),
+            muted: true,
+        },
+    );
     let track = video.id.clone();
     let told = s.net.run_until_cond(T, |net| {
         net.node::<Client>(bob).count_messages(|m| matches!(m, ServerMessage::TrackMuted { track_id, muted: true, .. } if *track_id == track)) > 0
@@ -305,21 +395,39 @@ fn mute_stops_forwarding_and_unmute_resumes_with_keyframe() {
     assert!(told.is_some(), "bob gets track_muted");
     s.net.run_for(Duration::from_millis(200));
     let before = s.rx(bob, &video.id).packets.len();
-    let sent_before = s.c(alice).publisher.as_ref().unwrap().video_layers()[0].stats.packets;
+    let sent_before = s.c(alice).publisher.as_ref().unwrap().video_layers()[0]
+        .stats
+        .packets;
     s.net.run_for(Duration::from_secs(3));
-    let sent = s.c(alice).publisher.as_ref().unwrap().video_layers()[0].stats.packets - sent_before;
+    let sent = s.c(alice).publisher.as_ref().unwrap().video_layers()[0]
+        .stats
+        .packets
+        - sent_before;
     let grew = s.rx(bob, &video.id).packets.len() - before;
     assert!(sent > 100, "alice kept sending");
     assert_eq!(grew, 0, "muted video still forwarded");
-    s.send(alice, ClientMessage::Mute { track_id: video.id.clone(), muted: false });
+    s.send(
+        alice,
+        ClientMessage::Mute {
+            track_id: video.id.clone(),
+            muted: false,
+        },
+    );
     let track = video.id.clone();
     let resumed = s.net.run_until_cond(T, |net| {
-        net.node::<Client>(bob).subscriber.tracks.get(&track).is_some_and(|t| t.packets.len() > before)
+        net.node::<Client>(bob)
+            .subscriber
+            .tracks
+            .get(&track)
+            .is_some_and(|t| t.packets.len() > before)
     });
     assert!(resumed.is_some(), "forwarding resumes");
     let v = s.rx(bob, &video.id);
     let first = v.packets[before].vp8.unwrap();
-    assert!(first.keyframe && first.frame_start, "first packet after unmute starts a keyframe");
+    assert!(
+        first.keyframe && first.frame_start,
+        "first packet after unmute starts a keyframe"
+    );
     s.no_errors(&[alice, bob]);
 }
 
@@ -373,16 +481,25 @@ fn sender_reports_are_consistent() {
         .rtcp
         .iter()
         .filter_map(|(_, r)| match r {
-            RtcpIn::SenderReport { ssrc: s, ntp, rtp, .. } if *s == ssrc => Some((*ntp, *rtp)),
+            RtcpIn::SenderReport {
+                ssrc: s, ntp, rtp, ..
+            } if *s == ssrc => Some((*ntp, *rtp)),
             _ => None,
         })
         .collect();
-    assert!(srs.len() >= 3, "sender reports for the video down-track: {}", srs.len());
+    assert!(
+        srs.len() >= 3,
+        "sender reports for the video down-track: {}",
+        srs.len()
+    );
     for w in srs.windows(2) {
         let dntp = (w[1].0.wrapping_sub(w[0].0)) as f64 / (1u64 << 32) as f64;
         let drtp = w[1].1.wrapping_sub(w[0].1) as f64 / 90_000.0;
         assert!(dntp > 0.0, "NTP time moves forward");
-        assert!((drtp - dntp).abs() < 0.05, "RTP {drtp:.3} s vs NTP {dntp:.3} s");
+        assert!(
+            (drtp - dntp).abs() < 0.05,
+            "RTP {drtp:.3} s vs NTP {dntp:.3} s"
+        );
     }
     s.no_errors(&[alice, bob]);
 }
