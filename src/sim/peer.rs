@@ -474,9 +474,13 @@ pub struct Peer {
     pub errors: Vec<String>,
     video: Option<VideoSource>,
     audio: Option<AudioSource>,
-    rng: StdRng,
     /// Remote track id of each receiver's packets (the poll_read id is the track id).
     receivers: HashMap<String, RTCRtpReceiverId>,
+    /// Something went in since the last [`Peer::poll_output`]: drain it. An untouched `rtc`
+    /// connection has nothing to say, and polling it costs as much as a small packet.
+    dirty: bool,
+    /// [`Peer::poll_timeout`]'s answer until the peer is touched again.
+    timeout: Option<Option<Instant>>,
 }
 
 impl Peer {
@@ -612,13 +616,22 @@ impl Peer {
             errors: Vec::new(),
             video,
             audio,
-            rng,
             receivers: HashMap::new(),
+            dirty: true,
+            timeout: None,
         })
+    }
+
+    /// Mark the peer as needing a drain and a fresh deadline. Every method here that feeds
+    /// the connection does it; call it after using [`Peer::pc`] directly.
+    pub fn touch(&mut self) {
+        self.dirty = true;
+        self.timeout = None;
     }
 
     /// Create an offer and set it as the local description; returns its SDP.
     pub fn create_offer(&mut self, now: Instant) -> Result<String, PeerError> {
+        self.touch();
         let offer = self.pc.create_offer(None).map_err(err)?;
         self.pc
             .set_local_description(now, offer.clone())
@@ -628,12 +641,14 @@ impl Peer {
 
     /// Apply a remote answer.
     pub fn accept_answer(&mut self, now: Instant, sdp: &str) -> Result<(), PeerError> {
+        self.touch();
         let answer = RTCSessionDescription::answer(sdp.to_owned()).map_err(err)?;
         self.pc.set_remote_description(now, answer).map_err(err)
     }
 
     /// Apply a remote offer and return the answer (set as the local description).
     pub fn answer(&mut self, now: Instant, sdp: &str) -> Result<String, PeerError> {
+        self.touch();
         let offer = RTCSessionDescription::offer(sdp.to_owned()).map_err(err)?;
         self.pc.set_remote_description(now, offer).map_err(err)?;
         let answer = self.pc.create_answer(None).map_err(err)?;
@@ -645,6 +660,7 @@ impl Peer {
 
     /// A remote ICE candidate (trickled).
     pub fn add_remote_candidate(&mut self, c: RTCIceCandidateInit) -> Result<(), PeerError> {
+        self.touch();
         self.pc.add_remote_candidate(c).map_err(err)
     }
 
@@ -659,6 +675,7 @@ impl Peer {
 
     /// Pause or resume the layer with this RID (dynacast); `""` = the only layer.
     pub fn set_layer_active(&mut self, rid: &str, active: bool) {
+        self.touch();
         if let Some(v) = self.video.as_mut() {
             for l in v.layers.iter_mut().filter(|l| l.spec.rid == rid) {
                 if active && !l.active {
@@ -670,25 +687,6 @@ impl Peer {
         }
     }
 
-    /// Stop or restart sending entirely (all media).
-    pub fn set_sending(&mut self, on: bool) {
-        self.set_all_layers(on);
-        if let Some(a) = self.audio.as_mut() {
-            a.next_frame = if on { a.next_frame } else { None };
-        }
-    }
-
-    fn set_all_layers(&mut self, on: bool) {
-        let rids: Vec<String> = self
-            .video_layers()
-            .iter()
-            .map(|l| l.spec.rid.clone())
-            .collect();
-        for r in rids {
-            self.set_layer_active(&r, on);
-        }
-    }
-
     /// Audio packets sent.
     pub fn audio_packets_sent(&self) -> u64 {
         self.audio.as_ref().map_or(0, |a| a.packets)
@@ -696,6 +694,7 @@ impl Peer {
 
     /// Send a PLI for the remote track `track_id` (as a receiver whose decoder lost sync).
     pub fn send_pli(&mut self, now: Instant, track_id: &str) -> Result<(), PeerError> {
+        self.touch();
         let rid = *self
             .receivers
             .get(track_id)
@@ -722,6 +721,7 @@ impl Peer {
 
     /// Feed a datagram that arrived at `self.local` from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: BytesMut) {
+        self.touch();
         let r = self.pc.handle_read(TaggedBytesMut {
             now,
             transport: TransportContext {
@@ -739,6 +739,15 @@ impl Peer {
 
     /// The next instant the peer wants [`Peer::handle_timeout`].
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        if let Some(t) = self.timeout {
+            return t;
+        }
+        let t = self.compute_timeout();
+        self.timeout = Some(t);
+        t
+    }
+
+    fn compute_timeout(&mut self) -> Option<Instant> {
         let mut t = self.pc.poll_timeout();
         for m in [
             self.video.as_ref().and_then(|v| v.next_frame),
@@ -754,6 +763,7 @@ impl Peer {
 
     /// Send the media frames that are due, and let `rtc` run its timers.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.touch();
         self.send_audio(now);
         self.send_video(now);
         if self.pc.poll_timeout().is_some_and(|t| t <= now) {
@@ -906,6 +916,11 @@ impl Peer {
 
     /// Drain events, inbound messages and outbound datagrams into `out`.
     pub fn poll_output(&mut self, now: Instant, out: &mut Output) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        self.timeout = None;
         while let Some(ev) = self.pc.poll_event() {
             match ev {
                 RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) => {
@@ -999,7 +1014,6 @@ impl Peer {
             out.datagrams
                 .push((self.local, m.transport.peer_addr, m.message));
         }
-        let _ = &mut self.rng;
     }
 
     fn keyframe_requested(&mut self, media_ssrc: u32) {
