@@ -33,6 +33,7 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
@@ -352,6 +353,12 @@ pub enum RtcpIn {
         ntp: u64,
         rtp: u32,
         packets: u32,
+    },
+    /// A receiver report block about `ssrc`.
+    ReceiverReport {
+        ssrc: u32,
+        fraction_lost: u8,
+        total_lost: u32,
     },
     Twcc,
     Other,
@@ -999,6 +1006,18 @@ impl Peer {
                                 rtp: sr.rtp_time,
                                 packets: sr.packet_count,
                             }
+                        } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+                            for r in &rr.reports {
+                                self.rtcp.push((
+                                    at,
+                                    RtcpIn::ReceiverReport {
+                                        ssrc: r.ssrc,
+                                        fraction_lost: r.fraction_lost,
+                                        total_lost: r.total_lost,
+                                    },
+                                ));
+                            }
+                            continue;
                         } else if any.is::<TransportLayerCc>() {
                             RtcpIn::Twcc
                         } else {

@@ -592,3 +592,170 @@ fn two_minutes_of_a_room() {
         ms(wall.elapsed())
     );
 }
+
+/// A lossy uplink: the server's fast path NACKs the publisher's missing packets and sends
+/// it receiver reports, and the subscriber still gets a complete stream (the publisher's
+/// retransmissions are forwarded).
+#[test]
+fn publishers_get_nacks_and_receiver_reports() {
+    let mut s = Sim::new(11);
+    let alice = s.client(1, "alice", MediaSpec::audio_video());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    let server = s.server;
+    s.net.link_mut(alice, server).loss = 0.03;
+    s.net.run_for(Duration::from_secs(10));
+    s.net.link_mut(alice, server).loss = 0.0;
+    s.net.run_for(Duration::from_secs(1));
+    let lost = s.net.link_stats(alice, server).lost;
+    let publ = s.c(alice).publisher.as_ref().unwrap();
+    let ssrc = publ.video_layers()[0].ssrc;
+    let nacked: usize = publ
+        .rtcp
+        .iter()
+        .filter_map(|(_, r)| match r {
+            RtcpIn::Nack { media_ssrc, seqs } if *media_ssrc == ssrc => Some(seqs.len()),
+            _ => None,
+        })
+        .sum();
+    let reports =
+        publ.rtcp_count(|r| matches!(r, RtcpIn::ReceiverReport { ssrc: x, .. } if *x == ssrc));
+    assert!(lost > 10, "the uplink lost {lost}");
+    assert!(nacked > 0, "the publisher was asked for {nacked} packets");
+    assert!(reports >= 5, "receiver reports about the video: {reports}");
+    let v = s.rx(bob, &video.id);
+    let mut seqs = unwrap_seqs(v.packets.iter());
+    seqs.sort_unstable();
+    let span = seqs.last().unwrap() - seqs.first().unwrap() + 1;
+    seqs.dedup();
+    let missing = span - seqs.len() as u64;
+    assert!(
+        missing * 100 <= span,
+        "{missing} of {span} never reached bob"
+    );
+    s.no_errors(&[alice, bob]);
+    println!(
+        "uplink: {lost} lost, {nacked} NACKed, {reports} RRs, {missing}/{span} missing at bob"
+    );
+}
+
+/// Layers are ranked by what they carry, not by the order of the RIDs: here `q` is the
+/// largest and `h` the smallest. `low` gets the smallest, `high` the largest.
+#[test]
+fn layers_are_ranked_by_content_not_by_rid_order() {
+    use plaza::sim::LayerSpec;
+    let mut s = Sim::new(12);
+    let media = MediaSpec {
+        audio: false,
+        video: vec![
+            LayerSpec::new("q", 1_500_000, 1280, 720),
+            LayerSpec::new("h", 150_000, 320, 180),
+            LayerSpec::new("f", 500_000, 640, 360),
+        ],
+        ..Default::default()
+    };
+    let sizes = [(1280, 720), (320, 180), (640, 360)];
+    let alice = s.client(1, "alice", media);
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.send(bob, settings(&video.id, Quality::Low));
+    assert!(
+        s.wait_layer(bob, &video.id, 1, T).is_some(),
+        "low = 320x180 (rid h)"
+    );
+    s.net.run_for(Duration::from_secs(2));
+    s.send(bob, settings(&video.id, Quality::High));
+    assert!(
+        s.wait_layer(bob, &video.id, 0, T).is_some(),
+        "high = 1280x720 (rid q)"
+    );
+    s.send(bob, settings(&video.id, Quality::Medium));
+    assert!(
+        s.wait_layer(bob, &video.id, 2, T).is_some(),
+        "medium = 640x360 (rid f)"
+    );
+    s.net.run_for(Duration::from_secs(1));
+    assert!(assert_clean_stream(&s.rx(bob, &video.id), &sizes) >= 2);
+    s.no_errors(&[alice, bob]);
+}
+
+/// The stream checker itself fails on what it is there to catch.
+mod checker {
+    use super::*;
+    use plaza::sim::{RxPacket, Vp8Info};
+
+    fn track(frames: &[(u8, bool)]) -> RxTrack {
+        let t0 = Instant::now();
+        let mut packets = Vec::new();
+        for (i, (layer, key)) in frames.iter().enumerate() {
+            let i = i as u32;
+            packets.push(RxPacket {
+                at: t0 + Duration::from_millis(u64::from(i) * 33),
+                ssrc: 1,
+                seq: 100 + i as u16,
+                ts: 1000 + i * 3000,
+                marker: true,
+                pt: 96,
+                len: 100,
+                vp8: Some(Vp8Info {
+                    frame_start: true,
+                    picture_id: Some(10 + i as u16),
+                    pid15: true,
+                    tl0: Some(i as u8),
+                    keyframe: *key,
+                    size: key.then_some(SIZES[*layer as usize]),
+                    layer: Some(*layer),
+                    frame: Some(i),
+                }),
+            });
+        }
+        RxTrack {
+            packets,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_switch_at_a_keyframe() {
+        let t = track(&[(0, true), (0, false), (2, true), (2, false)]);
+        assert_eq!(assert_clean_stream(&t, &SIZES), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "not at a keyframe")]
+    fn catches_a_switch_on_an_interframe() {
+        assert_clean_stream(&track(&[(0, true), (0, false), (2, false)]), &SIZES);
+    }
+
+    #[test]
+    #[should_panic(expected = "sequence gap")]
+    fn catches_a_sequence_gap() {
+        let mut t = track(&[(0, true), (0, false), (0, false)]);
+        t.packets[2].seq += 1;
+        assert_clean_stream(&t, &SIZES);
+    }
+
+    #[test]
+    #[should_panic(expected = "picture id continuity")]
+    fn catches_a_picture_id_jump() {
+        let mut t = track(&[(0, true), (0, false), (0, false)]);
+        t.packets[2].vp8.as_mut().unwrap().picture_id = Some(50);
+        assert_clean_stream(&t, &SIZES);
+    }
+
+    #[test]
+    #[should_panic(expected = "timestamp step")]
+    fn catches_a_timestamp_jump() {
+        let mut t = track(&[(0, true), (0, false), (0, false)]);
+        t.packets[2].ts += 90_000;
+        assert_clean_stream(&t, &SIZES);
+    }
+
+    #[test]
+    #[should_panic(expected = "one SSRC")]
+    fn catches_a_second_ssrc() {
+        let mut t = track(&[(0, true), (0, false)]);
+        t.packets[1].ssrc = 2;
+        assert_clean_stream(&t, &SIZES);
+    }
+}
