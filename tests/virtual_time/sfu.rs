@@ -537,12 +537,12 @@ fn same_seed_same_run_with_the_server() {
     }
 }
 
-/// Two minutes of a room: two simulcast publishers (who also receive each other) and three
+/// A minute and a half of a room: two simulcast publishers (who also receive each other) and three
 /// viewers — one capped at low, one on a link that drops to 600 kbit/s for 30 s in the
 /// middle, one unconstrained. Every down-track stays one clean stream throughout, and each
 /// viewer ends where its constraints put it.
 #[test]
-fn two_minutes_of_a_room() {
+fn ninety_seconds_of_a_room() {
     let wall = Instant::now();
     let mut s = Sim::new(10);
     let alice = s.client(1, "alice", MediaSpec::simulcast());
@@ -565,7 +565,7 @@ fn two_minutes_of_a_room() {
     };
     s.net.run_for(Duration::from_secs(30));
     *s.net.link_mut(server, squeezed) = LinkConfig::default();
-    s.net.run_for(Duration::from_secs(60));
+    s.net.run_for(Duration::from_secs(30));
     s.no_errors(&[alice, bob, low, squeezed, free]);
     let mut packets = 0;
     for viewer in [alice, bob, low, squeezed, free] {
@@ -585,9 +585,9 @@ fn two_minutes_of_a_room() {
             assert_eq!(t.current_layer(), Some(expected), "{viewer} on {id}");
         }
     }
-    assert!(packets > 50_000, "{packets} video packets received");
+    assert!(packets > 40_000, "{packets} video packets received");
     println!(
-        "two minutes of a 5-person room: {packets} video packets received, {} events, {:.0} ms wall",
+        "90 s of a 5-person room: {packets} video packets received, {} events, {:.0} ms wall",
         s.net.steps,
         ms(wall.elapsed())
     );
