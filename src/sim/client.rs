@@ -37,6 +37,10 @@ pub struct Client {
     pub errors: Vec<String>,
     /// Apply `publisher_layers` (pause/resume encodings) as a browser client does.
     pub obey_publisher_layers: bool,
+    /// Keep subscriber offers in [`Client::held_offers`] instead of answering them (a slow
+    /// client); [`Client::answer_held`] answers them.
+    pub hold_offers: bool,
+    pub held_offers: Vec<String>,
     media: MediaSpec,
     seed: u64,
     join_cmd: Option<Command>,
@@ -76,6 +80,8 @@ impl Client {
             messages: Vec::new(),
             errors: Vec::new(),
             obey_publisher_layers: true,
+            hold_offers: false,
+            held_offers: Vec::new(),
             media,
             seed,
             join_cmd: Some(Command::Join {
@@ -91,6 +97,26 @@ impl Client {
             events,
             outgoing: Vec::new(),
         })
+    }
+
+    /// Join without subscribing to everything (subscribe with `ClientMessage::Subscribe`).
+    pub fn without_auto_subscribe(mut self) -> Self {
+        if let Some(Command::Join { req, .. }) = self.join_cmd.as_mut() {
+            req.auto_subscribe = false;
+        }
+        self
+    }
+
+    /// Answer the first held subscriber offer (see [`Client::hold_offers`]).
+    pub fn answer_held(&mut self, now: Instant) {
+        if self.held_offers.is_empty() {
+            return;
+        }
+        let sdp = self.held_offers.remove(0);
+        match self.subscriber.answer(now, &sdp) {
+            Ok(sdp) => self.outgoing.push(ClientMessage::SubscribeAnswer { sdp }),
+            Err(e) => self.errors.push(format!("subscribe answer: {e}")),
+        }
     }
 
     /// The client's addresses (publisher, subscriber), for [`super::Net::add_node`].
@@ -130,6 +156,9 @@ impl Client {
 
     fn handle_message(&mut self, now: Instant, msg: &ServerMessage) {
         match msg {
+            ServerMessage::SubscribeOffer { sdp } if self.hold_offers => {
+                self.held_offers.push(sdp.clone());
+            }
             ServerMessage::SubscribeOffer { sdp } => match self.subscriber.answer(now, sdp) {
                 Ok(sdp) => self.outgoing.push(ClientMessage::SubscribeAnswer { sdp }),
                 Err(e) => self.errors.push(format!("subscribe answer: {e}")),
