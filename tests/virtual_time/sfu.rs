@@ -96,6 +96,11 @@ impl Sim {
         for &id in ids {
             let c = self.c(id);
             assert!(c.errors.is_empty(), "{}: {:?}", c.name, c.errors);
+            let sub = &c.subscriber.errors;
+            assert!(sub.is_empty(), "{} subscriber: {sub:?}", c.name);
+            if let Some(p) = c.publisher.as_ref() {
+                assert!(p.errors.is_empty(), "{} publisher: {:?}", c.name, p.errors);
+            }
         }
     }
 }
@@ -492,6 +497,24 @@ fn sender_reports_are_consistent() {
         "sender reports for the video down-track: {}",
         srs.len()
     );
+    // Nothing is lost: each report counts what the subscriber had received by then, give or
+    // take what was in flight (one link delay of packets).
+    let rx = s.rx(bob, &video.id);
+    let sub = &s.c(bob).subscriber;
+    for (at, r) in &sub.rtcp {
+        if let RtcpIn::SenderReport {
+            ssrc: x, packets, ..
+        } = r
+        {
+            if *x == ssrc {
+                let received = rx.packets.iter().filter(|p| p.at <= *at).count() as u32;
+                assert!(
+                    *packets >= received && *packets <= received + 10,
+                    "report counts {packets}, {received} received by then"
+                );
+            }
+        }
+    }
     for w in srs.windows(2) {
         let dntp = (w[1].0.wrapping_sub(w[0].0)) as f64 / (1u64 << 32) as f64;
         let drtp = w[1].1.wrapping_sub(w[0].1) as f64 / 90_000.0;
@@ -890,4 +913,60 @@ fn keyframe_is_not_spent_before_a_slow_subscriber_answers() {
         "the first video packet starts a keyframe"
     );
     s.no_errors(&[bob, slow]);
+}
+
+/// A subscriber that asks for the low layer from the start never gets another one.
+#[test]
+fn low_preference_receives_only_the_low_layer() {
+    let mut s = Sim::new(15);
+    let alice = s.client(1, "alice", MediaSpec::simulcast());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.send(bob, settings(&video.id, Quality::Low));
+    s.net.run_for(Duration::from_secs(10));
+    let v = s.rx(bob, &video.id);
+    assert!(v.packets.len() > 250, "{} packets", v.packets.len());
+    assert!(
+        v.packets
+            .iter()
+            .all(|p| p.vp8.and_then(|x| x.layer) == Some(0)),
+        "only q reached bob"
+    );
+    assert_clean_stream(&v, &SIZES);
+    s.no_errors(&[alice, bob]);
+}
+
+/// Selection by rendered size: a 320x180 element gets `q`; a cap sent together with a size
+/// is lifted by `quality: null` (the size still applies), and a large element gets `f`.
+#[test]
+fn size_selects_the_layer_and_null_lifts_the_cap() {
+    let mut s = Sim::new(16);
+    let alice = s.client(1, "alice", MediaSpec::simulcast());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    let sized = |quality, w, h| ClientMessage::TrackSettings {
+        track_id: video.id.clone(),
+        quality,
+        width: Some(w),
+        height: Some(h),
+    };
+    s.send(bob, sized(None, 320, 180));
+    assert!(
+        s.wait_layer(bob, &video.id, 0, T).is_some(),
+        "320x180 element: q"
+    );
+    s.send(bob, sized(Some(Some(Quality::Medium)), 1280, 720));
+    assert!(
+        s.wait_layer(bob, &video.id, 1, T).is_some(),
+        "capped at medium: h"
+    );
+    s.net.run_for(Duration::from_secs(2));
+    s.send(bob, sized(Some(None), 1280, 720));
+    assert!(
+        s.wait_layer(bob, &video.id, 2, T).is_some(),
+        "cap lifted, 1280x720: f"
+    );
+    s.net.run_for(Duration::from_secs(1));
+    assert!(assert_clean_stream(&s.rx(bob, &video.id), &SIZES) >= 2);
+    s.no_errors(&[alice, bob]);
 }
