@@ -94,6 +94,8 @@ struct Link {
     cfg: LinkConfig,
     /// When the bottleneck finishes serialising what it has queued.
     busy_until: Option<Instant>,
+    /// Datagrams still to drop on purpose ([`Net::drop_next`]).
+    drop_next: u32,
     stats: LinkStats,
 }
 
@@ -227,6 +229,12 @@ impl Net {
         &mut self.link_entry(from, to).cfg
     }
 
+    /// Drop the next `n` datagrams sent from `from` to `to` (counted as lost): a loss at
+    /// a chosen moment.
+    pub fn drop_next(&mut self, from: NodeId, to: NodeId, n: u32) {
+        self.link_entry(from, to).drop_next += n;
+    }
+
     /// What the link from `from` to `to` has carried.
     pub fn link_stats(&self, from: NodeId, to: NodeId) -> LinkStats {
         self.links
@@ -259,6 +267,11 @@ impl Net {
                 ..Default::default()
             });
         link.stats.sent += 1;
+        if link.drop_next > 0 {
+            link.drop_next -= 1;
+            link.stats.lost += 1;
+            return;
+        }
         if link.cfg.loss > 0.0 && self.rng.random::<f64>() < link.cfg.loss {
             link.stats.lost += 1;
             return;

@@ -970,3 +970,45 @@ fn size_selects_the_layer_and_null_lifts_the_cap() {
     assert!(assert_clean_stream(&s.rx(bob, &video.id), &SIZES) >= 2);
     s.no_errors(&[alice, bob]);
 }
+
+/// A loss right after a switch: the first packets of the new layer after its keyframe are
+/// dropped on the downlink; the subscriber's NACK gets them retransmitted (with the
+/// down-track's rewritten sequence numbers) or a keyframe follows, and the stream has no hole.
+#[test]
+fn loss_right_after_a_switch_is_repaired() {
+    let mut s = Sim::new(17);
+    let alice = s.client(1, "alice", MediaSpec::simulcast());
+    let bob = s.client(2, "bob", MediaSpec::none());
+    let video = s.track(bob, alice, TrackKind::Video);
+    s.send(bob, settings(&video.id, Quality::Low));
+    assert!(s.wait_layer(bob, &video.id, 0, T).is_some());
+    s.net.run_for(Duration::from_secs(2));
+    s.send(bob, settings(&video.id, Quality::Medium));
+    assert!(s.wait_layer(bob, &video.id, 1, T).is_some());
+    let server = s.server;
+    let now = s.net.now();
+    let before = s.net.node::<SfuNode>(server).stats(now);
+    s.net.run_for(Duration::from_millis(40));
+    s.net.drop_next(server, bob, 3);
+    let dropped_at = s.net.now();
+    s.net.run_for(Duration::from_secs(3));
+    assert_eq!(s.net.link_stats(server, bob).lost, 3);
+    let now = s.net.now();
+    let after = s.net.node::<SfuNode>(server).stats(now);
+    let v = s.rx(bob, &video.id);
+    let mut seqs = unwrap_seqs(v.packets.iter());
+    seqs.sort_unstable();
+    let span = seqs.last().unwrap() - seqs.first().unwrap() + 1;
+    seqs.dedup();
+    let resent = after.nack_resent - before.nack_resent;
+    let hole = span - seqs.len() as u64;
+    let keyframes = v.keyframes().filter(|p| p.at > dropped_at).count();
+    assert!(
+        (hole == 0 && resent > 0) || keyframes > 0,
+        "a hole of {hole} packets, {resent} resent, {keyframes} keyframes since the loss"
+    );
+    s.no_errors(&[alice, bob]);
+    println!(
+        "after a switch: 3 dropped, {resent} resent, hole {hole}, {keyframes} keyframes since"
+    );
+}
