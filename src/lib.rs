@@ -33,3 +33,4 @@ pub mod logging;
 pub mod server;
 pub mod sfu;
 pub mod signal;
+pub mod sim;
