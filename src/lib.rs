@@ -26,5 +26,12 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod server;
+// exceptions inside the core are marked where they are
+#[allow(
+    unsafe_code,
+    clippy::undocumented_unsafe_blocks,
+    clippy::disallowed_types,
+    clippy::disallowed_methods
+)]
 pub mod sfu;
 pub mod signal;

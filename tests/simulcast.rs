@@ -7,9 +7,15 @@
 //! interframes too), and the continuity of sequence numbers, timestamps and VP8 picture ids.
 //! Every wait is bounded; timings are printed (run with `--nocapture`), only loosely asserted.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+// A test, not the packet path: shares state between tasks, times its windows with the clock
+// and prints the figures it asserts.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    clippy::print_stdout
+)]
+
+use plaza_testkit::{self as common, support};
 
 use std::time::{Duration, Instant};
 
