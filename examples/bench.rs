@@ -134,7 +134,7 @@ struct Args {
     #[arg(long)]
     generator_cpus: Option<String>,
     /// Let the server and the load generator share every CPU (the default pins them apart:
-    /// see examples/common/affinity.rs for why).
+    /// see testkit/src/affinity.rs for why).
     #[arg(long)]
     no_pin: bool,
 }
