@@ -28,11 +28,6 @@ pub mod io;
 pub mod logging;
 pub mod server;
 // exceptions inside the core are marked where they are
-#[allow(
-    unsafe_code,
-    clippy::undocumented_unsafe_blocks,
-    clippy::disallowed_types,
-    clippy::disallowed_methods
-)]
+#[allow(clippy::disallowed_types, clippy::disallowed_methods)]
 pub mod sfu;
 pub mod signal;
