@@ -21,7 +21,15 @@
 //! `<date>-<scenario>.json`, `.md` and `.svg`, and `README-table.md` (the README's section).
 //! See `bench/README.md` for the method and its caveats.
 
-mod common;
+// A tool, not the packet path: shares state between tasks, reads the clock and prints its
+// report.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    clippy::print_stdout
+)]
+
+use plaza_testkit as common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -126,7 +134,7 @@ struct Args {
     #[arg(long)]
     generator_cpus: Option<String>,
     /// Let the server and the load generator share every CPU (the default pins them apart:
-    /// see examples/common/affinity.rs for why).
+    /// see testkit/src/affinity.rs for why).
     #[arg(long)]
     no_pin: bool,
 }

@@ -72,6 +72,7 @@ impl OutQueue {
 }
 
 #[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // sendmmsg(2); see the SAFETY comments
 fn send_chunk(socket: &UdpSocket, chunk: &[(BytesMut, SocketAddr)], outcome: &mut SendOutcome) {
     use std::os::fd::AsRawFd;
 
@@ -144,6 +145,8 @@ fn send_chunk(socket: &UdpSocket, chunk: &[(BytesMut, SocketAddr)], outcome: &mu
 }
 
 #[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // raw sockaddr writes; see the SAFETY comment
+#[allow(clippy::undocumented_unsafe_blocks)] // the SAFETY comment at the top covers both writes
 fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: an all-zero sockaddr_storage is valid; the writes below stay within it (it is
     // large and aligned enough for both sockaddr_in and sockaddr_in6).
