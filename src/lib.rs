@@ -31,8 +31,8 @@ pub mod http;
 pub mod io;
 pub mod logging;
 pub mod server;
-// exceptions inside the core are marked where they are
-#[allow(clippy::disallowed_types, clippy::disallowed_methods)]
 pub mod sfu;
 pub mod signal;
+// The simulation is a driver (like `io`): it owns the virtual clock, started from one
+// real instant.
 pub mod sim;
