@@ -325,6 +325,22 @@ pub enum SfuError {
     Io(#[from] std::io::Error),
 }
 
+/// A place in a room's shard, held while a join is on its way.
+struct Reservation<'a> {
+    handle: &'a SfuHandle,
+    room: &'a str,
+    shard: usize,
+    held: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.handle.placement().join_failed(self.room, self.shard);
+        }
+    }
+}
+
 /// Cloneable handle to the core's shards: joins go to the shard of their room
 /// ([`placement::Placement`]), everything a participant sends after to its shard.
 #[derive(Debug, Clone)]
@@ -376,10 +392,18 @@ impl SfuHandle {
     pub async fn join(&self, req: JoinRequest) -> Result<JoinAccepted, SfuError> {
         let room = req.room.clone();
         let shard = self.placement().reserve(&room);
+        // Given back if the join fails, or if this future is dropped before the answer (the
+        // session went away mid-join; the core then removes the participant on its own).
+        let mut reservation = Reservation {
+            handle: self,
+            room: &room,
+            shard,
+            held: true,
+        };
         let res = self.join_on(shard, req).await;
-        match &res {
-            Ok(ok) => self.placement().joined(&ok.participant_id, &room, shard),
-            Err(_) => self.placement().join_failed(&room, shard),
+        if let Ok(ok) = &res {
+            self.placement().joined(&ok.participant_id, &room, shard);
+            reservation.held = false;
         }
         res
     }
@@ -454,5 +478,75 @@ impl SfuHandle {
         let mut total = total.unwrap_or_default();
         total.shards = per_shard;
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+// Tests share the handle across tasks.
+#[allow(clippy::disallowed_types, clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn join_req(room: &str) -> (JoinRequest, mpsc::Receiver<ServerMessage>) {
+        let (events, rx) = mpsc::channel(8);
+        (
+            JoinRequest {
+                room: room.into(),
+                name: "n".into(),
+                auto_subscribe: true,
+                events,
+            },
+            rx,
+        )
+    }
+
+    /// A join whose session goes away before the core answers gives its place back: the room
+    /// is not pinned to its shard forever, and the shard's load is right.
+    #[tokio::test]
+    async fn an_abandoned_join_gives_its_place_back() {
+        let (tx0, mut rx0) = mpsc::channel(8);
+        let (tx1, _rx1) = mpsc::channel(8);
+        let handle = SfuHandle::sharded(vec![tx0, tx1]);
+        let (req, _events) = join_req("r");
+        let abandoned = tokio::time::timeout(Duration::from_millis(50), handle.join(req)).await;
+        assert!(abandoned.is_err(), "no core answered");
+        assert!(matches!(rx0.try_recv(), Ok(Command::Join { .. })));
+        assert_eq!(handle.placement().load(), &[0, 0]);
+        assert_eq!(handle.placement().room_shard("r"), None);
+
+        // A join the core refuses gives it back too; one it accepts keeps it.
+        let (req, _events) = join_req("r");
+        let refused = tokio::spawn({
+            let h = handle.clone();
+            async move { h.join(req).await }
+        });
+        match rx0.recv().await {
+            Some(Command::Join { reply, .. }) => {
+                let _ = reply.send(Err(SfuError::InvalidJoin("no".into())));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(refused.await.unwrap().is_err());
+        assert_eq!(handle.placement().load(), &[0, 0]);
+        let (req, _events) = join_req("r");
+        let accepted = tokio::spawn({
+            let h = handle.clone();
+            async move { h.join(req).await }
+        });
+        match rx0.recv().await {
+            Some(Command::Join { reply, .. }) => {
+                let _ = reply.send(Ok(JoinAccepted {
+                    participant_id: "PA_1".into(),
+                    joined: ServerMessage::Pong { ts: None },
+                }));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(accepted.await.unwrap().is_ok());
+        assert_eq!(handle.placement().load(), &[1, 0]);
+        assert_eq!(handle.placement().shard_of("PA_1"), Some(0));
+        handle.disconnect("PA_1", "bye").await;
+        assert_eq!(handle.placement().load(), &[0, 0]);
     }
 }
