@@ -52,6 +52,7 @@ pub mod envelope;
 pub mod janus;
 pub mod keyframe;
 pub mod layers;
+pub mod lightviewer;
 pub mod measure;
 pub mod media;
 pub mod peer;
