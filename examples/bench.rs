@@ -34,7 +34,7 @@ use clap::Parser;
 use common::affinity;
 use common::cli::{self, PeerArgs};
 use common::janus::{JanusOptions, JanusPeer, JanusServer, create_room};
-use common::lightviewer::{LightOptions, LightViewer};
+use common::lightviewer::{self, LightOptions, LightViewer};
 use common::measure::{
     self, ClientTotals, Measured, Recorder, ServerSource, Summary, now_us, summarize, wait_http_ok,
 };
@@ -313,6 +313,8 @@ struct LightPoint {
     reordered: u64,
     /// The load generator's CPU (viewers, publishers, the bench itself) per received packet.
     generator_us_per_packet: Option<f64>,
+    /// The light viewers' receive thread alone (recvmmsg + counting) per received packet.
+    viewer_us_per_packet: Option<f64>,
     /// Largest inter-arrival gap on one SSRC since the viewers joined, ms.
     max_gap_ms: f64,
     /// Received packets per `recvmmsg` call.
@@ -552,6 +554,10 @@ async fn start_plaza(args: &Args, log: &Path, workers: Option<usize>) -> Result<
             &args.plaza_udp_port.to_string(),
             "--log-level",
             "warn",
+            // Every synthetic peer connects from 127.0.0.1: the per-address cap (64 by
+            // default) would refuse the viewers past it.
+            "--max-connections-per-ip",
+            "4096",
         ])
         .args(
             workers
@@ -946,6 +952,7 @@ async fn run_plaza_light(
         .map(|v| v.stats.reordered.load(std::sync::atomic::Ordering::Relaxed))
         .sum();
     let before = totals();
+    let rx_cpu0 = lightviewer::receive_thread_cpu_s();
     recorder
         .begin(&format!("plaza light {} n={n}", sc.name()), totals.clone())
         .await;
@@ -956,6 +963,7 @@ async fn run_plaza_light(
     ));
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     let after = totals();
+    let rx_cpu1 = lightviewer::receive_thread_cpu_s();
     let measured = recorder.end(after).await;
     let rtts = pings.await.unwrap_or_default();
     let w = &measured.window;
@@ -1004,6 +1012,10 @@ async fn run_plaza_light(
             .generator_cpu_percent
             .filter(|_| received > 0)
             .map(|c| c / 100.0 * w.seconds * 1e6 / received as f64),
+        viewer_us_per_packet: match (rx_cpu0, rx_cpu1) {
+            (Some(a), Some(b)) if received > 0 => Some((b - a) * 1e6 / received as f64),
+            _ => None,
+        },
         max_gap_ms: viewers
             .iter()
             .map(|v| {
@@ -1304,8 +1316,9 @@ fn light_table(points: &[Point]) -> String {
     }
     let mut s = String::from(
         "| server | N | fwd pkt/s | expected pkt/s | server µs/pkt | viewer loss | delivery \
-         | in-core p50 / p99 (µs) | gen CPU | gen µs/pkt | pkts/recvmmsg | layer (viewers) \
-         | max gap (ms) | knee |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n",
+         | in-core p50 / p99 (µs) | gen CPU | gen µs/pkt | viewer rx µs/pkt | pkts/recvmmsg \
+         | layer (viewers) | max gap (ms) | knee |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n",
     );
     for p in points {
         let (Some(l), Some(m)) = (&p.light, &p.measured) else {
@@ -1313,7 +1326,7 @@ fn light_table(points: &[Point]) -> String {
         };
         let w = &m.window;
         s.push_str(&format!(
-            "| {}{} | {} | {:.0} | {:.0} | {} | {:.2}% | {:.1}% | {} | {} | {} | {:.1} | {} | {:.0} | {} |\n",
+            "| {}{} | {} | {:.0} | {:.0} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} | {:.1} | {} | {:.0} | {} |\n",
             server_label(p),
             if p.ok { "" } else { " ⚠" },
             p.n,
@@ -1326,6 +1339,7 @@ fn light_table(points: &[Point]) -> String {
                 .map_or("n/a".into(), |x| format!("{} / {}", x.p50, x.p99)),
             f(w.generator_cpu_percent, 0) + "%",
             f(l.generator_us_per_packet, 2),
+            f(l.viewer_us_per_packet, 2),
             l.packets_per_batch,
             l.layers
                 .iter()

@@ -10,8 +10,11 @@
 //! extended sequence number), lost (sequence gaps), reordered, bytes, first and last arrival.
 //! Everything else (STUN consent and the server's checks, DTLS, SRTCP, SCTP for the data
 //! channels) still goes to `rtc`, so the connection stays alive and the data channels open.
-//! Datagrams are read in batches of up to [`BATCH`] with `recvmmsg(2)` after one readiness
-//! wake-up, so a burst costs one task wake-up and one system call.
+//! Datagrams are read by one receive thread per process for every viewer's socket: one
+//! `epoll_wait(2)` reports every socket with data, and each is drained with `recvmmsg(2)` in
+//! batches of up to [`BATCH`], so a burst to many viewers costs one wake-up and one system call
+//! per socket, and no async task runs per packet. The few other datagrams are handed to the
+//! viewer's tokio task (which owns the `rtc` connection and the WebSocket) over a channel.
 //!
 //! **It never sends RTCP feedback**: no PLI, no NACK, no receiver reports, no TWCC, no REMB (the
 //! `rtc` connection is built without interceptors). The server's bandwidth estimator therefore
@@ -22,13 +25,14 @@
 //! records the `layer_changed` messages it gets. Lost packets are never retransmitted (nothing
 //! asks), so the loss it reports is what the server (or the kernel's socket buffers) dropped.
 //!
-//! Many viewers in one process: one UDP socket and one tokio task each.
+//! Many viewers in one process: one UDP socket and one tokio task each (signaling, `rtc`
+//! timers, the non-media datagrams), and the shared receive thread for the media.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -48,15 +52,16 @@ use rtc::peer_connection::transport::{
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Datagrams read per `recvmmsg(2)` call, at most.
 pub const BATCH: usize = 32;
 /// Receive buffer size per datagram (larger datagrams are truncated, and counted anyway).
 const DATAGRAM: usize = 1536;
+/// Pause of the receive thread after each round of reads, so one `epoll_wait` finds many
+/// sockets with data. Arrival times are therefore exact only to about this much.
+const COALESCE: Duration = Duration::from_micros(1000);
 /// Receive buffer asked of the kernel per viewer socket.
 const SOCKET_BUFFER: usize = 1 << 20;
 
@@ -108,6 +113,8 @@ pub struct LightStats {
     pub ssrcs: AtomicU64,
     /// Largest gap between two consecutive arrivals on one SSRC, µs.
     pub max_gap_us: AtomicU64,
+    /// Set once DTLS is connected: media is counted from then on.
+    connected: AtomicBool,
 }
 
 impl LightStats {
@@ -175,6 +182,8 @@ struct Shared {
 
 /// One light viewer (see the module docs). Dropping it stops its task.
 pub struct LightViewer {
+    /// Registration with the receive thread.
+    token: u64,
     name: String,
     participant_id: String,
     pub stats: Arc<LightStats>,
@@ -186,6 +195,9 @@ pub struct LightViewer {
 
 impl Drop for LightViewer {
     fn drop(&mut self) {
+        if let Ok(r) = receiver() {
+            r.remove(self.token);
+        }
         if let Some(t) = lock(&self.task).take() {
             t.abort();
         }
@@ -204,15 +216,25 @@ impl LightViewer {
         .await
         .map_err(|_| anyhow!("{name}: WebSocket connect timed out"))?
         .with_context(|| format!("{name}: WebSocket connect"))?;
-        let std_sock = StdUdpSocket::bind(SocketAddr::new(opts.bind_ip, 0))?;
-        std_sock.set_nonblocking(true)?;
-        set_rcvbuf(&std_sock, SOCKET_BUFFER);
-        let sock = UdpSocket::from_std(std_sock)?;
+        let sock = StdUdpSocket::bind(SocketAddr::new(opts.bind_ip, 0))?;
+        sock.set_nonblocking(true)?;
+        set_rcvbuf(&sock, SOCKET_BUFFER);
+        let sock = Arc::new(sock);
         let stats = Arc::new(LightStats::default());
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (streams_tx, streams) = watch::channel(0u64);
         let (ready_tx, ready_rx) = oneshot::channel::<Result<String>>();
         let (stop, stop_rx) = oneshot::channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let token = receiver()?.add(Entry {
+            sock: sock.clone(),
+            stats: stats.clone(),
+            shared: shared.clone(),
+            started,
+            ssrcs: HashMap::new(),
+            streams: streams_tx,
+            control: control_tx,
+        })?;
         let run = Run {
             name: name.to_owned(),
             room: room.to_owned(),
@@ -220,17 +242,17 @@ impl LightViewer {
             started,
             stats: stats.clone(),
             shared: shared.clone(),
-            streams: streams_tx,
         };
         let task_shared = shared.clone();
         let task = tokio::spawn(async move {
-            let why = match run.run(ws, sock, ready_tx, stop_rx).await {
+            let why = match run.run(ws, sock, control_rx, ready_tx, stop_rx).await {
                 Ok(()) => "left".to_owned(),
                 Err(e) => format!("{e:#}"),
             };
             lock(&task_shared).ended = Some(why);
         });
         let mut viewer = LightViewer {
+            token,
             name: name.to_owned(),
             participant_id: String::new(),
             stats,
@@ -431,14 +453,15 @@ struct Run {
     started: Instant,
     stats: Arc<LightStats>,
     shared: Arc<Mutex<Shared>>,
-    streams: watch::Sender<u64>,
 }
+
+/// A non-media datagram for the viewer's `rtc` connection: (bytes, source, arrival).
+type Control = (BytesMut, SocketAddr, Instant);
 
 /// The connection state the task owns.
 struct State {
     pc: Option<RTCPeerConnection>,
     local: SocketAddr,
-    ssrcs: HashMap<u32, SsrcState>,
     /// Video tracks known: id → publisher.
     video_tracks: HashMap<String, String>,
     settings_sent: std::collections::HashSet<String>,
@@ -452,7 +475,8 @@ impl Run {
     async fn run(
         self,
         mut ws: Ws,
-        sock: UdpSocket,
+        sock: Arc<StdUdpSocket>,
+        mut control: mpsc::UnboundedReceiver<Control>,
         ready: oneshot::Sender<Result<String>>,
         mut stop: oneshot::Receiver<()>,
     ) -> Result<()> {
@@ -468,7 +492,6 @@ impl Run {
         let mut st = State {
             pc: None,
             local: sock.local_addr()?,
-            ssrcs: HashMap::new(),
             video_tracks: HashMap::new(),
             settings_sent: Default::default(),
             subscribed: Default::default(),
@@ -476,12 +499,10 @@ impl Run {
             connected: false,
             ready: Some(ready),
         };
-        let mut batch = Batch::new();
-        let fd = sock.as_raw_fd();
         let far = Duration::from_secs(3600);
         let result: Result<()> = async {
             loop {
-                self.drain_rtc(&mut st, &sock).await?;
+                self.drain_rtc(&mut st, &sock)?;
                 let deadline = st
                     .pc
                     .as_mut()
@@ -496,9 +517,22 @@ impl Run {
                         let _ = ws.close(None).await;
                         return Ok(());
                     }
-                    r = sock.readable() => {
-                        r?;
-                        self.read_datagrams(&mut st, &sock, fd, &mut batch)?;
+                    d = control.recv() => {
+                        let Some((message, peer, now)) = d else {
+                            bail!("receive thread gone")
+                        };
+                        if let Some(pc) = st.pc.as_mut() {
+                            let _ = pc.handle_read(TaggedBytesMut {
+                                now,
+                                transport: TransportContext {
+                                    local_addr: st.local,
+                                    peer_addr: peer,
+                                    ecn: None,
+                                    transport_protocol: TransportProtocol::UDP,
+                                },
+                                message,
+                            });
+                        }
                     }
                     msg = ws.next() => {
                         let Some(msg) = msg else { bail!("WebSocket closed by the server") };
@@ -525,128 +559,22 @@ impl Run {
         result
     }
 
-    /// Reads every waiting datagram: SRTP is counted, the rest goes to `rtc`.
-    fn read_datagrams(
-        &self,
-        st: &mut State,
-        sock: &UdpSocket,
-        fd: libc::c_int,
-        batch: &mut Batch,
-    ) -> Result<()> {
-        loop {
-            let n = match sock.try_io(Interest::READABLE, || batch.recv(fd)) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            if n == 0 {
-                return Ok(());
-            }
-            let now = Instant::now();
-            self.stats.batches.fetch_add(1, Ordering::Relaxed);
-            let (mut got, mut bytes, mut reordered, mut control) = (0u64, 0u64, 0u64, 0u64);
-            let mut new_ssrcs = false;
-            let mut max_gap = 0u64;
-            for i in 0..n {
-                let d = batch.datagram(i);
-                match classify(d) {
-                    Datagram::Rtp { ssrc, seq } if st.connected => {
-                        got += 1;
-                        bytes += d.len() as u64;
-                        match st.ssrcs.get_mut(&ssrc) {
-                            Some(s) => {
-                                let ext = extend_seq(s.highest, seq);
-                                if ext > s.highest {
-                                    s.highest = ext;
-                                } else {
-                                    reordered += 1;
-                                }
-                                if ext < s.first {
-                                    s.first = ext;
-                                }
-                                s.received += 1;
-                                let gap = now.duration_since(s.last_arrival).as_micros() as u64;
-                                max_gap = max_gap.max(gap);
-                                s.last_arrival = now;
-                            }
-                            None => {
-                                let ext = 0x1_0000 | u64::from(seq);
-                                st.ssrcs.insert(
-                                    ssrc,
-                                    SsrcState {
-                                        first: ext,
-                                        highest: ext,
-                                        received: 1,
-                                        last_arrival: now,
-                                    },
-                                );
-                                new_ssrcs = true;
-                            }
-                        }
-                    }
-                    Datagram::Rtp { .. } => {}
-                    Datagram::Other => {
-                        control += 1;
-                        let (Some(pc), Some(peer)) = (st.pc.as_mut(), batch.addr(i)) else {
-                            continue;
-                        };
-                        let _ = pc.handle_read(TaggedBytesMut {
-                            now,
-                            transport: TransportContext {
-                                local_addr: st.local,
-                                peer_addr: peer,
-                                ecn: None,
-                                transport_protocol: TransportProtocol::UDP,
-                            },
-                            message: BytesMut::from(d),
-                        });
-                    }
-                }
-            }
-            let s = &self.stats;
-            if got > 0 {
-                s.received.fetch_add(got, Ordering::Relaxed);
-                s.bytes.fetch_add(bytes, Ordering::Relaxed);
-                if reordered > 0 {
-                    s.reordered.fetch_add(reordered, Ordering::Relaxed);
-                }
-                let expected: u64 = st.ssrcs.values().map(|v| v.highest - v.first + 1).sum();
-                s.expected.store(expected, Ordering::Relaxed);
-                s.max_gap_us.fetch_max(max_gap, Ordering::Relaxed);
-                if new_ssrcs {
-                    let mut sh = lock(&self.shared);
-                    if sh.join.first_media.is_none() {
-                        sh.join.first_media = Some(self.started.elapsed());
-                    }
-                    drop(sh);
-                    s.ssrcs.store(st.ssrcs.len() as u64, Ordering::Relaxed);
-                    let _ = self.streams.send(st.ssrcs.len() as u64);
-                }
-            }
-            if control > 0 {
-                s.control_datagrams.fetch_add(control, Ordering::Relaxed);
-            }
-            if n < BATCH {
-                return Ok(());
-            }
-        }
-    }
-
     /// Sends what `rtc` wants to send and handles its events (the rest is dropped: no media or
     /// data-channel message is read by the application).
-    async fn drain_rtc(&self, st: &mut State, sock: &UdpSocket) -> Result<()> {
+    fn drain_rtc(&self, st: &mut State, sock: &StdUdpSocket) -> Result<()> {
         let Some(pc) = st.pc.as_mut() else {
             return Ok(());
         };
         while let Some(out) = pc.poll_write() {
-            let _ = sock.send_to(&out.message, out.transport.peer_addr).await;
+            // A full send buffer drops the datagram (rtc retransmits what matters).
+            let _ = sock.send_to(&out.message, out.transport.peer_addr);
         }
         while let Some(ev) = pc.poll_event() {
             if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) = ev {
                 match s {
                     RTCPeerConnectionState::Connected if !st.connected => {
                         st.connected = true;
+                        self.stats.connected.store(true, Ordering::Release);
                         lock(&self.shared).join.connected = Some(self.started.elapsed());
                         if let Some(r) = st.ready.take() {
                             let _ = r.send(Ok(st.participant_id.clone()));
@@ -804,6 +732,234 @@ impl Run {
         pc.local_description()
             .map(|d| d.sdp)
             .ok_or_else(|| anyhow!("no local description"))
+    }
+}
+
+// ───────────────────────────── the receive thread ─────────────────────────────
+
+/// One viewer's socket as the receive thread sees it.
+struct Entry {
+    sock: Arc<StdUdpSocket>,
+    stats: Arc<LightStats>,
+    shared: Arc<Mutex<Shared>>,
+    started: Instant,
+    ssrcs: HashMap<u32, SsrcState>,
+    /// SSRCs with packets, for [`LightViewer::wait_for_streams`].
+    streams: watch::Sender<u64>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// The process's receive thread: an epoll set over every viewer socket.
+struct Receiver {
+    epoll: libc::c_int,
+    entries: Arc<Mutex<HashMap<u64, Entry>>>,
+    next: AtomicU64,
+}
+
+/// Thread id of the receive thread (0 until it runs).
+static RECEIVE_TID: AtomicU64 = AtomicU64::new(0);
+
+/// CPU time (user + system) the receive thread used so far, seconds (`/proc/self/task/<tid>`):
+/// the viewers' cost of the media itself, without their tasks' signaling and `rtc` timers.
+pub fn receive_thread_cpu_s() -> Option<f64> {
+    let tid = RECEIVE_TID.load(Ordering::Relaxed);
+    if tid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let ticks = super::measure::parse_stat_ticks(&stat)?;
+    // SAFETY: plain system call.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// The receive thread, started on first use.
+fn receiver() -> Result<&'static Receiver> {
+    static RECEIVER: OnceLock<std::result::Result<Receiver, String>> = OnceLock::new();
+    RECEIVER
+        .get_or_init(|| Receiver::start().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("light viewer receive thread: {e}"))
+}
+
+impl Receiver {
+    fn start() -> Result<Receiver> {
+        // SAFETY: plain system call.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let entries: Arc<Mutex<HashMap<u64, Entry>>> = Arc::default();
+        let e = entries.clone();
+        std::thread::Builder::new()
+            .name("light-viewers".into())
+            .spawn(move || {
+                // SAFETY: plain system call.
+                RECEIVE_TID.store(unsafe { libc::gettid() } as u64, Ordering::Relaxed);
+                receive_loop(epoll, &e)
+            })?;
+        Ok(Receiver {
+            epoll,
+            entries,
+            next: AtomicU64::new(1),
+        })
+    }
+
+    fn add(&self, entry: Entry) -> Result<u64> {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let fd = entry.sock.as_raw_fd();
+        lock(&self.entries).insert(token, entry);
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: valid epoll and socket descriptors, a valid event.
+        if unsafe { libc::epoll_ctl(self.epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            lock(&self.entries).remove(&token);
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(token)
+    }
+
+    fn remove(&self, token: u64) {
+        let entry = lock(&self.entries).remove(&token);
+        if let Some(e) = entry {
+            // SAFETY: valid descriptors; the socket is still open (the entry holds it).
+            unsafe {
+                libc::epoll_ctl(
+                    self.epoll,
+                    libc::EPOLL_CTL_DEL,
+                    e.sock.as_raw_fd(),
+                    std::ptr::null_mut(),
+                );
+            }
+        }
+    }
+}
+
+fn receive_loop(epoll: libc::c_int, entries: &Mutex<HashMap<u64, Entry>>) {
+    const EVENTS: usize = 256;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+    let mut batch = Batch::new();
+    loop {
+        // SAFETY: `events` has room for EVENTS entries.
+        let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), EVENTS as i32, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            eprintln!(
+                "light viewers: epoll_wait: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let mut map = lock(entries);
+        for ev in &events[..n as usize] {
+            let token = ev.u64;
+            if let Some(entry) = map.get_mut(&token) {
+                entry.read(&mut batch);
+            }
+        }
+        drop(map);
+        // Let the next burst gather in the socket buffers: one wake-up then serves many
+        // sockets (and several datagrams per socket) instead of one or two.
+        std::thread::sleep(COALESCE);
+    }
+}
+
+impl Entry {
+    /// Reads every waiting datagram: SRTP is counted, the rest goes to the viewer's task.
+    fn read(&mut self, batch: &mut Batch) {
+        let fd = self.sock.as_raw_fd();
+        let connected = self.stats.connected.load(Ordering::Acquire);
+        loop {
+            let n = match batch.recv(fd) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if n == 0 {
+                return;
+            }
+            let now = Instant::now();
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            let (mut got, mut bytes, mut reordered, mut control) = (0u64, 0u64, 0u64, 0u64);
+            let mut new_ssrcs = false;
+            let mut max_gap = 0u64;
+            for i in 0..n {
+                let d = batch.datagram(i);
+                match classify(d) {
+                    Datagram::Rtp { ssrc, seq } if connected => {
+                        got += 1;
+                        bytes += d.len() as u64;
+                        match self.ssrcs.get_mut(&ssrc) {
+                            Some(s) => {
+                                let ext = extend_seq(s.highest, seq);
+                                if ext > s.highest {
+                                    s.highest = ext;
+                                } else {
+                                    reordered += 1;
+                                }
+                                if ext < s.first {
+                                    s.first = ext;
+                                }
+                                s.received += 1;
+                                let gap = now.duration_since(s.last_arrival).as_micros() as u64;
+                                max_gap = max_gap.max(gap);
+                                s.last_arrival = now;
+                            }
+                            None => {
+                                let ext = 0x1_0000 | u64::from(seq);
+                                self.ssrcs.insert(
+                                    ssrc,
+                                    SsrcState {
+                                        first: ext,
+                                        highest: ext,
+                                        received: 1,
+                                        last_arrival: now,
+                                    },
+                                );
+                                new_ssrcs = true;
+                            }
+                        }
+                    }
+                    Datagram::Rtp { .. } => {}
+                    Datagram::Other => {
+                        control += 1;
+                        if let Some(peer) = batch.addr(i) {
+                            let _ = self.control.send((BytesMut::from(d), peer, now));
+                        }
+                    }
+                }
+            }
+            let s = &self.stats;
+            if got > 0 {
+                s.received.fetch_add(got, Ordering::Relaxed);
+                s.bytes.fetch_add(bytes, Ordering::Relaxed);
+                if reordered > 0 {
+                    s.reordered.fetch_add(reordered, Ordering::Relaxed);
+                }
+                let expected: u64 = self.ssrcs.values().map(|v| v.highest - v.first + 1).sum();
+                s.expected.store(expected, Ordering::Relaxed);
+                s.max_gap_us.fetch_max(max_gap, Ordering::Relaxed);
+                if new_ssrcs {
+                    let mut sh = lock(&self.shared);
+                    if sh.join.first_media.is_none() {
+                        sh.join.first_media = Some(self.started.elapsed());
+                    }
+                    drop(sh);
+                    s.ssrcs.store(self.ssrcs.len() as u64, Ordering::Relaxed);
+                    let _ = self.streams.send(self.ssrcs.len() as u64);
+                }
+            }
+            if control > 0 {
+                s.control_datagrams.fetch_add(control, Ordering::Relaxed);
+            }
+            if n < BATCH {
+                return;
+            }
+        }
     }
 }
 
