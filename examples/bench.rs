@@ -143,10 +143,10 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "25,50,75,100,150,200,300"
+        default_value = "25,50,75,100,150,200,300,400,500,700,1000"
     )]
     knee_viewers: Vec<usize>,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 1000)]
     knee_max: usize,
     /// Wall-clock budget of the knee search, seconds (no new point starts after it).
     #[arg(long, default_value_t = 900)]
@@ -1316,9 +1316,9 @@ fn light_table(points: &[Point]) -> String {
     }
     let mut s = String::from(
         "| server | N | fwd pkt/s | expected pkt/s | server µs/pkt | viewer loss | delivery \
-         | in-core p50 / p99 (µs) | gen CPU | gen µs/pkt | viewer rx µs/pkt | pkts/recvmmsg \
-         | layer (viewers) | max gap (ms) | knee |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n",
+         | in-core p50 / p99 (µs) | srv CPU wait | gen CPU | gen µs/pkt | viewer rx µs/pkt \
+         | pkts/recvmmsg | layer (viewers) | max gap (ms) | knee |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n",
     );
     for p in points {
         let (Some(l), Some(m)) = (&p.light, &p.measured) else {
@@ -1326,7 +1326,7 @@ fn light_table(points: &[Point]) -> String {
         };
         let w = &m.window;
         s.push_str(&format!(
-            "| {}{} | {} | {:.0} | {:.0} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} | {:.1} | {} | {:.0} | {} |\n",
+            "| {}{} | {} | {:.0} | {:.0} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} | {} | {:.1} | {} | {:.0} | {} |\n",
             server_label(p),
             if p.ok { "" } else { " ⚠" },
             p.n,
@@ -1337,6 +1337,7 @@ fn light_table(points: &[Point]) -> String {
             l.delivery_percent,
             w.server_forward_latency_us
                 .map_or("n/a".into(), |x| format!("{} / {}", x.p50, x.p99)),
+            f(w.server_cpu_wait_percent, 0) + "%",
             f(w.generator_cpu_percent, 0) + "%",
             f(l.generator_us_per_packet, 2),
             f(l.viewer_us_per_packet, 2),
