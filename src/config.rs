@@ -152,7 +152,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             max_ws_message: DEFAULT_MAX_WS_MESSAGE,
             max_data_message: DEFAULT_MAX_DATA_MESSAGE,
-            udp_buffer: crate::sfu::core::UDP_BUFFER_DEFAULT,
+            udp_buffer: crate::io::UDP_BUFFER_DEFAULT,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,

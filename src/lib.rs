@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod http;
+pub mod io;
 pub mod logging;
 pub mod server;
 pub mod sfu;

@@ -1,7 +1,7 @@
 //! Starting and stopping the server: the media UDP socket, the SFU core and the HTTP server.
 //!
 //! [`start`] binds both sockets (ports may be 0 for ephemeral ones), hands the UDP socket to
-//! the core ([`crate::sfu::core::spawn`]) and serves the axum router. [`Server::shutdown`]
+//! the core ([`crate::io::spawn`]) and serves the axum router. [`Server::shutdown`]
 //! stops accepting connections, asks the core to shut down (it tells every participant
 //! `leave` and closes their event channels, which ends their WebSocket sessions), waits for
 //! the HTTP server and the sessions, and returns — within [`SHUTDOWN_TIMEOUT`] whatever
@@ -150,7 +150,7 @@ pub struct Server {
 
 /// Bind the sockets, start the core and the HTTP server.
 pub async fn start(config: Config) -> Result<Server, ServerError> {
-    start_with_core(config, crate::sfu::core::spawn).await
+    start_with_core(config, crate::io::spawn).await
 }
 
 /// [`start`] with the core's `spawn` passed in (tests use a fake core).

@@ -1,26 +1,30 @@
-//! The core task: owns the UDP socket, every participant's `rtc` peer connections, rooms,
+//! The SFU core as a state machine: rooms, participants, every `rtc` peer connection,
 //! published tracks and their down-tracks. One owner, no locks on the packet path.
 //!
-//! The loop waits for whichever comes first — a datagram, a command from signaling, or the
-//! earliest peer-connection deadline from the timer heap — then lets the touched peer
-//! connections produce output (`poll_write`/`poll_event`/`poll_read`) until nothing is left.
+//! [`Sfu`] never touches a socket, a runtime or the clock. It is handed `now` with every input
+//! (a datagram, a command from signaling, a timeout), writes the datagrams it produces to a
+//! [`Transmit`] sink and the signaling events to each participant's channel, and says when it
+//! next needs to be woken and why ([`Sfu::poll_timeout`]). Work found while handling an input
+//! that must wait for the end of the turn is queued as an [`Effect`] and applied by
+//! [`Sfu::end_turn`]. The driver (`crate::io`) owns the real socket and clock; the
+//! virtual-time tests drive the same core over a simulated network.
 
 use super::bwe::Estimate;
 use super::data::{self, DataError};
 use super::demux::{self, BindingKind, Claim, Demux, DropCounters};
+use super::effects::{Effect, Effects};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::{KeyframeThrottle, SwitchWatch};
-use super::latency::LatencyHistogram;
 use super::outbox::Outbox;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::sdpcheck;
 use super::selector::{
     BitrateMeter, LayerInfo, LayerSelector, PacketAction, Requested, layer_quality, needed_layers,
 };
-use super::udp::{self, OutQueue};
+use super::timers::{Deadline, Periodic, Reason, TimerQueue, soonest};
 use super::vp8;
-use super::{Command, CoreStats, JoinAccepted, JoinRequest, SfuError, SfuHandle};
+use super::{Command, CoreStats, Flow, JoinAccepted, JoinRequest, SfuError, Transmit};
 use crate::signal::{
     ClientMessage, ErrorCode, PROTOCOL_VERSION, ParticipantInfo, PcTarget, Quality, ServerMessage,
     TrackInfo, TrackKind,
@@ -54,13 +58,11 @@ use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
 use rtc::sdp::extmap::TRANSPORT_CC_URI;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, trace, warn};
 
 /// What the core needs to know.
@@ -77,91 +79,6 @@ pub struct CoreConfig {
     pub udp_buffer: usize,
 }
 
-/// Default media socket buffer: a burst of a few thousand full-size datagrams (the kernel's
-/// usual default, ~208 KB, loses datagrams of everyone during a flood).
-pub const UDP_BUFFER_DEFAULT: usize = 8 << 20;
-
-/// Ask for `bytes` of receive and send buffer on `socket`: first past the system maximum
-/// (`SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`), else up to it. Returns what the kernel
-/// granted (it reports twice the usable size).
-fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
-    use std::os::fd::AsRawFd;
-    let fd = socket.as_raw_fd();
-    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    let set = |force, plain| {
-        // SAFETY: `fd` is a valid socket for the duration of the call; the option value is a
-        // c_int, as both options take.
-        unsafe {
-            let v = &want as *const libc::c_int as *const libc::c_void;
-            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            if libc::setsockopt(fd, libc::SOL_SOCKET, force, v, len) != 0 {
-                libc::setsockopt(fd, libc::SOL_SOCKET, plain, v, len);
-            }
-        }
-    };
-    set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
-    set(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
-    let get = |opt| {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as above; `v` and `len` are valid for writes.
-        unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &mut v as *mut libc::c_int as *mut libc::c_void,
-                &mut len,
-            );
-        }
-        usize::try_from(v).unwrap_or(0)
-    };
-    (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
-}
-
-/// Start the core on its own thread, owning `socket` (a bound, non-blocking std socket).
-/// Returns the handle and a receiver that resolves when the core has stopped.
-pub fn spawn(
-    config: CoreConfig,
-    socket: std::net::UdpSocket,
-) -> Result<(SfuHandle, oneshot::Receiver<()>), SfuError> {
-    socket.set_nonblocking(true)?;
-    let local_addr = socket.local_addr()?;
-    let (rcv, snd) = set_socket_buffers(&socket, config.udp_buffer);
-    if rcv < config.udp_buffer {
-        warn!(
-            wanted = config.udp_buffer,
-            granted = rcv,
-            "media socket receive buffer is smaller than configured (raise net.core.rmem_max, or run with CAP_NET_ADMIN)"
-        );
-    } else {
-        info!(receive = rcv, send = snd, "media socket buffers");
-    }
-    let (tx, rx) = mpsc::channel(4096);
-    let (done_tx, done_rx) = oneshot::channel();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("plaza-core".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                match UdpSocket::from_std(socket) {
-                    Ok(socket) => {
-                        let mut core = Core::new(config, socket, local_addr);
-                        core.run(rx).await;
-                    }
-                    Err(e) => warn!("core could not adopt the UDP socket: {e}"),
-                }
-            });
-            let _ = done_tx.send(());
-        })?;
-    Ok((SfuHandle::new(tx), done_rx))
-}
-
-const MAX_DATAGRAM: usize = 1500;
-/// How many datagrams to take from the socket per wakeup before serving other work.
-const RECV_BATCH: usize = 64;
 /// Minimum time between keyframe requests to one publisher track.
 const KEYFRAME_INTERVAL: Duration = Duration::from_millis(300);
 /// A simulcast layer nobody needs for this long is paused at the publisher.
@@ -173,6 +90,10 @@ const SELECT_INTERVAL: Duration = Duration::from_millis(250);
 const SHARP_DROP_PERCENT: u64 = 70;
 /// A participant whose transport never connects is dropped after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often RTCP sender reports go out for every forwarded stream.
+const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often stale demultiplexer entries are forgotten.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum PcKind {
@@ -189,9 +110,9 @@ struct PcKey {
 /// One `rtc` peer connection with the bookkeeping the loop needs.
 struct Pc {
     rtc: RTCPeerConnection,
-    deadline: Option<Instant>,
+    /// When the connection next needs a timeout, and for what.
+    deadline: Option<Deadline>,
     connected: bool,
-    created: Instant,
     /// Already in the dirty queue.
     queued: bool,
     /// Needs a full drain (events, application messages, timers), not just its outgoing
@@ -409,10 +330,18 @@ struct Room {
     members: Vec<u64>,
 }
 
-struct Core {
+/// The SFU core. `T` is where its datagrams go: the driver's batched UDP socket, or a
+/// simulated network.
+pub struct Sfu<T: Transmit> {
     cfg: CoreConfig,
-    socket: UdpSocket,
     local_addr: SocketAddr,
+    tx: T,
+    /// The time of the input being handled (never read from the clock).
+    now: Instant,
+    /// Wall-clock time at `clock_anchor.0` (sender reports carry wall-clock time).
+    clock_anchor: (Instant, SystemTime),
+    /// Every id, SSRC, initial sequence number and ICE credential comes from here.
+    rng: rand::rngs::StdRng,
     rooms: HashMap<String, Room>,
     parts: HashMap<u64, Participant>,
     by_pid: HashMap<String, u64>,
@@ -421,34 +350,28 @@ struct Core {
     demux: Demux<PcKey>,
     /// Datagrams dropped, by reason, and log lines for them (rate-limited).
     drops: DropCounters,
-    timers: BinaryHeap<Reverse<(Instant, PcKey)>>,
+    /// Peer connections' deadlines (`Pc::deadline` holds the current one of each).
+    timers: TimerQueue<PcKey>,
+    /// When each participant that has not connected yet is due to be dropped.
+    connect_timers: TimerQueue<u64>,
+    select_timer: Periodic,
+    report_timer: Periodic,
+    maintenance_timer: Periodic,
     dirty: VecDeque<PcKey>,
-    /// Datagrams produced this turn, sent in batches (see `send_out`).
-    out: OutQueue,
-    forward_latency: LatencyHistogram,
     stats: CoreStats,
     /// Fast-path counters of participants that have left.
     departed_egress: EgressStats,
     departed_ingress: IngressStats,
     next_id: u64,
-    /// Keyframe requests to send (through the layer's throttle): (track id, layer).
-    keyframe_wanted: Vec<(String, usize)>,
+    /// Work deferred to the end of the turn.
+    effects: Effects,
     /// Participants with events waiting in their outbox.
     backlogged: BTreeSet<u64>,
-    /// Participants to remove at the end of this turn (with reason).
-    doomed: Vec<(u64, String)>,
-    /// Participants whose subscriber connection needs a new offer at the end of this turn.
-    renegotiate_queue: Vec<u64>,
     shutting_down: bool,
-    /// A subscriber's estimate fell sharply: run layer selection at the end of this turn
-    /// rather than on the next tick.
-    select_now: bool,
 }
 
-fn random_string(n: usize) -> String {
-    use rand::Rng;
+fn random_string(rng: &mut impl rand::Rng, n: usize) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
     (0..n)
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect()
@@ -549,164 +472,105 @@ fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
     Ok(me)
 }
 
-impl Core {
-    fn new(cfg: CoreConfig, socket: UdpSocket, local_addr: SocketAddr) -> Self {
-        Core {
+impl<T: Transmit> Sfu<T> {
+    /// A core whose media address is `local_addr` (the port its candidates announce), with
+    /// randomness from `seed`, created at `now`, writing its datagrams to `tx`.
+    pub fn new(cfg: CoreConfig, local_addr: SocketAddr, seed: u64, now: Instant, tx: T) -> Self {
+        use rand::SeedableRng;
+        Sfu {
             cfg,
-            socket,
             local_addr,
+            tx,
+            now,
+            // Sender reports need wall-clock time; without an anchor (virtual time) the core
+            // starts at a fixed date.
+            clock_anchor: (
+                now,
+                SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
+            ),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
             rooms: HashMap::new(),
             parts: HashMap::new(),
             by_pid: HashMap::new(),
             tracks: HashMap::new(),
             demux: Demux::new(),
             drops: DropCounters::default(),
-            timers: BinaryHeap::new(),
+            timers: TimerQueue::default(),
+            connect_timers: TimerQueue::default(),
+            select_timer: Periodic::new(now, SELECT_INTERVAL, Reason::LayerSelection),
+            report_timer: Periodic::new(now, SENDER_REPORT_INTERVAL, Reason::SenderReports),
+            maintenance_timer: Periodic::new(now, MAINTENANCE_INTERVAL, Reason::Maintenance),
             dirty: VecDeque::new(),
-            out: OutQueue::new(),
-            forward_latency: LatencyHistogram::new(),
             stats: CoreStats::default(),
             departed_egress: EgressStats::default(),
             departed_ingress: IngressStats::default(),
             next_id: 1,
-            keyframe_wanted: Vec::new(),
-            doomed: Vec::new(),
+            effects: Effects::default(),
             backlogged: BTreeSet::new(),
-            renegotiate_queue: Vec::new(),
             shutting_down: false,
-            select_now: false,
         }
     }
 
-    async fn run(&mut self, mut rx: mpsc::Receiver<Command>) {
-        let mut buf = vec![0u8; MAX_DATAGRAM * 2];
-        let mut maintenance = tokio::time::interval(Duration::from_secs(1));
-        let mut select_tick = tokio::time::interval(SELECT_INTERVAL);
-        select_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let next = self.next_deadline();
-            let sleep = tokio::time::sleep_until(
-                next.map(tokio::time::Instant::from_std)
-                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
-            );
-            // Commands and datagrams take turns: each branch serves a bounded batch of its own
-            // kind and then a batch of the other, so a flood of either (a client sending cheap
-            // messages as fast as TCP allows, or garbage UDP) delays the other by at most one
-            // batch.
-            tokio::select! {
-                biased;
-                cmd = rx.recv() => {
-                    let Some(cmd) = cmd else {
-                        self.shutdown().await;
-                        return;
-                    };
-                    if let Some(done) = self.serve_commands(cmd, &mut rx) {
-                        self.shutdown().await;
-                        if let Some(done) = done {
-                            let _ = done.send(());
-                        }
-                        return;
-                    }
-                    self.serve_datagrams(&mut buf);
-                }
-                res = self.socket.recv_from(&mut buf) => {
-                    match res {
-                        Ok((n, from)) => {
-                            let now = Instant::now();
-                            self.handle_datagram(now, &buf[..n], from);
-                            // Take what else is already queued, bounded.
-                            self.serve_datagrams(&mut buf);
-                        }
-                        Err(e) => debug!("udp recv error: {e}"),
-                    }
-                    if let Ok(cmd) = rx.try_recv() {
-                        if let Some(done) = self.serve_commands(cmd, &mut rx) {
-                            self.shutdown().await;
-                            if let Some(done) = done {
-                                let _ = done.send(());
-                            }
-                            return;
-                        }
-                    }
-                }
-                _ = sleep => {
-                    self.fire_timers(Instant::now());
-                }
-                _ = select_tick.tick() => {
-                    self.select_layers(Instant::now());
-                }
-                _ = maintenance.tick() => {
-                    self.maintenance(Instant::now());
-                }
-            }
-            self.process();
+    /// The wall-clock time at `at` (an instant of the core's clock); sender reports carry it.
+    pub fn with_wall_clock(mut self, at: Instant, wall: SystemTime) -> Self {
+        self.clock_anchor = (at, wall);
+        self
+    }
+
+    /// Where the core's datagrams go.
+    pub fn transmit(&mut self) -> &mut T {
+        &mut self.tx
+    }
+
+    pub fn limits(&self) -> &super::CoreLimits {
+        &self.cfg.limits
+    }
+
+    /// The driver left client commands queued to serve the media socket first.
+    pub fn note_commands_deferred(&mut self) {
+        self.stats.limits_hit.commands_deferred += 1;
+    }
+
+    /// Time moves forward only: an input stamped earlier than the last one is taken as now.
+    fn advance(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
         }
     }
 
-    /// Handle `first` and up to `commands_per_turn - 1` more commands that are already
-    /// queued. `Some(done)`: a shutdown was asked for (`done` is `None` when every sender is
-    /// gone).
-    fn serve_commands(
-        &mut self,
-        first: Command,
-        rx: &mut mpsc::Receiver<Command>,
-    ) -> Option<Option<oneshot::Sender<()>>> {
-        let mut cmd = first;
-        for _ in 1..self.cfg.limits.commands_per_turn.max(1) {
-            match cmd {
-                Command::Shutdown { done } => return Some(Some(done)),
-                other => self.handle_command(other),
-            }
-            cmd = match rx.try_recv() {
-                Ok(c) => c,
-                Err(mpsc::error::TryRecvError::Empty) => return None,
-                Err(mpsc::error::TryRecvError::Disconnected) => return Some(None),
-            };
-        }
+    fn wall_clock(&self, now: Instant) -> SystemTime {
+        let (at, wall) = self.clock_anchor;
+        wall + now.saturating_duration_since(at)
+    }
+
+    /// A command from signaling. [`Flow::Stop`] after a shutdown: the driver ends the turn,
+    /// sends what is queued and stops.
+    pub fn handle_command(&mut self, now: Instant, cmd: Command) -> Flow {
+        self.advance(now);
         match cmd {
-            Command::Shutdown { done } => return Some(Some(done)),
-            other => self.handle_command(other),
+            Command::Shutdown { done } => {
+                self.shutdown(now);
+                return Flow::Stop(Some(done));
+            }
+            other => self.on_command(other),
         }
-        if !rx.is_empty() {
-            // More are waiting: they wait until the media socket has been served.
-            self.stats.limits_hit.commands_deferred += 1;
-        }
-        None
+        Flow::Continue
     }
 
-    /// Datagrams already queued on the socket, up to one batch.
-    fn serve_datagrams(&mut self, buf: &mut [u8]) {
-        let now = Instant::now();
-        for _ in 1..RECV_BATCH {
-            match self.socket.try_recv_from(buf) {
-                Ok((n, from)) => self.handle_datagram(now, &buf[..n], from),
-                Err(_) => break,
-            }
-        }
+    /// A datagram from the network.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.advance(now);
+        self.stats.udp_datagrams_in += 1;
+        self.feed_datagram(now, data, from);
     }
 
-    // ---------------------------------------------------------------- timers
-
-    fn next_deadline(&mut self) -> Option<Instant> {
-        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
-            match self.pc(key) {
-                Some(pc) if pc.deadline == Some(at) => return Some(at),
-                _ => {
-                    self.timers.pop();
-                }
-            }
-        }
-        None
-    }
-
-    fn fire_timers(&mut self, now: Instant) {
-        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
+    /// The time [`Sfu::poll_timeout`] named has come (or passed): fire everything due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance(now);
+        let now = self.now;
+        while let Some((at, key)) = self.timers.pop_due(now) {
             let Some(pc) = self.pc_mut(key) else { continue };
-            if pc.deadline != Some(at) {
+            if pc.deadline.map(|d| d.at) != Some(at) {
                 continue;
             }
             pc.deadline = None;
@@ -718,6 +582,63 @@ impl Core {
             }
             self.mark_dirty(key);
         }
+        while let Some((_, part)) = self.connect_timers.pop_due(now) {
+            let stale = self.parts.get(&part).is_some_and(|p| !p.sub.connected);
+            if stale {
+                self.effects.push(Effect::Remove {
+                    part,
+                    reason: "transport did not connect in time".into(),
+                });
+            }
+        }
+        if self.select_timer.fire(now) {
+            self.select_layers(now);
+        }
+        if self.report_timer.fire(now) {
+            self.sender_reports(now);
+        }
+        if self.maintenance_timer.fire(now) {
+            self.demux.expire(now);
+        }
+    }
+
+    /// When the core next needs [`Sfu::handle_timeout`], and why.
+    pub fn poll_timeout(&mut self) -> Option<Deadline> {
+        let parts = &self.parts;
+        let pc_deadline = |key: PcKey, at: Instant| {
+            let Some(p) = parts.get(&key.part) else {
+                return false;
+            };
+            let pc = match key.kind {
+                PcKind::Subscriber => Some(&p.sub),
+                PcKind::Publisher => p.publ.as_ref(),
+            };
+            pc.and_then(|pc| pc.deadline).is_some_and(|d| d.at == at)
+        };
+        let pc = self
+            .timers
+            .peek(pc_deadline)
+            .and_then(|(_, key)| self.pc(key)?.deadline);
+        let connect = self
+            .connect_timers
+            .peek(|part, _| parts.get(&part).is_some_and(|p| !p.sub.connected))
+            .map(|(at, _)| Deadline::new(at, Reason::ConnectTimeout));
+        let mut next = soonest(pc, connect);
+        for periodic in [
+            &self.select_timer,
+            &self.report_timer,
+            &self.maintenance_timer,
+        ] {
+            next = soonest(next, Some(periodic.deadline()));
+        }
+        next
+    }
+
+    /// End the turn: apply the deferred work and drain every touched connection until nothing
+    /// is left; the datagrams go to the sink. Call after each batch of `handle_*` calls.
+    pub fn end_turn(&mut self, now: Instant) {
+        self.advance(now);
+        self.process();
     }
 
     fn reschedule(&mut self, key: PcKey) {
@@ -731,16 +652,20 @@ impl Core {
                 None => return,
             },
         };
-        let next = match (pc.rtc.poll_timeout(), ingress.and_then(Ingress::deadline)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if next != pc.deadline {
-            pc.deadline = next;
-            if let Some(at) = next {
-                self.timers.push(Reverse((at, key)));
+        let next = soonest(
+            pc.rtc
+                .poll_timeout()
+                .map(|at| Deadline::new(at, Reason::Rtc)),
+            ingress
+                .and_then(Ingress::deadline)
+                .map(|at| Deadline::new(at, Reason::IngressFeedback)),
+        );
+        if next.map(|d| d.at) != pc.deadline.map(|d| d.at) {
+            if let Some(d) = next {
+                self.timers.push(d.at, key);
             }
         }
+        pc.deadline = next;
     }
 
     fn pc(&self, key: PcKey) -> Option<&Pc> {
@@ -760,12 +685,6 @@ impl Core {
     }
 
     // ---------------------------------------------------------------- UDP in
-
-    /// A datagram from the socket: counted, then fed to its connection.
-    fn handle_datagram(&mut self, now: Instant, data: &[u8], from: SocketAddr) {
-        self.stats.udp_datagrams_in += 1;
-        self.feed_datagram(now, data, from);
-    }
 
     /// Route a datagram to the connection it belongs to (also used to replay early ones).
     fn feed_datagram(&mut self, now: Instant, data: &[u8], from: SocketAddr) {
@@ -910,13 +829,11 @@ impl Core {
 
     // ---------------------------------------------------------------- processing
 
-    /// Drain every touched peer connection until nothing is left to do.
+    /// Drain every touched peer connection and apply the deferred work, until nothing is
+    /// left to do.
     fn process(&mut self) {
         let mut rounds = 0;
         loop {
-            if !self.keyframe_wanted.is_empty() {
-                self.send_keyframe_requests(Instant::now());
-            }
             if let Some(key) = self.dirty.pop_front() {
                 rounds += 1;
                 let Some(pc) = self.pc_mut(key) else { continue };
@@ -936,29 +853,25 @@ impl Core {
                 }
                 continue;
             }
-            if std::mem::take(&mut self.select_now) {
-                self.select_layers(Instant::now());
-                continue;
-            }
-            if !self.renegotiate_queue.is_empty() {
-                let queue = std::mem::take(&mut self.renegotiate_queue);
-                for part in queue {
-                    self.send_offer(part);
-                }
-                continue;
-            }
-            if self.doomed.is_empty() {
+            let Some(effect) = self.effects.pop() else {
                 break;
-            }
-            let doomed = std::mem::take(&mut self.doomed);
-            for (part, reason) in doomed {
-                self.remove_participant(part, &reason, true);
-            }
+            };
+            self.apply(effect);
         }
         if !self.backlogged.is_empty() {
             self.flush_outboxes();
         }
-        self.send_out();
+    }
+
+    /// Do one piece of deferred work.
+    fn apply(&mut self, effect: Effect) {
+        let now = self.now;
+        match effect {
+            Effect::RequestKeyframe { track, layer } => self.request_keyframe(&track, layer, now),
+            Effect::SelectLayers => self.select_layers(now),
+            Effect::Renegotiate(part) => self.send_offer(part),
+            Effect::Remove { part, reason } => self.remove_participant(part, &reason, true),
+        }
     }
 
     /// Everything a connection has for us: outgoing datagrams, events, application messages,
@@ -993,7 +906,7 @@ impl Core {
         };
         if let (Some(last), Some(now)) = (p.selected_at_bps, p.estimate().twcc()) {
             if now.saturating_mul(100) < last.saturating_mul(SHARP_DROP_PERCENT) {
-                self.select_now = true;
+                self.effects.push(Effect::SelectLayers);
             }
         }
     }
@@ -1029,24 +942,9 @@ impl Core {
             if out.message.first().is_some_and(|&b| b > 3) {
                 pc.media_addr = Some(to);
             }
-            let origin = udp::is_rtp(&out.message).then_some(out.now);
-            self.out.push(out.message, to, origin);
+            let origin = egress::is_rtp(&out.message).then_some(out.now);
+            self.tx.send(out.message, to, origin);
         }
-        if self.out.len() >= udp::BATCH {
-            self.send_out();
-        }
-    }
-
-    /// Hand the queued datagrams to the kernel (drop, never block: a full socket buffer loses
-    /// datagrams, never stalls the core).
-    fn send_out(&mut self) {
-        if self.out.is_empty() {
-            return;
-        }
-        let o = self.out.send(&self.socket, &mut self.forward_latency);
-        self.stats.udp_datagrams_out += o.sent;
-        self.stats.udp_datagrams_out_dropped += o.dropped;
-        self.stats.udp_send_calls += o.calls;
     }
 
     fn handle_pc_event(&mut self, key: PcKey, ev: RTCPeerConnectionEvent) {
@@ -1056,8 +954,9 @@ impl Core {
             ) => {
                 // When we are the DTLS client, `rtc` queues the ClientHello but only sends it
                 // on its next timer; kick it now instead of ~200 ms later.
+                let now = self.now;
                 if let Some(pc) = self.pc_mut(key) {
-                    if let Err(e) = pc.rtc.handle_timeout(Instant::now()) {
+                    if let Err(e) = pc.rtc.handle_timeout(now) {
                         debug!("handle_timeout after ICE connected: {e}");
                     }
                 }
@@ -1083,8 +982,10 @@ impl Core {
                         }
                     }
                     RTCPeerConnectionState::Failed => {
-                        self.doomed
-                            .push((key.part, format!("{:?} connection failed", key.kind)));
+                        self.effects.push(Effect::Remove {
+                            part: key.part,
+                            reason: format!("{:?} connection failed", key.kind),
+                        });
                     }
                     _ => {}
                 }
@@ -1211,7 +1112,7 @@ impl Core {
             warn!(participant = %p.pid, "published track without codec; ignored");
             return;
         };
-        let tid = format!("TR_{}", random_string(12));
+        let tid = format!("TR_{}", random_string(&mut self.rng, 12));
         // Every RID the publisher offered for this track, seen or not (so `track_published`
         // lists them all); the first packets of each fill in its SSRC.
         let offered = pc
@@ -1290,10 +1191,12 @@ impl Core {
             .get(&track.publisher)
             .map(|p| p.pid.clone())
             .unwrap_or_default();
+        use rand::Rng;
+        let ssrc: u32 = self.rng.random::<u32>() | 1;
+        let (seq0, ts0) = (self.rng.random(), self.rng.random());
         let Some(p) = self.parts.get_mut(&sub) else {
             return false;
         };
-        let ssrc: u32 = rand::random::<u32>() | 1;
         let mst = MediaStreamTrack::new(
             stream,
             tid.to_owned(),
@@ -1318,7 +1221,7 @@ impl Core {
         p.subscriptions.insert(tid.to_owned(), sender);
         let first_offer = p.offers_sent + 1;
         let is_video = kind == RtpCodecKind::Video;
-        let now = Instant::now();
+        let now = self.now;
         if let Some(track) = self.tracks.get_mut(tid) {
             let selector = is_video.then(|| {
                 let mut sel = LayerSelector::new(Requested::default());
@@ -1336,7 +1239,7 @@ impl Core {
                     ssrc,
                     payload_type: None,
                     twcc_ext: None,
-                    rewriter: Rewriter::with_initial(ssrc, rand::random(), rand::random()),
+                    rewriter: Rewriter::with_initial(ssrc, seq0, ts0),
                     munger,
                     selector,
                     first_offer,
@@ -1424,7 +1327,10 @@ impl Core {
             }
             if connected && dt.payload_type.is_some() {
                 if let Some(layer) = dt.selector.as_ref().and_then(|s| s.wants_keyframe()) {
-                    self.keyframe_wanted.push((tid.clone(), layer));
+                    self.effects.push(Effect::RequestKeyframe {
+                        track: tid.clone(),
+                        layer,
+                    });
                 }
             }
         }
@@ -1551,7 +1457,7 @@ impl Core {
             match egress.protect_rtp(now, &mut out, dt.twcc_ext, clock_rate, is_video, keyframe) {
                 Ok(wire) => {
                     self.stats.rtp_packets_forwarded += 1;
-                    self.out.push(wire, to, Some(now));
+                    self.tx.send(wire, to, Some(now));
                 }
                 Err(e) => {
                     self.stats.rtp_packets_dropped += 1;
@@ -1559,14 +1465,11 @@ impl Core {
                 }
             }
         }
-        // A keyframe burst fanned out to many subscribers queues thousands of datagrams in one
-        // turn: hand each full batch to the kernel as soon as it is ready, so the first
-        // subscribers' packets do not wait for the last ones' encryption.
-        if self.out.len() >= super::udp::BATCH {
-            self.send_out();
-        }
-        if let Some(l) = want_keyframe {
-            self.keyframe_wanted.push((tid.to_string(), l));
+        if let Some(layer) = want_keyframe {
+            self.effects.push(Effect::RequestKeyframe {
+                track: tid.to_string(),
+                layer,
+            });
         }
         for sub in switched_subs {
             self.report_layer(&tid, sub, now);
@@ -1629,14 +1532,17 @@ impl Core {
             }
             Err(e) => {
                 warn!(participant = %p.pid, "subscriber media path: {e}");
-                self.doomed
-                    .push((part, format!("subscriber media path could not start: {e}")));
+                self.effects.push(Effect::Remove {
+                    part,
+                    reason: format!("subscriber media path could not start: {e}"),
+                });
             }
         }
     }
 
     /// The publisher connection is up: its SRTP keys are known, start its fast path.
     fn start_ingress(&mut self, part: u64) {
+        let sender_ssrc = rand::Rng::random(&mut self.rng);
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -1654,7 +1560,7 @@ impl Core {
             .ok_or(egress::EgressError::NoKeys(0))
             .and_then(|c| c.keys())
             .map_err(|e| e.to_string())
-            .and_then(|keys| Ingress::new(&keys, twcc_ext).map_err(|e| e.to_string()));
+            .and_then(|keys| Ingress::new(&keys, twcc_ext, sender_ssrc).map_err(|e| e.to_string()));
         match res {
             Ok(i) => {
                 debug!(participant = %p.pid, ?twcc_ext, "publisher fast path ready");
@@ -1662,8 +1568,10 @@ impl Core {
             }
             Err(e) => {
                 warn!(participant = %p.pid, "publisher media path: {e}");
-                self.doomed
-                    .push((part, format!("publisher media path could not start: {e}")));
+                self.effects.push(Effect::Remove {
+                    part,
+                    reason: format!("publisher media path could not start: {e}"),
+                });
             }
         }
     }
@@ -1694,20 +1602,20 @@ impl Core {
         if ing.has_output() {
             if let Some(to) = pc.media_addr {
                 for wire in ing.take_output() {
-                    self.out.push(wire, to, None);
+                    self.tx.send(wire, to, None);
                 }
             }
         }
         if let Some(at) = ing.deadline() {
-            if pc.deadline.is_none_or(|d| at < d) {
-                pc.deadline = Some(at);
-                self.timers.push(Reverse((
+            if pc.deadline.is_none_or(|d| at < d.at) {
+                pc.deadline = Some(Deadline::new(at, Reason::IngressFeedback));
+                self.timers.push(
                     at,
                     PcKey {
                         part,
                         kind: PcKind::Publisher,
                     },
-                )));
+                );
             }
         }
     }
@@ -1751,7 +1659,7 @@ impl Core {
         };
         if let Some(to) = p.sub.media_addr {
             for wire in fb.retransmissions {
-                self.out.push(wire, to, None);
+                self.tx.send(wire, to, None);
             }
         }
         // Down-tracks by the SSRC the subscriber knows them by (feedback is rare: a scan of
@@ -1802,7 +1710,10 @@ impl Core {
                 sel.wants_keyframe().or(sel.current())
             });
             if let Some(l) = layer {
-                self.keyframe_wanted.push((tid.clone(), l));
+                self.effects.push(Effect::RequestKeyframe {
+                    track: tid.clone(),
+                    layer: l,
+                });
             }
         }
         if fb.estimate_updated {
@@ -1810,43 +1721,41 @@ impl Core {
         }
     }
 
-    fn send_keyframe_requests(&mut self, now: Instant) {
-        let wanted = std::mem::take(&mut self.keyframe_wanted);
-        for (tid, li) in wanted {
-            let Some(track) = self.tracks.get_mut(&tid) else {
-                continue;
-            };
-            if track.kind != TrackKind::Video {
-                continue;
+    /// Ask the publisher of `tid` for a keyframe of layer `li`, through the layer's throttle.
+    fn request_keyframe(&mut self, tid: &str, li: usize, now: Instant) {
+        let Some(track) = self.tracks.get_mut(tid) else {
+            return;
+        };
+        if track.kind != TrackKind::Video {
+            return;
+        }
+        let Some(layer) = track.layers.get_mut(li) else {
+            return;
+        };
+        let Some(media_ssrc) = layer.ssrc else {
+            return;
+        };
+        if !layer.throttle.request(now) {
+            return;
+        }
+        // Through the publisher's fast path only: `rtc` never sends RTCP on a publisher
+        // connection (its SRTCP context shares the fast path's key).
+        let Some(p) = self.parts.get_mut(&track.publisher) else {
+            return;
+        };
+        let (Some(ing), Some(to)) = (
+            p.ingress.as_mut(),
+            p.publ.as_ref().and_then(|pc| pc.media_addr),
+        ) else {
+            return;
+        };
+        match ing.pli(media_ssrc) {
+            Ok(wire) => {
+                trace!(track = %tid, layer = li, "PLI to publisher");
+                self.stats.keyframe_requests += 1;
+                self.tx.send(wire, to, None);
             }
-            let Some(layer) = track.layers.get_mut(li) else {
-                continue;
-            };
-            let Some(media_ssrc) = layer.ssrc else {
-                continue;
-            };
-            if !layer.throttle.request(now) {
-                continue;
-            }
-            // Through the publisher's fast path only: `rtc` never sends RTCP on a publisher
-            // connection (its SRTCP context shares the fast path's key).
-            let Some(p) = self.parts.get_mut(&track.publisher) else {
-                continue;
-            };
-            let (Some(ing), Some(to)) = (
-                p.ingress.as_mut(),
-                p.publ.as_ref().and_then(|pc| pc.media_addr),
-            ) else {
-                continue;
-            };
-            match ing.pli(media_ssrc) {
-                Ok(wire) => {
-                    trace!(track = %tid, layer = li, "PLI to publisher");
-                    self.stats.keyframe_requests += 1;
-                    self.out.push(wire, to, None);
-                }
-                Err(e) => debug!("PLI: {e}"),
-            }
+            Err(e) => debug!("PLI: {e}"),
         }
     }
 
@@ -1952,7 +1861,9 @@ impl Core {
                 }
             }
         }
-        self.keyframe_wanted.extend(wanted);
+        for (track, layer) in wanted {
+            self.effects.push(Effect::RequestKeyframe { track, layer });
+        }
         for (part, msg) in layer_msgs {
             self.send_to(part, msg);
         }
@@ -2099,7 +2010,7 @@ impl Core {
 
     // ---------------------------------------------------------------- signaling
 
-    fn handle_command(&mut self, cmd: Command) {
+    fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Join { req, reply } => {
                 let res = self.join(req);
@@ -2119,44 +2030,49 @@ impl Core {
                 }
             }
             Command::Stats { reply } => {
-                let mut s = self.stats.clone();
-                s.rooms = self.rooms.len();
-                s.participants = self.parts.len();
-                s.published_tracks = self.tracks.len();
-                s.forward_latency = self.forward_latency.snapshot();
-                s.udp_dropped = self.drops.snapshot();
-                s.log_lines_suppressed = crate::logging::suppressed_lines();
-                let mut e = self.departed_egress;
-                for p in self.parts.values() {
-                    if let Some(eg) = &p.egress {
-                        e += eg.stats();
-                    }
-                }
-                s.nack_requested = e.nack.requested;
-                s.nack_resent = e.nack.resent;
-                s.nack_refused = e.nack.refused;
-                s.nack_over_budget = e.nack.over_budget;
-                s.subscriber_rtcp_in = e.rtcp_in;
-                s.subscriber_rtcp_rejected = e.rtcp_rejected;
-                s.subscriber_rtcp_malformed = e.rtcp_malformed;
-                let mut i = self.departed_ingress;
-                for p in self.parts.values() {
-                    if let Some(ing) = &p.ingress {
-                        i += ing.stats();
-                    }
-                }
-                s.publisher_rtp_fast = i.rtp_fast;
-                s.publisher_rtp_to_rtc = i.rtp_to_rtc;
-                s.publisher_rtp_rejected = i.rtp_rejected;
-                s.publisher_rtcp_in = i.rtcp_in;
-                s.publisher_rtcp_rejected = i.rtcp_rejected;
-                s.nack_sent_to_publishers = i.nack_sent;
-                s.twcc_feedback_sent = i.twcc_feedback_sent;
-                s.receiver_reports_sent = i.receiver_reports_sent;
-                let _ = reply.send(s);
+                let _ = reply.send(self.stats());
             }
             Command::Shutdown { .. } => {}
         }
+    }
+
+    /// Counters for `/metrics` and `/healthz`.
+    pub fn stats(&self) -> CoreStats {
+        let mut s = self.stats.clone();
+        s.rooms = self.rooms.len();
+        s.participants = self.parts.len();
+        s.published_tracks = self.tracks.len();
+        s.udp_dropped = self.drops.snapshot();
+        s.log_lines_suppressed = crate::logging::suppressed_lines();
+        let mut e = self.departed_egress;
+        for p in self.parts.values() {
+            if let Some(eg) = &p.egress {
+                e += eg.stats();
+            }
+        }
+        s.nack_requested = e.nack.requested;
+        s.nack_resent = e.nack.resent;
+        s.nack_refused = e.nack.refused;
+        s.nack_over_budget = e.nack.over_budget;
+        s.subscriber_rtcp_in = e.rtcp_in;
+        s.subscriber_rtcp_rejected = e.rtcp_rejected;
+        s.subscriber_rtcp_malformed = e.rtcp_malformed;
+        let mut i = self.departed_ingress;
+        for p in self.parts.values() {
+            if let Some(ing) = &p.ingress {
+                i += ing.stats();
+            }
+        }
+        s.publisher_rtp_fast = i.rtp_fast;
+        s.publisher_rtp_to_rtc = i.rtp_to_rtc;
+        s.publisher_rtp_rejected = i.rtp_rejected;
+        s.publisher_rtcp_in = i.rtcp_in;
+        s.publisher_rtcp_rejected = i.rtcp_rejected;
+        s.nack_sent_to_publishers = i.nack_sent;
+        s.twcc_feedback_sent = i.twcc_feedback_sent;
+        s.receiver_reports_sent = i.receiver_reports_sent;
+        self.tx.report(&mut s);
+        s
     }
 
     /// A new peer connection. No connection runs `rtc` interceptors: media and RTCP go
@@ -2166,8 +2082,8 @@ impl Core {
     /// paths handle.
     fn new_pc(&mut self, key: PcKey) -> Result<Pc, SfuError> {
         let rtc_err = |e: rtc::shared::error::Error| SfuError::Rtc(e.to_string());
-        let ufrag = random_string(16);
-        let pwd = random_string(32);
+        let ufrag = random_string(&mut self.rng, 16);
+        let pwd = random_string(&mut self.rng, 32);
         let mut setting = SettingEngineBuilder::new()
             .with_answering_dtls_role(RTCDtlsRole::Client)
             .with_ice_credentials(ufrag.clone(), pwd)
@@ -2220,7 +2136,7 @@ impl Core {
             }
         };
         let setting = setting.build();
-        let now = Instant::now();
+        let now = self.now;
         let mut rtc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_setting_engine(setting)
@@ -2255,7 +2171,6 @@ impl Core {
             rtc,
             deadline: None,
             connected: false,
-            created: now,
             queued: false,
             full_drain: false,
             early: Vec::new(),
@@ -2273,7 +2188,7 @@ impl Core {
         validate_name("name", &name)?;
         let part = self.next_id;
         self.next_id += 1;
-        let pid = format!("PA_{}", random_string(12));
+        let pid = format!("PA_{}", random_string(&mut self.rng, 12));
         let key = PcKey {
             part,
             kind: PcKind::Subscriber,
@@ -2335,6 +2250,7 @@ impl Core {
         };
         self.parts.insert(part, participant);
         self.by_pid.insert(pid.clone(), part);
+        self.connect_timers.push(self.now + CONNECT_TIMEOUT, part);
         let span = info_span!("participant", room = %room, participant = %pid);
         let _g = span.enter();
         info!(name = %name, "joined");
@@ -2397,9 +2313,7 @@ impl Core {
         if self.shutting_down {
             return;
         }
-        if !self.renegotiate_queue.contains(&part) {
-            self.renegotiate_queue.push(part);
-        }
+        self.effects.push(Effect::Renegotiate(part));
     }
 
     /// Send a (re)offer on the subscriber PC now, or remember to once the pending one is
@@ -2420,11 +2334,7 @@ impl Core {
                 return;
             }
         };
-        if let Err(e) = p
-            .sub
-            .rtc
-            .set_local_description(Instant::now(), offer.clone())
-        {
+        if let Err(e) = p.sub.rtc.set_local_description(self.now, offer.clone()) {
             warn!(participant = %p.pid, "set_local_description(offer) failed: {e}");
             return;
         }
@@ -2600,14 +2510,17 @@ impl Core {
                         t.muted = muted;
                         if !muted {
                             // Resume every subscriber at a keyframe, without a sequence gap.
-                            let now = Instant::now();
+                            let now = self.now;
                             let infos = t.layer_infos(now);
                             for dt in t.down.values_mut() {
                                 dt.rewriter.force_switch();
                                 if let Some(sel) = dt.selector.as_mut() {
                                     sel.restart(&infos, now);
                                     if let Some(l) = sel.wants_keyframe() {
-                                        self.keyframe_wanted.push((track_id.clone(), l));
+                                        self.effects.push(Effect::RequestKeyframe {
+                                            track: track_id.clone(),
+                                            layer: l,
+                                        });
                                     }
                                 }
                             }
@@ -2637,7 +2550,7 @@ impl Core {
                 width,
                 height,
             } => {
-                let now = Instant::now();
+                let now = self.now;
                 // A track of another room is answered exactly like one that does not exist
                 // (no existence oracle across rooms).
                 let room = self.parts.get(&part).map(|p| p.room.clone());
@@ -2684,7 +2597,10 @@ impl Core {
                 debug!(track = %track_id, ?requested, "track settings");
                 sel.set_requested(requested, &infos, now);
                 if let Some(l) = sel.wants_keyframe() {
-                    self.keyframe_wanted.push((track_id, l));
+                    self.effects.push(Effect::RequestKeyframe {
+                        track: track_id,
+                        layer: l,
+                    });
                 }
             }
             ClientMessage::Ping { ts } => self.send_to(part, ServerMessage::Pong { ts }),
@@ -2769,10 +2685,11 @@ impl Core {
                 }
             }
         }
+        let now = self.now;
         let Some(pc) = self.pc_mut(key) else { return };
         let res = pc
             .rtc
-            .set_remote_description(Instant::now(), offer)
+            .set_remote_description(now, offer)
             .map_err(|e| (ErrorCode::InvalidSdp, format!("offer rejected: {e}")))
             .and_then(|_| {
                 pc.rtc
@@ -2783,7 +2700,7 @@ impl Core {
                 // What fails here fails because of the offer (e.g. transport parameters that
                 // parse but cannot be used).
                 pc.rtc
-                    .set_local_description(Instant::now(), answer.clone())
+                    .set_local_description(now, answer.clone())
                     .map_err(|e| (ErrorCode::InvalidSdp, format!("answer not applied: {e}")))?;
                 Ok(pc
                     .rtc
@@ -2886,7 +2803,7 @@ impl Core {
             .and_then(|a| {
                 p.sub
                     .rtc
-                    .set_remote_description(Instant::now(), a)
+                    .set_remote_description(self.now, a)
                     .map_err(|e| format!("answer rejected: {e}"))
             });
         match res {
@@ -2923,7 +2840,10 @@ impl Core {
             return;
         };
         if p.events.is_closed() {
-            self.doomed.push((part, "signaling closed".into()));
+            self.effects.push(Effect::Remove {
+                part,
+                reason: "signaling closed".into(),
+            });
             return;
         }
         match p.outbox.send(&p.events, msg) {
@@ -2935,7 +2855,10 @@ impl Core {
             Err(e) => {
                 self.stats.limits_hit.signaling_queue_overflows += 1;
                 warn!(participant = %p.pid, "signaling queue full ({e}); disconnecting");
-                self.doomed.push((part, "signaling queue full".into()));
+                self.effects.push(Effect::Remove {
+                    part,
+                    reason: "signaling queue full".into(),
+                });
             }
         }
     }
@@ -3009,7 +2932,7 @@ impl Core {
         {
             let _ = pc.rtc.close();
             while let Some(out) = pc.rtc.poll_write() {
-                self.out.push(out.message, out.transport.peer_addr, None);
+                self.tx.send(out.message, out.transport.peer_addr, None);
             }
             self.demux.release(PcKey { part, kind });
         }
@@ -3033,40 +2956,32 @@ impl Core {
         );
     }
 
-    fn maintenance(&mut self, now: Instant) {
-        self.demux.expire(now);
-        // Drop participants whose transport never came up.
-        let stale: Vec<u64> = self
-            .parts
-            .iter()
-            .filter(|(_, p)| {
-                !p.sub.connected && now.duration_since(p.sub.created) > CONNECT_TIMEOUT
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for part in stale {
-            self.remove_participant(part, "transport did not connect in time", true);
-        }
-        // RTCP sender reports for every forwarded stream, once a second.
-        let wall = std::time::SystemTime::now();
+    /// RTCP sender reports for every forwarded stream.
+    fn sender_reports(&mut self, now: Instant) {
+        let wall = self.wall_clock(now);
         for p in self.parts.values_mut() {
             trace!(participant = %p.pid, twcc = ?p.estimate().twcc(), remb = ?p.estimate().remb(now), "downlink estimate");
             if let (Some(e), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) {
                 if let Some(wire) = e.sender_reports(now, wall) {
-                    self.out.push(wire, to, None);
+                    self.tx.send(wire, to, None);
                 }
             }
         }
     }
 
-    async fn shutdown(&mut self) {
+    /// Graceful shutdown: every participant is told and removed; nothing is accepted after.
+    /// The driver then ends the turn and sends what is queued.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.advance(now);
+        if self.shutting_down {
+            return;
+        }
         info!(participants = self.parts.len(), "core shutting down");
         self.shutting_down = true;
         let parts: Vec<u64> = self.parts.keys().copied().collect();
         for part in parts {
             self.remove_participant(part, "server shutting down", true);
         }
-        self.send_out();
     }
 }
 

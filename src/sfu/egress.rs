@@ -761,6 +761,11 @@ pub fn marshal_rtp(packet: &rtp::Packet, twcc: Option<(u8, u16)>, out: &mut Vec<
     true
 }
 
+/// Whether a datagram is an (S)RTP media packet: version 2 and not an RTCP packet type.
+pub fn is_rtp(data: &[u8]) -> bool {
+    data.len() >= 12 && data[0] & 0xC0 == 0x80 && !(192..=223).contains(&data[1])
+}
+
 /// Whether a datagram is RTCP (RFC 5761 demultiplexing: version 2, payload type 192–223).
 pub fn is_rtcp(data: &[u8]) -> bool {
     data.len() >= 8 && data[0] & 0xC0 == 0x80 && (192..=223).contains(&data[1])
@@ -1021,6 +1026,21 @@ fn read_twcc(body: &[u8], out: &mut Vec<Acknowledgement>) -> Result<(), RtcpErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtp_is_told_from_rtcp_and_the_rest() {
+        let mut rtp = [0u8; 12];
+        rtp[0] = 0x80;
+        rtp[1] = 96;
+        assert!(is_rtp(&rtp));
+        rtp[1] = 96 | 0x80; // marker bit set
+        assert!(is_rtp(&rtp));
+        rtp[1] = 201; // RTCP receiver report
+        assert!(!is_rtp(&rtp));
+        assert!(!is_rtp(&[0x16, 0xfe, 0xfd])); // DTLS
+        assert!(!is_rtp(&[0x00, 0x01, 0x00, 0x00])); // STUN
+    }
+
     use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
     use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
 

@@ -779,12 +779,17 @@ pub struct Ingress {
 impl Ingress {
     /// The fast path of a publisher connection whose DTLS handshake gave `keys`, with the
     /// negotiated transport-wide sequence number extension id.
-    pub fn new(keys: &SrtpKeys, twcc_ext: Option<u8>) -> Result<Self, IngressError> {
+    /// `sender_ssrc`: the SSRC the server's feedback to this publisher is sent from.
+    pub fn new(
+        keys: &SrtpKeys,
+        twcc_ext: Option<u8>,
+        sender_ssrc: u32,
+    ) -> Result<Self, IngressError> {
         let (local, remote) = keys.contexts().map_err(IngressError::Srtp)?;
         Ok(Ingress {
             remote,
             local,
-            sender_ssrc: rand::random(),
+            sender_ssrc,
             twcc_ext,
             bound: HashMap::new(),
             twcc: TwccRecorder::new(),
@@ -1408,7 +1413,11 @@ mod tests {
         };
         let tx = ctx(&keys.remote_key, &keys.remote_salt);
         let rx = ctx(&keys.local_key, &keys.local_salt);
-        (Ingress::new(&keys, Some(TWCC_ID)).expect("ingress"), tx, rx)
+        (
+            Ingress::new(&keys, Some(TWCC_ID), 0x5eed).expect("ingress"),
+            tx,
+            rx,
+        )
     }
 
     fn seal(tx: &mut Context, p: &rtp::Packet) -> Vec<u8> {

@@ -1,5 +1,6 @@
-//! The SFU core: rooms, participants, tracks and down-tracks, and the one task that owns them
-//! together with the media UDP socket.
+//! The SFU core: rooms, participants, tracks and down-tracks, as a sans-I/O state machine
+//! ([`Sfu`]) that a driver (`crate::io`, or the virtual-time simulation) feeds with `now`,
+//! datagrams, commands and timeouts.
 //!
 //! Signaling talks to the core only through [`SfuHandle`]: commands go in over an mpsc
 //! channel, replies come back over a oneshot (join) or on the participant's own event channel
@@ -10,6 +11,7 @@ pub mod bwe;
 pub mod core;
 pub mod data;
 pub mod demux;
+pub mod effects;
 pub mod egress;
 pub mod ingress;
 pub mod keyframe;
@@ -20,11 +22,35 @@ pub mod outbox;
 pub mod rewrite;
 pub mod sdpcheck;
 pub mod selector;
-pub mod udp;
+pub mod timers;
 pub mod vp8;
 
+pub use self::core::{CoreConfig, Sfu};
+pub use timers::{Deadline, Reason};
+
 use crate::signal::{ClientMessage, ServerMessage};
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
+
+/// Where the core's datagrams go: the driver's batched UDP socket, or a simulated network.
+pub trait Transmit {
+    /// A datagram for `to`. `origin`: for forwarded media, when its source packet reached the
+    /// core (the in-core latency is measured from it when the datagram leaves).
+    fn send(&mut self, data: BytesMut, to: SocketAddr, origin: Option<Instant>);
+
+    /// Fill in what the sink counts (datagrams sent, dropped, send calls, in-core latency).
+    fn report(&self, _stats: &mut CoreStats) {}
+}
+
+/// Whether the core goes on after a command.
+#[derive(Debug)]
+pub enum Flow {
+    Continue,
+    /// Shut down: the driver sends what is queued, answers `done` (if any) and stops.
+    Stop(Option<oneshot::Sender<()>>),
+}
 
 /// Capacity of each participant's signaling event queue.
 pub const EVENT_QUEUE: usize = 1024;

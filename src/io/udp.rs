@@ -1,12 +1,12 @@
 //! Batched UDP output.
 //!
-//! The core collects the datagrams every peer connection produces during one turn into an
+//! The driver collects the datagrams the core produces during one turn into an
 //! [`OutQueue`] and hands them to the kernel together: one `sendmmsg(2)` call per up to
 //! [`BATCH`] datagrams on Linux instead of one `sendto(2)` each. Elsewhere it falls back to one
 //! send per datagram. Sending never blocks: when the socket buffer is full the rest of the batch
 //! is dropped (and counted), as a congested network would.
 
-use super::latency::LatencyHistogram;
+use crate::sfu::latency::LatencyHistogram;
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -30,11 +30,6 @@ pub struct OutQueue {
     /// When the packet each queued RTP datagram carries was read from the socket (`None` for
     /// everything else), parallel to `queue`.
     origins: Vec<Option<Instant>>,
-}
-
-/// Whether a datagram is an (S)RTP media packet: version 2 and not an RTCP packet type.
-pub fn is_rtp(data: &[u8]) -> bool {
-    data.len() >= 12 && data[0] & 0xC0 == 0x80 && !(192..=223).contains(&data[1])
 }
 
 impl OutQueue {
@@ -252,20 +247,6 @@ mod tests {
             let k = b.recv(&mut buf).unwrap();
             assert_eq!(&buf[..k], format!("datagram {i}").as_bytes());
         }
-    }
-
-    #[test]
-    fn rtp_is_told_from_rtcp_and_the_rest() {
-        let mut rtp = [0u8; 12];
-        rtp[0] = 0x80;
-        rtp[1] = 96;
-        assert!(is_rtp(&rtp));
-        rtp[1] = 96 | 0x80; // marker bit set
-        assert!(is_rtp(&rtp));
-        rtp[1] = 201; // RTCP receiver report
-        assert!(!is_rtp(&rtp));
-        assert!(!is_rtp(&[0x16, 0xfe, 0xfd])); // DTLS
-        assert!(!is_rtp(&[0x00, 0x01, 0x00, 0x00])); // STUN
     }
 
     /// IPv6 destinations are encoded correctly too.

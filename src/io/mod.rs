@@ -1,0 +1,269 @@
+//! The driver: the only async media code.
+//!
+//! The SFU core ([`crate::sfu::Sfu`]) is a state machine that never touches a socket, a
+//! runtime or the clock. This module gives it the real world: it owns the media UDP socket
+//! and the command channel from signaling, reads `Instant::now()` once per turn, sleeps until
+//! the core's next deadline, and hands the datagrams the core produces to the kernel in
+//! `sendmmsg` batches ([`udp`]). The virtual-time tests drive the same core with a simulated
+//! network instead (`crate::sim`).
+
+pub mod udp;
+
+use crate::sfu::core::CoreConfig;
+use crate::sfu::latency::LatencyHistogram;
+use crate::sfu::{Command, CoreStats, Flow, Sfu, SfuError, SfuHandle, Transmit};
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+use udp::OutQueue;
+
+/// Default media socket buffer: a burst of a few thousand full-size datagrams (the kernel's
+/// usual default, ~208 KB, loses datagrams of everyone during a flood).
+pub const UDP_BUFFER_DEFAULT: usize = 8 << 20;
+
+/// Largest datagram read.
+const MAX_DATAGRAM: usize = 1500;
+/// How many datagrams to take from the socket per wakeup before serving other work.
+const RECV_BATCH: usize = 64;
+/// Capacity of the command channel from signaling.
+const COMMAND_QUEUE: usize = 4096;
+
+/// Ask for `bytes` of receive and send buffer on `socket`: first past the system maximum
+/// (`SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`), else up to it. Returns what the kernel
+/// granted (it reports twice the usable size).
+fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |force, plain| {
+        // SAFETY: `fd` is a valid socket for the duration of the call; the option value is a
+        // c_int, as both options take.
+        unsafe {
+            let v = &want as *const libc::c_int as *const libc::c_void;
+            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if libc::setsockopt(fd, libc::SOL_SOCKET, force, v, len) != 0 {
+                libc::setsockopt(fd, libc::SOL_SOCKET, plain, v, len);
+            }
+        }
+    };
+    set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
+    set(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
+    let get = |opt| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: as above; `v` and `len` are valid for writes.
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &mut v as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            );
+        }
+        usize::try_from(v).unwrap_or(0)
+    };
+    (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
+}
+
+/// Start a core on its own thread, owning `socket` (a bound std socket).
+/// Returns the handle and a receiver that resolves when the core has stopped.
+pub fn spawn(
+    config: CoreConfig,
+    socket: std::net::UdpSocket,
+) -> Result<(SfuHandle, oneshot::Receiver<()>), SfuError> {
+    socket.set_nonblocking(true)?;
+    let local_addr = socket.local_addr()?;
+    let (rcv, snd) = set_socket_buffers(&socket, config.udp_buffer);
+    if rcv < config.udp_buffer {
+        warn!(
+            wanted = config.udp_buffer,
+            granted = rcv,
+            "media socket receive buffer is smaller than configured (raise net.core.rmem_max, or run with CAP_NET_ADMIN)"
+        );
+    } else {
+        info!(receive = rcv, send = snd, "media socket buffers");
+    }
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (done_tx, done_rx) = oneshot::channel();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("plaza-core".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match UdpSocket::from_std(socket) {
+                    Ok(socket) => {
+                        let now = Instant::now();
+                        let sink = UdpTransmit::new(socket);
+                        let sfu = Sfu::new(config, local_addr, rand::random(), now, sink)
+                            .with_wall_clock(now, SystemTime::now());
+                        Driver { sfu, rx }.run().await;
+                    }
+                    Err(e) => warn!("core could not adopt the UDP socket: {e}"),
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    Ok((SfuHandle::new(tx), done_rx))
+}
+
+/// The real network as the core's output: datagrams are queued and handed to the kernel in
+/// batches, a full batch at once (so the first subscribers of a keyframe fan-out do not wait
+/// for the last ones' encryption), the rest at the end of the turn.
+pub struct UdpTransmit {
+    socket: UdpSocket,
+    out: OutQueue,
+    latency: LatencyHistogram,
+    sent: u64,
+    dropped: u64,
+    calls: u64,
+}
+
+impl UdpTransmit {
+    fn new(socket: UdpSocket) -> Self {
+        UdpTransmit {
+            socket,
+            out: OutQueue::new(),
+            latency: LatencyHistogram::new(),
+            sent: 0,
+            dropped: 0,
+            calls: 0,
+        }
+    }
+
+    /// Hand everything queued to the kernel (drop, never block).
+    fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let o = self.out.send(&self.socket, &mut self.latency);
+        self.sent += o.sent;
+        self.dropped += o.dropped;
+        self.calls += o.calls;
+    }
+}
+
+impl Transmit for UdpTransmit {
+    fn send(&mut self, data: BytesMut, to: SocketAddr, origin: Option<Instant>) {
+        self.out.push(data, to, origin);
+        if self.out.len() >= udp::BATCH {
+            self.flush();
+        }
+    }
+
+    fn report(&self, stats: &mut CoreStats) {
+        stats.udp_datagrams_out = self.sent;
+        stats.udp_datagrams_out_dropped = self.dropped;
+        stats.udp_send_calls = self.calls;
+        stats.forward_latency = self.latency.snapshot();
+    }
+}
+
+struct Driver {
+    sfu: Sfu<UdpTransmit>,
+    rx: mpsc::Receiver<Command>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut buf = vec![0u8; MAX_DATAGRAM * 2];
+        loop {
+            let next = self.sfu.poll_timeout();
+            let sleep = tokio::time::sleep_until(
+                next.map(|d| tokio::time::Instant::from_std(d.at))
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
+            );
+            // Commands and datagrams take turns: each branch serves a bounded batch of its own
+            // kind and then a batch of the other, so a flood of either (a client sending cheap
+            // messages as fast as TCP allows, or garbage UDP) delays the other by at most one
+            // batch.
+            let stop = tokio::select! {
+                biased;
+                cmd = self.rx.recv() => {
+                    match cmd {
+                        None => Some(None),
+                        Some(cmd) => {
+                            let stop = self.serve_commands(cmd);
+                            if stop.is_none() {
+                                self.serve_datagrams(&mut buf);
+                            }
+                            stop
+                        }
+                    }
+                }
+                res = self.sfu.transmit().socket.recv_from(&mut buf) => {
+                    match res {
+                        Ok((n, from)) => {
+                            self.sfu.handle_datagram(Instant::now(), from, &buf[..n]);
+                            // Take what else is already queued, bounded.
+                            self.serve_datagrams(&mut buf);
+                        }
+                        Err(e) => debug!("udp recv error: {e}"),
+                    }
+                    match self.rx.try_recv() {
+                        Ok(cmd) => self.serve_commands(cmd),
+                        Err(mpsc::error::TryRecvError::Empty) => None,
+                        Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+                    }
+                }
+                _ = sleep => {
+                    self.sfu.handle_timeout(Instant::now());
+                    None
+                }
+            };
+            if let Some(done) = stop {
+                self.sfu.shutdown(Instant::now());
+                self.sfu.end_turn(Instant::now());
+                self.sfu.transmit().flush();
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            self.sfu.end_turn(Instant::now());
+            self.sfu.transmit().flush();
+        }
+    }
+
+    /// Handle `first` and up to `commands_per_turn - 1` more commands that are already
+    /// queued. `Some(done)`: a shutdown was asked for (`done` is `None` when every sender is
+    /// gone).
+    fn serve_commands(&mut self, first: Command) -> Option<Option<oneshot::Sender<()>>> {
+        let now = Instant::now();
+        let mut cmd = first;
+        for _ in 1..self.sfu.limits().commands_per_turn.max(1) {
+            if let Flow::Stop(done) = self.sfu.handle_command(now, cmd) {
+                return Some(done);
+            }
+            cmd = match self.rx.try_recv() {
+                Ok(c) => c,
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Some(None),
+            };
+        }
+        if let Flow::Stop(done) = self.sfu.handle_command(now, cmd) {
+            return Some(done);
+        }
+        if !self.rx.is_empty() {
+            // More are waiting: they wait until the media socket has been served.
+            self.sfu.note_commands_deferred();
+        }
+        None
+    }
+
+    /// Datagrams already queued on the socket, up to one batch.
+    fn serve_datagrams(&mut self, buf: &mut [u8]) {
+        let now = Instant::now();
+        for _ in 1..RECV_BATCH {
+            match self.sfu.transmit().socket.try_recv_from(buf) {
+                Ok((n, from)) => self.sfu.handle_datagram(now, from, &buf[..n]),
+                Err(_) => break,
+            }
+        }
+    }
+}
