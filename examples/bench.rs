@@ -20,6 +20,13 @@
 //! growth per participant. Results go to `--out` (default `bench/results/`):
 //! `<date>-<scenario>.json`, `.md` and `.svg`, and `README-table.md` (the README's section).
 //! See `bench/README.md` for the method and its caveats.
+//!
+//! `--viewer light` replaces the livestream's and meeting's subscribers with
+//! `common::lightviewer` viewers (real signaling, ICE and DTLS; SRTP only counted), so the load
+//! generator costs less per packet than the server; `--knee` steps the livestream's viewer
+//! count until loss or the forwarded rate gives way; `--server-workers 1,2` and `--server-arg`
+//! change the server's command line. Light-viewer results go to
+//! `<date>-<commit>-light-viewer-<scenario>….{json,md,svg}`.
 
 mod common;
 
