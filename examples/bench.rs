@@ -679,7 +679,10 @@ async fn run_plaza(
     let mut point = Point::empty(sc, "plaza", n, pubs, subs);
     point.workers = workers;
     let started = Instant::now();
-    let log = logs.join(format!("plaza-{}-{n}.log", sc.name()));
+    let log = logs.join(match workers {
+        Some(w) => format!("plaza-{}-{n}-w{w}.log", sc.name()),
+        None => format!("plaza-{}-{n}.log", sc.name()),
+    });
     let server = match start_plaza(args, &log, workers).await {
         Ok(s) => s,
         Err(e) => {
@@ -849,11 +852,10 @@ async fn run_plaza_light(
     point.workers = workers;
     point.viewer = ViewerKind::Light;
     let started = Instant::now();
-    let log = logs.join(format!(
-        "plaza-light-{}-{n}-w{}.log",
-        sc.name(),
-        workers.unwrap_or(0)
-    ));
+    let log = logs.join(match workers {
+        Some(w) => format!("plaza-light-{}-{n}-w{w}.log", sc.name()),
+        None => format!("plaza-light-{}-{n}.log", sc.name()),
+    });
     let server = match start_plaza(args, &log, workers).await {
         Ok(s) => s,
         Err(e) => {
