@@ -8,7 +8,8 @@
 //! bind = "0.0.0.0"
 //! port = 7880
 //! udp_bind = "0.0.0.0"
-//! udp_port = 7882
+//! udp_port = 7882          # shard i listens on udp_port + i
+//! workers = 4               # core shards; default: one per CPU
 //! announce_ip = ["203.0.113.7"]   # or a single string
 //! log_level = "info,plaza=debug"
 //! log_format = "json"
@@ -71,6 +72,13 @@ pub const MAX_WS_MESSAGE: usize = 16 * 1024 * 1024;
 /// Largest accepted `max_data_message`: the SCTP maximum message size `rtc` advertises
 /// (`a=max-message-size:65536`) less room for the relay header (`{"from":"PA_…"}` + newline).
 pub const MAX_DATA_MESSAGE: usize = 65_536 - 256;
+/// Most core shards (`--workers`).
+pub const MAX_WORKERS: usize = 256;
+
+/// One core shard per CPU the process may use.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
+}
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
@@ -119,6 +127,9 @@ pub struct Config {
     pub max_data_message: usize,
     /// Receive and send buffer asked of the kernel for the media UDP socket, in bytes.
     pub udp_buffer: usize,
+    /// Shards of the SFU core, each one thread (one core) with its own UDP socket on port
+    /// `udp_port + i`.
+    pub workers: usize,
     /// A WebSocket that has not joined within this time is closed.
     pub join_timeout: Duration,
     /// A joined WebSocket that sends no frame for this long is closed (the server pings it).
@@ -153,6 +164,7 @@ impl Default for Config {
             max_ws_message: DEFAULT_MAX_WS_MESSAGE,
             max_data_message: DEFAULT_MAX_DATA_MESSAGE,
             udp_buffer: crate::io::UDP_BUFFER_DEFAULT,
+            workers: default_workers(),
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
@@ -259,6 +271,10 @@ struct Args {
     /// [default: 8388608]
     #[arg(long, value_name = "BYTES")]
     udp_buffer: Option<usize>,
+    /// Core shards, one thread and one UDP port (udp-port + i) each [env: PLAZA_WORKERS]
+    /// [default: the number of CPUs]
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
     /// Seconds a WebSocket may take to join [env: PLAZA_JOIN_TIMEOUT] [default: 10]
     #[arg(long, value_name = "SECONDS")]
     join_timeout: Option<f64>,
@@ -331,6 +347,7 @@ struct FileConfig {
     max_ws_message: Option<usize>,
     max_data_message: Option<usize>,
     udp_buffer: Option<usize>,
+    workers: Option<usize>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     header_timeout: Option<f64>,
@@ -359,6 +376,7 @@ struct Layer {
     max_ws_message: Option<usize>,
     max_data_message: Option<usize>,
     udp_buffer: Option<usize>,
+    workers: Option<usize>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     header_timeout: Option<f64>,
@@ -388,6 +406,7 @@ impl Layer {
             max_ws_message: self.max_ws_message.or(lower.max_ws_message),
             max_data_message: self.max_data_message.or(lower.max_data_message),
             udp_buffer: self.udp_buffer.or(lower.udp_buffer),
+            workers: self.workers.or(lower.workers),
             join_timeout: self.join_timeout.or(lower.join_timeout),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             header_timeout: self.header_timeout.or(lower.header_timeout),
@@ -418,6 +437,7 @@ impl From<Args> for Layer {
             max_ws_message: a.max_ws_message,
             max_data_message: a.max_data_message,
             udp_buffer: a.udp_buffer,
+            workers: a.workers,
             join_timeout: a.join_timeout,
             idle_timeout: a.idle_timeout,
             header_timeout: a.header_timeout,
@@ -451,6 +471,7 @@ impl From<FileConfig> for Layer {
             max_ws_message: f.max_ws_message,
             max_data_message: f.max_data_message,
             udp_buffer: f.udp_buffer,
+            workers: f.workers,
             join_timeout: f.join_timeout,
             idle_timeout: f.idle_timeout,
             header_timeout: f.header_timeout,
@@ -521,6 +542,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             max_ws_message: self.parse("PLAZA_MAX_WS_MESSAGE")?,
             max_data_message: self.parse("PLAZA_MAX_DATA_MESSAGE")?,
             udp_buffer: self.parse("PLAZA_UDP_BUFFER")?,
+            workers: self.parse("PLAZA_WORKERS")?,
             join_timeout: self.parse("PLAZA_JOIN_TIMEOUT")?,
             idle_timeout: self.parse("PLAZA_IDLE_TIMEOUT")?,
             header_timeout: self.parse("PLAZA_HEADER_TIMEOUT")?,
@@ -589,6 +611,7 @@ impl Config {
             max_ws_message: merged.max_ws_message.unwrap_or(d.max_ws_message),
             max_data_message: merged.max_data_message.unwrap_or(d.max_data_message),
             udp_buffer: merged.udp_buffer.unwrap_or(d.udp_buffer),
+            workers: merged.workers.unwrap_or(d.workers),
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
             header_timeout: seconds("header-timeout", merged.header_timeout, d.header_timeout)?,
@@ -667,6 +690,24 @@ impl Config {
             MAX_DATA_MESSAGE,
         )?;
         check_range("udp-buffer", self.udp_buffer, 65_536, 1 << 30)?;
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(ConfigError::Invalid {
+                name: "workers",
+                value: self.workers.to_string(),
+                expected: format!("between 1 and {MAX_WORKERS}"),
+            });
+        }
+        if self.udp_port != 0 && usize::from(self.udp_port) + self.workers - 1 > 65_535 {
+            return Err(ConfigError::Invalid {
+                name: "workers",
+                value: self.workers.to_string(),
+                expected: format!(
+                    "at most {} with udp-port {} (one port per worker, up to 65535)",
+                    65_536 - usize::from(self.udp_port),
+                    self.udp_port
+                ),
+            });
+        }
         let (lo, hi) = TIMEOUT_RANGE_S;
         for (name, d) in [
             ("join-timeout", self.join_timeout),

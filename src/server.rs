@@ -139,6 +139,7 @@ fn in_use_hint(e: &std::io::Error, flag: &str) -> String {
 pub struct Server {
     http_addr: SocketAddr,
     udp_addr: SocketAddr,
+    udp_addrs: Vec<SocketAddr>,
     handle: SfuHandle,
     /// `true` = stop: ends the HTTP server's accept loop and sessions that have not joined.
     stop: watch::Sender<bool>,
@@ -158,21 +159,32 @@ pub(crate) async fn start_with_core<F>(config: Config, spawn_core: F) -> Result<
 where
     F: FnOnce(
         CoreConfig,
-        std::net::UdpSocket,
+        Vec<std::net::UdpSocket>,
     ) -> Result<(SfuHandle, oneshot::Receiver<()>), SfuError>,
 {
     config.validate()?;
     let announce_ips = config.announce_ips()?;
 
-    let udp_want = config.udp_addr();
-    let socket = std::net::UdpSocket::bind(udp_want).map_err(|source| ServerError::BindUdp {
-        addr: udp_want,
-        source,
-    })?;
-    socket
-        .set_nonblocking(true)
-        .map_err(ServerError::UdpSetup)?;
-    let udp_addr = socket.local_addr().map_err(ServerError::UdpSetup)?;
+    // One socket per shard: port udp_port + i (each ephemeral when udp_port is 0).
+    let mut sockets = Vec::with_capacity(config.workers);
+    let mut udp_addrs = Vec::with_capacity(config.workers);
+    for shard in 0..config.workers {
+        let mut udp_want = config.udp_addr();
+        if udp_want.port() != 0 {
+            udp_want.set_port(udp_want.port() + shard as u16);
+        }
+        let socket =
+            std::net::UdpSocket::bind(udp_want).map_err(|source| ServerError::BindUdp {
+                addr: udp_want,
+                source,
+            })?;
+        socket
+            .set_nonblocking(true)
+            .map_err(ServerError::UdpSetup)?;
+        udp_addrs.push(socket.local_addr().map_err(ServerError::UdpSetup)?);
+        sockets.push(socket);
+    }
+    let udp_addr = udp_addrs[0];
 
     let http_want = config.http_addr();
     let bind_http = |source| ServerError::BindHttp {
@@ -189,7 +201,7 @@ where
             limits: config.core_limits.clone(),
             udp_buffer: config.udp_buffer,
         },
-        socket,
+        sockets,
     )?;
 
     let soft = nofile_limit().map(|(soft, _)| soft);
@@ -227,7 +239,8 @@ where
     let http_task = tokio::spawn(http::serve::serve(listener, app, opts, stop_rx));
     info!(
         %http_addr,
-        %udp_addr,
+        udp = ?udp_addrs,
+        workers = config.workers,
         ?announce_ips,
         max_connections,
         max_connections_per_ip = config.max_connections_per_ip,
@@ -236,6 +249,7 @@ where
     Ok(Server {
         http_addr,
         udp_addr,
+        udp_addrs,
         handle,
         stop,
         http_task: Some(http_task),
@@ -250,9 +264,14 @@ impl Server {
         self.http_addr
     }
 
-    /// The bound media UDP address (with the real port when 0 was asked for).
+    /// The first shard's bound media UDP address (with the real port when 0 was asked for).
     pub fn udp_addr(&self) -> SocketAddr {
         self.udp_addr
+    }
+
+    /// Every shard's bound media UDP address, in shard order.
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.udp_addrs
     }
 
     /// The core's command handle.
@@ -333,10 +352,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     } else {
         http
     };
-    info!(
-        "signaling on ws://{demo}/rtc, media on udp {}, demo page at http://{demo}/",
-        server.udp_addr()
-    );
+    let udp = server.udp_addrs();
+    let media = match udp {
+        [one] => format!("udp {one}"),
+        [first, .., last] => format!("udp {first} … port {} ({} shards)", last.port(), udp.len()),
+        [] => String::new(),
+    };
+    info!("signaling on ws://{demo}/rtc, media on {media}, demo page at http://{demo}/");
     let failure = tokio::select! {
         () = shutdown => None,
         reason = server.stopped_by_itself() => Some(reason),
@@ -408,7 +430,8 @@ mod tests {
                 cfg.max_data_message,
                 crate::config::DEFAULT_MAX_DATA_MESSAGE
             );
-            assert!(socket.local_addr().unwrap().port() != 0);
+            assert!(!socket.is_empty());
+            assert!(socket.iter().all(|s| s.local_addr().unwrap().port() != 0));
             Ok((handle, stopped))
         })
         .await

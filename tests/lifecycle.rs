@@ -161,3 +161,75 @@ async fn rooms_disappear_when_empty() {
 
     server.shutdown().await;
 }
+
+/// `--workers 2`: rooms are placed on the two shards (each with its own UDP port), a room's
+/// later joiners land where the room is, media flows on both shards, `/healthz` sums them and
+/// shows each shard's share, and shutdown stops both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_are_spread_over_shards() {
+    let server = TestServer::start_with(plaza::config::Config {
+        workers: 2,
+        ..support::test_config()
+    })
+    .await;
+    let (_, h) = server.healthz().await.unwrap();
+    assert_eq!(h["shards"].as_array().map(Vec::len), Some(2), "{h}");
+
+    // Room one on a shard, room two on the other (the emptier one).
+    let ann = publisher(&server, "one", "ann").await;
+    let cid = publisher(&server, "two", "cid").await;
+    let ben = subscriber(&server, "one", "ben").await;
+    let dan = subscriber(&server, "two", "dan").await;
+    let a = announced_track(&ben, &ann, TrackKind::Video).await;
+    let c = announced_track(&dan, &cid, TrackKind::Video).await;
+    support::assert_media_flows("both rooms", &[(&ben, &a.id), (&dan, &c.id)], 30).await;
+
+    let h = server
+        .wait_healthz(
+            "both shards forward",
+            |h| {
+                h["shards"].as_array().is_some_and(|s| {
+                    s.iter().all(|s| {
+                        s["rooms"] == 1
+                            && s["participants"] == 2
+                            && s["rtp_packets_forwarded"].as_u64() > Some(0)
+                    })
+                })
+            },
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(h["rooms"], 2, "{h}");
+    assert_eq!(h["participants"], 4, "{h}");
+    let sum: u64 = h["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["rtp_packets_forwarded"].as_u64().unwrap())
+        .sum();
+    assert!(
+        h["rtp_packets_forwarded"].as_u64().unwrap() >= sum,
+        "the total sums the shards: {h}"
+    );
+    // The participants of one room see each other, never the other room's.
+    assert!(
+        ben.joined()
+            .participants
+            .iter()
+            .any(|p| p.id == ann.participant_id())
+            && !ben
+                .joined()
+                .participants
+                .iter()
+                .any(|p| p.id == cid.participant_id()),
+        "{:?}",
+        ben.joined().participants
+    );
+
+    let took = server.shutdown().await;
+    assert!(took < SHUTDOWN_TIMEOUT, "shutdown took {took:?}");
+    for p in [&ann, &ben, &cid, &dan] {
+        p.wait_closed(T).await.unwrap();
+    }
+}

@@ -69,23 +69,52 @@ fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usi
     (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
 }
 
-/// Start a core on its own thread, owning `socket` (a bound std socket).
-/// Returns the handle and a receiver that resolves when the core has stopped.
+/// Start one core shard per socket (bound std sockets), each on its own thread. Call from
+/// within a tokio runtime.
+/// Returns the handle to all of them and a receiver that resolves when a shard has stopped
+/// (after a graceful shutdown: when all have).
 pub fn spawn(
     config: CoreConfig,
-    socket: std::net::UdpSocket,
+    sockets: Vec<std::net::UdpSocket>,
 ) -> Result<(SfuHandle, oneshot::Receiver<()>), SfuError> {
+    if sockets.is_empty() {
+        return Err(SfuError::Io(std::io::Error::other("no media socket")));
+    }
+    let mut senders = Vec::with_capacity(sockets.len());
+    let mut stopped = Vec::with_capacity(sockets.len());
+    for (shard, socket) in sockets.into_iter().enumerate() {
+        let (tx, done) = spawn_shard(shard, config.clone(), socket)?;
+        senders.push(tx);
+        stopped.push(done);
+    }
+    let (done_tx, done_rx) = oneshot::channel();
+    // Resolves when the first shard stops: on shutdown they all stop together; a shard that
+    // stops by itself is a failure the server reports.
+    tokio::spawn(async move {
+        let _ = futures_util::future::select_all(stopped).await;
+        let _ = done_tx.send(());
+    });
+    Ok((SfuHandle::sharded(senders), done_rx))
+}
+
+/// One shard: a core on its own thread with a current-thread runtime, owning `socket`.
+fn spawn_shard(
+    shard: usize,
+    config: CoreConfig,
+    socket: std::net::UdpSocket,
+) -> Result<(mpsc::Sender<Command>, oneshot::Receiver<()>), SfuError> {
     socket.set_nonblocking(true)?;
     let local_addr = socket.local_addr()?;
     let (rcv, snd) = set_socket_buffers(&socket, config.udp_buffer);
     if rcv < config.udp_buffer {
         warn!(
+            shard,
             wanted = config.udp_buffer,
             granted = rcv,
             "media socket receive buffer is smaller than configured (raise net.core.rmem_max, or run with CAP_NET_ADMIN)"
         );
     } else {
-        info!(receive = rcv, send = snd, "media socket buffers");
+        info!(shard, %local_addr, receive = rcv, send = snd, "media socket");
     }
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (done_tx, done_rx) = oneshot::channel();
@@ -93,8 +122,10 @@ pub fn spawn(
         .enable_all()
         .build()?;
     std::thread::Builder::new()
-        .name("plaza-core".into())
+        .name(format!("plaza-core-{shard}"))
         .spawn(move || {
+            let span = tracing::info_span!("shard", shard);
+            let _g = span.enter();
             rt.block_on(async move {
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => {
@@ -109,7 +140,7 @@ pub fn spawn(
             });
             let _ = done_tx.send(());
         })?;
-    Ok((SfuHandle::new(tx), done_rx))
+    Ok((tx, done_rx))
 }
 
 /// The real network as the core's output: datagrams are queued and handed to the kernel in

@@ -104,6 +104,25 @@ pub struct UdpDrops {
     pub rebind_refused: u64,
 }
 
+impl UdpDrops {
+    pub fn merge(&mut self, o: &UdpDrops) {
+        let UdpDrops {
+            empty,
+            unknown_ufrag,
+            unknown_transaction,
+            response_from_other_address,
+            unknown_address,
+            rebind_refused,
+        } = o;
+        self.empty += empty;
+        self.unknown_ufrag += unknown_ufrag;
+        self.unknown_transaction += unknown_transaction;
+        self.response_from_other_address += response_from_other_address;
+        self.unknown_address += unknown_address;
+        self.rebind_refused += rebind_refused;
+    }
+}
+
 impl DropCounters {
     pub fn count(&mut self, reason: DropReason, from: SocketAddr, now: Instant) {
         self.counts[reason as usize] += 1;

@@ -124,6 +124,25 @@ pub struct LatencySnapshot {
     pub buckets: Vec<(u64, u64)>,
 }
 
+impl LatencySnapshot {
+    /// Add another histogram's counts (another shard's); the percentiles are recomputed from
+    /// the merged buckets.
+    pub fn merge(&mut self, other: &LatencySnapshot) {
+        for &(ub, c) in &other.buckets {
+            match self.buckets.iter_mut().find(|(b, _)| *b == ub) {
+                Some((_, mine)) => *mine += c,
+                None => self.buckets.push((ub, c)),
+            }
+        }
+        self.buckets.sort_unstable();
+        self.count += other.count;
+        self.max_us = self.max_us.max(other.max_us);
+        self.p50_us = window_quantile_us(&[], &self.buckets, 0.50);
+        self.p90_us = window_quantile_us(&[], &self.buckets, 0.90);
+        self.p99_us = window_quantile_us(&[], &self.buckets, 0.99);
+    }
+}
+
 /// Percentile from the difference of two bucket lists (`later` − `earlier`), as a load
 /// generator computes it for its window. Buckets are `[upper bound µs, count]`.
 pub fn window_quantile_us(earlier: &[(u64, u64)], later: &[(u64, u64)], q: f64) -> Option<u64> {
@@ -153,6 +172,22 @@ pub fn window_quantile_us(earlier: &[(u64, u64)], later: &[(u64, u64)], q: f64) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_snapshots_count_both() {
+        let mut a = LatencyHistogram::new();
+        let mut b = LatencyHistogram::new();
+        a.record(Duration::from_micros(10), 90);
+        b.record(Duration::from_micros(1000), 10);
+        b.record(Duration::from_micros(10), 10);
+        let mut m = a.snapshot();
+        m.merge(&b.snapshot());
+        assert_eq!(m.count, 110);
+        assert_eq!(m.buckets.iter().map(|(_, c)| c).sum::<u64>(), 110);
+        assert!(m.p50_us.unwrap() <= 12);
+        assert!(m.p99_us.unwrap() >= 900);
+        assert!(m.max_us.unwrap() >= 1000);
+    }
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)

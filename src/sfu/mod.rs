@@ -19,6 +19,7 @@ pub mod latency;
 pub mod loglimit;
 pub mod nack;
 pub mod outbox;
+pub mod placement;
 pub mod rewrite;
 pub mod sdpcheck;
 pub mod selector;
@@ -141,6 +142,25 @@ pub struct LimitsHit {
     pub signaling_queue_overflows: u64,
 }
 
+impl LimitsHit {
+    fn merge(&mut self, o: &LimitsHit) {
+        let LimitsHit {
+            remote_candidates,
+            published_tracks,
+            subscriptions,
+            ids_per_message,
+            commands_deferred,
+            signaling_queue_overflows,
+        } = o;
+        self.remote_candidates += remote_candidates;
+        self.published_tracks += published_tracks;
+        self.subscriptions += subscriptions;
+        self.ids_per_message += ids_per_message;
+        self.commands_deferred += commands_deferred;
+        self.signaling_queue_overflows += signaling_queue_overflows;
+    }
+}
+
 /// Counters exported by the core.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct CoreStats {
@@ -195,6 +215,93 @@ pub struct CoreStats {
     /// Time forwarded RTP packets spent in the server: read from the socket → handed to the
     /// kernel, over the process life (subtract two snapshots' buckets for a window).
     pub forward_latency: latency::LatencySnapshot,
+    /// Per shard, in shard order (filled in by [`SfuHandle::stats`]).
+    pub shards: Vec<ShardStats>,
+}
+
+/// One shard's share of the work.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ShardStats {
+    pub rooms: usize,
+    pub participants: usize,
+    pub rtp_packets_forwarded: u64,
+    pub udp_datagrams_out: u64,
+}
+
+impl CoreStats {
+    /// Add another shard's counters to these.
+    pub fn merge(&mut self, other: &CoreStats) {
+        // Destructured so that a new counter cannot be forgotten here.
+        let CoreStats {
+            rooms,
+            participants,
+            published_tracks,
+            rtp_packets_in,
+            rtp_packets_forwarded,
+            rtp_packets_dropped,
+            udp_datagrams_in,
+            udp_datagrams_ignored,
+            udp_dropped,
+            limits_hit,
+            log_lines_suppressed,
+            udp_datagrams_out,
+            udp_datagrams_out_dropped,
+            udp_send_calls,
+            data_messages_relayed,
+            keyframe_requests,
+            nack_requested,
+            nack_resent,
+            nack_refused,
+            nack_over_budget,
+            subscriber_rtcp_in,
+            subscriber_rtcp_rejected,
+            subscriber_rtcp_malformed,
+            publisher_rtp_fast,
+            publisher_rtp_to_rtc,
+            publisher_rtp_rejected,
+            publisher_rtcp_in,
+            publisher_rtcp_rejected,
+            nack_sent_to_publishers,
+            twcc_feedback_sent,
+            receiver_reports_sent,
+            forward_latency,
+            shards,
+        } = other;
+        self.rooms += rooms;
+        self.participants += participants;
+        self.published_tracks += published_tracks;
+        self.rtp_packets_in += rtp_packets_in;
+        self.rtp_packets_forwarded += rtp_packets_forwarded;
+        self.rtp_packets_dropped += rtp_packets_dropped;
+        self.udp_datagrams_in += udp_datagrams_in;
+        self.udp_datagrams_ignored += udp_datagrams_ignored;
+        self.udp_datagrams_out += udp_datagrams_out;
+        self.udp_datagrams_out_dropped += udp_datagrams_out_dropped;
+        self.udp_send_calls += udp_send_calls;
+        self.data_messages_relayed += data_messages_relayed;
+        self.keyframe_requests += keyframe_requests;
+        self.nack_requested += nack_requested;
+        self.nack_resent += nack_resent;
+        self.nack_refused += nack_refused;
+        self.nack_over_budget += nack_over_budget;
+        self.subscriber_rtcp_in += subscriber_rtcp_in;
+        self.subscriber_rtcp_rejected += subscriber_rtcp_rejected;
+        self.subscriber_rtcp_malformed += subscriber_rtcp_malformed;
+        self.publisher_rtp_fast += publisher_rtp_fast;
+        self.publisher_rtp_to_rtc += publisher_rtp_to_rtc;
+        self.publisher_rtp_rejected += publisher_rtp_rejected;
+        self.publisher_rtcp_in += publisher_rtcp_in;
+        self.publisher_rtcp_rejected += publisher_rtcp_rejected;
+        self.nack_sent_to_publishers += nack_sent_to_publishers;
+        self.twcc_feedback_sent += twcc_feedback_sent;
+        self.receiver_reports_sent += receiver_reports_sent;
+        self.udp_dropped.merge(udp_dropped);
+        self.limits_hit.merge(limits_hit);
+        self.forward_latency.merge(forward_latency);
+        // Process-wide already, not per shard.
+        self.log_lines_suppressed = self.log_lines_suppressed.max(*log_lines_suppressed);
+        self.shards.extend(shards.iter().cloned());
+    }
 }
 
 /// Errors at the core's boundary.
@@ -212,21 +319,66 @@ pub enum SfuError {
     Io(#[from] std::io::Error),
 }
 
-/// Cloneable handle to the core task.
+/// Cloneable handle to the core's shards: joins go to the shard of their room
+/// ([`placement::Placement`]), everything a participant sends after to its shard.
 #[derive(Debug, Clone)]
 pub struct SfuHandle {
-    tx: mpsc::Sender<Command>,
+    shards: std::sync::Arc<[mpsc::Sender<Command>]>,
+    // Signaling side only (taken around joins, leaves and each client message); the packet
+    // path never sees it.
+    placement: std::sync::Arc<std::sync::Mutex<placement::Placement>>,
 }
 
 impl SfuHandle {
+    /// A handle to one core.
     pub fn new(tx: mpsc::Sender<Command>) -> Self {
-        SfuHandle { tx }
+        Self::sharded(vec![tx])
+    }
+
+    /// A handle to several shards (at least one).
+    pub fn sharded(shards: Vec<mpsc::Sender<Command>>) -> Self {
+        let n = shards.len();
+        SfuHandle {
+            shards: shards.into(),
+            placement: std::sync::Arc::new(std::sync::Mutex::new(placement::Placement::new(n))),
+        }
+    }
+
+    fn placement(&self) -> std::sync::MutexGuard<'_, placement::Placement> {
+        // A panic while holding the lock leaves consistent bookkeeping (every method finishes
+        // its update before it can fail): go on with it.
+        self.placement
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The shard a participant's commands go to (the first for an unknown one: it answers
+    /// nothing, as for any unknown participant).
+    fn shard_of(&self, participant: &str) -> &mpsc::Sender<Command> {
+        let i = self.placement().shard_of(participant).unwrap_or(0);
+        &self.shards[i.min(self.shards.len() - 1)]
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
     }
 
     /// Join a room. The `events` channel in `req` receives everything after `joined`.
     pub async fn join(&self, req: JoinRequest) -> Result<JoinAccepted, SfuError> {
+        let room = req.room.clone();
+        let shard = self.placement().reserve(&room);
+        let res = self.join_on(shard, req).await;
+        match &res {
+            Ok(ok) => self.placement().joined(&ok.participant_id, &room, shard),
+            Err(_) => self.placement().join_failed(&room, shard),
+        }
+        res
+    }
+
+    async fn join_on(&self, shard: usize, req: JoinRequest) -> Result<JoinAccepted, SfuError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        self.shards[shard]
             .send(Command::Join { req, reply })
             .await
             .map_err(|_| SfuError::ShuttingDown)?;
@@ -235,7 +387,7 @@ impl SfuHandle {
 
     /// Pass a post-join client message to the core. Replies arrive on the events channel.
     pub async fn client(&self, participant: &str, msg: ClientMessage) -> Result<(), SfuError> {
-        self.tx
+        self.shard_of(participant)
             .send(Command::Client {
                 participant: participant.to_owned(),
                 msg,
@@ -246,8 +398,9 @@ impl SfuHandle {
 
     /// The participant's WebSocket is gone.
     pub async fn disconnect(&self, participant: &str, reason: &str) {
-        let _ = self
-            .tx
+        let tx = self.shard_of(participant).clone();
+        self.placement().left(participant);
+        let _ = tx
             .send(Command::Disconnect {
                 participant: participant.to_owned(),
                 reason: reason.to_owned(),
@@ -255,21 +408,43 @@ impl SfuHandle {
             .await;
     }
 
-    /// Ask the core to shut down gracefully; resolves when it has.
+    /// Ask every shard to shut down gracefully; resolves when all have.
     pub async fn shutdown(&self) {
-        let (done, rx) = oneshot::channel();
-        if self.tx.send(Command::Shutdown { done }).await.is_ok() {
+        let mut waits = Vec::new();
+        for tx in self.shards.iter() {
+            let (done, rx) = oneshot::channel();
+            if tx.send(Command::Shutdown { done }).await.is_ok() {
+                waits.push(rx);
+            }
+        }
+        for rx in waits {
             let _ = rx.await;
         }
     }
 
-    /// Current counters.
+    /// Current counters, summed over the shards.
     pub async fn stats(&self) -> Result<CoreStats, SfuError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Stats { reply })
-            .await
-            .map_err(|_| SfuError::ShuttingDown)?;
-        rx.await.map_err(|_| SfuError::ShuttingDown)
+        let mut total: Option<CoreStats> = None;
+        let mut per_shard = Vec::with_capacity(self.shards.len());
+        for tx in self.shards.iter() {
+            let (reply, rx) = oneshot::channel();
+            tx.send(Command::Stats { reply })
+                .await
+                .map_err(|_| SfuError::ShuttingDown)?;
+            let s = rx.await.map_err(|_| SfuError::ShuttingDown)?;
+            per_shard.push(ShardStats {
+                participants: s.participants,
+                rooms: s.rooms,
+                rtp_packets_forwarded: s.rtp_packets_forwarded,
+                udp_datagrams_out: s.udp_datagrams_out,
+            });
+            match total.as_mut() {
+                None => total = Some(s),
+                Some(t) => t.merge(&s),
+            }
+        }
+        let mut total = total.unwrap_or_default();
+        total.shards = per_shard;
+        Ok(total)
     }
 }
