@@ -144,7 +144,8 @@ struct Args {
     viewer: ViewerKind,
     /// Livestream "find the knee": step the viewer count through `--knee-viewers` (up to
     /// `--knee-max`, within `--knee-budget` seconds) and stop after the first point with
-    /// viewer loss > 1 % or forwarded rate below 97 % of the expected rate.
+    /// viewer loss > 1 %, forwarded rate below 97 % of the expected rate, or a viewer that
+    /// could not join.
     #[arg(long)]
     knee: bool,
     #[arg(
@@ -331,7 +332,8 @@ struct LightPoint {
     layers: std::collections::BTreeMap<String, usize>,
     /// Viewers whose task ended early (removed, failed).
     ended: usize,
-    /// This point is the knee: loss > 1 % or forwarded rate < 97 % of the expected.
+    /// This point is the knee: loss > 1 %, forwarded rate < 97 % of the expected, or a viewer
+    /// that did not join or was dropped.
     knee: bool,
 }
 
@@ -1009,7 +1011,12 @@ async fn run_plaza_light(
         0.0
     };
     let ended = viewers.iter().filter(|v| v.ended().is_some()).count();
-    let knee = w.loss_percent > 1.0 || (due > 0 && (w.forwarded as f64) < 0.97 * due as f64);
+    // A viewer that could not join (or was dropped) also means the server gave way: the
+    // packets it would have received are missing from both sides of the comparison.
+    let knee = w.loss_percent > 1.0
+        || (due > 0 && (w.forwarded as f64) < 0.97 * due as f64)
+        || viewers.len() < viewers_n
+        || ended > 0;
     point.light = Some(LightPoint {
         viewers: viewers.len(),
         expected_per_s,
