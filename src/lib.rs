@@ -2,25 +2,29 @@
 //!
 //! ```text
 //!  browser / live host / synthetic peer
-//!    │  WebSocket /rtc  (JSON signaling: join, offer/answer, ICE, tracks)      ← axum (src/http)
-//!    │  UDP one port    (ICE, DTLS, SRTP, SCTP for every participant)          ← SFU core (src/sfu)
-//!    ▼
-//!  signaling (async, thin) ──commands (mpsc) + replies (oneshot)──► SFU core task
-//!                                                                   owns the UDP socket, every
-//!                                                                   `rtc` peer connection, rooms,
-//!                                                                   tracks and down-tracks
+//!    │  WebSocket /rtc  (JSON signaling)           │  UDP (ICE, DTLS, SRTP, SCTP), one port per shard
+//!    ▼                                             ▼
+//!  http (axum, async, thin)                     io — drive: per shard one thread owning its socket,
+//!    │  SfuHandle: room → shard                      the clock (once per turn) and the command channel
+//!    └── Command (mpsc) ──────────────────────►   │  handle_datagram / handle_command / handle_timeout
+//!        events ◄── per-participant channel        ▼
+//!                                               sfu::Sfu — decide and act, sans-I/O: rooms,
+//!                                               participants, `rtc` peer connections, tracks,
+//!                                               down-tracks; poll_timeout() → Deadline{at, reason}
 //! ```
 //!
-//! The server drives webrtc-rs's sans-I/O `rtc` core itself: one task owns the UDP socket and
-//! every peer connection, feeds datagrams in, drains what they want to send and drives their
-//! timers from one timer heap. The packet path has one owner and no locks. What a subscriber
-//! receives bypasses `rtc`'s per-connection pipeline: the core encrypts it with the
-//! connection's own SRTP keys and handles the subscriber's RTCP itself (`sfu::egress`). What a
-//! publisher sends bypasses it too once `rtc` has bound the SSRC to a track: the core decrypts
-//! and forwards it and generates the publisher's feedback (TWCC, NACK, receiver reports, PLI;
-//! `sfu::ingress`). `rtc` keeps ICE, DTLS, negotiation, data channels and track binding. Pure
-//! logic (rewriting, keyframe throttling, data-channel envelopes, message parsing, feedback
-//! generation) lives in small modules that are unit-tested without sockets.
+//! The SFU core ([`sfu::Sfu`]) is a state machine: it is handed `now` with every input (a
+//! datagram, a signaling command, a timeout), writes datagrams to a [`sfu::Transmit`] sink and
+//! events to each participant's channel, and names its next deadline with the reason. The
+//! driver ([`io`]) is the only async media code: one shard per core (`--workers`), each owning
+//! one UDP socket and the rooms placed on it; the packet path has one owner per core and no
+//! locks. The server drives webrtc-rs's sans-I/O `rtc` for ICE, DTLS, data channels,
+//! negotiation and SSRC binding; media bypasses its pipeline: the core decrypts a publisher's
+//! packets (`sfu::ingress`), decides per subscriber (`sfu::forward`: forward with a rewritten
+//! header, or drop with a named reason), and encrypts with each subscriber's own SRTP keys
+//! (`sfu::egress`). Pure logic (selection, rewriting, keyframe throttling, feedback,
+//! demultiplexing, placement) lives in small modules unit-tested without sockets.
+//! `docs/ARCHITECTURE.md` has the whole picture.
 
 pub mod config;
 pub mod http;
@@ -29,3 +33,4 @@ pub mod logging;
 pub mod server;
 pub mod sfu;
 pub mod signal;
+pub mod sim;

@@ -14,13 +14,14 @@ use super::data::{self, DataError};
 use super::demux::{self, BindingKind, Claim, Demux, DropCounters};
 use super::effects::{Effect, Effects};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
+use super::forward::{self, Decision, DownTrack, DropReason};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::{KeyframeThrottle, SwitchWatch};
 use super::outbox::Outbox;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::sdpcheck;
 use super::selector::{
-    BitrateMeter, LayerInfo, LayerSelector, PacketAction, Requested, layer_quality, needed_layers,
+    BitrateMeter, LayerInfo, LayerSelector, Requested, layer_quality, needed_layers,
 };
 use super::timers::{Deadline, Periodic, Reason, TimerQueue, soonest};
 use super::vp8;
@@ -215,25 +216,6 @@ impl Participant {
     fn published(&self) -> impl Iterator<Item = &str> {
         self.pub_tracks.iter().map(|t| &*t.tid)
     }
-}
-
-struct DownTrack {
-    ssrc: u32,
-    payload_type: Option<u8>,
-    /// Negotiated id of the transport-wide sequence number extension, if any.
-    twcc_ext: Option<u8>,
-    rewriter: Rewriter,
-    /// VP8: keeps picture id / TL0PICIDX / KEYIDX continuous across layer switches.
-    munger: Option<Vp8Munger>,
-    /// Video: which simulcast layer this subscriber gets (one layer for plain video).
-    /// `None` for audio, which is always forwarded.
-    selector: Option<LayerSelector>,
-    /// The first subscriber offer that carries this down-track: nothing is forwarded (and no
-    /// keyframe spent) before the answer to that offer is applied.
-    first_offer: u64,
-    /// Armed at a layer switch: a NACK for packets sent since asks for another keyframe
-    /// (the switch's keyframe was lost on the way; see `keyframe::SwitchWatch`).
-    switch_watch: Option<SwitchWatch>,
 }
 
 /// One encoding of a published track: a simulcast layer, or the only one.
@@ -1403,55 +1385,49 @@ impl<T: Transmit> Sfu<T> {
         packet.header.extension_profile = 0;
         packet.header.extensions_padding = 0;
         let clock_rate = track.codec.clock_rate;
+        let meta = forward::Packet {
+            layer: li,
+            keyframe,
+            ssrc: packet.header.ssrc,
+            seq: packet.header.sequence_number,
+            timestamp: packet.header.timestamp,
+            clock_rate,
+        };
         let mut want_keyframe: Option<usize> = None;
         let mut switched_subs: Vec<u64> = Vec::new();
+        // Fan-out: each subscription decides, then the decision is acted on (munge, encrypt,
+        // send) or its drop counted by reason.
         for (&sub, dt) in track.down.iter_mut() {
-            let Some(pt) = dt.payload_type else { continue };
-            let Some(p) = self.parts.get_mut(&sub) else {
-                continue;
-            };
-            if !p.sub.connected {
-                continue;
-            }
-            let mut switched = false;
-            if let Some(sel) = dt.selector.as_mut() {
-                match sel.on_packet(li, keyframe, now) {
-                    PacketAction::Drop => {
-                        if let Some(l) = sel.wants_keyframe() {
-                            want_keyframe = Some(l);
-                        }
-                        continue;
+            let p = self.parts.get_mut(&sub);
+            let connected = p.as_ref().is_some_and(|p| p.sub.connected);
+            let f = match dt.decide(&meta, connected, now) {
+                Decision::Forward(f) => f,
+                Decision::Drop(reason) => {
+                    self.stats.forward_dropped.count(reason);
+                    if reason == DropReason::AwaitingKeyframe {
+                        want_keyframe = dt.wants_keyframe();
                     }
-                    PacketAction::Forward { switched: s } => switched = s,
+                    continue;
                 }
-            }
-            if switched {
-                dt.rewriter.force_switch();
+            };
+            let Some(p) = p else { continue };
+            if f.layer_switched {
                 switched_subs.push(sub);
             }
-            let src = super::rewrite::SrcPacket {
-                ssrc: packet.header.ssrc,
-                seq: packet.header.sequence_number,
-                timestamp: packet.header.timestamp,
-                clock_rate,
-                arrival: now,
-            };
-            let Some(h) = dt.rewriter.rewrite(&src) else {
-                continue;
-            };
             let mut out = packet.clone();
-            out.header.ssrc = dt.ssrc;
-            out.header.payload_type = pt;
-            out.header.sequence_number = h.seq;
-            out.header.timestamp = h.timestamp;
+            out.header.ssrc = f.ssrc;
+            out.header.payload_type = f.payload_type;
+            out.header.sequence_number = f.seq;
+            out.header.timestamp = f.timestamp;
             if let Some(m) = dt.munger.as_mut() {
                 // Copies the payload only when a descriptor field must change.
-                out.payload = m.munge_shared(&packet.payload, h.switched || switched);
+                out.payload = m.munge_shared(&packet.payload, f.rebase);
             }
             let (Some(egress), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) else {
                 // Connected, but its fast path did not start (the participant is on its way
                 // out) or no address is known yet.
                 self.stats.rtp_packets_dropped += 1;
+                self.stats.forward_dropped.count(DropReason::NoTransport);
                 continue;
             };
             match egress.protect_rtp(now, &mut out, dt.twcc_ext, clock_rate, is_video, keyframe) {
@@ -1461,6 +1437,7 @@ impl<T: Transmit> Sfu<T> {
                 }
                 Err(e) => {
                     self.stats.rtp_packets_dropped += 1;
+                    self.stats.forward_dropped.count(DropReason::Encrypt);
                     trace!("fast path: {e}");
                 }
             }
@@ -2367,244 +2344,266 @@ impl<T: Transmit> Sfu<T> {
             ClientMessage::PublishOffer { sdp } => self.on_publish_offer(part, sdp),
             ClientMessage::SubscribeAnswer { sdp } => self.on_subscribe_answer(part, sdp),
             ClientMessage::Trickle { target, candidate } => {
-                let kind = match target {
-                    PcTarget::Publisher => PcKind::Publisher,
-                    PcTarget::Subscriber => PcKind::Subscriber,
-                };
-                let key = PcKey { part, kind };
-                let adding = usize::from(!candidate.candidate.is_empty());
-                if self.refuse_candidates(key, adding, "trickle") {
-                    return;
-                }
-                let res = match self.pc_mut(key) {
-                    None => {
-                        self.send_to(
-                            part,
-                            ServerMessage::error(
-                                ErrorCode::InvalidState,
-                                "no publisher connection yet: send publish_offer first",
-                                Some("trickle"),
-                            ),
-                        );
-                        return;
-                    }
-                    Some(pc) => {
-                        if !candidate.candidate.is_empty() {
-                            pc.remote_candidates += 1;
-                        }
-                        pc.rtc.add_remote_candidate(RTCIceCandidateInit {
-                            candidate: candidate.candidate,
-                            sdp_mid: candidate.sdp_mid,
-                            sdp_mline_index: candidate.sdp_mline_index,
-                            username_fragment: candidate.username_fragment,
-                            ..Default::default()
-                        })
-                    }
-                    .map_err(|e| e.to_string()),
-                };
-                match res {
-                    Ok(()) => self.mark_dirty(key),
-                    Err(e) => self.send_to(
-                        part,
-                        ServerMessage::error(
-                            ErrorCode::InvalidCandidate,
-                            format!("candidate not added: {e}"),
-                            Some("trickle"),
-                        ),
-                    ),
-                }
+                self.on_trickle(part, target, candidate)
             }
             ClientMessage::Subscribe {
                 track_ids,
                 subscribe,
-            } => {
-                let limits = &self.cfg.limits;
-                if track_ids.len() > limits.max_ids_per_message {
-                    let max = limits.max_ids_per_message;
-                    self.stats.limits_hit.ids_per_message += 1;
-                    self.send_to(
-                        part,
-                        ServerMessage::error(
-                            ErrorCode::LimitExceeded,
-                            format!("at most {max} track ids per message; nothing was done"),
-                            Some("subscribe"),
-                        ),
-                    );
-                    return;
-                }
-                let max_subs = limits.max_subscriptions;
-                let mut unknown = Vec::new();
-                let mut over_limit = 0usize;
-                for tid in track_ids {
-                    let room_ok = self
-                        .tracks
-                        .get(&tid)
-                        .is_some_and(|t| self.parts.get(&part).is_some_and(|p| p.room == t.room));
-                    if !room_ok {
-                        unknown.push(tid);
-                        continue;
-                    }
-                    if subscribe {
-                        let full = self.parts.get(&part).is_some_and(|p| {
-                            p.subscriptions.len() >= max_subs && !p.subscriptions.contains_key(&tid)
-                        });
-                        if full {
-                            over_limit += 1;
-                            continue;
-                        }
-                        self.subscribe(part, &tid);
-                    } else {
-                        self.unsubscribe(part, &tid);
-                    }
-                }
-                // One error per message and cause, not one per id.
-                if !unknown.is_empty() {
-                    let n = unknown.len();
-                    let mut listed: Vec<String> = unknown.into_iter().take(8).collect();
-                    if n > listed.len() {
-                        listed.push(format!("and {} more", n - listed.len()));
-                    }
-                    self.send_to(
-                        part,
-                        ServerMessage::error(
-                            ErrorCode::NotFound,
-                            format!("no track {} in this room", listed.join(", ")),
-                            Some("subscribe"),
-                        ),
-                    );
-                }
-                if over_limit > 0 {
-                    self.stats.limits_hit.subscriptions += 1;
-                    self.send_to(
-                        part,
-                        ServerMessage::error(
-                            ErrorCode::LimitExceeded,
-                            format!(
-                                "at most {max_subs} subscriptions per participant; {over_limit} track(s) not subscribed"
-                            ),
-                            Some("subscribe"),
-                        ),
-                    );
-                }
-            }
-            ClientMessage::Mute { track_id, muted } => {
-                let owned = self
-                    .tracks
-                    .get(&track_id)
-                    .is_some_and(|t| t.publisher == part);
-                // (Another participant's track gets the same answer as a made-up id.)
-                if !owned {
-                    self.send_to(
-                        part,
-                        ServerMessage::error(
-                            ErrorCode::NotFound,
-                            format!("you publish no track {track_id}"),
-                            Some("mute"),
-                        ),
-                    );
-                    return;
-                }
-                let room = match self.tracks.get_mut(&track_id) {
-                    Some(t) if t.muted == muted => return,
-                    Some(t) => {
-                        t.muted = muted;
-                        if !muted {
-                            // Resume every subscriber at a keyframe, without a sequence gap.
-                            let now = self.now;
-                            let infos = t.layer_infos(now);
-                            for dt in t.down.values_mut() {
-                                dt.rewriter.force_switch();
-                                if let Some(sel) = dt.selector.as_mut() {
-                                    sel.restart(&infos, now);
-                                    if let Some(l) = sel.wants_keyframe() {
-                                        self.effects.push(Effect::RequestKeyframe {
-                                            track: track_id.clone(),
-                                            layer: l,
-                                        });
-                                    }
-                                }
-                            }
-                        }
-                        t.room.clone()
-                    }
-                    None => return,
-                };
-                let pid = self
-                    .parts
-                    .get(&part)
-                    .map(|p| p.pid.clone())
-                    .unwrap_or_default();
-                self.broadcast(
-                    &room,
-                    None,
-                    ServerMessage::TrackMuted {
-                        track_id,
-                        participant_id: pid,
-                        muted,
-                    },
-                );
-            }
+            } => self.on_subscribe(part, track_ids, subscribe),
+            ClientMessage::Mute { track_id, muted } => self.on_mute(part, track_id, muted),
             ClientMessage::TrackSettings {
                 track_id,
                 quality,
                 width,
                 height,
-            } => {
-                let now = self.now;
-                // A track of another room is answered exactly like one that does not exist
-                // (no existence oracle across rooms).
-                let room = self.parts.get(&part).map(|p| p.room.clone());
-                let Some(track) = self
-                    .tracks
-                    .get_mut(&track_id)
-                    .filter(|t| Some(&t.room) == room.as_ref())
-                else {
-                    self.send_to(
-                        part,
-                        ServerMessage::error(
-                            ErrorCode::NotFound,
-                            format!("no track {track_id} in this room"),
-                            Some("track_settings"),
-                        ),
-                    );
-                    return;
-                };
-                let infos = track.layer_infos(now);
-                let Some(sel) = track.down.get_mut(&part).and_then(|d| d.selector.as_mut()) else {
-                    self.send_to(
-                        part,
-                        ServerMessage::error(
-                            ErrorCode::InvalidState,
-                            format!("not subscribed to video track {track_id}"),
-                            Some("track_settings"),
-                        ),
-                    );
-                    return;
-                };
-                let size_given = width.is_some() || height.is_some();
-                let prev = sel.requested();
-                let requested = Requested {
-                    // Absent: keep the cap alongside a new size (remove it without one);
-                    // `null`: no cap; a value: that cap.
-                    max_quality: match quality {
-                        Some(q) => q,
-                        None if size_given => prev.max_quality,
-                        None => None,
-                    },
-                    width: if size_given { width } else { prev.width },
-                    height: if size_given { height } else { prev.height },
-                };
-                debug!(track = %track_id, ?requested, "track settings");
-                sel.set_requested(requested, &infos, now);
-                if let Some(l) = sel.wants_keyframe() {
-                    self.effects.push(Effect::RequestKeyframe {
-                        track: track_id,
-                        layer: l,
-                    });
-                }
-            }
+            } => self.on_track_settings(part, track_id, quality, width, height),
             ClientMessage::Ping { ts } => self.send_to(part, ServerMessage::Pong { ts }),
             ClientMessage::Leave => self.remove_participant(part, "left", false),
+        }
+    }
+
+    /// `trickle`: a remote candidate for one of the participant's connections.
+    fn on_trickle(&mut self, part: u64, target: PcTarget, candidate: crate::signal::IceCandidate) {
+        let kind = match target {
+            PcTarget::Publisher => PcKind::Publisher,
+            PcTarget::Subscriber => PcKind::Subscriber,
+        };
+        let key = PcKey { part, kind };
+        let adding = usize::from(!candidate.candidate.is_empty());
+        if self.refuse_candidates(key, adding, "trickle") {
+            return;
+        }
+        let res = match self.pc_mut(key) {
+            None => {
+                self.send_to(
+                    part,
+                    ServerMessage::error(
+                        ErrorCode::InvalidState,
+                        "no publisher connection yet: send publish_offer first",
+                        Some("trickle"),
+                    ),
+                );
+                return;
+            }
+            Some(pc) => {
+                if !candidate.candidate.is_empty() {
+                    pc.remote_candidates += 1;
+                }
+                pc.rtc.add_remote_candidate(RTCIceCandidateInit {
+                    candidate: candidate.candidate,
+                    sdp_mid: candidate.sdp_mid,
+                    sdp_mline_index: candidate.sdp_mline_index,
+                    username_fragment: candidate.username_fragment,
+                    ..Default::default()
+                })
+            }
+            .map_err(|e| e.to_string()),
+        };
+        match res {
+            Ok(()) => self.mark_dirty(key),
+            Err(e) => self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::InvalidCandidate,
+                    format!("candidate not added: {e}"),
+                    Some("trickle"),
+                ),
+            ),
+        }
+    }
+
+    /// `subscribe` / `unsubscribe`: one error per message and cause, not one per id.
+    fn on_subscribe(&mut self, part: u64, track_ids: Vec<String>, subscribe: bool) {
+        let limits = &self.cfg.limits;
+        if track_ids.len() > limits.max_ids_per_message {
+            let max = limits.max_ids_per_message;
+            self.stats.limits_hit.ids_per_message += 1;
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::LimitExceeded,
+                    format!("at most {max} track ids per message; nothing was done"),
+                    Some("subscribe"),
+                ),
+            );
+            return;
+        }
+        let max_subs = limits.max_subscriptions;
+        let mut unknown = Vec::new();
+        let mut over_limit = 0usize;
+        for tid in track_ids {
+            let room_ok = self
+                .tracks
+                .get(&tid)
+                .is_some_and(|t| self.parts.get(&part).is_some_and(|p| p.room == t.room));
+            if !room_ok {
+                unknown.push(tid);
+                continue;
+            }
+            if subscribe {
+                let full = self.parts.get(&part).is_some_and(|p| {
+                    p.subscriptions.len() >= max_subs && !p.subscriptions.contains_key(&tid)
+                });
+                if full {
+                    over_limit += 1;
+                    continue;
+                }
+                self.subscribe(part, &tid);
+            } else {
+                self.unsubscribe(part, &tid);
+            }
+        }
+        // One error per message and cause, not one per id.
+        if !unknown.is_empty() {
+            let n = unknown.len();
+            let mut listed: Vec<String> = unknown.into_iter().take(8).collect();
+            if n > listed.len() {
+                listed.push(format!("and {} more", n - listed.len()));
+            }
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::NotFound,
+                    format!("no track {} in this room", listed.join(", ")),
+                    Some("subscribe"),
+                ),
+            );
+        }
+        if over_limit > 0 {
+            self.stats.limits_hit.subscriptions += 1;
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "at most {max_subs} subscriptions per participant; {over_limit} track(s) not subscribed"
+                    ),
+                    Some("subscribe"),
+                ),
+            );
+        }
+    }
+
+    /// `mute`: a publisher (un)mutes one of its tracks; unmuting resumes every subscriber at
+    /// a keyframe without a sequence gap.
+    fn on_mute(&mut self, part: u64, track_id: String, muted: bool) {
+        let owned = self
+            .tracks
+            .get(&track_id)
+            .is_some_and(|t| t.publisher == part);
+        // (Another participant's track gets the same answer as a made-up id.)
+        if !owned {
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::NotFound,
+                    format!("you publish no track {track_id}"),
+                    Some("mute"),
+                ),
+            );
+            return;
+        }
+        let room = match self.tracks.get_mut(&track_id) {
+            Some(t) if t.muted == muted => return,
+            Some(t) => {
+                t.muted = muted;
+                if !muted {
+                    // Resume every subscriber at a keyframe, without a sequence gap.
+                    let now = self.now;
+                    let infos = t.layer_infos(now);
+                    for dt in t.down.values_mut() {
+                        dt.rewriter.force_switch();
+                        if let Some(sel) = dt.selector.as_mut() {
+                            sel.restart(&infos, now);
+                            if let Some(l) = sel.wants_keyframe() {
+                                self.effects.push(Effect::RequestKeyframe {
+                                    track: track_id.clone(),
+                                    layer: l,
+                                });
+                            }
+                        }
+                    }
+                }
+                t.room.clone()
+            }
+            None => return,
+        };
+        let pid = self
+            .parts
+            .get(&part)
+            .map(|p| p.pid.clone())
+            .unwrap_or_default();
+        self.broadcast(
+            &room,
+            None,
+            ServerMessage::TrackMuted {
+                track_id,
+                participant_id: pid,
+                muted,
+            },
+        );
+    }
+
+    /// `track_settings`: what a subscriber wants of a video track (layer cap, video size).
+    fn on_track_settings(
+        &mut self,
+        part: u64,
+        track_id: String,
+        quality: Option<Option<Quality>>,
+        width: Option<u32>,
+        height: Option<u32>,
+    ) {
+        let now = self.now;
+        // A track of another room is answered exactly like one that does not exist
+        // (no existence oracle across rooms).
+        let room = self.parts.get(&part).map(|p| p.room.clone());
+        let Some(track) = self
+            .tracks
+            .get_mut(&track_id)
+            .filter(|t| Some(&t.room) == room.as_ref())
+        else {
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::NotFound,
+                    format!("no track {track_id} in this room"),
+                    Some("track_settings"),
+                ),
+            );
+            return;
+        };
+        let infos = track.layer_infos(now);
+        let Some(sel) = track.down.get_mut(&part).and_then(|d| d.selector.as_mut()) else {
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::InvalidState,
+                    format!("not subscribed to video track {track_id}"),
+                    Some("track_settings"),
+                ),
+            );
+            return;
+        };
+        let size_given = width.is_some() || height.is_some();
+        let prev = sel.requested();
+        let requested = Requested {
+            // Absent: keep the cap alongside a new size (remove it without one);
+            // `null`: no cap; a value: that cap.
+            max_quality: match quality {
+                Some(q) => q,
+                None if size_given => prev.max_quality,
+                None => None,
+            },
+            width: if size_given { width } else { prev.width },
+            height: if size_given { height } else { prev.height },
+        };
+        debug!(track = %track_id, ?requested, "track settings");
+        sel.set_requested(requested, &infos, now);
+        if let Some(l) = sel.wants_keyframe() {
+            self.effects.push(Effect::RequestKeyframe {
+                track: track_id,
+                layer: l,
+            });
         }
     }
 

@@ -13,6 +13,7 @@ pub mod data;
 pub mod demux;
 pub mod effects;
 pub mod egress;
+pub mod forward;
 pub mod ingress;
 pub mod keyframe;
 pub mod latency;
@@ -170,6 +171,9 @@ pub struct CoreStats {
     pub rtp_packets_in: u64,
     pub rtp_packets_forwarded: u64,
     pub rtp_packets_dropped: u64,
+    /// Packets of a track not forwarded to one of its subscribers, by reason (most are
+    /// simulcast layers the subscriber does not receive).
+    pub forward_dropped: forward::ForwardDrops,
     pub udp_datagrams_in: u64,
     pub udp_datagrams_ignored: u64,
     /// Datagrams the demux could not give to any connection, by reason (part of
@@ -239,6 +243,7 @@ impl CoreStats {
             rtp_packets_in,
             rtp_packets_forwarded,
             rtp_packets_dropped,
+            forward_dropped,
             udp_datagrams_in,
             udp_datagrams_ignored,
             udp_dropped,
@@ -296,6 +301,7 @@ impl CoreStats {
         self.twcc_feedback_sent += twcc_feedback_sent;
         self.receiver_reports_sent += receiver_reports_sent;
         self.udp_dropped.merge(udp_dropped);
+        self.forward_dropped.merge(forward_dropped);
         self.limits_hit.merge(limits_hit);
         self.forward_latency.merge(forward_latency);
         // Process-wide already, not per shard.

@@ -1,0 +1,318 @@
+//! A Plaza client in the simulated network: two `rtc` peers (publisher and subscriber, as
+//! the signaling protocol has it) and the signaling session, spoken straight to the server
+//! node's command interface ([`Command::Join`] with an events channel, then
+//! [`Command::Client`]) instead of over a WebSocket. The channels are polled with `try_recv`:
+//! no runtime is involved.
+
+use super::net::{Node, Output};
+use super::peer::{MediaSpec, Peer};
+use crate::sfu::{Command, EVENT_QUEUE, JoinAccepted, JoinRequest, SfuError};
+use crate::signal::{ClientMessage, IceCandidate, PcTarget, ServerMessage, TrackInfo};
+use bytes::BytesMut;
+use rtc::peer_connection::transport::RTCIceCandidateInit;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Port of a client's publisher connection (its subscriber uses the next one).
+pub const PUBLISHER_PORT: u16 = 40000;
+pub const SUBSCRIBER_PORT: u16 = 40001;
+
+/// See the module docs.
+pub struct Client {
+    pub name: String,
+    pub room: String,
+    pub ip: IpAddr,
+    /// Created when the join is accepted, if the client publishes anything.
+    pub publisher: Option<Peer>,
+    /// Answers the server's offers.
+    pub subscriber: Peer,
+    /// The participant id, once joined.
+    pub participant_id: Option<String>,
+    /// The `joined` message.
+    pub joined: Option<ServerMessage>,
+    /// Every server message, with the virtual time it was read.
+    pub messages: Vec<(Instant, ServerMessage)>,
+    /// Signaling or `rtc` errors (a test usually asserts there are none).
+    pub errors: Vec<String>,
+    /// Apply `publisher_layers` (pause/resume encodings) as a browser client does.
+    pub obey_publisher_layers: bool,
+    /// Keep subscriber offers in [`Client::held_offers`] instead of answering them (a slow
+    /// client); [`Client::answer_held`] answers them.
+    pub hold_offers: bool,
+    pub held_offers: Vec<String>,
+    media: MediaSpec,
+    seed: u64,
+    join_cmd: Option<Command>,
+    join_rx: Option<oneshot::Receiver<Result<JoinAccepted, SfuError>>>,
+    events: mpsc::Receiver<ServerMessage>,
+    outgoing: Vec<ClientMessage>,
+}
+
+impl Client {
+    /// A client that joins `room` as `name` as soon as the network runs, publishes `media`
+    /// (if any) and subscribes to everything (auto-subscribe).
+    pub fn new(
+        name: &str,
+        room: &str,
+        ip: IpAddr,
+        now: Instant,
+        seed: u64,
+        media: MediaSpec,
+    ) -> Result<Self, super::peer::PeerError> {
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (reply, join_rx) = oneshot::channel();
+        let subscriber = Peer::new(
+            &format!("{name}-sub"),
+            now,
+            SocketAddr::new(ip, SUBSCRIBER_PORT),
+            seed ^ 0x5eed_0002,
+            &MediaSpec::none(),
+        )?;
+        Ok(Client {
+            name: name.to_owned(),
+            room: room.to_owned(),
+            ip,
+            publisher: None,
+            subscriber,
+            participant_id: None,
+            joined: None,
+            messages: Vec::new(),
+            errors: Vec::new(),
+            obey_publisher_layers: true,
+            hold_offers: false,
+            held_offers: Vec::new(),
+            media,
+            seed,
+            join_cmd: Some(Command::Join {
+                req: JoinRequest {
+                    room: room.to_owned(),
+                    name: name.to_owned(),
+                    auto_subscribe: true,
+                    events: events_tx,
+                },
+                reply,
+            }),
+            join_rx: Some(join_rx),
+            events,
+            outgoing: Vec::new(),
+        })
+    }
+
+    /// Join without subscribing to everything (subscribe with `ClientMessage::Subscribe`).
+    pub fn without_auto_subscribe(mut self) -> Self {
+        if let Some(Command::Join { req, .. }) = self.join_cmd.as_mut() {
+            req.auto_subscribe = false;
+        }
+        self
+    }
+
+    /// Answer the first held subscriber offer (see [`Client::hold_offers`]).
+    pub fn answer_held(&mut self, now: Instant) {
+        if self.held_offers.is_empty() {
+            return;
+        }
+        let sdp = self.held_offers.remove(0);
+        match self.subscriber.answer(now, &sdp) {
+            Ok(sdp) => self.outgoing.push(ClientMessage::SubscribeAnswer { sdp }),
+            Err(e) => self.errors.push(format!("subscribe answer: {e}")),
+        }
+    }
+
+    /// The client's addresses (publisher, subscriber), for [`super::Net::add_node`].
+    pub fn addrs(&self) -> [SocketAddr; 2] {
+        [
+            SocketAddr::new(self.ip, PUBLISHER_PORT),
+            SocketAddr::new(self.ip, SUBSCRIBER_PORT),
+        ]
+    }
+
+    /// Send a signaling message (after the join).
+    pub fn send(&mut self, msg: ClientMessage) {
+        self.outgoing.push(msg);
+    }
+
+    /// Every track announced to this client (in `joined` and `track_published`), by
+    /// publisher and client track id order of arrival.
+    pub fn announced_tracks(&self) -> Vec<TrackInfo> {
+        let mut v = Vec::new();
+        if let Some(ServerMessage::Joined { participants, .. }) = &self.joined {
+            for p in participants {
+                v.extend(p.tracks.iter().cloned());
+            }
+        }
+        for (_, m) in &self.messages {
+            if let ServerMessage::TrackPublished { track } = m {
+                v.push(track.clone());
+            }
+        }
+        v
+    }
+
+    /// Messages matching `f`.
+    pub fn count_messages(&self, f: impl Fn(&ServerMessage) -> bool) -> usize {
+        self.messages.iter().filter(|(_, m)| f(m)).count()
+    }
+
+    fn handle_message(&mut self, now: Instant, msg: &ServerMessage) {
+        match msg {
+            ServerMessage::SubscribeOffer { sdp } if self.hold_offers => {
+                self.held_offers.push(sdp.clone());
+            }
+            ServerMessage::SubscribeOffer { sdp } => match self.subscriber.answer(now, sdp) {
+                Ok(sdp) => self.outgoing.push(ClientMessage::SubscribeAnswer { sdp }),
+                Err(e) => self.errors.push(format!("subscribe answer: {e}")),
+            },
+            ServerMessage::PublishAnswer { sdp } => {
+                if let Some(p) = self.publisher.as_mut() {
+                    if let Err(e) = p.accept_answer(now, sdp) {
+                        self.errors.push(format!("publish answer: {e}"));
+                    }
+                }
+            }
+            ServerMessage::Trickle { target, candidate } => {
+                let peer = match target {
+                    PcTarget::Publisher => self.publisher.as_mut(),
+                    PcTarget::Subscriber => Some(&mut self.subscriber),
+                };
+                if let Some(p) = peer {
+                    let c = RTCIceCandidateInit {
+                        candidate: candidate.candidate.clone(),
+                        sdp_mid: candidate.sdp_mid.clone(),
+                        sdp_mline_index: candidate.sdp_mline_index,
+                        username_fragment: candidate.username_fragment.clone(),
+                        ..Default::default()
+                    };
+                    if !c.candidate.is_empty() {
+                        if let Err(e) = p.add_remote_candidate(c) {
+                            self.errors.push(format!("remote candidate: {e}"));
+                        }
+                    }
+                }
+            }
+            ServerMessage::PublisherLayers { active, paused, .. } if self.obey_publisher_layers => {
+                if let Some(p) = self.publisher.as_mut() {
+                    for rid in paused {
+                        p.set_layer_active(rid, false);
+                    }
+                    for rid in active {
+                        p.set_layer_active(rid, true);
+                    }
+                }
+            }
+            ServerMessage::Error { code, message, .. } => {
+                self.errors
+                    .push(format!("server error {code:?}: {message}"));
+            }
+            _ => {}
+        }
+    }
+
+    fn joined(&mut self, now: Instant, acc: JoinAccepted) {
+        self.participant_id = Some(acc.participant_id);
+        self.joined = Some(acc.joined);
+        if self.media == MediaSpec::none() {
+            return;
+        }
+        let publisher = Peer::new(
+            &format!("{}-pub", self.name),
+            now,
+            SocketAddr::new(self.ip, PUBLISHER_PORT),
+            self.seed ^ 0x5eed_0001,
+            &self.media,
+        )
+        .and_then(|mut p| p.create_offer(now).map(|sdp| (p, sdp)));
+        match publisher {
+            Ok((p, sdp)) => {
+                self.publisher = Some(p);
+                self.outgoing.push(ClientMessage::PublishOffer { sdp });
+            }
+            Err(e) => self.errors.push(format!("publisher: {e}")),
+        }
+    }
+}
+
+/// The candidate JSON shape the signaling protocol uses, from `rtc`'s.
+pub fn to_signal_candidate(c: &RTCIceCandidateInit) -> IceCandidate {
+    IceCandidate {
+        candidate: c.candidate.clone(),
+        sdp_mid: c.sdp_mid.clone(),
+        sdp_mline_index: c.sdp_mline_index,
+        username_fragment: c.username_fragment.clone(),
+    }
+}
+
+impl Node for Client {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, to: SocketAddr, data: BytesMut) {
+        if to.port() == PUBLISHER_PORT {
+            if let Some(p) = self.publisher.as_mut() {
+                p.handle_datagram(now, from, data);
+            }
+        } else {
+            self.subscriber.handle_datagram(now, from, data);
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if let Some(p) = self.publisher.as_mut() {
+            if p.poll_timeout().is_some_and(|t| t <= now) {
+                p.handle_timeout(now);
+            }
+        }
+        if self.subscriber.poll_timeout().is_some_and(|t| t <= now) {
+            self.subscriber.handle_timeout(now);
+        }
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        let a = self.publisher.as_mut().and_then(|p| p.poll_timeout());
+        let b = self.subscriber.poll_timeout();
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn poll_output(&mut self, now: Instant, out: &mut Output) {
+        if let Some(cmd) = self.join_cmd.take() {
+            out.commands.push(cmd);
+        }
+        if let Some(rx) = self.join_rx.as_mut() {
+            match rx.try_recv() {
+                Ok(Ok(acc)) => {
+                    self.join_rx = None;
+                    self.joined(now, acc);
+                }
+                Ok(Err(e)) => {
+                    self.join_rx = None;
+                    self.errors.push(format!("join refused: {e}"));
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    self.join_rx = None;
+                    self.errors.push("join: no reply".into());
+                }
+            }
+        }
+        while let Ok(msg) = self.events.try_recv() {
+            self.handle_message(now, &msg);
+            self.messages.push((now, msg));
+        }
+        if let Some(pid) = self.participant_id.clone() {
+            for msg in self.outgoing.drain(..) {
+                out.commands.push(Command::Client {
+                    participant: pid.clone(),
+                    msg,
+                });
+            }
+        }
+        if let Some(p) = self.publisher.as_mut() {
+            p.poll_output(now, out);
+        }
+        self.subscriber.poll_output(now, out);
+    }
+}

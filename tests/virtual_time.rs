@@ -1,0 +1,12 @@
+//! Virtual-time tests: the network simulator and the in-memory `rtc` peers (`plaza::sim`).
+//!
+//! Every test runs on one virtual clock: seconds or minutes of media take milliseconds of
+//! wall time, and the same seed gives the same run (checked by digest). No sockets, no
+//! sleeps, no runtime. `two_peers` proves the network and the client peers on their own
+//! (offer/answer, ICE, DTLS, SRTP media, loss, rate limits).
+
+mod virtual_time {
+    pub mod common;
+    pub mod sfu;
+    pub mod two_peers;
+}
