@@ -26,6 +26,9 @@
 //! time: on a shared, loaded machine wall time mostly measures the wait for a core. Cache and
 //! SMT interference from other processes still show, so compare runs at similar load.
 
+// A benchmark: it is the driver, so it reads the clock.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -49,6 +52,7 @@ pub struct CpuTime {
 }
 
 #[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // clock_gettime(2); see the SAFETY comment
 fn thread_cpu_ns() -> Option<u64> {
     #[repr(C)]
     struct Timespec {
@@ -591,6 +595,7 @@ fn bench_udp(c: &mut C) {
 }
 
 /// A larger receive buffer (the drain above empties the sockets only every millisecond).
+#[allow(unsafe_code)] // setsockopt(2); see the SAFETY comment
 fn set_recv_buffer(s: &std::net::UdpSocket, bytes: i32) {
     use std::os::fd::AsRawFd;
     // SAFETY: setsockopt with a valid fd and a pointer to an i32 of the stated size.

@@ -28,7 +28,15 @@
 //! change the server's command line. Light-viewer results go to
 //! `<date>-<commit>-light-viewer-<scenario>….{json,md,svg}`.
 
-mod common;
+// A tool, not the packet path: shares state between tasks, reads the clock and prints its
+// report.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    clippy::print_stdout
+)]
+
+use plaza_testkit as common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -134,7 +142,7 @@ struct Args {
     #[arg(long)]
     generator_cpus: Option<String>,
     /// Let the server and the load generator share every CPU (the default pins them apart:
-    /// see examples/common/affinity.rs for why).
+    /// see testkit/src/affinity.rs for why).
     #[arg(long)]
     no_pin: bool,
     /// Subscribers of the livestream and meeting scenarios: `full` (webrtc-rs peers that

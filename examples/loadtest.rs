@@ -49,7 +49,15 @@
 //!     --restore-at 15 --duration 30
 //! ```
 
-mod common;
+// A tool, not the packet path: shares state between tasks, reads the clock and prints its
+// report.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    clippy::print_stdout
+)]
+
+use plaza_testkit as common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

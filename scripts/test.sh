@@ -12,17 +12,17 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --release -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --release -- -D warnings
 
 step "build (release)"
-cargo build --release --all-targets
+cargo build --release --workspace --all-targets
 
 step "unit + integration tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --release --no-fail-fast --test-threads 2
+  cargo nextest run --release --workspace --no-fail-fast --test-threads 2
 else
-  cargo test --release --no-fail-fast -- --test-threads 2
+  cargo test --release --workspace --no-fail-fast -- --test-threads 2
 fi
 
 step "browser end-to-end tests (headless Chromium and Firefox, loopback-only network namespace)"

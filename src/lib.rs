@@ -33,4 +33,6 @@ pub mod logging;
 pub mod server;
 pub mod sfu;
 pub mod signal;
+// The simulation is a driver (like `io`): it owns the virtual clock, started from one
+// real instant.
 pub mod sim;

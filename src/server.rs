@@ -12,6 +12,10 @@
 //! allows ([`fd_budget`]), so running out of file descriptors cannot lock out new clients and
 //! `/healthz`; [`raise_nofile_limit`] (called by the binary) raises that limit first.
 
+// Not the packet path: setup and shutdown share handles between the HTTP server and the core,
+// and the shutdown deadline reads the clock.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
 use crate::config::{Config, ConfigError};
 use crate::http::limits::{ConnLimiter, HttpCounters, RESERVE};
 use crate::http::serve::{REFUSALS_IN_FLIGHT, ServeOptions};
@@ -36,6 +40,7 @@ pub const FD_MARGIN: u64 = 64;
 
 /// The process's open-file limit (soft, hard); `None` where it cannot be read.
 #[allow(clippy::unnecessary_cast)] // `rlim_t` is not `u64` everywhere
+#[allow(unsafe_code)] // getrlimit(2); see the SAFETY comment
 pub fn nofile_limit() -> Option<(u64, u64)> {
     #[cfg(unix)]
     {
@@ -57,6 +62,7 @@ pub fn nofile_limit() -> Option<(u64, u64)> {
 /// file descriptor, and the common soft limit of 1024 is reached by ~1000 idle sockets.
 /// Returns the (soft, hard) limit in force afterwards.
 #[allow(clippy::unnecessary_cast)] // `rlim_t` is not `u64` everywhere
+#[allow(unsafe_code)] // setrlimit(2); see the SAFETY comment
 pub fn raise_nofile_limit() -> Option<(u64, u64)> {
     #[cfg(unix)]
     {

@@ -1,9 +1,10 @@
 //! Bad input on every door — signaling before and after join, oversize frames, garbage SDP,
 //! random UDP datagrams — is answered or ignored, and two real peers keep exchanging media.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+// Prints the random seed, so that a failing run can be replayed.
+#![allow(clippy::print_stdout)]
+
+use plaza_testkit::{self as common, support};
 
 use std::time::Duration;
 

@@ -1,9 +1,7 @@
 //! Data-channel relay end to end: `chat` (reliable, ordered, text here) and `input`
 //! (unordered, unreliable, binary here), broadcast and targeted, limits and envelope errors.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+use plaza_testkit::{self as common, support};
 
 use bytes::Bytes;
 use common::{Channel, DataMessage, Payload, Peer};

@@ -17,9 +17,15 @@
 //! (`--nocapture`) before they are asserted, so the same attacks can be timed against any
 //! server build.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+// A test, not the packet path: shares state between tasks, times its windows with the clock
+// and prints the figures it asserts.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    clippy::print_stdout
+)]
+
+use plaza_testkit::{self as common, support};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -7,9 +7,10 @@
 //! The attacker connects from 127.0.0.2 (any 127/8 address reaches a 127.0.0.1 listener on
 //! Linux), so the per-address cap it hits is not the one of the room beside it (127.0.0.1).
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+// A test, not the packet path: shares state between tasks and times deadlines with the clock.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
+use plaza_testkit::{self as common, support};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

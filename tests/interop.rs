@@ -5,9 +5,7 @@
 //! The publisher is a webrtc-rs peer whose offer is rewritten before it is sent, the way werift
 //! (no msid) or a GStreamer webrtcbin offer made before its caps exist (no SSRC) look.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+use plaza_testkit::{self as common, support};
 
 use common::{Peer, PeerOptions};
 use plaza::signal::TrackKind;

@@ -1,9 +1,7 @@
 //! Server and room lifecycle: graceful shutdown with peers connected, rooms that disappear
 //! when their last participant goes.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+use plaza_testkit::{self as common, support};
 
 use common::{Peer, PeerEvent};
 use plaza::server::SHUTDOWN_TIMEOUT;

@@ -7,9 +7,10 @@
 //! directory: build it first (`cargo build --release --all-targets`, which the test command
 //! runs). A missing binary fails the test.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+// A test, not the packet path: shares state between tasks and times deadlines with the clock.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
+use plaza_testkit::{self as common, support};
 
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};

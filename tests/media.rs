@@ -1,8 +1,14 @@
 //! Media forwarding end to end: real server, real webrtc-rs peers over loopback.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+// A test, not the packet path: shares state between tasks and times deadlines with the clock;
+// its hand-built webrtc-rs peers are awaited in place.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    clippy::large_futures
+)]
+
+use plaza_testkit::{self as common, support};
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;

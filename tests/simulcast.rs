@@ -2,14 +2,20 @@
 //! (`q` 320x180, `h` 640x360, `f` 1280x720, distinct real streams), and subscribers that pick
 //! a layer, switch, sit behind a bandwidth bottleneck, or lose their layer.
 //!
-//! What a subscriber receives is judged from the media itself (see `examples/common/recv.rs`):
+//! What a subscriber receives is judged from the media itself (see `testkit/src/recv.rs`):
 //! the frame size of every keyframe, the clip every frame comes from (so the layer of
 //! interframes too), and the continuity of sequence numbers, timestamps and VP8 picture ids.
 //! Every wait is bounded; timings are printed (run with `--nocapture`), only loosely asserted.
 
-#[path = "../examples/common/mod.rs"]
-mod common;
-mod support;
+// A test, not the packet path: shares state between tasks, times its windows with the clock
+// and prints the figures it asserts.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    clippy::print_stdout
+)]
+
+use plaza_testkit::{self as common, support};
 
 use std::time::{Duration, Instant};
 

@@ -5,6 +5,10 @@
 //! sleeps, no runtime. `two_peers` proves the network and the client peers on their own
 //! (offer/answer, ICE, DTLS, SRTP media, loss, rate limits).
 
+// A test, not the packet path: it reads the wall clock to report how long a simulation took,
+// and prints the virtual times it measured.
+#![allow(clippy::disallowed_methods, clippy::print_stdout)]
+
 mod virtual_time {
     pub mod common;
     pub mod sfu;

@@ -7,6 +7,10 @@
 //! - everything else (`GET`/`HEAD`): files from the `signaling/` directory (demo page and JS
 //!   client), `/` being `signaling/index.html`.
 
+// Not the packet path: connection tasks share counters and limiters, and timeouts and rate
+// limits read the clock.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
 #[cfg(test)]
 pub(crate) mod fake_core;
 pub mod limits;

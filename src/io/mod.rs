@@ -7,6 +7,9 @@
 //! `sendmmsg` batches ([`udp`]). The virtual-time tests drive the same core with a simulated
 //! network instead (`crate::sim`).
 
+// The driver reads the clock, once per turn, and hands `now` to the core.
+#![allow(clippy::disallowed_methods)]
+
 pub mod udp;
 
 use crate::sfu::core::CoreConfig;
@@ -34,6 +37,7 @@ const COMMAND_QUEUE: usize = 4096;
 /// Ask for `bytes` of receive and send buffer on `socket`: first past the system maximum
 /// (`SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`), else up to it. Returns what the kernel
 /// granted (it reports twice the usable size).
+#[allow(unsafe_code)] // setsockopt(2), getsockopt(2); see the SAFETY comments
 fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
     use std::os::fd::AsRawFd;
     let fd = socket.as_raw_fd();

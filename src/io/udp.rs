@@ -72,6 +72,7 @@ impl OutQueue {
 }
 
 #[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // sendmmsg(2); see the SAFETY comments
 fn send_chunk(socket: &UdpSocket, chunk: &[(BytesMut, SocketAddr)], outcome: &mut SendOutcome) {
     use std::os::fd::AsRawFd;
 
@@ -144,6 +145,7 @@ fn send_chunk(socket: &UdpSocket, chunk: &[(BytesMut, SocketAddr)], outcome: &mu
 }
 
 #[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // raw sockaddr writes; see the SAFETY comment
 fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: an all-zero sockaddr_storage is valid; the writes below stay within it (it is
     // large and aligned enough for both sockaddr_in and sockaddr_in6).
@@ -158,6 +160,7 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 },
                 sin_zero: [0; 8],
             };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
             unsafe {
                 std::ptr::write(
                     (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>(),
@@ -176,6 +179,7 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 },
                 sin6_scope_id: a.scope_id(),
             };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
             unsafe {
                 std::ptr::write(
                     (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>(),
@@ -203,6 +207,8 @@ fn send_chunk(socket: &UdpSocket, chunk: &[(BytesMut, SocketAddr)], outcome: &mu
 }
 
 #[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
 

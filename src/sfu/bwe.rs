@@ -291,6 +291,8 @@ impl BandwidthEstimator for Bwe {
 }
 
 #[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
 

@@ -61,7 +61,7 @@ use rtc::sdp::extmap::TRANSPORT_CC_URI;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, trace, warn};
@@ -191,7 +191,7 @@ struct Participant {
 struct PubTrack {
     receiver: RTCRtpReceiverId,
     /// The server's track id, shared so the packet path can hold it without allocating.
-    tid: Arc<str>,
+    tid: Rc<str>,
 }
 
 impl Participant {
@@ -205,7 +205,7 @@ impl Participant {
     }
 
     /// The server track id of what the publisher connection's receiver `receiver` gets.
-    fn pub_track(&self, receiver: RTCRtpReceiverId) -> Option<&Arc<str>> {
+    fn pub_track(&self, receiver: RTCRtpReceiverId) -> Option<&Rc<str>> {
         self.pub_tracks
             .iter()
             .find(|t| t.receiver == receiver)
@@ -1133,7 +1133,7 @@ impl<T: Transmit> Sfu<T> {
         };
         p.pub_tracks.push(PubTrack {
             receiver: init.receiver_id,
-            tid: Arc::from(tid.as_str()),
+            tid: Rc::from(tid.as_str()),
         });
         let info = t.info(&p.pid);
         let room = p.room.clone();
@@ -1339,7 +1339,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// The server track of a publisher's SSRC (a layer's SSRC, learned from the track event).
-    fn published_ssrc(&self, part: u64, ssrc: u32) -> Option<Arc<str>> {
+    fn published_ssrc(&self, part: u64, ssrc: u32) -> Option<Rc<str>> {
         let p = self.parts.get(&part)?;
         p.pub_tracks
             .iter()
@@ -1352,7 +1352,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// One packet of the publisher's track `tid` (server id): to every down-track.
-    fn forward_rtp(&mut self, part: u64, tid: &Arc<str>, mut packet: rtp::Packet, now: Instant) {
+    fn forward_rtp(&mut self, part: u64, tid: &Rc<str>, mut packet: rtp::Packet, now: Instant) {
         self.stats.rtp_packets_in += 1;
         let tid = tid.clone();
         let Some(li) = self.layer_of(part, &tid, packet.header.ssrc) else {
@@ -1607,7 +1607,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// `rtc` delivered a packet of `ssrc` of the published track `tid`: once the SSRC belongs
     /// to a layer of it, its packets skip `rtc`.
-    fn bind_ingress(&mut self, part: u64, tid: &Arc<str>, ssrc: u32) {
+    fn bind_ingress(&mut self, part: u64, tid: &Rc<str>, ssrc: u32) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -2068,7 +2068,9 @@ impl<T: Transmit> Sfu<T> {
         let mut me = media_engine().map_err(rtc_err)?;
         let c = KeyCapture::new().map_err(|e| SfuError::Rtc(e.to_string()))?;
         setting = setting
-            .with_crypto_provider(Arc::new(c.clone()))
+            // `rtc` takes its crypto provider shared across threads; it is touched only during
+            // the DTLS handshake, never per packet.
+            .with_crypto_provider(c.shared())
             .with_srtp_protection_profiles(vec![
                 SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
                 SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
@@ -3040,6 +3042,8 @@ fn offered_rids(sdp: &str, mid: &str) -> Vec<String> {
 }
 
 #[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
 

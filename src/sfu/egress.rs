@@ -61,6 +61,9 @@ use rtc::srtp::context::Context;
 use rtc::srtp::option::{srtcp_replay_protection, srtp_replay_protection};
 use rtc::srtp::protection_profile::ProtectionProfile;
 use std::collections::HashMap;
+// `rtc`'s crypto-provider hook takes a provider shared across threads: `KeyCapture` is one,
+// touched only while a DTLS handshake completes, never on the packet path.
+#[allow(clippy::disallowed_types)]
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -170,17 +173,25 @@ impl SrtpKeys {
 /// A crypto provider that does everything the default one does and records the AES-128 blocks
 /// SRTP key derivation encrypts (see the module docs). One per subscriber connection.
 #[derive(Clone)]
+#[allow(clippy::disallowed_types)] // see the `use` above: the handshake's, not the packet path's
 pub struct KeyCapture {
     inner: Arc<Inner>,
 }
 
+#[allow(clippy::disallowed_types)]
 struct Inner {
     provider: Arc<dyn RTCCryptoProvider>,
     /// Touched only while a DTLS handshake completes, never on the packet path.
     blocks: Mutex<Vec<([u8; AES_128], [u8; AES_128])>>,
 }
 
+#[allow(clippy::disallowed_types)]
 impl KeyCapture {
+    /// The provider as `rtc`'s setting engine takes it.
+    pub fn shared(&self) -> Arc<dyn RTCCryptoProvider> {
+        Arc::new(self.clone())
+    }
+
     /// Wrap the default provider.
     pub fn new() -> Result<Self, EgressError> {
         let provider =
@@ -204,6 +215,7 @@ impl KeyCapture {
     }
 }
 
+#[allow(clippy::disallowed_types)]
 impl RTCCryptoProvider for KeyCapture {
     fn name(&self) -> &'static str {
         "plaza-key-capture"
@@ -216,6 +228,7 @@ impl RTCCryptoProvider for KeyCapture {
     }
 }
 
+#[allow(clippy::disallowed_types)]
 impl RTCCrypto for KeyCapture {
     fn supports(&self, algorithm: CryptoAlgorithm) -> bool {
         self.inner.provider.crypto().supports(algorithm)
@@ -1024,6 +1037,8 @@ fn read_twcc(body: &[u8], out: &mut Vec<Acknowledgement>) -> Result<(), RtcpErro
 }
 
 #[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
 

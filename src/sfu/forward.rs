@@ -187,6 +187,8 @@ impl ForwardDrops {
 }
 
 #[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
     use crate::sfu::selector::{LayerInfo, Requested};

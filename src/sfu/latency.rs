@@ -170,6 +170,8 @@ pub fn window_quantile_us(earlier: &[(u64, u64)], later: &[(u64, u64)], q: f64) 
 }
 
 #[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
 

@@ -39,6 +39,8 @@ impl LogLimiter {
 }
 
 #[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
 

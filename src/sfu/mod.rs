@@ -328,6 +328,7 @@ pub enum SfuError {
 /// Cloneable handle to the core's shards: joins go to the shard of their room
 /// ([`placement::Placement`]), everything a participant sends after to its shard.
 #[derive(Debug, Clone)]
+#[allow(clippy::disallowed_types)] // signaling side: shared by the WebSocket sessions, never on the packet path
 pub struct SfuHandle {
     shards: std::sync::Arc<[mpsc::Sender<Command>]>,
     // Signaling side only (taken around joins, leaves and each client message); the packet
@@ -335,6 +336,7 @@ pub struct SfuHandle {
     placement: std::sync::Arc<std::sync::Mutex<placement::Placement>>,
 }
 
+#[allow(clippy::disallowed_types)] // as above
 impl SfuHandle {
     /// A handle to one core.
     pub fn new(tx: mpsc::Sender<Command>) -> Self {

@@ -365,6 +365,8 @@ pub fn nack_seqs(nack: &TransportLayerNack) -> impl Iterator<Item = u16> + '_ {
 }
 
 #[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
 

@@ -185,6 +185,8 @@ fn truncate(v: &str) -> String {
 }
 
 #[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
 

@@ -28,6 +28,10 @@
 //! Many viewers in one process: one UDP socket and one tokio task each (signaling, `rtc`
 //! timers, the non-media datagrams), and the shared receive thread for the media.
 
+// The system calls of the receive thread (setsockopt, epoll, recvmmsg, gettid, sysconf) are
+// `unsafe`; each block says why it is sound in its SAFETY comment.
+#![allow(unsafe_code)]
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::os::fd::AsRawFd;
@@ -365,6 +369,7 @@ impl Batch {
     fn new() -> Box<Batch> {
         // SAFETY: all-zero is a valid value of these plain C structs.
         let zero_addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, all-zero is a valid `mmsghdr` (null pointers, zero lengths).
         let zero_msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
         Box::new(Batch {
             bufs: vec![[0u8; DATAGRAM]; BATCH],
@@ -767,7 +772,7 @@ pub fn receive_thread_cpu_s() -> Option<f64> {
         return None;
     }
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    let ticks = super::measure::parse_stat_ticks(&stat)?;
+    let ticks = crate::measure::parse_stat_ticks(&stat)?;
     // SAFETY: plain system call.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })

@@ -63,6 +63,7 @@ pub fn format_cpus(cpus: &[usize]) -> String {
 }
 
 /// CPUs online on the machine (not only those this process may use).
+#[allow(unsafe_code)] // sysconf(3); see the SAFETY comment
 pub fn online_cpus() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
@@ -74,6 +75,7 @@ pub fn online_cpus() -> usize {
 }
 
 #[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // sched_setaffinity(2); see the SAFETY comment
 fn set_affinity(cpus: &[usize]) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET only writes inside it (indices
     // are bounded below), and sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of it.
@@ -102,6 +104,7 @@ pub fn pin_current_thread(cpus: &[usize]) -> Result<()> {
 }
 
 /// Makes `cmd`'s process start restricted to `cpus`.
+#[allow(unsafe_code)] // pre_exec runs between fork and exec; see the SAFETY comment
 pub fn pin_command(cmd: &mut Command, cpus: &[usize]) {
     #[cfg(unix)]
     {

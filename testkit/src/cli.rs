@@ -23,6 +23,7 @@ pub struct PeerArgs {
 
 /// Ends a tool's `main` with the outcome of its run: exit status 0 when it passed, 1 when its
 /// checks failed, 2 (after printing `<tool>: error: …`) when it could not run.
+#[allow(clippy::exit)] // the tools' exit status is their verdict; called last in `main`
 pub fn exit_with(tool: &str, outcome: anyhow::Result<bool>) {
     match outcome {
         Ok(true) => {}

@@ -1,8 +1,6 @@
-//! Synthetic Plaza peers for the load tester and the integration tests.
-//!
-//! Used as `mod common;` from `examples/*.rs` and as
-//! `#[path = "../examples/common/mod.rs"] mod common;` from `tests/*.rs`, so nothing here assumes
-//! it is a crate root. Its unit tests run with `cargo test --example loadtest`.
+//! `plaza-testkit`: synthetic Plaza peers and integration-test helpers, one library compiled
+//! once for the integration tests (`tests/*.rs`), the load tester and the benchmark
+//! (`examples/*.rs`). Its unit tests run with `cargo nextest run -p plaza-testkit`.
 //!
 //! - [`peer`]: [`Peer`] — WebSocket signaling + subscriber/publisher peer connections (webrtc-rs
 //!   0.21), events, waits, data channels, stats.
@@ -21,6 +19,8 @@
 //! - [`envelope`]: the data-channel envelope (`{"to":[..]}\n` / `{"from":".."}\n` + payload).
 //! - [`keyframe`]: the interceptor that lets publishers see PLI/FIR.
 //! - [`layers`]: simulcast measurements for the load tester (layer switches, bandwidth cuts).
+//! - [`lightviewer`]: a light benchmark viewer (real signaling, ICE and DTLS; SRTP only counted
+//!   from the clear RTP header, never decrypted; no RTCP feedback).
 //! - [`relay`]: a UDP relay with a bandwidth bottleneck, to limit what a subscriber receives.
 //! - [`probe`]: media latency probe (publisher send → subscriber receive of the same packet).
 //! - [`measure`]: server counters, CPU time and RSS sampled around a window; percentiles; a
@@ -28,6 +28,8 @@
 //! - [`cli`]: the command-line flags the load tester and the benchmark share.
 //! - [`janus`]: the same synthetic media against Janus's videoroom plugin (benchmark
 //!   comparison).
+//! - [`support`]: the integration tests' side: the real server in-process on loopback, raw
+//!   HTTP and WebSocket clients, media-flow waits.
 //!
 //! ```ignore
 //! let alice = Peer::connect(&url, "room", "alice", PeerOptions::publisher()).await?;
@@ -42,7 +44,13 @@
 //!
 //! Every wait takes a timeout and re-checks its condition on each state change (no sleeps);
 //! what the server does wrong ends up in [`PeerEvent`]s and `Err`s, never in a panic.
-#![allow(dead_code, unused_imports)]
+// A test tool: it shares state between tasks and reads the clock, which the packet path may
+// not; it prints its reports and exits with a status.
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    clippy::print_stdout
+)]
 
 pub mod affinity;
 pub mod cli;
@@ -59,6 +67,7 @@ pub mod peer;
 pub mod probe;
 pub mod recv;
 pub mod relay;
+pub mod support;
 
 pub use peer::{
     Channel, DataMessage, JoinedInfo, LocalLayerStats, LocalTrackStats, NegotiationStats, Payload,

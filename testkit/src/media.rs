@@ -18,9 +18,9 @@ use plaza::signal::TrackKind;
 use rtc::rtp;
 use rtc::rtp::packetizer::Packetizer;
 
-/// Directory of the assets shipped with the repository.
+/// Directory of the assets shipped with the repository (`assets/`, beside `testkit/`).
 pub fn assets_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets")
 }
 
 /// The default VP8 clip: 320x240, 30 fps, keyframe every 30 frames.

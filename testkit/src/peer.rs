@@ -49,7 +49,6 @@ use tokio::task::AbortHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
-use webrtc::media_stream::Track;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -1083,7 +1082,8 @@ pub async fn new_peer_connection(
         .with_handler(handler)
         .with_udp_addrs(vec![format!("{bind_ip}:0")])
         .build();
-    let pc = bounded(t, "build peer connection", pc).await?;
+    // webrtc-rs's builder future is ~40 KB: boxed, so the futures awaiting it stay small.
+    let pc = bounded(t, "build peer connection", Box::pin(pc)).await?;
     Ok(Arc::new(pc))
 }
 
@@ -2892,11 +2892,10 @@ async fn add_local_track(
 mod tests {
     use super::*;
 
-    fn is_send<T: Send>(_: &T) {}
-
     /// `Peer` can be shared across tasks, and its futures can be spawned.
     #[allow(unreachable_code, clippy::diverging_sub_expression)]
     fn _peer_and_its_futures_are_send(peer: Arc<Peer>) {
+        fn is_send<T: Send>(_: &T) {}
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Peer>();
         let d = Duration::ZERO;

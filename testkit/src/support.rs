@@ -2,14 +2,11 @@
 //! 127.0.0.1 with ephemeral ports, a minimal HTTP/1.1 GET for `/healthz`, a raw WebSocket
 //! client for protocol-error tests, and media-flow waits on top of the synthetic [`Peer`].
 //!
-//! Every test file declares both modules:
+//! Every test file imports the kit and this module:
 //!
 //! ```ignore
-//! #[path = "../examples/common/mod.rs"]
-//! mod common;
-//! mod support;
+//! use plaza_testkit::{self as common, support};
 //! ```
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::common::{Peer, PeerOptions, RemoteTrackStats};
+use crate::{Peer, PeerOptions, RemoteTrackStats};
 
 /// Bound of every wait. Generous: the CI machine is slow and shared; tests normally finish
 /// their waits in well under a second.
@@ -290,7 +287,7 @@ pub fn errors_after(peer: &Peer, from: usize) -> Vec<(ErrorCode, String, Option<
         .into_iter()
         .skip(from)
         .filter_map(|e| match e.event {
-            crate::common::PeerEvent::Server(ServerMessage::Error {
+            crate::PeerEvent::Server(ServerMessage::Error {
                 code,
                 message,
                 request,
