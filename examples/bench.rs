@@ -20,6 +20,13 @@
 //! growth per participant. Results go to `--out` (default `bench/results/`):
 //! `<date>-<scenario>.json`, `.md` and `.svg`, and `README-table.md` (the README's section).
 //! See `bench/README.md` for the method and its caveats.
+//!
+//! `--viewer light` replaces the livestream's and meeting's subscribers with
+//! `common::lightviewer` viewers (real signaling, ICE and DTLS; SRTP only counted), so the load
+//! generator costs less per packet than the server; `--knee` steps the livestream's viewer
+//! count until loss or the forwarded rate gives way; `--server-workers 1,2` and `--server-arg`
+//! change the server's command line. Light-viewer results go to
+//! `<date>-<commit>-light-viewer-<scenario>….{json,md,svg}`.
 
 // A tool, not the packet path: shares state between tasks, reads the clock and prints its
 // report.
@@ -42,6 +49,7 @@ use clap::Parser;
 use common::affinity;
 use common::cli::{self, PeerArgs};
 use common::janus::{JanusOptions, JanusPeer, JanusServer, create_room};
+use common::lightviewer::{self, LightOptions, LightViewer};
 use common::measure::{
     self, ClientTotals, Measured, Recorder, ServerSource, Summary, now_us, summarize, wait_http_ok,
 };
@@ -137,6 +145,42 @@ struct Args {
     /// see testkit/src/affinity.rs for why).
     #[arg(long)]
     no_pin: bool,
+    /// Subscribers of the livestream and meeting scenarios: `full` (webrtc-rs peers that
+    /// decrypt and depacketize everything) or `light` (`common::lightviewer`: ICE + DTLS with
+    /// `rtc`, then SRTP only counted from the clear RTP header; no RTCP feedback).
+    #[arg(long, value_enum, default_value_t = ViewerKind::Full)]
+    viewer: ViewerKind,
+    /// Livestream "find the knee": step the viewer count through `--knee-viewers` (up to
+    /// `--knee-max`, within `--knee-budget` seconds) and stop after the first point with
+    /// viewer loss > 1 %, forwarded rate below 97 % of the expected rate, or a viewer that
+    /// could not join.
+    #[arg(long)]
+    knee: bool,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "25,50,75,100,150,200,300,400,500,700,1000"
+    )]
+    knee_viewers: Vec<usize>,
+    #[arg(long, default_value_t = 1000)]
+    knee_max: usize,
+    /// Wall-clock budget of the knee search, seconds (no new point starts after it).
+    #[arg(long, default_value_t = 900)]
+    knee_budget: u64,
+    /// Run every point once per value, with `--workers N` on the server's command line
+    /// (e.g. `1,2`); empty: the server's default, no `--workers` flag.
+    #[arg(long, value_delimiter = ',')]
+    server_workers: Vec<usize>,
+    /// Extra argument for the server (repeatable), appended to its command line.
+    #[arg(long, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+enum ViewerKind {
+    Full,
+    Light,
 }
 
 /// Where the server and the load generator run: `None` = not pinned.
@@ -261,6 +305,44 @@ struct Point {
     host_steal_pct: Option<f64>,
     #[serde(skip)]
     steal_before: Option<u64>,
+    /// `--workers` given to the server for this point (None: not given).
+    workers: Option<usize>,
+    /// Subscriber kind (`full` or `light`).
+    viewer: ViewerKind,
+    /// Light-viewer measurements (with `--viewer light`).
+    light: Option<LightPoint>,
+}
+
+/// What the light viewers measured over the window.
+#[derive(Debug, Clone, Default, Serialize)]
+struct LightPoint {
+    viewers: usize,
+    /// Packets the viewers should have received in the window (publisher packets of the
+    /// forwarded layer × the viewers that subscribe to them), per second.
+    expected_per_s: f64,
+    /// Packets the viewers received per second.
+    received_per_s: f64,
+    /// Received ÷ expected from the publishers' counters, %.
+    delivery_percent: f64,
+    /// Sequence-gap loss, %.
+    loss_percent: f64,
+    reordered: u64,
+    /// The load generator's CPU (viewers, publishers, the bench itself) per received packet.
+    generator_us_per_packet: Option<f64>,
+    /// The light viewers' receive thread alone (recvmmsg + counting) per received packet.
+    viewer_us_per_packet: Option<f64>,
+    /// Largest inter-arrival gap on one SSRC since the viewers joined, ms.
+    max_gap_ms: f64,
+    /// Received packets per `recvmmsg` call.
+    packets_per_batch: f64,
+    /// The layer (rid) the viewers were told they receive (`layer_changed`), viewer count per
+    /// rid.
+    layers: std::collections::BTreeMap<String, usize>,
+    /// Viewers whose task ended early (removed, failed).
+    ended: usize,
+    /// This point is the knee: loss > 1 %, forwarded rate < 97 % of the expected, or a viewer
+    /// that did not join or was dropped.
+    knee: bool,
 }
 
 impl Point {
@@ -283,6 +365,9 @@ impl Point {
             wall_s: 0.0,
             host_steal_pct: None,
             steal_before: steal_ticks(),
+            workers: None,
+            viewer: ViewerKind::Full,
+            light: None,
         }
     }
 
@@ -454,7 +539,7 @@ fn default_plaza_bin() -> Option<PathBuf> {
     bin.exists().then_some(bin)
 }
 
-async fn start_plaza(args: &Args, log: &Path) -> Result<PlazaServer> {
+async fn start_plaza(args: &Args, log: &Path, workers: Option<usize>) -> Result<PlazaServer> {
     if let Some(url) = &args.plaza_url {
         return Ok(PlazaServer {
             child: None,
@@ -486,7 +571,18 @@ async fn start_plaza(args: &Args, log: &Path) -> Result<PlazaServer> {
             &args.plaza_udp_port.to_string(),
             "--log-level",
             "warn",
+            // Every synthetic peer connects from 127.0.0.1: the per-address cap (64 by
+            // default) would refuse the viewers past it.
+            "--max-connections-per-ip",
+            "4096",
         ])
+        .args(
+            workers
+                .map(|w| ["--workers".to_owned(), w.to_string()])
+                .into_iter()
+                .flatten(),
+        )
+        .args(&args.server_arg)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
@@ -579,12 +675,25 @@ async fn dc_round_trips(peers: Vec<Arc<Peer>>, run_for: Duration, interval: Dura
     rtts.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-async fn run_plaza(args: &Args, sc: Scenario, n: usize, logs: &Path) -> Point {
+async fn run_plaza(
+    args: &Args,
+    sc: Scenario,
+    n: usize,
+    logs: &Path,
+    workers: Option<usize>,
+) -> Point {
+    if args.viewer == ViewerKind::Light && sc != Scenario::Audio {
+        return run_plaza_light(args, sc, n, logs, workers).await;
+    }
     let (pubs, subs, video) = sc.shape(n, args);
     let mut point = Point::empty(sc, "plaza", n, pubs, subs);
+    point.workers = workers;
     let started = Instant::now();
-    let log = logs.join(format!("plaza-{}-{n}.log", sc.name()));
-    let server = match start_plaza(args, &log).await {
+    let log = logs.join(match workers {
+        Some(w) => format!("plaza-{}-{n}-w{w}.log", sc.name()),
+        None => format!("plaza-{}-{n}.log", sc.name()),
+    });
+    let server = match start_plaza(args, &log, workers).await {
         Ok(s) => s,
         Err(e) => {
             point.failures.push(format!("{e:#}"));
@@ -682,6 +791,306 @@ async fn run_plaza(args: &Args, sc: Scenario, n: usize, logs: &Path) -> Point {
     }))
     .await;
     drop(peers);
+    drop(server);
+    point.finish(started)
+}
+
+/// Packets the light viewers should receive, from the publishers' send counters: per track,
+/// the packets of the layer the server forwards (the largest simulcast layer: no feedback, and
+/// `track_settings` asks for `high`; the only layer of a plain track) × the viewers that
+/// subscribe to that publisher.
+fn light_due(publishers: &[Arc<Peer>], viewers_per_publisher: &[u64]) -> u64 {
+    let mut due = 0;
+    for (p, &v) in publishers.iter().zip(viewers_per_publisher) {
+        for t in p.local_tracks() {
+            let packets = t
+                .layers
+                .iter()
+                .max_by_key(|l| u32::from(l.width) * u32::from(l.height))
+                .filter(|_| t.layers.len() > 1)
+                .map_or(t.counters.packets, |l| l.counters.packets);
+            due += packets * v;
+        }
+    }
+    due
+}
+
+fn light_totals(
+    publishers: &[Arc<Peer>],
+    viewers: &[Arc<LightViewer>],
+    per_publisher: &[u64],
+) -> ClientTotals {
+    let mut t = ClientTotals {
+        peers: (publishers.len() + viewers.len()) as u64,
+        ..ClientTotals::default()
+    };
+    for v in viewers {
+        t.packets_received += v.stats.received();
+        t.packets_expected += v.stats.expected();
+        if v.ended().is_some() {
+            t.peers_removed += 1;
+        }
+    }
+    for p in publishers {
+        for l in p.local_tracks() {
+            t.packets_sent += l.counters.packets;
+        }
+        if p.removed().is_some() {
+            t.peers_removed += 1;
+        }
+    }
+    t.packets_due = light_due(publishers, per_publisher);
+    t
+}
+
+/// A livestream or meeting point with light viewers (`--viewer light`). Livestream: the host
+/// is a full webrtc-rs publisher, the N viewers are light. Meeting: each of the N participants
+/// is a full publish-only peer (`auto_subscribe: false`) paired with a light viewer that
+/// subscribes to every track but its partner's, so the server forwards exactly what an
+/// N-participant meeting forwards (2N participants in the room, N publisher and 2N subscriber
+/// connections).
+async fn run_plaza_light(
+    args: &Args,
+    sc: Scenario,
+    n: usize,
+    logs: &Path,
+    workers: Option<usize>,
+) -> Point {
+    let (pubs, subs, video) = sc.shape(n, args);
+    let viewers_n = if sc == Scenario::Meeting { n } else { subs };
+    let mut point = Point::empty(sc, "plaza", n, pubs, viewers_n);
+    point.workers = workers;
+    point.viewer = ViewerKind::Light;
+    let started = Instant::now();
+    let log = logs.join(match workers {
+        Some(w) => format!("plaza-light-{}-{n}-w{w}.log", sc.name()),
+        None => format!("plaza-light-{}-{n}.log", sc.name()),
+    });
+    let server = match start_plaza(args, &log, workers).await {
+        Ok(s) => s,
+        Err(e) => {
+            point.failures.push(format!("{e:#}"));
+            return point;
+        }
+    };
+    let source = ServerSource::plaza(&server.url, server.pid, None);
+    let mut recorder = Recorder::start(source).await;
+    let room = format!("bench-light-{}-{n}-{:x}", sc.name(), rand::random::<u32>());
+    let t = Duration::from_secs(args.timeout);
+    let publisher_opts = if video && args.simulcast && sc == Scenario::Livestream {
+        PeerOptions {
+            timeout: t,
+            keep_recent_packets: 0,
+            max_kept_messages: 1,
+            ..PeerOptions::simulcast_publisher()
+        }
+    } else {
+        PeerOptions {
+            timeout: t,
+            keep_recent_packets: 0,
+            max_kept_messages: 1,
+            publish_audio: true,
+            publish_video: video,
+            auto_subscribe: (sc == Scenario::Meeting).then_some(false),
+            ..PeerOptions::default()
+        }
+    };
+    let mut publishers: Vec<Arc<Peer>> = Vec::new();
+    {
+        let connect = |name: String| {
+            let (url, room, opts) = (server.url.clone(), room.clone(), publisher_opts.clone());
+            async move { Peer::connect(&url, &room, &name, opts).await }
+        };
+        join_peers(&mut point, &mut publishers, pubs, "pub", args, connect).await;
+    }
+    // Meeting: viewer i skips publisher i's tracks.
+    let skips: Vec<Option<String>> = (0..viewers_n)
+        .map(|i| {
+            (sc == Scenario::Meeting)
+                .then(|| publishers.get(i).map(|p| p.participant_id().to_owned()))
+                .flatten()
+        })
+        .collect();
+    let mut viewers: Vec<Arc<LightViewer>> = Vec::new();
+    {
+        let skips = Arc::new(skips.clone());
+        let connect = |name: String| {
+            let (url, room) = (server.url.clone(), room.clone());
+            let i: usize = name
+                .rsplit('-')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let skip = skips.get(i - 1).cloned().flatten();
+            let opts = LightOptions {
+                timeout: t,
+                auto_subscribe: sc != Scenario::Meeting,
+                skip_participant: skip,
+                ..LightOptions::default()
+            };
+            async move { LightViewer::connect(&url, &room, &name, opts).await }
+        };
+        join_peers(&mut point, &mut viewers, viewers_n, "view", args, connect).await;
+    }
+    let per_publisher: Vec<u64> = publishers
+        .iter()
+        .map(|p| {
+            viewers.len() as u64
+                - skips
+                    .iter()
+                    .filter(|s| s.as_deref() == Some(p.participant_id()))
+                    .count() as u64
+        })
+        .collect();
+    let tracks_per_pub = if video { 2 } else { 1 };
+    // Every viewer should receive every track of every publisher but its partner's.
+    let mine = usize::from(sc == Scenario::Meeting);
+    let want = (publishers.len().saturating_sub(mine) * tracks_per_pub) as u64;
+    let waits = viewers
+        .iter()
+        .map(|v| v.wait_for_streams(want, Duration::from_secs(20)));
+    for r in futures_util::future::join_all(waits).await {
+        if let Err(e) = r {
+            point.failures.push(format!("{e:#}"));
+        }
+    }
+    let totals = {
+        let (p, v, pp) = (publishers.clone(), viewers.clone(), per_publisher.clone());
+        Arc::new(move || light_totals(&p, &v, &pp))
+    };
+    recorder
+        .joined(publishers.len() + viewers.len(), totals())
+        .await;
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let batches0: u64 = viewers
+        .iter()
+        .map(|v| v.stats.batches.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let reordered0: u64 = viewers
+        .iter()
+        .map(|v| v.stats.reordered.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let before = totals();
+    let rx_cpu0 = lightviewer::receive_thread_cpu_s();
+    recorder
+        .begin(&format!("plaza light {} n={n}", sc.name()), totals.clone())
+        .await;
+    let pings = tokio::spawn(dc_round_trips(
+        publishers.clone(),
+        Duration::from_secs(args.duration),
+        Duration::from_millis(args.peer.chat_interval_ms.max(10)),
+    ));
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    let after = totals();
+    let rx_cpu1 = lightviewer::receive_thread_cpu_s();
+    let measured = recorder.end(after).await;
+    let rtts = pings.await.unwrap_or_default();
+    let w = &measured.window;
+    let received = after
+        .packets_received
+        .saturating_sub(before.packets_received);
+    let due = after.packets_due.saturating_sub(before.packets_due);
+    let batches: u64 = viewers
+        .iter()
+        .map(|v| v.stats.batches.load(std::sync::atomic::Ordering::Relaxed))
+        .sum::<u64>()
+        .saturating_sub(batches0);
+    let reordered: u64 = viewers
+        .iter()
+        .map(|v| v.stats.reordered.load(std::sync::atomic::Ordering::Relaxed))
+        .sum::<u64>()
+        .saturating_sub(reordered0);
+    let mut layers = std::collections::BTreeMap::new();
+    for v in &viewers {
+        for (_, (q, rid)) in v.layers() {
+            let q = format!("{q:?}").to_lowercase();
+            let key = if rid.is_empty() {
+                q
+            } else {
+                format!("{rid}/{q}")
+            };
+            *layers.entry(key).or_insert(0) += 1;
+        }
+    }
+    let expected_per_s = due as f64 / w.seconds;
+    let delivery = if due > 0 {
+        100.0 * received as f64 / due as f64
+    } else {
+        0.0
+    };
+    let ended = viewers.iter().filter(|v| v.ended().is_some()).count();
+    // A viewer that could not join (or was dropped) also means the server gave way: the
+    // packets it would have received are missing from both sides of the comparison.
+    let knee = w.loss_percent > 1.0
+        || (due > 0 && (w.forwarded as f64) < 0.97 * due as f64)
+        || viewers.len() < viewers_n
+        || ended > 0;
+    point.light = Some(LightPoint {
+        viewers: viewers.len(),
+        expected_per_s,
+        received_per_s: received as f64 / w.seconds,
+        delivery_percent: delivery,
+        loss_percent: w.loss_percent,
+        reordered,
+        generator_us_per_packet: w
+            .generator_cpu_percent
+            .filter(|_| received > 0)
+            .map(|c| c / 100.0 * w.seconds * 1e6 / received as f64),
+        viewer_us_per_packet: match (rx_cpu0, rx_cpu1) {
+            (Some(a), Some(b)) if received > 0 => Some((b - a) * 1e6 / received as f64),
+            _ => None,
+        },
+        max_gap_ms: viewers
+            .iter()
+            .map(|v| {
+                v.stats
+                    .max_gap_us
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .max()
+            .unwrap_or(0) as f64
+            / 1000.0,
+        packets_per_batch: if batches > 0 {
+            received as f64 / batches as f64
+        } else {
+            0.0
+        },
+        layers,
+        ended,
+        knee,
+    });
+    let ready: Vec<f64> = viewers
+        .iter()
+        .filter_map(|v| v.join_times().connected)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    let first: Vec<f64> = viewers
+        .iter()
+        .filter_map(|v| v.join_times().first_media)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    let signaling: Vec<f64> = viewers
+        .iter()
+        .filter_map(|v| v.join_times().joined)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    point.join_ready_ms = summarize(&ready);
+    point.join_signaling_ms = Some(summarize(&signaling));
+    point.first_media_ms = Some(summarize(&first));
+    point.dc_rtt_ms = Some(summarize(&rtts));
+    if ended > 0 {
+        point
+            .failures
+            .push(format!("{ended} light viewers ended early"));
+    }
+    point.set_measured(measured);
+    futures_util::future::join_all(viewers.iter().map(|v| v.leave())).await;
+    futures_util::future::join_all(publishers.iter().map(|p| async move {
+        let _ = tokio::time::timeout(Duration::from_secs(3), p.leave()).await;
+    }))
+    .await;
+    drop(viewers);
+    drop(publishers);
     drop(server);
     point.finish(started)
 }
@@ -869,14 +1278,14 @@ fn table(points: &[Point]) -> String {
         let join = format!("{:.0} / {:.0}", p.join_ready_ms.p50, p.join_ready_ms.p99);
         s.push_str(&format!(
             "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
-            p.server,
+            server_label(p),
             if p.ok { "" } else { " ⚠" },
             p.n,
             p.participants,
             f(w.map(|w| w.forwarded_per_s), 0),
             f(w.and_then(|w| w.server_cpu_percent), 0) + "%",
             f(w.and_then(|w| w.server_us_per_packet), 2),
-            l.map_or("–".into(), |l| format!(
+            l.filter(|l| l.count > 0).map_or("n/a".into(), |l| format!(
                 "{:.2} / {:.2} / {:.1}",
                 l.p50, l.p99, l.max
             )),
@@ -909,6 +1318,64 @@ fn table(points: &[Point]) -> String {
             f(w.and_then(|w| w.generator_cpu_wait_percent), 0) + "%",
         ));
     }
+    s
+}
+
+fn server_label(p: &Point) -> String {
+    let mut s = p.server.clone();
+    if let Some(w) = p.workers {
+        s.push_str(&format!(" w{w}"));
+    }
+    if p.viewer == ViewerKind::Light {
+        s.push_str(" (light)");
+    }
+    s
+}
+
+/// The light viewers' table: per point, what was forwarded against what should have been,
+/// the server's cost per packet, the viewers' loss, the in-core p99 and the generator's cost.
+fn light_table(points: &[Point]) -> String {
+    if points.iter().all(|p| p.light.is_none()) {
+        return String::new();
+    }
+    let mut s = String::from(
+        "| server | N | fwd pkt/s | expected pkt/s | server µs/pkt | viewer loss | delivery \
+         | in-core p50 / p99 (µs) | srv CPU wait | gen CPU | gen µs/pkt | viewer rx µs/pkt \
+         | pkts/recvmmsg | layer (viewers) | max gap (ms) | knee |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n",
+    );
+    for p in points {
+        let (Some(l), Some(m)) = (&p.light, &p.measured) else {
+            continue;
+        };
+        let w = &m.window;
+        s.push_str(&format!(
+            "| {}{} | {} | {:.0} | {:.0} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} | {} | {:.1} | {} | {:.0} | {} |\n",
+            server_label(p),
+            if p.ok { "" } else { " ⚠" },
+            p.n,
+            w.forwarded_per_s,
+            l.expected_per_s,
+            f(w.server_us_per_packet, 2),
+            l.loss_percent,
+            l.delivery_percent,
+            w.server_forward_latency_us
+                .map_or("n/a".into(), |x| format!("{} / {}", x.p50, x.p99)),
+            f(w.server_cpu_wait_percent, 0) + "%",
+            f(w.generator_cpu_percent, 0) + "%",
+            f(l.generator_us_per_packet, 2),
+            f(l.viewer_us_per_packet, 2),
+            l.packets_per_batch,
+            l.layers
+                .iter()
+                .map(|(k, v)| format!("{k} ({v})"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            l.max_gap_ms,
+            if l.knee { "**knee**" } else { "" },
+        ));
+    }
+    s.push('\n');
     s
 }
 
@@ -1291,13 +1758,53 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
         let title = sc.title(&args);
         println!("\n=== {title}");
         let mut points: Vec<Point> = Vec::new();
-        for n in sc.sizes(&args) {
+        let knee_mode = args.knee && sc == Scenario::Livestream;
+        let sizes: Vec<usize> = if knee_mode {
+            args.knee_viewers
+                .iter()
+                .copied()
+                .filter(|&n| n <= args.knee_max)
+                .collect()
+        } else {
+            sc.sizes(&args)
+        };
+        let worker_sets: Vec<Option<usize>> = if args.server_workers.is_empty() {
+            vec![None]
+        } else {
+            args.server_workers.iter().map(|&w| Some(w)).collect()
+        };
+        let mut knee_hit: Vec<Option<usize>> = Vec::new();
+        let knee_started = Instant::now();
+        for n in sizes {
+            if knee_mode && knee_started.elapsed() > Duration::from_secs(args.knee_budget) {
+                println!(
+                    "knee: time budget of {} s spent, stopping",
+                    args.knee_budget
+                );
+                break;
+            }
+            if knee_mode && worker_sets.iter().all(|w| knee_hit.contains(w)) {
+                break;
+            }
             if want_plaza {
-                println!("--- plaza, {} = {n}", xlabel(sc));
-                let p = run_plaza(&args, sc, n, &logs).await;
-                report_point(&p);
-                points.push(p);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                for &workers in &worker_sets {
+                    if knee_hit.contains(&workers) {
+                        continue;
+                    }
+                    println!(
+                        "--- plaza{}, {} = {n}",
+                        workers.map_or(String::new(), |w| format!(" --workers {w}")),
+                        xlabel(sc)
+                    );
+                    let p = run_plaza(&args, sc, n, &logs, workers).await;
+                    report_point(&p);
+                    if knee_mode && p.light.as_ref().is_some_and(|l| l.knee) {
+                        println!("knee reached at {n} viewers");
+                        knee_hit.push(workers);
+                    }
+                    points.push(p);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
             if want_janus && let Some(ice) = &ice {
                 println!("--- janus, {} = {n}", xlabel(sc));
@@ -1334,8 +1841,12 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
             args.duration,
             load.join(", ")
         );
+        let ltbl = light_table(&points);
+        if !ltbl.is_empty() {
+            println!("\nLight viewers:\n\n{ltbl}");
+        }
         let md = format!(
-            "### {title}\n\n{tbl}\n{rtext}\n<sub>{footer}. Command: `{command}`. µs/pkt = server \
+            "### {title}\n\n{tbl}\n{ltbl}{rtext}\n<sub>{footer}. Command: `{command}`. µs/pkt = server \
              CPU time (all threads, /proc/&lt;pid&gt;) ÷ packets forwarded (Plaza: its \
              `rtp_packets_forwarded` counter; Janus: packets the subscribers received). Latency = \
              publisher `write_rtp` → subscriber track delivery of the same packet, both \
@@ -1353,7 +1864,16 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
             } else {
                 ""
             };
-            let base = args.out.join(format!("{date}-{}{suffix}", sc.name()));
+            let base = if args.viewer == ViewerKind::Light && sc != Scenario::Audio {
+                args.out.join(format!(
+                    "{date}-{}-light-viewer-{}{suffix}{}",
+                    build["git_rev"].as_str().unwrap_or("unknown"),
+                    sc.name(),
+                    if knee_mode { "-knee" } else { "" }
+                ))
+            } else {
+                args.out.join(format!("{date}-{}{suffix}", sc.name()))
+            };
             let doc = json!({
                 "scenario": sc,
                 "title": title,
@@ -1379,7 +1899,8 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
             println!("wrote {}.{{json,md,svg}}", base.display());
         }
     }
-    if !args.no_write {
+    // Light-viewer results are kept apart from the README's table (full peers).
+    if !args.no_write && args.viewer == ViewerKind::Full {
         let path = args.out.join("README-table.md");
         std::fs::write(&path, readme_table(&args.out).unwrap_or(readme))?;
         println!("wrote {}", path.display());

@@ -19,6 +19,8 @@
 //! - [`envelope`]: the data-channel envelope (`{"to":[..]}\n` / `{"from":".."}\n` + payload).
 //! - [`keyframe`]: the interceptor that lets publishers see PLI/FIR.
 //! - [`layers`]: simulcast measurements for the load tester (layer switches, bandwidth cuts).
+//! - [`lightviewer`]: a light benchmark viewer (real signaling, ICE and DTLS; SRTP only counted
+//!   from the clear RTP header, never decrypted; no RTCP feedback).
 //! - [`relay`]: a UDP relay with a bandwidth bottleneck, to limit what a subscriber receives.
 //! - [`probe`]: media latency probe (publisher send → subscriber receive of the same packet).
 //! - [`measure`]: server counters, CPU time and RSS sampled around a window; percentiles; a
@@ -58,6 +60,7 @@ pub mod envelope;
 pub mod janus;
 pub mod keyframe;
 pub mod layers;
+pub mod lightviewer;
 pub mod measure;
 pub mod media;
 pub mod peer;

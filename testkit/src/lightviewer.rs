@@ -1,0 +1,1028 @@
+//! A light benchmark viewer: a real Plaza subscriber that costs the load generator as little as
+//! possible per received packet, so a benchmark measures the server's limit rather than its own.
+//!
+//! It joins over the real WebSocket signaling like any client, answers every `subscribe_offer`
+//! (the first and every renegotiation) with the sans-I/O `rtc` core, and completes ICE and
+//! DTLS with it on its own UDP socket. From then on it only **receives, counts and timestamps**
+//! media: a datagram that is SRTP (first byte 128..=191 and an RTP payload type, i.e. not RTCP
+//! 192..=223) is never decrypted, depacketized or buffered; its clear RTP header gives the
+//! SSRC and sequence number, which feed per-SSRC counters: received, expected (from the highest
+//! extended sequence number), lost (sequence gaps), reordered, bytes, first and last arrival.
+//! Everything else (STUN consent and the server's checks, DTLS, SRTCP, SCTP for the data
+//! channels) still goes to `rtc`, so the connection stays alive and the data channels open.
+//! Datagrams are read by one receive thread per process for every viewer's socket: one
+//! `epoll_wait(2)` reports every socket with data, and each is drained with `recvmmsg(2)` in
+//! batches of up to [`BATCH`], so a burst to many viewers costs one wake-up and one system call
+//! per socket, and no async task runs per packet. The few other datagrams are handed to the
+//! viewer's tokio task (which owns the `rtc` connection and the WebSocket) over a channel.
+//!
+//! **It never sends RTCP feedback**: no PLI, no NACK, no receiver reports, no TWCC, no REMB (the
+//! `rtc` connection is built without interceptors). The server's bandwidth estimator therefore
+//! sees no feedback at all; Plaza then selects layers without a bandwidth constraint (the
+//! requested layer, by default the highest; see `signaling/README.md`, "Bandwidth"). To make
+//! what is forwarded explicit rather than a consequence of that default, the viewer sends
+//! `track_settings` with [`LightOptions::quality`] for every video track it learns of, and
+//! records the `layer_changed` messages it gets. Lost packets are never retransmitted (nothing
+//! asks), so the loss it reports is what the server (or the kernel's socket buffers) dropped.
+//!
+//! Many viewers in one process: one UDP socket and one tokio task each (signaling, `rtc`
+//! timers, the non-media datagrams), and the shared receive thread for the media.
+
+// The system calls of the receive thread (setsockopt, epoll, recvmmsg, gettid, sysconf) are
+// `unsafe`; each block says why it is sound in its SAFETY comment.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use plaza::signal::{ClientMessage, PcTarget, Quality, ServerMessage, TrackKind};
+use rtc::interceptor::Registry;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::configuration::media_engine::MediaEngine;
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::event::RTCPeerConnectionEvent;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::{
+    CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
+};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Datagrams read per `recvmmsg(2)` call, at most.
+pub const BATCH: usize = 32;
+/// Receive buffer size per datagram (larger datagrams are truncated, and counted anyway).
+const DATAGRAM: usize = 1536;
+/// Pause of the receive thread after each round of reads, so one `epoll_wait` finds many
+/// sockets with data. Arrival times are therefore exact only to about this much.
+const COALESCE: Duration = Duration::from_micros(1000);
+/// Receive buffer asked of the kernel per viewer socket.
+const SOCKET_BUFFER: usize = 1 << 20;
+
+/// How a light viewer joins.
+#[derive(Debug, Clone)]
+pub struct LightOptions {
+    /// Bound of the join (WebSocket → `joined` → connected).
+    pub timeout: Duration,
+    /// Join with the server's auto-subscribe (every track in the room). When false, the viewer
+    /// subscribes itself to every track it learns of except those of `skip_participant`.
+    pub auto_subscribe: bool,
+    /// With `auto_subscribe: false`: the participant whose tracks are not subscribed to (a
+    /// meeting participant's own publisher).
+    pub skip_participant: Option<String>,
+    /// Sent as `track_settings.quality` for every video track (None: no settings sent).
+    pub quality: Option<Quality>,
+    /// Local address the UDP socket binds to.
+    pub bind_ip: IpAddr,
+}
+
+impl Default for LightOptions {
+    fn default() -> Self {
+        LightOptions {
+            timeout: Duration::from_secs(15),
+            auto_subscribe: true,
+            skip_participant: None,
+            quality: Some(Quality::High),
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+/// Counters of one viewer, readable from other tasks at any time.
+#[derive(Debug, Default)]
+pub struct LightStats {
+    /// RTP (SRTP) packets received.
+    pub received: AtomicU64,
+    /// Packets expected from the sequence numbers (per SSRC: highest − first + 1, summed).
+    pub expected: AtomicU64,
+    /// Packets that arrived with a sequence number below the highest seen on their SSRC.
+    pub reordered: AtomicU64,
+    /// RTP bytes received (SRTP datagram sizes).
+    pub bytes: AtomicU64,
+    /// Other datagrams (STUN, DTLS, SRTCP, SCTP) handed to `rtc`.
+    pub control_datagrams: AtomicU64,
+    /// `recvmmsg` calls that returned at least one datagram.
+    pub batches: AtomicU64,
+    /// SSRCs that delivered at least one packet.
+    pub ssrcs: AtomicU64,
+    /// Largest gap between two consecutive arrivals on one SSRC, µs.
+    pub max_gap_us: AtomicU64,
+    /// Set once DTLS is connected: media is counted from then on.
+    connected: AtomicBool,
+}
+
+impl LightStats {
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn expected(&self) -> u64 {
+        self.expected.load(Ordering::Relaxed)
+    }
+}
+
+/// Per-SSRC receive state (the task's own; published to [`LightStats`] after each batch).
+#[derive(Debug, Clone, Copy)]
+struct SsrcState {
+    first: u64,
+    highest: u64,
+    received: u64,
+    last_arrival: Instant,
+}
+
+/// The sequence number extended to 64 bits: the value nearest to `highest` (RFC 3550 A.1).
+fn extend_seq(highest: u64, seq: u16) -> u64 {
+    let delta = seq.wrapping_sub(highest as u16) as i16;
+    highest.wrapping_add_signed(i64::from(delta))
+}
+
+/// What one datagram is (RFC 7983 demultiplexing, with RTP told apart from RTCP by the
+/// payload type byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datagram {
+    /// SRTP with a clear RTP header: (SSRC, sequence number).
+    Rtp { ssrc: u32, seq: u16 },
+    /// Anything else: STUN, DTLS, SRTCP (goes to `rtc`).
+    Other,
+}
+
+pub fn classify(d: &[u8]) -> Datagram {
+    if d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1]) {
+        let seq = u16::from_be_bytes([d[2], d[3]]);
+        let ssrc = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
+        Datagram::Rtp { ssrc, seq }
+    } else {
+        Datagram::Other
+    }
+}
+
+/// Times of one viewer's join, from opening the WebSocket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LightJoin {
+    pub joined: Option<Duration>,
+    pub connected: Option<Duration>,
+    pub first_media: Option<Duration>,
+}
+
+#[derive(Default)]
+struct Shared {
+    join: LightJoin,
+    /// Video track id → (quality, rid) of the last `layer_changed`.
+    layers: HashMap<String, (Quality, String)>,
+    /// Why the task ended, if it did.
+    ended: Option<String>,
+    subscribe_offers: u64,
+}
+
+/// One light viewer (see the module docs). Dropping it stops its task.
+pub struct LightViewer {
+    /// Registration with the receive thread.
+    token: u64,
+    name: String,
+    participant_id: String,
+    pub stats: Arc<LightStats>,
+    shared: Arc<Mutex<Shared>>,
+    streams: watch::Receiver<u64>,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for LightViewer {
+    fn drop(&mut self) {
+        if let Ok(r) = receiver() {
+            r.remove(self.token);
+        }
+        if let Some(t) = lock(&self.task).take() {
+            t.abort();
+        }
+    }
+}
+
+impl LightViewer {
+    /// Joins `room` as `name` and returns once the subscriber connection is connected (ICE +
+    /// DTLS), within `opts.timeout`.
+    pub async fn connect(url: &str, room: &str, name: &str, opts: LightOptions) -> Result<Self> {
+        let started = Instant::now();
+        let (ws, _) = tokio::time::timeout(
+            opts.timeout,
+            tokio_tungstenite::connect_async_with_config(url, None, true),
+        )
+        .await
+        .map_err(|_| anyhow!("{name}: WebSocket connect timed out"))?
+        .with_context(|| format!("{name}: WebSocket connect"))?;
+        let sock = StdUdpSocket::bind(SocketAddr::new(opts.bind_ip, 0))?;
+        sock.set_nonblocking(true)?;
+        set_rcvbuf(&sock, SOCKET_BUFFER);
+        let sock = Arc::new(sock);
+        let stats = Arc::new(LightStats::default());
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let (streams_tx, streams) = watch::channel(0u64);
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<String>>();
+        let (stop, stop_rx) = oneshot::channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let token = receiver()?.add(Entry {
+            sock: sock.clone(),
+            stats: stats.clone(),
+            shared: shared.clone(),
+            started,
+            ssrcs: HashMap::new(),
+            streams: streams_tx,
+            control: control_tx,
+        })?;
+        let run = Run {
+            name: name.to_owned(),
+            room: room.to_owned(),
+            opts: opts.clone(),
+            started,
+            stats: stats.clone(),
+            shared: shared.clone(),
+        };
+        let task_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            let why = match run.run(ws, sock, control_rx, ready_tx, stop_rx).await {
+                Ok(()) => "left".to_owned(),
+                Err(e) => format!("{e:#}"),
+            };
+            lock(&task_shared).ended = Some(why);
+        });
+        let mut viewer = LightViewer {
+            token,
+            name: name.to_owned(),
+            participant_id: String::new(),
+            stats,
+            shared,
+            streams,
+            stop: Mutex::new(Some(stop)),
+            task: Mutex::new(Some(task)),
+        };
+        match tokio::time::timeout(opts.timeout, ready_rx).await {
+            Ok(Ok(Ok(pid))) => {
+                viewer.participant_id = pid;
+                Ok(viewer)
+            }
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(anyhow!(
+                "{name}: viewer ended before connecting: {}",
+                viewer.ended().unwrap_or_default()
+            )),
+            Err(_) => Err(anyhow!("{name}: not connected within {:?}", opts.timeout)),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn participant_id(&self) -> &str {
+        &self.participant_id
+    }
+
+    /// Why the viewer's task ended (None while it runs).
+    pub fn ended(&self) -> Option<String> {
+        lock(&self.shared).ended.clone()
+    }
+
+    pub fn join_times(&self) -> LightJoin {
+        lock(&self.shared).join
+    }
+
+    /// The last `layer_changed` per video track: (quality, rid).
+    pub fn layers(&self) -> HashMap<String, (Quality, String)> {
+        lock(&self.shared).layers.clone()
+    }
+
+    pub fn subscribe_offers(&self) -> u64 {
+        lock(&self.shared).subscribe_offers
+    }
+
+    /// Waits until `n` SSRCs delivered packets, within `timeout`.
+    pub async fn wait_for_streams(&self, n: u64, timeout: Duration) -> Result<()> {
+        let mut rx = self.streams.clone();
+        match tokio::time::timeout(timeout, rx.wait_for(|v| *v >= n)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => bail!(
+                "{}: ended before {n} streams arrived ({})",
+                self.name,
+                self.ended().unwrap_or_default()
+            ),
+            Err(_) => bail!(
+                "{}: {} of {n} streams within {timeout:?}",
+                self.name,
+                *self.streams.borrow()
+            ),
+        }
+    }
+
+    /// Sends `leave` and waits (bounded) for the task to end.
+    pub async fn leave(&self) {
+        if let Some(s) = lock(&self.stop).take() {
+            let _ = s.send(());
+        }
+        let task = lock(&self.task).take();
+        if let Some(t) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn set_rcvbuf(sock: &StdUdpSocket, bytes: usize) {
+    let v = bytes as libc::c_int;
+    // SAFETY: a valid socket descriptor and a c_int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Receive buffers for `recvmmsg(2)`.
+struct Batch {
+    bufs: Vec<[u8; DATAGRAM]>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers in `iovs` and `msgs` only ever point into the same `Batch`'s own
+// buffers (set right before each `recvmmsg` call); nothing is shared between threads.
+unsafe impl Send for Batch {}
+
+impl Batch {
+    fn new() -> Box<Batch> {
+        // SAFETY: all-zero is a valid value of these plain C structs.
+        let zero_addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, all-zero is a valid `mmsghdr` (null pointers, zero lengths).
+        let zero_msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        Box::new(Batch {
+            bufs: vec![[0u8; DATAGRAM]; BATCH],
+            addrs: vec![zero_addr; BATCH],
+            iovs: vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0
+                };
+                BATCH
+            ],
+            msgs: vec![zero_msg; BATCH],
+        })
+    }
+
+    /// One `recvmmsg` call on `fd`: the number of datagrams read (0..=BATCH), or the error
+    /// (`WouldBlock` when none is waiting).
+    fn recv(&mut self, fd: libc::c_int) -> std::io::Result<usize> {
+        for i in 0..BATCH {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: DATAGRAM,
+            };
+            let h = &mut self.msgs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+            self.msgs[i].msg_len = 0;
+        }
+        // SAFETY: every header points into buffers owned by `self`, alive for the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn datagram(&self, i: usize) -> &[u8] {
+        let len = (self.msgs[i].msg_len as usize).min(DATAGRAM);
+        &self.bufs[i][..len]
+    }
+
+    fn addr(&self, i: usize) -> Option<SocketAddr> {
+        let a = &self.addrs[i];
+        match i32::from(a.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: ss_family says this storage holds a sockaddr_in.
+                let v4: &libc::sockaddr_in = unsafe { &*(a as *const _ as *const _) };
+                Some(SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))),
+                    u16::from_be(v4.sin_port),
+                ))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: ss_family says this storage holds a sockaddr_in6.
+                let v6: &libc::sockaddr_in6 = unsafe { &*(a as *const _ as *const _) };
+                Some(SocketAddr::new(
+                    IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)),
+                    u16::from_be(v6.sin6_port),
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Run {
+    name: String,
+    room: String,
+    opts: LightOptions,
+    started: Instant,
+    stats: Arc<LightStats>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// A non-media datagram for the viewer's `rtc` connection: (bytes, source, arrival).
+type Control = (BytesMut, SocketAddr, Instant);
+
+/// The connection state the task owns.
+struct State {
+    pc: Option<RTCPeerConnection>,
+    local: SocketAddr,
+    /// Video tracks known: id → publisher.
+    video_tracks: HashMap<String, String>,
+    settings_sent: std::collections::HashSet<String>,
+    subscribed: std::collections::HashSet<String>,
+    participant_id: String,
+    connected: bool,
+    ready: Option<oneshot::Sender<Result<String>>>,
+}
+
+impl Run {
+    async fn run(
+        self,
+        mut ws: Ws,
+        sock: Arc<StdUdpSocket>,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        ready: oneshot::Sender<Result<String>>,
+        mut stop: oneshot::Receiver<()>,
+    ) -> Result<()> {
+        let join = ClientMessage::Join {
+            room: self.room.clone(),
+            name: self.name.clone(),
+            token: None,
+            protocol: None,
+            auto_subscribe: Some(self.opts.auto_subscribe),
+        };
+        ws.send(Message::text(serde_json::to_string(&join)?))
+            .await?;
+        let mut st = State {
+            pc: None,
+            local: sock.local_addr()?,
+            video_tracks: HashMap::new(),
+            settings_sent: Default::default(),
+            subscribed: Default::default(),
+            participant_id: String::new(),
+            connected: false,
+            ready: Some(ready),
+        };
+        let far = Duration::from_secs(3600);
+        let result: Result<()> = async {
+            loop {
+                self.drain_rtc(&mut st, &sock)?;
+                let deadline = st
+                    .pc
+                    .as_mut()
+                    .and_then(|pc| pc.poll_timeout())
+                    .unwrap_or_else(|| Instant::now() + far);
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => {
+                        let _ = ws
+                            .send(Message::text(serde_json::to_string(&ClientMessage::Leave)?))
+                            .await;
+                        let _ = ws.close(None).await;
+                        return Ok(());
+                    }
+                    d = control.recv() => {
+                        let Some((message, peer, now)) = d else {
+                            bail!("receive thread gone")
+                        };
+                        if let Some(pc) = st.pc.as_mut() {
+                            let _ = pc.handle_read(TaggedBytesMut {
+                                now,
+                                transport: TransportContext {
+                                    local_addr: st.local,
+                                    peer_addr: peer,
+                                    ecn: None,
+                                    transport_protocol: TransportProtocol::UDP,
+                                },
+                                message,
+                            });
+                        }
+                    }
+                    msg = ws.next() => {
+                        let Some(msg) = msg else { bail!("WebSocket closed by the server") };
+                        let out = self.on_ws(&mut st, msg?)?;
+                        for m in out {
+                            ws.send(Message::text(serde_json::to_string(&m)?)).await?;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        if let Some(pc) = st.pc.as_mut() {
+                            pc.handle_timeout(Instant::now())
+                                .map_err(|e| anyhow!("rtc timeout: {e}"))?;
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(e) = &result
+            && let Some(r) = st.ready.take()
+        {
+            let _ = r.send(Err(anyhow!("{}: {e:#}", self.name)));
+        }
+        result
+    }
+
+    /// Sends what `rtc` wants to send and handles its events (the rest is dropped: no media or
+    /// data-channel message is read by the application).
+    fn drain_rtc(&self, st: &mut State, sock: &StdUdpSocket) -> Result<()> {
+        let Some(pc) = st.pc.as_mut() else {
+            return Ok(());
+        };
+        while let Some(out) = pc.poll_write() {
+            // A full send buffer drops the datagram (rtc retransmits what matters).
+            let _ = sock.send_to(&out.message, out.transport.peer_addr);
+        }
+        while let Some(ev) = pc.poll_event() {
+            if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) = ev {
+                match s {
+                    RTCPeerConnectionState::Connected if !st.connected => {
+                        st.connected = true;
+                        self.stats.connected.store(true, Ordering::Release);
+                        lock(&self.shared).join.connected = Some(self.started.elapsed());
+                        if let Some(r) = st.ready.take() {
+                            let _ = r.send(Ok(st.participant_id.clone()));
+                        }
+                    }
+                    RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => {
+                        bail!("subscriber connection {s}")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        while pc.poll_read().is_some() {}
+        Ok(())
+    }
+
+    /// Handles one signaling message; returns the messages to send.
+    fn on_ws(&self, st: &mut State, msg: Message) -> Result<Vec<ClientMessage>> {
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(c) => bail!("WebSocket closed: {c:?}"),
+            _ => return Ok(Vec::new()),
+        };
+        let Ok(msg) = serde_json::from_str::<ServerMessage>(&text) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        match msg {
+            ServerMessage::Joined {
+                participant_id,
+                participants,
+                ..
+            } => {
+                st.participant_id = participant_id;
+                lock(&self.shared).join.joined = Some(self.started.elapsed());
+                for p in participants {
+                    for t in p.tracks {
+                        self.learn_track(st, &t.id, &t.participant_id, t.kind, &mut out);
+                    }
+                }
+            }
+            ServerMessage::TrackPublished { track } => {
+                self.learn_track(st, &track.id, &track.participant_id, track.kind, &mut out);
+            }
+            ServerMessage::TrackUnpublished { track_id, .. } => {
+                st.video_tracks.remove(&track_id);
+                st.subscribed.remove(&track_id);
+            }
+            ServerMessage::SubscribeOffer { sdp } => {
+                lock(&self.shared).subscribe_offers += 1;
+                let answer = self.answer(st, sdp)?;
+                out.push(ClientMessage::SubscribeAnswer { sdp: answer });
+            }
+            ServerMessage::Trickle {
+                target: PcTarget::Subscriber,
+                candidate,
+            } => {
+                if let Some(pc) = st.pc.as_mut()
+                    && !candidate.candidate.trim().is_empty()
+                {
+                    let _ = pc.add_remote_candidate(RTCIceCandidateInit {
+                        candidate: candidate.candidate,
+                        sdp_mid: candidate.sdp_mid,
+                        sdp_mline_index: candidate.sdp_mline_index,
+                        username_fragment: candidate.username_fragment,
+                        ..Default::default()
+                    });
+                }
+            }
+            ServerMessage::LayerChanged {
+                track_id,
+                quality,
+                rid,
+                ..
+            } => {
+                lock(&self.shared).layers.insert(track_id, (quality, rid));
+            }
+            ServerMessage::Leave { reason } => bail!("removed by the server: {reason}"),
+            _ => {}
+        }
+        Ok(out)
+    }
+
+    fn learn_track(
+        &self,
+        st: &mut State,
+        id: &str,
+        publisher: &str,
+        kind: TrackKind,
+        out: &mut Vec<ClientMessage>,
+    ) {
+        if publisher == st.participant_id
+            || self.opts.skip_participant.as_deref() == Some(publisher)
+        {
+            return;
+        }
+        if !self.opts.auto_subscribe && st.subscribed.insert(id.to_owned()) {
+            out.push(ClientMessage::Subscribe {
+                track_ids: vec![id.to_owned()],
+                subscribe: true,
+            });
+        }
+        if kind == TrackKind::Video {
+            st.video_tracks.insert(id.to_owned(), publisher.to_owned());
+            if let Some(q) = self.opts.quality
+                && st.settings_sent.insert(id.to_owned())
+            {
+                out.push(ClientMessage::TrackSettings {
+                    track_id: id.to_owned(),
+                    quality: Some(Some(q)),
+                    width: None,
+                    height: None,
+                });
+            }
+        }
+    }
+
+    /// Applies an offer (creating the connection on the first) and returns the answer's SDP.
+    fn answer(&self, st: &mut State, sdp: String) -> Result<String> {
+        let now = Instant::now();
+        let first = st.pc.is_none();
+        if first {
+            st.pc = Some(new_pc(now)?);
+        }
+        let pc = st.pc.as_mut().expect("created above");
+        let offer = RTCSessionDescription::offer(sdp).map_err(|e| anyhow!("bad offer: {e}"))?;
+        pc.set_remote_description(now, offer)
+            .map_err(|e| anyhow!("set_remote_description: {e}"))?;
+        if first {
+            let c = CandidateHostConfig {
+                base_config: CandidateConfig {
+                    network: "udp".to_owned(),
+                    address: st.local.ip().to_string(),
+                    port: st.local.port(),
+                    component: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .new_candidate_host()
+            .map_err(|e| anyhow!("local candidate: {e}"))?;
+            let init = RTCIceCandidate::from(&c)
+                .to_json()
+                .map_err(|e| anyhow!("local candidate: {e}"))?;
+            pc.add_local_candidate(init)
+                .map_err(|e| anyhow!("add_local_candidate: {e}"))?;
+            pc.add_local_candidate(RTCIceCandidateInit::default())
+                .map_err(|e| anyhow!("end of candidates: {e}"))?;
+        }
+        let answer = pc
+            .create_answer(None)
+            .map_err(|e| anyhow!("create_answer: {e}"))?;
+        pc.set_local_description(now, answer)
+            .map_err(|e| anyhow!("set_local_description: {e}"))?;
+        pc.local_description()
+            .map(|d| d.sdp)
+            .ok_or_else(|| anyhow!("no local description"))
+    }
+}
+
+// ───────────────────────────── the receive thread ─────────────────────────────
+
+/// One viewer's socket as the receive thread sees it.
+struct Entry {
+    sock: Arc<StdUdpSocket>,
+    stats: Arc<LightStats>,
+    shared: Arc<Mutex<Shared>>,
+    started: Instant,
+    ssrcs: HashMap<u32, SsrcState>,
+    /// SSRCs with packets, for [`LightViewer::wait_for_streams`].
+    streams: watch::Sender<u64>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// The process's receive thread: an epoll set over every viewer socket.
+struct Receiver {
+    epoll: libc::c_int,
+    entries: Arc<Mutex<HashMap<u64, Entry>>>,
+    next: AtomicU64,
+}
+
+/// Thread id of the receive thread (0 until it runs).
+static RECEIVE_TID: AtomicU64 = AtomicU64::new(0);
+
+/// CPU time (user + system) the receive thread used so far, seconds (`/proc/self/task/<tid>`):
+/// the viewers' cost of the media itself, without their tasks' signaling and `rtc` timers.
+pub fn receive_thread_cpu_s() -> Option<f64> {
+    let tid = RECEIVE_TID.load(Ordering::Relaxed);
+    if tid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let ticks = crate::measure::parse_stat_ticks(&stat)?;
+    // SAFETY: plain system call.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// The receive thread, started on first use.
+fn receiver() -> Result<&'static Receiver> {
+    static RECEIVER: OnceLock<std::result::Result<Receiver, String>> = OnceLock::new();
+    RECEIVER
+        .get_or_init(|| Receiver::start().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("light viewer receive thread: {e}"))
+}
+
+impl Receiver {
+    fn start() -> Result<Receiver> {
+        // SAFETY: plain system call.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let entries: Arc<Mutex<HashMap<u64, Entry>>> = Arc::default();
+        let e = entries.clone();
+        std::thread::Builder::new()
+            .name("light-viewers".into())
+            .spawn(move || {
+                // SAFETY: plain system call.
+                RECEIVE_TID.store(unsafe { libc::gettid() } as u64, Ordering::Relaxed);
+                receive_loop(epoll, &e)
+            })?;
+        Ok(Receiver {
+            epoll,
+            entries,
+            next: AtomicU64::new(1),
+        })
+    }
+
+    fn add(&self, entry: Entry) -> Result<u64> {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let fd = entry.sock.as_raw_fd();
+        lock(&self.entries).insert(token, entry);
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: valid epoll and socket descriptors, a valid event.
+        if unsafe { libc::epoll_ctl(self.epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            lock(&self.entries).remove(&token);
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(token)
+    }
+
+    fn remove(&self, token: u64) {
+        let entry = lock(&self.entries).remove(&token);
+        if let Some(e) = entry {
+            // SAFETY: valid descriptors; the socket is still open (the entry holds it).
+            unsafe {
+                libc::epoll_ctl(
+                    self.epoll,
+                    libc::EPOLL_CTL_DEL,
+                    e.sock.as_raw_fd(),
+                    std::ptr::null_mut(),
+                );
+            }
+        }
+    }
+}
+
+fn receive_loop(epoll: libc::c_int, entries: &Mutex<HashMap<u64, Entry>>) {
+    const EVENTS: usize = 256;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+    let mut batch = Batch::new();
+    loop {
+        // SAFETY: `events` has room for EVENTS entries.
+        let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), EVENTS as i32, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            eprintln!(
+                "light viewers: epoll_wait: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let mut map = lock(entries);
+        for ev in &events[..n as usize] {
+            let token = ev.u64;
+            if let Some(entry) = map.get_mut(&token) {
+                entry.read(&mut batch);
+            }
+        }
+        drop(map);
+        // Let the next burst gather in the socket buffers: one wake-up then serves many
+        // sockets (and several datagrams per socket) instead of one or two.
+        std::thread::sleep(COALESCE);
+    }
+}
+
+impl Entry {
+    /// Reads every waiting datagram: SRTP is counted, the rest goes to the viewer's task.
+    fn read(&mut self, batch: &mut Batch) {
+        let fd = self.sock.as_raw_fd();
+        let connected = self.stats.connected.load(Ordering::Acquire);
+        loop {
+            let n = match batch.recv(fd) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if n == 0 {
+                return;
+            }
+            let now = Instant::now();
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            let (mut got, mut bytes, mut reordered, mut control) = (0u64, 0u64, 0u64, 0u64);
+            let mut new_ssrcs = false;
+            let mut max_gap = 0u64;
+            for i in 0..n {
+                let d = batch.datagram(i);
+                match classify(d) {
+                    Datagram::Rtp { ssrc, seq } if connected => {
+                        got += 1;
+                        bytes += d.len() as u64;
+                        match self.ssrcs.get_mut(&ssrc) {
+                            Some(s) => {
+                                let ext = extend_seq(s.highest, seq);
+                                if ext > s.highest {
+                                    s.highest = ext;
+                                } else {
+                                    reordered += 1;
+                                }
+                                if ext < s.first {
+                                    s.first = ext;
+                                }
+                                s.received += 1;
+                                let gap = now.duration_since(s.last_arrival).as_micros() as u64;
+                                max_gap = max_gap.max(gap);
+                                s.last_arrival = now;
+                            }
+                            None => {
+                                let ext = 0x1_0000 | u64::from(seq);
+                                self.ssrcs.insert(
+                                    ssrc,
+                                    SsrcState {
+                                        first: ext,
+                                        highest: ext,
+                                        received: 1,
+                                        last_arrival: now,
+                                    },
+                                );
+                                new_ssrcs = true;
+                            }
+                        }
+                    }
+                    Datagram::Rtp { .. } => {}
+                    Datagram::Other => {
+                        control += 1;
+                        if let Some(peer) = batch.addr(i) {
+                            let _ = self.control.send((BytesMut::from(d), peer, now));
+                        }
+                    }
+                }
+            }
+            let s = &self.stats;
+            if got > 0 {
+                s.received.fetch_add(got, Ordering::Relaxed);
+                s.bytes.fetch_add(bytes, Ordering::Relaxed);
+                if reordered > 0 {
+                    s.reordered.fetch_add(reordered, Ordering::Relaxed);
+                }
+                let expected: u64 = self.ssrcs.values().map(|v| v.highest - v.first + 1).sum();
+                s.expected.store(expected, Ordering::Relaxed);
+                s.max_gap_us.fetch_max(max_gap, Ordering::Relaxed);
+                if new_ssrcs {
+                    let mut sh = lock(&self.shared);
+                    if sh.join.first_media.is_none() {
+                        sh.join.first_media = Some(self.started.elapsed());
+                    }
+                    drop(sh);
+                    s.ssrcs.store(self.ssrcs.len() as u64, Ordering::Relaxed);
+                    let _ = self.streams.send(self.ssrcs.len() as u64);
+                }
+            }
+            if control > 0 {
+                s.control_datagrams.fetch_add(control, Ordering::Relaxed);
+            }
+            if n < BATCH {
+                return;
+            }
+        }
+    }
+}
+
+/// An `rtc` connection with the default codecs, no interceptors (so no RTCP feedback of any
+/// kind) and mDNS off.
+fn new_pc(now: Instant) -> Result<RTCPeerConnection> {
+    let mut media_engine = MediaEngine::default();
+    media_engine
+        .register_default_codecs()
+        .map_err(|e| anyhow!("codecs: {e}"))?;
+    let setting_engine = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .build();
+    RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(media_engine)
+        .with_setting_engine(setting_engine)
+        .with_interceptor_registry(Registry::new())
+        .build(now)
+        .map_err(|e| anyhow!("peer connection: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_tells_rtp_from_rtcp_and_the_rest() {
+        let mut rtp = [0u8; 20];
+        rtp[0] = 0x80;
+        rtp[1] = 96;
+        rtp[2..4].copy_from_slice(&4660u16.to_be_bytes());
+        rtp[8..12].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+        assert_eq!(
+            classify(&rtp),
+            Datagram::Rtp {
+                ssrc: 0xdead_beef,
+                seq: 4660
+            }
+        );
+        rtp[1] = 96 | 0x80; // marker bit
+        assert!(matches!(classify(&rtp), Datagram::Rtp { .. }));
+        let mut rtcp = rtp;
+        rtcp[1] = 200; // sender report
+        assert_eq!(classify(&rtcp), Datagram::Other);
+        let mut dtls = rtp;
+        dtls[0] = 22;
+        assert_eq!(classify(&dtls), Datagram::Other);
+        let stun = [0u8; 20];
+        assert_eq!(classify(&stun), Datagram::Other);
+    }
+
+    #[test]
+    fn sequence_numbers_extend_across_wraps() {
+        let h = 0x1_0000 | 65_534;
+        assert_eq!(extend_seq(h, 65_535), 0x1_0000 | 65_535);
+        assert_eq!(extend_seq(h, 1), 0x2_0000 | 1);
+        assert_eq!(extend_seq(0x2_0000 | 1, 65_535), 0x1_0000 | 65_535);
+        assert_eq!(extend_seq(0x1_0000 | 100, 90), 0x1_0000 | 90);
+    }
+}
