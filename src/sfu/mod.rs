@@ -7,25 +7,33 @@
 //! (everything else). The core never blocks on signaling: a participant whose event channel is
 //! full is disconnected rather than waited for.
 
-pub mod bwe;
 pub mod core;
+/// Decide: pure media decisions per subscription and per track (no socket, `now` passed in).
+pub mod media {
+    pub mod forward;
+    pub mod keyframe;
+    pub mod rewrite;
+    pub mod selector;
+    pub mod vp8;
+}
+/// Act: per-connection media paths (SRTP, RTCP, feedback, retransmission, estimation).
+pub mod transport {
+    pub mod bwe;
+    pub mod egress;
+    pub mod ingress;
+    pub mod nack;
+}
+pub use media::{forward, keyframe, rewrite, selector, vp8};
+pub use transport::{bwe, egress, ingress, nack};
 pub mod data;
 pub mod demux;
 pub mod effects;
-pub mod egress;
-pub mod forward;
-pub mod ingress;
-pub mod keyframe;
 pub mod latency;
 pub mod loglimit;
-pub mod nack;
 pub mod outbox;
 pub mod placement;
-pub mod rewrite;
 pub mod sdpcheck;
-pub mod selector;
 pub mod timers;
-pub mod vp8;
 
 pub use self::core::{CoreConfig, Sfu};
 pub use timers::{Deadline, Reason};

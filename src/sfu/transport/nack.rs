@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
 
-use super::selector::BitrateMeter;
+use crate::sfu::media::selector::BitrateMeter;
 
 /// Packets remembered per stream (a power of two). At ~150 packets/s (a 1.5 Mbit/s layer) this
 /// is ~1.7 s, more than [`MAX_AGE`].
