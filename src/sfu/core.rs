@@ -12,7 +12,7 @@
 use super::bwe::Estimate;
 use super::data::{self, DataError};
 use super::demux::{self, BindingKind, Claim, Demux, DropCounters};
-use super::effects::{Effect, Effects};
+use super::effects::{Effect, Effects, PartKey};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::forward::{self, Decision, DownTrack, DropReason};
 use super::ingress::{self, Ingress, IngressStats};
@@ -104,7 +104,7 @@ enum PcKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct PcKey {
-    part: u64,
+    part: PartKey,
     kind: PcKind,
 }
 
@@ -245,7 +245,7 @@ impl Layer {
 
 struct Track {
     id: String,
-    publisher: u64,
+    publisher: PartKey,
     room: String,
     kind: TrackKind,
     codec: RTCRtpCodec,
@@ -254,7 +254,7 @@ struct Track {
     muted: bool,
     /// Encodings; a layer's id is its index here (never reordered).
     layers: Vec<Layer>,
-    down: HashMap<u64, DownTrack>,
+    down: HashMap<PartKey, DownTrack>,
     /// Dynacast: layers the publisher was told to pause, and since when each layer has been
     /// unneeded.
     paused_upstream: BTreeSet<usize>,
@@ -309,7 +309,7 @@ impl Track {
 #[derive(Default)]
 struct Room {
     /// Participants in join order.
-    members: Vec<u64>,
+    members: Vec<PartKey>,
 }
 
 /// The SFU core. `T` is where its datagrams go: the driver's batched UDP socket, or a
@@ -325,8 +325,8 @@ pub struct Sfu<T: Transmit> {
     /// Every id, SSRC, initial sequence number and ICE credential comes from here.
     rng: rand::rngs::StdRng,
     rooms: HashMap<String, Room>,
-    parts: HashMap<u64, Participant>,
-    by_pid: HashMap<String, u64>,
+    parts: HashMap<PartKey, Participant>,
+    by_pid: HashMap<String, PartKey>,
     tracks: HashMap<String, Track>,
     /// Which connection each datagram belongs to.
     demux: Demux<PcKey>,
@@ -335,7 +335,7 @@ pub struct Sfu<T: Transmit> {
     /// Peer connections' deadlines (`Pc::deadline` holds the current one of each).
     timers: TimerQueue<PcKey>,
     /// When each participant that has not connected yet is due to be dropped.
-    connect_timers: TimerQueue<u64>,
+    connect_timers: TimerQueue<PartKey>,
     select_timer: Periodic,
     report_timer: Periodic,
     maintenance_timer: Periodic,
@@ -348,7 +348,7 @@ pub struct Sfu<T: Transmit> {
     /// Work deferred to the end of the turn.
     effects: Effects,
     /// Participants with events waiting in their outbox.
-    backlogged: BTreeSet<u64>,
+    backlogged: BTreeSet<PartKey>,
     shutting_down: bool,
 }
 
@@ -882,7 +882,7 @@ impl<T: Transmit> Sfu<T> {
     /// Feedback just processed may have lowered the subscriber's estimate: a drop below
     /// [`SHARP_DROP_PERCENT`] of what the last selection used is acted on at once (downgrade
     /// within the turn, not up to a selection interval later).
-    fn check_estimate_drop(&mut self, part: u64) {
+    fn check_estimate_drop(&mut self, part: PartKey) {
         let Some(p) = self.parts.get(&part) else {
             return;
         };
@@ -1033,7 +1033,7 @@ impl<T: Transmit> Sfu<T> {
 
     fn on_published_track(
         &mut self,
-        part: u64,
+        part: PartKey,
         init: rtc::peer_connection::event::RTCTrackEventInit,
     ) {
         let Some(p) = self.parts.get_mut(&part) else {
@@ -1156,7 +1156,7 @@ impl<T: Transmit> Sfu<T> {
         }
     }
 
-    fn subscribe(&mut self, sub: u64, tid: &str) -> bool {
+    fn subscribe(&mut self, sub: PartKey, tid: &str) -> bool {
         let Some(track) = self.tracks.get(tid) else {
             return false;
         };
@@ -1233,7 +1233,7 @@ impl<T: Transmit> Sfu<T> {
         true
     }
 
-    fn unsubscribe(&mut self, sub: u64, tid: &str) -> bool {
+    fn unsubscribe(&mut self, sub: PartKey, tid: &str) -> bool {
         let gone = self.tracks.get_mut(tid).and_then(|t| t.down.remove(&sub));
         let Some(p) = self.parts.get_mut(&sub) else {
             return false;
@@ -1253,7 +1253,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// After a (re)negotiation of `sub`'s subscriber PC: learn payload types and ask for
     /// keyframes for video down-tracks that are waiting for one.
-    fn refresh_downtracks(&mut self, sub: u64) {
+    fn refresh_downtracks(&mut self, sub: PartKey) {
         let Some(p) = self.parts.get_mut(&sub) else {
             return;
         };
@@ -1319,7 +1319,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// Which layer of `track` an incoming SSRC belongs to, learning new layers on the way.
-    fn layer_of(&mut self, part: u64, tid: &str, ssrc: u32) -> Option<usize> {
+    fn layer_of(&mut self, part: PartKey, tid: &str, ssrc: u32) -> Option<usize> {
         let track = self.tracks.get(tid)?;
         if let Some(i) = track.layers.iter().position(|l| l.ssrc == Some(ssrc)) {
             return Some(i);
@@ -1339,7 +1339,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// The server track of a publisher's SSRC (a layer's SSRC, learned from the track event).
-    fn published_ssrc(&self, part: u64, ssrc: u32) -> Option<Rc<str>> {
+    fn published_ssrc(&self, part: PartKey, ssrc: u32) -> Option<Rc<str>> {
         let p = self.parts.get(&part)?;
         p.pub_tracks
             .iter()
@@ -1352,7 +1352,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// One packet of the publisher's track `tid` (server id): to every down-track.
-    fn forward_rtp(&mut self, part: u64, tid: &Rc<str>, mut packet: rtp::Packet, now: Instant) {
+    fn forward_rtp(&mut self, part: PartKey, tid: &Rc<str>, mut packet: rtp::Packet, now: Instant) {
         self.stats.rtp_packets_in += 1;
         let tid = tid.clone();
         let Some(li) = self.layer_of(part, &tid, packet.header.ssrc) else {
@@ -1394,7 +1394,7 @@ impl<T: Transmit> Sfu<T> {
             clock_rate,
         };
         let mut want_keyframe: Option<usize> = None;
-        let mut switched_subs: Vec<u64> = Vec::new();
+        let mut switched_subs: Vec<PartKey> = Vec::new();
         // Fan-out: each subscription decides, then the decision is acted on (munge, encrypt,
         // send) or its drop counted by reason.
         for (&sub, dt) in track.down.iter_mut() {
@@ -1455,7 +1455,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// Tell a subscriber which layer of a track it now receives (called right after the
     /// switch's keyframe packet was sent), and watch for that keyframe's loss.
-    fn report_layer(&mut self, tid: &str, sub: u64, now: Instant) {
+    fn report_layer(&mut self, tid: &str, sub: PartKey, now: Instant) {
         if let Some(dt) = self.tracks.get_mut(tid).and_then(|t| t.down.get_mut(&sub)) {
             dt.switch_watch = dt
                 .rewriter
@@ -1488,7 +1488,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// The subscriber connection is up: its SRTP keys are known, start its fast path.
-    fn start_egress(&mut self, part: u64) {
+    fn start_egress(&mut self, part: PartKey) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -1518,7 +1518,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// The publisher connection is up: its SRTP keys are known, start its fast path.
-    fn start_ingress(&mut self, part: u64) {
+    fn start_ingress(&mut self, part: PartKey) {
         let sender_ssrc = rand::Rng::random(&mut self.rng);
         let Some(p) = self.parts.get_mut(&part) else {
             return;
@@ -1555,7 +1555,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// Start the publisher's fast path before the connected event if its SRTP keys are
     /// already derived (nothing happens, and `rtc` takes the datagram, while they are not).
-    fn start_ingress_early(&mut self, part: u64) {
+    fn start_ingress_early(&mut self, part: PartKey) {
         let ready = self
             .parts
             .get(&part)
@@ -1569,7 +1569,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// After the publisher's fast path took a datagram: send the feedback it produced, and
     /// move the connection's timer earlier if the fast path now needs it sooner.
-    fn after_ingress(&mut self, part: u64) {
+    fn after_ingress(&mut self, part: PartKey) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -1598,7 +1598,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// The publisher connection's timer fired: feedback that is due.
-    fn ingress_timeout(&mut self, part: u64, now: Instant) {
+    fn ingress_timeout(&mut self, part: PartKey, now: Instant) {
         if let Some(ing) = self.parts.get_mut(&part).and_then(|p| p.ingress.as_mut()) {
             ing.on_timeout(now);
             self.after_ingress(part);
@@ -1607,7 +1607,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// `rtc` delivered a packet of `ssrc` of the published track `tid`: once the SSRC belongs
     /// to a layer of it, its packets skip `rtc`.
-    fn bind_ingress(&mut self, part: u64, tid: &Rc<str>, ssrc: u32) {
+    fn bind_ingress(&mut self, part: PartKey, tid: &Rc<str>, ssrc: u32) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -1630,7 +1630,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// What a subscriber's RTCP asked for: retransmissions (already answered by its egress),
     /// keyframes, a look at a new TWCC estimate.
-    fn on_subscriber_feedback(&mut self, part: u64, fb: egress::Feedback, now: Instant) {
+    fn on_subscriber_feedback(&mut self, part: PartKey, fb: egress::Feedback, now: Instant) {
         let Some(p) = self.parts.get(&part) else {
             return;
         };
@@ -1645,7 +1645,7 @@ impl<T: Transmit> Sfu<T> {
         fn tid_of<'a>(
             subs: &'a HashMap<String, RTCRtpSenderId>,
             tracks: &HashMap<String, Track>,
-            part: u64,
+            part: PartKey,
             ssrc: u32,
         ) -> Option<&'a String> {
             subs.keys().find(|tid| {
@@ -1741,7 +1741,7 @@ impl<T: Transmit> Sfu<T> {
     /// lost keyframe requests, and dynacast (pause layers nobody needs).
     fn select_layers(&mut self, now: Instant) {
         // Budget per subscriber: the downlink estimate less the audio it receives.
-        let mut budget: HashMap<u64, Option<i64>> = HashMap::new();
+        let mut budget: HashMap<PartKey, Option<i64>> = HashMap::new();
         for (&part, p) in self.parts.iter_mut() {
             let available = p.estimate().available(now);
             p.selected_at_bps = available;
@@ -1765,7 +1765,7 @@ impl<T: Transmit> Sfu<T> {
             .collect();
         tids.sort();
         let mut wanted = Vec::new();
-        let mut layer_msgs: Vec<(u64, ServerMessage)> = Vec::new();
+        let mut layer_msgs: Vec<(PartKey, ServerMessage)> = Vec::new();
         for tid in tids {
             let Some(track) = self.tracks.get_mut(&tid) else {
                 continue;
@@ -1889,7 +1889,7 @@ impl<T: Transmit> Sfu<T> {
 
     fn relay_data(
         &mut self,
-        part: u64,
+        part: PartKey,
         id: RTCDataChannelId,
         is_text: bool,
         msg: &[u8],
@@ -1922,7 +1922,7 @@ impl<T: Transmit> Sfu<T> {
         };
         let framed = data::frame_for_receiver(&p.pid, inbound.payload);
         let room = p.room.clone();
-        let targets: Vec<u64> = if inbound.to.is_empty() {
+        let targets: Vec<PartKey> = if inbound.to.is_empty() {
             self.rooms
                 .get(&room)
                 .map(|r| r.members.iter().copied().filter(|&m| m != part).collect())
@@ -2165,7 +2165,7 @@ impl<T: Transmit> Sfu<T> {
         let name = req.name.trim().to_owned();
         validate_name("room", &room)?;
         validate_name("name", &name)?;
-        let part = self.next_id;
+        let part = PartKey(self.next_id);
         self.next_id += 1;
         let pid = format!("PA_{}", random_string(&mut self.rng, 12));
         let key = PcKey {
@@ -2272,7 +2272,7 @@ impl<T: Transmit> Sfu<T> {
         })
     }
 
-    fn participant_info(&self, part: u64) -> Option<ParticipantInfo> {
+    fn participant_info(&self, part: PartKey) -> Option<ParticipantInfo> {
         let p = self.parts.get(&part)?;
         Some(ParticipantInfo {
             id: p.pid.clone(),
@@ -2288,7 +2288,7 @@ impl<T: Transmit> Sfu<T> {
     /// Ask for a (re)offer on the subscriber PC. Deferred to the end of the current turn so
     /// that several track changes (a late joiner's existing tracks, audio and video starting
     /// together) go out in one offer.
-    fn renegotiate(&mut self, part: u64) {
+    fn renegotiate(&mut self, part: PartKey) {
         if self.shutting_down {
             return;
         }
@@ -2297,7 +2297,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// Send a (re)offer on the subscriber PC now, or remember to once the pending one is
     /// answered.
-    fn send_offer(&mut self, part: u64) {
+    fn send_offer(&mut self, part: PartKey) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -2332,7 +2332,7 @@ impl<T: Transmit> Sfu<T> {
         });
     }
 
-    fn handle_client(&mut self, part: u64, msg: ClientMessage) {
+    fn handle_client(&mut self, part: PartKey, msg: ClientMessage) {
         let Some(p) = self.parts.get(&part) else {
             return;
         };
@@ -2365,7 +2365,12 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// `trickle`: a remote candidate for one of the participant's connections.
-    fn on_trickle(&mut self, part: u64, target: PcTarget, candidate: crate::signal::IceCandidate) {
+    fn on_trickle(
+        &mut self,
+        part: PartKey,
+        target: PcTarget,
+        candidate: crate::signal::IceCandidate,
+    ) {
         let kind = match target {
             PcTarget::Publisher => PcKind::Publisher,
             PcTarget::Subscriber => PcKind::Subscriber,
@@ -2415,7 +2420,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// `subscribe` / `unsubscribe`: one error per message and cause, not one per id.
-    fn on_subscribe(&mut self, part: u64, track_ids: Vec<String>, subscribe: bool) {
+    fn on_subscribe(&mut self, part: PartKey, track_ids: Vec<String>, subscribe: bool) {
         let limits = &self.cfg.limits;
         if track_ids.len() > limits.max_ids_per_message {
             let max = limits.max_ids_per_message;
@@ -2488,7 +2493,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// `mute`: a publisher (un)mutes one of its tracks; unmuting resumes every subscriber at
     /// a keyframe without a sequence gap.
-    fn on_mute(&mut self, part: u64, track_id: String, muted: bool) {
+    fn on_mute(&mut self, part: PartKey, track_id: String, muted: bool) {
         let owned = self
             .tracks
             .get(&track_id)
@@ -2549,7 +2554,7 @@ impl<T: Transmit> Sfu<T> {
     /// `track_settings`: what a subscriber wants of a video track (layer cap, video size).
     fn on_track_settings(
         &mut self,
-        part: u64,
+        part: PartKey,
         track_id: String,
         quality: Option<Option<Quality>>,
         width: Option<u32>,
@@ -2631,7 +2636,7 @@ impl<T: Transmit> Sfu<T> {
         true
     }
 
-    fn on_publish_offer(&mut self, part: u64, sdp: String) {
+    fn on_publish_offer(&mut self, part: PartKey, sdp: String) {
         let key = PcKey {
             part,
             kind: PcKind::Publisher,
@@ -2738,7 +2743,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// After a publisher renegotiation: tracks whose transceiver no longer receives (the
     /// client removed the track, or set it inactive) are unpublished.
-    fn drop_stopped_publications(&mut self, part: u64) {
+    fn drop_stopped_publications(&mut self, part: PartKey) {
         use rtc::rtp_transceiver::RTCRtpTransceiverDirection as Dir;
         let Some(p) = self.parts.get_mut(&part) else {
             return;
@@ -2769,7 +2774,7 @@ impl<T: Transmit> Sfu<T> {
         }
     }
 
-    fn on_subscribe_answer(&mut self, part: u64, sdp: String) {
+    fn on_subscribe_answer(&mut self, part: PartKey, sdp: String) {
         let key = PcKey {
             part,
             kind: PcKind::Subscriber,
@@ -2836,7 +2841,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// Queue a signaling event for a participant: into its channel, or behind what already
     /// waits in its outbox (coalesced; see `outbox`).
-    fn send_to(&mut self, part: u64, msg: ServerMessage) {
+    fn send_to(&mut self, part: PartKey, msg: ServerMessage) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -2874,7 +2879,7 @@ impl<T: Transmit> Sfu<T> {
         });
     }
 
-    fn broadcast(&mut self, room: &str, except: Option<u64>, msg: ServerMessage) {
+    fn broadcast(&mut self, room: &str, except: Option<PartKey>, msg: ServerMessage) {
         if self.shutting_down {
             return;
         }
@@ -2890,7 +2895,7 @@ impl<T: Transmit> Sfu<T> {
         }
     }
 
-    fn remove_participant(&mut self, part: u64, reason: &str, tell: bool) {
+    fn remove_participant(&mut self, part: PartKey, reason: &str, tell: bool) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -2979,7 +2984,7 @@ impl<T: Transmit> Sfu<T> {
         }
         info!(participants = self.parts.len(), "core shutting down");
         self.shutting_down = true;
-        let parts: Vec<u64> = self.parts.keys().copied().collect();
+        let parts: Vec<PartKey> = self.parts.keys().copied().collect();
         for part in parts {
             self.remove_participant(part, "server shutting down", true);
         }

@@ -8,8 +8,15 @@
 
 use std::collections::VecDeque;
 
-/// Participant number inside the core.
-pub type Part = u64;
+/// A participant inside one core (outside it is known by its `PA_…` id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartKey(pub u64);
+
+impl std::fmt::Display for PartKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
 
 /// One piece of deferred work.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,9 +28,9 @@ pub enum Effect {
     SelectLayers,
     /// Send a new offer on the participant's subscriber connection (once per turn however
     /// many changes asked for it).
-    Renegotiate(Part),
+    Renegotiate(PartKey),
     /// Remove the participant, telling it and its room why.
-    Remove { part: Part, reason: String },
+    Remove { part: PartKey, reason: String },
 }
 
 /// Effects waiting for the end of the turn.
@@ -65,13 +72,13 @@ mod tests {
     #[test]
     fn idempotent_effects_are_queued_once_others_in_order() {
         let mut q = Effects::default();
-        q.push(Effect::Renegotiate(1));
+        q.push(Effect::Renegotiate(PartKey(1)));
         q.push(Effect::RequestKeyframe {
             track: "TR_a".into(),
             layer: 0,
         });
-        q.push(Effect::Renegotiate(1));
-        q.push(Effect::Renegotiate(2));
+        q.push(Effect::Renegotiate(PartKey(1)));
+        q.push(Effect::Renegotiate(PartKey(2)));
         q.push(Effect::SelectLayers);
         q.push(Effect::SelectLayers);
         q.push(Effect::RequestKeyframe {
@@ -79,14 +86,14 @@ mod tests {
             layer: 0,
         });
         assert_eq!(q.len(), 5);
-        assert_eq!(q.pop(), Some(Effect::Renegotiate(1)));
+        assert_eq!(q.pop(), Some(Effect::Renegotiate(PartKey(1))));
         assert!(matches!(q.pop(), Some(Effect::RequestKeyframe { .. })));
-        assert_eq!(q.pop(), Some(Effect::Renegotiate(2)));
+        assert_eq!(q.pop(), Some(Effect::Renegotiate(PartKey(2))));
         assert_eq!(q.pop(), Some(Effect::SelectLayers));
         assert!(matches!(q.pop(), Some(Effect::RequestKeyframe { .. })));
         assert!(q.is_empty());
         // Once applied, it can be queued again.
-        q.push(Effect::Renegotiate(1));
-        assert_eq!(q.pop(), Some(Effect::Renegotiate(1)));
+        q.push(Effect::Renegotiate(PartKey(1)));
+        assert_eq!(q.pop(), Some(Effect::Renegotiate(PartKey(1))));
     }
 }
