@@ -19,7 +19,7 @@
 //! close code 1009 and a reason naming the limit. The WebSocket layer's buffers are small
 //! ([`READ_BUFFER`], [`WRITE_BUFFER`]): an idle connection costs a few KiB, not 128 KiB.
 //!
-//! Time and rate limits ([`Guards`]), each closing the socket with a close frame whose reason
+//! Time and rate limits (`Guards`), each closing the socket with a close frame whose reason
 //! names the limit, and each counted in `/metrics` (`http`):
 //!
 //! - **join timeout**: no accepted `join` within `join_timeout` → 1008 `join timeout: …`;

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_millis(500);
 
 /// PLI throttle for one published layer; see the module docs. Keep one per `(track, layer)`
-/// (e.g. inside the track, one per simulcast layer), or use [`KeyframeThrottleMap`].
+/// (e.g. inside the track, one per simulcast layer), or keep one per layer in a map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyframeThrottle {
     min_interval: Duration,
@@ -73,7 +73,7 @@ impl KeyframeThrottle {
 
     /// Someone wants a keyframe. Returns `true` if a PLI must be sent to the publisher now;
     /// `false` if the request is absorbed (a PLI went out less than `min_interval` ago;
-    /// [`due`](Self::due) retries once the interval has passed if no keyframe arrived).
+    /// [`retry_due`](Self::retry_due) retries once the interval has passed if no keyframe arrived).
     pub fn request(&mut self, now: Instant) -> bool {
         self.wanted = true;
         if self.may_send(now) {

@@ -12,7 +12,7 @@
 //! # How
 //!
 //! The publisher connection records its SRTP key derivation like a subscriber one
-//! ([`KeyCapture`], see `egress.rs`) and offers the same two profiles. Once it is connected,
+//! ([`KeyCapture`](super::egress::KeyCapture)) and offers the same two profiles. Once it is connected,
 //! [`Ingress`] owns:
 //!
 //! * an SRTP context for what the publisher sends (its RTP and SRTCP, intercepted before `rtc`
