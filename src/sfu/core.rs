@@ -12,9 +12,10 @@
 use super::bwe::Estimate;
 use super::data::{self, DataError};
 use super::demux::{self, BindingKind, Claim, Demux, DropCounters};
-use super::effects::{Effect, Effects, PartKey};
+use super::effects::{Effect, Effects};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::forward::{self, Decision, DownTrack, DropReason};
+use super::ids::{PartKey, TrackId};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::{KeyframeThrottle, SwitchWatch};
 use super::outbox::Outbox;
@@ -61,7 +62,6 @@ use rtc::sdp::extmap::TRANSPORT_CC_URI;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, trace, warn};
@@ -173,7 +173,7 @@ struct Participant {
     /// What this participant publishes, in order.
     pub_tracks: Vec<PubTrack>,
     /// Server track id → sender on this participant's subscriber PC.
-    subscriptions: HashMap<String, RTCRtpSenderId>,
+    subscriptions: HashMap<TrackId, RTCRtpSenderId>,
     limiter: data::RateLimiter,
     /// Signaling events waiting for room in `events` (coalesced).
     outbox: Outbox,
@@ -191,7 +191,7 @@ struct Participant {
 struct PubTrack {
     receiver: RTCRtpReceiverId,
     /// The server's track id, shared so the packet path can hold it without allocating.
-    tid: Rc<str>,
+    tid: TrackId,
 }
 
 impl Participant {
@@ -205,7 +205,7 @@ impl Participant {
     }
 
     /// The server track id of what the publisher connection's receiver `receiver` gets.
-    fn pub_track(&self, receiver: RTCRtpReceiverId) -> Option<&Rc<str>> {
+    fn pub_track(&self, receiver: RTCRtpReceiverId) -> Option<&TrackId> {
         self.pub_tracks
             .iter()
             .find(|t| t.receiver == receiver)
@@ -244,7 +244,7 @@ impl Layer {
 }
 
 struct Track {
-    id: String,
+    id: TrackId,
     publisher: PartKey,
     room: String,
     kind: TrackKind,
@@ -264,7 +264,7 @@ struct Track {
 impl Track {
     fn info(&self, publisher_pid: &str) -> TrackInfo {
         TrackInfo {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             participant_id: publisher_pid.to_owned(),
             kind: self.kind,
             mime_type: self.codec.mime_type.clone(),
@@ -327,7 +327,7 @@ pub struct Sfu<T: Transmit> {
     rooms: HashMap<String, Room>,
     parts: HashMap<PartKey, Participant>,
     by_pid: HashMap<String, PartKey>,
-    tracks: HashMap<String, Track>,
+    tracks: HashMap<TrackId, Track>,
     /// Which connection each datagram belongs to.
     demux: Demux<PcKey>,
     /// Datagrams dropped, by reason, and log lines for them (rate-limited).
@@ -1094,7 +1094,7 @@ impl<T: Transmit> Sfu<T> {
             warn!(participant = %p.pid, "published track without codec; ignored");
             return;
         };
-        let tid = format!("TR_{}", random_string(&mut self.rng, 12));
+        let tid = TrackId::from(format!("TR_{}", random_string(&mut self.rng, 12)));
         // Every RID the publisher offered for this track, seen or not (so `track_published`
         // lists them all); the first packets of each fill in its SSRC.
         let offered = pc
@@ -1133,7 +1133,7 @@ impl<T: Transmit> Sfu<T> {
         };
         p.pub_tracks.push(PubTrack {
             receiver: init.receiver_id,
-            tid: Rc::from(tid.as_str()),
+            tid: tid.clone(),
         });
         let info = t.info(&p.pid);
         let room = p.room.clone();
@@ -1200,7 +1200,7 @@ impl<T: Transmit> Sfu<T> {
                 return false;
             }
         };
-        p.subscriptions.insert(tid.to_owned(), sender);
+        p.subscriptions.insert(TrackId::from(tid), sender);
         let first_offer = p.offers_sent + 1;
         let is_video = kind == RtpCodecKind::Video;
         let now = self.now;
@@ -1259,7 +1259,7 @@ impl<T: Transmit> Sfu<T> {
         };
         let connected = p.sub.connected;
         let answered = p.offers_answered;
-        let subs: Vec<(String, RTCRtpSenderId)> = p
+        let subs: Vec<(TrackId, RTCRtpSenderId)> = p
             .subscriptions
             .iter()
             .map(|(k, v)| (k.clone(), *v))
@@ -1339,7 +1339,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// The server track of a publisher's SSRC (a layer's SSRC, learned from the track event).
-    fn published_ssrc(&self, part: PartKey, ssrc: u32) -> Option<Rc<str>> {
+    fn published_ssrc(&self, part: PartKey, ssrc: u32) -> Option<TrackId> {
         let p = self.parts.get(&part)?;
         p.pub_tracks
             .iter()
@@ -1352,7 +1352,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// One packet of the publisher's track `tid` (server id): to every down-track.
-    fn forward_rtp(&mut self, part: PartKey, tid: &Rc<str>, mut packet: rtp::Packet, now: Instant) {
+    fn forward_rtp(&mut self, part: PartKey, tid: &TrackId, mut packet: rtp::Packet, now: Instant) {
         self.stats.rtp_packets_in += 1;
         let tid = tid.clone();
         let Some(li) = self.layer_of(part, &tid, packet.header.ssrc) else {
@@ -1444,7 +1444,7 @@ impl<T: Transmit> Sfu<T> {
         }
         if let Some(layer) = want_keyframe {
             self.effects.push(Effect::RequestKeyframe {
-                track: tid.to_string(),
+                track: tid.clone(),
                 layer,
             });
         }
@@ -1607,7 +1607,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// `rtc` delivered a packet of `ssrc` of the published track `tid`: once the SSRC belongs
     /// to a layer of it, its packets skip `rtc`.
-    fn bind_ingress(&mut self, part: PartKey, tid: &Rc<str>, ssrc: u32) {
+    fn bind_ingress(&mut self, part: PartKey, tid: &TrackId, ssrc: u32) {
         let Some(p) = self.parts.get_mut(&part) else {
             return;
         };
@@ -1643,11 +1643,11 @@ impl<T: Transmit> Sfu<T> {
         // the participant's subscriptions is enough).
         let tracks = &mut self.tracks;
         fn tid_of<'a>(
-            subs: &'a HashMap<String, RTCRtpSenderId>,
-            tracks: &HashMap<String, Track>,
+            subs: &'a HashMap<TrackId, RTCRtpSenderId>,
+            tracks: &HashMap<TrackId, Track>,
             part: PartKey,
             ssrc: u32,
-        ) -> Option<&'a String> {
+        ) -> Option<&'a TrackId> {
             subs.keys().find(|tid| {
                 tracks
                     .get(*tid)
@@ -1656,7 +1656,7 @@ impl<T: Transmit> Sfu<T> {
             })
         }
         let subs = &p.subscriptions;
-        let mut wanted: Vec<&String> = fb
+        let mut wanted: Vec<&TrackId> = fb
             .keyframes
             .iter()
             .filter_map(|&s| tid_of(subs, tracks, part, s))
@@ -1757,7 +1757,7 @@ impl<T: Transmit> Sfu<T> {
                 }
             }
         }
-        let mut tids: Vec<String> = self
+        let mut tids: Vec<TrackId> = self
             .tracks
             .values()
             .filter(|t| t.kind == TrackKind::Video)
@@ -1819,7 +1819,7 @@ impl<T: Transmit> Sfu<T> {
                     layer_msgs.push((
                         track.publisher,
                         ServerMessage::PublisherLayers {
-                            track_id: tid.clone(),
+                            track_id: tid.to_string(),
                             active,
                             paused,
                         },
@@ -2247,7 +2247,7 @@ impl<T: Transmit> Sfu<T> {
             .push(part);
         // Subscribe to what is already published.
         if req.auto_subscribe {
-            let existing: Vec<String> = self
+            let existing: Vec<TrackId> = self
                 .tracks
                 .values()
                 .filter(|t| t.room == room)
@@ -2441,7 +2441,7 @@ impl<T: Transmit> Sfu<T> {
         for tid in track_ids {
             let room_ok = self
                 .tracks
-                .get(&tid)
+                .get(tid.as_str())
                 .is_some_and(|t| self.parts.get(&part).is_some_and(|p| p.room == t.room));
             if !room_ok {
                 unknown.push(tid);
@@ -2449,7 +2449,7 @@ impl<T: Transmit> Sfu<T> {
             }
             if subscribe {
                 let full = self.parts.get(&part).is_some_and(|p| {
-                    p.subscriptions.len() >= max_subs && !p.subscriptions.contains_key(&tid)
+                    p.subscriptions.len() >= max_subs && !p.subscriptions.contains_key(tid.as_str())
                 });
                 if full {
                     over_limit += 1;
@@ -2496,7 +2496,7 @@ impl<T: Transmit> Sfu<T> {
     fn on_mute(&mut self, part: PartKey, track_id: String, muted: bool) {
         let owned = self
             .tracks
-            .get(&track_id)
+            .get(track_id.as_str())
             .is_some_and(|t| t.publisher == part);
         // (Another participant's track gets the same answer as a made-up id.)
         if !owned {
@@ -2510,7 +2510,7 @@ impl<T: Transmit> Sfu<T> {
             );
             return;
         }
-        let room = match self.tracks.get_mut(&track_id) {
+        let room = match self.tracks.get_mut(track_id.as_str()) {
             Some(t) if t.muted == muted => return,
             Some(t) => {
                 t.muted = muted;
@@ -2524,7 +2524,7 @@ impl<T: Transmit> Sfu<T> {
                             sel.restart(&infos, now);
                             if let Some(l) = sel.wants_keyframe() {
                                 self.effects.push(Effect::RequestKeyframe {
-                                    track: track_id.clone(),
+                                    track: TrackId::from(track_id.as_str()),
                                     layer: l,
                                 });
                             }
@@ -2566,7 +2566,7 @@ impl<T: Transmit> Sfu<T> {
         let room = self.parts.get(&part).map(|p| p.room.clone());
         let Some(track) = self
             .tracks
-            .get_mut(&track_id)
+            .get_mut(track_id.as_str())
             .filter(|t| Some(&t.room) == room.as_ref())
         else {
             self.send_to(
@@ -2608,7 +2608,7 @@ impl<T: Transmit> Sfu<T> {
         sel.set_requested(requested, &infos, now);
         if let Some(l) = sel.wants_keyframe() {
             self.effects.push(Effect::RequestKeyframe {
-                track: track_id,
+                track: TrackId::from(track_id),
                 layer: l,
             });
         }
@@ -2910,7 +2910,7 @@ impl<T: Transmit> Sfu<T> {
         }
         let p = &self.parts[&part];
         let published: Vec<String> = p.published().map(str::to_owned).collect();
-        let subs: Vec<String> = p.subscriptions.keys().cloned().collect();
+        let subs: Vec<TrackId> = p.subscriptions.keys().cloned().collect();
         for tid in published {
             self.unpublish(&tid);
         }

@@ -8,21 +8,13 @@
 
 use std::collections::VecDeque;
 
-/// A participant inside one core (outside it is known by its `PA_…` id).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PartKey(pub u64);
-
-impl std::fmt::Display for PartKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "#{}", self.0)
-    }
-}
+pub use super::ids::{PartKey, TrackId};
 
 /// One piece of deferred work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Ask the publisher of `track` for a keyframe of `layer` (through its throttle).
-    RequestKeyframe { track: String, layer: usize },
+    RequestKeyframe { track: TrackId, layer: usize },
     /// Re-run layer selection now (a subscriber's estimate fell sharply), not at the next
     /// periodic run.
     SelectLayers,
@@ -74,7 +66,7 @@ mod tests {
         let mut q = Effects::default();
         q.push(Effect::Renegotiate(PartKey(1)));
         q.push(Effect::RequestKeyframe {
-            track: "TR_a".into(),
+            track: TrackId::from("TR_a"),
             layer: 0,
         });
         q.push(Effect::Renegotiate(PartKey(1)));
@@ -82,7 +74,7 @@ mod tests {
         q.push(Effect::SelectLayers);
         q.push(Effect::SelectLayers);
         q.push(Effect::RequestKeyframe {
-            track: "TR_a".into(),
+            track: TrackId::from("TR_a"),
             layer: 0,
         });
         assert_eq!(q.len(), 5);

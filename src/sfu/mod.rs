@@ -28,6 +28,7 @@ pub use transport::{bwe, egress, ingress, nack};
 pub mod data;
 pub mod demux;
 pub mod effects;
+pub mod ids;
 pub mod latency;
 pub mod loglimit;
 pub mod outbox;

@@ -56,6 +56,7 @@
 //! interceptors it would build are left out.
 
 use super::egress::SrtpKeys;
+use crate::sfu::ids::TrackId;
 use bytes::BytesMut;
 use rtc::rtcp;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -73,7 +74,6 @@ use rtc::rtp;
 use rtc::shared::marshal::Unmarshal;
 use rtc::srtp::context::Context;
 use std::collections::{BTreeMap, HashMap};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// How often TWCC feedback is sent (as `rtc`'s receiver interceptor).
@@ -753,7 +753,7 @@ impl std::ops::AddAssign for IngressStats {
 pub struct Incoming {
     pub packet: rtp::Packet,
     /// The `rtc` track its SSRC is bound to; `None`: hand the datagram to `rtc`.
-    pub track: Option<Rc<str>>,
+    pub track: Option<TrackId>,
 }
 
 /// One publisher connection's media in and feedback out (see the module docs).
@@ -762,7 +762,7 @@ pub struct Ingress {
     local: Context,
     sender_ssrc: u32,
     twcc_ext: Option<u8>,
-    bound: HashMap<u32, Rc<str>>,
+    bound: HashMap<u32, TrackId>,
     twcc: TwccRecorder,
     /// Media SSRC of the last packet with a transport-wide sequence number.
     twcc_media_ssrc: u32,
@@ -820,7 +820,7 @@ impl Ingress {
     /// `rtc` delivered a packet of `ssrc` of the (server) track `track`: later ones skip
     /// `rtc`. `nack`: ask for
     /// its losses (video).
-    pub fn bind(&mut self, ssrc: u32, track: Rc<str>, clock_rate: u32, nack: bool) {
+    pub fn bind(&mut self, ssrc: u32, track: TrackId, clock_rate: u32, nack: bool) {
         self.bound.insert(ssrc, track);
         if let Some(r) = self.reception.get_mut(&ssrc) {
             r.set_clock_rate(clock_rate);
@@ -1444,7 +1444,7 @@ mod tests {
             .expect("decrypt");
         assert!(first.track.is_none());
         assert_eq!(first.packet.header.sequence_number, 100);
-        ing.bind(7, Rc::from("track-a"), 90_000, true);
+        ing.bind(7, TrackId::from("track-a"), 90_000, true);
         for (i, seq) in [101u16, 102, 104, 105].into_iter().enumerate() {
             let at = t0 + Duration::from_millis(10 * (i as u64 + 1));
             let inc = ing
