@@ -79,11 +79,6 @@ impl Periodic {
         self.next = now + self.every;
         true
     }
-
-    /// Run the job at the end of this turn instead of waiting (the next deadline is `now`).
-    pub fn hurry(&mut self, now: Instant) {
-        self.next = self.next.min(now);
-    }
 }
 
 /// Deadlines of many keys, earliest first. A key's entry is only a hint: the owner decides,
@@ -166,9 +161,6 @@ mod tests {
         assert!(p.fire(t0 + Duration::from_millis(400)));
         assert_eq!(p.deadline().at, t0 + Duration::from_millis(650));
         assert_eq!(p.deadline().reason, Reason::LayerSelection);
-        p.hurry(t0 + Duration::from_millis(410));
-        assert_eq!(p.deadline().at, t0 + Duration::from_millis(410));
-        assert!(p.fire(t0 + Duration::from_millis(410)));
     }
 
     #[test]

@@ -39,9 +39,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::recv::SeqTracker;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
+use plaza::sfu::egress::is_rtp;
 use plaza::signal::{ClientMessage, PcTarget, Quality, ServerMessage, TrackKind};
 use rtc::interceptor::Registry;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -132,18 +134,10 @@ impl LightStats {
 }
 
 /// Per-SSRC receive state (the task's own; published to [`LightStats`] after each batch).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct SsrcState {
-    first: u64,
-    highest: u64,
-    received: u64,
+    seq: SeqTracker,
     last_arrival: Instant,
-}
-
-/// The sequence number extended to 64 bits: the value nearest to `highest` (RFC 3550 A.1).
-fn extend_seq(highest: u64, seq: u16) -> u64 {
-    let delta = seq.wrapping_sub(highest as u16) as i16;
-    highest.wrapping_add_signed(i64::from(delta))
 }
 
 /// What one datagram is (RFC 7983 demultiplexing, with RTP told apart from RTCP by the
@@ -157,7 +151,7 @@ pub enum Datagram {
 }
 
 pub fn classify(d: &[u8]) -> Datagram {
-    if d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1]) {
+    if is_rtp(d) {
         let seq = u16::from_be_bytes([d[2], d[3]]);
         let ssrc = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
         Datagram::Rtp { ssrc, seq }
@@ -900,28 +894,20 @@ impl Entry {
                         bytes += d.len() as u64;
                         match self.ssrcs.get_mut(&ssrc) {
                             Some(s) => {
-                                let ext = extend_seq(s.highest, seq);
-                                if ext > s.highest {
-                                    s.highest = ext;
-                                } else {
-                                    reordered += 1;
-                                }
-                                if ext < s.first {
-                                    s.first = ext;
-                                }
-                                s.received += 1;
+                                let before = s.seq.out_of_order;
+                                s.seq.on_seq(seq);
+                                reordered += s.seq.out_of_order - before;
                                 let gap = now.duration_since(s.last_arrival).as_micros() as u64;
                                 max_gap = max_gap.max(gap);
                                 s.last_arrival = now;
                             }
                             None => {
-                                let ext = 0x1_0000 | u64::from(seq);
+                                let mut tracker = SeqTracker::default();
+                                tracker.on_seq(seq);
                                 self.ssrcs.insert(
                                     ssrc,
                                     SsrcState {
-                                        first: ext,
-                                        highest: ext,
-                                        received: 1,
+                                        seq: tracker,
                                         last_arrival: now,
                                     },
                                 );
@@ -945,7 +931,7 @@ impl Entry {
                 if reordered > 0 {
                     s.reordered.fetch_add(reordered, Ordering::Relaxed);
                 }
-                let expected: u64 = self.ssrcs.values().map(|v| v.highest - v.first + 1).sum();
+                let expected: u64 = self.ssrcs.values().map(|v| v.seq.expected()).sum();
                 s.expected.store(expected, Ordering::Relaxed);
                 s.max_gap_us.fetch_max(max_gap, Ordering::Relaxed);
                 if new_ssrcs {
@@ -1015,14 +1001,5 @@ mod tests {
         assert_eq!(classify(&dtls), Datagram::Other);
         let stun = [0u8; 20];
         assert_eq!(classify(&stun), Datagram::Other);
-    }
-
-    #[test]
-    fn sequence_numbers_extend_across_wraps() {
-        let h = 0x1_0000 | 65_534;
-        assert_eq!(extend_seq(h, 65_535), 0x1_0000 | 65_535);
-        assert_eq!(extend_seq(h, 1), 0x2_0000 | 1);
-        assert_eq!(extend_seq(0x2_0000 | 1, 65_535), 0x1_0000 | 65_535);
-        assert_eq!(extend_seq(0x1_0000 | 100, 90), 0x1_0000 | 90);
     }
 }
