@@ -18,9 +18,11 @@ use super::ids::{PartKey, RoomKey, TrackId};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::SwitchWatch;
 use super::outbox::Outbox;
+use super::pipe::{PipeMsg, PipeOut, RelayId, ShardId, layer_bits};
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::room::{
-    Channel, EARLY_MAX, Layer, Participant, Pc, PcKey, PcKind, PubTrack, Room, Track,
+    Channel, EARLY_MAX, Layer, Participant, Pc, PcKey, PcKind, PubTrack, Publisher, RemoteMember,
+    Room, Track,
 };
 use super::sdpcheck;
 use super::selector::{LayerSelector, Requested, layer_quality, needed_layers};
@@ -29,7 +31,7 @@ use super::vp8;
 use super::{Command, CoreStats, Flow, JoinAccepted, JoinRequest, SfuError, Transmit};
 use crate::signal::{
     ClientMessage, ErrorCode, PROTOCOL_VERSION, ParticipantInfo, PcTarget, Quality, ServerMessage,
-    TrackKind,
+    TrackInfo, TrackKind,
 };
 use bytes::BytesMut;
 use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
@@ -59,7 +61,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::sansio::Protocol;
 use rtc::sdp::extmap::TRANSPORT_CC_URI;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, info_span, trace, warn};
@@ -76,6 +78,8 @@ pub struct CoreConfig {
     pub limits: super::CoreLimits,
     /// Receive and send buffer asked of the kernel for the media socket, in bytes.
     pub udp_buffer: usize,
+    /// A room with this many participants spreads over the shards (0: never).
+    pub spread_above: usize,
 }
 
 /// A simulcast layer nobody needs for this long is paused at the publisher.
@@ -110,6 +114,16 @@ pub struct Sfu<T: Transmit> {
     room_keys: HashMap<String, RoomKey>,
     /// Participant id (`PA_…`) → key.
     by_pid: HashMap<String, PartKey>,
+    /// Messages for the other shards hosting our rooms, sent at the end of the turn.
+    pipe_out: PipeOut,
+    /// Tracks relayed to us: (publisher's shard, its relay id) → our copy.
+    relays_in: HashMap<(ShardId, RelayId), (RoomKey, TrackId)>,
+    /// Our tracks by relay id (the other shards name them so).
+    relays_out: HashMap<RelayId, (RoomKey, TrackId)>,
+    next_relay: RelayId,
+    /// Shards that said hello for a room before it opened here: they are greeted when it
+    /// opens.
+    early_hellos: HashMap<String, BTreeSet<ShardId>>,
     /// Which connection each datagram belongs to.
     demux: Demux<PcKey>,
     /// Datagrams dropped, by reason, and log lines for them (rate-limited).
@@ -266,6 +280,11 @@ impl<T: Transmit> Sfu<T> {
             rooms: HashMap::new(),
             room_keys: HashMap::new(),
             by_pid: HashMap::new(),
+            pipe_out: PipeOut::default(),
+            relays_in: HashMap::new(),
+            relays_out: HashMap::new(),
+            next_relay: 0,
+            early_hellos: HashMap::new(),
             demux: Demux::new(),
             drops: DropCounters::default(),
             timers: TimerQueue::default(),
@@ -414,6 +433,12 @@ impl<T: Transmit> Sfu<T> {
     pub fn end_turn(&mut self, now: Instant) {
         self.advance(now);
         self.process();
+        if !self.pipe_out.is_empty() {
+            for (to, msgs) in self.pipe_out.take() {
+                self.stats.pipe_msgs_out += msgs.len() as u64;
+                self.tx.pipe(to, msgs);
+            }
+        }
     }
 
     fn reschedule(&mut self, key: PcKey) {
@@ -917,9 +942,15 @@ impl<T: Transmit> Sfu<T> {
             }
         }
         let tracks = &room.tracks;
+        self.next_relay = self.next_relay.wrapping_add(1);
+        let relay = self.next_relay;
         let t = Track {
             id: tid.clone(),
-            publisher: part,
+            publisher: Publisher::Local {
+                part,
+                receiver: init.receiver_id,
+            },
+            relay,
             kind,
             codec,
             client_track_id: client_track_id(&init.track_id, &mid, |id| {
@@ -927,12 +958,13 @@ impl<T: Transmit> Sfu<T> {
                     .iter()
                     .any(|t| tracks.get(&*t.tid).is_some_and(|t| t.client_track_id == id))
             }),
-            receiver: init.receiver_id,
             muted: false,
             layers,
             down: HashMap::new(),
             paused_upstream: BTreeSet::new(),
             unneeded_since: HashMap::new(),
+            relayed_to: BTreeMap::new(),
+            needed_sent: None,
         };
         p.pub_tracks.push(PubTrack {
             receiver: init.receiver_id,
@@ -942,7 +974,19 @@ impl<T: Transmit> Sfu<T> {
         let span = info_span!("track", room = %room.name, participant = %p.pid, track = %tid);
         let _g = span.enter();
         info!(kind = ?kind, mime = %info.mime_type, "track published");
+        for &peer in &room.peers {
+            self.pipe_out.push(
+                peer,
+                PipeMsg::TrackOpen {
+                    room: room.name.clone(),
+                    relay,
+                    info: info.clone(),
+                    codec: t.codec.clone(),
+                },
+            );
+        }
         room.tracks.insert(tid.clone(), t);
+        self.relays_out.insert(relay, (part.room, tid.clone()));
         let members = room.members.clone();
         // Everyone, the publisher included: that is how it learns the server id of its track.
         self.broadcast(
@@ -959,10 +1003,13 @@ impl<T: Transmit> Sfu<T> {
     }
 
     fn subscribe(&mut self, sub: PartKey, tid: &str) -> bool {
-        let Some(track) = self.track(sub.room, tid) else {
+        let Some(room) = self.rooms.get(&sub.room) else {
             return false;
         };
-        if track.publisher == sub || track.down.contains_key(&sub) {
+        let Some(track) = room.tracks.get(tid) else {
+            return false;
+        };
+        if track.local_publisher() == Some(sub) || track.down.contains_key(&sub) {
             return false;
         }
         let kind = match track.kind {
@@ -970,10 +1017,7 @@ impl<T: Transmit> Sfu<T> {
             TrackKind::Video => RtpCodecKind::Video,
         };
         let codec = track.codec.clone();
-        let stream = self
-            .part(track.publisher)
-            .map(|p| p.pid.clone())
-            .unwrap_or_default();
+        let stream = room.publisher_id(track);
         use rand::Rng;
         let ssrc: u32 = self.rng.random::<u32>() | 1;
         let (seq0, ts0) = (self.rng.random(), self.rng.random());
@@ -1005,7 +1049,11 @@ impl<T: Transmit> Sfu<T> {
         let first_offer = p.offers_sent + 1;
         let is_video = kind == RtpCodecKind::Video;
         let now = self.now;
-        if let Some(track) = self.track_mut(sub.room, tid) {
+        if let Some(track) = self
+            .rooms
+            .get_mut(&sub.room)
+            .and_then(|r| r.tracks.get_mut(tid))
+        {
             let selector = is_video.then(|| {
                 let mut sel = LayerSelector::new(Requested::default());
                 sel.update(&track.layer_infos(now), None, now);
@@ -1029,6 +1077,7 @@ impl<T: Transmit> Sfu<T> {
                     switch_watch: None,
                 },
             );
+            sync_needed(track, &mut self.pipe_out);
         }
         self.renegotiate(sub);
         true
@@ -1036,8 +1085,14 @@ impl<T: Transmit> Sfu<T> {
 
     fn unsubscribe(&mut self, sub: PartKey, tid: &str) -> bool {
         let gone = self
-            .track_mut(sub.room, tid)
-            .and_then(|t| t.down.remove(&sub));
+            .rooms
+            .get_mut(&sub.room)
+            .and_then(|r| r.tracks.get_mut(tid))
+            .and_then(|t| {
+                let gone = t.down.remove(&sub);
+                sync_needed(t, &mut self.pipe_out);
+                gone
+            });
         let Some(p) = part_mut!(self, sub) else {
             return false;
         };
@@ -1124,7 +1179,9 @@ impl<T: Transmit> Sfu<T> {
             return Some(i);
         }
         // Unknown SSRC: ask the receiver which RID it carries (RID-based simulcast).
-        let receiver = track.receiver;
+        let Publisher::Local { receiver, .. } = track.publisher else {
+            return None;
+        };
         let pc = part_mut!(self, part)?.publ.as_mut()?;
         let rid = pc.rtc.rtp_receiver(receiver)?.track().rid(ssrc)?.to_owned();
         let track = self.track_mut(part.room, tid)?;
@@ -1158,16 +1215,41 @@ impl<T: Transmit> Sfu<T> {
         let Some(li) = self.layer_of(part, &tid, packet.header.ssrc) else {
             return;
         };
-        let Some(room) = self.rooms.get_mut(&part.room) else {
+        // Header extensions of the publisher leg are not negotiated on the subscriber leg.
+        packet.header.extension = false;
+        packet.header.extensions.clear();
+        packet.header.extension_profile = 0;
+        packet.header.extensions_padding = 0;
+        self.fan_out(part.room, &tid, li, packet, now);
+    }
+
+    /// One packet of layer `li` of track `tid` (published here, or relayed from the
+    /// publisher's shard): to every down-track here, and once to each other shard with
+    /// subscribers of it. `origin`: when the packet reached the publisher's shard.
+    fn fan_out(
+        &mut self,
+        room: RoomKey,
+        tid: &TrackId,
+        li: usize,
+        packet: rtp::Packet,
+        origin: Instant,
+    ) {
+        let now = self.now;
+        let Some(Room { parts, tracks, .. }) = self.rooms.get_mut(&room) else {
             return;
         };
-        let Room { parts, tracks, .. } = room;
-        let Some(track) = tracks.get_mut(&*tid) else {
+        let Some(track) = tracks.get_mut(&**tid) else {
             return;
         };
         let is_video = track.kind == TrackKind::Video;
         let is_vp8 = track.codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_VP8);
         let keyframe = is_video && is_keyframe(&track.codec.mime_type, &packet.payload);
+        if li >= track.layers.len() {
+            // (A relayed track whose publisher's shard learned a layer after announcing it.)
+            track
+                .layers
+                .resize_with(li + 1, || Layer::new(String::new(), None));
+        }
         let layer = &mut track.layers[li];
         layer.meter.add(now, packet.payload.len() + 12);
         if keyframe {
@@ -1180,14 +1262,27 @@ impl<T: Transmit> Sfu<T> {
                 }
             }
         }
-        if track.muted || track.down.is_empty() {
+        if track.muted {
             return;
         }
-        // Header extensions of the publisher leg are not negotiated on the subscriber leg.
-        packet.header.extension = false;
-        packet.header.extensions.clear();
-        packet.header.extension_profile = 0;
-        packet.header.extensions_padding = 0;
+        // Once to each other shard with subscribers (only the publisher's shard relays).
+        if let Ok(layer) = u8::try_from(li) {
+            for &shard in track.relayed_to.keys() {
+                self.stats.rtp_packets_piped += 1;
+                self.pipe_out.push(
+                    shard,
+                    PipeMsg::Rtp {
+                        relay: track.relay,
+                        layer,
+                        packet: packet.clone(),
+                        origin,
+                    },
+                );
+            }
+        }
+        if track.down.is_empty() {
+            return;
+        }
         let clock_rate = track.codec.clock_rate;
         let meta = forward::Packet {
             layer: li,
@@ -1237,7 +1332,7 @@ impl<T: Transmit> Sfu<T> {
             match egress.protect_rtp(now, &mut out, dt.twcc_ext, clock_rate, is_video, keyframe) {
                 Ok(wire) => {
                     self.stats.rtp_packets_forwarded += 1;
-                    self.tx.send(wire, to, Some(now));
+                    self.tx.send(wire, to, Some(origin));
                 }
                 Err(e) => {
                     self.stats.rtp_packets_dropped += 1;
@@ -1248,13 +1343,13 @@ impl<T: Transmit> Sfu<T> {
         }
         if let Some(layer) = want_keyframe {
             self.effects.push(Effect::RequestKeyframe {
-                room: part.room,
+                room,
                 track: tid.clone(),
                 layer,
             });
         }
         for sub in switched_subs {
-            self.report_layer(&tid, sub, now);
+            self.report_layer(tid, sub, now);
         }
     }
 
@@ -1526,6 +1621,19 @@ impl<T: Transmit> Sfu<T> {
         let Some(layer) = track.layers.get_mut(li) else {
             return;
         };
+        let part = match &track.publisher {
+            Publisher::Local { part, .. } => *part,
+            Publisher::Remote { shard, .. } => {
+                // The publisher's shard asks (through its own throttle).
+                if let (true, Ok(layer)) = (layer.throttle.request(now), u8::try_from(li)) {
+                    trace!(track = %tid, layer = li, "keyframe request to the publisher's shard");
+                    let relay = track.relay;
+                    self.pipe_out
+                        .push(*shard, PipeMsg::Keyframe { relay, layer });
+                }
+                return;
+            }
+        };
         let Some(media_ssrc) = layer.ssrc else {
             return;
         };
@@ -1534,7 +1642,7 @@ impl<T: Transmit> Sfu<T> {
         }
         // Through the publisher's fast path only: `rtc` never sends RTCP on a publisher
         // connection (its SRTCP context shares the fast path's key).
-        let Some(p) = parts.get_mut(&track.publisher) else {
+        let Some(p) = parts.get_mut(&part) else {
             return;
         };
         let (Some(ing), Some(to)) = (
@@ -1613,9 +1721,18 @@ impl<T: Transmit> Sfu<T> {
                     wanted.push((tid.clone(), l));
                 }
             }
-            // Dynacast.
-            if track.is_simulcast() && !track.down.is_empty() {
-                let needed = needed_layers(track.down.values().filter_map(|d| d.selector.as_ref()));
+            // Dynacast: the publisher's shard pauses what nobody here or on the other shards
+            // needs; another shard tells it what its subscribers need.
+            let publisher = match &track.publisher {
+                Publisher::Local { part, .. } => *part,
+                Publisher::Remote { .. } => continue,
+            };
+            if track.is_simulcast() && track.has_subscribers() {
+                let mut needed =
+                    needed_layers(track.down.values().filter_map(|d| d.selector.as_ref()));
+                for &bits in track.relayed_to.values() {
+                    needed.extend((0..64).filter(|i| bits & (1 << i) != 0));
+                }
                 let mut changed = false;
                 for li in 0..track.layers.len() {
                     if needed.contains(&li) {
@@ -1646,7 +1763,7 @@ impl<T: Transmit> Sfu<T> {
                     let (active, paused) = (rids(active), rids(paused));
                     debug!(track = %tid, ?active, "dynacast: publisher layers");
                     layer_msgs.push((
-                        track.publisher,
+                        publisher,
                         ServerMessage::PublisherLayers {
                             track_id: tid.to_string(),
                             active,
@@ -1659,8 +1776,10 @@ impl<T: Transmit> Sfu<T> {
         // Retries (through the throttle like any request) of keyframes that never came, for
         // layers someone still receives from and the publisher still sends.
         for (tid, track) in r.tracks.iter_mut() {
+            sync_needed(track, &mut self.pipe_out);
+            let subscribed = track.has_subscribers();
             for (li, layer) in track.layers.iter_mut().enumerate() {
-                if track.down.is_empty() || track.paused_upstream.contains(&li) {
+                if !subscribed || track.paused_upstream.contains(&li) {
                     layer.throttle.cancel();
                 } else if layer.throttle.retry_due(now) {
                     wanted.push((tid.clone(), li));
@@ -1677,18 +1796,30 @@ impl<T: Transmit> Sfu<T> {
     }
 
     fn unpublish(&mut self, room: RoomKey, tid: &str) {
-        let Some(track) = self.rooms.get_mut(&room).and_then(|r| r.tracks.remove(tid)) else {
+        let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
-        let publisher_pid = self
-            .part(track.publisher)
-            .map(|p| p.pid.clone())
-            .unwrap_or_default();
-        if let Some(p) = part_mut!(self, track.publisher) {
-            if let Some(ing) = p.ingress.as_mut() {
-                ing.unbind_track(tid);
+        let Some(track) = r.tracks.remove(tid) else {
+            return;
+        };
+        let publisher_pid = r.publisher_id(&track);
+        match &track.publisher {
+            Publisher::Local { part, .. } => {
+                if let Some(p) = r.parts.get_mut(part) {
+                    if let Some(ing) = p.ingress.as_mut() {
+                        ing.unbind_track(tid);
+                    }
+                    p.pub_tracks.retain(|t| &*t.tid != tid);
+                }
+                for &peer in &r.peers {
+                    self.pipe_out
+                        .push(peer, PipeMsg::TrackClose { relay: track.relay });
+                }
+                self.relays_out.remove(&track.relay);
             }
-            p.pub_tracks.retain(|t| &*t.tid != tid);
+            Publisher::Remote { shard, .. } => {
+                self.relays_in.remove(&(*shard, track.relay));
+            }
         }
         for (&sub, dt) in track.down.iter() {
             if let Some(p) = part_mut!(self, sub) {
@@ -1706,7 +1837,7 @@ impl<T: Transmit> Sfu<T> {
         info!(track = %tid, participant = %publisher_pid, "track unpublished");
         self.broadcast(
             room,
-            Some(track.publisher),
+            track.local_publisher(),
             ServerMessage::TrackUnpublished {
                 track_id: tid.to_owned(),
                 participant_id: publisher_pid,
@@ -1750,27 +1881,41 @@ impl<T: Transmit> Sfu<T> {
             }
         };
         let framed = data::frame_for_receiver(&p.pid, inbound.payload);
+        let from = p.pid.clone();
+        let Some(room) = self.rooms.get(&part.room) else {
+            return;
+        };
+        // Receivers here, and the other shards' share of them (one message per shard).
+        let mut remote: BTreeMap<ShardId, Vec<String>> = BTreeMap::new();
+        let mut error = None;
         let targets: Vec<PartKey> = if inbound.to.is_empty() {
-            self.rooms
-                .get(&part.room)
-                .map(|r| r.members.iter().copied().filter(|&m| m != part).collect())
-                .unwrap_or_default()
+            for &peer in &room.peers {
+                remote.insert(peer, Vec::new());
+            }
+            room.members
+                .iter()
+                .copied()
+                .filter(|&m| m != part)
+                .collect()
         } else {
             let mut found = Vec::with_capacity(inbound.to.len());
             let mut unknown = Vec::new();
             for pid in &inbound.to {
                 match self.by_pid.get(pid.as_str()).copied() {
                     // (The key names the room; the participant must still be in it.)
-                    Some(m) if m.room == part.room && self.part(m).is_some() => {
+                    Some(m) if m.room == part.room && room.parts.contains_key(&m) => {
                         if m != part {
                             found.push(m)
                         }
                     }
-                    _ => unknown.push(pid.clone()),
+                    _ => match room.remote.get(pid.as_str()) {
+                        Some(rm) => remote.entry(rm.shard).or_default().push(pid.clone()),
+                        None => unknown.push(pid.clone()),
+                    },
                 }
             }
             if !unknown.is_empty() {
-                let m = ServerMessage::error(
+                error = Some(ServerMessage::error(
                     ErrorCode::NotFound,
                     format!(
                         "{} data-channel message not delivered to unknown participant(s): {}",
@@ -1778,28 +1923,55 @@ impl<T: Transmit> Sfu<T> {
                         unknown.join(", ")
                     ),
                     Some(channel.label()),
-                );
-                self.send_to(part, m);
+                ));
             }
             found
         };
-        for t in targets {
+        for (shard, to) in remote {
+            self.pipe_out.push(
+                shard,
+                PipeMsg::Data {
+                    room: room.name.clone(),
+                    from: from.clone(),
+                    channel: channel.label(),
+                    is_text,
+                    framed: framed.clone(),
+                    to,
+                },
+            );
+        }
+        if let Some(m) = error {
+            self.send_to(part, m);
+        }
+        self.deliver_data(&targets, channel.label(), is_text, &framed, now);
+    }
+
+    /// A framed data-channel message to participants of this shard, on their channel `label`.
+    fn deliver_data(
+        &mut self,
+        targets: &[PartKey],
+        label: &str,
+        is_text: bool,
+        framed: &[u8],
+        now: Instant,
+    ) {
+        for &t in targets {
             let Some(tp) = part_mut!(self, t) else {
                 continue;
             };
-            let Some(&dc_id) = tp.open_channels.get(channel.label()) else {
+            let Some(&dc_id) = tp.open_channels.get(label) else {
                 continue;
             };
             let Some(mut dc) = tp.sub.rtc.data_channel(dc_id) else {
                 continue;
             };
             let res = if is_text {
-                match std::str::from_utf8(&framed) {
+                match std::str::from_utf8(framed) {
                     Ok(s) => dc.send_text(now, s.to_owned()),
-                    Err(_) => dc.send(now, BytesMut::from(&framed[..])),
+                    Err(_) => dc.send(now, BytesMut::from(framed)),
                 }
             } else {
-                dc.send(now, BytesMut::from(&framed[..]))
+                dc.send(now, BytesMut::from(framed))
             };
             match res {
                 Ok(()) => {
@@ -1810,6 +1982,302 @@ impl<T: Transmit> Sfu<T> {
                     });
                 }
                 Err(e) => debug!("data-channel send: {e}"),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- the pipe
+
+    /// Messages from another shard hosting some of the same rooms (see [`super::pipe`]).
+    pub fn handle_pipe(&mut self, now: Instant, from: ShardId, msgs: Vec<PipeMsg>) {
+        self.advance(now);
+        self.stats.pipe_msgs_in += msgs.len() as u64;
+        for msg in msgs {
+            self.on_pipe(from, msg);
+        }
+    }
+
+    fn on_pipe(&mut self, from: ShardId, msg: PipeMsg) {
+        match msg {
+            PipeMsg::Rtp {
+                relay,
+                layer,
+                packet,
+                origin,
+            } => {
+                if let Some((rk, tid)) = self.relays_in.get(&(from, relay)).cloned() {
+                    self.fan_out(rk, &tid, usize::from(layer), packet, origin);
+                }
+            }
+            PipeMsg::Keyframe { relay, layer } => {
+                if let Some((room, track)) = self.relays_out.get(&relay).cloned() {
+                    self.effects.push(Effect::RequestKeyframe {
+                        room,
+                        track,
+                        layer: usize::from(layer),
+                    });
+                }
+            }
+            PipeMsg::Needed {
+                relay,
+                subscribed,
+                layers,
+            } => {
+                let Some((rk, tid)) = self.relays_out.get(&relay) else {
+                    return;
+                };
+                let Some(t) = self.rooms.get_mut(rk).and_then(|r| r.tracks.get_mut(tid)) else {
+                    return;
+                };
+                let newly = subscribed && !t.relayed_to.contains_key(&from);
+                if subscribed {
+                    t.relayed_to.insert(from, layers);
+                } else {
+                    t.relayed_to.remove(&from);
+                }
+                if newly {
+                    debug!(track = %tid, shard = from, "relaying to another shard");
+                }
+            }
+            PipeMsg::Data {
+                room,
+                from: sender,
+                channel,
+                is_text,
+                framed,
+                to,
+            } => {
+                let Some(&rk) = self.room_keys.get(&room) else {
+                    return;
+                };
+                let Some(r) = self.rooms.get(&rk) else {
+                    return;
+                };
+                let targets: Vec<PartKey> = if to.is_empty() {
+                    r.members.clone()
+                } else {
+                    to.iter()
+                        .filter_map(|pid| self.by_pid.get(pid.as_str()).copied())
+                        .filter(|k| k.room == rk)
+                        .collect()
+                };
+                trace!(from = %sender, n = targets.len(), "data from another shard");
+                let now = self.now;
+                self.deliver_data(&targets, channel, is_text, &framed, now);
+            }
+            PipeMsg::Hello { room } => self.on_hello(from, room),
+            PipeMsg::Bye { room } => self.on_bye(from, &room),
+            PipeMsg::Member { room, info } => self.on_remote_member(from, &room, info),
+            PipeMsg::MemberLeft {
+                room,
+                participant_id,
+            } => self.on_remote_member_left(from, &room, &participant_id),
+            PipeMsg::TrackOpen {
+                room,
+                relay,
+                info,
+                codec,
+            } => self.on_remote_track(from, &room, relay, info, codec),
+            PipeMsg::TrackClose { relay } => {
+                if let Some((rk, tid)) = self.relays_in.get(&(from, relay)).cloned() {
+                    self.unpublish(rk, &tid);
+                }
+            }
+            PipeMsg::Muted { relay, muted } => {
+                if let Some((rk, tid)) = self.relays_in.get(&(from, relay)).cloned() {
+                    self.set_muted(rk, &tid, muted);
+                }
+            }
+        }
+    }
+
+    /// Shard `from` hosts `room` now: it gets our participants and tracks of the room (or,
+    /// if the room is not open here yet, it is greeted when it opens).
+    fn on_hello(&mut self, from: ShardId, room: String) {
+        let Some(r) = self
+            .room_keys
+            .get(&room)
+            .and_then(|k| self.rooms.get_mut(k))
+        else {
+            self.early_hellos.entry(room).or_default().insert(from);
+            return;
+        };
+        debug!(room = %room, shard = from, "room spans another shard");
+        r.peers.insert(from);
+        for m in &r.members {
+            if let Some(p) = r.parts.get(m) {
+                self.pipe_out.push(
+                    from,
+                    PipeMsg::Member {
+                        room: room.clone(),
+                        info: ParticipantInfo {
+                            id: p.pid.clone(),
+                            name: p.name.clone(),
+                            tracks: Vec::new(),
+                        },
+                    },
+                );
+            }
+        }
+        let mut local: Vec<&Track> = r
+            .tracks
+            .values()
+            .filter(|t| t.local_publisher().is_some())
+            .collect();
+        local.sort_by_key(|t| t.relay);
+        for t in local {
+            self.pipe_out.push(
+                from,
+                PipeMsg::TrackOpen {
+                    room: room.clone(),
+                    relay: t.relay,
+                    info: t.info(&r.publisher_id(t)),
+                    codec: t.codec.clone(),
+                },
+            );
+        }
+    }
+
+    /// Shard `from` no longer hosts `room`.
+    fn on_bye(&mut self, from: ShardId, room: &str) {
+        if let Some(early) = self.early_hellos.get_mut(room) {
+            early.remove(&from);
+            if early.is_empty() {
+                self.early_hellos.remove(room);
+            }
+        }
+        let Some(r) = self.room_keys.get(room).and_then(|k| self.rooms.get_mut(k)) else {
+            return;
+        };
+        r.peers.remove(&from);
+        let gone: Vec<String> = r
+            .remote
+            .iter()
+            .filter(|(_, m)| m.shard == from)
+            .map(|(pid, _)| pid.clone())
+            .collect();
+        for pid in gone {
+            self.on_remote_member_left(from, room, &pid);
+        }
+    }
+
+    /// A participant of `room` on shard `from`.
+    fn on_remote_member(&mut self, from: ShardId, room: &str, info: ParticipantInfo) {
+        let Some(&rk) = self.room_keys.get(room) else {
+            return;
+        };
+        let Some(r) = self.rooms.get_mut(&rk) else {
+            return;
+        };
+        r.peers.insert(from);
+        let known = r
+            .remote
+            .insert(
+                info.id.clone(),
+                RemoteMember {
+                    shard: from,
+                    name: info.name.clone(),
+                },
+            )
+            .is_some();
+        if !known {
+            self.broadcast(
+                rk,
+                None,
+                ServerMessage::ParticipantJoined { participant: info },
+            );
+        }
+    }
+
+    /// A participant of `room` on shard `from` left.
+    fn on_remote_member_left(&mut self, from: ShardId, room: &str, pid: &str) {
+        let Some(&rk) = self.room_keys.get(room) else {
+            return;
+        };
+        let Some(r) = self.rooms.get_mut(&rk) else {
+            return;
+        };
+        if r.remote.get(pid).is_none_or(|m| m.shard != from) {
+            return;
+        }
+        r.remote.remove(pid);
+        let mut theirs: Vec<TrackId> = r
+            .tracks
+            .values()
+            .filter(|t| {
+                matches!(&t.publisher, Publisher::Remote { participant_id, .. } if participant_id == pid)
+            })
+            .map(|t| t.id.clone())
+            .collect();
+        theirs.sort();
+        for tid in theirs {
+            self.unpublish(rk, &tid);
+        }
+        self.broadcast(
+            rk,
+            None,
+            ServerMessage::ParticipantLeft {
+                participant_id: pid.to_owned(),
+            },
+        );
+    }
+
+    /// A track published on shard `from`, relayed as `relay`: the room here learns of it and
+    /// its participants here subscribe as to any track.
+    fn on_remote_track(
+        &mut self,
+        from: ShardId,
+        room: &str,
+        relay: RelayId,
+        info: TrackInfo,
+        codec: RTCRtpCodec,
+    ) {
+        let Some(&rk) = self.room_keys.get(room) else {
+            return;
+        };
+        let Some(r) = self.rooms.get_mut(&rk) else {
+            return;
+        };
+        if r.tracks.contains_key(info.id.as_str()) || !r.remote.contains_key(&info.participant_id) {
+            return;
+        }
+        let tid = TrackId::from(info.id.as_str());
+        let layers = if info.layers.is_empty() {
+            vec![Layer::new(String::new(), None)]
+        } else {
+            info.layers
+                .iter()
+                .map(|rid| Layer::new(rid.clone(), None))
+                .collect()
+        };
+        r.tracks.insert(
+            tid.clone(),
+            Track {
+                id: tid.clone(),
+                publisher: Publisher::Remote {
+                    shard: from,
+                    participant_id: info.participant_id.clone(),
+                },
+                relay,
+                kind: info.kind,
+                codec,
+                client_track_id: info.client_track_id.clone(),
+                muted: info.muted,
+                layers,
+                down: HashMap::new(),
+                paused_upstream: BTreeSet::new(),
+                unneeded_since: HashMap::new(),
+                relayed_to: BTreeMap::new(),
+                needed_sent: None,
+            },
+        );
+        self.relays_in.insert((from, relay), (rk, tid.clone()));
+        let members = r.members.clone();
+        debug!(track = %tid, shard = from, "track relayed from another shard");
+        self.broadcast(rk, None, ServerMessage::TrackPublished { track: info });
+        for m in members {
+            if self.part(m).is_some_and(|p| p.auto_subscribe) {
+                self.subscribe(m, &tid);
             }
         }
     }
@@ -2034,7 +2502,7 @@ impl<T: Transmit> Sfu<T> {
                 .map_err(|e| SfuError::Rtc(e.to_string()))?;
             channels.insert(dc.id(), label);
         }
-        let others: Vec<ParticipantInfo> = self
+        let mut others: Vec<ParticipantInfo> = self
             .rooms
             .get(&rk)
             .map(|r| r.members.clone())
@@ -2042,6 +2510,9 @@ impl<T: Transmit> Sfu<T> {
             .iter()
             .filter_map(|m| self.participant_info(*m))
             .collect();
+        if let Some(r) = self.rooms.get(&rk) {
+            others.extend(r.remote_infos());
+        }
         let participant = Participant {
             pid: pid.clone(),
             name: name.clone(),
@@ -2063,14 +2534,34 @@ impl<T: Transmit> Sfu<T> {
             egress: None,
             ingress: None,
         };
-        self.rooms
-            .entry(rk)
-            .or_insert_with(|| {
-                info!(room = %room, "room opened");
-                Room::new(room.clone())
-            })
-            .parts
-            .insert(part, participant);
+        let r = self.rooms.entry(rk).or_insert_with(|| {
+            info!(room = %room, peers = ?req.peers, "room opened");
+            let mut r = Room::new(room.clone());
+            // The room's other shards (and any that greeted it before it opened here) are
+            // greeted: each answers with its participants and tracks.
+            r.peers.extend(req.peers.iter().copied());
+            r.peers
+                .extend(self.early_hellos.remove(&room).unwrap_or_default());
+            for &peer in &r.peers {
+                self.pipe_out
+                    .push(peer, PipeMsg::Hello { room: room.clone() });
+            }
+            r
+        });
+        for &peer in &r.peers {
+            self.pipe_out.push(
+                peer,
+                PipeMsg::Member {
+                    room: room.clone(),
+                    info: ParticipantInfo {
+                        id: pid.clone(),
+                        name: name.clone(),
+                        tracks: Vec::new(),
+                    },
+                },
+            );
+        }
+        r.parts.insert(part, participant);
         self.room_keys.insert(room.clone(), rk);
         self.by_pid.insert(pid.clone(), part);
         self.connect_timers.push(self.now + CONNECT_TIMEOUT, part);
@@ -2336,7 +2827,7 @@ impl<T: Transmit> Sfu<T> {
     fn on_mute(&mut self, part: PartKey, track_id: String, muted: bool) {
         let owned = self
             .track(part.room, &track_id)
-            .is_some_and(|t| t.publisher == part);
+            .is_some_and(|t| t.local_publisher() == Some(part));
         // (Another participant's track gets the same answer as a made-up id.)
         if !owned {
             self.send_to(
@@ -2349,41 +2840,53 @@ impl<T: Transmit> Sfu<T> {
             );
             return;
         }
+        self.set_muted(part.room, &track_id, muted);
+    }
+
+    /// A track was muted or unmuted (by its publisher here, or on its shard): everyone in the
+    /// room is told, and unmuting resumes every subscriber at a keyframe without a gap.
+    fn set_muted(&mut self, room: RoomKey, track_id: &str, muted: bool) {
         let now = self.now;
-        match self
-            .rooms
-            .get_mut(&part.room)
-            .and_then(|r| r.tracks.get_mut(track_id.as_str()))
-        {
-            Some(t) if t.muted == muted => return,
-            Some(t) => {
-                t.muted = muted;
-                if !muted {
-                    // Resume every subscriber at a keyframe, without a sequence gap.
-                    let infos = t.layer_infos(now);
-                    for dt in t.down.values_mut() {
-                        dt.rewriter.force_switch();
-                        if let Some(sel) = dt.selector.as_mut() {
-                            sel.restart(&infos, now);
-                            if let Some(l) = sel.wants_keyframe() {
-                                self.effects.push(Effect::RequestKeyframe {
-                                    room: part.room,
-                                    track: t.id.clone(),
-                                    layer: l,
-                                });
-                            }
-                        }
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let Some(pid) = r.tracks.get(track_id).map(|t| r.publisher_id(t)) else {
+            return;
+        };
+        let Some(t) = r.tracks.get_mut(track_id) else {
+            return;
+        };
+        if t.muted == muted {
+            return;
+        }
+        t.muted = muted;
+        if !muted {
+            let infos = t.layer_infos(now);
+            for dt in t.down.values_mut() {
+                dt.rewriter.force_switch();
+                if let Some(sel) = dt.selector.as_mut() {
+                    sel.restart(&infos, now);
+                    if let Some(l) = sel.wants_keyframe() {
+                        self.effects.push(Effect::RequestKeyframe {
+                            room,
+                            track: t.id.clone(),
+                            layer: l,
+                        });
                     }
                 }
             }
-            None => return,
         }
-        let pid = self.part(part).map(|p| p.pid.clone()).unwrap_or_default();
+        if t.local_publisher().is_some() {
+            let relay = t.relay;
+            for &peer in &r.peers {
+                self.pipe_out.push(peer, PipeMsg::Muted { relay, muted });
+            }
+        }
         self.broadcast(
-            part.room,
+            room,
             None,
             ServerMessage::TrackMuted {
-                track_id,
+                track_id: track_id.to_owned(),
                 participant_id: pid,
                 muted,
             },
@@ -2605,9 +3108,10 @@ impl<T: Transmit> Sfu<T> {
         let stopped: Vec<String> = p
             .published()
             .filter(|tid| {
-                room.tracks
-                    .get(*tid)
-                    .is_some_and(|t| !receiving.contains(&t.receiver))
+                room.tracks.get(*tid).is_some_and(|t| match &t.publisher {
+                    Publisher::Local { receiver, .. } => !receiving.contains(receiver),
+                    Publisher::Remote { .. } => false,
+                })
             })
             .map(str::to_owned)
             .collect();
@@ -2758,6 +3262,7 @@ impl<T: Transmit> Sfu<T> {
         for tid in p.subscriptions.keys() {
             if let Some(t) = room.tracks.get_mut(tid) {
                 t.down.remove(&part);
+                sync_needed(t, &mut self.pipe_out);
             }
         }
         for tid in published {
@@ -2770,10 +3275,19 @@ impl<T: Transmit> Sfu<T> {
             return;
         };
         room.members.retain(|m| *m != part);
+        for &peer in &room.peers {
+            self.pipe_out.push(
+                peer,
+                PipeMsg::MemberLeft {
+                    room: room.name.clone(),
+                    participant_id: p.pid.clone(),
+                },
+            );
+        }
         if room.members.is_empty() {
             info!(room = %room.name, "room closed");
             let name = room.name.clone();
-            self.rooms.remove(&part.room);
+            self.close_room(part.room);
             self.room_keys.remove(&name);
         }
         self.by_pid.remove(&p.pid);
@@ -2808,6 +3322,27 @@ impl<T: Transmit> Sfu<T> {
         );
     }
 
+    /// The room has no participant left here: the other shards are told, and what was
+    /// relayed to us of it is forgotten.
+    fn close_room(&mut self, room: RoomKey) {
+        let Some(r) = self.rooms.remove(&room) else {
+            return;
+        };
+        for &peer in &r.peers {
+            self.pipe_out.push(
+                peer,
+                PipeMsg::Bye {
+                    room: r.name.clone(),
+                },
+            );
+        }
+        for t in r.tracks.values() {
+            if let Publisher::Remote { shard, .. } = t.publisher {
+                self.relays_in.remove(&(shard, t.relay));
+            }
+        }
+    }
+
     /// RTCP sender reports for every forwarded stream.
     fn sender_reports(&mut self, now: Instant) {
         let wall = self.wall_clock(now);
@@ -2839,6 +3374,35 @@ impl<T: Transmit> Sfu<T> {
             self.remove_participant(part, "server shutting down", true);
         }
     }
+}
+
+/// (A track relayed from another shard.) Tell the publisher's shard whether we have
+/// subscribers of it, and which layers they need, when that changed.
+fn sync_needed(track: &mut Track, out: &mut PipeOut) {
+    let Publisher::Remote { shard, .. } = track.publisher else {
+        return;
+    };
+    let subscribed = !track.down.is_empty();
+    let layers = if subscribed {
+        layer_bits(needed_layers(
+            track.down.values().filter_map(|d| d.selector.as_ref()),
+        ))
+    } else {
+        0
+    };
+    let state = (subscribed, layers);
+    if track.needed_sent == Some(state) || (track.needed_sent.is_none() && !subscribed) {
+        return;
+    }
+    track.needed_sent = Some(state);
+    out.push(
+        shard,
+        PipeMsg::Needed {
+            relay: track.relay,
+            subscribed,
+            layers,
+        },
+    );
 }
 
 fn validate_name(field: &str, value: &str) -> Result<(), SfuError> {

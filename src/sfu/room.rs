@@ -12,15 +12,16 @@ use super::ids::{PartKey, TrackId};
 use super::ingress::Ingress;
 use super::keyframe::KeyframeThrottle;
 use super::outbox::Outbox;
+use super::pipe::{RelayId, ShardId};
 use super::selector::{BitrateMeter, LayerInfo};
 use super::timers::Deadline;
-use crate::signal::{ServerMessage, TrackInfo, TrackKind};
+use crate::signal::{ParticipantInfo, ServerMessage, TrackInfo, TrackKind};
 use bytes::BytesMut;
 use rtc::data_channel::RTCDataChannelId;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -35,8 +36,18 @@ pub(super) struct Room {
     /// Participants in join order.
     pub(super) members: Vec<PartKey>,
     pub(super) parts: HashMap<PartKey, Participant>,
-    /// Tracks published in the room.
+    /// Tracks published in the room, here and on the room's other shards.
     pub(super) tracks: HashMap<TrackId, Track>,
+    /// The other shards hosting the room.
+    pub(super) peers: BTreeSet<ShardId>,
+    /// Participants of the room on other shards, by id.
+    pub(super) remote: BTreeMap<String, RemoteMember>,
+}
+
+/// A participant of the room on another shard.
+pub(super) struct RemoteMember {
+    pub(super) shard: ShardId,
+    pub(super) name: String,
 }
 
 impl Room {
@@ -46,6 +57,43 @@ impl Room {
             members: Vec::new(),
             parts: HashMap::new(),
             tracks: HashMap::new(),
+            peers: BTreeSet::new(),
+            remote: BTreeMap::new(),
+        }
+    }
+
+    /// The room's participants on other shards, with their tracks.
+    pub(super) fn remote_infos(&self) -> Vec<ParticipantInfo> {
+        self.remote
+            .iter()
+            .map(|(pid, m)| {
+                let mut tracks: Vec<TrackInfo> = self
+                    .tracks
+                    .values()
+                    .filter(|t| {
+                        matches!(&t.publisher, Publisher::Remote { participant_id, .. } if participant_id == pid)
+                    })
+                    .map(|t| t.info(pid))
+                    .collect();
+                tracks.sort_by(|a, b| a.id.cmp(&b.id));
+                ParticipantInfo {
+                    id: pid.clone(),
+                    name: m.name.clone(),
+                    tracks,
+                }
+            })
+            .collect()
+    }
+
+    /// The participant id of whoever publishes `t` (here or on another shard).
+    pub(super) fn publisher_id(&self, t: &Track) -> String {
+        match &t.publisher {
+            Publisher::Local { part, .. } => self
+                .parts
+                .get(part)
+                .map(|p| p.pid.clone())
+                .unwrap_or_default(),
+            Publisher::Remote { participant_id, .. } => participant_id.clone(),
         }
     }
 }
@@ -196,13 +244,30 @@ impl Layer {
     }
 }
 
+/// Who publishes a track: a participant of this shard, or one of another shard hosting the
+/// same room (the track then arrives over the pipe).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Publisher {
+    Local {
+        part: PartKey,
+        /// The receiving transceiver of the publisher connection.
+        receiver: RTCRtpReceiverId,
+    },
+    Remote {
+        shard: ShardId,
+        participant_id: String,
+    },
+}
+
 pub(super) struct Track {
     pub(super) id: TrackId,
-    pub(super) publisher: PartKey,
+    pub(super) publisher: Publisher,
+    /// The track's number on the pipe: ours for a local track, the publisher's shard's for a
+    /// remote one.
+    pub(super) relay: RelayId,
     pub(super) kind: TrackKind,
     pub(super) codec: RTCRtpCodec,
     pub(super) client_track_id: String,
-    pub(super) receiver: RTCRtpReceiverId,
     pub(super) muted: bool,
     /// Encodings; a layer's id is its index here (never reordered).
     pub(super) layers: Vec<Layer>,
@@ -211,9 +276,27 @@ pub(super) struct Track {
     /// unneeded.
     pub(super) paused_upstream: BTreeSet<usize>,
     pub(super) unneeded_since: HashMap<usize, Instant>,
+    /// (A local track.) Other shards with subscribers of it, and the layers each needs: its
+    /// packets are relayed to them.
+    pub(super) relayed_to: BTreeMap<ShardId, u64>,
+    /// (A remote track.) What this shard last told the publisher's shard it needs.
+    pub(super) needed_sent: Option<(bool, u64)>,
 }
 
 impl Track {
+    /// The local participant publishing the track, if it is local.
+    pub(super) fn local_publisher(&self) -> Option<PartKey> {
+        match self.publisher {
+            Publisher::Local { part, .. } => Some(part),
+            Publisher::Remote { .. } => None,
+        }
+    }
+
+    /// Whether anyone, here or on another shard, receives the track.
+    pub(super) fn has_subscribers(&self) -> bool {
+        !self.down.is_empty() || !self.relayed_to.is_empty()
+    }
+
     pub(super) fn info(&self, publisher_pid: &str) -> TrackInfo {
         TrackInfo {
             id: self.id.to_string(),

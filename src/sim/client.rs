@@ -90,6 +90,7 @@ impl Client {
                     name: name.to_owned(),
                     auto_subscribe: true,
                     events: events_tx,
+                    peers: Vec::new(),
                 },
                 reply,
             }),
