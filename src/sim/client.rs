@@ -3,9 +3,15 @@
 //! node's command interface ([`Command::Join`] with an events channel, then
 //! [`Command::Client`]) instead of over a WebSocket. The channels are polled with `try_recv`:
 //! no runtime is involved.
+//!
+//! Data channels: the server opens `chat` and `input` on the client's subscriber connection
+//! (as a browser gets them with `ondatachannel`); [`Client::send_data`] queues a message that
+//! goes out at the virtual time the network next drains the client (recorded in
+//! [`Client::data_sent`]), and [`Client::data_received`] splits what arrived into the
+//! server's `{"from":…}` header and the payload.
 
 use super::net::{Node, Output};
-use super::peer::{MediaSpec, Peer};
+use super::peer::{MediaSpec, Peer, RxData};
 use crate::sfu::{Command, EVENT_QUEUE, JoinAccepted, JoinRequest, SfuError};
 use crate::signal::{ClientMessage, IceCandidate, PcTarget, ServerMessage, TrackInfo};
 use bytes::BytesMut;
@@ -41,6 +47,9 @@ pub struct Client {
     /// client); [`Client::answer_held`] answers them.
     pub hold_offers: bool,
     pub held_offers: Vec<String>,
+    /// Data-channel messages sent: (virtual send time, label, text?, bytes as sent).
+    pub data_sent: Vec<(Instant, String, bool, Vec<u8>)>,
+    data_out: Vec<(String, bool, Vec<u8>)>,
     media: MediaSpec,
     seed: u64,
     join_cmd: Option<Command>,
@@ -82,6 +91,8 @@ impl Client {
             obey_publisher_layers: true,
             hold_offers: false,
             held_offers: Vec::new(),
+            data_sent: Vec::new(),
+            data_out: Vec::new(),
             media,
             seed,
             join_cmd: Some(Command::Join {
@@ -130,6 +141,24 @@ impl Client {
     /// Send a signaling message (after the join).
     pub fn send(&mut self, msg: ClientMessage) {
         self.outgoing.push(msg);
+    }
+
+    /// Queue a data-channel message on the channel `label` (`chat` or `input`): `data` is
+    /// the whole client envelope (`HEADER "\n" PAYLOAD`, see [`envelope`]), sent as text
+    /// (then it must be UTF-8) or binary. It leaves when the network next drains the client;
+    /// a channel that is not open then makes it an entry of [`Client::errors`].
+    pub fn send_data(&mut self, label: &str, is_text: bool, data: impl Into<Vec<u8>>) {
+        self.data_out.push((label.to_owned(), is_text, data.into()));
+    }
+
+    /// Whether both of the server's channels (`chat`, `input`) are open.
+    pub fn channels_open(&self) -> bool {
+        self.subscriber.channel_open("chat") && self.subscriber.channel_open("input")
+    }
+
+    /// Every data-channel message received, the server's header parsed.
+    pub fn data_received(&self) -> Vec<DataIn> {
+        self.subscriber.data.iter().map(DataIn::parse).collect()
     }
 
     /// Every track announced to this client (in `joined` and `track_published`), by
@@ -232,6 +261,55 @@ impl Client {
     }
 }
 
+/// A client envelope: the header `{"to":[…]}` (or `{}` when `to` is empty), a newline and
+/// `payload`.
+pub fn envelope(to: &[&str], payload: &[u8]) -> Vec<u8> {
+    let header = if to.is_empty() {
+        "{}".to_owned()
+    } else {
+        serde_json::json!({ "to": to }).to_string()
+    };
+    let mut v = header.into_bytes();
+    v.push(b'\n');
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A relayed data-channel message as a receiver sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DataIn {
+    /// Virtual arrival time.
+    pub at: std::time::Instant,
+    /// The channel it arrived on.
+    pub label: String,
+    pub is_text: bool,
+    /// `from` of the server's header; `None` if the header is missing or malformed.
+    pub from: Option<String>,
+    /// Everything after the first `\n` (the whole message if there is none).
+    pub payload: Vec<u8>,
+}
+
+impl DataIn {
+    fn parse(d: &RxData) -> Self {
+        let (from, payload) = match d.data.iter().position(|&b| b == b'\n') {
+            Some(nl) => {
+                let from = serde_json::from_slice::<serde_json::Value>(&d.data[..nl])
+                    .ok()
+                    .and_then(|v| v.get("from")?.as_str().map(str::to_owned));
+                (from, d.data[nl + 1..].to_vec())
+            }
+            None => (None, d.data.to_vec()),
+        };
+        DataIn {
+            at: d.at,
+            label: d.label.clone(),
+            is_text: d.is_text,
+            from,
+            payload,
+        }
+    }
+}
+
 /// The candidate JSON shape the signaling protocol uses, from `rtc`'s.
 pub fn to_signal_candidate(c: &RTCIceCandidateInit) -> IceCandidate {
     IceCandidate {
@@ -308,6 +386,12 @@ impl Node for Client {
                     participant: pid.clone(),
                     msg,
                 });
+            }
+        }
+        for (label, is_text, data) in std::mem::take(&mut self.data_out) {
+            match self.subscriber.send_data(now, &label, is_text, &data) {
+                Ok(()) => self.data_sent.push((now, label, is_text, data)),
+                Err(e) => self.errors.push(format!("send on {label}: {e}")),
             }
         }
         if let Some(p) = self.publisher.as_mut() {

@@ -25,9 +25,11 @@ pub mod net;
 pub mod peer;
 pub mod server;
 
-pub use client::Client;
+pub use client::{Client, DataIn, envelope};
 pub use net::{LinkConfig, LinkStats, Net, Node, NodeId, Output};
-pub use peer::{LayerSpec, MediaSpec, Peer, RtcpIn, RxPacket, RxTrack, Vp8Info};
+pub use peer::{
+    ChannelInfo, LayerSpec, MediaSpec, Peer, RtcpIn, RxData, RxPacket, RxTrack, Vp8Info,
+};
 
 use bytes::BytesMut;
 use std::net::SocketAddr;
