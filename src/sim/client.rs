@@ -15,6 +15,7 @@ use super::peer::{MediaSpec, Peer, RxData};
 use crate::sfu::{Command, EVENT_QUEUE, JoinAccepted, JoinRequest, SfuError};
 use crate::signal::{ClientMessage, IceCandidate, PcTarget, ServerMessage, TrackInfo};
 use bytes::BytesMut;
+use rtc::data_channel::RTCDataChannelInit;
 use rtc::peer_connection::transport::RTCIceCandidateInit;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -47,6 +48,10 @@ pub struct Client {
     /// client); [`Client::answer_held`] answers them.
     pub hold_offers: bool,
     pub held_offers: Vec<String>,
+    /// Open `chat` and `input` channels of the client's own in its publish offer (which the
+    /// protocol says not to do: the server does not relay them). See
+    /// [`Client::with_publisher_channels`].
+    pub publisher_channels: bool,
     /// Data-channel messages sent: (virtual send time, label, text?, bytes as sent).
     pub data_sent: Vec<(Instant, String, bool, Vec<u8>)>,
     data_out: Vec<(String, bool, Vec<u8>)>,
@@ -91,6 +96,7 @@ impl Client {
             obey_publisher_layers: true,
             hold_offers: false,
             held_offers: Vec::new(),
+            publisher_channels: false,
             data_sent: Vec::new(),
             data_out: Vec::new(),
             media,
@@ -115,6 +121,14 @@ impl Client {
         if let Some(Command::Join { req, .. }) = self.join_cmd.as_mut() {
             req.auto_subscribe = false;
         }
+        self
+    }
+
+    /// Also create `chat` (ordered) and `input` (unordered, no retransmissions) on the
+    /// publisher connection, in its first offer; a publisher connection is made even without
+    /// media. Send on them with `publisher.send_data`.
+    pub fn with_publisher_channels(mut self) -> Self {
+        self.publisher_channels = true;
         self
     }
 
@@ -240,9 +254,10 @@ impl Client {
     fn joined(&mut self, now: Instant, acc: JoinAccepted) {
         self.participant_id = Some(acc.participant_id);
         self.joined = Some(acc.joined);
-        if self.media == MediaSpec::none() {
+        if self.media == MediaSpec::none() && !self.publisher_channels {
             return;
         }
+        let channels = self.publisher_channels;
         let publisher = Peer::new(
             &format!("{}-pub", self.name),
             now,
@@ -250,7 +265,26 @@ impl Client {
             self.seed ^ 0x5eed_0001,
             &self.media,
         )
-        .and_then(|mut p| p.create_offer(now).map(|sdp| (p, sdp)));
+        .and_then(|mut p| {
+            if channels {
+                p.create_data_channel(
+                    "chat",
+                    RTCDataChannelInit {
+                        ordered: true,
+                        ..Default::default()
+                    },
+                )?;
+                p.create_data_channel(
+                    "input",
+                    RTCDataChannelInit {
+                        ordered: false,
+                        max_retransmits: Some(0),
+                        ..Default::default()
+                    },
+                )?;
+            }
+            p.create_offer(now).map(|sdp| (p, sdp))
+        });
         match publisher {
             Ok((p, sdp)) => {
                 self.publisher = Some(p);

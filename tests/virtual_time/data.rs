@@ -394,3 +394,54 @@ fn relay_latency_is_the_path_delay() {
         ms(worst)
     );
 }
+
+/// Channels a client opens itself (here in its publish offer) are not relayed, as the
+/// protocol says: what is sent on them reaches nobody, while the server's channels on the
+/// subscriber connection keep working.
+#[test]
+fn channels_the_client_opens_itself_are_not_relayed() {
+    let mut s = Sim::new(15);
+    let now = s.net.now();
+    let c = plaza::sim::Client::new(
+        "alice",
+        "a",
+        super::common::ip(1),
+        now,
+        1000,
+        MediaSpec::none(),
+    )
+    .expect("alice")
+    .with_publisher_channels();
+    let addrs = c.addrs();
+    let alice = s.net.add_node(c, &addrs);
+    let bob = s.client(2, "bob", "a", MediaSpec::none());
+    s.wait_channels(&[alice, bob], T);
+    let pa = s.pid(alice);
+    let own = s.net.run_until_cond(T, |net| {
+        let c = net.node_ref::<plaza::sim::Client>(alice);
+        c.publisher
+            .as_ref()
+            .is_some_and(|p| p.channel_open("chat") && p.channel_open("input"))
+    });
+    // The server accepts the SCTP section of the publish offer, so they do open.
+    assert!(own.is_some(), "alice's own channels open");
+    let now = s.net.now();
+    let p = s.c(alice).publisher.as_mut().expect("publisher");
+    p.send_data(now, "chat", true, &envelope(&[], b"on my own chat"))
+        .expect("send on own chat");
+    p.send_data(now, "input", false, &envelope(&[], b"on my own input"))
+        .expect("send on own input");
+    s.c(alice)
+        .send_data("chat", true, envelope(&[], b"on the server's chat"));
+    s.net.run_for(Duration::from_secs(1));
+    assert_eq!(
+        payloads(&mut s, bob, "chat", &pa),
+        vec![b"on the server's chat".to_vec()]
+    );
+    assert_eq!(
+        s.c(bob).data_received().len(),
+        1,
+        "nothing else reaches bob"
+    );
+    assert_eq!(s.stats().data_messages_relayed, 1);
+}
