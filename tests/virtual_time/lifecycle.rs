@@ -183,10 +183,10 @@ fn dead_link_removes_the_participant_when_its_connection_fails() {
     // failed connection.
     let reason = leave_reason(&mut s, carol).expect("carol is told");
     assert!(reason.contains("connection failed"), "{reason}");
-    // Failure is detected by ICE (consent / keepalive timeouts): seconds, not the connect
-    // timeout, and not instantly.
+    // Failure is detected by the server's ICE agent: `rtc`'s defaults call a connection
+    // disconnected after 5 s without traffic and failed 25 s later, so about 30 s.
     assert!(
-        took >= Duration::from_secs(3) && took <= Duration::from_secs(40),
+        took >= Duration::from_secs(20) && took <= Duration::from_secs(35),
         "removed {took:?} after the link died"
     );
     assert!(wall_took < Duration::from_secs(1), "wall {wall_took:?}");
@@ -265,6 +265,37 @@ fn short_outage_recovers_without_a_new_join() {
         })
         .expect("media resumes after the outage");
     s.net.run_for(Duration::from_secs(3));
+    // The outage shows at the subscriber as a sequence and picture-id gap on the same
+    // stream (what makes a browser's decoder ask for a keyframe); a PLI then gets one.
+    let video = s
+        .c(bob)
+        .announced_tracks()
+        .into_iter()
+        .find(|t| t.participant_id == pa && t.kind == TrackKind::Video)
+        .expect("video track")
+        .id;
+    let rx = s.c(bob).subscriber.tracks[&video].clone();
+    let last = rx.packets.iter().rfind(|p| p.at < healed).expect("before");
+    let first = rx.packets.iter().find(|p| p.at >= healed).expect("after");
+    assert_eq!(first.ssrc, last.ssrc, "same down-track SSRC");
+    assert!(
+        first.seq.wrapping_sub(last.seq) > 100,
+        "sequence gap over 5 s"
+    );
+    let pid_gap = first
+        .vp8
+        .and_then(|v| v.picture_id)
+        .unwrap_or(0)
+        .wrapping_sub(last.vp8.and_then(|v| v.picture_id).unwrap_or(0));
+    assert!(pid_gap > 100, "picture-id gap over 5 s: {pid_gap}");
+    let now = s.net.now();
+    s.c(bob).subscriber.send_pli(now, &video).expect("pli");
+    let key = s.net.run_until_cond(T, |net| {
+        net.node_ref::<Client>(bob).subscriber.tracks[&video]
+            .keyframes()
+            .any(|p| p.at >= now)
+    });
+    assert!(key.is_some(), "a keyframe after the PLI");
     let later = s.net.now() - Duration::from_secs(2);
     let audio = media_since(&mut s, bob, alice, TrackKind::Audio, later);
     let video = media_since(&mut s, bob, alice, TrackKind::Video, later);
@@ -284,8 +315,10 @@ fn short_outage_recovers_without_a_new_join() {
     }
     s.no_errors(&[alice, bob]);
     println!(
-        "5 s outage: media back {:.0} ms after the link healed; wall {:?}",
+        "5 s outage: media back {:.0} ms after the link healed, keyframe {:.0} ms after a PLI; \
+         wall {:?}",
         ms(back),
+        ms(key.unwrap()),
         wall.elapsed()
     );
 }
