@@ -33,6 +33,7 @@ pub mod latency;
 pub mod loglimit;
 pub mod outbox;
 pub mod placement;
+pub mod room;
 pub mod sdpcheck;
 pub mod timers;
 
