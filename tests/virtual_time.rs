@@ -11,6 +11,8 @@
 
 mod virtual_time {
     pub mod common;
+    pub mod data;
+    pub mod lifecycle;
     pub mod sfu;
     pub mod two_peers;
 }
