@@ -2150,6 +2150,10 @@ impl<T: Transmit> Sfu<T> {
             return;
         };
         r.peers.remove(&from);
+        // Nothing more is relayed to it.
+        for t in r.tracks.values_mut() {
+            t.relayed_to.remove(&from);
+        }
         let gone: Vec<String> = r
             .remote
             .iter()
