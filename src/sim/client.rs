@@ -108,6 +108,8 @@ impl Client {
                     auto_subscribe: true,
                     events: events_tx,
                     peers: Vec::new(),
+                    identity: None,
+                    grants: Default::default(),
                 },
                 reply,
             }),
