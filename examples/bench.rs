@@ -1666,6 +1666,9 @@ fn chart(title: &str, xlabel: &str, points: &[Point], footer: &str) -> String {
 
 fn main() {
     let args = Args::parse();
+    if let Err(e) = args.peer.install_signing_key() {
+        return cli::exit_with("bench", Err(e));
+    }
     // Pin before the runtime starts its threads: they inherit the affinity.
     let pins = match pinning(&args) {
         Ok(p) => p,

@@ -292,6 +292,9 @@ struct PeerReport {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if let Err(e) = args.peer.install_signing_key() {
+        return cli::exit_with("loadtest", Err(e));
+    }
     cli::exit_with("loadtest", run(args).await);
 }
 

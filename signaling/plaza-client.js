@@ -26,7 +26,11 @@ const DEFAULTS = {
   url: null, // default: ws(s)://<page host>/rtc
   room: null,
   name: null,
+  // Access token (a JWT): a string, or a function ({ room, name }) => string | Promise<string>
+  // called for every (re)join. Default: fetched from the server's development endpoint
+  // (`tokenUrl`), which only a server without API keys (development mode) has.
   token: undefined,
+  tokenUrl: null, // default: http(s)://<host of url>/dev/token
   autoSubscribe: true,
   adaptiveStream: true, // report rendered video sizes (track_settings width/height)
   defaultQuality: null, // cap for every remote video: 'low' | 'medium' | 'high' | null
@@ -453,8 +457,44 @@ export class PlazaClient extends Emitter {
     return err;
   }
 
+  /**
+   * The token for the next join: the `token` option (a string, or a function called for every
+   * join), else one fetched from the development endpoint. The identity the endpoint picked is
+   * kept, so a rejoin is the same participant.
+   */
+  async _token() {
+    const t = this.options.token;
+    if (typeof t === 'function') return await t({ room: this.room, name: this.name });
+    if (t !== undefined && t !== null) return t;
+    const url = new URL(this.options.tokenUrl ?? this.options.url.replace(/^ws/, 'http').replace(/\/rtc(\?.*)?$/, '/dev/token'));
+    url.searchParams.set('room', this.room);
+    url.searchParams.set('name', this.name);
+    if (this._devIdentity) url.searchParams.set('identity', this._devIdentity);
+    let res;
+    try {
+      res = await fetch(url, { cache: 'no-store' });
+    } catch (e) {
+      throw this._error('unreachable', `cannot fetch a development token from ${url.origin}${url.pathname}: ${e.message}`);
+    }
+    if (!res.ok) {
+      throw this._error(
+        'token_missing',
+        `no access token: pass the \`token\` option (the development token endpoint answered ${res.status}; it is off when the server has API keys)`,
+      );
+    }
+    const body = await res.json();
+    this._devIdentity = body.identity;
+    return body.token;
+  }
+
+  /** Get a token, open a WebSocket, send `join`, resolve on `joined`. */
+  async _openSession() {
+    const token = await this._token();
+    return this._openSocket(token);
+  }
+
   /** Open a WebSocket, send `join`, resolve on `joined`. The session object owns everything. */
-  _openSession() {
+  _openSocket(token) {
     const WS = this.options.WebSocket ?? globalThis.WebSocket;
     const sess = {
       ws: null,
@@ -502,7 +542,7 @@ export class PlazaClient extends Emitter {
       ws.binaryType = 'arraybuffer';
       ws.onopen = () => {
         const join = { type: 'join', room: this.room, name: this.name, protocol: PROTOCOL_VERSION, auto_subscribe: this.options.autoSubscribe };
-        if (this.options.token !== undefined) join.token = this.options.token;
+        if (token) join.token = token;
         this._sendOn(sess, join);
       };
       ws.onerror = () => {

@@ -18,7 +18,15 @@
 //! max_data_message = 16384
 //! join_timeout = 10          # seconds; fractions allowed
 //! max_connections_per_ip = 64
+//!
+//! [keys]                     # API key → secret (at least 32 bytes); none: development mode
+//! APIkey1 = "a-secret-of-at-least-32-bytes-0123456789"
 //! ```
+//!
+//! API keys: `--api-key`/`--api-secret` (or `PLAZA_API_KEY`/`PLAZA_API_SECRET`; each of the
+//! two from the flag, else the environment) name one key; when neither is set the file's
+//! `[keys]` table is used. Secrets are never printed (`Debug` redacts them). With no key at
+//! all the server runs in development mode ([`crate::auth`]).
 //!
 //! The loader takes the environment as a lookup function ([`Config::load_from`]), so tests
 //! never depend on the process environment. Empty environment variables count as unset
@@ -33,7 +41,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::auth::{self, ApiKey, Claims, KeySet, RoomGrants, Secret};
 use crate::sfu::CoreLimits;
+use std::collections::BTreeMap;
 
 /// Default HTTP/WebSocket port.
 pub const DEFAULT_PORT: u16 = 7880;
@@ -154,6 +164,8 @@ pub struct Config {
     pub ws_message_burst: usize,
     /// Per-participant and per-turn limits of the SFU core.
     pub core_limits: CoreLimits,
+    /// API keys that sign access tokens. Empty: development mode (the public development key).
+    pub keys: KeySet,
 }
 
 impl Default for Config {
@@ -181,6 +193,7 @@ impl Default for Config {
             ws_message_rate: DEFAULT_WS_MESSAGE_RATE,
             ws_message_burst: DEFAULT_WS_MESSAGE_BURST,
             core_limits: CoreLimits::default(),
+            keys: KeySet::new(),
         }
     }
 }
@@ -222,6 +235,8 @@ pub enum ConfigError {
         min: usize,
         max: usize,
     },
+    #[error("invalid API keys: {0}")]
+    Keys(String),
     #[error("--{name} must be {expected}, got {value}")]
     Invalid {
         name: &'static str,
@@ -240,10 +255,21 @@ pub enum ConfigError {
                   PLAZA_UDP_PORT) or in the TOML file given with --config. Precedence: flag > \
                   environment > file > default."
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file [env: PLAZA_CONFIG]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// API key that signs access tokens; with --api-secret. None (and no [keys] in the file):
+    /// development mode [env: PLAZA_API_KEY]
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Secret of --api-key, at least 32 bytes; prefer the environment variable (a flag shows
+    /// in `ps`) [env: PLAZA_API_SECRET]
+    #[arg(long, value_name = "SECRET")]
+    api_secret: Option<Secret>,
     /// HTTP/WebSocket bind address [env: PLAZA_BIND] [default: 127.0.0.1]
     #[arg(long, value_name = "IP")]
     bind: Option<IpAddr>,
@@ -343,6 +369,85 @@ enum OneOrMany {
     Many(Vec<IpAddr>),
 }
 
+/// Subcommands of the `plaza` binary (none: run the server).
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print an access token (JWT) for a participant, signed with an API key (the development
+    /// key by default)
+    Token(TokenArgs),
+}
+
+/// `plaza token`: mint an access token.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// Room the token admits to
+    #[arg(long)]
+    pub room: String,
+    /// Identity of the participant (unique in the room)
+    #[arg(long)]
+    pub identity: String,
+    /// Display name (default: the join's `name`)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Validity, in seconds from now
+    #[arg(long, value_name = "SECONDS", default_value_t = auth::DEFAULT_TTL.as_secs())]
+    pub ttl: u64,
+    /// Comma-separated grants: publish (audio and video), publish-audio, publish-video, data,
+    /// subscribe, hidden, admin. A viewer: `--grants subscribe`
+    #[arg(long, value_delimiter = ',', default_value = "publish,data,subscribe")]
+    pub grants: Vec<String>,
+    /// API key to sign with (default: the development key `devkey`)
+    #[arg(long, env = "PLAZA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Secret of --api-key (default: the development secret)
+    #[arg(long, env = "PLAZA_API_SECRET", hide_env_values = true)]
+    pub api_secret: Option<Secret>,
+}
+
+impl TokenArgs {
+    /// The token these arguments describe, or why it cannot be made.
+    pub fn mint(&self) -> Result<String, String> {
+        let key = match (&self.api_key, &self.api_secret) {
+            (None, None) => ApiKey::dev(),
+            (Some(k), Some(s)) => ApiKey {
+                key: k.trim().to_owned(),
+                secret: s.clone(),
+            },
+            (Some(_), None) => return Err("--api-key needs --api-secret".into()),
+            (None, Some(_)) => return Err("--api-secret needs --api-key".into()),
+        };
+        for (what, value) in [("room", &self.room), ("identity", &self.identity)] {
+            if value.trim().is_empty() {
+                return Err(format!("--{what} must not be empty"));
+            }
+        }
+        if self.ttl == 0 {
+            return Err("--ttl must be at least 1 second".into());
+        }
+        let grants = RoomGrants::participant(self.room.trim())
+            .with_names(self.grants.iter().map(String::as_str))?;
+        let mut claims = Claims::new(
+            self.identity.trim(),
+            self.room.trim(),
+            Duration::from_secs(self.ttl),
+        )
+        .with_grants(grants);
+        if let Some(name) = &self.name {
+            claims = claims.with_name(name.trim());
+        }
+        auth::mint(&key, &claims).map_err(|e| e.to_string())
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Run the server with this configuration.
+    Serve(Box<Config>),
+    /// `plaza token`: print a token.
+    Token(TokenArgs),
+}
+
 /// The TOML file's shape.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -373,6 +478,8 @@ struct FileConfig {
     max_subscriptions: Option<usize>,
     max_ids_per_message: Option<usize>,
     commands_per_turn: Option<usize>,
+    /// API key → secret.
+    keys: Option<BTreeMap<String, Secret>>,
 }
 
 /// One layer of optional settings (flags, env or file).
@@ -403,6 +510,9 @@ struct Layer {
     max_subscriptions: Option<usize>,
     max_ids_per_message: Option<usize>,
     commands_per_turn: Option<usize>,
+    api_key: Option<String>,
+    api_secret: Option<Secret>,
+    keys: Option<KeySet>,
 }
 
 impl Layer {
@@ -434,6 +544,9 @@ impl Layer {
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
             max_ids_per_message: self.max_ids_per_message.or(lower.max_ids_per_message),
             commands_per_turn: self.commands_per_turn.or(lower.commands_per_turn),
+            api_key: self.api_key.or(lower.api_key),
+            api_secret: self.api_secret.or(lower.api_secret),
+            keys: self.keys.or(lower.keys),
         }
     }
 }
@@ -466,6 +579,9 @@ impl From<Args> for Layer {
             max_subscriptions: a.max_subscriptions,
             max_ids_per_message: a.max_ids_per_message,
             commands_per_turn: a.commands_per_turn,
+            api_key: a.api_key.map(|k| k.trim().to_owned()),
+            api_secret: a.api_secret,
+            keys: None,
         }
     }
 }
@@ -501,6 +617,13 @@ impl From<FileConfig> for Layer {
             max_subscriptions: f.max_subscriptions,
             max_ids_per_message: f.max_ids_per_message,
             commands_per_turn: f.commands_per_turn,
+            api_key: None,
+            api_secret: None,
+            keys: f.keys.map(|keys| {
+                keys.into_iter()
+                    .map(|(key, secret)| ApiKey { key, secret })
+                    .collect()
+            }),
         }
     }
 }
@@ -573,6 +696,9 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             max_subscriptions: self.parse("PLAZA_MAX_SUBSCRIPTIONS")?,
             max_ids_per_message: self.parse("PLAZA_MAX_IDS_PER_MESSAGE")?,
             commands_per_turn: self.parse("PLAZA_COMMANDS_PER_TURN")?,
+            api_key: self.raw("PLAZA_API_KEY").map(|k| k.trim().to_owned()),
+            api_secret: self.raw("PLAZA_API_SECRET").map(Secret::new),
+            keys: None,
         })
     }
 }
@@ -603,7 +729,32 @@ impl Config {
         T: Into<OsString> + Clone,
         F: Fn(&str) -> Option<String>,
     {
+        match Config::invocation_from(args, env)? {
+            Invocation::Serve(config) => Ok(*config),
+            Invocation::Token(_) => Err(ConfigError::Invalid {
+                name: "token",
+                value: "a subcommand".to_owned(),
+                expected: "no subcommand when loading the server configuration".to_owned(),
+            }),
+        }
+    }
+
+    /// What the process's command line asks for: run the server, or a subcommand.
+    pub fn load_invocation() -> Result<Invocation, ConfigError> {
+        Config::invocation_from(std::env::args_os(), |var| std::env::var(var).ok())
+    }
+
+    /// [`Config::load_invocation`] from explicit arguments and an environment lookup.
+    pub fn invocation_from<I, T, F>(args: I, env: F) -> Result<Invocation, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+        F: Fn(&str) -> Option<String>,
+    {
         let mut args = Args::try_parse_from(args)?;
+        if let Some(Command::Token(token)) = args.command.take() {
+            return Ok(Invocation::Token(token));
+        }
         let env = EnvReader(env);
         let config_file = args
             .config
@@ -614,6 +765,22 @@ impl Config {
             None => Layer::default(),
         };
         let merged = Layer::from(args).over(env.layer()?).over(file);
+        let keys = match (merged.api_key, merged.api_secret) {
+            (None, None) => merged.keys.unwrap_or_default(),
+            (Some(key), Some(secret)) => std::iter::once(ApiKey { key, secret }).collect(),
+            (Some(_), None) => {
+                return Err(ConfigError::Keys(
+                    "--api-key (PLAZA_API_KEY) is set without --api-secret (PLAZA_API_SECRET)"
+                        .to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Keys(
+                    "--api-secret (PLAZA_API_SECRET) is set without --api-key (PLAZA_API_KEY)"
+                        .to_owned(),
+                ));
+            }
+        };
 
         let d = Config::default();
         let mut config = Config {
@@ -657,10 +824,11 @@ impl Config {
                     .commands_per_turn
                     .unwrap_or(d.core_limits.commands_per_turn),
             },
+            keys,
         };
         config.announce_ips = config.announce_ips()?;
         config.validate()?;
-        Ok(config)
+        Ok(Invocation::Serve(Box::new(config)))
     }
 
     /// The IPs to announce: the configured ones (deduplicated), or the UDP bind address when
@@ -689,6 +857,7 @@ impl Config {
     /// Check every setting (also called by [`crate::server::start`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.announce_ips()?;
+        self.keys.validate().map_err(ConfigError::Keys)?;
         tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
             ConfigError::LogLevel {
                 directive: self.log_level.clone(),

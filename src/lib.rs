@@ -26,6 +26,7 @@
 //! demultiplexing, placement) lives in small modules unit-tested without sockets.
 //! `docs/ARCHITECTURE.md` has the whole picture.
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod io;

@@ -1,6 +1,7 @@
 //! The `plaza` binary: configuration → logging → server, until Ctrl-C or SIGTERM.
+//! `plaza token …` prints an access token instead.
 
-use plaza::config::{Config, ConfigError, LogFormat};
+use plaza::config::{Config, ConfigError, Invocation, LogFormat, TokenArgs};
 use std::process::ExitCode;
 use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
@@ -8,8 +9,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, fmt};
 
 fn main() -> ExitCode {
-    let config = match Config::load() {
-        Ok(config) => config,
+    let config = match Config::load_invocation() {
+        Ok(Invocation::Serve(config)) => *config,
+        Ok(Invocation::Token(args)) => return print_token(&args),
         // `--help`, `--version` and bad flags: clap prints and picks the exit code.
         Err(ConfigError::Cli(e)) => e.exit(),
         Err(e) => {
@@ -56,6 +58,21 @@ fn main() -> ExitCode {
             // Logging is set up by now: report there (stdout), not twice.
             tracing::error!("plaza: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `plaza token`: the token on stdout (nothing else, for `$(plaza token …)`), errors on stderr.
+#[allow(clippy::print_stdout)] // printing the token is what the command is for
+fn print_token(args: &TokenArgs) -> ExitCode {
+    match args.mint() {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("plaza token: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -253,6 +253,21 @@ where
         max_connections_per_ip = config.max_connections_per_ip,
         "plaza started"
     );
+    if config.keys.is_empty() {
+        warn!(
+            api_key = crate::auth::DEV_API_KEY,
+            "DEVELOPMENT MODE: no API key configured, so joins need tokens signed with the \
+             public development key (`plaza token` makes them) and GET /dev/token hands them to \
+             anyone; set --api-key/--api-secret (PLAZA_API_KEY/PLAZA_API_SECRET) or [keys] in \
+             the config file before exposing this server"
+        );
+    } else {
+        let keys: Vec<&str> = config.keys.key_names().collect();
+        info!(
+            ?keys,
+            "access tokens: API keys configured, development token endpoint off"
+        );
+    }
     Ok(Server {
         http_addr,
         udp_addr,
@@ -481,7 +496,11 @@ mod tests {
             .await
             .unwrap();
         joined
-            .send(WsMessage::text(r#"{"type":"join","room":"r","name":"a"}"#))
+            .send(WsMessage::text(
+                serde_json::json!({"type":"join","room":"r","name":"a",
+                                   "token": crate::auth::dev_token("r", "a")})
+                .to_string(),
+            ))
             .await
             .unwrap();
         let m = joined.next().await.unwrap().unwrap();

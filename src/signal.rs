@@ -100,9 +100,14 @@ pub struct ParticipantInfo {
 pub enum ClientMessage {
     /// First message on a connection: join (and create, if needed) a room.
     Join {
+        /// The room; empty or absent: the access token's room.
+        #[serde(default)]
         room: String,
+        /// Display name; used when the access token names none. Empty or absent: the token's
+        /// name, else its identity.
+        #[serde(default)]
         name: String,
-        /// Access token; accepted but not yet checked (a later issue adds auth).
+        /// Access token (a JWT, see `crate::auth`); required.
         #[serde(default)]
         token: Option<String>,
         /// Protocol version the client speaks; defaults to the server's.
@@ -269,6 +274,20 @@ pub enum ErrorCode {
     LimitExceeded,
     /// Protocol version mismatch.
     UnsupportedProtocol,
+    /// `join` without an access token.
+    TokenMissing,
+    /// The access token is malformed, its signature does not verify, or its API key is
+    /// unknown (the message says which).
+    TokenInvalid,
+    /// The access token's `exp` has passed.
+    TokenExpired,
+    /// The access token's `nbf` is still in the future.
+    TokenNotYetValid,
+    /// The access token is for another room (or names none).
+    TokenWrongRoom,
+    /// The access token does not grant this (joining the room; later: publishing a kind,
+    /// subscribing, sending data, moderating). The message names the missing grant.
+    PermissionDenied,
     /// The server is shutting down or overloaded.
     Unavailable,
     /// Anything else: a bug, reported rather than hidden.

@@ -510,7 +510,7 @@ mod manual {
             ws.send_msg(&ClientMessage::Join {
                 room: room.into(),
                 name: name.into(),
-                token: None,
+                token: Some(plaza_testkit::token::participant(room, name)),
                 protocol: None,
                 auto_subscribe: Some(false),
             })

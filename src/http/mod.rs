@@ -4,6 +4,9 @@
 //!   `{"status":"unavailable"}` when the core does not answer); `http` holds the HTTP front's
 //!   counters ([`limits::HttpStats`]: connections open, refusals, timeouts, rate limiting);
 //! - `GET /rtc`: the signaling WebSocket (see [`ws`]);
+//! - `GET /dev/token?room=R[&name=N][&identity=I][&grants=G][&ttl=S]`: in development mode
+//!   only (no API key configured), an access token signed with the public development key, for
+//!   the demo page (404 whenever keys are configured);
 //! - everything else (`GET`/`HEAD`): files from the `signaling/` directory (demo page and JS
 //!   client), `/` being `signaling/index.html`.
 
@@ -18,6 +21,7 @@ pub mod metrics;
 pub mod serve;
 pub mod ws;
 
+use crate::auth::{self, KeySet, Verifier};
 use crate::config::{
     Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_JOIN_TIMEOUT, DEFAULT_MESSAGE_TIMEOUT,
     DEFAULT_WS_MESSAGE_BURST, DEFAULT_WS_MESSAGE_RATE,
@@ -25,12 +29,13 @@ use crate::config::{
 use crate::sfu::SfuHandle;
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State},
     http::{HeaderValue, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
     routing::get,
 };
 use limits::{ConnLimiter, HttpCounters};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +65,8 @@ pub struct HttpSettings {
     /// A session that has been rate limited without a pause of [`ws::FLOOD_PAUSE`] for this
     /// long is closed.
     pub flood_close_after: Duration,
+    /// Checks the access token of every join (development mode when no key is configured).
+    pub verifier: Verifier,
 }
 
 impl HttpSettings {
@@ -74,6 +81,7 @@ impl HttpSettings {
             ws_message_rate: DEFAULT_WS_MESSAGE_RATE,
             ws_message_burst: DEFAULT_WS_MESSAGE_BURST,
             flood_close_after: ws::FLOOD_CLOSE_AFTER,
+            verifier: Verifier::new(KeySet::new()),
         }
     }
 
@@ -85,6 +93,7 @@ impl HttpSettings {
             message_timeout: config.message_timeout,
             ws_message_rate: config.ws_message_rate,
             ws_message_burst: config.ws_message_burst,
+            verifier: Verifier::new(config.keys.clone()),
             ..HttpSettings::new(config.max_ws_message)
         }
     }
@@ -152,6 +161,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
         .route("/rtc", get(ws::upgrade))
+        .route("/dev/token", get(dev_token))
         .fallback(static_file)
         .with_state(state)
 }
@@ -188,6 +198,69 @@ async fn healthz(State(state): State<AppState>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `GET /dev/token`: a token signed with the development key, in development mode only (404
+/// otherwise, like any path that does not exist). Query: `room` (required), `name` (display
+/// name), `identity` (default: a random `guest-…`), `grants` (comma-separated, as
+/// `plaza token --grants`; default `publish,data,subscribe`), `ttl` (seconds, default 6 h).
+/// Answers `{"token", "identity", "room", "api_key", "expires_at"}`, `400 {"error"}` for bad
+/// parameters.
+async fn dev_token(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !state.settings.verifier.dev_mode() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    match dev_token_body(&query) {
+        Ok(body) => (
+            [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+            Json(body),
+        )
+            .into_response(),
+        Err(error) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": error })),
+        )
+            .into_response(),
+    }
+}
+
+fn dev_token_body(query: &HashMap<String, String>) -> Result<serde_json::Value, String> {
+    let field = |name: &str| query.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let room = ws::validate_field("room", field("room").unwrap_or_default())?;
+    let identity = match field("identity") {
+        Some(identity) => ws::validate_field("identity", identity)?,
+        None => format!("guest-{:08x}", rand::random::<u32>()),
+    };
+    let ttl = match field("ttl") {
+        None => auth::DEFAULT_TTL,
+        Some(s) => match s.parse::<u64>() {
+            Ok(secs) if secs > 0 => Duration::from_secs(secs),
+            _ => {
+                return Err(format!(
+                    "`ttl` must be a positive number of seconds, got {s:?}"
+                ));
+            }
+        },
+    };
+    let grants = match field("grants") {
+        None => auth::RoomGrants::participant(&room),
+        Some(names) => auth::RoomGrants::participant(&room).with_names(names.split(','))?,
+    };
+    let mut claims = auth::Claims::new(&identity, &room, ttl).with_grants(grants);
+    if let Some(name) = field("name") {
+        claims = claims.with_name(ws::validate_field("name", name)?);
+    }
+    let token = auth::mint(&auth::ApiKey::dev(), &claims).map_err(|e| e.to_string())?;
+    Ok(serde_json::json!({
+        "token": token,
+        "identity": identity,
+        "room": room,
+        "api_key": auth::DEV_API_KEY,
+        "expires_at": claims.exp,
+    }))
 }
 
 /// Map a request path to a file under the static directory, refusing anything that could

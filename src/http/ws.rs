@@ -38,7 +38,8 @@
 
 use super::AppState;
 use super::limits::{ConnMeta, HttpCounters, TokenBucket};
-use crate::sfu::{EVENT_QUEUE, JoinAccepted, JoinRequest, SfuError, SfuHandle};
+use crate::auth::Verifier;
+use crate::sfu::{EVENT_QUEUE, Grants, JoinAccepted, JoinRequest, SfuError, SfuHandle};
 use crate::signal::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
 use axum::{
     Extension,
@@ -471,20 +472,27 @@ async fn wait_for_join(
                 name,
                 protocol,
                 auto_subscribe,
-                token: _,
-            } => match validate_join(&room, &name, protocol) {
+                token,
+            } => match validate_join(
+                &guards.settings.verifier,
+                token.as_deref(),
+                &room,
+                &name,
+                protocol,
+            ) {
                 Err(reply) => *reply,
-                Ok((room, name)) => {
+                Ok(admitted) => {
+                    let room = admitted.room;
                     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
                     let req = JoinRequest {
                         room: room.clone(),
-                        name,
+                        name: admitted.name,
                         auto_subscribe: auto_subscribe.unwrap_or(true),
                         events: events_tx,
                         // Filled in by the handle from where the room is placed.
                         peers: Vec::new(),
-                        identity: None,
-                        grants: Default::default(),
+                        identity: Some(admitted.identity),
+                        grants: admitted.grants,
                     };
                     match handle.join(req).await {
                         Ok(accepted) => return Some((accepted, room, events_rx)),
@@ -878,12 +886,33 @@ fn read_error_close(e: &axum::Error, limit: usize) -> Option<(u16, String)> {
     }
 }
 
-/// Check `room` and `name` of a join (trimmed values on success) and the protocol version.
+/// A join whose token verified: where, as whom, with what grants.
+#[derive(Debug)]
+struct Admitted {
+    room: String,
+    name: String,
+    identity: String,
+    grants: Grants,
+}
+
+/// Check a join: its access token first (before anything else: a join without a valid token
+/// learns nothing more), then the protocol version, the room (the join's must be the token's;
+/// an empty one takes the token's) and the display name (the token's, else the join's, else
+/// the identity). Trimmed values on success.
 fn validate_join(
+    verifier: &Verifier,
+    token: Option<&str>,
     room: &str,
     name: &str,
     protocol: Option<u32>,
-) -> Result<(String, String), Box<ServerMessage>> {
+) -> Result<Admitted, Box<ServerMessage>> {
+    let room = room.trim();
+    let verified = verifier
+        .verify(token, (!room.is_empty()).then_some(room))
+        .map_err(|e| {
+            debug!(error = %e, "join refused: access token");
+            Box::new(ServerMessage::error(e.code(), e.to_string(), Some("join")))
+        })?;
     if let Some(version) = protocol.filter(|v| *v != PROTOCOL_VERSION) {
         return Err(Box::new(ServerMessage::error(
             ErrorCode::UnsupportedProtocol,
@@ -902,7 +931,20 @@ fn validate_join(
             ))
         })
     };
-    Ok((check("room", room)?, check("name", name)?))
+    let name = [
+        verified.name.as_str(),
+        name.trim(),
+        verified.identity.as_str(),
+    ]
+    .into_iter()
+    .find(|n| !n.is_empty())
+    .unwrap_or_default();
+    Ok(Admitted {
+        room: check("room", &verified.room)?,
+        name: check("name", name)?,
+        identity: verified.identity,
+        grants: verified.grants.to_core(),
+    })
 }
 
 /// A room or participant name: non-empty after trimming, at most [`MAX_NAME_CHARS`]

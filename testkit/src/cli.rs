@@ -8,6 +8,7 @@
 //! or help text, and stay in each tool's own `Args`.
 
 use clap::Args;
+use plaza::auth::{ApiKey, Secret};
 use serde::Serialize;
 
 /// How the synthetic peers join and talk.
@@ -19,6 +20,31 @@ pub struct PeerArgs {
     /// Peers joining at the same time.
     #[arg(long, default_value_t = 4)]
     pub join_concurrency: usize,
+    /// API key the peers' access tokens are signed with, for a server with real keys
+    /// (default: the development key)
+    #[arg(long, env = "PLAZA_API_KEY", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Secret of --api-key
+    #[arg(long, env = "PLAZA_API_SECRET", hide_env_values = true)]
+    #[serde(skip)]
+    pub api_secret: Option<Secret>,
+}
+
+impl PeerArgs {
+    /// Sign this process's tokens with `--api-key`/`--api-secret` (if given); call before the
+    /// first peer joins.
+    pub fn install_signing_key(&self) -> anyhow::Result<()> {
+        match (&self.api_key, &self.api_secret) {
+            (None, None) => Ok(()),
+            (Some(key), Some(secret)) => crate::token::set_signing_key(ApiKey {
+                key: key.trim().to_owned(),
+                secret: secret.clone(),
+            }),
+            (Some(_), None) => anyhow::bail!("--api-key needs --api-secret"),
+            (None, Some(_)) => anyhow::bail!("--api-secret needs --api-key"),
+        }
+    }
 }
 
 /// Ends a tool's `main` with the outcome of its run: exit status 0 when it passed, 1 when its

@@ -68,6 +68,7 @@ pub mod probe;
 pub mod recv;
 pub mod relay;
 pub mod support;
+pub mod token;
 
 pub use peer::{
     Channel, DataMessage, JoinedInfo, LocalLayerStats, LocalTrackStats, NegotiationStats, Payload,

@@ -482,7 +482,7 @@ impl Run {
         let join = ClientMessage::Join {
             room: self.room.clone(),
             name: self.name.clone(),
-            token: None,
+            token: Some(crate::token::participant(&self.room, &self.name)),
             protocol: None,
             auto_subscribe: Some(self.opts.auto_subscribe),
         };

@@ -87,6 +87,7 @@ pub struct PeerOptions {
     pub video_file: PathBuf,
     /// `join.auto_subscribe` (None = server default, which is true).
     pub auto_subscribe: Option<bool>,
+    /// Access token to join with; `None`: one minted by [`crate::token::participant`].
     pub token: Option<String>,
     pub protocol: Option<u32>,
     /// Bound of every connect step (WebSocket open, join, publish answer, connection, channels)
@@ -1869,7 +1870,11 @@ impl Peer {
         let join = ClientMessage::Join {
             room: room.to_owned(),
             name: name.to_owned(),
-            token: opts.token.clone(),
+            token: Some(
+                opts.token
+                    .clone()
+                    .unwrap_or_else(|| crate::token::participant(room, name)),
+            ),
             protocol: opts.protocol,
             auto_subscribe: opts.auto_subscribe,
         };

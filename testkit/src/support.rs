@@ -422,11 +422,24 @@ impl RawWs {
         Ok(())
     }
 
+    /// Join `room` as `name` with a participant token ([`crate::token::participant`]);
+    /// the participant id.
     pub async fn join(&mut self, room: &str, name: &str) -> Result<String> {
+        let token = crate::token::participant(room, name);
+        self.join_with(room, name, Some(&token)).await
+    }
+
+    /// Join with this token (or none); the participant id, or the refusal as an error.
+    pub async fn join_with(
+        &mut self,
+        room: &str,
+        name: &str,
+        token: Option<&str>,
+    ) -> Result<String> {
         self.send_msg(&ClientMessage::Join {
             room: room.to_owned(),
             name: name.to_owned(),
-            token: None,
+            token: token.map(str::to_owned),
             protocol: None,
             auto_subscribe: None,
         })

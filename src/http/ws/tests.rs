@@ -1,6 +1,7 @@
 //! WebSocket session tests against the fake core, over loopback.
 
 use super::*;
+use crate::auth::dev_token;
 use crate::http::fake_core::{self, Seen};
 use crate::http::{HttpSettings, router};
 use futures_util::{SinkExt, StreamExt};
@@ -130,12 +131,14 @@ async fn ping_pong(ws: &mut Client) {
     assert_eq!(v, serde_json::json!({"type":"pong","ts":42.5}));
 }
 
+/// A `join` with a development token for `room` (the token names no display name).
+fn join_msg(room: &str, name: &str) -> String {
+    serde_json::json!({"type":"join","room":room,"name":name,"token":dev_token(room, "id-1")})
+        .to_string()
+}
+
 async fn join(h: &mut Harness, ws: &mut Client, room: &str, name: &str) -> String {
-    send(
-        ws,
-        &serde_json::json!({"type":"join","room":room,"name":name}).to_string(),
-    )
-    .await;
+    send(ws, &join_msg(room, name)).await;
     let v = recv(ws).await;
     assert_eq!(v["type"], "joined", "{v}");
     assert_eq!(
@@ -160,8 +163,10 @@ async fn decode_errors_keep_the_socket_open() {
     let v = recv(&mut ws).await;
     assert_error(&v, "unknown_message_type");
     assert_eq!(v["request"], "dance");
-    send(&mut ws, r#"{"type":"join","room":"r"}"#).await;
+    send(&mut ws, r#"{"type":"join","room":5}"#).await;
     assert_error(&recv(&mut ws).await, "invalid_field");
+    send(&mut ws, r#"{"type":"join","room":"r"}"#).await;
+    assert_error(&recv(&mut ws).await, "token_missing");
     ws.send(WsMessage::binary(vec![1u8, 2, 3])).await.unwrap();
     let v = recv(&mut ws).await;
     assert_error(&v, "malformed_message");
@@ -178,18 +183,9 @@ async fn join_is_validated_and_can_be_retried() {
     assert_error(&v, "invalid_state");
     assert_eq!(v["request"], "publish_offer");
 
-    for (room, name) in [
-        ("r", ""),
-        ("r", "   "),
-        ("", "alice"),
-        ("r", "a\u{7}b"),
-        ("r\n", "x\ty"),
-    ] {
-        send(
-            &mut ws,
-            &serde_json::json!({"type":"join","room":room,"name":name}).to_string(),
-        )
-        .await;
+    // The token's room and the join's name are checked like any name.
+    for (room, name) in [("r", "a\u{7}b"), ("r\u{7}", "x"), ("r", "x\ty")] {
+        send(&mut ws, &join_msg(room, name)).await;
         let v = recv(&mut ws).await;
         assert_error(&v, "invalid_field");
         assert_eq!(v["request"], "join");
@@ -203,15 +199,17 @@ async fn join_is_validated_and_can_be_retried() {
     assert_error(&recv(&mut ws).await, "invalid_field");
     send(
         &mut ws,
-        r#"{"type":"join","room":"r","name":"a","protocol":99}"#,
+        &serde_json::json!({"type":"join","room":"r","name":"a","protocol":99,
+                            "token": dev_token("r", "a")})
+        .to_string(),
     )
     .await;
     assert_error(&recv(&mut ws).await, "unsupported_protocol");
     // The core refuses: the client hears why and can retry.
-    send(&mut ws, r#"{"type":"join","room":"full","name":"a"}"#).await;
+    send(&mut ws, &join_msg("full", "a")).await;
     assert_error(&recv(&mut ws).await, "unavailable");
     h.next_seen().await;
-    send(&mut ws, r#"{"type":"join","room":"r","name":"reject"}"#).await;
+    send(&mut ws, &join_msg("r", "reject")).await;
     let v = recv(&mut ws).await;
     assert_error(&v, "invalid_field");
     assert_eq!(v["message"], "name `reject` is taken");
@@ -242,7 +240,7 @@ async fn joined_session_relays_both_ways() {
     );
     // Local answers do not reach the core.
     ping_pong(&mut ws).await;
-    send(&mut ws, r#"{"type":"join","room":"r","name":"again"}"#).await;
+    send(&mut ws, &join_msg("r", "again")).await;
     assert_error(&recv(&mut ws).await, "invalid_state");
     send(&mut ws, "[]").await;
     assert_error(&recv(&mut ws).await, "malformed_message");
@@ -376,7 +374,7 @@ async fn core_gone() {
     let (_seen_tx, seen) = mpsc::unbounded_channel();
     let h = harness_with(SfuHandle::new(tx), seen).await;
     let mut ws = h.connect().await;
-    send(&mut ws, r#"{"type":"join","room":"r","name":"a"}"#).await;
+    send(&mut ws, &join_msg("r", "a")).await;
     assert_error(&recv(&mut ws).await, "unavailable");
     assert_eq!(recv_close(&mut ws).await.0, 1001);
 
@@ -481,6 +479,47 @@ fn field_validation() {
     assert!(validate_field("name", "a\u{9f}b").is_err());
     assert!(validate_field("name", &"x".repeat(129)).is_err());
     assert!(validate_field("name", "Zoë 🎉").is_ok());
-    assert!(validate_join("r", "n", Some(PROTOCOL_VERSION)).is_ok());
-    assert!(validate_join("r", "n", Some(PROTOCOL_VERSION + 1)).is_err());
+    let dev = Verifier::new(crate::auth::KeySet::new());
+    let t = dev_token("r", "id-1");
+    assert!(validate_join(&dev, Some(&t), "r", "n", Some(PROTOCOL_VERSION)).is_ok());
+    assert!(validate_join(&dev, Some(&t), "r", "n", Some(PROTOCOL_VERSION + 1)).is_err());
+}
+
+/// The token decides the room and the identity; the display name is the token's, else the
+/// join's, else the identity.
+#[test]
+fn join_takes_room_identity_and_name_from_the_token() {
+    use crate::auth::{ApiKey, Claims, DEFAULT_TTL, mint};
+    let dev = Verifier::new(crate::auth::KeySet::new());
+    let named = mint(
+        &ApiKey::dev(),
+        &Claims::new("u-1", "stage", DEFAULT_TTL).with_name("Uma"),
+    )
+    .unwrap();
+    let a = validate_join(&dev, Some(&named), "", "ignored", None).unwrap();
+    assert_eq!((a.room.as_str(), a.name.as_str()), ("stage", "Uma"));
+    assert_eq!(a.identity, "u-1");
+    assert_eq!(a.grants, Grants::default());
+    let anon = dev_token("stage", "u-2");
+    let a = validate_join(&dev, Some(&anon), "stage", " Val ", None).unwrap();
+    assert_eq!(a.name, "Val");
+    let a = validate_join(&dev, Some(&anon), "stage", "", None).unwrap();
+    assert_eq!(a.name, "u-2");
+    let code = |r: Result<Admitted, Box<ServerMessage>>| match *r.unwrap_err() {
+        ServerMessage::Error { code, .. } => code,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        code(validate_join(&dev, Some(&anon), "lobby", "x", None)),
+        ErrorCode::TokenWrongRoom
+    );
+    assert_eq!(
+        code(validate_join(&dev, None, "stage", "x", None)),
+        ErrorCode::TokenMissing
+    );
+    // The token is checked before anything else.
+    assert_eq!(
+        code(validate_join(&dev, None, "stage", "x", Some(99))),
+        ErrorCode::TokenMissing
+    );
 }
