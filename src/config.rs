@@ -1355,4 +1355,125 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    const S1: &str = "file-secret-0123456789abcdefghijklmnop";
+    const S2: &str = "env-secret-0123456789abcdefghijklmnopq";
+    const S3: &str = "flag-secret-0123456789abcdefghijklmnop";
+
+    fn names(c: &Config) -> Vec<String> {
+        c.keys.key_names().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn api_keys_flag_beats_env_beats_file() {
+        let file = TempFile::new(&format!("[keys]\nfk1 = \"{S1}\"\nfk2 = \"{S1}\"\n"));
+        let c = load(&["--config", file.path()], &[]).unwrap();
+        assert_eq!(names(&c), ["fk1", "fk2"]);
+        let e = [("PLAZA_API_KEY", "ek"), ("PLAZA_API_SECRET", S2)];
+        let c = load(&["--config", file.path()], &e).unwrap();
+        assert_eq!(names(&c), ["ek"]);
+        let c = load(
+            &[
+                "--config",
+                file.path(),
+                "--api-key",
+                "xk",
+                "--api-secret",
+                S3,
+            ],
+            &e,
+        )
+        .unwrap();
+        assert_eq!(names(&c), ["xk"]);
+        // The key from the flag, its secret from the environment.
+        let c = load(&["--api-key", "xk"], &e).unwrap();
+        assert_eq!(names(&c), ["xk"]);
+        assert!(
+            auth::Verifier::new(c.keys.clone())
+                .verify(
+                    Some(
+                        &auth::mint(
+                            &ApiKey::new("xk", S2),
+                            &Claims::new("i", "r", auth::DEFAULT_TTL)
+                        )
+                        .unwrap()
+                    ),
+                    Some("r")
+                )
+                .is_ok()
+        );
+        // None: development mode.
+        assert!(load(&[], &[]).unwrap().keys.is_empty());
+    }
+
+    #[test]
+    fn api_keys_are_validated() {
+        let short = load(&["--api-key", "k", "--api-secret", "tooshort"], &[]).unwrap_err();
+        assert!(matches!(short, ConfigError::Keys(_)), "{short}");
+        assert!(short.to_string().contains("at least 32"), "{short}");
+        assert!(
+            !short.to_string().contains("tooshort"),
+            "the secret is not shown: {short}"
+        );
+        let e = load(&["--api-key", "k"], &[]).unwrap_err();
+        assert!(e.to_string().contains("without --api-secret"), "{e}");
+        let e = load(&[], &[("PLAZA_API_SECRET", S2)]).unwrap_err();
+        assert!(e.to_string().contains("without --api-key"), "{e}");
+        let file = TempFile::new("[keys]\nk = \"short\"\n");
+        let e = load(&["--config", file.path()], &[]).unwrap_err();
+        assert!(e.to_string().contains("\"k\""), "{e}");
+        let file = TempFile::new("[keys]\nk = 5\n");
+        assert!(matches!(
+            load(&["--config", file.path()], &[]).unwrap_err(),
+            ConfigError::ParseFile { .. }
+        ));
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let file = TempFile::new(&format!("[keys]\nfk = \"{S1}\"\n"));
+        let c = load(&["--config", file.path()], &[]).unwrap();
+        let c2 = load(&["--api-key", "k", "--api-secret", S3], &[]).unwrap();
+        let shown = format!("{c:?} {c:#?} {c2:?}");
+        assert!(
+            shown.contains("fk") && shown.contains("redacted"),
+            "{shown}"
+        );
+        assert!(!shown.contains(S1) && !shown.contains(S3), "{shown}");
+    }
+
+    #[test]
+    fn token_subcommand_mints_a_verifiable_token() {
+        let argv = [
+            "plaza",
+            "token",
+            "--room",
+            "r",
+            "--identity",
+            "bob",
+            "--name",
+            "Bob",
+            "--grants",
+            "subscribe",
+            "--api-key",
+            "k",
+            "--api-secret",
+            S3,
+        ];
+        let Invocation::Token(t) = Config::invocation_from(argv, env(&[])).unwrap() else {
+            panic!("not the token subcommand");
+        };
+        assert!(!format!("{t:?}").contains(S3));
+        let token = t.mint().unwrap();
+        let v = auth::Verifier::new(std::iter::once(ApiKey::new("k", S3)).collect())
+            .verify(Some(&token), Some("r"))
+            .unwrap();
+        assert_eq!((v.identity.as_str(), v.name.as_str()), ("bob", "Bob"));
+        let g = v.grants.to_core();
+        assert!(g.subscribe && !g.publish_audio && !g.publish_video && !g.publish_data);
+        // Server flags do not mix with the subcommand.
+        assert!(Config::invocation_from(["plaza", "--port", "1", "token"], env(&[])).is_err());
+        // The server configuration is not a token.
+        assert!(load(&["token", "--room", "r", "--identity", "i"], &[]).is_err());
+    }
 }

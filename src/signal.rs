@@ -390,6 +390,22 @@ pub fn encode_server(msg: &ServerMessage) -> String {
 mod tests {
     use super::*;
 
+    /// `room` and `name` may be left to the access token.
+    #[test]
+    fn join_needs_only_a_token() {
+        let m = decode_client(r#"{"type":"join","token":"t"}"#).unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Join {
+                room: String::new(),
+                name: String::new(),
+                token: Some("t".into()),
+                protocol: None,
+                auto_subscribe: None
+            }
+        );
+    }
+
     #[test]
     fn join_parses_with_defaults() {
         let m = decode_client(r#"{"type":"join","room":"r","name":"alice"}"#).unwrap();
@@ -440,7 +456,7 @@ mod tests {
             decode_client(r#"{"type":"dance"}"#),
             Err(DecodeError::UnknownType("dance".into()))
         );
-        let e = decode_client(r#"{"type":"join","name":"x"}"#).unwrap_err();
+        let e = decode_client(r#"{"type":"join","name":"x","token":5}"#).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidField);
         assert_eq!(e.request_type(), Some("join"));
     }

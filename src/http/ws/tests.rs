@@ -191,11 +191,7 @@ async fn join_is_validated_and_can_be_retried() {
         assert_eq!(v["request"], "join");
     }
     let long = "é".repeat(MAX_NAME_CHARS + 1);
-    send(
-        &mut ws,
-        &serde_json::json!({"type":"join","room":"r","name":long}).to_string(),
-    )
-    .await;
+    send(&mut ws, &join_msg("r", &long)).await;
     assert_error(&recv(&mut ws).await, "invalid_field");
     send(
         &mut ws,
