@@ -9,6 +9,7 @@ use plaza_testkit::{self as common, support};
 use std::time::Duration;
 
 use common::Peer;
+use plaza::auth::{Claims, DEFAULT_TTL};
 use plaza::config::DEFAULT_MAX_WS_MESSAGE;
 use plaza::signal::{ClientMessage, ErrorCode, IceCandidate, PcTarget, ServerMessage, TrackKind};
 use rand::rngs::StdRng;
@@ -61,8 +62,14 @@ async fn peer_expect(peer: &Peer, text: &str, want: ErrorCode) -> String {
     message
 }
 
+/// A join with a valid token for `room` whose identity is `mallory` (and no display name).
 fn join_json(room: &str, name: &str) -> String {
-    serde_json::json!({"type": "join", "room": room, "name": name}).to_string()
+    let token = token_for(room);
+    serde_json::json!({"type": "join", "room": room, "name": name, "token": token}).to_string()
+}
+
+fn token_for(room: &str) -> String {
+    common::token::sign(&Claims::new("mallory", room, DEFAULT_TTL))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,24 +106,26 @@ async fn bad_signaling_gets_errors_and_media_keeps_flowing() {
             ErrorCode::UnknownMessageType,
         ),
         (
-            "join without name",
-            r#"{"type":"join","room":"stage"}"#.into(),
-            ErrorCode::InvalidField,
+            "join without a token",
+            r#"{"type":"join","room":"stage","name":"m"}"#.into(),
+            ErrorCode::TokenMissing,
         ),
         (
-            "join without room",
-            r#"{"type":"join","name":"mallory"}"#.into(),
-            ErrorCode::InvalidField,
+            "join with a token that is not a JWT",
+            r#"{"type":"join","room":"stage","name":"m","token":"x.y.z"}"#.into(),
+            ErrorCode::TokenInvalid,
         ),
         (
-            "join with empty name",
-            join_json("stage", ""),
-            ErrorCode::InvalidField,
+            "join with a token for another room",
+            serde_json::json!({"type":"join","room":"stage","name":"m",
+                               "token": token_for("backstage")})
+            .to_string(),
+            ErrorCode::TokenWrongRoom,
         ),
         (
-            "join with blank room",
+            "join with a token for a blank room",
             join_json("  \t ", "mallory"),
-            ErrorCode::InvalidField,
+            ErrorCode::TokenWrongRoom,
         ),
         (
             "join with a 200-char name",
@@ -135,7 +144,9 @@ async fn bad_signaling_gets_errors_and_media_keeps_flowing() {
         ),
         (
             "join with an unknown protocol",
-            r#"{"type":"join","room":"stage","name":"m","protocol":99}"#.into(),
+            serde_json::json!({"type":"join","room":"stage","name":"m","protocol":99,
+                               "token": token_for("stage")})
+            .to_string(),
             ErrorCode::UnsupportedProtocol,
         ),
         (
