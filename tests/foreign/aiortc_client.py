@@ -1,6 +1,6 @@
 """A Plaza participant built on aiortc, talking the signaling protocol of signaling/README.md.
 
-    python aiortc_client.py --url ws://H:P/rtc --room R --name N [--publish] [--expect-from NAME]
+    python aiortc_client.py --url ws://H:P/rtc --room R --name N --token JWT [--publish] [--expect-from NAME]
                             [--peer NAME] [--until-signal] [--media-only] [--timeout S]
 
 Every participant answers the server's subscribe offers and says hello on the `chat` data
@@ -255,7 +255,7 @@ class Client:
         self.setup_sub()
         async with websockets.connect(self.args.url, max_size=None) as ws:
             self.ws = ws
-            await self.send({"type": "join", "room": self.args.room, "name": self.args.name, "protocol": 1})
+            await self.send({"type": "join", "room": self.args.room, "name": self.args.name, "token": self.args.token, "protocol": 1})
             tasks = [asyncio.ensure_future(self.signaling()), asyncio.ensure_future(self.hello_loop())]
             if self.args.audio_rtp_ok:
                 tasks.append(asyncio.ensure_future(self.poll_rtp()))
@@ -299,6 +299,7 @@ async def main():
     p.add_argument("--url", required=True)
     p.add_argument("--room", required=True)
     p.add_argument("--name", required=True)
+    p.add_argument("--token", required=True, help="access token (JWT) for the join")
     p.add_argument("--publish", action="store_true")
     p.add_argument("--expect-from")
     p.add_argument("--peer")

@@ -1,7 +1,7 @@
 """A Plaza participant built on GStreamer's webrtcbin (ICE by libnice), talking the signaling
 protocol of signaling/README.md.
 
-    python gst_client.py --url ws://H:P/rtc --room R --name N [--publish] [--expect-from NAME]
+    python gst_client.py --url ws://H:P/rtc --room R --name N --token JWT [--publish] [--expect-from NAME]
                          [--peer NAME] [--until-signal] [--media-only] [--timeout S] [--offer-without-caps]
 
 Every participant answers the server's subscribe offers on a receive-only webrtcbin and says
@@ -378,7 +378,7 @@ class Client:
         self.setup_sub()
         async with websockets.connect(self.args.url, max_size=None) as ws:
             self.ws = ws
-            await ws.send(json.dumps({"type": "join", "room": self.args.room, "name": self.args.name, "protocol": 1}))
+            await ws.send(json.dumps({"type": "join", "room": self.args.room, "name": self.args.name, "token": self.args.token, "protocol": 1}))
             tasks = [asyncio.ensure_future(self.signaling()), asyncio.ensure_future(self.hello_loop())]
             try:
                 ok, why = await asyncio.wait_for(asyncio.shield(self.done), self.args.timeout)
@@ -411,6 +411,7 @@ async def main():
     p.add_argument("--url", required=True)
     p.add_argument("--room", required=True)
     p.add_argument("--name", required=True)
+    p.add_argument("--token", required=True, help="access token (JWT) for the join")
     p.add_argument("--publish", action="store_true")
     p.add_argument("--expect-from")
     p.add_argument("--peer")

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,8 +147,20 @@ class Proc:
         return None
 
 
+def dev_token(url, room, name):
+    """An access token for `name` in `room` from the server's development endpoint (the server
+    runs without API keys). Fails loudly: a client without a token cannot join."""
+    http = url.replace("ws://", "http://", 1).rsplit("/rtc", 1)[0]
+    query = urllib.parse.urlencode({"room": room, "name": name})
+    with urllib.request.urlopen(f"{http}/dev/token?{query}", timeout=5) as r:
+        return json.loads(r.read())["token"]
+
+
 def client_cmd(kind, url, room, name, **kw):
     cmd = CLIENTS[kind] + ["--url", url, "--room", room, "--name", name, "--timeout", str(CLIENT_TIMEOUT)]
+    # Chromium runs the demo page, whose client fetches its own token from the same endpoint.
+    if kind != "chromium":
+        cmd += ["--token", dev_token(url, room, name)]
     if kw.get("publish"):
         cmd.append("--publish")
     if kw.get("expect_from"):

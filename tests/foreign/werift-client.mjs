@@ -1,7 +1,7 @@
 // A Plaza participant built on werift (pure TypeScript WebRTC), talking the signaling protocol of
 // signaling/README.md itself.
 //
-//   node werift-client.mjs --url ws://H:P/rtc --room R --name N [--publish] [--expect-from NAME]
+//   node werift-client.mjs --url ws://H:P/rtc --room R --name N --token JWT [--publish] [--expect-from NAME]
 //                          [--peer NAME] [--until-signal] [--media-only] [--timeout S]
 //
 // Every participant answers the server's subscribe offers and says hello on the `chat` data
@@ -32,7 +32,7 @@ for (let i = 2; i < process.argv.length; i++) {
   else if (a === '--media-only') args.media_only = true;
   else args[key] = process.argv[++i];
 }
-for (const k of ['url', 'room', 'name']) if (!args[k]) throw new Error(`--${k} is required`);
+for (const k of ['url', 'room', 'name', 'token']) if (!args[k]) throw new Error(`--${k} is required`);
 
 const t0 = Date.now();
 const log = (...m) => console.error(`[werift ${args.name} +${((Date.now() - t0) / 1000).toFixed(2)}s]`, ...m);
@@ -251,7 +251,7 @@ process.on('SIGTERM', () => {
   finish(ok, `stopped by SIGTERM: ${JSON.stringify(progress())}`);
 });
 
-ws.on('open', () => send({ type: 'join', room: args.room, name: args.name, protocol: 1 }));
+ws.on('open', () => send({ type: 'join', room: args.room, name: args.name, token: args.token, protocol: 1 }));
 ws.on('close', (code, reason) => {
   if (!finished) finish(false, `WebSocket closed: ${code} ${reason}`);
 });
