@@ -10,6 +10,7 @@
 //! udp_bind = "0.0.0.0"
 //! udp_port = 7882          # shard i listens on udp_port + i
 //! workers = 4               # core shards; default: one per CPU
+//! room_spread_above = 100   # a room this big spreads over the shards (0: never)
 //! announce_ip = ["203.0.113.7"]   # or a single string
 //! log_level = "info,plaza=debug"
 //! log_format = "json"
@@ -74,6 +75,8 @@ pub const MAX_WS_MESSAGE: usize = 16 * 1024 * 1024;
 pub const MAX_DATA_MESSAGE: usize = 65_536 - 256;
 /// Most core shards (`--workers`).
 pub const MAX_WORKERS: usize = 256;
+/// Participants from which a room spreads over the shards (`--room-spread-above`).
+pub const DEFAULT_ROOM_SPREAD_ABOVE: usize = 100;
 
 /// One core shard per CPU the process may use.
 pub fn default_workers() -> usize {
@@ -130,6 +133,9 @@ pub struct Config {
     /// Shards of the SFU core, each one thread (one core) with its own UDP socket on port
     /// `udp_port + i`.
     pub workers: usize,
+    /// A room with this many participants spreads its later joins over the shards (the least
+    /// loaded first); smaller rooms stay on one shard. 0: rooms never spread.
+    pub room_spread_above: usize,
     /// A WebSocket that has not joined within this time is closed.
     pub join_timeout: Duration,
     /// A joined WebSocket that sends no frame for this long is closed (the server pings it).
@@ -165,6 +171,7 @@ impl Default for Config {
             max_data_message: DEFAULT_MAX_DATA_MESSAGE,
             udp_buffer: crate::io::UDP_BUFFER_DEFAULT,
             workers: default_workers(),
+            room_spread_above: DEFAULT_ROOM_SPREAD_ABOVE,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
@@ -275,6 +282,10 @@ struct Args {
     /// [default: the number of CPUs]
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// A room with this many participants spreads over the shards; 0: never
+    /// [env: PLAZA_ROOM_SPREAD_ABOVE] [default: 100]
+    #[arg(long, value_name = "N")]
+    room_spread_above: Option<usize>,
     /// Seconds a WebSocket may take to join [env: PLAZA_JOIN_TIMEOUT] [default: 10]
     #[arg(long, value_name = "SECONDS")]
     join_timeout: Option<f64>,
@@ -348,6 +359,7 @@ struct FileConfig {
     max_data_message: Option<usize>,
     udp_buffer: Option<usize>,
     workers: Option<usize>,
+    room_spread_above: Option<usize>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     header_timeout: Option<f64>,
@@ -377,6 +389,7 @@ struct Layer {
     max_data_message: Option<usize>,
     udp_buffer: Option<usize>,
     workers: Option<usize>,
+    room_spread_above: Option<usize>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     header_timeout: Option<f64>,
@@ -407,6 +420,7 @@ impl Layer {
             max_data_message: self.max_data_message.or(lower.max_data_message),
             udp_buffer: self.udp_buffer.or(lower.udp_buffer),
             workers: self.workers.or(lower.workers),
+            room_spread_above: self.room_spread_above.or(lower.room_spread_above),
             join_timeout: self.join_timeout.or(lower.join_timeout),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             header_timeout: self.header_timeout.or(lower.header_timeout),
@@ -438,6 +452,7 @@ impl From<Args> for Layer {
             max_data_message: a.max_data_message,
             udp_buffer: a.udp_buffer,
             workers: a.workers,
+            room_spread_above: a.room_spread_above,
             join_timeout: a.join_timeout,
             idle_timeout: a.idle_timeout,
             header_timeout: a.header_timeout,
@@ -472,6 +487,7 @@ impl From<FileConfig> for Layer {
             max_data_message: f.max_data_message,
             udp_buffer: f.udp_buffer,
             workers: f.workers,
+            room_spread_above: f.room_spread_above,
             join_timeout: f.join_timeout,
             idle_timeout: f.idle_timeout,
             header_timeout: f.header_timeout,
@@ -543,6 +559,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             max_data_message: self.parse("PLAZA_MAX_DATA_MESSAGE")?,
             udp_buffer: self.parse("PLAZA_UDP_BUFFER")?,
             workers: self.parse("PLAZA_WORKERS")?,
+            room_spread_above: self.parse("PLAZA_ROOM_SPREAD_ABOVE")?,
             join_timeout: self.parse("PLAZA_JOIN_TIMEOUT")?,
             idle_timeout: self.parse("PLAZA_IDLE_TIMEOUT")?,
             header_timeout: self.parse("PLAZA_HEADER_TIMEOUT")?,
@@ -612,6 +629,7 @@ impl Config {
             max_data_message: merged.max_data_message.unwrap_or(d.max_data_message),
             udp_buffer: merged.udp_buffer.unwrap_or(d.udp_buffer),
             workers: merged.workers.unwrap_or(d.workers),
+            room_spread_above: merged.room_spread_above.unwrap_or(d.room_spread_above),
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
             header_timeout: seconds("header-timeout", merged.header_timeout, d.header_timeout)?,

@@ -206,6 +206,7 @@ where
             max_data_message: config.max_data_message,
             limits: config.core_limits.clone(),
             udp_buffer: config.udp_buffer,
+            spread_above: config.room_spread_above,
         },
         sockets,
     )?;

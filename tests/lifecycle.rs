@@ -232,3 +232,122 @@ async fn rooms_are_spread_over_shards() {
         p.wait_closed(T).await.unwrap();
     }
 }
+
+/// A room bigger than `room_spread_above` spreads over both shards: the publisher's shard hands
+/// each packet once to the other, whose viewers get it like any other; participants, data and
+/// departures cross between the shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_room_spans_shards() {
+    let server = TestServer::start_with(plaza::config::Config {
+        workers: 2,
+        room_spread_above: 2,
+        ..support::test_config()
+    })
+    .await;
+    // Two on the first shard; from then on joins go to the emptier shard.
+    let ann = publisher(&server, "live", "ann").await;
+    let ben = subscriber(&server, "live", "ben").await;
+    let cid = subscriber(&server, "live", "cid").await;
+    let dan = subscriber(&server, "live", "dan").await;
+    let h = server.healthz().await.unwrap().1;
+    let per_shard: Vec<u64> = h["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["participants"].as_u64().unwrap())
+        .collect();
+    assert_eq!(per_shard, vec![2, 2], "{h}");
+
+    // Media crosses: every viewer gets ann's audio and video.
+    let video = announced_track(&dan, &ann, TrackKind::Video).await;
+    let audio = announced_track(&dan, &ann, TrackKind::Audio).await;
+    let flows: Vec<(&Peer, &str)> = [&ben, &cid, &dan]
+        .iter()
+        .flat_map(|p| [(*p, video.id.as_str()), (*p, audio.id.as_str())])
+        .collect();
+    support::assert_media_flows("across shards", &flows, 30).await;
+    let h = server
+        .wait_healthz(
+            "both shards send",
+            |h| {
+                h["shards"].as_array().is_some_and(|s| {
+                    s.iter()
+                        .all(|s| s["rtp_packets_forwarded"].as_u64() > Some(0))
+                })
+            },
+            T,
+        )
+        .await
+        .unwrap();
+    assert!(h["rtp_packets_piped"].as_u64() > Some(0), "{h}");
+    assert_eq!(h["pipe_msgs_dropped"], 0, "{h}");
+
+    // Everyone knows everyone, whichever shard they are on.
+    for p in [&ann, &ben, &cid, &dan] {
+        for other in [&ann, &ben, &cid, &dan] {
+            if p.participant_id() == other.participant_id() {
+                continue;
+            }
+            let id = other.participant_id().to_owned();
+            p.wait_for_participant(|i| i.id == id, T)
+                .await
+                .unwrap_or_else(|e| panic!("{} knows {}: {e:#}", p.name(), other.name()));
+        }
+    }
+
+    // Data crosses: a broadcast from the second shard reaches all three others once; a
+    // message to one participant on the other shard reaches only it.
+    dan.send_chat("hello from the second shard", None)
+        .await
+        .unwrap();
+    for p in [&ann, &ben, &cid] {
+        let m = p
+            .wait_for_message(|m| &m.payload[..] == b"hello from the second shard", T)
+            .await
+            .unwrap_or_else(|e| panic!("{} gets dan's chat: {e:#}", p.name()));
+        assert_eq!(m.from.as_deref(), Some(dan.participant_id()));
+    }
+    ann.send_chat("for cid only", Some(vec![cid.participant_id().to_owned()]))
+        .await
+        .unwrap();
+    let m = cid
+        .wait_for_message(|m| &m.payload[..] == b"for cid only", T)
+        .await
+        .unwrap();
+    assert_eq!(m.from.as_deref(), Some(ann.participant_id()));
+    // (Sent after, on the same ordered channel: once it is in, the targeted one would be too.)
+    ann.send_chat("marker", None).await.unwrap();
+    for p in [&ben, &dan] {
+        p.wait_for_message(|m| &m.payload[..] == b"marker", T)
+            .await
+            .unwrap();
+        assert!(
+            !p.messages()
+                .iter()
+                .any(|m| &m.payload[..] == b"for cid only"),
+            "{} got a message meant for cid",
+            p.name()
+        );
+        assert!(p.server_errors().is_empty(), "{:?}", p.server_errors());
+    }
+    assert!(ann.server_errors().is_empty(), "{:?}", ann.server_errors());
+
+    // Departures cross too: the publisher leaves, the other shard's viewers are told.
+    ann.leave().await.unwrap();
+    for p in [&cid, &dan] {
+        let id = ann.participant_id().to_owned();
+        p.wait_for_server(
+            |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == id),
+            T,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{} is told ann left: {e:#}", p.name()));
+        assert!(p.room_tracks().is_empty(), "{:?}", p.room_tracks());
+    }
+
+    let took = server.shutdown().await;
+    assert!(took < SHUTDOWN_TIMEOUT, "shutdown took {took:?}");
+    for p in [&ben, &cid, &dan] {
+        p.wait_closed(T).await.unwrap();
+    }
+}

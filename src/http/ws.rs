@@ -481,6 +481,10 @@ async fn wait_for_join(
                         name,
                         auto_subscribe: auto_subscribe.unwrap_or(true),
                         events: events_tx,
+                        // Filled in by the handle from where the room is placed.
+                        peers: Vec::new(),
+                        identity: None,
+                        grants: Default::default(),
                     };
                     match handle.join(req).await {
                         Ok(accepted) => return Some((accepted, room, events_rx)),

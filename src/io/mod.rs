@@ -14,6 +14,7 @@ pub mod udp;
 
 use crate::sfu::core::CoreConfig;
 use crate::sfu::latency::LatencyHistogram;
+use crate::sfu::pipe::{PipeBatch, PipeMsg, ShardId};
 use crate::sfu::{Command, CoreStats, Flow, Sfu, SfuError, SfuHandle, Transmit};
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -33,6 +34,11 @@ const MAX_DATAGRAM: usize = 1500;
 const RECV_BATCH: usize = 64;
 /// Capacity of the command channel from signaling.
 const COMMAND_QUEUE: usize = 4096;
+/// Capacity of each shard's pipe queue, in batches (each other shard hands over at most one
+/// per turn).
+const PIPE_QUEUE: usize = 1024;
+/// How many pipe batches to take per wakeup before serving other work.
+const PIPE_BATCHES_PER_TURN: usize = 16;
 
 /// Ask for `bytes` of receive and send buffer on `socket`: first past the system maximum
 /// (`SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`), else up to it. Returns what the kernel
@@ -86,11 +92,16 @@ pub fn spawn(
     }
     let mut senders = Vec::with_capacity(sockets.len());
     let mut stopped = Vec::with_capacity(sockets.len());
-    for (shard, socket) in sockets.into_iter().enumerate() {
-        let (tx, done) = spawn_shard(shard, config.clone(), socket)?;
+    // One pipe queue per shard; every shard may hand batches to every other.
+    let (pipes, pipe_rxs): (Vec<_>, Vec<_>) = (0..sockets.len())
+        .map(|_| mpsc::channel::<PipeBatch>(PIPE_QUEUE))
+        .unzip();
+    for (shard, (socket, pipe_rx)) in sockets.into_iter().zip(pipe_rxs).enumerate() {
+        let (tx, done) = spawn_shard(shard, config.clone(), socket, pipes.clone(), pipe_rx)?;
         senders.push(tx);
         stopped.push(done);
     }
+    let spread_above = config.spread_above;
     let (done_tx, done_rx) = oneshot::channel();
     // Resolves when the first shard stops: on shutdown they all stop together; a shard that
     // stops by itself is a failure the server reports.
@@ -98,7 +109,7 @@ pub fn spawn(
         let _ = futures_util::future::select_all(stopped).await;
         let _ = done_tx.send(());
     });
-    Ok((SfuHandle::sharded(senders), done_rx))
+    Ok((SfuHandle::sharded(senders, spread_above), done_rx))
 }
 
 /// One shard: a core on its own thread with a current-thread runtime, owning `socket`.
@@ -106,6 +117,8 @@ fn spawn_shard(
     shard: usize,
     config: CoreConfig,
     socket: std::net::UdpSocket,
+    pipes: Vec<mpsc::Sender<PipeBatch>>,
+    pipe_rx: mpsc::Receiver<PipeBatch>,
 ) -> Result<(mpsc::Sender<Command>, oneshot::Receiver<()>), SfuError> {
     socket.set_nonblocking(true)?;
     let local_addr = socket.local_addr()?;
@@ -134,10 +147,10 @@ fn spawn_shard(
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => {
                         let now = Instant::now();
-                        let sink = UdpTransmit::new(socket);
+                        let sink = UdpTransmit::new(socket, shard, pipes);
                         let sfu = Sfu::new(config, local_addr, rand::random(), now, sink)
                             .with_wall_clock(now, SystemTime::now());
-                        Driver { sfu, rx }.run().await;
+                        Driver { sfu, rx, pipe_rx }.run().await;
                     }
                     Err(e) => warn!("core could not adopt the UDP socket: {e}"),
                 }
@@ -152,6 +165,10 @@ fn spawn_shard(
 /// for the last ones' encryption), the rest at the end of the turn.
 pub struct UdpTransmit {
     socket: UdpSocket,
+    /// This shard, and every shard's pipe queue (by index).
+    shard: ShardId,
+    pipes: Vec<mpsc::Sender<PipeBatch>>,
+    pipe_dropped: u64,
     out: OutQueue,
     latency: LatencyHistogram,
     sent: u64,
@@ -160,9 +177,12 @@ pub struct UdpTransmit {
 }
 
 impl UdpTransmit {
-    fn new(socket: UdpSocket) -> Self {
+    fn new(socket: UdpSocket, shard: ShardId, pipes: Vec<mpsc::Sender<PipeBatch>>) -> Self {
         UdpTransmit {
             socket,
+            shard,
+            pipes,
+            pipe_dropped: 0,
             out: OutQueue::new(),
             latency: LatencyHistogram::new(),
             sent: 0,
@@ -196,12 +216,34 @@ impl Transmit for UdpTransmit {
         stats.udp_datagrams_out_dropped = self.dropped;
         stats.udp_send_calls = self.calls;
         stats.forward_latency = self.latency.snapshot();
+        stats.pipe_msgs_dropped = self.pipe_dropped;
+    }
+
+    fn pipe(&mut self, to: ShardId, msgs: Vec<PipeMsg>) {
+        let n = msgs.len() as u64;
+        let Some(queue) = self.pipes.get(to).filter(|_| to != self.shard) else {
+            self.pipe_dropped += n;
+            return;
+        };
+        // Drop, never block: a shard that cannot keep up loses relayed packets (its
+        // subscribers recover as from any loss), not the sender its turn.
+        if queue
+            .try_send(PipeBatch {
+                from: self.shard,
+                msgs,
+            })
+            .is_err()
+        {
+            self.pipe_dropped += n;
+        }
     }
 }
 
 struct Driver {
     sfu: Sfu<UdpTransmit>,
     rx: mpsc::Receiver<Command>,
+    /// Batches from the shards hosting the same rooms.
+    pipe_rx: mpsc::Receiver<PipeBatch>,
 }
 
 impl Driver {
@@ -230,6 +272,16 @@ impl Driver {
                             stop
                         }
                     }
+                }
+                Some(batch) = self.pipe_rx.recv() => {
+                    self.sfu.handle_pipe(Instant::now(), batch.from, batch.msgs);
+                    for _ in 1..PIPE_BATCHES_PER_TURN {
+                        match self.pipe_rx.try_recv() {
+                            Ok(b) => self.sfu.handle_pipe(Instant::now(), b.from, b.msgs),
+                            Err(_) => break,
+                        }
+                    }
+                    None
                 }
                 res = self.sfu.transmit().socket.recv_from(&mut buf) => {
                     match res {

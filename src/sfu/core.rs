@@ -9,21 +9,23 @@
 //! [`Sfu::end_turn`]. The driver (`crate::io`) owns the real socket and clock; the
 //! virtual-time tests drive the same core over a simulated network.
 
-use super::bwe::Estimate;
 use super::data::{self, DataError};
 use super::demux::{self, BindingKind, Claim, Demux, DropCounters};
 use super::effects::{Effect, Effects};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::forward::{self, Decision, DownTrack, DropReason};
-use super::ids::{PartKey, TrackId};
+use super::ids::{PartKey, RoomKey, TrackId};
 use super::ingress::{self, Ingress, IngressStats};
-use super::keyframe::{KeyframeThrottle, SwitchWatch};
+use super::keyframe::SwitchWatch;
 use super::outbox::Outbox;
+use super::pipe::{PipeMsg, PipeOut, RelayId, ShardId, layer_bits};
 use super::rewrite::{Rewriter, Vp8Munger};
-use super::sdpcheck;
-use super::selector::{
-    BitrateMeter, LayerInfo, LayerSelector, Requested, layer_quality, needed_layers,
+use super::room::{
+    Channel, EARLY_MAX, Layer, Participant, Pc, PcKey, PcKind, PubTrack, Publisher, RemoteMember,
+    Room, Track,
 };
+use super::sdpcheck;
+use super::selector::{LayerSelector, Requested, layer_quality, needed_layers};
 use super::timers::{Deadline, Periodic, Reason, TimerQueue, soonest};
 use super::vp8;
 use super::{Command, CoreStats, Flow, JoinAccepted, JoinRequest, SfuError, Transmit};
@@ -36,7 +38,6 @@ use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
@@ -52,18 +53,17 @@ use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
 };
 use rtc::rtp;
+use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
     RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
-use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
 use rtc::sdp::extmap::TRANSPORT_CC_URI;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, trace, warn};
 
 /// What the core needs to know.
@@ -78,10 +78,10 @@ pub struct CoreConfig {
     pub limits: super::CoreLimits,
     /// Receive and send buffer asked of the kernel for the media socket, in bytes.
     pub udp_buffer: usize,
+    /// A room with this many participants spreads over the shards (0: never).
+    pub spread_above: usize,
 }
 
-/// Minimum time between keyframe requests to one publisher track.
-const KEYFRAME_INTERVAL: Duration = Duration::from_millis(300);
 /// A simulcast layer nobody needs for this long is paused at the publisher.
 const DYNACAST_GRACE: Duration = Duration::from_secs(5);
 /// How often layer selection runs (besides on every packet).
@@ -89,228 +89,14 @@ const SELECT_INTERVAL: Duration = Duration::from_millis(250);
 /// An estimate below this share (%) of the one the last selection used triggers a selection
 /// at once.
 const SHARP_DROP_PERCENT: u64 = 70;
+/// Why a participant is removed when its identity joins again.
+const REPLACED: &str = "replaced: the same identity joined the room again";
 /// A participant whose transport never connects is dropped after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often RTCP sender reports go out for every forwarded stream.
 const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often stale demultiplexer entries are forgotten.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum PcKind {
-    Publisher,
-    Subscriber,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct PcKey {
-    part: PartKey,
-    kind: PcKind,
-}
-
-/// One `rtc` peer connection with the bookkeeping the loop needs.
-struct Pc {
-    rtc: RTCPeerConnection,
-    /// When the connection next needs a timeout, and for what.
-    deadline: Option<Deadline>,
-    connected: bool,
-    /// Already in the dirty queue.
-    queued: bool,
-    /// Needs a full drain (events, application messages, timers), not just its outgoing
-    /// datagrams: set by everything except the forwarding of RTP packets (see `process`).
-    full_drain: bool,
-    /// Connectivity checks that arrived before the remote description (the client starts
-    /// checking as soon as it has answered; its answer may still be on the WebSocket).
-    early: Vec<(SocketAddr, Instant, BytesMut)>,
-    /// Where `rtc` last sent something other than STUN (DTLS, SCTP): the remote address of
-    /// the selected candidate pair, where the fast path sends media.
-    media_addr: Option<SocketAddr>,
-    /// Records SRTP key derivation for the fast path.
-    capture: Option<KeyCapture>,
-    /// Remote candidates added so far (trickled or in the client's SDP).
-    remote_candidates: usize,
-    /// The client's latest nominating check (USE-CANDIDATE) that `rtc` has not answered yet
-    /// (it answers only once its own check of the pair succeeded), and where it came from.
-    pending_nomination: Option<(SocketAddr, BytesMut)>,
-}
-
-/// At most this many early datagrams are kept per peer connection.
-const EARLY_MAX: usize = 16;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Channel {
-    Chat,
-    Input,
-}
-
-impl Channel {
-    fn label(self) -> &'static str {
-        match self {
-            Channel::Chat => "chat",
-            Channel::Input => "input",
-        }
-    }
-}
-
-struct Participant {
-    pid: String,
-    name: String,
-    room: String,
-    events: mpsc::Sender<ServerMessage>,
-    auto_subscribe: bool,
-    sub: Pc,
-    publ: Option<Pc>,
-    /// A subscriber offer is out and its answer not yet applied.
-    sub_offer_pending: bool,
-    /// Something changed while an offer was out: offer again after the answer.
-    sub_needs_offer: bool,
-    /// Subscriber offers sent so far; the number of the latest.
-    offers_sent: u64,
-    /// Number of the latest subscriber offer whose answer has been applied.
-    offers_answered: u64,
-    channels: HashMap<RTCDataChannelId, Channel>,
-    open_channels: HashMap<&'static str, RTCDataChannelId>,
-    /// What this participant publishes, in order.
-    pub_tracks: Vec<PubTrack>,
-    /// Server track id → sender on this participant's subscriber PC.
-    subscriptions: HashMap<TrackId, RTCRtpSenderId>,
-    limiter: data::RateLimiter,
-    /// Signaling events waiting for room in `events` (coalesced).
-    outbox: Outbox,
-    /// The estimate the last layer selection used (to notice a sharp drop between ticks).
-    selected_at_bps: Option<u64>,
-    /// The subscriber connection's media path, once its DTLS handshake is done.
-    egress: Option<Egress>,
-    /// The publisher connection's media path, once its DTLS handshake is done.
-    ingress: Option<Ingress>,
-}
-
-/// A track a participant publishes: one receiving transceiver of its publisher connection.
-/// Identified by that receiver, never by the client's msid (which may be absent, or the same
-/// on several m-lines): only a new RID on the same receiver is a new layer.
-struct PubTrack {
-    receiver: RTCRtpReceiverId,
-    /// The server's track id, shared so the packet path can hold it without allocating.
-    tid: TrackId,
-}
-
-impl Participant {
-    /// Downlink estimate of the subscriber connection (TWCC, REMB fallback); empty before its
-    /// fast path starts.
-    fn estimate(&self) -> Estimate {
-        self.egress
-            .as_ref()
-            .map(|e| *e.estimate())
-            .unwrap_or_default()
-    }
-
-    /// The server track id of what the publisher connection's receiver `receiver` gets.
-    fn pub_track(&self, receiver: RTCRtpReceiverId) -> Option<&TrackId> {
-        self.pub_tracks
-            .iter()
-            .find(|t| t.receiver == receiver)
-            .map(|t| &t.tid)
-    }
-
-    /// Server track ids this participant publishes, in order.
-    fn published(&self) -> impl Iterator<Item = &str> {
-        self.pub_tracks.iter().map(|t| &*t.tid)
-    }
-}
-
-/// One encoding of a published track: a simulcast layer, or the only one.
-struct Layer {
-    /// RID, empty for a track without simulcast.
-    rid: String,
-    /// Learned from the track event or from the first packet of the layer.
-    ssrc: Option<u32>,
-    width: u32,
-    height: u32,
-    meter: BitrateMeter,
-    throttle: KeyframeThrottle,
-}
-
-impl Layer {
-    fn new(rid: String, ssrc: Option<u32>) -> Self {
-        Layer {
-            rid,
-            ssrc,
-            width: 0,
-            height: 0,
-            meter: BitrateMeter::new(),
-            throttle: KeyframeThrottle::new(KEYFRAME_INTERVAL),
-        }
-    }
-}
-
-struct Track {
-    id: TrackId,
-    publisher: PartKey,
-    room: String,
-    kind: TrackKind,
-    codec: RTCRtpCodec,
-    client_track_id: String,
-    receiver: RTCRtpReceiverId,
-    muted: bool,
-    /// Encodings; a layer's id is its index here (never reordered).
-    layers: Vec<Layer>,
-    down: HashMap<PartKey, DownTrack>,
-    /// Dynacast: layers the publisher was told to pause, and since when each layer has been
-    /// unneeded.
-    paused_upstream: BTreeSet<usize>,
-    unneeded_since: HashMap<usize, Instant>,
-}
-
-impl Track {
-    fn info(&self, publisher_pid: &str) -> TrackInfo {
-        TrackInfo {
-            id: self.id.to_string(),
-            participant_id: publisher_pid.to_owned(),
-            kind: self.kind,
-            mime_type: self.codec.mime_type.clone(),
-            client_track_id: self.client_track_id.clone(),
-            muted: self.muted,
-            layers: self
-                .layers
-                .iter()
-                .filter(|l| !l.rid.is_empty())
-                .map(|l| l.rid.clone())
-                .collect(),
-        }
-    }
-
-    fn is_simulcast(&self) -> bool {
-        self.layers.len() > 1 || self.layers.first().is_some_and(|l| !l.rid.is_empty())
-    }
-
-    /// What the selector needs to know of each layer now.
-    fn layer_infos(&self, now: Instant) -> Vec<LayerInfo> {
-        self.layers
-            .iter()
-            .enumerate()
-            .map(|(id, l)| {
-                let active = l.meter.is_active(now);
-                LayerInfo {
-                    id,
-                    width: l.width,
-                    height: l.height,
-                    bitrate_bps: if active {
-                        l.meter.bps(now)
-                    } else {
-                        l.meter.last_active_bps()
-                    },
-                    active,
-                }
-            })
-            .collect()
-    }
-}
-
-#[derive(Default)]
-struct Room {
-    /// Participants in join order.
-    members: Vec<PartKey>,
-}
 
 /// The SFU core. `T` is where its datagrams go: the driver's batched UDP socket, or a
 /// simulated network.
@@ -324,10 +110,22 @@ pub struct Sfu<T: Transmit> {
     clock_anchor: (Instant, SystemTime),
     /// Every id, SSRC, initial sequence number and ICE credential comes from here.
     rng: rand::rngs::StdRng,
-    rooms: HashMap<String, Room>,
-    parts: HashMap<PartKey, Participant>,
+    /// Every room; each owns its participants and tracks.
+    rooms: HashMap<RoomKey, Room>,
+    /// Room name → key.
+    room_keys: HashMap<String, RoomKey>,
+    /// Participant id (`PA_…`) → key.
     by_pid: HashMap<String, PartKey>,
-    tracks: HashMap<TrackId, Track>,
+    /// Messages for the other shards hosting our rooms, sent at the end of the turn.
+    pipe_out: PipeOut,
+    /// Tracks relayed to us: (publisher's shard, its relay id) → our copy.
+    relays_in: HashMap<(ShardId, RelayId), (RoomKey, TrackId)>,
+    /// Our tracks by relay id (the other shards name them so).
+    relays_out: HashMap<RelayId, (RoomKey, TrackId)>,
+    next_relay: RelayId,
+    /// Shards that said hello for a room before it opened here: they are greeted when it
+    /// opens.
+    early_hellos: HashMap<String, BTreeSet<ShardId>>,
     /// Which connection each datagram belongs to.
     demux: Demux<PcKey>,
     /// Datagrams dropped, by reason, and log lines for them (rate-limited).
@@ -344,7 +142,8 @@ pub struct Sfu<T: Transmit> {
     /// Fast-path counters of participants that have left.
     departed_egress: EgressStats,
     departed_ingress: IngressStats,
-    next_id: u64,
+    next_id: u32,
+    next_room: u32,
     /// Work deferred to the end of the turn.
     effects: Effects,
     /// Participants with events waiting in their outbox.
@@ -454,6 +253,15 @@ fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
     Ok(me)
 }
 
+/// The participant `$k` of core `$s`, borrowing only the rooms (so other fields of the core
+/// stay usable while it is held).
+macro_rules! part_mut {
+    ($s:expr, $k:expr) => {{
+        let k: PartKey = $k;
+        $s.rooms.get_mut(&k.room).and_then(|r| r.parts.get_mut(&k))
+    }};
+}
+
 impl<T: Transmit> Sfu<T> {
     /// A core whose media address is `local_addr` (the port its candidates announce), with
     /// randomness from `seed`, created at `now`, writing its datagrams to `tx`.
@@ -472,9 +280,13 @@ impl<T: Transmit> Sfu<T> {
             ),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             rooms: HashMap::new(),
-            parts: HashMap::new(),
+            room_keys: HashMap::new(),
             by_pid: HashMap::new(),
-            tracks: HashMap::new(),
+            pipe_out: PipeOut::default(),
+            relays_in: HashMap::new(),
+            relays_out: HashMap::new(),
+            next_relay: 0,
+            early_hellos: HashMap::new(),
             demux: Demux::new(),
             drops: DropCounters::default(),
             timers: TimerQueue::default(),
@@ -487,6 +299,7 @@ impl<T: Transmit> Sfu<T> {
             departed_egress: EgressStats::default(),
             departed_ingress: IngressStats::default(),
             next_id: 1,
+            next_room: 0,
             effects: Effects::default(),
             backlogged: BTreeSet::new(),
             shutting_down: false,
@@ -565,7 +378,7 @@ impl<T: Transmit> Sfu<T> {
             self.mark_dirty(key);
         }
         while let Some((_, part)) = self.connect_timers.pop_due(now) {
-            let stale = self.parts.get(&part).is_some_and(|p| !p.sub.connected);
+            let stale = self.part(part).is_some_and(|p| !p.sub.connected);
             if stale {
                 self.effects.push(Effect::Remove {
                     part,
@@ -586,9 +399,10 @@ impl<T: Transmit> Sfu<T> {
 
     /// When the core next needs [`Sfu::handle_timeout`], and why.
     pub fn poll_timeout(&mut self) -> Option<Deadline> {
-        let parts = &self.parts;
+        let rooms = &self.rooms;
+        let part = |k: PartKey| rooms.get(&k.room).and_then(|r| r.parts.get(&k));
         let pc_deadline = |key: PcKey, at: Instant| {
-            let Some(p) = parts.get(&key.part) else {
+            let Some(p) = part(key.part) else {
                 return false;
             };
             let pc = match key.kind {
@@ -603,7 +417,7 @@ impl<T: Transmit> Sfu<T> {
             .and_then(|(_, key)| self.pc(key)?.deadline);
         let connect = self
             .connect_timers
-            .peek(|part, _| parts.get(&part).is_some_and(|p| !p.sub.connected))
+            .peek(|k, _| part(k).is_some_and(|p| !p.sub.connected))
             .map(|(at, _)| Deadline::new(at, Reason::ConnectTimeout));
         let mut next = soonest(pc, connect);
         for periodic in [
@@ -621,10 +435,16 @@ impl<T: Transmit> Sfu<T> {
     pub fn end_turn(&mut self, now: Instant) {
         self.advance(now);
         self.process();
+        if !self.pipe_out.is_empty() {
+            for (to, msgs) in self.pipe_out.take() {
+                self.stats.pipe_msgs_out += msgs.len() as u64;
+                self.tx.pipe(to, msgs);
+            }
+        }
     }
 
     fn reschedule(&mut self, key: PcKey) {
-        let Some(p) = self.parts.get_mut(&key.part) else {
+        let Some(p) = part_mut!(self, key.part) else {
             return;
         };
         let (pc, ingress) = match key.kind {
@@ -650,8 +470,25 @@ impl<T: Transmit> Sfu<T> {
         pc.deadline = next;
     }
 
+    fn part(&self, k: PartKey) -> Option<&Participant> {
+        self.rooms.get(&k.room)?.parts.get(&k)
+    }
+
+    /// Every participant, room by room.
+    fn participants(&self) -> impl Iterator<Item = &Participant> {
+        self.rooms.values().flat_map(|r| r.parts.values())
+    }
+
+    fn track(&self, room: RoomKey, tid: &str) -> Option<&Track> {
+        self.rooms.get(&room)?.tracks.get(tid)
+    }
+
+    fn track_mut(&mut self, room: RoomKey, tid: &str) -> Option<&mut Track> {
+        self.rooms.get_mut(&room)?.tracks.get_mut(tid)
+    }
+
     fn pc(&self, key: PcKey) -> Option<&Pc> {
-        let p = self.parts.get(&key.part)?;
+        let p = self.part(key.part)?;
         match key.kind {
             PcKind::Subscriber => Some(&p.sub),
             PcKind::Publisher => p.publ.as_ref(),
@@ -659,7 +496,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     fn pc_mut(&mut self, key: PcKey) -> Option<&mut Pc> {
-        let p = self.parts.get_mut(&key.part)?;
+        let p = part_mut!(self, key.part)?;
         match key.kind {
             PcKind::Subscriber => Some(&mut p.sub),
             PcKind::Publisher => p.publ.as_mut(),
@@ -682,11 +519,7 @@ impl<T: Transmit> Sfu<T> {
         };
         let first = data[0];
         if key.kind == PcKind::Subscriber && egress::is_rtcp(data) {
-            if let Some(egress) = self
-                .parts
-                .get_mut(&key.part)
-                .and_then(|p| p.egress.as_mut())
-            {
+            if let Some(egress) = part_mut!(self, key.part).and_then(|p| p.egress.as_mut()) {
                 match egress.on_rtcp(now, data) {
                     Ok(fb) => self.on_subscriber_feedback(key.part, fb, now),
                     Err(e) => {
@@ -702,16 +535,10 @@ impl<T: Transmit> Sfu<T> {
             // media can arrive in the same batch as the last DTLS flight, before the connected
             // event: start as soon as the keys are there, so that transport-wide feedback
             // covers the publisher's first packets (its bandwidth probes).
-            if self
-                .parts
-                .get(&key.part)
-                .is_some_and(|p| p.ingress.is_none())
-            {
+            if self.part(key.part).is_some_and(|p| p.ingress.is_none()) {
                 self.start_ingress_early(key.part);
             }
-            let res = self
-                .parts
-                .get_mut(&key.part)
+            let res = part_mut!(self, key.part)
                 .and_then(|p| p.ingress.as_mut())
                 .map(|ing| {
                     if egress::is_rtcp(data) {
@@ -849,7 +676,9 @@ impl<T: Transmit> Sfu<T> {
     fn apply(&mut self, effect: Effect) {
         let now = self.now;
         match effect {
-            Effect::RequestKeyframe { track, layer } => self.request_keyframe(&track, layer, now),
+            Effect::RequestKeyframe { room, track, layer } => {
+                self.request_keyframe(room, &track, layer, now)
+            }
             Effect::SelectLayers => self.select_layers(now),
             Effect::Renegotiate(part) => self.send_offer(part),
             Effect::Remove { part, reason } => self.remove_participant(part, &reason, true),
@@ -883,7 +712,7 @@ impl<T: Transmit> Sfu<T> {
     /// [`SHARP_DROP_PERCENT`] of what the last selection used is acted on at once (downgrade
     /// within the turn, not up to a selection interval later).
     fn check_estimate_drop(&mut self, part: PartKey) {
-        let Some(p) = self.parts.get(&part) else {
+        let Some(p) = self.part(part) else {
             return;
         };
         if let (Some(last), Some(now)) = (p.selected_at_bps, p.estimate().twcc()) {
@@ -894,7 +723,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     fn flush(&mut self, key: PcKey) {
-        let Some(p) = self.parts.get_mut(&key.part) else {
+        let Some(p) = part_mut!(self, key.part) else {
             return;
         };
         let pc = match key.kind {
@@ -946,8 +775,7 @@ impl<T: Transmit> Sfu<T> {
             }
             RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
                 let pid = self
-                    .parts
-                    .get(&key.part)
+                    .part(key.part)
                     .map(|p| p.pid.clone())
                     .unwrap_or_default();
                 debug!(participant = %pid, pc = ?key.kind, "connection state {state}");
@@ -990,7 +818,7 @@ impl<T: Transmit> Sfu<T> {
             RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id))
                 if key.kind == PcKind::Subscriber =>
             {
-                if let Some(p) = self.parts.get_mut(&key.part) {
+                if let Some(p) = part_mut!(self, key.part) {
                     if let Some(ch) = p.channels.get(&id) {
                         p.open_channels.insert(ch.label(), id);
                     }
@@ -999,7 +827,7 @@ impl<T: Transmit> Sfu<T> {
             RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id))
                 if key.kind == PcKind::Subscriber =>
             {
-                if let Some(p) = self.parts.get_mut(&key.part) {
+                if let Some(p) = part_mut!(self, key.part) {
                     p.open_channels.retain(|_, v| *v != id);
                 }
             }
@@ -1036,13 +864,16 @@ impl<T: Transmit> Sfu<T> {
         part: PartKey,
         init: rtc::peer_connection::event::RTCTrackEventInit,
     ) {
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(room) = self.rooms.get_mut(&part.room) else {
+            return;
+        };
+        let Some(p) = room.parts.get_mut(&part) else {
             return;
         };
         if let Some(tid) = p.pub_track(init.receiver_id) {
             // Another encoding (simulcast layer) of a known track, or a new SSRC of its only
             // encoding.
-            if let Some(t) = self.tracks.get_mut(&**tid) {
+            if let Some(t) = room.tracks.get_mut(&**tid) {
                 let rid = init.rid.clone().unwrap_or_default();
                 match t.layers.iter_mut().find(|l| l.rid == rid) {
                     Some(l) => l.ssrc = Some(init.ssrc),
@@ -1054,16 +885,17 @@ impl<T: Transmit> Sfu<T> {
             }
             return;
         }
-        if p.pub_tracks.len() >= self.cfg.limits.max_published_tracks {
-            warn!(participant = %p.pid, limit = self.cfg.limits.max_published_tracks, "published track over the limit; ignored");
+        let max = self.cfg.limits.max_published_tracks;
+        if p.pub_tracks.len() >= max {
+            warn!(participant = %p.pid, limit = max, "published track over the limit; ignored");
             self.stats.limits_hit.published_tracks += 1;
             self.send_to(
                 part,
                 ServerMessage::error(
                     ErrorCode::LimitExceeded,
                     format!(
-                        "at most {} published tracks per participant; track {} is not forwarded",
-                        self.cfg.limits.max_published_tracks, init.track_id
+                        "at most {max} published tracks per participant; track {} is not forwarded",
+                        init.track_id
                     ),
                     Some("publish_offer"),
                 ),
@@ -1094,6 +926,29 @@ impl<T: Transmit> Sfu<T> {
             warn!(participant = %p.pid, "published track without codec; ignored");
             return;
         };
+        let granted = match kind {
+            TrackKind::Audio => p.grants.publish_audio,
+            TrackKind::Video => p.grants.publish_video,
+        };
+        if !granted {
+            debug!(participant = %p.pid, ?kind, "track kind not granted; ignored");
+            let kind = match kind {
+                TrackKind::Audio => "audio",
+                TrackKind::Video => "video",
+            };
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "your token does not grant publishing {kind}; track {} is not forwarded",
+                        init.track_id
+                    ),
+                    Some("publish_offer"),
+                ),
+            );
+            return;
+        }
         let tid = TrackId::from(format!("TR_{}", random_string(&mut self.rng, 12)));
         // Every RID the publisher offered for this track, seen or not (so `track_published`
         // lists them all); the first packets of each fill in its SSRC.
@@ -1111,56 +966,75 @@ impl<T: Transmit> Sfu<T> {
                 layers.push(Layer::new(rid, None));
             }
         }
+        let tracks = &room.tracks;
+        self.next_relay = self.next_relay.wrapping_add(1);
+        let relay = self.next_relay;
         let t = Track {
             id: tid.clone(),
-            publisher: part,
-            room: p.room.clone(),
+            publisher: Publisher::Local {
+                part,
+                receiver: init.receiver_id,
+            },
+            relay,
             kind,
             codec,
             client_track_id: client_track_id(&init.track_id, &mid, |id| {
-                p.pub_tracks.iter().any(|t| {
-                    self.tracks
-                        .get(&*t.tid)
-                        .is_some_and(|t| t.client_track_id == id)
-                })
+                p.pub_tracks
+                    .iter()
+                    .any(|t| tracks.get(&*t.tid).is_some_and(|t| t.client_track_id == id))
             }),
-            receiver: init.receiver_id,
             muted: false,
             layers,
             down: HashMap::new(),
             paused_upstream: BTreeSet::new(),
             unneeded_since: HashMap::new(),
+            relayed_to: BTreeMap::new(),
+            needed_sent: None,
         };
         p.pub_tracks.push(PubTrack {
             receiver: init.receiver_id,
             tid: tid.clone(),
         });
         let info = t.info(&p.pid);
-        let room = p.room.clone();
-        let span = info_span!("track", room = %room, participant = %p.pid, track = %tid);
+        let span = info_span!("track", room = %room.name, participant = %p.pid, track = %tid);
         let _g = span.enter();
         info!(kind = ?kind, mime = %info.mime_type, "track published");
-        self.tracks.insert(tid.clone(), t);
+        for &peer in &room.peers {
+            self.pipe_out.push(
+                peer,
+                PipeMsg::TrackOpen {
+                    room: room.name.clone(),
+                    relay,
+                    info: info.clone(),
+                    codec: t.codec.clone(),
+                },
+            );
+        }
+        room.tracks.insert(tid.clone(), t);
+        self.relays_out.insert(relay, (part.room, tid.clone()));
+        let members = room.members.clone();
         // Everyone, the publisher included: that is how it learns the server id of its track.
-        self.broadcast(&room, None, ServerMessage::TrackPublished { track: info });
+        self.broadcast(
+            part.room,
+            None,
+            ServerMessage::TrackPublished { track: info },
+        );
         // Auto-subscribe the others.
-        let members = self
-            .rooms
-            .get(&room)
-            .map(|r| r.members.clone())
-            .unwrap_or_default();
         for m in members {
-            if m != part && self.parts.get(&m).is_some_and(|p| p.auto_subscribe) {
+            if m != part && self.part(m).is_some_and(|p| p.auto_subscribe) {
                 self.subscribe(m, &tid);
             }
         }
     }
 
     fn subscribe(&mut self, sub: PartKey, tid: &str) -> bool {
-        let Some(track) = self.tracks.get(tid) else {
+        let Some(room) = self.rooms.get(&sub.room) else {
             return false;
         };
-        if track.publisher == sub || track.down.contains_key(&sub) {
+        let Some(track) = room.tracks.get(tid) else {
+            return false;
+        };
+        if track.local_publisher() == Some(sub) || track.down.contains_key(&sub) {
             return false;
         }
         let kind = match track.kind {
@@ -1168,15 +1042,11 @@ impl<T: Transmit> Sfu<T> {
             TrackKind::Video => RtpCodecKind::Video,
         };
         let codec = track.codec.clone();
-        let stream = self
-            .parts
-            .get(&track.publisher)
-            .map(|p| p.pid.clone())
-            .unwrap_or_default();
+        let stream = room.publisher_id(track);
         use rand::Rng;
         let ssrc: u32 = self.rng.random::<u32>() | 1;
         let (seq0, ts0) = (self.rng.random(), self.rng.random());
-        let Some(p) = self.parts.get_mut(&sub) else {
+        let Some(p) = part_mut!(self, sub) else {
             return false;
         };
         let mst = MediaStreamTrack::new(
@@ -1204,7 +1074,11 @@ impl<T: Transmit> Sfu<T> {
         let first_offer = p.offers_sent + 1;
         let is_video = kind == RtpCodecKind::Video;
         let now = self.now;
-        if let Some(track) = self.tracks.get_mut(tid) {
+        if let Some(track) = self
+            .rooms
+            .get_mut(&sub.room)
+            .and_then(|r| r.tracks.get_mut(tid))
+        {
             let selector = is_video.then(|| {
                 let mut sel = LayerSelector::new(Requested::default());
                 sel.update(&track.layer_infos(now), None, now);
@@ -1228,14 +1102,23 @@ impl<T: Transmit> Sfu<T> {
                     switch_watch: None,
                 },
             );
+            sync_needed(track, &mut self.pipe_out);
         }
         self.renegotiate(sub);
         true
     }
 
     fn unsubscribe(&mut self, sub: PartKey, tid: &str) -> bool {
-        let gone = self.tracks.get_mut(tid).and_then(|t| t.down.remove(&sub));
-        let Some(p) = self.parts.get_mut(&sub) else {
+        let gone = self
+            .rooms
+            .get_mut(&sub.room)
+            .and_then(|r| r.tracks.get_mut(tid))
+            .and_then(|t| {
+                let gone = t.down.remove(&sub);
+                sync_needed(t, &mut self.pipe_out);
+                gone
+            });
+        let Some(p) = part_mut!(self, sub) else {
             return false;
         };
         if let (Some(dt), Some(e)) = (gone, p.egress.as_mut()) {
@@ -1254,18 +1137,16 @@ impl<T: Transmit> Sfu<T> {
     /// After a (re)negotiation of `sub`'s subscriber PC: learn payload types and ask for
     /// keyframes for video down-tracks that are waiting for one.
     fn refresh_downtracks(&mut self, sub: PartKey) {
-        let Some(p) = self.parts.get_mut(&sub) else {
+        let Some(room) = self.rooms.get_mut(&sub.room) else {
+            return;
+        };
+        let Some(p) = room.parts.get_mut(&sub) else {
             return;
         };
         let connected = p.sub.connected;
         let answered = p.offers_answered;
-        let subs: Vec<(TrackId, RTCRtpSenderId)> = p
-            .subscriptions
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        for (tid, sender_id) in subs {
-            let Some(track) = self.tracks.get_mut(&tid) else {
+        for (tid, &sender_id) in p.subscriptions.iter() {
+            let Some(track) = room.tracks.get_mut(tid) else {
                 continue;
             };
             let Some(dt) = track.down.get_mut(&sub) else {
@@ -1275,9 +1156,6 @@ impl<T: Transmit> Sfu<T> {
                 continue;
             }
             if dt.payload_type.is_none() {
-                let Some(p) = self.parts.get_mut(&sub) else {
-                    return;
-                };
                 if let Some(mut sender) = p.sub.rtc.rtp_sender(sender_id) {
                     let params = sender.get_parameters();
                     let pt = params
@@ -1310,6 +1188,7 @@ impl<T: Transmit> Sfu<T> {
             if connected && dt.payload_type.is_some() {
                 if let Some(layer) = dt.selector.as_ref().and_then(|s| s.wants_keyframe()) {
                     self.effects.push(Effect::RequestKeyframe {
+                        room: sub.room,
                         track: tid.clone(),
                         layer,
                     });
@@ -1320,15 +1199,17 @@ impl<T: Transmit> Sfu<T> {
 
     /// Which layer of `track` an incoming SSRC belongs to, learning new layers on the way.
     fn layer_of(&mut self, part: PartKey, tid: &str, ssrc: u32) -> Option<usize> {
-        let track = self.tracks.get(tid)?;
+        let track = self.track(part.room, tid)?;
         if let Some(i) = track.layers.iter().position(|l| l.ssrc == Some(ssrc)) {
             return Some(i);
         }
         // Unknown SSRC: ask the receiver which RID it carries (RID-based simulcast).
-        let receiver = track.receiver;
-        let pc = self.parts.get_mut(&part)?.publ.as_mut()?;
+        let Publisher::Local { receiver, .. } = track.publisher else {
+            return None;
+        };
+        let pc = part_mut!(self, part)?.publ.as_mut()?;
         let rid = pc.rtc.rtp_receiver(receiver)?.track().rid(ssrc)?.to_owned();
-        let track = self.tracks.get_mut(tid)?;
+        let track = self.track_mut(part.room, tid)?;
         if let Some(i) = track.layers.iter().position(|l| l.rid == rid) {
             track.layers[i].ssrc = Some(ssrc);
             return Some(i);
@@ -1340,11 +1221,12 @@ impl<T: Transmit> Sfu<T> {
 
     /// The server track of a publisher's SSRC (a layer's SSRC, learned from the track event).
     fn published_ssrc(&self, part: PartKey, ssrc: u32) -> Option<TrackId> {
-        let p = self.parts.get(&part)?;
+        let room = self.rooms.get(&part.room)?;
+        let p = room.parts.get(&part)?;
         p.pub_tracks
             .iter()
             .find(|t| {
-                self.tracks
+                room.tracks
                     .get(&*t.tid)
                     .is_some_and(|tr| tr.layers.iter().any(|l| l.ssrc == Some(ssrc)))
             })
@@ -1358,12 +1240,41 @@ impl<T: Transmit> Sfu<T> {
         let Some(li) = self.layer_of(part, &tid, packet.header.ssrc) else {
             return;
         };
-        let Some(track) = self.tracks.get_mut(&*tid) else {
+        // Header extensions of the publisher leg are not negotiated on the subscriber leg.
+        packet.header.extension = false;
+        packet.header.extensions.clear();
+        packet.header.extension_profile = 0;
+        packet.header.extensions_padding = 0;
+        self.fan_out(part.room, &tid, li, packet, now);
+    }
+
+    /// One packet of layer `li` of track `tid` (published here, or relayed from the
+    /// publisher's shard): to every down-track here, and once to each other shard with
+    /// subscribers of it. `origin`: when the packet reached the publisher's shard.
+    fn fan_out(
+        &mut self,
+        room: RoomKey,
+        tid: &TrackId,
+        li: usize,
+        packet: rtp::Packet,
+        origin: Instant,
+    ) {
+        let now = self.now;
+        let Some(Room { parts, tracks, .. }) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let Some(track) = tracks.get_mut(&**tid) else {
             return;
         };
         let is_video = track.kind == TrackKind::Video;
         let is_vp8 = track.codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_VP8);
         let keyframe = is_video && is_keyframe(&track.codec.mime_type, &packet.payload);
+        if li >= track.layers.len() {
+            // (A relayed track whose publisher's shard learned a layer after announcing it.)
+            track
+                .layers
+                .resize_with(li + 1, || Layer::new(String::new(), None));
+        }
         let layer = &mut track.layers[li];
         layer.meter.add(now, packet.payload.len() + 12);
         if keyframe {
@@ -1376,14 +1287,27 @@ impl<T: Transmit> Sfu<T> {
                 }
             }
         }
-        if track.muted || track.down.is_empty() {
+        if track.muted {
             return;
         }
-        // Header extensions of the publisher leg are not negotiated on the subscriber leg.
-        packet.header.extension = false;
-        packet.header.extensions.clear();
-        packet.header.extension_profile = 0;
-        packet.header.extensions_padding = 0;
+        // Once to each other shard with subscribers (only the publisher's shard relays).
+        if let Ok(layer) = u8::try_from(li) {
+            for &shard in track.relayed_to.keys() {
+                self.stats.rtp_packets_piped += 1;
+                self.pipe_out.push(
+                    shard,
+                    PipeMsg::Rtp {
+                        relay: track.relay,
+                        layer,
+                        packet: packet.clone(),
+                        origin,
+                    },
+                );
+            }
+        }
+        if track.down.is_empty() {
+            return;
+        }
         let clock_rate = track.codec.clock_rate;
         let meta = forward::Packet {
             layer: li,
@@ -1398,7 +1322,7 @@ impl<T: Transmit> Sfu<T> {
         // Fan-out: each subscription decides, then the decision is acted on (munge, encrypt,
         // send) or its drop counted by reason.
         for (&sub, dt) in track.down.iter_mut() {
-            let p = self.parts.get_mut(&sub);
+            let p = parts.get_mut(&sub);
             let connected = p.as_ref().is_some_and(|p| p.sub.connected);
             let f = match dt.decide(&meta, connected, now) {
                 Decision::Forward(f) => f,
@@ -1433,7 +1357,7 @@ impl<T: Transmit> Sfu<T> {
             match egress.protect_rtp(now, &mut out, dt.twcc_ext, clock_rate, is_video, keyframe) {
                 Ok(wire) => {
                     self.stats.rtp_packets_forwarded += 1;
-                    self.tx.send(wire, to, Some(now));
+                    self.tx.send(wire, to, Some(origin));
                 }
                 Err(e) => {
                     self.stats.rtp_packets_dropped += 1;
@@ -1444,25 +1368,29 @@ impl<T: Transmit> Sfu<T> {
         }
         if let Some(layer) = want_keyframe {
             self.effects.push(Effect::RequestKeyframe {
+                room,
                 track: tid.clone(),
                 layer,
             });
         }
         for sub in switched_subs {
-            self.report_layer(&tid, sub, now);
+            self.report_layer(tid, sub, now);
         }
     }
 
     /// Tell a subscriber which layer of a track it now receives (called right after the
     /// switch's keyframe packet was sent), and watch for that keyframe's loss.
     fn report_layer(&mut self, tid: &str, sub: PartKey, now: Instant) {
-        if let Some(dt) = self.tracks.get_mut(tid).and_then(|t| t.down.get_mut(&sub)) {
+        if let Some(dt) = self
+            .track_mut(sub.room, tid)
+            .and_then(|t| t.down.get_mut(&sub))
+        {
             dt.switch_watch = dt
                 .rewriter
                 .last_out_seq()
                 .map(|seq| SwitchWatch::new(seq, now));
         }
-        let Some(track) = self.tracks.get(tid) else {
+        let Some(track) = self.track(sub.room, tid) else {
             return;
         };
         let Some(cur) = track
@@ -1489,7 +1417,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// The subscriber connection is up: its SRTP keys are known, start its fast path.
     fn start_egress(&mut self, part: PartKey) {
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(p) = part_mut!(self, part) else {
             return;
         };
         if p.egress.is_some() {
@@ -1520,7 +1448,7 @@ impl<T: Transmit> Sfu<T> {
     /// The publisher connection is up: its SRTP keys are known, start its fast path.
     fn start_ingress(&mut self, part: PartKey) {
         let sender_ssrc = rand::Rng::random(&mut self.rng);
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(p) = part_mut!(self, part) else {
             return;
         };
         let Some(pc) = p.publ.as_ref() else { return };
@@ -1557,8 +1485,7 @@ impl<T: Transmit> Sfu<T> {
     /// already derived (nothing happens, and `rtc` takes the datagram, while they are not).
     fn start_ingress_early(&mut self, part: PartKey) {
         let ready = self
-            .parts
-            .get(&part)
+            .part(part)
             .and_then(|p| p.publ.as_ref())
             .and_then(|pc| pc.capture.as_ref())
             .is_some_and(|c| c.keys().is_ok());
@@ -1570,7 +1497,7 @@ impl<T: Transmit> Sfu<T> {
     /// After the publisher's fast path took a datagram: send the feedback it produced, and
     /// move the connection's timer earlier if the fast path now needs it sooner.
     fn after_ingress(&mut self, part: PartKey) {
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(p) = part_mut!(self, part) else {
             return;
         };
         let (Some(ing), Some(pc)) = (p.ingress.as_mut(), p.publ.as_mut()) else {
@@ -1599,7 +1526,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// The publisher connection's timer fired: feedback that is due.
     fn ingress_timeout(&mut self, part: PartKey, now: Instant) {
-        if let Some(ing) = self.parts.get_mut(&part).and_then(|p| p.ingress.as_mut()) {
+        if let Some(ing) = part_mut!(self, part).and_then(|p| p.ingress.as_mut()) {
             ing.on_timeout(now);
             self.after_ingress(part);
         }
@@ -1608,7 +1535,10 @@ impl<T: Transmit> Sfu<T> {
     /// `rtc` delivered a packet of `ssrc` of the published track `tid`: once the SSRC belongs
     /// to a layer of it, its packets skip `rtc`.
     fn bind_ingress(&mut self, part: PartKey, tid: &TrackId, ssrc: u32) {
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(room) = self.rooms.get_mut(&part.room) else {
+            return;
+        };
+        let Some(p) = room.parts.get_mut(&part) else {
             return;
         };
         let Some(ing) = p.ingress.as_mut() else {
@@ -1617,7 +1547,7 @@ impl<T: Transmit> Sfu<T> {
         if ing.is_bound(ssrc) {
             return;
         }
-        let Some(track) = self.tracks.get(&**tid) else {
+        let Some(track) = room.tracks.get(&**tid) else {
             return;
         };
         if !track.layers.iter().any(|l| l.ssrc == Some(ssrc)) {
@@ -1631,7 +1561,10 @@ impl<T: Transmit> Sfu<T> {
     /// What a subscriber's RTCP asked for: retransmissions (already answered by its egress),
     /// keyframes, a look at a new TWCC estimate.
     fn on_subscriber_feedback(&mut self, part: PartKey, fb: egress::Feedback, now: Instant) {
-        let Some(p) = self.parts.get(&part) else {
+        let Some(room) = self.rooms.get_mut(&part.room) else {
+            return;
+        };
+        let Some(p) = room.parts.get(&part) else {
             return;
         };
         if let Some(to) = p.sub.media_addr {
@@ -1641,7 +1574,7 @@ impl<T: Transmit> Sfu<T> {
         }
         // Down-tracks by the SSRC the subscriber knows them by (feedback is rare: a scan of
         // the participant's subscriptions is enough).
-        let tracks = &mut self.tracks;
+        let tracks = &mut room.tracks;
         fn tid_of<'a>(
             subs: &'a HashMap<TrackId, RTCRtpSenderId>,
             tracks: &HashMap<TrackId, Track>,
@@ -1688,6 +1621,7 @@ impl<T: Transmit> Sfu<T> {
             });
             if let Some(l) = layer {
                 self.effects.push(Effect::RequestKeyframe {
+                    room: part.room,
                     track: tid.clone(),
                     layer: l,
                 });
@@ -1699,8 +1633,11 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// Ask the publisher of `tid` for a keyframe of layer `li`, through the layer's throttle.
-    fn request_keyframe(&mut self, tid: &str, li: usize, now: Instant) {
-        let Some(track) = self.tracks.get_mut(tid) else {
+    fn request_keyframe(&mut self, room: RoomKey, tid: &str, li: usize, now: Instant) {
+        let Some(Room { parts, tracks, .. }) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let Some(track) = tracks.get_mut(tid) else {
             return;
         };
         if track.kind != TrackKind::Video {
@@ -1708,6 +1645,19 @@ impl<T: Transmit> Sfu<T> {
         }
         let Some(layer) = track.layers.get_mut(li) else {
             return;
+        };
+        let part = match &track.publisher {
+            Publisher::Local { part, .. } => *part,
+            Publisher::Remote { shard, .. } => {
+                // The publisher's shard asks (through its own throttle).
+                if let (true, Ok(layer)) = (layer.throttle.request(now), u8::try_from(li)) {
+                    trace!(track = %tid, layer = li, "keyframe request to the publisher's shard");
+                    let relay = track.relay;
+                    self.pipe_out
+                        .push(*shard, PipeMsg::Keyframe { relay, layer });
+                }
+                return;
+            }
         };
         let Some(media_ssrc) = layer.ssrc else {
             return;
@@ -1717,7 +1667,7 @@ impl<T: Transmit> Sfu<T> {
         }
         // Through the publisher's fast path only: `rtc` never sends RTCP on a publisher
         // connection (its SRTCP context shares the fast path's key).
-        let Some(p) = self.parts.get_mut(&track.publisher) else {
+        let Some(p) = parts.get_mut(&part) else {
             return;
         };
         let (Some(ing), Some(to)) = (
@@ -1740,14 +1690,26 @@ impl<T: Transmit> Sfu<T> {
     /// first, then video tracks in turn), keyframe requests for pending switches, retries of
     /// lost keyframe requests, and dynacast (pause layers nobody needs).
     fn select_layers(&mut self, now: Instant) {
+        let mut rooms: Vec<RoomKey> = self.rooms.keys().copied().collect();
+        rooms.sort();
+        for room in rooms {
+            self.select_room_layers(room, now);
+        }
+    }
+
+    /// [`Sfu::select_layers`] for one room.
+    fn select_room_layers(&mut self, room: RoomKey, now: Instant) {
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
         // Budget per subscriber: the downlink estimate less the audio it receives.
         let mut budget: HashMap<PartKey, Option<i64>> = HashMap::new();
-        for (&part, p) in self.parts.iter_mut() {
+        for (&part, p) in r.parts.iter_mut() {
             let available = p.estimate().available(now);
             p.selected_at_bps = available;
             budget.insert(part, available.map(|b| b as i64));
         }
-        for t in self.tracks.values() {
+        for t in r.tracks.values() {
             if t.kind == TrackKind::Audio {
                 let bps = t.layers.first().map_or(0, |l| l.meter.bps(now)) as i64;
                 for sub in t.down.keys() {
@@ -1757,7 +1719,7 @@ impl<T: Transmit> Sfu<T> {
                 }
             }
         }
-        let mut tids: Vec<TrackId> = self
+        let mut tids: Vec<TrackId> = r
             .tracks
             .values()
             .filter(|t| t.kind == TrackKind::Video)
@@ -1767,7 +1729,7 @@ impl<T: Transmit> Sfu<T> {
         let mut wanted = Vec::new();
         let mut layer_msgs: Vec<(PartKey, ServerMessage)> = Vec::new();
         for tid in tids {
-            let Some(track) = self.tracks.get_mut(&tid) else {
+            let Some(track) = r.tracks.get_mut(&tid) else {
                 continue;
             };
             let infos = track.layer_infos(now);
@@ -1784,9 +1746,18 @@ impl<T: Transmit> Sfu<T> {
                     wanted.push((tid.clone(), l));
                 }
             }
-            // Dynacast.
-            if track.is_simulcast() && !track.down.is_empty() {
-                let needed = needed_layers(track.down.values().filter_map(|d| d.selector.as_ref()));
+            // Dynacast: the publisher's shard pauses what nobody here or on the other shards
+            // needs; another shard tells it what its subscribers need.
+            let publisher = match &track.publisher {
+                Publisher::Local { part, .. } => *part,
+                Publisher::Remote { .. } => continue,
+            };
+            if track.is_simulcast() && track.has_subscribers() {
+                let mut needed =
+                    needed_layers(track.down.values().filter_map(|d| d.selector.as_ref()));
+                for &bits in track.relayed_to.values() {
+                    needed.extend((0..64).filter(|i| bits & (1 << i) != 0));
+                }
                 let mut changed = false;
                 for li in 0..track.layers.len() {
                     if needed.contains(&li) {
@@ -1817,7 +1788,7 @@ impl<T: Transmit> Sfu<T> {
                     let (active, paused) = (rids(active), rids(paused));
                     debug!(track = %tid, ?active, "dynacast: publisher layers");
                     layer_msgs.push((
-                        track.publisher,
+                        publisher,
                         ServerMessage::PublisherLayers {
                             track_id: tid.to_string(),
                             active,
@@ -1829,9 +1800,11 @@ impl<T: Transmit> Sfu<T> {
         }
         // Retries (through the throttle like any request) of keyframes that never came, for
         // layers someone still receives from and the publisher still sends.
-        for (tid, track) in self.tracks.iter_mut() {
+        for (tid, track) in r.tracks.iter_mut() {
+            sync_needed(track, &mut self.pipe_out);
+            let subscribed = track.has_subscribers();
             for (li, layer) in track.layers.iter_mut().enumerate() {
-                if track.down.is_empty() || track.paused_upstream.contains(&li) {
+                if !subscribed || track.paused_upstream.contains(&li) {
                     layer.throttle.cancel();
                 } else if layer.throttle.retry_due(now) {
                     wanted.push((tid.clone(), li));
@@ -1839,30 +1812,42 @@ impl<T: Transmit> Sfu<T> {
             }
         }
         for (track, layer) in wanted {
-            self.effects.push(Effect::RequestKeyframe { track, layer });
+            self.effects
+                .push(Effect::RequestKeyframe { room, track, layer });
         }
         for (part, msg) in layer_msgs {
             self.send_to(part, msg);
         }
     }
 
-    fn unpublish(&mut self, tid: &str) {
-        let Some(track) = self.tracks.remove(tid) else {
+    fn unpublish(&mut self, room: RoomKey, tid: &str) {
+        let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
-        let publisher_pid = self
-            .parts
-            .get(&track.publisher)
-            .map(|p| p.pid.clone())
-            .unwrap_or_default();
-        if let Some(p) = self.parts.get_mut(&track.publisher) {
-            if let Some(ing) = p.ingress.as_mut() {
-                ing.unbind_track(tid);
+        let Some(track) = r.tracks.remove(tid) else {
+            return;
+        };
+        let publisher_pid = r.publisher_id(&track);
+        match &track.publisher {
+            Publisher::Local { part, .. } => {
+                if let Some(p) = r.parts.get_mut(part) {
+                    if let Some(ing) = p.ingress.as_mut() {
+                        ing.unbind_track(tid);
+                    }
+                    p.pub_tracks.retain(|t| &*t.tid != tid);
+                }
+                for &peer in &r.peers {
+                    self.pipe_out
+                        .push(peer, PipeMsg::TrackClose { relay: track.relay });
+                }
+                self.relays_out.remove(&track.relay);
             }
-            p.pub_tracks.retain(|t| &*t.tid != tid);
+            Publisher::Remote { shard, .. } => {
+                self.relays_in.remove(&(*shard, track.relay));
+            }
         }
         for (&sub, dt) in track.down.iter() {
-            if let Some(p) = self.parts.get_mut(&sub) {
+            if let Some(p) = part_mut!(self, sub) {
                 if let Some(e) = p.egress.as_mut() {
                     e.remove_stream(dt.ssrc);
                 }
@@ -1876,8 +1861,8 @@ impl<T: Transmit> Sfu<T> {
         }
         info!(track = %tid, participant = %publisher_pid, "track unpublished");
         self.broadcast(
-            &track.room,
-            Some(track.publisher),
+            room,
+            track.local_publisher(),
             ServerMessage::TrackUnpublished {
                 track_id: tid.to_owned(),
                 participant_id: publisher_pid,
@@ -1895,12 +1880,24 @@ impl<T: Transmit> Sfu<T> {
         msg: &[u8],
         now: Instant,
     ) {
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(p) = part_mut!(self, part) else {
             return;
         };
         let Some(channel) = p.channels.get(&id).copied() else {
             return;
         };
+        if !p.grants.publish_data {
+            let m = ServerMessage::error(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "your token does not grant sending data; {} message not relayed",
+                    channel.label()
+                ),
+                Some(channel.label()),
+            );
+            self.send_to(part, m);
+            return;
+        }
         let inbound = data::parse_client(msg, self.cfg.max_data_message)
             .and_then(|i| p.limiter.check(now, i.payload.len()).map(|_| i));
         let inbound = match inbound {
@@ -1921,27 +1918,41 @@ impl<T: Transmit> Sfu<T> {
             }
         };
         let framed = data::frame_for_receiver(&p.pid, inbound.payload);
-        let room = p.room.clone();
+        let from = p.pid.clone();
+        let Some(room) = self.rooms.get(&part.room) else {
+            return;
+        };
+        // Receivers here, and the other shards' share of them (one message per shard).
+        let mut remote: BTreeMap<ShardId, Vec<String>> = BTreeMap::new();
+        let mut error = None;
         let targets: Vec<PartKey> = if inbound.to.is_empty() {
-            self.rooms
-                .get(&room)
-                .map(|r| r.members.iter().copied().filter(|&m| m != part).collect())
-                .unwrap_or_default()
+            for &peer in &room.peers {
+                remote.insert(peer, Vec::new());
+            }
+            room.members
+                .iter()
+                .copied()
+                .filter(|&m| m != part)
+                .collect()
         } else {
             let mut found = Vec::with_capacity(inbound.to.len());
             let mut unknown = Vec::new();
             for pid in &inbound.to {
                 match self.by_pid.get(pid.as_str()).copied() {
-                    Some(m) if self.parts.get(&m).is_some_and(|p| p.room == room) => {
+                    // (The key names the room; the participant must still be in it.)
+                    Some(m) if m.room == part.room && room.parts.contains_key(&m) => {
                         if m != part {
                             found.push(m)
                         }
                     }
-                    _ => unknown.push(pid.clone()),
+                    _ => match room.remote.get(pid.as_str()) {
+                        Some(rm) => remote.entry(rm.shard).or_default().push(pid.clone()),
+                        None => unknown.push(pid.clone()),
+                    },
                 }
             }
             if !unknown.is_empty() {
-                let m = ServerMessage::error(
+                error = Some(ServerMessage::error(
                     ErrorCode::NotFound,
                     format!(
                         "{} data-channel message not delivered to unknown participant(s): {}",
@@ -1949,28 +1960,55 @@ impl<T: Transmit> Sfu<T> {
                         unknown.join(", ")
                     ),
                     Some(channel.label()),
-                );
-                self.send_to(part, m);
+                ));
             }
             found
         };
-        for t in targets {
-            let Some(tp) = self.parts.get_mut(&t) else {
+        for (shard, to) in remote {
+            self.pipe_out.push(
+                shard,
+                PipeMsg::Data {
+                    room: room.name.clone(),
+                    from: from.clone(),
+                    channel: channel.label(),
+                    is_text,
+                    framed: framed.clone(),
+                    to,
+                },
+            );
+        }
+        if let Some(m) = error {
+            self.send_to(part, m);
+        }
+        self.deliver_data(&targets, channel.label(), is_text, &framed, now);
+    }
+
+    /// A framed data-channel message to participants of this shard, on their channel `label`.
+    fn deliver_data(
+        &mut self,
+        targets: &[PartKey],
+        label: &str,
+        is_text: bool,
+        framed: &[u8],
+        now: Instant,
+    ) {
+        for &t in targets {
+            let Some(tp) = part_mut!(self, t) else {
                 continue;
             };
-            let Some(&dc_id) = tp.open_channels.get(channel.label()) else {
+            let Some(&dc_id) = tp.open_channels.get(label) else {
                 continue;
             };
             let Some(mut dc) = tp.sub.rtc.data_channel(dc_id) else {
                 continue;
             };
             let res = if is_text {
-                match std::str::from_utf8(&framed) {
+                match std::str::from_utf8(framed) {
                     Ok(s) => dc.send_text(now, s.to_owned()),
-                    Err(_) => dc.send(now, BytesMut::from(&framed[..])),
+                    Err(_) => dc.send(now, BytesMut::from(framed)),
                 }
             } else {
-                dc.send(now, BytesMut::from(&framed[..]))
+                dc.send(now, BytesMut::from(framed))
             };
             match res {
                 Ok(()) => {
@@ -1981,6 +2019,306 @@ impl<T: Transmit> Sfu<T> {
                     });
                 }
                 Err(e) => debug!("data-channel send: {e}"),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- the pipe
+
+    /// Messages from another shard hosting some of the same rooms (see [`super::pipe`]).
+    pub fn handle_pipe(&mut self, now: Instant, from: ShardId, msgs: Vec<PipeMsg>) {
+        self.advance(now);
+        self.stats.pipe_msgs_in += msgs.len() as u64;
+        for msg in msgs {
+            self.on_pipe(from, msg);
+        }
+    }
+
+    fn on_pipe(&mut self, from: ShardId, msg: PipeMsg) {
+        match msg {
+            PipeMsg::Rtp {
+                relay,
+                layer,
+                packet,
+                origin,
+            } => {
+                if let Some((rk, tid)) = self.relays_in.get(&(from, relay)).cloned() {
+                    self.fan_out(rk, &tid, usize::from(layer), packet, origin);
+                }
+            }
+            PipeMsg::Keyframe { relay, layer } => {
+                if let Some((room, track)) = self.relays_out.get(&relay).cloned() {
+                    self.effects.push(Effect::RequestKeyframe {
+                        room,
+                        track,
+                        layer: usize::from(layer),
+                    });
+                }
+            }
+            PipeMsg::Needed {
+                relay,
+                subscribed,
+                layers,
+            } => {
+                let Some((rk, tid)) = self.relays_out.get(&relay) else {
+                    return;
+                };
+                let Some(t) = self.rooms.get_mut(rk).and_then(|r| r.tracks.get_mut(tid)) else {
+                    return;
+                };
+                let newly = subscribed && !t.relayed_to.contains_key(&from);
+                if subscribed {
+                    t.relayed_to.insert(from, layers);
+                } else {
+                    t.relayed_to.remove(&from);
+                }
+                if newly {
+                    debug!(track = %tid, shard = from, "relaying to another shard");
+                }
+            }
+            PipeMsg::Data {
+                room,
+                from: sender,
+                channel,
+                is_text,
+                framed,
+                to,
+            } => {
+                let Some(&rk) = self.room_keys.get(&room) else {
+                    return;
+                };
+                let Some(r) = self.rooms.get(&rk) else {
+                    return;
+                };
+                let targets: Vec<PartKey> = if to.is_empty() {
+                    r.members.clone()
+                } else {
+                    to.iter()
+                        .filter_map(|pid| self.by_pid.get(pid.as_str()).copied())
+                        .filter(|k| k.room == rk)
+                        .collect()
+                };
+                trace!(from = %sender, n = targets.len(), "data from another shard");
+                let now = self.now;
+                self.deliver_data(&targets, channel, is_text, &framed, now);
+            }
+            PipeMsg::Hello { room } => self.on_hello(from, room),
+            PipeMsg::Bye { room } => self.on_bye(from, &room),
+            PipeMsg::Member { room, info } => self.on_remote_member(from, &room, info),
+            PipeMsg::MemberLeft {
+                room,
+                participant_id,
+            } => self.on_remote_member_left(from, &room, &participant_id),
+            PipeMsg::TrackOpen {
+                room,
+                relay,
+                info,
+                codec,
+            } => self.on_remote_track(from, &room, relay, info, codec),
+            PipeMsg::TrackClose { relay } => {
+                if let Some((rk, tid)) = self.relays_in.get(&(from, relay)).cloned() {
+                    self.unpublish(rk, &tid);
+                }
+            }
+            PipeMsg::Muted { relay, muted } => {
+                if let Some((rk, tid)) = self.relays_in.get(&(from, relay)).cloned() {
+                    self.set_muted(rk, &tid, muted);
+                }
+            }
+        }
+    }
+
+    /// Shard `from` hosts `room` now: it gets our participants and tracks of the room (or,
+    /// if the room is not open here yet, it is greeted when it opens).
+    fn on_hello(&mut self, from: ShardId, room: String) {
+        let Some(r) = self
+            .room_keys
+            .get(&room)
+            .and_then(|k| self.rooms.get_mut(k))
+        else {
+            self.early_hellos.entry(room).or_default().insert(from);
+            return;
+        };
+        debug!(room = %room, shard = from, "room spans another shard");
+        r.peers.insert(from);
+        for m in &r.members {
+            if let Some(p) = r.parts.get(m).filter(|p| !p.grants.hidden) {
+                self.pipe_out.push(
+                    from,
+                    PipeMsg::Member {
+                        room: room.clone(),
+                        info: ParticipantInfo {
+                            id: p.pid.clone(),
+                            name: p.name.clone(),
+                            tracks: Vec::new(),
+                        },
+                    },
+                );
+            }
+        }
+        let mut local: Vec<&Track> = r
+            .tracks
+            .values()
+            .filter(|t| t.local_publisher().is_some())
+            .collect();
+        local.sort_by_key(|t| t.relay);
+        for t in local {
+            self.pipe_out.push(
+                from,
+                PipeMsg::TrackOpen {
+                    room: room.clone(),
+                    relay: t.relay,
+                    info: t.info(&r.publisher_id(t)),
+                    codec: t.codec.clone(),
+                },
+            );
+        }
+    }
+
+    /// Shard `from` no longer hosts `room`.
+    fn on_bye(&mut self, from: ShardId, room: &str) {
+        if let Some(early) = self.early_hellos.get_mut(room) {
+            early.remove(&from);
+            if early.is_empty() {
+                self.early_hellos.remove(room);
+            }
+        }
+        let Some(r) = self.room_keys.get(room).and_then(|k| self.rooms.get_mut(k)) else {
+            return;
+        };
+        r.peers.remove(&from);
+        // Nothing more is relayed to it.
+        for t in r.tracks.values_mut() {
+            t.relayed_to.remove(&from);
+        }
+        let gone: Vec<String> = r
+            .remote
+            .iter()
+            .filter(|(_, m)| m.shard == from)
+            .map(|(pid, _)| pid.clone())
+            .collect();
+        for pid in gone {
+            self.on_remote_member_left(from, room, &pid);
+        }
+    }
+
+    /// A participant of `room` on shard `from`.
+    fn on_remote_member(&mut self, from: ShardId, room: &str, info: ParticipantInfo) {
+        let Some(&rk) = self.room_keys.get(room) else {
+            return;
+        };
+        let Some(r) = self.rooms.get_mut(&rk) else {
+            return;
+        };
+        r.peers.insert(from);
+        let known = r
+            .remote
+            .insert(
+                info.id.clone(),
+                RemoteMember {
+                    shard: from,
+                    name: info.name.clone(),
+                },
+            )
+            .is_some();
+        if !known {
+            self.broadcast(
+                rk,
+                None,
+                ServerMessage::ParticipantJoined { participant: info },
+            );
+        }
+    }
+
+    /// A participant of `room` on shard `from` left.
+    fn on_remote_member_left(&mut self, from: ShardId, room: &str, pid: &str) {
+        let Some(&rk) = self.room_keys.get(room) else {
+            return;
+        };
+        let Some(r) = self.rooms.get_mut(&rk) else {
+            return;
+        };
+        if r.remote.get(pid).is_none_or(|m| m.shard != from) {
+            return;
+        }
+        r.remote.remove(pid);
+        let mut theirs: Vec<TrackId> = r
+            .tracks
+            .values()
+            .filter(|t| {
+                matches!(&t.publisher, Publisher::Remote { participant_id, .. } if participant_id == pid)
+            })
+            .map(|t| t.id.clone())
+            .collect();
+        theirs.sort();
+        for tid in theirs {
+            self.unpublish(rk, &tid);
+        }
+        self.broadcast(
+            rk,
+            None,
+            ServerMessage::ParticipantLeft {
+                participant_id: pid.to_owned(),
+            },
+        );
+    }
+
+    /// A track published on shard `from`, relayed as `relay`: the room here learns of it and
+    /// its participants here subscribe as to any track.
+    fn on_remote_track(
+        &mut self,
+        from: ShardId,
+        room: &str,
+        relay: RelayId,
+        info: TrackInfo,
+        codec: RTCRtpCodec,
+    ) {
+        let Some(&rk) = self.room_keys.get(room) else {
+            return;
+        };
+        let Some(r) = self.rooms.get_mut(&rk) else {
+            return;
+        };
+        if r.tracks.contains_key(info.id.as_str()) || !r.remote.contains_key(&info.participant_id) {
+            return;
+        }
+        let tid = TrackId::from(info.id.as_str());
+        let layers = if info.layers.is_empty() {
+            vec![Layer::new(String::new(), None)]
+        } else {
+            info.layers
+                .iter()
+                .map(|rid| Layer::new(rid.clone(), None))
+                .collect()
+        };
+        r.tracks.insert(
+            tid.clone(),
+            Track {
+                id: tid.clone(),
+                publisher: Publisher::Remote {
+                    shard: from,
+                    participant_id: info.participant_id.clone(),
+                },
+                relay,
+                kind: info.kind,
+                codec,
+                client_track_id: info.client_track_id.clone(),
+                muted: info.muted,
+                layers,
+                down: HashMap::new(),
+                paused_upstream: BTreeSet::new(),
+                unneeded_since: HashMap::new(),
+                relayed_to: BTreeMap::new(),
+                needed_sent: None,
+            },
+        );
+        self.relays_in.insert((from, relay), (rk, tid.clone()));
+        let members = r.members.clone();
+        debug!(track = %tid, shard = from, "track relayed from another shard");
+        self.broadcast(rk, None, ServerMessage::TrackPublished { track: info });
+        for m in members {
+            if self.part(m).is_some_and(|p| p.auto_subscribe) {
+                self.subscribe(m, &tid);
             }
         }
     }
@@ -2017,12 +2355,12 @@ impl<T: Transmit> Sfu<T> {
     pub fn stats(&self) -> CoreStats {
         let mut s = self.stats.clone();
         s.rooms = self.rooms.len();
-        s.participants = self.parts.len();
-        s.published_tracks = self.tracks.len();
+        s.participants = self.rooms.values().map(|r| r.parts.len()).sum();
+        s.published_tracks = self.rooms.values().map(|r| r.tracks.len()).sum();
         s.udp_dropped = self.drops.snapshot();
         s.log_lines_suppressed = crate::logging::suppressed_lines();
         let mut e = self.departed_egress;
-        for p in self.parts.values() {
+        for p in self.participants() {
             if let Some(eg) = &p.egress {
                 e += eg.stats();
             }
@@ -2035,7 +2373,7 @@ impl<T: Transmit> Sfu<T> {
         s.subscriber_rtcp_rejected = e.rtcp_rejected;
         s.subscriber_rtcp_malformed = e.rtcp_malformed;
         let mut i = self.departed_ingress;
-        for p in self.parts.values() {
+        for p in self.participants() {
             if let Some(ing) = &p.ingress {
                 i += ing.stats();
             }
@@ -2165,8 +2503,37 @@ impl<T: Transmit> Sfu<T> {
         let name = req.name.trim().to_owned();
         validate_name("room", &room)?;
         validate_name("name", &name)?;
-        let part = PartKey(self.next_id);
-        self.next_id += 1;
+        // An identity is unique in the room: a second join replaces the first.
+        if let Some(identity) = &req.identity {
+            let old: Vec<PartKey> = self
+                .room_keys
+                .get(&room)
+                .and_then(|k| self.rooms.get(k))
+                .map(|r| {
+                    r.parts
+                        .iter()
+                        .filter(|(_, p)| p.identity.as_ref() == Some(identity))
+                        .map(|(k, _)| *k)
+                        .collect()
+                })
+                .unwrap_or_default();
+            for part in old {
+                self.remove_participant(part, REPLACED, true);
+            }
+        }
+        let grants = req.grants.clone();
+        let hidden = grants.hidden;
+        let auto_subscribe = req.auto_subscribe && grants.subscribe;
+        // The room's key; a new room exists only once its first participant is in.
+        let rk = match self.room_keys.get(&room) {
+            Some(&k) => k,
+            None => {
+                self.next_room = self.next_room.wrapping_add(1);
+                RoomKey(self.next_room)
+            }
+        };
+        let part = PartKey::new(rk, self.next_id);
+        self.next_id = self.next_id.wrapping_add(1);
         let pid = format!("PA_{}", random_string(&mut self.rng, 12));
         let key = PcKey {
             part,
@@ -2197,20 +2564,24 @@ impl<T: Transmit> Sfu<T> {
                 .map_err(|e| SfuError::Rtc(e.to_string()))?;
             channels.insert(dc.id(), label);
         }
-        let others: Vec<ParticipantInfo> = self
+        let mut others: Vec<ParticipantInfo> = self
             .rooms
-            .get(&room)
+            .get(&rk)
             .map(|r| r.members.clone())
             .unwrap_or_default()
             .iter()
             .filter_map(|m| self.participant_info(*m))
             .collect();
+        if let Some(r) = self.rooms.get(&rk) {
+            others.extend(r.remote_infos());
+        }
         let participant = Participant {
             pid: pid.clone(),
             name: name.clone(),
-            room: room.clone(),
+            identity: req.identity.clone(),
+            grants,
             events: req.events,
-            auto_subscribe: req.auto_subscribe,
+            auto_subscribe,
             sub,
             publ: None,
             sub_offer_pending: false,
@@ -2227,7 +2598,35 @@ impl<T: Transmit> Sfu<T> {
             egress: None,
             ingress: None,
         };
-        self.parts.insert(part, participant);
+        let r = self.rooms.entry(rk).or_insert_with(|| {
+            info!(room = %room, peers = ?req.peers, "room opened");
+            let mut r = Room::new(room.clone());
+            // The room's other shards (and any that greeted it before it opened here) are
+            // greeted: each answers with its participants and tracks.
+            r.peers.extend(req.peers.iter().copied());
+            r.peers
+                .extend(self.early_hellos.remove(&room).unwrap_or_default());
+            for &peer in &r.peers {
+                self.pipe_out
+                    .push(peer, PipeMsg::Hello { room: room.clone() });
+            }
+            r
+        });
+        for &peer in r.peers.iter().filter(|_| !hidden) {
+            self.pipe_out.push(
+                peer,
+                PipeMsg::Member {
+                    room: room.clone(),
+                    info: ParticipantInfo {
+                        id: pid.clone(),
+                        name: name.clone(),
+                        tracks: Vec::new(),
+                    },
+                },
+            );
+        }
+        r.parts.insert(part, participant);
+        self.room_keys.insert(room.clone(), rk);
         self.by_pid.insert(pid.clone(), part);
         self.connect_timers.push(self.now + CONNECT_TIMEOUT, part);
         let span = info_span!("participant", room = %room, participant = %pid);
@@ -2235,24 +2634,19 @@ impl<T: Transmit> Sfu<T> {
         info!(name = %name, "joined");
         if let Some(info) = self.participant_info(part) {
             self.broadcast(
-                &room,
+                rk,
                 Some(part),
                 ServerMessage::ParticipantJoined { participant: info },
             );
         }
-        self.rooms
-            .entry(room.clone())
-            .or_default()
-            .members
-            .push(part);
+        let Some(r) = self.rooms.get_mut(&rk) else {
+            return Err(SfuError::Rtc("room vanished during the join".into()));
+        };
+        r.members.push(part);
         // Subscribe to what is already published.
-        if req.auto_subscribe {
-            let existing: Vec<TrackId> = self
-                .tracks
-                .values()
-                .filter(|t| t.room == room)
-                .map(|t| t.id.clone())
-                .collect();
+        if auto_subscribe {
+            let mut existing: Vec<TrackId> = r.tracks.keys().cloned().collect();
+            existing.sort();
             for tid in existing {
                 self.subscribe(part, &tid);
             }
@@ -2272,14 +2666,16 @@ impl<T: Transmit> Sfu<T> {
         })
     }
 
+    /// The participant as the others see it (`None` for a hidden one).
     fn participant_info(&self, part: PartKey) -> Option<ParticipantInfo> {
-        let p = self.parts.get(&part)?;
+        let room = self.rooms.get(&part.room)?;
+        let p = room.parts.get(&part).filter(|p| !p.grants.hidden)?;
         Some(ParticipantInfo {
             id: p.pid.clone(),
             name: p.name.clone(),
             tracks: p
                 .published()
-                .filter_map(|t| self.tracks.get(t))
+                .filter_map(|t| room.tracks.get(t))
                 .map(|t| t.info(&p.pid))
                 .collect(),
         })
@@ -2298,7 +2694,7 @@ impl<T: Transmit> Sfu<T> {
     /// Send a (re)offer on the subscriber PC now, or remember to once the pending one is
     /// answered.
     fn send_offer(&mut self, part: PartKey) {
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(p) = part_mut!(self, part) else {
             return;
         };
         if p.sub_offer_pending {
@@ -2333,10 +2729,13 @@ impl<T: Transmit> Sfu<T> {
     }
 
     fn handle_client(&mut self, part: PartKey, msg: ClientMessage) {
-        let Some(p) = self.parts.get(&part) else {
+        let Some(room) = self.rooms.get(&part.room) else {
             return;
         };
-        let span = info_span!("participant", room = %p.room, participant = %p.pid);
+        let Some(p) = room.parts.get(&part) else {
+            return;
+        };
+        let span = info_span!("participant", room = %room.name, participant = %p.pid);
         let _g = span.enter();
         match msg {
             ClientMessage::Join { .. } => self.send_to(
@@ -2421,6 +2820,17 @@ impl<T: Transmit> Sfu<T> {
 
     /// `subscribe` / `unsubscribe`: one error per message and cause, not one per id.
     fn on_subscribe(&mut self, part: PartKey, track_ids: Vec<String>, subscribe: bool) {
+        if subscribe && self.part(part).is_some_and(|p| !p.grants.subscribe) {
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::PermissionDenied,
+                    "your token does not grant subscribing",
+                    Some("subscribe"),
+                ),
+            );
+            return;
+        }
         let limits = &self.cfg.limits;
         if track_ids.len() > limits.max_ids_per_message {
             let max = limits.max_ids_per_message;
@@ -2439,16 +2849,13 @@ impl<T: Transmit> Sfu<T> {
         let mut unknown = Vec::new();
         let mut over_limit = 0usize;
         for tid in track_ids {
-            let room_ok = self
-                .tracks
-                .get(tid.as_str())
-                .is_some_and(|t| self.parts.get(&part).is_some_and(|p| p.room == t.room));
-            if !room_ok {
+            // Only the participant's own room is looked in.
+            if self.track(part.room, &tid).is_none() {
                 unknown.push(tid);
                 continue;
             }
             if subscribe {
-                let full = self.parts.get(&part).is_some_and(|p| {
+                let full = self.part(part).is_some_and(|p| {
                     p.subscriptions.len() >= max_subs && !p.subscriptions.contains_key(tid.as_str())
                 });
                 if full {
@@ -2495,9 +2902,8 @@ impl<T: Transmit> Sfu<T> {
     /// a keyframe without a sequence gap.
     fn on_mute(&mut self, part: PartKey, track_id: String, muted: bool) {
         let owned = self
-            .tracks
-            .get(track_id.as_str())
-            .is_some_and(|t| t.publisher == part);
+            .track(part.room, &track_id)
+            .is_some_and(|t| t.local_publisher() == Some(part));
         // (Another participant's track gets the same answer as a made-up id.)
         if !owned {
             self.send_to(
@@ -2510,41 +2916,53 @@ impl<T: Transmit> Sfu<T> {
             );
             return;
         }
-        let room = match self.tracks.get_mut(track_id.as_str()) {
-            Some(t) if t.muted == muted => return,
-            Some(t) => {
-                t.muted = muted;
-                if !muted {
-                    // Resume every subscriber at a keyframe, without a sequence gap.
-                    let now = self.now;
-                    let infos = t.layer_infos(now);
-                    for dt in t.down.values_mut() {
-                        dt.rewriter.force_switch();
-                        if let Some(sel) = dt.selector.as_mut() {
-                            sel.restart(&infos, now);
-                            if let Some(l) = sel.wants_keyframe() {
-                                self.effects.push(Effect::RequestKeyframe {
-                                    track: TrackId::from(track_id.as_str()),
-                                    layer: l,
-                                });
-                            }
-                        }
+        self.set_muted(part.room, &track_id, muted);
+    }
+
+    /// A track was muted or unmuted (by its publisher here, or on its shard): everyone in the
+    /// room is told, and unmuting resumes every subscriber at a keyframe without a gap.
+    fn set_muted(&mut self, room: RoomKey, track_id: &str, muted: bool) {
+        let now = self.now;
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let Some(pid) = r.tracks.get(track_id).map(|t| r.publisher_id(t)) else {
+            return;
+        };
+        let Some(t) = r.tracks.get_mut(track_id) else {
+            return;
+        };
+        if t.muted == muted {
+            return;
+        }
+        t.muted = muted;
+        if !muted {
+            let infos = t.layer_infos(now);
+            for dt in t.down.values_mut() {
+                dt.rewriter.force_switch();
+                if let Some(sel) = dt.selector.as_mut() {
+                    sel.restart(&infos, now);
+                    if let Some(l) = sel.wants_keyframe() {
+                        self.effects.push(Effect::RequestKeyframe {
+                            room,
+                            track: t.id.clone(),
+                            layer: l,
+                        });
                     }
                 }
-                t.room.clone()
             }
-            None => return,
-        };
-        let pid = self
-            .parts
-            .get(&part)
-            .map(|p| p.pid.clone())
-            .unwrap_or_default();
+        }
+        if t.local_publisher().is_some() {
+            let relay = t.relay;
+            for &peer in &r.peers {
+                self.pipe_out.push(peer, PipeMsg::Muted { relay, muted });
+            }
+        }
         self.broadcast(
-            &room,
+            room,
             None,
             ServerMessage::TrackMuted {
-                track_id,
+                track_id: track_id.to_owned(),
                 participant_id: pid,
                 muted,
             },
@@ -2563,11 +2981,10 @@ impl<T: Transmit> Sfu<T> {
         let now = self.now;
         // A track of another room is answered exactly like one that does not exist
         // (no existence oracle across rooms).
-        let room = self.parts.get(&part).map(|p| p.room.clone());
         let Some(track) = self
-            .tracks
-            .get_mut(track_id.as_str())
-            .filter(|t| Some(&t.room) == room.as_ref())
+            .rooms
+            .get_mut(&part.room)
+            .and_then(|r| r.tracks.get_mut(track_id.as_str()))
         else {
             self.send_to(
                 part,
@@ -2608,6 +3025,7 @@ impl<T: Transmit> Sfu<T> {
         sel.set_requested(requested, &infos, now);
         if let Some(l) = sel.wants_keyframe() {
             self.effects.push(Effect::RequestKeyframe {
+                room: part.room,
                 track: TrackId::from(track_id),
                 layer: l,
             });
@@ -2641,6 +3059,20 @@ impl<T: Transmit> Sfu<T> {
             part,
             kind: PcKind::Publisher,
         };
+        let may_publish = self.part(part).is_some_and(|p| {
+            !p.grants.hidden && (p.grants.publish_audio || p.grants.publish_video)
+        });
+        if !may_publish {
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::PermissionDenied,
+                    "your token does not grant publishing media",
+                    Some("publish_offer"),
+                ),
+            );
+            return;
+        }
         let candidates = sdpcheck::count_candidates(&sdp);
         if self.refuse_candidates(key, candidates, "publish_offer") {
             return;
@@ -2670,11 +3102,11 @@ impl<T: Transmit> Sfu<T> {
                 return;
             }
         };
-        let fresh = self.parts.get(&part).is_some_and(|p| p.publ.is_none());
+        let fresh = self.part(part).is_some_and(|p| p.publ.is_none());
         if fresh {
             match self.new_pc(key) {
                 Ok(pc) => {
-                    if let Some(p) = self.parts.get_mut(&part) {
+                    if let Some(p) = part_mut!(self, part) {
                         p.publ = Some(pc);
                     }
                 }
@@ -2719,7 +3151,7 @@ impl<T: Transmit> Sfu<T> {
                 if let Some(pc) = self.pc_mut(key) {
                     pc.remote_candidates += candidates;
                 }
-                if let Some(ing) = self.parts.get_mut(&part).and_then(|p| p.ingress.as_mut()) {
+                if let Some(ing) = part_mut!(self, part).and_then(|p| p.ingress.as_mut()) {
                     ing.set_twcc_ext(ingress::twcc_ext_id(&sdp));
                 }
                 self.send_to(part, ServerMessage::PublishAnswer { sdp });
@@ -2730,7 +3162,7 @@ impl<T: Transmit> Sfu<T> {
                 if fresh {
                     // A first offer that failed leaves nothing behind: the next one starts
                     // from a new connection.
-                    if let Some(mut pc) = self.parts.get_mut(&part).and_then(|p| p.publ.take()) {
+                    if let Some(mut pc) = part_mut!(self, part).and_then(|p| p.publ.take()) {
                         let _ = pc.rtc.close();
                         self.demux.release(key);
                     }
@@ -2745,7 +3177,10 @@ impl<T: Transmit> Sfu<T> {
     /// client removed the track, or set it inactive) are unpublished.
     fn drop_stopped_publications(&mut self, part: PartKey) {
         use rtc::rtp_transceiver::RTCRtpTransceiverDirection as Dir;
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(room) = self.rooms.get_mut(&part.room) else {
+            return;
+        };
+        let Some(p) = room.parts.get_mut(&part) else {
             return;
         };
         let Some(pc) = p.publ.as_mut() else { return };
@@ -2763,14 +3198,15 @@ impl<T: Transmit> Sfu<T> {
         let stopped: Vec<String> = p
             .published()
             .filter(|tid| {
-                self.tracks
-                    .get(*tid)
-                    .is_some_and(|t| !receiving.contains(&t.receiver))
+                room.tracks.get(*tid).is_some_and(|t| match &t.publisher {
+                    Publisher::Local { receiver, .. } => !receiving.contains(receiver),
+                    Publisher::Remote { .. } => false,
+                })
             })
             .map(str::to_owned)
             .collect();
         for tid in stopped {
-            self.unpublish(&tid);
+            self.unpublish(part.room, &tid);
         }
     }
 
@@ -2779,7 +3215,7 @@ impl<T: Transmit> Sfu<T> {
             part,
             kind: PcKind::Subscriber,
         };
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(p) = part_mut!(self, part) else {
             return;
         };
         if !p.sub_offer_pending {
@@ -2797,7 +3233,7 @@ impl<T: Transmit> Sfu<T> {
         if self.refuse_candidates(key, candidates, "subscribe_answer") {
             return;
         }
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(p) = part_mut!(self, part) else {
             return;
         };
         let res = sdpcheck::check_answer(&sdp)
@@ -2842,7 +3278,7 @@ impl<T: Transmit> Sfu<T> {
     /// Queue a signaling event for a participant: into its channel, or behind what already
     /// waits in its outbox (coalesced; see `outbox`).
     fn send_to(&mut self, part: PartKey, msg: ServerMessage) {
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(p) = part_mut!(self, part) else {
             return;
         };
         if p.events.is_closed() {
@@ -2871,21 +3307,22 @@ impl<T: Transmit> Sfu<T> {
 
     /// Move waiting events of backlogged participants into their channels.
     fn flush_outboxes(&mut self) {
-        let parts = &mut self.parts;
+        let rooms = &mut self.rooms;
         self.backlogged.retain(|part| {
-            parts
-                .get_mut(part)
+            rooms
+                .get_mut(&part.room)
+                .and_then(|r| r.parts.get_mut(part))
                 .is_some_and(|p| !p.outbox.flush(&p.events))
         });
     }
 
-    fn broadcast(&mut self, room: &str, except: Option<PartKey>, msg: ServerMessage) {
+    fn broadcast(&mut self, room: RoomKey, except: Option<PartKey>, msg: ServerMessage) {
         if self.shutting_down {
             return;
         }
         let members = self
             .rooms
-            .get(room)
+            .get(&room)
             .map(|r| r.members.clone())
             .unwrap_or_default();
         for m in members {
@@ -2896,10 +3333,13 @@ impl<T: Transmit> Sfu<T> {
     }
 
     fn remove_participant(&mut self, part: PartKey, reason: &str, tell: bool) {
-        let Some(p) = self.parts.get_mut(&part) else {
+        let Some(room) = self.rooms.get_mut(&part.room) else {
             return;
         };
-        let span = info_span!("participant", room = %p.room, participant = %p.pid);
+        let Some(p) = room.parts.get_mut(&part) else {
+            return;
+        };
+        let span = info_span!("participant", room = %room.name, participant = %p.pid);
         let _g = span.enter();
         info!(reason, "leaving");
         if tell {
@@ -2908,20 +3348,39 @@ impl<T: Transmit> Sfu<T> {
                 reason: reason.to_owned(),
             });
         }
-        let p = &self.parts[&part];
         let published: Vec<String> = p.published().map(str::to_owned).collect();
-        let subs: Vec<TrackId> = p.subscriptions.keys().cloned().collect();
-        for tid in published {
-            self.unpublish(&tid);
-        }
-        for tid in subs {
-            if let Some(t) = self.tracks.get_mut(&tid) {
+        for tid in p.subscriptions.keys() {
+            if let Some(t) = room.tracks.get_mut(tid) {
                 t.down.remove(&part);
+                sync_needed(t, &mut self.pipe_out);
             }
         }
-        let Some(mut p) = self.parts.remove(&part) else {
+        for tid in published {
+            self.unpublish(part.room, &tid);
+        }
+        let Some(room) = self.rooms.get_mut(&part.room) else {
             return;
         };
+        let Some(mut p) = room.parts.remove(&part) else {
+            return;
+        };
+        room.members.retain(|m| *m != part);
+        let hidden = p.grants.hidden;
+        for &peer in room.peers.iter().filter(|_| !hidden) {
+            self.pipe_out.push(
+                peer,
+                PipeMsg::MemberLeft {
+                    room: room.name.clone(),
+                    participant_id: p.pid.clone(),
+                },
+            );
+        }
+        if room.members.is_empty() {
+            info!(room = %room.name, "room closed");
+            let name = room.name.clone();
+            self.close_room(part.room);
+            self.room_keys.remove(&name);
+        }
         self.by_pid.remove(&p.pid);
         if let Some(e) = &p.egress {
             let s = e.stats();
@@ -2942,19 +3401,14 @@ impl<T: Transmit> Sfu<T> {
             }
             self.demux.release(PcKey { part, kind });
         }
-        if let Some(room) = self.rooms.get_mut(&p.room) {
-            room.members.retain(|m| *m != part);
-            if room.members.is_empty() {
-                info!(room = %p.room, "room closed");
-                self.rooms.remove(&p.room);
-            }
-        }
         self.dirty.retain(|k| k.part != part);
         let pid = p.pid.clone();
-        let room = p.room.clone();
         drop(p); // closes the events channel: the WebSocket session ends
+        if hidden {
+            return;
+        }
         self.broadcast(
-            &room,
+            part.room,
             None,
             ServerMessage::ParticipantLeft {
                 participant_id: pid,
@@ -2962,10 +3416,31 @@ impl<T: Transmit> Sfu<T> {
         );
     }
 
+    /// The room has no participant left here: the other shards are told, and what was
+    /// relayed to us of it is forgotten.
+    fn close_room(&mut self, room: RoomKey) {
+        let Some(r) = self.rooms.remove(&room) else {
+            return;
+        };
+        for &peer in &r.peers {
+            self.pipe_out.push(
+                peer,
+                PipeMsg::Bye {
+                    room: r.name.clone(),
+                },
+            );
+        }
+        for t in r.tracks.values() {
+            if let Publisher::Remote { shard, .. } = t.publisher {
+                self.relays_in.remove(&(shard, t.relay));
+            }
+        }
+    }
+
     /// RTCP sender reports for every forwarded stream.
     fn sender_reports(&mut self, now: Instant) {
         let wall = self.wall_clock(now);
-        for p in self.parts.values_mut() {
+        for p in self.rooms.values_mut().flat_map(|r| r.parts.values_mut()) {
             trace!(participant = %p.pid, twcc = ?p.estimate().twcc(), remb = ?p.estimate().remb(now), "downlink estimate");
             if let (Some(e), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) {
                 if let Some(wire) = e.sender_reports(now, wall) {
@@ -2982,13 +3457,46 @@ impl<T: Transmit> Sfu<T> {
         if self.shutting_down {
             return;
         }
-        info!(participants = self.parts.len(), "core shutting down");
+        let parts: Vec<PartKey> = self
+            .rooms
+            .values()
+            .flat_map(|r| r.members.iter().copied())
+            .collect();
+        info!(participants = parts.len(), "core shutting down");
         self.shutting_down = true;
-        let parts: Vec<PartKey> = self.parts.keys().copied().collect();
         for part in parts {
             self.remove_participant(part, "server shutting down", true);
         }
     }
+}
+
+/// (A track relayed from another shard.) Tell the publisher's shard whether we have
+/// subscribers of it, and which layers they need, when that changed.
+fn sync_needed(track: &mut Track, out: &mut PipeOut) {
+    let Publisher::Remote { shard, .. } = track.publisher else {
+        return;
+    };
+    let subscribed = !track.down.is_empty();
+    let layers = if subscribed {
+        layer_bits(needed_layers(
+            track.down.values().filter_map(|d| d.selector.as_ref()),
+        ))
+    } else {
+        0
+    };
+    let state = (subscribed, layers);
+    if track.needed_sent == Some(state) || (track.needed_sent.is_none() && !subscribed) {
+        return;
+    }
+    track.needed_sent = Some(state);
+    out.push(
+        shard,
+        PipeMsg::Needed {
+            relay: track.relay,
+            subscribed,
+            layers,
+        },
+    );
 }
 
 fn validate_name(field: &str, value: &str) -> Result<(), SfuError> {

@@ -8,13 +8,18 @@
 
 use std::collections::VecDeque;
 
-pub use super::ids::{PartKey, TrackId};
+pub use super::ids::{PartKey, RoomKey, TrackId};
 
 /// One piece of deferred work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Ask the publisher of `track` for a keyframe of `layer` (through its throttle).
-    RequestKeyframe { track: TrackId, layer: usize },
+    /// Ask the publisher of `track` (of `room`) for a keyframe of `layer` (through its
+    /// throttle).
+    RequestKeyframe {
+        room: RoomKey,
+        track: TrackId,
+        layer: usize,
+    },
     /// Re-run layer selection now (a subscriber's estimate fell sharply), not at the next
     /// periodic run.
     SelectLayers,
@@ -64,28 +69,39 @@ mod tests {
     #[test]
     fn idempotent_effects_are_queued_once_others_in_order() {
         let mut q = Effects::default();
-        q.push(Effect::Renegotiate(PartKey(1)));
+        q.push(Effect::Renegotiate(PartKey::new(RoomKey(0), 1)));
         q.push(Effect::RequestKeyframe {
+            room: RoomKey(0),
             track: TrackId::from("TR_a"),
             layer: 0,
         });
-        q.push(Effect::Renegotiate(PartKey(1)));
-        q.push(Effect::Renegotiate(PartKey(2)));
+        q.push(Effect::Renegotiate(PartKey::new(RoomKey(0), 1)));
+        q.push(Effect::Renegotiate(PartKey::new(RoomKey(0), 2)));
         q.push(Effect::SelectLayers);
         q.push(Effect::SelectLayers);
         q.push(Effect::RequestKeyframe {
+            room: RoomKey(0),
             track: TrackId::from("TR_a"),
             layer: 0,
         });
         assert_eq!(q.len(), 5);
-        assert_eq!(q.pop(), Some(Effect::Renegotiate(PartKey(1))));
+        assert_eq!(
+            q.pop(),
+            Some(Effect::Renegotiate(PartKey::new(RoomKey(0), 1)))
+        );
         assert!(matches!(q.pop(), Some(Effect::RequestKeyframe { .. })));
-        assert_eq!(q.pop(), Some(Effect::Renegotiate(PartKey(2))));
+        assert_eq!(
+            q.pop(),
+            Some(Effect::Renegotiate(PartKey::new(RoomKey(0), 2)))
+        );
         assert_eq!(q.pop(), Some(Effect::SelectLayers));
         assert!(matches!(q.pop(), Some(Effect::RequestKeyframe { .. })));
         assert!(q.is_empty());
         // Once applied, it can be queued again.
-        q.push(Effect::Renegotiate(PartKey(1)));
-        assert_eq!(q.pop(), Some(Effect::Renegotiate(PartKey(1))));
+        q.push(Effect::Renegotiate(PartKey::new(RoomKey(0), 1)));
+        assert_eq!(
+            q.pop(),
+            Some(Effect::Renegotiate(PartKey::new(RoomKey(0), 1)))
+        );
     }
 }

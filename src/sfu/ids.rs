@@ -6,13 +6,28 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::rc::Rc;
 
-/// A participant inside one core (outside it is known by its `PA_…` id).
+/// A room inside one core (outside it is known by its name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PartKey(pub u64);
+pub struct RoomKey(pub u32);
+
+/// A participant inside one core (outside it is known by its `PA_…` id). It names its room,
+/// so that reaching a participant never needs a search, and nothing can reach a participant
+/// without going through its room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartKey {
+    pub room: RoomKey,
+    pub n: u32,
+}
+
+impl PartKey {
+    pub fn new(room: RoomKey, n: u32) -> Self {
+        PartKey { room, n }
+    }
+}
 
 impl fmt::Display for PartKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "#{}", self.0)
+        write!(f, "#{}.{}", self.room.0, self.n)
     }
 }
 
@@ -72,6 +87,6 @@ mod tests {
         m.insert(id, 1);
         assert_eq!(m.get("TR_abc"), Some(&1));
         assert_eq!(copy.to_string(), "TR_abc");
-        assert_eq!(PartKey(7).to_string(), "#7");
+        assert_eq!(PartKey::new(RoomKey(2), 7).to_string(), "#2.7");
     }
 }

@@ -32,7 +32,9 @@ pub mod ids;
 pub mod latency;
 pub mod loglimit;
 pub mod outbox;
+pub mod pipe;
 pub mod placement;
+pub mod room;
 pub mod sdpcheck;
 pub mod timers;
 
@@ -53,6 +55,11 @@ pub trait Transmit {
 
     /// Fill in what the sink counts (datagrams sent, dropped, send calls, in-core latency).
     fn report(&self, _stats: &mut CoreStats) {}
+
+    /// One turn's messages for another shard hosting the same rooms (see [`pipe`]). Must
+    /// never block: a sink that cannot take them drops them (and counts it). Without other
+    /// shards nothing is ever piped; the default drops.
+    fn pipe(&mut self, _to: pipe::ShardId, _msgs: Vec<pipe::PipeMsg>) {}
 }
 
 /// Whether the core goes on after a command.
@@ -128,6 +135,44 @@ pub struct JoinRequest {
     pub auto_subscribe: bool,
     /// Where the core sends this participant's signaling events (bounded).
     pub events: mpsc::Sender<ServerMessage>,
+    /// Other shards already hosting the room (from [`placement::Placement::reserve`]); empty
+    /// with one shard.
+    pub peers: Vec<pipe::ShardId>,
+    /// Who the participant is (from its access token; unique in the room), if known.
+    pub identity: Option<String>,
+    /// What the participant may do (from its access token).
+    pub grants: Grants,
+}
+
+/// What a participant may do, from the grants of its access token. The default allows what
+/// every participant could do before tokens: join, publish anything, subscribe, send data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grants {
+    /// May publish audio tracks.
+    pub publish_audio: bool,
+    /// May publish video tracks.
+    pub publish_video: bool,
+    /// May send data-channel messages.
+    pub publish_data: bool,
+    /// May subscribe to others' tracks.
+    pub subscribe: bool,
+    /// Others do not see it (a recorder or a bot): no `participant_joined`, not listed.
+    pub hidden: bool,
+    /// May moderate the room (remove participants, mute their tracks or chat).
+    pub room_admin: bool,
+}
+
+impl Default for Grants {
+    fn default() -> Self {
+        Grants {
+            publish_audio: true,
+            publish_video: true,
+            publish_data: true,
+            subscribe: true,
+            hidden: false,
+            room_admin: false,
+        }
+    }
 }
 
 /// A successful join.
@@ -198,6 +243,13 @@ pub struct CoreStats {
     /// Send system calls made (each sends a batch of datagrams).
     pub udp_send_calls: u64,
     pub data_messages_relayed: u64,
+    /// Messages handed to other shards hosting the same rooms ([`pipe`]), received from them,
+    /// and dropped because the receiving shard's queue was full; media packets among those
+    /// handed over.
+    pub pipe_msgs_out: u64,
+    pub pipe_msgs_in: u64,
+    pub pipe_msgs_dropped: u64,
+    pub rtp_packets_piped: u64,
     /// Keyframe requests (PLI) sent to publishers.
     pub keyframe_requests: u64,
     /// Subscribers' NACKs: sequence numbers asked for, retransmitted, refused (not remembered,
@@ -262,6 +314,10 @@ impl CoreStats {
             udp_datagrams_out_dropped,
             udp_send_calls,
             data_messages_relayed,
+            pipe_msgs_out,
+            pipe_msgs_in,
+            pipe_msgs_dropped,
+            rtp_packets_piped,
             keyframe_requests,
             nack_requested,
             nack_resent,
@@ -293,6 +349,10 @@ impl CoreStats {
         self.udp_datagrams_out_dropped += udp_datagrams_out_dropped;
         self.udp_send_calls += udp_send_calls;
         self.data_messages_relayed += data_messages_relayed;
+        self.pipe_msgs_out += pipe_msgs_out;
+        self.pipe_msgs_in += pipe_msgs_in;
+        self.pipe_msgs_dropped += pipe_msgs_dropped;
+        self.rtp_packets_piped += rtp_packets_piped;
         self.keyframe_requests += keyframe_requests;
         self.nack_requested += nack_requested;
         self.nack_resent += nack_resent;
@@ -365,15 +425,19 @@ pub struct SfuHandle {
 impl SfuHandle {
     /// A handle to one core.
     pub fn new(tx: mpsc::Sender<Command>) -> Self {
-        Self::sharded(vec![tx])
+        Self::sharded(vec![tx], 0)
     }
 
-    /// A handle to several shards (at least one).
-    pub fn sharded(shards: Vec<mpsc::Sender<Command>>) -> Self {
+    /// A handle to several shards (at least one); a room spreads over them from
+    /// `spread_above` participants (0: never).
+    pub fn sharded(shards: Vec<mpsc::Sender<Command>>, spread_above: usize) -> Self {
         let n = shards.len();
         SfuHandle {
             shards: shards.into(),
-            placement: std::sync::Arc::new(std::sync::Mutex::new(placement::Placement::new(n))),
+            placement: std::sync::Arc::new(std::sync::Mutex::new(placement::Placement::new(
+                n,
+                spread_above,
+            ))),
         }
     }
 
@@ -398,9 +462,10 @@ impl SfuHandle {
     }
 
     /// Join a room. The `events` channel in `req` receives everything after `joined`.
-    pub async fn join(&self, req: JoinRequest) -> Result<JoinAccepted, SfuError> {
+    pub async fn join(&self, mut req: JoinRequest) -> Result<JoinAccepted, SfuError> {
         let room = req.room.clone();
-        let shard = self.placement().reserve(&room);
+        let placement::Place { shard, peers } = self.placement().reserve(&room);
+        req.peers = peers;
         // Given back if the join fails, or if this future is dropped before the answer (the
         // session went away mid-join; the core then removes the participant on its own).
         let mut reservation = Reservation {
@@ -505,6 +570,9 @@ mod tests {
                 name: "n".into(),
                 auto_subscribe: true,
                 events,
+                peers: Vec::new(),
+                identity: None,
+                grants: Grants::default(),
             },
             rx,
         )
@@ -516,13 +584,13 @@ mod tests {
     async fn an_abandoned_join_gives_its_place_back() {
         let (tx0, mut rx0) = mpsc::channel(8);
         let (tx1, _rx1) = mpsc::channel(8);
-        let handle = SfuHandle::sharded(vec![tx0, tx1]);
+        let handle = SfuHandle::sharded(vec![tx0, tx1], 0);
         let (req, _events) = join_req("r");
         let abandoned = tokio::time::timeout(Duration::from_millis(50), handle.join(req)).await;
         assert!(abandoned.is_err(), "no core answered");
         assert!(matches!(rx0.try_recv(), Ok(Command::Join { .. })));
         assert_eq!(handle.placement().load(), &[0, 0]);
-        assert_eq!(handle.placement().room_shard("r"), None);
+        assert!(handle.placement().room_shards("r").is_empty());
 
         // A join the core refuses gives it back too; one it accepts keeps it.
         let (req, _events) = join_req("r");

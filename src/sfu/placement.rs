@@ -1,31 +1,46 @@
-//! Which core shard a room lives on.
+//! Which core shards a room lives on.
 //!
-//! Every room lives on one shard (one thread, one UDP socket). A new room goes to the shard
-//! with the fewest participants (the lowest index on a tie); every later join of the room goes
-//! where the room is. A room is forgotten when its last participant has left, so it may be
-//! placed elsewhere next time. Pure bookkeeping: the signaling side calls it around each join
-//! and leave, under one lock; nothing on the packet path touches it.
+//! A new room goes to the shard with the fewest participants (the lowest index on a tie), and
+//! its later joins go where it is, until the room has `spread_above` participants: from then
+//! on each join goes to the least-loaded shard, so a big room (a livestream with thousands of
+//! viewers) spreads over every core. The shards hosting one room exchange its media and events
+//! over the pipe (`super::pipe`); a join is told which other shards already host its room.
+//! A room is forgotten when its last participant has left, so it may be placed elsewhere next
+//! time. Pure bookkeeping: the signaling side calls it around each join and leave, under one
+//! lock; nothing on the packet path touches it.
 
 use std::collections::HashMap;
 
-/// Room → shard, participant → shard, and each shard's load.
+/// Room → shards, participant → shard, and each shard's load.
 #[derive(Debug)]
 pub struct Placement {
     /// Participants (joined or joining) per shard.
     load: Vec<usize>,
-    /// Room → (shard, participants joined or joining).
-    rooms: HashMap<String, (usize, usize)>,
+    /// Room → participants (joined or joining) on each shard.
+    rooms: HashMap<String, Vec<usize>>,
     /// Participant id → (shard, room).
     parts: HashMap<String, (usize, String)>,
+    /// A room with this many participants spreads over the shards (0: never).
+    spread_above: usize,
+}
+
+/// Where a join goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    pub shard: usize,
+    /// The other shards already hosting the room.
+    pub peers: Vec<usize>,
 }
 
 impl Placement {
-    /// Bookkeeping for `shards` shards (at least one).
-    pub fn new(shards: usize) -> Self {
+    /// Bookkeeping for `shards` shards (at least one); rooms spread over shards from
+    /// `spread_above` participants (0: never).
+    pub fn new(shards: usize, spread_above: usize) -> Self {
         Placement {
             load: vec![0; shards.max(1)],
             rooms: HashMap::new(),
             parts: HashMap::new(),
+            spread_above,
         }
     }
 
@@ -33,25 +48,37 @@ impl Placement {
         self.load.len()
     }
 
-    /// The shard a join of `room` goes to; the place is held until [`Placement::joined`] or
+    /// Where a join of `room` goes; the place is held until [`Placement::joined`] or
     /// [`Placement::join_failed`], so concurrent joins of a new room land together.
-    pub fn reserve(&mut self, room: &str) -> usize {
+    pub fn reserve(&mut self, room: &str) -> Place {
         let room = room.trim();
-        let shard = match self.rooms.get_mut(room) {
-            Some((shard, members)) => {
-                *members += 1;
-                *shard
-            }
-            None => {
-                let shard = (0..self.load.len())
-                    .min_by_key(|&i| (self.load[i], i))
-                    .unwrap_or(0);
-                self.rooms.insert(room.to_owned(), (shard, 1));
-                shard
-            }
+        let n = self.load.len();
+        let least_loaded = |load: &[usize], prefer: &[usize]| {
+            (0..n)
+                .min_by_key(|&i| (load[i], prefer.get(i).is_none_or(|&c| c == 0), i))
+                .unwrap_or(0)
         };
+        let per_shard = self
+            .rooms
+            .entry(room.to_owned())
+            .or_insert_with(|| vec![0; n]);
+        let total: usize = per_shard.iter().sum();
+        let shard = if total == 0 {
+            least_loaded(&self.load, &[])
+        } else if self.spread_above == 0 || total < self.spread_above {
+            // Where most of the room is.
+            (0..n)
+                .max_by_key(|&i| (per_shard[i], std::cmp::Reverse(i)))
+                .unwrap_or(0)
+        } else {
+            // Big enough to spread: the least-loaded shard (one already hosting the room on
+            // a tie).
+            least_loaded(&self.load, per_shard)
+        };
+        let peers = (0..n).filter(|&i| i != shard && per_shard[i] > 0).collect();
+        per_shard[shard] += 1;
         self.load[shard] += 1;
-        shard
+        Place { shard, peers }
     }
 
     /// The reserved join succeeded: `participant` is on `shard`.
@@ -82,18 +109,23 @@ impl Placement {
         &self.load
     }
 
-    /// The shard `room` is on, if it has participants.
-    pub fn room_shard(&self, room: &str) -> Option<usize> {
-        self.rooms.get(room.trim()).map(|(s, _)| *s)
+    /// The shards `room` is on (with participants joined or joining).
+    pub fn room_shards(&self, room: &str) -> Vec<usize> {
+        self.rooms
+            .get(room.trim())
+            .map(|c| (0..c.len()).filter(|&i| c[i] > 0).collect())
+            .unwrap_or_default()
     }
 
     fn release(&mut self, room: &str, shard: usize) {
         if let Some(l) = self.load.get_mut(shard) {
             *l = l.saturating_sub(1);
         }
-        if let Some((_, members)) = self.rooms.get_mut(room) {
-            *members = members.saturating_sub(1);
-            if *members == 0 {
+        if let Some(per_shard) = self.rooms.get_mut(room) {
+            if let Some(c) = per_shard.get_mut(shard) {
+                *c = c.saturating_sub(1);
+            }
+            if per_shard.iter().all(|&c| c == 0) {
                 self.rooms.remove(room);
             }
         }
@@ -106,19 +138,25 @@ impl Placement {
 mod tests {
     use super::*;
 
+    impl Placement {
+        fn reserve_shard(&mut self, room: &str) -> usize {
+            self.reserve(room).shard
+        }
+    }
+
     #[test]
     fn rooms_go_to_the_least_loaded_shard_and_stay_there() {
-        let mut p = Placement::new(2);
-        let a = p.reserve("a");
+        let mut p = Placement::new(2, 0);
+        let a = p.reserve_shard("a");
         assert_eq!(a, 0);
         p.joined("PA_1", "a", a);
         // The second room goes to the empty shard; the room's second member joins it on 0.
-        assert_eq!(p.reserve("b"), 1);
+        assert_eq!(p.reserve_shard("b"), 1);
         p.joined("PA_2", "b", 1);
-        assert_eq!(p.reserve(" a "), 0);
+        assert_eq!(p.reserve_shard(" a "), 0);
         p.joined("PA_3", "a", 0);
         assert_eq!(p.load(), &[2, 1]);
-        assert_eq!(p.reserve("c"), 1);
+        assert_eq!(p.reserve_shard("c"), 1);
         p.joined("PA_4", "c", 1);
         assert_eq!(p.shard_of("PA_3"), Some(0));
         assert_eq!(p.shard_of("PA_9"), None);
@@ -126,32 +164,77 @@ mod tests {
 
     #[test]
     fn a_room_is_forgotten_when_its_last_member_leaves() {
-        let mut p = Placement::new(2);
-        assert_eq!(p.reserve("a"), 0);
+        let mut p = Placement::new(2, 0);
+        assert_eq!(p.reserve_shard("a"), 0);
         p.joined("PA_1", "a", 0);
-        assert_eq!(p.reserve("b"), 1);
+        assert_eq!(p.reserve_shard("b"), 1);
         p.joined("PA_2", "b", 1);
-        assert_eq!(p.reserve("b"), 1);
+        assert_eq!(p.reserve_shard("b"), 1);
         p.joined("PA_3", "b", 1);
         p.left("PA_1");
-        assert_eq!(p.room_shard("a"), None);
+        assert!(p.room_shards("a").is_empty());
         assert_eq!(p.load(), &[0, 2]);
         // "a" comes back on the emptier shard.
-        assert_eq!(p.reserve("a"), 0);
+        assert_eq!(p.reserve_shard("a"), 0);
         p.left("PA_unknown");
         assert_eq!(p.load(), &[1, 2]);
     }
 
     #[test]
     fn a_failed_join_gives_its_place_back() {
-        let mut p = Placement::new(3);
-        let s = p.reserve("x");
+        let mut p = Placement::new(3, 0);
+        let s = p.reserve_shard("x");
         p.join_failed("x", s);
         assert_eq!(p.load(), &[0, 0, 0]);
-        assert_eq!(p.room_shard("x"), None);
+        assert!(p.room_shards("x").is_empty());
         // Concurrent joins of a new room land together.
-        let s1 = p.reserve("y");
-        let s2 = p.reserve("y");
+        let s1 = p.reserve_shard("y");
+        let s2 = p.reserve_shard("y");
         assert_eq!(s1, s2);
+    }
+
+    #[test]
+    fn a_big_room_spreads_over_the_shards_and_joins_learn_their_peers() {
+        let mut p = Placement::new(2, 3);
+        // Below the threshold the room stays together on shard 0 (even with 1 emptier).
+        for i in 0..3 {
+            let place = p.reserve("live");
+            assert_eq!(
+                place,
+                Place {
+                    shard: 0,
+                    peers: vec![]
+                }
+            );
+            p.joined(&format!("PA_{i}"), "live", 0);
+        }
+        // From 3 on it spreads: the least-loaded shard, told that shard 0 hosts the room.
+        let place = p.reserve("live");
+        assert_eq!(
+            place,
+            Place {
+                shard: 1,
+                peers: vec![0]
+            }
+        );
+        p.joined("PA_3", "live", 1);
+        let mut per = [0usize; 2];
+        per[0] = 3;
+        per[1] = 1;
+        for i in 4..100 {
+            let place = p.reserve("live");
+            assert_eq!(place.peers, vec![1 - place.shard]);
+            per[place.shard] += 1;
+            p.joined(&format!("PA_{i}"), "live", place.shard);
+        }
+        assert_eq!(per, [50, 50]);
+        assert_eq!(p.room_shards("live"), vec![0, 1]);
+        // Another room still goes to one shard.
+        assert_eq!(p.reserve("other").peers, Vec::<usize>::new());
+        // With spreading off, a room never leaves its shard.
+        let mut q = Placement::new(2, 0);
+        for _ in 0..10 {
+            assert_eq!(q.reserve("r").shard, 0);
+        }
     }
 }

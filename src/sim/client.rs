@@ -3,12 +3,19 @@
 //! node's command interface ([`Command::Join`] with an events channel, then
 //! [`Command::Client`]) instead of over a WebSocket. The channels are polled with `try_recv`:
 //! no runtime is involved.
+//!
+//! Data channels: the server opens `chat` and `input` on the client's subscriber connection
+//! (as a browser gets them with `ondatachannel`); [`Client::send_data`] queues a message that
+//! goes out at the virtual time the network next drains the client (recorded in
+//! [`Client::data_sent`]), and [`Client::data_received`] splits what arrived into the
+//! server's `{"from":…}` header and the payload.
 
 use super::net::{Node, Output};
-use super::peer::{MediaSpec, Peer};
+use super::peer::{MediaSpec, Peer, RxData};
 use crate::sfu::{Command, EVENT_QUEUE, JoinAccepted, JoinRequest, SfuError};
 use crate::signal::{ClientMessage, IceCandidate, PcTarget, ServerMessage, TrackInfo};
 use bytes::BytesMut;
+use rtc::data_channel::RTCDataChannelInit;
 use rtc::peer_connection::transport::RTCIceCandidateInit;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -41,6 +48,13 @@ pub struct Client {
     /// client); [`Client::answer_held`] answers them.
     pub hold_offers: bool,
     pub held_offers: Vec<String>,
+    /// Open `chat` and `input` channels of the client's own in its publish offer (which the
+    /// protocol says not to do: the server does not relay them). See
+    /// [`Client::with_publisher_channels`].
+    pub publisher_channels: bool,
+    /// Data-channel messages sent: (virtual send time, label, text?, bytes as sent).
+    pub data_sent: Vec<(Instant, String, bool, Vec<u8>)>,
+    data_out: Vec<(String, bool, Vec<u8>)>,
     media: MediaSpec,
     seed: u64,
     join_cmd: Option<Command>,
@@ -82,6 +96,9 @@ impl Client {
             obey_publisher_layers: true,
             hold_offers: false,
             held_offers: Vec::new(),
+            publisher_channels: false,
+            data_sent: Vec::new(),
+            data_out: Vec::new(),
             media,
             seed,
             join_cmd: Some(Command::Join {
@@ -90,6 +107,9 @@ impl Client {
                     name: name.to_owned(),
                     auto_subscribe: true,
                     events: events_tx,
+                    peers: Vec::new(),
+                    identity: None,
+                    grants: Default::default(),
                 },
                 reply,
             }),
@@ -104,6 +124,21 @@ impl Client {
         if let Some(Command::Join { req, .. }) = self.join_cmd.as_mut() {
             req.auto_subscribe = false;
         }
+        self
+    }
+
+    /// Change the join before it is sent (identity, grants): call before the network runs.
+    pub fn join_with(&mut self, f: impl FnOnce(&mut JoinRequest)) {
+        if let Some(Command::Join { req, .. }) = self.join_cmd.as_mut() {
+            f(req);
+        }
+    }
+
+    /// Also create `chat` (ordered) and `input` (unordered, no retransmissions) on the
+    /// publisher connection, in its first offer; a publisher connection is made even without
+    /// media. Send on them with `publisher.send_data`.
+    pub fn with_publisher_channels(mut self) -> Self {
+        self.publisher_channels = true;
         self
     }
 
@@ -130,6 +165,24 @@ impl Client {
     /// Send a signaling message (after the join).
     pub fn send(&mut self, msg: ClientMessage) {
         self.outgoing.push(msg);
+    }
+
+    /// Queue a data-channel message on the channel `label` (`chat` or `input`): `data` is
+    /// the whole client envelope (`HEADER "\n" PAYLOAD`, see [`envelope`]), sent as text
+    /// (then it must be UTF-8) or binary. It leaves when the network next drains the client;
+    /// a channel that is not open then makes it an entry of [`Client::errors`].
+    pub fn send_data(&mut self, label: &str, is_text: bool, data: impl Into<Vec<u8>>) {
+        self.data_out.push((label.to_owned(), is_text, data.into()));
+    }
+
+    /// Whether both of the server's channels (`chat`, `input`) are open.
+    pub fn channels_open(&self) -> bool {
+        self.subscriber.channel_open("chat") && self.subscriber.channel_open("input")
+    }
+
+    /// Every data-channel message received, the server's header parsed.
+    pub fn data_received(&self) -> Vec<DataIn> {
+        self.subscriber.data.iter().map(DataIn::parse).collect()
     }
 
     /// Every track announced to this client (in `joined` and `track_published`), by
@@ -211,9 +264,10 @@ impl Client {
     fn joined(&mut self, now: Instant, acc: JoinAccepted) {
         self.participant_id = Some(acc.participant_id);
         self.joined = Some(acc.joined);
-        if self.media == MediaSpec::none() {
+        if self.media == MediaSpec::none() && !self.publisher_channels {
             return;
         }
+        let channels = self.publisher_channels;
         let publisher = Peer::new(
             &format!("{}-pub", self.name),
             now,
@@ -221,13 +275,81 @@ impl Client {
             self.seed ^ 0x5eed_0001,
             &self.media,
         )
-        .and_then(|mut p| p.create_offer(now).map(|sdp| (p, sdp)));
+        .and_then(|mut p| {
+            if channels {
+                p.create_data_channel(
+                    "chat",
+                    RTCDataChannelInit {
+                        ordered: true,
+                        ..Default::default()
+                    },
+                )?;
+                p.create_data_channel(
+                    "input",
+                    RTCDataChannelInit {
+                        ordered: false,
+                        max_retransmits: Some(0),
+                        ..Default::default()
+                    },
+                )?;
+            }
+            p.create_offer(now).map(|sdp| (p, sdp))
+        });
         match publisher {
             Ok((p, sdp)) => {
                 self.publisher = Some(p);
                 self.outgoing.push(ClientMessage::PublishOffer { sdp });
             }
             Err(e) => self.errors.push(format!("publisher: {e}")),
+        }
+    }
+}
+
+/// A client envelope: the header `{"to":[…]}` (or `{}` when `to` is empty), a newline and
+/// `payload`.
+pub fn envelope(to: &[&str], payload: &[u8]) -> Vec<u8> {
+    let header = if to.is_empty() {
+        "{}".to_owned()
+    } else {
+        serde_json::json!({ "to": to }).to_string()
+    };
+    let mut v = header.into_bytes();
+    v.push(b'\n');
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A relayed data-channel message as a receiver sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DataIn {
+    /// Virtual arrival time.
+    pub at: std::time::Instant,
+    /// The channel it arrived on.
+    pub label: String,
+    pub is_text: bool,
+    /// `from` of the server's header; `None` if the header is missing or malformed.
+    pub from: Option<String>,
+    /// Everything after the first `\n` (the whole message if there is none).
+    pub payload: Vec<u8>,
+}
+
+impl DataIn {
+    fn parse(d: &RxData) -> Self {
+        let (from, payload) = match d.data.iter().position(|&b| b == b'\n') {
+            Some(nl) => {
+                let from = serde_json::from_slice::<serde_json::Value>(&d.data[..nl])
+                    .ok()
+                    .and_then(|v| v.get("from")?.as_str().map(str::to_owned));
+                (from, d.data[nl + 1..].to_vec())
+            }
+            None => (None, d.data.to_vec()),
+        };
+        DataIn {
+            at: d.at,
+            label: d.label.clone(),
+            is_text: d.is_text,
+            from,
+            payload,
         }
     }
 }
@@ -308,6 +430,12 @@ impl Node for Client {
                     participant: pid.clone(),
                     msg,
                 });
+            }
+        }
+        for (label, is_text, data) in std::mem::take(&mut self.data_out) {
+            match self.subscriber.send_data(now, &label, is_text, &data) {
+                Ok(()) => self.data_sent.push((now, label, is_text, data)),
+                Err(e) => self.errors.push(format!("send on {label}: {e}")),
             }
         }
         if let Some(p) = self.publisher.as_mut() {

@@ -14,6 +14,17 @@
 //!   numbers, timestamps, VP8 picture ids, keyframes, arrival times; inbound RTCP).
 //! - [`client`]: [`Client`], a Plaza participant: a publisher and a subscriber peer and the
 //!   signaling session, spoken directly to the server node's command interface.
+//! - Data channels: a [`Peer`] records every channel that opens ([`Peer::channels`], with
+//!   the virtual time) and every message it receives ([`RxData`]: channel label, text or
+//!   binary, bytes, virtual arrival time), and sends on an open channel with
+//!   [`Peer::send_data`] or opens its own with [`Peer::create_data_channel`]. A [`Client`]
+//!   gets the server's `chat` and `input` channels on its subscriber connection, queues
+//!   messages with [`Client::send_data`] (the envelope built by [`envelope`]; each is recorded
+//!   with its virtual send time in [`Client::data_sent`]) and reads what was relayed, the
+//!   server's `from` header parsed, with [`Client::data_received`].
+//! - Lifecycle: a link's loss set to 1.0 both ways ([`Net::link_mut`]) is a dead network; a
+//!   client whose link is dead from the start never connects, and the timeouts that remove
+//!   participants (connect timeout, ICE failure) run on the virtual clock.
 //! - [`PeerNode`]: one bare peer as a node, for tests of the network and the peers
 //!   themselves (two peers talking to each other without a server).
 //!
@@ -25,9 +36,11 @@ pub mod net;
 pub mod peer;
 pub mod server;
 
-pub use client::Client;
+pub use client::{Client, DataIn, envelope};
 pub use net::{LinkConfig, LinkStats, Net, Node, NodeId, Output};
-pub use peer::{LayerSpec, MediaSpec, Peer, RtcpIn, RxPacket, RxTrack, Vp8Info};
+pub use peer::{
+    ChannelInfo, LayerSpec, MediaSpec, Peer, RtcpIn, RxData, RxPacket, RxTrack, Vp8Info,
+};
 
 use bytes::BytesMut;
 use std::net::SocketAddr;

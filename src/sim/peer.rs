@@ -8,11 +8,16 @@
 //! sends), like a browser, plus [`RtcpTap`], which
 //! hands every inbound RTCP packet to the application too (PLI/FIR make the source send a
 //! keyframe; sender reports, NACKs and PLIs are logged for the tests).
+//!
+//! Data channels: the peer records every channel that opens (by label, with the virtual time
+//! it opened) and every message that arrives on one ([`RxData`]); [`Peer::send_data`] sends
+//! text or binary on an open channel, [`Peer::create_data_channel`] opens one of its own.
 
 use super::net::Output;
 use bytes::{Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
 use rtc::interceptor::{
     Attribute, Interceptor, Packet as IPacket, Registry, Slot, StreamInfo, TaggedPacket,
     TwccSenderBuilder,
@@ -23,7 +28,7 @@ use rtc::peer_connection::configuration::interceptor_registry::register_default_
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
 };
-use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
@@ -335,6 +340,28 @@ impl RxTrack {
     }
 }
 
+/// One data-channel message a peer received.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RxData {
+    /// Virtual arrival time (when `rtc` handed the message to the application).
+    pub at: Instant,
+    /// Label of the channel it arrived on.
+    pub label: String,
+    /// A text (string) message; false for binary.
+    pub is_text: bool,
+    pub data: Bytes,
+}
+
+/// A data channel of a peer, by label in [`Peer::channels`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChannelInfo {
+    pub id: RTCDataChannelId,
+    /// When it opened; `None` for one this peer created that is not open yet.
+    pub opened_at: Option<Instant>,
+    /// When it closed.
+    pub closed_at: Option<Instant>,
+}
+
 /// An RTCP packet the peer received, as far as the tests care.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum RtcpIn {
@@ -479,6 +506,10 @@ pub struct Peer {
     pub rtcp: Vec<(Instant, RtcpIn)>,
     /// Errors `rtc` returned (a test usually asserts there are none).
     pub errors: Vec<String>,
+    /// Data channels, by label (the last one of a label wins).
+    pub channels: BTreeMap<String, ChannelInfo>,
+    /// Every data-channel message received, in arrival order.
+    pub data: Vec<RxData>,
     video: Option<VideoSource>,
     audio: Option<AudioSource>,
     /// Remote track id of each receiver's packets (the poll_read id is the track id).
@@ -621,6 +652,8 @@ impl Peer {
             tracks: BTreeMap::new(),
             rtcp: Vec::new(),
             errors: Vec::new(),
+            channels: BTreeMap::new(),
+            data: Vec::new(),
             video,
             audio,
             receivers: HashMap::new(),
@@ -724,6 +757,72 @@ impl Peer {
             })],
         )
         .map_err(err)
+    }
+
+    /// Create a data channel (before [`Peer::create_offer`], so the offer carries the SCTP
+    /// m-line; or later, with a new offer). It is in [`Peer::channels`] at once and open when
+    /// its `opened_at` is set.
+    pub fn create_data_channel(
+        &mut self,
+        label: &str,
+        init: RTCDataChannelInit,
+    ) -> Result<RTCDataChannelId, PeerError> {
+        self.touch();
+        let id = self
+            .pc
+            .create_data_channel(label, Some(init))
+            .map_err(err)?
+            .id();
+        self.channels.insert(
+            label.to_owned(),
+            ChannelInfo {
+                id,
+                opened_at: None,
+                closed_at: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Whether the channel `label` is open.
+    pub fn channel_open(&self, label: &str) -> bool {
+        self.channels
+            .get(label)
+            .is_some_and(|c| c.opened_at.is_some() && c.closed_at.is_none())
+    }
+
+    /// Send `data` on the open channel `label`, as a text message (`data` must be UTF-8) or
+    /// a binary one.
+    pub fn send_data(
+        &mut self,
+        now: Instant,
+        label: &str,
+        is_text: bool,
+        data: &[u8],
+    ) -> Result<(), PeerError> {
+        self.touch();
+        let id = self
+            .channels
+            .get(label)
+            .filter(|c| c.opened_at.is_some() && c.closed_at.is_none())
+            .ok_or_else(|| PeerError(format!("data channel {label:?} is not open")))?
+            .id;
+        let mut dc = self
+            .pc
+            .data_channel(id)
+            .ok_or_else(|| PeerError(format!("data channel {label:?} is gone")))?;
+        if is_text {
+            let s = std::str::from_utf8(data).map_err(err)?;
+            dc.send_text(now, s)
+        } else {
+            dc.send(now, BytesMut::from(data))
+        }
+        .map_err(err)
+    }
+
+    /// Messages received on the channel `label`.
+    pub fn data_on<'a>(&'a self, label: &'a str) -> impl Iterator<Item = &'a RxData> + 'a {
+        self.data.iter().filter(move |d| d.label == label)
     }
 
     /// Feed a datagram that arrived at `self.local` from `from`.
@@ -954,6 +1053,24 @@ impl Peer {
                     t.receiver = Some(init.receiver_id);
                     t.stream_ids = init.stream_ids.clone();
                 }
+                RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id)) => {
+                    let label = self.pc.data_channel(id).map(|dc| dc.label().to_owned());
+                    if let Some(label) = label {
+                        self.channels.insert(
+                            label,
+                            ChannelInfo {
+                                id,
+                                opened_at: Some(now),
+                                closed_at: None,
+                            },
+                        );
+                    }
+                }
+                RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id)) => {
+                    for c in self.channels.values_mut().filter(|c| c.id == id) {
+                        c.closed_at.get_or_insert(now);
+                    }
+                }
                 _ => {}
             }
         }
@@ -1025,6 +1142,21 @@ impl Peer {
                         };
                         self.rtcp.push((at, item));
                     }
+                }
+                RTCMessage::DataChannelMessage(id, m) => {
+                    let label = self
+                        .channels
+                        .iter()
+                        .find(|(_, c)| c.id == id)
+                        .map(|(l, _)| l.clone())
+                        .or_else(|| self.pc.data_channel(id).map(|dc| dc.label().to_owned()))
+                        .unwrap_or_default();
+                    self.data.push(RxData {
+                        at,
+                        label,
+                        is_text: m.is_string,
+                        data: m.data.freeze(),
+                    });
                 }
                 _ => {}
             }

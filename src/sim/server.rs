@@ -47,6 +47,7 @@ pub fn sim_config(ip: IpAddr) -> CoreConfig {
         max_data_message: 16 * 1024,
         limits: Default::default(),
         udp_buffer: crate::io::UDP_BUFFER_DEFAULT,
+        spread_above: 0,
     }
 }
 

@@ -1,7 +1,10 @@
 //! Helpers shared by the virtual-time tests.
 #![allow(dead_code)]
 
-use plaza::sim::{RxPacket, RxTrack};
+use plaza::sfu::CoreStats;
+use plaza::signal::ServerMessage;
+use plaza::sim::server::SfuNode;
+use plaza::sim::{Client, MediaSpec, Net, NodeId, RxPacket, RxTrack};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -69,4 +72,97 @@ pub fn unwrap_seqs<'a>(packets: impl Iterator<Item = &'a RxPacket>) -> Vec<u64> 
 /// Milliseconds, for printing.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A server at `10.0.0.100:7882` and clients in rooms of their choosing, on one network.
+pub struct Sim {
+    pub net: Net,
+    pub server: NodeId,
+}
+
+impl Sim {
+    pub fn new(seed: u64) -> Self {
+        let mut net = Net::new(seed);
+        let now = net.now();
+        let sa = addr(100, 7882);
+        // The server first: see `Net::settle`.
+        let server = net.add_node(SfuNode::new(sa, seed, now), &[sa]);
+        net.set_signaling_server(server);
+        Sim { net, server }
+    }
+
+    /// A client at `10.0.0.n` that joins `room` as `name` and publishes `media`.
+    pub fn client(&mut self, n: u8, name: &str, room: &str, media: MediaSpec) -> NodeId {
+        let now = self.net.now();
+        let c = Client::new(name, room, ip(n), now, u64::from(n) * 1000, media).expect(name);
+        let addrs = c.addrs();
+        self.net.add_node(c, &addrs)
+    }
+
+    pub fn c(&mut self, id: NodeId) -> &mut Client {
+        self.net.node::<Client>(id)
+    }
+
+    /// The participant id of a client that has joined.
+    pub fn pid(&mut self, id: NodeId) -> String {
+        let c = self.c(id);
+        c.participant_id
+            .clone()
+            .unwrap_or_else(|| panic!("{} has not joined", c.name))
+    }
+
+    /// Run until every client in `ids` has both data channels open (at most `max`); returns
+    /// the virtual time it took.
+    pub fn wait_channels(&mut self, ids: &[NodeId], max: Duration) -> Duration {
+        let took = self.net.run_until_cond(max, |net| {
+            ids.iter()
+                .all(|&id| net.node_ref::<Client>(id).channels_open())
+        });
+        took.unwrap_or_else(|| {
+            let open: Vec<_> = ids
+                .iter()
+                .map(|&id| {
+                    let c = self.net.node_ref::<Client>(id);
+                    (c.name.clone(), c.channels_open())
+                })
+                .collect();
+            panic!("data channels not open within {max:?}: {open:?}")
+        })
+    }
+
+    /// The core's counters now.
+    pub fn stats(&mut self) -> CoreStats {
+        let now = self.net.now();
+        self.net.node::<SfuNode>(self.server).stats(now)
+    }
+
+    /// Set the loss of both directions between client `id` and the server (1.0 cuts it).
+    pub fn set_loss(&mut self, id: NodeId, loss: f64) {
+        let server = self.server;
+        self.net.link_mut(id, server).loss = loss;
+        self.net.link_mut(server, id).loss = loss;
+    }
+
+    /// Messages of the kind `f` picks that client `id` got, with their virtual arrival.
+    pub fn messages(&mut self, id: NodeId, f: impl Fn(&ServerMessage) -> bool) -> Vec<Instant> {
+        self.c(id)
+            .messages
+            .iter()
+            .filter(|(_, m)| f(m))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    /// Assert no client in `ids` (nor its peers) recorded an error.
+    pub fn no_errors(&mut self, ids: &[NodeId]) {
+        for &id in ids {
+            let c = self.c(id);
+            assert!(c.errors.is_empty(), "{}: {:?}", c.name, c.errors);
+            let sub = &c.subscriber.errors;
+            assert!(sub.is_empty(), "{} subscriber: {sub:?}", c.name);
+            if let Some(p) = c.publisher.as_ref() {
+                assert!(p.errors.is_empty(), "{} publisher: {:?}", c.name, p.errors);
+            }
+        }
+    }
 }

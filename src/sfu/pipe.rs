@@ -1,0 +1,183 @@
+//! The pipe between shards: how a room spans several cores.
+//!
+//! A room lives on every shard that hosts one of its participants. Each shard keeps its own
+//! copy of the room: its local participants, and a mirror of the others' (their ids, names
+//! and tracks). What happens on one shard and concerns the room goes to the room's other
+//! shards as a [`PipeMsg`]:
+//!
+//! - **Membership.** A shard that opens the room says [`PipeMsg::Hello`]; each shard that
+//!   hosts the room answers with its participants and tracks, and from then on tells of every
+//!   join, leave, publication, unpublication and mute. A shard whose last participant left says
+//!   [`PipeMsg::Bye`].
+//! - **Media.** A published track is relayed under a number of its shard's choosing
+//!   ([`RelayId`], announced by [`PipeMsg::TrackOpen`]). The publisher's shard hands each
+//!   packet *once* to every shard that has subscribers of the track ([`PipeMsg::Rtp`]); each
+//!   of those rewrites, encrypts and sends it for its own subscribers, with its own layer
+//!   selection. Keyframe requests ([`PipeMsg::Keyframe`]) and the layers a shard's subscribers
+//!   need ([`PipeMsg::Needed`], for dynacast) flow back.
+//! - **Data.** A data-channel message goes to the shards hosting its receivers
+//!   ([`PipeMsg::Data`]), already framed with the sender's id.
+//!
+//! Messages are collected per destination during a turn and handed over once at its end, as
+//! one batch (a `Vec`), through a bounded queue per shard that never blocks its sender: a full
+//! queue drops the batch and counts it. Nothing in a message refers to memory of the sending
+//! shard (no shared pointers, no keys of its maps), so the same messages can later be carried
+//! between two Plaza nodes over the network.
+
+use crate::signal::{ParticipantInfo, TrackInfo};
+use bytes::Bytes;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
+use std::time::Instant;
+
+/// A shard's index (`0..workers`).
+pub type ShardId = usize;
+
+/// A track's number on the pipe, chosen by its publisher's shard.
+pub type RelayId = u32;
+
+/// One message between two shards hosting the same room.
+#[derive(Debug, Clone)]
+pub enum PipeMsg {
+    /// The sender hosts `room` now: tell it about the room.
+    Hello { room: String },
+    /// The sender no longer hosts `room` (its last participant left).
+    Bye { room: String },
+    /// A participant of `room` on the sender (joined, or already there when a shard said
+    /// hello). Its tracks follow as [`PipeMsg::TrackOpen`].
+    Member { room: String, info: ParticipantInfo },
+    /// That participant left.
+    MemberLeft {
+        room: String,
+        participant_id: String,
+    },
+    /// A track published on the sender, relayed as `relay`.
+    TrackOpen {
+        room: String,
+        relay: RelayId,
+        info: TrackInfo,
+        codec: RTCRtpCodec,
+    },
+    /// The track is no longer published.
+    TrackClose { relay: RelayId },
+    /// The track was muted or unmuted.
+    Muted { relay: RelayId, muted: bool },
+    /// One media packet of a relayed track (header extensions already removed), of simulcast
+    /// layer `layer` (its index in the track's layer list). `origin`: when it reached the
+    /// publisher's shard (in-core latency is measured from there).
+    Rtp {
+        relay: RelayId,
+        layer: u8,
+        packet: rtp::Packet,
+        origin: Instant,
+    },
+    /// (Back to the publisher's shard.) A subscriber there needs a keyframe of `layer`.
+    Keyframe { relay: RelayId, layer: u8 },
+    /// (Back to the publisher's shard.) Whether the sender has subscribers of the track, and
+    /// which layers they need (bit `i`: layer `i`).
+    Needed {
+        relay: RelayId,
+        subscribed: bool,
+        layers: u64,
+    },
+    /// A data-channel message from `from` (a participant on the sender), framed for its
+    /// receivers: every participant of `room` on the receiving shard when `to` is empty, else
+    /// those named.
+    Data {
+        room: String,
+        from: String,
+        channel: &'static str,
+        is_text: bool,
+        framed: Bytes,
+        to: Vec<String>,
+    },
+}
+
+/// What a shard received from one other shard in one of its turns.
+#[derive(Debug)]
+pub struct PipeBatch {
+    pub from: ShardId,
+    pub msgs: Vec<PipeMsg>,
+}
+
+/// Messages waiting for the end of the turn, per destination shard.
+#[derive(Debug, Default)]
+pub struct PipeOut {
+    queues: Vec<Vec<PipeMsg>>,
+    waiting: usize,
+}
+
+impl PipeOut {
+    /// Queue `msg` for shard `to`.
+    pub fn push(&mut self, to: ShardId, msg: PipeMsg) {
+        if self.queues.len() <= to {
+            self.queues.resize_with(to + 1, Vec::new);
+        }
+        self.queues[to].push(msg);
+        self.waiting += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting == 0
+    }
+
+    /// Every non-empty queue, as one batch per destination.
+    pub fn take(&mut self) -> impl Iterator<Item = (ShardId, Vec<PipeMsg>)> + '_ {
+        self.waiting = 0;
+        self.queues
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(to, q)| (to, std::mem::take(q)))
+    }
+}
+
+/// Layers as a bit set (bit `i`: layer `i`; layers past 63 are not represented).
+pub fn layer_bits(layers: impl IntoIterator<Item = usize>) -> u64 {
+    layers
+        .into_iter()
+        .filter(|&l| l < 64)
+        .fold(0, |acc, l| acc | (1 << l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_batched_per_destination_in_order() {
+        let mut out = PipeOut::default();
+        assert!(out.is_empty());
+        out.push(
+            2,
+            PipeMsg::Hello {
+                room: "a".to_owned(),
+            },
+        );
+        out.push(0, PipeMsg::TrackClose { relay: 1 });
+        out.push(2, PipeMsg::TrackClose { relay: 2 });
+        assert!(!out.is_empty());
+        let batches: Vec<_> = out.take().collect();
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[0].0, 0);
+        assert_eq!(batches[1].0, 2);
+        assert!(matches!(batches[1].1[0], PipeMsg::Hello { .. }));
+        assert!(matches!(batches[1].1[1], PipeMsg::TrackClose { relay: 2 }));
+        assert!(out.is_empty());
+        assert_eq!(out.take().count(), 0);
+    }
+
+    #[test]
+    fn layer_sets() {
+        assert_eq!(layer_bits([0, 2]), 0b101);
+        assert_eq!(layer_bits([]), 0);
+        assert_eq!(layer_bits([70]), 0);
+    }
+
+    #[test]
+    fn messages_can_cross_threads() {
+        fn send<T: Send + 'static>() {}
+        send::<PipeMsg>();
+        send::<PipeBatch>();
+    }
+}
