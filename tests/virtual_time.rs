@@ -14,5 +14,6 @@ mod virtual_time {
     pub mod data;
     pub mod lifecycle;
     pub mod sfu;
+    pub mod shards;
     pub mod two_peers;
 }
