@@ -960,4 +960,252 @@ mod tests {
         net.run_for(Duration::from_secs(1));
         assert_eq!(net.unroutable, 5);
     }
+
+    /// A stand-in shard: answers joins with ids of its own, records the commands and pipe
+    /// batches it gets (a batch as the relay ids of its `TrackClose` messages), and hands the
+    /// network the batches queued in `out`.
+    #[derive(Default)]
+    struct FakeShard {
+        me: usize,
+        joins: Vec<(String, Vec<ShardId>)>,
+        commands: Vec<String>,
+        got: Vec<(Instant, ShardId, Vec<u32>)>,
+        out: Vec<(ShardId, Vec<PipeMsg>)>,
+        dropped: u64,
+    }
+
+    fn batch(relays: &[u32]) -> Vec<PipeMsg> {
+        relays
+            .iter()
+            .map(|&relay| PipeMsg::TrackClose { relay })
+            .collect()
+    }
+
+    impl Node for FakeShard {
+        fn name(&self) -> String {
+            format!("shard {}", self.me)
+        }
+        fn handle_datagram(&mut self, _: Instant, _: SocketAddr, _: SocketAddr, _: BytesMut) {}
+        fn handle_timeout(&mut self, _: Instant) {}
+        fn poll_timeout(&mut self) -> Option<Instant> {
+            None
+        }
+        fn poll_output(&mut self, _: Instant, out: &mut Output) {
+            out.pipes.append(&mut self.out);
+        }
+        fn handle_command(&mut self, _: Instant, cmd: Command) {
+            match cmd {
+                Command::Join { req, reply } => {
+                    let pid = format!("PA_{}_{}", self.me, self.joins.len());
+                    self.joins.push((req.room, req.peers));
+                    let _ = reply.send(Ok(JoinAccepted {
+                        participant_id: pid,
+                        joined: crate::signal::ServerMessage::Pong { ts: None },
+                    }));
+                }
+                Command::Client { participant, .. } => {
+                    self.commands.push(format!("client {participant}"));
+                }
+                Command::Disconnect { participant, .. } => {
+                    self.commands.push(format!("disconnect {participant}"));
+                }
+                _ => {}
+            }
+        }
+        fn handle_pipe(&mut self, now: Instant, from: ShardId, msgs: Vec<PipeMsg>) {
+            let relays = msgs
+                .iter()
+                .map(|m| match m {
+                    PipeMsg::TrackClose { relay } => *relay,
+                    _ => u32::MAX,
+                })
+                .collect();
+            self.got.push((now, from, relays));
+        }
+        fn pipe_dropped(&mut self, msgs: u64) {
+            self.dropped += msgs;
+        }
+    }
+
+    /// Sends the commands queued in `cmds` and keeps the join answers.
+    #[derive(Default)]
+    struct Signaler {
+        cmds: Vec<Command>,
+        answers: Vec<oneshot::Receiver<Result<JoinAccepted, SfuError>>>,
+    }
+
+    impl Signaler {
+        fn join(&mut self, room: &str) {
+            let (events, _) = tokio::sync::mpsc::channel(1);
+            let (reply, rx) = oneshot::channel();
+            self.answers.push(rx);
+            self.cmds.push(Command::Join {
+                req: crate::sfu::JoinRequest {
+                    room: room.to_owned(),
+                    name: "n".to_owned(),
+                    auto_subscribe: true,
+                    events,
+                    peers: vec![7],
+                },
+                reply,
+            });
+        }
+    }
+
+    impl Node for Signaler {
+        fn name(&self) -> String {
+            "signaler".into()
+        }
+        fn handle_datagram(&mut self, _: Instant, _: SocketAddr, _: SocketAddr, _: BytesMut) {}
+        fn handle_timeout(&mut self, _: Instant) {}
+        fn poll_timeout(&mut self) -> Option<Instant> {
+            None
+        }
+        fn poll_output(&mut self, _: Instant, out: &mut Output) {
+            out.commands.append(&mut self.cmds);
+        }
+    }
+
+    fn shards(n: usize, spread_above: usize) -> (Net, Vec<NodeId>, NodeId) {
+        let mut net = Net::new(1);
+        let nodes: Vec<NodeId> = (0..n)
+            .map(|me| {
+                net.add_node(
+                    FakeShard {
+                        me,
+                        ..Default::default()
+                    },
+                    &[addr(100 + me as u8)],
+                )
+            })
+            .collect();
+        net.set_shards(nodes.clone(), spread_above);
+        let sig = net.add_node(Signaler::default(), &[addr(1)]);
+        (net, nodes, sig)
+    }
+
+    #[test]
+    fn joins_follow_the_placement_and_commands_their_participant() {
+        let (mut net, nodes, sig) = shards(2, 2);
+        for _ in 0..4 {
+            net.node::<Signaler>(sig).join("r");
+            net.run_for(Duration::from_millis(1));
+        }
+        // Two on shard 0 (told of no peer), then spread: two on shard 1, told of shard 0.
+        let joins = |net: &mut Net, i: usize| net.node::<FakeShard>(nodes[i]).joins.clone();
+        let r = "r".to_owned();
+        assert_eq!(
+            joins(&mut net, 0),
+            vec![(r.clone(), vec![]), (r.clone(), vec![])]
+        );
+        assert_eq!(joins(&mut net, 1), vec![(r.clone(), vec![0]), (r, vec![0])]);
+        let answers: Vec<String> = net
+            .node::<Signaler>(sig)
+            .answers
+            .iter_mut()
+            .map(|rx| {
+                rx.try_recv()
+                    .expect("answered")
+                    .expect("accepted")
+                    .participant_id
+            })
+            .collect();
+        assert_eq!(answers, ["PA_0_0", "PA_0_1", "PA_1_0", "PA_1_1"]);
+        assert_eq!(net.placement().load(), &[2, 2]);
+        assert_eq!(net.placement().shard_of("PA_1_0"), Some(1));
+
+        // Later commands go to the participant's shard; a disconnect frees its place.
+        let s = net.node::<Signaler>(sig);
+        s.cmds.push(Command::Client {
+            participant: "PA_1_0".into(),
+            msg: crate::signal::ClientMessage::Leave,
+        });
+        s.cmds.push(Command::Disconnect {
+            participant: "PA_1_0".into(),
+            reason: "left".into(),
+        });
+        net.run_for(Duration::from_millis(1));
+        assert_eq!(
+            net.node::<FakeShard>(nodes[1]).commands,
+            ["client PA_1_0", "disconnect PA_1_0"]
+        );
+        assert!(net.node::<FakeShard>(nodes[0]).commands.is_empty());
+        assert_eq!(net.placement().load(), &[2, 1]);
+        assert_eq!(net.placement().shard_of("PA_1_0"), None);
+    }
+
+    #[test]
+    fn pipe_batches_arrive_after_the_delay_in_order() {
+        let (mut net, nodes, _) = shards(3, 0);
+        net.set_pipe(PipeConfig {
+            delay: Duration::from_millis(2),
+            capacity: None,
+        });
+        let start = net.now();
+        net.node::<FakeShard>(nodes[0]).out =
+            vec![(1, batch(&[1, 2])), (2, batch(&[3])), (1, batch(&[4]))];
+        net.run_for(Duration::from_millis(1));
+        assert!(
+            net.node::<FakeShard>(nodes[1]).got.is_empty(),
+            "not before the delay"
+        );
+        net.run_for(Duration::from_millis(1));
+        let at = start + Duration::from_millis(2);
+        assert_eq!(
+            net.node::<FakeShard>(nodes[1]).got,
+            vec![(at, 0, vec![1, 2]), (at, 0, vec![4])]
+        );
+        assert_eq!(net.node::<FakeShard>(nodes[2]).got, vec![(at, 0, vec![3])]);
+        let s = net.pipe_stats(0, 1);
+        assert_eq!(
+            (s.batches_sent, s.batches_delivered, s.msgs_delivered),
+            (2, 2, 3)
+        );
+        // A shorter delay does not let a later batch overtake an earlier one of the pair.
+        net.node::<FakeShard>(nodes[2]).out = vec![(1, batch(&[5]))];
+        net.run_for(Duration::ZERO);
+        net.set_pipe(PipeConfig {
+            delay: Duration::ZERO,
+            capacity: None,
+        });
+        net.node::<FakeShard>(nodes[2]).out = vec![(1, batch(&[6]))];
+        net.run_for(Duration::from_millis(5));
+        let got: Vec<u32> = net.node::<FakeShard>(nodes[1]).got[2..]
+            .iter()
+            .flat_map(|g| g.2.clone())
+            .collect();
+        assert_eq!(got, [5, 6]);
+    }
+
+    #[test]
+    fn a_full_pipe_queue_drops_whole_batches_and_tells_the_sender() {
+        let (mut net, nodes, _) = shards(2, 0);
+        net.set_pipe(PipeConfig {
+            delay: Duration::from_millis(1),
+            capacity: Some(2),
+        });
+        net.node::<FakeShard>(nodes[0]).out = vec![
+            (1, batch(&[1])),
+            (1, batch(&[2, 3])),
+            (1, batch(&[4, 5, 6])),
+            (1, batch(&[7])),
+        ];
+        net.run_for(Duration::from_millis(2));
+        let got: Vec<Vec<u32>> = net
+            .node::<FakeShard>(nodes[1])
+            .got
+            .iter()
+            .map(|g| g.2.clone())
+            .collect();
+        assert_eq!(got, [vec![1], vec![2, 3]]);
+        let s = net.pipe_stats(0, 1);
+        assert_eq!((s.batches_dropped, s.msgs_dropped), (2, 4));
+        assert_eq!(net.node::<FakeShard>(nodes[0]).dropped, 4);
+        // Drained: room again. A batch for a shard that does not exist is dropped too.
+        net.node::<FakeShard>(nodes[0]).out = vec![(1, batch(&[8])), (5, batch(&[9, 9]))];
+        net.run_for(Duration::from_millis(2));
+        assert_eq!(net.node::<FakeShard>(nodes[1]).got.len(), 3);
+        assert_eq!(net.pipe_unroutable(), 1);
+        assert_eq!(net.node::<FakeShard>(nodes[0]).dropped, 6);
+    }
 }
