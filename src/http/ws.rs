@@ -483,6 +483,8 @@ async fn wait_for_join(
                         events: events_tx,
                         // Filled in by the handle from where the room is placed.
                         peers: Vec::new(),
+                        identity: None,
+                        grants: Default::default(),
                     };
                     match handle.join(req).await {
                         Ok(accepted) => return Some((accepted, room, events_rx)),

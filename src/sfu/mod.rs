@@ -139,6 +139,41 @@ pub struct JoinRequest {
     /// Other shards already hosting the room (from [`placement::Placement::reserve`]); empty
     /// with one shard.
     pub peers: Vec<pipe::ShardId>,
+    /// Who the participant is (from its access token; unique in the room), if known.
+    pub identity: Option<String>,
+    /// What the participant may do (from its access token).
+    pub grants: Grants,
+}
+
+/// What a participant may do, from the grants of its access token. The default allows what
+/// every participant could do before tokens: join, publish anything, subscribe, send data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grants {
+    /// May publish audio tracks.
+    pub publish_audio: bool,
+    /// May publish video tracks.
+    pub publish_video: bool,
+    /// May send data-channel messages.
+    pub publish_data: bool,
+    /// May subscribe to others' tracks.
+    pub subscribe: bool,
+    /// Others do not see it (a recorder or a bot): no `participant_joined`, not listed.
+    pub hidden: bool,
+    /// May moderate the room (remove participants, mute their tracks or chat).
+    pub room_admin: bool,
+}
+
+impl Default for Grants {
+    fn default() -> Self {
+        Grants {
+            publish_audio: true,
+            publish_video: true,
+            publish_data: true,
+            subscribe: true,
+            hidden: false,
+            room_admin: false,
+        }
+    }
 }
 
 /// A successful join.
@@ -537,6 +572,8 @@ mod tests {
                 auto_subscribe: true,
                 events,
                 peers: Vec::new(),
+                identity: None,
+                grants: Grants::default(),
             },
             rx,
         )

@@ -111,6 +111,8 @@ impl Client {
                     auto_subscribe: true,
                     events: events_tx,
                     peers: Vec::new(),
+                    identity: None,
+                    grants: Default::default(),
                 },
                 reply,
             }),
@@ -127,6 +129,13 @@ impl Client {
             req.auto_subscribe = false;
         }
         self
+    }
+
+    /// Change the join before it is sent (identity, grants): call before the network runs.
+    pub fn join_with(&mut self, f: impl FnOnce(&mut JoinRequest)) {
+        if let Some(Command::Join { req, .. }) = self.join_cmd.as_mut() {
+            f(req);
+        }
     }
 
     /// Also create `chat` (ordered) and `input` (unordered, no retransmissions) on the
