@@ -1046,6 +1046,8 @@ mod tests {
                     auto_subscribe: true,
                     events,
                     peers: vec![7],
+                    identity: None,
+                    grants: Default::default(),
                 },
                 reply,
             });
