@@ -269,8 +269,9 @@ pub enum ErrorCode {
     /// Too many messages (signaling or data channel) or bytes per second from this
     /// participant; the message was not acted on, the session stays open.
     RateLimited,
-    /// The participant's access token does not grant what it asked for (publishing, a kind
-    /// of track, subscribing, sending data); nothing was done, the session stays open.
+    /// The participant's access token does not grant what it asked for (joining the room,
+    /// publishing, a kind of track, subscribing, sending data); nothing was done, the session
+    /// stays open.
     PermissionDenied,
     /// A per-participant cap was reached (candidates, tracks, subscriptions, ids in one
     /// message); the message was not acted on, the session stays open.
@@ -288,9 +289,6 @@ pub enum ErrorCode {
     TokenNotYetValid,
     /// The access token is for another room (or names none).
     TokenWrongRoom,
-    /// The access token does not grant this (joining the room; later: publishing a kind,
-    /// subscribing, sending data, moderating). The message names the missing grant.
-    PermissionDenied,
     /// The server is shutting down or overloaded.
     Unavailable,
     /// Anything else: a bug, reported rather than hidden.
