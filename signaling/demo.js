@@ -83,7 +83,10 @@ async function join(room, name) {
   $('#join').disabled = true;
   demo.times = { joinClick: performance.now(), joined: null, subscriberConnected: null, firstTrack: null, firstFrame: null };
 
-  const client = new PlazaClient({ room, name, defaultQuality: quality, adaptiveStream: adaptive });
+  // `?grants=subscribe` (development mode): join with a token of only those grants, e.g. a viewer.
+  const grants = params.get('grants');
+  const tokenUrl = grants ? `/dev/token?grants=${encodeURIComponent(grants)}` : null;
+  const client = new PlazaClient({ room, name, defaultQuality: quality, adaptiveStream: adaptive, tokenUrl });
   demo.client = client;
   wire(client);
   $('#quality').value = quality ?? '';

@@ -466,7 +466,10 @@ export class PlazaClient extends Emitter {
     const t = this.options.token;
     if (typeof t === 'function') return await t({ room: this.room, name: this.name });
     if (t !== undefined && t !== null) return t;
-    const url = new URL(this.options.tokenUrl ?? this.options.url.replace(/^ws/, 'http').replace(/\/rtc(\?.*)?$/, '/dev/token'));
+    const url = new URL(
+      this.options.tokenUrl ?? this.options.url.replace(/^ws/, 'http').replace(/\/rtc(\?.*)?$/, '/dev/token'),
+      globalThis.location?.href,
+    );
     url.searchParams.set('room', this.room);
     url.searchParams.set('name', this.name);
     if (this._devIdentity) url.searchParams.set('identity', this._devIdentity);

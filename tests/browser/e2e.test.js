@@ -193,6 +193,27 @@ describe('errors are explained', { timeout: 120_000 }, () => {
   });
 });
 
+describe('access tokens', { timeout: 120_000 }, () => {
+  it('a viewer-only token: publishing is refused on the page, the viewer still receives', async () => {
+    const room = `viewer-${Date.now()}`;
+    const [ivan, judy] = await Promise.all([participant('ivan'), participant('judy')]);
+    await joinViaUrl(ivan, server.url, room, 'ivan');
+    // The demo page asks the development token endpoint for a token granting only `subscribe`.
+    await joinViaUrl(judy, server.url, room, 'judy', '&grants=subscribe');
+    await judy.page.waitForSelector('#message:not([hidden])', { timeout: 15_000 });
+    const text = await judy.page.textContent('#message-text');
+    assert.match(text, /Could not publish camera and microphone: .*does not grant publishing/);
+    await waitForMediaFrom(judy, 'ivan');
+    // Nothing of judy's was published: ivan's client knows her, without tracks.
+    const judysTracks = await ivan.page.evaluate(() => {
+      const p = [...window.plaza.client.participants.values()].find((x) => x.name === 'judy');
+      return p ? p.tracks.size : -1;
+    });
+    assert.equal(judysTracks, 0);
+    await Promise.all([close(ivan), close(judy)]);
+  });
+});
+
 describe('simulcast quality caps (need layer selection in the server)', { timeout: 240_000 }, () => {
   const room = `quality-${Date.now()}`;
   let pub;
