@@ -138,6 +138,14 @@ async fn every_token_failure_has_its_own_code_and_a_valid_token_joins() {
         assert!(!message.contains(SECRET), "{what}: {message}");
     }
 
+    // Counted for the operator.
+    let (_, health) = server.healthz().await.unwrap();
+    assert_eq!(
+        health["http"]["token_refusals"],
+        cases.len() as u64,
+        "{health}"
+    );
+
     // The same socket may retry with a valid token; the join may leave the room to it.
     let good = mint(&prod_key(), &claims("stage"));
     let alice = ws.join_with("", "ignored", Some(&good)).await.unwrap();

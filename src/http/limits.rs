@@ -54,6 +54,9 @@ pub struct HttpCounters {
     pub oversize_closes: AtomicU64,
     /// Accept errors (e.g. out of file descriptors).
     pub accept_errors: AtomicU64,
+    /// Joins refused for their access token (missing, invalid, expired, not yet valid, wrong
+    /// room, join not granted).
+    pub token_refusals: AtomicU64,
 }
 
 /// A snapshot of [`HttpCounters`] plus the effective limits, as served under `"http"`.
@@ -71,6 +74,7 @@ pub struct HttpStats {
     pub idle_timeouts: u64,
     pub message_timeouts: u64,
     pub rate_limited_messages: u64,
+    pub token_refusals: u64,
     pub rate_limit_closes: u64,
     pub oversize_closes: u64,
     pub accept_errors: u64,
@@ -98,6 +102,7 @@ impl HttpCounters {
             idle_timeouts: g(&self.idle_timeouts),
             message_timeouts: g(&self.message_timeouts),
             rate_limited_messages: g(&self.rate_limited_messages),
+            token_refusals: g(&self.token_refusals),
             rate_limit_closes: g(&self.rate_limit_closes),
             oversize_closes: g(&self.oversize_closes),
             accept_errors: g(&self.accept_errors),

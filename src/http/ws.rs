@@ -475,6 +475,7 @@ async fn wait_for_join(
                 token,
             } => match validate_join(
                 &guards.settings.verifier,
+                &guards.counters,
                 token.as_deref(),
                 &room,
                 &name,
@@ -901,6 +902,7 @@ struct Admitted {
 /// the identity). Trimmed values on success.
 fn validate_join(
     verifier: &Verifier,
+    counters: &HttpCounters,
     token: Option<&str>,
     room: &str,
     name: &str,
@@ -910,6 +912,7 @@ fn validate_join(
     let verified = verifier
         .verify(token, (!room.is_empty()).then_some(room))
         .map_err(|e| {
+            HttpCounters::inc(&counters.token_refusals);
             debug!(error = %e, "join refused: access token");
             Box::new(ServerMessage::error(e.code(), e.to_string(), Some("join")))
         })?;

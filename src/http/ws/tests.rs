@@ -476,9 +476,20 @@ fn field_validation() {
     assert!(validate_field("name", &"x".repeat(129)).is_err());
     assert!(validate_field("name", "Zoë 🎉").is_ok());
     let dev = Verifier::new(crate::auth::KeySet::new());
+    let counters = HttpCounters::default();
     let t = dev_token("r", "id-1");
-    assert!(validate_join(&dev, Some(&t), "r", "n", Some(PROTOCOL_VERSION)).is_ok());
-    assert!(validate_join(&dev, Some(&t), "r", "n", Some(PROTOCOL_VERSION + 1)).is_err());
+    assert!(validate_join(&dev, &counters, Some(&t), "r", "n", Some(PROTOCOL_VERSION)).is_ok());
+    assert!(
+        validate_join(
+            &dev,
+            &counters,
+            Some(&t),
+            "r",
+            "n",
+            Some(PROTOCOL_VERSION + 1)
+        )
+        .is_err()
+    );
 }
 
 /// The token decides the room and the identity; the display name is the token's, else the
@@ -487,35 +498,44 @@ fn field_validation() {
 fn join_takes_room_identity_and_name_from_the_token() {
     use crate::auth::{ApiKey, Claims, DEFAULT_TTL, mint};
     let dev = Verifier::new(crate::auth::KeySet::new());
+    let counters = HttpCounters::default();
     let named = mint(
         &ApiKey::dev(),
         &Claims::new("u-1", "stage", DEFAULT_TTL).with_name("Uma"),
     )
     .unwrap();
-    let a = validate_join(&dev, Some(&named), "", "ignored", None).unwrap();
+    let a = validate_join(&dev, &counters, Some(&named), "", "ignored", None).unwrap();
     assert_eq!((a.room.as_str(), a.name.as_str()), ("stage", "Uma"));
     assert_eq!(a.identity, "u-1");
     assert_eq!(a.grants, Grants::default());
     let anon = dev_token("stage", "u-2");
-    let a = validate_join(&dev, Some(&anon), "stage", " Val ", None).unwrap();
+    let a = validate_join(&dev, &counters, Some(&anon), "stage", " Val ", None).unwrap();
     assert_eq!(a.name, "Val");
-    let a = validate_join(&dev, Some(&anon), "stage", "", None).unwrap();
+    let a = validate_join(&dev, &counters, Some(&anon), "stage", "", None).unwrap();
     assert_eq!(a.name, "u-2");
     let code = |r: Result<Admitted, Box<ServerMessage>>| match *r.unwrap_err() {
         ServerMessage::Error { code, .. } => code,
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        code(validate_join(&dev, Some(&anon), "lobby", "x", None)),
+        code(validate_join(
+            &dev,
+            &counters,
+            Some(&anon),
+            "lobby",
+            "x",
+            None
+        )),
         ErrorCode::TokenWrongRoom
     );
     assert_eq!(
-        code(validate_join(&dev, None, "stage", "x", None)),
+        code(validate_join(&dev, &counters, None, "stage", "x", None)),
         ErrorCode::TokenMissing
     );
     // The token is checked before anything else.
     assert_eq!(
-        code(validate_join(&dev, None, "stage", "x", Some(99))),
+        code(validate_join(&dev, &counters, None, "stage", "x", Some(99))),
         ErrorCode::TokenMissing
     );
+    assert_eq!(counters.snapshot(None).token_refusals, 3);
 }
