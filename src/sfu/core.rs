@@ -2034,6 +2034,30 @@ impl<T: Transmit> Sfu<T> {
         }
     }
 
+    /// Messages this core handed over for shard `to` were dropped on the way (its queue was
+    /// full): counted, and for the media among them the publisher is asked for a keyframe of
+    /// each layer that lost packets (the other shard has nothing to resend them from).
+    pub fn pipe_dropped(&mut self, now: Instant, to: ShardId, msgs: Vec<PipeMsg>) {
+        self.advance(now);
+        self.stats.pipe_msgs_dropped += msgs.len() as u64;
+        let mut lost: BTreeSet<(RelayId, u8)> = BTreeSet::new();
+        for m in &msgs {
+            if let PipeMsg::Rtp { relay, layer, .. } = m {
+                lost.insert((*relay, *layer));
+            }
+        }
+        for (relay, layer) in lost {
+            if let Some((room, track)) = self.relays_out.get(&relay).cloned() {
+                trace!(track = %track, layer, shard = to, "packets lost on the pipe");
+                self.effects.push(Effect::RequestKeyframe {
+                    room,
+                    track,
+                    layer: usize::from(layer),
+                });
+            }
+        }
+    }
+
     fn on_pipe(&mut self, from: ShardId, msg: PipeMsg) {
         match msg {
             PipeMsg::Rtp {

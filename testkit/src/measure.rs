@@ -947,7 +947,10 @@ impl Measured {
         );
         if let Some(shares) = &w.shard_share_percent {
             let s: Vec<String> = shares.iter().map(|p| format!("{p:.1}%")).collect();
-            println!("server shards: share of the forwarded packets {}", s.join(" / "));
+            println!(
+                "server shards: share of the forwarded packets {}",
+                s.join(" / ")
+            );
         }
         if let Some(l) = w.server_forward_latency_us {
             println!(
