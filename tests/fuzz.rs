@@ -47,7 +47,7 @@ fn fuzz_signal() {
             .map(String::into_bytes)
             .collect(),
         dict: seeds::json_dict(),
-        default_inputs: 100_000,
+        default_inputs: 200_000,
         max_len: 8192,
     };
     let mut decoded = 0u64;
@@ -81,7 +81,16 @@ fn fuzz_signal() {
 fn fuzz_sdp() {
     let offers = seeds::sdp_offers();
     let answers = seeds::sdp_answers(&offers);
-    assert!(!answers.is_empty(), "no answer seeds");
+    assert!(answers.len() >= 3, "no answer seeds");
+    // The seeds are what the server accepts: they get the mutations past its checks.
+    for o in &offers {
+        sdpcheck::check_offer(o).unwrap_or_else(|e| panic!("{e}: {o}"));
+        RTCSessionDescription::offer(o.clone()).unwrap_or_else(|e| panic!("{e}: {o}"));
+    }
+    for a in &answers {
+        sdpcheck::check_answer(a).unwrap_or_else(|e| panic!("{e}: {a}"));
+        RTCSessionDescription::answer(a.clone()).unwrap_or_else(|e| panic!("{e}: {a}"));
+    }
     let spec = Spec {
         name: "sdp",
         seeds: offers
@@ -90,7 +99,7 @@ fn fuzz_sdp() {
             .map(String::into_bytes)
             .collect(),
         dict: seeds::sdp_dict(),
-        default_inputs: 20_000,
+        default_inputs: 40_000,
         max_len: 16 * 1024,
     };
     let mut parsed = 0u64;
@@ -129,7 +138,7 @@ fn fuzz_data() {
         name: "data",
         seeds: seeds::data_messages(),
         dict: seeds::json_dict(),
-        default_inputs: 200_000,
+        default_inputs: 500_000,
         max_len: 4096,
     };
     let mut parsed = 0u64;
@@ -179,7 +188,7 @@ fn fuzz_stun() {
             vec![0x80, 0x28, 0x00, 0x04],
             vec![0x00, 0x08, 0x00, 0x14],
         ],
-        default_inputs: 300_000,
+        default_inputs: 1_000_000,
         max_len: 1500,
     };
     let t0 = Instant::now();
@@ -271,7 +280,7 @@ fn fuzz_srtp() {
         name: "srtp",
         seeds: seeds.clone(),
         dict: Vec::new(),
-        default_inputs: 100_000,
+        default_inputs: 200_000,
         max_len: 1500,
     };
     let t0 = Instant::now();
@@ -342,7 +351,7 @@ fn fuzz_rtcp() {
             b"REMB".to_vec(),
             0xabc_u32.to_be_bytes().to_vec(),
         ],
-        default_inputs: 100_000,
+        default_inputs: 200_000,
         max_len: 1500,
     };
     let t0 = Instant::now();
@@ -447,18 +456,27 @@ fn fuzz_ingress() {
             vec![0x10, 0x00],
             vec![0x80, 200],
         ],
-        default_inputs: 100_000,
+        default_inputs: 300_000,
         max_len: 1500,
     };
     let t0 = Instant::now();
-    let (keys, mut tx, mut rx) = keyed(ProtectionProfile::AeadAes128Gcm);
-    let mut ing = Ingress::new(&keys, Some(3), 0x5eed).expect("ingress");
-    ing.bind(0xabc, "TR_a".into(), 90_000, true);
-    ing.bind(0xabd, "TR_b".into(), 48_000, false);
+    // A publisher's connection; a new one every 1024 packets, since the sequence numbers the
+    // inputs keep may leave the two sides' rollover counters apart.
+    let connect = || {
+        let (keys, tx, rx) = keyed(ProtectionProfile::AeadAes128Gcm);
+        let mut ing = Ingress::new(&keys, Some(3), 0x5eed).expect("ingress");
+        ing.bind(0xabc, "TR_a".into(), 90_000, true);
+        ing.bind(0xabd, "TR_b".into(), 48_000, false);
+        (ing, tx, rx)
+    };
+    let (mut ing, mut tx, mut rx) = connect();
     let mut n = 0u64;
     let (mut feedback, mut fast) = (0u64, 0u64);
     let total = engine::run(spec, |data| {
         n += 1;
+        if n % 1024 == 0 {
+            (ing, tx, rx) = connect();
+        }
         let now = t0 + Duration::from_millis(n);
         if egress::is_rtcp(data) {
             if let Ok(s) = tx.encrypt_rtcp(data) {
@@ -500,7 +518,7 @@ fn fuzz_media() {
         name: "media",
         seeds,
         dict: vec![vec![0x9d, 0x01, 0x2a], vec![0x80, 0x80], vec![0xff, 0xff]],
-        default_inputs: 300_000,
+        default_inputs: 500_000,
         max_len: 1200,
     };
     let t0 = Instant::now();
@@ -572,4 +590,54 @@ fn fuzz_media() {
 #[test]
 fn fuzz_core() {
     fuzz::core::run();
+}
+
+/// Found by `fuzz_srtp`: `rtc`'s AES-CM/HMAC-SHA1 SRTCP unprotect returns a packet whose E
+/// flag is clear without checking its authentication tag, so anyone who can send from a
+/// peer's address could forge its RTCP (NACK storms, REMB, PLI). Both fast paths refuse such
+/// packets, in both profiles, while the same packet with the flag set is accepted.
+#[test]
+fn srtcp_without_the_e_flag_is_refused() {
+    let t0 = Instant::now();
+    for profile in PROFILES {
+        let (keys, mut tx, _) = keyed(profile);
+        let mut e = Egress::new(&keys).expect("egress");
+        let mut i = Ingress::new(&keys, None, 1).expect("ingress");
+        let trailer = 4 + profile.rtcp_auth_tag_len();
+        for compound in seeds::rtcp_compounds(0xabc) {
+            let sealed = tx.encrypt_rtcp(&compound).expect("encrypt").to_vec();
+            let flag = sealed.len() - trailer;
+            assert!(egress::srtcp_encrypted(&sealed, profile));
+            let mut forged = sealed.clone();
+            forged[flag] &= 0x7f;
+            assert!(!egress::srtcp_encrypted(&forged, profile));
+            assert!(
+                e.on_rtcp(t0, &forged).is_err(),
+                "{profile:?}: egress took it"
+            );
+            assert!(
+                i.on_rtcp(t0, &forged).is_err(),
+                "{profile:?}: ingress took it"
+            );
+            // And a forgery from scratch: any bytes, the flag clear, a made-up tag.
+            let mut made_up = compound.clone();
+            made_up.extend_from_slice(&[0, 0, 0, 9]);
+            made_up.extend(std::iter::repeat_n(0x5a, trailer - 4));
+            if trailer > 4 {
+                assert!(
+                    e.on_rtcp(t0, &made_up).is_err(),
+                    "{profile:?}: egress took it"
+                );
+                assert!(
+                    i.on_rtcp(t0, &made_up).is_err(),
+                    "{profile:?}: ingress took it"
+                );
+            }
+            assert!(
+                e.on_rtcp(t0, &sealed).is_ok(),
+                "{profile:?}: the real one is refused"
+            );
+        }
+        assert!(i.stats().rtcp_rejected > 0);
+    }
 }

@@ -512,7 +512,7 @@ pub fn run() {
         name: "core",
         seeds: seed_programs(),
         dict: (0..OPS).map(|o| vec![o]).collect(),
-        default_inputs: 3_000,
+        default_inputs: 20_000,
         max_len: 4096,
     };
     let mut run = 0u64;

@@ -252,7 +252,8 @@ pub fn run(spec: Spec, mut target: impl FnMut(&[u8])) -> u64 {
     let inputs = env_u64("PLAZA_FUZZ_INPUTS").unwrap_or(spec.default_inputs);
     let mut h = DefaultHasher::new();
     spec.name.hash(&mut h);
-    let seed = env_u64("PLAZA_FUZZ_SEED").map_or(h.finish(), |s| s ^ h.finish());
+    let given = env_u64("PLAZA_FUZZ_SEED");
+    let seed = given.map_or(h.finish(), |s| s ^ h.finish());
     let mut rng = Rng::new(seed);
     let start = Instant::now();
     let mut count = 0u64;
@@ -275,11 +276,12 @@ pub fn run(spec: Spec, mut target: impl FnMut(&[u8])) -> u64 {
     }
     let secs = start.elapsed().as_secs_f64();
     let line = format!(
-        "fuzz {:<14} {:>10} inputs {:>8.2} s {:>10.0} inputs/s  seed {seed:#x}",
+        "fuzz {:<10} {:>10} inputs {:>8.2} s {:>10.0} inputs/s  PLAZA_FUZZ_SEED={}",
         spec.name,
         count,
         secs,
-        count as f64 / secs.max(1e-9)
+        count as f64 / secs.max(1e-9),
+        given.map_or("(unset)".to_owned(), |g| g.to_string())
     );
     println!("{line}");
     if let Ok(path) = std::env::var("PLAZA_FUZZ_REPORT") {
