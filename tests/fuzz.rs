@@ -28,6 +28,7 @@ use plaza::sfu::rewrite::{Rewriter, SrcPacket, Vp8Munger};
 use plaza::sfu::{data, sdpcheck, vp8};
 use plaza::signal::{self, ClientMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::shared::marshal::Unmarshal;
 use rtc::srtp::context::Context;
 use rtc::srtp::protection_profile::ProtectionProfile;
@@ -378,7 +379,7 @@ fn fuzz_rtcp() {
         .collect();
     let mut n = 0u64;
     let (mut nacks, mut twcc, mut fed) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut resent, mut acks, mut keyframes) = (0u64, 0u64, 0u64);
+    let (mut resent, mut acks, mut keyframes, mut estimates, mut compared) = (0, 0, 0, 0, 0);
     engine::run(spec, |data| {
         n += 1;
         let now = t0 + Duration::from_millis(n % 5000);
@@ -404,10 +405,26 @@ fn fuzz_rtcp() {
             acks += twcc.len() as u64;
         }
         let _ = rtc::rtcp::packet::unmarshal(&mut Bytes::copy_from_slice(data));
+        // Differential: a lone generic NACK reads the same here as in `rtc`.
+        if let (Some(Ok(p)), Ok(theirs)) = (
+            egress::rtcp_packets(data).next(),
+            TransportLayerNack::unmarshal(&mut &data[..]),
+        ) {
+            nacks.clear();
+            if (p.pt, p.fmt) == (egress::PT_RTPFB, egress::FMT_NACK)
+                && p.body.len() + 4 == data.len()
+                && egress::parse_nack(p.body, &mut nacks) == Ok(theirs.media_ssrc)
+            {
+                let their_seqs: Vec<u16> = plaza::sfu::nack::nack_seqs(&theirs).collect();
+                assert_eq!(nacks, their_seqs, "NACK read unlike rtc");
+                compared += 1;
+            }
+        }
         let (e, tx, rx) = &mut sides[(n % 2) as usize];
         if let Ok(sealed) = tx.encrypt_rtcp(data) {
             let fb = e.on_rtcp(now, &sealed).expect("a sealed compound decrypts");
             keyframes += fb.keyframes.len() as u64;
+            estimates += u64::from(fb.estimate_updated);
             for r in &fb.retransmissions {
                 assert!(
                     open_rtp(rx, r).is_some(),
@@ -422,8 +439,9 @@ fn fuzz_rtcp() {
         "no NACK was ever answered: the seeds do not reach the NACK path"
     );
     assert!(
-        acks > 0 && keyframes > 0,
-        "{acks} transport-cc acks, {keyframes} keyframe asks"
+        acks > 0 && keyframes > 0 && estimates > 0 && compared > 0,
+        "{acks} transport-cc acks, {keyframes} keyframe asks, {estimates} estimates, \
+         {compared} NACKs compared with rtc's"
     );
 }
 

@@ -477,8 +477,13 @@ pub fn rtcp_compounds(media_ssrc: u32) -> Vec<Vec<u8>> {
         .collect();
     assert!(!ccs.is_empty(), "the TWCC recorder reported nothing");
     compounds.push(ccs);
-    compounds
+    let mut out: Vec<Vec<u8>> = compounds
         .iter()
         .map(|c| rtcp::packet::marshal(c).expect("marshal").to_vec())
-        .collect()
+        .collect();
+    // The NACKs alone too (a receiver may send feedback without a report).
+    let rr_len = rtc::shared::marshal::MarshalSize::marshal_size(&rr);
+    let lone = out[5][rr_len..].to_vec();
+    out.push(lone);
+    out
 }
