@@ -264,6 +264,9 @@ pub enum ErrorCode {
     /// Too many messages (signaling or data channel) or bytes per second from this
     /// participant; the message was not acted on, the session stays open.
     RateLimited,
+    /// The participant's access token does not grant what it asked for (publishing, a kind
+    /// of track, subscribing, sending data); nothing was done, the session stays open.
+    PermissionDenied,
     /// A per-participant cap was reached (candidates, tracks, subscriptions, ids in one
     /// message); the message was not acted on, the session stays open.
     LimitExceeded,

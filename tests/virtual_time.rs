@@ -12,6 +12,7 @@
 mod virtual_time {
     pub mod common;
     pub mod data;
+    pub mod grants;
     pub mod lifecycle;
     pub mod sfu;
     pub mod two_peers;

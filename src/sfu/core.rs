@@ -89,6 +89,8 @@ const SELECT_INTERVAL: Duration = Duration::from_millis(250);
 /// An estimate below this share (%) of the one the last selection used triggers a selection
 /// at once.
 const SHARP_DROP_PERCENT: u64 = 70;
+/// Why a participant is removed when its identity joins again.
+const REPLACED: &str = "replaced: the same identity joined the room again";
 /// A participant whose transport never connects is dropped after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often RTCP sender reports go out for every forwarded stream.
@@ -924,6 +926,29 @@ impl<T: Transmit> Sfu<T> {
             warn!(participant = %p.pid, "published track without codec; ignored");
             return;
         };
+        let granted = match kind {
+            TrackKind::Audio => p.grants.publish_audio,
+            TrackKind::Video => p.grants.publish_video,
+        };
+        if !granted {
+            debug!(participant = %p.pid, ?kind, "track kind not granted; ignored");
+            let kind = match kind {
+                TrackKind::Audio => "audio",
+                TrackKind::Video => "video",
+            };
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "your token does not grant publishing {kind}; track {} is not forwarded",
+                        init.track_id
+                    ),
+                    Some("publish_offer"),
+                ),
+            );
+            return;
+        }
         let tid = TrackId::from(format!("TR_{}", random_string(&mut self.rng, 12)));
         // Every RID the publisher offered for this track, seen or not (so `track_published`
         // lists them all); the first packets of each fill in its SSRC.
@@ -1861,6 +1886,18 @@ impl<T: Transmit> Sfu<T> {
         let Some(channel) = p.channels.get(&id).copied() else {
             return;
         };
+        if !p.grants.publish_data {
+            let m = ServerMessage::error(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "your token does not grant sending data; {} message not relayed",
+                    channel.label()
+                ),
+                Some(channel.label()),
+            );
+            self.send_to(part, m);
+            return;
+        }
         let inbound = data::parse_client(msg, self.cfg.max_data_message)
             .and_then(|i| p.limiter.check(now, i.payload.len()).map(|_| i));
         let inbound = match inbound {
@@ -2105,7 +2142,7 @@ impl<T: Transmit> Sfu<T> {
         debug!(room = %room, shard = from, "room spans another shard");
         r.peers.insert(from);
         for m in &r.members {
-            if let Some(p) = r.parts.get(m) {
+            if let Some(p) = r.parts.get(m).filter(|p| !p.grants.hidden) {
                 self.pipe_out.push(
                     from,
                     PipeMsg::Member {
@@ -2466,6 +2503,27 @@ impl<T: Transmit> Sfu<T> {
         let name = req.name.trim().to_owned();
         validate_name("room", &room)?;
         validate_name("name", &name)?;
+        // An identity is unique in the room: a second join replaces the first.
+        if let Some(identity) = &req.identity {
+            let old: Vec<PartKey> = self
+                .room_keys
+                .get(&room)
+                .and_then(|k| self.rooms.get(k))
+                .map(|r| {
+                    r.parts
+                        .iter()
+                        .filter(|(_, p)| p.identity.as_ref() == Some(identity))
+                        .map(|(k, _)| *k)
+                        .collect()
+                })
+                .unwrap_or_default();
+            for part in old {
+                self.remove_participant(part, REPLACED, true);
+            }
+        }
+        let grants = req.grants.clone();
+        let hidden = grants.hidden;
+        let auto_subscribe = req.auto_subscribe && grants.subscribe;
         // The room's key; a new room exists only once its first participant is in.
         let rk = match self.room_keys.get(&room) {
             Some(&k) => k,
@@ -2520,8 +2578,10 @@ impl<T: Transmit> Sfu<T> {
         let participant = Participant {
             pid: pid.clone(),
             name: name.clone(),
+            identity: req.identity.clone(),
+            grants,
             events: req.events,
-            auto_subscribe: req.auto_subscribe,
+            auto_subscribe,
             sub,
             publ: None,
             sub_offer_pending: false,
@@ -2552,7 +2612,7 @@ impl<T: Transmit> Sfu<T> {
             }
             r
         });
-        for &peer in &r.peers {
+        for &peer in r.peers.iter().filter(|_| !hidden) {
             self.pipe_out.push(
                 peer,
                 PipeMsg::Member {
@@ -2584,7 +2644,7 @@ impl<T: Transmit> Sfu<T> {
         };
         r.members.push(part);
         // Subscribe to what is already published.
-        if req.auto_subscribe {
+        if auto_subscribe {
             let mut existing: Vec<TrackId> = r.tracks.keys().cloned().collect();
             existing.sort();
             for tid in existing {
@@ -2606,9 +2666,10 @@ impl<T: Transmit> Sfu<T> {
         })
     }
 
+    /// The participant as the others see it (`None` for a hidden one).
     fn participant_info(&self, part: PartKey) -> Option<ParticipantInfo> {
         let room = self.rooms.get(&part.room)?;
-        let p = room.parts.get(&part)?;
+        let p = room.parts.get(&part).filter(|p| !p.grants.hidden)?;
         Some(ParticipantInfo {
             id: p.pid.clone(),
             name: p.name.clone(),
@@ -2759,6 +2820,17 @@ impl<T: Transmit> Sfu<T> {
 
     /// `subscribe` / `unsubscribe`: one error per message and cause, not one per id.
     fn on_subscribe(&mut self, part: PartKey, track_ids: Vec<String>, subscribe: bool) {
+        if subscribe && self.part(part).is_some_and(|p| !p.grants.subscribe) {
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::PermissionDenied,
+                    "your token does not grant subscribing",
+                    Some("subscribe"),
+                ),
+            );
+            return;
+        }
         let limits = &self.cfg.limits;
         if track_ids.len() > limits.max_ids_per_message {
             let max = limits.max_ids_per_message;
@@ -2987,6 +3059,20 @@ impl<T: Transmit> Sfu<T> {
             part,
             kind: PcKind::Publisher,
         };
+        let may_publish = self.part(part).is_some_and(|p| {
+            !p.grants.hidden && (p.grants.publish_audio || p.grants.publish_video)
+        });
+        if !may_publish {
+            self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::PermissionDenied,
+                    "your token does not grant publishing media",
+                    Some("publish_offer"),
+                ),
+            );
+            return;
+        }
         let candidates = sdpcheck::count_candidates(&sdp);
         if self.refuse_candidates(key, candidates, "publish_offer") {
             return;
@@ -3279,7 +3365,8 @@ impl<T: Transmit> Sfu<T> {
             return;
         };
         room.members.retain(|m| *m != part);
-        for &peer in &room.peers {
+        let hidden = p.grants.hidden;
+        for &peer in room.peers.iter().filter(|_| !hidden) {
             self.pipe_out.push(
                 peer,
                 PipeMsg::MemberLeft {
@@ -3317,6 +3404,9 @@ impl<T: Transmit> Sfu<T> {
         self.dirty.retain(|k| k.part != part);
         let pid = p.pid.clone();
         drop(p); // closes the events channel: the WebSocket session ends
+        if hidden {
+            return;
+        }
         self.broadcast(
             part.room,
             None,

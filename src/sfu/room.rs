@@ -4,6 +4,7 @@
 //! track is reached only through its room ([`PartKey`] names the room), so nothing in one
 //! room can reach another's.
 
+use super::Grants;
 use super::bwe::Estimate;
 use super::data;
 use super::egress::{Egress, KeyCapture};
@@ -157,6 +158,10 @@ impl Channel {
 pub(super) struct Participant {
     pub(super) pid: String,
     pub(super) name: String,
+    /// Who it is (from its token; unique in the room), if known.
+    pub(super) identity: Option<String>,
+    /// What it may do.
+    pub(super) grants: Grants,
     pub(super) events: mpsc::Sender<ServerMessage>,
     pub(super) auto_subscribe: bool,
     pub(super) sub: Pc,

@@ -127,6 +127,13 @@ impl Client {
         self
     }
 
+    /// Change the join before it is sent (identity, grants): call before the network runs.
+    pub fn join_with(&mut self, f: impl FnOnce(&mut JoinRequest)) {
+        if let Some(Command::Join { req, .. }) = self.join_cmd.as_mut() {
+            f(req);
+        }
+    }
+
     /// Also create `chat` (ordered) and `input` (unordered, no retransmissions) on the
     /// publisher connection, in its first offer; a publisher connection is made even without
     /// media. Send on them with `publisher.send_data`.

@@ -28,14 +28,15 @@
 //! * the budgeted [`Retransmitter`] answering NACKs;
 //! * packet and octet counts for RTCP sender reports.
 //!
-//! Both directions avoid per-packet and per-feedback allocations where `rtc`'s API allows:
-//! [`marshal_rtp`] writes the RTP header with its transport-wide sequence number straight
-//! into a reused buffer (the header's own copy of the extension is a static slice,
-//! [`twcc_seq_bytes`]); the subscriber's RTCP is read in place ([`rtcp_packets`],
-//! [`parse_twcc`], [`parse_nack`], …) into reused buffers instead of `rtc`'s boxed packets,
-//! and a packet it cannot read is skipped, not the whole compound. What remains is `rtc`'s:
-//! SRTP and SRTCP return a freshly allocated buffer (the outgoing datagram itself, and the
-//! decrypted feedback); there is no in-place variant to call.
+//! Both directions avoid per-packet and per-feedback allocations where they can. Outgoing
+//! RTP is written once, straight into the datagram handed to the driver
+//! ([`write_rtp_header`] with the transport-wide sequence number, then the payload), and
+//! sealed there in place by [`RtpSealer`] with the crypto provider `rtc` uses (one allocation
+//! and one payload copy per packet and subscriber; the packet's own header is left alone).
+//! The subscriber's RTCP is read in place ([`rtcp_packets`], [`parse_twcc`], [`parse_nack`],
+//! …) into reused buffers instead of `rtc`'s boxed packets, and a packet it cannot read is
+//! skipped, not the whole compound. What remains is `rtc`'s: SRTCP (sender reports out,
+//! feedback in) returns a freshly allocated buffer.
 //!
 //! `rtc` keeps everything else of the connection: ICE, DTLS, SDP negotiation and the data
 //! channels (SCTP). It no longer sends or receives any RTP or RTCP on a subscriber connection,
@@ -80,6 +81,9 @@ const AES_128: usize = 16;
 /// RFC 3711 key-derivation labels of the authentication keys, which only the HMAC profiles
 /// derive.
 const LABEL_SRTP_AUTH: u8 = 0x01;
+/// Labels of the SRTP encryption key and salt (RFC 3711 §4.3.1).
+const LABEL_SRTP_ENCRYPTION: u8 = 0x00;
+const LABEL_SRTP_SALT: u8 = 0x02;
 const LABEL_SRTCP_AUTH: u8 = 0x04;
 /// Seconds between the NTP epoch (1900) and the Unix epoch.
 const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
@@ -437,6 +441,8 @@ struct SentStream {
     /// RTP timestamp of the last packet and when it left.
     last_ts: u32,
     last_at: Instant,
+    /// SRTP rollover counter of the stream (what [`RtpSealer`] encrypts under).
+    roc: Roc,
 }
 
 /// Counters of one [`Egress`].
@@ -465,7 +471,11 @@ impl std::ops::AddAssign for EgressStats {
 
 /// One subscriber connection's media out and feedback in (see the module docs).
 pub struct Egress {
+    /// SRTCP of what we send (sender reports); SRTP too for a profile [`RtpSealer`] does not
+    /// handle itself.
     local: Context,
+    /// SRTP of what we send, sealed in place into the outgoing datagram.
+    sealer: RtpSealer,
     remote: Context,
     profile: ProtectionProfile,
     twcc: TwccLog,
@@ -473,10 +483,8 @@ pub struct Egress {
     /// The estimator's target and the last REMB.
     estimate: Estimate,
     retransmit: Retransmitter,
-    sent: HashMap<u32, SentStream>,
+    sent: SsrcMap<SentStream>,
     stats: EgressStats,
-    /// Plaintext of the packet being protected (reused: no allocation per packet).
-    scratch: Vec<u8>,
     /// Acknowledgements of the transport-cc feedback being read (reused).
     acks: Vec<Acknowledgement>,
     /// Reports handed to the estimator (reused).
@@ -501,17 +509,18 @@ impl Egress {
     /// The fast path of a connection whose DTLS handshake gave `keys`.
     pub fn new(keys: &SrtpKeys) -> Result<Self, EgressError> {
         let (local, remote) = keys.contexts().map_err(EgressError::Srtp)?;
+        let sealer = RtpSealer::new(keys)?;
         Ok(Egress {
             local,
+            sealer,
             remote,
             profile: keys.profile,
             twcc: TwccLog::default(),
             bwe: Bwe::new(),
             estimate: Estimate::default(),
             retransmit: Retransmitter::new(),
-            sent: HashMap::new(),
+            sent: SsrcMap::default(),
             stats: EgressStats::default(),
-            scratch: Vec::with_capacity(1_500),
             acks: Vec::new(),
             reports: Vec::new(),
         })
@@ -531,7 +540,9 @@ impl Egress {
 
     /// Protect one outgoing media packet (already rewritten for this subscriber): add the
     /// transport-wide sequence number when `twcc_id` is negotiated, remember it for NACKs
-    /// (`video`) and sender reports, encrypt.
+    /// (`video`) and sender reports, encrypt. The packet itself is not changed (its header
+    /// extensions are not written into it: the datagram carries only the transport-wide
+    /// sequence number).
     pub fn protect_rtp(
         &mut self,
         now: Instant,
@@ -550,53 +561,22 @@ impl Egress {
             octets: 0,
             last_ts: packet.header.timestamp,
             last_at: now,
+            roc: Roc::default(),
         });
         s.packets = s.packets.wrapping_add(1);
         s.octets = s.octets.wrapping_add(size as u32);
         s.last_ts = packet.header.timestamp;
         s.last_at = now;
         s.twcc_id = twcc_id;
-        self.seal(now, packet, twcc_id)
-    }
-
-    /// Encrypt `packet`, with a fresh transport-wide sequence number if `twcc_id` is set.
-    fn seal(
-        &mut self,
-        now: Instant,
-        packet: &mut rtp::Packet,
-        twcc_id: Option<u8>,
-    ) -> Result<BytesMut, EgressError> {
-        let header = &mut packet.header;
-        header.extension = false;
-        header.extensions.clear();
-        header.extension_profile = 0;
-        header.extensions_padding = 0;
-        let mut twcc = None;
-        if let Some(id) = twcc_id {
-            header.extension = true;
-            header.extension_profile = rtp::header::EXTENSION_PROFILE_ONE_BYTE;
-            // The size is fixed by the extension, which is set next.
-            let size = packet.payload.len() + 12 + 4 * header.csrc.len() + 8;
-            let seq = self
-                .twcc
-                .add(header.ssrc, header.sequence_number, size, now);
-            // The header keeps the extension (SRTP reads the header's size from it), from a
-            // static table rather than a fresh allocation per packet.
-            header
-                .set_extension(id, twcc_seq_bytes(seq))
-                .map_err(|e| EgressError::Encoding(e.to_string()))?;
-            twcc = Some((id, seq));
-        }
-        if !marshal_rtp(packet, twcc, &mut self.scratch) {
-            self.scratch.clear();
-            self.scratch.resize(packet.marshal_size(), 0);
-            packet
-                .marshal_to(&mut self.scratch)
-                .map_err(|e| EgressError::Encoding(e.to_string()))?;
-        }
-        self.local
-            .encrypt_rtp_with_header(&self.scratch, &packet.header)
-            .map_err(|e| EgressError::Srtp(e.to_string()))
+        seal(
+            &mut self.sealer,
+            &mut self.local,
+            &mut self.twcc,
+            &mut s.roc,
+            now,
+            packet,
+            twcc_id,
+        )
     }
 
     /// Decrypt and handle one SRTCP datagram from the subscriber: receiver reports are
@@ -659,11 +639,23 @@ impl Egress {
                 let mut lost = Vec::new();
                 let media_ssrc = parse_nack(p.body, &mut lost)?;
                 let estimate = self.estimate.available(now);
-                for mut packet in self.retransmit.on_nack(now, media_ssrc, &lost, estimate) {
+                for packet in self.retransmit.on_nack(now, media_ssrc, &lost, estimate) {
                     // A retransmission carries a new transport-wide sequence number: the
                     // receiver reports its arrival like any other packet.
-                    let twcc_id = self.sent.get(&packet.header.ssrc).and_then(|s| s.twcc_id);
-                    match self.seal(now, &mut packet, twcc_id) {
+                    // (A stream is forgotten by both at once: a packet in the history has one.)
+                    let Some(s) = self.sent.get_mut(&packet.header.ssrc) else {
+                        continue;
+                    };
+                    let sealed = seal(
+                        &mut self.sealer,
+                        &mut self.local,
+                        &mut self.twcc,
+                        &mut s.roc,
+                        now,
+                        &packet,
+                        s.twcc_id,
+                    );
+                    match sealed {
                         Ok(b) => fb.retransmissions.push(b),
                         Err(e) => tracing::trace!("retransmission: {e}"),
                     }
@@ -730,6 +722,319 @@ pub fn ntp_time(wall: SystemTime) -> u64 {
     (secs << 32) | frac
 }
 
+// ---- SRTP of what the egress sends, sealed in place ---------------------------------------
+//
+// `rtc`'s `Context::encrypt_rtp_with_header` takes the marshalled packet and copies it into a
+// fresh buffer before encrypting (two copies of the payload per subscriber), looks the SSRC's
+// rollover state up in a SipHash map twice, and needs an `rtp::Header` whose extension list
+// holds the transport-wide sequence number (an allocation per packet). The egress instead
+// writes the header and the payload once, straight into the datagram it hands to the driver,
+// encrypts that in place with the same crypto provider (`ring`: AES-NI/VAES and CLMUL chosen at
+// run time), and appends the tag; the rollover counter lives with the stream's other
+// per-packet state. Tested below against `rtc`'s SRTP: what is sealed here decrypts with the
+// subscriber's `Context`, across a sequence-number wrap and for retransmissions.
+
+/// A hasher for SSRC keys (server-chosen, random), cheaper than SipHash on the packet path.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SsrcHasher(u64);
+
+impl std::hash::Hasher for SsrcHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map keyed by SSRC.
+pub type SsrcMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<SsrcHasher>>;
+
+/// The SRTP rollover counter of one sent stream (RFC 3711 §3.3.1), kept exactly as `rtc`'s
+/// `SrtpSsrcState` keeps it, so a retransmission of a packet from before a sequence-number
+/// wrap is sealed under the counter it was first sent with.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Roc {
+    /// Highest (extended) index sealed: rollover counter × 2^16 + sequence number.
+    index: u64,
+    started: bool,
+}
+
+impl Roc {
+    const SEQ_MEDIAN: u16 = 1 << 15;
+
+    /// The rollover counter for `seq`, and the index step to record once it is sealed;
+    /// `None` when the counter would wrap (2^48 packets under one key: the key is spent).
+    pub fn guess(&self, seq: u16) -> Option<(u32, i64)> {
+        let local_roc = (self.index >> 16) as u32;
+        let local_seq = self.index as u16;
+        let mut roc = local_roc;
+        let diff = if !self.started {
+            0
+        } else {
+            let d = i64::from(seq) - i64::from(local_seq);
+            if self.index <= u64::from(Self::SEQ_MEDIAN) {
+                d
+            } else if local_seq < Self::SEQ_MEDIAN {
+                if d > i64::from(Self::SEQ_MEDIAN) {
+                    roc = local_roc.wrapping_sub(1);
+                    d - 65_536
+                } else {
+                    d
+                }
+            } else if local_seq - Self::SEQ_MEDIAN > seq {
+                roc = local_roc.wrapping_add(1);
+                d + 65_536
+            } else {
+                d
+            }
+        };
+        (!(roc == 0 && local_roc == u32::MAX)).then_some((roc, diff))
+    }
+
+    /// `seq` was sealed with the step [`Self::guess`] gave.
+    pub fn update(&mut self, seq: u16, diff: i64) {
+        if self.started {
+            self.index = self.index.wrapping_add_signed(diff);
+        } else {
+            self.index |= u64::from(seq);
+            self.started = true;
+        }
+    }
+}
+
+/// The SRTP transform of outgoing RTP for the connection's profile.
+pub enum RtpSealer {
+    /// AEAD_AES_128_GCM (RFC 7714): what webrtc-rs peers (and Firefox) negotiate.
+    Gcm {
+        aead: Box<dyn AeadCipher>,
+        salt: [u8; 12],
+    },
+    /// AES_CM_128_HMAC_SHA1_80 (RFC 3711): what Chromium negotiates unless offered GCM only.
+    CmHmacSha1 {
+        ctr: Box<dyn StreamCipher>,
+        mac: Box<dyn Mac>,
+        salt: [u8; 14],
+    },
+    /// Any other profile: `rtc`'s context seals the marshalled packet (copying it once more).
+    Rtc,
+}
+
+/// Tag length of AEAD_AES_128_GCM, and of AES_CM_128_HMAC_SHA1_80 on RTP.
+const GCM_TAG: usize = 16;
+const HMAC_SHA1_80_TAG: usize = 10;
+
+/// An RFC 3711 §4.3.1 session key (AES-128 counter-mode PRF, key derivation rate 0).
+fn derive_session_key(
+    crypto: &dyn RTCCrypto,
+    master_key: &[u8; AES_128],
+    master_salt: &[u8],
+    label: u8,
+    out: &mut [u8],
+) -> Result<(), EgressError> {
+    let mut prf_in = [0u8; AES_128];
+    let n = master_salt.len().min(14);
+    prf_in[..n].copy_from_slice(&master_salt[..n]);
+    prf_in[7] ^= label;
+    for (i, chunk) in out.chunks_mut(AES_128).enumerate() {
+        let mut block = prf_in;
+        block[14..].copy_from_slice(&(i as u16).to_be_bytes());
+        crypto
+            .block_encrypt(BlockCipherAlgorithm::Aes128, master_key, &mut block)
+            .map_err(|e| EgressError::Srtp(e.to_string()))?;
+        chunk.copy_from_slice(&block[..chunk.len()]);
+    }
+    Ok(())
+}
+
+impl RtpSealer {
+    /// The sealer for what this side sends under `keys` (its local key and salt).
+    pub fn new(keys: &SrtpKeys) -> Result<Self, EgressError> {
+        let srtp = |e: CryptoError| EgressError::Srtp(e.to_string());
+        let provider = rtc::crypto::default_provider().map_err(srtp)?;
+        let crypto = provider.crypto();
+        let Ok(master_key) = <[u8; AES_128]>::try_from(&keys.local_key[..]) else {
+            return Ok(RtpSealer::Rtc);
+        };
+        let salt = &keys.local_salt;
+        match keys.profile {
+            ProtectionProfile::AeadAes128Gcm if salt.len() == 12 => {
+                let mut key = [0u8; AES_128];
+                derive_session_key(crypto, &master_key, salt, LABEL_SRTP_ENCRYPTION, &mut key)?;
+                let mut session_salt = [0u8; 12];
+                derive_session_key(
+                    crypto,
+                    &master_key,
+                    salt,
+                    LABEL_SRTP_SALT,
+                    &mut session_salt,
+                )?;
+                let aead = crypto
+                    .new_aead(AeadAlgorithm::Aes128Gcm, &key)
+                    .map_err(srtp)?;
+                if aead.tag_len() != GCM_TAG {
+                    return Ok(RtpSealer::Rtc);
+                }
+                Ok(RtpSealer::Gcm {
+                    aead,
+                    salt: session_salt,
+                })
+            }
+            ProtectionProfile::Aes128CmHmacSha1_80 if salt.len() == 14 => {
+                let mut key = [0u8; AES_128];
+                derive_session_key(crypto, &master_key, salt, LABEL_SRTP_ENCRYPTION, &mut key)?;
+                let mut auth = [0u8; 20];
+                derive_session_key(crypto, &master_key, salt, LABEL_SRTP_AUTH, &mut auth)?;
+                let mut session_salt = [0u8; 14];
+                derive_session_key(
+                    crypto,
+                    &master_key,
+                    salt,
+                    LABEL_SRTP_SALT,
+                    &mut session_salt,
+                )?;
+                let ctr = crypto
+                    .new_stream_cipher(StreamCipherAlgorithm::Aes128Ctr, &key)
+                    .map_err(srtp)?;
+                let mac = crypto.new_hmac(HmacAlgorithm::Sha1, &auth).map_err(srtp)?;
+                if mac.output_len() < HMAC_SHA1_80_TAG {
+                    return Ok(RtpSealer::Rtc);
+                }
+                Ok(RtpSealer::CmHmacSha1 {
+                    ctr,
+                    mac,
+                    salt: session_salt,
+                })
+            }
+            _ => Ok(RtpSealer::Rtc),
+        }
+    }
+
+    /// Bytes the transform appends to a packet (what to reserve; 0 lets `rtc` allocate).
+    fn tag_len(&self) -> usize {
+        match self {
+            RtpSealer::Gcm { .. } => GCM_TAG,
+            RtpSealer::CmHmacSha1 { .. } => HMAC_SHA1_80_TAG,
+            RtpSealer::Rtc => 0,
+        }
+    }
+
+    /// Encrypt the marshalled packet in `buf` (its header is `header_len` bytes) in place and
+    /// append the tag; `local` is used only by [`RtpSealer::Rtc`].
+    fn seal(
+        &mut self,
+        local: &mut Context,
+        roc: &mut Roc,
+        ssrc: u32,
+        seq: u16,
+        header_len: usize,
+        mut buf: BytesMut,
+    ) -> Result<BytesMut, EgressError> {
+        let (counter, diff) = match self {
+            RtpSealer::Rtc => {
+                // Its own rollover state; parses the header back from the bytes.
+                return local
+                    .encrypt_rtp(&buf)
+                    .map_err(|e| EgressError::Srtp(e.to_string()));
+            }
+            _ => roc
+                .guess(seq)
+                .ok_or_else(|| EgressError::Srtp("SRTP rollover counter exhausted".into()))?,
+        };
+        let err = |e: CryptoError| EgressError::Srtp(e.to_string());
+        match self {
+            RtpSealer::Gcm { aead, salt } => {
+                // RFC 7714 §8.1: 00 00 | SSRC | ROC | SEQ, XOR the session salt.
+                let mut iv = [0u8; 12];
+                iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+                iv[6..10].copy_from_slice(&counter.to_be_bytes());
+                iv[10..12].copy_from_slice(&seq.to_be_bytes());
+                for (v, s) in iv.iter_mut().zip(salt.iter()) {
+                    *v ^= s;
+                }
+                let mut tag = [0u8; GCM_TAG];
+                let (aad, body) = buf.split_at_mut(header_len);
+                aead.seal_in_place(&iv, aad, body, &mut tag).map_err(err)?;
+                buf.extend_from_slice(&tag);
+            }
+            RtpSealer::CmHmacSha1 { ctr, mac, salt } => {
+                // RFC 3711 §4.1.1: (salt × 2^16) XOR (SSRC × 2^64) XOR (index × 2^16).
+                let mut iv = [0u8; 16];
+                iv[4..8].copy_from_slice(&ssrc.to_be_bytes());
+                iv[8..12].copy_from_slice(&counter.to_be_bytes());
+                iv[12..14].copy_from_slice(&seq.to_be_bytes());
+                for (v, s) in iv.iter_mut().zip(salt.iter()) {
+                    *v ^= s;
+                }
+                ctr.apply_keystream(&iv, &mut buf[header_len..])
+                    .map_err(err)?;
+                // RFC 3711 §4.2: HMAC-SHA1 over the packet and the ROC, truncated.
+                let mut full = [0u8; 20];
+                let full = &mut full[..mac.output_len().min(20)];
+                mac.sign(&[&buf, &counter.to_be_bytes()], full)
+                    .map_err(err)?;
+                buf.extend_from_slice(&full[..HMAC_SHA1_80_TAG]);
+            }
+            RtpSealer::Rtc => unreachable!("returned above"),
+        }
+        roc.update(seq, diff);
+        Ok(buf)
+    }
+}
+
+/// Seal one outgoing packet: a fresh transport-wide sequence number if `twcc_id` is set, the
+/// header written and the payload copied once into the datagram, encrypted in place.
+fn seal(
+    sealer: &mut RtpSealer,
+    local: &mut Context,
+    twcc: &mut TwccLog,
+    roc: &mut Roc,
+    now: Instant,
+    packet: &rtp::Packet,
+    twcc_id: Option<u8>,
+) -> Result<BytesMut, EgressError> {
+    let h = &packet.header;
+    let ext_len = if twcc_id.is_some() { 8 } else { 0 };
+    let header_len = 12 + 4 * h.csrc.len() + ext_len;
+    let twcc = twcc_id.map(|id| {
+        let size = packet.payload.len() + header_len;
+        (id, twcc.add(h.ssrc, h.sequence_number, size, now))
+    });
+    let capacity = header_len + packet.payload.len() + sealer.tag_len();
+    let mut buf = BytesMut::with_capacity(capacity);
+    let header_len = if write_rtp_header(h, twcc, &mut buf) {
+        header_len
+    } else {
+        // What the writer leaves to `rtc` (RTP padding, an id a one-byte header cannot
+        // carry): its marshal, on a copy whose extension list holds the sequence number.
+        let mut p = packet.clone();
+        let hdr = &mut p.header;
+        hdr.extension = false;
+        hdr.extensions.clear();
+        hdr.extension_profile = 0;
+        hdr.extensions_padding = 0;
+        if let Some((id, seq)) = twcc {
+            hdr.extension = true;
+            hdr.extension_profile = rtp::header::EXTENSION_PROFILE_ONE_BYTE;
+            hdr.set_extension(id, twcc_seq_bytes(seq))
+                .map_err(|e| EgressError::Encoding(e.to_string()))?;
+        }
+        buf.clear();
+        buf.resize(p.marshal_size(), 0);
+        p.marshal_to(&mut buf)
+            .map_err(|e| EgressError::Encoding(e.to_string()))?;
+        buf.reserve(sealer.tag_len());
+        p.header.marshal_size()
+    };
+    buf.extend_from_slice(&packet.payload);
+    sealer.seal(local, roc, h.ssrc, h.sequence_number, header_len, buf)
+}
+
 /// Every 16-bit number, big-endian: `Bytes` views of it carry a transport-wide sequence
 /// number without allocating.
 static TWCC_SEQ_BYTES: [u8; 2 * 65_536] = {
@@ -755,28 +1060,45 @@ pub fn twcc_seq_bytes(seq: u16) -> Bytes {
 /// zero-filled first. Returns `false`, leaving `out` to the caller, for what it does not
 /// handle (RTP padding, a version other than 2).
 pub fn marshal_rtp(packet: &rtp::Packet, twcc: Option<(u8, u16)>, out: &mut Vec<u8>) -> bool {
-    let h = &packet.header;
+    out.clear();
+    if !write_rtp_header(&packet.header, twcc, out) {
+        return false;
+    }
+    out.extend_from_slice(&packet.payload);
+    true
+}
+
+/// Append the RTP header `h` to `out` as `Header::marshal_to` would, its header extensions
+/// replaced by the one-byte-header transport-wide sequence number `twcc` (id, number), or
+/// none: 12 bytes, 4 per CSRC, 8 for the extension. Returns `false` and writes nothing for
+/// what it does not handle (RTP padding, a version other than 2, an id a one-byte header
+/// cannot carry).
+pub fn write_rtp_header(
+    h: &rtp::header::Header,
+    twcc: Option<(u8, u16)>,
+    out: &mut impl bytes::BufMut,
+) -> bool {
     let id_ok = twcc.is_none_or(|(id, _)| (1..=14).contains(&id));
     if h.padding || h.version != 2 || h.csrc.len() > 15 || !id_ok {
         return false;
     }
-    out.clear();
     let ext = if twcc.is_some() { 0x10 } else { 0 };
-    out.push(0x80 | ext | h.csrc.len() as u8);
-    out.push(h.payload_type | if h.marker { 0x80 } else { 0 });
-    out.extend_from_slice(&h.sequence_number.to_be_bytes());
-    out.extend_from_slice(&h.timestamp.to_be_bytes());
-    out.extend_from_slice(&h.ssrc.to_be_bytes());
+    let mut fixed = [0u8; 12];
+    fixed[0] = 0x80 | ext | h.csrc.len() as u8;
+    fixed[1] = h.payload_type | if h.marker { 0x80 } else { 0 };
+    fixed[2..4].copy_from_slice(&h.sequence_number.to_be_bytes());
+    fixed[4..8].copy_from_slice(&h.timestamp.to_be_bytes());
+    fixed[8..12].copy_from_slice(&h.ssrc.to_be_bytes());
+    out.put_slice(&fixed);
     for c in &h.csrc {
-        out.extend_from_slice(&c.to_be_bytes());
+        out.put_slice(&c.to_be_bytes());
     }
     if let Some((id, seq)) = twcc {
         // RFC 8285 one-byte header: profile 0xBEDE, one word of elements: id, length − 1,
         // two bytes, one byte of padding.
         let [hi, lo] = seq.to_be_bytes();
-        out.extend_from_slice(&[0xbe, 0xde, 0, 1, id << 4 | 1, hi, lo, 0]);
+        out.put_slice(&[0xbe, 0xde, 0, 1, id << 4 | 1, hi, lo, 0]);
     }
-    out.extend_from_slice(&packet.payload);
     true
 }
 
@@ -1198,6 +1520,182 @@ mod tests {
                 assert_eq!(&ext[..], &i.to_be_bytes(), "{profile:?}");
             }
         }
+    }
+
+    /// What `rtc` would have sent for `p` with the transport-wide sequence number `twcc`: its
+    /// marshal of the packet with the extension set, sealed by its SRTP context.
+    fn rtc_wire(reference: &mut Context, p: &rtp::Packet, twcc: Option<(u8, u16)>) -> BytesMut {
+        let mut p = p.clone();
+        p.header.extension = false;
+        p.header.extensions.clear();
+        p.header.extension_profile = 0;
+        if let Some((id, seq)) = twcc {
+            p.header.extension = true;
+            p.header.extension_profile = rtp::header::EXTENSION_PROFILE_ONE_BYTE;
+            p.header
+                .set_extension(id, Bytes::copy_from_slice(&seq.to_be_bytes()))
+                .expect("ext");
+        }
+        let plain = p.marshal().expect("marshal");
+        reference.encrypt_rtp(&plain).expect("rtc encrypts")
+    }
+
+    /// The in-place sealer gives, byte for byte, what `rtc`'s SRTP context gives for the same
+    /// packets, for both profiles: random headers (marker, payload type, CSRCs, with and
+    /// without the transport-wide sequence number), two streams, sequence numbers that wrap
+    /// (the rollover counter), and retransmissions of packets from before the wrap; and the
+    /// subscriber's context decrypts every datagram back to the packet.
+    #[test]
+    fn sealed_packets_are_rtcs_bytes_and_decrypt_at_the_subscriber() {
+        use rtc::shared::marshal::Unmarshal;
+        for (profile, salt_len) in [
+            (ProtectionProfile::AeadAes128Gcm, 12),
+            (ProtectionProfile::Aes128CmHmacSha1_80, 14),
+        ] {
+            let (keys, _) = keys_for(profile, salt_len);
+            let (mut e, mut rx, _) = pair(profile, salt_len);
+            assert!(!matches!(e.sealer, RtpSealer::Rtc), "{profile:?}: native");
+            let crypto = rtc::crypto::default_provider().expect("provider");
+            let mut reference = Context::new(
+                &keys.local_key,
+                &keys.local_salt,
+                profile,
+                None,
+                None,
+                crypto.crypto(),
+            )
+            .expect("reference");
+            let mut rng = Rng(0xfeed_0000_1111_2222 ^ salt_len as u64);
+            let t0 = Instant::now();
+            let mut twcc_seq = 0u16;
+            let mut sent: Vec<rtp::Packet> = Vec::new();
+            let mut resent = 0;
+            for n in 0..1_500u32 {
+                let ssrc = if n % 3 == 0 { 0xaaaa } else { 0xbbbb };
+                // Each stream starts near the wrap and wraps within the run.
+                let seq = (65_000u32 + n) as u16;
+                let mut p = media(ssrc, seq, n * 3000);
+                p.header.marker = rng.chance(20);
+                p.header.payload_type = 96 + rng.below(20) as u8;
+                p.header.csrc = (0..rng.below(3)).map(|_| rng.next() as u32).collect();
+                p.payload = Bytes::from(
+                    (0..1 + rng.below(1_200))
+                        .map(|_| rng.next() as u8)
+                        .collect::<Vec<u8>>(),
+                );
+                let twcc_id = rng.chance(80).then_some(5);
+                let now = t0 + Duration::from_millis(u64::from(n));
+                let wire = e
+                    .protect_rtp(now, &mut p, twcc_id, 90_000, true, false)
+                    .expect("protect");
+                let want_twcc = twcc_id.map(|id| (id, twcc_seq));
+                twcc_seq = twcc_seq.wrapping_add(u16::from(twcc_id.is_some()));
+                assert_eq!(
+                    &wire[..],
+                    &rtc_wire(&mut reference, &p, want_twcc)[..],
+                    "{profile:?} packet {n}"
+                );
+                let plain = rx.decrypt_rtp(&wire).expect("subscriber decrypts");
+                let got = rtp::Packet::unmarshal(&mut plain.freeze()).expect("parse");
+                assert_eq!(got.payload, p.payload);
+                assert_eq!(got.header.sequence_number, seq);
+                assert_eq!(got.header.csrc, p.header.csrc);
+                sent.push(p);
+                // Now and then a retransmission of an older packet (before the wrap too).
+                if n % 97 == 96 {
+                    let old = &sent[sent.len() - 90];
+                    let mut s = e.sent.get(&old.header.ssrc).copied().expect("stream");
+                    let twcc_id = s.twcc_id;
+                    let wire = seal(
+                        &mut e.sealer,
+                        &mut e.local,
+                        &mut e.twcc,
+                        &mut s.roc,
+                        now,
+                        old,
+                        twcc_id,
+                    )
+                    .expect("reseal");
+                    e.sent.insert(old.header.ssrc, s);
+                    let want_twcc = twcc_id.map(|id| (id, twcc_seq));
+                    twcc_seq = twcc_seq.wrapping_add(u16::from(twcc_id.is_some()));
+                    assert_eq!(&wire[..], &rtc_wire(&mut reference, old, want_twcc)[..]);
+                    let plain = rx.decrypt_rtp(&wire).expect("retransmission decrypts");
+                    assert_eq!(&plain[plain.len() - old.payload.len()..], &old.payload[..]);
+                    resent += 1;
+                }
+            }
+            assert!(resent >= 15);
+            // Both streams went past the wrap: their rollover counter is 1.
+            for ssrc in [0xaaaa, 0xbbbb] {
+                assert_eq!(e.sent[&ssrc].roc.index >> 16, 1, "{profile:?}");
+            }
+        }
+    }
+
+    /// What the header writer leaves to `rtc` (RTP padding) and a profile the sealer does not
+    /// implement itself (`rtc`'s context seals) still reach the subscriber intact.
+    #[test]
+    fn padding_and_other_profiles_go_through_rtc() {
+        use rtc::shared::marshal::Unmarshal;
+        let (mut e, mut rx, _) = pair(ProtectionProfile::AeadAes128Gcm, 12);
+        let mut p = media(7, 10, 1000);
+        p.header.padding = true;
+        p.payload = Bytes::from(vec![1, 2, 3, 0, 0, 3]);
+        let wire = e
+            .protect_rtp(Instant::now(), &mut p, Some(3), 90_000, true, false)
+            .expect("protect");
+        let plain = rx.decrypt_rtp(&wire).expect("decrypt");
+        let got = rtp::Packet::unmarshal(&mut plain.freeze()).expect("parse");
+        assert!(got.header.padding);
+        assert_eq!(&got.header.get_extension(3).expect("twcc")[..], &[0, 0]);
+
+        let profile = ProtectionProfile::Aes128CmHmacSha1_32;
+        let (keys, _) = keys_for(ProtectionProfile::Aes128CmHmacSha1_80, 14);
+        let keys = SrtpKeys { profile, ..keys };
+        let mut e = Egress::new(&keys).expect("egress");
+        assert!(matches!(e.sealer, RtpSealer::Rtc));
+        let crypto = rtc::crypto::default_provider().expect("provider");
+        let mut rx = Context::new(
+            &keys.local_key,
+            &keys.local_salt,
+            profile,
+            None,
+            None,
+            crypto.crypto(),
+        )
+        .expect("rx");
+        for seq in [65_535u16, 0, 1] {
+            let mut p = media(9, seq, 1000);
+            let wire = e
+                .protect_rtp(Instant::now(), &mut p, Some(3), 90_000, true, false)
+                .expect("protect");
+            let plain = rx.decrypt_rtp(&wire).expect("decrypt");
+            assert_eq!(&plain[plain.len() - 200..], &p.payload[..]);
+        }
+    }
+
+    #[test]
+    fn ssrc_map_spreads_keys() {
+        use std::hash::BuildHasher;
+        let b = std::hash::BuildHasherDefault::<SsrcHasher>::default();
+        // hashbrown takes its 7-bit tag from the top of the hash and the bucket from the
+        // bottom: both must vary with the key.
+        let tops: std::collections::HashSet<u64> =
+            (0..1_000u32).map(|k| b.hash_one(k) >> 57).collect();
+        let lows: std::collections::HashSet<u64> =
+            (0..1_000u32).map(|k| b.hash_one(k) & 0xff).collect();
+        assert!(
+            tops.len() > 100 && lows.len() > 200,
+            "{} {}",
+            tops.len(),
+            lows.len()
+        );
+        let mut m = SsrcMap::default();
+        for k in 0..10_000u32 {
+            m.insert(k.wrapping_mul(7919), k);
+        }
+        assert!((0..10_000u32).all(|k| m[&k.wrapping_mul(7919)] == k));
     }
 
     #[test]
