@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets of tests/fuzz.rs long: every target (or those named) for
 # PLAZA_FUZZ_INPUTS inputs each (default 1,000,000) from a random seed (PLAZA_FUZZ_SEED to
-# replay one), then prints each target's inputs, time and inputs/s, and the total time.
+# replay one; the slow `session` target runs a thousandth of the count), then prints each target's inputs, time and inputs/s, and the total time.
 # A panic fails the run; the input is saved under target/fuzz-crashes/ (see
 # tests/fuzz/engine.rs; keep it under tests/fuzz/regressions/<target>/ once fixed).
 #

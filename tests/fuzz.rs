@@ -16,6 +16,7 @@ mod fuzz {
     pub mod core;
     pub mod engine;
     pub mod seeds;
+    pub mod session;
 }
 
 use bytes::Bytes;
@@ -608,6 +609,13 @@ fn fuzz_media() {
 #[test]
 fn fuzz_core() {
     fuzz::core::run();
+}
+
+/// Real connected sessions (three `rtc` clients, media and data flowing) driven by the input
+/// (see `tests/fuzz/session.rs`).
+#[test]
+fn fuzz_session() {
+    fuzz::session::run();
 }
 
 /// Found by `fuzz_srtp`: `rtc`'s AES-CM/HMAC-SHA1 SRTCP unprotect returns a packet whose E

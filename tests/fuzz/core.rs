@@ -54,23 +54,23 @@ struct Participant {
 
 /// What the program has learned from the server's messages.
 #[derive(Default)]
-struct Learned {
+pub(crate) struct Learned {
     /// Server ICE credentials (ufrag, pwd) from its answers and offers.
-    ice: Vec<(String, String)>,
-    tracks: Vec<String>,
+    pub(crate) ice: Vec<(String, String)>,
+    pub(crate) tracks: Vec<String>,
     /// Subscribe offers waiting for an answer: (participant index, SDP).
-    offers: Vec<(usize, String)>,
+    pub(crate) offers: Vec<(usize, String)>,
 }
 
-struct Ctx {
-    offers: Vec<String>,
-    answers: Vec<String>,
-    templates: Vec<Vec<u8>>,
-    addrs: Vec<SocketAddr>,
-    server: SocketAddr,
+pub(crate) struct Ctx {
+    pub(crate) offers: Vec<String>,
+    pub(crate) answers: Vec<String>,
+    pub(crate) templates: Vec<Vec<u8>>,
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) server: SocketAddr,
 }
 
-fn string(u: &mut Unstructured, max: usize) -> String {
+pub(crate) fn string(u: &mut Unstructured, max: usize) -> String {
     String::from_utf8_lossy(u.bytes(max)).into_owned()
 }
 
@@ -106,7 +106,7 @@ fn track_id(u: &mut Unstructured, learned: &Learned) -> String {
     }
 }
 
-fn client_message(u: &mut Unstructured, ctx: &Ctx, learned: &Learned) -> ClientMessage {
+pub(crate) fn client_message(u: &mut Unstructured, ctx: &Ctx, learned: &Learned) -> ClientMessage {
     match u.below(9) {
         0 => ClientMessage::Join {
             room: string(u, 8),

@@ -248,8 +248,13 @@ fn report_crash(name: &str, input: &[u8], origin: &str) -> ! {
 
 /// Runs `target` on the regressions, the seeds and then generated inputs; panics (failing the
 /// test) on the first input the target panics on. Returns the number of inputs run.
-pub fn run(spec: Spec, mut target: impl FnMut(&[u8])) -> u64 {
-    let inputs = env_u64("PLAZA_FUZZ_INPUTS").unwrap_or(spec.default_inputs);
+pub fn run(spec: Spec, target: impl FnMut(&[u8])) -> u64 {
+    run_scaled(spec, 1, target)
+}
+
+/// [`run`] for a slow target: `PLAZA_FUZZ_INPUTS / scale` inputs (at least one).
+pub fn run_scaled(spec: Spec, scale: u64, mut target: impl FnMut(&[u8])) -> u64 {
+    let inputs = env_u64("PLAZA_FUZZ_INPUTS").map_or(spec.default_inputs, |n| (n / scale).max(1));
     let mut h = DefaultHasher::new();
     spec.name.hash(&mut h);
     let given = env_u64("PLAZA_FUZZ_SEED");
