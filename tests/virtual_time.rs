@@ -3,7 +3,8 @@
 //! Every test runs on one virtual clock: seconds or minutes of media take milliseconds of
 //! wall time, and the same seed gives the same run (checked by digest). No sockets, no
 //! sleeps, no runtime. `two_peers` proves the network and the client peers on their own
-//! (offer/answer, ICE, DTLS, SRTP media, loss, rate limits).
+//! (offer/answer, ICE, DTLS, SRTP media, loss, rate limits); `shards` runs rooms that span
+//! several cores of one server, joined through the real placement, over the pipe.
 
 // A test, not the packet path: it reads the wall clock to report how long a simulation took,
 // and prints the virtual times it measured.
@@ -15,5 +16,6 @@ mod virtual_time {
     pub mod grants;
     pub mod lifecycle;
     pub mod sfu;
+    pub mod shards;
     pub mod two_peers;
 }

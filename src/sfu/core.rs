@@ -92,7 +92,7 @@ const SHARP_DROP_PERCENT: u64 = 70;
 /// Why a participant is removed when its identity joins again.
 const REPLACED: &str = "replaced: the same identity joined the room again";
 /// A participant whose transport never connects is dropped after this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often RTCP sender reports go out for every forwarded stream.
 const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often stale demultiplexer entries are forgotten.

@@ -38,6 +38,7 @@ pub mod room;
 pub mod sdpcheck;
 pub mod timers;
 
+pub use self::core::CONNECT_TIMEOUT;
 pub use self::core::{CoreConfig, Sfu};
 pub use timers::{Deadline, Reason};
 

@@ -61,6 +61,9 @@ pub struct Client {
     join_rx: Option<oneshot::Receiver<Result<JoinAccepted, SfuError>>>,
     events: mpsc::Receiver<ServerMessage>,
     outgoing: Vec<ClientMessage>,
+    /// The signaling session has ended (the client left, or the server closed its event
+    /// channel) and said so with [`Command::Disconnect`], once, as the WebSocket session does.
+    pub session_ended: bool,
 }
 
 impl Client {
@@ -116,6 +119,7 @@ impl Client {
             join_rx: Some(join_rx),
             events,
             outgoing: Vec::new(),
+            session_ended: false,
         })
     }
 
@@ -420,15 +424,48 @@ impl Node for Client {
                 }
             }
         }
-        while let Ok(msg) = self.events.try_recv() {
-            self.handle_message(now, &msg);
-            self.messages.push((now, msg));
+        let mut closed = false;
+        loop {
+            match self.events.try_recv() {
+                Ok(msg) => {
+                    self.handle_message(now, &msg);
+                    self.messages.push((now, msg));
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
         }
         if let Some(pid) = self.participant_id.clone() {
+            // Like the WebSocket session: `leave` goes to the core and ends the session; a
+            // session that ends (so, or because the core closed the event channel) says
+            // `disconnect` once.
+            let mut ended = closed;
             for msg in self.outgoing.drain(..) {
+                if self.session_ended {
+                    break;
+                }
+                let leave = matches!(msg, ClientMessage::Leave);
                 out.commands.push(Command::Client {
                     participant: pid.clone(),
                     msg,
+                });
+                if leave {
+                    ended = true;
+                    break;
+                }
+            }
+            if ended && !self.session_ended {
+                self.session_ended = true;
+                out.commands.push(Command::Disconnect {
+                    participant: pid,
+                    reason: if closed {
+                        "the server closed the session".into()
+                    } else {
+                        "client left".into()
+                    },
                 });
             }
         }

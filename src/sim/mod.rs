@@ -25,6 +25,23 @@
 //! - Lifecycle: a link's loss set to 1.0 both ways ([`Net::link_mut`]) is a dead network; a
 //!   client whose link is dead from the start never connects, and the timeouts that remove
 //!   participants (connect timeout, ICE failure) run on the virtual clock.
+//! - Shards: [`server::add_shards`] adds several [`server::SfuNode`]s as the shards of one
+//!   server, as `--workers N` runs them: shard `i` at the server's IP and port `+ i`, with its
+//!   own seed ([`server::shard_seed`]; shard 0 keeps the server's), rooms spreading over them
+//!   past `spread_above` participants. [`Net::set_shards`] then routes signaling as the real
+//!   `SfuHandle` does: a join goes to the shard the real
+//!   [`Placement`](crate::sfu::placement::Placement) reserves, its `peers` filled in from it,
+//!   and the placement learns the participant's shard when the join is accepted; every other
+//!   command goes to the participant's shard, and a [`Client`]'s `disconnect` (sent once when
+//!   it leaves or the core closes its event channel, as the WebSocket session does) frees its
+//!   place. The batches a core hands to `Transmit::pipe` at the end of its turn travel as
+//!   events of the network to the destination shard's `Sfu::handle_pipe`, after
+//!   [`PipeConfig::delay`] (default 5 µs), FIFO per pair of shards like the real mpsc; with
+//!   [`PipeConfig::capacity`] a shard's queue holds that many batches in flight and a batch
+//!   that finds it full is dropped whole, counted per pair ([`Net::pipe_stats`]) and in the
+//!   sender's `CoreStats::pipe_msgs_dropped`, never waited for. [`Net::set_pipe`] changes
+//!   both mid-run. A network without [`Net::set_shards`] has one server node
+//!   ([`Net::set_signaling_server`]) and nothing is piped.
 //! - [`PeerNode`]: one bare peer as a node, for tests of the network and the peers
 //!   themselves (two peers talking to each other without a server).
 //!
@@ -37,7 +54,7 @@ pub mod peer;
 pub mod server;
 
 pub use client::{Client, DataIn, envelope};
-pub use net::{LinkConfig, LinkStats, Net, Node, NodeId, Output};
+pub use net::{LinkConfig, LinkStats, Net, Node, NodeId, Output, PipeConfig, PipeStats};
 pub use peer::{
     ChannelInfo, LayerSpec, MediaSpec, Peer, RtcpIn, RxData, RxPacket, RxTrack, Vp8Info,
 };

@@ -6,9 +6,18 @@
 //! node's deadline), delivers or fires it, then lets every node drain its output
 //! ([`Node::poll_output`]) until nothing more comes out. Nothing here reads the wall clock
 //! after [`Net::new`].
+//!
+//! Shards: [`Net::set_shards`] makes some nodes the shards of one server. Signaling commands
+//! then go where the real `SfuHandle` sends them (a join to the shard [`Placement`] picks,
+//! with the room's other shards in `peers`; everything else to the participant's shard), and
+//! the batches the shards hand to each other ([`Output::pipes`]) travel as events of the
+//! network ([`PipeConfig`]: a delay, FIFO per pair of shards, an optional bound per receiving
+//! shard that drops whole batches).
 
 #![allow(clippy::disallowed_methods)] // one real instant starts the virtual clock
-use crate::sfu::Command;
+use crate::sfu::pipe::{PipeMsg, ShardId};
+use crate::sfu::placement::{Place, Placement};
+use crate::sfu::{Command, JoinAccepted, SfuError};
 use bytes::BytesMut;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -17,6 +26,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// Index of a node in its [`Net`].
 pub type NodeId = usize;
@@ -27,8 +37,12 @@ pub struct Output {
     /// Datagrams to send: (from, to, bytes).
     pub datagrams: Vec<(SocketAddr, SocketAddr, BytesMut)>,
     /// Signaling commands for the network's signaling server node (see
-    /// [`Net::set_signaling_server`]); delivered at once, in order.
+    /// [`Net::set_signaling_server`], or the shards of [`Net::set_shards`]); delivered at
+    /// once, in order.
     pub commands: Vec<Command>,
+    /// (A shard only.) Batches for other shards: (destination shard, messages), delivered
+    /// as events of the network (see [`PipeConfig`]).
+    pub pipes: Vec<(ShardId, Vec<PipeMsg>)>,
 }
 
 /// A sans-I/O participant of the simulated network.
@@ -47,6 +61,77 @@ pub trait Node: Any {
     /// A signaling command from a client (only the signaling server node gets these).
     fn handle_command(&mut self, now: Instant, cmd: Command) {
         let _ = (now, cmd);
+    }
+    /// (A shard only.) A batch another shard handed over (see [`Net::set_shards`]).
+    fn handle_pipe(&mut self, now: Instant, from: ShardId, msgs: Vec<PipeMsg>) {
+        let _ = (now, from, msgs);
+    }
+    /// (A shard only.) A batch of `msgs` messages this node handed over was dropped: the
+    /// receiving shard's queue was full (or the shard does not exist).
+    fn pipe_dropped(&mut self, msgs: u64) {
+        let _ = msgs;
+    }
+}
+
+/// How batches travel between shards (see [`Net::set_shards`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipeConfig {
+    /// From the end of the sender's turn to the receiver's `handle_pipe`.
+    pub delay: Duration,
+    /// Batches a shard's queue holds (sent to it, not yet handled); a batch that finds it
+    /// full is dropped whole and counted, never waited for (like the real driver's bounded
+    /// queue). `None`: unbounded.
+    pub capacity: Option<usize>,
+}
+
+impl Default for PipeConfig {
+    fn default() -> Self {
+        PipeConfig {
+            delay: Duration::from_micros(5),
+            capacity: None,
+        }
+    }
+}
+
+/// What went from one shard to another over the pipe.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct PipeStats {
+    pub batches_sent: u64,
+    pub batches_delivered: u64,
+    pub msgs_delivered: u64,
+    /// Dropped because the receiving shard's queue was full.
+    pub batches_dropped: u64,
+    pub msgs_dropped: u64,
+}
+
+/// A join on its way to a shard: the client's reply is passed on when the shard answers,
+/// and the placement learns the participant's shard (as `SfuHandle::join` does).
+struct PendingJoin {
+    rx: oneshot::Receiver<Result<JoinAccepted, SfuError>>,
+    reply: oneshot::Sender<Result<JoinAccepted, SfuError>>,
+    room: String,
+    shard: ShardId,
+}
+
+/// The shards of one server and what routes to and between them.
+struct Shards {
+    /// Shard index → node.
+    nodes: Vec<NodeId>,
+    placement: Placement,
+    pending: Vec<PendingJoin>,
+    cfg: PipeConfig,
+    /// Batches sent to each shard and not yet handled.
+    queued: Vec<usize>,
+    /// The last arrival scheduled per (from, to), to keep each pair FIFO.
+    last: BTreeMap<(ShardId, ShardId), Instant>,
+    stats: BTreeMap<(ShardId, ShardId), PipeStats>,
+    /// Batches for a shard index that does not exist.
+    unroutable: u64,
+}
+
+impl Shards {
+    fn index_of(&self, node: NodeId) -> Option<ShardId> {
+        self.nodes.iter().position(|&n| n == node)
     }
 }
 
@@ -101,11 +186,23 @@ struct Link {
 }
 
 struct InFlight {
-    from: SocketAddr,
-    to: SocketAddr,
     to_node: NodeId,
-    link: (NodeId, NodeId),
-    data: BytesMut,
+    what: Carried,
+}
+
+enum Carried {
+    Datagram {
+        from: SocketAddr,
+        to: SocketAddr,
+        link: (NodeId, NodeId),
+        data: BytesMut,
+    },
+    /// A batch between two shards.
+    Pipe {
+        from: ShardId,
+        to: ShardId,
+        msgs: Vec<PipeMsg>,
+    },
 }
 
 /// The simulated network. See the module docs.
@@ -121,11 +218,16 @@ pub struct Net {
     next_seq: u64,
     rng: StdRng,
     signaling: Option<NodeId>,
+    shards: Option<Shards>,
     /// Datagrams sent to an address no node has.
     pub unroutable: u64,
     /// Events processed (datagram deliveries and timeouts).
     pub steps: u64,
     same_instant: u32,
+}
+
+fn sh_node(sh: &Shards, shard: ShardId) -> NodeId {
+    sh.nodes[shard.min(sh.nodes.len() - 1)]
 }
 
 /// Consecutive events at one instant after which the network assumes a node never moves
@@ -149,6 +251,7 @@ impl Net {
             next_seq: 0,
             rng: StdRng::seed_from_u64(seed),
             signaling: None,
+            shards: None,
             unroutable: 0,
             steps: 0,
             same_instant: 0,
@@ -195,6 +298,82 @@ impl Net {
     /// The node that receives every [`Output::commands`].
     pub fn set_signaling_server(&mut self, id: NodeId) {
         self.signaling = Some(id);
+    }
+
+    /// Make `nodes` (in shard order) the shards of one server: signaling commands are
+    /// routed to them as the real `SfuHandle` routes them, with a [`Placement`] of
+    /// `nodes.len()` shards that spreads a room from `spread_above` participants (0: never),
+    /// and their pipe batches are carried as [`PipeConfig::default`] says until
+    /// [`Net::set_pipe`]. Replaces any signaling server.
+    pub fn set_shards(&mut self, nodes: Vec<NodeId>, spread_above: usize) {
+        let n = nodes.len();
+        assert!(n > 0, "at least one shard");
+        self.signaling = None;
+        self.shards = Some(Shards {
+            nodes,
+            placement: Placement::new(n, spread_above),
+            pending: Vec::new(),
+            cfg: PipeConfig::default(),
+            queued: vec![0; n],
+            last: BTreeMap::new(),
+            stats: BTreeMap::new(),
+            unroutable: 0,
+        });
+    }
+
+    /// How batches between shards travel from now on (batches already on their way keep
+    /// their arrival time).
+    pub fn set_pipe(&mut self, cfg: PipeConfig) {
+        self.shards_mut().cfg = cfg;
+    }
+
+    /// The current pipe configuration.
+    pub fn pipe(&self) -> &PipeConfig {
+        &self.shards_ref().cfg
+    }
+
+    /// What the pipe from shard `from` to shard `to` has carried.
+    pub fn pipe_stats(&self, from: ShardId, to: ShardId) -> PipeStats {
+        self.shards_ref()
+            .stats
+            .get(&(from, to))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Batches sent to a shard index that does not exist.
+    pub fn pipe_unroutable(&self) -> u64 {
+        self.shards_ref().unroutable
+    }
+
+    /// The placement the shards' joins go through.
+    pub fn placement(&self) -> &Placement {
+        &self.shards_ref().placement
+    }
+
+    /// The node of shard `shard`.
+    pub fn shard_node(&self, shard: ShardId) -> NodeId {
+        self.shards_ref().nodes[shard]
+    }
+
+    /// The shard nodes, in shard order (empty without [`Net::set_shards`]).
+    pub fn shard_nodes(&self) -> Vec<NodeId> {
+        self.shards
+            .as_ref()
+            .map(|s| s.nodes.clone())
+            .unwrap_or_default()
+    }
+
+    fn shards_ref(&self) -> &Shards {
+        self.shards
+            .as_ref()
+            .expect("the net has no shards (set_shards)")
+    }
+
+    fn shards_mut(&mut self) -> &mut Shards {
+        self.shards
+            .as_mut()
+            .expect("the net has no shards (set_shards)")
     }
 
     /// The node `id` as its concrete type. Panics if it is another type.
@@ -303,13 +482,135 @@ impl Net {
         self.in_flight.insert(
             seq,
             InFlight {
-                from,
-                to,
                 to_node,
-                link: (from_node, to_node),
-                data,
+                what: Carried::Datagram {
+                    from,
+                    to,
+                    link: (from_node, to_node),
+                    data,
+                },
             },
         );
+    }
+
+    /// A shard's batch for shard `to`: queued for delivery, or dropped (counted, and the
+    /// sender told) when the receiving shard's queue is full.
+    fn send_pipe(&mut self, from_node: NodeId, to: ShardId, msgs: Vec<PipeMsg>) {
+        let now = self.now;
+        let seq = self.next_seq;
+        let Some(sh) = self.shards.as_mut() else {
+            self.nodes[from_node].pipe_dropped(msgs.len() as u64);
+            return;
+        };
+        let n = msgs.len() as u64;
+        let (Some(from), Some(&to_node)) = (sh.index_of(from_node), sh.nodes.get(to)) else {
+            sh.unroutable += 1;
+            self.nodes[from_node].pipe_dropped(n);
+            return;
+        };
+        let stats = sh.stats.entry((from, to)).or_default();
+        stats.batches_sent += 1;
+        if sh.cfg.capacity.is_some_and(|c| sh.queued[to] >= c) {
+            stats.batches_dropped += 1;
+            stats.msgs_dropped += n;
+            self.nodes[from_node].pipe_dropped(n);
+            return;
+        }
+        sh.queued[to] += 1;
+        let last = sh.last.entry((from, to)).or_insert(now);
+        let at = (now + sh.cfg.delay).max(*last);
+        *last = at;
+        self.next_seq += 1;
+        self.queue.push(Reverse((at, seq)));
+        self.in_flight.insert(
+            seq,
+            InFlight {
+                to_node,
+                what: Carried::Pipe { from, to, msgs },
+            },
+        );
+    }
+
+    /// A command for the shards, routed as `SfuHandle` routes it.
+    fn route_command(&mut self, now: Instant, cmd: Command) {
+        let sh = self.shards.as_mut().expect("shards");
+        let (shard, cmd) = match cmd {
+            Command::Join { mut req, reply } => {
+                let Place { shard, peers } = sh.placement.reserve(&req.room);
+                req.peers = peers;
+                let (tx, rx) = oneshot::channel();
+                sh.pending.push(PendingJoin {
+                    rx,
+                    reply,
+                    room: req.room.clone(),
+                    shard,
+                });
+                (shard, Command::Join { req, reply: tx })
+            }
+            Command::Client { participant, msg } => (
+                sh.placement.shard_of(&participant).unwrap_or(0),
+                Command::Client { participant, msg },
+            ),
+            Command::Disconnect {
+                participant,
+                reason,
+            } => {
+                let shard = sh.placement.shard_of(&participant).unwrap_or(0);
+                sh.placement.left(&participant);
+                (
+                    shard,
+                    Command::Disconnect {
+                        participant,
+                        reason,
+                    },
+                )
+            }
+            Command::Shutdown { done } => {
+                // Every shard shuts down; `done` is answered by the first.
+                for &node in sh.nodes.iter().skip(1) {
+                    let (d, _) = oneshot::channel();
+                    self.nodes[node].handle_command(now, Command::Shutdown { done: d });
+                }
+                (0, Command::Shutdown { done })
+            }
+            other => (0, other),
+        };
+        let node = sh_node(self.shards.as_ref().expect("shards"), shard);
+        self.nodes[node].handle_command(now, cmd);
+        self.settle_joins();
+    }
+
+    /// Pass on the shards' answers to joins; returns how many were passed on.
+    fn settle_joins(&mut self) -> usize {
+        let Some(sh) = self.shards.as_mut() else {
+            return 0;
+        };
+        let mut done = 0;
+        let mut i = 0;
+        while i < sh.pending.len() {
+            match sh.pending[i].rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => i += 1,
+                res => {
+                    let p = sh.pending.swap_remove(i);
+                    done += 1;
+                    match res {
+                        Ok(Ok(acc)) => {
+                            sh.placement.joined(&acc.participant_id, &p.room, p.shard);
+                            if let Err(Ok(acc)) = p.reply.send(Ok(acc)) {
+                                // The client is gone: so is its session.
+                                sh.placement.left(&acc.participant_id);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            sh.placement.join_failed(&p.room, p.shard);
+                            let _ = p.reply.send(Err(e));
+                        }
+                        Err(_) => sh.placement.join_failed(&p.room, p.shard),
+                    }
+                }
+            }
+        }
+        done
     }
 
     /// Drain every node until a whole pass over them produces nothing. Nodes are polled in
@@ -318,16 +619,26 @@ impl Net {
     fn settle(&mut self) {
         let now = self.now;
         loop {
-            let mut commands = 0;
+            let mut commands = self.settle_joins();
             let mut datagrams = 0;
             for id in 0..self.nodes.len() {
                 let mut out = Output::default();
                 self.nodes[id].poll_output(now, &mut out);
-                datagrams += out.datagrams.len();
+                datagrams += out.datagrams.len() + out.pipes.len();
                 for (from, to, data) in out.datagrams {
                     self.send(id, from, to, data);
                 }
+                for (to, msgs) in out.pipes {
+                    self.send_pipe(id, to, msgs);
+                }
                 if !out.commands.is_empty() {
+                    if self.shards.is_some() {
+                        for cmd in out.commands {
+                            commands += 1;
+                            self.route_command(now, cmd);
+                        }
+                        continue;
+                    }
                     let server = self
                         .signaling
                         .expect("a node sent a signaling command but the net has no server");
@@ -390,10 +701,27 @@ impl Net {
             Some(seq) => {
                 self.queue.pop();
                 let d = self.in_flight.remove(&seq).expect("queued datagram");
-                let stats = &mut self.links.get_mut(&d.link).expect("link").stats;
-                stats.delivered += 1;
-                stats.bytes_delivered += d.data.len() as u64;
-                self.nodes[d.to_node].handle_datagram(at, d.from, d.to, d.data);
+                match d.what {
+                    Carried::Datagram {
+                        from,
+                        to,
+                        link,
+                        data,
+                    } => {
+                        let stats = &mut self.links.get_mut(&link).expect("link").stats;
+                        stats.delivered += 1;
+                        stats.bytes_delivered += data.len() as u64;
+                        self.nodes[d.to_node].handle_datagram(at, from, to, data);
+                    }
+                    Carried::Pipe { from, to, msgs } => {
+                        let sh = self.shards.as_mut().expect("shards");
+                        sh.queued[to] -= 1;
+                        let stats = sh.stats.entry((from, to)).or_default();
+                        stats.batches_delivered += 1;
+                        stats.msgs_delivered += msgs.len() as u64;
+                        self.nodes[d.to_node].handle_pipe(at, from, msgs);
+                    }
+                }
             }
             None => self.nodes[node].handle_timeout(at),
         }
@@ -631,5 +959,255 @@ mod tests {
         net.add_node(Blaster::new(addr(1), addr(9), start, 5), &[addr(1)]);
         net.run_for(Duration::from_secs(1));
         assert_eq!(net.unroutable, 5);
+    }
+
+    /// A stand-in shard: answers joins with ids of its own, records the commands and pipe
+    /// batches it gets (a batch as the relay ids of its `TrackClose` messages), and hands the
+    /// network the batches queued in `out`.
+    #[derive(Default)]
+    struct FakeShard {
+        me: usize,
+        joins: Vec<(String, Vec<ShardId>)>,
+        commands: Vec<String>,
+        got: Vec<(Instant, ShardId, Vec<u32>)>,
+        out: Vec<(ShardId, Vec<PipeMsg>)>,
+        dropped: u64,
+    }
+
+    fn batch(relays: &[u32]) -> Vec<PipeMsg> {
+        relays
+            .iter()
+            .map(|&relay| PipeMsg::TrackClose { relay })
+            .collect()
+    }
+
+    impl Node for FakeShard {
+        fn name(&self) -> String {
+            format!("shard {}", self.me)
+        }
+        fn handle_datagram(&mut self, _: Instant, _: SocketAddr, _: SocketAddr, _: BytesMut) {}
+        fn handle_timeout(&mut self, _: Instant) {}
+        fn poll_timeout(&mut self) -> Option<Instant> {
+            None
+        }
+        fn poll_output(&mut self, _: Instant, out: &mut Output) {
+            out.pipes.append(&mut self.out);
+        }
+        fn handle_command(&mut self, _: Instant, cmd: Command) {
+            match cmd {
+                Command::Join { req, reply } => {
+                    let pid = format!("PA_{}_{}", self.me, self.joins.len());
+                    self.joins.push((req.room, req.peers));
+                    let _ = reply.send(Ok(JoinAccepted {
+                        participant_id: pid,
+                        joined: crate::signal::ServerMessage::Pong { ts: None },
+                    }));
+                }
+                Command::Client { participant, .. } => {
+                    self.commands.push(format!("client {participant}"));
+                }
+                Command::Disconnect { participant, .. } => {
+                    self.commands.push(format!("disconnect {participant}"));
+                }
+                _ => {}
+            }
+        }
+        fn handle_pipe(&mut self, now: Instant, from: ShardId, msgs: Vec<PipeMsg>) {
+            let relays = msgs
+                .iter()
+                .map(|m| match m {
+                    PipeMsg::TrackClose { relay } => *relay,
+                    _ => u32::MAX,
+                })
+                .collect();
+            self.got.push((now, from, relays));
+        }
+        fn pipe_dropped(&mut self, msgs: u64) {
+            self.dropped += msgs;
+        }
+    }
+
+    /// Sends the commands queued in `cmds` and keeps the join answers.
+    #[derive(Default)]
+    struct Signaler {
+        cmds: Vec<Command>,
+        answers: Vec<oneshot::Receiver<Result<JoinAccepted, SfuError>>>,
+    }
+
+    impl Signaler {
+        fn join(&mut self, room: &str) {
+            let (events, _) = tokio::sync::mpsc::channel(1);
+            let (reply, rx) = oneshot::channel();
+            self.answers.push(rx);
+            self.cmds.push(Command::Join {
+                req: crate::sfu::JoinRequest {
+                    room: room.to_owned(),
+                    name: "n".to_owned(),
+                    auto_subscribe: true,
+                    events,
+                    peers: vec![7],
+                    identity: None,
+                    grants: Default::default(),
+                },
+                reply,
+            });
+        }
+    }
+
+    impl Node for Signaler {
+        fn name(&self) -> String {
+            "signaler".into()
+        }
+        fn handle_datagram(&mut self, _: Instant, _: SocketAddr, _: SocketAddr, _: BytesMut) {}
+        fn handle_timeout(&mut self, _: Instant) {}
+        fn poll_timeout(&mut self) -> Option<Instant> {
+            None
+        }
+        fn poll_output(&mut self, _: Instant, out: &mut Output) {
+            out.commands.append(&mut self.cmds);
+        }
+    }
+
+    fn shards(n: usize, spread_above: usize) -> (Net, Vec<NodeId>, NodeId) {
+        let mut net = Net::new(1);
+        let nodes: Vec<NodeId> = (0..n)
+            .map(|me| {
+                net.add_node(
+                    FakeShard {
+                        me,
+                        ..Default::default()
+                    },
+                    &[addr(100 + me as u8)],
+                )
+            })
+            .collect();
+        net.set_shards(nodes.clone(), spread_above);
+        let sig = net.add_node(Signaler::default(), &[addr(1)]);
+        (net, nodes, sig)
+    }
+
+    #[test]
+    fn joins_follow_the_placement_and_commands_their_participant() {
+        let (mut net, nodes, sig) = shards(2, 2);
+        for _ in 0..4 {
+            net.node::<Signaler>(sig).join("r");
+            net.run_for(Duration::from_millis(1));
+        }
+        // Two on shard 0 (told of no peer), then spread: two on shard 1, told of shard 0.
+        let joins = |net: &mut Net, i: usize| net.node::<FakeShard>(nodes[i]).joins.clone();
+        let r = "r".to_owned();
+        assert_eq!(
+            joins(&mut net, 0),
+            vec![(r.clone(), vec![]), (r.clone(), vec![])]
+        );
+        assert_eq!(joins(&mut net, 1), vec![(r.clone(), vec![0]), (r, vec![0])]);
+        let answers: Vec<String> = net
+            .node::<Signaler>(sig)
+            .answers
+            .iter_mut()
+            .map(|rx| {
+                rx.try_recv()
+                    .expect("answered")
+                    .expect("accepted")
+                    .participant_id
+            })
+            .collect();
+        assert_eq!(answers, ["PA_0_0", "PA_0_1", "PA_1_0", "PA_1_1"]);
+        assert_eq!(net.placement().load(), &[2, 2]);
+        assert_eq!(net.placement().shard_of("PA_1_0"), Some(1));
+
+        // Later commands go to the participant's shard; a disconnect frees its place.
+        let s = net.node::<Signaler>(sig);
+        s.cmds.push(Command::Client {
+            participant: "PA_1_0".into(),
+            msg: crate::signal::ClientMessage::Leave,
+        });
+        s.cmds.push(Command::Disconnect {
+            participant: "PA_1_0".into(),
+            reason: "left".into(),
+        });
+        net.run_for(Duration::from_millis(1));
+        assert_eq!(
+            net.node::<FakeShard>(nodes[1]).commands,
+            ["client PA_1_0", "disconnect PA_1_0"]
+        );
+        assert!(net.node::<FakeShard>(nodes[0]).commands.is_empty());
+        assert_eq!(net.placement().load(), &[2, 1]);
+        assert_eq!(net.placement().shard_of("PA_1_0"), None);
+    }
+
+    #[test]
+    fn pipe_batches_arrive_after_the_delay_in_order() {
+        let (mut net, nodes, _) = shards(3, 0);
+        net.set_pipe(PipeConfig {
+            delay: Duration::from_millis(2),
+            capacity: None,
+        });
+        let start = net.now();
+        net.node::<FakeShard>(nodes[0]).out =
+            vec![(1, batch(&[1, 2])), (2, batch(&[3])), (1, batch(&[4]))];
+        net.run_for(Duration::from_millis(1));
+        assert!(
+            net.node::<FakeShard>(nodes[1]).got.is_empty(),
+            "not before the delay"
+        );
+        net.run_for(Duration::from_millis(1));
+        let at = start + Duration::from_millis(2);
+        assert_eq!(
+            net.node::<FakeShard>(nodes[1]).got,
+            vec![(at, 0, vec![1, 2]), (at, 0, vec![4])]
+        );
+        assert_eq!(net.node::<FakeShard>(nodes[2]).got, vec![(at, 0, vec![3])]);
+        let s = net.pipe_stats(0, 1);
+        assert_eq!(
+            (s.batches_sent, s.batches_delivered, s.msgs_delivered),
+            (2, 2, 3)
+        );
+        // A shorter delay does not let a later batch overtake an earlier one of the pair.
+        net.node::<FakeShard>(nodes[2]).out = vec![(1, batch(&[5]))];
+        net.run_for(Duration::ZERO);
+        net.set_pipe(PipeConfig {
+            delay: Duration::ZERO,
+            capacity: None,
+        });
+        net.node::<FakeShard>(nodes[2]).out = vec![(1, batch(&[6]))];
+        net.run_for(Duration::from_millis(5));
+        let got: Vec<u32> = net.node::<FakeShard>(nodes[1]).got[2..]
+            .iter()
+            .flat_map(|g| g.2.clone())
+            .collect();
+        assert_eq!(got, [5, 6]);
+    }
+
+    #[test]
+    fn a_full_pipe_queue_drops_whole_batches_and_tells_the_sender() {
+        let (mut net, nodes, _) = shards(2, 0);
+        net.set_pipe(PipeConfig {
+            delay: Duration::from_millis(1),
+            capacity: Some(2),
+        });
+        net.node::<FakeShard>(nodes[0]).out = vec![
+            (1, batch(&[1])),
+            (1, batch(&[2, 3])),
+            (1, batch(&[4, 5, 6])),
+            (1, batch(&[7])),
+        ];
+        net.run_for(Duration::from_millis(2));
+        let got: Vec<Vec<u32>> = net
+            .node::<FakeShard>(nodes[1])
+            .got
+            .iter()
+            .map(|g| g.2.clone())
+            .collect();
+        assert_eq!(got, [vec![1], vec![2, 3]]);
+        let s = net.pipe_stats(0, 1);
+        assert_eq!((s.batches_dropped, s.msgs_dropped), (2, 4));
+        assert_eq!(net.node::<FakeShard>(nodes[0]).dropped, 4);
+        // Drained: room again. A batch for a shard that does not exist is dropped too.
+        net.node::<FakeShard>(nodes[0]).out = vec![(1, batch(&[8])), (5, batch(&[9, 9]))];
+        net.run_for(Duration::from_millis(2));
+        assert_eq!(net.node::<FakeShard>(nodes[1]).got.len(), 3);
+        assert_eq!(net.pipe_unroutable(), 1);
+        assert_eq!(net.node::<FakeShard>(nodes[0]).dropped, 6);
     }
 }

@@ -3,8 +3,12 @@
 //! The node feeds the core what the network delivers (`handle_datagram`, `handle_timeout`,
 //! signaling commands through `handle_command`), closes each batch with `end_turn`, and hands
 //! the datagrams the core sent (collected by [`SimTransmit`]) back to the network.
+//!
+//! Several nodes can be the shards of one server ([`add_shards`]): each its own core, UDP
+//! "port" and seed, their pipe batches carried by the network (see [`super::Net::set_shards`]).
 
-use super::net::{Node, Output};
+use super::net::{Net, Node, NodeId, Output};
+use crate::sfu::pipe::{PipeMsg, ShardId};
 use crate::sfu::{Command, CoreConfig, CoreStats, Sfu, Transmit};
 use bytes::BytesMut;
 use std::collections::BTreeMap;
@@ -19,6 +23,11 @@ pub struct SimTransmit {
     pub sent: u64,
     /// Forwarded packets (those with an `origin`).
     pub forwarded: u64,
+    /// Batches for other shards, until the node drains them.
+    pipes: Vec<(ShardId, Vec<PipeMsg>)>,
+    /// Pipe messages dropped because the receiving shard's queue was full (reported as
+    /// `CoreStats::pipe_msgs_dropped`, as the real driver does).
+    pub pipe_dropped: u64,
 }
 
 impl Transmit for SimTransmit {
@@ -28,6 +37,14 @@ impl Transmit for SimTransmit {
             self.forwarded += 1;
         }
         self.queue.push((data, to));
+    }
+
+    fn report(&self, stats: &mut CoreStats) {
+        stats.pipe_msgs_dropped = self.pipe_dropped;
+    }
+
+    fn pipe(&mut self, to: ShardId, msgs: Vec<PipeMsg>) {
+        self.pipes.push((to, msgs));
     }
 }
 
@@ -54,13 +71,12 @@ pub fn sim_config(ip: IpAddr) -> CoreConfig {
 impl SfuNode {
     /// A core at `addr` started at `now`, its randomness seeded by `seed`.
     pub fn new(addr: SocketAddr, seed: u64, now: Instant) -> Self {
-        let sfu = Sfu::new(
-            sim_config(addr.ip()),
-            addr,
-            seed,
-            now,
-            SimTransmit::default(),
-        );
+        Self::with_config(sim_config(addr.ip()), addr, seed, now)
+    }
+
+    /// A core with its own configuration.
+    pub fn with_config(cfg: CoreConfig, addr: SocketAddr, seed: u64, now: Instant) -> Self {
+        let sfu = Sfu::new(cfg, addr, seed, now, SimTransmit::default());
         SfuNode {
             sfu,
             addr,
@@ -68,6 +84,44 @@ impl SfuNode {
             dirty: true,
         }
     }
+}
+
+/// The seed of shard `i` of a server seeded `seed` (shard 0 gets `seed` itself, so a
+/// one-shard server is the plain [`SfuNode::new`]).
+pub fn shard_seed(seed: u64, i: ShardId) -> u64 {
+    seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Add `shards` cores as the shards of one server: shard `i` at `ip:port + i` (like the real
+/// server's `udp_port + i`), seeded by [`shard_seed`], rooms spreading over them from
+/// `spread_above` participants (0: never), joins placed by the real
+/// [`crate::sfu::placement::Placement`] ([`Net::set_shards`]). Add them before the clients
+/// (see `Net::settle`). Returns the nodes in shard order.
+pub fn add_shards(
+    net: &mut Net,
+    shards: usize,
+    ip: IpAddr,
+    port: u16,
+    seed: u64,
+    spread_above: usize,
+) -> Vec<NodeId> {
+    let now = net.now();
+    let nodes: Vec<NodeId> = (0..shards)
+        .map(|i| {
+            let port = u16::try_from(usize::from(port) + i).expect("shard ports fit in u16");
+            let addr = SocketAddr::new(ip, port);
+            let cfg = CoreConfig {
+                spread_above,
+                ..sim_config(ip)
+            };
+            net.add_node(
+                SfuNode::with_config(cfg, addr, shard_seed(seed, i), now),
+                &[addr],
+            )
+        })
+        .collect();
+    net.set_shards(nodes.clone(), spread_above);
+    nodes
 }
 
 impl SfuNode {
@@ -109,13 +163,24 @@ impl Node for SfuNode {
         self.dirty = true;
     }
 
+    fn handle_pipe(&mut self, now: Instant, from: ShardId, msgs: Vec<PipeMsg>) {
+        self.sfu.handle_pipe(now, from, msgs);
+        self.dirty = true;
+    }
+
+    fn pipe_dropped(&mut self, msgs: u64) {
+        self.sfu.transmit().pipe_dropped += msgs;
+    }
+
     fn poll_output(&mut self, now: Instant, out: &mut Output) {
         if self.dirty {
             self.sfu.end_turn(now);
             self.dirty = false;
         }
-        for (data, to) in self.sfu.transmit().queue.drain(..) {
+        let tx = self.sfu.transmit();
+        for (data, to) in tx.queue.drain(..) {
             out.datagrams.push((self.addr, to, data));
         }
+        out.pipes.append(&mut tx.pipes);
     }
 }

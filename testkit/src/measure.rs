@@ -328,6 +328,9 @@ pub struct Sample {
     /// `forward_latency.buckets`: `[upper bound µs, count]`).
     #[serde(skip)]
     pub forward_latency_buckets: Option<Vec<(u64, u64)>>,
+    /// Packets forwarded by each core shard (Plaza `/metrics` `shards[].rtp_packets_forwarded`).
+    #[serde(skip)]
+    pub shard_forwarded: Option<Vec<u64>>,
 }
 
 /// Where to read a server's numbers from.
@@ -375,6 +378,7 @@ impl ServerSource {
         let mut counters = None;
         let mut self_reported = None;
         let mut forward_latency_buckets = None;
+        let mut shard_forwarded = None;
         if let Some(url) = &self.metrics_url
             && !self.metrics_missing.load(Ordering::Relaxed)
         {
@@ -385,6 +389,11 @@ impl ServerSource {
                         forward_latency_buckets = v
                             .pointer("/forward_latency/buckets")
                             .and_then(|b| serde_json::from_value(b.clone()).ok());
+                        shard_forwarded = v.get("shards").and_then(Value::as_array).map(|s| {
+                            s.iter()
+                                .map(|s| s["rtp_packets_forwarded"].as_u64().unwrap_or(0))
+                                .collect()
+                        });
                         let p = v.get("process");
                         let f = |k: &str| p.and_then(|p| p.get(k)).and_then(Value::as_f64);
                         self_reported = Some(SelfReported {
@@ -413,6 +422,7 @@ impl ServerSource {
             clients,
             generator: ProcUsage::read(std::process::id()),
             forward_latency_buckets,
+            shard_forwarded,
         }
     }
 }
@@ -453,6 +463,9 @@ pub struct WindowStats {
     /// Time forwarded packets spent inside the server (socket read → handed to the kernel),
     /// from the server's own histogram over the window (Plaza only), µs.
     pub server_forward_latency_us: Option<InCoreLatency>,
+    /// Each core shard's share of the packets forwarded in the window, % (Plaza with
+    /// `--workers` > 1).
+    pub shard_share_percent: Option<Vec<f64>>,
 }
 
 /// Percentiles of the server's in-core forwarding latency over a window, µs (bucket upper
@@ -463,6 +476,16 @@ pub struct InCoreLatency {
     pub p90: u64,
     pub p99: u64,
     pub max: u64,
+}
+
+fn shard_shares(a: &Sample, b: &Sample) -> Option<Vec<f64>> {
+    let (x, y) = (a.shard_forwarded.as_ref()?, b.shard_forwarded.as_ref()?);
+    if x.len() != y.len() || y.len() < 2 {
+        return None;
+    }
+    let d: Vec<u64> = x.iter().zip(y).map(|(x, y)| y.saturating_sub(*x)).collect();
+    let total: u64 = d.iter().sum();
+    (total > 0).then(|| d.iter().map(|&n| 100.0 * n as f64 / total as f64).collect())
 }
 
 fn in_core_latency(a: &Sample, b: &Sample) -> Option<InCoreLatency> {
@@ -555,6 +578,7 @@ pub fn window(a: &Sample, b: &Sample) -> WindowStats {
         generator_cpu_wait_percent: wait_delta(&a.generator, &b.generator)
             .map(|w| 100.0 * w / seconds),
         server_forward_latency_us: in_core_latency(a, b),
+        shard_share_percent: shard_shares(a, b),
     }
 }
 
@@ -755,6 +779,7 @@ mod tests {
             },
             generator: ProcUsage::default(),
             forward_latency_buckets: Some(vec![(10, secs * 100), (1000, secs)]),
+            shard_forwarded: None,
         };
         let w = window(
             &s(0, Some(1000), 1.0, 500),
@@ -920,6 +945,10 @@ impl Measured {
             opt(w.server_cpu_wait_percent, "%"),
             opt(w.generator_cpu_wait_percent, "%"),
         );
+        if let Some(shares) = &w.shard_share_percent {
+            let s: Vec<String> = shares.iter().map(|p| format!("{p:.1}%")).collect();
+            println!("server shards: share of the forwarded packets {}", s.join(" / "));
+        }
         if let Some(l) = w.server_forward_latency_us {
             println!(
                 "server in-core latency (socket read → sendmmsg, from /metrics): p50 {} p90 {} \

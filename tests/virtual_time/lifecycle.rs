@@ -3,15 +3,13 @@
 //! virtual time, a fraction of a second of wall time), and a short outage heals by itself.
 
 use super::common::{Sim, ms};
+use plaza::sfu::CONNECT_TIMEOUT;
 use plaza::signal::{ServerMessage, TrackKind};
 use plaza::sim::{Client, MediaSpec, Net, NodeId};
 use std::time::{Duration, Instant};
 
 /// Bound of every wait, in virtual time.
 const T: Duration = Duration::from_secs(20);
-/// The core drops a participant whose subscriber connection has not connected this long
-/// after its join (`CONNECT_TIMEOUT` in the core).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn left(pid: &str) -> impl Fn(&ServerMessage) -> bool + '_ {
     move |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if participant_id == pid)

@@ -105,7 +105,7 @@ impl Sim {
     }
 }
 
-fn settings(track: &str, q: Quality) -> ClientMessage {
+pub fn settings(track: &str, q: Quality) -> ClientMessage {
     ClientMessage::TrackSettings {
         track_id: track.to_owned(),
         quality: Some(Some(q)),
@@ -118,7 +118,7 @@ fn settings(track: &str, q: Quality) -> ClientMessage {
 /// consecutive sequence numbers, picture ids and TL0PICIDX that advance by one per frame,
 /// timestamps that only move forward by a few frames at most, and a new layer only ever
 /// starting at a keyframe of that layer (with that layer's size).
-fn assert_clean_stream(t: &RxTrack, sizes: &[(u16, u16)]) -> usize {
+pub fn assert_clean_stream(t: &RxTrack, sizes: &[(u16, u16)]) -> usize {
     assert!(!t.packets.is_empty(), "no video");
     assert_eq!(t.ssrcs().len(), 1, "one SSRC on the down-track");
     let seqs = unwrap_seqs(t.packets.iter());
@@ -176,7 +176,7 @@ fn assert_clean_stream(t: &RxTrack, sizes: &[(u16, u16)]) -> usize {
     switches
 }
 
-const SIZES: [(u16, u16); 3] = [(320, 180), (640, 360), (1280, 720)];
+pub const SIZES: [(u16, u16); 3] = [(320, 180), (640, 360), (1280, 720)];
 
 /// A publisher's audio and video reach a subscriber: the ids the server announced, the
 /// publisher's participant id as stream id, video starting with a keyframe.
