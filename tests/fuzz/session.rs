@@ -11,8 +11,9 @@
 use super::core::{Ctx, Learned, client_message, string};
 use super::engine::{self, Spec, Unstructured};
 use super::seeds;
+use bytes::BytesMut;
 use plaza::sim::server::SfuNode;
-use plaza::sim::{Client, MediaSpec, Net, NodeId, envelope};
+use plaza::sim::{Client, MediaSpec, Net, Node, NodeId, envelope};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -75,7 +76,7 @@ fn program(data: &[u8], ctx: &Ctx, seed: u64, reach: &mut Reach) {
     while !u.is_empty() && steps < 32 {
         steps += 1;
         let c = w.clients[u.below(w.clients.len())];
-        let op = u.below(8);
+        let op = u.below(10);
         match op {
             0 | 1 => {
                 let client = w.net.node::<Client>(c);
@@ -143,6 +144,23 @@ fn program(data: &[u8], ctx: &Ctx, seed: u64, reach: &mut Reach) {
                 let server = w.server;
                 w.net.link_mut(c, server).loss = loss;
                 w.net.link_mut(server, c).loss = loss;
+            }
+            8 => {
+                // A datagram from the client's own (validated) address: DTLS records on the
+                // established association, SRTP/SRTCP that fails authentication, STUN, junk.
+                let from = w.net.node::<Client>(c).addrs()[u.below(2)];
+                let mut d = match u.below(4) {
+                    0 => vec![0x17, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 9, 0, 32],
+                    1 => vec![0x15, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 9, 0, 2],
+                    2 => vec![0x16, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 9, 0, 48, 1],
+                    _ => Vec::new(),
+                };
+                d.extend_from_slice(u.bytes_long(1500));
+                let now = w.net.now();
+                let server = w.server;
+                let node = w.net.node::<SfuNode>(server);
+                let to = node.addr;
+                Node::handle_datagram(node, now, from, to, BytesMut::from(&d[..]));
             }
             _ => {
                 let ms = u64::from(u.u16() % 3000);
