@@ -159,7 +159,7 @@ fn random_string(rng: &mut impl rand::Rng, n: usize) -> String {
 }
 
 /// Is this a keyframe start of the given codec?
-fn is_keyframe(mime: &str, payload: &[u8]) -> bool {
+pub fn is_keyframe(mime: &str, payload: &[u8]) -> bool {
     if mime.eq_ignore_ascii_case(MIME_TYPE_VP8) {
         vp8::is_keyframe(payload)
     } else if mime.eq_ignore_ascii_case(MIME_TYPE_H264) {
@@ -170,7 +170,7 @@ fn is_keyframe(mime: &str, payload: &[u8]) -> bool {
 }
 
 /// H.264 (RFC 6184): an IDR slice or SPS in a single NAL, STAP-A, or the start of an FU-A.
-fn h264_is_keyframe(payload: &[u8]) -> bool {
+pub fn h264_is_keyframe(payload: &[u8]) -> bool {
     let Some(&first) = payload.first() else {
         return false;
     };
@@ -3554,7 +3554,7 @@ fn client_track_id(msid_track: &str, mid: &str, taken: impl Fn(&str) -> bool) ->
 }
 
 /// The RIDs (`a=rid:<id> send`) of the m-section of `sdp` whose `a=mid` is `mid`.
-fn offered_rids(sdp: &str, mid: &str) -> Vec<String> {
+pub fn offered_rids(sdp: &str, mid: &str) -> Vec<String> {
     let mut out = Vec::new();
     for section in sdp.split("\nm=").skip(1) {
         let names_track = section
