@@ -837,7 +837,7 @@ async fn close(sink: &mut Sink, code: u16, reason: &str) {
 }
 
 /// Size check and decoding of one text message; `Err` is the error reply.
-fn check_text(text: &str, limit: usize) -> Result<ClientMessage, Box<ServerMessage>> {
+pub fn check_text(text: &str, limit: usize) -> Result<ClientMessage, Box<ServerMessage>> {
     if text.len() > limit {
         return Err(Box::new(ServerMessage::error(
             ErrorCode::MessageTooLarge,

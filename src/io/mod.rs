@@ -92,12 +92,24 @@ pub fn spawn(
     }
     let mut senders = Vec::with_capacity(sockets.len());
     let mut stopped = Vec::with_capacity(sockets.len());
-    // One pipe queue per shard; every shard may hand batches to every other.
-    let (pipes, pipe_rxs): (Vec<_>, Vec<_>) = (0..sockets.len())
+    // Two pipe lanes per shard (media: bounded, drops; control: never drops); every shard may
+    // hand batches to every other.
+    let n = sockets.len();
+    let (media, media_rxs): (Vec<_>, Vec<_>) = (0..n)
         .map(|_| mpsc::channel::<PipeBatch>(PIPE_QUEUE))
         .unzip();
-    for (shard, (socket, pipe_rx)) in sockets.into_iter().zip(pipe_rxs).enumerate() {
-        let (tx, done) = spawn_shard(shard, config.clone(), socket, pipes.clone(), pipe_rx)?;
+    let (control, control_rxs): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| mpsc::unbounded_channel::<PipeBatch>())
+        .unzip();
+    let lanes = media_rxs.into_iter().zip(control_rxs);
+    for (shard, (socket, rx)) in sockets.into_iter().zip(lanes).enumerate() {
+        let pipes = Pipes {
+            shard,
+            media: media.clone(),
+            control: control.clone(),
+            dropped: Vec::new(),
+        };
+        let (tx, done) = spawn_shard(shard, config.clone(), socket, pipes, rx)?;
         senders.push(tx);
         stopped.push(done);
     }
@@ -117,8 +129,11 @@ fn spawn_shard(
     shard: usize,
     config: CoreConfig,
     socket: std::net::UdpSocket,
-    pipes: Vec<mpsc::Sender<PipeBatch>>,
-    pipe_rx: mpsc::Receiver<PipeBatch>,
+    pipes: Pipes,
+    (media_rx, control_rx): (
+        mpsc::Receiver<PipeBatch>,
+        mpsc::UnboundedReceiver<PipeBatch>,
+    ),
 ) -> Result<(mpsc::Sender<Command>, oneshot::Receiver<()>), SfuError> {
     socket.set_nonblocking(true)?;
     let local_addr = socket.local_addr()?;
@@ -147,10 +162,17 @@ fn spawn_shard(
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => {
                         let now = Instant::now();
-                        let sink = UdpTransmit::new(socket, shard, pipes);
+                        let sink = UdpTransmit::new(socket, pipes);
                         let sfu = Sfu::new(config, local_addr, rand::random(), now, sink)
                             .with_wall_clock(now, SystemTime::now());
-                        Driver { sfu, rx, pipe_rx }.run().await;
+                        Driver {
+                            sfu,
+                            rx,
+                            media_rx,
+                            control_rx,
+                        }
+                        .run()
+                        .await;
                     }
                     Err(e) => warn!("core could not adopt the UDP socket: {e}"),
                 }
@@ -165,10 +187,7 @@ fn spawn_shard(
 /// for the last ones' encryption), the rest at the end of the turn.
 pub struct UdpTransmit {
     socket: UdpSocket,
-    /// This shard, and every shard's pipe queue (by index).
-    shard: ShardId,
-    pipes: Vec<mpsc::Sender<PipeBatch>>,
-    pipe_dropped: u64,
+    pipes: Pipes,
     out: OutQueue,
     latency: LatencyHistogram,
     sent: u64,
@@ -177,12 +196,10 @@ pub struct UdpTransmit {
 }
 
 impl UdpTransmit {
-    fn new(socket: UdpSocket, shard: ShardId, pipes: Vec<mpsc::Sender<PipeBatch>>) -> Self {
+    fn new(socket: UdpSocket, pipes: Pipes) -> Self {
         UdpTransmit {
             socket,
-            shard,
             pipes,
-            pipe_dropped: 0,
             out: OutQueue::new(),
             latency: LatencyHistogram::new(),
             sent: 0,
@@ -216,25 +233,48 @@ impl Transmit for UdpTransmit {
         stats.udp_datagrams_out_dropped = self.dropped;
         stats.udp_send_calls = self.calls;
         stats.forward_latency = self.latency.snapshot();
-        stats.pipe_msgs_dropped = self.pipe_dropped;
     }
 
     fn pipe(&mut self, to: ShardId, msgs: Vec<PipeMsg>) {
-        let n = msgs.len() as u64;
-        let Some(queue) = self.pipes.get(to).filter(|_| to != self.shard) else {
-            self.pipe_dropped += n;
+        self.pipes.send(to, msgs);
+    }
+}
+
+/// This shard's ends of the pipe to every shard (by index), and what could not be handed over.
+struct Pipes {
+    shard: ShardId,
+    media: Vec<mpsc::Sender<PipeBatch>>,
+    control: Vec<mpsc::UnboundedSender<PipeBatch>>,
+    /// Messages dropped since the core was last told.
+    dropped: Vec<(ShardId, Vec<PipeMsg>)>,
+}
+
+impl Pipes {
+    /// One turn's messages for shard `to`: media through its bounded queue (a full queue drops
+    /// them: the sender never waits), the rest through the lane that never drops.
+    fn send(&mut self, to: ShardId, msgs: Vec<PipeMsg>) {
+        if to == self.shard || to >= self.media.len() {
+            self.dropped.push((to, msgs));
             return;
-        };
-        // Drop, never block: a shard that cannot keep up loses relayed packets (its
-        // subscribers recover as from any loss), not the sender its turn.
-        if queue
-            .try_send(PipeBatch {
-                from: self.shard,
-                msgs,
-            })
-            .is_err()
-        {
-            self.pipe_dropped += n;
+        }
+        let (media, control): (Vec<_>, Vec<_>) = msgs.into_iter().partition(PipeMsg::is_media);
+        let from = self.shard;
+        if !control.is_empty() {
+            if let Err(e) = self.control[to].send(PipeBatch {
+                from,
+                msgs: control,
+            }) {
+                // The other shard has stopped (shutdown).
+                self.dropped.push((to, e.0.msgs));
+            }
+        }
+        if !media.is_empty() {
+            if let Err(e) = self.media[to].try_send(PipeBatch { from, msgs: media }) {
+                let batch = match e {
+                    mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
+                };
+                self.dropped.push((to, batch.msgs));
+            }
         }
     }
 }
@@ -242,8 +282,9 @@ impl Transmit for UdpTransmit {
 struct Driver {
     sfu: Sfu<UdpTransmit>,
     rx: mpsc::Receiver<Command>,
-    /// Batches from the shards hosting the same rooms.
-    pipe_rx: mpsc::Receiver<PipeBatch>,
+    /// Batches from the shards hosting the same rooms: media, and everything else.
+    media_rx: mpsc::Receiver<PipeBatch>,
+    control_rx: mpsc::UnboundedReceiver<PipeBatch>,
 }
 
 impl Driver {
@@ -273,14 +314,19 @@ impl Driver {
                         }
                     }
                 }
-                Some(batch) = self.pipe_rx.recv() => {
+                Some(batch) = self.control_rx.recv() => {
                     self.sfu.handle_pipe(Instant::now(), batch.from, batch.msgs);
-                    for _ in 1..PIPE_BATCHES_PER_TURN {
-                        match self.pipe_rx.try_recv() {
-                            Ok(b) => self.sfu.handle_pipe(Instant::now(), b.from, b.msgs),
-                            Err(_) => break,
-                        }
+                    self.serve_pipes();
+                    None
+                }
+                Some(batch) = self.media_rx.recv() => {
+                    // What the other shard said before this media (a track's announcement)
+                    // comes first.
+                    while let Ok(b) = self.control_rx.try_recv() {
+                        self.sfu.handle_pipe(Instant::now(), b.from, b.msgs);
                     }
+                    self.sfu.handle_pipe(Instant::now(), batch.from, batch.msgs);
+                    self.serve_pipes();
                     None
                 }
                 res = self.sfu.transmit().socket.recv_from(&mut buf) => {
@@ -312,8 +358,36 @@ impl Driver {
                 }
                 return;
             }
-            self.sfu.end_turn(Instant::now());
-            self.sfu.transmit().flush();
+            self.end_turn();
+        }
+    }
+
+    /// End the core's turn; tell it what the pipe dropped (it asks for keyframes: another,
+    /// short turn) and hand the datagrams to the kernel.
+    fn end_turn(&mut self) {
+        let now = Instant::now();
+        self.sfu.end_turn(now);
+        let dropped = std::mem::take(&mut self.sfu.transmit().pipes.dropped);
+        if !dropped.is_empty() {
+            for (to, msgs) in dropped {
+                self.sfu.pipe_dropped(now, to, msgs);
+            }
+            self.sfu.end_turn(now);
+        }
+        self.sfu.transmit().flush();
+    }
+
+    /// Pipe batches already queued (what the other shards said first), up to a bound.
+    fn serve_pipes(&mut self) {
+        for _ in 1..PIPE_BATCHES_PER_TURN {
+            let b = match self.control_rx.try_recv() {
+                Ok(b) => b,
+                Err(_) => match self.media_rx.try_recv() {
+                    Ok(b) => b,
+                    Err(_) => break,
+                },
+            };
+            self.sfu.handle_pipe(Instant::now(), b.from, b.msgs);
         }
     }
 

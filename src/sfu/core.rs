@@ -159,7 +159,7 @@ fn random_string(rng: &mut impl rand::Rng, n: usize) -> String {
 }
 
 /// Is this a keyframe start of the given codec?
-fn is_keyframe(mime: &str, payload: &[u8]) -> bool {
+pub fn is_keyframe(mime: &str, payload: &[u8]) -> bool {
     if mime.eq_ignore_ascii_case(MIME_TYPE_VP8) {
         vp8::is_keyframe(payload)
     } else if mime.eq_ignore_ascii_case(MIME_TYPE_H264) {
@@ -170,7 +170,7 @@ fn is_keyframe(mime: &str, payload: &[u8]) -> bool {
 }
 
 /// H.264 (RFC 6184): an IDR slice or SPS in a single NAL, STAP-A, or the start of an FU-A.
-fn h264_is_keyframe(payload: &[u8]) -> bool {
+pub fn h264_is_keyframe(payload: &[u8]) -> bool {
     let Some(&first) = payload.first() else {
         return false;
     };
@@ -2034,6 +2034,30 @@ impl<T: Transmit> Sfu<T> {
         }
     }
 
+    /// Messages this core handed over for shard `to` were dropped on the way (its queue was
+    /// full): counted, and for the media among them the publisher is asked for a keyframe of
+    /// each layer that lost packets (the other shard has nothing to resend them from).
+    pub fn pipe_dropped(&mut self, now: Instant, to: ShardId, msgs: Vec<PipeMsg>) {
+        self.advance(now);
+        self.stats.pipe_msgs_dropped += msgs.len() as u64;
+        let mut lost: BTreeSet<(RelayId, u8)> = BTreeSet::new();
+        for m in &msgs {
+            if let PipeMsg::Rtp { relay, layer, .. } = m {
+                lost.insert((*relay, *layer));
+            }
+        }
+        for (relay, layer) in lost {
+            if let Some((room, track)) = self.relays_out.get(&relay).cloned() {
+                trace!(track = %track, layer, shard = to, "packets lost on the pipe");
+                self.effects.push(Effect::RequestKeyframe {
+                    room,
+                    track,
+                    layer: usize::from(layer),
+                });
+            }
+        }
+    }
+
     fn on_pipe(&mut self, from: ShardId, msg: PipeMsg) {
         match msg {
             PipeMsg::Rtp {
@@ -3530,7 +3554,7 @@ fn client_track_id(msid_track: &str, mid: &str, taken: impl Fn(&str) -> bool) ->
 }
 
 /// The RIDs (`a=rid:<id> send`) of the m-section of `sdp` whose `a=mid` is `mid`.
-fn offered_rids(sdp: &str, mid: &str) -> Vec<String> {
+pub fn offered_rids(sdp: &str, mid: &str) -> Vec<String> {
     let mut out = Vec::new();
     for section in sdp.split("\nm=").skip(1) {
         let names_track = section

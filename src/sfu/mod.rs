@@ -465,7 +465,9 @@ impl SfuHandle {
     /// Join a room. The `events` channel in `req` receives everything after `joined`.
     pub async fn join(&self, mut req: JoinRequest) -> Result<JoinAccepted, SfuError> {
         let room = req.room.clone();
-        let placement::Place { shard, peers } = self.placement().reserve(&room);
+        let identity = req.identity.clone();
+        let placement::Place { shard, peers } =
+            self.placement().reserve(&room, identity.as_deref());
         req.peers = peers;
         // Given back if the join fails, or if this future is dropped before the answer (the
         // session went away mid-join; the core then removes the participant on its own).
@@ -477,7 +479,8 @@ impl SfuHandle {
         };
         let res = self.join_on(shard, req).await;
         if let Ok(ok) = &res {
-            self.placement().joined(&ok.participant_id, &room, shard);
+            self.placement()
+                .joined(&ok.participant_id, &room, shard, identity.as_deref());
             reservation.held = false;
         }
         res

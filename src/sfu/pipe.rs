@@ -19,8 +19,12 @@
 //!   ([`PipeMsg::Data`]), already framed with the sender's id.
 //!
 //! Messages are collected per destination during a turn and handed over once at its end, as
-//! one batch (a `Vec`), through a bounded queue per shard that never blocks its sender: a full
-//! queue drops the batch and counts it. Nothing in a message refers to memory of the sending
+//! one batch (a `Vec`). Media ([`PipeMsg::is_media`]) goes through a bounded queue per shard
+//! that never blocks its sender: a full queue drops the batch and counts it, and the sender is
+//! told ([`super::Sfu::pipe_dropped`]) so that it asks the publisher for a keyframe of what was
+//! lost. Everything else (membership, tracks, mutes, data, keyframe requests, needed layers)
+//! is never dropped: it is rare, bounded by what signaling and data channels let clients send,
+//! and losing one would leave the shards disagreeing for good. Nothing in a message refers to memory of the sending
 //! shard (no shared pointers, no keys of its maps), so the same messages can later be carried
 //! between two Plaza nodes over the network.
 
@@ -91,6 +95,13 @@ pub enum PipeMsg {
         framed: Bytes,
         to: Vec<String>,
     },
+}
+
+impl PipeMsg {
+    /// Media may be dropped on the way (a full queue); nothing else may.
+    pub fn is_media(&self) -> bool {
+        matches!(self, PipeMsg::Rtp { .. })
+    }
 }
 
 /// What a shard received from one other shard in one of its turns.

@@ -18,8 +18,11 @@ pub struct Placement {
     load: Vec<usize>,
     /// Room → participants (joined or joining) on each shard.
     rooms: HashMap<String, Vec<usize>>,
-    /// Participant id → (shard, room).
-    parts: HashMap<String, (usize, String)>,
+    /// Participant id → (shard, room, identity).
+    parts: HashMap<String, (usize, String, Option<String>)>,
+    /// (Room, identity) → the shard and participant id of its latest join: a second join of
+    /// an identity goes to the same shard, which replaces the first.
+    identities: HashMap<(String, String), (usize, String)>,
     /// A room with this many participants spreads over the shards (0: never).
     spread_above: usize,
 }
@@ -40,6 +43,7 @@ impl Placement {
             load: vec![0; shards.max(1)],
             rooms: HashMap::new(),
             parts: HashMap::new(),
+            identities: HashMap::new(),
             spread_above,
         }
     }
@@ -48,10 +52,16 @@ impl Placement {
         self.load.len()
     }
 
-    /// Where a join of `room` goes; the place is held until [`Placement::joined`] or
-    /// [`Placement::join_failed`], so concurrent joins of a new room land together.
-    pub fn reserve(&mut self, room: &str) -> Place {
+    /// Where a join of `room` (by `identity`, if known) goes; the place is held until
+    /// [`Placement::joined`] or [`Placement::join_failed`], so concurrent joins of a new room
+    /// land together. An identity already in the room goes where it is.
+    pub fn reserve(&mut self, room: &str, identity: Option<&str>) -> Place {
         let room = room.trim();
+        let known = identity.and_then(|id| {
+            self.identities
+                .get(&(room.to_owned(), id.to_owned()))
+                .map(|(shard, _)| *shard)
+        });
         let n = self.load.len();
         let least_loaded = |load: &[usize], prefer: &[usize]| {
             (0..n)
@@ -63,7 +73,9 @@ impl Placement {
             .entry(room.to_owned())
             .or_insert_with(|| vec![0; n]);
         let total: usize = per_shard.iter().sum();
-        let shard = if total == 0 {
+        let shard = if let Some(shard) = known.filter(|&s| s < n) {
+            shard
+        } else if total == 0 {
             least_loaded(&self.load, &[])
         } else if self.spread_above == 0 || total < self.spread_above {
             // Where most of the room is.
@@ -81,10 +93,19 @@ impl Placement {
         Place { shard, peers }
     }
 
-    /// The reserved join succeeded: `participant` is on `shard`.
-    pub fn joined(&mut self, participant: &str, room: &str, shard: usize) {
-        self.parts
-            .insert(participant.to_owned(), (shard, room.trim().to_owned()));
+    /// The reserved join succeeded: `participant` (`identity`) is on `shard`.
+    pub fn joined(&mut self, participant: &str, room: &str, shard: usize, identity: Option<&str>) {
+        let room = room.trim().to_owned();
+        if let Some(id) = identity {
+            self.identities.insert(
+                (room.clone(), id.to_owned()),
+                (shard, participant.to_owned()),
+            );
+        }
+        self.parts.insert(
+            participant.to_owned(),
+            (shard, room, identity.map(str::to_owned)),
+        );
     }
 
     /// The reserved join failed: give the place back.
@@ -94,12 +115,22 @@ impl Placement {
 
     /// The shard `participant` is on.
     pub fn shard_of(&self, participant: &str) -> Option<usize> {
-        self.parts.get(participant).map(|(s, _)| *s)
+        self.parts.get(participant).map(|(s, _, _)| *s)
     }
 
     /// `participant` has left (its session ended).
     pub fn left(&mut self, participant: &str) {
-        if let Some((shard, room)) = self.parts.remove(participant) {
+        if let Some((shard, room, identity)) = self.parts.remove(participant) {
+            if let Some(id) = identity {
+                let key = (room.clone(), id);
+                if self
+                    .identities
+                    .get(&key)
+                    .is_some_and(|(_, p)| p == participant)
+                {
+                    self.identities.remove(&key);
+                }
+            }
             self.release(&room, shard);
         }
     }
@@ -140,7 +171,7 @@ mod tests {
 
     impl Placement {
         fn reserve_shard(&mut self, room: &str) -> usize {
-            self.reserve(room).shard
+            self.reserve(room, None).shard
         }
     }
 
@@ -149,15 +180,15 @@ mod tests {
         let mut p = Placement::new(2, 0);
         let a = p.reserve_shard("a");
         assert_eq!(a, 0);
-        p.joined("PA_1", "a", a);
+        p.joined("PA_1", "a", a, None);
         // The second room goes to the empty shard; the room's second member joins it on 0.
         assert_eq!(p.reserve_shard("b"), 1);
-        p.joined("PA_2", "b", 1);
+        p.joined("PA_2", "b", 1, None);
         assert_eq!(p.reserve_shard(" a "), 0);
-        p.joined("PA_3", "a", 0);
+        p.joined("PA_3", "a", 0, None);
         assert_eq!(p.load(), &[2, 1]);
         assert_eq!(p.reserve_shard("c"), 1);
-        p.joined("PA_4", "c", 1);
+        p.joined("PA_4", "c", 1, None);
         assert_eq!(p.shard_of("PA_3"), Some(0));
         assert_eq!(p.shard_of("PA_9"), None);
     }
@@ -166,11 +197,11 @@ mod tests {
     fn a_room_is_forgotten_when_its_last_member_leaves() {
         let mut p = Placement::new(2, 0);
         assert_eq!(p.reserve_shard("a"), 0);
-        p.joined("PA_1", "a", 0);
+        p.joined("PA_1", "a", 0, None);
         assert_eq!(p.reserve_shard("b"), 1);
-        p.joined("PA_2", "b", 1);
+        p.joined("PA_2", "b", 1, None);
         assert_eq!(p.reserve_shard("b"), 1);
-        p.joined("PA_3", "b", 1);
+        p.joined("PA_3", "b", 1, None);
         p.left("PA_1");
         assert!(p.room_shards("a").is_empty());
         assert_eq!(p.load(), &[0, 2]);
@@ -198,7 +229,7 @@ mod tests {
         let mut p = Placement::new(2, 3);
         // Below the threshold the room stays together on shard 0 (even with 1 emptier).
         for i in 0..3 {
-            let place = p.reserve("live");
+            let place = p.reserve("live", None);
             assert_eq!(
                 place,
                 Place {
@@ -206,10 +237,10 @@ mod tests {
                     peers: vec![]
                 }
             );
-            p.joined(&format!("PA_{i}"), "live", 0);
+            p.joined(&format!("PA_{i}"), "live", 0, None);
         }
         // From 3 on it spreads: the least-loaded shard, told that shard 0 hosts the room.
-        let place = p.reserve("live");
+        let place = p.reserve("live", None);
         assert_eq!(
             place,
             Place {
@@ -217,24 +248,46 @@ mod tests {
                 peers: vec![0]
             }
         );
-        p.joined("PA_3", "live", 1);
+        p.joined("PA_3", "live", 1, None);
         let mut per = [0usize; 2];
         per[0] = 3;
         per[1] = 1;
         for i in 4..100 {
-            let place = p.reserve("live");
+            let place = p.reserve("live", None);
             assert_eq!(place.peers, vec![1 - place.shard]);
             per[place.shard] += 1;
-            p.joined(&format!("PA_{i}"), "live", place.shard);
+            p.joined(&format!("PA_{i}"), "live", place.shard, None);
         }
         assert_eq!(per, [50, 50]);
         assert_eq!(p.room_shards("live"), vec![0, 1]);
         // Another room still goes to one shard.
-        assert_eq!(p.reserve("other").peers, Vec::<usize>::new());
+        assert_eq!(p.reserve("other", None).peers, Vec::<usize>::new());
         // With spreading off, a room never leaves its shard.
         let mut q = Placement::new(2, 0);
         for _ in 0..10 {
-            assert_eq!(q.reserve("r").shard, 0);
+            assert_eq!(q.reserve("r", None).shard, 0);
         }
+    }
+
+    #[test]
+    fn an_identity_rejoins_where_it_is() {
+        let mut p = Placement::new(2, 1);
+        assert_eq!(p.reserve("r", Some("alice")).shard, 0);
+        p.joined("PA_1", "r", 0, Some("alice"));
+        // The room spreads: bob goes to the emptier shard, alice's second join to hers.
+        assert_eq!(p.reserve("r", Some("bob")).shard, 1);
+        p.joined("PA_2", "r", 1, Some("bob"));
+        assert_eq!(p.reserve("r", Some("alice")).shard, 0);
+        p.joined("PA_3", "r", 0, Some("alice"));
+        // The first alice's session ends after the second joined: the identity stays known.
+        p.left("PA_1");
+        assert_eq!(p.reserve("r", Some("alice")).shard, 0);
+        p.join_failed("r", 0);
+        p.left("PA_3");
+        // Gone: alice is placed like anyone (the emptier shard).
+        assert_eq!(p.load(), &[0, 1]);
+        assert_eq!(p.reserve("r", Some("alice")).shard, 0);
+        // Another room's alice is someone else.
+        assert_eq!(p.reserve("s", Some("bob")).peers, Vec::<usize>::new());
     }
 }

@@ -66,10 +66,10 @@ pub trait Node: Any {
     fn handle_pipe(&mut self, now: Instant, from: ShardId, msgs: Vec<PipeMsg>) {
         let _ = (now, from, msgs);
     }
-    /// (A shard only.) A batch of `msgs` messages this node handed over was dropped: the
-    /// receiving shard's queue was full (or the shard does not exist).
-    fn pipe_dropped(&mut self, msgs: u64) {
-        let _ = msgs;
+    /// (A shard only.) Messages this node handed over for shard `to` were dropped: the
+    /// receiving shard's queue was full (media only), or the shard does not exist.
+    fn pipe_dropped(&mut self, now: Instant, to: ShardId, msgs: Vec<PipeMsg>) {
+        let _ = (now, to, msgs);
     }
 }
 
@@ -78,9 +78,10 @@ pub trait Node: Any {
 pub struct PipeConfig {
     /// From the end of the sender's turn to the receiver's `handle_pipe`.
     pub delay: Duration,
-    /// Batches a shard's queue holds (sent to it, not yet handled); a batch that finds it
-    /// full is dropped whole and counted, never waited for (like the real driver's bounded
-    /// queue). `None`: unbounded.
+    /// Batches a shard's queue holds (sent to it, not yet handled); the media of a batch
+    /// that finds it full is dropped and counted, never waited for (like the real driver's
+    /// bounded media lane); its other messages are delivered all the same (the real driver's
+    /// control lane never drops). `None`: unbounded.
     pub capacity: Option<usize>,
 }
 
@@ -110,6 +111,7 @@ struct PendingJoin {
     rx: oneshot::Receiver<Result<JoinAccepted, SfuError>>,
     reply: oneshot::Sender<Result<JoinAccepted, SfuError>>,
     room: String,
+    identity: Option<String>,
     shard: ShardId,
 }
 
@@ -495,27 +497,35 @@ impl Net {
 
     /// A shard's batch for shard `to`: queued for delivery, or dropped (counted, and the
     /// sender told) when the receiving shard's queue is full.
-    fn send_pipe(&mut self, from_node: NodeId, to: ShardId, msgs: Vec<PipeMsg>) {
+    fn send_pipe(&mut self, from_node: NodeId, to: ShardId, mut msgs: Vec<PipeMsg>) {
         let now = self.now;
         let seq = self.next_seq;
         let Some(sh) = self.shards.as_mut() else {
-            self.nodes[from_node].pipe_dropped(msgs.len() as u64);
+            self.nodes[from_node].pipe_dropped(now, to, msgs);
             return;
         };
-        let n = msgs.len() as u64;
         let (Some(from), Some(&to_node)) = (sh.index_of(from_node), sh.nodes.get(to)) else {
             sh.unroutable += 1;
-            self.nodes[from_node].pipe_dropped(n);
+            self.nodes[from_node].pipe_dropped(now, to, msgs);
             return;
         };
         let stats = sh.stats.entry((from, to)).or_default();
         stats.batches_sent += 1;
         if sh.cfg.capacity.is_some_and(|c| sh.queued[to] >= c) {
-            stats.batches_dropped += 1;
-            stats.msgs_dropped += n;
-            self.nodes[from_node].pipe_dropped(n);
-            return;
+            let (media, control): (Vec<_>, Vec<_>) = msgs.into_iter().partition(PipeMsg::is_media);
+            if !media.is_empty() {
+                stats.batches_dropped += 1;
+                stats.msgs_dropped += media.len() as u64;
+                self.nodes[from_node].pipe_dropped(now, to, media);
+            }
+            if control.is_empty() {
+                return;
+            }
+            msgs = control;
         }
+        let Some(sh) = self.shards.as_mut() else {
+            return;
+        };
         sh.queued[to] += 1;
         let last = sh.last.entry((from, to)).or_insert(now);
         let at = (now + sh.cfg.delay).max(*last);
@@ -536,13 +546,15 @@ impl Net {
         let sh = self.shards.as_mut().expect("shards");
         let (shard, cmd) = match cmd {
             Command::Join { mut req, reply } => {
-                let Place { shard, peers } = sh.placement.reserve(&req.room);
+                let Place { shard, peers } =
+                    sh.placement.reserve(&req.room, req.identity.as_deref());
                 req.peers = peers;
                 let (tx, rx) = oneshot::channel();
                 sh.pending.push(PendingJoin {
                     rx,
                     reply,
                     room: req.room.clone(),
+                    identity: req.identity.clone(),
                     shard,
                 });
                 (shard, Command::Join { req, reply: tx })
@@ -595,7 +607,12 @@ impl Net {
                     done += 1;
                     match res {
                         Ok(Ok(acc)) => {
-                            sh.placement.joined(&acc.participant_id, &p.room, p.shard);
+                            sh.placement.joined(
+                                &acc.participant_id,
+                                &p.room,
+                                p.shard,
+                                p.identity.as_deref(),
+                            );
                             if let Err(Ok(acc)) = p.reply.send(Ok(acc)) {
                                 // The client is gone: so is its session.
                                 sh.placement.left(&acc.participant_id);
@@ -981,6 +998,19 @@ mod tests {
             .collect()
     }
 
+    /// Media messages (the only ones a full queue drops), named by their relay.
+    fn media(relays: &[u32]) -> Vec<PipeMsg> {
+        relays
+            .iter()
+            .map(|&relay| PipeMsg::Rtp {
+                relay,
+                layer: 0,
+                packet: Default::default(),
+                origin: Instant::now(),
+            })
+            .collect()
+    }
+
     impl Node for FakeShard {
         fn name(&self) -> String {
             format!("shard {}", self.me)
@@ -1016,14 +1046,14 @@ mod tests {
             let relays = msgs
                 .iter()
                 .map(|m| match m {
-                    PipeMsg::TrackClose { relay } => *relay,
+                    PipeMsg::TrackClose { relay } | PipeMsg::Rtp { relay, .. } => *relay,
                     _ => u32::MAX,
                 })
                 .collect();
             self.got.push((now, from, relays));
         }
-        fn pipe_dropped(&mut self, msgs: u64) {
-            self.dropped += msgs;
+        fn pipe_dropped(&mut self, _: Instant, _: ShardId, msgs: Vec<PipeMsg>) {
+            self.dropped += msgs.len() as u64;
         }
     }
 
@@ -1180,17 +1210,19 @@ mod tests {
     }
 
     #[test]
-    fn a_full_pipe_queue_drops_whole_batches_and_tells_the_sender() {
+    fn a_full_pipe_queue_drops_media_and_tells_the_sender() {
         let (mut net, nodes, _) = shards(2, 0);
         net.set_pipe(PipeConfig {
             delay: Duration::from_millis(1),
             capacity: Some(2),
         });
+        let mut mixed = media(&[4, 5]);
+        mixed.extend(batch(&[6]));
         net.node::<FakeShard>(nodes[0]).out = vec![
-            (1, batch(&[1])),
-            (1, batch(&[2, 3])),
-            (1, batch(&[4, 5, 6])),
-            (1, batch(&[7])),
+            (1, media(&[1])),
+            (1, media(&[2, 3])),
+            (1, mixed),
+            (1, media(&[7])),
         ];
         net.run_for(Duration::from_millis(2));
         let got: Vec<Vec<u32>> = net
@@ -1199,15 +1231,16 @@ mod tests {
             .iter()
             .map(|g| g.2.clone())
             .collect();
-        assert_eq!(got, [vec![1], vec![2, 3]]);
+        // The control message of the third batch arrives all the same.
+        assert_eq!(got, [vec![1], vec![2, 3], vec![6]]);
         let s = net.pipe_stats(0, 1);
-        assert_eq!((s.batches_dropped, s.msgs_dropped), (2, 4));
-        assert_eq!(net.node::<FakeShard>(nodes[0]).dropped, 4);
+        assert_eq!((s.batches_dropped, s.msgs_dropped), (2, 3));
+        assert_eq!(net.node::<FakeShard>(nodes[0]).dropped, 3);
         // Drained: room again. A batch for a shard that does not exist is dropped too.
         net.node::<FakeShard>(nodes[0]).out = vec![(1, batch(&[8])), (5, batch(&[9, 9]))];
         net.run_for(Duration::from_millis(2));
-        assert_eq!(net.node::<FakeShard>(nodes[1]).got.len(), 3);
+        assert_eq!(net.node::<FakeShard>(nodes[1]).got.len(), 4);
         assert_eq!(net.pipe_unroutable(), 1);
-        assert_eq!(net.node::<FakeShard>(nodes[0]).dropped, 6);
+        assert_eq!(net.node::<FakeShard>(nodes[0]).dropped, 5);
     }
 }

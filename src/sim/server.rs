@@ -25,9 +25,6 @@ pub struct SimTransmit {
     pub forwarded: u64,
     /// Batches for other shards, until the node drains them.
     pipes: Vec<(ShardId, Vec<PipeMsg>)>,
-    /// Pipe messages dropped because the receiving shard's queue was full (reported as
-    /// `CoreStats::pipe_msgs_dropped`, as the real driver does).
-    pub pipe_dropped: u64,
 }
 
 impl Transmit for SimTransmit {
@@ -37,10 +34,6 @@ impl Transmit for SimTransmit {
             self.forwarded += 1;
         }
         self.queue.push((data, to));
-    }
-
-    fn report(&self, stats: &mut CoreStats) {
-        stats.pipe_msgs_dropped = self.pipe_dropped;
     }
 
     fn pipe(&mut self, to: ShardId, msgs: Vec<PipeMsg>) {
@@ -168,8 +161,9 @@ impl Node for SfuNode {
         self.dirty = true;
     }
 
-    fn pipe_dropped(&mut self, msgs: u64) {
-        self.sfu.transmit().pipe_dropped += msgs;
+    fn pipe_dropped(&mut self, now: Instant, to: ShardId, msgs: Vec<PipeMsg>) {
+        self.sfu.pipe_dropped(now, to, msgs);
+        self.dirty = true;
     }
 
     fn poll_output(&mut self, now: Instant, out: &mut Output) {

@@ -477,6 +477,7 @@ pub struct Egress {
     /// SRTP of what we send, sealed in place into the outgoing datagram.
     sealer: RtpSealer,
     remote: Context,
+    profile: ProtectionProfile,
     twcc: TwccLog,
     bwe: Bwe,
     /// The estimator's target and the last REMB.
@@ -513,6 +514,7 @@ impl Egress {
             local,
             sealer,
             remote,
+            profile: keys.profile,
             twcc: TwccLog::default(),
             bwe: Bwe::new(),
             estimate: Estimate::default(),
@@ -583,6 +585,10 @@ impl Egress {
     /// never an error for the rest of the compound. Only a datagram that does not decrypt is
     /// an error.
     pub fn on_rtcp(&mut self, now: Instant, data: &[u8]) -> Result<Feedback, EgressError> {
+        if !srtcp_encrypted(data, self.profile) {
+            self.stats.rtcp_rejected += 1;
+            return Err(EgressError::Srtp("SRTCP without the E flag".into()));
+        }
         let plain = match self.remote.decrypt_rtcp(data) {
             Ok(p) => p,
             Err(e) => {
@@ -1099,6 +1105,16 @@ pub fn write_rtp_header(
 /// Whether a datagram is an (S)RTP media packet: version 2 and not an RTCP packet type.
 pub fn is_rtp(data: &[u8]) -> bool {
     data.len() >= 12 && data[0] & 0xC0 == 0x80 && !(192..=223).contains(&data[1])
+}
+
+/// Whether an SRTCP datagram has its E flag set (RFC 3711 §3.4): the first bit of the word
+/// before the SRTCP authentication tag (AES-CM/HMAC-SHA1: 10 bytes; AES-GCM: none, the
+/// index ends the packet). `rtc`'s AES-CM unprotect returns a packet with the flag clear
+/// without checking its authentication tag; WebRTC peers always encrypt SRTCP, so such a
+/// packet is refused before it gets there.
+pub fn srtcp_encrypted(data: &[u8], profile: ProtectionProfile) -> bool {
+    let trailer = 4 + profile.rtcp_auth_tag_len();
+    data.len() >= 8 + trailer && data[data.len() - trailer] & 0x80 != 0
 }
 
 /// Whether a datagram is RTCP (RFC 5761 demultiplexing: version 2, payload type 192–223).

@@ -760,6 +760,7 @@ pub struct Incoming {
 pub struct Ingress {
     remote: Context,
     local: Context,
+    profile: rtc::srtp::protection_profile::ProtectionProfile,
     sender_ssrc: u32,
     twcc_ext: Option<u8>,
     bound: HashMap<u32, TrackId>,
@@ -789,6 +790,7 @@ impl Ingress {
         Ok(Ingress {
             remote,
             local,
+            profile: keys.profile,
             sender_ssrc,
             twcc_ext,
             bound: HashMap::new(),
@@ -900,6 +902,10 @@ impl Ingress {
 
     /// Decrypt and read one SRTCP datagram from the publisher (its sender reports).
     pub fn on_rtcp(&mut self, now: Instant, data: &[u8]) -> Result<(), IngressError> {
+        if !super::egress::srtcp_encrypted(data, self.profile) {
+            self.stats.rtcp_rejected += 1;
+            return Err(IngressError::Srtp("SRTCP without the E flag".into()));
+        }
         let plain = match self.remote.decrypt_rtcp(data) {
             Ok(p) => p,
             Err(e) => {
