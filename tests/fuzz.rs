@@ -165,6 +165,93 @@ fn fuzz_data() {
     assert!(parsed > n / 10, "only {parsed} of {n} messages parsed");
 }
 
+/// Access tokens: the join's token as the server verifies it (header, issuer, signature,
+/// claims, times, room). Seeds are real tokens: valid ones with every grant shape, expired and
+/// not-yet-valid ones, one signed with another key, one for another room. Nothing panics; a
+/// token verifies only as what it was minted for (its room, its identity).
+#[test]
+fn fuzz_token() {
+    use plaza::auth::{ApiKey, Claims, KeySet, RoomGrants, Verifier, mint};
+    let now = 1_767_225_600u64;
+    let key = ApiKey::new("fuzzkey", "a-fuzzing-secret-of-at-least-32-bytes!!");
+    let other = ApiKey::new("fuzzkey", "another-secret-of-at-least-32-bytes-long");
+    let mut keys = KeySet::new();
+    keys.insert(key.clone());
+    let verifier = Verifier::new(keys);
+    let ttl = Duration::from_secs(600);
+    let claims = |id: &str, room: &str| {
+        let mut c = Claims::new(id, room, ttl);
+        c.iat = Some(now);
+        c.nbf = None;
+        c.exp = now + 600;
+        c
+    };
+    let mut seeds: Vec<Vec<u8>> = Vec::new();
+    let mut add = |k: &ApiKey, c: &Claims| seeds.push(mint(k, c).expect("mint").into_bytes());
+    add(&key, &claims("alice", "fuzz"));
+    add(
+        &key,
+        &claims("bob", "fuzz")
+            .with_name("Bob 🎉")
+            .with_grants(RoomGrants {
+                hidden: true,
+                room_admin: true,
+                ..RoomGrants::participant("fuzz")
+            }),
+    );
+    let mut expired = claims("carol", "fuzz");
+    expired.exp = now - 3600;
+    add(&key, &expired);
+    let mut early = claims("dan", "fuzz");
+    early.nbf = Some(now + 3600);
+    add(&key, &early);
+    add(&other, &claims("eve", "fuzz"));
+    add(&key, &claims("frank", "elsewhere"));
+    let spec = Spec {
+        name: "token",
+        seeds,
+        dict: [
+            "eyJ",
+            ".",
+            "\"alg\":\"none\"",
+            "\"iss\"",
+            "\"sub\"",
+            "\"exp\"",
+            "\"nbf\"",
+            "\"grants\"",
+            "\"room\"",
+            "null",
+            "-1",
+            "1e309",
+            "=",
+        ]
+        .iter()
+        .map(|d| d.as_bytes().to_vec())
+        .collect(),
+        default_inputs: 200_000,
+        max_len: 4096,
+    };
+    let mut verified = 0u64;
+    engine::run(spec, |data| {
+        let t = text(data);
+        for room in [None, Some("fuzz")] {
+            if let Ok(v) = verifier.verify_at(Some(&t), room, now) {
+                verified += 1;
+                // Only what was minted with the key, unexpired, verifies: its own room and
+                // identity, and the room asked for when one was.
+                let minted = [("alice", "fuzz"), ("bob", "fuzz"), ("frank", "elsewhere")];
+                assert!(
+                    minted.contains(&(v.identity.as_str(), v.room.as_str())),
+                    "something nobody minted verified: {t} → {v:?}"
+                );
+                assert!(room.is_none_or(|r| r == v.room), "{t} → {v:?}");
+            }
+        }
+    });
+    // The valid seeds verify (alice and bob for both rooms asked, frank for his own).
+    assert!(verified >= 5, "only {verified} inputs verified");
+}
+
 /// STUN demultiplexing: `route` with registered connections and remembered checks,
 /// `binding_kind`, `stun_username`, and the demux's own bookkeeping (`on_send`, `expire`).
 #[test]
