@@ -14,7 +14,7 @@ pub mod udp;
 
 use crate::sfu::core::CoreConfig;
 use crate::sfu::latency::LatencyHistogram;
-use crate::sfu::pipe::{PipeBatch, PipeMsg, ShardId};
+use crate::sfu::pipe::{Lane, PipeBatch, PipeMsg, ShardId};
 use crate::sfu::{Command, CoreStats, Flow, Sfu, SfuError, SfuHandle, Transmit};
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -235,8 +235,8 @@ impl Transmit for UdpTransmit {
         stats.forward_latency = self.latency.snapshot();
     }
 
-    fn pipe(&mut self, to: ShardId, msgs: Vec<PipeMsg>) {
-        self.pipes.send(to, msgs);
+    fn pipe(&mut self, to: ShardId, lane: Lane, msgs: Vec<PipeMsg>) {
+        self.pipes.send(to, lane, msgs);
     }
 }
 
@@ -250,31 +250,26 @@ struct Pipes {
 }
 
 impl Pipes {
-    /// One turn's messages for shard `to`: media through its bounded queue (a full queue drops
-    /// them: the sender never waits), the rest through the lane that never drops.
-    fn send(&mut self, to: ShardId, msgs: Vec<PipeMsg>) {
+    /// One turn's messages of one lane for shard `to`: media through its bounded queue (a full
+    /// queue drops them: the sender never waits), the rest through the lane that never drops.
+    fn send(&mut self, to: ShardId, lane: Lane, msgs: Vec<PipeMsg>) {
         if to == self.shard || to >= self.media.len() {
             self.dropped.push((to, msgs));
             return;
         }
-        let (media, control): (Vec<_>, Vec<_>) = msgs.into_iter().partition(PipeMsg::is_media);
-        let from = self.shard;
-        if !control.is_empty() {
-            if let Err(e) = self.control[to].send(PipeBatch {
-                from,
-                msgs: control,
-            }) {
-                // The other shard has stopped (shutdown).
-                self.dropped.push((to, e.0.msgs));
-            }
-        }
-        if !media.is_empty() {
-            if let Err(e) = self.media[to].try_send(PipeBatch { from, msgs: media }) {
-                let batch = match e {
-                    mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
-                };
-                self.dropped.push((to, batch.msgs));
-            }
+        let batch = PipeBatch {
+            from: self.shard,
+            msgs,
+        };
+        let refused = match lane {
+            // Refused only once the other shard has stopped (shutdown).
+            Lane::Control => self.control[to].send(batch).err().map(|e| e.0),
+            Lane::Media => self.media[to].try_send(batch).err().map(|e| match e {
+                mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
+            }),
+        };
+        if let Some(b) = refused {
+            self.dropped.push((to, b.msgs));
         }
     }
 }

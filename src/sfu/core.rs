@@ -436,9 +436,9 @@ impl<T: Transmit> Sfu<T> {
         self.advance(now);
         self.process();
         if !self.pipe_out.is_empty() {
-            for (to, msgs) in self.pipe_out.take() {
+            for (to, lane, msgs) in self.pipe_out.take() {
                 self.stats.pipe_msgs_out += msgs.len() as u64;
-                self.tx.pipe(to, msgs);
+                self.tx.pipe(to, lane, msgs);
             }
         }
     }
@@ -931,6 +931,11 @@ impl<T: Transmit> Sfu<T> {
             TrackKind::Video => p.grants.publish_video,
         };
         if !granted {
+            if p.refused.contains(&init.receiver_id) {
+                // Another encoding of a track already refused.
+                return;
+            }
+            p.refused.push(init.receiver_id);
             debug!(participant = %p.pid, ?kind, "track kind not granted; ignored");
             let kind = match kind {
                 TrackKind::Audio => "audio",
@@ -969,28 +974,25 @@ impl<T: Transmit> Sfu<T> {
         let tracks = &room.tracks;
         self.next_relay = self.next_relay.wrapping_add(1);
         let relay = self.next_relay;
-        let t = Track {
-            id: tid.clone(),
-            publisher: Publisher::Local {
-                part,
-                receiver: init.receiver_id,
-            },
+        let client_track_id = client_track_id(&init.track_id, &mid, |id| {
+            p.pub_tracks
+                .iter()
+                .any(|t| tracks.get(&*t.tid).is_some_and(|t| t.client_track_id == id))
+        });
+        let publisher = Publisher::Local {
+            part,
+            receiver: init.receiver_id,
+        };
+        let t = Track::new(
+            tid.clone(),
+            publisher,
             relay,
             kind,
             codec,
-            client_track_id: client_track_id(&init.track_id, &mid, |id| {
-                p.pub_tracks
-                    .iter()
-                    .any(|t| tracks.get(&*t.tid).is_some_and(|t| t.client_track_id == id))
-            }),
-            muted: false,
+            client_track_id,
+            false,
             layers,
-            down: HashMap::new(),
-            paused_upstream: BTreeSet::new(),
-            unneeded_since: HashMap::new(),
-            relayed_to: BTreeMap::new(),
-            needed_sent: None,
-        };
+        );
         p.pub_tracks.push(PubTrack {
             receiver: init.receiver_id,
             tid: tid.clone(),
@@ -2269,9 +2271,7 @@ impl<T: Transmit> Sfu<T> {
         let mut theirs: Vec<TrackId> = r
             .tracks
             .values()
-            .filter(|t| {
-                matches!(&t.publisher, Publisher::Remote { participant_id, .. } if participant_id == pid)
-            })
+            .filter(|t| t.is_remote_of(pid))
             .map(|t| t.id.clone())
             .collect();
         theirs.sort();
@@ -2315,26 +2315,22 @@ impl<T: Transmit> Sfu<T> {
                 .map(|rid| Layer::new(rid.clone(), None))
                 .collect()
         };
+        let publisher = Publisher::Remote {
+            shard: from,
+            participant_id: info.participant_id.clone(),
+        };
         r.tracks.insert(
             tid.clone(),
-            Track {
-                id: tid.clone(),
-                publisher: Publisher::Remote {
-                    shard: from,
-                    participant_id: info.participant_id.clone(),
-                },
+            Track::new(
+                tid.clone(),
+                publisher,
                 relay,
-                kind: info.kind,
+                info.kind,
                 codec,
-                client_track_id: info.client_track_id.clone(),
-                muted: info.muted,
+                info.client_track_id.clone(),
+                info.muted,
                 layers,
-                down: HashMap::new(),
-                paused_upstream: BTreeSet::new(),
-                unneeded_since: HashMap::new(),
-                relayed_to: BTreeMap::new(),
-                needed_sent: None,
-            },
+            ),
         );
         self.relays_in.insert((from, relay), (rk, tid.clone()));
         let members = r.members.clone();
@@ -2615,6 +2611,7 @@ impl<T: Transmit> Sfu<T> {
             channels,
             open_channels: HashMap::new(),
             pub_tracks: Vec::new(),
+            refused: Vec::new(),
             subscriptions: HashMap::new(),
             limiter: data::RateLimiter::default(),
             outbox: Outbox::new(),

@@ -60,7 +60,7 @@ pub trait Transmit {
     /// One turn's messages for another shard hosting the same rooms (see [`pipe`]). Must
     /// never block: a sink that cannot take them drops them (and counts it). Without other
     /// shards nothing is ever piped; the default drops.
-    fn pipe(&mut self, _to: pipe::ShardId, _msgs: Vec<pipe::PipeMsg>) {}
+    fn pipe(&mut self, _to: pipe::ShardId, _lane: pipe::Lane, _msgs: Vec<pipe::PipeMsg>) {}
 }
 
 /// Whether the core goes on after a command.

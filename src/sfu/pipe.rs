@@ -19,7 +19,7 @@
 //!   ([`PipeMsg::Data`]), already framed with the sender's id.
 //!
 //! Messages are collected per destination during a turn and handed over once at its end, as
-//! one batch (a `Vec`). Media ([`PipeMsg::is_media`]) goes through a bounded queue per shard
+//! batch per [`Lane`] (a `Vec`). Media ([`Lane::Media`]) goes through a bounded queue per shard
 //! that never blocks its sender: a full queue drops the batch and counts it, and the sender is
 //! told ([`super::Sfu::pipe_dropped`]) so that it asks the publisher for a keyframe of what was
 //! lost. Everything else (membership, tracks, mutes, data, keyframe requests, needed layers)
@@ -97,10 +97,22 @@ pub enum PipeMsg {
     },
 }
 
+/// Which of a shard's two queues a batch goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Everything but media: never dropped.
+    Control = 0,
+    /// Media: bounded, dropped when full (the sender is told).
+    Media = 1,
+}
+
 impl PipeMsg {
     /// Media may be dropped on the way (a full queue); nothing else may.
-    pub fn is_media(&self) -> bool {
-        matches!(self, PipeMsg::Rtp { .. })
+    pub fn lane(&self) -> Lane {
+        match self {
+            PipeMsg::Rtp { .. } => Lane::Media,
+            _ => Lane::Control,
+        }
     }
 }
 
@@ -111,10 +123,10 @@ pub struct PipeBatch {
     pub msgs: Vec<PipeMsg>,
 }
 
-/// Messages waiting for the end of the turn, per destination shard.
+/// Messages waiting for the end of the turn, per destination shard and lane.
 #[derive(Debug, Default)]
 pub struct PipeOut {
-    queues: Vec<Vec<PipeMsg>>,
+    queues: Vec<[Vec<PipeMsg>; 2]>,
     waiting: usize,
 }
 
@@ -122,9 +134,9 @@ impl PipeOut {
     /// Queue `msg` for shard `to`.
     pub fn push(&mut self, to: ShardId, msg: PipeMsg) {
         if self.queues.len() <= to {
-            self.queues.resize_with(to + 1, Vec::new);
+            self.queues.resize_with(to + 1, Default::default);
         }
-        self.queues[to].push(msg);
+        self.queues[to][msg.lane() as usize].push(msg);
         self.waiting += 1;
     }
 
@@ -132,14 +144,17 @@ impl PipeOut {
         self.waiting == 0
     }
 
-    /// Every non-empty queue, as one batch per destination.
-    pub fn take(&mut self) -> impl Iterator<Item = (ShardId, Vec<PipeMsg>)> + '_ {
+    /// Every non-empty queue, as one batch per destination and lane (control first, so what
+    /// announces a track goes before its media).
+    pub fn take(&mut self) -> impl Iterator<Item = (ShardId, Lane, Vec<PipeMsg>)> + '_ {
         self.waiting = 0;
-        self.queues
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, q)| !q.is_empty())
-            .map(|(to, q)| (to, std::mem::take(q)))
+        self.queues.iter_mut().enumerate().flat_map(|(to, lanes)| {
+            let [control, media] = lanes;
+            [(Lane::Control, control), (Lane::Media, media)]
+                .into_iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(move |(lane, q)| (to, lane, std::mem::take(q)))
+        })
     }
 }
 
@@ -152,6 +167,8 @@ pub fn layer_bits(layers: impl IntoIterator<Item = usize>) -> u64 {
 }
 
 #[cfg(test)]
+// A test picks an arbitrary origin for a packet.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 
@@ -166,14 +183,26 @@ mod tests {
             },
         );
         out.push(0, PipeMsg::TrackClose { relay: 1 });
+        out.push(
+            2,
+            PipeMsg::Rtp {
+                relay: 2,
+                layer: 0,
+                packet: Default::default(),
+                origin: std::time::Instant::now(),
+            },
+        );
         out.push(2, PipeMsg::TrackClose { relay: 2 });
         assert!(!out.is_empty());
         let batches: Vec<_> = out.take().collect();
-        assert_eq!(batches.len(), 2);
-        assert_eq!(batches[0].0, 0);
-        assert_eq!(batches[1].0, 2);
-        assert!(matches!(batches[1].1[0], PipeMsg::Hello { .. }));
-        assert!(matches!(batches[1].1[1], PipeMsg::TrackClose { relay: 2 }));
+        assert_eq!(batches.len(), 3);
+        assert_eq!((batches[0].0, batches[0].1), (0, Lane::Control));
+        // Shard 2: its control batch (in order), then its media.
+        assert_eq!((batches[1].0, batches[1].1), (2, Lane::Control));
+        assert!(matches!(batches[1].2[0], PipeMsg::Hello { .. }));
+        assert!(matches!(batches[1].2[1], PipeMsg::TrackClose { relay: 2 }));
+        assert_eq!((batches[2].0, batches[2].1), (2, Lane::Media));
+        assert!(matches!(batches[2].2[..], [PipeMsg::Rtp { relay: 2, .. }]));
         assert!(out.is_empty());
         assert_eq!(out.take().count(), 0);
     }

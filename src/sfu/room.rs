@@ -71,9 +71,7 @@ impl Room {
                 let mut tracks: Vec<TrackInfo> = self
                     .tracks
                     .values()
-                    .filter(|t| {
-                        matches!(&t.publisher, Publisher::Remote { participant_id, .. } if participant_id == pid)
-                    })
+                    .filter(|t| t.is_remote_of(pid))
                     .map(|t| t.info(pid))
                     .collect();
                 tracks.sort_by(|a, b| a.id.cmp(&b.id));
@@ -178,6 +176,9 @@ pub(super) struct Participant {
     pub(super) open_channels: HashMap<&'static str, RTCDataChannelId>,
     /// What this participant publishes, in order.
     pub(super) pub_tracks: Vec<PubTrack>,
+    /// Receivers of its publisher connection whose track was refused (a kind its grants do
+    /// not allow): the track's other encodings are ignored without another error.
+    pub(super) refused: Vec<RTCRtpReceiverId>,
     /// Server track id → sender on this participant's subscriber PC.
     pub(super) subscriptions: HashMap<TrackId, RTCRtpSenderId>,
     pub(super) limiter: data::RateLimiter,
@@ -289,6 +290,40 @@ pub(super) struct Track {
 }
 
 impl Track {
+    /// A track nobody subscribes to yet.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        id: TrackId,
+        publisher: Publisher,
+        relay: RelayId,
+        kind: TrackKind,
+        codec: RTCRtpCodec,
+        client_track_id: String,
+        muted: bool,
+        layers: Vec<Layer>,
+    ) -> Self {
+        Track {
+            id,
+            publisher,
+            relay,
+            kind,
+            codec,
+            client_track_id,
+            muted,
+            layers,
+            down: HashMap::new(),
+            paused_upstream: BTreeSet::new(),
+            unneeded_since: HashMap::new(),
+            relayed_to: BTreeMap::new(),
+            needed_sent: None,
+        }
+    }
+
+    /// Whether the track is published by participant `pid` of another shard.
+    pub(super) fn is_remote_of(&self, pid: &str) -> bool {
+        matches!(&self.publisher, Publisher::Remote { participant_id, .. } if participant_id == pid)
+    }
+
     /// The local participant publishing the track, if it is local.
     pub(super) fn local_publisher(&self) -> Option<PartKey> {
         match self.publisher {

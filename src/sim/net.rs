@@ -15,7 +15,7 @@
 //! shard that drops whole batches).
 
 #![allow(clippy::disallowed_methods)] // one real instant starts the virtual clock
-use crate::sfu::pipe::{PipeMsg, ShardId};
+use crate::sfu::pipe::{Lane, PipeMsg, ShardId};
 use crate::sfu::placement::{Place, Placement};
 use crate::sfu::{Command, JoinAccepted, SfuError};
 use bytes::BytesMut;
@@ -42,7 +42,7 @@ pub struct Output {
     pub commands: Vec<Command>,
     /// (A shard only.) Batches for other shards: (destination shard, messages), delivered
     /// as events of the network (see [`PipeConfig`]).
-    pub pipes: Vec<(ShardId, Vec<PipeMsg>)>,
+    pub pipes: Vec<(ShardId, Lane, Vec<PipeMsg>)>,
 }
 
 /// A sans-I/O participant of the simulated network.
@@ -497,7 +497,7 @@ impl Net {
 
     /// A shard's batch for shard `to`: queued for delivery, or dropped (counted, and the
     /// sender told) when the receiving shard's queue is full.
-    fn send_pipe(&mut self, from_node: NodeId, to: ShardId, mut msgs: Vec<PipeMsg>) {
+    fn send_pipe(&mut self, from_node: NodeId, to: ShardId, lane: Lane, msgs: Vec<PipeMsg>) {
         let now = self.now;
         let seq = self.next_seq;
         let Some(sh) = self.shards.as_mut() else {
@@ -511,21 +511,12 @@ impl Net {
         };
         let stats = sh.stats.entry((from, to)).or_default();
         stats.batches_sent += 1;
-        if sh.cfg.capacity.is_some_and(|c| sh.queued[to] >= c) {
-            let (media, control): (Vec<_>, Vec<_>) = msgs.into_iter().partition(PipeMsg::is_media);
-            if !media.is_empty() {
-                stats.batches_dropped += 1;
-                stats.msgs_dropped += media.len() as u64;
-                self.nodes[from_node].pipe_dropped(now, to, media);
-            }
-            if control.is_empty() {
-                return;
-            }
-            msgs = control;
-        }
-        let Some(sh) = self.shards.as_mut() else {
+        if lane == Lane::Media && sh.cfg.capacity.is_some_and(|c| sh.queued[to] >= c) {
+            stats.batches_dropped += 1;
+            stats.msgs_dropped += msgs.len() as u64;
+            self.nodes[from_node].pipe_dropped(now, to, msgs);
             return;
-        };
+        }
         sh.queued[to] += 1;
         let last = sh.last.entry((from, to)).or_insert(now);
         let at = (now + sh.cfg.delay).max(*last);
@@ -645,8 +636,8 @@ impl Net {
                 for (from, to, data) in out.datagrams {
                     self.send(id, from, to, data);
                 }
-                for (to, msgs) in out.pipes {
-                    self.send_pipe(id, to, msgs);
+                for (to, lane, msgs) in out.pipes {
+                    self.send_pipe(id, to, lane, msgs);
                 }
                 if !out.commands.is_empty() {
                     if self.shards.is_some() {
@@ -987,7 +978,7 @@ mod tests {
         joins: Vec<(String, Vec<ShardId>)>,
         commands: Vec<String>,
         got: Vec<(Instant, ShardId, Vec<u32>)>,
-        out: Vec<(ShardId, Vec<PipeMsg>)>,
+        out: Vec<(ShardId, Lane, Vec<PipeMsg>)>,
         dropped: u64,
     }
 
@@ -1174,8 +1165,11 @@ mod tests {
             capacity: None,
         });
         let start = net.now();
-        net.node::<FakeShard>(nodes[0]).out =
-            vec![(1, batch(&[1, 2])), (2, batch(&[3])), (1, batch(&[4]))];
+        net.node::<FakeShard>(nodes[0]).out = vec![
+            (1, Lane::Control, batch(&[1, 2])),
+            (2, Lane::Control, batch(&[3])),
+            (1, Lane::Control, batch(&[4])),
+        ];
         net.run_for(Duration::from_millis(1));
         assert!(
             net.node::<FakeShard>(nodes[1]).got.is_empty(),
@@ -1194,13 +1188,13 @@ mod tests {
             (2, 2, 3)
         );
         // A shorter delay does not let a later batch overtake an earlier one of the pair.
-        net.node::<FakeShard>(nodes[2]).out = vec![(1, batch(&[5]))];
+        net.node::<FakeShard>(nodes[2]).out = vec![(1, Lane::Control, batch(&[5]))];
         net.run_for(Duration::ZERO);
         net.set_pipe(PipeConfig {
             delay: Duration::ZERO,
             capacity: None,
         });
-        net.node::<FakeShard>(nodes[2]).out = vec![(1, batch(&[6]))];
+        net.node::<FakeShard>(nodes[2]).out = vec![(1, Lane::Control, batch(&[6]))];
         net.run_for(Duration::from_millis(5));
         let got: Vec<u32> = net.node::<FakeShard>(nodes[1]).got[2..]
             .iter()
@@ -1216,13 +1210,12 @@ mod tests {
             delay: Duration::from_millis(1),
             capacity: Some(2),
         });
-        let mut mixed = media(&[4, 5]);
-        mixed.extend(batch(&[6]));
         net.node::<FakeShard>(nodes[0]).out = vec![
-            (1, media(&[1])),
-            (1, media(&[2, 3])),
-            (1, mixed),
-            (1, media(&[7])),
+            (1, Lane::Media, media(&[1])),
+            (1, Lane::Media, media(&[2, 3])),
+            (1, Lane::Media, media(&[4, 5])),
+            (1, Lane::Control, batch(&[6])),
+            (1, Lane::Media, media(&[7])),
         ];
         net.run_for(Duration::from_millis(2));
         let got: Vec<Vec<u32>> = net
@@ -1231,13 +1224,16 @@ mod tests {
             .iter()
             .map(|g| g.2.clone())
             .collect();
-        // The control message of the third batch arrives all the same.
+        // The control batch arrives all the same.
         assert_eq!(got, [vec![1], vec![2, 3], vec![6]]);
         let s = net.pipe_stats(0, 1);
         assert_eq!((s.batches_dropped, s.msgs_dropped), (2, 3));
         assert_eq!(net.node::<FakeShard>(nodes[0]).dropped, 3);
         // Drained: room again. A batch for a shard that does not exist is dropped too.
-        net.node::<FakeShard>(nodes[0]).out = vec![(1, batch(&[8])), (5, batch(&[9, 9]))];
+        net.node::<FakeShard>(nodes[0]).out = vec![
+            (1, Lane::Control, batch(&[8])),
+            (5, Lane::Control, batch(&[9, 9])),
+        ];
         net.run_for(Duration::from_millis(2));
         assert_eq!(net.node::<FakeShard>(nodes[1]).got.len(), 4);
         assert_eq!(net.pipe_unroutable(), 1);

@@ -8,7 +8,7 @@
 //! "port" and seed, their pipe batches carried by the network (see [`super::Net::set_shards`]).
 
 use super::net::{Net, Node, NodeId, Output};
-use crate::sfu::pipe::{PipeMsg, ShardId};
+use crate::sfu::pipe::{Lane, PipeMsg, ShardId};
 use crate::sfu::{Command, CoreConfig, CoreStats, Sfu, Transmit};
 use bytes::BytesMut;
 use std::collections::BTreeMap;
@@ -24,7 +24,7 @@ pub struct SimTransmit {
     /// Forwarded packets (those with an `origin`).
     pub forwarded: u64,
     /// Batches for other shards, until the node drains them.
-    pipes: Vec<(ShardId, Vec<PipeMsg>)>,
+    pipes: Vec<(ShardId, Lane, Vec<PipeMsg>)>,
 }
 
 impl Transmit for SimTransmit {
@@ -36,8 +36,8 @@ impl Transmit for SimTransmit {
         self.queue.push((data, to));
     }
 
-    fn pipe(&mut self, to: ShardId, msgs: Vec<PipeMsg>) {
-        self.pipes.push((to, msgs));
+    fn pipe(&mut self, to: ShardId, lane: Lane, msgs: Vec<PipeMsg>) {
+        self.pipes.push((to, lane, msgs));
     }
 }
 

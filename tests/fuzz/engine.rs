@@ -18,25 +18,21 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// xorshift64*: fast, and enough for choosing mutations.
+/// The project's seeded RNG (`rand`'s `StdRng`, as the core uses), with the few draws the
+/// mutator needs.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(rand::rngs::StdRng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed.max(1))
+        Rng(rand::SeedableRng::seed_from_u64(seed))
     }
     pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        rand::Rng::random(&mut self.0)
     }
     /// Uniform in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        rand::Rng::random_range(&mut self.0, 0..n)
     }
     /// True with probability `1/n`.
     pub fn one_in(&mut self, n: usize) -> bool {

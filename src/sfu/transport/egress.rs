@@ -862,18 +862,14 @@ impl RtpSealer {
             return Ok(RtpSealer::Rtc);
         };
         let salt = &keys.local_salt;
+        let derive =
+            |label: u8, out: &mut [u8]| derive_session_key(crypto, &master_key, salt, label, out);
         match keys.profile {
             ProtectionProfile::AeadAes128Gcm if salt.len() == 12 => {
                 let mut key = [0u8; AES_128];
-                derive_session_key(crypto, &master_key, salt, LABEL_SRTP_ENCRYPTION, &mut key)?;
+                derive(LABEL_SRTP_ENCRYPTION, &mut key)?;
                 let mut session_salt = [0u8; 12];
-                derive_session_key(
-                    crypto,
-                    &master_key,
-                    salt,
-                    LABEL_SRTP_SALT,
-                    &mut session_salt,
-                )?;
+                derive(LABEL_SRTP_SALT, &mut session_salt)?;
                 let aead = crypto
                     .new_aead(AeadAlgorithm::Aes128Gcm, &key)
                     .map_err(srtp)?;
@@ -887,17 +883,11 @@ impl RtpSealer {
             }
             ProtectionProfile::Aes128CmHmacSha1_80 if salt.len() == 14 => {
                 let mut key = [0u8; AES_128];
-                derive_session_key(crypto, &master_key, salt, LABEL_SRTP_ENCRYPTION, &mut key)?;
+                derive(LABEL_SRTP_ENCRYPTION, &mut key)?;
                 let mut auth = [0u8; 20];
-                derive_session_key(crypto, &master_key, salt, LABEL_SRTP_AUTH, &mut auth)?;
+                derive(LABEL_SRTP_AUTH, &mut auth)?;
                 let mut session_salt = [0u8; 14];
-                derive_session_key(
-                    crypto,
-                    &master_key,
-                    salt,
-                    LABEL_SRTP_SALT,
-                    &mut session_salt,
-                )?;
+                derive(LABEL_SRTP_SALT, &mut session_salt)?;
                 let ctr = crypto
                     .new_stream_cipher(StreamCipherAlgorithm::Aes128Ctr, &key)
                     .map_err(srtp)?;
