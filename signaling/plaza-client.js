@@ -369,6 +369,21 @@ export class PlazaClient extends Emitter {
     }
   }
 
+  /** Room admins: remove a participant of the room (it is told `reason`). */
+  removeParticipant(participantId, reason = undefined) {
+    this._send({ type: 'remove_participant', participant_id: participantId, reason });
+  }
+
+  /** Room admins: mute (or unmute) a participant's chat. */
+  muteChat(participantId, muted = true) {
+    this._send({ type: 'mute_chat', participant_id: participantId, muted: !!muted });
+  }
+
+  /** Room admins: mute (or unmute) another participant's track. */
+  muteTrack(trackId, muted = true) {
+    this._send({ type: 'mute', track_id: trackId, muted: !!muted });
+  }
+
   /** Subscribe to / unsubscribe from tracks (needed with `autoSubscribe: false`). */
   subscribe(trackIds, subscribe = true) {
     this._send({ type: 'subscribe', track_ids: [...trackIds], subscribe });
@@ -670,16 +685,20 @@ export class PlazaClient extends Emitter {
       }
       case 'track_muted': {
         if (msg.participant_id === this.participantId) {
-          this.emit('localtrackmuted', { trackId: msg.track_id, muted: msg.muted });
+          this.emit('localtrackmuted', { trackId: msg.track_id, muted: msg.muted, byAdmin: !!msg.by_admin });
           break;
         }
         const info = this.participants.get(msg.participant_id)?.tracks.get(msg.track_id);
         if (info) info.muted = msg.muted;
         const rt = this.remoteTracks.get(msg.track_id);
         if (rt) rt.muted = msg.muted;
-        this.emit('trackmuted', { trackId: msg.track_id, participantId: msg.participant_id, muted: msg.muted });
+        this.emit('trackmuted', { trackId: msg.track_id, participantId: msg.participant_id, muted: msg.muted, byAdmin: !!msg.by_admin });
         break;
       }
+      case 'permissions_changed':
+        this.permissions = msg.permissions;
+        this.emit('permissionschanged', { permissions: msg.permissions });
+        break;
       case 'layer_changed': {
         const rt = this.remoteTracks.get(msg.track_id);
         const layer = { quality: msg.quality, rid: msg.rid, width: msg.width ?? null, height: msg.height ?? null };

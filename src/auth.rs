@@ -221,9 +221,12 @@ pub struct RoomGrants {
     /// Others do not see it (a recorder or a bot).
     #[serde(default)]
     pub hidden: bool,
-    /// May moderate the room.
+    /// May moderate the room: over the WebSocket, and through the admin API for `room`.
     #[serde(default)]
     pub room_admin: bool,
+    /// May list every room through the admin API (`GET /api/rooms`).
+    #[serde(default)]
+    pub room_list: bool,
 }
 
 impl RoomGrants {
@@ -239,6 +242,7 @@ impl RoomGrants {
             can_subscribe: Some(true),
             hidden: false,
             room_admin: false,
+            room_list: false,
         }
     }
 
@@ -253,6 +257,7 @@ impl RoomGrants {
         self.can_subscribe = Some(false);
         self.hidden = false;
         self.room_admin = false;
+        self.room_list = false;
         for name in names.into_iter().map(str::trim).filter(|n| !n.is_empty()) {
             match name {
                 "publish" => (audio, video) = (true, true),
@@ -262,6 +267,7 @@ impl RoomGrants {
                 "subscribe" => self.can_subscribe = Some(true),
                 "hidden" => self.hidden = true,
                 "admin" => self.room_admin = true,
+                "list" => self.room_list = true,
                 other => {
                     return Err(format!(
                         "unknown grant `{other}` (known: {})",
@@ -310,6 +316,7 @@ pub const GRANT_NAMES: &[&str] = &[
     "subscribe",
     "hidden",
     "admin",
+    "list",
 ];
 
 /// The grants a token gets when none are named: publish, data, subscribe.
@@ -424,6 +431,10 @@ pub enum TokenError {
     /// `roomJoin` is not granted.
     #[error("the access token does not grant joining room {0:?} (`roomJoin`)")]
     JoinNotGranted(String),
+    /// The admin API: the token does not grant what the request needs (`roomAdmin` for the
+    /// request's room, `roomList` to list rooms).
+    #[error("the access token does not grant {0}")]
+    AdminNotGranted(String),
     /// Minting only: the key or secret is unusable.
     #[error("cannot sign with this API key: {0}")]
     BadKey(String),
@@ -440,7 +451,9 @@ impl TokenError {
             TokenError::Expired(_) => ErrorCode::TokenExpired,
             TokenError::NotYetValid(_) => ErrorCode::TokenNotYetValid,
             TokenError::WrongRoom { .. } => ErrorCode::TokenWrongRoom,
-            TokenError::JoinNotGranted(_) => ErrorCode::PermissionDenied,
+            TokenError::JoinNotGranted(_) | TokenError::AdminNotGranted(_) => {
+                ErrorCode::PermissionDenied
+            }
             TokenError::BadKey(_) => ErrorCode::Internal,
         }
     }
@@ -499,6 +512,67 @@ impl Verifier {
         room: Option<&str>,
         now: u64,
     ) -> Result<Verified, TokenError> {
+        let claims = self.decode_at(token, now)?;
+        let token_room = claims.grants.room.trim();
+        let join_room = room.map(str::trim).filter(|r| !r.is_empty());
+        if token_room.is_empty() || join_room.is_some_and(|r| r != token_room) {
+            return Err(TokenError::WrongRoom {
+                token_room: token_room.to_owned(),
+                join_room: join_room.unwrap_or_default().to_owned(),
+            });
+        }
+        if !claims.grants.room_join {
+            return Err(TokenError::JoinNotGranted(token_room.to_owned()));
+        }
+        Ok(Verified::from(claims))
+    }
+
+    /// Verify a token for the admin API against the wall clock: `Some(room)` needs
+    /// `roomAdmin` for that room, `None` (listing every room) needs `roomList`. `roomJoin`
+    /// is not needed.
+    pub fn verify_admin(
+        &self,
+        token: Option<&str>,
+        room: Option<&str>,
+    ) -> Result<Verified, TokenError> {
+        self.verify_admin_at(token, room, unix_now())
+    }
+
+    /// [`Verifier::verify_admin`] at `now` (seconds since the Unix epoch).
+    pub fn verify_admin_at(
+        &self,
+        token: Option<&str>,
+        room: Option<&str>,
+        now: u64,
+    ) -> Result<Verified, TokenError> {
+        let claims = self.decode_at(token, now)?;
+        let g = &claims.grants;
+        match room.map(str::trim) {
+            Some(room) => {
+                if !g.room_admin {
+                    return Err(TokenError::AdminNotGranted(format!(
+                        "administering room {room:?} (`roomAdmin`)"
+                    )));
+                }
+                if g.room.trim() != room {
+                    return Err(TokenError::WrongRoom {
+                        token_room: g.room.trim().to_owned(),
+                        join_room: room.to_owned(),
+                    });
+                }
+            }
+            None if !g.room_list => {
+                return Err(TokenError::AdminNotGranted(
+                    "listing rooms (`roomList`)".to_owned(),
+                ));
+            }
+            None => {}
+        }
+        Ok(Verified::from(claims))
+    }
+
+    /// The claims of a token whose signature, key, expiry and identity check out.
+    fn decode_at(&self, token: Option<&str>, now: u64) -> Result<Claims, TokenError> {
         let token = token.map(str::trim).unwrap_or_default();
         if token.is_empty() {
             return Err(TokenError::Missing);
@@ -561,24 +635,19 @@ impl Verifier {
         if !claims.name.is_empty() {
             check_text("name", &claims.name)?;
         }
-        let token_room = claims.grants.room.trim();
-        let join_room = room.map(str::trim).filter(|r| !r.is_empty());
-        if token_room.is_empty() || join_room.is_some_and(|r| r != token_room) {
-            return Err(TokenError::WrongRoom {
-                token_room: token_room.to_owned(),
-                join_room: join_room.unwrap_or_default().to_owned(),
-            });
-        }
-        if !claims.grants.room_join {
-            return Err(TokenError::JoinNotGranted(token_room.to_owned()));
-        }
-        Ok(Verified {
+        Ok(claims)
+    }
+}
+
+impl From<Claims> for Verified {
+    fn from(claims: Claims) -> Self {
+        Verified {
             identity: claims.sub.trim().to_owned(),
             name: claims.name.trim().to_owned(),
-            room: token_room.to_owned(),
+            room: claims.grants.room.trim().to_owned(),
             api_key: claims.iss,
             grants: claims.grants,
-        })
+        }
     }
 }
 

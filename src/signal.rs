@@ -94,6 +94,20 @@ pub struct ParticipantInfo {
     pub tracks: Vec<TrackInfo>,
 }
 
+/// What a participant may do: the grants of its access token, as a room admin may have
+/// changed them since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permissions {
+    pub publish_audio: bool,
+    pub publish_video: bool,
+    pub publish_data: bool,
+    pub subscribe: bool,
+    pub hidden: bool,
+    pub room_admin: bool,
+    /// Its `chat` messages are refused (a room admin muted its chat).
+    pub chat_muted: bool,
+}
+
 /// Messages from a client to the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -131,8 +145,19 @@ pub enum ClientMessage {
         track_ids: Vec<String>,
         subscribe: bool,
     },
-    /// Mute or unmute one of the participant's own published tracks.
+    /// Mute or unmute one of the participant's own published tracks. A room admin may name
+    /// another participant's track: the server stops (or resumes) forwarding it, and its
+    /// publisher cannot unmute it until an admin does.
     Mute { track_id: String, muted: bool },
+    /// Room admins only: remove a participant from the room (it gets `leave` with the reason).
+    RemoveParticipant {
+        participant_id: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Room admins only: mute (or unmute) a participant's chat: its `chat` data-channel
+    /// messages are refused (`permission_denied`) until unmuted.
+    MuteChat { participant_id: String, muted: bool },
     /// Per-subscription preferences for a video track (simulcast layer selection): the
     /// highest quality wanted and/or the pixel size of the element it is rendered into.
     /// `quality`: absent = keep the cap if a size is given (remove it otherwise), `null` =
@@ -191,6 +216,16 @@ pub enum ServerMessage {
         track_id: String,
         participant_id: String,
         muted: bool,
+        /// A room admin (not the publisher) muted or unmuted it; while an admin holds it
+        /// muted, the publisher's own `mute` with `muted: false` is refused.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        by_admin: bool,
+    },
+    /// To a participant: what it may do changed (a room admin updated its grants or muted its
+    /// chat). Tracks of a kind it may no longer publish were unpublished (`track_unpublished`
+    /// tells it), and it was unsubscribed from everything if it may no longer subscribe.
+    PermissionsChanged {
+        permissions: Permissions,
     },
     /// Answer to `publish_offer`.
     PublishAnswer {
@@ -346,6 +381,8 @@ const CLIENT_TYPES: &[&str] = &[
     "trickle",
     "subscribe",
     "mute",
+    "remove_participant",
+    "mute_chat",
     "track_settings",
     "ping",
     "leave",

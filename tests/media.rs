@@ -284,7 +284,8 @@ async fn mute_stops_forwarding_and_unmute_resumes_with_keyframe() {
         ServerMessage::TrackMuted {
             track_id: video.id.clone(),
             participant_id: alice_id.clone(),
-            muted: true
+            muted: true,
+            by_admin: false,
         }
     );
     assert!(
@@ -324,7 +325,7 @@ async fn mute_stops_forwarding_and_unmute_resumes_with_keyframe() {
         .await
         .unwrap();
     bob.wait_for_server(
-        |m| matches!(m, ServerMessage::TrackMuted { track_id, muted: false, participant_id } if *track_id == video.id && *participant_id == alice_id),
+        |m| matches!(m, ServerMessage::TrackMuted { track_id, muted: false, participant_id, .. } if *track_id == video.id && *participant_id == alice_id),
         T,
     )
     .await

@@ -120,6 +120,11 @@ pub(crate) fn spawn() -> (
                     let _ = done.send(());
                     break;
                 }
+                Command::Admin { reply, .. } => {
+                    let _ = reply.send(Err(crate::sfu::admin::AdminError::Invalid(
+                        "the fake core has no admin API".into(),
+                    )));
+                }
                 Command::Stats { reply } => {
                     let _ = reply.send(CoreStats {
                         participants: participants.len(),

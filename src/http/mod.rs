@@ -7,6 +7,7 @@
 //! - `GET /dev/token?room=R[&name=N][&identity=I][&grants=G][&ttl=S]`: in development mode
 //!   only (no API key configured), an access token signed with the public development key, for
 //!   the demo page (404 whenever keys are configured);
+//! - `/api/...`: the room admin API (see [`admin`]);
 //! - everything else (`GET`/`HEAD`): files from the `signaling/` directory (demo page and JS
 //!   client), `/` being `signaling/index.html`.
 
@@ -14,6 +15,7 @@
 // limits read the clock.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
+pub mod admin;
 #[cfg(test)]
 pub(crate) mod fake_core;
 pub mod limits;
@@ -67,6 +69,8 @@ pub struct HttpSettings {
     pub flood_close_after: Duration,
     /// Checks the access token of every join (development mode when no key is configured).
     pub verifier: Verifier,
+    /// Largest data-channel payload relayed (the admin API's `send data` too), in bytes.
+    pub max_data_message: usize,
 }
 
 impl HttpSettings {
@@ -82,6 +86,7 @@ impl HttpSettings {
             ws_message_burst: DEFAULT_WS_MESSAGE_BURST,
             flood_close_after: ws::FLOOD_CLOSE_AFTER,
             verifier: Verifier::new(KeySet::new()),
+            max_data_message: crate::config::DEFAULT_MAX_DATA_MESSAGE,
         }
     }
 
@@ -94,6 +99,7 @@ impl HttpSettings {
             ws_message_rate: config.ws_message_rate,
             ws_message_burst: config.ws_message_burst,
             verifier: Verifier::new(config.keys.clone()),
+            max_data_message: config.max_data_message,
             ..HttpSettings::new(config.max_ws_message)
         }
     }
@@ -162,6 +168,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/rtc", get(ws::upgrade))
         .route("/dev/token", get(dev_token))
+        .merge(admin::routes())
         .fallback(static_file)
         .with_state(state)
 }

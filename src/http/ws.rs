@@ -991,6 +991,8 @@ fn kind(msg: &ClientMessage) -> &'static str {
         ClientMessage::Trickle { .. } => "trickle",
         ClientMessage::Subscribe { .. } => "subscribe",
         ClientMessage::Mute { .. } => "mute",
+        ClientMessage::RemoveParticipant { .. } => "remove_participant",
+        ClientMessage::MuteChat { .. } => "mute_chat",
         ClientMessage::TrackSettings { .. } => "track_settings",
         ClientMessage::Ping { .. } => "ping",
         ClientMessage::Leave => "leave",

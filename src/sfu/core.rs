@@ -262,6 +262,8 @@ macro_rules! part_mut {
     }};
 }
 
+mod moderation;
+
 impl<T: Transmit> Sfu<T> {
     /// A core whose media address is `local_addr` (the port its candidates announce), with
     /// randomness from `seed`, created at `now`, writing its datagrams to `tx`.
@@ -870,6 +872,10 @@ impl<T: Transmit> Sfu<T> {
         let Some(p) = room.parts.get_mut(&part) else {
             return;
         };
+        if p.refused.contains(&init.receiver_id) {
+            // Refused (a kind not granted, or unpublished when its grant was revoked).
+            return;
+        }
         if let Some(tid) = p.pub_track(init.receiver_id) {
             // Another encoding (simulcast layer) of a known track, or a new SSRC of its only
             // encoding.
@@ -931,10 +937,6 @@ impl<T: Transmit> Sfu<T> {
             TrackKind::Video => p.grants.publish_video,
         };
         if !granted {
-            if p.refused.contains(&init.receiver_id) {
-                // Another encoding of a track already refused.
-                return;
-            }
             p.refused.push(init.receiver_id);
             debug!(participant = %p.pid, ?kind, "track kind not granted; ignored");
             let kind = match kind {
@@ -1023,7 +1025,7 @@ impl<T: Transmit> Sfu<T> {
         );
         // Auto-subscribe the others.
         for m in members {
-            if m != part && self.part(m).is_some_and(|p| p.auto_subscribe) {
+            if m != part && self.part(m).is_some_and(Participant::auto_subscribes) {
                 self.subscribe(m, &tid);
             }
         }
@@ -1290,6 +1292,7 @@ impl<T: Transmit> Sfu<T> {
             }
         }
         if track.muted {
+            self.stats.forward_dropped.muted += 1;
             return;
         }
         // Once to each other shard with subscribers (only the publisher's shard relays).
@@ -1900,6 +1903,15 @@ impl<T: Transmit> Sfu<T> {
             self.send_to(part, m);
             return;
         }
+        if p.chat_muted && channel == Channel::Chat {
+            let m = ServerMessage::error(
+                ErrorCode::PermissionDenied,
+                "your chat is muted by a room admin; chat message not relayed",
+                Some(channel.label()),
+            );
+            self.send_to(part, m);
+            return;
+        }
         let inbound = data::parse_client(msg, self.cfg.max_data_message)
             .and_then(|i| p.limiter.check(now, i.payload.len()).map(|_| i));
         let inbound = match inbound {
@@ -1985,7 +1997,8 @@ impl<T: Transmit> Sfu<T> {
         self.deliver_data(&targets, channel.label(), is_text, &framed, now);
     }
 
-    /// A framed data-channel message to participants of this shard, on their channel `label`.
+    /// A framed data-channel message to participants of this shard, on their channel `label`;
+    /// how many it was handed to (those whose channel is open).
     fn deliver_data(
         &mut self,
         targets: &[PartKey],
@@ -1993,7 +2006,8 @@ impl<T: Transmit> Sfu<T> {
         is_text: bool,
         framed: &[u8],
         now: Instant,
-    ) {
+    ) -> usize {
+        let mut delivered = 0;
         for &t in targets {
             let Some(tp) = part_mut!(self, t) else {
                 continue;
@@ -2014,6 +2028,7 @@ impl<T: Transmit> Sfu<T> {
             };
             match res {
                 Ok(()) => {
+                    delivered += 1;
                     self.stats.data_messages_relayed += 1;
                     self.mark_dirty(PcKey {
                         part: t,
@@ -2023,6 +2038,7 @@ impl<T: Transmit> Sfu<T> {
                 Err(e) => debug!("data-channel send: {e}"),
             }
         }
+        delivered
     }
 
     // ---------------------------------------------------------------- the pipe
@@ -2146,9 +2162,18 @@ impl<T: Transmit> Sfu<T> {
                     self.unpublish(rk, &tid);
                 }
             }
-            PipeMsg::Muted { relay, muted } => {
+            PipeMsg::Muted {
+                relay,
+                muted,
+                by_admin,
+            } => {
                 if let Some((rk, tid)) = self.relays_in.get(&(from, relay)).cloned() {
-                    self.set_muted(rk, &tid, muted);
+                    self.set_muted(rk, &tid, muted, by_admin);
+                }
+            }
+            PipeMsg::Admin { op } => {
+                if let Err(e) = self.on_admin(op) {
+                    debug!(shard = from, "admin request from another shard: {e}");
                 }
             }
         }
@@ -2337,7 +2362,7 @@ impl<T: Transmit> Sfu<T> {
         debug!(track = %tid, shard = from, "track relayed from another shard");
         self.broadcast(rk, None, ServerMessage::TrackPublished { track: info });
         for m in members {
-            if self.part(m).is_some_and(|p| p.auto_subscribe) {
+            if self.part(m).is_some_and(Participant::auto_subscribes) {
                 self.subscribe(m, &tid);
             }
         }
@@ -2366,6 +2391,9 @@ impl<T: Transmit> Sfu<T> {
             }
             Command::Stats { reply } => {
                 let _ = reply.send(self.stats());
+            }
+            Command::Admin { op, reply } => {
+                let _ = reply.send(self.on_admin(op));
             }
             Command::Shutdown { .. } => {}
         }
@@ -2600,8 +2628,10 @@ impl<T: Transmit> Sfu<T> {
             name: name.clone(),
             identity: req.identity.clone(),
             grants,
+            chat_muted: false,
+            joined: self.now,
             events: req.events,
-            auto_subscribe,
+            auto_subscribe: req.auto_subscribe,
             sub,
             publ: None,
             sub_offer_pending: false,
@@ -2621,7 +2651,7 @@ impl<T: Transmit> Sfu<T> {
         };
         let r = self.rooms.entry(rk).or_insert_with(|| {
             info!(room = %room, peers = ?req.peers, "room opened");
-            let mut r = Room::new(room.clone());
+            let mut r = Room::new(room.clone(), self.now);
             // The room's other shards (and any that greeted it before it opened here) are
             // greeted: each answers with its participants and tracks.
             r.peers.extend(req.peers.iter().copied());
@@ -2773,6 +2803,14 @@ impl<T: Transmit> Sfu<T> {
                 subscribe,
             } => self.on_subscribe(part, track_ids, subscribe),
             ClientMessage::Mute { track_id, muted } => self.on_mute(part, track_id, muted),
+            ClientMessage::RemoveParticipant {
+                participant_id,
+                reason,
+            } => self.on_remove_participant(part, participant_id, reason),
+            ClientMessage::MuteChat {
+                participant_id,
+                muted,
+            } => self.on_mute_chat(part, participant_id, muted),
             ClientMessage::TrackSettings {
                 track_id,
                 quality,
@@ -2922,9 +2960,33 @@ impl<T: Transmit> Sfu<T> {
     /// `mute`: a publisher (un)mutes one of its tracks; unmuting resumes every subscriber at
     /// a keyframe without a sequence gap.
     fn on_mute(&mut self, part: PartKey, track_id: String, muted: bool) {
-        let owned = self
-            .track(part.room, &track_id)
-            .is_some_and(|t| t.local_publisher() == Some(part));
+        let Some(t) = self.track(part.room, &track_id) else {
+            return self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::NotFound,
+                    format!("you publish no track {track_id}"),
+                    Some("mute"),
+                ),
+            );
+        };
+        let owned = t.local_publisher() == Some(part);
+        let admin = self.part(part).is_some_and(|p| p.grants.room_admin);
+        if admin && !owned {
+            return self.admin_mute_from(part, track_id, muted);
+        }
+        if owned && t.admin_muted && !muted && !admin {
+            return self.send_to(
+                part,
+                ServerMessage::error(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "track {track_id} is muted by a room admin; only an admin can unmute it"
+                    ),
+                    Some("mute"),
+                ),
+            );
+        }
         // (Another participant's track gets the same answer as a made-up id.)
         if !owned {
             self.send_to(
@@ -2937,12 +2999,15 @@ impl<T: Transmit> Sfu<T> {
             );
             return;
         }
-        self.set_muted(part.room, &track_id, muted);
+        if let Some(t) = self.track_mut(part.room, &track_id) {
+            t.admin_muted = false;
+        }
+        self.set_muted(part.room, &track_id, muted, false);
     }
 
     /// A track was muted or unmuted (by its publisher here, or on its shard): everyone in the
     /// room is told, and unmuting resumes every subscriber at a keyframe without a gap.
-    fn set_muted(&mut self, room: RoomKey, track_id: &str, muted: bool) {
+    fn set_muted(&mut self, room: RoomKey, track_id: &str, muted: bool, by_admin: bool) {
         let now = self.now;
         let Some(r) = self.rooms.get_mut(&room) else {
             return;
@@ -2976,7 +3041,14 @@ impl<T: Transmit> Sfu<T> {
         if t.local_publisher().is_some() {
             let relay = t.relay;
             for &peer in &r.peers {
-                self.pipe_out.push(peer, PipeMsg::Muted { relay, muted });
+                self.pipe_out.push(
+                    peer,
+                    PipeMsg::Muted {
+                        relay,
+                        muted,
+                        by_admin,
+                    },
+                );
             }
         }
         self.broadcast(
@@ -2986,6 +3058,7 @@ impl<T: Transmit> Sfu<T> {
                 track_id: track_id.to_owned(),
                 participant_id: pid,
                 muted,
+                by_admin,
             },
         );
     }

@@ -38,6 +38,9 @@
 //! others receive: {"from":"PA_a"}\nhello everyone  {"from":"PA_a"}\nhello b   (only PA_b)
 //! ```
 //!
+//! A message the server itself sends (a room admin's, through the admin API) has
+//! `{"from":"server"}`.
+//!
 //! **Errors** (reported to the sender; the message is not relayed), see [`DataError::code`]:
 //!
 //! | code                  | cause                                                          |
@@ -55,6 +58,9 @@ use bytes::Bytes;
 use serde::Deserialize;
 use thiserror::Error;
 
+/// The `from` of a message the server itself sends (the admin API's `send data`); no
+/// participant id can be this (they all start with `PA_`).
+pub const SERVER_SENDER: &str = "server";
 /// Label of the reliable, ordered data channel.
 pub const CHAT_LABEL: &str = "chat";
 /// Label of the unordered, unreliable (`maxRetransmits: 0`) data channel.

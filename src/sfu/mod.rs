@@ -25,6 +25,7 @@ pub mod transport {
 }
 pub use media::{forward, keyframe, rewrite, selector, vp8};
 pub use transport::{bwe, egress, ingress, nack};
+pub mod admin;
 pub mod data;
 pub mod demux;
 pub mod effects;
@@ -126,6 +127,11 @@ pub enum Command {
     Shutdown { done: oneshot::Sender<()> },
     /// Snapshot of counters for `/healthz` and benchmarks.
     Stats { reply: oneshot::Sender<CoreStats> },
+    /// Room administration (the admin API), on this shard's share of what `op` names.
+    Admin {
+        op: admin::AdminOp,
+        reply: oneshot::Sender<Result<admin::AdminReply, admin::AdminError>>,
+    },
 }
 
 /// A join, as the WebSocket session passes it on.
@@ -530,6 +536,102 @@ impl SfuHandle {
         for rx in waits {
             let _ = rx.await;
         }
+    }
+
+    /// Room administration: `op` goes to the shard of the participant it names, to every shard
+    /// hosting the room it names, or (listing rooms) to every shard; the answers are merged.
+    pub async fn admin(&self, op: admin::AdminOp) -> Result<admin::AdminReply, admin::AdminError> {
+        use admin::{AdminError, AdminOp, AdminReply, RoomSummary, Target};
+        let shards: Vec<usize> = match (&op, op.room(), op.target()) {
+            (_, Some(room), Some(target)) => {
+                let Some((shard, pid)) = self.placement().locate(room, target) else {
+                    if self.placement().room_shards(room).is_empty() {
+                        return Err(AdminError::RoomNotFound(room.to_owned()));
+                    }
+                    return Err(AdminError::ParticipantNotFound(target.to_string()));
+                };
+                let op = op.with_target(Target::Participant(pid));
+                return self.admin_on(shard, op).await;
+            }
+            (_, Some(room), None) => self.placement().room_shards(room),
+            (_, None, _) => (0..self.shards.len()).collect(),
+        };
+        if let Some(room) = op.room().filter(|_| shards.is_empty()) {
+            return Err(AdminError::RoomNotFound(room.to_owned()));
+        }
+        let mut replies = Vec::with_capacity(shards.len());
+        for shard in shards {
+            match self.admin_on(shard, op.clone()).await {
+                // (The room closed there meanwhile.)
+                Err(AdminError::RoomNotFound(_)) => {}
+                other => replies.push(other?),
+            }
+        }
+        if replies.is_empty() {
+            return Err(AdminError::RoomNotFound(
+                op.room().unwrap_or_default().to_owned(),
+            ));
+        }
+        Ok(match op {
+            AdminOp::ListRooms => {
+                let mut rooms: std::collections::BTreeMap<String, RoomSummary> =
+                    std::collections::BTreeMap::new();
+                for reply in replies {
+                    let AdminReply::Rooms(list) = reply else {
+                        continue;
+                    };
+                    for r in list {
+                        match rooms.get_mut(&r.name) {
+                            Some(m) => {
+                                m.participants += r.participants;
+                                m.tracks += r.tracks;
+                                m.shards += r.shards;
+                                m.created_at = m.created_at.min(r.created_at);
+                            }
+                            None => {
+                                rooms.insert(r.name.clone(), r);
+                            }
+                        }
+                    }
+                }
+                AdminReply::Rooms(rooms.into_values().collect())
+            }
+            AdminOp::ListParticipants { .. } => {
+                let mut all: Vec<_> = replies
+                    .into_iter()
+                    .flat_map(|r| match r {
+                        AdminReply::Participants(list) => list,
+                        _ => Vec::new(),
+                    })
+                    .collect();
+                all.sort_by(|a, b| {
+                    (a.joined_at, &a.participant_id).cmp(&(b.joined_at, &b.participant_id))
+                });
+                AdminReply::Participants(all)
+            }
+            _ => AdminReply::Done {
+                participants: replies
+                    .iter()
+                    .map(|r| match r {
+                        AdminReply::Done { participants } => *participants,
+                        _ => 0,
+                    })
+                    .sum(),
+            },
+        })
+    }
+
+    async fn admin_on(
+        &self,
+        shard: usize,
+        op: admin::AdminOp,
+    ) -> Result<admin::AdminReply, admin::AdminError> {
+        let (reply, rx) = oneshot::channel();
+        self.shards[shard.min(self.shards.len() - 1)]
+            .send(Command::Admin { op, reply })
+            .await
+            .map_err(|_| admin::AdminError::ShuttingDown)?;
+        rx.await.map_err(|_| admin::AdminError::ShuttingDown)?
     }
 
     /// Current counters, summed over the shards.

@@ -145,6 +145,7 @@ mod tests {
             track_id: track.into(),
             participant_id: "PA_x".into(),
             muted,
+            by_admin: false,
         }
     }
 

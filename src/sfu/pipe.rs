@@ -64,8 +64,15 @@ pub enum PipeMsg {
     },
     /// The track is no longer published.
     TrackClose { relay: RelayId },
-    /// The track was muted or unmuted.
-    Muted { relay: RelayId, muted: bool },
+    /// The track was muted or unmuted (by a room admin: `by_admin`).
+    Muted {
+        relay: RelayId,
+        muted: bool,
+        by_admin: bool,
+    },
+    /// A room admin on the sender asks this shard to act on one of its participants
+    /// (remove it, mute its chat or one of its tracks). The sender checked the grant.
+    Admin { op: super::admin::AdminOp },
     /// One media packet of a relayed track (header extensions already removed), of simulcast
     /// layer `layer` (its index in the track's layer list). `origin`: when it reached the
     /// publisher's shard (in-core latency is measured from there).

@@ -9,6 +9,7 @@
 //! time. Pure bookkeeping: the signaling side calls it around each join and leave, under one
 //! lock; nothing on the packet path touches it.
 
+use super::admin::Target;
 use std::collections::HashMap;
 
 /// Room → shards, participant → shard, and each shard's load.
@@ -116,6 +117,19 @@ impl Placement {
     /// The shard `participant` is on.
     pub fn shard_of(&self, participant: &str) -> Option<usize> {
         self.parts.get(participant).map(|(s, _, _)| *s)
+    }
+
+    /// The shard and participant id of the participant of `room` that `target` names.
+    pub fn locate(&self, room: &str, target: &Target) -> Option<(usize, String)> {
+        let room = room.trim();
+        match target {
+            Target::Participant(pid) => self
+                .parts
+                .get(pid)
+                .filter(|(_, r, _)| r == room)
+                .map(|(shard, _, _)| (*shard, pid.clone())),
+            Target::Identity(id) => self.identities.get(&(room.to_owned(), id.clone())).cloned(),
+        }
     }
 
     /// `participant` has left (its session ended).

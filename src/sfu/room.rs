@@ -16,7 +16,7 @@ use super::outbox::Outbox;
 use super::pipe::{RelayId, ShardId};
 use super::selector::{BitrateMeter, LayerInfo};
 use super::timers::Deadline;
-use crate::signal::{ParticipantInfo, ServerMessage, TrackInfo, TrackKind};
+use crate::signal::{ParticipantInfo, Permissions, ServerMessage, TrackInfo, TrackKind};
 use bytes::BytesMut;
 use rtc::data_channel::RTCDataChannelId;
 use rtc::peer_connection::RTCPeerConnection;
@@ -43,6 +43,8 @@ pub(super) struct Room {
     pub(super) peers: BTreeSet<ShardId>,
     /// Participants of the room on other shards, by id.
     pub(super) remote: BTreeMap<String, RemoteMember>,
+    /// When the room opened here.
+    pub(super) created: Instant,
 }
 
 /// A participant of the room on another shard.
@@ -52,8 +54,9 @@ pub(super) struct RemoteMember {
 }
 
 impl Room {
-    pub(super) fn new(name: String) -> Self {
+    pub(super) fn new(name: String, now: Instant) -> Self {
         Room {
+            created: now,
             name,
             members: Vec::new(),
             parts: HashMap::new(),
@@ -160,7 +163,12 @@ pub(super) struct Participant {
     pub(super) identity: Option<String>,
     /// What it may do.
     pub(super) grants: Grants,
+    /// A room admin muted its chat: its `chat` messages are refused.
+    pub(super) chat_muted: bool,
+    /// When it joined.
+    pub(super) joined: Instant,
     pub(super) events: mpsc::Sender<ServerMessage>,
+    /// It asked to be subscribed to every track (whether it may: [`Grants::subscribe`]).
     pub(super) auto_subscribe: bool,
     pub(super) sub: Pc,
     pub(super) publ: Option<Pc>,
@@ -219,6 +227,25 @@ impl Participant {
             .map(|t| &t.tid)
     }
 
+    /// Whether it is subscribed to every new track by itself (it asked to, and may).
+    pub(super) fn auto_subscribes(&self) -> bool {
+        self.auto_subscribe && self.grants.subscribe
+    }
+
+    /// What it may do now, as it is told.
+    pub(super) fn permissions(&self) -> Permissions {
+        let g = &self.grants;
+        Permissions {
+            publish_audio: g.publish_audio,
+            publish_video: g.publish_video,
+            publish_data: g.publish_data,
+            subscribe: g.subscribe,
+            hidden: g.hidden,
+            room_admin: g.room_admin,
+            chat_muted: self.chat_muted,
+        }
+    }
+
     /// Server track ids this participant publishes, in order.
     pub(super) fn published(&self) -> impl Iterator<Item = &str> {
         self.pub_tracks.iter().map(|t| &*t.tid)
@@ -275,6 +302,8 @@ pub(super) struct Track {
     pub(super) codec: RTCRtpCodec,
     pub(super) client_track_id: String,
     pub(super) muted: bool,
+    /// A room admin holds it muted: its publisher cannot unmute it.
+    pub(super) admin_muted: bool,
     /// Encodings; a layer's id is its index here (never reordered).
     pub(super) layers: Vec<Layer>,
     pub(super) down: HashMap<PartKey, DownTrack>,
@@ -310,6 +339,7 @@ impl Track {
             codec,
             client_track_id,
             muted,
+            admin_muted: false,
             layers,
             down: HashMap::new(),
             paused_upstream: BTreeSet::new(),

@@ -2983,6 +2983,7 @@ mod tests {
                 track_id: "TR_a".into(),
                 participant_id: "PA_p".into(),
                 muted: true,
+                by_admin: false,
             },
             now,
         );

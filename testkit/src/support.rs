@@ -122,28 +122,49 @@ impl TestServer {
 
 /// A minimal HTTP/1.1 GET (no new dependencies): status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(addr, "GET", path, &[], "").await
+}
+
+/// A minimal HTTP/1.1 request with these extra headers and body (no new dependencies):
+/// status and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String)> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || !matches!(method, "GET" | "HEAD") {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    head.push_str(body);
     let exchange = async {
         let mut s = TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
+        s.write_all(head.as_bytes()).await?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         anyhow::Ok(out)
     };
     let out = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .map_err(|_| anyhow!("GET {path}: no complete response in 10 s"))??;
+        .map_err(|_| anyhow!("{method} {path}: no complete response in 10 s"))??;
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("GET {path}: no header end in {text:?}"))?;
+        .ok_or_else(|| anyhow!("{method} {path}: no header end in {text:?}"))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("GET {path}: bad status line in {head:?}"))?;
+        .ok_or_else(|| anyhow!("{method} {path}: bad status line in {head:?}"))?;
     let chunked = head.lines().any(|l| {
         l.to_ascii_lowercase()
             .starts_with("transfer-encoding: chunked")

@@ -151,6 +151,9 @@ pub struct ForwardDrops {
     pub stale: u64,
     pub no_transport: u64,
     pub encrypt: u64,
+    /// Packets of a muted track (by its publisher or a room admin), counted once per packet,
+    /// not per subscriber.
+    pub muted: u64,
 }
 
 impl ForwardDrops {
@@ -175,6 +178,7 @@ impl ForwardDrops {
             stale,
             no_transport,
             encrypt,
+            muted,
         } = o;
         self.not_negotiated += not_negotiated;
         self.not_connected += not_connected;
@@ -183,6 +187,7 @@ impl ForwardDrops {
         self.stale += stale;
         self.no_transport += no_transport;
         self.encrypt += encrypt;
+        self.muted += muted;
     }
 }
 

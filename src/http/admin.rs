@@ -1,0 +1,424 @@
+//! The room admin API: JSON over HTTP under `/api`, authenticated with an access token
+//! (`Authorization: Bearer <token>`) that grants `roomAdmin` for the room named in the path
+//! (`roomList` to list every room). `signaling/ADMIN.md` documents each call with curl.
+//!
+//! | call | grant |
+//! |---|---|
+//! | `GET /api/rooms` | `roomList` |
+//! | `DELETE /api/rooms/{room}` | `roomAdmin` |
+//! | `GET /api/rooms/{room}/participants` | `roomAdmin` |
+//! | `GET /api/rooms/{room}/participants/{identity}` | `roomAdmin` |
+//! | `DELETE /api/rooms/{room}/participants/{identity}` | `roomAdmin` |
+//! | `PATCH /api/rooms/{room}/participants/{identity}` | `roomAdmin` |
+//! | `POST /api/rooms/{room}/participants/{identity}/tracks/{track}/mute` | `roomAdmin` |
+//! | `POST /api/rooms/{room}/data` | `roomAdmin` |
+//!
+//! Errors are `{"code", "message"}` with the signaling error codes: 401 for a missing or bad
+//! token (`token_*`, with `WWW-Authenticate: Bearer`), 403 `permission_denied` /
+//! `token_wrong_room`, 404 `not_found`, 400 `malformed_message` / `invalid_field`, 413
+//! `message_too_large`, 503 `unavailable`. A refused call changes nothing.
+
+use super::AppState;
+use crate::auth::TokenError;
+use crate::sfu::admin::{AdminError, AdminOp, AdminReply, Lane, PermissionsUpdate, Target};
+use crate::signal::ErrorCode;
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine as _;
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Largest request body accepted, in bytes (a data message's payload is further limited to
+/// the server's `max_data_message`).
+pub const MAX_BODY: usize = 256 * 1024;
+/// How long a call waits for the core.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The admin API's routes (mounted under `/api` by [`super::router`]).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/rooms", get(list_rooms))
+        .route("/api/rooms/{room}", axum::routing::delete(close_room))
+        .route("/api/rooms/{room}/participants", get(list_participants))
+        .route(
+            "/api/rooms/{room}/participants/{identity}",
+            get(get_participant)
+                .delete(remove_participant)
+                .patch(update_participant),
+        )
+        .route(
+            "/api/rooms/{room}/participants/{identity}/tracks/{track}/mute",
+            post(mute_track),
+        )
+        .route("/api/rooms/{room}/data", post(send_data))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// A refused call: its status, code and message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_field(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidField, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({ "code": self.code, "message": self.message }));
+        if self.status == StatusCode::UNAUTHORIZED {
+            (
+                self.status,
+                [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
+                body,
+            )
+                .into_response()
+        } else {
+            (self.status, body).into_response()
+        }
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        let status = match &e {
+            TokenError::Missing
+            | TokenError::Malformed(_)
+            | TokenError::BadSignature
+            | TokenError::UnknownKey(_)
+            | TokenError::Expired(_)
+            | TokenError::NotYetValid(_) => StatusCode::UNAUTHORIZED,
+            TokenError::WrongRoom { .. }
+            | TokenError::JoinNotGranted(_)
+            | TokenError::AdminNotGranted(_) => StatusCode::FORBIDDEN,
+            TokenError::BadKey(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let code = e.code();
+        let message = match e {
+            TokenError::Missing => {
+                "the admin API needs an access token: `Authorization: Bearer <token>`".to_owned()
+            }
+            other => other.to_string(),
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        let (status, code) = match e {
+            AdminError::RoomNotFound(_)
+            | AdminError::ParticipantNotFound(_)
+            | AdminError::TrackNotFound(..) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            AdminError::Invalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidField),
+            AdminError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// Checks the bearer token for `room` (`None`: listing rooms).
+fn authorize(state: &AppState, headers: &HeaderMap, room: Option<&str>) -> Result<(), ApiError> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        });
+    let result = state.settings.verifier.verify_admin(token, room);
+    if result.is_err() {
+        super::limits::HttpCounters::inc(&state.counters.token_refusals);
+    }
+    result.map(|_| ()).map_err(ApiError::from)
+}
+
+/// Runs `op` in the core (within [`ADMIN_TIMEOUT`]).
+async fn run(state: &AppState, op: AdminOp) -> Result<AdminReply, ApiError> {
+    tracing::info!(room = op.room().unwrap_or("*"), ?op, "admin call");
+    match tokio::time::timeout(ADMIN_TIMEOUT, state.handle.admin(op)).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "the SFU core did not answer in time",
+        )),
+    }
+}
+
+/// A JSON body of type `B`; an empty body is `B::default()`.
+fn body<B: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> Result<B, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(B::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() {
+            ErrorCode::MalformedMessage
+        } else {
+            ErrorCode::InvalidField
+        };
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            code,
+            format!("bad request body: {e}"),
+        )
+    })
+}
+
+fn ok(value: serde_json::Value) -> ApiResult {
+    Ok((StatusCode::OK, Json(value)).into_response())
+}
+
+fn participant_json(reply: AdminReply) -> ApiResult {
+    match reply {
+        AdminReply::Participant(p) => ok(serde_json::json!({ "participant": p })),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn unexpected(reply: &AdminReply) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Internal,
+        format!("unexpected answer from the core: {reply:?}"),
+    )
+}
+
+async fn list_rooms(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&state, &headers, None)?;
+    match run(&state, AdminOp::ListRooms).await? {
+        AdminReply::Rooms(rooms) => ok(serde_json::json!({ "rooms": rooms })),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn close_room(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult {
+    authorize(&state, &headers, Some(&room))?;
+    let ReasonBody { reason } = body(&bytes)?;
+    let reason = match reason.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+        Some(r) => format!("room closed by an admin: {}", clip(r)),
+        None => "room closed by an admin".to_owned(),
+    };
+    match run(&state, AdminOp::CloseRoom { room, reason }).await? {
+        AdminReply::Done { participants } => ok(serde_json::json!({ "removed": participants })),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// At most 200 characters, no control characters.
+fn clip(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(200).collect()
+}
+
+async fn list_participants(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    authorize(&state, &headers, Some(&room))?;
+    match run(&state, AdminOp::ListParticipants { room }).await? {
+        AdminReply::Participants(list) => ok(serde_json::json!({ "participants": list })),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn get_participant(
+    State(state): State<AppState>,
+    Path((room, identity)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult {
+    authorize(&state, &headers, Some(&room))?;
+    match run(&state, AdminOp::ListParticipants { room }).await? {
+        AdminReply::Participants(list) => {
+            match list
+                .into_iter()
+                .find(|p| p.identity.as_deref() == Some(identity.as_str()))
+            {
+                Some(p) => ok(serde_json::json!({ "participant": p })),
+                None => Err(AdminError::ParticipantNotFound(
+                    Target::Identity(identity).to_string(),
+                )
+                .into()),
+            }
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn remove_participant(
+    State(state): State<AppState>,
+    Path((room, identity)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult {
+    authorize(&state, &headers, Some(&room))?;
+    let ReasonBody { reason } = body(&bytes)?;
+    let reason = match reason.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+        Some(r) => format!("removed by a room admin: {}", clip(r)),
+        None => "removed by a room admin".to_owned(),
+    };
+    let op = AdminOp::RemoveParticipant {
+        room,
+        target: Target::Identity(identity),
+        reason,
+    };
+    match run(&state, op).await? {
+        AdminReply::Done { participants } => ok(serde_json::json!({ "removed": participants })),
+        other => Err(unexpected(&other)),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    #[serde(default)]
+    permissions: Option<PermissionsUpdate>,
+}
+
+async fn update_participant(
+    State(state): State<AppState>,
+    Path((room, identity)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult {
+    authorize(&state, &headers, Some(&room))?;
+    let UpdateBody { permissions } = body(&bytes)?;
+    let update = permissions.unwrap_or_default();
+    if update.is_empty() {
+        return Err(ApiError::bad_field(
+            "nothing to change: give `permissions` with at least one of publish_audio, \
+             publish_video, publish_data, subscribe, room_admin, chat_muted",
+        ));
+    }
+    let op = AdminOp::UpdatePermissions {
+        room,
+        target: Target::Identity(identity),
+        update,
+    };
+    participant_json(run(&state, op).await?)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MuteBody {
+    #[serde(default)]
+    muted: Option<bool>,
+}
+
+async fn mute_track(
+    State(state): State<AppState>,
+    Path((room, identity, track_id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult {
+    authorize(&state, &headers, Some(&room))?;
+    let MuteBody { muted } = body(&bytes)?;
+    let op = AdminOp::MuteTrack {
+        room,
+        target: Target::Identity(identity),
+        track_id,
+        muted: muted.unwrap_or(true),
+    };
+    participant_json(run(&state, op).await?)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataBody {
+    /// A text payload (sent as a text message).
+    #[serde(default)]
+    data: Option<String>,
+    /// A binary payload, base64 (sent as a binary message).
+    #[serde(default)]
+    data_base64: Option<String>,
+    #[serde(default)]
+    lane: Lane,
+    /// Recipients by identity; absent or empty: everyone in the room.
+    #[serde(default)]
+    identities: Vec<String>,
+}
+
+async fn send_data(
+    State(state): State<AppState>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult {
+    authorize(&state, &headers, Some(&room))?;
+    let b: DataBody = body(&bytes)?;
+    let (payload, is_text) = match (b.data, b.data_base64) {
+        (Some(text), None) => (Bytes::from(text.into_bytes()), true),
+        (None, Some(b64)) => (
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map(Bytes::from)
+                .map_err(|e| ApiError::bad_field(format!("`data_base64` is not base64: {e}")))?,
+            false,
+        ),
+        _ => {
+            return Err(ApiError::bad_field(
+                "give exactly one of `data` (text) and `data_base64` (binary)",
+            ));
+        }
+    };
+    let max = state.settings.max_data_message;
+    if payload.len() > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::MessageTooLarge,
+            format!("payload is {} bytes, the limit is {max}", payload.len()),
+        ));
+    }
+    if b.identities.len() > crate::sfu::data::MAX_RECIPIENTS {
+        return Err(ApiError::bad_field(format!(
+            "at most {} identities",
+            crate::sfu::data::MAX_RECIPIENTS
+        )));
+    }
+    let op = AdminOp::SendData {
+        room,
+        lane: b.lane,
+        is_text,
+        payload,
+        to: b.identities.into_iter().map(Target::Identity).collect(),
+    };
+    match run(&state, op).await? {
+        AdminReply::Done { participants } => ok(serde_json::json!({ "delivered": participants })),
+        other => Err(unexpected(&other)),
+    }
+}
