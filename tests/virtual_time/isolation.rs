@@ -203,3 +203,110 @@ fn another_rooms_ids_are_answered_like_ids_nobody_has() {
     assert_eq!(received(&mut s, bob, &video), 0);
     assert_eq!(received(&mut s, bob, &audio), 0);
 }
+
+/// A room admin's reach ends at its room: `remove_participant`, `mute_chat` and `mute` with
+/// room `b`'s real ids are answered like made-up ids (`not_found`) and change nothing there;
+/// without the grant, the same messages get `permission_denied` whatever the id.
+#[test]
+fn a_room_admin_cannot_reach_another_room() {
+    let mut s = Sim::new(43);
+    let admin = s.client(1, "moderator", "a", MediaSpec::none());
+    s.c(admin).join_with(|req| req.grants.room_admin = true);
+    let bob = s.client(2, "bob", "a", MediaSpec::none());
+    let carol = s.client(3, "carol", "b", MediaSpec::audio_video());
+    let dan = s.client(4, "dan", "b", MediaSpec::none());
+    s.wait_channels(&[admin, bob, carol, dan], T);
+    let (pc, pd) = (s.pid(carol), s.pid(dan));
+    let ok = s.net.run_until_cond(T, |net| {
+        net.node::<Client>(dan)
+            .announced_tracks()
+            .iter()
+            .any(|t| t.participant_id == pc && t.kind == TrackKind::Video)
+    });
+    assert!(ok.is_some(), "dan learns of carol's video");
+    let video = tracks_of(&mut s, dan, &pc)
+        .into_iter()
+        .find(|t| t.kind == TrackKind::Video)
+        .expect("carol's video")
+        .id;
+    s.net.run_for(Duration::from_secs(1));
+    let fake_track = format!("TR_{}", "Z".repeat(video.len() - 3));
+    let fake_pid = format!("PA_{}", "Z".repeat(pd.len() - 3));
+    let probe = |track: &str, pid: &str| -> Vec<ClientMessage> {
+        vec![
+            ClientMessage::RemoveParticipant {
+                participant_id: pid.to_owned(),
+                reason: Some("x".into()),
+            },
+            ClientMessage::MuteChat {
+                participant_id: pid.to_owned(),
+                muted: true,
+            },
+            ClientMessage::Mute {
+                track_id: track.to_owned(),
+                muted: true,
+            },
+        ]
+    };
+    let carol_msgs = s.c(carol).messages.len();
+    let dan_msgs = s.c(dan).messages.len();
+    let dan_before = received(&mut s, dan, &video);
+    for who in [admin, bob] {
+        let mut answers = Vec::new();
+        for (track, pid) in [
+            (video.as_str(), pd.as_str()),
+            (fake_track.as_str(), fake_pid.as_str()),
+        ] {
+            let from = s.c(who).messages.len();
+            for m in probe(track, pid) {
+                s.c(who).send(m);
+                s.net.run_for(Duration::from_millis(50));
+            }
+            s.net.run_for(Duration::from_millis(300));
+            answers.push(errors_since(
+                &mut s,
+                who,
+                from,
+                &[track, pid, &video, &pd, &fake_track, &fake_pid],
+            ));
+        }
+        assert_eq!(answers[0].len(), 3, "{:?}", answers[0]);
+        assert_eq!(
+            answers[0], answers[1],
+            "real ids answered like made-up ones"
+        );
+        // The admin: not found (a `mute` of a track it does not see: as any participant's);
+        // bob: no grant (but `mute` of another's track is `not_found` for him too).
+        let want = if who == admin {
+            ["NotFound", "NotFound", "NotFound"]
+        } else {
+            ["PermissionDenied", "PermissionDenied", "NotFound"]
+        };
+        for (a, w) in answers[0].iter().zip(want) {
+            assert!(a.starts_with(w), "{a}");
+        }
+    }
+    // Room b noticed nothing.
+    s.net.run_for(Duration::from_secs(1));
+    let quiet = |m: &ServerMessage| {
+        !matches!(
+            m,
+            ServerMessage::LayerChanged { .. } | ServerMessage::PublisherLayers { .. }
+        )
+    };
+    let new_for_carol = s.c(carol).messages[carol_msgs..]
+        .iter()
+        .filter(|(_, m)| quiet(m))
+        .count();
+    assert_eq!(new_for_carol, 0);
+    let new_for_dan = s.c(dan).messages[dan_msgs..]
+        .iter()
+        .filter(|(_, m)| quiet(m))
+        .count();
+    assert_eq!(new_for_dan, 0);
+    assert!(!s.c(dan).session_ended, "dan is still in");
+    assert!(
+        received(&mut s, dan, &video) > dan_before + 30,
+        "carol's video still flows to dan"
+    );
+}

@@ -9,7 +9,7 @@
 use super::common::{digest, ip, ms, unwrap_seqs};
 use super::sfu::{SIZES, assert_clean_stream, settings};
 use plaza::sfu::CoreStats;
-use plaza::signal::{ClientMessage, Quality, ServerMessage, TrackInfo, TrackKind};
+use plaza::signal::{ClientMessage, ErrorCode, Quality, ServerMessage, TrackInfo, TrackKind};
 use plaza::sim::server::{SfuNode, add_shards};
 use plaza::sim::{Client, LinkConfig, MediaSpec, Net, NodeId, PipeConfig, RtcpIn, RxTrack};
 use plaza::sim::{DataIn, envelope};
@@ -1122,4 +1122,141 @@ fn an_identity_is_unique_across_shards() {
     };
     assert!(listed.iter().all(|p| p.id != fp), "{listed:?}");
     assert_eq!(s.count(second, is_left(&fp)), 0);
+}
+
+/// A room admin on one shard moderates participants on the other: its `mute` of a remote
+/// publisher's track stops that track everywhere (and the publisher cannot undo it), its
+/// `mute_chat` refuses the remote participant's chat, and its `remove_participant` removes
+/// it; all of it over the pipe.
+#[test]
+fn a_room_admin_moderates_across_shards() {
+    let mut s = Sim::new(34, 2, 2);
+    let alice = s.join(1, "alice", MediaSpec::audio_video());
+    let bob = s.join(2, "bob", MediaSpec::none());
+    let carol = s.join(3, "carol", MediaSpec::none());
+    let admin = s.join_with(4, "moderator", MediaSpec::none(), |mut c| {
+        c.join_with(|req| req.grants.room_admin = true);
+        c
+    });
+    let placed: Vec<usize> = [alice, bob, carol, admin]
+        .iter()
+        .map(|&id| s.shard_of(id))
+        .collect();
+    assert_eq!(placed, [0, 0, 1, 1]);
+    let open = s.net.run_until_cond(T, |net| {
+        [alice, bob, carol, admin]
+            .iter()
+            .all(|&id| net.node_ref::<Client>(id).channels_open())
+    });
+    assert!(open.is_some(), "data channels open");
+    let video = s.track(carol, alice, TrackKind::Video);
+    s.wait_packets(&[bob, carol], &video.id, 60);
+
+    // The admin (shard 1) mutes alice's video (shard 0).
+    s.send(
+        admin,
+        ClientMessage::Mute {
+            track_id: video.id.clone(),
+            muted: true,
+        },
+    );
+    let id = video.id.clone();
+    let by_admin = move |m: &ServerMessage| matches!(m, ServerMessage::TrackMuted { track_id, muted: true, by_admin: true, .. } if *track_id == id);
+    let told = s.net.run_until_cond(T, |net| {
+        [alice, bob, carol]
+            .iter()
+            .all(|&v| net.node_ref::<Client>(v).count_messages(&by_admin) == 1)
+    });
+    assert!(
+        told.is_some(),
+        "everyone, on both shards, is told of the admin's mute"
+    );
+    s.net.run_for(Duration::from_millis(200));
+    let before = [
+        s.rx(bob, &video.id).packets.len(),
+        s.rx(carol, &video.id).packets.len(),
+    ];
+    // Alice cannot unmute it herself.
+    s.send(
+        alice,
+        ClientMessage::Mute {
+            track_id: video.id.clone(),
+            muted: false,
+        },
+    );
+    s.net.run_for(Duration::from_secs(2));
+    assert_eq!(
+        [
+            s.rx(bob, &video.id).packets.len(),
+            s.rx(carol, &video.id).packets.len()
+        ],
+        before,
+        "the admin-muted video reaches nobody"
+    );
+    let refused = s.count(alice, |m| {
+        matches!(m, ServerMessage::Error { code: ErrorCode::PermissionDenied, request, .. } if request.as_deref() == Some("mute"))
+    });
+    assert_eq!(refused, 1, "alice's unmute is refused");
+    s.send(
+        admin,
+        ClientMessage::Mute {
+            track_id: video.id.clone(),
+            muted: false,
+        },
+    );
+    let resumed = s.net.run_until_cond(T, |net| {
+        net.node_ref::<Client>(carol)
+            .subscriber
+            .tracks
+            .get(&video.id)
+            .is_some_and(|t| t.packets.len() > before[1] + 20)
+    });
+    assert!(resumed.is_some(), "the admin's unmute brings it back");
+
+    // The admin mutes bob's chat (shard 0): bob's chat is refused, his input goes through.
+    let bob_pid = s.pid(bob);
+    s.send(
+        admin,
+        ClientMessage::MuteChat {
+            participant_id: bob_pid.clone(),
+            muted: true,
+        },
+    );
+    let muted = s.net.run_until_cond(T, |net| {
+        net.node_ref::<Client>(bob).count_messages(|m| {
+            matches!(m, ServerMessage::PermissionsChanged { permissions } if permissions.chat_muted)
+        }) == 1
+    });
+    assert!(muted.is_some(), "bob is told his chat is muted");
+    s.c(bob).send_data("chat", true, envelope(&[], b"spam"));
+    s.c(bob).send_data("input", false, envelope(&[], b"move"));
+    s.net.run_for(Duration::from_secs(1));
+    for v in [alice, carol, admin] {
+        assert!(data_from(&mut s, v, "chat", &bob_pid).is_empty());
+        assert_eq!(data_from(&mut s, v, "input", &bob_pid).len(), 1);
+    }
+    let refused = s.count(bob, |m| {
+        matches!(m, ServerMessage::Error { code: ErrorCode::PermissionDenied, request, .. } if request.as_deref() == Some("chat"))
+    });
+    assert_eq!(refused, 1, "bob is told his chat was not relayed");
+
+    // And removes him.
+    s.send(
+        admin,
+        ClientMessage::RemoveParticipant {
+            participant_id: bob_pid.clone(),
+            reason: Some("spam".into()),
+        },
+    );
+    let gone = s.net.run_until_cond(T, |net| {
+        [alice, carol, admin]
+            .iter()
+            .all(|&v| net.node_ref::<Client>(v).count_messages(is_left(&bob_pid)) == 1)
+    });
+    assert!(gone.is_some(), "bob's removal is seen on both shards");
+    let told = s.count(bob, |m| {
+        matches!(m, ServerMessage::Leave { reason } if reason == "removed by a room admin: spam")
+    });
+    assert_eq!(told, 1, "bob is told why");
+    s.no_errors(&[carol, admin]);
 }
