@@ -1428,6 +1428,108 @@ mod tests {
     }
 
     #[test]
+    fn join_limits_from_every_layer() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(
+            c.join_caps(),
+            JoinCaps {
+                max_rooms: DEFAULT_MAX_ROOMS,
+                max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
+            }
+        );
+        assert_eq!((c.max_rooms, c.max_participants_per_room), (10_000, 1000));
+        assert_eq!(
+            c.join_rate(),
+            JoinRate {
+                rate: 20.0,
+                burst: 100
+            }
+        );
+
+        let file = TempFile::new(
+            r#"
+            max_rooms = 5
+            max_participants_per_room = 6
+            max_joins_per_ip = 7
+            join_burst_per_ip = 8
+            "#,
+        );
+        let c = load(&["--config", file.path()], &[]).unwrap();
+        assert_eq!((c.max_rooms, c.max_participants_per_room), (5, 6));
+        assert_eq!((c.max_joins_per_ip, c.join_burst_per_ip), (7.0, 8));
+        // Env over file.
+        let env_vars = [
+            ("PLAZA_MAX_ROOMS", "15"),
+            ("PLAZA_MAX_PARTICIPANTS_PER_ROOM", "16"),
+            ("PLAZA_MAX_JOINS_PER_IP", "0.5"),
+            ("PLAZA_JOIN_BURST_PER_IP", "18"),
+        ];
+        let c = load(&["--config", file.path()], &env_vars).unwrap();
+        assert_eq!((c.max_rooms, c.max_participants_per_room), (15, 16));
+        assert_eq!((c.max_joins_per_ip, c.join_burst_per_ip), (0.5, 18));
+        // Flag over env; 0 is unlimited.
+        let c = load(
+            &[
+                "--config",
+                file.path(),
+                "--max-rooms",
+                "0",
+                "--max-participants-per-room",
+                "0",
+                "--max-joins-per-ip",
+                "0",
+                "--join-burst-per-ip",
+                "28",
+            ],
+            &env_vars,
+        )
+        .unwrap();
+        assert_eq!(
+            c.join_caps(),
+            JoinCaps {
+                max_rooms: 0,
+                max_participants_per_room: 0
+            }
+        );
+        assert!(c.join_rate().is_unlimited());
+        assert_eq!(c.join_burst_per_ip, 28);
+        // One layer each.
+        let c = load(
+            &["--config", file.path(), "--max-rooms", "25"],
+            &[("PLAZA_MAX_JOINS_PER_IP", "3")],
+        )
+        .unwrap();
+        assert_eq!((c.max_rooms, c.max_participants_per_room), (25, 6));
+        assert_eq!((c.max_joins_per_ip, c.join_burst_per_ip), (3.0, 8));
+    }
+
+    #[test]
+    fn bad_join_limits_are_reported() {
+        for (args, name) in [
+            (&["--join-burst-per-ip", "0"][..], "join-burst-per-ip"),
+            (&["--max-joins-per-ip=-1"][..], "max-joins-per-ip"),
+            (&["--max-joins-per-ip", "0.001"][..], "max-joins-per-ip"),
+            (&["--max-joins-per-ip", "NaN"][..], "max-joins-per-ip"),
+            (&["--max-rooms", "10000001"][..], "max-rooms"),
+            (
+                &["--max-participants-per-room", "99999999"][..],
+                "max-participants-per-room",
+            ),
+        ] {
+            let e = load(args, &[]).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { name: n, .. } if *n == name),
+                "{args:?}: {e}"
+            );
+        }
+        let e = load(&[], &[("PLAZA_MAX_ROOMS", "-1")]).unwrap_err();
+        assert!(matches!(e, ConfigError::Env { .. }), "{e}");
+        let typo = TempFile::new("max_room = 1");
+        let e = load(&["--config", typo.path()], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::ParseFile { .. }), "{e}");
+    }
+
+    #[test]
     fn bad_limits_are_reported() {
         for (args, name) in [
             (&["--join-timeout", "0"][..], "join-timeout"),

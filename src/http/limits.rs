@@ -594,7 +594,13 @@ mod tests {
     fn joins_per_address_burst_then_rate_with_retry_after() {
         // Virtual time: an arbitrary origin, then only offsets from it.
         let t0 = Instant::now();
-        let mut l = JoinLimiter::new(JoinRate { rate: 2.0, burst: 3 }, 100);
+        let mut l = JoinLimiter::new(
+            JoinRate {
+                rate: 2.0,
+                burst: 3,
+            },
+            100,
+        );
         let a = ip("10.0.0.1");
         assert!((0..3).all(|_| l.take(a, t0).is_ok()));
         // Over: the next join is 0.5 s away.
@@ -627,7 +633,13 @@ mod tests {
     fn join_limiter_memory_is_bounded() {
         let t0 = Instant::now();
         let max = 64;
-        let mut l = JoinLimiter::new(JoinRate { rate: 1.0, burst: 2 }, max);
+        let mut l = JoinLimiter::new(
+            JoinRate {
+                rate: 1.0,
+                burst: 2,
+            },
+            max,
+        );
         // An attacker sprays 10 000 addresses, one join each, all at once: the table never
         // holds more than `max`.
         for i in 0..10_000u32 {
@@ -646,7 +658,10 @@ mod tests {
             let _ = l.take(a, t0);
             assert!(l.len() <= max);
         }
-        assert!(l.take(busy, t0).is_err(), "the busy address was not forgotten");
+        assert!(
+            l.take(busy, t0).is_err(),
+            "the busy address was not forgotten"
+        );
         // Buckets that refilled are dropped first (nothing lost): 2 s later all are full, so
         // the first eviction keeps only the addresses seen since.
         let t1 = t0 + Duration::from_secs(2);
@@ -671,7 +686,10 @@ mod tests {
         let l = ConnLimiter::with_join_rate(
             10,
             10,
-            JoinRate { rate: 1.0, burst: 2 },
+            JoinRate {
+                rate: 1.0,
+                burst: 2,
+            },
             Arc::clone(&counters),
         );
         let a = l.admit(ip("10.0.0.1")).unwrap();

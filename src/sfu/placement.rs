@@ -363,7 +363,10 @@ mod tests {
         assert_eq!(p.load(), &[0, 1]);
         assert_eq!(p.reserve("r", Some("alice")).unwrap().shard, 0);
         // Another room's alice is someone else.
-        assert_eq!(p.reserve("s", Some("bob")).unwrap().peers, Vec::<usize>::new());
+        assert_eq!(
+            p.reserve("s", Some("bob")).unwrap().peers,
+            Vec::<usize>::new()
+        );
     }
     fn capped(shards: usize, spread_above: usize, max_rooms: usize, per_room: usize) -> Placement {
         Placement::new(shards, spread_above).with_caps(JoinCaps {
@@ -380,10 +383,7 @@ mod tests {
         // A reservation holds its room's slot before the join completes.
         assert_eq!(p.reserve_shard("b"), 1);
         assert_eq!(p.rooms(), 2);
-        assert_eq!(
-            p.reserve("c", None),
-            Err(Refusal::TooManyRooms { max: 2 })
-        );
+        assert_eq!(p.reserve("c", None), Err(Refusal::TooManyRooms { max: 2 }));
         // The refusal changed nothing.
         assert_eq!(p.load(), &[1, 1]);
         assert!(p.room_shards("c").is_empty());
@@ -421,7 +421,12 @@ mod tests {
         let mut p = capped(2, 2, 0, 5);
         for i in 0..5 {
             let place = p.reserve("live", Some(&format!("u{i}"))).unwrap();
-            p.joined(&format!("PA_{i}"), "live", place.shard, Some(&format!("u{i}")));
+            p.joined(
+                &format!("PA_{i}"),
+                "live",
+                place.shard,
+                Some(&format!("u{i}")),
+            );
         }
         assert_eq!(p.room_shards("live"), vec![0, 1]);
         assert_eq!(p.load(), &[3, 2]);
@@ -432,7 +437,10 @@ mod tests {
                 max: 5
             })
         );
-        assert_eq!(p.reserve(" live ", None).unwrap_err().to_string(), "room `live` is full (5 participants)");
+        assert_eq!(
+            p.reserve(" live ", None).unwrap_err().to_string(),
+            "room `live` is full (5 participants)"
+        );
         // Refused: nothing held.
         assert_eq!(p.load(), &[3, 2]);
         assert_eq!(p.room_size("live"), 5);
@@ -464,7 +472,13 @@ mod tests {
             Err(Refusal::RoomFull { .. })
         ));
         // Alice's second join replaces her first: allowed at the cap.
-        assert_eq!(p.reserve("r", Some("alice")), Ok(Place { shard: 0, peers: vec![] }));
+        assert_eq!(
+            p.reserve("r", Some("alice")),
+            Ok(Place {
+                shard: 0,
+                peers: vec![]
+            })
+        );
         p.joined("PA_3", "r", 0, Some("alice"));
         // The replaced session ends: back at the cap, alice still known.
         p.left("PA_1");
