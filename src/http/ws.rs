@@ -5,7 +5,14 @@
 //! 1. **Before join** the session reads messages one by one and answers them itself: the first
 //!    useful message must be `join` (validated here, then passed to the core); `ping` is
 //!    answered with `pong`, `leave` closes the socket, anything else gets `invalid_state`.
-//!    Errors never close the socket, so a client can fix its `join` and retry.
+//!    Errors never close the socket, so a client can fix its `join` and retry. Every decoded
+//!    `join` first takes one from its client address's join bucket ([`ConnMeta::take_join`]:
+//!    `max_joins_per_ip`, `join_burst_per_ip`), before its token is checked, so a flood of
+//!    joins with bad tokens is held off the verifier too; over it the join gets
+//!    `join_rate_limited` with a retry-after. The per-server caps (`max_rooms`,
+//!    `max_participants_per_room`) are enforced where the join is placed
+//!    ([`SfuHandle::join`]): `too_many_rooms`, `room_full`. Each refusal is counted under
+//!    `http` in `/metrics`.
 //! 2. **After join** two halves run concurrently: the *reader* decodes client frames and
 //!    passes them to the core ([`SfuHandle::client`]); the *writer* sends the core's events
 //!    (from the participant's bounded event channel) and the reader's local replies (errors,
