@@ -328,18 +328,30 @@ async fn joins_per_address_are_rate_limited_with_a_retry_after() {
     }
     let allowed = 3.0 + 2.0 * start.elapsed().as_secs_f64() + 1.0;
     assert!(
-        f64::from(taken) <= allowed && taken >= 6 && limited > 10,
+        f64::from(taken) <= allowed && taken >= 6 && limited >= 3,
         "{taken} joins taken in {:?} ({limited} limited)",
         start.elapsed()
     );
     server.shutdown().await;
 }
 
-/// Join attempts with a bad token from one socket, as fast as it goes: the codes received.
+/// `n` join attempts with a bad token from one socket, sent at once (no waiting for the
+/// answers in between): the codes received, in order.
 async fn bad_token_joins(ws: &mut RawWs, n: usize) -> Vec<ErrorCode> {
+    let join = serde_json::to_string(&ClientMessage::Join {
+        room: "room".into(),
+        name: "p".into(),
+        token: Some("not-a-token".into()),
+        protocol: None,
+        auto_subscribe: None,
+    })
+    .unwrap();
+    ws.send_burst(std::iter::repeat_n(join, n)).await.unwrap();
     let mut codes = Vec::with_capacity(n);
     for _ in 0..n {
-        codes.push(refused_with(ws, "room", "p", Some("not-a-token")).await.0);
+        let (code, message, request) = ws.expect_error().await.unwrap();
+        assert_eq!(request.as_deref(), Some("join"), "{message}");
+        codes.push(code);
     }
     codes
 }
