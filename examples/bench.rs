@@ -575,6 +575,12 @@ async fn start_plaza(args: &Args, log: &Path, workers: Option<usize>) -> Result<
             // default) would refuse the viewers past it.
             "--max-connections-per-ip",
             "4096",
+            // Likewise the per-address join rate (20 per second, bursts of 100), and the
+            // viewers join one room (1000 participants by default).
+            "--max-joins-per-ip",
+            "0",
+            "--max-participants-per-room",
+            "0",
         ])
         .args(
             workers

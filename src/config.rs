@@ -18,6 +18,10 @@
 //! max_data_message = 16384
 //! join_timeout = 10          # seconds; fractions allowed
 //! max_connections_per_ip = 64
+//! max_rooms = 10000          # 0: unlimited
+//! max_participants_per_room = 1000
+//! max_joins_per_ip = 20      # per second, sustained; 0: unlimited
+//! join_burst_per_ip = 100
 //!
 //! [keys]                     # API key → secret (at least 32 bytes); none: development mode
 //! APIkey1 = "a-secret-of-at-least-32-bytes-0123456789"
@@ -42,7 +46,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::auth::{self, ApiKey, Claims, KeySet, RoomGrants, Secret};
+use crate::http::limits::JoinRate;
 use crate::sfu::CoreLimits;
+use crate::sfu::placement::JoinCaps;
 use std::collections::BTreeMap;
 
 /// Default HTTP/WebSocket port.
@@ -71,6 +77,14 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 64;
 pub const DEFAULT_WS_MESSAGE_RATE: f64 = 50.0;
 /// Default burst of signaling messages one session may send at once.
 pub const DEFAULT_WS_MESSAGE_BURST: usize = 200;
+/// Default cap of rooms open on the server at once.
+pub const DEFAULT_MAX_ROOMS: usize = 10_000;
+/// Default cap of participants in one room (over all its shards).
+pub const DEFAULT_MAX_PARTICIPANTS_PER_ROOM: usize = 1000;
+/// Default sustained rate of joins from one client address, per second.
+pub const DEFAULT_MAX_JOINS_PER_IP: f64 = 20.0;
+/// Default burst of joins from one client address.
+pub const DEFAULT_JOIN_BURST_PER_IP: usize = 100;
 /// Shortest and longest accepted timeout, in seconds.
 pub const TIMEOUT_RANGE_S: (f64, f64) = (0.01, 86_400.0);
 /// Largest accepted count for the caps and limits.
@@ -162,6 +176,14 @@ pub struct Config {
     pub ws_message_rate: f64,
     /// Signaling messages one session may send in a burst.
     pub ws_message_burst: usize,
+    /// Rooms open on the server at once (0: unlimited).
+    pub max_rooms: usize,
+    /// Participants in one room, over all its shards (0: unlimited).
+    pub max_participants_per_room: usize,
+    /// Joins per second from one client address (IPv6: one /64), sustained (0: unlimited).
+    pub max_joins_per_ip: f64,
+    /// Joins from one client address at once.
+    pub join_burst_per_ip: usize,
     /// Per-participant and per-turn limits of the SFU core.
     pub core_limits: CoreLimits,
     /// API keys that sign access tokens. Empty: development mode (the public development key).
@@ -192,6 +214,10 @@ impl Default for Config {
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             ws_message_rate: DEFAULT_WS_MESSAGE_RATE,
             ws_message_burst: DEFAULT_WS_MESSAGE_BURST,
+            max_rooms: DEFAULT_MAX_ROOMS,
+            max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
+            max_joins_per_ip: DEFAULT_MAX_JOINS_PER_IP,
+            join_burst_per_ip: DEFAULT_JOIN_BURST_PER_IP,
             core_limits: CoreLimits::default(),
             keys: KeySet::new(),
         }
@@ -341,6 +367,21 @@ struct Args {
     /// Signaling messages per session in a burst [env: PLAZA_WS_MESSAGE_BURST] [default: 200]
     #[arg(long, value_name = "N")]
     ws_message_burst: Option<usize>,
+    /// Rooms open at once; a join that would open one more gets too_many_rooms; 0: unlimited
+    /// [env: PLAZA_MAX_ROOMS] [default: 10000]
+    #[arg(long, value_name = "N")]
+    max_rooms: Option<usize>,
+    /// Participants per room (over all its shards); more get room_full; 0: unlimited
+    /// [env: PLAZA_MAX_PARTICIPANTS_PER_ROOM] [default: 1000]
+    #[arg(long, value_name = "N")]
+    max_participants_per_room: Option<usize>,
+    /// Joins per second per client address (IPv6: per /64), sustained; more get
+    /// join_rate_limited; 0: unlimited [env: PLAZA_MAX_JOINS_PER_IP] [default: 20]
+    #[arg(long, value_name = "PER_SECOND")]
+    max_joins_per_ip: Option<f64>,
+    /// Joins per client address at once [env: PLAZA_JOIN_BURST_PER_IP] [default: 100]
+    #[arg(long, value_name = "N")]
+    join_burst_per_ip: Option<usize>,
     /// Remote ICE candidates per peer connection [env: PLAZA_MAX_REMOTE_CANDIDATES]
     /// [default: 64]
     #[arg(long, value_name = "N")]
@@ -473,6 +514,10 @@ struct FileConfig {
     max_connections_per_ip: Option<usize>,
     ws_message_rate: Option<f64>,
     ws_message_burst: Option<usize>,
+    max_rooms: Option<usize>,
+    max_participants_per_room: Option<usize>,
+    max_joins_per_ip: Option<f64>,
+    join_burst_per_ip: Option<usize>,
     max_remote_candidates: Option<usize>,
     max_published_tracks: Option<usize>,
     max_subscriptions: Option<usize>,
@@ -505,6 +550,10 @@ struct Layer {
     max_connections_per_ip: Option<usize>,
     ws_message_rate: Option<f64>,
     ws_message_burst: Option<usize>,
+    max_rooms: Option<usize>,
+    max_participants_per_room: Option<usize>,
+    max_joins_per_ip: Option<f64>,
+    join_burst_per_ip: Option<usize>,
     max_remote_candidates: Option<usize>,
     max_published_tracks: Option<usize>,
     max_subscriptions: Option<usize>,
@@ -539,6 +588,12 @@ impl Layer {
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
             ws_message_rate: self.ws_message_rate.or(lower.ws_message_rate),
             ws_message_burst: self.ws_message_burst.or(lower.ws_message_burst),
+            max_rooms: self.max_rooms.or(lower.max_rooms),
+            max_participants_per_room: self
+                .max_participants_per_room
+                .or(lower.max_participants_per_room),
+            max_joins_per_ip: self.max_joins_per_ip.or(lower.max_joins_per_ip),
+            join_burst_per_ip: self.join_burst_per_ip.or(lower.join_burst_per_ip),
             max_remote_candidates: self.max_remote_candidates.or(lower.max_remote_candidates),
             max_published_tracks: self.max_published_tracks.or(lower.max_published_tracks),
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
@@ -574,6 +629,10 @@ impl From<Args> for Layer {
             max_connections_per_ip: a.max_connections_per_ip,
             ws_message_rate: a.ws_message_rate,
             ws_message_burst: a.ws_message_burst,
+            max_rooms: a.max_rooms,
+            max_participants_per_room: a.max_participants_per_room,
+            max_joins_per_ip: a.max_joins_per_ip,
+            join_burst_per_ip: a.join_burst_per_ip,
             max_remote_candidates: a.max_remote_candidates,
             max_published_tracks: a.max_published_tracks,
             max_subscriptions: a.max_subscriptions,
@@ -612,6 +671,10 @@ impl From<FileConfig> for Layer {
             max_connections_per_ip: f.max_connections_per_ip,
             ws_message_rate: f.ws_message_rate,
             ws_message_burst: f.ws_message_burst,
+            max_rooms: f.max_rooms,
+            max_participants_per_room: f.max_participants_per_room,
+            max_joins_per_ip: f.max_joins_per_ip,
+            join_burst_per_ip: f.join_burst_per_ip,
             max_remote_candidates: f.max_remote_candidates,
             max_published_tracks: f.max_published_tracks,
             max_subscriptions: f.max_subscriptions,
@@ -691,6 +754,10 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             max_connections_per_ip: self.parse("PLAZA_MAX_CONNECTIONS_PER_IP")?,
             ws_message_rate: self.parse("PLAZA_WS_MESSAGE_RATE")?,
             ws_message_burst: self.parse("PLAZA_WS_MESSAGE_BURST")?,
+            max_rooms: self.parse("PLAZA_MAX_ROOMS")?,
+            max_participants_per_room: self.parse("PLAZA_MAX_PARTICIPANTS_PER_ROOM")?,
+            max_joins_per_ip: self.parse("PLAZA_MAX_JOINS_PER_IP")?,
+            join_burst_per_ip: self.parse("PLAZA_JOIN_BURST_PER_IP")?,
             max_remote_candidates: self.parse("PLAZA_MAX_REMOTE_CANDIDATES")?,
             max_published_tracks: self.parse("PLAZA_MAX_PUBLISHED_TRACKS")?,
             max_subscriptions: self.parse("PLAZA_MAX_SUBSCRIPTIONS")?,
@@ -807,6 +874,12 @@ impl Config {
                 .unwrap_or(d.max_connections_per_ip),
             ws_message_rate: merged.ws_message_rate.unwrap_or(d.ws_message_rate),
             ws_message_burst: merged.ws_message_burst.unwrap_or(d.ws_message_burst),
+            max_rooms: merged.max_rooms.unwrap_or(d.max_rooms),
+            max_participants_per_room: merged
+                .max_participants_per_room
+                .unwrap_or(d.max_participants_per_room),
+            max_joins_per_ip: merged.max_joins_per_ip.unwrap_or(d.max_joins_per_ip),
+            join_burst_per_ip: merged.join_burst_per_ip.unwrap_or(d.join_burst_per_ip),
             core_limits: CoreLimits {
                 max_remote_candidates: merged
                     .max_remote_candidates
@@ -915,6 +988,7 @@ impl Config {
             ("max-connections", self.max_connections),
             ("max-connections-per-ip", self.max_connections_per_ip),
             ("ws-message-burst", self.ws_message_burst),
+            ("join-burst-per-ip", self.join_burst_per_ip),
             ("max-remote-candidates", l.max_remote_candidates),
             ("max-published-tracks", l.max_published_tracks),
             ("max-subscriptions", l.max_subscriptions),
@@ -922,6 +996,25 @@ impl Config {
             ("commands-per-turn", l.commands_per_turn),
         ] {
             count_range(name, n)?;
+        }
+        for (name, n) in [
+            ("max-rooms", self.max_rooms),
+            ("max-participants-per-room", self.max_participants_per_room),
+        ] {
+            if n > MAX_COUNT {
+                return Err(ConfigError::Invalid {
+                    name,
+                    value: n.to_string(),
+                    expected: format!("between 0 (unlimited) and {MAX_COUNT}"),
+                });
+            }
+        }
+        if !(self.max_joins_per_ip == 0.0 || (0.01..=1e6).contains(&self.max_joins_per_ip)) {
+            return Err(ConfigError::Invalid {
+                name: "max-joins-per-ip",
+                value: self.max_joins_per_ip.to_string(),
+                expected: "0 (unlimited) or between 0.01 and 1000000 joins per second".to_owned(),
+            });
         }
         if !(0.01..=1e6).contains(&self.ws_message_rate) {
             return Err(ConfigError::Invalid {
@@ -931,6 +1024,22 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The per-server join caps (rooms, participants per room).
+    pub fn join_caps(&self) -> JoinCaps {
+        JoinCaps {
+            max_rooms: self.max_rooms,
+            max_participants_per_room: self.max_participants_per_room,
+        }
+    }
+
+    /// The per-address join rate.
+    pub fn join_rate(&self) -> JoinRate {
+        JoinRate {
+            rate: self.max_joins_per_ip,
+            burst: self.join_burst_per_ip,
+        }
     }
 
     /// The HTTP listen address.
@@ -1316,6 +1425,108 @@ mod tests {
                 commands_per_turn: 8,
             }
         );
+    }
+
+    #[test]
+    fn join_limits_from_every_layer() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(
+            c.join_caps(),
+            JoinCaps {
+                max_rooms: DEFAULT_MAX_ROOMS,
+                max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
+            }
+        );
+        assert_eq!((c.max_rooms, c.max_participants_per_room), (10_000, 1000));
+        assert_eq!(
+            c.join_rate(),
+            JoinRate {
+                rate: 20.0,
+                burst: 100
+            }
+        );
+
+        let file = TempFile::new(
+            r#"
+            max_rooms = 5
+            max_participants_per_room = 6
+            max_joins_per_ip = 7
+            join_burst_per_ip = 8
+            "#,
+        );
+        let c = load(&["--config", file.path()], &[]).unwrap();
+        assert_eq!((c.max_rooms, c.max_participants_per_room), (5, 6));
+        assert_eq!((c.max_joins_per_ip, c.join_burst_per_ip), (7.0, 8));
+        // Env over file.
+        let env_vars = [
+            ("PLAZA_MAX_ROOMS", "15"),
+            ("PLAZA_MAX_PARTICIPANTS_PER_ROOM", "16"),
+            ("PLAZA_MAX_JOINS_PER_IP", "0.5"),
+            ("PLAZA_JOIN_BURST_PER_IP", "18"),
+        ];
+        let c = load(&["--config", file.path()], &env_vars).unwrap();
+        assert_eq!((c.max_rooms, c.max_participants_per_room), (15, 16));
+        assert_eq!((c.max_joins_per_ip, c.join_burst_per_ip), (0.5, 18));
+        // Flag over env; 0 is unlimited.
+        let c = load(
+            &[
+                "--config",
+                file.path(),
+                "--max-rooms",
+                "0",
+                "--max-participants-per-room",
+                "0",
+                "--max-joins-per-ip",
+                "0",
+                "--join-burst-per-ip",
+                "28",
+            ],
+            &env_vars,
+        )
+        .unwrap();
+        assert_eq!(
+            c.join_caps(),
+            JoinCaps {
+                max_rooms: 0,
+                max_participants_per_room: 0
+            }
+        );
+        assert!(c.join_rate().is_unlimited());
+        assert_eq!(c.join_burst_per_ip, 28);
+        // One layer each.
+        let c = load(
+            &["--config", file.path(), "--max-rooms", "25"],
+            &[("PLAZA_MAX_JOINS_PER_IP", "3")],
+        )
+        .unwrap();
+        assert_eq!((c.max_rooms, c.max_participants_per_room), (25, 6));
+        assert_eq!((c.max_joins_per_ip, c.join_burst_per_ip), (3.0, 8));
+    }
+
+    #[test]
+    fn bad_join_limits_are_reported() {
+        for (args, name) in [
+            (&["--join-burst-per-ip", "0"][..], "join-burst-per-ip"),
+            (&["--max-joins-per-ip=-1"][..], "max-joins-per-ip"),
+            (&["--max-joins-per-ip", "0.001"][..], "max-joins-per-ip"),
+            (&["--max-joins-per-ip", "NaN"][..], "max-joins-per-ip"),
+            (&["--max-rooms", "10000001"][..], "max-rooms"),
+            (
+                &["--max-participants-per-room", "99999999"][..],
+                "max-participants-per-room",
+            ),
+        ] {
+            let e = load(args, &[]).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { name: n, .. } if *n == name),
+                "{args:?}: {e}"
+            );
+        }
+        let e = load(&[], &[("PLAZA_MAX_ROOMS", "-1")]).unwrap_err();
+        assert!(matches!(e, ConfigError::Env { .. }), "{e}");
+        let typo = TempFile::new("max_room = 1");
+        let e = load(&["--config", typo.path()], &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::ParseFile { .. }), "{e}");
     }
 
     #[test]

@@ -222,10 +222,12 @@ where
              `ulimit -n` / LimitNOFILE / compose `ulimits: nofile`)"
         );
     }
+    handle.set_join_caps(config.join_caps());
     let counters = Arc::new(HttpCounters::default());
-    let limiter = ConnLimiter::new(
+    let limiter = ConnLimiter::with_join_rate(
         max_connections,
         config.max_connections_per_ip,
+        config.join_rate(),
         Arc::clone(&counters),
     );
     let (stop, stop_rx) = watch::channel(false);
@@ -251,6 +253,10 @@ where
         ?announce_ips,
         max_connections,
         max_connections_per_ip = config.max_connections_per_ip,
+        max_rooms = config.max_rooms,
+        max_participants_per_room = config.max_participants_per_room,
+        max_joins_per_ip = config.max_joins_per_ip,
+        join_burst_per_ip = config.join_burst_per_ip,
         "plaza started"
     );
     if config.keys.is_empty() {

@@ -328,6 +328,14 @@ pub enum ErrorCode {
     Unavailable,
     /// Anything else: a bug, reported rather than hidden.
     Internal,
+    /// The join would open a new room and the server has `max_rooms` open; the session stays
+    /// open (joining an existing room still works).
+    TooManyRooms,
+    /// The room has `max_participants_per_room` participants; the session stays open.
+    RoomFull,
+    /// Too many joins per second from this client address (`max_joins_per_ip`, after a burst
+    /// of `join_burst_per_ip`); the message says when to retry, the session stays open.
+    JoinRateLimited,
 }
 
 impl ServerMessage {

@@ -8,6 +8,8 @@
 //! - [`CountingIo`] wraps the TCP stream and counts the bytes read, so a WebSocket session can
 //!   tell that a message has started but not completed.
 //! - [`TokenBucket`] bounds the signaling messages one session may submit.
+//! - [`JoinLimiter`] bounds the `join`s per second from one client address (same key as the
+//!   connection cap), across all its connections; its memory is bounded ([`JOIN_TABLE_MAX`]).
 //! - [`HttpCounters`]: what the limits did, for `/healthz` and `/metrics`.
 
 use serde::Serialize;
@@ -17,7 +19,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Connections served beyond `max_connections` for `/healthz`, `/metrics` and static files
@@ -57,10 +59,16 @@ pub struct HttpCounters {
     /// Joins refused for their access token (missing, invalid, expired, not yet valid, wrong
     /// room, join not granted).
     pub token_refusals: AtomicU64,
+    /// Joins refused with `too_many_rooms` (the server has `max_rooms` rooms open).
+    pub joins_refused_rooms: AtomicU64,
+    /// Joins refused with `room_full` (`max_participants_per_room`).
+    pub joins_refused_room_full: AtomicU64,
+    /// Joins refused with `join_rate_limited` (`max_joins_per_ip`, `join_burst_per_ip`).
+    pub joins_rate_limited: AtomicU64,
 }
 
 /// A snapshot of [`HttpCounters`] plus the effective limits, as served under `"http"`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HttpStats {
     pub connections_open: u64,
     pub connections_accepted: u64,
@@ -75,11 +83,17 @@ pub struct HttpStats {
     pub message_timeouts: u64,
     pub rate_limited_messages: u64,
     pub token_refusals: u64,
+    pub joins_refused_rooms: u64,
+    pub joins_refused_room_full: u64,
+    pub joins_rate_limited: u64,
     pub rate_limit_closes: u64,
     pub oversize_closes: u64,
     pub accept_errors: u64,
     pub max_connections: u64,
     pub max_connections_per_ip: u64,
+    /// Joins per second per address, sustained (0: unlimited), and at once.
+    pub max_joins_per_ip: f64,
+    pub join_burst_per_ip: u64,
 }
 
 impl HttpCounters {
@@ -103,11 +117,16 @@ impl HttpCounters {
             message_timeouts: g(&self.message_timeouts),
             rate_limited_messages: g(&self.rate_limited_messages),
             token_refusals: g(&self.token_refusals),
+            joins_refused_rooms: g(&self.joins_refused_rooms),
+            joins_refused_room_full: g(&self.joins_refused_room_full),
+            joins_rate_limited: g(&self.joins_rate_limited),
             rate_limit_closes: g(&self.rate_limit_closes),
             oversize_closes: g(&self.oversize_closes),
             accept_errors: g(&self.accept_errors),
             max_connections: limiter.map_or(0, |l| l.max_total as u64),
             max_connections_per_ip: limiter.map_or(0, |l| l.max_per_ip as u64),
+            max_joins_per_ip: limiter.map_or(0.0, |l| l.join_rate.rate),
+            join_burst_per_ip: limiter.map_or(0, |l| l.join_rate.burst as u64),
         }
     }
 }
@@ -144,21 +163,37 @@ struct Counts {
     per_ip: HashMap<IpAddr, usize>,
 }
 
-/// Counts open connections and admits new ones.
+/// Counts open connections and admits new ones; also holds the per-address join limiter
+/// (the connections it admits take their joins from it, [`ConnMeta::take_join`]).
 #[derive(Debug)]
 pub struct ConnLimiter {
     max_total: usize,
     max_per_ip: usize,
     counts: Mutex<Counts>,
+    join_rate: JoinRate,
+    joins: Mutex<JoinLimiter>,
     counters: Arc<HttpCounters>,
 }
 
 impl ConnLimiter {
+    /// Connection caps, joins not limited.
     pub fn new(max_total: usize, max_per_ip: usize, counters: Arc<HttpCounters>) -> Arc<Self> {
+        Self::with_join_rate(max_total, max_per_ip, JoinRate::UNLIMITED, counters)
+    }
+
+    /// Connection caps and a per-address join rate.
+    pub fn with_join_rate(
+        max_total: usize,
+        max_per_ip: usize,
+        join_rate: JoinRate,
+        counters: Arc<HttpCounters>,
+    ) -> Arc<Self> {
         Arc::new(ConnLimiter {
             max_total,
             max_per_ip,
             counts: Mutex::new(Counts::default()),
+            join_rate,
+            joins: Mutex::new(JoinLimiter::new(join_rate, JOIN_TABLE_MAX)),
             counters,
         })
     }
@@ -250,6 +285,119 @@ impl ConnMeta {
     pub(crate) fn byte_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.0.bytes_read)
     }
+
+    /// One `join` from this connection's address, at `now`: `Err(retry_after)` when the
+    /// address is over its join rate (counted in `joins_rate_limited`).
+    pub fn take_join(&self, now: Instant) -> Result<(), Duration> {
+        let limiter = &self.0.limiter;
+        let r = limiter
+            .joins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(self.0.key, now);
+        if r.is_err() {
+            HttpCounters::inc(&limiter.counters.joins_rate_limited);
+        }
+        r
+    }
+
+    /// The join rate this connection's address is held to.
+    pub fn join_rate(&self) -> JoinRate {
+        self.0.limiter.join_rate
+    }
+}
+
+/// Joins per address: `rate` per second sustained, `burst` at once; a rate of 0 is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JoinRate {
+    pub rate: f64,
+    pub burst: usize,
+}
+
+impl JoinRate {
+    pub const UNLIMITED: JoinRate = JoinRate {
+        rate: 0.0,
+        burst: 0,
+    };
+
+    pub fn is_unlimited(&self) -> bool {
+        self.rate <= 0.0
+    }
+}
+
+/// Addresses the join limiter remembers at most. An address whose bucket is full again
+/// (unused for `burst / rate` seconds) is forgotten first, losing nothing; past this many
+/// busy addresses the fullest buckets are forgotten (each such address gets a fresh burst),
+/// so spraying addresses costs the server at most this many entries (≈ 64 bytes each).
+pub const JOIN_TABLE_MAX: usize = 65_536;
+
+/// Token buckets of `join`s per client address (IPv4 address or IPv6 /64, see
+/// [`address_key`]), with bounded memory. Time is passed in.
+#[derive(Debug)]
+pub struct JoinLimiter {
+    rate: JoinRate,
+    max_entries: usize,
+    buckets: HashMap<IpAddr, TokenBucket>,
+}
+
+impl JoinLimiter {
+    pub fn new(rate: JoinRate, max_entries: usize) -> Self {
+        JoinLimiter {
+            rate,
+            max_entries: max_entries.max(1),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Addresses remembered.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    /// Takes one join for `key` (already an [`address_key`]); `Err` says how long until the
+    /// next one is allowed.
+    pub fn take(&mut self, key: IpAddr, now: Instant) -> Result<(), Duration> {
+        if self.rate.is_unlimited() {
+            return Ok(());
+        }
+        if !self.buckets.contains_key(&key) && self.buckets.len() >= self.max_entries {
+            self.evict(now);
+        }
+        let JoinRate { rate, burst } = self.rate;
+        let bucket = self
+            .buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(rate, burst, now));
+        if bucket.take(now) {
+            Ok(())
+        } else {
+            Err(bucket.until_next())
+        }
+    }
+
+    /// Make room: forget every address whose bucket has refilled (as if never seen); if that
+    /// is not enough, forget the fullest buckets until an eighth of the table is free (so
+    /// the sweep runs at most once per that many new addresses).
+    fn evict(&mut self, now: Instant) {
+        self.buckets.retain(|_, b| !b.is_full(now));
+        let keep = self.max_entries - self.max_entries.div_ceil(8);
+        if self.buckets.len() > keep {
+            let mut by_tokens: Vec<(f64, IpAddr)> = self
+                .buckets
+                .iter_mut()
+                .map(|(k, b)| (b.tokens_at(now), *k))
+                .collect();
+            by_tokens.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let excess = self.buckets.len() - keep;
+            for (_, k) in by_tokens.into_iter().take(excess) {
+                self.buckets.remove(&k);
+            }
+        }
+    }
 }
 
 /// An I/O stream that counts the bytes read through it.
@@ -332,9 +480,7 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -342,12 +488,37 @@ impl TokenBucket {
             false
         }
     }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+    }
+
+    /// Tokens available at `now`.
+    pub fn tokens_at(&mut self, now: Instant) -> f64 {
+        self.refill(now);
+        self.tokens
+    }
+
+    /// Full at `now`: the bucket is as good as a new one.
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.tokens_at(now) >= self.burst
+    }
+
+    /// Time until the next token (zero when one is there), as of the last take.
+    pub fn until_next(&self) -> Duration {
+        let missing = (1.0 - self.tokens).max(0.0);
+        if missing == 0.0 || self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(missing / self.rate)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn bucket_allows_burst_then_rate() {
@@ -414,5 +585,127 @@ mod tests {
             address_key("::ffff:10.0.0.1".parse().unwrap()),
             "10.0.0.1".parse::<IpAddr>().unwrap()
         );
+    }
+    fn ip(s: &str) -> IpAddr {
+        address_key(s.parse().unwrap())
+    }
+
+    #[test]
+    fn joins_per_address_burst_then_rate_with_retry_after() {
+        // Virtual time: an arbitrary origin, then only offsets from it.
+        let t0 = Instant::now();
+        let mut l = JoinLimiter::new(
+            JoinRate {
+                rate: 2.0,
+                burst: 3,
+            },
+            100,
+        );
+        let a = ip("10.0.0.1");
+        assert!((0..3).all(|_| l.take(a, t0).is_ok()));
+        // Over: the next join is 0.5 s away.
+        assert_eq!(l.take(a, t0), Err(Duration::from_millis(500)));
+        // Refusals take nothing: 0.3 s later it is 0.2 s away, at 0.5 s it passes.
+        assert_eq!(
+            l.take(a, t0 + Duration::from_millis(300)),
+            Err(Duration::from_millis(200))
+        );
+        assert!(l.take(a, t0 + Duration::from_millis(500)).is_ok());
+        assert!(l.take(a, t0 + Duration::from_millis(500)).is_err());
+        // Another address has its own bucket; an IPv6 /64 is one address.
+        let b = ip("2001:db8:0:1::1");
+        assert!((0..3).all(|_| l.take(b, t0).is_ok()));
+        assert!(l.take(ip("2001:db8:0:1:ffff::2"), t0).is_err());
+        assert!(l.take(ip("2001:db8:0:2::1"), t0).is_ok());
+        // Sustained: 2 per second, whatever is tried.
+        let mut passed = 0;
+        for ms in (1000..11_000).step_by(50) {
+            passed += usize::from(l.take(a, t0 + Duration::from_millis(ms)).is_ok());
+        }
+        assert!((19..=21).contains(&passed), "{passed}");
+        // Unlimited: everything passes, nothing is remembered.
+        let mut u = JoinLimiter::new(JoinRate::UNLIMITED, 10);
+        assert!((0..1000).all(|_| u.take(a, t0).is_ok()));
+        assert!(u.is_empty());
+    }
+
+    #[test]
+    fn join_limiter_memory_is_bounded() {
+        let t0 = Instant::now();
+        let max = 64;
+        let mut l = JoinLimiter::new(
+            JoinRate {
+                rate: 1.0,
+                burst: 2,
+            },
+            max,
+        );
+        // An attacker sprays 10 000 addresses, one join each, all at once: the table never
+        // holds more than `max`.
+        for i in 0..10_000u32 {
+            let a = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(l.take(a, t0).is_ok());
+            assert!(l.len() <= max, "{} entries", l.len());
+        }
+        // A busy address (bucket empty) survives eviction while sprayed addresses are
+        // forgotten: the fullest buckets go first.
+        let busy = ip("192.0.2.1");
+        assert!(l.take(busy, t0).is_ok());
+        assert!(l.take(busy, t0).is_ok());
+        assert!(l.take(busy, t0).is_err());
+        for i in 0..(4 * max as u32) {
+            let a = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            let _ = l.take(a, t0);
+            assert!(l.len() <= max);
+        }
+        assert!(
+            l.take(busy, t0).is_err(),
+            "the busy address was not forgotten"
+        );
+        // Buckets that refilled are dropped first (nothing lost): 2 s later all are full, so
+        // the first eviction keeps only the addresses seen since.
+        let t1 = t0 + Duration::from_secs(2);
+        let mut fresh = 0;
+        loop {
+            let before = l.len();
+            let a = IpAddr::V4(std::net::Ipv4Addr::from(0x0c00_0000 + fresh));
+            assert!(l.take(a, t1).is_ok());
+            fresh += 1;
+            if l.len() <= before {
+                break;
+            }
+        }
+        assert_eq!(l.len(), fresh as usize);
+        assert!(l.take(busy, t1).is_ok() && l.take(busy, t1).is_ok());
+    }
+
+    #[test]
+    fn connections_share_their_address_join_bucket() {
+        let t0 = Instant::now();
+        let counters = Arc::new(HttpCounters::default());
+        let l = ConnLimiter::with_join_rate(
+            10,
+            10,
+            JoinRate {
+                rate: 1.0,
+                burst: 2,
+            },
+            Arc::clone(&counters),
+        );
+        let a = l.admit(ip("10.0.0.1")).unwrap();
+        let b = l.admit(ip("10.0.0.1")).unwrap();
+        assert!(a.take_join(t0).is_ok());
+        assert!(b.take_join(t0).is_ok());
+        assert_eq!(a.take_join(t0), Err(Duration::from_secs(1)));
+        assert!(l.admit(ip("10.0.0.2")).unwrap().take_join(t0).is_ok());
+        assert_eq!(counters.joins_rate_limited.load(Relaxed), 1);
+        let stats = counters.snapshot(Some(&l));
+        assert_eq!(stats.joins_rate_limited, 1);
+        assert_eq!(stats.max_joins_per_ip, 1.0);
+        assert_eq!(stats.join_burst_per_ip, 2);
+        // Without a join rate, joins are not limited.
+        let u = ConnLimiter::new(10, 10, Arc::clone(&counters));
+        let c = u.admit(ip("10.0.0.1")).unwrap();
+        assert!((0..100).all(|_| c.take_join(t0).is_ok()));
     }
 }

@@ -5,7 +5,14 @@
 //! 1. **Before join** the session reads messages one by one and answers them itself: the first
 //!    useful message must be `join` (validated here, then passed to the core); `ping` is
 //!    answered with `pong`, `leave` closes the socket, anything else gets `invalid_state`.
-//!    Errors never close the socket, so a client can fix its `join` and retry.
+//!    Errors never close the socket, so a client can fix its `join` and retry. Every decoded
+//!    `join` first takes one from its client address's join bucket ([`ConnMeta::take_join`]:
+//!    `max_joins_per_ip`, `join_burst_per_ip`), before its token is checked, so a flood of
+//!    joins with bad tokens is held off the verifier too; over it the join gets
+//!    `join_rate_limited` with a retry-after. The per-server caps (`max_rooms`,
+//!    `max_participants_per_room`) are enforced where the join is placed
+//!    ([`SfuHandle::join`]): `too_many_rooms`, `room_full`. Each refusal is counted under
+//!    `http` in `/metrics`.
 //! 2. **After join** two halves run concurrently: the *reader* decodes client frames and
 //!    passes them to the core ([`SfuHandle::client`]); the *writer* sends the core's events
 //!    (from the participant's bounded event channel) and the reader's local replies (errors,
@@ -350,6 +357,7 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
         &mut shutdown,
         limit,
         &mut guards,
+        _conn.as_ref(),
     )
     .await
     else {
@@ -383,6 +391,7 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
 }
 
 /// Phase 1: answer messages until a join is accepted. `None` when the socket ended first.
+/// `conn` (the server's accept loop) holds the per-address join rate.
 async fn wait_for_join(
     sink: &mut Sink,
     stream: &mut Stream,
@@ -390,6 +399,7 @@ async fn wait_for_join(
     shutdown: &mut watch::Receiver<bool>,
     limit: usize,
     guards: &mut Guards,
+    conn: Option<&ConnMeta>,
 ) -> Option<(JoinAccepted, String, mpsc::Receiver<ServerMessage>)> {
     let mut ticker = tokio::time::interval(guards.tick());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -466,7 +476,16 @@ async fn wait_for_join(
                 continue;
             }
         };
+        // Every decoded `join` takes one from its address's join bucket, before its token is
+        // checked: a flood of joins with bad tokens is held off the verifier too.
+        let over_rate = match (&msg, conn) {
+            (ClientMessage::Join { .. }, Some(c)) => c.take_join(Instant::now()).err(),
+            _ => None,
+        };
         let reply = match msg {
+            ClientMessage::Join { .. } if over_rate.is_some() => {
+                join_rate_limited(conn, over_rate.unwrap_or_default())
+            }
             ClientMessage::Join {
                 room,
                 name,
@@ -499,6 +518,15 @@ async fn wait_for_join(
                         Ok(accepted) => return Some((accepted, room, events_rx)),
                         Err(e) => {
                             debug!(error = %e, %room, "join refused");
+                            match e {
+                                SfuError::TooManyRooms(_) => {
+                                    HttpCounters::inc(&guards.counters.joins_refused_rooms);
+                                }
+                                SfuError::RoomFull(_) => {
+                                    HttpCounters::inc(&guards.counters.joins_refused_room_full);
+                                }
+                                _ => {}
+                            }
                             let fatal = matches!(e, SfuError::ShuttingDown);
                             let reply = join_error(&e);
                             if fatal {
@@ -974,12 +1002,30 @@ fn join_error(e: &SfuError) -> ServerMessage {
         SfuError::InvalidJoin(_) => ErrorCode::InvalidField,
         SfuError::ShuttingDown | SfuError::Overloaded => ErrorCode::Unavailable,
         SfuError::Rtc(_) | SfuError::Io(_) => ErrorCode::Internal,
+        SfuError::TooManyRooms(_) => ErrorCode::TooManyRooms,
+        SfuError::RoomFull(_) => ErrorCode::RoomFull,
     };
     let message = match e {
         SfuError::InvalidJoin(m) => m.clone(),
         other => other.to_string(),
     };
     ServerMessage::error(code, message, Some("join"))
+}
+
+/// The `join_rate_limited` reply: the rate, and when to retry (rounded up to 0.1 s).
+fn join_rate_limited(conn: Option<&ConnMeta>, retry: Duration) -> ServerMessage {
+    let rate = conn.map(ConnMeta::join_rate);
+    let retry_s = ((retry.as_secs_f64() * 10.0).ceil() / 10.0).max(0.1);
+    ServerMessage::error(
+        ErrorCode::JoinRateLimited,
+        format!(
+            "too many joins from this address (more than {} per second, bursts of {}): retry \
+             after {retry_s:.1} s",
+            rate.map_or(0.0, |r| r.rate),
+            rate.map_or(0, |r| r.burst),
+        ),
+        Some("join"),
+    )
 }
 
 /// The wire `type` of a client message.

@@ -399,6 +399,21 @@ pub enum SfuError {
     Rtc(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The join would open a room past the server's `max_rooms`.
+    #[error("{0}")]
+    TooManyRooms(String),
+    /// The room has `max_participants_per_room` participants.
+    #[error("{0}")]
+    RoomFull(String),
+}
+
+impl From<placement::Refusal> for SfuError {
+    fn from(r: placement::Refusal) -> Self {
+        match r {
+            placement::Refusal::TooManyRooms { .. } => SfuError::TooManyRooms(r.to_string()),
+            placement::Refusal::RoomFull { .. } => SfuError::RoomFull(r.to_string()),
+        }
+    }
 }
 
 /// A place in a room's shard, held while a join is on its way.
@@ -456,6 +471,12 @@ impl SfuHandle {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The per-server join caps (rooms, participants per room); 0 is unlimited. Applies to
+    /// later joins.
+    pub fn set_join_caps(&self, caps: placement::JoinCaps) {
+        self.placement().set_caps(caps);
+    }
+
     /// The shard a participant's commands go to (the first for an unknown one: it answers
     /// nothing, as for any unknown participant).
     fn shard_of(&self, participant: &str) -> &mpsc::Sender<Command> {
@@ -472,8 +493,9 @@ impl SfuHandle {
     pub async fn join(&self, mut req: JoinRequest) -> Result<JoinAccepted, SfuError> {
         let room = req.room.clone();
         let identity = req.identity.clone();
+        // Refused past the per-server caps before anything is held or sent.
         let placement::Place { shard, peers } =
-            self.placement().reserve(&room, identity.as_deref());
+            self.placement().reserve(&room, identity.as_deref())?;
         req.peers = peers;
         // Given back if the join fails, or if this future is dropped before the answer (the
         // session went away mid-join; the core then removes the participant on its own).

@@ -8,6 +8,14 @@
 //! A room is forgotten when its last participant has left, so it may be placed elsewhere next
 //! time. Pure bookkeeping: the signaling side calls it around each join and leave, under one
 //! lock; nothing on the packet path touches it.
+//!
+//! It is also where the whole server's view of its rooms is, so it enforces the per-server
+//! caps ([`JoinCaps`]): rooms open at once and participants per room (over every shard of the
+//! room). A join past one is refused ([`Refusal`]) before anything is held or sent to a
+//! shard, so a refusal changes nothing. Reservations count: a join on its way holds its place
+//! (and its room's slot) until it succeeds or gives them back. A rejoin of an identity
+//! already in the room replaces the old participant, so it is never refused by the
+//! participant cap (for a moment both are counted: the old one leaves when replaced).
 
 use super::admin::Target;
 use std::collections::HashMap;
@@ -26,6 +34,27 @@ pub struct Placement {
     identities: HashMap<(String, String), (usize, String)>,
     /// A room with this many participants spreads over the shards (0: never).
     spread_above: usize,
+    caps: JoinCaps,
+}
+
+/// Per-server caps on joins (0: unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JoinCaps {
+    /// Rooms open at once (with participants joined or joining).
+    pub max_rooms: usize,
+    /// Participants (joined or joining) in one room, over all its shards.
+    pub max_participants_per_room: usize,
+}
+
+/// Why [`Placement::reserve`] refused a join.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The join would open a new room past [`JoinCaps::max_rooms`].
+    #[error("the server has {max} rooms open, its limit: no new room can be opened now")]
+    TooManyRooms { max: usize },
+    /// The room has [`JoinCaps::max_participants_per_room`] participants.
+    #[error("room `{room}` is full ({max} participants)")]
+    RoomFull { room: String, max: usize },
 }
 
 /// Where a join goes.
@@ -46,7 +75,33 @@ impl Placement {
             parts: HashMap::new(),
             identities: HashMap::new(),
             spread_above,
+            caps: JoinCaps::default(),
         }
+    }
+
+    /// The same bookkeeping with these caps.
+    pub fn with_caps(mut self, caps: JoinCaps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// Change the caps; joins already placed stay (a lowered cap refuses only later joins).
+    pub fn set_caps(&mut self, caps: JoinCaps) {
+        self.caps = caps;
+    }
+
+    pub fn caps(&self) -> JoinCaps {
+        self.caps
+    }
+
+    /// Rooms open (with participants joined or joining).
+    pub fn rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Participants (joined or joining) in `room`, over all its shards.
+    pub fn room_size(&self, room: &str) -> usize {
+        self.rooms.get(room.trim()).map_or(0, |c| c.iter().sum())
     }
 
     pub fn shards(&self) -> usize {
@@ -55,8 +110,11 @@ impl Placement {
 
     /// Where a join of `room` (by `identity`, if known) goes; the place is held until
     /// [`Placement::joined`] or [`Placement::join_failed`], so concurrent joins of a new room
-    /// land together. An identity already in the room goes where it is.
-    pub fn reserve(&mut self, room: &str, identity: Option<&str>) -> Place {
+    /// land together. An identity already in the room goes where it is. Refused (nothing held)
+    /// when the join would open a room past [`JoinCaps::max_rooms`], or add a participant
+    /// past [`JoinCaps::max_participants_per_room`] (a rejoin of an identity in the room is
+    /// never refused).
+    pub fn reserve(&mut self, room: &str, identity: Option<&str>) -> Result<Place, Refusal> {
         let room = room.trim();
         let known = identity.and_then(|id| {
             self.identities
@@ -64,6 +122,23 @@ impl Placement {
                 .map(|(shard, _)| *shard)
         });
         let n = self.load.len();
+        match self.rooms.get(room) {
+            None => {
+                let max = self.caps.max_rooms;
+                if max > 0 && self.rooms.len() >= max {
+                    return Err(Refusal::TooManyRooms { max });
+                }
+            }
+            Some(per_shard) => {
+                let max = self.caps.max_participants_per_room;
+                if max > 0 && known.is_none() && per_shard.iter().sum::<usize>() >= max {
+                    return Err(Refusal::RoomFull {
+                        room: room.to_owned(),
+                        max,
+                    });
+                }
+            }
+        }
         let least_loaded = |load: &[usize], prefer: &[usize]| {
             (0..n)
                 .min_by_key(|&i| (load[i], prefer.get(i).is_none_or(|&c| c == 0), i))
@@ -91,7 +166,7 @@ impl Placement {
         let peers = (0..n).filter(|&i| i != shard && per_shard[i] > 0).collect();
         per_shard[shard] += 1;
         self.load[shard] += 1;
-        Place { shard, peers }
+        Ok(Place { shard, peers })
     }
 
     /// The reserved join succeeded: `participant` (`identity`) is on `shard`.
@@ -185,7 +260,7 @@ mod tests {
 
     impl Placement {
         fn reserve_shard(&mut self, room: &str) -> usize {
-            self.reserve(room, None).shard
+            self.reserve(room, None).unwrap().shard
         }
     }
 
@@ -243,7 +318,7 @@ mod tests {
         let mut p = Placement::new(2, 3);
         // Below the threshold the room stays together on shard 0 (even with 1 emptier).
         for i in 0..3 {
-            let place = p.reserve("live", None);
+            let place = p.reserve("live", None).unwrap();
             assert_eq!(
                 place,
                 Place {
@@ -254,7 +329,7 @@ mod tests {
             p.joined(&format!("PA_{i}"), "live", 0, None);
         }
         // From 3 on it spreads: the least-loaded shard, told that shard 0 hosts the room.
-        let place = p.reserve("live", None);
+        let place = p.reserve("live", None).unwrap();
         assert_eq!(
             place,
             Place {
@@ -267,7 +342,7 @@ mod tests {
         per[0] = 3;
         per[1] = 1;
         for i in 4..100 {
-            let place = p.reserve("live", None);
+            let place = p.reserve("live", None).unwrap();
             assert_eq!(place.peers, vec![1 - place.shard]);
             per[place.shard] += 1;
             p.joined(&format!("PA_{i}"), "live", place.shard, None);
@@ -275,33 +350,168 @@ mod tests {
         assert_eq!(per, [50, 50]);
         assert_eq!(p.room_shards("live"), vec![0, 1]);
         // Another room still goes to one shard.
-        assert_eq!(p.reserve("other", None).peers, Vec::<usize>::new());
+        assert_eq!(p.reserve("other", None).unwrap().peers, Vec::<usize>::new());
         // With spreading off, a room never leaves its shard.
         let mut q = Placement::new(2, 0);
         for _ in 0..10 {
-            assert_eq!(q.reserve("r", None).shard, 0);
+            assert_eq!(q.reserve("r", None).unwrap().shard, 0);
         }
     }
 
     #[test]
     fn an_identity_rejoins_where_it_is() {
         let mut p = Placement::new(2, 1);
-        assert_eq!(p.reserve("r", Some("alice")).shard, 0);
+        assert_eq!(p.reserve("r", Some("alice")).unwrap().shard, 0);
         p.joined("PA_1", "r", 0, Some("alice"));
         // The room spreads: bob goes to the emptier shard, alice's second join to hers.
-        assert_eq!(p.reserve("r", Some("bob")).shard, 1);
+        assert_eq!(p.reserve("r", Some("bob")).unwrap().shard, 1);
         p.joined("PA_2", "r", 1, Some("bob"));
-        assert_eq!(p.reserve("r", Some("alice")).shard, 0);
+        assert_eq!(p.reserve("r", Some("alice")).unwrap().shard, 0);
         p.joined("PA_3", "r", 0, Some("alice"));
         // The first alice's session ends after the second joined: the identity stays known.
         p.left("PA_1");
-        assert_eq!(p.reserve("r", Some("alice")).shard, 0);
+        assert_eq!(p.reserve("r", Some("alice")).unwrap().shard, 0);
         p.join_failed("r", 0);
         p.left("PA_3");
         // Gone: alice is placed like anyone (the emptier shard).
         assert_eq!(p.load(), &[0, 1]);
-        assert_eq!(p.reserve("r", Some("alice")).shard, 0);
+        assert_eq!(p.reserve("r", Some("alice")).unwrap().shard, 0);
         // Another room's alice is someone else.
-        assert_eq!(p.reserve("s", Some("bob")).peers, Vec::<usize>::new());
+        assert_eq!(
+            p.reserve("s", Some("bob")).unwrap().peers,
+            Vec::<usize>::new()
+        );
+    }
+    fn capped(shards: usize, spread_above: usize, max_rooms: usize, per_room: usize) -> Placement {
+        Placement::new(shards, spread_above).with_caps(JoinCaps {
+            max_rooms,
+            max_participants_per_room: per_room,
+        })
+    }
+
+    #[test]
+    fn max_rooms_refuses_new_rooms_only_and_a_closed_room_frees_its_slot() {
+        let mut p = capped(2, 0, 2, 0);
+        assert_eq!(p.reserve_shard("a"), 0);
+        p.joined("PA_1", "a", 0, None);
+        // A reservation holds its room's slot before the join completes.
+        assert_eq!(p.reserve_shard("b"), 1);
+        assert_eq!(p.rooms(), 2);
+        assert_eq!(p.reserve("c", None), Err(Refusal::TooManyRooms { max: 2 }));
+        // The refusal changed nothing.
+        assert_eq!(p.load(), &[1, 1]);
+        assert!(p.room_shards("c").is_empty());
+        assert_eq!(p.rooms(), 2);
+        // Existing rooms are never refused by it.
+        for i in 0..5 {
+            let s = p.reserve(" a ", None).unwrap().shard;
+            p.joined(&format!("PA_a{i}"), "a", s, None);
+        }
+        assert_eq!(p.room_size("a"), 6);
+        // "b"'s join fails: its slot is free again.
+        p.join_failed("b", 1);
+        assert_eq!(p.rooms(), 1);
+        assert_eq!(p.reserve_shard("c"), 1);
+        p.joined("PA_c", "c", 1, None);
+        assert!(matches!(
+            p.reserve("d", None),
+            Err(Refusal::TooManyRooms { .. })
+        ));
+        // "c" closes (its last member leaves): "d" may open.
+        p.left("PA_c");
+        assert_eq!(p.rooms(), 1);
+        assert!(p.reserve("d", None).is_ok());
+        // 0: unlimited.
+        let mut q = capped(1, 0, 0, 0);
+        for i in 0..100 {
+            q.reserve(&format!("r{i}"), None).unwrap();
+        }
+        assert_eq!(q.rooms(), 100);
+    }
+
+    #[test]
+    fn max_participants_counts_a_spread_room_over_its_shards() {
+        // The room spreads from 2 participants; the cap is 5 over both shards.
+        let mut p = capped(2, 2, 0, 5);
+        for i in 0..5 {
+            let place = p.reserve("live", Some(&format!("u{i}"))).unwrap();
+            p.joined(
+                &format!("PA_{i}"),
+                "live",
+                place.shard,
+                Some(&format!("u{i}")),
+            );
+        }
+        assert_eq!(p.room_shards("live"), vec![0, 1]);
+        assert_eq!(p.load(), &[3, 2]);
+        assert_eq!(
+            p.reserve("live", Some("u9")),
+            Err(Refusal::RoomFull {
+                room: "live".into(),
+                max: 5
+            })
+        );
+        assert_eq!(
+            p.reserve(" live ", None).unwrap_err().to_string(),
+            "room `live` is full (5 participants)"
+        );
+        // Refused: nothing held.
+        assert_eq!(p.load(), &[3, 2]);
+        assert_eq!(p.room_size("live"), 5);
+        // Another room is not affected.
+        assert!(p.reserve("other", None).is_ok());
+        // Someone leaves (on either shard): one place is free, and only one.
+        p.left("PA_1");
+        let place = p.reserve("live", Some("u9")).unwrap();
+        assert!(matches!(
+            p.reserve("live", Some("u10")),
+            Err(Refusal::RoomFull { .. })
+        ));
+        // That join fails (or is abandoned): its place is back.
+        p.join_failed("live", place.shard);
+        let place = p.reserve("live", Some("u10")).unwrap();
+        p.joined("PA_10", "live", place.shard, Some("u10"));
+        assert!(p.reserve("live", None).is_err());
+    }
+
+    #[test]
+    fn an_identity_in_the_room_may_rejoin_at_the_cap() {
+        let mut p = capped(1, 0, 1, 2);
+        p.reserve("r", Some("alice")).unwrap();
+        p.joined("PA_1", "r", 0, Some("alice"));
+        p.reserve("r", Some("bob")).unwrap();
+        p.joined("PA_2", "r", 0, Some("bob"));
+        assert!(matches!(
+            p.reserve("r", Some("carol")),
+            Err(Refusal::RoomFull { .. })
+        ));
+        // Alice's second join replaces her first: allowed at the cap.
+        assert_eq!(
+            p.reserve("r", Some("alice")),
+            Ok(Place {
+                shard: 0,
+                peers: vec![]
+            })
+        );
+        p.joined("PA_3", "r", 0, Some("alice"));
+        // The replaced session ends: back at the cap, alice still known.
+        p.left("PA_1");
+        assert_eq!(p.room_size("r"), 2);
+        assert!(p.reserve("r", Some("carol")).is_err());
+        assert!(p.reserve("r", Some("alice")).is_ok());
+        p.join_failed("r", 0);
+        // Alice's identity in another room is someone else (and that room is over max_rooms).
+        assert_eq!(
+            p.reserve("s", Some("alice")),
+            Err(Refusal::TooManyRooms { max: 1 })
+        );
+        // Once alice has left for good, her identity is not special any more.
+        p.left("PA_3");
+        p.reserve("r", Some("carol")).unwrap();
+        p.joined("PA_4", "r", 0, Some("carol"));
+        assert!(matches!(
+            p.reserve("r", Some("alice")),
+            Err(Refusal::RoomFull { .. })
+        ));
     }
 }

@@ -538,7 +538,13 @@ impl Net {
         let (shard, cmd) = match cmd {
             Command::Join { mut req, reply } => {
                 let Place { shard, peers } =
-                    sh.placement.reserve(&req.room, req.identity.as_deref());
+                    match sh.placement.reserve(&req.room, req.identity.as_deref()) {
+                        Ok(place) => place,
+                        Err(refusal) => {
+                            let _ = reply.send(Err(refusal.into()));
+                            return;
+                        }
+                    };
                 req.peers = peers;
                 let (tx, rx) = oneshot::channel();
                 sh.pending.push(PendingJoin {
