@@ -21,6 +21,7 @@
 //! max_rooms = 10000          # 0: unlimited
 //! max_participants_per_room = 1000
 //! max_joins_per_ip = 20      # per second, sustained; 0: unlimited
+//! data_message_rate = 100    # data-channel messages per participant per second; 0: unlimited
 //! join_burst_per_ip = 100
 //!
 //! [keys]                     # API key → secret (at least 32 bytes); none: development mode
@@ -392,6 +393,18 @@ struct Args {
     /// Tracks one participant may subscribe to [env: PLAZA_MAX_SUBSCRIPTIONS] [default: 512]
     #[arg(long, value_name = "N")]
     max_subscriptions: Option<usize>,
+    /// Data-channel messages one participant may send per second, sustained (0: unlimited)
+    /// [env: PLAZA_DATA_MESSAGE_RATE] [default: 100]
+    #[arg(long, value_name = "N")]
+    data_message_rate: Option<usize>,
+    /// Data-channel messages one participant may send at once [env: PLAZA_DATA_MESSAGE_BURST]
+    /// [default: 200]
+    #[arg(long, value_name = "N")]
+    data_message_burst: Option<usize>,
+    /// Data-channel bytes one participant may send per second, sustained (0: unlimited; bursts
+    /// of twice this) [env: PLAZA_DATA_BYTE_RATE] [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    data_byte_rate: Option<usize>,
     /// Ids in one subscribe/unsubscribe message [env: PLAZA_MAX_IDS_PER_MESSAGE]
     /// [default: 512]
     #[arg(long, value_name = "N")]
@@ -521,6 +534,9 @@ struct FileConfig {
     max_remote_candidates: Option<usize>,
     max_published_tracks: Option<usize>,
     max_subscriptions: Option<usize>,
+    data_message_rate: Option<usize>,
+    data_message_burst: Option<usize>,
+    data_byte_rate: Option<usize>,
     max_ids_per_message: Option<usize>,
     commands_per_turn: Option<usize>,
     /// API key → secret.
@@ -557,6 +573,9 @@ struct Layer {
     max_remote_candidates: Option<usize>,
     max_published_tracks: Option<usize>,
     max_subscriptions: Option<usize>,
+    data_message_rate: Option<usize>,
+    data_message_burst: Option<usize>,
+    data_byte_rate: Option<usize>,
     max_ids_per_message: Option<usize>,
     commands_per_turn: Option<usize>,
     api_key: Option<String>,
@@ -597,6 +616,9 @@ impl Layer {
             max_remote_candidates: self.max_remote_candidates.or(lower.max_remote_candidates),
             max_published_tracks: self.max_published_tracks.or(lower.max_published_tracks),
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
+            data_message_rate: self.data_message_rate.or(lower.data_message_rate),
+            data_message_burst: self.data_message_burst.or(lower.data_message_burst),
+            data_byte_rate: self.data_byte_rate.or(lower.data_byte_rate),
             max_ids_per_message: self.max_ids_per_message.or(lower.max_ids_per_message),
             commands_per_turn: self.commands_per_turn.or(lower.commands_per_turn),
             api_key: self.api_key.or(lower.api_key),
@@ -636,6 +658,9 @@ impl From<Args> for Layer {
             max_remote_candidates: a.max_remote_candidates,
             max_published_tracks: a.max_published_tracks,
             max_subscriptions: a.max_subscriptions,
+            data_message_rate: a.data_message_rate,
+            data_message_burst: a.data_message_burst,
+            data_byte_rate: a.data_byte_rate,
             max_ids_per_message: a.max_ids_per_message,
             commands_per_turn: a.commands_per_turn,
             api_key: a.api_key.map(|k| k.trim().to_owned()),
@@ -678,6 +703,9 @@ impl From<FileConfig> for Layer {
             max_remote_candidates: f.max_remote_candidates,
             max_published_tracks: f.max_published_tracks,
             max_subscriptions: f.max_subscriptions,
+            data_message_rate: f.data_message_rate,
+            data_message_burst: f.data_message_burst,
+            data_byte_rate: f.data_byte_rate,
             max_ids_per_message: f.max_ids_per_message,
             commands_per_turn: f.commands_per_turn,
             api_key: None,
@@ -761,6 +789,9 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             max_remote_candidates: self.parse("PLAZA_MAX_REMOTE_CANDIDATES")?,
             max_published_tracks: self.parse("PLAZA_MAX_PUBLISHED_TRACKS")?,
             max_subscriptions: self.parse("PLAZA_MAX_SUBSCRIPTIONS")?,
+            data_message_rate: self.parse("PLAZA_DATA_MESSAGE_RATE")?,
+            data_message_burst: self.parse("PLAZA_DATA_MESSAGE_BURST")?,
+            data_byte_rate: self.parse("PLAZA_DATA_BYTE_RATE")?,
             max_ids_per_message: self.parse("PLAZA_MAX_IDS_PER_MESSAGE")?,
             commands_per_turn: self.parse("PLAZA_COMMANDS_PER_TURN")?,
             api_key: self.raw("PLAZA_API_KEY").map(|k| k.trim().to_owned()),
@@ -890,6 +921,15 @@ impl Config {
                 max_subscriptions: merged
                     .max_subscriptions
                     .unwrap_or(d.core_limits.max_subscriptions),
+                data_message_rate: merged
+                    .data_message_rate
+                    .unwrap_or(d.core_limits.data_message_rate),
+                data_message_burst: merged
+                    .data_message_burst
+                    .unwrap_or(d.core_limits.data_message_burst),
+                data_byte_rate: merged
+                    .data_byte_rate
+                    .unwrap_or(d.core_limits.data_byte_rate),
                 max_ids_per_message: merged
                     .max_ids_per_message
                     .unwrap_or(d.core_limits.max_ids_per_message),
@@ -993,6 +1033,7 @@ impl Config {
             ("max-published-tracks", l.max_published_tracks),
             ("max-subscriptions", l.max_subscriptions),
             ("max-ids-per-message", l.max_ids_per_message),
+            ("data-message-burst", l.data_message_burst),
             ("commands-per-turn", l.commands_per_turn),
         ] {
             count_range(name, n)?;
@@ -1000,6 +1041,8 @@ impl Config {
         for (name, n) in [
             ("max-rooms", self.max_rooms),
             ("max-participants-per-room", self.max_participants_per_room),
+            ("data-message-rate", l.data_message_rate),
+            ("data-byte-rate", l.data_byte_rate),
         ] {
             if n > MAX_COUNT {
                 return Err(ConfigError::Invalid {
@@ -1372,6 +1415,33 @@ mod tests {
     }
 
     #[test]
+    fn data_rate_limits_from_every_layer() {
+        let d = load(&[], &[]).unwrap().core_limits;
+        assert_eq!(
+            (d.data_message_rate, d.data_message_burst, d.data_byte_rate),
+            (100, 200, 1 << 20)
+        );
+        assert_eq!(d.data_rate(), crate::sfu::data::RateLimit::default());
+        let file = TempFile::new("data_message_rate = 3\ndata_message_burst = 4\n");
+        let c = load(
+            &["--config", file.path(), "--data-byte-rate", "0"],
+            &[("PLAZA_DATA_MESSAGE_BURST", "6")],
+        )
+        .unwrap()
+        .core_limits;
+        assert_eq!(
+            (c.data_message_rate, c.data_message_burst, c.data_byte_rate),
+            (3, 6, 0)
+        );
+        let r = c.data_rate();
+        assert_eq!(
+            (r.messages_per_sec, r.message_burst, r.bytes_per_sec),
+            (3, 6, 0)
+        );
+        assert!(load(&["--data-message-burst", "0"], &[]).is_err());
+    }
+
+    #[test]
     fn limits_from_every_layer() {
         let c = load(&[], &[]).unwrap();
         assert_eq!(c.join_timeout, DEFAULT_JOIN_TIMEOUT);
@@ -1423,6 +1493,7 @@ mod tests {
                 max_subscriptions: 9,
                 max_ids_per_message: 6,
                 commands_per_turn: 8,
+                ..CoreLimits::default()
             }
         );
     }

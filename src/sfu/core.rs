@@ -2643,7 +2643,7 @@ impl<T: Transmit> Sfu<T> {
             pub_tracks: Vec::new(),
             refused: Vec::new(),
             subscriptions: HashMap::new(),
-            limiter: data::RateLimiter::default(),
+            limiter: data::RateLimiter::new(self.cfg.limits.data_rate()),
             outbox: Outbox::new(),
             selected_at_bps: None,
             egress: None,

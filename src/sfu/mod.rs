@@ -87,8 +87,27 @@ pub struct CoreLimits {
     pub max_subscriptions: usize,
     /// Ids in one `subscribe` / `unsubscribe` message.
     pub max_ids_per_message: usize,
+    /// Data-channel messages one participant may send per second, sustained (0: unlimited),
+    /// and at once; bytes per second (0: unlimited; bursts of twice this). Over them the
+    /// sender gets `rate_limited` and nothing is relayed.
+    pub data_message_rate: usize,
+    pub data_message_burst: usize,
+    pub data_byte_rate: usize,
     /// Client commands the core handles in one turn before it serves the media socket again.
     pub commands_per_turn: usize,
+}
+
+impl CoreLimits {
+    /// The per-participant data-channel limits.
+    pub fn data_rate(&self) -> data::RateLimit {
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        data::RateLimit {
+            messages_per_sec: clamp(self.data_message_rate),
+            message_burst: clamp(self.data_message_burst).max(1),
+            bytes_per_sec: self.data_byte_rate as u64,
+            byte_burst: (self.data_byte_rate as u64).saturating_mul(2).max(1),
+        }
+    }
 }
 
 impl Default for CoreLimits {
@@ -98,6 +117,9 @@ impl Default for CoreLimits {
             max_published_tracks: 16,
             max_subscriptions: 512,
             max_ids_per_message: 512,
+            data_message_rate: 100,
+            data_message_burst: 200,
+            data_byte_rate: 1 << 20,
             commands_per_turn: 64,
         }
     }
