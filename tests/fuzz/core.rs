@@ -9,6 +9,7 @@
 use super::engine::{self, Rng, Spec, Unstructured};
 use super::seeds;
 use bytes::BytesMut;
+use plaza::sfu::admin::{AdminOp, Lane, PermissionsUpdate, Target};
 use plaza::sfu::{Command, CoreStats, Grants, JoinRequest, Sfu, Transmit};
 use plaza::signal::{ClientMessage, IceCandidate, PcTarget, Quality, ServerMessage};
 use plaza::sim::MediaSpec;
@@ -44,8 +45,9 @@ enum Op {
     Disconnect,
     Events,
     Answer,
+    Admin,
 }
-const OPS: u8 = 11;
+const OPS: u8 = 12;
 
 struct Participant {
     id: String,
@@ -60,6 +62,8 @@ pub(crate) struct Learned {
     pub(crate) tracks: Vec<String>,
     /// Subscribe offers waiting for an answer: (participant index, SDP).
     pub(crate) offers: Vec<(usize, String)>,
+    /// Participant ids of the joins that succeeded.
+    pub(crate) participants: Vec<String>,
 }
 
 pub(crate) struct Ctx {
@@ -106,8 +110,67 @@ fn track_id(u: &mut Unstructured, learned: &Learned) -> String {
     }
 }
 
+fn participant_id(u: &mut Unstructured, learned: &Learned) -> String {
+    if !learned.participants.is_empty() && u.below(4) != 0 {
+        learned.participants[u.below(learned.participants.len())].clone()
+    } else {
+        string(u, 16)
+    }
+}
+
+fn target(u: &mut Unstructured, learned: &Learned) -> Target {
+    if u.bool() {
+        Target::Participant(participant_id(u, learned))
+    } else {
+        Target::Identity(string(u, 8))
+    }
+}
+
+/// A room admin operation, about the fuzzed rooms and what the program learned.
+fn admin_op(u: &mut Unstructured, learned: &Learned) -> AdminOp {
+    let room = ["r0", "r1", "r2"][u.below(3)].to_owned();
+    match u.below(7) {
+        0 => AdminOp::ListRooms,
+        1 => AdminOp::ListParticipants { room },
+        2 => AdminOp::RemoveParticipant {
+            room,
+            target: target(u, learned),
+            reason: string(u, 8),
+        },
+        3 => AdminOp::MuteTrack {
+            room,
+            target: target(u, learned),
+            track_id: track_id(u, learned),
+            muted: u.bool(),
+        },
+        4 => AdminOp::UpdatePermissions {
+            room,
+            target: target(u, learned),
+            update: PermissionsUpdate {
+                publish_audio: u.bool().then(|| u.bool()),
+                publish_video: u.bool().then(|| u.bool()),
+                publish_data: u.bool().then(|| u.bool()),
+                subscribe: u.bool().then(|| u.bool()),
+                room_admin: u.bool().then(|| u.bool()),
+                chat_muted: u.bool().then(|| u.bool()),
+            },
+        },
+        5 => AdminOp::SendData {
+            room,
+            lane: if u.bool() { Lane::Chat } else { Lane::Input },
+            is_text: u.bool(),
+            payload: bytes::Bytes::copy_from_slice(u.bytes_long(256)),
+            to: (0..u.below(3)).map(|_| target(u, learned)).collect(),
+        },
+        _ => AdminOp::CloseRoom {
+            room,
+            reason: string(u, 8),
+        },
+    }
+}
+
 pub(crate) fn client_message(u: &mut Unstructured, ctx: &Ctx, learned: &Learned) -> ClientMessage {
-    match u.below(9) {
+    match u.below(11) {
         0 => ClientMessage::Join {
             room: string(u, 8),
             name: string(u, 8),
@@ -184,6 +247,14 @@ pub(crate) fn client_message(u: &mut Unstructured, ctx: &Ctx, learned: &Learned)
                 .bool()
                 .then(|| f64::from_bits(u64::from(u.u32()) << 32 | u64::from(u.u32()))),
         },
+        9 => ClientMessage::RemoveParticipant {
+            participant_id: participant_id(u, learned),
+            reason: u.bool().then(|| string(u, 16)),
+        },
+        10 => ClientMessage::MuteChat {
+            participant_id: participant_id(u, learned),
+            muted: u.bool(),
+        },
         _ => ClientMessage::Leave,
     }
 }
@@ -197,6 +268,8 @@ struct Reach {
     /// Signed STUN checks the server answered (sent something right after).
     stun_answered: u64,
     real_answers: u64,
+    /// Admin operations the core carried out.
+    admin_done: u64,
 }
 
 /// Runs one program on a fresh core.
@@ -240,6 +313,7 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                 let _ = sfu.handle_command(now, Command::Join { req, reply });
                 if let Ok(Ok(ok)) = answer.try_recv() {
                     reach.joins += 1;
+                    learned.participants.push(ok.participant_id.clone());
                     parts.push(Participant {
                         id: ok.participant_id,
                         events: rx,
@@ -335,6 +409,14 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                     }
                 }
             }
+            x if x == Op::Admin as u8 => {
+                let op = admin_op(&mut u, &learned);
+                let (reply, mut rx) = oneshot::channel();
+                let _ = sfu.handle_command(now, Command::Admin { op, reply });
+                if let Ok(Ok(_)) = rx.try_recv() {
+                    reach.admin_done += 1;
+                }
+            }
             _ => {
                 // Answer a subscribe offer with a real `rtc` peer's answer.
                 if let Some((i, offer)) = learned.offers.pop() {
@@ -395,7 +477,7 @@ fn learn(learned: &mut Learned, i: usize, m: ServerMessage, reach: &mut Reach) {
 /// checks for the server's credentials, DTLS, time; a subscriber answering; signaling
 /// mistakes; a leave.
 fn seed_programs() -> Vec<Vec<u8>> {
-    let join = |name: u8| vec![Op::Join as u8, 0, 1, name, 1, 0, 1, 1, 1, 1, 0, 0];
+    let join = |name: u8| vec![Op::Join as u8, 0, 1, name, 1, 0, 1, 1, 1, 1, 1, 0];
     let publish = |who: u8, offer: u8| vec![Op::Client as u8, who, 1, offer, 0];
     let events = vec![Op::Events as u8];
     let stun = |nominate: u8| vec![Op::Stun as u8, 0, 1, 0, 7, nominate, 1, 0];
@@ -533,4 +615,5 @@ pub fn run() {
         reach.stun_answered > 0 && reach.real_answers > 0,
         "{reach:?}"
     );
+    assert!(reach.admin_done > 0, "{reach:?}");
 }
