@@ -65,6 +65,8 @@ pub const DEFAULT_MAX_DATA_MESSAGE: usize = 16 * 1024;
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a joined WebSocket may stay without sending a frame (pongs count).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a participant whose connection dropped is kept for a `resume`.
+pub const DEFAULT_RESUME_GRACE: Duration = crate::http::resume::DEFAULT_RESUME_GRACE;
 /// Default time a client may take to send its HTTP request headers (also the keep-alive idle
 /// time between requests).
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -165,6 +167,8 @@ pub struct Config {
     pub join_timeout: Duration,
     /// A joined WebSocket that sends no frame for this long is closed (the server pings it).
     pub idle_timeout: Duration,
+    /// A participant whose WebSocket dropped is kept this long for a `resume` (0: never).
+    pub resume_grace: Duration,
     /// Time allowed for a request's HTTP headers (and between keep-alive requests).
     pub header_timeout: Duration,
     /// Time allowed for one WebSocket message, first byte to last.
@@ -209,6 +213,7 @@ impl Default for Config {
             room_spread_above: DEFAULT_ROOM_SPREAD_ABOVE,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            resume_grace: DEFAULT_RESUME_GRACE,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             message_timeout: DEFAULT_MESSAGE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -346,6 +351,10 @@ struct Args {
     /// [env: PLAZA_IDLE_TIMEOUT] [default: 30]
     #[arg(long, value_name = "SECONDS")]
     idle_timeout: Option<f64>,
+    /// Seconds a participant whose WebSocket dropped is kept for a resume (0: no resume)
+    /// [env: PLAZA_RESUME_GRACE] [default: 20]
+    #[arg(long, value_name = "SECONDS")]
+    resume_grace: Option<f64>,
     /// Seconds allowed for a request's HTTP headers and between keep-alive requests
     /// [env: PLAZA_HEADER_TIMEOUT] [default: 10]
     #[arg(long, value_name = "SECONDS")]
@@ -521,6 +530,7 @@ struct FileConfig {
     room_spread_above: Option<usize>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
+    resume_grace: Option<f64>,
     header_timeout: Option<f64>,
     message_timeout: Option<f64>,
     max_connections: Option<usize>,
@@ -560,6 +570,7 @@ struct Layer {
     room_spread_above: Option<usize>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
+    resume_grace: Option<f64>,
     header_timeout: Option<f64>,
     message_timeout: Option<f64>,
     max_connections: Option<usize>,
@@ -601,6 +612,7 @@ impl Layer {
             room_spread_above: self.room_spread_above.or(lower.room_spread_above),
             join_timeout: self.join_timeout.or(lower.join_timeout),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            resume_grace: self.resume_grace.or(lower.resume_grace),
             header_timeout: self.header_timeout.or(lower.header_timeout),
             message_timeout: self.message_timeout.or(lower.message_timeout),
             max_connections: self.max_connections.or(lower.max_connections),
@@ -645,6 +657,7 @@ impl From<Args> for Layer {
             room_spread_above: a.room_spread_above,
             join_timeout: a.join_timeout,
             idle_timeout: a.idle_timeout,
+            resume_grace: a.resume_grace,
             header_timeout: a.header_timeout,
             message_timeout: a.message_timeout,
             max_connections: a.max_connections,
@@ -690,6 +703,7 @@ impl From<FileConfig> for Layer {
             room_spread_above: f.room_spread_above,
             join_timeout: f.join_timeout,
             idle_timeout: f.idle_timeout,
+            resume_grace: f.resume_grace,
             header_timeout: f.header_timeout,
             message_timeout: f.message_timeout,
             max_connections: f.max_connections,
@@ -776,6 +790,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             room_spread_above: self.parse("PLAZA_ROOM_SPREAD_ABOVE")?,
             join_timeout: self.parse("PLAZA_JOIN_TIMEOUT")?,
             idle_timeout: self.parse("PLAZA_IDLE_TIMEOUT")?,
+            resume_grace: self.parse("PLAZA_RESUME_GRACE")?,
             header_timeout: self.parse("PLAZA_HEADER_TIMEOUT")?,
             message_timeout: self.parse("PLAZA_MESSAGE_TIMEOUT")?,
             max_connections: self.parse("PLAZA_MAX_CONNECTIONS")?,
@@ -897,6 +912,10 @@ impl Config {
             room_spread_above: merged.room_spread_above.unwrap_or(d.room_spread_above),
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
+            resume_grace: match merged.resume_grace {
+                Some(s) if s == 0.0 => Duration::ZERO,
+                other => seconds("resume-grace", other, d.resume_grace)?,
+            },
             header_timeout: seconds("header-timeout", merged.header_timeout, d.header_timeout)?,
             message_timeout: seconds("message-timeout", merged.message_timeout, d.message_timeout)?,
             max_connections: merged.max_connections.unwrap_or(d.max_connections),
