@@ -68,6 +68,7 @@ pub(crate) fn spawn() -> (
                                 participant_id: participant_id.clone(),
                                 participants: Vec::new(),
                                 max_data_message: 16384,
+                                ice_servers: Vec::new(),
                             },
                             participant_id,
                         })

@@ -71,6 +71,8 @@ pub struct HttpSettings {
     pub verifier: Verifier,
     /// Largest data-channel payload relayed (the admin API's `send data` too), in bytes.
     pub max_data_message: usize,
+    /// STUN/TURN servers added to every `joined` (TURN with fresh credentials).
+    pub ice: crate::turn::IceConfig,
 }
 
 impl HttpSettings {
@@ -87,6 +89,7 @@ impl HttpSettings {
             flood_close_after: ws::FLOOD_CLOSE_AFTER,
             verifier: Verifier::new(KeySet::new()),
             max_data_message: crate::config::DEFAULT_MAX_DATA_MESSAGE,
+            ice: crate::turn::IceConfig::none(),
         }
     }
 
@@ -100,6 +103,7 @@ impl HttpSettings {
             ws_message_burst: config.ws_message_burst,
             verifier: Verifier::new(config.keys.clone()),
             max_data_message: config.max_data_message,
+            ice: config.ice.clone(),
             ..HttpSettings::new(config.max_ws_message)
         }
     }

@@ -372,7 +372,9 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
 
     guards.joined = true;
     guards.last_frame = Instant::now();
-    let reason = if send_msg(&mut sink, &participant.joined).await {
+    // The ICE servers (TURN credentials for this participant) are added here, not by the core.
+    let joined = state.settings.ice.add_to_joined(participant.joined, &pid);
+    let reason = if send_msg(&mut sink, &joined).await {
         run_joined(
             &mut sink,
             &mut stream,

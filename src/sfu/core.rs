@@ -2713,6 +2713,7 @@ impl<T: Transmit> Sfu<T> {
                 participant_id: pid,
                 participants: others,
                 max_data_message: self.cfg.max_data_message,
+                ice_servers: Vec::new(),
             },
         })
     }

@@ -1403,6 +1403,7 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             participant_id,
             participants,
             max_data_message,
+            ..
         } => {
             s.participant_id = Some(participant_id.clone());
             for p in participants {
