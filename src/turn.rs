@@ -88,14 +88,19 @@ impl IceConfig {
         out
     }
 
-    /// `joined` with this configuration's ICE servers for `user` added (anything else passes
-    /// through unchanged).
-    pub fn add_to_joined(&self, mut msg: ServerMessage, user: &str) -> ServerMessage {
+    /// `joined` with this configuration's ICE servers for `user` joining at `now` added
+    /// (anything else passes through unchanged).
+    pub fn add_to_joined(
+        &self,
+        mut msg: ServerMessage,
+        user: &str,
+        now: SystemTime,
+    ) -> ServerMessage {
         if self.is_empty() {
             return msg;
         }
         if let ServerMessage::Joined { ice_servers, .. } = &mut msg {
-            ice_servers.extend(self.ice_servers(user, SystemTime::now()));
+            ice_servers.extend(self.ice_servers(user, now));
         }
         msg
     }
@@ -212,6 +217,7 @@ pub fn credential(secret: &[u8], username: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // the tests read the clock
 mod tests {
     use super::*;
 
@@ -308,10 +314,12 @@ mod tests {
             max_data_message: 1,
             ice_servers: Vec::new(),
         };
-        let text = serde_json::to_string(&none.add_to_joined(joined.clone(), "PA_x")).unwrap();
+        let text =
+            serde_json::to_string(&none.add_to_joined(joined.clone(), "PA_x", SystemTime::now()))
+                .unwrap();
         assert!(!text.contains("ice_servers"), "{text}");
         // Configured: `joined` gets them, and only `joined` does.
-        let added = config().add_to_joined(joined, "PA_x");
+        let added = config().add_to_joined(joined, "PA_x", SystemTime::now());
         let ServerMessage::Joined { ice_servers, .. } = &added else {
             panic!("{added:?}")
         };
@@ -333,7 +341,10 @@ mod tests {
             credential(SECRET.as_bytes(), user)
         );
         let pong = ServerMessage::Pong { ts: None };
-        assert_eq!(config().add_to_joined(pong.clone(), "PA_x"), pong);
+        assert_eq!(
+            config().add_to_joined(pong.clone(), "PA_x", SystemTime::now()),
+            pong
+        );
     }
 
     #[test]

@@ -373,7 +373,11 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
     guards.joined = true;
     guards.last_frame = Instant::now();
     // The ICE servers (TURN credentials for this participant) are added here, not by the core.
-    let joined = state.settings.ice.add_to_joined(participant.joined, &pid);
+    let now = std::time::SystemTime::now();
+    let joined = state
+        .settings
+        .ice
+        .add_to_joined(participant.joined, &pid, now);
     let reason = if send_msg(&mut sink, &joined).await {
         run_joined(
             &mut sink,

@@ -543,7 +543,7 @@ fn join_takes_room_identity_and_name_from_the_token() {
 #[tokio::test]
 async fn joined_carries_turn_credentials_when_configured() {
     // Without TURN: no `ice_servers` at all.
-    let mut h = harness().await;
+    let h = harness().await;
     let mut ws = h.connect().await;
     send(&mut ws, &join_msg("r", "a")).await;
     let v = recv(&mut ws).await;
