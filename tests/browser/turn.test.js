@@ -14,6 +14,8 @@ const SECRET = 'plaza-browser-test-turn-secret-7f3a9c';
 // Not the other tests' ports: this server has TURN configured.
 const PORT = 7890;
 const UDP_PORT = 7892;
+// Joins per mode in the join-time measurement (alternating relay and direct).
+const TRIALS = 5;
 
 let turn;
 let server;
@@ -121,6 +123,34 @@ describe('TURN relay (coturn)', { timeout: 300_000 }, () => {
     assert.match(servers[0].credential, /^[A-Za-z0-9+/]{27}=$/);
   });
 
+  it('coturn checks the credential: the one handed out gets a relay candidate, a tampered one none', async () => {
+    const gather = (iceServers) =>
+      pub.page.evaluate(async (iceServers) => {
+        const pc = new RTCPeerConnection({ iceServers, iceTransportPolicy: 'relay' });
+        const types = [];
+        const done = new Promise((resolve) => {
+          pc.onicecandidate = (e) => (e.candidate ? types.push(e.candidate.type) : resolve());
+          setTimeout(resolve, 15_000);
+        });
+        pc.createDataChannel('probe');
+        await pc.setLocalDescription(await pc.createOffer());
+        await done;
+        pc.close();
+        return types;
+      }, iceServers);
+    const good = pubInfo.iceServers.map((s) => ({ ...s, urls: s.urls.filter((u) => u.endsWith('udp')) }));
+    const c = good[0].credential;
+    const tampered = [{ ...good[0], credential: `${c[0] === 'A' ? 'B' : 'A'}${c.slice(1)}` }];
+    const [ok, refused] = await Promise.all([gather(good), gather(tampered)]);
+    assert.ok(ok.includes('relay'), `the handed-out credential: ${JSON.stringify(ok)}`);
+    assert.deepEqual(refused, [], 'a tampered credential gets no relay candidate');
+    const user = good[0].username;
+    assert.ok(
+      turn.log().split('\n').some((l) => l.includes(`user <${user}>`) && /error 401/.test(l)),
+      `coturn logged the refusal of ${user} (${turn.logPath})`,
+    );
+  });
+
   it('relay-only browsers publish and receive through coturn', async () => {
     const viewer = await participant('turn-viewer');
     const info = await joinWithClient(viewer, { room, name: 'viewer', forceRelay: true, publish: false });
@@ -161,7 +191,7 @@ describe('TURN relay (coturn)', { timeout: 300_000 }, () => {
     const relayViewer = await participant('turn-relay-viewer');
     const directViewer = await participant('turn-direct-viewer');
     const times = { relay: [], direct: [] };
-    for (let i = 0; i < 3; i++) {
+    for (let i = 0; i < TRIALS; i++) {
       for (const [mode, p] of [
         ['relay', relayViewer],
         ['direct', directViewer],
