@@ -46,6 +46,20 @@ pub struct IceCandidate {
     pub username_fragment: Option<String>,
 }
 
+/// A STUN or TURN server, in the browser's `RTCIceServer` JSON shape (hand it to
+/// `new RTCPeerConnection({ iceServers })` as is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    /// `turn:host:3478?transport=udp`, `turns:host:443?transport=tcp`, `stun:host:3478`, …
+    pub urls: Vec<String>,
+    /// TURN only: `<expiry unix seconds>:<participant id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN only: base64(HMAC-SHA1(the secret shared with the TURN server, username)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
 /// A simulcast quality level. Layers are ranked by what they carry (resolution, then
 /// bitrate), never by the order of the RID list: the smallest is `low`, the largest `high`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -214,6 +228,10 @@ pub enum ServerMessage {
         /// `resume`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume_grace_ms: Option<u64>,
+        /// STUN/TURN servers for both of the client's peer connections, with time-limited
+        /// TURN credentials (`src/turn.rs`). Absent (empty) when the server has none configured.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ice_servers: Vec<IceServer>,
     },
     /// Reply to an accepted `resume`; the messages the client missed follow, then the session
     /// goes on. Not counted in `received`.

@@ -70,6 +70,7 @@ pub(crate) fn spawn() -> (
                                 max_data_message: 16384,
                                 resume_token: None,
                                 resume_grace_ms: None,
+                                ice_servers: Vec::new(),
                             },
                             participant_id,
                         })

@@ -74,6 +74,8 @@ pub struct HttpSettings {
     pub max_data_message: usize,
     /// A participant whose connection dropped is kept this long for a `resume` (0: never).
     pub resume_grace: Duration,
+    /// STUN/TURN servers added to every `joined` (TURN with fresh credentials).
+    pub ice: crate::turn::IceConfig,
 }
 
 impl HttpSettings {
@@ -91,6 +93,7 @@ impl HttpSettings {
             verifier: Verifier::new(KeySet::new()),
             max_data_message: crate::config::DEFAULT_MAX_DATA_MESSAGE,
             resume_grace: resume::DEFAULT_RESUME_GRACE,
+            ice: crate::turn::IceConfig::none(),
         }
     }
 
@@ -105,6 +108,7 @@ impl HttpSettings {
             verifier: Verifier::new(config.keys.clone()),
             max_data_message: config.max_data_message,
             resume_grace: config.resume_grace,
+            ice: config.ice.clone(),
             ..HttpSettings::new(config.max_ws_message)
         }
     }

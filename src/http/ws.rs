@@ -383,7 +383,13 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
             info!("participant joined");
             let pid = accepted.participant_id;
             let (token, claims) = registry.register(&pid, &room);
-            let mut joined = accepted.joined;
+            // The ICE servers (TURN credentials for this participant) are added here, not by
+            // the core.
+            let mut joined =
+                state
+                    .settings
+                    .ice
+                    .add_to_joined(accepted.joined, &pid, std::time::SystemTime::now());
             if let ServerMessage::Joined {
                 resume_token,
                 resume_grace_ms,

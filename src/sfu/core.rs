@@ -2715,6 +2715,7 @@ impl<T: Transmit> Sfu<T> {
                 max_data_message: self.cfg.max_data_message,
                 resume_token: None,
                 resume_grace_ms: None,
+                ice_servers: Vec::new(),
             },
         })
     }
