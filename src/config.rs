@@ -1001,7 +1001,7 @@ impl Config {
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
             resume_grace: match merged.resume_grace {
-                Some(s) if s == 0.0 => Duration::ZERO,
+                Some(0.0) => Duration::ZERO,
                 other => seconds("resume-grace", other, d.resume_grace)?,
             },
             header_timeout: seconds("header-timeout", merged.header_timeout, d.header_timeout)?,
