@@ -1531,6 +1531,23 @@ mod tests {
     }
 
     #[test]
+    fn resume_grace_from_every_layer() {
+        assert_eq!(load(&[], &[]).unwrap().resume_grace, DEFAULT_RESUME_GRACE);
+        assert_eq!(
+            load(&["--resume-grace", "2.5"], &[]).unwrap().resume_grace,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            load(&[], &[("PLAZA_RESUME_GRACE", "0")])
+                .unwrap()
+                .resume_grace,
+            Duration::ZERO,
+            "0 turns resume off"
+        );
+        assert!(load(&["--resume-grace", "-1"], &[]).is_err());
+    }
+
+    #[test]
     fn data_rate_limits_from_every_layer() {
         let d = load(&[], &[]).unwrap().core_limits;
         assert_eq!(
