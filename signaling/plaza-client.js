@@ -616,15 +616,8 @@ export class PlazaClient extends Emitter {
         this._onSocketClosed(sess, ev);
       };
       ws.onmessage = (ev) => {
-        if (sess.closed) return;
-        sess.lastMessage = performance.now();
-        let msg;
-        try {
-          msg = JSON.parse(ev.data);
-        } catch {
-          this._error('malformed_message', 'server sent a message that is not JSON');
-          return;
-        }
+        const msg = this._received(sess, ev);
+        if (!msg) return;
         if (!sess.joined) {
           if (msg.type === 'joined') {
             sess.received = 1;
@@ -657,6 +650,18 @@ export class PlazaClient extends Emitter {
     const config = { bundlePolicy: 'max-bundle', ...own, iceServers };
     if (this.options.forceRelay) config.iceTransportPolicy = 'relay';
     return config;
+  }
+
+  /** The server message in a WebSocket event (`null` when closed, or not JSON: reported). */
+  _received(sess, ev) {
+    if (sess.closed) return null;
+    sess.lastMessage = performance.now();
+    try {
+      return JSON.parse(ev.data);
+    } catch {
+      this._error('malformed_message', 'server sent a message that is not JSON');
+      return null;
+    }
   }
 
   /** A message of the joined session: counted (for `resume`), then handled in order. */
@@ -1230,16 +1235,8 @@ export class PlazaClient extends Emitter {
     ws.onerror = () => {};
     ws.onclose = (ev) => this._onSocketClosed(sess, ev);
     ws.onmessage = (ev) => {
-      if (sess.closed) return;
-      sess.lastMessage = performance.now();
-      let msg;
-      try {
-        msg = JSON.parse(ev.data);
-      } catch {
-        this._error('malformed_message', 'server sent a message that is not JSON');
-        return;
-      }
-      this._dispatch(sess, msg);
+      const msg = this._received(sess, ev);
+      if (msg) this._dispatch(sess, msg);
     };
     sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
     for (const m of sess.outbox.splice(0)) this._sendOn(sess, m);

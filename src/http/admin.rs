@@ -20,7 +20,9 @@
 
 use super::AppState;
 use crate::auth::TokenError;
-use crate::sfu::admin::{AdminError, AdminOp, AdminReply, Lane, PermissionsUpdate, Target};
+use crate::sfu::admin::{
+    AdminError, AdminOp, AdminReply, Lane, PermissionsUpdate, Target, with_reason,
+};
 use crate::signal::ErrorCode;
 use axum::{
     Json, Router,
@@ -230,19 +232,11 @@ async fn close_room(
 ) -> ApiResult {
     authorize(&state, &headers, Some(&room))?;
     let ReasonBody { reason } = body(&bytes)?;
-    let reason = match reason.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-        Some(r) => format!("room closed by an admin: {}", clip(r)),
-        None => "room closed by an admin".to_owned(),
-    };
+    let reason = with_reason("room closed by an admin", reason.as_deref());
     match run(&state, AdminOp::CloseRoom { room, reason }).await? {
         AdminReply::Done { participants } => ok(serde_json::json!({ "removed": participants })),
         other => Err(unexpected(&other)),
     }
-}
-
-/// At most 200 characters, no control characters.
-fn clip(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(200).collect()
 }
 
 async fn list_participants(
@@ -288,10 +282,7 @@ async fn remove_participant(
 ) -> ApiResult {
     authorize(&state, &headers, Some(&room))?;
     let ReasonBody { reason } = body(&bytes)?;
-    let reason = match reason.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-        Some(r) => format!("removed by a room admin: {}", clip(r)),
-        None => "removed by a room admin".to_owned(),
-    };
+    let reason = with_reason("removed by a room admin", reason.as_deref());
     let op = AdminOp::RemoveParticipant {
         room,
         target: Target::Identity(identity),

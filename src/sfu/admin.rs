@@ -12,6 +12,24 @@ use crate::signal::{Permissions, TrackInfo};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+/// Longest reason an admin may give, in characters (longer ones are cut).
+pub const MAX_REASON_CHARS: usize = 200;
+
+/// `what`, with the admin's reason if it gave one (`what: reason`; control characters
+/// dropped, at most [`MAX_REASON_CHARS`] of it kept).
+pub fn with_reason(what: &str, reason: Option<&str>) -> String {
+    let reason: String = reason
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_REASON_CHARS)
+        .collect();
+    match reason.trim() {
+        "" => what.to_owned(),
+        r => format!("{what}: {r}"),
+    }
+}
+
 /// Who an operation is about: a participant by its identity (from its token) or by its
 /// participant id.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,11 +8,9 @@
 
 use super::super::admin::{
     AdminError, AdminOp, AdminReply, ParticipantSummary, PermissionsUpdate, RoomSummary, Target,
+    with_reason,
 };
 use super::*;
-
-/// Longest reason an admin may give, in characters (longer ones are cut).
-const MAX_REASON_CHARS: usize = 200;
 
 /// Seconds since the Unix epoch.
 fn unix_secs(t: SystemTime) -> u64 {
@@ -22,18 +20,7 @@ fn unix_secs(t: SystemTime) -> u64 {
 
 /// `removed by a room admin`, with the admin's reason if it gave one.
 fn removal_reason(reason: Option<&str>) -> String {
-    let reason: String = reason
-        .unwrap_or_default()
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_REASON_CHARS)
-        .collect();
-    let reason = reason.trim();
-    if reason.is_empty() {
-        "removed by a room admin".to_owned()
-    } else {
-        format!("removed by a room admin: {reason}")
-    }
+    with_reason("removed by a room admin", reason)
 }
 
 impl<T: Transmit> Sfu<T> {
