@@ -149,9 +149,9 @@ function wire(client) {
     if (state === 'failed') showMessage(`Lost the connection to the server and could not get it back (${reason}).`);
   });
   client.on('reconnecting', ({ attempt, reason }) => setStatus('reconnecting', `reconnecting (attempt ${attempt}: ${reason})…`));
-  client.on('reconnected', () => {
+  client.on('reconnected', ({ resumed }) => {
     $('#message').hidden = true;
-    chatLine({ text: 'reconnected', system: true });
+    chatLine({ text: resumed ? 'reconnected (session resumed)' : 'reconnected (joined again)', system: true });
   });
   client.on('participantjoined', ({ participant }) => {
     const tile = tileFor(participant.id, participant.name);
