@@ -52,6 +52,7 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
 };
+use rtc::ice::tcp_type::TcpType;
 use rtc::rtp;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -149,6 +150,19 @@ pub struct Sfu<T: Transmit> {
     /// Participants with events waiting in their outbox.
     backlogged: BTreeSet<PartKey>,
     shutting_down: bool,
+    /// ICE-TCP (RFC 6544): the port of the passive candidates, and the open connections.
+    ice_tcp: IceTcp,
+}
+
+/// ICE over TCP, passive side: the driver accepts the connections and unframes them; the core
+/// announces the candidates and tags what arrives on a connection as TCP.
+#[derive(Debug, Default)]
+struct IceTcp {
+    /// The TCP port announced in a `tcptype passive` candidate after each UDP one (`None`:
+    /// no TCP candidates).
+    port: Option<u16>,
+    /// Open connections: the client's address → the local candidate address it reached.
+    peers: HashMap<SocketAddr, SocketAddr>,
 }
 
 fn random_string(rng: &mut impl rand::Rng, n: usize) -> String {
@@ -305,6 +319,7 @@ impl<T: Transmit> Sfu<T> {
             effects: Effects::default(),
             backlogged: BTreeSet::new(),
             shutting_down: false,
+            ice_tcp: IceTcp::default(),
         }
     }
 
@@ -312,6 +327,36 @@ impl<T: Transmit> Sfu<T> {
     pub fn with_wall_clock(mut self, at: Instant, wall: SystemTime) -> Self {
         self.clock_anchor = (at, wall);
         self
+    }
+
+    /// Announce a `tcptype passive` TCP host candidate on `port` after each UDP one (ICE-TCP,
+    /// RFC 6544; lower priority than UDP). The driver accepts the connections and hands their
+    /// frames to [`Sfu::handle_datagram`] after [`Sfu::tcp_opened`].
+    pub fn with_tcp_port(mut self, port: u16) -> Self {
+        self.ice_tcp.port = Some(port);
+        self
+    }
+
+    /// A TCP connection from `peer` was accepted on `local`: what comes from `peer` is ICE-TCP
+    /// until [`Sfu::tcp_closed`] (and what the core sends to `peer` must go back over it).
+    pub fn tcp_opened(&mut self, peer: SocketAddr, local: SocketAddr) {
+        let Some(port) = self.ice_tcp.port else {
+            return;
+        };
+        // The ICE agent finds the local candidate by address: the announced IP the client
+        // reached (the first one behind a 1:1 NAT) and the announced port.
+        let ips = &self.cfg.announce_ips;
+        let ip = if ips.contains(&local.ip()) {
+            local.ip()
+        } else {
+            ips.first().copied().unwrap_or(local.ip())
+        };
+        self.ice_tcp.peers.insert(peer, SocketAddr::new(ip, port));
+    }
+
+    /// The TCP connection from `peer` is gone.
+    pub fn tcp_closed(&mut self, peer: SocketAddr) {
+        self.ice_tcp.peers.remove(&peer);
     }
 
     /// Where the core's datagrams go.
@@ -574,7 +619,10 @@ impl<T: Transmit> Sfu<T> {
                 }
             }
         }
-        let local_addr = self.local_addr;
+        let (local_addr, protocol) = match self.ice_tcp.peers.get(&from) {
+            Some(&local) => (local, TransportProtocol::TCP),
+            None => (self.local_addr, TransportProtocol::UDP),
+        };
         let Some(pc) = self.pc_mut(key) else {
             self.stats.udp_datagrams_ignored += 1;
             return;
@@ -600,7 +648,7 @@ impl<T: Transmit> Sfu<T> {
                     local_addr,
                     peer_addr: from,
                     ecn: None,
-                    transport_protocol: TransportProtocol::UDP,
+                    transport_protocol: protocol,
                 },
                 message: data,
             })
@@ -2510,24 +2558,31 @@ impl<T: Transmit> Sfu<T> {
             .build(now)
             .map_err(|e| SfuError::Rtc(e.to_string()))?;
         let port = self.local_addr.port();
+        // After each UDP host candidate, the TCP passive one (ICE-TCP), if on: its priority's
+        // local preference is lower (RFC 6544 §4.2), so UDP wins wherever it works.
+        let tcp = self.ice_tcp.port.map(|p| ("tcp", p, TcpType::Passive));
         for ip in &self.cfg.announce_ips {
-            let cand = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: ip.to_string(),
-                    port,
-                    component: 1,
-                    ..Default::default()
-                },
-                ..Default::default()
+            for (network, port, tcp_type) in
+                std::iter::once(("udp", port, TcpType::Unspecified)).chain(tcp)
+            {
+                let cand = CandidateHostConfig {
+                    base_config: CandidateConfig {
+                        network: network.to_owned(),
+                        address: ip.to_string(),
+                        port,
+                        component: 1,
+                        ..Default::default()
+                    },
+                    tcp_type,
+                }
+                .new_candidate_host()
+                .map_err(|e| SfuError::Rtc(e.to_string()))?;
+                let init = RTCIceCandidate::from(&cand)
+                    .to_json()
+                    .map_err(|e| SfuError::Rtc(e.to_string()))?;
+                rtc.add_local_candidate(init)
+                    .map_err(|e| SfuError::Rtc(e.to_string()))?;
             }
-            .new_candidate_host()
-            .map_err(|e| SfuError::Rtc(e.to_string()))?;
-            let init = RTCIceCandidate::from(&cand)
-                .to_json()
-                .map_err(|e| SfuError::Rtc(e.to_string()))?;
-            rtc.add_local_candidate(init)
-                .map_err(|e| SfuError::Rtc(e.to_string()))?;
         }
         rtc.add_local_candidate(RTCIceCandidateInit::default())
             .map_err(|e| SfuError::Rtc(e.to_string()))?;
