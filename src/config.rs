@@ -124,9 +124,10 @@ impl FromStr for TcpPort {
         match s.trim().to_ascii_lowercase().as_str() {
             "off" | "false" | "no" | "none" => Ok(TcpPort::Off),
             "udp" => Ok(TcpPort::SameAsUdp),
-            n => n.parse::<u16>().map(TcpPort::Port).map_err(|_| {
-                format!("expected a port (0 … 65535), `udp` or `off`, got `{n}`")
-            }),
+            n => n
+                .parse::<u16>()
+                .map(TcpPort::Port)
+                .map_err(|_| format!("expected a port (0 … 65535), `udp` or `off`, got `{n}`")),
         }
     }
 }

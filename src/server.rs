@@ -488,7 +488,11 @@ mod tests {
                 crate::config::DEFAULT_MAX_DATA_MESSAGE
             );
             assert!(!socket.is_empty());
-            assert!(socket.iter().all(|s| s.udp.local_addr().unwrap().port() != 0));
+            assert!(
+                socket
+                    .iter()
+                    .all(|s| s.udp.local_addr().unwrap().port() != 0)
+            );
             assert!(socket.iter().all(|s| s.tcp.is_some()));
             Ok((handle, stopped))
         })

@@ -100,7 +100,11 @@ fn tcp_candidate(sdp: &str) -> Cand {
     let (udp, tcp) = (&in_first_section[0], &in_first_section[1]);
     assert_eq!((udp.transport.as_str(), udp.typ.as_str()), ("udp", "host"));
     assert_eq!(
-        (tcp.transport.as_str(), tcp.typ.as_str(), tcp.tcptype.as_deref()),
+        (
+            tcp.transport.as_str(),
+            tcp.typ.as_str(),
+            tcp.tcptype.as_deref()
+        ),
         ("tcp", "host", Some("passive")),
         "{c:#?}"
     );
@@ -316,7 +320,11 @@ async fn webrtc_rs_subscriber_over_tcp_only() -> Result<()> {
     pc.close().await.map_err(|e| anyhow!("close: {e}"))?;
     ws.close().await;
     server
-        .wait_healthz("the TCP connection closed", |b| b["ice_tcp"]["open"] == 0, T)
+        .wait_healthz(
+            "the TCP connection closed",
+            |b| b["ice_tcp"]["open"] == 0,
+            T,
+        )
         .await?;
     publisher.leave().await?;
     server.shutdown().await;

@@ -510,7 +510,12 @@ impl Driver {
             Err(_) => return,
         };
         let now = Instant::now();
-        if self.sfu.transmit().tcp.accept(stream, peer, &self.tcp_tx, now) {
+        if self
+            .sfu
+            .transmit()
+            .tcp
+            .accept(stream, peer, &self.tcp_tx, now)
+        {
             self.sfu.tcp_opened(peer, local);
         } else {
             debug!(%peer, "ICE-TCP connection refused");
