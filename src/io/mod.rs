@@ -203,6 +203,7 @@ fn spawn_shard(
                             media_rx,
                             control_rx,
                             listener,
+                            accept_after: None,
                             tcp_tx,
                             tcp_rx,
                         }
@@ -335,17 +336,29 @@ struct Driver {
     control_rx: mpsc::UnboundedReceiver<PipeBatch>,
     /// The ICE-TCP listener (none: ICE-TCP is off), and what the connections' readers say.
     listener: Option<TcpListener>,
+    /// No accept before this (after an error).
+    accept_after: Option<tokio::time::Instant>,
     tcp_tx: mpsc::Sender<TcpEvent>,
     tcp_rx: mpsc::Receiver<TcpEvent>,
 }
 
-/// The next connection on `listener`; never, without one.
-async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
-    match listener {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
+/// The next connection on `listener`, not before `after`; never, without a listener.
+async fn accept(
+    listener: Option<&TcpListener>,
+    after: Option<tokio::time::Instant>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let Some(l) = listener else {
+        return std::future::pending().await;
+    };
+    if let Some(at) = after {
+        tokio::time::sleep_until(at).await;
     }
+    l.accept().await
 }
+
+/// After a failed `accept` (out of file descriptors: the error repeats at once), the listener
+/// rests this long.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Driver {
     async fn run(mut self) {
@@ -417,10 +430,14 @@ impl Driver {
                         Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
                     }
                 }
-                res = accept(self.listener.as_ref()) => {
+                res = accept(self.listener.as_ref(), self.accept_after) => {
+                    self.accept_after = None;
                     match res {
                         Ok((stream, peer)) => self.accept_tcp(stream, peer),
-                        Err(e) => debug!("tcp accept error: {e}"),
+                        Err(e) => {
+                            debug!("tcp accept error: {e}");
+                            self.accept_after = Some(tokio::time::Instant::now() + ACCEPT_BACKOFF);
+                        }
                     }
                     None
                 }
