@@ -234,7 +234,24 @@ async fn answer(pc: &Arc<dyn PeerConnection>, ws: &mut RawWs, sdp: &str, dial: b
 /// media; the server counts the TCP frames both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webrtc_rs_subscriber_over_tcp_only() -> Result<()> {
-    let server = TestServer::start().await;
+    tcp_only_subscriber("bound to 127.0.0.1", test_config()).await
+}
+
+/// The same with the media sockets bound to 0.0.0.0 and 127.0.0.1 announced (as in Docker):
+/// datagrams on the UDP socket (the publisher's) and on the TCP connection (the subscriber's)
+/// reach `rtc`'s ICE agent with the announced candidate's address, or it discards them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webrtc_rs_subscriber_over_tcp_with_unspecified_bind() -> Result<()> {
+    let config = plaza::config::Config {
+        udp_bind: "0.0.0.0".parse().unwrap(),
+        announce_ips: vec!["127.0.0.1".parse().unwrap()],
+        ..test_config()
+    };
+    tcp_only_subscriber("bound to 0.0.0.0", config).await
+}
+
+async fn tcp_only_subscriber(what: &str, config: plaza::config::Config) -> Result<()> {
+    let server = TestServer::start_with(config).await;
     let room = "ice-tcp";
     let publisher = publisher(&server, room, "pub").await;
     publisher
@@ -303,8 +320,8 @@ async fn webrtc_rs_subscriber_over_tcp_only() -> Result<()> {
         }
     }
     let media_after = started.elapsed();
-    println!(
-        "ICE-TCP: join → connected {:?}, → 50 RTP packets {media_after:?}",
+    eprintln!(
+        "ICE-TCP ({what}): join → connected {:?}, → 50 RTP packets {media_after:?}",
         connected_after.unwrap_or(media_after)
     );
 
@@ -335,12 +352,10 @@ async fn webrtc_rs_subscriber_over_tcp_only() -> Result<()> {
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> Result<Duration> {
     let started = Instant::now();
     let mut buf = [0u8; 256];
-    loop {
-        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buf)).await {
-            Err(_) => bail!("the connection stayed open for {within:?}"),
-            Ok(Ok(0) | Err(_)) => return Ok(started.elapsed()),
-            Ok(Ok(_)) => bail!("the server sent something to a client that is not ICE"),
-        }
+    match tokio::time::timeout_at((started + within).into(), stream.read(&mut buf)).await {
+        Err(_) => bail!("the connection stayed open for {within:?}"),
+        Ok(Ok(0) | Err(_)) => Ok(started.elapsed()),
+        Ok(Ok(_)) => bail!("the server sent something to a client that is not ICE"),
     }
 }
 

@@ -165,6 +165,17 @@ struct IceTcp {
     peers: HashMap<SocketAddr, SocketAddr>,
 }
 
+/// The IP of the local candidate a datagram arrived on: `rtc`'s ICE agent finds the candidate
+/// by address, so a socket bound to `0.0.0.0` (or a private IP behind 1:1 NAT) stands for the
+/// announced IP, the first one unless the socket's own IP is announced.
+fn candidate_ip(announced: &[IpAddr], local: IpAddr) -> IpAddr {
+    if announced.contains(&local) {
+        local
+    } else {
+        announced.first().copied().unwrap_or(local)
+    }
+}
+
 fn random_string(rng: &mut impl rand::Rng, n: usize) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     (0..n)
@@ -343,14 +354,7 @@ impl<T: Transmit> Sfu<T> {
         let Some(port) = self.ice_tcp.port else {
             return;
         };
-        // The ICE agent finds the local candidate by address: the announced IP the client
-        // reached (the first one behind a 1:1 NAT) and the announced port.
-        let ips = &self.cfg.announce_ips;
-        let ip = if ips.contains(&local.ip()) {
-            local.ip()
-        } else {
-            ips.first().copied().unwrap_or(local.ip())
-        };
+        let ip = candidate_ip(&self.cfg.announce_ips, local.ip());
         self.ice_tcp.peers.insert(peer, SocketAddr::new(ip, port));
     }
 
@@ -621,7 +625,13 @@ impl<T: Transmit> Sfu<T> {
         }
         let (local_addr, protocol) = match self.ice_tcp.peers.get(&from) {
             Some(&local) => (local, TransportProtocol::TCP),
-            None => (self.local_addr, TransportProtocol::UDP),
+            None => {
+                let ip = candidate_ip(&self.cfg.announce_ips, self.local_addr.ip());
+                (
+                    SocketAddr::new(ip, self.local_addr.port()),
+                    TransportProtocol::UDP,
+                )
+            }
         };
         let Some(pc) = self.pc_mut(key) else {
             self.stats.udp_datagrams_ignored += 1;
