@@ -5,8 +5,10 @@
 #   scripts/browser-tests.sh --bench    also run the measurements (tests/browser/bench.js)
 #   scripts/browser-tests.sh --bench-only
 #
-# Installs what is missing (Debian chromium and firefox-esr via apt; playwright-core, which
-# drives Chromium, and puppeteer-core, which drives Firefox over WebDriver BiDi, via npm ci),
+# Installs what is missing (Debian chromium and firefox-esr via apt; coturn, the TURN server of
+# the TURN tests, and iptables, which blocks direct UDP in one of them, via apt;
+# playwright-core, which drives Chromium, and puppeteer-core, which drives Firefox over
+# WebDriver BiDi, via npm ci),
 # builds the release server if needed, then runs everything inside a loopback-only network
 # namespace (unshare --net; the server listens on 127.0.0.1:7880 / UDP 7882 there). Fails, never
 # skips, when something cannot be had. Artifacts (screenshots, server logs): target/browser/.
@@ -48,6 +50,12 @@ CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 FIREFOX=${FIREFOX:-/usr/bin/firefox-esr}
 [ -x "$FIREFOX" ] || apt_install firefox-esr "$FIREFOX"
 "$FIREFOX" --version 2>/dev/null | head -n1 || die "$FIREFOX does not run"
+# coturn: the TURN server tests/browser/turn.test.js relays through (not started as a service).
+TURNSERVER=${TURNSERVER:-/usr/bin/turnserver}
+[ -x "$TURNSERVER" ] || apt_install coturn "$TURNSERVER"
+IPTABLES=$(command -v iptables || true)
+[ -n "$IPTABLES" ] || { apt_install iptables /usr/sbin/iptables; IPTABLES=/usr/sbin/iptables; }
+"$IPTABLES" --version >/dev/null 2>&1 || die "$IPTABLES does not run"
 
 command -v node >/dev/null || die "node is missing (apt-get install nodejs npm)"
 node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' \
@@ -71,7 +79,7 @@ if [ -z "${PLAZA_BIN:-}" ]; then
 fi
 
 mkdir -p target/browser
-export ARTIFACTS="$ROOT/target/browser" CHROMIUM FIREFOX
+export ARTIFACTS="$ROOT/target/browser" CHROMIUM FIREFOX TURNSERVER
 
 # Everything below runs in a private network namespace with only loopback: the server, the
 # browsers and the tests cannot reach (or be reached from) anything else.

@@ -44,6 +44,11 @@ const DEFAULTS = {
   // Simulcast layers keep their sizes under CPU or bandwidth pressure (the frame rate drops
   // instead, and the server switches layers), so a layer's size stays what the server expects.
   degradationPreference: 'maintain-resolution',
+  // Relay only (`iceTransportPolicy: 'relay'`): media goes through the TURN server the
+  // server's `joined` names, never directly (strict firewalls, tests of the relay path).
+  forceRelay: false,
+  // Merged into both RTCPeerConnection configurations; its `iceServers` are added after the
+  // ones the server sends in `joined.ice_servers` (STUN, TURN with time-limited credentials).
   rtcConfiguration: {},
   WebSocket: null, // injectable for tests; default globalThis.WebSocket
 };
@@ -432,6 +437,38 @@ export class PlazaClient extends Emitter {
     };
   }
 
+  /**
+   * The ICE candidate pair each peer connection uses: `{publisher, subscriber}`, each `null`
+   * (no connection, or not connected yet) or `{local, remote}` with `{candidateType ('host' |
+   * 'srflx' | 'prflx' | 'relay'), protocol, relayProtocol, address, port}` for each side.
+   * `local.candidateType === 'relay'` means media goes through the TURN server.
+   */
+  async getSelectedCandidatePairs() {
+    const pick = async (pc) => {
+      if (!pc) return null;
+      const report = await pc.getStats();
+      let pairId = null;
+      report.forEach((s) => {
+        if (s.type === 'transport' && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
+      });
+      let pair = pairId ? report.get(pairId) : null;
+      if (!pair) {
+        report.forEach((s) => {
+          if (!pair && s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') pair = s;
+        });
+      }
+      if (!pair) return null;
+      const side = (id) => {
+        const c = report.get(id);
+        return c
+          ? { candidateType: c.candidateType, protocol: c.protocol, relayProtocol: c.relayProtocol ?? null, address: c.address ?? c.ip ?? null, port: c.port }
+          : null;
+      };
+      return { local: side(pair.localCandidateId), remote: side(pair.remoteCandidateId) };
+    };
+    return { publisher: await pick(this._sess?.pub), subscriber: await pick(this._sess?.sub) };
+  }
+
   /** Send stats of the published layers: [{rid, active, frameWidth, frameHeight, framesPerSecond, bytesSent, qualityLimitationReason}]. */
   async getPublishStats() {
     const pc = this._sess?.pub;
@@ -607,15 +644,29 @@ export class PlazaClient extends Emitter {
     });
   }
 
+  /**
+   * The configuration of a session's peer connections: `max-bundle`, the ICE servers of its
+   * `joined` (TURN credentials are per session) followed by `rtcConfiguration.iceServers`,
+   * the rest of `rtcConfiguration`, and `iceTransportPolicy: 'relay'` with `forceRelay`.
+   */
+  _pcConfig(joined) {
+    const own = this.options.rtcConfiguration ?? {};
+    const iceServers = [...(joined?.ice_servers ?? []), ...(own.iceServers ?? [])];
+    const config = { bundlePolicy: 'max-bundle', ...own, iceServers };
+    if (this.options.forceRelay) config.iceTransportPolicy = 'relay';
+    return config;
+  }
+
   async _onJoined(sess, msg) {
     sess.joined = true;
+    sess.joinedMsg = msg;
     this.joinInfo = msg;
     this.participantId = msg.participant_id;
     this.room = msg.room;
     this._reconnectAttempt = 0;
     this._ownTrackIds.clear();
     // The subscriber PC exists from the join on (the first subscribe_offer follows).
-    const sub = new RTCPeerConnection({ bundlePolicy: 'max-bundle', ...this.options.rtcConfiguration });
+    const sub = new RTCPeerConnection(this._pcConfig(msg));
     sess.sub = sub;
     sub.onicecandidate = (e) => this._onLocalCandidate(sess, 'subscriber', e.candidate);
     sub.ondatachannel = (e) => this._onDataChannel(sess, e.channel);
@@ -877,7 +928,7 @@ export class PlazaClient extends Emitter {
       }
       return;
     }
-    const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle', ...this.options.rtcConfiguration });
+    const pc = new RTCPeerConnection(this._pcConfig(sess.joinedMsg));
     sess.pub = pc;
     pc.onicecandidate = (e) => this._onLocalCandidate(sess, 'publisher', e.candidate);
     pc.onconnectionstatechange = () => this._onPcState(sess, 'publisher', pc.connectionState);

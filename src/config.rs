@@ -24,6 +24,9 @@
 //! max_joins_per_ip = 20      # per second, sustained; 0: unlimited
 //! data_message_rate = 100    # data-channel messages per participant per second; 0: unlimited
 //! join_burst_per_ip = 100
+//! turn_urls = ["turn:turn.example.com:3478?transport=udp", "turns:turn.example.com:443?transport=tcp"]
+//! turn_secret = "the coturn static-auth-secret"   # keep this file private
+//! turn_ttl = 86400           # seconds the TURN credentials handed out at join stay valid
 //!
 //! [keys]                     # API key → secret (at least 32 bytes); none: development mode
 //! APIkey1 = "a-secret-of-at-least-32-bytes-0123456789"
@@ -33,6 +36,10 @@
 //! two from the flag, else the environment) name one key; when neither is set the file's
 //! `[keys]` table is used. Secrets are never printed (`Debug` redacts them). With no key at
 //! all the server runs in development mode ([`crate::auth`]).
+//!
+//! TURN: `--turn-url` (repeatable or comma-separated; `PLAZA_TURN_URLS`) and `--turn-secret`
+//! (`PLAZA_TURN_SECRET`) go together; every `joined` then carries time-limited credentials
+//! ([`crate::turn`]). The TURN secret is never printed either.
 //!
 //! The loader takes the environment as a lookup function ([`Config::load_from`]), so tests
 //! never depend on the process environment. Empty environment variables count as unset
@@ -51,6 +58,7 @@ use crate::auth::{self, ApiKey, Claims, KeySet, RoomGrants, Secret};
 use crate::http::limits::JoinRate;
 use crate::sfu::CoreLimits;
 use crate::sfu::placement::JoinCaps;
+use crate::turn::{self, IceConfig};
 use std::collections::BTreeMap;
 
 /// Default HTTP/WebSocket port.
@@ -66,6 +74,8 @@ pub const DEFAULT_MAX_DATA_MESSAGE: usize = 16 * 1024;
 pub const DEFAULT_JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a joined WebSocket may stay without sending a frame (pongs count).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a participant whose connection dropped is kept for a `resume`.
+pub const DEFAULT_RESUME_GRACE: Duration = crate::http::resume::DEFAULT_RESUME_GRACE;
 /// Default time a client may take to send its HTTP request headers (also the keep-alive idle
 /// time between requests).
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -214,6 +224,8 @@ pub struct Config {
     pub join_timeout: Duration,
     /// A joined WebSocket that sends no frame for this long is closed (the server pings it).
     pub idle_timeout: Duration,
+    /// A participant whose WebSocket dropped is kept this long for a `resume` (0: never).
+    pub resume_grace: Duration,
     /// Time allowed for a request's HTTP headers (and between keep-alive requests).
     pub header_timeout: Duration,
     /// Time allowed for one WebSocket message, first byte to last.
@@ -238,6 +250,8 @@ pub struct Config {
     pub core_limits: CoreLimits,
     /// API keys that sign access tokens. Empty: development mode (the public development key).
     pub keys: KeySet,
+    /// STUN/TURN servers handed to every joining client (TURN with time-limited credentials).
+    pub ice: IceConfig,
 }
 
 impl Default for Config {
@@ -259,6 +273,7 @@ impl Default for Config {
             room_spread_above: DEFAULT_ROOM_SPREAD_ABOVE,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            resume_grace: DEFAULT_RESUME_GRACE,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             message_timeout: DEFAULT_MESSAGE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -271,6 +286,7 @@ impl Default for Config {
             join_burst_per_ip: DEFAULT_JOIN_BURST_PER_IP,
             core_limits: CoreLimits::default(),
             keys: KeySet::new(),
+            ice: IceConfig::none(),
         }
     }
 }
@@ -314,6 +330,8 @@ pub enum ConfigError {
     },
     #[error("invalid API keys: {0}")]
     Keys(String),
+    #[error("invalid TURN/STUN settings: {0}")]
+    Turn(String),
     #[error("--{name} must be {expected}, got {value}")]
     Invalid {
         name: &'static str,
@@ -400,6 +418,10 @@ struct Args {
     /// [env: PLAZA_IDLE_TIMEOUT] [default: 30]
     #[arg(long, value_name = "SECONDS")]
     idle_timeout: Option<f64>,
+    /// Seconds a participant whose WebSocket dropped is kept for a resume (0: no resume)
+    /// [env: PLAZA_RESUME_GRACE] [default: 20]
+    #[arg(long, value_name = "SECONDS")]
+    resume_grace: Option<f64>,
     /// Seconds allowed for a request's HTTP headers and between keep-alive requests
     /// [env: PLAZA_HEADER_TIMEOUT] [default: 10]
     #[arg(long, value_name = "SECONDS")]
@@ -467,6 +489,23 @@ struct Args {
     /// [env: PLAZA_COMMANDS_PER_TURN] [default: 64]
     #[arg(long, value_name = "N")]
     commands_per_turn: Option<usize>,
+    /// TURN server URL(s) handed to clients with time-limited credentials, e.g.
+    /// turn:turn.example.com:3478?transport=udp; repeatable or comma-separated; needs
+    /// --turn-secret [env: PLAZA_TURN_URLS] [default: none]
+    #[arg(long = "turn-url", value_name = "URL", value_delimiter = ',')]
+    turn_url: Vec<String>,
+    /// Secret shared with the TURN server (coturn static-auth-secret), at least 16 bytes;
+    /// prefer the environment variable (a flag shows in `ps`) [env: PLAZA_TURN_SECRET]
+    #[arg(long, value_name = "SECRET")]
+    turn_secret: Option<Secret>,
+    /// Seconds the TURN credentials handed out at join stay valid [env: PLAZA_TURN_TTL]
+    /// [default: 86400]
+    #[arg(long, value_name = "SECONDS")]
+    turn_ttl: Option<u64>,
+    /// STUN server URL(s) handed to clients, e.g. stun:stun.example.com:3478; repeatable or
+    /// comma-separated [env: PLAZA_STUN_URLS] [default: none]
+    #[arg(long = "stun-url", value_name = "URL", value_delimiter = ',')]
+    stun_url: Vec<String>,
 }
 
 /// A string or a list of strings (for `announce_ip` in the file).
@@ -475,6 +514,23 @@ struct Args {
 enum OneOrMany {
     One(IpAddr),
     Many(Vec<IpAddr>),
+}
+
+/// A string or a list of strings (for `turn_urls` and `stun_urls` in the file).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StringOrList {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            StringOrList::One(s) => vec![s],
+            StringOrList::Many(v) => v,
+        }
+    }
 }
 
 /// Subcommands of the `plaza` binary (none: run the server).
@@ -576,6 +632,7 @@ struct FileConfig {
     room_spread_above: Option<usize>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
+    resume_grace: Option<f64>,
     header_timeout: Option<f64>,
     message_timeout: Option<f64>,
     max_connections: Option<usize>,
@@ -594,6 +651,12 @@ struct FileConfig {
     data_byte_rate: Option<usize>,
     max_ids_per_message: Option<usize>,
     commands_per_turn: Option<usize>,
+    #[serde(alias = "turn_url")]
+    turn_urls: Option<StringOrList>,
+    turn_secret: Option<Secret>,
+    turn_ttl: Option<u64>,
+    #[serde(alias = "stun_url")]
+    stun_urls: Option<StringOrList>,
     /// API key → secret.
     keys: Option<BTreeMap<String, Secret>>,
 }
@@ -616,6 +679,7 @@ struct Layer {
     room_spread_above: Option<usize>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
+    resume_grace: Option<f64>,
     header_timeout: Option<f64>,
     message_timeout: Option<f64>,
     max_connections: Option<usize>,
@@ -637,6 +701,10 @@ struct Layer {
     api_key: Option<String>,
     api_secret: Option<Secret>,
     keys: Option<KeySet>,
+    turn_urls: Option<Vec<String>>,
+    turn_secret: Option<Secret>,
+    turn_ttl: Option<u64>,
+    stun_urls: Option<Vec<String>>,
 }
 
 impl Layer {
@@ -658,6 +726,7 @@ impl Layer {
             room_spread_above: self.room_spread_above.or(lower.room_spread_above),
             join_timeout: self.join_timeout.or(lower.join_timeout),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            resume_grace: self.resume_grace.or(lower.resume_grace),
             header_timeout: self.header_timeout.or(lower.header_timeout),
             message_timeout: self.message_timeout.or(lower.message_timeout),
             max_connections: self.max_connections.or(lower.max_connections),
@@ -681,6 +750,10 @@ impl Layer {
             api_key: self.api_key.or(lower.api_key),
             api_secret: self.api_secret.or(lower.api_secret),
             keys: self.keys.or(lower.keys),
+            turn_urls: self.turn_urls.or(lower.turn_urls),
+            turn_secret: self.turn_secret.or(lower.turn_secret),
+            turn_ttl: self.turn_ttl.or(lower.turn_ttl),
+            stun_urls: self.stun_urls.or(lower.stun_urls),
         }
     }
 }
@@ -703,6 +776,7 @@ impl From<Args> for Layer {
             room_spread_above: a.room_spread_above,
             join_timeout: a.join_timeout,
             idle_timeout: a.idle_timeout,
+            resume_grace: a.resume_grace,
             header_timeout: a.header_timeout,
             message_timeout: a.message_timeout,
             max_connections: a.max_connections,
@@ -724,6 +798,10 @@ impl From<Args> for Layer {
             api_key: a.api_key.map(|k| k.trim().to_owned()),
             api_secret: a.api_secret,
             keys: None,
+            turn_urls: url_list(a.turn_url),
+            turn_secret: a.turn_secret,
+            turn_ttl: a.turn_ttl,
+            stun_urls: url_list(a.stun_url),
         }
     }
 }
@@ -749,6 +827,7 @@ impl From<FileConfig> for Layer {
             room_spread_above: f.room_spread_above,
             join_timeout: f.join_timeout,
             idle_timeout: f.idle_timeout,
+            resume_grace: f.resume_grace,
             header_timeout: f.header_timeout,
             message_timeout: f.message_timeout,
             max_connections: f.max_connections,
@@ -774,6 +853,10 @@ impl From<FileConfig> for Layer {
                     .map(|(key, secret)| ApiKey { key, secret })
                     .collect()
             }),
+            turn_urls: f.turn_urls.and_then(|u| url_list(u.into_vec())),
+            turn_secret: f.turn_secret,
+            turn_ttl: f.turn_ttl,
+            stun_urls: f.stun_urls.and_then(|u| url_list(u.into_vec())),
         }
     }
 }
@@ -836,6 +919,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             room_spread_above: self.parse("PLAZA_ROOM_SPREAD_ABOVE")?,
             join_timeout: self.parse("PLAZA_JOIN_TIMEOUT")?,
             idle_timeout: self.parse("PLAZA_IDLE_TIMEOUT")?,
+            resume_grace: self.parse("PLAZA_RESUME_GRACE")?,
             header_timeout: self.parse("PLAZA_HEADER_TIMEOUT")?,
             message_timeout: self.parse("PLAZA_MESSAGE_TIMEOUT")?,
             max_connections: self.parse("PLAZA_MAX_CONNECTIONS")?,
@@ -857,8 +941,27 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             api_key: self.raw("PLAZA_API_KEY").map(|k| k.trim().to_owned()),
             api_secret: self.raw("PLAZA_API_SECRET").map(Secret::new),
             keys: None,
+            turn_urls: self
+                .raw("PLAZA_TURN_URLS")
+                .and_then(|v| url_list(v.split(',').map(str::to_owned).collect())),
+            turn_secret: self.raw("PLAZA_TURN_SECRET").map(Secret::new),
+            turn_ttl: self.parse("PLAZA_TURN_TTL")?,
+            stun_urls: self
+                .raw("PLAZA_STUN_URLS")
+                .and_then(|v| url_list(v.split(',').map(str::to_owned).collect())),
         })
     }
+}
+
+/// Trimmed, non-empty URLs; `None` when there are none (the setting is unset).
+fn url_list(urls: Vec<String>) -> Option<Vec<String>> {
+    let urls: Vec<String> = urls
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    (!urls.is_empty()).then_some(urls)
 }
 
 fn read_file(path: &Path) -> Result<Layer, ConfigError> {
@@ -958,6 +1061,10 @@ impl Config {
             room_spread_above: merged.room_spread_above.unwrap_or(d.room_spread_above),
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
+            resume_grace: match merged.resume_grace {
+                Some(s) if s == 0.0 => Duration::ZERO,
+                other => seconds("resume-grace", other, d.resume_grace)?,
+            },
             header_timeout: seconds("header-timeout", merged.header_timeout, d.header_timeout)?,
             message_timeout: seconds("message-timeout", merged.message_timeout, d.message_timeout)?,
             max_connections: merged.max_connections.unwrap_or(d.max_connections),
@@ -999,6 +1106,14 @@ impl Config {
                     .unwrap_or(d.core_limits.commands_per_turn),
             },
             keys,
+            ice: IceConfig {
+                turn_urls: merged.turn_urls.unwrap_or_default(),
+                turn_secret: merged.turn_secret,
+                turn_ttl: merged
+                    .turn_ttl
+                    .map_or(turn::DEFAULT_TURN_TTL, Duration::from_secs),
+                stun_urls: merged.stun_urls.unwrap_or_default(),
+            },
         };
         config.announce_ips = config.announce_ips()?;
         config.validate()?;
@@ -1032,6 +1147,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.announce_ips()?;
         self.keys.validate().map_err(ConfigError::Keys)?;
+        self.ice.validate().map_err(ConfigError::Turn)?;
         tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
             ConfigError::LogLevel {
                 directive: self.log_level.clone(),
@@ -1806,6 +1922,150 @@ mod tests {
             "{shown}"
         );
         assert!(!shown.contains(S1) && !shown.contains(S3), "{shown}");
+    }
+
+    const TURN_SECRET: &str = "coturn-shared-secret-0123456789";
+
+    #[test]
+    fn turn_settings_from_every_layer() {
+        // Nothing configured: no ICE servers.
+        let c = load(&[], &[]).unwrap();
+        assert!(c.ice.is_empty());
+        assert_eq!(c.ice.turn_ttl, Duration::from_secs(86_400));
+
+        let file = TempFile::new(&format!(
+            r#"
+            turn_urls = ["turn:file.example:3478?transport=udp", "turns:file.example:443?transport=tcp"]
+            turn_secret = "{TURN_SECRET}-file"
+            turn_ttl = 3600
+            stun_url = "stun:file.example:3478"
+            "#
+        ));
+        let c = load(&["--config", file.path()], &[]).unwrap();
+        assert_eq!(
+            c.ice.turn_urls,
+            [
+                "turn:file.example:3478?transport=udp",
+                "turns:file.example:443?transport=tcp"
+            ]
+        );
+        assert_eq!(
+            c.ice.turn_secret.as_ref().map(Secret::expose),
+            Some(format!("{TURN_SECRET}-file").as_str())
+        );
+        assert_eq!(c.ice.turn_ttl, Duration::from_secs(3600));
+        assert_eq!(c.ice.stun_urls, ["stun:file.example:3478"]);
+
+        // The environment beats the file (comma-separated lists).
+        let envs = [
+            (
+                "PLAZA_TURN_URLS",
+                " turn:env.example:3478?transport=udp , turn:env.example:3478?transport=tcp ",
+            ),
+            ("PLAZA_TURN_SECRET", TURN_SECRET),
+            ("PLAZA_TURN_TTL", "600"),
+            ("PLAZA_STUN_URLS", "stun:env.example"),
+        ];
+        let c = load(&["--config", file.path()], &envs).unwrap();
+        assert_eq!(
+            c.ice.turn_urls,
+            [
+                "turn:env.example:3478?transport=udp",
+                "turn:env.example:3478?transport=tcp"
+            ]
+        );
+        assert_eq!(
+            c.ice.turn_secret.as_ref().map(Secret::expose),
+            Some(TURN_SECRET)
+        );
+        assert_eq!(c.ice.turn_ttl, Duration::from_secs(600));
+        assert_eq!(c.ice.stun_urls, ["stun:env.example"]);
+
+        // Flags beat both; --turn-url repeats or takes a comma-separated list.
+        let c = load(
+            &[
+                "--config",
+                file.path(),
+                "--turn-url",
+                "turn:flag.example:3478?transport=udp,turn:flag.example:3478?transport=tcp",
+                "--turn-url",
+                "turns:flag.example:443?transport=tcp",
+                "--turn-ttl",
+                "120",
+                "--turn-secret",
+                "another-secret-of-enough-bytes",
+            ],
+            &envs,
+        )
+        .unwrap();
+        assert_eq!(c.ice.turn_urls.len(), 3);
+        assert_eq!(c.ice.turn_urls[2], "turns:flag.example:443?transport=tcp");
+        assert_eq!(c.ice.turn_ttl, Duration::from_secs(120));
+        assert_eq!(
+            c.ice.turn_secret.as_ref().map(Secret::expose),
+            Some("another-secret-of-enough-bytes")
+        );
+        assert_eq!(c.ice.stun_urls, ["stun:env.example"]);
+        // The secret is never shown.
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("another-secret-of-enough-bytes"), "{shown}");
+        assert!(!shown.contains(TURN_SECRET), "{shown}");
+    }
+
+    #[test]
+    fn bad_turn_settings_are_reported() {
+        let turn = |e: ConfigError| match e {
+            ConfigError::Turn(m) => m,
+            other => panic!("not a TURN error: {other}"),
+        };
+        let e = turn(load(&["--turn-url", "turn:h:3478"], &[]).unwrap_err());
+        assert!(e.contains("without --turn-secret"), "{e}");
+        let e = turn(load(&[], &[("PLAZA_TURN_SECRET", TURN_SECRET)]).unwrap_err());
+        assert!(e.contains("without --turn-url"), "{e}");
+        let e = turn(
+            load(
+                &["--turn-url", "http://h:3478"],
+                &[("PLAZA_TURN_SECRET", TURN_SECRET)],
+            )
+            .unwrap_err(),
+        );
+        assert!(
+            e.contains("--turn-url") && e.contains("turn: or turns:"),
+            "{e}"
+        );
+        let e = turn(
+            load(
+                &["--turn-url", "turn:h:3478", "--turn-secret", "short"],
+                &[],
+            )
+            .unwrap_err(),
+        );
+        assert!(
+            e.contains("at least 16 bytes") && !e.contains("short\""),
+            "{e}"
+        );
+        let e = turn(
+            load(
+                &["--turn-url", "turn:h", "--turn-ttl", "10"],
+                &[("PLAZA_TURN_SECRET", TURN_SECRET)],
+            )
+            .unwrap_err(),
+        );
+        assert!(e.contains("--turn-ttl"), "{e}");
+        let e = turn(load(&["--stun-url", "turn:h"], &[]).unwrap_err());
+        assert!(e.contains("--stun-url"), "{e}");
+        assert!(matches!(
+            load(&[], &[("PLAZA_TURN_TTL", "soon")]).unwrap_err(),
+            ConfigError::Env {
+                var: "PLAZA_TURN_TTL",
+                ..
+            }
+        ));
+        let file = TempFile::new("turn_urls = 5\n");
+        assert!(matches!(
+            load(&["--config", file.path()], &[]).unwrap_err(),
+            ConfigError::ParseFile { .. }
+        ));
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod logging;
 pub mod server;
 pub mod sfu;
 pub mod signal;
+pub mod turn;
 // The simulation is a driver (like `io`): it owns the virtual clock, started from one
 // real instant.
 pub mod sim;

@@ -46,6 +46,20 @@ pub struct IceCandidate {
     pub username_fragment: Option<String>,
 }
 
+/// A STUN or TURN server, in the browser's `RTCIceServer` JSON shape (hand it to
+/// `new RTCPeerConnection({ iceServers })` as is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    /// `turn:host:3478?transport=udp`, `turns:host:443?transport=tcp`, `stun:host:3478`, …
+    pub urls: Vec<String>,
+    /// TURN only: `<expiry unix seconds>:<participant id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN only: base64(HMAC-SHA1(the secret shared with the TURN server, username)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
 /// A simulcast quality level. Layers are ranked by what they carry (resolution, then
 /// bitrate), never by the order of the RID list: the smallest is `low`, the largest `high`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -182,6 +196,15 @@ pub enum ClientMessage {
     },
     /// Leave the room; the server closes both peer connections and the WebSocket.
     Leave,
+    /// First message on a new connection after the previous one dropped: continue as the same
+    /// participant (same id, tracks, subscriptions and peer connections). `received`: how many
+    /// server messages the client got in this participant's session, `joined` being the first;
+    /// the server sends the ones after them again.
+    Resume {
+        participant_id: String,
+        resume_token: String,
+        received: u64,
+    },
 }
 
 /// Messages from the server to a client.
@@ -198,6 +221,25 @@ pub enum ServerMessage {
         participants: Vec<ParticipantInfo>,
         /// Largest data-channel payload (bytes) the server relays.
         max_data_message: usize,
+        /// Proves the participant's identity for `resume` after a dropped connection.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_token: Option<String>,
+        /// How long (ms) the participant is kept after its connection dropped, waiting for a
+        /// `resume`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_grace_ms: Option<u64>,
+        /// STUN/TURN servers for both of the client's peer connections, with time-limited
+        /// TURN credentials (`src/turn.rs`). Absent (empty) when the server has none configured.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ice_servers: Vec<IceServer>,
+    },
+    /// Reply to an accepted `resume`; the messages the client missed follow, then the session
+    /// goes on. Not counted in `received`.
+    Resumed {
+        participant_id: String,
+        room: String,
+        /// How many missed messages follow.
+        replayed: u64,
     },
     ParticipantJoined {
         participant: ParticipantInfo,
@@ -324,6 +366,9 @@ pub enum ErrorCode {
     TokenNotYetValid,
     /// The access token is for another room (or names none).
     TokenWrongRoom,
+    /// `resume` could not continue the session (unknown or removed participant, wrong token,
+    /// grace period over, or the missed messages are no longer held): join again.
+    ResumeFailed,
     /// The server is shutting down or overloaded.
     Unavailable,
     /// Anything else: a bug, reported rather than hidden.
@@ -394,6 +439,7 @@ const CLIENT_TYPES: &[&str] = &[
     "track_settings",
     "ping",
     "leave",
+    "resume",
 ];
 
 /// Decode one client message, telling apart bad JSON, unknown types and bad fields.

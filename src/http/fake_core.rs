@@ -68,6 +68,9 @@ pub(crate) fn spawn() -> (
                                 participant_id: participant_id.clone(),
                                 participants: Vec::new(),
                                 max_data_message: 16384,
+                                resume_token: None,
+                                resume_grace_ms: None,
+                                ice_servers: Vec::new(),
                             },
                             participant_id,
                         })

@@ -59,6 +59,11 @@ pub struct HttpCounters {
     /// Joins refused for their access token (missing, invalid, expired, not yet valid, wrong
     /// room, join not granted).
     pub token_refusals: AtomicU64,
+    /// Sessions resumed on a new connection, `resume`s refused, and dropped sessions whose
+    /// grace period ended without a resume (the participant was removed).
+    pub sessions_resumed: AtomicU64,
+    pub resumes_refused: AtomicU64,
+    pub resume_expired: AtomicU64,
     /// Joins refused with `too_many_rooms` (the server has `max_rooms` rooms open).
     pub joins_refused_rooms: AtomicU64,
     /// Joins refused with `room_full` (`max_participants_per_room`).
@@ -83,6 +88,9 @@ pub struct HttpStats {
     pub message_timeouts: u64,
     pub rate_limited_messages: u64,
     pub token_refusals: u64,
+    pub sessions_resumed: u64,
+    pub resumes_refused: u64,
+    pub resume_expired: u64,
     pub joins_refused_rooms: u64,
     pub joins_refused_room_full: u64,
     pub joins_rate_limited: u64,
@@ -117,6 +125,9 @@ impl HttpCounters {
             message_timeouts: g(&self.message_timeouts),
             rate_limited_messages: g(&self.rate_limited_messages),
             token_refusals: g(&self.token_refusals),
+            sessions_resumed: g(&self.sessions_resumed),
+            resumes_refused: g(&self.resumes_refused),
+            resume_expired: g(&self.resume_expired),
             joins_refused_rooms: g(&self.joins_refused_rooms),
             joins_refused_room_full: g(&self.joins_refused_room_full),
             joins_rate_limited: g(&self.joins_rate_limited),

@@ -20,6 +20,7 @@ pub mod admin;
 pub(crate) mod fake_core;
 pub mod limits;
 pub mod metrics;
+pub mod resume;
 pub mod serve;
 pub mod ws;
 
@@ -71,6 +72,10 @@ pub struct HttpSettings {
     pub verifier: Verifier,
     /// Largest data-channel payload relayed (the admin API's `send data` too), in bytes.
     pub max_data_message: usize,
+    /// A participant whose connection dropped is kept this long for a `resume` (0: never).
+    pub resume_grace: Duration,
+    /// STUN/TURN servers added to every `joined` (TURN with fresh credentials).
+    pub ice: crate::turn::IceConfig,
 }
 
 impl HttpSettings {
@@ -87,6 +92,8 @@ impl HttpSettings {
             flood_close_after: ws::FLOOD_CLOSE_AFTER,
             verifier: Verifier::new(KeySet::new()),
             max_data_message: crate::config::DEFAULT_MAX_DATA_MESSAGE,
+            resume_grace: resume::DEFAULT_RESUME_GRACE,
+            ice: crate::turn::IceConfig::none(),
         }
     }
 
@@ -100,6 +107,8 @@ impl HttpSettings {
             ws_message_burst: config.ws_message_burst,
             verifier: Verifier::new(config.keys.clone()),
             max_data_message: config.max_data_message,
+            resume_grace: config.resume_grace,
+            ice: config.ice.clone(),
             ..HttpSettings::new(config.max_ws_message)
         }
     }
@@ -128,6 +137,8 @@ pub struct AppState {
     pub(crate) counters: Arc<HttpCounters>,
     /// The connection caps, when the server's own accept loop is used.
     pub(crate) limiter: Option<Arc<ConnLimiter>>,
+    /// Sessions that may be resumed, by participant.
+    pub(crate) resumable: resume::Registry,
 }
 
 impl AppState {
@@ -144,6 +155,7 @@ impl AppState {
             sessions,
             counters: Arc::default(),
             limiter: None,
+            resumable: resume::Registry::default(),
         }
     }
 

@@ -44,6 +44,8 @@
 //!   `flood_close_after` ([`FLOOD_CLOSE_AFTER`]) is closed: 1008 `message rate limit exceeded …`.
 
 use super::AppState;
+use super::resume::{self, Handover, Replay};
+use axum::extract::ws::Utf8Bytes;
 use super::limits::{ConnMeta, HttpCounters, TokenBucket};
 use crate::auth::Verifier;
 use crate::sfu::{EVENT_QUEUE, Grants, JoinAccepted, JoinRequest, SfuError, SfuHandle};
@@ -350,10 +352,10 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
     let mut shutdown = state.shutdown.clone();
     debug!("websocket session started");
 
-    let Some((participant, room, events)) = wait_for_join(
+    let Some(start) = wait_for_join(
         &mut sink,
         &mut stream,
-        &state.handle,
+        &state,
         &mut shutdown,
         limit,
         &mut guards,
@@ -364,30 +366,174 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
         debug!("websocket session ended before join");
         return;
     };
+    let registry = &state.resumable;
+    let grace = state.settings.resume_grace;
     let span = tracing::Span::current();
-    span.record("participant", field::display(&participant.participant_id));
-    span.record("room", field::display(&room));
-    let pid = participant.participant_id;
-    info!("participant joined");
-
     guards.joined = true;
     guards.last_frame = Instant::now();
-    let reason = if send_msg(&mut sink, &participant.joined).await {
+    // The participant's session: its events, what it sent, and where a resume claims it.
+    let (pid, mut events, mut replay, mut claims, generation, first) = match start {
+        Start::Joined {
+            accepted,
+            room,
+            events,
+        } => {
+            span.record("participant", field::display(&accepted.participant_id));
+            span.record("room", field::display(&room));
+            info!("participant joined");
+            let pid = accepted.participant_id;
+            let (token, claims) = registry.register(&pid, &room);
+            // The ICE servers (TURN credentials for this participant) are added here, not by
+            // the core.
+            let mut joined =
+                state
+                    .settings
+                    .ice
+                    .add_to_joined(accepted.joined, &pid, std::time::SystemTime::now());
+            if let ServerMessage::Joined {
+                resume_token,
+                resume_grace_ms,
+                ..
+            } = &mut joined
+            {
+                if !grace.is_zero() {
+                    *resume_token = Some(token);
+                    *resume_grace_ms = u64::try_from(grace.as_millis()).ok();
+                }
+            }
+            let mut replay = Replay::default();
+            let frame: Utf8Bytes = signal::encode_server(&joined).into();
+            replay.push(frame.clone());
+            (pid, events, replay, claims, 0, vec![Message::Text(frame)])
+        }
+        Start::Resumed {
+            participant_id,
+            room,
+            handover,
+            generation,
+            claims,
+            missed,
+        } => {
+            span.record("participant", field::display(&participant_id));
+            span.record("room", field::display(&room));
+            info!(replayed = missed.len(), "participant resumed");
+            HttpCounters::inc(&state.counters.sessions_resumed);
+            let resumed = ServerMessage::Resumed {
+                participant_id: participant_id.clone(),
+                room,
+                replayed: missed.len() as u64,
+            };
+            let mut first = vec![text_frame(&resumed)];
+            first.extend(missed.into_iter().map(Message::Text));
+            (
+                participant_id,
+                handover.events,
+                handover.replay,
+                claims,
+                generation,
+                first,
+            )
+        }
+    };
+    let mut sent = true;
+    for frame in first {
+        if sink.feed(frame).await.is_err() {
+            sent = false;
+            break;
+        }
+    }
+    let end = if sent && sink.flush().await.is_ok() {
         run_joined(
             &mut sink,
             &mut stream,
             &state.handle,
             &pid,
-            events,
+            Session {
+                events: &mut events,
+                replay: &mut replay,
+                claims: &mut claims,
+            },
             limit,
             &mut guards,
         )
         .await
     } else {
-        "socket closed before `joined` was sent".to_owned()
+        JoinedEnd::Ended {
+            reason: "socket closed before the session started".to_owned(),
+            resumable: true,
+        }
     };
+    let (reason, resumable) = match end {
+        JoinedEnd::Claimed(claim) => {
+            info!("session taken over by a resuming connection");
+            close(&mut sink, close_code::AWAY, "session resumed on another connection").await;
+            let _ = claim.send(Handover { events, replay });
+            return;
+        }
+        JoinedEnd::Ended { reason, resumable } => (reason, resumable),
+    };
+    if resumable && !grace.is_zero() {
+        info!(%reason, "connection lost; the participant waits for a resume");
+        drop(sink);
+        drop(stream);
+        match resume::park(&mut events, &mut replay, &mut claims, grace).await {
+            resume::ParkEnd::Claimed(claim) => {
+                let _ = claim.send(Handover { events, replay });
+                return;
+            }
+            resume::ParkEnd::Expired => {
+                HttpCounters::inc(&state.counters.resume_expired);
+                registry.forget(&pid, generation);
+                let reason = format!("did not resume within {} s ({reason})", grace.as_secs_f32());
+                info!(%reason, "participant session ended");
+                state.handle.disconnect(&pid, &reason).await;
+                return;
+            }
+            resume::ParkEnd::Closed => {
+                registry.forget(&pid, generation);
+                info!("participant removed while waiting for a resume");
+                state.handle.disconnect(&pid, "removed while disconnected").await;
+                return;
+            }
+        }
+    }
+    registry.forget(&pid, generation);
     info!(%reason, "participant session ended");
     state.handle.disconnect(&pid, &reason).await;
+}
+
+/// How a session starts: a new participant, or one resumed.
+enum Start {
+    Joined {
+        accepted: JoinAccepted,
+        room: String,
+        events: mpsc::Receiver<ServerMessage>,
+    },
+    Resumed {
+        participant_id: String,
+        room: String,
+        handover: Handover,
+        generation: u64,
+        claims: mpsc::Receiver<resume::Claim>,
+        /// The messages the client did not get, to send after `resumed`.
+        missed: Vec<Utf8Bytes>,
+    },
+}
+
+/// What a joined session holds across its connections.
+struct Session<'a> {
+    events: &'a mut mpsc::Receiver<ServerMessage>,
+    replay: &'a mut Replay,
+    claims: &'a mut mpsc::Receiver<resume::Claim>,
+}
+
+/// How the joined phase ended.
+enum JoinedEnd {
+    /// The connection is done; `resumable`: it dropped (no close frame, a read or write
+    /// failure, the idle timeout), so the participant may come back with `resume`.
+    Ended { reason: String, resumable: bool },
+    /// A resuming connection claimed the session.
+    Claimed(resume::Claim),
 }
 
 /// Phase 1: answer messages until a join is accepted. `None` when the socket ended first.
@@ -395,12 +541,13 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
 async fn wait_for_join(
     sink: &mut Sink,
     stream: &mut Stream,
-    handle: &SfuHandle,
+    state: &AppState,
     shutdown: &mut watch::Receiver<bool>,
     limit: usize,
     guards: &mut Guards,
     conn: Option<&ConnMeta>,
-) -> Option<(JoinAccepted, String, mpsc::Receiver<ServerMessage>)> {
+) -> Option<Start> {
+    let handle = &state.handle;
     let mut ticker = tokio::time::interval(guards.tick());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -479,12 +626,50 @@ async fn wait_for_join(
         // Every decoded `join` takes one from its address's join bucket, before its token is
         // checked: a flood of joins with bad tokens is held off the verifier too.
         let over_rate = match (&msg, conn) {
-            (ClientMessage::Join { .. }, Some(c)) => c.take_join(Instant::now()).err(),
+            (ClientMessage::Join { .. } | ClientMessage::Resume { .. }, Some(c)) => {
+                c.take_join(Instant::now()).err()
+            }
             _ => None,
         };
         let reply = match msg {
-            ClientMessage::Join { .. } if over_rate.is_some() => {
+            ClientMessage::Join { .. } | ClientMessage::Resume { .. } if over_rate.is_some() => {
                 join_rate_limited(conn, over_rate.unwrap_or_default())
+            }
+            ClientMessage::Resume {
+                participant_id,
+                resume_token,
+                received,
+            } => {
+                let refused = match state.resumable.claim(&participant_id, &resume_token).await {
+                    Err(e) => e,
+                    Ok((handover, room, generation, claims)) => {
+                        match handover.replay.since(received) {
+                            Some(missed) => {
+                                return Some(Start::Resumed {
+                                    participant_id,
+                                    room,
+                                    handover,
+                                    generation,
+                                    claims,
+                                    missed,
+                                });
+                            }
+                            None => {
+                                // What it missed is gone: the participant cannot go on.
+                                state.resumable.forget(&participant_id, generation);
+                                drop(handover);
+                                state
+                                    .handle
+                                    .disconnect(&participant_id, "resume failed: missed messages are gone")
+                                    .await;
+                                resume::ResumeError::TooOld(received)
+                            }
+                        }
+                    }
+                };
+                debug!(error = %refused, "resume refused");
+                HttpCounters::inc(&guards.counters.resumes_refused);
+                ServerMessage::error(ErrorCode::ResumeFailed, refused.to_string(), Some("resume"))
             }
             ClientMessage::Join {
                 room,
@@ -515,7 +700,13 @@ async fn wait_for_join(
                         grants: admitted.grants,
                     };
                     match handle.join(req).await {
-                        Ok(accepted) => return Some((accepted, room, events_rx)),
+                        Ok(accepted) => {
+                            return Some(Start::Joined {
+                                accepted,
+                                room,
+                                events: events_rx,
+                            });
+                        }
                         Err(e) => {
                             debug!(error = %e, %room, "join refused");
                             match e {
@@ -571,23 +762,32 @@ struct ReaderEnd {
     flush_writer: bool,
     /// The client may still be sending: wait [`LINGER`] before dropping the socket.
     linger: bool,
+    /// The connection dropped (no close frame, a read failure, the idle timeout): the
+    /// participant may resume.
+    resumable: bool,
 }
 
-/// Phase 2: reader and writer run concurrently until either ends. Returns the reason.
+/// Phase 2: reader and writer run concurrently until either ends, or a resuming connection
+/// claims the session.
 async fn run_joined(
     sink: &mut Sink,
     stream: &mut Stream,
     handle: &SfuHandle,
     pid: &str,
-    events: mpsc::Receiver<ServerMessage>,
+    session: Session<'_>,
     limit: usize,
     guards: &mut Guards,
-) -> String {
+) -> JoinedEnd {
+    let Session {
+        events,
+        replay,
+        claims,
+    } = session;
     let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
     let ping_every = guards.settings.idle_timeout / 3;
     let writer_ended = {
         let reader = read_loop(stream, local_tx, handle, pid, limit, guards);
-        let writer = write_loop(sink, events, local_rx, ping_every);
+        let writer = write_loop(sink, events, replay, local_rx, ping_every);
         tokio::pin!(reader, writer);
         tokio::select! {
             end = &mut reader => {
@@ -597,9 +797,13 @@ async fn run_joined(
                 if end.linger {
                     tokio::time::sleep(LINGER).await;
                 }
-                return end.reason;
+                return JoinedEnd::Ended {
+                    reason: end.reason,
+                    resumable: end.resumable,
+                };
             }
-            reason = &mut writer => reason,
+            end = &mut writer => end,
+            Some(claim) = claims.recv() => return JoinedEnd::Claimed(claim),
         }
     };
     // The writer sent a close frame (or the socket failed): read until the client's close
@@ -621,6 +825,7 @@ async fn read_loop(
 ) -> ReaderEnd {
     let mut ticker = tokio::time::interval(guards.tick());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut saw_close = false;
     loop {
         let item = tokio::select! {
             item = stream.next() => match item {
@@ -636,6 +841,7 @@ async fn read_loop(
                     reason,
                     flush_writer,
                     linger,
+                    resumable: why == Expiry::Idle,
                 };
             }
         };
@@ -658,6 +864,7 @@ async fn read_loop(
                             reason,
                             flush_writer,
                             linger: true,
+                            resumable: false,
                         };
                     }
                 }
@@ -671,6 +878,7 @@ async fn read_loop(
             }
             Ok(Message::Close(frame)) => {
                 debug!(?frame, "client sent close");
+                saw_close = true;
                 continue;
             }
             Ok(_) => continue,
@@ -689,6 +897,7 @@ async fn read_loop(
                     reason: format!("websocket read failed: {e}"),
                     flush_writer,
                     linger: flush_writer,
+                    resumable: !flush_writer,
                 };
             }
         };
@@ -700,6 +909,11 @@ async fn read_loop(
                 "already joined: one session per connection",
                 Some("join"),
             ),
+            Ok(ClientMessage::Resume { .. }) => ServerMessage::error(
+                ErrorCode::InvalidState,
+                "already joined: `resume` must be the first message of a new connection",
+                Some("resume"),
+            ),
             Ok(ClientMessage::Leave) => {
                 let _ = handle.client(pid, ClientMessage::Leave).await;
                 let flush_writer = local
@@ -710,6 +924,7 @@ async fn read_loop(
                     reason: "client left".to_owned(),
                     flush_writer,
                     linger: false,
+                    resumable: false,
                 };
             }
             Ok(msg) => {
@@ -736,6 +951,7 @@ async fn read_loop(
                     reason: "the core is gone".to_owned(),
                     flush_writer,
                     linger: false,
+                    resumable: false,
                 };
             }
         };
@@ -744,19 +960,34 @@ async fn read_loop(
         }
     }
     ReaderEnd {
-        reason: "client closed the connection".to_owned(),
+        reason: if saw_close {
+            "client closed the connection".to_owned()
+        } else {
+            "connection dropped (no close frame)".to_owned()
+        },
         flush_writer: false,
         linger: false,
+        resumable: !saw_close,
     }
 }
 
-/// Sends the core's events and the reader's replies; returns why it stopped.
+/// Sends the core's events and the reader's replies, each numbered in `replay` first (so a
+/// frame lost with the connection is sent again on resume); returns why it stopped.
 async fn write_loop(
     sink: &mut Sink,
-    mut events: mpsc::Receiver<ServerMessage>,
+    events: &mut mpsc::Receiver<ServerMessage>,
+    replay: &mut Replay,
     mut local: mpsc::Receiver<Out>,
     ping_every: Duration,
-) -> String {
+) -> JoinedEnd {
+    let failed = || JoinedEnd::Ended {
+        reason: "websocket write failed".to_owned(),
+        resumable: true,
+    };
+    let closed = |reason: &str| JoinedEnd::Ended {
+        reason: format!("closed by server: {reason}"),
+        resumable: false,
+    };
     let mut local_open = true;
     // Keeps the client sending (its pongs) so a dead connection is noticed (idle timeout).
     let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
@@ -782,7 +1013,7 @@ async fn write_loop(
             },
             _ = pings.tick() => {
                 if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    return "websocket write failed".to_owned();
+                    return failed();
                 }
                 continue;
             }
@@ -790,23 +1021,23 @@ async fn write_loop(
         let first = match out {
             Out::Msg(msg) => {
                 note_leave(&msg, &mut leave_reason);
-                text_frame(&msg)
+                numbered(replay, &msg)
             }
-            Out::Frame(frame) => frame,
+            Out::Frame(frame) => numbered_frame(replay, frame),
             Out::Close(code, reason) => {
                 close(sink, code, &reason).await;
-                return format!("closed by server: {reason}");
+                return closed(&reason);
             }
         };
         if sink.feed(first).await.is_err() {
-            return "websocket write failed".to_owned();
+            return failed();
         }
         // Batch the reader's other replies (a flood's `rate_limited` answers)...
         let mut close_after: Option<(u16, String)> = None;
         for _ in 0..WRITE_BATCH {
             let frame = match local.try_recv() {
-                Ok(Out::Msg(msg)) => text_frame(&msg),
-                Ok(Out::Frame(frame)) => frame,
+                Ok(Out::Msg(msg)) => numbered(replay, &msg),
+                Ok(Out::Frame(frame)) => numbered_frame(replay, frame),
                 Ok(Out::Close(code, reason)) => {
                     close_after = Some((code, reason));
                     break;
@@ -814,26 +1045,41 @@ async fn write_loop(
                 Err(_) => break,
             };
             if sink.feed(frame).await.is_err() {
-                return "websocket write failed".to_owned();
+                return failed();
             }
         }
         if let Some((code, reason)) = close_after {
             let _ = sink.flush().await;
             close(sink, code, &reason).await;
-            return format!("closed by server: {reason}");
+            return closed(&reason);
         }
         // ...and whatever else the core has ready, then flush once.
         for _ in 0..WRITE_BATCH {
             let Ok(msg) = events.try_recv() else { break };
             note_leave(&msg, &mut leave_reason);
-            if sink.feed(text_frame(&msg)).await.is_err() {
-                return "websocket write failed".to_owned();
+            if sink.feed(numbered(replay, &msg)).await.is_err() {
+                return failed();
             }
         }
         if sink.flush().await.is_err() {
-            return "websocket write failed".to_owned();
+            return failed();
         }
     }
+}
+
+/// The frame of `msg`, numbered and kept in `replay`.
+fn numbered(replay: &mut Replay, msg: &ServerMessage) -> Message {
+    let text: Utf8Bytes = signal::encode_server(msg).into();
+    replay.push(text.clone());
+    Message::Text(text)
+}
+
+/// An encoded text frame, numbered and kept in `replay` (other frames are not messages).
+fn numbered_frame(replay: &mut Replay, frame: Message) -> Message {
+    if let Message::Text(text) = &frame {
+        replay.push(text.clone());
+    }
+    frame
 }
 
 fn note_leave(msg: &ServerMessage, leave_reason: &mut Option<String>) {
@@ -1042,6 +1288,7 @@ fn kind(msg: &ClientMessage) -> &'static str {
         ClientMessage::TrackSettings { .. } => "track_settings",
         ClientMessage::Ping { .. } => "ping",
         ClientMessage::Leave => "leave",
+        ClientMessage::Resume { .. } => "resume",
     }
 }
 

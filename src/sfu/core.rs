@@ -2778,6 +2778,9 @@ impl<T: Transmit> Sfu<T> {
                 participant_id: pid,
                 participants: others,
                 max_data_message: self.cfg.max_data_message,
+                resume_token: None,
+                resume_grace_ms: None,
+                ice_servers: Vec::new(),
             },
         })
     }
@@ -2857,6 +2860,10 @@ impl<T: Transmit> Sfu<T> {
             ClientMessage::Join { .. } => self.send_to(
                 part,
                 ServerMessage::error(ErrorCode::InvalidState, "already joined", Some("join")),
+            ),
+            ClientMessage::Resume { .. } => self.send_to(
+                part,
+                ServerMessage::error(ErrorCode::InvalidState, "already joined", Some("resume")),
             ),
             ClientMessage::PublishOffer { sdp } => self.on_publish_offer(part, sdp),
             ClientMessage::SubscribeAnswer { sdp } => self.on_subscribe_answer(part, sdp),

@@ -220,6 +220,8 @@ pub struct JoinedInfo {
     pub participant_id: String,
     pub participants: Vec<ParticipantInfo>,
     pub max_data_message: usize,
+    /// For `resume` after a dropped connection (absent when the server does not resume).
+    pub resume_token: Option<String>,
     /// WebSocket open → `joined` received.
     pub join_latency: Duration,
 }
@@ -448,6 +450,9 @@ struct State {
     pc_state: HashMap<PcTarget, RTCPeerConnectionState>,
     open_channels: Vec<String>,
     closed: Option<String>,
+    /// Server messages received in this participant's session (`joined` is the first; a
+    /// `resumed` does not count), as `resume` reports them.
+    received: u64,
     /// The first sign the session was ended for us (see [`Removal`]).
     removed: Option<Removal>,
     joined: Option<std::result::Result<JoinedInfo, String>>,
@@ -736,6 +741,12 @@ impl Shared {
 enum WsOut {
     Text(String),
     Close,
+    /// Drop the connection's sending half without a close frame (with the reading half
+    /// aborted, the TCP connection closes: a dropped connection, as the server sees it); texts
+    /// wait until [`WsOut::Attach`].
+    Detach,
+    /// Go on over a new connection.
+    Attach(futures_util::stream::SplitSink<WsStream, Message>),
 }
 
 enum NegCmd {
@@ -1273,16 +1284,38 @@ async fn negotiation_task(
 // ───────────────────────────── signaling ─────────────────────────────
 
 async fn writer_task(
-    mut sink: futures_util::stream::SplitSink<WsStream, Message>,
+    sink: futures_util::stream::SplitSink<WsStream, Message>,
     mut rx: mpsc::Receiver<WsOut>,
     shared: Arc<Shared>,
 ) {
+    let mut sink = Some(sink);
+    let mut waiting: Vec<String> = Vec::new();
     while let Some(out) = rx.recv().await {
-        let result = match out {
-            WsOut::Text(t) => sink.send(Message::text(t)).await,
-            WsOut::Close => {
+        let result = match (out, sink.as_mut()) {
+            (WsOut::Text(t), Some(sink)) => sink.send(Message::text(t)).await,
+            (WsOut::Text(t), None) => {
+                waiting.push(t);
+                Ok(())
+            }
+            (WsOut::Close, Some(sink)) => {
                 let _ = sink.close().await;
                 break;
+            }
+            (WsOut::Close, None) => break,
+            (WsOut::Detach, _) => {
+                sink = None;
+                Ok(())
+            }
+            (WsOut::Attach(mut new), _) => {
+                let mut result = Ok(());
+                for t in waiting.drain(..) {
+                    result = new.send(Message::text(t)).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                sink = Some(new);
+                result
             }
         };
         if let Err(e) = result {
@@ -1295,6 +1328,7 @@ async fn writer_task(
     }
 }
 
+#[derive(Clone)]
 struct Routes {
     subscriber: mpsc::Sender<NegCmd>,
     publisher: Option<mpsc::Sender<NegCmd>>,
@@ -1367,6 +1401,12 @@ async fn reader_task(mut stream: SplitStream<WsStream>, shared: Arc<Shared>, rou
             shared.apply_publisher_layers(track_id, paused);
         }
         shared.update(|s| {
+            match &msg {
+                ServerMessage::Joined { .. } => s.received = 1,
+                ServerMessage::Resumed { .. } => {}
+                _ if s.received > 0 => s.received += 1,
+                _ => {}
+            }
             apply_server_message(s, &msg, ws_opened_at);
             if let ServerMessage::Leave { reason } = &msg {
                 shared.removed(s, || format!("server sent leave: {reason}"));
@@ -1403,6 +1443,8 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             participant_id,
             participants,
             max_data_message,
+            resume_token,
+            ..
         } => {
             s.participant_id = Some(participant_id.clone());
             for p in participants {
@@ -1416,6 +1458,7 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
                     participant_id: participant_id.clone(),
                     participants: participants.clone(),
                     max_data_message: *max_data_message,
+                    resume_token: resume_token.clone(),
                     join_latency: ws_opened_at.elapsed(),
                 }));
             }
@@ -1756,6 +1799,11 @@ pub struct Peer {
     opts: PeerOptions,
     room: String,
     left: AtomicBool,
+    /// Where the signaling reader sends negotiation (a resumed connection's reader too).
+    routes: Routes,
+    /// The signaling reader of the current connection.
+    reader: Mutex<Option<tokio::task::AbortHandle>>,
+    url: String,
 }
 
 /// Tears down a peer that failed half-way through `connect` (and is reused by `Drop`).
@@ -1858,14 +1906,13 @@ impl Peer {
         } else {
             (None, None)
         };
-        shared.spawn(reader_task(
-            stream,
-            shared.clone(),
-            Routes {
-                subscriber: sub_tx,
-                publisher: pub_tx,
-            },
-        ));
+        let routes = Routes {
+            subscriber: sub_tx,
+            publisher: pub_tx,
+        };
+        let reader = tokio::spawn(reader_task(stream, shared.clone(), routes.clone()));
+        let reader_handle = reader.abort_handle();
+        lock(&shared.tasks).push(reader.abort_handle());
 
         let join = ClientMessage::Join {
             room: room.to_owned(),
@@ -1982,6 +2029,9 @@ impl Peer {
             opts,
             room: room.to_owned(),
             left: AtomicBool::new(false),
+            routes,
+            reader: Mutex::new(Some(reader_handle)),
+            url: url.to_owned(),
         };
         guard.armed = false;
         if peer.opts.wait_ready {
@@ -2699,6 +2749,76 @@ impl Peer {
     /// Whether (and why) the session was ended for us: see [`Removal`].
     pub fn removed(&self) -> Option<Removal> {
         self.shared.state().removed.clone()
+    }
+
+    /// Drops the signaling connection as a network failure would: no close frame, no
+    /// `leave`. The peer connections stay up; what the peer sends meanwhile waits for
+    /// [`Peer::resume`].
+    pub fn drop_signaling(&self) {
+        if let Some(reader) = lock(&self.reader).take() {
+            reader.abort();
+        }
+        let _ = self.ws_tx.try_send(WsOut::Detach);
+    }
+
+    /// Server messages received so far in this participant's session (what `resume` reports).
+    pub fn received_messages(&self) -> u64 {
+        self.shared.state().received
+    }
+
+    /// Opens a new signaling connection and resumes the session on it (`resume` with the
+    /// join's token and the messages received). Returns the `resumed` message, or the server's
+    /// refusal as an error.
+    pub async fn resume(&self) -> Result<ServerMessage> {
+        let t = self.opts.timeout;
+        let token = self
+            .joined
+            .resume_token
+            .clone()
+            .ok_or_else(|| anyhow!("{}: the server gave no resume token", self.name()))?;
+        let (ws, _) = bounded(
+            t,
+            "websocket connect",
+            tokio_tungstenite::connect_async_with_config(&self.url, None, true),
+        )
+        .await?;
+        let (mut sink, mut stream) = ws.split();
+        let msg = ClientMessage::Resume {
+            participant_id: self.participant_id().to_owned(),
+            resume_token: token,
+            received: self.received_messages(),
+        };
+        bounded(t, "send resume", sink.send(Message::text(encode(&msg)))).await?;
+        let reply = bounded(t, "resume reply", async {
+            loop {
+                match stream.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        break serde_json::from_str::<ServerMessage>(&text)
+                            .map_err(|e| anyhow!("resume reply {text}: {e}"));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => break Err(anyhow!("resume reply: {e}")),
+                    None => break Err(anyhow!("connection closed before the resume reply")),
+                }
+            }
+        })
+        .await?;
+        if !matches!(reply, ServerMessage::Resumed { .. }) {
+            bail!("resume refused: {reply:?}");
+        }
+        self.shared.update(|s| s.push(PeerEvent::Server(reply.clone())));
+        let reader = tokio::spawn(reader_task(
+            stream,
+            self.shared.clone(),
+            self.routes.clone(),
+        ));
+        lock(&self.shared.tasks).push(reader.abort_handle());
+        *lock(&self.reader) = Some(reader.abort_handle());
+        self.ws_tx
+            .send(WsOut::Attach(sink))
+            .await
+            .map_err(|_| anyhow!("the signaling writer is gone"))?;
+        Ok(reply)
     }
 
     /// Waits (bounded) for a [`Removal`].

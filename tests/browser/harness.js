@@ -7,8 +7,10 @@
 //   CHROMIUM       browser binary (default /usr/bin/chromium)
 //   FIREFOX        Firefox binary (default /usr/bin/firefox-esr), driven over WebDriver BiDi
 //   ARTIFACTS      where screenshots and logs go (default target/browser)
+//   TURNSERVER     coturn's turnserver binary (default /usr/bin/turnserver), for the TURN tests
 import { spawn } from 'node:child_process';
-import { mkdirSync, createWriteStream, existsSync, readFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, createWriteStream, existsSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
@@ -19,6 +21,7 @@ export const REPO = resolve(here, '..', '..');
 export const ARTIFACTS = resolve(process.env.ARTIFACTS ?? join(REPO, 'target', 'browser'));
 export const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 export const FIREFOX = process.env.FIREFOX ?? '/usr/bin/firefox-esr';
+export const TURNSERVER = process.env.TURNSERVER ?? '/usr/bin/turnserver';
 mkdirSync(ARTIFACTS, { recursive: true });
 
 export const CHROMIUM_ARGS = [
@@ -118,17 +121,25 @@ export async function waitFor(fn, { timeout = 20_000, interval = 100, what = 'co
   }
 }
 
-/** Start the server (unless PLAZA_URL is set), its log in ARTIFACTS/`logName`. Returns {url, logPath, stop()}. */
-export async function startServer({ logName = 'plaza.log' } = {}) {
-  if (process.env.PLAZA_URL) return { url: process.env.PLAZA_URL.replace(/\/$/, ''), stop: async () => {}, log: null };
+/**
+ * Start the server (unless PLAZA_URL is set and no `args`/`env` are asked for), its log in
+ * ARTIFACTS/`logName`. `args` are appended to the command line, `env` added to the
+ * environment; `port`/`udpPort` default to PLAZA_PORT/PLAZA_UDP_PORT (7880/7882).
+ * Returns {url, logPath, port, udpPort, stop()}.
+ */
+export async function startServer({ logName = 'plaza.log', args = [], env = {}, port = null, udpPort = null } = {}) {
+  const custom = args.length > 0 || Object.keys(env).length > 0;
+  if (process.env.PLAZA_URL && !custom) return { url: process.env.PLAZA_URL.replace(/\/$/, ''), stop: async () => {}, log: null };
   const bin = process.env.PLAZA_BIN ?? join(REPO, 'target', 'release', 'plaza');
   if (!existsSync(bin)) throw new Error(`server binary ${bin} is missing: run cargo build --release --bin plaza`);
-  const port = Number(process.env.PLAZA_PORT ?? 7880);
-  const udpPort = Number(process.env.PLAZA_UDP_PORT ?? 7882);
+  port ??= Number(process.env.PLAZA_PORT ?? 7880);
+  udpPort ??= Number(process.env.PLAZA_UDP_PORT ?? 7882);
   const logPath = join(ARTIFACTS, logName);
   const log = createWriteStream(logPath);
-  const child = spawn(bin, ['--port', String(port), '--udp-port', String(udpPort), '--log-level', process.env.PLAZA_LOG_LEVEL ?? 'info'], {
+  const argv = ['--port', String(port), '--udp-port', String(udpPort), '--log-level', process.env.PLAZA_LOG_LEVEL ?? 'info', ...args];
+  const child = spawn(bin, argv, {
     cwd: REPO,
+    env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   child.stdout.pipe(log);
@@ -150,11 +161,100 @@ export async function startServer({ logName = 'plaza.log' } = {}) {
   return {
     url,
     logPath,
+    port,
+    udpPort,
     async stop() {
       if (exited) return;
       child.kill('SIGTERM');
       await waitFor(() => exited, { timeout: 8_000, what: 'plaza to exit' }).catch(() => child.kill('SIGKILL'));
     },
+  };
+}
+
+/**
+ * Start coturn's `turnserver` as a TURN server with the REST API credentials Plaza hands out
+ * (`use-auth-secret`, `static-auth-secret`), listening on `ip`:`port` UDP and TCP, relaying
+ * from `ip` ports `minPort`…`maxPort`, without TLS/DTLS, loopback peers allowed (everything
+ * here is on loopback). Verbose log in ARTIFACTS/`logName`. Throws when turnserver is missing
+ * (scripts/browser-tests.sh installs Debian's coturn). Returns {urls, secret, logPath,
+ * log(), allocations(user), stop()}.
+ */
+export async function startTurnServer({
+  secret,
+  ip = '127.0.0.2',
+  port = 3478,
+  minPort = 49160,
+  maxPort = 49260,
+  realm = 'plaza.test',
+  logName = 'coturn.log',
+} = {}) {
+  if (!secret) throw new Error('startTurnServer: a secret is needed');
+  if (!existsSync(TURNSERVER)) throw new Error(`${TURNSERVER} is missing (apt-get install coturn; scripts/browser-tests.sh does)`);
+  const logPath = join(ARTIFACTS, logName);
+  const log = createWriteStream(logPath);
+  const dir = mkdtempSync(join(tmpdir(), 'plaza-coturn-'));
+  const args = [
+    '-n', // no config file: everything is on the command line
+    `--listening-ip=${ip}`,
+    `--relay-ip=${ip}`,
+    `--listening-port=${port}`,
+    `--min-port=${minPort}`,
+    `--max-port=${maxPort}`,
+    '--use-auth-secret',
+    `--static-auth-secret=${secret}`,
+    `--realm=${realm}`,
+    '--fingerprint',
+    '--no-tls',
+    '--no-dtls',
+    '--allow-loopback-peers',
+    '--no-cli',
+    '--no-software-attribute',
+    '--verbose',
+    '--log-file=stdout',
+    '--simple-log',
+    `--userdb=${join(dir, 'turndb')}`,
+    `--pidfile=${join(dir, 'turnserver.pid')}`,
+  ];
+  const child = spawn(TURNSERVER, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let text = '';
+  const onData = (d) => {
+    text += d.toString();
+    log.write(d);
+  };
+  child.stdout.on('data', onData);
+  child.stderr.on('data', onData);
+  let exited = null;
+  child.on('exit', (code, signal) => (exited = { code, signal }));
+  child.on('error', (e) => (exited = { error: e.message }));
+  const stop = async () => {
+    if (!exited) {
+      child.kill('SIGTERM');
+      await waitFor(() => exited, { timeout: 5_000, what: 'turnserver to exit' }).catch(() => child.kill('SIGKILL'));
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
+  await waitFor(
+    () => {
+      if (exited) throw new Error(`turnserver exited early (${JSON.stringify(exited)}); see ${logPath}`);
+      return /UDP listener opened on\s*:?\s*\S*:\d+/.test(text) && /TCP listener opened on/.test(text) && /Total General servers/.test(text);
+    },
+    { timeout: 15_000, what: `turnserver to listen on ${ip}:${port}` },
+  ).catch(async (e) => {
+    await stop();
+    throw e;
+  });
+  return {
+    urls: [`turn:${ip}:${port}?transport=udp`, `turn:${ip}:${port}?transport=tcp`],
+    secret,
+    logPath,
+    log: () => text,
+    /** Successful TURN allocations whose REST API username ends in `:<user>` (coturn's verbose log). */
+    allocations(user) {
+      return text
+        .split('\n')
+        .filter((l) => /ALLOCATE processed, success/.test(l) && l.includes(`:${user}>`));
+    },
+    stop,
   };
 }
 

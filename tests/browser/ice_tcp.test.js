@@ -8,12 +8,9 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { startServer, launchParticipant, joinViaUrl, waitFor, remoteStats, waitForMediaFrom, loopbackOnly } from './harness.js';
 
-// Its own ports, so that it never meets another test file's server.
-if (!process.env.PLAZA_URL) {
-  process.env.PLAZA_PORT = '7890';
-  process.env.PLAZA_UDP_PORT = '7892';
-}
-const UDP_PORT = Number(process.env.PLAZA_UDP_PORT ?? 7882);
+// Its own ports (UDP and TCP 7902, 7903, …), so that it never meets another test file's server.
+const PORT = 7900;
+const UDP_PORT = 7902;
 // Every shard's port (at most 256 shards).
 const UDP_RANGE = `${UDP_PORT}:${UDP_PORT + 255}`;
 const BLOCK_RULES = [
@@ -123,7 +120,7 @@ async function joinAndMeasure(room) {
 
 before(async () => {
   if (!loopbackOnly()) throw new Error('run in a loopback-only network namespace (scripts/browser-tests.sh): this test changes iptables rules');
-  server = await startServer({ logName: 'plaza-ice-tcp.log' });
+  server = await startServer({ logName: 'plaza-ice-tcp.log', port: PORT, udpPort: UDP_PORT, args: ['--tcp-port', String(UDP_PORT)] });
 });
 
 after(async () => {

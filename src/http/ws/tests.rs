@@ -539,3 +539,62 @@ fn join_takes_room_identity_and_name_from_the_token() {
     );
     assert_eq!(counters.snapshot(None).token_refusals, 3);
 }
+
+#[tokio::test]
+async fn joined_carries_turn_credentials_when_configured() {
+    // Without TURN: no `ice_servers` at all.
+    let h = harness().await;
+    let mut ws = h.connect().await;
+    send(&mut ws, &join_msg("r", "a")).await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["type"], "joined", "{v}");
+    assert!(v.get("ice_servers").is_none(), "{v}");
+
+    let (handle, seen, _stopped) = fake_core::spawn();
+    let secret = "turn-secret-for-the-ws-test";
+    let settings = HttpSettings {
+        ice: crate::turn::IceConfig {
+            turn_urls: vec!["turn:127.0.0.2:3478?transport=udp".into()],
+            turn_secret: Some(crate::auth::Secret::new(secret)),
+            turn_ttl: Duration::from_secs(600),
+            stun_urls: vec!["stun:127.0.0.2:3478".into()],
+        },
+        ..HttpSettings::new(LIMIT)
+    };
+    let mut h = harness_with_settings(handle, seen, settings).await;
+    let mut ws = h.connect().await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    send(&mut ws, &join_msg("r", "a")).await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["type"], "joined", "{v}");
+    assert_eq!(
+        h.next_seen().await,
+        Seen::Join {
+            room: "r".into(),
+            name: "a".into()
+        }
+    );
+    let pid = v["participant_id"].as_str().unwrap();
+    let servers = v["ice_servers"].as_array().expect("ice_servers");
+    assert_eq!(servers.len(), 2, "{v}");
+    assert_eq!(
+        servers[0]["urls"],
+        serde_json::json!(["turn:127.0.0.2:3478?transport=udp"])
+    );
+    let user = servers[0]["username"].as_str().unwrap();
+    let (expiry, who) = user.split_once(':').unwrap();
+    assert_eq!(who, pid);
+    let expiry: u64 = expiry.parse().unwrap();
+    assert!((before + 600..=before + 602).contains(&expiry), "{user}");
+    assert_eq!(
+        servers[0]["credential"].as_str().unwrap(),
+        crate::turn::credential(secret.as_bytes(), user)
+    );
+    assert_eq!(
+        servers[1],
+        serde_json::json!({"urls": ["stun:127.0.0.2:3478"]})
+    );
+}
