@@ -571,6 +571,11 @@ export class PlazaClient extends Emitter {
       closed: false,
       mids: new Map(), // mid → server track id (subscriber transceivers currently receiving)
       endReason: null,
+      received: 0, // server messages received in this participant's session (`joined` is 1)
+      resumeToken: null,
+      resumeUntil: 0, // performance.now() deadline of the server's grace period
+      wsDown: false, // the WebSocket dropped; the peer connections live on, waiting for a resume
+      outbox: [], // messages sent while the WebSocket was down
     };
     this._sess = sess;
     return new Promise((resolve, reject) => {
@@ -622,6 +627,7 @@ export class PlazaClient extends Emitter {
         }
         if (!sess.joined) {
           if (msg.type === 'joined') {
+            sess.received = 1;
             settled = true;
             clearTimeout(timer);
             this._onJoined(sess, msg).then(
@@ -635,11 +641,7 @@ export class PlazaClient extends Emitter {
           }
           return;
         }
-        // One message at a time, in order: an offer being answered must not be overtaken by
-        // the participant_left that follows it.
-        sess.inbox = sess.inbox
-          .then(() => (sess.closed ? undefined : this._onMessage(sess, msg)))
-          .catch((e) => this._error('internal', `handling ${msg.type}: ${e.message}`, { cause: e }));
+        this._dispatch(sess, msg);
       };
     });
   }
@@ -657,8 +659,20 @@ export class PlazaClient extends Emitter {
     return config;
   }
 
+  /** A message of the joined session: counted (for `resume`), then handled in order. */
+  _dispatch(sess, msg) {
+    sess.received++;
+    // One message at a time, in order: an offer being answered must not be overtaken by
+    // the participant_left that follows it.
+    sess.inbox = sess.inbox
+      .then(() => (sess.closed ? undefined : this._onMessage(sess, msg)))
+      .catch((e) => this._error('internal', `handling ${msg.type}: ${e.message}`, { cause: e }));
+  }
+
   async _onJoined(sess, msg) {
     sess.joined = true;
+    sess.resumeToken = msg.resume_token ?? null;
+    sess.resumeGrace = msg.resume_grace_ms ?? 0;
     sess.joinedMsg = msg;
     this.joinInfo = msg;
     this.participantId = msg.participant_id;
@@ -1073,8 +1087,18 @@ export class PlazaClient extends Emitter {
   }
 
   _onSocketClosed(sess, ev) {
-    if (sess.closed) return;
+    if (sess.closed || sess.wsDown) return;
     const reason = sess.endReason ?? ev.reason ?? `code ${ev.code}`;
+    // A drop the server did not ask for: keep the peer connections (media flows on) and try
+    // to resume the same session on a new socket within the server's grace period.
+    if (!this._leaving && !sess.endReason && sess.resumeToken && this.options.reconnect) {
+      sess.wsDown = true;
+      sess.resumeUntil = performance.now() + sess.resumeGrace;
+      clearInterval(sess.pingTimer);
+      this.emit('disconnected', { reason, code: ev.code, resuming: true });
+      this._scheduleReconnect(reason);
+      return;
+    }
     this._closeSession(sess, reason);
     if (this._leaving) return;
     this.emit('disconnected', { reason, code: ev.code });
@@ -1139,9 +1163,90 @@ export class PlazaClient extends Emitter {
     }
   }
 
-  /** Resume hook: returns true when the old session was resumed. Protocol v1 has no resume. */
+  /**
+   * Resume the dropped session on a new socket: `resume` with the token from `joined` and the
+   * number of messages received; the server answers `resumed` and sends what we missed. The
+   * peer connections, tracks and subscriptions are kept. Returns true when resumed; false
+   * (after tearing the old session down) when there is nothing to resume or the server
+   * refused, so the caller joins afresh.
+   */
   async _tryResume() {
-    return false;
+    const sess = this._sess;
+    if (!sess || sess.closed || !sess.wsDown) return false;
+    if (performance.now() > sess.resumeUntil) {
+      this._closeSession(sess, 'resume grace period over');
+      return false;
+    }
+    const WS = this.options.WebSocket ?? globalThis.WebSocket;
+    const result = await new Promise((resolve) => {
+      let ws;
+      const done = (ok, why) => {
+        clearTimeout(timer);
+        if (!ok) {
+          try {
+            ws?.close(1000);
+          } catch {}
+        }
+        resolve({ ok, why, ws });
+      };
+      const timer = setTimeout(() => done(false, 'timeout'), this.options.connectTimeout);
+      try {
+        ws = new WS(this.options.url);
+      } catch (e) {
+        done(false, e.message);
+        return;
+      }
+      ws.binaryType = 'arraybuffer';
+      ws.onopen = () =>
+        ws.send(JSON.stringify({ type: 'resume', participant_id: this.participantId, resume_token: sess.resumeToken, received: sess.received }));
+      ws.onerror = () => done(false, 'unreachable');
+      ws.onclose = (ev) => done(false, `closed (code ${ev.code})`);
+      ws.onmessage = (ev) => {
+        let msg;
+        try {
+          msg = JSON.parse(ev.data);
+        } catch {
+          done(false, 'malformed reply');
+          return;
+        }
+        if (msg.type === 'resumed') done(true);
+        else if (msg.type === 'error' && msg.code === 'resume_failed') done(false, `refused: ${msg.message}`);
+        else if (msg.type === 'error') done(false, `error ${msg.code}: ${msg.message}`, true);
+      };
+    });
+    if (!result.ok) {
+      // Refused (or too late): start over. A socket that could not be opened is retried by
+      // the caller's backoff while the grace period lasts.
+      if (/refused/.test(result.why) || performance.now() > sess.resumeUntil) {
+        this._closeSession(sess, `resume failed: ${result.why}`);
+        return false;
+      }
+      throw new Error(`resume: ${result.why}`);
+    }
+    const ws = result.ws;
+    sess.ws = ws;
+    sess.wsDown = false;
+    sess.lastMessage = performance.now();
+    ws.onerror = () => {};
+    ws.onclose = (ev) => this._onSocketClosed(sess, ev);
+    ws.onmessage = (ev) => {
+      if (sess.closed) return;
+      sess.lastMessage = performance.now();
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch {
+        this._error('malformed_message', 'server sent a message that is not JSON');
+        return;
+      }
+      this._dispatch(sess, msg);
+    };
+    sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
+    for (const m of sess.outbox.splice(0)) this._sendOn(sess, m);
+    this._reconnectAttempt = 0;
+    this._setState('connected');
+    this.emit('reconnected', { participantId: this.participantId, resumed: true });
+    return true;
   }
 
   // ---- adaptive stream / quality ----
@@ -1212,6 +1317,11 @@ export class PlazaClient extends Emitter {
   }
 
   _sendOn(sess, msg) {
+    if (sess.wsDown) {
+      // Sent once the session is resumed (bounded: the oldest go first).
+      if (sess.outbox.length < 256) sess.outbox.push(msg);
+      return;
+    }
     if (sess.ws?.readyState === 1) sess.ws.send(JSON.stringify(msg));
   }
 }

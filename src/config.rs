@@ -1062,7 +1062,7 @@ impl Config {
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
             resume_grace: match merged.resume_grace {
-                Some(s) if s == 0.0 => Duration::ZERO,
+                Some(0.0) => Duration::ZERO,
                 other => seconds("resume-grace", other, d.resume_grace)?,
             },
             header_timeout: seconds("header-timeout", merged.header_timeout, d.header_timeout)?,
@@ -1612,6 +1612,23 @@ mod tests {
             .log_level,
             "plaza=trace"
         );
+    }
+
+    #[test]
+    fn resume_grace_from_every_layer() {
+        assert_eq!(load(&[], &[]).unwrap().resume_grace, DEFAULT_RESUME_GRACE);
+        assert_eq!(
+            load(&["--resume-grace", "2.5"], &[]).unwrap().resume_grace,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            load(&[], &[("PLAZA_RESUME_GRACE", "0")])
+                .unwrap()
+                .resume_grace,
+            Duration::ZERO,
+            "0 turns resume off"
+        );
+        assert!(load(&["--resume-grace", "-1"], &[]).is_err());
     }
 
     #[test]

@@ -312,6 +312,8 @@ mod tests {
             participant_id: "PA_x".into(),
             participants: Vec::new(),
             max_data_message: 1,
+            resume_token: None,
+            resume_grace_ms: None,
             ice_servers: Vec::new(),
         };
         let text =

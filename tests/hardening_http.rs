@@ -379,6 +379,8 @@ async fn sessions_that_never_join_or_go_silent_are_closed() {
     let server = start(Config {
         join_timeout: Duration::from_millis(800),
         idle_timeout: Duration::from_millis(1500),
+        // An idle-timed-out participant may still resume: it is removed after this.
+        resume_grace: Duration::from_millis(500),
         ..config()
     })
     .await;
@@ -405,7 +407,8 @@ async fn sessions_that_never_join_or_go_silent_are_closed() {
     assert!(http_counter(&body, "join_timeouts") >= N as u64, "{body}");
 
     // A joined client that stops reading (so never answers the server's pings) and sends
-    // nothing is closed after the idle timeout; the room's peers answer pings and stay.
+    // nothing is closed after the idle timeout (and removed when it has not resumed within the
+    // grace period); the room's peers answer pings and stay.
     // (Reading would answer the pings: the client reads nothing until it has been closed.)
     let mut silent = RawWs::connect(&server.ws_url()).await.unwrap();
     silent.join("quiet", "silent").await.unwrap();

@@ -103,7 +103,9 @@ struct Slot {
 /// Why a `resume` was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResumeError {
-    #[error("no session of participant {0} can be resumed (it left, was removed, or its grace period is over): join again")]
+    #[error(
+        "no session of participant {0} can be resumed (it left, was removed, or its grace period is over): join again"
+    )]
     Unknown(String),
     #[error("wrong resume token for participant {0}")]
     BadToken(String),
@@ -320,17 +322,29 @@ mod tests {
         assert!(reg.is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_parked_session_keeps_events_until_claimed_or_expired() {
         let (tx, mut events) = mpsc::channel(8);
         let mut replay = Replay::default();
         let (_claims_tx, mut claims) = mpsc::channel::<Claim>(1);
         tx.send(ServerMessage::Pong { ts: None }).await.unwrap();
-        let end = park(&mut events, &mut replay, &mut claims, Duration::from_secs(20)).await;
+        let end = park(
+            &mut events,
+            &mut replay,
+            &mut claims,
+            Duration::from_millis(50),
+        )
+        .await;
         assert!(matches!(end, ParkEnd::Expired));
         assert_eq!(replay.last(), 1, "the event that came while parked is kept");
         drop(tx);
-        let end = park(&mut events, &mut replay, &mut claims, Duration::from_secs(20)).await;
+        let end = park(
+            &mut events,
+            &mut replay,
+            &mut claims,
+            Duration::from_secs(20),
+        )
+        .await;
         assert!(matches!(end, ParkEnd::Closed));
     }
 }

@@ -44,12 +44,12 @@
 //!   `flood_close_after` ([`FLOOD_CLOSE_AFTER`]) is closed: 1008 `message rate limit exceeded …`.
 
 use super::AppState;
-use super::resume::{self, Handover, Replay};
-use axum::extract::ws::Utf8Bytes;
 use super::limits::{ConnMeta, HttpCounters, TokenBucket};
+use super::resume::{self, Handover, Replay};
 use crate::auth::Verifier;
 use crate::sfu::{EVENT_QUEUE, Grants, JoinAccepted, JoinRequest, SfuError, SfuHandle};
 use crate::signal::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
+use axum::extract::ws::Utf8Bytes;
 use axum::{
     Extension,
     extract::{
@@ -385,11 +385,11 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
             let (token, claims) = registry.register(&pid, &room);
             // The ICE servers (TURN credentials for this participant) are added here, not by
             // the core.
-            let mut joined =
-                state
-                    .settings
-                    .ice
-                    .add_to_joined(accepted.joined, &pid, std::time::SystemTime::now());
+            let mut joined = state.settings.ice.add_to_joined(
+                accepted.joined,
+                &pid,
+                std::time::SystemTime::now(),
+            );
             if let ServerMessage::Joined {
                 resume_token,
                 resume_grace_ms,
@@ -466,7 +466,12 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
     let (reason, resumable) = match end {
         JoinedEnd::Claimed(claim) => {
             info!("session taken over by a resuming connection");
-            close(&mut sink, close_code::AWAY, "session resumed on another connection").await;
+            close(
+                &mut sink,
+                close_code::AWAY,
+                "session resumed on another connection",
+            )
+            .await;
             let _ = claim.send(Handover { events, replay });
             return;
         }
@@ -492,7 +497,10 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
             resume::ParkEnd::Closed => {
                 registry.forget(&pid, generation);
                 info!("participant removed while waiting for a resume");
-                state.handle.disconnect(&pid, "removed while disconnected").await;
+                state
+                    .handle
+                    .disconnect(&pid, "removed while disconnected")
+                    .await;
                 return;
             }
         }
@@ -660,7 +668,10 @@ async fn wait_for_join(
                                 drop(handover);
                                 state
                                     .handle
-                                    .disconnect(&participant_id, "resume failed: missed messages are gone")
+                                    .disconnect(
+                                        &participant_id,
+                                        "resume failed: missed messages are gone",
+                                    )
                                     .await;
                                 resume::ResumeError::TooOld(received)
                             }
@@ -1144,7 +1155,10 @@ fn binary_error() -> ServerMessage {
 fn read_error_close(e: &axum::Error, limit: usize) -> Option<(u16, String)> {
     // axum wraps tungstenite's error; its text is the only stable handle we have.
     let text = e.to_string();
-    if text.contains("Space limit exceeded") || text.contains("too long") {
+    if text.contains("without closing handshake") {
+        // The connection dropped (a reset): nothing can be sent, and the client may resume.
+        None
+    } else if text.contains("Space limit exceeded") || text.contains("too long") {
         Some((
             close_code::SIZE,
             format!("message too large: the limit is {limit} bytes"),

@@ -2806,7 +2806,8 @@ impl Peer {
         if !matches!(reply, ServerMessage::Resumed { .. }) {
             bail!("resume refused: {reply:?}");
         }
-        self.shared.update(|s| s.push(PeerEvent::Server(reply.clone())));
+        self.shared
+            .update(|s| s.push(PeerEvent::Server(reply.clone())));
         let reader = tokio::spawn(reader_task(
             stream,
             self.shared.clone(),

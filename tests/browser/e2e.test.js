@@ -3,6 +3,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { execFileSync } from 'node:child_process';
 import {
   ARTIFACTS,
   startServer,
@@ -153,6 +154,60 @@ describe('reconnect', { timeout: 120_000 }, () => {
     });
     await Promise.all([waitForMediaFrom(dave, 'erin'), waitForMediaFrom(erin, 'dave')]);
     assert.deepEqual(await gridNames(erin), ['dave']);
+    await Promise.all([close(dave), close(erin)]);
+  });
+});
+
+describe('resume', { timeout: 120_000 }, () => {
+  it('resumes the same session when its connection is cut, and the others see nothing', async () => {
+    const room = `resume-${Date.now()}`;
+    const [dave, erin] = await Promise.all([participant('dave'), participant('erin')]);
+    await joinViaUrl(dave, server.url, room, 'dave');
+    await joinViaUrl(erin, server.url, room, 'erin');
+    await Promise.all([waitForMediaFrom(dave, 'erin'), waitForMediaFrom(erin, 'dave')]);
+    const port = new URL(server.url).port || '80';
+    for (const p of [dave, erin]) {
+      await p.page.evaluate(() => {
+        window.__events = [];
+        for (const t of ['reconnected', 'participantleft', 'participantjoined', 'disconnected']) {
+          window.plaza.client.on(t, (d) => window.__events.push({ t, resumed: d.resumed, id: d.participantId ?? d.participant?.id }));
+        }
+      });
+    }
+    const before = await dave.page.evaluate(() => window.plaza.client.participantId);
+    // Cut dave's signaling connection the way a network would: his next packets to the
+    // server get a TCP reset, and new connections are refused until the rule goes.
+    const rule = ['-p', 'tcp', '--dport', port, '-j', 'REJECT', '--reject-with', 'tcp-reset'];
+    execFileSync('iptables', ['-I', 'INPUT', ...rule]);
+    let cut;
+    try {
+      await dave.page.evaluate(() => window.plaza.client._sendOn(window.plaza.client._sess, { type: 'ping' }));
+      await waitFor(() => dave.page.evaluate(() => window.__events.some((e) => e.t === 'disconnected')), {
+        timeout: 15_000,
+        what: 'dave to notice the cut',
+      });
+      cut = Date.now();
+      // Media keeps flowing meanwhile: the peer connections do not use the WebSocket.
+      await waitForMediaFrom(erin, 'dave');
+    } finally {
+      execFileSync('iptables', ['-D', 'INPUT', ...rule]);
+    }
+    await waitFor(() => dave.page.evaluate(() => window.__events.some((e) => e.t === 'reconnected')), {
+      timeout: 20_000,
+      what: 'dave to resume',
+    });
+    console.log(`# resume: connection back ${Date.now() - cut} ms after the cut was noticed (backoff included)`);
+    const daveEvents = await dave.page.evaluate(() => window.__events);
+    const reconnected = daveEvents.find((e) => e.t === 'reconnected');
+    assert.equal(reconnected.resumed, true, JSON.stringify(daveEvents));
+    assert.equal(await dave.page.evaluate(() => window.plaza.client.participantId), before, 'the same participant');
+    assert.equal(await dave.page.evaluate(() => window.plaza.client.state), 'connected');
+    // erin saw no leave and no new join of dave.
+    const erinEvents = await erin.page.evaluate(() => window.__events);
+    assert.deepEqual(erinEvents.filter((e) => e.t !== 'reconnected'), [], JSON.stringify(erinEvents));
+    await Promise.all([waitForMediaFrom(dave, 'erin'), waitForMediaFrom(erin, 'dave')]);
+    assert.deepEqual(await gridNames(erin), ['dave']);
+    assert.deepEqual(await gridNames(dave), ['erin']);
     await Promise.all([close(dave), close(erin)]);
   });
 });
