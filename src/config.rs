@@ -9,6 +9,7 @@
 //! port = 7880
 //! udp_bind = "0.0.0.0"
 //! udp_port = 7882          # shard i listens on udp_port + i
+//! tcp_port = 7882          # ICE-TCP, shard i on tcp_port + i; default: udp_port; "off"
 //! workers = 4               # core shards; default: one per CPU
 //! room_spread_above = 100   # a room this big spreads over the shards (0: never)
 //! announce_ip = ["203.0.113.7"]   # or a single string
@@ -113,6 +114,52 @@ pub const MAX_WORKERS: usize = 256;
 /// Participants from which a room spreads over the shards (`--room-spread-above`).
 pub const DEFAULT_ROOM_SPREAD_ABOVE: usize = 100;
 
+/// The ICE-TCP port setting (`--tcp-port`): where each shard accepts ICE over TCP (RFC 6544,
+/// passive candidates), shard *i* on the port plus *i* like UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpPort {
+    /// The UDP port's number (TCP and UDP ports are separate: shard *i* takes TCP and UDP
+    /// `udp_port + i`; ephemeral when `udp_port` is 0).
+    #[default]
+    SameAsUdp,
+    /// This port (0: each shard an ephemeral one).
+    Port(u16),
+    /// No ICE-TCP: no TCP listener, no TCP candidates.
+    Off,
+}
+
+impl FromStr for TcpPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "false" | "no" | "none" => Ok(TcpPort::Off),
+            "udp" => Ok(TcpPort::SameAsUdp),
+            n => n
+                .parse::<u16>()
+                .map(TcpPort::Port)
+                .map_err(|_| format!("expected a port (0 … 65535), `udp` or `off`, got `{n}`")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TcpPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Port(u16),
+            On(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Port(p) => Ok(TcpPort::Port(p)),
+            Raw::On(true) => Ok(TcpPort::SameAsUdp),
+            Raw::On(false) => Ok(TcpPort::Off),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// One core shard per CPU the process may use.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_WORKERS))
@@ -153,6 +200,8 @@ pub struct Config {
     pub udp_bind: IpAddr,
     /// Media UDP port (0 = ephemeral).
     pub udp_port: u16,
+    /// ICE-TCP port (see [`Config::tcp_port`] for the effective one).
+    pub tcp_port: TcpPort,
     /// IPs written into the server's ICE candidates. Empty means "the UDP bind address"
     /// (see [`Config::announce_ips`]); [`Config::load_from`] fills it in.
     pub announce_ips: Vec<IpAddr>,
@@ -213,6 +262,7 @@ impl Default for Config {
             port: DEFAULT_PORT,
             udp_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             udp_port: DEFAULT_UDP_PORT,
+            tcp_port: TcpPort::SameAsUdp,
             announce_ips: Vec::new(),
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
@@ -327,6 +377,10 @@ struct Args {
     /// Media UDP port, 0 = ephemeral [env: PLAZA_UDP_PORT] [default: 7882]
     #[arg(long)]
     udp_port: Option<u16>,
+    /// ICE-TCP port of the first shard (shard i: tcp-port + i), 0 = ephemeral, `off` = no
+    /// ICE-TCP [env: PLAZA_TCP_PORT] [default: the UDP port]
+    #[arg(long, value_name = "N|off")]
+    tcp_port: Option<TcpPort>,
     /// IP(s) put in ICE candidates; repeatable or comma-separated [env: PLAZA_ANNOUNCE_IP]
     /// [default: the UDP bind address]
     #[arg(long = "announce-ip", value_name = "IP", value_delimiter = ',')]
@@ -566,6 +620,7 @@ struct FileConfig {
     port: Option<u16>,
     udp_bind: Option<IpAddr>,
     udp_port: Option<u16>,
+    tcp_port: Option<TcpPort>,
     #[serde(alias = "announce_ips")]
     announce_ip: Option<OneOrMany>,
     log_level: Option<String>,
@@ -613,6 +668,7 @@ struct Layer {
     port: Option<u16>,
     udp_bind: Option<IpAddr>,
     udp_port: Option<u16>,
+    tcp_port: Option<TcpPort>,
     announce_ips: Option<Vec<IpAddr>>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
@@ -659,6 +715,7 @@ impl Layer {
             port: self.port.or(lower.port),
             udp_bind: self.udp_bind.or(lower.udp_bind),
             udp_port: self.udp_port.or(lower.udp_port),
+            tcp_port: self.tcp_port.or(lower.tcp_port),
             announce_ips: self.announce_ips.or(lower.announce_ips),
             log_level: self.log_level.or(lower.log_level),
             log_format: self.log_format.or(lower.log_format),
@@ -708,6 +765,7 @@ impl From<Args> for Layer {
             port: a.port,
             udp_bind: a.udp_bind,
             udp_port: a.udp_port,
+            tcp_port: a.tcp_port,
             announce_ips: (!a.announce_ip.is_empty()).then_some(a.announce_ip),
             log_level: a.log_level,
             log_format: a.log_format,
@@ -755,6 +813,7 @@ impl From<FileConfig> for Layer {
             port: f.port,
             udp_bind: f.udp_bind,
             udp_port: f.udp_port,
+            tcp_port: f.tcp_port,
             announce_ips: f.announce_ip.map(|a| match a {
                 OneOrMany::One(ip) => vec![ip],
                 OneOrMany::Many(ips) => ips,
@@ -849,6 +908,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             port: self.parse("PLAZA_PORT")?,
             udp_bind: self.parse("PLAZA_UDP_BIND")?,
             udp_port: self.parse("PLAZA_UDP_PORT")?,
+            tcp_port: self.parse("PLAZA_TCP_PORT")?,
             announce_ips: self.ip_list("PLAZA_ANNOUNCE_IP")?,
             log_level: self.raw("PLAZA_LOG_LEVEL").or_else(|| self.raw("RUST_LOG")),
             log_format: self.parse("PLAZA_LOG_FORMAT")?,
@@ -990,6 +1050,7 @@ impl Config {
             port: merged.port.unwrap_or(d.port),
             udp_bind: merged.udp_bind.unwrap_or(d.udp_bind),
             udp_port: merged.udp_port.unwrap_or(d.udp_port),
+            tcp_port: merged.tcp_port.unwrap_or(d.tcp_port),
             announce_ips: merged.announce_ips.unwrap_or_default(),
             log_level: merged.log_level.unwrap_or(d.log_level),
             log_format: merged.log_format.unwrap_or(d.log_format),
@@ -1124,6 +1185,19 @@ impl Config {
                 ),
             });
         }
+        if let Some(port) = self.tcp_port().filter(|&p| p != 0) {
+            if usize::from(port) + self.workers - 1 > 65_535 {
+                return Err(ConfigError::Invalid {
+                    name: "tcp-port",
+                    value: port.to_string(),
+                    expected: format!(
+                        "at most {} with {} workers (one port per worker, up to 65535)",
+                        65_536 - self.workers,
+                        self.workers
+                    ),
+                });
+            }
+        }
         let (lo, hi) = TIMEOUT_RANGE_S;
         for (name, d) in [
             ("join-timeout", self.join_timeout),
@@ -1209,6 +1283,16 @@ impl Config {
     /// The media UDP bind address.
     pub fn udp_addr(&self) -> SocketAddr {
         SocketAddr::new(self.udp_bind, self.udp_port)
+    }
+
+    /// The first shard's ICE-TCP port (bound on the UDP bind address), `None` when ICE-TCP is
+    /// off.
+    pub fn tcp_port(&self) -> Option<u16> {
+        match self.tcp_port {
+            TcpPort::SameAsUdp => Some(self.udp_port),
+            TcpPort::Port(p) => Some(p),
+            TcpPort::Off => None,
+        }
     }
 }
 
@@ -2034,5 +2118,41 @@ mod tests {
         assert!(Config::invocation_from(["plaza", "--port", "1", "token"], env(&[])).is_err());
         // The server configuration is not a token.
         assert!(load(&["token", "--room", "r", "--identity", "i"], &[]).is_err());
+    }
+
+    /// ICE-TCP: the UDP port by default, a port or `off` from each layer (flag > env > file),
+    /// and the range check with the workers.
+    #[test]
+    fn tcp_port_layers_and_off() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(c.tcp_port, TcpPort::SameAsUdp);
+        assert_eq!(c.tcp_port(), Some(DEFAULT_UDP_PORT));
+        let c = load(&["--udp-port", "0"], &[]).unwrap();
+        assert_eq!(c.tcp_port(), Some(0));
+        let file = TempFile::new("tcp_port = 7000\n");
+        let c = load(&[], &[("PLAZA_CONFIG", file.path())]).unwrap();
+        assert_eq!(c.tcp_port(), Some(7000));
+        let c = load(
+            &[],
+            &[("PLAZA_CONFIG", file.path()), ("PLAZA_TCP_PORT", "7100")],
+        )
+        .unwrap();
+        assert_eq!(c.tcp_port(), Some(7100));
+        let c = load(
+            &["--tcp-port", "off"],
+            &[("PLAZA_CONFIG", file.path()), ("PLAZA_TCP_PORT", "7100")],
+        )
+        .unwrap();
+        assert_eq!(c.tcp_port, TcpPort::Off);
+        assert_eq!(c.tcp_port(), None);
+        for text in ["tcp_port = \"off\"\n", "tcp_port = false\n"] {
+            let file = TempFile::new(text);
+            let c = load(&[], &[("PLAZA_CONFIG", file.path())]).unwrap();
+            assert_eq!(c.tcp_port(), None, "{text}");
+        }
+        assert!(load(&["--tcp-port", "nope"], &[]).is_err());
+        assert!(load(&[], &[("PLAZA_TCP_PORT", "70000")]).is_err());
+        let err = load(&["--tcp-port", "65535", "--workers", "2"], &[]).unwrap_err();
+        assert!(err.to_string().contains("tcp-port"), "{err}");
     }
 }

@@ -20,6 +20,7 @@ use crate::config::{Config, ConfigError};
 use crate::http::limits::{ConnLimiter, HttpCounters, RESERVE};
 use crate::http::serve::{REFUSALS_IN_FLIGHT, ServeOptions};
 use crate::http::{self, AppState, HttpSettings};
+use crate::io::MediaSockets;
 use crate::sfu::core::CoreConfig;
 use crate::sfu::{SfuError, SfuHandle};
 use std::future::Future;
@@ -116,6 +117,12 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen for ICE-TCP on {addr}: {source}{}", in_use_hint(.source, "--tcp-port (or --tcp-port off)"))]
+    BindTcp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up the media UDP socket: {0}")]
     UdpSetup(#[source] std::io::Error),
     #[error("cannot start the SFU core: {0}")]
@@ -146,6 +153,8 @@ pub struct Server {
     http_addr: SocketAddr,
     udp_addr: SocketAddr,
     udp_addrs: Vec<SocketAddr>,
+    /// Every shard's ICE-TCP listen address (empty: ICE-TCP off).
+    tcp_addrs: Vec<SocketAddr>,
     handle: SfuHandle,
     /// `true` = stop: ends the HTTP server's accept loop and sessions that have not joined.
     stop: watch::Sender<bool>,
@@ -165,7 +174,7 @@ pub(crate) async fn start_with_core<F>(config: Config, spawn_core: F) -> Result<
 where
     F: FnOnce(
         CoreConfig,
-        Vec<std::net::UdpSocket>,
+        Vec<MediaSockets>,
     ) -> Result<(SfuHandle, oneshot::Receiver<()>), SfuError>,
 {
     config.validate()?;
@@ -174,6 +183,7 @@ where
     // One socket per shard: port udp_port + i (each ephemeral when udp_port is 0).
     let mut sockets = Vec::with_capacity(config.workers);
     let mut udp_addrs = Vec::with_capacity(config.workers);
+    let mut tcp_addrs = Vec::new();
     for shard in 0..config.workers {
         let mut udp_want = config.udp_addr();
         if udp_want.port() != 0 {
@@ -188,7 +198,19 @@ where
             .set_nonblocking(true)
             .map_err(ServerError::UdpSetup)?;
         udp_addrs.push(socket.local_addr().map_err(ServerError::UdpSetup)?);
-        sockets.push(socket);
+        // ICE-TCP: a listener per shard on the UDP bind address, port tcp_port + i.
+        let tcp = match config.tcp_port() {
+            None => None,
+            Some(port) => {
+                let port = if port == 0 { 0 } else { port + shard as u16 };
+                let addr = SocketAddr::new(config.udp_bind, port);
+                let listener = std::net::TcpListener::bind(addr)
+                    .map_err(|source| ServerError::BindTcp { addr, source })?;
+                tcp_addrs.push(listener.local_addr().map_err(ServerError::UdpSetup)?);
+                Some(listener)
+            }
+        };
+        sockets.push(MediaSockets { udp: socket, tcp });
     }
     let udp_addr = udp_addrs[0];
 
@@ -249,6 +271,7 @@ where
     info!(
         %http_addr,
         udp = ?udp_addrs,
+        tcp = ?tcp_addrs,
         workers = config.workers,
         ?announce_ips,
         max_connections,
@@ -278,6 +301,7 @@ where
         http_addr,
         udp_addr,
         udp_addrs,
+        tcp_addrs,
         handle,
         stop,
         http_task: Some(http_task),
@@ -300,6 +324,11 @@ impl Server {
     /// Every shard's bound media UDP address, in shard order.
     pub fn udp_addrs(&self) -> &[SocketAddr] {
         &self.udp_addrs
+    }
+
+    /// Every shard's ICE-TCP listen address, in shard order (empty: ICE-TCP off).
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
     }
 
     /// The core's command handle.
@@ -459,7 +488,12 @@ mod tests {
                 crate::config::DEFAULT_MAX_DATA_MESSAGE
             );
             assert!(!socket.is_empty());
-            assert!(socket.iter().all(|s| s.local_addr().unwrap().port() != 0));
+            assert!(
+                socket
+                    .iter()
+                    .all(|s| s.udp.local_addr().unwrap().port() != 0)
+            );
+            assert!(socket.iter().all(|s| s.tcp.is_some()));
             Ok((handle, stopped))
         })
         .await

@@ -4,12 +4,15 @@
 //! runtime or the clock. This module gives it the real world: it owns the media UDP socket
 //! and the command channel from signaling, reads `Instant::now()` once per turn, sleeps until
 //! the core's next deadline, and hands the datagrams the core produces to the kernel in
-//! `sendmmsg` batches ([`udp`]). The virtual-time tests drive the same core with a simulated
-//! network instead (`crate::sim`).
+//! `sendmmsg` batches ([`udp`]). With ICE-TCP on, each shard also accepts ICE over TCP on its
+//! own port ([`tcp`]): frames from a connection reach the core as datagrams from the client's
+//! address, and what the core sends to that address goes back over the connection. The
+//! virtual-time tests drive the same core with a simulated network instead (`crate::sim`).
 
 // The driver reads the clock, once per turn, and hands `now` to the core.
 #![allow(clippy::disallowed_methods)]
 
+pub mod tcp;
 pub mod udp;
 
 use crate::sfu::core::CoreConfig;
@@ -19,7 +22,8 @@ use crate::sfu::{Command, CoreStats, Flow, Sfu, SfuError, SfuHandle, Transmit};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::net::UdpSocket;
+use tcp::{TcpConns, TcpEvent};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 use udp::OutQueue;
@@ -79,13 +83,20 @@ fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usi
     (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
 }
 
-/// Start one core shard per socket (bound std sockets), each on its own thread. Call from
+/// One shard's media sockets (bound): its UDP socket and, with ICE-TCP on, its TCP listener.
+#[derive(Debug)]
+pub struct MediaSockets {
+    pub udp: std::net::UdpSocket,
+    pub tcp: Option<std::net::TcpListener>,
+}
+
+/// Start one core shard per socket pair (bound std sockets), each on its own thread. Call from
 /// within a tokio runtime.
 /// Returns the handle to all of them and a receiver that resolves when a shard has stopped
 /// (after a graceful shutdown: when all have).
 pub fn spawn(
     config: CoreConfig,
-    sockets: Vec<std::net::UdpSocket>,
+    sockets: Vec<MediaSockets>,
 ) -> Result<(SfuHandle, oneshot::Receiver<()>), SfuError> {
     if sockets.is_empty() {
         return Err(SfuError::Io(std::io::Error::other("no media socket")));
@@ -128,15 +139,25 @@ pub fn spawn(
 fn spawn_shard(
     shard: usize,
     config: CoreConfig,
-    socket: std::net::UdpSocket,
+    sockets: MediaSockets,
     pipes: Pipes,
     (media_rx, control_rx): (
         mpsc::Receiver<PipeBatch>,
         mpsc::UnboundedReceiver<PipeBatch>,
     ),
 ) -> Result<(mpsc::Sender<Command>, oneshot::Receiver<()>), SfuError> {
+    let MediaSockets { udp: socket, tcp } = sockets;
     socket.set_nonblocking(true)?;
     let local_addr = socket.local_addr()?;
+    let tcp_port = match &tcp {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            let addr = l.local_addr()?;
+            info!(shard, tcp = %addr, "ICE-TCP listener");
+            Some(addr.port())
+        }
+        None => None,
+    };
     let (rcv, snd) = set_socket_buffers(&socket, config.udp_buffer);
     if rcv < config.udp_buffer {
         warn!(
@@ -159,17 +180,32 @@ fn spawn_shard(
             let span = tracing::info_span!("shard", shard);
             let _g = span.enter();
             rt.block_on(async move {
+                let listener = match tcp.map(TcpListener::from_std).transpose() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!("core could not adopt the TCP listener: {e}");
+                        None
+                    }
+                };
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => {
                         let now = Instant::now();
                         let sink = UdpTransmit::new(socket, pipes);
-                        let sfu = Sfu::new(config, local_addr, rand::random(), now, sink)
+                        let mut sfu = Sfu::new(config, local_addr, rand::random(), now, sink)
                             .with_wall_clock(now, SystemTime::now());
+                        if let (Some(port), Some(_)) = (tcp_port, &listener) {
+                            sfu = sfu.with_tcp_port(port);
+                        }
+                        let (tcp_tx, tcp_rx) = mpsc::channel(tcp::EVENT_QUEUE);
                         Driver {
                             sfu,
                             rx,
                             media_rx,
                             control_rx,
+                            listener,
+                            accept_after: None,
+                            tcp_tx,
+                            tcp_rx,
                         }
                         .run()
                         .await;
@@ -187,6 +223,8 @@ fn spawn_shard(
 /// for the last ones' encryption), the rest at the end of the turn.
 pub struct UdpTransmit {
     socket: UdpSocket,
+    /// ICE-TCP clients: datagrams for them go over their connection.
+    tcp: TcpConns,
     pipes: Pipes,
     out: OutQueue,
     latency: LatencyHistogram,
@@ -199,6 +237,7 @@ impl UdpTransmit {
     fn new(socket: UdpSocket, pipes: Pipes) -> Self {
         UdpTransmit {
             socket,
+            tcp: TcpConns::default(),
             pipes,
             out: OutQueue::new(),
             latency: LatencyHistogram::new(),
@@ -222,6 +261,20 @@ impl UdpTransmit {
 
 impl Transmit for UdpTransmit {
     fn send(&mut self, data: BytesMut, to: SocketAddr, origin: Option<Instant>) {
+        let data = if self.tcp.is_empty() {
+            data
+        } else {
+            match self.tcp.send(to, data) {
+                Ok(()) => {
+                    if let Some(origin) = origin {
+                        self.latency
+                            .record(Instant::now().saturating_duration_since(origin), 1);
+                    }
+                    return;
+                }
+                Err(data) => data,
+            }
+        };
         self.out.push(data, to, origin);
         if self.out.len() >= udp::BATCH {
             self.flush();
@@ -233,6 +286,7 @@ impl Transmit for UdpTransmit {
         stats.udp_datagrams_out_dropped = self.dropped;
         stats.udp_send_calls = self.calls;
         stats.forward_latency = self.latency.snapshot();
+        stats.ice_tcp = self.tcp.stats();
     }
 
     fn pipe(&mut self, to: ShardId, lane: Lane, msgs: Vec<PipeMsg>) {
@@ -280,15 +334,44 @@ struct Driver {
     /// Batches from the shards hosting the same rooms: media, and everything else.
     media_rx: mpsc::Receiver<PipeBatch>,
     control_rx: mpsc::UnboundedReceiver<PipeBatch>,
+    /// The ICE-TCP listener (none: ICE-TCP is off), and what the connections' readers say.
+    listener: Option<TcpListener>,
+    /// No accept before this (after an error).
+    accept_after: Option<tokio::time::Instant>,
+    tcp_tx: mpsc::Sender<TcpEvent>,
+    tcp_rx: mpsc::Receiver<TcpEvent>,
 }
+
+/// The next connection on `listener`, not before `after`; never, without a listener.
+async fn accept(
+    listener: Option<&TcpListener>,
+    after: Option<tokio::time::Instant>,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    let Some(l) = listener else {
+        return std::future::pending().await;
+    };
+    if let Some(at) = after {
+        tokio::time::sleep_until(at).await;
+    }
+    l.accept().await
+}
+
+/// After a failed `accept` (out of file descriptors: the error repeats at once), the listener
+/// rests this long.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Driver {
     async fn run(mut self) {
         let mut buf = vec![0u8; MAX_DATAGRAM * 2];
         loop {
-            let next = self.sfu.poll_timeout();
+            let next = self.sfu.poll_timeout().map(|d| d.at);
+            let tcp_next = self.sfu.transmit().tcp.next_deadline();
+            let next = match (next, tcp_next) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let sleep = tokio::time::sleep_until(
-                next.map(|d| tokio::time::Instant::from_std(d.at))
+                next.map(tokio::time::Instant::from_std)
                     .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
             );
             // Commands and datagrams take turns: each branch serves a bounded batch of its own
@@ -339,8 +422,32 @@ impl Driver {
                         Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
                     }
                 }
+                Some(ev) = self.tcp_rx.recv() => {
+                    self.serve_tcp(ev);
+                    match self.rx.try_recv() {
+                        Ok(cmd) => self.serve_commands(cmd),
+                        Err(mpsc::error::TryRecvError::Empty) => None,
+                        Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+                    }
+                }
+                res = accept(self.listener.as_ref(), self.accept_after) => {
+                    self.accept_after = None;
+                    match res {
+                        Ok((stream, peer)) => self.accept_tcp(stream, peer),
+                        Err(e) => {
+                            debug!("tcp accept error: {e}");
+                            self.accept_after = Some(tokio::time::Instant::now() + ACCEPT_BACKOFF);
+                        }
+                    }
+                    None
+                }
                 _ = sleep => {
-                    self.sfu.handle_timeout(Instant::now());
+                    let now = Instant::now();
+                    self.sfu.handle_timeout(now);
+                    for peer in self.sfu.transmit().tcp.expire(now) {
+                        debug!(%peer, "ICE-TCP connection closed: no valid STUN in time");
+                        self.sfu.tcp_closed(peer);
+                    }
                     None
                 }
             };
@@ -348,6 +455,7 @@ impl Driver {
                 self.sfu.shutdown(Instant::now());
                 self.sfu.end_turn(Instant::now());
                 self.sfu.transmit().flush();
+                self.sfu.transmit().tcp.close_all();
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
@@ -410,6 +518,54 @@ impl Driver {
             self.sfu.note_commands_deferred();
         }
         None
+    }
+
+    /// A new ICE-TCP connection: the core learns that what comes from `peer` is TCP.
+    fn accept_tcp(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let local = match stream.local_addr() {
+            Ok(a) => a,
+            Err(_) => return,
+        };
+        let now = Instant::now();
+        if self
+            .sfu
+            .transmit()
+            .tcp
+            .accept(stream, peer, &self.tcp_tx, now)
+        {
+            self.sfu.tcp_opened(peer, local);
+        } else {
+            debug!(%peer, "ICE-TCP connection refused");
+        }
+    }
+
+    /// `first` and up to one batch more of the frames and closes already queued.
+    fn serve_tcp(&mut self, first: TcpEvent) {
+        self.serve_tcp_event(first);
+        for _ in 1..RECV_BATCH {
+            match self.tcp_rx.try_recv() {
+                Ok(ev) => self.serve_tcp_event(ev),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn serve_tcp_event(&mut self, ev: TcpEvent) {
+        match ev {
+            TcpEvent::Frame { peer, data } => {
+                // Frames still queued from a connection closed since are dropped.
+                if !self.sfu.transmit().tcp.count_frame_in(peer) {
+                    return;
+                }
+                self.sfu.handle_datagram(Instant::now(), peer, &data);
+            }
+            TcpEvent::Closed { peer, id, why } => {
+                if self.sfu.transmit().tcp.closed(peer, id, why) {
+                    debug!(%peer, ?why, "ICE-TCP connection closed");
+                    self.sfu.tcp_closed(peer);
+                }
+            }
+        }
     }
 
     /// Datagrams already queued on the socket, up to one batch.

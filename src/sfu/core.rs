@@ -36,6 +36,7 @@ use crate::signal::{
 use bytes::BytesMut;
 use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
+use rtc::ice::tcp_type::TcpType;
 use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
@@ -149,6 +150,30 @@ pub struct Sfu<T: Transmit> {
     /// Participants with events waiting in their outbox.
     backlogged: BTreeSet<PartKey>,
     shutting_down: bool,
+    /// ICE-TCP (RFC 6544): the port of the passive candidates, and the open connections.
+    ice_tcp: IceTcp,
+}
+
+/// ICE over TCP, passive side: the driver accepts the connections and unframes them; the core
+/// announces the candidates and tags what arrives on a connection as TCP.
+#[derive(Debug, Default)]
+struct IceTcp {
+    /// The TCP port announced in a `tcptype passive` candidate after each UDP one (`None`:
+    /// no TCP candidates).
+    port: Option<u16>,
+    /// Open connections: the client's address → the local candidate address it reached.
+    peers: HashMap<SocketAddr, SocketAddr>,
+}
+
+/// The IP of the local candidate a datagram arrived on: `rtc`'s ICE agent finds the candidate
+/// by address, so a socket bound to `0.0.0.0` (or a private IP behind 1:1 NAT) stands for the
+/// announced IP, the first one unless the socket's own IP is announced.
+fn candidate_ip(announced: &[IpAddr], local: IpAddr) -> IpAddr {
+    if announced.contains(&local) {
+        local
+    } else {
+        announced.first().copied().unwrap_or(local)
+    }
 }
 
 fn random_string(rng: &mut impl rand::Rng, n: usize) -> String {
@@ -305,6 +330,7 @@ impl<T: Transmit> Sfu<T> {
             effects: Effects::default(),
             backlogged: BTreeSet::new(),
             shutting_down: false,
+            ice_tcp: IceTcp::default(),
         }
     }
 
@@ -312,6 +338,29 @@ impl<T: Transmit> Sfu<T> {
     pub fn with_wall_clock(mut self, at: Instant, wall: SystemTime) -> Self {
         self.clock_anchor = (at, wall);
         self
+    }
+
+    /// Announce a `tcptype passive` TCP host candidate on `port` after each UDP one (ICE-TCP,
+    /// RFC 6544; lower priority than UDP). The driver accepts the connections and hands their
+    /// frames to [`Sfu::handle_datagram`] after [`Sfu::tcp_opened`].
+    pub fn with_tcp_port(mut self, port: u16) -> Self {
+        self.ice_tcp.port = Some(port);
+        self
+    }
+
+    /// A TCP connection from `peer` was accepted on `local`: what comes from `peer` is ICE-TCP
+    /// until [`Sfu::tcp_closed`] (and what the core sends to `peer` must go back over it).
+    pub fn tcp_opened(&mut self, peer: SocketAddr, local: SocketAddr) {
+        let Some(port) = self.ice_tcp.port else {
+            return;
+        };
+        let ip = candidate_ip(&self.cfg.announce_ips, local.ip());
+        self.ice_tcp.peers.insert(peer, SocketAddr::new(ip, port));
+    }
+
+    /// The TCP connection from `peer` is gone.
+    pub fn tcp_closed(&mut self, peer: SocketAddr) {
+        self.ice_tcp.peers.remove(&peer);
     }
 
     /// Where the core's datagrams go.
@@ -574,7 +623,16 @@ impl<T: Transmit> Sfu<T> {
                 }
             }
         }
-        let local_addr = self.local_addr;
+        let (local_addr, protocol) = match self.ice_tcp.peers.get(&from) {
+            Some(&local) => (local, TransportProtocol::TCP),
+            None => {
+                let ip = candidate_ip(&self.cfg.announce_ips, self.local_addr.ip());
+                (
+                    SocketAddr::new(ip, self.local_addr.port()),
+                    TransportProtocol::UDP,
+                )
+            }
+        };
         let Some(pc) = self.pc_mut(key) else {
             self.stats.udp_datagrams_ignored += 1;
             return;
@@ -600,7 +658,7 @@ impl<T: Transmit> Sfu<T> {
                     local_addr,
                     peer_addr: from,
                     ecn: None,
-                    transport_protocol: TransportProtocol::UDP,
+                    transport_protocol: protocol,
                 },
                 message: data,
             })
@@ -2510,24 +2568,31 @@ impl<T: Transmit> Sfu<T> {
             .build(now)
             .map_err(|e| SfuError::Rtc(e.to_string()))?;
         let port = self.local_addr.port();
+        // After each UDP host candidate, the TCP passive one (ICE-TCP), if on: its priority's
+        // local preference is lower (RFC 6544 §4.2), so UDP wins wherever it works.
+        let tcp = self.ice_tcp.port.map(|p| ("tcp", p, TcpType::Passive));
         for ip in &self.cfg.announce_ips {
-            let cand = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: ip.to_string(),
-                    port,
-                    component: 1,
-                    ..Default::default()
-                },
-                ..Default::default()
+            for (network, port, tcp_type) in
+                std::iter::once(("udp", port, TcpType::Unspecified)).chain(tcp)
+            {
+                let cand = CandidateHostConfig {
+                    base_config: CandidateConfig {
+                        network: network.to_owned(),
+                        address: ip.to_string(),
+                        port,
+                        component: 1,
+                        ..Default::default()
+                    },
+                    tcp_type,
+                }
+                .new_candidate_host()
+                .map_err(|e| SfuError::Rtc(e.to_string()))?;
+                let init = RTCIceCandidate::from(&cand)
+                    .to_json()
+                    .map_err(|e| SfuError::Rtc(e.to_string()))?;
+                rtc.add_local_candidate(init)
+                    .map_err(|e| SfuError::Rtc(e.to_string()))?;
             }
-            .new_candidate_host()
-            .map_err(|e| SfuError::Rtc(e.to_string()))?;
-            let init = RTCIceCandidate::from(&cand)
-                .to_json()
-                .map_err(|e| SfuError::Rtc(e.to_string()))?;
-            rtc.add_local_candidate(init)
-                .map_err(|e| SfuError::Rtc(e.to_string()))?;
         }
         rtc.add_local_candidate(RTCIceCandidateInit::default())
             .map_err(|e| SfuError::Rtc(e.to_string()))?;

@@ -309,8 +309,54 @@ pub struct CoreStats {
     /// Time forwarded RTP packets spent in the server: read from the socket → handed to the
     /// kernel, over the process life (subtract two snapshots' buckets for a window).
     pub forward_latency: latency::LatencySnapshot,
+    /// ICE-TCP connections (filled in by the driver).
+    pub ice_tcp: IceTcpStats,
     /// Per shard, in shard order (filled in by [`SfuHandle::stats`]).
     pub shards: Vec<ShardStats>,
+}
+
+/// ICE over TCP (RFC 6544, passive): the driver's connections and the frames they carried.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct IceTcpStats {
+    /// Connections open now, accepted in all, and refused (over the per-shard cap).
+    pub open: u64,
+    pub accepted: u64,
+    pub refused: u64,
+    /// Connections closed: no valid STUN in time (or a first frame that was not STUN), a
+    /// frame over the size limit, no frame for the idle time.
+    pub closed_no_stun: u64,
+    pub closed_oversize: u64,
+    pub closed_idle: u64,
+    /// Frames (ICE, DTLS, SRTP packets) read and written, and dropped because the
+    /// connection's write queue was full.
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub frames_dropped: u64,
+}
+
+impl IceTcpStats {
+    fn merge(&mut self, o: &IceTcpStats) {
+        let IceTcpStats {
+            open,
+            accepted,
+            refused,
+            closed_no_stun,
+            closed_oversize,
+            closed_idle,
+            frames_in,
+            frames_out,
+            frames_dropped,
+        } = o;
+        self.open += open;
+        self.accepted += accepted;
+        self.refused += refused;
+        self.closed_no_stun += closed_no_stun;
+        self.closed_oversize += closed_oversize;
+        self.closed_idle += closed_idle;
+        self.frames_in += frames_in;
+        self.frames_out += frames_out;
+        self.frames_dropped += frames_dropped;
+    }
 }
 
 /// One shard's share of the work.
@@ -364,6 +410,7 @@ impl CoreStats {
             twcc_feedback_sent,
             receiver_reports_sent,
             forward_latency,
+            ice_tcp,
             shards,
         } = other;
         self.rooms += rooms;
@@ -402,6 +449,7 @@ impl CoreStats {
         self.forward_dropped.merge(forward_dropped);
         self.limits_hit.merge(limits_hit);
         self.forward_latency.merge(forward_latency);
+        self.ice_tcp.merge(ice_tcp);
         // Process-wide already, not per shard.
         self.log_lines_suppressed = self.log_lines_suppressed.max(*log_lines_suppressed);
         self.shards.extend(shards.iter().cloned());

@@ -91,7 +91,9 @@ before(async () => {
     logName: 'plaza-turn.log',
     port: PORT,
     udpPort: UDP_PORT,
-    args: ['--workers', '1', ...turn.urls.flatMap((u) => ['--turn-url', u])],
+    // ICE-TCP off: a client whose UDP is blocked would otherwise connect over it (a TCP host
+    // candidate outranks a relayed one) and never need coturn; ice_tcp.test.js covers that.
+    args: ['--workers', '1', '--tcp-port', 'off', ...turn.urls.flatMap((u) => ['--turn-url', u])],
     env: { PLAZA_TURN_SECRET: SECRET },
   });
 });
