@@ -402,3 +402,31 @@ async fn the_default_join_rate_and_zero_for_unlimited() {
     assert_eq!(http_counter(&unlimited, "joins_rate_limited").await, 0);
     unlimited.shutdown().await;
 }
+
+/// The synthetic peers (and so the load tester) wait the time a `join_rate_limited` names and
+/// join again, instead of failing: four peers from one address against a burst of two all get
+/// in, the last two only after waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthetic_peers_wait_out_the_join_rate() {
+    let server = server(Config {
+        max_joins_per_ip: 4.0,
+        join_burst_per_ip: 2,
+        ..test_config()
+    })
+    .await;
+    let started = Instant::now();
+    let mut peers = Vec::new();
+    for name in ["p1", "p2", "p3", "p4"] {
+        peers.push(support::subscriber(&server, "waits", name).await);
+    }
+    let took = started.elapsed();
+    assert_eq!(peers.len(), 4);
+    assert!(
+        took >= Duration::from_millis(400),
+        "the last two waited for the rate ({took:?})"
+    );
+    assert!(http_counter(&server, "joins_rate_limited").await >= 2);
+    for p in &peers {
+        p.leave().await.unwrap();
+    }
+}

@@ -1926,10 +1926,28 @@ impl Peer {
             auto_subscribe: opts.auto_subscribe,
         };
         send_ws(&ws_tx, encode(&join), t).await?;
-        let joined = shared
-            .wait_until(t, "joined", |s| s.joined.clone())
-            .await?
-            .map_err(|e| anyhow!("{name}: join failed: {e}"))?;
+        // A server over its per-address join rate says when to try again: wait that long
+        // (within the connect bound) and join again on the same socket.
+        let deadline = Instant::now() + t;
+        let joined = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match shared
+                .wait_until(left, "joined", |s| s.joined.clone())
+                .await?
+            {
+                Err(e) if e.contains("JoinRateLimited") => {
+                    let wait = retry_after(&e).unwrap_or(Duration::from_secs(1));
+                    if Instant::now() + wait >= deadline {
+                        break Err(e);
+                    }
+                    tokio::time::sleep(wait).await;
+                    shared.update(|s| s.joined = None);
+                    send_ws(&ws_tx, encode(&join), t).await?;
+                }
+                other => break other,
+            }
+        }
+        .map_err(|e| anyhow!("{name}: join failed: {e}"))?;
 
         let mut publisher = None;
         let mut local_tracks = Vec::new();
@@ -2931,6 +2949,17 @@ pub fn local_codec(kind: TrackKind) -> (RtpCodecKind, RTCRtpCodec, &'static str,
     }
 }
 
+/// The wait in a `join_rate_limited` message ("… retry after 0.5 s").
+fn retry_after(message: &str) -> Option<Duration> {
+    let tail = message.rsplit("retry after ").next()?;
+    let secs: f64 = tail
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .trim()
+        .parse()
+        .ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(60.0)))
+}
+
 /// Adds to `pc` the track `<name>-<audio|video>` (stream `<name>-stream`) of `kind`'s codec
 /// ([`local_codec`]), with one encoding per `(rid, ssrc)`: one with an empty RID for a plain
 /// track, several with RIDs for simulcast (`a=rid:<rid> send` and `a=simulcast:send` in the
@@ -3017,6 +3046,14 @@ async fn add_local_track(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wait_is_read_from_a_join_rate_refusal() {
+        let e = "server error JoinRateLimited (join): too many joins from this address (more \
+                 than 20 per second, bursts of 100): retry after 0.5 s";
+        assert_eq!(retry_after(e), Some(Duration::from_millis(500)));
+        assert_eq!(retry_after("no number here"), None);
+    }
 
     /// `Peer` can be shared across tasks, and its futures can be spawned.
     #[allow(unreachable_code, clippy::diverging_sub_expression)]
