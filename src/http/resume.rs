@@ -62,6 +62,13 @@ impl Replay {
         self.last
     }
 
+    /// Number `msg`, keep it, and return its frame.
+    pub fn push_message(&mut self, msg: &ServerMessage) -> Utf8Bytes {
+        let frame: Utf8Bytes = crate::signal::encode_server(msg).into();
+        self.push(frame.clone());
+        frame
+    }
+
     /// Number of the newest frame.
     pub fn last(&self) -> u64 {
         self.last
@@ -241,7 +248,7 @@ pub async fn park(
             },
             event = events.recv() => match event {
                 Some(msg) => {
-                    replay.push(crate::signal::encode_server(&msg).into());
+                    replay.push_message(&msg);
                 }
                 None => return ParkEnd::Closed,
             },

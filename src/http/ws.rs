@@ -402,9 +402,8 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
                 }
             }
             let mut replay = Replay::default();
-            let frame: Utf8Bytes = signal::encode_server(&joined).into();
-            replay.push(frame.clone());
-            (pid, events, replay, claims, 0, vec![Message::Text(frame)])
+            let first = vec![numbered(&mut replay, &joined)];
+            (pid, events, replay, claims, 0, first)
         }
         Start::Resumed {
             participant_id,
@@ -1080,9 +1079,7 @@ async fn write_loop(
 
 /// The frame of `msg`, numbered and kept in `replay`.
 fn numbered(replay: &mut Replay, msg: &ServerMessage) -> Message {
-    let text: Utf8Bytes = signal::encode_server(msg).into();
-    replay.push(text.clone());
-    Message::Text(text)
+    Message::Text(replay.push_message(msg))
 }
 
 /// An encoded text frame, numbered and kept in `replay` (other frames are not messages).

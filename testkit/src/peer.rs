@@ -450,6 +450,8 @@ struct State {
     pc_state: HashMap<PcTarget, RTCPeerConnectionState>,
     open_channels: Vec<String>,
     closed: Option<String>,
+    /// The code of the error that refused the join, if one did.
+    join_refusal: Option<ErrorCode>,
     /// Server messages received in this participant's session (`joined` is the first; a
     /// `resumed` does not count), as `resume` reports them.
     received: u64,
@@ -1526,6 +1528,7 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             message,
             request,
         } if s.joined.is_none() => {
+            s.join_refusal = Some(*code);
             s.joined = Some(Err(format!(
                 "server error {code:?} ({}): {message}",
                 request.as_deref().unwrap_or("-")
@@ -1935,13 +1938,16 @@ impl Peer {
                 .wait_until(left, "joined", |s| s.joined.clone())
                 .await?
             {
-                Err(e) if e.contains("JoinRateLimited") => {
+                Err(e) if shared.state().join_refusal == Some(ErrorCode::JoinRateLimited) => {
                     let wait = retry_after(&e).unwrap_or(Duration::from_secs(1));
                     if Instant::now() + wait >= deadline {
                         break Err(e);
                     }
                     tokio::time::sleep(wait).await;
-                    shared.update(|s| s.joined = None);
+                    shared.update(|s| {
+                        s.joined = None;
+                        s.join_refusal = None;
+                    });
                     send_ws(&ws_tx, encode(&join), t).await?;
                 }
                 other => break other,
