@@ -166,6 +166,10 @@ pub struct Tracker {
     /// Cumulative counters at the start of the current window.
     uplink_at: Option<Counts>,
     downlink_at: Option<Counts>,
+    /// Back from silence: the next window only sets the counters' baseline (what was sent
+    /// during the silence and never arrived is reported lost when packets flow again; that
+    /// is the silence, already told, not the link's loss).
+    fresh: bool,
 }
 
 impl Tracker {
@@ -205,9 +209,19 @@ impl Tracker {
             *at = now;
             d
         };
+        let (uplink, downlink) = (
+            diff(uplink, &mut self.uplink_at),
+            diff(downlink, &mut self.downlink_at),
+        );
+        if std::mem::take(&mut self.fresh) {
+            return Window {
+                bandwidth,
+                ..Window::default()
+            };
+        }
         Window {
-            uplink: diff(uplink, &mut self.uplink_at),
-            downlink: diff(downlink, &mut self.downlink_at),
+            uplink,
+            downlink,
             bandwidth,
         }
     }
@@ -216,7 +230,12 @@ impl Tracker {
     /// connected peer connection), and at the end of a window what it showed. Returns the
     /// quality to report when it changed.
     pub fn update(&mut self, silent: bool, window: Option<&Window>) -> Option<Change> {
-        if let Some(w) = window {
+        let lost = self.reported == Some(ConnectionQuality::Lost);
+        if silent || lost {
+            // A window that spans a silence says nothing of the link: the score before the
+            // silence stands.
+            self.fresh = true;
+        } else if let Some(w) = window {
             self.score = Some(score(w));
         }
         if silent {
@@ -467,6 +486,28 @@ mod tests {
         assert_eq!(t.update(false, Some(&uplink(0))), None);
         assert_eq!(
             t.update(false, Some(&uplink(0))).map(|c| c.quality),
+            Some(Excellent)
+        );
+    }
+
+    #[test]
+    fn the_window_after_a_silence_does_not_count_its_losses() {
+        let mut t = Tracker::new();
+        let w = t.window(Some(counts(300, 0)), None, None);
+        t.update(false, Some(&w));
+        assert_eq!(t.reported(), Some(Excellent));
+        assert_eq!(t.update(true, None).map(|c| c.quality), Some(Lost));
+        // Back on a window's tick whose counters hold the silence as lost: not counted.
+        let w = t.window(Some(counts(1300, 700)), None, None);
+        assert_eq!(t.update(false, Some(&w)).map(|c| c.quality), Some(Good));
+        // Nor in the next window (its baseline only, nothing against the link).
+        let w = t.window(Some(counts(1400, 760)), None, None);
+        assert_eq!(w.uplink, None);
+        assert_eq!(t.update(false, Some(&w)), None);
+        let w = t.window(Some(counts(1700, 760)), None, None);
+        assert_eq!(w.uplink, Some(counts(300, 0)));
+        assert_eq!(
+            t.update(false, Some(&w)).map(|c| c.quality),
             Some(Excellent)
         );
     }

@@ -352,3 +352,26 @@ fn quality_crosses_shards() {
         assert!(stats.pipe_msgs_out > 0, "{stats:?}");
     }
 }
+
+/// Participants that send and receive no media at all (only ICE consent and the answers to the
+/// server's keepalives cross their links) are never taken for silent.
+#[test]
+fn idle_participants_are_not_silent() {
+    let mut s = Sim::new(36);
+    let alice = s.client(1, "alice", "q", MediaSpec::none());
+    let bob = s.client(2, "bob", "q", MediaSpec::none());
+    s.wait_channels(&[alice, bob], T);
+    all_excellent(&mut s, &[alice, bob]);
+    s.net.run_for(Duration::from_secs(30));
+    let (pa, pb) = (pid_of(&s.net, alice), pid_of(&s.net, bob));
+    for v in [alice, bob] {
+        for p in [&pa, &pb] {
+            let t = timeline(&s.net, v, p);
+            assert_eq!(
+                t.iter().map(|x| x.1).collect::<Vec<_>>(),
+                vec![Excellent],
+                "{p}"
+            );
+        }
+    }
+}

@@ -21,7 +21,7 @@ use crate::signal::ConnectionQualityUpdate;
 pub(super) struct QualityBook {
     pub(super) timer: Periodic,
     ticks: u32,
-    /// Participants here (connected once), by key.
+    /// Participants here, by key (from the first tick after their join).
     trackers: HashMap<PartKey, Tracker>,
     /// What the room's other shards told of their participants: (room, participant id) →
     /// the last update (for participants joining here later).
@@ -90,6 +90,21 @@ impl<T: Transmit> Sfu<T> {
     }
 
     fn room_quality(&mut self, rk: RoomKey, now: Instant, window_end: bool) {
+        // Newcomers first learn what is already known (this tick's changes follow, to all).
+        let newcomers: Vec<PartKey> = self.rooms.get(&rk).map_or_else(Vec::new, |r| {
+            r.members
+                .iter()
+                .copied()
+                .filter(|m| !self.quality.trackers.contains_key(m))
+                .collect()
+        });
+        for part in newcomers {
+            self.quality.trackers.insert(part, Tracker::new());
+            let known = self.known_qualities(rk, Some(part));
+            if !known.is_empty() {
+                self.send_to(part, ServerMessage::ConnectionQuality { updates: known });
+            }
+        }
         let Some(r) = self.rooms.get(&rk) else {
             return;
         };
@@ -132,15 +147,8 @@ impl<T: Transmit> Sfu<T> {
         let members = r.members.clone();
 
         let mut updates = Vec::new();
-        let mut newcomers = Vec::new();
         for o in observed {
-            let tracker = match self.quality.trackers.entry(o.part) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    newcomers.push(o.part);
-                    e.insert(Tracker::new())
-                }
-            };
+            let tracker = self.quality.trackers.entry(o.part).or_default();
             let window = window_end.then(|| tracker.window(o.uplink, o.downlink, o.bandwidth));
             let Some(change) = tracker.update(o.silent, window.as_ref()) else {
                 continue;
@@ -165,14 +173,6 @@ impl<T: Transmit> Sfu<T> {
                 );
             } else {
                 updates.push(update);
-            }
-        }
-        // Newcomers learn what is already known (their own first rating comes with the
-        // others' updates).
-        for part in newcomers {
-            let known = self.known_qualities(rk, Some(part));
-            if !known.is_empty() {
-                self.send_to(part, ServerMessage::ConnectionQuality { updates: known });
             }
         }
         // Shards that started hosting the room learn the qualities of the participants here.
