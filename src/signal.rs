@@ -324,7 +324,9 @@ pub enum ServerMessage {
     /// The connection quality of participants of the room changed (the receiver's own
     /// included). Sent when a participant's quality changes, and once on joining for everyone
     /// already rated.
-    ConnectionQuality { updates: Vec<ConnectionQualityUpdate> },
+    ConnectionQuality {
+        updates: Vec<ConnectionQualityUpdate>,
+    },
 }
 
 /// How well a participant's connection works, as the server measures it (its uplink when it

@@ -14,7 +14,8 @@
 //!   new transport-wide numbers, so this is the loss of the link itself, not what is left once
 //!   NACKs have repaired it.
 //! * **Downlink loss** (a subscriber): the same, from the subscriber's transport-wide feedback
-//!   about what the server sent it.
+//!   about what the server sent it. Feedback lost on the way counts the packets it covered as
+//!   lost, so a lossy uplink shows in the downlink's count too (the same participant's link).
 //! * **Downlink bandwidth**: the subscriber's bandwidth estimate against what its video
 //!   subscriptions need: the lowest layer of each ([`Bandwidth::lowest_bps`]) and the highest
 //!   ([`Bandwidth::full_bps`]).
@@ -41,13 +42,15 @@ use crate::signal::ConnectionQuality;
 use std::time::Duration;
 
 /// How often the core evaluates silence (and counts windows).
-pub const TICK: Duration = Duration::from_millis(500);
+pub const TICK: Duration = Duration::from_millis(250);
 /// Loss and bandwidth are scored over windows of this length (a whole number of ticks).
 pub const WINDOW: Duration = Duration::from_secs(2);
 /// Ticks per window.
 pub const TICKS_PER_WINDOW: u32 = (WINDOW.as_millis() / TICK.as_millis()) as u32;
-/// Nothing from a connected peer connection for this long: `lost`.
-pub const SILENCE: Duration = Duration::from_millis(2_500);
+/// Nothing from a connected peer connection for this long: `lost`. An idle connection (no
+/// media either way) hears from a live client every 2 s (its answers to the server's
+/// keepalives): this leaves 0.75 s of jitter before a live one is taken for silent.
+pub const SILENCE: Duration = Duration::from_millis(2_750);
 /// A window with fewer packets than this says nothing about loss.
 pub const MIN_PACKETS: u64 = 20;
 /// Score points per percent of loss.
@@ -110,7 +113,9 @@ pub struct Window {
 /// One link's score from its loss over a window (100 when nothing can be said).
 pub fn link_score(c: Option<Counts>) -> u8 {
     match c.and_then(Counts::loss) {
-        Some(loss) => (100.0 - LOSS_WEIGHT * loss * 100.0).clamp(0.0, 100.0).round() as u8,
+        Some(loss) => (100.0 - LOSS_WEIGHT * loss * 100.0)
+            .clamp(0.0, 100.0)
+            .round() as u8,
         None => 100,
     }
 }
@@ -422,7 +427,11 @@ mod tests {
         }
         // …a dip to the `good` threshold and back does not flap…
         assert_eq!(t.update(false, Some(&scoring(100))), None);
-        assert_eq!(t.update(false, Some(&scoring(50))), None, "50 is still good");
+        assert_eq!(
+            t.update(false, Some(&scoring(50))),
+            None,
+            "50 is still good"
+        );
         assert_eq!(
             t.update(false, Some(&scoring(49))).map(|c| c.quality),
             Some(Poor)

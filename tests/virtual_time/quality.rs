@@ -13,7 +13,7 @@ use ConnectionQuality::{Excellent, Good, Lost, Poor};
 
 /// Bound of every wait, in virtual time.
 const T: Duration = Duration::from_secs(20);
-/// Silence (2.5 s) plus one evaluation tick (0.5 s), plus the delivery of the message.
+/// Silence (2.75 s) plus one evaluation tick (0.25 s), plus the delivery of the message.
 const LOST_WITHIN: Duration = Duration::from_millis(3_100);
 
 /// The qualities of participant `pid` that client `viewer` was told, in order, with their
@@ -118,7 +118,7 @@ fn silent_uplink_is_lost_within_seconds_and_comes_back() {
     // Still lost (no flapping while silent), and still in the room.
     for v in [bob, carol] {
         let t = timeline(&s.net, v, &pa);
-        assert_eq!(t.iter().filter(|(at, _)| *at >= cut).count(), 1, "{t:?}");
+        assert_eq!(t.iter().filter(|(at, _)| *at > cut).count(), 1, "{t:?}");
         assert_eq!(t.last().map(|x| x.1), Some(Lost));
     }
 
@@ -140,7 +140,10 @@ fn silent_uplink_is_lost_within_seconds_and_comes_back() {
     for v in [alice, bob, carol] {
         for p in [&pb, &pc] {
             let t = timeline(&s.net, v, p);
-            assert!(t.iter().all(|(_, q)| *q == Excellent), "{p} seen by {v:?}: {t:?}");
+            assert!(
+                t.iter().all(|(_, q)| *q == Excellent),
+                "{p} seen by {v:?}: {t:?}"
+            );
         }
     }
     // Nobody left.
@@ -173,9 +176,7 @@ fn dead_link_is_lost_first_then_removed() {
     s.set_loss(alice, 1.0);
     let left = |pid: &str| {
         let pid = pid.to_owned();
-        move |m: &ServerMessage| {
-            matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == pid)
-        }
+        move |m: &ServerMessage| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == pid)
     };
     let gone = s.net.run_until_cond(Duration::from_secs(60), |net| {
         net.node_ref::<Client>(bob)
@@ -192,14 +193,18 @@ fn dead_link_is_lost_first_then_removed() {
         .map(|(at, _)| *at)
         .collect();
     assert_eq!(lost.len(), 1, "{t:?}");
-    assert!(lost[0] - cut <= LOST_WITHIN, "lost {:?} after", lost[0] - cut);
+    assert!(
+        lost[0] - cut <= LOST_WITHIN,
+        "lost {:?} after",
+        lost[0] - cut
+    );
     assert!(
         left_at - lost[0] >= Duration::from_secs(15),
         "removed {:?} after lost",
         left_at - lost[0]
     );
     assert!(
-        t.iter().all(|(at, q)| *at < cut || *q == Lost),
+        t.iter().all(|(at, q)| *at <= cut || *q == Lost),
         "nothing but lost after the cut: {t:?}"
     );
     println!(
@@ -252,8 +257,8 @@ fn lossy_uplink_lowers_only_the_publishers_quality() {
         }
     }
     s.net.link_mut(alice, server).loss = 0.0;
-    let back = wait_quality(&mut s.net, bob, &pa, T, |q| q == Excellent)
-        .expect("alice excellent again");
+    let back =
+        wait_quality(&mut s.net, bob, &pa, T, |q| q == Excellent).expect("alice excellent again");
     println!(
         "lossy uplink (12 %): poor reported {:.0} ms after the loss began; excellent {:.0} ms \
          after it stopped",
@@ -308,9 +313,8 @@ fn quality_crosses_shards() {
         let c = Client::new(name, "q", ip(n), now, u64::from(n) * 1000, media).expect(name);
         let addrs = c.addrs();
         let id = net.add_node(c, &addrs);
-        let joined = net.run_until_cond(T, |net| {
-            net.node_ref::<Client>(id).participant_id.is_some()
-        });
+        let joined =
+            net.run_until_cond(T, |net| net.node_ref::<Client>(id).participant_id.is_some());
         assert!(joined.is_some(), "{name} joins");
         id
     };

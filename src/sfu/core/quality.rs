@@ -81,9 +81,9 @@ impl<T: Transmit> Sfu<T> {
         self.quality
             .trackers
             .retain(|k, _| rooms.get(&k.room).is_some_and(|r| r.parts.contains_key(k)));
-        self.quality.remote.retain(|(rk, pid), _| {
-            rooms.get(rk).is_some_and(|r| r.remote.contains_key(pid))
-        });
+        self.quality
+            .remote
+            .retain(|(rk, pid), _| rooms.get(rk).is_some_and(|r| r.remote.contains_key(pid)));
         self.quality
             .greeted
             .retain(|(rk, shard)| rooms.get(rk).is_some_and(|r| r.peers.contains(shard)));
