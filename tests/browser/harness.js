@@ -8,7 +8,7 @@
 //   FIREFOX        Firefox binary (default /usr/bin/firefox-esr), driven over WebDriver BiDi
 //   ARTIFACTS      where screenshots and logs go (default target/browser)
 //   TURNSERVER     coturn's turnserver binary (default /usr/bin/turnserver), for the TURN tests
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, createWriteStream, existsSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -454,5 +454,88 @@ export function recordIceTimes() {
         if (s === 'connected' && rec.role === null) rec.role = this.getSenders().some((x) => x.track) ? 'publisher' : 'subscriber';
       });
     }
+  };
+}
+
+let nextQueue = 7100;
+
+/**
+ * A lossy, slow link for one local UDP port (a browser's ICE candidate): every packet to it
+ * (`downlink`) and, unless `uplink: false`, every packet from it is dropped with probability
+ * `loss` and the others are delayed by `delayMs` — what `tc qdisc … netem loss 10% delay 100ms`
+ * would do on that flow. Done in user space (tests/browser/impair.py behind iptables NFQUEUE
+ * rules on OUTPUT), so it needs only iptables and nfnetlink_queue, not the netem qdisc, which
+ * not every kernel has. Run inside the loopback-only namespace: the rules match every local
+ * flow on that port. Throws when the impairer or a rule cannot be set up (never skips).
+ * Returns {stats() → {downlink, uplink} counters ({seen, dropped, accepted}), lift() → final
+ * counters: removes the rules, then releases what the impairer still holds}.
+ */
+export async function impairUdp(port, { loss = 0.1, delayMs = 100, uplink = true, seed = null } = {}) {
+  const queues = { downlink: nextQueue++, ...(uplink ? { uplink: nextQueue++ } : {}) };
+  const rules = [['OUTPUT', '-p', 'udp', '--dport', String(port), '-j', 'NFQUEUE', '--queue-num', String(queues.downlink)]];
+  if (uplink) rules.push(['OUTPUT', '-p', 'udp', '--sport', String(port), '-j', 'NFQUEUE', '--queue-num', String(queues.uplink)]);
+  const args = [join(here, 'impair.py'), '--loss', String(loss), '--delay-ms', String(delayMs), ...Object.values(queues).flatMap((q) => ['--queue', String(q)])];
+  if (seed !== null) args.push('--seed', String(seed));
+  const child = spawn('python3', args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  const counters = {};
+  let out = '';
+  let err = '';
+  let ready = false;
+  let exited = null;
+  child.stdout.on('data', (d) => {
+    out += d.toString();
+    let nl;
+    while ((nl = out.indexOf('\n')) >= 0) {
+      const line = out.slice(0, nl).trim();
+      out = out.slice(nl + 1);
+      if (line === 'ready') ready = true;
+      else if (line.startsWith('{')) {
+        const s = JSON.parse(line);
+        if (s.queue !== undefined) counters[s.queue] = s;
+      }
+    }
+  });
+  child.stderr.on('data', (d) => (err += d.toString()));
+  child.on('close', (code, signal) => (exited = { code, signal })); // after stdout's last line
+  child.on('error', (e) => (exited = { error: e.message }));
+  const byDirection = () => Object.fromEntries(Object.entries(queues).map(([dir, q]) => [dir, counters[q] ?? { seen: 0, dropped: 0, accepted: 0 }]));
+  const added = [];
+  const stop = async () => {
+    for (const rule of added.splice(0)) {
+      try {
+        execFileSync('iptables', ['-D', ...rule], { timeout: 10_000 });
+      } catch (e) {
+        console.warn(`warning: could not remove iptables rule ${rule.join(' ')}: ${e.message}`);
+      }
+    }
+    if (!exited) {
+      child.stdin.end();
+      await waitFor(() => exited, { timeout: 5_000, what: 'impair.py to exit' }).catch(() => child.kill('SIGKILL'));
+    }
+  };
+  try {
+    await waitFor(
+      () => {
+        if (exited) throw new Error(`impair.py exited (${JSON.stringify(exited)}): ${err.trim()}`);
+        return ready;
+      },
+      { timeout: 10_000, what: 'impair.py to bind its NFQUEUE queues' },
+    );
+    for (const rule of rules) {
+      execFileSync('iptables', ['-I', ...rule], { timeout: 10_000 });
+      added.push(rule);
+    }
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return {
+    queues,
+    stats: byDirection,
+    async lift() {
+      await stop();
+      if (exited?.code !== 0 && exited?.signal !== 'SIGTERM') throw new Error(`impair.py failed (${JSON.stringify(exited)}): ${err.trim()}`);
+      return byDirection();
+    },
   };
 }
