@@ -6,7 +6,8 @@
 #   scripts/browser-tests.sh --bench-only
 #
 # Installs what is missing (Debian chromium and firefox-esr via apt; coturn, the TURN server of
-# the TURN tests, and iptables, which blocks direct UDP in one of them, via apt;
+# the TURN tests, iptables, which blocks direct UDP in some of them, and python3, which runs
+# the lossy-link impairer tests/browser/impair.py, via apt;
 # playwright-core, which drives Chromium, and puppeteer-core, which drives Firefox over
 # WebDriver BiDi, via npm ci),
 # builds the release server if needed, then runs everything inside a loopback-only network
@@ -56,6 +57,12 @@ TURNSERVER=${TURNSERVER:-/usr/bin/turnserver}
 IPTABLES=$(command -v iptables || true)
 [ -n "$IPTABLES" ] || { apt_install iptables /usr/sbin/iptables; IPTABLES=/usr/sbin/iptables; }
 "$IPTABLES" --version >/dev/null 2>&1 || die "$IPTABLES does not run"
+# The lossy-link test (lossy.test.js) impairs one UDP flow in user space: iptables NFQUEUE
+# rules hand its packets to tests/browser/impair.py (python3, standard library only), which
+# drops and delays them. Not tc netem: many kernels (small VM kernels among them) are
+# built without the netem qdisc, and no module can be loaded into them. Checked below, inside
+# the namespace: the NFQUEUE target and nfnetlink_queue must work.
+command -v python3 >/dev/null || apt_install python3 /usr/bin/python3
 
 command -v node >/dev/null || die "node is missing (apt-get install nodejs npm)"
 node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' \
@@ -92,6 +99,11 @@ step "entering a loopback-only network namespace"
   # Firefox gathers no ICE candidates without a default route; Chromium does not mind it.
   ip route add default dev lo src 127.0.0.1
   cd tests/browser
+  # The lossy-link impairment: nfnetlink_queue bindable and the NFQUEUE target accepted.
+  python3 impair.py --check --queue 7199 >/dev/null \
+    || { echo "browser-tests: FAILED: impair.py cannot bind an NFQUEUE queue (kernel without CONFIG_NETFILTER_NETLINK_QUEUE?)" >&2; exit 1; }
+  iptables -I OUTPUT -p udp --dport 9 -j NFQUEUE --queue-num 7199 && iptables -D OUTPUT -p udp --dport 9 -j NFQUEUE --queue-num 7199 \
+    || { echo "browser-tests: FAILED: iptables refuses the NFQUEUE target (kernel without CONFIG_NETFILTER_XT_TARGET_NFQUEUE?)" >&2; exit 1; }
   status=0
   if [ "$1" = 1 ]; then
     echo "==> node --test"

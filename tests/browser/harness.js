@@ -499,15 +499,10 @@ export async function impairUdp(port, { loss = 0.1, delayMs = 100, uplink = true
   child.on('close', (code, signal) => (exited = { code, signal })); // after stdout's last line
   child.on('error', (e) => (exited = { error: e.message }));
   const byDirection = () => Object.fromEntries(Object.entries(queues).map(([dir, q]) => [dir, counters[q] ?? { seen: 0, dropped: 0, accepted: 0 }]));
-  const added = [];
+  let installed = null;
   const stop = async () => {
-    for (const rule of added.splice(0)) {
-      try {
-        execFileSync('iptables', ['-D', ...rule], { timeout: 10_000 });
-      } catch (e) {
-        console.warn(`warning: could not remove iptables rule ${rule.join(' ')}: ${e.message}`);
-      }
-    }
+    installed?.remove();
+    installed = null;
     if (!exited) {
       child.stdin.end();
       await waitFor(() => exited, { timeout: 5_000, what: 'impair.py to exit' }).catch(() => child.kill('SIGKILL'));
@@ -521,10 +516,7 @@ export async function impairUdp(port, { loss = 0.1, delayMs = 100, uplink = true
       },
       { timeout: 10_000, what: 'impair.py to bind its NFQUEUE queues' },
     );
-    for (const rule of rules) {
-      execFileSync('iptables', ['-I', ...rule], { timeout: 10_000 });
-      added.push(rule);
-    }
+    installed = iptablesRules(rules);
   } catch (e) {
     await stop();
     throw e;
@@ -538,4 +530,89 @@ export async function impairUdp(port, { loss = 0.1, delayMs = 100, uplink = true
       return byDirection();
     },
   };
+}
+
+/**
+ * Insert iptables rules (each `[chain, …match, '-j', target]`) at the top of their chains.
+ * Throws (the test fails) when iptables is missing or refuses one: never skipped. Returns
+ * {remove()}, which deletes them again (warning, not throwing, if one is already gone).
+ */
+export function iptablesRules(rules) {
+  const added = [];
+  const remove = () => {
+    for (const rule of added.splice(0).reverse()) {
+      try {
+        execFileSync('iptables', ['-D', ...rule], { timeout: 10_000 });
+      } catch (e) {
+        console.warn(`warning: could not remove iptables rule ${rule.join(' ')}: ${e.message}`);
+      }
+    }
+  };
+  try {
+    for (const rule of rules) {
+      execFileSync('iptables', ['-I', ...rule], { encoding: 'utf8', timeout: 10_000 });
+      added.push(rule);
+    }
+  } catch (e) {
+    remove();
+    throw e;
+  }
+  return { rules, remove };
+}
+
+/**
+ * Drop UDP to and from Plaza's media ports `udpPort`…`udpPort + 255` (every shard's), as a
+ * firewall that blocks UDP would: only ICE-TCP (or a relay) still connects. `src`/`dst`
+ * narrow the rules to those addresses (e.g. '127.0.0.1' both: the browsers' direct path,
+ * leaving a TURN server on another loopback address alone). Returns {remove()}.
+ */
+export function blockUdpToPlaza(udpPort, { src = null, dst = null } = {}) {
+  const range = `${udpPort}:${udpPort + 255}`;
+  const addr = [...(src ? ['-s', src] : []), ...(dst ? ['-d', dst] : [])];
+  return iptablesRules([
+    ['OUTPUT', '-p', 'udp', ...addr, '--dport', range, '-j', 'DROP'],
+    ['OUTPUT', '-p', 'udp', ...addr, '--sport', range, '-j', 'DROP'],
+  ]);
+}
+
+/**
+ * Open the server's page in `p` and join `room` as `name` with the module client (not the
+ * demo UI; no reconnect), optionally relay only and publishing camera + microphone. The
+ * client is window.__client. Returns {t0 (page ms just before connect()), participantId,
+ * iceServers}.
+ */
+export async function joinWithClient(p, base, { room, name, forceRelay = false, publish = false, options = {} }) {
+  await p.page.goto(`${base}/`);
+  return p.page.evaluate(
+    async ({ room, name, forceRelay, publish, options }) => {
+      const { PlazaClient } = await import('/plaza-client.js');
+      const t0 = performance.now();
+      const c = new PlazaClient({ room, name, forceRelay, reconnect: false, ...options });
+      window.__client = c;
+      const joined = await c.connect();
+      if (publish) await c.publish({ video: true, audio: true });
+      return { t0, participantId: c.participantId, iceServers: joined.ice_servers ?? null };
+    },
+    { room, name, forceRelay, publish, options },
+  );
+}
+
+/**
+ * Page time (ms) when window.__client first decoded a remote video frame; polls getStats
+ * every 20 ms, up to `timeout` ms; null when none was decoded by then.
+ */
+export function firstDecodedFrameAt(p, { timeout = 20_000 } = {}) {
+  return p.page.evaluate(async (timeout) => {
+    const c = window.__client;
+    const deadline = performance.now() + timeout;
+    while (performance.now() < deadline) {
+      for (const [id, rt] of c.remoteTracks) {
+        if (rt.kind !== 'video') continue;
+        const s = await c.getTrackStats(id);
+        if (s?.framesDecoded > 0) return performance.now();
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    return null;
+  }, timeout);
 }
