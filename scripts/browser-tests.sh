@@ -2,8 +2,11 @@
 # End-to-end tests of the browser client and demo page in headless Chromium and Firefox.
 #
 #   scripts/browser-tests.sh            run tests/browser/*.test.js
-#   scripts/browser-tests.sh --bench    also run the measurements (tests/browser/bench.js)
+#   scripts/browser-tests.sh --bench    also run the measurements (tests/browser/bench.js, then
+#                                       tests/browser/netbench.js: join over UDP / ICE-TCP / TURN,
+#                                       session resume after a reset or an outage)
 #   scripts/browser-tests.sh --bench-only
+#   scripts/browser-tests.sh --netbench-only   only tests/browser/netbench.js
 #
 # Installs what is missing (Debian chromium and firefox-esr via apt; coturn, the TURN server of
 # the TURN tests, iptables, which blocks direct UDP in some of them, and python3, which runs
@@ -22,11 +25,13 @@ step() { printf '\n==> %s\n' "$*"; }
 
 RUN_TESTS=1
 RUN_BENCH=0
+RUN_NETBENCH=0
 for arg in "$@"; do
   case "$arg" in
-    --bench) RUN_BENCH=1 ;;
-    --bench-only) RUN_BENCH=1; RUN_TESTS=0 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --bench) RUN_BENCH=1; RUN_NETBENCH=1 ;;
+    --bench-only) RUN_BENCH=1; RUN_NETBENCH=1; RUN_TESTS=0 ;;
+    --netbench-only) RUN_NETBENCH=1; RUN_TESTS=0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) die "unknown argument $arg" ;;
   esac
 done
@@ -113,6 +118,10 @@ step "entering a loopback-only network namespace"
     echo "==> measurements (bench.js)"
     node bench.js || status=$?
   fi
+  if [ "$3" = 1 ]; then
+    echo "==> real-network measurements (netbench.js)"
+    node netbench.js || status=$?
+  fi
   exit $status
-' browser-tests "$RUN_TESTS" "$RUN_BENCH" || die "browser tests failed (server logs: target/browser/plaza*.log)"
+' browser-tests "$RUN_TESTS" "$RUN_BENCH" "$RUN_NETBENCH" || die "browser tests failed (server logs: target/browser/plaza*.log)"
 printf '\nbrowser-tests: ok\n'
