@@ -45,6 +45,8 @@ const PORT = 7920;
 const UDP_PORT = 7922;
 const TURN_PORT = 7930;
 const TURN_UDP_PORT = 7932;
+const RESUME_PORT = 7940;
+const RESUME_UDP_PORT = 7942;
 // The participant whose network fails reaches the server at this address (the server binds
 // 0.0.0.0), so that a rule on it touches nobody else's connection.
 const FAULTY_ADDR = '127.0.0.3';
@@ -184,7 +186,7 @@ async function resumeSeries(server) {
   try {
     // erin's client sends nothing on its socket during a fault (no pings within a run).
     const erinInfo = await joinWithClient(erin, server.url, { room, name: 'erin', publish: true, options: { reconnect: true, pingInterval: 600_000 } });
-    const daveInfo = await joinWithClient(dave, `http://${FAULTY_ADDR}:${PORT}`, { room, name: 'dave', publish: true, options: { reconnect: true } });
+    const daveInfo = await joinWithClient(dave, `http://${FAULTY_ADDR}:${new URL(server.url).port}`, { room, name: 'dave', publish: true, options: { reconnect: true } });
     const daveId = daveInfo.participantId;
     const erinId = erinInfo.participantId;
     for (const p of [dave, erin]) await record(p);
@@ -198,7 +200,7 @@ async function resumeSeries(server) {
       const runs = [];
       for (let i = 0; i < RESUMES; i++) {
         const [dStart, eStart] = [await pageNow(dave), await pageNow(erin)];
-        const wsRule = iptablesRules([['INPUT', '-p', 'tcp', '-d', FAULTY_ADDR, '--dport', String(PORT), '-j', 'REJECT', '--reject-with', 'tcp-reset']]);
+        const wsRule = iptablesRules([['INPUT', '-p', 'tcp', '-d', FAULTY_ADDR, '--dport', new URL(server.url).port, '-j', 'REJECT', '--reject-with', 'tcp-reset']]);
         let media = null;
         let restoredDave;
         let restoredErin;
@@ -245,7 +247,8 @@ async function resumeSeries(server) {
           other_frames_decoded_across_fault: total(eFault.at(-1), 'video', 'framesDecoded', daveId) - total(eFault[0], 'video', 'framesDecoded', daveId),
           other_fault_window_ms: eFault.at(-1).t - eFault[0].t,
           other_events: eEv.filter((e) => e.t !== 'reconnecting').map((e) => e.t),
-          own_events: dEv.slice(0).map((e) => e.t),
+          own_events: dEv.map((e) => e.t),
+          own_pairs_after: Object.fromEntries(Object.entries(await selectedPairs(dave)).map(([k, v]) => [k, v && `${v.local.protocol}:${v.local.port}`])),
         };
         runs.push(run);
         console.log(`resume (${mode}) run ${i + 1}: ${JSON.stringify(run)}`);
@@ -299,11 +302,12 @@ function markdown() {
 }
 
 let server;
+let resumeServer;
 let turnServerPlaza;
 let turn;
 let block = null;
 try {
-  server = await startServer({ logName: 'plaza-netbench.log', port: PORT, udpPort: UDP_PORT, args: ['--bind', '0.0.0.0', '--tcp-port', String(UDP_PORT)] });
+  server = await startServer({ logName: 'plaza-netbench.log', port: PORT, udpPort: UDP_PORT, args: ['--tcp-port', String(UDP_PORT)] });
   await joinSeries('udp', server.url, { check: (pair) => (pair?.local?.protocol === 'udp' && pair.local.candidateType === 'host' ? null : 'not host UDP') });
   block = blockUdpToPlaza(UDP_PORT);
   try {
@@ -322,9 +326,19 @@ try {
   await joinSeries('turn', turnServerPlaza.url, { forceRelay: true, check: (pair) => (pair?.local?.candidateType === 'relay' ? null : 'not relayed') });
   await turnServerPlaza.stop();
   await turn.stop();
-  await resumeSeries(server);
+  await server.stop();
+  // No ICE-TCP here: an outage of the participant's UDP must not be bridged by a TCP pair
+  // (that is the ICE-TCP fallback, measured above).
+  resumeServer = await startServer({
+    logName: 'plaza-netbench-resume.log',
+    port: RESUME_PORT,
+    udpPort: RESUME_UDP_PORT,
+    args: ['--bind', '0.0.0.0', '--tcp-port', 'off'],
+  });
+  await resumeSeries(resumeServer);
 } finally {
   for (const p of open) await p.close();
+  await resumeServer?.stop();
   await turnServerPlaza?.stop();
   await turn?.stop();
   await server?.stop();
