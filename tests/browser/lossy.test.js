@@ -21,10 +21,10 @@ const DELAY_MS = 100;
 // How long the link stays impaired at most, and at least after video has dropped a layer.
 const IMPAIR_MAX_MS = 40_000;
 const IMPAIRED_AFTER_DROP_MS = 10_000;
-// Bounds, with margin over what four runs on a 2-core machine measured: video left the top
-// layer 0.7–1.5 s after the impairment began and was back on it 15–17.4 s after it was lifted;
+// Bounds, with margin over what six runs on a 2-core machine measured: video left the top
+// layer 0.5–1.5 s after the impairment began and was back on it 15.3–17.4 s after it was lifted;
 // under the impairment audio arrived at 41–52 packets/s (of 50), its longest gap was ≤ 110 ms
-// (the 100 ms sampling), and 8.7–9.7 % of its samples were concealed (Opus is forwarded without
+// (the 100 ms sampling), and 8.7–11.6 % of its samples were concealed (Opus is forwarded without
 // NACK: every lost packet is concealed). Stopped audio would be ~100 % concealed.
 const IMPAIR_DROP_MS = 15_000;
 const RECOVER_MS = 40_000;
