@@ -31,7 +31,7 @@ for arg in "$@"; do
     --bench) RUN_BENCH=1; RUN_NETBENCH=1 ;;
     --bench-only) RUN_BENCH=1; RUN_NETBENCH=1; RUN_TESTS=0 ;;
     --netbench-only) RUN_NETBENCH=1; RUN_TESTS=0 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) die "unknown argument $arg" ;;
   esac
 done

@@ -562,16 +562,13 @@ export function iptablesRules(rules) {
 
 /**
  * Drop UDP to and from Plaza's media ports `udpPort`…`udpPort + 255` (every shard's), as a
- * firewall that blocks UDP would: only ICE-TCP (or a relay) still connects. `src`/`dst`
- * narrow the rules to those addresses (e.g. '127.0.0.1' both: the browsers' direct path,
- * leaving a TURN server on another loopback address alone). Returns {remove()}.
+ * firewall that blocks UDP would: only ICE-TCP (or a relay) still connects. Returns {remove()}.
  */
-export function blockUdpToPlaza(udpPort, { src = null, dst = null } = {}) {
+export function blockUdpToPlaza(udpPort) {
   const range = `${udpPort}:${udpPort + 255}`;
-  const addr = [...(src ? ['-s', src] : []), ...(dst ? ['-d', dst] : [])];
   return iptablesRules([
-    ['OUTPUT', '-p', 'udp', ...addr, '--dport', range, '-j', 'DROP'],
-    ['OUTPUT', '-p', 'udp', ...addr, '--sport', range, '-j', 'DROP'],
+    ['OUTPUT', '-p', 'udp', '--dport', range, '-j', 'DROP'],
+    ['OUTPUT', '-p', 'udp', '--sport', range, '-j', 'DROP'],
   ]);
 }
 
