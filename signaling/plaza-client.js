@@ -40,9 +40,9 @@ const DEFAULTS = {
   connectTimeout: 10_000, // ms for WebSocket open + `joined`
   pingInterval: 10_000, // ms between signaling pings
   pingTimeout: 25_000, // ms without any server message before the socket is considered dead
-  iceRestartDelay: 2000, // ms a connection may stay ICE 'disconnected' before its ICE restarts
+  iceRestartDelay: 500, // ms a connection may stay ICE 'disconnected' before its ICE restarts
   iceRestartTimeout: 15_000, // ms an ICE restart of a failed connection may take before rejoining
-  socketProbeTimeout: 1500, // ms a ping may go unanswered before an ICE restart resumes on a new socket
+  socketProbeTimeout: 1000, // ms a ping may go unanswered before an ICE restart resumes on a new socket
   sizeDebounce: 250, // ms between a video element's resize and the track_settings it causes
   // Simulcast layers keep their sizes under CPU or bandwidth pressure (the frame rate drops
   // instead, and the server switches layers), so a layer's size stays what the server expects.
@@ -1116,9 +1116,13 @@ export class PlazaClient extends Emitter {
   /** ICE state of one connection: one that stays 'disconnected' gets an ICE restart. */
   _onIceState(sess, target, state) {
     if (sess.closed) return;
+    this.emit('icestatechange', { target, state });
     sess.iceTimers ??= {};
     clearTimeout(sess.iceTimers[target]);
-    if (state === 'disconnected') {
+    if (state === 'connected' || state === 'completed' || state === 'failed') {
+      // A restart is over: it worked, or a failed connection may try another.
+      if (sess.restarting) delete sess.restarting[target];
+    } else if (state === 'disconnected') {
       sess.iceTimers[target] = setTimeout(() => {
         const pc = target === 'publisher' ? sess.pub : sess.sub;
         if (!sess.closed && pc?.iceConnectionState === 'disconnected') this._restartIceOn(sess, target, 'ICE disconnected');
@@ -1143,22 +1147,29 @@ export class PlazaClient extends Emitter {
     if (sess.closed) return;
     // What broke the path often broke the WebSocket too (a new address), and a socket that
     // died silently would swallow the restart: check it first, and resume on a new one if it
-    // does not answer (what is sent meanwhile waits in the outbox).
-    await this._socketAlive(sess);
+    // does not answer (what is sent meanwhile waits in the outbox). A dead socket means the
+    // network changed under both connections: both restart.
+    const alive = await this._socketAlive(sess);
     if (sess.closed) return;
-    if (target === 'publisher') {
-      if (!sess.pub) return;
-      // Serialized with publishing: one publish_offer at a time.
-      const run = sess.pubQueue.then(() => (sess.closed ? undefined : this._renegotiatePublisher(sess, { restart: true })));
-      sess.pubQueue = run.catch(() => {});
-    } else {
-      if (!sess.sub?.remoteDescription) return;
-      // The server offers on this connection: it answers with a subscribe_offer that has new
-      // credentials. (Queued while the WebSocket is down; sent when the session resumes.)
-      this._sendOn(sess, { type: 'ice_restart', target: 'subscriber' });
+    sess.restarting ??= {};
+    for (const t of alive ? [target] : ['publisher', 'subscriber']) {
+      // One restart at a time per connection: until it connects again (or fails).
+      if (sess.restarting[t]) continue;
+      if (t === 'publisher') {
+        if (!sess.pub) continue;
+        // Serialized with publishing: one publish_offer at a time.
+        const run = sess.pubQueue.then(() => (sess.closed ? undefined : this._renegotiatePublisher(sess, { restart: true })));
+        sess.pubQueue = run.catch(() => {});
+      } else {
+        if (!sess.sub?.remoteDescription) continue;
+        // The server offers on this connection: it answers with a subscribe_offer that has
+        // new credentials. (Queued while the WebSocket is down; sent when the session resumes.)
+        this._sendOn(sess, { type: 'ice_restart', target: 'subscriber' });
+      }
+      sess.restarting[t] = true;
+      this.iceRestarts[t]++;
+      this.emit('icerestart', { target: t, reason: t === target ? reason : `${reason} (${target}); the WebSocket was dead too` });
     }
-    this.iceRestarts[target]++;
-    this.emit('icerestart', { target, reason });
   }
 
   /**
