@@ -52,17 +52,6 @@ impl QualityBook {
     }
 }
 
-/// What the tick found about one participant.
-struct Observed {
-    part: PartKey,
-    pid: String,
-    hidden: bool,
-    silent: bool,
-    uplink: Option<Counts>,
-    downlink: Option<Counts>,
-    bandwidth: Option<Bandwidth>,
-}
-
 fn counts((expected, lost): (u64, u64)) -> Counts {
     Counts { expected, lost }
 }
@@ -105,10 +94,18 @@ impl<T: Transmit> Sfu<T> {
                 self.send_to(part, ServerMessage::ConnectionQuality { updates: known });
             }
         }
-        let Some(r) = self.rooms.get(&rk) else {
+        // Each connected participant's tracker, with what the packet path counted (a
+        // participant id is copied only for a change).
+        let Sfu {
+            rooms,
+            demux,
+            quality: book,
+            ..
+        } = self;
+        let Some(r) = rooms.get(&rk) else {
             return;
         };
-        let mut observed = Vec::new();
+        let mut changes = Vec::new();
         for &part in &r.members {
             let Some(p) = r.parts.get(&part) else {
                 continue;
@@ -117,56 +114,42 @@ impl<T: Transmit> Sfu<T> {
                 continue;
             }
             let quiet = |kind| {
-                self.demux
+                demux
                     .last_seen(PcKey { part, kind })
                     .is_some_and(|at| now.saturating_duration_since(at) >= quality::SILENCE)
             };
             let silent = quiet(PcKind::Subscriber)
                 || p.publ.as_ref().is_some_and(|pc| pc.connected) && quiet(PcKind::Publisher);
-            let (mut uplink, mut downlink, mut bandwidth) = (None, None, None);
-            if window_end {
-                uplink = p.ingress.as_ref().map(|i| counts(i.loss_totals()));
-                downlink = p.egress.as_ref().map(|e| counts(e.loss_totals()));
-                bandwidth = p
-                    .estimate()
-                    .available(now)
-                    .map(|available_bps| video_needs(r, part, available_bps, now));
-            }
-            observed.push(Observed {
-                part,
-                pid: p.pid.clone(),
-                hidden: p.grants.hidden,
-                silent,
-                uplink,
-                downlink,
-                bandwidth,
+            let tracker = book.trackers.entry(part).or_default();
+            let window = window_end.then(|| {
+                tracker.window(
+                    p.ingress.as_ref().map(|i| counts(i.loss_totals())),
+                    p.egress.as_ref().map(|e| counts(e.loss_totals())),
+                    p.estimate()
+                        .available(now)
+                        .map(|available_bps| video_needs(r, part, available_bps, now)),
+                )
             });
+            if let Some(change) = tracker.update(silent, window.as_ref()) {
+                changes.push((part, p.pid.clone(), p.grants.hidden, change));
+            }
         }
-        let peers: Vec<ShardId> = r.peers.iter().copied().collect();
-        let room_name = r.name.clone();
-        let members = r.members.clone();
-
         let mut updates = Vec::new();
-        for o in observed {
-            let tracker = self.quality.trackers.entry(o.part).or_default();
-            let window = window_end.then(|| tracker.window(o.uplink, o.downlink, o.bandwidth));
-            let Some(change) = tracker.update(o.silent, window.as_ref()) else {
-                continue;
-            };
+        for (part, pid, hidden, change) in changes {
             debug!(
-                participant = %o.pid,
+                participant = %pid,
                 quality = change.quality.as_str(),
                 score = change.score,
                 "connection quality"
             );
             let update = ConnectionQualityUpdate {
-                participant_id: o.pid,
+                participant_id: pid,
                 quality: change.quality,
                 score: Some(change.score),
             };
-            if o.hidden {
+            if hidden {
                 self.send_to(
-                    o.part,
+                    part,
                     ServerMessage::ConnectionQuality {
                         updates: vec![update],
                     },
@@ -175,6 +158,17 @@ impl<T: Transmit> Sfu<T> {
                 updates.push(update);
             }
         }
+        let Some(r) = self.rooms.get(&rk) else {
+            return;
+        };
+        let greeted = &self.quality.greeted;
+        let new_peer = r.peers.iter().any(|&peer| !greeted.contains(&(rk, peer)));
+        if updates.is_empty() && !new_peer {
+            return;
+        }
+        let peers: Vec<ShardId> = r.peers.iter().copied().collect();
+        let room_name = r.name.clone();
+        let members = r.members.clone();
         // Shards that started hosting the room learn the qualities of the participants here.
         for &peer in &peers {
             if self.quality.greeted.insert((rk, peer)) {
