@@ -658,6 +658,43 @@ export class PlazaClient extends Emitter {
    * `joined` (TURN credentials are per session) followed by `rtcConfiguration.iceServers`,
    * the rest of `rtcConfiguration`, and `iceTransportPolicy: 'relay'` with `forceRelay`.
    */
+  /**
+   * Fresh STUN/TURN servers (the reply to `ice_restart`): both peer connections use them from
+   * now on, and the next TURN refresh is scheduled from their expiry.
+   */
+  _useIceServers(sess, iceServers) {
+    sess.iceServers = iceServers;
+    const config = this._pcConfig({ ice_servers: iceServers });
+    for (const pc of [sess.pub, sess.sub]) {
+      try {
+        pc?.setConfiguration({ ...pc.getConfiguration(), iceServers: config.iceServers });
+      } catch (e) {
+        this._error('internal', `could not use the new ICE servers: ${e.message}`);
+      }
+    }
+    this._scheduleTurnRefresh(sess);
+    this.emit('iceservers', { iceServers });
+    const w = sess.iceServersWaiter;
+    sess.iceServersWaiter = null;
+    w?.();
+  }
+
+  /**
+   * TURN credentials expire (`<expiry unix s>:<id>` is their username): a minute before they
+   * do, restart ICE on both connections, which fetches fresh ones and re-allocates the relay.
+   */
+  _scheduleTurnRefresh(sess) {
+    clearTimeout(sess.turnRefresh);
+    const servers = sess.iceServers ?? sess.joinedMsg?.ice_servers ?? [];
+    const expiries = servers.map((x) => Number(String(x.username ?? '').split(':')[0])).filter((n) => n > 0);
+    if (!expiries.length) return;
+    const inMs = Math.min(...expiries) * 1000 - Date.now() - 60_000;
+    // setTimeout holds at most ~24.8 days; a refresh is never due sooner than in 10 s.
+    sess.turnRefresh = setTimeout(() => {
+      if (!sess.closed) this.restartIce('both', 'TURN credentials expire');
+    }, Math.min(Math.max(inMs, 10_000), 2 ** 31 - 1));
+  }
+
   _pcConfig(joined) {
     const own = this.options.rtcConfiguration ?? {};
     const iceServers = [...(joined?.ice_servers ?? []), ...(own.iceServers ?? [])];
@@ -706,6 +743,7 @@ export class PlazaClient extends Emitter {
     sub.onconnectionstatechange = () => this._onPcState(sess, 'subscriber', sub.connectionState);
     sub.oniceconnectionstatechange = () => this._onIceState(sess, 'subscriber', sub.iceConnectionState);
     sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
+    this._scheduleTurnRefresh(sess);
     const fresh = new Map();
     this.connectionQuality = null;
     this._qualities = new Map();
@@ -830,6 +868,9 @@ export class PlazaClient extends Emitter {
         break;
       case 'pong':
         if (typeof msg.ts === 'number') this.emit('pong', { rtt: performance.now() - msg.ts });
+        break;
+      case 'ice_servers':
+        this._useIceServers(sess, msg.ice_servers);
         break;
       case 'error': {
         const w = sess.pubAnswerWaiter;
@@ -996,7 +1037,7 @@ export class PlazaClient extends Emitter {
       }
       return;
     }
-    const pc = new RTCPeerConnection(this._pcConfig(sess.joinedMsg));
+    const pc = new RTCPeerConnection(this._pcConfig(sess.iceServers ? { ice_servers: sess.iceServers } : sess.joinedMsg));
     sess.pub = pc;
     pc.onicecandidate = (e) => this._onLocalCandidate(sess, 'publisher', e.candidate);
     pc.onconnectionstatechange = () => this._onPcState(sess, 'publisher', pc.connectionState);
@@ -1195,8 +1236,13 @@ export class PlazaClient extends Emitter {
       if (sess.restarting[t]) continue;
       if (t === 'publisher') {
         if (!sess.pub) continue;
-        // Serialized with publishing: one publish_offer at a time.
-        const run = sess.pubQueue.then(() => (sess.closed ? undefined : this._renegotiatePublisher(sess, { restart: true })));
+        // Serialized with publishing: one publish_offer at a time. With STUN/TURN servers,
+        // `ice_restart` fetches fresh TURN credentials first (the offer gathers with them).
+        const fresh = sess.joinedMsg?.ice_servers?.length ? () => this._freshIceServers(sess) : () => undefined;
+        const run = sess.pubQueue.then(async () => {
+          await fresh();
+          if (!sess.closed) await this._renegotiatePublisher(sess, { restart: true });
+        });
         sess.pubQueue = run.catch(() => {});
       } else {
         if (!sess.sub?.remoteDescription) continue;
@@ -1208,6 +1254,21 @@ export class PlazaClient extends Emitter {
       this.iceRestarts[t]++;
       this.emit('icerestart', { target: t, reason: t === target ? reason : `${reason} (${target}); the WebSocket was dead too` });
     }
+  }
+
+  /** Ask for fresh ICE servers (`ice_restart` for the publisher) and wait for them (≤ 2 s). */
+  _freshIceServers(sess) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        sess.iceServersWaiter = null;
+        resolve();
+      }, 2000);
+      sess.iceServersWaiter = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      this._sendOn(sess, { type: 'ice_restart', target: 'publisher' });
+    });
   }
 
   /**
@@ -1280,6 +1341,7 @@ export class PlazaClient extends Emitter {
     if (sess.closed) return;
     sess.closed = true;
     clearInterval(sess.pingTimer);
+    clearTimeout(sess.turnRefresh);
     sess.pubAnswerWaiter?.reject(new PlazaError('unavailable', `session ended: ${reason}`));
     sess.pubAnswerWaiter = null;
     try {
