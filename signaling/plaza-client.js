@@ -807,7 +807,7 @@ export class PlazaClient extends Emitter {
       }
       case 'participant_joined': {
         const entry = this._participantEntry(msg.participant);
-        this.participants.set(p.id, entry);
+        this.participants.set(entry.id, entry);
         this.emit('participantjoined', { participant: entry });
         break;
       }

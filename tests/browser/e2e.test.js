@@ -63,6 +63,12 @@ describe('two participants and a late joiner', { timeout: 300_000 }, () => {
     await waitFor(() => alice.page.$eval('#grid .tile:not(.local) .stats', (e) => /[1-9]\d* fps/.test(e.textContent) && /[1-9][\d.]* [kM]b\/s/.test(e.textContent)), {
       what: 'the stats overlay to show resolution, fps and bitrate',
     });
+    // Each tile shows the server's connection-quality rating of its participant (loopback:
+    // excellent, or good right after the join).
+    const quality = await waitFor(() => alice.page.$eval('#grid .tile:not(.local)', (e) => e.dataset.quality ?? null), {
+      what: "bob's tile to show his connection quality",
+    });
+    assert.match(quality, /^(excellent|good)$/);
     const shot = join(ARTIFACTS, 'demo-two-participants.png');
     await alice.page.screenshot({ path: shot });
     console.log(`# screenshot: ${shot}`);
