@@ -429,7 +429,7 @@ impl<T: Transmit> Sfu<T> {
             self.mark_dirty(key);
         }
         while let Some((_, part)) = self.connect_timers.pop_due(now) {
-            let stale = self.part(part).is_some_and(|p| !p.sub.connected);
+            let stale = self.part(part).is_some_and(|p| !p.transport_connected());
             if stale {
                 self.effects.push(Effect::Remove {
                     part,
@@ -468,7 +468,7 @@ impl<T: Transmit> Sfu<T> {
             .and_then(|(_, key)| self.pc(key)?.deadline);
         let connect = self
             .connect_timers
-            .peek(|k, _| part(k).is_some_and(|p| !p.sub.connected))
+            .peek(|k, _| part(k).is_some_and(|p| !p.transport_connected()))
             .map(|(at, _)| Deadline::new(at, Reason::ConnectTimeout));
         let mut next = soonest(pc, connect);
         for periodic in [
@@ -2654,23 +2654,28 @@ impl<T: Transmit> Sfu<T> {
         };
         let mut sub = self.new_pc(key)?;
         let mut channels = HashMap::new();
-        for (label, init) in [
-            (
-                Channel::Chat,
-                RTCDataChannelInit {
-                    ordered: true,
-                    ..Default::default()
-                },
-            ),
-            (
-                Channel::Input,
-                RTCDataChannelInit {
-                    ordered: false,
-                    max_retransmits: Some(0),
-                    ..Default::default()
-                },
-            ),
-        ] {
+        let data_channels = if req.publish_only {
+            Vec::new()
+        } else {
+            vec![
+                (
+                    Channel::Chat,
+                    RTCDataChannelInit {
+                        ordered: true,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    Channel::Input,
+                    RTCDataChannelInit {
+                        ordered: false,
+                        max_retransmits: Some(0),
+                        ..Default::default()
+                    },
+                ),
+            ]
+        };
+        for (label, init) in data_channels {
             let dc = sub
                 .rtc
                 .create_data_channel(label.label(), Some(init))
@@ -2697,6 +2702,7 @@ impl<T: Transmit> Sfu<T> {
             joined: self.now,
             events: req.events,
             auto_subscribe: req.auto_subscribe,
+            publish_only: req.publish_only,
             sub,
             publ: None,
             sub_offer_pending: false,
@@ -2768,7 +2774,9 @@ impl<T: Transmit> Sfu<T> {
             }
         }
         // The initial subscriber offer goes out after `joined` (queued behind it).
-        self.renegotiate(part);
+        if !req.publish_only {
+            self.renegotiate(part);
+        }
         Ok(JoinAccepted {
             participant_id: pid.clone(),
             joined: ServerMessage::Joined {
@@ -2804,7 +2812,7 @@ impl<T: Transmit> Sfu<T> {
     /// that several track changes (a late joiner's existing tracks, audio and video starting
     /// together) go out in one offer.
     fn renegotiate(&mut self, part: PartKey) {
-        if self.shutting_down {
+        if self.shutting_down || self.part(part).is_some_and(|p| p.publish_only) {
             return;
         }
         self.effects.push(Effect::Renegotiate(part));
