@@ -374,17 +374,13 @@ fn start_refusal(state: &AppState, e: StartError) -> Response {
     }
 }
 
-/// The session `id` of `room`, or a 404.
-fn find(
-    state: &AppState,
-    room: &str,
-    id: &str,
-) -> Result<std::sync::Arc<session::Session>, Response> {
-    state
-        .whip
-        .get(id)
-        .filter(|s| s.room == room.trim())
-        .ok_or_else(|| refuse(StatusCode::NOT_FOUND, "no such WHIP session"))
+/// The session `id` of `room`, if open.
+fn find(state: &AppState, room: &str, id: &str) -> Option<std::sync::Arc<session::Session>> {
+    state.whip.get(id).filter(|s| s.room == room.trim())
+}
+
+fn not_found() -> Response {
+    refuse(StatusCode::NOT_FOUND, "no such WHIP session")
 }
 
 /// Whether `If-Match` (a list of entity tags, or `*`) matches `etag` (strong comparison).
@@ -403,9 +399,8 @@ async fn update(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let session = match find(&state, &room, &id) {
-        Ok(s) => s,
-        Err(res) => return res,
+    let Some(session) = find(&state, &room, &id) else {
+        return not_found();
     };
     if !content_type_is(&headers, SDPFRAG) {
         let res = refuse(
@@ -472,15 +467,15 @@ async fn delete(
     State(state): State<AppState>,
     Path((room, id)): Path<(String, String)>,
 ) -> Response {
-    if let Err(res) = find(&state, &room, &id) {
-        return res;
+    if find(&state, &room, &id).is_none() {
+        return not_found();
     }
     match state.whip.remove(&id) {
         Some(session) => {
             session.stop("WHIP session deleted");
             StatusCode::OK.into_response()
         }
-        None => refuse(StatusCode::NOT_FOUND, "no such WHIP session"),
+        None => not_found(),
     }
 }
 

@@ -176,6 +176,9 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
+/// An encoding's RID (empty for a plain track) and the clip it sends.
+type RidClip = (String, Arc<Clip>);
+
 /// One local track: its encodings (RID, SSRC, clip) and what the pacers counted.
 struct Local {
     kind: TrackKind,
@@ -228,7 +231,7 @@ impl WhipPublisher {
         )
         .await?;
         let mut local = Vec::new();
-        let mut wanted: Vec<(TrackKind, Vec<(String, Arc<Clip>)>)> = Vec::new();
+        let mut wanted: Vec<(TrackKind, Vec<RidClip>)> = Vec::new();
         if opts.audio {
             let clip = Clip::load(&media::default_audio_file())?;
             wanted.push((TrackKind::Audio, vec![(String::new(), clip)]));
