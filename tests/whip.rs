@@ -4,11 +4,15 @@
 //! refusal has its status (401, 403, 404, 405, 412, 413, 415, 422, 428, 503), never a 500,
 //! with nothing left behind.
 
+// A test: it times the POST → first media path with the clock, and prints it.
+#![allow(clippy::disallowed_methods, clippy::print_stdout)]
+
 use plaza::auth::{Claims, DEFAULT_TTL, RoomGrants, Secret};
 use plaza::signal::{ServerMessage, TrackKind};
 use plaza::turn::IceConfig;
 use plaza_testkit::whip::{HttpReply, WhipOptions, WhipPublisher, http};
 use plaza_testkit::{self as common, PeerEvent, support};
+use std::time::Instant;
 use support::{T, TestServer, test_config, wait_growth};
 
 /// A token for `identity` in `room` (named `identity`), grants changed by `f`.
@@ -72,6 +76,7 @@ async fn whip_publisher_is_received_by_room_subscribers_until_deleted() {
     let server = TestServer::start().await;
     let viewer = support::subscriber(&server, "stage", "viewer").await;
     let tok = token("stage", "obs", |_| {});
+    let t0 = Instant::now();
     let mut whip = WhipPublisher::publish(server.http_addr, "/whip/stage", Some(&tok), opts())
         .await
         .expect("WHIP publish");
@@ -124,6 +129,14 @@ async fn whip_publisher_is_received_by_room_subscribers_until_deleted() {
         assert!(track.layers.is_empty(), "not simulcast: {:?}", track.layers);
         ids.push(track.id);
     }
+    viewer
+        .wait_for_packets(&ids[1], 1, T)
+        .await
+        .expect("first video packet");
+    println!(
+        "WHIP POST → first video RTP at a WebSocket subscriber: {} ms",
+        t0.elapsed().as_millis()
+    );
     for id in &ids {
         let stats = wait_growth(&viewer, id, 30).await;
         assert!(stats.packets >= 30, "{id}: {stats:?}");
