@@ -2,11 +2,15 @@
 # End-to-end tests of the browser client and demo page in headless Chromium and Firefox.
 #
 #   scripts/browser-tests.sh            run tests/browser/*.test.js
-#   scripts/browser-tests.sh --bench    also run the measurements (tests/browser/bench.js)
+#   scripts/browser-tests.sh --bench    also run the measurements (tests/browser/bench.js, then
+#                                       tests/browser/netbench.js: join over UDP / ICE-TCP / TURN,
+#                                       session resume after a reset or an outage)
 #   scripts/browser-tests.sh --bench-only
+#   scripts/browser-tests.sh --netbench-only   only tests/browser/netbench.js
 #
 # Installs what is missing (Debian chromium and firefox-esr via apt; coturn, the TURN server of
-# the TURN tests, and iptables, which blocks direct UDP in one of them, via apt;
+# the TURN tests, iptables, which blocks direct UDP in some of them, and python3, which runs
+# the lossy-link impairer tests/browser/impair.py, via apt;
 # playwright-core, which drives Chromium, and puppeteer-core, which drives Firefox over
 # WebDriver BiDi, via npm ci),
 # builds the release server if needed, then runs everything inside a loopback-only network
@@ -21,11 +25,13 @@ step() { printf '\n==> %s\n' "$*"; }
 
 RUN_TESTS=1
 RUN_BENCH=0
+RUN_NETBENCH=0
 for arg in "$@"; do
   case "$arg" in
-    --bench) RUN_BENCH=1 ;;
-    --bench-only) RUN_BENCH=1; RUN_TESTS=0 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --bench) RUN_BENCH=1; RUN_NETBENCH=1 ;;
+    --bench-only) RUN_BENCH=1; RUN_NETBENCH=1; RUN_TESTS=0 ;;
+    --netbench-only) RUN_NETBENCH=1; RUN_TESTS=0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) die "unknown argument $arg" ;;
   esac
 done
@@ -56,6 +62,12 @@ TURNSERVER=${TURNSERVER:-/usr/bin/turnserver}
 IPTABLES=$(command -v iptables || true)
 [ -n "$IPTABLES" ] || { apt_install iptables /usr/sbin/iptables; IPTABLES=/usr/sbin/iptables; }
 "$IPTABLES" --version >/dev/null 2>&1 || die "$IPTABLES does not run"
+# The lossy-link test (lossy.test.js) impairs one UDP flow in user space: iptables NFQUEUE
+# rules hand its packets to tests/browser/impair.py (python3, standard library only), which
+# drops and delays them. Not tc netem: many kernels (small VM kernels among them) are
+# built without the netem qdisc, and no module can be loaded into them. Checked below, inside
+# the namespace: the NFQUEUE target and nfnetlink_queue must work.
+command -v python3 >/dev/null || apt_install python3 /usr/bin/python3
 
 command -v node >/dev/null || die "node is missing (apt-get install nodejs npm)"
 node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' \
@@ -92,6 +104,11 @@ step "entering a loopback-only network namespace"
   # Firefox gathers no ICE candidates without a default route; Chromium does not mind it.
   ip route add default dev lo src 127.0.0.1
   cd tests/browser
+  # The lossy-link impairment: nfnetlink_queue bindable and the NFQUEUE target accepted.
+  python3 impair.py --check --queue 7199 >/dev/null \
+    || { echo "browser-tests: FAILED: impair.py cannot bind an NFQUEUE queue (kernel without CONFIG_NETFILTER_NETLINK_QUEUE?)" >&2; exit 1; }
+  iptables -I OUTPUT -p udp --dport 9 -j NFQUEUE --queue-num 7199 && iptables -D OUTPUT -p udp --dport 9 -j NFQUEUE --queue-num 7199 \
+    || { echo "browser-tests: FAILED: iptables refuses the NFQUEUE target (kernel without CONFIG_NETFILTER_XT_TARGET_NFQUEUE?)" >&2; exit 1; }
   status=0
   if [ "$1" = 1 ]; then
     echo "==> node --test"
@@ -101,6 +118,10 @@ step "entering a loopback-only network namespace"
     echo "==> measurements (bench.js)"
     node bench.js || status=$?
   fi
+  if [ "$3" = 1 ]; then
+    echo "==> real-network measurements (netbench.js)"
+    node netbench.js || status=$?
+  fi
   exit $status
-' browser-tests "$RUN_TESTS" "$RUN_BENCH" || die "browser tests failed (server logs: target/browser/plaza*.log)"
+' browser-tests "$RUN_TESTS" "$RUN_BENCH" "$RUN_NETBENCH" || die "browser tests failed (server logs: target/browser/plaza*.log)"
 printf '\nbrowser-tests: ok\n'

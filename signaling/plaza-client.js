@@ -40,6 +40,9 @@ const DEFAULTS = {
   connectTimeout: 10_000, // ms for WebSocket open + `joined`
   pingInterval: 10_000, // ms between signaling pings
   pingTimeout: 25_000, // ms without any server message before the socket is considered dead
+  iceRestartDelay: 2000, // ms a connection may stay ICE 'disconnected' before its ICE restarts
+  iceRestartTimeout: 15_000, // ms an ICE restart of a failed connection may take before rejoining
+  socketProbeTimeout: 1500, // ms a ping may go unanswered before an ICE restart resumes on a new socket
   sizeDebounce: 250, // ms between a video element's resize and the track_settings it causes
   // Simulcast layers keep their sizes under CPU or bandwidth pressure (the frame rate drops
   // instead, and the server switches layers), so a layer's size stays what the server expects.
@@ -198,6 +201,13 @@ export class PlazaClient extends Emitter {
     this._reconnectTimer = null;
     this._resizeObserver =
       typeof ResizeObserver === 'function' ? new ResizeObserver((entries) => this._onResize(entries)) : null;
+    /** ICE restarts started so far, per connection. */
+    this.iceRestarts = { publisher: 0, subscriber: 0 };
+    // A network change (new interface or address) is a reason to restart ICE at once rather
+    // than after the old path times out.
+    const onNetworkChange = () => this.restartIce('both', 'network changed');
+    globalThis.addEventListener?.('online', onNetworkChange);
+    globalThis.navigator?.connection?.addEventListener?.('change', onNetworkChange);
   }
 
   // ---- lifecycle ----
@@ -690,6 +700,7 @@ export class PlazaClient extends Emitter {
     sub.onicecandidate = (e) => this._onLocalCandidate(sess, 'subscriber', e.candidate);
     sub.ondatachannel = (e) => this._onDataChannel(sess, e.channel);
     sub.onconnectionstatechange = () => this._onPcState(sess, 'subscriber', sub.connectionState);
+    sub.oniceconnectionstatechange = () => this._onIceState(sess, 'subscriber', sub.iceConnectionState);
     sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
     const fresh = new Map();
     for (const p of msg.participants) {
@@ -951,6 +962,7 @@ export class PlazaClient extends Emitter {
     sess.pub = pc;
     pc.onicecandidate = (e) => this._onLocalCandidate(sess, 'publisher', e.candidate);
     pc.onconnectionstatechange = () => this._onPcState(sess, 'publisher', pc.connectionState);
+    pc.oniceconnectionstatechange = () => this._onIceState(sess, 'publisher', pc.iceConnectionState);
     const audio = stream.getAudioTracks()[0];
     const video = stream.getVideoTracks()[0];
     if (audio) pc.addTransceiver(audio, { direction: 'sendonly', streams: [stream] });
@@ -969,8 +981,9 @@ export class PlazaClient extends Emitter {
     await this._renegotiatePublisher(sess);
   }
 
-  async _renegotiatePublisher(sess) {
+  async _renegotiatePublisher(sess, { restart = false } = {}) {
     const pc = sess.pub;
+    if (restart) pc.restartIce(); // the next offer carries new ICE credentials
     const offer = await pc.createOffer();
     await pc.setLocalDescription(offer);
     if (sess.closed) return;
@@ -994,7 +1007,7 @@ export class PlazaClient extends Emitter {
       await sender.setParameters(params).catch(() => {}); // optional: not every browser has it
     }
     // A pending mute from before the server knew the tracks is applied when their ids arrive.
-    this.emit('published', { stream: this._publishSpec.stream });
+    if (!restart) this.emit('published', { stream: this._publishSpec.stream });
   }
 
   // Only the encodings the server names in `paused` are paused: a layer the server has not
@@ -1070,12 +1083,115 @@ export class PlazaClient extends Emitter {
   _onPcState(sess, target, state) {
     if (sess.closed) return;
     this.emit('pcstatechange', { target, state });
-    if (state === 'failed') {
-      // The server removes the participant too; start over with a fresh session.
-      this._error('transport_failed', `${target} connection failed`);
-      this._closeSession(sess, `${target} connection failed`);
-      this._scheduleReconnect(`${target} connection failed`);
+    if (state === 'connected') {
+      if (sess.iceGiveUp?.[target]) {
+        clearTimeout(sess.iceGiveUp[target]);
+        delete sess.iceGiveUp[target];
+      }
+      return;
     }
+    if (state !== 'failed') return;
+    // First try an ICE restart (the session, its tracks and DTLS are kept); start over with
+    // a fresh session only if that does not bring the connection back in time.
+    if (!sess.iceGiveUp?.[target]) {
+      this._restartIceOn(sess, target, `${target} connection failed`);
+      sess.iceGiveUp = { ...sess.iceGiveUp };
+      sess.iceGiveUp[target] = setTimeout(() => {
+        const pc = target === 'publisher' ? sess.pub : sess.sub;
+        if (sess.closed || pc?.connectionState === 'connected') return;
+        this._failSession(sess, `${target} connection failed (an ICE restart did not bring it back)`);
+      }, this.options.iceRestartTimeout);
+      return;
+    }
+    this._failSession(sess, `${target} connection failed`);
+  }
+
+  _failSession(sess, reason) {
+    if (sess.closed) return;
+    this._error('transport_failed', reason);
+    this._closeSession(sess, reason);
+    this._scheduleReconnect(reason);
+  }
+
+  /** ICE state of one connection: one that stays 'disconnected' gets an ICE restart. */
+  _onIceState(sess, target, state) {
+    if (sess.closed) return;
+    sess.iceTimers ??= {};
+    clearTimeout(sess.iceTimers[target]);
+    if (state === 'disconnected') {
+      sess.iceTimers[target] = setTimeout(() => {
+        const pc = target === 'publisher' ? sess.pub : sess.sub;
+        if (!sess.closed && pc?.iceConnectionState === 'disconnected') this._restartIceOn(sess, target, 'ICE disconnected');
+      }, this.options.iceRestartDelay);
+    }
+  }
+
+  /**
+   * Restart ICE on the publisher and/or subscriber connection ('publisher' | 'subscriber' |
+   * 'both'): new ICE credentials and candidates, same tracks, DTLS session and data channels,
+   * no new join. The client does this by itself when a connection stays ICE 'disconnected'
+   * for `iceRestartDelay` ms, when one fails, and when the browser reports a network change;
+   * an application that knows better (e.g. it switched networks) may call it.
+   */
+  restartIce(target = 'both', reason = 'asked by the application') {
+    const sess = this._sess;
+    if (!sess || sess.closed) return;
+    for (const t of target === 'both' ? ['publisher', 'subscriber'] : [target]) this._restartIceOn(sess, t, reason);
+  }
+
+  async _restartIceOn(sess, target, reason) {
+    if (sess.closed) return;
+    // What broke the path often broke the WebSocket too (a new address), and a socket that
+    // died silently would swallow the restart: check it first, and resume on a new one if it
+    // does not answer (what is sent meanwhile waits in the outbox).
+    await this._socketAlive(sess);
+    if (sess.closed) return;
+    if (target === 'publisher') {
+      if (!sess.pub) return;
+      // Serialized with publishing: one publish_offer at a time.
+      const run = sess.pubQueue.then(() => (sess.closed ? undefined : this._renegotiatePublisher(sess, { restart: true })));
+      sess.pubQueue = run.catch(() => {});
+    } else {
+      if (!sess.sub?.remoteDescription) return;
+      // The server offers on this connection: it answers with a subscribe_offer that has new
+      // credentials. (Queued while the WebSocket is down; sent when the session resumes.)
+      this._sendOn(sess, { type: 'ice_restart', target: 'subscriber' });
+    }
+    this.iceRestarts[target]++;
+    this.emit('icerestart', { target, reason });
+  }
+
+  /**
+   * Whether the session's WebSocket answers a ping within `socketProbeTimeout` ms. One that
+   * does not is treated as dropped (the resume path takes over). Concurrent callers share one
+   * probe.
+   */
+  _socketAlive(sess) {
+    if (sess.closed || sess.wsDown) return Promise.resolve(false);
+    if (sess.probe) return sess.probe;
+    const sent = performance.now();
+    this._sendOn(sess, { type: 'ping', ts: sent });
+    sess.probe = new Promise((resolve) => {
+      const check = setInterval(() => {
+        if (sess.closed || sess.wsDown) {
+          finish(false);
+        } else if (sess.lastMessage >= sent) {
+          finish(true);
+        } else if (performance.now() - sent > this.options.socketProbeTimeout) {
+          try {
+            sess.ws.close(4000, 'no answer to a ping');
+          } catch {}
+          this._onSocketClosed(sess, { code: 4000, reason: 'no answer to a ping' });
+          finish(false);
+        }
+      }, 50);
+      const finish = (alive) => {
+        clearInterval(check);
+        sess.probe = null;
+        resolve(alive);
+      };
+    });
+    return sess.probe;
   }
 
   _keepAlive(sess) {

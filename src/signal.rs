@@ -154,6 +154,13 @@ pub enum ClientMessage {
         target: PcTarget,
         candidate: IceCandidate,
     },
+    /// Restart ICE on one of the participant's connections (its network changed, or the
+    /// connection went `disconnected`/`failed`), keeping its tracks, DTLS and SRTP.
+    /// `subscriber`: the server sends a `subscribe_offer` with new ICE credentials; answer it
+    /// as usual. `publisher`: the client is that connection's offerer, so it restarts with a
+    /// `publish_offer` made with `createOffer({ iceRestart: true })` (or after
+    /// `RTCPeerConnection.restartIce()`), and this message only gets an error telling so.
+    IceRestart { target: PcTarget },
     /// Subscribe to (or unsubscribe from) tracks by server id.
     Subscribe {
         track_ids: Vec<String>,
@@ -432,6 +439,7 @@ const CLIENT_TYPES: &[&str] = &[
     "publish_offer",
     "subscribe_answer",
     "trickle",
+    "ice_restart",
     "subscribe",
     "mute",
     "remove_participant",

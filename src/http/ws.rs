@@ -1293,6 +1293,7 @@ fn kind(msg: &ClientMessage) -> &'static str {
         ClientMessage::PublishOffer { .. } => "publish_offer",
         ClientMessage::SubscribeAnswer { .. } => "subscribe_answer",
         ClientMessage::Trickle { .. } => "trickle",
+        ClientMessage::IceRestart { .. } => "ice_restart",
         ClientMessage::Subscribe { .. } => "subscribe",
         ClientMessage::Mute { .. } => "mute",
         ClientMessage::RemoveParticipant { .. } => "remove_participant",

@@ -40,12 +40,12 @@ use rtc::ice::tcp_type::TcpType;
 use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
-use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
 };
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::configuration::{RTCConfigurationBuilder, RTCOfferOptions};
 use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -287,6 +287,7 @@ macro_rules! part_mut {
     }};
 }
 
+mod ice;
 mod moderation;
 
 impl<T: Transmit> Sfu<T> {
@@ -807,10 +808,16 @@ impl<T: Transmit> Sfu<T> {
                 .is_some_and(|(a, _)| *a == to)
                 && demux::binding_kind(&out.message) == Some(BindingKind::Success)
             {
-                // The nominating check was answered.
+                // The nominating check was answered: the client uses this pair from now on
+                // (after an ICE restart, a new one), and so does the fast path.
                 pc.pending_nomination = None;
+                if pc.media_addr != Some(to) {
+                    debug!(pc = ?key.kind, %to, "media address: the nominated pair");
+                    pc.media_addr = Some(to);
+                }
             }
-            if out.message.first().is_some_and(|&b| b > 3) {
+            if out.message.first().is_some_and(|&b| b > 3) && pc.media_addr != Some(to) {
+                debug!(pc = ?key.kind, %to, "media address: where rtc sends");
                 pc.media_addr = Some(to);
             }
             let origin = egress::is_rtp(&out.message).then_some(out.now);
@@ -2503,11 +2510,11 @@ impl<T: Transmit> Sfu<T> {
     /// paths handle.
     fn new_pc(&mut self, key: PcKey) -> Result<Pc, SfuError> {
         let rtc_err = |e: rtc::shared::error::Error| SfuError::Rtc(e.to_string());
-        let ufrag = random_string(&mut self.rng, 16);
-        let pwd = random_string(&mut self.rng, 32);
+        // No fixed ICE credentials: `rtc` draws them (from the crypto provider's CSPRNG) and
+        // draws new ones for an ICE restart, which fixed ones would defeat. The demux learns
+        // each ufrag from the local description (`sync_ufrag`).
         let mut setting = SettingEngineBuilder::new()
             .with_answering_dtls_role(RTCDtlsRole::Client)
-            .with_ice_credentials(ufrag.clone(), pwd)
             .with_lite(true);
         let mut me = media_engine().map_err(rtc_err)?;
         let c = KeyCapture::new().map_err(|e| SfuError::Rtc(e.to_string()))?;
@@ -2596,7 +2603,6 @@ impl<T: Transmit> Sfu<T> {
         }
         rtc.add_local_candidate(RTCIceCandidateInit::default())
             .map_err(|e| SfuError::Rtc(e.to_string()))?;
-        self.demux.register(key, &ufrag);
         Ok(Pc {
             rtc,
             deadline: None,
@@ -2608,6 +2614,7 @@ impl<T: Transmit> Sfu<T> {
             capture,
             remote_candidates: 0,
             pending_nomination: None,
+            restart_wanted: false,
         })
     }
 
@@ -2829,7 +2836,9 @@ impl<T: Transmit> Sfu<T> {
             return;
         }
         p.sub_needs_offer = false;
-        let offer = match p.sub.rtc.create_offer(None) {
+        let restart = std::mem::take(&mut p.sub.restart_wanted);
+        let options = restart.then_some(RTCOfferOptions { ice_restart: true });
+        let offer = match p.sub.rtc.create_offer(options) {
             Ok(o) => o,
             Err(e) => {
                 warn!(participant = %p.pid, "create_offer failed: {e}");
@@ -2848,11 +2857,13 @@ impl<T: Transmit> Sfu<T> {
             .unwrap_or(offer.sdp);
         p.sub_offer_pending = true;
         p.offers_sent += 1;
-        self.send_to(part, ServerMessage::SubscribeOffer { sdp });
-        self.mark_dirty(PcKey {
+        let key = PcKey {
             part,
             kind: PcKind::Subscriber,
-        });
+        };
+        self.sync_ufrag(key, &sdp);
+        self.send_to(part, ServerMessage::SubscribeOffer { sdp });
+        self.mark_dirty(key);
     }
 
     fn handle_client(&mut self, part: PartKey, msg: ClientMessage) {
@@ -2878,6 +2889,7 @@ impl<T: Transmit> Sfu<T> {
             ClientMessage::Trickle { target, candidate } => {
                 self.on_trickle(part, target, candidate)
             }
+            ClientMessage::IceRestart { target } => self.on_ice_restart(part, target),
             ClientMessage::Subscribe {
                 track_ids,
                 subscribe,
@@ -3322,6 +3334,12 @@ impl<T: Transmit> Sfu<T> {
             });
         match res {
             Ok(sdp) => {
+                if self.sync_ufrag(key, &sdp) {
+                    // An ICE restart: the agent dropped the old remote candidates.
+                    if let Some(pc) = self.pc_mut(key) {
+                        pc.remote_candidates = 0;
+                    }
+                }
                 if let Some(pc) = self.pc_mut(key) {
                     pc.remote_candidates += candidates;
                 }

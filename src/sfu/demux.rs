@@ -208,16 +208,35 @@ impl<K: Copy + Eq + Hash> Demux<K> {
         Self::default()
     }
 
-    /// A new connection with its (server-side) ICE ufrag.
+    /// A connection's (server-side) ICE ufrag: a new connection, or a new ufrag after an ICE
+    /// restart. STUN requests with the old ufrag name no connection from then on (its agent
+    /// would refuse them anyway); the addresses the connection owns stay its own until a check
+    /// with the new ufrag moves it elsewhere.
     pub fn register(&mut self, key: K, ufrag: &str) {
+        match self.conns.entry(key) {
+            Entry::Occupied(mut e) => {
+                let conn = e.get_mut();
+                if conn.ufrag == ufrag {
+                    return;
+                }
+                if self.ufrags.get(&conn.ufrag) == Some(&key) {
+                    self.ufrags.remove(&conn.ufrag);
+                }
+                conn.ufrag = ufrag.to_owned();
+            }
+            Entry::Vacant(e) => {
+                e.insert(Conn {
+                    ufrag: ufrag.to_owned(),
+                    addrs: Vec::new(),
+                });
+            }
+        }
         self.ufrags.insert(ufrag.to_owned(), key);
-        self.conns.insert(
-            key,
-            Conn {
-                ufrag: ufrag.to_owned(),
-                addrs: Vec::new(),
-            },
-        );
+    }
+
+    /// The connection's current ufrag, if it is registered.
+    pub fn ufrag_of(&self, key: K) -> Option<&str> {
+        self.conns.get(&key).map(|c| c.ufrag.as_str())
     }
 
     /// The connection is gone: its ufrag, the addresses it still owns and its checks.
@@ -518,6 +537,38 @@ mod tests {
         assert_eq!(d.route(&m, addr(9001), now), Ok(2));
         let m = stun(REQUEST, 1, Some("nobody:client"));
         assert_eq!(d.route(&m, addr(9000), now), Err(DropReason::UnknownUfrag));
+    }
+
+    #[test]
+    fn an_ice_restart_moves_requests_to_the_new_ufrag_and_keeps_the_addresses() {
+        let (mut d, now) = setup();
+        assert_eq!(d.on_send(1, DTLS, addr(9000), now), Claim::Claimed);
+        d.register(1, "srv1-restarted");
+        assert_eq!(d.ufrag_of(1), Some("srv1-restarted"));
+        let old = stun(REQUEST, 1, Some("srv1:client"));
+        assert_eq!(
+            d.route(&old, addr(9000), now),
+            Err(DropReason::UnknownUfrag)
+        );
+        let new = stun(REQUEST, 2, Some("srv1-restarted:client2"));
+        assert_eq!(d.route(&new, addr(9100), now), Ok(1));
+        // Media from the address it had keeps flowing until the client moves.
+        assert_eq!(d.route(SRTP, addr(9000), now), Ok(1));
+        // The new address is the connection's once it answers a check from there.
+        assert_eq!(
+            d.on_send(1, &stun(SUCCESS, 2, None), addr(9100), now),
+            Claim::Claimed
+        );
+        assert_eq!(d.route(SRTP, addr(9100), now), Ok(1));
+        d.release(1);
+        assert_eq!(
+            d.route(&new, addr(9100), now),
+            Err(DropReason::UnknownUfrag)
+        );
+        assert_eq!(
+            d.route(SRTP, addr(9100), now),
+            Err(DropReason::UnknownAddress)
+        );
     }
 
     #[test]

@@ -310,6 +310,8 @@ pub struct CoreStats {
     pub nack_sent_to_publishers: u64,
     pub twcc_feedback_sent: u64,
     pub receiver_reports_sent: u64,
+    /// ICE restarts done, on publisher and subscriber connections (see `core::ice`).
+    pub ice_restarts: u64,
     /// Time forwarded RTP packets spent in the server: read from the socket → handed to the
     /// kernel, over the process life (subtract two snapshots' buckets for a window).
     pub forward_latency: latency::LatencySnapshot,
@@ -413,6 +415,7 @@ impl CoreStats {
             nack_sent_to_publishers,
             twcc_feedback_sent,
             receiver_reports_sent,
+            ice_restarts,
             forward_latency,
             ice_tcp,
             shards,
@@ -449,6 +452,7 @@ impl CoreStats {
         self.nack_sent_to_publishers += nack_sent_to_publishers;
         self.twcc_feedback_sent += twcc_feedback_sent;
         self.receiver_reports_sent += receiver_reports_sent;
+        self.ice_restarts += ice_restarts;
         self.udp_dropped.merge(udp_dropped);
         self.forward_dropped.merge(forward_dropped);
         self.limits_hit.merge(limits_hit);

@@ -126,8 +126,8 @@ pub(super) struct Pc {
     /// Connectivity checks that arrived before the remote description (the client starts
     /// checking as soon as it has answered; its answer may still be on the WebSocket).
     pub(super) early: Vec<(SocketAddr, Instant, BytesMut)>,
-    /// Where `rtc` last sent something other than STUN (DTLS, SCTP): the remote address of
-    /// the selected candidate pair, where the fast path sends media.
+    /// Where the fast path sends media and feedback: the remote address of the pair the client
+    /// nominated last, or where `rtc` last sent something other than STUN (DTLS, SCTP).
     pub(super) media_addr: Option<SocketAddr>,
     /// Records SRTP key derivation for the fast path.
     pub(super) capture: Option<KeyCapture>,
@@ -136,6 +136,9 @@ pub(super) struct Pc {
     /// The client's latest nominating check (USE-CANDIDATE) that `rtc` has not answered yet
     /// (it answers only once its own check of the pair succeeded), and where it came from.
     pub(super) pending_nomination: Option<(SocketAddr, BytesMut)>,
+    /// The client asked for an ICE restart of this (subscriber) connection: the next offer
+    /// carries new credentials.
+    pub(super) restart_wanted: bool,
 }
 
 /// At most this many early datagrams are kept per peer connection.

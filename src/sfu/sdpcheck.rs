@@ -140,6 +140,15 @@ fn check(sdp: &str, publishing: bool) -> Result<(), SdpError> {
     Ok(())
 }
 
+/// The ICE ufrag of an SDP (`a=ice-ufrag:`, session or first media level: bundled sections
+/// share one).
+pub fn ice_ufrag(sdp: &str) -> Option<&str> {
+    sdp.lines()
+        .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+}
+
 /// Candidates (`a=candidate:` lines) in an SDP.
 pub fn count_candidates(sdp: &str) -> usize {
     sdp.lines()

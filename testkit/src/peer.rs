@@ -54,7 +54,7 @@ use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-    RTCConfigurationBuilder, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
+    RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceConnectionState, RTCPeerConnectionIceEvent,
     RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
     register_default_interceptors,
 };
@@ -324,6 +324,12 @@ pub enum PeerEvent {
     ConnectionState {
         target: PcTarget,
         state: RTCPeerConnectionState,
+    },
+    /// The ICE connection state of one connection (it goes through `checking` again after an
+    /// ICE restart).
+    IceState {
+        target: PcTarget,
+        state: RTCIceConnectionState,
     },
     /// A forwarded track delivered its first packet.
     TrackStarted {
@@ -823,6 +829,20 @@ impl PeerConnectionEventHandler for PcHandler {
                     .push(format!("local candidate to_json: {e}"))
             }),
         }
+        done()
+    }
+
+    fn on_ice_connection_state_change<'life0, 'async_trait>(
+        &'life0 self,
+        state: RTCIceConnectionState,
+    ) -> HandlerFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        let target = self.target;
+        self.shared
+            .update(|s| s.push(PeerEvent::IceState { target, state }));
         done()
     }
 
@@ -2741,6 +2761,45 @@ impl Peer {
                 }
             })
             .await?
+    }
+
+    /// Restarts ICE on one connection and returns once the new ICE credentials are
+    /// negotiated (not once ICE has connected again: wait for [`PeerEvent::IceState`]). The
+    /// publisher connection restarts with an ICE-restart offer (`publish_offer`), the
+    /// subscriber connection by asking the server (`ice_restart`), which offers. webrtc-rs
+    /// gathers again on new sockets: the server sees the client at new addresses.
+    pub async fn restart_ice(&self, target: PcTarget) -> Result<()> {
+        let t = self.opts.timeout;
+        match target {
+            PcTarget::Publisher => {
+                let pc = self
+                    .publisher
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("{}: no publisher connection", self.name()))?;
+                let before = self.negotiation().publish_answers;
+                bounded(t, "restart_ice", pc.restart_ice()).await?;
+                let offer = bounded(t, "create_offer(restart)", pc.create_offer(None)).await?;
+                let sdp = offer.sdp.clone();
+                bounded(
+                    t,
+                    "set_local_description(restart)",
+                    pc.set_local_description(offer),
+                )
+                .await?;
+                self.shared.update(|s| s.negotiation.publish_offers += 1);
+                self.send(ClientMessage::PublishOffer { sdp }).await?;
+                self.shared
+                    .wait_until(t, "restart answer applied", |s| {
+                        (s.negotiation.publish_answers > before).then_some(())
+                    })
+                    .await
+            }
+            PcTarget::Subscriber => {
+                let before = self.negotiation().subscribe_answers;
+                self.send(ClientMessage::IceRestart { target }).await?;
+                self.wait_for_subscribe_answers(before + 1, t).await
+            }
+        }
     }
 
     /// The direct handles, for tests that need the webrtc-rs API.

@@ -8,7 +8,7 @@
 //   FIREFOX        Firefox binary (default /usr/bin/firefox-esr), driven over WebDriver BiDi
 //   ARTIFACTS      where screenshots and logs go (default target/browser)
 //   TURNSERVER     coturn's turnserver binary (default /usr/bin/turnserver), for the TURN tests
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, createWriteStream, existsSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -455,4 +455,161 @@ export function recordIceTimes() {
       });
     }
   };
+}
+
+let nextQueue = 7100;
+
+/**
+ * A lossy, slow link for one local UDP port (a browser's ICE candidate): every packet to it
+ * (`downlink`) and, unless `uplink: false`, every packet from it is dropped with probability
+ * `loss` and the others are delayed by `delayMs` — what `tc qdisc … netem loss 10% delay 100ms`
+ * would do on that flow. Done in user space (tests/browser/impair.py behind iptables NFQUEUE
+ * rules on OUTPUT), so it needs only iptables and nfnetlink_queue, not the netem qdisc, which
+ * not every kernel has. Run inside the loopback-only namespace: the rules match every local
+ * flow on that port. Throws when the impairer or a rule cannot be set up (never skips).
+ * Returns {stats() → {downlink, uplink} counters ({seen, dropped, accepted}), lift() → final
+ * counters: removes the rules, then releases what the impairer still holds}.
+ */
+export async function impairUdp(port, { loss = 0.1, delayMs = 100, uplink = true, seed = null } = {}) {
+  const queues = { downlink: nextQueue++, ...(uplink ? { uplink: nextQueue++ } : {}) };
+  const rules = [['OUTPUT', '-p', 'udp', '--dport', String(port), '-j', 'NFQUEUE', '--queue-num', String(queues.downlink)]];
+  if (uplink) rules.push(['OUTPUT', '-p', 'udp', '--sport', String(port), '-j', 'NFQUEUE', '--queue-num', String(queues.uplink)]);
+  const args = [join(here, 'impair.py'), '--loss', String(loss), '--delay-ms', String(delayMs), ...Object.values(queues).flatMap((q) => ['--queue', String(q)])];
+  if (seed !== null) args.push('--seed', String(seed));
+  const child = spawn('python3', args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  const counters = {};
+  let out = '';
+  let err = '';
+  let ready = false;
+  let exited = null;
+  child.stdout.on('data', (d) => {
+    out += d.toString();
+    let nl;
+    while ((nl = out.indexOf('\n')) >= 0) {
+      const line = out.slice(0, nl).trim();
+      out = out.slice(nl + 1);
+      if (line === 'ready') ready = true;
+      else if (line.startsWith('{')) {
+        const s = JSON.parse(line);
+        if (s.queue !== undefined) counters[s.queue] = s;
+      }
+    }
+  });
+  child.stderr.on('data', (d) => (err += d.toString()));
+  child.on('close', (code, signal) => (exited = { code, signal })); // after stdout's last line
+  child.on('error', (e) => (exited = { error: e.message }));
+  const byDirection = () => Object.fromEntries(Object.entries(queues).map(([dir, q]) => [dir, counters[q] ?? { seen: 0, dropped: 0, accepted: 0 }]));
+  let installed = null;
+  const stop = async () => {
+    installed?.remove();
+    installed = null;
+    if (!exited) {
+      child.stdin.end();
+      await waitFor(() => exited, { timeout: 5_000, what: 'impair.py to exit' }).catch(() => child.kill('SIGKILL'));
+    }
+  };
+  try {
+    await waitFor(
+      () => {
+        if (exited) throw new Error(`impair.py exited (${JSON.stringify(exited)}): ${err.trim()}`);
+        return ready;
+      },
+      { timeout: 10_000, what: 'impair.py to bind its NFQUEUE queues' },
+    );
+    installed = iptablesRules(rules);
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return {
+    queues,
+    stats: byDirection,
+    async lift() {
+      await stop();
+      if (exited?.code !== 0 && exited?.signal !== 'SIGTERM') throw new Error(`impair.py failed (${JSON.stringify(exited)}): ${err.trim()}`);
+      return byDirection();
+    },
+  };
+}
+
+/**
+ * Insert iptables rules (each `[chain, …match, '-j', target]`) at the top of their chains.
+ * Throws (the test fails) when iptables is missing or refuses one: never skipped. Returns
+ * {remove()}, which deletes them again (warning, not throwing, if one is already gone).
+ */
+export function iptablesRules(rules) {
+  const added = [];
+  const remove = () => {
+    for (const rule of added.splice(0).reverse()) {
+      try {
+        execFileSync('iptables', ['-D', ...rule], { timeout: 10_000 });
+      } catch (e) {
+        console.warn(`warning: could not remove iptables rule ${rule.join(' ')}: ${e.message}`);
+      }
+    }
+  };
+  try {
+    for (const rule of rules) {
+      execFileSync('iptables', ['-I', ...rule], { encoding: 'utf8', timeout: 10_000 });
+      added.push(rule);
+    }
+  } catch (e) {
+    remove();
+    throw e;
+  }
+  return { rules, remove };
+}
+
+/**
+ * Drop UDP to and from Plaza's media ports `udpPort`…`udpPort + 255` (every shard's), as a
+ * firewall that blocks UDP would: only ICE-TCP (or a relay) still connects. Returns {remove()}.
+ */
+export function blockUdpToPlaza(udpPort) {
+  const range = `${udpPort}:${udpPort + 255}`;
+  return iptablesRules([
+    ['OUTPUT', '-p', 'udp', '--dport', range, '-j', 'DROP'],
+    ['OUTPUT', '-p', 'udp', '--sport', range, '-j', 'DROP'],
+  ]);
+}
+
+/**
+ * Open the server's page in `p` and join `room` as `name` with the module client (not the
+ * demo UI; no reconnect), optionally relay only and publishing camera + microphone. The
+ * client is window.__client. Returns {t0 (page ms just before connect()), participantId,
+ * iceServers}.
+ */
+export async function joinWithClient(p, base, { room, name, forceRelay = false, publish = false, options = {} }) {
+  await p.page.goto(`${base}/`);
+  return p.page.evaluate(
+    async ({ room, name, forceRelay, publish, options }) => {
+      const { PlazaClient } = await import('/plaza-client.js');
+      const t0 = performance.now();
+      const c = new PlazaClient({ room, name, forceRelay, reconnect: false, ...options });
+      window.__client = c;
+      const joined = await c.connect();
+      if (publish) await c.publish({ video: true, audio: true });
+      return { t0, participantId: c.participantId, iceServers: joined.ice_servers ?? null };
+    },
+    { room, name, forceRelay, publish, options },
+  );
+}
+
+/**
+ * Page time (ms) when window.__client first decoded a remote video frame; polls getStats
+ * every 20 ms, up to `timeout` ms; null when none was decoded by then.
+ */
+export function firstDecodedFrameAt(p, { timeout = 20_000 } = {}) {
+  return p.page.evaluate(async (timeout) => {
+    const c = window.__client;
+    const deadline = performance.now() + timeout;
+    while (performance.now() < deadline) {
+      for (const [id, rt] of c.remoteTracks) {
+        if (rt.kind !== 'video') continue;
+        const s = await c.getTrackStats(id);
+        if (s?.framesDecoded > 0) return performance.now();
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    return null;
+  }, timeout);
 }

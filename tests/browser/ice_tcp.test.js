@@ -5,43 +5,23 @@
 // block) and over TCP, and both are printed.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { startServer, launchParticipant, joinViaUrl, waitFor, remoteStats, waitForMediaFrom, loopbackOnly } from './harness.js';
+import { startServer, launchParticipant, joinViaUrl, waitFor, remoteStats, waitForMediaFrom, loopbackOnly, blockUdpToPlaza } from './harness.js';
 
 // Its own ports (UDP and TCP 7902, 7903, …), so that it never meets another test file's server.
 const PORT = 7900;
 const UDP_PORT = 7902;
-// Every shard's port (at most 256 shards).
-const UDP_RANGE = `${UDP_PORT}:${UDP_PORT + 255}`;
-const BLOCK_RULES = [
-  ['OUTPUT', '-p', 'udp', '--dport', UDP_RANGE, '-j', 'DROP'],
-  ['OUTPUT', '-p', 'udp', '--sport', UDP_RANGE, '-j', 'DROP'],
-];
 
 let server;
-let blocked = false;
+let block = null;
 const open = new Set();
 
-function iptables(...args) {
-  // Throws (and fails the test) when iptables is missing or refuses: never skipped.
-  return execFileSync('iptables', args, { encoding: 'utf8', timeout: 10_000 });
-}
-
 function blockUdp() {
-  for (const rule of BLOCK_RULES) iptables('-I', ...rule);
-  blocked = true;
+  block = blockUdpToPlaza(UDP_PORT);
 }
 
 function unblockUdp() {
-  if (!blocked) return;
-  for (const rule of BLOCK_RULES) {
-    try {
-      iptables('-D', ...rule);
-    } catch (e) {
-      console.warn(`warning: could not remove iptables rule ${rule.join(' ')}: ${e.message}`);
-    }
-  }
-  blocked = false;
+  block?.remove();
+  block = null;
 }
 
 /** Records every RTCPeerConnection the page makes in window.__pcs (an init script). */

@@ -8,7 +8,16 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { startServer, startTurnServer, launchParticipant, waitFor, loopbackOnly, percentile } from './harness.js';
+import {
+  startServer,
+  startTurnServer,
+  launchParticipant,
+  waitFor,
+  loopbackOnly,
+  percentile,
+  joinWithClient as joinWith,
+  firstDecodedFrameAt,
+} from './harness.js';
 
 const SECRET = 'plaza-browser-test-turn-secret-7f3a9c';
 // Not the other tests' ports: this server has TURN configured.
@@ -32,42 +41,7 @@ async function close(p) {
   await p.close();
 }
 
-/**
- * Open the page, join `room` as `name` with the module client (optionally relay only and
- * publishing camera + microphone). Returns {t0 (page ms before connect), participantId, iceServers}.
- */
-async function joinWithClient(p, { room, name, forceRelay, publish }) {
-  await p.page.goto(`${server.url}/`);
-  return p.page.evaluate(
-    async ({ room, name, forceRelay, publish }) => {
-      const { PlazaClient } = await import('/plaza-client.js');
-      const t0 = performance.now();
-      const c = new PlazaClient({ room, name, forceRelay, reconnect: false });
-      window.__client = c;
-      const joined = await c.connect();
-      if (publish) await c.publish({ video: true, audio: true });
-      return { t0, participantId: c.participantId, iceServers: joined.ice_servers ?? null };
-    },
-    { room, name, forceRelay, publish },
-  );
-}
-
-/** Page time (ms) when the first remote video frame was decoded; polls every 20 ms, up to 20 s. */
-function firstDecodedFrameAt(p) {
-  return p.page.evaluate(async () => {
-    const c = window.__client;
-    const deadline = performance.now() + 20_000;
-    while (performance.now() < deadline) {
-      for (const [id, rt] of c.remoteTracks) {
-        if (rt.kind !== 'video') continue;
-        const s = await c.getTrackStats(id);
-        if (s?.framesDecoded > 0) return performance.now();
-      }
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    return null;
-  });
-}
+const joinWithClient = (p, opts) => joinWith(p, server.url, opts);
 
 /** Video frames decoded from the first remote video track. */
 function framesDecoded(p) {
