@@ -1,6 +1,6 @@
 //! WHIP ingest (RFC 9725) against the real server: a webrtc-rs WHIP publisher (no Plaza
 //! signaling) publishes to a room and a WebSocket subscriber receives its media; `DELETE`
-//! unpublishes it; trickle `PATCH` with `If-Match`; simulcast offers become layers; and every
+//! unpublishes it; trickle `PATCH` with `If-Match`, an ICE restart; simulcast offers become layers; and every
 //! refusal has its status (401, 403, 404, 405, 412, 413, 415, 422, 428, 503), never a 500,
 //! with nothing left behind.
 
@@ -49,6 +49,14 @@ async fn participant_named(viewer: &common::Peer, name: &str) -> String {
         PeerEvent::Server(ServerMessage::ParticipantJoined { participant }) => participant.id,
         _ => unreachable!(),
     }
+}
+
+/// The first `a=ice-ufrag` of an SDP or fragment.
+fn ufrag(sdp: &str) -> String {
+    sdp.lines()
+        .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn assert_cors(r: &HttpReply, what: &str) {
@@ -145,17 +153,7 @@ async fn whip_publisher_is_received_by_room_subscribers_until_deleted() {
 
     // Trickle: a candidate with the session's ETag is taken; what the publisher trickled by
     // itself was too.
-    let frag = "a=ice-ufrag:whatever\r\na=ice-pwd:whateverwhateverwhatever\r\n\
-                m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n\
-                a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host\r\n";
-    // (Its credentials are not the offer's: an ICE restart, which is not supported.)
     let sdpfrag = ("Content-Type", "application/trickle-ice-sdpfrag");
-    let r = whip
-        .request("PATCH", &[sdpfrag, ("If-Match", "*")], frag.as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(r.status, 422, "ICE restart: {}", r.body);
-    assert_cors(&r, "422");
     let trickle = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n\
                    a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host\r\n\
                    a=end-of-candidates\r\n";
@@ -213,6 +211,57 @@ async fn whip_publisher_is_received_by_room_subscribers_until_deleted() {
     assert_cors(&r, "OPTIONS on the session");
     // Media still flows after all that.
     wait_growth(&viewer, &ids[1], 10).await;
+
+    // ICE restart: new credentials with `If-Match: *` → 200 with the server's new ones and a
+    // new ETag; ICE connects again and media goes on.
+    let old_etag = whip.etag.clone();
+    let old_ufrag = ufrag(&whip.created.body);
+    let r = whip.restart_ice().await.expect("ICE restart");
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/trickle-ice-sdpfrag")
+    );
+    assert_ne!(
+        ufrag(&r.body),
+        old_ufrag,
+        "new server credentials: {}",
+        r.body
+    );
+    assert!(
+        r.body.contains("a=candidate:") && r.body.contains("a=end-of-candidates"),
+        "{}",
+        r.body
+    );
+    assert_ne!(whip.etag, old_etag, "a new ETag");
+    assert_eq!(r.header("etag"), Some(whip.etag.as_str()));
+    let stale = whip
+        .request(
+            "PATCH",
+            &[sdpfrag, ("If-Match", old_etag.as_str())],
+            trickle.as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        stale.status, 412,
+        "the ETag before the restart: {}",
+        stale.body
+    );
+    let etag = whip.etag.clone();
+    let r = whip
+        .request(
+            "PATCH",
+            &[sdpfrag, ("If-Match", etag.as_str())],
+            trickle.as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "trickle after the restart: {}", r.body);
+    for id in &ids {
+        wait_growth(&viewer, id, 20).await;
+    }
+    let (_, h) = server.healthz().await.unwrap();
+    assert_eq!(h["ice_restarts"], 1, "{h}");
 
     // DELETE: the tracks are unpublished and the participant leaves.
     let mark = viewer.event_count();

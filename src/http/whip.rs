@@ -4,7 +4,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `POST /whip/{room}[/{name}]`, `application/sdp` offer, `Authorization: Bearer <token>` | `201` + answer (`application/sdp`), `Location`, `ETag`, `Link: <…>; rel="ice-server"` |
-//! | `PATCH /whip/{room}/sessions/{id}`, `application/trickle-ice-sdpfrag`, `If-Match` | `204` (trickle); `422` for an ICE restart (not supported) |
+//! | `PATCH /whip/{room}/sessions/{id}`, `application/trickle-ice-sdpfrag`, `If-Match` | `204` (trickle); `200` + the server's new fragment and a new `ETag` (ICE restart) |
 //! | `DELETE /whip/{room}/sessions/{id}` | `200`: the participant leaves, its tracks are unpublished |
 //! | `OPTIONS` on either | `204` with the CORS headers |
 //!
@@ -334,7 +334,7 @@ async fn publish(
             )
                 .into_response();
             res = with_header(res, header::LOCATION, &location(&room, &s.id));
-            res = with_header(res, header::ETAG, &s.etag);
+            res = with_header(res, header::ETAG, &started.etag);
             res = with_header(res, HeaderName::from_static("accept-patch"), SDPFRAG);
             for link in ice_links(&ice) {
                 if let Ok(v) = HeaderValue::from_str(&link) {
@@ -348,13 +348,7 @@ async fn publish(
 }
 
 fn start_refusal(state: &AppState, e: StartError) -> Response {
-    let busy = |message: String| {
-        with_header(
-            refuse(StatusCode::SERVICE_UNAVAILABLE, message),
-            header::RETRY_AFTER,
-            &RETRY_AFTER_S.to_string(),
-        )
-    };
+    let busy = unavailable;
     match e {
         StartError::Join(SfuError::TooManyRooms(m)) => {
             HttpCounters::inc(&state.counters.joins_refused_rooms);
@@ -391,8 +385,8 @@ fn if_match(value: &str, etag: &str) -> bool {
         .any(|t| t == "*" || t == etag)
 }
 
-/// `PATCH /whip/{room}/sessions/{id}`: trickle ICE. An ICE restart (new credentials in the
-/// fragment) is not supported: 422, as RFC 9725 §4.3.1 says for a server with trickle only.
+/// `PATCH /whip/{room}/sessions/{id}`: trickle ICE (204), or an ICE restart (new
+/// credentials in the fragment: 200 with the server's new ones).
 async fn update(
     State(state): State<AppState>,
     Path((room, id)): Path<(String, String)>,
@@ -415,24 +409,40 @@ async fn update(
             "a WHIP PATCH needs `If-Match` (the session's ETag, or `*` for an ICE restart)",
         );
     };
-    if !if_match(tag, &session.etag) {
+    let fragment = match sdpfrag::parse(&body) {
+        Ok(f) => f,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bad SDP fragment: {e}")),
+    };
+    // One PATCH at a time per session: a restart changes what the next one is checked against.
+    let mut ice = session.ice.lock().await;
+    if !if_match(tag, &ice.etag) {
         return refuse(
             StatusCode::PRECONDITION_FAILED,
             "`If-Match` does not match the session's ETag",
         );
     }
-    let fragment = match sdpfrag::parse(&body) {
-        Ok(f) => f,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bad SDP fragment: {e}")),
+    let restart = match (&fragment.ufrag, &fragment.pwd) {
+        (Some(u), Some(p)) if ice.remote_ufrag.as_deref() != Some(u) => Some((u, p)),
+        _ => None,
     };
-    let restart = fragment.pwd.is_some()
-        && fragment.ufrag.is_some()
-        && fragment.ufrag.as_deref() != session.remote_ufrag.as_deref();
-    if restart {
-        return refuse(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "ICE restart is not supported: DELETE this session and POST a new offer",
-        );
+    let mut reply = StatusCode::NO_CONTENT.into_response();
+    if let Some((ufrag, pwd)) = restart {
+        let offer = sdpfrag::restart_offer(&ice.offer, ufrag, pwd);
+        match session.renegotiate(offer.clone()).await {
+            Ok(answer) => {
+                info!(session = %session.id, "WHIP ICE restart");
+                ice.offer = offer;
+                ice.remote_ufrag = Some(ufrag.clone());
+                ice.etag = session::new_etag();
+                reply = (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, HeaderValue::from_static(SDPFRAG))],
+                    sdpfrag::answer_fragment(&answer),
+                )
+                    .into_response();
+            }
+            Err(e) => return restart_refusal(e),
+        }
     }
     for candidate in fragment.candidates {
         let msg = ClientMessage::Trickle {
@@ -445,21 +455,30 @@ async fn update(
             .await
             .is_err()
         {
-            return with_header(
-                refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the server is shutting down",
-                ),
-                header::RETRY_AFTER,
-                &RETRY_AFTER_S.to_string(),
-            );
+            return unavailable("the server is shutting down".to_owned());
         }
     }
+    with_header(reply, header::ETAG, &ice.etag)
+}
+
+fn unavailable(message: String) -> Response {
     with_header(
-        StatusCode::NO_CONTENT.into_response(),
-        header::ETAG,
-        &session.etag,
+        refuse(StatusCode::SERVICE_UNAVAILABLE, message),
+        header::RETRY_AFTER,
+        &RETRY_AFTER_S.to_string(),
     )
+}
+
+fn restart_refusal(e: StartError) -> Response {
+    match e {
+        StartError::Offer(ErrorCode::Unavailable | ErrorCode::Internal, m) => unavailable(m),
+        StartError::Offer(_, m) => refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("ICE restart refused: {m}"),
+        ),
+        StartError::Join(e) => unavailable(e.to_string()),
+        StartError::Timeout => unavailable("the SFU core did not answer in time".to_owned()),
+    }
 }
 
 /// `DELETE /whip/{room}/sessions/{id}`: the participant leaves; its tracks are unpublished.

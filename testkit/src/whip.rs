@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::{
-    PeerConnection, PeerConnectionEventHandler, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
-    RTCPeerConnectionState, RTCSessionDescription,
+    PeerConnection, PeerConnectionEventHandler, RTCIceCandidateInit, RTCIceConnectionState,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription,
 };
 
 use super::keyframe::{KeyframeRequestTap, keyframe_request_ssrcs};
@@ -142,6 +142,8 @@ impl Default for WhipOptions {
 
 struct Handler {
     state: watch::Sender<Option<RTCPeerConnectionState>>,
+    /// Times ICE reached `connected` (or `completed`): one more after each restart.
+    ice_connected: watch::Sender<u64>,
     candidates: mpsc::UnboundedSender<String>,
 }
 
@@ -159,6 +161,23 @@ impl PeerConnectionEventHandler for Handler {
             && !init.candidate.trim().is_empty()
         {
             let _ = self.candidates.send(init.candidate);
+        }
+        done()
+    }
+
+    fn on_ice_connection_state_change<'life0, 'async_trait>(
+        &'life0 self,
+        state: RTCIceConnectionState,
+    ) -> HandlerFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        if matches!(
+            state,
+            RTCIceConnectionState::Connected | RTCIceConnectionState::Completed
+        ) {
+            self.ice_connected.send_modify(|n| *n += 1);
         }
         done()
     }
@@ -187,6 +206,14 @@ struct Local {
     sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
 }
 
+/// What the trickle task names in its `PATCH`es.
+struct TrickleAs {
+    etag: String,
+    ufrag: String,
+    pwd: String,
+    mid: String,
+}
+
 /// A connected WHIP session.
 pub struct WhipPublisher {
     addr: SocketAddr,
@@ -198,7 +225,13 @@ pub struct WhipPublisher {
     /// The 201 response.
     pub created: HttpReply,
     token: Option<String>,
+    timeout: Duration,
+    /// The answer as last applied (an ICE restart applies it again with new credentials).
+    answer: String,
+    /// What the trickle task sends with: the ETag, and the ICE credentials of the offer.
+    trickle: Arc<Mutex<TrickleAs>>,
     state: watch::Receiver<Option<RTCPeerConnectionState>>,
+    ice_connected: watch::Receiver<u64>,
     local: Vec<Local>,
     /// Statuses of the trickle `PATCH`es.
     patches: Arc<Mutex<Vec<u16>>>,
@@ -218,9 +251,11 @@ impl WhipPublisher {
     ) -> Result<WhipPublisher> {
         let t = opts.timeout;
         let (state_tx, state) = watch::channel(None);
+        let (ice_tx, ice_connected) = watch::channel(0);
         let (cand_tx, mut cand_rx) = mpsc::unbounded_channel();
         let handler = Arc::new(Handler {
             state: state_tx,
+            ice_connected: ice_tx,
             candidates: cand_tx,
         });
         let pc = new_peer_connection(
@@ -298,44 +333,35 @@ impl WhipPublisher {
             pc.set_remote_description(answer),
         )
         .await?;
-        let mut seen = Vec::new();
-        for c in created
-            .body
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("a="))
-        {
-            if c.starts_with("candidate:") && !seen.iter().any(|s: &String| s == c) {
-                seen.push(c.to_owned());
-                let init = RTCIceCandidateInit {
-                    candidate: c.to_owned(),
-                    sdp_mid: Some("0".to_owned()),
-                    sdp_mline_index: Some(0),
-                    ..Default::default()
-                };
-                bounded(t, "add_ice_candidate", pc.add_ice_candidate(init)).await?;
-            }
-        }
-        if seen.is_empty() {
+        if add_candidates(&pc, &created.body, t).await? == 0 {
             bail!("the answer has no candidates (the server should not need to trickle)");
         }
         let patches = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
+        let trickle = Arc::new(Mutex::new(TrickleAs {
+            etag: etag.clone(),
+            ufrag: sdp_attr(&offer.sdp, "a=ice-ufrag:").unwrap_or_default(),
+            pwd: sdp_attr(&offer.sdp, "a=ice-pwd:").unwrap_or_default(),
+            mid: sdp_attr(&offer.sdp, "a=mid:").unwrap_or_else(|| "0".to_owned()),
+        }));
         if opts.trickle {
-            let ufrag = sdp_attr(&offer.sdp, "a=ice-ufrag:").unwrap_or_default();
-            let pwd = sdp_attr(&offer.sdp, "a=ice-pwd:").unwrap_or_default();
-            let mid = sdp_attr(&offer.sdp, "a=mid:").unwrap_or_else(|| "0".to_owned());
-            let (location, etag, patches, auth) = (
+            let (location, trickle, patches, auth) = (
                 location.clone(),
-                etag.clone(),
+                trickle.clone(),
                 patches.clone(),
                 auth.clone(),
             );
             let task = tokio::spawn(async move {
                 while let Some(candidate) = cand_rx.recv().await {
-                    let frag = format!(
-                        "a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\n\
-                         a=mid:{mid}\r\na={candidate}\r\n"
-                    );
+                    let (frag, etag) = {
+                        let a = lock(&trickle);
+                        let frag = format!(
+                            "a=ice-ufrag:{}\r\na=ice-pwd:{}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\n\
+                             a=mid:{}\r\na={candidate}\r\n",
+                            a.ufrag, a.pwd, a.mid
+                        );
+                        (frag, a.etag.clone())
+                    };
                     let mut headers = vec![
                         ("Content-Type", "application/trickle-ice-sdpfrag"),
                         ("If-Match", etag.as_str()),
@@ -351,6 +377,7 @@ impl WhipPublisher {
             });
             tasks.push(task.abort_handle());
         }
+        let answer = created.body.clone();
         let mut publisher = WhipPublisher {
             addr,
             pc,
@@ -358,7 +385,11 @@ impl WhipPublisher {
             etag,
             created,
             token: token.map(str::to_owned),
+            timeout: t,
+            answer,
+            trickle,
             state,
+            ice_connected,
             local,
             patches,
             tasks,
@@ -456,6 +487,89 @@ impl WhipPublisher {
         Ok(())
     }
 
+    /// Restarts ICE as RFC 9725 §4.4 has it: new credentials (webrtc-rs gathers again on new
+    /// sockets) in a `PATCH` with `If-Match: *`; the server's `200` fragment is applied as the
+    /// answer with its new credentials. Returns that response once ICE has connected again.
+    pub async fn restart_ice(&mut self) -> Result<HttpReply> {
+        let t = self.timeout;
+        let before = *self.ice_connected.borrow();
+        bounded(t, "restart_ice", self.pc.restart_ice()).await?;
+        let offer = bounded(t, "create_offer(restart)", self.pc.create_offer(None)).await?;
+        bounded(
+            t,
+            "set_local_description(restart)",
+            self.pc.set_local_description(offer.clone()),
+        )
+        .await?;
+        let ufrag = sdp_attr(&offer.sdp, "a=ice-ufrag:").unwrap_or_default();
+        let pwd = sdp_attr(&offer.sdp, "a=ice-pwd:").unwrap_or_default();
+        let mid = lock(&self.trickle).mid.clone();
+        let frag = format!(
+            "a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:{mid}\r\n"
+        );
+        let r = self
+            .request(
+                "PATCH",
+                &[
+                    ("Content-Type", "application/trickle-ice-sdpfrag"),
+                    ("If-Match", "*"),
+                ],
+                frag.as_bytes(),
+            )
+            .await?;
+        if r.status != 200 {
+            bail!("ICE restart PATCH: {} {}", r.status, r.body.trim());
+        }
+        let new_ufrag = sdp_attr(&r.body, "a=ice-ufrag:")
+            .ok_or_else(|| anyhow!("restart answer without a=ice-ufrag: {}", r.body))?;
+        let new_pwd = sdp_attr(&r.body, "a=ice-pwd:")
+            .ok_or_else(|| anyhow!("restart answer without a=ice-pwd: {}", r.body))?;
+        let mut answer = String::new();
+        for line in self.answer.lines().map(str::trim_end) {
+            let line = if line.starts_with("a=ice-ufrag:") {
+                format!("a=ice-ufrag:{new_ufrag}")
+            } else if line.starts_with("a=ice-pwd:") {
+                format!("a=ice-pwd:{new_pwd}")
+            } else if line.starts_with("a=candidate:") {
+                continue;
+            } else {
+                line.to_owned()
+            };
+            answer.push_str(&line);
+            answer.push_str("\r\n");
+        }
+        let desc = RTCSessionDescription::answer(answer.clone())
+            .map_err(|e| anyhow!("restart answer SDP: {e}"))?;
+        bounded(
+            t,
+            "set_remote_description(restart)",
+            self.pc.set_remote_description(desc),
+        )
+        .await?;
+        add_candidates(&self.pc, &r.body, t).await?;
+        let etag = r
+            .header("etag")
+            .ok_or_else(|| anyhow!("restart answer without ETag"))?
+            .to_owned();
+        {
+            let mut a = lock(&self.trickle);
+            a.etag = etag.clone();
+            a.ufrag = ufrag;
+            a.pwd = pwd;
+        }
+        self.etag = etag;
+        self.answer = answer;
+        let ice = &mut self.ice_connected;
+        bounded(t, "ICE connected after the restart", async {
+            ice.wait_for(|n| *n > before)
+                .await
+                .map(|_| ())
+                .map_err(|e| anyhow!("{e}"))
+        })
+        .await?;
+        Ok(r)
+    }
+
     /// Pacer ticks so far (frames sent, over every encoding).
     pub fn frames_sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
@@ -504,6 +618,24 @@ impl Drop for WhipPublisher {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Adds the candidates of `sdp` (or of a fragment) to `pc`; how many.
+async fn add_candidates(pc: &Arc<dyn PeerConnection>, sdp: &str, t: Duration) -> Result<usize> {
+    let mut seen = Vec::new();
+    for c in sdp.lines().filter_map(|l| l.trim().strip_prefix("a=")) {
+        if c.starts_with("candidate:") && !seen.iter().any(|s: &String| s == c) {
+            seen.push(c.to_owned());
+            let init = RTCIceCandidateInit {
+                candidate: c.to_owned(),
+                sdp_mid: Some("0".to_owned()),
+                sdp_mline_index: Some(0),
+                ..Default::default()
+            };
+            bounded(t, "add_ice_candidate", pc.add_ice_candidate(init)).await?;
+        }
+    }
+    Ok(seen.len())
 }
 
 fn sdp_attr(sdp: &str, prefix: &str) -> Option<String> {

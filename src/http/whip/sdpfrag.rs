@@ -107,6 +107,72 @@ pub fn parse(body: &[u8]) -> Result<Fragment, FragmentError> {
     Ok(out)
 }
 
+/// `offer` with new ICE credentials (an ICE restart as RFC 9725 §4.4 has it: the rest of the
+/// offer still applies), its candidates left out (the fragment's are trickled after) and its
+/// `o=` session version one higher.
+pub fn restart_offer(offer: &str, ufrag: &str, pwd: &str) -> String {
+    let mut out = String::with_capacity(offer.len());
+    for line in offer.lines().map(str::trim_end) {
+        let line = if line.starts_with("a=ice-ufrag:") {
+            format!("a=ice-ufrag:{ufrag}")
+        } else if line.starts_with("a=ice-pwd:") {
+            format!("a=ice-pwd:{pwd}")
+        } else if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue;
+        } else if let Some(origin) = line.strip_prefix("o=") {
+            let mut f: Vec<String> = origin.split(' ').map(str::to_owned).collect();
+            if let Some(n) = f.get(2).and_then(|v| v.parse::<u64>().ok()) {
+                f[2] = n.wrapping_add(1).to_string();
+            }
+            format!("o={}", f.join(" "))
+        } else {
+            line.to_owned()
+        };
+        out.push_str(&line);
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// The server's side of an ICE restart as a fragment (RFC 8840, the `200` of a restart
+/// `PATCH`): `a=ice-lite` if the answer says so, its new credentials, its first `m=` line and
+/// `a=mid`, its candidates and `a=end-of-candidates`.
+pub fn answer_fragment(answer: &str) -> String {
+    let mut out = String::new();
+    let mut push = |l: &str| {
+        out.push_str(l);
+        out.push_str("\r\n");
+    };
+    let lines: Vec<&str> = answer.lines().map(str::trim).collect();
+    if lines.contains(&"a=ice-lite") {
+        push("a=ice-lite");
+    }
+    for prefix in ["a=ice-ufrag:", "a=ice-pwd:"] {
+        if let Some(l) = lines.iter().find(|l| l.starts_with(prefix)) {
+            push(l);
+        }
+    }
+    let mut first = lines.iter().skip_while(|l| !l.starts_with("m="));
+    if let Some(m) = first.next() {
+        push(m);
+        if let Some(mid) = first
+            .take_while(|l| !l.starts_with("m="))
+            .find(|l| l.starts_with("a=mid:"))
+        {
+            push(mid);
+        }
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for c in lines.iter().filter(|l| l.starts_with("a=candidate:")) {
+        if !seen.contains(c) {
+            seen.push(c);
+            push(c);
+        }
+    }
+    push("a=end-of-candidates");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +233,41 @@ mod tests {
         );
         // An empty fragment (nothing new) is fine.
         assert_eq!(parse(b""), Ok(Fragment::default()));
+    }
+
+    #[test]
+    fn a_restart_offer_has_the_new_credentials_and_no_candidates() {
+        let offer = "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\n\
+                     m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=ice-ufrag:old\r\na=ice-pwd:oldpwd\r\n\
+                     a=mid:0\r\na=candidate:1 1 udp 1 10.0.0.1 1 typ host\r\na=end-of-candidates\r\n\
+                     m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=ice-ufrag:old\r\na=ice-pwd:oldpwd\r\na=mid:1\r\n";
+        let r = restart_offer(offer, "new", "newpwd");
+        assert!(
+            r.contains("o=- 4611731400430051336 3 IN IP4 127.0.0.1\r\n"),
+            "{r}"
+        );
+        assert_eq!(r.matches("a=ice-ufrag:new\r\n").count(), 2, "{r}");
+        assert_eq!(r.matches("a=ice-pwd:newpwd\r\n").count(), 2, "{r}");
+        assert!(!r.contains("old") && !r.contains("candidate"), "{r}");
+        assert!(r.contains("a=mid:1\r\n"));
+    }
+
+    #[test]
+    fn the_answer_as_a_fragment() {
+        let answer = "v=0\r\ns=-\r\na=ice-lite\r\na=group:BUNDLE 0 1\r\n\
+                      m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=ice-ufrag:u\r\na=ice-pwd:p\r\na=mid:0\r\n\
+                      a=candidate:1 1 udp 1 127.0.0.1 7882 typ host\r\na=end-of-candidates\r\n\
+                      m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\n\
+                      a=candidate:1 1 udp 1 127.0.0.1 7882 typ host\r\n";
+        assert_eq!(
+            answer_fragment(answer),
+            "a=ice-lite\r\na=ice-ufrag:u\r\na=ice-pwd:p\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+             a=mid:0\r\na=candidate:1 1 udp 1 127.0.0.1 7882 typ host\r\na=end-of-candidates\r\n"
+        );
+        // and it parses as one
+        let f = parse(answer_fragment(answer).as_bytes()).unwrap();
+        assert_eq!(f.ufrag.as_deref(), Some("u"));
+        assert_eq!(f.candidates.len(), 1);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use rand::distr::Alphanumeric;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span};
 
 /// How long a session start waits for the core's answer to the offer.
@@ -28,19 +28,54 @@ pub struct Session {
     pub id: String,
     pub room: String,
     pub participant_id: String,
-    /// The resource's entity tag, quoted (`"…"`).
-    pub etag: String,
-    /// The client's ICE username fragment from its offer: a fragment naming another one is
-    /// an ICE restart.
-    pub remote_ufrag: Option<String>,
+    /// What an ICE restart changes; a `PATCH` holds it while it runs, so restarts (and the
+    /// trickles around them) are applied one at a time.
+    pub ice: tokio::sync::Mutex<IceState>,
     /// Ends the session (with this reason).
     stop: mpsc::Sender<String>,
+    /// New offers for the participant's publisher connection (ICE restarts).
+    offers: mpsc::Sender<OfferRequest>,
+}
+
+/// The session's current negotiation.
+#[derive(Debug)]
+pub struct IceState {
+    /// The resource's entity tag, quoted (`"…"`); a new one after each ICE restart.
+    pub etag: String,
+    /// The client's ICE username fragment: a fragment naming another one is an ICE restart.
+    pub remote_ufrag: Option<String>,
+    /// The client's offer as last applied (an ICE restart applies it with new credentials).
+    pub offer: String,
+}
+
+/// An offer for the session's task to pass to the core, and where its answer goes.
+#[derive(Debug)]
+struct OfferRequest {
+    sdp: String,
+    reply: oneshot::Sender<Result<String, StartError>>,
 }
 
 impl Session {
     /// Ask the session's task to end the participant (idempotent).
     pub fn stop(&self, reason: &str) {
         let _ = self.stop.try_send(reason.to_owned());
+    }
+
+    /// Apply a new offer on the publisher connection (an ICE restart); the core's answer.
+    pub async fn renegotiate(&self, sdp: String) -> Result<String, StartError> {
+        let (reply, answer) = oneshot::channel();
+        let ask = async {
+            self.offers
+                .send(OfferRequest { sdp, reply })
+                .await
+                .map_err(|_| StartError::Join(SfuError::ShuttingDown))?;
+            answer
+                .await
+                .map_err(|_| StartError::Join(SfuError::ShuttingDown))?
+        };
+        tokio::time::timeout(ANSWER_TIMEOUT, ask)
+            .await
+            .unwrap_or(Err(StartError::Timeout))
     }
 }
 
@@ -98,6 +133,8 @@ pub enum StartError {
 pub struct Started {
     pub session: Arc<Session>,
     pub answer: String,
+    /// The session's first entity tag.
+    pub etag: String,
 }
 
 /// A random id of [`ID_CHARS`] letters and digits.
@@ -107,6 +144,11 @@ pub fn random_id() -> String {
         .take(ID_CHARS)
         .map(char::from)
         .collect()
+}
+
+/// A fresh entity tag, quoted.
+pub fn new_etag() -> String {
+    format!("\"{}\"", random_id())
 }
 
 /// Join `req` (its `events` are replaced by the session's own), send `offer` as the
@@ -126,7 +168,7 @@ pub async fn start_publisher(
     let pid = accepted.participant_id;
     let answer = async {
         handle
-            .client(&pid, ClientMessage::PublishOffer { sdp: offer })
+            .client(&pid, ClientMessage::PublishOffer { sdp: offer.clone() })
             .await
             .map_err(StartError::Join)?;
         loop {
@@ -159,39 +201,70 @@ pub async fn start_publisher(
         }
     };
     let (stop, stop_rx) = mpsc::channel(1);
+    let (offers, offers_rx) = mpsc::channel(1);
+    let etag = new_etag();
     let session = Arc::new(Session {
         id: random_id(),
         room: room.clone(),
         participant_id: pid.clone(),
-        etag: format!("\"{}\"", random_id()),
-        remote_ufrag,
+        ice: tokio::sync::Mutex::new(IceState {
+            etag: etag.clone(),
+            remote_ufrag,
+            offer,
+        }),
         stop,
+        offers,
     });
     state.whip.insert(Arc::clone(&session));
     let span = info_span!("whip", participant = %pid, room = %room, session = %session.id);
-    tokio::spawn(run(state.clone(), Arc::clone(&session), events, stop_rx).instrument(span));
-    Ok(Started { session, answer })
+    let task = run(
+        state.clone(),
+        Arc::clone(&session),
+        events,
+        stop_rx,
+        offers_rx,
+    );
+    tokio::spawn(task.instrument(span));
+    Ok(Started {
+        session,
+        answer,
+        etag,
+    })
 }
 
 /// The session's task: drains the participant's events until the core removes it or the
-/// session is stopped.
+/// session is stopped, and passes new offers (ICE restarts) to the core, handing back their
+/// answers.
 async fn run(
     state: AppState,
     session: Arc<Session>,
     mut events: mpsc::Receiver<ServerMessage>,
     mut stop: mpsc::Receiver<String>,
+    mut offers: mpsc::Receiver<OfferRequest>,
 ) {
     // Held until the session ends, so the server can wait for every session on shutdown.
     let _session_guard = state.sessions.clone();
     info!("WHIP session started");
+    let pid = session.participant_id.as_str();
     let mut removed_because: Option<String> = None;
+    let mut pending: Option<oneshot::Sender<Result<String, StartError>>> = None;
     let reason = loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(ServerMessage::Leave { reason }) => removed_because = Some(reason),
+                Some(ServerMessage::PublishAnswer { sdp }) => {
+                    if let Some(reply) = pending.take() {
+                        let _ = reply.send(Ok(sdp));
+                    }
+                }
                 Some(ServerMessage::Error { code, message, request }) => {
                     debug!(?code, %message, ?request, "error from the core");
+                    if request.as_deref() == Some("publish_offer") {
+                        if let Some(reply) = pending.take() {
+                            let _ = reply.send(Err(StartError::Offer(code, message)));
+                        }
+                    }
                 }
+                Some(ServerMessage::Leave { reason }) => removed_because = Some(reason),
                 Some(_) => {}
                 None => {
                     break removed_because
@@ -199,6 +272,12 @@ async fn run(
                         .map_or_else(|| "removed by the server".to_owned(), |r| format!("removed: {r}"));
                 }
             },
+            Some(request) = offers.recv() => {
+                let msg = ClientMessage::PublishOffer { sdp: request.sdp };
+                if state.handle.client(pid, msg).await.is_ok() {
+                    pending = Some(request.reply);
+                }
+            }
             reason = stop.recv() => break reason.unwrap_or_else(|| "session ended".to_owned()),
         }
     };
@@ -211,8 +290,5 @@ async fn run(
         state.whip.remove(&session.id);
     }
     info!(%reason, "WHIP session ended");
-    state
-        .handle
-        .disconnect(&session.participant_id, &reason)
-        .await;
+    state.handle.disconnect(pid, &reason).await;
 }
