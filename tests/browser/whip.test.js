@@ -1,8 +1,9 @@
 // WHIP ingest (RFC 9725) from a foreign client: a Chromium page on another origin publishes
 // its fake camera and microphone with plain fetch() — no Plaza client code, CORS preflight
 // and all — as three simulcast layers, and a Plaza subscriber page (the demo, subscribe-only)
-// decodes the video and receives the audio. Then a trickle PATCH with the session's ETag,
-// and DELETE: the publisher leaves the viewer's grid.
+// decodes the video and receives the audio. Then an ICE restart over PATCH (the viewer keeps
+// decoding), a trickle PATCH with the session's ETag, and DELETE: the publisher leaves the
+// viewer's grid.
 // Run with scripts/browser-tests.sh (loopback-only network namespace, server started here).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -127,6 +128,52 @@ describe('WHIP from a browser with plain fetch()', { timeout: 180_000 }, () => {
       return null;
     });
     assert.deepEqual(layers, ['f', 'h', 'q']);
+  });
+
+  it('an ICE restart over PATCH: Chromium gets the server\'s new credentials and the viewer keeps decoding', async () => {
+    const r = await publisher.page.evaluate(async () => {
+      const w = window.whip;
+      const { pc } = w;
+      const oldAnswer = pc.remoteDescription.sdp;
+      pc.restartIce();
+      await pc.setLocalDescription(await pc.createOffer());
+      const offer = pc.localDescription.sdp;
+      const ufrag = offer.match(/a=ice-ufrag:(\S+)/)[1];
+      const pwd = offer.match(/a=ice-pwd:(\S+)/)[1];
+      const mid = pc.getTransceivers()[0].mid;
+      const res = await fetch(w.location, {
+        method: 'PATCH',
+        headers: { 'Content-Type': 'application/trickle-ice-sdpfrag', 'If-Match': '*', Authorization: `Bearer ${w.token}` },
+        body: `a=ice-ufrag:${ufrag}\r\na=ice-pwd:${pwd}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:${mid}\r\n`,
+      });
+      const frag = await res.text();
+      if (res.status !== 200) return { status: res.status, frag };
+      const newUfrag = frag.match(/a=ice-ufrag:(\S+)/)[1];
+      const newPwd = frag.match(/a=ice-pwd:(\S+)/)[1];
+      // The answer as before, with the server's new credentials and candidates (RFC 9725 §4.4).
+      const candidates = frag.split(/\r?\n/).filter((l) => l.startsWith('a=candidate:'));
+      const sdp = oldAnswer
+        .split('\r\n')
+        .filter((l) => !l.startsWith('a=candidate:') && l !== 'a=end-of-candidates')
+        .map((l) => (l.startsWith('a=ice-ufrag:') ? `a=ice-ufrag:${newUfrag}` : l.startsWith('a=ice-pwd:') ? `a=ice-pwd:${newPwd}` : l))
+        .join('\r\n');
+      await pc.setRemoteDescription({ type: 'answer', sdp });
+      for (const c of candidates) await pc.addIceCandidate({ candidate: c.slice(2), sdpMid: mid });
+      const oldEtag = w.etag;
+      w.etag = res.headers.get('ETag');
+      return { status: res.status, changed: w.etag !== oldEtag, oldUfrag: oldAnswer.match(/a=ice-ufrag:(\S+)/)[1], newUfrag };
+    });
+    assert.equal(r.status, 200, JSON.stringify(r));
+    assert.ok(r.changed, 'a new ETag');
+    assert.notEqual(r.newUfrag, r.oldUfrag, 'new server credentials');
+    await waitFor(() => publisher.page.evaluate(() => ['connected', 'completed'].includes(window.whip.pc.iceConnectionState) && window.whip.pc.connectionState === 'connected'), {
+      timeout: 15_000,
+      what: 'Chromium\'s ICE to connect again after the restart',
+    });
+    const media = await waitForMediaFrom(viewer, 'chromium-whip');
+    assert.ok(media.v.frameWidth > 0);
+    const m = await fetch(`${server.url}/metrics`).then((x) => x.json());
+    assert.equal(m.ice_restarts, 1, 'the server restarted ICE once');
   });
 
   it('trickle PATCH with the ETag is taken, a stale one is refused, DELETE ends the session', async () => {
