@@ -165,8 +165,8 @@ fn location(room: &str, id: &str) -> String {
     out
 }
 
-/// `Link` header values for the ICE servers (RFC 9725 §4.6): one per URL, TURN ones with
-/// their credentials.
+/// `Link` header values for the ICE servers (RFC 9725, STUN/TURN server configuration): one
+/// per URL, TURN ones with their credentials.
 pub fn ice_links(servers: &[IceServer]) -> Vec<String> {
     let quoted = |s: &str| s.replace(['"', '\\'], "");
     let mut out = Vec::new();

@@ -487,7 +487,7 @@ impl WhipPublisher {
         Ok(())
     }
 
-    /// Restarts ICE as RFC 9725 §4.4 has it: new credentials (webrtc-rs gathers again on new
+    /// Restarts ICE as RFC 9725 has it: new credentials (webrtc-rs gathers again on new
     /// sockets) in a `PATCH` with `If-Match: *`; the server's `200` fragment is applied as the
     /// answer with its new credentials. Returns that response once ICE has connected again.
     pub async fn restart_ice(&mut self) -> Result<HttpReply> {

@@ -150,7 +150,7 @@ describe('WHIP from a browser with plain fetch()', { timeout: 180_000 }, () => {
       if (res.status !== 200) return { status: res.status, frag };
       const newUfrag = frag.match(/a=ice-ufrag:(\S+)/)[1];
       const newPwd = frag.match(/a=ice-pwd:(\S+)/)[1];
-      // The answer as before, with the server's new credentials and candidates (RFC 9725 §4.4).
+      // The answer as before, with the server's new credentials and candidates (RFC 9725, ICE restarts).
       const candidates = frag.split(/\r?\n/).filter((l) => l.startsWith('a=candidate:'));
       const sdp = oldAnswer
         .split('\r\n')

@@ -107,7 +107,7 @@ pub fn parse(body: &[u8]) -> Result<Fragment, FragmentError> {
     Ok(out)
 }
 
-/// `offer` with new ICE credentials (an ICE restart as RFC 9725 §4.4 has it: the rest of the
+/// `offer` with new ICE credentials (an ICE restart as RFC 9725 has it: the rest of the
 /// offer still applies), its candidates left out (the fragment's are trickled after) and its
 /// `o=` session version one higher.
 pub fn restart_offer(offer: &str, ufrag: &str, pwd: &str) -> String {
