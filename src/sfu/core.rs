@@ -3774,6 +3774,72 @@ mod tests {
         assert!(!h264_is_keyframe(&[0x78, 0xff]));
     }
 
+    /// A publish-only participant (WHIP) gets no subscriber offer, and the connect timeout
+    /// waits for its publisher connection: without one it is removed like any participant
+    /// whose transport never came up.
+    #[test]
+    fn a_publish_only_participant_is_never_offered_and_times_out_on_its_publisher() {
+        use crate::sfu::{EVENT_QUEUE, Grants};
+        use tokio::sync::{mpsc, oneshot};
+        let addr: SocketAddr = "127.0.0.1:7882".parse().unwrap();
+        let t0 = Instant::now();
+        let mut sfu = Sfu::new(
+            crate::sim::server::sim_config(addr.ip()),
+            addr,
+            1,
+            t0,
+            crate::sim::server::SimTransmit::default(),
+        );
+        let mut join = |publish_only: bool, name: &str| {
+            let (events, rx) = mpsc::channel(EVENT_QUEUE);
+            let (reply, mut answer) = oneshot::channel();
+            let req = JoinRequest {
+                room: "r".into(),
+                name: name.into(),
+                auto_subscribe: !publish_only,
+                events,
+                peers: Vec::new(),
+                identity: None,
+                grants: Grants::default(),
+                publish_only,
+            };
+            let _ = sfu.handle_command(t0, Command::Join { req, reply });
+            assert!(matches!(answer.try_recv(), Ok(Ok(_))), "{name} joins");
+            rx
+        };
+        let mut ingest = join(true, "ingest");
+        let mut viewer = join(false, "viewer");
+        sfu.end_turn(t0);
+        let drain = |rx: &mut mpsc::Receiver<ServerMessage>| {
+            let mut out = Vec::new();
+            while let Ok(m) = rx.try_recv() {
+                out.push(m);
+            }
+            out
+        };
+        let offers = |msgs: &[ServerMessage]| {
+            msgs.iter()
+                .filter(|m| matches!(m, ServerMessage::SubscribeOffer { .. }))
+                .count()
+        };
+        assert_eq!(offers(&drain(&mut ingest)), 0, "no subscriber offer");
+        assert_eq!(
+            offers(&drain(&mut viewer)),
+            1,
+            "a normal participant gets one"
+        );
+        let later = t0 + CONNECT_TIMEOUT + Duration::from_secs(1);
+        sfu.handle_timeout(later);
+        sfu.end_turn(later);
+        let left = drain(&mut ingest);
+        assert!(
+            left.iter()
+                .any(|m| matches!(m, ServerMessage::Leave { reason }
+                if reason.contains("did not connect"))),
+            "{left:?}"
+        );
+    }
+
     #[test]
     fn names_are_validated() {
         assert!(validate_name("room", "").is_err());
