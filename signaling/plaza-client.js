@@ -40,9 +40,9 @@ const DEFAULTS = {
   connectTimeout: 10_000, // ms for WebSocket open + `joined`
   pingInterval: 10_000, // ms between signaling pings
   pingTimeout: 25_000, // ms without any server message before the socket is considered dead
-  iceRestartDelay: 2000, // ms a connection may stay ICE 'disconnected' before its ICE restarts
+  iceRestartDelay: 500, // ms a connection may stay ICE 'disconnected' before its ICE restarts
   iceRestartTimeout: 15_000, // ms an ICE restart of a failed connection may take before rejoining
-  socketProbeTimeout: 1500, // ms a ping may go unanswered before an ICE restart resumes on a new socket
+  socketProbeTimeout: 1000, // ms a ping may go unanswered before an ICE restart resumes on a new socket
   sizeDebounce: 250, // ms between a video element's resize and the track_settings it causes
   // Simulcast layers keep their sizes under CPU or bandwidth pressure (the frame rate drops
   // instead, and the server switches layers), so a layer's size stays what the server expects.
@@ -654,6 +654,43 @@ export class PlazaClient extends Emitter {
    * `joined` (TURN credentials are per session) followed by `rtcConfiguration.iceServers`,
    * the rest of `rtcConfiguration`, and `iceTransportPolicy: 'relay'` with `forceRelay`.
    */
+  /**
+   * Fresh STUN/TURN servers (the reply to `ice_restart`): both peer connections use them from
+   * now on, and the next TURN refresh is scheduled from their expiry.
+   */
+  _useIceServers(sess, iceServers) {
+    sess.iceServers = iceServers;
+    const config = this._pcConfig({ ice_servers: iceServers });
+    for (const pc of [sess.pub, sess.sub]) {
+      try {
+        pc?.setConfiguration({ ...pc.getConfiguration(), iceServers: config.iceServers });
+      } catch (e) {
+        this._error('internal', `could not use the new ICE servers: ${e.message}`);
+      }
+    }
+    this._scheduleTurnRefresh(sess);
+    this.emit('iceservers', { iceServers });
+    const w = sess.iceServersWaiter;
+    sess.iceServersWaiter = null;
+    w?.();
+  }
+
+  /**
+   * TURN credentials expire (`<expiry unix s>:<id>` is their username): a minute before they
+   * do, restart ICE on both connections, which fetches fresh ones and re-allocates the relay.
+   */
+  _scheduleTurnRefresh(sess) {
+    clearTimeout(sess.turnRefresh);
+    const servers = sess.iceServers ?? sess.joinedMsg?.ice_servers ?? [];
+    const expiries = servers.map((x) => Number(String(x.username ?? '').split(':')[0])).filter((n) => n > 0);
+    if (!expiries.length) return;
+    const inMs = Math.min(...expiries) * 1000 - Date.now() - 60_000;
+    // setTimeout holds at most ~24.8 days; a refresh is never due sooner than in 10 s.
+    sess.turnRefresh = setTimeout(() => {
+      if (!sess.closed) this.restartIce('both', 'TURN credentials expire');
+    }, Math.min(Math.max(inMs, 10_000), 2 ** 31 - 1));
+  }
+
   _pcConfig(joined) {
     const own = this.options.rtcConfiguration ?? {};
     const iceServers = [...(joined?.ice_servers ?? []), ...(own.iceServers ?? [])];
@@ -702,6 +739,7 @@ export class PlazaClient extends Emitter {
     sub.onconnectionstatechange = () => this._onPcState(sess, 'subscriber', sub.connectionState);
     sub.oniceconnectionstatechange = () => this._onIceState(sess, 'subscriber', sub.iceConnectionState);
     sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
+    this._scheduleTurnRefresh(sess);
     const fresh = new Map();
     for (const p of msg.participants) {
       fresh.set(p.id, { id: p.id, name: p.name, tracks: new Map(p.tracks.map((t) => [t.id, t])) });
@@ -792,6 +830,9 @@ export class PlazaClient extends Emitter {
         break;
       case 'pong':
         if (typeof msg.ts === 'number') this.emit('pong', { rtt: performance.now() - msg.ts });
+        break;
+      case 'ice_servers':
+        this._useIceServers(sess, msg.ice_servers);
         break;
       case 'error': {
         const w = sess.pubAnswerWaiter;
@@ -958,7 +999,7 @@ export class PlazaClient extends Emitter {
       }
       return;
     }
-    const pc = new RTCPeerConnection(this._pcConfig(sess.joinedMsg));
+    const pc = new RTCPeerConnection(this._pcConfig(sess.iceServers ? { ice_servers: sess.iceServers } : sess.joinedMsg));
     sess.pub = pc;
     pc.onicecandidate = (e) => this._onLocalCandidate(sess, 'publisher', e.candidate);
     pc.onconnectionstatechange = () => this._onPcState(sess, 'publisher', pc.connectionState);
@@ -1116,9 +1157,13 @@ export class PlazaClient extends Emitter {
   /** ICE state of one connection: one that stays 'disconnected' gets an ICE restart. */
   _onIceState(sess, target, state) {
     if (sess.closed) return;
+    this.emit('icestatechange', { target, state });
     sess.iceTimers ??= {};
     clearTimeout(sess.iceTimers[target]);
-    if (state === 'disconnected') {
+    if (state === 'connected' || state === 'completed' || state === 'failed') {
+      // A restart is over: it worked, or a failed connection may try another.
+      if (sess.restarting) delete sess.restarting[target];
+    } else if (state === 'disconnected') {
       sess.iceTimers[target] = setTimeout(() => {
         const pc = target === 'publisher' ? sess.pub : sess.sub;
         if (!sess.closed && pc?.iceConnectionState === 'disconnected') this._restartIceOn(sess, target, 'ICE disconnected');
@@ -1143,22 +1188,49 @@ export class PlazaClient extends Emitter {
     if (sess.closed) return;
     // What broke the path often broke the WebSocket too (a new address), and a socket that
     // died silently would swallow the restart: check it first, and resume on a new one if it
-    // does not answer (what is sent meanwhile waits in the outbox).
-    await this._socketAlive(sess);
+    // does not answer (what is sent meanwhile waits in the outbox). A dead socket means the
+    // network changed under both connections: both restart.
+    const alive = await this._socketAlive(sess);
     if (sess.closed) return;
-    if (target === 'publisher') {
-      if (!sess.pub) return;
-      // Serialized with publishing: one publish_offer at a time.
-      const run = sess.pubQueue.then(() => (sess.closed ? undefined : this._renegotiatePublisher(sess, { restart: true })));
-      sess.pubQueue = run.catch(() => {});
-    } else {
-      if (!sess.sub?.remoteDescription) return;
-      // The server offers on this connection: it answers with a subscribe_offer that has new
-      // credentials. (Queued while the WebSocket is down; sent when the session resumes.)
-      this._sendOn(sess, { type: 'ice_restart', target: 'subscriber' });
+    sess.restarting ??= {};
+    for (const t of alive ? [target] : ['publisher', 'subscriber']) {
+      // One restart at a time per connection: until it connects again (or fails).
+      if (sess.restarting[t]) continue;
+      if (t === 'publisher') {
+        if (!sess.pub) continue;
+        // Serialized with publishing: one publish_offer at a time. With STUN/TURN servers,
+        // `ice_restart` fetches fresh TURN credentials first (the offer gathers with them).
+        const fresh = sess.joinedMsg?.ice_servers?.length ? () => this._freshIceServers(sess) : () => undefined;
+        const run = sess.pubQueue.then(async () => {
+          await fresh();
+          if (!sess.closed) await this._renegotiatePublisher(sess, { restart: true });
+        });
+        sess.pubQueue = run.catch(() => {});
+      } else {
+        if (!sess.sub?.remoteDescription) continue;
+        // The server offers on this connection: it answers with a subscribe_offer that has
+        // new credentials. (Queued while the WebSocket is down; sent when the session resumes.)
+        this._sendOn(sess, { type: 'ice_restart', target: 'subscriber' });
+      }
+      sess.restarting[t] = true;
+      this.iceRestarts[t]++;
+      this.emit('icerestart', { target: t, reason: t === target ? reason : `${reason} (${target}); the WebSocket was dead too` });
     }
-    this.iceRestarts[target]++;
-    this.emit('icerestart', { target, reason });
+  }
+
+  /** Ask for fresh ICE servers (`ice_restart` for the publisher) and wait for them (≤ 2 s). */
+  _freshIceServers(sess) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        sess.iceServersWaiter = null;
+        resolve();
+      }, 2000);
+      sess.iceServersWaiter = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      this._sendOn(sess, { type: 'ice_restart', target: 'publisher' });
+    });
   }
 
   /**
@@ -1231,6 +1303,7 @@ export class PlazaClient extends Emitter {
     if (sess.closed) return;
     sess.closed = true;
     clearInterval(sess.pingTimer);
+    clearTimeout(sess.turnRefresh);
     sess.pubAnswerWaiter?.reject(new PlazaError('unavailable', `session ended: ${reason}`));
     sess.pubAnswerWaiter = null;
     try {

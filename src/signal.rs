@@ -159,7 +159,8 @@ pub enum ClientMessage {
     /// `subscriber`: the server sends a `subscribe_offer` with new ICE credentials; answer it
     /// as usual. `publisher`: the client is that connection's offerer, so it restarts with a
     /// `publish_offer` made with `createOffer({ iceRestart: true })` (or after
-    /// `RTCPeerConnection.restartIce()`), and this message only gets an error telling so.
+    /// `RTCPeerConnection.restartIce()`); this message, sent first, only fetches fresh TURN
+    /// credentials (`ice_servers`) for it.
     IceRestart { target: PcTarget },
     /// Subscribe to (or unsubscribe from) tracks by server id.
     Subscribe {
@@ -314,6 +315,13 @@ pub enum ServerMessage {
         active: Vec<String>,
         #[serde(default)]
         paused: Vec<String>,
+    },
+    /// Reply to `ice_restart` when the server has STUN/TURN servers configured: the same
+    /// servers as in `joined`, with fresh TURN credentials. Set them on both peer connections
+    /// (`setConfiguration`) before the restart's negotiation, so the new candidates (and a new
+    /// relay allocation) use them.
+    IceServers {
+        ice_servers: Vec<IceServer>,
     },
     /// Something the client sent could not be done. The connection stays open unless the
     /// error is fatal (then the server closes the WebSocket).

@@ -9,7 +9,9 @@
 use plaza_testkit::{self as common, support};
 
 use common::{Peer, PeerEvent};
-use plaza::signal::{ClientMessage, ErrorCode, PcTarget, ServerMessage, TrackKind};
+use plaza::auth::Secret;
+use plaza::signal::{ClientMessage, IceServer, PcTarget, ServerMessage, TrackKind};
+use plaza::turn::IceConfig;
 use std::time::{Duration, Instant};
 use support::{T, TestServer, announced_track, publisher, subscriber, wait_growth};
 use webrtc::peer_connection::RTCIceConnectionState;
@@ -167,25 +169,70 @@ async fn both_connections_restart_ice_and_the_session_goes_on() {
     assert_eq!(metrics["ice_restarts"], 2, "{metrics}");
 }
 
+fn turn_expiry(servers: &[IceServer]) -> u64 {
+    let user = servers[0].username.as_deref().expect("a TURN username");
+    user.split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("<expiry>:<participant id>")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_asked_for_the_publisher_connection_is_explained() {
-    let server = TestServer::start().await;
-    let alice = publisher(&server, "restart-errors", "alice").await;
-    let from = alice.event_count();
+async fn ice_restart_brings_fresh_turn_credentials() {
+    const SECRET: &str = "a secret shared with the TURN server";
+    let mut config = support::test_config();
+    config.ice = IceConfig {
+        turn_urls: vec!["turn:127.0.0.1:3478?transport=udp".to_owned()],
+        turn_secret: Some(Secret::new(SECRET)),
+        turn_ttl: Duration::from_secs(600),
+        stun_urls: Vec::new(),
+    };
+    let server = TestServer::start_with(config).await;
+    let alice = publisher(&server, "restart-turn", "alice").await;
+    let at_join = turn_expiry(&alice.joined().ice_servers);
+    for target in [PcTarget::Publisher, PcTarget::Subscriber] {
+        let from = alice.event_count();
+        alice
+            .send(ClientMessage::IceRestart { target })
+            .await
+            .unwrap();
+        let (_, reply) = alice
+            .wait_for_event_after(
+                from,
+                |e| matches!(e, PeerEvent::Server(ServerMessage::IceServers { .. })),
+                T,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{target:?}: fresh ICE servers: {e:#}"));
+        let PeerEvent::Server(ServerMessage::IceServers { ice_servers }) = reply else {
+            unreachable!()
+        };
+        assert_eq!(ice_servers[0].urls, ["turn:127.0.0.1:3478?transport=udp"]);
+        let user = ice_servers[0].username.clone().unwrap();
+        assert!(
+            user.ends_with(&format!(":{}", alice.participant_id())),
+            "{user}"
+        );
+        assert!(turn_expiry(&ice_servers) >= at_join, "{user}");
+        assert_eq!(
+            ice_servers[0].credential.as_deref(),
+            Some(plaza::turn::credential(SECRET.as_bytes(), &user).as_str()),
+            "coturn's REST scheme: base64(HMAC-SHA1(secret, username))"
+        );
+    }
+    // The subscriber restart was made (the publisher's is alice's own offer, not made here),
+    // and nothing went wrong.
     alice
-        .send(ClientMessage::IceRestart {
-            target: PcTarget::Publisher,
-        })
+        .wait_for_subscribe_answers(2, T)
         .await
-        .unwrap();
-    let err = alice
-        .wait_for_error_after(from, T)
-        .await
-        .expect("an error for ice_restart on the publisher connection");
-    assert_eq!(err.0, ErrorCode::InvalidState, "{err:?}");
-    assert!(err.1.contains("iceRestart"), "{err:?}");
-    // It changed nothing.
+        .expect("the restart offer answered");
+    assert!(
+        alice.server_errors().is_empty(),
+        "{:?}",
+        alice.server_errors()
+    );
     let (_, metrics) = support::metrics(server.http_addr).await.unwrap();
-    assert_eq!(metrics["ice_restarts"], 0, "{metrics}");
+    assert_eq!(metrics["ice_restarts"], 1, "{metrics}");
     alice.ping().await.expect("the session goes on");
 }

@@ -925,6 +925,32 @@ async fn read_loop(
                 "already joined: `resume` must be the first message of a new connection",
                 Some("resume"),
             ),
+            Ok(ClientMessage::IceRestart { target }) => {
+                // Fresh TURN credentials first (the client sets them before it negotiates the
+                // restart), then the core restarts what it offers on.
+                let ice = &guards.settings.ice;
+                if !ice.is_empty() {
+                    let ice_servers = ice.ice_servers(pid, std::time::SystemTime::now());
+                    if local
+                        .send(Out::Msg(ServerMessage::IceServers { ice_servers }))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                match handle
+                    .client(pid, ClientMessage::IceRestart { target })
+                    .await
+                {
+                    Ok(()) => continue,
+                    Err(_) => ServerMessage::error(
+                        ErrorCode::Unavailable,
+                        "the server is shutting down",
+                        Some("ice_restart"),
+                    ),
+                }
+            }
             Ok(ClientMessage::Leave) => {
                 let _ = handle.client(pid, ClientMessage::Leave).await;
                 let flush_writer = local

@@ -673,6 +673,9 @@ impl<T: Transmit> Sfu<T> {
             // (20–130 ms for Firefox). The client takes the answer for its transaction.
             if let Some((addr, check)) = pc.pending_nomination.take() {
                 if addr == from {
+                    // Still pending until its answer goes out (`flush` then moves the media
+                    // address to this pair).
+                    pc.pending_nomination = Some((addr, check.clone()));
                     res = read(pc, check);
                 }
             }

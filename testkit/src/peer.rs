@@ -222,6 +222,8 @@ pub struct JoinedInfo {
     pub max_data_message: usize,
     /// For `resume` after a dropped connection (absent when the server does not resume).
     pub resume_token: Option<String>,
+    /// The STUN/TURN servers the server handed out (empty when it has none).
+    pub ice_servers: Vec<plaza::signal::IceServer>,
     /// WebSocket open → `joined` received.
     pub join_latency: Duration,
 }
@@ -1466,6 +1468,7 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             participants,
             max_data_message,
             resume_token,
+            ice_servers,
             ..
         } => {
             s.participant_id = Some(participant_id.clone());
@@ -1481,6 +1484,7 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
                     participants: participants.clone(),
                     max_data_message: *max_data_message,
                     resume_token: resume_token.clone(),
+                    ice_servers: ice_servers.clone(),
                     join_latency: ws_opened_at.elapsed(),
                 }));
             }

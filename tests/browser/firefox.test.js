@@ -141,6 +141,47 @@ describe('Firefox', { timeout: 300_000 }, () => {
     console.log(`# Firefox sends ${await describeLayers()}; quality=low viewer decodes ${low} wide, quality=high viewer ${high} wide`);
   });
 
+  it('Firefox restarts ICE on both connections and stays in the room: media and chat go on', async () => {
+    const room = `ff-restart-${Date.now()}`;
+    await joinViaUrl(fox, server.url, room, 'fox');
+    await joinViaUrl(chrome, server.url, room, 'chrome');
+    await Promise.all([waitForMediaFrom(fox, 'chrome'), waitForMediaFrom(chrome, 'fox')]);
+    for (const p of [fox, chrome]) {
+      await p.page.evaluate(() => {
+        window.__events = [];
+        for (const t of ['icestatechange', 'icerestart', 'participantleft', 'participantjoined', 'trackunpublished']) {
+          window.plaza.client.on(t, (d) => window.__events.push({ t, target: d?.target, state: d?.state }));
+        }
+      });
+    }
+    const metrics = async () => (await (await fetch(`${server.url}/metrics`)).json()).ice_restarts;
+    const before = await metrics();
+    const foxId = await fox.page.evaluate(() => window.plaza.client.participantId);
+    await fox.page.evaluate(() => window.plaza.client.restartIce('both', 'test'));
+    await waitFor(async () => (await metrics()) >= before + 2, { timeout: 15_000, what: 'the server to restart ICE on both of Firefox\'s connections' });
+    // Firefox checks the new credentials and connects again on both.
+    await waitFor(
+      () =>
+        fox.page.evaluate(() => {
+          const c = window.plaza.client;
+          const s = c._sess;
+          return c.iceRestarts.publisher > 0 && c.iceRestarts.subscriber > 0 && ['connected', 'completed'].includes(s?.pub?.iceConnectionState) && ['connected', 'completed'].includes(s?.sub?.iceConnectionState);
+        }),
+      { timeout: 15_000, what: 'Firefox to connect again after its ICE restarts' },
+    );
+    await Promise.all([waitForMediaFrom(fox, 'chrome'), waitForMediaFrom(chrome, 'fox')]);
+    // Chat to Firefox travels on its restarted subscriber connection (SCTP on the new pair).
+    await sendChat(chrome, 'after the restart');
+    await waitForChat(fox, 'chrome', 'after the restart');
+    await sendChat(fox, 'restarted fine');
+    await waitForChat(chrome, 'fox', 'restarted fine');
+    assert.equal(await fox.page.evaluate(() => window.plaza.client.participantId), foxId);
+    const seen = await chrome.page.evaluate(() => window.__events.filter((e) => e.t !== 'icestatechange'));
+    assert.deepEqual(seen, [], 'chromium saw no leave, join or unpublish');
+    const foxStates = await fox.page.evaluate(() => window.__events.filter((e) => e.t === 'icestatechange').map((e) => `${e.target}:${e.state}`));
+    console.log(`# Firefox ICE states across its restart: ${foxStates.join(', ')}`);
+  });
+
   it('two Firefox participants decode each other', async () => {
     const room = `ff-ff-${Date.now()}`;
     // Leave the previous room first: nothing else is published to the Firefox pair.

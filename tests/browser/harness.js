@@ -277,9 +277,9 @@ export function loopbackOnly() {
  * `extraArgs` are appended to CHROMIUM_ARGS; `dropFakeUi` leaves out the flag that accepts
  * the camera prompt (so `--deny-permission-prompts` can refuse it).
  */
-export async function launchParticipant(label, { extraArgs = [], dropFakeUi = false, viewport = { width: 1280, height: 800 } } = {}) {
+export async function launchParticipant(label, { extraArgs = [], dropFakeUi = false, viewport = { width: 1280, height: 800 }, executablePath = CHROMIUM } = {}) {
   const base = dropFakeUi ? CHROMIUM_ARGS.filter((a) => a !== '--use-fake-ui-for-media-stream') : CHROMIUM_ARGS;
-  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...base, ...extraArgs] });
+  const browser = await chromium.launch({ executablePath, headless: true, args: [...base, ...extraArgs] });
   const context = await browser.newContext({ viewport });
   const page = await context.newPage();
   const logs = [];

@@ -163,6 +163,38 @@ describe('TURN relay (coturn)', { timeout: 300_000 }, () => {
     await close(viewer);
   });
 
+  it('an ICE restart over the relay fetches fresh TURN credentials and re-allocates', async () => {
+    const viewer = await participant('turn-restarter');
+    const info = await joinWithClient(viewer, { room, name: 'restarter', forceRelay: true, publish: false });
+    assert.ok((await firstDecodedFrameAt(viewer)) !== null, 'the relay-only viewer decoded no video within 20 s');
+    await waitFor(() => turn.allocations(info.participantId).length > 0, { timeout: 5_000, what: 'a first allocation' });
+    const allocations = turn.allocations(info.participantId).length;
+    await viewer.page.evaluate(() => {
+      window.__fresh = [];
+      window.__client.on('iceservers', (d) => window.__fresh.push(d.iceServers));
+      window.__client.restartIce('both', 'test');
+    });
+    await waitFor(() => viewer.page.evaluate(() => window.__fresh.length >= 1 && window.__client.iceRestarts.subscriber > 0), {
+      timeout: 10_000,
+      what: "fresh ICE servers and the subscriber restart",
+    });
+    const fresh = await viewer.page.evaluate(() => window.__fresh[0]);
+    assert.deepEqual(fresh[0].urls, turn.urls);
+    assert.equal(fresh[0].username.split(':')[1], info.participantId);
+    assert.ok(Number(fresh[0].username.split(':')[0]) >= Number(info.iceServers[0].username.split(':')[0]), 'not older than the join credentials');
+    // The restarted connection gathers a new relay candidate with them, and media flows on
+    // through the relay.
+    await waitFor(() => turn.allocations(info.participantId).length > allocations, {
+      timeout: 15_000,
+      what: `coturn to allocate a new relay for the restarted connection (see ${turn.logPath})`,
+    });
+    const first = await framesDecoded(viewer);
+    await waitFor(async () => (await framesDecoded(viewer)) >= first + 10, { timeout: 15_000, what: 'video over the relay after the restart' });
+    const pairs = await selectedPairs(viewer);
+    assert.equal(pairs.subscriber?.local.candidateType, 'relay', JSON.stringify(pairs));
+    await close(viewer);
+  });
+
   it('join → first decoded frame, over TURN and direct', async () => {
     const relayViewer = await participant('turn-relay-viewer');
     const directViewer = await participant('turn-direct-viewer');

@@ -6,7 +6,8 @@
 //!   and the answer carries the server's new credentials.
 //! - **Subscriber connection** (the server offers): the client asks with `ice_restart`; the next
 //!   `subscribe_offer` is made with `ice_restart` and carries new credentials (after the one
-//!   in flight, if any, is answered).
+//!   in flight, if any, is answered). (`ice_restart` for the publisher connection changes
+//!   nothing here: the signaling session answers it with fresh TURN credentials.)
 //!
 //! The server is ICE-lite: it learns the client's new address from its checks with the new
 //! ufrag, and the fast paths send to the pair the client nominates (`flush`). Media keeps going
@@ -19,15 +20,9 @@ impl<T: Transmit> Sfu<T> {
     /// `ice_restart`.
     pub(super) fn on_ice_restart(&mut self, part: PartKey, target: PcTarget) {
         match target {
-            PcTarget::Publisher => self.send_to(
-                part,
-                ServerMessage::error(
-                    ErrorCode::InvalidState,
-                    "the client offers on the publisher connection: restart it with a \
-                     publish_offer made with createOffer({iceRestart: true})",
-                    Some("ice_restart"),
-                ),
-            ),
+            // The client offers on the publisher connection: its restart is its next
+            // `publish_offer` (the signaling session has sent it fresh TURN credentials).
+            PcTarget::Publisher => {}
             PcTarget::Subscriber => {
                 let Some(p) = part_mut!(self, part) else {
                     return;
