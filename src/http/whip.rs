@@ -227,6 +227,8 @@ async fn publish(
     body: Bytes,
 ) -> Response {
     if conn.as_ref().is_some_and(ConnMeta::is_reserve) {
+        // Past the connection cap: this connection serves monitoring, not sessions (counted
+        // with the WebSocket refusals, the same reserve).
         HttpCounters::inc(&state.counters.websocket_refused);
         let res = refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -316,7 +318,17 @@ async fn publish(
         grants: core_grants,
         publish_only: true,
     };
-    match session::start_publisher(&state, req, offer.to_owned(), remote_ufrag).await {
+    // Run to the end even if the client goes away meanwhile (the handler's future is dropped
+    // then): a participant that joined is either given its session or removed again, never
+    // left without one.
+    let start = tokio::spawn({
+        let (state, offer) = (state.clone(), offer.to_owned());
+        async move { session::start_publisher(&state, req, offer, remote_ufrag).await }
+    });
+    let started = start
+        .await
+        .unwrap_or(Err(StartError::Join(SfuError::ShuttingDown)));
+    match started {
         Ok(started) => {
             let s = &started.session;
             info!(room = %room, participant = %s.participant_id, session = %s.id, "WHIP publisher joined");
