@@ -4,9 +4,11 @@
 #   scripts/browser-tests.sh            run tests/browser/*.test.js
 #   scripts/browser-tests.sh --bench    also run the measurements (tests/browser/bench.js, then
 #                                       tests/browser/netbench.js: join over UDP / ICE-TCP / TURN,
-#                                       session resume after a reset or an outage)
+#                                       session resume after a reset or an outage; then
+#                                       tests/browser/restartbench.js: ICE restart after an
+#                                       address change)
 #   scripts/browser-tests.sh --bench-only
-#   scripts/browser-tests.sh --netbench-only   only tests/browser/netbench.js
+#   scripts/browser-tests.sh --netbench-only   only netbench.js and restartbench.js
 #
 # Installs what is missing (Debian chromium and firefox-esr via apt; coturn, the TURN server of
 # the TURN tests, iptables, which blocks direct UDP in some of them, and python3, which runs
@@ -121,6 +123,8 @@ step "entering a loopback-only network namespace"
   if [ "$3" = 1 ]; then
     echo "==> real-network measurements (netbench.js)"
     node netbench.js || status=$?
+    echo "==> ICE restart after an address change (restartbench.js)"
+    node restartbench.js || status=$?
   fi
   exit $status
 ' browser-tests "$RUN_TESTS" "$RUN_BENCH" "$RUN_NETBENCH" || die "browser tests failed (server logs: target/browser/plaza*.log)"

@@ -66,6 +66,24 @@ function removeTile(id) {
   lastBytes.delete(id);
 }
 
+/** Connection quality as a small bar icon and a word. */
+const QUALITY_BARS = { excellent: '▂▄▆', good: '▂▄', poor: '▂', lost: '✕' };
+const QUALITY_COLOR = { excellent: '', good: '', poor: 'var(--danger)', lost: 'var(--danger)' };
+
+function setQuality(tile, quality, score) {
+  if (!tile) return;
+  const el = tile.querySelector('.quality');
+  if (!quality) {
+    el.textContent = '';
+    delete tile.dataset.quality;
+    return;
+  }
+  el.textContent = `${QUALITY_BARS[quality] ?? ''} ${quality}`;
+  el.title = `connection quality: ${quality}${score == null ? '' : ` (score ${score})`}`;
+  el.style.color = QUALITY_COLOR[quality] ?? '';
+  tile.dataset.quality = quality;
+}
+
 function setBadges(tile, { cam, mic }) {
   const parts = [];
   if (cam) parts.push('camera off');
@@ -158,6 +176,7 @@ function wire(client) {
     const tracks = [...participant.tracks.values()];
     tile._mute = { cam: tracks.some((t) => t.kind === 'video' && t.muted), mic: tracks.some((t) => t.kind === 'audio' && t.muted) };
     setBadges(tile, tile._mute);
+    setQuality(tile, participant.quality, participant.qualityScore);
     if (client.state === 'connected') chatLine({ text: `${participant.name} joined`, system: true });
   });
   client.on('participantleft', ({ participantId, participant, reason }) => {
@@ -199,6 +218,9 @@ function wire(client) {
     if (kindOf(trackId) === 'video') state.cam = muted;
     else state.mic = muted;
     setBadges(tile, state);
+  });
+  client.on('connectionquality', ({ participantId, quality, score, local }) => {
+    setQuality(demo.tiles.get(local ? 'local' : participantId), quality, score);
   });
   client.on('layerchanged', ({ participantId, quality, rid, width, height }) => {
     const tile = demo.tiles.get(participantId);

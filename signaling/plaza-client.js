@@ -180,8 +180,12 @@ export class PlazaClient extends Emitter {
     this.name = this.options.name;
     /** The server's `joined` message of the current session. */
     this.joinInfo = null;
-    /** Other participants: id → {id, name, tracks: Map<trackId, TrackInfo>} */
+    /** Other participants: id → {id, name, tracks: Map<trackId, TrackInfo>, quality, qualityScore} */
     this.participants = new Map();
+    /** This participant's connection quality as the server rates it:
+     * 'excellent' | 'good' | 'poor' | 'lost', or null before the first rating. */
+    this.connectionQuality = null;
+    this._qualities = new Map(); // participant id → {quality, score} (may arrive before the participant)
     /** Remote tracks being received: server track id → RemoteTrack (see CLIENT.md). */
     this.remoteTracks = new Map();
     /** The published local stream (camera + mic), or null. */
@@ -741,8 +745,10 @@ export class PlazaClient extends Emitter {
     sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
     this._scheduleTurnRefresh(sess);
     const fresh = new Map();
+    this.connectionQuality = null;
+    this._qualities = new Map();
     for (const p of msg.participants) {
-      fresh.set(p.id, { id: p.id, name: p.name, tracks: new Map(p.tracks.map((t) => [t.id, t])) });
+      fresh.set(p.id, this._participantEntry(p));
     }
     this.participants = fresh;
     this.emit('joined', { participantId: msg.participant_id, room: msg.room, participants: [...fresh.values()], serverVersion: msg.server_version });
@@ -751,6 +757,35 @@ export class PlazaClient extends Emitter {
       // A rejoin republishes; failing to do so leaves a joined (receiving) session, not none.
       await this._publishOn(sess).catch((e) => this._error(e.code ?? 'internal', `republishing failed: ${e.message}`));
     }
+  }
+
+  /** A participant entry (see `participants`) from the server's ParticipantInfo. */
+  _participantEntry(p) {
+    const q = this._qualities.get(p.id);
+    return { id: p.id, name: p.name, tracks: new Map(p.tracks.map((t) => [t.id, t])), quality: q?.quality ?? null, qualityScore: q?.score ?? null };
+  }
+
+  /** One update of a `connection_quality` message. */
+  _onQuality(u) {
+    const score = typeof u.score === 'number' ? u.score : null;
+    const local = u.participant_id === this.participantId;
+    if (local) {
+      this.connectionQuality = u.quality;
+    } else {
+      this._qualities.set(u.participant_id, { quality: u.quality, score });
+      const p = this.participants.get(u.participant_id);
+      if (p) {
+        p.quality = u.quality;
+        p.qualityScore = score;
+      }
+    }
+    this.emit('connectionquality', {
+      participantId: u.participant_id,
+      quality: u.quality,
+      score,
+      local,
+      participant: local ? null : this.participants.get(u.participant_id) ?? null,
+    });
   }
 
   async _onMessage(sess, msg) {
@@ -771,8 +806,7 @@ export class PlazaClient extends Emitter {
         break;
       }
       case 'participant_joined': {
-        const p = msg.participant;
-        const entry = { id: p.id, name: p.name, tracks: new Map(p.tracks.map((t) => [t.id, t])) };
+        const entry = this._participantEntry(msg.participant);
         this.participants.set(p.id, entry);
         this.emit('participantjoined', { participant: entry });
         break;
@@ -781,9 +815,13 @@ export class PlazaClient extends Emitter {
         const p = this.participants.get(msg.participant_id);
         for (const [id, rt] of this.remoteTracks) if (rt.participantId === msg.participant_id) this._removeRemote(sess, id, 'participant_left');
         this.participants.delete(msg.participant_id);
+        this._qualities.delete(msg.participant_id);
         this.emit('participantleft', { participantId: msg.participant_id, participant: p ?? null });
         break;
       }
+      case 'connection_quality':
+        for (const u of msg.updates ?? []) this._onQuality(u);
+        break;
       case 'track_published': {
         const t = msg.track;
         if (t.participant_id === this.participantId) {

@@ -181,6 +181,8 @@ where
     let announce_ips = config.announce_ips()?;
 
     // One socket per shard: port udp_port + i (each ephemeral when udp_port is 0).
+    let soft = nofile_limit().map(|(soft, _)| soft);
+    let tcp_cap = crate::io::tcp::connection_cap(config.workers, soft);
     let mut sockets = Vec::with_capacity(config.workers);
     let mut udp_addrs = Vec::with_capacity(config.workers);
     let mut tcp_addrs = Vec::new();
@@ -210,7 +212,11 @@ where
                 Some(listener)
             }
         };
-        sockets.push(MediaSockets { udp: socket, tcp });
+        sockets.push(MediaSockets {
+            udp: socket,
+            tcp,
+            tcp_max: tcp_cap,
+        });
     }
     let udp_addr = udp_addrs[0];
 
@@ -233,8 +239,16 @@ where
         sockets,
     )?;
 
-    let soft = nofile_limit().map(|(soft, _)| soft);
-    let max_connections = fd_budget(config.max_connections, soft);
+    // ICE-TCP connections take descriptors too: HTTP gets what they leave.
+    let tcp_fds = if tcp_addrs.is_empty() {
+        0
+    } else {
+        (tcp_cap * tcp_addrs.len()) as u64
+    };
+    let max_connections = fd_budget(
+        config.max_connections,
+        soft.map(|s| s.saturating_sub(tcp_fds)),
+    );
     if max_connections < config.max_connections {
         warn!(
             configured = config.max_connections,

@@ -336,6 +336,45 @@ pub enum ServerMessage {
     Leave {
         reason: String,
     },
+    /// The connection quality of participants of the room changed (the receiver's own
+    /// included). Sent when a participant's quality changes, and once on joining for everyone
+    /// already rated.
+    ConnectionQuality {
+        updates: Vec<ConnectionQualityUpdate>,
+    },
+}
+
+/// How well a participant's connection works, as the server measures it (its uplink when it
+/// publishes, its downlink, and whether anything arrives from it at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionQuality {
+    /// Nothing has arrived from it for a few seconds.
+    Lost,
+    Poor,
+    Good,
+    Excellent,
+}
+
+impl ConnectionQuality {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionQuality::Lost => "lost",
+            ConnectionQuality::Poor => "poor",
+            ConnectionQuality::Good => "good",
+            ConnectionQuality::Excellent => "excellent",
+        }
+    }
+}
+
+/// One participant's connection quality in a `connection_quality` message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionQualityUpdate {
+    pub participant_id: String,
+    pub quality: ConnectionQuality,
+    /// The score behind it, 0 (nothing arrives) … 100 (no loss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<u8>,
 }
 
 /// Machine-readable error codes carried by [`ServerMessage::Error`].
@@ -600,5 +639,16 @@ mod tests {
             reason: "shutdown".into(),
         });
         assert_eq!(s, r#"{"type":"leave","reason":"shutdown"}"#);
+        let s = encode_server(&ServerMessage::ConnectionQuality {
+            updates: vec![ConnectionQualityUpdate {
+                participant_id: "PA_1".into(),
+                quality: ConnectionQuality::Lost,
+                score: Some(0),
+            }],
+        });
+        assert_eq!(
+            s,
+            r#"{"type":"connection_quality","updates":[{"participant_id":"PA_1","quality":"lost","score":0}]}"#
+        );
     }
 }

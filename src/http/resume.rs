@@ -44,14 +44,28 @@ pub struct Replay {
     bytes: usize,
     /// Number of the newest frame (0: none yet).
     last: u64,
+    /// Numbers frames but keeps none (the server does not resume sessions).
+    numbering_only: bool,
 }
 
 impl Replay {
+    /// A replay that numbers frames but keeps none: for a server that does not resume
+    /// sessions (`--resume-grace 0`), nothing is held per session.
+    pub fn numbering_only() -> Self {
+        Replay {
+            numbering_only: true,
+            ..Replay::default()
+        }
+    }
+
     /// Number the next frame and keep it; returns its number.
     pub fn push(&mut self, frame: Utf8Bytes) -> u64 {
+        self.last += 1;
+        if self.numbering_only {
+            return self.last;
+        }
         self.bytes += frame.len();
         self.frames.push_back(frame);
-        self.last += 1;
         while self.frames.len() > REPLAY_MESSAGES
             || (self.bytes > REPLAY_BYTES && self.frames.len() > 1)
         {
@@ -287,6 +301,11 @@ mod tests {
         assert_eq!(r.frames.len(), REPLAY_MESSAGES);
         assert_eq!(r.since(9), None, "message 10 is gone");
         assert_eq!(r.since(10).map(|v| v.len()), Some(REPLAY_MESSAGES));
+        let mut off = Replay::numbering_only();
+        assert_eq!(off.push("a".into()), 1);
+        assert_eq!(off.push("b".into()), 2);
+        assert_eq!(off.since(1), None, "nothing kept");
+        assert_eq!(off.since(2), Some(Vec::new()), "nothing missed");
         let mut big = Replay::default();
         for _ in 0..10 {
             big.push("x".repeat(REPLAY_BYTES / 4).into());

@@ -401,7 +401,11 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
                     *resume_grace_ms = u64::try_from(grace.as_millis()).ok();
                 }
             }
-            let mut replay = Replay::default();
+            let mut replay = if grace.is_zero() {
+                Replay::numbering_only()
+            } else {
+                Replay::default()
+            };
             let first = vec![numbered(&mut replay, &joined)];
             (pid, events, replay, claims, 0, first)
         }

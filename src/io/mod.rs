@@ -88,6 +88,8 @@ fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usi
 pub struct MediaSockets {
     pub udp: std::net::UdpSocket,
     pub tcp: Option<std::net::TcpListener>,
+    /// Most ICE-TCP connections the shard keeps open at once (see [`tcp::connection_cap`]).
+    pub tcp_max: usize,
 }
 
 /// Start one core shard per socket pair (bound std sockets), each on its own thread. Call from
@@ -146,7 +148,11 @@ fn spawn_shard(
         mpsc::UnboundedReceiver<PipeBatch>,
     ),
 ) -> Result<(mpsc::Sender<Command>, oneshot::Receiver<()>), SfuError> {
-    let MediaSockets { udp: socket, tcp } = sockets;
+    let MediaSockets {
+        udp: socket,
+        tcp,
+        tcp_max,
+    } = sockets;
     socket.set_nonblocking(true)?;
     let local_addr = socket.local_addr()?;
     let tcp_port = match &tcp {
@@ -190,7 +196,7 @@ fn spawn_shard(
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => {
                         let now = Instant::now();
-                        let sink = UdpTransmit::new(socket, pipes);
+                        let sink = UdpTransmit::new(socket, pipes, tcp_max);
                         let mut sfu = Sfu::new(config, local_addr, rand::random(), now, sink)
                             .with_wall_clock(now, SystemTime::now());
                         if let (Some(port), Some(_)) = (tcp_port, &listener) {
@@ -234,10 +240,10 @@ pub struct UdpTransmit {
 }
 
 impl UdpTransmit {
-    fn new(socket: UdpSocket, pipes: Pipes) -> Self {
+    fn new(socket: UdpSocket, pipes: Pipes, tcp_max: usize) -> Self {
         UdpTransmit {
             socket,
-            tcp: TcpConns::default(),
+            tcp: TcpConns::new(tcp_max),
             pipes,
             out: OutQueue::new(),
             latency: LatencyHistogram::new(),

@@ -29,8 +29,20 @@ use tokio::task::AbortHandle;
 /// Largest frame accepted: a full-size datagram and a margin (DTLS records and SRTP packets
 /// stay under the path MTU; browsers send ~1200 bytes).
 pub const MAX_FRAME: usize = 1500 + 548;
-/// Open ICE-TCP connections per shard; more are closed at once.
+/// Open ICE-TCP connections per shard at most; more are closed at once. Lowered where the
+/// open-file limit is small ([`connection_cap`]).
 pub const MAX_CONNECTIONS: usize = 1024;
+
+/// The ICE-TCP connections each of `shards` shards may keep open: [`MAX_CONNECTIONS`], but
+/// all shards together at most a quarter of the open-file limit (each connection is a file
+/// descriptor, and HTTP connections and the process need the rest). At least 1.
+pub fn connection_cap(shards: usize, nofile_soft: Option<u64>) -> usize {
+    let Some(soft) = nofile_soft else {
+        return MAX_CONNECTIONS;
+    };
+    let share = usize::try_from(soft / 4).unwrap_or(usize::MAX) / shards.max(1);
+    share.clamp(1, MAX_CONNECTIONS)
+}
 /// A connection the core has sent nothing to (no STUN request of it was valid) within this
 /// time is closed.
 pub const STUN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -467,6 +479,16 @@ mod tests {
     }
 
     /// Garbage never panics: any bytes give frames, `None` or an oversize error.
+    #[test]
+    fn the_connection_cap_leaves_most_descriptors_to_the_rest() {
+        assert_eq!(connection_cap(2, None), MAX_CONNECTIONS);
+        assert_eq!(connection_cap(2, Some(1_048_576)), MAX_CONNECTIONS);
+        // 20000 / 4 = 5000 over 8 shards: 625 each.
+        assert_eq!(connection_cap(8, Some(20_000)), 625);
+        assert_eq!(connection_cap(2, Some(1024)), 128);
+        assert_eq!(connection_cap(4, Some(3)), 1);
+    }
+
     #[test]
     fn garbage_never_panics() {
         let mut x: u32 = 0x1234_5678;

@@ -152,6 +152,8 @@ pub struct Sfu<T: Transmit> {
     shutting_down: bool,
     /// ICE-TCP (RFC 6544): the port of the passive candidates, and the open connections.
     ice_tcp: IceTcp,
+    /// Connection quality per participant (see `quality`).
+    quality: quality::QualityBook,
 }
 
 /// ICE over TCP, passive side: the driver accepts the connections and unframes them; the core
@@ -289,6 +291,7 @@ macro_rules! part_mut {
 
 mod ice;
 mod moderation;
+mod quality;
 
 impl<T: Transmit> Sfu<T> {
     /// A core whose media address is `local_addr` (the port its candidates announce), with
@@ -332,6 +335,7 @@ impl<T: Transmit> Sfu<T> {
             backlogged: BTreeSet::new(),
             shutting_down: false,
             ice_tcp: IceTcp::default(),
+            quality: quality::QualityBook::new(now),
         }
     }
 
@@ -447,6 +451,9 @@ impl<T: Transmit> Sfu<T> {
         if self.maintenance_timer.fire(now) {
             self.demux.expire(now);
         }
+        if self.quality.timer.fire(now) {
+            self.quality_tick(now);
+        }
     }
 
     /// When the core next needs [`Sfu::handle_timeout`], and why.
@@ -476,6 +483,7 @@ impl<T: Transmit> Sfu<T> {
             &self.select_timer,
             &self.report_timer,
             &self.maintenance_timer,
+            &self.quality.timer,
         ] {
             next = soonest(next, Some(periodic.deadline()));
         }
@@ -2244,6 +2252,7 @@ impl<T: Transmit> Sfu<T> {
                     debug!(shard = from, "admin request from another shard: {e}");
                 }
             }
+            PipeMsg::Quality { room, updates } => self.on_remote_quality(from, &room, updates),
         }
     }
 

@@ -284,6 +284,12 @@ impl<K: Copy + Eq + Hash> Demux<K> {
                                 return Err(DropReason::ResponseFromOtherAddress);
                             }
                             if now.duration_since(check.sent) <= CHECK_TTL {
+                                // An answer to the server's keepalive is a sign of life too.
+                                if let Some(o) = self.addrs.get_mut(&from) {
+                                    if o.key == check.key {
+                                        o.last_seen = now;
+                                    }
+                                }
                                 return Ok(check.key);
                             }
                         }
@@ -375,6 +381,16 @@ impl<K: Copy + Eq + Hash> Demux<K> {
     /// The addresses a connection owns.
     pub fn addrs_of(&self, key: K) -> &[SocketAddr] {
         self.conns.get(&key).map_or(&[], |c| c.addrs.as_slice())
+    }
+
+    /// When a datagram from one of the connection's addresses was last routed to it.
+    pub fn last_seen(&self, key: K) -> Option<Instant> {
+        self.addrs_of(key)
+            .iter()
+            .filter_map(|a| self.addrs.get(a))
+            .filter(|o| o.key == key)
+            .map(|o| o.last_seen)
+            .max()
     }
 
     /// Checks remembered right now.

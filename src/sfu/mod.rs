@@ -35,6 +35,7 @@ pub mod loglimit;
 pub mod outbox;
 pub mod pipe;
 pub mod placement;
+pub mod quality;
 pub mod room;
 pub mod sdpcheck;
 pub mod timers;

@@ -28,7 +28,7 @@
 //! shard (no shared pointers, no keys of its maps), so the same messages can later be carried
 //! between two Plaza nodes over the network.
 
-use crate::signal::{ParticipantInfo, TrackInfo};
+use crate::signal::{ConnectionQualityUpdate, ParticipantInfo, TrackInfo};
 use bytes::Bytes;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
@@ -101,6 +101,12 @@ pub enum PipeMsg {
         is_text: bool,
         framed: Bytes,
         to: Vec<String>,
+    },
+    /// The connection quality of participants of `room` on the sender changed (or, to a
+    /// shard that just started hosting the room: what it is).
+    Quality {
+        room: String,
+        updates: Vec<ConnectionQualityUpdate>,
     },
 }
 

@@ -25,6 +25,8 @@ pub enum Reason {
     ConnectTimeout,
     /// Housekeeping: forgetting stale demultiplexer entries.
     Maintenance,
+    /// Connection quality: silence of each participant's connections, and loss windows.
+    Quality,
 }
 
 /// A point in time and what is due then.

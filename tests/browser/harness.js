@@ -9,7 +9,7 @@
 //   ARTIFACTS      where screenshots and logs go (default target/browser)
 //   TURNSERVER     coturn's turnserver binary (default /usr/bin/turnserver), for the TURN tests
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, createWriteStream, existsSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, createWriteStream, existsSync, readFileSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -613,3 +613,53 @@ export function firstDecodedFrameAt(p, { timeout = 20_000 } = {}) {
     return null;
   }, timeout);
 }
+
+/**
+ * A network namespace of its own for one Chromium ("the mover"), joined to the test namespace
+ * by a veth pair: the test side is `hostIp`/24, the mover gets `first`/24 and a default route
+ * to `hostIp`. `moveTo(ip)` swaps its address (a network change under a running browser: its
+ * sockets lose their address, its WebSocket dies silently). `executablePath` runs Chromium
+ * inside it (Playwright talks to it over a pipe). Needs root and `ip` (iproute2); throws when
+ * something cannot be set up. `remove()` deletes the link, the namespace and the wrapper.
+ */
+export function moverNamespace({ hostIp = '10.20.0.1', first = '10.20.0.2', tag = String(process.pid) } = {}) {
+  const ns = `plaza-move-${tag}`;
+  const hostIf = `pzh${Number(tag) % 10000}`;
+  const moverIf = `pzm${Number(tag) % 10000}`;
+  const sh = (...args) => execFileSync('ip', args, { encoding: 'utf8', timeout: 10_000 });
+  const inNs = (...args) => sh('netns', 'exec', ns, 'ip', ...args);
+  let current = null;
+  const moveTo = (ip) => {
+    if (current) inNs('addr', 'del', `${current}/24`, 'dev', moverIf);
+    inNs('addr', 'add', `${ip}/24`, 'dev', moverIf);
+    inNs('route', 'replace', 'default', 'via', hostIp);
+    current = ip;
+  };
+  const dir = mkdtempSync(join(tmpdir(), 'plaza-mover-'));
+  const remove = () => {
+    for (const args of [['link', 'del', hostIf], ['netns', 'del', ns]]) {
+      try {
+        sh(...args);
+      } catch {}
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    sh('netns', 'add', ns);
+    sh('link', 'add', hostIf, 'type', 'veth', 'peer', 'name', moverIf);
+    sh('link', 'set', moverIf, 'netns', ns);
+    sh('addr', 'add', `${hostIp}/24`, 'dev', hostIf);
+    sh('link', 'set', hostIf, 'up');
+    inNs('link', 'set', 'lo', 'up');
+    inNs('link', 'set', moverIf, 'up');
+    moveTo(first);
+  } catch (e) {
+    remove();
+    throw e;
+  }
+  const executablePath = join(dir, 'chromium-in-netns');
+  writeFileSync(executablePath, `#!/bin/sh\nexec ip netns exec ${ns} ${CHROMIUM} "$@"\n`);
+  chmodSync(executablePath, 0o755);
+  return { hostIp, executablePath, moveTo, address: () => current, remove };
+}
+

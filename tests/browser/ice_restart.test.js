@@ -8,54 +8,15 @@
 // participant saw is printed.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync, chmodSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { startServer, launchParticipant, joinViaUrl, waitFor, remoteStats, waitForMediaFrom, loopbackOnly, CHROMIUM } from './harness.js';
+import { startServer, launchParticipant, joinViaUrl, waitFor, remoteStats, waitForMediaFrom, loopbackOnly, moverNamespace } from './harness.js';
 
 // Its own ports, so that it never meets another test file's server.
 const PORT = 7960;
 const UDP_PORT = 7962;
 const HOST_IP = '10.20.0.1';
-const NS = `plaza-move-${process.pid}`;
-const HOST_IF = `pzh${process.pid % 10000}`;
-const MOVER_IF = `pzm${process.pid % 10000}`;
-
-function sh(cmd, ...args) {
-  // Throws (and fails the test) when a command is missing or refuses: never skipped.
-  return execFileSync(cmd, args, { encoding: 'utf8', timeout: 10_000 });
-}
-const inNs = (...args) => sh('ip', 'netns', 'exec', NS, ...args);
-
-function setUpNetwork() {
-  sh('ip', 'netns', 'add', NS);
-  sh('ip', 'link', 'add', HOST_IF, 'type', 'veth', 'peer', 'name', MOVER_IF);
-  sh('ip', 'link', 'set', MOVER_IF, 'netns', NS);
-  sh('ip', 'addr', 'add', `${HOST_IP}/24`, 'dev', HOST_IF);
-  sh('ip', 'link', 'set', HOST_IF, 'up');
-  inNs('ip', 'link', 'set', 'lo', 'up');
-  inNs('ip', 'link', 'set', MOVER_IF, 'up');
-  moveTo('10.20.0.2');
-}
-
-/** Give the mover's namespace `ip` (and only it), with a default route to the test namespace. */
-function moveTo(ip, from = null) {
-  if (from) inNs('ip', 'addr', 'del', `${from}/24`, 'dev', MOVER_IF);
-  inNs('ip', 'addr', 'add', `${ip}/24`, 'dev', MOVER_IF);
-  inNs('ip', 'route', 'replace', 'default', 'via', HOST_IP);
-}
-
-function tearDownNetwork() {
-  for (const args of [['link', 'del', HOST_IF], ['netns', 'del', NS]]) {
-    try {
-      sh('ip', ...args);
-    } catch {}
-  }
-}
 
 let server;
-let wrapperDir;
+let net;
 const open = new Set();
 
 async function participant(label, opts = {}) {
@@ -74,32 +35,26 @@ async function received(p, name) {
 
 before(async () => {
   if (!loopbackOnly()) throw new Error('run in a loopback-only network namespace (scripts/browser-tests.sh): this test creates network namespaces and links');
-  setUpNetwork();
+  net = moverNamespace({ hostIp: HOST_IP, first: '10.20.0.2' });
   server = await startServer({
     logName: 'plaza-ice-restart.log',
     port: PORT,
     udpPort: UDP_PORT,
     args: ['--bind', '0.0.0.0', '--udp-bind', '0.0.0.0', '--announce-ip', HOST_IP, '--tcp-port', 'off', '--workers', '1'],
   });
-  // The mover's Chromium runs in its namespace (Playwright talks to it over a pipe).
-  wrapperDir = mkdtempSync(join(tmpdir(), 'plaza-mover-'));
-  const wrapper = join(wrapperDir, 'chromium-in-netns');
-  writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${NS} ${CHROMIUM} "$@"\n`);
-  chmodSync(wrapper, 0o755);
 });
 
 after(async () => {
   for (const p of open) await p.close();
   await server?.stop();
-  tearDownNetwork();
-  if (wrapperDir) rmSync(wrapperDir, { recursive: true, force: true });
+  net?.remove();
 });
 
 describe('address change', { timeout: 150_000 }, () => {
   it('a client that moves to a new address restarts ICE and stays the same participant', async () => {
     const room = `move-${Date.now()}`;
     const mover = await participant('mover', {
-      executablePath: join(wrapperDir, 'chromium-in-netns'),
+      executablePath: net.executablePath,
       // Its page is not on localhost: let it use the (fake) camera over plain http.
       extraArgs: [`--unsafely-treat-insecure-origin-as-secure=http://${HOST_IP}:${PORT}`],
     });
@@ -130,7 +85,7 @@ describe('address change', { timeout: 150_000 }, () => {
 
     const movedAt = Date.now();
     const movedAtPage = await mover.page.evaluate(() => performance.now());
-    moveTo('10.20.0.3', '10.20.0.2');
+    net.moveTo('10.20.0.3');
 
     // Both connections restart ICE (after the WebSocket is found dead and resumed).
     await waitFor(

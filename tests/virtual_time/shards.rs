@@ -209,7 +209,8 @@ fn each_packet_crosses_once_per_shard_with_subscribers() {
     for v in [bob, carol, erin] {
         assert!(s.wait_layer(v, &video.id, 2).is_some(), "{v} on f");
     }
-    s.net.run_for(Duration::from_secs(1));
+    // Past the first connection-quality rating (2 s in), which every shard of the room gets.
+    s.net.run_for(Duration::from_secs(2));
 
     // One shard (1) with two subscribers, one (2) hosting the room without any.
     let (piped0, sent0) = (s.stats(0).rtp_packets_piped, s.sent(alice));

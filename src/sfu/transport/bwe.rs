@@ -138,6 +138,9 @@ pub struct Bwe {
     batches: VecDeque<(Instant, usize, usize)>,
     last_update: Option<Instant>,
     last_decrease: Option<Instant>,
+    /// Packets reported by the feedback so far, and how many of them were lost.
+    reported: u64,
+    reported_lost: u64,
 }
 
 impl Default for Bwe {
@@ -160,6 +163,8 @@ impl Bwe {
             batches: VecDeque::new(),
             last_update: None,
             last_decrease: None,
+            reported: 0,
+            reported_lost: 0,
         }
     }
 
@@ -173,6 +178,11 @@ impl Bwe {
             return None;
         }
         Some(self.arrived_bytes as f64 * 8.0 / span.as_secs_f64())
+    }
+
+    /// Packets the feedback reported so far, and how many of them were lost.
+    pub fn loss_totals(&self) -> (u64, u64) {
+        (self.reported, self.reported_lost)
     }
 
     /// Loss fraction over the last [`LOSS_WINDOW`], if enough packets were reported.
@@ -206,6 +216,8 @@ impl Bwe {
             }
         }
         let lost = reports.iter().filter(|r| !r.arrived).count();
+        self.reported += reports.len() as u64;
+        self.reported_lost += lost as u64;
         self.batches.push_back((now, lost, reports.len()));
         while let Some(&(at, _, _)) = self.batches.front() {
             if now.saturating_duration_since(at) <= LOSS_WINDOW {

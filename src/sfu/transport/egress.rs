@@ -531,6 +531,12 @@ impl Egress {
         &self.estimate
     }
 
+    /// Packets the subscriber's transport-wide feedback reported so far, and how many of
+    /// them were lost (the downlink's loss, retransmissions included).
+    pub fn loss_totals(&self) -> (u64, u64) {
+        self.bwe.loss_totals()
+    }
+
     pub fn stats(&self) -> EgressStats {
         EgressStats {
             nack: self.retransmit.stats(),

@@ -135,6 +135,10 @@ pub struct TwccRecorder {
     next_base: Option<i64>,
     fb_count: u8,
     pending: usize,
+    /// Sequence numbers covered by the feedback so far, and how many of them had arrived
+    /// (connection quality: the uplink's loss).
+    covered: u64,
+    arrived: u64,
 }
 
 impl Default for TwccRecorder {
@@ -152,7 +156,14 @@ impl TwccRecorder {
             next_base: None,
             fb_count: 0,
             pending: 0,
+            covered: 0,
+            arrived: 0,
         }
+    }
+
+    /// Sequence numbers reported so far, and how many of them were missing.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.covered, self.covered.saturating_sub(self.arrived))
     }
 
     /// Packets recorded since the last feedback.
@@ -227,6 +238,8 @@ impl TwccRecorder {
             .range(begin..end)
             .map(|(&s, &t)| (s, t))
             .collect();
+        self.covered += (end - begin).max(0) as u64;
+        self.arrived += received.len() as u64;
         for (seq, at) in received {
             if let Some(f) = fb.as_mut() {
                 if f.status_count() + (seq - f.next_seq) as usize >= TWCC_MAX_STATUS
@@ -808,6 +821,12 @@ impl Ingress {
 
     pub fn stats(&self) -> IngressStats {
         self.stats
+    }
+
+    /// Transport-wide sequence numbers expected so far and how many of them were lost, as the
+    /// feedback reported them (the uplink's loss, before retransmissions).
+    pub fn loss_totals(&self) -> (u64, u64) {
+        self.twcc.totals()
     }
 
     /// The transport-wide sequence number extension id (after a renegotiation).
