@@ -150,6 +150,17 @@ async fn whip_publisher_is_received_by_room_subscribers_until_deleted() {
         assert!(stats.packets >= 30, "{id}: {stats:?}");
     }
     assert!(whip.frames_sent() > 0);
+    // Its connection quality is rated (on its publisher connection: it has no other).
+    viewer
+        .wait_for_event(
+            |e| {
+                matches!(e, PeerEvent::Server(ServerMessage::ConnectionQuality { updates })
+                if updates.iter().any(|u| u.participant_id == pid))
+            },
+            T,
+        )
+        .await
+        .expect("the viewer gets the WHIP publisher's connection quality");
 
     // Trickle: a candidate with the session's ETag is taken; what the publisher trickled by
     // itself was too.
