@@ -8,6 +8,7 @@
 //!   only (no API key configured), an access token signed with the public development key, for
 //!   the demo page (404 whenever keys are configured);
 //! - `/api/...`: the room admin API (see [`admin`]);
+//! - `/whip/...`: WHIP ingest, RFC 9725 (see [`whip`]);
 //! - everything else (`GET`/`HEAD`): files from the `signaling/` directory (demo page and JS
 //!   client), `/` being `signaling/index.html`.
 
@@ -22,6 +23,7 @@ pub mod limits;
 pub mod metrics;
 pub mod resume;
 pub mod serve;
+pub mod whip;
 pub mod ws;
 
 use crate::auth::{self, KeySet, Verifier};
@@ -139,6 +141,8 @@ pub struct AppState {
     pub(crate) limiter: Option<Arc<ConnLimiter>>,
     /// Sessions that may be resumed, by participant.
     pub(crate) resumable: resume::Registry,
+    /// Open WHIP sessions, by id.
+    pub(crate) whip: whip::session::Sessions,
 }
 
 impl AppState {
@@ -156,6 +160,7 @@ impl AppState {
             counters: Arc::default(),
             limiter: None,
             resumable: resume::Registry::default(),
+            whip: whip::session::Sessions::default(),
         }
     }
 
@@ -175,12 +180,14 @@ impl AppState {
 /// The router. Serve it with [`serve::serve`] (or, without the connection limits, with
 /// `into_make_service_with_connect_info::<SocketAddr>()`).
 pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.max_ws_message;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
         .route("/rtc", get(ws::upgrade))
         .route("/dev/token", get(dev_token))
         .merge(admin::routes())
+        .merge(whip::routes(max_body))
         .fallback(static_file)
         .with_state(state)
 }

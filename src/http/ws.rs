@@ -712,6 +712,7 @@ async fn wait_for_join(
                         peers: Vec::new(),
                         identity: Some(admitted.identity),
                         grants: admitted.grants,
+                        publish_only: false,
                     };
                     match handle.join(req).await {
                         Ok(accepted) => {

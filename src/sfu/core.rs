@@ -434,7 +434,7 @@ impl<T: Transmit> Sfu<T> {
             self.mark_dirty(key);
         }
         while let Some((_, part)) = self.connect_timers.pop_due(now) {
-            let stale = self.part(part).is_some_and(|p| !p.sub.connected);
+            let stale = self.part(part).is_some_and(|p| !p.transport_connected());
             if stale {
                 self.effects.push(Effect::Remove {
                     part,
@@ -476,7 +476,7 @@ impl<T: Transmit> Sfu<T> {
             .and_then(|(_, key)| self.pc(key)?.deadline);
         let connect = self
             .connect_timers
-            .peek(|k, _| part(k).is_some_and(|p| !p.sub.connected))
+            .peek(|k, _| part(k).is_some_and(|p| !p.transport_connected()))
             .map(|(at, _)| Deadline::new(at, Reason::ConnectTimeout));
         let mut next = soonest(pc, connect);
         for periodic in [
@@ -2673,23 +2673,28 @@ impl<T: Transmit> Sfu<T> {
         };
         let mut sub = self.new_pc(key)?;
         let mut channels = HashMap::new();
-        for (label, init) in [
-            (
-                Channel::Chat,
-                RTCDataChannelInit {
-                    ordered: true,
-                    ..Default::default()
-                },
-            ),
-            (
-                Channel::Input,
-                RTCDataChannelInit {
-                    ordered: false,
-                    max_retransmits: Some(0),
-                    ..Default::default()
-                },
-            ),
-        ] {
+        let data_channels = if req.publish_only {
+            Vec::new()
+        } else {
+            vec![
+                (
+                    Channel::Chat,
+                    RTCDataChannelInit {
+                        ordered: true,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    Channel::Input,
+                    RTCDataChannelInit {
+                        ordered: false,
+                        max_retransmits: Some(0),
+                        ..Default::default()
+                    },
+                ),
+            ]
+        };
+        for (label, init) in data_channels {
             let dc = sub
                 .rtc
                 .create_data_channel(label.label(), Some(init))
@@ -2716,6 +2721,7 @@ impl<T: Transmit> Sfu<T> {
             joined: self.now,
             events: req.events,
             auto_subscribe: req.auto_subscribe,
+            publish_only: req.publish_only,
             sub,
             publ: None,
             sub_offer_pending: false,
@@ -2787,7 +2793,9 @@ impl<T: Transmit> Sfu<T> {
             }
         }
         // The initial subscriber offer goes out after `joined` (queued behind it).
-        self.renegotiate(part);
+        if !req.publish_only {
+            self.renegotiate(part);
+        }
         Ok(JoinAccepted {
             participant_id: pid.clone(),
             joined: ServerMessage::Joined {
@@ -2823,7 +2831,7 @@ impl<T: Transmit> Sfu<T> {
     /// that several track changes (a late joiner's existing tracks, audio and video starting
     /// together) go out in one offer.
     fn renegotiate(&mut self, part: PartKey) {
-        if self.shutting_down {
+        if self.shutting_down || self.part(part).is_some_and(|p| p.publish_only) {
             return;
         }
         self.effects.push(Effect::Renegotiate(part));
@@ -3776,6 +3784,72 @@ mod tests {
         assert!(h264_is_keyframe(&[0x78, 0, 2, 0x67, 0, 0, 1, 0x65]));
         assert!(!h264_is_keyframe(&[]));
         assert!(!h264_is_keyframe(&[0x78, 0xff]));
+    }
+
+    /// A publish-only participant (WHIP) gets no subscriber offer, and the connect timeout
+    /// waits for its publisher connection: without one it is removed like any participant
+    /// whose transport never came up.
+    #[test]
+    fn a_publish_only_participant_is_never_offered_and_times_out_on_its_publisher() {
+        use crate::sfu::{EVENT_QUEUE, Grants};
+        use tokio::sync::{mpsc, oneshot};
+        let addr: SocketAddr = "127.0.0.1:7882".parse().unwrap();
+        let t0 = Instant::now();
+        let mut sfu = Sfu::new(
+            crate::sim::server::sim_config(addr.ip()),
+            addr,
+            1,
+            t0,
+            crate::sim::server::SimTransmit::default(),
+        );
+        let mut join = |publish_only: bool, name: &str| {
+            let (events, rx) = mpsc::channel(EVENT_QUEUE);
+            let (reply, mut answer) = oneshot::channel();
+            let req = JoinRequest {
+                room: "r".into(),
+                name: name.into(),
+                auto_subscribe: !publish_only,
+                events,
+                peers: Vec::new(),
+                identity: None,
+                grants: Grants::default(),
+                publish_only,
+            };
+            let _ = sfu.handle_command(t0, Command::Join { req, reply });
+            assert!(matches!(answer.try_recv(), Ok(Ok(_))), "{name} joins");
+            rx
+        };
+        let mut ingest = join(true, "ingest");
+        let mut viewer = join(false, "viewer");
+        sfu.end_turn(t0);
+        let drain = |rx: &mut mpsc::Receiver<ServerMessage>| {
+            let mut out = Vec::new();
+            while let Ok(m) = rx.try_recv() {
+                out.push(m);
+            }
+            out
+        };
+        let offers = |msgs: &[ServerMessage]| {
+            msgs.iter()
+                .filter(|m| matches!(m, ServerMessage::SubscribeOffer { .. }))
+                .count()
+        };
+        assert_eq!(offers(&drain(&mut ingest)), 0, "no subscriber offer");
+        assert_eq!(
+            offers(&drain(&mut viewer)),
+            1,
+            "a normal participant gets one"
+        );
+        let later = t0 + CONNECT_TIMEOUT + Duration::from_secs(1);
+        sfu.handle_timeout(later);
+        sfu.end_turn(later);
+        let left = drain(&mut ingest);
+        assert!(
+            left.iter()
+                .any(|m| matches!(m, ServerMessage::Leave { reason }
+                if reason.contains("did not connect"))),
+            "{left:?}"
+        );
     }
 
     #[test]

@@ -172,6 +172,10 @@ pub struct JoinRequest {
     pub identity: Option<String>,
     /// What the participant may do (from its access token).
     pub grants: Grants,
+    /// A publish-only participant (WHIP ingest): no subscriber connection, no data channels,
+    /// no `subscribe_offer`; its signaling events go to an HTTP session, not a client. The
+    /// connect timeout waits for its publisher connection instead.
+    pub publish_only: bool,
 }
 
 /// What a participant may do, from the grants of its access token. The default allows what
@@ -776,6 +780,7 @@ mod tests {
                 peers: Vec::new(),
                 identity: None,
                 grants: Grants::default(),
+                publish_only: false,
             },
             rx,
         )

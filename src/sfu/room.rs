@@ -173,6 +173,8 @@ pub(super) struct Participant {
     pub(super) events: mpsc::Sender<ServerMessage>,
     /// It asked to be subscribed to every track (whether it may: [`Grants::subscribe`]).
     pub(super) auto_subscribe: bool,
+    /// Publishes only (WHIP ingest): its subscriber connection is never offered.
+    pub(super) publish_only: bool,
     pub(super) sub: Pc,
     pub(super) publ: Option<Pc>,
     /// A subscriber offer is out and its answer not yet applied.
@@ -228,6 +230,16 @@ impl Participant {
             .iter()
             .find(|t| t.receiver == receiver)
             .map(|t| &t.tid)
+    }
+
+    /// Whether the connection it must bring up within the connect timeout is up: the
+    /// subscriber connection, or for a publish-only participant the publisher connection.
+    pub(super) fn transport_connected(&self) -> bool {
+        if self.publish_only {
+            self.publ.as_ref().is_some_and(|pc| pc.connected)
+        } else {
+            self.sub.connected
+        }
     }
 
     /// Whether it is subscribed to every new track by itself (it asked to, and may).

@@ -113,6 +113,7 @@ impl Client {
                     peers: Vec::new(),
                     identity: None,
                     grants: Default::default(),
+                    publish_only: false,
                 },
                 reply,
             }),

@@ -1075,6 +1075,7 @@ mod tests {
                     peers: vec![7],
                     identity: None,
                     grants: Default::default(),
+                    publish_only: false,
                 },
                 reply,
             });

@@ -28,6 +28,8 @@
 //! - [`cli`]: the command-line flags the load tester and the benchmark share.
 //! - [`janus`]: the same synthetic media against Janus's videoroom plugin (benchmark
 //!   comparison).
+//! - [`whip`]: a WHIP publisher (RFC 9725: `POST` an offer, trickle with `PATCH`, `DELETE`),
+//!   plain or simulcast, and a raw HTTP client that keeps the response headers.
 //! - [`support`]: the integration tests' side: the real server in-process on loopback, raw
 //!   HTTP and WebSocket clients, media-flow waits.
 //!
@@ -69,6 +71,7 @@ pub mod recv;
 pub mod relay;
 pub mod support;
 pub mod token;
+pub mod whip;
 
 pub use peer::{
     Channel, DataMessage, JoinedInfo, LocalLayerStats, LocalTrackStats, NegotiationStats, Payload,

@@ -1610,12 +1610,12 @@ impl LocalTrack {
 
 /// Writes a pacer's packets to a local track, adding header extensions (MID and RID for a
 /// simulcast layer, so the server can tell the encodings apart).
-struct TrackSink {
-    track: Arc<TrackLocalStaticRTP>,
-    extensions: Vec<(u8, Bytes)>,
+pub(crate) struct TrackSink {
+    pub(crate) track: Arc<TrackLocalStaticRTP>,
+    pub(crate) extensions: Vec<(u8, Bytes)>,
     /// Leave out this packet (1-based count of packets written).
-    skip: Option<u64>,
-    written: AtomicU64,
+    pub(crate) skip: Option<u64>,
+    pub(crate) written: AtomicU64,
 }
 
 impl PacketSink for TrackSink {
@@ -1646,7 +1646,7 @@ impl PacketSink for TrackSink {
 }
 
 /// Negotiated id of the header extension `uri` on `sender`.
-async fn extension_id(sender: &Arc<dyn RtpSender>, uri: &str) -> Result<u8> {
+pub(crate) async fn extension_id(sender: &Arc<dyn RtpSender>, uri: &str) -> Result<u8> {
     let params = sender
         .get_parameters()
         .await
@@ -1661,7 +1661,10 @@ async fn extension_id(sender: &Arc<dyn RtpSender>, uri: &str) -> Result<u8> {
 }
 
 /// The MID of the transceiver that sends `sender`.
-async fn mid_of(pc: &Arc<dyn PeerConnection>, sender: &Arc<dyn RtpSender>) -> Result<String> {
+pub(crate) async fn mid_of(
+    pc: &Arc<dyn PeerConnection>,
+    sender: &Arc<dyn RtpSender>,
+) -> Result<String> {
     for t in pc.get_transceivers().await {
         if let Ok(Some(s)) = t.sender().await
             && s.id() == sender.id()

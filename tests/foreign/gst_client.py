@@ -3,6 +3,7 @@ protocol of signaling/README.md.
 
     python gst_client.py --url ws://H:P/rtc --room R --name N --token JWT [--publish] [--expect-from NAME]
                          [--peer NAME] [--until-signal] [--media-only] [--timeout S] [--offer-without-caps]
+                         [--whip http://H:P/whip/R]
 
 Every participant answers the server's subscribe offers on a receive-only webrtcbin and says
 hello on the `chat` data channel. With --publish it also publishes `videotestsrc ! vp8enc` and
@@ -21,6 +22,13 @@ m-section `a=bundle-only` (port 0). Nobody can demultiplex its RTP, so the serve
 it with `invalid_sdp` naming that m-section (or, should it ever learn to, publish both tracks);
 with this flag the client passes in either case and fails when the server does neither.
 
+With --whip ENDPOINT it publishes the same pipeline over WHIP (RFC 9725) instead: no WebSocket,
+one `POST` of the offer (`application/sdp`, the token as bearer token), the `201`'s answer applied
+(its candidates with it: the server is ICE-lite and does not trickle), and once the connection
+is up, with --until-signal, it waits for SIGTERM and ends the session with `DELETE`. It passes
+when the `POST` got 201 with a `Location` and an `ETag`, the connection came up and the
+`DELETE` got 200.
+
 libnice ignores loopback interfaces: run it where a non-loopback interface carries an address the
 server is reachable on (scripts/foreign-tests.sh adds 127.0.0.2 on a veth pair).
 """
@@ -34,6 +42,9 @@ import random
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import gi
 
@@ -77,6 +88,16 @@ def sdp_desc(kind, text):
     if res != GstSdp.SDPResult.OK:
         raise RuntimeError(f"cannot parse SDP: {res}")
     return GstWebRTC.WebRTCSessionDescription.new(kind, msg)
+
+
+def http_request(method, url, body=b"", headers=None):
+    """One HTTP request: (status, headers, body text); an error status is a result, not an exception."""
+    req = urllib.request.Request(url, data=body if method in ("POST", "PATCH") else None, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode("utf-8", "replace")
 
 
 class Client:
@@ -406,6 +427,57 @@ class Client:
         os._exit(0 if ok else 1)
 
 
+    async def run_whip(self):
+        """Publish over WHIP: POST the offer, apply the answer, wait for the connection; with
+        --until-signal stay until SIGTERM; DELETE the session."""
+        stop = self.loop.create_future()
+        self.loop.add_signal_handler(signal.SIGTERM, lambda: stop.done() or stop.set_result(None))
+        glib_loop = GLib.MainLoop()
+        threading.Thread(target=glib_loop.run, daemon=True).start()
+        ok, why = False, ""
+        try:
+            self.build_pub()
+            sdp = await asyncio.to_thread(self.make_offer)
+            headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {self.args.token}"}
+            t0 = time.monotonic()
+            status, rh, body = await asyncio.to_thread(http_request, "POST", self.args.whip, sdp.encode(), headers)
+            self.result["whip_post"] = status
+            if status != 201:
+                raise RuntimeError(f"POST {self.args.whip}: {status} {body.strip()}")
+            rh = {k.lower(): v for k, v in rh.items()}
+            if not rh.get("location") or not rh.get("etag"):
+                raise RuntimeError(f"201 without Location or ETag: {rh}")
+            location = urllib.parse.urljoin(self.args.whip, rh["location"])
+            self.log("WHIP session", location, "ETag", rh["etag"])
+            await asyncio.to_thread(promise_wait, self.pub, "set-remote-description", sdp_desc(GstWebRTC.WebRTCSDPType.ANSWER, body))
+            deadline = time.monotonic() + self.args.timeout
+            while self.pub.get_property("connection-state") != GstWebRTC.WebRTCPeerConnectionState.CONNECTED:
+                if self.done.done():
+                    raise RuntimeError(self.done.result()[1])
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"not connected within {self.args.timeout} s of the POST")
+                await asyncio.sleep(0.05)
+            self.result["connect_ms"] = round((time.monotonic() - t0) * 1000)
+            self.log(f"WHIP publisher connected {self.result['connect_ms']} ms after the POST")
+            if self.args.until_signal:
+                await asyncio.wait_for(stop, self.args.timeout)
+            status, _, body = await asyncio.to_thread(http_request, "DELETE", location, b"", {"Authorization": f"Bearer {self.args.token}"})
+            self.result["whip_delete"] = status
+            if status != 200:
+                raise RuntimeError(f"DELETE {location}: {status} {body.strip()}")
+            ok, why = True, f"published over WHIP (201, connected in {self.result['connect_ms']} ms, DELETE 200)"
+        except asyncio.TimeoutError:
+            why = f"no SIGTERM within {self.args.timeout} s"
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            why = f"{type(e).__name__}: {e}"
+        self.result.update(ok=ok, reason=why)
+        self.log("PASS" if ok else "FAIL", why)
+        print("RESULT " + json.dumps(self.result), flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if ok else 1)
+
+
 async def main():
     p = argparse.ArgumentParser()
     p.add_argument("--url", required=True)
@@ -419,9 +491,11 @@ async def main():
     p.add_argument("--media-only", action="store_true", help="do not wait for the publisher's chat")
     p.add_argument("--timeout", type=float, default=25)
     p.add_argument("--offer-without-caps", action="store_true")
+    p.add_argument("--whip", help="publish over WHIP to this endpoint (http://H:P/whip/ROOM) instead of the WebSocket")
     args = p.parse_args()
     Gst.init(None)
-    await Client(args).run()
+    client = Client(args)
+    await (client.run_whip() if args.whip else client.run())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ GStreamer, Chromium) or see correctly typed packets of (werift, webrtc-rs) one a
 track from the publisher, and receive its chat (not from the load tester, which chats only with
 its own peers); the publisher must see its two tracks published (Chromium: sent) and the
 subscriber's `done` on chat. One more check: a webrtcbin offer nobody can demultiplex must be
-refused. Every client runs under a hard timeout. Exit status 1 if any combination fails.
+refused. And WHIP: webrtcbin publishes over WHIP (HTTP only) and a WebSocket subscriber decodes it. Every client runs under a hard timeout. Exit status 1 if any combination fails.
 """
 
 import argparse
@@ -66,6 +66,9 @@ COMBINATIONS = [
     ("chromium", "aiortc", "sub-first"),
     ("werift", "chromium", "sub-first"),
     ("gstreamer", None, "offer-without-ssrc"),
+    # WHIP ingest (signaling/WHIP.md): webrtcbin publishes with one HTTP POST, no WebSocket.
+    ("gstreamer-whip", "gstreamer", "whip"),
+    ("gstreamer-whip", "aiortc", "whip"),
 ]
 
 
@@ -278,6 +281,27 @@ def run_gst_offer_without_ssrc(server, room):
     return rc == 0 and bool(r and r.get("ok")), f"pub: {summary(r)}", {}, [p.log_path]
 
 
+def run_whip_publisher(server, sub, room):
+    """GStreamer's webrtcbin publishes over WHIP (no WebSocket: POST, answer, DELETE); a foreign
+    client subscribes over the WebSocket and must decode its media. The WHIP publisher is told
+    to end (SIGTERM → DELETE) once the subscriber is done; it passes with 201, a connection and
+    DELETE 200."""
+    name = "gstreamer-whip"
+    http = server.url.replace("ws://", "http://", 1).rsplit("/rtc", 1)[0]
+    endpoint = f"{http}/whip/{urllib.parse.quote(room, safe='')}"
+    s = Proc(f"{room}-sub-{sub}", client_cmd(sub, server.url, room, f"{sub}-sub", expect_from=name, media_only=True), CLIENT_TIMEOUT + 10)
+    time.sleep(1.0)
+    pcmd = client_cmd("gstreamer", server.url, room, name, until_signal=True) + ["--whip", endpoint]
+    p = Proc(f"{room}-pub-gstreamer-whip", pcmd, CLIENT_TIMEOUT + 15)
+    src = s.wait()
+    p.terminate()
+    prc = p.wait()
+    sr, pr = s.result(), p.result()
+    ok = src == 0 and prc == 0 and bool(sr and sr.get("ok")) and bool(pr and pr.get("ok"))
+    extra = {"connect_ms": pr.get("connect_ms")} if pr else {}
+    return ok, f"sub: {summary(sr)} | pub: {summary(pr)}", extra, [p.log_path, s.log_path]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--host-ip", required=True, help="address of a non-loopback interface in this namespace")
@@ -289,6 +313,8 @@ def main():
     for pub, sub, order in COMBINATIONS:
         if order == "offer-without-ssrc":
             label = "gstreamer offer without a=ssrc"
+        elif order == "whip":
+            label = f"{pub} -> {sub}"
         else:
             label = f"{pub} -> {sub}" + (" (late join)" if order == "pub-first" and "webrtc-rs" not in (pub, sub) else "")
         if not args.only or any(o in label for o in args.only):
@@ -313,6 +339,8 @@ def main():
             t = time.monotonic()
             if order == "offer-without-ssrc":
                 ok, detail, extra, logs = run_gst_offer_without_ssrc(server, room)
+            elif order == "whip":
+                ok, detail, extra, logs = run_whip_publisher(server, sub, room)
             elif pub == "webrtc-rs":
                 ok, detail, extra, logs = run_rs_publisher(server, sub, room)
             elif sub == "webrtc-rs":

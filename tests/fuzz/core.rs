@@ -309,6 +309,7 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                         hidden: u.below(8) == 0,
                         room_admin: u.bool(),
                     },
+                    publish_only: u.below(8) == 0,
                 };
                 let _ = sfu.handle_command(now, Command::Join { req, reply });
                 if let Ok(Ok(ok)) = answer.try_recv() {

@@ -110,7 +110,8 @@ impl<T: Transmit> Sfu<T> {
             let Some(p) = r.parts.get(&part) else {
                 continue;
             };
-            if !p.sub.connected {
+            // (A publish-only participant, WHIP, is rated on its publisher connection.)
+            if !p.transport_connected() {
                 continue;
             }
             let quiet = |kind| {
@@ -118,7 +119,7 @@ impl<T: Transmit> Sfu<T> {
                     .last_seen(PcKey { part, kind })
                     .is_some_and(|at| now.saturating_duration_since(at) >= quality::SILENCE)
             };
-            let silent = quiet(PcKind::Subscriber)
+            let silent = !p.publish_only && quiet(PcKind::Subscriber)
                 || p.publ.as_ref().is_some_and(|pc| pc.connected) && quiet(PcKind::Publisher);
             let tracker = book.trackers.entry(part).or_default();
             let window = window_end.then(|| {

@@ -1,0 +1,645 @@
+//! A WHIP publisher (RFC 9725) made with webrtc-rs, as an ingest client that knows nothing of
+//! Plaza's WebSocket protocol would be: it `POST`s its offer (`application/sdp`, a bearer
+//! token), applies the answer (whose candidates it adds itself: webrtc-rs 0.21 uses only those
+//! given to `add_ice_candidate`), trickles its own candidates with `PATCH`
+//! (`application/trickle-ice-sdpfrag`, `If-Match` with the session's ETag), sends the
+//! pre-encoded clips once connected (plain, or VP8 simulcast with three RIDs) and ends with
+//! `DELETE`. Also: [`http`], a raw HTTP/1.1 exchange that keeps the response's headers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use plaza::signal::TrackKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionEventHandler, RTCIceCandidateInit, RTCIceConnectionState,
+    RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription,
+};
+
+use super::keyframe::{KeyframeRequestTap, keyframe_request_ssrcs};
+use super::media::{self, Clip, MediaPacketizer, PacerControl, run_pacer};
+use super::peer::{
+    HandlerFuture, TrackSink, add_track_with_encodings, bounded, done, extension_id, local_codec,
+    lock, mid_of, negotiated_payload_type, new_peer_connection,
+};
+
+/// An HTTP response: status, headers (names lowercase, in order), body.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The first header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.all(name).into_iter().next()
+    }
+
+    /// Every header `name` (any case), in order.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// One HTTP/1.1 request with exactly these headers (plus `Host`, `Connection: close` and the
+/// body's `Content-Length`) and body; the response with its headers. Bounded by 10 s.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpReply> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || matches!(method, "POST" | "PATCH" | "PUT") {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(head.as_bytes()).await?;
+        // The server may answer (413) before reading the whole body, and close.
+        let _ = s.write_all(body).await;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        anyhow::Ok(out)
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| anyhow!("{method} {path}: no complete response in 10 s"))??;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("{method} {path}: no header end in {text:?}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("{method} {path}: bad status line in {head:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        bail!("{method} {path}: chunked response (not expected from these routes)");
+    }
+    Ok(HttpReply {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
+}
+
+/// What a [`WhipPublisher`] sends.
+#[derive(Debug, Clone)]
+pub struct WhipOptions {
+    pub audio: bool,
+    pub video: bool,
+    /// Video as three simulcast encodings (`q`, `h`, `f`: the clips of
+    /// [`media::simulcast_files`]) instead of one.
+    pub simulcast: bool,
+    /// Trickle the local candidates with `PATCH` (else the server learns the address from
+    /// the connectivity checks alone: it is ICE-lite).
+    pub trickle: bool,
+    pub timeout: Duration,
+    pub bind_ip: String,
+}
+
+impl Default for WhipOptions {
+    fn default() -> Self {
+        WhipOptions {
+            audio: true,
+            video: true,
+            simulcast: false,
+            trickle: true,
+            timeout: Duration::from_secs(10),
+            bind_ip: "127.0.0.1".to_owned(),
+        }
+    }
+}
+
+struct Handler {
+    state: watch::Sender<Option<RTCPeerConnectionState>>,
+    /// Times ICE reached `connected` (or `completed`): one more after each restart.
+    ice_connected: watch::Sender<u64>,
+    candidates: mpsc::UnboundedSender<String>,
+}
+
+// `PeerConnectionEventHandler` is an `#[async_trait]`; this is its expansion (as in `peer`).
+impl PeerConnectionEventHandler for Handler {
+    fn on_ice_candidate<'life0, 'async_trait>(
+        &'life0 self,
+        event: RTCPeerConnectionIceEvent,
+    ) -> HandlerFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        if let Ok(init) = event.candidate.to_json()
+            && !init.candidate.trim().is_empty()
+        {
+            let _ = self.candidates.send(init.candidate);
+        }
+        done()
+    }
+
+    fn on_ice_connection_state_change<'life0, 'async_trait>(
+        &'life0 self,
+        state: RTCIceConnectionState,
+    ) -> HandlerFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        if matches!(
+            state,
+            RTCIceConnectionState::Connected | RTCIceConnectionState::Completed
+        ) {
+            self.ice_connected.send_modify(|n| *n += 1);
+        }
+        done()
+    }
+
+    fn on_connection_state_change<'life0, 'async_trait>(
+        &'life0 self,
+        state: RTCPeerConnectionState,
+    ) -> HandlerFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.state.send_replace(Some(state));
+        done()
+    }
+}
+
+/// An encoding's RID (empty for a plain track) and the clip it sends.
+type RidClip = (String, Arc<Clip>);
+
+/// One local track: its encodings (RID, SSRC, clip) and what the pacers counted.
+struct Local {
+    kind: TrackKind,
+    layers: Vec<(String, u32, Arc<Clip>, Arc<PacerControl>)>,
+    track: Arc<webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP>,
+    sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+}
+
+/// What the trickle task names in its `PATCH`es.
+struct TrickleAs {
+    etag: String,
+    ufrag: String,
+    pwd: String,
+    mid: String,
+}
+
+/// A connected WHIP session.
+pub struct WhipPublisher {
+    addr: SocketAddr,
+    pc: Arc<dyn PeerConnection>,
+    /// The session's URL path (`Location` of the 201).
+    pub location: String,
+    /// The session's `ETag`.
+    pub etag: String,
+    /// The 201 response.
+    pub created: HttpReply,
+    token: Option<String>,
+    timeout: Duration,
+    /// The answer as last applied (an ICE restart applies it again with new credentials).
+    answer: String,
+    /// What the trickle task sends with: the ETag, and the ICE credentials of the offer.
+    trickle: Arc<Mutex<TrickleAs>>,
+    state: watch::Receiver<Option<RTCPeerConnectionState>>,
+    ice_connected: watch::Receiver<u64>,
+    local: Vec<Local>,
+    /// Statuses of the trickle `PATCH`es.
+    patches: Arc<Mutex<Vec<u16>>>,
+    tasks: Vec<AbortHandle>,
+    sent: Arc<AtomicU64>,
+}
+
+impl WhipPublisher {
+    /// `POST`s an offer to `path` (`/whip/{room}[/{name}]`) with `token`, applies the answer
+    /// and waits (within `opts.timeout`) for the connection; media starts then. `Err` for any
+    /// status but 201 (its status and body in the message).
+    pub async fn publish(
+        addr: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+        opts: WhipOptions,
+    ) -> Result<WhipPublisher> {
+        let t = opts.timeout;
+        let (state_tx, state) = watch::channel(None);
+        let (ice_tx, ice_connected) = watch::channel(0);
+        let (cand_tx, mut cand_rx) = mpsc::unbounded_channel();
+        let handler = Arc::new(Handler {
+            state: state_tx,
+            ice_connected: ice_tx,
+            candidates: cand_tx,
+        });
+        let pc = new_peer_connection(
+            Some(KeyframeRequestTap::default()),
+            handler,
+            &opts.bind_ip,
+            t,
+        )
+        .await?;
+        let mut local = Vec::new();
+        let mut wanted: Vec<(TrackKind, Vec<RidClip>)> = Vec::new();
+        if opts.audio {
+            let clip = Clip::load(&media::default_audio_file())?;
+            wanted.push((TrackKind::Audio, vec![(String::new(), clip)]));
+        }
+        if opts.video {
+            let clips = if opts.simulcast {
+                media::simulcast_files()
+                    .into_iter()
+                    .map(|(rid, path)| Ok((rid, Clip::load(&path)?)))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                vec![(String::new(), Clip::load(&media::default_video_file())?)]
+            };
+            wanted.push((TrackKind::Video, clips));
+        }
+        for (kind, clips) in wanted {
+            let layers: Vec<_> = clips
+                .into_iter()
+                .map(|(rid, clip)| {
+                    let ssrc = rand::random::<u32>() | 1;
+                    (rid, ssrc, clip, Arc::new(PacerControl::default()))
+                })
+                .collect();
+            let encodings: Vec<(String, u32)> =
+                layers.iter().map(|(r, s, _, _)| (r.clone(), *s)).collect();
+            let (track, sender) =
+                add_track_with_encodings(&pc, "whip", kind, &encodings, t).await?;
+            local.push(Local {
+                kind,
+                layers,
+                track,
+                sender,
+            });
+        }
+        let offer = bounded(t, "create_offer", pc.create_offer(None)).await?;
+        bounded(
+            t,
+            "set_local_description",
+            pc.set_local_description(offer.clone()),
+        )
+        .await?;
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", "application/sdp")];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a));
+        }
+        let created = http(addr, "POST", path, &headers, offer.sdp.as_bytes()).await?;
+        if created.status != 201 {
+            bail!("POST {path}: {} {}", created.status, created.body.trim());
+        }
+        let location = created
+            .header("location")
+            .ok_or_else(|| anyhow!("201 without Location"))?
+            .to_owned();
+        let etag = created
+            .header("etag")
+            .ok_or_else(|| anyhow!("201 without ETag"))?
+            .to_owned();
+        let answer = RTCSessionDescription::answer(created.body.clone())
+            .map_err(|e| anyhow!("bad answer SDP: {e}"))?;
+        bounded(
+            t,
+            "set_remote_description",
+            pc.set_remote_description(answer),
+        )
+        .await?;
+        if add_candidates(&pc, &created.body, t).await? == 0 {
+            bail!("the answer has no candidates (the server should not need to trickle)");
+        }
+        let patches = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        let trickle = Arc::new(Mutex::new(TrickleAs {
+            etag: etag.clone(),
+            ufrag: sdp_attr(&offer.sdp, "a=ice-ufrag:").unwrap_or_default(),
+            pwd: sdp_attr(&offer.sdp, "a=ice-pwd:").unwrap_or_default(),
+            mid: sdp_attr(&offer.sdp, "a=mid:").unwrap_or_else(|| "0".to_owned()),
+        }));
+        if opts.trickle {
+            let (location, trickle, patches, auth) = (
+                location.clone(),
+                trickle.clone(),
+                patches.clone(),
+                auth.clone(),
+            );
+            let task = tokio::spawn(async move {
+                while let Some(candidate) = cand_rx.recv().await {
+                    let (frag, etag) = {
+                        let a = lock(&trickle);
+                        let frag = format!(
+                            "a=ice-ufrag:{}\r\na=ice-pwd:{}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\n\
+                             a=mid:{}\r\na={candidate}\r\n",
+                            a.ufrag, a.pwd, a.mid
+                        );
+                        (frag, a.etag.clone())
+                    };
+                    let mut headers = vec![
+                        ("Content-Type", "application/trickle-ice-sdpfrag"),
+                        ("If-Match", etag.as_str()),
+                    ];
+                    if let Some(a) = &auth {
+                        headers.push(("Authorization", a));
+                    }
+                    let status = http(addr, "PATCH", &location, &headers, frag.as_bytes())
+                        .await
+                        .map_or(0, |r| r.status);
+                    lock(&patches).push(status);
+                }
+            });
+            tasks.push(task.abort_handle());
+        }
+        let answer = created.body.clone();
+        let mut publisher = WhipPublisher {
+            addr,
+            pc,
+            location,
+            etag,
+            created,
+            token: token.map(str::to_owned),
+            timeout: t,
+            answer,
+            trickle,
+            state,
+            ice_connected,
+            local,
+            patches,
+            tasks,
+            sent: Arc::new(AtomicU64::new(0)),
+        };
+        publisher.wait_connected(t).await?;
+        publisher.start_media().await?;
+        Ok(publisher)
+    }
+
+    /// Waits for the peer connection to be connected.
+    pub async fn wait_connected(&mut self, t: Duration) -> Result<()> {
+        let state = &mut self.state;
+        bounded(t, "WHIP publisher connected", async {
+            state
+                .wait_for(|s| *s == Some(RTCPeerConnectionState::Connected))
+                .await
+                .map(|_| ())
+                .map_err(|e| anyhow!("{e}"))
+        })
+        .await
+    }
+
+    /// The connection's state (as the handler last saw it).
+    pub fn connection_state(&self) -> Option<RTCPeerConnectionState> {
+        *self.state.borrow()
+    }
+
+    async fn start_media(&mut self) -> Result<()> {
+        for lt in &self.local {
+            let (_, _, mime, _) = local_codec(lt.kind);
+            let pt = negotiated_payload_type(&lt.sender, mime).await?;
+            let simulcast = lt.layers.iter().any(|(rid, ..)| !rid.is_empty());
+            let ids = if simulcast {
+                let mid_id = extension_id(&lt.sender, rtc::sdp::extmap::SDES_MID_URI).await?;
+                let rid_id =
+                    extension_id(&lt.sender, rtc::sdp::extmap::SDES_RTP_STREAM_ID_URI).await?;
+                let mid = mid_of(&self.pc, &lt.sender).await?;
+                Some((mid_id, rid_id, mid))
+            } else {
+                None
+            };
+            for (rid, ssrc, clip, control) in &lt.layers {
+                let packetizer = MediaPacketizer::new(clip.clone(), *ssrc, pt)
+                    .with_context(|| format!("{:?} {rid}", lt.kind))?;
+                let extensions = match &ids {
+                    Some((mid_id, rid_id, mid)) => vec![
+                        (*mid_id, Bytes::from(mid.clone())),
+                        (*rid_id, Bytes::from(rid.clone())),
+                    ],
+                    None => Vec::new(),
+                };
+                let sink = TrackSink {
+                    track: lt.track.clone(),
+                    extensions,
+                    skip: None,
+                    written: AtomicU64::new(0),
+                };
+                let sent = self.sent.clone();
+                let task = tokio::spawn(run_pacer(
+                    packetizer,
+                    clip.frame_interval,
+                    sink,
+                    control.clone(),
+                    move || {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    },
+                ));
+                self.tasks.push(task.abort_handle());
+            }
+            let track = lt.track.clone();
+            let controls: Vec<(u32, Arc<PacerControl>)> = lt
+                .layers
+                .iter()
+                .map(|(_, ssrc, _, c)| (*ssrc, c.clone()))
+                .collect();
+            let task = tokio::spawn(async move {
+                while let Some(event) = track.poll().await {
+                    let TrackLocalEvent::OnRtcpPacket(packets) = event else {
+                        continue;
+                    };
+                    for ssrc in packets
+                        .iter()
+                        .flat_map(|p| keyframe_request_ssrcs(p.as_ref()))
+                    {
+                        let known = controls.iter().any(|(s, _)| *s == ssrc);
+                        for (_, c) in controls.iter().filter(|(s, _)| !known || *s == ssrc) {
+                            c.request_keyframe();
+                        }
+                    }
+                }
+            });
+            self.tasks.push(task.abort_handle());
+        }
+        Ok(())
+    }
+
+    /// Restarts ICE as RFC 9725 has it: new credentials (webrtc-rs gathers again on new
+    /// sockets) in a `PATCH` with `If-Match: *`; the server's `200` fragment is applied as the
+    /// answer with its new credentials. Returns that response once ICE has connected again.
+    pub async fn restart_ice(&mut self) -> Result<HttpReply> {
+        let t = self.timeout;
+        let before = *self.ice_connected.borrow();
+        bounded(t, "restart_ice", self.pc.restart_ice()).await?;
+        let offer = bounded(t, "create_offer(restart)", self.pc.create_offer(None)).await?;
+        bounded(
+            t,
+            "set_local_description(restart)",
+            self.pc.set_local_description(offer.clone()),
+        )
+        .await?;
+        let ufrag = sdp_attr(&offer.sdp, "a=ice-ufrag:").unwrap_or_default();
+        let pwd = sdp_attr(&offer.sdp, "a=ice-pwd:").unwrap_or_default();
+        let mid = lock(&self.trickle).mid.clone();
+        let frag = format!(
+            "a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:{mid}\r\n"
+        );
+        let r = self
+            .request(
+                "PATCH",
+                &[
+                    ("Content-Type", "application/trickle-ice-sdpfrag"),
+                    ("If-Match", "*"),
+                ],
+                frag.as_bytes(),
+            )
+            .await?;
+        if r.status != 200 {
+            bail!("ICE restart PATCH: {} {}", r.status, r.body.trim());
+        }
+        let new_ufrag = sdp_attr(&r.body, "a=ice-ufrag:")
+            .ok_or_else(|| anyhow!("restart answer without a=ice-ufrag: {}", r.body))?;
+        let new_pwd = sdp_attr(&r.body, "a=ice-pwd:")
+            .ok_or_else(|| anyhow!("restart answer without a=ice-pwd: {}", r.body))?;
+        let mut answer = String::new();
+        for line in self.answer.lines().map(str::trim_end) {
+            let line = if line.starts_with("a=ice-ufrag:") {
+                format!("a=ice-ufrag:{new_ufrag}")
+            } else if line.starts_with("a=ice-pwd:") {
+                format!("a=ice-pwd:{new_pwd}")
+            } else if line.starts_with("a=candidate:") {
+                continue;
+            } else {
+                line.to_owned()
+            };
+            answer.push_str(&line);
+            answer.push_str("\r\n");
+        }
+        let desc = RTCSessionDescription::answer(answer.clone())
+            .map_err(|e| anyhow!("restart answer SDP: {e}"))?;
+        bounded(
+            t,
+            "set_remote_description(restart)",
+            self.pc.set_remote_description(desc),
+        )
+        .await?;
+        add_candidates(&self.pc, &r.body, t).await?;
+        let etag = r
+            .header("etag")
+            .ok_or_else(|| anyhow!("restart answer without ETag"))?
+            .to_owned();
+        {
+            let mut a = lock(&self.trickle);
+            a.etag = etag.clone();
+            a.ufrag = ufrag;
+            a.pwd = pwd;
+        }
+        self.etag = etag;
+        self.answer = answer;
+        let ice = &mut self.ice_connected;
+        bounded(t, "ICE connected after the restart", async {
+            ice.wait_for(|n| *n > before)
+                .await
+                .map(|_| ())
+                .map_err(|e| anyhow!("{e}"))
+        })
+        .await?;
+        Ok(r)
+    }
+
+    /// Pacer ticks so far (frames sent, over every encoding).
+    pub fn frames_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Statuses of the trickle `PATCH`es sent so far.
+    pub fn patch_statuses(&self) -> Vec<u16> {
+        lock(&self.patches).clone()
+    }
+
+    /// A request to the session's URL with the token (if any) and these headers.
+    pub async fn request(
+        &self,
+        method: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<HttpReply> {
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(a) = &auth {
+            all.push(("Authorization", a));
+        }
+        http(self.addr, method, &self.location, &all, body).await
+    }
+
+    /// `DELETE` the session; its status. Media stops.
+    pub async fn delete(&mut self) -> Result<u16> {
+        self.stop();
+        Ok(self.request("DELETE", &[], b"").await?.status)
+    }
+
+    fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Closes the peer connection (without telling the server).
+    pub async fn close(mut self) {
+        self.stop();
+        let _ = self.pc.close().await;
+    }
+}
+
+impl Drop for WhipPublisher {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Adds the candidates of `sdp` (or of a fragment) to `pc`; how many.
+async fn add_candidates(pc: &Arc<dyn PeerConnection>, sdp: &str, t: Duration) -> Result<usize> {
+    let mut seen = Vec::new();
+    for c in sdp.lines().filter_map(|l| l.trim().strip_prefix("a=")) {
+        if c.starts_with("candidate:") && !seen.iter().any(|s: &String| s == c) {
+            seen.push(c.to_owned());
+            let init = RTCIceCandidateInit {
+                candidate: c.to_owned(),
+                sdp_mid: Some("0".to_owned()),
+                sdp_mline_index: Some(0),
+                ..Default::default()
+            };
+            bounded(t, "add_ice_candidate", pc.add_ice_candidate(init)).await?;
+        }
+    }
+    Ok(seen.len())
+}
+
+fn sdp_attr(sdp: &str, prefix: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .map(|v| v.trim().to_owned())
+}
