@@ -17,10 +17,8 @@ use support::{T, TestServer, announced_track, publisher, subscriber, wait_growth
 use webrtc::peer_connection::RTCIceConnectionState;
 
 fn ufrag(sdp: &str) -> String {
-    sdp.lines()
-        .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+    plaza::sfu::sdpcheck::ice_ufrag(sdp)
         .expect("an ice-ufrag")
-        .trim()
         .to_owned()
 }
 

@@ -125,30 +125,53 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     http_request(addr, "GET", path, &[], "").await
 }
 
-/// A minimal HTTP/1.1 request with these extra headers and body (no new dependencies):
-/// status and body.
-pub async fn http_request(
+/// An HTTP response: status, headers (names lowercase, in order), body.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The first header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.all(name).into_iter().next()
+    }
+
+    /// Every header `name` (any case), in order.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// One HTTP/1.1 request with exactly these headers (plus `Host`, `Connection: close` and the
+/// body's `Content-Length`) and body; the response with its headers. Bounded by 10 s.
+pub async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
-    body: &str,
-) -> Result<(u16, String)> {
+    body: &[u8],
+) -> Result<HttpReply> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
-    if !body.is_empty() || !matches!(method, "GET" | "HEAD") {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+    if !body.is_empty() || matches!(method, "POST" | "PATCH" | "PUT") {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     head.push_str("\r\n");
-    head.push_str(body);
     let exchange = async {
         let mut s = TcpStream::connect(addr).await?;
         s.write_all(head.as_bytes()).await?;
+        // The server may answer (413) before reading the whole body, and close.
+        let _ = s.write_all(body).await;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         anyhow::Ok(out)
@@ -160,21 +183,46 @@ pub async fn http_request(
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow!("{method} {path}: no header end in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("{method} {path}: bad status line in {head:?}"))?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     let body = if chunked {
         dechunk(body)?
     } else {
         body.to_owned()
     };
-    Ok((status, body))
+    Ok(HttpReply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// A request with a JSON body (`Content-Type: application/json` whenever there is a body or
+/// the method may take one) and these extra headers: status and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String)> {
+    let mut all = headers.to_vec();
+    if !body.is_empty() || !matches!(method, "GET" | "HEAD") {
+        all.push(("Content-Type", "application/json"));
+    }
+    let reply = http(addr, method, path, &all, body.as_bytes()).await?;
+    Ok((reply.status, reply.body))
 }
 
 fn dechunk(mut body: &str) -> Result<String> {

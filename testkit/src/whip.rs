@@ -14,8 +14,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use plaza::signal::TrackKind;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
@@ -31,86 +29,7 @@ use super::peer::{
     lock, mid_of, negotiated_payload_type, new_peer_connection,
 };
 
-/// An HTTP response: status, headers (names lowercase, in order), body.
-#[derive(Debug, Clone)]
-pub struct HttpReply {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl HttpReply {
-    /// The first header `name` (any case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.all(name).into_iter().next()
-    }
-
-    /// Every header `name` (any case), in order.
-    pub fn all(&self, name: &str) -> Vec<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-}
-
-/// One HTTP/1.1 request with exactly these headers (plus `Host`, `Connection: close` and the
-/// body's `Content-Length`) and body; the response with its headers. Bounded by 10 s.
-pub async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<HttpReply> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if !body.is_empty() || matches!(method, "POST" | "PATCH" | "PUT") {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str("\r\n");
-    let exchange = async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(head.as_bytes()).await?;
-        // The server may answer (413) before reading the whole body, and close.
-        let _ = s.write_all(body).await;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await?;
-        anyhow::Ok(out)
-    };
-    let out = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .map_err(|_| anyhow!("{method} {path}: no complete response in 10 s"))??;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("{method} {path}: no header end in {text:?}"))?;
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("{method} {path}: bad status line in {head:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    if chunked {
-        bail!("{method} {path}: chunked response (not expected from these routes)");
-    }
-    Ok(HttpReply {
-        status,
-        headers,
-        body: body.to_owned(),
-    })
-}
+pub use super::support::{HttpReply, http};
 
 /// What a [`WhipPublisher`] sends.
 #[derive(Debug, Clone)]
