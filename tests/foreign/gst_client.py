@@ -67,6 +67,7 @@ import websockets  # noqa: E402
 
 T0 = time.monotonic()
 VIDEO_PT, AUDIO_PT = 96, 111
+TWCC_EXT, TWCC_URI = 3, "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
 
 
 def parse_sdp(sdp):
@@ -506,11 +507,14 @@ class Client:
         headers = {"Authorization": f"Bearer {self.args.token}"}
         try:
             self.setup_sub()
+            # transport-wide CC (a=extmap): the server's layer selection runs on the viewer's
+            # bandwidth estimate, which it gets from TWCC feedback
+            twcc = f"extmap-{TWCC_EXT}=(string){TWCC_URI}"
             caps = {
-                "audio": f"application/x-rtp,media=audio,encoding-name=OPUS,payload={AUDIO_PT},clock-rate=48000,encoding-params=(string)2",
+                "audio": f"application/x-rtp,media=audio,encoding-name=OPUS,payload={AUDIO_PT},clock-rate=48000,encoding-params=(string)2,{twcc}",
                 "video": (
                     f"application/x-rtp,media=video,encoding-name=VP8,payload={VIDEO_PT},clock-rate=90000,"
-                    "rtcp-fb-nack-pli=(boolean)true,rtcp-fb-nack=(boolean)true"
+                    f"rtcp-fb-nack-pli=(boolean)true,rtcp-fb-nack=(boolean)true,{twcc}"
                 ),
             }
             for kind in ("audio", "video"):

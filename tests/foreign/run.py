@@ -438,14 +438,14 @@ def main():
                 ok, detail, extra, logs = run_foreign_pair(server, pub, sub, order, room)
             dt = time.monotonic() - t
             rows.append((label, ok, dt, detail, extra, logs))
-            print(f"{'PASS' if ok else 'FAIL'}  {label:<34} {dt:5.1f} s  {detail if not ok else ''}", flush=True)
+            print(f"{'PASS' if ok else 'FAIL'}  {label:<46} {dt:5.1f} s  {detail if not ok else ''}", flush=True)
     finally:
         server.stop()
     print("\nforeign clients against Plaza")
-    print(f"{'combination':<36}{'result':<8}{'time':>7}  notes")
+    print(f"{'combination':<48}{'result':<8}{'time':>7}  notes")
     for label, ok, dt, detail, extra, logs in rows:
         notes = ", ".join(f"{k}={v}" for k, v in extra.items() if v is not None)
-        print(f"{label:<36}{'PASS' if ok else 'FAIL':<8}{dt:6.1f}s  {notes}")
+        print(f"{label:<48}{'PASS' if ok else 'FAIL':<8}{dt:6.1f}s  {notes}")
         if not ok:
             print(f"    {detail[:600]}")
             print(f"    logs: {' '.join(os.path.relpath(p, ROOT) for p in logs)}")
