@@ -70,7 +70,7 @@ class Client:
         self.my_id = None
         self.mids = {}
         self.chat = None
-        self.result = {"client": "aiortc", "name": args.name, "errors": [], "tracks": {}, "chat_from": [], "own_tracks": []}
+        self.result = {"client": "aiortc", "name": args.name, "errors": [], "tracks": {}, "chat_from": [], "own_tracks": [], "joined_seen": []}
         self.done = asyncio.get_running_loop().create_future()
         self.done_sent = False
         self.sub = RTCPeerConnection()
@@ -256,11 +256,13 @@ class Client:
                 self.names[self.my_id] = self.args.name
                 for p in msg["participants"]:
                     self.names[p["id"]] = p["name"]
+                    self.result["joined_seen"].append(p["name"])
                 self.log("joined as", self.my_id)
                 if self.args.publish:
                     await self.publish()
             elif t == "participant_joined":
                 self.names[msg["participant"]["id"]] = msg["participant"]["name"]
+                self.result["joined_seen"].append(msg["participant"]["name"])
             elif t == "subscribe_offer":
                 await self.answer(msg["sdp"])
             elif t == "publish_answer":

@@ -119,7 +119,7 @@ class Client:
         self.my_id = None
         self.mids = {}
         self.chat = None
-        self.result = {"client": "gstreamer", "name": args.name, "errors": [], "tracks": {}, "chat_from": [], "own_tracks": []}
+        self.result = {"client": "gstreamer", "name": args.name, "errors": [], "tracks": {}, "chat_from": [], "own_tracks": [], "joined_seen": []}
         self.done = self.loop.create_future()
         self.done_sent = False
         self.ws = None
@@ -375,6 +375,7 @@ class Client:
                 self.names[self.my_id] = self.args.name
                 for p in msg["participants"]:
                     self.names[p["id"]] = p["name"]
+                    self.result["joined_seen"].append(p["name"])
                 self.log("joined as", self.my_id)
                 if self.args.publish:
                     self.build_pub()
@@ -387,6 +388,7 @@ class Client:
                     await self.ws.send(json.dumps({"type": "publish_offer", "sdp": sdp}))
             elif t == "participant_joined":
                 self.names[msg["participant"]["id"]] = msg["participant"]["name"]
+                self.result["joined_seen"].append(msg["participant"]["name"])
             elif t == "subscribe_offer":
                 sdp = await asyncio.to_thread(self.answer, msg["sdp"])
                 await self.ws.send(json.dumps({"type": "subscribe_answer", "sdp": sdp}))

@@ -80,6 +80,7 @@ COMBINATIONS = [
     ("gstreamer-whip", "aiortc-whep", "whep"),
     ("chromium", "aiortc-whep", "whep"),
     ("aiortc", "gstreamer-whep", "whep"),
+    ("gstreamer", "aiortc-whep", "whep-late"),
     ("werift", "gstreamer-whep", "whep-late"),
 ]
 
@@ -378,11 +379,15 @@ def run_whep_viewer(server, pub, sub, order, room):
         extra["answer_ms"] = vr.get("answer_ms")
         extra["post_to_media_ms"] = vr.get("first_media_ms")
         firsts = {t["kind"]: t["first_mono"] for t in vr.get("tracks", {}).values() if "first_mono" in t}
-        if pr and pr.get("post_mono") and firsts:
+        if order == "whep" and pr and pr.get("post_mono") and firsts:
             # both clients run on this machine: CLOCK_MONOTONIC is one clock
             extra["whip_post_to_media_ms"] = round((min(firsts.values()) - pr["post_mono"]) * 1000)
             if "video" in firsts:
                 extra["whip_post_to_video_ms"] = round((firsts["video"] - pr["post_mono"]) * 1000)
+    if pr and sub in pr.get("joined_seen", []):
+        # a WHEP viewer is a hidden participant: nobody is told it joined
+        ok = False
+        why.append(f"the publisher was told that {sub} joined")
     detail = "; ".join(why + [f"sub: {summary(vr)} | pub: {summary(pr)}"])
     return ok, detail, extra, [p.log_path, v.log_path]
 
