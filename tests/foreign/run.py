@@ -379,6 +379,8 @@ def run_whep_viewer(server, pub, sub, order, room):
         extra["answer_ms"] = vr.get("answer_ms")
         extra["post_to_media_ms"] = vr.get("first_media_ms")
         firsts = {t["kind"]: t["first_mono"] for t in vr.get("tracks", {}).values() if "first_mono" in t}
+        if "video" in firsts and vr.get("post_mono"):
+            extra["post_to_video_ms"] = round((firsts["video"] - vr["post_mono"]) * 1000)
         if order == "whep" and pr and pr.get("post_mono") and firsts:
             # both clients run on this machine: CLOCK_MONOTONIC is one clock
             extra["whip_post_to_media_ms"] = round((min(firsts.values()) - pr["post_mono"]) * 1000)
