@@ -289,6 +289,9 @@ async function connect(reason = null) {
     await gathered(pc, GATHER_MAX_MS);
     if (my !== gen) return;
     watch.times = { post: performance.now(), answer: null, connected: null, firstFrame: null };
+    Object.assign(watch, { frameWidth: 0, frameHeight: 0, framesDecoded: 0, fps: 0, audioPacketsReceived: 0 });
+    last = { t: performance.now(), frames: 0, audio: 0 };
+    stall = 0;
     watch.posts++;
     const res = await fetch(endpoint(), {
       method: 'POST',
