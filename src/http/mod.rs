@@ -9,6 +9,7 @@
 //!   the demo page (404 whenever keys are configured);
 //! - `/api/...`: the room admin API (see [`admin`]);
 //! - `/whip/...`: WHIP ingest, RFC 9725 (see [`whip`]);
+//! - `/whep/...`: WHEP playback (see [`whep`]);
 //! - `GET /watch?room=R…`: the WHEP player page, `signaling/watch.html` (served like the
 //!   static files below; the page reads its query itself);
 //! - everything else (`GET`/`HEAD`): files from the `signaling/` directory (demo page and JS
@@ -25,6 +26,7 @@ pub mod limits;
 pub mod metrics;
 pub mod resume;
 pub mod serve;
+pub mod whep;
 pub mod whip;
 pub mod ws;
 
@@ -191,6 +193,7 @@ pub fn router(state: AppState) -> Router {
         .route("/watch", get(watch_page))
         .merge(admin::routes())
         .merge(whip::routes(max_body))
+        .merge(whep::routes(max_body))
         .fallback(static_file)
         .with_state(state)
 }
