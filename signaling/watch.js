@@ -48,8 +48,9 @@ const watch = (window.watch = {
   quality: QUALITIES.includes(params.get('quality')) ? params.get('quality') : null,
   /** Status of the last layer POST (204 when the server took it). */
   layerStatus: null,
-  /** performance.now() of the latest POST, its answer, ICE connected, the first decoded frame. */
-  times: { post: null, answer: null, connected: null, firstFrame: null },
+  /** performance.now() of the latest session's start (offer, gathering), its POST, its answer,
+   *  ICE connected, the first decoded frame. */
+  times: { start: null, post: null, answer: null, connected: null, firstFrame: null },
   posts: 0,
   iceRestarts: 0,
   pc: null,
@@ -269,6 +270,7 @@ async function connect(reason = null) {
   teardown();
   setState(reason ? 'reconnecting' : 'connecting', reason ? `reconnecting (${reason})…` : STATUS_TEXT.connecting);
   let pc = null;
+  const start = performance.now();
   try {
     const bearer = await getToken();
     if (my !== gen) return;
@@ -288,7 +290,7 @@ async function connect(reason = null) {
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc, GATHER_MAX_MS);
     if (my !== gen) return;
-    watch.times = { post: performance.now(), answer: null, connected: null, firstFrame: null };
+    watch.times = { start, post: performance.now(), answer: null, connected: null, firstFrame: null };
     Object.assign(watch, { frameWidth: 0, frameHeight: 0, framesDecoded: 0, fps: 0, audioPacketsReceived: 0 });
     last = { t: performance.now(), frames: 0, audio: 0 };
     stall = 0;

@@ -1,9 +1,10 @@
 // WHEP playback with the player page /watch: a Chromium host on the demo page publishes three
 // simulcast layers, a Chromium /watch page plays the room over WHEP (one POST, no WebSocket)
 // and the join time POST → first decoded frame is printed; the quality selector (the layer
-// extension) gives the 320 wide layer, then the widest one the host sends; an ICE restart over
-// PATCH; leaving the page DELETEs the session; a viewer opened before anyone publishes waits,
-// then plays; Firefox plays too.
+// extension) gives the 320 wide layer, then the widest one the host sends; ICE restarts over
+// PATCH (asked for, and by itself when the viewer's path is cut); a session the server ended is
+// replaced by a new POST; leaving the page DELETEs the session; a viewer opened before anyone
+// publishes waits, then plays; Firefox plays too.
 // Run with scripts/browser-tests.sh (loopback-only network namespace, server started here).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -20,6 +21,7 @@ import {
   openWatch,
   watchState,
   waitForWatchPlaying,
+  iptablesRules,
 } from './harness.js';
 
 let server;
@@ -56,6 +58,19 @@ const describeLayers = (layers) => layers.map((l) => `${l.rid}:${l.active === fa
 
 const ms = (x) => `${Math.round(x)} ms`;
 
+/** The player's ICE path: its selected pair's local candidate {protocol, port}. */
+function selectedPath(p) {
+  return p.page.evaluate(async () => {
+    const stats = await window.watch.pc.getStats();
+    let pair = null;
+    stats.forEach((s) => {
+      if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+    });
+    const local = pair && stats.get(pair.localCandidateId);
+    return local ? { protocol: local.protocol, port: local.port } : null;
+  });
+}
+
 /** Status of a PATCH that changes nothing (a stale If-Match): 412 while the session exists, 404 once it is gone. */
 async function sessionProbe(session) {
   const r = await fetch(session, {
@@ -87,10 +102,10 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
     assert.ok(s.layerUrl?.startsWith(`${s.session}/layer`), `layer extension link: ${s.layerUrl}`);
     assert.equal(s.statusShown, 'playing');
     assert.match(s.layerShown, /^\d+×\d+ · \d+ fps/);
-    const { post, answer, connected, firstFrame } = s.times;
-    assert.ok(post !== null && answer > post && connected >= answer && firstFrame > post, `times ${JSON.stringify(s.times)}`);
+    const { start, post, answer, connected, firstFrame } = s.times;
+    assert.ok(start <= post && answer > post && connected >= answer && firstFrame > post, `times ${JSON.stringify(s.times)}`);
     console.log(
-      `# WHEP join: POST → answer ${ms(answer - post)}, → ICE connected ${ms(connected - post)}, → first decoded frame ${ms(firstFrame - post)}; decodes ${s.frameWidth}x${s.frameHeight}`,
+      `# WHEP join: POST → answer ${ms(answer - post)}, → ICE connected ${ms(connected - post)}, → first decoded frame ${ms(firstFrame - post)} (offer and ICE gathering before the POST: ${ms(post - start)}); decodes ${s.frameWidth}x${s.frameHeight}`,
     );
     // Hidden: the host is not told about the viewer.
     assert.deepEqual(await gridNames(host), []);
@@ -155,6 +170,59 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
     assert.equal(s.posts, s0.posts);
     assert.equal((await metrics()).ice_restarts, restartsBefore + 1, 'the server restarted ICE once');
     assert.equal(await sessionProbe(s.session), 412, 'the session still exists');
+  });
+
+  it('ICE restart by itself: a viewer whose path is cut for over 2 s restarts ICE over PATCH and plays again', async () => {
+    const s0 = await watchState(viewer);
+    const path = await selectedPath(viewer);
+    assert.equal(path.protocol, 'udp', `the viewer's path: ${JSON.stringify(path)}`);
+    // Cut the viewer's path: its UDP port both ways, and ICE-TCP to the server (a backup path
+    // the viewer could otherwise switch to). The host's UDP path is untouched.
+    const tcpPort = String(server.udpPort);
+    const cut = iptablesRules([
+      ['OUTPUT', '-p', 'udp', '--sport', String(path.port), '-j', 'DROP'],
+      ['OUTPUT', '-p', 'udp', '--dport', String(path.port), '-j', 'DROP'],
+      ['OUTPUT', '-p', 'tcp', '--dport', tcpPort, '-j', 'DROP'],
+      ['OUTPUT', '-p', 'tcp', '--sport', tcpPort, '-j', 'DROP'],
+    ]);
+    const t0 = Date.now();
+    let restartedAt = null;
+    try {
+      // The restart gathers new candidates (new ports), which the rules do not match.
+      await waitFor(
+        async () => {
+          const x = await watchState(viewer);
+          if (x.iceRestarts > s0.iceRestarts && restartedAt === null) restartedAt = Date.now();
+          return x.iceRestarts > s0.iceRestarts && x.state === 'playing';
+        },
+        { timeout: 30_000, what: 'the player to notice the cut path and restart ICE' },
+      );
+    } finally {
+      cut.remove();
+    }
+    const s = await waitForWatchPlaying(viewer);
+    assert.equal(s.session, s0.session, 'the same session (ICE restart, no new POST)');
+    assert.equal(s.posts, s0.posts);
+    assert.notEqual(s.remoteUfrag, s0.remoteUfrag);
+    assert.notEqual((await selectedPath(viewer)).port, path.port, 'a new local port');
+    console.log(`# path cut: ICE restarted ${restartedAt - t0} ms after the cut, playing again on a new path`);
+  });
+
+  it('a session the server ended: the ICE restart gets 404 and the player POSTs a new session', async () => {
+    const s0 = await watchState(viewer);
+    const del = await fetch(s0.session, { method: 'DELETE' });
+    assert.equal(del.status, 200);
+    const t0 = Date.now();
+    const s = await waitFor(
+      async () => {
+        const x = await watchState(viewer);
+        return x.posts === s0.posts + 1 && x.state === 'playing' && x.framesDecoded > 10 ? x : null;
+      },
+      { timeout: 30_000, what: 'the player to POST a new session and play again' },
+    );
+    assert.notEqual(s.session, s0.session);
+    assert.equal(await sessionProbe(s.session), 412, 'the new session exists');
+    console.log(`# session ended by the server: playing again on a new session ${Date.now() - t0} ms after the DELETE`);
   });
 
   it('leaving the page DELETEs the session', async () => {
