@@ -255,14 +255,23 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
     console.log(`# waiting viewer: playing ${Date.now() - t0} ms after the host's page started joining; decodes ${s.frameWidth}x${s.frameHeight}`);
   });
 
-  it('a Firefox /watch page plays the host', async () => {
+  it('a Firefox /watch page plays the host; ?quality=low from the URL gives the 320 wide layer', async () => {
     const fox = await track(launchFirefoxParticipant('firefox-viewer'));
-    await openWatch(fox, server.url, { room: room2 });
+    await openWatch(fox, server.url, { room: room2, quality: 'low' });
     const s = await waitForWatchPlaying(fox, { timeout: 30_000 });
     assert.ok(s.frameWidth > 0);
     assert.equal(s.data.state, 'playing');
     const { post, firstFrame } = s.times;
     console.log(`# firefox: ${await fox.browser.version()}, decodes ${s.frameWidth}x${s.frameHeight}, POST → first frame ${firstFrame === null ? 'not recorded' : ms(firstFrame - post)}`);
     assert.ok(firstFrame > post, `times ${JSON.stringify(s.times)}`);
+    assert.equal(await fox.page.$eval('#quality', (e) => e.value), 'low');
+    const low = await waitFor(
+      async () => {
+        const x = await watchState(fox);
+        return x.layerStatus === 204 && x.frameWidth === 320 ? x : null;
+      },
+      { timeout: 20_000, what: 'the quality=low Firefox viewer to decode 320 wide video' },
+    );
+    assert.equal(low.data.frameWidth, '320');
   });
 });
