@@ -4,7 +4,8 @@
 // extension) gives the 320 wide layer, then the widest one the host sends; ICE restarts over
 // PATCH (asked for, and by itself when the viewer's path is cut); a session the server ended is
 // replaced by a new POST; leaving the page DELETEs the session; a viewer opened before anyone
-// publishes waits, then plays; Firefox plays too.
+// publishes waits, then plays; Firefox plays too; when the host leaves the viewer plays the next
+// one, and waits when nobody publishes.
 // Run with scripts/browser-tests.sh (loopback-only network namespace, server started here).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -273,5 +274,30 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
       { timeout: 20_000, what: 'the quality=low Firefox viewer to decode 320 wide video' },
     );
     assert.equal(low.data.frameWidth, '320');
+  });
+
+  it('the host leaves: the viewer moves to the next host in the same session; the last one leaves: waiting', async () => {
+    const second = await track(launchParticipant('host-b'));
+    await joinViaUrl(second, server.url, room2, 'host-b');
+    await waitFor(async () => (await publishedLayers(second)).some((l) => l.frameWidth > 0), { what: 'the second host to send video' });
+    const s0 = await watchState(viewer);
+    assert.equal(s0.state, 'playing');
+    await host.page.goto(`${server.url}/healthz`); // the first host leaves
+    const t0 = Date.now();
+    // The viewer keeps its session and plays the second host (frames grow again after the switch).
+    const s = await waitForWatchPlaying(viewer, { grow: 60 });
+    assert.equal(s.session, s0.session, 'the same session');
+    assert.equal(s.posts, s0.posts, 'no new POST');
+    console.log(`# host left: the viewer decodes the next host (${s.frameWidth}x${s.frameHeight}) ${Date.now() - t0} ms later`);
+    await second.page.goto(`${server.url}/healthz`); // nobody publishes any more
+    const waiting = await waitFor(
+      async () => {
+        const x = await watchState(viewer);
+        return x.state === 'waiting' ? x : null;
+      },
+      { timeout: 15_000, what: 'the player to wait for a host again' },
+    );
+    assert.equal(waiting.session, s0.session);
+    assert.equal(waiting.statusShown, 'waiting for the host…');
   });
 });
