@@ -224,7 +224,7 @@ function endpoint() {
 async function getToken() {
   if (token) return token;
   const res = await fetch(`/dev/token?room=${encodeURIComponent(room)}&grants=subscribe&name=viewer`);
-  if (res.status === 404) throw new Error('this server needs an access token: add ?token=… (a token with the subscribe grant for this room) to the URL');
+  if (res.status === 404) throw Object.assign(new Error('this server needs an access token: add ?token=… (a token with the subscribe grant for this room) to the URL'), { fatal: true });
   if (!res.ok) throw new Error(`could not get a development token: ${res.status} ${await res.text()}`);
   token = (await res.json()).token;
   devToken = true;
@@ -313,7 +313,15 @@ async function connect(reason = null) {
     const links = parseLinks(res.headers.get('Link'), res.url);
     watch.layerUrl = links.find((l) => l.rel === LAYER_REL)?.url ?? null;
     watch.iceServers = iceServersFrom(links);
-    if (watch.iceServers.length) pc.setConfiguration({ ...pc.getConfiguration(), iceServers: watch.iceServers });
+    if (watch.iceServers.length) {
+      // For an ICE restart later (and the next session); a browser that cannot change them now
+      // still has them for the next session.
+      try {
+        pc.setConfiguration({ ...pc.getConfiguration(), iceServers: watch.iceServers });
+      } catch (e) {
+        console.warn('ICE servers not applied to this connection:', e.message);
+      }
+    }
     await pc.setRemoteDescription({ type: 'answer', sdp: body });
     watch.times.answer = performance.now();
     $('#quality').disabled = !watch.layerUrl;
@@ -323,8 +331,7 @@ async function connect(reason = null) {
     $('#message').hidden = true;
   } catch (err) {
     if (my !== gen) return;
-    watch.pc?.close();
-    watch.pc = null;
+    teardown(); // DELETEs the session if the answer could not be applied
     onConnectError(err);
   }
 }
@@ -346,6 +353,7 @@ function onConnectError(err) {
     // Anything else is the request's fault and would fail again.
     return fail(err.message);
   }
+  if (err.fatal) return fail(err.message);
   // The server could not be reached, or the browser refused something: back off, try again.
   const ms = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** failures);
   failures++;

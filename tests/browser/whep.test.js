@@ -300,4 +300,32 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
     assert.equal(waiting.session, s0.session);
     assert.equal(waiting.statusShown, 'waiting for the host…');
   });
+
+  it('a refused POST shows the server\'s error text and is not retried', async () => {
+    await openWatch(viewer, server.url, { room: room2, token: 'not-a-token' });
+    const s = await waitFor(
+      async () => {
+        const x = await watchState(viewer);
+        return x.state === 'error' ? x : null;
+      },
+      { timeout: 10_000, what: 'the player to show the refusal' },
+    );
+    assert.match(s.statusShown, /^error: 401: \S/, s.statusShown);
+    assert.equal(await viewer.page.$eval('#message', (e) => !e.hidden), true);
+    // Another token in the same room but without the subscribe grant: 403 with its reason.
+    const tr = await fetch(`${server.url}/dev/token?room=${encodeURIComponent(room2)}&grants=publish`).then((r) => r.json());
+    await openWatch(viewer, server.url, { room: room2, token: tr.token });
+    const forbidden = await waitFor(
+      async () => {
+        const x = await watchState(viewer);
+        return x.state === 'error' ? x : null;
+      },
+      { timeout: 10_000, what: 'the player to show the 403' },
+    );
+    assert.match(forbidden.statusShown, /^error: 403: .*subscrib/, forbidden.statusShown);
+    await new Promise((r) => setTimeout(r, 1500)); // a retry would have started by now
+    const later = await watchState(viewer);
+    assert.equal(later.posts, 1, 'not retried');
+    assert.equal(later.state, 'error');
+  });
 });
