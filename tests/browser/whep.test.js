@@ -1,11 +1,12 @@
 // WHEP playback with the player page /watch: a Chromium host on the demo page publishes three
-// simulcast layers, a Chromium /watch page plays the room over WHEP (one POST, no WebSocket)
-// and the join time POST → first decoded frame is printed; the quality selector (the layer
-// extension) gives the 320 wide layer, then the widest one the host sends; ICE restarts over
-// PATCH (asked for, and by itself when the viewer's path is cut); a session the server ended is
-// replaced by a new POST; leaving the page DELETEs the session; a viewer opened before anyone
-// publishes waits, then plays; Firefox plays too; when the host leaves the viewer plays the next
-// one, and waits when nobody publishes.
+// simulcast layers; a Chromium /watch page, opened from the demo's go-live link, plays the room
+// over WHEP (one POST, no WebSocket) and the join time POST → first decoded frame is printed;
+// the quality selector (the layer extension) gives the 320 wide layer, then the widest one the
+// host sends; ICE restarts over PATCH (asked for, and by itself when the viewer's path is cut);
+// a session the server ended is replaced by a new POST; leaving the page DELETEs the session; a
+// viewer opened before anyone publishes waits, then plays; Firefox plays too; when the host
+// leaves the viewer plays the next one, and waits when nobody publishes; refusals show the
+// server's text.
 // Run with scripts/browser-tests.sh (loopback-only network namespace, server started here).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -94,7 +95,25 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
     await joinViaUrl(host, server.url, room, 'host');
     await waitFor(async () => (await publishedLayers(host)).some((l) => l.frameWidth > 0), { what: 'the host to send video' });
 
-    await openWatch(viewer, server.url, { room });
+    // The demo's go-live panel: the room's WHIP URL, a publish token, and the player link.
+    await host.page.click('#go-live summary');
+    const panel = await host.page.evaluate(() => ({
+      whip: document.querySelector('#whip-url').textContent,
+      command: document.querySelector('#token-command').textContent,
+      href: document.querySelector('#watch-link').href,
+      target: document.querySelector('#watch-link').target,
+    }));
+    assert.equal(panel.whip, `${server.url}/whip/${room}`);
+    assert.match(panel.command, new RegExp(`^plaza token --room ${room} .*--grants publish`));
+    assert.equal(panel.href, `${server.url}/watch?room=${room}`);
+    assert.equal(panel.target, '_blank');
+    await host.page.click('#mint-token');
+    const minted = await waitFor(() => host.page.$eval('#whip-token', (e) => e.textContent), { what: 'a development token in the go-live panel' });
+    const claims = JSON.parse(Buffer.from(minted.split('.')[1], 'base64url').toString());
+    assert.equal(claims.grants.room, room);
+    assert.equal(claims.grants.canPublish, true, JSON.stringify(claims));
+
+    await viewer.page.goto(panel.href);
     const s = await waitForWatchPlaying(viewer);
     assert.equal(s.data.state, 'playing');
     assert.equal(Number(s.data.frameWidth), s.frameWidth);
