@@ -53,6 +53,8 @@ const watch = (window.watch = {
   times: { start: null, post: null, answer: null, connected: null, firstFrame: null },
   posts: 0,
   iceRestarts: 0,
+  /** The last state changes and connection events: [{t: performance.now(), what}]. */
+  events: [],
   pc: null,
   /** Restart ICE now (as after a network change). */
   restartIce: () => restartIce('asked'),
@@ -83,7 +85,13 @@ const STATUS_TEXT = {
   ended: 'ended',
 };
 
+function note(what) {
+  watch.events.push({ t: Math.round(performance.now()), what });
+  if (watch.events.length > 50) watch.events.shift();
+}
+
 function setState(state, text = STATUS_TEXT[state] ?? state) {
+  if (state !== watch.state) note(`state ${state}`);
   watch.state = state;
   watch.statusText = text;
   video.dataset.state = state;
@@ -368,6 +376,7 @@ function retry(reason, ms) {
 
 function onIceState(pc) {
   const s = pc.connectionState === 'failed' ? 'failed' : pc.iceConnectionState;
+  note(`ice ${pc.iceConnectionState}, connection ${pc.connectionState}`);
   if (s === 'connected' || s === 'completed') {
     clearTimeout(iceTimer);
     clearTimeout(restartTimer);

@@ -243,6 +243,8 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
     assert.notEqual(s.session, s0.session);
     assert.equal(await sessionProbe(s.session), 412, 'the new session exists');
     console.log(`# session ended by the server: playing again on a new session ${Date.now() - t0} ms after the DELETE`);
+    const since = s.events.filter((e) => e.t >= s0.events.at(-1).t);
+    console.log(`# player events: ${since.map((e) => `${e.what}@${e.t - since[0].t}`).join(', ')}`);
   });
 
   it('leaving the page DELETEs the session', async () => {
