@@ -36,7 +36,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
   esac
 done
 
@@ -103,13 +103,15 @@ if [ ! -f "$UPNP_STUB_DIR/libgupnp-igd-1.0.so.4" ] || [ tests/foreign/upnp-stub.
     || die "building tests/foreign/upnp-stub.c failed"
 fi
 # libnice is loaded with GStreamer's nice plugin, not linked by whip-client: check it.
-LIBNICE=$(ldconfig -p | awk '$1 == "libnice.so.10" { print $NF; exit }')
+# (whole outputs captured first: with pipefail, a reader that stops early fails the pipeline)
+LIBS=$(ldconfig -p) || die "ldconfig -p failed"
+LIBNICE=$(awk '$1 == "libnice.so.10" && !found { print $NF; found = 1 }' <<<"$LIBS")
 [ -n "$LIBNICE" ] || die "libnice.so.10 is not installed (gstreamer1.0-nice)"
-LD_LIBRARY_PATH="$UPNP_STUB_DIR" ldd "$LIBNICE" | grep -q "libgupnp-igd-1.0.so.4 => $UPNP_STUB_DIR/" \
+NICE_DEPS=$(LD_LIBRARY_PATH="$UPNP_STUB_DIR" ldd "$LIBNICE") || die "ldd $LIBNICE failed"
+[[ $NICE_DEPS == *"libgupnp-igd-1.0.so.4 => $UPNP_STUB_DIR/"* ]] \
   || die "$LIBNICE does not take the libgupnp-igd stand-in from $UPNP_STUB_DIR"
-if LD_LIBRARY_PATH="$UPNP_STUB_DIR" ldd "$LIBNICE" | grep -q "libsoup-3"; then
-  die "$LIBNICE still loads libsoup 3 with the libgupnp-igd stand-in: whip-client would abort at start"
-fi
+[[ $NICE_DEPS != *libsoup-3* ]] \
+  || die "$LIBNICE still loads libsoup 3 with the libgupnp-igd stand-in: whip-client would abort at start"
 export WHIP_CLIENT UPNP_STUB_DIR
 
 # --- werift, playwright-core (npm, pinned by the lockfile) ---
