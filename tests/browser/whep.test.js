@@ -303,14 +303,18 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
     await waitFor(async () => (await publishedLayers(second)).some((l) => l.frameWidth > 0), { what: 'the second host to send video' });
     const s0 = await watchState(viewer);
     assert.equal(s0.state, 'playing');
-    await host.page.goto(`${server.url}/healthz`); // the first host leaves
+    // The first host leaves (the Leave button: a page that only goes away keeps its
+    // participant for the resume grace period, silent, and the viewer with it).
+    await host.page.click('#leave');
+    await host.page.goto(`${server.url}/healthz`);
     const t0 = Date.now();
     // The viewer keeps its session and plays the second host (frames grow again after the switch).
     const s = await waitForWatchPlaying(viewer, { grow: 60 });
     assert.equal(s.session, s0.session, 'the same session');
     assert.equal(s.posts, s0.posts, 'no new POST');
     console.log(`# host left: the viewer decodes the next host (${s.frameWidth}x${s.frameHeight}) ${Date.now() - t0} ms later`);
-    await second.page.goto(`${server.url}/healthz`); // nobody publishes any more
+    await second.page.click('#leave'); // nobody publishes any more
+    await second.page.goto(`${server.url}/healthz`);
     const waiting = await waitFor(
       async () => {
         const x = await watchState(viewer);
