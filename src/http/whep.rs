@@ -21,10 +21,9 @@
 use super::AppState;
 use super::limits::ConnMeta;
 use super::whip::{
-    Kind, admit, content_type_is, cors, delete_session, find, not_found, offer_of, open,
-    options_endpoint, options_session, patch_session, refuse, session_post, with_header,
+    Kind, admit, content_type_is, cors, delete_session, find, not_found, open, options_endpoint,
+    options_session, patch_session, refuse, session_join, session_post, with_header,
 };
-use crate::sfu::JoinRequest;
 use crate::sfu::viewing::ViewTarget;
 use crate::signal::{ClientMessage, Quality};
 use axum::{
@@ -38,7 +37,6 @@ use axum::{
 };
 use serde::Deserialize;
 use std::collections::HashMap;
-use tokio::sync::mpsc;
 
 /// The `rel` of the layer extension's `Link`.
 pub const LAYER_REL: &str = "urn:ietf:params:whep:ext:core:layer";
@@ -130,41 +128,21 @@ async fn play(
             "your token does not grant subscribing",
         );
     }
-    let name = [verified.name.as_str(), verified.identity.as_str(), "viewer"]
-        .into_iter()
-        .find(|n| !n.is_empty())
-        .unwrap_or("viewer");
-    let (room, name) = match (
-        super::ws::validate_field("room", &verified.room),
-        super::ws::validate_field("name", name),
-    ) {
-        (Ok(r), Ok(n)) => (r, n),
-        (Err(e), _) | (_, Err(e)) => return refuse(StatusCode::BAD_REQUEST, e),
-    };
-    let offer = match offer_of(&body) {
-        Ok(o) => o,
+    let names = [verified.name.as_str(), verified.identity.as_str(), "viewer"];
+    let (mut req, offer) = match session_join(&verified.room, &names, &body) {
+        Ok(j) => j,
         Err(res) => return res,
     };
-    // A viewer only receives, and nobody sees it.
+    // A viewer only receives, and nobody sees it. Its identity is not made unique: one
+    // token may play the room in several players, and a viewer never replaces its holder's
+    // WebSocket participant.
     grants.publish_audio = false;
     grants.publish_video = false;
     grants.publish_data = false;
     grants.room_admin = false;
     grants.hidden = true;
-    let (placeholder, _) = mpsc::channel(1);
-    let req = JoinRequest {
-        room,
-        name,
-        auto_subscribe: false,
-        events: placeholder,
-        peers: Vec::new(),
-        // Not unique: one token may play the room in several players (and a viewer never
-        // replaces its holder's WebSocket participant).
-        identity: None,
-        grants,
-        publish_only: false,
-        view: Some(target),
-    };
+    req.grants = grants;
+    req.view = Some(target);
     open(state, Kind::Whep, req, offer, |at| {
         vec![format!("<{at}/layer>; rel=\"{LAYER_REL}\"")]
     })

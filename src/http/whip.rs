@@ -298,29 +298,47 @@ async fn publish(
             "your token does not grant publishing media",
         );
     }
-    let name = [
+    let names = [
         verified.name.as_str(),
         name.as_deref().map(str::trim).unwrap_or_default(),
         verified.identity.as_str(),
-    ]
-    .into_iter()
-    .find(|n| !n.is_empty())
-    .unwrap_or_default();
+    ];
+    let (mut req, offer) = match session_join(&verified.room, &names, &body) {
+        Ok(j) => j,
+        Err(res) => return res,
+    };
+    // A WHIP session only publishes: nothing to subscribe to, no data channels.
+    req.grants = grants;
+    req.grants.subscribe = false;
+    req.grants.publish_data = false;
+    req.identity = Some(verified.identity);
+    req.publish_only = true;
+    open(state, Kind::Whip, req, offer, |_| Vec::new()).await
+}
+
+/// What every session joins with: the room and the first non-empty of `names`, validated
+/// (400), no auto-subscribe, default grants; and the body's offer ([`offer_of`]). The caller
+/// sets the grants and the kind of participant.
+#[allow(clippy::result_large_err)] // an HTTP handler's early answer, once per request
+pub(super) fn session_join<'b>(
+    room: &str,
+    names: &[&str],
+    body: &'b [u8],
+) -> Result<(JoinRequest, &'b str), Response> {
+    let name = names
+        .iter()
+        .copied()
+        .find(|n| !n.is_empty())
+        .unwrap_or_default();
     let (room, name) = match (
-        super::ws::validate_field("room", &verified.room),
+        super::ws::validate_field("room", room),
         super::ws::validate_field("name", name),
     ) {
         (Ok(r), Ok(n)) => (r, n),
-        (Err(e), _) | (_, Err(e)) => return refuse(StatusCode::BAD_REQUEST, e),
+        (Err(e), _) | (_, Err(e)) => return Err(refuse(StatusCode::BAD_REQUEST, e)),
     };
-    let offer = match offer_of(&body) {
-        Ok(o) => o,
-        Err(res) => return res,
-    };
-    let mut core_grants = grants;
-    // A WHIP session only publishes: nothing to subscribe to, no data channels.
-    core_grants.subscribe = false;
-    core_grants.publish_data = false;
+    let offer = offer_of(body)?;
+    // The session's task replaces the events channel with its own.
     let (placeholder, _) = mpsc::channel(1);
     let req = JoinRequest {
         room,
@@ -328,12 +346,12 @@ async fn publish(
         auto_subscribe: false,
         events: placeholder,
         peers: Vec::new(),
-        identity: Some(verified.identity),
-        grants: core_grants,
-        publish_only: true,
+        identity: None,
+        grants: Default::default(),
+        publish_only: false,
         view: None,
     };
-    open(state, Kind::Whip, req, offer, |_| Vec::new()).await
+    Ok((req, offer))
 }
 
 /// The request body as an SDP offer with audio or video: 400 / 422 otherwise.

@@ -3299,34 +3299,8 @@ impl<T: Transmit> Sfu<T> {
             );
             return;
         }
-        let candidates = sdpcheck::count_candidates(&sdp);
-        if self.refuse_candidates(key, candidates, "publish_offer") {
+        let Some((offer, candidates)) = self.checked_offer(key, sdp) else {
             return;
-        }
-        if let Err(e) = sdpcheck::check_offer(&sdp) {
-            self.send_to(
-                part,
-                ServerMessage::error(
-                    ErrorCode::InvalidSdp,
-                    format!("offer refused: {e}"),
-                    Some("publish_offer"),
-                ),
-            );
-            return;
-        }
-        let offer = match RTCSessionDescription::offer(sdp) {
-            Ok(o) => o,
-            Err(e) => {
-                self.send_to(
-                    part,
-                    ServerMessage::error(
-                        ErrorCode::InvalidSdp,
-                        format!("offer could not be parsed: {e}"),
-                        Some("publish_offer"),
-                    ),
-                );
-                return;
-            }
         };
         let fresh = self.part(part).is_some_and(|p| p.publ.is_none());
         if fresh {
@@ -3403,6 +3377,26 @@ impl<T: Transmit> Sfu<T> {
             }
         }
         self.mark_dirty(key);
+    }
+
+    /// A client's offer (`publish_offer`) for connection `key`: within the candidate budget,
+    /// passing `sdpcheck`, parsed; with its number of candidates. `None` when refused (the
+    /// client was told).
+    fn checked_offer(&mut self, key: PcKey, sdp: String) -> Option<(RTCSessionDescription, usize)> {
+        let candidates = sdpcheck::count_candidates(&sdp);
+        if self.refuse_candidates(key, candidates, "publish_offer") {
+            return None;
+        }
+        let refused = match sdpcheck::check_offer(&sdp) {
+            Err(e) => format!("offer refused: {e}"),
+            Ok(()) => match RTCSessionDescription::offer(sdp) {
+                Ok(o) => return Some((o, candidates)),
+                Err(e) => format!("offer could not be parsed: {e}"),
+            },
+        };
+        let msg = ServerMessage::error(ErrorCode::InvalidSdp, refused, Some("publish_offer"));
+        self.send_to(key.part, msg);
+        None
     }
 
     /// After a publisher renegotiation: tracks whose transceiver no longer receives (the

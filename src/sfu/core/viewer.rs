@@ -21,17 +21,6 @@ impl<T: Transmit> Sfu<T> {
         };
         let refuse =
             |code: ErrorCode, msg: String| ServerMessage::error(code, msg, Some("publish_offer"));
-        let candidates = sdpcheck::count_candidates(&sdp);
-        if self.refuse_candidates(key, candidates, "publish_offer") {
-            return;
-        }
-        if let Err(e) = sdpcheck::check_offer(&sdp) {
-            self.send_to(
-                part,
-                refuse(ErrorCode::InvalidSdp, format!("offer refused: {e}")),
-            );
-            return;
-        }
         // The offer's audio and video sections, in order.
         let kinds: Vec<TrackKind> = sdp
             .lines()
@@ -41,13 +30,8 @@ impl<T: Transmit> Sfu<T> {
                 _ => None,
             })
             .collect();
-        let offer = match RTCSessionDescription::offer(sdp) {
-            Ok(o) => o,
-            Err(e) => {
-                let msg = format!("offer could not be parsed: {e}");
-                self.send_to(part, refuse(ErrorCode::InvalidSdp, msg));
-                return;
-            }
+        let Some((offer, candidates)) = self.checked_offer(key, sdp) else {
+            return;
         };
         let now = self.now;
         // Each section's SSRC and first sequence number / timestamp.
