@@ -9,6 +9,7 @@
 //!   the demo page (404 whenever keys are configured);
 //! - `/api/...`: the room admin API (see [`admin`]);
 //! - `/whip/...`: WHIP ingest, RFC 9725 (see [`whip`]);
+//! - `/whep/...`: WHEP playback (see [`whep`]);
 //! - everything else (`GET`/`HEAD`): files from the `signaling/` directory (demo page and JS
 //!   client), `/` being `signaling/index.html`.
 
@@ -23,6 +24,7 @@ pub mod limits;
 pub mod metrics;
 pub mod resume;
 pub mod serve;
+pub mod whep;
 pub mod whip;
 pub mod ws;
 
@@ -188,6 +190,7 @@ pub fn router(state: AppState) -> Router {
         .route("/dev/token", get(dev_token))
         .merge(admin::routes())
         .merge(whip::routes(max_body))
+        .merge(whep::routes(max_body))
         .fallback(static_file)
         .with_state(state)
 }

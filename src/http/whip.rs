@@ -26,7 +26,7 @@ use super::AppState;
 use super::limits::{ConnMeta, HttpCounters};
 use crate::auth::TokenError;
 use crate::sfu::{JoinRequest, SfuError};
-use crate::signal::{ClientMessage, ErrorCode, IceServer, PcTarget};
+use crate::signal::{ClientMessage, ErrorCode, IceServer};
 use axum::{
     Extension, Router,
     body::Bytes,
@@ -36,6 +36,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{patch, post},
 };
+pub use session::Kind;
 use session::StartError;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -69,7 +70,7 @@ pub fn routes(max_body: usize) -> Router<AppState> {
 
 /// CORS on every WHIP response (errors too, so a browser client can read them): any origin
 /// (the bearer token is the credential, no cookies are used).
-async fn cors(mut res: Response) -> Response {
+pub(super) async fn cors(mut res: Response) -> Response {
     let h = res.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -91,7 +92,7 @@ async fn cors(mut res: Response) -> Response {
 }
 
 /// A refusal: status and a one-line text body.
-fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+pub(super) fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     let mut body = message.into();
     body.push('\n');
     (
@@ -105,7 +106,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
-fn with_header(mut res: Response, name: HeaderName, value: &str) -> Response {
+pub(super) fn with_header(mut res: Response, name: HeaderName, value: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(value) {
         res.headers_mut().insert(name, v);
     }
@@ -113,7 +114,7 @@ fn with_header(mut res: Response, name: HeaderName, value: &str) -> Response {
 }
 
 /// Whether the request's `Content-Type` is `want` (parameters and case aside).
-fn content_type_is(headers: &HeaderMap, want: &str) -> bool {
+pub(super) fn content_type_is(headers: &HeaderMap, want: &str) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -130,7 +131,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
-fn token_refusal(e: TokenError) -> Response {
+fn token_refusal(kind: Kind, e: TokenError) -> Response {
     let status = match &e {
         TokenError::WrongRoom { .. } | TokenError::JoinNotGranted(_) => StatusCode::FORBIDDEN,
         TokenError::BadKey(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -138,7 +139,10 @@ fn token_refusal(e: TokenError) -> Response {
     };
     let message = match e {
         TokenError::Missing => {
-            "WHIP needs an access token: `Authorization: Bearer <token>`".to_owned()
+            format!(
+                "{} needs an access token: `Authorization: Bearer <token>`",
+                kind.title()
+            )
         }
         other => other.to_string(),
     };
@@ -150,9 +154,9 @@ fn token_refusal(e: TokenError) -> Response {
     }
 }
 
-/// `/whip/{room}/sessions/{id}` with the room percent-encoded.
-fn location(room: &str, id: &str) -> String {
-    let mut out = String::from("/whip/");
+/// `/whip/{room}/sessions/{id}` (or `/whep/…`) with the room percent-encoded.
+pub(super) fn location(kind: Kind, room: &str, id: &str) -> String {
+    let mut out = format!("/{}/", kind.name());
     for b in room.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
             out.push(char::from(b));
@@ -216,8 +220,65 @@ async fn create_named(
     .await
 }
 
-/// A new WHIP session: checks in the order a client learns the least from (connection caps,
-/// media type, join rate, token, grants), then the offer.
+/// The checks every session `POST` (WHIP and WHEP) starts with, in the order a client learns
+/// the least from: connection caps, media type, join rate, token. The verified token.
+#[allow(clippy::result_large_err)] // an HTTP handler's early answer, once per request
+pub(super) fn admit(
+    state: &AppState,
+    kind: Kind,
+    room: &str,
+    conn: Option<&ConnMeta>,
+    headers: &HeaderMap,
+) -> Result<crate::auth::Verified, Response> {
+    if conn.is_some_and(ConnMeta::is_reserve) {
+        // Past the connection cap: this connection serves monitoring, not sessions (counted
+        // with the WebSocket refusals, the same reserve).
+        HttpCounters::inc(&state.counters.websocket_refused);
+        let res = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections: try again later",
+        );
+        return Err(with_header(
+            res,
+            header::RETRY_AFTER,
+            &RETRY_AFTER_S.to_string(),
+        ));
+    }
+    if !content_type_is(headers, SDP) {
+        let res = refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("a {} offer is `Content-Type: {SDP}`", kind.title()),
+        );
+        return Err(with_header(
+            res,
+            HeaderName::from_static("accept-post"),
+            SDP,
+        ));
+    }
+    if let Some(Err(retry)) = conn.map(|c| c.take_join(Instant::now())) {
+        let secs = retry.as_secs_f64().ceil().max(1.0);
+        let res = refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many joins from this address: retry after {secs} s"),
+        );
+        return Err(with_header(res, header::RETRY_AFTER, &format!("{secs}")));
+    }
+    let room = room.trim();
+    match state
+        .settings
+        .verifier
+        .verify(bearer(headers), (!room.is_empty()).then_some(room))
+    {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            HttpCounters::inc(&state.counters.token_refusals);
+            debug!(error = %e, kind = kind.name(), "session refused: access token");
+            Err(token_refusal(kind, e))
+        }
+    }
+}
+
+/// A new WHIP session: the common checks ([`admit`]), the publish grant, then the offer.
 async fn publish(
     state: AppState,
     room: String,
@@ -226,43 +287,9 @@ async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if conn.as_ref().is_some_and(ConnMeta::is_reserve) {
-        // Past the connection cap: this connection serves monitoring, not sessions (counted
-        // with the WebSocket refusals, the same reserve).
-        HttpCounters::inc(&state.counters.websocket_refused);
-        let res = refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections: try again later",
-        );
-        return with_header(res, header::RETRY_AFTER, &RETRY_AFTER_S.to_string());
-    }
-    if !content_type_is(&headers, SDP) {
-        let res = refuse(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("a WHIP offer is `Content-Type: {SDP}`"),
-        );
-        return with_header(res, HeaderName::from_static("accept-post"), SDP);
-    }
-    if let Some(Err(retry)) = conn.as_ref().map(|c| c.take_join(Instant::now())) {
-        let secs = retry.as_secs_f64().ceil().max(1.0);
-        let res = refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("too many joins from this address: retry after {secs} s"),
-        );
-        return with_header(res, header::RETRY_AFTER, &format!("{secs}"));
-    }
-    let room = room.trim();
-    let verified = match state
-        .settings
-        .verifier
-        .verify(bearer(&headers), (!room.is_empty()).then_some(room))
-    {
+    let verified = match admit(&state, Kind::Whip, &room, conn.as_ref(), &headers) {
         Ok(v) => v,
-        Err(e) => {
-            HttpCounters::inc(&state.counters.token_refusals);
-            debug!(error = %e, "WHIP publish refused: access token");
-            return token_refusal(e);
-        }
+        Err(res) => return res,
     };
     let grants = verified.grants.to_core();
     if grants.hidden || !(grants.publish_audio || grants.publish_video) {
@@ -286,30 +313,17 @@ async fn publish(
         (Ok(r), Ok(n)) => (r, n),
         (Err(e), _) | (_, Err(e)) => return refuse(StatusCode::BAD_REQUEST, e),
     };
-    let Some(offer) = std::str::from_utf8(&body)
-        .ok()
-        .filter(|s| s.trim_start().starts_with("v="))
-    else {
-        return refuse(StatusCode::BAD_REQUEST, "the body is not an SDP offer");
+    let offer = match offer_of(&body) {
+        Ok(o) => o,
+        Err(res) => return res,
     };
-    let media = offer
-        .lines()
-        .filter(|l| l.starts_with("m=audio") || l.starts_with("m=video"))
-        .count();
-    if media == 0 {
-        return refuse(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "the offer has no audio or video to publish",
-        );
-    }
-    let remote_ufrag = sdpfrag::ice_ufrag(offer).map(str::to_owned);
     let mut core_grants = grants;
     // A WHIP session only publishes: nothing to subscribe to, no data channels.
     core_grants.subscribe = false;
     core_grants.publish_data = false;
     let (placeholder, _) = mpsc::channel(1);
     let req = JoinRequest {
-        room: room.clone(),
+        room,
         name,
         auto_subscribe: false,
         events: placeholder,
@@ -317,13 +331,59 @@ async fn publish(
         identity: Some(verified.identity),
         grants: core_grants,
         publish_only: true,
+        view: None,
     };
+    open(state, Kind::Whip, req, offer, |_| Vec::new()).await
+}
+
+/// The request body as an SDP offer with audio or video: 400 / 422 otherwise.
+#[allow(clippy::result_large_err)] // an HTTP handler's early answer, once per request
+pub(super) fn offer_of(body: &[u8]) -> Result<&str, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "the body is empty: POST an SDP offer (the server makes no counter-offers)",
+        ));
+    }
+    let Some(offer) = std::str::from_utf8(body)
+        .ok()
+        .filter(|s| s.trim_start().starts_with("v="))
+    else {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "the body is not an SDP offer",
+        ));
+    };
+    let media = offer
+        .lines()
+        .filter(|l| l.starts_with("m=audio") || l.starts_with("m=video"))
+        .count();
+    if media == 0 {
+        return Err(refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the offer has no audio or video section",
+        ));
+    }
+    Ok(offer)
+}
+
+/// Join `req`, hand the core the offer, and answer `201 Created` with the session (or the
+/// refusal). `links`: more `Link` header values for the session's URL.
+pub(super) async fn open(
+    state: AppState,
+    kind: Kind,
+    req: JoinRequest,
+    offer: &str,
+    links: impl FnOnce(&str) -> Vec<String>,
+) -> Response {
+    let remote_ufrag = sdpfrag::ice_ufrag(offer).map(str::to_owned);
+    let room = req.room.clone();
     // Run to the end even if the client goes away meanwhile (the handler's future is dropped
     // then): a participant that joined is either given its session or removed again, never
     // left without one.
     let start = tokio::spawn({
         let (state, offer) = (state.clone(), offer.to_owned());
-        async move { session::start_publisher(&state, req, offer, remote_ufrag).await }
+        async move { session::start(&state, kind, req, offer, remote_ufrag).await }
     });
     let started = start
         .await
@@ -331,11 +391,12 @@ async fn publish(
     match started {
         Ok(started) => {
             let s = &started.session;
-            info!(room = %room, participant = %s.participant_id, session = %s.id, "WHIP publisher joined");
+            info!(room = %room, participant = %s.participant_id, session = %s.id, kind = kind.name(), "session opened");
             let ice = state
                 .settings
                 .ice
                 .ice_servers(&s.participant_id, std::time::SystemTime::now());
+            let at = location(kind, &room, &s.id);
             let mut res = (
                 StatusCode::CREATED,
                 [
@@ -345,15 +406,14 @@ async fn publish(
                 started.answer,
             )
                 .into_response();
-            res = with_header(res, header::LOCATION, &location(&room, &s.id));
             res = with_header(res, header::ETAG, &started.etag);
             res = with_header(res, HeaderName::from_static("accept-patch"), SDPFRAG);
-            for link in ice_links(&ice) {
+            for link in ice_links(&ice).into_iter().chain(links(&at)) {
                 if let Ok(v) = HeaderValue::from_str(&link) {
                     res.headers_mut().append(header::LINK, v);
                 }
             }
-            res
+            with_header(res, header::LOCATION, &at)
         }
         Err(e) => start_refusal(&state, e),
     }
@@ -380,13 +440,24 @@ fn start_refusal(state: &AppState, e: StartError) -> Response {
     }
 }
 
-/// The session `id` of `room`, if open.
-fn find(state: &AppState, room: &str, id: &str) -> Option<std::sync::Arc<session::Session>> {
-    state.whip.get(id).filter(|s| s.room == room.trim())
+/// The `kind` session `id` of `room`, if open.
+pub(super) fn find(
+    state: &AppState,
+    kind: Kind,
+    room: &str,
+    id: &str,
+) -> Option<std::sync::Arc<session::Session>> {
+    state
+        .whip
+        .get(id)
+        .filter(|s| s.kind == kind && s.room == room.trim())
 }
 
-fn not_found() -> Response {
-    refuse(StatusCode::NOT_FOUND, "no such WHIP session")
+pub(super) fn not_found(kind: Kind) -> Response {
+    refuse(
+        StatusCode::NOT_FOUND,
+        format!("no such {} session", kind.title()),
+    )
 }
 
 /// Whether `If-Match` (a list of entity tags, or `*`) matches `etag` (strong comparison).
@@ -397,28 +468,43 @@ fn if_match(value: &str, etag: &str) -> bool {
         .any(|t| t == "*" || t == etag)
 }
 
-/// `PATCH /whip/{room}/sessions/{id}`: trickle ICE (204), or an ICE restart (new
-/// credentials in the fragment: 200 with the server's new ones).
+/// `PATCH /whip/{room}/sessions/{id}`.
 async fn update(
     State(state): State<AppState>,
     Path((room, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(session) = find(&state, &room, &id) else {
-        return not_found();
+    patch_session(state, Kind::Whip, room, id, headers, body).await
+}
+
+/// `PATCH` on a session: trickle ICE (204), or an ICE restart (new credentials in the
+/// fragment: 200 with the server's new ones).
+pub(super) async fn patch_session(
+    state: AppState,
+    kind: Kind,
+    room: String,
+    id: String,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(session) = find(&state, kind, &room, &id) else {
+        return not_found(kind);
     };
     if !content_type_is(&headers, SDPFRAG) {
         let res = refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("a WHIP PATCH is `Content-Type: {SDPFRAG}`"),
+            format!("a {} PATCH is `Content-Type: {SDPFRAG}`", kind.title()),
         );
         return with_header(res, HeaderName::from_static("accept-patch"), SDPFRAG);
     }
     let Some(tag) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) else {
         return refuse(
             StatusCode::PRECONDITION_REQUIRED,
-            "a WHIP PATCH needs `If-Match` (the session's ETag, or `*` for an ICE restart)",
+            format!(
+                "a {} PATCH needs `If-Match` (the session's ETag, or `*` for an ICE restart)",
+                kind.title()
+            ),
         );
     };
     let fragment = match sdpfrag::parse(&body) {
@@ -442,7 +528,7 @@ async fn update(
         let offer = sdpfrag::restart_offer(&ice.offer, ufrag, pwd);
         match session.renegotiate(offer.clone()).await {
             Ok(answer) => {
-                info!(session = %session.id, "WHIP ICE restart");
+                info!(session = %session.id, kind = kind.name(), "ICE restart");
                 ice.offer = offer;
                 ice.remote_ufrag = Some(ufrag.clone());
                 ice.etag = session::new_etag();
@@ -458,7 +544,7 @@ async fn update(
     }
     for candidate in fragment.candidates {
         let msg = ClientMessage::Trickle {
-            target: PcTarget::Publisher,
+            target: kind.target(),
             candidate,
         };
         if state
@@ -498,40 +584,46 @@ async fn delete(
     State(state): State<AppState>,
     Path((room, id)): Path<(String, String)>,
 ) -> Response {
-    if find(&state, &room, &id).is_none() {
-        return not_found();
+    delete_session(&state, Kind::Whip, &room, &id)
+}
+
+/// `DELETE` on a session: its participant leaves.
+pub(super) fn delete_session(state: &AppState, kind: Kind, room: &str, id: &str) -> Response {
+    if find(state, kind, room, id).is_none() {
+        return not_found(kind);
     }
-    match state.whip.remove(&id) {
+    match state.whip.remove(id) {
         Some(session) => {
-            session.stop("WHIP session deleted");
+            session.stop("session deleted");
             StatusCode::OK.into_response()
         }
-        None => not_found(),
+        None => not_found(kind),
     }
 }
 
 /// `POST` on a session resource: not how a session changes.
-async fn session_post() -> Response {
+pub(super) async fn session_post() -> Response {
     with_header(
         refuse(
             StatusCode::METHOD_NOT_ALLOWED,
-            "a WHIP session takes PATCH (trickle ICE) and DELETE",
+            "a session takes PATCH (trickle ICE) and DELETE",
         ),
         header::ALLOW,
         "PATCH, DELETE, OPTIONS",
     )
 }
 
-/// `OPTIONS /whip/{room}[/{name}]`: the CORS preflight (and what the endpoint accepts).
-async fn options_endpoint() -> Response {
+/// `OPTIONS /whip/{room}[/{name}]` (and WHEP's): the CORS preflight (and what the endpoint
+/// accepts).
+pub(super) async fn options_endpoint() -> Response {
     let mut res = StatusCode::NO_CONTENT.into_response();
     res = with_header(res, header::ALLOW, "POST, OPTIONS");
     res = with_header(res, HeaderName::from_static("accept-post"), SDP);
     with_header(res, header::ACCESS_CONTROL_MAX_AGE, "86400")
 }
 
-/// `OPTIONS /whip/{room}/sessions/{id}`.
-async fn options_session() -> Response {
+/// `OPTIONS /whip/{room}/sessions/{id}` (and WHEP's).
+pub(super) async fn options_session() -> Response {
     let mut res = StatusCode::NO_CONTENT.into_response();
     res = with_header(res, header::ALLOW, "PATCH, DELETE, OPTIONS");
     res = with_header(res, HeaderName::from_static("accept-patch"), SDPFRAG);
@@ -544,8 +636,18 @@ mod tests {
 
     #[test]
     fn locations_encode_the_room() {
-        assert_eq!(location("demo", "abc"), "/whip/demo/sessions/abc");
-        assert_eq!(location("a b/ü", "x"), "/whip/a%20b%2F%C3%BC/sessions/x");
+        assert_eq!(
+            location(Kind::Whip, "demo", "abc"),
+            "/whip/demo/sessions/abc"
+        );
+        assert_eq!(
+            location(Kind::Whip, "a b/ü", "x"),
+            "/whip/a%20b%2F%C3%BC/sessions/x"
+        );
+        assert_eq!(
+            location(Kind::Whep, "demo", "abc"),
+            "/whep/demo/sessions/abc"
+        );
     }
 
     #[test]

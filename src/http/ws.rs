@@ -713,6 +713,7 @@ async fn wait_for_join(
                         identity: Some(admitted.identity),
                         grants: admitted.grants,
                         publish_only: false,
+                        view: None,
                     };
                     match handle.join(req).await {
                         Ok(accepted) => {

@@ -22,7 +22,7 @@ use super::pipe::{PipeMsg, PipeOut, RelayId, ShardId, layer_bits};
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::room::{
     Channel, EARLY_MAX, Layer, Participant, Pc, PcKey, PcKind, PubTrack, Publisher, RemoteMember,
-    Room, Track,
+    Room, Section, Track, Viewer,
 };
 use super::sdpcheck;
 use super::selector::{LayerSelector, Requested, layer_quality, needed_layers};
@@ -292,6 +292,7 @@ macro_rules! part_mut {
 mod ice;
 mod moderation;
 mod quality;
+mod viewer;
 
 impl<T: Transmit> Sfu<T> {
     /// A core whose media address is `local_addr` (the port its candidates announce), with
@@ -1091,6 +1092,7 @@ impl<T: Transmit> Sfu<T> {
             );
         }
         room.tracks.insert(tid.clone(), t);
+        room.track_order.push(tid.clone());
         self.relays_out.insert(relay, (part.room, tid.clone()));
         let members = room.members.clone();
         // Everyone, the publisher included: that is how it learns the server id of its track.
@@ -1105,6 +1107,7 @@ impl<T: Transmit> Sfu<T> {
                 self.subscribe(m, &tid);
             }
         }
+        self.bind_viewers(part.room);
     }
 
     fn subscribe(&mut self, sub: PartKey, tid: &str) -> bool {
@@ -1905,7 +1908,12 @@ impl<T: Transmit> Sfu<T> {
         let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
-        let Some(track) = r.tracks.remove(tid) else {
+        let Some(mut track) = r.tracks.remove(tid) else {
+            return;
+        };
+        r.track_order.retain(|t| &**t != tid);
+        self.park_viewers(room, &mut track);
+        let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
         let publisher_pid = r.publisher_id(&track);
@@ -1941,6 +1949,7 @@ impl<T: Transmit> Sfu<T> {
             self.renegotiate(sub);
         }
         info!(track = %tid, participant = %publisher_pid, "track unpublished");
+        self.bind_viewers(room);
         self.broadcast(
             room,
             track.local_publisher(),
@@ -2434,6 +2443,7 @@ impl<T: Transmit> Sfu<T> {
                 layers,
             ),
         );
+        r.track_order.push(tid.clone());
         self.relays_in.insert((from, relay), (rk, tid.clone()));
         let members = r.members.clone();
         debug!(track = %tid, shard = from, "track relayed from another shard");
@@ -2443,6 +2453,7 @@ impl<T: Transmit> Sfu<T> {
                 self.subscribe(m, &tid);
             }
         }
+        self.bind_viewers(rk);
     }
 
     // ---------------------------------------------------------------- signaling
@@ -2673,7 +2684,7 @@ impl<T: Transmit> Sfu<T> {
         };
         let mut sub = self.new_pc(key)?;
         let mut channels = HashMap::new();
-        let data_channels = if req.publish_only {
+        let data_channels = if req.publish_only || req.view.is_some() {
             Vec::new()
         } else {
             vec![
@@ -2722,6 +2733,10 @@ impl<T: Transmit> Sfu<T> {
             events: req.events,
             auto_subscribe: req.auto_subscribe,
             publish_only: req.publish_only,
+            viewer: req.view.clone().map(|target| Viewer {
+                target,
+                sections: Vec::new(),
+            }),
             sub,
             publ: None,
             sub_offer_pending: false,
@@ -2831,7 +2846,11 @@ impl<T: Transmit> Sfu<T> {
     /// that several track changes (a late joiner's existing tracks, audio and video starting
     /// together) go out in one offer.
     fn renegotiate(&mut self, part: PartKey) {
-        if self.shutting_down || self.part(part).is_some_and(|p| p.publish_only) {
+        if self.shutting_down
+            || self
+                .part(part)
+                .is_some_and(|p| p.publish_only || p.viewer.is_some())
+        {
             return;
         }
         self.effects.push(Effect::Renegotiate(part));
@@ -2896,6 +2915,9 @@ impl<T: Transmit> Sfu<T> {
                 part,
                 ServerMessage::error(ErrorCode::InvalidState, "already joined", Some("resume")),
             ),
+            ClientMessage::PublishOffer { sdp } if p.viewer.is_some() => {
+                self.on_viewer_offer(part, sdp)
+            }
             ClientMessage::PublishOffer { sdp } => self.on_publish_offer(part, sdp),
             ClientMessage::SubscribeAnswer { sdp } => self.on_subscribe_answer(part, sdp),
             ClientMessage::Trickle { target, candidate } => {
@@ -2915,6 +2937,12 @@ impl<T: Transmit> Sfu<T> {
                 participant_id,
                 muted,
             } => self.on_mute_chat(part, participant_id, muted),
+            ClientMessage::TrackSettings {
+                quality,
+                width,
+                height,
+                ..
+            } if p.viewer.is_some() => self.on_viewer_settings(part, quality, width, height),
             ClientMessage::TrackSettings {
                 track_id,
                 quality,
@@ -3524,15 +3552,21 @@ impl<T: Transmit> Sfu<T> {
         if self.shutting_down {
             return;
         }
-        let members = self
+        // Viewers (WHEP) get no room events: nothing on their side reads them.
+        let members: Vec<PartKey> = self
             .rooms
             .get(&room)
-            .map(|r| r.members.clone())
+            .map(|r| {
+                r.members
+                    .iter()
+                    .copied()
+                    .filter(|m| Some(*m) != except)
+                    .filter(|m| r.parts.get(m).is_some_and(|p| p.viewer.is_none()))
+                    .collect()
+            })
             .unwrap_or_default();
         for m in members {
-            if Some(m) != except {
-                self.send_to(m, msg.clone());
-            }
+            self.send_to(m, msg.clone());
         }
     }
 
@@ -3814,6 +3848,7 @@ mod tests {
                 identity: None,
                 grants: Grants::default(),
                 publish_only,
+                view: None,
             };
             let _ = sfu.handle_command(t0, Command::Join { req, reply });
             assert!(matches!(answer.try_recv(), Ok(Ok(_))), "{name} joins");

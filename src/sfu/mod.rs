@@ -39,6 +39,7 @@ pub mod quality;
 pub mod room;
 pub mod sdpcheck;
 pub mod timers;
+pub mod viewing;
 
 pub use self::core::CONNECT_TIMEOUT;
 pub use self::core::{CoreConfig, Sfu};
@@ -176,6 +177,12 @@ pub struct JoinRequest {
     /// no `subscribe_offer`; its signaling events go to an HTTP session, not a client. The
     /// connect timeout waits for its publisher connection instead.
     pub publish_only: bool,
+    /// A viewer (WHEP playback): what it plays. No data channels, no signaling but the answer
+    /// to its offer (sent as `ClientMessage::PublishOffer`, answered with
+    /// `ServerMessage::PublishAnswer`: its one connection is the subscriber one, offered by the
+    /// client); it gets no room events. Its media sections are bound to tracks by
+    /// [`viewing::assign`].
+    pub view: Option<viewing::ViewTarget>,
 }
 
 /// What a participant may do, from the grants of its access token. The default allows what
@@ -781,6 +788,7 @@ mod tests {
                 identity: None,
                 grants: Grants::default(),
                 publish_only: false,
+                view: None,
             },
             rx,
         )

@@ -14,8 +14,9 @@ use super::ingress::Ingress;
 use super::keyframe::KeyframeThrottle;
 use super::outbox::Outbox;
 use super::pipe::{RelayId, ShardId};
-use super::selector::{BitrateMeter, LayerInfo};
+use super::selector::{BitrateMeter, LayerInfo, Requested};
 use super::timers::Deadline;
+use super::viewing::ViewTarget;
 use crate::signal::{ParticipantInfo, Permissions, ServerMessage, TrackInfo, TrackKind};
 use bytes::BytesMut;
 use rtc::data_channel::RTCDataChannelId;
@@ -39,6 +40,8 @@ pub(super) struct Room {
     pub(super) parts: HashMap<PartKey, Participant>,
     /// Tracks published in the room, here and on the room's other shards.
     pub(super) tracks: HashMap<TrackId, Track>,
+    /// The same tracks in the order they were published here (what a viewer's host is).
+    pub(super) track_order: Vec<TrackId>,
     /// The other shards hosting the room.
     pub(super) peers: BTreeSet<ShardId>,
     /// Participants of the room on other shards, by id.
@@ -61,6 +64,7 @@ impl Room {
             members: Vec::new(),
             parts: HashMap::new(),
             tracks: HashMap::new(),
+            track_order: Vec::new(),
             peers: BTreeSet::new(),
             remote: BTreeMap::new(),
         }
@@ -175,6 +179,9 @@ pub(super) struct Participant {
     pub(super) auto_subscribe: bool,
     /// Publishes only (WHIP ingest): its subscriber connection is never offered.
     pub(super) publish_only: bool,
+    /// A viewer (WHEP playback): its subscriber connection is offered by the client, and its
+    /// media sections play what [`Viewer::target`] names.
+    pub(super) viewer: Option<Viewer>,
     pub(super) sub: Pc,
     pub(super) publ: Option<Pc>,
     /// A subscriber offer is out and its answer not yet applied.
@@ -203,6 +210,26 @@ pub(super) struct Participant {
     pub(super) egress: Option<Egress>,
     /// The publisher connection's media path, once its DTLS handshake is done.
     pub(super) ingress: Option<Ingress>,
+}
+
+/// What a viewer (WHEP) plays: one [`Section`] per media section of its offer.
+pub(super) struct Viewer {
+    pub(super) target: ViewTarget,
+    pub(super) sections: Vec<Section>,
+}
+
+/// One media section of a viewer's connection: a sender with one SSRC for the whole session,
+/// playing one track of the room at a time (or nothing, waiting for one).
+pub(super) struct Section {
+    pub(super) kind: TrackKind,
+    pub(super) sender: RTCRtpSenderId,
+    /// The track it plays now; its down-track is in that track's `down`.
+    pub(super) playing: Option<TrackId>,
+    /// Its down-track while it plays nothing: the next track continues its sequence numbers
+    /// and timestamps.
+    pub(super) parked: Option<DownTrack>,
+    /// What the viewer asked for (video; the layer extension), kept across tracks.
+    pub(super) requested: Requested,
 }
 
 /// A track a participant publishes: one receiving transceiver of its publisher connection.

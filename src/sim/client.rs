@@ -114,6 +114,7 @@ impl Client {
                     identity: None,
                     grants: Default::default(),
                     publish_only: false,
+                    view: None,
                 },
                 reply,
             }),

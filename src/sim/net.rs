@@ -1076,6 +1076,7 @@ mod tests {
                     identity: None,
                     grants: Default::default(),
                     publish_only: false,
+                    view: None,
                 },
                 reply,
             });

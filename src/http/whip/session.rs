@@ -1,6 +1,7 @@
-//! HTTP-signaled sessions: a participant of the core with no WebSocket (WHIP now; WHEP
-//! viewers can be the same). Its signaling events go to a task of the server that keeps
-//! nothing but the participant alive: it drains them, notices when the core removes the
+//! HTTP-signaled sessions: a participant of the core with no WebSocket, a WHIP publisher or a
+//! WHEP viewer. Either has one connection, offered by the client and answered by the core
+//! (`publish_offer` → `publish_answer`; for a viewer that is its subscriber connection). Its
+//! signaling events go to a task of the server that keeps nothing but the participant alive: it drains them, notices when the core removes the
 //! participant, and ends the participant when the session's resource is deleted. However the
 //! session ends, [`SfuHandle::disconnect`](crate::sfu::SfuHandle::disconnect) is called once
 //! and the session leaves the registry.
@@ -21,11 +22,47 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Characters of a session id (≈ 143 bits: the session URL is its capability).
 const ID_CHARS: usize = 24;
 
+/// Which protocol a session speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// WHIP ingest: a publish-only participant.
+    Whip,
+    /// WHEP playback: a viewer.
+    Whep,
+}
+
+impl Kind {
+    /// The URL's first segment, and the name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Whip => "whip",
+            Kind::Whep => "whep",
+        }
+    }
+
+    /// The protocol's name in messages.
+    pub fn title(self) -> &'static str {
+        match self {
+            Kind::Whip => "WHIP",
+            Kind::Whep => "WHEP",
+        }
+    }
+
+    /// The connection the client's offer (and trickled candidates) are for.
+    pub fn target(self) -> crate::signal::PcTarget {
+        match self {
+            Kind::Whip => crate::signal::PcTarget::Publisher,
+            Kind::Whep => crate::signal::PcTarget::Subscriber,
+        }
+    }
+}
+
 /// One session, as its HTTP resource sees it.
 #[derive(Debug)]
 pub struct Session {
     /// The resource's id (in its URL).
     pub id: String,
+    pub kind: Kind,
     pub room: String,
     pub participant_id: String,
     /// What an ICE restart changes; a `PATCH` holds it while it runs, so restarts (and the
@@ -154,8 +191,9 @@ pub fn new_etag() -> String {
 /// Join `req` (its `events` are replaced by the session's own), send `offer` as the
 /// participant's publisher offer and wait for the answer; then register the session and start
 /// its task. On failure the participant (if it joined) is removed again.
-pub async fn start_publisher(
+pub async fn start(
     state: &AppState,
+    kind: Kind,
     mut req: JoinRequest,
     offer: String,
     remote_ufrag: Option<String>,
@@ -205,6 +243,7 @@ pub async fn start_publisher(
     let etag = new_etag();
     let session = Arc::new(Session {
         id: random_id(),
+        kind,
         room: room.clone(),
         participant_id: pid.clone(),
         ice: tokio::sync::Mutex::new(IceState {
@@ -216,7 +255,10 @@ pub async fn start_publisher(
         offers,
     });
     state.whip.insert(Arc::clone(&session));
-    let span = info_span!("whip", participant = %pid, room = %room, session = %session.id);
+    let span = match kind {
+        Kind::Whip => info_span!("whip", participant = %pid, room = %room, session = %session.id),
+        Kind::Whep => info_span!("whep", participant = %pid, room = %room, session = %session.id),
+    };
     let task = run(
         state.clone(),
         Arc::clone(&session),
@@ -244,7 +286,7 @@ async fn run(
 ) {
     // Held until the session ends, so the server can wait for every session on shutdown.
     let _session_guard = state.sessions.clone();
-    info!("WHIP session started");
+    info!(kind = session.kind.name(), "session started");
     let pid = session.participant_id.as_str();
     let mut removed_because: Option<String> = None;
     let mut pending: Option<oneshot::Sender<Result<String, StartError>>> = None;
@@ -289,6 +331,6 @@ async fn run(
     {
         state.whip.remove(&session.id);
     }
-    info!(%reason, "WHIP session ended");
+    info!(kind = session.kind.name(), %reason, "session ended");
     state.handle.disconnect(pid, &reason).await;
 }
