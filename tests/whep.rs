@@ -580,6 +580,11 @@ async fn a_viewer_whose_bandwidth_is_cut_switches_down() {
         "on 1280x720 {:.1} s after joining",
         joined.elapsed().as_secs_f64()
     );
+    let relayed = viewer.relay_stats().unwrap();
+    assert!(
+        relayed.down_packets > 100,
+        "the media goes through the relay: {relayed:?}"
+    );
     let cut = Instant::now();
     viewer.set_bandwidth(400_000).unwrap();
     wait_size(&viewer, LOW, cut, T).await;

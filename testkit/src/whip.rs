@@ -264,7 +264,12 @@ impl HttpSession {
             .header("etag")
             .ok_or_else(|| anyhow!("201 without ETag"))?
             .to_owned();
-        let answer = RTCSessionDescription::answer(created.body.clone())
+        // Behind a relay, the answer's own candidates point at it too.
+        let answer_sdp = match &relay {
+            Some(r) => relay::rewrite_candidates(&created.body, r.client_facing_addr()).0,
+            None => created.body.clone(),
+        };
+        let answer = RTCSessionDescription::answer(answer_sdp)
             .map_err(|e| anyhow!("bad answer SDP: {e}"))?;
         bounded(
             t,
