@@ -1856,12 +1856,12 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
                     if knee_hit.contains(&workers) {
                         continue;
                     }
-                    let protocols = if args.viewer == ViewerKind::Light && sc == Scenario::Livestream
-                    {
-                        args.viewer_protocols.clone()
-                    } else {
-                        vec![ViewerProtocol::Ws]
-                    };
+                    let protocols =
+                        if args.viewer == ViewerKind::Light && sc == Scenario::Livestream {
+                            args.viewer_protocols.clone()
+                        } else {
+                            vec![ViewerProtocol::Ws]
+                        };
                     for protocol in protocols {
                         println!(
                             "--- plaza{}{}, {} = {n}",

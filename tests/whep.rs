@@ -179,7 +179,11 @@ async fn http_statuses_follow_the_spec() {
         viewer.links
     );
     assert_cors(c, "201");
-    assert_eq!(participants(&server).await, 1, "the viewer is a participant");
+    assert_eq!(
+        participants(&server).await,
+        1,
+        "the viewer is a participant"
+    );
 
     // Refusals of the POST.
     let good = format!("Bearer {}", viewer_token("r", "other"));
@@ -366,7 +370,10 @@ async fn http_statuses_follow_the_spec() {
 
     // DELETE: 200, then the session is gone.
     assert_eq!(viewer.delete().await.unwrap(), 200);
-    assert_eq!(viewer.request("DELETE", &[], b"").await.unwrap().status, 404);
+    assert_eq!(
+        viewer.request("DELETE", &[], b"").await.unwrap().status,
+        404
+    );
     let r = viewer.trickle(trickle).await.unwrap();
     assert_eq!(r.status, 404, "PATCH after DELETE: {}", r.body);
     server
@@ -479,7 +486,10 @@ async fn viewer_waits_for_the_host_and_follows_the_next_one() {
     for kind in [TrackKind::Audio, TrackKind::Video] {
         wait_more(&viewer, kind, 100, "media from the second host").await;
     }
-    println!("host change: 100 more packets {} ms after the leave", left.elapsed().as_millis());
+    println!(
+        "host change: 100 more packets {} ms after the leave",
+        left.elapsed().as_millis()
+    );
     for b in before {
         let a = viewer.track(b.kind).unwrap();
         assert_eq!(a.ssrcs, b.ssrcs, "{:?}: one SSRC for the session", b.kind);

@@ -276,7 +276,10 @@ impl LightViewer {
         };
         let task_shared = shared.clone();
         let task = tokio::spawn(async move {
-            let why = match run.run(signaling, sock, control_rx, ready_tx, stop_rx).await {
+            let why = match run
+                .run(signaling, sock, control_rx, ready_tx, stop_rx)
+                .await
+            {
                 Ok(()) => "left".to_owned(),
                 Err(e) => format!("{e:#}"),
             };
@@ -559,7 +562,8 @@ impl Run {
         let far = Duration::from_secs(3600);
         let result: Result<()> = async {
             if let Some(addr) = whep {
-                self.whep_play(&mut st, addr).await?;
+                // Boxed: the HTTP exchanges would make every viewer task's future large.
+                Box::pin(self.whep_play(&mut st, addr)).await?;
             }
             loop {
                 self.drain_rtc(&mut st, &sock)?;
@@ -806,8 +810,8 @@ impl Run {
             .header("location")
             .ok_or_else(|| anyhow!("201 without Location"))?
             .to_owned();
-        let answer =
-            RTCSessionDescription::answer(r.body.clone()).map_err(|e| anyhow!("bad answer: {e}"))?;
+        let answer = RTCSessionDescription::answer(r.body.clone())
+            .map_err(|e| anyhow!("bad answer: {e}"))?;
         pc.set_remote_description(Instant::now(), answer)
             .map_err(|e| anyhow!("set_remote_description: {e}"))?;
         for c in r.body.lines().filter_map(|l| l.trim().strip_prefix("a=")) {

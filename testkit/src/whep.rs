@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow, bail};
 use plaza::signal::TrackKind;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use tokio::sync::{mpsc, watch};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use webrtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 
 use super::decoder::PliPolicy;
@@ -321,7 +321,12 @@ impl WhepViewer {
     pub fn decoded_keyframes(&self) -> Vec<(Instant, Option<(u16, u16)>)> {
         self.track(TrackKind::Video)
             .and_then(|t| t.decoder)
-            .map(|d| d.decoded_keyframes().iter().map(|k| (k.at, k.size)).collect())
+            .map(|d| {
+                d.decoded_keyframes()
+                    .iter()
+                    .map(|k| (k.at, k.size))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -359,8 +364,13 @@ impl WhepViewer {
         n: u64,
         timeout: Duration,
     ) -> Result<RemoteTrackStats> {
-        self.wait_for(kind, &format!("{n} {kind:?} packets"), |t| t.packets >= n, timeout)
-            .await
+        self.wait_for(
+            kind,
+            &format!("{n} {kind:?} packets"),
+            |t| t.packets >= n,
+            timeout,
+        )
+        .await
     }
 
     /// `POST`s `body` (JSON) to the layer extension's URL (from the `Link` header).
