@@ -20,4 +20,5 @@ mod virtual_time {
     pub mod sfu;
     pub mod shards;
     pub mod two_peers;
+    pub mod viewer;
 }

@@ -3520,6 +3520,15 @@ impl<T: Transmit> Sfu<T> {
             });
             return;
         }
+        // A viewer's HTTP session reads only the answer to its offer and errors.
+        if p.viewer.is_some()
+            && !matches!(
+                msg,
+                ServerMessage::PublishAnswer { .. } | ServerMessage::Error { .. }
+            )
+        {
+            return;
+        }
         match p.outbox.send(&p.events, msg) {
             Ok(()) => {
                 if !p.outbox.is_empty() {

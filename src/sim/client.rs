@@ -52,6 +52,10 @@ pub struct Client {
     /// protocol says not to do: the server does not relay them). See
     /// [`Client::with_publisher_channels`].
     pub publisher_channels: bool,
+    /// A viewer (WHEP playback): joins with `view`, offers recvonly audio and video on its
+    /// subscriber connection (`publish_offer`) and applies the `publish_answer` there. See
+    /// [`Client::viewer`].
+    pub viewer: bool,
     /// Data-channel messages sent: (virtual send time, label, text?, bytes as sent).
     pub data_sent: Vec<(Instant, String, bool, Vec<u8>)>,
     data_out: Vec<(String, bool, Vec<u8>)>,
@@ -100,6 +104,7 @@ impl Client {
             hold_offers: false,
             held_offers: Vec::new(),
             publisher_channels: false,
+            viewer: false,
             data_sent: Vec::new(),
             data_out: Vec::new(),
             media,
@@ -138,6 +143,22 @@ impl Client {
         if let Some(Command::Join { req, .. }) = self.join_cmd.as_mut() {
             f(req);
         }
+    }
+
+    /// A viewer of `target` (as a WHEP session joins): hidden, subscribing only, no
+    /// auto-subscribe; one recvonly audio and one recvonly video section, offered by the
+    /// client. The media it gets is in `subscriber.tracks`, by the server's section track ids.
+    pub fn viewer(mut self, target: crate::sfu::viewing::ViewTarget) -> Self {
+        self.viewer = true;
+        self.join_with(|req| {
+            req.view = Some(target);
+            req.auto_subscribe = false;
+            req.grants.hidden = true;
+            req.grants.publish_audio = false;
+            req.grants.publish_video = false;
+            req.grants.publish_data = false;
+        });
+        self
     }
 
     /// Also create `chat` (ordered) and `input` (unordered, no retransmissions) on the
@@ -222,6 +243,11 @@ impl Client {
                 Ok(sdp) => self.outgoing.push(ClientMessage::SubscribeAnswer { sdp }),
                 Err(e) => self.errors.push(format!("subscribe answer: {e}")),
             },
+            ServerMessage::PublishAnswer { sdp } if self.viewer => {
+                if let Err(e) = self.subscriber.accept_answer(now, sdp) {
+                    self.errors.push(format!("viewer answer: {e}"));
+                }
+            }
             ServerMessage::PublishAnswer { sdp } => {
                 if let Some(p) = self.publisher.as_mut() {
                     if let Err(e) = p.accept_answer(now, sdp) {
@@ -270,6 +296,19 @@ impl Client {
     fn joined(&mut self, now: Instant, acc: JoinAccepted) {
         self.participant_id = Some(acc.participant_id);
         self.joined = Some(acc.joined);
+        if self.viewer {
+            use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+            let offer = self
+                .subscriber
+                .add_recvonly(RtpCodecKind::Audio)
+                .and_then(|()| self.subscriber.add_recvonly(RtpCodecKind::Video))
+                .and_then(|()| self.subscriber.create_offer(now));
+            match offer {
+                Ok(sdp) => self.outgoing.push(ClientMessage::PublishOffer { sdp }),
+                Err(e) => self.errors.push(format!("viewer offer: {e}")),
+            }
+            return;
+        }
         if self.media == MediaSpec::none() && !self.publisher_channels {
             return;
         }

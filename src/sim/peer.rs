@@ -679,6 +679,23 @@ impl Peer {
         Ok(offer.sdp)
     }
 
+    /// Add a receive-only transceiver of `kind` (what a WHEP player offers).
+    pub fn add_recvonly(&mut self, kind: RtpCodecKind) -> Result<(), PeerError> {
+        use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+        self.touch();
+        self.pc
+            .add_transceiver_from_kind(
+                kind,
+                Some(RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Recvonly,
+                    streams: Vec::new(),
+                    send_encodings: Vec::new(),
+                }),
+            )
+            .map(|_| ())
+            .map_err(err)
+    }
+
     /// Apply a remote answer.
     pub fn accept_answer(&mut self, now: Instant, sdp: &str) -> Result<(), PeerError> {
         self.touch();

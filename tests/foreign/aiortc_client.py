@@ -2,6 +2,7 @@
 
     python aiortc_client.py --url ws://H:P/rtc --room R --name N --token JWT [--publish] [--expect-from NAME]
                             [--peer NAME] [--until-signal] [--media-only] [--timeout S]
+                            [--whep http://H:P/whep/R [--audio-rtp-ok]]
 
 Every participant answers the server's subscribe offers and says hello on the `chat` data
 channel. With --publish it also publishes the assets/ clips through aiortc's MediaPlayer (decoded
@@ -10,6 +11,13 @@ and re-encoded by aiortc: VP8 video, Opus audio). With --expect-from NAME it che
 then sends `done` on chat and leaves. A publisher leaves when --peer sends `done` (with --until-signal: at
 SIGTERM, passing if its tracks were published and --peer's chat arrived). Prints
 `RESULT {json}` and exits 0 on success, 1 on failure or timeout.
+
+With --whep ENDPOINT it plays the room over WHEP instead (no WebSocket): an RTCPeerConnection
+with `recvonly` audio and video transceivers, its offer `POST`ed with the token (subscribe
+grant), the `201`'s answer applied, then the frames decoded as above (video frames with a size,
+48 kHz audio frames; with --audio-rtp-ok audio counts once 50 RTP packets arrived on its track),
+and the session ended with `DELETE`. It passes on 201 with a `Location`, decoded media and
+DELETE 200, and fails when nothing decodes within --timeout.
 """
 
 import argparse
@@ -20,9 +28,12 @@ import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import websockets
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "assets")
@@ -42,6 +53,16 @@ def parse_sdp(sdp):
     return out
 
 
+def http_request(method, url, body=b"", headers=None):
+    """One HTTP request: (status, headers, body text); an error status is a result, not an exception."""
+    req = urllib.request.Request(url, data=body if method in ("POST", "PATCH") else None, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode("utf-8", "replace")
+
+
 class Client:
     def __init__(self, args):
         self.args = args
@@ -49,7 +70,7 @@ class Client:
         self.my_id = None
         self.mids = {}
         self.chat = None
-        self.result = {"client": "aiortc", "name": args.name, "errors": [], "tracks": {}, "chat_from": [], "own_tracks": []}
+        self.result = {"client": "aiortc", "name": args.name, "errors": [], "tracks": {}, "chat_from": [], "own_tracks": [], "joined_seen": []}
         self.done = asyncio.get_running_loop().create_future()
         self.done_sent = False
         self.sub = RTCPeerConnection()
@@ -112,6 +133,9 @@ class Client:
                 frame = await track.recv()
             except Exception:
                 return
+            if st["frames"] == 0:
+                st["first_mono"] = time.monotonic()
+                self.log(f"first decoded {track.kind} frame (mid {st['mid']})")
             st["frames"] += 1
             if track.kind == "video":
                 st["width"], st["height"] = frame.width, frame.height
@@ -164,7 +188,7 @@ class Client:
         return any((c == f"{name}:{body}") if body else c.startswith(f"{name}:") for c in self.result["chat_from"])
 
     def media_ok(self):
-        ts = [t for t in self.result["tracks"].values() if t["from"] == self.args.expect_from]
+        ts = [t for t in self.result["tracks"].values() if self.args.whep or t["from"] == self.args.expect_from]
         audio = [t for t in ts if t["kind"] == "audio"]
         video = [t for t in ts if t["kind"] == "video"]
         if len(audio) != 1 or len(video) != 1:
@@ -199,7 +223,10 @@ class Client:
 
     def check(self):
         a = self.args
-        if a.expect_from:
+        if a.whep:
+            if self.media_ok():
+                self.finish(True, "decoded audio and video over WHEP")
+        elif a.expect_from:
             if not self.done_sent and self.media_ok() and (a.media_only or self.chat_from(a.expect_from)):
                 self.done_sent = True
                 if self.chat is not None:
@@ -229,11 +256,13 @@ class Client:
                 self.names[self.my_id] = self.args.name
                 for p in msg["participants"]:
                     self.names[p["id"]] = p["name"]
+                    self.result["joined_seen"].append(p["name"])
                 self.log("joined as", self.my_id)
                 if self.args.publish:
                     await self.publish()
             elif t == "participant_joined":
                 self.names[msg["participant"]["id"]] = msg["participant"]["name"]
+                self.result["joined_seen"].append(msg["participant"]["name"])
             elif t == "subscribe_offer":
                 await self.answer(msg["sdp"])
             elif t == "publish_answer":
@@ -293,6 +322,82 @@ class Client:
         print("RESULT " + json.dumps(self.result), flush=True)
         return ok
 
+    async def run_whep(self):
+        """Play over WHEP: recvonly transceivers, POST the offer, apply the answer, decode until
+        media_ok (or the timeout), DELETE the session."""
+        # no STUN server: the server is ICE-lite, host candidates reach it
+        self.sub = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        ok, why, location, tasks = False, "", None, []
+        headers = {"Authorization": f"Bearer {self.args.token}"}
+        try:
+            @self.sub.on("track")
+            def on_track(track):
+                mid = next((t.mid for t in self.sub.getTransceivers() if t.receiver.track is track), None)
+                st = {"mid": mid, "kind": track.kind, "from": None, "frames": 0}
+                self.result["tracks"][f"mid{mid}"] = st
+                self.log("track mid", mid, track.kind)
+                self.tasks.append(asyncio.ensure_future(self.consume(track, st)))
+
+            @self.sub.on("connectionstatechange")
+            def on_state():
+                self.log("viewer PC", self.sub.connectionState)
+                if self.sub.connectionState == "failed":
+                    self.finish(False, "viewer PC failed")
+
+            self.sub.addTransceiver("audio", direction="recvonly")
+            self.sub.addTransceiver("video", direction="recvonly")
+            await self.sub.setLocalDescription(await self.sub.createOffer())
+            sdp = self.sub.localDescription.sdp
+            t0 = time.monotonic()
+            self.result["post_mono"] = t0
+            status, rh, body = await asyncio.to_thread(
+                http_request, "POST", self.args.whep, sdp.encode(), {**headers, "Content-Type": "application/sdp"}
+            )
+            self.result["whep_post"] = status
+            if status != 201:
+                raise RuntimeError(f"POST {self.args.whep}: {status} {body.strip()}")
+            rh = {k.lower(): v for k, v in rh.items()}
+            if not rh.get("location"):
+                raise RuntimeError(f"201 without Location: {rh}")
+            location = urllib.parse.urljoin(self.args.whep, rh["location"])
+            self.result["answer_ms"] = round((time.monotonic() - t0) * 1000)
+            self.log("WHEP session", location, f"answered in {self.result['answer_ms']} ms")
+            await self.sub.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+            if self.args.audio_rtp_ok:
+                tasks.append(asyncio.ensure_future(self.poll_rtp()))
+            try:
+                ok, why = await asyncio.wait_for(asyncio.shield(self.done), self.args.timeout)
+            except asyncio.TimeoutError:
+                progress = {k: self.result[k] for k in ("tracks", "errors")}
+                rtp = {}
+                for t in self.sub.getTransceivers():
+                    try:
+                        stats = await t.receiver.getStats()
+                        rtp[f"mid{t.mid}"] = [{"ssrc": s.ssrc, "packets": s.packetsReceived} for s in stats.values() if s.type == "inbound-rtp"]
+                    except Exception as e:  # noqa: BLE001 - diagnostics only
+                        rtp[f"mid{t.mid}"] = repr(e)
+                progress["rtp"] = rtp
+                why = f"nothing (or not enough) decoded within {self.args.timeout} s (PC {self.sub.connectionState}): {json.dumps(progress)}"
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if location:
+            status, _, body = await asyncio.to_thread(http_request, "DELETE", location, b"", headers)
+            self.result["whep_delete"] = status
+            if status != 200 and ok:
+                ok, why = False, f"DELETE {location}: {status} {body.strip()}"
+        for t in tasks + self.tasks:
+            t.cancel()
+        await self.sub.close()
+        firsts = [t["first_mono"] for t in self.result["tracks"].values() if "first_mono" in t]
+        if firsts:
+            self.result["first_media_ms"] = round((min(firsts) - self.result["post_mono"]) * 1000)
+        if ok:
+            why += f" (201, first media {self.result.get('first_media_ms')} ms after the POST, DELETE 200)"
+        self.result.update(ok=ok, reason=why)
+        self.log("PASS" if ok else "FAIL", why)
+        print("RESULT " + json.dumps(self.result), flush=True)
+        return ok
+
 
 async def main():
     p = argparse.ArgumentParser()
@@ -311,11 +416,12 @@ async def main():
         action="store_true",
         help="audio counts as received once 50 RTP packets arrived on its track (not decoded)",
     )
+    p.add_argument("--whep", help="play over WHEP from this endpoint (http://H:P/whep/ROOM[/PARTICIPANT]) instead of the WebSocket")
     args = p.parse_args()
     if os.environ.get("FOREIGN_DEBUG"):
         logging.basicConfig(level=logging.DEBUG)
     c = Client(args)
-    return await c.run()
+    return await (c.run_whep() if args.whep else c.run())
 
 
 if __name__ == "__main__":

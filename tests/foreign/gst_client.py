@@ -3,7 +3,7 @@ protocol of signaling/README.md.
 
     python gst_client.py --url ws://H:P/rtc --room R --name N --token JWT [--publish] [--expect-from NAME]
                          [--peer NAME] [--until-signal] [--media-only] [--timeout S] [--offer-without-caps]
-                         [--whip http://H:P/whip/R]
+                         [--whip http://H:P/whip/R | --whep http://H:P/whep/R]
 
 Every participant answers the server's subscribe offers on a receive-only webrtcbin and says
 hello on the `chat` data channel. With --publish it also publishes `videotestsrc ! vp8enc` and
@@ -28,6 +28,16 @@ one `POST` of the offer (`application/sdp`, the token as bearer token), the `201
 is up, with --until-signal, it waits for SIGTERM and ends the session with `DELETE`. It passes
 when the `POST` got 201 with a `Location` and an `ETag`, the connection came up and the
 `DELETE` got 200.
+
+With --whep ENDPOINT it plays the room over WHEP instead (no WebSocket either): a webrtcbin with
+two `recvonly` transceivers (Opus audio, VP8 video), its offer `POST`ed with the token (which
+needs the subscribe grant), the `201`'s answer applied, the media decoded by `decodebin` as in
+the subscriber above (raw 48 kHz audio buffers, raw video buffers with a size), then `DELETE`.
+It passes when the `POST` got 201 with a `Location`, both m-sections decoded enough buffers and the
+`DELETE` got 200; it fails when nothing decodes within --timeout. Its RESULT carries
+CLOCK_MONOTONIC timestamps (`post_mono`, and per track `first_rtp_mono`, `first_mono`: the
+first decoded buffer), as the WHIP publisher's carries its `post_mono`, so that a runner on the
+same machine can measure the time from one to the other.
 
 libnice ignores loopback interfaces: run it where a non-loopback interface carries an address the
 server is reachable on (scripts/foreign-tests.sh adds 127.0.0.2 on a veth pair).
@@ -57,6 +67,7 @@ import websockets  # noqa: E402
 
 T0 = time.monotonic()
 VIDEO_PT, AUDIO_PT = 96, 111
+TWCC_EXT, TWCC_URI = 3, "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
 
 
 def parse_sdp(sdp):
@@ -108,7 +119,7 @@ class Client:
         self.my_id = None
         self.mids = {}
         self.chat = None
-        self.result = {"client": "gstreamer", "name": args.name, "errors": [], "tracks": {}, "chat_from": [], "own_tracks": []}
+        self.result = {"client": "gstreamer", "name": args.name, "errors": [], "tracks": {}, "chat_from": [], "own_tracks": [], "joined_seen": []}
         self.done = self.loop.create_future()
         self.done_sent = False
         self.ws = None
@@ -169,7 +180,10 @@ class Client:
         mid = trans.get_property("mid") if trans is not None else None
         m = self.mids.get(mid, {})
         msid = m.get("msid") or [None, None]
-        st = {"mid": mid, "kind": m.get("kind"), "from": self.names.get(msid[0], msid[0]), "track_id": msid[1], "buffers": 0, "caps": None}
+        st = {
+            "mid": mid, "kind": m.get("kind"), "from": self.names.get(msid[0], msid[0]), "track_id": msid[1], "buffers": 0, "caps": None,
+            "first_rtp_mono": time.monotonic(),
+        }  # fmt: skip
         with self.lock:
             self.result["tracks"][f"mid{mid}"] = st
         self.log("pad added mid", mid, st["kind"], "from", st["from"], pad.get_current_caps().to_string() if pad.get_current_caps() else "")
@@ -190,6 +204,9 @@ class Client:
                 st["rate"] = s.get_value("rate")
 
             def probe(_pad, _info):
+                if st["buffers"] == 0:
+                    st["first_mono"] = time.monotonic()
+                    self.log(f"first decoded {st['kind']} buffer (mid {mid})")
                 st["buffers"] += 1
                 if st["buffers"] % 10 == 0:
                     self.loop.call_soon_threadsafe(self.check)
@@ -304,7 +321,7 @@ class Client:
 
     def media_ok(self):
         with self.lock:
-            ts = [t for t in self.result["tracks"].values() if t["from"] == self.args.expect_from]
+            ts = [t for t in self.result["tracks"].values() if self.args.whep or t["from"] == self.args.expect_from]
         audio = [t for t in ts if t["kind"] == "audio"]
         video = [t for t in ts if t["kind"] == "video"]
         for t in audio + video:
@@ -322,7 +339,10 @@ class Client:
 
     def check(self):
         a = self.args
-        if a.expect_from:
+        if a.whep:
+            if self.media_ok():
+                self.finish(True, "decoded audio and video over WHEP")
+        elif a.expect_from:
             if not self.done_sent and self.media_ok() and (a.media_only or self.chat_from(a.expect_from)) and (a.media_only or self.chat_open()):
                 self.done_sent = True
                 if self.chat_open():
@@ -355,6 +375,7 @@ class Client:
                 self.names[self.my_id] = self.args.name
                 for p in msg["participants"]:
                     self.names[p["id"]] = p["name"]
+                    self.result["joined_seen"].append(p["name"])
                 self.log("joined as", self.my_id)
                 if self.args.publish:
                     self.build_pub()
@@ -367,6 +388,7 @@ class Client:
                     await self.ws.send(json.dumps({"type": "publish_offer", "sdp": sdp}))
             elif t == "participant_joined":
                 self.names[msg["participant"]["id"]] = msg["participant"]["name"]
+                self.result["joined_seen"].append(msg["participant"]["name"])
             elif t == "subscribe_offer":
                 sdp = await asyncio.to_thread(self.answer, msg["sdp"])
                 await self.ws.send(json.dumps({"type": "subscribe_answer", "sdp": sdp}))
@@ -440,6 +462,7 @@ class Client:
             sdp = await asyncio.to_thread(self.make_offer)
             headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {self.args.token}"}
             t0 = time.monotonic()
+            self.result["post_mono"] = t0
             status, rh, body = await asyncio.to_thread(http_request, "POST", self.args.whip, sdp.encode(), headers)
             self.result["whip_post"] = status
             if status != 201:
@@ -477,6 +500,83 @@ class Client:
         sys.stderr.flush()
         os._exit(0 if ok else 1)
 
+    async def run_whep(self):
+        """Play over WHEP: recvonly transceivers, POST the offer, apply the answer, decode until
+        media_ok (or the timeout), DELETE the session."""
+        glib_loop = GLib.MainLoop()
+        threading.Thread(target=glib_loop.run, daemon=True).start()
+        ok, why, location = False, "", None
+        headers = {"Authorization": f"Bearer {self.args.token}"}
+        try:
+            self.setup_sub()
+            # transport-wide CC (a=extmap): the server's layer selection runs on the viewer's
+            # bandwidth estimate, which it gets from TWCC feedback
+            twcc = f"extmap-{TWCC_EXT}=(string){TWCC_URI}"
+            caps = {
+                "audio": f"application/x-rtp,media=audio,encoding-name=OPUS,payload={AUDIO_PT},clock-rate=48000,encoding-params=(string)2,{twcc}",
+                "video": (
+                    f"application/x-rtp,media=video,encoding-name=VP8,payload={VIDEO_PT},clock-rate=90000,"
+                    f"rtcp-fb-nack-pli=(boolean)true,rtcp-fb-nack=(boolean)true,{twcc}"
+                ),
+            }
+            for kind in ("audio", "video"):
+                self.sub.emit("add-transceiver", GstWebRTC.WebRTCRTPTransceiverDirection.RECVONLY, Gst.Caps.from_string(caps[kind]))
+
+            def offer():
+                reply = promise_wait(self.sub, "create-offer", None)
+                desc = reply.get_value("offer")
+                promise_wait(self.sub, "set-local-description", desc)
+                return desc.sdp.as_text()
+
+            sdp = await asyncio.to_thread(offer)
+            if os.environ.get("FOREIGN_DEBUG"):
+                self.log("WHEP offer:\n" + sdp)
+            t0 = time.monotonic()
+            self.result["post_mono"] = t0
+            status, rh, body = await asyncio.to_thread(
+                http_request, "POST", self.args.whep, sdp.encode(), {**headers, "Content-Type": "application/sdp"}
+            )
+            self.result["whep_post"] = status
+            if status != 201:
+                raise RuntimeError(f"POST {self.args.whep}: {status} {body.strip()}")
+            rh = {k.lower(): v for k, v in rh.items()}
+            if not rh.get("location"):
+                raise RuntimeError(f"201 without Location: {rh}")
+            location = urllib.parse.urljoin(self.args.whep, rh["location"])
+            self.result["answer_ms"] = round((time.monotonic() - t0) * 1000)
+            self.log("WHEP session", location, f"answered in {self.result['answer_ms']} ms")
+            if os.environ.get("FOREIGN_DEBUG"):
+                self.log("WHEP answer:\n" + body)
+            self.mids.update(parse_sdp(body))
+            await asyncio.to_thread(promise_wait, self.sub, "set-remote-description", sdp_desc(GstWebRTC.WebRTCSDPType.ANSWER, body))
+            try:
+                ok, why = await asyncio.wait_for(asyncio.shield(self.done), self.args.timeout)
+            except asyncio.TimeoutError:
+                with self.lock:
+                    progress = {k: self.result[k] for k in ("tracks", "errors")}
+                state = self.sub.get_property("connection-state").value_nick
+                why = f"nothing (or not enough) decoded within {self.args.timeout} s (PC {state}): {json.dumps(progress)}"
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if location:
+            status, _, body = await asyncio.to_thread(http_request, "DELETE", location, b"", headers)
+            self.result["whep_delete"] = status
+            if status != 200 and ok:
+                ok, why = False, f"DELETE {location}: {status} {body.strip()}"
+        with self.lock:
+            tracks = list(self.result["tracks"].values())
+        firsts = [t["first_mono"] for t in tracks if "first_mono" in t]
+        if firsts:
+            self.result["first_media_ms"] = round((min(firsts) - self.result["post_mono"]) * 1000)
+        if ok:
+            why += f" (201, first media {self.result.get('first_media_ms')} ms after the POST, DELETE 200)"
+        self.result.update(ok=ok, reason=why)
+        self.log("PASS" if ok else "FAIL", why)
+        print("RESULT " + json.dumps(self.result), flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if ok else 1)
+
 
 async def main():
     p = argparse.ArgumentParser()
@@ -492,10 +592,11 @@ async def main():
     p.add_argument("--timeout", type=float, default=25)
     p.add_argument("--offer-without-caps", action="store_true")
     p.add_argument("--whip", help="publish over WHIP to this endpoint (http://H:P/whip/ROOM) instead of the WebSocket")
+    p.add_argument("--whep", help="play over WHEP from this endpoint (http://H:P/whep/ROOM[/PARTICIPANT]) instead of the WebSocket")
     args = p.parse_args()
     Gst.init(None)
     client = Client(args)
-    await (client.run_whip() if args.whip else client.run())
+    await (client.run_whip() if args.whip else client.run_whep() if args.whep else client.run())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ GStreamer, Chromium) or see correctly typed packets of (werift, webrtc-rs) one a
 track from the publisher, and receive its chat (not from the load tester, which chats only with
 its own peers); the publisher must see its two tracks published (Chromium: sent) and the
 subscriber's `done` on chat. One more check: a webrtcbin offer nobody can demultiplex must be
-refused. And WHIP: webrtcbin publishes over WHIP (HTTP only) and a WebSocket subscriber decodes it. Every client runs under a hard timeout. Exit status 1 if any combination fails.
+refused. And WHIP: webrtcbin publishes over WHIP (HTTP only) and a WebSocket subscriber decodes it.
+And WHEP: a viewer (webrtcbin or aiortc, `--whep`) plays the room with one HTTP POST and must
+decode its host's audio and video, then DELETE its session; for a WHIP publisher the time from
+its POST to the viewer's first decoded media is printed (both log CLOCK_MONOTONIC, shared on one
+machine). Every client runs under a hard timeout. Exit status 1 if any combination fails.
 """
 
 import argparse
@@ -69,6 +73,15 @@ COMBINATIONS = [
     # WHIP ingest (signaling/WHIP.md): webrtcbin publishes with one HTTP POST, no WebSocket.
     ("gstreamer-whip", "gstreamer", "whip"),
     ("gstreamer-whip", "aiortc", "whip"),
+    # WHEP playback: the viewer POSTs its recvonly offer, no WebSocket. "whep": the viewer comes
+    # first and waits for a host; "whep-late": it joins a room whose host already publishes.
+    ("gstreamer-whip", "gstreamer-whep", "whep"),
+    ("gstreamer-whip", "gstreamer-whep", "whep-late"),
+    ("gstreamer-whip", "aiortc-whep", "whep"),
+    ("chromium", "aiortc-whep", "whep"),
+    ("aiortc", "gstreamer-whep", "whep"),
+    ("gstreamer", "aiortc-whep", "whep-late"),
+    ("werift", "gstreamer-whep", "whep-late"),
 ]
 
 
@@ -150,11 +163,19 @@ class Proc:
         return None
 
 
-def dev_token(url, room, name):
+def http_base(url):
+    return url.replace("ws://", "http://", 1).rsplit("/rtc", 1)[0]
+
+
+def dev_token(url, room, name, grants=None):
     """An access token for `name` in `room` from the server's development endpoint (the server
-    runs without API keys). Fails loudly: a client without a token cannot join."""
-    http = url.replace("ws://", "http://", 1).rsplit("/rtc", 1)[0]
-    query = urllib.parse.urlencode({"room": room, "name": name})
+    runs without API keys), with the default grants or `grants` (comma-separated names). Fails
+    loudly: a client without a token cannot join."""
+    http = http_base(url)
+    fields = {"room": room, "name": name}
+    if grants:
+        fields["grants"] = grants
+    query = urllib.parse.urlencode(fields)
     with urllib.request.urlopen(f"{http}/dev/token?{query}", timeout=5) as r:
         return json.loads(r.read())["token"]
 
@@ -302,6 +323,77 @@ def run_whip_publisher(server, sub, room):
     return ok, f"sub: {summary(sr)} | pub: {summary(pr)}", extra, [p.log_path, s.log_path]
 
 
+def wait_log(proc, marker, timeout):
+    """Until `marker` appears in the client's log (stderr) or it exits; False after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(proc.log_path) as f:
+            if marker in f.read():
+                return True
+        if proc.proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def run_whep_viewer(server, pub, sub, order, room):
+    """A WHEP viewer (`sub`: gstreamer-whep or aiortc-whep) plays the room; `pub` publishes over
+    WHIP (gstreamer-whip) or the WebSocket, under --until-signal, and is told to end (SIGTERM) once
+    the viewer is done. "whep": the viewer's POST is answered before the publisher starts (it
+    waits for a host); "whep-late": the publisher is up first. The viewer passes with 201,
+    decoded audio and video and DELETE 200."""
+    http = http_base(server.url)
+    qroom = urllib.parse.quote(room, safe="")
+    kind = sub.split("-")[0]
+    vcmd = CLIENTS[kind] + [
+        "--url", server.url, "--room", room, "--name", sub, "--timeout", str(CLIENT_TIMEOUT),
+        "--token", dev_token(server.url, room, sub, grants="subscribe"), "--whep", f"{http}/whep/{qroom}",
+    ]  # fmt: skip
+    if pub == "chromium" and kind == "aiortc":
+        vcmd.append("--audio-rtp-ok")  # as chromium -> aiortc: see run_foreign_pair
+    if pub == "gstreamer-whip":
+        pcmd = client_cmd("gstreamer", server.url, room, pub, until_signal=True) + ["--whip", f"{http}/whip/{qroom}"]
+        ready = "WHIP publisher connected"
+    else:
+        pcmd = client_cmd(pub, server.url, room, f"{pub}-pub", publish=True, until_signal=True)
+        ready = "track_published"
+    hard = CLIENT_TIMEOUT + 15
+    why = []
+    if order == "whep":
+        v = Proc(f"{room}-sub-{sub}", vcmd, hard)
+        if not wait_log(v, "WHEP session", 15):
+            why.append("the viewer's POST was not answered within 15 s")
+        p = Proc(f"{room}-pub-{pub}", pcmd, hard)
+    else:
+        p = Proc(f"{room}-pub-{pub}", pcmd, hard)
+        if not wait_log(p, ready, 20):
+            why.append(f"the publisher never logged {ready!r} within 20 s")
+        v = Proc(f"{room}-sub-{sub}", vcmd, hard)
+    vrc = v.wait()
+    p.terminate()
+    prc = p.wait()
+    vr, pr = v.result(), p.result()
+    ok = vrc == 0 and prc == 0 and bool(vr and vr.get("ok")) and bool(pr and pr.get("ok")) and not why
+    extra = {}
+    if vr:
+        extra["answer_ms"] = vr.get("answer_ms")
+        extra["post_to_media_ms"] = vr.get("first_media_ms")
+        firsts = {t["kind"]: t["first_mono"] for t in vr.get("tracks", {}).values() if "first_mono" in t}
+        if "video" in firsts and vr.get("post_mono"):
+            extra["post_to_video_ms"] = round((firsts["video"] - vr["post_mono"]) * 1000)
+        if order == "whep" and pr and pr.get("post_mono") and firsts:
+            # both clients run on this machine: CLOCK_MONOTONIC is one clock
+            extra["whip_post_to_media_ms"] = round((min(firsts.values()) - pr["post_mono"]) * 1000)
+            if "video" in firsts:
+                extra["whip_post_to_video_ms"] = round((firsts["video"] - pr["post_mono"]) * 1000)
+    if pr and sub in pr.get("joined_seen", []):
+        # a WHEP viewer is a hidden participant: nobody is told it joined
+        ok = False
+        why.append(f"the publisher was told that {sub} joined")
+    detail = "; ".join(why + [f"sub: {summary(vr)} | pub: {summary(pr)}"])
+    return ok, detail, extra, [p.log_path, v.log_path]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--host-ip", required=True, help="address of a non-loopback interface in this namespace")
@@ -313,8 +405,10 @@ def main():
     for pub, sub, order in COMBINATIONS:
         if order == "offer-without-ssrc":
             label = "gstreamer offer without a=ssrc"
-        elif order == "whip":
+        elif order in ("whip", "whep"):
             label = f"{pub} -> {sub}"
+        elif order == "whep-late":
+            label = f"{pub} -> {sub} (late join)"
         else:
             label = f"{pub} -> {sub}" + (" (late join)" if order == "pub-first" and "webrtc-rs" not in (pub, sub) else "")
         if not args.only or any(o in label for o in args.only):
@@ -341,6 +435,8 @@ def main():
                 ok, detail, extra, logs = run_gst_offer_without_ssrc(server, room)
             elif order == "whip":
                 ok, detail, extra, logs = run_whip_publisher(server, sub, room)
+            elif order in ("whep", "whep-late"):
+                ok, detail, extra, logs = run_whep_viewer(server, pub, sub, order, room)
             elif pub == "webrtc-rs":
                 ok, detail, extra, logs = run_rs_publisher(server, sub, room)
             elif sub == "webrtc-rs":
@@ -349,14 +445,14 @@ def main():
                 ok, detail, extra, logs = run_foreign_pair(server, pub, sub, order, room)
             dt = time.monotonic() - t
             rows.append((label, ok, dt, detail, extra, logs))
-            print(f"{'PASS' if ok else 'FAIL'}  {label:<34} {dt:5.1f} s  {detail if not ok else ''}", flush=True)
+            print(f"{'PASS' if ok else 'FAIL'}  {label:<46} {dt:5.1f} s  {detail if not ok else ''}", flush=True)
     finally:
         server.stop()
     print("\nforeign clients against Plaza")
-    print(f"{'combination':<36}{'result':<8}{'time':>7}  notes")
+    print(f"{'combination':<48}{'result':<8}{'time':>7}  notes")
     for label, ok, dt, detail, extra, logs in rows:
         notes = ", ".join(f"{k}={v}" for k, v in extra.items() if v is not None)
-        print(f"{label:<36}{'PASS' if ok else 'FAIL':<8}{dt:6.1f}s  {notes}")
+        print(f"{label:<48}{'PASS' if ok else 'FAIL':<8}{dt:6.1f}s  {notes}")
         if not ok:
             print(f"    {detail[:600]}")
             print(f"    logs: {' '.join(os.path.relpath(p, ROOT) for p in logs)}")

@@ -310,6 +310,7 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                         room_admin: u.bool(),
                     },
                     publish_only: u.below(8) == 0,
+                    view: None,
                 };
                 let _ = sfu.handle_command(now, Command::Join { req, reply });
                 if let Ok(Ok(ok)) = answer.try_recv() {

@@ -284,11 +284,9 @@ impl<T: Transmit> Sfu<T> {
             dt.payload_type = None;
             dt.switch_watch = None;
             dt.rewriter.force_switch();
-            dt.munger = track
-                .codec
-                .mime_type
-                .eq_ignore_ascii_case(MIME_TYPE_VP8)
-                .then(Vp8Munger::new);
+            // VP8 picture ids continue across tracks too (the first packet re-bases them).
+            let vp8 = track.codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_VP8);
+            dt.munger = vp8.then(|| dt.munger.take().unwrap_or_else(Vp8Munger::new));
             dt.selector = (track.kind == TrackKind::Video).then(|| {
                 let mut sel = LayerSelector::new(section.requested);
                 sel.update(&track.layer_infos(now), None, now);
