@@ -427,11 +427,13 @@ async fn viewer_plays_the_host_and_switches_layers_on_request() {
     println!("high: 1280x720 after {} ms", asked.elapsed().as_millis());
     let video = viewer.track(TrackKind::Video).unwrap();
     assert_eq!(video.ssrcs.len(), 1, "one SSRC across layers: {video:?}");
-    assert_eq!(
-        video.continuity.timestamp_regressions, 0,
-        "{:?}",
-        video.continuity
+    let c = &video.continuity;
+    println!("continuity across the layer switches: {c:?}");
+    assert!(
+        c.timestamp_regressions == 0 && c.picture_id_jumps == 0 && c.switches >= 2,
+        "one clean stream across the switches: {c:?}"
     );
+    assert_eq!(c.switches_without_keyframe, 0, "{c:?}");
 
     // Hidden: the host never heard of it.
     let joined: Vec<_> = host
@@ -503,6 +505,18 @@ async fn viewer_waits_for_the_host_and_follows_the_next_one() {
             b.kind
         );
         assert!(!a.ended, "{:?} ended", b.kind);
+        if b.kind == TrackKind::Video {
+            assert!(c.picture_ids_checked > 50, "{c:?}");
+            assert_eq!(
+                c.picture_id_jumps, 0,
+                "VP8 picture ids continue across the host change: {c:?}"
+            );
+        }
+        println!(
+            "{:?}: longest gap between packets {} ms",
+            b.kind,
+            a.max_interarrival.as_millis()
+        );
     }
     // A keyframe of the second host's (the server asks for one) decodes.
     viewer
