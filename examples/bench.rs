@@ -1072,6 +1072,17 @@ async fn run_plaza_light(
         0.0
     };
     let ended = viewers.iter().filter(|v| v.ended().is_some()).count();
+    if protocol == ViewerProtocol::Whep {
+        let refused = viewers
+            .iter()
+            .filter(|v| v.layer_status() != Some(204))
+            .count();
+        if refused > 0 {
+            point.failures.push(format!(
+                "{refused} WHEP viewers' layer requests not answered 204"
+            ));
+        }
+    }
     // A viewer that could not join (or was dropped) also means the server gave way: the
     // packets it would have received are missing from both sides of the comparison.
     let knee = w.loss_percent > 1.0

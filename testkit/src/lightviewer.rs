@@ -186,6 +186,8 @@ struct Shared {
     /// Why the task ended, if it did.
     ended: Option<String>,
     subscribe_offers: u64,
+    /// WHEP: the status of the layer request (0: no response).
+    layer_status: Option<u16>,
 }
 
 /// One light viewer (see the module docs). Dropping it stops its task.
@@ -333,6 +335,11 @@ impl LightViewer {
 
     pub fn subscribe_offers(&self) -> u64 {
         lock(&self.shared).subscribe_offers
+    }
+
+    /// WHEP: the status of the layer request (`None`: none sent or not answered yet).
+    pub fn layer_status(&self) -> Option<u16> {
+        lock(&self.shared).layer_status
     }
 
     /// Waits until `n` SSRCs delivered packets, within `timeout`.
@@ -824,23 +831,27 @@ impl Run {
                 });
             }
         }
+        // The layer request goes beside ICE and DTLS (a player would not wait for it either);
+        // its status is kept (`LightViewer::layer_status`).
         if let Some(q) = self.opts.quality {
             let body = serde_json::json!({ "quality": q }).to_string();
             let layer = format!("{location}/layer");
-            let r = crate::support::http(
-                addr,
-                "POST",
-                &layer,
-                &[
-                    ("Content-Type", "application/json"),
-                    ("Authorization", token.as_str()),
-                ],
-                body.as_bytes(),
-            )
-            .await?;
-            if r.status != 204 {
-                bail!("POST {layer}: {} {}", r.status, r.body.trim());
-            }
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let status = crate::support::http(
+                    addr,
+                    "POST",
+                    &layer,
+                    &[
+                        ("Content-Type", "application/json"),
+                        ("Authorization", token.as_str()),
+                    ],
+                    body.as_bytes(),
+                )
+                .await
+                .map_or(0, |r| r.status);
+                lock(&shared).layer_status = Some(status);
+            });
         }
         st.participant_id = location.clone();
         st.whep_session = Some(location);
