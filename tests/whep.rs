@@ -11,8 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use plaza::auth::{Claims, DEFAULT_TTL, RoomGrants};
+use plaza::auth::{Claims, DEFAULT_TTL, RoomGrants, Secret};
 use plaza::signal::{ServerMessage, TrackKind};
+use plaza::turn::IceConfig;
 use plaza_testkit::whep::{HttpReply, WhepOptions, WhepViewer, http};
 use plaza_testkit::whip::{WhipOptions, WhipPublisher};
 use plaza_testkit::{self as common, Peer, PeerEvent, PeerOptions, SimulcastOptions, support};
@@ -621,5 +622,106 @@ async fn a_viewer_whose_bandwidth_is_cut_switches_down() {
     assert_eq!(viewer.delete().await.unwrap(), 200);
     viewer.close().await;
     host.leave().await.ok();
+    server.shutdown().await;
+}
+
+/// `/whep/{room}` plays the first participant that publishes; `/whep/{room}/{participant}`
+/// (its id) another one; `?track=` one track by its server id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_participant_or_track_is_played() {
+    let server = TestServer::start().await;
+    let plain = support::publisher(&server, "pick", "plain").await;
+    let simulcast = simulcast_publisher(&server, "pick").await;
+    let plain_video = plain
+        .wait_for_local_track(TrackKind::Video, |t| t.server_track_id.is_some(), T)
+        .await
+        .expect("the plain video track is announced")
+        .server_track_id
+        .expect("checked");
+    let size = |v: &WhepViewer| v.track(TrackKind::Video).and_then(|t| t.resolution);
+    let video_only = WhepOptions {
+        audio: false,
+        ..whep_opts()
+    };
+
+    // The host: the first that published (plain, not simulcast).
+    let host = play(&server, "/whep/pick", "pick", whep_opts()).await;
+    let by_id = play(
+        &server,
+        &format!("/whep/pick/{}", simulcast.participant_id()),
+        "pick",
+        whep_opts(),
+    )
+    .await;
+    let by_track = play(
+        &server,
+        &format!("/whep/pick?track={plain_video}"),
+        "pick",
+        video_only,
+    )
+    .await;
+    for v in [&host, &by_id, &by_track] {
+        v.wait_for(
+            TrackKind::Video,
+            "a keyframe",
+            |t| t.resolution.is_some(),
+            T,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e:#}", v.location));
+    }
+    let simulcast_sizes = [LOW, (640, 360), HIGH];
+    let (h, i, t) = (size(&host), size(&by_id), size(&by_track));
+    println!("frame sizes: host {h:?}, by id {i:?}, by track {t:?}");
+    assert!(
+        h.is_some_and(|s| !simulcast_sizes.contains(&s)),
+        "the host is the plain publisher: {h:?}"
+    );
+    assert!(
+        i.is_some_and(|s| simulcast_sizes.contains(&s)),
+        "by id: the simulcast publisher: {i:?}"
+    );
+    assert_eq!(t, h, "by track id: the plain publisher's video");
+    assert!(
+        by_track.track(TrackKind::Audio).is_none(),
+        "one video section only"
+    );
+    for mut v in [host, by_id, by_track] {
+        assert_eq!(v.delete().await.unwrap(), 200);
+        v.close().await;
+    }
+    plain.leave().await.ok();
+    simulcast.leave().await.ok();
+    server.shutdown().await;
+}
+
+/// The configured STUN and TURN servers come as `Link` headers (TURN with credentials), beside
+/// the layer extension's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_servers_are_link_headers() {
+    let mut config = support::test_config();
+    config.ice = IceConfig {
+        turn_urls: vec!["turn:turn.example:3478?transport=udp".into()],
+        turn_secret: Some(Secret::new("a-shared-secret-of-enough-length")),
+        stun_urls: vec!["stun:stun.example:3478".into()],
+        ..IceConfig::none()
+    };
+    let server = TestServer::start_with(config).await;
+    let mut viewer = play(&server, "/whep/links", "links", whep_opts()).await;
+    let l = &viewer.links;
+    assert_eq!(l.ice_servers.len(), 2, "{l:?}");
+    let turn = &l.ice_servers[0];
+    assert_eq!(turn.url, "turn:turn.example:3478?transport=udp");
+    assert!(
+        turn.username.as_ref().is_some_and(|u| !u.is_empty())
+            && turn.credential.as_ref().is_some_and(|c| !c.is_empty())
+            && turn.credential_type.as_deref() == Some("password"),
+        "{turn:?}"
+    );
+    assert_eq!(l.ice_servers[1].url, "stun:stun.example:3478");
+    assert_eq!(l.ice_servers[1].username, None);
+    assert!(l.layer.is_some(), "{l:?}");
+    assert_eq!(viewer.delete().await.unwrap(), 200);
+    viewer.close().await;
     server.shutdown().await;
 }
