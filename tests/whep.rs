@@ -625,19 +625,25 @@ async fn a_viewer_whose_bandwidth_is_cut_switches_down() {
     server.shutdown().await;
 }
 
-/// `/whep/{room}` plays the first participant that publishes; `/whep/{room}/{participant}`
-/// (its id) another one; `?track=` one track by its server id.
+/// `/whep/{room}` plays the publisher of the earliest-published track;
+/// `/whep/{room}/{participant}` (its id) another one; `?track=` one track by its server id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_participant_or_track_is_played() {
     let server = TestServer::start().await;
     let plain = support::publisher(&server, "pick", "plain").await;
-    let simulcast = simulcast_publisher(&server, "pick").await;
+    // The host is the publisher of the earliest-published track: the plain one's tracks are
+    // published before the other publisher joins.
+    plain
+        .wait_for_local_track(TrackKind::Audio, |t| t.server_track_id.is_some(), T)
+        .await
+        .expect("the plain audio track is announced");
     let plain_video = plain
         .wait_for_local_track(TrackKind::Video, |t| t.server_track_id.is_some(), T)
         .await
         .expect("the plain video track is announced")
         .server_track_id
         .expect("checked");
+    let simulcast = simulcast_publisher(&server, "pick").await;
     let size = |v: &WhepViewer| v.track(TrackKind::Video).and_then(|t| t.resolution);
     let video_only = WhepOptions {
         audio: false,
