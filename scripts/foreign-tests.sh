@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Plaza against WebRTC clients it did not write: werift (npm), aiortc (PyPI) and GStreamer's
 # webrtcbin (Debian, ICE by libnice), each publishing to and subscribing from the others, a
-# webrtc-rs peer (the load tester) and headless Chromium (the demo page). tests/foreign/run.py
-# lists the combinations and what each checks.
+# webrtc-rs peer (the load tester), headless Chromium (the demo page, and the /watch player
+# page as a WHEP viewer) and Debian's simple-whip-client as a WHIP publisher.
+# tests/foreign/run.py lists the combinations and what each checks.
 #
 #   scripts/foreign-tests.sh                 every combination
 #   scripts/foreign-tests.sh --only werift   the combinations whose label contains "werift"
 #   scripts/foreign-tests.sh --list
 #
-# Installs what is missing: GStreamer and Chromium (apt), werift and playwright-core (npm ci in
+# Installs what is missing: GStreamer, Chromium and simple-whip-client (apt), werift and playwright-core (npm ci in
 # tests/foreign, pinned by its package-lock.json), aiortc (pip, pinned by tests/foreign/requirements.txt, into the venv
 # target/foreign-venv, made from /usr/bin/python3 with its system packages so that the same
 # interpreter also has Debian's `gi` for GStreamer). Builds the release server and load tester
-# when PLAZA_BIN is not set. Fails, never skips, when something cannot be had.
+# when PLAZA_BIN is not set, and the libgupnp-igd stand-in whip-client needs into target/upnp-stub
+# (tests/foreign/upnp-stub.c says why). Fails, never skips, when something cannot be had.
 #
 # Network: everything runs in a private network namespace (unshare --net). libnice, and so
 # webrtcbin, gathers no candidates on loopback interfaces, and werift none on interfaces named
@@ -34,7 +36,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
   esac
 done
 
@@ -81,6 +83,36 @@ if [ ! -x "$CHROMIUM" ]; then
   [ -x "$CHROMIUM" ] || die "$CHROMIUM is still missing after installing chromium"
 fi
 export CHROMIUM
+
+# --- simple-whip-client (apt) and the libgupnp-igd stand-in it needs ---
+WHIP_CLIENT=${WHIP_CLIENT:-/usr/bin/whip-client}
+if [ ! -x "$WHIP_CLIENT" ]; then
+  step "installing Debian simple-whip-client (apt)"
+  as_root apt-get update -qq || die "apt-get update failed; cannot install simple-whip-client"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq simple-whip-client >/dev/null \
+    || die "apt-get install simple-whip-client failed"
+  [ -x "$WHIP_CLIENT" ] || die "$WHIP_CLIENT is still missing after installing simple-whip-client"
+fi
+# whip-client links libsoup 2.4, libnice's libgupnp-igd pulls in libsoup 3: together they abort
+# at start. The stand-in (same soname, no dependencies) is found first via LD_LIBRARY_PATH.
+UPNP_STUB_DIR="$TARGET/upnp-stub"
+if [ ! -f "$UPNP_STUB_DIR/libgupnp-igd-1.0.so.4" ] || [ tests/foreign/upnp-stub.c -nt "$UPNP_STUB_DIR/libgupnp-igd-1.0.so.4" ]; then
+  command -v cc >/dev/null || die "cc is missing (apt-get install gcc): needed for tests/foreign/upnp-stub.c"
+  mkdir -p "$UPNP_STUB_DIR"
+  cc -shared -fPIC -Wl,-soname,libgupnp-igd-1.0.so.4 -o "$UPNP_STUB_DIR/libgupnp-igd-1.0.so.4" tests/foreign/upnp-stub.c \
+    || die "building tests/foreign/upnp-stub.c failed"
+fi
+# libnice is loaded with GStreamer's nice plugin, not linked by whip-client: check it.
+# (whole outputs captured first: with pipefail, a reader that stops early fails the pipeline)
+LIBS=$(ldconfig -p) || die "ldconfig -p failed"
+LIBNICE=$(awk '$1 == "libnice.so.10" && !found { print $NF; found = 1 }' <<<"$LIBS")
+[ -n "$LIBNICE" ] || die "libnice.so.10 is not installed (gstreamer1.0-nice)"
+NICE_DEPS=$(LD_LIBRARY_PATH="$UPNP_STUB_DIR" ldd "$LIBNICE") || die "ldd $LIBNICE failed"
+[[ $NICE_DEPS == *"libgupnp-igd-1.0.so.4 => $UPNP_STUB_DIR/"* ]] \
+  || die "$LIBNICE does not take the libgupnp-igd stand-in from $UPNP_STUB_DIR"
+[[ $NICE_DEPS != *libsoup-3* ]] \
+  || die "$LIBNICE still loads libsoup 3 with the libgupnp-igd stand-in: whip-client would abort at start"
+export WHIP_CLIENT UPNP_STUB_DIR
 
 # --- werift, playwright-core (npm, pinned by the lockfile) ---
 if ! (cd tests/foreign && node -e '

@@ -138,6 +138,8 @@ async function join(room, name) {
   url.searchParams.set('name', name);
   history.replaceState(null, '', url);
 
+  showGoLive(client.room);
+
   const local = tileFor('local', name, true);
   const stream = await media;
   if (stream instanceof MediaStream) {
@@ -260,6 +262,33 @@ function watchFirstFrame(video) {
   if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(mark);
   else video.addEventListener('loadeddata', mark, { once: true });
 }
+
+// ---- go live: WHIP ingest and the WHEP player for this room ----
+
+function showGoLive(room) {
+  const enc = encodeURIComponent(room);
+  $('#whip-url').textContent = new URL(`/whip/${enc}`, location.href).href;
+  $('#token-command').textContent = `plaza token --room ${/^[\w.-]+$/.test(room) ? room : JSON.stringify(room)} --identity obs-1 --name OBS --grants publish`;
+  $('#whip-token').textContent = '';
+  const watchUrl = new URL(`/watch?room=${enc}`, location.href).href;
+  $('#watch-link').href = watchUrl;
+  $('#watch-link').textContent = watchUrl;
+}
+
+$('#mint-token').onclick = async () => {
+  const room = demo.client?.room;
+  if (!room) return;
+  const out = $('#whip-token');
+  const identity = `obs-${Math.random().toString(36).slice(2, 8)}`;
+  try {
+    const res = await fetch(`/dev/token?room=${encodeURIComponent(room)}&identity=${identity}&name=OBS&grants=publish`);
+    if (res.status === 404) out.textContent = 'not a development server: mint one with the command above';
+    else if (!res.ok) out.textContent = `could not mint a token: ${res.status} ${await res.text()}`;
+    else out.textContent = (await res.json()).token;
+  } catch (err) {
+    out.textContent = `could not mint a token: ${err.message}`;
+  }
+};
 
 // ---- stats overlay ----
 

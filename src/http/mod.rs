@@ -10,6 +10,8 @@
 //! - `/api/...`: the room admin API (see [`admin`]);
 //! - `/whip/...`: WHIP ingest, RFC 9725 (see [`whip`]);
 //! - `/whep/...`: WHEP playback (see [`whep`]);
+//! - `GET /watch?room=R…`: the WHEP player page, `signaling/watch.html` (served like the
+//!   static files below; the page reads its query itself);
 //! - everything else (`GET`/`HEAD`): files from the `signaling/` directory (demo page and JS
 //!   client), `/` being `signaling/index.html`.
 
@@ -188,6 +190,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/rtc", get(ws::upgrade))
         .route("/dev/token", get(dev_token))
+        .route("/watch", get(watch_page))
         .merge(admin::routes())
         .merge(whip::routes(max_body))
         .merge(whep::routes(max_body))
@@ -345,6 +348,21 @@ async fn static_file(State(state): State<AppState>, method: Method, uri: Uri) ->
     let Some(rel) = static_path(uri.path()) else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    serve_static(&state, &method, &rel).await
+}
+
+/// `GET /watch`: the WHEP player page, `watch.html` from the static directory, served as the
+/// fallback serves files (the query string is the page's business).
+async fn watch_page(State(state): State<AppState>, method: Method) -> Response {
+    serve_static(&state, &method, Path::new(WATCH_PAGE)).await
+}
+
+/// The player page `/watch` serves, under the static directory.
+const WATCH_PAGE: &str = "watch.html";
+
+/// The file `rel` (already checked by [`static_path`]) under the static directory, with its
+/// content type; an empty body for `HEAD`; 404 when it cannot be read.
+async fn serve_static(state: &AppState, method: &Method, rel: &Path) -> Response {
     let path = state.settings.static_dir.join(rel);
     match tokio::fs::read(&path).await {
         Ok(bytes) => {
@@ -413,5 +431,65 @@ mod tests {
             "text/javascript; charset=utf-8"
         );
         assert_eq!(content_type(Path::new("x.bin")), "application/octet-stream");
+    }
+
+    /// `/watch` serves `watch.html` from the static directory, whatever the query; `HEAD` has
+    /// no body; other methods are refused; without the file it is a 404.
+    #[tokio::test]
+    async fn watch_serves_the_player_page() {
+        use axum::body::Body;
+        use axum::http::Request;
+        use tower_service::Service;
+
+        let dir = std::env::temp_dir().join(format!("plaza-watch-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(WATCH_PAGE), "<!doctype html><title>watch</title>").unwrap();
+        let (handle, _seen, _stopped) = fake_core::spawn();
+        let (_stop, stop_rx) = watch::channel(false);
+        let (sessions_tx, _sessions) = mpsc::channel(1);
+        let settings = HttpSettings {
+            static_dir: dir.clone(),
+            ..HttpSettings::new(1024)
+        };
+        let mut app = router(AppState::new(handle, settings, stop_rx, sessions_tx));
+        let mut send = async |method: Method, uri: &str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Body::empty())
+                .unwrap();
+            let res = app.call(req).await.unwrap();
+            let status = res.status();
+            let ctype = res
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            (status, ctype, String::from_utf8(body.to_vec()).unwrap())
+        };
+
+        for uri in ["/watch", "/watch?room=demo&quality=low&token=x.y.z"] {
+            let (status, ctype, body) = send(Method::GET, uri).await;
+            assert_eq!(status, StatusCode::OK, "{uri}");
+            assert_eq!(ctype.as_deref(), Some("text/html; charset=utf-8"), "{uri}");
+            assert_eq!(body, "<!doctype html><title>watch</title>", "{uri}");
+        }
+        let (status, ctype, body) = send(Method::HEAD, "/watch?room=demo").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(ctype.as_deref(), Some("text/html; charset=utf-8"));
+        assert!(body.is_empty());
+        let (status, _, _) = send(Method::POST, "/watch").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        // The file itself is still served by the fallback.
+        let (status, _, body) = send(Method::GET, "/watch.html").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "<!doctype html><title>watch</title>");
+
+        std::fs::remove_file(dir.join(WATCH_PAGE)).unwrap();
+        let (status, _, _) = send(Method::GET, "/watch?room=demo").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

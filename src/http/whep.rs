@@ -196,6 +196,10 @@ struct LayerRequest {
     /// Highest quality wanted; `null`: automatic. Absent: unchanged.
     #[serde(default, deserialize_with = "present")]
     quality: Option<Option<Quality>>,
+    /// The draft's layer extension's way: 0 = the lowest layer (`low`), 1 = `medium`, 2 and
+    /// up = `high`; `null`: automatic.
+    #[serde(default, rename = "spatialLayerId", deserialize_with = "present")]
+    spatial_layer_id: Option<Option<u8>>,
     #[serde(default, rename = "maxWidth")]
     max_width: Option<u32>,
     #[serde(default, rename = "maxHeight")]
@@ -233,14 +237,21 @@ async fn layer(
             return refuse(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "bad layer request: {e} (expected {{\"quality\": \"low\"|\"medium\"|\"high\"|null, \"maxWidth\": N, \"maxHeight\": N}})"
+                    "bad layer request: {e} (expected {{\"quality\": \"low\"|\"medium\"|\"high\"|null, \"spatialLayerId\": N|null, \"maxWidth\": N, \"maxHeight\": N}})"
                 ),
             );
         }
     };
+    let by_layer = req.spatial_layer_id.map(|l| {
+        l.map(|l| match l {
+            0 => Quality::Low,
+            1 => Quality::Medium,
+            _ => Quality::High,
+        })
+    });
     let msg = ClientMessage::TrackSettings {
         track_id: String::new(),
-        quality: req.quality,
+        quality: req.quality.or(by_layer),
         width: req.max_width,
         height: req.max_height,
     };
@@ -275,6 +286,8 @@ mod tests {
         let r: LayerRequest = serde_json::from_str(r#"{"maxWidth":640}"#).unwrap();
         assert_eq!((r.quality, r.max_width), (None, Some(640)));
         assert!(serde_json::from_str::<LayerRequest>(r#"{"quality":"huge"}"#).is_err());
+        let r: LayerRequest = serde_json::from_str(r#"{"spatialLayerId":1}"#).unwrap();
+        assert_eq!(r.spatial_layer_id, Some(Some(1)));
         assert!(serde_json::from_str::<LayerRequest>(r#"{"encodingId":"h"}"#).is_err());
     }
 }

@@ -663,3 +663,52 @@ export function moverNamespace({ hostIp = '10.20.0.1', first = '10.20.0.2', tag 
   return { hostIp, executablePath, moveTo, address: () => current, remove };
 }
 
+
+/**
+ * Open the WHEP player `/watch?…` in `p` (`query`: its URL parameters, e.g. {room}); resolves
+ * once the page's `window.watch` exists.
+ */
+export async function openWatch(p, base, query) {
+  await p.page.goto(`${base}/watch?${new URLSearchParams(query)}`);
+  await waitFor(() => p.page.evaluate(() => !!window.watch), { timeout: 10_000, what: `${p.label}'s player page to start` });
+}
+
+/** The WHEP player's state in `p`: `window.watch` (without its peer connection) and the video's data attributes. */
+export function watchState(p) {
+  return p.page.evaluate(() => {
+    const w = window.watch;
+    const { pc, restartIce, stop, ...rest } = w;
+    return {
+      ...JSON.parse(JSON.stringify(rest)),
+      remoteUfrag: pc?.currentRemoteDescription?.sdp.match(/a=ice-ufrag:(\S+)/)?.[1] ?? null,
+      statusShown: document.querySelector('#status').textContent,
+      layerShown: document.querySelector('#layer').textContent,
+      data: { ...document.querySelector('#video').dataset },
+    };
+  });
+}
+
+/**
+ * Wait until the player in `p` plays video (state `playing`, frames decoded, width > 0), then
+ * until `grow` more frames are decoded. Returns the last state; a timeout says what the page shows.
+ */
+export async function waitForWatchPlaying(p, { timeout = 25_000, grow = 10 } = {}) {
+  let last = null;
+  const explain = (e) => {
+    throw new Error(`${e.message}; the player shows ${JSON.stringify(last)}`);
+  };
+  const first = await waitFor(
+    async () => {
+      last = await watchState(p);
+      return last.state === 'playing' && last.framesDecoded > 0 && last.frameWidth > 0 ? last : null;
+    },
+    { timeout, what: `${p.label}'s player to play video` },
+  ).catch(explain);
+  return waitFor(
+    async () => {
+      last = await watchState(p);
+      return last.framesDecoded >= first.framesDecoded + grow && last.frameWidth > 0 ? last : null;
+    },
+    { timeout: 10_000, what: `${p.label}'s player to keep decoding` },
+  ).catch(explain);
+}

@@ -11,11 +11,13 @@ GStreamer, Chromium) or see correctly typed packets of (werift, webrtc-rs) one a
 track from the publisher, and receive its chat (not from the load tester, which chats only with
 its own peers); the publisher must see its two tracks published (Chromium: sent) and the
 subscriber's `done` on chat. One more check: a webrtcbin offer nobody can demultiplex must be
-refused. And WHIP: webrtcbin publishes over WHIP (HTTP only) and a WebSocket subscriber decodes it.
-And WHEP: a viewer (webrtcbin or aiortc, `--whep`) plays the room with one HTTP POST and must
-decode its host's audio and video, then DELETE its session; for a WHIP publisher the time from
-its POST to the viewer's first decoded media is printed (both log CLOCK_MONOTONIC, shared on one
-machine). Every client runs under a hard timeout. Exit status 1 if any combination fails.
+refused. And WHIP: webrtcbin (`gst_client.py --whip`) or Debian's simple-whip-client
+(`whip-client`, with the UPnP stand-in of upnp-stub.c) publishes over WHIP (HTTP only) and a
+WebSocket subscriber decodes it. And WHEP: a viewer (webrtcbin or aiortc, `--whep`, or the
+server's /watch page in headless Chromium) plays the room with one HTTP POST and must decode its
+host's audio and video, then DELETE its session; for a WHIP publisher the time from its POST to
+the viewer's first decoded media is printed (all stamps CLOCK_MONOTONIC, shared on one machine).
+Every client runs under a hard timeout. Exit status 1 if any combination fails.
 """
 
 import argparse
@@ -25,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -37,6 +40,18 @@ PY = os.environ.get("FOREIGN_PYTHON", os.path.join(TARGET, "foreign-venv", "bin"
 PLAZA = os.environ.get("PLAZA_BIN", os.path.join(TARGET, "release", "plaza"))
 LOADTEST = os.environ.get("LOADTEST_BIN", os.path.join(TARGET, "release", "examples", "loadtest"))
 CLIENT_TIMEOUT = float(os.environ.get("FOREIGN_CLIENT_TIMEOUT", "20"))
+# Debian's simple-whip-client and the directory of the libgupnp-igd stand-in it needs
+# (upnp-stub.c, built there by scripts/foreign-tests.sh).
+WHIP_CLIENT = os.environ.get("WHIP_CLIENT", "/usr/bin/whip-client")
+UPNP_STUB_DIR = os.environ.get("UPNP_STUB_DIR", os.path.join(TARGET, "upnp-stub"))
+SWC_AUDIO = (
+    "audiotestsrc is-live=true wave=red-noise ! audioconvert ! audioresample ! queue ! opusenc ! rtpopuspay pt=100 ssrc=1"
+    " ! queue ! application/x-rtp,media=audio,encoding-name=OPUS,payload=100"
+)
+SWC_VIDEO = (
+    "videotestsrc is-live=true pattern=ball ! videoconvert ! queue ! vp8enc deadline=1 ! rtpvp8pay pt=96 ssrc=2"
+    " ! queue ! application/x-rtp,media=video,encoding-name=VP8,payload=96"
+)
 
 CLIENTS = {
     "werift": ["node", os.path.join(HERE, "werift-client.mjs")],
@@ -73,6 +88,7 @@ COMBINATIONS = [
     # WHIP ingest (signaling/WHIP.md): webrtcbin publishes with one HTTP POST, no WebSocket.
     ("gstreamer-whip", "gstreamer", "whip"),
     ("gstreamer-whip", "aiortc", "whip"),
+    ("simple-whip-client", "aiortc", "whip"),
     # WHEP playback: the viewer POSTs its recvonly offer, no WebSocket. "whep": the viewer comes
     # first and waits for a host; "whep-late": it joins a room whose host already publishes.
     ("gstreamer-whip", "gstreamer-whep", "whep"),
@@ -82,6 +98,10 @@ COMBINATIONS = [
     ("aiortc", "gstreamer-whep", "whep"),
     ("gstreamer", "aiortc-whep", "whep-late"),
     ("werift", "gstreamer-whep", "whep-late"),
+    ("simple-whip-client", "gstreamer-whep", "whep"),
+    # the server's player page (/watch) in headless Chromium
+    ("simple-whip-client", "chromium-watch", "whep"),
+    ("gstreamer-whip", "chromium-watch", "whep"),
 ]
 
 
@@ -161,6 +181,124 @@ class Proc:
             if line.startswith("RESULT "):
                 return json.loads(line[7:])
         return None
+
+
+class LineProc(Proc):
+    """A client whose output is its log (whip-client): stdout and stderr read line by line as they
+    come, each line stamped with time.monotonic() when it arrives and written to ART/<tag>.log
+    with that stamp. Its result is judged by the runner (see swc_result)."""
+
+    def __init__(self, tag, cmd, hard_timeout, env=None):
+        self.tag = tag
+        self.log_path = os.path.join(ART, f"{tag}.log")
+        self.out = open(self.log_path, "w")
+        self.out.write("$ " + " ".join(cmd) + "\n")
+        self.out.flush()
+        self.start_mono = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", cwd=HERE,
+            start_new_session=True, env=env,
+        )  # fmt: skip
+        self.deadline = time.monotonic() + hard_timeout
+        self.stdout = ""
+        self.lines = []  # (time.monotonic(), line)
+        self.eof = False
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            t = time.monotonic()
+            with self.changed:
+                self.lines.append((t, line.rstrip("\n")))
+                self.changed.notify_all()
+            self.out.write(f"[{t - self.start_mono:7.3f}] {line}")
+            self.out.flush()
+        with self.changed:
+            self.eof = True
+            self.changed.notify_all()
+
+    def first(self, marker):
+        """(time, line) of the first line containing `marker`, or None."""
+        return next(((t, line) for t, line in self.lines if marker in line), None)
+
+    def wait_for(self, marker, timeout):
+        """Until a line contains `marker` (True) or the output ends or `timeout` s pass (False)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.first(marker) is not None or self.eof, timeout)
+            return self.first(marker) is not None
+
+    def wait(self):
+        try:
+            self.proc.wait(timeout=max(0.1, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.killed = True
+        self.reader.join(5)
+        if getattr(self, "killed", False):
+            self.out.write("\n[runner] killed after its hard timeout\n")
+        self.out.close()
+        return self.proc.returncode
+
+    def result(self):
+        return getattr(self, "judged", None)
+
+
+def swc_start(server, room, tag):
+    """Debian's simple-whip-client publishing VP8 + Opus test sources to /whip/{room}, under the
+    libgupnp-igd stand-in (upnp-stub.c: libnice and whip-client would otherwise load libsoup 3
+    and 2.4 together and abort). It runs until SIGTERM, then DELETEs its session."""
+    http = http_base(server.url)
+    token = dev_token(server.url, room, "simple-whip-client", grants="publish")
+    cmd = [
+        WHIP_CLIENT, "--disable-colors", "-u", f"{http}/whip/{urllib.parse.quote(room, safe='')}", "-t", token,
+        "-A", SWC_AUDIO, "-V", SWC_VIDEO,
+    ]  # fmt: skip
+    env = dict(os.environ, LD_LIBRARY_PATH=UPNP_STUB_DIR)
+    return LineProc(tag, cmd, CLIENT_TIMEOUT + 15, env=env)
+
+
+def swc_result(p, rc, server):
+    """Judges a stopped simple-whip-client from its log (it prints no RESULT): a 201 with a
+    `Location` ("Resource URL"), a connected PeerConnection, exit 0 after SIGTERM, and its DELETE
+    seen by the server (whip-client logs no status for it: the server's log must say the session
+    ended with reason "session deleted"). `post_mono`: when it logged "Sending SDP offer"."""
+    why = []
+    post = p.first("Sending SDP offer")
+    resource = p.first("Resource URL:")
+    connected = p.first("PeerConnection connected")
+    r = {"client": "simple-whip-client", "start_mono": p.start_mono}
+    if post:
+        r["post_mono"] = post[0]
+        r["start_to_post_ms"] = round((post[0] - p.start_mono) * 1000)
+    if connected and post:
+        r["connect_ms"] = round((connected[0] - post[0]) * 1000)
+    if rc != 0:
+        why.append(f"exit status {rc}")
+    if not post:
+        why.append("never sent its offer")
+    if not resource:
+        why.append("no Resource URL (no 201 with a Location)")
+    if not connected:
+        why.append("its PeerConnection never connected")
+    if resource:
+        session = resource[1].split("Resource URL:", 1)[1].strip().rsplit("/", 1)[-1]
+        r["session"] = session
+        deadline = time.monotonic() + 3
+        while True:
+            with open(server.log_path) as f:
+                if any(f"session={session}" in line and "reason=session deleted" in line for line in f):
+                    break
+            if time.monotonic() > deadline:
+                why.append(f"the server never logged session {session} as deleted (no DELETE)")
+                break
+            time.sleep(0.05)
+    r["ok"] = not why
+    r["reason"] = "; ".join(why) if why else f"published over WHIP (201, connected {r.get('connect_ms')} ms after the POST, DELETE)"
+    p.judged = r
+    return r
 
 
 def http_base(url):
@@ -302,22 +440,35 @@ def run_gst_offer_without_ssrc(server, room):
     return rc == 0 and bool(r and r.get("ok")), f"pub: {summary(r)}", {}, [p.log_path]
 
 
-def run_whip_publisher(server, sub, room):
-    """GStreamer's webrtcbin publishes over WHIP (no WebSocket: POST, answer, DELETE); a foreign
-    client subscribes over the WebSocket and must decode its media. The WHIP publisher is told
-    to end (SIGTERM → DELETE) once the subscriber is done; it passes with 201, a connection and
-    DELETE 200."""
-    name = "gstreamer-whip"
-    http = server.url.replace("ws://", "http://", 1).rsplit("/rtc", 1)[0]
-    endpoint = f"{http}/whip/{urllib.parse.quote(room, safe='')}"
-    s = Proc(f"{room}-sub-{sub}", client_cmd(sub, server.url, room, f"{sub}-sub", expect_from=name, media_only=True), CLIENT_TIMEOUT + 10)
+def start_whip_publisher(server, pub, room):
+    """A WHIP publisher (`pub`: gstreamer-whip or simple-whip-client) started in `room`, running
+    until SIGTERM; its participant name is `pub`. Returns the process and the log line that says
+    it is connected."""
+    tag = f"{room}-pub-{pub}"
+    if pub == "simple-whip-client":
+        return swc_start(server, room, tag), "PeerConnection connected"
+    endpoint = f"{http_base(server.url)}/whip/{urllib.parse.quote(room, safe='')}"
+    pcmd = client_cmd("gstreamer", server.url, room, pub, until_signal=True) + ["--whip", endpoint]
+    return Proc(tag, pcmd, CLIENT_TIMEOUT + 15), "WHIP publisher connected"
+
+
+def publisher_result(server, p, rc):
+    """A stopped publisher's RESULT (simple-whip-client: judged from its log)."""
+    return swc_result(p, rc, server) if isinstance(p, LineProc) else p.result()
+
+
+def run_whip_publisher(server, pub, sub, room):
+    """A WHIP publisher (`pub`: GStreamer's webrtcbin or simple-whip-client; no WebSocket: POST,
+    answer, DELETE); a foreign client subscribes over the WebSocket and must decode its media.
+    The WHIP publisher is told to end (SIGTERM → DELETE) once the subscriber is done; it passes
+    with 201, a connection and its DELETE."""
+    s = Proc(f"{room}-sub-{sub}", client_cmd(sub, server.url, room, f"{sub}-sub", expect_from=pub, media_only=True), CLIENT_TIMEOUT + 10)
     time.sleep(1.0)
-    pcmd = client_cmd("gstreamer", server.url, room, name, until_signal=True) + ["--whip", endpoint]
-    p = Proc(f"{room}-pub-gstreamer-whip", pcmd, CLIENT_TIMEOUT + 15)
+    p, _ = start_whip_publisher(server, pub, room)
     src = s.wait()
     p.terminate()
     prc = p.wait()
-    sr, pr = s.result(), p.result()
+    sr, pr = s.result(), publisher_result(server, p, prc)
     ok = src == 0 and prc == 0 and bool(sr and sr.get("ok")) and bool(pr and pr.get("ok"))
     extra = {"connect_ms": pr.get("connect_ms")} if pr else {}
     return ok, f"sub: {summary(sr)} | pub: {summary(pr)}", extra, [p.log_path, s.log_path]
@@ -337,42 +488,51 @@ def wait_log(proc, marker, timeout):
 
 
 def run_whep_viewer(server, pub, sub, order, room):
-    """A WHEP viewer (`sub`: gstreamer-whep or aiortc-whep) plays the room; `pub` publishes over
-    WHIP (gstreamer-whip) or the WebSocket, under --until-signal, and is told to end (SIGTERM) once
-    the viewer is done. "whep": the viewer's POST is answered before the publisher starts (it
-    waits for a host); "whep-late": the publisher is up first. The viewer passes with 201,
-    decoded audio and video and DELETE 200."""
+    """A WHEP viewer (`sub`: gstreamer-whep, aiortc-whep, or chromium-watch: the server's /watch
+    page) plays the room; `pub` publishes over WHIP (gstreamer-whip, simple-whip-client) or the
+    WebSocket, until it is told to end (SIGTERM) once the viewer is done. "whep": the viewer's
+    POST is answered before the publisher starts (it waits for a host); "whep-late": the
+    publisher is up first. The viewer passes with 201, decoded audio and video and DELETE 200."""
     http = http_base(server.url)
     qroom = urllib.parse.quote(room, safe="")
     kind = sub.split("-")[0]
-    vcmd = CLIENTS[kind] + [
-        "--url", server.url, "--room", room, "--name", sub, "--timeout", str(CLIENT_TIMEOUT),
-        "--token", dev_token(server.url, room, sub, grants="subscribe"), "--whep", f"{http}/whep/{qroom}",
-    ]  # fmt: skip
+    if sub == "chromium-watch":
+        # the page fetches its own development token (subscribe grant)
+        vcmd = ["node", os.path.join(HERE, "chromium-watch.mjs"), "--page", f"{http}/watch?room={qroom}", "--timeout", str(CLIENT_TIMEOUT)]
+    else:
+        vcmd = CLIENTS[kind] + [
+            "--url", server.url, "--room", room, "--name", sub, "--timeout", str(CLIENT_TIMEOUT),
+            "--token", dev_token(server.url, room, sub, grants="subscribe"), "--whep", f"{http}/whep/{qroom}",
+        ]  # fmt: skip
     if pub == "chromium" and kind == "aiortc":
         vcmd.append("--audio-rtp-ok")  # as chromium -> aiortc: see run_foreign_pair
-    if pub == "gstreamer-whip":
-        pcmd = client_cmd("gstreamer", server.url, room, pub, until_signal=True) + ["--whip", f"{http}/whip/{qroom}"]
-        ready = "WHIP publisher connected"
-    else:
+    whip = pub in ("gstreamer-whip", "simple-whip-client")
+    if not whip:
         pcmd = client_cmd(pub, server.url, room, f"{pub}-pub", publish=True, until_signal=True)
         ready = "track_published"
     hard = CLIENT_TIMEOUT + 15
     why = []
+
+    def start_pub():
+        if whip:
+            return start_whip_publisher(server, pub, room)
+        return Proc(f"{room}-pub-{pub}", pcmd, hard), ready
+
     if order == "whep":
         v = Proc(f"{room}-sub-{sub}", vcmd, hard)
         if not wait_log(v, "WHEP session", 15):
             why.append("the viewer's POST was not answered within 15 s")
-        p = Proc(f"{room}-pub-{pub}", pcmd, hard)
+        p, _ = start_pub()
     else:
-        p = Proc(f"{room}-pub-{pub}", pcmd, hard)
-        if not wait_log(p, ready, 20):
+        p, ready = start_pub()
+        up = p.wait_for(ready, 20) if isinstance(p, LineProc) else wait_log(p, ready, 20)
+        if not up:
             why.append(f"the publisher never logged {ready!r} within 20 s")
         v = Proc(f"{room}-sub-{sub}", vcmd, hard)
     vrc = v.wait()
     p.terminate()
     prc = p.wait()
-    vr, pr = v.result(), p.result()
+    vr, pr = v.result(), publisher_result(server, p, prc)
     ok = vrc == 0 and prc == 0 and bool(vr and vr.get("ok")) and bool(pr and pr.get("ok")) and not why
     extra = {}
     if vr:
@@ -383,9 +543,13 @@ def run_whep_viewer(server, pub, sub, order, room):
             extra["post_to_video_ms"] = round((firsts["video"] - vr["post_mono"]) * 1000)
         if order == "whep" and pr and pr.get("post_mono") and firsts:
             # both clients run on this machine: CLOCK_MONOTONIC is one clock
-            extra["whip_post_to_media_ms"] = round((min(firsts.values()) - pr["post_mono"]) * 1000)
+            if "audio" in firsts:  # chromium-watch stamps its first video frame only
+                extra["whip_post_to_media_ms"] = round((min(firsts.values()) - pr["post_mono"]) * 1000)
             if "video" in firsts:
                 extra["whip_post_to_video_ms"] = round((firsts["video"] - pr["post_mono"]) * 1000)
+            if "start_to_post_ms" in pr:
+                # simple-whip-client: from its process start to its POST (pipeline, offer)
+                extra["whip_start_to_post_ms"] = pr["start_to_post_ms"]
     if pr and sub in pr.get("joined_seen", []):
         # a WHEP viewer is a hidden participant: nobody is told it joined
         ok = False
@@ -424,6 +588,12 @@ def main():
         if not os.access(path, os.X_OK):
             print(f"foreign-tests: FAILED: {path} is missing", file=sys.stderr)
             return 1
+    if any(c[1] == "simple-whip-client" for c in combos):
+        stub = os.path.join(UPNP_STUB_DIR, "libgupnp-igd-1.0.so.4")
+        for path, what in ((WHIP_CLIENT, "apt-get install simple-whip-client"), (stub, "cc ... tests/foreign/upnp-stub.c, see there")):
+            if not os.path.exists(path):
+                print(f"foreign-tests: FAILED: {path} is missing ({what})", file=sys.stderr)
+                return 1
     server = Server(args.host_ip)
     print(f"plaza on {server.url}, media on {args.host_ip}:{server.udp_port}; logs in {ART}", flush=True)
     rows = []
@@ -434,7 +604,7 @@ def main():
             if order == "offer-without-ssrc":
                 ok, detail, extra, logs = run_gst_offer_without_ssrc(server, room)
             elif order == "whip":
-                ok, detail, extra, logs = run_whip_publisher(server, sub, room)
+                ok, detail, extra, logs = run_whip_publisher(server, pub, sub, room)
             elif order in ("whep", "whep-late"):
                 ok, detail, extra, logs = run_whep_viewer(server, pub, sub, order, room)
             elif pub == "webrtc-rs":
