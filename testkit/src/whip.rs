@@ -1,7 +1,7 @@
 //! A WHIP publisher (RFC 9725) made with webrtc-rs, as an ingest client that knows nothing of
 //! Plaza's WebSocket protocol would be: it `POST`s its offer (`application/sdp`, a bearer
-//! token), applies the answer (whose candidates it adds itself: webrtc-rs 0.21 uses only those
-//! given to `add_ice_candidate`), trickles its own candidates with `PATCH`
+//! token), applies the answer (and adds its candidates with `add_ice_candidate` as well; a
+//! viewer behind a relay points both at the relay), trickles its own candidates with `PATCH`
 //! (`application/trickle-ice-sdpfrag`, `If-Match` with the session's ETag), sends the
 //! pre-encoded clips once connected (plain, or VP8 simulcast with three RIDs) and ends with
 //! `DELETE`. Also: [`http`], a raw HTTP/1.1 exchange that keeps the response's headers.
