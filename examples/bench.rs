@@ -27,6 +27,11 @@
 //! count until loss or the forwarded rate gives way; `--server-workers 1,2` and `--server-arg`
 //! change the server's command line. Light-viewer results go to
 //! `<date>-<commit>-light-viewer-<scenario>….{json,md,svg}`.
+//!
+//! `--viewer-protocols ws,whep` (livestream, light viewers) runs every point once per viewer
+//! protocol: WebSocket subscribers, or WHEP viewers (`LightViewer::connect_whep`: `POST
+//! /whep/{room}`, no WebSocket), the same layer for both; the server's CPU per viewer and the
+//! join time (WHEP: `POST` → first packet; WebSocket: connect → first packet) side by side.
 
 // A tool, not the packet path: shares state between tasks, reads the clock and prints its
 // report.
@@ -174,6 +179,18 @@ struct Args {
     /// Extra argument for the server (repeatable), appended to its command line.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
+    /// Livestream with light viewers: run every point once per viewer protocol (`ws`: Plaza's
+    /// WebSocket signaling; `whep`: WHEP playback).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ws")]
+    viewer_protocols: Vec<ViewerProtocol>,
+}
+
+/// How the light viewers join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+enum ViewerProtocol {
+    Ws,
+    Whep,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -311,6 +328,8 @@ struct Point {
     viewer: ViewerKind,
     /// Light-viewer measurements (with `--viewer light`).
     light: Option<LightPoint>,
+    /// How the light viewers joined.
+    protocol: ViewerProtocol,
 }
 
 /// What the light viewers measured over the window.
@@ -368,6 +387,7 @@ impl Point {
             workers: None,
             viewer: ViewerKind::Full,
             light: None,
+            protocol: ViewerProtocol::Ws,
         }
     }
 
@@ -687,9 +707,10 @@ async fn run_plaza(
     n: usize,
     logs: &Path,
     workers: Option<usize>,
+    protocol: ViewerProtocol,
 ) -> Point {
     if args.viewer == ViewerKind::Light && sc != Scenario::Audio {
-        return run_plaza_light(args, sc, n, logs, workers).await;
+        return run_plaza_light(args, sc, n, logs, workers, protocol).await;
     }
     let (pubs, subs, video) = sc.shape(n, args);
     let mut point = Point::empty(sc, "plaza", n, pubs, subs);
@@ -861,16 +882,28 @@ async fn run_plaza_light(
     n: usize,
     logs: &Path,
     workers: Option<usize>,
+    protocol: ViewerProtocol,
 ) -> Point {
     let (pubs, subs, video) = sc.shape(n, args);
     let viewers_n = if sc == Scenario::Meeting { n } else { subs };
     let mut point = Point::empty(sc, "plaza", n, pubs, viewers_n);
     point.workers = workers;
     point.viewer = ViewerKind::Light;
+    point.protocol = protocol;
     let started = Instant::now();
+    if protocol == ViewerProtocol::Whep && sc != Scenario::Livestream {
+        point
+            .failures
+            .push("WHEP viewers play one host: livestream only".into());
+        return point.finish(started);
+    }
+    let proto = match protocol {
+        ViewerProtocol::Ws => "",
+        ViewerProtocol::Whep => "-whep",
+    };
     let log = logs.join(match workers {
-        Some(w) => format!("plaza-light-{}-{n}-w{w}.log", sc.name()),
-        None => format!("plaza-light-{}-{n}.log", sc.name()),
+        Some(w) => format!("plaza-light-{}{proto}-{n}-w{w}.log", sc.name()),
+        None => format!("plaza-light-{}{proto}-{n}.log", sc.name()),
     });
     let server = match start_plaza(args, &log, workers).await {
         Ok(s) => s,
@@ -920,6 +953,13 @@ async fn run_plaza_light(
     let mut viewers: Vec<Arc<LightViewer>> = Vec::new();
     {
         let skips = Arc::new(skips.clone());
+        let http_addr: std::net::SocketAddr = server
+            .url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], args.plaza_port)));
         let connect = |name: String| {
             let (url, room) = (server.url.clone(), room.clone());
             let i: usize = name
@@ -934,7 +974,14 @@ async fn run_plaza_light(
                 skip_participant: skip,
                 ..LightOptions::default()
             };
-            async move { LightViewer::connect(&url, &room, &name, opts).await }
+            async move {
+                match protocol {
+                    ViewerProtocol::Ws => LightViewer::connect(&url, &room, &name, opts).await,
+                    ViewerProtocol::Whep => {
+                        LightViewer::connect_whep(http_addr, &room, &name, opts).await
+                    }
+                }
+            }
         };
         join_peers(&mut point, &mut viewers, viewers_n, "view", args, connect).await;
     }
@@ -1025,6 +1072,17 @@ async fn run_plaza_light(
         0.0
     };
     let ended = viewers.iter().filter(|v| v.ended().is_some()).count();
+    if protocol == ViewerProtocol::Whep {
+        let refused = viewers
+            .iter()
+            .filter(|v| v.layer_status() != Some(204))
+            .count();
+        if refused > 0 {
+            point.failures.push(format!(
+                "{refused} WHEP viewers' layer requests not answered 204"
+            ));
+        }
+    }
     // A viewer that could not join (or was dropped) also means the server gave way: the
     // packets it would have received are missing from both sides of the comparison.
     let knee = w.loss_percent > 1.0
@@ -1335,6 +1393,9 @@ fn server_label(p: &Point) -> String {
     if p.viewer == ViewerKind::Light {
         s.push_str(" (light)");
     }
+    if p.protocol == ViewerProtocol::Whep {
+        s.push_str(" WHEP");
+    }
     s
 }
 
@@ -1345,10 +1406,11 @@ fn light_table(points: &[Point]) -> String {
         return String::new();
     }
     let mut s = String::from(
-        "| server | N | fwd pkt/s | expected pkt/s | server µs/pkt | viewer loss | delivery \
-         | in-core p50 / p99 (µs) | srv CPU wait | gen CPU | gen µs/pkt | viewer rx µs/pkt \
-         | pkts/recvmmsg | layer (viewers) | max gap (ms) | knee |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n",
+        "| server | N | fwd pkt/s | expected pkt/s | server CPU | server µs/pkt | viewer loss \
+         | delivery | in-core p50 / p99 (µs) | srv CPU wait | gen CPU | gen µs/pkt \
+         | viewer rx µs/pkt | pkts/recvmmsg | layer (viewers) | max gap (ms) \
+         | first packet p50 / p99 (ms) | knee |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|\n",
     );
     for p in points {
         let (Some(l), Some(m)) = (&p.light, &p.measured) else {
@@ -1356,12 +1418,13 @@ fn light_table(points: &[Point]) -> String {
         };
         let w = &m.window;
         s.push_str(&format!(
-            "| {}{} | {} | {:.0} | {:.0} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} | {} | {:.1} | {} | {:.0} | {} |\n",
+            "| {}{} | {} | {:.0} | {:.0} | {} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} | {} | {:.1} | {} | {:.0} | {} | {} |\n",
             server_label(p),
             if p.ok { "" } else { " ⚠" },
             p.n,
             w.forwarded_per_s,
             l.expected_per_s,
+            f(w.server_cpu_percent, 1) + "%",
             f(w.server_us_per_packet, 2),
             l.loss_percent,
             l.delivery_percent,
@@ -1378,6 +1441,10 @@ fn light_table(points: &[Point]) -> String {
                 .collect::<Vec<_>>()
                 .join(", "),
             l.max_gap_ms,
+            p.first_media_ms
+                .as_ref()
+                .filter(|j| j.count > 0)
+                .map_or("n/a".into(), |j| format!("{:.0} / {:.0}", j.p50, j.p99)),
             if l.knee { "**knee**" } else { "" },
         ));
     }
@@ -1800,19 +1867,32 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
                     if knee_hit.contains(&workers) {
                         continue;
                     }
-                    println!(
-                        "--- plaza{}, {} = {n}",
-                        workers.map_or(String::new(), |w| format!(" --workers {w}")),
-                        xlabel(sc)
-                    );
-                    let p = run_plaza(&args, sc, n, &logs, workers).await;
-                    report_point(&p);
-                    if knee_mode && p.light.as_ref().is_some_and(|l| l.knee) {
-                        println!("knee reached at {n} viewers");
-                        knee_hit.push(workers);
+                    let protocols =
+                        if args.viewer == ViewerKind::Light && sc == Scenario::Livestream {
+                            args.viewer_protocols.clone()
+                        } else {
+                            vec![ViewerProtocol::Ws]
+                        };
+                    for protocol in protocols {
+                        println!(
+                            "--- plaza{}{}, {} = {n}",
+                            workers.map_or(String::new(), |w| format!(" --workers {w}")),
+                            if protocol == ViewerProtocol::Whep {
+                                " (WHEP viewers)"
+                            } else {
+                                ""
+                            },
+                            xlabel(sc)
+                        );
+                        let p = run_plaza(&args, sc, n, &logs, workers, protocol).await;
+                        report_point(&p);
+                        if knee_mode && p.light.as_ref().is_some_and(|l| l.knee) {
+                            println!("knee reached at {n} viewers");
+                            knee_hit.push(workers);
+                        }
+                        points.push(p);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    points.push(p);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
             if want_janus && let Some(ice) = &ice {

@@ -29,7 +29,10 @@
 //! - [`janus`]: the same synthetic media against Janus's videoroom plugin (benchmark
 //!   comparison).
 //! - [`whip`]: a WHIP publisher (RFC 9725: `POST` an offer, trickle with `PATCH`, `DELETE`),
-//!   plain or simulcast, and a raw HTTP client that keeps the response headers.
+//!   plain or simulcast, and a raw HTTP client that keeps the response headers; the HTTP
+//!   session WHIP and WHEP share.
+//! - [`whep`]: a WHEP viewer (`POST` a `recvonly` offer, receive, layer extension), measured
+//!   like a WebSocket subscriber's tracks, optionally behind a bandwidth bottleneck.
 //! - [`support`]: the integration tests' side: the real server in-process on loopback, raw
 //!   HTTP and WebSocket clients, media-flow waits.
 //!
@@ -71,6 +74,7 @@ pub mod recv;
 pub mod relay;
 pub mod support;
 pub mod token;
+pub mod whep;
 pub mod whip;
 
 pub use peer::{

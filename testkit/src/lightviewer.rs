@@ -27,6 +27,13 @@
 //!
 //! Many viewers in one process: one UDP socket and one tokio task each (signaling, `rtc`
 //! timers, the non-media datagrams), and the shared receive thread for the media.
+//!
+//! **WHEP mode** ([`LightViewer::connect_whep`]): no WebSocket; the viewer `POST`s a `recvonly`
+//! audio + video offer made by `rtc` to `/whep/{room}` (a bearer token), applies the answer,
+//! and asks for [`LightOptions::quality`] through the layer extension (`POST
+//! {session}/layer`); leaving is a `DELETE` of the session. Everything after the answer (ICE,
+//! DTLS, counting) is the same, so the two modes cost the load generator the same per packet
+//! and the server's cost per viewer can be compared.
 
 // The system calls of the receive thread (setsockopt, epoll, recvmmsg, gettid, sysconf) are
 // `unsafe`; each block says why it is sound in its SAFETY comment.
@@ -56,6 +63,8 @@ use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCIceCandidate, RTCIceCandidateInit,
 };
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -160,9 +169,10 @@ pub fn classify(d: &[u8]) -> Datagram {
     }
 }
 
-/// Times of one viewer's join, from opening the WebSocket.
+/// Times of one viewer's join, from opening the WebSocket (WHEP: from sending the `POST`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LightJoin {
+    /// `joined` received (WHEP: the `201`).
     pub joined: Option<Duration>,
     pub connected: Option<Duration>,
     pub first_media: Option<Duration>,
@@ -176,6 +186,8 @@ struct Shared {
     /// Why the task ended, if it did.
     ended: Option<String>,
     subscribe_offers: u64,
+    /// WHEP: the status of the layer request (0: no response).
+    layer_status: Option<u16>,
 }
 
 /// One light viewer (see the module docs). Dropping it stops its task.
@@ -214,6 +226,29 @@ impl LightViewer {
         .await
         .map_err(|_| anyhow!("{name}: WebSocket connect timed out"))?
         .with_context(|| format!("{name}: WebSocket connect"))?;
+        Self::start(Signaling::Ws(Box::new(ws)), room, name, opts, started).await
+    }
+
+    /// Plays `room`'s host over WHEP (`POST http://{http}/whep/{room}`, see the module docs)
+    /// and returns once connected (ICE + DTLS), within `opts.timeout`. Its
+    /// [`participant_id`](Self::participant_id) is the session's URL.
+    pub async fn connect_whep(
+        http: SocketAddr,
+        room: &str,
+        name: &str,
+        opts: LightOptions,
+    ) -> Result<Self> {
+        let started = Instant::now();
+        Self::start(Signaling::Whep(http), room, name, opts, started).await
+    }
+
+    async fn start(
+        signaling: Signaling,
+        room: &str,
+        name: &str,
+        opts: LightOptions,
+        started: Instant,
+    ) -> Result<Self> {
         let sock = StdUdpSocket::bind(SocketAddr::new(opts.bind_ip, 0))?;
         sock.set_nonblocking(true)?;
         set_rcvbuf(&sock, SOCKET_BUFFER);
@@ -243,7 +278,10 @@ impl LightViewer {
         };
         let task_shared = shared.clone();
         let task = tokio::spawn(async move {
-            let why = match run.run(ws, sock, control_rx, ready_tx, stop_rx).await {
+            let why = match run
+                .run(signaling, sock, control_rx, ready_tx, stop_rx)
+                .await
+            {
                 Ok(()) => "left".to_owned(),
                 Err(e) => format!("{e:#}"),
             };
@@ -297,6 +335,11 @@ impl LightViewer {
 
     pub fn subscribe_offers(&self) -> u64 {
         lock(&self.shared).subscribe_offers
+    }
+
+    /// WHEP: the status of the layer request (`None`: none sent or not answered yet).
+    pub fn layer_status(&self) -> Option<u16> {
+        lock(&self.shared).layer_status
     }
 
     /// Waits until `n` SSRCs delivered packets, within `timeout`.
@@ -445,6 +488,12 @@ impl Batch {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// How a viewer signals: Plaza's WebSocket, or WHEP on the server's HTTP address.
+enum Signaling {
+    Ws(Box<Ws>),
+    Whep(SocketAddr),
+}
+
 struct Run {
     name: String,
     room: String,
@@ -468,26 +517,44 @@ struct State {
     participant_id: String,
     connected: bool,
     ready: Option<oneshot::Sender<Result<String>>>,
+    /// WHEP: the session's URL path (`Location`).
+    whep_session: Option<String>,
+}
+
+/// The next WebSocket message; never, without a WebSocket (WHEP).
+async fn next_ws(
+    ws: &mut Option<Box<Ws>>,
+) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+    match ws.as_mut() {
+        Some(ws) => ws.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Run {
     async fn run(
         self,
-        mut ws: Ws,
+        signaling: Signaling,
         sock: Arc<StdUdpSocket>,
         mut control: mpsc::UnboundedReceiver<Control>,
         ready: oneshot::Sender<Result<String>>,
         mut stop: oneshot::Receiver<()>,
     ) -> Result<()> {
-        let join = ClientMessage::Join {
-            room: self.room.clone(),
-            name: self.name.clone(),
-            token: Some(crate::token::participant(&self.room, &self.name)),
-            protocol: None,
-            auto_subscribe: Some(self.opts.auto_subscribe),
+        let (mut ws, whep) = match signaling {
+            Signaling::Ws(ws) => (Some(ws), None),
+            Signaling::Whep(addr) => (None, Some(addr)),
         };
-        ws.send(Message::text(serde_json::to_string(&join)?))
-            .await?;
+        if let Some(ws) = ws.as_mut() {
+            let join = ClientMessage::Join {
+                room: self.room.clone(),
+                name: self.name.clone(),
+                token: Some(crate::token::participant(&self.room, &self.name)),
+                protocol: None,
+                auto_subscribe: Some(self.opts.auto_subscribe),
+            };
+            ws.send(Message::text(serde_json::to_string(&join)?))
+                .await?;
+        }
         let mut st = State {
             pc: None,
             local: sock.local_addr()?,
@@ -497,9 +564,14 @@ impl Run {
             participant_id: String::new(),
             connected: false,
             ready: Some(ready),
+            whep_session: None,
         };
         let far = Duration::from_secs(3600);
         let result: Result<()> = async {
+            if let Some(addr) = whep {
+                // Boxed: the HTTP exchanges would make every viewer task's future large.
+                Box::pin(self.whep_play(&mut st, addr)).await?;
+            }
             loop {
                 self.drain_rtc(&mut st, &sock)?;
                 let deadline = st
@@ -510,10 +582,15 @@ impl Run {
                 tokio::select! {
                     biased;
                     _ = &mut stop => {
-                        let _ = ws
-                            .send(Message::text(serde_json::to_string(&ClientMessage::Leave)?))
-                            .await;
-                        let _ = ws.close(None).await;
+                        if let Some(ws) = ws.as_mut() {
+                            let _ = ws
+                                .send(Message::text(serde_json::to_string(&ClientMessage::Leave)?))
+                                .await;
+                            let _ = (**ws).close(None).await;
+                        }
+                        if let (Some(addr), Some(location)) = (whep, st.whep_session.as_deref()) {
+                            let _ = crate::support::http(addr, "DELETE", location, &[], b"").await;
+                        }
                         return Ok(());
                     }
                     d = control.recv() => {
@@ -533,11 +610,13 @@ impl Run {
                             });
                         }
                     }
-                    msg = ws.next() => {
+                    msg = next_ws(&mut ws) => {
                         let Some(msg) = msg else { bail!("WebSocket closed by the server") };
                         let out = self.on_ws(&mut st, msg?)?;
-                        for m in out {
-                            ws.send(Message::text(serde_json::to_string(&m)?)).await?;
+                        if let Some(ws) = ws.as_mut() {
+                            for m in out {
+                                ws.send(Message::text(serde_json::to_string(&m)?)).await?;
+                            }
                         }
                     }
                     _ = tokio::time::sleep_until(deadline.into()) => {
@@ -691,6 +770,95 @@ impl Run {
         }
     }
 
+    /// WHEP: a `recvonly` audio + video offer `POST`ed to `/whep/{room}`, its answer applied,
+    /// the layer asked for.
+    async fn whep_play(&self, st: &mut State, addr: SocketAddr) -> Result<()> {
+        let now = Instant::now();
+        let mut pc = new_pc(now)?;
+        for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
+            let init = RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Recvonly,
+                ..Default::default()
+            };
+            pc.add_transceiver_from_kind(kind, Some(init))
+                .map_err(|e| anyhow!("add_transceiver_from_kind: {e}"))?;
+        }
+        let offer = pc
+            .create_offer(None)
+            .map_err(|e| anyhow!("create_offer: {e}"))?;
+        pc.set_local_description(now, offer)
+            .map_err(|e| anyhow!("set_local_description: {e}"))?;
+        add_host_candidate(&mut pc, st.local)?;
+        let sdp = pc
+            .local_description()
+            .map(|d| d.sdp)
+            .ok_or_else(|| anyhow!("no local description"))?;
+        let token = format!(
+            "Bearer {}",
+            crate::token::participant(&self.room, &self.name)
+        );
+        let path = format!("/whep/{}", self.room);
+        let r = crate::support::http(
+            addr,
+            "POST",
+            &path,
+            &[
+                ("Content-Type", "application/sdp"),
+                ("Authorization", token.as_str()),
+            ],
+            sdp.as_bytes(),
+        )
+        .await?;
+        if r.status != 201 {
+            bail!("POST {path}: {} {}", r.status, r.body.trim());
+        }
+        lock(&self.shared).join.joined = Some(self.started.elapsed());
+        let location = r
+            .header("location")
+            .ok_or_else(|| anyhow!("201 without Location"))?
+            .to_owned();
+        let answer = RTCSessionDescription::answer(r.body.clone())
+            .map_err(|e| anyhow!("bad answer: {e}"))?;
+        pc.set_remote_description(Instant::now(), answer)
+            .map_err(|e| anyhow!("set_remote_description: {e}"))?;
+        for c in r.body.lines().filter_map(|l| l.trim().strip_prefix("a=")) {
+            if c.starts_with("candidate:") {
+                let _ = pc.add_remote_candidate(RTCIceCandidateInit {
+                    candidate: c.to_owned(),
+                    sdp_mid: Some("0".to_owned()),
+                    sdp_mline_index: Some(0),
+                    ..Default::default()
+                });
+            }
+        }
+        // The layer request goes beside ICE and DTLS (a player would not wait for it either);
+        // its status is kept (`LightViewer::layer_status`).
+        if let Some(q) = self.opts.quality {
+            let body = serde_json::json!({ "quality": q }).to_string();
+            let layer = format!("{location}/layer");
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let status = crate::support::http(
+                    addr,
+                    "POST",
+                    &layer,
+                    &[
+                        ("Content-Type", "application/json"),
+                        ("Authorization", token.as_str()),
+                    ],
+                    body.as_bytes(),
+                )
+                .await
+                .map_or(0, |r| r.status);
+                lock(&shared).layer_status = Some(status);
+            });
+        }
+        st.participant_id = location.clone();
+        st.whep_session = Some(location);
+        st.pc = Some(pc);
+        Ok(())
+    }
+
     /// Applies an offer (creating the connection on the first) and returns the answer's SDP.
     fn answer(&self, st: &mut State, sdp: String) -> Result<String> {
         let now = Instant::now();
@@ -703,25 +871,7 @@ impl Run {
         pc.set_remote_description(now, offer)
             .map_err(|e| anyhow!("set_remote_description: {e}"))?;
         if first {
-            let c = CandidateHostConfig {
-                base_config: CandidateConfig {
-                    network: "udp".to_owned(),
-                    address: st.local.ip().to_string(),
-                    port: st.local.port(),
-                    component: 1,
-                    ..Default::default()
-                },
-                ..Default::default()
-            }
-            .new_candidate_host()
-            .map_err(|e| anyhow!("local candidate: {e}"))?;
-            let init = RTCIceCandidate::from(&c)
-                .to_json()
-                .map_err(|e| anyhow!("local candidate: {e}"))?;
-            pc.add_local_candidate(init)
-                .map_err(|e| anyhow!("add_local_candidate: {e}"))?;
-            pc.add_local_candidate(RTCIceCandidateInit::default())
-                .map_err(|e| anyhow!("end of candidates: {e}"))?;
+            add_host_candidate(pc, st.local)?;
         }
         let answer = pc
             .create_answer(None)
@@ -732,6 +882,30 @@ impl Run {
             .map(|d| d.sdp)
             .ok_or_else(|| anyhow!("no local description"))
     }
+}
+
+/// The viewer socket's address as `pc`'s one local candidate, then the end of candidates.
+fn add_host_candidate(pc: &mut RTCPeerConnection, local: SocketAddr) -> Result<()> {
+    let c = CandidateHostConfig {
+        base_config: CandidateConfig {
+            network: "udp".to_owned(),
+            address: local.ip().to_string(),
+            port: local.port(),
+            component: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .new_candidate_host()
+    .map_err(|e| anyhow!("local candidate: {e}"))?;
+    let init = RTCIceCandidate::from(&c)
+        .to_json()
+        .map_err(|e| anyhow!("local candidate: {e}"))?;
+    pc.add_local_candidate(init)
+        .map_err(|e| anyhow!("add_local_candidate: {e}"))?;
+    pc.add_local_candidate(RTCIceCandidateInit::default())
+        .map_err(|e| anyhow!("end of candidates: {e}"))?;
+    Ok(())
 }
 
 // ───────────────────────────── the receive thread ─────────────────────────────
