@@ -76,12 +76,15 @@ node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)
   || die "node >= 20 is needed (have $(node --version))"
 command -v unshare >/dev/null && command -v ip >/dev/null || die "unshare and ip (util-linux, iproute2) are needed"
 
-# npm ci when a driver is missing or not the version package-lock.json pins.
+# npm ci when a driver, a third-party client (thirdparty.test.js: Eyevinn's WHIP client and
+# WHEP player, and esbuild, which bundles them) is missing or not the version package-lock.json
+# pins, or when esbuild's native binary does not run.
 if ! (cd tests/browser && node -e '
   const lock = require("./package-lock.json").packages;
-  for (const m of ["playwright-core", "puppeteer-core"]) {
+  for (const m of ["playwright-core", "puppeteer-core", "@eyevinn/whip-web-client", "@eyevinn/webrtc-player", "esbuild"]) {
     if (lock[`node_modules/${m}`].version !== require(`./node_modules/${m}/package.json`).version) process.exit(1);
-  }' 2>/dev/null); then
+  }
+  require("esbuild").transformSync("");' 2>/dev/null); then
   step "npm ci (tests/browser)"
   (cd tests/browser && npm ci --no-audit --no-fund) || die "npm ci in tests/browser failed"
 fi
