@@ -152,10 +152,11 @@ async function eyevinnPlay({ endpoint, token }) {
   const player = new window.WebRTCPlayer({ video, type: 'whep', iceServers: [], debug: true });
   window.player = player;
   // The library sends its second argument verbatim as the Authorization header.
+  const loadAt = Date.now();
   await player.load(new URL(endpoint), `Bearer ${token}`);
   const firstFrameAt = await Promise.race([firstFrame, new Promise((r) => setTimeout(() => r(null), 20_000))]);
   const post = window.requests.find((r) => r.method === 'POST' && r.url === endpoint);
-  return { post, firstFrameAt, videoWidth: video.videoWidth, videoHeight: video.videoHeight };
+  return { post, loadAt, firstFrameAt, videoWidth: video.videoWidth, videoHeight: video.videoHeight };
 }
 
 function playerFrames(p) {
@@ -219,7 +220,7 @@ describe('Eyevinn WHIP client and WHEP player (npm) against Plaza', { timeout: 1
     assert.equal(r.post.headers['content-type'], 'application/sdp');
     assert.ok(r.firstFrameAt, `the player's <video> showed no frame in 20 s\n${watcher.logs.join('\n')}`);
     console.log(
-      `# Eyevinn WHEP player: POST → 201 in ${r.post.doneAt - r.post.at} ms, → first video frame ${r.firstFrameAt - r.post.at} ms ` +
+      `# Eyevinn WHEP player: load() → POST ${r.post.at - r.loadAt} ms (offer, ICE gathering), POST → 201 in ${r.post.doneAt - r.post.at} ms, → first video frame ${r.firstFrameAt - r.post.at} ms ` +
         `(${r.videoWidth}x${r.videoHeight})`,
     );
 
