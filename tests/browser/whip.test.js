@@ -8,7 +8,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { startServer, launchParticipant, joinViaUrl, waitFor, waitForMediaFrom, gridNames, loopbackOnly } from './harness.js';
+import { startServer, launchParticipant, joinViaUrl, waitFor, waitForMediaFrom, gridNames, loopbackOnly, decodedWidth } from './harness.js';
 
 let server;
 let origin; // the publisher page's own origin (another port: every WHIP request is cross-origin)
@@ -128,6 +128,28 @@ describe('WHIP from a browser with plain fetch()', { timeout: 180_000 }, () => {
       return null;
     });
     assert.deepEqual(layers, ['f', 'h', 'q']);
+
+    // Each WebSocket subscriber gets the layer it asks for: a second one with quality=low
+    // decodes the 320 wide layer while the first (no cap; the demo sizes its request to its
+    // tile, so 640 or 1280) decodes a wider one at the same time.
+    const low = await participant('viewer-low');
+    await joinViaUrl(low, server.url, room, 'viewer-low', '&grants=subscribe&quality=low');
+    await waitForMediaFrom(low, 'chromium-whip');
+    await waitFor(async () => ((await decodedWidth(low, 'chromium-whip')) === 320 ? true : null), {
+      timeout: 15_000,
+      what: 'the quality=low subscriber to decode the 320 wide layer',
+    });
+    const top = await waitFor(
+      async () => {
+        const w = await decodedWidth(viewer, 'chromium-whip');
+        return w > 320 ? w : null;
+      },
+      { timeout: 20_000, what: 'the uncapped subscriber to decode a layer wider than 320' },
+    );
+    assert.equal(await decodedWidth(low, 'chromium-whip'), 320, 'still on the low layer');
+    console.log(`# WHIP simulcast: the quality=low subscriber decodes 320 wide, the uncapped one ${top}`);
+    await low.close();
+    open.delete(low);
   });
 
   it('an ICE restart over PATCH: Chromium gets the server\'s new credentials and the viewer keeps decoding', async () => {
