@@ -731,3 +731,71 @@ async fn ice_servers_are_link_headers() {
     viewer.close().await;
     server.shutdown().await;
 }
+
+/// The server's limits apply to WHEP like to any join: a full room (503 with `Retry-After`),
+/// the join rate of an address (429), the body size (413); `POST` on a session is 405. None
+/// of them leaves a participant behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_apply_to_whep() {
+    let mut config = support::test_config();
+    config.max_participants_per_room = 1;
+    config.max_joins_per_ip = 0.5;
+    config.join_burst_per_ip = 3;
+    config.max_ws_message = 4096;
+    let server = TestServer::start_with(config).await;
+    let host = support::subscriber(&server, "full", "host").await;
+    let tok = viewer_token("full", "player");
+    let e = WhepViewer::play(server.http_addr, "/whep/full", Some(&tok), whep_opts())
+        .await
+        .err()
+        .expect("a full room refuses");
+    assert!(e.to_string().contains("503"), "{e:#}");
+    // Over the body limit (before the join rate counts it).
+    let big = vec![b'a'; 8192];
+    let auth = format!("Bearer {tok}");
+    let r = http(
+        server.http_addr,
+        "POST",
+        "/whep/full",
+        &[
+            ("Content-Type", "application/sdp"),
+            ("Authorization", &auth),
+        ],
+        &big,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 413, "{}", r.body);
+    // The third join from this address within the burst of 3 is over the rate.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = http(
+            server.http_addr,
+            "POST",
+            "/whep/full",
+            &[("Content-Type", "application/sdp")],
+            b"v=0\r\n",
+        )
+        .await
+        .unwrap();
+        statuses.push(r.status);
+        if r.status == 429 {
+            assert!(r.header("retry-after").is_some(), "429 with Retry-After");
+        }
+    }
+    assert!(statuses.contains(&429), "over the join rate: {statuses:?}");
+    let r = http(
+        server.http_addr,
+        "POST",
+        "/whep/full/sessions/nope",
+        &[("Content-Type", "application/sdp")],
+        b"v=0\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert!(r.header("allow").is_some_and(|a| a.contains("PATCH")));
+    assert_eq!(participants(&server).await, 1, "only the host");
+    host.leave().await.ok();
+    server.shutdown().await;
+}
