@@ -300,11 +300,17 @@ describe('simulcast quality caps (need layer selection in the server)', { timeou
   // paused upstream (dynacast) needs the publisher's bandwidth estimate to ramp up again when
   // it comes back, which tests/browser/bench.js measures; here only the caps' outcome is
   // asserted.
+  // "high": the widest layer the publisher sends (1280, or 640 when Chromium leaves its top
+  // encoding out on a busy machine); "low": the 320 wide one.
+  const widestSent = async () => {
+    const sent = await pub.page.evaluate(() => window.plaza.client.getPublishStats());
+    return Math.max(0, ...sent.filter((l) => l.kind === 'video' && l.active !== false).map((l) => l.frameWidth ?? 0));
+  };
   for (const [quality, width] of [
-    ['high', 1280],
+    ['high', 'the widest layer sent'],
     ['low', 320],
   ]) {
-    it(`with quality=${quality} the received video is ${width} wide`, async () => {
+    it(`with quality=${quality} the received video is ${typeof width === 'number' ? `${width} wide` : width}`, async () => {
       const viewer = await participant(`viewer-${quality}`);
       try {
         await joinViaUrl(viewer, server.url, room, `viewer-${quality}`, `&quality=${quality}`);
@@ -314,15 +320,17 @@ describe('simulcast quality caps (need layer selection in the server)', { timeou
         await waitFor(
           async () => {
             last = await decodedWidth(viewer, 'publisher');
-            return last === width;
+            if (typeof width === 'number') return last === width;
+            const widest = await widestSent();
+            return widest > 320 && last >= widest;
           },
-          { timeout: 45_000, what: `decoded width ${width}` },
+          { timeout: 45_000, what: `decoded width: ${width}` },
         ).catch(async (e) => {
           const sent = await pub.page.evaluate(() => window.plaza.client.getPublishStats());
           const layers = sent.filter((l) => l.kind === 'video').map((l) => `${l.rid}:${l.active ? '' : 'paused,'}${l.frameWidth}w,${l.qualityLimitationReason}`);
           throw new Error(`${e.message}; decoded width was ${last}; publisher sends ${layers.join(' ')}`);
         });
-        console.log(`# quality=${quality}: ${width} wide ${Date.now() - t0} ms after media started`);
+        console.log(`# quality=${quality}: ${last} wide ${Date.now() - t0} ms after media started`);
       } finally {
         await close(viewer);
       }
