@@ -43,6 +43,8 @@ const DEFAULTS = {
   iceRestartDelay: 500, // ms a connection may stay ICE 'disconnected' before its ICE restarts
   iceRestartTimeout: 15_000, // ms an ICE restart of a failed connection may take before rejoining
   socketProbeTimeout: 1000, // ms a ping may go unanswered before an ICE restart resumes on a new socket
+  clockSyncBurst: 5, // pings sent right after `joined` (and a resume) for the server-clock estimate
+  clockSyncInterval: 100, // ms between the pings of that burst
   sizeDebounce: 250, // ms between a video element's resize and the track_settings it causes
   // Simulcast layers keep their sizes under CPU or bandwidth pressure (the frame rate drops
   // instead, and the server switches layers), so a layer's size stays what the server expects.
@@ -156,6 +158,7 @@ function decodeEnvelope(data) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const CLOCK_SAMPLES = 8; // pongs the clock estimate picks its best from (the standard min-filter)
 
 // ---- the client -------------------------------------------------------------------------
 
@@ -186,6 +189,9 @@ export class PlazaClient extends Emitter {
      * 'excellent' | 'good' | 'poor' | 'lost', or null before the first rating. */
     this.connectionQuality = null;
     this._qualities = new Map(); // participant id → {quality, score} (may arrive before the participant)
+    /** The server-clock estimate: {offset, rtt, samples} (ms; offset = server − local wall
+     * clock, of the recent ping with the smallest round trip), or null before the first pong. */
+    this.clock = null;
     /** Remote tracks being received: server track id → RemoteTrack (see CLIENT.md). */
     this.remoteTracks = new Map();
     /** The published local stream (camera + mic), or null. */
@@ -240,6 +246,15 @@ export class PlazaClient extends Emitter {
   }
 
   /** Leave the room for good (no reconnect). Local media keeps running; see `stopLocalMedia`. */
+  /**
+   * Now on the server's wall clock: ms since the Unix epoch (fractional), the local wall clock
+   * (`performance.timeOrigin + performance.now()`) plus the estimated offset (none before the
+   * first pong).
+   */
+  serverNow() {
+    return performance.timeOrigin + performance.now() + (this.clock?.offset ?? 0);
+  }
+
   leave() {
     this._leaving = true;
     clearTimeout(this._reconnectTimer);
@@ -588,6 +603,7 @@ export class PlazaClient extends Emitter {
       received: 0, // server messages received in this participant's session (`joined` is 1)
       resumeToken: null,
       resumeUntil: 0, // performance.now() deadline of the server's grace period
+      clockSamples: [], // recent pongs: {offset, rtt} (ms), oldest first
       wsDown: false, // the WebSocket dropped; the peer connections live on, waiting for a resume
       outbox: [], // messages sent while the WebSocket was down
     };
@@ -706,12 +722,49 @@ export class PlazaClient extends Emitter {
   /** The server message in a WebSocket event (`null` when closed, or not JSON: reported). */
   _received(sess, ev) {
     if (sess.closed) return null;
-    sess.lastMessage = performance.now();
+    const at = performance.now();
+    sess.lastMessage = at;
+    let msg;
     try {
-      return JSON.parse(ev.data);
+      msg = JSON.parse(ev.data);
     } catch {
       this._error('malformed_message', 'server sent a message that is not JSON');
       return null;
+    }
+    // Timed on arrival, not after the messages queued before it have been handled.
+    if (msg?.type === 'pong') this._clockSample(sess, msg, at);
+    return msg;
+  }
+
+  /**
+   * One NTP-style sample from a `pong` that arrived at `at` (performance.now()): the ping left
+   * at `msg.ts` (every ping carries its performance.now()), the server made the pong at
+   * `msg.server_time` (µs since the Unix epoch). Offset = server time − the local wall clock
+   * half-way through the round trip; the estimate is the offset of the recent sample with the
+   * smallest round trip (its error is at most that round trip's half). A pong without
+   * `server_time` (an older server) is not a sample.
+   */
+  _clockSample(sess, msg, at) {
+    if (typeof msg.ts !== 'number' || typeof msg.server_time !== 'number') return;
+    const rtt = at - msg.ts;
+    if (!(rtt >= 0) || rtt > this.options.pingTimeout) return;
+    const offset = msg.server_time / 1000 - (performance.timeOrigin + (msg.ts + at) / 2);
+    const samples = sess.clockSamples;
+    samples.push({ offset, rtt });
+    if (samples.length > CLOCK_SAMPLES) samples.shift();
+    let best = samples[0];
+    for (const s of samples) if (s.rtt < best.rtt) best = s;
+    const prev = this.clock;
+    this.clock = { offset: best.offset, rtt: best.rtt, samples: samples.length };
+    if (!prev || prev.offset !== best.offset || prev.rtt !== best.rtt) this.emit('clock', { ...this.clock });
+  }
+
+  /** A few pings in quick succession, so the clock estimate is good soon after a (re)connect. */
+  _clockBurst(sess) {
+    for (let i = 0; i < this.options.clockSyncBurst; i++) {
+      setTimeout(() => {
+        if (!sess.closed && !sess.wsDown && this._sess === sess) this._sendOn(sess, { type: 'ping', ts: performance.now() });
+      }, i * this.options.clockSyncInterval);
     }
   }
 
@@ -743,6 +796,7 @@ export class PlazaClient extends Emitter {
     sub.onconnectionstatechange = () => this._onPcState(sess, 'subscriber', sub.connectionState);
     sub.oniceconnectionstatechange = () => this._onIceState(sess, 'subscriber', sub.iceConnectionState);
     sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
+    this._clockBurst(sess);
     this._scheduleTurnRefresh(sess);
     const fresh = new Map();
     this.connectionQuality = null;
@@ -1467,6 +1521,7 @@ export class PlazaClient extends Emitter {
     };
     sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
     for (const m of sess.outbox.splice(0)) this._sendOn(sess, m);
+    this._clockBurst(sess);
     this._reconnectAttempt = 0;
     this._setState('connected');
     this.emit('reconnected', { participantId: this.participantId, resumed: true });

@@ -290,9 +290,15 @@ pub enum ServerMessage {
         target: PcTarget,
         candidate: IceCandidate,
     },
+    /// The answer to `ping`: its `ts` echoed, and the server's wall-clock time when the pong
+    /// was made, for the client's clock-sync estimate (offset and round-trip time).
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ts: Option<f64>,
+        /// Microseconds since the Unix epoch on the server's wall clock (`SystemTime`) when the
+        /// pong was made. The RTCP sender reports' NTP time is the same clock, shifted to the
+        /// NTP epoch (NTP = Unix + 2 208 988 800 s).
+        server_time: u64,
     },
     /// The simulcast layer a subscriber receives for a track changed (for a quality indicator).
     LayerChanged {
@@ -446,6 +452,20 @@ impl ServerMessage {
             request: request.map(str::to_owned),
         }
     }
+
+    /// The `pong` for a `ping` carrying `ts`, stamped with the wall-clock time `at`.
+    pub fn pong(ts: Option<f64>, at: std::time::SystemTime) -> Self {
+        ServerMessage::Pong {
+            ts,
+            server_time: unix_micros(at),
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch (0 for a time before it).
+pub fn unix_micros(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// Why a client message could not be decoded.

@@ -342,7 +342,7 @@ mod tests {
             ice_servers[0].credential.as_deref().unwrap(),
             credential(SECRET.as_bytes(), user)
         );
-        let pong = ServerMessage::Pong { ts: None };
+        let pong = ServerMessage::pong(None, std::time::SystemTime::UNIX_EPOCH);
         assert_eq!(
             config().add_to_joined(pong.clone(), "PA_x", SystemTime::now()),
             pong

@@ -485,7 +485,7 @@ async fn message_floods_are_rate_limited_and_the_session_stays_usable() {
             .unwrap();
         loop {
             match ws.recv().await.unwrap() {
-                Received::Msg(ServerMessage::Pong { ts: Some(x) }) if x == ts => break 'ping,
+                Received::Msg(ServerMessage::Pong { ts: Some(x), .. }) if x == ts => break 'ping,
                 Received::Msg(ServerMessage::Error {
                     code: ErrorCode::RateLimited,
                     ..

@@ -353,7 +353,9 @@ mod tests {
         let (tx, mut events) = mpsc::channel(8);
         let mut replay = Replay::default();
         let (_claims_tx, mut claims) = mpsc::channel::<Claim>(1);
-        tx.send(ServerMessage::Pong { ts: None }).await.unwrap();
+        tx.send(ServerMessage::pong(None, std::time::SystemTime::UNIX_EPOCH))
+            .await
+            .unwrap();
         let end = park(
             &mut events,
             &mut replay,

@@ -746,7 +746,7 @@ async fn wait_for_join(
                     }
                 }
             },
-            ClientMessage::Ping { ts } => ServerMessage::Pong { ts },
+            ClientMessage::Ping { ts } => ServerMessage::pong(ts, std::time::SystemTime::now()),
             ClientMessage::Leave => {
                 close(sink, close_code::NORMAL, "left").await;
                 return None;
@@ -919,7 +919,7 @@ async fn read_loop(
         };
         let reply = match check_text(&text, limit) {
             Err(reply) => *reply,
-            Ok(ClientMessage::Ping { ts }) => ServerMessage::Pong { ts },
+            Ok(ClientMessage::Ping { ts }) => ServerMessage::pong(ts, std::time::SystemTime::now()),
             Ok(ClientMessage::Join { .. }) => ServerMessage::error(
                 ErrorCode::InvalidState,
                 "already joined: one session per connection",

@@ -2949,7 +2949,10 @@ impl<T: Transmit> Sfu<T> {
                 width,
                 height,
             } => self.on_track_settings(part, track_id, quality, width, height),
-            ClientMessage::Ping { ts } => self.send_to(part, ServerMessage::Pong { ts }),
+            ClientMessage::Ping { ts } => {
+                let at = self.wall_clock(self.now);
+                self.send_to(part, ServerMessage::pong(ts, at));
+            }
             ClientMessage::Leave => self.remove_participant(part, "left", false),
         }
     }

@@ -831,7 +831,7 @@ mod tests {
             Some(Command::Join { reply, .. }) => {
                 let _ = reply.send(Ok(JoinAccepted {
                     participant_id: "PA_1".into(),
-                    joined: ServerMessage::Pong { ts: None },
+                    joined: ServerMessage::pong(None, std::time::SystemTime::UNIX_EPOCH),
                 }));
             }
             other => panic!("{other:?}"),

@@ -190,7 +190,7 @@ mod tests {
     fn order_is_kept_and_nothing_is_lost_while_the_channel_has_room() {
         let (tx, mut rx) = mpsc::channel(2);
         let mut o = Outbox::new();
-        let pong = |ts| ServerMessage::Pong { ts: Some(ts) };
+        let pong = |ts| ServerMessage::pong(Some(ts), std::time::SystemTime::UNIX_EPOCH);
         for i in 0..10 {
             o.send(&tx, pong(f64::from(i))).unwrap();
         }
@@ -206,7 +206,11 @@ mod tests {
     fn publish_then_unpublish_while_waiting_leaves_nothing() {
         let (tx, mut rx) = mpsc::channel(1);
         let mut o = Outbox::new();
-        o.send(&tx, ServerMessage::Pong { ts: None }).unwrap();
+        o.send(
+            &tx,
+            ServerMessage::pong(None, std::time::SystemTime::UNIX_EPOCH),
+        )
+        .unwrap();
         for i in 0..1000 {
             let t = format!("TR_{i}");
             o.send(&tx, published(&t)).unwrap();
@@ -228,7 +232,11 @@ mod tests {
     fn join_then_leave_while_waiting_leaves_nothing() {
         let (tx, _rx) = mpsc::channel(1);
         let mut o = Outbox::new();
-        o.send(&tx, ServerMessage::Pong { ts: None }).unwrap();
+        o.send(
+            &tx,
+            ServerMessage::pong(None, std::time::SystemTime::UNIX_EPOCH),
+        )
+        .unwrap();
         for i in 0..1000 {
             let id = format!("PA_{i}");
             o.send(
@@ -254,7 +262,10 @@ mod tests {
         let mut o = Outbox::new();
         let mut res = Ok(());
         for _ in 0..=OUTBOX_MAX + 1 {
-            res = o.send(&tx, ServerMessage::Pong { ts: None });
+            res = o.send(
+                &tx,
+                ServerMessage::pong(None, std::time::SystemTime::UNIX_EPOCH),
+            );
             if res.is_err() {
                 break;
             }

@@ -1027,7 +1027,10 @@ mod tests {
                     self.joins.push((req.room, req.peers));
                     let _ = reply.send(Ok(JoinAccepted {
                         participant_id: pid,
-                        joined: crate::signal::ServerMessage::Pong { ts: None },
+                        joined: crate::signal::ServerMessage::pong(
+                            None,
+                            std::time::SystemTime::UNIX_EPOCH,
+                        ),
                     }));
                 }
                 Command::Client { participant, .. } => {

@@ -2724,7 +2724,7 @@ impl Peer {
         self.send(ClientMessage::Ping { ts: Some(ts) }).await?;
         self.wait_for_event_after(
             start,
-            |e| matches!(e, PeerEvent::Server(ServerMessage::Pong { ts: Some(x) }) if *x == ts),
+            |e| matches!(e, PeerEvent::Server(ServerMessage::Pong { ts: Some(x), .. }) if *x == ts),
             self.opts.timeout,
         )
         .await?;

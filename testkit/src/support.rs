@@ -485,7 +485,7 @@ impl RawWs {
         self.send_msg(&ClientMessage::Ping { ts: Some(ts) }).await?;
         self.recv_until(
             "pong",
-            |m| matches!(m, ServerMessage::Pong { ts: Some(x) } if *x == ts),
+            |m| matches!(m, ServerMessage::Pong { ts: Some(x), .. } if *x == ts),
         )
         .await?;
         Ok(())

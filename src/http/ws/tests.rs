@@ -128,7 +128,12 @@ fn assert_error(v: &Value, code: &str) {
 async fn ping_pong(ws: &mut Client) {
     send(ws, r#"{"type":"ping","ts":42.5}"#).await;
     let v = recv(ws).await;
-    assert_eq!(v, serde_json::json!({"type":"pong","ts":42.5}));
+    assert_eq!(v["type"], "pong", "{v}");
+    assert_eq!(v["ts"], 42.5, "{v}");
+    assert!(
+        v["server_time"].as_u64() > Some(1_700_000_000_000_000),
+        "{v}"
+    );
 }
 
 /// A `join` with a development token for `room` (the token names no display name).
