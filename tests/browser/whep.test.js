@@ -123,7 +123,8 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
     assert.equal(s.statusShown, 'playing');
     assert.match(s.layerShown, /^\d+×\d+ · \d+ fps/);
     const { start, post, answer, connected, firstFrame } = s.times;
-    assert.ok(start <= post && answer > post && connected >= answer && firstFrame > post, `times ${JSON.stringify(s.times)}`);
+    // (ICE may connect while the answer is being applied, before `answer` is stamped.)
+    assert.ok(start <= post && answer > post && connected > post && firstFrame > post, `times ${JSON.stringify(s.times)}`);
     console.log(
       `# WHEP join: POST → answer ${ms(answer - post)}, → ICE connected ${ms(connected - post)}, → first decoded frame ${ms(firstFrame - post)} (offer and ICE gathering before the POST: ${ms(post - start)}); decodes ${s.frameWidth}x${s.frameHeight}`,
     );
