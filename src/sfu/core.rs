@@ -3237,19 +3237,7 @@ impl<T: Transmit> Sfu<T> {
             );
             return;
         };
-        let size_given = width.is_some() || height.is_some();
-        let prev = sel.requested();
-        let requested = Requested {
-            // Absent: keep the cap alongside a new size (remove it without one);
-            // `null`: no cap; a value: that cap.
-            max_quality: match quality {
-                Some(q) => q,
-                None if size_given => prev.max_quality,
-                None => None,
-            },
-            width: if size_given { width } else { prev.width },
-            height: if size_given { height } else { prev.height },
-        };
+        let requested = sel.requested().updated(quality, width, height);
         debug!(track = %track_id, ?requested, "track settings");
         sel.set_requested(requested, &infos, now);
         if let Some(l) = sel.wants_keyframe() {

@@ -335,19 +335,9 @@ impl<T: Transmit> Sfu<T> {
         let Some(v) = r.parts.get_mut(&part).and_then(|p| p.viewer.as_mut()) else {
             return;
         };
-        let size_given = width.is_some() || height.is_some();
         let mut keyframes = Vec::new();
         for s in v.sections.iter_mut().filter(|s| s.kind == TrackKind::Video) {
-            let prev = s.requested;
-            s.requested = Requested {
-                max_quality: match quality {
-                    Some(q) => q,
-                    None if size_given => prev.max_quality,
-                    None => None,
-                },
-                width: if size_given { width } else { prev.width },
-                height: if size_given { height } else { prev.height },
-            };
+            s.requested = s.requested.updated(quality, width, height);
             let Some(tid) = &s.playing else { continue };
             let Some(track) = r.tracks.get_mut(tid) else {
                 continue;

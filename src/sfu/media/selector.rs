@@ -192,6 +192,28 @@ pub struct Requested {
 }
 
 impl Requested {
+    /// The request after a `track_settings` (or the WHEP layer extension) on top of this one:
+    /// `quality` absent keeps the cap alongside a new size (and removes it without one),
+    /// `null` removes it, a value sets it; a size given (width or height) replaces both
+    /// dimensions, none keeps them.
+    pub fn updated(
+        self,
+        quality: Option<Option<Quality>>,
+        width: Option<u32>,
+        height: Option<u32>,
+    ) -> Self {
+        let size_given = width.is_some() || height.is_some();
+        Requested {
+            max_quality: match quality {
+                Some(q) => q,
+                None if size_given => self.max_quality,
+                None => None,
+            },
+            width: if size_given { width } else { self.width },
+            height: if size_given { height } else { self.height },
+        }
+    }
+
     /// Whether the rendered size is zero (hidden element): forward nothing.
     pub fn is_paused(&self) -> bool {
         self.width == Some(0) || self.height == Some(0)
@@ -684,6 +706,23 @@ impl BitrateMeter {
 #[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_is_updated_like_track_settings_says() {
+        let r = Requested::default().updated(Some(Some(Quality::Low)), None, None);
+        assert_eq!(r.max_quality, Some(Quality::Low));
+        // A size alone keeps the cap; quality absent without a size removes it.
+        let r = r.updated(None, Some(640), Some(360));
+        assert_eq!(
+            (r.max_quality, r.width, r.height),
+            (Some(Quality::Low), Some(640), Some(360))
+        );
+        let r2 = r.updated(None, None, None);
+        assert_eq!((r2.max_quality, r2.width), (None, Some(640)));
+        // `null` removes the cap and keeps the size.
+        let r3 = r.updated(Some(None), None, None);
+        assert_eq!((r3.max_quality, r3.height), (None, Some(360)));
+    }
 
     const Q: usize = 7;
     const H: usize = 3;
