@@ -311,7 +311,7 @@ impl<T: Transmit> Sfu<T> {
             if let Some(s) = p.viewer.as_mut().and_then(|v| {
                 v.sections
                     .iter_mut()
-                    .find(|s| s.playing == Some(tid.clone()))
+                    .find(|s| s.playing.as_ref() == Some(&tid))
             }) {
                 s.playing = None;
                 s.parked = Some(dt);
