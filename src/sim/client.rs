@@ -364,6 +364,21 @@ pub fn envelope(to: &[&str], payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A client envelope with the timeline's header fields: `sseq` and, if `ack`, `"ack":true`.
+pub fn envelope_seq(to: &[&str], sseq: u64, ack: bool, payload: &[u8]) -> Vec<u8> {
+    let mut h = serde_json::json!({ "sseq": sseq });
+    if !to.is_empty() {
+        h["to"] = serde_json::json!(to);
+    }
+    if ack {
+        h["ack"] = serde_json::json!(true);
+    }
+    let mut v = h.to_string().into_bytes();
+    v.push(b'\n');
+    v.extend_from_slice(payload);
+    v
+}
+
 /// A relayed data-channel message as a receiver sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DataIn {
@@ -374,28 +389,74 @@ pub struct DataIn {
     pub is_text: bool,
     /// `from` of the server's header; `None` if the header is missing or malformed.
     pub from: Option<String>,
+    /// The room timeline's `seq`, `ts` (µs, Unix epoch) and the sender's `sseq`.
+    pub seq: Option<u64>,
+    pub ts: Option<u64>,
+    pub sseq: Option<u64>,
+    /// A room event on the timeline: its name (`participant_joined`, …).
+    pub event: Option<String>,
+    /// Replayed from history.
+    pub replay: bool,
+    /// An input tick batch: its tick number.
+    pub tick: Option<u64>,
+    /// An acknowledgement: the `sseq` it acknowledges (and `dup` for a duplicate).
+    pub ack: Option<u64>,
+    pub dup: bool,
     /// Everything after the first `\n` (the whole message if there is none).
     pub payload: Vec<u8>,
 }
 
 impl DataIn {
     fn parse(d: &RxData) -> Self {
-        let (from, payload) = match d.data.iter().position(|&b| b == b'\n') {
-            Some(nl) => {
-                let from = serde_json::from_slice::<serde_json::Value>(&d.data[..nl])
-                    .ok()
-                    .and_then(|v| v.get("from")?.as_str().map(str::to_owned));
-                (from, d.data[nl + 1..].to_vec())
-            }
+        let (header, payload) = match d.data.iter().position(|&b| b == b'\n') {
+            Some(nl) => (
+                serde_json::from_slice::<serde_json::Value>(&d.data[..nl]).ok(),
+                d.data[nl + 1..].to_vec(),
+            ),
             None => (None, d.data.to_vec()),
         };
+        let h = header.unwrap_or_default();
+        let num = |k: &str| h.get(k).and_then(serde_json::Value::as_u64);
         DataIn {
             at: d.at,
             label: d.label.clone(),
             is_text: d.is_text,
-            from,
+            from: h.get("from").and_then(|v| v.as_str()).map(str::to_owned),
+            seq: num("seq"),
+            ts: num("ts"),
+            sseq: num("sseq"),
+            event: h.get("event").and_then(|v| v.as_str()).map(str::to_owned),
+            replay: h.get("replay").and_then(serde_json::Value::as_bool) == Some(true),
+            tick: num("tick"),
+            ack: num("ack"),
+            dup: h.get("dup").and_then(serde_json::Value::as_bool) == Some(true),
             payload,
         }
+    }
+
+    /// The entries of an input tick batch, each parsed like a relayed message (empty for
+    /// anything else).
+    pub fn tick_entries(&self) -> Vec<DataIn> {
+        let mut out = Vec::new();
+        if self.tick.is_none() {
+            return out;
+        }
+        let mut rest = &self.payload[..];
+        while rest.len() >= 4 {
+            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let Some(entry) = rest.get(4..4 + len) else {
+                break;
+            };
+            let rx = RxData {
+                at: self.at,
+                label: self.label.clone(),
+                is_text: false,
+                data: bytes::Bytes::copy_from_slice(entry),
+            };
+            out.push(DataIn::parse(&rx));
+            rest = &rest[4 + len..];
+        }
+        out
     }
 }
 

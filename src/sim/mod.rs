@@ -53,7 +53,7 @@ pub mod net;
 pub mod peer;
 pub mod server;
 
-pub use client::{Client, DataIn, envelope};
+pub use client::{Client, DataIn, envelope, envelope_seq};
 pub use net::{LinkConfig, LinkStats, Net, Node, NodeId, Output, PipeConfig, PipeStats};
 pub use peer::{
     ChannelInfo, LayerSpec, MediaSpec, Peer, RtcpIn, RxData, RxPacket, RxTrack, Vp8Info,
