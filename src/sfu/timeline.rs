@@ -418,6 +418,50 @@ impl Ticker {
     }
 }
 
+/// Most messages waiting for one channel of a participant to open.
+pub const WAITING_MAX: usize = 256;
+/// Most bytes waiting for one channel of a participant to open.
+pub const WAITING_BYTES: usize = 1 << 20;
+
+/// Messages for a channel that is not open yet, delivered in order when it opens. Past
+/// [`WAITING_MAX`] messages or [`WAITING_BYTES`] the oldest are dropped.
+#[derive(Debug, Clone, Default)]
+pub struct Waiting {
+    queue: VecDeque<(bool, Bytes)>,
+    bytes: usize,
+}
+
+impl Waiting {
+    /// Queue a message (`is_text`); how many older ones were dropped to make room.
+    pub fn push(&mut self, is_text: bool, msg: Bytes) -> usize {
+        self.bytes += msg.len();
+        self.queue.push_back((is_text, msg));
+        let mut dropped = 0;
+        while self.queue.len() > 1 && (self.queue.len() > WAITING_MAX || self.bytes > WAITING_BYTES)
+        {
+            if let Some((_, m)) = self.queue.pop_front() {
+                self.bytes -= m.len();
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Everything waiting, in order.
+    pub fn take(&mut self) -> VecDeque<(bool, Bytes)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.queue)
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
 /// The fields of a server → client header.
 #[derive(Debug, Clone, Copy)]
 pub struct Header<'a> {
@@ -434,8 +478,7 @@ pub struct Header<'a> {
 
 /// Write `s` as a JSON string.
 fn push_str(out: &mut String, s: &str) {
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
         out.push('"');
@@ -576,13 +619,7 @@ mod tests {
             &b[..],
             b"{\"from\":\"PA_a\",\"seq\":7,\"ts\":99,\"sseq\":3,\"replay\":true}\nhi\nthere"
         );
-        let odd = frame(
-            &Header {
-                from: "a\"b",
-                ..h
-            },
-            b"",
-        );
+        let odd = frame(&Header { from: "a\"b", ..h }, b"");
         let line = std::str::from_utf8(&odd[..odd.len() - 1]).unwrap();
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(v["from"], "a\"b");
@@ -648,7 +685,10 @@ mod tests {
         assert_eq!(h.oldest(), 3);
         let (info, got) = h.replay(0, 5, |_| true);
         assert!(!info.complete);
-        assert_eq!(got.iter().map(|e| e.stamp.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(
+            got.iter().map(|e| e.stamp.seq).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
         let (info, got) = h.replay(2, 5, |_| true);
         assert!(info.complete);
         assert_eq!(got.len(), 3);
@@ -660,6 +700,24 @@ mod tests {
         let (info, _) = h.replay(4, 5, |_| true);
         assert!(!info.complete);
         assert!(h.replay(5, 5, |_| true).0.complete);
+    }
+
+    #[test]
+    fn waiting_keeps_the_newest_in_order() {
+        let mut w = Waiting::default();
+        let mut dropped = 0;
+        for i in 0..(WAITING_MAX + 10) {
+            dropped += w.push(true, Bytes::from(i.to_string()));
+        }
+        assert_eq!(dropped, 10);
+        assert_eq!(w.len(), WAITING_MAX);
+        let q = w.take();
+        assert_eq!(q.front().unwrap().1, Bytes::from("10"));
+        assert!(w.is_empty());
+        // Bytes: a big message pushes out what came before, but is kept itself.
+        w.push(false, Bytes::from(vec![0; 10]));
+        assert_eq!(w.push(false, Bytes::from(vec![0; WAITING_BYTES])), 1);
+        assert_eq!(w.len(), 1);
     }
 
     #[test]
