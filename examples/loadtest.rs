@@ -217,6 +217,11 @@ struct Args {
     /// still in flight, milliseconds (the wait ends as soon as all arrived).
     #[arg(long, default_value_t = 10000)]
     settle_ms: u64,
+    /// --timeline: before the traffic, measure the server's CPU with every peer joined and
+    /// silent for this long, milliseconds (0: no idle window), so the report can also give the
+    /// CPU per relayed message above idle.
+    #[arg(long, default_value_t = 2000)]
+    idle_ms: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -2056,6 +2061,24 @@ mod timeline {
         proc: Option<ProcUsage>,
     }
 
+    /// Server CPU seconds between two samples, where they came from, and the `/metrics` figure
+    /// alone.
+    fn server_cpu(a: &ServerSample, b: &ServerSample) -> (Option<f64>, &'static str, Option<f64>) {
+        let proc_cpu = match (&a.proc, &b.proc) {
+            (Some(a), Some(b)) => measure::cpu_delta(a, b),
+            _ => None,
+        };
+        let metrics_cpu = match (a.metrics_cpu_s, b.metrics_cpu_s) {
+            (Some(a), Some(b)) if b >= a => Some(b - a),
+            _ => None,
+        };
+        match (proc_cpu, metrics_cpu) {
+            (Some(c), m) => (Some(c), "/proc/<pid>", m),
+            (None, Some(c)) => (Some(c), "GET /metrics process.cpu_runtime_ns", Some(c)),
+            _ => (None, "none", None),
+        }
+    }
+
     async fn server_sample(metrics_url: Option<&str>, pid: Option<u32>) -> ServerSample {
         let mut s = ServerSample {
             proc: pid.map(ProcUsage::read),
@@ -2439,6 +2462,16 @@ mod timeline {
                 ))
             })
             .collect();
+        let idle = if args.idle_ms > 0 {
+            let a = server_sample(metrics_url.as_deref(), args.server_pid).await;
+            let t0 = Instant::now();
+            // A measurement window (nothing to wait for): the peers keep their sessions alive.
+            tokio::time::sleep(Duration::from_millis(args.idle_ms)).await;
+            let b = server_sample(metrics_url.as_deref(), args.server_pid).await;
+            server_cpu(&a, &b).0.map(|c| c / t0.elapsed().as_secs_f64())
+        } else {
+            None
+        };
         let before = server_sample(metrics_url.as_deref(), args.server_pid).await;
         let generator_before = ProcUsage::read(std::process::id());
         let window_start = Instant::now();
@@ -2516,23 +2549,15 @@ mod timeline {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         };
-        let proc_cpu = match (&before.proc, &after.proc) {
-            (Some(a), Some(b)) => measure::cpu_delta(a, b),
-            _ => None,
-        };
-        let metrics_cpu = match (before.metrics_cpu_s, after.metrics_cpu_s) {
-            (Some(a), Some(b)) if b >= a => Some(b - a),
-            _ => None,
-        };
-        let (server_cpu_s, cpu_source) = match (proc_cpu, metrics_cpu) {
-            (Some(c), _) => (Some(c), "/proc/<pid>"),
-            (None, Some(c)) => (Some(c), "GET /metrics process.cpu_runtime_ns"),
-            _ => (None, "none"),
-        };
+        let (server_cpu_s, cpu_source, metrics_cpu) = server_cpu(&before, &after);
         let per_msg = |c: Option<f64>| {
             c.zip(relayed.filter(|&r| r > 0))
                 .map(|(c, r)| c * 1e6 / r as f64)
         };
+        // Above idle: what the same peers cost the server without traffic, taken off.
+        let above_idle = server_cpu_s
+            .zip(idle)
+            .map(|(c, per_s)| (c - per_s * secs).max(0.0));
         let received_total: u64 = chat.iter().chain(&input).map(|l| l.len() as u64).sum();
         let generator_cpu = measure::cpu_delta(&generator_before, &generator_after);
 
@@ -2679,6 +2704,15 @@ mod timeline {
             opt(per_msg(server_cpu_s), " µs"),
             opt(generator_cpu.map(|c| 100.0 * c / secs), "% of one core"),
         );
+        if let Some(per_s) = idle {
+            println!(
+                "server idle (peers joined, silent, {} ms before the traffic): {:.2}% of one \
+                 core; above idle {} per relayed message",
+                args.idle_ms,
+                100.0 * per_s,
+                opt(per_msg(above_idle), " µs"),
+            );
+        }
         let ok = failures.is_empty();
         if let Some(path) = &args.json {
             let report = json!({
@@ -2702,6 +2736,8 @@ mod timeline {
                     "cpu_source": cpu_source,
                     "cpu_percent": server_cpu_s.map(|c| 100.0 * c / secs),
                     "us_per_relayed_message": per_msg(server_cpu_s),
+                    "idle_cpu_percent": idle.map(|c| 100.0 * c),
+                    "us_per_relayed_message_above_idle": per_msg(above_idle),
                     "metrics_cpu_s": metrics_cpu,
                     "metrics_us_per_relayed_message": per_msg(metrics_cpu),
                     "generator_cpu_percent": generator_cpu.map(|c| 100.0 * c / secs),

@@ -434,8 +434,7 @@ pub struct Header<'a> {
 
 /// Write `s` as a JSON string.
 fn push_str(out: &mut String, s: &str) {
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
         out.push('"');
@@ -576,13 +575,7 @@ mod tests {
             &b[..],
             b"{\"from\":\"PA_a\",\"seq\":7,\"ts\":99,\"sseq\":3,\"replay\":true}\nhi\nthere"
         );
-        let odd = frame(
-            &Header {
-                from: "a\"b",
-                ..h
-            },
-            b"",
-        );
+        let odd = frame(&Header { from: "a\"b", ..h }, b"");
         let line = std::str::from_utf8(&odd[..odd.len() - 1]).unwrap();
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(v["from"], "a\"b");
@@ -648,7 +641,10 @@ mod tests {
         assert_eq!(h.oldest(), 3);
         let (info, got) = h.replay(0, 5, |_| true);
         assert!(!info.complete);
-        assert_eq!(got.iter().map(|e| e.stamp.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(
+            got.iter().map(|e| e.stamp.seq).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
         let (info, got) = h.replay(2, 5, |_| true);
         assert!(info.complete);
         assert_eq!(got.len(), 3);
