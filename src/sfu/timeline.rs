@@ -418,6 +418,50 @@ impl Ticker {
     }
 }
 
+/// Most messages waiting for one channel of a participant to open.
+pub const WAITING_MAX: usize = 256;
+/// Most bytes waiting for one channel of a participant to open.
+pub const WAITING_BYTES: usize = 1 << 20;
+
+/// Messages for a channel that is not open yet, delivered in order when it opens. Past
+/// [`WAITING_MAX`] messages or [`WAITING_BYTES`] the oldest are dropped.
+#[derive(Debug, Clone, Default)]
+pub struct Waiting {
+    queue: VecDeque<(bool, Bytes)>,
+    bytes: usize,
+}
+
+impl Waiting {
+    /// Queue a message (`is_text`); how many older ones were dropped to make room.
+    pub fn push(&mut self, is_text: bool, msg: Bytes) -> usize {
+        self.bytes += msg.len();
+        self.queue.push_back((is_text, msg));
+        let mut dropped = 0;
+        while self.queue.len() > 1 && (self.queue.len() > WAITING_MAX || self.bytes > WAITING_BYTES)
+        {
+            if let Some((_, m)) = self.queue.pop_front() {
+                self.bytes -= m.len();
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Everything waiting, in order.
+    pub fn take(&mut self) -> VecDeque<(bool, Bytes)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.queue)
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
 /// The fields of a server → client header.
 #[derive(Debug, Clone, Copy)]
 pub struct Header<'a> {
@@ -656,6 +700,24 @@ mod tests {
         let (info, _) = h.replay(4, 5, |_| true);
         assert!(!info.complete);
         assert!(h.replay(5, 5, |_| true).0.complete);
+    }
+
+    #[test]
+    fn waiting_keeps_the_newest_in_order() {
+        let mut w = Waiting::default();
+        let mut dropped = 0;
+        for i in 0..(WAITING_MAX + 10) {
+            dropped += w.push(true, Bytes::from(i.to_string()));
+        }
+        assert_eq!(dropped, 10);
+        assert_eq!(w.len(), WAITING_MAX);
+        let q = w.take();
+        assert_eq!(q.front().unwrap().1, Bytes::from("10"));
+        assert!(w.is_empty());
+        // Bytes: a big message pushes out what came before, but is kept itself.
+        w.push(false, Bytes::from(vec![0; 10]));
+        assert_eq!(w.push(false, Bytes::from(vec![0; WAITING_BYTES])), 1);
+        assert_eq!(w.len(), 1);
     }
 
     #[test]
