@@ -2560,6 +2560,18 @@ mod timeline {
             .map(|(c, per_s)| (c - per_s * secs).max(0.0));
         let received_total: u64 = chat.iter().chain(&input).map(|l| l.len() as u64).sum();
         let generator_cpu = measure::cpu_delta(&generator_before, &generator_after);
+        // Time runnable but waiting for a CPU, % of the window: how much the rest of the
+        // machine held the server and this process back (latency then measures the machine).
+        let wait_percent = |a: Option<&ProcUsage>, b: Option<&ProcUsage>| {
+            a.zip(b)
+                .and_then(|(a, b)| measure::wait_delta(a, b))
+                .map(|w| 100.0 * w / secs)
+        };
+        let server_wait = wait_percent(before.proc.as_ref(), after.proc.as_ref());
+        let generator_wait = wait_percent(Some(&generator_before), Some(&generator_after));
+        let loadavg = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok());
 
         // Verdict.
         for (name, r) in &removals {
@@ -2704,6 +2716,13 @@ mod timeline {
             opt(per_msg(server_cpu_s), " µs"),
             opt(generator_cpu.map(|c| 100.0 * c / secs), "% of one core"),
         );
+        println!(
+            "CPU wait (runnable, no CPU free) in % of the window: server {}, generator {}; \
+             1-minute load average {}",
+            opt(server_wait, "%"),
+            opt(generator_wait, "%"),
+            loadavg.map_or("?".to_owned(), |l| format!("{l:.2}")),
+        );
         if let Some(per_s) = idle {
             println!(
                 "server idle (peers joined, silent, {} ms before the traffic): {:.2}% of one \
@@ -2741,6 +2760,9 @@ mod timeline {
                     "metrics_cpu_s": metrics_cpu,
                     "metrics_us_per_relayed_message": per_msg(metrics_cpu),
                     "generator_cpu_percent": generator_cpu.map(|c| 100.0 * c / secs),
+                    "cpu_wait_percent": server_wait,
+                    "generator_cpu_wait_percent": generator_wait,
+                    "load_average_1m": loadavg,
                 },
                 "removed": removals.iter().map(|(name, r)| json!({"peer": name, "reason": r.reason})).collect::<Vec<_>>(),
                 "note": "one-way = receive − send, both on this process's wall clock (one \
