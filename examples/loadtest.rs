@@ -65,7 +65,15 @@
 //!   estimate is the offset of its min-RTT sample, `server_time − (t_send + t_recv) / 2`, and
 //!   the truth on one machine is 0: |offset| p50/p99 and the round trips;
 //! - server CPU per relayed message: the server's CPU time over the window (`/proc/<pid>`
-//!   with `--server-pid`, else its `/metrics` `process`) over its `data_messages_relayed`.
+//!   with `--server-pid`, else its `/metrics` `process`) over its `data_messages_relayed`,
+//!   also above its idle cost (the peers joined and silent for `--idle-ms` before the traffic),
+//!   with the server's and the generator's CPU wait (runnable, no CPU free) and the load
+//!   average: on a busy machine latency measures the machine.
+//!
+//! Exit status is non-zero when a receiver's `chat` is not exactly the agreed order, a message
+//! has no `seq`/`ts`, `input` receivers disagree on a `seq`, the `chat` timeline has a hole, a
+//! `ts` going back or a sender's messages reordered, an echoed `sseq` differs from the sent
+//! one, a peer failed to join, was removed or got a server error, or got no `pong`.
 //!
 //! ```text
 //! cargo run --release --example loadtest -- --timeline --peers 50 --rate 10 --duration 20 \
@@ -201,7 +209,7 @@ struct Args {
     expect_error: Vec<String>,
     /// Measure the room timeline instead (see the top of this file): order agreement, relay
     /// latency per lane, clock-sync error, server CPU per relayed message. Uses --peers,
-    /// --rate, --pings, --settle-ms (not --publishers / --subscribers).
+    /// --rate, --pings, --settle-ms, --idle-ms (not --publishers / --subscribers).
     #[arg(long)]
     timeline: bool,
     /// --timeline: peers in the room (each sends and receives on chat and input).
