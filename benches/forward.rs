@@ -534,7 +534,7 @@ fn bench_udp(c: &mut C) {
         })
         .collect();
     let data = BytesMut::from(&vec![0x5au8; 1100][..]);
-    let latency = LatencyHistogram::new();
+    let latency: [LatencyHistogram; 2] = Default::default();
     let mut latency = latency;
     g.throughput(Throughput::Elements(64));
     g.bench_function("sendmmsg_64", |b| {

@@ -532,6 +532,7 @@ const CLIENT_TYPES: &[&str] = &[
     "mute_chat",
     "track_settings",
     "ping",
+    "history",
     "leave",
     "resume",
 ];

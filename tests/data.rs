@@ -296,3 +296,105 @@ async fn oversize_and_headerless_messages_are_refused_with_an_error() {
     }
     server.shutdown().await;
 }
+
+/// The room timeline over real sockets: every relayed message carries `seq` (one order for
+/// every receiver) and the server's `ts` (between send and receive on this machine's clock);
+/// a late joiner's `history` replays what was said before it came, marked `replay`; the time
+/// relayed messages spent in the server is in `/healthz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeline_stamps_orders_and_replays() {
+    let server = TestServer::start().await;
+    let (ann, ben, cid) = three(&server, "timeline").await;
+    let unix_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
+    let before = unix_us();
+    for i in 0..10 {
+        ann.send_chat(&format!("a{i}"), None).await.unwrap();
+        ben.send_chat(&format!("b{i}"), None).await.unwrap();
+    }
+    let seq_of = |m: &DataMessage| m.header.get("seq").and_then(|v| v.as_u64());
+    for p in [&ann, &ben, &cid] {
+        let want = if p.participant_id() == cid.participant_id() {
+            20
+        } else {
+            10
+        };
+        let n = p
+            .wait_for_message(
+                |_| {
+                    p.messages()
+                        .iter()
+                        .filter(|m| m.channel == Channel::Chat)
+                        .count()
+                        >= want
+                },
+                T,
+            )
+            .await;
+        assert!(n.is_ok(), "{} gets {want}", p.name());
+    }
+    let after = unix_us();
+    let order = |p: &Peer| -> Vec<(u64, String)> {
+        p.messages()
+            .iter()
+            .filter(|m| m.channel == Channel::Chat)
+            .map(|m| (seq_of(m).expect("seq"), m.text().unwrap().to_owned()))
+            .collect()
+    };
+    let c = order(&cid);
+    assert!(c.windows(2).all(|w| w[0].0 < w[1].0), "seq order: {c:?}");
+    // ann and ben each see the other's messages with the seqs cid saw.
+    for p in [&ann, &ben] {
+        for m in order(p) {
+            assert!(c.contains(&m), "{} saw {m:?}, cid did not", p.name());
+        }
+    }
+    for m in cid.messages() {
+        let ts = m.header.get("ts").and_then(|v| v.as_u64()).expect("ts");
+        assert!(before <= ts && ts <= after, "{before} <= {ts} <= {after}");
+    }
+
+    // A late joiner asks for everything kept.
+    let dan = subscriber(&server, "timeline", "dan").await;
+    dan.wait_data_channels(T).await.unwrap();
+    dan.send(plaza::signal::ClientMessage::History { since: 0 })
+        .await
+        .unwrap();
+    let reply = dan
+        .wait_for_server(
+            |m| matches!(m, plaza::signal::ServerMessage::History { .. }),
+            T,
+        )
+        .await
+        .unwrap();
+    let plaza::signal::ServerMessage::History {
+        replayed, complete, ..
+    } = reply
+    else {
+        unreachable!()
+    };
+    assert_eq!((replayed, complete), (20, true));
+    let got = dan
+        .wait_for_message(
+            |_| dan.messages().iter().filter(|m| m.header.contains_key("replay")).count() >= 20,
+            T,
+        )
+        .await;
+    assert!(got.is_ok(), "dan gets the replay: {:?}", dan.messages());
+    let replay: Vec<(u64, String)> = order(&dan);
+    assert_eq!(replay, c, "the same messages, seqs and order as cid saw live");
+
+    let (_, health) = server.healthz().await.unwrap();
+    let lat = &health["data_relay_latency"];
+    assert!(lat["count"].as_u64().unwrap() >= 40, "{lat}");
+    assert!(lat["p50_us"].as_u64().is_some(), "{lat}");
+    for p in [&ann, &ben, &cid, &dan] {
+        assert!(p.server_errors().is_empty(), "{:?}", p.server_errors());
+        p.leave().await.unwrap();
+    }
+    server.shutdown().await;
+}

@@ -233,7 +233,8 @@ pub struct UdpTransmit {
     tcp: TcpConns,
     pipes: Pipes,
     out: OutQueue,
-    latency: LatencyHistogram,
+    /// Media and data-channel latency (see `udp::latency_kind`).
+    latency: [LatencyHistogram; 2],
     sent: u64,
     dropped: u64,
     calls: u64,
@@ -246,7 +247,7 @@ impl UdpTransmit {
             tcp: TcpConns::new(tcp_max),
             pipes,
             out: OutQueue::new(),
-            latency: LatencyHistogram::new(),
+            latency: Default::default(),
             sent: 0,
             dropped: 0,
             calls: 0,
@@ -270,10 +271,11 @@ impl Transmit for UdpTransmit {
         let data = if self.tcp.is_empty() {
             data
         } else {
+            let data_kind = [data.first().copied().unwrap_or(0)];
             match self.tcp.send(to, data) {
                 Ok(()) => {
                     if let Some(origin) = origin {
-                        self.latency
+                        self.latency[udp::latency_kind(&data_kind)]
                             .record(Instant::now().saturating_duration_since(origin), 1);
                     }
                     return;
@@ -291,7 +293,8 @@ impl Transmit for UdpTransmit {
         stats.udp_datagrams_out = self.sent;
         stats.udp_datagrams_out_dropped = self.dropped;
         stats.udp_send_calls = self.calls;
-        stats.forward_latency = self.latency.snapshot();
+        stats.forward_latency = self.latency[0].snapshot();
+        stats.data_relay_latency = self.latency[1].snapshot();
         stats.ice_tcp = self.tcp.stats();
     }
 

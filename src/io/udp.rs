@@ -23,6 +23,12 @@ pub struct SendOutcome {
     pub calls: u64,
 }
 
+/// Which latency a datagram with an origin counts in: 0 media, 1 data channels (a DTLS
+/// record).
+pub fn latency_kind(datagram: &[u8]) -> usize {
+    usize::from(datagram.first() == Some(&crate::sfu::core::DTLS_APPLICATION_DATA))
+}
+
 /// Datagrams waiting to be sent, in order.
 #[derive(Debug, Default)]
 pub struct OutQueue {
@@ -54,14 +60,17 @@ impl OutQueue {
         self.queue.is_empty()
     }
 
-    /// Send everything queued (in order) and empty the queue; record in `latency` how long
-    /// each media datagram's packet spent in the server.
-    pub fn send(&mut self, socket: &UdpSocket, latency: &mut LatencyHistogram) -> SendOutcome {
+    /// Send everything queued (in order) and empty the queue; record how long each media
+    /// datagram's packet spent in the server (`latency[0]`), and each data-channel one's
+    /// message (`latency[1]`: a DTLS record).
+    pub fn send(&mut self, socket: &UdpSocket, latency: &mut [LatencyHistogram; 2]) -> SendOutcome {
         let mut outcome = SendOutcome::default();
         for (chunk, origins) in self.queue.chunks(BATCH).zip(self.origins.chunks(BATCH)) {
             let now = Instant::now();
-            for origin in origins.iter().flatten() {
-                latency.record(now.saturating_duration_since(*origin), 1);
+            for ((data, _), origin) in chunk.iter().zip(origins) {
+                if let Some(origin) = origin {
+                    latency[latency_kind(data)].record(now.saturating_duration_since(*origin), 1);
+                }
             }
             send_chunk(socket, chunk, &mut outcome);
         }
@@ -236,10 +245,12 @@ mod tests {
             );
         }
         assert_eq!(q.len(), n);
-        let mut lat = LatencyHistogram::new();
+        let mut lat: [LatencyHistogram; 2] = Default::default();
         let out = q.send(&tx, &mut lat);
         assert!(q.is_empty());
-        assert_eq!(lat.count(), n.div_ceil(2) as u64);
+        // ("datagram …" starts with 'd': media, not a DTLS record.)
+        assert_eq!(lat[0].count(), n.div_ceil(2) as u64);
+        assert_eq!(lat[1].count(), 0);
         assert_eq!(out.sent, n as u64);
         assert_eq!(out.dropped, 0);
         #[cfg(target_os = "linux")]
@@ -264,7 +275,7 @@ mod tests {
             .unwrap();
         let mut q = OutQueue::new();
         q.push(BytesMut::from(&b"six"[..]), rx.local_addr().unwrap(), None);
-        assert_eq!(q.send(&tx, &mut LatencyHistogram::new()).sent, 1);
+        assert_eq!(q.send(&tx, &mut Default::default()).sent, 1);
         let mut buf = [0u8; 8];
         let k = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..k], b"six");

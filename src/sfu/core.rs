@@ -88,6 +88,8 @@ pub struct CoreConfig {
     pub input_tick_hz: u32,
 }
 
+/// The first byte of a DTLS record of application data (SCTP: data channels).
+pub const DTLS_APPLICATION_DATA: u8 = 23;
 /// A simulcast layer nobody needs for this long is paused at the publisher.
 const DYNACAST_GRACE: Duration = Duration::from_secs(5);
 /// How often layer selection runs (besides on every packet).
@@ -842,9 +844,16 @@ impl<T: Transmit> Sfu<T> {
                 debug!(pc = ?key.kind, %to, "media address: where rtc sends");
                 pc.media_addr = Some(to);
             }
-            let origin = egress::is_rtp(&out.message).then_some(out.now);
+            let origin = if egress::is_rtp(&out.message) {
+                Some(out.now)
+            } else if out.message.first() == Some(&DTLS_APPLICATION_DATA) {
+                pc.data_origin
+            } else {
+                None
+            };
             self.tx.send(out.message, to, origin);
         }
+        pc.data_origin = None;
     }
 
     fn handle_pc_event(&mut self, key: PcKey, ev: RTCPeerConnectionEvent) {
@@ -2124,6 +2133,7 @@ impl<T: Transmit> Sfu<T> {
                 Ok(()) => {
                     delivered += 1;
                     self.stats.data_messages_relayed += 1;
+                    tp.sub.data_origin.get_or_insert(now);
                     self.mark_dirty(PcKey {
                         part: t,
                         kind: PcKind::Subscriber,
@@ -2698,6 +2708,7 @@ impl<T: Transmit> Sfu<T> {
             remote_candidates: 0,
             pending_nomination: None,
             restart_wanted: false,
+            data_origin: None,
         })
     }
 

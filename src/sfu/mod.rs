@@ -345,6 +345,10 @@ pub struct CoreStats {
     /// Time forwarded RTP packets spent in the server: read from the socket → handed to the
     /// kernel, over the process life (subtract two snapshots' buckets for a window).
     pub forward_latency: latency::LatencySnapshot,
+    /// Time relayed data-channel messages spent in the server on the shard that delivered
+    /// them: the turn that took (or received from the room's home) the message → its
+    /// datagram handed to the kernel.
+    pub data_relay_latency: latency::LatencySnapshot,
     /// ICE-TCP connections (filled in by the driver).
     pub ice_tcp: IceTcpStats,
     /// Per shard, in shard order (filled in by [`SfuHandle::stats`]).
@@ -450,6 +454,7 @@ impl CoreStats {
             receiver_reports_sent,
             ice_restarts,
             forward_latency,
+            data_relay_latency,
             ice_tcp,
             shards,
         } = other;
@@ -493,6 +498,7 @@ impl CoreStats {
         self.forward_dropped.merge(forward_dropped);
         self.limits_hit.merge(limits_hit);
         self.forward_latency.merge(forward_latency);
+        self.data_relay_latency.merge(data_relay_latency);
         self.ice_tcp.merge(ice_tcp);
         // Process-wide already, not per shard.
         self.log_lines_suppressed = self.log_lines_suppressed.max(*log_lines_suppressed);

@@ -177,6 +177,10 @@ pub(super) struct Pc {
     /// The client asked for an ICE restart of this (subscriber) connection: the next offer
     /// carries new credentials.
     pub(super) restart_wanted: bool,
+    /// A relayed data-channel message was handed to this connection's channel in this turn,
+    /// taken at this time: the DTLS datagrams it flushes carry it as their origin (the relay
+    /// latency in `/metrics`).
+    pub(super) data_origin: Option<Instant>,
 }
 
 /// At most this many early datagrams are kept per peer connection.
