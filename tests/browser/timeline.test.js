@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { ARTIFACTS, startServer, launchParticipant, launchFirefoxParticipant, joinViaUrl, waitFor, loopbackOnly } from './harness.js';
-import { decodeEnvelope, decodeTickBatch } from '../../signaling/plaza-client.js';
+import { PlazaClient, decodeEnvelope, decodeTickBatch } from '../../signaling/plaza-client.js';
 
 const BURST = 25; // chat messages each page sends at once
 let server;
@@ -87,6 +87,125 @@ describe('wire format (node)', () => {
     assert.deepEqual([got[0].binary, got[0].text, got[0].header.seq], [false, 'hé\nllo', 3]);
     assert.deepEqual([got[1].binary, [...got[1].data], got[1].header.from], [true, [0, 255, 10, 128], 'PA_b']);
     assert.throws(() => decodeTickBatch(batch.data.subarray(0, batch.data.length - 1)), /runs past the end/);
+  });
+});
+
+describe('client timeline logic (node, a fake session)', () => {
+  it('sseq and acks, own messages on the timeline, room events, dedup by seq, history, ticks', async () => {
+    const client = new PlazaClient({ room: 'r', name: 'me', url: 'ws://127.0.0.1:9/rtc', ackTimeout: 5_000 });
+    const sent = [];
+    const wsSent = [];
+    const sess = {
+      joined: true,
+      closed: false,
+      wsDown: false,
+      outbox: [],
+      channels: { chat: { readyState: 'open', send: (m) => sent.push(m) }, input: { readyState: 'open', send: (m) => sent.push(m) } },
+      ws: { readyState: 1, send: (m) => wsSent.push(JSON.parse(m)), close() {} },
+      acks: { chat: new Map(), input: new Map() },
+      tl: { seen: new Set(), lastSeq: 0, duplicates: 0 },
+      historyReqs: [],
+      mids: new Map(),
+    };
+    client._sess = sess;
+    client.participantId = 'PA_me';
+    const events = [];
+    for (const t of ['chat', 'input', 'timeline', 'tick', 'history']) client.on(t, (d) => events.push([t, d]));
+    const rx = (label, text) => client._onData(sess, label, decodeEnvelope(text));
+    const take = (type) => events.splice(0).filter(([t]) => !type || t === type);
+
+    assert.equal(client.sendChat('hi'), 1);
+    assert.deepEqual(JSON.parse(sent[0].split('\n')[0]), { sseq: 1, ack: true }, 'chat asks for an ack (chatAcks)');
+    assert.equal(client.sendInput('x', { to: ['PA_b'] }), 1);
+    assert.deepEqual(JSON.parse(sent[1].split('\n')[0]), { sseq: 1, to: ['PA_b'] });
+    const acked = client.sendChat('hello', { ack: true });
+    assert.deepEqual(JSON.parse(sent[2].split('\n')[0]), { sseq: 2, ack: true });
+    rx('chat', '{"ack":2,"seq":5,"ts":5000}\n');
+    assert.deepEqual(await acked, { sseq: 2, seq: 5, ts: 5000, tick: null, dup: false });
+    rx('chat', '{"from":"PA_b","seq":4,"ts":4000,"sseq":9}\nearlier');
+    rx('chat', '{"from":"server","seq":3,"ts":3000,"event":"participant_joined"}\n{"type":"participant_joined","participant":{"id":"PA_b","name":"b","tracks":[]}}');
+    rx('chat', '{"from":"PA_b","seq":4,"ts":4000,"sseq":9}\nearlier'); // a duplicate seq
+    const ev = take();
+    assert.deepEqual(
+      ev.map(([t, d]) => [t, d.seq, d.mine, d.event]),
+      [
+        ['timeline', 5, true, null],
+        ['chat', 4, false, null],
+        ['timeline', 4, false, null],
+        ['timeline', 3, false, 'participant_joined'],
+      ],
+    );
+    assert.equal(ev[1][1].sseq, 9);
+    assert.equal(ev[3][1].data.participant.name, 'b');
+    assert.deepEqual(client.timeline.map((e) => e.seq), [3, 4, 5]);
+    assert.equal(client.lastSeq, 5);
+
+    const hist = client.history(0);
+    assert.deepEqual(wsSent.at(-1), { type: 'history', since: 0 });
+    rx('chat', '{"from":"PA_c","seq":2,"ts":2000,"replay":true}\nbefore');
+    rx('chat', '{"from":"server","seq":3,"ts":3000,"event":"participant_joined","replay":true}\n{}');
+    await client._onMessage(sess, { type: 'history', since: 0, oldest: 2, latest: 5, replayed: 4, complete: true });
+    rx('chat', '{"from":"PA_b","seq":4,"ts":4000,"replay":true}\nearlier');
+    rx('chat', '{"from":"PA_me","seq":5,"ts":5000,"replay":true}\nhello');
+    const h = await hist;
+    assert.deepEqual(
+      h.messages.map((m) => [m.seq, m.replay, m.duplicate]),
+      [
+        [2, true, false],
+        [3, true, true],
+        [4, true, true],
+        [5, true, true],
+      ],
+    );
+    assert.deepEqual([h.oldest, h.latest, h.complete, h.auto], [2, 5, true, false]);
+    assert.deepEqual(
+      take().map(([t, d]) => [t, d.seq ?? null]),
+      [
+        ['chat', 2],
+        ['timeline', 2],
+        ['history', null],
+      ],
+      'only the new one is delivered',
+    );
+    assert.deepEqual(client.timeline.map((e) => e.seq), [2, 3, 4, 5]);
+
+    // an input tick batch: a tick event with all, input events for the others'
+    const enc = new TextEncoder();
+    const entry = (s) => {
+      const b = enc.encode(s);
+      const len = new Uint8Array(4);
+      new DataView(len.buffer).setUint32(0, b.length);
+      return [...len, ...b];
+    };
+    const batch = new Uint8Array([...enc.encode('{"from":"server","tick":12,"ts":9,"count":2}\n'), ...entry('{"from":"PA_me","seq":7,"ts":8,"text":true}\nmine'), ...entry('{"from":"PA_b","seq":8,"ts":8,"text":true}\ntheirs')]);
+    client._onData(sess, 'input', decodeEnvelope(batch.buffer));
+    const tk = take();
+    assert.deepEqual(
+      tk.map(([t, d]) => [t, d.tick, t === 'tick' ? d.inputs.map((i) => [i.from, i.text, i.mine, i.tick]) : d.text]),
+      [
+        [
+          'tick',
+          12,
+          [
+            ['PA_me', 'mine', true, 12],
+            ['PA_b', 'theirs', false, 12],
+          ],
+        ],
+        ['input', 12, 'theirs'],
+      ],
+    );
+    // an input ack names its tick; a duplicate says so
+    const inAck = client.sendInput('y', { ack: true });
+    rx('input', '{"ack":2,"seq":9,"ts":9,"tick":13}\n');
+    assert.deepEqual(await inAck, { sseq: 2, seq: 9, ts: 9, tick: 13, dup: false });
+    const dupAck = client.sendChat('again', { ack: true });
+    rx('chat', '{"ack":3,"dup":true,"seq":5,"ts":5000}\n');
+    assert.equal((await dupAck).dup, true);
+    assert.equal(take('timeline').length, 0, 'a duplicate is not a new timeline entry');
+    // closing the session rejects what is still awaited
+    const lost = client.sendChat('lost', { ack: true });
+    client._closeSession(sess, 'test over');
+    await assert.rejects(lost, (e) => e.code === 'unavailable');
   });
 });
 
