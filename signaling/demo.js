@@ -286,7 +286,7 @@ async function join(room, name) {
   showGoLive(client.room);
   renderBuzzer();
   // What was said before we came (and the buzzer's rounds): the room's recent timeline.
-  client.history(0).catch((err) => console.warn('plaza: no chat history', err.code, err.message));
+  if (timelineServer(client)) client.history(0).catch((err) => console.warn('plaza: no chat history', err.code, err.message));
 
   const local = tileFor('local', name, true);
   const stream = await media;
