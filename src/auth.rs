@@ -350,6 +350,28 @@ pub struct Claims {
     pub exp: u64,
     /// What the bearer may do, and where.
     pub grants: RoomGrants,
+    /// Settings of the room, applied if this token's join opens it.
+    #[serde(
+        default,
+        rename = "roomConfig",
+        skip_serializing_if = "RoomConfig::is_empty"
+    )]
+    pub room_config: RoomConfig,
+}
+
+/// The `roomConfig` claim: settings of a room, taken from the token whose join opens it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomConfig {
+    /// Input tick rate in Hz (0: off; at most [`crate::sfu::timeline::MAX_TICK_HZ`]);
+    /// absent: the server's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tick_hz: Option<u32>,
+}
+
+impl RoomConfig {
+    pub fn is_empty(&self) -> bool {
+        *self == RoomConfig::default()
+    }
 }
 
 impl Claims {
@@ -365,6 +387,7 @@ impl Claims {
             nbf: Some(now),
             exp: now.saturating_add(ttl.as_secs()),
             grants: RoomGrants::participant(room),
+            room_config: RoomConfig::default(),
         }
     }
 
@@ -468,6 +491,7 @@ pub struct Verified {
     pub room: String,
     pub grants: RoomGrants,
     pub api_key: String,
+    pub room_config: RoomConfig,
 }
 
 /// Checks tokens against the configured keys (or the development key).
@@ -635,6 +659,14 @@ impl Verifier {
         if !claims.name.is_empty() {
             check_text("name", &claims.name)?;
         }
+        if let Some(hz) = claims.room_config.input_tick_hz
+            && hz > crate::sfu::timeline::MAX_TICK_HZ
+        {
+            return Err(TokenError::Malformed(format!(
+                "roomConfig.input_tick_hz is {hz}; at most {} is accepted",
+                crate::sfu::timeline::MAX_TICK_HZ
+            )));
+        }
         Ok(claims)
     }
 }
@@ -647,6 +679,7 @@ impl From<Claims> for Verified {
             room: claims.grants.room.trim().to_owned(),
             api_key: claims.iss,
             grants: claims.grants,
+            room_config: claims.room_config,
         }
     }
 }

@@ -12,6 +12,9 @@
 //! tcp_port = 7882          # ICE-TCP, shard i on tcp_port + i; default: udp_port; "off"
 //! workers = 4               # core shards; default: one per CPU
 //! room_spread_above = 100   # a room this big spreads over the shards (0: never)
+//! history_messages = 1024    # chat messages each room keeps for replay (0: none)
+//! history_max_age = 600      # seconds a kept chat message stays replayable
+//! input_tick_hz = 0          # rooms batch input per tick at this rate (0: off; at most 240)
 //! announce_ip = ["203.0.113.7"]   # or a single string
 //! log_level = "info,plaza=debug"
 //! log_format = "json"
@@ -220,6 +223,10 @@ pub struct Config {
     /// A room with this many participants spreads its later joins over the shards (the least
     /// loaded first); smaller rooms stay on one shard. 0: rooms never spread.
     pub room_spread_above: usize,
+    /// Bounds of each room's `chat` history (`--history-messages`, `--history-max-age`).
+    pub history: crate::sfu::timeline::HistoryLimits,
+    /// Input tick rate of rooms whose opening token sets none (`--input-tick-hz`; 0: off).
+    pub input_tick_hz: u32,
     /// A WebSocket that has not joined within this time is closed.
     pub join_timeout: Duration,
     /// A joined WebSocket that sends no frame for this long is closed (the server pings it).
@@ -271,6 +278,8 @@ impl Default for Config {
             udp_buffer: crate::io::UDP_BUFFER_DEFAULT,
             workers: default_workers(),
             room_spread_above: DEFAULT_ROOM_SPREAD_ABOVE,
+            history: Default::default(),
+            input_tick_hz: 0,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             resume_grace: DEFAULT_RESUME_GRACE,
@@ -411,6 +420,17 @@ struct Args {
     /// [env: PLAZA_ROOM_SPREAD_ABOVE] [default: 100]
     #[arg(long, value_name = "N")]
     room_spread_above: Option<usize>,
+    /// Chat messages (and room events) each room keeps for `history` replays; 0: none
+    /// [env: PLAZA_HISTORY_MESSAGES] [default: 1024]
+    #[arg(long, value_name = "N")]
+    history_messages: Option<usize>,
+    /// Seconds a kept chat message stays replayable [env: PLAZA_HISTORY_MAX_AGE] [default: 600]
+    #[arg(long, value_name = "SECONDS")]
+    history_max_age: Option<f64>,
+    /// Rooms batch their input lane in ticks of this rate, unless the token that opens a
+    /// room sets its own; 0: off, at most 240 [env: PLAZA_INPUT_TICK_HZ] [default: 0]
+    #[arg(long, value_name = "HZ")]
+    input_tick_hz: Option<u32>,
     /// Seconds a WebSocket may take to join [env: PLAZA_JOIN_TIMEOUT] [default: 10]
     #[arg(long, value_name = "SECONDS")]
     join_timeout: Option<f64>,
@@ -630,6 +650,9 @@ struct FileConfig {
     udp_buffer: Option<usize>,
     workers: Option<usize>,
     room_spread_above: Option<usize>,
+    history_messages: Option<usize>,
+    history_max_age: Option<f64>,
+    input_tick_hz: Option<u32>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     resume_grace: Option<f64>,
@@ -677,6 +700,9 @@ struct Layer {
     udp_buffer: Option<usize>,
     workers: Option<usize>,
     room_spread_above: Option<usize>,
+    history_messages: Option<usize>,
+    history_max_age: Option<f64>,
+    input_tick_hz: Option<u32>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     resume_grace: Option<f64>,
@@ -724,6 +750,9 @@ impl Layer {
             udp_buffer: self.udp_buffer.or(lower.udp_buffer),
             workers: self.workers.or(lower.workers),
             room_spread_above: self.room_spread_above.or(lower.room_spread_above),
+            history_messages: self.history_messages.or(lower.history_messages),
+            history_max_age: self.history_max_age.or(lower.history_max_age),
+            input_tick_hz: self.input_tick_hz.or(lower.input_tick_hz),
             join_timeout: self.join_timeout.or(lower.join_timeout),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             resume_grace: self.resume_grace.or(lower.resume_grace),
@@ -774,6 +803,9 @@ impl From<Args> for Layer {
             udp_buffer: a.udp_buffer,
             workers: a.workers,
             room_spread_above: a.room_spread_above,
+            history_messages: a.history_messages,
+            history_max_age: a.history_max_age,
+            input_tick_hz: a.input_tick_hz,
             join_timeout: a.join_timeout,
             idle_timeout: a.idle_timeout,
             resume_grace: a.resume_grace,
@@ -825,6 +857,9 @@ impl From<FileConfig> for Layer {
             udp_buffer: f.udp_buffer,
             workers: f.workers,
             room_spread_above: f.room_spread_above,
+            history_messages: f.history_messages,
+            history_max_age: f.history_max_age,
+            input_tick_hz: f.input_tick_hz,
             join_timeout: f.join_timeout,
             idle_timeout: f.idle_timeout,
             resume_grace: f.resume_grace,
@@ -917,6 +952,9 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             udp_buffer: self.parse("PLAZA_UDP_BUFFER")?,
             workers: self.parse("PLAZA_WORKERS")?,
             room_spread_above: self.parse("PLAZA_ROOM_SPREAD_ABOVE")?,
+            history_messages: self.parse("PLAZA_HISTORY_MESSAGES")?,
+            history_max_age: self.parse("PLAZA_HISTORY_MAX_AGE")?,
+            input_tick_hz: self.parse("PLAZA_INPUT_TICK_HZ")?,
             join_timeout: self.parse("PLAZA_JOIN_TIMEOUT")?,
             idle_timeout: self.parse("PLAZA_IDLE_TIMEOUT")?,
             resume_grace: self.parse("PLAZA_RESUME_GRACE")?,
@@ -1059,6 +1097,12 @@ impl Config {
             udp_buffer: merged.udp_buffer.unwrap_or(d.udp_buffer),
             workers: merged.workers.unwrap_or(d.workers),
             room_spread_above: merged.room_spread_above.unwrap_or(d.room_spread_above),
+            history: crate::sfu::timeline::HistoryLimits {
+                messages: merged.history_messages.unwrap_or(d.history.messages),
+                max_age: seconds("history-max-age", merged.history_max_age, d.history.max_age)?,
+                bytes: d.history.bytes,
+            },
+            input_tick_hz: merged.input_tick_hz.unwrap_or(d.input_tick_hz),
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
             resume_grace: match merged.resume_grace {
@@ -1167,6 +1211,13 @@ impl Config {
             MAX_DATA_MESSAGE,
         )?;
         check_range("udp-buffer", self.udp_buffer, 65_536, 1 << 30)?;
+        check_range(
+            "input-tick-hz",
+            self.input_tick_hz as usize,
+            0,
+            crate::sfu::timeline::MAX_TICK_HZ as usize,
+        )?;
+        check_range("history-messages", self.history.messages, 0, 1 << 20)?;
         if !(1..=MAX_WORKERS).contains(&self.workers) {
             return Err(ConfigError::Invalid {
                 name: "workers",

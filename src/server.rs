@@ -235,6 +235,8 @@ where
             limits: config.core_limits.clone(),
             udp_buffer: config.udp_buffer,
             spread_above: config.room_spread_above,
+            history: config.history,
+            input_tick_hz: config.input_tick_hz,
         },
         sockets,
     )?;

@@ -144,6 +144,10 @@ pub enum ClientMessage {
         /// Subscribe to every track in the room automatically (default true).
         #[serde(default)]
         auto_subscribe: Option<bool>,
+        /// Also receive the room's events on the `chat` channel, on the room timeline
+        /// (default false).
+        #[serde(default)]
+        timeline_events: Option<bool>,
     },
     /// Offer for the publisher peer connection (initial or renegotiation).
     PublishOffer { sdp: String },
@@ -202,6 +206,9 @@ pub enum ClientMessage {
         #[serde(default)]
         ts: Option<f64>,
     },
+    /// Replay the room's `chat` timeline after `since` (on the `chat` channel); answered with
+    /// `history`.
+    History { since: u64 },
     /// Leave the room; the server closes both peer connections and the WebSocket.
     Leave,
     /// First message on a new connection after the previous one dropped: continue as the same
@@ -240,6 +247,9 @@ pub enum ServerMessage {
         /// TURN credentials (`src/turn.rs`). Absent (empty) when the server has none configured.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         ice_servers: Vec<IceServer>,
+        /// The room's input tick rate (0: inputs are relayed one by one).
+        #[serde(default)]
+        input_tick_hz: u32,
     },
     /// Reply to an accepted `resume`; the messages the client missed follow, then the session
     /// goes on. Not counted in `received`.
@@ -248,6 +258,15 @@ pub enum ServerMessage {
         room: String,
         /// How many missed messages follow.
         replayed: u64,
+    },
+    /// Reply to `history`: what part of the asked history is kept, and how many messages are
+    /// replayed on `chat`.
+    History {
+        since: u64,
+        oldest: u64,
+        latest: u64,
+        replayed: u64,
+        complete: bool,
     },
     ParticipantJoined {
         participant: ParticipantInfo,
@@ -568,7 +587,8 @@ mod tests {
                 name: String::new(),
                 token: Some("t".into()),
                 protocol: None,
-                auto_subscribe: None
+                auto_subscribe: None,
+                timeline_events: None,
             }
         );
     }
@@ -583,7 +603,8 @@ mod tests {
                 name: "alice".into(),
                 token: None,
                 protocol: None,
-                auto_subscribe: None
+                auto_subscribe: None,
+                timeline_events: None,
             }
         );
     }

@@ -315,6 +315,7 @@ mod tests {
             resume_token: None,
             resume_grace_ms: None,
             ice_servers: Vec::new(),
+            input_tick_hz: 0,
         };
         let text =
             serde_json::to_string(&none.add_to_joined(joined.clone(), "PA_x", SystemTime::now()))

@@ -44,6 +44,7 @@ async fn refused_with(
         token: token.map(str::to_owned),
         protocol: None,
         auto_subscribe: None,
+        timeline_events: None,
     })
     .await
     .unwrap();
@@ -344,6 +345,7 @@ async fn bad_token_joins(ws: &mut RawWs, n: usize) -> Vec<ErrorCode> {
         token: Some("not-a-token".into()),
         protocol: None,
         auto_subscribe: None,
+        timeline_events: None,
     })
     .unwrap();
     ws.send_burst(std::iter::repeat_n(join, n)).await.unwrap();

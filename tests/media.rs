@@ -514,6 +514,7 @@ mod manual {
                 token: Some(plaza_testkit::token::participant(room, name)),
                 protocol: None,
                 auto_subscribe: Some(false),
+                timeline_events: None,
             })
             .await
             .unwrap();

@@ -132,6 +132,7 @@ async fn raw_join(ws: &mut RawWs, room: &str, name: &str) -> (String, String) {
         token: Some(token),
         protocol: None,
         auto_subscribe: None,
+        timeline_events: None,
     })
     .await
     .unwrap();

@@ -45,6 +45,7 @@ async fn refused(ws: &mut RawWs, room: &str, token: Option<&str>) -> (ErrorCode,
         token: token.map(str::to_owned),
         protocol: None,
         auto_subscribe: None,
+        timeline_events: None,
     })
     .await
     .unwrap();
@@ -161,6 +162,7 @@ async fn every_token_failure_has_its_own_code_and_a_valid_token_joins() {
         token: Some(bob_token),
         protocol: None,
         auto_subscribe: None,
+        timeline_events: None,
     })
     .await
     .unwrap();

@@ -71,6 +71,7 @@ pub(crate) fn spawn() -> (
                                 resume_token: None,
                                 resume_grace_ms: None,
                                 ice_servers: Vec::new(),
+                                input_tick_hz: 0,
                             },
                             participant_id,
                         })

@@ -350,6 +350,8 @@ pub(super) fn session_join<'b>(
         grants: Default::default(),
         publish_only: false,
         view: None,
+        home: None,
+        timeline: Default::default(),
     };
     Ok((req, offer))
 }

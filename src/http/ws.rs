@@ -691,6 +691,7 @@ async fn wait_for_join(
                 protocol,
                 auto_subscribe,
                 token,
+                timeline_events,
             } => match validate_join(
                 &guards.settings.verifier,
                 &guards.counters,
@@ -714,6 +715,11 @@ async fn wait_for_join(
                         grants: admitted.grants,
                         publish_only: false,
                         view: None,
+                        home: None,
+                        timeline: crate::sfu::JoinTimeline {
+                            events: timeline_events.unwrap_or(false),
+                            input_tick_hz: admitted.input_tick_hz,
+                        },
                     };
                     match handle.join(req).await {
                         Ok(accepted) => {
@@ -1211,6 +1217,8 @@ struct Admitted {
     name: String,
     identity: String,
     grants: Grants,
+    /// The token's room setting (`roomConfig.input_tick_hz`).
+    input_tick_hz: Option<u32>,
 }
 
 /// Check a join: its access token first (before anything else: a join without a valid token
@@ -1264,6 +1272,7 @@ fn validate_join(
         name: check("name", name)?,
         identity: verified.identity,
         grants: verified.grants.to_core(),
+        input_tick_hz: verified.room_config.input_tick_hz,
     })
 }
 
@@ -1331,6 +1340,7 @@ fn kind(msg: &ClientMessage) -> &'static str {
         ClientMessage::MuteChat { .. } => "mute_chat",
         ClientMessage::TrackSettings { .. } => "track_settings",
         ClientMessage::Ping { .. } => "ping",
+        ClientMessage::History { .. } => "history",
         ClientMessage::Leave => "leave",
         ClientMessage::Resume { .. } => "resume",
     }

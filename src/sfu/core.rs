@@ -18,14 +18,15 @@ use super::ids::{PartKey, RoomKey, TrackId};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::SwitchWatch;
 use super::outbox::Outbox;
-use super::pipe::{PipeMsg, PipeOut, RelayId, ShardId, layer_bits};
+use super::pipe::{PipeMsg, PipeOut, RelayId, ShardId, Submitted, layer_bits};
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::room::{
     Channel, EARLY_MAX, Layer, Participant, Pc, PcKey, PcKind, PubTrack, Publisher, RemoteMember,
-    Room, Section, Track, Viewer,
+    Room, RoomTimeline, Section, Track, Viewer,
 };
 use super::sdpcheck;
 use super::selector::{LayerSelector, Requested, layer_quality, needed_layers};
+use super::timeline::Lane;
 use super::timers::{Deadline, Periodic, Reason, TimerQueue, soonest};
 use super::vp8;
 use super::{Command, CoreStats, Flow, JoinAccepted, JoinRequest, SfuError, Transmit};
@@ -33,7 +34,7 @@ use crate::signal::{
     ClientMessage, ErrorCode, PROTOCOL_VERSION, ParticipantInfo, PcTarget, Quality, ServerMessage,
     TrackInfo, TrackKind,
 };
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::ice::tcp_type::TcpType;
@@ -62,7 +63,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::sansio::Protocol;
 use rtc::sdp::extmap::TRANSPORT_CC_URI;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, info_span, trace, warn};
@@ -81,6 +82,10 @@ pub struct CoreConfig {
     pub udp_buffer: usize,
     /// A room with this many participants spreads over the shards (0: never).
     pub spread_above: usize,
+    /// Bounds of each room's `chat` history.
+    pub history: super::timeline::HistoryLimits,
+    /// Input tick rate of a room whose opening join's token sets none (0: off).
+    pub input_tick_hz: u32,
 }
 
 /// A simulcast layer nobody needs for this long is paused at the publisher.
@@ -127,6 +132,8 @@ pub struct Sfu<T: Transmit> {
     /// Shards that said hello for a room before it opened here: they are greeted when it
     /// opens.
     early_hellos: HashMap<String, BTreeSet<ShardId>>,
+    /// When rooms' pending input ticks end (this shard being their home).
+    tick_due: BTreeSet<(Instant, RoomKey)>,
     /// Which connection each datagram belongs to.
     demux: Demux<PcKey>,
     /// Datagrams dropped, by reason, and log lines for them (rate-limited).
@@ -292,6 +299,7 @@ macro_rules! part_mut {
 mod ice;
 mod moderation;
 mod quality;
+mod timeline;
 mod viewer;
 
 impl<T: Transmit> Sfu<T> {
@@ -319,6 +327,7 @@ impl<T: Transmit> Sfu<T> {
             relays_out: HashMap::new(),
             next_relay: 0,
             early_hellos: HashMap::new(),
+            tick_due: BTreeSet::new(),
             demux: Demux::new(),
             drops: DropCounters::default(),
             timers: TimerQueue::default(),
@@ -455,6 +464,7 @@ impl<T: Transmit> Sfu<T> {
         if self.quality.timer.fire(now) {
             self.quality_tick(now);
         }
+        self.ticks_due(now);
     }
 
     /// When the core next needs [`Sfu::handle_timeout`], and why.
@@ -479,7 +489,7 @@ impl<T: Transmit> Sfu<T> {
             .connect_timers
             .peek(|k, _| part(k).is_some_and(|p| !p.transport_connected()))
             .map(|(at, _)| Deadline::new(at, Reason::ConnectTimeout));
-        let mut next = soonest(pc, connect);
+        let mut next = soonest(soonest(pc, connect), self.tick_deadline());
         for periodic in [
             &self.select_timer,
             &self.report_timer,
@@ -897,10 +907,14 @@ impl<T: Transmit> Sfu<T> {
             RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id))
                 if key.kind == PcKind::Subscriber =>
             {
-                if let Some(p) = part_mut!(self, key.part) {
-                    if let Some(ch) = p.channels.get(&id) {
-                        p.open_channels.insert(ch.label(), id);
-                    }
+                let opened = part_mut!(self, key.part).and_then(|p| {
+                    let label = p.channels.get(&id)?.label();
+                    p.open_channels.insert(label, id);
+                    Some(label)
+                });
+                if let Some(label) = opened {
+                    let now = self.now;
+                    self.flush_waiting(key.part, label, now);
                 }
             }
             RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id))
@@ -2016,42 +2030,32 @@ impl<T: Transmit> Sfu<T> {
                 return;
             }
         };
-        let framed = data::frame_for_receiver(&p.pid, inbound.payload);
         let from = p.pid.clone();
         let Some(room) = self.rooms.get(&part.room) else {
             return;
         };
-        // Receivers here, and the other shards' share of them (one message per shard).
-        let mut remote: BTreeMap<ShardId, Vec<String>> = BTreeMap::new();
-        let mut error = None;
-        let targets: Vec<PartKey> = if inbound.to.is_empty() {
-            for &peer in &room.peers {
-                remote.insert(peer, Vec::new());
-            }
-            room.members
-                .iter()
-                .copied()
-                .filter(|&m| m != part)
-                .collect()
+        // Named recipients: those in the room (here or on its other shards); the sender is
+        // told of the others.
+        let to = if inbound.to.is_empty() {
+            None
         } else {
-            let mut found = Vec::with_capacity(inbound.to.len());
+            let mut known = Vec::with_capacity(inbound.to.len());
             let mut unknown = Vec::new();
-            for pid in &inbound.to {
-                match self.by_pid.get(pid.as_str()).copied() {
-                    // (The key names the room; the participant must still be in it.)
-                    Some(m) if m.room == part.room && room.parts.contains_key(&m) => {
-                        if m != part {
-                            found.push(m)
-                        }
-                    }
-                    _ => match room.remote.get(pid.as_str()) {
-                        Some(rm) => remote.entry(rm.shard).or_default().push(pid.clone()),
-                        None => unknown.push(pid.clone()),
-                    },
+            for pid in inbound.to {
+                let here = self
+                    .by_pid
+                    .get(pid.as_str())
+                    .is_some_and(|m| m.room == part.room && room.parts.contains_key(m));
+                if pid == from {
+                    continue;
+                } else if here || room.remote.contains_key(pid.as_str()) {
+                    known.push(pid);
+                } else {
+                    unknown.push(pid);
                 }
             }
             if !unknown.is_empty() {
-                error = Some(ServerMessage::error(
+                let m = ServerMessage::error(
                     ErrorCode::NotFound,
                     format!(
                         "{} data-channel message not delivered to unknown participant(s): {}",
@@ -2059,27 +2063,28 @@ impl<T: Transmit> Sfu<T> {
                         unknown.join(", ")
                     ),
                     Some(channel.label()),
-                ));
+                );
+                self.send_to(part, m);
             }
-            found
+            if known.is_empty() {
+                return;
+            }
+            Some(known)
         };
-        for (shard, to) in remote {
-            self.pipe_out.push(
-                shard,
-                PipeMsg::Data {
-                    room: room.name.clone(),
-                    from: from.clone(),
-                    channel: channel.label(),
-                    is_text,
-                    framed: framed.clone(),
-                    to,
-                },
-            );
-        }
-        if let Some(m) = error {
-            self.send_to(part, m);
-        }
-        self.deliver_data(&targets, channel.label(), is_text, &framed, now);
+        let lane = match channel {
+            Channel::Chat => Lane::Chat,
+            Channel::Input => Lane::Input,
+        };
+        let msg = Submitted {
+            lane,
+            from,
+            is_text,
+            payload: Bytes::copy_from_slice(inbound.payload),
+            to,
+            sseq: inbound.sseq,
+            ack: inbound.ack,
+        };
+        self.submit(part.room, msg, now);
     }
 
     /// A framed data-channel message to participants of this shard, on their channel `label`;
@@ -2089,7 +2094,7 @@ impl<T: Transmit> Sfu<T> {
         targets: &[PartKey],
         label: &str,
         is_text: bool,
-        framed: &[u8],
+        framed: &Bytes,
         now: Instant,
     ) -> usize {
         let mut delivered = 0;
@@ -2098,6 +2103,10 @@ impl<T: Transmit> Sfu<T> {
                 continue;
             };
             let Some(&dc_id) = tp.open_channels.get(label) else {
+                // Not open yet: it waits.
+                if self.wait_for_channel(t, label, is_text, framed) {
+                    delivered += 1;
+                }
                 continue;
             };
             let Some(mut dc) = tp.sub.rtc.data_channel(dc_id) else {
@@ -2106,10 +2115,10 @@ impl<T: Transmit> Sfu<T> {
             let res = if is_text {
                 match std::str::from_utf8(framed) {
                     Ok(s) => dc.send_text(now, s.to_owned()),
-                    Err(_) => dc.send(now, BytesMut::from(framed)),
+                    Err(_) => dc.send(now, BytesMut::from(&framed[..])),
                 }
             } else {
-                dc.send(now, BytesMut::from(framed))
+                dc.send(now, BytesMut::from(&framed[..]))
             };
             match res {
                 Ok(()) => {
@@ -2210,26 +2219,47 @@ impl<T: Transmit> Sfu<T> {
                 is_text,
                 framed,
                 to,
-            } => {
-                let Some(&rk) = self.room_keys.get(&room) else {
-                    return;
-                };
-                let Some(r) = self.rooms.get(&rk) else {
-                    return;
-                };
-                let targets: Vec<PartKey> = if to.is_empty() {
-                    r.members.clone()
-                } else {
-                    to.iter()
-                        .filter_map(|pid| self.by_pid.get(pid.as_str()).copied())
-                        .filter(|k| k.room == rk)
-                        .collect()
-                };
-                trace!(from = %sender, n = targets.len(), "data from another shard");
-                let now = self.now;
-                self.deliver_data(&targets, channel, is_text, &framed, now);
+            } => self.on_pipe_data(&room, &sender, channel, is_text, framed, &to),
+            PipeMsg::Submit { room, msg } => {
+                if let Some(&rk) = self.room_keys.get(&room) {
+                    let now = self.now;
+                    self.submit(rk, msg, now);
+                }
             }
-            PipeMsg::Hello { room } => self.on_hello(from, room),
+            PipeMsg::History {
+                room,
+                participant_id,
+                since,
+                events,
+            } => {
+                if let Some(&rk) = self.room_keys.get(&room) {
+                    self.replay(rk, &participant_id, since, events);
+                }
+            }
+            PipeMsg::Tell {
+                room,
+                participant_id,
+                msg,
+            } => {
+                let here = self.room_keys.get(&room).copied();
+                if let Some(&k) = self.by_pid.get(participant_id.as_str())
+                    && Some(k.room) == here
+                {
+                    self.send_to(k, msg);
+                }
+            }
+            PipeMsg::Tick {
+                room,
+                tick,
+                ts,
+                entries,
+            } => {
+                if let Some(&rk) = self.room_keys.get(&room) {
+                    let now = self.now;
+                    self.deliver_tick(rk, tick, ts, &entries, now);
+                }
+            }
+            PipeMsg::Hello { room, to_home } => self.on_hello(from, room, to_home),
             PipeMsg::Bye { room } => self.on_bye(from, &room),
             PipeMsg::Member { room, info } => self.on_remote_member(from, &room, info),
             PipeMsg::MemberLeft {
@@ -2267,7 +2297,26 @@ impl<T: Transmit> Sfu<T> {
 
     /// Shard `from` hosts `room` now: it gets our participants and tracks of the room (or,
     /// if the room is not open here yet, it is greeted when it opens).
-    fn on_hello(&mut self, from: ShardId, room: String) {
+    fn on_hello(&mut self, from: ShardId, room: String, to_home: bool) {
+        if to_home && !self.room_keys.contains_key(&room) {
+            // This shard is the room's home but no longer has it (its participants left
+            // while another shard joined): it holds the room again, for its timeline.
+            self.next_room = self.next_room.wrapping_add(1);
+            let rk = RoomKey(self.next_room);
+            let now = self.now;
+            let tick_hz = self.cfg.input_tick_hz;
+            let mut r = Room::new(
+                room.clone(),
+                now,
+                None,
+                RoomTimeline::new(self.cfg.history, tick_hz, now),
+            );
+            r.peers
+                .extend(self.early_hellos.remove(&room).unwrap_or_default());
+            debug!(room = %room, shard = from, "holding the room for its timeline");
+            self.rooms.insert(rk, r);
+            self.room_keys.insert(room.clone(), rk);
+        }
         let Some(r) = self
             .room_keys
             .get(&room)
@@ -2336,6 +2385,17 @@ impl<T: Transmit> Sfu<T> {
             .collect();
         for pid in gone {
             self.on_remote_member_left(from, room, &pid);
+        }
+        // The home kept the room for the other shards: the last one is gone.
+        if let Some(&rk) = self.room_keys.get(room)
+            && self
+                .rooms
+                .get(&rk)
+                .is_some_and(|r| r.home.is_none() && r.members.is_empty() && r.peers.is_empty())
+        {
+            info!(room = %room, "room closed");
+            self.close_room(rk);
+            self.room_keys.remove(room);
         }
     }
 
@@ -2749,25 +2809,48 @@ impl<T: Transmit> Sfu<T> {
             refused: Vec::new(),
             subscriptions: HashMap::new(),
             limiter: data::RateLimiter::new(self.cfg.limits.data_rate()),
+            timeline_events: req.timeline.events && !req.publish_only && req.view.is_none(),
+            waiting: Default::default(),
             outbox: Outbox::new(),
             selected_at_bps: None,
             egress: None,
             ingress: None,
         };
+        let tick_hz = timeline::tick_rate(req.timeline.input_tick_hz, self.cfg.input_tick_hz);
+        let (history, now) = (self.cfg.history, self.now);
         let r = self.rooms.entry(rk).or_insert_with(|| {
-            info!(room = %room, peers = ?req.peers, "room opened");
-            let mut r = Room::new(room.clone(), self.now);
+            info!(room = %room, peers = ?req.peers, home = ?req.home, "room opened");
+            let mut r = Room::new(
+                room.clone(),
+                now,
+                req.home,
+                RoomTimeline::new(history, tick_hz, now),
+            );
             // The room's other shards (and any that greeted it before it opened here) are
-            // greeted: each answers with its participants and tracks.
+            // greeted: each answers with its participants and tracks. The home is greeted
+            // even when it has no participant of the room any more (it keeps the room).
             r.peers.extend(req.peers.iter().copied());
+            r.peers.extend(req.home);
             r.peers
                 .extend(self.early_hellos.remove(&room).unwrap_or_default());
             for &peer in &r.peers {
-                self.pipe_out
-                    .push(peer, PipeMsg::Hello { room: room.clone() });
+                self.pipe_out.push(
+                    peer,
+                    PipeMsg::Hello {
+                        room: room.clone(),
+                        to_home: Some(peer) == req.home,
+                    },
+                );
             }
             r
         });
+        if r.home != req.home {
+            // The room was forgotten and placed again while this shard still held it.
+            debug!(room = %room, home = ?req.home, "room has a new home");
+            r.home = req.home;
+            r.timeline = RoomTimeline::new(history, tick_hz, now);
+        }
+        let input_tick_hz = r.timeline.ticker.as_ref().map_or(0, |t| t.hz());
         for &peer in r.peers.iter().filter(|_| !hidden) {
             self.pipe_out.push(
                 peer,
@@ -2823,6 +2906,7 @@ impl<T: Transmit> Sfu<T> {
                 resume_token: None,
                 resume_grace_ms: None,
                 ice_servers: Vec::new(),
+                input_tick_hz,
             },
         })
     }
@@ -2953,6 +3037,7 @@ impl<T: Transmit> Sfu<T> {
                 let at = self.wall_clock(self.now);
                 self.send_to(part, ServerMessage::pong(ts, at));
             }
+            ClientMessage::History { since } => self.on_history(part, since),
             ClientMessage::Leave => self.remove_participant(part, "left", false),
         }
     }
@@ -3546,6 +3631,8 @@ impl<T: Transmit> Sfu<T> {
         if self.shutting_down {
             return;
         }
+        // On the room's home, room events go on its timeline too.
+        self.timeline_event(room, &msg);
         // Viewers (WHEP) get no room events: nothing on their side reads them.
         let members: Vec<PartKey> = self
             .rooms
@@ -3607,7 +3694,8 @@ impl<T: Transmit> Sfu<T> {
                 },
             );
         }
-        if room.members.is_empty() {
+        // The room's home keeps it while other shards host it (it sequences its timeline).
+        if room.members.is_empty() && (room.home.is_some() || room.peers.is_empty()) {
             info!(room = %room.name, "room closed");
             let name = room.name.clone();
             self.close_room(part.room);
@@ -3843,6 +3931,8 @@ mod tests {
                 grants: Grants::default(),
                 publish_only,
                 view: None,
+                home: None,
+                timeline: Default::default(),
             };
             let _ = sfu.handle_command(t0, Command::Join { req, reply });
             assert!(matches!(answer.try_recv(), Ok(Ok(_))), "{name} joins");

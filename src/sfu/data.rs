@@ -135,6 +135,10 @@ pub struct Inbound<'a> {
     pub to: Vec<String>,
     /// The payload, to relay byte for byte.
     pub payload: &'a [u8],
+    /// The sender's own sequence number for the message (room timeline).
+    pub sseq: Option<u64>,
+    /// The sender asks for an acknowledgement.
+    pub ack: bool,
 }
 
 impl Inbound<'_> {
@@ -148,7 +152,14 @@ impl Inbound<'_> {
 struct Header {
     #[serde(default)]
     to: Option<Vec<String>>,
+    #[serde(default)]
+    sseq: Option<u64>,
+    #[serde(default)]
+    ack: Option<bool>,
 }
+
+/// Largest `sseq` accepted: what a JavaScript number holds exactly.
+pub const MAX_SSEQ: u64 = (1 << 53) - 1;
 
 /// Parse a message received from a client on `chat` or `input` (text or binary alike).
 /// `max_payload` is the largest payload accepted, in bytes.
@@ -173,12 +184,23 @@ pub fn parse_client(msg: &[u8], max_payload: usize) -> Result<Inbound<'_>, DataE
     }
     let header = header.trim_ascii();
     let mut to = Vec::new();
+    let (mut sseq, mut ack) = (None, false);
     if !header.is_empty() {
         if header.first() != Some(&b'{') {
             return Err(DataError::BadHeader("expected a JSON object".into()));
         }
         let h: Header =
             serde_json::from_slice(header).map_err(|e| DataError::BadHeader(e.to_string()))?;
+        if h.sseq.is_some_and(|s| s > MAX_SSEQ) {
+            return Err(DataError::BadHeader(format!(
+                "`sseq` must be an integer from 0 to {MAX_SSEQ}"
+            )));
+        }
+        sseq = h.sseq;
+        ack = h.ack.unwrap_or(false);
+        if ack && sseq.is_none() {
+            return Err(DataError::BadHeader("`ack` needs an `sseq`".into()));
+        }
         for id in h.to.unwrap_or_default() {
             if !to.contains(&id) {
                 if to.len() == MAX_RECIPIENTS {
@@ -191,7 +213,12 @@ pub fn parse_client(msg: &[u8], max_payload: usize) -> Result<Inbound<'_>, DataE
             }
         }
     }
-    Ok(Inbound { to, payload })
+    Ok(Inbound {
+        to,
+        payload,
+        sseq,
+        ack,
+    })
 }
 
 /// Frame a payload for delivery: `{"from":"<from>"}` + `"\n"` + payload. Build it once per

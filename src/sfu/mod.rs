@@ -38,6 +38,7 @@ pub mod placement;
 pub mod quality;
 pub mod room;
 pub mod sdpcheck;
+pub mod timeline;
 pub mod timers;
 pub mod viewing;
 
@@ -183,6 +184,21 @@ pub struct JoinRequest {
     /// client); it gets no room events. Its media sections are bound to tracks by
     /// [`viewing::assign`].
     pub view: Option<viewing::ViewTarget>,
+    /// The shard that sequences the room's timeline ([`timeline`]); `None`: this one. Filled
+    /// in by the handle from where the room is placed.
+    pub home: Option<pipe::ShardId>,
+    /// What the participant asked of the room timeline, and the room's settings should this
+    /// join open it.
+    pub timeline: JoinTimeline,
+}
+
+/// A join's room-timeline options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JoinTimeline {
+    /// Deliver the room's events on the participant's `chat` channel.
+    pub events: bool,
+    /// The room's input tick rate, if this join opens the room (`None`: the server's).
+    pub input_tick_hz: Option<u32>,
 }
 
 /// What a participant may do, from the grants of its access token. The default allows what
@@ -284,6 +300,12 @@ pub struct CoreStats {
     /// Send system calls made (each sends a batch of datagrams).
     pub udp_send_calls: u64,
     pub data_messages_relayed: u64,
+    /// Data-channel messages stamped on a room timeline here (this shard is their room's
+    /// home), retries dropped as duplicates, and messages for a participant whose channel was
+    /// not open yet dropped because too many were waiting.
+    pub data_messages_sequenced: u64,
+    pub data_duplicates_dropped: u64,
+    pub data_queued_dropped: u64,
     /// Messages handed to other shards hosting the same rooms ([`pipe`]), received from them,
     /// and dropped because the receiving shard's queue was full; media packets among those
     /// handed over.
@@ -403,6 +425,9 @@ impl CoreStats {
             udp_datagrams_out_dropped,
             udp_send_calls,
             data_messages_relayed,
+            data_messages_sequenced,
+            data_duplicates_dropped,
+            data_queued_dropped,
             pipe_msgs_out,
             pipe_msgs_in,
             pipe_msgs_dropped,
@@ -440,6 +465,9 @@ impl CoreStats {
         self.udp_datagrams_out_dropped += udp_datagrams_out_dropped;
         self.udp_send_calls += udp_send_calls;
         self.data_messages_relayed += data_messages_relayed;
+        self.data_messages_sequenced += data_messages_sequenced;
+        self.data_duplicates_dropped += data_duplicates_dropped;
+        self.data_queued_dropped += data_queued_dropped;
         self.pipe_msgs_out += pipe_msgs_out;
         self.pipe_msgs_in += pipe_msgs_in;
         self.pipe_msgs_dropped += pipe_msgs_dropped;
@@ -518,6 +546,11 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// Whether `op` is a `SendData` to everyone.
+fn op_to_is_empty(op: &admin::AdminOp) -> bool {
+    matches!(op, admin::AdminOp::SendData { to, .. } if to.is_empty())
+}
+
 /// Cloneable handle to the core's shards: joins go to the shard of their room
 /// ([`placement::Placement`]), everything a participant sends after to its shard.
 #[derive(Debug, Clone)]
@@ -580,9 +613,10 @@ impl SfuHandle {
         let room = req.room.clone();
         let identity = req.identity.clone();
         // Refused past the per-server caps before anything is held or sent.
-        let placement::Place { shard, peers } =
+        let placement::Place { shard, peers, home } =
             self.placement().reserve(&room, identity.as_deref())?;
         req.peers = peers;
+        req.home = (home != shard).then_some(home);
         // Given back if the join fails, or if this future is dropped before the answer (the
         // session went away mid-join; the core then removes the participant on its own).
         let mut reservation = Reservation {
@@ -650,6 +684,40 @@ impl SfuHandle {
     /// hosting the room it names, or (listing rooms) to every shard; the answers are merged.
     pub async fn admin(&self, op: admin::AdminOp) -> Result<admin::AdminReply, admin::AdminError> {
         use admin::{AdminError, AdminOp, AdminReply, RoomSummary, Target};
+        // Data from the server goes on the room's timeline: to its home, the recipients
+        // named by participant id.
+        if let AdminOp::SendData {
+            room,
+            lane,
+            is_text,
+            payload,
+            to,
+        } = &op
+        {
+            let (home, to) = {
+                let placement = self.placement();
+                let Some(home) = placement.home_of(room) else {
+                    return Err(AdminError::RoomNotFound(room.to_owned()));
+                };
+                let to: Vec<Target> = to
+                    .iter()
+                    .filter_map(|t| placement.locate(room, t))
+                    .map(|(_, pid)| Target::Participant(pid))
+                    .collect();
+                (home, to)
+            };
+            if to.is_empty() && !op_to_is_empty(&op) {
+                return Ok(AdminReply::Done { participants: 0 });
+            }
+            let op = AdminOp::SendData {
+                room: room.clone(),
+                lane: *lane,
+                is_text: *is_text,
+                payload: payload.clone(),
+                to,
+            };
+            return self.admin_on(home, op).await;
+        }
         let shards: Vec<usize> = match (&op, op.room(), op.target()) {
             (_, Some(room), Some(target)) => {
                 let Some((shard, pid)) = self.placement().locate(room, target) else {
@@ -789,6 +857,8 @@ mod tests {
                 grants: Grants::default(),
                 publish_only: false,
                 view: None,
+                home: None,
+                timeline: Default::default(),
             },
             rx,
         )

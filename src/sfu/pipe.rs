@@ -15,8 +15,13 @@
 //!   of those rewrites, encrypts and sends it for its own subscribers, with its own layer
 //!   selection. Keyframe requests ([`PipeMsg::Keyframe`]) and the layers a shard's subscribers
 //!   need ([`PipeMsg::Needed`], for dynacast) flow back.
-//! - **Data.** A data-channel message goes to the shards hosting its receivers
-//!   ([`PipeMsg::Data`]), already framed with the sender's id.
+//! - **Data.** A room has one timeline (`super::timeline`), sequenced on its *home* shard
+//!   (where its first participant went; it keeps the room while any shard hosts it). A
+//!   data-channel message from a participant elsewhere goes to the home
+//!   ([`PipeMsg::Submit`]); the home stamps it and hands it, framed, to the shards hosting
+//!   its receivers ([`PipeMsg::Data`]; input ticks as [`PipeMsg::Tick`]). History requests go
+//!   to the home too ([`PipeMsg::History`]). Since every shard hears of the room's joins,
+//!   leaves and tracks, the home puts those room events on the timeline itself.
 //!
 //! Messages are collected per destination during a turn and handed over once at its end, as
 //! batch per [`Lane`] (a `Vec`). Media ([`Lane::Media`]) goes through a bounded queue per shard
@@ -28,7 +33,8 @@
 //! shard (no shared pointers, no keys of its maps), so the same messages can later be carried
 //! between two Plaza nodes over the network.
 
-use crate::signal::{ConnectionQualityUpdate, ParticipantInfo, TrackInfo};
+use super::timeline::{Audience, Entry};
+use crate::signal::{ConnectionQualityUpdate, ParticipantInfo, ServerMessage, TrackInfo};
 use bytes::Bytes;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
@@ -43,8 +49,10 @@ pub type RelayId = u32;
 /// One message between two shards hosting the same room.
 #[derive(Debug, Clone)]
 pub enum PipeMsg {
-    /// The sender hosts `room` now: tell it about the room.
-    Hello { room: String },
+    /// The sender hosts `room` now: tell it about the room. `to_home`: the receiver is the
+    /// room's home (it keeps the room, even without participants of its own, while another
+    /// shard hosts it).
+    Hello { room: String, to_home: bool },
     /// The sender no longer hosts `room` (its last participant left).
     Bye { room: String },
     /// A participant of `room` on the sender (joined, or already there when a shard said
@@ -91,16 +99,42 @@ pub enum PipeMsg {
         subscribed: bool,
         layers: u64,
     },
-    /// A data-channel message from `from` (a participant on the sender), framed for its
-    /// receivers: every participant of `room` on the receiving shard when `to` is empty, else
-    /// those named.
+    /// (To the room's home.) A data-channel message a participant on the sender sent, checked
+    /// there (grants, envelope, rate): the home stamps it on the room's timeline and sends it
+    /// back out as [`PipeMsg::Data`] (or in a [`PipeMsg::Tick`]).
+    Submit { room: String, msg: Submitted },
+    /// (From the room's home.) A stamped data-channel message, framed for its receivers, on
+    /// channel `channel`: those of `room` on the receiving shard that `to` includes, but
+    /// `from` (see [`Audience::includes`]).
     Data {
         room: String,
         from: String,
         channel: &'static str,
         is_text: bool,
         framed: Bytes,
-        to: Vec<String>,
+        to: Audience,
+    },
+    /// (To the room's home.) Participant `participant_id` (on the sender) asks for the
+    /// room's `chat` history after `since`; `events`: it gets room events.
+    History {
+        room: String,
+        participant_id: String,
+        since: u64,
+        events: bool,
+    },
+    /// A signaling message for participant `participant_id` of `room` on the receiver.
+    Tell {
+        room: String,
+        participant_id: String,
+        msg: ServerMessage,
+    },
+    /// (From the room's home.) Input tick `tick` of `room` ended at `ts`: its entries, which
+    /// the receiver batches for each of its participants.
+    Tick {
+        room: String,
+        tick: u64,
+        ts: u64,
+        entries: Vec<Entry>,
     },
     /// The connection quality of participants of `room` on the sender changed (or, to a
     /// shard that just started hosting the room: what it is).
@@ -108,6 +142,21 @@ pub enum PipeMsg {
         room: String,
         updates: Vec<ConnectionQualityUpdate>,
     },
+}
+
+/// A data-channel message as its sender's shard hands it to the room's home.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub lane: super::timeline::Lane,
+    /// The sender's participant id (or `server`).
+    pub from: String,
+    pub is_text: bool,
+    pub payload: Bytes,
+    /// The recipients it named (`None`: everyone else in the room).
+    pub to: Option<Vec<String>>,
+    /// The sender's `sseq`, and whether it asked for an acknowledgement.
+    pub sseq: Option<u64>,
+    pub ack: bool,
 }
 
 /// Which of a shard's two queues a batch goes through.
@@ -193,6 +242,7 @@ mod tests {
             2,
             PipeMsg::Hello {
                 room: "a".to_owned(),
+                to_home: false,
             },
         );
         out.push(0, PipeMsg::TrackClose { relay: 1 });

@@ -35,6 +35,9 @@ pub struct Placement {
     /// A room with this many participants spreads over the shards (0: never).
     spread_above: usize,
     caps: JoinCaps,
+    /// Room → its home shard: where its first participant went, for as long as the room is
+    /// known here. The home sequences the room's timeline (`super::timeline`).
+    homes: HashMap<String, usize>,
 }
 
 /// Per-server caps on joins (0: unlimited).
@@ -63,6 +66,8 @@ pub struct Place {
     pub shard: usize,
     /// The other shards already hosting the room.
     pub peers: Vec<usize>,
+    /// The room's home shard (see [`Placement`]); `shard` for a new room.
+    pub home: usize,
 }
 
 impl Placement {
@@ -76,6 +81,7 @@ impl Placement {
             identities: HashMap::new(),
             spread_above,
             caps: JoinCaps::default(),
+            homes: HashMap::new(),
         }
     }
 
@@ -166,7 +172,8 @@ impl Placement {
         let peers = (0..n).filter(|&i| i != shard && per_shard[i] > 0).collect();
         per_shard[shard] += 1;
         self.load[shard] += 1;
-        Ok(Place { shard, peers })
+        let home = *self.homes.entry(room.to_owned()).or_insert(shard);
+        Ok(Place { shard, peers, home })
     }
 
     /// The reserved join succeeded: `participant` (`identity`) is on `shard`.
@@ -237,6 +244,11 @@ impl Placement {
             .unwrap_or_default()
     }
 
+    /// The home shard of `room` (where its timeline is sequenced), if the room is known.
+    pub fn home_of(&self, room: &str) -> Option<usize> {
+        self.homes.get(room.trim()).copied()
+    }
+
     fn release(&mut self, room: &str, shard: usize) {
         if let Some(l) = self.load.get_mut(shard) {
             *l = l.saturating_sub(1);
@@ -247,6 +259,7 @@ impl Placement {
             }
             if per_shard.iter().all(|&c| c == 0) {
                 self.rooms.remove(room);
+                self.homes.remove(room);
             }
         }
     }
@@ -280,6 +293,28 @@ mod tests {
         p.joined("PA_4", "c", 1, None);
         assert_eq!(p.shard_of("PA_3"), Some(0));
         assert_eq!(p.shard_of("PA_9"), None);
+    }
+
+    #[test]
+    fn a_room_keeps_its_home_while_it_is_known() {
+        let mut p = Placement::new(2, 1);
+        let first = p.reserve("a", None).unwrap();
+        assert_eq!(first.home, first.shard);
+        p.joined("PA_1", "a", first.shard, None);
+        // Spread: the second join goes to the other shard, with the same home.
+        let second = p.reserve("a", None).unwrap();
+        assert_ne!(second.shard, first.shard);
+        assert_eq!(second.home, first.shard);
+        p.joined("PA_2", "a", second.shard, None);
+        // The home's participant leaves: the room keeps its home while PA_2 is there.
+        p.left("PA_1");
+        assert_eq!(p.home_of("a"), Some(first.shard));
+        let third = p.reserve("a", None).unwrap();
+        assert_eq!(third.home, first.shard);
+        p.joined("PA_3", "a", third.shard, None);
+        p.left("PA_2");
+        p.left("PA_3");
+        assert_eq!(p.home_of("a"), None);
     }
 
     #[test]
@@ -323,7 +358,8 @@ mod tests {
                 place,
                 Place {
                     shard: 0,
-                    peers: vec![]
+                    peers: vec![],
+                    home: 0,
                 }
             );
             p.joined(&format!("PA_{i}"), "live", 0, None);
@@ -334,7 +370,8 @@ mod tests {
             place,
             Place {
                 shard: 1,
-                peers: vec![0]
+                peers: vec![0],
+                home: 0,
             }
         );
         p.joined("PA_3", "live", 1, None);
@@ -490,7 +527,8 @@ mod tests {
             p.reserve("r", Some("alice")),
             Ok(Place {
                 shard: 0,
-                peers: vec![]
+                peers: vec![],
+                home: 0,
             })
         );
         p.joined("PA_3", "r", 0, Some("alice"));

@@ -15,6 +15,7 @@ use super::keyframe::KeyframeThrottle;
 use super::outbox::Outbox;
 use super::pipe::{RelayId, ShardId};
 use super::selector::{BitrateMeter, LayerInfo, Requested};
+use super::timeline::{Dedup, History, HistoryLimits, Sequencer, Ticker, Waiting};
 use super::timers::Deadline;
 use super::viewing::ViewTarget;
 use crate::signal::{ParticipantInfo, Permissions, ServerMessage, TrackInfo, TrackKind};
@@ -48,6 +49,32 @@ pub(super) struct Room {
     pub(super) remote: BTreeMap<String, RemoteMember>,
     /// When the room opened here.
     pub(super) created: Instant,
+    /// The shard that sequences the room's timeline; `None`: this one (then
+    /// [`Room::timeline`] is the room's).
+    pub(super) home: Option<ShardId>,
+    /// The room's timeline (used on its home shard only).
+    pub(super) timeline: RoomTimeline,
+}
+
+/// A room's timeline state, on its home shard.
+pub(super) struct RoomTimeline {
+    pub(super) seq: Sequencer,
+    pub(super) history: History,
+    /// Each sender's `sseq`s per lane (forgotten when it leaves).
+    pub(super) dedup: HashMap<String, [Dedup; 2]>,
+    /// Input ticks (a rate was set for the room).
+    pub(super) ticker: Option<Ticker>,
+}
+
+impl RoomTimeline {
+    pub(super) fn new(limits: HistoryLimits, tick_hz: u32, now: Instant) -> Self {
+        RoomTimeline {
+            seq: Sequencer::default(),
+            history: History::new(limits),
+            dedup: HashMap::new(),
+            ticker: (tick_hz > 0).then(|| Ticker::new(tick_hz, now)),
+        }
+    }
 }
 
 /// A participant of the room on another shard.
@@ -57,8 +84,15 @@ pub(super) struct RemoteMember {
 }
 
 impl Room {
-    pub(super) fn new(name: String, now: Instant) -> Self {
+    pub(super) fn new(
+        name: String,
+        now: Instant,
+        home: Option<ShardId>,
+        timeline: RoomTimeline,
+    ) -> Self {
         Room {
+            home,
+            timeline,
             created: now,
             name,
             members: Vec::new(),
@@ -202,6 +236,10 @@ pub(super) struct Participant {
     /// Server track id → sender on this participant's subscriber PC.
     pub(super) subscriptions: HashMap<TrackId, RTCRtpSenderId>,
     pub(super) limiter: data::RateLimiter,
+    /// It asked for the room's events on its `chat` channel.
+    pub(super) timeline_events: bool,
+    /// Data-channel messages waiting for its channel to open, per lane (`is_text`, message).
+    pub(super) waiting: [Waiting; 2],
     /// Signaling events waiting for room in `events` (coalesced).
     pub(super) outbox: Outbox,
     /// The estimate the last layer selection used (to notice a sharp drop between ticks).

@@ -27,6 +27,8 @@ pub enum Reason {
     Maintenance,
     /// Connection quality: silence of each participant's connections, and loss windows.
     Quality,
+    /// A room's input tick ended: its batches go out.
+    InputTick,
 }
 
 /// A point in time and what is due then.

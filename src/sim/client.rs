@@ -120,6 +120,8 @@ impl Client {
                     grants: Default::default(),
                     publish_only: false,
                     view: None,
+                    home: None,
+                    timeline: Default::default(),
                 },
                 reply,
             }),

@@ -537,7 +537,7 @@ impl Net {
         let sh = self.shards.as_mut().expect("shards");
         let (shard, cmd) = match cmd {
             Command::Join { mut req, reply } => {
-                let Place { shard, peers } =
+                let Place { shard, peers, home } =
                     match sh.placement.reserve(&req.room, req.identity.as_deref()) {
                         Ok(place) => place,
                         Err(refusal) => {
@@ -546,6 +546,7 @@ impl Net {
                         }
                     };
                 req.peers = peers;
+                req.home = (home != shard).then_some(home);
                 let (tx, rx) = oneshot::channel();
                 sh.pending.push(PendingJoin {
                     rx,
@@ -1080,6 +1081,8 @@ mod tests {
                     grants: Default::default(),
                     publish_only: false,
                     view: None,
+                    home: None,
+                    timeline: Default::default(),
                 },
                 reply,
             });

@@ -58,6 +58,8 @@ pub fn sim_config(ip: IpAddr) -> CoreConfig {
         limits: Default::default(),
         udp_buffer: crate::io::UDP_BUFFER_DEFAULT,
         spread_above: 0,
+        history: Default::default(),
+        input_tick_hz: 0,
     }
 }
 

@@ -551,6 +551,7 @@ impl Run {
                 token: Some(crate::token::participant(&self.room, &self.name)),
                 protocol: None,
                 auto_subscribe: Some(self.opts.auto_subscribe),
+                timeline_events: None,
             };
             ws.send(Message::text(serde_json::to_string(&join)?))
                 .await?;

@@ -87,6 +87,8 @@ pub struct PeerOptions {
     pub video_file: PathBuf,
     /// `join.auto_subscribe` (None = server default, which is true).
     pub auto_subscribe: Option<bool>,
+    /// `join.timeline_events` (None = server default, which is false).
+    pub timeline_events: Option<bool>,
     /// Access token to join with; `None`: one minted by [`crate::token::participant`].
     pub token: Option<String>,
     pub protocol: Option<u32>,
@@ -165,6 +167,7 @@ impl Default for PeerOptions {
             audio_file: media::default_audio_file(),
             video_file: media::default_video_file(),
             auto_subscribe: None,
+            timeline_events: None,
             token: None,
             protocol: None,
             timeout: Duration::from_secs(10),
@@ -1954,6 +1957,7 @@ impl Peer {
             ),
             protocol: opts.protocol,
             auto_subscribe: opts.auto_subscribe,
+            timeline_events: opts.timeline_events,
         };
         send_ws(&ws_tx, encode(&join), t).await?;
         // A server over its per-address join rate says when to try again: wait that long

@@ -511,6 +511,7 @@ impl RawWs {
             token: token.map(str::to_owned),
             protocol: None,
             auto_subscribe: None,
+            timeline_events: None,
         })
         .await?;
         match self

@@ -177,6 +177,7 @@ pub(crate) fn client_message(u: &mut Unstructured, ctx: &Ctx, learned: &Learned)
             token: u.bool().then(|| string(u, 32)),
             protocol: u.bool().then(|| u.u32()),
             auto_subscribe: u.bool().then(|| u.bool()),
+            timeline_events: u.bool().then(|| u.bool()),
         },
         1 => ClientMessage::PublishOffer {
             sdp: sdp(u, &ctx.offers),
@@ -311,6 +312,8 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                     },
                     publish_only: u.below(8) == 0,
                     view: None,
+                    home: None,
+                    timeline: Default::default(),
                 };
                 let _ = sfu.handle_command(now, Command::Join { req, reply });
                 if let Ok(Ok(ok)) = answer.try_recv() {

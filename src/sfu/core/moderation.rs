@@ -109,26 +109,51 @@ impl<T: Transmit> Sfu<T> {
                 let Some(r) = self.rooms.get(&rk) else {
                     return Err(AdminError::RoomNotFound(room));
                 };
-                let targets: Vec<PartKey> = r
-                    .members
-                    .iter()
-                    .copied()
-                    .filter(|m| {
-                        to.is_empty()
-                            || r.parts.get(m).is_some_and(|p| {
-                                to.iter().any(|t| match t {
-                                    Target::Participant(pid) => *pid == p.pid,
-                                    Target::Identity(id) => p.identity.as_ref() == Some(id),
-                                })
-                            })
-                    })
-                    .collect();
-                let framed = data::frame_for_receiver(data::SERVER_SENDER, &payload);
+                // The named participants of the room (here or on its other shards).
+                let mut pids: Vec<String> = Vec::new();
+                for t in &to {
+                    let pid = match t {
+                        Target::Participant(pid) => (r.remote.contains_key(pid.as_str())
+                            || r.parts.values().any(|p| p.pid == *pid))
+                        .then(|| pid.clone()),
+                        Target::Identity(id) => r
+                            .parts
+                            .values()
+                            .find(|p| p.identity.as_ref() == Some(id))
+                            .map(|p| p.pid.clone()),
+                    };
+                    if let Some(pid) = pid.filter(|p| !pids.contains(p)) {
+                        pids.push(pid);
+                    }
+                }
+                if !to.is_empty() && pids.is_empty() {
+                    return Ok(AdminReply::Done { participants: 0 });
+                }
+                let participants = if to.is_empty() {
+                    r.parts
+                        .values()
+                        .filter(|p| p.viewer.is_none() && !p.publish_only)
+                        .count()
+                        + r.remote.len()
+                } else {
+                    pids.len()
+                };
+                let lane = match lane {
+                    super::super::admin::Lane::Chat => Lane::Chat,
+                    super::super::admin::Lane::Input => Lane::Input,
+                };
+                let msg = Submitted {
+                    lane,
+                    from: data::SERVER_SENDER.to_owned(),
+                    is_text,
+                    payload,
+                    to: (!to.is_empty()).then_some(pids),
+                    sseq: None,
+                    ack: false,
+                };
                 let now = self.now;
-                let delivered = self.deliver_data(&targets, lane.label(), is_text, &framed, now);
-                Ok(AdminReply::Done {
-                    participants: delivered,
-                })
+                self.submit(rk, msg, now);
+                Ok(AdminReply::Done { participants })
             }
             AdminOp::CloseRoom { room, reason } => {
                 let rk = self.admin_room(&room)?;
