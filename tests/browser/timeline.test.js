@@ -248,9 +248,16 @@ describe('room timeline: Chromium and Firefox', { timeout: 300_000 }, () => {
             const off = c.on('timeline', (e) => {
               if (e.text !== 'GO') return;
               off();
+              // Paced (one every 4 ms), so the two bursts overlap even if one page sees GO
+              // a little later than the other.
               const acks = [];
-              for (let i = 0; i < n; i++) acks.push(c.sendChat(`${label}-${i}`, { ack: true }));
-              Promise.all(acks).then(resolve, reject);
+              let i = 0;
+              const next = () => {
+                acks.push(c.sendChat(`${label}-${i}`, { ack: true }));
+                if (++i < n) setTimeout(next, 4);
+                else Promise.all(acks).then(resolve, reject);
+              };
+              next();
             });
           });
         },
