@@ -2865,6 +2865,7 @@ impl<T: Transmit> Sfu<T> {
             );
         }
         r.parts.insert(part, participant);
+        r.members.push(part);
         self.room_keys.insert(room.clone(), rk);
         self.by_pid.insert(pid.clone(), part);
         self.connect_timers.push(self.now + CONNECT_TIMEOUT, part);
@@ -2881,7 +2882,6 @@ impl<T: Transmit> Sfu<T> {
         let Some(r) = self.rooms.get_mut(&rk) else {
             return Err(SfuError::Rtc("room vanished during the join".into()));
         };
-        r.members.push(part);
         // Subscribe to what is already published.
         if auto_subscribe {
             let mut existing: Vec<TrackId> = r.tracks.keys().cloned().collect();

@@ -163,6 +163,19 @@ impl Client {
         self
     }
 
+    /// Ask for the room's events on the `chat` channel (`join.timeline_events`).
+    pub fn timeline_events(mut self) -> Self {
+        self.join_with(|req| req.timeline.events = true);
+        self
+    }
+
+    /// Open the room (if this join does) with input ticks of `hz` (a token's
+    /// `roomConfig.input_tick_hz`).
+    pub fn input_tick_hz(mut self, hz: u32) -> Self {
+        self.join_with(|req| req.timeline.input_tick_hz = Some(hz));
+        self
+    }
+
     /// Also create `chat` (ordered) and `input` (unordered, no retransmissions) on the
     /// publisher connection, in its first offer; a publisher connection is made even without
     /// media. Send on them with `publisher.send_data`.
@@ -449,10 +462,17 @@ impl DataIn {
             let Some(entry) = rest.get(4..4 + len) else {
                 break;
             };
+            // (An entry's header says whether its sender sent text.)
+            let is_text = entry
+                .split(|&b| b == b'\n')
+                .next()
+                .and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok())
+                .and_then(|v| v.get("text")?.as_bool())
+                == Some(true);
             let rx = RxData {
                 at: self.at,
                 label: self.label.clone(),
-                is_text: false,
+                is_text,
                 data: bytes::Bytes::copy_from_slice(entry),
             };
             out.push(DataIn::parse(&rx));

@@ -1,6 +1,7 @@
 //! Helpers shared by the virtual-time tests.
 #![allow(dead_code)]
 
+use plaza::sfu::CoreConfig;
 use plaza::sfu::CoreStats;
 use plaza::signal::ServerMessage;
 use plaza::sim::server::SfuNode;
@@ -91,10 +92,35 @@ impl Sim {
         Sim { net, server }
     }
 
+    /// A server with its own core configuration (the sim's default otherwise).
+    pub fn with_config(seed: u64, f: impl FnOnce(&mut CoreConfig)) -> Self {
+        let mut net = Net::new(seed);
+        let now = net.now();
+        let sa = addr(100, 7882);
+        let mut cfg = plaza::sim::server::sim_config(sa.ip());
+        f(&mut cfg);
+        let server = net.add_node(SfuNode::with_config(cfg, sa, seed, now), &[sa]);
+        net.set_signaling_server(server);
+        Sim { net, server }
+    }
+
     /// A client at `10.0.0.n` that joins `room` as `name` and publishes `media`.
     pub fn client(&mut self, n: u8, name: &str, room: &str, media: MediaSpec) -> NodeId {
+        self.client_with(n, name, room, media, |c| c)
+    }
+
+    /// A client as [`Sim::client`], set up by `f` before it joins.
+    pub fn client_with(
+        &mut self,
+        n: u8,
+        name: &str,
+        room: &str,
+        media: MediaSpec,
+        f: impl FnOnce(Client) -> Client,
+    ) -> NodeId {
         let now = self.net.now();
         let c = Client::new(name, room, ip(n), now, u64::from(n) * 1000, media).expect(name);
+        let c = f(c);
         let addrs = c.addrs();
         self.net.add_node(c, &addrs)
     }
