@@ -390,6 +390,29 @@ describe('room timeline: Chromium and Firefox', { timeout: 300_000 }, () => {
     const dan = await track(launchParticipant('dan'));
     const danId = await joinChat(dan, room, 'dan');
     const annTimeline = await timelineOf(ann);
+    // Asked explicitly (after the demo page's own history(0) on joining, which went first):
+    // everything is replayed, and dropped as already delivered.
+    const res = await dan.page.evaluate(async () => {
+      const c = window.plaza.client;
+      let chats = 0;
+      let timeline = 0;
+      const offs = [c.on('chat', () => chats++), c.on('timeline', () => timeline++)];
+      let r;
+      try {
+        r = await c.history(0);
+      } catch (e) {
+        return { error: `${e.code}: ${e.message}` };
+      } finally {
+        offs.forEach((off) => off());
+      }
+      return {
+        reply: { since: r.since, oldest: r.oldest, latest: r.latest, replayed: r.replayed, complete: r.complete },
+        messages: r.messages.map((m) => ({ seq: m.seq, from: m.from, text: m.event ? null : m.text, event: m.event, replay: m.replay, duplicate: m.duplicate })),
+        chats,
+        timeline,
+      };
+    });
+    assert.equal(res.error, undefined, 'history(0) failed');
     // The demo page asks for history(0) itself on joining: its chat log shows what was said.
     const lines = await waitFor(
       async () => {
@@ -411,21 +434,6 @@ describe('room timeline: Chromium and Firefox', { timeout: 300_000 }, () => {
     const buzz = (p) => p.page.evaluate(() => ({ round: window.plaza.buzzer.round, presses: [...window.plaza.buzzer.rounds.entries()].map(([r, l]) => [r, l.map((x) => x.seq)]) }));
     assert.deepEqual(await buzz(dan), await buzz(ann));
 
-    // Asked again, explicitly: everything is replayed, and dropped as already delivered.
-    const res = await dan.page.evaluate(async () => {
-      const c = window.plaza.client;
-      let chats = 0;
-      let timeline = 0;
-      const offs = [c.on('chat', () => chats++), c.on('timeline', () => timeline++)];
-      const r = await c.history(0);
-      offs.forEach((off) => off());
-      return {
-        reply: { since: r.since, oldest: r.oldest, latest: r.latest, replayed: r.replayed, complete: r.complete },
-        messages: r.messages.map((m) => ({ seq: m.seq, from: m.from, text: m.event ? null : m.text, event: m.event, replay: m.replay, duplicate: m.duplicate })),
-        chats,
-        timeline,
-      };
-    });
     assert.equal(res.reply.since, 0);
     assert.equal(res.reply.complete, true);
     assert.equal(res.reply.replayed, res.messages.length);
@@ -455,6 +463,7 @@ describe('room timeline: Chromium and Firefox', { timeout: 300_000 }, () => {
       const c = window.plaza.client;
       window.__res = { events: [], texts: [] };
       for (const t of ['disconnected', 'reconnected', 'history']) c.on(t, (d) => window.__res.events.push({ t, resumed: d.resumed, auto: d.auto, since: d.since, replayed: d.replayed, lastSeq: c.lastSeq }));
+      c.on('error', (e) => window.__res.events.push({ t: 'error', code: e.code, message: e.message }));
       c.on('chat', (m) => window.__res.texts.push(m.text));
     });
     const rule = ['-p', 'tcp', '--dport', port, '-j', 'REJECT', '--reject-with', 'tcp-reset'];
@@ -470,7 +479,15 @@ describe('room timeline: Chromium and Firefox', { timeout: 300_000 }, () => {
     } finally {
       execFileSync('iptables', ['-D', 'INPUT', ...rule]);
     }
-    const hist = await waitFor(() => ann.page.evaluate(() => window.__res.events.find((e) => e.t === 'history' && e.auto)), { timeout: 20_000, what: 'ann to resume and ask for history' });
+    const hist = await waitFor(
+      async () => {
+        const events = await ann.page.evaluate(() => window.__res.events);
+        const failed = events.find((e) => e.t === 'error' && /history/.test(e.message));
+        if (failed) throw new Error(`the history request after the resume failed: ${failed.code}: ${failed.message}`);
+        return events.find((e) => e.t === 'history' && e.auto);
+      },
+      { timeout: 20_000, what: 'ann to resume and ask for history' },
+    );
     const events = await ann.page.evaluate(() => window.__res.events);
     assert.equal(events.find((e) => e.t === 'reconnected')?.resumed, true, JSON.stringify(events));
     // since: the last seq seen when the request went out (the message said meanwhile included)
