@@ -19,7 +19,7 @@
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 
 /// A room's two data lanes: one counter each.
@@ -211,7 +211,7 @@ impl Audience {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub stamp: Stamp,
-    pub from: Arc<str>,
+    pub from: String,
     pub sseq: Option<u64>,
     /// A room event's name.
     pub event: Option<&'static str>,
@@ -587,6 +587,7 @@ pub fn frame_tick<'a>(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests start their virtual clocks anywhere
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -1278,3 +1278,130 @@ fn a_room_admin_moderates_across_shards() {
     assert_eq!(told, 1, "bob is told why");
     s.no_errors(&[carol, admin]);
 }
+
+/// A room spanning two shards has one timeline, sequenced on its home (the shard of its first
+/// participant): participants on both shards send at the same instants and every receiver,
+/// on either shard, gets the same seq for the same message, in seq order, with no seq used
+/// twice; acks reach senders on the other shard; a participant on the other shard replays
+/// history from the home; its events and input ticks cross the pipe too.
+#[test]
+fn a_room_on_two_shards_has_one_timeline() {
+    use plaza::sim::envelope_seq;
+    use std::collections::BTreeMap;
+    let mut s = Sim::new(31, 2, 2);
+    let a = s.join_with(1, "a", MediaSpec::none(), |c| {
+        c.input_tick_hz(25).timeline_events()
+    });
+    let b = s.join(2, "b", MediaSpec::none());
+    let c = s.join_with(3, "c", MediaSpec::none(), |c| c.timeline_events());
+    let d = s.join(4, "d", MediaSpec::none());
+    let all = [a, b, c, d];
+    let shards: Vec<usize> = all.iter().map(|&id| s.shard_of(id)).collect();
+    assert!(shards.contains(&0) && shards.contains(&1), "{shards:?}");
+    let home = shards[0];
+    s.net.run_until_cond(T, |net| {
+        all.iter()
+            .all(|&id| net.node_ref::<Client>(id).channels_open())
+    });
+    const N: u64 = 15;
+    for round in 0..N {
+        for (k, &id) in all.iter().enumerate() {
+            let body = format!("{k}:{round}");
+            s.c(id).send_data(
+                "chat",
+                true,
+                envelope_seq(&[], round + 1, true, body.as_bytes()),
+            );
+        }
+        s.net.run_for(Duration::from_millis(2));
+    }
+    s.net.run_for(Duration::from_secs(2));
+    let mut agreed: BTreeMap<u64, (Option<String>, Vec<u8>)> = BTreeMap::new();
+    for (k, &id) in all.iter().enumerate() {
+        let got: Vec<DataIn> = s
+            .c(id)
+            .data_received()
+            .into_iter()
+            .filter(|m| m.label == "chat" && m.ack.is_none() && m.event.is_none())
+            .collect();
+        assert_eq!(got.len() as u64, 3 * N, "{k} gets the others' messages");
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq.unwrap()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{k}: in seq order");
+        for m in got {
+            let v = (m.from.clone(), m.payload.clone());
+            assert_eq!(
+                *agreed.entry(m.seq.unwrap()).or_insert_with(|| v.clone()),
+                v
+            );
+        }
+        let acks = s
+            .c(id)
+            .data_received()
+            .into_iter()
+            .filter(|m| m.label == "chat" && m.ack.is_some())
+            .count();
+        assert_eq!(acks as u64, N, "{k}: acks, whichever shard it is on");
+    }
+    assert_eq!(agreed.len() as u64, 4 * N, "one seq per message");
+    assert_eq!(s.stats(home).data_messages_sequenced, 4 * N + 4);
+    assert_eq!(s.stats(1 - home).data_messages_sequenced, 0);
+
+    // The room events from its own join on (the third and fourth joins) reached c, on
+    // whichever shard it is, before the chat.
+    let pos = all.iter().position(|&id| id == c).unwrap();
+    let events: Vec<u64> = s
+        .c(c)
+        .data_received()
+        .iter()
+        .filter(|m| m.event.is_some())
+        .map(|m| m.seq.unwrap())
+        .collect();
+    assert_eq!(events, [3, 4], "c (shard {}) gets the joins", shards[pos]);
+
+    // History from a participant on the other shard than the home.
+    let far = *all
+        .iter()
+        .zip(&shards)
+        .find(|&(_, &sh)| sh != home)
+        .unwrap()
+        .0;
+    s.send(far, ClientMessage::History { since: 4 + N });
+    s.net.run_for(Duration::from_secs(1));
+    let replayed: Vec<u64> = s
+        .c(far)
+        .data_received()
+        .iter()
+        .filter(|m| m.replay)
+        .map(|m| m.seq.unwrap())
+        .collect();
+    assert_eq!(replayed, ((5 + N)..=(4 + 4 * N)).collect::<Vec<_>>());
+    assert_eq!(
+        s.count(far, |m| matches!(
+            m,
+            ServerMessage::History { complete: true, .. }
+        )),
+        1
+    );
+
+    // Input ticks (the room's rate came with its first join): one batch per receiver, the
+    // same entries on both shards.
+    for &id in &all {
+        s.c(id).send_data("input", true, envelope(&[], b"tick me"));
+    }
+    s.net.run_for(Duration::from_millis(500));
+    let mut seen: Vec<Vec<u64>> = Vec::new();
+    for &id in &all {
+        let entries: Vec<u64> = s
+            .c(id)
+            .data_received()
+            .iter()
+            .filter(|m| m.tick.is_some())
+            .flat_map(|m| m.tick_entries())
+            .map(|e| e.seq.unwrap())
+            .collect();
+        seen.push(entries);
+    }
+    assert!(seen.iter().all(|e| *e == seen[0]), "{seen:?}");
+    assert_eq!(seen[0], [1, 2, 3, 4]);
+    s.no_errors(&all);
+}

@@ -9,7 +9,6 @@ use super::super::timeline::{
     self as tl, Audience, Entry, Lane, Seen, Stamp, frame_ack, frame_tick,
 };
 use super::*;
-use std::sync::Arc;
 
 /// The name of a room event that goes on the timeline (`None`: not one).
 fn event_name(msg: &ServerMessage) -> Option<&'static str> {
@@ -73,7 +72,7 @@ impl<T: Transmit> Sfu<T> {
         self.stats.data_messages_sequenced += 1;
         let entry = Entry {
             stamp,
-            from: Arc::from(msg.from.as_str()),
+            from: msg.from.clone(),
             sseq: msg.sseq,
             event: None,
             is_text: msg.is_text,
@@ -143,7 +142,7 @@ impl<T: Transmit> Sfu<T> {
         self.stats.data_messages_sequenced += 1;
         let entry = Entry {
             stamp,
-            from: Arc::from(data::SERVER_SENDER),
+            from: data::SERVER_SENDER.to_owned(),
             sseq: None,
             event: Some(name),
             is_text: true,
