@@ -164,6 +164,18 @@ function renderBuzzer() {
   const w = presses[0];
   $('#buzz-winner').textContent = w ? `${w.name} ${w.mine ? 'win' : 'wins'} round ${b.round}` : 'nobody has pressed yet';
   $('#buzz-winner').dataset.winner = w?.from ?? '';
+  // Earlier rounds, newest first: who won and by how much.
+  const past = [...b.rounds.keys()].filter((r) => r < b.round).sort((x, y) => y - x);
+  $('#buzz-past').replaceChildren(
+    ...past.map((r) => {
+      const [first, second] = b.rounds.get(r);
+      const li = document.createElement('li');
+      li.dataset.round = r;
+      li.dataset.winner = first.from;
+      li.textContent = `round ${r}: ${first.name}${second ? `, ${((second.ts - first.ts) / 1000).toFixed(1)} ms ahead` : ''}`;
+      return li;
+    }),
+  );
 }
 
 $('#buzz').onclick = () => {
@@ -556,6 +568,7 @@ $('#leave').onclick = () => {
   demo.client = null;
   demo.buzzer = { round: 1, rounds: new Map() };
   $('#chat-log').replaceChildren();
+  renderBuzzer();
   $('#call').hidden = true;
   $('#join-form').hidden = false;
   $('#join').disabled = false;

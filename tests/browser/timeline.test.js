@@ -383,6 +383,8 @@ describe('room timeline: Chromium and Firefox', { timeout: 300_000 }, () => {
     for (const p of [ann, bob]) {
       await waitFor(() => p.page.evaluate((r) => window.plaza.buzzer.round === r + 1 && !document.querySelector('#buzz').disabled, round), { timeout: 10_000, what: `${p.label} to start round ${round + 1}` });
       assert.equal(await p.page.evaluate(() => document.querySelector('#buzz-winner').dataset.winner), '');
+      // the finished round stays listed with its winner
+      assert.equal(await p.page.evaluate((r) => document.querySelector(`#buzz-past li[data-round="${r}"]`)?.dataset.winner, round), a.winner);
     }
   });
 
