@@ -48,6 +48,37 @@
 //!     --subscriber-bandwidth 400kbps --limited-subscribers 2 --warmup 30 --cut-at 5 \
 //!     --restore-at 15 --duration 30
 //! ```
+//!
+//! Room timeline (`--timeline`): `--peers` peers (default 50, no media) join one room; each
+//! sends, `--rate` times a second, one broadcast on `chat` and one on `input`, each with an
+//! increasing `sseq` in its header and its send time in the payload, and records per channel
+//! the `(seq, from, sseq, ts)` the server stamped on every message it receives. Reported:
+//! - order agreement: on `chat`, the receivers whose list is strictly increasing in `seq`,
+//!   agrees with every other receiver on `seq` → (from, sseq, ts) and misses nothing (goal
+//!   100 %; less fails the run), plus holes in the timeline, `ts` going back, a sender's
+//!   messages reordered; on `input` (unordered, lossy), `seq` agreement and the fraction
+//!   received;
+//! - relay latency per lane, p50/p99/max: one-way (receive − send) and its two halves, before
+//!   the server stamped the message (`ts` − send) and after (receive − `ts`); every peer runs
+//!   here, so one clock serves all;
+//! - clock-sync error: `--pings` WebSocket `ping`s per peer during the run; each peer's
+//!   estimate is the offset of its min-RTT sample, `server_time − (t_send + t_recv) / 2`, and
+//!   the truth on one machine is 0: |offset| p50/p99 and the round trips;
+//! - server CPU per relayed message: the server's CPU time over the window (`/proc/<pid>`
+//!   with `--server-pid`, else its `/metrics` `process`) over its `data_messages_relayed`,
+//!   also above its idle cost (the peers joined and silent for `--idle-ms` before the traffic),
+//!   with the server's and the generator's CPU wait (runnable, no CPU free) and the load
+//!   average: on a busy machine latency measures the machine.
+//!
+//! Exit status is non-zero when a receiver's `chat` is not exactly the agreed order, a message
+//! has no `seq`/`ts`, `input` receivers disagree on a `seq`, the `chat` timeline has a hole, a
+//! `ts` going back or a sender's messages reordered, an echoed `sseq` differs from the sent
+//! one, a peer failed to join, was removed or got a server error, or got no `pong`.
+//!
+//! ```text
+//! cargo run --release --example loadtest -- --timeline --peers 50 --rate 10 --duration 20 \
+//!     --server-pid $(pidof plaza) --json timeline.json
+//! ```
 
 // A tool, not the packet path: shares state between tasks, reads the clock and prints its
 // report.
@@ -176,6 +207,29 @@ struct Args {
     /// `error` a peer receives fails the run.
     #[arg(long)]
     expect_error: Vec<String>,
+    /// Measure the room timeline instead (see the top of this file): order agreement, relay
+    /// latency per lane, clock-sync error, server CPU per relayed message. Uses --peers,
+    /// --rate, --pings, --settle-ms, --idle-ms (not --publishers / --subscribers).
+    #[arg(long)]
+    timeline: bool,
+    /// --timeline: peers in the room (each sends and receives on chat and input).
+    #[arg(long, default_value_t = 50)]
+    peers: usize,
+    /// --timeline: messages per second each peer sends on each lane (chat and input).
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// --timeline: clock-sync pings per peer (200 ms apart, from a quarter into the run).
+    #[arg(long, default_value_t = 5)]
+    pings: usize,
+    /// --timeline: after the senders stop, wait at most this long for the chat messages
+    /// still in flight, milliseconds (the wait ends as soon as all arrived).
+    #[arg(long, default_value_t = 10000)]
+    settle_ms: u64,
+    /// --timeline: before the traffic, measure the server's CPU with every peer joined and
+    /// silent for this long, milliseconds (0: no idle window), so the report can also give the
+    /// CPU per relayed message above idle.
+    #[arg(long, default_value_t = 2000)]
+    idle_ms: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -294,6 +348,9 @@ async fn main() {
     let args = Args::parse();
     if let Err(e) = args.peer.install_signing_key() {
         return cli::exit_with("loadtest", Err(e));
+    }
+    if args.timeline {
+        return cli::exit_with("loadtest", timeline::run(args).await);
     }
     cli::exit_with("loadtest", run(args).await);
 }
@@ -1192,6 +1249,132 @@ mod tests {
         assert_eq!(s.p99, 99.0);
         assert_eq!(summarize(&[]).count, 0);
     }
+
+    use timeline::{Rec, chat_order, clock_sync_report, input_order, lane_latency};
+
+    /// A message `seq` from peer `from` (its `sseq`), stamped at `ts`, sent at `sent`,
+    /// received at `recv` (µs).
+    fn rec(seq: u64, from: u32, sseq: u64) -> Rec {
+        Rec {
+            seq,
+            ts: 1000 + seq,
+            sseq,
+            from,
+            sent_us: 900 + seq as i64,
+            k: sseq,
+            recv_us: 1100 + seq as i64,
+        }
+    }
+
+    /// Peers 0, 1, 2 each broadcast two chat messages; the timeline is 1..=6.
+    fn timeline_of_three() -> Vec<Vec<Rec>> {
+        let all = [
+            rec(1, 0, 1),
+            rec(2, 1, 1),
+            rec(3, 2, 1),
+            rec(4, 0, 2),
+            rec(5, 1, 2),
+            rec(6, 2, 2),
+        ];
+        (0..3)
+            .map(|me| all.iter().filter(|r| r.from != me).copied().collect())
+            .collect()
+    }
+
+    #[test]
+    fn chat_order_agrees_on_a_clean_timeline() {
+        let chat = timeline_of_three();
+        let o = chat_order(&chat, &[4, 4, 4]);
+        assert_eq!((o.exact, o.receivers, o.exact_percent), (3, 3, 100.0));
+        assert_eq!(
+            (o.first_seq, o.last_seq, o.seq_holes),
+            (Some(1), Some(6), 0)
+        );
+        assert_eq!(
+            o.conflicting_seqs + o.ts_regressions + o.sender_order_violations,
+            0
+        );
+    }
+
+    #[test]
+    fn chat_order_catches_reorder_disagreement_loss_and_missing_stamps() {
+        // Receiver 0 gets two messages swapped.
+        let mut chat = timeline_of_three();
+        chat[0].swap(1, 2);
+        let o = chat_order(&chat, &[4, 4, 4]);
+        assert_eq!((o.exact, o.out_of_order_receivers), (2, 1));
+        // Receiver 1 sees seq 3 as another message (another sseq).
+        let mut chat = timeline_of_three();
+        chat[1][1].sseq = 9;
+        chat[1][1].k = 9;
+        let o = chat_order(&chat, &[4, 4, 4]);
+        assert_eq!(
+            (o.exact, o.disagreeing_receivers, o.conflicting_seqs),
+            (2, 1, 1)
+        );
+        // Receiver 2 misses one message: incomplete, and nobody else is.
+        let mut chat = timeline_of_three();
+        chat[2].remove(0);
+        let o = chat_order(&chat, &[4, 4, 4]);
+        assert_eq!(
+            (o.exact, o.incomplete_receivers, o.missing_messages),
+            (2, 1, 1)
+        );
+        // No seq in the header (an older server): nobody is exact.
+        let mut chat = timeline_of_three();
+        for r in chat.iter_mut().flatten() {
+            r.seq = 0;
+        }
+        let o = chat_order(&chat, &[4, 4, 4]);
+        assert_eq!((o.exact, o.unstamped), (0, 12));
+        // A hole on the timeline and a ts going back, seen by everyone alike.
+        let mut chat = timeline_of_three();
+        for r in chat.iter_mut().flatten() {
+            if r.seq == 6 {
+                r.seq = 8;
+                r.ts = 1;
+            }
+        }
+        let o = chat_order(&chat, &[4, 4, 4]);
+        assert_eq!((o.seq_holes, o.ts_regressions), (2, 1));
+        // An sseq echo that is not what the sender put in its header.
+        let mut chat = timeline_of_three();
+        chat[0][0].sseq = 7;
+        assert!(chat_order(&chat, &[4, 4, 4]).sseq_echo_mismatches >= 1);
+    }
+
+    #[test]
+    fn input_order_tolerates_loss_and_reorder_but_not_conflicts() {
+        let mut input = timeline_of_three();
+        input[0].swap(0, 1);
+        input[1].pop();
+        let o = input_order(&input, &[4, 4, 4]);
+        assert_eq!((o.agreeing, o.conflicting_seqs), (3, 0));
+        assert_eq!((o.received, o.expected, o.arrived_late), (11, 12, 1));
+        input[2][0].from = 1;
+        let o = input_order(&input, &[4, 4, 4]);
+        assert_eq!((o.agreeing, o.conflicting_seqs), (2, 1));
+    }
+
+    #[test]
+    fn lane_latency_splits_at_the_server_stamp() {
+        let chat = timeline_of_three();
+        let l = lane_latency(chat.iter().flatten());
+        // sent 900+s, ts 1000+s, received 1100+s (µs) → 0.2 ms, 0.1 ms, 0.1 ms.
+        assert_eq!(l.one_way_ms.count, 12);
+        assert!((l.one_way_ms.p50 - 0.2).abs() < 1e-9);
+        assert!((l.send_to_ts_ms.max - 0.1).abs() < 1e-9);
+        assert!((l.ts_to_receive_ms.min - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn clock_sync_takes_the_min_rtt_sample() {
+        // Peer 0: the 100 µs round trip says +20; peer 1: the 50 µs one says −10.
+        let s = clock_sync_report(&[vec![(300, 900), (100, 20)], vec![(50, -10), (80, 40)]], 1);
+        assert_eq!((s.peers, s.samples, s.errors), (2, 4, 1));
+        assert_eq!((s.abs_offset_us.min, s.abs_offset_us.max), (10.0, 20.0));
+        assert_eq!((s.offset_us.min, s.best_rtt_us.max), (-10.0, 100.0));
+    }
 }
 
 // ───────────────────────────── simulcast ─────────────────────────────
@@ -1608,5 +1791,1004 @@ fn simulcast_report(
         json,
         lines,
         failures,
+    }
+}
+
+// ───────────────────────────── room timeline ─────────────────────────────
+
+/// `--timeline`: every peer sends on `chat` and `input` at `--rate` with an increasing `sseq`
+/// and its send time in the payload; every receiver records, per channel, the `(seq, from,
+/// sseq, ts)` of each message and when it arrived. Then: order agreement, relay latency per
+/// lane (split at the server's `ts`), clock-sync error, server CPU per relayed message.
+mod timeline {
+    use super::*;
+    use bytes::Bytes;
+    use common::PeerEvent;
+    use common::envelope::{self, Stamp};
+    use common::measure::ProcUsage;
+    use plaza::signal::{ClientMessage, ServerMessage};
+    use serde::Deserialize;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::SystemTime;
+    use tokio::sync::Notify;
+
+    /// This process's wall clock, µs since the Unix epoch: one reading of `SystemTime`,
+    /// advanced by the monotonic clock, so every timestamp of the run is on one steady clock
+    /// (the server stamps `ts` and `server_time` from its `SystemTime`; on one machine the
+    /// two agree, so the truth of every offset below is 0).
+    #[derive(Clone, Copy)]
+    pub(super) struct WallClock {
+        at: Instant,
+        unix_us: i64,
+    }
+
+    impl WallClock {
+        pub(super) fn new() -> Self {
+            let unix_us = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64);
+            WallClock {
+                at: Instant::now(),
+                unix_us,
+            }
+        }
+
+        pub(super) fn us(&self, t: Instant) -> i64 {
+            match t.checked_duration_since(self.at) {
+                Some(d) => self.unix_us + d.as_micros() as i64,
+                None => self.unix_us - self.at.duration_since(t).as_micros() as i64,
+            }
+        }
+
+        fn now(&self) -> i64 {
+            self.us(Instant::now())
+        }
+    }
+
+    /// One message as a receiver saw it. `0` / `u32::MAX` / `i64::MIN` stand for absent (`seq`
+    /// and `ts` start at 1 on the timeline; the payload always carries `t` and `k`).
+    #[derive(Clone, Copy, Debug)]
+    pub(super) struct Rec {
+        pub seq: u64,
+        pub ts: u64,
+        pub sseq: u64,
+        /// The sender, as an index into the run's peers (`u32::MAX`: not one of them).
+        pub from: u32,
+        /// The sender's send time and `sseq`, from the payload.
+        pub sent_us: i64,
+        pub k: u64,
+        pub recv_us: i64,
+    }
+
+    const NONE_U64: u64 = u64::MAX;
+
+    #[derive(Deserialize)]
+    struct Body {
+        t: i64,
+        k: u64,
+    }
+
+    fn record(msg: &DataMessage, ids: &HashMap<String, u32>, clock: &WallClock) -> Rec {
+        let s = Stamp::from_header(&msg.header);
+        let body: Option<Body> = serde_json::from_slice(&msg.payload).ok();
+        Rec {
+            seq: s.seq.unwrap_or(0),
+            ts: s.ts.unwrap_or(0),
+            sseq: s.sseq.unwrap_or(NONE_U64),
+            from: msg
+                .from
+                .as_deref()
+                .and_then(|f| ids.get(f).copied())
+                .unwrap_or(u32::MAX),
+            sent_us: body.as_ref().map_or(i64::MIN, |b| b.t),
+            k: body.map_or(NONE_U64, |b| b.k),
+            recv_us: clock.us(msg.received_at),
+        }
+    }
+
+    /// What one peer received, sent and measured.
+    #[derive(Default)]
+    pub(super) struct PeerLog {
+        pub chat: Vec<Rec>,
+        pub input: Vec<Rec>,
+        /// Messages of other kinds (acks, events, malformed) and messages this peer's feed
+        /// dropped because the receive loop fell behind (`Lagged`).
+        pub other: u64,
+        pub lagged: u64,
+        pub chat_sent: u64,
+        pub input_sent: u64,
+        pub send_errors: u64,
+        pub last_send_error: Option<String>,
+        /// Clock-sync samples: (round trip µs, offset µs = server_time − (t_send + t_recv) / 2).
+        pub pings: Vec<(i64, i64)>,
+        pub ping_errors: u64,
+    }
+
+    /// Counts chat messages received by every peer, and wakes the drain when it reaches the
+    /// target (set once the senders stopped).
+    struct Drain {
+        received: AtomicU64,
+        target: AtomicU64,
+        done: Notify,
+    }
+
+    impl Drain {
+        fn add(&self) {
+            let n = self.received.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == self.target.load(Ordering::SeqCst) {
+                self.done.notify_one();
+            }
+        }
+
+        /// Waits (bounded) until `target` chat messages were received; returns how many were.
+        async fn wait(&self, target: u64, bound: Duration) -> u64 {
+            self.target.store(target, Ordering::SeqCst);
+            if self.received.load(Ordering::SeqCst) < target {
+                let _ = tokio::time::timeout(bound, self.done.notified()).await;
+            }
+            self.received.load(Ordering::SeqCst)
+        }
+    }
+
+    async fn receive(
+        peer: Arc<Peer>,
+        ids: Arc<HashMap<String, u32>>,
+        clock: WallClock,
+        drain: Arc<Drain>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        bound: tokio::time::Instant,
+        mut rx: tokio::sync::broadcast::Receiver<DataMessage>,
+    ) -> (Vec<Rec>, Vec<Rec>, u64, u64) {
+        let (mut chat, mut input, mut other, mut lagged) = (Vec::new(), Vec::new(), 0, 0);
+        let _ = &peer;
+        loop {
+            let msg = tokio::select! {
+                r = tokio::time::timeout_at(bound, rx.recv()) => r,
+                _ = stop.wait_for(|v| *v) => break,
+            };
+            match msg {
+                Err(_) | Ok(Err(RecvError::Closed)) => break,
+                Ok(Err(RecvError::Lagged(n))) => lagged += n,
+                Ok(Ok(m)) => {
+                    let plain = m.malformed.is_none()
+                        && !m.header.contains_key("ack")
+                        && !m.header.contains_key("event")
+                        && !m.header.contains_key("tick");
+                    match m.channel {
+                        Channel::Chat if plain => {
+                            chat.push(record(&m, &ids, &clock));
+                            drain.add();
+                        }
+                        Channel::Input if plain => input.push(record(&m, &ids, &clock)),
+                        _ => other += 1,
+                    }
+                }
+            }
+        }
+        (chat, input, other, lagged)
+    }
+
+    /// Sends on both lanes every 1/`rate` s until `deadline`, starting at `phase` (so the peers
+    /// do not all send at once).
+    async fn send(
+        peer: Arc<Peer>,
+        clock: WallClock,
+        rate: f64,
+        phase: Duration,
+        deadline: tokio::time::Instant,
+        log: &Mutex<PeerLog>,
+    ) {
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + phase, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let grace = deadline + Duration::from_secs(5);
+        let mut sseq = 0u64;
+        loop {
+            ticker.tick().await;
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            sseq += 1;
+            for chat in [true, false] {
+                let body = format!("{{\"t\":{},\"k\":{sseq}}}", clock.now());
+                let r = if chat {
+                    let text = envelope::encode_text_timeline(None, sseq, false, &body);
+                    peer.send_raw_data(Channel::Chat, Bytes::from(text), true)
+                } else {
+                    let data = envelope::encode_timeline(None, sseq, false, body.as_bytes());
+                    peer.send_raw_data(Channel::Input, Bytes::from(data), false)
+                };
+                let r = bounded_send(grace, r).await;
+                let mut l = lock(log);
+                match r {
+                    Ok(()) if chat => l.chat_sent += 1,
+                    Ok(()) => l.input_sent += 1,
+                    Err(e) => {
+                        l.send_errors += 1;
+                        l.last_send_error = Some(format!("{e:#}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `n` clock-sync samples (`ping` → `pong.server_time`), `spacing` apart, from `phase` on.
+    async fn clock_sync(
+        peer: Arc<Peer>,
+        clock: WallClock,
+        n: usize,
+        phase: Duration,
+        spacing: Duration,
+        log: &Mutex<PeerLog>,
+    ) {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + phase, spacing);
+        for k in 0..n {
+            ticker.tick().await;
+            // Unlike `Peer::ping`'s (small integers + 0.5), so the two never match each other.
+            let ts = 1e9 + k as f64 + 0.25;
+            let from = peer.event_count();
+            let t_send = Instant::now();
+            let sent = peer.send(ClientMessage::Ping { ts: Some(ts) }).await;
+            let got = match sent {
+                Ok(()) => {
+                    peer.wait_for_event_after(
+                        from,
+                        |e| matches!(e, PeerEvent::Server(ServerMessage::Pong { ts: Some(x), .. }) if *x == ts),
+                        Duration::from_secs(5),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            let sample = got.ok().and_then(|(i, e)| {
+                let PeerEvent::Server(ServerMessage::Pong { server_time, .. }) = e else {
+                    return None;
+                };
+                // When the WebSocket task took the pong, not when this task woke up.
+                let t_recv = peer.events().get(i)?.at;
+                let (a, b) = (clock.us(t_send), clock.us(t_recv));
+                Some((b - a, server_time as i64 - (a + b) / 2))
+            });
+            let mut l = lock(log);
+            match sample {
+                Some(s) => l.pings.push(s),
+                None => l.ping_errors += 1,
+            }
+        }
+    }
+
+    /// The server's data counter and CPU time at one moment.
+    #[derive(Debug, Clone, Copy, Default, Serialize)]
+    struct ServerSample {
+        relayed: Option<u64>,
+        /// From `/metrics` `process.cpu_runtime_ns` (else `cpu_total_s`).
+        metrics_cpu_s: Option<f64>,
+        /// From `/proc/<pid>` (`--server-pid`).
+        #[serde(skip)]
+        proc: Option<ProcUsage>,
+    }
+
+    /// Server CPU seconds between two samples, where they came from, and the `/metrics` figure
+    /// alone.
+    fn server_cpu(a: &ServerSample, b: &ServerSample) -> (Option<f64>, &'static str, Option<f64>) {
+        let proc_cpu = match (&a.proc, &b.proc) {
+            (Some(a), Some(b)) => measure::cpu_delta(a, b),
+            _ => None,
+        };
+        let metrics_cpu = match (a.metrics_cpu_s, b.metrics_cpu_s) {
+            (Some(a), Some(b)) if b >= a => Some(b - a),
+            _ => None,
+        };
+        match (proc_cpu, metrics_cpu) {
+            (Some(c), m) => (Some(c), "/proc/<pid>", m),
+            (None, Some(c)) => (Some(c), "GET /metrics process.cpu_runtime_ns", Some(c)),
+            _ => (None, "none", None),
+        }
+    }
+
+    async fn server_sample(metrics_url: Option<&str>, pid: Option<u32>) -> ServerSample {
+        let mut s = ServerSample {
+            proc: pid.map(ProcUsage::read),
+            ..ServerSample::default()
+        };
+        if let Some(url) = metrics_url
+            && let Ok((200, body)) = measure::http_get(url, Duration::from_secs(2)).await
+            && let Ok(v) = serde_json::from_str::<Value>(&body)
+        {
+            s.relayed = v.get("data_messages_relayed").and_then(Value::as_u64);
+            let p = &v["process"];
+            s.metrics_cpu_s = p["cpu_runtime_ns"]
+                .as_f64()
+                .map(|ns| ns / 1e9)
+                .or_else(|| p["cpu_total_s"].as_f64());
+        }
+        s
+    }
+
+    #[derive(Debug, Serialize, Default, Clone)]
+    pub(super) struct ChatOrder {
+        pub receivers: usize,
+        /// Receivers whose list is strictly increasing in `seq`, agrees with every other
+        /// receiver on (seq → from, sseq, ts) and misses nothing the others sent.
+        pub exact: usize,
+        pub exact_percent: f64,
+        /// Receivers whose list is not strictly increasing.
+        pub out_of_order_receivers: usize,
+        pub out_of_order_messages: u64,
+        /// Receivers with a message the majority saw differently under the same `seq`.
+        pub disagreeing_receivers: usize,
+        /// `seq`s that receivers saw as different messages.
+        pub conflicting_seqs: u64,
+        /// Receivers missing some chat message another peer sent (sent − received).
+        pub incomplete_receivers: usize,
+        pub missing_messages: u64,
+        /// Messages without `seq` / `ts` in the header.
+        pub unstamped: u64,
+        /// Along the agreed timeline: `seq`s nobody saw between the first and the last
+        /// (`chat` has no gaps on a timeline of broadcasts), `ts` going back, a sender's
+        /// `sseq` going back, and `sseq` echoes that differ from the payload's.
+        pub first_seq: Option<u64>,
+        pub last_seq: Option<u64>,
+        pub seq_holes: u64,
+        pub ts_regressions: u64,
+        pub sender_order_violations: u64,
+        pub sseq_echo_mismatches: u64,
+    }
+
+    #[derive(Debug, Serialize, Default, Clone)]
+    pub(super) struct InputOrder {
+        pub receivers: usize,
+        /// Receivers that agree with the majority on every `seq` they saw.
+        pub agreeing: usize,
+        pub agreeing_percent: f64,
+        pub conflicting_seqs: u64,
+        pub unstamped: u64,
+        pub received: u64,
+        pub expected: u64,
+        pub received_percent: f64,
+        /// Messages that arrived after one with a higher `seq` (input is unordered).
+        pub arrived_late: u64,
+        pub duplicates: u64,
+        pub sseq_echo_mismatches: u64,
+    }
+
+    type Key = (u32, u64, u64);
+
+    fn key(r: &Rec) -> Key {
+        (r.from, r.sseq, r.ts)
+    }
+
+    /// seq → the message most receivers saw under it, and how many `seq`s were seen as
+    /// different messages.
+    fn consensus<'a>(lists: impl Iterator<Item = &'a [Rec]>) -> (HashMap<u64, Key>, u64) {
+        let mut votes: HashMap<u64, HashMap<Key, u32>> = HashMap::new();
+        for list in lists {
+            for r in list.iter().filter(|r| r.seq != 0) {
+                *votes.entry(r.seq).or_default().entry(key(r)).or_default() += 1;
+            }
+        }
+        let conflicts = votes.values().filter(|v| v.len() > 1).count() as u64;
+        let agreed = votes
+            .into_iter()
+            .map(|(seq, v)| {
+                let best = v
+                    .into_iter()
+                    .max_by_key(|(k, n)| (*n, std::cmp::Reverse(*k)))
+                    .map(|(k, _)| k)
+                    .unwrap_or((u32::MAX, 0, 0));
+                (seq, best)
+            })
+            .collect();
+        (agreed, conflicts)
+    }
+
+    fn percent(a: u64, b: u64) -> f64 {
+        if b == 0 {
+            0.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    }
+
+    /// `chat[i]`: what peer `i` received; `expected[i]`: chat messages the other peers sent.
+    pub(super) fn chat_order(chat: &[Vec<Rec>], expected: &[u64]) -> ChatOrder {
+        let (agreed, conflicting_seqs) = consensus(chat.iter().map(Vec::as_slice));
+        let mut o = ChatOrder {
+            receivers: chat.len(),
+            conflicting_seqs,
+            ..ChatOrder::default()
+        };
+        for (list, &exp) in chat.iter().zip(expected) {
+            let mut out_of_order = 0;
+            let mut disagree = 0;
+            let mut prev = 0;
+            for r in list {
+                if r.seq == 0 || r.ts == 0 {
+                    o.unstamped += 1;
+                    continue;
+                }
+                if r.seq <= prev {
+                    out_of_order += 1;
+                }
+                prev = prev.max(r.seq);
+                if agreed.get(&r.seq) != Some(&key(r)) {
+                    disagree += 1;
+                }
+                if r.sseq != r.k {
+                    o.sseq_echo_mismatches += 1;
+                }
+            }
+            let missing = exp.saturating_sub(list.len() as u64);
+            o.out_of_order_messages += out_of_order;
+            o.out_of_order_receivers += usize::from(out_of_order > 0);
+            o.disagreeing_receivers += usize::from(disagree > 0);
+            o.incomplete_receivers += usize::from(missing > 0);
+            o.missing_messages += missing;
+            let stamped = list.iter().all(|r| r.seq != 0 && r.ts != 0);
+            if stamped && out_of_order == 0 && disagree == 0 && missing == 0 && !list.is_empty() {
+                o.exact += 1;
+            }
+        }
+        o.exact_percent = percent(o.exact as u64, o.receivers as u64);
+        let mut seqs: Vec<(&u64, &Key)> = agreed.iter().collect();
+        seqs.sort_unstable();
+        o.first_seq = seqs.first().map(|(s, _)| **s);
+        o.last_seq = seqs.last().map(|(s, _)| **s);
+        if let (Some(a), Some(b)) = (o.first_seq, o.last_seq) {
+            o.seq_holes = (b - a + 1) - seqs.len() as u64;
+        }
+        let mut last_ts = 0;
+        let mut last_sseq: HashMap<u32, u64> = HashMap::new();
+        for (_, &(from, sseq, ts)) in seqs {
+            if ts < last_ts {
+                o.ts_regressions += 1;
+            }
+            last_ts = last_ts.max(ts);
+            let prev = last_sseq.entry(from).or_insert(0);
+            if sseq != NONE_U64 && sseq <= *prev {
+                o.sender_order_violations += 1;
+            }
+            *prev = (*prev).max(sseq);
+        }
+        o
+    }
+
+    pub(super) fn input_order(input: &[Vec<Rec>], expected: &[u64]) -> InputOrder {
+        let (agreed, conflicting_seqs) = consensus(input.iter().map(Vec::as_slice));
+        let mut o = InputOrder {
+            receivers: input.len(),
+            conflicting_seqs,
+            expected: expected.iter().sum(),
+            ..InputOrder::default()
+        };
+        for list in input {
+            let mut agree = true;
+            let mut max = 0;
+            let mut seen = std::collections::HashSet::new();
+            for r in list {
+                if r.seq == 0 || r.ts == 0 {
+                    o.unstamped += 1;
+                    agree = false;
+                    continue;
+                }
+                if agreed.get(&r.seq) != Some(&key(r)) {
+                    agree = false;
+                }
+                if r.seq < max {
+                    o.arrived_late += 1;
+                }
+                max = max.max(r.seq);
+                if !seen.insert(r.seq) {
+                    o.duplicates += 1;
+                }
+                if r.sseq != r.k {
+                    o.sseq_echo_mismatches += 1;
+                }
+            }
+            o.received += list.len() as u64;
+            o.agreeing += usize::from(agree);
+        }
+        o.agreeing_percent = percent(o.agreeing as u64, o.receivers as u64);
+        o.received_percent = percent(o.received, o.expected);
+        o
+    }
+
+    /// One lane's latency, ms: one-way (receive − send), before the server's stamp (`ts` −
+    /// send) and after it (receive − `ts`).
+    #[derive(Debug, Serialize, Default, Clone)]
+    pub(super) struct LaneLatency {
+        pub one_way_ms: LatencySummary,
+        pub send_to_ts_ms: LatencySummary,
+        pub ts_to_receive_ms: LatencySummary,
+    }
+
+    pub(super) fn lane_latency<'a>(recs: impl Iterator<Item = &'a Rec>) -> LaneLatency {
+        let (mut ow, mut before, mut after) = (Vec::new(), Vec::new(), Vec::new());
+        for r in recs {
+            if r.sent_us == i64::MIN {
+                continue;
+            }
+            ow.push((r.recv_us - r.sent_us) as f64 / 1000.0);
+            if r.ts != 0 {
+                before.push((r.ts as i64 - r.sent_us) as f64 / 1000.0);
+                after.push((r.recv_us - r.ts as i64) as f64 / 1000.0);
+            }
+        }
+        LaneLatency {
+            one_way_ms: summarize(&ow),
+            send_to_ts_ms: summarize(&before),
+            ts_to_receive_ms: summarize(&after),
+        }
+    }
+
+    #[derive(Debug, Serialize, Default, Clone)]
+    pub(super) struct ClockSync {
+        pub peers: usize,
+        pub samples: usize,
+        pub errors: u64,
+        /// |offset| of each peer's estimate (the sample with the smallest round trip), µs.
+        pub abs_offset_us: LatencySummary,
+        /// Each peer's estimate, signed, µs (server − this machine's clock; truth 0).
+        pub offset_us: LatencySummary,
+        /// Round trips of all samples, and of each peer's best one, µs.
+        pub rtt_us: LatencySummary,
+        pub best_rtt_us: LatencySummary,
+    }
+
+    pub(super) fn clock_sync_report(pings: &[Vec<(i64, i64)>], errors: u64) -> ClockSync {
+        let best: Vec<(i64, i64)> = pings
+            .iter()
+            .filter_map(|p| p.iter().min_by_key(|(rtt, _)| *rtt).copied())
+            .collect();
+        let all_rtt: Vec<f64> = pings.iter().flatten().map(|(r, _)| *r as f64).collect();
+        ClockSync {
+            peers: best.len(),
+            samples: all_rtt.len(),
+            errors,
+            abs_offset_us: summarize(
+                &best
+                    .iter()
+                    .map(|(_, o)| o.unsigned_abs() as f64)
+                    .collect::<Vec<_>>(),
+            ),
+            offset_us: summarize(&best.iter().map(|(_, o)| *o as f64).collect::<Vec<_>>()),
+            rtt_us: summarize(&all_rtt),
+            best_rtt_us: summarize(&best.iter().map(|(r, _)| *r as f64).collect::<Vec<_>>()),
+        }
+    }
+
+    fn line(name: &str, s: &LatencySummary, unit: &str) -> String {
+        format!(
+            "{name:<28} n={:<8} p50 {:>8.2} p99 {:>8.2} max {:>8.2} {unit}",
+            s.count, s.p50, s.p99, s.max
+        )
+    }
+
+    pub(super) async fn run(args: Args) -> Result<bool> {
+        let started = Instant::now();
+        let clock = WallClock::new();
+        let n = args.peers;
+        if n < 2 {
+            anyhow::bail!("--peers {n}: the timeline needs at least 2 peers");
+        }
+        if !(args.rate.is_finite() && args.rate > 0.0 && args.rate <= 1000.0) {
+            anyhow::bail!(
+                "--rate {}: messages per second (0 < rate ≤ 1000)",
+                args.rate
+            );
+        }
+        let timeout = Duration::from_secs(args.timeout.max(1));
+        let base = PeerOptions {
+            timeout,
+            keep_recent_packets: 0,
+            max_kept_messages: 1,
+            publish_audio: false,
+            publish_video: false,
+            ..PeerOptions::default()
+        };
+        let metrics_url = args
+            .metrics_url
+            .clone()
+            .or_else(|| measure::http_url_from_ws(&args.url, "/metrics"));
+        println!(
+            "loadtest --timeline: {n} peers → {} room {:?}, {} msg/s per peer on chat and on \
+             input, {} s",
+            args.url, args.room, args.rate, args.duration
+        );
+        let mut failures: Vec<String> = Vec::new();
+
+        let joins = futures_util::stream::iter((1..=n).map(|i| {
+            let name = format!("peer-{i}");
+            let (url, room, opts) = (args.url.clone(), args.room.clone(), base.clone());
+            async move {
+                let r = async {
+                    let p = Peer::connect(&url, &room, &name, opts).await?;
+                    p.wait_data_channels(timeout).await?;
+                    Ok::<_, anyhow::Error>(p)
+                }
+                .await;
+                (name, r)
+            }
+        }))
+        .buffer_unordered(args.peer.join_concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+        let mut peers: Vec<Arc<Peer>> = Vec::new();
+        for (name, r) in joins {
+            match r {
+                Ok(p) => peers.push(Arc::new(p)),
+                Err(e) => {
+                    eprintln!("  {name}: {e:#}");
+                    failures.push(format!("{name}: join failed: {e:#}"));
+                }
+            }
+        }
+        peers.sort_by(|a, b| a.name().cmp(b.name()));
+        if peers.len() < 2 {
+            for f in &failures {
+                eprintln!("FAIL: {f}");
+            }
+            eprintln!("fewer than 2 peers joined; nothing to measure");
+            return Ok(false);
+        }
+        let n = peers.len();
+        let ids: Arc<HashMap<String, u32>> = Arc::new(
+            peers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.participant_id().to_owned(), i as u32))
+                .collect(),
+        );
+        println!(
+            "{n} peers joined, data channels open, after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+
+        // Traffic, clock sync, then the drain of the chat still in flight.
+        let logs: Vec<Mutex<PeerLog>> = (0..n).map(|_| Mutex::default()).collect();
+        let drain = Arc::new(Drain {
+            received: AtomicU64::new(0),
+            target: AtomicU64::new(u64::MAX),
+            done: Notify::new(),
+        });
+        let run_for = Duration::from_secs(args.duration);
+        let settle = Duration::from_millis(args.settle_ms);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let hard_bound = tokio::time::Instant::now() + run_for + settle + Duration::from_secs(10);
+        let receivers: Vec<_> = peers
+            .iter()
+            .map(|p| {
+                tokio::spawn(receive(
+                    p.clone(),
+                    ids.clone(),
+                    clock,
+                    drain.clone(),
+                    stop_rx.clone(),
+                    hard_bound,
+                    p.subscribe_messages(),
+                ))
+            })
+            .collect();
+        let idle = if args.idle_ms > 0 {
+            let a = server_sample(metrics_url.as_deref(), args.server_pid).await;
+            let t0 = Instant::now();
+            // A measurement window (nothing to wait for): the peers keep their sessions alive.
+            tokio::time::sleep(Duration::from_millis(args.idle_ms)).await;
+            let b = server_sample(metrics_url.as_deref(), args.server_pid).await;
+            server_cpu(&a, &b).0.map(|c| c / t0.elapsed().as_secs_f64())
+        } else {
+            None
+        };
+        let before = server_sample(metrics_url.as_deref(), args.server_pid).await;
+        let generator_before = ProcUsage::read(std::process::id());
+        let window_start = Instant::now();
+        let deadline = tokio::time::Instant::now() + run_for;
+        let interval = Duration::from_secs_f64(1.0 / args.rate);
+        let ping_spacing = Duration::from_millis(200);
+        let work = peers.iter().zip(&logs).enumerate().map(|(i, (p, log))| {
+            let phase = interval.mul_f64(i as f64 / n as f64);
+            // Clock sync in the middle of the run, under load; spread over the peers.
+            let ping_phase = run_for.mul_f64(0.25) + ping_spacing.mul_f64(i as f64 / n as f64);
+            async move {
+                tokio::join!(
+                    send(p.clone(), clock, args.rate, phase, deadline, log),
+                    clock_sync(p.clone(), clock, args.pings, ping_phase, ping_spacing, log),
+                );
+            }
+        });
+        join_all(work).await;
+        let sent_end = Instant::now();
+        let chat_sent: Vec<u64> = logs.iter().map(|l| lock(l).chat_sent).collect();
+        let input_sent: Vec<u64> = logs.iter().map(|l| lock(l).input_sent).collect();
+        let total_chat: u64 = chat_sent.iter().sum();
+        let total_input: u64 = input_sent.iter().sum();
+        let expected_chat: Vec<u64> = chat_sent.iter().map(|s| total_chat - s).collect();
+        let expected_input: Vec<u64> = input_sent.iter().map(|s| total_input - s).collect();
+        let got = drain.wait(expected_chat.iter().sum(), settle).await;
+        let drained_in = sent_end.elapsed();
+        let after = server_sample(metrics_url.as_deref(), args.server_pid).await;
+        let generator_after = ProcUsage::read(std::process::id());
+        let window = window_start.elapsed();
+        let _ = stop_tx.send(true);
+        for (log, r) in logs.iter().zip(join_all(receivers).await) {
+            let (chat, input, other, lagged) =
+                r.map_err(|e| anyhow::anyhow!("a receive task failed: {e}"))?;
+            let mut l = lock(log);
+            (l.chat, l.input, l.other, l.lagged) = (chat, input, other, lagged);
+        }
+        let removals: Vec<(String, common::Removal)> = peers
+            .iter()
+            .filter_map(|p| Some((p.name().to_owned(), p.removed()?)))
+            .collect();
+        let server_errors: Vec<String> = peers
+            .iter()
+            .flat_map(|p| {
+                p.server_errors()
+                    .into_iter()
+                    .map(|(c, m)| format!("{}: {c:?}: {m}", p.name()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        join_all(peers.iter().map(|p| async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), p.leave()).await;
+        }))
+        .await;
+
+        // Analysis.
+        let logs: Vec<PeerLog> = logs
+            .into_iter()
+            .map(|l| l.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let chat: Vec<Vec<Rec>> = logs.iter().map(|l| l.chat.clone()).collect();
+        let input: Vec<Vec<Rec>> = logs.iter().map(|l| l.input.clone()).collect();
+        let chat_o = chat_order(&chat, &expected_chat);
+        let input_o = input_order(&input, &expected_input);
+        let chat_lat = lane_latency(chat.iter().flatten());
+        let input_lat = lane_latency(input.iter().flatten());
+        let pings: Vec<Vec<(i64, i64)>> = logs.iter().map(|l| l.pings.clone()).collect();
+        let sync = clock_sync_report(&pings, logs.iter().map(|l| l.ping_errors).sum());
+        let lagged: u64 = logs.iter().map(|l| l.lagged).sum();
+        let send_errors: u64 = logs.iter().map(|l| l.send_errors).sum();
+        let other: u64 = logs.iter().map(|l| l.other).sum();
+
+        let secs = window.as_secs_f64();
+        let relayed = match (before.relayed, after.relayed) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let (server_cpu_s, cpu_source, metrics_cpu) = server_cpu(&before, &after);
+        let per_msg = |c: Option<f64>| {
+            c.zip(relayed.filter(|&r| r > 0))
+                .map(|(c, r)| c * 1e6 / r as f64)
+        };
+        // Above idle: what the same peers cost the server without traffic, taken off.
+        let above_idle = server_cpu_s
+            .zip(idle)
+            .map(|(c, per_s)| (c - per_s * secs).max(0.0));
+        let received_total: u64 = chat.iter().chain(&input).map(|l| l.len() as u64).sum();
+        let generator_cpu = measure::cpu_delta(&generator_before, &generator_after);
+        // Time runnable but waiting for a CPU, % of the window: how much the rest of the
+        // machine held the server and this process back (latency then measures the machine).
+        let wait_percent = |a: Option<&ProcUsage>, b: Option<&ProcUsage>| {
+            a.zip(b)
+                .and_then(|(a, b)| measure::wait_delta(a, b))
+                .map(|w| 100.0 * w / secs)
+        };
+        let server_wait = wait_percent(before.proc.as_ref(), after.proc.as_ref());
+        let generator_wait = wait_percent(Some(&generator_before), Some(&generator_after));
+        let loadavg = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok());
+
+        // Verdict.
+        for (name, r) in &removals {
+            failures.push(format!(
+                "{name}: removed by the server {}: {}",
+                relative(r.at, window_start),
+                r.reason
+            ));
+        }
+        if let Some(e) = server_errors.first() {
+            failures.push(format!(
+                "{} server error(s), first {e}",
+                server_errors.len()
+            ));
+        }
+        if chat_o.unstamped + input_o.unstamped > 0 {
+            failures.push(format!(
+                "{} chat and {} input message(s) without seq/ts in the server's header",
+                chat_o.unstamped, input_o.unstamped
+            ));
+        }
+        if chat_o.exact < chat_o.receivers {
+            failures.push(format!(
+                "chat order agreement {:.1}% ({} of {} receivers): {} out of order ({} \
+                 messages), {} disagreeing ({} conflicting seqs), {} incomplete ({} messages \
+                 missing{})",
+                chat_o.exact_percent,
+                chat_o.exact,
+                chat_o.receivers,
+                chat_o.out_of_order_receivers,
+                chat_o.out_of_order_messages,
+                chat_o.disagreeing_receivers,
+                chat_o.conflicting_seqs,
+                chat_o.incomplete_receivers,
+                chat_o.missing_messages,
+                if lagged > 0 {
+                    format!("; {lagged} dropped by this process's receive feeds")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if chat_o.seq_holes + chat_o.ts_regressions + chat_o.sender_order_violations > 0 {
+            failures.push(format!(
+                "chat timeline: {} seq hole(s), {} ts regression(s), {} sender-order violation(s)",
+                chat_o.seq_holes, chat_o.ts_regressions, chat_o.sender_order_violations
+            ));
+        }
+        if input_o.conflicting_seqs > 0
+            || chat_o.sseq_echo_mismatches + input_o.sseq_echo_mismatches > 0
+        {
+            failures.push(format!(
+                "input: {} seq(s) seen as different messages; sseq echoes that differ from the \
+                 sender's: {} chat, {} input",
+                input_o.conflicting_seqs, chat_o.sseq_echo_mismatches, input_o.sseq_echo_mismatches
+            ));
+        }
+        if total_chat == 0 {
+            failures.push("no chat message was sent".to_owned());
+        }
+        if sync.peers < n {
+            failures.push(format!(
+                "clock sync: {} of {n} peers got no pong ({} ping errors)",
+                n - sync.peers,
+                sync.errors
+            ));
+        }
+
+        // Report.
+        println!();
+        println!(
+            "window {secs:.1} s (traffic {} s + drain {:.0} ms); sent chat {total_chat}, input \
+             {total_input}; send errors {send_errors}; other messages {other}; receive-feed \
+             drops {lagged}",
+            args.duration,
+            ms(drained_in)
+        );
+        println!(
+            "chat order agreement: {:.1}% ({} of {} receivers exact); seq {}..{} ({} holes), \
+             {} conflicting seqs, {} out-of-order, {} missing ({} of {} received), {} ts \
+             regressions, {} sender-order violations",
+            chat_o.exact_percent,
+            chat_o.exact,
+            chat_o.receivers,
+            chat_o.first_seq.unwrap_or(0),
+            chat_o.last_seq.unwrap_or(0),
+            chat_o.seq_holes,
+            chat_o.conflicting_seqs,
+            chat_o.out_of_order_messages,
+            chat_o.missing_messages,
+            got,
+            expected_chat.iter().sum::<u64>(),
+            chat_o.ts_regressions,
+            chat_o.sender_order_violations
+        );
+        println!(
+            "input seq agreement: {:.1}% ({} of {} receivers), {} conflicting seqs; received \
+             {} of {} ({:.2}%), {} arrived after a higher seq, {} duplicates",
+            input_o.agreeing_percent,
+            input_o.agreeing,
+            input_o.receivers,
+            input_o.conflicting_seqs,
+            input_o.received,
+            input_o.expected,
+            input_o.received_percent,
+            input_o.arrived_late,
+            input_o.duplicates
+        );
+        for (lane, l) in [("chat", &chat_lat), ("input", &input_lat)] {
+            println!("{}", line(&format!("{lane} one-way"), &l.one_way_ms, "ms"));
+            println!(
+                "{}",
+                line(&format!("{lane} send → ts"), &l.send_to_ts_ms, "ms")
+            );
+            println!(
+                "{}",
+                line(&format!("{lane} ts → receive"), &l.ts_to_receive_ms, "ms")
+            );
+        }
+        println!(
+            "{}",
+            line(
+                "clock sync |offset|",
+                &sync.abs_offset_us,
+                "µs (min-RTT of each peer)"
+            )
+        );
+        println!(
+            "{}",
+            line("clock sync rtt", &sync.rtt_us, "µs (all samples)")
+        );
+        println!("{}", line("clock sync best rtt", &sync.best_rtt_us, "µs"));
+        let opt =
+            |v: Option<f64>, unit: &str| v.map_or("-".to_owned(), |v| format!("{v:.2}{unit}"));
+        println!(
+            "server: relayed {} data messages ({}/s), CPU {} ({} of one core, {cpu_source}) = {} \
+             per relayed message; generator CPU {}",
+            relayed.map_or("?".to_owned(), |r| r.to_string()),
+            relayed.map_or("?".to_owned(), |r| format!("{:.0}", r as f64 / secs)),
+            opt(server_cpu_s, " s"),
+            opt(server_cpu_s.map(|c| 100.0 * c / secs), "%"),
+            opt(per_msg(server_cpu_s), " µs"),
+            opt(generator_cpu.map(|c| 100.0 * c / secs), "% of one core"),
+        );
+        println!(
+            "CPU wait (runnable, no CPU free) in % of the window: server {}, generator {}; \
+             1-minute load average {}",
+            opt(server_wait, "%"),
+            opt(generator_wait, "%"),
+            loadavg.map_or("?".to_owned(), |l| format!("{l:.2}")),
+        );
+        if let Some(per_s) = idle {
+            println!(
+                "server idle (peers joined, silent, {} ms before the traffic): {:.2}% of one \
+                 core; above idle {} per relayed message",
+                args.idle_ms,
+                100.0 * per_s,
+                opt(per_msg(above_idle), " µs"),
+            );
+        }
+        let ok = failures.is_empty();
+        if let Some(path) = &args.json {
+            let report = json!({
+                "mode": "timeline",
+                "args": args,
+                "ok": ok,
+                "failures": failures,
+                "wall_time_s": started.elapsed().as_secs_f64(),
+                "peers": n,
+                "window_s": secs,
+                "drain_ms": ms(drained_in),
+                "sent": {"chat": total_chat, "input": total_input, "errors": send_errors},
+                "received": {"total": received_total, "other": other, "feed_drops": lagged},
+                "timeline": {"chat": chat_o, "input": input_o},
+                "latency": {"chat": chat_lat, "input": input_lat},
+                "clock_sync": sync,
+                "server": {
+                    "data_messages_relayed": relayed,
+                    "relayed_per_s": relayed.map(|r| r as f64 / secs),
+                    "cpu_s": server_cpu_s,
+                    "cpu_source": cpu_source,
+                    "cpu_percent": server_cpu_s.map(|c| 100.0 * c / secs),
+                    "us_per_relayed_message": per_msg(server_cpu_s),
+                    "idle_cpu_percent": idle.map(|c| 100.0 * c),
+                    "us_per_relayed_message_above_idle": per_msg(above_idle),
+                    "metrics_cpu_s": metrics_cpu,
+                    "metrics_us_per_relayed_message": per_msg(metrics_cpu),
+                    "generator_cpu_percent": generator_cpu.map(|c| 100.0 * c / secs),
+                    "cpu_wait_percent": server_wait,
+                    "generator_cpu_wait_percent": generator_wait,
+                    "load_average_1m": loadavg,
+                },
+                "removed": removals.iter().map(|(name, r)| json!({"peer": name, "reason": r.reason})).collect::<Vec<_>>(),
+                "note": "one-way = receive − send, both on this process's wall clock (one \
+                         SystemTime reading advanced by the monotonic clock); ts is the server's; \
+                         clock offsets are server_time − (t_send + t_recv)/2 of each peer's \
+                         min-RTT ping, truth 0 on one machine",
+            });
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+        if ok {
+            println!("OK");
+        } else {
+            for f in &failures {
+                eprintln!("FAIL: {f}");
+            }
+        }
+        Ok(ok)
     }
 }

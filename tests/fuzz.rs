@@ -155,7 +155,18 @@ fn fuzz_data() {
                 assert!(!inbound.to[i + 1..].contains(a), "duplicate recipient {a}");
             }
             let from = inbound.to.first().map_or("PA_x", String::as_str);
-            let framed = data::frame_for_receiver(from, inbound.payload);
+            let framed = plaza::sfu::timeline::frame(
+                &plaza::sfu::timeline::Header {
+                    from,
+                    stamp: plaza::sfu::timeline::Stamp { seq: 1, ts: 2 },
+                    sseq: inbound.sseq,
+                    event: None,
+                    replay: false,
+                    text: false,
+                    tick: None,
+                },
+                inbound.payload,
+            );
             assert!(framed.ends_with(inbound.payload));
             let back = data::parse_client(&framed, max.max(inbound.payload.len()))
                 .expect("a framed message parses");

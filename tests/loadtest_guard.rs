@@ -227,6 +227,106 @@ async fn run_fails_and_names_peers_the_server_removed() {
     }
 }
 
+/// The timeline mode (`--timeline`): four peers send on `chat` and `input` for 3 s; every
+/// receiver's chat must be in the server's `seq` order and agree with the others (100 %), input
+/// must be stamped consistently, and the latency, clock-sync and server figures must be there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeline_run_agrees_on_chat_order() {
+    let server = TestServer::start().await;
+    let run = Run::start(
+        &server,
+        "guard-timeline",
+        &[
+            "--timeline",
+            "--peers",
+            "4",
+            "--rate",
+            "20",
+            "--duration",
+            "3",
+            "--pings",
+            "3",
+            "--settle-ms",
+            "5000",
+        ],
+    );
+    let (status, output, report) = run.finish().await;
+    assert!(
+        status.success(),
+        "timeline run failed ({status}):\n{output}"
+    );
+    assert!(output.contains("out| OK"), "no OK line:\n{output}");
+    assert_eq!(report["mode"], "timeline", "{output}");
+    assert_eq!(report["ok"], true, "{output}");
+
+    let chat = &report["timeline"]["chat"];
+    assert_eq!(chat["receivers"], 4, "{chat:#}");
+    assert_eq!(chat["exact"], 4, "{chat:#}");
+    assert_eq!(chat["exact_percent"], 100.0, "{chat:#}");
+    for k in [
+        "unstamped",
+        "missing_messages",
+        "conflicting_seqs",
+        "seq_holes",
+        "ts_regressions",
+        "sender_order_violations",
+        "sseq_echo_mismatches",
+    ] {
+        assert_eq!(chat[k], 0, "chat {k}: {chat:#}");
+    }
+    // 4 peers × 20/s × 3 s, each to the 3 others; the timeline numbers every one of them.
+    let sent = report["sent"]["chat"].as_u64().unwrap();
+    assert!(sent >= 150, "only {sent} chat messages sent:\n{output}");
+    let (first, last) = (
+        chat["first_seq"].as_u64().unwrap(),
+        chat["last_seq"].as_u64().unwrap(),
+    );
+    assert_eq!(last - first + 1, sent, "{chat:#}");
+
+    let input = &report["timeline"]["input"];
+    assert_eq!(input["conflicting_seqs"], 0, "{input:#}");
+    assert_eq!(input["unstamped"], 0, "{input:#}");
+    assert!(input["received"].as_u64().unwrap() > 0, "{input:#}");
+
+    // Latency: every received message has its three figures; the halves add up.
+    for lane in ["chat", "input"] {
+        let l = &report["latency"][lane];
+        let n = l["one_way_ms"]["count"].as_u64().unwrap();
+        assert!(n > 0, "{lane}: {l:#}");
+        assert_eq!(l["send_to_ts_ms"]["count"], n, "{lane}: {l:#}");
+        assert_eq!(l["ts_to_receive_ms"]["count"], n, "{lane}: {l:#}");
+        let half = |k: &str| l[k]["mean"].as_f64().unwrap();
+        let sum = half("send_to_ts_ms") + half("ts_to_receive_ms");
+        assert!(
+            (sum - half("one_way_ms")).abs() < 0.01,
+            "{lane}: the halves do not add up: {l:#}"
+        );
+    }
+    // Clock sync: each peer's min-RTT estimate is within half its round trip of the truth (0,
+    // one machine), plus slack for the two readings of the system clock.
+    let sync = &report["clock_sync"];
+    assert_eq!(sync["peers"], 4, "{sync:#}");
+    let worst = sync["abs_offset_us"]["max"].as_f64().unwrap();
+    let rtt = sync["best_rtt_us"]["max"].as_f64().unwrap();
+    assert!(
+        worst <= rtt / 2.0 + 1000.0,
+        "offset {worst} µs, rtt {rtt} µs"
+    );
+    // The server counted what it relayed (at least what the peers received).
+    let relayed = report["server"]["data_messages_relayed"].as_u64();
+    let received = report["received"]["total"].as_u64().unwrap();
+    assert!(
+        relayed.is_some_and(|r| r >= received && received > 0),
+        "relayed {relayed:?}, received {received}"
+    );
+    assert!(
+        report["server"]["us_per_relayed_message"]
+            .as_f64()
+            .is_some()
+    );
+    server.shutdown().await;
+}
+
 /// What the load tester relies on: a server `leave` is a removal; leaving on purpose is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_records_removal_but_not_its_own_leave() {

@@ -2810,6 +2810,7 @@ impl<T: Transmit> Sfu<T> {
             subscriptions: HashMap::new(),
             limiter: data::RateLimiter::new(self.cfg.limits.data_rate()),
             timeline_events: req.timeline.events && !req.publish_only && req.view.is_none(),
+            history_limiter: data::RateLimiter::new(timeline::HISTORY_RATE),
             waiting: Default::default(),
             outbox: Outbox::new(),
             selected_at_bps: None,

@@ -28,18 +28,25 @@
 //! * The same framing applies to text (string) and binary messages; the relayed message
 //!   keeps the sender's type.
 //!
-//! **Server → client.** `{"from":"PA_sender"}` `"\n"` `PAYLOAD`: a one-line JSON object with
-//! the sender's participant id, a newline, and the payload exactly as the sender sent it.
+//! * Optional room-timeline fields: `"sseq"` (the sender's own sequence number, an integer
+//!   below 2^53, growing per channel; retries with an `sseq` already taken are dropped) and
+//!   `"ack": true` (needs `sseq`: the server acknowledges the message on the same channel).
+//!
+//! **Server → client.** A one-line JSON header, a newline, and the payload exactly as the
+//! sender sent it. The header carries the sender's participant id (`from`), the message's
+//! place on the room's timeline (`seq`), the server's clock when it took it (`ts`, µs since
+//! the Unix epoch) and the sender's `sseq` if it gave one; it is built by
+//! [`super::timeline::frame`], which also frames acknowledgements and input tick batches.
 //!
 //! Examples (text messages):
 //!
 //! ```text
-//! client sends:   \nhello everyone                {"to":["PA_b"]}\nhello b
-//! others receive: {"from":"PA_a"}\nhello everyone  {"from":"PA_a"}\nhello b   (only PA_b)
+//! client sends:   \nhello everyone
+//! others receive: {"from":"PA_a","seq":7,"ts":1796533329123456}\nhello everyone
 //! ```
 //!
 //! A message the server itself sends (a room admin's, through the admin API) has
-//! `{"from":"server"}`.
+//! `{"from":"server",…}`.
 //!
 //! **Errors** (reported to the sender; the message is not relayed), see [`DataError::code`]:
 //!
@@ -54,7 +61,6 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -219,19 +225,6 @@ pub fn parse_client(msg: &[u8], max_payload: usize) -> Result<Inbound<'_>, DataE
         sseq,
         ack,
     })
-}
-
-/// Frame a payload for delivery: `{"from":"<from>"}` + `"\n"` + payload. Build it once per
-/// message and clone the [`Bytes`] for each recipient. If the sender's message was text, the
-/// result is valid UTF-8 too (the header is JSON).
-pub fn frame_for_receiver(from: &str, payload: &[u8]) -> Bytes {
-    let quoted = serde_json::to_string(from).unwrap_or_else(|_| String::from("\"\""));
-    let mut buf = Vec::with_capacity(quoted.len() + payload.len() + 10);
-    buf.extend_from_slice(b"{\"from\":");
-    buf.extend_from_slice(quoted.as_bytes());
-    buf.extend_from_slice(b"}\n");
-    buf.extend_from_slice(payload);
-    Bytes::from(buf)
 }
 
 /// Limits for one participant's data-channel traffic. A rate of 0 disables that limit.
@@ -406,7 +399,7 @@ mod tests {
         let m = ok(b"{\"from\":\"PA_evil\"}\nx");
         assert!(m.is_broadcast());
         let framed = frame_for_receiver("PA_real", m.payload);
-        assert_eq!(&framed[..], b"{\"from\":\"PA_real\"}\nx");
+        assert_eq!(&framed[..], b"{\"from\":\"PA_real\",\"seq\":1,\"ts\":2}\nx");
     }
 
     #[test]
@@ -476,15 +469,57 @@ mod tests {
         assert_eq!(ok(&to_header(500, true)).to.len(), 2);
     }
 
+    /// A relayed message's framing (seq 1, ts 2).
+    fn frame_for_receiver(from: &str, payload: &[u8]) -> bytes::Bytes {
+        use crate::sfu::timeline::{Header, Stamp, frame};
+        frame(
+            &Header {
+                from,
+                stamp: Stamp { seq: 1, ts: 2 },
+                sseq: None,
+                event: None,
+                replay: false,
+                text: false,
+                tick: None,
+            },
+            payload,
+        )
+    }
+
+    #[test]
+    fn timeline_fields() {
+        let m = ok(b"{\"sseq\":7,\"ack\":true}\nx");
+        assert_eq!((m.sseq, m.ack), (Some(7), true));
+        let m = ok(b"{\"sseq\":9007199254740991}\nx");
+        assert_eq!((m.sseq, m.ack), (Some(MAX_SSEQ), false));
+        for bad in [
+            &b"{\"sseq\":9007199254740992}\nx"[..],
+            b"{\"sseq\":-1}\nx",
+            b"{\"sseq\":1.5}\nx",
+            b"{\"sseq\":\"1\"}\nx",
+            b"{\"ack\":true}\nx",
+            b"{\"ack\":1,\"sseq\":1}\nx",
+        ] {
+            let e = parse_client(bad, MAX).unwrap_err();
+            assert_eq!(e.code(), "bad_header", "{:?}", std::str::from_utf8(bad));
+        }
+    }
+
     #[test]
     fn framing_for_receivers() {
         let f = frame_for_receiver("PA_abc", b"hello\nworld");
-        assert_eq!(&f[..], b"{\"from\":\"PA_abc\"}\nhello\nworld");
+        assert_eq!(
+            &f[..],
+            b"{\"from\":\"PA_abc\",\"seq\":1,\"ts\":2}\nhello\nworld"
+        );
         // Escaping keeps the header one valid JSON line.
         let f = frame_for_receiver("we\"ird\nid", &[0xff]);
         let nl = f.iter().position(|&b| b == b'\n').unwrap();
         let v: serde_json::Value = serde_json::from_slice(&f[..nl]).unwrap();
-        assert_eq!(v, serde_json::json!({ "from": "we\"ird\nid" }));
+        assert_eq!(
+            v,
+            serde_json::json!({ "from": "we\"ird\nid", "seq": 1, "ts": 2 })
+        );
         assert_eq!(&f[nl + 1..], &[0xff]);
         // A relayed message is itself a valid client message (broadcast).
         let again = ok(&f);

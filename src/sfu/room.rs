@@ -238,6 +238,8 @@ pub(super) struct Participant {
     pub(super) limiter: data::RateLimiter,
     /// It asked for the room's events on its `chat` channel.
     pub(super) timeline_events: bool,
+    /// Its `history` requests (each may replay a whole history).
+    pub(super) history_limiter: data::RateLimiter,
     /// Data-channel messages waiting for its channel to open, per lane (`is_text`, message).
     pub(super) waiting: [Waiting; 2],
     /// Signaling events waiting for room in `events` (coalesced).

@@ -10,6 +10,15 @@ use super::super::timeline::{
 };
 use super::*;
 
+/// How often a participant may ask for history: bursts of 3, then one a second (a replay
+/// may be a whole history: up to 4 MiB).
+pub(super) const HISTORY_RATE: data::RateLimit = data::RateLimit {
+    messages_per_sec: 1,
+    message_burst: 3,
+    bytes_per_sec: 0,
+    byte_burst: 1,
+};
+
 /// The name of a room event that goes on the timeline (`None`: not one).
 fn event_name(msg: &ServerMessage) -> Option<&'static str> {
     Some(match msg {
@@ -262,12 +271,22 @@ impl<T: Transmit> Sfu<T> {
 
     /// `history`: replay the room's `chat` after `since` to the participant.
     pub(super) fn on_history(&mut self, part: PartKey, since: u64) {
-        let Some(room) = self.rooms.get(&part.room) else {
+        let now = self.now;
+        let Some(room) = self.rooms.get_mut(&part.room) else {
             return;
         };
-        let Some(p) = room.parts.get(&part) else {
+        let Some(p) = room.parts.get_mut(&part) else {
             return;
         };
+        if let Err(e) = p.history_limiter.check(now, 0) {
+            let m = ServerMessage::error(
+                ErrorCode::RateLimited,
+                format!("history not replayed: {e}"),
+                Some("history"),
+            );
+            self.send_to(part, m);
+            return;
+        }
         if p.viewer.is_some() || p.publish_only {
             let m = ServerMessage::error(
                 ErrorCode::InvalidState,
