@@ -1,7 +1,12 @@
 // Plaza demo page: join a room, see everyone, chat. Uses only plaza-client.js.
 //
 // URL parameters: room, name (both: join at once), quality=low|medium|high (caps every remote
-// video and, unless adaptive=1, turns off size-based selection so the cap is what you get).
+// video and, unless adaptive=1, turns off size-based selection so the cap is what you get),
+// publish=0 (watch and chat only: no camera or microphone).
+//
+// The chat is the room timeline: every line (messages, our own once the server acknowledged
+// them, joins and leaves) sits in `seq` order with the server's time, so every page shows the
+// same order. The buzzer ("who pressed first") is built on it: the press with the lowest seq wins.
 import { PlazaClient } from './plaza-client.js';
 
 const $ = (sel) => document.querySelector(sel);
@@ -9,7 +14,13 @@ const params = new URLSearchParams(location.search);
 const QUALITY_LABEL = { low: 'low', medium: 'medium', high: 'high' };
 
 // Exposed for tests and for poking at from the console.
-const demo = (window.plaza = { client: null, times: { joinClick: null, joined: null, firstFrame: null }, tiles: new Map() });
+const demo = (window.plaza = {
+  client: null,
+  times: { joinClick: null, joined: null, firstFrame: null },
+  tiles: new Map(),
+  names: new Map(), // participant id → display name (also of those who left)
+  buzzer: { round: 1, rounds: new Map() }, // round → presses [{seq, ts, from, name, mine}] by seq
+});
 
 let statsTimer = null;
 let lastBytes = new Map(); // participant id → {bytes, t}
@@ -28,7 +39,19 @@ function setStatus(state, text) {
   $('#status').textContent = text ?? state;
 }
 
-function chatLine({ from, text, mine = false, system = false }) {
+/** The server's time `ts` (µs since the Unix epoch) as HH:MM:SS.mmm (local time zone). */
+function fmtTime(ts) {
+  const d = new Date(ts / 1000);
+  const two = (n) => String(n).padStart(2, '0');
+  return `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}.${String(d.getMilliseconds()).padStart(3, '0')}`;
+}
+
+/**
+ * A line of the chat log. Lines with a timeline `seq` are kept in `seq` order (a replayed or
+ * late-acknowledged one slots in where it belongs); our own messages wait at the end
+ * (`pending`, keyed by `sseq`) until the server's acknowledgement gives them their place.
+ */
+function chatLine({ from, text, mine = false, system = false, seq = null, ts = null, sseq = null }) {
   const li = document.createElement('li');
   if (system) li.className = 'system';
   if (mine) li.className = 'mine';
@@ -38,11 +61,142 @@ function chatLine({ from, text, mine = false, system = false }) {
     b.textContent = from;
     li.append(b);
   }
-  li.append(document.createTextNode(text));
+  const t = document.createElement('span');
+  t.className = 'text';
+  t.textContent = text;
+  li.append(t);
+  if (ts !== null) {
+    const time = document.createElement('time');
+    time.dateTime = new Date(ts / 1000).toISOString();
+    time.textContent = fmtTime(ts);
+    time.title = `server time; seq ${seq}`;
+    li.append(time);
+    li.dataset.ts = ts;
+  }
   const log = $('#chat-log');
-  log.append(li);
-  log.scrollTop = log.scrollHeight;
+  const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 8;
+  let before = null;
+  if (seq !== null) {
+    li.dataset.seq = seq;
+    before = [...log.children].find((x) => (x.dataset.seq !== undefined && Number(x.dataset.seq) > seq) || x.classList.contains('pending')) ?? null;
+  } else if (sseq !== null) {
+    li.classList.add('pending');
+    li.dataset.sseq = sseq;
+  }
+  log.insertBefore(li, before);
+  if (atBottom || mine) log.scrollTop = log.scrollHeight;
+  return li;
 }
+
+const nameOf = (id) => (id === demo.client?.participantId ? `${demo.client.name}` : demo.client?.participants.get(id)?.name ?? demo.names.get(id) ?? id);
+
+/** One entry of the room timeline: a chat line, a join/leave line, or a buzzer press. */
+function onTimeline(e) {
+  if (e.event) {
+    const d = e.data ?? {};
+    if (e.event === 'participant_joined' && d.participant) {
+      demo.names.set(d.participant.id, d.participant.name);
+      const self = d.participant.id === demo.client.participantId;
+      chatLine({ text: self ? 'you joined' : `${d.participant.name} joined`, system: true, seq: e.seq, ts: e.ts });
+    } else if (e.event === 'participant_left') {
+      chatLine({ text: `${nameOf(d.participant_id)} left`, system: true, seq: e.seq, ts: e.ts });
+    }
+    return;
+  }
+  if (e.mine) $(`#chat-log li.pending[data-sseq="${e.sseq}"]`)?.remove();
+  const text = e.binary ? '[binary message]' : e.text;
+  if (!e.binary && onBuzzerMessage(e)) return;
+  chatLine({ from: e.mine ? 'you' : nameOf(e.from), text, mine: e.mine, seq: e.seq, ts: e.ts });
+}
+
+// ---- the buzzer: who pressed first? ----
+//
+// A press is the chat message {"buzz":true,"round":N}; "new round" is {"buzzround":N}. The
+// room's timeline orders them: in each round the press with the lowest seq wins, on every page.
+
+/** Handle a buzzer message on the timeline; false when `e` is an ordinary chat message. */
+function onBuzzerMessage(e) {
+  let m;
+  try {
+    m = JSON.parse(e.text);
+  } catch {
+    return false;
+  }
+  if (!m || typeof m !== 'object') return false;
+  const b = demo.buzzer;
+  if (Number.isInteger(m.buzzround)) {
+    if (m.buzzround > b.round) b.round = m.buzzround;
+  } else if (m.buzz === true && Number.isInteger(m.round)) {
+    if (!b.rounds.has(m.round)) b.rounds.set(m.round, []);
+    const presses = b.rounds.get(m.round);
+    const from = e.mine ? demo.client.participantId : e.from;
+    const prev = presses.findIndex((x) => x.from === from);
+    if (prev >= 0 && presses[prev].seq < e.seq) return true; // only a participant's first press counts
+    if (prev >= 0) presses.splice(prev, 1);
+    presses.push({ seq: e.seq, ts: e.ts, from, name: e.mine ? 'you' : nameOf(e.from), mine: e.mine });
+    presses.sort((x, y) => x.seq - y.seq);
+    if (m.round > b.round) b.round = m.round;
+  } else {
+    return false;
+  }
+  renderBuzzer();
+  return true;
+}
+
+function renderBuzzer() {
+  const b = demo.buzzer;
+  const presses = b.rounds.get(b.round) ?? [];
+  $('#buzz-round').textContent = `round ${b.round}`;
+  const me = demo.client?.participantId;
+  $('#buzz').disabled = !demo.client?.channelOpen('chat') || presses.some((p) => p.from === me) || b.pendingRound === b.round;
+  const list = $('#buzz-presses');
+  list.replaceChildren(
+    ...presses.map((p, i) => {
+      const li = document.createElement('li');
+      li.dataset.seq = p.seq;
+      li.dataset.from = p.from;
+      if (i === 0) li.className = 'winner';
+      const gap = i === 0 ? 'first' : `+${((p.ts - presses[0].ts) / 1000).toFixed(1)} ms`;
+      li.textContent = `${p.name} · ${fmtTime(p.ts)} · ${gap}`;
+      return li;
+    }),
+  );
+  const w = presses[0];
+  $('#buzz-winner').textContent = w ? `${w.name} ${w.mine ? 'win' : 'wins'} round ${b.round}` : 'nobody has pressed yet';
+  $('#buzz-winner').dataset.winner = w?.from ?? '';
+  // Earlier rounds, newest first: who won and by how much.
+  const past = [...b.rounds.keys()].filter((r) => r < b.round).sort((x, y) => y - x);
+  $('#buzz-past').replaceChildren(
+    ...past.map((r) => {
+      const [first, second] = b.rounds.get(r);
+      const li = document.createElement('li');
+      li.dataset.round = r;
+      li.dataset.winner = first.from;
+      li.textContent = `round ${r}: ${first.name}${second ? `, ${((second.ts - first.ts) / 1000).toFixed(1)} ms ahead` : ''}`;
+      return li;
+    }),
+  );
+}
+
+$('#buzz').onclick = () => {
+  const b = demo.buzzer;
+  try {
+    b.pendingRound = b.round;
+    demo.client.sendChat(JSON.stringify({ buzz: true, round: b.round }));
+  } catch (err) {
+    b.pendingRound = null;
+    showMessage(`Buzz not sent: ${err.message}`);
+  }
+  renderBuzzer();
+};
+
+$('#buzz-new').onclick = () => {
+  try {
+    demo.client.sendChat(JSON.stringify({ buzzround: demo.buzzer.round + 1 }));
+  } catch (err) {
+    showMessage(`New round not started: ${err.message}`);
+  }
+};
 
 function tileFor(id, name, local = false) {
   let tile = demo.tiles.get(id);
@@ -105,14 +259,17 @@ async function join(room, name) {
   const grants = params.get('grants');
   const tokenUrl = grants ? `/dev/token?grants=${encodeURIComponent(grants)}` : null;
   const client = new PlazaClient({ room, name, defaultQuality: quality, adaptiveStream: adaptive, tokenUrl });
+  const publish = params.get('publish') !== '0';
   demo.client = client;
   wire(client);
   $('#quality').value = quality ?? '';
 
   // Camera and signaling in parallel: whichever is slower decides the join time.
-  const media = navigator.mediaDevices
-    ? navigator.mediaDevices.getUserMedia({ video: { width: 1280, height: 720 }, audio: true }).catch((e) => e)
-    : Promise.resolve(new Error('this page needs a secure context (https or localhost) for the camera'));
+  const media = !publish
+    ? Promise.resolve(null)
+    : navigator.mediaDevices
+      ? navigator.mediaDevices.getUserMedia({ video: { width: 1280, height: 720 }, audio: true }).catch((e) => e)
+      : Promise.resolve(new Error('this page needs a secure context (https or localhost) for the camera'));
 
   setStatus('connecting', 'connecting…');
   try {
@@ -139,6 +296,9 @@ async function join(room, name) {
   history.replaceState(null, '', url);
 
   showGoLive(client.room);
+  renderBuzzer();
+  // What was said before we came (and the buzzer's rounds): the room's recent timeline.
+  if (timelineServer(client)) client.history(0).catch((err) => console.warn('plaza: no chat history', err.code, err.message));
 
   const local = tileFor('local', name, true);
   const stream = await media;
@@ -149,6 +309,10 @@ async function join(room, name) {
     } catch (err) {
       showMessage(`Could not publish camera and microphone: ${err.message}`);
     }
+  } else if (stream === null) {
+    local.querySelector('.stats').textContent = 'not publishing';
+    $('#toggle-camera').disabled = true;
+    $('#toggle-mic').disabled = true;
   } else {
     const why = stream?.name === 'NotAllowedError' ? 'access was refused' : stream?.name === 'NotFoundError' ? 'no camera or microphone was found' : stream?.message;
     showMessage(`Camera and microphone unavailable (${why}). You joined as a viewer: you can still watch and chat.`);
@@ -158,6 +322,9 @@ async function join(room, name) {
   }
   statsTimer = setInterval(updateStats, 1000);
 }
+
+/** Whether the server stamps the room timeline (its `joined` says `input_tick_hz`). */
+const timelineServer = (client) => client.joinInfo?.input_tick_hz !== undefined;
 
 function wire(client) {
   client.on('pcstatechange', ({ target, state }) => {
@@ -179,11 +346,13 @@ function wire(client) {
     tile._mute = { cam: tracks.some((t) => t.kind === 'video' && t.muted), mic: tracks.some((t) => t.kind === 'audio' && t.muted) };
     setBadges(tile, tile._mute);
     setQuality(tile, participant.quality, participant.qualityScore);
-    if (client.state === 'connected') chatLine({ text: `${participant.name} joined`, system: true });
+    demo.names.set(participant.id, participant.name);
+    // A server without the room timeline: joins and leaves as they arrive on the WebSocket.
+    if (client.state === 'connected' && !timelineServer(client)) chatLine({ text: `${participant.name} joined`, system: true });
   });
   client.on('participantleft', ({ participantId, participant, reason }) => {
     removeTile(participantId);
-    if (participant && reason !== 'disconnected') chatLine({ text: `${participant.name} left`, system: true });
+    if (participant && reason !== 'disconnected' && !timelineServer(client)) chatLine({ text: `${participant.name} left`, system: true });
   });
   client.on('trackadded', ({ trackId, participantId, kind, participant }) => {
     const tile = tileFor(participantId, participant?.name ?? participantId);
@@ -235,15 +404,21 @@ function wire(client) {
     if (label !== 'chat') return;
     $('#chat-input').disabled = false;
     $('#chat-send').disabled = false;
+    $('#buzz-new').disabled = false;
+    renderBuzzer();
   });
   client.on('channelclose', ({ label }) => {
     if (label !== 'chat') return;
     $('#chat-input').disabled = true;
     $('#chat-send').disabled = true;
+    $('#buzz-new').disabled = true;
+    renderBuzzer();
   });
-  client.on('chat', ({ participant, from, text, binary }) => {
-    chatLine({ from: participant?.name ?? from, text: binary ? '[binary message]' : text });
+  // Messages with a timeline seq come through 'timeline' (with ours and the room's events).
+  client.on('chat', ({ participant, from, text, binary, seq }) => {
+    if (seq === null) chatLine({ from: participant?.name ?? from, text: binary ? '[binary message]' : text });
   });
+  client.on('timeline', onTimeline);
   client.on('dataerror', ({ message }) => showMessage(message));
   client.on('autoplayblocked', () => ($('#enable-sound').hidden = false));
   client.on('error', (err) => {
@@ -376,8 +551,9 @@ $('#chat-form').addEventListener('submit', (e) => {
   const text = $('#chat-input').value;
   if (!text.trim() || !demo.client) return;
   try {
-    demo.client.sendChat(text);
-    chatLine({ from: 'you', text, mine: true });
+    const sseq = demo.client.sendChat(text);
+    // Shown at once; the server's acknowledgement (a 'timeline' entry) moves it to its place.
+    chatLine({ from: 'you', text, mine: true, sseq: timelineServer(demo.client) ? sseq : null });
     $('#chat-input').value = '';
   } catch (err) {
     showMessage(`Message not sent: ${err.message}`);
@@ -390,6 +566,9 @@ $('#leave').onclick = () => {
   clearInterval(statsTimer);
   for (const id of [...demo.tiles.keys()]) removeTile(id);
   demo.client = null;
+  demo.buzzer = { round: 1, rounds: new Map() };
+  $('#chat-log').replaceChildren();
+  renderBuzzer();
   $('#call').hidden = true;
   $('#join-form').hidden = false;
   $('#join').disabled = false;

@@ -32,6 +32,16 @@ const DEFAULTS = {
   token: undefined,
   tokenUrl: null, // default: http(s)://<host of url>/dev/token
   autoSubscribe: true,
+  // Room timeline (README.md §7 "Room timeline"): receive the room's events (joins, leaves,
+  // tracks) on the `chat` channel, ordered with the chat messages (`join.timeline_events`).
+  timelineEvents: true,
+  // Ask the server to acknowledge every chat message sent, so the client learns its `seq`/`ts`
+  // and puts its own messages on the timeline (`timeline` events with `mine: true`).
+  chatAcks: true,
+  ackTimeout: 10_000, // ms an acknowledgement may take before `sendChat(…, {ack: true})` rejects
+  historyTimeout: 10_000, // ms for a `history()` reply and its replayed messages
+  historyAfterResume: true, // after a resume, ask for the chat said since the last `seq` seen
+  timelineLimit: 1000, // entries kept in `client.timeline` (the oldest go first)
   adaptiveStream: true, // report rendered video sizes (track_settings width/height)
   defaultQuality: null, // cap for every remote video: 'low' | 'medium' | 'high' | null
   reconnect: true,
@@ -144,17 +154,66 @@ function encodeEnvelope(header, payload) {
   return msg;
 }
 
-function decodeEnvelope(data) {
+/**
+ * A received data-channel message: `{header, binary, text, data}` (`text` for text messages,
+ * `data` the payload as a string or a Uint8Array), or null when it has no `\n`. Throws when
+ * the header is not JSON.
+ */
+export function decodeEnvelope(data) {
   if (typeof data === 'string') {
     const nl = data.indexOf('\n');
     if (nl < 0) return null;
-    return { header: JSON.parse(data.slice(0, nl) || '{}'), text: data.slice(nl + 1), binary: false };
+    const text = data.slice(nl + 1);
+    return { header: JSON.parse(data.slice(0, nl) || '{}') ?? {}, text, data: text, binary: false };
   }
-  const bytes = new Uint8Array(data);
+  const bytes = data instanceof Uint8Array ? data : new Uint8Array(data);
   const nl = bytes.indexOf(0x0a);
   if (nl < 0) return null;
-  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(0, nl)) || '{}');
-  return { header, data: bytes.slice(nl + 1), binary: true };
+  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(0, nl)) || '{}') ?? {};
+  return { header, text: null, data: bytes.slice(nl + 1), binary: true };
+}
+
+/**
+ * The entries of an input tick batch (the payload after its `{"from":"server","tick":K,…}`
+ * header): 4-byte big-endian length + that many bytes, each a relayed message
+ * (`{"from":…,"seq":…,"ts":…}` `\n` payload; `"text":true` when it was sent as text, its
+ * payload then decoded as UTF-8). Returns [{header, binary, text, data}]; throws on a
+ * truncated batch.
+ */
+export function decodeTickBatch(payload) {
+  const bytes = payload instanceof Uint8Array ? payload : new Uint8Array(payload);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = [];
+  let off = 0;
+  while (off < bytes.length) {
+    if (off + 4 > bytes.length) throw new Error(`tick batch: ${bytes.length - off} stray bytes at ${off}`);
+    const len = view.getUint32(off);
+    off += 4;
+    if (off + len > bytes.length) throw new Error(`tick batch: entry of ${len} bytes at ${off} runs past the end (${bytes.length})`);
+    const env = decodeEnvelope(bytes.subarray(off, off + len));
+    off += len;
+    if (!env) throw new Error('tick batch: an entry without a header');
+    if (env.header.text === true) {
+      env.text = new TextDecoder().decode(env.data);
+      env.data = env.text;
+      env.binary = false;
+    }
+    out.push(env);
+  }
+  return out;
+}
+
+/** Where `seq` goes in `list` (sorted by `seq`, ascending): the index after every lower one. */
+function seqIndex(list, seq) {
+  let lo = 0;
+  let hi = list.length;
+  if (hi && list[hi - 1].seq < seq) return hi; // the usual case: newest last
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (list[mid].seq < seq) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -198,6 +257,12 @@ export class PlazaClient extends Emitter {
     this.localStream = null;
     this.cameraEnabled = true;
     this.microphoneEnabled = true;
+    /** The room timeline seen in this session, sorted by `seq`: chat messages (others', and
+     * our own once acknowledged) and room events; at most `timelineLimit` entries. */
+    this.timeline = [];
+    /** The room's input tick rate (`joined.input_tick_hz`; 0: inputs are relayed one by one). */
+    this.inputTickHz = 0;
+    this._sseq = { chat: 0, input: 0 }; // last `sseq` sent per channel (grows for the client's life)
 
     this._sess = null; // the current session (one WebSocket + two PCs)
     this._leaving = false;
@@ -318,14 +383,38 @@ export class PlazaClient extends Emitter {
 
   // ---- data channels ----
 
-  /** Send on the reliable `chat` channel. `data`: string, ArrayBuffer or typed array. `to`: ids. */
-  sendChat(data, { to } = {}) {
-    this._sendData('chat', data, to);
+  /**
+   * Send on the reliable `chat` channel. `data`: string, ArrayBuffer or typed array. `to`: ids.
+   * Every message carries the next `sseq`. With `ack: true`, returns a Promise of the server's
+   * acknowledgement `{sseq, seq, ts, tick, dup}` (rejected after `ackTimeout` ms or when the
+   * channel or session closes); otherwise returns the message's `sseq`.
+   */
+  sendChat(data, { to, ack = false } = {}) {
+    return this._sendData('chat', data, to, ack);
   }
 
-  /** Send on the unordered, unreliable `input` channel. */
-  sendInput(data, { to } = {}) {
-    this._sendData('input', data, to);
+  /** Send on the unordered, unreliable `input` channel (same options and result as sendChat). */
+  sendInput(data, { to, ack = false } = {}) {
+    return this._sendData('input', data, to, ack);
+  }
+
+  /**
+   * Replay the room's recent chat timeline after `since` (a `seq`; 0: everything the room
+   * keeps). Resolves, once the WebSocket reply and every replayed message have arrived, with
+   * the reply `{since, oldest, latest, replayed, complete}` plus `messages`: the replayed
+   * timeline entries in `seq` order, each with `replay: true` and `duplicate: true` when this
+   * client had it already (those are not delivered again as `chat`/`timeline` events).
+   */
+  history(since = 0) {
+    const sess = this._sess;
+    if (!sess?.joined || sess.closed) return Promise.reject(new PlazaError('invalid_state', 'history: not joined'));
+    if (!Number.isSafeInteger(since) || since < 0) return Promise.reject(new PlazaError('invalid_field', `history: bad since ${since}`));
+    return this._history(sess, since, false);
+  }
+
+  /** The highest chat `seq` this session has seen (0: none yet). */
+  get lastSeq() {
+    return this._sess?.tl.lastSeq ?? 0;
   }
 
   /** Whether the data channel `label` ('chat' | 'input') is open. */
@@ -606,6 +695,9 @@ export class PlazaClient extends Emitter {
       clockSamples: [], // recent pongs: {offset, rtt} (ms), oldest first
       wsDown: false, // the WebSocket dropped; the peer connections live on, waiting for a resume
       outbox: [], // messages sent while the WebSocket was down
+      acks: { chat: new Map(), input: new Map() }, // sseq → awaited acknowledgement
+      tl: { seen: new Set(), lastSeq: 0, duplicates: 0 }, // chat seqs delivered in this session
+      historyReqs: [], // history() requests in the order sent
     };
     this._sess = sess;
     return new Promise((resolve, reject) => {
@@ -631,7 +723,14 @@ export class PlazaClient extends Emitter {
       sess.ws = ws;
       ws.binaryType = 'arraybuffer';
       ws.onopen = () => {
-        const join = { type: 'join', room: this.room, name: this.name, protocol: PROTOCOL_VERSION, auto_subscribe: this.options.autoSubscribe };
+        const join = {
+          type: 'join',
+          room: this.room,
+          name: this.name,
+          protocol: PROTOCOL_VERSION,
+          auto_subscribe: this.options.autoSubscribe,
+          timeline_events: !!this.options.timelineEvents,
+        };
         if (token) join.token = token;
         this._sendOn(sess, join);
       };
@@ -786,6 +885,8 @@ export class PlazaClient extends Emitter {
     this.joinInfo = msg;
     this.participantId = msg.participant_id;
     this.room = msg.room;
+    this.inputTickHz = msg.input_tick_hz ?? 0;
+    this.timeline = []; // a new participant: its own timeline (the room may have restarted)
     this._reconnectAttempt = 0;
     this._ownTrackIds.clear();
     // The subscriber PC exists from the join on (the first subscribe_offer follows).
@@ -926,6 +1027,9 @@ export class PlazaClient extends Emitter {
       case 'ice_servers':
         this._useIceServers(sess, msg.ice_servers);
         break;
+      case 'history':
+        this._onHistoryReply(sess, msg);
+        break;
       case 'error': {
         const w = sess.pubAnswerWaiter;
         if (w && msg.request === 'publish_offer') {
@@ -934,6 +1038,13 @@ export class PlazaClient extends Emitter {
         }
         if (msg.request === 'chat' || msg.request === 'input') {
           this.emit('dataerror', { channel: msg.request, code: msg.code, message: msg.message });
+        }
+        if (msg.request === 'history') {
+          const req = sess.historyReqs.find((r) => !r.reply);
+          if (req) {
+            this._endHistory(sess, req);
+            req.reject(new PlazaError(msg.code, msg.message, { request: msg.request }));
+          }
         }
         this._error(msg.code, msg.message, { request: msg.request });
         break;
@@ -1036,39 +1147,249 @@ export class PlazaClient extends Emitter {
     ch.binaryType = 'arraybuffer';
     sess.channels[ch.label] = ch;
     ch.onopen = () => this.emit('channelopen', { label: ch.label });
-    ch.onclose = () => this.emit('channelclose', { label: ch.label });
+    ch.onclose = () => {
+      if (sess.acks[ch.label]) this._dropAcks(sess, ch.label, 'the channel closed');
+      this.emit('channelclose', { label: ch.label });
+    };
     ch.onmessage = (ev) => {
+      if (sess.closed) return;
       let env;
       try {
         env = decodeEnvelope(ev.data);
       } catch {
         env = null;
       }
-      if (!env) {
+      if (!env || typeof env.header !== 'object') {
         this._error('malformed_message', `unframed message on '${ch.label}'`);
         return;
       }
-      const from = env.header.from ?? null;
-      const detail = {
-        from,
-        participant: this.participants.get(from) ?? null,
-        binary: env.binary,
-        text: env.binary ? null : env.text,
-        data: env.binary ? env.data : env.text,
-        header: env.header,
-      };
-      if (ch.label === 'chat') this.emit('chat', detail);
-      else if (ch.label === 'input') this.emit('input', detail);
-      else this.emit('datachannelmessage', { label: ch.label, ...detail });
+      this._onData(sess, ch.label, env);
     };
     if (ch.readyState === 'open') this.emit('channelopen', { label: ch.label });
   }
 
-  _sendData(label, data, to) {
-    const ch = this._sess?.channels[label];
+  _sendData(label, data, to, ack) {
+    const sess = this._sess;
+    const ch = sess?.channels[label];
     if (!ch || ch.readyState !== 'open') throw new PlazaError('invalid_state', `the '${label}' channel is not open`);
-    const header = to && to.length ? { to: [...to] } : {};
+    const sseq = ++this._sseq[label];
+    const header = { sseq };
+    if (to && to.length) header.to = [...to];
+    // Chat is acknowledged anyway (option chatAcks), so our own messages get onto the timeline.
+    const acked = ack || (label === 'chat' && this.options.chatAcks);
+    if (acked) header.ack = true;
     ch.send(encodeEnvelope(header, data));
+    if (!acked) return sseq;
+    const pending = { label, sseq, data, to: header.to ?? null, waiter: null, timer: null };
+    const result = ack ? new Promise((resolve, reject) => (pending.waiter = { resolve, reject })) : null;
+    pending.timer = setTimeout(() => {
+      sess.acks[label].delete(sseq);
+      pending.waiter?.reject(new PlazaError('timeout', `no acknowledgement of ${label} message ${sseq} within ${this.options.ackTimeout} ms`));
+    }, this.options.ackTimeout);
+    sess.acks[label].set(sseq, pending);
+    return result ?? sseq;
+  }
+
+  /** Reject the acknowledgements still awaited on `label` (or every channel). */
+  _dropAcks(sess, label, reason) {
+    for (const l of label ? [label] : Object.keys(sess.acks)) {
+      for (const p of sess.acks[l].values()) {
+        clearTimeout(p.timer);
+        p.waiter?.reject(new PlazaError('unavailable', `no acknowledgement of ${l} message ${p.sseq}: ${reason}`));
+      }
+      sess.acks[l].clear();
+    }
+  }
+
+  /** A received data-channel message (envelope decoded). */
+  _onData(sess, label, env) {
+    const h = env.header;
+    if (typeof h.ack === 'number' && h.from === undefined) {
+      this._onAck(sess, label, h);
+      return;
+    }
+    if (label === 'input' && h.from === 'server' && typeof h.tick === 'number' && env.binary) {
+      this._onTick(sess, h, env.data);
+      return;
+    }
+    const detail = this._dataDetail(h, env);
+    if (label === 'chat') this._onChat(sess, detail);
+    else if (label === 'input') this.emit('input', detail);
+    else this.emit('datachannelmessage', { label, ...detail });
+  }
+
+  /** What a `chat`/`input` event carries for one relayed message. */
+  _dataDetail(h, env) {
+    const from = h.from ?? null;
+    const num = (v) => (typeof v === 'number' ? v : null);
+    return {
+      from,
+      participant: this.participants.get(from) ?? null,
+      binary: env.binary,
+      text: env.binary ? null : env.text,
+      data: env.data,
+      header: h,
+      seq: num(h.seq),
+      ts: num(h.ts),
+      sseq: num(h.sseq),
+      replay: h.replay === true,
+      event: typeof h.event === 'string' ? h.event : null,
+      tick: null,
+      mine: from !== null && from === this.participantId,
+    };
+  }
+
+  /** A timeline entry (see `timeline`) of a chat message or room event. */
+  _entry(d, extra = {}) {
+    return {
+      seq: d.seq,
+      ts: d.ts,
+      from: d.from,
+      participant: d.participant,
+      event: d.event,
+      text: d.text,
+      binary: d.binary,
+      data: d.data,
+      sseq: d.sseq,
+      replay: d.replay,
+      mine: d.from !== null && d.from === this.participantId,
+      ...extra,
+    };
+  }
+
+  /** Note `seq` as delivered; false when it was already. */
+  _firstSight(sess, seq) {
+    const tl = sess.tl;
+    if (tl.seen.has(seq)) return false;
+    tl.seen.add(seq);
+    if (tl.seen.size > 8192) tl.seen.delete(tl.seen.values().next().value);
+    if (seq > tl.lastSeq) tl.lastSeq = seq;
+    return true;
+  }
+
+  _addToTimeline(entry) {
+    const list = this.timeline;
+    list.splice(seqIndex(list, entry.seq), 0, entry);
+    if (list.length > this.options.timelineLimit) list.splice(0, list.length - this.options.timelineLimit);
+    this.emit('timeline', entry);
+  }
+
+  _onChat(sess, d) {
+    const sequenced = typeof d.seq === 'number';
+    const fresh = !sequenced || this._firstSight(sess, d.seq);
+    let entry = null;
+    if (d.event && d.from === 'server') {
+      let data = null;
+      try {
+        data = JSON.parse(d.text ?? 'null');
+      } catch {
+        this._error('malformed_message', `room event ${d.event} (seq ${d.seq}) is not JSON`);
+      }
+      entry = this._entry(d, { data });
+    } else if (sequenced) {
+      entry = this._entry(d);
+    }
+    if (d.replay && entry) this._historyMessage(sess, { ...entry, duplicate: !fresh });
+    if (!fresh) {
+      sess.tl.duplicates++;
+      return;
+    }
+    if (!d.event || d.from !== 'server') this.emit('chat', d);
+    if (entry) this._addToTimeline(entry);
+  }
+
+  /** The server acknowledged one of our messages: `{ack: sseq, seq, ts, tick?, dup?}`. */
+  _onAck(sess, label, h) {
+    const pending = sess.acks[label]?.get(h.ack);
+    if (!pending) return;
+    sess.acks[label].delete(h.ack);
+    clearTimeout(pending.timer);
+    const num = (v) => (typeof v === 'number' ? v : null);
+    const result = { sseq: h.ack, seq: num(h.seq), ts: num(h.ts), tick: num(h.tick), dup: h.dup === true };
+    pending.waiter?.resolve(result);
+    // Our own chat message, on the timeline where everyone else sees it.
+    if (label === 'chat' && !result.dup && result.seq !== null && this._firstSight(sess, result.seq)) {
+      const text = typeof pending.data === 'string' ? pending.data : null;
+      const binary = text === null;
+      const data = binary ? (pending.data instanceof ArrayBuffer ? new Uint8Array(pending.data) : pending.data) : text;
+      this._addToTimeline({
+        seq: result.seq,
+        ts: result.ts,
+        from: this.participantId,
+        participant: null,
+        event: null,
+        text,
+        binary,
+        data,
+        sseq: h.ack,
+        replay: false,
+        mine: true,
+        to: pending.to,
+      });
+    }
+  }
+
+  /** An input tick batch: a `tick` event with every input, an `input` event for each other's. */
+  _onTick(sess, h, payload) {
+    let envs;
+    try {
+      envs = decodeTickBatch(payload);
+    } catch (e) {
+      this._error('malformed_message', `input tick ${h.tick}: ${e.message}`);
+      return;
+    }
+    const inputs = envs.map((env) => {
+      const d = this._dataDetail(env.header, env);
+      d.tick = h.tick;
+      return d;
+    });
+    this.emit('tick', { tick: h.tick, ts: typeof h.ts === 'number' ? h.ts : null, count: inputs.length, inputs });
+    for (const d of inputs) if (!d.mine) this.emit('input', d);
+  }
+
+  /** Send `history` and wait for its reply and replayed messages (see `history`). */
+  _history(sess, since, auto) {
+    return new Promise((resolve, reject) => {
+      const req = { since, auto, reply: null, messages: [], resolve, reject, timer: null };
+      req.timer = setTimeout(() => {
+        this._endHistory(sess, req);
+        reject(new PlazaError('timeout', `history since ${since}: ${req.reply ? `${req.messages.length} of ${req.reply.replayed} messages` : 'no reply'} within ${this.options.historyTimeout} ms`));
+      }, this.options.historyTimeout);
+      sess.historyReqs.push(req);
+      this._sendOn(sess, { type: 'history', since });
+    });
+  }
+
+  _endHistory(sess, req) {
+    clearTimeout(req.timer);
+    const i = sess.historyReqs.indexOf(req);
+    if (i >= 0) sess.historyReqs.splice(i, 1);
+  }
+
+  _historyDone(sess, req) {
+    if (!req.reply || req.messages.length < req.reply.replayed) return;
+    this._endHistory(sess, req);
+    req.messages.sort((a, b) => a.seq - b.seq);
+    const { type, ...reply } = req.reply;
+    const detail = { ...reply, messages: req.messages, auto: req.auto };
+    this.emit('history', detail);
+    req.resolve(detail);
+  }
+
+  /** The `history` reply on the WebSocket: for the oldest request still without one. */
+  _onHistoryReply(sess, msg) {
+    const req = sess.historyReqs.find((r) => !r.reply);
+    if (!req) return;
+    req.reply = msg;
+    this._historyDone(sess, req);
+  }
+
+  /** A replayed message on `chat`: for the oldest request still waiting for messages. */
+  _historyMessage(sess, entry) {
+    const req = sess.historyReqs.find((r) => !r.reply || r.messages.length < r.reply.replayed);
+    if (!req) return;
+    req.messages.push(entry);
+    this._historyDone(sess, req);
   }
 
   // ---- publisher connection ----
@@ -1398,6 +1719,11 @@ export class PlazaClient extends Emitter {
     clearTimeout(sess.turnRefresh);
     sess.pubAnswerWaiter?.reject(new PlazaError('unavailable', `session ended: ${reason}`));
     sess.pubAnswerWaiter = null;
+    this._dropAcks(sess, null, `session ended: ${reason}`);
+    for (const req of sess.historyReqs.splice(0)) {
+      clearTimeout(req.timer);
+      req.reject(new PlazaError('unavailable', `history: session ended: ${reason}`));
+    }
     try {
       sess.ws?.close(1000);
     } catch {}
@@ -1522,6 +1848,11 @@ export class PlazaClient extends Emitter {
     sess.pingTimer = setInterval(() => this._keepAlive(sess), this.options.pingInterval);
     for (const m of sess.outbox.splice(0)) this._sendOn(sess, m);
     this._clockBurst(sess);
+    // The data channels ran on, but ask anyway: whatever was said after the last chat seq
+    // we saw is replayed, and what we already have is dropped by seq.
+    if (this.options.historyAfterResume && sess.tl.lastSeq > 0) {
+      this._history(sess, sess.tl.lastSeq, true).catch((e) => this._error(e.code ?? 'internal', `history after resume: ${e.message}`));
+    }
     this._reconnectAttempt = 0;
     this._setState('connected');
     this.emit('reconnected', { participantId: this.participantId, resumed: true });
