@@ -595,6 +595,25 @@ mod tests {
     }
 
     #[test]
+    fn history_needs_a_non_negative_integer() {
+        assert_eq!(
+            decode_client(r#"{"type":"history","since":41}"#).unwrap(),
+            ClientMessage::History { since: 41 }
+        );
+        for bad in [
+            r#"{"type":"history"}"#,
+            r#"{"type":"history","since":-1}"#,
+            r#"{"type":"history","since":1.5}"#,
+            r#"{"type":"history","since":"1"}"#,
+        ] {
+            assert!(
+                matches!(decode_client(bad), Err(DecodeError::InvalidFields { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn join_parses_with_defaults() {
         let m = decode_client(r#"{"type":"join","room":"r","name":"alice"}"#).unwrap();
         assert_eq!(

@@ -317,25 +317,16 @@ async fn the_timeline_stamps_orders_and_replays() {
         ben.send_chat(&format!("b{i}"), None).await.unwrap();
     }
     let seq_of = |m: &DataMessage| m.header.get("seq").and_then(|v| v.as_u64());
+    // Chat is ordered: each sender's last message arriving means all of its messages did.
     for p in [&ann, &ben, &cid] {
-        let want = if p.participant_id() == cid.participant_id() {
-            20
-        } else {
-            10
-        };
-        let n = p
-            .wait_for_message(
-                |_| {
-                    p.messages()
-                        .iter()
-                        .filter(|m| m.channel == Channel::Chat)
-                        .count()
-                        >= want
-                },
-                T,
-            )
-            .await;
-        assert!(n.is_ok(), "{} gets {want}", p.name());
+        for last in ["a9", "b9"] {
+            if (last == "a9" && p.participant_id() == ann.participant_id())
+                || (last == "b9" && p.participant_id() == ben.participant_id())
+            {
+                continue;
+            }
+            wait_msg(p, last, |m| payload_is(m, last.as_bytes())).await;
+        }
     }
     let after = unix_us();
     let order = |p: &Peer| -> Vec<(u64, String)> {
@@ -378,19 +369,21 @@ async fn the_timeline_stamps_orders_and_replays() {
         unreachable!()
     };
     assert_eq!((replayed, complete), (20, true));
-    let got = dan
-        .wait_for_message(
-            |_| dan.messages().iter().filter(|m| m.header.contains_key("replay")).count() >= 20,
-            T,
-        )
-        .await;
-    assert!(got.is_ok(), "dan gets the replay: {:?}", dan.messages());
+    let (last_seq, _) = c.last().cloned().unwrap();
+    wait_msg(&dan, "the last replayed message", |m| {
+        m.header.contains_key("replay") && seq_of(m) == Some(last_seq)
+    })
+    .await;
     let replay: Vec<(u64, String)> = order(&dan);
-    assert_eq!(replay, c, "the same messages, seqs and order as cid saw live");
+    assert_eq!(
+        replay, c,
+        "the same messages, seqs and order as cid saw live"
+    );
 
     let (_, health) = server.healthz().await.unwrap();
     let lat = &health["data_relay_latency"];
-    assert!(lat["count"].as_u64().unwrap() >= 40, "{lat}");
+    // (Counted per datagram: several messages may share one.)
+    assert!(lat["count"].as_u64().unwrap() >= 4, "{lat}");
     assert!(lat["p50_us"].as_u64().is_some(), "{lat}");
     for p in [&ann, &ben, &cid, &dan] {
         assert!(p.server_errors().is_empty(), "{:?}", p.server_errors());

@@ -818,6 +818,7 @@ impl<T: Transmit> Sfu<T> {
                 None => return,
             },
         };
+        let mut data_sent = false;
         while let Some(out) = pc.rtc.poll_write() {
             let to = out.transport.peer_addr;
             // Checks are remembered (their responses are routed back here); a Binding success
@@ -847,13 +848,18 @@ impl<T: Transmit> Sfu<T> {
             let origin = if egress::is_rtp(&out.message) {
                 Some(out.now)
             } else if out.message.first() == Some(&DTLS_APPLICATION_DATA) {
+                // (SCTP may send the message later, e.g. when its window opens: the origin
+                // waits for the first DTLS record that goes out.)
+                data_sent |= pc.data_origin.is_some();
                 pc.data_origin
             } else {
                 None
             };
             self.tx.send(out.message, to, origin);
         }
-        pc.data_origin = None;
+        if data_sent {
+            pc.data_origin = None;
+        }
     }
 
     fn handle_pc_event(&mut self, key: PcKey, ev: RTCPeerConnectionEvent) {

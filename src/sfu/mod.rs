@@ -346,8 +346,9 @@ pub struct CoreStats {
     /// kernel, over the process life (subtract two snapshots' buckets for a window).
     pub forward_latency: latency::LatencySnapshot,
     /// Time relayed data-channel messages spent in the server on the shard that delivered
-    /// them: the turn that took (or received from the room's home) the message → its
-    /// datagram handed to the kernel.
+    /// them: the turn that took (or received from the room's home) the message → the first
+    /// datagram carrying it handed to the kernel; one sample per such datagram (messages sent
+    /// together share one).
     pub data_relay_latency: latency::LatencySnapshot,
     /// ICE-TCP connections (filled in by the driver).
     pub ice_tcp: IceTcpStats,
