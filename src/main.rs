@@ -86,6 +86,12 @@ fn init_tracing(config: &Config) -> Result<(), Box<dyn std::error::Error + Send 
         format!("rtc=error,rtc_ice=warn,rtc_dtls=error,{}", config.log_level)
     };
     let filter = EnvFilter::try_new(&directives)?;
+    // The most verbose level anything is logged at: `log` records (webrtc-rs logs through the
+    // `log` crate, some per packet) above it are dropped by `log`'s own cheap check instead
+    // of reaching the filter.
+    let max_level = filter
+        .max_level_hint()
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::TRACE);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     // Every call site is rate-limited (see `plaza::logging`): bad input must not turn into a
     // log line per packet.
@@ -98,6 +104,10 @@ fn init_tracing(config: &Config) -> Result<(), Box<dyn std::error::Error + Send 
         LogFormat::Json => registry
             .with(fmt::layer().json().with_filter(filter))
             .try_init()?,
+    }
+    {
+        use tracing_log::AsLog;
+        tracing_log::log::set_max_level(max_level.as_log());
     }
     Ok(())
 }
