@@ -949,14 +949,19 @@ async fn run(args: Args) -> Result<bool> {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
+    Ok(verdict(ok, &failures))
+}
+
+/// Print the verdict (`OK`, or each failure); `ok` again.
+fn verdict(ok: bool, failures: &[String]) -> bool {
     if ok {
         println!("OK");
     } else {
-        for f in &failures {
+        for f in failures {
             eprintln!("FAIL: {f}");
         }
     }
-    Ok(ok)
+    ok
 }
 
 fn ms(d: Duration) -> f64 {
@@ -2782,13 +2787,6 @@ mod timeline {
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {}", path.display());
         }
-        if ok {
-            println!("OK");
-        } else {
-            for f in &failures {
-                eprintln!("FAIL: {f}");
-            }
-        }
-        Ok(ok)
+        Ok(super::verdict(ok, &failures))
     }
 }

@@ -302,6 +302,7 @@ async fn oversize_and_headerless_messages_are_refused_with_an_error() {
 /// a late joiner's `history` replays what was said before it came, marked `replay`; the time
 /// relayed messages spent in the server is in `/healthz`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // the server's stamps are checked against this machine's clock
 async fn the_timeline_stamps_orders_and_replays() {
     let server = TestServer::start().await;
     let (ann, ben, cid) = three(&server, "timeline").await;

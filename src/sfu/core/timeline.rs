@@ -211,6 +211,19 @@ impl<T: Transmit> Sfu<T> {
         self.deliver_data(&targets, lane.label(), is_text, &framed, now);
     }
 
+    /// Where participant `pid` of the room is: here, or on another shard (with the room's
+    /// name, to tell that shard).
+    fn locate(&self, rk: RoomKey, pid: &str) -> Option<Located> {
+        if let Some(&k) = self.by_pid.get(pid)
+            && k.room == rk
+        {
+            return Some(Located::Here(k));
+        }
+        let room = self.rooms.get(&rk)?;
+        let m = room.remote.get(pid)?;
+        Some(Located::Shard(m.shard, room.name.clone()))
+    }
+
     /// One message for participant `pid` of the room only (an acknowledgement, a replay),
     /// here or on its shard.
     fn send_private(
@@ -222,50 +235,38 @@ impl<T: Transmit> Sfu<T> {
         framed: Bytes,
         now: Instant,
     ) {
-        if let Some(&k) = self.by_pid.get(pid)
-            && k.room == rk
-        {
-            self.deliver_data(&[k], lane.label(), is_text, &framed, now);
-            return;
-        }
-        let Some(room) = self.rooms.get(&rk) else {
-            return;
-        };
-        if let Some(m) = room.remote.get(pid) {
-            self.pipe_out.push(
-                m.shard,
+        match self.locate(rk, pid) {
+            Some(Located::Here(k)) => {
+                self.deliver_data(&[k], lane.label(), is_text, &framed, now);
+            }
+            Some(Located::Shard(shard, room)) => self.pipe_out.push(
+                shard,
                 PipeMsg::Data {
-                    room: room.name.clone(),
+                    room,
                     from: data::SERVER_SENDER.to_owned(),
                     channel: lane.label(),
                     is_text,
                     framed,
                     to: Audience::Only(vec![pid.to_owned()]),
                 },
-            );
+            ),
+            None => {}
         }
     }
 
     /// A signaling message for participant `pid` of the room, here or on its shard.
     fn tell(&mut self, rk: RoomKey, pid: &str, msg: ServerMessage) {
-        if let Some(&k) = self.by_pid.get(pid)
-            && k.room == rk
-        {
-            self.send_to(k, msg);
-            return;
-        }
-        let Some(room) = self.rooms.get(&rk) else {
-            return;
-        };
-        if let Some(m) = room.remote.get(pid) {
-            self.pipe_out.push(
-                m.shard,
+        match self.locate(rk, pid) {
+            Some(Located::Here(k)) => self.send_to(k, msg),
+            Some(Located::Shard(shard, room)) => self.pipe_out.push(
+                shard,
                 PipeMsg::Tell {
-                    room: room.name.clone(),
+                    room,
                     participant_id: pid.to_owned(),
                     msg,
                 },
-            );
+            ),
+            None => {}
         }
     }
 
@@ -479,6 +480,13 @@ impl<T: Transmit> Sfu<T> {
         self.stats.data_queued_dropped += dropped as u64;
         true
     }
+}
+
+/// Where a participant of a room is.
+enum Located {
+    Here(PartKey),
+    /// On that shard, in the room of that name.
+    Shard(ShardId, String),
 }
 
 /// The participants of `room` here that a message from `from` to `to` reaches live.
