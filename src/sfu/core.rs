@@ -2098,6 +2098,7 @@ impl<T: Transmit> Sfu<T> {
             to,
             sseq: inbound.sseq,
             ack: inbound.ack,
+            event: None,
         };
         self.submit(part.room, msg, now);
     }

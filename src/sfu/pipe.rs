@@ -157,6 +157,8 @@ pub struct Submitted {
     /// The sender's `sseq`, and whether it asked for an acknowledgement.
     pub sseq: Option<u64>,
     pub ack: bool,
+    /// A room event (from the server, on `chat`, for those that asked for events): its name.
+    pub event: Option<&'static str>,
 }
 
 /// Which of a shard's two queues a batch goes through.

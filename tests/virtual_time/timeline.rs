@@ -415,3 +415,41 @@ fn ts_is_the_servers_receive_time() {
     let recv_gap = (got[1].at - got[0].at).as_micros() as u64;
     assert_eq!(recv_gap, sent_gap);
 }
+
+/// A room admin's moderation is on the timeline too: muting a participant's chat comes as a
+/// `permissions_changed` event (with whose permissions) between the chat before and after.
+#[test]
+fn moderation_is_on_the_timeline() {
+    let mut s = Sim::new(48);
+    let admin = s.client_with(1, "admin", "r", MediaSpec::none(), |mut c| {
+        c.join_with(|req| req.grants.room_admin = true);
+        c.timeline_events()
+    });
+    let b = s.client(2, "b", "r", MediaSpec::none());
+    s.wait_channels(&[admin, b], T);
+    let pb = s.pid(b);
+    s.c(b).send_data("chat", true, envelope(&[], b"first"));
+    s.net.run_for(Duration::from_millis(200));
+    s.c(admin).send(ClientMessage::MuteChat {
+        participant_id: pb.clone(),
+        muted: true,
+    });
+    s.net.run_for(Duration::from_millis(200));
+    s.c(b)
+        .send_data("chat", true, envelope(&[], b"muted: refused"));
+    s.c(b)
+        .send_data("input", true, envelope(&[], b"input still goes"));
+    s.net.run_for(Duration::from_millis(500));
+    let got = relayed(&mut s, admin, "chat");
+    let tail: Vec<(Option<String>, Vec<u8>)> = got
+        .iter()
+        .skip_while(|d| d.payload != b"first")
+        .map(|d| (d.event.clone(), d.payload.clone()))
+        .collect();
+    assert_eq!(tail.len(), 2, "{tail:?}");
+    assert_eq!(tail[1].0.as_deref(), Some("permissions_changed"));
+    let v: serde_json::Value = serde_json::from_slice(&tail[1].1).unwrap();
+    assert_eq!(v["participant_id"], pb.as_str());
+    assert_eq!(v["permissions"]["chat_muted"], true);
+    assert_eq!(relayed(&mut s, admin, "input").len(), 1);
+}

@@ -150,6 +150,7 @@ impl<T: Transmit> Sfu<T> {
                     to: (!to.is_empty()).then_some(pids),
                     sseq: None,
                     ack: false,
+                    event: None,
                 };
                 let now = self.now;
                 self.submit(rk, msg, now);
@@ -311,6 +312,26 @@ impl<T: Transmit> Sfu<T> {
             for tid in tracks {
                 self.subscribe(part, &tid);
             }
+        }
+        // On the room's timeline, with whose permissions they are (a room admin's action).
+        if !permissions.hidden {
+            let event = serde_json::json!({
+                "type": "permissions_changed",
+                "participant_id": pid,
+                "permissions": permissions,
+            });
+            let msg = Submitted {
+                lane: Lane::Chat,
+                from: data::SERVER_SENDER.to_owned(),
+                is_text: true,
+                payload: Bytes::from(event.to_string()),
+                to: None,
+                sseq: None,
+                ack: false,
+                event: Some("permissions_changed"),
+            };
+            let now = self.now;
+            self.submit(part.room, msg, now);
         }
         self.send_to(part, ServerMessage::PermissionsChanged { permissions });
     }

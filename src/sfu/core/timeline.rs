@@ -83,9 +83,13 @@ impl<T: Transmit> Sfu<T> {
             stamp,
             from: msg.from.clone(),
             sseq: msg.sseq,
-            event: None,
+            event: msg.event,
             is_text: msg.is_text,
-            audience: msg.to.map_or(Audience::All, Audience::Only),
+            audience: match (msg.event, msg.to) {
+                (Some(_), _) => Audience::Events,
+                (None, None) => Audience::All,
+                (None, Some(to)) => Audience::Only(to),
+            },
             payload: msg.payload,
         };
         if lane == Lane::Chat {
