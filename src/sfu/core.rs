@@ -2237,10 +2237,12 @@ impl<T: Transmit> Sfu<T> {
                 framed,
                 to,
             } => self.on_pipe_data(&room, &sender, channel, is_text, framed, &to),
+            // (Sequenced here even if this shard thinks another is the room's home: the
+            // sender takes this one for it, and passing it on could go round in circles.)
             PipeMsg::Submit { room, msg } => {
                 if let Some(&rk) = self.room_keys.get(&room) {
                     let now = self.now;
-                    self.submit(rk, msg, now);
+                    self.sequence(rk, msg, now);
                 }
             }
             PipeMsg::History {

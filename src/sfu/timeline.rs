@@ -549,6 +549,34 @@ pub fn frame_ack(sseq: u64, stamp: Option<Stamp>, dup: bool, tick: Option<u64>) 
     Bytes::from(out)
 }
 
+/// Most bytes of entries in one tick batch message: a tick with more for one receiver is sent
+/// as several batches with the same tick number (each under the SCTP message size the server
+/// announces, 65536).
+pub const TICK_BATCH_BYTES: usize = 60 * 1024;
+
+/// A tick's batches for one receiver: `entries` in order, split so that each batch's entries
+/// stay under [`TICK_BATCH_BYTES`] (a batch has at least one entry).
+pub fn frame_ticks(tick: u64, ts: u64, entries: &[&Entry]) -> Vec<Bytes> {
+    // An entry's header is at most this long (from, seq, ts, sseq, text) and its length 4.
+    const ENTRY_OVERHEAD: usize = 160;
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let n = e.payload.len() + ENTRY_OVERHEAD;
+        if i > start && size + n > TICK_BATCH_BYTES {
+            out.push(frame_tick(tick, ts, entries[start..i].iter().copied()));
+            start = i;
+            size = 0;
+        }
+        size += n;
+    }
+    if start < entries.len() {
+        out.push(frame_tick(tick, ts, entries[start..].iter().copied()));
+    }
+    out
+}
+
 /// A tick batch for one receiver: `{"from":"server","tick":K,"ts":T,"count":C}` `\n`, then
 /// each entry as a 4-byte big-endian length and the entry framed as it would be relayed
 /// (with `"text":true` for a text message).
@@ -654,6 +682,26 @@ mod tests {
             b"{\"from\":\"PA_a\",\"seq\":1,\"ts\":10,\"text\":true}\nx".to_vec()
         );
         assert!(got[1].ends_with(&[b'\n', 0, 10, 255]));
+    }
+
+    #[test]
+    fn a_big_tick_is_split_under_the_message_size() {
+        let big: Vec<Entry> = (1..=5)
+            .map(|s| entry(s, "PA_a", Audience::All, &vec![7; 20_000]))
+            .collect();
+        let refs: Vec<&Entry> = big.iter().collect();
+        let batches = frame_ticks(3, 9, &refs);
+        assert_eq!(batches.len(), 2);
+        let mut seqs = Vec::new();
+        for b in &batches {
+            assert!(b.len() < 65_536, "{}", b.len());
+            let d = crate::sim::DataIn::from_bytes(Instant::now(), b.clone());
+            assert_eq!(d.tick, Some(3));
+            seqs.extend(d.tick_entries().iter().map(|e| e.seq.unwrap()));
+        }
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
+        assert_eq!(frame_ticks(3, 9, &refs[..1]).len(), 1);
+        assert!(frame_ticks(3, 9, &[]).is_empty());
     }
 
     #[test]

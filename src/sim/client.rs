@@ -422,6 +422,16 @@ pub struct DataIn {
 }
 
 impl DataIn {
+    /// A relayed message received (binary) at `at`: the header parsed.
+    pub fn from_bytes(at: std::time::Instant, data: bytes::Bytes) -> Self {
+        Self::parse(&RxData {
+            at,
+            label: String::new(),
+            is_text: false,
+            data,
+        })
+    }
+
     fn parse(d: &RxData) -> Self {
         let (header, payload) = match d.data.iter().position(|&b| b == b'\n') {
             Some(nl) => (

@@ -6,7 +6,7 @@
 
 use super::super::pipe::Submitted;
 use super::super::timeline::{
-    self as tl, Audience, Entry, Lane, Seen, Stamp, frame_ack, frame_tick,
+    self as tl, Audience, Entry, Lane, Seen, Stamp, frame_ack, frame_ticks,
 };
 use super::*;
 
@@ -407,7 +407,7 @@ impl<T: Transmit> Sfu<T> {
         let Some(room) = self.rooms.get(&rk) else {
             return;
         };
-        let batches: Vec<(PartKey, Bytes)> = room
+        let batches: Vec<(PartKey, Vec<Bytes>)> = room
             .members
             .iter()
             .filter_map(|m| {
@@ -416,11 +416,13 @@ impl<T: Transmit> Sfu<T> {
                     .iter()
                     .filter(|e| e.audience.includes(&p.pid, &e.from, false))
                     .collect();
-                (!mine.is_empty()).then(|| (*m, frame_tick(k, ts, mine.into_iter())))
+                (!mine.is_empty()).then(|| (*m, frame_ticks(k, ts, &mine)))
             })
             .collect();
         for (m, batch) in batches {
-            self.deliver_data(&[m], Lane::Input.label(), false, &batch, now);
+            for b in batch {
+                self.deliver_data(&[m], Lane::Input.label(), false, &b, now);
+            }
         }
     }
 
