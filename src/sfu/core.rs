@@ -2320,15 +2320,12 @@ impl<T: Transmit> Sfu<T> {
         if to_home && !self.room_keys.contains_key(&room) {
             // This shard is the room's home but no longer has it (its participants left
             // while another shard joined): it holds the room again, for its timeline.
-            self.next_room = self.next_room.wrapping_add(1);
-            let rk = RoomKey(self.next_room);
-            let now = self.now;
-            let tick_hz = self.cfg.input_tick_hz;
+            let rk = self.new_room_key();
             let mut r = Room::new(
                 room.clone(),
-                now,
+                self.now,
                 None,
-                RoomTimeline::new(self.cfg.history, tick_hz, now),
+                self.new_timeline(self.cfg.input_tick_hz),
             );
             r.peers
                 .extend(self.early_hellos.remove(&room).unwrap_or_default());
@@ -2721,6 +2718,17 @@ impl<T: Transmit> Sfu<T> {
         })
     }
 
+    /// A key for a room opening here.
+    fn new_room_key(&mut self) -> RoomKey {
+        self.next_room = self.next_room.wrapping_add(1);
+        RoomKey(self.next_room)
+    }
+
+    /// A fresh timeline for a room opening now, with input ticks of `tick_hz` (0: none).
+    fn new_timeline(&self, tick_hz: u32) -> RoomTimeline {
+        RoomTimeline::new(self.cfg.history, tick_hz, self.now)
+    }
+
     fn join(&mut self, req: JoinRequest) -> Result<JoinAccepted, SfuError> {
         let room = req.room.trim().to_owned();
         let name = req.name.trim().to_owned();
@@ -2750,10 +2758,7 @@ impl<T: Transmit> Sfu<T> {
         // The room's key; a new room exists only once its first participant is in.
         let rk = match self.room_keys.get(&room) {
             Some(&k) => k,
-            None => {
-                self.next_room = self.next_room.wrapping_add(1);
-                RoomKey(self.next_room)
-            }
+            None => self.new_room_key(),
         };
         let part = PartKey::new(rk, self.next_id);
         self.next_id = self.next_id.wrapping_add(1);
@@ -2837,15 +2842,19 @@ impl<T: Transmit> Sfu<T> {
             egress: None,
             ingress: None,
         };
-        let tick_hz = timeline::tick_rate(req.timeline.input_tick_hz, self.cfg.input_tick_hz);
-        let (history, now) = (self.cfg.history, self.now);
+        // (Taken by a room that opens here, or by one that was placed again elsewhere.)
+        let tick_hz = req.timeline.input_tick_hz.unwrap_or(self.cfg.input_tick_hz);
+        let mut timeline = Some(self.new_timeline(tick_hz));
+        let now = self.now;
         let r = self.rooms.entry(rk).or_insert_with(|| {
             info!(room = %room, peers = ?req.peers, home = ?req.home, "room opened");
             let mut r = Room::new(
                 room.clone(),
                 now,
                 req.home,
-                RoomTimeline::new(history, tick_hz, now),
+                timeline
+                    .take()
+                    .expect("a new room takes the fresh timeline"),
             );
             // The room's other shards (and any that greeted it before it opened here) are
             // greeted: each answers with its participants and tracks. The home is greeted
@@ -2869,7 +2878,9 @@ impl<T: Transmit> Sfu<T> {
             // The room was forgotten and placed again while this shard still held it.
             debug!(room = %room, home = ?req.home, "room has a new home");
             r.home = req.home;
-            r.timeline = RoomTimeline::new(history, tick_hz, now);
+            if let Some(t) = timeline.take() {
+                r.timeline = t;
+            }
         }
         let input_tick_hz = r.timeline.ticker.as_ref().map_or(0, |t| t.hz());
         for &peer in r.peers.iter().filter(|_| !hidden) {

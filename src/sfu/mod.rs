@@ -553,11 +553,6 @@ impl Drop for Reservation<'_> {
     }
 }
 
-/// Whether `op` is a `SendData` to everyone.
-fn op_to_is_empty(op: &admin::AdminOp) -> bool {
-    matches!(op, admin::AdminOp::SendData { to, .. } if to.is_empty())
-}
-
 /// Cloneable handle to the core's shards: joins go to the shard of their room
 /// ([`placement::Placement`]), everything a participant sends after to its shard.
 #[derive(Debug, Clone)]
@@ -701,6 +696,7 @@ impl SfuHandle {
             to,
         } = &op
         {
+            let named = !to.is_empty();
             let (home, to) = {
                 let placement = self.placement();
                 let Some(home) = placement.home_of(room) else {
@@ -713,7 +709,7 @@ impl SfuHandle {
                     .collect();
                 (home, to)
             };
-            if to.is_empty() && !op_to_is_empty(&op) {
+            if named && to.is_empty() {
                 return Ok(AdminReply::Done { participants: 0 });
             }
             let op = AdminOp::SendData {

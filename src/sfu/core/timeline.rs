@@ -5,9 +5,7 @@
 //! as it hears of them. Messages for a channel that is not open yet wait for it.
 
 use super::super::pipe::Submitted;
-use super::super::timeline::{
-    self as tl, Audience, Entry, Lane, Seen, Stamp, frame_ack, frame_ticks,
-};
+use super::super::timeline::{Audience, Entry, Lane, Seen, Stamp, frame_ack, frame_ticks};
 use super::*;
 
 /// How often a participant may ask for history: bursts of 3, then one a second (a replay
@@ -509,10 +507,4 @@ fn receivers(room: &Room, from: &str, to: &Audience) -> Vec<PartKey> {
             })
         })
         .collect()
-}
-
-/// The input tick rate of a room opened by a join that asked for `asked` (the server's
-/// `default` when it asked nothing).
-pub(super) fn tick_rate(asked: Option<u32>, default: u32) -> u32 {
-    asked.unwrap_or(default).min(tl::MAX_TICK_HZ)
 }
