@@ -222,6 +222,60 @@ pub enum ClientMessage {
     },
 }
 
+/// Why a participant left its room: `participant_left`'s `reason`, and the webhook
+/// `participant_left` event's. New reasons may be added: treat an unknown one like `left`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaveReason {
+    /// The client said `leave`, closed its WebSocket with a close frame, or ended its
+    /// WHIP/WHEP session (`DELETE`).
+    #[default]
+    Left,
+    /// Its WebSocket was lost (no close frame) and not resumed within the grace period.
+    Disconnected,
+    /// A room admin (`remove_participant`) or the admin API removed it.
+    Removed,
+    /// The admin API closed the room (or the shard it was relayed from closed it).
+    RoomClosed,
+    /// A new session joined with the same identity and took its place.
+    Replaced,
+    /// Its media transport (ICE + DTLS) did not connect in time after the join.
+    ConnectTimeout,
+    /// A connected peer connection failed (ICE consent lost or DTLS closed).
+    IceFailed,
+    /// It did not read its signaling messages fast enough (its queue overflowed).
+    SignalingOverflow,
+    /// Its session could not go on: an offer refused, a media path that could not start, a
+    /// resume whose missed messages were gone.
+    Error,
+    /// The server shut down.
+    Shutdown,
+}
+
+impl LeaveReason {
+    /// The wire name (`snake_case`), for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Left => "left",
+            Self::Disconnected => "disconnected",
+            Self::Removed => "removed",
+            Self::RoomClosed => "room_closed",
+            Self::Replaced => "replaced",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::IceFailed => "ice_failed",
+            Self::SignalingOverflow => "signaling_overflow",
+            Self::Error => "error",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl std::fmt::Display for LeaveReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Messages from the server to a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -273,6 +327,9 @@ pub enum ServerMessage {
     },
     ParticipantLeft {
         participant_id: String,
+        /// Why it left (absent from servers before it was added: read as `left`).
+        #[serde(default)]
+        reason: LeaveReason,
     },
     TrackPublished {
         track: TrackInfo,

@@ -107,6 +107,7 @@ pub(crate) fn spawn() -> (
                 Command::Disconnect {
                     participant,
                     reason,
+                    ..
                 } => {
                     participants.remove(&participant);
                     let _ = seen_tx.send(Seen::Disconnect {

@@ -48,7 +48,9 @@ use super::limits::{ConnMeta, HttpCounters, TokenBucket};
 use super::resume::{self, Handover, Replay};
 use crate::auth::Verifier;
 use crate::sfu::{EVENT_QUEUE, Grants, JoinAccepted, JoinRequest, SfuError, SfuHandle};
-use crate::signal::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
+use crate::signal::{
+    self, ClientMessage, ErrorCode, LeaveReason, PROTOCOL_VERSION, ServerMessage,
+};
 use axum::extract::ws::Utf8Bytes;
 use axum::{
     Extension,
@@ -494,7 +496,10 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
                 registry.forget(&pid, generation);
                 let reason = format!("did not resume within {} s ({reason})", grace.as_secs_f32());
                 info!(%reason, "participant session ended");
-                state.handle.disconnect(&pid, &reason).await;
+                state
+                    .handle
+                    .disconnect(&pid, LeaveReason::Disconnected, &reason)
+                    .await;
                 return;
             }
             resume::ParkEnd::Closed => {
@@ -502,7 +507,7 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
                 info!("participant removed while waiting for a resume");
                 state
                     .handle
-                    .disconnect(&pid, "removed while disconnected")
+                    .disconnect(&pid, LeaveReason::Removed, "removed while disconnected")
                     .await;
                 return;
             }
@@ -510,7 +515,14 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
     }
     registry.forget(&pid, generation);
     info!(%reason, "participant session ended");
-    state.handle.disconnect(&pid, &reason).await;
+    // A close frame (or `leave`) is a leave; a lost connection without a grace period to
+    // resume in is a disconnection.
+    let why = if resumable {
+        LeaveReason::Disconnected
+    } else {
+        LeaveReason::Left
+    };
+    state.handle.disconnect(&pid, why, &reason).await;
 }
 
 /// How a session starts: a new participant, or one resumed.
@@ -673,6 +685,7 @@ async fn wait_for_join(
                                     .handle
                                     .disconnect(
                                         &participant_id,
+                                        LeaveReason::Error,
                                         "resume failed: missed messages are gone",
                                     )
                                     .await;

@@ -31,7 +31,8 @@ use super::timers::{Deadline, Periodic, Reason, TimerQueue, soonest};
 use super::vp8;
 use super::{Command, CoreStats, Flow, JoinAccepted, JoinRequest, SfuError, Transmit};
 use crate::signal::{
-    ClientMessage, ErrorCode, PROTOCOL_VERSION, ParticipantInfo, PcTarget, Quality, ServerMessage,
+    ClientMessage, ErrorCode, LeaveReason, PROTOCOL_VERSION, ParticipantInfo, PcTarget, Quality,
+    ServerMessage,
     TrackInfo, TrackKind,
 };
 use bytes::{Bytes, BytesMut};
@@ -450,6 +451,7 @@ impl<T: Transmit> Sfu<T> {
             if stale {
                 self.effects.push(Effect::Remove {
                     part,
+                    why: LeaveReason::ConnectTimeout,
                     reason: "transport did not connect in time".into(),
                 });
             }
@@ -766,7 +768,9 @@ impl<T: Transmit> Sfu<T> {
             }
             Effect::SelectLayers => self.select_layers(now),
             Effect::Renegotiate(part) => self.send_offer(part),
-            Effect::Remove { part, reason } => self.remove_participant(part, &reason, true),
+            Effect::Remove { part, why, reason } => {
+                self.remove_participant(part, why, &reason, true)
+            }
         }
     }
 
@@ -898,6 +902,7 @@ impl<T: Transmit> Sfu<T> {
                     RTCPeerConnectionState::Failed => {
                         self.effects.push(Effect::Remove {
                             part: key.part,
+                            why: LeaveReason::IceFailed,
                             reason: format!("{:?} connection failed", key.kind),
                         });
                     }
@@ -1552,6 +1557,7 @@ impl<T: Transmit> Sfu<T> {
                 warn!(participant = %p.pid, "subscriber media path: {e}");
                 self.effects.push(Effect::Remove {
                     part,
+                    why: LeaveReason::Error,
                     reason: format!("subscriber media path could not start: {e}"),
                 });
             }
@@ -1588,6 +1594,7 @@ impl<T: Transmit> Sfu<T> {
                 warn!(participant = %p.pid, "publisher media path: {e}");
                 self.effects.push(Effect::Remove {
                     part,
+                    why: LeaveReason::Error,
                     reason: format!("publisher media path could not start: {e}"),
                 });
             }
@@ -2284,7 +2291,8 @@ impl<T: Transmit> Sfu<T> {
             PipeMsg::MemberLeft {
                 room,
                 participant_id,
-            } => self.on_remote_member_left(from, &room, &participant_id),
+                reason,
+            } => self.on_remote_member_left(from, &room, &participant_id, reason),
             PipeMsg::TrackOpen {
                 room,
                 relay,
@@ -2400,7 +2408,7 @@ impl<T: Transmit> Sfu<T> {
             .map(|(pid, _)| pid.clone())
             .collect();
         for pid in gone {
-            self.on_remote_member_left(from, room, &pid);
+            self.on_remote_member_left(from, room, &pid, LeaveReason::RoomClosed);
         }
         // The home kept the room for the other shards: the last one is gone.
         if let Some(&rk) = self.room_keys.get(room)
@@ -2444,7 +2452,13 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// A participant of `room` on shard `from` left.
-    fn on_remote_member_left(&mut self, from: ShardId, room: &str, pid: &str) {
+    fn on_remote_member_left(
+        &mut self,
+        from: ShardId,
+        room: &str,
+        pid: &str,
+        reason: LeaveReason,
+    ) {
         let Some(&rk) = self.room_keys.get(room) else {
             return;
         };
@@ -2470,6 +2484,7 @@ impl<T: Transmit> Sfu<T> {
             None,
             ServerMessage::ParticipantLeft {
                 participant_id: pid.to_owned(),
+                reason,
             },
         );
     }
@@ -2547,10 +2562,11 @@ impl<T: Transmit> Sfu<T> {
             }
             Command::Disconnect {
                 participant,
+                why,
                 reason,
             } => {
                 if let Some(&part) = self.by_pid.get(&participant) {
-                    self.remove_participant(part, &reason, false);
+                    self.remove_participant(part, why, &reason, false);
                 }
             }
             Command::Stats { reply } => {
@@ -2749,7 +2765,7 @@ impl<T: Transmit> Sfu<T> {
                 })
                 .unwrap_or_default();
             for part in old {
-                self.remove_participant(part, REPLACED, true);
+                self.remove_participant(part, LeaveReason::Replaced, REPLACED, true);
             }
         }
         let grants = req.grants.clone();
@@ -3070,7 +3086,9 @@ impl<T: Transmit> Sfu<T> {
                 self.send_to(part, ServerMessage::pong(ts, at));
             }
             ClientMessage::History { since } => self.on_history(part, since),
-            ClientMessage::Leave => self.remove_participant(part, "left", false),
+            ClientMessage::Leave => {
+                self.remove_participant(part, LeaveReason::Left, "left", false)
+            }
         }
     }
 
@@ -3618,6 +3636,7 @@ impl<T: Transmit> Sfu<T> {
         if p.events.is_closed() {
             self.effects.push(Effect::Remove {
                 part,
+                why: LeaveReason::Disconnected,
                 reason: "signaling closed".into(),
             });
             return;
@@ -3642,6 +3661,7 @@ impl<T: Transmit> Sfu<T> {
                 warn!(participant = %p.pid, "signaling queue full ({e}); disconnecting");
                 self.effects.push(Effect::Remove {
                     part,
+                    why: LeaveReason::SignalingOverflow,
                     reason: "signaling queue full".into(),
                 });
             }
@@ -3683,7 +3703,7 @@ impl<T: Transmit> Sfu<T> {
         }
     }
 
-    fn remove_participant(&mut self, part: PartKey, reason: &str, tell: bool) {
+    fn remove_participant(&mut self, part: PartKey, why: LeaveReason, reason: &str, tell: bool) {
         let Some(room) = self.rooms.get_mut(&part.room) else {
             return;
         };
@@ -3692,7 +3712,7 @@ impl<T: Transmit> Sfu<T> {
         };
         let span = info_span!("participant", room = %room.name, participant = %p.pid);
         let _g = span.enter();
-        info!(reason, "leaving");
+        info!(reason, why = why.as_str(), "leaving");
         if tell {
             p.outbox.flush(&p.events);
             let _ = p.events.try_send(ServerMessage::Leave {
@@ -3723,6 +3743,7 @@ impl<T: Transmit> Sfu<T> {
                 PipeMsg::MemberLeft {
                     room: room.name.clone(),
                     participant_id: p.pid.clone(),
+                    reason: why,
                 },
             );
         }
@@ -3764,6 +3785,7 @@ impl<T: Transmit> Sfu<T> {
             None,
             ServerMessage::ParticipantLeft {
                 participant_id: pid,
+                reason: why,
             },
         );
     }
@@ -3817,7 +3839,7 @@ impl<T: Transmit> Sfu<T> {
         info!(participants = parts.len(), "core shutting down");
         self.shutting_down = true;
         for part in parts {
-            self.remove_participant(part, "server shutting down", true);
+            self.remove_participant(part, LeaveReason::Shutdown, "server shutting down", true);
         }
     }
 }

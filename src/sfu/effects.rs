@@ -27,7 +27,11 @@ pub enum Effect {
     /// many changes asked for it).
     Renegotiate(PartKey),
     /// Remove the participant, telling it and its room why.
-    Remove { part: PartKey, reason: String },
+    Remove {
+        part: PartKey,
+        why: crate::signal::LeaveReason,
+        reason: String,
+    },
 }
 
 /// Effects waiting for the end of the turn.

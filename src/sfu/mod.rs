@@ -46,7 +46,7 @@ pub use self::core::CONNECT_TIMEOUT;
 pub use self::core::{CoreConfig, Sfu};
 pub use timers::{Deadline, Reason};
 
-use crate::signal::{ClientMessage, ServerMessage};
+use crate::signal::{ClientMessage, LeaveReason, ServerMessage};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -146,6 +146,9 @@ pub enum Command {
     /// The WebSocket went away (or the client said `leave`).
     Disconnect {
         participant: ParticipantId,
+        /// Why, for `participant_left` and webhooks.
+        why: LeaveReason,
+        /// Why, in words, for the logs.
         reason: String,
     },
     /// Graceful shutdown: tell everyone, close everything, then stop the loop.
@@ -657,12 +660,13 @@ impl SfuHandle {
     }
 
     /// The participant's WebSocket is gone.
-    pub async fn disconnect(&self, participant: &str, reason: &str) {
+    pub async fn disconnect(&self, participant: &str, why: LeaveReason, reason: &str) {
         let tx = self.shard_of(participant).clone();
         self.placement().left(participant);
         let _ = tx
             .send(Command::Disconnect {
                 participant: participant.to_owned(),
+                why,
                 reason: reason.to_owned(),
             })
             .await;
@@ -912,7 +916,7 @@ mod tests {
         assert!(accepted.await.unwrap().is_ok());
         assert_eq!(handle.placement().load(), &[1, 0]);
         assert_eq!(handle.placement().shard_of("PA_1"), Some(0));
-        handle.disconnect("PA_1", "bye").await;
+        handle.disconnect("PA_1", LeaveReason::Left, "bye").await;
         assert_eq!(handle.placement().load(), &[0, 0]);
     }
 }

@@ -96,7 +96,7 @@ impl Outbox {
                     return Ok(());
                 }
             }
-            ServerMessage::ParticipantLeft { participant_id } => {
+            ServerMessage::ParticipantLeft { participant_id, .. } => {
                 let joined = self.queue.iter().position(|m| {
                     matches!(m, ServerMessage::ParticipantJoined { participant } if participant.id == *participant_id)
                 });
@@ -250,7 +250,7 @@ mod tests {
                 },
             )
             .unwrap();
-            o.send(&tx, ServerMessage::ParticipantLeft { participant_id: id })
+            o.send(&tx, ServerMessage::ParticipantLeft { participant_id: id, reason: Default::default() })
                 .unwrap();
         }
         assert!(o.is_empty());

@@ -34,7 +34,7 @@
 //! between two Plaza nodes over the network.
 
 use super::timeline::{Audience, Entry};
-use crate::signal::{ConnectionQualityUpdate, ParticipantInfo, ServerMessage, TrackInfo};
+use crate::signal::{ConnectionQualityUpdate, LeaveReason, ParticipantInfo, ServerMessage, TrackInfo};
 use bytes::Bytes;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
@@ -62,6 +62,7 @@ pub enum PipeMsg {
     MemberLeft {
         room: String,
         participant_id: String,
+        reason: LeaveReason,
     },
     /// A track published on the sender, relayed as `relay`.
     TrackOpen {

@@ -595,6 +595,7 @@ impl Node for Client {
                 self.session_ended = true;
                 out.commands.push(Command::Disconnect {
                     participant: pid,
+                    why: crate::signal::LeaveReason::Left,
                     reason: if closed {
                         "the server closed the session".into()
                     } else {

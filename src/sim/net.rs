@@ -563,6 +563,7 @@ impl Net {
             ),
             Command::Disconnect {
                 participant,
+                why,
                 reason,
             } => {
                 let shard = sh.placement.shard_of(&participant).unwrap_or(0);
@@ -571,6 +572,7 @@ impl Net {
                     shard,
                     Command::Disconnect {
                         participant,
+                        why,
                         reason,
                     },
                 )
@@ -1159,6 +1161,7 @@ mod tests {
         });
         s.cmds.push(Command::Disconnect {
             participant: "PA_1_0".into(),
+            why: crate::signal::LeaveReason::Left,
             reason: "left".into(),
         });
         net.run_for(Duration::from_millis(1));

@@ -8,7 +8,7 @@
 
 use crate::http::AppState;
 use crate::sfu::{EVENT_QUEUE, JoinRequest, SfuError};
-use crate::signal::{ClientMessage, ErrorCode, ServerMessage};
+use crate::signal::{ClientMessage, ErrorCode, LeaveReason, ServerMessage};
 use rand::Rng as _;
 use rand::distr::Alphanumeric;
 use std::collections::HashMap;
@@ -230,11 +230,11 @@ pub async fn start(
     let answer = match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
         Ok(Ok(sdp)) => sdp,
         Ok(Err(e)) => {
-            handle.disconnect(&pid, "offer refused").await;
+            handle.disconnect(&pid, LeaveReason::Error, "offer refused").await;
             return Err(e);
         }
         Err(_) => {
-            handle.disconnect(&pid, "no answer in time").await;
+            handle.disconnect(&pid, LeaveReason::Error, "no answer in time").await;
             return Err(StartError::Timeout);
         }
     };
@@ -332,5 +332,6 @@ async fn run(
         state.whip.remove(&session.id);
     }
     info!(kind = session.kind.name(), %reason, "session ended");
-    state.handle.disconnect(pid, &reason).await;
+    // A `DELETE` (or the server removing it first: then this is a no-op).
+    state.handle.disconnect(pid, LeaveReason::Left, &reason).await;
 }

@@ -66,7 +66,7 @@ impl<T: Transmit> Sfu<T> {
                 reason,
             } => {
                 let part = self.admin_target(&room, &target)?;
-                self.remove_participant(part, &reason, true);
+                self.remove_participant(part, LeaveReason::Removed, &reason, true);
                 Ok(AdminReply::Done { participants: 1 })
             }
             AdminOp::MuteTrack {
@@ -165,7 +165,7 @@ impl<T: Transmit> Sfu<T> {
                     .unwrap_or_default();
                 info!(room = %room, participants = members.len(), "room closed by an admin");
                 for &m in &members {
-                    self.remove_participant(m, &reason, true);
+                    self.remove_participant(m, LeaveReason::RoomClosed, &reason, true);
                 }
                 Ok(AdminReply::Done {
                     participants: members.len(),

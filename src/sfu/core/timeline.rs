@@ -146,7 +146,7 @@ impl<T: Transmit> Sfu<T> {
             Err(_) => return,
         };
         let t = &mut room.timeline;
-        if let ServerMessage::ParticipantLeft { participant_id } = msg {
+        if let ServerMessage::ParticipantLeft { participant_id, .. } = msg {
             t.dedup.remove(participant_id);
         }
         let stamp: Stamp = t.seq.stamp(Lane::Chat, wall);

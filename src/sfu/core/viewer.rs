@@ -8,7 +8,7 @@
 
 use super::super::viewing::{self, Candidate};
 use super::*;
-use crate::signal::Quality;
+use crate::signal::{LeaveReason, Quality};
 
 impl<T: Transmit> Sfu<T> {
     /// The viewer's offer (its first, or an ICE restart's): applied to its subscriber
@@ -123,6 +123,7 @@ impl<T: Transmit> Sfu<T> {
                     // request gets the error), and nothing is left behind.
                     self.effects.push(Effect::Remove {
                         part,
+                        why: LeaveReason::Error,
                         reason: "offer refused".to_owned(),
                     });
                 }
