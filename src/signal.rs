@@ -222,6 +222,15 @@ pub enum ClientMessage {
     },
 }
 
+/// A new session id, `SE_` and 12 letters and digits (random): one per WebSocket connection
+/// (a resumed one takes the id of the session it resumes) and per WHIP/WHEP session. Every log
+/// line of the session, in signaling and in the core, carries it as `session`, and so do the
+/// webhook events of its participant; `joined` returns it (`session_id`).
+pub fn new_session_id() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!("SE_{}", Alphanumeric.sample_string(&mut rand::rng(), 12))
+}
+
 /// Why a participant left its room: `participant_left`'s `reason`, and the webhook
 /// `participant_left` event's. New reasons may be added: treat an unknown one like `left`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -304,6 +313,10 @@ pub enum ServerMessage {
         /// The room's input tick rate (0: inputs are relayed one by one).
         #[serde(default)]
         input_tick_hz: u32,
+        /// The session's id (`SE_…`): every server log line of this session carries it; quote
+        /// it in a bug report. Kept across `resume`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_id: Option<String>,
     },
     /// Reply to an accepted `resume`; the messages the client missed follow, then the session
     /// goes on. Not counted in `received`.

@@ -72,6 +72,7 @@ pub(crate) fn spawn() -> (
                                 resume_grace_ms: None,
                                 ice_servers: Vec::new(),
                                 input_tick_hz: 0,
+                                session_id: None,
                             },
                             participant_id,
                         })

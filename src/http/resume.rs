@@ -108,6 +108,8 @@ impl Replay {
 pub struct Handover {
     pub events: mpsc::Receiver<ServerMessage>,
     pub replay: Replay,
+    /// The participant's session id (`SE_…`): the resuming connection logs under it.
+    pub session: String,
 }
 
 /// A request for a session's [`Handover`].
@@ -335,7 +337,11 @@ mod tests {
             let (_tx, events) = mpsc::channel(1);
             let mut replay = Replay::default();
             replay.push("joined".into());
-            let _ = claim.send(Handover { events, replay });
+            let _ = claim.send(Handover {
+                events,
+                replay,
+                session: "SE_test".into(),
+            });
         });
         let (handover, room, generation, _claims) = reg.claim("PA_1", &token).await.unwrap();
         holder.await.unwrap();

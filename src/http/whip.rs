@@ -40,7 +40,7 @@ pub use session::Kind;
 use session::StartError;
 use std::time::Instant;
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{Instrument as _, debug, info};
 
 /// The offer's media type.
 pub const SDP: &str = "application/sdp";
@@ -352,6 +352,7 @@ pub(super) fn session_join<'b>(
         view: None,
         home: None,
         timeline: Default::default(),
+        session: crate::signal::new_session_id(),
     };
     Ok((req, offer))
 }
@@ -401,17 +402,21 @@ pub(super) async fn open(
     // Run to the end even if the client goes away meanwhile (the handler's future is dropped
     // then): a participant that joined is either given its session or removed again, never
     // left without one.
-    let start = tokio::spawn({
-        let (state, offer) = (state.clone(), offer.to_owned());
-        async move { session::start(&state, kind, req, offer, remote_ufrag).await }
-    });
+    let span = tracing::info_span!("start", session = %req.session);
+    let start = tokio::spawn(
+        {
+            let (state, offer) = (state.clone(), offer.to_owned());
+            async move { session::start(&state, kind, req, offer, remote_ufrag).await }
+        }
+        .instrument(span),
+    );
     let started = start
         .await
         .unwrap_or(Err(StartError::Join(SfuError::ShuttingDown)));
     match started {
         Ok(started) => {
             let s = &started.session;
-            info!(room = %room, participant = %s.participant_id, session = %s.id, kind = kind.name(), "session opened");
+            info!(room = %room, participant = %s.participant_id, resource = %s.id, kind = kind.name(), "session opened");
             let ice = state
                 .settings
                 .ice

@@ -48,9 +48,7 @@ use super::limits::{ConnMeta, HttpCounters, TokenBucket};
 use super::resume::{self, Handover, Replay};
 use crate::auth::Verifier;
 use crate::sfu::{EVENT_QUEUE, Grants, JoinAccepted, JoinRequest, SfuError, SfuHandle};
-use crate::signal::{
-    self, ClientMessage, ErrorCode, LeaveReason, PROTOCOL_VERSION, ServerMessage,
-};
+use crate::signal::{self, ClientMessage, ErrorCode, LeaveReason, PROTOCOL_VERSION, ServerMessage};
 use axum::extract::ws::Utf8Bytes;
 use axum::{
     Extension,
@@ -140,13 +138,16 @@ pub(crate) async fn upgrade(
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_failed_upgrade(move |e| debug!(?peer, error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
+            // A resume records the resumed session's id over this one.
+            let sid = signal::new_session_id();
             let span = info_span!(
                 "ws",
+                session = %sid,
                 peer = field::display(peer.map_or_else(|| "-".to_owned(), |p| p.to_string())),
                 participant = field::Empty,
                 room = field::Empty
             );
-            session(socket, state, conn).instrument(span)
+            session(socket, state, conn, sid).instrument(span)
         })
 }
 
@@ -341,7 +342,7 @@ impl Drop for OpenGuard {
 }
 
 /// One WebSocket session, from upgrade to close.
-async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
+async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>, mut sid: String) {
     // Held until the session ends, so the server can wait for every session on shutdown.
     let _session_guard = state.sessions.clone();
     state.counters.websockets_open.fetch_add(1, Relaxed);
@@ -362,6 +363,7 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
         limit,
         &mut guards,
         _conn.as_ref(),
+        &sid,
     )
     .await
     else {
@@ -421,7 +423,9 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
         } => {
             span.record("participant", field::display(&participant_id));
             span.record("room", field::display(&room));
-            info!(replayed = missed.len(), "participant resumed");
+            info!(replayed = missed.len(), resumed_session = %handover.session, connection_session = %sid, "participant resumed");
+            span.record("session", field::display(&handover.session));
+            sid = handover.session.clone();
             HttpCounters::inc(&state.counters.sessions_resumed);
             let resumed = ServerMessage::Resumed {
                 participant_id: participant_id.clone(),
@@ -477,7 +481,11 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
                 "session resumed on another connection",
             )
             .await;
-            let _ = claim.send(Handover { events, replay });
+            let _ = claim.send(Handover {
+                events,
+                replay,
+                session: sid,
+            });
             return;
         }
         JoinedEnd::Ended { reason, resumable } => (reason, resumable),
@@ -488,7 +496,11 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
         drop(stream);
         match resume::park(&mut events, &mut replay, &mut claims, grace).await {
             resume::ParkEnd::Claimed(claim) => {
-                let _ = claim.send(Handover { events, replay });
+                let _ = claim.send(Handover {
+                    events,
+                    replay,
+                    session: sid,
+                });
                 return;
             }
             resume::ParkEnd::Expired => {
@@ -569,6 +581,7 @@ async fn wait_for_join(
     limit: usize,
     guards: &mut Guards,
     conn: Option<&ConnMeta>,
+    sid: &str,
 ) -> Option<Start> {
     let handle = &state.handle;
     let mut ticker = tokio::time::interval(guards.tick());
@@ -733,6 +746,7 @@ async fn wait_for_join(
                             events: timeline_events.unwrap_or(false),
                             input_tick_hz: admitted.input_tick_hz,
                         },
+                        session: sid.to_owned(),
                     };
                     match handle.join(req).await {
                         Ok(accepted) => {

@@ -32,8 +32,7 @@ use super::vp8;
 use super::{Command, CoreStats, Flow, JoinAccepted, JoinRequest, SfuError, Transmit};
 use crate::signal::{
     ClientMessage, ErrorCode, LeaveReason, PROTOCOL_VERSION, ParticipantInfo, PcTarget, Quality,
-    ServerMessage,
-    TrackInfo, TrackKind,
+    ServerMessage, TrackInfo, TrackKind,
 };
 use bytes::{Bytes, BytesMut};
 use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
@@ -1111,7 +1110,7 @@ impl<T: Transmit> Sfu<T> {
             tid: tid.clone(),
         });
         let info = t.info(&p.pid);
-        let span = info_span!("track", room = %room.name, participant = %p.pid, track = %tid);
+        let span = info_span!("track", session = %p.session, room = %room.name, participant = %p.pid, track = %tid);
         let _g = span.enter();
         info!(kind = ?kind, mime = %info.mime_type, "track published");
         for &peer in &room.peers {
@@ -2452,13 +2451,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// A participant of `room` on shard `from` left.
-    fn on_remote_member_left(
-        &mut self,
-        from: ShardId,
-        room: &str,
-        pid: &str,
-        reason: LeaveReason,
-    ) {
+    fn on_remote_member_left(&mut self, from: ShardId, room: &str, pid: &str, reason: LeaveReason) {
         let Some(&rk) = self.room_keys.get(room) else {
             return;
         };
@@ -2828,6 +2821,7 @@ impl<T: Transmit> Sfu<T> {
             pid: pid.clone(),
             name: name.clone(),
             identity: req.identity.clone(),
+            session: req.session.clone(),
             grants,
             chat_muted: false,
             joined: self.now,
@@ -2917,7 +2911,8 @@ impl<T: Transmit> Sfu<T> {
         self.room_keys.insert(room.clone(), rk);
         self.by_pid.insert(pid.clone(), part);
         self.connect_timers.push(self.now + CONNECT_TIMEOUT, part);
-        let span = info_span!("participant", room = %room, participant = %pid);
+        let span =
+            info_span!("participant", session = %req.session, room = %room, participant = %pid);
         let _g = span.enter();
         info!(name = %name, "joined");
         if let Some(info) = self.participant_info(part) {
@@ -2955,6 +2950,7 @@ impl<T: Transmit> Sfu<T> {
                 resume_grace_ms: None,
                 ice_servers: Vec::new(),
                 input_tick_hz,
+                session_id: (!req.session.is_empty()).then(|| req.session.clone()),
             },
         })
     }
@@ -3036,7 +3032,7 @@ impl<T: Transmit> Sfu<T> {
         let Some(p) = room.parts.get(&part) else {
             return;
         };
-        let span = info_span!("participant", room = %room.name, participant = %p.pid);
+        let span = info_span!("participant", session = %p.session, room = %room.name, participant = %p.pid);
         let _g = span.enter();
         match msg {
             ClientMessage::Join { .. } => self.send_to(
@@ -3086,9 +3082,7 @@ impl<T: Transmit> Sfu<T> {
                 self.send_to(part, ServerMessage::pong(ts, at));
             }
             ClientMessage::History { since } => self.on_history(part, since),
-            ClientMessage::Leave => {
-                self.remove_participant(part, LeaveReason::Left, "left", false)
-            }
+            ClientMessage::Leave => self.remove_participant(part, LeaveReason::Left, "left", false),
         }
     }
 
@@ -3710,7 +3704,7 @@ impl<T: Transmit> Sfu<T> {
         let Some(p) = room.parts.get_mut(&part) else {
             return;
         };
-        let span = info_span!("participant", room = %room.name, participant = %p.pid);
+        let span = info_span!("participant", session = %p.session, room = %room.name, participant = %p.pid);
         let _g = span.enter();
         info!(reason, why = why.as_str(), "leaving");
         if tell {
@@ -3987,6 +3981,7 @@ mod tests {
                 view: None,
                 home: None,
                 timeline: Default::default(),
+                session: String::new(),
             };
             let _ = sfu.handle_command(t0, Command::Join { req, reply });
             assert!(matches!(answer.try_recv(), Ok(Ok(_))), "{name} joins");

@@ -193,6 +193,9 @@ pub struct JoinRequest {
     /// What the participant asked of the room timeline, and the room's settings should this
     /// join open it.
     pub timeline: JoinTimeline,
+    /// The signaling session's id (`SE_…`, [`crate::signal::new_session_id`]) for the
+    /// participant's log lines and webhook events; empty: none.
+    pub session: String,
 }
 
 /// A join's room-timeline options.
@@ -866,6 +869,7 @@ mod tests {
                 view: None,
                 home: None,
                 timeline: Default::default(),
+                session: String::new(),
             },
             rx,
         )

@@ -250,8 +250,14 @@ mod tests {
                 },
             )
             .unwrap();
-            o.send(&tx, ServerMessage::ParticipantLeft { participant_id: id, reason: Default::default() })
-                .unwrap();
+            o.send(
+                &tx,
+                ServerMessage::ParticipantLeft {
+                    participant_id: id,
+                    reason: Default::default(),
+                },
+            )
+            .unwrap();
         }
         assert!(o.is_empty());
     }

@@ -34,7 +34,9 @@
 //! between two Plaza nodes over the network.
 
 use super::timeline::{Audience, Entry};
-use crate::signal::{ConnectionQualityUpdate, LeaveReason, ParticipantInfo, ServerMessage, TrackInfo};
+use crate::signal::{
+    ConnectionQualityUpdate, LeaveReason, ParticipantInfo, ServerMessage, TrackInfo,
+};
 use bytes::Bytes;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;

@@ -206,6 +206,8 @@ pub(super) struct Participant {
     pub(super) name: String,
     /// Who it is (from its token; unique in the room), if known.
     pub(super) identity: Option<String>,
+    /// The signaling session's id (`SE_…`; empty: none), in its log spans and webhook events.
+    pub(super) session: String,
     /// What it may do.
     pub(super) grants: Grants,
     /// A room admin muted its chat: its `chat` messages are refused.

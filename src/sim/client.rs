@@ -122,6 +122,7 @@ impl Client {
                     view: None,
                     home: None,
                     timeline: Default::default(),
+                    session: String::new(),
                 },
                 reply,
             }),

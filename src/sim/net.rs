@@ -1085,6 +1085,7 @@ mod tests {
                     view: None,
                     home: None,
                     timeline: Default::default(),
+                    session: String::new(),
                 },
                 reply,
             });

@@ -314,6 +314,7 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                     view: None,
                     home: None,
                     timeline: Default::default(),
+                    session: String::new(),
                 };
                 let _ = sfu.handle_command(now, Command::Join { req, reply });
                 if let Ok(Ok(ok)) = answer.try_recv() {
@@ -401,6 +402,7 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                         now,
                         Command::Disconnect {
                             participant: p.id,
+                            why: plaza::signal::LeaveReason::Disconnected,
                             reason,
                         },
                     );

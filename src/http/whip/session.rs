@@ -201,6 +201,7 @@ pub async fn start(
     let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
     req.events = events_tx;
     let room = req.room.clone();
+    let sid = req.session.clone();
     let handle = &state.handle;
     let accepted = handle.join(req).await.map_err(StartError::Join)?;
     let pid = accepted.participant_id;
@@ -230,11 +231,15 @@ pub async fn start(
     let answer = match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
         Ok(Ok(sdp)) => sdp,
         Ok(Err(e)) => {
-            handle.disconnect(&pid, LeaveReason::Error, "offer refused").await;
+            handle
+                .disconnect(&pid, LeaveReason::Error, "offer refused")
+                .await;
             return Err(e);
         }
         Err(_) => {
-            handle.disconnect(&pid, LeaveReason::Error, "no answer in time").await;
+            handle
+                .disconnect(&pid, LeaveReason::Error, "no answer in time")
+                .await;
             return Err(StartError::Timeout);
         }
     };
@@ -256,8 +261,12 @@ pub async fn start(
     });
     state.whip.insert(Arc::clone(&session));
     let span = match kind {
-        Kind::Whip => info_span!("whip", participant = %pid, room = %room, session = %session.id),
-        Kind::Whep => info_span!("whep", participant = %pid, room = %room, session = %session.id),
+        Kind::Whip => {
+            info_span!("whip", session = %sid, participant = %pid, room = %room, resource = %session.id)
+        }
+        Kind::Whep => {
+            info_span!("whep", session = %sid, participant = %pid, room = %room, resource = %session.id)
+        }
     };
     let task = run(
         state.clone(),
@@ -333,5 +342,8 @@ async fn run(
     }
     info!(kind = session.kind.name(), %reason, "session ended");
     // A `DELETE` (or the server removing it first: then this is a no-op).
-    state.handle.disconnect(pid, LeaveReason::Left, &reason).await;
+    state
+        .handle
+        .disconnect(pid, LeaveReason::Left, &reason)
+        .await;
 }
