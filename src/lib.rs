@@ -35,6 +35,7 @@ pub mod server;
 pub mod sfu;
 pub mod signal;
 pub mod turn;
+pub mod webhook;
 // The simulation is a driver (like `io`): it owns the virtual clock, started from one
 // real instant.
 pub mod sim;
