@@ -160,6 +160,14 @@ impl KeySet {
         self.0.insert(key.key, key.secret);
     }
 
+    /// The key `name` with its secret.
+    pub fn get(&self, name: &str) -> Option<ApiKey> {
+        self.0.get(name).map(|secret| ApiKey {
+            key: name.to_owned(),
+            secret: secret.clone(),
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -44,6 +44,12 @@
 //! (`PLAZA_TURN_SECRET`) go together; every `joined` then carries time-limited credentials
 //! ([`crate::turn`]). The TURN secret is never printed either.
 //!
+//! Webhooks: `--webhook-url` (repeatable or comma-separated; `PLAZA_WEBHOOK_URLS`; none: off)
+//! and `--webhook-queue`, `--webhook-retry-for`, `--webhook-backoff-min`/`-max`,
+//! `--webhook-timeout`, `--webhook-api-key` ([`crate::webhook`]). They are signed with the
+//! secret of `--webhook-api-key`, else of the first configured API key (by name), else of the
+//! development key.
+//!
 //! The loader takes the environment as a lookup function ([`Config::load_from`]), so tests
 //! never depend on the process environment. Empty environment variables count as unset
 //! (handy with compose files). `RUST_LOG` is honoured as a lower-priority alias of
@@ -259,6 +265,8 @@ pub struct Config {
     pub keys: KeySet,
     /// STUN/TURN servers handed to every joining client (TURN with time-limited credentials).
     pub ice: IceConfig,
+    /// Where and how events are POSTed (no URL: off).
+    pub webhook: crate::webhook::WebhookConfig,
 }
 
 impl Default for Config {
@@ -296,6 +304,7 @@ impl Default for Config {
             core_limits: CoreLimits::default(),
             keys: KeySet::new(),
             ice: IceConfig::none(),
+            webhook: Default::default(),
         }
     }
 }
@@ -341,6 +350,8 @@ pub enum ConfigError {
     Keys(String),
     #[error("invalid TURN/STUN settings: {0}")]
     Turn(String),
+    #[error("invalid webhook settings: {0}")]
+    Webhook(String),
     #[error("--{name} must be {expected}, got {value}")]
     Invalid {
         name: &'static str,
@@ -526,6 +537,33 @@ struct Args {
     /// comma-separated [env: PLAZA_STUN_URLS] [default: none]
     #[arg(long = "stun-url", value_name = "URL", value_delimiter = ',')]
     stun_url: Vec<String>,
+    /// URL(s) webhook events are POSTed to (http:// or https://); repeatable or
+    /// comma-separated [env: PLAZA_WEBHOOK_URLS] [default: none: webhooks off]
+    #[arg(long = "webhook-url", value_name = "URL", value_delimiter = ',')]
+    webhook_url: Vec<String>,
+    /// Webhook events that may wait (from the server, and per URL); more are dropped
+    /// [env: PLAZA_WEBHOOK_QUEUE] [default: 10000]
+    #[arg(long, value_name = "N")]
+    webhook_queue: Option<usize>,
+    /// Seconds a failing webhook event is retried before it is dropped
+    /// [env: PLAZA_WEBHOOK_RETRY_FOR] [default: 300]
+    #[arg(long, value_name = "SECONDS")]
+    webhook_retry_for: Option<f64>,
+    /// Seconds before the first webhook retry (doubling, jittered)
+    /// [env: PLAZA_WEBHOOK_BACKOFF_MIN] [default: 0.5]
+    #[arg(long, value_name = "SECONDS")]
+    webhook_backoff_min: Option<f64>,
+    /// Longest wait between webhook retries, in seconds [env: PLAZA_WEBHOOK_BACKOFF_MAX]
+    /// [default: 30]
+    #[arg(long, value_name = "SECONDS")]
+    webhook_backoff_max: Option<f64>,
+    /// Seconds a webhook request may take [env: PLAZA_WEBHOOK_TIMEOUT] [default: 10]
+    #[arg(long, value_name = "SECONDS")]
+    webhook_timeout: Option<f64>,
+    /// The API key whose secret signs webhooks [env: PLAZA_WEBHOOK_API_KEY] [default: the
+    /// first configured API key by name; the development key in development mode]
+    #[arg(long, value_name = "KEY")]
+    webhook_api_key: Option<String>,
 }
 
 /// A string or a list of strings (for `announce_ip` in the file).
@@ -674,6 +712,14 @@ struct FileConfig {
     data_byte_rate: Option<usize>,
     max_ids_per_message: Option<usize>,
     commands_per_turn: Option<usize>,
+    #[serde(alias = "webhook_url")]
+    webhook_urls: Option<StringOrList>,
+    webhook_queue: Option<usize>,
+    webhook_retry_for: Option<f64>,
+    webhook_backoff_min: Option<f64>,
+    webhook_backoff_max: Option<f64>,
+    webhook_timeout: Option<f64>,
+    webhook_api_key: Option<String>,
     #[serde(alias = "turn_url")]
     turn_urls: Option<StringOrList>,
     turn_secret: Option<Secret>,
@@ -727,6 +773,13 @@ struct Layer {
     api_key: Option<String>,
     api_secret: Option<Secret>,
     keys: Option<KeySet>,
+    webhook_urls: Option<Vec<String>>,
+    webhook_queue: Option<usize>,
+    webhook_retry_for: Option<f64>,
+    webhook_backoff_min: Option<f64>,
+    webhook_backoff_max: Option<f64>,
+    webhook_timeout: Option<f64>,
+    webhook_api_key: Option<String>,
     turn_urls: Option<Vec<String>>,
     turn_secret: Option<Secret>,
     turn_ttl: Option<u64>,
@@ -779,6 +832,13 @@ impl Layer {
             api_key: self.api_key.or(lower.api_key),
             api_secret: self.api_secret.or(lower.api_secret),
             keys: self.keys.or(lower.keys),
+            webhook_urls: self.webhook_urls.or(lower.webhook_urls),
+            webhook_queue: self.webhook_queue.or(lower.webhook_queue),
+            webhook_retry_for: self.webhook_retry_for.or(lower.webhook_retry_for),
+            webhook_backoff_min: self.webhook_backoff_min.or(lower.webhook_backoff_min),
+            webhook_backoff_max: self.webhook_backoff_max.or(lower.webhook_backoff_max),
+            webhook_timeout: self.webhook_timeout.or(lower.webhook_timeout),
+            webhook_api_key: self.webhook_api_key.or(lower.webhook_api_key),
             turn_urls: self.turn_urls.or(lower.turn_urls),
             turn_secret: self.turn_secret.or(lower.turn_secret),
             turn_ttl: self.turn_ttl.or(lower.turn_ttl),
@@ -830,6 +890,13 @@ impl From<Args> for Layer {
             api_key: a.api_key.map(|k| k.trim().to_owned()),
             api_secret: a.api_secret,
             keys: None,
+            webhook_urls: url_list(a.webhook_url),
+            webhook_queue: a.webhook_queue,
+            webhook_retry_for: a.webhook_retry_for,
+            webhook_backoff_min: a.webhook_backoff_min,
+            webhook_backoff_max: a.webhook_backoff_max,
+            webhook_timeout: a.webhook_timeout,
+            webhook_api_key: a.webhook_api_key,
             turn_urls: url_list(a.turn_url),
             turn_secret: a.turn_secret,
             turn_ttl: a.turn_ttl,
@@ -888,6 +955,13 @@ impl From<FileConfig> for Layer {
                     .map(|(key, secret)| ApiKey { key, secret })
                     .collect()
             }),
+            webhook_urls: f.webhook_urls.and_then(|u| url_list(u.into_vec())),
+            webhook_queue: f.webhook_queue,
+            webhook_retry_for: f.webhook_retry_for,
+            webhook_backoff_min: f.webhook_backoff_min,
+            webhook_backoff_max: f.webhook_backoff_max,
+            webhook_timeout: f.webhook_timeout,
+            webhook_api_key: f.webhook_api_key,
             turn_urls: f.turn_urls.and_then(|u| url_list(u.into_vec())),
             turn_secret: f.turn_secret,
             turn_ttl: f.turn_ttl,
@@ -979,6 +1053,17 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             api_key: self.raw("PLAZA_API_KEY").map(|k| k.trim().to_owned()),
             api_secret: self.raw("PLAZA_API_SECRET").map(Secret::new),
             keys: None,
+            webhook_urls: self
+                .raw("PLAZA_WEBHOOK_URLS")
+                .and_then(|v| url_list(v.split(',').map(str::to_owned).collect())),
+            webhook_queue: self.parse("PLAZA_WEBHOOK_QUEUE")?,
+            webhook_retry_for: self.parse("PLAZA_WEBHOOK_RETRY_FOR")?,
+            webhook_backoff_min: self.parse("PLAZA_WEBHOOK_BACKOFF_MIN")?,
+            webhook_backoff_max: self.parse("PLAZA_WEBHOOK_BACKOFF_MAX")?,
+            webhook_timeout: self.parse("PLAZA_WEBHOOK_TIMEOUT")?,
+            webhook_api_key: self
+                .raw("PLAZA_WEBHOOK_API_KEY")
+                .map(|k| k.trim().to_owned()),
             turn_urls: self
                 .raw("PLAZA_TURN_URLS")
                 .and_then(|v| url_list(v.split(',').map(str::to_owned).collect())),
@@ -1158,6 +1243,32 @@ impl Config {
                     .map_or(turn::DEFAULT_TURN_TTL, Duration::from_secs),
                 stun_urls: merged.stun_urls.unwrap_or_default(),
             },
+            webhook: {
+                let w = crate::webhook::WebhookConfig::default();
+                crate::webhook::WebhookConfig {
+                    urls: merged.webhook_urls.unwrap_or_default(),
+                    queue: merged.webhook_queue.unwrap_or(w.queue),
+                    backoff: crate::webhook::Backoff {
+                        min: seconds(
+                            "webhook-backoff-min",
+                            merged.webhook_backoff_min,
+                            w.backoff.min,
+                        )?,
+                        max: seconds(
+                            "webhook-backoff-max",
+                            merged.webhook_backoff_max,
+                            w.backoff.max,
+                        )?,
+                        retry_for: seconds(
+                            "webhook-retry-for",
+                            merged.webhook_retry_for,
+                            w.backoff.retry_for,
+                        )?,
+                    },
+                    timeout: seconds("webhook-timeout", merged.webhook_timeout, w.timeout)?,
+                    api_key: merged.webhook_api_key,
+                }
+            },
         };
         config.announce_ips = config.announce_ips()?;
         config.validate()?;
@@ -1187,11 +1298,34 @@ impl Config {
         Ok(ips)
     }
 
+    /// The key that signs webhooks: `--webhook-api-key`, else the first API key by name, else
+    /// the development key (development mode).
+    pub fn webhook_key(&self) -> Result<ApiKey, String> {
+        if self.keys.is_empty() {
+            return match &self.webhook.api_key {
+                None => Ok(ApiKey::dev()),
+                Some(k) if k == auth::DEV_API_KEY => Ok(ApiKey::dev()),
+                Some(k) => Err(format!(
+                    "--webhook-api-key {k:?} is not a configured API key"
+                )),
+            };
+        }
+        let name = match &self.webhook.api_key {
+            Some(k) => k.as_str(),
+            None => self.keys.key_names().next().unwrap_or_default(),
+        };
+        self.keys
+            .get(name)
+            .ok_or_else(|| format!("--webhook-api-key {name:?} is not a configured API key"))
+    }
+
     /// Check every setting (also called by [`crate::server::start`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.announce_ips()?;
         self.keys.validate().map_err(ConfigError::Keys)?;
         self.ice.validate().map_err(ConfigError::Turn)?;
+        self.webhook.validate().map_err(ConfigError::Webhook)?;
+        self.webhook_key().map_err(ConfigError::Webhook)?;
         tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
             ConfigError::LogLevel {
                 directive: self.log_level.clone(),

@@ -23,6 +23,7 @@ use crate::http::{self, AppState, HttpSettings};
 use crate::io::MediaSockets;
 use crate::sfu::core::CoreConfig;
 use crate::sfu::{SfuError, SfuHandle};
+use crate::webhook::Webhooks;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -129,6 +130,8 @@ pub enum ServerError {
     Core(#[from] SfuError),
     #[error("the server stopped unexpectedly: {0}")]
     Stopped(String),
+    #[error("cannot start webhooks: {0}")]
+    Webhooks(String),
 }
 
 fn in_use_hint(e: &std::io::Error, flag: &str) -> String {
@@ -156,6 +159,8 @@ pub struct Server {
     /// Every shard's ICE-TCP listen address (empty: ICE-TCP off).
     tcp_addrs: Vec<SocketAddr>,
     handle: SfuHandle,
+    /// The webhook dispatcher, when webhook URLs are configured.
+    webhooks: Option<Webhooks>,
     /// `true` = stop: ends the HTTP server's accept loop and sessions that have not joined.
     stop: watch::Sender<bool>,
     http_task: Option<JoinHandle<std::io::Result<()>>>,
@@ -228,6 +233,12 @@ where
     let listener = TcpListener::bind(http_want).await.map_err(bind_http)?;
     let http_addr = listener.local_addr().map_err(bind_http)?;
 
+    let webhooks = Webhooks::start(
+        &config.webhook,
+        config.webhook_key().map_err(ServerError::Webhooks)?,
+    )
+    .map_err(ServerError::Webhooks)?;
+    let emitter = webhooks.as_ref().map(Webhooks::emitter);
     let (handle, core_stopped) = spawn_core(
         CoreConfig {
             announce_ips: announce_ips.clone(),
@@ -237,9 +248,11 @@ where
             spread_above: config.room_spread_above,
             history: config.history,
             input_tick_hz: config.input_tick_hz,
+            webhooks: emitter.clone(),
         },
         sockets,
     )?;
+    let handle = handle.with_webhooks(emitter);
 
     // ICE-TCP connections take descriptors too: HTTP gets what they leave.
     let tcp_fds = if tcp_addrs.is_empty() {
@@ -319,6 +332,7 @@ where
         udp_addrs,
         tcp_addrs,
         handle,
+        webhooks,
         stop,
         http_task: Some(http_task),
         core_stopped: Some(core_stopped),
@@ -380,6 +394,10 @@ impl Server {
             if timeout_at(deadline, core).await.is_err() {
                 warn!("the SFU core did not stop in time");
             }
+        }
+        // Deliver the last events (the participants' `participant_left`) while time is left.
+        if let Some(w) = self.webhooks.take() {
+            w.finish(deadline.into_std()).await;
         }
         info!("plaza stopped");
     }

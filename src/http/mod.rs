@@ -214,6 +214,12 @@ pub(crate) async fn ok_stats_body(
         body.extend(fields);
     }
     body.insert("http".into(), http_json(state));
+    if let Some(w) = state.handle.webhooks() {
+        body.insert(
+            "webhooks".into(),
+            serde_json::to_value(w.stats()).unwrap_or_default(),
+        );
+    }
     Some(body)
 }
 

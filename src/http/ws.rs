@@ -360,7 +360,6 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>, mut
         &mut stream,
         &state,
         &mut shutdown,
-        limit,
         &mut guards,
         _conn.as_ref(),
         &sid,
@@ -578,11 +577,11 @@ async fn wait_for_join(
     stream: &mut Stream,
     state: &AppState,
     shutdown: &mut watch::Receiver<bool>,
-    limit: usize,
     guards: &mut Guards,
     conn: Option<&ConnMeta>,
     sid: &str,
 ) -> Option<Start> {
+    let limit = state.settings.max_ws_message;
     let handle = &state.handle;
     let mut ticker = tokio::time::interval(guards.tick());
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

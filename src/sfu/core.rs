@@ -34,6 +34,7 @@ use crate::signal::{
     ClientMessage, ErrorCode, LeaveReason, PROTOCOL_VERSION, ParticipantInfo, PcTarget, Quality,
     ServerMessage, TrackInfo, TrackKind,
 };
+use crate::webhook;
 use bytes::{Bytes, BytesMut};
 use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
@@ -86,6 +87,19 @@ pub struct CoreConfig {
     pub history: super::timeline::HistoryLimits,
     /// Input tick rate of a room whose opening join's token sets none (0: off).
     pub input_tick_hz: u32,
+    /// Where webhook events go (`None`: webhooks off). Only the shard where a participant or
+    /// track event originates emits it, never one that relays it.
+    pub webhooks: Option<crate::webhook::Emitter>,
+}
+
+/// A participant as webhook events name it.
+fn hook_ref(p: &Participant) -> webhook::ParticipantRef {
+    webhook::ParticipantRef {
+        id: p.pid.clone(),
+        identity: p.identity.clone(),
+        name: p.name.clone(),
+        session_id: p.session.clone(),
+    }
 }
 
 /// The first byte of a DTLS record of application data (SCTP: data channels).
@@ -976,6 +990,7 @@ impl<T: Transmit> Sfu<T> {
         part: PartKey,
         init: rtc::peer_connection::event::RTCTrackEventInit,
     ) {
+        let wall = self.wall_clock(self.now);
         let Some(room) = self.rooms.get_mut(&part.room) else {
             return;
         };
@@ -1110,6 +1125,13 @@ impl<T: Transmit> Sfu<T> {
             tid: tid.clone(),
         });
         let info = t.info(&p.pid);
+        if let Some(w) = &self.cfg.webhooks {
+            w.emit(
+                webhook::Event::new(webhook::EventKind::TrackPublished, &room.name, wall)
+                    .with_participant(hook_ref(p))
+                    .with_track(info.clone()),
+            );
+        }
         let span = info_span!("track", session = %p.session, room = %room.name, participant = %p.pid, track = %tid);
         let _g = span.enter();
         info!(kind = ?kind, mime = %info.mime_type, "track published");
@@ -1940,6 +1962,7 @@ impl<T: Transmit> Sfu<T> {
     }
 
     fn unpublish(&mut self, room: RoomKey, tid: &str) {
+        let wall = self.wall_clock(self.now);
         let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
@@ -1954,6 +1977,13 @@ impl<T: Transmit> Sfu<T> {
         let publisher_pid = r.publisher_id(&track);
         match &track.publisher {
             Publisher::Local { part, .. } => {
+                if let (Some(w), Some(p)) = (&self.cfg.webhooks, r.parts.get(part)) {
+                    w.emit(
+                        webhook::Event::new(webhook::EventKind::TrackUnpublished, &r.name, wall)
+                            .with_participant(hook_ref(p))
+                            .with_track(track.info(&publisher_pid)),
+                    );
+                }
                 if let Some(p) = r.parts.get_mut(part) {
                     if let Some(ing) = p.ingress.as_mut() {
                         ing.unbind_track(tid);
@@ -2915,6 +2945,19 @@ impl<T: Transmit> Sfu<T> {
             info_span!("participant", session = %req.session, room = %room, participant = %pid);
         let _g = span.enter();
         info!(name = %name, "joined");
+        if let (Some(w), Some(p)) = (
+            &self.cfg.webhooks,
+            self.part(part).filter(|p| !p.grants.hidden),
+        ) {
+            w.emit(
+                webhook::Event::new(
+                    webhook::EventKind::ParticipantJoined,
+                    &room,
+                    self.wall_clock(self.now),
+                )
+                .with_participant(hook_ref(p)),
+            );
+        }
         if let Some(info) = self.participant_info(part) {
             self.broadcast(
                 rk,
@@ -3731,6 +3774,7 @@ impl<T: Transmit> Sfu<T> {
         };
         room.members.retain(|m| *m != part);
         let hidden = p.grants.hidden;
+        let room_name = room.name.clone();
         for &peer in room.peers.iter().filter(|_| !hidden) {
             self.pipe_out.push(
                 peer,
@@ -3770,9 +3814,21 @@ impl<T: Transmit> Sfu<T> {
         }
         self.dirty.retain(|k| k.part != part);
         let pid = p.pid.clone();
+        let hook = (!hidden).then(|| (hook_ref(&p), room_name.clone()));
         drop(p); // closes the events channel: the WebSocket session ends
         if hidden {
             return;
+        }
+        if let (Some(w), Some((who, room_name))) = (&self.cfg.webhooks, hook) {
+            w.emit(
+                webhook::Event::new(
+                    webhook::EventKind::ParticipantLeft,
+                    &room_name,
+                    self.wall_clock(self.now),
+                )
+                .with_participant(who)
+                .with_reason(why),
+            );
         }
         self.broadcast(
             part.room,

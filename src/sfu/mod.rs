@@ -568,6 +568,8 @@ pub struct SfuHandle {
     // Signaling side only (taken around joins, leaves and each client message); the packet
     // path never sees it.
     placement: std::sync::Arc<std::sync::Mutex<placement::Placement>>,
+    /// Webhook events from the HTTP side (WHIP/WHEP sessions) and their counters.
+    webhooks: Option<crate::webhook::Emitter>,
 }
 
 #[allow(clippy::disallowed_types)] // as above
@@ -587,7 +589,19 @@ impl SfuHandle {
                 n,
                 spread_above,
             ))),
+            webhooks: None,
         }
+    }
+
+    /// With webhook events going to `emitter` (`None`: off).
+    pub fn with_webhooks(mut self, emitter: Option<crate::webhook::Emitter>) -> Self {
+        self.webhooks = emitter;
+        self
+    }
+
+    /// Where webhook events go, if webhooks are on.
+    pub fn webhooks(&self) -> Option<&crate::webhook::Emitter> {
+        self.webhooks.as_ref()
     }
 
     fn placement(&self) -> std::sync::MutexGuard<'_, placement::Placement> {

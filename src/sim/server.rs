@@ -60,6 +60,7 @@ pub fn sim_config(ip: IpAddr) -> CoreConfig {
         spread_above: 0,
         history: Default::default(),
         input_tick_hz: 0,
+        webhooks: None,
     }
 }
 

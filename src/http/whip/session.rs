@@ -65,6 +65,10 @@ pub struct Session {
     pub kind: Kind,
     pub room: String,
     pub participant_id: String,
+    /// The participant's display name.
+    pub name: String,
+    /// The session id (`SE_…`) in its log lines and webhook events.
+    pub session_id: String,
     /// What an ICE restart changes; a `PATCH` holds it while it runs, so restarts (and the
     /// trickles around them) are applied one at a time.
     pub ice: tokio::sync::Mutex<IceState>,
@@ -202,6 +206,7 @@ pub async fn start(
     req.events = events_tx;
     let room = req.room.clone();
     let sid = req.session.clone();
+    let name = req.name.clone();
     let handle = &state.handle;
     let accepted = handle.join(req).await.map_err(StartError::Join)?;
     let pid = accepted.participant_id;
@@ -251,6 +256,8 @@ pub async fn start(
         kind,
         room: room.clone(),
         participant_id: pid.clone(),
+        name,
+        session_id: sid.clone(),
         ice: tokio::sync::Mutex::new(IceState {
             etag: etag.clone(),
             remote_ufrag,
@@ -260,6 +267,7 @@ pub async fn start(
         offers,
     });
     state.whip.insert(Arc::clone(&session));
+    hook(state, &session, true);
     let span = match kind {
         Kind::Whip => {
             info_span!("whip", session = %sid, participant = %pid, room = %room, resource = %session.id)
@@ -346,4 +354,29 @@ async fn run(
         .handle
         .disconnect(pid, LeaveReason::Left, &reason)
         .await;
+    hook(&state, &session, false);
+}
+
+/// The session's `whip_session_started`/`…_ended` (`whep_…`) webhook event.
+fn hook(state: &AppState, session: &Session, started: bool) {
+    let Some(w) = state.handle.webhooks() else {
+        return;
+    };
+    use crate::webhook::{Event, EventKind, ParticipantRef};
+    let kind = match (session.kind, started) {
+        (Kind::Whip, true) => EventKind::WhipSessionStarted,
+        (Kind::Whip, false) => EventKind::WhipSessionEnded,
+        (Kind::Whep, true) => EventKind::WhepSessionStarted,
+        (Kind::Whep, false) => EventKind::WhepSessionEnded,
+    };
+    w.emit(
+        Event::new(kind, &session.room, std::time::SystemTime::now())
+            .with_participant(ParticipantRef {
+                id: session.participant_id.clone(),
+                identity: None,
+                name: session.name.clone(),
+                session_id: session.session_id.clone(),
+            })
+            .with_resource(&session.id),
+    );
 }
