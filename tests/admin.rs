@@ -9,7 +9,7 @@ use plaza_testkit::{self as common, support};
 
 use common::{Channel, PeerEvent, PeerOptions};
 use plaza::auth::{Claims, DEFAULT_TTL, RoomGrants};
-use plaza::signal::{ClientMessage, ErrorCode, ServerMessage, TrackKind};
+use plaza::signal::{ClientMessage, ErrorCode, LeaveReason, ServerMessage, TrackKind};
 use serde_json::{Value, json};
 use std::time::Instant;
 use support::{T, TestServer, announced_track, opts, test_config, wait_growth};
@@ -464,7 +464,7 @@ async fn admin_api_lists_mutes_updates_sends_removes_and_closes() {
     alice
         .wait_for_event_after(
             alice_from,
-            |e| matches!(e, PeerEvent::Server(ServerMessage::ParticipantLeft { participant_id }) if *participant_id == bob_id),
+            |e| matches!(e, PeerEvent::Server(ServerMessage::ParticipantLeft { participant_id, reason: LeaveReason::Removed }) if *participant_id == bob_id),
             T,
         )
         .await
@@ -650,7 +650,7 @@ async fn room_admins_moderate_over_the_websocket() {
     assert_eq!(said(&r), "removed by a room admin: trolling");
     let mallory_id = mallory.participant_id().to_owned();
     bob.wait_for_server(
-        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == mallory_id),
+        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == mallory_id),
         T,
     )
     .await

@@ -105,7 +105,7 @@ async fn rooms_disappear_when_empty() {
     );
     let ann_id = ann.participant_id().to_owned();
     ben.wait_for_server(
-        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == ann_id),
+        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == ann_id),
         T,
     )
     .await
@@ -337,7 +337,7 @@ async fn a_big_room_spans_shards() {
     for p in [&cid, &dan] {
         let id = ann.participant_id().to_owned();
         p.wait_for_server(
-            |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == id),
+            |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == id),
             T,
         )
         .await

@@ -101,7 +101,7 @@ async fn next_joined(ws: &mut RawWs) -> String {
 async fn wait_left(ws: &mut RawWs, id: &str) {
     ws.recv_until(
         "participant_left",
-        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if participant_id == id),
+        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if participant_id == id),
     )
     .await
     .unwrap();

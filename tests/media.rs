@@ -196,7 +196,7 @@ async fn publishers_exchange_media_late_joiner_and_leave() {
     for (p, before) in [&bob, &carol].into_iter().zip(answers_before) {
         let alice_id = alice.participant_id().to_owned();
         p.wait_for_server(
-            |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == alice_id),
+            |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == alice_id),
             T,
         )
         .await

@@ -17,7 +17,7 @@ use support::{
 };
 
 fn left(pid: &str) -> impl Fn(&PeerEvent) -> bool + '_ {
-    move |e| matches!(e, PeerEvent::Server(ServerMessage::ParticipantLeft { participant_id }) if participant_id == pid)
+    move |e| matches!(e, PeerEvent::Server(ServerMessage::ParticipantLeft { participant_id, .. }) if participant_id == pid)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +88,7 @@ async fn a_dropped_connection_resumes_as_the_same_participant() {
     carol.leave().await.unwrap();
     bob.resume().await.expect("bob resumes again");
     bob.wait_for_server(
-        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if participant_id == carol.participant_id()),
+        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if participant_id == carol.participant_id()),
         T,
     )
     .await
@@ -182,7 +182,7 @@ async fn resume_needs_the_token_and_takes_over_a_live_connection() {
     resume_error(&mut b, &pid, &token, 1_000_000).await;
     // (That gave up the session: ann is gone.)
     watcher
-        .recv_until("ann leaves", |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == pid))
+        .recv_until("ann leaves", |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == pid))
         .await
         .unwrap();
 
@@ -264,7 +264,7 @@ async fn resume_needs_the_token_and_takes_over_a_live_connection() {
     let closed = Instant::now();
     d.close().await;
     watcher
-        .recv_until("cid leaves", |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == cid))
+        .recv_until("cid leaves", |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == cid))
         .await
         .unwrap();
     assert!(

@@ -290,7 +290,7 @@ async fn whip_publisher_is_received_by_room_subscribers_until_deleted() {
     viewer
         .wait_for_event_after(
             mark,
-            |e| matches!(e, PeerEvent::Server(ServerMessage::ParticipantLeft { participant_id }) if *participant_id == pid),
+            |e| matches!(e, PeerEvent::Server(ServerMessage::ParticipantLeft { participant_id, .. }) if *participant_id == pid),
             T,
         )
         .await

@@ -1493,7 +1493,7 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             }
         }
         ServerMessage::ParticipantJoined { participant } => s.add_participant(participant),
-        ServerMessage::ParticipantLeft { participant_id } => {
+        ServerMessage::ParticipantLeft { participant_id, .. } => {
             s.participants.remove(participant_id);
             s.room_tracks
                 .retain(|_, t| &t.participant_id != participant_id);
@@ -3226,6 +3226,7 @@ mod tests {
             &mut s,
             &ServerMessage::ParticipantLeft {
                 participant_id: "PA_p".into(),
+                reason: Default::default(),
             },
             now,
         );

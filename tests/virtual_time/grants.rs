@@ -216,7 +216,7 @@ fn a_hidden_participant_is_not_seen() {
     s.net.run_for(Duration::from_secs(1));
     for id in [host, late] {
         let seen = s.c(id).count_messages(|m| {
-            matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == rid)
+            matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == rid)
         });
         assert_eq!(seen, 0);
     }
@@ -246,7 +246,7 @@ fn a_second_join_with_the_same_identity_replaces_the_first() {
     );
     assert_eq!(told, 1, "the first is told why it leaves");
     let left = s.c(bob).count_messages(|m| {
-        matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == first_id)
+        matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == first_id)
     });
     let joined = s.c(bob).count_messages(|m| {
         matches!(m, ServerMessage::ParticipantJoined { participant } if participant.id == second_id)

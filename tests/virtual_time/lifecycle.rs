@@ -4,15 +4,25 @@
 
 use super::common::{Sim, ms};
 use plaza::sfu::CONNECT_TIMEOUT;
-use plaza::signal::{ServerMessage, TrackKind};
+use plaza::signal::{LeaveReason, ServerMessage, TrackKind};
 use plaza::sim::{Client, MediaSpec, Net, NodeId};
 use std::time::{Duration, Instant};
 
 /// Bound of every wait, in virtual time.
 const T: Duration = Duration::from_secs(20);
 
-fn left(pid: &str) -> impl Fn(&ServerMessage) -> bool + '_ {
-    move |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if participant_id == pid)
+/// `participant_left` of `pid`, for `why` (the test fails on another reason).
+fn left(pid: &str, why: LeaveReason) -> impl Fn(&ServerMessage) -> bool + '_ {
+    move |m| match m {
+        ServerMessage::ParticipantLeft {
+            participant_id,
+            reason,
+        } if participant_id == pid => {
+            assert_eq!(*reason, why, "{pid} left for another reason");
+            true
+        }
+        _ => false,
+    }
 }
 
 /// The `Leave` reason client `id` was given, if any.
@@ -91,10 +101,10 @@ fn never_connecting_participant_is_removed_after_the_connect_timeout() {
             net.node_ref::<Client>(alice)
                 .messages
                 .iter()
-                .any(|(_, m)| left(&pb)(m))
+                .any(|(_, m)| left(&pb, LeaveReason::ConnectTimeout)(m))
         })
         .expect("alice is told bob left");
-    let at = s.messages(alice, left(&pb))[0];
+    let at = s.messages(alice, left(&pb, LeaveReason::ConnectTimeout))[0];
     let after = at - joined_at;
     assert!(
         after >= CONNECT_TIMEOUT && after <= CONNECT_TIMEOUT + Duration::from_secs(1),
@@ -105,7 +115,7 @@ fn never_connecting_participant_is_removed_after_the_connect_timeout() {
         Some("transport did not connect in time")
     );
     assert!(leave_reason(&mut s, alice).is_none(), "alice stays");
-    assert_eq!(s.messages(alice, left(&pb)).len(), 1);
+    assert_eq!(s.messages(alice, left(&pb, LeaveReason::ConnectTimeout)).len(), 1);
     let stats = s.stats();
     assert_eq!(stats.participants, 1, "{stats:?}");
     s.no_errors(&[alice]);
@@ -158,14 +168,14 @@ fn dead_link_removes_the_participant_when_its_connection_fails() {
                 net.node_ref::<Client>(id)
                     .messages
                     .iter()
-                    .any(|(_, m)| left(&pc)(m))
+                    .any(|(_, m)| left(&pc, LeaveReason::IceFailed)(m))
             })
         })
         .expect("carol's connection fails and she is removed");
     let wall_took = wall.elapsed();
     for id in [alice, bob] {
         let name = s.c(id).name.clone();
-        let left_at = s.messages(id, left(&pc));
+        let left_at = s.messages(id, left(&pc, LeaveReason::IceFailed));
         assert_eq!(left_at.len(), 1, "{name}: one participant_left");
         for tid in &carol_tracks {
             let unpub = s.messages(id, |m| {

@@ -176,7 +176,7 @@ fn dead_link_is_lost_first_then_removed() {
     s.set_loss(alice, 1.0);
     let left = |pid: &str| {
         let pid = pid.to_owned();
-        move |m: &ServerMessage| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == pid)
+        move |m: &ServerMessage| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == pid)
     };
     let gone = s.net.run_until_cond(Duration::from_secs(60), |net| {
         net.node_ref::<Client>(bob)

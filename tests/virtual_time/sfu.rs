@@ -824,7 +824,7 @@ fn late_joiner_and_leave() {
     let gone = s.net.run_until_cond(T, |net| {
         [bob, carol].iter().all(|&v| {
             net.node::<Client>(v).count_messages(
-                |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if *participant_id == alice_pid),
+                |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == alice_pid),
             ) == 1
                 && net.node::<Client>(v).count_messages(
                     |m| matches!(m, ServerMessage::TrackUnpublished { participant_id, .. } if *participant_id == alice_pid),

@@ -9,7 +9,9 @@
 use super::common::{digest, ip, ms, unwrap_seqs};
 use super::sfu::{SIZES, assert_clean_stream, settings};
 use plaza::sfu::CoreStats;
-use plaza::signal::{ClientMessage, ErrorCode, Quality, ServerMessage, TrackInfo, TrackKind};
+use plaza::signal::{
+    ClientMessage, ErrorCode, LeaveReason, Quality, ServerMessage, TrackInfo, TrackKind,
+};
 use plaza::sim::server::{SfuNode, add_shards};
 use plaza::sim::{Client, LinkConfig, MediaSpec, Net, NodeId, PipeConfig, RtcpIn, RxTrack};
 use plaza::sim::{DataIn, envelope};
@@ -557,7 +559,12 @@ fn remote_keyframe_requests_reach_the_publisher_throttled() {
 }
 
 fn is_left(pid: &str) -> impl Fn(&ServerMessage) -> bool + '_ {
-    move |m| matches!(m, ServerMessage::ParticipantLeft { participant_id } if participant_id == pid)
+    move |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if participant_id == pid)
+}
+
+/// `participant_left` of `pid` for `why` (relayed across shards with its reason).
+fn left_for(pid: &str, why: LeaveReason) -> impl Fn(&ServerMessage) -> bool + '_ {
+    move |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, reason } if participant_id == pid && *reason == why)
 }
 
 fn is_unpublished(pid: &str) -> impl Fn(&ServerMessage) -> bool + '_ {
@@ -739,7 +746,7 @@ fn members_tracks_mutes_and_data_cross_shards_once() {
     let a = s.rx(dave, &a_video.id).packets.len();
     s.net.run_for(Duration::from_secs(1));
     for &v in &[alice, bob, dave] {
-        assert_eq!(s.count(v, is_left(&c_pid)), 1);
+        assert_eq!(s.count(v, left_for(&c_pid, LeaveReason::Left)), 1);
         assert_eq!(s.count(v, is_unpublished(&c_pid)), 2);
     }
     assert_eq!(
@@ -1129,7 +1136,7 @@ fn an_identity_is_unique_across_shards() {
     );
     let told: Vec<usize> = [bob, carol]
         .iter()
-        .map(|&v| s.count(v, is_left(&fp)))
+        .map(|&v| s.count(v, left_for(&fp, LeaveReason::Replaced)))
         .collect();
     assert!(replaced, "the first join is replaced");
     assert_eq!(told, [1, 1], "everyone is told the first one left");
@@ -1269,7 +1276,11 @@ fn a_room_admin_moderates_across_shards() {
     let gone = s.net.run_until_cond(T, |net| {
         [alice, carol, admin]
             .iter()
-            .all(|&v| net.node_ref::<Client>(v).count_messages(is_left(&bob_pid)) == 1)
+            .all(|&v| {
+                net.node_ref::<Client>(v)
+                    .count_messages(left_for(&bob_pid, LeaveReason::Removed))
+                    == 1
+            })
     });
     assert!(gone.is_some(), "bob's removal is seen on both shards");
     let told = s.count(bob, |m| {
