@@ -227,6 +227,8 @@ pub struct JoinedInfo {
     pub resume_token: Option<String>,
     /// The STUN/TURN servers the server handed out (empty when it has none).
     pub ice_servers: Vec<plaza::signal::IceServer>,
+    /// The server's id of this session (`SE_…`), in its logs and webhook events.
+    pub session_id: Option<String>,
     /// WebSocket open → `joined` received.
     pub join_latency: Duration,
 }
@@ -1472,6 +1474,7 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
             max_data_message,
             resume_token,
             ice_servers,
+            session_id,
             ..
         } => {
             s.participant_id = Some(participant_id.clone());
@@ -1488,6 +1491,7 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
                     max_data_message: *max_data_message,
                     resume_token: resume_token.clone(),
                     ice_servers: ice_servers.clone(),
+                    session_id: session_id.clone(),
                     join_latency: ws_opened_at.elapsed(),
                 }));
             }

@@ -115,7 +115,11 @@ fn never_connecting_participant_is_removed_after_the_connect_timeout() {
         Some("transport did not connect in time")
     );
     assert!(leave_reason(&mut s, alice).is_none(), "alice stays");
-    assert_eq!(s.messages(alice, left(&pb, LeaveReason::ConnectTimeout)).len(), 1);
+    assert_eq!(
+        s.messages(alice, left(&pb, LeaveReason::ConnectTimeout))
+            .len(),
+        1
+    );
     let stats = s.stats();
     assert_eq!(stats.participants, 1, "{stats:?}");
     s.no_errors(&[alice]);

@@ -1274,13 +1274,11 @@ fn a_room_admin_moderates_across_shards() {
         },
     );
     let gone = s.net.run_until_cond(T, |net| {
-        [alice, carol, admin]
-            .iter()
-            .all(|&v| {
-                net.node_ref::<Client>(v)
-                    .count_messages(left_for(&bob_pid, LeaveReason::Removed))
-                    == 1
-            })
+        [alice, carol, admin].iter().all(|&v| {
+            net.node_ref::<Client>(v)
+                .count_messages(left_for(&bob_pid, LeaveReason::Removed))
+                == 1
+        })
     });
     assert!(gone.is_some(), "bob's removal is seen on both shards");
     let told = s.count(bob, |m| {
