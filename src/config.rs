@@ -2126,6 +2126,58 @@ mod tests {
         assert!(!shown.contains(S1) && !shown.contains(S3), "{shown}");
     }
 
+    #[test]
+    fn webhook_settings_from_every_layer() {
+        let c = load(&[], &[]).unwrap();
+        assert!(c.webhook.urls.is_empty(), "off by default");
+        assert_eq!(c.webhook, crate::webhook::WebhookConfig::default());
+        assert_eq!(c.webhook_key().unwrap().key, auth::DEV_API_KEY);
+
+        let file = TempFile::new(
+            r#"
+            webhook_urls = ["https://file.example/hook"]
+            webhook_queue = 50
+            webhook_timeout = 3
+            "#,
+        );
+        let c = load(
+            &[
+                "--config",
+                file.path(),
+                "--webhook-url",
+                "http://a.example/h,https://b.example/h",
+                "--webhook-url",
+                "http://c.example/h",
+                "--webhook-backoff-min",
+                "0.25",
+            ],
+            &[("PLAZA_WEBHOOK_RETRY_FOR", "60"), ("PLAZA_WEBHOOK_QUEUE", "70")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.webhook.urls,
+            ["http://a.example/h", "https://b.example/h", "http://c.example/h"]
+        );
+        assert_eq!(c.webhook.queue, 70, "env beats file");
+        assert_eq!(c.webhook.timeout, Duration::from_secs(3));
+        assert_eq!(c.webhook.backoff.min, Duration::from_millis(250));
+        assert_eq!(c.webhook.backoff.max, Duration::from_secs(30));
+        assert_eq!(c.webhook.backoff.retry_for, Duration::from_secs(60));
+        let c = load(&["--config", file.path()], &[]).unwrap();
+        assert_eq!(c.webhook.urls, ["https://file.example/hook"]);
+
+        assert!(load(&["--webhook-url", "ftp://x.example/"], &[]).is_err());
+        assert!(load(&["--webhook-url", "/relative"], &[]).is_err());
+        assert!(load(&["--webhook-url", "http://x/", "--webhook-queue", "0"], &[]).is_err());
+        // Signed with the first API key by name, or the one named.
+        let keys = [
+            ("PLAZA_API_KEY", "kb"),
+            ("PLAZA_API_SECRET", "0123456789abcdef0123456789abcdef"),
+        ];
+        assert_eq!(load(&[], &keys).unwrap().webhook_key().unwrap().key, "kb");
+        assert!(load(&["--webhook-api-key", "nope"], &keys).is_err());
+    }
+
     const TURN_SECRET: &str = "coturn-shared-secret-0123456789";
 
     #[test]
