@@ -12,6 +12,8 @@
 //! - At most `cap` events wait per URL (queued and in flight); a push beyond that is refused
 //!   (counted as dropped by the caller).
 //! - At most `max_in_flight` requests at once per URL.
+//! - A success at the URL means it is back: the rooms waiting for a retry are tried at once
+//!   (their backoff is not reset: if they fail again they wait as long as they would have).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -206,6 +208,13 @@ impl<B: Clone> UrlQueue<B> {
                 self.rooms.remove(room);
             }
         }
+        if ok {
+            for other in self.rooms.values_mut() {
+                if other.not_before.is_some_and(|t| t > now) {
+                    other.not_before = Some(now);
+                }
+            }
+        }
         outcome
     }
 
@@ -276,12 +285,12 @@ mod tests {
         q.push("a", 2, 2);
         q.push("b", 1, 10);
         q.poll(t0);
+        // Room b goes on; room a waits for its retry, and its event 2 stays behind event 1.
+        assert_eq!(q.done("b", 1, true, t0, 0.0), Outcome::Delivered);
         let Outcome::Retry(at) = q.done("a", 1, false, t0, 1.0) else {
             panic!("should retry");
         };
         assert_eq!(at, t0 + Duration::from_millis(500));
-        // Room b goes on; room a waits for its retry, and its event 2 stays behind event 1.
-        assert_eq!(q.done("b", 1, true, t0, 0.0), Outcome::Delivered);
         assert!(q.poll(t0 + Duration::from_millis(499)).is_empty());
         assert_eq!(q.next_wakeup(), Some(at));
         let retry = q.poll(at);
@@ -294,6 +303,23 @@ mod tests {
         q.poll(at2);
         assert_eq!(q.done("a", 1, true, at2, 0.0), Outcome::Delivered);
         assert_eq!(seqs(&q.poll(at2)), [("a".into(), 2)]);
+    }
+
+    #[test]
+    fn a_success_wakes_the_rooms_waiting_for_a_retry() {
+        let t0 = Instant::now();
+        let mut q = UrlQueue::new(100, 8, backoff());
+        q.push("a", 1, 1);
+        q.push("b", 1, 1);
+        q.poll(t0);
+        let Outcome::Retry(_) = q.done("a", 1, false, t0, 1.0) else {
+            panic!("should retry");
+        };
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(q.poll(t1).is_empty(), "a waits for its retry");
+        assert_eq!(q.done("b", 1, true, t1, 0.0), Outcome::Delivered);
+        assert_eq!(q.next_wakeup(), Some(t1));
+        assert_eq!(seqs(&q.poll(t1)), [("a".into(), 1)], "the URL is back: a goes now");
     }
 
     #[test]
