@@ -4,7 +4,7 @@
 //! `RUN_S` seconds. Then it waits until every event the server queued has arrived (or 120 s).
 //!
 //! ```text
-//! cargo run --release --example webhook_bench -- [PARTICIPANTS] [ROOMS] [DOWN_S] [RUN_S]
+//! cargo run --release --example webhook_bench -- [PARTICIPANTS] [ROOMS] [DOWN_S] [RUN_S] [BACKOFF_MAX_S]
 //! cargo run --release --example webhook_bench -- 20 4 30 45
 //! ```
 //!
@@ -61,6 +61,7 @@ async fn main() {
     let rooms = arg(2, 4).max(1) as usize;
     let down = Duration::from_secs(arg(3, 30));
     let run = Duration::from_secs(arg(4, 45));
+    let backoff_max = Duration::from_secs(arg(5, 30));
 
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -72,6 +73,7 @@ async fn main() {
         urls: vec![format!("http://{port}/hook")],
         ..WebhookConfig::default()
     };
+    config.webhook.backoff.max = backoff_max;
     let backoff = config.webhook.backoff;
     let server = support::TestServer::start_with(config).await;
     let started = Instant::now();
@@ -177,8 +179,13 @@ async fn main() {
     let j_down = summarize(&ms(&jd));
     let j_up = summarize(&ms(&ju));
 
-    println!("participants {participants}, rooms {rooms}, receiver down {down:?}, workload {workload:.1?}, all in after {all_in:.1?}");
-    println!("backoff {:?} → {:?}, retry for {:?}", backoff.min, backoff.max, backoff.retry_for);
+    println!(
+        "participants {participants}, rooms {rooms}, receiver down {down:?}, workload {workload:.1?}, all in after {all_in:.1?}"
+    );
+    println!(
+        "backoff {:?} → {:?}, retry for {:?}",
+        backoff.min, backoff.max, backoff.retry_for
+    );
     println!("joins: {}", j.len());
     println!(
         "events: queued {}, delivered (distinct ids) {}, requests {} (duplicates {duplicates}), lost {}",
@@ -189,7 +196,9 @@ async fn main() {
             + stats["webhook_events_dropped"].as_u64().unwrap_or(0) as i64,
     );
     println!("server counters: {stats}");
-    println!("rooms started {started_n} finished {finished_n}; participants joined {joined_n} left {left_n}");
+    println!(
+        "rooms started {started_n} finished {finished_n}; participants joined {joined_n} left {left_n}"
+    );
     println!(
         "delivery latency, events made while down: n={} p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
         s_down.count, s_down.p50, s_down.p99, s_down.max

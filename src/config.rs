@@ -2151,12 +2151,19 @@ mod tests {
                 "--webhook-backoff-min",
                 "0.25",
             ],
-            &[("PLAZA_WEBHOOK_RETRY_FOR", "60"), ("PLAZA_WEBHOOK_QUEUE", "70")],
+            &[
+                ("PLAZA_WEBHOOK_RETRY_FOR", "60"),
+                ("PLAZA_WEBHOOK_QUEUE", "70"),
+            ],
         )
         .unwrap();
         assert_eq!(
             c.webhook.urls,
-            ["http://a.example/h", "https://b.example/h", "http://c.example/h"]
+            [
+                "http://a.example/h",
+                "https://b.example/h",
+                "http://c.example/h"
+            ]
         );
         assert_eq!(c.webhook.queue, 70, "env beats file");
         assert_eq!(c.webhook.timeout, Duration::from_secs(3));

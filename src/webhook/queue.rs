@@ -319,7 +319,11 @@ mod tests {
         assert!(q.poll(t1).is_empty(), "a waits for its retry");
         assert_eq!(q.done("b", 1, true, t1, 0.0), Outcome::Delivered);
         assert_eq!(q.next_wakeup(), Some(t1));
-        assert_eq!(seqs(&q.poll(t1)), [("a".into(), 1)], "the URL is back: a goes now");
+        assert_eq!(
+            seqs(&q.poll(t1)),
+            [("a".into(), 1)],
+            "the URL is back: a goes now"
+        );
     }
 
     #[test]
