@@ -88,10 +88,16 @@ fn assert_histogram_consistent(name: &str, buckets: &[(f64, f64)], count: f64) {
     sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
     assert!(sorted.len() >= 15, "{name}: {} buckets", sorted.len());
     for w in sorted.windows(2) {
-        assert!(w[0].1 <= w[1].1, "{name}: buckets not cumulative: {sorted:?}");
+        assert!(
+            w[0].1 <= w[1].1,
+            "{name}: buckets not cumulative: {sorted:?}"
+        );
     }
     let (le, inf) = *sorted.last().expect("buckets");
-    assert!(le.is_infinite(), "{name}: the last bucket is +Inf: {sorted:?}");
+    assert!(
+        le.is_infinite(),
+        "{name}: the last bucket is +Inf: {sorted:?}"
+    );
     assert_eq!(inf, count, "{name}: +Inf == _count");
     let first = sorted[0].0;
     assert!(
@@ -184,7 +190,10 @@ fn by_label(s: &Scrape, name: &str, key: &str) -> HashMap<String, f64> {
                 Value::Counter(v) | Value::Gauge(v) => v,
                 ref other => panic!("{name}: {other:?}"),
             };
-            let label = x.labels.get(key).unwrap_or_else(|| panic!("{name}: no {key}"));
+            let label = x
+                .labels
+                .get(key)
+                .unwrap_or_else(|| panic!("{name}: no {key}"));
             (label.to_owned(), v)
         })
         .collect()
@@ -251,12 +260,21 @@ async fn metrics_follow_real_media_and_data() {
     let (s, text) = assert_between(
         &server,
         &[
-            ("plaza_rtp_packets_forwarded_total", "/rtp_packets_forwarded"),
+            (
+                "plaza_rtp_packets_forwarded_total",
+                "/rtp_packets_forwarded",
+            ),
             ("plaza_rtp_packets_in_total", "/rtp_packets_in"),
-            ("plaza_data_messages_relayed_total", "/data_messages_relayed"),
+            (
+                "plaza_data_messages_relayed_total",
+                "/data_messages_relayed",
+            ),
             ("plaza_udp_datagrams_in_total", "/udp_datagrams_in"),
             ("plaza_udp_datagrams_out_total", "/udp_datagrams_out"),
-            ("plaza_http_connections_accepted_total", "/http/connections_accepted"),
+            (
+                "plaza_http_connections_accepted_total",
+                "/http/connections_accepted",
+            ),
         ],
     )
     .await;
@@ -314,7 +332,10 @@ async fn metrics_follow_real_media_and_data() {
     );
     let tracks = by_label(&s, "plaza_room_tracks", "room");
     assert_eq!(tracks.len(), 2);
-    assert!(tracks["prom-big"] >= 2.0 && tracks["prom-mid"] == 0.0, "{tracks:?}");
+    assert!(
+        tracks["prom-big"] >= 2.0 && tracks["prom-mid"] == 0.0,
+        "{tracks:?}"
+    );
 
     // A sixth join is counted.
     let frank = subscriber(&server, "prom-small", "frank").await;
@@ -347,7 +368,10 @@ async fn room_labels_are_off_by_default_and_the_dashboard_queries_real_metrics()
     assert_eq!(health["participants"], 1);
     assert!(health.get("process").is_none(), "{health}");
     let (_, stats) = support::stats(server.http_addr).await.unwrap();
-    assert!(stats["process"]["rss_bytes"].as_u64().unwrap_or(0) > 0, "{stats}");
+    assert!(
+        stats["process"]["rss_bytes"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
     assert!(stats["forward_latency"]["buckets"].is_array(), "{stats}");
     close(ann).await;
     server.shutdown().await;
@@ -406,7 +430,10 @@ fn assert_dashboard_matches(text: &str) {
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
     ] {
-        assert!(used.contains(needed), "the dashboard shows {needed}: {used:?}");
+        assert!(
+            used.contains(needed),
+            "the dashboard shows {needed}: {used:?}"
+        );
     }
     let quantiles = exprs
         .iter()

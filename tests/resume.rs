@@ -77,11 +77,7 @@ async fn a_dropped_connection_resumes_as_the_same_participant() {
     // Signaling works on the new connection.
     bob.ping().await.expect("ping over the resumed connection");
     let (_, stats) = support::stats(server.http_addr).await.unwrap();
-    assert_eq!(
-        stats["http"]["sessions_resumed"], 1,
-        "{}",
-        stats["http"]
-    );
+    assert_eq!(stats["http"]["sessions_resumed"], 1, "{}", stats["http"]);
 
     // A second drop and resume works the same.
     bob.drop_signaling();

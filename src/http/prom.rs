@@ -949,7 +949,10 @@ mod tests {
         let above = samples.iter().filter(|&&s| s >= 10_000_000).count() as u64;
         let near = samples.iter().filter(|&&s| s * 9 >= 80_000_000).count() as u64;
         assert!(above > 0);
-        assert!((above..=near).contains(&(count - cumulative)), "{above} {near}");
+        assert!(
+            (above..=near).contains(&(count - cumulative)),
+            "{above} {near}"
+        );
         // The midpoint sum is within the buckets' 12.5 % of the true sum.
         let truth = samples.iter().sum::<u64>() as f64 / 1e6;
         assert!((sum - truth).abs() <= truth * 0.07, "sum {sum} vs {truth}");
