@@ -1698,6 +1698,26 @@ mod tests {
     }
 
     #[test]
+    fn metrics_room_labels_from_every_layer() {
+        assert_eq!(
+            load(&[], &[]).unwrap().metrics_room_labels,
+            0,
+            "off by default"
+        );
+        let file = TempFile::new("metrics_room_labels = 5\n");
+        let env = [("PLAZA_CONFIG", file.path())];
+        assert_eq!(load(&[], &env).unwrap().metrics_room_labels, 5);
+        let env = [
+            ("PLAZA_CONFIG", file.path()),
+            ("PLAZA_METRICS_ROOM_LABELS", "7"),
+        ];
+        assert_eq!(load(&[], &env).unwrap().metrics_room_labels, 7);
+        let c = load(&["--metrics-room-labels", "9"], &env).unwrap();
+        assert_eq!(c.metrics_room_labels, 9);
+        assert!(load(&["--metrics-room-labels", "-1"], &[]).is_err());
+    }
+
+    #[test]
     fn data_rate_limits_from_every_layer() {
         let d = load(&[], &[]).unwrap().core_limits;
         assert_eq!(
