@@ -325,6 +325,9 @@ pub enum ServerMessage {
         room: String,
         /// How many missed messages follow.
         replayed: u64,
+        /// The session's id (`SE_…`), the one `joined` gave: a resumed session keeps it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_id: Option<String>,
     },
     /// Reply to `history`: what part of the asked history is kept, and how many messages are
     /// replayed on `chat`.

@@ -120,7 +120,8 @@ async fn a_participant_that_does_not_resume_is_removed_after_the_grace_period() 
 }
 
 /// Joins over a raw WebSocket: the participant id and resume token.
-async fn raw_join(ws: &mut RawWs, room: &str, name: &str) -> (String, String) {
+/// Joins `name` to `room`: its participant id, resume token and session id.
+async fn raw_join(ws: &mut RawWs, room: &str, name: &str) -> (String, String, String) {
     let token = common::token::participant(room, name);
     ws.send_msg(&ClientMessage::Join {
         room: room.into(),
@@ -140,8 +141,13 @@ async fn raw_join(ws: &mut RawWs, room: &str, name: &str) -> (String, String) {
         ServerMessage::Joined {
             participant_id,
             resume_token,
+            session_id,
             ..
-        } => (participant_id, resume_token.expect("a resume token")),
+        } => (
+            participant_id,
+            resume_token.expect("a resume token"),
+            session_id.expect("a session id"),
+        ),
         _ => unreachable!(),
     }
 }
@@ -166,9 +172,9 @@ async fn resume_error(ws: &mut RawWs, pid: &str, token: &str, received: u64) -> 
 async fn resume_needs_the_token_and_takes_over_a_live_connection() {
     let server = TestServer::start().await;
     let mut a = RawWs::connect(&server.ws_url()).await.unwrap();
-    let (pid, token) = raw_join(&mut a, "raw", "ann").await;
+    let (pid, token, _) = raw_join(&mut a, "raw", "ann").await;
     let mut watcher = RawWs::connect(&server.ws_url()).await.unwrap();
-    let (watcher_id, _) = raw_join(&mut watcher, "raw", "wes").await;
+    let (watcher_id, _, _) = raw_join(&mut watcher, "raw", "wes").await;
 
     let mut b = RawWs::connect(&server.ws_url()).await.unwrap();
     let m = resume_error(&mut b, "PA_nobody", &token, 1).await;
@@ -184,10 +190,10 @@ async fn resume_needs_the_token_and_takes_over_a_live_connection() {
 
     // Take over a live connection.
     let mut c = RawWs::connect(&server.ws_url()).await.unwrap();
-    let (cid, ctoken) = raw_join(&mut c, "raw", "cid").await;
+    let (cid, ctoken, csession) = raw_join(&mut c, "raw", "cid").await;
     // Message 2 of cid's session: fay joins (cid reads it on the old connection).
     let mut f = RawWs::connect(&server.ws_url()).await.unwrap();
-    let (fid, _) = raw_join(&mut f, "raw", "fay").await;
+    let (fid, _, _) = raw_join(&mut f, "raw", "fay").await;
     c.recv_until(
         "fay joins",
         |m| matches!(m, ServerMessage::ParticipantJoined { participant } if participant.id == fid),
@@ -208,9 +214,16 @@ async fn resume_needs_the_token_and_takes_over_a_live_connection() {
         Received::Msg(ServerMessage::Resumed {
             participant_id,
             replayed,
+            session_id,
             ..
         }) => {
             assert_eq!(participant_id, cid);
+            assert!(csession.starts_with("SE_"), "{csession}");
+            assert_eq!(
+                session_id,
+                Some(csession),
+                "the resumed session keeps its id"
+            );
             replayed
         }
         other => panic!("{other:?}"),
@@ -238,7 +251,7 @@ async fn resume_needs_the_token_and_takes_over_a_live_connection() {
         }
     }
     let mut e = RawWs::connect(&server.ws_url()).await.unwrap();
-    let (eid, _) = raw_join(&mut e, "raw", "eve").await;
+    let (eid, _, _) = raw_join(&mut e, "raw", "eve").await;
     d.recv_until(
         "eve joins",
         |m| matches!(m, ServerMessage::ParticipantJoined { participant } if participant.id == eid),

@@ -434,6 +434,7 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>, mut
                 participant_id: participant_id.clone(),
                 room,
                 replayed: missed.len() as u64,
+                session_id: Some(sid.clone()),
             };
             let mut first = vec![text_frame(&resumed)];
             first.extend(missed.into_iter().map(Message::Text));
