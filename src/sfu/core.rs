@@ -298,6 +298,7 @@ macro_rules! part_mut {
     }};
 }
 
+pub mod dashboard;
 mod ice;
 mod moderation;
 mod quality;
@@ -2558,6 +2559,9 @@ impl<T: Transmit> Sfu<T> {
             }
             Command::Admin { op, reply } => {
                 let _ = reply.send(self.on_admin(op));
+            }
+            Command::Dashboard { reply } => {
+                let _ = reply.send(self.dashboard());
             }
             Command::Shutdown { .. } => {}
         }
