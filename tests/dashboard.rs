@@ -338,6 +338,7 @@ async fn the_stream_is_a_snapshot_then_small_deltas() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last_event = Instant::now();
     let mut deltas = 0;
+    let mut closest = Duration::MAX;
     loop {
         let since = last_event.elapsed();
         if since >= quiet {
@@ -351,12 +352,19 @@ async fn the_stream_is_a_snapshot_then_small_deltas() -> Result<()> {
                 assert_eq!(name, "delta", "only deltas after the snapshot: {data}");
                 eprintln!("delta while settling ({bytes} bytes): {data}");
                 deltas += 1;
+                closest = closest.min(last_event.elapsed());
                 last_event = Instant::now();
             }
             Some(Item::Comment(_)) | None => {}
         }
     }
-    eprintln!("quiet for {quiet:?} after {deltas} settling deltas");
+    eprintln!("quiet for {quiet:?} after {deltas} settling deltas (closest {closest:?} apart)");
+    // Updates are coalesced: at most one per sampling interval (0.5 s, less the jitter of
+    // two busy schedulers).
+    assert!(
+        deltas < 2 || closest >= Duration::from_millis(250),
+        "two deltas {closest:?} apart"
+    );
 
     // ── Refusals: no token, a bad one, one without the grant.
     let (status, body) = SseClient::open(server.http_addr, "/dashboard/events").await?;

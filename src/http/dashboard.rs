@@ -54,6 +54,10 @@ pub const RATE_HYSTERESIS: f64 = 0.10;
 pub const CPU_HYSTERESIS: u32 = 3;
 /// Loss is a change when it moves by at least this many per mille.
 pub const LOSS_HYSTERESIS: u32 = 5;
+/// Rates are averaged over this many samples (3 s at [`INTERVAL`]) before they are
+/// quantised: the core's one-second meters swing by ±20 % from one half-second to the next
+/// with keyframes and with publishers that send in bursts.
+pub const RATE_SAMPLES: usize = 6;
 /// Loss is counted over this window (cumulative counters, differenced) …
 pub const LOSS_WINDOW: Duration = Duration::from_secs(2);
 /// … and only from this many packets in it.
@@ -334,6 +338,9 @@ pub struct Sampler {
     forwarded_at: Option<(Instant, u64)>,
     /// Cumulative loss counters per (participant, uplink?) over the last [`LOSS_WINDOW`].
     loss: HashMap<(Key, bool), VecDeque<(Instant, (u64, u64))>>,
+    /// Smoothed rates by what they measure; those not seen in a sample are forgotten.
+    smooth: HashMap<String, VecDeque<u64>>,
+    smooth_seen: Vec<String>,
 }
 
 /// The server-wide inputs of one sample.
@@ -347,6 +354,22 @@ pub struct ServerSample {
 }
 
 impl Sampler {
+    /// `raw` averaged with the last samples of `what` ([`RATE_SAMPLES`]); a rate that drops
+    /// to zero (a layer stops) is zero at once.
+    fn smoothed(&mut self, what: String, raw: u64) -> u64 {
+        let samples = self.smooth.entry(what.clone()).or_default();
+        if raw == 0 {
+            samples.clear();
+        }
+        samples.push_back(raw);
+        while samples.len() > RATE_SAMPLES {
+            samples.pop_front();
+        }
+        let mean = samples.iter().sum::<u64>() / samples.len() as u64;
+        self.smooth_seen.push(what);
+        mean
+    }
+
     /// The view of `snap` and `server` sampled at `now`.
     pub fn sample(&mut self, snap: &DashboardSnapshot, server: ServerSample, now: Instant) -> View {
         let mut view = View::default();
@@ -366,7 +389,10 @@ impl Sampler {
         let pps = server
             .forwarded
             .and_then(|f| rate(self.forwarded_at.map(|(t, v)| (t, v as f64)), f as f64))
-            .map(|r| settle_rate(prev.server.forwarded_pps, r.round() as u64));
+            .map(|r| {
+                let r = self.smoothed("pps".into(), r.round() as u64);
+                settle_rate(prev.server.forwarded_pps, r)
+            });
         self.cpu_at = server.cpu_s.map(|c| (now, c));
         self.forwarded_at = server.forwarded.map(|f| (now, f));
         view.server = ServerView {
@@ -376,7 +402,7 @@ impl Sampler {
             participants: snap.rooms.iter().map(|r| r.participants.len() as u64).sum(),
             shards: server.shards,
         };
-        let mut seen_loss = Vec::new();
+        let mut seen_loss = std::collections::HashSet::new();
         for r in &snap.rooms {
             let room = RoomView {
                 room: r.name.clone(),
@@ -391,7 +417,7 @@ impl Sampler {
                 let before = prev.participants.get(&key);
                 let mut loss = |uplink: bool, counts: Option<(u64, u64)>| {
                     let counts = counts?;
-                    seen_loss.push((key.clone(), uplink));
+                    seen_loss.insert((key.clone(), uplink));
                     let was = before.and_then(|b| {
                         if uplink {
                             b.uplink_loss_permille
@@ -419,9 +445,10 @@ impl Sampler {
                 };
                 let downlink_loss_permille = loss(false, p.downlink);
                 let uplink_loss_permille = loss(true, p.uplink);
-                let available_bps = p
-                    .available_bps
-                    .map(|b| settle_rate(before.and_then(|b| b.available_bps), b));
+                let available_bps = p.available_bps.map(|b| {
+                    let b = self.smoothed(format!("bwe/{}/{}", r.name, p.id), b);
+                    settle_rate(before.and_then(|b| b.available_bps), b)
+                });
                 view.participants.insert(
                     key.clone(),
                     ParticipantView {
@@ -446,21 +473,21 @@ impl Sampler {
                     id: t.id.clone(),
                 };
                 let before = prev.tracks.get(&key);
-                let layers = t
-                    .layers
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| LayerView {
+                let mut layers = Vec::with_capacity(t.layers.len());
+                for (i, l) in t.layers.iter().enumerate() {
+                    let bps =
+                        self.smoothed(format!("layer/{}/{}/{i}", r.name, t.id), l.bitrate_bps);
+                    layers.push(LayerView {
                         rid: l.rid.clone(),
                         bitrate_bps: settle_rate(
                             before.and_then(|b| b.layers.get(i)).map(|b| b.bitrate_bps),
-                            l.bitrate_bps,
+                            bps,
                         ),
                         active: l.active,
                         width: l.width,
                         height: l.height,
-                    })
-                    .collect();
+                    });
+                }
                 view.tracks.insert(
                     key.clone(),
                     TrackView {
@@ -488,6 +515,8 @@ impl Sampler {
             }
         }
         self.loss.retain(|k, _| seen_loss.contains(k));
+        let seen: std::collections::HashSet<String> = self.smooth_seen.drain(..).collect();
+        self.smooth.retain(|k, _| seen.contains(k));
         self.prev = view.clone();
         view
     }
@@ -930,6 +959,35 @@ mod tests {
                 id: "PA_c".into()
             }]
         );
+    }
+
+    /// A meter that swings ±40 % from one sample to the next (keyframes, bursts) is one
+    /// steady rate once averaged.
+    #[test]
+    fn swinging_rates_are_averaged() {
+        let t0 = Instant::now();
+        let mut s = Sampler::default();
+        let mut prev: Option<View> = None;
+        let mut changes = 0;
+        for i in 0..40u64 {
+            let raw = if i % 2 == 0 { 600_000 } else { 1_400_000 };
+            let v = s.sample(
+                &snap(&["PA_a", "PA_b"], raw, (0, 0)),
+                ServerSample::default(),
+                t0 + Duration::from_millis(500 * i),
+            );
+            if i >= RATE_SAMPLES as u64 && prev.as_ref().is_some_and(|p| !diff(p, &v).is_empty()) {
+                changes += 1;
+            }
+            prev = Some(v);
+        }
+        assert_eq!(changes, 0);
+        let v = prev.unwrap();
+        let t = &v.tracks[&Key {
+            room: "r".into(),
+            id: "TR_1".into(),
+        }];
+        assert_eq!(t.layers[0].bitrate_bps, 1_000_000);
     }
 
     fn key() -> impl Strategy<Value = (String, String)> {
