@@ -61,6 +61,11 @@ describe('the dashboard follows a room live', { timeout: 120_000 }, () => {
       () => dash.page.$$eval(`${section} .participant .track`, (els) => els.some((e) => /video/.test(e.textContent) && /[kM]b\/s/.test(e.textContent))),
       { what: "alice's video track with its bitrate", timeout: 30_000 },
     );
+    // Her video's chart draws (a canvas, sampled every second).
+    await waitFor(
+      () => dash.page.$$eval(`${section} .participant .track canvas`, (cs) => cs.some((c) => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v > 0))),
+      { what: 'a bitrate chart to be drawn' },
+    );
     // Server-wide numbers are shown.
     await waitFor(() => dash.page.$eval('#server-participants', (e) => Number(e.textContent) >= 1), { what: 'the participant count' });
     await waitFor(() => dash.page.$eval('#server-cpu', (e) => /%/.test(e.textContent)), { what: 'server CPU' });
