@@ -59,7 +59,7 @@ impl SseClient {
             if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i;
             }
-            let mut buf = [0u8; 4096];
+            let mut buf = vec![0u8; 4096];
             let n = tokio::time::timeout(T, stream.read(&mut buf))
                 .await
                 .context("response head")??;
@@ -109,7 +109,7 @@ impl SseClient {
 
     /// Reads more bytes within `wait`; `false` on timeout or end of stream.
     async fn read_more(&mut self, wait: Duration) -> Result<bool> {
-        let mut buf = [0u8; 16384];
+        let mut buf = vec![0u8; 16384];
         match tokio::time::timeout(wait, self.stream.read(&mut buf)).await {
             Err(_) => Ok(false),
             Ok(Ok(0)) => bail!("the stream ended"),

@@ -337,11 +337,14 @@ pub struct Sampler {
     cpu_at: Option<(Instant, f64)>,
     forwarded_at: Option<(Instant, u64)>,
     /// Cumulative loss counters per (participant, uplink?) over the last [`LOSS_WINDOW`].
-    loss: HashMap<(Key, bool), VecDeque<(Instant, (u64, u64))>>,
+    loss: HashMap<(Key, bool), LossHistory>,
     /// Smoothed rates by what they measure; those not seen in a sample are forgotten.
     smooth: HashMap<String, VecDeque<u64>>,
     smooth_seen: Vec<String>,
 }
+
+/// Cumulative (expected, lost) packet counters of one link, by sample time.
+type LossHistory = VecDeque<(Instant, (u64, u64))>;
 
 /// The server-wide inputs of one sample.
 #[derive(Debug, Clone, Copy, Default)]
@@ -988,6 +991,144 @@ mod tests {
             id: "TR_1".into(),
         }];
         assert_eq!(t.layers[0].bitrate_bps, 1_000_000);
+    }
+
+    fn update(seq: u64, delta: bool) -> Arc<Update> {
+        let view = View {
+            server: ServerView {
+                rooms: seq,
+                ..ServerView::default()
+            },
+            ..View::default()
+        };
+        Arc::new(Update {
+            seq,
+            delta: delta.then(|| format!("{{\"seq\":{seq}}}")),
+            view,
+            snapshot: OnceLock::new(),
+        })
+    }
+
+    async fn event_text(e: Event) -> String {
+        // An event's wire form is what a one-event stream's body holds.
+        let stream = futures_util::stream::iter([Ok::<_, Infallible>(e)]);
+        let body = Sse::new(stream).into_response().into_body();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// A viewer gets deltas in order; one that fell behind the bounded channel skips to a
+    /// snapshot of the newest view (never the backlog), then follows with deltas again.
+    #[tokio::test]
+    async fn a_slow_viewer_skips_to_a_fresh_snapshot() {
+        let hub = Hub::default();
+        let (tx, rx) = broadcast::channel(BACKLOG);
+        let (_stop, shutdown) = watch::channel(false);
+        let mut v = Viewer {
+            hub: hub.clone(),
+            rx,
+            at: None,
+            first: Some(update(1, false)),
+            shutdown,
+        };
+        let first = event_text(v.next().await.unwrap()).await;
+        assert!(first.starts_with("event: snapshot\n"), "{first}");
+        tx.send(update(2, true)).unwrap();
+        let second = event_text(v.next().await.unwrap()).await;
+        assert!(second.starts_with("event: delta\n"), "{second}");
+        assert!(second.contains("data: {\"seq\":2}"), "{second}");
+        // 40 updates while the viewer does not read: more than the channel keeps.
+        for seq in 3..43 {
+            let u = update(seq, true);
+            hub.lock().latest = Some(u.clone());
+            tx.send(u).unwrap();
+        }
+        let skipped = event_text(v.next().await.unwrap()).await;
+        assert!(skipped.starts_with("event: snapshot\n"), "{skipped}");
+        assert!(skipped.contains("id: 42\n"), "{skipped}");
+        assert_eq!(v.at, Some(42));
+        // What is still queued is older: skipped; the next update is a delta again.
+        tx.send(update(43, true)).unwrap();
+        let next = event_text(v.next().await.unwrap()).await;
+        assert!(
+            next.starts_with("event: delta\n") && next.contains("id: 43\n"),
+            "{next}"
+        );
+    }
+
+    /// The sampler starts with the first viewer, is shared by the next, and stops once the
+    /// last one is gone; a stream without a token is refused with a JSON 401.
+    #[tokio::test]
+    async fn one_sampler_while_anyone_watches() {
+        use axum::body::Body;
+        use axum::http::Request;
+        use futures_util::StreamExt;
+        use tower_service::Service;
+
+        let (handle, _seen, _stopped) = crate::http::fake_core::spawn();
+        let (_stop, stop_rx) = watch::channel(false);
+        let (sessions_tx, _sessions) = tokio::sync::mpsc::channel(1);
+        let state = AppState::new(
+            handle,
+            super::super::HttpSettings::new(1024),
+            stop_rx,
+            sessions_tx,
+        );
+        let hub = state.dashboard.clone();
+        let mut app = super::super::router(state);
+        let token = crate::auth::mint(
+            &crate::auth::ApiKey::dev(),
+            &crate::auth::Claims::new("ops", "any", Duration::from_secs(60)).with_grants(
+                crate::auth::RoomGrants::participant("any")
+                    .with_names(["list"])
+                    .unwrap(),
+            ),
+        )
+        .unwrap();
+        let mut open = async |uri: String| {
+            let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
+            app.call(req).await.unwrap()
+        };
+        let refused = open("/dashboard/events".into()).await;
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        let body = axum::body::to_bytes(refused.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["code"], "token_missing");
+        assert_eq!(
+            hub.sampler_status(),
+            (false, 0),
+            "a refused viewer starts nothing"
+        );
+
+        let uri = format!("/dashboard/events?access_token={token}");
+        let first = open(uri.clone()).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        let mut first = first.into_body().into_data_stream();
+        let chunk = tokio::time::timeout(Duration::from_secs(5), first.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(chunk.starts_with(b"event: snapshot\n"), "{chunk:?}");
+        let second = open(uri).await.into_body().into_data_stream();
+        assert_eq!(
+            hub.sampler_status(),
+            (true, 1),
+            "one sampler for both viewers"
+        );
+        drop(first);
+        drop(second);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while hub.sampler_status().0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the sampler did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(hub.sampler_status(), (false, 1));
     }
 
     fn key() -> impl Strategy<Value = (String, String)> {
