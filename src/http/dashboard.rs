@@ -594,10 +594,6 @@ impl Hub {
         (None, rx)
     }
 
-    fn latest(&self) -> Option<Arc<Update>> {
-        self.lock().latest.clone()
-    }
-
     /// Whether a sampler runs, and how many have been started.
     pub fn sampler_status(&self) -> (bool, u64) {
         let inner = self.lock();
@@ -719,10 +715,16 @@ impl Viewer {
                     }
                     _ => return Some(self.snapshot_event(&u)),
                 },
-                // Fell behind: skip to the newest view (older updates still queued are
-                // skipped by their sequence number).
+                // Fell behind: drop the backlog and skip to the newest view (taken with the
+                // new place in the channel under the lock the sampler sends under, so no
+                // update falls between them).
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    if let Some(u) = self.hub.latest() {
+                    let latest = {
+                        let inner = self.hub.lock();
+                        self.rx = self.rx.resubscribe();
+                        inner.latest.clone()
+                    };
+                    if let Some(u) = latest {
                         return Some(self.snapshot_event(&u));
                     }
                 }
@@ -1047,7 +1049,7 @@ mod tests {
         assert!(skipped.starts_with("event: snapshot\n"), "{skipped}");
         assert!(skipped.contains("id: 42\n"), "{skipped}");
         assert_eq!(v.at, Some(42));
-        // What is still queued is older: skipped; the next update is a delta again.
+        // The backlog is gone: the next update is a delta again.
         tx.send(update(43, true)).unwrap();
         let next = event_text(v.next().await.unwrap()).await;
         assert!(
