@@ -112,7 +112,7 @@ struct Args {
     /// Measure an already running Plaza instead of starting one (signaling URL).
     #[arg(long)]
     plaza_url: Option<String>,
-    /// Pid of the already running Plaza (for /proc); else its /metrics is used.
+    /// Pid of the already running Plaza (for /proc); else its /stats is used.
     #[arg(long)]
     plaza_pid: Option<u32>,
     #[arg(long, default_value_t = 17880)]

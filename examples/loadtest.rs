@@ -65,7 +65,7 @@
 //!   estimate is the offset of its min-RTT sample, `server_time − (t_send + t_recv) / 2`, and
 //!   the truth on one machine is 0: |offset| p50/p99 and the round trips;
 //! - server CPU per relayed message: the server's CPU time over the window (`/proc/<pid>`
-//!   with `--server-pid`, else its `/metrics` `process`) over its `data_messages_relayed`,
+//!   with `--server-pid`, else its `/stats` `process`) over its `data_messages_relayed`,
 //!   also above its idle cost (the peers joined and silent for `--idle-ms` before the traffic),
 //!   with the server's and the generator's CPU wait (runnable, no CPU free) and the load
 //!   average: on a busy machine latency measures the machine.
@@ -151,10 +151,10 @@ struct Args {
     /// /proc/<pid> (CPU time per forwarded packet, RSS per participant).
     #[arg(long)]
     server_pid: Option<u32>,
-    /// The server's metrics URL (counters + its own CPU time and RSS; works remotely).
-    /// Default: http://<host:port of --url>/metrics, falling back to /healthz (counters only).
-    #[arg(long)]
-    metrics_url: Option<String>,
+    /// The server's JSON stats URL (counters + its own CPU time and RSS; works remotely).
+    /// Default: http://<host:port of --url>/stats, falling back to /healthz (counters only).
+    #[arg(long, alias = "metrics-url")]
+    stats_url: Option<String>,
     /// Publishers send simulcast video: three layers (q 320x180, h 640x360, f 1280x720).
     #[arg(long)]
     simulcast: bool,
@@ -360,7 +360,7 @@ async fn run(args: Args) -> Result<bool> {
     let mut recorder = common::measure::Recorder::start(common::measure::ServerSource::plaza(
         &args.url,
         args.server_pid,
-        args.metrics_url.clone(),
+        args.stats_url.clone(),
     ))
     .await;
     let started = Instant::now();
@@ -2067,14 +2067,14 @@ mod timeline {
     #[derive(Debug, Clone, Copy, Default, Serialize)]
     struct ServerSample {
         relayed: Option<u64>,
-        /// From `/metrics` `process.cpu_runtime_ns` (else `cpu_total_s`).
+        /// From `/stats` `process.cpu_runtime_ns` (else `cpu_total_s`).
         metrics_cpu_s: Option<f64>,
         /// From `/proc/<pid>` (`--server-pid`).
         #[serde(skip)]
         proc: Option<ProcUsage>,
     }
 
-    /// Server CPU seconds between two samples, where they came from, and the `/metrics` figure
+    /// Server CPU seconds between two samples, where they came from, and the `/stats` figure
     /// alone.
     fn server_cpu(a: &ServerSample, b: &ServerSample) -> (Option<f64>, &'static str, Option<f64>) {
         let proc_cpu = match (&a.proc, &b.proc) {
@@ -2087,17 +2087,17 @@ mod timeline {
         };
         match (proc_cpu, metrics_cpu) {
             (Some(c), m) => (Some(c), "/proc/<pid>", m),
-            (None, Some(c)) => (Some(c), "GET /metrics process.cpu_runtime_ns", Some(c)),
+            (None, Some(c)) => (Some(c), "GET /stats process.cpu_runtime_ns", Some(c)),
             _ => (None, "none", None),
         }
     }
 
-    async fn server_sample(metrics_url: Option<&str>, pid: Option<u32>) -> ServerSample {
+    async fn server_sample(stats_url: Option<&str>, pid: Option<u32>) -> ServerSample {
         let mut s = ServerSample {
             proc: pid.map(ProcUsage::read),
             ..ServerSample::default()
         };
-        if let Some(url) = metrics_url
+        if let Some(url) = stats_url
             && let Ok((200, body)) = measure::http_get(url, Duration::from_secs(2)).await
             && let Ok(v) = serde_json::from_str::<Value>(&body)
         {
@@ -2392,10 +2392,10 @@ mod timeline {
             publish_video: false,
             ..PeerOptions::default()
         };
-        let metrics_url = args
-            .metrics_url
+        let stats_url = args
+            .stats_url
             .clone()
-            .or_else(|| measure::http_url_from_ws(&args.url, "/metrics"));
+            .or_else(|| measure::http_url_from_ws(&args.url, "/stats"));
         println!(
             "loadtest --timeline: {n} peers → {} room {:?}, {} msg/s per peer on chat and on \
              input, {} s",
@@ -2476,16 +2476,16 @@ mod timeline {
             })
             .collect();
         let idle = if args.idle_ms > 0 {
-            let a = server_sample(metrics_url.as_deref(), args.server_pid).await;
+            let a = server_sample(stats_url.as_deref(), args.server_pid).await;
             let t0 = Instant::now();
             // A measurement window (nothing to wait for): the peers keep their sessions alive.
             tokio::time::sleep(Duration::from_millis(args.idle_ms)).await;
-            let b = server_sample(metrics_url.as_deref(), args.server_pid).await;
+            let b = server_sample(stats_url.as_deref(), args.server_pid).await;
             server_cpu(&a, &b).0.map(|c| c / t0.elapsed().as_secs_f64())
         } else {
             None
         };
-        let before = server_sample(metrics_url.as_deref(), args.server_pid).await;
+        let before = server_sample(stats_url.as_deref(), args.server_pid).await;
         let generator_before = ProcUsage::read(std::process::id());
         let window_start = Instant::now();
         let deadline = tokio::time::Instant::now() + run_for;
@@ -2512,7 +2512,7 @@ mod timeline {
         let expected_input: Vec<u64> = input_sent.iter().map(|s| total_input - s).collect();
         let got = drain.wait(expected_chat.iter().sum(), settle).await;
         let drained_in = sent_end.elapsed();
-        let after = server_sample(metrics_url.as_deref(), args.server_pid).await;
+        let after = server_sample(stats_url.as_deref(), args.server_pid).await;
         let generator_after = ProcUsage::read(std::process::id());
         let window = window_start.elapsed();
         let _ = stop_tx.send(true);

@@ -19,6 +19,10 @@ step "build (release)"
 cargo build --release --workspace --all-targets
 
 step "unit + integration tests"
+# tests/prometheus.rs reads the monitoring YAML under docker/ with PyYAML.
+if ! python3 -c 'import yaml' 2>/dev/null; then
+  apt-get install -y python3-yaml || { echo "python3-yaml is needed (tests/prometheus.rs) and could not be installed" >&2; exit 1; }
+fi
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --release --workspace --no-fail-fast --test-threads 2
 else

@@ -12,6 +12,7 @@
 //! tcp_port = 7882          # ICE-TCP, shard i on tcp_port + i; default: udp_port; "off"
 //! workers = 4               # core shards; default: one per CPU
 //! room_spread_above = 100   # a room this big spreads over the shards (0: never)
+//! metrics_room_labels = 0  # per-room gauges on /metrics for the N largest rooms (0: off)
 //! history_messages = 1024    # chat messages each room keeps for replay (0: none)
 //! history_max_age = 600      # seconds a kept chat message stays replayable
 //! input_tick_hz = 0          # rooms batch input per tick at this rate (0: off; at most 240)
@@ -223,6 +224,8 @@ pub struct Config {
     /// A room with this many participants spreads its later joins over the shards (the least
     /// loaded first); smaller rooms stay on one shard. 0: rooms never spread.
     pub room_spread_above: usize,
+    /// Per-room gauges on `/metrics` for at most this many rooms, the largest (0: none).
+    pub metrics_room_labels: usize,
     /// Bounds of each room's `chat` history (`--history-messages`, `--history-max-age`).
     pub history: crate::sfu::timeline::HistoryLimits,
     /// Input tick rate of rooms whose opening token sets none (`--input-tick-hz`; 0: off).
@@ -278,6 +281,7 @@ impl Default for Config {
             udp_buffer: crate::io::UDP_BUFFER_DEFAULT,
             workers: default_workers(),
             room_spread_above: DEFAULT_ROOM_SPREAD_ABOVE,
+            metrics_room_labels: 0,
             history: Default::default(),
             input_tick_hz: 0,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
@@ -420,6 +424,10 @@ struct Args {
     /// [env: PLAZA_ROOM_SPREAD_ABOVE] [default: 100]
     #[arg(long, value_name = "N")]
     room_spread_above: Option<usize>,
+    /// `/metrics` exports per-room gauges (room label) for at most this many rooms, the
+    /// largest; 0: none [env: PLAZA_METRICS_ROOM_LABELS] [default: 0]
+    #[arg(long, value_name = "N")]
+    metrics_room_labels: Option<usize>,
     /// Chat messages (and room events) each room keeps for `history` replays; 0: none
     /// [env: PLAZA_HISTORY_MESSAGES] [default: 1024]
     #[arg(long, value_name = "N")]
@@ -650,6 +658,7 @@ struct FileConfig {
     udp_buffer: Option<usize>,
     workers: Option<usize>,
     room_spread_above: Option<usize>,
+    metrics_room_labels: Option<usize>,
     history_messages: Option<usize>,
     history_max_age: Option<f64>,
     input_tick_hz: Option<u32>,
@@ -700,6 +709,7 @@ struct Layer {
     udp_buffer: Option<usize>,
     workers: Option<usize>,
     room_spread_above: Option<usize>,
+    metrics_room_labels: Option<usize>,
     history_messages: Option<usize>,
     history_max_age: Option<f64>,
     input_tick_hz: Option<u32>,
@@ -750,6 +760,7 @@ impl Layer {
             udp_buffer: self.udp_buffer.or(lower.udp_buffer),
             workers: self.workers.or(lower.workers),
             room_spread_above: self.room_spread_above.or(lower.room_spread_above),
+            metrics_room_labels: self.metrics_room_labels.or(lower.metrics_room_labels),
             history_messages: self.history_messages.or(lower.history_messages),
             history_max_age: self.history_max_age.or(lower.history_max_age),
             input_tick_hz: self.input_tick_hz.or(lower.input_tick_hz),
@@ -803,6 +814,7 @@ impl From<Args> for Layer {
             udp_buffer: a.udp_buffer,
             workers: a.workers,
             room_spread_above: a.room_spread_above,
+            metrics_room_labels: a.metrics_room_labels,
             history_messages: a.history_messages,
             history_max_age: a.history_max_age,
             input_tick_hz: a.input_tick_hz,
@@ -857,6 +869,7 @@ impl From<FileConfig> for Layer {
             udp_buffer: f.udp_buffer,
             workers: f.workers,
             room_spread_above: f.room_spread_above,
+            metrics_room_labels: f.metrics_room_labels,
             history_messages: f.history_messages,
             history_max_age: f.history_max_age,
             input_tick_hz: f.input_tick_hz,
@@ -952,6 +965,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             udp_buffer: self.parse("PLAZA_UDP_BUFFER")?,
             workers: self.parse("PLAZA_WORKERS")?,
             room_spread_above: self.parse("PLAZA_ROOM_SPREAD_ABOVE")?,
+            metrics_room_labels: self.parse("PLAZA_METRICS_ROOM_LABELS")?,
             history_messages: self.parse("PLAZA_HISTORY_MESSAGES")?,
             history_max_age: self.parse("PLAZA_HISTORY_MAX_AGE")?,
             input_tick_hz: self.parse("PLAZA_INPUT_TICK_HZ")?,
@@ -1097,6 +1111,7 @@ impl Config {
             udp_buffer: merged.udp_buffer.unwrap_or(d.udp_buffer),
             workers: merged.workers.unwrap_or(d.workers),
             room_spread_above: merged.room_spread_above.unwrap_or(d.room_spread_above),
+            metrics_room_labels: merged.metrics_room_labels.unwrap_or(d.metrics_room_labels),
             history: crate::sfu::timeline::HistoryLimits {
                 messages: merged.history_messages.unwrap_or(d.history.messages),
                 max_age: seconds("history-max-age", merged.history_max_age, d.history.max_age)?,
@@ -1680,6 +1695,26 @@ mod tests {
             "0 turns resume off"
         );
         assert!(load(&["--resume-grace", "-1"], &[]).is_err());
+    }
+
+    #[test]
+    fn metrics_room_labels_from_every_layer() {
+        assert_eq!(
+            load(&[], &[]).unwrap().metrics_room_labels,
+            0,
+            "off by default"
+        );
+        let file = TempFile::new("metrics_room_labels = 5\n");
+        let env = [("PLAZA_CONFIG", file.path())];
+        assert_eq!(load(&[], &env).unwrap().metrics_room_labels, 5);
+        let env = [
+            ("PLAZA_CONFIG", file.path()),
+            ("PLAZA_METRICS_ROOM_LABELS", "7"),
+        ];
+        assert_eq!(load(&[], &env).unwrap().metrics_room_labels, 7);
+        let c = load(&["--metrics-room-labels", "9"], &env).unwrap();
+        assert_eq!(c.metrics_room_labels, 9);
+        assert!(load(&["--metrics-room-labels", "-1"], &[]).is_err());
     }
 
     #[test]

@@ -108,7 +108,7 @@ fn said(r: &common::peer::Removal) -> &str {
 }
 
 async fn muted_drops(server: &TestServer) -> u64 {
-    let (_, m) = support::metrics(server.http_addr).await.expect("metrics");
+    let (_, m) = support::stats(server.http_addr).await.expect("stats");
     m["forward_dropped"]["muted"]
         .as_u64()
         .expect("forward_dropped.muted")

@@ -5,7 +5,7 @@
 //!
 //! - the bystanders' media kept flowing (no subscriber's packet count stood still for long,
 //!   and what they received matches what the publisher sent);
-//! - the in-core forwarding latency p99 (the difference of two `/metrics` snapshots of
+//! - the in-core forwarding latency p99 (the difference of two `/stats` snapshots of
 //!   `forward_latency`) stayed bounded;
 //! - `/healthz` kept answering, quickly;
 //! - the attacker got the documented errors and the matching `limits_hit` counter moved;
@@ -36,7 +36,7 @@ use plaza::config::Config;
 use plaza::signal::{ClientMessage, ErrorCode, IceCandidate, PcTarget, ServerMessage, TrackKind};
 use serde_json::Value;
 use support::{
-    RawWs, T, TestServer, announced_track, assert_media_flows, errors_after, metrics, publisher,
+    RawWs, T, TestServer, announced_track, assert_media_flows, errors_after, publisher, stats,
     subscriber, window_latency_count, window_latency_us,
 };
 
@@ -146,13 +146,13 @@ struct Window {
     healthz_polls: usize,
     healthz_slowest: Duration,
     healthz_bad: Vec<String>,
-    /// `/metrics` before and after the window.
+    /// `/stats` before and after the window.
     before: Value,
     after: Value,
 }
 
 impl Window {
-    /// How much a `/metrics` counter (a JSON pointer) moved over the window.
+    /// How much a `/stats` counter (a JSON pointer) moved over the window.
     fn delta(&self, pointer: &str) -> i64 {
         let get = |v: &Value| v.pointer(pointer).and_then(Value::as_i64).unwrap_or(0);
         get(&self.after) - get(&self.before)
@@ -233,7 +233,7 @@ impl Window {
 }
 
 /// Runs `attack` while watching `room`: packet counts every 20 ms, `/healthz` back to back,
-/// `/metrics` before and after. The window ends when the attack's future does (attacks end
+/// `/stats` before and after. The window ends when the attack's future does (attacks end
 /// with a round trip through the core, so the core has handled everything they sent).
 async fn during<F: Future>(
     server: &TestServer,
@@ -242,7 +242,7 @@ async fn during<F: Future>(
     attack: F,
 ) -> (F::Output, Window) {
     let flows = room.flows();
-    let (_, before) = metrics(server.http_addr).await.expect("/metrics before");
+    let (_, before) = stats(server.http_addr).await.expect("/stats before");
     let sent0: Vec<u64> = flows.iter().map(|(_, t)| room.sent(t)).collect();
     let recv0: Vec<u64> = flows.iter().map(|(p, t)| support::packets(p, t)).collect();
     let started = Instant::now();
@@ -294,7 +294,7 @@ async fn during<F: Future>(
     let (out, max_stall, (healthz_polls, healthz_slowest, healthz_bad)) =
         tokio::join!(attack, sample, poll_healthz);
     let duration = started.elapsed();
-    let (_, after) = metrics(server.http_addr).await.expect("/metrics after");
+    let (_, after) = stats(server.http_addr).await.expect("/stats after");
     let flows = flows
         .iter()
         .enumerate()

@@ -256,7 +256,8 @@ async fn total_cap_keeps_a_reserve_for_healthz() {
         );
     }
     assert!(held.len() >= TOTAL - 4, "only {} accepted", held.len());
-    // Past it: WebSockets refused with 503, /healthz and /metrics still served (the reserve).
+    // Past it: WebSockets refused with 503, /healthz, /metrics and /stats still served (the
+    // reserve).
     for i in 0..5 {
         assert_refused_503(
             attacker_ws(server.http_addr).await,
@@ -266,10 +267,10 @@ async fn total_cap_keeps_a_reserve_for_healthz() {
     let body = room.assert_alive(&server, "total cap reached").await;
     assert!(http_counter(&body, "websocket_refused") >= 1, "{body}");
     assert!(http_counter(&body, "reserve_connections") >= 1, "{body}");
-    let (status, metrics) = support::http_get(server.http_addr, "/metrics")
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{metrics}");
+    for path in ["/metrics", "/stats"] {
+        let (status, body) = support::http_get(server.http_addr, path).await.unwrap();
+        assert_eq!(status, 200, "{path}: {body}");
+    }
     drop(held);
     server.shutdown().await;
 }

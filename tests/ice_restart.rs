@@ -163,8 +163,8 @@ async fn both_connections_restart_ice_and_the_session_goes_on() {
         .collect();
     assert!(errors.is_empty(), "{errors:?}");
 
-    let (_, metrics) = support::metrics(server.http_addr).await.unwrap();
-    assert_eq!(metrics["ice_restarts"], 2, "{metrics}");
+    let (_, stats) = support::stats(server.http_addr).await.unwrap();
+    assert_eq!(stats["ice_restarts"], 2, "{stats}");
 }
 
 fn turn_expiry(servers: &[IceServer]) -> u64 {
@@ -230,7 +230,7 @@ async fn ice_restart_brings_fresh_turn_credentials() {
         "{:?}",
         alice.server_errors()
     );
-    let (_, metrics) = support::metrics(server.http_addr).await.unwrap();
-    assert_eq!(metrics["ice_restarts"], 1, "{metrics}");
+    let (_, stats) = support::stats(server.http_addr).await.unwrap();
+    assert_eq!(stats["ice_restarts"], 1, "{stats}");
     alice.ping().await.expect("the session goes on");
 }

@@ -2,7 +2,7 @@
 //! (over every shard of a spread room) and the per-address join rate. Each refusal has its own
 //! error code, leaves the socket open (a later join on it succeeds), changes nothing on the
 //! server (the others in the room see no `participant_joined`, the core's counts stay) and is
-//! counted under `"http"` in `/metrics`.
+//! counted under `"http"` in `/stats`.
 
 // A test, not the packet path: times deadlines with the clock.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
@@ -108,11 +108,11 @@ async fn wait_left(ws: &mut RawWs, id: &str) {
 }
 
 async fn http_counter(server: &TestServer, name: &str) -> u64 {
-    let (status, body) = support::metrics(server.http_addr).await.unwrap();
+    let (status, body) = support::stats(server.http_addr).await.unwrap();
     assert_eq!(status, 200, "{body}");
     body["http"][name]
         .as_u64()
-        .unwrap_or_else(|| panic!("no http.{name} in /metrics: {body}"))
+        .unwrap_or_else(|| panic!("no http.{name} in /stats: {body}"))
 }
 
 fn core_counts(body: &Value) -> (u64, u64) {

@@ -76,12 +76,8 @@ async fn a_dropped_connection_resumes_as_the_same_participant() {
     );
     // Signaling works on the new connection.
     bob.ping().await.expect("ping over the resumed connection");
-    let (_, metrics) = support::metrics(server.http_addr).await.unwrap();
-    assert_eq!(
-        metrics["http"]["sessions_resumed"], 1,
-        "{}",
-        metrics["http"]
-    );
+    let (_, stats) = support::stats(server.http_addr).await.unwrap();
+    assert_eq!(stats["http"]["sessions_resumed"], 1, "{}", stats["http"]);
 
     // A second drop and resume works the same.
     bob.drop_signaling();
@@ -119,8 +115,8 @@ async fn a_participant_that_does_not_resume_is_removed_after_the_grace_period() 
     );
     let err = bob.resume().await.expect_err("too late to resume");
     assert!(format!("{err:#}").contains("ResumeFailed"), "{err:#}");
-    let (_, metrics) = support::metrics(server.http_addr).await.unwrap();
-    assert_eq!(metrics["http"]["resume_expired"], 1, "{}", metrics["http"]);
+    let (_, stats) = support::stats(server.http_addr).await.unwrap();
+    assert_eq!(stats["http"]["resume_expired"], 1, "{}", stats["http"]);
 }
 
 /// Joins over a raw WebSocket: the participant id and resume token.

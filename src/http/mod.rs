@@ -27,6 +27,7 @@ pub mod dashboard;
 pub(crate) mod fake_core;
 pub mod limits;
 pub mod metrics;
+pub mod prom;
 pub mod resume;
 pub mod serve;
 pub mod whep;
@@ -85,6 +86,8 @@ pub struct HttpSettings {
     pub resume_grace: Duration,
     /// STUN/TURN servers added to every `joined` (TURN with fresh credentials).
     pub ice: crate::turn::IceConfig,
+    /// `/metrics` exports per-room gauges for at most this many rooms, the largest (0: none).
+    pub metrics_room_labels: usize,
 }
 
 impl HttpSettings {
@@ -103,6 +106,7 @@ impl HttpSettings {
             max_data_message: crate::config::DEFAULT_MAX_DATA_MESSAGE,
             resume_grace: resume::DEFAULT_RESUME_GRACE,
             ice: crate::turn::IceConfig::none(),
+            metrics_room_labels: 0,
         }
     }
 
@@ -118,6 +122,7 @@ impl HttpSettings {
             max_data_message: config.max_data_message,
             resume_grace: config.resume_grace,
             ice: config.ice.clone(),
+            metrics_room_labels: config.metrics_room_labels,
             ..HttpSettings::new(config.max_ws_message)
         }
     }
@@ -152,6 +157,8 @@ pub struct AppState {
     pub(crate) whip: whip::session::Sessions,
     /// The dashboard's sampler and latest view, shared by its viewers.
     pub(crate) dashboard: dashboard::Hub,
+    /// WebSocket join times (`join` received → `joined` sent), for `/metrics`.
+    pub(crate) join_time: Arc<prom::JoinTimes>,
 }
 
 impl AppState {
@@ -171,6 +178,7 @@ impl AppState {
             resumable: resume::Registry::default(),
             whip: whip::session::Sessions::default(),
             dashboard: dashboard::Hub::default(),
+            join_time: Arc::default(),
         }
     }
 
@@ -194,6 +202,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::metrics))
+        .route("/stats", get(metrics::stats))
         .route("/rtc", get(ws::upgrade))
         .route("/dev/token", get(dev_token))
         .route("/watch", get(watch_page))

@@ -345,6 +345,8 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
     state.counters.websockets_open.fetch_add(1, Relaxed);
     let _open = OpenGuard(Arc::clone(&state.counters));
     let mut guards = Guards::new(&state, conn.as_ref());
+    // When the accepted `join` arrived (its `joined` being sent is the end of the join time).
+    let mut join_received = None;
     // The connection's slot (per-address and total caps) is held until the socket closes.
     let _conn = conn;
     let limit = state.settings.max_ws_message;
@@ -377,7 +379,9 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
             accepted,
             room,
             events,
+            received,
         } => {
+            join_received = Some(received);
             span.record("participant", field::display(&accepted.participant_id));
             span.record("room", field::display(&room));
             info!("participant joined");
@@ -446,6 +450,9 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>) {
         }
     }
     let end = if sent && sink.flush().await.is_ok() {
+        if let Some(received) = join_received {
+            state.join_time.record(received.elapsed());
+        }
         run_joined(
             &mut sink,
             &mut stream,
@@ -519,6 +526,8 @@ enum Start {
         accepted: JoinAccepted,
         room: String,
         events: mpsc::Receiver<ServerMessage>,
+        /// When its `join` arrived.
+        received: Instant,
     },
     Resumed {
         participant_id: String,
@@ -625,6 +634,7 @@ async fn wait_for_join(
                 return None;
             }
         };
+        let received = Instant::now();
         let msg = match check_text(&text, limit) {
             Ok(msg) => msg,
             Err(reply) => {
@@ -727,6 +737,7 @@ async fn wait_for_join(
                                 accepted,
                                 room,
                                 events: events_rx,
+                                received,
                             });
                         }
                         Err(e) => {

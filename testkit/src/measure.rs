@@ -6,8 +6,8 @@
 //! - **`/proc/<pid>`** of a server on this machine (`--server-pid`): CPU time from the sum of
 //!   every thread's `schedstat` run time (ns; falls back to `stat` utime+stime in 10 ms ticks)
 //!   and RSS from `status`;
-//! - **`GET /metrics`** of a Plaza server (works remotely): its counters plus its own CPU time
-//!   and RSS (see `src/http/metrics.rs`); a server without `/metrics` falls back to
+//! - **`GET /stats`** of a Plaza server (works remotely): its counters plus its own CPU time
+//!   and RSS (see `src/http/metrics.rs`); a server without `/stats` falls back to
 //! - **`GET /healthz`**: counters only (`rtp_packets_forwarded`, …).
 //!
 //! A server without counters (Janus) is measured by what the subscribers received: the caller
@@ -280,7 +280,7 @@ pub fn http_url_from_ws(ws_url: &str, path: &str) -> Option<String> {
 
 // ───────────────────────────── server samples ─────────────────────────────
 
-/// Counters a Plaza server exports (`/healthz`, `/metrics`).
+/// Counters a Plaza server exports (`/healthz`, `/stats`).
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct ServerCounters {
     pub rtp_packets_in: u64,
@@ -289,7 +289,7 @@ pub struct ServerCounters {
     pub participants: u64,
 }
 
-/// What the server says about its own process (`/metrics`).
+/// What the server says about its own process (`/stats`).
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct SelfReported {
     pub cpu_s: Option<f64>,
@@ -324,11 +324,11 @@ pub struct Sample {
     pub clients: ClientTotals,
     /// This process (the load generator).
     pub generator: ProcUsage,
-    /// The server's in-core forwarding latency histogram (Plaza `/metrics`
+    /// The server's in-core forwarding latency histogram (Plaza `/stats`
     /// `forward_latency.buckets`: `[upper bound µs, count]`).
     #[serde(skip)]
     pub forward_latency_buckets: Option<Vec<(u64, u64)>>,
-    /// Packets forwarded by each core shard (Plaza `/metrics` `shards[].rtp_packets_forwarded`).
+    /// Packets forwarded by each core shard (Plaza `/stats` `shards[].rtp_packets_forwarded`).
     #[serde(skip)]
     pub shard_forwarded: Option<Vec<u64>>,
 }
@@ -337,11 +337,11 @@ pub struct Sample {
 #[derive(Debug, Clone, Default)]
 pub struct ServerSource {
     pub pid: Option<u32>,
-    /// `http://host:port/metrics` (Plaza).
-    pub metrics_url: Option<String>,
-    /// `http://host:port/healthz` (Plaza; fallback when `/metrics` is missing).
+    /// `http://host:port/stats` (Plaza).
+    pub stats_url: Option<String>,
+    /// `http://host:port/healthz` (Plaza; fallback when `/stats` is missing).
     pub healthz_url: Option<String>,
-    metrics_missing: Arc<AtomicBool>,
+    stats_missing: Arc<AtomicBool>,
 }
 
 fn counters_from(v: &Value) -> Option<ServerCounters> {
@@ -356,12 +356,12 @@ fn counters_from(v: &Value) -> Option<ServerCounters> {
 
 impl ServerSource {
     /// A Plaza server at signaling URL `ws_url` (and, optionally, on this machine as `pid`).
-    pub fn plaza(ws_url: &str, pid: Option<u32>, metrics_url: Option<String>) -> Self {
+    pub fn plaza(ws_url: &str, pid: Option<u32>, stats_url: Option<String>) -> Self {
         ServerSource {
             pid,
-            metrics_url: metrics_url.or_else(|| http_url_from_ws(ws_url, "/metrics")),
+            stats_url: stats_url.or_else(|| http_url_from_ws(ws_url, "/stats")),
             healthz_url: http_url_from_ws(ws_url, "/healthz"),
-            metrics_missing: Arc::default(),
+            stats_missing: Arc::default(),
         }
     }
 
@@ -379,8 +379,8 @@ impl ServerSource {
         let mut self_reported = None;
         let mut forward_latency_buckets = None;
         let mut shard_forwarded = None;
-        if let Some(url) = &self.metrics_url
-            && !self.metrics_missing.load(Ordering::Relaxed)
+        if let Some(url) = &self.stats_url
+            && !self.stats_missing.load(Ordering::Relaxed)
         {
             match http_get(url, t).await {
                 Ok((200, body)) => {
@@ -403,7 +403,7 @@ impl ServerSource {
                         });
                     }
                 }
-                Ok((404, _)) => self.metrics_missing.store(true, Ordering::Relaxed),
+                Ok((404, _)) => self.stats_missing.store(true, Ordering::Relaxed),
                 _ => {}
             }
         }
@@ -450,7 +450,7 @@ pub struct WindowStats {
     /// Server CPU in % of one core.
     pub server_cpu_percent: Option<f64>,
     pub server_us_per_packet: Option<f64>,
-    /// The same from the server's own `/metrics` (remote-capable), for comparison.
+    /// The same from the server's own `/stats` (remote-capable), for comparison.
     pub self_reported_cpu_s: Option<f64>,
     pub self_reported_us_per_packet: Option<f64>,
     pub server_rss_bytes: Option<u64>,
@@ -545,7 +545,7 @@ pub fn window(a: &Sample, b: &Sample) -> WindowStats {
     };
     let (server_cpu_s, server_cpu_source) = match (proc_cpu, self_cpu) {
         (Some(c), _) => (Some(c), "/proc/<pid>"),
-        (None, Some(c)) => (Some(c), "GET /metrics"),
+        (None, Some(c)) => (Some(c), "GET /stats"),
         _ => (None, "none"),
     };
     let per_pkt = |cpu: Option<f64>| {
@@ -752,8 +752,8 @@ mod tests {
     #[test]
     fn urls_and_chunks() {
         assert_eq!(
-            http_url_from_ws("ws://127.0.0.1:7880/rtc", "/metrics").as_deref(),
-            Some("http://127.0.0.1:7880/metrics")
+            http_url_from_ws("ws://127.0.0.1:7880/rtc", "/stats").as_deref(),
+            Some("http://127.0.0.1:7880/stats")
         );
         assert_eq!(dechunk("4\r\nabcd\r\n2\r\nef\r\n0\r\n\r\n"), "abcdef");
     }
@@ -954,7 +954,7 @@ impl Measured {
         }
         if let Some(l) = w.server_forward_latency_us {
             println!(
-                "server in-core latency (socket read → sendmmsg, from /metrics): p50 {} p90 {} \
+                "server in-core latency (socket read → sendmmsg, from /stats): p50 {} p90 {} \
                  p99 {} max {} µs",
                 l.p50, l.p90, l.p99, l.max
             );

@@ -247,28 +247,28 @@ pub async fn healthz(addr: SocketAddr) -> Result<(u16, Value)> {
     Ok((status, v))
 }
 
-/// `GET /metrics` as JSON.
-pub async fn metrics(addr: SocketAddr) -> Result<(u16, Value)> {
-    let (status, body) = http_get(addr, "/metrics").await?;
-    let v = serde_json::from_str(&body).with_context(|| format!("metrics body {body:?}"))?;
+/// `GET /stats` (the JSON counters) as JSON.
+pub async fn stats(addr: SocketAddr) -> Result<(u16, Value)> {
+    let (status, body) = http_get(addr, "/stats").await?;
+    let v = serde_json::from_str(&body).with_context(|| format!("stats body {body:?}"))?;
     Ok((status, v))
 }
 
-/// The `forward_latency` buckets (`[upper bound µs, count]`) of a `/metrics` body.
-pub fn latency_buckets(metrics: &Value) -> Vec<(u64, u64)> {
-    metrics
+/// The `forward_latency` buckets (`[upper bound µs, count]`) of a `/stats` body.
+pub fn latency_buckets(stats: &Value) -> Vec<(u64, u64)> {
+    stats
         .pointer("/forward_latency/buckets")
         .and_then(|b| serde_json::from_value(b.clone()).ok())
         .unwrap_or_default()
 }
 
-/// Quantile `q` of the in-core forwarding latency between two `/metrics` snapshots, in µs
+/// Quantile `q` of the in-core forwarding latency between two `/stats` snapshots, in µs
 /// (`None`: nothing was forwarded in between).
 pub fn window_latency_us(earlier: &Value, later: &Value, q: f64) -> Option<u64> {
     plaza::sfu::latency::window_quantile_us(&latency_buckets(earlier), &latency_buckets(later), q)
 }
 
-/// Packets forwarded in the core between two `/metrics` snapshots.
+/// Packets forwarded in the core between two `/stats` snapshots.
 pub fn window_latency_count(earlier: &Value, later: &Value) -> u64 {
     let total = |v: &Value| latency_buckets(v).iter().map(|(_, c)| c).sum::<u64>();
     total(later).saturating_sub(total(earlier))

@@ -154,11 +154,11 @@ describe('Firefox', { timeout: 300_000 }, () => {
         }
       });
     }
-    const metrics = async () => (await (await fetch(`${server.url}/metrics`)).json()).ice_restarts;
-    const before = await metrics();
+    const stats = async () => (await (await fetch(`${server.url}/stats`)).json()).ice_restarts;
+    const before = await stats();
     const foxId = await fox.page.evaluate(() => window.plaza.client.participantId);
     await fox.page.evaluate(() => window.plaza.client.restartIce('both', 'test'));
-    await waitFor(async () => (await metrics()) >= before + 2, { timeout: 15_000, what: 'the server to restart ICE on both of Firefox\'s connections' });
+    await waitFor(async () => (await stats()) >= before + 2, { timeout: 15_000, what: 'the server to restart ICE on both of Firefox\'s connections' });
     // Firefox checks the new credentials and connects again on both.
     await waitFor(
       () =>

@@ -138,7 +138,7 @@ describe('address change', { timeout: 150_000 }, () => {
     await mover.page.evaluate(() => window.plaza.client.sendChat('from the new address'));
     await waitFor(() => stayer.page.evaluate(() => window.__events.some((e) => e.t === 'chat' && e.text === 'from the new address')), { timeout: 15_000, what: 'chat from the mover' });
 
-    const metrics = await (await fetch(`http://127.0.0.1:${PORT}/metrics`)).json();
-    assert.ok(metrics.ice_restarts >= 2, `the server restarted ICE (ice_restarts = ${metrics.ice_restarts})`);
+    const stats = await (await fetch(`http://127.0.0.1:${PORT}/stats`)).json();
+    assert.ok(stats.ice_restarts >= 2, `the server restarted ICE (ice_restarts = ${stats.ice_restarts})`);
   });
 });

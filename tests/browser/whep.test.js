@@ -175,8 +175,8 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
   });
 
   it('an ICE restart over PATCH: new server credentials, the same session, still playing', async () => {
-    const metrics = () => fetch(`${server.url}/metrics`).then((r) => r.json());
-    const restartsBefore = (await metrics()).ice_restarts;
+    const stats = () => fetch(`${server.url}/stats`).then((r) => r.json());
+    const restartsBefore = (await stats()).ice_restarts;
     const s0 = await watchState(viewer);
     await viewer.page.evaluate(() => window.watch.restartIce());
     const s = await waitFor(
@@ -189,7 +189,7 @@ describe('WHEP player /watch', { timeout: 300_000 }, () => {
     assert.notEqual(s.remoteUfrag, s0.remoteUfrag, 'the answer has the server\'s new ICE credentials');
     assert.equal(s.session, s0.session, 'the same session (no new POST)');
     assert.equal(s.posts, s0.posts);
-    assert.equal((await metrics()).ice_restarts, restartsBefore + 1, 'the server restarted ICE once');
+    assert.equal((await stats()).ice_restarts, restartsBefore + 1, 'the server restarted ICE once');
     assert.equal(await sessionProbe(s.session), 412, 'the session still exists');
   });
 

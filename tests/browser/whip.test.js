@@ -194,7 +194,7 @@ describe('WHIP from a browser with plain fetch()', { timeout: 180_000 }, () => {
     });
     const media = await waitForMediaFrom(viewer, 'chromium-whip');
     assert.ok(media.v.frameWidth > 0);
-    const m = await fetch(`${server.url}/metrics`).then((x) => x.json());
+    const m = await fetch(`${server.url}/stats`).then((x) => x.json());
     assert.equal(m.ice_restarts, 1, 'the server restarted ICE once');
   });
 
