@@ -380,12 +380,14 @@ async fn the_stream_is_a_snapshot_then_small_deltas() -> Result<()> {
     let body: Value = serde_json::from_str(&body.err().unwrap_or_default())?;
     assert_eq!(body["code"], "token_invalid", "{body}");
     let participant = common::token::participant(room, "mallory");
-    let (status, _) = SseClient::open(
+    let (status, body) = SseClient::open(
         server.http_addr,
         &format!("/dashboard/events?access_token={participant}"),
     )
     .await?;
     assert_eq!(status, 403);
+    let body: Value = serde_json::from_str(&body.err().unwrap_or_default())?;
+    assert_eq!(body["code"], "permission_denied", "{body}");
 
     // The page itself.
     let (status, page) = support::http_get(server.http_addr, "/dashboard").await?;
