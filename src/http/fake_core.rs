@@ -131,6 +131,9 @@ pub(crate) fn spawn() -> (
                         "the fake core has no admin API".into(),
                     )));
                 }
+                Command::Dashboard { reply } => {
+                    let _ = reply.send(Default::default());
+                }
                 Command::Stats { reply } => {
                     let _ = reply.send(CoreStats {
                         participants: participants.len(),

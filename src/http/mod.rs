@@ -10,6 +10,8 @@
 //! - `/api/...`: the room admin API (see [`admin`]);
 //! - `/whip/...`: WHIP ingest, RFC 9725 (see [`whip`]);
 //! - `/whep/...`: WHEP playback (see [`whep`]);
+//! - `GET /dashboard`, `GET /dashboard/events`: the operator dashboard and its Server-Sent
+//!   Events stream (see [`dashboard`]);
 //! - `GET /watch?room=R…`: the WHEP player page, `signaling/watch.html` (served like the
 //!   static files below; the page reads its query itself);
 //! - everything else (`GET`/`HEAD`): files from the `signaling/` directory (demo page and JS
@@ -20,6 +22,7 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 pub mod admin;
+pub mod dashboard;
 #[cfg(test)]
 pub(crate) mod fake_core;
 pub mod limits;
@@ -152,6 +155,8 @@ pub struct AppState {
     pub(crate) resumable: resume::Registry,
     /// Open WHIP sessions, by id.
     pub(crate) whip: whip::session::Sessions,
+    /// The dashboard's sampler and latest view, shared by its viewers.
+    pub(crate) dashboard: dashboard::Hub,
     /// WebSocket join times (`join` received → `joined` sent), for `/metrics`.
     pub(crate) join_time: Arc<prom::JoinTimes>,
 }
@@ -172,6 +177,7 @@ impl AppState {
             limiter: None,
             resumable: resume::Registry::default(),
             whip: whip::session::Sessions::default(),
+            dashboard: dashboard::Hub::default(),
             join_time: Arc::default(),
         }
     }
@@ -201,6 +207,7 @@ pub fn router(state: AppState) -> Router {
         .route("/dev/token", get(dev_token))
         .route("/watch", get(watch_page))
         .merge(admin::routes())
+        .merge(dashboard::routes())
         .merge(whip::routes(max_body))
         .merge(whep::routes(max_body))
         .fallback(static_file)

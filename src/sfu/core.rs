@@ -312,6 +312,7 @@ macro_rules! part_mut {
     }};
 }
 
+pub mod dashboard;
 mod ice;
 mod moderation;
 mod quality;
@@ -2597,6 +2598,9 @@ impl<T: Transmit> Sfu<T> {
             }
             Command::Admin { op, reply } => {
                 let _ = reply.send(self.on_admin(op));
+            }
+            Command::Dashboard { reply } => {
+                let _ = reply.send(self.dashboard());
             }
             Command::Shutdown { .. } => {}
         }

@@ -160,6 +160,10 @@ pub enum Command {
         op: admin::AdminOp,
         reply: oneshot::Sender<Result<admin::AdminReply, admin::AdminError>>,
     },
+    /// This shard's share of the operator dashboard ([`core::dashboard`]).
+    Dashboard {
+        reply: oneshot::Sender<core::dashboard::DashboardSnapshot>,
+    },
 }
 
 /// A join, as the WebSocket session passes it on.
@@ -832,6 +836,20 @@ impl SfuHandle {
             .await
             .map_err(|_| admin::AdminError::ShuttingDown)?;
         rx.await.map_err(|_| admin::AdminError::ShuttingDown)?
+    }
+
+    /// The operator dashboard's view of every room, merged over the shards (a room spread
+    /// over several appears once).
+    pub async fn dashboard(&self) -> Result<core::dashboard::DashboardSnapshot, SfuError> {
+        let mut total = core::dashboard::DashboardSnapshot::default();
+        for tx in self.shards.iter() {
+            let (reply, rx) = oneshot::channel();
+            tx.send(Command::Dashboard { reply })
+                .await
+                .map_err(|_| SfuError::ShuttingDown)?;
+            total.merge(rx.await.map_err(|_| SfuError::ShuttingDown)?);
+        }
+        Ok(total)
     }
 
     /// Current counters, summed over the shards.

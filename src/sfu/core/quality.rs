@@ -42,7 +42,7 @@ impl QualityBook {
     }
 
     /// The quality of a participant here the room was last told, if any.
-    fn update_of(&self, part: PartKey, pid: &str) -> Option<ConnectionQualityUpdate> {
+    pub(super) fn update_of(&self, part: PartKey, pid: &str) -> Option<ConnectionQualityUpdate> {
         let t = self.trackers.get(&part)?;
         Some(ConnectionQualityUpdate {
             participant_id: pid.to_owned(),
