@@ -383,3 +383,64 @@ async fn server_stats(server: &TestServer) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["webhooks"].clone()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whep_viewer_alone_opens_and_closes_its_room() {
+    use plaza_testkit::whep::{WhepOptions, WhepViewer};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let r = Arc::new(Receiver::default());
+    let _rx_task = serve(listener, Arc::clone(&r));
+    let server = TestServer::start_with(config_with(format!("http://{addr}/hook"), |_| {})).await;
+    let room = "stage";
+
+    // A viewer in an empty room waits for a host: a hidden participant, alone.
+    let tok = token(room, "player", |g| g.can_publish = Some(false));
+    let o = WhepOptions {
+        timeout: T,
+        ..WhepOptions::default()
+    };
+    let mut viewer = WhepViewer::play(server.http_addr, &format!("/whep/{room}"), Some(&tok), o)
+        .await
+        .unwrap_or_else(|e| panic!("WHEP play: {e:#}"));
+    let got = wait_accepted(&r, "the viewer's session starts", |e| {
+        kinds(e).contains(&EventKind::WhepSessionStarted)
+            && kinds(e).contains(&EventKind::ParticipantJoined)
+    })
+    .await;
+    assert_eq!(got[0].event, EventKind::RoomStarted, "{got:#?}");
+    let joined = got
+        .iter()
+        .find(|e| e.event == EventKind::ParticipantJoined)
+        .unwrap();
+    let who = joined.participant.as_ref().expect("a participant");
+    assert!(who.hidden, "a WHEP viewer is hidden: {joined:#?}");
+    assert!(who.session_id.starts_with("SE_"), "{joined:#?}");
+    let started = got
+        .iter()
+        .find(|e| e.event == EventKind::WhepSessionStarted)
+        .unwrap();
+    assert_eq!(
+        started.participant.as_ref().map(|p| &p.id),
+        Some(&who.id),
+        "the session event names the same participant"
+    );
+
+    // DELETE ends the session and, the room being empty, the room.
+    assert_eq!(viewer.delete().await.unwrap(), 200);
+    let got = wait_accepted(&r, "the room finishes", |e| {
+        kinds(e).contains(&EventKind::RoomFinished)
+    })
+    .await;
+    let k = kinds(&got);
+    assert!(k.contains(&EventKind::WhepSessionEnded), "{k:?}");
+    let left = got
+        .iter()
+        .find(|e| e.event == EventKind::ParticipantLeft)
+        .expect("participant_left");
+    assert_eq!(left.reason, Some(LeaveReason::Left), "{left:#?}");
+    assert_eq!(k.last(), Some(&EventKind::RoomFinished), "{k:?}");
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=got.len() as u64).collect::<Vec<_>>(), "{got:#?}");
+    server.shutdown().await;
+}

@@ -99,6 +99,7 @@ fn hook_ref(p: &Participant) -> webhook::ParticipantRef {
         identity: p.identity.clone(),
         name: p.name.clone(),
         session_id: p.session.clone(),
+        hidden: p.grants.hidden,
     }
 }
 
@@ -2949,10 +2950,7 @@ impl<T: Transmit> Sfu<T> {
             info_span!("participant", session = %req.session, room = %room, participant = %pid);
         let _g = span.enter();
         info!(name = %name, "joined");
-        if let (Some(w), Some(p)) = (
-            &self.cfg.webhooks,
-            self.part(part).filter(|p| !p.grants.hidden),
-        ) {
+        if let (Some(w), Some(p)) = (&self.cfg.webhooks, self.part(part)) {
             w.emit(
                 webhook::Event::new(
                     webhook::EventKind::ParticipantJoined,
@@ -3818,12 +3816,9 @@ impl<T: Transmit> Sfu<T> {
         }
         self.dirty.retain(|k| k.part != part);
         let pid = p.pid.clone();
-        let hook = (!hidden).then(|| (hook_ref(&p), room_name.clone()));
+        let who = hook_ref(&p);
         drop(p); // closes the events channel: the WebSocket session ends
-        if hidden {
-            return;
-        }
-        if let (Some(w), Some((who, room_name))) = (&self.cfg.webhooks, hook) {
+        if let Some(w) = &self.cfg.webhooks {
             w.emit(
                 webhook::Event::new(
                     webhook::EventKind::ParticipantLeft,
@@ -3833,6 +3828,9 @@ impl<T: Transmit> Sfu<T> {
                 .with_participant(who)
                 .with_reason(why),
             );
+        }
+        if hidden {
+            return;
         }
         self.broadcast(
             part.room,

@@ -339,6 +339,7 @@ mod tests {
                 identity: None,
                 name: pid.into(),
                 session_id: String::new(),
+                hidden: false,
             },
         )
     }

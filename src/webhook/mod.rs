@@ -123,6 +123,9 @@ pub struct ParticipantRef {
     /// The signaling session's id (`SE_…`), as in the server's logs and `joined`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub session_id: String,
+    /// Other participants do not see it (the `hidden` grant, WHEP viewers); webhooks do.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
 }
 
 /// One webhook event: the body of one request.

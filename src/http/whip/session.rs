@@ -376,6 +376,7 @@ fn hook(state: &AppState, session: &Session, started: bool) {
                 identity: None,
                 name: session.name.clone(),
                 session_id: session.session_id.clone(),
+                hidden: session.kind == Kind::Whep,
             })
             .with_resource(&session.id),
     );
