@@ -246,7 +246,7 @@ pub struct Config {
     pub header_timeout: Duration,
     /// Time allowed for one WebSocket message, first byte to last.
     pub message_timeout: Duration,
-    /// Open connections in total (a small reserve above it serves `/healthz` and `/metrics`).
+    /// Open connections in total (a small reserve above it serves `/healthz`, `/stats` and `/metrics`).
     pub max_connections: usize,
     /// Open connections from one client address (IPv6: one /64).
     pub max_connections_per_ip: usize,

@@ -4,7 +4,7 @@
 //! ufrag, SCTP aborts): a log line per bad packet is a flood an attacker controls. Every call
 //! site (Plaza's and the libraries', including their `log` records) may write at most
 //! [`BURST`] lines per [`WINDOW`]; the rest are dropped and counted in
-//! [`suppressed_lines`] (exported in `/metrics` as `log_lines_suppressed`).
+//! [`suppressed_lines`] (`log_lines_suppressed` in `/stats`, `plaza_log_lines_suppressed_total` in `/metrics`).
 
 // Not the packet path: the per-call-site rate limits are shared by every thread and timed
 // by the clock.

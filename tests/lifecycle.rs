@@ -351,3 +351,101 @@ async fn a_big_room_spans_shards() {
         p.wait_closed(T).await.unwrap();
     }
 }
+
+/// One participant's log lines, from signaling (its WebSocket session) and from the core (its
+/// participant and track spans), all carry the session id it got in `joined`: the server
+/// binary, JSON logs, a real publisher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::disallowed_methods)] // a test: its deadline reads the clock
+async fn one_session_id_ties_signaling_and_media_log_lines() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    #[allow(clippy::disallowed_types)] // the test's reader thread shares what it read
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plaza"))
+        .args([
+            "--port",
+            "0",
+            "--udp-port",
+            "0",
+            "--workers",
+            "1",
+            "--tcp-port",
+            "off",
+        ])
+        .args(["--log-level", "debug", "--log-format", "json"])
+        .env_remove("PLAZA_API_KEY")
+        .env_remove("PLAZA_API_SECRET")
+        .env_remove("PLAZA_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Stopped however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    // Polls what the server logged until `f` finds something (bounded).
+    let wait = |what: &str, f: &dyn Fn(&[String]) -> Option<String>| {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            if let Some(v) = f(&lines.lock().unwrap()) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not log {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let ws_url = wait("its address", &|ls| {
+        ls.iter().find_map(|l| {
+            let start = l.find("ws://")?;
+            let rest = &l[start..];
+            Some(rest[..rest.find("/rtc")? + 4].to_owned())
+        })
+    });
+    let peer = Peer::connect(&ws_url, "logs", "alice", support::opts(true))
+        .await
+        .expect("alice joins the server binary");
+    let sid = peer.joined().session_id.clone().expect("joined.session_id");
+    assert!(sid.starts_with("SE_"), "{sid}");
+    wait("the track's publication", &|ls| {
+        ls.iter()
+            .find(|l| l.contains(&sid) && l.contains("track published"))
+            .cloned()
+    });
+    peer.leave().await.unwrap();
+    let mine = wait("the participant's end", &|ls| {
+        let mine: Vec<String> = ls.iter().filter(|l| l.contains(&sid)).cloned().collect();
+        let ended = |m: &str| mine.iter().any(|l| l.contains(m));
+        (ended("participant session ended") && ended("\"leaving\"")).then(|| mine.join("\n"))
+    });
+    for (what, needle) in [
+        ("the signaling session's join", "participant joined"),
+        ("the core's join", "\"joined\""),
+        ("the core's track span", "track published"),
+        ("the core's leave", "\"leaving\""),
+    ] {
+        assert!(
+            mine.contains(needle),
+            "{what} ({needle}) with {sid}:\n{mine}"
+        );
+    }
+}

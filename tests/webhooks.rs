@@ -442,5 +442,21 @@ async fn a_whep_viewer_alone_opens_and_closes_its_room() {
     assert_eq!(k.last(), Some(&EventKind::RoomFinished), "{k:?}");
     let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=got.len() as u64).collect::<Vec<_>>(), "{got:#?}");
+
+    // /metrics counts the deliveries too.
+    let (status, text) = support::http_request(server.http_addr, "GET", "/metrics", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics:\n{text}"))
+    };
+    assert!(
+        value("plaza_webhook_events_delivered_total") >= got.len() as u64,
+        "{text}"
+    );
+    assert_eq!(value("plaza_webhook_events_dropped_total"), 0);
     server.shutdown().await;
 }

@@ -2,7 +2,7 @@
 //!
 //! - [`ConnLimiter`] counts open TCP connections in total and per client address (IPv4: the
 //!   address; IPv6: its /64) and decides at accept time whether a connection is served
-//!   normally, served from the small *reserve* (only `/healthz`, `/metrics` and static files:
+//!   normally, served from the small *reserve* (only `/healthz`, `/stats`, `/metrics` and static files:
 //!   `/rtc` gets 503), or refused. Each admitted connection holds a [`ConnMeta`]; its slot is
 //!   given back when the last clone is dropped (a WebSocket session keeps one).
 //! - [`CountingIo`] wraps the TCP stream and counts the bytes read, so a WebSocket session can
@@ -10,7 +10,7 @@
 //! - [`TokenBucket`] bounds the signaling messages one session may submit.
 //! - [`JoinLimiter`] bounds the `join`s per second from one client address (same key as the
 //!   connection cap), across all its connections; its memory is bounded ([`JOIN_TABLE_MAX`]).
-//! - [`HttpCounters`]: what the limits did, for `/healthz` and `/metrics`.
+//! - [`HttpCounters`]: what the limits did, for `/healthz`, `/stats` and `/metrics`.
 
 use serde::Serialize;
 use std::collections::HashMap;
@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Connections served beyond `max_connections` for `/healthz`, `/metrics` and static files
+/// Connections served beyond `max_connections` for `/healthz`, `/stats`, `/metrics` and static files
 /// only (no WebSocket), so monitoring still answers when the WebSocket cap is full.
 pub const RESERVE: usize = 32;
 

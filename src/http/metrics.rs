@@ -221,6 +221,7 @@ pub async fn scrape(state: &AppState) -> prom::Scrape {
         process: process_usage_full(),
         join_time: state.join_time.snapshot(),
         rooms,
+        webhooks: state.handle.webhooks().map(|w| w.stats()),
     }
 }
 

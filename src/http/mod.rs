@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-/// How long `/healthz` and `/metrics` wait for the core's counters.
+/// How long `/healthz`, `/stats` and `/metrics` wait for the core's counters.
 const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the HTTP layer needs besides the core handle.
@@ -147,7 +147,7 @@ pub struct AppState {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Every WebSocket session holds a clone; the server waits until all are dropped.
     pub(crate) sessions: mpsc::Sender<()>,
-    /// What the limits did (served under `"http"` in `/healthz` and `/metrics`).
+    /// What the limits did (served under `"http"` in `/healthz` and `/stats`, and in `/metrics`).
     pub(crate) counters: Arc<HttpCounters>,
     /// The connection caps, when the server's own accept loop is used.
     pub(crate) limiter: Option<Arc<ConnLimiter>>,
@@ -216,7 +216,7 @@ pub fn router(state: AppState) -> Router {
 
 /// Asks the core for its counters (waiting at most [`STATS_TIMEOUT`]) and flattens them into
 /// `{"status":"ok", ...CoreStats, "http":{...HttpStats}}`; `None` when the core does not answer
-/// in time. Shared by `/healthz` and `/metrics`.
+/// in time. Shared by `/healthz` and `/stats`.
 pub(crate) async fn ok_stats_body(
     state: &AppState,
 ) -> Option<serde_json::Map<String, serde_json::Value>> {

@@ -27,6 +27,7 @@ use super::metrics::ProcessUsage;
 use crate::sfu::admin::RoomSummary;
 use crate::sfu::latency::{LatencyHistogram, LatencySnapshot};
 use crate::sfu::{CoreStats, IceTcpStats, LimitsHit, ShardStats};
+use crate::webhook::WebhookStats;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -110,6 +111,8 @@ pub struct Scrape {
     pub join_time: (LatencySnapshot, f64),
     /// The rooms given their own `room` label (at most `--metrics-room-labels`).
     pub rooms: Vec<RoomSummary>,
+    /// Webhook delivery, when webhooks are on.
+    pub webhooks: Option<WebhookStats>,
 }
 
 /// The at most `n` largest rooms (most participants, then most tracks, then by name so the
@@ -253,6 +256,9 @@ impl Collector for Scrape {
         }
         if let Some(http) = &self.http {
             encode_http(&mut o, http)?;
+        }
+        if let Some(w) = &self.webhooks {
+            encode_webhooks(&mut o, w)?;
         }
         let (join, join_sum) = &self.join_time;
         o.histogram(
@@ -673,6 +679,41 @@ fn encode_shards(o: &mut Out<'_, '_>, shards: &[ShardStats]) -> fmt::Result {
             .encode_counter::<NoLabelSet, _, u64>(&s.udp_datagrams_out, None)?;
     }
     Ok(())
+}
+
+fn encode_webhooks(o: &mut Out<'_, '_>, w: &WebhookStats) -> fmt::Result {
+    let WebhookStats {
+        webhook_events_queued,
+        webhook_events_delivered,
+        webhook_events_retried,
+        webhook_events_dropped,
+        webhook_events_pending,
+    } = w;
+    o.counter(
+        "plaza_webhook_events_queued",
+        "Webhook events accepted for delivery (once per URL)",
+        *webhook_events_queued,
+    )?;
+    o.counter(
+        "plaza_webhook_events_delivered",
+        "Webhook events a URL answered with 2xx",
+        *webhook_events_delivered,
+    )?;
+    o.counter(
+        "plaza_webhook_events_retried",
+        "Failed webhook requests that were tried again",
+        *webhook_events_retried,
+    )?;
+    o.counter(
+        "plaza_webhook_events_dropped",
+        "Webhook events lost: a queue was full, or a URL failed for longer than the retry period",
+        *webhook_events_dropped,
+    )?;
+    o.gauge(
+        "plaza_webhook_events_pending",
+        "Webhook events waiting now (queued or in flight, all URLs)",
+        *webhook_events_pending,
+    )
 }
 
 fn encode_http(o: &mut Out<'_, '_>, h: &HttpStats) -> fmt::Result {

@@ -12,7 +12,7 @@
 //!    `join_rate_limited` with a retry-after. The per-server caps (`max_rooms`,
 //!    `max_participants_per_room`) are enforced where the join is placed
 //!    ([`SfuHandle::join`]): `too_many_rooms`, `room_full`. Each refusal is counted under
-//!    `http` in `/metrics`.
+//!    `http` in `/stats`.
 //! 2. **After join** two halves run concurrently: the *reader* decodes client frames and
 //!    passes them to the core ([`SfuHandle::client`]); the *writer* sends the core's events
 //!    (from the participant's bounded event channel) and the reader's local replies (errors,
@@ -27,7 +27,7 @@
 //! ([`READ_BUFFER`], [`WRITE_BUFFER`]): an idle connection costs a few KiB, not 128 KiB.
 //!
 //! Time and rate limits (`Guards`), each closing the socket with a close frame whose reason
-//! names the limit, and each counted in `/metrics` (`http`):
+//! names the limit, and each counted in `/stats` (`http`) and `/metrics`:
 //!
 //! - **join timeout**: no accepted `join` within `join_timeout` → 1008 `join timeout: …`;
 //! - **idle timeout** (after join): the server sends a WebSocket ping every third of

@@ -2607,7 +2607,7 @@ impl<T: Transmit> Sfu<T> {
         }
     }
 
-    /// Counters for `/metrics` and `/healthz`.
+    /// Counters for `/stats`, `/metrics` and `/healthz`.
     pub fn stats(&self) -> CoreStats {
         let mut s = self.stats.clone();
         s.rooms = self.rooms.len();

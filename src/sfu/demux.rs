@@ -45,7 +45,7 @@ pub const CHECK_TTL: Duration = Duration::from_secs(10);
 /// checks makes `rtc` send triggered checks, each remembered here until it expires).
 pub const MAX_CHECKS: usize = 16_384;
 
-/// Why a datagram was not delivered to any connection. Counted per reason in `/metrics`.
+/// Why a datagram was not delivered to any connection. Counted per reason in `/stats` and `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// A zero-length datagram.
@@ -92,7 +92,7 @@ pub struct DropCounters {
     log: LogLimiter,
 }
 
-/// [`DropCounters`] as `/metrics` shows them.
+/// [`DropCounters`] as `/stats` shows them.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct UdpDrops {
     pub empty: u64,

@@ -1,4 +1,4 @@
-//! Typed ids inside the core. Outside it (signaling, `/metrics`) they are the strings `PA_…`
+//! Typed ids inside the core. Outside it (signaling, `/stats`) they are the strings `PA_…`
 //! and `TR_…`; inside, a participant is a number and a track id a shared string, so that
 //! neither can be passed where the other is meant.
 

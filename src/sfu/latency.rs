@@ -3,7 +3,7 @@
 //!
 //! [`LatencyHistogram`] is a log-linear histogram (8 buckets per power of two, ≤ 12.5 % error)
 //! from 1 µs to ~67 s with plain counters, cheap enough to update per datagram. It is exported
-//! whole in `/metrics` so a load generator can subtract two snapshots and get percentiles for
+//! whole in `/stats` so a load generator can subtract two snapshots and get percentiles for
 //! its own measurement window.
 
 use serde::Serialize;
@@ -78,7 +78,7 @@ impl LatencyHistogram {
         quantile(&self.counts, self.total, q).map(|us| us.min(self.max_us))
     }
 
-    /// What `/metrics` shows.
+    /// What `/stats` shows.
     pub fn snapshot(&self) -> LatencySnapshot {
         LatencySnapshot {
             count: self.total,

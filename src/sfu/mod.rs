@@ -79,7 +79,7 @@ pub enum Flow {
 pub const EVENT_QUEUE: usize = 1024;
 
 /// What one participant may make the core hold or do. Every limit is a configuration setting
-/// (`src/config.rs`); hitting one gets the client a clear error and is counted in `/metrics`.
+/// (`src/config.rs`); hitting one gets the client a clear error and is counted in `/stats` and `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoreLimits {
     /// Remote ICE candidates accepted per peer connection (more get `limit_exceeded`).

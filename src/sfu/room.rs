@@ -179,7 +179,7 @@ pub(super) struct Pc {
     pub(super) restart_wanted: bool,
     /// A relayed data-channel message was handed to this connection's channel in this turn,
     /// taken at this time: the DTLS datagrams it flushes carry it as their origin (the relay
-    /// latency in `/metrics`).
+    /// latency in `/stats` and `/metrics`).
     pub(super) data_origin: Option<Instant>,
 }
 

@@ -289,7 +289,7 @@ def swc_result(p, rc, server):
         deadline = time.monotonic() + 3
         while True:
             with open(server.log_path) as f:
-                if any(f"session={session}" in line and "reason=session deleted" in line for line in f):
+                if any(f"resource={session}" in line and "reason=session deleted" in line for line in f):
                     break
             if time.monotonic() > deadline:
                 why.append(f"the server never logged session {session} as deleted (no DELETE)")

@@ -66,7 +66,7 @@ pub struct Forward {
     pub rebase: bool,
 }
 
-/// Why a packet was not forwarded to a subscriber. Counted per reason in `/metrics`
+/// Why a packet was not forwarded to a subscriber. Counted per reason in `/stats` and `/metrics`
 /// (`forward_dropped`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
