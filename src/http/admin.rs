@@ -142,15 +142,7 @@ type ApiResult = Result<Response, ApiError>;
 
 /// Checks the bearer token for `room` (`None`: listing rooms).
 fn authorize(state: &AppState, headers: &HeaderMap, room: Option<&str>) -> Result<(), ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, token) = v.trim().split_once(' ')?;
-            scheme
-                .eq_ignore_ascii_case("bearer")
-                .then_some(token.trim())
-        });
+    let token = super::bearer(headers);
     let result = state.settings.verifier.verify_admin(token, room);
     if result.is_err() {
         super::limits::HttpCounters::inc(&state.counters.token_refusals);

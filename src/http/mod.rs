@@ -239,6 +239,15 @@ pub(crate) async fn ok_stats_body(
     Some(body)
 }
 
+/// The bearer token of `Authorization`, if any (the admin API, WHIP/WHEP, the dashboard).
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 pub(crate) fn http_json(state: &AppState) -> serde_json::Value {
     serde_json::to_value(state.http_stats()).unwrap_or_default()
 }

@@ -122,15 +122,6 @@ pub(super) fn content_type_is(headers: &HeaderMap, want: &str) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case(want))
 }
 
-/// The bearer token of `Authorization`, if any.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
-}
-
 fn token_refusal(kind: Kind, e: TokenError) -> Response {
     let status = match &e {
         TokenError::WrongRoom { .. } | TokenError::JoinNotGranted(_) => StatusCode::FORBIDDEN,
@@ -267,7 +258,7 @@ pub(super) fn admit(
     match state
         .settings
         .verifier
-        .verify(bearer(headers), (!room.is_empty()).then_some(room))
+        .verify(super::bearer(headers), (!room.is_empty()).then_some(room))
     {
         Ok(v) => Ok(v),
         Err(e) => {
