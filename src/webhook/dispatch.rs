@@ -29,7 +29,22 @@ struct RoomState {
     seq: u64,
     /// Participants in it (joined, not left).
     members: usize,
+    /// WHIP/WHEP sessions in it (started, not ended). A session's `…_ended` and its
+    /// participant's `participant_left` come from different tasks in either order; the room
+    /// finishes after both.
+    sessions: usize,
     started: bool,
+}
+
+fn is_session_start(k: EventKind) -> bool {
+    matches!(
+        k,
+        EventKind::WhipSessionStarted | EventKind::WhepSessionStarted
+    )
+}
+
+fn is_session_end(k: EventKind) -> bool {
+    matches!(k, EventKind::WhipSessionEnded | EventKind::WhepSessionEnded)
 }
 
 /// Numbers events and derives the room's start and end: pure, fed one event at a time.
@@ -53,7 +68,6 @@ impl Sequencer {
                 ..ev.clone()
             }
         };
-        let mut finished = false;
         match ev.event {
             EventKind::ParticipantJoined => {
                 if !st.started {
@@ -61,26 +75,26 @@ impl Sequencer {
                     out.push(derived(EventKind::RoomStarted, &ev));
                 }
                 st.members += 1;
-                out.push(ev);
             }
-            EventKind::ParticipantLeft => {
-                st.members = st.members.saturating_sub(1);
-                let end = st.members == 0 && st.started;
-                let finish = end.then(|| derived(EventKind::RoomFinished, &ev));
-                out.push(ev);
-                if let Some(f) = finish {
-                    out.push(f);
-                    finished = true;
-                }
-            }
-            _ => out.push(ev),
+            EventKind::ParticipantLeft => st.members = st.members.saturating_sub(1),
+            k if is_session_start(k) => st.sessions += 1,
+            k if is_session_end(k) => st.sessions = st.sessions.saturating_sub(1),
+            _ => {}
         }
+        let ends = matches!(ev.event, EventKind::ParticipantLeft) || is_session_end(ev.event);
+        let finish = (ends && st.started && st.members == 0 && st.sessions == 0)
+            .then(|| derived(EventKind::RoomFinished, &ev));
+        out.push(ev);
+        let finished = finish.is_some();
+        out.extend(finish);
         for e in &mut out {
             st.seq += 1;
             e.seq = st.seq;
             e.id = new_event_id(rng);
         }
-        if finished {
+        // A finished room starts again from 1; a stray event of a room that never started
+        // (a session that ended after its room) leaves nothing behind.
+        if finished || (!st.started && st.members == 0 && st.sessions == 0) {
             let room = out[0].room.clone();
             self.rooms.remove(&room);
         }
@@ -397,5 +411,39 @@ mod tests {
             all[0].participant.is_none(),
             "room_started names no participant"
         );
+    }
+
+    #[test]
+    fn a_session_room_finishes_after_both_its_participant_and_its_session_end() {
+        use EventKind::*;
+        let session = |kind: EventKind| Event {
+            event: kind,
+            ..joined("w", "PA_1")
+        };
+        // The session's end and its participant's leave race; both orders end the same way.
+        for end_first in [true, false] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+            let mut s = Sequencer::default();
+            let mut all = Vec::new();
+            all.extend(s.accept(joined("w", "PA_1"), &mut rng));
+            all.extend(s.accept(session(WhepSessionStarted), &mut rng));
+            if end_first {
+                all.extend(s.accept(session(WhepSessionEnded), &mut rng));
+                all.extend(s.accept(left("w", "PA_1"), &mut rng));
+            } else {
+                all.extend(s.accept(left("w", "PA_1"), &mut rng));
+                all.extend(s.accept(session(WhepSessionEnded), &mut rng));
+            }
+            let got: Vec<(EventKind, u64)> = all.iter().map(|e| (e.event, e.seq)).collect();
+            assert_eq!(got.len(), 6, "{got:?}");
+            assert_eq!(got[0], (RoomStarted, 1));
+            assert_eq!(got[5], (RoomFinished, 6), "end_first={end_first}: {got:?}");
+            assert!(s.rooms.is_empty(), "nothing kept after the room finished");
+        }
+        // A stray end of a room that already finished keeps no state behind.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut s = Sequencer::default();
+        let _ = s.accept(session(WhipSessionEnded), &mut rng);
+        assert!(s.rooms.is_empty());
     }
 }

@@ -349,12 +349,14 @@ async fn run(
         state.whip.remove(&session.id);
     }
     info!(kind = session.kind.name(), %reason, "session ended");
+    // The session's end goes out before the leave it causes (the webhook sequencer finishes
+    // the room only when both are in, in either order).
+    hook(&state, &session, false);
     // A `DELETE` (or the server removing it first: then this is a no-op).
     state
         .handle
         .disconnect(pid, LeaveReason::Left, &reason)
         .await;
-    hook(&state, &session, false);
 }
 
 /// The session's `whip_session_started`/`…_ended` (`whep_…`) webhook event.
