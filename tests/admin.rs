@@ -5,26 +5,15 @@
 // A test, not the packet path: it times the remove-participant round trip with the clock.
 #![allow(clippy::disallowed_methods)]
 
+use plaza_testkit::token::with_grants as token;
 use plaza_testkit::{self as common, support};
 
 use common::{Channel, PeerEvent, PeerOptions};
-use plaza::auth::{Claims, DEFAULT_TTL, RoomGrants};
+use plaza::auth::RoomGrants;
 use plaza::signal::{ClientMessage, ErrorCode, LeaveReason, ServerMessage, TrackKind};
 use serde_json::{Value, json};
 use std::time::Instant;
 use support::{T, TestServer, announced_track, opts, test_config, wait_growth};
-
-/// A token for `identity` in `room` with these grants (`RoomGrants::participant` changed by
-/// `f`).
-fn token(room: &str, identity: &str, f: impl FnOnce(&mut RoomGrants)) -> String {
-    let mut grants = RoomGrants::participant(room);
-    f(&mut grants);
-    common::token::sign(
-        &Claims::new(identity, room, DEFAULT_TTL)
-            .with_name(identity)
-            .with_grants(grants),
-    )
-}
 
 /// An admin-API token for `room`.
 fn admin_token(room: &str) -> String {

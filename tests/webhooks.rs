@@ -8,12 +8,13 @@
 // reads the clock for its deadlines.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
+use plaza_testkit::token::with_grants as token;
 use plaza_testkit::{self as common, support};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use common::PeerOptions;
-use plaza::auth::{Claims, DEFAULT_TTL, DEV_API_SECRET, RoomGrants};
+use plaza::auth::DEV_API_SECRET;
 use plaza::signal::LeaveReason;
 use plaza::webhook::{Backoff, Event, EventKind, WebhookConfig, sign};
 use std::collections::BTreeMap;
@@ -109,16 +110,6 @@ fn config_with(url: String, f: impl FnOnce(&mut WebhookConfig)) -> plaza::config
     };
     f(&mut c.webhook);
     c
-}
-
-fn token(room: &str, identity: &str, f: impl FnOnce(&mut RoomGrants)) -> String {
-    let mut grants = RoomGrants::participant(room);
-    f(&mut grants);
-    common::token::sign(
-        &Claims::new(identity, room, DEFAULT_TTL)
-            .with_name(identity)
-            .with_grants(grants),
-    )
 }
 
 async fn peer(server: &TestServer, room: &str, identity: &str, publish: bool) -> common::Peer {

@@ -11,29 +11,19 @@
 
 use std::time::{Duration, Instant};
 
-use plaza::auth::{Claims, DEFAULT_TTL, RoomGrants, Secret};
+use plaza::auth::Secret;
 use plaza::signal::{ServerMessage, TrackKind};
 use plaza::turn::IceConfig;
+use plaza_testkit::token::with_grants as token;
 use plaza_testkit::whep::{HttpReply, WhepOptions, WhepViewer, http};
 use plaza_testkit::whip::{WhipOptions, WhipPublisher};
-use plaza_testkit::{self as common, Peer, PeerEvent, PeerOptions, SimulcastOptions, support};
+use plaza_testkit::{Peer, PeerEvent, PeerOptions, SimulcastOptions, support};
 use support::{T, TestServer, opts};
 
 const LOW: (u16, u16) = (320, 180);
 const HIGH: (u16, u16) = (1280, 720);
 /// Bound of a bandwidth estimate's ramp-up to the top layer.
 const RAMP_UP: Duration = Duration::from_secs(25);
-
-/// A token for `identity` in `room`, grants changed by `f`.
-fn token(room: &str, identity: &str, f: impl FnOnce(&mut RoomGrants)) -> String {
-    let mut grants = RoomGrants::participant(room);
-    f(&mut grants);
-    common::token::sign(
-        &Claims::new(identity, room, DEFAULT_TTL)
-            .with_name(identity)
-            .with_grants(grants),
-    )
-}
 
 /// A subscribe-only token, as a player would be given.
 fn viewer_token(room: &str, identity: &str) -> String {

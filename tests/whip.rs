@@ -7,24 +7,14 @@
 // A test: it times the POST → first media path with the clock, and prints it.
 #![allow(clippy::disallowed_methods, clippy::print_stdout)]
 
-use plaza::auth::{Claims, DEFAULT_TTL, RoomGrants, Secret};
+use plaza::auth::{RoomGrants, Secret};
 use plaza::signal::{ServerMessage, TrackKind};
 use plaza::turn::IceConfig;
+use plaza_testkit::token::with_grants as token;
 use plaza_testkit::whip::{HttpReply, WhipOptions, WhipPublisher, http};
 use plaza_testkit::{self as common, PeerEvent, support};
 use std::time::Instant;
 use support::{T, TestServer, test_config, wait_growth};
-
-/// A token for `identity` in `room` (named `identity`), grants changed by `f`.
-fn token(room: &str, identity: &str, f: impl FnOnce(&mut RoomGrants)) -> String {
-    let mut grants = RoomGrants::participant(room);
-    f(&mut grants);
-    common::token::sign(
-        &Claims::new(identity, room, DEFAULT_TTL)
-            .with_name(identity)
-            .with_grants(grants),
-    )
-}
 
 fn opts() -> WhipOptions {
     WhipOptions {

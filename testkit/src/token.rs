@@ -33,6 +33,18 @@ pub fn participant(room: &str, name: &str) -> String {
     sign(&Claims::new(identity, room.trim(), auth::DEFAULT_TTL).with_name(name.trim()))
 }
 
+/// A token for `identity` (also its display name) in `room` with the participant grants as
+/// `f` leaves them (an admin, a hidden viewer, a publisher of one kind, …).
+pub fn with_grants(room: &str, identity: &str, f: impl FnOnce(&mut auth::RoomGrants)) -> String {
+    let mut grants = auth::RoomGrants::participant(room);
+    f(&mut grants);
+    sign(
+        &Claims::new(identity, room, auth::DEFAULT_TTL)
+            .with_name(identity)
+            .with_grants(grants),
+    )
+}
+
 /// Sign `claims` with [`signing_key`].
 pub fn sign(claims: &Claims) -> String {
     auth::mint(&signing_key(), claims).unwrap_or_else(|e| panic!("cannot mint a token: {e}"))
