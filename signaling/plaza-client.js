@@ -44,6 +44,9 @@ const DEFAULTS = {
   timelineLimit: 1000, // entries kept in `client.timeline` (the oldest go first)
   adaptiveStream: true, // report rendered video sizes (track_settings width/height)
   defaultQuality: null, // cap for every remote video: 'low' | 'medium' | 'high' | null
+  // Video codec put first in the published video's codec preferences: 'video/VP8' or
+  // 'video/H264' (README.md "Codecs"); the server answers with the first one it supports.
+  videoCodec: 'video/VP8',
   reconnect: true,
   reconnectDelays: [250, 500, 1000, 2000, 4000, 8000], // ms; the last one repeats
   maxReconnectAttempts: 20,
@@ -1430,7 +1433,7 @@ export class PlazaClient extends Emitter {
         }));
       }
       const tr = pc.addTransceiver(video, init);
-      preferCodec(tr, 'video/VP8');
+      preferCodec(tr, this.options.videoCodec ?? 'video/VP8');
     }
     await this._renegotiatePublisher(sess);
   }
