@@ -1404,7 +1404,9 @@ impl<T: Transmit> Sfu<T> {
                 (layer.width, layer.height) = (width, height);
             }
             if seen.keyframe {
-                h264_prefix = layer.h264.prefix_for(&seen.info);
+                let info = seen.info;
+                trace!(track = %tid, layer = li, sps = info.sps, pps = info.pps, "H.264 IDR");
+                h264_prefix = layer.h264.prefix_for(&info);
             }
             seen.keyframe
         } else {
