@@ -24,9 +24,11 @@ async function participant(label) {
 
 before(async () => {
   if (!loopbackOnly()) console.warn('warning: not in a loopback-only network namespace (run scripts/browser-tests.sh)');
-  // The core's trace lines name each H.264 IDR and each time cached parameter sets are sent.
-  process.env.PLAZA_LOG_LEVEL ??= 'info,plaza::sfu::core=trace';
-  server = await startServer({ logName: 'plaza-h264.log' });
+  // The core's trace lines name each H.264 IDR and each time cached parameter sets are sent;
+  // a server of its own (never PLAZA_URL's), to read them from its log.
+  const level = `${process.env.PLAZA_LOG_LEVEL ?? 'info'},plaza::sfu::core=trace`;
+  process.env.PLAZA_LOG_LEVEL = level;
+  server = await startServer({ logName: 'plaza-h264.log', env: { PLAZA_LOG_LEVEL: level } });
 });
 
 /** Lines of the server's log that match `re`. */

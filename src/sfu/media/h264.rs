@@ -42,11 +42,11 @@ pub const FU_A: u8 = 28;
 const MAX_PARAMETER_SET: usize = 256;
 
 /// The H.264 formats Plaza negotiates: payload type and fmtp line, packetization-mode 1 only
-/// (the one browsers send simulcast with). Constrained Baseline first; then Baseline, Main and
-/// High, so that a publisher offering any of Chromium's profiles gets an H.264 answer in the
+/// (the one browsers send simulcast with). Constrained Baseline first; then Baseline, Main,
+/// Constrained High and High, so that a publisher offering any of Chromium's profiles gets an H.264 answer in the
 /// profile it offered first, and a subscriber gets the same profile (see [`same_format`]).
 /// The odd payload types after each are left for their retransmission (RTX) formats.
-pub const FORMATS: [(u8, &str); 4] = [
+pub const FORMATS: [(u8, &str); 5] = [
     (
         102,
         "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
@@ -62,6 +62,10 @@ pub const FORMATS: [(u8, &str); 4] = [
     (
         108,
         "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=640c1f",
+    ),
+    (
+        112,
+        "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=64001f",
     ),
 ];
 
