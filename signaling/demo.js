@@ -2,7 +2,8 @@
 //
 // URL parameters: room, name (both: join at once), quality=low|medium|high (caps every remote
 // video and, unless adaptive=1, turns off size-based selection so the cap is what you get),
-// publish=0 (watch and chat only: no camera or microphone).
+// publish=0 (watch and chat only: no camera or microphone), codec=h264 (publish H.264 instead of
+// VP8).
 //
 // The chat is the room timeline: every line (messages, our own once the server acknowledged
 // them, joins and leaves) sits in `seq` order with the server's time, so every page shows the
@@ -258,7 +259,8 @@ async function join(room, name) {
   // `?grants=subscribe` (development mode): join with a token of only those grants, e.g. a viewer.
   const grants = params.get('grants');
   const tokenUrl = grants ? `/dev/token?grants=${encodeURIComponent(grants)}` : null;
-  const client = new PlazaClient({ room, name, defaultQuality: quality, adaptiveStream: adaptive, tokenUrl });
+  const videoCodec = params.get('codec')?.toLowerCase() === 'h264' ? 'video/H264' : 'video/VP8';
+  const client = new PlazaClient({ room, name, defaultQuality: quality, adaptiveStream: adaptive, tokenUrl, videoCodec });
   const publish = params.get('publish') !== '0';
   demo.client = client;
   wire(client);

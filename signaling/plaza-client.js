@@ -44,6 +44,9 @@ const DEFAULTS = {
   timelineLimit: 1000, // entries kept in `client.timeline` (the oldest go first)
   adaptiveStream: true, // report rendered video sizes (track_settings width/height)
   defaultQuality: null, // cap for every remote video: 'low' | 'medium' | 'high' | null
+  // Video codec put first in the published video's codec preferences: 'video/VP8' or
+  // 'video/H264' (README.md "Codecs"); the server answers with the first one it supports.
+  videoCodec: 'video/VP8',
   reconnect: true,
   reconnectDelays: [250, 500, 1000, 2000, 4000, 8000], // ms; the last one repeats
   maxReconnectAttempts: 20,
@@ -524,9 +527,10 @@ export class PlazaClient extends Emitter {
   }
 
   /**
-   * Receive stats of one remote track: {kind, bytesReceived, packetsReceived, packetsLost,
-   * framesDecoded, frameWidth, frameHeight, framesPerSecond, totalSamplesReceived, jitter,
-   * roundTripTime (s, of the subscriber connection), timestamp (ms)} or null.
+   * Receive stats of one remote track: {kind, codec (e.g. 'video/H264'), bytesReceived,
+   * packetsReceived, packetsLost, framesDecoded, freezeCount, frameWidth, frameHeight,
+   * framesPerSecond, totalSamplesReceived, jitter, roundTripTime (s, of the subscriber
+   * connection), timestamp (ms)} or null.
    */
   async getTrackStats(trackId) {
     const rt = this.remoteTracks.get(trackId);
@@ -541,10 +545,12 @@ export class PlazaClient extends Emitter {
     if (!inbound) return null;
     return {
       kind: rt.kind,
+      codec: report.get(inbound.codecId)?.mimeType ?? null,
       bytesReceived: inbound.bytesReceived ?? 0,
       packetsReceived: inbound.packetsReceived ?? 0,
       packetsLost: inbound.packetsLost ?? 0,
       framesDecoded: inbound.framesDecoded ?? 0,
+      freezeCount: inbound.freezeCount ?? 0,
       frameWidth: inbound.frameWidth ?? 0,
       frameHeight: inbound.frameHeight ?? 0,
       framesPerSecond: inbound.framesPerSecond ?? 0,
@@ -587,7 +593,7 @@ export class PlazaClient extends Emitter {
     return { publisher: await pick(this._sess?.pub), subscriber: await pick(this._sess?.sub) };
   }
 
-  /** Send stats of the published layers: [{rid, active, frameWidth, frameHeight, framesPerSecond, bytesSent, qualityLimitationReason}]. */
+  /** Send stats of the published layers: [{kind, codec, rid, active, frameWidth, frameHeight, framesPerSecond, bytesSent, qualityLimitationReason}]. */
   async getPublishStats() {
     const pc = this._sess?.pub;
     if (!pc) return [];
@@ -597,6 +603,7 @@ export class PlazaClient extends Emitter {
       if (s.type === 'outbound-rtp') {
         out.push({
           kind: s.kind,
+          codec: report.get(s.codecId)?.mimeType ?? null,
           rid: s.rid ?? null,
           active: s.active,
           frameWidth: s.frameWidth ?? 0,
@@ -1430,7 +1437,7 @@ export class PlazaClient extends Emitter {
         }));
       }
       const tr = pc.addTransceiver(video, init);
-      preferCodec(tr, 'video/VP8');
+      preferCodec(tr, this.options.videoCodec ?? 'video/VP8');
     }
     await this._renegotiatePublisher(sess);
   }

@@ -641,6 +641,7 @@ fn fuzz_media() {
     let t0 = Instant::now();
     let mut munger = Vp8Munger::new();
     let mut rewriter = Rewriter::new(0x1234);
+    let mut h264_layer = plaza::sfu::h264::LayerState::new();
     let mut n = 0u64;
     let (mut descriptors, mut keyframes) = (0u64, 0u64);
     engine::run(spec, |data| {
@@ -650,7 +651,20 @@ fn fuzz_media() {
         let kf = vp8::is_keyframe(data);
         keyframes += u64::from(kf);
         assert_eq!(plaza::sfu::core::is_keyframe("video/vp8", data), kf);
-        let _ = plaza::sfu::core::h264_is_keyframe(data);
+        let h = plaza::sfu::h264::inspect(data);
+        assert_eq!(plaza::sfu::h264::is_keyframe(data), h.keyframe_content());
+        assert_eq!(
+            plaza::sfu::core::is_keyframe("video/h264", data),
+            h.keyframe_content()
+        );
+        for unit in plaza::sfu::h264::nal_units(data) {
+            assert!(unit.len() <= data.len());
+            let _ = plaza::sfu::h264::sps_size(unit);
+        }
+        let seen = h264_layer.observe(&Bytes::copy_from_slice(data), (n / 3) as u32);
+        if let Some(prefix) = h264_layer.prefix_for(&seen.info) {
+            assert!(plaza::sfu::h264::inspect(&prefix).sps);
+        }
         assert!(plaza::sfu::core::is_keyframe("audio/opus", data));
         let mut buf = data.to_vec();
         if let Ok(d) = vp8::parse_descriptor(data) {

@@ -14,6 +14,7 @@ mod virtual_time {
     pub mod common;
     pub mod data;
     pub mod grants;
+    pub mod h264;
     pub mod isolation;
     pub mod lifecycle;
     pub mod quality;

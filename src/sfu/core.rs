@@ -14,6 +14,7 @@ use super::demux::{self, BindingKind, Claim, Demux, DropCounters};
 use super::effects::{Effect, Effects};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::forward::{self, Decision, DownTrack, DropReason};
+use super::h264;
 use super::ids::{PartKey, RoomKey, TrackId};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::SwitchWatch;
@@ -214,37 +215,9 @@ pub fn is_keyframe(mime: &str, payload: &[u8]) -> bool {
     if mime.eq_ignore_ascii_case(MIME_TYPE_VP8) {
         vp8::is_keyframe(payload)
     } else if mime.eq_ignore_ascii_case(MIME_TYPE_H264) {
-        h264_is_keyframe(payload)
+        h264::is_keyframe(payload)
     } else {
         true
-    }
-}
-
-/// H.264 (RFC 6184): an IDR slice or SPS in a single NAL, STAP-A, or the start of an FU-A.
-pub fn h264_is_keyframe(payload: &[u8]) -> bool {
-    let Some(&first) = payload.first() else {
-        return false;
-    };
-    match first & 0x1f {
-        5 | 7 => true,
-        24 => {
-            // STAP-A: 2-byte sizes then NALs
-            let mut i = 1;
-            while i + 2 < payload.len() {
-                let size = u16::from_be_bytes([payload[i], payload[i + 1]]) as usize;
-                if let Some(&nal) = payload.get(i + 2) {
-                    if matches!(nal & 0x1f, 5 | 7) {
-                        return true;
-                    }
-                }
-                i += 2 + size;
-            }
-            false
-        }
-        28 => payload
-            .get(1)
-            .is_some_and(|fu| fu & 0x80 != 0 && matches!(fu & 0x1f, 5 | 7)),
-        _ => false,
     }
 }
 
@@ -286,21 +259,21 @@ fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
         },
         RtpCodecKind::Video,
     )?;
-    me.register_codec(
-        RTCRtpCodecParameters {
-            rtp_codec: RTCRtpCodec {
-                mime_type: MIME_TYPE_H264.to_owned(),
-                clock_rate: 90000,
-                channels: 0,
-                sdp_fmtp_line:
-                    "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
-                        .to_owned(),
-                rtcp_feedback: video_fb,
+    for (payload_type, fmtp) in h264::FORMATS {
+        me.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: MIME_TYPE_H264.to_owned(),
+                    clock_rate: 90000,
+                    channels: 0,
+                    sdp_fmtp_line: fmtp.to_owned(),
+                    rtcp_feedback: video_fb.clone(),
+                },
+                payload_type,
             },
-            payload_type: 102,
-        },
-        RtpCodecKind::Video,
-    )?;
+            RtpCodecKind::Video,
+        )?;
+    }
     Ok(me)
 }
 
@@ -1306,7 +1279,12 @@ impl<T: Transmit> Sfu<T> {
                             c.rtp_codec
                                 .mime_type
                                 .eq_ignore_ascii_case(&track.codec.mime_type)
-                                && c.rtp_codec.sdp_fmtp_line == track.codec.sdp_fmtp_line
+                                && (c.rtp_codec.sdp_fmtp_line == track.codec.sdp_fmtp_line
+                                    || c.rtp_codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_H264)
+                                        && h264::same_format(
+                                            &c.rtp_codec.sdp_fmtp_line,
+                                            &track.codec.sdp_fmtp_line,
+                                        ))
                         })
                         .or_else(|| {
                             params.rtp_parameters.codecs.iter().find(|c| {
@@ -1408,7 +1386,7 @@ impl<T: Transmit> Sfu<T> {
         };
         let is_video = track.kind == TrackKind::Video;
         let is_vp8 = track.codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_VP8);
-        let keyframe = is_video && is_keyframe(&track.codec.mime_type, &packet.payload);
+        let is_h264 = track.codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_H264);
         if li >= track.layers.len() {
             // (A relayed track whose publisher's shard learned a layer after announcing it.)
             track
@@ -1416,6 +1394,24 @@ impl<T: Transmit> Sfu<T> {
                 .resize_with(li + 1, || Layer::new(String::new(), None));
         }
         let layer = &mut track.layers[li];
+        // H.264: the layer's parameter sets are cached, a keyframe starts at the first packet
+        // of an IDR access unit, and a down-track starting at an IDR without SPS/PPS gets the
+        // cached ones first (`h264_prefix`).
+        let mut h264_prefix = None;
+        let keyframe = if is_video && is_h264 {
+            let seen = layer.h264.observe(&packet.payload, packet.header.timestamp);
+            if let Some((width, height)) = seen.size {
+                (layer.width, layer.height) = (width, height);
+            }
+            if seen.keyframe {
+                let info = seen.info;
+                trace!(track = %tid, layer = li, sps = info.sps, pps = info.pps, "H.264 IDR");
+                h264_prefix = layer.h264.prefix_for(&info);
+            }
+            seen.keyframe
+        } else {
+            is_video && is_keyframe(&track.codec.mime_type, &packet.payload)
+        };
         layer.meter.add(now, packet.payload.len() + 12);
         if keyframe {
             trace!(track = %tid, layer = li, "keyframe");
@@ -1495,15 +1491,31 @@ impl<T: Transmit> Sfu<T> {
                 self.stats.forward_dropped.count(DropReason::NoTransport);
                 continue;
             };
-            match egress.protect_rtp(now, &mut out, dt.twcc_ext, clock_rate, is_video, keyframe) {
-                Ok(wire) => {
-                    self.stats.rtp_packets_forwarded += 1;
-                    self.tx.send(wire, to, Some(origin));
-                }
-                Err(e) => {
-                    self.stats.rtp_packets_dropped += 1;
-                    self.stats.forward_dropped.count(DropReason::Encrypt);
-                    trace!("fast path: {e}");
+            // H.264 parameter sets ahead of an IDR that starts this down-track without them,
+            // in the slot the rewriter frees before the IDR.
+            let prefix = match &h264_prefix {
+                Some(sets) if f.rebase => dt.rewriter.open_slot_before_switch().map(|seq| {
+                    let mut pre = out.clone();
+                    pre.header.marker = false;
+                    pre.payload = sets.clone();
+                    out.header.sequence_number = seq;
+                    trace!(track = %tid, layer = li, "H.264 parameter sets sent ahead of an IDR");
+                    pre
+                }),
+                _ => None,
+            };
+            for mut out in prefix.into_iter().chain(std::iter::once(out)) {
+                match egress.protect_rtp(now, &mut out, dt.twcc_ext, clock_rate, is_video, keyframe)
+                {
+                    Ok(wire) => {
+                        self.stats.rtp_packets_forwarded += 1;
+                        self.tx.send(wire, to, Some(origin));
+                    }
+                    Err(e) => {
+                        self.stats.rtp_packets_dropped += 1;
+                        self.stats.forward_dropped.count(DropReason::Encrypt);
+                        trace!("fast path: {e}");
+                    }
                 }
             }
         }
@@ -3994,18 +4006,6 @@ mod tests {
         assert_eq!(offered_rids(sdp, "1"), ["f", "q", "h"]);
         assert!(offered_rids(sdp, "0").is_empty());
         assert!(offered_rids(sdp, "nope").is_empty());
-    }
-
-    #[test]
-    fn h264_keyframes() {
-        assert!(h264_is_keyframe(&[0x65, 0]));
-        assert!(h264_is_keyframe(&[0x67, 0]));
-        assert!(!h264_is_keyframe(&[0x61, 0]));
-        assert!(h264_is_keyframe(&[0x7c, 0x85]));
-        assert!(!h264_is_keyframe(&[0x7c, 0x05]));
-        assert!(h264_is_keyframe(&[0x78, 0, 2, 0x67, 0, 0, 1, 0x65]));
-        assert!(!h264_is_keyframe(&[]));
-        assert!(!h264_is_keyframe(&[0x78, 0xff]));
     }
 
     /// A publish-only participant (WHIP) gets no subscriber offer, and the connect timeout

@@ -11,6 +11,7 @@ pub mod core;
 /// Decide: pure media decisions per subscription and per track (no socket, `now` passed in).
 pub mod media {
     pub mod forward;
+    pub mod h264;
     pub mod keyframe;
     pub mod rewrite;
     pub mod selector;
@@ -23,7 +24,7 @@ pub mod transport {
     pub mod ingress;
     pub mod nack;
 }
-pub use media::{forward, keyframe, rewrite, selector, vp8};
+pub use media::{forward, h264, keyframe, rewrite, selector, vp8};
 pub use transport::{bwe, egress, ingress, nack};
 pub mod admin;
 pub mod data;

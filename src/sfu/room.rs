@@ -9,6 +9,7 @@ use super::bwe::Estimate;
 use super::data;
 use super::egress::{Egress, KeyCapture};
 use super::forward::DownTrack;
+use super::h264;
 use super::ids::{PartKey, TrackId};
 use super::ingress::Ingress;
 use super::keyframe::KeyframeThrottle;
@@ -350,6 +351,8 @@ pub(super) struct Layer {
     pub(super) height: u32,
     pub(super) meter: BitrateMeter,
     pub(super) throttle: KeyframeThrottle,
+    /// H.264: the layer's parameter sets and where its keyframes start.
+    pub(super) h264: h264::LayerState,
 }
 
 impl Layer {
@@ -361,6 +364,7 @@ impl Layer {
             height: 0,
             meter: BitrateMeter::new(),
             throttle: KeyframeThrottle::new(KEYFRAME_INTERVAL),
+            h264: h264::LayerState::new(),
         }
     }
 }

@@ -331,6 +331,26 @@ impl Rewriter {
         true
     }
 
+    /// Right after [`rewrite`](Self::rewrite) returned a switch point, and before any other
+    /// packet: move the new source one outgoing sequence number up, leaving the switch
+    /// packet's slot free for a packet of the caller's own (H.264 parameter sets sent ahead of
+    /// an IDR). Returns the switch packet's new sequence number; the freed slot is the one
+    /// `rewrite` returned. `None` (and nothing changes) if the source has seen more than its
+    /// first packet. The freed slot maps to no source packet ([`source_seq`](Self::source_seq)).
+    pub fn open_slot_before_switch(&mut self) -> Option<u16> {
+        let src = self.source.as_mut()?;
+        let [seg] = src.segments.make_contiguous() else {
+            return None;
+        };
+        if seg.from != src.highest || seg.skipped != 0 {
+            return None;
+        }
+        seg.offset += 1;
+        let last = self.last_out_seq.as_mut()?;
+        *last += 1;
+        Some(*last as u16)
+    }
+
     /// Map an outgoing sequence number (e.g. from a subscriber's NACK) back to the source
     /// packet `(ssrc, seq)` it stands for. Only packets of the current source within the
     /// reorder window can be mapped; slots of packets lost upstream map too (the source may
@@ -898,6 +918,34 @@ mod tests {
         // Packets from before the resume point are dropped.
         assert_eq!(seq_of(&mut r, pkt(1, 4, 0, c.at(1166))), None);
         assert_eq!(seq_of(&mut r, pkt(1, 99, 0, c.at(1166))), None);
+    }
+
+    #[test]
+    fn a_slot_opens_before_a_switch_point() {
+        let t = Instant::now();
+        let mut r = Rewriter::with_initial(9, 100, 0);
+        assert_eq!(r.open_slot_before_switch(), None, "nothing forwarded yet");
+        let first = r.rewrite(&pkt(1, 500, 0, t)).unwrap();
+        assert_eq!(first.seq, 100);
+        assert_eq!(r.open_slot_before_switch(), Some(101));
+        assert_eq!(seq_of(&mut r, pkt(1, 501, 0, t)), Some(102));
+        assert_eq!(r.source_seq(102), Some((1, 501)));
+        assert_eq!(r.source_seq(101), Some((1, 500)));
+        assert_eq!(r.source_seq(100), None, "the caller's packet");
+        assert_eq!(
+            r.open_slot_before_switch(),
+            None,
+            "not right after a switch"
+        );
+        // at a switch to another source
+        let sw = r.rewrite(&pkt(2, 7000, 90, t)).unwrap();
+        assert!(sw.switched);
+        assert_eq!(sw.seq, 103);
+        assert_eq!(r.open_slot_before_switch(), Some(104));
+        assert_eq!(seq_of(&mut r, pkt(2, 7001, 90, t)), Some(105));
+        assert_eq!(r.last_out_seq(), Some(105));
+        // a retransmission of the switch packet keeps its moved number
+        assert_eq!(seq_of(&mut r, pkt(2, 7000, 90, t)), Some(104));
     }
 
     #[test]
