@@ -14,8 +14,9 @@
 //!
 //! # Decision
 //!
-//! A tick's *activity* is the share of its packets that were active (a tick without packets,
-//! e.g. Opus DTX in silence, has none). A track starts speaking when the activity over the last
+//! A tick's *activity* is the share of its packets that were active (a tick without enough
+//! packets, e.g. Opus DTX in silence, counts the missing ones as silence:
+//! [`MIN_PACKETS_PER_TICK`]). A track starts speaking when the activity over the last
 //! [`START_TICKS`] ticks reaches [`START_ACTIVITY`] (about half of 0.4 s of voice), and stops
 //! when the activity over the last [`WINDOW_TICKS`] ticks (1 s) falls below
 //! [`STOP_ACTIVITY`]: the pauses between words (a few hundred milliseconds) keep it speaking,
@@ -39,6 +40,10 @@ pub const START_ACTIVITY: f64 = 0.5;
 pub const WINDOW_TICKS: usize = 5;
 /// Below this share of active packets over [`WINDOW_TICKS`] a speaker stops.
 pub const STOP_ACTIVITY: f64 = 0.25;
+/// Packets a tick counts at least: one per 40 ms. A tick with fewer (DTX: a packet every
+/// 400 ms in silence) counts the missing ones as silence, so a click after a silence is not a
+/// voice; a sender of 60 ms frames still reaches an activity of 2/3, above both thresholds.
+pub const MIN_PACKETS_PER_TICK: u32 = 5;
 /// The quietest level (−dBov) of RFC 6464.
 pub const SILENCE: u8 = 127;
 
@@ -95,13 +100,11 @@ impl Meter {
         self.active_dbov = self.active_dbov.saturating_add(o.active_dbov);
     }
 
-    /// Share of active packets (0 without packets).
-    fn activity(&self) -> f64 {
-        if self.packets == 0 {
-            0.0
-        } else {
-            f64::from(self.active) / f64::from(self.packets)
-        }
+    /// Share of active packets over `ticks` ticks, counting at least [`MIN_PACKETS_PER_TICK`]
+    /// packets a tick (those that did not come were silence).
+    fn activity(&self, ticks: usize) -> f64 {
+        let floor = (ticks as u32).saturating_mul(MIN_PACKETS_PER_TICK);
+        f64::from(self.active) / f64::from(self.packets.max(floor).max(1))
     }
 }
 
@@ -139,9 +142,9 @@ impl Voice {
         self.next = (self.next + 1) % WINDOW_TICKS;
         let window = self.last(WINDOW_TICKS);
         if self.speaking {
-            self.speaking = window.activity() >= STOP_ACTIVITY;
+            self.speaking = window.activity(WINDOW_TICKS) >= STOP_ACTIVITY;
         } else {
-            self.speaking = self.last(START_TICKS).activity() >= START_ACTIVITY;
+            self.speaking = self.last(START_TICKS).activity(START_TICKS) >= START_ACTIVITY;
         }
         self.speaking.then(|| level(&window))
     }
@@ -155,7 +158,7 @@ fn level(w: &Meter) -> f64 {
     }
     let dbov = f64::from(w.active_dbov) / f64::from(w.active);
     let amplitude = 10f64.powf(-dbov / 20.0);
-    ((amplitude * w.activity()) * 1000.0).round() / 1000.0
+    ((amplitude * w.activity(WINDOW_TICKS)) * 1000.0).round() / 1000.0
 }
 
 /// Speaking participants (id, level of one speaking track; a participant may appear once per
@@ -291,12 +294,23 @@ mod tests {
         r.feed(1_100, Some(SILENCE)).feed(2_000, Some(20));
         let latency = r.first(1_100, true).expect("speaking") - 1_100;
         assert!(latency <= 500, "started {latency} ms after the voice");
-        // A single click (one packet) does not.
+        // A single click (one packet) does not, nor a short one after DTX silence.
         let mut r = Run::new();
         r.feed(1_000, Some(SILENCE))
             .feed(20, Some(10))
             .feed(2_000, Some(SILENCE));
         assert!(r.first(0, true).is_none());
+        let mut r = Run::new();
+        r.feed(1_000, None).feed(60, Some(10)).feed(2_000, None);
+        assert!(r.first(0, true).is_none());
+        // Voice after DTX silence (or after packets without a level) starts as after silence.
+        let mut r = Run::new();
+        r.feed(1_000, None).feed(2_000, Some(20));
+        let latency = r.first(1_000, true).expect("speaking") - 1_000;
+        assert!(
+            (200..=400).contains(&latency),
+            "started {latency} ms after the voice"
+        );
     }
 
     #[test]
