@@ -23,7 +23,8 @@
 //! ~0.8 s of silence ends it. Its level, 0.0–1.0, is the linear amplitude of the window's mean
 //! active level (10^(−dBov/20), as LiveKit reports it) times the window's activity, so a
 //! steady loud voice ranks above a quiet or intermittent one. A participant's level is that of
-//! its loudest speaking audio track; [`rank`] orders them loudest first.
+//! its loudest speaking audio track; [`rank`] orders them loudest first, and [`keep_order`]
+//! keeps the order the room was told until someone is clearly louder than one ranked above.
 
 use crate::signal::SpeakerInfo;
 use std::time::Duration;
@@ -181,6 +182,39 @@ pub fn rank(speaking: impl IntoIterator<Item = (String, f64)>) -> Vec<SpeakerInf
             .then_with(|| a.participant_id.cmp(&b.participant_id))
     });
     out
+}
+
+/// A speaker overtakes one ranked above it only when louder by this factor: two voices of
+/// about the same level do not swap places every tick.
+pub const OVERTAKE: f64 = 1.25;
+
+/// `next` (ranked) in the order of `prev` when it names the same participants and nobody in it
+/// is louder than someone ranked above it in `prev` by [`OVERTAKE`]; else `next` as ranked.
+pub fn keep_order(prev: &[SpeakerInfo], next: Vec<SpeakerInfo>) -> Vec<SpeakerInfo> {
+    if prev.len() != next.len() || same_speakers(prev, &next) {
+        return next;
+    }
+    let level_of = |pid: &str| {
+        next.iter()
+            .find(|s| s.participant_id == pid)
+            .map(|s| s.level)
+    };
+    let mut kept = Vec::with_capacity(prev.len());
+    for p in prev {
+        let Some(level) = level_of(&p.participant_id) else {
+            return next; // another set
+        };
+        kept.push(SpeakerInfo {
+            participant_id: p.participant_id.clone(),
+            level,
+        });
+    }
+    let overtaken = kept.iter().enumerate().any(|(i, s)| {
+        kept[..i]
+            .iter()
+            .any(|above| s.level > above.level * OVERTAKE)
+    });
+    if overtaken { next } else { kept }
 }
 
 /// Whether two lists name the same participants in the same order (levels aside): the room is
@@ -381,6 +415,32 @@ mod tests {
         // Equal levels: by id.
         let ranked = rank([("PA_z".to_owned(), 0.5), ("PA_y".to_owned(), 0.5)]);
         assert_eq!(ranked[0].participant_id, "PA_y");
+    }
+
+    #[test]
+    fn close_levels_keep_their_order() {
+        let told = rank([("PA_a".to_owned(), 0.10), ("PA_b".to_owned(), 0.09)]);
+        // PA_b a little louder now: the order stays, with the new levels.
+        let next = keep_order(
+            &told,
+            rank([("PA_a".to_owned(), 0.10), ("PA_b".to_owned(), 0.11)]),
+        );
+        let ids: Vec<&str> = next.iter().map(|s| s.participant_id.as_str()).collect();
+        assert_eq!(ids, ["PA_a", "PA_b"]);
+        assert_eq!(next[1].level, 0.11);
+        // Clearly louder: it overtakes.
+        let next = keep_order(
+            &told,
+            rank([("PA_a".to_owned(), 0.10), ("PA_b".to_owned(), 0.2)]),
+        );
+        assert_eq!(next[0].participant_id, "PA_b");
+        // Another set: as ranked.
+        let next = keep_order(
+            &told,
+            rank([("PA_c".to_owned(), 0.01), ("PA_b".to_owned(), 0.2)]),
+        );
+        assert_eq!(next[0].participant_id, "PA_b");
+        assert_eq!(next[1].participant_id, "PA_c");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! hidden participants never speak; WHEP viewers get no room events.
 
 use super::*;
-use crate::sfu::speaker::{self, Voice, rank, same_speakers};
+use crate::sfu::speaker::{self, Voice, keep_order, rank, same_speakers};
 use crate::signal::SpeakerInfo;
 use std::collections::BTreeMap;
 
@@ -28,11 +28,12 @@ pub(super) struct SpeakerBook {
 /// One room's speakers, as this shard knows them.
 #[derive(Default)]
 struct RoomSpeakers {
-    /// The speakers among the participants here, as the other shards were last told.
+    /// The speakers among the participants here (the other shards know who, in this order).
     local: Vec<SpeakerInfo>,
     /// The other shards' lists.
     remote: BTreeMap<ShardId, Vec<SpeakerInfo>>,
-    /// The merged list the participants here were last told.
+    /// The merged list the participants here were last told (with the levels of the last
+    /// tick).
     told: Vec<SpeakerInfo>,
     /// Participants here that know `told` (joined before it, or told on joining).
     knows: BTreeSet<PartKey>,
@@ -103,12 +104,12 @@ impl<T: Transmit> Sfu<T> {
                 speaking.push((p.pid.clone(), level));
             }
         }
-        let local = rank(speaking);
         let rs = book.rooms.entry(rk).or_default();
+        let local = keep_order(&rs.local, rank(speaking));
+        // (The levels are refreshed every tick; the other shards hear of a change of who or
+        // of the order, with the levels of that moment.)
         let changed = !same_speakers(&local, &rs.local);
-        if changed {
-            rs.local = local;
-        }
+        rs.local = local;
         let name = r.name.clone();
         let peers: Vec<ShardId> = r.peers.iter().copied().collect();
         let mut to_peers = Vec::new();
@@ -142,15 +143,20 @@ impl<T: Transmit> Sfu<T> {
         let Some(rs) = self.speakers.rooms.get_mut(&rk) else {
             return;
         };
-        let merged = rank(
-            rs.local
-                .iter()
-                .chain(rs.remote.values().flatten())
-                .map(|s| (s.participant_id.clone(), s.level)),
+        let merged = keep_order(
+            &rs.told,
+            rank(
+                rs.local
+                    .iter()
+                    .chain(rs.remote.values().flatten())
+                    .map(|s| (s.participant_id.clone(), s.level)),
+            ),
         );
         let members = r.members.clone();
-        if !same_speakers(&merged, &rs.told) {
-            rs.told = merged.clone();
+        let changed = !same_speakers(&merged, &rs.told);
+        // (Newcomers get the levels of now.)
+        rs.told = merged.clone();
+        if changed {
             rs.knows = members.iter().copied().collect();
             trace!(room = %r.name, speakers = merged.len(), "active speakers");
             self.broadcast(rk, None, ServerMessage::Speakers { speakers: merged });
