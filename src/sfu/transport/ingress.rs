@@ -921,10 +921,11 @@ impl Ingress {
         if self.next_report.is_none() {
             self.next_report = Some(now + REPORT_INTERVAL);
         }
-        // One byte of a header already parsed (no allocation).
-        let audio_level = self
-            .audio_level_ext
-            .and_then(|id| AudioLevel::parse(&h.get_extension(id)?));
+        // One byte of the header already parsed (no allocation, no copy).
+        let audio_level = self.audio_level_ext.filter(|_| h.extension).and_then(|id| {
+            let ext = h.extensions.iter().find(|e| e.id == id)?;
+            AudioLevel::parse(&ext.payload)
+        });
         let track = self.bound.get(&h.ssrc).cloned();
         if track.is_some() {
             self.stats.rtp_fast += 1;
@@ -1572,6 +1573,33 @@ mod tests {
             .on_rtp(t0, &seal(&mut tx, &media(7, 107, 0, None)))
             .expect("decrypt");
         assert!(inc.track.is_none());
+    }
+
+    #[test]
+    fn the_audio_level_is_read_once_negotiated() {
+        let (mut ing, mut tx, _) = pair();
+        let t0 = Instant::now();
+        let mut p = media(9, 1, 0, Some(1));
+        p.header
+            .set_extension(1, bytes::Bytes::from_static(&[0x80 | 33]))
+            .expect("ext");
+        let inc = ing.on_rtp(t0, &seal(&mut tx, &p)).expect("decrypt");
+        assert_eq!(inc.audio_level, None, "not negotiated: not read");
+        ing.set_audio_level_ext(Some(1));
+        p.header.sequence_number = 2;
+        let inc = ing.on_rtp(t0, &seal(&mut tx, &p)).expect("decrypt");
+        assert_eq!(
+            inc.audio_level,
+            Some(AudioLevel {
+                level: 33,
+                voice: true
+            })
+        );
+        // A packet without it (video, or a sender that does not send it).
+        let inc = ing
+            .on_rtp(t0, &seal(&mut tx, &media(9, 3, 0, Some(3))))
+            .expect("decrypt");
+        assert_eq!(inc.audio_level, None);
     }
 
     #[test]
