@@ -209,7 +209,19 @@ function tileFor(id, name, local = false) {
   demo.tiles.set(id, tile);
   if (local) $('#grid').prepend(tile);
   else $('#grid').append(tile);
+  markSpeaking(tile, id, demo.client?.speakers ?? []);
   return tile;
+}
+
+/** The tile key (`local` for ourselves) of each speaker → its rank (0: the loudest). */
+const speakerRanks = (speakers) => new Map(speakers.map((s, i) => [s.local ? 'local' : s.participantId, i]));
+
+/** Ring the tile of participant `id` (tile key) if it is among `speakers` (`client.speakers`). */
+function markSpeaking(tile, id, speakers) {
+  const rank = speakerRanks(speakers).get(id);
+  tile.classList.toggle('speaking', rank !== undefined);
+  if (rank === undefined) delete tile.dataset.speakerRank;
+  else tile.dataset.speakerRank = String(rank);
 }
 
 function removeTile(id) {
@@ -391,6 +403,9 @@ function wire(client) {
     if (kindOf(trackId) === 'video') state.cam = muted;
     else state.mic = muted;
     setBadges(tile, state);
+  });
+  client.on('speakers', ({ speakers }) => {
+    for (const [id, tile] of demo.tiles) markSpeaking(tile, id, speakers);
   });
   client.on('connectionquality', ({ participantId, quality, score, local }) => {
     setQuality(demo.tiles.get(local ? 'local' : participantId), quality, score);

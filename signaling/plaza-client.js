@@ -251,6 +251,9 @@ export class PlazaClient extends Emitter {
      * 'excellent' | 'good' | 'poor' | 'lost', or null before the first rating. */
     this.connectionQuality = null;
     this._qualities = new Map(); // participant id → {quality, score} (may arrive before the participant)
+    /** Who speaks in the room now, loudest first (the server's `speakers`):
+     * [{participantId, level, local, participant}], empty when nobody does. */
+    this.speakers = [];
     /** The server-clock estimate: {offset, rtt, samples} (ms; offset = server − local wall
      * clock, of the recent ping with the smallest round trip), or null before the first pong. */
     this.clock = null;
@@ -909,6 +912,7 @@ export class PlazaClient extends Emitter {
     const fresh = new Map();
     this.connectionQuality = null;
     this._qualities = new Map();
+    this.speakers = [];
     for (const p of msg.participants) {
       fresh.set(p.id, this._participantEntry(p));
     }
@@ -983,6 +987,13 @@ export class PlazaClient extends Emitter {
       }
       case 'connection_quality':
         for (const u of msg.updates ?? []) this._onQuality(u);
+        break;
+      case 'speakers':
+        this.speakers = (msg.speakers ?? []).map((s) => {
+          const local = s.participant_id === this.participantId;
+          return { participantId: s.participant_id, level: s.level, local, participant: local ? null : this.participants.get(s.participant_id) ?? null };
+        });
+        this.emit('speakers', { speakers: this.speakers });
         break;
       case 'track_published': {
         const t = msg.track;

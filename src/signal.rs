@@ -440,6 +440,21 @@ pub enum ServerMessage {
     ConnectionQuality {
         updates: Vec<ConnectionQualityUpdate>,
     },
+    /// The room's active speakers changed (who speaks, or their order): everyone speaking
+    /// now, loudest first (empty: nobody). Sent on every change, and on joining when someone
+    /// speaks.
+    Speakers {
+        speakers: Vec<SpeakerInfo>,
+    },
+}
+
+/// One participant of a `speakers` message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeakerInfo {
+    pub participant_id: String,
+    /// How loud, 0.0–1.0 (the linear amplitude of its voice over the last second times the
+    /// share of that second it spoke; normal speech is a few hundredths).
+    pub level: f64,
 }
 
 /// How well a participant's connection works, as the server measures it (its uplink when it
@@ -783,6 +798,16 @@ mod tests {
         assert_eq!(
             s,
             r#"{"type":"connection_quality","updates":[{"participant_id":"PA_1","quality":"lost","score":0}]}"#
+        );
+        let s = encode_server(&ServerMessage::Speakers {
+            speakers: vec![SpeakerInfo {
+                participant_id: "PA_1".into(),
+                level: 0.125,
+            }],
+        });
+        assert_eq!(
+            s,
+            r#"{"type":"speakers","speakers":[{"participant_id":"PA_1","level":0.125}]}"#
         );
     }
 }

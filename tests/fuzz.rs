@@ -582,6 +582,7 @@ fn fuzz_ingress() {
     let connect = || {
         let (keys, tx, rx) = keyed(ProtectionProfile::AeadAes128Gcm);
         let mut ing = Ingress::new(&keys, Some(3), 0x5eed).expect("ingress");
+        ing.set_audio_level_ext(Some(1));
         ing.bind(0xabc, "TR_a".into(), 90_000, true);
         ing.bind(0xabd, "TR_b".into(), 48_000, false);
         (ing, tx, rx)

@@ -20,6 +20,7 @@ mod virtual_time {
     pub mod quality;
     pub mod sfu;
     pub mod shards;
+    pub mod speaker;
     pub mod timeline;
     pub mod two_peers;
     pub mod viewer;

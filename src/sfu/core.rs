@@ -27,6 +27,7 @@ use super::room::{
 };
 use super::sdpcheck;
 use super::selector::{LayerSelector, Requested, layer_quality, needed_layers};
+use super::speaker::AudioLevel;
 use super::timeline::Lane;
 use super::timers::{Deadline, Periodic, Reason, TimerQueue, soonest};
 use super::vp8;
@@ -63,7 +64,7 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
-use rtc::sdp::extmap::TRANSPORT_CC_URI;
+use rtc::sdp::extmap::{AUDIO_LEVEL_URI, TRANSPORT_CC_URI};
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -179,6 +180,8 @@ pub struct Sfu<T: Transmit> {
     ice_tcp: IceTcp,
     /// Connection quality per participant (see `quality`).
     quality: quality::QualityBook,
+    /// Active speakers per room (see `speaker`).
+    speakers: speaker::SpeakerBook,
 }
 
 /// ICE over TCP, passive side: the driver accepts the connections and unframes them; the core
@@ -290,6 +293,7 @@ pub mod dashboard;
 mod ice;
 mod moderation;
 mod quality;
+mod speaker;
 mod timeline;
 mod viewer;
 
@@ -337,6 +341,7 @@ impl<T: Transmit> Sfu<T> {
             shutting_down: false,
             ice_tcp: IceTcp::default(),
             quality: quality::QualityBook::new(now),
+            speakers: speaker::SpeakerBook::new(now),
         }
     }
 
@@ -456,6 +461,9 @@ impl<T: Transmit> Sfu<T> {
         if self.quality.timer.fire(now) {
             self.quality_tick(now);
         }
+        if self.speakers.timer.fire(now) {
+            self.speaker_tick();
+        }
         self.ticks_due(now);
     }
 
@@ -487,6 +495,7 @@ impl<T: Transmit> Sfu<T> {
             &self.report_timer,
             &self.maintenance_timer,
             &self.quality.timer,
+            &self.speakers.timer,
         ] {
             next = soonest(next, Some(periodic.deadline()));
         }
@@ -620,8 +629,9 @@ impl<T: Transmit> Sfu<T> {
                         Some(ingress::Incoming {
                             packet,
                             track: Some(track),
+                            audio_level,
                         }) => {
-                            self.forward_rtp(key.part, &track, packet, now);
+                            self.forward_rtp(key.part, &track, packet, now, audio_level);
                             return;
                         }
                         // SSRC not bound yet: `rtc` binds it (below).
@@ -948,7 +958,7 @@ impl<T: Transmit> Sfu<T> {
                     self.stats.rtp_packets_dropped += 1;
                     return;
                 };
-                self.forward_rtp(key.part, &tid, packet, msg.now);
+                self.forward_rtp(key.part, &tid, packet, msg.now, None);
                 self.bind_ingress(key.part, &tid, ssrc);
             }
             RTCMessage::DataChannelMessage(id, m) if key.kind == PcKind::Subscriber => {
@@ -1351,8 +1361,16 @@ impl<T: Transmit> Sfu<T> {
             .map(|t| t.tid.clone())
     }
 
-    /// One packet of the publisher's track `tid` (server id): to every down-track.
-    fn forward_rtp(&mut self, part: PartKey, tid: &TrackId, mut packet: rtp::Packet, now: Instant) {
+    /// One packet of the publisher's track `tid` (server id), with the audio level it
+    /// carries: to every down-track.
+    fn forward_rtp(
+        &mut self,
+        part: PartKey,
+        tid: &TrackId,
+        mut packet: rtp::Packet,
+        now: Instant,
+        level: Option<AudioLevel>,
+    ) {
         self.stats.rtp_packets_in += 1;
         let tid = tid.clone();
         let Some(li) = self.layer_of(part, &tid, packet.header.ssrc) else {
@@ -1363,12 +1381,13 @@ impl<T: Transmit> Sfu<T> {
         packet.header.extensions.clear();
         packet.header.extension_profile = 0;
         packet.header.extensions_padding = 0;
-        self.fan_out(part.room, &tid, li, packet, now);
+        self.fan_out(part.room, &tid, li, packet, now, level);
     }
 
     /// One packet of layer `li` of track `tid` (published here, or relayed from the
     /// publisher's shard): to every down-track here, and once to each other shard with
-    /// subscribers of it. `origin`: when the packet reached the publisher's shard.
+    /// subscribers of it. `origin`: when the packet reached the publisher's shard; `level`:
+    /// its audio level (a local track's packet), for the active speakers.
     fn fan_out(
         &mut self,
         room: RoomKey,
@@ -1376,6 +1395,7 @@ impl<T: Transmit> Sfu<T> {
         li: usize,
         packet: rtp::Packet,
         origin: Instant,
+        level: Option<AudioLevel>,
     ) {
         let now = self.now;
         let Some(Room { parts, tracks, .. }) = self.rooms.get_mut(&room) else {
@@ -1384,6 +1404,9 @@ impl<T: Transmit> Sfu<T> {
         let Some(track) = tracks.get_mut(&**tid) else {
             return;
         };
+        if let Some(l) = level {
+            track.levels.observe(l.level);
+        }
         let is_video = track.kind == TrackKind::Video;
         let is_vp8 = track.codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_VP8);
         let is_h264 = track.codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_H264);
@@ -1621,8 +1644,13 @@ impl<T: Transmit> Sfu<T> {
             .map_err(|e| e.to_string())
             .and_then(|keys| Ingress::new(&keys, twcc_ext, sender_ssrc).map_err(|e| e.to_string()));
         match res {
-            Ok(i) => {
+            Ok(mut i) => {
                 debug!(participant = %p.pid, ?twcc_ext, "publisher fast path ready");
+                i.set_audio_level_ext(
+                    pc.rtc
+                        .local_description()
+                        .and_then(|d| ingress::audio_level_ext_id(&d.sdp)),
+                );
                 p.ingress = Some(i);
             }
             Err(e) => {
@@ -2246,7 +2274,7 @@ impl<T: Transmit> Sfu<T> {
                 origin,
             } => {
                 if let Some((rk, tid)) = self.relays_in.get(&(from, relay)).cloned() {
-                    self.fan_out(rk, &tid, usize::from(layer), packet, origin);
+                    self.fan_out(rk, &tid, usize::from(layer), packet, origin, None);
                 }
             }
             PipeMsg::Keyframe { relay, layer } => {
@@ -2362,6 +2390,7 @@ impl<T: Transmit> Sfu<T> {
                 }
             }
             PipeMsg::Quality { room, updates } => self.on_remote_quality(from, &room, updates),
+            PipeMsg::Speakers { room, speakers } => self.on_remote_speakers(from, &room, speakers),
         }
     }
 
@@ -2688,6 +2717,15 @@ impl<T: Transmit> Sfu<T> {
                 // is unchanged); the interceptors it builds are left out: the fast path
                 // ([`Ingress`]) does their work.
                 let _ = register_default_interceptors(Registry::new(), &mut me).map_err(rtc_err)?;
+                // The audio level of each audio packet (RFC 6464): the active speakers.
+                me.register_header_extension(
+                    RTCRtpHeaderExtensionCapability {
+                        uri: AUDIO_LEVEL_URI.to_owned(),
+                    },
+                    RtpCodecKind::Audio,
+                    None,
+                )
+                .map_err(rtc_err)?;
                 Registry::new()
             }
             PcKind::Subscriber => {
@@ -3536,6 +3574,7 @@ impl<T: Transmit> Sfu<T> {
                 }
                 if let Some(ing) = part_mut!(self, part).and_then(|p| p.ingress.as_mut()) {
                     ing.set_twcc_ext(ingress::twcc_ext_id(&sdp));
+                    ing.set_audio_level_ext(ingress::audio_level_ext_id(&sdp));
                 }
                 self.send_to(part, ServerMessage::PublishAnswer { sdp });
                 self.drop_stopped_publications(part);

@@ -39,6 +39,7 @@ pub mod placement;
 pub mod quality;
 pub mod room;
 pub mod sdpcheck;
+pub mod speaker;
 pub mod timeline;
 pub mod timers;
 pub mod viewing;

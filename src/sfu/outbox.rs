@@ -6,7 +6,7 @@
 //! full they wait here, in order, and idempotent state events are coalesced:
 //!
 //! - `track_muted`, `layer_changed`, `publisher_layers`: the latest per track replaces a
-//!   waiting one (the latest state wins);
+//!   waiting one (the latest state wins); so does the latest `speakers` list;
 //! - `track_unpublished` of a track whose `track_published` is still waiting: both vanish, with
 //!   the track's waiting state events;
 //! - `participant_left` of a participant whose `participant_joined` is still waiting: both
@@ -40,6 +40,7 @@ fn state_key(m: &ServerMessage) -> Option<(&'static str, &str)> {
         ServerMessage::TrackMuted { track_id, .. } => Some(("muted", track_id)),
         ServerMessage::LayerChanged { track_id, .. } => Some(("layer", track_id)),
         ServerMessage::PublisherLayers { track_id, .. } => Some(("publisher_layers", track_id)),
+        ServerMessage::Speakers { .. } => Some(("speakers", "")),
         _ => None,
     }
 }

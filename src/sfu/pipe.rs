@@ -35,7 +35,7 @@
 
 use super::timeline::{Audience, Entry};
 use crate::signal::{
-    ConnectionQualityUpdate, LeaveReason, ParticipantInfo, ServerMessage, TrackInfo,
+    ConnectionQualityUpdate, LeaveReason, ParticipantInfo, ServerMessage, SpeakerInfo, TrackInfo,
 };
 use bytes::Bytes;
 use rtc::rtp;
@@ -144,6 +144,12 @@ pub enum PipeMsg {
     Quality {
         room: String,
         updates: Vec<ConnectionQualityUpdate>,
+    },
+    /// The active speakers among the participants of `room` on the sender changed (or, to a
+    /// shard that just started hosting the room: who they are), loudest first.
+    Speakers {
+        room: String,
+        speakers: Vec<SpeakerInfo>,
     },
 }
 

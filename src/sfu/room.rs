@@ -408,6 +408,8 @@ pub(super) struct Track {
     pub(super) relayed_to: BTreeMap<ShardId, u64>,
     /// (A remote track.) What this shard last told the publisher's shard it needs.
     pub(super) needed_sent: Option<(bool, u64)>,
+    /// (A local audio track.) The audio levels of its packets since the last speaker tick.
+    pub(super) levels: crate::sfu::speaker::Meter,
 }
 
 impl Track {
@@ -438,6 +440,7 @@ impl Track {
             unneeded_since: HashMap::new(),
             relayed_to: BTreeMap::new(),
             needed_sent: None,
+            levels: Default::default(),
         }
     }
 

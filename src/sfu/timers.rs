@@ -29,6 +29,8 @@ pub enum Reason {
     Quality,
     /// A room's input tick ended: its batches go out.
     InputTick,
+    /// Active speakers: each audio track's levels since the last tick.
+    Speakers,
 }
 
 /// A point in time and what is due then.

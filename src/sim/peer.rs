@@ -49,7 +49,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
-use rtc::sdp::extmap::{SDES_MID_URI, SDES_RTP_STREAM_ID_URI};
+use rtc::sdp::extmap::{AUDIO_LEVEL_URI, SDES_MID_URI, SDES_RTP_STREAM_ID_URI};
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -176,6 +176,10 @@ struct AudioSource {
     ts: u32,
     next_frame: Option<Instant>,
     packets: u64,
+    /// The audio level (RFC 6464, −dBov) each packet carries, if any, and the negotiated
+    /// extension id (looked up at the first packet with a level).
+    level: Option<u8>,
+    level_ext: Option<u8>,
 }
 
 /// A decoded VP8 payload descriptor, plus the sim's own frame tag when present.
@@ -432,8 +436,8 @@ impl Interceptor for RtcpTap {
     fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
 }
 
-/// The media engine of every sim peer: Opus 111 and VP8 96 with NACK, PLI, FIR and
-/// transport-cc feedback.
+/// The media engine of every sim peer: Opus 111 (with the audio level extension) and VP8 96
+/// with NACK, PLI, FIR and transport-cc feedback.
 fn media_engine() -> rtc::shared::error::Result<MediaEngine> {
     let mut me = MediaEngine::default();
     let fb = |typ: &str, parameter: &str| RTCPFeedback {
@@ -459,6 +463,14 @@ fn media_engine() -> rtc::shared::error::Result<MediaEngine> {
             payload_type: VP8_PT,
         },
         RtpCodecKind::Video,
+    )?;
+    // The audio level (RFC 6464), which audio packets carry once set (`set_audio_level`).
+    me.register_header_extension(
+        rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability {
+            uri: AUDIO_LEVEL_URI.to_owned(),
+        },
+        RtpCodecKind::Audio,
+        None,
     )?;
     Ok(me)
 }
@@ -591,6 +603,8 @@ impl Peer {
                 ts: rng.random(),
                 next_frame: None,
                 packets: 0,
+                level: None,
+                level_ext: None,
             })
         } else {
             None
@@ -745,6 +759,14 @@ impl Peer {
     }
 
     /// Audio packets sent.
+    /// From now on every audio packet carries this audio level (RFC 6464, −dBov: 0 loudest,
+    /// 127 silence); `None`: no level.
+    pub fn set_audio_level(&mut self, level: Option<u8>) {
+        if let Some(a) = self.audio.as_mut() {
+            a.level = level;
+        }
+    }
+
     pub fn audio_packets_sent(&self) -> u64 {
         self.audio.as_ref().map_or(0, |a| a.packets)
     }
@@ -904,16 +926,38 @@ impl Peer {
         }
         let mut payload = vec![0x78u8];
         payload.resize(80, 0x33);
+        let mut header = rtp::header::Header {
+            version: 2,
+            payload_type: OPUS_PT,
+            sequence_number: a.seq,
+            timestamp: a.ts,
+            ssrc: a.ssrc,
+            marker: false,
+            ..Default::default()
+        };
+        let (level, sender, cached) = (a.level, a.sender, a.level_ext);
+        if let Some(level) = level {
+            let ext = cached.or_else(|| {
+                let mut s = self.pc.rtp_sender(sender)?;
+                let params = s.get_parameters();
+                params
+                    .rtp_parameters
+                    .header_extensions
+                    .iter()
+                    .find(|e| e.uri == AUDIO_LEVEL_URI)
+                    .map(|e| e.id as u8)
+            });
+            if let Some(id) = ext {
+                let _ = header.set_extension(id, Bytes::copy_from_slice(&[level & 0x7f]));
+            }
+            if let Some(a) = self.audio.as_mut() {
+                // (Not negotiated yet: looked up again at the next packet.)
+                a.level_ext = ext;
+            }
+        }
+        let Some(a) = self.audio.as_mut() else { return };
         let packet = rtp::Packet {
-            header: rtp::header::Header {
-                version: 2,
-                payload_type: OPUS_PT,
-                sequence_number: a.seq,
-                timestamp: a.ts,
-                ssrc: a.ssrc,
-                marker: false,
-                ..Default::default()
-            },
+            header,
             payload: Bytes::from(payload),
         };
         a.seq = a.seq.wrapping_add(1);

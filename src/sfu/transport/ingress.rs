@@ -57,6 +57,7 @@
 
 use super::egress::SrtpKeys;
 use crate::sfu::ids::TrackId;
+use crate::sfu::speaker::AudioLevel;
 use bytes::BytesMut;
 use rtc::rtcp;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -767,6 +768,8 @@ pub struct Incoming {
     pub packet: rtp::Packet,
     /// The `rtc` track its SSRC is bound to; `None`: hand the datagram to `rtc`.
     pub track: Option<TrackId>,
+    /// Its audio level (RFC 6464), when it carries one.
+    pub audio_level: Option<AudioLevel>,
 }
 
 /// One publisher connection's media in and feedback out (see the module docs).
@@ -776,6 +779,8 @@ pub struct Ingress {
     profile: rtc::srtp::protection_profile::ProtectionProfile,
     sender_ssrc: u32,
     twcc_ext: Option<u8>,
+    /// The negotiated audio level extension id (RFC 6464).
+    audio_level_ext: Option<u8>,
     bound: HashMap<u32, TrackId>,
     twcc: TwccRecorder,
     /// Media SSRC of the last packet with a transport-wide sequence number.
@@ -806,6 +811,7 @@ impl Ingress {
             profile: keys.profile,
             sender_ssrc,
             twcc_ext,
+            audio_level_ext: None,
             bound: HashMap::new(),
             twcc: TwccRecorder::new(),
             twcc_media_ssrc: 0,
@@ -832,6 +838,11 @@ impl Ingress {
     /// The transport-wide sequence number extension id (after a renegotiation).
     pub fn set_twcc_ext(&mut self, id: Option<u8>) {
         self.twcc_ext = id;
+    }
+
+    /// The audio level extension id (RFC 6464), from the negotiated SDP.
+    pub fn set_audio_level_ext(&mut self, id: Option<u8>) {
+        self.audio_level_ext = id;
     }
 
     pub fn is_bound(&self, ssrc: u32) -> bool {
@@ -910,13 +921,22 @@ impl Ingress {
         if self.next_report.is_none() {
             self.next_report = Some(now + REPORT_INTERVAL);
         }
+        // One byte of the header already parsed (no allocation, no copy).
+        let audio_level = self.audio_level_ext.filter(|_| h.extension).and_then(|id| {
+            let ext = h.extensions.iter().find(|e| e.id == id)?;
+            AudioLevel::parse(&ext.payload)
+        });
         let track = self.bound.get(&h.ssrc).cloned();
         if track.is_some() {
             self.stats.rtp_fast += 1;
         } else {
             self.stats.rtp_to_rtc += 1;
         }
-        Ok(Incoming { packet, track })
+        Ok(Incoming {
+            packet,
+            track,
+            audio_level,
+        })
     }
 
     /// Decrypt and read one SRTCP datagram from the publisher (its sender reports).
@@ -1061,14 +1081,24 @@ impl Ingress {
     }
 }
 
+/// The id of the audio level extension (RFC 6464) in an SDP.
+pub fn audio_level_ext_id(sdp: &str) -> Option<u8> {
+    ext_id(sdp, rtc::sdp::extmap::AUDIO_LEVEL_URI)
+}
+
 /// The id of the transport-wide sequence number extension in an SDP (`a=extmap:<id>` with the
 /// transport-cc URI; one id per BUNDLE group).
 pub fn twcc_ext_id(sdp: &str) -> Option<u8> {
+    ext_id(sdp, rtc::sdp::extmap::TRANSPORT_CC_URI)
+}
+
+/// The id of the header extension `uri` in an SDP (the first `a=extmap:<id>` naming it).
+fn ext_id(sdp: &str, wanted: &str) -> Option<u8> {
     sdp.lines().find_map(|l| {
         let rest = l.trim().strip_prefix("a=extmap:")?;
         let (id, uri) = rest.split_once(' ')?;
         let uri = uri.split_whitespace().next()?;
-        if uri != rtc::sdp::extmap::TRANSPORT_CC_URI {
+        if uri != wanted {
             return None;
         }
         id.split('/').next()?.parse().ok()
@@ -1546,6 +1576,33 @@ mod tests {
     }
 
     #[test]
+    fn the_audio_level_is_read_once_negotiated() {
+        let (mut ing, mut tx, _) = pair();
+        let t0 = Instant::now();
+        let mut p = media(9, 1, 0, Some(1));
+        p.header
+            .set_extension(1, bytes::Bytes::from_static(&[0x80 | 33]))
+            .expect("ext");
+        let inc = ing.on_rtp(t0, &seal(&mut tx, &p)).expect("decrypt");
+        assert_eq!(inc.audio_level, None, "not negotiated: not read");
+        ing.set_audio_level_ext(Some(1));
+        p.header.sequence_number = 2;
+        let inc = ing.on_rtp(t0, &seal(&mut tx, &p)).expect("decrypt");
+        assert_eq!(
+            inc.audio_level,
+            Some(AudioLevel {
+                level: 33,
+                voice: true
+            })
+        );
+        // A packet without it (video, or a sender that does not send it).
+        let inc = ing
+            .on_rtp(t0, &seal(&mut tx, &media(9, 3, 0, Some(3))))
+            .expect("decrypt");
+        assert_eq!(inc.audio_level, None);
+    }
+
+    #[test]
     fn twcc_feedback_goes_out_promptly_when_many_packets_wait() {
         let (mut ing, mut tx, _) = pair();
         let t0 = Instant::now();
@@ -1578,5 +1635,10 @@ mod tests {
         assert_eq!(twcc_ext_id(sdp), Some(5));
         assert_eq!(twcc_ext_id("v=0\r\na=extmap:x y\r\n"), None);
         assert_eq!(twcc_ext_id(""), None);
+        let sdp = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+                   a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\n\
+                   a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\n";
+        assert_eq!(audio_level_ext_id(sdp), Some(1));
+        assert_eq!(twcc_ext_id(sdp), Some(3));
     }
 }
