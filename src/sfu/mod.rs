@@ -12,6 +12,7 @@ pub mod core;
 pub mod media {
     pub mod forward;
     pub mod keyframe;
+    pub mod red;
     pub mod rewrite;
     pub mod selector;
     pub mod vp8;
@@ -23,7 +24,7 @@ pub mod transport {
     pub mod ingress;
     pub mod nack;
 }
-pub use media::{forward, keyframe, rewrite, selector, vp8};
+pub use media::{forward, keyframe, red, rewrite, selector, vp8};
 pub use transport::{bwe, egress, ingress, nack};
 pub mod admin;
 pub mod data;
