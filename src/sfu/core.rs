@@ -14,12 +14,12 @@ use super::demux::{self, BindingKind, Claim, Demux, DropCounters};
 use super::effects::{Effect, Effects};
 use super::egress::{self, Egress, EgressStats, KeyCapture};
 use super::forward::{self, Decision, DownTrack, DropReason};
-use super::red;
 use super::ids::{PartKey, RoomKey, TrackId};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::SwitchWatch;
 use super::outbox::Outbox;
 use super::pipe::{PipeMsg, PipeOut, RelayId, ShardId, Submitted, layer_bits};
+use super::red;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::room::{
     Channel, EARLY_MAX, Layer, Participant, Pc, PcKey, PcKind, PubTrack, Publisher, RemoteMember,
@@ -42,7 +42,6 @@ use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::ice::tcp_type::TcpType;
 use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
@@ -56,6 +55,7 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
 };
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -336,12 +336,10 @@ fn answer_red_first(rtc: &mut RTCPeerConnection) {
         let Some(receiver) = rtc.rtp_transceiver(id).and_then(|t| t.receiver()) else {
             continue;
         };
+        // (Only an audio section lists both; the receiver's track has no kind before media.)
         let Some(mut r) = rtc.rtp_receiver(receiver) else {
             continue;
         };
-        if r.track().kind() != RtpCodecKind::Audio {
-            continue;
-        }
         let mut codecs = r.get_parameters().rtp_parameters.codecs.clone();
         if red::red_before_opus(&mut codecs) {
             if let Some(Err(e)) = rtc
@@ -359,10 +357,10 @@ fn answer_red_first(rtc: &mut RTCPeerConnection) {
 /// subscriber's negotiated codecs keep RED for the RED tracks that come later.
 fn offer_red(rtc: &mut RTCPeerConnection, sender: RTCRtpSenderId) {
     let ids: Vec<_> = rtc.get_transceivers().collect();
-    let Some(id) = ids
-        .into_iter()
-        .find(|&id| rtc.rtp_transceiver(id).is_some_and(|t| t.sender() == Some(sender)))
-    else {
+    let Some(id) = ids.into_iter().find(|&id| {
+        rtc.rtp_transceiver(id)
+            .is_some_and(|t| t.sender() == Some(sender))
+    }) else {
         return;
     };
     if let Some(Err(e)) = rtc

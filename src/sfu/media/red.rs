@@ -232,7 +232,8 @@ pub fn plan(track: &RTCRtpCodec, negotiated: &[RTCRtpCodecParameters]) -> Option
 /// answer's first plain codec, and a RED format counts only if it comes earlier. An answer that
 /// keeps Chromium's own offer order (Opus first) would leave it sending plain Opus.
 pub fn red_before_opus(codecs: &mut Vec<RTCRtpCodecParameters>) -> bool {
-    let is = |c: &RTCRtpCodecParameters, mime: &str| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime);
+    let is =
+        |c: &RTCRtpCodecParameters, mime: &str| c.rtp_codec.mime_type.eq_ignore_ascii_case(mime);
     let (Some(r), Some(o)) = (
         codecs.iter().position(|c| is(c, MIME_TYPE_RED)),
         codecs.iter().position(|c| is(c, MIME_TYPE_OPUS)),
