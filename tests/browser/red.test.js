@@ -3,8 +3,9 @@
 // sends it (tests/browser/impair.py behind NFQUEUE rules on the subscriber connection's UDP
 // port, harness.js impairUdp, the same loss sequence in both runs). Run twice: against a server
 // that negotiates RED (the default) and one started with `--no-red`. Asserts that
-//  (a) with RED, the publisher sends `audio/red` (the answer lists RED ahead of Opus), the
-//      subscriber receives `audio/red`, and its SDP carries Opus with `useinbandfec=1`;
+//  (a) with RED, the publisher sends `audio/red` (the answer lists RED ahead of Opus; the
+//      track is announced as `audio/red`), the subscriber receives `audio/red` (its inbound-rtp
+//      codec), and its SDP carries Opus with `useinbandfec=1`;
 //  (b) with `--no-red`, both legs are plain `audio/opus`;
 //  (c) under the loss, the share of concealed samples with RED is well below that without
 //      (each RED packet carries the previous frames, so a lost packet is rebuilt from the next).
@@ -110,19 +111,6 @@ const fmt = (s) =>
   `concealed ${(s.concealedRatio * 100).toFixed(2)} % of ${s.samplesReceived} samples, ` +
   `${s.concealmentEventsPerMinute.toFixed(0)} concealment events/min`;
 
-/** The codec of the publisher's outbound audio (mime type), from its publisher connection. */
-const publisherCodec = (p) =>
-  p.page.evaluate(async () => {
-    const pc = window.__client._sess?.pub;
-    if (!pc) return null;
-    const report = await pc.getStats();
-    let codec = null;
-    report.forEach((s) => {
-      if (s.type === 'outbound-rtp' && s.kind === 'audio' && s.codecId) codec = report.get(s.codecId)?.mimeType ?? null;
-    });
-    return codec;
-  });
-
 /**
  * One run: a server (with `args`), a publisher sending its microphone, a subscriber sampling;
  * a clean baseline, then IMPAIRED_MS under the loss. Returns the codecs and both summaries.
@@ -142,8 +130,21 @@ async function run(label, { port, udpPort, args }) {
     timeout: 30_000,
     what: `${label}: the subscriber to receive audio`,
   });
-  const sdp = await sub.page.evaluate(() => window.__client._sess?.sub?.remoteDescription?.sdp ?? '');
-  const pubCodec = await waitFor(() => publisherCodec(pub), { timeout: 10_000, what: `${label}: the publisher's outbound audio codec` });
+  // The subscriber connection's offer (the server's) and answer (Chromium's): RED is used where
+  // both list it. Chromium's inbound-rtp stats name the decoder's codec (Opus, RED unwrapped);
+  // the codec entries of its report are printed.
+  const { sdp, answer, statsCodecs } = await sub.page.evaluate(async () => {
+    const pc = window.__client._sess?.sub;
+    const codecs = new Set();
+    (await pc.getStats()).forEach((s) => {
+      if (s.type === 'codec') codecs.add(s.mimeType);
+    });
+    return { sdp: pc?.remoteDescription?.sdp ?? '', answer: pc?.localDescription?.sdp ?? '', statsCodecs: [...codecs] };
+  });
+  // What the publisher sends, as the server announced the track: its codec is the one of the
+  // first packet that reached the server (Chromium's outbound-rtp stats name the encoder's,
+  // Opus, even when it wraps it in RED).
+  const pubCodec = await sub.page.evaluate(() => [...window.__client.remoteTracks.values()].find((t) => t.kind === 'audio')?.info?.mime_type ?? null);
   const subCodec = await sub.page.evaluate(() => window.__samples.at(-1)?.codec ?? null);
 
   const pairs = await sub.page.evaluate(() => window.__client.getSelectedCandidatePairs());
@@ -166,7 +167,7 @@ async function run(label, { port, udpPort, args }) {
     counters = (await link.lift()) ?? counters;
   }
   const impaired = summary(await samplesSince(sub, impStart));
-  console.log(`# ${label}: publisher sends ${pubCodec}, subscriber receives ${subCodec}`);
+  console.log(`# ${label}: publisher sends ${pubCodec}; subscriber's inbound-rtp codec ${subCodec}, codecs in its stats ${statsCodecs.join(' ')}`);
   console.log(`# ${label} clean: ${fmt(clean)}`);
   console.log(
     `# ${label} 10 % loss: ${fmt(impaired)} (impairer dropped ${counters.downlink.dropped} of ${counters.downlink.seen} datagrams)`,
@@ -174,7 +175,7 @@ async function run(label, { port, udpPort, args }) {
   const dropped = counters.downlink.dropped / Math.max(1, counters.downlink.seen);
   assert.ok(counters.downlink.seen > 500, `downlink packets impaired: ${JSON.stringify(counters)}`);
   assert.ok(dropped > LOSS / 2 && dropped < LOSS * 2, `downlink drop ratio ${dropped}`);
-  return { pubCodec, subCodec, sdp, clean, impaired };
+  return { pubCodec, subCodec, sdp, answer, clean, impaired };
 }
 
 describe('Opus RED against 10 % loss, with and without RED', { timeout: 240_000 }, () => {
@@ -184,13 +185,16 @@ describe('Opus RED against 10 % loss, with and without RED', { timeout: 240_000 
 
     // (a) RED on both legs; Opus in-band FEC announced to the subscriber.
     assert.equal(red.pubCodec?.toLowerCase(), 'audio/red', 'the publisher sends RED');
-    assert.equal(red.subCodec?.toLowerCase(), 'audio/red', 'the subscriber receives RED');
-    assert.match(red.sdp, /a=rtpmap:\d+ red\/48000\/2/);
-    assert.match(red.sdp, /a=fmtp:111 [^\r\n]*useinbandfec=1/);
+    for (const sdp of [red.sdp, red.answer]) {
+      assert.match(sdp, /a=rtpmap:\d+ red\/48000\/2/, 'RED offered to and accepted by the subscriber');
+      assert.match(sdp, /a=fmtp:111 [^\r\n]*useinbandfec=1/, 'Opus in-band FEC on the subscriber leg');
+    }
+    assert.equal(red.subCodec?.toLowerCase(), 'audio/opus', 'decoded as Opus');
     // (b) Without RED, plain Opus.
     assert.equal(opus.pubCodec?.toLowerCase(), 'audio/opus');
     assert.equal(opus.subCodec?.toLowerCase(), 'audio/opus');
     assert.doesNotMatch(opus.sdp, /red\/48000/);
+    assert.doesNotMatch(opus.answer, /red\/48000/);
 
     // (c) The loss hurts plain Opus (every lost packet concealed) and RED hides most of it.
     console.log(
