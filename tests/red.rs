@@ -507,6 +507,38 @@ fn audio_pts(sdp: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn red_reaches_red_subscribers_as_red_and_others_as_opus() {
     let server = TestServer::start().await;
+    red_to_both(&server).await;
+    server.shutdown().await;
+}
+
+/// The same across shards: the room spreads from its second participant on, so the
+/// subscribers are on different shards and one of them gets the RED track over the pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn red_crosses_shards() {
+    let server = TestServer::start_with(plaza::config::Config {
+        workers: 2,
+        room_spread_above: 1,
+        ..support::test_config()
+    })
+    .await;
+    red_to_both(&server).await;
+    let h = server.healthz().await.unwrap().1;
+    let per_shard: Vec<u64> = h["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["rtp_packets_forwarded"].as_u64().unwrap())
+        .collect();
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "both shards forwarded: {h}"
+    );
+    assert!(h["rtp_packets_piped"].as_u64() > Some(0), "{h}");
+    server.shutdown().await;
+}
+
+/// A RED publisher and two subscribers, one with RED and one without, in one room of `server`.
+async fn red_to_both(server: &TestServer) {
     let url = server.ws_url();
     let room = "red";
     let mut with_red = Client::join(&url, room, "with-red", true, PcTarget::Subscriber).await;
@@ -612,7 +644,6 @@ async fn red_reaches_red_subscribers_as_red_and_others_as_opus() {
     for c in [with_red, opus_only, publ] {
         c.close().await;
     }
-    server.shutdown().await;
 }
 
 /// A publisher without RED: its Opus goes to a RED-capable subscriber as plain Opus on the
