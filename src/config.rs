@@ -16,6 +16,7 @@
 //! history_messages = 1024    # chat messages each room keeps for replay (0: none)
 //! history_max_age = 600      # seconds a kept chat message stays replayable
 //! input_tick_hz = 0          # rooms batch input per tick at this rate (0: off; at most 240)
+//! red = true                 # negotiate redundant audio (RFC 2198) next to Opus
 //! announce_ip = ["203.0.113.7"]   # or a single string
 //! log_level = "info,plaza=debug"
 //! log_format = "json"
@@ -236,6 +237,8 @@ pub struct Config {
     pub history: crate::sfu::timeline::HistoryLimits,
     /// Input tick rate of rooms whose opening token sets none (`--input-tick-hz`; 0: off).
     pub input_tick_hz: u32,
+    /// Negotiate RFC 2198 redundant audio (`audio/red`) next to Opus (`--no-red`: off).
+    pub red: bool,
     /// A WebSocket that has not joined within this time is closed.
     pub join_timeout: Duration,
     /// A joined WebSocket that sends no frame for this long is closed (the server pings it).
@@ -292,6 +295,7 @@ impl Default for Config {
             metrics_room_labels: 0,
             history: Default::default(),
             input_tick_hz: 0,
+            red: true,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             resume_grace: DEFAULT_RESUME_GRACE,
@@ -450,6 +454,10 @@ struct Args {
     /// room sets its own; 0: off, at most 240 [env: PLAZA_INPUT_TICK_HZ] [default: 0]
     #[arg(long, value_name = "HZ")]
     input_tick_hz: Option<u32>,
+    /// Do not negotiate redundant audio (RFC 2198 `audio/red`): Opus alone
+    /// [env: PLAZA_RED=false]
+    #[arg(long)]
+    no_red: bool,
     /// Seconds a WebSocket may take to join [env: PLAZA_JOIN_TIMEOUT] [default: 10]
     #[arg(long, value_name = "SECONDS")]
     join_timeout: Option<f64>,
@@ -700,6 +708,7 @@ struct FileConfig {
     history_messages: Option<usize>,
     history_max_age: Option<f64>,
     input_tick_hz: Option<u32>,
+    red: Option<bool>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     resume_grace: Option<f64>,
@@ -759,6 +768,7 @@ struct Layer {
     history_messages: Option<usize>,
     history_max_age: Option<f64>,
     input_tick_hz: Option<u32>,
+    red: Option<bool>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     resume_grace: Option<f64>,
@@ -817,6 +827,7 @@ impl Layer {
             history_messages: self.history_messages.or(lower.history_messages),
             history_max_age: self.history_max_age.or(lower.history_max_age),
             input_tick_hz: self.input_tick_hz.or(lower.input_tick_hz),
+            red: self.red.or(lower.red),
             join_timeout: self.join_timeout.or(lower.join_timeout),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             resume_grace: self.resume_grace.or(lower.resume_grace),
@@ -878,6 +889,7 @@ impl From<Args> for Layer {
             history_messages: a.history_messages,
             history_max_age: a.history_max_age,
             input_tick_hz: a.input_tick_hz,
+            red: a.no_red.then_some(false),
             join_timeout: a.join_timeout,
             idle_timeout: a.idle_timeout,
             resume_grace: a.resume_grace,
@@ -940,6 +952,7 @@ impl From<FileConfig> for Layer {
             history_messages: f.history_messages,
             history_max_age: f.history_max_age,
             input_tick_hz: f.input_tick_hz,
+            red: f.red,
             join_timeout: f.join_timeout,
             idle_timeout: f.idle_timeout,
             resume_grace: f.resume_grace,
@@ -1043,6 +1056,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             history_messages: self.parse("PLAZA_HISTORY_MESSAGES")?,
             history_max_age: self.parse("PLAZA_HISTORY_MAX_AGE")?,
             input_tick_hz: self.parse("PLAZA_INPUT_TICK_HZ")?,
+            red: self.parse("PLAZA_RED")?,
             join_timeout: self.parse("PLAZA_JOIN_TIMEOUT")?,
             idle_timeout: self.parse("PLAZA_IDLE_TIMEOUT")?,
             resume_grace: self.parse("PLAZA_RESUME_GRACE")?,
@@ -1203,6 +1217,7 @@ impl Config {
                 bytes: d.history.bytes,
             },
             input_tick_hz: merged.input_tick_hz.unwrap_or(d.input_tick_hz),
+            red: merged.red.unwrap_or(d.red),
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
             resume_grace: match merged.resume_grace {
@@ -1849,6 +1864,18 @@ mod tests {
         let c = load(&["--metrics-room-labels", "9"], &env).unwrap();
         assert_eq!(c.metrics_room_labels, 9);
         assert!(load(&["--metrics-room-labels", "-1"], &[]).is_err());
+    }
+
+    #[test]
+    fn red_from_every_layer() {
+        assert!(load(&[], &[]).unwrap().red, "on by default");
+        let file = TempFile::new("red = false\n");
+        let env = [("PLAZA_CONFIG", file.path())];
+        assert!(!load(&[], &env).unwrap().red);
+        let env = [("PLAZA_CONFIG", file.path()), ("PLAZA_RED", "true")];
+        assert!(load(&[], &env).unwrap().red);
+        assert!(!load(&["--no-red"], &env).unwrap().red);
+        assert!(load(&[], &[("PLAZA_RED", "maybe")]).is_err());
     }
 
     #[test]

@@ -249,6 +249,7 @@ where
             history: config.history,
             input_tick_hz: config.input_tick_hz,
             webhooks: emitter.clone(),
+            red: config.red,
         },
         sockets,
     )?;

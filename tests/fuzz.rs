@@ -26,7 +26,7 @@ use plaza::sfu::demux::{self, Demux};
 use plaza::sfu::egress::{self, Egress, SrtpKeys};
 use plaza::sfu::ingress::Ingress;
 use plaza::sfu::rewrite::{Rewriter, SrcPacket, Vp8Munger};
-use plaza::sfu::{data, sdpcheck, vp8};
+use plaza::sfu::{data, red, sdpcheck, vp8};
 use plaza::signal::{self, ClientMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
@@ -380,7 +380,7 @@ fn fuzz_srtp() {
         name: "srtp",
         seeds: seeds.clone(),
         dict: Vec::new(),
-        default_inputs: 200_000,
+        default_inputs: 100_000,
         max_len: 1500,
     };
     let t0 = Instant::now();
@@ -715,6 +715,64 @@ fn fuzz_media() {
         descriptors > n / 10 && keyframes > 0,
         "{descriptors} descriptors, {keyframes} keyframes of {n}"
     );
+}
+
+/// RFC 2198 RED payloads (what a publisher sends as `audio/red`): reading the blocks, taking
+/// out the primary block and retagging the blocks. What parses lies inside the payload, in
+/// order, the primary last; stripping gives the primary's bytes; retagging keeps the layout.
+#[test]
+fn fuzz_red() {
+    let frame = |n: u8| vec![n; 20 + usize::from(n % 60)];
+    let seeds = vec![
+        red::build(&[], 111, &frame(1)),
+        red::build(&[(111, 960, &frame(2))], 111, &frame(3)),
+        red::build(
+            &[(111, 1920, &frame(4)), (111, 960, &frame(5))],
+            111,
+            &frame(6),
+        ),
+        red::build(&[(109, 0x3fff, &[7; 1023])], 109, &[]),
+    ];
+    let spec = Spec {
+        name: "red",
+        seeds,
+        dict: vec![
+            vec![0x80 | 111],
+            vec![111],
+            vec![0x03, 0xff],
+            vec![0xff, 0xff],
+        ],
+        default_inputs: 200_000,
+        max_len: 1500,
+    };
+    let (mut n, mut parsed) = (0u64, 0u64);
+    engine::run(spec, |data| {
+        n += 1;
+        let bytes = Bytes::copy_from_slice(data);
+        let Ok(r) = red::parse(data) else {
+            assert!(red::primary(data).is_err());
+            assert!(red::strip(&bytes, None).is_err());
+            assert!(red::retag(&bytes, 111, 109).is_err());
+            return;
+        };
+        parsed += 1;
+        let mut end = 0;
+        for b in r.redundant.iter().chain(std::iter::once(&r.primary)) {
+            assert!(b.data.start >= end && b.data.end <= data.len());
+            end = b.data.end;
+        }
+        assert_eq!(r.primary.data.end, data.len());
+        assert_eq!(red::primary(data).as_ref(), Ok(&r.primary));
+        let stripped = red::strip(&bytes, Some(r.primary.payload_type)).expect("strips");
+        assert_eq!(&stripped[..], &data[r.primary.data.clone()]);
+        let retagged = red::retag(&bytes, r.primary.payload_type, 5).expect("retags");
+        assert_eq!(retagged.len(), data.len());
+        let again = red::parse(&retagged).expect("a retagged payload parses");
+        assert_eq!(again.primary.payload_type, 5);
+        assert_eq!(again.primary.data, r.primary.data);
+        assert_eq!(again.redundant.len(), r.redundant.len());
+    });
+    assert!(parsed > n / 10, "{parsed} of {n} parsed");
 }
 
 /// The whole core, sans-I/O: joins, arbitrary client messages, datagrams from arbitrary

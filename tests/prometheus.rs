@@ -292,7 +292,7 @@ async fn metrics_follow_real_media_and_data() {
         .into_keys()
         .collect();
     assert!(
-        reasons.contains("other_layer") && reasons.contains("muted") && reasons.len() == 8,
+        reasons.contains("other_layer") && reasons.contains("muted") && reasons.len() == 9,
         "{reasons:?}"
     );
     assert!(!text.contains("plaza_forward_dropped_other_layer"));

@@ -543,6 +543,7 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
             ("stale", f.stale),
             ("no_transport", f.no_transport),
             ("encrypt", f.encrypt),
+            ("malformed_red", f.malformed_red),
             ("muted", f.muted),
         ],
     )?;

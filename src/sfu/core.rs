@@ -20,6 +20,7 @@ use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::SwitchWatch;
 use super::outbox::Outbox;
 use super::pipe::{PipeMsg, PipeOut, RelayId, ShardId, Submitted, layer_bits};
+use super::red;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::room::{
     Channel, EARLY_MAX, Layer, Participant, Pc, PcKey, PcKind, PubTrack, Publisher, RemoteMember,
@@ -43,7 +44,6 @@ use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::ice::tcp_type::TcpType;
 use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
@@ -57,6 +57,7 @@ use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::{
     CandidateConfig, CandidateHostConfig, RTCDtlsRole, RTCIceCandidate, RTCIceCandidateInit,
 };
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -92,6 +93,8 @@ pub struct CoreConfig {
     /// Where webhook events go (`None`: webhooks off). Only the shard where a participant or
     /// track event originates emits it, never one that relays it.
     pub webhooks: Option<crate::webhook::Emitter>,
+    /// Negotiate RFC 2198 redundant audio (`audio/red`) next to Opus (`--no-red`: off).
+    pub red: bool,
 }
 
 /// A participant as webhook events name it.
@@ -224,25 +227,47 @@ pub fn is_keyframe(mime: &str, payload: &[u8]) -> bool {
     }
 }
 
-fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
+/// Opus as every connection negotiates it: in-band FEC on (`useinbandfec=1`), so a decoder
+/// that misses a packet recovers it from the next one's FEC data (the SFU forwards Opus payloads
+/// untouched).
+fn opus_codec() -> RTCRtpCodecParameters {
+    RTCRtpCodecParameters {
+        rtp_codec: RTCRtpCodec {
+            mime_type: MIME_TYPE_OPUS.to_owned(),
+            clock_rate: 48000,
+            channels: 2,
+            sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+            rtcp_feedback: vec![],
+        },
+        payload_type: 111,
+    }
+}
+
+/// RFC 2198 redundant Opus (`red/48000/2`, fmtp `111/111`) as Chromium offers it.
+fn red_codec() -> RTCRtpCodecParameters {
+    RTCRtpCodecParameters {
+        rtp_codec: RTCRtpCodec {
+            mime_type: red::MIME_TYPE_RED.to_owned(),
+            clock_rate: 48000,
+            channels: 2,
+            sdp_fmtp_line: "111/111".to_owned(),
+            rtcp_feedback: vec![],
+        },
+        payload_type: red::RED_PAYLOAD_TYPE,
+    }
+}
+
+/// The codecs every connection negotiates: Opus (and RED, unless `red` is off), VP8, H.264.
+fn media_engine(red: bool) -> Result<MediaEngine, rtc::shared::error::Error> {
     let mut me = MediaEngine::default();
     let fb = |typ: &str, parameter: &str| RTCPFeedback {
         typ: typ.to_owned(),
         parameter: parameter.to_owned(),
     };
-    me.register_codec(
-        RTCRtpCodecParameters {
-            rtp_codec: RTCRtpCodec {
-                mime_type: MIME_TYPE_OPUS.to_owned(),
-                clock_rate: 48000,
-                channels: 2,
-                sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
-                rtcp_feedback: vec![],
-            },
-            payload_type: 111,
-        },
-        RtpCodecKind::Audio,
-    )?;
+    if red {
+        me.register_codec(red_codec(), RtpCodecKind::Audio)?;
+    }
+    me.register_codec(opus_codec(), RtpCodecKind::Audio)?;
     let video_fb = vec![
         fb("goog-remb", ""),
         fb("ccm", "fir"),
@@ -278,6 +303,49 @@ fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
         )?;
     }
     Ok(me)
+}
+
+/// A publisher's offer applied: every audio section's answer lists RED ahead of Opus, so
+/// Chromium sends RED where it offered it (`red::red_before_opus`).
+fn answer_red_first(rtc: &mut RTCPeerConnection) {
+    for id in rtc.get_transceivers().collect::<Vec<_>>() {
+        let Some(receiver) = rtc.rtp_transceiver(id).and_then(|t| t.receiver()) else {
+            continue;
+        };
+        // (Only an audio section lists both; the receiver's track has no kind before media.)
+        let Some(mut r) = rtc.rtp_receiver(receiver) else {
+            continue;
+        };
+        let mut codecs = r.get_parameters().rtp_parameters.codecs.clone();
+        if red::red_before_opus(&mut codecs) {
+            if let Some(Err(e)) = rtc
+                .rtp_transceiver(id)
+                .map(|mut t| t.set_codec_preferences(codecs))
+            {
+                debug!("RED ahead of Opus refused: {e}");
+            }
+        }
+    }
+}
+
+/// An audio down-track's section offers RED ahead of Opus (the track goes as RED where the
+/// subscriber answers with both, as plain Opus where it answers with Opus alone), so a
+/// subscriber's negotiated codecs keep RED for the RED tracks that come later.
+fn offer_red(rtc: &mut RTCPeerConnection, sender: RTCRtpSenderId) {
+    let ids: Vec<_> = rtc.get_transceivers().collect();
+    let Some(id) = ids.into_iter().find(|&id| {
+        rtc.rtp_transceiver(id)
+            .is_some_and(|t| t.sender() == Some(sender))
+    }) else {
+        return;
+    };
+    if let Some(Err(e)) = rtc
+        .rtp_transceiver(id)
+        .map(|mut t| t.set_codec_preferences(vec![red_codec(), opus_codec()]))
+    {
+        // The subscriber answered an earlier audio section without RED: Opus alone.
+        debug!("RED not offered: {e}");
+    }
 }
 
 /// The participant `$k` of core `$s`, borrowing only the rooms (so other fields of the core
@@ -1164,7 +1232,14 @@ impl<T: Transmit> Sfu<T> {
             TrackKind::Audio => RtpCodecKind::Audio,
             TrackKind::Video => RtpCodecKind::Video,
         };
-        let codec = track.codec.clone();
+        // A RED track's encoding is Opus: its section offers RED and Opus (`offer_red`), and
+        // a subscriber without RED gets the primary blocks as Opus.
+        let audio = kind == RtpCodecKind::Audio;
+        let codec = if red::is_red(&track.codec) {
+            opus_codec().rtp_codec
+        } else {
+            track.codec.clone()
+        };
         let stream = room.publisher_id(track);
         use rand::Rng;
         let ssrc: u32 = self.rng.random::<u32>() | 1;
@@ -1193,6 +1268,9 @@ impl<T: Transmit> Sfu<T> {
                 return false;
             }
         };
+        if audio && self.cfg.red {
+            offer_red(&mut p.sub.rtc, sender);
+        }
         p.subscriptions.insert(TrackId::from(tid), sender);
         let first_offer = p.offers_sent + 1;
         let is_video = kind == RtpCodecKind::Video;
@@ -1217,6 +1295,7 @@ impl<T: Transmit> Sfu<T> {
                 DownTrack {
                     ssrc,
                     payload_type: None,
+                    payload: red::Payload::AsIs,
                     twcc_ext: None,
                     rewriter: Rewriter::with_initial(ssrc, seq0, ts0),
                     munger,
@@ -1281,30 +1360,11 @@ impl<T: Transmit> Sfu<T> {
             if dt.payload_type.is_none() {
                 if let Some(mut sender) = p.sub.rtc.rtp_sender(sender_id) {
                     let params = sender.get_parameters();
-                    let pt = params
-                        .rtp_parameters
-                        .codecs
-                        .iter()
-                        .find(|c| {
-                            c.rtp_codec
-                                .mime_type
-                                .eq_ignore_ascii_case(&track.codec.mime_type)
-                                && (c.rtp_codec.sdp_fmtp_line == track.codec.sdp_fmtp_line
-                                    || c.rtp_codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_H264)
-                                        && h264::same_format(
-                                            &c.rtp_codec.sdp_fmtp_line,
-                                            &track.codec.sdp_fmtp_line,
-                                        ))
-                        })
-                        .or_else(|| {
-                            params.rtp_parameters.codecs.iter().find(|c| {
-                                c.rtp_codec
-                                    .mime_type
-                                    .eq_ignore_ascii_case(&track.codec.mime_type)
-                            })
-                        })
-                        .map(|c| c.payload_type);
-                    dt.payload_type = pt;
+                    // The track's codec, or for a RED track whichever of RED and Opus the
+                    // subscriber has.
+                    let plan = red::plan(&track.codec, &params.rtp_parameters.codecs);
+                    dt.payload_type = plan.map(|(pt, _)| pt);
+                    dt.payload = plan.map(|(_, p)| p).unwrap_or_default();
                     dt.twcc_ext = params
                         .rtp_parameters
                         .header_extensions
@@ -1484,6 +1544,22 @@ impl<T: Transmit> Sfu<T> {
         for (&sub, dt) in track.down.iter_mut() {
             let p = parts.get_mut(&sub);
             let connected = p.as_ref().is_some_and(|p| p.sub.connected);
+            // A RED payload this subscriber gets stripped or retagged: read before the
+            // rewriter counts the packet (a malformed one is dropped, counted, never sent).
+            let payload = match dt.payload {
+                red::Payload::AsIs => None,
+                red::Payload::Strip { expect } => Some(red::strip(&packet.payload, expect)),
+                red::Payload::Retag { from, to } => Some(red::retag(&packet.payload, from, to)),
+            };
+            let payload = match payload {
+                Some(Err(e)) if dt.payload_type.is_some() => {
+                    trace!(track = %tid, "RED payload dropped: {e}");
+                    self.stats.forward_dropped.count(DropReason::MalformedRed);
+                    continue;
+                }
+                Some(Ok(p)) => Some(p),
+                _ => None,
+            };
             let f = match dt.decide(&meta, connected, now) {
                 Decision::Forward(f) => f,
                 Decision::Drop(reason) => {
@@ -1506,6 +1582,9 @@ impl<T: Transmit> Sfu<T> {
             if let Some(m) = dt.munger.as_mut() {
                 // Copies the payload only when a descriptor field must change.
                 out.payload = m.munge_shared(&packet.payload, f.rebase);
+            }
+            if let Some(payload) = payload {
+                out.payload = payload;
             }
             let (Some(egress), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) else {
                 // Connected, but its fast path did not start (the participant is on its way
@@ -2700,7 +2779,7 @@ impl<T: Transmit> Sfu<T> {
         let mut setting = SettingEngineBuilder::new()
             .with_answering_dtls_role(RTCDtlsRole::Client)
             .with_lite(true);
-        let mut me = media_engine().map_err(rtc_err)?;
+        let mut me = media_engine(self.cfg.red).map_err(rtc_err)?;
         let c = KeyCapture::new().map_err(|e| SfuError::Rtc(e.to_string()))?;
         setting = setting
             // `rtc` takes its crypto provider shared across threads; it is touched only during
@@ -3545,6 +3624,7 @@ impl<T: Transmit> Sfu<T> {
             .set_remote_description(now, offer)
             .map_err(|e| (ErrorCode::InvalidSdp, format!("offer rejected: {e}")))
             .and_then(|_| {
+                answer_red_first(&mut pc.rtc);
                 pc.rtc
                     .create_answer(None)
                     .map_err(|e| (ErrorCode::InvalidSdp, format!("no answer possible: {e}")))

@@ -13,6 +13,7 @@ pub mod media {
     pub mod forward;
     pub mod h264;
     pub mod keyframe;
+    pub mod red;
     pub mod rewrite;
     pub mod selector;
     pub mod vp8;
@@ -24,7 +25,7 @@ pub mod transport {
     pub mod ingress;
     pub mod nack;
 }
-pub use media::{forward, h264, keyframe, rewrite, selector, vp8};
+pub use media::{forward, h264, keyframe, red, rewrite, selector, vp8};
 pub use transport::{bwe, egress, ingress, nack};
 pub mod admin;
 pub mod data;

@@ -61,6 +61,7 @@ pub fn sim_config(ip: IpAddr) -> CoreConfig {
         history: Default::default(),
         input_tick_hz: 0,
         webhooks: None,
+        red: true,
     }
 }
 

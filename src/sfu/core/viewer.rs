@@ -148,6 +148,7 @@ impl<T: Transmit> Sfu<T> {
                     parked: Some(DownTrack {
                         ssrc,
                         payload_type: None,
+                        payload: Default::default(),
                         twcc_ext: None,
                         rewriter: Rewriter::with_initial(ssrc, seq0, ts0),
                         munger: None,

@@ -15,6 +15,9 @@ pub struct DownTrack {
     pub ssrc: u32,
     /// Negotiated on the subscriber connection; `None` until its answer is applied.
     pub payload_type: Option<u8>,
+    /// What each payload needs on the way (RED kept, retagged or stripped to its primary
+    /// block); learned with `payload_type`.
+    pub payload: super::red::Payload,
     /// Negotiated id of the transport-wide sequence number extension, if any.
     pub twcc_ext: Option<u8>,
     pub rewriter: Rewriter,
@@ -85,6 +88,9 @@ pub enum DropReason {
     NoTransport,
     /// SRTP protection failed.
     Encrypt,
+    /// A RED payload that could not be read, for a subscriber that gets its primary block
+    /// (or its blocks retagged).
+    MalformedRed,
 }
 
 impl DownTrack {
@@ -151,6 +157,7 @@ pub struct ForwardDrops {
     pub stale: u64,
     pub no_transport: u64,
     pub encrypt: u64,
+    pub malformed_red: u64,
     /// Packets of a muted track (by its publisher or a room admin), counted once per packet,
     /// not per subscriber.
     pub muted: u64,
@@ -166,6 +173,7 @@ impl ForwardDrops {
             DropReason::Stale => &mut self.stale,
             DropReason::NoTransport => &mut self.no_transport,
             DropReason::Encrypt => &mut self.encrypt,
+            DropReason::MalformedRed => &mut self.malformed_red,
         } += 1;
     }
 
@@ -178,6 +186,7 @@ impl ForwardDrops {
             stale,
             no_transport,
             encrypt,
+            malformed_red,
             muted,
         } = o;
         self.not_negotiated += not_negotiated;
@@ -187,6 +196,7 @@ impl ForwardDrops {
         self.stale += stale;
         self.no_transport += no_transport;
         self.encrypt += encrypt;
+        self.malformed_red += malformed_red;
         self.muted += muted;
     }
 }
@@ -223,6 +233,7 @@ mod tests {
         DownTrack {
             ssrc: 0xabc,
             payload_type: Some(96),
+            payload: Default::default(),
             twcc_ext: None,
             rewriter: Rewriter::with_initial(0xabc, 1000, 5000),
             munger: None,
