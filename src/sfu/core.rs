@@ -44,7 +44,7 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::RTCPeerConnectionBuilder;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
-    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
+    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MediaEngine,
 };
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::{RTCConfigurationBuilder, RTCOfferOptions};
@@ -59,7 +59,7 @@ use rtc::rtp;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
+    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RTCRtpRtxParameters, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
 use rtc::sdp::extmap::TRANSPORT_CC_URI;
@@ -302,6 +302,54 @@ fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
         RtpCodecKind::Video,
     )?;
     Ok(me)
+}
+
+/// RTX (RFC 4588) for each video codec of [`media_engine`]: `rtx/90000` with `apt=` its
+/// payload type. Registered on subscriber connections: retransmissions go on each
+/// down-track's RTX stream (`a=ssrc-group:FID`) where the subscriber accepts it.
+fn register_rtx(me: &mut MediaEngine) -> Result<(), rtc::shared::error::Error> {
+    for (pt, apt) in [(97, 96), (103, 102)] {
+        me.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: MIME_TYPE_RTX.to_owned(),
+                    clock_rate: 90000,
+                    channels: 0,
+                    sdp_fmtp_line: format!("apt={apt}"),
+                    rtcp_feedback: vec![],
+                },
+                payload_type: pt,
+            },
+            RtpCodecKind::Video,
+        )?;
+    }
+    Ok(())
+}
+
+/// The RTX stream negotiated for a sender whose media goes with `payload_type`: its SSRC
+/// (the encoding's, announced in `a=ssrc-group:FID`) and the RTX payload type whose `apt` is
+/// `payload_type`. `None` when the subscriber did not accept RTX.
+fn negotiated_rtx(
+    params: &rtc::rtp_transceiver::rtp_sender::RTCRtpSendParameters,
+    payload_type: u8,
+) -> Option<(u32, u8)> {
+    let ssrc = params
+        .encodings
+        .first()?
+        .rtp_coding_parameters
+        .rtx
+        .as_ref()?
+        .ssrc;
+    let apt = format!("apt={payload_type}");
+    let pt = params.rtp_parameters.codecs.iter().find_map(|c| {
+        (c.rtp_codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_RTX)
+            && c.rtp_codec
+                .sdp_fmtp_line
+                .split(';')
+                .any(|kv| kv.trim() == apt))
+        .then_some(c.payload_type)
+    })?;
+    Some((ssrc, pt))
 }
 
 /// The participant `$k` of core `$s`, borrowing only the rooms (so other fields of the core
@@ -1186,6 +1234,8 @@ impl<T: Transmit> Sfu<T> {
         use rand::Rng;
         let ssrc: u32 = self.rng.random::<u32>() | 1;
         let (seq0, ts0) = (self.rng.random(), self.rng.random());
+        // Its RTX stream's SSRC (`rtc` keeps it only if RTX is negotiated).
+        let rtx_ssrc: u32 = self.rng.random::<u32>() | 1;
         let Some(p) = part_mut!(self, sub) else {
             return false;
         };
@@ -1197,6 +1247,8 @@ impl<T: Transmit> Sfu<T> {
             vec![RTCRtpEncodingParameters {
                 rtp_coding_parameters: RTCRtpCodingParameters {
                     ssrc: Some(ssrc),
+                    rtx: (kind == RtpCodecKind::Video)
+                        .then_some(RTCRtpRtxParameters { ssrc: rtx_ssrc }),
                     ..Default::default()
                 },
                 codec,
@@ -1334,6 +1386,37 @@ impl<T: Transmit> Sfu<T> {
                     });
                 }
             }
+        }
+        self.sync_rtx(sub);
+    }
+
+    /// Tell `sub`'s subscriber fast path (once it runs) which of its video down-tracks
+    /// retransmit on an RTX stream: those whose negotiation kept the sender's RTX encoding
+    /// and an RTX codec for their payload type. Called after each negotiation and when the
+    /// fast path starts.
+    fn sync_rtx(&mut self, sub: PartKey) {
+        let Some(room) = self.rooms.get_mut(&sub.room) else {
+            return;
+        };
+        let Some(p) = room.parts.get_mut(&sub) else {
+            return;
+        };
+        let Some(egress) = p.egress.as_mut() else {
+            return;
+        };
+        for (tid, &sender_id) in p.subscriptions.iter() {
+            let Some(dt) = room.tracks.get(tid).and_then(|t| t.down.get(&sub)) else {
+                continue;
+            };
+            let Some(pt) = dt.payload_type else { continue };
+            let Some(mut sender) = p.sub.rtc.rtp_sender(sender_id) else {
+                continue;
+            };
+            let rtx = negotiated_rtx(sender.get_parameters(), pt);
+            if egress.has_rtx(dt.ssrc) != rtx.is_some() {
+                debug!(participant = %p.pid, track = %tid, ?rtx, "retransmissions on RTX");
+            }
+            egress.set_rtx(dt.ssrc, rtx);
         }
     }
 
@@ -1575,6 +1658,7 @@ impl<T: Transmit> Sfu<T> {
             Ok(e) => {
                 debug!(participant = %p.pid, "subscriber fast path ready");
                 p.egress = Some(e);
+                self.sync_rtx(part);
             }
             Err(e) => {
                 warn!(participant = %p.pid, "subscriber media path: {e}");
@@ -2625,6 +2709,8 @@ impl<T: Transmit> Sfu<T> {
         s.nack_resent = e.nack.resent;
         s.nack_refused = e.nack.refused;
         s.nack_over_budget = e.nack.over_budget;
+        s.nack_resent_rtx = e.rtx_resent;
+        s.nack_resent_media = e.nack.resent.saturating_sub(e.rtx_resent);
         s.subscriber_rtcp_in = e.rtcp_in;
         s.subscriber_rtcp_rejected = e.rtcp_rejected;
         s.subscriber_rtcp_malformed = e.rtcp_malformed;
@@ -2679,6 +2765,7 @@ impl<T: Transmit> Sfu<T> {
                 Registry::new()
             }
             PcKind::Subscriber => {
+                register_rtx(&mut me).map_err(rtc_err)?;
                 for (typ, parameter) in [("nack", ""), ("nack", "pli"), ("transport-cc", "")] {
                     me.register_feedback(
                         RTCPFeedback {
