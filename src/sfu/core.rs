@@ -326,6 +326,15 @@ fn register_rtx(me: &mut MediaEngine) -> Result<(), rtc::shared::error::Error> {
     Ok(())
 }
 
+/// What a publisher connection negotiated for RTX: from its local (answer) and remote (offer)
+/// descriptions.
+fn rtx_config_of(pc: &Pc) -> ingress::RtxConfig {
+    match (pc.rtc.local_description(), pc.rtc.remote_description()) {
+        (Some(l), Some(r)) => ingress::rtx_config(&l.sdp, &r.sdp),
+        _ => ingress::RtxConfig::default(),
+    }
+}
+
 /// The RTX stream negotiated for a sender whose media goes with `payload_type`: its SSRC
 /// (the encoding's, announced in `a=ssrc-group:FID`) and the RTX payload type whose `apt` is
 /// `payload_type`. `None` when the subscriber did not accept RTX.
@@ -690,11 +699,12 @@ impl<T: Transmit> Sfu<T> {
                 Some(Ok(incoming)) => {
                     self.after_ingress(key.part);
                     match incoming {
-                        // RTCP, taken.
-                        None => return,
+                        // RTCP, taken; an RTX duplicate or padding, dropped.
+                        None | Some(ingress::Incoming { dropped: true, .. }) => return,
                         Some(ingress::Incoming {
                             packet,
                             track: Some(track),
+                            ..
                         }) => {
                             self.forward_rtp(key.part, &track, packet, now);
                             return;
@@ -1685,6 +1695,7 @@ impl<T: Transmit> Sfu<T> {
             .rtc
             .local_description()
             .and_then(|d| ingress::twcc_ext_id(&d.sdp));
+        let rtx = rtx_config_of(pc);
         let res = pc
             .capture
             .as_ref()
@@ -1693,8 +1704,9 @@ impl<T: Transmit> Sfu<T> {
             .map_err(|e| e.to_string())
             .and_then(|keys| Ingress::new(&keys, twcc_ext, sender_ssrc).map_err(|e| e.to_string()));
         match res {
-            Ok(i) => {
-                debug!(participant = %p.pid, ?twcc_ext, "publisher fast path ready");
+            Ok(mut i) => {
+                debug!(participant = %p.pid, ?twcc_ext, ?rtx, "publisher fast path ready");
+                i.set_rtx(rtx);
                 p.ingress = Some(i);
             }
             Err(e) => {
@@ -2728,6 +2740,9 @@ impl<T: Transmit> Sfu<T> {
         s.nack_sent_to_publishers = i.nack_sent;
         s.twcc_feedback_sent = i.twcc_feedback_sent;
         s.receiver_reports_sent = i.receiver_reports_sent;
+        s.publisher_rtx_repaired = i.rtx_repaired;
+        s.publisher_rtx_duplicate = i.rtx_duplicate;
+        s.publisher_rtx_padding = i.rtx_padding;
         self.tx.report(&mut s);
         s
     }
@@ -2762,6 +2777,8 @@ impl<T: Transmit> Sfu<T> {
                 // is unchanged); the interceptors it builds are left out: the fast path
                 // ([`Ingress`]) does their work.
                 let _ = register_default_interceptors(Registry::new(), &mut me).map_err(rtc_err)?;
+                // RTX, which browsers send repairs (and probes) on: the fast path unwraps it.
+                register_rtx(&mut me).map_err(rtc_err)?;
                 Registry::new()
             }
             PcKind::Subscriber => {
@@ -3609,8 +3626,12 @@ impl<T: Transmit> Sfu<T> {
                 if let Some(pc) = self.pc_mut(key) {
                     pc.remote_candidates += candidates;
                 }
-                if let Some(ing) = part_mut!(self, part).and_then(|p| p.ingress.as_mut()) {
-                    ing.set_twcc_ext(ingress::twcc_ext_id(&sdp));
+                if let Some(p) = part_mut!(self, part) {
+                    let rtx = p.publ.as_ref().map(rtx_config_of).unwrap_or_default();
+                    if let Some(ing) = p.ingress.as_mut() {
+                        ing.set_twcc_ext(ingress::twcc_ext_id(&sdp));
+                        ing.set_rtx(rtx);
+                    }
                 }
                 self.send_to(part, ServerMessage::PublishAnswer { sdp });
                 self.drop_stopped_publications(part);
