@@ -17,6 +17,7 @@ mod virtual_time {
     pub mod isolation;
     pub mod lifecycle;
     pub mod quality;
+    pub mod rtx;
     pub mod sfu;
     pub mod shards;
     pub mod timeline;
