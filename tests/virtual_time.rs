@@ -18,6 +18,7 @@ mod virtual_time {
     pub mod isolation;
     pub mod lifecycle;
     pub mod quality;
+    pub mod rtx;
     pub mod sfu;
     pub mod shards;
     pub mod speaker;

@@ -317,6 +317,11 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         nack_resent,
         nack_refused,
         nack_over_budget,
+        nack_resent_rtx,
+        nack_resent_media,
+        publisher_rtx_repaired,
+        publisher_rtx_duplicate,
+        publisher_rtx_padding,
         subscriber_rtcp_in,
         subscriber_rtcp_rejected,
         subscriber_rtcp_malformed,
@@ -345,7 +350,7 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         "Tracks published",
         *published_tracks,
     )?;
-    let counters: [(&str, &str, u64); 36] = [
+    let counters: [(&str, &str, u64); 41] = [
         (
             "plaza_rtp_packets_in",
             "RTP packets received from publishers",
@@ -455,6 +460,31 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
             "plaza_nack_over_budget",
             "NACKed packets not retransmitted for lack of budget",
             *nack_over_budget,
+        ),
+        (
+            "plaza_nack_resent_rtx",
+            "Packets retransmitted to subscribers on an RTX stream (RFC 4588)",
+            *nack_resent_rtx,
+        ),
+        (
+            "plaza_nack_resent_media",
+            "Packets retransmitted to subscribers on the media SSRC (no RTX negotiated)",
+            *nack_resent_media,
+        ),
+        (
+            "plaza_publisher_rtx_repaired",
+            "RTX repairs from publishers forwarded as the original packet",
+            *publisher_rtx_repaired,
+        ),
+        (
+            "plaza_publisher_rtx_duplicate",
+            "RTX repairs from publishers dropped: the original had arrived",
+            *publisher_rtx_duplicate,
+        ),
+        (
+            "plaza_publisher_rtx_padding",
+            "Padding-only RTX packets (probes) from publishers dropped",
+            *publisher_rtx_padding,
         ),
         (
             "plaza_subscriber_rtcp_in",

@@ -46,7 +46,7 @@ use rtc::interceptor::Registry;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
-    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine,
+    MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MediaEngine,
 };
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::{RTCConfigurationBuilder, RTCOfferOptions};
@@ -62,7 +62,7 @@ use rtc::rtp;
 use rtc::rtp_transceiver::RTCRtpSenderId;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
+    RTCRtpEncodingParameters, RTCRtpHeaderExtensionCapability, RTCRtpRtxParameters, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
 use rtc::sdp::extmap::{AUDIO_LEVEL_URI, TRANSPORT_CC_URI};
@@ -346,6 +346,65 @@ fn offer_red(rtc: &mut RTCPeerConnection, sender: RTCRtpSenderId) {
         // The subscriber answered an earlier audio section without RED: Opus alone.
         debug!("RED not offered: {e}");
     }
+}
+
+/// RTX (RFC 4588) for each video codec of [`media_engine`]: `rtx/90000` with `apt=` its
+/// payload type. Registered on subscriber connections: retransmissions go on each
+/// down-track's RTX stream (`a=ssrc-group:FID`) where the subscriber accepts it.
+fn register_rtx(me: &mut MediaEngine) -> Result<(), rtc::shared::error::Error> {
+    // VP8 96 → 97; each H.264 format's payload type → the odd one after it.
+    let video = std::iter::once(96).chain(h264::FORMATS.iter().map(|&(pt, _)| pt));
+    for (pt, apt) in video.map(|apt| (apt + 1, apt)) {
+        me.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: MIME_TYPE_RTX.to_owned(),
+                    clock_rate: 90000,
+                    channels: 0,
+                    sdp_fmtp_line: format!("apt={apt}"),
+                    rtcp_feedback: vec![],
+                },
+                payload_type: pt,
+            },
+            RtpCodecKind::Video,
+        )?;
+    }
+    Ok(())
+}
+
+/// What a publisher connection negotiated for RTX: from its local (answer) and remote (offer)
+/// descriptions.
+fn rtx_config_of(pc: &Pc) -> ingress::RtxConfig {
+    match (pc.rtc.local_description(), pc.rtc.remote_description()) {
+        (Some(l), Some(r)) => ingress::rtx_config(&l.sdp, &r.sdp),
+        _ => ingress::RtxConfig::default(),
+    }
+}
+
+/// The RTX stream negotiated for a sender whose media goes with `payload_type`: its SSRC
+/// (the encoding's, announced in `a=ssrc-group:FID`) and the RTX payload type whose `apt` is
+/// `payload_type`. `None` when the subscriber did not accept RTX.
+fn negotiated_rtx(
+    params: &rtc::rtp_transceiver::rtp_sender::RTCRtpSendParameters,
+    payload_type: u8,
+) -> Option<(u32, u8)> {
+    let ssrc = params
+        .encodings
+        .first()?
+        .rtp_coding_parameters
+        .rtx
+        .as_ref()?
+        .ssrc;
+    let apt = format!("apt={payload_type}");
+    let pt = params.rtp_parameters.codecs.iter().find_map(|c| {
+        (c.rtp_codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_RTX)
+            && c.rtp_codec
+                .sdp_fmtp_line
+                .split(';')
+                .any(|kv| kv.trim() == apt))
+        .then_some(c.payload_type)
+    })?;
+    Some((ssrc, pt))
 }
 
 /// The participant `$k` of core `$s`, borrowing only the rooms (so other fields of the core
@@ -692,12 +751,13 @@ impl<T: Transmit> Sfu<T> {
                 Some(Ok(incoming)) => {
                     self.after_ingress(key.part);
                     match incoming {
-                        // RTCP, taken.
-                        None => return,
+                        // RTCP, taken; an RTX duplicate or padding, dropped.
+                        None | Some(ingress::Incoming { dropped: true, .. }) => return,
                         Some(ingress::Incoming {
                             packet,
                             track: Some(track),
                             audio_level,
+                            ..
                         }) => {
                             self.forward_rtp(key.part, &track, packet, now, audio_level);
                             return;
@@ -1244,6 +1304,8 @@ impl<T: Transmit> Sfu<T> {
         use rand::Rng;
         let ssrc: u32 = self.rng.random::<u32>() | 1;
         let (seq0, ts0) = (self.rng.random(), self.rng.random());
+        // Its RTX stream's SSRC (`rtc` keeps it only if RTX is negotiated).
+        let rtx_ssrc: u32 = self.rng.random::<u32>() | 1;
         let Some(p) = part_mut!(self, sub) else {
             return false;
         };
@@ -1255,6 +1317,8 @@ impl<T: Transmit> Sfu<T> {
             vec![RTCRtpEncodingParameters {
                 rtp_coding_parameters: RTCRtpCodingParameters {
                     ssrc: Some(ssrc),
+                    rtx: (kind == RtpCodecKind::Video)
+                        .then_some(RTCRtpRtxParameters { ssrc: rtx_ssrc }),
                     ..Default::default()
                 },
                 codec,
@@ -1382,6 +1446,37 @@ impl<T: Transmit> Sfu<T> {
                     });
                 }
             }
+        }
+        self.sync_rtx(sub);
+    }
+
+    /// Tell `sub`'s subscriber fast path (once it runs) which of its video down-tracks
+    /// retransmit on an RTX stream: those whose negotiation kept the sender's RTX encoding
+    /// and an RTX codec for their payload type. Called after each negotiation and when the
+    /// fast path starts.
+    fn sync_rtx(&mut self, sub: PartKey) {
+        let Some(room) = self.rooms.get_mut(&sub.room) else {
+            return;
+        };
+        let Some(p) = room.parts.get_mut(&sub) else {
+            return;
+        };
+        let Some(egress) = p.egress.as_mut() else {
+            return;
+        };
+        for (tid, &sender_id) in p.subscriptions.iter() {
+            let Some(dt) = room.tracks.get(tid).and_then(|t| t.down.get(&sub)) else {
+                continue;
+            };
+            let Some(pt) = dt.payload_type else { continue };
+            let Some(mut sender) = p.sub.rtc.rtp_sender(sender_id) else {
+                continue;
+            };
+            let rtx = negotiated_rtx(sender.get_parameters(), pt);
+            if egress.has_rtx(dt.ssrc) != rtx.is_some() {
+                debug!(participant = %p.pid, track = %tid, ?rtx, "retransmissions on RTX");
+            }
+            egress.set_rtx(dt.ssrc, rtx);
         }
     }
 
@@ -1689,6 +1784,7 @@ impl<T: Transmit> Sfu<T> {
             Ok(e) => {
                 debug!(participant = %p.pid, "subscriber fast path ready");
                 p.egress = Some(e);
+                self.sync_rtx(part);
             }
             Err(e) => {
                 warn!(participant = %p.pid, "subscriber media path: {e}");
@@ -1715,6 +1811,7 @@ impl<T: Transmit> Sfu<T> {
             .rtc
             .local_description()
             .and_then(|d| ingress::twcc_ext_id(&d.sdp));
+        let rtx = rtx_config_of(pc);
         let res = pc
             .capture
             .as_ref()
@@ -1724,7 +1821,8 @@ impl<T: Transmit> Sfu<T> {
             .and_then(|keys| Ingress::new(&keys, twcc_ext, sender_ssrc).map_err(|e| e.to_string()));
         match res {
             Ok(mut i) => {
-                debug!(participant = %p.pid, ?twcc_ext, "publisher fast path ready");
+                debug!(participant = %p.pid, ?twcc_ext, ?rtx, "publisher fast path ready");
+                i.set_rtx(rtx);
                 i.set_audio_level_ext(
                     pc.rtc
                         .local_description()
@@ -2745,6 +2843,8 @@ impl<T: Transmit> Sfu<T> {
         s.nack_resent = e.nack.resent;
         s.nack_refused = e.nack.refused;
         s.nack_over_budget = e.nack.over_budget;
+        s.nack_resent_rtx = e.rtx_resent;
+        s.nack_resent_media = e.nack.resent.saturating_sub(e.rtx_resent);
         s.subscriber_rtcp_in = e.rtcp_in;
         s.subscriber_rtcp_rejected = e.rtcp_rejected;
         s.subscriber_rtcp_malformed = e.rtcp_malformed;
@@ -2762,6 +2862,9 @@ impl<T: Transmit> Sfu<T> {
         s.nack_sent_to_publishers = i.nack_sent;
         s.twcc_feedback_sent = i.twcc_feedback_sent;
         s.receiver_reports_sent = i.receiver_reports_sent;
+        s.publisher_rtx_repaired = i.rtx_repaired;
+        s.publisher_rtx_duplicate = i.rtx_duplicate;
+        s.publisher_rtx_padding = i.rtx_padding;
         self.tx.report(&mut s);
         s
     }
@@ -2805,9 +2908,12 @@ impl<T: Transmit> Sfu<T> {
                     None,
                 )
                 .map_err(rtc_err)?;
+                // RTX, which browsers send repairs (and probes) on: the fast path unwraps it.
+                register_rtx(&mut me).map_err(rtc_err)?;
                 Registry::new()
             }
             PcKind::Subscriber => {
+                register_rtx(&mut me).map_err(rtc_err)?;
                 for (typ, parameter) in [("nack", ""), ("nack", "pli"), ("transport-cc", "")] {
                     me.register_feedback(
                         RTCPFeedback {
@@ -3652,9 +3758,13 @@ impl<T: Transmit> Sfu<T> {
                 if let Some(pc) = self.pc_mut(key) {
                     pc.remote_candidates += candidates;
                 }
-                if let Some(ing) = part_mut!(self, part).and_then(|p| p.ingress.as_mut()) {
-                    ing.set_twcc_ext(ingress::twcc_ext_id(&sdp));
-                    ing.set_audio_level_ext(ingress::audio_level_ext_id(&sdp));
+                if let Some(p) = part_mut!(self, part) {
+                    let rtx = p.publ.as_ref().map(rtx_config_of).unwrap_or_default();
+                    if let Some(ing) = p.ingress.as_mut() {
+                        ing.set_twcc_ext(ingress::twcc_ext_id(&sdp));
+                        ing.set_rtx(rtx);
+                        ing.set_audio_level_ext(ingress::audio_level_ext_id(&sdp));
+                    }
                 }
                 self.send_to(part, ServerMessage::PublishAnswer { sdp });
                 self.drop_stopped_publications(part);

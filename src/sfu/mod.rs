@@ -334,6 +334,16 @@ pub struct CoreStats {
     pub nack_resent: u64,
     pub nack_refused: u64,
     pub nack_over_budget: u64,
+    /// Of `nack_resent`: sent on the down-track's RTX stream (RFC 4588; the subscriber
+    /// negotiated RTX) and sent as the original packet on the media SSRC.
+    pub nack_resent_rtx: u64,
+    pub nack_resent_media: u64,
+    /// RTX packets (RFC 4588) from publishers: repairs unwrapped and forwarded as the
+    /// original packet (it had not arrived), repairs dropped because the original had, and
+    /// padding-only ones (bandwidth probes) dropped.
+    pub publisher_rtx_repaired: u64,
+    pub publisher_rtx_duplicate: u64,
+    pub publisher_rtx_padding: u64,
     /// RTCP datagrams from subscribers taken by the fast path, those rejected (failed
     /// authentication or replay), and malformed RTCP packets inside authenticated datagrams
     /// (skipped; the rest of the compound is still used).
@@ -455,6 +465,11 @@ impl CoreStats {
             nack_resent,
             nack_refused,
             nack_over_budget,
+            nack_resent_rtx,
+            nack_resent_media,
+            publisher_rtx_repaired,
+            publisher_rtx_duplicate,
+            publisher_rtx_padding,
             subscriber_rtcp_in,
             subscriber_rtcp_rejected,
             subscriber_rtcp_malformed,
@@ -496,6 +511,11 @@ impl CoreStats {
         self.nack_resent += nack_resent;
         self.nack_refused += nack_refused;
         self.nack_over_budget += nack_over_budget;
+        self.nack_resent_rtx += nack_resent_rtx;
+        self.nack_resent_media += nack_resent_media;
+        self.publisher_rtx_repaired += publisher_rtx_repaired;
+        self.publisher_rtx_duplicate += publisher_rtx_duplicate;
+        self.publisher_rtx_padding += publisher_rtx_padding;
         self.subscriber_rtcp_in += subscriber_rtcp_in;
         self.subscriber_rtcp_rejected += subscriber_rtcp_rejected;
         self.subscriber_rtcp_malformed += subscriber_rtcp_malformed;

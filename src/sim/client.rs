@@ -88,7 +88,10 @@ impl Client {
             now,
             SocketAddr::new(ip, SUBSCRIBER_PORT),
             seed ^ 0x5eed_0002,
-            &MediaSpec::none(),
+            &MediaSpec {
+                rtx: media.rtx,
+                ..MediaSpec::none()
+            },
         )?;
         Ok(Client {
             name: name.to_owned(),
@@ -325,7 +328,8 @@ impl Client {
             }
             return;
         }
-        if self.media == MediaSpec::none() && !self.publisher_channels {
+        let publishes = self.media.audio || !self.media.video.is_empty();
+        if !publishes && !self.publisher_channels {
             return;
         }
         let channels = self.publisher_channels;

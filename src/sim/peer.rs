@@ -45,7 +45,7 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
-    RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpEncodingParameters, RTCRtpRtxParameters, RtpCodecKind,
 };
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rtc::sansio::Protocol;
@@ -58,6 +58,8 @@ use std::time::{Duration, Instant};
 /// Payload types the sim's peers register (the server's media engine uses the same).
 pub const OPUS_PT: u8 = 111;
 pub const VP8_PT: u8 = 96;
+/// RTX for VP8 (with [`MediaSpec::rtx`]).
+pub const RTX_PT: u8 = 97;
 
 /// Largest VP8 payload in one RTP packet.
 const MAX_PAYLOAD: usize = 1100;
@@ -106,6 +108,10 @@ pub struct MediaSpec {
     pub fps: u32,
     /// Send a keyframe on every layer this often, besides the ones asked for.
     pub keyframe_interval: Option<Duration>,
+    /// Negotiate RTX (RFC 4588, `rtx/90000` with `apt=96`): video retransmissions go on an
+    /// RTX stream, both ways (a sending peer announces one per encoding with
+    /// `a=ssrc-group:FID`; a receiving one accepts the server's). Off by default.
+    pub rtx: bool,
 }
 
 impl MediaSpec {
@@ -437,8 +443,8 @@ impl Interceptor for RtcpTap {
 }
 
 /// The media engine of every sim peer: Opus 111 (with the audio level extension) and VP8 96
-/// with NACK, PLI, FIR and transport-cc feedback.
-fn media_engine() -> rtc::shared::error::Result<MediaEngine> {
+/// with NACK, PLI, FIR and transport-cc feedback; with `rtx`, RTX 97 for VP8.
+fn media_engine(rtx: bool) -> rtc::shared::error::Result<MediaEngine> {
     let mut me = MediaEngine::default();
     let fb = |typ: &str, parameter: &str| RTCPFeedback {
         typ: typ.to_owned(),
@@ -472,6 +478,21 @@ fn media_engine() -> rtc::shared::error::Result<MediaEngine> {
         RtpCodecKind::Audio,
         None,
     )?;
+    if rtx {
+        me.register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: "video/rtx".to_owned(),
+                    clock_rate: 90000,
+                    channels: 0,
+                    sdp_fmtp_line: format!("apt={VP8_PT}"),
+                    rtcp_feedback: vec![],
+                },
+                payload_type: RTX_PT,
+            },
+            RtpCodecKind::Video,
+        )?;
+    }
     Ok(me)
 }
 
@@ -543,7 +564,7 @@ impl Peer {
         seed: u64,
         media: &MediaSpec,
     ) -> Result<Self, PeerError> {
-        let mut me = media_engine().map_err(err)?;
+        let mut me = media_engine(media.rtx).map_err(err)?;
         let registry = register_default_interceptors(Registry::new(), &mut me)
             .map_err(err)?
             // Transport-wide sequence numbers on what the peer sends, as browsers do.
@@ -616,10 +637,15 @@ impl Peer {
             let mut codings = Vec::new();
             for spec in &media.video {
                 let ssrc = rng.random();
+                // (Drawn only with RTX, so that the other numbers stay as they were.)
+                let rtx = media
+                    .rtx
+                    .then(|| RTCRtpRtxParameters { ssrc: rng.random() });
                 codings.push(RTCRtpEncodingParameters {
                     rtp_coding_parameters: RTCRtpCodingParameters {
                         rid: spec.rid.clone(),
                         ssrc: Some(ssrc),
+                        rtx,
                         ..Default::default()
                     },
                     codec: vp8_codec(),

@@ -114,6 +114,10 @@ pub struct PeerOptions {
     pub subscriber_bandwidth_bps: Option<u64>,
     /// Queue bound of that bottleneck, as a delay: beyond it packets are dropped.
     pub subscriber_max_queue_delay: Duration,
+    /// The subscriber connection accepts RTX (`rtx/90000`, `apt=96`; RFC 4588): the server's
+    /// retransmissions come on each video track's RTX stream. Off by default (retransmissions
+    /// on the media SSRC).
+    pub subscriber_rtx: bool,
     /// When received video asks the server for a keyframe (PLI), as a browser would (see
     /// [`super::decoder`]). `Off` by default: a webrtc-rs peer without a decoder never does.
     pub pli_policy: PliPolicy,
@@ -179,6 +183,7 @@ impl Default for PeerOptions {
             honour_publisher_layers: true,
             subscriber_bandwidth_bps: None,
             subscriber_max_queue_delay: relay::DEFAULT_MAX_DELAY,
+            subscriber_rtx: false,
             pli_policy: PliPolicy::Off,
             skip_video_packet: None,
             munge_publish_offer: None,
@@ -1082,6 +1087,18 @@ pub async fn new_peer_connection(
     bind_ip: &str,
     t: Duration,
 ) -> Result<Arc<dyn PeerConnection>> {
+    new_peer_connection_with(keyframe_tap, handler, bind_ip, t, false).await
+}
+
+/// [`new_peer_connection`], with `rtx`: the peer also registers RTX for VP8 (`rtx/90000`
+/// payload type 97, `apt=96`), so it accepts (or offers) RTX.
+pub async fn new_peer_connection_with(
+    keyframe_tap: Option<KeyframeRequestTap>,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+    bind_ip: &str,
+    t: Duration,
+    rtx: bool,
+) -> Result<Arc<dyn PeerConnection>> {
     let mut media_engine = MediaEngine::default();
     if keyframe_tap.is_some() {
         media_engine
@@ -1102,6 +1119,23 @@ pub async fn new_peer_connection(
                 RtpCodecKind::Video,
             )
             .map_err(|e| anyhow!("register vp8: {e}"))?;
+        if rtx {
+            media_engine
+                .register_codec(
+                    RTCRtpCodecParameters {
+                        rtp_codec: RTCRtpCodec {
+                            mime_type: "video/rtx".to_owned(),
+                            clock_rate: 90_000,
+                            channels: 0,
+                            sdp_fmtp_line: "apt=96".to_owned(),
+                            rtcp_feedback: vec![],
+                        },
+                        payload_type: 97,
+                    },
+                    RtpCodecKind::Video,
+                )
+                .map_err(|e| anyhow!("register rtx: {e}"))?;
+        }
     } else {
         media_engine
             .register_default_codecs()
@@ -1141,7 +1175,8 @@ async fn build_pc(
         shared: shared.clone(),
         ws_tx: ws_tx.clone(),
     });
-    new_peer_connection(keyframe_tap, handler, &opts.bind_ip, opts.timeout).await
+    let rtx = target == PcTarget::Subscriber && opts.subscriber_rtx;
+    new_peer_connection_with(keyframe_tap, handler, &opts.bind_ip, opts.timeout, rtx).await
 }
 
 fn to_init(c: IceCandidate) -> RTCIceCandidateInit {
@@ -2501,6 +2536,20 @@ impl Peer {
             )
         })?;
         relay.set_rate(bps);
+        Ok(())
+    }
+
+    /// Drops every `n`th new RTP packet on the subscriber connection's downstream (see
+    /// [`Relay::set_loss_every`]; 0 stops). Needs the relay, as
+    /// [`Peer::set_subscriber_bandwidth`].
+    pub fn set_subscriber_loss_every(&self, n: u64) -> Result<()> {
+        let relay = self.shared.relay.as_ref().ok_or_else(|| {
+            anyhow!(
+                "{}: no relay (connect with subscriber_bandwidth_bps)",
+                self.name()
+            )
+        })?;
+        relay.set_loss_every(n);
         Ok(())
     }
 

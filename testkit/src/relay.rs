@@ -56,7 +56,16 @@ pub struct RelayStats {
     pub down_rtcp: u64,
     /// Current rate limit in bit/s (0 = unlimited).
     pub rate_bps: u64,
+    /// Downstream RTP packets dropped on purpose ([`Relay::set_loss_every`]), and the first
+    /// of them (SSRC, sequence number; at most [`MAX_LOST_KEPT`]).
+    pub down_lost: u64,
+    pub lost: Vec<(u32, u16)>,
+    /// Downstream RTP packets by SSRC and payload type (as they arrive at the relay).
+    pub down_rtp_by_stream: std::collections::BTreeMap<(u32, u8), u64>,
 }
+
+/// How many purposely dropped packets [`RelayStats::lost`] names.
+pub const MAX_LOST_KEPT: usize = 10_000;
 
 struct Inner {
     rate_bps: AtomicU64,
@@ -68,6 +77,9 @@ struct Inner {
     link_free_at: Mutex<Option<Instant>>,
     /// Highest sequence number seen per downstream SSRC.
     highest_seq: Mutex<std::collections::HashMap<u32, u16>>,
+    /// Drop every Nth new downstream RTP packet (0 = none), and how many were seen.
+    loss_every: AtomicU64,
+    new_rtp: AtomicU64,
 }
 
 /// What kind of datagram this is on a WebRTC transport (RFC 7983 demultiplexing, then RTP vs
@@ -137,6 +149,8 @@ impl Relay {
             stats: Mutex::new(RelayStats::default()),
             link_free_at: Mutex::new(None),
             highest_seq: Mutex::new(std::collections::HashMap::new()),
+            loss_every: AtomicU64::new(0),
+            new_rtp: AtomicU64::new(0),
         });
         let relay = Relay {
             inner: inner.clone(),
@@ -189,6 +203,13 @@ impl Relay {
         self.inner
             .max_delay_us
             .store(max_delay.as_micros() as u64, Ordering::Release);
+    }
+
+    /// Drops every `n`th downstream RTP packet that is not a repeat of its SSRC's sequence
+    /// numbers (first transmissions, RTX packets included; NACK answers on the media SSRC are
+    /// repeats and pass): a lossy link, deterministic. 0 stops dropping.
+    pub fn set_loss_every(&self, n: u64) {
+        self.inner.loss_every.store(n, Ordering::Release);
     }
 
     pub fn stats(&self) -> RelayStats {
@@ -262,7 +283,26 @@ async fn downstream_in_task(
             }
             _ => false,
         };
+        let every = inner.loss_every.load(Ordering::Acquire);
+        let lose = match kind {
+            Datagram::Rtp { .. } if !repeat && every > 0 => {
+                (inner.new_rtp.fetch_add(1, Ordering::AcqRel) + 1) % every == 0
+            }
+            _ => false,
+        };
         let mut s = lock(&inner.stats);
+        if let Datagram::Rtp { ssrc, seq } = kind {
+            *s.down_rtp_by_stream
+                .entry((ssrc, buf[1] & 0x7f))
+                .or_default() += 1;
+            if lose {
+                s.down_lost += 1;
+                if s.lost.len() < MAX_LOST_KEPT {
+                    s.lost.push((ssrc, seq));
+                }
+                continue;
+            }
+        }
         match kind {
             Datagram::Rtp { .. } => s.down_rtp += 1,
             Datagram::Rtcp => s.down_rtcp += 1,

@@ -37,12 +37,15 @@ impl<T: Transmit> Sfu<T> {
         // Each section's SSRC and first sequence number / timestamp.
         let (numbering, stream) = {
             use rand::Rng;
-            let numbering: Vec<(u32, u16, u32)> = (0..MAX_VIEWER_SECTIONS)
+            // Per section: SSRC, first sequence number and timestamp, RTX SSRC (kept by `rtc`
+            // only for a video section whose offer has RTX).
+            let numbering: Vec<(u32, u16, u32, u32)> = (0..MAX_VIEWER_SECTIONS)
                 .map(|_| {
                     (
                         self.rng.random::<u32>() | 1,
                         self.rng.random(),
                         self.rng.random(),
+                        self.rng.random::<u32>() | 1,
                     )
                 })
                 .collect();
@@ -86,6 +89,9 @@ impl<T: Transmit> Sfu<T> {
                         vec![RTCRtpEncodingParameters {
                             rtp_coding_parameters: RTCRtpCodingParameters {
                                 ssrc: Some(numbering[i].0),
+                                rtx: (kind == TrackKind::Video).then_some(RTCRtpRtxParameters {
+                                    ssrc: numbering[i].3,
+                                }),
                                 ..Default::default()
                             },
                             ..Default::default()
@@ -140,7 +146,7 @@ impl<T: Transmit> Sfu<T> {
         };
         p.sub.remote_candidates += candidates;
         if let Some(v) = p.viewer.as_mut() {
-            for (kind, sender, (ssrc, seq0, ts0)) in sections {
+            for (kind, sender, (ssrc, seq0, ts0, _)) in sections {
                 v.sections.push(Section {
                     kind,
                     sender,

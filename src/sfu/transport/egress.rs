@@ -45,7 +45,7 @@
 //! [`SettingEngineBuilder::with_crypto_provider`]: rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::with_crypto_provider
 
 use super::bwe::{Bwe, Estimate};
-use super::nack::{NackStats, Retransmitter};
+use super::nack::{NackStats, Retransmitter, RtxStream};
 use bytes::{Bytes, BytesMut};
 use rtc::crypto::{
     AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CbcAlgorithm, CbcCipher, CryptoAlgorithm,
@@ -454,6 +454,8 @@ pub struct EgressStats {
     /// Packets of decrypted compounds that were malformed and skipped.
     pub rtcp_malformed: u64,
     pub twcc_feedback: u64,
+    /// Of the retransmissions sent (`nack.resent`), those sent on an RTX stream.
+    pub rtx_resent: u64,
 }
 
 impl std::ops::AddAssign for EgressStats {
@@ -466,7 +468,14 @@ impl std::ops::AddAssign for EgressStats {
         self.rtcp_rejected += o.rtcp_rejected;
         self.rtcp_malformed += o.rtcp_malformed;
         self.twcc_feedback += o.twcc_feedback;
+        self.rtx_resent += o.rtx_resent;
     }
+}
+
+/// An RTX stream and the SRTP rollover counter it is sealed under.
+struct RtxState {
+    stream: RtxStream,
+    roc: Roc,
 }
 
 /// One subscriber connection's media out and feedback in (see the module docs).
@@ -484,6 +493,9 @@ pub struct Egress {
     estimate: Estimate,
     retransmit: Retransmitter,
     sent: SsrcMap<SentStream>,
+    /// RTX streams (RFC 4588) by the media SSRC they repair: retransmissions of a media
+    /// stream with one go on it; without, on the media SSRC itself.
+    rtx: SsrcMap<RtxState>,
     stats: EgressStats,
     /// Acknowledgements of the transport-cc feedback being read (reused).
     acks: Vec<Acknowledgement>,
@@ -520,6 +532,7 @@ impl Egress {
             estimate: Estimate::default(),
             retransmit: Retransmitter::new(),
             sent: SsrcMap::default(),
+            rtx: SsrcMap::default(),
             stats: EgressStats::default(),
             acks: Vec::new(),
             reports: Vec::new(),
@@ -652,17 +665,38 @@ impl Egress {
                     let Some(s) = self.sent.get_mut(&packet.header.ssrc) else {
                         continue;
                     };
-                    let sealed = seal(
-                        &mut self.sealer,
-                        &mut self.local,
-                        &mut self.twcc,
-                        &mut s.roc,
-                        now,
-                        &packet,
-                        s.twcc_id,
-                    );
+                    // On the RTX stream when the subscriber negotiated one (RFC 4588), else
+                    // as the original packet again.
+                    let rtx = self.rtx.get_mut(&packet.header.ssrc);
+                    let on_rtx = rtx.is_some();
+                    let sealed = match rtx {
+                        Some(r) => {
+                            let wrapped = r.stream.wrap(&packet);
+                            seal(
+                                &mut self.sealer,
+                                &mut self.local,
+                                &mut self.twcc,
+                                &mut r.roc,
+                                now,
+                                &wrapped,
+                                s.twcc_id,
+                            )
+                        }
+                        None => seal(
+                            &mut self.sealer,
+                            &mut self.local,
+                            &mut self.twcc,
+                            &mut s.roc,
+                            now,
+                            &packet,
+                            s.twcc_id,
+                        ),
+                    };
                     match sealed {
-                        Ok(b) => fb.retransmissions.push(b),
+                        Ok(b) => {
+                            self.stats.rtx_resent += u64::from(on_rtx);
+                            fb.retransmissions.push(b);
+                        }
                         Err(e) => tracing::trace!("retransmission: {e}"),
                     }
                 }
@@ -685,6 +719,62 @@ impl Egress {
     pub fn remove_stream(&mut self, ssrc: u32) {
         self.retransmit.remove_stream(ssrc);
         self.sent.remove(&ssrc);
+        self.rtx.remove(&ssrc);
+    }
+
+    /// The RTX stream negotiated for the media stream `media_ssrc` (its SSRC and payload
+    /// type), or none: retransmissions of it then go on the media SSRC. Setting the same
+    /// stream again keeps its numbering.
+    pub fn set_rtx(&mut self, media_ssrc: u32, rtx: Option<(u32, u8)>) {
+        match rtx {
+            None => {
+                self.rtx.remove(&media_ssrc);
+            }
+            Some((ssrc, payload_type)) => {
+                let same = self.rtx.get(&media_ssrc).is_some_and(|r| {
+                    r.stream.ssrc == ssrc && r.stream.payload_type == payload_type
+                });
+                if !same {
+                    self.rtx.insert(
+                        media_ssrc,
+                        RtxState {
+                            stream: RtxStream::new(ssrc, payload_type),
+                            roc: Roc::default(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whether retransmissions of `media_ssrc` go on an RTX stream.
+    pub fn has_rtx(&self, media_ssrc: u32) -> bool {
+        self.rtx.contains_key(&media_ssrc)
+    }
+
+    /// A padding-only packet of `size` bytes (1..=255) on the RTX stream of `media_ssrc`,
+    /// encrypted, with a transport-wide sequence number (so the subscriber's feedback reports
+    /// it): what a bandwidth probe sends, as libwebrtc probes. `None` when the stream has no
+    /// RTX stream or has sent nothing yet (its timestamp follows the media's).
+    pub fn rtx_padding(
+        &mut self,
+        now: Instant,
+        media_ssrc: u32,
+        size: usize,
+    ) -> Option<Result<BytesMut, EgressError>> {
+        let s = self.sent.get(&media_ssrc)?;
+        let r = self.rtx.get_mut(&media_ssrc)?;
+        let ts = rtp_time_at(s.last_ts, s.last_at, now, s.clock_rate);
+        let packet = r.stream.padding(ts, size);
+        Some(seal_padding(
+            &mut self.sealer,
+            &mut self.local,
+            &mut self.twcc,
+            &mut r.roc,
+            now,
+            &packet,
+            s.twcc_id,
+        ))
     }
 
     /// Sender reports for every stream that has sent something, as one encrypted compound
@@ -1027,6 +1117,32 @@ fn seal(
         buf.reserve(sealer.tag_len());
         p.header.marshal_size()
     };
+    buf.extend_from_slice(&packet.payload);
+    sealer.seal(local, roc, h.ssrc, h.sequence_number, header_len, buf)
+}
+
+/// Seal a padding-only packet (`packet.header.padding` set, its payload the padding itself,
+/// as [`RtxStream::padding`] makes it): written as is, with a transport-wide sequence number.
+fn seal_padding(
+    sealer: &mut RtpSealer,
+    local: &mut Context,
+    twcc: &mut TwccLog,
+    roc: &mut Roc,
+    now: Instant,
+    packet: &rtp::Packet,
+    twcc_id: Option<u8>,
+) -> Result<BytesMut, EgressError> {
+    let mut h = packet.header.clone();
+    h.padding = false;
+    let ext_len = if twcc_id.is_some() { 8 } else { 0 };
+    let header_len = 12 + 4 * h.csrc.len() + ext_len;
+    let size = packet.payload.len() + header_len;
+    let twcc = twcc_id.map(|id| (id, twcc.add(h.ssrc, h.sequence_number, size, now)));
+    let mut buf = BytesMut::with_capacity(size + sealer.tag_len());
+    if !write_rtp_header(&h, twcc, &mut buf) {
+        return Err(EgressError::Encoding("padding packet header".into()));
+    }
+    buf[0] |= 0x20;
     buf.extend_from_slice(&packet.payload);
     sealer.seal(local, roc, h.ssrc, h.sequence_number, header_len, buf)
 }
@@ -1743,6 +1859,100 @@ mod tests {
         assert!(e.on_rtcp(now, &wire).is_err());
         assert!(e.on_rtcp(now, &[0x81, 200, 0, 1, 0, 0, 0, 1]).is_err());
         assert_eq!(e.stats().rtcp_rejected, 2);
+    }
+
+    #[test]
+    fn nacks_of_a_stream_with_rtx_are_answered_on_the_rtx_stream() {
+        use rtc::shared::marshal::Unmarshal;
+        for (profile, salt_len) in [
+            (ProtectionProfile::AeadAes128Gcm, 12),
+            (ProtectionProfile::Aes128CmHmacSha1_80, 14),
+        ] {
+            let (mut e, mut rx, mut tx) = pair(profile, salt_len);
+            let now = Instant::now();
+            // Stream 7 repairs on RTX stream 8 (payload type 97); stream 9 has none.
+            e.set_rtx(7, Some((8, 97)));
+            assert!(e.has_rtx(7) && !e.has_rtx(9));
+            // No media sent yet: no padding either.
+            assert!(e.rtx_padding(now, 7, 100).is_none());
+            for seq in 0..5u16 {
+                for ssrc in [7, 9] {
+                    let mut p = media(ssrc, 1000 + seq, 3000);
+                    let wire = e
+                        .protect_rtp(now, &mut p, Some(3), 90_000, true, seq == 0)
+                        .expect("protect");
+                    rx.decrypt_rtp(&wire).expect("decrypt");
+                }
+            }
+            let nack = |media_ssrc| TransportLayerNack {
+                sender_ssrc: 1,
+                media_ssrc,
+                nacks: vec![NackPair {
+                    packet_id: 1002,
+                    lost_packets: 0b1,
+                }],
+            };
+            let compound: Vec<Box<dyn rtcp::Packet>> = vec![Box::new(nack(7)), Box::new(nack(9))];
+            let plain = rtcp::packet::marshal(&compound).expect("marshal");
+            let wire = tx.encrypt_rtcp(&plain).expect("encrypt");
+            let fb = e
+                .on_rtcp(now + Duration::from_millis(30), &wire)
+                .expect("rtcp");
+            assert_eq!(fb.retransmissions.len(), 4);
+            let got: Vec<rtp::Packet> = fb
+                .retransmissions
+                .iter()
+                .map(|w| {
+                    let plain = rx.decrypt_rtp(w).expect("decrypt");
+                    rtp::Packet::unmarshal(&mut plain.freeze()).expect("parse")
+                })
+                .collect();
+            // Newest first; on the RTX stream: its SSRC, payload type, consecutive sequence
+            // numbers, the OSN, then the original payload.
+            let first = RtxStream::new(8, 97).next_seq;
+            for (i, (g, osn)) in got[..2].iter().zip([1003u16, 1002]).enumerate() {
+                assert_eq!(g.header.ssrc, 8, "{profile:?}");
+                assert_eq!(g.header.payload_type, 97);
+                assert_eq!(g.header.sequence_number, first.wrapping_add(i as u16));
+                assert_eq!(&g.payload[..2], &osn.to_be_bytes());
+                assert_eq!(&g.payload[2..], &[osn as u8; 200][..]);
+                // With the next transport-wide sequence numbers (10 media packets before).
+                let ext = g.header.get_extension(3).expect("twcc");
+                assert_eq!(&ext[..], &(10 + i as u16).to_be_bytes());
+            }
+            // Without RTX: the original packets again.
+            for (g, seq) in got[2..].iter().zip([1003u16, 1002]) {
+                assert_eq!(g.header.ssrc, 9);
+                assert_eq!(g.header.payload_type, 96);
+                assert_eq!(g.header.sequence_number, seq);
+            }
+            let s = e.stats();
+            assert_eq!((s.nack.resent, s.rtx_resent), (4, 2));
+            // A padding-only packet on the RTX stream: next RTX sequence number, the padding
+            // bit, a transport-wide sequence number, nothing left after the padding.
+            let pad = e
+                .rtx_padding(now + Duration::from_millis(40), 7, 200)
+                .expect("rtx stream")
+                .expect("sealed");
+            let plain = rx.decrypt_rtp(&pad).expect("decrypt padding");
+            assert_eq!(plain.len(), 12 + 8 + 200);
+            let g = rtp::Packet::unmarshal(&mut plain.freeze()).expect("parse");
+            assert!(g.header.padding);
+            assert!(g.payload.is_empty());
+            assert_eq!(g.header.ssrc, 8);
+            assert_eq!(g.header.sequence_number, first.wrapping_add(2));
+            let ext = g.header.get_extension(3).expect("twcc");
+            assert_eq!(&ext[..], &14u16.to_be_bytes());
+            assert!(e.rtx_padding(now, 9, 100).is_none());
+            // Set again: same numbering; a removed stream forgets its RTX stream.
+            e.set_rtx(7, Some((8, 97)));
+            assert_eq!(
+                e.rtx.get(&7).map(|r| r.stream.next_seq),
+                Some(first.wrapping_add(3))
+            );
+            e.remove_stream(7);
+            assert!(!e.has_rtx(7));
+        }
     }
 
     #[test]

@@ -494,6 +494,22 @@ impl ReceiveLog {
         self.last_consecutive = i.wrapping_sub(1);
     }
 
+    /// Whether `seq` arrived: `false` for one newer than any seen, `true` for one older than
+    /// the log remembers (too late to matter).
+    fn has(&self, seq: u16) -> bool {
+        if !self.started {
+            return false;
+        }
+        let behind = self.end.wrapping_sub(seq);
+        if behind >= 0x8000 {
+            false
+        } else if behind >= self.size {
+            true
+        } else {
+            self.get(seq)
+        }
+    }
+
     fn missing(&self, skip_last: u16) -> Vec<u16> {
         let until = self.end.wrapping_sub(skip_last);
         if until.wrapping_sub(self.last_consecutive) >= 0x8000 {
@@ -567,6 +583,12 @@ impl NackGenerator {
         if let Some(log) = self.logs.get_mut(&ssrc) {
             log.add(seq);
         }
+    }
+
+    /// Whether `seq` of `ssrc` arrived (see `ReceiveLog::has`); `None`: the SSRC is not
+    /// tracked.
+    pub fn received(&self, ssrc: u32, seq: u16) -> Option<bool> {
+        self.logs.get(&ssrc).map(|log| log.has(seq))
     }
 
     /// The NACKs to send now.
@@ -748,6 +770,11 @@ pub struct IngressStats {
     pub nack_sent: u64,
     pub twcc_feedback_sent: u64,
     pub receiver_reports_sent: u64,
+    /// RTX packets (RFC 4588): repairs forwarded as the original packet, repairs of packets
+    /// that had arrived (dropped), padding-only ones (probes, dropped).
+    pub rtx_repaired: u64,
+    pub rtx_duplicate: u64,
+    pub rtx_padding: u64,
 }
 
 impl std::ops::AddAssign for IngressStats {
@@ -760,6 +787,9 @@ impl std::ops::AddAssign for IngressStats {
         self.nack_sent += o.nack_sent;
         self.twcc_feedback_sent += o.twcc_feedback_sent;
         self.receiver_reports_sent += o.receiver_reports_sent;
+        self.rtx_repaired += o.rtx_repaired;
+        self.rtx_duplicate += o.rtx_duplicate;
+        self.rtx_padding += o.rtx_padding;
     }
 }
 
@@ -770,6 +800,24 @@ pub struct Incoming {
     pub track: Option<TrackId>,
     /// Its audio level (RFC 6464), when it carries one.
     pub audio_level: Option<AudioLevel>,
+    /// Taken and dropped here (an RTX duplicate or padding): neither forwarded nor handed to
+    /// `rtc`.
+    pub dropped: bool,
+}
+
+/// What the publisher connection negotiated for RTX (RFC 4588), read from its SDP
+/// ([`rtx_config`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RtxConfig {
+    /// RTX payload type → the payload type it repairs (`apt`).
+    pub payload_types: HashMap<u8, u8>,
+    /// RTX SSRC → media SSRC, from the offer's `a=ssrc-group:FID` lines.
+    pub fid: HashMap<u32, u32>,
+    /// Header extension ids: MID, RID (`rtp-stream-id`) and repaired RID: how the RTX stream
+    /// of a simulcast layer (no SSRCs in the SDP) names the layer it repairs.
+    pub mid_ext: Option<u8>,
+    pub rid_ext: Option<u8>,
+    pub repaired_rid_ext: Option<u8>,
 }
 
 /// One publisher connection's media in and feedback out (see the module docs).
@@ -787,6 +835,11 @@ pub struct Ingress {
     twcc_media_ssrc: u32,
     nack: NackGenerator,
     reception: HashMap<u32, ReceptionStats>,
+    rtx: RtxConfig,
+    /// Media SSRC by (MID, RID), learned from the header extensions of media packets, and
+    /// RTX SSRC → media SSRC learned from RTX packets' (MID, repaired RID).
+    rids: HashMap<(bytes::Bytes, bytes::Bytes), u32>,
+    rtx_media: HashMap<u32, u32>,
     next_twcc: Option<Instant>,
     next_nack: Option<Instant>,
     next_report: Option<Instant>,
@@ -817,6 +870,9 @@ impl Ingress {
             twcc_media_ssrc: 0,
             nack: NackGenerator::new(NackConfig::default()),
             reception: HashMap::new(),
+            rtx: RtxConfig::default(),
+            rids: HashMap::new(),
+            rtx_media: HashMap::new(),
             next_twcc: None,
             next_nack: None,
             next_report: None,
@@ -843,6 +899,12 @@ impl Ingress {
     /// The audio level extension id (RFC 6464), from the negotiated SDP.
     pub fn set_audio_level_ext(&mut self, id: Option<u8>) {
         self.audio_level_ext = id;
+    }
+
+    /// What was negotiated for RTX (after each negotiation).
+    pub fn set_rtx(&mut self, rtx: RtxConfig) {
+        self.rtx_media.extend(rtx.fid.iter().map(|(&r, &m)| (r, m)));
+        self.rtx = rtx;
     }
 
     pub fn is_bound(&self, ssrc: u32) -> bool {
@@ -908,18 +970,29 @@ impl Ingress {
                 }
             }
         }
+        if self.next_nack.is_none() {
+            self.next_nack = Some(now + NACK_INTERVAL);
+        }
+        if self.next_report.is_none() {
+            self.next_report = Some(now + REPORT_INTERVAL);
+        }
+        if let Some(&apt) = self.rtx.payload_types.get(&h.payload_type) {
+            return Ok(self.on_rtx(packet, apt));
+        }
+        if let Some(id) = self
+            .rtx
+            .rid_ext
+            .filter(|_| !self.rtx.payload_types.is_empty())
+        {
+            self.learn_rid(&packet, id);
+        }
+        let h = &packet.header;
         self.nack.on_packet(h.ssrc, h.sequence_number);
         if !self.reception.contains_key(&h.ssrc) && self.reception.len() < MAX_STREAMS {
             self.reception.insert(h.ssrc, ReceptionStats::new(90_000));
         }
         if let Some(r) = self.reception.get_mut(&h.ssrc) {
             r.on_packet(now, h.sequence_number, h.timestamp);
-        }
-        if self.next_nack.is_none() {
-            self.next_nack = Some(now + NACK_INTERVAL);
-        }
-        if self.next_report.is_none() {
-            self.next_report = Some(now + REPORT_INTERVAL);
         }
         // One byte of the header already parsed (no allocation, no copy).
         let audio_level = self.audio_level_ext.filter(|_| h.extension).and_then(|id| {
@@ -936,7 +1009,94 @@ impl Ingress {
             packet,
             track,
             audio_level,
+            dropped: false,
         })
+    }
+
+    /// A media packet naming its (MID, RID): remember its SSRC, for the RTX stream that
+    /// names the same layer as the one it repairs.
+    fn learn_rid(&mut self, packet: &rtp::Packet, rid_ext: u8) {
+        let h = &packet.header;
+        let Some(rid) = h.get_extension(rid_ext) else {
+            return;
+        };
+        let mid = self
+            .rtx
+            .mid_ext
+            .and_then(|id| h.get_extension(id))
+            .unwrap_or_default();
+        if self.rids.get(&(mid.clone(), rid.clone())) != Some(&h.ssrc)
+            && self.rids.len() < MAX_STREAMS
+        {
+            self.rids.insert((mid, rid), h.ssrc);
+        }
+    }
+
+    /// An RTX packet (payload type `apt` once unwrapped): padding is dropped; a repair of a
+    /// bound stream is forwarded as the original packet if that never arrived, else dropped;
+    /// an RTX stream not known yet (no FID group, no repaired RID seen) goes to `rtc`.
+    fn on_rtx(&mut self, packet: rtp::Packet, apt: u8) -> Incoming {
+        let drop = |packet| Incoming {
+            packet,
+            track: None,
+            audio_level: None,
+            dropped: true,
+        };
+        if packet.payload.is_empty() {
+            self.stats.rtx_padding += 1;
+            return drop(packet);
+        }
+        let h = &packet.header;
+        let media = self.rtx_media.get(&h.ssrc).copied().or_else(|| {
+            let rrid = h.get_extension(self.rtx.repaired_rid_ext?)?;
+            let mid = self
+                .rtx
+                .mid_ext
+                .and_then(|id| h.get_extension(id))
+                .unwrap_or_default();
+            let media = *self.rids.get(&(mid, rrid))?;
+            if self.rtx_media.len() < MAX_STREAMS {
+                self.rtx_media.insert(h.ssrc, media);
+            }
+            Some(media)
+        });
+        let Some((media, track)) = media.and_then(|m| Some((m, self.bound.get(&m).cloned()?)))
+        else {
+            self.stats.rtp_to_rtc += 1;
+            return Incoming {
+                packet,
+                track: None,
+                audio_level: None,
+                dropped: false,
+            };
+        };
+        match crate::sfu::nack::unwrap_rtx(&packet, media, apt) {
+            Some(crate::sfu::nack::Unwrapped::Repair(original)) => {
+                let seq = original.header.sequence_number;
+                if self.nack.received(media, seq) == Some(false) {
+                    self.nack.on_packet(media, seq);
+                    self.stats.rtx_repaired += 1;
+                    self.stats.rtp_fast += 1;
+                    Incoming {
+                        packet: original,
+                        track: Some(track),
+                        audio_level: None,
+                        dropped: false,
+                    }
+                } else {
+                    self.stats.rtx_duplicate += 1;
+                    drop(packet)
+                }
+            }
+            Some(crate::sfu::nack::Unwrapped::Padding) => {
+                self.stats.rtx_padding += 1;
+                drop(packet)
+            }
+            None => {
+                self.stats.rtp_rejected += 1;
+                drop(packet)
+            }
+        }
     }
 
     /// Decrypt and read one SRTCP datagram from the publisher (its sender reports).
@@ -1103,6 +1263,63 @@ fn ext_id(sdp: &str, wanted: &str) -> Option<u8> {
         }
         id.split('/').next()?.parse().ok()
     })
+}
+
+/// What a publisher connection negotiated for RTX: the RTX payload types of `answer` (ours:
+/// `a=rtpmap:<pt> rtx/90000` with `a=fmtp:<pt> apt=<pt>`), the FID groups of `offer` (the
+/// publisher's) and the MID / RID / repaired RID extension ids of `answer`.
+pub fn rtx_config(answer: &str, offer: &str) -> RtxConfig {
+    let mut rtx_pts = std::collections::HashSet::new();
+    let mut c = RtxConfig::default();
+    for l in answer.lines().map(str::trim) {
+        if let Some(rest) = l.strip_prefix("a=rtpmap:") {
+            if let Some((pt, codec)) = rest.split_once(' ') {
+                if codec.to_ascii_lowercase().starts_with("rtx/") {
+                    if let Ok(pt) = pt.parse::<u8>() {
+                        rtx_pts.insert(pt);
+                    }
+                }
+            }
+        }
+    }
+    for l in answer.lines().map(str::trim) {
+        if let Some(rest) = l.strip_prefix("a=fmtp:") {
+            let Some((pt, params)) = rest.split_once(' ') else {
+                continue;
+            };
+            let Ok(pt) = pt.parse::<u8>() else { continue };
+            if !rtx_pts.contains(&pt) {
+                continue;
+            }
+            let apt = params
+                .split(';')
+                .find_map(|kv| kv.trim().strip_prefix("apt=")?.parse::<u8>().ok());
+            if let Some(apt) = apt {
+                c.payload_types.insert(pt, apt);
+            }
+        } else if let Some(rest) = l.strip_prefix("a=extmap:") {
+            let Some((id, uri)) = rest.split_once(' ') else {
+                continue;
+            };
+            let uri = uri.split_whitespace().next().unwrap_or_default();
+            let id = id.split('/').next().and_then(|i| i.parse::<u8>().ok());
+            match uri {
+                rtc::sdp::extmap::SDES_MID_URI => c.mid_ext = id,
+                rtc::sdp::extmap::SDES_RTP_STREAM_ID_URI => c.rid_ext = id,
+                rtc::sdp::extmap::SDES_REPAIR_RTP_STREAM_ID_URI => c.repaired_rid_ext = id,
+                _ => {}
+            }
+        }
+    }
+    for l in offer.lines().map(str::trim) {
+        if let Some(rest) = l.strip_prefix("a=ssrc-group:FID ") {
+            let mut it = rest.split_whitespace().map(|s| s.parse::<u32>().ok());
+            if let (Some(Some(media)), Some(Some(rtx))) = (it.next(), it.next()) {
+                c.fid.insert(rtx, media);
+            }
+        }
+    }
+    c
 }
 
 #[cfg(test)]
@@ -1486,6 +1703,148 @@ mod tests {
     fn open(rx: &mut Context, wire: &[u8]) -> Vec<Box<dyn rtcp::Packet>> {
         let plain = rx.decrypt_rtcp(wire).expect("decrypt");
         rtcp::packet::unmarshal(&mut plain.freeze()).expect("parse")
+    }
+
+    #[test]
+    fn rtx_config_is_read_from_the_answer_and_the_offer() {
+        let answer = "v=0\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103\r\n\
+            a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+            a=extmap:10 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id\r\n\
+            a=extmap:11/recvonly urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id\r\n\
+            a=rtpmap:96 VP8/90000\r\n\
+            a=rtpmap:97 rtx/90000\r\n\
+            a=fmtp:97 apt=96\r\n\
+            a=rtpmap:102 H264/90000\r\n\
+            a=fmtp:102 packetization-mode=1;apt=5\r\n\
+            a=rtpmap:103 rtx/90000\r\n\
+            a=fmtp:103 rtx-time=3000;apt=102\r\n";
+        let offer = "a=ssrc-group:FID 1111 2222\r\na=ssrc-group:FID 3333\r\n\
+            a=ssrc-group:SIM 1 2 3\r\n";
+        let c = rtx_config(answer, offer);
+        assert_eq!(
+            c.payload_types,
+            HashMap::from([(97, 96), (103, 102)]),
+            "an fmtp of a non-RTX codec does not count"
+        );
+        assert_eq!(c.fid, HashMap::from([(2222, 1111)]));
+        assert_eq!(
+            (c.mid_ext, c.rid_ext, c.repaired_rid_ext),
+            (Some(4), Some(10), Some(11))
+        );
+        assert_eq!(rtx_config("", ""), RtxConfig::default());
+    }
+
+    fn rtx_of(osn: Option<u16>, seq: u16, ssrc: u32) -> rtp::Packet {
+        let mut p = media(ssrc, seq, 0, None);
+        p.header.payload_type = 97;
+        p.payload = match osn {
+            Some(osn) => {
+                let mut b = osn.to_be_bytes().to_vec();
+                b.extend_from_slice(&[osn as u8; 100]);
+                b.into()
+            }
+            None => bytes::Bytes::new(),
+        };
+        if osn.is_none() {
+            // Padding only: the padding bit, the padding as payload (what a probe sends).
+            p.header.padding = true;
+        }
+        p
+    }
+
+    #[test]
+    fn rtx_repairs_are_unwrapped_once_and_padding_is_dropped() {
+        let (mut ing, mut tx, _) = pair();
+        let t0 = Instant::now();
+        ing.set_rtx(RtxConfig {
+            payload_types: HashMap::from([(97, 96)]),
+            fid: HashMap::from([(8, 7)]),
+            ..Default::default()
+        });
+        ing.bind(7, TrackId::from("track-a"), 90_000, true);
+        for seq in [100u16, 101, 103] {
+            let inc = ing
+                .on_rtp(t0, &seal(&mut tx, &media(7, seq, 0, None)))
+                .expect("decrypt");
+            assert_eq!(inc.track.as_deref(), Some("track-a"));
+        }
+        // 102 was lost: its repair is forwarded as the original packet.
+        let inc = ing
+            .on_rtp(t0, &seal(&mut tx, &rtx_of(Some(102), 5000, 8)))
+            .expect("decrypt");
+        assert!(!inc.dropped);
+        assert_eq!(inc.track.as_deref(), Some("track-a"));
+        let h = &inc.packet.header;
+        assert_eq!((h.ssrc, h.payload_type, h.sequence_number), (7, 96, 102));
+        assert_eq!(&inc.packet.payload[..], &[102u8; 100][..]);
+        // A second repair of 102, and one of 101 (never lost): dropped.
+        for (osn, seq) in [(102, 5001), (101, 5002)] {
+            let inc = ing
+                .on_rtp(t0, &seal(&mut tx, &rtx_of(Some(osn), seq, 8)))
+                .expect("decrypt");
+            assert!(inc.dropped && inc.track.is_none(), "{osn}");
+        }
+        // Padding only (a probe): dropped, whether its stream is known or not.
+        for ssrc in [8, 9] {
+            let inc = ing
+                .on_rtp(t0, &seal(&mut tx, &rtx_of(None, 6000, ssrc)))
+                .expect("decrypt");
+            assert!(inc.dropped, "{ssrc}");
+        }
+        // An RTX stream nothing names: `rtc`'s to resolve.
+        let inc = ing
+            .on_rtp(t0, &seal(&mut tx, &rtx_of(Some(100), 7000, 9)))
+            .expect("decrypt");
+        assert!(!inc.dropped && inc.track.is_none());
+        let s = ing.stats();
+        assert_eq!((s.rtx_repaired, s.rtx_duplicate, s.rtx_padding), (1, 2, 2));
+        // No NACK for the repaired packet.
+        ing.on_timeout(t0 + NACK_INTERVAL);
+        assert_eq!(ing.stats().nack_sent, 0);
+    }
+
+    #[test]
+    fn simulcast_rtx_streams_are_found_by_their_repaired_rid() {
+        let (mut ing, mut tx, _) = pair();
+        let t0 = Instant::now();
+        let (mid, rid, rrid) = (1u8, 2u8, 3u8);
+        ing.set_rtx(RtxConfig {
+            payload_types: HashMap::from([(97, 96)]),
+            mid_ext: Some(mid),
+            rid_ext: Some(rid),
+            repaired_rid_ext: Some(rrid),
+            ..Default::default()
+        });
+        let ext = |mut p: rtp::Packet, id: u8, rid: &'static str| {
+            p.header.extension = true;
+            p.header.extension_profile = rtp::header::EXTENSION_PROFILE_ONE_BYTE;
+            p.header
+                .set_extension(mid, bytes::Bytes::from_static(b"0"))
+                .expect("mid");
+            p.header
+                .set_extension(id, bytes::Bytes::from_static(rid.as_bytes()))
+                .expect("rid");
+            p
+        };
+        for (ssrc, r) in [(10u32, "q"), (20, "h")] {
+            ing.bind(ssrc, TrackId::from("track-s"), 90_000, true);
+            for seq in [1u16, 3] {
+                let p = ext(media(ssrc, seq, 0, None), rid, r);
+                ing.on_rtp(t0, &seal(&mut tx, &p)).expect("decrypt");
+            }
+        }
+        // The RTX stream of `h` says so once; later packets need not.
+        let p = ext(rtx_of(Some(2), 50, 21), rrid, "h");
+        let inc = ing.on_rtp(t0, &seal(&mut tx, &p)).expect("decrypt");
+        assert_eq!(inc.packet.header.ssrc, 20);
+        assert_eq!(inc.packet.header.sequence_number, 2);
+        assert_eq!(inc.track.as_deref(), Some("track-s"));
+        let inc = ing
+            .on_rtp(t0, &seal(&mut tx, &rtx_of(Some(2), 51, 21)))
+            .expect("decrypt");
+        assert!(inc.dropped, "a duplicate by now");
+        assert_eq!(ing.stats().rtx_repaired, 1);
     }
 
     #[test]

@@ -353,6 +353,107 @@ impl Retransmitter {
     }
 }
 
+/// The RTX stream (RFC 4588) that repairs one media stream of a subscriber connection: its
+/// SSRC and payload type as negotiated (`a=ssrc-group:FID <media> <rtx>`, `rtx/90000` with
+/// `apt=<media payload type>`), and its own sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtxStream {
+    pub ssrc: u32,
+    pub payload_type: u8,
+    /// The sequence number of the next RTX packet.
+    pub next_seq: u16,
+}
+
+impl RtxStream {
+    /// A stream with its first sequence number derived from its SSRC (drawn from the core's
+    /// seeded RNG, so the numbering is reproducible and not predictable by others).
+    pub fn new(ssrc: u32, payload_type: u8) -> Self {
+        RtxStream {
+            ssrc,
+            payload_type,
+            next_seq: (ssrc >> 16) as u16 ^ (ssrc as u16).rotate_left(5),
+        }
+    }
+
+    fn take_seq(&mut self) -> u16 {
+        let seq = self.next_seq;
+        self.next_seq = seq.wrapping_add(1);
+        seq
+    }
+
+    /// The retransmission of `original` on this stream (RFC 4588 §4): the RTX SSRC, payload
+    /// type and next sequence number; the original sequence number (OSN) as the first two
+    /// bytes of the payload, then the original payload. Timestamp, marker and CSRCs are the
+    /// original's; RTP padding is not carried (the original's payload holds none).
+    pub fn wrap(&mut self, original: &rtp::Packet) -> rtp::Packet {
+        let mut payload = Vec::with_capacity(2 + original.payload.len());
+        payload.extend_from_slice(&original.header.sequence_number.to_be_bytes());
+        payload.extend_from_slice(&original.payload);
+        let mut header = original.header.clone();
+        header.ssrc = self.ssrc;
+        header.payload_type = self.payload_type;
+        header.sequence_number = self.take_seq();
+        header.padding = false;
+        rtp::Packet {
+            header,
+            payload: payload.into(),
+        }
+    }
+
+    /// A padding-only RTX packet (no OSN, no media: what a bandwidth probe sends, as libwebrtc
+    /// does): `size` bytes of payload area (clamped to 1..=255; the last byte counts them,
+    /// RFC 3550 §5.1), the next sequence number, timestamp `timestamp`. Its header has the
+    /// padding bit set and its payload holds the padding itself, so it is written as is.
+    pub fn padding(&mut self, timestamp: u32, size: usize) -> rtp::Packet {
+        let n = size.clamp(1, 255);
+        let mut payload = vec![0u8; n];
+        payload[n - 1] = n as u8;
+        rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                padding: true,
+                ssrc: self.ssrc,
+                payload_type: self.payload_type,
+                sequence_number: self.take_seq(),
+                timestamp,
+                ..Default::default()
+            },
+            payload: payload.into(),
+        }
+    }
+}
+
+/// What an RTX packet from a publisher carries (RFC 4588 §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unwrapped {
+    /// The original packet, back on its media SSRC, payload type and sequence number.
+    Repair(rtp::Packet),
+    /// Padding only (no OSN): a bandwidth probe, nothing to forward.
+    Padding,
+}
+
+/// Unwrap an RTX packet that repairs `media_ssrc` whose payload type is `apt`. The packet's
+/// payload is as parsed (RTP padding already stripped): empty means padding only. `None`: a
+/// payload of one byte (no room for an OSN), malformed.
+pub fn unwrap_rtx(rtx: &rtp::Packet, media_ssrc: u32, apt: u8) -> Option<Unwrapped> {
+    let p = &rtx.payload;
+    match p.len() {
+        0 => Some(Unwrapped::Padding),
+        1 => None,
+        _ => {
+            let mut header = rtx.header.clone();
+            header.ssrc = media_ssrc;
+            header.payload_type = apt;
+            header.sequence_number = u16::from_be_bytes([p[0], p[1]]);
+            header.padding = false;
+            Some(Unwrapped::Repair(rtp::Packet {
+                header,
+                payload: p.slice(2..),
+            }))
+        }
+    }
+}
+
 /// The sequence numbers a NACK reports lost.
 pub fn nack_seqs(nack: &TransportLayerNack) -> impl Iterator<Item = u16> + '_ {
     nack.nacks.iter().flat_map(|p| {
@@ -369,6 +470,7 @@ pub fn nack_seqs(nack: &TransportLayerNack) -> impl Iterator<Item = u16> + '_ {
 #[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
+    use rtc::shared::marshal::{Marshal, Unmarshal};
 
     fn ms(t: Instant, n: u64) -> Instant {
         t + Duration::from_millis(n)
@@ -385,6 +487,70 @@ mod tests {
             },
             payload: vec![0u8; len].into(),
         }
+    }
+
+    #[test]
+    fn rtx_wraps_with_the_osn_and_unwraps_back() {
+        let mut orig = pkt(0x1111, 40_000, 0);
+        orig.header.timestamp = 90_000;
+        orig.header.marker = true;
+        orig.payload = vec![1u8, 2, 3, 4, 5].into();
+        let mut rtx = RtxStream::new(0x2222_3333, 97);
+        let first = rtx.next_seq;
+        let w = rtx.wrap(&orig);
+        assert_eq!(w.header.ssrc, 0x2222_3333);
+        assert_eq!(w.header.payload_type, 97);
+        assert_eq!(w.header.sequence_number, first);
+        assert_eq!(w.header.timestamp, 90_000);
+        assert!(w.header.marker);
+        assert_eq!(&w.payload[..], &[0x9c, 0x40, 1, 2, 3, 4, 5]);
+        // Its own numbering, one per packet, wrapping.
+        rtx.next_seq = u16::MAX;
+        assert_eq!(rtx.wrap(&orig).header.sequence_number, u16::MAX);
+        assert_eq!(rtx.wrap(&orig).header.sequence_number, 0);
+        // Through the wire and back: the original packet.
+        let wire = w.marshal().expect("marshal");
+        let parsed = rtp::Packet::unmarshal(&mut wire.clone()).expect("unmarshal");
+        let Some(Unwrapped::Repair(back)) = unwrap_rtx(&parsed, 0x1111, 96) else {
+            panic!("not a repair");
+        };
+        assert_eq!(back.header.ssrc, 0x1111);
+        assert_eq!(back.header.payload_type, 96);
+        assert_eq!(back.header.sequence_number, 40_000);
+        assert_eq!(back.header.timestamp, 90_000);
+        assert_eq!(&back.payload[..], &[1, 2, 3, 4, 5]);
+        // A one-byte payload has no OSN.
+        let mut bad = parsed.clone();
+        bad.payload = vec![7u8].into();
+        assert_eq!(unwrap_rtx(&bad, 0x1111, 96), None);
+    }
+
+    #[test]
+    fn rtx_padding_packets_are_padding_only() {
+        let mut rtx = RtxStream::new(0x2222_3333, 97);
+        let first = rtx.next_seq;
+        let p = rtx.padding(1234, 200);
+        assert!(p.header.padding);
+        assert_eq!(p.header.sequence_number, first);
+        assert_eq!(p.header.timestamp, 1234);
+        assert_eq!(p.payload.len(), 200);
+        assert_eq!(p.payload[199], 200);
+        // Sizes are clamped to what one padding count byte can say.
+        assert_eq!(rtx.padding(0, 1_000).payload.len(), 255);
+        assert_eq!(rtx.padding(0, 0).payload.len(), 1);
+        assert_eq!(rtx.next_seq, first.wrapping_add(3));
+        // Parsed at the receiver: no payload left, recognised as padding.
+        let mut wire = Vec::new();
+        assert!(!crate::sfu::egress::marshal_rtp(&p, None, &mut wire));
+        let mut raw = bytes::BytesMut::new();
+        let mut h = p.header.clone();
+        h.padding = false;
+        assert!(crate::sfu::egress::write_rtp_header(&h, None, &mut raw));
+        raw[0] |= 0x20;
+        raw.extend_from_slice(&p.payload);
+        let parsed = rtp::Packet::unmarshal(&mut raw.freeze()).expect("unmarshal");
+        assert!(parsed.payload.is_empty());
+        assert_eq!(unwrap_rtx(&parsed, 1, 96), Some(Unwrapped::Padding));
     }
 
     #[test]
