@@ -16,6 +16,7 @@ mod virtual_time {
     pub mod grants;
     pub mod isolation;
     pub mod lifecycle;
+    pub mod probing;
     pub mod quality;
     pub mod sfu;
     pub mod shards;
