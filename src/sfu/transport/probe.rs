@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 /// the rate its packets arrived at, short enough that a failed one costs little.
 pub const CLUSTER: Duration = Duration::from_millis(100);
 /// The cluster runs media plus padding at this × the rate it must prove.
-pub const PROBE_MARGIN: f64 = 1.25;
+pub const PROBE_MARGIN: f64 = 1.15;
 /// A cluster whose feedback shows more loss than this failed.
 pub const MAX_LOSS: f64 = 0.05;
 /// Loss among this many reported packets of a running cluster stops it early.
@@ -37,9 +37,12 @@ pub const EARLY_STOP_PACKETS: u64 = 8;
 /// Wait after the first failure before the next cluster.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest wait between clusters (the backoff doubles up to it).
-pub const MAX_BACKOFF: Duration = Duration::from_millis(2000);
+pub const MAX_BACKOFF: Duration = Duration::from_millis(1500);
 /// Feedback that has not covered a finished cluster after this long: decide on what came.
 pub const FEEDBACK_TIMEOUT: Duration = Duration::from_millis(1000);
+/// No cluster starts while the link is congested, nor this long after the estimate last
+/// went down (the bottleneck's queue is still draining).
+pub const QUIET_AFTER_DECREASE: Duration = Duration::from_secs(1);
 /// Largest padding in one packet (the RTP padding length is one byte).
 pub const MAX_PADDING: usize = 255;
 /// Most padding packets after one frame.
