@@ -1501,7 +1501,7 @@ impl<T: Transmit> Sfu<T> {
                     self.stats.rtp_packets_forwarded += 1;
                     self.tx.send(wire, to, Some(origin));
                     // Probe padding goes between frames: after a frame's last packet.
-                    if is_video && out.header.marker && egress.probing(now) {
+                    if is_video && out.header.marker && egress.probing() {
                         let (tx, stats) = (&mut self.tx, &mut self.stats);
                         probing::send_padding(tx, stats, egress, dt, &out.header, to, now);
                     }

@@ -732,9 +732,9 @@ impl Egress {
             .start(now, need_bps, media_bps, self.twcc.next_id)
     }
 
-    /// Whether a probe cluster is sending padding now.
-    pub fn probing(&self, now: Instant) -> bool {
-        self.probe.sending(now)
+    /// Whether a probe cluster is sending padding.
+    pub fn probing(&self) -> bool {
+        self.probe.sending()
     }
 
     /// Whether a probe cluster is running or awaiting its feedback.
