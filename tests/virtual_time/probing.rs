@@ -86,11 +86,12 @@ fn setup(seed: u64) -> Setup {
     }
 }
 
+/// A 200 ms drop-tail queue at the limit (what `loadtest --subscriber-bandwidth` uses).
 fn limit(u: &mut Setup, bps: Option<u64>) {
     let (server, bob) = (u.s.server, u.bob);
     *u.s.net.link_mut(server, bob) = LinkConfig {
         rate_bps: bps,
-        queue_bytes: 30_000,
+        queue_bytes: 7_500,
         ..LinkConfig::default()
     };
 }
