@@ -17,6 +17,7 @@ mod virtual_time {
     pub mod h264;
     pub mod isolation;
     pub mod lifecycle;
+    pub mod probing;
     pub mod quality;
     pub mod rtx;
     pub mod sfu;

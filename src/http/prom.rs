@@ -334,6 +334,11 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         twcc_feedback_sent,
         receiver_reports_sent,
         ice_restarts,
+        probe_clusters,
+        probe_clusters_succeeded,
+        probe_clusters_failed,
+        probe_padding_packets,
+        probe_padding_bytes,
         forward_latency,
         data_relay_latency,
         ice_tcp,
@@ -350,7 +355,7 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         "Tracks published",
         *published_tracks,
     )?;
-    let counters: [(&str, &str, u64); 41] = [
+    let counters: [(&str, &str, u64); 46] = [
         (
             "plaza_rtp_packets_in",
             "RTP packets received from publishers",
@@ -545,6 +550,31 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
             "plaza_ice_restarts",
             "ICE restarts done (publisher and subscriber connections)",
             *ice_restarts,
+        ),
+        (
+            "plaza_probe_clusters",
+            "Bandwidth probe clusters started on subscriber connections",
+            *probe_clusters,
+        ),
+        (
+            "plaza_probe_clusters_succeeded",
+            "Bandwidth probe clusters whose padding was delivered at the rate probed for",
+            *probe_clusters_succeeded,
+        ),
+        (
+            "plaza_probe_clusters_failed",
+            "Bandwidth probe clusters that showed loss, delay growth or too low a rate",
+            *probe_clusters_failed,
+        ),
+        (
+            "plaza_probe_padding_packets",
+            "Padding-only RTP packets sent to probe subscribers' bandwidth",
+            *probe_padding_packets,
+        ),
+        (
+            "plaza_probe_padding_bytes",
+            "Padding bytes sent to probe subscribers' bandwidth",
+            *probe_padding_bytes,
         ),
         (
             "plaza_ice_tcp_connections_accepted",

@@ -419,6 +419,7 @@ macro_rules! part_mut {
 pub mod dashboard;
 mod ice;
 mod moderation;
+mod probing;
 mod quality;
 mod speaker;
 mod timeline;
@@ -1707,6 +1708,11 @@ impl<T: Transmit> Sfu<T> {
                     Ok(wire) => {
                         self.stats.rtp_packets_forwarded += 1;
                         self.tx.send(wire, to, Some(origin));
+                        // Probe padding goes between frames: after a frame's last packet.
+                        if is_video && out.header.marker && egress.probing() {
+                            let (tx, stats) = (&mut self.tx, &mut self.stats);
+                            probing::send_padding(tx, stats, egress, dt, &out.header, to, now);
+                        }
                     }
                     Err(e) => {
                         self.stats.rtp_packets_dropped += 1;
@@ -1989,6 +1995,7 @@ impl<T: Transmit> Sfu<T> {
         }
         if fb.estimate_updated {
             self.check_estimate_drop(part);
+            self.probe_outcome(part, now);
         }
     }
 
@@ -2062,8 +2069,20 @@ impl<T: Transmit> Sfu<T> {
         let Some(r) = self.rooms.get_mut(&room) else {
             return;
         };
+        // Probe clusters whose feedback never came are decided first.
+        let mut parts: Vec<PartKey> = r.parts.keys().copied().collect();
+        parts.sort();
+        for part in parts {
+            self.probe_outcome(part, now);
+        }
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
         // Budget per subscriber: the downlink estimate less the audio it receives.
         let mut budget: HashMap<PartKey, Option<i64>> = HashMap::new();
+        // What each subscriber receives (audio and video targets), for probing.
+        let mut media: HashMap<PartKey, u64> = HashMap::new();
+        let mut probe_for: Vec<(PartKey, u64, u64)> = Vec::new();
         for (&part, p) in r.parts.iter_mut() {
             let available = p.estimate().available(now);
             p.selected_at_bps = available;
@@ -2076,6 +2095,7 @@ impl<T: Transmit> Sfu<T> {
                     if let Some(Some(b)) = budget.get_mut(sub) {
                         *b -= bps;
                     }
+                    *media.entry(*sub).or_default() += bps as u64;
                 }
             }
         }
@@ -2099,11 +2119,28 @@ impl<T: Transmit> Sfu<T> {
                 };
                 let avail = budget.get(sub).copied().flatten();
                 sel.update(&infos, avail.map(|b| b.max(0) as u64), now);
-                if let (Some(Some(b)), Some(target)) = (budget.get_mut(sub), sel.target()) {
-                    *b -= infos.get(target).map_or(0, |l| l.bitrate_bps) as i64;
+                let bitrate = |id: usize| {
+                    infos
+                        .iter()
+                        .find(|l| l.id == id)
+                        .map_or(0, |l| l.bitrate_bps)
+                };
+                let target_bps = sel.target().map_or(0, bitrate);
+                if let (Some(Some(b)), Some(_)) = (budget.get_mut(sub), sel.target()) {
+                    *b -= target_bps as i64;
                 }
+                *media.entry(*sub).or_default() += target_bps;
                 if let Some(l) = sel.wants_keyframe() {
                     wanted.push((tid.clone(), l));
+                }
+                // The way up is a probe (one down-track per subscriber at a time), also while
+                // an up-switch waits for its keyframe (the next step is probed meanwhile);
+                // never during a down-switch.
+                let down = sel.current().is_some_and(|c| bitrate(c) > target_bps);
+                if let (false, Some(next), Some(_)) = (down, sel.next_up(&infos), dt.twcc_ext) {
+                    if !probe_for.iter().any(|(p, _, _)| p == sub) {
+                        probe_for.push((*sub, target_bps, bitrate(next)));
+                    }
                 }
             }
             // Dynacast: the publisher's shard pauses what nobody here or on the other shards
@@ -2178,6 +2215,14 @@ impl<T: Transmit> Sfu<T> {
         for (part, msg) in layer_msgs {
             self.send_to(part, msg);
         }
+        let wants = probe_for
+            .into_iter()
+            .map(|(part, target, next)| {
+                let m = media.get(&part).copied().unwrap_or(0);
+                (part, probing::ProbeWant::new(m, target, next))
+            })
+            .collect();
+        self.start_probes(room, wants);
     }
 
     fn unpublish(&mut self, room: RoomKey, tid: &str) {

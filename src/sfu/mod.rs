@@ -24,9 +24,10 @@ pub mod transport {
     pub mod egress;
     pub mod ingress;
     pub mod nack;
+    pub mod probe;
 }
 pub use media::{forward, h264, keyframe, red, rewrite, selector, vp8};
-pub use transport::{bwe, egress, ingress, nack};
+pub use transport::{bwe, egress, ingress, nack, probe};
 pub mod admin;
 pub mod data;
 pub mod demux;
@@ -365,6 +366,13 @@ pub struct CoreStats {
     pub receiver_reports_sent: u64,
     /// ICE restarts done, on publisher and subscriber connections (see `core::ice`).
     pub ice_restarts: u64,
+    /// Bandwidth probing (see `transport::probe`): clusters started, succeeded and failed,
+    /// and the padding-only packets (and their padding bytes) sent for them.
+    pub probe_clusters: u64,
+    pub probe_clusters_succeeded: u64,
+    pub probe_clusters_failed: u64,
+    pub probe_padding_packets: u64,
+    pub probe_padding_bytes: u64,
     /// Time forwarded RTP packets spent in the server: read from the socket → handed to the
     /// kernel, over the process life (subtract two snapshots' buckets for a window).
     pub forward_latency: latency::LatencySnapshot,
@@ -482,6 +490,11 @@ impl CoreStats {
             twcc_feedback_sent,
             receiver_reports_sent,
             ice_restarts,
+            probe_clusters,
+            probe_clusters_succeeded,
+            probe_clusters_failed,
+            probe_padding_packets,
+            probe_padding_bytes,
             forward_latency,
             data_relay_latency,
             ice_tcp,
@@ -528,6 +541,11 @@ impl CoreStats {
         self.twcc_feedback_sent += twcc_feedback_sent;
         self.receiver_reports_sent += receiver_reports_sent;
         self.ice_restarts += ice_restarts;
+        self.probe_clusters += probe_clusters;
+        self.probe_clusters_succeeded += probe_clusters_succeeded;
+        self.probe_clusters_failed += probe_clusters_failed;
+        self.probe_padding_packets += probe_padding_packets;
+        self.probe_padding_bytes += probe_padding_bytes;
         self.udp_dropped.merge(udp_dropped);
         self.forward_dropped.merge(forward_dropped);
         self.limits_hit.merge(limits_hit);

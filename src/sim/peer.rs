@@ -318,6 +318,8 @@ pub struct RxTrack {
     pub receiver: Option<RTCRtpReceiverId>,
     pub stream_ids: Vec<String>,
     pub packets: Vec<RxPacket>,
+    /// Padding-only packets (bandwidth probing): no media, kept apart from `packets`.
+    pub padding: Vec<RxPacket>,
 }
 
 impl RxTrack {
@@ -1165,6 +1167,19 @@ impl Peer {
             match message {
                 RTCMessage::RtpPacket(track_id, p) => {
                     let t = self.tracks.entry(track_id).or_default();
+                    if p.header.padding && p.payload.is_empty() {
+                        t.padding.push(RxPacket {
+                            at,
+                            ssrc: p.header.ssrc,
+                            seq: p.header.sequence_number,
+                            ts: p.header.timestamp,
+                            marker: p.header.marker,
+                            pt: p.header.payload_type,
+                            len: 0,
+                            vp8: None,
+                        });
+                        continue;
+                    }
                     let vp8 =
                         if p.header.payload_type == VP8_PT || t.kind == Some(RtpCodecKind::Video) {
                             parse_vp8(&p.payload)

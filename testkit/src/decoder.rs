@@ -137,6 +137,8 @@ pub struct DecoderModel {
     decoded_frames: u64,
     decoded_keyframes: Vec<DecodedKeyframe>,
     plis: u64,
+    /// Padding-only packets not yet passed by the decoded chain (extended numbers).
+    padding: std::collections::BTreeSet<u64>,
 }
 
 impl DecoderModel {
@@ -154,6 +156,7 @@ impl DecoderModel {
             decoded_frames: 0,
             decoded_keyframes: Vec::new(),
             plis: 0,
+            padding: std::collections::BTreeSet::new(),
         }
     }
 
@@ -227,10 +230,33 @@ impl DecoderModel {
         self.decode(now);
     }
 
+    /// A padding-only packet (bandwidth probing): it carries no frame, but its sequence
+    /// number continues the chain, as libwebrtc's packet buffer treats padding.
+    pub fn on_padding(&mut self, seq: u16, now: Instant) {
+        self.stall_since.get_or_insert(now);
+        let ext = self.extend(seq);
+        if self.decoded_until.is_some_and(|d| ext <= d) {
+            return;
+        }
+        if self.padding.len() < 4 * MAX_FRAMES {
+            self.padding.insert(ext);
+        }
+        self.decode(now);
+    }
+
     /// Decodes whatever became decodable: the newest complete keyframe past the last decoded
-    /// frame, then every complete frame that continues the chain.
+    /// frame, then every complete frame that continues the chain (padding included).
     fn decode(&mut self, now: Instant) {
         loop {
+            while let Some(d) = self.decoded_until {
+                if !self.padding.remove(&(d + 1)) {
+                    break;
+                }
+                self.decoded_until = Some(d + 1);
+            }
+            if let Some(d) = self.decoded_until {
+                self.padding.retain(|&s| s > d);
+            }
             let mut complete: Vec<(u64, u32)> = self
                 .frames
                 .iter()
@@ -386,6 +412,30 @@ mod tests {
         assert_eq!(d.decoded_frames(), 11);
         assert_eq!(d.decoded_keyframes().len(), 1);
         assert_eq!(d.decoded_keyframes()[0].size, Some((320, 180)));
+    }
+
+    /// Padding-only packets between frames (bandwidth probing) continue the chain, even
+    /// when they arrive after the frame that follows them.
+    #[test]
+    fn padding_between_frames_keeps_the_chain() {
+        let t0 = Instant::now();
+        let mut d = DecoderModel::new(PliPolicy::Libwebrtc);
+        for p in frame(65_534, 0, 3, true) {
+            d.on_packet(p, t0);
+        }
+        d.on_padding(1, ms(t0, 1));
+        d.on_padding(2, ms(t0, 1));
+        for p in frame(3, 3000, 2, false) {
+            d.on_packet(p, ms(t0, 33));
+        }
+        for p in frame(7, 6000, 1, false) {
+            d.on_packet(p, ms(t0, 66));
+        }
+        assert_eq!(d.decoded_frames(), 2, "the padding at 5, 6 has not arrived");
+        d.on_padding(6, ms(t0, 70));
+        d.on_padding(5, ms(t0, 71));
+        assert_eq!(d.decoded_frames(), 3);
+        assert!(!d.poll_pli(ms(t0, 80)));
     }
 
     #[test]

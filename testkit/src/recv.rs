@@ -225,6 +225,8 @@ pub struct RemoteTrackStats {
     /// When `on_track` fired (the first packet's arrival, in webrtc-rs).
     pub started_at: Instant,
     pub packets: u64,
+    /// Padding-only packets among them (bandwidth probes).
+    pub padding_packets: u64,
     /// RTP payload bytes.
     pub bytes: u64,
     pub first_packet_at: Option<Instant>,
@@ -273,6 +275,7 @@ impl RemoteTrackStats {
             mime_type: None,
             started_at: Instant::now(),
             packets: 0,
+            padding_packets: 0,
             bytes: 0,
             first_packet_at: None,
             last_packet_at: None,
@@ -342,6 +345,22 @@ impl RemoteTrackStats {
             .entry(h.ssrc)
             .or_default()
             .on_seq(h.sequence_number);
+        if h.padding && pkt.payload.is_empty() {
+            // Padding only (the server probing the bandwidth): no media, but its sequence
+            // number is part of the stream.
+            self.padding_packets += 1;
+            if let Some(dec) = self.decoder.as_mut() {
+                dec.on_padding(h.sequence_number, now);
+            }
+            let newer = self
+                .last
+                .seq
+                .is_none_or(|l| h.sequence_number.wrapping_sub(l) as i16 > 0);
+            if newer {
+                self.last.seq = Some(h.sequence_number);
+            }
+            return;
+        }
         let vp8 = if self.kind == TrackKind::Video && self.is_vp8() {
             parse_vp8_descriptor(&pkt.payload)
         } else {

@@ -121,7 +121,11 @@ pub fn settings(track: &str, q: Quality) -> ClientMessage {
 pub fn assert_clean_stream(t: &RxTrack, sizes: &[(u16, u16)]) -> usize {
     assert!(!t.packets.is_empty(), "no video");
     assert_eq!(t.ssrcs().len(), 1, "one SSRC on the down-track");
-    let seqs = unwrap_seqs(t.packets.iter());
+    // Probe padding takes sequence numbers of the stream too.
+    let mut all: Vec<&plaza::sim::RxPacket> = t.packets.iter().chain(&t.padding).collect();
+    all.sort_by_key(|p| p.at);
+    let mut seqs = unwrap_seqs(all.into_iter());
+    seqs.sort_unstable();
     for (i, w) in seqs.windows(2).enumerate() {
         assert_eq!(w[1], w[0] + 1, "sequence gap or jump at packet {}", i + 1);
     }
@@ -457,7 +461,8 @@ fn nack_after_a_switch_gets_retransmissions() {
     let lost = s.net.link_stats(server, b).lost;
     assert!(lost > 20, "the link lost packets: {lost}");
     let v = s.rx(bob, &video.id);
-    let mut seqs = unwrap_seqs(v.packets.iter());
+    // Probe padding takes sequence numbers of the stream too.
+    let mut seqs = unwrap_seqs(v.packets.iter().chain(&v.padding));
     seqs.sort_unstable();
     let span = seqs.last().unwrap() - seqs.first().unwrap() + 1;
     seqs.dedup();

@@ -351,6 +351,35 @@ impl Rewriter {
         Some(*last as u16)
     }
 
+    /// Reserve the next outgoing sequence number for a packet the down-track inserts itself
+    /// (padding for bandwidth probing), with the newest timestamp sent: the current source's
+    /// later packets move up by one. `None` before the first packet, or while a switch is
+    /// pending. Call it between frames only (after a marker packet), so no packet of the
+    /// frame before it is still to come.
+    pub fn insert(&mut self) -> Option<(u16, u32)> {
+        if self.force_switch {
+            return None;
+        }
+        let src = self.source.as_mut()?;
+        let (last_seq, (ts, _)) = (self.last_out_seq?, self.last_out_ts?);
+        let from = src.highest + 1;
+        let last = src.segments.back_mut()?;
+        if last.from == from {
+            last.offset += 1;
+        } else {
+            let seg = Segment {
+                from,
+                skipped: 0,
+                offset: last.offset + 1,
+            };
+            src.segments.push_back(seg);
+            src.prune();
+        }
+        let seq = last_seq + 1;
+        self.last_out_seq = Some(seq);
+        Some((seq as u16, ts))
+    }
+
     /// Map an outgoing sequence number (e.g. from a subscriber's NACK) back to the source
     /// packet `(ssrc, seq)` it stands for. Only packets of the current source within the
     /// reorder window can be mapped; slots of packets lost upstream map too (the source may
@@ -601,6 +630,36 @@ mod tests {
 
     fn seq_of(r: &mut Rewriter, p: SrcPacket) -> Option<u16> {
         r.rewrite(&p).map(|h| h.seq)
+    }
+
+    /// Inserted packets (probe padding) take the next numbers; the source's later packets
+    /// follow them, earlier (reordered) ones keep their slots, skips and switches still work.
+    #[test]
+    fn inserted_packets_continue_the_numbering() {
+        let c = Clock(Instant::now());
+        let mut r = Rewriter::new(OUT);
+        assert_eq!(r.insert(), None, "nothing sent yet");
+        assert_eq!(seq_of(&mut r, pkt(1, 65_534, 5000, c.at(0))), Some(65_534));
+        assert_eq!(seq_of(&mut r, pkt(1, 65_535, 5000, c.at(1))), Some(65_535));
+        assert_eq!(r.insert(), Some((0, 5000)), "wraps");
+        assert_eq!(r.insert(), Some((1, 5000)));
+        // 0 was lost upstream: its slot comes after the padding.
+        assert_eq!(seq_of(&mut r, pkt(1, 1, 8000, c.at(33))), Some(3));
+        assert_eq!(
+            seq_of(&mut r, pkt(1, 0, 8000, c.at(34))),
+            Some(2),
+            "late, own slot"
+        );
+        assert!(r.skip(&pkt(1, 2, 8000, c.at(35))));
+        assert_eq!(r.insert(), Some((4, 8000)));
+        assert_eq!(seq_of(&mut r, pkt(1, 3, 11_000, c.at(66))), Some(5));
+        assert_eq!(r.source_seq(5), Some((1, 3)));
+        // A switch continues after everything.
+        r.force_switch();
+        assert_eq!(r.insert(), None, "not while a switch is pending");
+        assert_eq!(seq_of(&mut r, pkt(2, 500, 1, c.at(99))), Some(6));
+        assert_eq!(r.insert().map(|(s, _)| s), Some(7));
+        assert_eq!(seq_of(&mut r, pkt(2, 501, 2, c.at(100))), Some(8));
     }
 
     #[test]

@@ -38,7 +38,14 @@
 //! that failed to fit at some point requires it to have fitted on every estimate for
 //! `up_hold` ([`DEFAULT_UP_HOLD`], 3 s); a layer that never failed to fit is taken at once.
 //! So after a bandwidth downgrade nothing above the new target is chosen again for at least
-//! `up_hold`, and an oscillating estimate cannot make the target flap. Requested-preference
+//! `up_hold`, and an oscillating estimate cannot make the target flap.
+//!
+//! The estimate itself does not grow into a higher layer (it is capped just above what is
+//! delivered, see [`crate::sfu::bwe`]): the way up is a *probe*. When [`LayerSelector::next_up`]
+//! names a layer above the target, the core probes the subscriber's link with padding
+//! ([`crate::sfu::probe`]); a successful probe raises the estimate and calls
+//! [`LayerSelector::probe_succeeded`], which lifts the hold, so the next
+//! [`update`](LayerSelector::update) steps up at once. A failed probe moves nothing. Requested-preference
 //! changes ([`LayerSelector::set_requested`]) apply immediately, within what the bandwidth
 //! allows under the same rule. Losing a layer (the publisher stopped it: `active == false`)
 //! moves the target at once, up or down, without any hold.
@@ -421,6 +428,33 @@ impl LayerSelector {
             self.current = None;
         }
         changed
+    }
+
+    /// The layer above the target the subscriber would get if its bandwidth allowed: the
+    /// lowest layer ranked above the target, at or below the requested one, that has a
+    /// bitrate (active, or paused upstream after it was: dynacast resumes it once the
+    /// bandwidth is there). `None` when the target is already the best wanted (or paused, or
+    /// no layers).
+    pub fn next_up(&self, layers: &[LayerInfo]) -> Option<usize> {
+        let target = self.target?;
+        let ranked = rank_layers(layers);
+        let ceiling = requested_rank(layers, &ranked, &self.requested)?;
+        let t = ranked.iter().position(|r| r.id == target)?;
+        ranked
+            .iter()
+            .enumerate()
+            .skip(t + 1)
+            .take_while(|(k, _)| *k <= ceiling)
+            .find(|(_, r)| layers.get(r.index).is_some_and(|l| l.bitrate_bps > 0))
+            .map(|(_, r)| r.id)
+    }
+
+    /// A probe showed the link carrying more: forget which layers failed to fit, so the next
+    /// [`update`](Self::update) takes whatever fits the new estimate at once (no `up_hold`).
+    pub fn probe_succeeded(&mut self) {
+        for s in &mut self.fit {
+            s.last_fail = None;
+        }
     }
 
     /// Whether the current layer is so far over the bandwidth that it should stop before the
@@ -1023,6 +1057,42 @@ mod tests {
         assert!(!s.update(&layers, Some(5_000_000), ms(t0, 4_099)));
         assert!(s.update(&layers, Some(5_000_000), ms(t0, 4_100)));
         assert_eq!(s.target(), Some(F));
+    }
+
+    #[test]
+    fn next_up_names_the_layer_a_probe_should_prove_and_success_skips_the_hold() {
+        let t0 = Instant::now();
+        let layers = three();
+        let mut s = forwarding(&layers, Some(5_000_000), t0);
+        assert_eq!(s.next_up(&layers), None, "already on the top");
+        s.update(&layers, Some(300_000), ms(t0, 100));
+        assert_eq!(s.target(), Some(Q));
+        assert_eq!(s.next_up(&layers), Some(H));
+        // Capped by the request.
+        s.set_requested(req(Some(Quality::Low), None, None), &layers, ms(t0, 200));
+        assert_eq!(s.next_up(&layers), None);
+        s.set_requested(Requested::default(), &layers, ms(t0, 300));
+        // A layer paused upstream still counts (it can be resumed); one never seen does not.
+        let mut no_h = three();
+        set_active(&mut no_h, H, false);
+        assert_eq!(s.next_up(&no_h), Some(H));
+        for l in no_h.iter_mut().filter(|l| l.id == H) {
+            l.bitrate_bps = 0;
+        }
+        assert_eq!(s.next_up(&no_h), Some(F));
+        // The estimate rises (a probe): without it, the hold keeps Q ...
+        let mut held = s.clone();
+        held.update(&layers, Some(5_000_000), ms(t0, 400));
+        assert_eq!(held.target(), Some(Q));
+        // ... after a successful probe, F at once.
+        s.probe_succeeded();
+        s.update(&layers, Some(5_000_000), ms(t0, 400));
+        assert_eq!(s.target(), Some(F));
+        assert_eq!(s.next_up(&layers), None);
+        // A later downgrade holds again.
+        s.update(&layers, Some(300_000), ms(t0, 500));
+        s.update(&layers, Some(5_000_000), ms(t0, 600));
+        assert_eq!(s.target(), Some(Q));
     }
 
     #[test]

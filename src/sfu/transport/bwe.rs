@@ -35,10 +35,15 @@
 //! * **Growth** ([`GROWTH_PER_S`], [`SLOW_GROWTH_PER_S`] for [`SETTLE`] after a decrease)
 //!   only while loss is under [`LOW_LOSS`] and the delay is normal, and never above
 //!   [`CAP_FACTOR`] × the acknowledged rate + [`CAP_HEADROOM_BPS`], so the estimate stays tied to
-//!   what was actually delivered and an idle estimate cannot run away.
+//!   what was actually delivered and an idle estimate cannot run away. The cap is below what
+//!   the next simulcast layer needs: the estimate never grows into a layer the link was not
+//!   shown to carry (a blind step-up behind a lasting limit is a freeze).
+//! * **Probing** ([`super::probe`]): the way up. A probe cluster of padding that the
+//!   subscriber's feedback shows delivered at a higher rate sets the estimate to that rate
+//!   at once ([`Bwe::on_probe_success`]).
 //! * **Start** at [`INITIAL_BPS`], enough for the top layer of a 720p simulcast: a new
 //!   subscriber starts on it and falls back within a few hundred milliseconds if its link
-//!   cannot carry it (there is no padding probing yet).
+//!   cannot carry it.
 //!
 //! REMB (`goog-remb`) from receivers that do not send TWCC feedback is the fallback: the
 //! egress records it in the same [`Estimate`] with [`Estimate::set_remb`].
@@ -79,9 +84,12 @@ pub const SLOW_GROWTH_PER_S: f64 = 1.08;
 /// How long after a decrease growth stays slow.
 pub const SETTLE: Duration = Duration::from_secs(4);
 /// Growth stops at `CAP_FACTOR × acknowledged + CAP_HEADROOM_BPS`.
-pub const CAP_FACTOR: f64 = 2.0;
-/// See [`CAP_FACTOR`]: enough room above what is sent for the next simulcast layer.
-pub const CAP_HEADROOM_BPS: f64 = 1_500_000.0;
+pub const CAP_FACTOR: f64 = 1.25;
+/// See [`CAP_FACTOR`]: room for the media's own fluctuation, not for the next simulcast
+/// layer (three times the one below it; the acknowledged rate includes probe padding, so
+/// the cap stays below the next layer's need even right after a failed probe): moving up
+/// takes a probe.
+pub const CAP_HEADROOM_BPS: f64 = 50_000.0;
 
 /// The latest estimate of one subscriber's downlink: the TWCC estimator's target once
 /// feedback has arrived, and the last REMB (fallback). Owned by the subscriber's
@@ -178,6 +186,31 @@ impl Bwe {
             return None;
         }
         Some(self.arrived_bytes as f64 * 8.0 / span.as_secs_f64())
+    }
+
+    /// Whether the link looks congested now, or was until lately: loss or delay overuse in
+    /// the current windows, or a decrease less than `quiet` ago. No time to probe.
+    pub fn congested(&self, now: Instant, quiet: Duration) -> bool {
+        self.usage != Usage::Normal
+            || self.loss().is_some_and(|l| l >= LOW_LOSS)
+            || self
+                .last_decrease
+                .is_some_and(|t| now.saturating_duration_since(t) < quiet)
+    }
+
+    /// Whether the delay estimator sees the queue growing (overuse).
+    pub fn overuse(&self) -> bool {
+        self.usage == Usage::Over
+    }
+
+    /// A probe cluster showed the link delivering `bps`: the estimate becomes at least that
+    /// (growth from there is capped as usual).
+    pub fn on_probe_success(&mut self, now: Instant, bps: u64) {
+        let bps = (bps as f64).clamp(MIN_BPS, MAX_BPS);
+        if bps > self.target {
+            self.target = bps;
+            self.last_update = Some(now);
+        }
     }
 
     /// Packets the feedback reported so far, and how many of them were lost.
@@ -370,9 +403,9 @@ mod tests {
         // 1.7 Mbit/s delivered cleanly for 10 s: grows, but only to the cap.
         run(&mut bwe, t0, 0, 10_000, 1_700_000, 1_700_000);
         let cap = 1_700_000.0 * CAP_FACTOR + CAP_HEADROOM_BPS;
-        assert!(bwe.target_bitrate() > INITIAL_BPS);
+        assert!(bwe.target_bitrate() >= INITIAL_BPS);
         assert!(
-            bwe.target_bitrate() <= cap * 1.05,
+            bwe.target_bitrate() <= cap.max(INITIAL_BPS) * 1.05,
             "{}",
             bwe.target_bitrate()
         );
@@ -384,13 +417,21 @@ mod tests {
         run(&mut bwe, t0, 10_300, 12_300, 200_000, 200_000);
         let settled = bwe.target_bitrate();
         assert!(settled > 200_000.0 && settled < t * 1.2, "{t} → {settled}");
-        // ... then faster: from ~300 kbit/s back over 1.7 Mbit/s within ~10 s.
-        run(&mut bwe, t0, 12_300, 22_300, 200_000, 200_000);
-        assert!(
-            bwe.target_bitrate() > 1_700_000.0,
-            "{}",
-            bwe.target_bitrate()
-        );
+        // ... then never above the cap over what is sent: no growth into the next layer
+        // without a probe.
+        run(&mut bwe, t0, 12_300, 42_300, 200_000, 200_000);
+        let capped = bwe.target_bitrate();
+        let cap = 200_000.0 * CAP_FACTOR + CAP_HEADROOM_BPS;
+        assert!(capped > settled && capped <= cap * 1.1, "{capped}");
+        // A successful probe lifts it at once; growth then resumes from there.
+        let at = t0 + Duration::from_millis(42_400);
+        bwe.on_probe_success(at, 1_800_000);
+        assert_eq!(bwe.target_bitrate(), 1_800_000.0);
+        bwe.on_probe_success(at, 100_000);
+        assert_eq!(bwe.target_bitrate(), 1_800_000.0, "a probe never lowers it");
+        run(&mut bwe, t0, 42_400, 44_400, 200_000, 200_000);
+        assert_eq!(bwe.target_bitrate(), 1_800_000.0, "held above the cap");
+        assert!(!bwe.overuse());
     }
 
     #[test]

@@ -46,6 +46,7 @@
 
 use super::bwe::{Bwe, Estimate};
 use super::nack::{NackStats, Retransmitter, RtxStream};
+use super::probe::{Outcome, ProbeStats, Prober};
 use bytes::{Bytes, BytesMut};
 use rtc::crypto::{
     AeadAlgorithm, AeadCipher, BlockCipherAlgorithm, CbcAlgorithm, CbcCipher, CryptoAlgorithm,
@@ -501,6 +502,8 @@ pub struct Egress {
     acks: Vec<Acknowledgement>,
     /// Reports handed to the estimator (reused).
     reports: Vec<PacketReport>,
+    /// Bandwidth probing with padding (see [`super::probe`]).
+    probe: Prober,
 }
 
 /// What the subscriber's RTCP asked of the core (the egress handles NACK and TWCC itself).
@@ -536,6 +539,7 @@ impl Egress {
             stats: EgressStats::default(),
             acks: Vec::new(),
             reports: Vec::new(),
+            probe: Prober::new(),
         })
     }
 
@@ -646,6 +650,7 @@ impl Egress {
                 self.twcc.take_reports_into(&mut self.reports);
                 if !self.reports.is_empty() {
                     self.bwe.on_reports(now, &self.reports);
+                    self.on_probe_feedback(now);
                     self.estimate.set_twcc(self.bwe.target_bitrate());
                     fb.estimate_updated = true;
                 }
@@ -800,6 +805,104 @@ impl Egress {
             .collect();
         let plain = rtcp::packet::marshal(&reports).ok()?;
         self.local.encrypt_rtcp(&plain).ok()
+    }
+}
+
+/// Bandwidth probing ([`super::probe`]): the prober sees this connection's transport-wide
+/// sequence numbers and feedback; padding-only packets go out like media.
+impl Egress {
+    /// Start a probe cluster that must show `need_bps` delivered while the media runs at
+    /// `media_bps`. Returns whether it started (none running, backoff over, the link not
+    /// congested lately).
+    pub fn start_probe(&mut self, now: Instant, need_bps: u64, media_bps: u64) -> bool {
+        if self.bwe.congested(now, super::probe::QUIET_AFTER_DECREASE) {
+            return false;
+        }
+        self.probe
+            .start(now, need_bps, media_bps, self.twcc.next_id)
+    }
+
+    /// Whether a probe cluster is sending padding.
+    pub fn probing(&self) -> bool {
+        self.probe.sending()
+    }
+
+    /// Whether a probe cluster is running or awaiting its feedback.
+    pub fn probe_busy(&self) -> bool {
+        self.probe.busy()
+    }
+
+    /// Padding bytes due now (after a frame) to pace the cluster for the next `ahead`.
+    pub fn padding_due(&mut self, now: Instant, ahead: Duration) -> usize {
+        self.probe.padding_due(now, ahead, self.twcc.next_id)
+    }
+
+    /// The padding [`Self::padding_due`] asked for went out.
+    pub fn padding_sent(&mut self) {
+        self.probe.burst_sent(self.twcc.next_id);
+    }
+
+    /// Decide a cluster whose feedback never came; then the last outcome, once.
+    pub fn poll_probe(&mut self, now: Instant) -> Option<Outcome> {
+        self.probe.poll(now, self.twcc.next_id);
+        self.probe.take_outcome()
+    }
+
+    pub fn probe_stats(&self) -> ProbeStats {
+        self.probe.stats()
+    }
+
+    fn on_probe_feedback(&mut self, now: Instant) {
+        let overuse = self.bwe.overuse();
+        let next = self.twcc.next_id;
+        if let Some(Outcome::Success { bps }) =
+            self.probe.on_reports(now, &self.reports, overuse, next)
+        {
+            self.bwe.on_probe_success(now, bps);
+        }
+    }
+
+    /// One padding-only RTP packet on stream `ssrc` (which must have sent media: its SRTP
+    /// rollover state is the media's): header `seq`/`timestamp`/`payload_type`, the P bit,
+    /// `padding` bytes of payload (1..=255) whose last byte is their count, and the
+    /// transport-wide sequence number when `twcc_id` is set. Encrypted like media; not kept
+    /// for retransmission nor counted in sender reports.
+    pub fn protect_padding(
+        &mut self,
+        now: Instant,
+        header: &rtp::header::Header,
+        padding: usize,
+        twcc_id: Option<u8>,
+    ) -> Result<BytesMut, EgressError> {
+        let padding = padding.clamp(1, super::probe::MAX_PADDING);
+        let Some(s) = self.sent.get_mut(&header.ssrc) else {
+            return Err(EgressError::Encoding(
+                "padding on a stream that sent nothing".into(),
+            ));
+        };
+        let mut h = header.clone();
+        h.padding = false;
+        h.marker = false;
+        h.csrc.clear();
+        let header_len = 12 + if twcc_id.is_some() { 8 } else { 0 };
+        let size = header_len + padding;
+        let twcc = twcc_id.map(|id| (id, self.twcc.add(h.ssrc, h.sequence_number, size, now)));
+        let mut buf = BytesMut::with_capacity(size + self.sealer.tag_len());
+        if !write_rtp_header(&h, twcc, &mut buf) {
+            return Err(EgressError::Encoding("padding header".into()));
+        }
+        buf[0] |= 0x20;
+        buf.resize(size, 0);
+        buf[size - 1] = padding as u8;
+        self.probe.on_padding_sent(padding);
+        self.sealer.seal(
+            &mut self.local,
+            &mut s.roc,
+            h.ssrc,
+            h.sequence_number,
+            header_len,
+            buf,
+        )
     }
 }
 
@@ -1631,6 +1734,47 @@ mod tests {
                 let ext = got.header.get_extension(3).expect("twcc extension");
                 assert_eq!(&ext[..], &i.to_be_bytes(), "{profile:?}");
             }
+        }
+    }
+
+    /// Probe padding: padding-only packets on a media stream (its SRTP rollover state), the
+    /// P bit and the count in the last byte, a transport-wide sequence number after the
+    /// media's; they decrypt at the subscriber as an empty payload.
+    #[test]
+    fn padding_packets_decrypt_as_padding_only() {
+        use rtc::shared::marshal::Unmarshal;
+        for (profile, salt_len) in [
+            (ProtectionProfile::AeadAes128Gcm, 12),
+            (ProtectionProfile::Aes128CmHmacSha1_80, 14),
+        ] {
+            let (mut e, mut rx, _) = pair(profile, salt_len);
+            let now = Instant::now();
+            let mut p = media(7, 65_535, 1000);
+            let h = p.header.clone();
+            assert!(
+                e.protect_padding(now, &h, 255, Some(3)).is_err(),
+                "no stream yet"
+            );
+            let wire = e.protect_rtp(now, &mut p, Some(3), 90_000, true, true);
+            rx.decrypt_rtp(&wire.expect("protect")).expect("decrypt");
+            for (i, size) in [(1u16, 255usize), (2, 1), (3, 1000)] {
+                let mut h = h.clone();
+                h.sequence_number = 65_535u16.wrapping_add(i);
+                h.marker = true;
+                let wire = e.protect_padding(now, &h, size, Some(3)).expect("padding");
+                let plain = rx.decrypt_rtp(&wire).expect("decrypt");
+                assert_eq!(plain[0] & 0x20, 0x20, "P bit");
+                assert_eq!(usize::from(plain[plain.len() - 1]), size.min(255));
+                let got = rtp::Packet::unmarshal(&mut plain.freeze()).expect("parse");
+                assert!(got.header.padding && !got.header.marker);
+                assert!(got.payload.is_empty(), "{profile:?}");
+                assert_eq!(got.header.sequence_number, h.sequence_number);
+                assert_eq!(got.header.timestamp, 1000);
+                let ext = got.header.get_extension(3).expect("twcc extension");
+                assert_eq!(&ext[..], &i.to_be_bytes(), "{profile:?}");
+            }
+            let st = e.probe_stats();
+            assert_eq!((st.padding_packets, st.padding_bytes), (3, 511));
         }
     }
 
