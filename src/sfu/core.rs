@@ -328,9 +328,11 @@ fn answer_red_first(rtc: &mut RTCPeerConnection) {
     }
 }
 
-/// An audio down-track's section offers RED ahead of Opus (the track goes as RED where the
+/// An audio down-track's section offers Opus and RED (the track goes as RED where the
 /// subscriber answers with both, as plain Opus where it answers with Opus alone), so a
-/// subscriber's negotiated codecs keep RED for the RED tracks that come later.
+/// subscriber's negotiated codecs keep RED for the RED tracks that come later. Opus comes
+/// first: a subscriber that answers with one codec only takes the first (GStreamer's
+/// webrtcbin does), and every subscriber can decode Opus; a browser answers with both.
 fn offer_red(rtc: &mut RTCPeerConnection, sender: RTCRtpSenderId) {
     let ids: Vec<_> = rtc.get_transceivers().collect();
     let Some(id) = ids.into_iter().find(|&id| {
@@ -341,7 +343,7 @@ fn offer_red(rtc: &mut RTCPeerConnection, sender: RTCRtpSenderId) {
     };
     if let Some(Err(e)) = rtc
         .rtp_transceiver(id)
-        .map(|mut t| t.set_codec_preferences(vec![red_codec(), opus_codec()]))
+        .map(|mut t| t.set_codec_preferences(vec![opus_codec(), red_codec()]))
     {
         // The subscriber answered an earlier audio section without RED: Opus alone.
         debug!("RED not offered: {e}");

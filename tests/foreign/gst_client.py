@@ -391,6 +391,8 @@ class Client:
                 self.result["joined_seen"].append(msg["participant"]["name"])
             elif t == "subscribe_offer":
                 sdp = await asyncio.to_thread(self.answer, msg["sdp"])
+                if os.environ.get("FOREIGN_DEBUG"):
+                    self.log("subscribe offer:\n" + msg["sdp"] + "\nsubscribe answer:\n" + sdp)
                 await self.ws.send(json.dumps({"type": "subscribe_answer", "sdp": sdp}))
             elif t == "publish_answer":
                 self.result["publish_answer"] = True
