@@ -67,9 +67,22 @@ fn wait_layer(
 
 /// Alice publishes simulcast audio and video; Bob subscribes and reaches the top layer.
 fn setup(seed: u64) -> Setup {
+    setup_with(seed, false)
+}
+
+/// [`setup`], Bob negotiating RTX (as browsers do) when `rtx`.
+fn setup_with(seed: u64, rtx: bool) -> Setup {
     let mut s = Sim::new(seed);
     let alice = s.client(1, "alice", "room", MediaSpec::simulcast());
-    let bob = s.client(2, "bob", "room", MediaSpec::none());
+    let bob = s.client(
+        2,
+        "bob",
+        "room",
+        MediaSpec {
+            rtx,
+            ..MediaSpec::none()
+        },
+    );
     let video = track(&mut s, bob, TrackKind::Video);
     let audio = track(&mut s, bob, TrackKind::Audio);
     assert!(
@@ -162,7 +175,11 @@ fn since_up_switch(t: &RxTrack, from: Instant) -> RxTrack {
 fn the_top_layer_returns_within_3_s_of_a_30_s_limit_lifting() {
     let mut ups = Vec::new();
     for k in 0..6u64 {
-        ups.push(lift_after(61 + k, Duration::from_millis(30_000 + 350 * k)));
+        ups.push(lift_after(
+            61 + k,
+            Duration::from_millis(30_000 + 350 * k),
+            false,
+        ));
     }
     println!(
         "back on f after the lift: {:?} ms",
@@ -176,8 +193,19 @@ fn the_top_layer_returns_within_3_s_of_a_30_s_limit_lifting() {
     }
 }
 
-fn lift_after(seed: u64, limited: Duration) -> Duration {
-    let mut u = setup(seed);
+/// A subscriber that negotiated RTX is probed on its RTX stream: its media stream carries no
+/// padding (its numbering is the publisher's), and f still returns within 3 s of the lift.
+#[test]
+fn an_rtx_subscriber_is_probed_on_its_rtx_stream() {
+    let up = lift_after(71, Duration::from_secs(20), true);
+    assert!(
+        up <= Duration::from_secs(3),
+        "f again {up:?} after the lift"
+    );
+}
+
+fn lift_after(seed: u64, limited: Duration, rtx: bool) -> Duration {
+    let mut u = setup_with(seed, rtx);
     limit(&mut u, Some(LIMIT_BPS));
     let cut = u.s.net.now();
     let vid = u.video.id.clone();
@@ -207,14 +235,16 @@ fn lift_after(seed: u64, limited: Duration) -> Duration {
         after.probe_padding_bytes - before.probe_padding_bytes,
     );
     assert!(after.probe_clusters_succeeded >= 1);
+    assert!(after.probe_padding_bytes > 0, "padding was sent");
     u.s.net.run_for(Duration::from_secs(2));
     let video = rx(&mut u.s, u.bob, &vid);
     // From the lift on (the cut itself lost packets at the bottleneck): one clean stream,
     // padding included, switching up only at keyframes.
     let since = since_up_switch(&video, lifted);
-    assert!(
-        !since.padding.is_empty(),
-        "the probes' padding reached the subscriber"
+    assert_eq!(
+        since.padding.is_empty(),
+        rtx,
+        "the probes' padding reached the subscriber on the media stream only without RTX"
     );
     assert!(assert_clean_stream(&since, &SIZES) >= 1, "switched up");
     let (alice, bob) = (u.alice, u.bob);

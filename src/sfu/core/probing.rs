@@ -7,7 +7,8 @@
 //! would need: the media it receives now, that down-track's target replaced by the higher
 //! layer with the selector's headroom. While the cluster runs, every video packet with the
 //! marker bit (the end of a frame) forwarded to the subscriber is followed by the padding due
-//! ([`send_padding`]), numbered by the down-track's rewriter. When the feedback decides the
+//! ([`send_padding`]): on the down-track's RTX stream where the subscriber negotiated RTX
+//! (browsers do), else on its media SSRC, numbered by the down-track's rewriter. When the feedback decides the
 //! cluster, a success lifts the selectors' hold and selection runs at once
 //! ([`Sfu::probe_outcome`]); a failure changes nothing (the prober backs off).
 
@@ -19,7 +20,8 @@ use crate::sfu::selector::HEADROOM_PERCENT;
 const FRAME_AHEAD: Duration = Duration::from_millis(33);
 
 /// The padding due on `egress` after a frame just forwarded with `header` (rewritten for the
-/// down-track `dt`): padding-only packets continuing the down-track's numbering, sent to `to`.
+/// down-track `dt`): padding-only packets on its RTX stream, or continuing the down-track's
+/// numbering when it has none, sent to `to`.
 pub(super) fn send_padding<T: Transmit>(
     tx: &mut T,
     stats: &mut CoreStats,
@@ -30,15 +32,26 @@ pub(super) fn send_padding<T: Transmit>(
     now: Instant,
 ) {
     let mut due = egress.padding_due(now, FRAME_AHEAD);
+    // On the down-track's RTX stream where the subscriber negotiated one (as libwebrtc
+    // probes): the media stream's numbering is left alone.
+    let rtx = egress.has_rtx(header.ssrc);
     while due > 0 {
         let n = due.min(MAX_PADDING);
-        let Some((seq, timestamp)) = dt.rewriter.insert() else {
+        let sealed = if rtx {
+            egress.rtx_padding(now, header.ssrc, n)
+        } else {
+            let Some((seq, timestamp)) = dt.rewriter.insert() else {
+                break;
+            };
+            let mut h = header.clone();
+            h.sequence_number = seq;
+            h.timestamp = timestamp;
+            Some(egress.protect_padding(now, &h, n, dt.twcc_ext))
+        };
+        let Some(sealed) = sealed else {
             break;
         };
-        let mut h = header.clone();
-        h.sequence_number = seq;
-        h.timestamp = timestamp;
-        match egress.protect_padding(now, &h, n, dt.twcc_ext) {
+        match sealed {
             Ok(wire) => {
                 stats.probe_padding_packets += 1;
                 stats.probe_padding_bytes += n as u64;
