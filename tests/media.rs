@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Peer, PeerEvent, RemoteTrackStats};
+use common::{Peer, PeerEvent, RemoteTrackStats, manual};
 use plaza::signal::{ClientMessage, PcTarget, ServerMessage, TrackInfo, TrackKind};
 use support::{
     T, TestServer, announced_track, assert_media_flows, packets, publisher, subscriber, wait_growth,
@@ -408,255 +408,6 @@ async fn publisher_learns_its_track_ids_and_set_muted_works() {
 
 // ───────────────────── a subscriber that answers when told to ─────────────────────
 
-/// A bare subscriber (raw signaling + a webrtc-rs peer connection) whose answers the test
-/// sends explicitly, to hold an offer open for a while as a slow client would.
-mod manual {
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::sync::{Arc, Mutex};
-    use std::time::Instant;
-
-    use plaza::signal::{ClientMessage, IceCandidate, PcTarget, ServerMessage};
-    use tokio::sync::{mpsc, watch};
-    use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
-    use webrtc::peer_connection::{
-        MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-        RTCConfigurationBuilder, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
-        RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
-        register_default_interceptors,
-    };
-
-    use crate::common::recv::parse_vp8_descriptor;
-    use crate::support::{RawWs, T};
-
-    /// One received packet: (track id, arrival, sequence number, VP8 keyframe start).
-    pub type Got = (String, Instant, u16, bool);
-
-    type HandlerFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-
-    struct Handler {
-        candidates: mpsc::UnboundedSender<String>,
-        state: watch::Sender<RTCPeerConnectionState>,
-        packets: Arc<Mutex<Vec<Got>>>,
-    }
-
-    // `PeerConnectionEventHandler` is an `#[async_trait]`; its expansion written out.
-    impl PeerConnectionEventHandler for Handler {
-        fn on_ice_candidate<'l, 'a>(&'l self, e: RTCPeerConnectionIceEvent) -> HandlerFuture<'a>
-        where
-            'l: 'a,
-            Self: 'a,
-        {
-            if let Ok(init) = e.candidate.to_json() {
-                let _ = self.candidates.send(init.candidate);
-            }
-            Box::pin(std::future::ready(()))
-        }
-
-        fn on_connection_state_change<'l, 'a>(
-            &'l self,
-            state: RTCPeerConnectionState,
-        ) -> HandlerFuture<'a>
-        where
-            'l: 'a,
-            Self: 'a,
-        {
-            let _ = self.state.send(state);
-            Box::pin(std::future::ready(()))
-        }
-
-        fn on_track<'l, 'a>(&'l self, track: Arc<dyn TrackRemote>) -> HandlerFuture<'a>
-        where
-            'l: 'a,
-            Self: 'a,
-        {
-            let packets = self.packets.clone();
-            tokio::spawn(async move {
-                let id = track.track_id().await;
-                while let Some(ev) = track.poll().await {
-                    match ev {
-                        TrackRemoteEvent::OnRtpPacket(p) => {
-                            let key =
-                                parse_vp8_descriptor(&p.payload).is_some_and(|d| d.keyframe_start);
-                            packets.lock().unwrap().push((
-                                id.clone(),
-                                Instant::now(),
-                                p.header.sequence_number,
-                                key,
-                            ));
-                        }
-                        TrackRemoteEvent::OnEnded => break,
-                        _ => {}
-                    }
-                }
-            });
-            Box::pin(std::future::ready(()))
-        }
-    }
-
-    pub struct Subscriber {
-        pub ws: RawWs,
-        pc: Arc<dyn PeerConnection>,
-        candidates: mpsc::UnboundedReceiver<String>,
-        state: watch::Receiver<RTCPeerConnectionState>,
-        pub packets: Arc<Mutex<Vec<Got>>>,
-        answered_once: bool,
-        held: Vec<IceCandidate>,
-    }
-
-    impl Subscriber {
-        /// Joins `room` with `auto_subscribe: false`.
-        pub async fn join(url: &str, room: &str, name: &str) -> Subscriber {
-            let mut ws = RawWs::connect(url).await.unwrap();
-            ws.send_msg(&ClientMessage::Join {
-                room: room.into(),
-                name: name.into(),
-                token: Some(plaza_testkit::token::participant(room, name)),
-                protocol: None,
-                auto_subscribe: Some(false),
-                timeline_events: None,
-            })
-            .await
-            .unwrap();
-            ws.recv_until("joined", |m| matches!(m, ServerMessage::Joined { .. }))
-                .await
-                .unwrap();
-            let mut media_engine = MediaEngine::default();
-            media_engine.register_default_codecs().unwrap();
-            let registry =
-                register_default_interceptors(Registry::new(), &mut media_engine).unwrap();
-            let (ctx, candidates) = mpsc::unbounded_channel();
-            let (stx, state) = watch::channel(RTCPeerConnectionState::New);
-            let packets = Arc::new(Mutex::new(Vec::new()));
-            let handler = Arc::new(Handler {
-                candidates: ctx,
-                state: stx,
-                packets: packets.clone(),
-            });
-            let pc = PeerConnectionBuilder::new()
-                .with_configuration(RTCConfigurationBuilder::new().build())
-                .with_media_engine(media_engine)
-                .with_setting_engine(
-                    SettingEngineBuilder::new()
-                        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-                        .build(),
-                )
-                .with_interceptor_registry(registry)
-                .with_handler(handler)
-                .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
-                .build()
-                .await
-                .unwrap();
-            Subscriber {
-                ws,
-                pc: Arc::new(pc),
-                candidates,
-                state,
-                packets,
-                answered_once: false,
-                held: Vec::new(),
-            }
-        }
-
-        /// Reads signaling until the next `subscribe_offer` (adding trickled candidates).
-        pub async fn next_offer(&mut self) -> String {
-            loop {
-                let m = self
-                    .ws
-                    .recv_until("subscribe_offer", |m| {
-                        matches!(
-                            m,
-                            ServerMessage::SubscribeOffer { .. } | ServerMessage::Trickle { .. }
-                        )
-                    })
-                    .await
-                    .unwrap();
-                match m {
-                    ServerMessage::SubscribeOffer { sdp } => return sdp,
-                    ServerMessage::Trickle { candidate, .. } => self.held.push(candidate),
-                    _ => unreachable!(),
-                }
-            }
-        }
-
-        /// Applies `offer`, sends the answer, then our candidates.
-        pub async fn answer(&mut self, offer: String) {
-            let offer = RTCSessionDescription::offer(offer).unwrap();
-            self.pc.set_remote_description(offer).await.unwrap();
-            for c in self.held.drain(..) {
-                if !c.candidate.is_empty() {
-                    let _ = self
-                        .pc
-                        .add_ice_candidate(RTCIceCandidateInit {
-                            candidate: c.candidate,
-                            sdp_mid: c.sdp_mid,
-                            sdp_mline_index: c.sdp_mline_index,
-                            username_fragment: c.username_fragment,
-                            ..Default::default()
-                        })
-                        .await;
-                }
-            }
-            let answer = self.pc.create_answer(None).await.unwrap();
-            self.pc.set_local_description(answer.clone()).await.unwrap();
-            self.ws
-                .send_msg(&ClientMessage::SubscribeAnswer { sdp: answer.sdp })
-                .await
-                .unwrap();
-            if !self.answered_once {
-                self.answered_once = true;
-                // Candidates gathered so far (and the first few after).
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-                while let Ok(Some(c)) =
-                    tokio::time::timeout_at(deadline, self.candidates.recv()).await
-                {
-                    self.ws
-                        .send_msg(&ClientMessage::Trickle {
-                            target: PcTarget::Subscriber,
-                            candidate: IceCandidate {
-                                candidate: c,
-                                sdp_mid: Some("0".into()),
-                                sdp_mline_index: Some(0),
-                                username_fragment: None,
-                            },
-                        })
-                        .await
-                        .unwrap();
-                    if *self.state.borrow() == RTCPeerConnectionState::Connected {
-                        break;
-                    }
-                }
-            }
-        }
-
-        pub async fn wait_connected(&mut self) {
-            tokio::time::timeout(
-                T,
-                self.state
-                    .wait_for(|s| *s == RTCPeerConnectionState::Connected),
-            )
-            .await
-            .expect("the manual subscriber connects")
-            .unwrap();
-        }
-
-        pub fn packets_of(&self, track: &str) -> Vec<Got> {
-            self.packets
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|p| p.0 == track)
-                .cloned()
-                .collect()
-        }
-
-        pub async fn close(self) {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.pc.close()).await;
-            self.ws.close().await;
-        }
-    }
-}
-
 /// A subscription made while a subscriber offer is out is negotiated by the follow-up offer.
 /// Until the subscriber has answered that offer it cannot receive the new track, so the
 /// server must not spend the track's keyframe (or start forwarding) before then: the first
@@ -665,23 +416,22 @@ mod manual {
 async fn keyframe_is_not_spent_before_a_slow_subscriber_answers() {
     let server = TestServer::start().await;
     let bob = publisher(&server, "slow", "bob").await;
-    let mut sub = manual::Subscriber::join(&server.ws_url(), "slow", "slowpoke").await;
-    let offer = sub.next_offer().await;
-    sub.answer(offer).await;
-    sub.wait_connected().await;
+    let mut sub = manual::Client::join(
+        &server.ws_url(),
+        "slow",
+        "slowpoke",
+        manual::default_media_engine(),
+        PcTarget::Subscriber,
+    )
+    .await;
+    sub.start_subscriber().await;
 
     // bob's own view of his tracks (the publisher is told the server ids).
     let audio = announced_track(&bob, &bob, TrackKind::Audio).await.id;
     let video = announced_track(&bob, &bob, TrackKind::Video).await.id;
     // Back to back: the video subscription arrives while the offer for audio is out.
     for id in [&audio, &video] {
-        sub.ws
-            .send_msg(&ClientMessage::Subscribe {
-                track_ids: vec![id.clone()],
-                subscribe: true,
-            })
-            .await
-            .unwrap();
+        sub.send_subscribe(id, true).await;
     }
     // Both subscriptions may land in one offer (handled in the same turn) or the video in a
     // follow-up one (it arrived while the first offer was out): answer until an offer carries
@@ -697,27 +447,14 @@ async fn keyframe_is_not_spent_before_a_slow_subscriber_answers() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     sub.answer(offer).await;
 
-    let deadline = tokio::time::Instant::now() + T;
-    let got = loop {
-        let got = sub.packets_of(&video);
-        if got.len() >= 30 {
-            break got;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slow subscriber receives video ({} packets)",
-            got.len()
-        );
-        // The manual subscriber has no change notification: poll its packet list.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let first_key = got.iter().position(|p| p.3);
+    let got = sub.wait_packets(&video, 30).await;
+    let first_key = got.iter().position(|p| p.vp8_keyframe_start());
     assert_eq!(
         first_key,
         Some(0),
         "the first video packet after the slow answer is not a keyframe start (first \
          keyframe at packet {first_key:?}, {:?} later)",
-        first_key.map(|i| got[i].1 - got[0].1)
+        first_key.map(|i| got[i].at - got[0].at)
     );
     sub.close().await;
     bob.leave().await.unwrap();

@@ -12,32 +12,24 @@
     clippy::large_futures
 )]
 
-use std::future::Future;
-use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use plaza::sfu::red;
-use plaza::signal::{ClientMessage, IceCandidate, PcTarget, ServerMessage, TrackInfo, TrackKind};
-use plaza_testkit::support::{self, RawWs, Received, T, TestServer};
+use plaza::signal::{PcTarget, TrackKind};
+use plaza_testkit::manual::Client;
+use plaza_testkit::support::{self, TestServer};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::media_engine::MIME_TYPE_OPUS;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
     RtpCodecKind,
 };
-use tokio::sync::{mpsc, watch};
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
-use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
-use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-    RTCConfigurationBuilder, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
-    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
-    register_default_interceptors,
-};
+use webrtc::peer_connection::MediaEngine;
 
 /// Samples per 20 ms Opus frame at 48 kHz: the timestamp step, and a redundant block's offset.
 const FRAME: u32 = 960;
@@ -45,75 +37,6 @@ const RED_PT: u8 = 63;
 const OPUS_PT: u8 = 111;
 /// Every this many packets the publisher sends a malformed RED payload.
 const MALFORMED_EVERY: u32 = 25;
-
-/// One received packet.
-#[derive(Debug, Clone)]
-struct Got {
-    track: String,
-    pt: u8,
-    seq: u16,
-    ts: u32,
-    payload: Bytes,
-}
-
-type HandlerFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-
-struct Handler {
-    candidates: mpsc::UnboundedSender<String>,
-    state: watch::Sender<RTCPeerConnectionState>,
-    packets: Arc<Mutex<Vec<Got>>>,
-}
-
-// `PeerConnectionEventHandler` is an `#[async_trait]`; its expansion written out.
-impl PeerConnectionEventHandler for Handler {
-    fn on_ice_candidate<'l, 'a>(&'l self, e: RTCPeerConnectionIceEvent) -> HandlerFuture<'a>
-    where
-        'l: 'a,
-        Self: 'a,
-    {
-        if let Ok(init) = e.candidate.to_json() {
-            let _ = self.candidates.send(init.candidate);
-        }
-        Box::pin(std::future::ready(()))
-    }
-
-    fn on_connection_state_change<'l, 'a>(
-        &'l self,
-        state: RTCPeerConnectionState,
-    ) -> HandlerFuture<'a>
-    where
-        'l: 'a,
-        Self: 'a,
-    {
-        let _ = self.state.send(state);
-        Box::pin(std::future::ready(()))
-    }
-
-    fn on_track<'l, 'a>(&'l self, track: Arc<dyn TrackRemote>) -> HandlerFuture<'a>
-    where
-        'l: 'a,
-        Self: 'a,
-    {
-        let packets = self.packets.clone();
-        tokio::spawn(async move {
-            let id = track.track_id().await;
-            while let Some(ev) = track.poll().await {
-                match ev {
-                    TrackRemoteEvent::OnRtpPacket(p) => packets.lock().unwrap().push(Got {
-                        track: id.clone(),
-                        pt: p.header.payload_type,
-                        seq: p.header.sequence_number,
-                        ts: p.header.timestamp,
-                        payload: p.payload.clone(),
-                    }),
-                    TrackRemoteEvent::OnEnded => break,
-                    _ => {}
-                }
-            }
-        });
-        Box::pin(std::future::ready(()))
-    }
-}
 
 fn codec(pt: u8, mime: &str, fmtp: &str) -> RTCRtpCodecParameters {
     RTCRtpCodecParameters {
@@ -146,290 +69,32 @@ fn media_engine(red: bool) -> MediaEngine {
     me
 }
 
-/// A participant with one peer connection: the publisher one or the subscriber one.
-struct Client {
-    ws: RawWs,
-    pc: Arc<dyn PeerConnection>,
-    target: PcTarget,
-    candidates: mpsc::UnboundedReceiver<String>,
-    state: watch::Receiver<RTCPeerConnectionState>,
-    packets: Arc<Mutex<Vec<Got>>>,
-    /// Server candidates trickled before the remote description was applied.
-    held: Vec<IceCandidate>,
-    has_remote: bool,
-    sent_candidates: bool,
+/// A subscriber (with RED when `red`) whose subscriber connection is up.
+async fn subscriber(url: &str, room: &str, name: &str, red: bool) -> Client {
+    let mut c = Client::join(url, room, name, media_engine(red), PcTarget::Subscriber).await;
+    c.start_subscriber().await;
+    c
 }
 
-impl Client {
-    async fn join(url: &str, room: &str, name: &str, red: bool, target: PcTarget) -> Client {
-        let mut ws = RawWs::connect(url).await.unwrap();
-        ws.send_msg(&ClientMessage::Join {
-            room: room.into(),
-            name: name.into(),
-            token: Some(plaza_testkit::token::participant(room, name)),
-            protocol: None,
-            auto_subscribe: Some(false),
-            timeline_events: None,
-        })
-        .await
-        .unwrap();
-        ws.recv_until("joined", |m| matches!(m, ServerMessage::Joined { .. }))
-            .await
-            .unwrap();
-        let mut me = media_engine(red);
-        let registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
-        let (ctx, candidates) = mpsc::unbounded_channel();
-        let (stx, state) = watch::channel(RTCPeerConnectionState::New);
-        let packets = Arc::new(Mutex::new(Vec::new()));
-        let handler = Arc::new(Handler {
-            candidates: ctx,
-            state: stx,
-            packets: packets.clone(),
-        });
-        let pc = PeerConnectionBuilder::new()
-            .with_configuration(RTCConfigurationBuilder::new().build())
-            .with_media_engine(me)
-            .with_setting_engine(
-                SettingEngineBuilder::new()
-                    .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
-                    .build(),
-            )
-            .with_interceptor_registry(registry)
-            .with_handler(handler)
-            .with_udp_addrs(vec!["127.0.0.1:0".to_owned()])
-            .build()
-            .await
-            .unwrap();
-        Client {
-            ws,
-            pc: Arc::new(pc),
-            target,
-            candidates,
-            state,
-            packets,
-            held: Vec::new(),
-            has_remote: false,
-            sent_candidates: false,
-        }
-    }
-
-    /// Reads signaling until a message `pred` accepts, applying the server's candidates for
-    /// this client's connection on the way.
-    async fn recv(&mut self, what: &str, pred: impl Fn(&ServerMessage) -> bool) -> ServerMessage {
-        loop {
-            let m = match tokio::time::timeout(T, self.ws.recv()).await {
-                Ok(Ok(Received::Msg(m))) => m,
-                other => panic!("waiting for {what}: {other:?}"),
-            };
-            if let ServerMessage::Trickle { target, candidate } = &m {
-                if *target == self.target {
-                    self.held.push(candidate.clone());
-                    self.add_held().await;
-                }
-            }
-            if pred(&m) {
-                return m;
-            }
-        }
-    }
-
-    async fn add_held(&mut self) {
-        if !self.has_remote {
-            return;
-        }
-        for c in self.held.drain(..) {
-            if !c.candidate.is_empty() {
-                let _ = self
-                    .pc
-                    .add_ice_candidate(RTCIceCandidateInit {
-                        candidate: c.candidate,
-                        sdp_mid: c.sdp_mid,
-                        sdp_mline_index: c.sdp_mline_index,
-                        username_fragment: c.username_fragment,
-                        ..Default::default()
-                    })
-                    .await;
-            }
-        }
-    }
-
-    /// Sends this connection's candidates (the first time) and waits until it is connected.
-    async fn connect(&mut self) {
-        if !self.sent_candidates {
-            self.sent_candidates = true;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            while let Ok(Some(c)) = tokio::time::timeout_at(deadline, self.candidates.recv()).await
-            {
-                self.ws
-                    .send_msg(&ClientMessage::Trickle {
-                        target: self.target,
-                        candidate: IceCandidate {
-                            candidate: c,
-                            sdp_mid: Some("0".into()),
-                            sdp_mline_index: Some(0),
-                            username_fragment: None,
-                        },
-                    })
-                    .await
-                    .unwrap();
-                if *self.state.borrow() == RTCPeerConnectionState::Connected {
-                    break;
-                }
-            }
-        }
-        tokio::time::timeout(
-            T,
-            self.state
-                .wait_for(|s| *s == RTCPeerConnectionState::Connected),
-        )
-        .await
-        .expect("connects")
-        .unwrap();
-    }
-
-    /// Applies a subscriber offer and sends the answer.
-    async fn answer(&mut self, offer: String) -> String {
-        let offer = RTCSessionDescription::offer(offer).unwrap();
-        self.pc.set_remote_description(offer).await.unwrap();
-        self.has_remote = true;
-        self.add_held().await;
-        let answer = self.pc.create_answer(None).await.unwrap();
-        self.pc.set_local_description(answer.clone()).await.unwrap();
-        self.ws
-            .send_msg(&ClientMessage::SubscribeAnswer {
-                sdp: answer.sdp.clone(),
-            })
-            .await
-            .unwrap();
-        answer.sdp
-    }
-
-    async fn next_offer(&mut self) -> String {
-        match self
-            .recv("subscribe_offer", |m| {
-                matches!(m, ServerMessage::SubscribeOffer { .. })
-            })
-            .await
-        {
-            ServerMessage::SubscribeOffer { sdp } => sdp,
-            _ => unreachable!(),
-        }
-    }
-
-    /// The subscriber connection: the first offer (data channels) answered, connected.
-    async fn start_subscriber(&mut self) {
-        let offer = self.next_offer().await;
-        self.answer(offer).await;
-        self.connect().await;
-    }
-
-    /// Subscribes to `track` and answers offers until one carries it: that offer.
-    async fn subscribe(&mut self, track: &str) -> String {
-        self.ws
-            .send_msg(&ClientMessage::Subscribe {
-                track_ids: vec![track.to_owned()],
-                subscribe: true,
-            })
-            .await
-            .unwrap();
-        loop {
-            let offer = self.next_offer().await;
-            self.answer(offer.clone()).await;
-            if offer.contains(track) {
-                return offer;
-            }
-        }
-    }
-
-    /// Adds an audio track whose encoding names no codec, so its section offers every
-    /// registered codec (Opus and RED, in that order, as Chromium does); publishes it; returns
-    /// the track and the server's answer.
-    async fn publish_audio(&mut self, ssrc: u32) -> (Arc<TrackLocalStaticRTP>, String) {
-        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            "red-stream".to_owned(),
-            "red-audio".to_owned(),
-            "red audio".to_owned(),
-            RtpCodecKind::Audio,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters {
-                    ssrc: Some(ssrc),
-                    ..Default::default()
-                },
+/// Adds an audio track whose encoding names no codec, so its section offers every registered
+/// codec (Opus and RED, in that order, as Chromium does); publishes it; returns the track and
+/// the server's answer.
+async fn publish_audio(c: &mut Client, ssrc: u32) -> (Arc<TrackLocalStaticRTP>, String) {
+    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        "red-stream".to_owned(),
+        "red-audio".to_owned(),
+        "red audio".to_owned(),
+        RtpCodecKind::Audio,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
                 ..Default::default()
-            }],
-        )));
-        self.pc
-            .add_track(track.clone() as Arc<dyn TrackLocal>)
-            .await
-            .unwrap();
-        let offer = self.pc.create_offer(None).await.unwrap();
-        self.pc.set_local_description(offer.clone()).await.unwrap();
-        self.ws
-            .send_msg(&ClientMessage::PublishOffer { sdp: offer.sdp })
-            .await
-            .unwrap();
-        let answer = match self
-            .recv("publish_answer", |m| {
-                matches!(m, ServerMessage::PublishAnswer { .. })
-            })
-            .await
-        {
-            ServerMessage::PublishAnswer { sdp } => sdp,
-            _ => unreachable!(),
-        };
-        self.pc
-            .set_remote_description(RTCSessionDescription::answer(answer.clone()).unwrap())
-            .await
-            .unwrap();
-        self.has_remote = true;
-        self.add_held().await;
-        self.connect().await;
-        (track, answer)
-    }
-
-    async fn track_published(&mut self) -> TrackInfo {
-        match self
-            .recv("track_published", |m| {
-                matches!(m, ServerMessage::TrackPublished { .. })
-            })
-            .await
-        {
-            ServerMessage::TrackPublished { track } => track,
-            _ => unreachable!(),
-        }
-    }
-
-    fn packets_of(&self, track: &str) -> Vec<Got> {
-        self.packets
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|p| p.track == track)
-            .cloned()
-            .collect()
-    }
-
-    /// Waits (polling: the recorder has no notification) until `n` packets of `track` arrived.
-    async fn wait_packets(&self, track: &str, n: usize) -> Vec<Got> {
-        let deadline = tokio::time::Instant::now() + T;
-        loop {
-            let got = self.packets_of(track);
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{n} packets of {track} (got {})",
-                got.len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn close(self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.pc.close()).await;
-        self.ws.close().await;
-    }
+            },
+            ..Default::default()
+        }],
+    )));
+    let answer = c.publish(track.clone() as Arc<dyn TrackLocal>).await;
+    (track, answer)
 }
 
 /// The primary block of packet `i`: its number, then filler of a length that varies.
@@ -541,14 +206,12 @@ async fn red_crosses_shards() {
 async fn red_to_both(server: &TestServer) {
     let url = server.ws_url();
     let room = "red";
-    let mut with_red = Client::join(&url, room, "with-red", true, PcTarget::Subscriber).await;
-    with_red.start_subscriber().await;
-    let mut opus_only = Client::join(&url, room, "opus-only", false, PcTarget::Subscriber).await;
-    opus_only.start_subscriber().await;
+    let mut with_red = subscriber(&url, room, "with-red", true).await;
+    let mut opus_only = subscriber(&url, room, "opus-only", false).await;
 
-    let mut publ = Client::join(&url, room, "pub", true, PcTarget::Publisher).await;
+    let mut publ = Client::join(&url, room, "pub", media_engine(true), PcTarget::Publisher).await;
     let ssrc = 0x5eed_0001;
-    let (track, answer) = publ.publish_audio(ssrc).await;
+    let (track, answer) = publish_audio(&mut publ, ssrc).await;
     // Chromium sends RED only where the answer lists it ahead of Opus.
     assert_eq!(
         audio_pts(&answer),
@@ -653,8 +316,7 @@ async fn opus_reaches_red_subscribers_as_opus() {
     let server = TestServer::start().await;
     let url = server.ws_url();
     let room = "opus";
-    let mut with_red = Client::join(&url, room, "with-red", true, PcTarget::Subscriber).await;
-    with_red.start_subscriber().await;
+    let mut with_red = subscriber(&url, room, "with-red", true).await;
     let bob = support::publisher(&server, room, "bob").await;
     let info = loop {
         let t = with_red.track_published().await;

@@ -21,6 +21,8 @@
 //! - [`layers`]: simulcast measurements for the load tester (layer switches, bandwidth cuts).
 //! - [`lightviewer`]: a light benchmark viewer (real signaling, ICE and DTLS; SRTP only counted
 //!   from the clear RTP header, never decrypted; no RTCP feedback).
+//! - [`manual`]: a hand-driven webrtc-rs client (raw signaling, one peer connection over a
+//!   chosen media engine, answers when the test says, every received RTP packet captured).
 //! - [`relay`]: a UDP relay with a bandwidth bottleneck, to limit what a subscriber receives.
 //! - [`probe`]: media latency probe (publisher send → subscriber receive of the same packet).
 //! - [`measure`]: server counters, CPU time and RSS sampled around a window; percentiles; a
@@ -66,6 +68,7 @@ pub mod janus;
 pub mod keyframe;
 pub mod layers;
 pub mod lightviewer;
+pub mod manual;
 pub mod measure;
 pub mod media;
 pub mod peer;
