@@ -712,3 +712,63 @@ export async function waitForWatchPlaying(p, { timeout = 25_000, grow = 10 } = {
     { timeout: 10_000, what: `${p.label}'s player to keep decoding` },
   ).catch(explain);
 }
+
+/** Throws unless this process runs in a loopback-only network namespace (for tests that change iptables rules). */
+export function requireLoopbackOnly() {
+  if (!loopbackOnly()) throw new Error('run in a loopback-only network namespace (scripts/browser-tests.sh): this test changes iptables rules');
+}
+
+/**
+ * The participants of one test file: launch(label, opts) launches one (launchParticipant);
+ * closeAll() closes them all (printing their browser logs with SHOW_BROWSER_LOGS).
+ */
+export function participants() {
+  const open = new Set();
+  return {
+    async launch(label, opts) {
+      const p = await launchParticipant(label, opts);
+      open.add(p);
+      return p;
+    },
+    async closeAll() {
+      for (const p of open) {
+        if (process.env.SHOW_BROWSER_LOGS) console.log(p.logs.join('\n'));
+        await p.close();
+      }
+      open.clear();
+    },
+  };
+}
+
+/** The selected candidate pairs of the page's client (window.__client, or the demo UI's window.plaza.client). */
+export function selectedCandidatePairs(p) {
+  return p.page.evaluate(() => (window.__client ?? window.plaza.client).getSelectedCandidatePairs());
+}
+
+/** The page's clock (performance.now(), ms). */
+export function pageNow(p) {
+  return p.page.evaluate(() => performance.now());
+}
+
+/** The samples a page collected in window.__samples ({t (page ms), …}) at or after page time `t`. */
+export function samplesSince(p, t) {
+  return p.page.evaluate((t) => window.__samples.filter((s) => s.t >= t), t);
+}
+
+/**
+ * Impairs the UDP flows of `ports` (impairUdp with `opts`) while `during()` runs, then lifts
+ * them all (also when it throws). Returns {result (of during), counters (each port's final
+ * counters, in order)}.
+ */
+export async function whileImpaired(ports, opts, during) {
+  const links = [];
+  const counters = [];
+  let result;
+  try {
+    for (const port of ports) links.push(await impairUdp(port, opts));
+    result = await during();
+  } finally {
+    for (const l of links) counters.push(await l.lift());
+  }
+  return { result, counters };
+}

@@ -10,7 +10,18 @@
 // inside the loopback-only network namespace of scripts/browser-tests.sh.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchParticipant, joinViaUrl, waitFor, loopbackOnly, impairUdp, percentile } from './harness.js';
+import {
+  startServer,
+  participants,
+  joinViaUrl,
+  waitFor,
+  requireLoopbackOnly,
+  selectedCandidatePairs,
+  whileImpaired,
+  pageNow,
+  samplesSince as allSamplesSince,
+  percentile,
+} from './harness.js';
 
 // Its own ports, so that it never meets another test file's server.
 const PORT = 7910;
@@ -31,25 +42,17 @@ const MAX_AUDIO_GAP_MS = 1_000;
 const MAX_CONCEALED_RATIO = 0.25;
 
 let server;
-const open = new Set();
-
-async function participant(label) {
-  const p = await launchParticipant(label);
-  open.add(p);
-  return p;
-}
+const browsers = participants();
+const participant = (label) => browsers.launch(label);
 
 before(async () => {
-  if (!loopbackOnly()) throw new Error('run in a loopback-only network namespace (scripts/browser-tests.sh): this test changes iptables rules');
+  requireLoopbackOnly();
   // No ICE-TCP: the subscriber must stay on its (impaired) UDP path.
   server = await startServer({ logName: 'plaza-lossy.log', port: PORT, udpPort: UDP_PORT, args: ['--tcp-port', 'off'] });
 });
 
 after(async () => {
-  for (const p of open) {
-    if (process.env.SHOW_BROWSER_LOGS) console.log(p.logs.join('\n'));
-    await p.close();
-  }
+  await browsers.closeAll();
   await server?.stop();
 });
 
@@ -116,8 +119,7 @@ async function joinSampling(p, room) {
   }, room);
 }
 
-const samplesSince = (p, t) => p.page.evaluate((t) => window.__samples.filter((s) => s.t >= t && s.audio && s.video), t);
-const pageNow = (p) => p.page.evaluate(() => performance.now());
+const samplesSince = async (p, t) => (await allSamplesSince(p, t)).filter((s) => s.audio && s.video);
 const lastSample = (p) => p.page.evaluate(() => window.__samples.filter((s) => s.audio && s.video).at(-1) ?? null);
 
 /** Audio over `samples`: packets per whole second, the longest time without a new packet, concealment. */
@@ -208,7 +210,7 @@ describe('subscriber on a lossy link (10 % loss, 100 ms delay)', { timeout: 360_
     );
     const limits = (await sentLayers()).map((l) => `${l.rid}:${l.frameWidth}w/${l.qualityLimitationReason ?? '-'}`).join(' ');
     console.log(`# top layer (${topWidth} wide) after ${Date.now() - t0} ms; publisher sends ${limits}`);
-    const pairs = await sub.page.evaluate(() => window.__client.getSelectedCandidatePairs());
+    const pairs = await selectedCandidatePairs(sub);
     const port = pairs.subscriber?.local?.port;
     assert.equal(pairs.subscriber?.local?.protocol, 'udp', JSON.stringify(pairs));
     assert.ok(port > 0, JSON.stringify(pairs));
@@ -221,11 +223,11 @@ describe('subscriber on a lossy link (10 % loss, 100 ms delay)', { timeout: 360_
     console.log(`# clean link: ${fmtAudio(baseAudio)}; ${fmtVideo(videoSummary(base))}`);
 
     // Impair the subscriber connection's flow, both directions.
-    const link = await impairUdp(port, { loss: LOSS, delayMs: DELAY_MS, uplink: true });
-    let counters;
     let impStart;
     let dropAt = null;
-    try {
+    const {
+      counters: [counters],
+    } = await whileImpaired([port], { loss: LOSS, delayMs: DELAY_MS, uplink: true }, async () => {
       impStart = await pageNow(sub);
       const deadline = Date.now() + IMPAIR_MAX_MS;
       let dropSeenAt = null;
@@ -238,10 +240,7 @@ describe('subscriber on a lossy link (10 % loss, 100 ms delay)', { timeout: 360_
         }
         if (dropSeenAt !== null && Date.now() - dropSeenAt >= IMPAIRED_AFTER_DROP_MS) break;
       }
-      counters = link.stats();
-    } finally {
-      counters = (await link.lift()) ?? counters;
-    }
+    });
     const liftAt = await pageNow(sub);
     const imp = await samplesSince(sub, impStart);
     const impAudio = audioSummary(imp);

@@ -12,7 +12,17 @@
 // Prints both runs' concealment (the figures in bench/results/*-red-loss.md).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchParticipant, joinWithClient, waitFor, loopbackOnly, impairUdp } from './harness.js';
+import {
+  startServer,
+  participants,
+  joinWithClient,
+  waitFor,
+  requireLoopbackOnly,
+  selectedCandidatePairs,
+  whileImpaired,
+  pageNow,
+  samplesSince,
+} from './harness.js';
 
 // Its own ports, so that it never meets another test file's server.
 const RED_PORT = 7920;
@@ -25,24 +35,16 @@ const DELAY_MS = 20;
 const SEED = 2198;
 const IMPAIRED_MS = Number(process.env.RED_IMPAIRED_MS ?? 20_000);
 
-const open = new Set();
+const browsers = participants();
+const participant = (label) => browsers.launch(label);
 const servers = [];
 
-async function participant(label) {
-  const p = await launchParticipant(label);
-  open.add(p);
-  return p;
-}
-
 before(async () => {
-  if (!loopbackOnly()) throw new Error('run in a loopback-only network namespace (scripts/browser-tests.sh): this test changes iptables rules');
+  requireLoopbackOnly();
 });
 
 after(async () => {
-  for (const p of open) {
-    if (process.env.SHOW_BROWSER_LOGS) console.log(p.logs.join('\n'));
-    await p.close();
-  }
+  await browsers.closeAll();
   for (const s of servers) await s.stop();
 });
 
@@ -85,9 +87,6 @@ async function startSampling(p) {
     }, 100);
   });
 }
-
-const pageNow = (p) => p.page.evaluate(() => performance.now());
-const samplesSince = (p, t) => p.page.evaluate((t) => window.__samples.filter((s) => s.t >= t), t);
 
 function summary(samples) {
   const first = samples[0];
@@ -147,7 +146,7 @@ async function run(label, { port, udpPort, args }) {
   const pubCodec = await sub.page.evaluate(() => [...window.__client.remoteTracks.values()].find((t) => t.kind === 'audio')?.info?.mime_type ?? null);
   const subCodec = await sub.page.evaluate(() => window.__samples.at(-1)?.codec ?? null);
 
-  const pairs = await sub.page.evaluate(() => window.__client.getSelectedCandidatePairs());
+  const pairs = await selectedCandidatePairs(sub);
   const localPort = pairs.subscriber?.local?.port;
   assert.equal(pairs.subscriber?.local?.protocol, 'udp', JSON.stringify(pairs));
   assert.ok(localPort > 0, JSON.stringify(pairs));
@@ -156,16 +155,13 @@ async function run(label, { port, udpPort, args }) {
   await new Promise((r) => setTimeout(r, 3_000));
   const clean = summary(await samplesSince(sub, baseStart));
 
-  const link = await impairUdp(localPort, { loss: LOSS, delayMs: DELAY_MS, uplink: false, seed: SEED });
-  let counters;
   let impStart;
-  try {
+  const {
+    counters: [counters],
+  } = await whileImpaired([localPort], { loss: LOSS, delayMs: DELAY_MS, uplink: false, seed: SEED }, async () => {
     impStart = await pageNow(sub);
     await new Promise((r) => setTimeout(r, IMPAIRED_MS));
-    counters = link.stats();
-  } finally {
-    counters = (await link.lift()) ?? counters;
-  }
+  });
   const impaired = summary(await samplesSince(sub, impStart));
   console.log(`# ${label}: publisher sends ${pubCodec}; subscriber's inbound-rtp codec ${subCodec}, codecs in its stats ${statsCodecs.join(' ')}`);
   console.log(`# ${label} clean: ${fmt(clean)}`);

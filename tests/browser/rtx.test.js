@@ -13,7 +13,7 @@
 // scripts/browser-tests.sh (it changes iptables rules).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchParticipant, joinViaUrl, waitFor, loopbackOnly, impairUdp } from './harness.js';
+import { startServer, participants, joinViaUrl, waitFor, requireLoopbackOnly, selectedCandidatePairs, whileImpaired } from './harness.js';
 
 // Its own ports, so that it never meets another test file's server.
 const PORT = 7930;
@@ -23,25 +23,17 @@ const DELAY_MS = 20;
 const IMPAIR_MS = 12_000;
 
 let server;
-const open = new Set();
-
-async function participant(label) {
-  const p = await launchParticipant(label);
-  open.add(p);
-  return p;
-}
+const browsers = participants();
+const participant = (label) => browsers.launch(label);
 
 before(async () => {
-  if (!loopbackOnly()) throw new Error('run in a loopback-only network namespace (scripts/browser-tests.sh): this test changes iptables rules');
+  requireLoopbackOnly();
   // No ICE-TCP: both stay on their (impaired) UDP paths.
   server = await startServer({ logName: 'plaza-rtx.log', port: PORT, udpPort: UDP_PORT, args: ['--tcp-port', 'off'] });
 });
 
 after(async () => {
-  for (const p of open) {
-    if (process.env.SHOW_BROWSER_LOGS) console.log(p.logs.join('\n'));
-    await p.close();
-  }
+  await browsers.closeAll();
   await server?.stop();
 });
 
@@ -114,22 +106,15 @@ describe('RTX with Chromium on a lossy link (5 % loss both ways)', { timeout: 18
     const pubAnswer = await pub.page.evaluate(() => window.plaza.client._sess.pub.remoteDescription.sdp);
     assert.match(video(pubAnswer), /a=rtpmap:\d+ rtx\/90000/, 'rtx in the publish answer');
 
-    const subPort = (await sub.page.evaluate(() => window.__client.getSelectedCandidatePairs())).subscriber?.local?.port;
-    const pubPort = (await pub.page.evaluate(() => window.plaza.client.getSelectedCandidatePairs())).publisher?.local?.port;
+    const subPort = (await selectedCandidatePairs(sub)).subscriber?.local?.port;
+    const pubPort = (await selectedCandidatePairs(pub)).publisher?.local?.port;
     assert.ok(subPort > 0 && pubPort > 0, `ports ${subPort} ${pubPort}`);
 
     const before = await stats();
     const inBefore = await inboundVideo(sub);
-    const links = [
-      await impairUdp(subPort, { loss: LOSS, delayMs: DELAY_MS, uplink: true }),
-      await impairUdp(pubPort, { loss: LOSS, delayMs: DELAY_MS, uplink: true }),
-    ];
-    const counters = [];
-    try {
-      await new Promise((r) => setTimeout(r, IMPAIR_MS));
-    } finally {
-      for (const l of links) counters.push(await l.lift());
-    }
+    const { counters } = await whileImpaired([subPort, pubPort], { loss: LOSS, delayMs: DELAY_MS, uplink: true }, () =>
+      new Promise((r) => setTimeout(r, IMPAIR_MS)),
+    );
     // The last repairs arrive.
     await new Promise((r) => setTimeout(r, 1_000));
     const after = await stats();
