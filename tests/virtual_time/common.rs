@@ -129,6 +129,35 @@ impl Sim {
         self.net.node::<Client>(id)
     }
 
+    /// What `viewer` has received of `track` (nothing yet: empty).
+    pub fn rx(&mut self, viewer: NodeId, track: &str) -> RxTrack {
+        self.c(viewer)
+            .subscriber
+            .tracks
+            .get(track)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Runs until `viewer` receives video of layer `layer` on `track`; returns the time taken.
+    pub fn wait_layer(
+        &mut self,
+        viewer: NodeId,
+        track: &str,
+        layer: u8,
+        max: Duration,
+    ) -> Option<Duration> {
+        let track = track.to_owned();
+        self.net.run_until_cond(max, |net| {
+            net.node::<Client>(viewer)
+                .subscriber
+                .tracks
+                .get(&track)
+                .and_then(|t| t.current_layer())
+                == Some(layer)
+        })
+    }
+
     /// The participant id of a client that has joined.
     pub fn pid(&mut self, id: NodeId) -> String {
         let c = self.c(id);

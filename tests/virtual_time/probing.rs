@@ -38,33 +38,6 @@ fn track(s: &mut Sim, viewer: NodeId, kind: TrackKind) -> TrackInfo {
         .unwrap()
 }
 
-fn rx(s: &mut Sim, viewer: NodeId, track: &str) -> RxTrack {
-    s.c(viewer)
-        .subscriber
-        .tracks
-        .get(track)
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn wait_layer(
-    s: &mut Sim,
-    viewer: NodeId,
-    track: &str,
-    layer: u8,
-    max: Duration,
-) -> Option<Duration> {
-    let track = track.to_owned();
-    s.net.run_until_cond(max, |net| {
-        net.node::<Client>(viewer)
-            .subscriber
-            .tracks
-            .get(&track)
-            .and_then(|t| t.current_layer())
-            == Some(layer)
-    })
-}
-
 /// Alice publishes simulcast audio and video; Bob subscribes and reaches the top layer.
 fn setup(seed: u64) -> Setup {
     setup_with(seed, false)
@@ -86,7 +59,7 @@ fn setup_with(seed: u64, rtx: bool) -> Setup {
     let video = track(&mut s, bob, TrackKind::Video);
     let audio = track(&mut s, bob, TrackKind::Audio);
     assert!(
-        wait_layer(&mut s, bob, &video.id, 2, T).is_some(),
+        s.wait_layer(bob, &video.id, 2, T).is_some(),
         "bob reaches f"
     );
     s.net.run_for(Duration::from_secs(2));
@@ -209,19 +182,19 @@ fn lift_after(seed: u64, limited: Duration, rtx: bool) -> Duration {
     limit(&mut u, Some(LIMIT_BPS));
     let cut = u.s.net.now();
     let vid = u.video.id.clone();
-    let down = wait_layer(&mut u.s, u.bob, &vid, 0, Duration::from_secs(5));
+    let down = u.s.wait_layer(u.bob, &vid, 0, Duration::from_secs(5));
     assert!(down.is_some(), "down to q within 5 s of the cut");
     let left = limited.saturating_sub(u.s.net.now() - cut);
     u.s.net.run_for(left);
     assert_eq!(
-        rx(&mut u.s, u.bob, &vid).current_layer(),
+        u.s.rx(u.bob, &vid).current_layer(),
         Some(0),
         "q under the limit"
     );
     let before = u.s.stats();
     limit(&mut u, None);
     let lifted = u.s.net.now();
-    let up = wait_layer(&mut u.s, u.bob, &vid, 2, Duration::from_secs(10));
+    let up = u.s.wait_layer(u.bob, &vid, 2, Duration::from_secs(10));
     let up = up.expect("back on f within 10 s");
     let after = u.s.stats();
     println!(
@@ -237,7 +210,7 @@ fn lift_after(seed: u64, limited: Duration, rtx: bool) -> Duration {
     assert!(after.probe_clusters_succeeded >= 1);
     assert!(after.probe_padding_bytes > 0, "padding was sent");
     u.s.net.run_for(Duration::from_secs(2));
-    let video = rx(&mut u.s, u.bob, &vid);
+    let video = u.s.rx(u.bob, &vid);
     // From the lift on (the cut itself lost packets at the bottleneck): one clean stream,
     // padding included, switching up only at keyframes.
     let since = since_up_switch(&video, lifted);
@@ -261,17 +234,20 @@ fn a_lasting_limit_is_probed_without_freezes_or_starved_audio() {
     limit(&mut u, Some(LIMIT_BPS));
     let vid = u.video.id.clone();
     let aid = u.audio.id.clone();
-    assert!(wait_layer(&mut u.s, u.bob, &vid, 0, Duration::from_secs(5)).is_some());
+    assert!(
+        u.s.wait_layer(u.bob, &vid, 0, Duration::from_secs(5))
+            .is_some()
+    );
     // Settled on q (the cut's own downgrade is behind).
     u.s.net.run_for(Duration::from_secs(3));
     let from = u.s.net.now();
     let before = u.s.stats();
-    let audio_before = rx(&mut u.s, u.bob, &aid).packets.len();
+    let audio_before = u.s.rx(u.bob, &aid).packets.len();
     u.s.net.run_for(Duration::from_secs(60));
     let to = u.s.net.now();
     let after = u.s.stats();
-    let video = rx(&mut u.s, u.bob, &vid);
-    let audio = rx(&mut u.s, u.bob, &aid);
+    let video = u.s.rx(u.bob, &vid);
+    let audio = u.s.rx(u.bob, &aid);
     let f = frames(&video, from, to);
     let layers: Vec<u8> = f.iter().map(|(_, l)| *l).collect();
     let switches = layers.windows(2).filter(|w| w[0] != w[1]).count();
@@ -325,5 +301,5 @@ fn an_unconstrained_subscriber_sends_no_padding() {
     assert_eq!(st.probe_clusters, 0);
     assert_eq!(st.probe_padding_packets, 0);
     let vid = u.video.id.clone();
-    assert_eq!(rx(&mut u.s, u.bob, &vid).current_layer(), Some(2));
+    assert_eq!(u.s.rx(u.bob, &vid).current_layer(), Some(2));
 }

@@ -33,15 +33,6 @@ fn video(s: &mut Sim, viewer: NodeId, publisher: NodeId) -> TrackInfo {
     pick(s.c(viewer)).expect("found")
 }
 
-fn rx(s: &mut Sim, viewer: NodeId, track: &str) -> RxTrack {
-    s.c(viewer)
-        .subscriber
-        .tracks
-        .get(track)
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// Sequence numbers of `t`'s first SSRC never received, of how many in its span.
 fn missing(t: &RxTrack) -> (u64, u64) {
     let ssrc = t.ssrcs()[0];
@@ -92,7 +83,7 @@ fn subscribers_with_rtx_get_their_repairs_on_the_rtx_stream() {
     assert_eq!(st.nack_resent, st.nack_resent_rtx + st.nack_resent_media);
     // Both streams are whole but for a few repairs lost themselves or given up.
     for (viewer, name) in [(bob, "bob"), (carol, "carol")] {
-        let t = rx(&mut s, viewer, &track.id);
+        let t = s.rx(viewer, &track.id);
         let (miss, span) = missing(&t);
         let lost = s.net.link_stats(server, viewer).lost;
         println!(
@@ -121,7 +112,7 @@ fn a_publishers_rtx_repairs_are_unwrapped_and_forwarded() {
     s.net.run_for(Duration::from_secs(1));
     let st = s.stats();
     let lost = s.net.link_stats(alice, server).lost;
-    let t = rx(&mut s, bob, &track.id);
+    let t = s.rx(bob, &track.id);
     let (miss, span) = missing(&t);
     println!(
         "3 % uplink loss for 10 s: {lost} lost, NACKed {}, RTX repairs forwarded {}, \
