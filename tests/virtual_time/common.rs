@@ -75,6 +75,35 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// What `viewer` has received of `track` (nothing yet: empty).
+pub fn rx(net: &Net, viewer: NodeId, track: &str) -> RxTrack {
+    net.node_ref::<Client>(viewer)
+        .subscriber
+        .tracks
+        .get(track)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Runs until `viewer` receives video of layer `layer` on `track`, for at most `max`; returns
+/// the time taken.
+pub fn wait_layer(
+    net: &mut Net,
+    viewer: NodeId,
+    track: &str,
+    layer: u8,
+    max: Duration,
+) -> Option<Duration> {
+    net.run_until_cond(max, |net| {
+        net.node_ref::<Client>(viewer)
+            .subscriber
+            .tracks
+            .get(track)
+            .and_then(|t| t.current_layer())
+            == Some(layer)
+    })
+}
+
 /// A server at `10.0.0.100:7882` and clients in rooms of their choosing, on one network.
 pub struct Sim {
     pub net: Net,
@@ -131,12 +160,7 @@ impl Sim {
 
     /// What `viewer` has received of `track` (nothing yet: empty).
     pub fn rx(&mut self, viewer: NodeId, track: &str) -> RxTrack {
-        self.c(viewer)
-            .subscriber
-            .tracks
-            .get(track)
-            .cloned()
-            .unwrap_or_default()
+        rx(&self.net, viewer, track)
     }
 
     /// Runs until `viewer` receives video of layer `layer` on `track`; returns the time taken.
@@ -147,15 +171,7 @@ impl Sim {
         layer: u8,
         max: Duration,
     ) -> Option<Duration> {
-        let track = track.to_owned();
-        self.net.run_until_cond(max, |net| {
-            net.node::<Client>(viewer)
-                .subscriber
-                .tracks
-                .get(&track)
-                .and_then(|t| t.current_layer())
-                == Some(layer)
-        })
+        wait_layer(&mut self.net, viewer, track, layer, max)
     }
 
     /// The participant id of a client that has joined.

@@ -3,7 +3,7 @@
 //! virtual time. Mirrors `tests/simulcast.rs` and `tests/media.rs`, which test the same over
 //! loopback sockets with real waits.
 
-use super::common::{addr, digest, ip, ms, unwrap_seqs};
+use super::common::{self, addr, digest, ip, ms, unwrap_seqs};
 use plaza::signal::{ClientMessage, Quality, ServerMessage, TrackInfo, TrackKind};
 use plaza::sim::server::SfuNode;
 use plaza::sim::{Client, LinkConfig, MediaSpec, Net, NodeId, RtcpIn, RxTrack};
@@ -65,12 +65,7 @@ impl Sim {
     }
 
     fn rx(&mut self, viewer: NodeId, track: &str) -> RxTrack {
-        self.c(viewer)
-            .subscriber
-            .tracks
-            .get(track)
-            .cloned()
-            .unwrap_or_default()
+        common::rx(&self.net, viewer, track)
     }
 
     /// Run until `viewer` receives video of layer `layer` on `track`; returns the time taken.
@@ -81,15 +76,7 @@ impl Sim {
         layer: u8,
         max: Duration,
     ) -> Option<Duration> {
-        let track = track.to_owned();
-        self.net.run_until_cond(max, |net| {
-            net.node::<Client>(viewer)
-                .subscriber
-                .tracks
-                .get(&track)
-                .and_then(|t| t.current_layer())
-                == Some(layer)
-        })
+        common::wait_layer(&mut self.net, viewer, track, layer, max)
     }
 
     fn no_errors(&mut self, ids: &[NodeId]) {

@@ -6,7 +6,7 @@
 //! once per shard with subscribers, not once per viewer. Mirrors
 //! `tests/lifecycle.rs::a_big_room_spans_shards`, which runs the real server over sockets.
 
-use super::common::{digest, ip, ms, unwrap_seqs};
+use super::common::{self, digest, ip, ms, unwrap_seqs};
 use super::sfu::{SIZES, assert_clean_stream, settings};
 use plaza::sfu::CoreStats;
 use plaza::signal::{
@@ -102,25 +102,12 @@ impl Sim {
     }
 
     fn rx(&mut self, viewer: NodeId, track: &str) -> RxTrack {
-        self.c(viewer)
-            .subscriber
-            .tracks
-            .get(track)
-            .cloned()
-            .unwrap_or_default()
+        common::rx(&self.net, viewer, track)
     }
 
     /// Run until `viewer` receives layer `layer` of `track`; the time it took.
     fn wait_layer(&mut self, viewer: NodeId, track: &str, layer: u8) -> Option<Duration> {
-        let track = track.to_owned();
-        self.net.run_until_cond(T, |net| {
-            net.node_ref::<Client>(viewer)
-                .subscriber
-                .tracks
-                .get(&track)
-                .and_then(|t| t.current_layer())
-                == Some(layer)
-        })
+        common::wait_layer(&mut self.net, viewer, track, layer, T)
     }
 
     /// Run until every viewer in `ids` has received at least `n` packets of `track`.
