@@ -965,16 +965,7 @@ impl Peer {
         };
         let (level, sender, cached) = (a.level, a.sender, a.level_ext);
         if let Some(level) = level {
-            let ext = cached.or_else(|| {
-                let mut s = self.pc.rtp_sender(sender)?;
-                let params = s.get_parameters();
-                params
-                    .rtp_parameters
-                    .header_extensions
-                    .iter()
-                    .find(|e| e.uri == AUDIO_LEVEL_URI)
-                    .map(|e| e.id as u8)
-            });
+            let ext = cached.or_else(|| self.header_ext_id(sender, AUDIO_LEVEL_URI));
             if let Some(id) = ext {
                 let _ = header.set_extension(id, Bytes::copy_from_slice(&[level & 0x7f]));
             }
@@ -1076,21 +1067,24 @@ impl Peer {
         self.video = Some(v);
     }
 
+    /// The negotiated id of header extension `uri` on a sender.
+    fn header_ext_id(&mut self, sender: RTCRtpSenderId, uri: &str) -> Option<u8> {
+        let mut s = self.pc.rtp_sender(sender)?;
+        let params = s.get_parameters();
+        params
+            .rtp_parameters
+            .header_extensions
+            .iter()
+            .find(|e| e.uri == uri)
+            .map(|e| e.id as u8)
+    }
+
     /// Negotiated (mid, rid) header extension ids of a sender.
     fn header_ext_ids(&mut self, sender: RTCRtpSenderId) -> (Option<u8>, Option<u8>) {
-        let Some(mut s) = self.pc.rtp_sender(sender) else {
-            return (None, None);
-        };
-        let params = s.get_parameters();
-        let id = |uri: &str| {
-            params
-                .rtp_parameters
-                .header_extensions
-                .iter()
-                .find(|e| e.uri == uri)
-                .map(|e| e.id as u8)
-        };
-        (id(SDES_MID_URI), id(SDES_RTP_STREAM_ID_URI))
+        (
+            self.header_ext_id(sender, SDES_MID_URI),
+            self.header_ext_id(sender, SDES_RTP_STREAM_ID_URI),
+        )
     }
 
     /// The mid of the video m-section of the local description.
