@@ -1161,26 +1161,15 @@ impl Peer {
             match message {
                 RTCMessage::RtpPacket(track_id, p) => {
                     let t = self.tracks.entry(track_id).or_default();
-                    if p.header.padding && p.payload.is_empty() {
-                        t.padding.push(RxPacket {
-                            at,
-                            ssrc: p.header.ssrc,
-                            seq: p.header.sequence_number,
-                            ts: p.header.timestamp,
-                            marker: p.header.marker,
-                            pt: p.header.payload_type,
-                            len: 0,
-                            vp8: None,
-                        });
-                        continue;
-                    }
-                    let vp8 =
-                        if p.header.payload_type == VP8_PT || t.kind == Some(RtpCodecKind::Video) {
-                            parse_vp8(&p.payload)
-                        } else {
-                            None
-                        };
-                    t.packets.push(RxPacket {
+                    let padding = p.header.padding && p.payload.is_empty();
+                    let vp8 = if !padding
+                        && (p.header.payload_type == VP8_PT || t.kind == Some(RtpCodecKind::Video))
+                    {
+                        parse_vp8(&p.payload)
+                    } else {
+                        None
+                    };
+                    let rx = RxPacket {
                         at,
                         ssrc: p.header.ssrc,
                         seq: p.header.sequence_number,
@@ -1189,7 +1178,12 @@ impl Peer {
                         pt: p.header.payload_type,
                         len: p.payload.len(),
                         vp8,
-                    });
+                    };
+                    if padding {
+                        t.padding.push(rx);
+                    } else {
+                        t.packets.push(rx);
+                    }
                 }
                 RTCMessage::RtcpPacket(_, packets) => {
                     for p in packets {
