@@ -1921,6 +1921,45 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_from_every_layer() {
+        let c = load(&[], &[]).unwrap().cluster;
+        assert_eq!(
+            c,
+            crate::cluster::ClusterConfig::default(),
+            "no Redis by default"
+        );
+        let file = TempFile::new(
+            "redis = \"redis://file:6379\"\nnode_id = \"ND_file\"\nnode_address = \"f:1\"\n",
+        );
+        let env = [("PLAZA_CONFIG", file.path())];
+        let c = load(&[], &env).unwrap().cluster;
+        assert_eq!(c.redis.as_deref(), Some("redis://file:6379"));
+        assert_eq!(c.node_id.as_deref(), Some("ND_file"));
+        assert_eq!(c.node_address.as_deref(), Some("f:1"));
+        let env = [
+            ("PLAZA_CONFIG", file.path()),
+            ("PLAZA_REDIS", "redis://env:6379"),
+            ("PLAZA_NODE_ID", "ND_env"),
+        ];
+        let c = load(&[], &env).unwrap().cluster;
+        assert_eq!(c.redis.as_deref(), Some("redis://env:6379"));
+        assert_eq!(c.node_id.as_deref(), Some("ND_env"));
+        let c = load(
+            &["--redis", "redis://:pw@flag:6379", "--node-address", "x:2"],
+            &env,
+        )
+        .unwrap()
+        .cluster;
+        assert_eq!(c.redis.as_deref(), Some("redis://:pw@flag:6379"));
+        assert_eq!(c.node_address.as_deref(), Some("x:2"));
+        assert!(
+            !format!("{c:?}").contains("pw"),
+            "the password stays out of logs"
+        );
+        assert_eq!(load(&["--redis", " "], &[]).unwrap().cluster.redis, None);
+    }
+
+    #[test]
     fn data_rate_limits_from_every_layer() {
         let d = load(&[], &[]).unwrap().core_limits;
         assert_eq!(

@@ -412,3 +412,16 @@ async fn beat(
         .query_async::<()>(conn)
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(redact_url("redis://:pw@h:6379"), "redis://:***@h:6379");
+        assert_eq!(redact_url("rediss://u:pw@h"), "rediss://u:***@h");
+        assert_eq!(redact_url("redis://tok@h"), "redis://***@h");
+    }
+}
