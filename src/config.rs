@@ -52,6 +52,9 @@
 //! secret of `--webhook-api-key`, else of the first configured API key (by name), else of the
 //! development key.
 //!
+//! Cluster: `--redis URL` (`PLAZA_REDIS`; none: one node, no Redis code runs), `--node-id`,
+//! `--node-address` ([`crate::cluster`]). The URL's password is redacted in `Debug` output.
+//!
 //! The loader takes the environment as a lookup function ([`Config::load_from`]), so tests
 //! never depend on the process environment. Empty environment variables count as unset
 //! (handy with compose files). `RUST_LOG` is honoured as a lower-priority alias of
