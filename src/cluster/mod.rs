@@ -263,12 +263,12 @@ impl Registry {
         self.view.clone()
     }
 
-    /// Stops the heartbeat and removes the node's record and listing entry (within
-    /// [`REDIS_TIMEOUT`] for the task and as much again for Redis).
+    /// Stops the heartbeat and removes the node's record and listing entry (waiting at most
+    /// three [`REDIS_TIMEOUT`]s: a heartbeat and its retry in flight, then the deletion).
     pub async fn deregister(mut self) {
         let _ = self.stop.send(true);
         if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(REDIS_TIMEOUT * 2, &mut task)
+            if tokio::time::timeout(REDIS_TIMEOUT * 3, &mut task)
                 .await
                 .is_err()
             {
@@ -340,13 +340,22 @@ async fn heartbeat_loop(
             };
         }
         record.heartbeat_at = unix_ms();
-        let result =
-            tokio::time::timeout(REDIS_TIMEOUT, beat(&mut conn, &key, &record, timing)).await;
-        let error = match result {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("Redis did not answer in time".to_owned()),
-        };
+        let mut error = None;
+        // A failed command makes the connection manager reconnect; the first command after
+        // Redis returns may still see the old error, so a failure is retried once at once (it
+        // waits for that reconnection).
+        for _ in 0..2 {
+            let result =
+                tokio::time::timeout(REDIS_TIMEOUT, beat(&mut conn, &key, &record, timing)).await;
+            error = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("Redis did not answer in time".to_owned()),
+            };
+            if error.is_none() {
+                break;
+            }
+        }
         let ok = error.is_none();
         counters.registered.store(ok, Ordering::Relaxed);
         if ok {

@@ -129,7 +129,7 @@ impl Default for HeartbeatTiming {
             interval: Duration::from_secs(1),
             ttl: Duration::from_secs(3),
             min_backoff: Duration::from_millis(250),
-            max_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(1),
         }
     }
 }
