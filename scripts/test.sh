@@ -23,6 +23,10 @@ step "unit + integration tests"
 if ! python3 -c 'import yaml' 2>/dev/null; then
   apt-get install -y python3-yaml || { echo "python3-yaml is needed (tests/prometheus.rs) and could not be installed" >&2; exit 1; }
 fi
+# tests/cluster.rs starts real redis-server processes (testkit/src/redis.rs).
+if ! command -v redis-server >/dev/null 2>&1; then
+  { apt-get update -qq && apt-get install -y redis-server; } || { echo "redis-server is needed (tests/cluster.rs) and could not be installed" >&2; exit 1; }
+fi
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --release --workspace --no-fail-fast --test-threads 2
 else

@@ -52,6 +52,9 @@
 //! secret of `--webhook-api-key`, else of the first configured API key (by name), else of the
 //! development key.
 //!
+//! Cluster: `--redis URL` (`PLAZA_REDIS`; none: one node, no Redis code runs), `--node-id`,
+//! `--node-address` ([`crate::cluster`]). The URL's password is redacted in `Debug` output.
+//!
 //! The loader takes the environment as a lookup function ([`Config::load_from`]), so tests
 //! never depend on the process environment. Empty environment variables count as unset
 //! (handy with compose files). `RUST_LOG` is honoured as a lower-priority alias of
@@ -273,6 +276,8 @@ pub struct Config {
     pub ice: IceConfig,
     /// Where and how events are POSTed (no URL: off).
     pub webhook: crate::webhook::WebhookConfig,
+    /// The cluster control plane (`--redis`; none: one node, no Redis code runs).
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 impl Default for Config {
@@ -313,6 +318,7 @@ impl Default for Config {
             keys: KeySet::new(),
             ice: IceConfig::none(),
             webhook: Default::default(),
+            cluster: Default::default(),
         }
     }
 }
@@ -557,6 +563,17 @@ struct Args {
     /// comma-separated [env: PLAZA_WEBHOOK_URLS] [default: none: webhooks off]
     #[arg(long = "webhook-url", value_name = "URL", value_delimiter = ',')]
     webhook_url: Vec<String>,
+    /// Redis URL of the cluster control plane, e.g. redis://10.0.0.5:6379/0; the node
+    /// registers itself there [env: PLAZA_REDIS] [default: none: one node, no Redis]
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// This node's id in the cluster [env: PLAZA_NODE_ID] [default: a random ND_ id]
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// HTTP address other nodes and clients use to reach this node, e.g. 10.0.0.6:7880
+    /// [env: PLAZA_NODE_ADDRESS] [default: the announced IP and the HTTP port]
+    #[arg(long, value_name = "HOST:PORT")]
+    node_address: Option<String>,
     /// Webhook events that may wait (from the server, and per URL); more are dropped
     /// [env: PLAZA_WEBHOOK_QUEUE] [default: 10000]
     #[arg(long, value_name = "N")]
@@ -746,6 +763,9 @@ struct FileConfig {
     stun_urls: Option<StringOrList>,
     /// API key → secret.
     keys: Option<BTreeMap<String, Secret>>,
+    redis: Option<String>,
+    node_id: Option<String>,
+    node_address: Option<String>,
 }
 
 /// One layer of optional settings (flags, env or file).
@@ -794,6 +814,9 @@ struct Layer {
     api_secret: Option<Secret>,
     keys: Option<KeySet>,
     webhook_urls: Option<Vec<String>>,
+    redis: Option<String>,
+    node_id: Option<String>,
+    node_address: Option<String>,
     webhook_queue: Option<usize>,
     webhook_retry_for: Option<f64>,
     webhook_backoff_min: Option<f64>,
@@ -855,6 +878,9 @@ impl Layer {
             api_secret: self.api_secret.or(lower.api_secret),
             keys: self.keys.or(lower.keys),
             webhook_urls: self.webhook_urls.or(lower.webhook_urls),
+            redis: self.redis.or(lower.redis),
+            node_id: self.node_id.or(lower.node_id),
+            node_address: self.node_address.or(lower.node_address),
             webhook_queue: self.webhook_queue.or(lower.webhook_queue),
             webhook_retry_for: self.webhook_retry_for.or(lower.webhook_retry_for),
             webhook_backoff_min: self.webhook_backoff_min.or(lower.webhook_backoff_min),
@@ -915,6 +941,9 @@ impl From<Args> for Layer {
             api_secret: a.api_secret,
             keys: None,
             webhook_urls: url_list(a.webhook_url),
+            redis: non_empty(a.redis),
+            node_id: non_empty(a.node_id),
+            node_address: non_empty(a.node_address),
             webhook_queue: a.webhook_queue,
             webhook_retry_for: a.webhook_retry_for,
             webhook_backoff_min: a.webhook_backoff_min,
@@ -982,6 +1011,9 @@ impl From<FileConfig> for Layer {
                     .collect()
             }),
             webhook_urls: f.webhook_urls.and_then(|u| url_list(u.into_vec())),
+            redis: non_empty(f.redis),
+            node_id: non_empty(f.node_id),
+            node_address: non_empty(f.node_address),
             webhook_queue: f.webhook_queue,
             webhook_retry_for: f.webhook_retry_for,
             webhook_backoff_min: f.webhook_backoff_min,
@@ -1081,6 +1113,9 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             api_key: self.raw("PLAZA_API_KEY").map(|k| k.trim().to_owned()),
             api_secret: self.raw("PLAZA_API_SECRET").map(Secret::new),
             keys: None,
+            redis: self.raw("PLAZA_REDIS"),
+            node_id: self.raw("PLAZA_NODE_ID"),
+            node_address: self.raw("PLAZA_NODE_ADDRESS"),
             webhook_urls: self
                 .raw("PLAZA_WEBHOOK_URLS")
                 .and_then(|v| url_list(v.split(',').map(str::to_owned).collect())),
@@ -1102,6 +1137,11 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
                 .and_then(|v| url_list(v.split(',').map(str::to_owned).collect())),
         })
     }
+}
+
+/// A trimmed, non-empty string; `None` for an empty one (the setting is unset).
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }
 
 /// Trimmed, non-empty URLs; `None` when there are none (the setting is unset).
@@ -1298,6 +1338,11 @@ impl Config {
                     timeout: seconds("webhook-timeout", merged.webhook_timeout, w.timeout)?,
                     api_key: merged.webhook_api_key,
                 }
+            },
+            cluster: crate::cluster::ClusterConfig {
+                redis: merged.redis,
+                node_id: merged.node_id,
+                node_address: merged.node_address,
             },
         };
         config.announce_ips = config.announce_ips()?;
@@ -1876,6 +1921,45 @@ mod tests {
         assert!(load(&[], &env).unwrap().red);
         assert!(!load(&["--no-red"], &env).unwrap().red);
         assert!(load(&[], &[("PLAZA_RED", "maybe")]).is_err());
+    }
+
+    #[test]
+    fn cluster_settings_from_every_layer() {
+        let c = load(&[], &[]).unwrap().cluster;
+        assert_eq!(
+            c,
+            crate::cluster::ClusterConfig::default(),
+            "no Redis by default"
+        );
+        let file = TempFile::new(
+            "redis = \"redis://file:6379\"\nnode_id = \"ND_file\"\nnode_address = \"f:1\"\n",
+        );
+        let env = [("PLAZA_CONFIG", file.path())];
+        let c = load(&[], &env).unwrap().cluster;
+        assert_eq!(c.redis.as_deref(), Some("redis://file:6379"));
+        assert_eq!(c.node_id.as_deref(), Some("ND_file"));
+        assert_eq!(c.node_address.as_deref(), Some("f:1"));
+        let env = [
+            ("PLAZA_CONFIG", file.path()),
+            ("PLAZA_REDIS", "redis://env:6379"),
+            ("PLAZA_NODE_ID", "ND_env"),
+        ];
+        let c = load(&[], &env).unwrap().cluster;
+        assert_eq!(c.redis.as_deref(), Some("redis://env:6379"));
+        assert_eq!(c.node_id.as_deref(), Some("ND_env"));
+        let c = load(
+            &["--redis", "redis://:pw@flag:6379", "--node-address", "x:2"],
+            &env,
+        )
+        .unwrap()
+        .cluster;
+        assert_eq!(c.redis.as_deref(), Some("redis://:pw@flag:6379"));
+        assert_eq!(c.node_address.as_deref(), Some("x:2"));
+        assert!(
+            !format!("{c:?}").contains("pw"),
+            "the password stays out of logs"
+        );
+        assert_eq!(load(&["--redis", " "], &[]).unwrap().cluster.redis, None);
     }
 
     #[test]

@@ -27,6 +27,7 @@
 //! `docs/ARCHITECTURE.md` has the whole picture.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod io;

@@ -132,6 +132,8 @@ pub enum ServerError {
     Stopped(String),
     #[error("cannot start webhooks: {0}")]
     Webhooks(String),
+    #[error("cannot start the cluster registry: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 fn in_use_hint(e: &std::io::Error, flag: &str) -> String {
@@ -161,6 +163,8 @@ pub struct Server {
     handle: SfuHandle,
     /// The webhook dispatcher, when webhook URLs are configured.
     webhooks: Option<Webhooks>,
+    /// The node registry's heartbeat, with `--redis`.
+    cluster: Option<crate::cluster::Registry>,
     /// `true` = stop: ends the HTTP server's accept loop and sessions that have not joined.
     stop: watch::Sender<bool>,
     http_task: Option<JoinHandle<std::io::Result<()>>>,
@@ -284,13 +288,25 @@ where
     );
     let (stop, stop_rx) = watch::channel(false);
     let (sessions_tx, sessions) = mpsc::channel(1);
+    // With `--redis`: the heartbeat task (it never holds up the start: Redis may be down).
+    let cluster = crate::cluster::Registry::start(
+        &config.cluster,
+        crate::cluster::NodeInfo {
+            http_addr,
+            udp_addrs: udp_addrs.clone(),
+            announce_ips: announce_ips.clone(),
+        },
+        handle.clone(),
+        Default::default(),
+    )?;
     let state = AppState::new(
         handle.clone(),
         HttpSettings::from_config(&config),
         stop_rx.clone(),
         sessions_tx,
     )
-    .with_limits(Arc::clone(&counters), Arc::clone(&limiter));
+    .with_limits(Arc::clone(&counters), Arc::clone(&limiter))
+    .with_cluster(cluster.as_ref().map(crate::cluster::Registry::view));
     let app = http::router(state);
     let opts = ServeOptions {
         header_timeout: config.header_timeout,
@@ -334,6 +350,7 @@ where
         tcp_addrs,
         handle,
         webhooks,
+        cluster,
         stop,
         http_task: Some(http_task),
         core_stopped: Some(core_stopped),
@@ -370,6 +387,10 @@ impl Server {
     /// Graceful shutdown, bounded by [`SHUTDOWN_TIMEOUT`].
     pub async fn shutdown(mut self) {
         let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        // Leave the cluster first, so no one is sent here any more (bounded by the registry).
+        if let Some(cluster) = self.cluster.take() {
+            cluster.deregister().await;
+        }
         // Stop accepting connections; sessions that have not joined close themselves.
         let _ = self.stop.send(true);
         // The core says `leave` to everyone and closes their event channels.

@@ -5,6 +5,7 @@
 //! | call | grant |
 //! |---|---|
 //! | `GET /api/rooms` | `roomList` |
+//! | `GET /api/nodes` | `roomList` |
 //! | `DELETE /api/rooms/{room}` | `roomAdmin` |
 //! | `GET /api/rooms/{room}/participants` | `roomAdmin` |
 //! | `GET /api/rooms/{room}/participants/{identity}` | `roomAdmin` |
@@ -46,6 +47,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/rooms", get(list_rooms))
+        .route("/api/nodes", get(list_nodes))
         .route("/api/rooms/{room}", axum::routing::delete(close_room))
         .route("/api/rooms/{room}/participants", get(list_participants))
         .route(
@@ -139,6 +141,27 @@ impl From<AdminError> for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
+
+/// `GET /api/nodes`: every live node of the cluster (the records in Redis); 404 without
+/// `--redis`, 503 when Redis does not answer.
+async fn list_nodes(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&state, &headers, None)?;
+    let Some(cluster) = &state.cluster else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "this server is not part of a cluster (no --redis)",
+        ));
+    };
+    match cluster.nodes().await {
+        Ok(nodes) => ok(serde_json::json!({ "self": cluster.node_id(), "nodes": nodes })),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            format!("Redis did not answer: {e}"),
+        )),
+    }
+}
 
 /// Checks the bearer token for `room` (`None`: listing rooms).
 fn authorize(state: &AppState, headers: &HeaderMap, room: Option<&str>) -> Result<(), ApiError> {

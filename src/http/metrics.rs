@@ -222,6 +222,10 @@ pub async fn scrape(state: &AppState) -> prom::Scrape {
         join_time: state.join_time.snapshot(),
         rooms,
         webhooks: state.handle.webhooks().map(|w| w.stats()),
+        cluster: state
+            .cluster
+            .as_ref()
+            .map(crate::cluster::ClusterView::stats),
     }
 }
 

@@ -159,6 +159,8 @@ pub struct AppState {
     pub(crate) dashboard: dashboard::Hub,
     /// WebSocket join times (`join` received → `joined` sent), for `/metrics`.
     pub(crate) join_time: Arc<prom::JoinTimes>,
+    /// The cluster registry's view, with `--redis`.
+    pub(crate) cluster: Option<crate::cluster::ClusterView>,
 }
 
 impl AppState {
@@ -179,7 +181,22 @@ impl AppState {
             whip: whip::session::Sessions::default(),
             dashboard: dashboard::Hub::default(),
             join_time: Arc::default(),
+            cluster: None,
         }
+    }
+
+    /// The same state with the cluster registry's view (`None`: one node).
+    pub fn with_cluster(mut self, cluster: Option<crate::cluster::ClusterView>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// The cluster counters, as served under `"cluster"` (`enabled: false` without `--redis`).
+    pub fn cluster_stats(&self) -> crate::cluster::ClusterStats {
+        self.cluster
+            .as_ref()
+            .map(crate::cluster::ClusterView::stats)
+            .unwrap_or_default()
     }
 
     /// The same state with these counters and connection caps (shared with the accept loop).
@@ -230,6 +247,10 @@ pub(crate) async fn ok_stats_body(
         body.extend(fields);
     }
     body.insert("http".into(), http_json(state));
+    body.insert(
+        "cluster".into(),
+        serde_json::to_value(state.cluster_stats()).unwrap_or_default(),
+    );
     if let Some(w) = state.handle.webhooks() {
         body.insert(
             "webhooks".into(),

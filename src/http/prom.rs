@@ -113,6 +113,8 @@ pub struct Scrape {
     pub rooms: Vec<RoomSummary>,
     /// Webhook delivery, when webhooks are on.
     pub webhooks: Option<WebhookStats>,
+    /// The cluster registry, with `--redis`.
+    pub cluster: Option<crate::cluster::ClusterStats>,
 }
 
 /// The at most `n` largest rooms (most participants, then most tracks, then by name so the
@@ -259,6 +261,9 @@ impl Collector for Scrape {
         }
         if let Some(w) = &self.webhooks {
             encode_webhooks(&mut o, w)?;
+        }
+        if let Some(c) = &self.cluster {
+            encode_cluster(&mut o, c)?;
         }
         let (join, join_sum) = &self.join_time;
         o.histogram(
@@ -774,6 +779,38 @@ fn encode_webhooks(o: &mut Out<'_, '_>, w: &WebhookStats) -> fmt::Result {
         "plaza_webhook_events_pending",
         "Webhook events waiting now (queued or in flight, all URLs)",
         *webhook_events_pending,
+    )
+}
+
+fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt::Result {
+    // Destructured so that a new counter cannot be left out of /metrics.
+    let crate::cluster::ClusterStats {
+        enabled: _,
+        node_id: _,
+        registered,
+        heartbeats,
+        heartbeat_failures,
+        outages,
+    } = c;
+    o.gauge(
+        "plaza_cluster_registered",
+        "1 when this node's last heartbeat reached Redis (it is listed in the cluster), else 0",
+        u64::from(*registered),
+    )?;
+    o.counter(
+        "plaza_cluster_heartbeats",
+        "Heartbeats that reached Redis",
+        *heartbeats,
+    )?;
+    o.counter(
+        "plaza_cluster_heartbeat_failures",
+        "Heartbeats that failed (Redis unreachable or too slow)",
+        *heartbeat_failures,
+    )?;
+    o.counter(
+        "plaza_cluster_redis_outages",
+        "Times Redis became unreachable for this node",
+        *outages,
     )
 }
 

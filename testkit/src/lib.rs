@@ -74,6 +74,7 @@ pub mod media;
 pub mod peer;
 pub mod probe;
 pub mod recv;
+pub mod redis;
 pub mod relay;
 pub mod support;
 pub mod token;
