@@ -318,6 +318,17 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session_id: Option<String>,
     },
+    /// Reply to `join` on a node of a cluster that does not host the room: join there
+    /// instead, with the same `join` (tokens work on every node). The server closes the
+    /// WebSocket after it (code 1000, reason `redirected`). Not counted in `received`.
+    Redirect {
+        room: String,
+        /// The node that hosts the room.
+        node_id: String,
+        /// Its HTTP/WebSocket address, `host:port`: the client keeps its URL's scheme and path
+        /// and replaces the host and port with this.
+        address: String,
+    },
     /// Reply to an accepted `resume`; the messages the client missed follow, then the session
     /// goes on. Not counted in `received`.
     Resumed {

@@ -254,3 +254,217 @@ async fn without_redis_no_cluster_code_runs() {
     assert!(!metrics.contains("plaza_cluster_"), "no cluster metrics");
     server.shutdown().await;
 }
+
+/// The lease of `room` in Redis: the id of the node that hosts it.
+async fn lease(redis: &RedisServer, room: &str) -> Option<String> {
+    let client = ::redis::Client::open(redis.url()).expect("redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    ::redis::cmd("GET")
+        .arg(plaza::cluster::placement::room_key(room))
+        .query_async(&mut conn)
+        .await
+        .expect("GET lease")
+}
+
+/// Waits until `room`'s lease is `want`; panics after `within`.
+async fn wait_lease(redis: &RedisServer, room: &str, want: Option<&str>, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let now = lease(redis, room).await;
+        if now.as_deref() == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "lease of {room}: {now:?}, wanted {want:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_joining_through_either_node_meet_on_the_rooms_node() {
+    use plaza::signal::TrackKind;
+    let redis = RedisServer::start().expect("redis-server");
+    let a = node(&redis, "ND_a").await;
+    let b = node(&redis, "ND_b").await;
+    wait_nodes(&a, WAIT, "both nodes", |l| ids(l) == ["ND_a", "ND_b"]).await;
+
+    // Both nodes idle: the room stays where its first join arrives.
+    let alice = support::publisher(&a, "meet", "alice").await;
+    assert_eq!(alice.redirects(), 0);
+    assert_eq!(lease(&redis, "meet").await.as_deref(), Some("ND_a"));
+    // Bob joins through B: sent to A, where alice is.
+    let bob = support::publisher(&b, "meet", "bob").await;
+    assert_eq!(bob.redirects(), 1, "bob followed one redirect");
+    assert_eq!(bob.url(), a.ws_url());
+    assert!(
+        bob.joined().participants.iter().any(|p| p.name == "alice"),
+        "bob met alice: {:?}",
+        bob.joined().participants
+    );
+
+    // Media and data both ways.
+    let from_alice = support::announced_track(&bob, &alice, TrackKind::Video).await;
+    let from_bob = support::announced_track(&alice, &bob, TrackKind::Video).await;
+    support::assert_media_flows(
+        "alice ⇄ bob",
+        &[(&bob, &from_alice.id), (&alice, &from_bob.id)],
+        30,
+    )
+    .await;
+    bob.send_chat("hello from B's door", None).await.unwrap();
+    alice
+        .wait_for_message(|m| m.text() == Some("hello from B's door"), WAIT)
+        .await
+        .expect("alice gets bob's chat");
+
+    // A WHEP viewer through B: 307 to A, and it plays alice.
+    let token = with_grants("meet", "viewer", |g| {
+        g.can_publish = Some(false);
+        g.can_publish_data = Some(false);
+    });
+    let mut viewer = plaza_testkit::whep::WhepViewer::play(
+        b.http_addr,
+        "/whep/meet",
+        Some(&token),
+        plaza_testkit::whep::WhepOptions::default(),
+    )
+    .await
+    .expect("WHEP through B");
+    viewer
+        .wait_for_packets(TrackKind::Video, 20, WAIT)
+        .await
+        .expect("the viewer plays alice");
+
+    let (ca, cb) = (cluster_stats(&a).await, cluster_stats(&b).await);
+    assert_eq!(cb["redirected"], 2, "bob and the viewer: {cb}");
+    assert_eq!(cb["placed_here"], 0, "{cb}");
+    assert_eq!(ca["redirected"], 0, "{ca}");
+    assert_eq!(ca["placed_here"], 3, "alice, bob, the viewer: {ca}");
+
+    // The lease outlives its TTL while the room lives (renewed by A's heartbeat), and it
+    // goes with the room's last participant.
+    tokio::time::sleep(TTL + Duration::from_millis(500)).await;
+    assert_eq!(lease(&redis, "meet").await.as_deref(), Some("ND_a"));
+    assert!(cluster_stats(&a).await["leases"] == 1);
+    assert_eq!(viewer.delete().await.expect("DELETE"), 200);
+    alice.leave().await.unwrap();
+    bob.leave().await.unwrap();
+    wait_lease(&redis, "meet", None, TTL).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_rooms_go_to_the_least_loaded_node() {
+    let redis = RedisServer::start().expect("redis-server");
+    let a = node(&redis, "ND_a").await;
+    let b = node(&redis, "ND_b").await;
+    let _p1 = support::subscriber(&a, "busy", "p1").await;
+    let _p2 = support::subscriber(&a, "busy", "p2").await;
+    // Once the heartbeat tells the cluster A's load, a new room goes to B, wherever its
+    // first participant knocks.
+    wait_nodes(&a, WAIT, "A's load published", |l| {
+        ids(l) == ["ND_a", "ND_b"] && l["nodes"][0]["load"]["participants"] == 2
+    })
+    .await;
+    let q = support::subscriber(&a, "fresh", "q").await;
+    assert_eq!(q.url(), b.ws_url(), "the new room is on B");
+    assert_eq!(lease(&redis, "fresh").await.as_deref(), Some("ND_b"));
+    // A join for an existing room stays with the room, however loaded its node.
+    let p3 = support::subscriber(&b, "busy", "p3").await;
+    assert_eq!(p3.url(), a.ws_url());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A Plaza node as its own process (so that it can be killed), in the cluster of `redis`.
+struct NodeProcess(std::process::Child);
+
+impl NodeProcess {
+    fn start(redis: &RedisServer, id: &str) -> NodeProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_plaza"))
+            .args(["--port", "0", "--udp-port", "0", "--tcp-port", "off"])
+            .args(["--workers", "1", "--log-level", "warn"])
+            .args(["--redis", &redis.url(), "--node-id", id])
+            .env_remove("PLAZA_API_KEY")
+            .env_remove("PLAZA_API_SECRET")
+            .env_remove("PLAZA_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the plaza binary");
+        NodeProcess(child)
+    }
+
+    /// SIGKILL: no shutdown path runs, the record and the leases stay until their TTL.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_room_is_placed_again_and_its_clients_come_back() {
+    use plaza::signal::TrackKind;
+    let redis = RedisServer::start().expect("redis-server");
+    let a = node(&redis, "ND_a").await;
+    let mut b = NodeProcess::start(&redis, "ND_b");
+    let (list, _) = wait_nodes(&a, WAIT, "B registered", |l| ids(l) == ["ND_a", "ND_b"]).await;
+    let b_url = format!("ws://{}/rtc", list["nodes"][1]["address"].as_str().unwrap());
+    // The room starts on B: its first participant joins there directly.
+    let opts = support::opts(true);
+    let alice = plaza_testkit::peer::Peer::connect(&b_url, "live", "alice", opts.clone())
+        .await
+        .expect("alice joins on B");
+    assert_eq!(alice.redirects(), 0);
+    // Bob knocks on A and is sent to B.
+    let bob = support::publisher(&a, "live", "bob").await;
+    assert_eq!(bob.url(), b_url);
+    let track = support::announced_track(&bob, &alice, TrackKind::Video).await;
+    support::wait_growth(&bob, &track.id, 20).await;
+
+    // B dies. Its clients rejoin through their entry node, A: while B's record lives they
+    // are sent to B and fail; once it expires the room is placed again, on A.
+    b.kill();
+    let killed = Instant::now();
+    let rejoin = |name: &'static str| {
+        let url = a.ws_url();
+        let opts = opts.clone();
+        async move {
+            loop {
+                match plaza_testkit::peer::Peer::connect(&url, "live", name, opts.clone()).await {
+                    Ok(p) => return p,
+                    Err(e) => {
+                        assert!(killed.elapsed() < TTL + WAIT, "{name} is not back: {e:#}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    };
+    let (alice2, bob2) = tokio::join!(rejoin("alice"), rejoin("bob"));
+    let back = killed.elapsed();
+    assert_eq!(alice2.url(), a.ws_url());
+    assert_eq!(bob2.url(), a.ws_url());
+    assert_eq!(lease(&redis, "live").await.as_deref(), Some("ND_a"));
+    let track = support::announced_track(&bob2, &alice2, TrackKind::Video).await;
+    support::wait_growth(&bob2, &track.id, 20).await;
+    let media_back = killed.elapsed();
+    let c = cluster_stats(&a).await;
+    assert_eq!(c["rooms_taken_over"], 1, "{c}");
+    eprintln!("node killed → both rejoined in {back:?}, media flowing again {media_back:?}");
+    assert!(back < TTL + Duration::from_secs(3), "back after {back:?}");
+    drop((alice, bob));
+    a.shutdown().await;
+}

@@ -1,4 +1,4 @@
-//! The cluster control plane on Redis (or Valkey). What exists: the node registry. With
+//! The cluster control plane on Redis (or Valkey): the node registry and room placement. With
 //! `--redis URL` the node writes its [`registry::NodeRecord`] (id, addresses, version, load) as
 //! a JSON string with a TTL at `plaza:node:<id>` and lists its id in the sorted set
 //! `plaza:nodes`, refreshed by a heartbeat; graceful shutdown deletes both at once, a crash
@@ -8,6 +8,14 @@
 //! failed heartbeat is counted (`/stats` `cluster`, `/metrics`), logged once per outage, and
 //! retried with a backoff; the node re-registers as soon as Redis answers again.
 //!
+//! Room placement ([`placement`]): a room lives on one node, named by its lease
+//! `plaza:room:<room>`. A join on any node asks [`ClusterView::place`]; a room without a live
+//! lease goes to the least-loaded node, and a join for a room on another node is answered with
+//! a redirect there (`redirect` on the WebSocket, `307` for WHIP/WHEP). The heartbeat renews
+//! the leases of the rooms this node hosts and drops those it no longer does; a dead node's
+//! leases are taken over by the next join. When Redis does not answer, a join is served where
+//! it arrives (counted as a fallback): the node keeps working as one.
+//!
 //! Without `--redis` nothing here runs: no task, no connection.
 
 // The driver side of the registry: the heartbeat task reads the clock (wall time for the
@@ -15,19 +23,21 @@
 // handlers.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
+pub mod placement;
 pub mod registry;
 
 use crate::sfu::SfuHandle;
 use redis::AsyncCommands as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use registry::{Heartbeat, HeartbeatTiming, LoadSampler, NodeRecord, Transition};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How long one Redis round trip (a heartbeat, a listing, the deregistration) may take.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
@@ -90,6 +100,19 @@ pub struct ClusterStats {
     pub heartbeat_failures: u64,
     /// Times Redis became unreachable.
     pub outages: u64,
+    /// Joins (WebSocket, WHIP, WHEP) for rooms placed on this node.
+    pub placed_here: u64,
+    /// Joins sent to the room's node on another node.
+    pub redirected: u64,
+    /// Joins served here because Redis did not answer the placement.
+    pub placement_fallbacks: u64,
+    /// Rooms placed again because the node holding their lease was gone.
+    pub rooms_taken_over: u64,
+    /// Heartbeats that found a room hosted here leased to another node (the room runs on two
+    /// nodes, e.g. after a Redis outage).
+    pub lease_conflicts: u64,
+    /// Rooms whose lease this node renewed on its last heartbeat.
+    pub leases: u64,
 }
 
 #[derive(Debug, Default)]
@@ -98,12 +121,20 @@ struct Counters {
     heartbeats: AtomicU64,
     failures: AtomicU64,
     outages: AtomicU64,
+    placed_here: AtomicU64,
+    redirected: AtomicU64,
+    fallbacks: AtomicU64,
+    taken_over: AtomicU64,
+    conflicts: AtomicU64,
+    leases: AtomicU64,
 }
 
 /// What the HTTP handlers see of the cluster: the counters and a connection to list nodes.
 #[derive(Clone)]
 pub struct ClusterView {
     node_id: String,
+    address: String,
+    lease_ttl: Duration,
     counters: Arc<Counters>,
     conn: ConnectionManager,
 }
@@ -130,6 +161,104 @@ impl ClusterView {
             heartbeats: c.heartbeats.load(Ordering::Relaxed),
             heartbeat_failures: c.failures.load(Ordering::Relaxed),
             outages: c.outages.load(Ordering::Relaxed),
+            placed_here: c.placed_here.load(Ordering::Relaxed),
+            redirected: c.redirected.load(Ordering::Relaxed),
+            placement_fallbacks: c.fallbacks.load(Ordering::Relaxed),
+            rooms_taken_over: c.taken_over.load(Ordering::Relaxed),
+            lease_conflicts: c.conflicts.load(Ordering::Relaxed),
+            leases: c.leases.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Where a join for `room` is served: here, or on the node that hosts the room. Never
+    /// fails: when Redis does not answer within [`REDIS_TIMEOUT`], the room is served here.
+    pub async fn place(&self, room: &str) -> Placed {
+        let placed = match tokio::time::timeout(REDIS_TIMEOUT, self.try_place(room)).await {
+            Ok(Ok(placed)) => placed,
+            Ok(Err(e)) => {
+                debug!(%room, error = %e, "placement: Redis failed, serving the room here");
+                self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                return Placed::Here;
+            }
+            Err(_) => {
+                debug!(%room, "placement: Redis did not answer in time, serving the room here");
+                self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                return Placed::Here;
+            }
+        };
+        let counter = match placed {
+            Placed::Here => &self.counters.placed_here,
+            Placed::Elsewhere { .. } => &self.counters.redirected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        placed
+    }
+
+    async fn try_place(&self, room: &str) -> Result<Placed, redis::RedisError> {
+        let key = placement::room_key(room);
+        let me = NodeRecord {
+            id: self.node_id.clone(),
+            address: self.address.clone(),
+            media: Vec::new(),
+            version: String::new(),
+            started_at: 0,
+            heartbeat_at: 0,
+            ttl_ms: 0,
+            load: Default::default(),
+        };
+        let mut conn = self.conn.clone();
+        // A lost race (another node claimed the lease between the read and the write) is read
+        // again; three in a row is contention worth a fallback.
+        for _ in 0..3 {
+            let (holder, ids): (Option<String>, Vec<String>) = redis::pipe()
+                .get(&key)
+                .zrange(registry::NODES_KEY, 0, -1)
+                .query_async(&mut conn)
+                .await?;
+            let nodes = records(&mut conn, &ids).await?;
+            let (node, replacing) = match placement::decide(&me, holder.as_deref(), &nodes) {
+                placement::Decision::Keep { node } => return Ok(self.placed(&node, &nodes)),
+                placement::Decision::Claim { node, replacing } => (node, replacing),
+            };
+            let (now, wrote): (String, i64) = redis::cmd("EVAL")
+                .arg(placement::CLAIM_SCRIPT)
+                .arg(1)
+                .arg(&key)
+                .arg(replacing.as_deref().unwrap_or(""))
+                .arg(&node)
+                .arg(self.lease_ttl.as_millis() as u64)
+                .query_async(&mut conn)
+                .await?;
+            if now == node {
+                // `wrote == 0`: another join placed it the same way first.
+                match replacing {
+                    Some(gone) if wrote == 1 => {
+                        self.counters.taken_over.fetch_add(1, Ordering::Relaxed);
+                        info!(%room, from = %gone, to = %node, "placement: the room's node is gone, room placed again");
+                    }
+                    None if wrote == 1 => debug!(%room, %node, "placement: new room placed"),
+                    _ => {}
+                }
+                return Ok(self.placed(&node, &nodes));
+            }
+        }
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "the room's lease kept changing",
+        )))
+    }
+
+    fn placed(&self, node: &str, nodes: &[NodeRecord]) -> Placed {
+        if node == self.node_id {
+            return Placed::Here;
+        }
+        match nodes.iter().find(|n| n.id == node) {
+            Some(n) => Placed::Elsewhere {
+                node_id: n.id.clone(),
+                address: n.address.clone(),
+            },
+            // Listed a moment ago; gone since: served here (its lease is taken over later).
+            None => Placed::Here,
         }
     }
 
@@ -138,18 +267,7 @@ impl ClusterView {
         let mut conn = self.conn.clone();
         let fut = async move {
             let ids: Vec<String> = conn.zrange(registry::NODES_KEY, 0, -1).await?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let keys: Vec<String> = ids.iter().map(|id| registry::node_key(id)).collect();
-            let values: Vec<Option<String>> = conn.mget(&keys).await?;
-            let mut nodes: Vec<NodeRecord> = values
-                .into_iter()
-                .flatten()
-                .filter_map(|v| NodeRecord::decode(&v).ok())
-                .collect();
-            nodes.sort_by(|a, b| a.id.cmp(&b.id));
-            Ok(nodes)
+            records(&mut conn, &ids).await
         };
         match tokio::time::timeout(REDIS_TIMEOUT, fut).await {
             Ok(r) => r,
@@ -159,6 +277,36 @@ impl ClusterView {
             ))),
         }
     }
+}
+
+/// Where a join is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placed {
+    Here,
+    /// On another node: the client is sent there.
+    Elsewhere {
+        node_id: String,
+        address: String,
+    },
+}
+
+/// The live records of the nodes `ids` (those whose TTL has not run out), by id.
+async fn records(
+    conn: &mut ConnectionManager,
+    ids: &[String],
+) -> Result<Vec<NodeRecord>, redis::RedisError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = ids.iter().map(|id| registry::node_key(id)).collect();
+    let values: Vec<Option<String>> = conn.mget(&keys).await?;
+    let mut nodes: Vec<NodeRecord> = values
+        .into_iter()
+        .flatten()
+        .filter_map(|v| NodeRecord::decode(&v).ok())
+        .collect();
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(nodes)
 }
 
 /// The running registry: its heartbeat task. [`Registry::deregister`] removes the node at
@@ -235,6 +383,10 @@ impl Registry {
         };
         let view = ClusterView {
             node_id: id.clone(),
+            address: record.address.clone(),
+            // Longer than the record's: a dead node's leases outlive its record, so the next
+            // join sees the holder gone and takes the room over (counted, logged).
+            lease_ttl: timing.ttl * 2,
             counters: Arc::default(),
             conn: conn.clone(),
         };
@@ -311,6 +463,10 @@ async fn heartbeat_loop(
     let mut hb = Heartbeat::new(timing, std::time::Instant::now());
     let mut sampler = LoadSampler::default();
     let key = registry::node_key(&record.id);
+    // The rooms whose lease the last successful heartbeat renewed, and those found leased to
+    // another node (logged once each).
+    let mut leased: HashSet<String> = HashSet::new();
+    let mut conflicted: HashSet<String> = HashSet::new();
     loop {
         let due = tokio::time::Instant::from_std(hb.next_at());
         tokio::select! {
@@ -340,15 +496,29 @@ async fn heartbeat_loop(
             };
         }
         record.heartbeat_at = unix_ms();
+        let mut rooms = handle.room_names();
+        rooms.sort();
+        let released: Vec<String> = leased
+            .iter()
+            .filter(|r| rooms.binary_search(r).is_err())
+            .cloned()
+            .collect();
         let mut error = None;
+        let mut holders = Vec::new();
         // A failed command makes the connection manager reconnect; the first command after
         // Redis returns may still see the old error, so a failure is retried once at once (it
         // waits for that reconnection).
         for _ in 0..2 {
-            let result =
-                tokio::time::timeout(REDIS_TIMEOUT, beat(&mut conn, &key, &record, timing)).await;
+            let result = tokio::time::timeout(
+                REDIS_TIMEOUT,
+                beat(&mut conn, &key, &record, timing, &rooms, &released),
+            )
+            .await;
             error = match result {
-                Ok(Ok(())) => None,
+                Ok(Ok(h)) => {
+                    holders = h;
+                    None
+                }
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("Redis did not answer in time".to_owned()),
             };
@@ -357,6 +527,10 @@ async fn heartbeat_loop(
             }
         }
         let ok = error.is_none();
+        if ok {
+            note_leases(&record.id, &rooms, &holders, &counters, &mut conflicted);
+            leased = rooms.into_iter().collect();
+        }
         counters.registered.store(ok, Ordering::Relaxed);
         if ok {
             counters.heartbeats.fetch_add(1, Ordering::Relaxed);
@@ -383,14 +557,17 @@ async fn heartbeat_loop(
     counters.registered.store(false, Ordering::Relaxed);
     let id = record.id.clone();
     let gone = async {
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .del(&key)
             .ignore()
             .zrem(registry::NODES_KEY, &id)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
+            .ignore();
+        // The rooms' leases go too: their next joins place them on a live node at once.
+        for room in &leased {
+            release(&mut pipe, room, &id);
+        }
+        pipe.query_async::<()>(&mut conn).await
     };
     match tokio::time::timeout(REDIS_TIMEOUT, gone).await {
         Ok(Ok(())) => info!("cluster: deregistered"),
@@ -400,26 +577,77 @@ async fn heartbeat_loop(
 }
 
 /// One heartbeat: the record with its TTL, the listing entry scored by the heartbeat time,
-/// and listing entries of nodes gone for [`registry::STALE_AFTER`] removed; one round trip.
+/// listing entries of nodes gone for [`registry::STALE_AFTER`] removed, the leases of `rooms`
+/// (hosted here) renewed and those of `released` (no longer hosted) dropped; one round trip.
+/// Returns each of `rooms`' lease holder after the renewal (this node, or another one).
 async fn beat(
     conn: &mut ConnectionManager,
     key: &str,
     record: &NodeRecord,
     timing: HeartbeatTiming,
-) -> redis::RedisResult<()> {
+    rooms: &[String],
+    released: &[String],
+) -> redis::RedisResult<Vec<String>> {
     let stale = record
         .heartbeat_at
         .saturating_sub(registry::STALE_AFTER.as_millis() as u64);
-    redis::pipe()
-        .atomic()
-        .pset_ex(key, record.encode(), timing.ttl.as_millis() as u64)
+    let ttl = timing.ttl.as_millis() as u64;
+    let lease_ttl = ttl * 2;
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .pset_ex(key, record.encode(), ttl)
         .ignore()
         .zadd(registry::NODES_KEY, &record.id, record.heartbeat_at)
         .ignore()
         .zrembyscore(registry::NODES_KEY, "-inf", stale)
-        .ignore()
-        .query_async::<()>(conn)
-        .await
+        .ignore();
+    for room in rooms {
+        pipe.cmd("EVAL")
+            .arg(placement::RENEW_SCRIPT)
+            .arg(1)
+            .arg(placement::room_key(room))
+            .arg(&record.id)
+            .arg(lease_ttl);
+    }
+    for room in released {
+        release(&mut pipe, room, &record.id);
+    }
+    pipe.query_async::<Vec<String>>(conn).await
+}
+
+/// Adds the deletion of `room`'s lease, if `node` holds it, to `pipe` (its reply ignored).
+fn release(pipe: &mut redis::Pipeline, room: &str, node: &str) {
+    pipe.cmd("EVAL")
+        .arg(placement::RELEASE_SCRIPT)
+        .arg(1)
+        .arg(placement::room_key(room))
+        .arg(node)
+        .ignore();
+}
+
+/// Counts the leases renewed and the rooms found leased to another node (a warning the first
+/// time for each room).
+fn note_leases(
+    me: &str,
+    rooms: &[String],
+    holders: &[String],
+    counters: &Counters,
+    conflicted: &mut HashSet<String>,
+) {
+    let mut mine = 0;
+    for (room, holder) in rooms.iter().zip(holders) {
+        if holder == me {
+            mine += 1;
+            conflicted.remove(room);
+            continue;
+        }
+        counters.conflicts.fetch_add(1, Ordering::Relaxed);
+        if conflicted.insert(room.clone()) {
+            warn!(%room, other = %holder, "placement: a room hosted here is leased to another node; its participants are split between the two");
+        }
+    }
+    conflicted.retain(|r| rooms.binary_search(r).is_ok());
+    counters.leases.store(mine, Ordering::Relaxed);
 }
 
 #[cfg(test)]

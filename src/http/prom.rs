@@ -791,6 +791,12 @@ fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt:
         heartbeats,
         heartbeat_failures,
         outages,
+        placed_here,
+        redirected,
+        placement_fallbacks,
+        rooms_taken_over,
+        lease_conflicts,
+        leases,
     } = c;
     o.gauge(
         "plaza_cluster_registered",
@@ -811,6 +817,36 @@ fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt:
         "plaza_cluster_redis_outages",
         "Times Redis became unreachable for this node",
         *outages,
+    )?;
+    o.counter(
+        "plaza_cluster_joins_placed_here",
+        "Joins (WebSocket, WHIP, WHEP) for rooms placed on this node",
+        *placed_here,
+    )?;
+    o.counter(
+        "plaza_cluster_joins_redirected",
+        "Joins sent to the node that hosts their room",
+        *redirected,
+    )?;
+    o.counter(
+        "plaza_cluster_placement_fallbacks",
+        "Joins served here because Redis did not answer the placement",
+        *placement_fallbacks,
+    )?;
+    o.counter(
+        "plaza_cluster_rooms_taken_over",
+        "Rooms placed again because the node holding their lease was gone",
+        *rooms_taken_over,
+    )?;
+    o.counter(
+        "plaza_cluster_lease_conflicts",
+        "Heartbeats that found a room hosted here leased to another node",
+        *lease_conflicts,
+    )?;
+    o.gauge(
+        "plaza_cluster_room_leases",
+        "Rooms whose lease this node renewed on its last heartbeat",
+        *leases,
     )
 }
 

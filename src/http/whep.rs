@@ -29,8 +29,8 @@ use crate::signal::{ClientMessage, Quality};
 use axum::{
     Extension, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Path, Query, State},
-    http::{HeaderMap, HeaderName, StatusCode, header},
+    extract::{DefaultBodyLimit, OriginalUri, Path, Query, State},
+    http::{HeaderMap, HeaderName, StatusCode, Uri, header},
     middleware::map_response,
     response::{IntoResponse, Response},
     routing::{patch, post},
@@ -69,6 +69,7 @@ async fn create(
     State(state): State<AppState>,
     Path(room): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    OriginalUri(uri): OriginalUri,
     conn: Option<Extension<ConnMeta>>,
     headers: HeaderMap,
     body: Bytes,
@@ -81,6 +82,7 @@ async fn create(
         state,
         room,
         target,
+        &uri,
         conn.map(|Extension(c)| c),
         headers,
         body,
@@ -92,6 +94,7 @@ async fn create(
 async fn create_for(
     State(state): State<AppState>,
     Path((room, participant)): Path<(String, String)>,
+    OriginalUri(uri): OriginalUri,
     conn: Option<Extension<ConnMeta>>,
     headers: HeaderMap,
     body: Bytes,
@@ -101,6 +104,7 @@ async fn create_for(
         state,
         room,
         target,
+        &uri,
         conn.map(|Extension(c)| c),
         headers,
         body,
@@ -113,6 +117,7 @@ async fn play(
     state: AppState,
     room: String,
     target: ViewTarget,
+    uri: &Uri,
     conn: Option<ConnMeta>,
     headers: HeaderMap,
     body: Bytes,
@@ -127,6 +132,11 @@ async fn play(
             StatusCode::FORBIDDEN,
             "your token does not grant subscribing",
         );
+    }
+    if let Some(res) =
+        super::whip::redirect_to_room_node(&state, &verified.room, uri, &headers).await
+    {
+        return res;
     }
     let names = [verified.name.as_str(), verified.identity.as_str(), "viewer"];
     let (mut req, offer) = match session_join(&verified.room, &names, &body) {

@@ -30,8 +30,8 @@ use crate::signal::{ClientMessage, ErrorCode, IceServer};
 use axum::{
     Extension, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Path, State},
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    extract::{DefaultBodyLimit, OriginalUri, Path, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header},
     middleware::map_response,
     response::{IntoResponse, Response},
     routing::{patch, post},
@@ -185,17 +185,20 @@ pub fn ice_links(servers: &[IceServer]) -> Vec<String> {
 async fn create(
     State(state): State<AppState>,
     Path(room): Path<String>,
+    OriginalUri(uri): OriginalUri,
     conn: Option<Extension<ConnMeta>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    publish(state, room, None, conn.map(|Extension(c)| c), headers, body).await
+    let conn = conn.map(|Extension(c)| c);
+    publish(state, room, None, &uri, conn, headers, body).await
 }
 
 /// `POST /whip/{room}/{name}`.
 async fn create_named(
     State(state): State<AppState>,
     Path((room, name)): Path<(String, String)>,
+    OriginalUri(uri): OriginalUri,
     conn: Option<Extension<ConnMeta>>,
     headers: HeaderMap,
     body: Bytes,
@@ -204,6 +207,7 @@ async fn create_named(
         state,
         room,
         Some(name),
+        &uri,
         conn.map(|Extension(c)| c),
         headers,
         body,
@@ -269,11 +273,40 @@ pub(super) fn admit(
     }
 }
 
+/// In a cluster, a session for a room that lives on another node is sent there: `307
+/// Temporary Redirect` to the same path and query on that node (a WHIP/WHEP client repeats
+/// its `POST` there; tokens work on every node). `None`: served here.
+pub(super) async fn redirect_to_room_node(
+    state: &AppState,
+    room: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let cluster = state.cluster.as_ref()?;
+    let crate::cluster::Placed::Elsewhere { node_id, address } = cluster.place(room).await else {
+        return None;
+    };
+    // Behind a TLS-terminating proxy the other node is reached the same way.
+    let scheme = match headers.get("x-forwarded-proto").map(HeaderValue::as_bytes) {
+        Some(b"https") => "https",
+        _ => "http",
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("{scheme}://{address}{path}");
+    debug!(%room, node = %node_id, %location, "session redirected to the room's node");
+    let res = refuse(
+        StatusCode::TEMPORARY_REDIRECT,
+        format!("room {room} is on node {node_id}: {location}"),
+    );
+    Some(with_header(res, header::LOCATION, &location))
+}
+
 /// A new WHIP session: the common checks ([`admit`]), the publish grant, then the offer.
 async fn publish(
     state: AppState,
     room: String,
     name: Option<String>,
+    uri: &Uri,
     conn: Option<ConnMeta>,
     headers: HeaderMap,
     body: Bytes,
@@ -288,6 +321,9 @@ async fn publish(
             StatusCode::FORBIDDEN,
             "your token does not grant publishing media",
         );
+    }
+    if let Some(res) = redirect_to_room_node(&state, &verified.room, uri, &headers).await {
+        return res;
     }
     let names = [
         verified.name.as_str(),

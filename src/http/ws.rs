@@ -739,6 +739,22 @@ async fn wait_for_join(
                 Err(reply) => *reply,
                 Ok(admitted) => {
                     let room = admitted.room;
+                    // In a cluster, the room may live on another node: the client goes there.
+                    if let Some(cluster) = &state.cluster
+                        && let crate::cluster::Placed::Elsewhere { node_id, address } =
+                            cluster.place(&room).await
+                    {
+                        debug!(%room, node = %node_id, %address, "join redirected to the room's node");
+                        let redirect = ServerMessage::Redirect {
+                            room,
+                            node_id,
+                            address,
+                        };
+                        if send_msg(sink, &redirect).await {
+                            close(sink, close_code::NORMAL, "redirected").await;
+                        }
+                        return None;
+                    }
                     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
                     let req = JoinRequest {
                         room: room.clone(),

@@ -670,6 +670,11 @@ impl SfuHandle {
         &self.shards[i.min(self.shards.len() - 1)]
     }
 
+    /// The names of the rooms open on this server (with participants joined or joining).
+    pub fn room_names(&self) -> Vec<String> {
+        self.placement().room_names()
+    }
+
     /// Number of shards.
     pub fn shards(&self) -> usize {
         self.shards.len()

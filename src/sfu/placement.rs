@@ -105,6 +105,11 @@ impl Placement {
         self.rooms.len()
     }
 
+    /// The names of the rooms open (with participants joined or joining).
+    pub fn room_names(&self) -> Vec<String> {
+        self.rooms.keys().cloned().collect()
+    }
+
     /// Participants (joined or joining) in `room`, over all its shards.
     pub fn room_size(&self, room: &str) -> usize {
         self.rooms.get(room.trim()).map_or(0, |c| c.iter().sum())

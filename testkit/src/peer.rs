@@ -458,6 +458,8 @@ pub struct Removal {
 #[derive(Debug, Default)]
 struct State {
     participant_id: Option<String>,
+    /// The node a `redirect` named (`host:port`): join there instead.
+    redirect: Option<String>,
     events: Vec<TimedEvent>,
     remote_tracks: BTreeMap<String, RemoteTrackStats>,
     room_tracks: BTreeMap<String, TrackInfo>,
@@ -1531,6 +1533,12 @@ fn apply_server_message(s: &mut State, msg: &ServerMessage, ws_opened_at: Instan
                 }));
             }
         }
+        ServerMessage::Redirect { address, .. } => {
+            s.redirect = Some(address.clone());
+            if s.joined.is_none() {
+                s.joined = Some(Err(format!("redirected to {address}")));
+            }
+        }
         ServerMessage::ParticipantJoined { participant } => s.add_participant(participant),
         ServerMessage::ParticipantLeft { participant_id, .. } => {
             s.participants.remove(participant_id);
@@ -1876,6 +1884,7 @@ pub struct Peer {
     /// The signaling reader of the current connection.
     reader: Mutex<Option<tokio::task::AbortHandle>>,
     url: String,
+    redirects: u32,
 }
 
 /// Tears down a peer that failed half-way through `connect` (and is reused by `Drop`).
@@ -1906,10 +1915,60 @@ fn teardown(shared: &Arc<Shared>, pcs: Vec<Arc<dyn PeerConnection>>) {
     }
 }
 
+/// The most `redirect`s [`Peer::connect`] follows for one join.
+pub const MAX_REDIRECTS: u32 = 3;
+
+/// A join answered with `redirect` to this node address.
+#[derive(Debug)]
+struct Redirected(String);
+
+impl Display for Redirected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "redirected to {}", self.0)
+    }
+}
+
+impl std::error::Error for Redirected {}
+
 impl Peer {
     /// Opens the WebSocket, joins `room` as `name`, sets up the subscriber PC and, when
     /// publishing, the publisher PC with its tracks. See [`PeerOptions::wait_ready`].
+    ///
+    /// A cluster node that does not host the room answers `redirect`: the peer follows it (at
+    /// most [`MAX_REDIRECTS`] times) and joins on the node named; [`Peer::url`] is where it
+    /// joined, [`Peer::redirects`] how many it followed.
     pub async fn connect(url: &str, room: &str, name: &str, opts: PeerOptions) -> Result<Peer> {
+        let mut url = url.to_owned();
+        let mut redirects = 0;
+        loop {
+            match Self::connect_once(&url, room, name, opts.clone()).await {
+                Err(e) => match e.downcast_ref::<Redirected>() {
+                    Some(Redirected(address)) if redirects < MAX_REDIRECTS => {
+                        url = plaza::cluster::placement::redirect_url(&url, address)
+                            .ok_or_else(|| anyhow!("{name}: cannot redirect {url}"))?;
+                        redirects += 1;
+                    }
+                    _ => return Err(e),
+                },
+                Ok(mut peer) => {
+                    peer.redirects = redirects;
+                    return Ok(peer);
+                }
+            }
+        }
+    }
+
+    /// Where this peer joined (after any redirect).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// How many `redirect`s [`Peer::connect`] followed to join.
+    pub fn redirects(&self) -> u32 {
+        self.redirects
+    }
+
+    async fn connect_once(url: &str, room: &str, name: &str, opts: PeerOptions) -> Result<Peer> {
         let t = opts.timeout;
         let (ws, _response) = bounded(
             t,
@@ -2023,7 +2082,10 @@ impl Peer {
                 other => break other,
             }
         }
-        .map_err(|e| anyhow!("{name}: join failed: {e}"))?;
+        .map_err(|e| match shared.state().redirect.clone() {
+            Some(address) => anyhow::Error::new(Redirected(address)),
+            None => anyhow!("{name}: join failed: {e}"),
+        })?;
 
         let mut publisher = None;
         let mut local_tracks = Vec::new();
@@ -2126,6 +2188,7 @@ impl Peer {
             routes,
             reader: Mutex::new(Some(reader_handle)),
             url: url.to_owned(),
+            redirects: 0,
         };
         guard.armed = false;
         if peer.opts.wait_ready {

@@ -218,6 +218,21 @@ pub struct HttpSession {
     pub(crate) tasks: Vec<AbortHandle>,
 }
 
+/// `http://ip:port/path?query` → (`ip:port`, `/path?query`).
+fn split_http_url(url: &str) -> Result<(SocketAddr, String)> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("not an http:// URL: {url}"))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_owned()),
+        None => (rest, "/".to_owned()),
+    };
+    let addr = host
+        .parse()
+        .with_context(|| format!("{url}: the host is not ip:port"))?;
+    Ok((addr, path))
+}
+
 impl HttpSession {
     /// Creates the offer on `pc` (already holding its transceivers), `POST`s it to `path` with
     /// `token`, applies the answer and adds its candidates (pointed at `relay` if given), and
@@ -252,7 +267,21 @@ impl HttpSession {
             headers.push(("Authorization", a));
         }
         let posted_at = Instant::now();
-        let created = http(addr, "POST", path, &headers, offer.sdp.as_bytes()).await?;
+        // A cluster node that does not host the room answers 307 to the node that does: the
+        // `POST` is repeated there (at most three times), and the session lives there.
+        let (mut addr, mut path) = (addr, path.to_owned());
+        let mut created = http(addr, "POST", &path, &headers, offer.sdp.as_bytes()).await?;
+        for _ in 0..3 {
+            if created.status != 307 {
+                break;
+            }
+            let location = created
+                .header("location")
+                .ok_or_else(|| anyhow!("307 without Location"))?;
+            (addr, path) = split_http_url(location)?;
+            created = http(addr, "POST", &path, &headers, offer.sdp.as_bytes()).await?;
+        }
+        let path = path.as_str();
         if created.status != 201 {
             bail!("POST {path}: {} {}", created.status, created.body.trim());
         }

@@ -1,0 +1,217 @@
+//! Room placement's pure parts: which node a room goes to, given its lease in Redis and the
+//! live nodes' records. No sockets, no clock: [`super::ClusterView::place`] reads Redis, asks
+//! [`decide`], and writes what it says with a compare-and-set ([`CLAIM_SCRIPT`]).
+//!
+//! A room lives on one node. Its lease, `plaza:room:<room>`, holds that node's id with a TTL;
+//! the node renews the leases of the rooms it hosts on every heartbeat ([`RENEW_SCRIPT`]) and
+//! drops those of rooms it no longer hosts ([`RELEASE_SCRIPT`]). A lease whose node is not
+//! live any more (its record expired) is taken over: the room is placed again.
+
+use super::registry::{KEY_PREFIX, NodeRecord};
+
+/// The key of a room's lease (a node id with a TTL).
+pub fn room_key(room: &str) -> String {
+    format!("{KEY_PREFIX}room:{room}")
+}
+
+/// What to do with a room's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The lease's node is live: the room is there.
+    Keep { node: String },
+    /// Place the room on `node`: set the lease if it still holds `replacing` (`None`: if there
+    /// is no lease).
+    Claim {
+        node: String,
+        replacing: Option<String>,
+    },
+}
+
+/// Decides where `room`'s lease should point. `holder`: the lease's node id, if any; `nodes`:
+/// the live nodes' records; `me`: this node (always a candidate, listed or not — a node that
+/// has not registered yet still serves).
+pub fn decide(me: &NodeRecord, holder: Option<&str>, nodes: &[NodeRecord]) -> Decision {
+    if let Some(h) = holder
+        && (h == me.id || nodes.iter().any(|n| n.id == h))
+    {
+        return Decision::Keep { node: h.to_owned() };
+    }
+    Decision::Claim {
+        node: least_loaded(me, nodes).id.clone(),
+        replacing: holder.map(str::to_owned),
+    }
+}
+
+/// The node a new room goes to: the fewest participants, then the fewest rooms, then the
+/// least CPU; on a tie this node (no redirect), then the smallest id. `me`'s listed record
+/// (if any) stands for it, so its load is the one the others see.
+pub fn least_loaded<'a>(me: &'a NodeRecord, nodes: &'a [NodeRecord]) -> &'a NodeRecord {
+    let mine = nodes.iter().find(|n| n.id == me.id).unwrap_or(me);
+    let rank = |n: &NodeRecord| (load_key(n), n.id != me.id, n.id.clone());
+    nodes
+        .iter()
+        .filter(|n| n.id != me.id)
+        .fold(mine, |best, n| if rank(n) < rank(best) { n } else { best })
+}
+
+/// Lower is less loaded. CPU is compared in whole percent, so that its noise does not
+/// outweigh the tie-break towards this node.
+fn load_key(n: &NodeRecord) -> (usize, usize, u64) {
+    let cpu = n.load.cpu_percent.unwrap_or(0.0).max(0.0).round() as u64;
+    (n.load.participants, n.load.rooms, cpu)
+}
+
+/// `KEYS[1]` the lease, `ARGV[1]` the holder expected (`""`: none), `ARGV[2]` the new holder,
+/// `ARGV[3]` the TTL in ms. Sets the lease if it still holds what was read. Returns the lease's
+/// holder after the call (the new one, or whoever won a race; `""`: none) and 1 if this call
+/// wrote it, else 0.
+pub const CLAIM_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if (v == false and ARGV[1] == '') or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return {ARGV[2], 1}
+end
+if v == false then return {'', 0} end
+return {v, 0}
+";
+
+/// `KEYS[1]` the lease, `ARGV[1]` this node, `ARGV[2]` the TTL in ms. Renews the lease if it is
+/// this node's or has none; returns the holder after the call (another node's id: the room is
+/// hosted on two nodes, see [`super`]).
+pub const RENEW_SCRIPT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return v
+";
+
+/// `KEYS[1]` the lease, `ARGV[1]` this node. Deletes the lease if it is this node's.
+pub const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Replaces the host and port of a WebSocket or HTTP URL with `address` (`host:port`),
+/// keeping its scheme, path and query: where a client that was told to go to `address`
+/// connects. `None` when `url` has no `scheme://`.
+pub fn redirect_url(url: &str, address: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let path = rest.find(['/', '?']).map_or("", |i| &rest[i..]);
+    Some(format!("{scheme}://{address}{path}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::registry::NodeLoad;
+
+    fn node(id: &str, participants: usize, rooms: usize, cpu: Option<f64>) -> NodeRecord {
+        NodeRecord {
+            id: id.to_owned(),
+            address: format!("{id}:7880"),
+            media: Vec::new(),
+            version: "0".to_owned(),
+            started_at: 0,
+            heartbeat_at: 0,
+            ttl_ms: 3000,
+            load: NodeLoad {
+                cpu_percent: cpu,
+                rooms,
+                participants,
+                forwarded_pps: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_live_holder_keeps_its_room() {
+        let me = node("a", 0, 0, None);
+        let nodes = [node("a", 0, 0, None), node("b", 9, 3, None)];
+        assert_eq!(
+            decide(&me, Some("b"), &nodes),
+            Decision::Keep { node: "b".into() }
+        );
+        // This node holds it even before it is listed.
+        assert_eq!(
+            decide(&me, Some("a"), &[]),
+            Decision::Keep { node: "a".into() }
+        );
+    }
+
+    #[test]
+    fn a_new_room_goes_to_the_least_loaded_node() {
+        let me = node("a", 5, 1, Some(10.0));
+        let nodes = [node("a", 5, 1, Some(10.0)), node("b", 2, 1, Some(50.0))];
+        assert_eq!(
+            decide(&me, None, &nodes),
+            Decision::Claim {
+                node: "b".into(),
+                replacing: None
+            }
+        );
+        // Participants first, then rooms, then CPU.
+        let nodes = [node("a", 2, 2, Some(1.0)), node("b", 2, 1, Some(90.0))];
+        assert_eq!(least_loaded(&nodes[0], &nodes).id, "b");
+        let nodes = [node("a", 2, 1, Some(30.0)), node("b", 2, 1, Some(20.0))];
+        assert_eq!(least_loaded(&nodes[0], &nodes).id, "b");
+    }
+
+    #[test]
+    fn a_tie_stays_here_then_goes_to_the_smallest_id() {
+        let nodes = [
+            node("a", 1, 1, Some(5.2)),
+            node("b", 1, 1, Some(4.9)),
+            node("c", 1, 1, Some(5.0)),
+        ];
+        // 5.2 % and 4.9 % round to 5: a tie, this node wins.
+        assert_eq!(least_loaded(&nodes[2], &nodes).id, "c");
+        assert_eq!(least_loaded(&nodes[1], &nodes).id, "b");
+        // A node not among the tied ones picks the smallest id of them.
+        let me = node("z", 7, 1, None);
+        assert_eq!(least_loaded(&me, &nodes).id, "a");
+    }
+
+    #[test]
+    fn the_listed_record_stands_for_this_node() {
+        // The caller's own record may be stale; the listed one is what the others see.
+        let me = node("a", 0, 0, None);
+        let nodes = [node("a", 8, 2, None), node("b", 3, 1, None)];
+        assert_eq!(least_loaded(&me, &nodes).id, "b");
+        // Unlisted (not registered yet): its own record counts.
+        assert_eq!(least_loaded(&me, &nodes[1..]).id, "a");
+    }
+
+    #[test]
+    fn a_dead_holders_room_is_placed_again() {
+        let me = node("a", 4, 1, None);
+        let nodes = [node("a", 4, 1, None), node("c", 1, 1, None)];
+        assert_eq!(
+            decide(&me, Some("b"), &nodes),
+            Decision::Claim {
+                node: "c".into(),
+                replacing: Some("b".into())
+            }
+        );
+    }
+
+    #[test]
+    fn redirect_urls_keep_scheme_path_and_query() {
+        assert_eq!(
+            redirect_url("ws://127.0.0.1:7880/rtc", "10.0.0.2:7881").as_deref(),
+            Some("ws://10.0.0.2:7881/rtc")
+        );
+        assert_eq!(
+            redirect_url("https://a.example/whip/r1?x=1", "b:80").as_deref(),
+            Some("https://b:80/whip/r1?x=1")
+        );
+        assert_eq!(
+            redirect_url("wss://host:443", "n2:8443").as_deref(),
+            Some("wss://n2:8443")
+        );
+        assert_eq!(redirect_url("nohost", "b:1"), None);
+    }
+}
