@@ -203,6 +203,11 @@ async fn a_node_keeps_serving_while_redis_is_down_and_registers_again() {
     let port = redis.port;
     let a = node(&redis, "ND_a").await;
     wait_nodes(&a, WAIT, "A registered", |l| ids(l) == ["ND_a"]).await;
+    // Media already flowing when Redis goes.
+    let host = support::publisher(&a, "flowing", "host").await;
+    let fan = support::subscriber(&a, "flowing", "fan").await;
+    let track = support::announced_track(&fan, &host, plaza::signal::TrackKind::Video).await;
+    support::wait_growth(&fan, &track.id, 10).await;
 
     redis.kill();
     // The next heartbeat fails; the node says so and keeps serving.
@@ -218,6 +223,7 @@ async fn a_node_keeps_serving_while_redis_is_down_and_registers_again() {
     }
     let (status, _) = nodes(&a).await;
     assert_eq!(status, 503, "the listing needs Redis");
+    support::assert_media_flows("during the outage", &[(&fan, &track.id)], 50).await;
     // Signaling and media do not wait for Redis: a join during the outage succeeds.
     let joined = Instant::now();
     let alice = support::publisher(&a, "during-outage", "alice").await;
@@ -227,13 +233,19 @@ async fn a_node_keeps_serving_while_redis_is_down_and_registers_again() {
     // Redis back on the same port (empty: no persistence): the node registers again.
     let _redis = RedisServer::start_on(port).expect("redis-server restarted");
     let (list, back) = wait_nodes(&a, WAIT, "A registered again", |l| {
-        ids(l) == ["ND_a"] && l["nodes"][0]["load"]["participants"] == 1
+        ids(l) == ["ND_a"] && l["nodes"][0]["load"]["participants"] == 3
     })
     .await;
-    assert_eq!(list["nodes"][0]["load"]["rooms"], 1);
+    assert_eq!(list["nodes"][0]["load"]["rooms"], 2);
     let c = cluster_stats(&a).await;
     assert_eq!(c["registered"], true, "{c}");
     assert_eq!(c["outages"], 1, "one outage: {c}");
+    // The join during the outage was served here (no placement), and the rooms' leases are
+    // back with the registration.
+    assert_eq!(c["placement_fallbacks"], 1, "{c}");
+    wait_lease(&_redis, "during-outage", Some("ND_a"), WAIT).await;
+    wait_lease(&_redis, "flowing", Some("ND_a"), WAIT).await;
+    support::assert_media_flows("after the outage", &[(&fan, &track.id)], 20).await;
     eprintln!("re-registered {back:?} after Redis came back; join during the outage {joined:?}");
     drop(alice);
     a.shutdown().await;
@@ -343,6 +355,13 @@ async fn participants_joining_through_either_node_meet_on_the_rooms_node() {
     let (ca, cb) = (cluster_stats(&a).await, cluster_stats(&b).await);
     assert_eq!(cb["redirected"], 2, "bob and the viewer: {cb}");
     assert_eq!(cb["placed_here"], 0, "{cb}");
+    let (_, metrics) = support::http_get(b.http_addr, "/metrics")
+        .await
+        .expect("/metrics");
+    assert!(
+        metrics.contains("plaza_cluster_joins_redirected_total 2"),
+        "{metrics}"
+    );
     assert_eq!(ca["redirected"], 0, "{ca}");
     assert_eq!(ca["placed_here"], 3, "alice, bob, the viewer: {ca}");
 
