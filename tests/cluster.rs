@@ -487,3 +487,125 @@ async fn a_killed_nodes_room_is_placed_again_and_its_clients_come_back() {
     drop((alice, bob));
     a.shutdown().await;
 }
+
+/// An admin call through `server`: (status, JSON body, the `x-plaza-node` header).
+async fn admin_call(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, Value, Option<String>) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    let reply = support::http(server.http_addr, method, path, &headers, body.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"));
+    let value = serde_json::from_str(&reply.body).unwrap_or(Value::String(reply.body.clone()));
+    (
+        reply.status,
+        value,
+        reply.header("x-plaza-node").map(str::to_owned),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_reach_the_rooms_node_through_any_node() {
+    let redis = RedisServer::start().expect("redis-server");
+    let a = node(&redis, "ND_a").await;
+    let b = node(&redis, "ND_b").await;
+    wait_nodes(&a, WAIT, "both nodes", |l| ids(l) == ["ND_a", "ND_b"]).await;
+    let alice = support::subscriber(&a, "on-a", "alice").await;
+    let bob = support::subscriber(&a, "on-a", "bob").await;
+    let carol = support::subscriber(&b, "on-b", "carol").await;
+    assert_eq!(carol.url(), b.ws_url());
+    let admin = with_grants("on-a", "ops", |g| {
+        g.room_join = false;
+        g.room_admin = true;
+    });
+
+    // Listing rooms through either node lists every node's rooms, each with its node.
+    for via in [&a, &b] {
+        let (status, list, _) = admin_call(via, "GET", "/api/rooms", Some(&list_token()), "").await;
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(list["complete"], true, "{list}");
+        let mut rooms: Vec<(String, String)> = list["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap().to_owned(),
+                    r["node"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        rooms.sort();
+        assert_eq!(
+            rooms,
+            [
+                ("on-a".into(), "ND_a".into()),
+                ("on-b".into(), "ND_b".into())
+            ],
+            "{list}"
+        );
+    }
+
+    // A room's calls through B are answered by A, the room's node.
+    let (status, list, by) =
+        admin_call(&b, "GET", "/api/rooms/on-a/participants", Some(&admin), "").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(by.as_deref(), Some("ND_a"));
+    assert_eq!(
+        list["participants"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
+    let bob_identity = list["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "bob")
+        .and_then(|p| p["identity"].as_str())
+        .unwrap_or_else(|| panic!("bob listed: {list}"))
+        .to_owned();
+    let (status, done, by) = admin_call(
+        &b,
+        "DELETE",
+        &format!("/api/rooms/on-a/participants/{bob_identity}"),
+        Some(&admin),
+        r#"{"reason":"bye from B"}"#,
+    )
+    .await;
+    assert_eq!((status, by.as_deref()), (200, Some("ND_a")), "{done}");
+    bob.wait_for_event(
+        |e| {
+            matches!(e, plaza_testkit::peer::PeerEvent::Server(
+                plaza::signal::ServerMessage::Leave { reason, .. }
+            ) if reason.contains("bye from B"))
+        },
+        WAIT,
+    )
+    .await
+    .expect("bob is removed with the reason");
+
+    // Refusals happen at the door: no token is carried anywhere.
+    let (status, refused, by) =
+        admin_call(&b, "GET", "/api/rooms/on-a/participants", None, "").await;
+    assert_eq!(status, 401, "{refused}");
+    assert_eq!(by, None, "refused by B itself");
+    // A room nobody hosts is answered where asked.
+    let ghost = with_grants("ghost", "ops", |g| {
+        g.room_join = false;
+        g.room_admin = true;
+    });
+    let (status, _, by) =
+        admin_call(&b, "GET", "/api/rooms/ghost/participants", Some(&ghost), "").await;
+    assert_eq!((status, by), (404, None));
+    drop((alice, carol));
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -133,6 +133,8 @@ struct Counters {
 #[derive(Clone)]
 pub struct ClusterView {
     node_id: String,
+    /// Carries admin calls to the node that hosts their room.
+    http: HttpClient,
     address: String,
     lease_ttl: Duration,
     counters: Arc<Counters>,
@@ -248,6 +250,99 @@ impl ClusterView {
         )))
     }
 
+    /// The live node, other than this one, that holds `room`'s lease; `None` when this node
+    /// holds it, nobody does, or its holder is gone (the call is then answered here). Reads
+    /// only: an admin call places no room.
+    pub async fn room_node(&self, room: &str) -> Result<Option<NodeRecord>, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let fut = async move {
+            let holder: Option<String> = conn.get(placement::room_key(room)).await?;
+            let Some(holder) = holder.filter(|h| *h != self.node_id) else {
+                return Ok(None);
+            };
+            let record: Option<String> = conn.get(registry::node_key(&holder)).await?;
+            Ok(record.and_then(|r| NodeRecord::decode(&r).ok()))
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "Redis did not answer in time",
+            ))),
+        }
+    }
+
+    /// Carries an HTTP call to `node` (same method, path and query, `Authorization` and
+    /// `Content-Type`, marked with [`FORWARDED_HEADER`]) and returns its answer.
+    pub async fn forward(
+        &self,
+        node: &NodeRecord,
+        method: axum::http::Method,
+        path_and_query: &str,
+        headers: &axum::http::HeaderMap,
+        body: bytes::Bytes,
+    ) -> Result<Forwarded, ForwardError> {
+        use http_body_util::BodyExt as _;
+        let who = || node.id.clone();
+        let mut req = axum::http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path_and_query}", node.address))
+            .header(FORWARDED_HEADER, &self.node_id);
+        for name in [
+            axum::http::header::AUTHORIZATION,
+            axum::http::header::CONTENT_TYPE,
+        ] {
+            if let Some(v) = headers.get(&name) {
+                req = req.header(name, v);
+            }
+        }
+        let req =
+            req.body(http_body_util::Full::new(body))
+                .map_err(|e| ForwardError::Unreachable {
+                    node: who(),
+                    reason: e.to_string(),
+                })?;
+        let call = async {
+            let res = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| ForwardError::Unreachable {
+                    node: who(),
+                    reason: e.to_string(),
+                })?;
+            let (parts, body) = res.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_FORWARDED_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| ForwardError::BadAnswer {
+                    node: who(),
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            let headers = [
+                axum::http::header::CONTENT_TYPE,
+                axum::http::header::WWW_AUTHENTICATE,
+            ]
+            .iter()
+            .filter_map(|n| {
+                parts
+                    .headers
+                    .get(n)
+                    .map(|v| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            })
+            .collect();
+            Ok(Forwarded {
+                status: parts.status.as_u16(),
+                headers,
+                body,
+            })
+        };
+        tokio::time::timeout(FORWARD_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| Err(ForwardError::Timeout { node: who() }))
+    }
+
     fn placed(&self, node: &str, nodes: &[NodeRecord]) -> Placed {
         if node == self.node_id {
             return Placed::Here;
@@ -277,6 +372,40 @@ impl ClusterView {
             ))),
         }
     }
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// The header a node puts on an admin call it carries to another node: that node answers it
+/// itself (a call is carried at most once).
+pub const FORWARDED_HEADER: &str = "x-plaza-forwarded-by";
+/// The header on an answer that another node gave: its id.
+pub const NODE_HEADER: &str = "x-plaza-node";
+/// How long a carried admin call may take.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest answer body taken from another node.
+const MAX_FORWARDED_ANSWER: usize = 4 * 1024 * 1024;
+
+/// Why an admin call could not be carried to another node.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("node {node} did not answer in time")]
+    Timeout { node: String },
+    #[error("node {node} could not be reached: {reason}")]
+    Unreachable { node: String, reason: String },
+    #[error("node {node}'s answer is too large or broken: {reason}")]
+    BadAnswer { node: String, reason: String },
+}
+
+/// Another node's answer to a carried call.
+#[derive(Debug)]
+pub struct Forwarded {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: bytes::Bytes,
 }
 
 /// Where a join is served.
@@ -383,6 +512,8 @@ impl Registry {
         };
         let view = ClusterView {
             node_id: id.clone(),
+            http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http(),
             address: record.address.clone(),
             // Longer than the record's: a dead node's leases outlive its record, so the next
             // join sees the holder gone and takes the room over (counted, logged).

@@ -21,10 +21,13 @@
 
 use super::AppState;
 use crate::auth::TokenError;
+use crate::cluster::{FORWARDED_HEADER, NODE_HEADER};
 use crate::sfu::admin::{
     AdminError, AdminOp, AdminReply, Lane, PermissionsUpdate, Target, with_reason,
 };
 use crate::signal::ErrorCode;
+use axum::extract::Request;
+use axum::middleware::Next;
 use axum::{
     Json, Router,
     body::Bytes,
@@ -35,6 +38,7 @@ use axum::{
 };
 use base64::Engine as _;
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Largest request body accepted, in bytes (a data message's payload is further limited to
@@ -44,10 +48,9 @@ pub const MAX_BODY: usize = 256 * 1024;
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The admin API's routes (mounted under `/api` by [`super::router`]).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/rooms", get(list_rooms))
-        .route("/api/nodes", get(list_nodes))
+/// In a cluster, calls about one room go through [`to_room_node`] (`state` is its state).
+pub fn routes(state: AppState) -> Router<AppState> {
+    let room_calls = Router::new()
         .route("/api/rooms/{room}", axum::routing::delete(close_room))
         .route("/api/rooms/{room}/participants", get(list_participants))
         .route(
@@ -61,7 +64,89 @@ pub fn routes() -> Router<AppState> {
             post(mute_track),
         )
         .route("/api/rooms/{room}/data", post(send_data))
+        .route_layer(axum::middleware::from_fn_with_state(state, to_room_node));
+    Router::new()
+        .route("/api/rooms", get(list_rooms))
+        .route("/api/nodes", get(list_nodes))
+        .merge(room_calls)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// In a cluster, a call about a room that lives on another node is carried there (once: the
+/// node that gets it answers it itself) and that node's answer is returned, marked with its id
+/// ([`NODE_HEADER`]). The token is checked here first, so that no unauthenticated call is
+/// carried anywhere; the room's node checks it again. A room with no live node (or Redis not
+/// answering) is answered here.
+async fn to_room_node(
+    State(state): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (Some(cluster), Some(room)) = (&state.cluster, params.get("room")) else {
+        return next.run(req).await;
+    };
+    if req.headers().contains_key(FORWARDED_HEADER) {
+        return next.run(req).await;
+    }
+    if let Err(e) = authorize(&state, req.headers(), Some(room)) {
+        return e.into_response();
+    }
+    let node = match cluster.room_node(room).await {
+        Ok(Some(node)) => node,
+        Ok(None) => return next.run(req).await,
+        Err(e) => {
+            tracing::debug!(%room, error = %e, "admin call: Redis did not answer, answered here");
+            return next.run(req).await;
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::MessageTooLarge,
+                format!("request body: {e}"),
+            )
+            .into_response();
+        }
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path(), |p| p.as_str());
+    tracing::info!(%room, node = %node.id, method = %parts.method, "admin call carried to the room's node");
+    match cluster
+        .forward(&node, parts.method.clone(), path, &parts.headers, bytes)
+        .await
+    {
+        Ok(answer) => forwarded(answer, &node.id),
+        Err(e) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::Unavailable,
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+/// Another node's answer, as this node's.
+fn forwarded(answer: crate::cluster::Forwarded, node: &str) -> Response {
+    let mut res = Response::new(axum::body::Body::from(answer.body));
+    *res.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for (name, value) in answer.headers {
+        if let (Ok(n), Ok(v)) = (
+            header::HeaderName::try_from(name),
+            HeaderValue::from_bytes(&value),
+        ) {
+            res.headers_mut().insert(n, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(node) {
+        res.headers_mut().insert(NODE_HEADER, v);
+    }
+    res
 }
 
 /// A refused call: its status, code and message.
@@ -226,10 +311,75 @@ fn unexpected(reply: &AdminReply) -> ApiError {
 
 async fn list_rooms(State(state): State<AppState>, headers: HeaderMap) -> ApiResult {
     authorize(&state, &headers, None)?;
-    match run(&state, AdminOp::ListRooms).await? {
-        AdminReply::Rooms(rooms) => ok(serde_json::json!({ "rooms": rooms })),
-        other => Err(unexpected(&other)),
+    let rooms = match run(&state, AdminOp::ListRooms).await? {
+        AdminReply::Rooms(rooms) => rooms,
+        other => return Err(unexpected(&other)),
+    };
+    match &state.cluster {
+        Some(cluster) if !headers.contains_key(FORWARDED_HEADER) => {
+            ok(cluster_rooms(cluster, &headers, rooms).await)
+        }
+        _ => ok(serde_json::json!({ "rooms": rooms })),
     }
+}
+
+/// Every node's rooms: this node's, and those the other live nodes list (asked at once, with
+/// the caller's token); each room names its `node`. `complete` is false when Redis or a node
+/// did not answer (those are listed in `unreachable`).
+async fn cluster_rooms(
+    cluster: &crate::cluster::ClusterView,
+    headers: &HeaderMap,
+    local: Vec<crate::sfu::admin::RoomSummary>,
+) -> serde_json::Value {
+    let me = cluster.node_id();
+    let mut rooms: Vec<serde_json::Value> = local
+        .into_iter()
+        .map(|r| with_node(serde_json::to_value(r).unwrap_or_default(), me))
+        .collect();
+    let mut unreachable = Vec::new();
+    let mut complete = true;
+    match cluster.nodes().await {
+        Ok(nodes) => {
+            let calls = nodes.iter().filter(|n| n.id != me).map(|n| async move {
+                let answer = cluster
+                    .forward(
+                        n,
+                        axum::http::Method::GET,
+                        "/api/rooms",
+                        headers,
+                        Bytes::new(),
+                    )
+                    .await;
+                (n, answer)
+            });
+            for (node, answer) in futures_util::future::join_all(calls).await {
+                let listed = answer.ok().filter(|a| a.status == 200).and_then(|a| {
+                    serde_json::from_slice::<serde_json::Value>(&a.body)
+                        .ok()
+                        .and_then(|v| v["rooms"].as_array().cloned())
+                });
+                match listed {
+                    Some(list) => rooms.extend(list.into_iter().map(|r| with_node(r, &node.id))),
+                    None => {
+                        complete = false;
+                        unreachable.push(node.id.clone());
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "listing rooms: Redis did not answer, this node's only");
+            complete = false;
+        }
+    }
+    serde_json::json!({ "rooms": rooms, "complete": complete, "unreachable": unreachable })
+}
+
+fn with_node(mut room: serde_json::Value, node: &str) -> serde_json::Value {
+    if let Some(o) = room.as_object_mut() {
+        o.insert("node".into(), node.into());
+    }
+    room
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -223,7 +223,7 @@ pub fn router(state: AppState) -> Router {
         .route("/rtc", get(ws::upgrade))
         .route("/dev/token", get(dev_token))
         .route("/watch", get(watch_page))
-        .merge(admin::routes())
+        .merge(admin::routes(state.clone()))
         .merge(dashboard::routes())
         .merge(whip::routes(max_body))
         .merge(whep::routes(max_body))
