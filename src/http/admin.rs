@@ -18,6 +18,9 @@
 //! token (`token_*`, with `WWW-Authenticate: Bearer`), 403 `permission_denied` /
 //! `token_wrong_room`, 404 `not_found`, 400 `malformed_message` / `invalid_field`, 413
 //! `message_too_large`, 503 `unavailable`. A refused call changes nothing.
+//!
+//! In a cluster ([`crate::cluster`]), a call about a room hosted on another node is carried
+//! there ([`to_room_node`]), and `GET /api/rooms` lists every node's rooms.
 
 use super::AppState;
 use crate::auth::TokenError;
