@@ -23,9 +23,9 @@
 //!   estimate, or the rate its transport-wide feedback shows it just received when that is
 //!   higher. At a bottleneck the two agree (the estimate backs off to what is delivered), but
 //!   random loss holds a loss-based estimate far below what the link delivers: measured with
-//!   10 % loss and 200 ms RTT, 50–90 kbit/s for ~200 kbit/s received. A share of *that* is one
+//!   10 % loss and 200 ms RTT, 50–90 kbit/s for ~200 kbit/s sent. A share of *that* is one
 //!   retransmission a second, while the lowest layer, sent whatever the estimate says, loses
-//!   two or three packets a second: most of its losses went unrepaired, and each froze the
+//!   two or three packets a second: most losses would stay unrepaired, each freezing the
 //!   picture until the next keyframe (seconds: a browser asks for one only after ~3 s without
 //!   a decodable frame).
 //!
@@ -727,7 +727,7 @@ mod tests {
     }
 
     /// Random loss holds the estimate far below what the link delivers (measured at 10 % loss
-    /// and 200 ms RTT: 50–90 kbit/s for ~200 kbit/s received): the budget takes its share of
+    /// and 200 ms RTT: 50–90 kbit/s for ~200 kbit/s sent): the budget takes its share of
     /// what is delivered, and every loss of a 200 kbit/s stream is repaired. At a bottleneck
     /// the estimate is about what is delivered, and nothing changes.
     #[test]
