@@ -45,7 +45,7 @@
 //! [`SettingEngineBuilder::with_crypto_provider`]: rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::with_crypto_provider
 
 use super::bwe::{Bwe, Estimate};
-use super::nack::{NackStats, Retransmitter, RtxStream};
+use super::nack::{self, NackStats, Retransmitter, RtxStream};
 use super::probe::{Outcome, ProbeStats, Prober};
 use bytes::{Bytes, BytesMut};
 use rtc::crypto::{
@@ -662,8 +662,12 @@ impl Egress {
             (PT_RTPFB, FMT_NACK) => {
                 let mut lost = Vec::new();
                 let media_ssrc = parse_nack(p.body, &mut lost)?;
-                let estimate = self.estimate.available(now);
-                for packet in self.retransmit.on_nack(now, media_ssrc, &lost, estimate) {
+                // What the link delivers counts when the estimate is below it (random loss).
+                let capacity = nack::capacity_bps(
+                    self.estimate.available(now),
+                    self.bwe.acked_bps().map(|bps| bps as u64),
+                );
+                for packet in self.retransmit.on_nack(now, media_ssrc, &lost, capacity) {
                     // A retransmission carries a new transport-wide sequence number: the
                     // receiver reports its arrival like any other packet.
                     // (A stream is forgotten by both at once: a packet in the history has one.)
