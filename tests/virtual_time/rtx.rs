@@ -137,7 +137,24 @@ fn a_publishers_rtx_repairs_are_unwrapped_and_forwarded() {
 /// estimate alone (in a browser, each such hole freezes the picture until the next keyframe).
 #[test]
 fn a_randomly_lossy_link_is_repaired_though_its_estimate_collapsed() {
-    let mut s = Sim::new(43);
+    // Summed over four seeds: one seed's count moves by a few packets from one process to the
+    // next (the DTLS handshake's randomness is not seeded).
+    let (mut miss, mut span) = (0, 0);
+    for seed in 43..47 {
+        let (m, n) = lossy_link_missing(seed);
+        miss += m;
+        span += n;
+    }
+    assert!(
+        miss * 1000 <= span * 15,
+        "{miss} of {span} video packets missing over four seeds"
+    );
+}
+
+/// One run of [`a_randomly_lossy_link_is_repaired_though_its_estimate_collapsed`]: (video
+/// packets missing, video packets in the span).
+fn lossy_link_missing(seed: u64) -> (u64, u64) {
+    let mut s = Sim::new(seed);
     let alice = s.client(1, "alice", "room", MediaSpec::simulcast());
     let bob = s.client(2, "bob", "room", with_rtx(MediaSpec::none()));
     let track = video(&mut s, bob, alice);
@@ -182,15 +199,12 @@ fn a_randomly_lossy_link_is_repaired_though_its_estimate_collapsed() {
     let miss = span - got.len() as u64;
     let lost = s.net.link_stats(server, bob).lost;
     println!(
-        "10 % loss, 200 ms RTT for 30 s: {lost} datagrams lost, {miss} of {span} video packets \
-         never arrived; resent {}, refused {}, over budget {}",
+        "seed {seed}, 10 % loss, 200 ms RTT for 30 s: {lost} datagrams lost, {miss} of {span} \
+         video packets never arrived; resent {}, refused {}, over budget {}",
         st.nack_resent, st.nack_refused, st.nack_over_budget
     );
     assert!(lost > 100, "{lost}");
     assert!(span > 200, "{span}");
-    assert!(
-        miss * 1000 <= span * 15,
-        "{miss} of {span} video packets missing"
-    );
     s.no_errors(&[alice, bob]);
+    (miss, span)
 }
