@@ -327,10 +327,43 @@ async function explainFailure(url) {
 }
 
 let source = null;
+// In a cluster: the node whose view is shown ('' for the node serving this page).
+let watchedNode = '';
+
+/**
+ * In a cluster (`GET /api/nodes` answers), offer every live node: the stream of another node
+ * is relayed by this one (`/dashboard/events?node=<id>`). One node: the picker stays hidden.
+ */
+async function loadNodes(token) {
+  let list;
+  try {
+    const res = await fetch('/api/nodes', { headers: { Authorization: `Bearer ${token}` } });
+    if (!res.ok) return;
+    list = await res.json();
+  } catch {
+    return;
+  }
+  const select = $('node');
+  select.replaceChildren();
+  for (const n of list.nodes ?? []) {
+    const option = document.createElement('option');
+    option.value = n.id === list.self ? '' : n.id;
+    option.textContent = `${n.id}${n.id === list.self ? ' (this one)' : ''} · ${n.address}`;
+    select.append(option);
+  }
+  select.value = watchedNode;
+  select.onchange = () => {
+    watchedNode = select.value;
+    clearAll();
+    watch(token);
+  };
+  $('node-pick').hidden = false;
+}
 
 function watch(token) {
   if (source) source.close();
-  const url = `/dashboard/events?access_token=${encodeURIComponent(token)}`;
+  const node = watchedNode ? `&node=${encodeURIComponent(watchedNode)}` : '';
+  const url = `/dashboard/events?access_token=${encodeURIComponent(token)}${node}`;
   setStatus('connecting', 'connecting…');
   source = new EventSource(url);
   source.addEventListener('open', () => {
@@ -376,6 +409,7 @@ async function start() {
     sessionStorage.setItem(TOKEN_KEY, token);
     $('token-form').hidden = true;
     watch(token);
+    loadNodes(token);
   });
   const fromUrl = new URLSearchParams(location.search).get('token');
   if (fromUrl) {
@@ -386,6 +420,7 @@ async function start() {
   const token = fromUrl || sessionStorage.getItem(TOKEN_KEY) || (await devToken().catch(() => null));
   if (token) {
     watch(token);
+    loadNodes(token);
   } else {
     $('token-form').hidden = false;
     setStatus('failed', 'no token');

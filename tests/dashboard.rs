@@ -444,3 +444,70 @@ async fn an_idle_server_sends_only_keep_alives() -> Result<()> {
     server.shutdown().await;
     Ok(())
 }
+
+/// In a cluster, any node's dashboard stream can show another node's view (`?node=<id>`),
+/// relayed as it comes: a room on A seen through B, then its participant leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_relays_another_nodes_stream() -> Result<()> {
+    let redis = plaza_testkit::redis::RedisServer::start()?;
+    let node = |id: &str| plaza::config::Config {
+        cluster: plaza::cluster::ClusterConfig {
+            redis: Some(redis.url()),
+            node_id: Some(id.to_owned()),
+            node_address: None,
+        },
+        ..support::test_config()
+    };
+    let a = TestServer::start_with(node("ND_a")).await;
+    let b = TestServer::start_with(node("ND_b")).await;
+    let alice = common::Peer::connect(&a.ws_url(), "on-a", "alice", opts(false)).await?;
+    let token = list_token();
+    // B relays A's stream once B can see A in the cluster.
+    let deadline = Instant::now() + T;
+    let mut sse = loop {
+        let (status, sse) = SseClient::open(
+            b.http_addr,
+            &format!("/dashboard/events?access_token={token}&node=ND_a"),
+        )
+        .await?;
+        match (status, sse) {
+            (200, Ok(sse)) => break sse,
+            (404, Err(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (status, other) => bail!("B relaying A's stream: {status} {:?}", other.err()),
+        }
+    };
+    let (name, snap, _) = sse.next_event(T).await?;
+    assert_eq!(name, "snapshot", "{snap}");
+    assert_eq!(set(&snap, "rooms")[0]["room"], "on-a", "A's room: {snap}");
+    assert_eq!(ids(&set(&snap, "participants")), [alice.participant_id()]);
+    let gone = alice.participant_id().to_owned();
+    alice.leave().await?;
+    wait_delta(&mut sse, "alice leaving A", T, |d| {
+        d["participants"]["removed"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|k| k["id"] == gone.as_str()))
+    })
+    .await?;
+    // Its own view without `node`; an unknown node is a 404; no token, no relay.
+    let (status, own) = SseClient::open(
+        b.http_addr,
+        &format!("/dashboard/events?access_token={token}"),
+    )
+    .await?;
+    assert_eq!(status, 200);
+    let (_, snap, _) = own.map_err(|e| anyhow!("{e}"))?.next_event(T).await?;
+    assert!(set(&snap, "rooms").is_empty(), "B has no rooms: {snap}");
+    let (status, body) = SseClient::open(
+        b.http_addr,
+        &format!("/dashboard/events?access_token={token}&node=ND_zz"),
+    )
+    .await?;
+    assert_eq!(status, 404, "{:?}", body.err());
+    let (status, _) = SseClient::open(b.http_addr, "/dashboard/events?node=ND_a").await?;
+    assert_eq!(status, 401);
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}

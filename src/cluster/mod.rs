@@ -343,6 +343,37 @@ impl ClusterView {
             .unwrap_or_else(|_| Err(ForwardError::Timeout { node: who() }))
     }
 
+    /// Opens a long-lived `GET path_and_query` on `node` with `token` as its bearer token (a
+    /// stream: only the response head is bounded by [`FORWARD_TIMEOUT`]), marked with
+    /// [`FORWARDED_HEADER`].
+    pub async fn open_stream(
+        &self,
+        node: &NodeRecord,
+        path_and_query: &str,
+        token: &str,
+    ) -> Result<axum::http::Response<hyper::body::Incoming>, ForwardError> {
+        let who = || node.id.clone();
+        let req = axum::http::Request::builder()
+            .method(axum::http::Method::GET)
+            .uri(format!("http://{}{path_and_query}", node.address))
+            .header(FORWARDED_HEADER, &self.node_id)
+            .header(axum::http::header::ACCEPT, "text/event-stream")
+            .header(axum::http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .map_err(|e| ForwardError::Unreachable {
+                node: who(),
+                reason: e.to_string(),
+            })?;
+        match tokio::time::timeout(FORWARD_TIMEOUT, self.http.request(req)).await {
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(e)) => Err(ForwardError::Unreachable {
+                node: who(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(ForwardError::Timeout { node: who() }),
+        }
+    }
+
     fn placed(&self, node: &str, nodes: &[NodeRecord]) -> Placed {
         if node == self.node_id {
             return Placed::Here;

@@ -744,6 +744,8 @@ async fn page(State(state): State<AppState>, method: Method) -> Response {
 #[derive(Debug, Default, Deserialize)]
 struct EventsQuery {
     access_token: Option<String>,
+    /// In a cluster: the node whose view to stream (absent or this node's id: this node's).
+    node: Option<String>,
 }
 
 /// A refused request: `{"code", "message"}`.
@@ -786,6 +788,13 @@ async fn events(
     if let Err(e) = state.settings.verifier.verify_admin(token.as_deref(), None) {
         return refusal(&state, e);
     }
+    if let Some(node) = query.node.as_deref().filter(|n| !n.is_empty())
+        && let Some(cluster) = &state.cluster
+        && node != cluster.node_id()
+        && !headers.contains_key(crate::cluster::FORWARDED_HEADER)
+    {
+        return other_node(cluster, node, token.as_deref().unwrap_or_default()).await;
+    }
     let hub = state.dashboard.clone();
     let (first, rx) = hub.subscribe(&state);
     let viewer = Viewer {
@@ -804,6 +813,59 @@ async fn events(
         Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive")),
     )
         .into_response()
+}
+
+/// Another node's stream, relayed as it comes (the token was checked here; that node checks
+/// it again). 404 for a node that is not live, 502 when it does not answer.
+async fn other_node(cluster: &crate::cluster::ClusterView, node: &str, token: &str) -> Response {
+    let fail = |status: StatusCode, code: &str, message: String| {
+        (
+            status,
+            Json(serde_json::json!({ "code": code, "message": message })),
+        )
+            .into_response()
+    };
+    let record = match cluster.nodes().await {
+        Ok(nodes) => nodes.into_iter().find(|n| n.id == node),
+        Err(e) => {
+            return fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("Redis did not answer: {e}"),
+            );
+        }
+    };
+    let Some(record) = record else {
+        return fail(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no live node {node} in the cluster"),
+        );
+    };
+    match cluster
+        .open_stream(&record, "/dashboard/events", token)
+        .await
+    {
+        Ok(res) => {
+            let (parts, body) = res.into_parts();
+            let mut out = Response::new(axum::body::Body::new(body));
+            *out.status_mut() = parts.status;
+            for name in [
+                header::CONTENT_TYPE,
+                header::CACHE_CONTROL,
+                header::WWW_AUTHENTICATE,
+            ] {
+                if let Some(v) = parts.headers.get(&name) {
+                    out.headers_mut().insert(name, v.clone());
+                }
+            }
+            if let Ok(v) = HeaderValue::from_str(node) {
+                out.headers_mut().insert(crate::cluster::NODE_HEADER, v);
+            }
+            out
+        }
+        Err(e) => fail(StatusCode::BAD_GATEWAY, "unavailable", e.to_string()),
+    }
 }
 
 #[cfg(test)]
