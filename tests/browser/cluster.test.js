@@ -8,6 +8,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startServer, startRedis, participants, waitFor } from './harness.js';
+import { PlazaClient, MAX_REDIRECTS, redirectUrl } from '../../signaling/plaza-client.js';
 
 // Its own ports, so that it never meets another test file's server.
 const REDIS_PORT = 7979;
@@ -28,6 +29,13 @@ async function listNodes(n) {
   const r = await fetch(`${n.url}/api/nodes`, { headers: { Authorization: `Bearer ${t.token}` } });
   if (!r.ok) throw new Error(`GET /api/nodes on ${n.url}: ${r.status}`);
   return (await r.json()).nodes;
+}
+
+/** A development token for `room` and `name` from node `n`. */
+async function devToken(n, room, name) {
+  const r = await fetch(`${n.url}/dev/token?room=${room}&name=${name}`);
+  if (!r.ok) throw new Error(`GET /dev/token on ${n.url}: ${r.status}`);
+  return (await r.json()).token;
 }
 
 function startNode(n) {
@@ -150,50 +158,57 @@ describe('cluster', { timeout: 180_000 }, () => {
   it('follows a redirect to the room’s node, and comes back through its entry after that node is killed', async () => {
     const alice = await ps.launch('alice');
     const bob = await ps.launch('bob');
+    // Both pages come from A; every client names its entry URL and gets its token from the
+    // test (tokens work on every node; the page's own origin may be the node that dies).
     await alice.page.goto(`${nodes.a.url}/`);
     await bob.page.goto(`${nodes.a.url}/`);
+    const entry = async (n, room, name) => ({ url: wsUrl(n), token: await devToken(n, room, name) });
+    const other = (n) => (n === nodes.a ? nodes.b : nodes.a);
 
-    // 1. Both nodes idle: the room stays where its first join arrives (A). Bob knocks on B
-    //    (his entry URL) and is sent to A.
-    const meetA = await joinClient(alice, 'meet', { room: 'meet', name: 'alice' });
-    assert.equal(meetA.nodeUrl, wsUrl(nodes.a));
-    assert.equal(meetA.redirects, 0);
-    assert.deepEqual(meetA.redirected, []);
-    const meetB = await joinClient(bob, 'meet', { room: 'meet', name: 'bob', options: { url: wsUrl(nodes.b), tokenUrl: '/dev/token' } });
-    assert.equal(meetB.entryUrl, wsUrl(nodes.b));
-    assert.equal(meetB.nodeUrl, wsUrl(nodes.a), 'bob joined on A');
-    assert.equal(meetB.nodeId, 'ND_a');
+    // 1. Alice joins through A. Both nodes are idle, so the room goes to either (A unless
+    //    B's CPU was lower in whole percent): call it H, the other O. Bob knocks on O and is
+    //    sent to H.
+    const meetA = await joinClient(alice, 'meet', { room: 'meet', name: 'alice', options: await entry(nodes.a, 'meet', 'alice') });
+    const h = [nodes.a, nodes.b].find((n) => wsUrl(n) === meetA.nodeUrl);
+    assert.ok(h, `alice joined on a node of the cluster: ${meetA.nodeUrl}`);
+    const o = other(h);
+    assert.equal(meetA.redirects, h === nodes.a ? 0 : 1);
+    assert.equal(meetA.redirected.length, meetA.redirects);
+    const meetB = await joinClient(bob, 'meet', { room: 'meet', name: 'bob', options: await entry(o, 'meet', 'bob') });
+    assert.equal(meetB.entryUrl, wsUrl(o));
+    assert.equal(meetB.nodeUrl, wsUrl(h), `bob joined on ${h.id}`);
+    assert.equal(meetB.nodeId, h.id);
     assert.equal(meetB.redirects, 1);
     assert.equal(meetB.redirected.length, 1);
     assert.deepEqual(
       { nodeId: meetB.redirected[0].nodeId, address: meetB.redirected[0].address, url: meetB.redirected[0].url, from: meetB.redirected[0].from },
-      { nodeId: 'ND_a', address: `127.0.0.1:${nodes.a.port}`, url: wsUrl(nodes.a), from: wsUrl(nodes.b) },
+      { nodeId: h.id, address: `127.0.0.1:${h.port}`, url: wsUrl(h), from: wsUrl(o) },
     );
     await Promise.all([waitForVideo(alice, 'meet', 'bob'), waitForVideo(bob, 'meet', 'alice')]);
-    // They stay in the room (A's load: two participants) but stop sending media.
+    // They stay in the room (H's load: two participants) but stop sending media.
     for (const p of [alice, bob]) await p.page.evaluate(() => window.__clients.meet.stopLocalMedia());
 
-    // 2. A new room goes to the least-loaded node, B, although both join through A (their
-    //    entry). Wait until A's record in Redis carries its load.
-    await waitFor(async () => (await listNodes(nodes.a)).find((n) => n.id === 'ND_a')?.load.participants === 2, {
+    // 2. A new room goes to the least-loaded node, O, although both join through H (their
+    //    entry). Wait until H's record in the registry carries its load.
+    await waitFor(async () => (await listNodes(h)).find((n) => n.id === h.id)?.load.participants === 2, {
       timeout: 10_000,
-      what: "A's load (2 participants) in the registry",
+      what: `${h.id}'s load (2 participants) in the registry`,
     });
-    const liveA = await joinClient(alice, 'live', { room: 'live', name: 'alice' });
-    const liveB = await joinClient(bob, 'live', { room: 'live', name: 'bob' });
+    const liveA = await joinClient(alice, 'live', { room: 'live', name: 'alice', options: await entry(h, 'live', 'alice') });
+    const liveB = await joinClient(bob, 'live', { room: 'live', name: 'bob', options: await entry(h, 'live', 'bob') });
     for (const j of [liveA, liveB]) {
-      assert.equal(j.entryUrl, wsUrl(nodes.a));
-      assert.equal(j.nodeUrl, wsUrl(nodes.b), 'the new room is on B');
-      assert.equal(j.nodeId, 'ND_b');
+      assert.equal(j.entryUrl, wsUrl(h));
+      assert.equal(j.nodeUrl, wsUrl(o), `the new room is on ${o.id}`);
+      assert.equal(j.nodeId, o.id);
       assert.equal(j.redirects, 1);
     }
     await Promise.all([waitForVideo(alice, 'live', 'bob'), waitForVideo(bob, 'live', 'alice')]);
 
-    // 3. B dies. Both clients come back by themselves, on A, and see each other again.
+    // 3. O dies. Both clients come back by themselves, on H, and see each other again.
     await watchComeback(alice, 'live', 'bob', liveA.participantId);
     await watchComeback(bob, 'live', 'alice', liveB.participantId);
     const killedAt = Date.now();
-    await nodes.b.kill();
+    await o.kill();
     for (const [p, j] of [
       [alice, liveA],
       [bob, liveB],
@@ -203,14 +218,14 @@ describe('cluster', { timeout: 180_000 }, () => {
           const s = await clientState(p, 'live');
           return s.back?.decoded && s.state === 'connected' ? s : null;
         },
-        { timeout: BACK_WITHIN, interval: 50, what: `${p.label} back on A decoding video` },
+        { timeout: BACK_WITHIN, interval: 50, what: `${p.label} back on ${h.id} decoding video` },
       ).catch(async (e) => {
         const events = await p.page.evaluate(() => window.__events.live);
         throw new Error(`${e.message}\n${p.label}'s events: ${JSON.stringify(events)}`);
       });
       assert.notEqual(s.participantId, j.participantId, 'a new session (the room was placed again)');
-      assert.equal(s.nodeUrl, wsUrl(nodes.a), `${p.label} is on A`);
-      assert.equal(s.redirects, 0, 'the rejoin through A joined there');
+      assert.equal(s.nodeUrl, wsUrl(h), `${p.label} is on ${h.id}`);
+      assert.equal(s.redirects, 0, `the rejoin through ${h.id} joined there`);
     }
     await Promise.all([waitForVideo(alice, 'live', 'bob'), waitForVideo(bob, 'live', 'alice')]);
     const lines = [];
@@ -219,14 +234,70 @@ describe('cluster', { timeout: 180_000 }, () => {
       const events = await p.page.evaluate(() => window.__events.live);
       const dropped = events.find((e) => e.type === 'disconnected' && e.at >= killedAt);
       const attempts = events.filter((e) => e.type === 'reconnecting' && e.at >= killedAt).length;
-      const redirectsToDead = events.filter((e) => e.type === 'redirected' && e.at >= killedAt && e.nodeId === 'ND_b').length;
+      const redirectsToDead = events.filter((e) => e.type === 'redirected' && e.at >= killedAt && e.nodeId === o.id).length;
       lines.push(
         `${p.label}: socket closed +${dropped ? dropped.at - killedAt : '?'} ms, connected +${s.back.connected - killedAt} ms, ` +
           `video decoded +${s.back.decoded - killedAt} ms (${attempts} reconnect attempts, ${redirectsToDead} redirects to the dead node)`,
       );
     }
-    console.log(`node B killed →\n  ${lines.join('\n  ')}`);
-    // The room on A was not disturbed.
+    console.log(`room 'meet' on ${h.id}, 'live' on ${o.id}; ${o.id} killed →\n  ${lines.join('\n  ')}`);
+    // The room on H was not disturbed.
     for (const p of [alice, bob]) assert.equal((await clientState(p, 'meet')).state, 'connected');
+  });
+});
+
+describe('redirects without a browser (a fake WebSocket)', () => {
+  it('redirect URLs keep the scheme, path and query', () => {
+    assert.equal(redirectUrl('ws://127.0.0.1:7880/rtc', '10.0.0.2:7881'), 'ws://10.0.0.2:7881/rtc');
+    assert.equal(redirectUrl('wss://plaza.example/rtc?x=1', 'n2:8443'), 'wss://n2:8443/rtc?x=1');
+    assert.equal(redirectUrl('wss://host:443', 'n2:8443'), 'wss://n2:8443');
+    assert.equal(redirectUrl('nohost', 'b:1'), null);
+  });
+
+  it('a join follows at most MAX_REDIRECTS redirects, then fails with too_many_redirects', async () => {
+    const opened = [];
+    // Every "node" answers the join with a redirect to the next one, then closes.
+    class RedirectingSocket {
+      constructor(url) {
+        this.url = url;
+        this.readyState = 0;
+        opened.push(url);
+        setTimeout(() => {
+          this.readyState = 1;
+          this.onopen?.();
+        }, 0);
+      }
+      send(data) {
+        const m = JSON.parse(data);
+        if (m.type !== 'join') return;
+        const n = opened.length;
+        setTimeout(() => {
+          this.onmessage?.({ data: JSON.stringify({ type: 'redirect', room: m.room, node_id: `ND_${n}`, address: `127.0.0.${n + 1}:${7000 + n}` }) });
+          this.close(1000, 'redirected');
+        }, 0);
+      }
+      close(code = 1000, reason = '') {
+        if (this.readyState === 3) return;
+        this.readyState = 3;
+        setTimeout(() => this.onclose?.({ code, reason }), 0);
+      }
+    }
+    const c = new PlazaClient({ url: 'ws://127.0.0.1:1/rtc', room: 'r', name: 'n', token: 't', WebSocket: RedirectingSocket, reconnect: false });
+    const redirected = [];
+    c.on('redirected', (e) => redirected.push(e));
+    c.on('error', () => {});
+    await assert.rejects(c.connect(), (e) => e.code === 'too_many_redirects');
+    assert.equal(opened.length, MAX_REDIRECTS + 1, `sockets opened: ${opened}`);
+    assert.deepEqual(
+      redirected.map((e) => [e.from, e.nodeId, e.url]),
+      [
+        ['ws://127.0.0.1:1/rtc', 'ND_1', 'ws://127.0.0.2:7001/rtc'],
+        ['ws://127.0.0.2:7001/rtc', 'ND_2', 'ws://127.0.0.3:7002/rtc'],
+        ['ws://127.0.0.3:7002/rtc', 'ND_3', 'ws://127.0.0.4:7003/rtc'],
+      ],
+    );
+    assert.equal(c.state, 'disconnected');
+    assert.equal(c.nodeUrl, null, 'never joined');
+    assert.equal(c.entryUrl, 'ws://127.0.0.1:1/rtc');
   });
 });
