@@ -1,5 +1,5 @@
 // Two Plaza nodes in a cluster (a real redis-server as the control plane) and plaza-client in
-// Chromium. A join sent to the node that does not host the room is answered `redirect`: the
+// Chromium (alice) and Firefox (bob). A join sent to the node that does not host the room is answered `redirect`: the
 // client follows it and both participants meet on the room's node. Then the room's node is
 // killed (SIGKILL): the clients, whose entry URL is the surviving node, come back on their
 // own — the resume on the dead node fails, the rejoin goes through the entry, is sent to the
@@ -7,7 +7,7 @@
 // live node — and decode each other's video again. The time from the kill to that is printed.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, startRedis, participants, waitFor } from './harness.js';
+import { startServer, startRedis, participants, launchFirefoxParticipant, waitFor } from './harness.js';
 import { PlazaClient, MAX_REDIRECTS, redirectUrl } from '../../signaling/plaza-client.js';
 
 // Its own ports, so that it never meets another test file's server.
@@ -22,6 +22,7 @@ const BACK_WITHIN = 20_000;
 let redis;
 const nodes = {};
 const ps = participants();
+let firefox = null;
 
 /** The live nodes as node `n` lists them (`GET /api/nodes`, with a `roomList` token). */
 async function listNodes(n) {
@@ -149,6 +150,8 @@ before(async () => {
 
 after(async () => {
   await ps.closeAll();
+  if (firefox && process.env.SHOW_BROWSER_LOGS) console.log(firefox.logs.join('\n'));
+  await firefox?.close();
   await nodes.a?.stop();
   await nodes.b?.stop();
   await redis?.stop();
@@ -157,7 +160,7 @@ after(async () => {
 describe('cluster', { timeout: 180_000 }, () => {
   it('follows a redirect to the room’s node, and comes back through its entry after that node is killed', async () => {
     const alice = await ps.launch('alice');
-    const bob = await ps.launch('bob');
+    const bob = (firefox = await launchFirefoxParticipant('bob'));
     // Both pages come from A; every client names its entry URL and gets its token from the
     // test (tokens work on every node; the page's own origin may be the node that dies).
     await alice.page.goto(`${nodes.a.url}/`);
