@@ -19,6 +19,22 @@ export const SIMULCAST_LAYERS = Object.freeze([
   Object.freeze({ rid: 'f', quality: 'high', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 }),
 ]);
 
+/** The most cluster `redirect`s one join follows (a fourth is the error `too_many_redirects`). */
+export const MAX_REDIRECTS = 3;
+
+/**
+ * Where a client told to go to `address` (`host:port`, a cluster `redirect`) connects: `url`
+ * with its host and port replaced, scheme, path and query kept. `null` when `url` has no
+ * `scheme://`.
+ */
+export function redirectUrl(url, address) {
+  const i = url.indexOf('://');
+  if (i < 0 || !address) return null;
+  const rest = url.slice(i + 3);
+  const j = rest.search(/[/?]/);
+  return `${url.slice(0, i)}://${address}${j < 0 ? '' : rest.slice(j)}`;
+}
+
 /** Quality names accepted by `setQuality` (`null` = no cap). */
 export const QUALITIES = Object.freeze(['low', 'medium', 'high']);
 
@@ -239,6 +255,15 @@ export class PlazaClient extends Emitter {
     }
     /** 'idle' | 'connecting' | 'connected' | 'reconnecting' | 'disconnected' | 'failed' */
     this.state = 'idle';
+    /** The URL the application gave (`url`): every join and rejoin starts there. */
+    this.entryUrl = this.options.url;
+    /** The WebSocket URL of the node the current session lives on (the entry, or where a
+     * cluster `redirect` sent the join); `resume` goes there. null before the first join. */
+    this.nodeUrl = null;
+    /** The id of that node when a `redirect` named it, else null. */
+    this.nodeId = null;
+    /** How many `redirect`s the last join followed. */
+    this.redirects = 0;
     /** This participant's id in the current session (changes on rejoin). */
     this.participantId = null;
     this.room = this.options.room;
@@ -670,14 +695,36 @@ export class PlazaClient extends Emitter {
     return body.token;
   }
 
-  /** Get a token, open a WebSocket, send `join`, resolve on `joined`. */
+  /**
+   * Get a token, open a WebSocket to the entry URL, send `join`, resolve on `joined`. A
+   * cluster node that does not host the room answers `redirect`: the same `join` (same token)
+   * goes to the node it names, at most MAX_REDIRECTS times.
+   */
   async _openSession() {
     const token = await this._token();
-    return this._openSocket(token);
+    let url = this.options.url;
+    let nodeId = null;
+    for (let redirects = 0; ; redirects++) {
+      const { joined, redirect } = await this._openSocket(token, url, nodeId, redirects);
+      if (joined) return joined;
+      if (this._leaving) throw new PlazaError('unavailable', 'left while joining');
+      if (redirects >= MAX_REDIRECTS) {
+        throw this._error('too_many_redirects', `join of room ${this.room} redirected more than ${MAX_REDIRECTS} times (last to ${redirect.node_id} at ${redirect.address})`);
+      }
+      const next = redirectUrl(url, redirect.address);
+      if (!next) throw this._error('invalid_redirect', `cannot redirect ${url} to ${JSON.stringify(redirect.address)}`);
+      this.emit('redirected', { room: redirect.room, nodeId: redirect.node_id, address: redirect.address, url: next, from: url });
+      url = next;
+      nodeId = redirect.node_id ?? null;
+    }
   }
 
-  /** Open a WebSocket, send `join`, resolve on `joined`. The session object owns everything. */
-  _openSocket(token) {
+  /**
+   * Open a WebSocket to `url`, send `join`; resolve with `{joined}` on `joined`, or with
+   * `{redirect}` (the `redirect` message; the socket is closed) when the room lives on another
+   * node. The session object owns everything.
+   */
+  _openSocket(token, url, nodeId = null, redirects = 0) {
     const WS = this.options.WebSocket ?? globalThis.WebSocket;
     const sess = {
       ws: null,
@@ -720,14 +767,14 @@ export class PlazaClient extends Emitter {
         reject(err);
       };
       const timer = setTimeout(
-        () => fail(this._error('timeout', `no answer from ${this.options.url} within ${this.options.connectTimeout} ms`)),
+        () => fail(this._error('timeout', `no answer from ${url} within ${this.options.connectTimeout} ms`)),
         this.options.connectTimeout,
       );
       let ws;
       try {
-        ws = new WS(this.options.url);
+        ws = new WS(url);
       } catch (e) {
-        fail(this._error('unreachable', `cannot open ${this.options.url}: ${e.message}`));
+        fail(this._error('unreachable', `cannot open ${url}: ${e.message}`));
         return;
       }
       sess.ws = ws;
@@ -745,11 +792,11 @@ export class PlazaClient extends Emitter {
         this._sendOn(sess, join);
       };
       ws.onerror = () => {
-        if (!sess.joined) fail(this._error('unreachable', `cannot reach the Plaza server at ${this.options.url}`));
+        if (!sess.joined) fail(this._error('unreachable', `cannot reach the Plaza server at ${url}`));
       };
       ws.onclose = (ev) => {
         if (!sess.joined) {
-          fail(this._error('unreachable', `connection to ${this.options.url} closed before joining (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ''})`));
+          fail(this._error('unreachable', `connection to ${url} closed before joining (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ''})`));
           return;
         }
         this._onSocketClosed(sess, ev);
@@ -762,10 +809,19 @@ export class PlazaClient extends Emitter {
             sess.received = 1;
             settled = true;
             clearTimeout(timer);
+            this.nodeUrl = url;
+            this.nodeId = nodeId;
+            this.redirects = redirects;
             this._onJoined(sess, msg).then(
-              () => resolve(msg),
+              () => resolve({ joined: msg }),
               (e) => reject(e),
             );
+          } else if (msg.type === 'redirect') {
+            // The room lives on another node of the cluster (the server closes this socket).
+            settled = true;
+            clearTimeout(timer);
+            this._closeSession(sess, 'redirected');
+            resolve({ redirect: msg });
           } else if (msg.type === 'error') {
             fail(this._error(msg.code, msg.message, { request: msg.request }));
           } else if (msg.type === 'leave') {
@@ -1808,6 +1864,8 @@ export class PlazaClient extends Emitter {
       return false;
     }
     const WS = this.options.WebSocket ?? globalThis.WebSocket;
+    // The session lives on its node (in a cluster, maybe not the entry).
+    const url = this.nodeUrl ?? this.options.url;
     const result = await new Promise((resolve) => {
       let ws;
       const done = (ok, why) => {
@@ -1821,7 +1879,7 @@ export class PlazaClient extends Emitter {
       };
       const timer = setTimeout(() => done(false, 'timeout'), this.options.connectTimeout);
       try {
-        ws = new WS(this.options.url);
+        ws = new WS(url);
       } catch (e) {
         done(false, e.message);
         return;
@@ -1851,6 +1909,14 @@ export class PlazaClient extends Emitter {
         this._closeSession(sess, `resume failed: ${result.why}`);
         return false;
       }
+      // In a cluster the session's node may be gone (its rooms are placed again on a live
+      // node): when the entry answers while the node does not, rejoin through the entry
+      // rather than wait out the grace period. When neither answers, our own network is
+      // down: keep trying to resume.
+      if (url !== this.options.url && (await this._reachable(this.options.url))) {
+        this._closeSession(sess, `resume failed: node ${this.nodeId ?? url} ${result.why}; rejoining through ${this.options.url}`);
+        return false;
+      }
       throw new Error(`resume: ${result.why}`);
     }
     const ws = result.ws;
@@ -1875,6 +1941,34 @@ export class PlazaClient extends Emitter {
     this._setState('connected');
     this.emit('reconnected', { participantId: this.participantId, resumed: true });
     return true;
+  }
+
+  /**
+   * Whether a WebSocket to `url` opens within `connectTimeout` ms (at most 3 s); it is closed
+   * at once, nothing is sent.
+   */
+  _reachable(url) {
+    const WS = this.options.WebSocket ?? globalThis.WebSocket;
+    return new Promise((resolve) => {
+      let ws;
+      const done = (ok) => {
+        clearTimeout(timer);
+        try {
+          ws?.close(1000);
+        } catch {}
+        resolve(ok);
+      };
+      const timer = setTimeout(() => done(false), Math.min(this.options.connectTimeout, 3000));
+      try {
+        ws = new WS(url);
+      } catch {
+        done(false);
+        return;
+      }
+      ws.onopen = () => done(true);
+      ws.onerror = () => done(false);
+      ws.onclose = () => done(false);
+    });
   }
 
   // ---- adaptive stream / quality ----

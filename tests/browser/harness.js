@@ -8,8 +8,10 @@
 //   FIREFOX        Firefox binary (default /usr/bin/firefox-esr), driven over WebDriver BiDi
 //   ARTIFACTS      where screenshots and logs go (default target/browser)
 //   TURNSERVER     coturn's turnserver binary (default /usr/bin/turnserver), for the TURN tests
+//   REDIS_SERVER   redis-server binary (default: redis-server on PATH), for the cluster tests
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, createWriteStream, existsSync, readFileSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
+import { connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -22,6 +24,7 @@ export const ARTIFACTS = resolve(process.env.ARTIFACTS ?? join(REPO, 'target', '
 export const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 export const FIREFOX = process.env.FIREFOX ?? '/usr/bin/firefox-esr';
 export const TURNSERVER = process.env.TURNSERVER ?? '/usr/bin/turnserver';
+export const REDIS_SERVER = process.env.REDIS_SERVER ?? 'redis-server';
 mkdirSync(ARTIFACTS, { recursive: true });
 
 export const CHROMIUM_ARGS = [
@@ -125,7 +128,7 @@ export async function waitFor(fn, { timeout = 20_000, interval = 100, what = 'co
  * Start the server (unless PLAZA_URL is set and no `args`/`env` are asked for), its log in
  * ARTIFACTS/`logName`. `args` are appended to the command line, `env` added to the
  * environment; `port`/`udpPort` default to PLAZA_PORT/PLAZA_UDP_PORT (7880/7882).
- * Returns {url, logPath, port, udpPort, stop()}.
+ * Returns {url, logPath, port, udpPort, stop(), kill()} (`kill`: SIGKILL, resolves once it exited).
  */
 export async function startServer({ logName = 'plaza.log', args = [], env = {}, port = null, udpPort = null } = {}) {
   const custom = args.length > 0 || Object.keys(env).length > 0;
@@ -168,7 +171,67 @@ export async function startServer({ logName = 'plaza.log', args = [], env = {}, 
       child.kill('SIGTERM');
       await waitFor(() => exited, { timeout: 8_000, what: 'plaza to exit' }).catch(() => child.kill('SIGKILL'));
     },
+    async kill() {
+      if (exited) return;
+      child.kill('SIGKILL');
+      await waitFor(() => exited, { timeout: 5_000, interval: 10, what: 'plaza to die' });
+    },
   };
+}
+
+/**
+ * Start a `redis-server` on 127.0.0.1:`port` without persistence (`--save '' --appendonly no`),
+ * its log in ARTIFACTS/`logName`, and wait until it answers PING. Throws when redis-server is
+ * missing (scripts/test.sh installs Debian's redis-server). Returns {url, port, logPath, stop()}.
+ */
+export async function startRedis({ port, logName = 'redis.log' } = {}) {
+  if (!port) throw new Error('startRedis: a port is needed');
+  const found = REDIS_SERVER.includes('/')
+    ? existsSync(REDIS_SERVER)
+    : (process.env.PATH ?? '').split(':').some((d) => d && existsSync(join(d, REDIS_SERVER)));
+  if (!found) throw new Error(`${REDIS_SERVER} is missing (apt-get install redis-server; scripts/test.sh does)`);
+  const logPath = join(ARTIFACTS, logName);
+  const log = createWriteStream(logPath);
+  const dir = mkdtempSync(join(tmpdir(), 'plaza-redis-'));
+  const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir];
+  const child = spawn(REDIS_SERVER, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  child.stdout.pipe(log);
+  child.stderr.pipe(log);
+  let exited = null;
+  child.on('exit', (code, signal) => (exited = { code, signal }));
+  child.on('error', (e) => (exited = { error: e.message }));
+  const stop = async () => {
+    if (!exited) {
+      child.kill('SIGTERM');
+      await waitFor(() => exited, { timeout: 5_000, what: 'redis-server to exit' }).catch(() => child.kill('SIGKILL'));
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
+  const ping = () =>
+    new Promise((resolve) => {
+      const s = netConnect({ host: '127.0.0.1', port }, () => s.write('PING\r\n'));
+      s.setTimeout(500, () => s.destroy());
+      s.on('data', (d) => {
+        s.destroy();
+        resolve(d.toString().startsWith('+PONG'));
+      });
+      s.on('error', () => resolve(false));
+      s.on('close', () => resolve(false));
+    });
+  await waitFor(
+    async () => {
+      if (exited) {
+        const why = exited.error ? `${REDIS_SERVER}: ${exited.error} (apt-get install redis-server; scripts/test.sh does)` : JSON.stringify(exited);
+        throw new Error(`redis-server exited early (${why}); see ${logPath}`);
+      }
+      return ping();
+    },
+    { timeout: 10_000, interval: 50, what: `redis-server to answer PING on 127.0.0.1:${port}` },
+  ).catch(async (e) => {
+    await stop();
+    throw e;
+  });
+  return { url: `redis://127.0.0.1:${port}/`, port, logPath, stop };
 }
 
 /**
