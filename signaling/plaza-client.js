@@ -810,7 +810,7 @@ export class PlazaClient extends Emitter {
             settled = true;
             clearTimeout(timer);
             this.nodeUrl = url;
-            this.nodeId = nodeId;
+            this.nodeId = msg.node_id ?? nodeId;
             this.redirects = redirects;
             this._onJoined(sess, msg).then(
               () => resolve({ joined: msg }),

@@ -317,6 +317,9 @@ pub enum ServerMessage {
         /// it in a bug report. Kept across `resume`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session_id: Option<String>,
+        /// In a cluster: the id of the node the session lives on (absent on a single node).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node_id: Option<String>,
     },
     /// Reply to `join` on a node of a cluster that does not host the room: join there
     /// instead, with the same `join` (tokens work on every node). The server closes the

@@ -317,6 +317,7 @@ mod tests {
             ice_servers: Vec::new(),
             input_tick_hz: 0,
             session_id: None,
+            node_id: None,
         };
         let text =
             serde_json::to_string(&none.add_to_joined(joined.clone(), "PA_x", SystemTime::now()))

@@ -73,6 +73,7 @@ pub(crate) fn spawn() -> (
                                 ice_servers: Vec::new(),
                                 input_tick_hz: 0,
                                 session_id: None,
+                                node_id: None,
                             },
                             participant_id,
                         })

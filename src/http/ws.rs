@@ -400,9 +400,11 @@ async fn session(socket: WebSocket, state: AppState, conn: Option<ConnMeta>, mut
             if let ServerMessage::Joined {
                 resume_token,
                 resume_grace_ms,
+                node_id,
                 ..
             } = &mut joined
             {
+                *node_id = state.cluster.as_ref().map(|c| c.node_id().to_owned());
                 if !grace.is_zero() {
                     *resume_token = Some(token);
                     *resume_grace_ms = u64::try_from(grace.as_millis()).ok();

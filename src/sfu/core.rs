@@ -3278,6 +3278,7 @@ impl<T: Transmit> Sfu<T> {
                 ice_servers: Vec::new(),
                 input_tick_hz,
                 session_id: (!req.session.is_empty()).then(|| req.session.clone()),
+                node_id: None,
             },
         })
     }
