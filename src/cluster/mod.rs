@@ -137,6 +137,7 @@ pub struct ClusterView {
     http: HttpClient,
     address: String,
     lease_ttl: Duration,
+    timing: HeartbeatTiming,
     counters: Arc<Counters>,
     conn: ConnectionManager,
 }
@@ -219,7 +220,19 @@ impl ClusterView {
                 .await?;
             let nodes = records(&mut conn, &ids).await?;
             let (node, replacing) = match placement::decide(&me, holder.as_deref(), &nodes) {
-                placement::Decision::Keep { node } => return Ok(self.placed(&node, &nodes)),
+                placement::Decision::Keep { node }
+                    if !self.dead(&mut conn, &node, &nodes).await? =>
+                {
+                    return Ok(self.placed(&node, &nodes));
+                }
+                // Its node missed heartbeats and does not answer: placed again now, not when
+                // its record expires.
+                placement::Decision::Keep { node } => {
+                    let others: Vec<NodeRecord> =
+                        nodes.iter().filter(|n| n.id != node).cloned().collect();
+                    let to = placement::least_loaded(&me, &others).id.clone();
+                    (to, Some(node))
+                }
                 placement::Decision::Claim { node, replacing } => (node, replacing),
             };
             let (now, wrote): (String, i64) = redis::cmd("EVAL")
@@ -374,6 +387,42 @@ impl ClusterView {
         }
     }
 
+    /// Whether `node` (another node, holding a room's lease) is dead: its record is late (see
+    /// [`placement::suspect`]) and its `/healthz` does not answer within [`PROBE_TIMEOUT`]. A
+    /// live node costs one `PTTL`.
+    async fn dead(
+        &self,
+        conn: &mut ConnectionManager,
+        node: &str,
+        nodes: &[NodeRecord],
+    ) -> Result<bool, redis::RedisError> {
+        if node == self.node_id {
+            return Ok(false);
+        }
+        let pttl: i64 = conn.pttl(registry::node_key(node)).await?;
+        if !placement::suspect(pttl, self.timing.ttl, self.timing.interval) {
+            return Ok(false);
+        }
+        let Some(record) = nodes.iter().find(|n| n.id == node) else {
+            return Ok(false);
+        };
+        let req = axum::http::Request::builder()
+            .uri(format!("http://{}/healthz", record.address))
+            .header(FORWARDED_HEADER, &self.node_id)
+            .body(http_body_util::Full::new(bytes::Bytes::new()));
+        let Ok(req) = req else {
+            return Ok(false);
+        };
+        let alive = matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, self.http.request(req)).await,
+            Ok(Ok(res)) if res.status().is_success()
+        );
+        if !alive {
+            info!(%node, pttl_ms = pttl, "placement: a node late with its heartbeat does not answer: its rooms are placed again");
+        }
+        Ok(!alive)
+    }
+
     fn placed(&self, node: &str, nodes: &[NodeRecord]) -> Placed {
         if node == self.node_id {
             return Placed::Here;
@@ -415,6 +464,8 @@ type HttpClient = hyper_util::client::legacy::Client<
 pub const FORWARDED_HEADER: &str = "x-plaza-forwarded-by";
 /// The header on an answer that another node gave: its id.
 pub const NODE_HEADER: &str = "x-plaza-node";
+/// How long a suspect node has to answer its health probe.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long a carried admin call may take.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest answer body taken from another node.
@@ -549,6 +600,7 @@ impl Registry {
             // Longer than the record's: a dead node's leases outlive its record, so the next
             // join sees the holder gone and takes the room over (counted, logged).
             lease_ttl: timing.ttl * 2,
+            timing,
             counters: Arc::default(),
             conn: conn.clone(),
         };

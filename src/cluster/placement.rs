@@ -8,6 +8,7 @@
 //! live any more (its record expired) is taken over: the room is placed again.
 
 use super::registry::{KEY_PREFIX, NodeRecord};
+use std::time::Duration;
 
 /// The key of a room's lease (a node id with a TTL).
 pub fn room_key(room: &str) -> String {
@@ -59,6 +60,16 @@ pub fn least_loaded<'a>(me: &'a NodeRecord, nodes: &'a [NodeRecord]) -> &'a Node
 fn load_key(n: &NodeRecord) -> (usize, usize, u64) {
     let cpu = n.load.cpu_percent.unwrap_or(0.0).max(0.0).round() as u64;
     (n.load.participants, n.load.rooms, cpu)
+}
+
+/// Whether a node whose record has `pttl` left of its `ttl` has missed a heartbeat it should
+/// have made by now (one `interval` late, with half an interval of grace): it may be dead, and
+/// a join for its room probes it before sending a client there. `pttl < 0`: no record (or no
+/// TTL) — already gone, not merely suspect.
+pub fn suspect(pttl: i64, ttl: Duration, interval: Duration) -> bool {
+    let ttl = ttl.as_millis() as i64;
+    let late = (interval.as_millis() * 3 / 2) as i64;
+    pttl >= 0 && pttl < ttl - late
 }
 
 /// `KEYS[1]` the lease, `ARGV[1]` the holder expected (`""`: none), `ARGV[2]` the new holder,
@@ -196,6 +207,19 @@ mod tests {
                 replacing: Some("b".into())
             }
         );
+    }
+
+    #[test]
+    fn a_node_late_with_its_heartbeat_is_suspect() {
+        let (ttl, interval) = (Duration::from_secs(3), Duration::from_secs(1));
+        // Fresh (just beat), and up to 1.5 intervals since the last heartbeat: fine.
+        assert!(!suspect(3000, ttl, interval));
+        assert!(!suspect(1500, ttl, interval));
+        // A heartbeat missed by half an interval: suspect, until the record is gone.
+        assert!(suspect(1499, ttl, interval));
+        assert!(suspect(0, ttl, interval));
+        assert!(!suspect(-2, ttl, interval));
+        assert!(!suspect(-1, ttl, interval));
     }
 
     #[test]
