@@ -201,7 +201,9 @@ fn dead_link_removes_the_participant_when_its_connection_fails() {
         took >= Duration::from_secs(20) && took <= Duration::from_secs(35),
         "removed {took:?} after the link died"
     );
-    assert!(wall_took < Duration::from_secs(1), "wall {wall_took:?}");
+    // Simulated, not waited for: far less wall time than the ~30 s it stands for (a bound
+    // loose enough for a loaded 2-core machine running other tests beside it).
+    assert!(wall_took < Duration::from_secs(10), "wall {wall_took:?}");
 
     // Alice and bob kept getting each other's media the whole time, and still do.
     let mid = dead_at + took / 2;
