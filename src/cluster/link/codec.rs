@@ -626,3 +626,456 @@ impl Wire {
         })
     }
 }
+
+/// Random messages of every kind, for round trips here and in the link's tests.
+#[cfg(test)]
+pub(crate) mod arbitrary {
+    use super::*;
+    use crate::sfu::admin::{Lane as AdminLane, PermissionsUpdate, Target};
+    use crate::signal::{ConnectionQuality, TrackKind};
+    use rand::rngs::StdRng;
+    use rand::{Rng, RngCore as _};
+
+    /// How many kinds `msg` makes (every `PipeMsg` variant).
+    pub const KINDS: usize = 18;
+
+    fn s(r: &mut StdRng) -> String {
+        const ALPHA: &[&str] = &["a", "Z", "9", "_", "é", "\"", "\\", "\n", "💬", " ", "{"];
+        (0..r.random_range(0..12))
+            .map(|_| ALPHA[r.random_range(0..ALPHA.len())])
+            .collect()
+    }
+
+    fn bytes(r: &mut StdRng, max: usize) -> Bytes {
+        let mut b = vec![0; r.random_range(0..=max)];
+        r.fill_bytes(&mut b);
+        Bytes::from(b)
+    }
+
+    fn opt<T>(r: &mut StdRng, f: impl FnOnce(&mut StdRng) -> T) -> Option<T> {
+        r.random_bool(0.5).then(|| f(r))
+    }
+
+    fn track(r: &mut StdRng) -> TrackInfo {
+        TrackInfo {
+            id: s(r),
+            participant_id: s(r),
+            kind: if r.random_bool(0.5) {
+                TrackKind::Audio
+            } else {
+                TrackKind::Video
+            },
+            mime_type: s(r),
+            client_track_id: s(r),
+            muted: r.random_bool(0.5),
+            layers: (0..r.random_range(0..3)).map(|_| s(r)).collect(),
+        }
+    }
+
+    fn participant(r: &mut StdRng) -> ParticipantInfo {
+        ParticipantInfo {
+            id: s(r),
+            name: s(r),
+            tracks: (0..r.random_range(0..3)).map(|_| track(r)).collect(),
+        }
+    }
+
+    fn reason(r: &mut StdRng) -> LeaveReason {
+        [
+            LeaveReason::Left,
+            LeaveReason::Disconnected,
+            LeaveReason::Removed,
+            LeaveReason::RoomClosed,
+            LeaveReason::Replaced,
+        ][r.random_range(0..5)]
+    }
+
+    fn audience(r: &mut StdRng) -> Audience {
+        match r.random_range(0..3) {
+            0 => Audience::All,
+            1 => Audience::Events,
+            _ => Audience::Only((0..r.random_range(0..3)).map(|_| s(r)).collect()),
+        }
+    }
+
+    fn target(r: &mut StdRng) -> Target {
+        if r.random_bool(0.5) {
+            Target::Identity(s(r))
+        } else {
+            Target::Participant(s(r))
+        }
+    }
+
+    fn event_name(r: &mut StdRng) -> Option<&'static str> {
+        opt(r, |r| ROOM_EVENTS[r.random_range(0..ROOM_EVENTS.len())])
+    }
+
+    fn admin(r: &mut StdRng) -> AdminOp {
+        let room = s(r);
+        match r.random_range(0..7) {
+            0 => AdminOp::ListRooms,
+            1 => AdminOp::ListParticipants { room },
+            2 => AdminOp::RemoveParticipant {
+                room,
+                target: target(r),
+                reason: s(r),
+            },
+            3 => AdminOp::MuteTrack {
+                room,
+                target: target(r),
+                track_id: s(r),
+                muted: r.random_bool(0.5),
+            },
+            4 => AdminOp::UpdatePermissions {
+                room,
+                target: target(r),
+                update: PermissionsUpdate {
+                    publish_audio: opt(r, |r| r.random_bool(0.5)),
+                    publish_video: opt(r, |r| r.random_bool(0.5)),
+                    publish_data: opt(r, |r| r.random_bool(0.5)),
+                    subscribe: opt(r, |r| r.random_bool(0.5)),
+                    room_admin: opt(r, |r| r.random_bool(0.5)),
+                    chat_muted: opt(r, |r| r.random_bool(0.5)),
+                },
+            },
+            5 => AdminOp::SendData {
+                room,
+                lane: if r.random_bool(0.5) {
+                    AdminLane::Chat
+                } else {
+                    AdminLane::Input
+                },
+                is_text: r.random_bool(0.5),
+                payload: bytes(r, 64),
+                to: (0..r.random_range(0..3)).map(|_| target(r)).collect(),
+            },
+            _ => AdminOp::CloseRoom { room, reason: s(r) },
+        }
+    }
+
+    /// An RTP packet as the pipe carries it (no header extensions).
+    pub fn packet(r: &mut StdRng, payload: usize) -> rtp::Packet {
+        rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                marker: r.random_bool(0.5),
+                payload_type: r.random_range(0..128),
+                sequence_number: r.random(),
+                timestamp: r.random(),
+                ssrc: r.random(),
+                csrc: (0..r.random_range(0..3)).map(|_| r.random()).collect(),
+                ..Default::default()
+            },
+            payload: bytes(r, payload),
+        }
+    }
+
+    /// A message of kind `kind` (`0..KINDS`).
+    pub fn msg(r: &mut StdRng, kind: usize, now: Instant) -> PipeMsg {
+        let room = s(r);
+        match kind {
+            0 => PipeMsg::Hello {
+                room,
+                to_home: r.random_bool(0.5),
+            },
+            1 => PipeMsg::Bye { room },
+            2 => PipeMsg::Member {
+                room,
+                info: participant(r),
+            },
+            3 => PipeMsg::MemberLeft {
+                room,
+                participant_id: s(r),
+                reason: reason(r),
+            },
+            4 => PipeMsg::TrackOpen {
+                room,
+                relay: r.random(),
+                info: track(r),
+                codec: RTCRtpCodec {
+                    mime_type: s(r),
+                    clock_rate: r.random(),
+                    channels: r.random(),
+                    sdp_fmtp_line: s(r),
+                    rtcp_feedback: (0..r.random_range(0..3))
+                        .map(|_| RTCPFeedback {
+                            typ: s(r),
+                            parameter: s(r),
+                        })
+                        .collect(),
+                },
+            },
+            5 => PipeMsg::TrackClose { relay: r.random() },
+            6 => PipeMsg::Muted {
+                relay: r.random(),
+                muted: r.random_bool(0.5),
+                by_admin: r.random_bool(0.5),
+            },
+            7 => PipeMsg::Admin { op: admin(r) },
+            8 => PipeMsg::Rtp {
+                relay: r.random(),
+                layer: r.random(),
+                packet: packet(r, 1100),
+                origin: now,
+            },
+            9 => PipeMsg::Keyframe {
+                relay: r.random(),
+                layer: r.random(),
+            },
+            10 => PipeMsg::Needed {
+                relay: r.random(),
+                subscribed: r.random_bool(0.5),
+                layers: r.random(),
+            },
+            11 => PipeMsg::Submit {
+                room,
+                msg: Submitted {
+                    lane: if r.random_bool(0.5) {
+                        timeline::Lane::Chat
+                    } else {
+                        timeline::Lane::Input
+                    },
+                    from: s(r),
+                    is_text: r.random_bool(0.5),
+                    payload: bytes(r, 300),
+                    to: opt(r, |r| (0..r.random_range(0..3)).map(|_| s(r)).collect()),
+                    sseq: opt(r, |r| r.random()),
+                    ack: r.random_bool(0.5),
+                    event: event_name(r),
+                },
+            },
+            12 => PipeMsg::Data {
+                room,
+                from: s(r),
+                channel: if r.random_bool(0.5) {
+                    CHAT_LABEL
+                } else {
+                    INPUT_LABEL
+                },
+                is_text: r.random_bool(0.5),
+                framed: bytes(r, 300),
+                to: audience(r),
+            },
+            13 => PipeMsg::History {
+                room,
+                participant_id: s(r),
+                since: r.random(),
+                events: r.random_bool(0.5),
+            },
+            14 => PipeMsg::Tell {
+                room,
+                participant_id: s(r),
+                msg: match r.random_range(0..3) {
+                    0 => ServerMessage::ParticipantJoined {
+                        participant: participant(r),
+                    },
+                    1 => ServerMessage::ParticipantLeft {
+                        participant_id: s(r),
+                        reason: reason(r),
+                    },
+                    _ => ServerMessage::Speakers {
+                        speakers: vec![SpeakerInfo {
+                            participant_id: s(r),
+                            level: f64::from(r.random_range(0..1024u16)) / 1024.0,
+                        }],
+                    },
+                },
+            },
+            15 => PipeMsg::Tick {
+                room,
+                tick: r.random(),
+                ts: r.random(),
+                entries: (0..r.random_range(0..4))
+                    .map(|_| Entry {
+                        stamp: Stamp {
+                            seq: r.random(),
+                            ts: r.random(),
+                        },
+                        from: s(r),
+                        sseq: opt(r, |r| r.random()),
+                        event: event_name(r),
+                        is_text: r.random_bool(0.5),
+                        audience: audience(r),
+                        payload: bytes(r, 100),
+                    })
+                    .collect(),
+            },
+            16 => PipeMsg::Quality {
+                room,
+                updates: (0..r.random_range(0..3))
+                    .map(|_| ConnectionQualityUpdate {
+                        participant_id: s(r),
+                        quality: [
+                            ConnectionQuality::Lost,
+                            ConnectionQuality::Poor,
+                            ConnectionQuality::Good,
+                            ConnectionQuality::Excellent,
+                        ][r.random_range(0..4)],
+                        score: opt(r, |r| r.random_range(0..=100)),
+                    })
+                    .collect(),
+            },
+            _ => PipeMsg::Speakers {
+                room,
+                speakers: (0..r.random_range(0..3))
+                    .map(|_| SpeakerInfo {
+                        participant_id: s(r),
+                        level: f64::from(r.random_range(0..1024u16)) / 1024.0,
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// A random message addressed between random shards.
+    pub fn link_msg(r: &mut StdRng, kind: usize, now: Instant) -> LinkMsg {
+        LinkMsg {
+            scope: r.random(),
+            from_shard: r.random_range(0..64),
+            to_shard: r.random_range(0..64),
+            msg: msg(r, kind, now),
+        }
+    }
+}
+
+#[cfg(test)]
+// A test picks the instant packets are stamped with.
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn round_trip(m: &LinkMsg, now: Instant) -> LinkMsg {
+        let mut b = Vec::new();
+        encode(m, &mut b).unwrap();
+        decode(&b, now).unwrap_or_else(|e| panic!("{e}: {m:?}"))
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let now = Instant::now();
+        let mut r = StdRng::seed_from_u64(1);
+        for i in 0..20 * arbitrary::KINDS {
+            let m = arbitrary::link_msg(&mut r, i % arbitrary::KINDS, now);
+            let back = round_trip(&m, now);
+            assert_eq!(format!("{m:?}"), format!("{back:?}"));
+        }
+    }
+
+    #[test]
+    fn rtp_is_compact_and_stamped_on_arrival() {
+        let sent = Instant::now();
+        let arrived = sent + std::time::Duration::from_millis(7);
+        let mut r = StdRng::seed_from_u64(2);
+        let packet = arbitrary::packet(&mut r, 1000);
+        let m = LinkMsg {
+            scope: 1,
+            from_shard: 2,
+            to_shard: 3,
+            msg: PipeMsg::Rtp {
+                relay: 9,
+                layer: 1,
+                packet: packet.clone(),
+                origin: sent,
+            },
+        };
+        let mut b = Vec::new();
+        encode(&m, &mut b).unwrap();
+        assert_eq!(b.len(), RTP_OVERHEAD + packet.marshal_size());
+        let back = decode(&b, arrived).unwrap();
+        let PipeMsg::Rtp {
+            relay: 9,
+            layer: 1,
+            packet: p,
+            origin,
+        } = back.msg
+        else {
+            panic!("{back:?}")
+        };
+        assert_eq!(p, packet);
+        assert_eq!(origin, arrived);
+    }
+
+    #[test]
+    fn unknown_static_names_are_refused() {
+        let mk = |kind: &str, name: &str| {
+            let j = match kind {
+                "data" => format!(
+                    r#"{{"Data":{{"room":"r","from":"f","channel":"{name}","is_text":true,"framed":"","to":"All"}}}}"#
+                ),
+                _ => format!(
+                    r#"{{"Tick":{{"room":"r","tick":1,"ts":2,"entries":[{{"stamp":{{"seq":1,"ts":2}},"from":"f","sseq":null,"event":"{name}","is_text":true,"audience":"Events","payload":""}}]}}}}"#
+                ),
+            };
+            let mut b = vec![KIND_CONTROL, 0, 0, 0, 1, 0, 0, 0, 1];
+            b.extend_from_slice(j.as_bytes());
+            decode(&b, Instant::now())
+        };
+        assert!(mk("data", "chat").is_ok());
+        assert_eq!(
+            mk("data", "video").unwrap_err(),
+            CodecError::UnknownChannel("video".to_owned())
+        );
+        assert!(mk("tick", "track_muted").is_ok());
+        assert_eq!(
+            mk("tick", "rm -rf").unwrap_err(),
+            CodecError::UnknownEvent("rm -rf".to_owned())
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let now = Instant::now();
+        let mut r = StdRng::seed_from_u64(3);
+        let mut errors = 0;
+        for i in 0..20_000 {
+            let b: Vec<u8> = if i % 2 == 0 {
+                // Pure noise, sometimes with a valid kind byte.
+                let mut b = vec![0; r.random_range(0..200)];
+                r.fill(&mut b[..]);
+                if !b.is_empty() && r.random_bool(0.5) {
+                    b[0] = r.random_range(0..2);
+                }
+                b
+            } else {
+                // A valid message, mutated: bytes flipped, truncated or extended.
+                let mut b = Vec::new();
+                encode(&arbitrary::link_msg(&mut r, i % arbitrary::KINDS, now), &mut b).unwrap();
+                for _ in 0..r.random_range(1..4) {
+                    match r.random_range(0..3) {
+                        0 if !b.is_empty() => {
+                            let at = r.random_range(0..b.len());
+                            b[at] = r.random();
+                        }
+                        1 => b.truncate(r.random_range(0..=b.len())),
+                        _ => b.push(r.random()),
+                    }
+                }
+                b
+            };
+            errors += usize::from(decode(&b, now).is_err());
+        }
+        assert!(errors > 5_000, "most garbage is refused ({errors})");
+        assert_eq!(decode(&[], now).unwrap_err(), CodecError::Truncated);
+        assert_eq!(
+            decode(&[7, 0, 0, 0, 0, 0, 0, 0, 0], now).unwrap_err(),
+            CodecError::UnknownKind(7)
+        );
+        let big = vec![1; MAX_MESSAGE + 1];
+        assert_eq!(decode(&big, now).unwrap_err(), CodecError::TooLarge(big.len()));
+    }
+
+    #[test]
+    fn shards_past_the_wire_format_are_refused() {
+        let m = LinkMsg {
+            scope: 0,
+            from_shard: 70_000,
+            to_shard: 0,
+            msg: PipeMsg::Bye { room: "r".into() },
+        };
+        let mut b = vec![1, 2];
+        assert_eq!(encode(&m, &mut b), Err(CodecError::ShardOutOfRange(70_000)));
+        assert_eq!(b, [1, 2], "nothing appended");
+    }
+}
