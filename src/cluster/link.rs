@@ -151,16 +151,19 @@ impl LinkConfig {
     }
 
     fn max_plaintext(&self) -> usize {
-        self.max_datagram.saturating_sub(seal::HEADER_LEN + seal::TAG_LEN)
+        self.max_datagram
+            .saturating_sub(seal::HEADER_LEN + seal::TAG_LEN)
     }
 
     /// The largest message the media lane takes (one frame next to an ACK).
     pub fn max_media_message(&self) -> usize {
-        self.max_plaintext().saturating_sub(ACK_LEN + MEDIA_OVERHEAD)
+        self.max_plaintext()
+            .saturating_sub(ACK_LEN + MEDIA_OVERHEAD)
     }
 
     fn max_fragment(&self) -> usize {
-        self.max_plaintext().saturating_sub(ACK_LEN + CONTROL_OVERHEAD)
+        self.max_plaintext()
+            .saturating_sub(ACK_LEN + CONTROL_OVERHEAD)
     }
 }
 
@@ -298,7 +301,9 @@ impl Peer {
 
     fn rto(&self, cfg: &LinkConfig) -> Duration {
         self.srtt
-            .map_or(Duration::from_millis(200), |s| s * 2 + Duration::from_millis(5))
+            .map_or(Duration::from_millis(200), |s| {
+                s * 2 + Duration::from_millis(5)
+            })
             .clamp(cfg.rto_min, cfg.rto_max)
     }
 
@@ -471,7 +476,11 @@ impl Link {
                     FRAME_ACK => {
                         let next = r.u64()?;
                         let mut rtt = None;
-                        while p.outq.front().is_some_and(|f| f.seq < next && f.sent.is_some()) {
+                        while p
+                            .outq
+                            .front()
+                            .is_some_and(|f| f.seq < next && f.sent.is_some())
+                        {
                             if let Some(f) = p.outq.pop_front() {
                                 if f.retries == 0 {
                                     rtt = f.sent.map(|s| now.saturating_duration_since(s));
@@ -569,16 +578,14 @@ impl Link {
                 continue;
             };
             if p.up
-                && p
-                    .last_heard
+                && p.last_heard
                     .is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.down_after)
             {
                 p.up = false;
                 self.stats.peers_down += 1;
                 self.events.push_back(LinkEvent::PeerDown(id));
             }
-            if p
-                .last_sent
+            if p.last_sent
                 .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.keepalive)
             {
                 p.ping_due = true;
@@ -684,13 +691,414 @@ impl Link {
                 let retransmit = p.outq.iter().filter_map(|f| f.deadline).min();
                 // Never sent: a ping is due at once (the caller polls transmit anyway).
                 let keepalive = p.last_sent.map(|t| t + self.cfg.keepalive);
-                let down = p
-                    .up
-                    .then(|| p.last_heard.map(|t| t + self.cfg.down_after))
-                    .flatten();
+                let down =
+                    p.up.then(|| p.last_heard.map(|t| t + self.cfg.down_after))
+                        .flatten();
                 [retransmit, keepalive, down]
             })
             .flatten()
             .min()
+    }
+}
+
+#[cfg(test)]
+// The simulated network's clock starts at one real instant.
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+    use crate::sfu::pipe::PipeMsg;
+    use bytes::Bytes;
+    use codec::arbitrary;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    const A: NodeNum = 1;
+    const B: NodeNum = 2;
+
+    fn addr(n: NodeNum) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n as u8], 7000))
+    }
+
+    /// Two links on a simulated network: a delay, jitter (so datagrams overtake each other)
+    /// and a loss probability, one virtual clock.
+    struct Net {
+        rng: StdRng,
+        now: Instant,
+        links: [Link; 2],
+        /// (arrival, destination index, datagram)
+        flying: Vec<(Instant, usize, Vec<u8>)>,
+        loss: f64,
+        delay: Duration,
+        jitter: Duration,
+        events: [Vec<(Instant, LinkEvent)>; 2],
+        /// Every datagram sent, per sender.
+        sent: [Vec<Vec<u8>>; 2],
+    }
+
+    impl Net {
+        fn new(seed: u64, loss: f64) -> Net {
+            let ka = [1; 32];
+            let kb = [2; 32];
+            let mut a = Link::new(LinkConfig::new(A, ka, 11));
+            let mut b = Link::new(LinkConfig::new(B, kb, 22));
+            a.set_peer(B, addr(B), kb);
+            b.set_peer(A, addr(A), ka);
+            Net {
+                rng: StdRng::seed_from_u64(seed),
+                now: Instant::now(),
+                links: [a, b],
+                flying: Vec::new(),
+                loss,
+                delay: Duration::from_millis(20),
+                jitter: Duration::from_millis(30),
+                events: [Vec::new(), Vec::new()],
+                sent: [Vec::new(), Vec::new()],
+            }
+        }
+
+        fn pump(&mut self) {
+            for i in 0..2 {
+                while let Some((to, d)) = self.links[i].poll_transmit(self.now) {
+                    assert_eq!(to, addr([B, A][i]));
+                    assert!(d.len() <= self.links[i].config().max_datagram);
+                    self.sent[i].push(d.clone());
+                    if self.rng.random_bool(self.loss) {
+                        continue;
+                    }
+                    let jitter = self.jitter.mul_f64(self.rng.random());
+                    self.flying.push((self.now + self.delay + jitter, 1 - i, d));
+                }
+                while let Some(e) = self.links[i].poll_event() {
+                    self.events[i].push((self.now, e));
+                }
+            }
+        }
+
+        /// Runs until `until` (virtual).
+        fn run_until(&mut self, until: Instant) {
+            self.pump();
+            loop {
+                let next = self
+                    .flying
+                    .iter()
+                    .map(|f| f.0)
+                    .chain(self.links.iter().filter_map(Link::poll_timeout))
+                    .min()
+                    .map_or(until, |t| t.min(until));
+                self.now = self.now.max(next);
+                let (due, later): (Vec<_>, Vec<_>) =
+                    self.flying.drain(..).partition(|f| f.0 <= self.now);
+                self.flying = later;
+                let mut due = due;
+                due.sort_by_key(|f| f.0);
+                for (_, to, d) in due {
+                    let from = addr([A, B][1 - to]);
+                    self.links[to].handle_datagram(from, &d, self.now);
+                }
+                for l in &mut self.links {
+                    l.handle_timeout(self.now);
+                }
+                self.pump();
+                if self.now >= until {
+                    return;
+                }
+            }
+        }
+
+        fn run_for(&mut self, d: Duration) {
+            let until = self.now + d;
+            self.run_until(until);
+        }
+
+        fn messages(&self, i: usize, lane: Lane) -> Vec<&LinkMsg> {
+            self.events[i]
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    LinkEvent::Message { lane: l, msg, .. } if *l == lane => Some(msg),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn numbered(i: u32, big: bool) -> LinkMsg {
+        LinkMsg {
+            scope: 5,
+            from_shard: 1,
+            to_shard: 2,
+            msg: if big {
+                // Several fragments.
+                PipeMsg::Data {
+                    room: format!("room-{i}"),
+                    from: "p".into(),
+                    channel: "chat",
+                    is_text: true,
+                    framed: Bytes::from(vec![i as u8; 5000]),
+                    to: crate::sfu::timeline::Audience::All,
+                }
+            } else {
+                PipeMsg::TrackClose { relay: i }
+            },
+        }
+    }
+
+    fn number(m: &LinkMsg) -> u32 {
+        match &m.msg {
+            PipeMsg::TrackClose { relay } => *relay,
+            PipeMsg::Data { room, framed, .. } => {
+                assert_eq!(framed.len(), 5000);
+                room["room-".len()..].parse().unwrap()
+            }
+            PipeMsg::Rtp { relay, .. } => *relay,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_arrives_once_in_order_over_a_lossy_reordering_network() {
+        let mut net = Net::new(7, 0.2);
+        let mut r = StdRng::seed_from_u64(8);
+        let start = net.now;
+        let (mut control, mut media) = (0u32, 0u32);
+        // 20 s: every 10 ms, a few control messages (one in 20 big) both ways and media one
+        // way.
+        for step in 0..2000u32 {
+            for _ in 0..r.random_range(0..3) {
+                let m = numbered(control, control % 20 == 7);
+                net.links[0].send(B, Lane::Control, &m).unwrap();
+                net.links[1].send(A, Lane::Control, &m).unwrap();
+                control += 1;
+            }
+            for _ in 0..3 {
+                let mut packet = arbitrary::packet(&mut r, 1000);
+                packet.header.sequence_number = media as u16;
+                let m = LinkMsg {
+                    scope: 5,
+                    from_shard: 0,
+                    to_shard: 0,
+                    msg: PipeMsg::Rtp {
+                        relay: media,
+                        layer: 0,
+                        packet,
+                        origin: net.now,
+                    },
+                };
+                net.links[0].send(B, Lane::Media, &m).unwrap();
+                media += 1;
+            }
+            net.run_until(start + Duration::from_millis(10) * (step + 1));
+        }
+        net.run_for(Duration::from_secs(5));
+        for i in [0, 1] {
+            let got: Vec<u32> = net
+                .messages(i, Lane::Control)
+                .into_iter()
+                .map(number)
+                .collect();
+            assert_eq!(got, (0..control).collect::<Vec<_>>(), "node {i}");
+        }
+        let (a, b) = (net.links[0].stats(), net.links[1].stats());
+        assert!(a.control_retransmitted > 0);
+        assert_eq!(
+            a.control_sent as usize,
+            net.links[0].peers[&B].next_seq as usize
+        );
+        // Media: each sent once; what arrived, arrived once; the rest is counted lost.
+        assert_eq!(a.media_sent, u64::from(media));
+        let got: Vec<u32> = net
+            .messages(1, Lane::Media)
+            .into_iter()
+            .map(number)
+            .collect();
+        let mut unique = got.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), got.len(), "no media twice");
+        assert_eq!(b.media_delivered + b.media_lost, u64::from(media));
+        let loss = b.media_lost as f64 / f64::from(media);
+        assert!((0.1..0.35).contains(&loss), "{loss}");
+        assert_eq!(
+            (
+                b.auth_failed,
+                b.replayed,
+                b.unknown_sender,
+                b.decode_errors,
+                b.bad_frames
+            ),
+            (0, 0, 0, 0, 0)
+        );
+        // Nobody went down (the outages of a 20 % loss are short).
+        assert_eq!((a.peers_down, b.peers_down), (0, 0));
+        assert!(net.links[0].is_up(B) && net.links[1].is_up(A));
+    }
+
+    #[test]
+    fn hostile_datagrams_are_dropped_and_counted() {
+        let mut net = Net::new(1, 0.0);
+        net.links[0]
+            .send(B, Lane::Control, &numbered(1, false))
+            .unwrap();
+        net.pump();
+        let good = net.flying.iter().find(|f| f.1 == 1).unwrap().2.clone();
+        net.flying.clear();
+        let b = &mut net.links[1];
+        let now = net.now;
+        let from = addr(A);
+        // Tampered, anywhere.
+        for i in 0..good.len() {
+            let mut t = good.clone();
+            t[i] ^= 1;
+            b.handle_datagram(from, &t, now);
+        }
+        // Truncated.
+        for n in 0..good.len() {
+            b.handle_datagram(from, &good[..n], now);
+        }
+        // From a node not in the table (sealed with its own key).
+        let mut stranger = Link::new(LinkConfig::new(9, [9; 32], 1));
+        stranger.set_peer(B, addr(B), [2; 32]);
+        while let Some((_, d)) = stranger.poll_transmit(now) {
+            b.handle_datagram(from, &d, now);
+        }
+        // A node in the table, but a wrong key.
+        let mut forger = Link::new(LinkConfig::new(A, [3; 32], 11));
+        forger.set_peer(B, addr(B), [2; 32]);
+        while let Some((_, d)) = forger.poll_transmit(now) {
+            b.handle_datagram(from, &d, now);
+        }
+        let s = b.stats();
+        assert!(b.poll_event().is_none(), "nothing delivered, nobody up");
+        // The real one, then again.
+        b.handle_datagram(from, &good, now);
+        b.handle_datagram(from, &good, now);
+        let s2 = b.stats();
+        assert_eq!(s2.control_delivered, 1);
+        assert_eq!(s2.replayed, 1);
+        // The stranger, and a flipped bit in the node field (4 bytes).
+        assert_eq!(s.unknown_sender, 1 + 4);
+        assert_eq!(s.malformed, (seal::HEADER_LEN + seal::TAG_LEN) as u64 + 1);
+        // Flipped version byte: malformed; salt, counter, body and tag: not authentic (the
+        // salt is not latched yet), plus the forger's datagram and the truncated ones long
+        // enough to parse.
+        let parsable_truncated = (good.len() - seal::HEADER_LEN - seal::TAG_LEN) as u64;
+        assert_eq!(
+            s.auth_failed,
+            (good.len() - 5) as u64 + parsable_truncated + 1
+        );
+        assert!(matches!(b.poll_event(), Some(LinkEvent::PeerUp(A))));
+        assert!(matches!(b.poll_event(), Some(LinkEvent::Message { .. })));
+    }
+
+    #[test]
+    fn a_silent_peer_is_down_within_the_bound_and_up_when_it_comes_back() {
+        let mut net = Net::new(3, 0.0);
+        net.run_for(Duration::from_secs(2));
+        assert!(net.links[0].is_up(B) && net.links[1].is_up(A));
+        let down_after = net.links[0].config().down_after;
+        // B goes silent (everything it sends is lost).
+        let cut = net.now;
+        net.loss = 1.0;
+        // Control sent meanwhile is kept and arrives once the peer is back.
+        for i in 0..50 {
+            net.links[1]
+                .send(A, Lane::Control, &numbered(i, i == 3))
+                .unwrap();
+        }
+        net.run_for(down_after * 2);
+        let downs: Vec<Instant> = net.events[0]
+            .iter()
+            .filter(|(_, e)| matches!(e, LinkEvent::PeerDown(B)))
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(downs.len(), 1);
+        let took = downs[0] - cut;
+        // Heard from last at most a keepalive before the cut (plus the network's delay).
+        assert!(took <= down_after, "{took:?}");
+        assert!(took + net.links[0].config().keepalive + Duration::from_millis(60) >= down_after);
+        assert!(!net.links[0].is_up(B));
+        // Retransmissions back off but keep going at `rto_max` at most.
+        // (49 small messages and one in several fragments.)
+        let frames = net.links[1].peers[&A].outq.len() as u64;
+        assert!(frames > 50);
+        let before = net.links[1].stats().control_retransmitted;
+        net.run_for(Duration::from_secs(10));
+        let retransmitted = net.links[1].stats().control_retransmitted - before;
+        let rto_max = net.links[1].config().rto_max.as_secs_f64();
+        assert!(
+            retransmitted as f64 <= frames as f64 * (10.0 / rto_max + 1.0),
+            "{retransmitted} retransmissions of {frames} frames in 10 s"
+        );
+        // Back.
+        net.loss = 0.0;
+        net.run_for(Duration::from_secs(3));
+        assert!(net.links[0].is_up(B));
+        assert!(matches!(
+            net.events[0].last(),
+            Some((_, LinkEvent::Message { .. }))
+        ));
+        let got: Vec<u32> = net
+            .messages(0, Lane::Control)
+            .into_iter()
+            .map(number)
+            .collect();
+        assert_eq!(got, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_new_key_starts_the_session_over() {
+        let mut net = Net::new(4, 0.0);
+        net.links[0]
+            .send(B, Lane::Control, &numbered(0, false))
+            .unwrap();
+        net.run_for(Duration::from_secs(1));
+        // B restarts: new key, new salt, fresh state.
+        let kb2 = [5; 32];
+        net.links[1] = Link::new(LinkConfig::new(B, kb2, 33));
+        net.events[1].clear();
+        net.links[1].set_peer(A, addr(A), [1; 32]);
+        net.links[0].set_peer(B, addr(B), kb2);
+        net.links[0]
+            .send(B, Lane::Control, &numbered(1, false))
+            .unwrap();
+        net.run_for(Duration::from_secs(1));
+        let got: Vec<u32> = net
+            .messages(1, Lane::Control)
+            .into_iter()
+            .map(number)
+            .collect();
+        assert_eq!(got, [1]);
+        assert!(net.links[0].is_up(B));
+        assert_eq!(net.links[1].stats().replayed, 0);
+    }
+
+    #[test]
+    fn oversized_and_unknown_are_refused() {
+        let mut l = Link::new(LinkConfig::new(A, [1; 32], 1));
+        let m = numbered(1, false);
+        assert_eq!(l.send(B, Lane::Control, &m), Err(LinkError::UnknownPeer(B)));
+        l.set_peer(B, addr(B), [2; 32]);
+        // A media message must fit one datagram.
+        assert!(matches!(
+            l.send(B, Lane::Media, &numbered(1, true)),
+            Err(LinkError::TooLarge(_))
+        ));
+        // A control message up to MAX_MESSAGE is fragmented, past it refused.
+        let huge = LinkMsg {
+            msg: PipeMsg::Bye {
+                room: "x".repeat(codec::MAX_MESSAGE),
+            },
+            ..m
+        };
+        assert!(matches!(
+            l.send(B, Lane::Control, &huge),
+            Err(LinkError::Codec(CodecError::TooLarge(_)))
+        ));
+        // The send queue is bounded.
+        let mut refused = 0;
+        for i in 0..20_000 {
+            refused += usize::from(l.send(B, Lane::Control, &numbered(i, false)).is_err());
+        }
+        let cfg = l.config();
+        assert_eq!(refused, 20_000 - cfg.window - cfg.max_pending);
     }
 }

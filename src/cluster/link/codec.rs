@@ -139,8 +139,8 @@ pub fn decode(b: &[u8], now: Instant) -> Result<LinkMsg, CodecError> {
             let relay = r.u32()?;
             let layer = r.u8()?;
             let mut rest = r.0;
-            let packet = rtp::Packet::unmarshal(&mut rest)
-                .map_err(|e| CodecError::Rtp(e.to_string()))?;
+            let packet =
+                rtp::Packet::unmarshal(&mut rest).map_err(|e| CodecError::Rtp(e.to_string()))?;
             if !rest.is_empty() {
                 return Err(CodecError::Rtp("trailing bytes".to_owned()));
             }
@@ -1041,7 +1041,11 @@ mod tests {
             } else {
                 // A valid message, mutated: bytes flipped, truncated or extended.
                 let mut b = Vec::new();
-                encode(&arbitrary::link_msg(&mut r, i % arbitrary::KINDS, now), &mut b).unwrap();
+                encode(
+                    &arbitrary::link_msg(&mut r, i % arbitrary::KINDS, now),
+                    &mut b,
+                )
+                .unwrap();
                 for _ in 0..r.random_range(1..4) {
                     match r.random_range(0..3) {
                         0 if !b.is_empty() => {
@@ -1063,7 +1067,10 @@ mod tests {
             CodecError::UnknownKind(7)
         );
         let big = vec![1; MAX_MESSAGE + 1];
-        assert_eq!(decode(&big, now).unwrap_err(), CodecError::TooLarge(big.len()));
+        assert_eq!(
+            decode(&big, now).unwrap_err(),
+            CodecError::TooLarge(big.len())
+        );
     }
 
     #[test]

@@ -192,7 +192,11 @@ impl Opener {
     fn accept(&mut self, counter: u64) {
         let n = self.newest.unwrap_or(counter);
         if self.newest.is_none() || counter > n {
-            let shift = if self.newest.is_none() { 0 } else { counter - n };
+            let shift = if self.newest.is_none() {
+                0
+            } else {
+                counter - n
+            };
             self.shift(shift);
             self.newest = Some(counter);
         }
