@@ -531,10 +531,10 @@ impl Link {
                 break;
             }
         }
-        // Media lost: the numbers up to the newest that never came (late ones are counted
-        // once they come, as the total only grows).
+        // Media lost: the numbers up to the newest that have not come (a late arrival lowers
+        // that; the count only grows, so it is the most ever missing at once).
         if let Some(n) = p.media_newest {
-            let lost = (n + 1).saturating_sub(p.media_received);
+            let lost = n.saturating_add(1).saturating_sub(p.media_received);
             if lost > p.media_lost_counted {
                 self.stats.media_lost += lost - p.media_lost_counted;
                 p.media_lost_counted = lost;
