@@ -447,11 +447,8 @@ impl Link {
             return;
         };
         let mut buf = std::mem::take(&mut self.scratch);
-        match p.opener.open(&h, d, &mut buf) {
-            Ok(plain) => {
-                let plain = plain.to_vec();
-                self.on_plaintext(h.node, &plain, now);
-            }
+        match p.opener.open(&h, d, &mut buf).map(<[u8]>::len) {
+            Ok(len) => self.on_plaintext(h.node, &buf[..len], now),
             Err(SealError::Auth) => self.stats.auth_failed += 1,
             Err(SealError::Replay | SealError::StaleSalt) => self.stats.replayed += 1,
             Err(_) => self.stats.malformed += 1,
@@ -688,7 +685,12 @@ impl Link {
         self.peers
             .values()
             .flat_map(|p| {
-                let retransmit = p.outq.iter().filter_map(|f| f.deadline).min();
+                let retransmit = p
+                    .outq
+                    .iter()
+                    .take_while(|f| f.sent.is_some())
+                    .filter_map(|f| f.deadline)
+                    .min();
                 // Never sent: a ping is due at once (the caller polls transmit anyway).
                 let keepalive = p.last_sent.map(|t| t + self.cfg.keepalive);
                 let down =
