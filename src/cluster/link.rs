@@ -116,7 +116,7 @@ pub struct LinkConfig {
     pub key: Key,
     /// Random per start (the nonces' first four bytes).
     pub salt: u32,
-    /// The largest datagram (UDP payload).
+    /// The largest datagram (UDP payload), within 256..=65000.
     pub max_datagram: usize,
     /// Control frames in flight per peer (and how far ahead a receiver keeps frames).
     pub window: usize,
@@ -250,7 +250,7 @@ struct Peer {
     opener: Opener,
     // Control, sending.
     next_seq: u64,
-    /// Unacknowledged frames, oldest first: the first `sent_count` have been sent.
+    /// Unacknowledged frames, oldest first; those sent at least once are a prefix.
     outq: VecDeque<InFlight>,
     srtt: Option<Duration>,
     // Control, receiving.
@@ -327,7 +327,10 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn new(cfg: LinkConfig) -> Link {
+    pub fn new(mut cfg: LinkConfig) -> Link {
+        // Room for a frame next to an ACK, and frame lengths that fit 16 bits.
+        cfg.max_datagram = cfg.max_datagram.clamp(256, 65_000);
+        cfg.window = cfg.window.max(1);
         Link {
             sealer: Sealer::new(cfg.node, &cfg.key, cfg.salt),
             cfg,

@@ -155,6 +155,13 @@ async fn run(
             let _ = socket.send_to(&d, addr).await;
         }
         while let Some(ev) = link.poll_event() {
+            match &ev {
+                LinkEvent::PeerUp(p) => tracing::info!(peer = p, "node link: peer up"),
+                LinkEvent::PeerDown(p) => tracing::warn!(peer = p, "node link: peer down"),
+                LinkEvent::Message { .. } => {}
+            }
+            // Bounded: an owner that stops reading stalls the link (it stops reading its
+            // socket; the peer's control lane sends again).
             if events.send(ev).await.is_err() {
                 return;
             }
