@@ -1025,6 +1025,29 @@ mod tests {
     }
 
     #[test]
+    fn unknown_fields_and_kinds_are_refused() {
+        let dec = |j: &str| {
+            let mut b = vec![KIND_CONTROL, 0, 0, 0, 1, 0, 0, 0, 1];
+            b.extend_from_slice(j.as_bytes());
+            decode(&b, Instant::now())
+        };
+        assert!(dec(r#"{"Hello":{"room":"r","to_home":true}}"#).is_ok());
+        for bad in [
+            r#"{"Hello":{"room":"r","to_home":true,"extra":1}}"#,
+            r#"{"Hello":{"room":"r"}}"#,
+            r#"{"Goodbye":{"room":"r"}}"#,
+            r#""Rtp""#,
+            r#"{"Hello":{"room":"r","to_home":true}} x"#,
+        ] {
+            assert!(
+                matches!(dec(bad), Err(CodecError::Control(_))),
+                "{bad}: {:?}",
+                dec(bad)
+            );
+        }
+    }
+
+    #[test]
     fn garbage_never_panics() {
         let now = Instant::now();
         let mut r = StdRng::seed_from_u64(3);
