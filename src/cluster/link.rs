@@ -39,8 +39,8 @@
 //!   [`LinkConfig::window`] frames are in flight; up to [`LinkConfig::max_pending`] more wait,
 //!   and past that `send` refuses with [`LinkError::QueueFull`] (the caller decides: the link
 //!   never drops a control message it accepted, while the peer's session lasts). An
-//!   unacknowledged frame is sent again after a timeout of twice the smoothed round-trip time
-//!   (within [`LinkConfig::rto_min`]..[`LinkConfig::rto_max`]), doubled on each retry up to
+//!   unacknowledged frame is sent again after a timeout of about twice the smoothed round-trip
+//!   time (within [`LinkConfig::rto_min`]..[`LinkConfig::rto_max`]), doubled on each retry up to
 //!   `rto_max`.
 //! - **Media** ([`Lane::Media`]): best effort. Each message is one frame (a message larger
 //!   than one frame is refused); frames are numbered so that the receiver counts what was

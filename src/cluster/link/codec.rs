@@ -956,7 +956,7 @@ mod tests {
     fn every_kind_round_trips() {
         let now = Instant::now();
         let mut r = StdRng::seed_from_u64(1);
-        for i in 0..20 * arbitrary::KINDS {
+        for i in 0..100 * arbitrary::KINDS {
             let m = arbitrary::link_msg(&mut r, i % arbitrary::KINDS, now);
             let back = round_trip(&m, now);
             assert_eq!(format!("{m:?}"), format!("{back:?}"));
