@@ -775,6 +775,133 @@ fn fuzz_red() {
     assert!(parsed > n / 10, "{parsed} of {n} parsed");
 }
 
+/// The node-to-node link: the input as one message (`link::codec::decode`: what decodes
+/// re-encodes and decodes again), and as the plaintext of a datagram sealed by a known peer
+/// (so it authenticates) handed to a `Link`: frames, acknowledgements, fragments,
+/// reassembly, delivery.
+#[test]
+fn fuzz_link() {
+    use plaza::cluster::link::codec::{self, LinkMsg};
+    use plaza::cluster::link::seal::Sealer;
+    use plaza::cluster::link::{Link, LinkConfig, LinkEvent};
+    use plaza::sfu::pipe::PipeMsg;
+
+    let now = Instant::now();
+    let encode = |msg: PipeMsg| {
+        let mut b = Vec::new();
+        let m = LinkMsg {
+            scope: 7,
+            from_shard: 1,
+            to_shard: 2,
+            msg,
+        };
+        codec::encode(&m, &mut b).expect("encodes");
+        b
+    };
+    let msgs = [
+        encode(PipeMsg::Hello {
+            room: "room".into(),
+            to_home: true,
+        }),
+        encode(PipeMsg::Rtp {
+            relay: 3,
+            layer: 1,
+            packet: rtc::rtp::Packet {
+                header: rtc::rtp::header::Header {
+                    version: 2,
+                    payload_type: 96,
+                    sequence_number: 9,
+                    ssrc: 5,
+                    ..Default::default()
+                },
+                payload: Bytes::from_static(&[0x90, 0x80, 0x01, 0x02, 0x03]),
+            },
+            origin: now,
+        }),
+        encode(PipeMsg::Data {
+            room: "room".into(),
+            from: "PA_1".into(),
+            channel: "chat",
+            is_text: true,
+            framed: Bytes::from_static(b"{\"from\":\"PA_1\"}\nhi"),
+            to: plaza::sfu::timeline::Audience::Only(vec!["PA_2".into()]),
+        }),
+        encode(PipeMsg::Needed {
+            relay: 3,
+            subscribed: true,
+            layers: 5,
+        }),
+    ];
+    // Frames (see `src/cluster/link.rs`): ACK, CONTROL, MEDIA, PING.
+    let control = |seq: u64, more: bool, m: &[u8]| {
+        let mut f = vec![2];
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.push(u8::from(more));
+        f.extend_from_slice(&(m.len() as u16).to_be_bytes());
+        f.extend_from_slice(m);
+        f
+    };
+    let media = |seq: u64, m: &[u8]| {
+        let mut f = vec![3];
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.extend_from_slice(&(m.len() as u16).to_be_bytes());
+        f.extend_from_slice(m);
+        f
+    };
+    let mut seeds: Vec<Vec<u8>> = msgs.to_vec();
+    seeds.push([vec![1], 5u64.to_be_bytes().to_vec(), vec![4]].concat());
+    for (i, m) in msgs.iter().enumerate() {
+        seeds.push(control(i as u64, false, m));
+        seeds.push(media(i as u64, m));
+        let half = m.len() / 2;
+        seeds.push([control(0, true, &m[..half]), control(1, false, &m[half..])].concat());
+    }
+    let spec = Spec {
+        name: "link",
+        seeds,
+        dict: vec![
+            b"\"Hello\"".to_vec(),
+            b"\"Tick\"".to_vec(),
+            b"\"event\":\"track_muted\"".to_vec(),
+            b"\"channel\":\"input\"".to_vec(),
+            vec![0xff; 8],
+            vec![0, 0, 0, 0, 0, 0, 0, 0],
+            vec![2, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        ],
+        default_inputs: 30_000,
+        max_len: 1400,
+    };
+    let key = [7; 32];
+    let mut sealer = Sealer::new(1, &key, 42);
+    let mut link = Link::new(LinkConfig::new(2, [8; 32], 43));
+    let from = SocketAddr::from(([127, 0, 0, 1], 9));
+    link.set_peer(1, from, key);
+    let (mut n, mut decoded, mut delivered) = (0u64, 0u64, 0u64);
+    let mut t = now;
+    engine::run(spec, |data| {
+        n += 1;
+        if let Ok(m) = codec::decode(data, now) {
+            decoded += 1;
+            let mut again = Vec::new();
+            codec::encode(&m, &mut again).expect("what decodes encodes");
+            codec::decode(&again, now).expect("and decodes again");
+        }
+        let mut d = Vec::new();
+        sealer.seal(data, &mut d).expect("seals");
+        t += Duration::from_millis(1);
+        link.handle_datagram(from, &d, t);
+        link.handle_timeout(t);
+        while link.poll_transmit(t).is_some() {}
+        while let Some(e) = link.poll_event() {
+            delivered += u64::from(matches!(e, LinkEvent::Message { .. }));
+        }
+    });
+    let s = link.stats();
+    assert_eq!(s.auth_failed + s.replayed + s.unknown_sender, 0);
+    assert!(decoded > n / 50, "{decoded} of {n} decoded");
+    assert!(delivered > n / 50, "{delivered} of {n} delivered");
+}
+
 /// The whole core, sans-I/O: joins, arbitrary client messages, datagrams from arbitrary
 /// addresses, timeouts and turns (see `tests/fuzz/core.rs`).
 #[test]

@@ -23,6 +23,7 @@
 // handlers.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
+pub mod link;
 pub mod placement;
 pub mod registry;
 

@@ -32,7 +32,7 @@ pub fn with_reason(what: &str, reason: Option<&str>) -> String {
 
 /// Who an operation is about: a participant by its identity (from its token) or by its
 /// participant id.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Target {
     Identity(String),
     Participant(String),
@@ -94,7 +94,7 @@ impl Lane {
 }
 
 /// What an admin asks of the core.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AdminOp {
     /// Every room (needs every shard).
     ListRooms,
@@ -127,6 +127,7 @@ pub enum AdminOp {
         room: String,
         lane: Lane,
         is_text: bool,
+        #[serde(with = "crate::cluster::link::codec::base64_bytes")]
         payload: Bytes,
         to: Vec<Target>,
     },

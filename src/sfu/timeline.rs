@@ -23,7 +23,9 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 /// A room's two data lanes: one counter each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Lane {
     /// The reliable, ordered `chat` channel, and the room's events.
     Chat = 0,
@@ -51,7 +53,7 @@ impl Lane {
 }
 
 /// A message's place on the timeline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
     /// Position on its lane: 1, 2, 3, … with no gaps.
     pub seq: u64,
@@ -185,7 +187,7 @@ impl Dedup {
 }
 
 /// Who a message goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Audience {
     /// Everyone in the room (but the sender, live; the sender too, in history and ticks).
     All,
