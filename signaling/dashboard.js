@@ -136,6 +136,9 @@ function setParticipant(p) {
   setText(n.f.bwe, `downlink est. ${fmtBps(p.available_bps)}`);
   setText(n.f.loss, `loss ↓ ${fmtLoss(p.downlink_loss_permille)} ↑ ${fmtLoss(p.uplink_loss_permille)}`);
   setText(n.f.joined, `joined ${fmtTime(p.joined_at)}`);
+  // An active speaker (the room's `speakers`): highlighted, with a label for screen readers.
+  n.div.classList.toggle('speaking', !!p.speaking);
+  n.f.name.title = p.speaking ? 'speaking' : '';
 }
 
 function removeParticipant(k) {

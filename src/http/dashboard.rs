@@ -123,6 +123,9 @@ pub struct ParticipantView {
     /// transport-wide feedback), and of what it published.
     pub downlink_loss_permille: Option<u32>,
     pub uplink_loss_permille: Option<u32>,
+    /// Among the room's active speakers.
+    #[serde(default)]
+    pub speaking: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -467,6 +470,7 @@ impl Sampler {
                         available_bps,
                         downlink_loss_permille,
                         uplink_loss_permille,
+                        speaking: p.speaking,
                     },
                 );
             }

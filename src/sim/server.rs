@@ -130,6 +130,15 @@ impl SfuNode {
         rx.try_recv()
             .expect("the core answers Stats within its turn")
     }
+
+    /// The core's dashboard snapshot now (a `Command::Dashboard` answered within the call).
+    pub fn dashboard(&mut self, now: Instant) -> crate::sfu::core::dashboard::DashboardSnapshot {
+        let (reply, mut rx) = tokio::sync::oneshot::channel();
+        let _ = self.sfu.handle_command(now, Command::Dashboard { reply });
+        self.sfu.end_turn(now);
+        rx.try_recv()
+            .expect("the core answers Dashboard within its turn")
+    }
 }
 
 impl Node for SfuNode {

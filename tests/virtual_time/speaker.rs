@@ -5,7 +5,7 @@
 
 use super::common::{Sim, ip, ms};
 use plaza::signal::{ClientMessage, ServerMessage, TrackKind};
-use plaza::sim::server::add_shards;
+use plaza::sim::server::{SfuNode, add_shards};
 use plaza::sim::{Client, MediaSpec, Net, NodeId};
 use std::time::{Duration, Instant};
 
@@ -148,6 +148,24 @@ fn speakers_follow_who_talks() {
     assert!(
         alone <= Duration::from_millis(1_500),
         "alice stopped after {alone:?}"
+    );
+
+    // The dashboard shows who speaks.
+    let now = s.net.now();
+    let snap = s.net.node::<SfuNode>(s.server).dashboard(now);
+    let speaking: Vec<(String, bool)> = snap.rooms[0]
+        .participants
+        .iter()
+        .map(|p| (p.name.clone(), p.speaking))
+        .collect();
+    assert_eq!(
+        speaking,
+        [
+            ("alice".into(), false),
+            ("bob".into(), true),
+            ("carol".into(), false)
+        ],
+        "the dashboard's speakers"
     );
 
     // Both talk, alice louder: she is first.

@@ -57,6 +57,8 @@ pub struct ParticipantSnapshot {
     /// dashboard differences them into loss fractions.
     pub downlink: Option<(u64, u64)>,
     pub uplink: Option<(u64, u64)>,
+    /// Among the room's active speakers (as the room was last told `speakers`).
+    pub speaking: bool,
 }
 
 /// One track published here.
@@ -136,14 +138,14 @@ impl<T: Transmit> Sfu<T> {
         let now = self.now;
         let mut rooms: Vec<RoomSnapshot> = self
             .rooms
-            .values()
-            .map(|r| self.room_dashboard(r, now))
+            .iter()
+            .map(|(rk, r)| self.room_dashboard(*rk, r, now))
             .collect();
         rooms.sort_by(|a, b| a.name.cmp(&b.name));
         DashboardSnapshot { rooms }
     }
 
-    fn room_dashboard(&self, r: &Room, now: Instant) -> RoomSnapshot {
+    fn room_dashboard(&self, rk: RoomKey, r: &Room, now: Instant) -> RoomSnapshot {
         let mut out = RoomSnapshot {
             name: r.name.clone(),
             created_at: unix_secs(self.wall_clock(r.created)),
@@ -170,6 +172,7 @@ impl<T: Transmit> Sfu<T> {
                 available_bps: p.estimate().available(now),
                 downlink: p.egress.as_ref().map(|e| e.loss_totals()),
                 uplink: p.ingress.as_ref().map(|i| i.loss_totals()),
+                speaking: self.speakers.is_speaking(rk, &p.pid),
             });
             for tid in p.published() {
                 let Some(t) = r.tracks.get(tid) else {

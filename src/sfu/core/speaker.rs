@@ -42,6 +42,14 @@ struct RoomSpeakers {
 }
 
 impl SpeakerBook {
+    /// Whether participant `pid` is among `room`'s active speakers, as the participants here
+    /// were last told.
+    pub(super) fn is_speaking(&self, room: RoomKey, pid: &str) -> bool {
+        self.rooms
+            .get(&room)
+            .is_some_and(|rs| rs.told.iter().any(|s| s.participant_id == pid))
+    }
+
     pub(super) fn new(now: Instant) -> Self {
         SpeakerBook {
             timer: Periodic::new(now, speaker::TICK, Reason::Speakers),
