@@ -180,6 +180,25 @@ export async function startServer({ logName = 'plaza.log', args = [], env = {}, 
 }
 
 /**
+ * Watch a helper process started by a test (redis-server, turnserver): `exited()` is how it
+ * ended (null while it runs; {error} when it could not start), `stop()` ends it (SIGTERM, then
+ * SIGKILL after 5 s) and removes its scratch directory `dir`.
+ */
+function supervise(child, what, dir) {
+  let exited = null;
+  child.on('exit', (code, signal) => (exited = { code, signal }));
+  child.on('error', (e) => (exited = { error: e.message }));
+  const stop = async () => {
+    if (!exited) {
+      child.kill('SIGTERM');
+      await waitFor(() => exited, { timeout: 5_000, what: `${what} to exit` }).catch(() => child.kill('SIGKILL'));
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
+  return { exited: () => exited, stop };
+}
+
+/**
  * Start a `redis-server` on 127.0.0.1:`port` without persistence (`--save '' --appendonly no`),
  * its log in ARTIFACTS/`logName`, and wait until it answers PING. Throws when redis-server is
  * missing (scripts/test.sh installs Debian's redis-server). Returns {url, port, logPath, stop()}.
@@ -197,16 +216,7 @@ export async function startRedis({ port, logName = 'redis.log' } = {}) {
   const child = spawn(REDIS_SERVER, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   child.stdout.pipe(log);
   child.stderr.pipe(log);
-  let exited = null;
-  child.on('exit', (code, signal) => (exited = { code, signal }));
-  child.on('error', (e) => (exited = { error: e.message }));
-  const stop = async () => {
-    if (!exited) {
-      child.kill('SIGTERM');
-      await waitFor(() => exited, { timeout: 5_000, what: 'redis-server to exit' }).catch(() => child.kill('SIGKILL'));
-    }
-    rmSync(dir, { recursive: true, force: true });
-  };
+  const { exited, stop } = supervise(child, 'redis-server', dir);
   const ping = () =>
     new Promise((resolve) => {
       const s = netConnect({ host: '127.0.0.1', port }, () => s.write('PING\r\n'));
@@ -220,8 +230,8 @@ export async function startRedis({ port, logName = 'redis.log' } = {}) {
     });
   await waitFor(
     async () => {
-      if (exited) {
-        const why = exited.error ? `${REDIS_SERVER}: ${exited.error} (apt-get install redis-server; scripts/test.sh does)` : JSON.stringify(exited);
+      if (exited()) {
+        const why = exited().error ? `${REDIS_SERVER}: ${exited().error} (apt-get install redis-server; scripts/test.sh does)` : JSON.stringify(exited());
         throw new Error(`redis-server exited early (${why}); see ${logPath}`);
       }
       return ping();
@@ -286,19 +296,10 @@ export async function startTurnServer({
   };
   child.stdout.on('data', onData);
   child.stderr.on('data', onData);
-  let exited = null;
-  child.on('exit', (code, signal) => (exited = { code, signal }));
-  child.on('error', (e) => (exited = { error: e.message }));
-  const stop = async () => {
-    if (!exited) {
-      child.kill('SIGTERM');
-      await waitFor(() => exited, { timeout: 5_000, what: 'turnserver to exit' }).catch(() => child.kill('SIGKILL'));
-    }
-    rmSync(dir, { recursive: true, force: true });
-  };
+  const { exited, stop } = supervise(child, 'turnserver', dir);
   await waitFor(
     () => {
-      if (exited) throw new Error(`turnserver exited early (${JSON.stringify(exited)}); see ${logPath}`);
+      if (exited()) throw new Error(`turnserver exited early (${JSON.stringify(exited())}); see ${logPath}`);
       return /UDP listener opened on\s*:?\s*\S*:\d+/.test(text) && /TCP listener opened on/.test(text) && /Total General servers/.test(text);
     },
     { timeout: 15_000, what: `turnserver to listen on ${ip}:${port}` },
