@@ -95,6 +95,19 @@ async fn cluster_stats(server: &TestServer) -> Value {
     s["cluster"].clone()
 }
 
+/// Polls `server`'s `/stats` `cluster` until `pred` holds (within [`WAIT`]); returns it.
+async fn wait_stats(server: &TestServer, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let c = cluster_stats(server).await;
+        if pred(&c) {
+            return c;
+        }
+        assert!(start.elapsed() < WAIT, "{what}: not within {WAIT:?}: {c}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_register_and_see_each_other_with_their_load() {
     let redis = RedisServer::start().expect("redis-server");
@@ -125,6 +138,20 @@ async fn two_nodes_register_and_see_each_other_with_their_load() {
 
     // A sees the same cluster.
     wait_nodes(&a, WAIT, "A lists both", |l| ids(l) == ["ND_a", "ND_b"]).await;
+
+    // Each record publishes the node's end of the node link, and the two links hear each
+    // other (authenticated with the keys the records carry).
+    let link = &rec_a["link"];
+    assert!(
+        link["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{rec_a}"
+    );
+    assert!(link["num"].is_u64() && link["key"].as_str().is_some_and(|k| k.len() == 44));
+    for n in [&a, &b] {
+        wait_stats(n, "the link peer up", |c| c["link_peers_up"] == 1).await;
+    }
 
     // Counters in /stats and /metrics.
     let c = cluster_stats(&a).await;
@@ -453,6 +480,8 @@ async fn a_killed_nodes_room_is_placed_again_and_its_clients_come_back() {
     let track = support::announced_track(&bob, &alice, TrackKind::Video).await;
     support::wait_growth(&bob, &track.id, 20).await;
 
+    wait_stats(&a, "B's link up", |c| c["link_peers_up"] == 1).await;
+
     // B dies. Its clients rejoin through their entry node, A: until B is late with a
     // heartbeat they are sent to B and fail; then A probes B, finds it dead and places the
     // room again, on A — before B's record has expired.
@@ -483,6 +512,14 @@ async fn a_killed_nodes_room_is_placed_again_and_its_clients_come_back() {
     let media_back = killed.elapsed();
     let c = cluster_stats(&a).await;
     assert_eq!(c["rooms_taken_over"], 1, "{c}");
+    // The node link says B is silent within its 3 s bound (pings every 0.5 s).
+    let c = wait_stats(&a, "B's link down", |c| c["link_peers_up"] == 0).await;
+    assert_eq!(c["link_peer_downs"], 1, "{c}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(6),
+        "link down after {:?}",
+        killed.elapsed()
+    );
     eprintln!("node killed → both rejoined in {back:?}, media flowing again {media_back:?}");
     assert!(
         back < TTL,

@@ -28,10 +28,11 @@ pub mod placement;
 pub mod registry;
 
 use crate::sfu::SfuHandle;
+use base64::Engine as _;
 use redis::AsyncCommands as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use registry::{Heartbeat, HeartbeatTiming, LoadSampler, NodeRecord, Transition};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -87,6 +88,8 @@ pub enum ClusterError {
         url: String,
         source: redis::RedisError,
     },
+    #[error("cannot open the node link's UDP socket: {0}")]
+    Link(std::io::Error),
 }
 
 /// The registry's counters, served under `"cluster"` in `/stats` and in `/metrics`.
@@ -114,6 +117,10 @@ pub struct ClusterStats {
     pub lease_conflicts: u64,
     /// Rooms whose lease this node renewed on its last heartbeat.
     pub leases: u64,
+    /// Other nodes heard from over the node link now (authentic datagrams within 3 s).
+    pub link_peers_up: u64,
+    /// Times a node link peer went silent (reported down).
+    pub link_peer_downs: u64,
 }
 
 #[derive(Debug, Default)]
@@ -128,6 +135,8 @@ struct Counters {
     taken_over: AtomicU64,
     conflicts: AtomicU64,
     leases: AtomicU64,
+    link_up: AtomicU64,
+    link_downs: AtomicU64,
 }
 
 /// What the HTTP handlers see of the cluster: the counters and a connection to list nodes.
@@ -171,6 +180,8 @@ impl ClusterView {
             rooms_taken_over: c.taken_over.load(Ordering::Relaxed),
             lease_conflicts: c.conflicts.load(Ordering::Relaxed),
             leases: c.leases.load(Ordering::Relaxed),
+            link_peers_up: c.link_up.load(Ordering::Relaxed),
+            link_peer_downs: c.link_downs.load(Ordering::Relaxed),
         }
     }
 
@@ -209,6 +220,7 @@ impl ClusterView {
             heartbeat_at: 0,
             ttl_ms: 0,
             load: Default::default(),
+            link: None,
         };
         let mut conn = self.conn.clone();
         // A lost race (another node claimed the lease between the read and the write) is read
@@ -592,7 +604,31 @@ impl Registry {
             heartbeat_at: 0,
             ttl_ms: timing.ttl.as_millis() as u64,
             load: Default::default(),
+            link: None,
         };
+        // The node link's socket, on the media bind address (an ephemeral port, published in
+        // the record), and this start's key.
+        let link_ip = node
+            .udp_addrs
+            .first()
+            .map_or(node.http_addr.ip(), |a| a.ip());
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(link_ip, 0))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(tokio::net::UdpSocket::from_std)
+            .map_err(ClusterError::Link)?;
+        let (key, salt) = link::driver::random_key_and_salt();
+        let num = rand::random::<u32>();
+        let link = link::driver::spawn(
+            link::Link::new(link::LinkConfig::new(num, key, salt)),
+            socket,
+        )
+        .map_err(ClusterError::Link)?;
+        let mut record = record;
+        record.link = Some(registry::LinkInfo {
+            address: SocketAddr::new(ip, link.local_addr.port()).to_string(),
+            num,
+            key: base64::engine::general_purpose::STANDARD.encode(key),
+        });
         let view = ClusterView {
             node_id: id.clone(),
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -615,6 +651,7 @@ impl Registry {
                 timing,
                 Arc::clone(&view.counters),
                 stop_rx,
+                link,
             ),
             span,
         ));
@@ -674,7 +711,11 @@ async fn heartbeat_loop(
     timing: HeartbeatTiming,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
+    mut link: link::driver::LinkHandle,
 ) {
+    // The link's peers (the other live nodes' ends, from their records) and which are up.
+    let mut peers: HashMap<String, registry::LinkInfo> = HashMap::new();
+    let mut up: HashSet<link::NodeNum> = HashSet::new();
     let mut hb = Heartbeat::new(timing, std::time::Instant::now());
     let mut sampler = LoadSampler::default();
     let key = registry::node_key(&record.id);
@@ -687,6 +728,23 @@ async fn heartbeat_loop(
         tokio::select! {
             _ = tokio::time::sleep_until(due) => {}
             _ = stop.changed() => break,
+            Some(event) = link.events.recv() => {
+                // Rooms do not span nodes yet: the link carries its own pings only, and
+                // what it says is whether each peer is reachable.
+                match event {
+                    link::LinkEvent::PeerUp(p) => {
+                        up.insert(p);
+                    }
+                    link::LinkEvent::PeerDown(p) => {
+                        if up.remove(&p) {
+                            counters.link_downs.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    link::LinkEvent::Message { .. } => {}
+                }
+                counters.link_up.store(up.len() as u64, Ordering::Relaxed);
+                continue;
+            }
         }
         if *stop.borrow() {
             break;
@@ -745,6 +803,11 @@ async fn heartbeat_loop(
         if ok {
             note_leases(&record.id, &rooms, &holders, &counters, &mut conflicted);
             leased = rooms.into_iter().collect();
+            if let Ok(Ok(nodes)) = tokio::time::timeout(REDIS_TIMEOUT, live_nodes(&mut conn)).await
+            {
+                sync_peers(&record.id, &nodes, &mut peers, &mut up, &link).await;
+                counters.link_up.store(up.len() as u64, Ordering::Relaxed);
+            }
         }
         counters.registered.store(ok, Ordering::Relaxed);
         if ok {
@@ -828,6 +891,60 @@ async fn beat(
         release(&mut pipe, room, &record.id);
     }
     pipe.query_async::<Vec<String>>(conn).await
+}
+
+/// Every live node's record.
+async fn live_nodes(conn: &mut ConnectionManager) -> Result<Vec<NodeRecord>, redis::RedisError> {
+    let ids: Vec<String> = conn.zrange(registry::NODES_KEY, 0, -1).await?;
+    records(conn, &ids).await
+}
+
+/// Points the node link at the other live nodes' ends: new or changed ones are set, those gone
+/// from the cluster removed.
+async fn sync_peers(
+    me: &str,
+    nodes: &[NodeRecord],
+    peers: &mut HashMap<String, registry::LinkInfo>,
+    up: &mut HashSet<link::NodeNum>,
+    handle: &link::driver::LinkHandle,
+) {
+    use base64::Engine as _;
+    let mut seen = HashSet::new();
+    for n in nodes.iter().filter(|n| n.id != me) {
+        let Some(info) = &n.link else { continue };
+        seen.insert(n.id.clone());
+        if peers.get(&n.id) == Some(info) {
+            continue;
+        }
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(&info.key)
+            .ok()
+            .and_then(|k| <link::seal::Key>::try_from(k).ok());
+        let (Some(key), Ok(addr)) = (key, info.address.parse::<SocketAddr>()) else {
+            warn!(node = %n.id, "node link: the node's record has no usable link end");
+            continue;
+        };
+        if let Some(old) = peers.insert(n.id.clone(), info.clone())
+            && old.num != info.num
+        {
+            handle.remove_peer(old.num).await;
+            up.remove(&old.num);
+        }
+        debug!(node = %n.id, %addr, "node link: peer set");
+        handle.set_peer(info.num, addr, key).await;
+    }
+    let gone: Vec<String> = peers
+        .keys()
+        .filter(|id| !seen.contains(*id))
+        .cloned()
+        .collect();
+    for id in gone {
+        if let Some(info) = peers.remove(&id) {
+            handle.remove_peer(info.num).await;
+            up.remove(&info.num);
+            debug!(node = %id, "node link: peer removed (gone from the cluster)");
+        }
+    }
 }
 
 /// Adds the deletion of `room`'s lease, if `node` holds it, to `pipe` (its reply ignored).

@@ -129,6 +129,7 @@ mod tests {
             started_at: 0,
             heartbeat_at: 0,
             ttl_ms: 3000,
+            link: None,
             load: NodeLoad {
                 cpu_percent: cpu,
                 rooms,

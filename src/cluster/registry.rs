@@ -57,6 +57,19 @@ pub struct NodeRecord {
     /// The record's time to live, in milliseconds (missed heartbeats for this long: gone).
     pub ttl_ms: u64,
     pub load: NodeLoad,
+    /// Where and how other nodes reach this one over the node link ([`super::link`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkInfo>,
+}
+
+/// A node's end of the node link, as its record publishes it: the UDP address, the number its
+/// datagrams carry, and the key they are sealed with (standard base64). Redis is trusted with
+/// it, as with the rest of the control plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkInfo {
+    pub address: String,
+    pub num: u32,
+    pub key: String,
 }
 
 impl NodeRecord {
@@ -231,6 +244,7 @@ mod tests {
             started_at: 1_700_000_000_000,
             heartbeat_at: 1_700_000_001_000,
             ttl_ms: 3000,
+            link: None,
             load: NodeLoad {
                 cpu_percent: Some(12.5),
                 rooms: 2,

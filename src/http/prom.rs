@@ -797,6 +797,8 @@ fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt:
         rooms_taken_over,
         lease_conflicts,
         leases,
+        link_peers_up,
+        link_peer_downs,
     } = c;
     o.gauge(
         "plaza_cluster_registered",
@@ -847,6 +849,16 @@ fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt:
         "plaza_cluster_room_leases",
         "Rooms whose lease this node renewed on its last heartbeat",
         *leases,
+    )?;
+    o.gauge(
+        "plaza_cluster_link_peers_up",
+        "Other nodes heard from over the node link within the last 3 s",
+        *link_peers_up,
+    )?;
+    o.counter(
+        "plaza_cluster_link_peer_downs",
+        "Times a node link peer went silent for 3 s",
+        *link_peer_downs,
     )
 }
 

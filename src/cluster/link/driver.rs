@@ -36,6 +36,7 @@ enum Cmd {
         addr: SocketAddr,
         key: Key,
     },
+    RemovePeer(NodeNum),
     Stats(oneshot::Sender<LinkStats>),
 }
 
@@ -77,6 +78,10 @@ impl LinkHandle {
 
     pub async fn set_peer(&self, id: NodeNum, addr: SocketAddr, key: Key) {
         let _ = self.cmds.send(Cmd::SetPeer { id, addr, key }).await;
+    }
+
+    pub async fn remove_peer(&self, id: NodeNum) {
+        let _ = self.cmds.send(Cmd::RemovePeer(id)).await;
     }
 
     pub async fn stats(&self) -> Option<LinkStats> {
@@ -183,6 +188,7 @@ fn apply(link: &mut Link, c: Cmd) {
             }
         }
         Cmd::SetPeer { id, addr, key } => link.set_peer(id, addr, key),
+        Cmd::RemovePeer(id) => link.remove_peer(id),
         Cmd::Stats(tx) => {
             let _ = tx.send(link.stats());
         }
