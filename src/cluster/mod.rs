@@ -612,8 +612,12 @@ impl Registry {
             .udp_addrs
             .first()
             .map_or(node.http_addr.ip(), |a| a.ip());
+        // Buffers as big as the media sockets': a burst of relayed media must not overflow them.
         let socket = std::net::UdpSocket::bind(SocketAddr::new(link_ip, 0))
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .inspect(|s| {
+                crate::io::set_socket_buffers(s, crate::io::UDP_BUFFER_DEFAULT);
+            })
             .and_then(tokio::net::UdpSocket::from_std)
             .map_err(ClusterError::Link)?;
         let (key, salt) = link::driver::random_key_and_salt();

@@ -48,7 +48,7 @@ const PIPE_BATCHES_PER_TURN: usize = 16;
 /// (`SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`), else up to it. Returns what the kernel
 /// granted (it reports twice the usable size).
 #[allow(unsafe_code)] // setsockopt(2), getsockopt(2); see the SAFETY comments
-fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
+pub fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
     use std::os::fd::AsRawFd;
     let fd = socket.as_raw_fd();
     let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
