@@ -4,8 +4,9 @@
 // simulcast video (320 / 640 / 1280 wide) and audio from the fake devices. Asserts that
 //  (a) audio keeps arriving every second with bounded gaps and bounded concealment,
 //  (b) video drops below the top layer within IMPAIR_DROP_MS and keeps being decoded (a frame
-//      in every 2 s: the server repairs the losses of the layer it sends, so the decoder never
-//      waits seconds for a keyframe),
+//      in every 4 s: the server repairs the losses of the layer it sends, and a loss it could
+//      not repair is recovered by the browser's own keyframe request, which Chromium sends
+//      after ~3 s without a decodable frame),
 //  (c) after the impairment is lifted, video is back on the top layer within RECOVER_MS,
 // and prints the times and ratios (the impaired samples go to ARTIFACTS/lossy-samples.json).
 // The impairment is tests/browser/impair.py behind iptables NFQUEUE rules matching the
@@ -295,14 +296,22 @@ describe('subscriber on a lossy link (10 % loss, 100 ms delay)', { timeout: 360_
     const lowVideo = videoSummary(afterDrop);
     console.log(`# after the drop (still impaired): ${fmtVideo(lowVideo)}`);
     assert.ok(lowVideo.fps >= 5, `video keeps playing on the lower layer: ${lowVideo.fps} fps`);
-    // A frame lost for good (a packet the server does not retransmit) stalls the decoder until
-    // the next keyframe, which Chromium asks for only after ~3 s without a decodable frame.
-    for (let i = 0; i + 20 < afterDrop.length; i += 20) {
-      const [a, b] = [afterDrop[i].video, afterDrop[i + 20].video];
+    // A frame lost for good (a packet whose repair failed too, at 10 % loss each way) stalls the
+    // decoder until the next keyframe, which Chromium asks for after ~3 s without a decodable
+    // frame: most runs never stall over 0.6 s, an unlucky one up to ~3 s. Stopped video fails
+    // any 4 s window.
+    let longest = 0;
+    for (let i = 0, last = afterDrop[0]; i < afterDrop.length; i++) {
+      if (afterDrop[i].video.framesDecoded > last.video.framesDecoded) last = afterDrop[i];
+      longest = Math.max(longest, afterDrop[i].t - last.t);
+    }
+    console.log(`# longest time without a decoded frame after the drop: ${Math.round(longest)} ms`);
+    for (let i = 0; i + 40 < afterDrop.length; i += 10) {
+      const [a, b] = [afterDrop[i].video, afterDrop[i + 40].video];
       const d = (k) => b[k] - a[k];
       assert.ok(
         b.framesDecoded > a.framesDecoded,
-        `frames decoded in every 2 s after the drop (at ${i}): in that window ${d('framesReceived')} frames received, ` +
+        `frames decoded in every 4 s after the drop (at ${i}): in that window ${d('framesReceived')} frames received, ` +
           `${d('packetsReceived')} packets received, ${d('packetsLost')} lost, ${d('nackCount')} NACKs, ${d('pliCount')} PLIs, ` +
           `${d('keyFramesDecoded')} keyframes decoded (samples in ${join(ARTIFACTS, 'lossy-samples.json')})`,
       );
