@@ -44,7 +44,7 @@ async fn node(n: u32) -> (LinkHandle, [u8; 32]) {
 
 fn rtp_msg(i: u32) -> LinkMsg {
     LinkMsg {
-        scope: 1,
+        origin: 1,
         from_shard: 0,
         to_shard: 0,
         msg: PipeMsg::Rtp {

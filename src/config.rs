@@ -53,7 +53,7 @@
 //! development key.
 //!
 //! Cluster: `--redis URL` (`PLAZA_REDIS`; none: one node, no Redis code runs), `--node-id`,
-//! `--node-address` ([`crate::cluster`]). The URL's password is redacted in `Debug` output.
+//! `--node-address`, `--cluster-span-above` ([`crate::cluster`]). The URL's password is redacted in `Debug` output.
 //!
 //! The loader takes the environment as a lookup function ([`Config::load_from`]), so tests
 //! never depend on the process environment. Empty environment variables count as unset
@@ -574,6 +574,11 @@ struct Args {
     /// [env: PLAZA_NODE_ADDRESS] [default: the announced IP and the HTTP port]
     #[arg(long, value_name = "HOST:PORT")]
     node_address: Option<String>,
+    /// A room with this many participants on its node is extended to the other nodes: joins
+    /// through another node are served there, which receives the room's media over the node
+    /// link [env: PLAZA_CLUSTER_SPAN_ABOVE] [default: 0: never, joins go to the room's node]
+    #[arg(long = "cluster-span-above", value_name = "N")]
+    cluster_span_above: Option<usize>,
     /// Webhook events that may wait (from the server, and per URL); more are dropped
     /// [env: PLAZA_WEBHOOK_QUEUE] [default: 10000]
     #[arg(long, value_name = "N")]
@@ -766,6 +771,7 @@ struct FileConfig {
     redis: Option<String>,
     node_id: Option<String>,
     node_address: Option<String>,
+    cluster_span_above: Option<usize>,
 }
 
 /// One layer of optional settings (flags, env or file).
@@ -817,6 +823,7 @@ struct Layer {
     redis: Option<String>,
     node_id: Option<String>,
     node_address: Option<String>,
+    cluster_span_above: Option<usize>,
     webhook_queue: Option<usize>,
     webhook_retry_for: Option<f64>,
     webhook_backoff_min: Option<f64>,
@@ -881,6 +888,7 @@ impl Layer {
             redis: self.redis.or(lower.redis),
             node_id: self.node_id.or(lower.node_id),
             node_address: self.node_address.or(lower.node_address),
+            cluster_span_above: self.cluster_span_above.or(lower.cluster_span_above),
             webhook_queue: self.webhook_queue.or(lower.webhook_queue),
             webhook_retry_for: self.webhook_retry_for.or(lower.webhook_retry_for),
             webhook_backoff_min: self.webhook_backoff_min.or(lower.webhook_backoff_min),
@@ -944,6 +952,7 @@ impl From<Args> for Layer {
             redis: non_empty(a.redis),
             node_id: non_empty(a.node_id),
             node_address: non_empty(a.node_address),
+            cluster_span_above: a.cluster_span_above,
             webhook_queue: a.webhook_queue,
             webhook_retry_for: a.webhook_retry_for,
             webhook_backoff_min: a.webhook_backoff_min,
@@ -1014,6 +1023,7 @@ impl From<FileConfig> for Layer {
             redis: non_empty(f.redis),
             node_id: non_empty(f.node_id),
             node_address: non_empty(f.node_address),
+            cluster_span_above: f.cluster_span_above,
             webhook_queue: f.webhook_queue,
             webhook_retry_for: f.webhook_retry_for,
             webhook_backoff_min: f.webhook_backoff_min,
@@ -1116,6 +1126,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             redis: self.raw("PLAZA_REDIS"),
             node_id: self.raw("PLAZA_NODE_ID"),
             node_address: self.raw("PLAZA_NODE_ADDRESS"),
+            cluster_span_above: self.parse("PLAZA_CLUSTER_SPAN_ABOVE")?,
             webhook_urls: self
                 .raw("PLAZA_WEBHOOK_URLS")
                 .and_then(|v| url_list(v.split(',').map(str::to_owned).collect())),
@@ -1343,6 +1354,7 @@ impl Config {
                 redis: merged.redis,
                 node_id: merged.node_id,
                 node_address: merged.node_address,
+                span_above: merged.cluster_span_above.unwrap_or(0),
             },
         };
         config.announce_ips = config.announce_ips()?;

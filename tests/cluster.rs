@@ -2,7 +2,9 @@
 //! nodes: nodes register with their load and see each other (`GET /api/nodes`), a graceful
 //! shutdown removes a node at once, a node that stops heartbeating drops out after its TTL,
 //! a Redis restart does not stop a node from serving and the node re-registers, and without
-//! `--redis` no cluster code runs. Every wait polls with a deadline.
+//! `--redis` no cluster code runs; a room extended to a second node (`--cluster-span-above`)
+//! carries media, data and membership between the two over the node link, and survives the
+//! loss of its first node. Every wait polls with a deadline.
 
 // Tests: deadlines read the clock.
 #![allow(clippy::disallowed_methods)]
@@ -20,11 +22,17 @@ const TTL: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn node(redis: &RedisServer, id: &str) -> TestServer {
+    node_spanning(redis, id, 0).await
+}
+
+/// A node whose rooms are extended to the other nodes from `span_above` participants.
+async fn node_spanning(redis: &RedisServer, id: &str, span_above: usize) -> TestServer {
     TestServer::start_with(plaza::config::Config {
         cluster: ClusterConfig {
             redis: Some(redis.url()),
             node_id: Some(id.to_owned()),
             node_address: None,
+            span_above,
         },
         ..test_config()
     })
@@ -648,5 +656,104 @@ async fn admin_calls_reach_the_rooms_node_through_any_node() {
     assert_eq!((status, by), (404, None));
     drop((alice, carol));
     a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spans_two_nodes_with_media_and_data_both_ways() {
+    use plaza::signal::{ServerMessage, TrackKind};
+    let redis = RedisServer::start().expect("redis-server");
+    let a = node_spanning(&redis, "ND_a", 1).await;
+    let b = node_spanning(&redis, "ND_b", 1).await;
+    wait_nodes(&a, WAIT, "both nodes", |l| ids(l) == ["ND_a", "ND_b"]).await;
+    wait_stats(&a, "B's link up", |c| c["link_peers_up"] == 1).await;
+    wait_stats(&b, "A's link up", |c| c["link_peers_up"] == 1).await;
+
+    // The room starts on A; with one participant it is extended to every node.
+    let alice = support::publisher(&a, "span", "alice").await;
+    assert_eq!(lease(&redis, "span").await.as_deref(), Some("ND_a"));
+    // Bob joins through B and stays there: B extends the room.
+    let bob = support::publisher(&b, "span", "bob").await;
+    assert_eq!(bob.redirects(), 0, "bob is served by B");
+    assert_eq!(bob.url(), b.ws_url());
+    bob.wait_for_participant(|p| p.name == "alice", WAIT)
+        .await
+        .expect("bob meets alice (on A)");
+    alice
+        .wait_for_participant(|p| p.name == "bob", WAIT)
+        .await
+        .expect("alice meets bob (on B)");
+
+    // Media both ways, each packet crossing the node link once.
+    let from_alice = support::announced_track(&bob, &alice, TrackKind::Video).await;
+    let from_bob = support::announced_track(&alice, &bob, TrackKind::Video).await;
+    support::assert_media_flows(
+        "alice (A) ⇄ bob (B)",
+        &[(&bob, &from_alice.id), (&alice, &from_bob.id)],
+        30,
+    )
+    .await;
+    // Data both ways, sequenced on the room's home (on A).
+    bob.send_chat("hello from B", None).await.unwrap();
+    alice
+        .wait_for_message(|m| m.text() == Some("hello from B"), WAIT)
+        .await
+        .expect("alice gets bob's chat");
+    alice.send_chat("hello from A", None).await.unwrap();
+    bob.wait_for_message(|m| m.text() == Some("hello from A"), WAIT)
+        .await
+        .expect("bob gets alice's chat");
+
+    // A WHEP viewer through B plays there too.
+    let token = with_grants("span", "viewer", |g| {
+        g.can_publish = Some(false);
+        g.can_publish_data = Some(false);
+    });
+    let mut viewer = plaza_testkit::whep::WhepViewer::play(
+        b.http_addr,
+        "/whep/span",
+        Some(&token),
+        plaza_testkit::whep::WhepOptions::default(),
+    )
+    .await
+    .expect("WHEP through B");
+    viewer
+        .wait_for_packets(TrackKind::Video, 20, WAIT)
+        .await
+        .expect("the viewer on B plays alice (on A)");
+
+    let (ca, cb) = (cluster_stats(&a).await, cluster_stats(&b).await);
+    assert_eq!(cb["extended_joins"], 2, "bob and the viewer: {cb}");
+    assert_eq!(cb["redirected"], 0, "{cb}");
+    assert_eq!(ca["placed_here"], 1, "alice: {ca}");
+    // The lease stays A's: B never claims a room whose home is elsewhere.
+    tokio::time::sleep(TTL).await;
+    assert_eq!(lease(&redis, "span").await.as_deref(), Some("ND_a"));
+    let cb = cluster_stats(&b).await;
+    assert_eq!(
+        (cb["leases"].as_u64(), cb["lease_conflicts"].as_u64()),
+        (Some(0), Some(0)),
+        "{cb}"
+    );
+
+    // Carol joins through B too; then A goes away. The room lives on, on B: alice leaves
+    // B's view, B's participants still talk, and B takes the lease.
+    let carol = support::publisher(&b, "span", "carol").await;
+    assert_eq!(carol.url(), b.ws_url());
+    assert_eq!(viewer.delete().await.expect("DELETE"), 200);
+    let alice_id = alice.participant_id().to_owned();
+    a.shutdown().await;
+    bob.wait_for_server(
+        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == alice_id),
+        WAIT,
+    )
+    .await
+    .expect("bob sees alice go with her node");
+    carol.send_chat("still here", None).await.unwrap();
+    bob.wait_for_message(|m| m.text() == Some("still here"), WAIT)
+        .await
+        .expect("bob gets carol's chat after A is gone");
+    wait_lease(&redis, "span", Some("ND_b"), TTL * 3).await;
+    drop(alice);
     b.shutdown().await;
 }

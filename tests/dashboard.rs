@@ -455,6 +455,7 @@ async fn a_node_relays_another_nodes_stream() -> Result<()> {
             redis: Some(redis.url()),
             node_id: Some(id.to_owned()),
             node_address: None,
+            span_above: 0,
         },
         ..support::test_config()
     };

@@ -790,7 +790,7 @@ fn fuzz_link() {
     let encode = |msg: PipeMsg| {
         let mut b = Vec::new();
         let m = LinkMsg {
-            scope: 7,
+            origin: 7,
             from_shard: 1,
             to_shard: 2,
             msg,
@@ -802,6 +802,7 @@ fn fuzz_link() {
         encode(PipeMsg::Hello {
             room: "room".into(),
             to_home: true,
+            reply: false,
         }),
         encode(PipeMsg::Rtp {
             relay: 3,

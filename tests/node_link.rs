@@ -51,7 +51,7 @@ async fn wait_up(h: &mut LinkHandle, peer: u32) {
 
 fn rtp_msg(i: u32) -> LinkMsg {
     LinkMsg {
-        scope: 1,
+        origin: 1,
         from_shard: 0,
         to_shard: 1,
         msg: PipeMsg::Rtp {
@@ -75,7 +75,7 @@ fn rtp_msg(i: u32) -> LinkMsg {
 
 fn control_msg(i: u32) -> LinkMsg {
     LinkMsg {
-        scope: 1,
+        origin: 1,
         from_shard: 0,
         to_shard: 1,
         msg: PipeMsg::Needed {

@@ -828,7 +828,7 @@ mod tests {
 
     fn numbered(i: u32, big: bool) -> LinkMsg {
         LinkMsg {
-            scope: 5,
+            origin: 5,
             from_shard: 1,
             to_shard: 2,
             msg: if big {
@@ -878,7 +878,7 @@ mod tests {
                 let mut packet = arbitrary::packet(&mut r, 1000);
                 packet.header.sequence_number = media as u16;
                 let m = LinkMsg {
-                    scope: 5,
+                    origin: 5,
                     from_shard: 0,
                     to_shard: 0,
                     msg: PipeMsg::Rtp {

@@ -23,6 +23,7 @@
 // handlers.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
+mod gateway;
 pub mod link;
 pub mod placement;
 pub mod registry;
@@ -54,6 +55,10 @@ pub struct ClusterConfig {
     /// HTTP address (`host:port`) other nodes and clients use (`None`: the first announced IP
     /// and the bound HTTP port).
     pub node_address: Option<String>,
+    /// A room with this many participants on its node is extended to the other nodes: a join
+    /// through another node is served there, which receives the room's media over the node
+    /// link (`--cluster-span-above`; 0: never, every join goes to the room's node).
+    pub span_above: usize,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -62,6 +67,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("redis", &self.redis.as_deref().map(redact_url))
             .field("node_id", &self.node_id)
             .field("node_address", &self.node_address)
+            .field("span_above", &self.span_above)
             .finish()
     }
 }
@@ -121,6 +127,13 @@ pub struct ClusterStats {
     pub link_peers_up: u64,
     /// Times a node link peer went silent (reported down).
     pub link_peer_downs: u64,
+    /// Joins served here in a room whose node is another one (the room extended here).
+    pub extended_joins: u64,
+    /// Messages to other nodes' shards the node link refused (its queue to that node full,
+    /// or the node unknown).
+    pub link_refused: u64,
+    /// Media from other nodes dropped because a shard's queue was full.
+    pub link_media_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +150,9 @@ struct Counters {
     leases: AtomicU64,
     link_up: AtomicU64,
     link_downs: AtomicU64,
+    extended: AtomicU64,
+    link_refused: Arc<AtomicU64>,
+    link_media_dropped: AtomicU64,
 }
 
 /// What the HTTP handlers see of the cluster: the counters and a connection to list nodes.
@@ -150,6 +166,10 @@ pub struct ClusterView {
     timing: HeartbeatTiming,
     counters: Arc<Counters>,
     conn: ConnectionManager,
+    /// `--cluster-span-above` (0: rooms never span nodes).
+    span_above: usize,
+    /// This node has a node link (the core's pipes reach it).
+    link: bool,
 }
 
 impl std::fmt::Debug for ClusterView {
@@ -182,6 +202,9 @@ impl ClusterView {
             leases: c.leases.load(Ordering::Relaxed),
             link_peers_up: c.link_up.load(Ordering::Relaxed),
             link_peer_downs: c.link_downs.load(Ordering::Relaxed),
+            extended_joins: c.extended.load(Ordering::Relaxed),
+            link_refused: c.link_refused.load(Ordering::Relaxed),
+            link_media_dropped: c.link_media_dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -204,6 +227,7 @@ impl ClusterView {
         let counter = match placed {
             Placed::Here => &self.counters.placed_here,
             Placed::Elsewhere { .. } => &self.counters.redirected,
+            Placed::Extended { .. } => &self.counters.extended,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         placed
@@ -226,8 +250,9 @@ impl ClusterView {
         // A lost race (another node claimed the lease between the read and the write) is read
         // again; three in a row is contention worth a fallback.
         for _ in 0..3 {
-            let (holder, ids): (Option<String>, Vec<String>) = redis::pipe()
+            let (holder, spans, ids): (Option<String>, bool, Vec<String>) = redis::pipe()
                 .get(&key)
+                .exists(placement::span_key(room))
                 .zrange(registry::NODES_KEY, 0, -1)
                 .query_async(&mut conn)
                 .await?;
@@ -236,7 +261,7 @@ impl ClusterView {
                 placement::Decision::Keep { node }
                     if !self.dead(&mut conn, &node, &nodes).await? =>
                 {
-                    return Ok(self.placed(&node, &nodes));
+                    return Ok(self.placed(&node, &nodes, spans));
                 }
                 // Its node missed heartbeats and does not answer: placed again now, not when
                 // its record expires.
@@ -267,7 +292,7 @@ impl ClusterView {
                     None if wrote == 1 => debug!(%room, %node, "placement: new room placed"),
                     _ => {}
                 }
-                return Ok(self.placed(&node, &nodes));
+                return Ok(self.placed(&node, &nodes, false));
             }
         }
         Err(redis::RedisError::from((
@@ -436,17 +461,46 @@ impl ClusterView {
         Ok(!alive)
     }
 
-    fn placed(&self, node: &str, nodes: &[NodeRecord]) -> Placed {
+    fn placed(&self, node: &str, nodes: &[NodeRecord], spans: bool) -> Placed {
         if node == self.node_id {
             return Placed::Here;
         }
-        match nodes.iter().find(|n| n.id == node) {
+        let record = nodes.iter().find(|n| n.id == node);
+        // Extended here: the room's node said it spans nodes, and both ends have a link.
+        if spans
+            && self.link
+            && let Some(info) = record.and_then(|n| n.link.as_ref())
+        {
+            return Placed::Extended {
+                node_id: node.to_owned(),
+                entry: crate::sfu::pipe::node_entry(info.num),
+            };
+        }
+        match record {
             Some(n) => Placed::Elsewhere {
                 node_id: n.id.clone(),
                 address: n.address.clone(),
             },
             // Listed a moment ago; gone since: served here (its lease is taken over later).
             None => Placed::Here,
+        }
+    }
+
+    /// A join made `room` this big on this node: past `--cluster-span-above`, the room is
+    /// marked as extended to every node at once (the heartbeat renews the mark while it stays
+    /// that big). Bounded by [`REDIS_TIMEOUT`]; a failure only delays the mark.
+    pub async fn note_room_size(&self, room: &str, size: usize) {
+        if self.span_above == 0 || size < self.span_above {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let ttl = self.lease_ttl.as_millis() as u64;
+        let set = conn.pset_ex::<_, _, ()>(placement::span_key(room), 1, ttl);
+        if let Ok(Err(e)) | Err(e) = tokio::time::timeout(REDIS_TIMEOUT, set)
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timeout")))
+        {
+            debug!(%room, error = %e, "cluster: could not mark the room as extended");
         }
     }
 
@@ -512,6 +566,12 @@ pub enum Placed {
         node_id: String,
         address: String,
     },
+    /// Here, in a room whose node is another one (`node_id`): the room is extended here, its
+    /// home reached through that node's entry `entry` on the node link.
+    Extended {
+        node_id: String,
+        entry: crate::sfu::pipe::ShardId,
+    },
 }
 
 /// The live records of the nodes `ids` (those whose TTL has not run out), by id.
@@ -541,6 +601,8 @@ pub struct Registry {
     view: ClusterView,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    /// Carries the rooms' pipes between this node and the others (ends with the registry).
+    gateway: Option<JoinHandle<()>>,
 }
 
 /// What the registry needs to know about the node.
@@ -644,7 +706,26 @@ impl Registry {
             timing,
             counters: Arc::default(),
             conn: conn.clone(),
+            span_above: config.span_above,
+            link: true,
         };
+        // The gateway between the shards' pipes and the link.
+        let mut link = link;
+        let (removed_tx, removed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let gateway = tokio::spawn(tracing::Instrument::instrument(
+            gateway::run(
+                gateway::Gateway::new(
+                    handle.clone(),
+                    handle.take_node_pipe(),
+                    num,
+                    link.sender(),
+                    Arc::clone(&view.counters),
+                ),
+                link.take_events(),
+                removed_rx,
+            ),
+            tracing::info_span!("gateway", node = %id),
+        ));
         let (stop, stop_rx) = watch::channel(false);
         let span = tracing::info_span!("cluster", node = %id);
         let task = tokio::spawn(tracing::Instrument::instrument(
@@ -656,6 +737,8 @@ impl Registry {
                 Arc::clone(&view.counters),
                 stop_rx,
                 link,
+                removed_tx,
+                config.span_above,
             ),
             span,
         ));
@@ -664,6 +747,7 @@ impl Registry {
             view,
             stop,
             task: Some(task),
+            gateway: Some(gateway),
         }))
     }
 
@@ -689,7 +773,10 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        for task in [self.task.take(), self.gateway.take()]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
     }
@@ -708,6 +795,7 @@ fn cpu_ticks() -> Option<u64> {
     Some(user + system)
 }
 
+#[allow(clippy::too_many_arguments)] // one call site: the task's whole state, handed over once
 async fn heartbeat_loop(
     mut record: NodeRecord,
     mut conn: ConnectionManager,
@@ -715,11 +803,13 @@ async fn heartbeat_loop(
     timing: HeartbeatTiming,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
-    mut link: link::driver::LinkHandle,
+    link: link::driver::LinkHandle,
+    removed: tokio::sync::mpsc::UnboundedSender<link::NodeNum>,
+    span_above: usize,
 ) {
-    // The link's peers (the other live nodes' ends, from their records) and which are up.
+    // The link's peers (the other live nodes' ends, from their records); the gateway learns
+    // of those removed.
     let mut peers: HashMap<String, registry::LinkInfo> = HashMap::new();
-    let mut up: HashSet<link::NodeNum> = HashSet::new();
     let mut hb = Heartbeat::new(timing, std::time::Instant::now());
     let mut sampler = LoadSampler::default();
     let key = registry::node_key(&record.id);
@@ -732,23 +822,6 @@ async fn heartbeat_loop(
         tokio::select! {
             _ = tokio::time::sleep_until(due) => {}
             _ = stop.changed() => break,
-            Some(event) = link.events.recv() => {
-                // Rooms do not span nodes yet: the link carries its own pings only, and
-                // what it says is whether each peer is reachable.
-                match event {
-                    link::LinkEvent::PeerUp(p) => {
-                        up.insert(p);
-                    }
-                    link::LinkEvent::PeerDown(p) => {
-                        if up.remove(&p) {
-                            counters.link_downs.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    link::LinkEvent::Message { .. } => {}
-                }
-                counters.link_up.store(up.len() as u64, Ordering::Relaxed);
-                continue;
-            }
         }
         if *stop.borrow() {
             break;
@@ -773,8 +846,16 @@ async fn heartbeat_loop(
             };
         }
         record.heartbeat_at = unix_ms();
-        let mut rooms = handle.room_names();
-        rooms.sort();
+        // The rooms whose home is here (not those extended here from another node), and those
+        // big enough to be extended to every node.
+        let mut homed = handle.homed_rooms();
+        homed.sort();
+        let spans: Vec<String> = homed
+            .iter()
+            .filter(|(_, n)| span_above > 0 && *n >= span_above)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let rooms: Vec<String> = homed.into_iter().map(|(r, _)| r).collect();
         let released: Vec<String> = leased
             .iter()
             .filter(|r| rooms.binary_search(r).is_err())
@@ -788,7 +869,7 @@ async fn heartbeat_loop(
         for _ in 0..2 {
             let result = tokio::time::timeout(
                 REDIS_TIMEOUT,
-                beat(&mut conn, &key, &record, timing, &rooms, &released),
+                beat(&mut conn, &key, &record, timing, &rooms, &released, &spans),
             )
             .await;
             error = match result {
@@ -809,8 +890,7 @@ async fn heartbeat_loop(
             leased = rooms.into_iter().collect();
             if let Ok(Ok(nodes)) = tokio::time::timeout(REDIS_TIMEOUT, live_nodes(&mut conn)).await
             {
-                sync_peers(&record.id, &nodes, &mut peers, &mut up, &link).await;
-                counters.link_up.store(up.len() as u64, Ordering::Relaxed);
+                sync_peers(&record.id, &nodes, &mut peers, &removed, &link).await;
             }
         }
         counters.registered.store(ok, Ordering::Relaxed);
@@ -869,6 +949,7 @@ async fn beat(
     timing: HeartbeatTiming,
     rooms: &[String],
     released: &[String],
+    spans: &[String],
 ) -> redis::RedisResult<Vec<String>> {
     let stale = record
         .heartbeat_at
@@ -894,6 +975,10 @@ async fn beat(
     for room in released {
         release(&mut pipe, room, &record.id);
     }
+    for room in spans {
+        pipe.pset_ex(placement::span_key(room), 1, lease_ttl)
+            .ignore();
+    }
     pipe.query_async::<Vec<String>>(conn).await
 }
 
@@ -909,7 +994,7 @@ async fn sync_peers(
     me: &str,
     nodes: &[NodeRecord],
     peers: &mut HashMap<String, registry::LinkInfo>,
-    up: &mut HashSet<link::NodeNum>,
+    removed: &tokio::sync::mpsc::UnboundedSender<link::NodeNum>,
     handle: &link::driver::LinkHandle,
 ) {
     use base64::Engine as _;
@@ -932,7 +1017,7 @@ async fn sync_peers(
             && old.num != info.num
         {
             handle.remove_peer(old.num).await;
-            up.remove(&old.num);
+            let _ = removed.send(old.num);
         }
         debug!(node = %n.id, %addr, "node link: peer set");
         handle.set_peer(info.num, addr, key).await;
@@ -945,7 +1030,7 @@ async fn sync_peers(
     for id in gone {
         if let Some(info) = peers.remove(&id) {
             handle.remove_peer(info.num).await;
-            up.remove(&info.num);
+            let _ = removed.send(info.num);
             debug!(node = %id, "node link: peer removed (gone from the cluster)");
         }
     }

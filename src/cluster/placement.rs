@@ -15,6 +15,12 @@ pub fn room_key(room: &str) -> String {
     format!("{KEY_PREFIX}room:{room}")
 }
 
+/// The key that marks a room as extended to every node (set by the room's node while the
+/// room has `--cluster-span-above` participants there, with the lease's TTL).
+pub fn span_key(room: &str) -> String {
+    format!("{KEY_PREFIX}span:{room}")
+}
+
 /// What to do with a room's lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {

@@ -799,6 +799,9 @@ fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt:
         leases,
         link_peers_up,
         link_peer_downs,
+        extended_joins,
+        link_refused,
+        link_media_dropped,
     } = c;
     o.gauge(
         "plaza_cluster_registered",
@@ -859,6 +862,21 @@ fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt:
         "plaza_cluster_link_peer_downs",
         "Times a node link peer went silent for 3 s",
         *link_peer_downs,
+    )?;
+    o.counter(
+        "plaza_cluster_joins_extended",
+        "Joins served here in a room whose node is another one (the room extended here)",
+        *extended_joins,
+    )?;
+    o.counter(
+        "plaza_cluster_link_refused_messages",
+        "Pipe messages to other nodes the node link refused (queue full, unknown node)",
+        *link_refused,
+    )?;
+    o.counter(
+        "plaza_cluster_link_media_dropped_messages",
+        "Media from other nodes dropped because a shard's queue was full",
+        *link_media_dropped,
     )
 }
 

@@ -133,11 +133,11 @@ async fn play(
             "your token does not grant subscribing",
         );
     }
-    if let Some(res) =
-        super::whip::redirect_to_room_node(&state, &verified.room, uri, &headers).await
+    let home = match super::whip::redirect_to_room_node(&state, &verified.room, uri, &headers).await
     {
-        return res;
-    }
+        Ok(home) => home,
+        Err(res) => return res,
+    };
     let names = [verified.name.as_str(), verified.identity.as_str(), "viewer"];
     let (mut req, offer) = match session_join(&verified.room, &names, &body) {
         Ok(j) => j,
@@ -152,6 +152,7 @@ async fn play(
     grants.room_admin = false;
     grants.hidden = true;
     req.grants = grants;
+    req.home = home;
     req.view = Some(target);
     open(state, Kind::Whep, req, offer, |at| {
         vec![format!("<{at}/layer>; rel=\"{LAYER_REL}\"")]

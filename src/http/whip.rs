@@ -275,16 +275,22 @@ pub(super) fn admit(
 
 /// In a cluster, a session for a room that lives on another node is sent there: `307
 /// Temporary Redirect` to the same path and query on that node (a WHIP/WHEP client repeats
-/// its `POST` there; tokens work on every node). `None`: served here.
+/// its `POST` there; tokens work on every node) — unless the room is extended to every node
+/// (`Ok(Some(entry))`: served here, with its home on that node). `Ok(None)`: served here.
+#[allow(clippy::result_large_err)] // an HTTP handler's early answer, once per request
 pub(super) async fn redirect_to_room_node(
     state: &AppState,
     room: &str,
     uri: &Uri,
     headers: &HeaderMap,
-) -> Option<Response> {
-    let cluster = state.cluster.as_ref()?;
-    let crate::cluster::Placed::Elsewhere { node_id, address } = cluster.place(room).await else {
-        return None;
+) -> Result<Option<crate::sfu::pipe::ShardId>, Response> {
+    let Some(cluster) = state.cluster.as_ref() else {
+        return Ok(None);
+    };
+    let (node_id, address) = match cluster.place(room).await {
+        crate::cluster::Placed::Here => return Ok(None),
+        crate::cluster::Placed::Extended { entry, .. } => return Ok(Some(entry)),
+        crate::cluster::Placed::Elsewhere { node_id, address } => (node_id, address),
     };
     // Behind a TLS-terminating proxy the other node is reached the same way.
     let scheme = match headers.get("x-forwarded-proto").map(HeaderValue::as_bytes) {
@@ -298,7 +304,7 @@ pub(super) async fn redirect_to_room_node(
         StatusCode::TEMPORARY_REDIRECT,
         format!("room {room} is on node {node_id}: {location}"),
     );
-    Some(with_header(res, header::LOCATION, &location))
+    Err(with_header(res, header::LOCATION, &location))
 }
 
 /// A new WHIP session: the common checks ([`admit`]), the publish grant, then the offer.
@@ -322,9 +328,10 @@ async fn publish(
             "your token does not grant publishing media",
         );
     }
-    if let Some(res) = redirect_to_room_node(&state, &verified.room, uri, &headers).await {
-        return res;
-    }
+    let home = match redirect_to_room_node(&state, &verified.room, uri, &headers).await {
+        Ok(home) => home,
+        Err(res) => return res,
+    };
     let names = [
         verified.name.as_str(),
         name.as_deref().map(str::trim).unwrap_or_default(),
@@ -335,6 +342,7 @@ async fn publish(
         Err(res) => return res,
     };
     // A WHIP session only publishes: nothing to subscribe to, no data channels.
+    req.home = home;
     req.grants = grants;
     req.grants.subscribe = false;
     req.grants.publish_data = false;

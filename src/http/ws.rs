@@ -741,11 +741,17 @@ async fn wait_for_join(
                 Err(reply) => *reply,
                 Ok(admitted) => {
                     let room = admitted.room;
-                    // In a cluster, the room may live on another node: the client goes there.
-                    if let Some(cluster) = &state.cluster
-                        && let crate::cluster::Placed::Elsewhere { node_id, address } =
-                            cluster.place(&room).await
-                    {
+                    // In a cluster, the room may live on another node: the client goes there
+                    // (or, for a room extended to every node, it is served here).
+                    let placed = match &state.cluster {
+                        Some(cluster) => cluster.place(&room).await,
+                        None => crate::cluster::Placed::Here,
+                    };
+                    let home = match &placed {
+                        crate::cluster::Placed::Extended { entry, .. } => Some(*entry),
+                        _ => None,
+                    };
+                    if let crate::cluster::Placed::Elsewhere { node_id, address } = placed {
                         debug!(%room, node = %node_id, %address, "join redirected to the room's node");
                         let redirect = ServerMessage::Redirect {
                             room,
@@ -769,7 +775,7 @@ async fn wait_for_join(
                         grants: admitted.grants,
                         publish_only: false,
                         view: None,
-                        home: None,
+                        home,
                         timeline: crate::sfu::JoinTimeline {
                             events: timeline_events.unwrap_or(false),
                             input_tick_hz: admitted.input_tick_hz,
@@ -778,6 +784,11 @@ async fn wait_for_join(
                     };
                     match handle.join(req).await {
                         Ok(accepted) => {
+                            // A room past the cluster's threshold is extended to the other
+                            // nodes from now on.
+                            if let Some(cluster) = &state.cluster {
+                                cluster.note_room_size(&room, handle.room_size(&room)).await;
+                            }
                             return Some(Start::Joined {
                                 accepted,
                                 room,

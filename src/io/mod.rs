@@ -17,7 +17,7 @@ pub mod udp;
 
 use crate::sfu::core::CoreConfig;
 use crate::sfu::latency::LatencyHistogram;
-use crate::sfu::pipe::{Lane, PipeBatch, PipeMsg, ShardId};
+use crate::sfu::pipe::{Lane, NodePipe, PipeBatch, PipeMsg, REMOTE_BASE, RemoteBatch, ShardId};
 use crate::sfu::{Command, CoreStats, Flow, Sfu, SfuError, SfuHandle, Transmit};
 use bytes::BytesMut;
 use std::net::SocketAddr;
@@ -114,12 +114,23 @@ pub fn spawn(
     let (control, control_rxs): (Vec<_>, Vec<_>) = (0..n)
         .map(|_| mpsc::unbounded_channel::<PipeBatch>())
         .unzip();
+    // And to other nodes' shards, through the node link (when the server is in a cluster).
+    let (remote_media, out_media) = mpsc::channel::<RemoteBatch>(PIPE_QUEUE * n);
+    let (remote_control, out_control) = mpsc::unbounded_channel::<RemoteBatch>();
+    let node_pipe = NodePipe {
+        out_control,
+        out_media,
+        shard_media: media.clone(),
+        shard_control: control.clone(),
+    };
     let lanes = media_rxs.into_iter().zip(control_rxs);
     for (shard, (socket, rx)) in sockets.into_iter().zip(lanes).enumerate() {
         let pipes = Pipes {
             shard,
             media: media.clone(),
             control: control.clone(),
+            remote_media: remote_media.clone(),
+            remote_control: remote_control.clone(),
             dropped: Vec::new(),
         };
         let (tx, done) = spawn_shard(shard, config.clone(), socket, pipes, rx)?;
@@ -134,7 +145,10 @@ pub fn spawn(
         let _ = futures_util::future::select_all(stopped).await;
         let _ = done_tx.send(());
     });
-    Ok((SfuHandle::sharded(senders, spread_above), done_rx))
+    Ok((
+        SfuHandle::sharded(senders, spread_above).with_node_pipe(node_pipe),
+        done_rx,
+    ))
 }
 
 /// One shard: a core on its own thread with a current-thread runtime, owning `socket`.
@@ -308,6 +322,9 @@ struct Pipes {
     shard: ShardId,
     media: Vec<mpsc::Sender<PipeBatch>>,
     control: Vec<mpsc::UnboundedSender<PipeBatch>>,
+    /// To other nodes' shards (the node link).
+    remote_media: mpsc::Sender<RemoteBatch>,
+    remote_control: mpsc::UnboundedSender<RemoteBatch>,
     /// Messages dropped since the core was last told.
     dropped: Vec<(ShardId, Vec<PipeMsg>)>,
 }
@@ -316,6 +333,25 @@ impl Pipes {
     /// One turn's messages of one lane for shard `to`: media through its bounded queue (a full
     /// queue drops them: the sender never waits), the rest through the lane that never drops.
     fn send(&mut self, to: ShardId, lane: Lane, msgs: Vec<PipeMsg>) {
+        if to >= REMOTE_BASE {
+            let batch = RemoteBatch {
+                from: self.shard,
+                to,
+                lane,
+                msgs,
+            };
+            // Refused only without a node link (not in a cluster), or when it stopped.
+            let refused = match lane {
+                Lane::Control => self.remote_control.send(batch).err().map(|e| e.0),
+                Lane::Media => self.remote_media.try_send(batch).err().map(|e| match e {
+                    mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
+                }),
+            };
+            if let Some(b) = refused {
+                self.dropped.push((to, b.msgs));
+            }
+            return;
+        }
         if to == self.shard || to >= self.media.len() {
             self.dropped.push((to, msgs));
             return;

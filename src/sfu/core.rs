@@ -19,7 +19,7 @@ use super::ids::{PartKey, RoomKey, TrackId};
 use super::ingress::{self, Ingress, IngressStats};
 use super::keyframe::SwitchWatch;
 use super::outbox::Outbox;
-use super::pipe::{PipeMsg, PipeOut, RelayId, ShardId, Submitted, layer_bits};
+use super::pipe::{self, PipeMsg, PipeOut, RelayId, ShardId, Submitted, layer_bits};
 use super::red;
 use super::rewrite::{Rewriter, Vp8Munger};
 use super::room::{
@@ -2580,7 +2580,12 @@ impl<T: Transmit> Sfu<T> {
                     self.deliver_tick(rk, tick, ts, &entries, now);
                 }
             }
-            PipeMsg::Hello { room, to_home } => self.on_hello(from, room, to_home),
+            PipeMsg::Hello {
+                room,
+                to_home,
+                reply,
+            } => self.on_hello(from, room, to_home, reply),
+            PipeMsg::NodeGone { node, homes } => self.on_node_gone(node, homes),
             PipeMsg::Bye { room } => self.on_bye(from, &room),
             PipeMsg::Member { room, info } => self.on_remote_member(from, &room, info),
             PipeMsg::MemberLeft {
@@ -2620,7 +2625,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// Shard `from` hosts `room` now: it gets our participants and tracks of the room (or,
     /// if the room is not open here yet, it is greeted when it opens).
-    fn on_hello(&mut self, from: ShardId, room: String, to_home: bool) {
+    fn on_hello(&mut self, from: ShardId, room: String, to_home: bool, reply: bool) {
         if to_home && !self.room_keys.contains_key(&room) {
             // This shard is the room's home but no longer has it (its participants left
             // while another shard joined): it holds the room again, for its timeline.
@@ -2646,7 +2651,16 @@ impl<T: Transmit> Sfu<T> {
             return;
         };
         debug!(room = %room, shard = from, "room spans another shard");
-        r.peers.insert(from);
+        if r.peers.insert(from) && reply {
+            self.pipe_out.push(
+                from,
+                PipeMsg::Hello {
+                    room: room.clone(),
+                    to_home: false,
+                    reply: false,
+                },
+            );
+        }
         for m in &r.members {
             if let Some(p) = r.parts.get(m).filter(|p| !p.grants.hidden) {
                 self.pipe_out.push(
@@ -2679,6 +2693,44 @@ impl<T: Transmit> Sfu<T> {
                 },
             );
         }
+    }
+
+    /// Node `node` is gone: each of its shards leaves every room here, and the rooms whose
+    /// home was there get the new one (`None`: this shard).
+    fn on_node_gone(&mut self, node: u32, homes: Vec<(String, Option<ShardId>)>) {
+        let on_node = |s: &ShardId| pipe::split_remote(*s).is_some_and(|(n, _)| n == node);
+        for (room, home) in homes {
+            if let Some(r) = self
+                .room_keys
+                .get(&room)
+                .and_then(|k| self.rooms.get_mut(k))
+                && r.home.is_some_and(|h| on_node(&h))
+            {
+                info!(room = %room, home = ?home, "the room's home node is gone: new home");
+                r.home = home;
+            }
+        }
+        let gone: Vec<(String, ShardId)> = self
+            .rooms
+            .values()
+            .flat_map(|r| {
+                let remote = r.remote.values().map(|m| m.shard);
+                r.peers
+                    .iter()
+                    .copied()
+                    .chain(remote)
+                    .filter(on_node)
+                    .map(|s| (r.name.clone(), s))
+                    .collect::<BTreeSet<_>>()
+            })
+            .collect();
+        for (room, shard) in gone {
+            self.on_bye(shard, &room);
+        }
+        self.early_hellos.retain(|_, from| {
+            from.retain(|s| !on_node(s));
+            !from.is_empty()
+        });
     }
 
     /// Shard `from` no longer hosts `room`.
@@ -3186,8 +3238,11 @@ impl<T: Transmit> Sfu<T> {
             // The room's other shards (and any that greeted it before it opened here) are
             // greeted: each answers with its participants and tracks. The home is greeted
             // even when it has no participant of the room any more (it keeps the room).
+            // A home on another node is greeted through that node's entry, which is not a
+            // peer: the room's shards there greet back (`reply`) and become peers.
             r.peers.extend(req.peers.iter().copied());
-            r.peers.extend(req.home);
+            r.peers
+                .extend(req.home.filter(|&h| !pipe::is_node_entry(h)));
             r.peers
                 .extend(self.early_hellos.remove(&room).unwrap_or_default());
             for &peer in &r.peers {
@@ -3196,6 +3251,17 @@ impl<T: Transmit> Sfu<T> {
                     PipeMsg::Hello {
                         room: room.clone(),
                         to_home: Some(peer) == req.home,
+                        reply: false,
+                    },
+                );
+            }
+            if let Some(entry) = req.home.filter(|&h| pipe::is_node_entry(h)) {
+                self.pipe_out.push(
+                    entry,
+                    PipeMsg::Hello {
+                        room: room.clone(),
+                        to_home: true,
+                        reply: true,
                     },
                 );
             }

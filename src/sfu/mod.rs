@@ -615,6 +615,8 @@ pub struct SfuHandle {
     placement: std::sync::Arc<std::sync::Mutex<placement::Placement>>,
     /// Webhook events from the HTTP side (WHIP/WHEP sessions) and their counters.
     webhooks: Option<crate::webhook::Emitter>,
+    /// The shards' pipes to and from other nodes, until the node link takes them.
+    node_pipe: std::sync::Arc<std::sync::Mutex<Option<pipe::NodePipe>>>,
 }
 
 #[allow(clippy::disallowed_types)] // as above
@@ -635,7 +637,52 @@ impl SfuHandle {
                 spread_above,
             ))),
             webhooks: None,
+            node_pipe: std::sync::Arc::default(),
         }
+    }
+
+    /// With the shards' pipes to other nodes (for [`SfuHandle::take_node_pipe`]).
+    pub fn with_node_pipe(self, pipe: pipe::NodePipe) -> Self {
+        *self
+            .node_pipe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pipe);
+        self
+    }
+
+    /// The shards' pipes to other nodes, for the node link (once).
+    pub fn take_node_pipe(&self) -> Option<pipe::NodePipe> {
+        self.node_pipe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// A shard of another node greeted this node's entry for `room`: where the greeting goes
+    /// (see [`placement::Placement::entry_hello`]).
+    pub fn entry_hello(&self, room: &str, from: pipe::ShardId) -> placement::Fanout {
+        self.placement().entry_hello(room, from)
+    }
+
+    /// The room's shards here, and whether each is its home.
+    pub fn entry_targets(&self, room: &str) -> Vec<(pipe::ShardId, bool)> {
+        self.placement().entry_targets(room)
+    }
+
+    /// A shard of another node no longer hosts `room`.
+    pub fn remote_bye(&self, room: &str, from: pipe::ShardId) {
+        self.placement().remote_bye(room, from);
+    }
+
+    /// The node numbered `node` is gone: the rooms whose home was there, and their new home.
+    pub fn node_gone(&self, node: u32) -> Vec<(String, pipe::ShardId)> {
+        self.placement().node_gone(node)
+    }
+
+    /// The rooms open here whose home is here (in a cluster: those whose lease this node
+    /// holds), with their participants here.
+    pub fn homed_rooms(&self) -> Vec<(String, usize)> {
+        self.placement().homed_room_sizes()
     }
 
     /// With webhook events going to `emitter` (`None`: off).
@@ -670,6 +717,11 @@ impl SfuHandle {
         &self.shards[i.min(self.shards.len() - 1)]
     }
 
+    /// Participants (joined or joining) in `room` on this server.
+    pub fn room_size(&self, room: &str) -> usize {
+        self.placement().room_size(room)
+    }
+
     /// The names of the rooms open on this server (with participants joined or joining).
     pub fn room_names(&self) -> Vec<String> {
         self.placement().room_names()
@@ -685,8 +737,11 @@ impl SfuHandle {
         let room = req.room.clone();
         let identity = req.identity.clone();
         // Refused past the per-server caps before anything is held or sent.
+        // (A room extended here from another node names that node's entry as its home.)
+        let remote_home = req.home.filter(|&h| pipe::split_remote(h).is_some());
         let placement::Place { shard, peers, home } =
-            self.placement().reserve(&room, identity.as_deref())?;
+            self.placement()
+                .reserve_in(&room, identity.as_deref(), remote_home)?;
         req.peers = peers;
         req.home = (home != shard).then_some(home);
         // Given back if the join fails, or if this future is dropped before the answer (the
@@ -770,7 +825,13 @@ impl SfuHandle {
             let named = !to.is_empty();
             let (home, to) = {
                 let placement = self.placement();
-                let Some(home) = placement.home_of(room) else {
+                // (A room extended here from another node: one of its shards here, which
+                // hands the message to the home.)
+                let Some(home) = placement
+                    .home_of(room)
+                    .filter(|&h| h < self.shards.len())
+                    .or_else(|| placement.room_shards(room).first().copied())
+                else {
                     return Err(AdminError::RoomNotFound(room.to_owned()));
                 };
                 let to: Vec<Target> = to

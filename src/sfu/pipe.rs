@@ -42,8 +42,36 @@ use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use std::time::Instant;
 
-/// A shard's index (`0..workers`).
+/// A shard: a local shard's index (`0..workers`), or a shard of another node
+/// ([`remote_shard`]): the same messages reach it over the node link (`crate::cluster::link`).
 pub type ShardId = usize;
+
+/// Shard ids from here on are other nodes' shards ([`remote_shard`]).
+pub const REMOTE_BASE: ShardId = 1 << 16;
+/// The shard number that stands for "the room's shards on that node" ([`node_entry`]).
+pub const ANY_SHARD: u16 = u16::MAX;
+
+/// Shard `shard` of the node numbered `node` on the node link.
+pub fn remote_shard(node: u32, shard: u16) -> ShardId {
+    ((node as usize + 1) << 16) | shard as usize
+}
+
+/// A node's entry for a room: a message to it reaches the room's shards on that node (its
+/// home, for what only the home handles). A room extended from another node names its home
+/// so, since the node it joins through does not know which of the home node's shards that is.
+pub fn node_entry(node: u32) -> ShardId {
+    remote_shard(node, ANY_SHARD)
+}
+
+/// The node and shard of a remote shard id; `None` for a local shard.
+pub fn split_remote(id: ShardId) -> Option<(u32, u16)> {
+    (id >= REMOTE_BASE).then(|| (((id >> 16) - 1) as u32, (id & 0xFFFF) as u16))
+}
+
+/// Whether `id` is a node's entry ([`node_entry`]).
+pub fn is_node_entry(id: ShardId) -> bool {
+    split_remote(id).is_some_and(|(_, s)| s == ANY_SHARD)
+}
 
 /// A track's number on the pipe, chosen by its publisher's shard.
 pub type RelayId = u32;
@@ -53,8 +81,13 @@ pub type RelayId = u32;
 pub enum PipeMsg {
     /// The sender hosts `room` now: tell it about the room. `to_home`: the receiver is the
     /// room's home (it keeps the room, even without participants of its own, while another
-    /// shard hosts it).
-    Hello { room: String, to_home: bool },
+    /// shard hosts it). `reply`: the sender does not know the receiver yet (it greeted another
+    /// node's entry, [`node_entry`]): the receiver greets it back, so that each learns the other.
+    Hello {
+        room: String,
+        to_home: bool,
+        reply: bool,
+    },
     /// The sender no longer hosts `room` (its last participant left).
     Bye { room: String },
     /// A participant of `room` on the sender (joined, or already there when a shard said
@@ -151,6 +184,13 @@ pub enum PipeMsg {
         room: String,
         speakers: Vec<SpeakerInfo>,
     },
+    /// (From this node's link, never sent over it.) The node numbered `node` is gone (its
+    /// link went silent): each of its shards says goodbye to every room. `homes`: the rooms
+    /// whose home was there, and their new home (`None`: the receiver).
+    NodeGone {
+        node: u32,
+        homes: Vec<(String, Option<ShardId>)>,
+    },
 }
 
 /// A data-channel message as its sender's shard hands it to the room's home.
@@ -171,7 +211,7 @@ pub struct Submitted {
 }
 
 /// Which of a shard's two queues a batch goes through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Lane {
     /// Everything but media: never dropped.
     Control = 0,
@@ -196,20 +236,71 @@ pub struct PipeBatch {
     pub msgs: Vec<PipeMsg>,
 }
 
+/// A turn's messages of one lane from local shard `from` to another node's shard `to`
+/// ([`remote_shard`]), on their way to the node link.
+#[derive(Debug)]
+pub struct RemoteBatch {
+    pub from: ShardId,
+    pub to: ShardId,
+    pub lane: Lane,
+    pub msgs: Vec<PipeMsg>,
+}
+
+/// The node's end of its shards' pipes, for the node link (`crate::cluster::gateway`): what
+/// the shards hand to other nodes' shards, and each shard's two lanes, to deliver what comes
+/// from them.
+#[derive(Debug)]
+pub struct NodePipe {
+    pub out_control: tokio::sync::mpsc::UnboundedReceiver<RemoteBatch>,
+    pub out_media: tokio::sync::mpsc::Receiver<RemoteBatch>,
+    pub shard_media: Vec<tokio::sync::mpsc::Sender<PipeBatch>>,
+    pub shard_control: Vec<tokio::sync::mpsc::UnboundedSender<PipeBatch>>,
+}
+
+impl PipeMsg {
+    /// The room the message is about, when it names one.
+    pub fn room(&self) -> Option<&str> {
+        match self {
+            PipeMsg::Hello { room, .. }
+            | PipeMsg::Bye { room }
+            | PipeMsg::Member { room, .. }
+            | PipeMsg::MemberLeft { room, .. }
+            | PipeMsg::TrackOpen { room, .. }
+            | PipeMsg::Submit { room, .. }
+            | PipeMsg::Data { room, .. }
+            | PipeMsg::History { room, .. }
+            | PipeMsg::Tell { room, .. }
+            | PipeMsg::Tick { room, .. }
+            | PipeMsg::Quality { room, .. }
+            | PipeMsg::Speakers { room, .. } => Some(room),
+            PipeMsg::TrackClose { .. }
+            | PipeMsg::Muted { .. }
+            | PipeMsg::Admin { .. }
+            | PipeMsg::Rtp { .. }
+            | PipeMsg::Keyframe { .. }
+            | PipeMsg::Needed { .. }
+            | PipeMsg::NodeGone { .. } => None,
+        }
+    }
+
+    /// Only the room's home handles it.
+    pub fn for_home(&self) -> bool {
+        matches!(self, PipeMsg::Submit { .. } | PipeMsg::History { .. })
+    }
+}
+
 /// Messages waiting for the end of the turn, per destination shard and lane.
 #[derive(Debug, Default)]
 pub struct PipeOut {
-    queues: Vec<[Vec<PipeMsg>; 2]>,
+    /// Per destination (few: the shards and nodes sharing rooms with this one), in order.
+    queues: std::collections::BTreeMap<ShardId, [Vec<PipeMsg>; 2]>,
     waiting: usize,
 }
 
 impl PipeOut {
     /// Queue `msg` for shard `to`.
     pub fn push(&mut self, to: ShardId, msg: PipeMsg) {
-        if self.queues.len() <= to {
-            self.queues.resize_with(to + 1, Default::default);
-        }
-        self.queues[to][msg.lane() as usize].push(msg);
+        self.queues.entry(to).or_default()[msg.lane() as usize].push(msg);
         self.waiting += 1;
     }
 
@@ -221,7 +312,7 @@ impl PipeOut {
     /// announces a track goes before its media).
     pub fn take(&mut self) -> impl Iterator<Item = (ShardId, Lane, Vec<PipeMsg>)> + '_ {
         self.waiting = 0;
-        self.queues.iter_mut().enumerate().flat_map(|(to, lanes)| {
+        self.queues.iter_mut().flat_map(|(&to, lanes)| {
             let [control, media] = lanes;
             [(Lane::Control, control), (Lane::Media, media)]
                 .into_iter()
@@ -254,6 +345,7 @@ mod tests {
             PipeMsg::Hello {
                 room: "a".to_owned(),
                 to_home: false,
+                reply: false,
             },
         );
         out.push(0, PipeMsg::TrackClose { relay: 1 });
@@ -279,6 +371,19 @@ mod tests {
         assert!(matches!(batches[2].2[..], [PipeMsg::Rtp { relay: 2, .. }]));
         assert!(out.is_empty());
         assert_eq!(out.take().count(), 0);
+    }
+
+    #[test]
+    fn remote_shard_ids() {
+        assert_eq!(split_remote(3), None);
+        let id = remote_shard(7, 2);
+        assert!(id >= REMOTE_BASE);
+        assert_eq!(split_remote(id), Some((7, 2)));
+        assert!(!is_node_entry(id));
+        assert_eq!(split_remote(remote_shard(u32::MAX, 0)), Some((u32::MAX, 0)));
+        assert!(is_node_entry(node_entry(0)));
+        assert_eq!(split_remote(node_entry(0)), Some((0, ANY_SHARD)));
+        assert!(!is_node_entry(5));
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //! participant cap (for a moment both are counted: the old one leaves when replaced).
 
 use super::admin::Target;
-use std::collections::HashMap;
+use super::pipe::{self, ShardId};
+use std::collections::{BTreeSet, HashMap};
 
 /// Room → shards, participant → shard, and each shard's load.
 #[derive(Debug)]
@@ -36,8 +37,22 @@ pub struct Placement {
     spread_above: usize,
     caps: JoinCaps,
     /// Room → its home shard: where its first participant went, for as long as the room is
-    /// known here. The home sequences the room's timeline (`super::timeline`).
+    /// known here. The home sequences the room's timeline (`super::timeline`). For a room
+    /// extended here from another node: that node's entry (`super::pipe::node_entry`).
     homes: HashMap<String, usize>,
+    /// Room → the other nodes' shards that extended it from here (they greeted this node's
+    /// entry): they are greeted by the room's later shards here, and keep the room known.
+    remote: HashMap<String, BTreeSet<ShardId>>,
+}
+
+/// Where a message to this node's entry for a room goes ([`Placement::entry_hello`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fanout {
+    /// The room's shards here, and whether each is its home.
+    pub local: Vec<(ShardId, bool)>,
+    /// The shards of other nodes that extended the room from here (not the greeter's node):
+    /// the greeting is passed on to them, so that the room's nodes all know each other.
+    pub introduce: Vec<ShardId>,
 }
 
 /// Per-server caps on joins (0: unlimited).
@@ -82,6 +97,7 @@ impl Placement {
             spread_above,
             caps: JoinCaps::default(),
             homes: HashMap::new(),
+            remote: HashMap::new(),
         }
     }
 
@@ -110,6 +126,138 @@ impl Placement {
         self.rooms.keys().cloned().collect()
     }
 
+    /// The names of the rooms open whose home is here (not extended from another node): the
+    /// rooms this node holds the lease of in a cluster.
+    pub fn homed_room_names(&self) -> Vec<String> {
+        self.rooms
+            .keys()
+            .filter(|r| {
+                self.homes
+                    .get(*r)
+                    .is_none_or(|&h| pipe::split_remote(h).is_none())
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Participants here per room whose home is here.
+    pub fn homed_room_sizes(&self) -> Vec<(String, usize)> {
+        self.homed_room_names()
+            .into_iter()
+            .map(|r| {
+                let n = self.room_size(&r);
+                (r, n)
+            })
+            .collect()
+    }
+
+    /// Shard `from` of another node greeted this node's entry for `room` (it extends the room
+    /// from here): it is remembered as one of the room's shards, and the greeting goes to the
+    /// room's shards here (its home included, even without participants: it keeps the room
+    /// for its timeline) and is passed on to the room's shards on third nodes. A room not
+    /// known here (its last participant left meanwhile) is opened again, with a home on the
+    /// least-loaded shard.
+    pub fn entry_hello(&mut self, room: &str, from: ShardId) -> Fanout {
+        let room = room.trim();
+        let n = self.load.len();
+        if !self.rooms.contains_key(room) {
+            self.rooms.insert(room.to_owned(), vec![0; n]);
+            let home = (0..n).min_by_key(|&i| (self.load[i], i)).unwrap_or(0);
+            self.homes.insert(room.to_owned(), home);
+        }
+        let from_node = pipe::split_remote(from).map(|(node, _)| node);
+        let remote = self.remote.entry(room.to_owned()).or_default();
+        let introduce = remote
+            .iter()
+            .copied()
+            .filter(|&s| pipe::split_remote(s).map(|(node, _)| node) != from_node)
+            .collect();
+        remote.insert(from);
+        Fanout {
+            local: self.entry_targets(room),
+            introduce,
+        }
+    }
+
+    /// The room's shards here and whether each is its home (for messages to this node's
+    /// entry): those with participants, and the home.
+    pub fn entry_targets(&self, room: &str) -> Vec<(ShardId, bool)> {
+        let room = room.trim();
+        let home = self.homes.get(room).copied();
+        let mut out: Vec<(ShardId, bool)> = self
+            .rooms
+            .get(room)
+            .map(|c| {
+                (0..c.len())
+                    .filter(|&i| c[i] > 0 || Some(i) == home)
+                    .map(|i| (i, Some(i) == home))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if out.is_empty()
+            && let Some(h) = home.filter(|&h| h < self.load.len())
+        {
+            out.push((h, true));
+        }
+        out
+    }
+
+    /// Shard `from` of another node no longer hosts `room`.
+    pub fn remote_bye(&mut self, room: &str, from: ShardId) {
+        let room = room.trim();
+        if let Some(set) = self.remote.get_mut(room) {
+            set.remove(&from);
+            if set.is_empty() {
+                self.remote.remove(room);
+            }
+        }
+        self.forget_if_empty(room);
+    }
+
+    /// The node numbered `node` is gone: its shards are forgotten, and each room whose home
+    /// was there gets a new one here (the shard with most of its participants). Returns those
+    /// rooms and their new homes.
+    pub fn node_gone(&mut self, node: u32) -> Vec<(String, ShardId)> {
+        let on_node = |s: ShardId| pipe::split_remote(s).is_some_and(|(n, _)| n == node);
+        let mut emptied = Vec::new();
+        for (room, set) in &mut self.remote {
+            set.retain(|&s| !on_node(s));
+            if set.is_empty() {
+                emptied.push(room.clone());
+            }
+        }
+        for room in &emptied {
+            self.remote.remove(room);
+        }
+        let mut moved = Vec::new();
+        for (room, home) in &mut self.homes {
+            if on_node(*home) {
+                let per_shard = self.rooms.get(room).map(Vec::as_slice).unwrap_or(&[]);
+                let new = (0..per_shard.len())
+                    .max_by_key(|&i| (per_shard[i], std::cmp::Reverse(i)))
+                    .unwrap_or(0);
+                *home = new;
+                moved.push((room.clone(), new));
+            }
+        }
+        for room in emptied {
+            self.forget_if_empty(&room);
+        }
+        moved.sort();
+        moved
+    }
+
+    fn forget_if_empty(&mut self, room: &str) {
+        let empty = self
+            .rooms
+            .get(room)
+            .is_some_and(|c| c.iter().all(|&c| c == 0));
+        if empty && !self.remote.contains_key(room) {
+            self.rooms.remove(room);
+            self.homes.remove(room);
+        }
+    }
+
     /// Participants (joined or joining) in `room`, over all its shards.
     pub fn room_size(&self, room: &str) -> usize {
         self.rooms.get(room.trim()).map_or(0, |c| c.iter().sum())
@@ -126,6 +274,17 @@ impl Placement {
     /// past [`JoinCaps::max_participants_per_room`] (a rejoin of an identity in the room is
     /// never refused).
     pub fn reserve(&mut self, room: &str, identity: Option<&str>) -> Result<Place, Refusal> {
+        self.reserve_in(room, identity, None)
+    }
+
+    /// [`Placement::reserve`] for a room whose home is on another node (its entry,
+    /// `remote_home`) when the room is not known here yet: the room is extended here.
+    pub fn reserve_in(
+        &mut self,
+        room: &str,
+        identity: Option<&str>,
+        remote_home: Option<ShardId>,
+    ) -> Result<Place, Refusal> {
         let room = room.trim();
         let known = identity.and_then(|id| {
             self.identities
@@ -174,10 +333,14 @@ impl Placement {
             // a tie).
             least_loaded(&self.load, per_shard)
         };
-        let peers = (0..n).filter(|&i| i != shard && per_shard[i] > 0).collect();
+        let mut peers: Vec<ShardId> = (0..n).filter(|&i| i != shard && per_shard[i] > 0).collect();
         per_shard[shard] += 1;
         self.load[shard] += 1;
-        let home = *self.homes.entry(room.to_owned()).or_insert(shard);
+        let home = *self
+            .homes
+            .entry(room.to_owned())
+            .or_insert(remote_home.unwrap_or(shard));
+        peers.extend(self.remote.get(room).into_iter().flatten().copied());
         Ok(Place { shard, peers, home })
     }
 
@@ -262,11 +425,8 @@ impl Placement {
             if let Some(c) = per_shard.get_mut(shard) {
                 *c = c.saturating_sub(1);
             }
-            if per_shard.iter().all(|&c| c == 0) {
-                self.rooms.remove(room);
-                self.homes.remove(room);
-            }
         }
+        self.forget_if_empty(room);
     }
 }
 

@@ -1,8 +1,8 @@
-//! The link's message codec: one [`LinkMsg`] (a [`PipeMsg`] addressed by room scope and
-//! shards) to bytes and back.
+//! The link's message codec: one [`LinkMsg`] (a [`PipeMsg`] addressed by node and shards) to
+//! bytes and back.
 //!
 //! ```text
-//! kind u8 | scope u32 | from shard u16 | to shard u16 | body
+//! kind u8 | origin u32 | from shard u16 | to shard u16 | body
 //!   kind 0 (RTP):     relay u32 | layer u8 | the RTP packet as `rtp::Packet` marshals it
 //!   kind 1 (control): the message as JSON (`Wire`, a mirror of `PipeMsg` without `Rtp`)
 //! ```
@@ -31,7 +31,7 @@ use std::time::Instant;
 /// The largest encoded message (a control message, once its fragments are put together).
 pub const MAX_MESSAGE: usize = 256 * 1024;
 
-/// Bytes before a message's body: kind, scope, from shard, to shard.
+/// Bytes before a message's body: kind, origin, from shard, to shard.
 pub const MSG_HEADER_LEN: usize = 1 + 4 + 2 + 2;
 
 /// Bytes of an RTP message before the packet: the message header, relay, layer.
@@ -51,11 +51,12 @@ pub const ROOM_EVENTS: &[&str] = &[
     "permissions_changed",
 ];
 
-/// One pipe message between two nodes: from shard `from_shard` of the sending node to shard
-/// `to_shard` of the receiving one, about the room the two nodes call `scope`.
+/// One pipe message between two nodes: from shard `from_shard` of node `origin` (the sending
+/// node, or a node whose greeting the sender passes on: see `crate::cluster::gateway`) to
+/// shard `to_shard` of the receiving node (`ANY_SHARD`: the room's shards there).
 #[derive(Debug, Clone)]
 pub struct LinkMsg {
-    pub scope: u32,
+    pub origin: u32,
     pub from_shard: ShardId,
     pub to_shard: ShardId,
     pub msg: PipeMsg,
@@ -84,6 +85,9 @@ pub enum CodecError {
 
 /// Appends `m` to `out`.
 pub fn encode(m: &LinkMsg, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    if matches!(m.msg, PipeMsg::NodeGone { .. }) {
+        return Err(CodecError::Control("a node-local message".to_owned()));
+    }
     let start = out.len();
     let shard = |s: ShardId| u16::try_from(s).map_err(|_| CodecError::ShardOutOfRange(s));
     let (from, to) = (shard(m.from_shard)?, shard(m.to_shard)?);
@@ -93,7 +97,7 @@ pub fn encode(m: &LinkMsg, out: &mut Vec<u8>) -> Result<(), CodecError> {
         KIND_CONTROL
     };
     out.push(kind);
-    out.extend_from_slice(&m.scope.to_be_bytes());
+    out.extend_from_slice(&m.origin.to_be_bytes());
     out.extend_from_slice(&from.to_be_bytes());
     out.extend_from_slice(&to.to_be_bytes());
     let res = match &m.msg {
@@ -131,7 +135,7 @@ pub fn decode(b: &[u8], now: Instant) -> Result<LinkMsg, CodecError> {
     }
     let mut r = Reader(b);
     let kind = r.u8()?;
-    let scope = r.u32()?;
+    let origin = r.u32()?;
     let from_shard = r.u16()? as ShardId;
     let to_shard = r.u16()? as ShardId;
     let msg = match kind {
@@ -157,7 +161,7 @@ pub fn decode(b: &[u8], now: Instant) -> Result<LinkMsg, CodecError> {
         k => return Err(CodecError::UnknownKind(k)),
     };
     Ok(LinkMsg {
-        scope,
+        origin,
         from_shard,
         to_shard,
         msg,
@@ -240,6 +244,8 @@ enum Wire {
     Hello {
         room: String,
         to_home: bool,
+        #[serde(default)]
+        reply: bool,
     },
     Bye {
         room: String,
@@ -319,6 +325,8 @@ enum Wire {
     },
     /// Stands for `PipeMsg::Rtp` (never encoded: it has its own form); refused by the decoder.
     Rtp,
+    /// Stands for messages a node never sends (`PipeMsg::NodeGone`); refused by the decoder.
+    Local,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -362,7 +370,16 @@ struct WireEntry {
 impl Wire {
     fn from_msg(m: &PipeMsg) -> Wire {
         match m.clone() {
-            PipeMsg::Hello { room, to_home } => Wire::Hello { room, to_home },
+            PipeMsg::Hello {
+                room,
+                to_home,
+                reply,
+            } => Wire::Hello {
+                room,
+                to_home,
+                reply,
+            },
+            PipeMsg::NodeGone { .. } => Wire::Local,
             PipeMsg::Bye { room } => Wire::Bye { room },
             PipeMsg::Member { room, info } => Wire::Member { room, info },
             PipeMsg::MemberLeft {
@@ -494,7 +511,15 @@ impl Wire {
 
     fn into_msg(self) -> Result<PipeMsg, CodecError> {
         Ok(match self {
-            Wire::Hello { room, to_home } => PipeMsg::Hello { room, to_home },
+            Wire::Hello {
+                room,
+                to_home,
+                reply,
+            } => PipeMsg::Hello {
+                room,
+                to_home,
+                reply,
+            },
             Wire::Bye { room } => PipeMsg::Bye { room },
             Wire::Member { room, info } => PipeMsg::Member { room, info },
             Wire::MemberLeft {
@@ -539,6 +564,7 @@ impl Wire {
             },
             Wire::Admin { op } => PipeMsg::Admin { op },
             Wire::Rtp => return Err(CodecError::Control("RTP as a control message".to_owned())),
+            Wire::Local => return Err(CodecError::Control("a node-local message".to_owned())),
             Wire::Keyframe { relay, layer } => PipeMsg::Keyframe { relay, layer },
             Wire::Needed {
                 relay,
@@ -777,6 +803,7 @@ pub(crate) mod arbitrary {
             0 => PipeMsg::Hello {
                 room,
                 to_home: r.random_bool(0.5),
+                reply: r.random_bool(0.5),
             },
             1 => PipeMsg::Bye { room },
             2 => PipeMsg::Member {
@@ -930,7 +957,7 @@ pub(crate) mod arbitrary {
     /// A random message addressed between random shards.
     pub fn link_msg(r: &mut StdRng, kind: usize, now: Instant) -> LinkMsg {
         LinkMsg {
-            scope: r.random(),
+            origin: r.random(),
             from_shard: r.random_range(0..64),
             to_shard: r.random_range(0..64),
             msg: msg(r, kind, now),
@@ -970,7 +997,7 @@ mod tests {
         let mut r = StdRng::seed_from_u64(2);
         let packet = arbitrary::packet(&mut r, 1000);
         let m = LinkMsg {
-            scope: 1,
+            origin: 1,
             from_shard: 2,
             to_shard: 3,
             msg: PipeMsg::Rtp {
@@ -1099,7 +1126,7 @@ mod tests {
     #[test]
     fn shards_past_the_wire_format_are_refused() {
         let m = LinkMsg {
-            scope: 0,
+            origin: 0,
             from_shard: 70_000,
             to_shard: 0,
             msg: PipeMsg::Bye { room: "r".into() },

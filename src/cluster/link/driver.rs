@@ -2,7 +2,7 @@
 //! go in through [`LinkHandle::send`], events come out of [`LinkHandle::events`].
 
 // The driver reads the clock once per turn and hands it to the link, as `src/io` does.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)] // (and an Arc counter shared with the gateway)
 
 use super::codec::LinkMsg;
 use super::seal::Key;
@@ -38,6 +38,12 @@ enum Cmd {
     },
     RemovePeer(NodeNum),
     Stats(oneshot::Sender<LinkStats>),
+    SendBatch {
+        peer: NodeNum,
+        lane: Lane,
+        msgs: Vec<LinkMsg>,
+        refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    },
 }
 
 /// The handle to a running link.
@@ -90,9 +96,65 @@ impl LinkHandle {
         rx.await.ok()
     }
 
+    /// A sender of messages to the link, for another task.
+    pub fn sender(&self) -> LinkSender {
+        LinkSender {
+            cmds: self.cmds.clone(),
+        }
+    }
+
+    /// What the link delivers, for another task (this handle's `events` then stays empty).
+    pub fn take_events(&mut self) -> mpsc::Receiver<LinkEvent> {
+        std::mem::replace(&mut self.events, mpsc::channel(1).1)
+    }
+
     /// Stops the task.
     pub fn abort(&self) {
         self.task.abort();
+    }
+}
+
+/// Sends messages to a running link (cloneable).
+#[derive(Clone)]
+pub struct LinkSender {
+    cmds: mpsc::Sender<Cmd>,
+}
+
+impl LinkSender {
+    /// Queues `msg` and waits for the link's answer (refused: unknown peer, too large, queue
+    /// full, …).
+    pub async fn send(&self, peer: NodeNum, lane: Lane, msg: LinkMsg) -> Result<(), LinkError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = Cmd::Send {
+            peer,
+            lane,
+            msg,
+            done: Some(tx),
+        };
+        if self.cmds.send(cmd).await.is_err() {
+            return Err(LinkError::UnknownPeer(peer));
+        }
+        rx.await.unwrap_or(Err(LinkError::UnknownPeer(peer)))
+    }
+
+    /// Queues `msgs` (one batch) without waiting for the link's answer; `refused` is told how
+    /// many the link refused.
+    pub async fn send_batch(
+        &self,
+        peer: NodeNum,
+        lane: Lane,
+        msgs: Vec<LinkMsg>,
+        refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        let _ = self
+            .cmds
+            .send(Cmd::SendBatch {
+                peer,
+                lane,
+                msgs,
+                refused,
+            })
+            .await;
     }
 }
 
@@ -185,6 +247,21 @@ fn apply(link: &mut Link, c: Cmd) {
             let r = link.send(peer, lane, &msg);
             if let Some(done) = done {
                 let _ = done.send(r);
+            }
+        }
+        Cmd::SendBatch {
+            peer,
+            lane,
+            msgs,
+            refused,
+        } => {
+            let n = msgs
+                .iter()
+                .filter(|m| link.send(peer, lane, m).is_err())
+                .count();
+            if n > 0 {
+                refused.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                tracing::trace!(peer, n, "node link: messages refused");
             }
         }
         Cmd::SetPeer { id, addr, key } => link.set_peer(id, addr, key),
