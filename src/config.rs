@@ -53,7 +53,7 @@
 //! development key.
 //!
 //! Cluster: `--redis URL` (`PLAZA_REDIS`; none: one node, no Redis code runs), `--node-id`,
-//! `--node-address`, `--cluster-span-above` ([`crate::cluster`]). The URL's password is redacted in `Debug` output.
+//! `--node-address`, `--cluster-span-above`, `--cluster-link-port` ([`crate::cluster`]). The URL's password is redacted in `Debug` output.
 //!
 //! The loader takes the environment as a lookup function ([`Config::load_from`]), so tests
 //! never depend on the process environment. Empty environment variables count as unset
@@ -579,6 +579,10 @@ struct Args {
     /// link [env: PLAZA_CLUSTER_SPAN_ABOVE] [default: 0: never, joins go to the room's node]
     #[arg(long = "cluster-span-above", value_name = "N")]
     cluster_span_above: Option<usize>,
+    /// UDP port of the encrypted node-to-node link (on the media bind address); other nodes
+    /// must reach it [env: PLAZA_CLUSTER_LINK_PORT] [default: 0: an ephemeral port]
+    #[arg(long = "cluster-link-port", value_name = "PORT")]
+    cluster_link_port: Option<u16>,
     /// Webhook events that may wait (from the server, and per URL); more are dropped
     /// [env: PLAZA_WEBHOOK_QUEUE] [default: 10000]
     #[arg(long, value_name = "N")]
@@ -772,6 +776,7 @@ struct FileConfig {
     node_id: Option<String>,
     node_address: Option<String>,
     cluster_span_above: Option<usize>,
+    cluster_link_port: Option<u16>,
 }
 
 /// One layer of optional settings (flags, env or file).
@@ -824,6 +829,7 @@ struct Layer {
     node_id: Option<String>,
     node_address: Option<String>,
     cluster_span_above: Option<usize>,
+    cluster_link_port: Option<u16>,
     webhook_queue: Option<usize>,
     webhook_retry_for: Option<f64>,
     webhook_backoff_min: Option<f64>,
@@ -889,6 +895,7 @@ impl Layer {
             node_id: self.node_id.or(lower.node_id),
             node_address: self.node_address.or(lower.node_address),
             cluster_span_above: self.cluster_span_above.or(lower.cluster_span_above),
+            cluster_link_port: self.cluster_link_port.or(lower.cluster_link_port),
             webhook_queue: self.webhook_queue.or(lower.webhook_queue),
             webhook_retry_for: self.webhook_retry_for.or(lower.webhook_retry_for),
             webhook_backoff_min: self.webhook_backoff_min.or(lower.webhook_backoff_min),
@@ -953,6 +960,7 @@ impl From<Args> for Layer {
             node_id: non_empty(a.node_id),
             node_address: non_empty(a.node_address),
             cluster_span_above: a.cluster_span_above,
+            cluster_link_port: a.cluster_link_port,
             webhook_queue: a.webhook_queue,
             webhook_retry_for: a.webhook_retry_for,
             webhook_backoff_min: a.webhook_backoff_min,
@@ -1024,6 +1032,7 @@ impl From<FileConfig> for Layer {
             node_id: non_empty(f.node_id),
             node_address: non_empty(f.node_address),
             cluster_span_above: f.cluster_span_above,
+            cluster_link_port: f.cluster_link_port,
             webhook_queue: f.webhook_queue,
             webhook_retry_for: f.webhook_retry_for,
             webhook_backoff_min: f.webhook_backoff_min,
@@ -1127,6 +1136,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             node_id: self.raw("PLAZA_NODE_ID"),
             node_address: self.raw("PLAZA_NODE_ADDRESS"),
             cluster_span_above: self.parse("PLAZA_CLUSTER_SPAN_ABOVE")?,
+            cluster_link_port: self.parse("PLAZA_CLUSTER_LINK_PORT")?,
             webhook_urls: self
                 .raw("PLAZA_WEBHOOK_URLS")
                 .and_then(|v| url_list(v.split(',').map(str::to_owned).collect())),
@@ -1355,6 +1365,7 @@ impl Config {
                 node_id: merged.node_id,
                 node_address: merged.node_address,
                 span_above: merged.cluster_span_above.unwrap_or(0),
+                link_port: merged.cluster_link_port.unwrap_or(0),
             },
         };
         config.announce_ips = config.announce_ips()?;
@@ -1944,10 +1955,11 @@ mod tests {
             "no Redis by default"
         );
         let file = TempFile::new(
-            "redis = \"redis://file:6379\"\nnode_id = \"ND_file\"\nnode_address = \"f:1\"\n",
+            "redis = \"redis://file:6379\"\nnode_id = \"ND_file\"\nnode_address = \"f:1\"\ncluster_span_above = 40\ncluster_link_port = 7001\n",
         );
         let env = [("PLAZA_CONFIG", file.path())];
         let c = load(&[], &env).unwrap().cluster;
+        assert_eq!((c.span_above, c.link_port), (40, 7001));
         assert_eq!(c.redis.as_deref(), Some("redis://file:6379"));
         assert_eq!(c.node_id.as_deref(), Some("ND_file"));
         assert_eq!(c.node_address.as_deref(), Some("f:1"));
@@ -1959,6 +1971,20 @@ mod tests {
         let c = load(&[], &env).unwrap().cluster;
         assert_eq!(c.redis.as_deref(), Some("redis://env:6379"));
         assert_eq!(c.node_id.as_deref(), Some("ND_env"));
+        let env2 = [
+            ("PLAZA_CONFIG", file.path()),
+            ("PLAZA_CLUSTER_SPAN_ABOVE", "30"),
+            ("PLAZA_CLUSTER_LINK_PORT", "7002"),
+        ];
+        let c = load(&[], &env2).unwrap().cluster;
+        assert_eq!((c.span_above, c.link_port), (30, 7002));
+        let c = load(
+            &["--cluster-span-above", "20", "--cluster-link-port", "7003"],
+            &env2,
+        )
+        .unwrap()
+        .cluster;
+        assert_eq!((c.span_above, c.link_port), (20, 7003));
         let c = load(
             &["--redis", "redis://:pw@flag:6379", "--node-address", "x:2"],
             &env,

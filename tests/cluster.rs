@@ -33,6 +33,7 @@ async fn node_spanning(redis: &RedisServer, id: &str, span_above: usize) -> Test
             node_id: Some(id.to_owned()),
             node_address: None,
             span_above,
+            link_port: 0,
         },
         ..test_config()
     })
@@ -756,4 +757,61 @@ async fn a_room_spans_two_nodes_with_media_and_data_both_ways() {
     wait_lease(&redis, "span", Some("ND_b"), TTL * 3).await;
     drop(alice);
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spans_three_nodes_and_each_two_meet_directly() {
+    use plaza::signal::TrackKind;
+    let redis = RedisServer::start().expect("redis-server");
+    let a = node_spanning(&redis, "ND_a", 1).await;
+    let b = node_spanning(&redis, "ND_b", 1).await;
+    let c = node_spanning(&redis, "ND_c", 1).await;
+    wait_nodes(&a, WAIT, "three nodes", |l| {
+        ids(l) == ["ND_a", "ND_b", "ND_c"]
+    })
+    .await;
+    for n in [&a, &b, &c] {
+        wait_stats(n, "links up", |c| c["link_peers_up"] == 2).await;
+    }
+    let alice = support::publisher(&a, "tri", "alice").await;
+    let bob = support::publisher(&b, "tri", "bob").await;
+    let carol = support::publisher(&c, "tri", "carol").await;
+    assert_eq!(
+        (bob.redirects(), carol.redirects()),
+        (0, 0),
+        "each is served by the node it joined through"
+    );
+    // Carol greeted A's entry; A introduced her shard to B's: bob and carol meet.
+    for (p, others) in [
+        (&alice, ["bob", "carol"]),
+        (&bob, ["alice", "carol"]),
+        (&carol, ["alice", "bob"]),
+    ] {
+        for o in others {
+            p.wait_for_participant(|x| x.name == o, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("a participant does not see {o}: {e:#}"));
+        }
+    }
+    // Media between the two extended nodes, and data through the home.
+    let from_bob = support::announced_track(&carol, &bob, TrackKind::Video).await;
+    let from_carol = support::announced_track(&bob, &carol, TrackKind::Video).await;
+    support::assert_media_flows(
+        "bob (B) ⇄ carol (C)",
+        &[(&carol, &from_bob.id), (&bob, &from_carol.id)],
+        30,
+    )
+    .await;
+    carol.send_chat("from C", None).await.unwrap();
+    for p in [&alice, &bob] {
+        p.wait_for_message(|m| m.text() == Some("from C"), WAIT)
+            .await
+            .expect("carol's chat reaches A and B");
+    }
+    let cc = cluster_stats(&c).await;
+    assert_eq!(cc["extended_joins"], 1, "{cc}");
+    drop((alice, bob, carol));
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
 }

@@ -456,6 +456,7 @@ async fn a_node_relays_another_nodes_stream() -> Result<()> {
             node_id: Some(id.to_owned()),
             node_address: None,
             span_above: 0,
+            link_port: 0,
         },
         ..support::test_config()
     };

@@ -59,6 +59,8 @@ pub struct ClusterConfig {
     /// through another node is served there, which receives the room's media over the node
     /// link (`--cluster-span-above`; 0: never, every join goes to the room's node).
     pub span_above: usize,
+    /// UDP port of the node link (`--cluster-link-port`; 0: an ephemeral port).
+    pub link_port: u16,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -68,6 +70,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("node_id", &self.node_id)
             .field("node_address", &self.node_address)
             .field("span_above", &self.span_above)
+            .field("link_port", &self.link_port)
             .finish()
     }
 }
@@ -668,14 +671,14 @@ impl Registry {
             load: Default::default(),
             link: None,
         };
-        // The node link's socket, on the media bind address (an ephemeral port, published in
-        // the record), and this start's key.
+        // The node link's socket, on the media bind address (`--cluster-link-port`, or an
+        // ephemeral port; published in the record), and this start's key.
         let link_ip = node
             .udp_addrs
             .first()
             .map_or(node.http_addr.ip(), |a| a.ip());
         // Buffers as big as the media sockets': a burst of relayed media must not overflow them.
-        let socket = std::net::UdpSocket::bind(SocketAddr::new(link_ip, 0))
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(link_ip, config.link_port))
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .inspect(|s| {
                 crate::io::set_socket_buffers(s, crate::io::UDP_BUFFER_DEFAULT);

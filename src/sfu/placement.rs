@@ -501,6 +501,88 @@ mod tests {
     }
 
     #[test]
+    fn a_room_extended_from_another_node_has_its_home_there_and_no_lease_here() {
+        let entry = pipe::node_entry(7);
+        let mut p = Placement::new(2, 0);
+        let place = p.reserve_in("r", None, Some(entry)).unwrap();
+        assert_eq!(
+            place,
+            Place {
+                shard: 0,
+                peers: vec![],
+                home: entry,
+            }
+        );
+        p.joined("PA_1", "r", 0, None);
+        // A later join here keeps the remote home, and the room is not one of this node's.
+        assert_eq!(p.reserve_in("r", None, Some(entry)).unwrap().home, entry);
+        p.joined("PA_2", "r", 0, None);
+        p.reserve("own", None).unwrap();
+        assert_eq!(p.room_size("r"), 2);
+        assert_eq!(p.homed_room_names(), vec!["own".to_owned()]);
+        assert_eq!(p.homed_room_sizes(), vec![("own".to_owned(), 1)]);
+        // Its home node is gone: the room's home moves here, to the shard with its members.
+        assert_eq!(p.node_gone(7), vec![("r".to_owned(), 0)]);
+        assert_eq!(p.home_of("r"), Some(0));
+        let mut homed = p.homed_room_names();
+        homed.sort();
+        assert_eq!(homed, vec!["own".to_owned(), "r".to_owned()]);
+    }
+
+    #[test]
+    fn other_nodes_greeting_this_nodes_entry_are_remembered_and_introduced() {
+        let (b0, b1, c0) = (
+            pipe::remote_shard(1, 0),
+            pipe::remote_shard(1, 1),
+            pipe::remote_shard(2, 0),
+        );
+        let mut p = Placement::new(3, 1);
+        let first = p.reserve("r", None).unwrap();
+        p.joined("PA_1", "r", first.shard, None);
+        // B's shard greets: it reaches the room's shard here (the home), nobody to introduce.
+        let f = p.entry_hello("r", b0);
+        assert_eq!(
+            f,
+            Fanout {
+                local: vec![(first.shard, true)],
+                introduce: vec![],
+            }
+        );
+        // A second shard here learns of B's shard among its peers.
+        let second = p.reserve("r", None).unwrap();
+        assert_ne!(second.shard, first.shard);
+        assert_eq!(second.peers, vec![first.shard, b0]);
+        p.joined("PA_2", "r", second.shard, None);
+        // Another shard of B is not introduced to B's own; C's is introduced to both of B's.
+        let f = p.entry_hello("r", b1);
+        assert!(f.introduce.is_empty(), "{f:?}");
+        assert_eq!(f.local.len(), 2);
+        let f = p.entry_hello("r", c0);
+        assert_eq!(f.introduce, vec![b0, b1]);
+        // Messages to the entry reach the room's shards here, the home marked.
+        let mut targets = p.entry_targets("r");
+        targets.sort();
+        let mut want = vec![(first.shard, true), (second.shard, false)];
+        want.sort();
+        assert_eq!(targets, want);
+        // The room stays known while other nodes extend it, after its last member here left.
+        p.left("PA_1");
+        p.left("PA_2");
+        assert_eq!(p.rooms(), 1);
+        assert_eq!(p.entry_targets("r"), vec![(first.shard, true)]);
+        p.remote_bye("r", b0);
+        p.remote_bye("r", b1);
+        assert_eq!(p.node_gone(2), vec![]);
+        assert_eq!(p.rooms(), 0);
+        assert!(p.entry_targets("r").is_empty());
+        // A greeting for a room not known (any more) opens it again, its home the least
+        // loaded shard.
+        let f = p.entry_hello("gone", b0);
+        assert_eq!(f.local, vec![(0, true)]);
+        assert_eq!(p.home_of("gone"), Some(0));
+    }
+
+    #[test]
     fn a_failed_join_gives_its_place_back() {
         let mut p = Placement::new(3, 0);
         let s = p.reserve_shard("x");
