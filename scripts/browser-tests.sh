@@ -61,7 +61,7 @@ FIREFOX=${FIREFOX:-/usr/bin/firefox-esr}
 # coturn: the TURN server tests/browser/turn.test.js relays through (not started as a service).
 TURNSERVER=${TURNSERVER:-/usr/bin/turnserver}
 [ -x "$TURNSERVER" ] || apt_install coturn "$TURNSERVER"
-# redis-server: the cluster's control plane in tests/browser/cluster.test.js (started on its own port).
+# redis-server: the cluster's control plane in tests/browser/cluster.test.js and cluster_span.test.js (started on its own port).
 command -v redis-server >/dev/null || apt_install redis-server /usr/bin/redis-server
 IPTABLES=$(command -v iptables || true)
 [ -n "$IPTABLES" ] || { apt_install iptables /usr/sbin/iptables; IPTABLES=/usr/sbin/iptables; }
