@@ -1,5 +1,7 @@
 //! Join time in a cluster: through the room's node, through another node (a `redirect`
-//! followed), and on a node without Redis, with the release binary and a real `redis-server`.
+//! followed), through another node that extends the room (`--cluster-span-above`: no redirect,
+//! the room opened there and greeted over the node link), and on a node without Redis, with the
+//! release binary and a real `redis-server`.
 //!
 //! ```sh
 //! cargo build --release --bin plaza --example cluster_join
@@ -8,7 +10,9 @@
 //!
 //! A join is timed from the WebSocket connect to `joined` (the participant exists on the
 //! room's node and its subscriber offer follows), redirects included; each participant then
-//! sends `leave`. One participant holds the room on node A the whole time.
+//! sends `leave`. One participant holds the room on node A the whole time; another room, `wide`,
+//! has three participants on A, which makes A extend it to every node (the nodes run with
+//! `--cluster-span-above 3`), so joins of `wide` through B are served by B.
 
 // A measuring tool: it reads the clock and prints its results.
 #![allow(clippy::disallowed_methods, clippy::print_stdout)]
@@ -59,7 +63,7 @@ fn start(redis: Option<&str>, id: &str) -> Result<Node> {
     .stdin(Stdio::null())
     .stdout(Stdio::null());
     if let Some(url) = redis {
-        cmd.args(["--redis", url, "--node-id", id]);
+        cmd.args(["--redis", url, "--node-id", id, "--cluster-span-above", "3"]);
     }
     let child = cmd.spawn().with_context(|| format!("starting {bin}"))?;
     Ok(Node(child, port))
@@ -171,8 +175,15 @@ async fn main() -> Result<()> {
     let (_, r, holder) = join(&ua, "bench", "holder").await?;
     assert_eq!(r, 0, "the room starts on A");
     let (_, _, solo_holder) = join(&us, "bench", "holder").await?;
+    let mut wide = Vec::new();
+    for i in 0..3 {
+        let (_, r, ws) = join(&ua, "wide", &format!("w{i}")).await?;
+        assert_eq!(r, 0, "the wide room starts on A");
+        wide.push(ws);
+    }
 
-    let (mut home, mut other, mut single) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut home, mut other, mut single, mut extended) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..joins {
         let (t, r, ws) = join(&ua, "bench", &format!("h{i}")).await?;
         assert_eq!(r, 0);
@@ -185,13 +196,21 @@ async fn main() -> Result<()> {
         let (t, _, ws) = join(&us, "bench", &format!("s{i}")).await?;
         single.push(t);
         leave(ws).await;
+        let (t, r, ws) = join(&ub, "wide", &format!("x{i}")).await?;
+        assert_eq!(r, 0, "the wide room is extended to B: no redirect");
+        extended.push(t);
+        leave(ws).await;
     }
     println!("| join | joins | p50 ms | p99 ms | max ms | mean ms |");
     println!("|---|---:|---:|---:|---:|---:|");
     summary("through the room's node (A)", home);
     summary("through the other node (B → redirect → A)", other);
+    summary("through the other node, the room extended there (B)", extended);
     summary("one node, no Redis", single);
     leave(holder).await;
+    for ws in wide {
+        leave(ws).await;
+    }
     leave(solo_holder).await;
     Ok(())
 }

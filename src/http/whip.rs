@@ -452,6 +452,12 @@ pub(super) async fn open(
         Ok(started) => {
             let s = &started.session;
             info!(room = %room, participant = %s.participant_id, resource = %s.id, kind = kind.name(), "session opened");
+            // A room past the cluster's threshold is extended to the other nodes from now on.
+            if let Some(cluster) = &state.cluster {
+                cluster
+                    .note_room_size(&room, state.handle.room_size(&room))
+                    .await;
+            }
             let ice = state
                 .settings
                 .ice

@@ -17,6 +17,10 @@ WebSocket subscriber decodes it. And WHEP: a viewer (webrtcbin or aiortc, `--whe
 server's /watch page in headless Chromium) plays the room with one HTTP POST and must decode its
 host's audio and video, then DELETE its session; for a WHIP publisher the time from its POST to
 the viewer's first decoded media is printed (all stamps CLOCK_MONOTONIC, shared on one machine).
+And a room that spans two nodes: two more servers form a cluster over a real redis-server
+(`--redis`, `--cluster-span-above 1`); the publisher joins through the first node, the
+subscriber (WebSocket or WHEP) through the second, which must serve it without a redirect and
+receive the publisher's media over the node link.
 Every client runs under a hard timeout. Exit status 1 if any combination fails.
 """
 
@@ -102,6 +106,9 @@ COMBINATIONS = [
     # the server's player page (/watch) in headless Chromium
     ("simple-whip-client", "chromium-watch", "whep"),
     ("gstreamer-whip", "chromium-watch", "whep"),
+    # A room spanning two nodes: the publisher through node A, the subscriber through node B.
+    ("aiortc", "gstreamer", "span"),
+    ("gstreamer-whip", "gstreamer-whep", "span-whep"),
 ]
 
 
@@ -113,15 +120,39 @@ def free_port(kind):
     return port
 
 
+class Redis:
+    """A redis-server on a free port of 127.0.0.1, without persistence (the cluster's control plane)."""
+
+    def __init__(self):
+        self.port = free_port(socket.SOCK_STREAM)
+        self.log = open(os.path.join(ART, "redis.log"), "w")
+        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("foreign-tests: redis-server did not start (apt-get install redis-server)")
+                time.sleep(0.05)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
 class Server:
-    def __init__(self, host_ip):
+    def __init__(self, host_ip, name="plaza", extra=()):
         self.port = free_port(socket.SOCK_STREAM)
         self.udp_port = free_port(socket.SOCK_DGRAM)
-        self.log_path = os.path.join(ART, "plaza.log")
+        self.log_path = os.path.join(ART, f"{name}.log")
         self.log = open(self.log_path, "w")
         # HTTP/WebSocket on 127.0.0.1; media bound to and announced on host_ip, an address on a
         # non-loopback interface (libnice gathers no candidates on loopback interfaces).
-        cmd = [PLAZA, "--port", str(self.port), "--udp-port", str(self.udp_port), "--udp-bind", host_ip, "--announce-ip", host_ip]
+        cmd = [PLAZA, "--port", str(self.port), "--udp-port", str(self.udp_port), "--udp-bind", host_ip, "--announce-ip", host_ip, *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.url = f"ws://127.0.0.1:{self.port}/rtc"
         deadline = time.monotonic() + 15
@@ -487,13 +518,15 @@ def wait_log(proc, marker, timeout):
     return False
 
 
-def run_whep_viewer(server, pub, sub, order, room):
+def run_whep_viewer(server, pub, sub, order, room, viewer_server=None):
     """A WHEP viewer (`sub`: gstreamer-whep, aiortc-whep, or chromium-watch: the server's /watch
     page) plays the room; `pub` publishes over WHIP (gstreamer-whip, simple-whip-client) or the
     WebSocket, until it is told to end (SIGTERM) once the viewer is done. "whep": the viewer's
     POST is answered before the publisher starts (it waits for a host); "whep-late": the
-    publisher is up first. The viewer passes with 201, decoded audio and video and DELETE 200."""
-    http = http_base(server.url)
+    publisher is up first. The viewer passes with 201, decoded audio and video and DELETE 200.
+    `viewer_server`: the viewer POSTs there instead (another node of a cluster)."""
+    vs = viewer_server or server
+    http = http_base(vs.url)
     qroom = urllib.parse.quote(room, safe="")
     kind = sub.split("-")[0]
     if sub == "chromium-watch":
@@ -501,8 +534,8 @@ def run_whep_viewer(server, pub, sub, order, room):
         vcmd = ["node", os.path.join(HERE, "chromium-watch.mjs"), "--page", f"{http}/watch?room={qroom}", "--timeout", str(CLIENT_TIMEOUT)]
     else:
         vcmd = CLIENTS[kind] + [
-            "--url", server.url, "--room", room, "--name", sub, "--timeout", str(CLIENT_TIMEOUT),
-            "--token", dev_token(server.url, room, sub, grants="subscribe"), "--whep", f"{http}/whep/{qroom}",
+            "--url", vs.url, "--room", room, "--name", sub, "--timeout", str(CLIENT_TIMEOUT),
+            "--token", dev_token(vs.url, room, sub, grants="subscribe"), "--whep", f"{http}/whep/{qroom}",
         ]  # fmt: skip
     if pub == "chromium" and kind == "aiortc":
         vcmd.append("--audio-rtp-ok")  # as chromium -> aiortc: see run_foreign_pair
@@ -558,6 +591,64 @@ def run_whep_viewer(server, pub, sub, order, room):
     return ok, detail, extra, [p.log_path, v.log_path]
 
 
+class Cluster:
+    """Two Plaza nodes on one redis-server; a room with one participant spans both."""
+
+    def __init__(self, host_ip):
+        self.redis = Redis()
+        args = ["--redis", self.redis.url, "--cluster-span-above", "1", "--workers", "1"]
+        self.a = Server(host_ip, "plaza-node-a", [*args, "--node-id", "ND_a"])
+        self.b = Server(host_ip, "plaza-node-b", [*args, "--node-id", "ND_b"])
+        deadline = time.monotonic() + 15
+        while not all(self.links_up(n) for n in (self.a, self.b)):
+            if time.monotonic() > deadline:
+                raise SystemExit("foreign-tests: the two cluster nodes did not link within 15 s")
+            time.sleep(0.1)
+
+    @staticmethod
+    def stats(n):
+        with urllib.request.urlopen(f"{http_base(n.url)}/stats", timeout=2) as r:
+            return json.loads(r.read())["cluster"]
+
+    def links_up(self, n):
+        try:
+            return self.stats(n)["link_peers_up"] == 1
+        except OSError:
+            return False
+
+    def stop(self):
+        for s in (self.a, self.b):
+            s.stop()
+        self.redis.stop()
+
+
+def run_span(cluster, pub, sub, order, room):
+    """The publisher joins through node A; the subscriber through node B, which extends the room
+    (no redirect: B's `extended_joins` grows by one) and receives the publisher's media over the
+    node link. "span": both on the WebSocket (the subscriber decodes the media and says `done` on
+    chat, which crosses back to A); "span-whep": a WHIP publisher and a WHEP viewer."""
+    before = Cluster.stats(cluster.b)["extended_joins"]
+    if order == "span-whep":
+        ok, detail, extra, logs = run_whep_viewer(cluster.a, pub, sub, "whep-late", room, viewer_server=cluster.b)
+    else:
+        hard = CLIENT_TIMEOUT + 10
+        pcmd = client_cmd(pub, cluster.a.url, room, f"{pub}-pub", publish=True, peer=f"{sub}-sub")
+        p = Proc(f"{room}-pub-{pub}", pcmd, hard)
+        if not wait_log(p, "track_published", 20):
+            p.terminate()
+        scmd = client_cmd(sub, cluster.b.url, room, f"{sub}-sub", expect_from=f"{pub}-pub", peer=f"{pub}-pub")
+        s = Proc(f"{room}-sub-{sub}", scmd, hard)
+        src, prc = s.wait(), p.wait()
+        sr, pr = s.result(), p.result()
+        ok = src == 0 and prc == 0 and bool(sr and sr.get("ok")) and bool(pr and pr.get("ok"))
+        detail, extra, logs = f"sub: {summary(sr)} | pub: {summary(pr)}", {}, [p.log_path, s.log_path]
+    served = Cluster.stats(cluster.b)["extended_joins"] - before
+    if served != 1:
+        ok = False
+        detail = f"node B served {served} extended joins, not 1 (the subscriber was redirected?) | " + detail
+    return ok, detail, extra, logs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--host-ip", required=True, help="address of a non-loopback interface in this namespace")
@@ -571,6 +662,8 @@ def main():
             label = "gstreamer offer without a=ssrc"
         elif order in ("whip", "whep"):
             label = f"{pub} -> {sub}"
+        elif order in ("span", "span-whep"):
+            label = f"{pub} -> {sub} (two nodes)"
         elif order == "whep-late":
             label = f"{pub} -> {sub} (late join)"
         else:
@@ -596,12 +689,17 @@ def main():
                 return 1
     server = Server(args.host_ip)
     print(f"plaza on {server.url}, media on {args.host_ip}:{server.udp_port}; logs in {ART}", flush=True)
+    cluster = None
     rows = []
     try:
         for i, (label, pub, sub, order) in enumerate(combos):
             room = f"c{i}-{pub}-{sub or order}"
             t = time.monotonic()
-            if order == "offer-without-ssrc":
+            if order in ("span", "span-whep"):
+                if cluster is None:
+                    cluster = Cluster(args.host_ip)
+                ok, detail, extra, logs = run_span(cluster, pub, sub, order, room)
+            elif order == "offer-without-ssrc":
                 ok, detail, extra, logs = run_gst_offer_without_ssrc(server, room)
             elif order == "whip":
                 ok, detail, extra, logs = run_whip_publisher(server, pub, sub, room)
@@ -618,6 +716,8 @@ def main():
             print(f"{'PASS' if ok else 'FAIL'}  {label:<46} {dt:5.1f} s  {detail if not ok else ''}", flush=True)
     finally:
         server.stop()
+        if cluster is not None:
+            cluster.stop()
     print("\nforeign clients against Plaza")
     print(f"{'combination':<48}{'result':<8}{'time':>7}  notes")
     for label, ok, dt, detail, extra, logs in rows:
