@@ -465,6 +465,7 @@ impl std::ops::AddAssign for EgressStats {
         self.nack.resent += o.nack.resent;
         self.nack.refused += o.nack.refused;
         self.nack.over_budget += o.nack.over_budget;
+        self.nack.unrepairable += o.nack.unrepairable;
         self.rtcp_in += o.rtcp_in;
         self.rtcp_rejected += o.rtcp_rejected;
         self.rtcp_malformed += o.rtcp_malformed;
@@ -514,6 +515,10 @@ pub struct Feedback {
     /// NACKs, per media SSRC, with the sequence numbers reported lost (after a layer switch
     /// they tell the core the switch's keyframe was lost).
     pub lost: Vec<(u32, Vec<u16>)>,
+    /// Media SSRCs (our down-tracks) with a NACKed packet the responder gave up on
+    /// ([`nack::NackAnswer::unrepairable`]): the subscriber needs a keyframe, as if it had
+    /// sent a PLI.
+    pub unrepairable: Vec<u32>,
     /// TWCC feedback arrived (the estimate may have changed).
     pub estimate_updated: bool,
     /// Retransmissions to send, encrypted.
@@ -667,7 +672,11 @@ impl Egress {
                     self.estimate.available(now),
                     self.bwe.acked_bps().map(|bps| bps as u64),
                 );
-                for packet in self.retransmit.on_nack(now, media_ssrc, &lost, capacity) {
+                let answer = self.retransmit.on_nack(now, media_ssrc, &lost, capacity);
+                if answer.unrepairable {
+                    fb.unrepairable.push(media_ssrc);
+                }
+                for packet in answer.packets {
                     // A retransmission carries a new transport-wide sequence number: the
                     // receiver reports its arrival like any other packet.
                     // (A stream is forgotten by both at once: a packet in the history has one.)
