@@ -33,10 +33,25 @@
 //! recovering waits for exactly that) and may borrow one burst ahead of the budget (repaid by
 //! the retransmissions after them, so the long-run rate is unchanged), then the newest ones (the oldest losses are the least
 //! useful, often of a layer the subscriber is leaving). A NACK that is not answered is dropped,
-//! not queued. The decision logic
-//! ([`SendHistory`], [`RetransmitBudget`], [`Retransmitter`]) is pure and unit-tested; the
-//! subscriber fast path ([`super::egress`]) feeds it the packets it sends and the NACKs it
-//! receives, and sends what it returns.
+//! not queued.
+//!
+//! A packet that will not be repaired stalls the subscriber's decoder until the next keyframe,
+//! and a browser asks for one only after ~3 s without a decodable frame. So the answer to a
+//! NACK ([`NackAnswer`]) also says whether the responder gave up on a packet the subscriber
+//! still needs ([`SendHistory::lost_for_good`]): gone from the history; too old or out of
+//! attempts, once the last retransmission has had [`RESEND_INTERVAL`] to arrive; or refused
+//! for lack of budget while first sent [`GIVE_UP_AFTER`] ago or more (it might still be
+//! answered later, but the decoder has waited long enough). A loss before the last keyframe
+//! sent on the stream no longer matters (the decoder starts again from the keyframe, and a
+//! receiver may go on NACKing it), nor does a sequence number not sent yet. It is said at most
+//! once per stream per [`UNREPAIRABLE_INTERVAL`], however many NACKs repeat the loss; the core
+//! treats it like a PLI from the subscriber: a keyframe request for the layer its down-track
+//! receives, through the layer's throttle (`nack_unrepairable` in `/stats`).
+//!
+//! The decision logic ([`SendHistory`], [`RetransmitBudget`], [`Retransmitter`]) is pure and
+//! unit-tested; the subscriber fast path ([`super::egress`]) feeds it the packets it sends and
+//! the NACKs it receives, sends the retransmissions it returns and hands the core the streams
+//! given up on.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
