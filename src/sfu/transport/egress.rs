@@ -45,7 +45,7 @@
 //! [`SettingEngineBuilder::with_crypto_provider`]: rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::with_crypto_provider
 
 use super::bwe::{Bwe, Estimate};
-use super::nack::{self, NackStats, Retransmitter, RtxStream};
+use super::nack::{self, NackStats, Retransmitter, RtxOrigins, RtxStream};
 use super::probe::{Outcome, ProbeStats, Prober};
 use bytes::{Bytes, BytesMut};
 use rtc::crypto::{
@@ -478,6 +478,8 @@ impl std::ops::AddAssign for EgressStats {
 struct RtxState {
     stream: RtxStream,
     roc: Roc,
+    /// The media packets its recent retransmissions carried (for the feedback on them).
+    origins: RtxOrigins,
 }
 
 /// One subscriber connection's media out and feedback in (see the module docs).
@@ -546,6 +548,25 @@ impl Egress {
             reports: Vec::new(),
             probe: Prober::new(),
         })
+    }
+
+    /// Tell the NACK responder which of the packets in the reports just taken arrived (a
+    /// retransmission on an RTX stream counts for the media packet it carried), so that it
+    /// never gives up on a packet the subscriber has.
+    fn note_delivered(&mut self) {
+        for r in self.reports.iter().filter(|r| r.arrived) {
+            let seq = r.rtp_sequence_number;
+            if self.sent.contains_key(&r.ssrc) {
+                self.retransmit.on_delivered(r.ssrc, seq);
+            } else if let Some((&media, osn)) = self
+                .rtx
+                .iter()
+                .find(|(_, x)| x.stream.ssrc == r.ssrc)
+                .and_then(|(m, x)| Some((m, x.origins.osn(seq)?)))
+            {
+                self.retransmit.on_delivered(media, osn);
+            }
+        }
     }
 
     /// The subscriber's downlink estimate.
@@ -653,6 +674,7 @@ impl Egress {
                     self.twcc.on_ack(ack);
                 }
                 self.twcc.take_reports_into(&mut self.reports);
+                self.note_delivered();
                 if !self.reports.is_empty() {
                     self.bwe.on_reports(now, &self.reports);
                     self.on_probe_feedback(now);
@@ -690,6 +712,10 @@ impl Egress {
                     let sealed = match rtx {
                         Some(r) => {
                             let wrapped = r.stream.wrap(&packet);
+                            r.origins.record(
+                                wrapped.header.sequence_number,
+                                packet.header.sequence_number,
+                            );
                             seal(
                                 &mut self.sealer,
                                 &mut self.local,
@@ -758,6 +784,7 @@ impl Egress {
                         RtxState {
                             stream: RtxStream::new(ssrc, payload_type),
                             roc: Roc::default(),
+                            origins: RtxOrigins::default(),
                         },
                     );
                 }

@@ -98,6 +98,8 @@ struct Entry {
     sent: Instant,
     attempts: u8,
     last_resent: Option<Instant>,
+    /// The subscriber's transport-wide feedback reported one of its copies received.
+    delivered: bool,
 }
 
 /// Why a retransmission was refused (or that it was allowed).
@@ -151,6 +153,7 @@ impl SendHistory {
                 sent: now,
                 attempts: 0,
                 last_resent: None,
+                delivered: false,
             });
         }
     }
@@ -185,8 +188,15 @@ impl SendHistory {
     /// * [`Verdict::OverBudget`]: may be answered by the next NACK, but only counts once the
     ///   packet was first sent [`GIVE_UP_AFTER`] ago;
     /// * [`Verdict::TooSoon`] (a copy is on its way) and [`Verdict::Resend`]: no.
+    ///
+    /// Never a packet the subscriber's transport-wide feedback reported received
+    /// ([`mark_delivered`](Self::mark_delivered)): a receiver that NACKs what it has (one
+    /// that does not count the repairs of its RTX stream) has lost nothing.
     pub fn lost_for_good(&self, seq: u16, now: Instant, verdict: Verdict) -> bool {
         let entry = self.entry(seq);
+        if entry.is_some_and(|e| e.delivered) {
+            return false;
+        }
         let settled = |e: &Entry| {
             e.last_resent
                 .is_none_or(|t| now.saturating_duration_since(t) >= RESEND_INTERVAL)
@@ -198,6 +208,18 @@ impl SendHistory {
                 entry.is_some_and(|e| now.saturating_duration_since(e.sent) >= GIVE_UP_AFTER)
             }
             Verdict::TooSoon | Verdict::Resend => false,
+        }
+    }
+
+    /// A copy of `seq` was reported received (transport-wide feedback).
+    pub fn mark_delivered(&mut self, seq: u16) {
+        if let Some(e) = self
+            .slots
+            .get_mut(Self::slot(seq))
+            .and_then(Option::as_mut)
+            .filter(|e| e.packet.header.sequence_number == seq)
+        {
+            e.delivered = true;
         }
     }
 
@@ -417,6 +439,14 @@ impl Retransmitter {
         s.history.add(now, packet.clone(), keyframe);
     }
 
+    /// The subscriber's transport-wide feedback reported packet `seq` of `ssrc` (a media
+    /// stream; a retransmission on an RTX stream is mapped back by [`RtxOrigins`]) received.
+    pub fn on_delivered(&mut self, ssrc: u32, seq: u16) {
+        if let Some(s) = self.streams.get_mut(&ssrc) {
+            s.history.mark_delivered(seq);
+        }
+    }
+
     /// Forget a stream (its down-track is gone).
     pub fn remove_stream(&mut self, ssrc: u32) {
         self.streams.remove(&ssrc);
@@ -547,6 +577,46 @@ impl RtxStream {
             },
             payload: payload.into(),
         }
+    }
+}
+
+/// Retransmissions remembered per RTX stream by [`RtxOrigins`] (a power of two).
+pub const RTX_ORIGINS: usize = 256;
+
+/// Which media packet the recent packets of one RTX stream repaired (their original sequence
+/// numbers, by RTX sequence number), so that the subscriber's transport-wide feedback on a
+/// retransmission tells the [`Retransmitter`] the packet arrived after all. Bounded: the last
+/// [`RTX_ORIGINS`] retransmissions.
+#[derive(Debug, Clone)]
+pub struct RtxOrigins {
+    slots: Vec<Option<(u16, u16)>>,
+}
+
+impl Default for RtxOrigins {
+    fn default() -> Self {
+        RtxOrigins {
+            slots: vec![None; RTX_ORIGINS],
+        }
+    }
+}
+
+impl RtxOrigins {
+    /// RTX packet `rtx_seq` carried media packet `osn`.
+    pub fn record(&mut self, rtx_seq: u16, osn: u16) {
+        if let Some(s) = self.slots.get_mut(usize::from(rtx_seq) % RTX_ORIGINS) {
+            *s = Some((rtx_seq, osn));
+        }
+    }
+
+    /// The media packet RTX packet `rtx_seq` carried, if remembered (not padding, not
+    /// overwritten).
+    pub fn osn(&self, rtx_seq: u16) -> Option<u16> {
+        self.slots
+            .get(usize::from(rtx_seq) % RTX_ORIGINS)
+            .copied()
+            .flatten()
+            .filter(|&(r, _)| r == rtx_seq)
+            .map(|(_, osn)| osn)
     }
 }
 
@@ -902,6 +972,36 @@ mod tests {
         r.on_sent(ms(t0, 1_200), &key, true, true);
         assert!(!nack(&mut r, 1_700).unrepairable);
         assert_eq!(r.stats().unrepairable, 2);
+    }
+
+    #[test]
+    fn a_packet_reported_received_is_never_given_up() {
+        let t0 = Instant::now();
+        let mut r = sent(t0, 0..20);
+        // Retransmitted on an RTX stream; its feedback says the copy arrived.
+        let mut origins = RtxOrigins::default();
+        let mut rtx = RtxStream::new(0x2222, 97);
+        let copy = rtx.wrap(&r.on_nack(ms(t0, 200), 1, &[5], None).packets[0]);
+        origins.record(copy.header.sequence_number, 5);
+        assert_eq!(origins.osn(copy.header.sequence_number), Some(5));
+        assert_eq!(
+            origins.osn(copy.header.sequence_number.wrapping_add(1)),
+            None
+        );
+        r.on_delivered(1, origins.osn(copy.header.sequence_number).expect("osn"));
+        // A receiver that NACKs it on regardless has lost nothing.
+        assert!(!r.on_nack(ms(t0, 1_200), 1, &[5], None).unrepairable);
+        // The original of packet 6 was reported received: the same.
+        r.on_delivered(1, 6);
+        assert!(!r.on_nack(ms(t0, 1_800), 1, &[6], None).unrepairable);
+        // Packet 7 was not: given up.
+        assert!(r.on_nack(ms(t0, 1_800), 1, &[7], None).unrepairable);
+        // An RTX slot reused by a later retransmission forgets the earlier one.
+        origins.record(
+            copy.header.sequence_number.wrapping_add(RTX_ORIGINS as u16),
+            9,
+        );
+        assert_eq!(origins.osn(copy.header.sequence_number), None);
     }
 
     #[test]
