@@ -41,12 +41,15 @@
 //! still needs ([`SendHistory::lost_for_good`]): gone from the history; too old or out of
 //! attempts, once the last retransmission has had [`RESEND_INTERVAL`] to arrive; or refused
 //! for lack of budget while first sent [`GIVE_UP_AFTER`] ago or more (it might still be
-//! answered later, but the decoder has waited long enough). A loss before the last keyframe
-//! sent on the stream no longer matters (the decoder starts again from the keyframe, and a
-//! receiver may go on NACKing it), nor does a sequence number not sent yet. It is said at most
-//! once per stream per [`UNREPAIRABLE_INTERVAL`], however many NACKs repeat the loss; the core
-//! treats it like a PLI from the subscriber: a keyframe request for the layer its down-track
-//! receives, through the layer's throttle (`nack_unrepairable` in `/stats`).
+//! answered later, but the decoder has waited long enough). Never a packet the subscriber's
+//! transport-wide feedback reported received, the original or a copy (an RTX copy is mapped
+//! back by [`RtxOrigins`]): a receiver that NACKs what it has has lost nothing. A loss before
+//! the last keyframe sent on the stream no longer matters (the decoder starts again from the
+//! keyframe, and a receiver may go on NACKing it), nor does a sequence number not sent yet.
+//! It is said at most once per stream per [`UNREPAIRABLE_INTERVAL`], however many NACKs
+//! repeat the loss; the core treats it like a PLI from the subscriber: a keyframe request for
+//! the layer its down-track receives, through the layer's throttle (`nack_unrepairable` in
+//! `/stats`).
 //!
 //! The decision logic ([`SendHistory`], [`RetransmitBudget`], [`Retransmitter`]) is pure and
 //! unit-tested; the subscriber fast path ([`super::egress`]) feeds it the packets it sends and
