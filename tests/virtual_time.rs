@@ -25,5 +25,6 @@ mod virtual_time {
     pub mod speaker;
     pub mod timeline;
     pub mod two_peers;
+    pub mod unrepaired;
     pub mod viewer;
 }

@@ -322,6 +322,7 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         nack_resent,
         nack_refused,
         nack_over_budget,
+        nack_unrepairable,
         nack_resent_rtx,
         nack_resent_media,
         publisher_rtx_repaired,
@@ -360,7 +361,7 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         "Tracks published",
         *published_tracks,
     )?;
-    let counters: [(&str, &str, u64); 46] = [
+    let counters: [(&str, &str, u64); 47] = [
         (
             "plaza_rtp_packets_in",
             "RTP packets received from publishers",
@@ -470,6 +471,11 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
             "plaza_nack_over_budget",
             "NACKed packets not retransmitted for lack of budget",
             *nack_over_budget,
+        ),
+        (
+            "plaza_nack_unrepairable",
+            "Subscriber losses given up on (not repairable): a keyframe requested for each",
+            *nack_unrepairable,
         ),
         (
             "plaza_nack_resent_rtx",

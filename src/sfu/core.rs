@@ -1962,6 +1962,15 @@ impl<T: Transmit> Sfu<T> {
             .iter()
             .filter_map(|&s| tid_of(subs, tracks, part, s))
             .collect();
+        // A loss the NACK responder will not repair stalls the subscriber's decoder until the
+        // next keyframe: treated like a PLI from the subscriber (the responder reports it at
+        // most once per down-track per interval; the layer's throttle coalesces).
+        for &media_ssrc in &fb.unrepairable {
+            if let Some(tid) = tid_of(subs, tracks, part, media_ssrc) {
+                debug!(participant = %p.pid, track = %tid, "unrepairable loss: keyframe requested");
+                wanted.push(tid);
+            }
+        }
         // Loss of packets sent since a layer switch (its keyframe, most likely): ask again
         // rather than wait for the publisher's next keyframe.
         for (media_ssrc, lost) in fb.lost {
@@ -2942,6 +2951,7 @@ impl<T: Transmit> Sfu<T> {
         s.nack_resent = e.nack.resent;
         s.nack_refused = e.nack.refused;
         s.nack_over_budget = e.nack.over_budget;
+        s.nack_unrepairable = e.nack.unrepairable;
         s.nack_resent_rtx = e.rtx_resent;
         s.nack_resent_media = e.nack.resent.saturating_sub(e.rtx_resent);
         s.subscriber_rtcp_in = e.rtcp_in;

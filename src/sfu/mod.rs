@@ -335,6 +335,11 @@ pub struct CoreStats {
     pub nack_resent: u64,
     pub nack_refused: u64,
     pub nack_over_budget: u64,
+    /// Subscribers' losses the NACK responder gave up on (lost for good: not kept, too old,
+    /// retransmitted too often, or refused for lack of budget for too long), each answered
+    /// like a PLI from that subscriber: a keyframe request for its layer (through the
+    /// layer's throttle; at most one per down-track per 500 ms).
+    pub nack_unrepairable: u64,
     /// Of `nack_resent`: sent on the down-track's RTX stream (RFC 4588; the subscriber
     /// negotiated RTX) and sent as the original packet on the media SSRC.
     pub nack_resent_rtx: u64,
@@ -473,6 +478,7 @@ impl CoreStats {
             nack_resent,
             nack_refused,
             nack_over_budget,
+            nack_unrepairable,
             nack_resent_rtx,
             nack_resent_media,
             publisher_rtx_repaired,
@@ -524,6 +530,7 @@ impl CoreStats {
         self.nack_resent += nack_resent;
         self.nack_refused += nack_refused;
         self.nack_over_budget += nack_over_budget;
+        self.nack_unrepairable += nack_unrepairable;
         self.nack_resent_rtx += nack_resent_rtx;
         self.nack_resent_media += nack_resent_media;
         self.publisher_rtx_repaired += publisher_rtx_repaired;

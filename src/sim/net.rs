@@ -184,7 +184,23 @@ struct Link {
     busy_until: Option<Instant>,
     /// Datagrams still to drop on purpose ([`Net::drop_next`]).
     drop_next: u32,
+    /// RTP packets (SSRC, sequence number) dropped every time they are sent
+    /// ([`Net::drop_rtp`]).
+    drop_rtp: Vec<(u32, u16)>,
     stats: LinkStats,
+}
+
+/// The SSRC and sequence number of an (S)RTP datagram (the header is not encrypted); `None`
+/// for anything else (STUN, DTLS, RTCP).
+fn rtp_id(data: &[u8]) -> Option<(u32, u16)> {
+    let h = data.get(..12)?;
+    // RTP version 2; RTCP's packet types 192–223 (RFC 5761) are not RTP.
+    if h[0] >> 6 != 2 || (192..=223).contains(&h[1]) {
+        return None;
+    }
+    let seq = u16::from_be_bytes([h[2], h[3]]);
+    let ssrc = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+    Some((ssrc, seq))
 }
 
 struct InFlight {
@@ -417,6 +433,12 @@ impl Net {
         self.link_entry(from, to).drop_next += n;
     }
 
+    /// Drop every datagram from `from` to `to` that carries the RTP packet `seq` of `ssrc`:
+    /// a packet lost each time it is sent, its retransmissions on the same SSRC included.
+    pub fn drop_rtp(&mut self, from: NodeId, to: NodeId, ssrc: u32, seq: u16) {
+        self.link_entry(from, to).drop_rtp.push((ssrc, seq));
+    }
+
     /// What the link from `from` to `to` has carried.
     pub fn link_stats(&self, from: NodeId, to: NodeId) -> LinkStats {
         self.links
@@ -451,6 +473,11 @@ impl Net {
         link.stats.sent += 1;
         if link.drop_next > 0 {
             link.drop_next -= 1;
+            link.stats.lost += 1;
+            return;
+        }
+        if !link.drop_rtp.is_empty() && rtp_id(&data).is_some_and(|id| link.drop_rtp.contains(&id))
+        {
             link.stats.lost += 1;
             return;
         }

@@ -45,7 +45,7 @@
 //! [`SettingEngineBuilder::with_crypto_provider`]: rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::with_crypto_provider
 
 use super::bwe::{Bwe, Estimate};
-use super::nack::{self, NackStats, Retransmitter, RtxStream};
+use super::nack::{self, NackStats, Retransmitter, RtxOrigins, RtxStream};
 use super::probe::{Outcome, ProbeStats, Prober};
 use bytes::{Bytes, BytesMut};
 use rtc::crypto::{
@@ -465,6 +465,7 @@ impl std::ops::AddAssign for EgressStats {
         self.nack.resent += o.nack.resent;
         self.nack.refused += o.nack.refused;
         self.nack.over_budget += o.nack.over_budget;
+        self.nack.unrepairable += o.nack.unrepairable;
         self.rtcp_in += o.rtcp_in;
         self.rtcp_rejected += o.rtcp_rejected;
         self.rtcp_malformed += o.rtcp_malformed;
@@ -477,6 +478,8 @@ impl std::ops::AddAssign for EgressStats {
 struct RtxState {
     stream: RtxStream,
     roc: Roc,
+    /// The media packets its recent retransmissions carried (for the feedback on them).
+    origins: RtxOrigins,
 }
 
 /// One subscriber connection's media out and feedback in (see the module docs).
@@ -514,6 +517,10 @@ pub struct Feedback {
     /// NACKs, per media SSRC, with the sequence numbers reported lost (after a layer switch
     /// they tell the core the switch's keyframe was lost).
     pub lost: Vec<(u32, Vec<u16>)>,
+    /// Media SSRCs (our down-tracks) with a NACKed packet the responder gave up on
+    /// ([`nack::NackAnswer::unrepairable`]): the subscriber needs a keyframe, as if it had
+    /// sent a PLI.
+    pub unrepairable: Vec<u32>,
     /// TWCC feedback arrived (the estimate may have changed).
     pub estimate_updated: bool,
     /// Retransmissions to send, encrypted.
@@ -541,6 +548,25 @@ impl Egress {
             reports: Vec::new(),
             probe: Prober::new(),
         })
+    }
+
+    /// Tell the NACK responder which of the packets in the reports just taken arrived (a
+    /// retransmission on an RTX stream counts for the media packet it carried), so that it
+    /// never gives up on a packet the subscriber has.
+    fn note_delivered(&mut self) {
+        for r in self.reports.iter().filter(|r| r.arrived) {
+            let seq = r.rtp_sequence_number;
+            if self.sent.contains_key(&r.ssrc) {
+                self.retransmit.on_delivered(r.ssrc, seq);
+            } else if let Some((&media, osn)) = self
+                .rtx
+                .iter()
+                .find(|(_, x)| x.stream.ssrc == r.ssrc)
+                .and_then(|(m, x)| Some((m, x.origins.osn(seq)?)))
+            {
+                self.retransmit.on_delivered(media, osn);
+            }
+        }
     }
 
     /// The subscriber's downlink estimate.
@@ -648,6 +674,7 @@ impl Egress {
                     self.twcc.on_ack(ack);
                 }
                 self.twcc.take_reports_into(&mut self.reports);
+                self.note_delivered();
                 if !self.reports.is_empty() {
                     self.bwe.on_reports(now, &self.reports);
                     self.on_probe_feedback(now);
@@ -667,7 +694,11 @@ impl Egress {
                     self.estimate.available(now),
                     self.bwe.acked_bps().map(|bps| bps as u64),
                 );
-                for packet in self.retransmit.on_nack(now, media_ssrc, &lost, capacity) {
+                let answer = self.retransmit.on_nack(now, media_ssrc, &lost, capacity);
+                if answer.unrepairable {
+                    fb.unrepairable.push(media_ssrc);
+                }
+                for packet in answer.packets {
                     // A retransmission carries a new transport-wide sequence number: the
                     // receiver reports its arrival like any other packet.
                     // (A stream is forgotten by both at once: a packet in the history has one.)
@@ -681,6 +712,10 @@ impl Egress {
                     let sealed = match rtx {
                         Some(r) => {
                             let wrapped = r.stream.wrap(&packet);
+                            r.origins.record(
+                                wrapped.header.sequence_number,
+                                packet.header.sequence_number,
+                            );
                             seal(
                                 &mut self.sealer,
                                 &mut self.local,
@@ -749,6 +784,7 @@ impl Egress {
                         RtxState {
                             stream: RtxStream::new(ssrc, payload_type),
                             roc: Roc::default(),
+                            origins: RtxOrigins::default(),
                         },
                     );
                 }

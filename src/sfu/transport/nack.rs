@@ -33,10 +33,28 @@
 //! recovering waits for exactly that) and may borrow one burst ahead of the budget (repaid by
 //! the retransmissions after them, so the long-run rate is unchanged), then the newest ones (the oldest losses are the least
 //! useful, often of a layer the subscriber is leaving). A NACK that is not answered is dropped,
-//! not queued. The decision logic
-//! ([`SendHistory`], [`RetransmitBudget`], [`Retransmitter`]) is pure and unit-tested; the
-//! subscriber fast path ([`super::egress`]) feeds it the packets it sends and the NACKs it
-//! receives, and sends what it returns.
+//! not queued.
+//!
+//! A packet that will not be repaired stalls the subscriber's decoder until the next keyframe,
+//! and a browser asks for one only after ~3 s without a decodable frame. So the answer to a
+//! NACK ([`NackAnswer`]) also says whether the responder gave up on a packet the subscriber
+//! still needs ([`SendHistory::lost_for_good`]): gone from the history; too old or out of
+//! attempts, once the last retransmission has had [`RESEND_INTERVAL`] to arrive; or refused
+//! for lack of budget while first sent [`GIVE_UP_AFTER`] ago or more (it might still be
+//! answered later, but the decoder has waited long enough). Never a packet the subscriber's
+//! transport-wide feedback reported received, the original or a copy (an RTX copy is mapped
+//! back by [`RtxOrigins`]): a receiver that NACKs what it has has lost nothing. A loss before
+//! the last keyframe sent on the stream no longer matters (the decoder starts again from the
+//! keyframe, and a receiver may go on NACKing it), nor does a sequence number not sent yet.
+//! It is said at most once per stream per [`UNREPAIRABLE_INTERVAL`], however many NACKs
+//! repeat the loss; the core treats it like a PLI from the subscriber: a keyframe request for
+//! the layer its down-track receives, through the layer's throttle (`nack_unrepairable` in
+//! `/stats`).
+//!
+//! The decision logic ([`SendHistory`], [`RetransmitBudget`], [`Retransmitter`]) is pure and
+//! unit-tested; the subscriber fast path ([`super::egress`]) feeds it the packets it sends and
+//! the NACKs it receives, sends the retransmissions it returns and hands the core the streams
+//! given up on.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -60,6 +78,13 @@ pub const RESEND_INTERVAL: Duration = Duration::from_millis(150);
 pub const MIN_SHARE_PERCENT: u64 = 20;
 /// ... and never more than this share, however idle the link.
 pub const MAX_SHARE_PERCENT: u64 = 50;
+/// A packet refused for lack of budget counts as unrepairable once it was first sent this
+/// long ago: a later NACK might still be answered, but by then the subscriber's decoder has
+/// waited for it for most of [`MAX_AGE`] (see [`SendHistory::lost_for_good`]).
+pub const GIVE_UP_AFTER: Duration = Duration::from_millis(500);
+/// At most one unrepairable loss is reported per stream (one keyframe request per
+/// down-track) in this interval.
+pub const UNREPAIRABLE_INTERVAL: Duration = Duration::from_millis(500);
 /// Rate allowed while the subscriber's bandwidth is unknown (no TWCC/REMB feedback yet).
 pub const UNKNOWN_RATE_BPS: u64 = 300_000;
 /// The budget may be saved up for this long (burst size).
@@ -76,6 +101,8 @@ struct Entry {
     sent: Instant,
     attempts: u8,
     last_resent: Option<Instant>,
+    /// The subscriber's transport-wide feedback reported one of its copies received.
+    delivered: bool,
 }
 
 /// Why a retransmission was refused (or that it was allowed).
@@ -129,6 +156,7 @@ impl SendHistory {
                 sent: now,
                 attempts: 0,
                 last_resent: None,
+                delivered: false,
             });
         }
     }
@@ -149,6 +177,52 @@ impl SendHistory {
             Verdict::TooSoon
         } else {
             Verdict::Resend
+        }
+    }
+
+    /// Whether a NACK of `seq` that [`check`](Self::check) refused with `verdict` means the
+    /// packet is lost for good, so that the subscriber's decoder waits for the next keyframe:
+    ///
+    /// * [`Verdict::Unknown`]: gone from the history (or never sent: the caller filters
+    ///   sequence numbers ahead of what was sent);
+    /// * [`Verdict::TooOld`], [`Verdict::Exhausted`]: never answered again, once the last
+    ///   retransmission has had [`RESEND_INTERVAL`] to arrive (a NACK sent before it did
+    ///   does not count);
+    /// * [`Verdict::OverBudget`]: may be answered by the next NACK, but only counts once the
+    ///   packet was first sent [`GIVE_UP_AFTER`] ago;
+    /// * [`Verdict::TooSoon`] (a copy is on its way) and [`Verdict::Resend`]: no.
+    ///
+    /// Never a packet the subscriber's transport-wide feedback reported received
+    /// ([`mark_delivered`](Self::mark_delivered)): a receiver that NACKs what it has (one
+    /// that does not count the repairs of its RTX stream) has lost nothing.
+    pub fn lost_for_good(&self, seq: u16, now: Instant, verdict: Verdict) -> bool {
+        let entry = self.entry(seq);
+        if entry.is_some_and(|e| e.delivered) {
+            return false;
+        }
+        let settled = |e: &Entry| {
+            e.last_resent
+                .is_none_or(|t| now.saturating_duration_since(t) >= RESEND_INTERVAL)
+        };
+        match verdict {
+            Verdict::Unknown => true,
+            Verdict::TooOld | Verdict::Exhausted => entry.is_none_or(settled),
+            Verdict::OverBudget => {
+                entry.is_some_and(|e| now.saturating_duration_since(e.sent) >= GIVE_UP_AFTER)
+            }
+            Verdict::TooSoon | Verdict::Resend => false,
+        }
+    }
+
+    /// A copy of `seq` was reported received (transport-wide feedback).
+    pub fn mark_delivered(&mut self, seq: u16) {
+        if let Some(e) = self
+            .slots
+            .get_mut(Self::slot(seq))
+            .and_then(Option::as_mut)
+            .filter(|e| e.packet.header.sequence_number == seq)
+        {
+            e.delivered = true;
         }
     }
 
@@ -277,6 +351,22 @@ pub struct NackStats {
     pub refused: u64,
     /// Refused for lack of budget.
     pub over_budget: u64,
+    /// Unrepairable losses reported ([`NackAnswer::unrepairable`]: one keyframe request
+    /// each).
+    pub unrepairable: u64,
+}
+
+/// What to do about one NACK: the retransmissions to send, and whether it reported a loss
+/// that will not be repaired (the core then asks the publisher for a keyframe, as for a PLI
+/// from the subscriber).
+#[derive(Debug, Default)]
+pub struct NackAnswer {
+    /// The packets to retransmit, in order.
+    pub packets: Vec<rtp::Packet>,
+    /// A packet the subscriber still needs is lost for good
+    /// ([`SendHistory::lost_for_good`]); at most once per [`UNREPAIRABLE_INTERVAL`] per
+    /// stream.
+    pub unrepairable: bool,
 }
 
 #[derive(Default)]
@@ -284,6 +374,27 @@ struct Stream {
     history: SendHistory,
     /// RTP timestamp of the last keyframe sent (its packets share it).
     keyframe_ts: Option<u32>,
+    /// Sequence number of the first packet of the last keyframe sent: a loss before it no
+    /// longer stalls the decoder.
+    keyframe_seq: Option<u16>,
+    /// The newest sequence number sent.
+    newest: Option<u16>,
+    /// When an unrepairable loss was last reported.
+    reported: Option<Instant>,
+}
+
+/// `a` is `b` or comes after it (RFC 1982 serial number arithmetic on 16 bits).
+fn at_or_after(a: u16, b: u16) -> bool {
+    a.wrapping_sub(b) < 0x8000
+}
+
+impl Stream {
+    /// Whether the loss of `seq` still matters: sent (not ahead of the newest packet), and
+    /// not before the last keyframe (which the decoder can start again from).
+    fn still_needed(&self, seq: u16) -> bool {
+        self.newest.is_some_and(|n| at_or_after(n, seq))
+            && self.keyframe_seq.is_none_or(|k| at_or_after(seq, k))
+    }
 }
 
 /// The NACK responder of one subscriber connection: remembers what leaves on its video
@@ -319,11 +430,24 @@ impl Retransmitter {
             return;
         }
         let s = self.streams.entry(packet.header.ssrc).or_default();
+        let seq = packet.header.sequence_number;
         if keyframe {
             s.keyframe_ts = Some(packet.header.timestamp);
+            s.keyframe_seq = Some(seq);
+        }
+        if s.newest.is_none_or(|n| at_or_after(seq, n)) {
+            s.newest = Some(seq);
         }
         let keyframe = s.keyframe_ts == Some(packet.header.timestamp);
         s.history.add(now, packet.clone(), keyframe);
+    }
+
+    /// The subscriber's transport-wide feedback reported packet `seq` of `ssrc` (a media
+    /// stream; a retransmission on an RTX stream is mapped back by [`RtxOrigins`]) received.
+    pub fn on_delivered(&mut self, ssrc: u32, seq: u16) {
+        if let Some(s) = self.streams.get_mut(&ssrc) {
+            s.history.mark_delivered(seq);
+        }
     }
 
     /// Forget a stream (its down-track is gone).
@@ -331,17 +455,18 @@ impl Retransmitter {
         self.streams.remove(&ssrc);
     }
 
-    /// The packets to retransmit for a NACK of `media_ssrc` reporting `lost` (in the order
-    /// the NACK lists them, as [`nack_seqs`] gives them), in order, given the link's
-    /// capacity ([`capacity_bps`]).
+    /// What to do about a NACK of `media_ssrc` reporting `lost` (in the order the NACK lists
+    /// them, as [`nack_seqs`] gives them), given the link's capacity ([`capacity_bps`]): the
+    /// packets to retransmit, and whether a packet the subscriber still needs is lost for
+    /// good (see [`NackAnswer`]).
     pub fn on_nack(
         &mut self,
         now: Instant,
         media_ssrc: u32,
         lost: &[u16],
         capacity_bps: Option<u64>,
-    ) -> Vec<rtp::Packet> {
-        let mut out = Vec::new();
+    ) -> NackAnswer {
+        let mut out = NackAnswer::default();
         let Some(stream) = self.streams.get_mut(&media_ssrc) else {
             return out;
         };
@@ -352,22 +477,37 @@ impl Retransmitter {
         // subscriber has already left).
         seqs.reverse();
         seqs.sort_by_key(|&seq| !stream.history.is_keyframe(seq));
+        let mut given_up = false;
         for seq in seqs {
             self.stats.requested += 1;
-            if stream.history.check(seq, now) != Verdict::Resend {
+            let verdict = stream.history.check(seq, now);
+            if verdict != Verdict::Resend {
                 self.stats.refused += 1;
+                given_up |=
+                    stream.history.lost_for_good(seq, now, verdict) && stream.still_needed(seq);
                 continue;
             }
             let size = stream.history.size(seq).unwrap_or(0);
             let keyframe = stream.history.is_keyframe(seq);
             if !self.budget.try_spend(now, size, capacity_bps, keyframe) {
                 self.stats.over_budget += 1;
+                given_up |= stream.history.lost_for_good(seq, now, Verdict::OverBudget)
+                    && stream.still_needed(seq);
                 continue;
             }
             if let Some(p) = stream.history.resend(seq, now) {
                 self.stats.resent += 1;
-                out.push(p);
+                out.packets.push(p);
             }
+        }
+        if given_up
+            && stream
+                .reported
+                .is_none_or(|t| now.saturating_duration_since(t) >= UNREPAIRABLE_INTERVAL)
+        {
+            stream.reported = Some(now);
+            self.stats.unrepairable += 1;
+            out.unrepairable = true;
         }
         out
     }
@@ -440,6 +580,46 @@ impl RtxStream {
             },
             payload: payload.into(),
         }
+    }
+}
+
+/// Retransmissions remembered per RTX stream by [`RtxOrigins`] (a power of two).
+pub const RTX_ORIGINS: usize = 256;
+
+/// Which media packet the recent packets of one RTX stream repaired (their original sequence
+/// numbers, by RTX sequence number), so that the subscriber's transport-wide feedback on a
+/// retransmission tells the [`Retransmitter`] the packet arrived after all. Bounded: the last
+/// [`RTX_ORIGINS`] retransmissions.
+#[derive(Debug, Clone)]
+pub struct RtxOrigins {
+    slots: Vec<Option<(u16, u16)>>,
+}
+
+impl Default for RtxOrigins {
+    fn default() -> Self {
+        RtxOrigins {
+            slots: vec![None; RTX_ORIGINS],
+        }
+    }
+}
+
+impl RtxOrigins {
+    /// RTX packet `rtx_seq` carried media packet `osn`.
+    pub fn record(&mut self, rtx_seq: u16, osn: u16) {
+        if let Some(s) = self.slots.get_mut(usize::from(rtx_seq) % RTX_ORIGINS) {
+            *s = Some((rtx_seq, osn));
+        }
+    }
+
+    /// The media packet RTX packet `rtx_seq` carried, if remembered (not padding, not
+    /// overwritten).
+    pub fn osn(&self, rtx_seq: u16) -> Option<u16> {
+        self.slots
+            .get(usize::from(rtx_seq) % RTX_ORIGINS)
+            .copied()
+            .flatten()
+            .filter(|&(r, _)| r == rtx_seq)
+            .map(|(_, osn)| osn)
     }
 }
 
@@ -690,21 +870,22 @@ mod tests {
         }
         let resent: Vec<u16> = r
             .on_nack(ms(t0, 20), 1, &[3, 4, 7], None)
+            .packets
             .iter()
             .map(|p| p.header.sequence_number)
             .collect();
         // The keyframe packet first, then newest first.
         assert_eq!(resent, vec![7, 4, 3]);
         // Again at once: too soon. The audio stream: nothing.
-        assert!(r.on_nack(ms(t0, 30), 1, &[3, 4], None).is_empty());
-        assert!(r.on_nack(ms(t0, 30), 2, &[3, 4], None).is_empty());
+        assert!(r.on_nack(ms(t0, 30), 1, &[3, 4], None).packets.is_empty());
+        assert!(r.on_nack(ms(t0, 30), 2, &[3, 4], None).packets.is_empty());
         let s = r.stats();
         assert_eq!(s.requested, 5);
         assert_eq!(s.resent, 3);
         assert_eq!(s.refused, 2);
         // A removed stream answers nothing.
         r.remove_stream(1);
-        assert!(r.on_nack(ms(t0, 400), 1, &[3], None).is_empty());
+        assert!(r.on_nack(ms(t0, 400), 1, &[3], None).packets.is_empty());
     }
 
     #[test]
@@ -746,7 +927,7 @@ mod tests {
                 let now = ms(t0, u64::from(seq) * 40);
                 r.on_sent(now, &pkt(1, seq, 1_000), true, false);
                 if seq % 10 == 5 {
-                    n += r.on_nack(now, 1, &[seq - 5], capacity).len();
+                    n += r.on_nack(now, 1, &[seq - 5], capacity).packets.len();
                 }
             }
             n
@@ -757,6 +938,127 @@ mod tests {
         assert_eq!(by_delivered, 25);
     }
 
+    /// A video stream of 1 kB packets, one every 10 ms from `t0`; seq 0 starts a keyframe.
+    fn sent(t0: Instant, seqs: std::ops::Range<u16>) -> Retransmitter {
+        let mut r = Retransmitter::new();
+        for seq in seqs {
+            let mut p = pkt(1, seq, 1_000);
+            p.header.timestamp = u32::from(seq) * 300;
+            r.on_sent(ms(t0, u64::from(seq) * 10), &p, true, seq == 0);
+        }
+        r
+    }
+
+    #[test]
+    fn a_packet_retransmitted_in_vain_is_given_up_once_its_last_copy_had_time() {
+        let t0 = Instant::now();
+        let mut r = sent(t0, 0..20);
+        let nack = |r: &mut Retransmitter, at: u64| r.on_nack(ms(t0, at), 1, &[5], None);
+        // Three retransmissions, each a re-NACK later; the re-NACKs in between are too soon.
+        for (at, resent) in [(200, 1), (300, 0), (350, 1), (500, 1)] {
+            let a = nack(&mut r, at);
+            assert_eq!(a.packets.len(), resent, "at {at}");
+            assert!(!a.unrepairable, "at {at}");
+        }
+        // Out of attempts, but the last copy may still be on its way.
+        assert!(!nack(&mut r, 600).unrepairable);
+        // It had its time: lost for good, reported once.
+        assert!(nack(&mut r, 650).unrepairable);
+        assert!(!nack(&mut r, 750).unrepairable);
+        assert!(!nack(&mut r, 1_100).unrepairable);
+        // Still missing an interval later (the keyframe request went unanswered): again.
+        assert!(nack(&mut r, 1_150).unrepairable);
+        assert_eq!(r.stats().unrepairable, 2);
+        // A keyframe went out since: the decoder starts again from it, the loss is moot.
+        let mut key = pkt(1, 20, 1_000);
+        key.header.timestamp = 20 * 300;
+        r.on_sent(ms(t0, 1_200), &key, true, true);
+        assert!(!nack(&mut r, 1_700).unrepairable);
+        assert_eq!(r.stats().unrepairable, 2);
+    }
+
+    #[test]
+    fn a_packet_reported_received_is_never_given_up() {
+        let t0 = Instant::now();
+        let mut r = sent(t0, 0..20);
+        // Retransmitted on an RTX stream; its feedback says the copy arrived.
+        let mut origins = RtxOrigins::default();
+        let mut rtx = RtxStream::new(0x2222, 97);
+        let copy = rtx.wrap(&r.on_nack(ms(t0, 200), 1, &[5], None).packets[0]);
+        origins.record(copy.header.sequence_number, 5);
+        assert_eq!(origins.osn(copy.header.sequence_number), Some(5));
+        assert_eq!(
+            origins.osn(copy.header.sequence_number.wrapping_add(1)),
+            None
+        );
+        r.on_delivered(1, origins.osn(copy.header.sequence_number).expect("osn"));
+        // A receiver that NACKs it on regardless has lost nothing.
+        assert!(!r.on_nack(ms(t0, 1_200), 1, &[5], None).unrepairable);
+        // The original of packet 6 was reported received: the same.
+        r.on_delivered(1, 6);
+        assert!(!r.on_nack(ms(t0, 1_800), 1, &[6], None).unrepairable);
+        // Packet 7 was not: given up.
+        assert!(r.on_nack(ms(t0, 1_800), 1, &[7], None).unrepairable);
+        // An RTX slot reused by a later retransmission forgets the earlier one.
+        origins.record(
+            copy.header.sequence_number.wrapping_add(RTX_ORIGINS as u16),
+            9,
+        );
+        assert_eq!(origins.osn(copy.header.sequence_number), None);
+    }
+
+    #[test]
+    fn old_and_forgotten_packets_are_given_up_unless_not_sent_or_superseded() {
+        let t0 = Instant::now();
+        // Too old (first sent 1.05 s before the NACK), never retransmitted.
+        let mut r = sent(t0, 0..20);
+        let a = r.on_nack(ms(t0, 1_100), 1, &[5], None);
+        assert!(a.packets.is_empty() && a.unrepairable);
+        // Retransmitted just before it became too old: the copy may still arrive.
+        let mut r = sent(t0, 0..20);
+        assert_eq!(r.on_nack(ms(t0, 1_000), 1, &[5], None).packets.len(), 1);
+        assert!(!r.on_nack(ms(t0, 1_100), 1, &[5], None).unrepairable);
+        assert!(r.on_nack(ms(t0, 1_150), 1, &[5], None).unrepairable);
+        // Overwritten in the history: gone.
+        let mut r = sent(t0, 0..(HISTORY as u16 + 10));
+        let a = r.on_nack(ms(t0, 2_700), 1, &[3], None);
+        assert!(a.packets.is_empty() && a.unrepairable);
+        // Never sent (ahead of the newest packet): not a loss of ours.
+        let mut r = sent(t0, 0..20);
+        assert!(!r.on_nack(ms(t0, 200), 1, &[25, 40_000], None).unrepairable);
+        assert_eq!(r.stats().refused, 2);
+        // Before the last keyframe: superseded.
+        let mut r = sent(t0, 0..20);
+        let mut key = pkt(1, 20, 1_000);
+        key.header.timestamp = 20 * 300;
+        r.on_sent(ms(t0, 200), &key, true, true);
+        assert!(!r.on_nack(ms(t0, 1_500), 1, &[5], None).unrepairable);
+        // An audio stream (not remembered) or an unknown one: nothing to say.
+        assert!(!r.on_nack(ms(t0, 1_500), 2, &[5], None).unrepairable);
+        assert_eq!(r.stats().unrepairable, 0);
+    }
+
+    #[test]
+    fn a_packet_refused_for_budget_is_given_up_only_after_a_while() {
+        let t0 = Instant::now();
+        let mut r = sent(t0, 0..20);
+        // Spend the budget of a 20 kbit/s link (a 12 kbit burst) on packet 18.
+        assert_eq!(
+            r.on_nack(ms(t0, 250), 1, &[18], Some(20_000)).packets.len(),
+            1
+        );
+        // Packet 19 is refused: it may still be repaired by a later NACK.
+        let a = r.on_nack(ms(t0, 250), 1, &[19], Some(20_000));
+        assert!(a.packets.is_empty() && !a.unrepairable);
+        assert_eq!(r.stats().over_budget, 1);
+        // Packet 1, refused too, was first sent 490 ms ago: not yet.
+        assert!(!r.on_nack(ms(t0, 500), 1, &[1], Some(20_000)).unrepairable);
+        // Still refused GIVE_UP_AFTER after it was sent: given up.
+        let a = r.on_nack(ms(t0, 510), 1, &[1], Some(20_000));
+        assert!(a.packets.is_empty() && a.unrepairable);
+        assert_eq!(r.stats().over_budget, 3);
+    }
+
     #[test]
     fn an_overloaded_link_gets_few_retransmissions() {
         let t0 = Instant::now();
@@ -765,7 +1067,7 @@ mod tests {
             r.on_sent(ms(t0, u64::from(seq) * 4), &pkt(1, seq, 1_200), true, false);
         }
         let all: Vec<u16> = (0..200).collect();
-        let n = r.on_nack(ms(t0, 800), 1, &all, Some(300_000)).len();
+        let n = r.on_nack(ms(t0, 800), 1, &all, Some(300_000)).packets.len();
         // The burst of a 60 kbit/s budget holds one or two 1.2 kB packets.
         assert!((1..=2).contains(&n), "{n}");
         assert!(r.stats().over_budget > 0);
