@@ -139,6 +139,13 @@ class Redis:
                     raise SystemExit("foreign-tests: redis-server did not start (apt-get install redis-server)")
                 time.sleep(0.05)
 
+    def command(self, *args):
+        """One command (RESP), its reply's first line."""
+        req = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as c:
+            c.sendall(req.encode())
+            return c.recv(512).split(b"\r\n", 1)[0].decode()
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait()
@@ -628,6 +635,11 @@ def run_span(cluster, pub, sub, order, room):
     node link. "span": both on the WebSocket (the subscriber decodes the media and says `done` on
     chat, which crosses back to A); "span-whep": a WHIP publisher and a WHEP viewer."""
     before = Cluster.stats(cluster.b)["extended_joins"]
+    # The room goes to A (both nodes are idle: either could be chosen, and these clients do not
+    # follow redirects): its lease is written first, as A's; A renews it once the room is open.
+    reply = cluster.redis.command("SET", f"plaza:room:{room}", "ND_a", "PX", "10000")
+    if reply != "+OK":
+        return False, f"could not place the room on node A: {reply}", {}, []
     if order == "span-whep":
         ok, detail, extra, logs = run_whep_viewer(cluster.a, pub, sub, "whep-late", room, viewer_server=cluster.b)
     else:
