@@ -205,7 +205,10 @@ async fn main() -> Result<()> {
     println!("|---|---:|---:|---:|---:|---:|");
     summary("through the room's node (A)", home);
     summary("through the other node (B → redirect → A)", other);
-    summary("through the other node, the room extended there (B)", extended);
+    summary(
+        "through the other node, the room extended there (B)",
+        extended,
+    );
     summary("one node, no Redis", single);
     leave(holder).await;
     for ws in wide {

@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
 fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let (user, system) = plaza::http::metrics::parse_stat_times(&stat).unwrap_or((0, 0));
-    Duration::from_secs_f64((user + system) as f64 / plaza::http::metrics::CLOCK_TICKS_PER_S as f64)
+    let ticks = plaza::cluster::cpu_ticks().unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / plaza::http::metrics::CLOCK_TICKS_PER_S as f64)
 }
 
 async fn node(n: u32) -> (LinkHandle, [u8; 32]) {

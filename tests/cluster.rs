@@ -304,6 +304,27 @@ async fn without_redis_no_cluster_code_runs() {
 }
 
 /// The lease of `room` in Redis: the id of the node that hosts it.
+/// A WHEP viewer of `room` whose `POST` goes to `node`, once it receives the room's video.
+async fn play_video_through(node: &TestServer, room: &str) -> plaza_testkit::whep::WhepViewer {
+    let token = with_grants(room, "viewer", |g| {
+        g.can_publish = Some(false);
+        g.can_publish_data = Some(false);
+    });
+    let viewer = plaza_testkit::whep::WhepViewer::play(
+        node.http_addr,
+        &format!("/whep/{room}"),
+        Some(&token),
+        plaza_testkit::whep::WhepOptions::default(),
+    )
+    .await
+    .expect("WHEP POST");
+    viewer
+        .wait_for_packets(plaza::signal::TrackKind::Video, 20, WAIT)
+        .await
+        .expect("the viewer plays the room's video");
+    viewer
+}
+
 async fn lease(redis: &RedisServer, room: &str) -> Option<String> {
     let client = ::redis::Client::open(redis.url()).expect("redis URL");
     let mut conn = client
@@ -371,22 +392,7 @@ async fn participants_joining_through_either_node_meet_on_the_rooms_node() {
         .expect("alice gets bob's chat");
 
     // A WHEP viewer through B: 307 to A, and it plays alice.
-    let token = with_grants("meet", "viewer", |g| {
-        g.can_publish = Some(false);
-        g.can_publish_data = Some(false);
-    });
-    let mut viewer = plaza_testkit::whep::WhepViewer::play(
-        b.http_addr,
-        "/whep/meet",
-        Some(&token),
-        plaza_testkit::whep::WhepOptions::default(),
-    )
-    .await
-    .expect("WHEP through B");
-    viewer
-        .wait_for_packets(TrackKind::Video, 20, WAIT)
-        .await
-        .expect("the viewer plays alice");
+    let mut viewer = play_video_through(&b, "meet").await;
 
     let (ca, cb) = (cluster_stats(&a).await, cluster_stats(&b).await);
     assert_eq!(cb["redirected"], 2, "bob and the viewer: {cb}");
@@ -706,22 +712,7 @@ async fn a_room_spans_two_nodes_with_media_and_data_both_ways() {
         .expect("bob gets alice's chat");
 
     // A WHEP viewer through B plays there too.
-    let token = with_grants("span", "viewer", |g| {
-        g.can_publish = Some(false);
-        g.can_publish_data = Some(false);
-    });
-    let mut viewer = plaza_testkit::whep::WhepViewer::play(
-        b.http_addr,
-        "/whep/span",
-        Some(&token),
-        plaza_testkit::whep::WhepOptions::default(),
-    )
-    .await
-    .expect("WHEP through B");
-    viewer
-        .wait_for_packets(TrackKind::Video, 20, WAIT)
-        .await
-        .expect("the viewer on B plays alice (on A)");
+    let mut viewer = play_video_through(&b, "span").await;
 
     let (ca, cb) = (cluster_stats(&a).await, cluster_stats(&b).await);
     assert_eq!(cb["extended_joins"], 2, "bob and the viewer: {cb}");

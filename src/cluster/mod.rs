@@ -317,13 +317,7 @@ impl ClusterView {
             let record: Option<String> = conn.get(registry::node_key(&holder)).await?;
             Ok(record.and_then(|r| NodeRecord::decode(&r).ok()))
         };
-        match tokio::time::timeout(REDIS_TIMEOUT, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "Redis did not answer in time",
-            ))),
-        }
+        within_redis_timeout(fut).await
     }
 
     /// Carries an HTTP call to `node` (same method, path and query, `Authorization` and
@@ -499,10 +493,7 @@ impl ClusterView {
         let mut conn = self.conn.clone();
         let ttl = self.lease_ttl.as_millis() as u64;
         let set = conn.pset_ex::<_, _, ()>(placement::span_key(room), 1, ttl);
-        if let Ok(Err(e)) | Err(e) = tokio::time::timeout(REDIS_TIMEOUT, set)
-            .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timeout")))
-        {
+        if let Err(e) = within_redis_timeout(set).await {
             debug!(%room, error = %e, "cluster: could not mark the room as extended");
         }
     }
@@ -510,18 +501,22 @@ impl ClusterView {
     /// Every live node's record (those whose TTL has not run out), by id.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, redis::RedisError> {
         let mut conn = self.conn.clone();
-        let fut = async move {
-            let ids: Vec<String> = conn.zrange(registry::NODES_KEY, 0, -1).await?;
-            records(&mut conn, &ids).await
-        };
-        match tokio::time::timeout(REDIS_TIMEOUT, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(redis::RedisError::from((
+        within_redis_timeout(async move { live_nodes(&mut conn).await }).await
+    }
+}
+
+/// `fut`, failing with an I/O error when Redis does not answer within [`REDIS_TIMEOUT`].
+async fn within_redis_timeout<T>(
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(REDIS_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
                 redis::ErrorKind::Io,
                 "Redis did not answer in time",
-            ))),
-        }
-    }
+            )))
+        })
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
@@ -791,8 +786,9 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The process's CPU time (user + system) in clock ticks.
-fn cpu_ticks() -> Option<u64> {
+/// The process's CPU time (user + system) in clock ticks
+/// (`crate::http::metrics::CLOCK_TICKS_PER_S` a second).
+pub fn cpu_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let (user, system) = crate::http::metrics::parse_stat_times(&stat)?;
     Some(user + system)

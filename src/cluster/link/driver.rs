@@ -58,17 +58,7 @@ pub struct LinkHandle {
 impl LinkHandle {
     /// Queues `msg`; waits for the link's answer (refused: too large, queue full, …).
     pub async fn send(&self, peer: NodeNum, lane: Lane, msg: LinkMsg) -> Result<(), LinkError> {
-        let (tx, rx) = oneshot::channel();
-        let cmd = Cmd::Send {
-            peer,
-            lane,
-            msg,
-            done: Some(tx),
-        };
-        if self.cmds.send(cmd).await.is_err() {
-            return Err(LinkError::UnknownPeer(peer));
-        }
-        rx.await.unwrap_or(Err(LinkError::UnknownPeer(peer)))
+        self.sender().send(peer, lane, msg).await
     }
 
     /// Queues `msg` without waiting for the link's answer.
