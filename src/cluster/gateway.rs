@@ -111,9 +111,11 @@ impl Gateway {
         }
     }
 
-    /// A node left the cluster (its record is gone).
+    /// A node left the cluster (its record is gone): a peer that was up is down now, whether
+    /// the link noticed its silence first or not.
     fn on_removed(&mut self, node: NodeNum) {
         if self.up.remove(&node) {
+            self.counters.link_downs.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .link_up
                 .store(self.up.len() as u64, Ordering::Relaxed);

@@ -128,7 +128,8 @@ pub struct ClusterStats {
     pub leases: u64,
     /// Other nodes heard from over the node link now (authentic datagrams within 3 s).
     pub link_peers_up: u64,
-    /// Times a node link peer went silent (reported down).
+    /// Times a node link peer that was up stopped being so (silent for 3 s, or gone from the
+    /// cluster).
     pub link_peer_downs: u64,
     /// Joins served here in a room whose node is another one (the room extended here).
     pub extended_joins: u64,

@@ -866,7 +866,7 @@ fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt:
     )?;
     o.counter(
         "plaza_cluster_link_peer_downs",
-        "Times a node link peer went silent for 3 s",
+        "Times a node link peer that was up went silent for 3 s or left the cluster",
         *link_peer_downs,
     )?;
     o.counter(

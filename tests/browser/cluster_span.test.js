@@ -101,6 +101,9 @@ describe('a room spanning two nodes', { timeout: 150_000 }, () => {
     await alice.page.goto(`${nodes.a.url}/`);
     await bob.page.goto(`${nodes.b.url}/`);
 
+    // The room starts on A (both nodes are idle: either could be chosen): its lease is written
+    // first, as A's; A renews it once the room is open there.
+    assert.equal(await redis.command('SET', 'plaza:room:span', 'ND_a', 'PX', '10000'), '+OK');
     const a = await joinClient(alice, nodes.a, 'span', 'alice', await devToken(nodes.a, 'span', 'alice'));
     assert.equal(a.nodeUrl, wsUrl(nodes.a));
     const b = await joinClient(bob, nodes.b, 'span', 'bob', await devToken(nodes.b, 'span', 'bob'));

@@ -241,7 +241,19 @@ export async function startRedis({ port, logName = 'redis.log' } = {}) {
     await stop();
     throw e;
   });
-  return { url: `redis://127.0.0.1:${port}/`, port, logPath, stop };
+  /** One command (its arguments as strings); resolves to the first line of the reply. */
+  const command = (...argv) =>
+    new Promise((resolve, reject) => {
+      const req = `*${argv.length}\r\n` + argv.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join('');
+      const s = netConnect({ host: '127.0.0.1', port }, () => s.write(req));
+      s.setTimeout(2000, () => s.destroy(new Error('redis-server did not answer in 2 s')));
+      s.on('data', (d) => {
+        s.destroy();
+        resolve(d.toString().split('\r\n')[0]);
+      });
+      s.on('error', reject);
+    });
+  return { url: `redis://127.0.0.1:${port}/`, port, logPath, stop, command };
 }
 
 /**
