@@ -827,3 +827,51 @@ async fn a_room_spans_three_nodes_and_each_two_meet_directly() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_livestream_spread_over_two_nodes_reaches_every_viewer_and_outlives_a_redis_outage() {
+    use plaza::signal::TrackKind;
+    let mut redis = RedisServer::start().expect("redis-server");
+    let port = redis.port;
+    let a = node_spanning(&redis, "ND_a", 1).await;
+    let b = node_spanning(&redis, "ND_b", 1).await;
+    wait_nodes(&a, WAIT, "both nodes", |l| ids(l) == ["ND_a", "ND_b"]).await;
+    wait_stats(&b, "A's link up", |c| c["link_peers_up"] == 1).await;
+    place_on(&redis, "live", "ND_a").await;
+    let host = support::publisher(&a, "live", "host").await;
+    // Three viewers through each node: B's are served by B, which receives the host's tracks
+    // once over the node link and sends them on to each of its viewers.
+    let mut viewers = Vec::new();
+    for (node, side) in [(&a, "a"), (&b, "b")] {
+        for i in 0..3 {
+            let v = support::subscriber(node, "live", &format!("viewer-{side}{i}")).await;
+            assert_eq!(v.redirects(), 0);
+            assert_eq!(v.url(), node.ws_url());
+            viewers.push(v);
+        }
+    }
+    let track = support::announced_track(&viewers[0], &host, TrackKind::Video).await;
+    let flows: Vec<(&plaza_testkit::peer::Peer, &str)> =
+        viewers.iter().map(|v| (v, track.id.as_str())).collect();
+    support::assert_media_flows("host (A) → 3 viewers on A, 3 on B", &flows, 30).await;
+    assert_eq!(cluster_stats(&b).await["extended_joins"], 3);
+    // B forwards what it relays to its own viewers: its forwarded-packet counter grows.
+    let (_, sb) = support::stats(b.http_addr).await.expect("B's /stats");
+    assert!(
+        sb["rtp_packets_forwarded"].as_u64() > Some(0),
+        "B forwards to its viewers: {sb}"
+    );
+
+    // Redis goes away: the media between the nodes does not need it.
+    redis.kill();
+    wait_stats(&b, "B sees the outage", |c| c["registered"] == false).await;
+    support::assert_media_flows("during the Redis outage", &flows, 30).await;
+    let _redis = RedisServer::start_on(port).expect("redis-server restarted");
+    wait_stats(&b, "B registered again", |c| c["registered"] == true).await;
+    support::assert_media_flows("after the outage", &flows, 20).await;
+    // A holds the room's lease again; B never claims it.
+    wait_lease(&_redis, "live", Some("ND_a"), WAIT).await;
+    drop((host, viewers));
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -809,7 +809,7 @@ async fn heartbeat_loop(
 ) {
     // The link's peers (the other live nodes' ends, from their records); the gateway learns
     // of those removed.
-    let mut peers: HashMap<String, registry::LinkInfo> = HashMap::new();
+    let mut peers = Peers::default();
     let mut hb = Heartbeat::new(timing, std::time::Instant::now());
     let mut sampler = LoadSampler::default();
     let key = registry::node_key(&record.id);
@@ -890,7 +890,7 @@ async fn heartbeat_loop(
             leased = rooms.into_iter().collect();
             if let Ok(Ok(nodes)) = tokio::time::timeout(REDIS_TIMEOUT, live_nodes(&mut conn)).await
             {
-                sync_peers(&record.id, &nodes, &mut peers, &removed, &link).await;
+                sync_peers(&record.id, &nodes, &mut peers, timing.ttl, &removed, &link).await;
             }
         }
         counters.registered.store(ok, Ordering::Relaxed);
@@ -988,16 +988,34 @@ async fn live_nodes(conn: &mut ConnectionManager) -> Result<Vec<NodeRecord>, red
     records(conn, &ids).await
 }
 
-/// Points the node link at the other live nodes' ends: new or changed ones are set, those gone
-/// from the cluster removed.
+/// The link's peers, as the heartbeat keeps them in step with the live records.
+#[derive(Default)]
+struct Peers {
+    /// Node id → its link end.
+    ends: HashMap<String, registry::LinkInfo>,
+    /// Node id → since when a peer has been missing from the listing.
+    missing: HashMap<String, std::time::Instant>,
+}
+
+/// Points the node link at the other live nodes' ends: new or changed ones are set, and those
+/// missing from the listing for `grace` (the record TTL) removed. A node missing for less is
+/// kept: after Redis restarts empty, every node is missing until its next heartbeat, and the
+/// rooms spanning nodes must not be torn apart for that (a node that really died goes silent on
+/// the link, which reports it down by itself).
 async fn sync_peers(
     me: &str,
     nodes: &[NodeRecord],
-    peers: &mut HashMap<String, registry::LinkInfo>,
+    peers: &mut Peers,
+    grace: Duration,
     removed: &tokio::sync::mpsc::UnboundedSender<link::NodeNum>,
     handle: &link::driver::LinkHandle,
 ) {
     use base64::Engine as _;
+    let now = std::time::Instant::now();
+    let Peers {
+        ends: peers,
+        missing,
+    } = peers;
     let mut seen = HashSet::new();
     for n in nodes.iter().filter(|n| n.id != me) {
         let Some(info) = &n.link else { continue };
@@ -1022,12 +1040,15 @@ async fn sync_peers(
         debug!(node = %n.id, %addr, "node link: peer set");
         handle.set_peer(info.num, addr, key).await;
     }
+    missing.retain(|id, _| !seen.contains(id) && peers.contains_key(id));
     let gone: Vec<String> = peers
         .keys()
         .filter(|id| !seen.contains(*id))
+        .filter(|id| now.duration_since(*missing.entry((*id).clone()).or_insert(now)) >= grace)
         .cloned()
         .collect();
     for id in gone {
+        missing.remove(&id);
         if let Some(info) = peers.remove(&id) {
             handle.remove_peer(info.num).await;
             let _ = removed.send(info.num);
