@@ -243,6 +243,17 @@ where
     )
     .map_err(ServerError::Webhooks)?;
     let emitter = webhooks.as_ref().map(Webhooks::emitter);
+    // In a cluster the core's room events are also published in Redis (`cluster::events`).
+    let (room_events, core_emitter) = if config.cluster.redis.is_some() {
+        let (tx, rx) = mpsc::channel(crate::cluster::events::QUEUE);
+        let e = match emitter.clone() {
+            Some(e) => e.with_tee(tx),
+            None => crate::webhook::Emitter::tee_only(tx),
+        };
+        (Some(rx), Some(e))
+    } else {
+        (None, emitter.clone())
+    };
     let (handle, core_stopped) = spawn_core(
         CoreConfig {
             announce_ips: announce_ips.clone(),
@@ -252,7 +263,7 @@ where
             spread_above: config.room_spread_above,
             history: config.history,
             input_tick_hz: config.input_tick_hz,
-            webhooks: emitter.clone(),
+            webhooks: core_emitter,
             red: config.red,
         },
         sockets,
@@ -289,7 +300,7 @@ where
     let (stop, stop_rx) = watch::channel(false);
     let (sessions_tx, sessions) = mpsc::channel(1);
     // With `--redis`: the heartbeat task (it never holds up the start: Redis may be down).
-    let cluster = crate::cluster::Registry::start(
+    let mut cluster = crate::cluster::Registry::start(
         &config.cluster,
         crate::cluster::NodeInfo {
             http_addr,
@@ -299,6 +310,9 @@ where
         handle.clone(),
         Default::default(),
     )?;
+    if let (Some(c), Some(rx)) = (cluster.as_mut(), room_events) {
+        c.publish_room_events(rx);
+    }
     let state = AppState::new(
         handle.clone(),
         HttpSettings::from_config(&config),

@@ -325,6 +325,54 @@ async fn play_video_through(node: &TestServer, room: &str) -> plaza_testkit::whe
     viewer
 }
 
+/// The messages published on the cluster's room event channels (`plaza:room-events:*`), as a
+/// subscriber collects them.
+#[allow(clippy::disallowed_types)] // shared with the collecting task
+struct RoomEvents(std::sync::Arc<std::sync::Mutex<Vec<Value>>>);
+
+impl RoomEvents {
+    fn all(&self) -> Vec<Value> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The first message matching `pred`, waiting at most `within`.
+    async fn wait(&self, within: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let start = Instant::now();
+        loop {
+            if let Some(m) = self.all().into_iter().find(|m| pred(m)) {
+                return Some(m);
+            }
+            if start.elapsed() > within {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[allow(clippy::disallowed_types)] // as above
+async fn room_events(redis: &RedisServer) -> RoomEvents {
+    use futures_util::StreamExt as _;
+    let client = ::redis::Client::open(redis.url()).expect("redis URL");
+    let mut sub = client.get_async_pubsub().await.expect("pubsub connection");
+    sub.psubscribe("plaza:room-events:*")
+        .await
+        .expect("PSUBSCRIBE");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut stream = sub.into_on_message();
+        while let Some(msg) = stream.next().await {
+            if let Ok(text) = msg.get_payload::<String>()
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+            {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    RoomEvents(seen)
+}
+
 /// Writes `room`'s lease as `node`'s (for 10 s; the node renews it once the room is open
 /// there), so that the room starts there whatever the nodes' loads.
 async fn place_on(redis: &RedisServer, room: &str, node: &str) {
@@ -695,6 +743,8 @@ async fn a_room_spans_two_nodes_with_media_and_data_both_ways() {
     wait_stats(&a, "B's link up", |c| c["link_peers_up"] == 1).await;
     wait_stats(&b, "A's link up", |c| c["link_peers_up"] == 1).await;
 
+    // Every node's room events, as a subscriber of the cluster's Redis sees them.
+    let events = room_events(&redis).await;
     // The room starts on A; with one participant it is extended to every node.
     place_on(&redis, "span", "ND_a").await;
     let alice = support::publisher(&a, "span", "alice").await;
@@ -733,6 +783,24 @@ async fn a_room_spans_two_nodes_with_media_and_data_both_ways() {
 
     // A WHEP viewer through B plays there too.
     let mut viewer = play_video_through(&b, "span").await;
+
+    // The room's events came through Redis pub/sub from both nodes, each about its own.
+    for (event, who, node) in [
+        ("participant_joined", "alice", "ND_a"),
+        ("participant_joined", "bob", "ND_b"),
+        ("track_published", "alice", "ND_a"),
+        ("track_published", "bob", "ND_b"),
+    ] {
+        events
+            .wait(WAIT, |m| {
+                m["room"] == "span"
+                    && m["event"] == event
+                    && m["participant"]["name"] == who
+                    && m["node"] == node
+            })
+            .await
+            .unwrap_or_else(|| panic!("no {event} of {who} from {node}: {:?}", events.all()));
+    }
 
     let (ca, cb) = (cluster_stats(&a).await, cluster_stats(&b).await);
     assert_eq!(cb["extended_joins"], 2, "bob and the viewer: {cb}");

@@ -23,6 +23,7 @@
 // handlers.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
+pub mod events;
 mod gateway;
 pub mod link;
 pub mod placement;
@@ -138,6 +139,9 @@ pub struct ClusterStats {
     pub link_refused: u64,
     /// Media from other nodes dropped because a shard's queue was full.
     pub link_media_dropped: u64,
+    /// Room events published in Redis (`events`), and those dropped (Redis failed).
+    pub room_events_published: u64,
+    pub room_events_dropped: u64,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +161,8 @@ struct Counters {
     extended: AtomicU64,
     link_refused: Arc<AtomicU64>,
     link_media_dropped: AtomicU64,
+    events_published: AtomicU64,
+    events_dropped: AtomicU64,
 }
 
 /// What the HTTP handlers see of the cluster: the counters and a connection to list nodes.
@@ -209,6 +215,8 @@ impl ClusterView {
             extended_joins: c.extended.load(Ordering::Relaxed),
             link_refused: c.link_refused.load(Ordering::Relaxed),
             link_media_dropped: c.link_media_dropped.load(Ordering::Relaxed),
+            room_events_published: c.events_published.load(Ordering::Relaxed),
+            room_events_dropped: c.events_dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -602,6 +610,8 @@ pub struct Registry {
     task: Option<JoinHandle<()>>,
     /// Carries the rooms' pipes between this node and the others (ends with the registry).
     gateway: Option<JoinHandle<()>>,
+    /// Publishes room events ([`Registry::publish_room_events`]).
+    events: Option<JoinHandle<()>>,
 }
 
 /// What the registry needs to know about the node.
@@ -747,11 +757,23 @@ impl Registry {
             stop,
             task: Some(task),
             gateway: Some(gateway),
+            events: None,
         }))
     }
 
     pub fn view(&self) -> ClusterView {
         self.view.clone()
+    }
+
+    /// Publishes the room events that arrive on `rx` in Redis ([`events`]), until it closes.
+    pub fn publish_room_events(&mut self, rx: tokio::sync::mpsc::Receiver<crate::webhook::Event>) {
+        let task = tokio::spawn(events::run(
+            self.view.node_id.clone(),
+            self.view.conn.clone(),
+            rx,
+            Arc::clone(&self.view.counters),
+        ));
+        self.events = Some(task);
     }
 
     /// Stops the heartbeat and removes the node's record and listing entry (waiting at most
@@ -772,7 +794,7 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        for task in [self.task.take(), self.gateway.take()]
+        for task in [self.task.take(), self.gateway.take(), self.events.take()]
             .into_iter()
             .flatten()
         {

@@ -808,6 +808,8 @@ fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt:
         extended_joins,
         link_refused,
         link_media_dropped,
+        room_events_published,
+        room_events_dropped,
     } = c;
     o.gauge(
         "plaza_cluster_registered",
@@ -883,6 +885,16 @@ fn encode_cluster(o: &mut Out<'_, '_>, c: &crate::cluster::ClusterStats) -> fmt:
         "plaza_cluster_link_media_dropped_messages",
         "Media from other nodes dropped because a shard's queue was full",
         *link_media_dropped,
+    )?;
+    o.counter(
+        "plaza_cluster_room_events_published",
+        "Room events (joins, leaves, tracks) published in Redis",
+        *room_events_published,
+    )?;
+    o.counter(
+        "plaza_cluster_room_events_dropped",
+        "Room events not published in Redis (Redis failed)",
+        *room_events_dropped,
     )
 }
 

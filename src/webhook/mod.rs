@@ -228,17 +228,40 @@ impl Counters {
     }
 }
 
-/// Where events are handed to the dispatcher: cheap to clone, never blocks.
+/// Where events are handed to the dispatcher (and, in a cluster, to the room events published
+/// in Redis: the tee): cheap to clone, never blocks.
 #[derive(Debug, Clone)]
 pub struct Emitter {
-    tx: mpsc::Sender<Event>,
+    /// The dispatcher (none: webhooks are off, only the tee gets events).
+    tx: Option<mpsc::Sender<Event>>,
     counters: Arc<Counters>,
+    tee: Option<mpsc::Sender<Event>>,
 }
 
 impl Emitter {
+    /// An emitter whose events go to `tee` only (no webhooks).
+    pub fn tee_only(tee: mpsc::Sender<Event>) -> Emitter {
+        Emitter {
+            tx: None,
+            counters: Arc::default(),
+            tee: Some(tee),
+        }
+    }
+
+    /// This emitter, its events also going to `tee` (dropped there when it is full).
+    pub fn with_tee(mut self, tee: mpsc::Sender<Event>) -> Emitter {
+        self.tee = Some(tee);
+        self
+    }
+
     /// Hand `event` over; when the channel is full it is dropped (and counted).
     pub fn emit(&self, event: Event) {
-        if self.tx.try_send(event).is_err() {
+        if let Some(tee) = &self.tee {
+            let _ = tee.try_send(event.clone());
+        }
+        if let Some(tx) = &self.tx
+            && tx.try_send(event).is_err()
+        {
             self.counters.dropped.fetch_add(1, Relaxed);
         }
     }
@@ -277,7 +300,11 @@ impl Webhooks {
         let d = dispatch::Dispatcher::new(cfg, urls, key, Arc::clone(&counters))?;
         let task = tokio::spawn(d.run(rx, finish_rx));
         Ok(Some(Webhooks {
-            emitter: Emitter { tx, counters },
+            emitter: Emitter {
+                tx: Some(tx),
+                counters,
+                tee: None,
+            },
             finish,
             task,
         }))
