@@ -816,6 +816,72 @@ async fn a_room_spans_two_nodes_with_media_and_data_both_ways() {
         "{cb}"
     );
 
+    // The admin API through either node sees the room's participants on both, and reaches
+    // one served by B through A (the room's node does not know it: the call goes on to B).
+    let admin = with_grants("span", "ops", |g| {
+        g.room_join = false;
+        g.room_admin = true;
+    });
+    for via in [&a, &b] {
+        let (status, list, _) =
+            admin_call(via, "GET", "/api/rooms/span/participants", Some(&admin), "").await;
+        assert_eq!(status, 200, "{list}");
+        let mut seen: Vec<(String, String)> = list["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["name"] != "viewer")
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().into(),
+                    p["node"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("alice".into(), "ND_a".into()),
+                ("bob".into(), "ND_b".into())
+            ],
+            "{list}"
+        );
+    }
+    let dave = support::subscriber(&b, "span", "dave").await;
+    let (_, list, _) =
+        admin_call(&a, "GET", "/api/rooms/span/participants", Some(&admin), "").await;
+    let dave_identity = list["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "dave")
+        .and_then(|p| p["identity"].as_str())
+        .unwrap_or_else(|| panic!("dave listed: {list}"))
+        .to_owned();
+    let (status, answer, by) = admin_call(
+        &a,
+        "GET",
+        &format!("/api/rooms/span/participants/{dave_identity}"),
+        Some(&admin),
+        "",
+    )
+    .await;
+    assert_eq!((status, by.as_deref()), (200, Some("ND_b")), "{answer}");
+    assert_eq!(answer["participant"]["name"], "dave", "{answer}");
+    let (status, answer, by) = admin_call(
+        &a,
+        "DELETE",
+        &format!("/api/rooms/span/participants/{dave_identity}"),
+        Some(&admin),
+        r#"{"reason":"bye from A"}"#,
+    )
+    .await;
+    assert_eq!((status, by.as_deref()), (200, Some("ND_b")), "{answer}");
+    dave.wait_removed(WAIT)
+        .await
+        .expect("dave (on B) is removed through A");
+
     // Carol joins through B too; then A goes away. The room lives on, on B: alice leaves
     // B's view, B's participants still talk, and B takes the lease.
     let carol = support::publisher(&b, "span", "carol").await;

@@ -96,12 +96,22 @@ async fn to_room_node(
         return e.into_response();
     }
     let node = match cluster.room_node(room).await {
-        Ok(Some(node)) => node,
-        Ok(None) => return next.run(req).await,
+        Ok(node) => node,
         Err(e) => {
             tracing::debug!(%room, error = %e, "admin call: Redis did not answer, answered here");
             return next.run(req).await;
         }
+    };
+    // Calls about participants: in a room that spans nodes, they are on several.
+    let per_participant = params.contains_key("identity");
+    let listing = req.method() == axum::http::Method::GET
+        && params.len() == 1
+        && req.uri().path().ends_with("/participants");
+    if per_participant || listing {
+        return participants_across_nodes(cluster, node, req, next, listing).await;
+    }
+    let Some(node) = node else {
+        return next.run(req).await;
     };
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
@@ -133,6 +143,177 @@ async fn to_room_node(
         .into_response(),
     }
 }
+
+/// A call about a room's participants, in a cluster: asked of the room's node (`node`; `None`:
+/// this one) first. A room extended to other nodes has participants there too: a listing
+/// merges every live node's (each participant naming its `node`), and a call about one
+/// participant that the room's node does not know is carried to the other live nodes in turn,
+/// the first that knows it answering.
+async fn participants_across_nodes(
+    cluster: &crate::cluster::ClusterView,
+    node: Option<crate::cluster::registry::NodeRecord>,
+    req: Request,
+    next: Next,
+    listing: bool,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::MessageTooLarge,
+                format!("request body: {e}"),
+            )
+            .into_response();
+        }
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path(), |p| p.as_str())
+        .to_owned();
+    let me = cluster.node_id().to_owned();
+    let asked = node.as_ref().map_or(me.clone(), |n| n.id.clone());
+    let local_req = || Request::from_parts(parts.clone(), axum::body::Body::from(bytes.clone()));
+    let (first, next) = match &node {
+        None => (next.run(local_req()).await, None),
+        Some(n) => (
+            match cluster
+                .forward(
+                    n,
+                    parts.method.clone(),
+                    &path,
+                    &parts.headers,
+                    bytes.clone(),
+                )
+                .await
+            {
+                Ok(answer) => forwarded(answer, &n.id),
+                Err(e) => ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::Unavailable,
+                    e.to_string(),
+                )
+                .into_response(),
+            },
+            Some(next),
+        ),
+    };
+    if !listing && first.status() != StatusCode::NOT_FOUND {
+        return first;
+    }
+    // This node's own answer, when the room's node is another one.
+    let local = match next {
+        Some(next) => {
+            let res = next.run(local_req()).await;
+            let status = res.status().as_u16();
+            let body = axum::body::to_bytes(res.into_body(), MAX_FORWARDED_LIST)
+                .await
+                .unwrap_or_default();
+            Some((
+                me.clone(),
+                crate::cluster::Forwarded {
+                    status,
+                    headers: vec![(
+                        header::CONTENT_TYPE.as_str().to_owned(),
+                        b"application/json".to_vec(),
+                    )],
+                    body,
+                },
+            ))
+        }
+        None => None,
+    };
+    let others: Vec<crate::cluster::registry::NodeRecord> = match cluster.nodes().await {
+        Ok(nodes) => nodes.into_iter().filter(|n| n.id != asked).collect(),
+        Err(_) => return first,
+    };
+    let ask = |n: &crate::cluster::registry::NodeRecord| {
+        let (method, headers, bytes, path) = (
+            parts.method.clone(),
+            parts.headers.clone(),
+            bytes.clone(),
+            path.clone(),
+        );
+        let n = n.clone();
+        let me = me.clone();
+        async move {
+            if n.id == me {
+                return None;
+            }
+            cluster
+                .forward(&n, method, &path, &headers, bytes)
+                .await
+                .ok()
+                .map(|a| (n.id.clone(), a))
+        }
+    };
+    if !listing {
+        if let Some((_, answer)) = local.filter(|(_, a)| a.status != StatusCode::NOT_FOUND.as_u16())
+        {
+            // (Answered here: no node header.)
+            let mut res = Response::new(axum::body::Body::from(answer.body));
+            *res.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return res;
+        }
+        for n in &others {
+            if let Some((id, answer)) = ask(n).await
+                && answer.status != StatusCode::NOT_FOUND.as_u16()
+            {
+                return forwarded(answer, &id);
+            }
+        }
+        return first;
+    }
+    // A listing: this node's (or the room's node's) participants, and every other node's.
+    let status = first.status();
+    let (first_parts, first_body) = first.into_parts();
+    let first_body = axum::body::to_bytes(first_body, MAX_FORWARDED_LIST)
+        .await
+        .unwrap_or_default();
+    let mut participants = Vec::new();
+    let mut found = status == StatusCode::OK;
+    let mut add = |node: &str, body: &[u8]| {
+        if let Some(list) = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["participants"].as_array().cloned())
+        {
+            participants.extend(list.into_iter().map(|p| with_node(p, node)));
+            true
+        } else {
+            false
+        }
+    };
+    if found {
+        add(&asked, &first_body);
+    }
+    let answers = futures_util::future::join_all(others.iter().map(ask)).await;
+    for (id, answer) in local.into_iter().chain(answers.into_iter().flatten()) {
+        if answer.status == StatusCode::OK.as_u16() && add(&id, &answer.body) {
+            found = true;
+        }
+    }
+    if !found {
+        return Response::from_parts(first_parts, axum::body::Body::from(first_body));
+    }
+    let mut res = ok(serde_json::json!({ "participants": participants }))
+        .unwrap_or_else(|e| e.into_response());
+    // (Answered for the room's node, as a call carried there is.)
+    if asked != me
+        && let Ok(v) = HeaderValue::from_str(&asked)
+    {
+        res.headers_mut().insert(NODE_HEADER, v);
+    }
+    res
+}
+
+/// The largest participant listing read back from this node's own answer.
+const MAX_FORWARDED_LIST: usize = 16 * 1024 * 1024;
 
 /// Another node's answer, as this node's.
 fn forwarded(answer: crate::cluster::Forwarded, node: &str) -> Response {
