@@ -1,6 +1,6 @@
-// A room that spans two Plaza nodes (`--cluster-span-above 1`, a real redis-server as the
-// control plane), with plaza-client in Chromium (alice, through node A) and Firefox (bob,
-// through node B). Bob is not redirected: B extends the room, the two nodes carry each other's
+// A room that spans two Plaza nodes on two addresses (`--cluster-span-above 1`, a real
+// redis-server as the control plane), with plaza-client in Chromium (alice, through node A)
+// and Firefox (bob, through node B). Bob is not redirected: B extends the room, the two nodes carry each other's
 // tracks once over the encrypted node link, and each browser decodes the other's video; chat
 // crosses both ways, sequenced by the room's node (A). Then B goes away: alice sees bob leave
 // and stays connected.
@@ -10,9 +10,10 @@ import { startServer, startRedis, participants, launchFirefoxParticipant, waitFo
 
 // Its own ports, so that it never meets another test file's server.
 const REDIS_PORT = 7949;
-const A = { id: 'ND_a', port: 7944, udpPort: 7946 };
-const B = { id: 'ND_b', port: 7954, udpPort: 7956 };
-const wsUrl = (n) => `ws://127.0.0.1:${n.port}/rtc`;
+// Two hosts: node B serves HTTP, media and its node link on another address than A.
+const A = { id: 'ND_a', host: '127.0.0.1', port: 7944, udpPort: 7946 };
+const B = { id: 'ND_b', host: '127.0.0.3', port: 7954, udpPort: 7956 };
+const wsUrl = (n) => `ws://${n.host}:${n.port}/rtc`;
 
 let redis;
 const nodes = {};
@@ -35,6 +36,7 @@ function startNode(n) {
     logName: `plaza-span-${n.id}.log`,
     port: n.port,
     udpPort: n.udpPort,
+    host: n.host,
     args: ['--redis', redis.url, '--node-id', n.id, '--workers', '1', '--tcp-port', 'off', '--cluster-span-above', '1'],
   });
 }

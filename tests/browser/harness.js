@@ -127,10 +127,12 @@ export async function waitFor(fn, { timeout = 20_000, interval = 100, what = 'co
 /**
  * Start the server (unless PLAZA_URL is set and no `args`/`env` are asked for), its log in
  * ARTIFACTS/`logName`. `args` are appended to the command line, `env` added to the
- * environment; `port`/`udpPort` default to PLAZA_PORT/PLAZA_UDP_PORT (7880/7882).
+ * environment; `port`/`udpPort` default to PLAZA_PORT/PLAZA_UDP_PORT (7880/7882); `host` (default
+ * 127.0.0.1) is where it serves HTTP and media (`--bind`, `--udp-bind`: another address of
+ * 127.0.0.0/8 is another host on `lo`).
  * Returns {url, logPath, port, udpPort, stop(), kill()} (`kill`: SIGKILL, resolves once it exited).
  */
-export async function startServer({ logName = 'plaza.log', args = [], env = {}, port = null, udpPort = null } = {}) {
+export async function startServer({ logName = 'plaza.log', args = [], env = {}, port = null, udpPort = null, host = null } = {}) {
   const custom = args.length > 0 || Object.keys(env).length > 0;
   if (process.env.PLAZA_URL && !custom) return { url: process.env.PLAZA_URL.replace(/\/$/, ''), stop: async () => {}, log: null };
   const bin = process.env.PLAZA_BIN ?? join(REPO, 'target', 'release', 'plaza');
@@ -139,7 +141,8 @@ export async function startServer({ logName = 'plaza.log', args = [], env = {}, 
   udpPort ??= Number(process.env.PLAZA_UDP_PORT ?? 7882);
   const logPath = join(ARTIFACTS, logName);
   const log = createWriteStream(logPath);
-  const argv = ['--port', String(port), '--udp-port', String(udpPort), '--log-level', process.env.PLAZA_LOG_LEVEL ?? 'info', ...args];
+  const bind = host ? ['--bind', host, '--udp-bind', host] : [];
+  const argv = ['--port', String(port), '--udp-port', String(udpPort), '--log-level', process.env.PLAZA_LOG_LEVEL ?? 'info', ...bind, ...args];
   const child = spawn(bin, argv, {
     cwd: REPO,
     env: { ...process.env, ...env },
@@ -149,7 +152,7 @@ export async function startServer({ logName = 'plaza.log', args = [], env = {}, 
   child.stderr.pipe(log);
   let exited = null;
   child.on('exit', (code, signal) => (exited = { code, signal }));
-  const url = `http://127.0.0.1:${port}`;
+  const url = `http://${host ?? '127.0.0.1'}:${port}`;
   await waitFor(
     async () => {
       if (exited) throw new Error(`plaza exited early (${JSON.stringify(exited)}); see ${logPath}`);
