@@ -1009,3 +1009,40 @@ async fn a_livestream_spread_over_two_nodes_reaches_every_viewer_and_outlives_a_
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_rooms_joins_through_its_node_spill_to_a_less_loaded_node() {
+    use plaza::signal::TrackKind;
+    let redis = RedisServer::start().expect("redis-server");
+    let a = node_spanning(&redis, "ND_a", 2).await;
+    let b = node_spanning(&redis, "ND_b", 2).await;
+    wait_nodes(&a, WAIT, "both nodes", |l| ids(l) == ["ND_a", "ND_b"]).await;
+    wait_stats(&a, "B's link up", |c| c["link_peers_up"] == 1).await;
+    place_on(&redis, "big", "ND_a").await;
+    // Below the threshold the room stays on A.
+    let host = support::publisher(&a, "big", "host").await;
+    let first = support::subscriber(&a, "big", "viewer-0").await;
+    assert_eq!(first.url(), a.ws_url());
+    // At two participants it spans; A serves two and B none: the next viewer, joining through
+    // A like everyone, is sent to B, which serves it (the room extended there).
+    let second = support::subscriber(&a, "big", "viewer-1").await;
+    assert_eq!(second.redirects(), 1);
+    assert_eq!(
+        second.url(),
+        b.ws_url(),
+        "the join went to the less loaded node"
+    );
+    let track = support::announced_track(&second, &host, TrackKind::Video).await;
+    support::assert_media_flows(
+        "host (A) → a viewer on A and one on B",
+        &[(&first, &track.id), (&second, &track.id)],
+        30,
+    )
+    .await;
+    let (ca, cb) = (cluster_stats(&a).await, cluster_stats(&b).await);
+    assert_eq!(ca["redirected"], 1, "{ca}");
+    assert_eq!(cb["extended_joins"], 1, "{cb}");
+    drop((host, first, second));
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -222,8 +222,8 @@ impl ClusterView {
 
     /// Where a join for `room` is served: here, or on the node that hosts the room. Never
     /// fails: when Redis does not answer within [`REDIS_TIMEOUT`], the room is served here.
-    pub async fn place(&self, room: &str) -> Placed {
-        let placed = match tokio::time::timeout(REDIS_TIMEOUT, self.try_place(room)).await {
+    pub async fn place(&self, room: &str, here: placement::LocalLoad) -> Placed {
+        let placed = match tokio::time::timeout(REDIS_TIMEOUT, self.try_place(room, here)).await {
             Ok(Ok(placed)) => placed,
             Ok(Err(e)) => {
                 debug!(%room, error = %e, "placement: Redis failed, serving the room here");
@@ -245,7 +245,11 @@ impl ClusterView {
         placed
     }
 
-    async fn try_place(&self, room: &str) -> Result<Placed, redis::RedisError> {
+    async fn try_place(
+        &self,
+        room: &str,
+        here: placement::LocalLoad,
+    ) -> Result<Placed, redis::RedisError> {
         let key = placement::room_key(room);
         let me = NodeRecord {
             id: self.node_id.clone(),
@@ -273,6 +277,18 @@ impl ClusterView {
                 placement::Decision::Keep { node }
                     if !self.dead(&mut conn, &node, &nodes).await? =>
                 {
+                    // A big room of this node's, extended to every node: a join may go to a
+                    // less loaded node, which serves it.
+                    if node == self.node_id
+                        && spans
+                        && let Some(to) = placement::spill(&node, here, self.span_above, &nodes)
+                    {
+                        debug!(%room, to = %to.id, "placement: the room is big here, the join goes to a less loaded node");
+                        return Ok(Placed::Elsewhere {
+                            node_id: to.id.clone(),
+                            address: to.address.clone(),
+                        });
+                    }
                     return Ok(self.placed(&node, &nodes, spans));
                 }
                 // Its node missed heartbeats and does not answer: placed again now, not when

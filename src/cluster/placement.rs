@@ -61,6 +61,36 @@ pub fn least_loaded<'a>(me: &'a NodeRecord, nodes: &'a [NodeRecord]) -> &'a Node
         .fold(mine, |best, n| if rank(n) < rank(best) { n } else { best })
 }
 
+/// This node's own view of its load, live (the records are a heartbeat old).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalLoad {
+    /// Participants (joined or joining) of the room being joined, here.
+    pub room: usize,
+    /// Participants (joined or joining) here, in every room.
+    pub participants: usize,
+}
+
+/// Where a join of a room whose lease this node holds, and which is extended to every node,
+/// goes instead of here: when the room has `span_above` participants here, to the live node
+/// with a node link that serves the fewest participants (then rooms, then id), if it serves
+/// fewer than this node does now. That node serves the join (the room extended there), so a
+/// livestream whose viewers all come through one address still spreads over the nodes.
+pub fn spill<'a>(
+    me: &str,
+    here: LocalLoad,
+    span_above: usize,
+    nodes: &'a [NodeRecord],
+) -> Option<&'a NodeRecord> {
+    if span_above == 0 || here.room < span_above {
+        return None;
+    }
+    nodes
+        .iter()
+        .filter(|n| n.id != me && n.link.is_some())
+        .min_by_key(|n| (n.load.participants, n.load.rooms, n.id.clone()))
+        .filter(|n| n.load.participants < here.participants)
+}
+
 /// Lower is less loaded. CPU is compared in whole percent, so that its noise does not
 /// outweigh the tie-break towards this node.
 fn load_key(n: &NodeRecord) -> (usize, usize, u64) {
@@ -143,6 +173,44 @@ mod tests {
                 forwarded_pps: None,
             },
         }
+    }
+
+    #[test]
+    fn a_big_extended_room_spills_its_joins_to_a_less_loaded_node() {
+        let linked = |id, participants| {
+            let mut n = node(id, participants, 1, None);
+            n.link = Some(crate::cluster::registry::LinkInfo {
+                address: "127.0.0.1:1".into(),
+                num: 1,
+                key: String::new(),
+            });
+            n
+        };
+        let nodes = [
+            linked("a", 40),
+            linked("b", 12),
+            linked("c", 9),
+            node("d", 0, 0, None),
+        ];
+        let here = LocalLoad {
+            room: 30,
+            participants: 41,
+        };
+        // Past the threshold: to the least-loaded node with a link (d has none).
+        assert_eq!(
+            spill("a", here, 30, &nodes).map(|n| n.id.as_str()),
+            Some("c")
+        );
+        // Below it, or spilling off: here.
+        assert_eq!(spill("a", LocalLoad { room: 29, ..here }, 30, &nodes), None);
+        assert_eq!(spill("a", here, 0, &nodes), None);
+        // Nobody serves fewer than this node does now: here.
+        let light = LocalLoad {
+            room: 30,
+            participants: 9,
+        };
+        assert_eq!(spill("a", light, 30, &nodes), None);
+        assert_eq!(spill("a", here, 30, &nodes[..1]), None);
     }
 
     #[test]

@@ -287,7 +287,7 @@ pub(super) async fn redirect_to_room_node(
     let Some(cluster) = state.cluster.as_ref() else {
         return Ok(None);
     };
-    let (node_id, address) = match cluster.place(room).await {
+    let (node_id, address) = match cluster.place(room, state.handle.local_load(room)).await {
         crate::cluster::Placed::Here => return Ok(None),
         crate::cluster::Placed::Extended { entry, .. } => return Ok(Some(entry)),
         crate::cluster::Placed::Elsewhere { node_id, address } => (node_id, address),

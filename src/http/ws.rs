@@ -744,7 +744,7 @@ async fn wait_for_join(
                     // In a cluster, the room may live on another node: the client goes there
                     // (or, for a room extended to every node, it is served here).
                     let placed = match &state.cluster {
-                        Some(cluster) => cluster.place(&room).await,
+                        Some(cluster) => cluster.place(&room, handle.local_load(&room)).await,
                         None => crate::cluster::Placed::Here,
                     };
                     let home = match &placed {

@@ -729,6 +729,15 @@ impl SfuHandle {
         self.placement().room_size(room)
     }
 
+    /// This server's load for a join of `room`: its participants there and in all.
+    pub fn local_load(&self, room: &str) -> crate::cluster::placement::LocalLoad {
+        let p = self.placement();
+        crate::cluster::placement::LocalLoad {
+            room: p.room_size(room),
+            participants: p.load().iter().sum(),
+        }
+    }
+
     /// The names of the rooms open on this server (with participants joined or joining).
     pub fn room_names(&self) -> Vec<String> {
         self.placement().room_names()
