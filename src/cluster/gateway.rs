@@ -6,7 +6,10 @@
 //! [`NodePipe::out_media`]) and goes over the link, one link message per pipe message, from
 //! the shard's index to the remote shard's. A message from the link is delivered to the shard
 //! it names, as a batch from the sender's remote id, through the shard's own two lanes (media
-//! bounded: a full queue drops it and counts it; control never dropped).
+//! bounded: a full queue drops it and counts it; control never dropped). The gateway never
+//! waits for the link, nor for a shard: the link's driver may itself be waiting for the
+//! gateway to take its events, so control messages that find the link's command queue full
+//! wait in order in the gateway, and media is dropped (counted in `cluster.link_refused`).
 //!
 //! A room extended to this node from another greets that node's *entry*
 //! (`pipe::node_entry`), since it does not know the room's shards there. The gateway of the
@@ -25,7 +28,7 @@ use super::Counters;
 use super::link::{LinkEvent, NodeNum, codec::LinkMsg, driver::LinkSender};
 use crate::sfu::SfuHandle;
 use crate::sfu::pipe::{self, ANY_SHARD, Lane, NodePipe, PipeBatch, PipeMsg, RemoteBatch, ShardId};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
@@ -44,6 +47,11 @@ pub(super) struct Gateway {
     up: HashSet<NodeNum>,
     /// Deliveries gathered this turn: (shard, from, lane) → messages.
     gathered: BTreeMap<(ShardId, ShardId, Lane), Vec<PipeMsg>>,
+    /// Control messages for the link that found its command queue full, in order, per node:
+    /// handed over as soon as there is room. The gateway never waits for the link (the link
+    /// may be waiting for the gateway to take its events); media finding the queue full is
+    /// dropped and counted.
+    pending: VecDeque<(NodeNum, Vec<LinkMsg>)>,
 }
 
 impl Gateway {
@@ -62,6 +70,35 @@ impl Gateway {
             counters,
             up: HashSet::new(),
             gathered: BTreeMap::new(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Hands `msgs` for `node` to the link on `lane`, never waiting (see `pending`).
+    fn hand_to_link(&mut self, node: NodeNum, lane: Lane, msgs: Vec<LinkMsg>) {
+        let refused = Arc::clone(&self.counters.link_refused);
+        if lane == Lane::Control && !self.pending.is_empty() {
+            self.pending.push_back((node, msgs));
+            return;
+        }
+        if let Err(msgs) = self.link.try_send_batch(node, lane, msgs, refused) {
+            match lane {
+                Lane::Control => self.pending.push_back((node, msgs)),
+                Lane::Media => {
+                    refused_media(&self.counters, msgs.len());
+                }
+            }
+        }
+    }
+
+    /// Hands over the control messages that waited, while the link takes them.
+    fn flush_pending(&mut self) {
+        while let Some((node, msgs)) = self.pending.pop_front() {
+            let refused = Arc::clone(&self.counters.link_refused);
+            if let Err(msgs) = self.link.try_send_batch(node, Lane::Control, msgs, refused) {
+                self.pending.push_front((node, msgs));
+                return;
+            }
         }
     }
 
@@ -70,7 +107,7 @@ impl Gateway {
     }
 
     /// A batch from a shard here to another node's shard: over the link.
-    async fn send(&self, b: RemoteBatch) {
+    fn send(&mut self, b: RemoteBatch) {
         let Some((node, shard)) = pipe::split_remote(b.to) else {
             return;
         };
@@ -84,13 +121,11 @@ impl Gateway {
                 msg,
             })
             .collect();
-        self.link
-            .send_batch(node, b.lane, msgs, Arc::clone(&self.counters.link_refused))
-            .await;
+        self.hand_to_link(node, b.lane, msgs);
     }
 
     /// One event of the link.
-    async fn on_event(&mut self, ev: LinkEvent) {
+    fn on_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::PeerUp(p) => {
                 self.up.insert(p);
@@ -107,7 +142,7 @@ impl Gateway {
                 }
                 self.node_gone(p);
             }
-            LinkEvent::Message { peer, lane, msg } => self.on_message(peer, lane, msg).await,
+            LinkEvent::Message { peer, lane, msg } => self.on_message(peer, lane, msg),
         }
     }
 
@@ -123,7 +158,7 @@ impl Gateway {
         self.node_gone(node);
     }
 
-    async fn on_message(&mut self, peer: NodeNum, lane: Lane, m: LinkMsg) {
+    fn on_message(&mut self, peer: NodeNum, lane: Lane, m: LinkMsg) {
         // A node passes on only greetings of third nodes; anything else is its own.
         let origin = if matches!(m.msg, PipeMsg::Hello { .. }) {
             m.origin
@@ -175,10 +210,7 @@ impl Gateway {
                             reply: true,
                         },
                     };
-                    let refused = Arc::clone(&self.counters.link_refused);
-                    self.link
-                        .send_batch(node, Lane::Control, vec![pass_on], refused)
-                        .await;
+                    self.hand_to_link(node, Lane::Control, vec![pass_on]);
                 }
             }
             (_, Some(room)) => {
@@ -273,6 +305,17 @@ impl Gateway {
     }
 }
 
+fn refused_media(counters: &Counters, n: usize) {
+    counters.link_refused.fetch_add(n as u64, Ordering::Relaxed);
+    trace!(
+        n,
+        "media for another node dropped: the link's queue is full"
+    );
+}
+
+/// While control messages wait for the link, how often it is offered them again.
+const RETRY: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Runs the gateway until the link and the shards' pipes are gone.
 pub(super) async fn run(
     mut gw: Gateway,
@@ -297,15 +340,16 @@ pub(super) async fn run(
     };
     let mut removed_open = true;
     loop {
+        let waiting = !gw.pending.is_empty();
         tokio::select! {
-            Some(b) = out_control.recv() => gw.send(b).await,
-            Some(b) = out_media.recv() => gw.send(b).await,
+            Some(b) = out_control.recv() => gw.send(b),
+            Some(b) = out_media.recv() => gw.send(b),
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
-                gw.on_event(ev).await;
+                gw.on_event(ev);
                 for _ in 1..EVENTS_PER_TURN {
                     match events.try_recv() {
-                        Ok(ev) => gw.on_event(ev).await,
+                        Ok(ev) => gw.on_event(ev),
                         Err(_) => break,
                     }
                 }
@@ -314,7 +358,9 @@ pub(super) async fn run(
                 Some(n) => gw.on_removed(n),
                 None => removed_open = false,
             },
+            () = tokio::time::sleep(RETRY), if waiting => {}
         }
+        gw.flush_pending();
         gw.deliver();
     }
 }

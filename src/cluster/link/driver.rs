@@ -127,24 +127,26 @@ impl LinkSender {
         rx.await.unwrap_or(Err(LinkError::UnknownPeer(peer)))
     }
 
-    /// Queues `msgs` (one batch) without waiting for the link's answer; `refused` is told how
-    /// many the link refused.
-    pub async fn send_batch(
+    /// Queues `msgs` (one batch) without waiting, for the link or its answer; `refused` is
+    /// told how many the link refused. `Err(msgs)`: the link's command queue is full (the
+    /// caller keeps them or drops them; a link that stopped takes and forgets them).
+    pub fn try_send_batch(
         &self,
         peer: NodeNum,
         lane: Lane,
         msgs: Vec<LinkMsg>,
         refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    ) {
-        let _ = self
-            .cmds
-            .send(Cmd::SendBatch {
-                peer,
-                lane,
-                msgs,
-                refused,
-            })
-            .await;
+    ) -> Result<(), Vec<LinkMsg>> {
+        let cmd = Cmd::SendBatch {
+            peer,
+            lane,
+            msgs,
+            refused,
+        };
+        match self.cmds.try_send(cmd) {
+            Err(mpsc::error::TrySendError::Full(Cmd::SendBatch { msgs, .. })) => Err(msgs),
+            _ => Ok(()),
+        }
     }
 }
 
