@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! cargo build --release --bin plaza --example cluster_span
-//! ./target/release/examples/cluster_span [--viewers 100,200,300,400,500] [--duration 10] \
+//! ./target/release/examples/cluster_span [--viewers 200,400,600,800,1000,1200,1400] [--duration 10] \
 //!     [--out bench/results]
 //! ```
 //!
@@ -60,7 +60,11 @@ use std::time::{Duration, Instant};
 #[command(about = "Rooms spanning two Plaza nodes: the hop's latency, viewers on 1 vs 2 nodes")]
 struct Args {
     /// Viewer counts of part 2, in order (`0`: part 1 only).
-    #[arg(long, value_delimiter = ',', default_value = "100,200,300,400,500")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "200,400,600,800,1000,1200,1400"
+    )]
     viewers: Vec<usize>,
     /// Measured seconds per latency window and per viewer point.
     #[arg(long, default_value_t = 10)]
@@ -147,7 +151,16 @@ fn start_node(
     let mut cmd = Command::new(&bin);
     cmd.args(["--port", &port.to_string(), "--udp-port", "0"])
         .args(["--tcp-port", "off", "--workers", "1"])
-        .args(["--log-level", "warn", "--max-joins-per-ip", "0"])
+        .args(["--log-level", "warn"])
+        // Every viewer connects from 127.0.0.1 and joins one room: no per-address connection
+        // cap (64 by default) or join rate, no room size limit.
+        .args([
+            "--max-connections-per-ip",
+            "4096",
+            "--max-joins-per-ip",
+            "0",
+        ])
+        .args(["--max-participants-per-room", "0"])
         .args(["--redis", &redis.url(), "--node-id", id])
         .args(["--cluster-span-above", "1"])
         .env_remove("PLAZA_API_KEY")
@@ -253,6 +266,29 @@ fn loadavg() -> String {
         .ok()
         .and_then(|t| t.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".into())
+}
+
+/// Busy and total jiffies of all CPUs (`/proc/stat`).
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle, total))
+}
+
+/// CPU the whole machine used between two [`machine_jiffies`], % of one CPU.
+fn machine_percent(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<f64> {
+    let ((busy0, total0), (busy1, total1)) = (a?, b?);
+    let total = total1.checked_sub(total0).filter(|&t| t > 0)?;
+    Some(100.0 * (busy1 - busy0) as f64 / total as f64 * affinity::online_cpus() as f64)
 }
 
 fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
@@ -493,6 +529,10 @@ struct ViewerPoint {
     load: String,
     nodes: Vec<NodeResult>,
     generator_cpu: Option<f64>,
+    generator_wait: Option<f64>,
+    /// Everything else on the machine (other processes, the kernel's softirqs not charged to
+    /// the nodes or the generator), % of one CPU.
+    others_cpu: Option<f64>,
     receive_thread_us: Option<f64>,
     failures: Vec<String>,
     extended: String,
@@ -563,8 +603,10 @@ async fn viewer_point(two: bool, n: usize, args: &Args, logs: &Path) -> Result<V
         before.push(s.sample(totals(&publisher, v)).await);
     }
     let rx0 = lightviewer::receive_thread_cpu_s();
+    let m0 = machine_jiffies();
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     let rx1 = lightviewer::receive_thread_cpu_s();
+    let m1 = machine_jiffies();
     let mut results = Vec::new();
     for ((s, v), (b, node)) in sources.iter().zip(&per_node).zip(before.iter().zip(&nodes)) {
         let a = s.sample(totals(&publisher, v)).await;
@@ -616,6 +658,14 @@ async fn viewer_point(two: bool, n: usize, args: &Args, logs: &Path) -> Result<V
         n,
         load,
         generator_cpu: results[0].w.generator_cpu_percent,
+        generator_wait: results[0].w.generator_cpu_wait_percent,
+        others_cpu: machine_percent(m0, m1).map(|m| {
+            m - results
+                .iter()
+                .map(|r| r.w.server_cpu_percent.unwrap_or(0.0))
+                .sum::<f64>()
+                - results[0].w.generator_cpu_percent.unwrap_or(0.0)
+        }),
         receive_thread_us: match (rx0, rx1) {
             (Some(x), Some(y)) if received > 0 => Some((y - x) * 1e6 / received as f64),
             _ => None,
@@ -632,26 +682,33 @@ async fn viewer_point(two: bool, n: usize, args: &Args, logs: &Path) -> Result<V
 
 fn viewer_table(points: &[ViewerPoint]) -> String {
     let mut t = String::from(
-        "| setup | N | load | node | viewers | fwd pkt/s | node CPU | µs/pkt | in-core p50 / p99 ms | viewer loss | delivery | gen CPU | gen rx µs/pkt | knee |\n\
-         |---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| setup | N | load | node | viewers | fwd pkt/s | node CPU (wait) | µs/pkt | in-core p50 / p99 ms | viewer loss | delivery | gen CPU (wait) | gen rx µs/pkt | rest of machine | knee |\n\
+         |---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
+    let with_wait = |cpu: Option<f64>, wait: Option<f64>| match (cpu, wait) {
+        (Some(c), Some(w)) => format!("{c:.0}% ({w:.0}%)"),
+        (c, _) => pct(c),
+    };
     for p in points {
-        let mut total = (0.0, 0.0, 0u64, 0u64);
+        let (mut per_s, mut cpu_s, mut fwd, mut due, mut received) = (0.0, 0.0, 0u64, 0u64, 0u64);
         for (i, r) in p.nodes.iter().enumerate() {
             let w = &r.w;
-            total.0 += w.forwarded_per_s;
-            total.1 += w.server_cpu_s.unwrap_or(0.0);
-            total.2 += w.forwarded;
+            per_s += w.forwarded_per_s;
+            cpu_s += w.server_cpu_s.unwrap_or(0.0);
+            fwd += w.forwarded;
+            due += r.due;
+            received += r.received;
+            let first = i == 0;
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2}% | {:.1}% | {} | {} | {} |",
-                if i == 0 { p.setup } else { "" },
+                "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} |",
+                if first { p.setup } else { "" },
                 p.n,
                 p.load,
                 r.node,
                 r.viewers,
                 w.forwarded_per_s,
-                pct(w.server_cpu_percent),
+                with_wait(w.server_cpu_percent, w.server_cpu_wait_percent),
                 w.server_us_per_packet
                     .map_or("n/a".into(), |v| format!("{v:.2}")),
                 in_core(w),
@@ -661,32 +718,41 @@ fn viewer_table(points: &[ViewerPoint]) -> String {
                 } else {
                     0.0
                 },
-                if i == 0 {
-                    pct(p.generator_cpu)
+                if first {
+                    with_wait(p.generator_cpu, p.generator_wait)
                 } else {
                     String::new()
                 },
-                if i == 0 {
+                if first {
                     p.receive_thread_us
                         .map_or("n/a".into(), |v| format!("{v:.2}"))
                 } else {
                     String::new()
                 },
-                if i == 0 && p.knee { "**knee**" } else { "" },
+                if first {
+                    pct(p.others_cpu)
+                } else {
+                    String::new()
+                },
+                if first && p.knee { "**knee**" } else { "" },
             );
-            total.3 += r.due;
         }
         if p.nodes.len() > 1 {
             let secs = p.nodes[0].w.seconds;
             let _ = writeln!(
                 t,
-                "| | {} | | A + B | {} | {:.0} | {:.0}% | {:.2} | | | | | | |",
+                "| | {} | | A + B | {} | {:.0} | {:.0}% | {:.2} | | | {:.1}% | | | | |",
                 p.n,
                 p.nodes.iter().map(|r| r.viewers).sum::<usize>(),
-                total.0,
-                100.0 * total.1 / secs,
-                if total.2 > 0 {
-                    total.1 * 1e6 / total.2 as f64
+                per_s,
+                100.0 * cpu_s / secs,
+                if fwd > 0 {
+                    cpu_s * 1e6 / fwd as f64
+                } else {
+                    0.0
+                },
+                if due > 0 {
+                    100.0 * received as f64 / due as f64
                 } else {
                     0.0
                 },
@@ -758,7 +824,10 @@ async fn viewers(args: &Args, logs: &Path, md: &mut String) -> Result<()> {
          node's CPU time (`/proc/<pid>`, all threads) ÷ its `rtp_packets_forwarded`. Delivery = \
          packets the node's viewers received ÷ the top layer's packets × its viewers. gen CPU = \
          the load generator (this process: publisher, viewers' tasks, the viewers' receive \
-         thread), % of one CPU; gen rx µs/pkt = the viewers' receive thread per received packet.\n\n{t}\n{notes}",
+         thread), % of one CPU; (wait) = time its threads were runnable but waited for a CPU, \
+         % of the window; gen rx µs/pkt = the viewers' receive thread per received packet; rest \
+         of machine = all CPUs' busy time (`/proc/stat`) minus the nodes and the generator, % of \
+         one CPU (other processes, and kernel work charged to none of them).\n\n{t}\n{notes}",
         args.duration,
         WARMUP.as_secs()
     )?;
