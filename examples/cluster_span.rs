@@ -76,6 +76,8 @@ struct Args {
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const JOIN_CONCURRENCY: usize = 8;
+/// No new point of a setup starts after this (the whole run stays near 10 minutes).
+const SETUP_BUDGET: Duration = Duration::from_secs(240);
 /// Seconds between "everyone receives" and a measurement.
 const WARMUP: Duration = Duration::from_secs(3);
 
@@ -517,6 +519,8 @@ fn totals(publisher: &Peer, viewers: &[Arc<LightViewer>]) -> ClientTotals {
 
 struct NodeResult {
     node: String,
+    /// The node's viewers' joins, WebSocket connect → connected (ICE + DTLS), ms.
+    join_ms: measure::Summary,
     viewers: usize,
     w: WindowStats,
     due: u64,
@@ -611,8 +615,14 @@ async fn viewer_point(two: bool, n: usize, args: &Args, logs: &Path) -> Result<V
     for ((s, v), (b, node)) in sources.iter().zip(&per_node).zip(before.iter().zip(&nodes)) {
         let a = s.sample(totals(&publisher, v)).await;
         let w = measure::window(b, &a);
+        let joins: Vec<f64> = v
+            .iter()
+            .filter_map(|v| v.join_times().connected)
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect();
         results.push(NodeResult {
             node: node_label(node),
+            join_ms: measure::summarize(&joins),
             viewers: v.len(),
             due: a.clients.packets_due.saturating_sub(b.clients.packets_due),
             received: a
@@ -682,8 +692,8 @@ async fn viewer_point(two: bool, n: usize, args: &Args, logs: &Path) -> Result<V
 
 fn viewer_table(points: &[ViewerPoint]) -> String {
     let mut t = String::from(
-        "| setup | N | load | node | viewers | fwd pkt/s | node CPU (wait) | µs/pkt | in-core p50 / p99 ms | viewer loss | delivery | gen CPU (wait) | gen rx µs/pkt | rest of machine | knee |\n\
-         |---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| setup | N | load | node | viewers | fwd pkt/s | node CPU (wait) | µs/pkt | in-core p50 / p99 ms | join p50 / p99 ms | viewer loss | delivery | gen CPU (wait) | gen rx µs/pkt | rest of machine | knee |\n\
+         |---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     let with_wait = |cpu: Option<f64>, wait: Option<f64>| match (cpu, wait) {
         (Some(c), Some(w)) => format!("{c:.0}% ({w:.0}%)"),
@@ -701,7 +711,7 @@ fn viewer_table(points: &[ViewerPoint]) -> String {
             let first = i == 0;
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.0} / {:.0} | {:.2}% | {:.1}% | {} | {} | {} | {} |",
                 if first { p.setup } else { "" },
                 p.n,
                 p.load,
@@ -712,6 +722,8 @@ fn viewer_table(points: &[ViewerPoint]) -> String {
                 w.server_us_per_packet
                     .map_or("n/a".into(), |v| format!("{v:.2}")),
                 in_core(w),
+                r.join_ms.p50,
+                r.join_ms.p99,
                 w.loss_percent,
                 if r.due > 0 {
                     100.0 * r.received as f64 / r.due as f64
@@ -741,7 +753,7 @@ fn viewer_table(points: &[ViewerPoint]) -> String {
             let secs = p.nodes[0].w.seconds;
             let _ = writeln!(
                 t,
-                "| | {} | | A + B | {} | {:.0} | {:.0}% | {:.2} | | | {:.1}% | | | | |",
+                "| | {} | | A + B | {} | {:.0} | {:.0}% | {:.2} | | | | {:.1}% | | | | |",
                 p.n,
                 p.nodes.iter().map(|r| r.viewers).sum::<usize>(),
                 per_s,
@@ -764,9 +776,16 @@ fn viewer_table(points: &[ViewerPoint]) -> String {
 
 async fn viewers(args: &Args, logs: &Path, md: &mut String) -> Result<()> {
     let mut points: Vec<ViewerPoint> = Vec::new();
+    let mut budget_spent = Vec::new();
     let started = Instant::now();
     for two in [false, true] {
+        let setup_started = Instant::now();
         for &n in &args.viewers {
+            if setup_started.elapsed() > SETUP_BUDGET {
+                println!("  {n} viewers and more: the setup's time budget is spent");
+                budget_spent.push(n);
+                break;
+            }
             println!(
                 "{} viewers on {} node(s) (load {}, {:.0} s in)",
                 n,
@@ -800,6 +819,13 @@ async fn viewers(args: &Args, logs: &Path, md: &mut String) -> Result<()> {
     let t = viewer_table(&points);
     println!("\n{t}");
     let mut notes = String::new();
+    for n in budget_spent {
+        let _ = writeln!(
+            notes,
+            "- A setup's {} s budget was spent before its {n}-viewer point.",
+            SETUP_BUDGET.as_secs()
+        );
+    }
     for p in &points {
         if !p.extended.is_empty() {
             let _ = writeln!(notes, "- {} viewers, two nodes: {}", p.n, p.extended);
@@ -827,7 +853,8 @@ async fn viewers(args: &Args, logs: &Path, md: &mut String) -> Result<()> {
          thread), % of one CPU; (wait) = time its threads were runnable but waited for a CPU, \
          % of the window; gen rx µs/pkt = the viewers' receive thread per received packet; rest \
          of machine = all CPUs' busy time (`/proc/stat`) minus the nodes and the generator, % of \
-         one CPU (other processes, and kernel work charged to none of them).\n\n{t}\n{notes}",
+         one CPU (other processes, and kernel work charged to none of them); join = a viewer's \
+         WebSocket connect → connected (ICE + DTLS), viewers joining 8 at a time.\n\n{t}\n{notes}",
         args.duration,
         WARMUP.as_secs()
     )?;
