@@ -76,6 +76,8 @@ struct Args {
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const JOIN_CONCURRENCY: usize = 8;
+/// Joins of one point stop after this (a point whose viewers did not all join is the knee).
+const JOIN_BUDGET: Duration = Duration::from_secs(60);
 /// No new point of a setup starts after this (the whole run stays near 10 minutes).
 const SETUP_BUDGET: Duration = Duration::from_secs(240);
 /// Seconds between "everyone receives" and a measurement.
@@ -569,7 +571,7 @@ async fn viewer_point(two: bool, n: usize, args: &Args, logs: &Path) -> Result<V
     let mut failures = Vec::new();
     let urls: Vec<String> = nodes.iter().map(Node::ws_url).collect();
     let urls = &urls;
-    let joins = futures_util::stream::iter((0..n).map(|i| {
+    let mut joining = futures_util::stream::iter((0..n).map(|i| {
         let (url, room) = (urls[i % urls.len()].clone(), room.clone());
         async move {
             let opts = LightOptions {
@@ -582,9 +584,28 @@ async fn viewer_point(two: bool, n: usize, args: &Args, logs: &Path) -> Result<V
             )
         }
     }))
-    .buffer_unordered(JOIN_CONCURRENCY)
-    .collect::<Vec<_>>()
-    .await;
+    .buffer_unordered(JOIN_CONCURRENCY);
+    // An overloaded machine times joins out one by one: bounded, the rest never start.
+    let deadline = tokio::time::Instant::now() + JOIN_BUDGET;
+    let mut joins = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, joining.next()).await {
+            Ok(Some(j)) => joins.push(j),
+            Ok(None) => break,
+            Err(_) => {
+                failures.insert(
+                    0,
+                    format!(
+                        "joins stopped after {} s: {} of {n} done",
+                        JOIN_BUDGET.as_secs(),
+                        joins.len()
+                    ),
+                );
+                break;
+            }
+        }
+    }
+    drop(joining);
     let mut per_node: Vec<Vec<Arc<LightViewer>>> = vec![Vec::new(); nodes.len()];
     for (node, r) in joins {
         match r {
