@@ -907,8 +907,8 @@ async fn main() -> Result<()> {
          ```sh\ncargo build --release --bin plaza --example cluster_span\n./target/release/examples/cluster_span {}\n```\n\n\
          {when}, release build, {} × {}, nodes as processes (`--workers 1`, `--redis`, \
          `--cluster-span-above 1`) with a real `redis-server`, all on loopback. \
-         The machine was shared with another engineer's builds and tests during the run (the \
-         load averages below say how much).\n\n",
+         Whatever else ran on the machine shows in the load averages and in the rest of the \
+         machine's CPU below.\n\n",
         command[1..].join(" "),
         affinity::online_cpus(),
         cpu.trim(),
