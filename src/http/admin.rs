@@ -113,17 +113,9 @@ async fn to_room_node(
     let Some(node) = node else {
         return next.run(req).await;
     };
-    let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(e) => {
-            return ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::MessageTooLarge,
-                format!("request body: {e}"),
-            )
-            .into_response();
-        }
+    let (parts, bytes) = match buffered(req).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
     };
     let path = parts
         .uri
@@ -156,17 +148,9 @@ async fn participants_across_nodes(
     next: Next,
     listing: bool,
 ) -> Response {
-    let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(e) => {
-            return ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::MessageTooLarge,
-                format!("request body: {e}"),
-            )
-            .into_response();
-        }
+    let (parts, bytes) = match buffered(req).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
     };
     let path = parts
         .uri
@@ -314,6 +298,21 @@ async fn participants_across_nodes(
 
 /// The largest participant listing read back from this node's own answer.
 const MAX_FORWARDED_LIST: usize = 16 * 1024 * 1024;
+
+/// The request's head and its whole body (at most [`MAX_BODY`]: larger is `413`), to be carried
+/// to another node.
+async fn buffered(req: Request) -> Result<(axum::http::request::Parts, Bytes), Response> {
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => Ok((parts, b)),
+        Err(e) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::MessageTooLarge,
+            format!("request body: {e}"),
+        )
+        .into_response()),
+    }
+}
 
 /// Another node's answer, as this node's.
 fn forwarded(answer: crate::cluster::Forwarded, node: &str) -> Response {
