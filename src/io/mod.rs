@@ -83,6 +83,33 @@ pub fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize,
     (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
 }
 
+/// Send the media socket's datagrams with "don't fragment" set, without the path-MTU cache
+/// (`IP_PMTUDISC_PROBE`): every datagram Plaza sends fits a 1280-byte path (RTP as the
+/// publisher packetized it, DTLS and SCTP at 1200), and the kernel then skips choosing an IP
+/// identification for each one (a hash and an atomic on a table shared by every socket: 5 %
+/// of the server's CPU in a livestream fan-out). IPv6 never fragments on the way: nothing to
+/// set. Returns whether the option was set.
+#[allow(unsafe_code)] // setsockopt(2); see the SAFETY comment
+pub fn set_dont_fragment(socket: &std::net::UdpSocket) -> bool {
+    use std::os::fd::AsRawFd;
+    if !socket.local_addr().is_ok_and(|a| a.is_ipv4()) {
+        return false;
+    }
+    let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
+    // SAFETY: the fd is a valid socket for the duration of the call; the option value is a
+    // c_int, as IP_MTU_DISCOVER takes.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            &probe as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
 /// One shard's media sockets (bound): its UDP socket and, with ICE-TCP on, its TCP listener.
 #[derive(Debug)]
 pub struct MediaSockets {
@@ -179,6 +206,12 @@ fn spawn_shard(
         None => None,
     };
     let (rcv, snd) = set_socket_buffers(&socket, config.udp_buffer);
+    if !set_dont_fragment(&socket) && local_addr.is_ipv4() {
+        warn!(
+            shard,
+            "media socket: could not set IP_MTU_DISCOVER (datagrams may be fragmented)"
+        );
+    }
     if rcv < config.udp_buffer {
         warn!(
             shard,
@@ -622,5 +655,41 @@ impl Driver {
                 Err(_) => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The media socket sends with DF set and without the path-MTU cache; an IPv6 socket is
+    /// left alone.
+    #[test]
+    #[allow(unsafe_code)] // getsockopt(2) to read the option back
+    fn media_datagrams_are_sent_unfragmented() {
+        use std::os::fd::AsRawFd;
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(set_dont_fragment(&s));
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid socket; `v` and `len` are valid for writes of a c_int.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                &mut v as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!((rc, v), (0, libc::IP_PMTUDISC_PROBE));
+        // Datagrams still leave (no EMSGSIZE below the interface MTU).
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(
+            s.send_to(&[7u8; 1400], rx.local_addr().unwrap()).unwrap(),
+            1400
+        );
+        let v6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        assert!(!set_dont_fragment(&v6));
     }
 }

@@ -67,6 +67,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::sansio::Protocol;
 use rtc::sdp::extmap::{AUDIO_LEVEL_URI, TRANSPORT_CC_URI};
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use rustc_hash::FxHashMap;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
@@ -139,7 +140,7 @@ pub struct Sfu<T: Transmit> {
     /// Every id, SSRC, initial sequence number and ICE credential comes from here.
     rng: rand::rngs::StdRng,
     /// Every room; each owns its participants and tracks.
-    rooms: HashMap<RoomKey, Room>,
+    rooms: FxHashMap<RoomKey, Room>,
     /// Room name → key.
     room_keys: HashMap<String, RoomKey>,
     /// Participant id (`PA_…`) → key.
@@ -414,7 +415,10 @@ fn negotiated_rtx(
 macro_rules! part_mut {
     ($s:expr, $k:expr) => {{
         let k: PartKey = $k;
-        $s.rooms.get_mut(&k.room).and_then(|r| r.parts.get_mut(&k))
+        $s.rooms
+            .get_mut(&k.room)
+            .and_then(|r| r.parts.get_mut(&k))
+            .map(|p| &mut **p)
     }};
 }
 
@@ -444,7 +448,7 @@ impl<T: Transmit> Sfu<T> {
                 SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
             ),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
-            rooms: HashMap::new(),
+            rooms: FxHashMap::default(),
             room_keys: HashMap::new(),
             by_pid: HashMap::new(),
             pipe_out: PipeOut::default(),
@@ -673,12 +677,14 @@ impl<T: Transmit> Sfu<T> {
     }
 
     fn part(&self, k: PartKey) -> Option<&Participant> {
-        self.rooms.get(&k.room)?.parts.get(&k)
+        self.rooms.get(&k.room)?.parts.get(&k).map(|p| &**p)
     }
 
     /// Every participant, room by room.
     fn participants(&self) -> impl Iterator<Item = &Participant> {
-        self.rooms.values().flat_map(|r| r.parts.values())
+        self.rooms
+            .values()
+            .flat_map(|r| r.parts.values().map(|p| &**p))
     }
 
     fn track(&self, room: RoomKey, tid: &str) -> Option<&Track> {
@@ -3299,7 +3305,7 @@ impl<T: Transmit> Sfu<T> {
                 },
             );
         }
-        r.parts.insert(part, participant);
+        r.parts.insert(part, Box::new(participant));
         r.members.push(part);
         self.room_keys.insert(room.clone(), rk);
         self.by_pid.insert(pid.clone(), part);

@@ -25,6 +25,7 @@ use rtc::data_channel::RTCDataChannelId;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -39,7 +40,9 @@ pub(super) struct Room {
     pub(super) name: String,
     /// Participants in join order.
     pub(super) members: Vec<PartKey>,
-    pub(super) parts: HashMap<PartKey, Participant>,
+    /// Boxed: a participant is large (its connections), and the fan-out looks up one per
+    /// forwarded copy; the table itself stays small and dense.
+    pub(super) parts: FxHashMap<PartKey, Box<Participant>>,
     /// Tracks published in the room, here and on the room's other shards.
     pub(super) tracks: HashMap<TrackId, Track>,
     /// The same tracks in the order they were published here (what a viewer's host is).
@@ -97,7 +100,7 @@ impl Room {
             created: now,
             name,
             members: Vec::new(),
-            parts: HashMap::new(),
+            parts: FxHashMap::default(),
             tracks: HashMap::new(),
             track_order: Vec::new(),
             peers: BTreeSet::new(),
@@ -398,7 +401,7 @@ pub(super) struct Track {
     pub(super) admin_muted: bool,
     /// Encodings; a layer's id is its index here (never reordered).
     pub(super) layers: Vec<Layer>,
-    pub(super) down: HashMap<PartKey, DownTrack>,
+    pub(super) down: FxHashMap<PartKey, DownTrack>,
     /// Dynacast: layers the publisher was told to pause, and since when each layer has been
     /// unneeded.
     pub(super) paused_upstream: BTreeSet<usize>,
@@ -435,7 +438,7 @@ impl Track {
             muted,
             admin_muted: false,
             layers,
-            down: HashMap::new(),
+            down: FxHashMap::default(),
             paused_upstream: BTreeSet::new(),
             unneeded_since: HashMap::new(),
             relayed_to: BTreeMap::new(),

@@ -103,7 +103,7 @@ pub const METER_WINDOW: Duration = Duration::from_secs(1);
 const METER_BUCKETS: usize = 10;
 
 /// Length of one [`BitrateMeter`] bucket in nanoseconds (`METER_WINDOW / METER_BUCKETS`).
-const BUCKET_NANOS: u128 = METER_WINDOW.as_nanos() / METER_BUCKETS as u128;
+const BUCKET_NANOS: u64 = METER_WINDOW.as_nanos() as u64 / METER_BUCKETS as u64;
 
 /// One simulcast layer of a published video track, as the core measures it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -644,7 +644,6 @@ pub struct BitrateMeter {
     /// Start of the current run of packets (no gap of a whole window), so a stream that
     /// just started or resumed is not under-reported during its first window.
     run_start: Option<Instant>,
-    last_active_bps: u64,
 }
 
 impl BitrateMeter {
@@ -660,12 +659,14 @@ impl BitrateMeter {
         }
     }
 
-    fn elapsed_nanos(origin: Instant, t: Instant) -> u128 {
-        t.saturating_duration_since(origin).as_nanos()
+    /// (In 64 bits, which last 584 years: a division by a constant, not a 128-bit one, on
+    /// every packet.)
+    fn elapsed_nanos(origin: Instant, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn bucket_number(origin: Instant, t: Instant) -> u64 {
-        u64::try_from(Self::elapsed_nanos(origin, t) / BUCKET_NANOS).unwrap_or(u64::MAX)
+        Self::elapsed_nanos(origin, t) / BUCKET_NANOS
     }
 
     /// A packet of `bytes` bytes arrived at `now`.
@@ -688,7 +689,6 @@ impl BitrateMeter {
         }
         self.newest = Some(now);
         self.last_packet = Some(now);
-        self.last_active_bps = self.bps(now);
     }
 
     /// Bitrate over the last [`METER_WINDOW`] (over the time since the stream started or
@@ -709,9 +709,9 @@ impl BitrateMeter {
         }
         // The buckets summed span from the start of the oldest one to `now`.
         let into_bucket = Self::elapsed_nanos(origin, now) % BUCKET_NANOS;
-        let window = (METER_BUCKETS as u128 - 1) * BUCKET_NANOS + into_bucket;
-        let run = now.saturating_duration_since(run_start).as_nanos();
-        let span = window.min(run).max(BUCKET_NANOS);
+        let window = (METER_BUCKETS as u64 - 1) * BUCKET_NANOS + into_bucket;
+        let run = Self::elapsed_nanos(run_start, now);
+        let span = u128::from(window.min(run).max(BUCKET_NANOS));
         let bps = u128::from(bytes) * 8 * 1_000_000_000 / span;
         u64::try_from(bps).unwrap_or(u64::MAX)
     }
@@ -731,7 +731,9 @@ impl BitrateMeter {
     /// should report as [`LayerInfo::bitrate_bps`], so the bandwidth it would need when it
     /// resumes is still known.
     pub fn last_active_bps(&self) -> u64 {
-        self.last_active_bps
+        // Nothing has changed the buckets since that packet: the rate then is the rate
+        // measured at its time.
+        self.last_packet.map_or(0, |lp| self.bps(lp))
     }
 }
 

@@ -56,7 +56,6 @@
 //! the NACKs it receives, sends the retransmissions it returns and hands the core the streams
 //! given up on.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
@@ -402,7 +401,7 @@ impl Stream {
 /// [`RetransmitBudget`]. Driven by the subscriber fast path ([`super::egress`]).
 #[derive(Default)]
 pub struct Retransmitter {
-    streams: HashMap<u32, Stream>,
+    streams: super::egress::SsrcMap<Stream>,
     budget: RetransmitBudget,
     stats: NackStats,
 }
