@@ -292,15 +292,25 @@ impl PipeMsg {
 /// Messages waiting for the end of the turn, per destination shard and lane.
 #[derive(Debug, Default)]
 pub struct PipeOut {
-    /// Per destination (few: the shards and nodes sharing rooms with this one), in order.
-    queues: std::collections::BTreeMap<ShardId, [Vec<PipeMsg>; 2]>,
+    /// Per local shard, indexed by its id (a relayed packet queues without a search).
+    local: Vec<[Vec<PipeMsg>; 2]>,
+    /// Per shard of another node (ids from [`REMOTE_BASE`] on: few), in order.
+    remote: std::collections::BTreeMap<ShardId, [Vec<PipeMsg>; 2]>,
     waiting: usize,
 }
 
 impl PipeOut {
     /// Queue `msg` for shard `to`.
     pub fn push(&mut self, to: ShardId, msg: PipeMsg) {
-        self.queues.entry(to).or_default()[msg.lane() as usize].push(msg);
+        let lanes = if to < REMOTE_BASE {
+            if to >= self.local.len() {
+                self.local.resize_with(to + 1, Default::default);
+            }
+            &mut self.local[to]
+        } else {
+            self.remote.entry(to).or_default()
+        };
+        lanes[msg.lane() as usize].push(msg);
         self.waiting += 1;
     }
 
@@ -308,11 +318,13 @@ impl PipeOut {
         self.waiting == 0
     }
 
-    /// Every non-empty queue, as one batch per destination and lane (control first, so what
-    /// announces a track goes before its media).
+    /// Every non-empty queue, as one batch per destination and lane, destinations in order
+    /// (control first, so what announces a track goes before its media).
     pub fn take(&mut self) -> impl Iterator<Item = (ShardId, Lane, Vec<PipeMsg>)> + '_ {
         self.waiting = 0;
-        self.queues.iter_mut().flat_map(|(&to, lanes)| {
+        let local = self.local.iter_mut().enumerate();
+        let remote = self.remote.iter_mut().map(|(&to, lanes)| (to, lanes));
+        local.chain(remote).flat_map(|(to, lanes)| {
             let [control, media] = lanes;
             [(Lane::Control, control), (Lane::Media, media)]
                 .into_iter()
@@ -348,6 +360,8 @@ mod tests {
                 reply: false,
             },
         );
+        // A shard of another node comes after the local ones.
+        out.push(REMOTE_BASE + 1, PipeMsg::TrackClose { relay: 3 });
         out.push(0, PipeMsg::TrackClose { relay: 1 });
         out.push(
             2,
@@ -361,7 +375,7 @@ mod tests {
         out.push(2, PipeMsg::TrackClose { relay: 2 });
         assert!(!out.is_empty());
         let batches: Vec<_> = out.take().collect();
-        assert_eq!(batches.len(), 3);
+        assert_eq!(batches.len(), 4);
         assert_eq!((batches[0].0, batches[0].1), (0, Lane::Control));
         // Shard 2: its control batch (in order), then its media.
         assert_eq!((batches[1].0, batches[1].1), (2, Lane::Control));
@@ -369,6 +383,10 @@ mod tests {
         assert!(matches!(batches[1].2[1], PipeMsg::TrackClose { relay: 2 }));
         assert_eq!((batches[2].0, batches[2].1), (2, Lane::Media));
         assert!(matches!(batches[2].2[..], [PipeMsg::Rtp { relay: 2, .. }]));
+        assert_eq!(
+            (batches[3].0, batches[3].1),
+            (REMOTE_BASE + 1, Lane::Control)
+        );
         assert!(out.is_empty());
         assert_eq!(out.take().count(), 0);
     }
