@@ -133,22 +133,15 @@ impl Gateway {
                     .link_up
                     .store(self.up.len() as u64, Ordering::Relaxed);
             }
-            LinkEvent::PeerDown(p) => {
-                if self.up.remove(&p) {
-                    self.counters.link_downs.fetch_add(1, Ordering::Relaxed);
-                    self.counters
-                        .link_up
-                        .store(self.up.len() as u64, Ordering::Relaxed);
-                }
-                self.node_gone(p);
-            }
+            LinkEvent::PeerDown(p) => self.peer_lost(p),
             LinkEvent::Message { peer, lane, msg } => self.on_message(peer, lane, msg),
         }
     }
 
-    /// A node left the cluster (its record is gone): a peer that was up is down now, whether
-    /// the link noticed its silence first or not.
-    fn on_removed(&mut self, node: NodeNum) {
+    /// `node` is gone: the link heard nothing from it, or it left the cluster (its record is
+    /// gone; a peer that was up is down now, whether the link noticed its silence first or
+    /// not). Counted once if it was up, and the shards are told.
+    fn peer_lost(&mut self, node: NodeNum) {
         if self.up.remove(&node) {
             self.counters.link_downs.fetch_add(1, Ordering::Relaxed);
             self.counters
@@ -355,7 +348,7 @@ pub(super) async fn run(
                 }
             }
             n = removed.recv(), if removed_open => match n {
-                Some(n) => gw.on_removed(n),
+                Some(n) => gw.peer_lost(n),
                 None => removed_open = false,
             },
             () = tokio::time::sleep(RETRY), if waiting => {}
