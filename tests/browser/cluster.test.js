@@ -7,7 +7,7 @@
 // live node — and decode each other's video again. The time from the kill to that is printed.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, startRedis, participants, launchFirefoxParticipant, waitFor } from './harness.js';
+import { startServer, startRedis, participants, launchFirefoxParticipant, waitFor, devToken, waitForClientVideo } from './harness.js';
 import { PlazaClient, MAX_REDIRECTS, redirectUrl } from '../../signaling/plaza-client.js';
 
 // Its own ports, so that it never meets another test file's server.
@@ -30,13 +30,6 @@ async function listNodes(n) {
   const r = await fetch(`${n.url}/api/nodes`, { headers: { Authorization: `Bearer ${t.token}` } });
   if (!r.ok) throw new Error(`GET /api/nodes on ${n.url}: ${r.status}`);
   return (await r.json()).nodes;
-}
-
-/** A development token for `room` and `name` from node `n`. */
-async function devToken(n, room, name) {
-  const r = await fetch(`${n.url}/dev/token?room=${room}&name=${name}`);
-  if (!r.ok) throw new Error(`GET /dev/token on ${n.url}: ${r.status}`);
-  return (await r.json()).token;
 }
 
 function startNode(n) {
@@ -80,28 +73,6 @@ function joinClient(p, key, { room, name, options = {} }) {
     },
     { key, room, name, options },
   );
-}
-
-/** Frames client `key` in `p` decoded from `name`'s video so far (0 when it receives none). */
-function framesFrom(p, key, name) {
-  return p.page.evaluate(
-    async ({ key, name }) => {
-      const c = window.__clients[key];
-      for (const [id, rt] of c.remoteTracks) {
-        if (rt.kind !== 'video' || c.participants.get(rt.participantId)?.name !== name) continue;
-        const s = await c.getTrackStats(id);
-        return s?.framesDecoded ?? 0;
-      }
-      return 0;
-    },
-    { key, name },
-  );
-}
-
-/** Wait until client `key` in `p` decodes `name`'s video, and 10 more frames after that. */
-async function waitForVideo(p, key, name, timeout = 25_000) {
-  const first = await waitFor(async () => (await framesFrom(p, key, name)) || null, { timeout, what: `${p.label}/${key} to decode ${name}'s video` });
-  await waitFor(async () => (await framesFrom(p, key, name)) >= first + 10, { timeout: 10_000, what: `${p.label}/${key}: ${name}'s video to keep flowing` });
 }
 
 /**
@@ -165,7 +136,7 @@ describe('cluster', { timeout: 180_000 }, () => {
     // test (tokens work on every node; the page's own origin may be the node that dies).
     await alice.page.goto(`${nodes.a.url}/`);
     await bob.page.goto(`${nodes.a.url}/`);
-    const entry = async (n, room, name) => ({ url: wsUrl(n), token: await devToken(n, room, name) });
+    const entry = async (n, room, name) => ({ url: wsUrl(n), token: await devToken(n.url, room, name) });
     const other = (n) => (n === nodes.a ? nodes.b : nodes.a);
 
     // 1. Alice joins through A. Both nodes are idle, so the room goes to either (A unless
@@ -187,7 +158,7 @@ describe('cluster', { timeout: 180_000 }, () => {
       { nodeId: meetB.redirected[0].nodeId, address: meetB.redirected[0].address, url: meetB.redirected[0].url, from: meetB.redirected[0].from },
       { nodeId: h.id, address: `127.0.0.1:${h.port}`, url: wsUrl(h), from: wsUrl(o) },
     );
-    await Promise.all([waitForVideo(alice, 'meet', 'bob'), waitForVideo(bob, 'meet', 'alice')]);
+    await Promise.all([waitForClientVideo(alice, 'bob', { key: 'meet' }), waitForClientVideo(bob, 'alice', { key: 'meet' })]);
     // They stay in the room (H's load: two participants) but stop sending media.
     for (const p of [alice, bob]) await p.page.evaluate(() => window.__clients.meet.stopLocalMedia());
 
@@ -205,7 +176,7 @@ describe('cluster', { timeout: 180_000 }, () => {
       assert.equal(j.nodeId, o.id);
       assert.equal(j.redirects, 1);
     }
-    await Promise.all([waitForVideo(alice, 'live', 'bob'), waitForVideo(bob, 'live', 'alice')]);
+    await Promise.all([waitForClientVideo(alice, 'bob', { key: 'live' }), waitForClientVideo(bob, 'alice', { key: 'live' })]);
 
     // 3. O dies. Both clients come back by themselves, on H, and see each other again.
     await watchComeback(alice, 'live', 'bob', liveA.participantId);
@@ -230,7 +201,7 @@ describe('cluster', { timeout: 180_000 }, () => {
       assert.equal(s.nodeUrl, wsUrl(h), `${p.label} is on ${h.id}`);
       assert.equal(s.redirects, 0, `the rejoin through ${h.id} joined there`);
     }
-    await Promise.all([waitForVideo(alice, 'live', 'bob'), waitForVideo(bob, 'live', 'alice')]);
+    await Promise.all([waitForClientVideo(alice, 'bob', { key: 'live' }), waitForClientVideo(bob, 'alice', { key: 'live' })]);
     const lines = [];
     for (const p of [alice, bob]) {
       const s = await clientState(p, 'live');

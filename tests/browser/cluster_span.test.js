@@ -6,7 +6,7 @@
 // and stays connected.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, startRedis, participants, launchFirefoxParticipant, waitFor } from './harness.js';
+import { startServer, startRedis, participants, launchFirefoxParticipant, waitFor, devToken, waitForClientVideo } from './harness.js';
 
 // Its own ports, so that it never meets another test file's server.
 const REDIS_PORT = 7949;
@@ -19,12 +19,6 @@ let redis;
 const nodes = {};
 const ps = participants();
 let firefox = null;
-
-async function devToken(n, room, name) {
-  const r = await fetch(`${n.url}/dev/token?room=${room}&name=${name}`);
-  if (!r.ok) throw new Error(`GET /dev/token on ${n.url}: ${r.status}`);
-  return (await r.json()).token;
-}
 
 async function clusterStats(n) {
   const r = await fetch(`${n.url}/stats`);
@@ -61,23 +55,6 @@ function joinClient(p, n, room, name, token) {
   );
 }
 
-function framesFrom(p, name) {
-  return p.page.evaluate(async (name) => {
-    const c = window.__client;
-    for (const [id, rt] of c.remoteTracks) {
-      if (rt.kind !== 'video' || c.participants.get(rt.participantId)?.name !== name) continue;
-      const s = await c.getTrackStats(id);
-      return s?.framesDecoded ?? 0;
-    }
-    return 0;
-  }, name);
-}
-
-async function waitForVideo(p, name) {
-  const first = await waitFor(async () => (await framesFrom(p, name)) || null, { timeout: 25_000, what: `${p.label} to decode ${name}'s video` });
-  await waitFor(async () => (await framesFrom(p, name)) >= first + 30, { timeout: 15_000, what: `${p.label}: ${name}'s video to keep flowing` });
-}
-
 before(async () => {
   redis = await startRedis({ port: REDIS_PORT, logName: 'redis-span.log' });
   nodes.a = { ...A, ...(await startNode(A)) };
@@ -106,16 +83,16 @@ describe('a room spanning two nodes', { timeout: 150_000 }, () => {
     // The room starts on A (both nodes are idle: either could be chosen): its lease is written
     // first, as A's; A renews it once the room is open there.
     assert.equal(await redis.command('SET', 'plaza:room:span', 'ND_a', 'PX', '10000'), '+OK');
-    const a = await joinClient(alice, nodes.a, 'span', 'alice', await devToken(nodes.a, 'span', 'alice'));
+    const a = await joinClient(alice, nodes.a, 'span', 'alice', await devToken(nodes.a.url, 'span', 'alice'));
     assert.equal(a.nodeUrl, wsUrl(nodes.a));
-    const b = await joinClient(bob, nodes.b, 'span', 'bob', await devToken(nodes.b, 'span', 'bob'));
+    const b = await joinClient(bob, nodes.b, 'span', 'bob', await devToken(nodes.b.url, 'span', 'bob'));
     assert.equal(b.redirects, 0, 'bob is served by B, not redirected');
     assert.equal(b.nodeUrl, wsUrl(nodes.b));
     assert.equal(b.nodeId, 'ND_b');
     assert.equal((await clusterStats(nodes.b)).extended_joins, 1);
 
     // Each browser decodes the other's video, across the node link.
-    await Promise.all([waitForVideo(alice, 'bob'), waitForVideo(bob, 'alice')]);
+    await Promise.all([waitForClientVideo(alice, 'bob', { more: 30, moreTimeout: 15_000 }), waitForClientVideo(bob, 'alice', { more: 30, moreTimeout: 15_000 })]);
 
     // Chat both ways, sequenced on A (the room's node).
     await bob.page.evaluate(() => window.__client.sendChat('hello from B'));

@@ -851,3 +851,36 @@ export async function whileImpaired(ports, opts, during) {
   }
   return { result, counters };
 }
+
+/** A development token for `room` and `name` from the server at `base` (`GET /dev/token`). */
+export async function devToken(base, room, name) {
+  const r = await fetch(`${base}/dev/token?room=${room}&name=${name}`);
+  if (!r.ok) throw new Error(`GET /dev/token on ${base}: ${r.status}`);
+  return (await r.json()).token;
+}
+
+/**
+ * Frames a plaza-client in `p`'s page decoded from `name`'s video so far (0 when it receives
+ * none). The client is `window.__clients[key]`, or `window.__client` without a key.
+ */
+export function clientFramesFrom(p, name, key = null) {
+  return p.page.evaluate(
+    async ({ key, name }) => {
+      const c = key == null ? window.__client : window.__clients[key];
+      for (const [id, rt] of c.remoteTracks) {
+        if (rt.kind !== 'video' || c.participants.get(rt.participantId)?.name !== name) continue;
+        const s = await c.getTrackStats(id);
+        return s?.framesDecoded ?? 0;
+      }
+      return 0;
+    },
+    { key, name },
+  );
+}
+
+/** Wait until that client decodes `name`'s video, and `more` frames after that. */
+export async function waitForClientVideo(p, name, { key = null, timeout = 25_000, more = 10, moreTimeout = 10_000 } = {}) {
+  const who = key == null ? p.label : `${p.label}/${key}`;
+  const first = await waitFor(async () => (await clientFramesFrom(p, name, key)) || null, { timeout, what: `${who} to decode ${name}'s video` });
+  await waitFor(async () => (await clientFramesFrom(p, name, key)) >= first + more, { timeout: moreTimeout, what: `${who}: ${name}'s video to keep flowing` });
+}
