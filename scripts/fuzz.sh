@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Runs the fuzz targets of tests/fuzz.rs long: every target (or those named) for
+# Runs the fuzz targets of tests/integration/fuzz.rs long: every target (or those named) for
 # PLAZA_FUZZ_INPUTS inputs each (default 1,000,000) from a random seed (PLAZA_FUZZ_SEED to
 # replay one; the slow `session` target runs a thousandth of the count), then prints each target's inputs, time and inputs/s, and the total time.
 # A panic fails the run; the input is saved under target/fuzz-crashes/ (see
-# tests/fuzz/engine.rs; keep it under tests/fuzz/regressions/<target>/ once fixed).
+# tests/integration/fuzz/engine.rs; keep it under tests/integration/fuzz/regressions/<target>/ once fixed).
 #
 #   ./scripts/fuzz.sh                       # all targets, 1,000,000 inputs each
 #   PLAZA_FUZZ_INPUTS=50000 ./scripts/fuzz.sh sdp core
@@ -20,17 +20,17 @@ trap 'rm -f "$report"' EXIT
 export PLAZA_FUZZ_REPORT="$report"
 
 filters=()
-for t in "$@"; do filters+=("fuzz_$t"); done
-[ ${#filters[@]} -gt 0 ] || filters=("fuzz_")
+for t in "$@"; do filters+=("fuzz::fuzz_$t"); done
+[ ${#filters[@]} -gt 0 ] || filters=("fuzz::fuzz_")
 
 echo "==> fuzz: ${PLAZA_FUZZ_INPUTS} inputs per target, seed ${PLAZA_FUZZ_SEED}, ${jobs} at a time"
 start=$(date +%s.%N)
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --release --test fuzz --no-fail-fast --test-threads "$jobs" \
+  cargo nextest run --release --test integration --no-fail-fast --test-threads "$jobs" \
     --success-output immediate --failure-output immediate "${filters[@]}" || status=$?
 else
-  cargo test --release --test fuzz --no-fail-fast -- --test-threads "$jobs" --nocapture \
+  cargo test --release --test integration --no-fail-fast -- --test-threads "$jobs" --nocapture \
     "${filters[@]}" || status=$?
 fi
 end=$(date +%s.%N)

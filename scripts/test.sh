@@ -19,14 +19,16 @@ step "build (release)"
 cargo build --release --workspace --all-targets
 
 step "unit + integration tests"
-# tests/prometheus.rs reads the monitoring YAML under docker/ with PyYAML.
+# tests/integration/prometheus.rs reads the monitoring YAML under docker/ with PyYAML.
 if ! python3 -c 'import yaml' 2>/dev/null; then
-  apt-get install -y python3-yaml || { echo "python3-yaml is needed (tests/prometheus.rs) and could not be installed" >&2; exit 1; }
+  apt-get install -y python3-yaml || { echo "python3-yaml is needed (tests/integration/prometheus.rs) and could not be installed" >&2; exit 1; }
 fi
-# tests/cluster.rs starts real redis-server processes (testkit/src/redis.rs).
+# tests/integration/cluster.rs starts real redis-server processes (testkit/src/redis.rs).
 if ! command -v redis-server >/dev/null 2>&1; then
-  { apt-get update -qq && apt-get install -y redis-server; } || { echo "redis-server is needed (tests/cluster.rs) and could not be installed" >&2; exit 1; }
+  { apt-get update -qq && apt-get install -y redis-server; } || { echo "redis-server is needed (tests/integration/cluster.rs) and could not be installed" >&2; exit 1; }
 fi
+# nextest runs each test in its own process; the `cargo test` fallback runs all the
+# integration tests (one binary, tests/integration/) in one process, two at a time.
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --release --workspace --no-fail-fast --test-threads 2
 else

@@ -46,7 +46,7 @@
 //!   themselves (two peers talking to each other without a server).
 //!
 //! A test builds a [`Net`], adds nodes, runs the clock and asserts on what the nodes
-//! recorded; see `tests/virtual_time.rs` and "Virtual-time tests" in `docs/ARCHITECTURE.md`.
+//! recorded; see `tests/integration/virtual_time.rs` and "Virtual-time tests" in `docs/ARCHITECTURE.md`.
 
 pub mod client;
 pub mod net;

@@ -1,5 +1,5 @@
 //! `plaza-testkit`: synthetic Plaza peers and integration-test helpers, one library compiled
-//! once for the integration tests (`tests/*.rs`), the load tester and the benchmark
+//! once for the integration tests (`tests/integration/`), the load tester and the benchmark
 //! (`examples/*.rs`). Its unit tests run with `cargo nextest run -p plaza-testkit`.
 //!
 //! - [`peer`]: [`Peer`] — WebSocket signaling + subscriber/publisher peer connections (webrtc-rs

@@ -129,7 +129,7 @@ pub fn enabled() -> bool {
 
 /// In test builds the probe records only on the thread that enabled it: the unit tests below
 /// share the process with integration tests whose real peers call `sent` and `received` from
-/// other threads (every `tests/*.rs` includes this module).
+/// other threads (the integration tests in `tests/integration/` include this module).
 #[cfg(test)]
 pub fn enabled() -> bool {
     TEST_ENABLED.with(|e| e.get())

@@ -28,7 +28,7 @@ use crate::{Peer, PeerOptions, RemoteTrackStats};
 /// their waits in well under a second.
 pub const T: Duration = Duration::from_secs(30);
 
-/// Logs for the tests: `RUST_LOG=plaza=debug cargo test --test media -- --nocapture`.
+/// Logs for the tests: `RUST_LOG=plaza=debug cargo test --test integration media:: -- --nocapture`.
 /// Silent unless `RUST_LOG` is set.
 pub fn init_tracing() {
     if let Ok(filter) = std::env::var("RUST_LOG") {

@@ -1,5 +1,5 @@
 //! Fuzz targets for every parser that sees network input, run as ordinary tests on stable
-//! Rust (see `tests/fuzz/engine.rs` for the driver and `scripts/fuzz.sh` for long runs).
+//! Rust (see `tests/integration/fuzz/engine.rs` for the driver and `scripts/fuzz.sh` for long runs).
 //!
 //! Each target replays its regression inputs and seeds, then a bounded number of mutated
 //! inputs (`PLAZA_FUZZ_INPUTS` overrides the count): no input may panic, and the properties
@@ -12,16 +12,13 @@
     clippy::disallowed_types
 )]
 
-mod fuzz {
-    pub mod core;
-    pub mod engine;
-    pub mod seeds;
-    pub mod session;
-}
+pub mod core;
+pub mod engine;
+pub mod seeds;
+pub mod session;
 
 use bytes::Bytes;
-use fuzz::engine::{self, Spec, Unstructured, text};
-use fuzz::seeds;
+use engine::{Spec, Unstructured, text};
 use plaza::sfu::demux::{self, Demux};
 use plaza::sfu::egress::{self, Egress, SrtpKeys};
 use plaza::sfu::ingress::Ingress;
@@ -904,17 +901,17 @@ fn fuzz_link() {
 }
 
 /// The whole core, sans-I/O: joins, arbitrary client messages, datagrams from arbitrary
-/// addresses, timeouts and turns (see `tests/fuzz/core.rs`).
+/// addresses, timeouts and turns (see `tests/integration/fuzz/core.rs`).
 #[test]
 fn fuzz_core() {
-    fuzz::core::run();
+    self::core::run();
 }
 
 /// Real connected sessions (three `rtc` clients, media and data flowing) driven by the input
-/// (see `tests/fuzz/session.rs`).
+/// (see `tests/integration/fuzz/session.rs`).
 #[test]
 fn fuzz_session() {
-    fuzz::session::run();
+    session::run();
 }
 
 /// Found by `fuzz_srtp`: `rtc`'s AES-CM/HMAC-SHA1 SRTCP unprotect returns a packet whose E

@@ -4,7 +4,7 @@
 //! which shard it landed on: media (with layer selection, dynacast and keyframe requests
 //! across the pipe), membership, mutes and data; and each relayed packet crosses the pipe
 //! once per shard with subscribers, not once per viewer. Mirrors
-//! `tests/lifecycle.rs::a_big_room_spans_shards`, which runs the real server over sockets.
+//! `tests/integration/lifecycle.rs::a_big_room_spans_shards`, which runs the real server over sockets.
 
 use super::common::{self, digest, ip, ms, unwrap_seqs};
 use super::sfu::{SIZES, assert_clean_stream, settings};

@@ -31,7 +31,7 @@ const RUN_BOUND: Duration = Duration::from_secs(40);
 /// The example binary built alongside this test (`target/<profile>/examples/loadtest`).
 fn loadtest_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/loadtest_guard-<hash> → target/<profile>
+    // target/<profile>/deps/integration-<hash> → target/<profile>
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())

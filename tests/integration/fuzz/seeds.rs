@@ -1,7 +1,7 @@
 //! Real inputs to start the mutations from: offers and answers made by `rtc` peers, STUN
 //! binding requests with integrity and fingerprint, RTCP compounds as the server's own feedback
 //! generators and a browser write them, VP8 frames from the clips in `assets/`, signaling
-//! messages as the JS client sends them, and the files under `tests/fuzz/seeds/<target>/`
+//! messages as the JS client sends them, and the files under `tests/integration/fuzz/seeds/<target>/`
 //! (browser SDP).
 
 use super::engine::files;

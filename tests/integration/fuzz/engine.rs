@@ -1,6 +1,6 @@
 //! A small mutation fuzzer on stable Rust: every target is a function of one byte string.
 //!
-//! Each run replays the target's regression inputs (`tests/fuzz/regressions/<target>/`) and
+//! Each run replays the target's regression inputs (`tests/integration/fuzz/regressions/<target>/`) and
 //! its seeds unchanged, then feeds it mutations of the seeds (bit flips, interesting values,
 //! inserted/deleted/duplicated ranges, splices of two seeds, dictionary tokens, stacked up to
 //! eight deep) and a share of plain random bytes. A panic stops the run: the input is written
@@ -91,9 +91,9 @@ fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// The files of `tests/fuzz/<dir>/<name>/`, sorted (none if the folder is missing).
+/// The files of `tests/integration/fuzz/<dir>/<name>/`, sorted (none if the folder is missing).
 pub fn files(dir: &str, name: &str) -> Vec<Vec<u8>> {
-    let path = repo_path(&format!("tests/fuzz/{dir}/{name}"));
+    let path = repo_path(&format!("tests/integration/fuzz/{dir}/{name}"));
     let Ok(rd) = std::fs::read_dir(&path) else {
         return Vec::new();
     };

@@ -10,21 +10,19 @@
 // and prints the virtual times it measured.
 #![allow(clippy::disallowed_methods, clippy::print_stdout)]
 
-mod virtual_time {
-    pub mod common;
-    pub mod data;
-    pub mod grants;
-    pub mod h264;
-    pub mod isolation;
-    pub mod lifecycle;
-    pub mod probing;
-    pub mod quality;
-    pub mod rtx;
-    pub mod sfu;
-    pub mod shards;
-    pub mod speaker;
-    pub mod timeline;
-    pub mod two_peers;
-    pub mod unrepaired;
-    pub mod viewer;
-}
+pub mod common;
+pub mod data;
+pub mod grants;
+pub mod h264;
+pub mod isolation;
+pub mod lifecycle;
+pub mod probing;
+pub mod quality;
+pub mod rtx;
+pub mod sfu;
+pub mod shards;
+pub mod speaker;
+pub mod timeline;
+pub mod two_peers;
+pub mod unrepaired;
+pub mod viewer;

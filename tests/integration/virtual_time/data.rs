@@ -1,6 +1,6 @@
 //! Data-channel relay through the real SFU core in virtual time: `chat` (reliable, ordered)
 //! and `input` (unordered, no retransmissions) on the subscriber connection, the envelope,
-//! room isolation, loss, the limits and the relay latency. Mirrors `tests/data.rs`, which
+//! room isolation, loss, the limits and the relay latency. Mirrors `tests/integration/data.rs`, which
 //! tests the envelope over loopback sockets.
 
 use super::common::{Sim, ms};

@@ -1,6 +1,6 @@
 //! The real SFU core on the simulated network with `rtc` clients: the behaviours that need
 //! time (simulcast switching, bandwidth, dynacast, mute, NACK, sender reports), each in
-//! virtual time. Mirrors `tests/simulcast.rs` and `tests/media.rs`, which test the same over
+//! virtual time. Mirrors `tests/integration/simulcast.rs` and `tests/integration/media.rs`, which test the same over
 //! loopback sockets with real waits.
 
 use super::common::{self, addr, digest, ip, ms, unwrap_seqs};
