@@ -514,10 +514,16 @@ struct NodeProcess(std::process::Child);
 
 impl NodeProcess {
     fn start(redis: &RedisServer, id: &str) -> NodeProcess {
+        NodeProcess::start_with(redis, id, &[])
+    }
+
+    /// ... with `extra` arguments on its command line.
+    fn start_with(redis: &RedisServer, id: &str, extra: &[&str]) -> NodeProcess {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_plaza"))
             .args(["--port", "0", "--udp-port", "0", "--tcp-port", "off"])
             .args(["--workers", "1", "--log-level", "warn"])
             .args(["--redis", &redis.url(), "--node-id", id])
+            .args(extra)
             .env_remove("PLAZA_API_KEY")
             .env_remove("PLAZA_API_SECRET")
             .env_remove("PLAZA_CONFIG")
@@ -609,6 +615,63 @@ async fn a_killed_nodes_room_is_placed_again_and_its_clients_come_back() {
     );
     drop((alice, bob));
     a.shutdown().await;
+}
+
+/// A node of a spanning room is killed (SIGKILL: no goodbye on the link, its record and
+/// lease stay until their TTL): the other node notices the silence, the killed node's
+/// participants leave the room there, the room's timeline and lease move to the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_a_spanning_room_that_lives_on() {
+    use plaza::signal::{ServerMessage, TrackKind};
+    let redis = RedisServer::start().expect("redis-server");
+    let b = node_spanning(&redis, "ND_b", 1).await;
+    let mut a = NodeProcess::start_with(&redis, "ND_a", &["--cluster-span-above", "1"]);
+    let (list, _) = wait_nodes(&b, WAIT, "A registered", |l| ids(l) == ["ND_a", "ND_b"]).await;
+    let a_url = format!("ws://{}/rtc", list["nodes"][0]["address"].as_str().unwrap());
+    wait_stats(&b, "A's link up", |c| c["link_peers_up"] == 1).await;
+    // The room's home is A; bob and carol join through B, which extends it.
+    place_on(&redis, "span", "ND_a").await;
+    let alice = plaza_testkit::peer::Peer::connect(&a_url, "span", "alice", support::opts(true))
+        .await
+        .expect("alice joins on A");
+    assert_eq!(alice.redirects(), 0);
+    let bob = support::publisher(&b, "span", "bob").await;
+    let carol = support::publisher(&b, "span", "carol").await;
+    assert_eq!(bob.url(), b.ws_url(), "bob is served by B");
+    assert_eq!(carol.url(), b.ws_url(), "carol is served by B");
+    let from_alice = support::announced_track(&bob, &alice, TrackKind::Video).await;
+    support::wait_growth(&bob, &from_alice.id, 20).await;
+    let alice_id = alice.participant_id().to_owned();
+
+    a.kill();
+    // Only the link's silence (3 s) or A's record expiring tells B: A said nothing.
+    bob.wait_for_server(
+        |m| matches!(m, ServerMessage::ParticipantLeft { participant_id, .. } if *participant_id == alice_id),
+        TTL + WAIT,
+    )
+    .await
+    .expect("bob sees alice go with her killed node");
+    let c = wait_stats(&b, "A's link down", |c| c["link_peers_up"] == 0).await;
+    assert_eq!(c["link_peer_downs"], 1, "{c}");
+    // The room's timeline now runs on B: chat between B's participants still flows.
+    carol.send_chat("after A", None).await.unwrap();
+    bob.wait_for_message(|m| m.text() == Some("after A"), WAIT)
+        .await
+        .expect("bob gets carol's chat");
+    // And B takes the room's lease once A's has expired (`place_on` wrote it for 10 s).
+    let start = Instant::now();
+    loop {
+        let holder = lease(&redis, "span").await;
+        if holder.as_deref() == Some("ND_b") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10) + WAIT,
+            "the lease stays {holder:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.shutdown().await;
 }
 
 /// An admin call through `server`: (status, JSON body, the `x-plaza-node` header).
