@@ -117,23 +117,8 @@ async fn to_room_node(
         Ok(r) => r,
         Err(refused) => return refused,
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or(parts.uri.path(), |p| p.as_str());
     tracing::info!(%room, node = %node.id, method = %parts.method, "admin call carried to the room's node");
-    match cluster
-        .forward(&node, parts.method.clone(), path, &parts.headers, bytes)
-        .await
-    {
-        Ok(answer) => forwarded(answer, &node.id),
-        Err(e) => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            ErrorCode::Unavailable,
-            e.to_string(),
-        )
-        .into_response(),
-    }
+    carry(cluster, &node, &parts, bytes).await
 }
 
 /// A call about a room's participants, in a cluster: asked of the room's node (`node`; `None`:
@@ -152,37 +137,13 @@ async fn participants_across_nodes(
         Ok(r) => r,
         Err(refused) => return refused,
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or(parts.uri.path(), |p| p.as_str())
-        .to_owned();
+    let path = path_of(&parts).to_owned();
     let me = cluster.node_id().to_owned();
     let asked = node.as_ref().map_or(me.clone(), |n| n.id.clone());
     let local_req = || Request::from_parts(parts.clone(), axum::body::Body::from(bytes.clone()));
     let (first, next) = match &node {
         None => (next.run(local_req()).await, None),
-        Some(n) => (
-            match cluster
-                .forward(
-                    n,
-                    parts.method.clone(),
-                    &path,
-                    &parts.headers,
-                    bytes.clone(),
-                )
-                .await
-            {
-                Ok(answer) => forwarded(answer, &n.id),
-                Err(e) => ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    ErrorCode::Unavailable,
-                    e.to_string(),
-                )
-                .into_response(),
-            },
-            Some(next),
-        ),
+        Some(n) => (carry(cluster, n, &parts, bytes.clone()).await, Some(next)),
     };
     if !listing && first.status() != StatusCode::NOT_FOUND {
         return first;
@@ -311,6 +272,37 @@ async fn buffered(req: Request) -> Result<(axum::http::request::Parts, Bytes), R
             format!("request body: {e}"),
         )
         .into_response()),
+    }
+}
+
+/// The path and query a call is carried to another node with.
+fn path_of(parts: &axum::http::request::Parts) -> &str {
+    parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path(), |p| p.as_str())
+}
+
+/// The call (`parts` and its buffered body) carried to `node`, and its answer as this node's;
+/// `502` when that node cannot be reached.
+async fn carry(
+    cluster: &crate::cluster::ClusterView,
+    node: &crate::cluster::registry::NodeRecord,
+    parts: &axum::http::request::Parts,
+    bytes: Bytes,
+) -> Response {
+    let path = path_of(parts);
+    match cluster
+        .forward(node, parts.method.clone(), path, &parts.headers, bytes)
+        .await
+    {
+        Ok(answer) => forwarded(answer, &node.id),
+        Err(e) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::Unavailable,
+            e.to_string(),
+        )
+        .into_response(),
     }
 }
 
