@@ -74,13 +74,24 @@ impl Gateway {
         }
     }
 
-    /// Hands `msgs` for `node` to the link on `lane`, never waiting (see `pending`).
+    /// Hands `msgs` for `node` to the link on `lane`, never waiting (see `pending`). Nothing
+    /// overtakes what waits: control queues behind it, and media for a node with control
+    /// waiting (a track's announcement, perhaps) is dropped like media the link refused.
     fn hand_to_link(&mut self, node: NodeNum, lane: Lane, msgs: Vec<LinkMsg>) {
-        let refused = Arc::clone(&self.counters.link_refused);
-        if lane == Lane::Control && !self.pending.is_empty() {
-            self.pending.push_back((node, msgs));
-            return;
+        if !self.pending.is_empty() {
+            match lane {
+                Lane::Control => {
+                    self.pending.push_back((node, msgs));
+                    return;
+                }
+                Lane::Media if self.pending.iter().any(|(n, _)| *n == node) => {
+                    refused_media(&self.counters, msgs.len());
+                    return;
+                }
+                Lane::Media => {}
+            }
         }
+        let refused = Arc::clone(&self.counters.link_refused);
         if let Err(msgs) = self.link.try_send_batch(node, lane, msgs, refused) {
             match lane {
                 Lane::Control => self.pending.push_back((node, msgs)),
