@@ -84,16 +84,18 @@ pub fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize,
 }
 
 /// Send the media socket's datagrams with "don't fragment" set, without the path-MTU cache
-/// (`IP_PMTUDISC_PROBE`): every datagram Plaza sends fits a 1280-byte path (RTP as the
-/// publisher packetized it, DTLS and SCTP at 1200), and the kernel then skips choosing an IP
-/// identification for each one (a hash and an atomic on a table shared by every socket: 5 %
-/// of the server's CPU in a livestream fan-out). IPv6 never fragments on the way: nothing to
-/// set. Returns whether the option was set.
+/// (`IP_PMTUDISC_PROBE`), so that the kernel skips choosing an IP identification for each one
+/// (a hash and an atomic on a table shared by every socket: 4–6 % of the server's CPU in a
+/// livestream fan-out). DTLS and SCTP leave in 1200-byte datagrams and browsers packetize RTP
+/// below that; a larger RTP packet from a publisher (GStreamer's payloaders default to 1400
+/// bytes) is forwarded as it came, and a path narrower than it drops it instead of fragmenting
+/// it (NATs and firewalls often drop the fragments anyway). An IPv6 socket is left alone: IPv6
+/// routers never fragment.
 #[allow(unsafe_code)] // setsockopt(2); see the SAFETY comment
-pub fn set_dont_fragment(socket: &std::net::UdpSocket) -> bool {
+pub fn set_dont_fragment(socket: &std::net::UdpSocket) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    if !socket.local_addr().is_ok_and(|a| a.is_ipv4()) {
-        return false;
+    if !socket.local_addr()?.is_ipv4() {
+        return Ok(());
     }
     let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
     // SAFETY: the fd is a valid socket for the duration of the call; the option value is a
@@ -107,7 +109,11 @@ pub fn set_dont_fragment(socket: &std::net::UdpSocket) -> bool {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    rc == 0
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// One shard's media sockets (bound): its UDP socket and, with ICE-TCP on, its TCP listener.
@@ -206,11 +212,8 @@ fn spawn_shard(
         None => None,
     };
     let (rcv, snd) = set_socket_buffers(&socket, config.udp_buffer);
-    if !set_dont_fragment(&socket) && local_addr.is_ipv4() {
-        warn!(
-            shard,
-            "media socket: could not set IP_MTU_DISCOVER (datagrams may be fragmented)"
-        );
+    if let Err(e) = set_dont_fragment(&socket) {
+        warn!(shard, "media socket: could not set IP_MTU_DISCOVER: {e}");
     }
     if rcv < config.udp_buffer {
         warn!(
@@ -669,7 +672,7 @@ mod tests {
     fn media_datagrams_are_sent_unfragmented() {
         use std::os::fd::AsRawFd;
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        assert!(set_dont_fragment(&s));
+        set_dont_fragment(&s).unwrap();
         let mut v: libc::c_int = -1;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: valid socket; `v` and `len` are valid for writes of a c_int.
@@ -690,6 +693,6 @@ mod tests {
             1400
         );
         let v6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
-        assert!(!set_dont_fragment(&v6));
+        set_dont_fragment(&v6).unwrap();
     }
 }
