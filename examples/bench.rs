@@ -44,6 +44,7 @@
 use plaza_testkit as common;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -119,6 +120,16 @@ struct Args {
     plaza_port: u16,
     #[arg(long, default_value_t = 17882)]
     plaza_udp_port: u16,
+    /// The address Plaza binds (signaling and media) and the peers reach it on.
+    #[arg(long, default_value = "127.0.0.1")]
+    plaza_ip: std::net::IpAddr,
+    /// Start Plaza inside this network namespace (`ip netns exec NAME`), e.g. one end of a
+    /// veth pair whose other end this process runs behind (see `bench/two-hosts.sh`).
+    #[arg(long)]
+    plaza_netns: Option<String>,
+    /// The address the load generator's peers bind (their ICE candidates).
+    #[arg(long, default_value = "127.0.0.1")]
+    client_ip: std::net::IpAddr,
     #[arg(long, default_value = "/usr/bin/janus")]
     janus_bin: PathBuf,
     #[arg(long, default_value_t = 18188)]
@@ -575,23 +586,32 @@ async fn start_plaza(args: &Args, log: &Path, workers: Option<usize>) -> Result<
             anyhow!("no plaza binary next to this example: build it (cargo build --release --bins) or pass --plaza-bin")
         })?;
     let log_file = std::fs::File::create(log)?;
-    let mut cmd = Command::new(&bin);
+    let mut cmd = match &args.plaza_netns {
+        // `ip` execs Plaza in place: the pid stays the server's.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    let ip = args.plaza_ip.to_string();
     if let Some(p) = pinning(args)? {
         affinity::pin_command(&mut cmd, &p.server);
     }
     let child = cmd
         .args([
             "--bind",
-            "127.0.0.1",
+            &ip,
             "--port",
             &args.plaza_port.to_string(),
             "--udp-bind",
-            "127.0.0.1",
+            &ip,
             "--udp-port",
             &args.plaza_udp_port.to_string(),
             "--log-level",
             "warn",
-            // Every synthetic peer connects from 127.0.0.1: the per-address cap (64 by
+            // Every synthetic peer connects from one address: the per-address cap (64 by
             // default) would refuse the viewers past it.
             "--max-connections-per-ip",
             "4096",
@@ -617,11 +637,17 @@ async fn start_plaza(args: &Args, log: &Path, workers: Option<usize>) -> Result<
     let pid = child.id();
     let server = PlazaServer {
         child: Some(child),
-        url: format!("ws://127.0.0.1:{}/rtc", args.plaza_port),
+        url: format!(
+            "ws://{}/rtc",
+            SocketAddr::new(args.plaza_ip, args.plaza_port)
+        ),
         pid: Some(pid),
     };
     wait_http_ok(
-        &format!("http://127.0.0.1:{}/healthz", args.plaza_port),
+        &format!(
+            "http://{}/healthz",
+            SocketAddr::new(args.plaza_ip, args.plaza_port)
+        ),
         Duration::from_secs(15),
     )
     .await
@@ -735,6 +761,7 @@ async fn run_plaza(
         timeout: t,
         keep_recent_packets: 0,
         max_kept_messages: 1,
+        bind_ip: args.client_ip.to_string(),
         ..PeerOptions::default()
     };
     let publisher_opts = if video && args.simulcast && sc == Scenario::Livestream {
@@ -742,6 +769,7 @@ async fn run_plaza(
             timeout: t,
             keep_recent_packets: 0,
             max_kept_messages: 1,
+            bind_ip: args.client_ip.to_string(),
             ..PeerOptions::simulcast_publisher()
         }
     } else {
@@ -921,6 +949,7 @@ async fn run_plaza_light(
             timeout: t,
             keep_recent_packets: 0,
             max_kept_messages: 1,
+            bind_ip: args.client_ip.to_string(),
             ..PeerOptions::simulcast_publisher()
         }
     } else {
@@ -931,6 +960,7 @@ async fn run_plaza_light(
             publish_audio: true,
             publish_video: video,
             auto_subscribe: (sc == Scenario::Meeting).then_some(false),
+            bind_ip: args.client_ip.to_string(),
             ..PeerOptions::default()
         }
     };
@@ -959,7 +989,7 @@ async fn run_plaza_light(
             .split('/')
             .next()
             .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], args.plaza_port)));
+            .unwrap_or_else(|| SocketAddr::new(args.plaza_ip, args.plaza_port));
         let connect = |name: String| {
             let (url, room) = (server.url.clone(), room.clone());
             let i: usize = name
@@ -972,6 +1002,7 @@ async fn run_plaza_light(
                 timeout: t,
                 auto_subscribe: sc != Scenario::Meeting,
                 skip_participant: skip,
+                bind_ip: args.client_ip,
                 ..LightOptions::default()
             };
             async move {

@@ -17,6 +17,7 @@
 //! history_max_age = 600      # seconds a kept chat message stays replayable
 //! input_tick_hz = 0          # rooms batch input per tick at this rate (0: off; at most 240)
 //! red = true                 # negotiate redundant audio (RFC 2198) next to Opus
+//! pin_shards = false         # pin shard i's thread to the i-th allowed CPU
 //! announce_ip = ["203.0.113.7"]   # or a single string
 //! log_level = "info,plaza=debug"
 //! log_format = "json"
@@ -242,6 +243,8 @@ pub struct Config {
     pub input_tick_hz: u32,
     /// Negotiate RFC 2198 redundant audio (`audio/red`) next to Opus (`--no-red`: off).
     pub red: bool,
+    /// Pin shard `i`'s thread to the `i`-th CPU this process may run on (`--pin-shards`).
+    pub pin_shards: bool,
     /// A WebSocket that has not joined within this time is closed.
     pub join_timeout: Duration,
     /// A joined WebSocket that sends no frame for this long is closed (the server pings it).
@@ -301,6 +304,7 @@ impl Default for Config {
             history: Default::default(),
             input_tick_hz: 0,
             red: true,
+            pin_shards: false,
             join_timeout: DEFAULT_JOIN_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             resume_grace: DEFAULT_RESUME_GRACE,
@@ -464,6 +468,11 @@ struct Args {
     /// [env: PLAZA_RED=false]
     #[arg(long)]
     no_red: bool,
+    /// Pin each core shard's thread to its own CPU: shard i to the i-th CPU the process may
+    /// run on (wrapping around), so the shards of a spread room fan out side by side
+    /// [env: PLAZA_PIN_SHARDS=true] [default: off]
+    #[arg(long)]
+    pin_shards: bool,
     /// Seconds a WebSocket may take to join [env: PLAZA_JOIN_TIMEOUT] [default: 10]
     #[arg(long, value_name = "SECONDS")]
     join_timeout: Option<f64>,
@@ -735,6 +744,7 @@ struct FileConfig {
     history_max_age: Option<f64>,
     input_tick_hz: Option<u32>,
     red: Option<bool>,
+    pin_shards: Option<bool>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     resume_grace: Option<f64>,
@@ -800,6 +810,7 @@ struct Layer {
     history_max_age: Option<f64>,
     input_tick_hz: Option<u32>,
     red: Option<bool>,
+    pin_shards: Option<bool>,
     join_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     resume_grace: Option<f64>,
@@ -864,6 +875,7 @@ impl Layer {
             history_max_age: self.history_max_age.or(lower.history_max_age),
             input_tick_hz: self.input_tick_hz.or(lower.input_tick_hz),
             red: self.red.or(lower.red),
+            pin_shards: self.pin_shards.or(lower.pin_shards),
             join_timeout: self.join_timeout.or(lower.join_timeout),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             resume_grace: self.resume_grace.or(lower.resume_grace),
@@ -931,6 +943,7 @@ impl From<Args> for Layer {
             history_max_age: a.history_max_age,
             input_tick_hz: a.input_tick_hz,
             red: a.no_red.then_some(false),
+            pin_shards: a.pin_shards.then_some(true),
             join_timeout: a.join_timeout,
             idle_timeout: a.idle_timeout,
             resume_grace: a.resume_grace,
@@ -999,6 +1012,7 @@ impl From<FileConfig> for Layer {
             history_max_age: f.history_max_age,
             input_tick_hz: f.input_tick_hz,
             red: f.red,
+            pin_shards: f.pin_shards,
             join_timeout: f.join_timeout,
             idle_timeout: f.idle_timeout,
             resume_grace: f.resume_grace,
@@ -1108,6 +1122,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             history_max_age: self.parse("PLAZA_HISTORY_MAX_AGE")?,
             input_tick_hz: self.parse("PLAZA_INPUT_TICK_HZ")?,
             red: self.parse("PLAZA_RED")?,
+            pin_shards: self.parse("PLAZA_PIN_SHARDS")?,
             join_timeout: self.parse("PLAZA_JOIN_TIMEOUT")?,
             idle_timeout: self.parse("PLAZA_IDLE_TIMEOUT")?,
             resume_grace: self.parse("PLAZA_RESUME_GRACE")?,
@@ -1279,6 +1294,7 @@ impl Config {
             },
             input_tick_hz: merged.input_tick_hz.unwrap_or(d.input_tick_hz),
             red: merged.red.unwrap_or(d.red),
+            pin_shards: merged.pin_shards.unwrap_or(d.pin_shards),
             join_timeout: seconds("join-timeout", merged.join_timeout, d.join_timeout)?,
             idle_timeout: seconds("idle-timeout", merged.idle_timeout, d.idle_timeout)?,
             resume_grace: match merged.resume_grace {
@@ -1944,6 +1960,18 @@ mod tests {
         assert!(load(&[], &env).unwrap().red);
         assert!(!load(&["--no-red"], &env).unwrap().red);
         assert!(load(&[], &[("PLAZA_RED", "maybe")]).is_err());
+    }
+
+    #[test]
+    fn pin_shards_from_every_layer() {
+        assert!(!load(&[], &[]).unwrap().pin_shards, "off by default");
+        let file = TempFile::new("pin_shards = true\n");
+        let env = [("PLAZA_CONFIG", file.path())];
+        assert!(load(&[], &env).unwrap().pin_shards);
+        let env = [("PLAZA_CONFIG", file.path()), ("PLAZA_PIN_SHARDS", "false")];
+        assert!(!load(&[], &env).unwrap().pin_shards);
+        assert!(load(&["--pin-shards"], &env).unwrap().pin_shards);
+        assert!(load(&[], &[("PLAZA_PIN_SHARDS", "sometimes")]).is_err());
     }
 
     #[test]

@@ -195,6 +195,11 @@ where
     let mut sockets = Vec::with_capacity(config.workers);
     let mut udp_addrs = Vec::with_capacity(config.workers);
     let mut tcp_addrs = Vec::new();
+    let cpus = if config.pin_shards {
+        crate::io::allowed_cpus()
+    } else {
+        Vec::new()
+    };
     for shard in 0..config.workers {
         let mut udp_want = config.udp_addr();
         if udp_want.port() != 0 {
@@ -225,6 +230,7 @@ where
             udp: socket,
             tcp,
             tcp_max: tcp_cap,
+            cpu: crate::io::shard_cpu(&cpus, shard),
         });
     }
     let udp_addr = udp_addrs[0];

@@ -116,6 +116,48 @@ pub fn set_dont_fragment(socket: &std::net::UdpSocket) -> std::io::Result<()> {
     }
 }
 
+/// The CPUs this process may run on, in order (empty if the kernel does not say).
+#[allow(unsafe_code)] // sched_getaffinity(2); see the SAFETY comment
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; the kernel writes at most
+    // `size_of::<cpu_set_t>()` bytes into it, and CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+/// The CPU shard `shard` is pinned to with `--pin-shards`: the shard-th of `allowed`,
+/// wrapping around (none when `allowed` is empty).
+pub fn shard_cpu(allowed: &[usize], shard: usize) -> Option<usize> {
+    (!allowed.is_empty()).then(|| allowed[shard % allowed.len()])
+}
+
+/// Pin the calling thread to `cpu`.
+#[allow(unsafe_code)] // sched_setaffinity(2); see the SAFETY comment
+fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set, `cpu` is below CPU_SETSIZE (checked
+    // above), and the kernel only reads `size_of::<cpu_set_t>()` bytes of it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// One shard's media sockets (bound): its UDP socket and, with ICE-TCP on, its TCP listener.
 #[derive(Debug)]
 pub struct MediaSockets {
@@ -123,6 +165,8 @@ pub struct MediaSockets {
     pub tcp: Option<std::net::TcpListener>,
     /// Most ICE-TCP connections the shard keeps open at once (see [`tcp::connection_cap`]).
     pub tcp_max: usize,
+    /// The CPU the shard's thread is pinned to (none: the scheduler places it).
+    pub cpu: Option<usize>,
 }
 
 /// Start one core shard per socket pair (bound std sockets), each on its own thread. Call from
@@ -199,6 +243,7 @@ fn spawn_shard(
         udp: socket,
         tcp,
         tcp_max,
+        cpu,
     } = sockets;
     socket.set_nonblocking(true)?;
     let local_addr = socket.local_addr()?;
@@ -235,6 +280,12 @@ fn spawn_shard(
         .spawn(move || {
             let span = tracing::info_span!("shard", shard);
             let _g = span.enter();
+            if let Some(cpu) = cpu {
+                match pin_current_thread(cpu) {
+                    Ok(()) => info!(cpu, "shard pinned"),
+                    Err(e) => warn!(cpu, "could not pin the shard: {e}"),
+                }
+            }
             rt.block_on(async move {
                 let listener = match tcp.map(TcpListener::from_std).transpose() {
                     Ok(l) => l,
@@ -694,5 +745,27 @@ mod tests {
         );
         let v6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
         set_dont_fragment(&v6).unwrap();
+    }
+
+    /// `--pin-shards`: shard i gets the i-th allowed CPU, wrapping around, and a pinned
+    /// thread runs on that CPU only.
+    #[test]
+    fn shards_are_pinned_to_the_allowed_cpus_in_turn() {
+        assert_eq!(shard_cpu(&[], 0), None);
+        let allowed = [2, 5, 7];
+        let placed: Vec<_> = (0..5).map(|i| shard_cpu(&allowed, i)).collect();
+        assert_eq!(placed, [Some(2), Some(5), Some(7), Some(2), Some(5)]);
+
+        let mine = allowed_cpus();
+        assert!(!mine.is_empty(), "the kernel reports this process's CPUs");
+        let last = *mine.last().unwrap();
+        let seen = std::thread::spawn(move || {
+            pin_current_thread(last).unwrap();
+            allowed_cpus()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, [last]);
+        assert!(pin_current_thread(libc::CPU_SETSIZE as usize).is_err());
     }
 }

@@ -431,6 +431,17 @@ mod speaker;
 mod timeline;
 mod viewer;
 
+/// Hand what is queued for other shards to the sink, one batch per destination and lane.
+fn hand_over<T: Transmit>(out: &mut PipeOut, tx: &mut T, stats: &mut CoreStats) {
+    if out.is_empty() {
+        return;
+    }
+    for (to, lane, msgs) in out.take() {
+        stats.pipe_msgs_out += msgs.len() as u64;
+        tx.pipe(to, lane, msgs);
+    }
+}
+
 impl<T: Transmit> Sfu<T> {
     /// A core whose media address is `local_addr` (the port its candidates announce), with
     /// randomness from `seed`, created at `now`, writing its datagrams to `tx`.
@@ -641,12 +652,7 @@ impl<T: Transmit> Sfu<T> {
     pub fn end_turn(&mut self, now: Instant) {
         self.advance(now);
         self.process();
-        if !self.pipe_out.is_empty() {
-            for (to, lane, msgs) in self.pipe_out.take() {
-                self.stats.pipe_msgs_out += msgs.len() as u64;
-                self.tx.pipe(to, lane, msgs);
-            }
-        }
+        hand_over(&mut self.pipe_out, &mut self.tx, &mut self.stats);
     }
 
     fn reschedule(&mut self, key: PcKey) {
@@ -1631,6 +1637,12 @@ impl<T: Transmit> Sfu<T> {
         }
         if track.down.is_empty() {
             return;
+        }
+        if !track.relayed_to.is_empty() {
+            // The other shards get the packet before this one sends its own copies, so their
+            // fan-outs (on their own cores) run beside this one instead of after it. What is
+            // queued for them (control first) goes along, in order.
+            hand_over(&mut self.pipe_out, &mut self.tx, &mut self.stats);
         }
         let clock_rate = track.codec.clock_rate;
         let meta = forward::Packet {

@@ -25,6 +25,12 @@ pub struct SimTransmit {
     pub forwarded: u64,
     /// Batches for other shards, until the node drains them.
     pipes: Vec<(ShardId, Lane, Vec<PipeMsg>)>,
+    /// Forwarded datagrams sent since the node last drained the queue (this turn).
+    forwarded_this_turn: u64,
+    /// Media batches carrying RTP handed to another shard.
+    pub rtp_handoffs: u64,
+    /// Of those, the ones handed over after this turn had already sent forwarded copies.
+    pub rtp_handoffs_after_copies: u64,
 }
 
 impl Transmit for SimTransmit {
@@ -32,11 +38,18 @@ impl Transmit for SimTransmit {
         self.sent += 1;
         if origin.is_some() {
             self.forwarded += 1;
+            self.forwarded_this_turn += 1;
         }
         self.queue.push((data, to));
     }
 
     fn pipe(&mut self, to: ShardId, lane: Lane, msgs: Vec<PipeMsg>) {
+        if msgs.iter().any(|m| matches!(m, PipeMsg::Rtp { .. })) {
+            self.rtp_handoffs += 1;
+            if self.forwarded_this_turn > 0 {
+                self.rtp_handoffs_after_copies += 1;
+            }
+        }
         self.pipes.push((to, lane, msgs));
     }
 }
@@ -185,6 +198,7 @@ impl Node for SfuNode {
             self.dirty = false;
         }
         let tx = self.sfu.transmit();
+        tx.forwarded_this_turn = 0;
         for (data, to) in tx.queue.drain(..) {
             out.datagrams.push((self.addr, to, data));
         }

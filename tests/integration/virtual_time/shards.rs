@@ -268,6 +268,52 @@ fn each_packet_crosses_once_per_shard_with_subscribers() {
 /// Layer selection on the remote shard: one remote viewer's downlink cut to 400 kbit/s makes
 /// it alone go down to `q`, at a keyframe, with continuous sequence numbers; the other
 /// viewers (on both shards) stay on `f`; lifting the cut brings it back up.
+/// The publisher's shard hands each packet to the other shards before it sends its own
+/// copies: their fan-outs (each shard on its own core) run beside its own instead of after it.
+#[test]
+fn a_packet_goes_to_the_other_shards_before_the_local_copies() {
+    let mut s = Sim::new(22, 2, 2);
+    let audio_only = MediaSpec {
+        audio: true,
+        ..MediaSpec::none()
+    };
+    // Audio: one packet per 20 ms, so each turn of alice's shard holds one packet.
+    let alice = s.join(1, "alice", audio_only);
+    let bob = s.join(2, "bob", MediaSpec::none());
+    let carol = s.join(3, "carol", MediaSpec::none());
+    let placed: Vec<usize> = [alice, bob, carol]
+        .iter()
+        .map(|&id| s.shard_of(id))
+        .collect();
+    assert_eq!(
+        placed,
+        [0, 0, 1],
+        "bob beside alice, carol on the other shard"
+    );
+    let audio = s.track(carol, alice, TrackKind::Audio);
+    s.wait_packets(&[bob, carol], &audio.id, 20);
+    let shard0 = s.shards[0];
+    let counts = |s: &mut Sim| {
+        let tx = s.net.node::<SfuNode>(shard0).sfu.transmit();
+        (tx.rtp_handoffs, tx.rtp_handoffs_after_copies)
+    };
+    let (handoffs0, late0) = counts(&mut s);
+    let (bob0, carol0) = (s.received(bob), s.received(carol));
+    s.net.run_for(Duration::from_secs(2));
+    let (handoffs, late) = counts(&mut s);
+    let (handoffs, late) = (handoffs - handoffs0, late - late0);
+    let (bob_rx, carol_rx) = (s.received(bob) - bob0, s.received(carol) - carol0);
+    assert!(
+        bob_rx >= 90 && carol_rx >= 90,
+        "2 s of audio to both shards' viewers: bob {bob_rx}, carol {carol_rx}"
+    );
+    assert!(handoffs >= 90, "each packet handed over: {handoffs}");
+    assert_eq!(
+        late, 0,
+        "{late} of {handoffs} packets were handed over after shard 0 sent bob's copy"
+    );
+}
+
 #[test]
 fn a_remote_viewer_alone_goes_down_a_layer_and_back() {
     let mut s = Sim::new(22, 2, 2);
