@@ -123,10 +123,6 @@ struct Args {
     /// The address Plaza binds (signaling and media) and the peers reach it on.
     #[arg(long, default_value = "127.0.0.1")]
     plaza_ip: std::net::IpAddr,
-    /// Start Plaza inside this network namespace (`ip netns exec NAME`), e.g. one end of a
-    /// veth pair whose other end this process runs behind (see `bench/two-hosts.sh`).
-    #[arg(long)]
-    plaza_netns: Option<String>,
     /// The address the load generator's peers bind (their ICE candidates).
     #[arg(long, default_value = "127.0.0.1")]
     client_ip: std::net::IpAddr,
@@ -586,15 +582,7 @@ async fn start_plaza(args: &Args, log: &Path, workers: Option<usize>) -> Result<
             anyhow!("no plaza binary next to this example: build it (cargo build --release --bins) or pass --plaza-bin")
         })?;
     let log_file = std::fs::File::create(log)?;
-    let mut cmd = match &args.plaza_netns {
-        // `ip` execs Plaza in place: the pid stays the server's.
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(&bin);
-            c
-        }
-        None => Command::new(&bin),
-    };
+    let mut cmd = Command::new(&bin);
     let ip = args.plaza_ip.to_string();
     if let Some(p) = pinning(args)? {
         affinity::pin_command(&mut cmd, &p.server);
