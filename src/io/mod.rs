@@ -390,6 +390,10 @@ impl Transmit for UdpTransmit {
         }
     }
 
+    fn buffer(&mut self) -> BytesMut {
+        self.out.buffer()
+    }
+
     fn report(&self, stats: &mut CoreStats) {
         stats.udp_datagrams_out = self.sent;
         stats.udp_datagrams_out_dropped = self.dropped;

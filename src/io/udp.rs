@@ -15,6 +15,13 @@ use tokio::net::UdpSocket;
 /// Datagrams handed to the kernel per call.
 pub const BATCH: usize = 64;
 
+/// Buffers of sent datagrams kept for the next ones (see [`OutQueue::buffer`]).
+const SPARE: usize = 4 * BATCH;
+
+/// The capacity a new datagram buffer starts with: an Ethernet MTU, so that a reused buffer
+/// fits any media packet without growing.
+const BUFFER_CAPACITY: usize = 1500;
+
 /// What one [`OutQueue::send`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SendOutcome {
@@ -36,6 +43,8 @@ pub struct OutQueue {
     /// When the packet each queued RTP datagram carries was read from the socket (`None` for
     /// everything else), parallel to `queue`.
     origins: Vec<Option<Instant>>,
+    /// Buffers whose datagrams have been sent, emptied, for the next ones.
+    spare: Vec<BytesMut>,
 }
 
 impl OutQueue {
@@ -43,7 +52,20 @@ impl OutQueue {
         OutQueue {
             queue: Vec::with_capacity(BATCH),
             origins: Vec::with_capacity(BATCH),
+            spare: Vec::with_capacity(SPARE),
         }
+    }
+
+    /// An empty buffer for the next datagram: one a sent datagram left, or a new one.
+    pub fn buffer(&mut self) -> BytesMut {
+        self.spare
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(BUFFER_CAPACITY))
+    }
+
+    /// Buffers kept for reuse.
+    pub fn spare(&self) -> usize {
+        self.spare.len()
     }
 
     /// Queue a datagram. `origin`: for forwarded media, when its source packet arrived.
@@ -73,6 +95,13 @@ impl OutQueue {
                 }
             }
             send_chunk(socket, chunk, &mut outcome);
+        }
+        for (mut data, _) in self.queue.drain(..) {
+            if self.spare.len() == SPARE {
+                break;
+            }
+            data.clear();
+            self.spare.push(data);
         }
         self.queue.clear();
         self.origins.clear();
@@ -264,6 +293,43 @@ mod tests {
             let k = b.recv(&mut buf).unwrap();
             assert_eq!(&buf[..k], format!("datagram {i}").as_bytes());
         }
+    }
+
+    /// Sent datagrams leave their buffers for the next ones: emptied, their capacity kept, at
+    /// most [`SPARE`] of them; a second round of datagrams written into reused buffers
+    /// arrives intact.
+    #[tokio::test]
+    async fn sent_buffers_are_reused() {
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut q = OutQueue::new();
+        let fresh = q.buffer();
+        assert!(fresh.is_empty() && fresh.capacity() >= BUFFER_CAPACITY);
+        let mut lat: [LatencyHistogram; 2] = Default::default();
+        for round in 0..2 {
+            for i in 0..BATCH {
+                let mut b = q.buffer();
+                assert!(b.is_empty(), "a reused buffer starts empty");
+                b.extend_from_slice(format!("round {round} datagram {i}").as_bytes());
+                q.push(b, to, None);
+            }
+            assert_eq!(q.spare(), 0);
+            assert_eq!(q.send(&tx, &mut lat).sent, BATCH as u64);
+            assert_eq!(q.spare(), BATCH, "every sent buffer kept");
+            let mut buf = [0u8; 64];
+            for i in 0..BATCH {
+                let k = rx.recv(&mut buf).unwrap();
+                assert_eq!(&buf[..k], format!("round {round} datagram {i}").as_bytes());
+            }
+        }
+        for _ in 0..SPARE + BATCH {
+            q.push(BytesMut::from(&b"x"[..]), to, None);
+        }
+        q.send(&tx, &mut lat);
+        assert_eq!(q.spare(), SPARE, "no more than SPARE kept");
     }
 
     /// IPv6 destinations are encoded correctly too.

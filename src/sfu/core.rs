@@ -1723,8 +1723,17 @@ impl<T: Transmit> Sfu<T> {
                 _ => None,
             };
             for mut out in prefix.into_iter().chain(std::iter::once(out)) {
-                match egress.protect_rtp(now, &mut out, dt.twcc_ext, clock_rate, is_video, keyframe)
-                {
+                let buf = self.tx.buffer();
+                let sealed = egress.protect_rtp_into(
+                    now,
+                    &mut out,
+                    dt.twcc_ext,
+                    clock_rate,
+                    is_video,
+                    keyframe,
+                    buf,
+                );
+                match sealed {
                     Ok(wire) => {
                         self.stats.rtp_packets_forwarded += 1;
                         self.tx.send(wire, to, Some(origin));

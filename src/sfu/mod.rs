@@ -62,6 +62,13 @@ pub trait Transmit {
     /// core (the in-core latency is measured from it when the datagram leaves).
     fn send(&mut self, data: BytesMut, to: SocketAddr, origin: Option<Instant>);
 
+    /// An empty buffer for the next datagram: a sink may hand back one it has sent from, so
+    /// that a fan-out does not allocate (and free) one per copy. The default allocates
+    /// nothing until written.
+    fn buffer(&mut self) -> BytesMut {
+        BytesMut::new()
+    }
+
     /// Fill in what the sink counts (datagrams sent, dropped, send calls, in-core latency).
     fn report(&self, _stats: &mut CoreStats) {}
 

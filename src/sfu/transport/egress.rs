@@ -600,6 +600,23 @@ impl Egress {
         video: bool,
         keyframe: bool,
     ) -> Result<BytesMut, EgressError> {
+        let buf = BytesMut::new();
+        self.protect_rtp_into(now, packet, twcc_id, clock_rate, video, keyframe, buf)
+    }
+
+    /// [`Egress::protect_rtp`] into `buf` (emptied first; a buffer an earlier datagram was
+    /// sent from, so that a fan-out does not allocate one per copy).
+    #[allow(clippy::too_many_arguments)]
+    pub fn protect_rtp_into(
+        &mut self,
+        now: Instant,
+        packet: &mut rtp::Packet,
+        twcc_id: Option<u8>,
+        clock_rate: u32,
+        video: bool,
+        keyframe: bool,
+        buf: BytesMut,
+    ) -> Result<BytesMut, EgressError> {
         self.retransmit.on_sent(now, packet, video, keyframe);
         let size = packet.payload.len();
         let s = self.sent.entry(packet.header.ssrc).or_insert(SentStream {
@@ -616,7 +633,7 @@ impl Egress {
         s.last_ts = packet.header.timestamp;
         s.last_at = now;
         s.twcc_id = twcc_id;
-        seal(
+        seal_into(
             &mut self.sealer,
             &mut self.local,
             &mut self.twcc,
@@ -624,6 +641,7 @@ impl Egress {
             now,
             packet,
             twcc_id,
+            buf,
         )
     }
 
@@ -1208,6 +1226,22 @@ fn seal(
     packet: &rtp::Packet,
     twcc_id: Option<u8>,
 ) -> Result<BytesMut, EgressError> {
+    let buf = BytesMut::new();
+    seal_into(sealer, local, twcc, roc, now, packet, twcc_id, buf)
+}
+
+/// [`seal`] into `buf` (emptied first, grown as needed).
+#[allow(clippy::too_many_arguments)]
+fn seal_into(
+    sealer: &mut RtpSealer,
+    local: &mut Context,
+    twcc: &mut TwccLog,
+    roc: &mut Roc,
+    now: Instant,
+    packet: &rtp::Packet,
+    twcc_id: Option<u8>,
+    mut buf: BytesMut,
+) -> Result<BytesMut, EgressError> {
     let h = &packet.header;
     let ext_len = if twcc_id.is_some() { 8 } else { 0 };
     let header_len = 12 + 4 * h.csrc.len() + ext_len;
@@ -1216,7 +1250,8 @@ fn seal(
         (id, twcc.add(h.ssrc, h.sequence_number, size, now))
     });
     let capacity = header_len + packet.payload.len() + sealer.tag_len();
-    let mut buf = BytesMut::with_capacity(capacity);
+    buf.clear();
+    buf.reserve(capacity);
     let header_len = if write_rtp_header(h, twcc, &mut buf) {
         header_len
     } else {
