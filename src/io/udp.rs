@@ -43,7 +43,8 @@ pub struct OutQueue {
     /// When the packet each queued RTP datagram carries was read from the socket (`None` for
     /// everything else), parallel to `queue`.
     origins: Vec<Option<Instant>>,
-    /// Buffers whose datagrams have been sent, emptied, for the next ones.
+    /// Buffers whose datagrams have been sent, emptied, for the next ones (at most [`SPARE`],
+    /// none larger than twice [`BUFFER_CAPACITY`]).
     spare: Vec<BytesMut>,
 }
 
@@ -100,8 +101,11 @@ impl OutQueue {
             if self.spare.len() == SPARE {
                 break;
             }
-            data.clear();
-            self.spare.push(data);
+            // (An oversized one, grown for a jumbo packet, is not kept.)
+            if data.capacity() <= 2 * BUFFER_CAPACITY {
+                data.clear();
+                self.spare.push(data);
+            }
         }
         self.queue.clear();
         self.origins.clear();
@@ -296,8 +300,8 @@ mod tests {
     }
 
     /// Sent datagrams leave their buffers for the next ones: emptied, their capacity kept, at
-    /// most [`SPARE`] of them; a second round of datagrams written into reused buffers
-    /// arrives intact.
+    /// most [`SPARE`] of them, none grown past twice the usual size; a second round of
+    /// datagrams written into reused buffers arrives intact.
     #[tokio::test]
     async fn sent_buffers_are_reused() {
         let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -325,6 +329,13 @@ mod tests {
                 assert_eq!(&buf[..k], format!("round {round} datagram {i}").as_bytes());
             }
         }
+        q.push(BytesMut::zeroed(4 * BUFFER_CAPACITY), to, None);
+        q.send(&tx, &mut lat);
+        assert_eq!(
+            q.spare(),
+            BATCH,
+            "a buffer grown past twice the usual size is not kept"
+        );
         for _ in 0..SPARE + BATCH {
             q.push(BytesMut::from(&b"x"[..]), to, None);
         }

@@ -211,6 +211,7 @@ describe('subscriber on a lossy link (10 % loss, 100 ms delay)', { timeout: 360_
       return all.filter((l) => l.kind === 'video' && l.active !== false && (l.framesPerSecond ?? 0) > 0);
     };
     let topWidth = 0;
+    let seen = '';
     await waitFor(
       async () => {
         const layers = await sentLayers();
@@ -219,10 +220,13 @@ describe('subscriber on a lossy link (10 % loss, 100 ms delay)', { timeout: 360_
         // Still ramping up (limited by its bandwidth estimate): wait, for up to 30 s.
         const settled = !layers.some((l) => l.qualityLimitationReason === 'bandwidth') || Date.now() - t0 > 30_000;
         if (settled && widest >= 640 && w === widest) topWidth = widest;
+        seen = `publisher sends ${layers.map((l) => `${l.rid}:${l.frameWidth}w/${l.qualityLimitationReason ?? '-'}`).join(' ')}, subscriber decodes ${w} wide`;
         return topWidth > 0;
       },
       { timeout: 60_000, interval: 250, what: 'the subscriber to decode the widest layer the publisher sends (at least 640 wide)' },
-    );
+    ).catch((e) => {
+      throw new Error(`${e.message}; last: ${seen}`);
+    });
     const limits = (await sentLayers()).map((l) => `${l.rid}:${l.frameWidth}w/${l.qualityLimitationReason ?? '-'}`).join(' ');
     console.log(`# top layer (${topWidth} wide) after ${Date.now() - t0} ms; publisher sends ${limits}`);
     const pairs = await selectedCandidatePairs(sub);

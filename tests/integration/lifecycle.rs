@@ -241,9 +241,20 @@ async fn a_big_room_spans_shards() {
     let server = TestServer::start_with(plaza::config::Config {
         workers: 2,
         room_spread_above: 2,
+        pin_shards: true,
         ..support::test_config()
     })
     .await;
+    // `--pin-shards`: each shard's thread runs on its own CPU of this process's.
+    let allowed = plaza::io::allowed_cpus();
+    for shard in 0..2 {
+        let want = plaza::io::shard_cpu(&allowed, shard).expect("the kernel lists our CPUs");
+        assert_eq!(
+            thread_cpus(&format!("plaza-core-{shard}")),
+            want.to_string(),
+            "shard {shard} pinned (allowed: {allowed:?})"
+        );
+    }
     // Two on the first shard; from then on joins go to the emptier shard.
     let ann = publisher(&server, "live", "ann").await;
     let ben = subscriber(&server, "live", "ben").await;
@@ -448,4 +459,21 @@ async fn one_session_id_ties_signaling_and_media_log_lines() {
             "{what} ({needle}) with {sid}:\n{mine}"
         );
     }
+}
+
+/// `Cpus_allowed_list` of this process's thread named `name` (the first, if several).
+fn thread_cpus(name: &str) -> String {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).expect("status");
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"));
+        return line.expect("Cpus_allowed_list").trim().to_owned();
+    }
+    panic!("no thread named {name}");
 }
