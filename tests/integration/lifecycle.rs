@@ -245,16 +245,6 @@ async fn a_big_room_spans_shards() {
         ..support::test_config()
     })
     .await;
-    // `--pin-shards`: each shard's thread runs on its own CPU of this process's.
-    let allowed = plaza::io::allowed_cpus();
-    for shard in 0..2 {
-        let want = plaza::io::shard_cpu(&allowed, shard).expect("the kernel lists our CPUs");
-        assert_eq!(
-            thread_cpus(&format!("plaza-core-{shard}")),
-            want.to_string(),
-            "shard {shard} pinned (allowed: {allowed:?})"
-        );
-    }
     // Two on the first shard; from then on joins go to the emptier shard.
     let ann = publisher(&server, "live", "ann").await;
     let ben = subscriber(&server, "live", "ben").await;
@@ -292,6 +282,17 @@ async fn a_big_room_spans_shards() {
         .unwrap();
     assert!(h["rtp_packets_piped"].as_u64() > Some(0), "{h}");
     assert_eq!(h["pipe_msgs_dropped"], 0, "{h}");
+    // `--pin-shards`: each shard's thread (running: both have sent) is on its own CPU of
+    // this process's.
+    let allowed = plaza::io::allowed_cpus();
+    for shard in 0..2 {
+        let want = plaza::io::shard_cpu(&allowed, shard).expect("the kernel lists our CPUs");
+        assert_eq!(
+            thread_cpus(&format!("plaza-core-{shard}")),
+            want.to_string(),
+            "shard {shard} pinned (allowed: {allowed:?})"
+        );
+    }
 
     // Everyone knows everyone, whichever shard they are on.
     for p in [&ann, &ben, &cid, &dan] {
