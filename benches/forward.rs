@@ -36,7 +36,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use plaza::io::udp::OutQueue;
-use plaza::sfu::egress::{Egress, SrtpKeys};
+use plaza::sfu::egress::{Egress, Outgoing, SrtpKeys};
 use plaza::sfu::latency::LatencyHistogram;
 use plaza::sfu::rewrite::{Rewriter, SrcPacket, Vp8Munger};
 use plaza::sfu::selector::{LayerInfo, LayerSelector, PacketAction, Requested};
@@ -371,8 +371,18 @@ fn bench_egress(c: &mut C) {
                 i = (i + 1) % packets.len();
                 let mut p = packets[i].clone();
                 black_box(
-                    e.protect_rtp(now, &mut p, Some(3), 90_000, true, false)
-                        .ok(),
+                    e.protect_rtp(
+                        now,
+                        &mut p,
+                        Outgoing {
+                            twcc_id: Some(3),
+                            clock_rate: 90_000,
+                            video: true,
+                            keyframe: false,
+                        },
+                        BytesMut::new(),
+                    )
+                    .ok(),
                 )
             })
         });
@@ -436,10 +446,13 @@ fn bench_egress_rtcp(c: &mut C) {
                             e.protect_rtp(
                                 t0 + Duration::from_millis(sent * 10),
                                 &mut p,
-                                Some(3),
-                                90_000,
-                                true,
-                                false,
+                                Outgoing {
+                                    twcc_id: Some(3),
+                                    clock_rate: 90_000,
+                                    video: true,
+                                    keyframe: false,
+                                },
+                                BytesMut::new(),
                             )
                             .expect("protect");
                             sent += 1;

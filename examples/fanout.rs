@@ -23,7 +23,7 @@
 )]
 
 use bytes::{Bytes, BytesMut};
-use plaza::sfu::egress::{Egress, SrtpKeys};
+use plaza::sfu::egress::{Egress, Outgoing, SrtpKeys};
 use rtc::rtp;
 use rtc::srtp::protection_profile::ProtectionProfile;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -151,7 +151,17 @@ fn main() {
                 out.header.timestamp = packet.header.timestamp.wrapping_add(s.ts_offset);
                 let wire = s
                     .egress
-                    .protect_rtp(now, &mut out, Some(3), 90_000, true, k % 256 == 0)
+                    .protect_rtp(
+                        now,
+                        &mut out,
+                        Outgoing {
+                            twcc_id: Some(3),
+                            clock_rate: 90_000,
+                            video: true,
+                            keyframe: k % 256 == 0,
+                        },
+                        BytesMut::new(),
+                    )
                     .expect("protect");
                 wire_bytes += wire.len();
                 queue.push(wire);

@@ -12,7 +12,7 @@
 use super::data::{self, DataError};
 use super::demux::{self, BindingKind, Claim, Demux, DropCounters};
 use super::effects::{Effect, Effects};
-use super::egress::{self, Egress, EgressStats, KeyCapture};
+use super::egress::{self, Egress, EgressStats, KeyCapture, Outgoing};
 use super::forward::{self, Decision, DownTrack, DropReason};
 use super::h264;
 use super::ids::{PartKey, RoomKey, TrackId};
@@ -147,6 +147,9 @@ pub struct Sfu<T: Transmit> {
     by_pid: HashMap<String, PartKey>,
     /// Messages for the other shards hosting our rooms, sent at the end of the turn.
     pipe_out: PipeOut,
+    /// Packets read this turn whose subscribers' copies are made at its end (see
+    /// [`Sfu::copy_arrivals`]).
+    arrivals: Vec<Arrival>,
     /// Tracks relayed to us: (publisher's shard, its relay id) → our copy.
     relays_in: HashMap<(ShardId, RelayId), (RoomKey, TrackId)>,
     /// Our tracks by relay id (the other shards name them so).
@@ -431,6 +434,18 @@ mod speaker;
 mod timeline;
 mod viewer;
 
+/// A packet of a track read this turn, for its subscribers' copies at the turn's end.
+struct Arrival {
+    room: RoomKey,
+    track: TrackId,
+    packet: rtp::Packet,
+    meta: forward::Packet,
+    /// When it reached the publisher's shard.
+    origin: Instant,
+    /// H.264 parameter sets to send ahead of this IDR where a down-track starts at it.
+    h264_prefix: Option<Bytes>,
+}
+
 /// Hand what is queued for other shards to the sink, one batch per destination and lane.
 fn hand_over<T: Transmit>(out: &mut PipeOut, tx: &mut T, stats: &mut CoreStats) {
     if out.is_empty() {
@@ -463,6 +478,7 @@ impl<T: Transmit> Sfu<T> {
             room_keys: HashMap::new(),
             by_pid: HashMap::new(),
             pipe_out: PipeOut::default(),
+            arrivals: Vec::new(),
             relays_in: HashMap::new(),
             relays_out: HashMap::new(),
             next_relay: 0,
@@ -651,7 +667,15 @@ impl<T: Transmit> Sfu<T> {
     /// is left; the datagrams go to the sink. Call after each batch of `handle_*` calls.
     pub fn end_turn(&mut self, now: Instant) {
         self.advance(now);
-        self.process();
+        // (Processing can forward packets too: those `rtc` delivered, before a publisher's
+        // fast path knew their SSRC. Their copies are made in this turn as well.)
+        loop {
+            self.copy_arrivals();
+            self.process();
+            if self.arrivals.is_empty() {
+                break;
+            }
+        }
         hand_over(&mut self.pipe_out, &mut self.tx, &mut self.stats);
     }
 
@@ -1555,8 +1579,9 @@ impl<T: Transmit> Sfu<T> {
     }
 
     /// One packet of layer `li` of track `tid` (published here, or relayed from the
-    /// publisher's shard): to every down-track here, and once to each other shard with
-    /// subscribers of it. `origin`: when the packet reached the publisher's shard; `level`:
+    /// publisher's shard): metered, handed once to each other shard with subscribers of it,
+    /// and kept for the copies to every down-track here, made at the end of the turn
+    /// ([`Sfu::copy_arrivals`]). `origin`: when the packet reached the publisher's shard; `level`:
     /// its audio level (a local track's packet), for the active speakers.
     fn fan_out(
         &mut self,
@@ -1568,7 +1593,7 @@ impl<T: Transmit> Sfu<T> {
         level: Option<AudioLevel>,
     ) {
         let now = self.now;
-        let Some(Room { parts, tracks, .. }) = self.rooms.get_mut(&room) else {
+        let Some(Room { tracks, .. }) = self.rooms.get_mut(&room) else {
             return;
         };
         let Some(track) = tracks.get_mut(&**tid) else {
@@ -1644,109 +1669,171 @@ impl<T: Transmit> Sfu<T> {
             // queued for them (control first) goes along, in order.
             hand_over(&mut self.pipe_out, &mut self.tx, &mut self.stats);
         }
-        let clock_rate = track.codec.clock_rate;
         let meta = forward::Packet {
             layer: li,
             keyframe,
             ssrc: packet.header.ssrc,
             seq: packet.header.sequence_number,
             timestamp: packet.header.timestamp,
-            clock_rate,
+            clock_rate: track.codec.clock_rate,
         };
+        self.arrivals.push(Arrival {
+            room,
+            track: tid.clone(),
+            packet,
+            meta,
+            origin,
+            h264_prefix,
+        });
+    }
+
+    /// Make the subscribers' copies of the packets read this turn: track by track, each
+    /// subscriber's copies of all of the track's packets together, in the order they arrived.
+    /// A turn that read several packets of a track (a frame's, or a backlog's) so queues a
+    /// run of datagrams for each subscriber, which the sink can hand to the kernel as one
+    /// message (see `io::udp`); one packet's copies are made as before.
+    fn copy_arrivals(&mut self) {
+        if self.arrivals.is_empty() {
+            return;
+        }
+        let mut arrivals = std::mem::take(&mut self.arrivals);
+        // Stable: each track's packets stay in their order.
+        if arrivals.len() > 1 {
+            arrivals.sort_by(|a, b| (a.room, &*a.track).cmp(&(b.room, &*b.track)));
+        }
+        let mut rest = &arrivals[..];
+        while let Some(first) = rest.first() {
+            let n = rest
+                .iter()
+                .take_while(|a| a.room == first.room && a.track == first.track)
+                .count();
+            let (run, next) = rest.split_at(n);
+            self.copy_run(run);
+            rest = next;
+        }
+        arrivals.clear();
+        self.arrivals = arrivals;
+    }
+
+    /// Every subscriber's copies of `run` (packets of one track, in arrival order).
+    fn copy_run(&mut self, run: &[Arrival]) {
+        let now = self.now;
+        let (room, tid) = (run[0].room, &run[0].track);
+        let Some(Room { parts, tracks, .. }) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let Some(track) = tracks.get_mut(&**tid) else {
+            return;
+        };
+        let is_video = track.kind == TrackKind::Video;
+        let clock_rate = track.codec.clock_rate;
         let mut want_keyframe: Option<usize> = None;
         let mut switched_subs: Vec<PartKey> = Vec::new();
         // Fan-out: each subscription decides, then the decision is acted on (munge, encrypt,
         // send) or its drop counted by reason.
         for (&sub, dt) in track.down.iter_mut() {
-            let p = parts.get_mut(&sub);
+            let mut p = parts.get_mut(&sub);
             let connected = p.as_ref().is_some_and(|p| p.sub.connected);
-            // A RED payload this subscriber gets stripped or retagged: read before the
-            // rewriter counts the packet (a malformed one is dropped, counted, never sent).
-            let payload = match dt.payload {
-                red::Payload::AsIs => None,
-                red::Payload::Strip { expect } => Some(red::strip(&packet.payload, expect)),
-                red::Payload::Retag { from, to } => Some(red::retag(&packet.payload, from, to)),
-            };
-            let payload = match payload {
-                Some(Err(e)) if dt.payload_type.is_some() => {
-                    trace!(track = %tid, "RED payload dropped: {e}");
-                    self.stats.forward_dropped.count(DropReason::MalformedRed);
-                    continue;
-                }
-                Some(Ok(p)) => Some(p),
-                _ => None,
-            };
-            let f = match dt.decide(&meta, connected, now) {
-                Decision::Forward(f) => f,
-                Decision::Drop(reason) => {
-                    self.stats.forward_dropped.count(reason);
-                    if reason == DropReason::AwaitingKeyframe {
-                        want_keyframe = dt.wants_keyframe();
+            for Arrival {
+                packet,
+                meta,
+                origin,
+                h264_prefix,
+                ..
+            } in run
+            {
+                let (li, keyframe) = (meta.layer, meta.keyframe);
+                // A RED payload this subscriber gets stripped or retagged: read before the
+                // rewriter counts the packet (a malformed one is dropped, counted, never
+                // sent).
+                let payload = match dt.payload {
+                    red::Payload::AsIs => None,
+                    red::Payload::Strip { expect } => Some(red::strip(&packet.payload, expect)),
+                    red::Payload::Retag { from, to } => Some(red::retag(&packet.payload, from, to)),
+                };
+                let payload = match payload {
+                    Some(Err(e)) if dt.payload_type.is_some() => {
+                        trace!(track = %tid, "RED payload dropped: {e}");
+                        self.stats.forward_dropped.count(DropReason::MalformedRed);
+                        continue;
                     }
-                    continue;
-                }
-            };
-            let Some(p) = p else { continue };
-            if f.layer_switched {
-                switched_subs.push(sub);
-            }
-            let mut out = packet.clone();
-            out.header.ssrc = f.ssrc;
-            out.header.payload_type = f.payload_type;
-            out.header.sequence_number = f.seq;
-            out.header.timestamp = f.timestamp;
-            if let Some(m) = dt.munger.as_mut() {
-                // Copies the payload only when a descriptor field must change.
-                out.payload = m.munge_shared(&packet.payload, f.rebase);
-            }
-            if let Some(payload) = payload {
-                out.payload = payload;
-            }
-            let (Some(egress), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) else {
-                // Connected, but its fast path did not start (the participant is on its way
-                // out) or no address is known yet.
-                self.stats.rtp_packets_dropped += 1;
-                self.stats.forward_dropped.count(DropReason::NoTransport);
-                continue;
-            };
-            // H.264 parameter sets ahead of an IDR that starts this down-track without them,
-            // in the slot the rewriter frees before the IDR.
-            let prefix = match &h264_prefix {
-                Some(sets) if f.rebase => dt.rewriter.open_slot_before_switch().map(|seq| {
-                    let mut pre = out.clone();
-                    pre.header.marker = false;
-                    pre.payload = sets.clone();
-                    out.header.sequence_number = seq;
-                    trace!(track = %tid, layer = li, "H.264 parameter sets sent ahead of an IDR");
-                    pre
-                }),
-                _ => None,
-            };
-            for mut out in prefix.into_iter().chain(std::iter::once(out)) {
-                let buf = self.tx.buffer();
-                let sealed = egress.protect_rtp_into(
-                    now,
-                    &mut out,
-                    dt.twcc_ext,
-                    clock_rate,
-                    is_video,
-                    keyframe,
-                    buf,
-                );
-                match sealed {
-                    Ok(wire) => {
-                        self.stats.rtp_packets_forwarded += 1;
-                        self.tx.send(wire, to, Some(origin));
-                        // Probe padding goes between frames: after a frame's last packet.
-                        if is_video && out.header.marker && egress.probing() {
-                            let (tx, stats) = (&mut self.tx, &mut self.stats);
-                            probing::send_padding(tx, stats, egress, dt, &out.header, to, now);
+                    Some(Ok(p)) => Some(p),
+                    _ => None,
+                };
+                let f = match dt.decide(meta, connected, now) {
+                    Decision::Forward(f) => f,
+                    Decision::Drop(reason) => {
+                        self.stats.forward_dropped.count(reason);
+                        if reason == DropReason::AwaitingKeyframe {
+                            want_keyframe = dt.wants_keyframe();
                         }
+                        continue;
                     }
-                    Err(e) => {
-                        self.stats.rtp_packets_dropped += 1;
-                        self.stats.forward_dropped.count(DropReason::Encrypt);
-                        trace!("fast path: {e}");
+                };
+                let Some(p) = p.as_mut() else { continue };
+                if f.layer_switched {
+                    switched_subs.push(sub);
+                }
+                let mut out = packet.clone();
+                out.header.ssrc = f.ssrc;
+                out.header.payload_type = f.payload_type;
+                out.header.sequence_number = f.seq;
+                out.header.timestamp = f.timestamp;
+                if let Some(m) = dt.munger.as_mut() {
+                    // Copies the payload only when a descriptor field must change.
+                    out.payload = m.munge_shared(&packet.payload, f.rebase);
+                }
+                if let Some(payload) = payload {
+                    out.payload = payload;
+                }
+                let (Some(egress), Some(to)) = (p.egress.as_mut(), p.sub.media_addr) else {
+                    // Connected, but its fast path did not start (the participant is on its
+                    // way out) or no address is known yet.
+                    self.stats.rtp_packets_dropped += 1;
+                    self.stats.forward_dropped.count(DropReason::NoTransport);
+                    continue;
+                };
+                // H.264 parameter sets ahead of an IDR that starts this down-track without
+                // them, in the slot the rewriter frees before the IDR.
+                let prefix = match h264_prefix {
+                    Some(sets) if f.rebase => dt.rewriter.open_slot_before_switch().map(|seq| {
+                        let mut pre = out.clone();
+                        pre.header.marker = false;
+                        pre.payload = sets.clone();
+                        out.header.sequence_number = seq;
+                        trace!(track = %tid, layer = li, "H.264 parameter sets sent ahead of an IDR");
+                        pre
+                    }),
+                    _ => None,
+                };
+                for mut out in prefix.into_iter().chain(std::iter::once(out)) {
+                    let buf = self.tx.buffer();
+                    let sealed = egress.protect_rtp(
+                        now,
+                        &mut out,
+                        Outgoing {
+                            twcc_id: dt.twcc_ext,
+                            clock_rate: clock_rate,
+                            video: is_video,
+                            keyframe: keyframe,
+                        },
+                        buf,
+                    );
+                    match sealed {
+                        Ok(wire) => {
+                            self.stats.rtp_packets_forwarded += 1;
+                            self.tx.send(wire, to, Some(*origin));
+                            // Probe padding goes between frames: after a frame's last packet.
+                            if is_video && out.header.marker && egress.probing() {
+                                let (tx, stats) = (&mut self.tx, &mut self.stats);
+                                probing::send_padding(tx, stats, egress, dt, &out.header, to, now);
+                            }
+                        }
+                        Err(e) => {
+                            self.stats.rtp_packets_dropped += 1;
+                            self.stats.forward_dropped.count(DropReason::Encrypt);
+                            trace!("fast path: {e}");
+                        }
                     }
                 }
             }

@@ -242,6 +242,9 @@ pub struct Net {
     /// Events processed (datagram deliveries and timeouts).
     pub steps: u64,
     same_instant: u32,
+    /// Whether a node reads every datagram reaching it at one instant in one turn (see
+    /// [`Net::set_batch_reads`]); otherwise each datagram is a turn.
+    batch_reads: bool,
 }
 
 fn sh_node(sh: &Shards, shard: ShardId) -> NodeId {
@@ -273,6 +276,7 @@ impl Net {
             unroutable: 0,
             steps: 0,
             same_instant: 0,
+            batch_reads: false,
         }
     }
 
@@ -742,9 +746,10 @@ impl Net {
         self.now = at;
         self.steps += 1;
         match datagram {
-            Some(seq) => {
+            Some(mut seq) => loop {
                 self.queue.pop();
                 let d = self.in_flight.remove(&seq).expect("queued datagram");
+                let to_node = d.to_node;
                 match d.what {
                     Carried::Datagram {
                         from,
@@ -755,7 +760,7 @@ impl Net {
                         let stats = &mut self.links.get_mut(&link).expect("link").stats;
                         stats.delivered += 1;
                         stats.bytes_delivered += data.len() as u64;
-                        self.nodes[d.to_node].handle_datagram(at, from, to, data);
+                        self.nodes[to_node].handle_datagram(at, from, to, data);
                     }
                     Carried::Pipe { from, to, msgs } => {
                         let sh = self.shards.as_mut().expect("shards");
@@ -763,13 +768,35 @@ impl Net {
                         let stats = sh.stats.entry((from, to)).or_default();
                         stats.batches_delivered += 1;
                         stats.msgs_delivered += msgs.len() as u64;
-                        self.nodes[d.to_node].handle_pipe(at, from, msgs);
+                        self.nodes[to_node].handle_pipe(at, from, msgs);
+                        break;
                     }
                 }
-            }
+                // With `batch_reads`, every datagram that reaches this node at this instant is
+                // read in the same turn, as a driver takes what its socket holds.
+                match self.queue.peek() {
+                    Some(Reverse((t, next)))
+                        if self.batch_reads
+                            && *t == at
+                            && self.in_flight[next].to_node == to_node
+                            && matches!(self.in_flight[next].what, Carried::Datagram { .. }) =>
+                    {
+                        seq = *next;
+                        self.steps += 1;
+                    }
+                    _ => break,
+                }
+            },
             None => self.nodes[node].handle_timeout(at),
         }
         self.settle();
+    }
+
+    /// Let each node read every datagram that reaches it at one instant in one turn (its core
+    /// ends the turn once, after all of them), as the real driver reads what its socket
+    /// holds; off by default (one turn per datagram).
+    pub fn set_batch_reads(&mut self, on: bool) {
+        self.batch_reads = on;
     }
 
     /// Run every event up to and including `t`, then set the clock to `t`.

@@ -31,6 +31,11 @@ pub struct SimTransmit {
     pub rtp_handoffs: u64,
     /// Of those, the ones handed over after this turn had already sent forwarded copies.
     pub rtp_handoffs_after_copies: u64,
+    /// Forwarded datagrams sent right after another forwarded one to the same address (a
+    /// subscriber's copies of several packets made together).
+    pub forwarded_after_same_address: u64,
+    /// Where the last forwarded datagram went.
+    last_forwarded_to: Option<SocketAddr>,
 }
 
 impl Transmit for SimTransmit {
@@ -39,6 +44,9 @@ impl Transmit for SimTransmit {
         if origin.is_some() {
             self.forwarded += 1;
             self.forwarded_this_turn += 1;
+            if self.last_forwarded_to.replace(to) == Some(to) {
+                self.forwarded_after_same_address += 1;
+            }
         }
         self.queue.push((data, to));
     }
@@ -199,6 +207,7 @@ impl Node for SfuNode {
         }
         let tx = self.sfu.transmit();
         tx.forwarded_this_turn = 0;
+        tx.last_forwarded_to = None;
         for (data, to) in tx.queue.drain(..) {
             out.datagrams.push((self.addr, to, data));
         }

@@ -17,10 +17,10 @@ pub mod engine;
 pub mod seeds;
 pub mod session;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use engine::{Spec, Unstructured, text};
 use plaza::sfu::demux::{self, Demux};
-use plaza::sfu::egress::{self, Egress, SrtpKeys};
+use plaza::sfu::egress::{self, Egress, Outgoing, SrtpKeys};
 use plaza::sfu::ingress::Ingress;
 use plaza::sfu::rewrite::{Rewriter, SrcPacket, Vp8Munger};
 use plaza::sfu::{data, red, sdpcheck, vp8};
@@ -467,8 +467,18 @@ fn fuzz_rtcp() {
                     None,
                 )))
                 .expect("rtp");
-                e.protect_rtp(t0, &mut p, Some(3), 90_000, true, seq == 0)
-                    .expect("protect");
+                e.protect_rtp(
+                    t0,
+                    &mut p,
+                    Outgoing {
+                        twcc_id: Some(3),
+                        clock_rate: 90_000,
+                        video: true,
+                        keyframe: seq == 0,
+                    },
+                    BytesMut::new(),
+                )
+                .expect("protect");
             }
             (e, tx, rx)
         })

@@ -445,6 +445,18 @@ struct SentStream {
     roc: Roc,
 }
 
+/// How an outgoing media packet is sent (see [`Egress::protect_rtp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The transport-wide sequence number's header extension id, where negotiated.
+    pub twcc_id: Option<u8>,
+    /// The track's RTP clock rate (for sender reports).
+    pub clock_rate: u32,
+    /// Video packets are kept for retransmission.
+    pub video: bool,
+    pub keyframe: bool,
+}
+
 /// Counters of one [`Egress`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EgressStats {
@@ -586,37 +598,25 @@ impl Egress {
         }
     }
 
-    /// Protect one outgoing media packet (already rewritten for this subscriber): add the
-    /// transport-wide sequence number when `twcc_id` is negotiated, remember it for NACKs
-    /// (`video`) and sender reports, encrypt. The packet itself is not changed (its header
-    /// extensions are not written into it: the datagram carries only the transport-wide
-    /// sequence number).
+    /// Protect one outgoing media packet (already rewritten for this subscriber) into `buf`
+    /// (emptied first; a buffer an earlier datagram was sent from, so that a fan-out does not
+    /// allocate one per copy): add the transport-wide sequence number when `out.twcc_id` is
+    /// negotiated, remember it for NACKs (video) and sender reports, encrypt. The packet
+    /// itself is not changed (its header extensions are not written into it: the datagram
+    /// carries only the transport-wide sequence number).
     pub fn protect_rtp(
         &mut self,
         now: Instant,
         packet: &mut rtp::Packet,
-        twcc_id: Option<u8>,
-        clock_rate: u32,
-        video: bool,
-        keyframe: bool,
-    ) -> Result<BytesMut, EgressError> {
-        let buf = BytesMut::new();
-        self.protect_rtp_into(now, packet, twcc_id, clock_rate, video, keyframe, buf)
-    }
-
-    /// [`Egress::protect_rtp`] into `buf` (emptied first; a buffer an earlier datagram was
-    /// sent from, so that a fan-out does not allocate one per copy).
-    #[allow(clippy::too_many_arguments)]
-    pub fn protect_rtp_into(
-        &mut self,
-        now: Instant,
-        packet: &mut rtp::Packet,
-        twcc_id: Option<u8>,
-        clock_rate: u32,
-        video: bool,
-        keyframe: bool,
+        out: Outgoing,
         buf: BytesMut,
     ) -> Result<BytesMut, EgressError> {
+        let Outgoing {
+            twcc_id,
+            clock_rate,
+            video,
+            keyframe,
+        } = out;
         self.retransmit.on_sent(now, packet, video, keyframe);
         let size = packet.payload.len();
         let s = self.sent.entry(packet.header.ssrc).or_insert(SentStream {
@@ -633,7 +633,7 @@ impl Egress {
         s.last_ts = packet.header.timestamp;
         s.last_at = now;
         s.twcc_id = twcc_id;
-        seal_into(
+        seal(
             &mut self.sealer,
             &mut self.local,
             &mut self.twcc,
@@ -741,6 +741,7 @@ impl Egress {
                                 now,
                                 &wrapped,
                                 s.twcc_id,
+                                BytesMut::new(),
                             )
                         }
                         None => seal(
@@ -751,6 +752,7 @@ impl Egress {
                             now,
                             &packet,
                             s.twcc_id,
+                            BytesMut::new(),
                         ),
                     };
                     match sealed {
@@ -1215,24 +1217,11 @@ impl RtpSealer {
     }
 }
 
-/// Seal one outgoing packet: a fresh transport-wide sequence number if `twcc_id` is set, the
-/// header written and the payload copied once into the datagram, encrypted in place.
-fn seal(
-    sealer: &mut RtpSealer,
-    local: &mut Context,
-    twcc: &mut TwccLog,
-    roc: &mut Roc,
-    now: Instant,
-    packet: &rtp::Packet,
-    twcc_id: Option<u8>,
-) -> Result<BytesMut, EgressError> {
-    let buf = BytesMut::new();
-    seal_into(sealer, local, twcc, roc, now, packet, twcc_id, buf)
-}
-
-/// [`seal`] into `buf` (emptied first, grown as needed).
+/// Seal one outgoing packet into `buf` (emptied first, grown as needed): a fresh
+/// transport-wide sequence number if `twcc_id` is set, the header written and the payload
+/// copied once into the datagram, encrypted in place.
 #[allow(clippy::too_many_arguments)]
-fn seal_into(
+fn seal(
     sealer: &mut RtpSealer,
     local: &mut Context,
     twcc: &mut TwccLog,
@@ -1778,7 +1767,17 @@ mod tests {
             for i in 0..3u16 {
                 let mut p = media(7, 65_534u16.wrapping_add(i), 1000);
                 let wire = e
-                    .protect_rtp(now, &mut p, Some(3), 90_000, true, i == 0)
+                    .protect_rtp(
+                        now,
+                        &mut p,
+                        Outgoing {
+                            twcc_id: Some(3),
+                            clock_rate: 90_000,
+                            video: true,
+                            keyframe: i == 0,
+                        },
+                        BytesMut::new(),
+                    )
                     .expect("protect");
                 let plain = rx.decrypt_rtp(&wire).expect("decrypt");
                 let got = rtp::Packet::unmarshal(&mut plain.freeze()).expect("parse");
@@ -1811,7 +1810,17 @@ mod tests {
                 e.protect_padding(now, &h, 255, Some(3)).is_err(),
                 "no stream yet"
             );
-            let wire = e.protect_rtp(now, &mut p, Some(3), 90_000, true, true);
+            let wire = e.protect_rtp(
+                now,
+                &mut p,
+                Outgoing {
+                    twcc_id: Some(3),
+                    clock_rate: 90_000,
+                    video: true,
+                    keyframe: true,
+                },
+                BytesMut::new(),
+            );
             rx.decrypt_rtp(&wire.expect("protect")).expect("decrypt");
             for (i, size) in [(1u16, 255usize), (2, 1), (3, 1000)] {
                 let mut h = h.clone();
@@ -1898,7 +1907,17 @@ mod tests {
                 let twcc_id = rng.chance(80).then_some(5);
                 let now = t0 + Duration::from_millis(u64::from(n));
                 let wire = e
-                    .protect_rtp(now, &mut p, twcc_id, 90_000, true, false)
+                    .protect_rtp(
+                        now,
+                        &mut p,
+                        Outgoing {
+                            twcc_id: twcc_id,
+                            clock_rate: 90_000,
+                            video: true,
+                            keyframe: false,
+                        },
+                        BytesMut::new(),
+                    )
                     .expect("protect");
                 let want_twcc = twcc_id.map(|id| (id, twcc_seq));
                 twcc_seq = twcc_seq.wrapping_add(u16::from(twcc_id.is_some()));
@@ -1926,6 +1945,7 @@ mod tests {
                         now,
                         old,
                         twcc_id,
+                        BytesMut::new(),
                     )
                     .expect("reseal");
                     e.sent.insert(old.header.ssrc, s);
@@ -1955,7 +1975,17 @@ mod tests {
         p.header.padding = true;
         p.payload = Bytes::from(vec![1, 2, 3, 0, 0, 3]);
         let wire = e
-            .protect_rtp(Instant::now(), &mut p, Some(3), 90_000, true, false)
+            .protect_rtp(
+                Instant::now(),
+                &mut p,
+                Outgoing {
+                    twcc_id: Some(3),
+                    clock_rate: 90_000,
+                    video: true,
+                    keyframe: false,
+                },
+                BytesMut::new(),
+            )
             .expect("protect");
         let plain = rx.decrypt_rtp(&wire).expect("decrypt");
         let got = rtp::Packet::unmarshal(&mut plain.freeze()).expect("parse");
@@ -1980,7 +2010,17 @@ mod tests {
         for seq in [65_535u16, 0, 1] {
             let mut p = media(9, seq, 1000);
             let wire = e
-                .protect_rtp(Instant::now(), &mut p, Some(3), 90_000, true, false)
+                .protect_rtp(
+                    Instant::now(),
+                    &mut p,
+                    Outgoing {
+                        twcc_id: Some(3),
+                        clock_rate: 90_000,
+                        video: true,
+                        keyframe: false,
+                    },
+                    BytesMut::new(),
+                )
                 .expect("protect");
             let plain = rx.decrypt_rtp(&wire).expect("decrypt");
             assert_eq!(&plain[plain.len() - 200..], &p.payload[..]);
@@ -1993,8 +2033,18 @@ mod tests {
         let now = Instant::now();
         for seq in 0..5u16 {
             let mut p = media(7, seq, 3000);
-            e.protect_rtp(now, &mut p, Some(3), 90_000, true, seq == 0)
-                .expect("protect");
+            e.protect_rtp(
+                now,
+                &mut p,
+                Outgoing {
+                    twcc_id: Some(3),
+                    clock_rate: 90_000,
+                    video: true,
+                    keyframe: seq == 0,
+                },
+                BytesMut::new(),
+            )
+            .expect("protect");
         }
         let nack = TransportLayerNack {
             sender_ssrc: 1,
@@ -2056,7 +2106,17 @@ mod tests {
                 for ssrc in [7, 9] {
                     let mut p = media(ssrc, 1000 + seq, 3000);
                     let wire = e
-                        .protect_rtp(now, &mut p, Some(3), 90_000, true, seq == 0)
+                        .protect_rtp(
+                            now,
+                            &mut p,
+                            Outgoing {
+                                twcc_id: Some(3),
+                                clock_rate: 90_000,
+                                video: true,
+                                keyframe: seq == 0,
+                            },
+                            BytesMut::new(),
+                        )
                         .expect("protect");
                     rx.decrypt_rtp(&wire).expect("decrypt");
                 }
@@ -2139,8 +2199,18 @@ mod tests {
         assert!(e.sender_reports(t0, SystemTime::now()).is_none());
         for seq in 0..4u16 {
             let mut p = media(9, seq, 48_000 * u32::from(seq));
-            e.protect_rtp(t0, &mut p, None, 48_000, false, false)
-                .expect("protect");
+            e.protect_rtp(
+                t0,
+                &mut p,
+                Outgoing {
+                    twcc_id: None,
+                    clock_rate: 48_000,
+                    video: false,
+                    keyframe: false,
+                },
+                BytesMut::new(),
+            )
+            .expect("protect");
         }
         let wire = e
             .sender_reports(t0 + Duration::from_millis(500), SystemTime::now())
@@ -2633,10 +2703,13 @@ mod tests {
             e.protect_rtp(
                 t0 + Duration::from_millis(u64::from(seq)),
                 &mut p,
-                Some(3),
-                90_000,
-                true,
-                false,
+                Outgoing {
+                    twcc_id: Some(3),
+                    clock_rate: 90_000,
+                    video: true,
+                    keyframe: false,
+                },
+                BytesMut::new(),
             )
             .expect("protect");
         }

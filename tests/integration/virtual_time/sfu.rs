@@ -225,6 +225,54 @@ fn simulcast_switch_at_keyframe_keeps_one_clean_stream() {
     );
 }
 
+/// A turn that reads several packets of a track makes each subscriber's copies of them
+/// together, in arrival order. With a frame's packets read in one turn (frames of about two
+/// packets here, and audio packets one per turn), about a third of the forwarded datagrams
+/// follow one to the same subscriber (with one turn per packet, none do), and both
+/// subscribers' streams stay clean.
+#[test]
+fn each_subscriber_gets_its_copies_of_a_turns_packets_together() {
+    let run = |batch_reads: bool| {
+        let mut s = Sim::new(3);
+        s.net.set_batch_reads(batch_reads);
+        let alice = s.client(1, "alice", MediaSpec::simulcast());
+        let bob = s.client(2, "bob", MediaSpec::none());
+        let carol = s.client(3, "carol", MediaSpec::none());
+        let video = s.track(bob, alice, TrackKind::Video);
+        for v in [bob, carol] {
+            assert!(s.wait_layer(v, &video.id, 2, T).is_some(), "{v} on f");
+        }
+        let tx = |s: &mut Sim| {
+            let tx = s.net.node::<SfuNode>(s.server).sfu.transmit();
+            (tx.forwarded, tx.forwarded_after_same_address)
+        };
+        let (fwd0, same0) = tx(&mut s);
+        s.net.run_for(Duration::from_secs(3));
+        let (fwd, same) = tx(&mut s);
+        s.no_errors(&[alice, bob, carol]);
+        for v in [bob, carol] {
+            let rx = s.rx(v, &video.id);
+            assert!(rx.packets.len() > 150, "{v}: {} packets", rx.packets.len());
+            assert_clean_stream(&rx, &SIZES);
+        }
+        (fwd - fwd0, same - same0)
+    };
+    let (fwd, together) = run(true);
+    println!(
+        "read together: {together} of {fwd} forwarded datagrams after one to the same subscriber"
+    );
+    assert!(
+        fwd > 300 && together * 4 >= fwd,
+        "{together} of {fwd} forwarded datagrams followed one to the same subscriber"
+    );
+    let (fwd, together) = run(false);
+    assert!(fwd > 300, "{fwd} forwarded");
+    assert_eq!(
+        together, 0,
+        "one packet per turn: copies alternate subscribers"
+    );
+}
+
 /// A rate-limited subscriber link makes the server downgrade that subscriber within a few
 /// seconds; lifting the limit brings the top layer back (the time it takes is printed).
 #[test]
