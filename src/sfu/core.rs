@@ -1813,9 +1813,9 @@ impl<T: Transmit> Sfu<T> {
                         &mut out,
                         Outgoing {
                             twcc_id: dt.twcc_ext,
-                            clock_rate: clock_rate,
+                            clock_rate,
                             video: is_video,
-                            keyframe: keyframe,
+                            keyframe,
                         },
                         buf,
                     );

@@ -1911,7 +1911,7 @@ mod tests {
                         now,
                         &mut p,
                         Outgoing {
-                            twcc_id: twcc_id,
+                            twcc_id,
                             clock_rate: 90_000,
                             video: true,
                             keyframe: false,
