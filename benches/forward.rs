@@ -374,12 +374,7 @@ fn bench_egress(c: &mut C) {
                     e.protect_rtp(
                         now,
                         &mut p,
-                        Outgoing {
-                            twcc_id: Some(3),
-                            clock_rate: 90_000,
-                            video: true,
-                            keyframe: false,
-                        },
+                        Outgoing::video(Some(3), false),
                         BytesMut::new(),
                     )
                     .ok(),
@@ -446,12 +441,7 @@ fn bench_egress_rtcp(c: &mut C) {
                             e.protect_rtp(
                                 t0 + Duration::from_millis(sent * 10),
                                 &mut p,
-                                Outgoing {
-                                    twcc_id: Some(3),
-                                    clock_rate: 90_000,
-                                    video: true,
-                                    keyframe: false,
-                                },
+                                Outgoing::video(Some(3), false),
                                 BytesMut::new(),
                             )
                             .expect("protect");

@@ -154,12 +154,7 @@ fn main() {
                     .protect_rtp(
                         now,
                         &mut out,
-                        Outgoing {
-                            twcc_id: Some(3),
-                            clock_rate: 90_000,
-                            video: true,
-                            keyframe: k % 256 == 0,
-                        },
+                        Outgoing::video(Some(3), k % 256 == 0),
                         BytesMut::new(),
                     )
                     .expect("protect");

@@ -470,12 +470,7 @@ fn fuzz_rtcp() {
                 e.protect_rtp(
                     t0,
                     &mut p,
-                    Outgoing {
-                        twcc_id: Some(3),
-                        clock_rate: 90_000,
-                        video: true,
-                        keyframe: seq == 0,
-                    },
+                    Outgoing::video(Some(3), seq == 0),
                     BytesMut::new(),
                 )
                 .expect("protect");

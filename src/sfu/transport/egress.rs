@@ -457,6 +457,18 @@ pub struct Outgoing {
     pub keyframe: bool,
 }
 
+impl Outgoing {
+    /// A video packet (RTP video clocks run at 90 kHz).
+    pub fn video(twcc_id: Option<u8>, keyframe: bool) -> Self {
+        Outgoing {
+            twcc_id,
+            clock_rate: 90_000,
+            video: true,
+            keyframe,
+        }
+    }
+}
+
 /// Counters of one [`Egress`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EgressStats {
@@ -1770,12 +1782,7 @@ mod tests {
                     .protect_rtp(
                         now,
                         &mut p,
-                        Outgoing {
-                            twcc_id: Some(3),
-                            clock_rate: 90_000,
-                            video: true,
-                            keyframe: i == 0,
-                        },
+                        Outgoing::video(Some(3), i == 0),
                         BytesMut::new(),
                     )
                     .expect("protect");
@@ -1810,17 +1817,7 @@ mod tests {
                 e.protect_padding(now, &h, 255, Some(3)).is_err(),
                 "no stream yet"
             );
-            let wire = e.protect_rtp(
-                now,
-                &mut p,
-                Outgoing {
-                    twcc_id: Some(3),
-                    clock_rate: 90_000,
-                    video: true,
-                    keyframe: true,
-                },
-                BytesMut::new(),
-            );
+            let wire = e.protect_rtp(now, &mut p, Outgoing::video(Some(3), true), BytesMut::new());
             rx.decrypt_rtp(&wire.expect("protect")).expect("decrypt");
             for (i, size) in [(1u16, 255usize), (2, 1), (3, 1000)] {
                 let mut h = h.clone();
@@ -1910,12 +1907,7 @@ mod tests {
                     .protect_rtp(
                         now,
                         &mut p,
-                        Outgoing {
-                            twcc_id,
-                            clock_rate: 90_000,
-                            video: true,
-                            keyframe: false,
-                        },
+                        Outgoing::video(twcc_id, false),
                         BytesMut::new(),
                     )
                     .expect("protect");
@@ -1978,12 +1970,7 @@ mod tests {
             .protect_rtp(
                 Instant::now(),
                 &mut p,
-                Outgoing {
-                    twcc_id: Some(3),
-                    clock_rate: 90_000,
-                    video: true,
-                    keyframe: false,
-                },
+                Outgoing::video(Some(3), false),
                 BytesMut::new(),
             )
             .expect("protect");
@@ -2013,12 +2000,7 @@ mod tests {
                 .protect_rtp(
                     Instant::now(),
                     &mut p,
-                    Outgoing {
-                        twcc_id: Some(3),
-                        clock_rate: 90_000,
-                        video: true,
-                        keyframe: false,
-                    },
+                    Outgoing::video(Some(3), false),
                     BytesMut::new(),
                 )
                 .expect("protect");
@@ -2036,12 +2018,7 @@ mod tests {
             e.protect_rtp(
                 now,
                 &mut p,
-                Outgoing {
-                    twcc_id: Some(3),
-                    clock_rate: 90_000,
-                    video: true,
-                    keyframe: seq == 0,
-                },
+                Outgoing::video(Some(3), seq == 0),
                 BytesMut::new(),
             )
             .expect("protect");
@@ -2109,12 +2086,7 @@ mod tests {
                         .protect_rtp(
                             now,
                             &mut p,
-                            Outgoing {
-                                twcc_id: Some(3),
-                                clock_rate: 90_000,
-                                video: true,
-                                keyframe: seq == 0,
-                            },
+                            Outgoing::video(Some(3), seq == 0),
                             BytesMut::new(),
                         )
                         .expect("protect");
@@ -2703,12 +2675,7 @@ mod tests {
             e.protect_rtp(
                 t0 + Duration::from_millis(u64::from(seq)),
                 &mut p,
-                Outgoing {
-                    twcc_id: Some(3),
-                    clock_rate: 90_000,
-                    video: true,
-                    keyframe: false,
-                },
+                Outgoing::video(Some(3), false),
                 BytesMut::new(),
             )
             .expect("protect");
