@@ -120,6 +120,10 @@ impl Source {
     /// The offset for extended sequence number `ext`, or `None` if it has no outgoing slot
     /// (before the switch point, skipped, or forgotten).
     fn offset_for(&self, ext: u64) -> Option<i64> {
+        // Almost every packet is in the newest segment.
+        if let Some(last) = self.segments.back().filter(|s| s.from <= ext) {
+            return Some(last.offset);
+        }
         let idx = self.segments.partition_point(|s| s.from <= ext);
         if let Some(next) = self.segments.get(idx) {
             if ext >= next.from.saturating_sub(next.skipped) {

@@ -644,6 +644,9 @@ pub struct BitrateMeter {
     /// Start of the current run of packets (no gap of a whole window), so a stream that
     /// just started or resumed is not under-reported during its first window.
     run_start: Option<Instant>,
+    /// The bucket of the last packet: when it ends, and its slot. A packet before then
+    /// (almost every one: a bucket holds 100 ms of them) only adds its bytes.
+    current: Option<(Instant, usize)>,
 }
 
 impl BitrateMeter {
@@ -672,6 +675,15 @@ impl BitrateMeter {
     /// A packet of `bytes` bytes arrived at `now`.
     pub fn add(&mut self, now: Instant, bytes: usize) {
         let now = self.clamp(now);
+        if let Some((_, slot)) = self.current.filter(|&(end, _)| now < end) {
+            // In the last packet's bucket, so in its run too.
+            if let Some(b) = self.buckets.get_mut(slot) {
+                b.bytes = b.bytes.saturating_add(bytes as u64);
+            }
+            self.newest = Some(now);
+            self.last_packet = Some(now);
+            return;
+        }
         let origin = *self.origin.get_or_insert(now);
         let new_run = self
             .last_packet
@@ -687,6 +699,11 @@ impl BitrateMeter {
             }
             b.bytes = b.bytes.saturating_add(bytes as u64);
         }
+        let end = number
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(BUCKET_NANOS))
+            .and_then(|n| origin.checked_add(Duration::from_nanos(n)));
+        self.current = end.map(|end| (end, slot));
         self.newest = Some(now);
         self.last_packet = Some(now);
     }
@@ -1583,6 +1600,41 @@ mod tests {
             }
         }
         assert!(m.is_active(ms(t0, 12_000)));
+    }
+
+    #[test]
+    fn bitrate_meter_counts_alike_with_and_without_its_bucket_shortcut() {
+        let t0 = Instant::now();
+        let (mut fast, mut slow) = (BitrateMeter::new(), BitrateMeter::new());
+        // Steps across bucket edges, bursts at one instant, late packets, and gaps of a
+        // bucket, of a window and of more than one.
+        let steps_us = [
+            0u64, 3, 99_997, 3, 0, 0, 1, 250_000, 7, 99_999, 1, 1_000_000, 5, 1_500_000, 40_000,
+            40_000, 40_000, 99_999, 2, 0, 60_000,
+        ];
+        let mut t = t0;
+        for (i, &d) in steps_us.iter().cycle().take(400).enumerate() {
+            t += Duration::from_micros(d);
+            // Every fifth packet is stamped a little late.
+            let at = if i % 5 == 4 {
+                t - Duration::from_micros(30_000)
+            } else {
+                t
+            };
+            let size = 100 + i * 7 % 1_100;
+            fast.add(at, size);
+            slow.current = None;
+            slow.add(at, size);
+            for probe in [
+                t,
+                t + Duration::from_millis(50),
+                t + Duration::from_millis(950),
+            ] {
+                assert_eq!(fast.bps(probe), slow.bps(probe), "step {i}");
+                assert_eq!(fast.is_active(probe), slow.is_active(probe), "step {i}");
+            }
+            assert_eq!(fast.last_packet(), slow.last_packet(), "step {i}");
+        }
     }
 
     #[test]

@@ -91,17 +91,54 @@ pub const BURST: Duration = Duration::from_millis(100);
 /// ... but always holds at least one full-size packet.
 const MIN_BURST_BITS: f64 = 1_500.0 * 8.0;
 
-/// One remembered packet.
+/// One remembered packet, in one cache line: what a retransmission needs of its header (the
+/// fixed fields and CSRCs; header extensions never leave the fast path, see
+/// [`super::egress`]), its payload (shared with the copy that was sent), and its times as
+/// offsets from the history's epoch. A fan-out writes one entry per subscriber and packet, so
+/// its size is what the history costs in cache.
 #[derive(Debug, Clone)]
+#[repr(align(64))]
 struct Entry {
-    packet: rtp::Packet,
-    /// Part of a keyframe (retransmitted first).
-    keyframe: bool,
-    sent: Instant,
+    payload: bytes::Bytes,
+    /// When it was first sent: nanoseconds after [`SendHistory::epoch`].
+    sent: u64,
+    /// Contributing sources, if any: almost always none, so behind a thin pointer (a boxed
+    /// slice's fat one would take the entry past one cache line).
+    #[allow(clippy::box_collection)]
+    csrc: Option<Box<Vec<u32>>>,
+    timestamp: u32,
+    /// When it was last retransmitted: nanoseconds after `sent` (meaningful once
+    /// `attempts > 0`; a retransmission comes at most [`MAX_AGE`] after the original).
+    resent: u32,
+    seq: u16,
+    payload_type: u8,
+    /// [`MARKER`], [`PADDING`], [`KEYFRAME`], [`DELIVERED`].
+    flags: u8,
     attempts: u8,
-    last_resent: Option<Instant>,
-    /// The subscriber's transport-wide feedback reported one of its copies received.
-    delivered: bool,
+}
+
+/// [`Entry::flags`]: the RTP marker bit.
+const MARKER: u8 = 1;
+/// [`Entry::flags`]: the RTP padding bit.
+const PADDING: u8 = 2;
+/// [`Entry::flags`]: part of a keyframe (retransmitted first).
+const KEYFRAME: u8 = 4;
+/// [`Entry::flags`]: the subscriber's transport-wide feedback reported one of its copies
+/// received.
+const DELIVERED: u8 = 8;
+
+impl Entry {
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn sent(&self, epoch: Instant) -> Instant {
+        epoch + Duration::from_nanos(self.sent)
+    }
+
+    fn last_resent(&self, epoch: Instant) -> Option<Instant> {
+        (self.attempts > 0).then(|| self.sent(epoch) + Duration::from_nanos(u64::from(self.resent)))
+    }
 }
 
 /// Why a retransmission was refused (or that it was allowed).
@@ -125,6 +162,10 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct SendHistory {
     slots: Vec<Option<Entry>>,
+    /// The stream's SSRC (that of the last packet added).
+    ssrc: u32,
+    /// What entries' times count from: when the first packet was added.
+    epoch: Option<Instant>,
 }
 
 impl Default for SendHistory {
@@ -138,6 +179,8 @@ impl SendHistory {
     pub fn new() -> Self {
         SendHistory {
             slots: vec![None; HISTORY],
+            ssrc: 0,
+            epoch: None,
         }
     }
 
@@ -146,18 +189,35 @@ impl SendHistory {
     }
 
     /// Remember a packet as it is sent; `keyframe`: it belongs to a keyframe.
-    pub fn add(&mut self, now: Instant, packet: rtp::Packet, keyframe: bool) {
-        let i = Self::slot(packet.header.sequence_number);
+    pub fn add(&mut self, now: Instant, packet: &rtp::Packet, keyframe: bool) {
+        let epoch = *self.epoch.get_or_insert(now);
+        let h = &packet.header;
+        self.ssrc = h.ssrc;
+        let flags = if h.marker { MARKER } else { 0 }
+            | if h.padding { PADDING } else { 0 }
+            | if keyframe { KEYFRAME } else { 0 };
+        let sent =
+            u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
+        let i = Self::slot(h.sequence_number);
         if let Some(s) = self.slots.get_mut(i) {
             *s = Some(Entry {
-                packet,
-                keyframe,
-                sent: now,
+                payload: packet.payload.clone(),
+                sent,
+                csrc: (!h.csrc.is_empty()).then(|| Box::new(h.csrc.clone())),
+                timestamp: h.timestamp,
+                resent: 0,
+                seq: h.sequence_number,
+                payload_type: h.payload_type,
+                flags,
                 attempts: 0,
-                last_resent: None,
-                delivered: false,
             });
         }
+    }
+
+    fn epoch(&self) -> Instant {
+        // (Only read for an entry, which the first `add` set it before.)
+        self.epoch
+            .unwrap_or_else(|| unreachable!("an entry exists only after an add"))
     }
 
     /// Whether `seq` may be retransmitted now, by history, age and attempts (not budget).
@@ -165,12 +225,13 @@ impl SendHistory {
         let Some(e) = self.entry(seq) else {
             return Verdict::Unknown;
         };
-        if now.saturating_duration_since(e.sent) > MAX_AGE {
+        let epoch = self.epoch();
+        if now.saturating_duration_since(e.sent(epoch)) > MAX_AGE {
             Verdict::TooOld
         } else if e.attempts >= MAX_ATTEMPTS {
             Verdict::Exhausted
         } else if e
-            .last_resent
+            .last_resent(epoch)
             .is_some_and(|t| now.saturating_duration_since(t) < RESEND_INTERVAL)
         {
             Verdict::TooSoon
@@ -196,67 +257,78 @@ impl SendHistory {
     /// that does not count the repairs of its RTX stream) has lost nothing.
     pub fn lost_for_good(&self, seq: u16, now: Instant, verdict: Verdict) -> bool {
         let entry = self.entry(seq);
-        if entry.is_some_and(|e| e.delivered) {
+        if entry.is_some_and(|e| e.has(DELIVERED)) {
             return false;
         }
         let settled = |e: &Entry| {
-            e.last_resent
+            e.last_resent(self.epoch())
                 .is_none_or(|t| now.saturating_duration_since(t) >= RESEND_INTERVAL)
         };
         match verdict {
             Verdict::Unknown => true,
             Verdict::TooOld | Verdict::Exhausted => entry.is_none_or(settled),
-            Verdict::OverBudget => {
-                entry.is_some_and(|e| now.saturating_duration_since(e.sent) >= GIVE_UP_AFTER)
-            }
+            Verdict::OverBudget => entry.is_some_and(|e| {
+                now.saturating_duration_since(e.sent(self.epoch())) >= GIVE_UP_AFTER
+            }),
             Verdict::TooSoon | Verdict::Resend => false,
         }
     }
 
     /// A copy of `seq` was reported received (transport-wide feedback).
     pub fn mark_delivered(&mut self, seq: u16) {
-        if let Some(e) = self
-            .slots
-            .get_mut(Self::slot(seq))
-            .and_then(Option::as_mut)
-            .filter(|e| e.packet.header.sequence_number == seq)
-        {
-            e.delivered = true;
+        if let Some(e) = self.entry_mut(seq) {
+            e.flags |= DELIVERED;
         }
     }
 
     /// Size of `seq` on the wire (header + payload), if remembered.
     pub fn size(&self, seq: u16) -> Option<usize> {
-        self.get(seq)
-            .map(|p| 12 + p.header.csrc.len() * 4 + p.payload.len())
+        self.entry(seq)
+            .map(|e| 12 + e.csrc.as_ref().map_or(0, |c| c.len()) * 4 + e.payload.len())
     }
 
     /// Whether `seq` is remembered as part of a keyframe.
     pub fn is_keyframe(&self, seq: u16) -> bool {
-        self.entry(seq).is_some_and(|e| e.keyframe)
+        self.entry(seq).is_some_and(|e| e.has(KEYFRAME))
     }
 
     fn entry(&self, seq: u16) -> Option<&Entry> {
         self.slots
             .get(Self::slot(seq))
             .and_then(Option::as_ref)
-            .filter(|e| e.packet.header.sequence_number == seq)
+            .filter(|e| e.seq == seq)
     }
 
-    fn get(&self, seq: u16) -> Option<&rtp::Packet> {
-        self.entry(seq).map(|e| &e.packet)
-    }
-
-    /// Record a retransmission of `seq` and return the packet to send.
-    pub fn resend(&mut self, seq: u16, now: Instant) -> Option<rtp::Packet> {
-        let e = self
-            .slots
+    fn entry_mut(&mut self, seq: u16) -> Option<&mut Entry> {
+        self.slots
             .get_mut(Self::slot(seq))
             .and_then(Option::as_mut)
-            .filter(|e| e.packet.header.sequence_number == seq)?;
+            .filter(|e| e.seq == seq)
+    }
+
+    /// Record a retransmission of `seq` and return the packet to send: the one sent, without
+    /// header extensions.
+    pub fn resend(&mut self, seq: u16, now: Instant) -> Option<rtp::Packet> {
+        let ssrc = self.ssrc;
+        let epoch = self.epoch?;
+        let e = self.entry_mut(seq)?;
         e.attempts = e.attempts.saturating_add(1);
-        e.last_resent = Some(now);
-        Some(e.packet.clone())
+        let after = now.saturating_duration_since(e.sent(epoch)).as_nanos();
+        e.resent = u32::try_from(after).unwrap_or(u32::MAX);
+        Some(rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                padding: e.has(PADDING),
+                marker: e.has(MARKER),
+                payload_type: e.payload_type,
+                sequence_number: e.seq,
+                timestamp: e.timestamp,
+                ssrc,
+                csrc: e.csrc.as_deref().cloned().unwrap_or_default(),
+                ..Default::default()
+            },
+            payload: e.payload.clone(),
+        })
     }
 }
 
@@ -438,7 +510,7 @@ impl Retransmitter {
             s.newest = Some(seq);
         }
         let keyframe = s.keyframe_ts == Some(packet.header.timestamp);
-        s.history.add(now, packet.clone(), keyframe);
+        s.history.add(now, packet, keyframe);
     }
 
     /// The subscriber's transport-wide feedback reported packet `seq` of `ssrc` (a media
@@ -757,7 +829,7 @@ mod tests {
         let t0 = Instant::now();
         let mut h = SendHistory::new();
         assert_eq!(h.check(5, t0), Verdict::Unknown);
-        h.add(t0, pkt(1, 5, 1000), false);
+        h.add(t0, &pkt(1, 5, 1000), false);
         assert_eq!(h.size(5), Some(1012));
         assert_eq!(h.check(5, ms(t0, 10)), Verdict::Resend);
         assert!(h.resend(5, ms(t0, 10)).is_some());
@@ -768,11 +840,36 @@ mod tests {
         h.resend(5, ms(t0, 310));
         assert_eq!(h.check(5, ms(t0, 500)), Verdict::Exhausted);
         // Old packets are not answered, even if never retransmitted.
-        h.add(t0, pkt(1, 6, 1000), false);
+        h.add(t0, &pkt(1, 6, 1000), false);
         assert_eq!(h.check(6, ms(t0, 1_000)), Verdict::Resend);
         assert_eq!(h.check(6, ms(t0, 1_001)), Verdict::TooOld);
         // Another packet: not the one asked for.
         assert_eq!(h.check(7, t0), Verdict::Unknown);
+    }
+
+    #[test]
+    fn a_retransmission_is_the_packet_sent_and_an_entry_one_cache_line() {
+        let t0 = Instant::now();
+        let mut h = SendHistory::new();
+        let mut p = pkt(0x4242, 900, 30);
+        p.header.timestamp = 123_456;
+        p.header.marker = true;
+        p.header.csrc = vec![7, 8];
+        p.payload = (0..30u8).collect::<Vec<_>>().into();
+        h.add(t0, &p, true);
+        assert_eq!(h.size(900), Some(12 + 8 + 30));
+        assert!(h.is_keyframe(900));
+        let back = h.resend(900, ms(t0, 20)).expect("remembered");
+        assert_eq!(back, p);
+        // The retransmission time is kept exactly: 150 ms after it, not before.
+        assert_eq!(h.check(900, ms(t0, 169)), Verdict::TooSoon);
+        assert_eq!(h.check(900, ms(t0, 170)), Verdict::Resend);
+        // A packet without CSRCs comes back without them, its padding bit kept.
+        let mut q = pkt(0x4242, 901, 5);
+        q.header.padding = true;
+        h.add(ms(t0, 1), &q, false);
+        assert_eq!(h.resend(901, ms(t0, 2)), Some(q));
+        assert_eq!(std::mem::size_of::<Option<Entry>>(), 64);
     }
 
     #[test]
@@ -781,7 +878,7 @@ mod tests {
         let mut h = SendHistory::new();
         for i in 0..(HISTORY as u32 * 3) {
             let seq = (65_000u32 + i) as u16;
-            h.add(t0, pkt(1, seq, 10), false);
+            h.add(t0, &pkt(1, seq, 10), false);
         }
         let last = (65_000u32 + HISTORY as u32 * 3 - 1) as u16;
         assert_eq!(h.check(last, t0), Verdict::Resend);
