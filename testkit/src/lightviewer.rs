@@ -72,8 +72,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Datagrams read per `recvmmsg(2)` call, at most.
 pub const BATCH: usize = 32;
-/// Receive buffer size per datagram (larger datagrams are truncated, and counted anyway).
-const DATAGRAM: usize = 1536;
+/// Receive buffer size per message: a whole run of segments the kernel kept together
+/// (`UDP_GRO`, see [`Batch`]), at most one IP datagram.
+const MESSAGE: usize = 65_536;
 /// Pause of the receive thread after each round of reads, so one `epoll_wait` finds many
 /// sockets with data. Arrival times are therefore exact only to about this much.
 const COALESCE: Duration = Duration::from_micros(1000);
@@ -252,6 +253,7 @@ impl LightViewer {
         let sock = StdUdpSocket::bind(SocketAddr::new(opts.bind_ip, 0))?;
         sock.set_nonblocking(true)?;
         set_rcvbuf(&sock, SOCKET_BUFFER);
+        take_runs_whole(&sock);
         let sock = Arc::new(sock);
         let stats = Arc::new(LightStats::default());
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -377,25 +379,50 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn set_rcvbuf(sock: &StdUdpSocket, bytes: usize) {
-    let v = bytes as libc::c_int;
+    set_int_option(
+        sock,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        bytes as libc::c_int,
+    );
+}
+
+/// Take segmented runs whole (see [`Batch`]). A kernel without `UDP_GRO` refuses it, and then
+/// splits runs itself: the counts are the same.
+fn take_runs_whole(sock: &StdUdpSocket) {
+    set_int_option(sock, libc::SOL_UDP, libc::UDP_GRO, 1);
+}
+
+fn set_int_option(sock: &StdUdpSocket, level: libc::c_int, name: libc::c_int, v: libc::c_int) {
     // SAFETY: a valid socket descriptor and a c_int option value of the right size.
     unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            level,
+            name,
             (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
 }
 
-/// Receive buffers for `recvmmsg(2)`.
+/// Room for one control message carrying an int (`CMSG_SPACE(4)`: 24 bytes on 64-bit
+/// Linux), aligned as a `cmsghdr`.
+type Cmsg = [u64; 4];
+
+/// Receive buffers for `recvmmsg(2)`. The viewer sockets take segmented runs whole
+/// (`UDP_GRO`): where the server sends a run of datagrams to one viewer as one segmented
+/// message, the kernel delivers it as one message of several datagrams of one size (the last
+/// may be shorter), with that size in a control message, instead of splitting it again on the
+/// way in. Each message is cut back into its datagrams here. On loopback the receive path runs
+/// on the sender's core, so splitting there would charge the server for work that, with the
+/// viewers on other machines, is theirs.
 struct Batch {
-    bufs: Vec<[u8; DATAGRAM]>,
+    bufs: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
+    controls: Vec<Cmsg>,
 }
 
 // SAFETY: the raw pointers in `iovs` and `msgs` only ever point into the same `Batch`'s own
@@ -409,7 +436,7 @@ impl Batch {
         // SAFETY: as above, all-zero is a valid `mmsghdr` (null pointers, zero lengths).
         let zero_msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
         Box::new(Batch {
-            bufs: vec![[0u8; DATAGRAM]; BATCH],
+            bufs: vec![0u8; MESSAGE * BATCH],
             addrs: vec![zero_addr; BATCH],
             iovs: vec![
                 libc::iovec {
@@ -419,6 +446,7 @@ impl Batch {
                 BATCH
             ],
             msgs: vec![zero_msg; BATCH],
+            controls: vec![[0; 4]; BATCH],
         })
     }
 
@@ -427,16 +455,17 @@ impl Batch {
     fn recv(&mut self, fd: libc::c_int) -> std::io::Result<usize> {
         for i in 0..BATCH {
             self.iovs[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: DATAGRAM,
+                iov_base: self.bufs[i * MESSAGE..].as_mut_ptr().cast(),
+                iov_len: MESSAGE,
             };
             let h = &mut self.msgs[i].msg_hdr;
             h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
+            self.controls[i] = [0; 4];
+            h.msg_control = self.controls[i].as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of::<Cmsg>() as _;
             h.msg_flags = 0;
             self.msgs[i].msg_len = 0;
         }
@@ -456,9 +485,30 @@ impl Batch {
         Ok(n as usize)
     }
 
-    fn datagram(&self, i: usize) -> &[u8] {
-        let len = (self.msgs[i].msg_len as usize).min(DATAGRAM);
-        &self.bufs[i][..len]
+    /// The datagrams of message `i`: one, or the segments of a run (see [`Batch`]).
+    fn datagrams(&self, i: usize) -> std::slice::Chunks<'_, u8> {
+        let len = (self.msgs[i].msg_len as usize).min(MESSAGE);
+        let data = &self.bufs[i * MESSAGE..i * MESSAGE + len];
+        data.chunks(self.segment_size(i).unwrap_or(len).max(1))
+    }
+
+    /// The segment size of message `i`, if the kernel delivered a run of segments.
+    fn segment_size(&self, i: usize) -> Option<usize> {
+        let h = &self.msgs[i].msg_hdr;
+        // SAFETY: `h` is the header `recvmmsg` filled in, its control pointer and length
+        // within `self.controls[i]`; CMSG_FIRSTHDR/CMSG_NXTHDR stay within them, and the int
+        // is read unaligned.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(h);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                    let size = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                    return usize::try_from(size).ok().filter(|&s| s > 0);
+                }
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+        }
+        None
     }
 
     fn addr(&self, i: usize) -> Option<SocketAddr> {
@@ -1061,8 +1111,7 @@ impl Entry {
             let (mut got, mut bytes, mut reordered, mut control) = (0u64, 0u64, 0u64, 0u64);
             let mut new_ssrcs = false;
             let mut max_gap = 0u64;
-            for i in 0..n {
-                let d = batch.datagram(i);
+            for (i, d) in (0..n).flat_map(|i| batch.datagrams(i).map(move |d| (i, d))) {
                 match classify(d) {
                     Datagram::Rtp { ssrc, seq } if connected => {
                         got += 1;
@@ -1151,6 +1200,89 @@ fn new_pc(now: Instant) -> Result<RTCPeerConnection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Send `data` to `to` from `from` as one message segmented into `segment`-byte datagrams.
+    fn send_segmented(from: &StdUdpSocket, to: SocketAddr, data: &[u8], segment: u16) {
+        let SocketAddr::V4(to) = to else {
+            panic!("IPv4 only")
+        };
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: to.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*to.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut control: Cmsg = [0; 4];
+        // SAFETY: the header points at `addr`, `iov` and `control`, alive for the call;
+        // `control` holds CMSG_SPACE(2) bytes, aligned as a cmsghdr.
+        let sent = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_name = (&addr as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(2) as _;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = libc::UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
+            libc::sendmsg(from.as_raw_fd(), &msg, 0)
+        };
+        assert_eq!(
+            sent,
+            data.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    #[test]
+    fn a_segmented_run_is_read_back_as_its_datagrams() {
+        let rx = StdUdpSocket::bind("127.0.0.1:0").expect("bind");
+        take_runs_whole(&rx);
+        let tx = StdUdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = rx.local_addr().expect("address");
+        // Three datagrams of 100 bytes and a shorter last one, then a datagram on its own.
+        let run: Vec<u8> = (0..340u32).map(|i| (i / 100 + 1) as u8).collect();
+        send_segmented(&tx, to, &run, 100);
+        tx.send_to(&[9u8; 7], to).expect("send");
+        let mut batch = Batch::new();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut runs_whole = 0;
+        while got.len() < 5 {
+            let mut pfd = libc::pollfd {
+                fd: rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 5_000) };
+            assert_eq!(ready, 1, "nothing more arrived within 5 s: {got:?}");
+            let n = batch.recv(rx.as_raw_fd()).expect("recvmmsg");
+            for i in 0..n {
+                runs_whole += usize::from(batch.segment_size(i).is_some());
+                got.extend(batch.datagrams(i).map(<[u8]>::to_vec));
+            }
+        }
+        let expected = vec![
+            vec![1u8; 100],
+            vec![2; 100],
+            vec![3; 100],
+            vec![4; 40],
+            vec![9; 7],
+        ];
+        assert_eq!(got, expected);
+        // The kernel kept the run together, and it was cut here.
+        assert_eq!(runs_whole, 1);
+    }
 
     #[test]
     fn classify_tells_rtp_from_rtcp_and_the_rest() {
