@@ -214,18 +214,11 @@ impl SendHistory {
         }
     }
 
-    fn epoch(&self) -> Instant {
-        // (Only read for an entry, which the first `add` set it before.)
-        self.epoch
-            .unwrap_or_else(|| unreachable!("an entry exists only after an add"))
-    }
-
     /// Whether `seq` may be retransmitted now, by history, age and attempts (not budget).
     pub fn check(&self, seq: u16, now: Instant) -> Verdict {
-        let Some(e) = self.entry(seq) else {
+        let Some((e, epoch)) = self.entry(seq) else {
             return Verdict::Unknown;
         };
-        let epoch = self.epoch();
         if now.saturating_duration_since(e.sent(epoch)) > MAX_AGE {
             Verdict::TooOld
         } else if e.attempts >= MAX_ATTEMPTS {
@@ -257,18 +250,18 @@ impl SendHistory {
     /// that does not count the repairs of its RTX stream) has lost nothing.
     pub fn lost_for_good(&self, seq: u16, now: Instant, verdict: Verdict) -> bool {
         let entry = self.entry(seq);
-        if entry.is_some_and(|e| e.has(DELIVERED)) {
+        if entry.is_some_and(|(e, _)| e.has(DELIVERED)) {
             return false;
         }
-        let settled = |e: &Entry| {
-            e.last_resent(self.epoch())
+        let settled = |(e, epoch): (&Entry, Instant)| {
+            e.last_resent(epoch)
                 .is_none_or(|t| now.saturating_duration_since(t) >= RESEND_INTERVAL)
         };
         match verdict {
             Verdict::Unknown => true,
             Verdict::TooOld | Verdict::Exhausted => entry.is_none_or(settled),
-            Verdict::OverBudget => entry.is_some_and(|e| {
-                now.saturating_duration_since(e.sent(self.epoch())) >= GIVE_UP_AFTER
+            Verdict::OverBudget => entry.is_some_and(|(e, epoch)| {
+                now.saturating_duration_since(e.sent(epoch)) >= GIVE_UP_AFTER
             }),
             Verdict::TooSoon | Verdict::Resend => false,
         }
@@ -284,19 +277,22 @@ impl SendHistory {
     /// Size of `seq` on the wire (header + payload), if remembered.
     pub fn size(&self, seq: u16) -> Option<usize> {
         self.entry(seq)
-            .map(|e| 12 + e.csrc.as_ref().map_or(0, |c| c.len()) * 4 + e.payload.len())
+            .map(|(e, _)| 12 + e.csrc.as_ref().map_or(0, |c| c.len()) * 4 + e.payload.len())
     }
 
     /// Whether `seq` is remembered as part of a keyframe.
     pub fn is_keyframe(&self, seq: u16) -> bool {
-        self.entry(seq).is_some_and(|e| e.has(KEYFRAME))
+        self.entry(seq).is_some_and(|(e, _)| e.has(KEYFRAME))
     }
 
-    fn entry(&self, seq: u16) -> Option<&Entry> {
+    /// The entry of `seq`, with the epoch its times count from.
+    fn entry(&self, seq: u16) -> Option<(&Entry, Instant)> {
+        let epoch = self.epoch?;
         self.slots
             .get(Self::slot(seq))
             .and_then(Option::as_ref)
             .filter(|e| e.seq == seq)
+            .map(|e| (e, epoch))
     }
 
     fn entry_mut(&mut self, seq: u16) -> Option<&mut Entry> {
