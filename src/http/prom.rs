@@ -309,6 +309,7 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         udp_datagrams_out,
         udp_datagrams_out_dropped,
         udp_send_calls,
+        udp_datagrams_segmented,
         data_messages_relayed,
         data_messages_sequenced,
         data_duplicates_dropped,
@@ -361,7 +362,7 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         "Tracks published",
         *published_tracks,
     )?;
-    let counters: [(&str, &str, u64); 47] = [
+    let counters: [(&str, &str, u64); 48] = [
         (
             "plaza_rtp_packets_in",
             "RTP packets received from publishers",
@@ -401,6 +402,11 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
             "plaza_udp_send_calls",
             "Send system calls made (each sends a batch of datagrams)",
             *udp_send_calls,
+        ),
+        (
+            "plaza_udp_datagrams_segmented",
+            "UDP datagrams sent as segments of a larger message (segmentation offload)",
+            *udp_datagrams_segmented,
         ),
         (
             "plaza_log_lines_suppressed",

@@ -339,6 +339,7 @@ pub struct UdpTransmit {
     sent: u64,
     dropped: u64,
     calls: u64,
+    segmented: u64,
 }
 
 impl UdpTransmit {
@@ -352,6 +353,7 @@ impl UdpTransmit {
             sent: 0,
             dropped: 0,
             calls: 0,
+            segmented: 0,
         }
     }
 
@@ -364,6 +366,7 @@ impl UdpTransmit {
         self.sent += o.sent;
         self.dropped += o.dropped;
         self.calls += o.calls;
+        self.segmented += o.segmented;
     }
 }
 
@@ -398,6 +401,7 @@ impl Transmit for UdpTransmit {
         stats.udp_datagrams_out = self.sent;
         stats.udp_datagrams_out_dropped = self.dropped;
         stats.udp_send_calls = self.calls;
+        stats.udp_datagrams_segmented = self.segmented;
         stats.forward_latency = self.latency[0].snapshot();
         stats.data_relay_latency = self.latency[1].snapshot();
         stats.ice_tcp = self.tcp.stats();

@@ -38,6 +38,8 @@ pub struct SendOutcome {
     pub sent: u64,
     pub dropped: u64,
     pub calls: u64,
+    /// Of `sent`, the datagrams that left as segments of a larger message.
+    pub segmented: u64,
 }
 
 /// Which latency a datagram with an origin counts in: 0 media, 1 data channels (a DTLS
@@ -345,10 +347,12 @@ fn send_messages(
         outcome.calls += 1;
         if n > 0 {
             let n = n as usize;
-            outcome.sent += messages[start..start + n]
-                .iter()
-                .map(|m| u64::from(m.count))
-                .sum::<u64>();
+            for m in &messages[start..start + n] {
+                outcome.sent += u64::from(m.count);
+                if m.count > 1 {
+                    outcome.segmented += u64::from(m.count);
+                }
+            }
             start += n;
             continue;
         }
@@ -681,6 +685,7 @@ mod tests {
         }
         let out = q.send(&tx, &mut Default::default());
         assert_eq!((out.sent, out.dropped, out.calls), (20, 0, 1), "{out:?}");
+        assert_eq!(out.segmented, 20, "{out:?}");
         assert!(q.segments);
         let mut buf = [0u8; 2048];
         for (r, rx) in rxs.iter().enumerate() {
@@ -726,6 +731,7 @@ mod tests {
             }
             let out = q.send(&tx, &mut Default::default());
             assert_eq!((out.sent, out.dropped), (6, 0), "round {round}: {out:?}");
+            assert_eq!(out.segmented, 0, "round {round}: {out:?}");
             assert!(!q.segments, "round {round}: segmentation stays off");
             let mut buf = [0u8; 2048];
             for i in 0..6u8 {

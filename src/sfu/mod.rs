@@ -320,6 +320,9 @@ pub struct CoreStats {
     pub udp_datagrams_out_dropped: u64,
     /// Send system calls made (each sends a batch of datagrams).
     pub udp_send_calls: u64,
+    /// Of `udp_datagrams_out`, the datagrams that left as segments of a larger message (UDP
+    /// segmentation offload: a run of one size for one destination).
+    pub udp_datagrams_segmented: u64,
     pub data_messages_relayed: u64,
     /// Data-channel messages stamped on a room timeline here (this shard is their room's
     /// home), retries dropped as duplicates, and messages for a participant whose channel was
@@ -472,6 +475,7 @@ impl CoreStats {
             udp_datagrams_out,
             udp_datagrams_out_dropped,
             udp_send_calls,
+            udp_datagrams_segmented,
             data_messages_relayed,
             data_messages_sequenced,
             data_duplicates_dropped,
@@ -524,6 +528,7 @@ impl CoreStats {
         self.udp_datagrams_out += udp_datagrams_out;
         self.udp_datagrams_out_dropped += udp_datagrams_out_dropped;
         self.udp_send_calls += udp_send_calls;
+        self.udp_datagrams_segmented += udp_datagrams_segmented;
         self.data_messages_relayed += data_messages_relayed;
         self.data_messages_sequenced += data_messages_sequenced;
         self.data_duplicates_dropped += data_duplicates_dropped;
