@@ -363,3 +363,160 @@ fn send_copy<T: Transmit>(
         }
     }
 }
+
+#[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time.
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+    use crate::sfu::selector::LayerInfo;
+
+    /// A down-track of a three-layer video track (it wants the top layer), as the core keeps
+    /// one per subscription.
+    fn down_track(now: Instant) -> DownTrack {
+        let layers: Vec<LayerInfo> = [
+            (320, 180, 150_000),
+            (640, 360, 500_000),
+            (1280, 720, 1_500_000),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(id, &(width, height, bitrate_bps))| LayerInfo {
+            id,
+            width,
+            height,
+            bitrate_bps,
+            active: true,
+        })
+        .collect();
+        let mut sel = LayerSelector::new(Requested::default());
+        sel.update(&layers, None, now);
+        DownTrack {
+            ssrc: 0xabc,
+            payload_type: Some(96),
+            payload: Default::default(),
+            twcc_ext: None,
+            rewriter: Rewriter::with_initial(0xabc, 1000, 5000),
+            munger: None,
+            selector: Some(sel),
+            first_offer: 1,
+            switch_watch: None,
+        }
+    }
+
+    /// A packet of `layer` as the publisher's shard keeps it for the fan-out.
+    fn arrival(layer: usize, seq: u16, keyframe: bool, now: Instant) -> Arrival {
+        let mut packet = rtp::Packet::default();
+        packet.header.ssrc = 100 + layer as u32;
+        packet.header.payload_type = 100;
+        packet.header.sequence_number = seq;
+        packet.header.timestamp = u32::from(seq) * 3000;
+        packet.header.marker = true;
+        packet.payload = Bytes::from_static(b"\x10\x00\x00\x9d\x01\x2a payload");
+        Arrival {
+            room: RoomKey(1),
+            track: TrackId::from("TR_v"),
+            meta: forward::Packet {
+                layer,
+                keyframe,
+                ssrc: packet.header.ssrc,
+                seq,
+                timestamp: packet.header.timestamp,
+                clock_rate: 90_000,
+            },
+            packet,
+            origin: now,
+            h264_prefix: None,
+        }
+    }
+
+    #[test]
+    fn a_copy_carries_the_down_tracks_header_and_shares_the_payload() {
+        let t0 = Instant::now();
+        let mut dt = down_track(t0);
+        let top = dt
+            .wants_keyframe()
+            .expect("a new down-track waits for a keyframe");
+        let tid = TrackId::from("TR_v");
+        // Before the layer's keyframe: no copy, and the reason says why.
+        let a = arrival(top, 7, false, t0);
+        assert_eq!(
+            decide_copy(&mut dt, &a, true, t0, &tid).unwrap_err(),
+            DropReason::AwaitingKeyframe
+        );
+        let a = arrival(top, 8, true, t0);
+        let copy = decide_copy(&mut dt, &a, true, t0, &tid).expect("the keyframe is copied");
+        let h = &copy.out.header;
+        assert_eq!((h.ssrc, h.payload_type), (0xabc, 96));
+        assert_eq!((h.sequence_number, h.timestamp), (1000, 5000));
+        assert!(h.marker, "the rest of the header is the publisher's");
+        assert!(copy.layer_switched, "the down-track starts its layer here");
+        assert!(copy.prefix.is_none());
+        // Nothing to change in the payload: the copy shares the arrival's buffer.
+        assert_eq!(copy.out.payload.as_ptr(), a.packet.payload.as_ptr());
+        let next = decide_copy(&mut dt, &arrival(top, 9, false, t0), true, t0, &tid)
+            .expect("the next packet of the layer is copied");
+        assert_eq!(next.out.header.sequence_number, 1001);
+        assert_eq!(next.out.header.timestamp, 8000);
+        assert!(!next.layer_switched);
+        // Another layer is not this down-track's.
+        let other = arrival((top + 1) % 3, 10, true, t0);
+        assert_eq!(
+            decide_copy(&mut dt, &other, true, t0, &tid).unwrap_err(),
+            DropReason::OtherLayer
+        );
+    }
+
+    #[test]
+    fn no_copy_before_the_connection_nor_of_a_malformed_red_payload() {
+        let t0 = Instant::now();
+        let tid = TrackId::from("TR_v");
+        let mut dt = down_track(t0);
+        let top = dt.wants_keyframe().unwrap();
+        let a = arrival(top, 1, true, t0);
+        assert_eq!(
+            decide_copy(&mut dt, &a, false, t0, &tid).unwrap_err(),
+            DropReason::NotConnected
+        );
+        // A subscriber without RED gets the primary block of a RED payload: a payload that is
+        // not RED is dropped, before the rewriter counts it (the next copy is numbered first).
+        dt.payload = red::Payload::Strip { expect: None };
+        let mut bad = arrival(top, 2, true, t0);
+        bad.packet.payload = Bytes::from_static(b"\x80");
+        assert_eq!(
+            decide_copy(&mut dt, &bad, true, t0, &tid).unwrap_err(),
+            DropReason::MalformedRed
+        );
+        // A RED payload of one primary block (F=0, payload type 111) and its data.
+        let mut red = arrival(top, 3, true, t0);
+        red.packet.payload = Bytes::from_static(b"\x6fopus");
+        let copy = decide_copy(&mut dt, &red, true, t0, &tid).expect("the primary is copied");
+        assert_eq!(&copy.out.payload[..], b"opus");
+        assert_eq!(copy.out.header.sequence_number, 1000);
+    }
+
+    #[test]
+    fn an_idr_that_starts_a_down_track_goes_behind_its_parameter_sets() {
+        let t0 = Instant::now();
+        let tid = TrackId::from("TR_v");
+        let mut dt = down_track(t0);
+        let top = dt.wants_keyframe().unwrap();
+        let mut a = arrival(top, 40, true, t0);
+        a.h264_prefix = Some(Bytes::from_static(b"\x78sps-pps"));
+        let copy = decide_copy(&mut dt, &a, true, t0, &tid).expect("the IDR is copied");
+        let pre = copy.prefix.expect("the parameter sets go first");
+        assert_eq!(&pre.payload[..], b"\x78sps-pps");
+        assert!(!pre.header.marker);
+        assert_eq!(pre.header.ssrc, 0xabc);
+        assert_eq!(pre.header.timestamp, copy.out.header.timestamp);
+        assert_eq!(pre.header.sequence_number, 1000);
+        assert_eq!(
+            copy.out.header.sequence_number, 1001,
+            "the IDR moves up one"
+        );
+        // Later packets of the layer follow the IDR without a gap, and without the sets.
+        let next = decide_copy(&mut dt, &arrival(top, 41, false, t0), true, t0, &tid).unwrap();
+        assert_eq!(next.out.header.sequence_number, 1002);
+        assert!(next.prefix.is_none());
+    }
+}
