@@ -57,7 +57,8 @@ use common::cli::{self, PeerArgs};
 use common::janus::{JanusOptions, JanusPeer, JanusServer, create_room};
 use common::lightviewer::{self, LightOptions, LightViewer};
 use common::measure::{
-    self, ClientTotals, Measured, Recorder, ServerSource, Summary, now_us, summarize, wait_http_ok,
+    self, ClientTotals, Measured, Recorder, ServerSource, Summary, WindowStats, now_us, summarize,
+    wait_http_ok,
 };
 use common::{Channel, Peer, PeerOptions};
 use futures_util::StreamExt;
@@ -1428,8 +1429,8 @@ fn light_table(points: &[Point]) -> String {
         "| server | N | fwd pkt/s | expected pkt/s | server CPU | server µs/pkt | viewer loss \
          | delivery | in-core p50 / p99 (µs) | srv CPU wait | gen CPU | gen µs/pkt \
          | viewer rx µs/pkt | pkts/recvmmsg | layer (viewers) | max gap (ms) \
-         | first packet p50 / p99 (ms) | knee |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|\n",
+         | first packet p50 / p99 (ms) | shards: share · µs per own pkt | knee |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|\n",
     );
     for p in points {
         let (Some(l), Some(m)) = (&p.light, &p.measured) else {
@@ -1437,7 +1438,7 @@ fn light_table(points: &[Point]) -> String {
         };
         let w = &m.window;
         s.push_str(&format!(
-            "| {}{} | {} | {:.0} | {:.0} | {} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} | {} | {:.1} | {} | {:.0} | {} | {} |\n",
+            "| {}{} | {} | {:.0} | {:.0} | {} | {} | {:.2}% | {:.1}% | {} | {} | {} | {} | {} | {:.1} | {} | {:.0} | {} | {} | {} |\n",
             server_label(p),
             if p.ok { "" } else { " ⚠" },
             p.n,
@@ -1464,11 +1465,32 @@ fn light_table(points: &[Point]) -> String {
                 .as_ref()
                 .filter(|j| j.count > 0)
                 .map_or("n/a".into(), |j| format!("{:.0} / {:.0}", j.p50, j.p99)),
+            shard_text(w),
             if l.knee { "**knee**" } else { "" },
         ));
     }
     s.push('\n');
     s
+}
+
+/// Each shard's share of the forwarded packets and its thread's CPU per packet it forwarded
+/// (the shard threads alone: without the server's signaling and HTTP threads).
+fn shard_text(w: &WindowStats) -> String {
+    let Some(cpu) = &w.shard_cpu else {
+        return "–".into();
+    };
+    let all = [100.0];
+    let shares = match &w.shard_share_percent {
+        Some(s) => &s[..],
+        None if cpu.len() == 1 => &all[..],
+        None => return "–".into(),
+    };
+    shares
+        .iter()
+        .zip(cpu)
+        .map(|(share, c)| format!("{share:.0}% · {}", f(c.us_per_packet, 2)))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 /// Plaza / Janus ratios per N.

@@ -314,7 +314,7 @@ pub struct ClientTotals {
     pub peers: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Sample {
     #[serde(skip)]
     pub at: Option<Instant>,
@@ -331,6 +331,43 @@ pub struct Sample {
     /// Packets forwarded by each core shard (Plaza `/stats` `shards[].rtp_packets_forwarded`).
     #[serde(skip)]
     pub shard_forwarded: Option<Vec<u64>>,
+    /// CPU time each core shard's thread (`plaza-core-<i>`) used so far, seconds, by shard
+    /// index (Plaza on this machine).
+    #[serde(skip)]
+    pub shard_cpu_s: Option<Vec<f64>>,
+}
+
+/// CPU time (schedstat run time, seconds) of each thread of process `pid` named
+/// `plaza-core-<i>` (a Plaza core shard), by `i`; `None` without such threads.
+pub fn shard_thread_cpu(pid: u32) -> Option<Vec<f64>> {
+    let mut by_shard: Vec<(usize, f64)> = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let Some(i) = comm
+            .trim()
+            .strip_prefix("plaza-core-")
+            .and_then(|i| i.parse().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
+        if let Some(Ok(ns)) = stat.split_whitespace().next().map(str::parse::<u64>) {
+            by_shard.push((i, ns as f64 / 1e9));
+        }
+    }
+    if by_shard.is_empty() {
+        return None;
+    }
+    by_shard.sort_by_key(|&(i, _)| i);
+    // Only a complete set (shards 0..n) is usable.
+    by_shard
+        .iter()
+        .enumerate()
+        .all(|(k, &(i, _))| k == i)
+        .then(|| by_shard.into_iter().map(|(_, s)| s).collect())
 }
 
 /// Where to read a server's numbers from.
@@ -423,6 +460,7 @@ impl ServerSource {
             generator: ProcUsage::read(std::process::id()),
             forward_latency_buckets,
             shard_forwarded,
+            shard_cpu_s: self.pid.and_then(shard_thread_cpu),
         }
     }
 }
@@ -466,6 +504,18 @@ pub struct WindowStats {
     /// Each core shard's share of the packets forwarded in the window, % (Plaza with
     /// `--workers` > 1).
     pub shard_share_percent: Option<Vec<f64>>,
+    /// Each core shard's thread: its CPU in % of one core, and that CPU per packet the shard
+    /// forwarded itself, µs (Plaza on this machine; with one worker, its only shard). A shard that receives
+    /// the publisher's packets also pays for reading and decrypting them.
+    pub shard_cpu: Option<Vec<ShardCpu>>,
+}
+
+/// One core shard's CPU over a window.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct ShardCpu {
+    pub cpu_percent: f64,
+    /// CPU per packet this shard forwarded, µs (`None`: it forwarded none).
+    pub us_per_packet: Option<f64>,
 }
 
 /// Percentiles of the server's in-core forwarding latency over a window, µs (bucket upper
@@ -486,6 +536,27 @@ fn shard_shares(a: &Sample, b: &Sample) -> Option<Vec<f64>> {
     let d: Vec<u64> = x.iter().zip(y).map(|(x, y)| y.saturating_sub(*x)).collect();
     let total: u64 = d.iter().sum();
     (total > 0).then(|| d.iter().map(|&n| 100.0 * n as f64 / total as f64).collect())
+}
+
+fn shard_cpu(a: &Sample, b: &Sample, seconds: f64) -> Option<Vec<ShardCpu>> {
+    let (cx, cy) = (a.shard_cpu_s.as_ref()?, b.shard_cpu_s.as_ref()?);
+    let (fx, fy) = (a.shard_forwarded.as_ref()?, b.shard_forwarded.as_ref()?);
+    let n = cy.len();
+    if n == 0 || cx.len() != n || fx.len() != n || fy.len() != n || seconds <= 0.0 {
+        return None;
+    }
+    Some(
+        (0..n)
+            .map(|i| {
+                let cpu = (cy[i] - cx[i]).max(0.0);
+                let fwd = fy[i].saturating_sub(fx[i]);
+                ShardCpu {
+                    cpu_percent: 100.0 * cpu / seconds,
+                    us_per_packet: (fwd > 0).then(|| cpu * 1e6 / fwd as f64),
+                }
+            })
+            .collect(),
+    )
 }
 
 fn in_core_latency(a: &Sample, b: &Sample) -> Option<InCoreLatency> {
@@ -579,6 +650,7 @@ pub fn window(a: &Sample, b: &Sample) -> WindowStats {
             .map(|w| 100.0 * w / seconds),
         server_forward_latency_us: in_core_latency(a, b),
         shard_share_percent: shard_shares(a, b),
+        shard_cpu: shard_cpu(a, b, seconds),
     }
 }
 
@@ -780,6 +852,7 @@ mod tests {
             generator: ProcUsage::default(),
             forward_latency_buckets: Some(vec![(10, secs * 100), (1000, secs)]),
             shard_forwarded: None,
+            shard_cpu_s: None,
         };
         let w = window(
             &s(0, Some(1000), 1.0, 500),
@@ -794,6 +867,81 @@ mod tests {
         assert_eq!(w.forwarded, 50_000);
         assert!((w.server_us_per_packet.unwrap() - 10.0).abs() < 1e-9);
         assert!((w.loss_percent - 100.0 * 500.0 / 50_500.0).abs() < 1e-9);
+    }
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::*;
+
+    #[test]
+    fn each_shards_cpu_is_divided_by_the_packets_it_forwarded() {
+        let t0 = Instant::now();
+        let s = |secs: u64, fwd: [u64; 2], cpu: [f64; 2]| Sample {
+            at: Some(t0 + Duration::from_secs(secs)),
+            shard_forwarded: Some(fwd.to_vec()),
+            shard_cpu_s: Some(cpu.to_vec()),
+            ..Default::default()
+        };
+        let w = window(
+            &s(0, [100, 0], [1.0, 0.5]),
+            &s(10, [200_100, 0], [1.4, 0.6]),
+        );
+        let shards = w.shard_cpu.expect("two shards with their threads' CPU");
+        assert!((shards[0].cpu_percent - 4.0).abs() < 1e-9);
+        assert!((shards[0].us_per_packet.unwrap() - 2.0).abs() < 1e-9);
+        assert!((shards[1].cpu_percent - 1.0).abs() < 1e-9);
+        assert_eq!(shards[1].us_per_packet, None, "shard 1 forwarded nothing");
+        // One shard: its thread alone (without the server's other threads).
+        let one = |secs: u64| Sample {
+            at: Some(t0 + Duration::from_secs(secs)),
+            shard_forwarded: Some(vec![secs * 100_000]),
+            shard_cpu_s: Some(vec![secs as f64 / 10.0]),
+            ..Default::default()
+        };
+        let w = window(&one(0), &one(10));
+        assert_eq!(w.shard_share_percent, None);
+        assert!((w.shard_cpu.unwrap()[0].us_per_packet.unwrap() - 1.0).abs() < 1e-9);
+        // A sample without the threads (another server, or not on this machine): nothing.
+        let none = |secs: u64| Sample {
+            shard_cpu_s: None,
+            ..one(secs)
+        };
+        assert_eq!(window(&none(0), &none(10)).shard_cpu, None);
+    }
+
+    #[test]
+    fn shard_threads_are_found_by_name() {
+        // No thread of this process is a core shard.
+        assert_eq!(shard_thread_cpu(std::process::id()), None);
+        let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+        let mut stops = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..2 {
+            let (stop_tx, stop) = std::sync::mpsc::channel::<()>();
+            let ready_tx = ready_tx.clone();
+            stops.push(stop_tx);
+            let t = std::thread::Builder::new()
+                .name(format!("plaza-core-{i}"))
+                .spawn(move || {
+                    ready_tx.send(()).unwrap();
+                    let _ = stop.recv();
+                })
+                .unwrap();
+            threads.push(t);
+        }
+        ready.recv().unwrap();
+        ready.recv().unwrap();
+        let cpu = shard_thread_cpu(std::process::id());
+        drop(stops);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            cpu.map(|c| c.len()),
+            Some(2),
+            "both shard threads, by index"
+        );
     }
 }
 
@@ -949,6 +1097,19 @@ impl Measured {
             let s: Vec<String> = shares.iter().map(|p| format!("{p:.1}%")).collect();
             println!(
                 "server shards: share of the forwarded packets {}",
+                s.join(" / ")
+            );
+        }
+        if let Some(shards) = &w.shard_cpu {
+            let s: Vec<String> = shards
+                .iter()
+                .map(|c| {
+                    let per = c.us_per_packet.map_or("-".into(), |u| format!("{u:.2} µs"));
+                    format!("{:.1}% ({per}/pkt)", c.cpu_percent)
+                })
+                .collect();
+            println!(
+                "server shards: CPU of each shard's thread (per packet it forwarded) {}",
                 s.join(" / ")
             );
         }
