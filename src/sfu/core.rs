@@ -2313,6 +2313,7 @@ impl<T: Transmit> Sfu<T> {
                 origin,
             } => {
                 if let Some((rk, tid)) = self.relays_in.get(&(from, relay)).cloned() {
+                    let packet = pipe::own_payload(packet);
                     self.fan_out(rk, &tid, usize::from(layer), packet, origin, None);
                 }
             }

