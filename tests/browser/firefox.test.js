@@ -1,12 +1,16 @@
-// Firefox in Plaza rooms: with Chromium, publishing simulcast, and with another Firefox.
+// Firefox in Plaza rooms: with Chromium, publishing simulcast, restarting ICE, with another Firefox,
+// and subscribed to a webrtc-rs publisher (the load tester) whose frames leave as segmented runs.
 // Firefox (Debian firefox-esr) is driven over WebDriver BiDi by puppeteer-core, Chromium by
 // playwright-core. Run with scripts/browser-tests.sh (loopback-only network namespace with a
 // default route over lo, which Firefox needs to gather candidates; server started here).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { join } from 'node:path';
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import {
   ARTIFACTS,
+  REPO,
   startServer,
   launchParticipant,
   launchFirefoxParticipant,
@@ -180,6 +184,43 @@ describe('Firefox', { timeout: 300_000 }, () => {
     assert.deepEqual(seen, [], 'chromium saw no leave, join or unpublish');
     const foxStates = await fox.page.evaluate(() => window.__events.filter((e) => e.t === 'icestatechange').map((e) => `${e.target}:${e.state}`));
     console.log(`# Firefox ICE states across its restart: ${foxStates.join(', ')}`);
+  });
+
+  it('Firefox decodes a webrtc-rs publisher whose frames leave Plaza as segmented runs', async () => {
+    // The load tester's publisher writes each frame's packets back to back (browsers pace
+    // theirs), so the server reads several per turn and sends each subscriber its copies as
+    // one UDP_SEGMENT message, which the kernel cuts into datagrams on the way. Firefox, the
+    // only subscriber, must decode what arrives so.
+    const plazaBin = process.env.PLAZA_BIN ?? join(REPO, 'target', 'release', 'plaza');
+    const loadtest = join(dirname(plazaBin), 'examples', 'loadtest');
+    assert.ok(existsSync(loadtest), `${loadtest} is missing: cargo build --release --examples`);
+    const room = `ff-burst-${Date.now()}`;
+    const ws = `${server.url.replace(/^http/, 'ws')}/rtc`;
+    const pub = spawn(loadtest, ['--url', ws, '--room', room, '--publishers', '1', '--subscribers', '0', '--duration', '90'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const out = [];
+    pub.stdout.on('data', (d) => out.push(String(d)));
+    pub.stderr.on('data', (d) => out.push(String(d)));
+    const segmented = async () => (await (await fetch(`${server.url}/stats`)).json()).udp_datagrams_segmented;
+    try {
+      await joinViaUrl(fox, server.url, room, 'fox', '&publish=0');
+      const first = await waitForMediaFrom(fox, 'pub-1').catch((e) => {
+        throw new Error(`${e.message}\nload tester:\n${out.join('')}`);
+      });
+      const before = await segmented();
+      // More segmented datagrams while Firefox keeps decoding (it is the room's only subscriber).
+      const after = await waitFor(async () => ((await segmented()) >= before + 50 ? segmented() : null), {
+        timeout: 20_000,
+        what: 'the server to send Firefox segmented runs',
+      });
+      const later = await waitForMediaFrom(fox, 'pub-1');
+      assert.ok(later.v.framesDecoded > first.v.framesDecoded, 'Firefox keeps decoding');
+      assert.ok(later.v.frameWidth > 0);
+      console.log(`# ${after - before} datagrams sent as segments while Firefox decoded ${later.v.framesDecoded - first.v.framesDecoded} frames at ${later.v.frameWidth}x${later.v.frameHeight}`);
+    } finally {
+      pub.kill('SIGTERM');
+    }
   });
 
   it('two Firefox participants decode each other', async () => {
