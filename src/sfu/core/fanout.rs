@@ -369,40 +369,7 @@ fn send_copy<T: Transmit>(
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
-    use crate::sfu::selector::LayerInfo;
-
-    /// A down-track of a three-layer video track (it wants the top layer), as the core keeps
-    /// one per subscription.
-    fn down_track(now: Instant) -> DownTrack {
-        let layers: Vec<LayerInfo> = [
-            (320, 180, 150_000),
-            (640, 360, 500_000),
-            (1280, 720, 1_500_000),
-        ]
-        .iter()
-        .enumerate()
-        .map(|(id, &(width, height, bitrate_bps))| LayerInfo {
-            id,
-            width,
-            height,
-            bitrate_bps,
-            active: true,
-        })
-        .collect();
-        let mut sel = LayerSelector::new(Requested::default());
-        sel.update(&layers, None, now);
-        DownTrack {
-            ssrc: 0xabc,
-            payload_type: Some(96),
-            payload: Default::default(),
-            twcc_ext: None,
-            rewriter: Rewriter::with_initial(0xabc, 1000, 5000),
-            munger: None,
-            selector: Some(sel),
-            first_offer: 1,
-            switch_watch: None,
-        }
-    }
+    use crate::sfu::forward::testing::video_down_track as down_track;
 
     /// A packet of `layer` as the publisher's shard keeps it for the fan-out.
     fn arrival(layer: usize, seq: u16, keyframe: bool, now: Instant) -> Arrival {

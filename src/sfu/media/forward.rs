@@ -201,15 +201,14 @@ impl ForwardDrops {
     }
 }
 
+/// Down-tracks for tests here and in the core's fan-out.
 #[cfg(test)]
-// Tests pick an arbitrary origin for their virtual time (and may share test state).
-#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::sfu::selector::{LayerInfo, Requested};
-    use std::time::Duration;
 
-    fn layers() -> Vec<LayerInfo> {
+    /// Three simulcast layers: 320×180, 640×360, 1280×720, all active.
+    pub fn layers() -> Vec<LayerInfo> {
         [
             (320, 180, 150_000),
             (640, 360, 500_000),
@@ -227,7 +226,9 @@ mod tests {
         .collect()
     }
 
-    fn video_down_track(now: Instant) -> DownTrack {
+    /// A down-track of a video track with those layers (SSRC 0xabc, payload type 96, first
+    /// outgoing sequence number 1000 and timestamp 5000), its selector updated at `now`.
+    pub fn video_down_track(now: Instant) -> DownTrack {
         let mut sel = LayerSelector::new(Requested::default());
         sel.update(&layers(), None, now);
         DownTrack {
@@ -242,6 +243,15 @@ mod tests {
             switch_watch: None,
         }
     }
+}
+
+#[cfg(test)]
+// Tests pick an arbitrary origin for their virtual time (and may share test state).
+#[allow(clippy::disallowed_methods, clippy::disallowed_types)]
+mod tests {
+    use super::testing::video_down_track;
+    use super::*;
+    use std::time::Duration;
 
     fn packet(layer: usize, seq: u16, keyframe: bool) -> Packet {
         Packet {
