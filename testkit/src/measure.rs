@@ -152,11 +152,7 @@ impl ProcUsage {
         let mut any = false;
         if let Ok(dir) = std::fs::read_dir(format!("{base}/task")) {
             for e in dir.flatten() {
-                let Ok(text) = std::fs::read_to_string(e.path().join("schedstat")) else {
-                    continue;
-                };
-                let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
-                if let (Some(Some(run)), Some(Some(wait))) = (f.next(), f.next()) {
+                if let Some((run, wait)) = thread_schedstat(&e.path()) {
                     runtime_ns += run;
                     wait_ns += wait;
                     any = true;
@@ -337,6 +333,14 @@ pub struct Sample {
     pub shard_cpu_s: Option<Vec<f64>>,
 }
 
+/// A thread's run time and run-queue wait so far, ns (`/proc/<pid>/task/<tid>/schedstat`, the
+/// thread's directory given).
+fn thread_schedstat(task: &std::path::Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(task.join("schedstat")).ok()?;
+    let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+    Some((f.next()??, f.next()??))
+}
+
 /// CPU time (schedstat run time, seconds) of each thread of process `pid` named
 /// `plaza-core-<i>` (a Plaza core shard), by `i`; `None` without such threads.
 pub fn shard_thread_cpu(pid: u32) -> Option<Vec<f64>> {
@@ -353,9 +357,8 @@ pub fn shard_thread_cpu(pid: u32) -> Option<Vec<f64>> {
         else {
             continue;
         };
-        let stat = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
-        if let Some(Ok(ns)) = stat.split_whitespace().next().map(str::parse::<u64>) {
-            by_shard.push((i, ns as f64 / 1e9));
+        if let Some((run, _)) = thread_schedstat(&e.path()) {
+            by_shard.push((i, run as f64 / 1e9));
         }
     }
     if by_shard.is_empty() {

@@ -210,7 +210,10 @@ describe('Firefox', { timeout: 300_000 }, () => {
       });
       const before = await segmented();
       // More segmented datagrams while Firefox keeps decoding (it is the room's only subscriber).
-      const after = await waitFor(async () => ((await segmented()) >= before + 50 ? segmented() : null), {
+      const after = await waitFor(async () => {
+        const now = await segmented();
+        return now >= before + 50 ? now : null;
+      }, {
         timeout: 20_000,
         what: 'the server to send Firefox segmented runs',
       });
