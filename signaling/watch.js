@@ -501,8 +501,10 @@ async function tick() {
   else stall++;
   const iceUp = ['connected', 'completed'].includes(pc.iceConnectionState);
   if (iceUp && !restarting) {
-    if (grew && frames > 0 && watch.state !== 'playing') setState('playing');
-    else if (grew && frames === 0 && watch.state !== 'playing') setState('playing', 'playing (audio only)');
+    // Audio often arrives a tick before the first decoded frame: the status says so, then
+    // says `playing` once video decodes.
+    const text = frames > 0 ? STATUS_TEXT.playing : 'playing (audio only)';
+    if (grew && (watch.state !== 'playing' || watch.statusText !== text)) setState('playing', text);
     else if (!grew && stall >= STALL_TICKS && watch.state === 'playing') setState('waiting');
   }
   showLayer();

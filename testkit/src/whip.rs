@@ -378,14 +378,33 @@ impl HttpSession {
     /// Waits for the peer connection to be connected.
     pub async fn wait_connected(&mut self, t: Duration) -> Result<()> {
         let state = &mut self.state;
-        bounded(t, "HTTP session connected", async {
+        let reached = bounded(t, "HTTP session connected", async {
             state
-                .wait_for(|s| *s == Some(RTCPeerConnectionState::Connected))
+                .wait_for(|s| {
+                    matches!(
+                        s,
+                        Some(
+                            RTCPeerConnectionState::Connected
+                                | RTCPeerConnectionState::Failed
+                                | RTCPeerConnectionState::Closed
+                        )
+                    )
+                })
                 .await
-                .map(|_| ())
+                .map(|s| *s)
                 .map_err(|e| anyhow!("{e}"))
         })
         .await
+        .map_err(|e| {
+            anyhow!(
+                "{e:#} (the connection's last state: {:?})",
+                *self.state.borrow()
+            )
+        })?;
+        match reached {
+            Some(RTCPeerConnectionState::Connected) => Ok(()),
+            other => bail!("the HTTP session's connection went {other:?} before it connected"),
+        }
     }
 
     /// The connection's state (as the handler last saw it).

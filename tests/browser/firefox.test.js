@@ -21,6 +21,8 @@ import {
   gridNames,
   decodedWidth,
   loopbackOnly,
+  sendChat,
+  waitForChat,
 } from './harness.js';
 
 let server;
@@ -39,21 +41,6 @@ async function closeAll() {
     if (process.env.SHOW_BROWSER_LOGS) console.log(p.logs.join('\n'));
   }
   await Promise.all(all.map((p) => p.close()));
-}
-
-/** Lines of the page's chat log. */
-const chatLines = (p) => p.page.$$eval('#chat-log li', (els) => els.map((e) => e.textContent));
-
-async function sendChat(p, text) {
-  await p.page.waitForSelector('#chat-input:not([disabled])', { timeout: 10_000 });
-  await p.page.fill('#chat-input', text);
-  await p.page.press('#chat-input', 'Enter');
-}
-
-async function waitForChat(p, from, text) {
-  return waitFor(async () => (await chatLines(p)).find((l) => l.includes(text)), { timeout: 10_000, what: `${p.label} to show the chat message "${text}"` }).then(
-    (line) => assert.match(line, new RegExp(`^${from}`)),
-  );
 }
 
 /** Video layers a page publishes: [{rid, active, frameWidth}]. */

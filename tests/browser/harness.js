@@ -507,6 +507,25 @@ export async function decodedWidth(p, name) {
   return all.find((s) => s.name === name && s.kind === 'video')?.frameWidth ?? 0;
 }
 
+/** Lines of the demo page's chat log in `p`. */
+export const chatLines = (p) => p.page.$$eval('#chat-log li', (els) => els.map((e) => e.textContent));
+
+/** Send `text` from the demo page's chat box in `p`. */
+export async function sendChat(p, text) {
+  await p.page.waitForSelector('#chat-input:not([disabled])', { timeout: 10_000 });
+  await p.page.fill('#chat-input', text);
+  await p.page.press('#chat-input', 'Enter');
+}
+
+/** Wait until `p`'s chat log shows `text`, on a line that starts with the sender `from`. */
+export async function waitForChat(p, from, text) {
+  const line = await waitFor(async () => (await chatLines(p)).find((l) => l.includes(text)), {
+    timeout: 10_000,
+    what: `${p.label} to show the chat message "${text}"`,
+  });
+  if (!line.startsWith(from)) throw new Error(`${p.label}: the chat line ${JSON.stringify(line)} does not start with ${from}`);
+}
+
 export function percentile(values, q) {
   const s = [...values].sort((a, b) => a - b);
   if (!s.length) return NaN;
