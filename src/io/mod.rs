@@ -18,7 +18,7 @@ pub mod udp;
 use crate::sfu::core::CoreConfig;
 use crate::sfu::latency::LatencyHistogram;
 use crate::sfu::pipe::{Lane, NodePipe, PipeBatch, PipeMsg, REMOTE_BASE, RemoteBatch, ShardId};
-use crate::sfu::{Command, CoreStats, Flow, Sfu, SfuError, SfuHandle, Transmit};
+use crate::sfu::{Command, CoreStats, Flow, Remote, Sfu, SfuError, SfuHandle, Transmit};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
@@ -371,23 +371,22 @@ impl UdpTransmit {
 }
 
 impl Transmit for UdpTransmit {
-    fn send(&mut self, data: BytesMut, to: SocketAddr, origin: Option<Instant>) {
-        let data = if self.tcp.is_empty() {
-            data
-        } else {
+    fn send(&mut self, data: BytesMut, to: Remote, origin: Option<Instant>) {
+        if to.tcp {
             let data_kind = [data.first().copied().unwrap_or(0)];
-            match self.tcp.send(to, data) {
+            match self.tcp.send(to.addr, data) {
                 Ok(()) => {
                     if let Some(origin) = origin {
                         self.latency[udp::latency_kind(&data_kind)]
                             .record(Instant::now().saturating_duration_since(origin), 1);
                     }
-                    return;
                 }
-                Err(data) => data,
+                // Its connection has closed since.
+                Err(_) => self.dropped += 1,
             }
-        };
-        self.out.push(data, to, origin);
+            return;
+        }
+        self.out.push(data, to.addr, origin);
         if self.out.len() >= udp::BATCH {
             self.flush();
         }
@@ -697,7 +696,7 @@ impl Driver {
                 if !self.sfu.transmit().tcp.count_frame_in(peer) {
                     return;
                 }
-                self.sfu.handle_datagram(Instant::now(), peer, &data);
+                self.sfu.handle_tcp_frame(Instant::now(), peer, &data);
             }
             TcpEvent::Closed { peer, id, why } => {
                 if self.sfu.transmit().tcp.closed(peer, id, why) {

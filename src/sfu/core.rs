@@ -32,7 +32,7 @@ use super::speaker::AudioLevel;
 use super::timeline::Lane;
 use super::timers::{Deadline, Periodic, Reason, TimerQueue, soonest};
 use super::vp8;
-use super::{Command, CoreStats, Flow, JoinAccepted, JoinRequest, SfuError, Transmit};
+use super::{Command, CoreStats, Flow, JoinAccepted, JoinRequest, Remote, SfuError, Transmit};
 use crate::signal::{
     ClientMessage, ErrorCode, LeaveReason, PROTOCOL_VERSION, ParticipantInfo, PcTarget, Quality,
     ServerMessage, TrackInfo, TrackKind,
@@ -515,7 +515,7 @@ impl<T: Transmit> Sfu<T> {
 
     /// Announce a `tcptype passive` TCP host candidate on `port` after each UDP one (ICE-TCP,
     /// RFC 6544; lower priority than UDP). The driver accepts the connections and hands their
-    /// frames to [`Sfu::handle_datagram`] after [`Sfu::tcp_opened`].
+    /// frames to [`Sfu::handle_tcp_frame`] after [`Sfu::tcp_opened`].
     pub fn with_tcp_port(mut self, port: u16) -> Self {
         self.ice_tcp.port = Some(port);
         self
@@ -580,7 +580,15 @@ impl<T: Transmit> Sfu<T> {
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         self.advance(now);
         self.stats.udp_datagrams_in += 1;
-        self.feed_datagram(now, data, from);
+        self.feed_datagram(now, data, Remote::udp(from));
+    }
+
+    /// A frame read from the ICE-TCP connection of `from` (RFC 4571 framing removed): handled
+    /// as a datagram of that connection's.
+    pub fn handle_tcp_frame(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.advance(now);
+        self.stats.udp_datagrams_in += 1;
+        self.feed_datagram(now, data, Remote::tcp(from));
     }
 
     /// The time [`Sfu::poll_timeout`] named has come (or passed): fire everything due.
@@ -745,7 +753,8 @@ impl<T: Transmit> Sfu<T> {
     // ---------------------------------------------------------------- UDP in
 
     /// Route a datagram to the connection it belongs to (also used to replay early ones).
-    fn feed_datagram(&mut self, now: Instant, data: &[u8], from: SocketAddr) {
+    fn feed_datagram(&mut self, now: Instant, data: &[u8], remote: Remote) {
+        let from = remote.addr;
         // See `demux` for the rules: STUN requests by the server ufrag, responses by the check
         // they answer, everything else only from addresses the connection validated.
         let key = match self.demux.route(data, from, now) {
@@ -813,15 +822,19 @@ impl<T: Transmit> Sfu<T> {
                 }
             }
         }
-        let (local_addr, protocol) = match self.ice_tcp.peers.get(&from) {
-            Some(&local) => (local, TransportProtocol::TCP),
-            None => {
-                let ip = candidate_ip(&self.cfg.announce_ips, self.local_addr.ip());
-                (
-                    SocketAddr::new(ip, self.local_addr.port()),
-                    TransportProtocol::UDP,
-                )
-            }
+        let (local_addr, protocol) = if remote.tcp {
+            // (A connection closed since leaves nothing to answer over.)
+            let Some(&local) = self.ice_tcp.peers.get(&from) else {
+                self.stats.udp_datagrams_ignored += 1;
+                return;
+            };
+            (local, TransportProtocol::TCP)
+        } else {
+            let ip = candidate_ip(&self.cfg.announce_ips, self.local_addr.ip());
+            (
+                SocketAddr::new(ip, self.local_addr.port()),
+                TransportProtocol::UDP,
+            )
         };
         let Some(pc) = self.pc_mut(key) else {
             self.stats.udp_datagrams_ignored += 1;
@@ -829,7 +842,7 @@ impl<T: Transmit> Sfu<T> {
         };
         if pc.rtc.remote_description().is_none() {
             if pc.early.len() < EARLY_MAX {
-                pc.early.push((from, now, BytesMut::from(data)));
+                pc.early.push((remote, now, BytesMut::from(data)));
             }
             return;
         }
@@ -990,17 +1003,20 @@ impl<T: Transmit> Sfu<T> {
         };
         let mut data_sent = false;
         while let Some(out) = pc.rtc.poll_write() {
-            let to = out.transport.peer_addr;
+            let to = Remote {
+                addr: out.transport.peer_addr,
+                tcp: out.transport.transport_protocol == TransportProtocol::TCP,
+            };
             // Checks are remembered (their responses are routed back here); a Binding success
             // or DTLS/SRTP claims the address for this connection, unless another live
             // connection owns it.
-            if self.demux.on_send(key, &out.message, to, out.now) == Claim::Refused {
-                self.drops.rebind_refused(to, out.now);
+            if self.demux.on_send(key, &out.message, to.addr, out.now) == Claim::Refused {
+                self.drops.rebind_refused(to.addr, out.now);
             }
             if pc
                 .pending_nomination
                 .as_ref()
-                .is_some_and(|(a, _)| *a == to)
+                .is_some_and(|(a, _)| *a == to.addr)
                 && demux::binding_kind(&out.message) == Some(BindingKind::Success)
             {
                 // The nominating check was answered: the client uses this pair from now on
@@ -3982,7 +3998,11 @@ impl<T: Transmit> Sfu<T> {
         {
             let _ = pc.rtc.close();
             while let Some(out) = pc.rtc.poll_write() {
-                self.tx.send(out.message, out.transport.peer_addr, None);
+                let to = Remote {
+                    addr: out.transport.peer_addr,
+                    tcp: out.transport.transport_protocol == TransportProtocol::TCP,
+                };
+                self.tx.send(out.message, to, None);
             }
             self.demux.release(PcKey { part, kind });
         }

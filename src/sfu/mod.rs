@@ -56,11 +56,42 @@ use std::net::SocketAddr;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
-/// Where the core's datagrams go: the driver's batched UDP socket, or a simulated network.
+/// A peer's transport address: where its datagrams come from and go to, over UDP or over
+/// one of its ICE-TCP connections. A UDP peer and a TCP peer may have the same address (the
+/// kernel, or a NAT, numbers UDP and TCP ports apart), so the address alone does not say
+/// which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Remote {
+    pub addr: SocketAddr,
+    pub tcp: bool,
+}
+
+impl Remote {
+    pub const fn udp(addr: SocketAddr) -> Self {
+        Remote { addr, tcp: false }
+    }
+
+    pub const fn tcp(addr: SocketAddr) -> Self {
+        Remote { addr, tcp: true }
+    }
+}
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.tcp {
+            write!(f, "tcp/{}", self.addr)
+        } else {
+            write!(f, "{}", self.addr)
+        }
+    }
+}
+
+/// Where the core's datagrams go: the driver's batched UDP socket (and its ICE-TCP
+/// connections), or a simulated network.
 pub trait Transmit {
     /// A datagram for `to`. `origin`: for forwarded media, when its source packet reached the
     /// core (the in-core latency is measured from it when the datagram leaves).
-    fn send(&mut self, data: BytesMut, to: SocketAddr, origin: Option<Instant>);
+    fn send(&mut self, data: BytesMut, to: Remote, origin: Option<Instant>);
 
     /// An empty buffer for the next datagram: a sink may hand back one it has sent from, so
     /// that a fan-out does not allocate (and free) one per copy. The default allocates

@@ -4,7 +4,6 @@
 //! track is reached only through its room ([`PartKey`] names the room), so nothing in one
 //! room can reach another's.
 
-use super::Grants;
 use super::bwe::Estimate;
 use super::data;
 use super::egress::{Egress, KeyCapture};
@@ -19,6 +18,7 @@ use super::selector::{BitrateMeter, LayerInfo, Requested};
 use super::timeline::{Dedup, History, HistoryLimits, Sequencer, Ticker, Waiting};
 use super::timers::Deadline;
 use super::viewing::ViewTarget;
+use super::{Grants, Remote};
 use crate::signal::{ParticipantInfo, Permissions, ServerMessage, TrackInfo, TrackKind};
 use bytes::BytesMut;
 use rtc::data_channel::RTCDataChannelId;
@@ -167,10 +167,10 @@ pub(super) struct Pc {
     pub(super) full_drain: bool,
     /// Connectivity checks that arrived before the remote description (the client starts
     /// checking as soon as it has answered; its answer may still be on the WebSocket).
-    pub(super) early: Vec<(SocketAddr, Instant, BytesMut)>,
+    pub(super) early: Vec<(Remote, Instant, BytesMut)>,
     /// Where the fast path sends media and feedback: the remote address of the pair the client
     /// nominated last, or where `rtc` last sent something other than STUN (DTLS, SCTP).
-    pub(super) media_addr: Option<SocketAddr>,
+    pub(super) media_addr: Option<Remote>,
     /// Records SRTP key derivation for the fast path.
     pub(super) capture: Option<KeyCapture>,
     /// Remote candidates added so far (trickled or in the client's SDP).

@@ -9,7 +9,7 @@
 
 use super::net::{Net, Node, NodeId, Output};
 use crate::sfu::pipe::{Lane, PipeMsg, ShardId};
-use crate::sfu::{Command, CoreConfig, CoreStats, Sfu, Transmit};
+use crate::sfu::{Command, CoreConfig, CoreStats, Remote, Sfu, Transmit};
 use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -39,7 +39,8 @@ pub struct SimTransmit {
 }
 
 impl Transmit for SimTransmit {
-    fn send(&mut self, data: BytesMut, to: SocketAddr, origin: Option<Instant>) {
+    fn send(&mut self, data: BytesMut, to: Remote, origin: Option<Instant>) {
+        let to = to.addr;
         self.sent += 1;
         if origin.is_some() {
             self.forwarded += 1;

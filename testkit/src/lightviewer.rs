@@ -197,6 +197,8 @@ pub struct LightViewer {
     token: u64,
     name: String,
     participant_id: String,
+    /// The UDP socket's address (where the server sends).
+    local_addr: SocketAddr,
     pub stats: Arc<LightStats>,
     shared: Arc<Mutex<Shared>>,
     streams: watch::Receiver<u64>,
@@ -251,6 +253,7 @@ impl LightViewer {
         started: Instant,
     ) -> Result<Self> {
         let sock = StdUdpSocket::bind(SocketAddr::new(opts.bind_ip, 0))?;
+        let local_addr = sock.local_addr()?;
         sock.set_nonblocking(true)?;
         set_rcvbuf(&sock, SOCKET_BUFFER);
         take_runs_whole(&sock);
@@ -293,6 +296,7 @@ impl LightViewer {
             token,
             name: name.to_owned(),
             participant_id: String::new(),
+            local_addr,
             stats,
             shared,
             streams,
@@ -311,6 +315,11 @@ impl LightViewer {
             )),
             Err(_) => Err(anyhow!("{name}: not connected within {:?}", opts.timeout)),
         }
+    }
+
+    /// The address of the viewer's UDP socket.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
 
     pub fn name(&self) -> &str {

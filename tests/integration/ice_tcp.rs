@@ -3,11 +3,12 @@
 //! connects over TCP and receives media; the TCP port refuses what is not ICE.
 
 // A test, not the packet path: shares state between tasks and times deadlines with the clock;
-// its hand-built webrtc-rs peer is awaited in place.
+// its hand-built webrtc-rs peer is awaited in place; it prints what it measured.
 #![allow(
     clippy::disallowed_types,
     clippy::disallowed_methods,
-    clippy::large_futures
+    clippy::large_futures,
+    clippy::print_stdout
 )]
 
 use plaza_testkit::{self as common, support};
@@ -344,6 +345,65 @@ async fn tcp_only_subscriber(what: &str, config: plaza::config::Config) -> Resul
         )
         .await?;
     publisher.leave().await?;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// A UDP client and an ICE-TCP connection from the same address (the kernel, and NATs,
+/// number UDP and TCP ports apart, so they can coincide): each is answered over its own
+/// transport. While a TCP connection from a UDP viewer's very address is open, the viewer's
+/// media goes on over UDP and nothing of it goes down the connection, which the server closes
+/// once the STUN timeout is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_from_a_udp_viewers_address_takes_none_of_its_media() -> Result<()> {
+    use plaza_testkit::lightviewer::{LightOptions, LightViewer};
+    let server = TestServer::start().await;
+    let room = "ice-tcp-same-address";
+    let host = publisher(&server, room, "host").await;
+    let viewer = LightViewer::connect(
+        &server.ws_url(),
+        room,
+        "viewer",
+        LightOptions {
+            timeout: T,
+            ..Default::default()
+        },
+    )
+    .await?;
+    viewer.wait_for_streams(2, T).await?;
+    // The room's shard's TCP port, from an offer to a participant of the same room.
+    let (probe, sdp) = first_offer(&server, room, "probe").await?;
+    let tcp = tcp_candidate(&sdp).addr;
+    let accepted = ice_tcp_stats(&server).await["accepted"].as_u64().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(viewer.local_addr())?;
+    let mut conn = socket.connect(tcp).await?;
+    let opened = Instant::now();
+    server
+        .wait_healthz(
+            "the TCP connection accepted",
+            |b| b["ice_tcp"]["accepted"].as_u64() > Some(accepted),
+            T,
+        )
+        .await?;
+    let from = viewer.stats.received();
+    let deadline = Instant::now() + T;
+    while viewer.stats.received() < from + 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the viewer's media stopped when a TCP connection from its address opened: {} packets in {T:?}",
+            viewer.stats.received() - from
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    closed_within(&mut conn, Duration::from_secs(15)).await?;
+    println!(
+        "200 more packets over UDP; the TCP connection from the same address got nothing and was closed {} ms after it opened",
+        opened.elapsed().as_millis()
+    );
+    probe.close().await;
+    viewer.leave().await;
+    host.leave().await?;
     server.shutdown().await;
     Ok(())
 }

@@ -330,7 +330,7 @@ fn decide_copy(
 struct Sink<'a, T> {
     tx: &'a mut T,
     stats: &'a mut CoreStats,
-    to: SocketAddr,
+    to: Remote,
 }
 
 /// Seal `out` for the subscriber (`egress`, down-track `dt`) and queue it on the sink; a

@@ -28,7 +28,7 @@ pub(super) fn send_padding<T: Transmit>(
     egress: &mut Egress,
     dt: &mut DownTrack,
     header: &rtp::header::Header,
-    to: SocketAddr,
+    to: Remote,
     now: Instant,
 ) {
     let mut due = egress.padding_due(now, FRAME_AHEAD);

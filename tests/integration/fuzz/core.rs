@@ -10,7 +10,7 @@ use super::engine::{self, Rng, Spec, Unstructured};
 use super::seeds;
 use bytes::BytesMut;
 use plaza::sfu::admin::{AdminOp, Lane, PermissionsUpdate, Target};
-use plaza::sfu::{Command, CoreStats, Grants, JoinRequest, Sfu, Transmit};
+use plaza::sfu::{Command, CoreStats, Grants, JoinRequest, Remote, Sfu, Transmit};
 use plaza::signal::{ClientMessage, IceCandidate, PcTarget, Quality, ServerMessage};
 use plaza::sim::MediaSpec;
 use plaza::sim::peer::Peer;
@@ -25,7 +25,7 @@ struct Sink {
 }
 
 impl Transmit for Sink {
-    fn send(&mut self, _data: BytesMut, _to: SocketAddr, _origin: Option<Instant>) {
+    fn send(&mut self, _data: BytesMut, _to: Remote, _origin: Option<Instant>) {
         self.sent += 1;
     }
 }
