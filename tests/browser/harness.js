@@ -817,17 +817,20 @@ export function requireLoopbackOnly() {
 }
 
 /**
- * The participants of one test file: launch(label, opts) launches one (launchParticipant);
- * closeAll() closes them all (printing their browser logs with SHOW_BROWSER_LOGS).
+ * The participants of one test file: launch(label, opts) launches one (launchParticipant),
+ * launchFirefox(label, opts) a Firefox one; closeAll() closes them all (printing their browser logs with SHOW_BROWSER_LOGS).
  */
 export function participants() {
   const open = new Set();
+  const kept = async (launching) => {
+    const p = await launching;
+    open.add(p);
+    return p;
+  };
   return {
-    async launch(label, opts) {
-      const p = await launchParticipant(label, opts);
-      open.add(p);
-      return p;
-    },
+    launch: (label, opts) => kept(launchParticipant(label, opts)),
+    /** A Firefox participant (launchFirefoxParticipant). */
+    launchFirefox: (label, opts) => kept(launchFirefoxParticipant(label, opts)),
     async closeAll() {
       for (const p of open) {
         if (process.env.SHOW_BROWSER_LOGS) console.log(p.logs.join('\n'));

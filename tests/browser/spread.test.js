@@ -13,8 +13,7 @@ import { join } from 'node:path';
 import {
   ARTIFACTS,
   startServer,
-  launchParticipant,
-  launchFirefoxParticipant,
+  participants,
   joinViaUrl,
   waitFor,
   waitForMediaFrom,
@@ -26,13 +25,7 @@ import {
 } from './harness.js';
 
 let server;
-const open = new Set();
-
-async function track(launch) {
-  const p = await launch;
-  open.add(p);
-  return p;
-}
+const people = participants();
 
 async function stats() {
   const r = await fetch(`${server.url}/stats`);
@@ -46,25 +39,16 @@ before(async () => {
 });
 
 after(async () => {
-  const all = [...open];
-  open.clear();
-  for (const p of all) {
-    if (process.env.SHOW_BROWSER_LOGS) console.log(p.logs.join('\n'));
-  }
-  await Promise.all(all.map((p) => p.close()));
+  await people.closeAll();
   await server?.stop();
 });
 
 describe('a room spread over two shards', { timeout: 300_000 }, () => {
   it('Firefox publishes simulcast on one shard; Chromium viewers on both decode their layers, chat crosses, the leave reaches them', async () => {
-    const [fox, high, low] = await Promise.all([
-      track(launchFirefoxParticipant('firefox')),
-      track(launchParticipant('chromium-high')),
-      track(launchParticipant('chromium-low')),
-    ]);
+    const [fox, high, low] = await Promise.all([people.launchFirefox('firefox'), people.launch('chromium-high'), people.launch('chromium-low')]);
     const room = `spread-${Date.now()}`;
-    const before = await stats();
-    assert.equal(before.shards.length, 2, 'two core shards');
+    const start = await stats();
+    assert.equal(start.shards.length, 2, 'two core shards');
     // One at a time: the order decides the shards (0, 1, 0).
     await joinViaUrl(fox, server.url, room, 'fox');
     await waitFor(async () => (await gridNames(fox)).length === 0 && (await stats()).shards[0].participants === 1, {
@@ -104,8 +88,8 @@ describe('a room spread over two shards', { timeout: 300_000 }, () => {
 
     // Packets crossed between the shards, and each shard sent media of its own.
     const during = await stats();
-    const piped = during.rtp_packets_piped - before.rtp_packets_piped;
-    const forwarded = during.shards.map((s, i) => s.rtp_packets_forwarded - before.shards[i].rtp_packets_forwarded);
+    const piped = during.rtp_packets_piped - start.rtp_packets_piped;
+    const forwarded = during.shards.map((s, i) => s.rtp_packets_forwarded - start.shards[i].rtp_packets_forwarded);
     console.log(`# ${piped} RTP packets handed between the shards; forwarded per shard: ${forwarded.join(' / ')}; decoded widths ${JSON.stringify(widths)}`);
     assert.ok(piped > 100, `RTP packets handed between the shards: ${piped}`);
     assert.ok(forwarded.every((n) => n > 100), `each shard forwarded RTP: ${forwarded}`);
