@@ -757,11 +757,11 @@ impl<T: Transmit> Sfu<T> {
         let from = remote.addr;
         // See `demux` for the rules: STUN requests by the server ufrag, responses by the check
         // they answer, everything else only from addresses the connection validated.
-        let key = match self.demux.route(data, from, now) {
+        let key = match self.demux.route(data, remote, now) {
             Ok(key) => key,
             Err(reason) => {
                 self.stats.udp_datagrams_ignored += 1;
-                self.drops.count(reason, from, now);
+                self.drops.count(reason, remote, now);
                 return;
             }
         };
@@ -852,7 +852,7 @@ impl<T: Transmit> Sfu<T> {
             None
         };
         if stun == Some(BindingKind::Nominating) {
-            pc.pending_nomination = Some((from, BytesMut::from(data)));
+            pc.pending_nomination = Some((remote, BytesMut::from(data)));
         }
         let read = |pc: &mut Pc, data: BytesMut| {
             pc.rtc.handle_read(TaggedBytesMut {
@@ -874,7 +874,7 @@ impl<T: Transmit> Sfu<T> {
             // selected at once rather than at the client's next check or retransmission
             // (20–130 ms for Firefox). The client takes the answer for its transaction.
             if let Some((addr, check)) = pc.pending_nomination.take() {
-                if addr == from {
+                if addr == remote {
                     // Still pending until its answer goes out (`flush` then moves the media
                     // address to this pair).
                     pc.pending_nomination = Some((addr, check.clone()));
@@ -1010,13 +1010,13 @@ impl<T: Transmit> Sfu<T> {
             // Checks are remembered (their responses are routed back here); a Binding success
             // or DTLS/SRTP claims the address for this connection, unless another live
             // connection owns it.
-            if self.demux.on_send(key, &out.message, to.addr, out.now) == Claim::Refused {
-                self.drops.rebind_refused(to.addr, out.now);
+            if self.demux.on_send(key, &out.message, to, out.now) == Claim::Refused {
+                self.drops.rebind_refused(to, out.now);
             }
             if pc
                 .pending_nomination
                 .as_ref()
-                .is_some_and(|(a, _)| *a == to.addr)
+                .is_some_and(|(a, _)| *a == to)
                 && demux::binding_kind(&out.message) == Some(BindingKind::Success)
             {
                 // The nominating check was answered: the client uses this pair from now on

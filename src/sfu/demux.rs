@@ -21,6 +21,9 @@
 //! - **Everything else** (DTLS, SRTP, SRTCP, and STUN without USERNAME) only from an address the
 //!   connection itself has validated: one it sent a Binding success or a non-STUN datagram to.
 //!   A stranger who learns a ufrag still cannot inject DTLS or SRTP.
+//! - **Addresses are transport addresses** ([`Remote`]): a UDP client and an ICE-TCP
+//!   connection from the same IP and port are two addresses (UDP and TCP ports are numbered
+//!   apart), each owned, checked and answered on its own.
 //! - **An address belongs to one connection.** A connection claiming an address another live
 //!   connection owns gets it only if the owner has received nothing from it for
 //!   [`REBIND_AFTER_SILENCE`] (the owner moved away, e.g. a NAT rebinding). Otherwise one forged
@@ -28,11 +31,11 @@
 //!   the victim's media to the attacker's connection. Releasing a connection releases only the
 //!   addresses it still owns.
 
+use super::Remote;
 use super::loglimit::LogLimiter;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::Hash;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// A connection may take over an address owned by another one only after the owner has
@@ -124,14 +127,14 @@ impl UdpDrops {
 }
 
 impl DropCounters {
-    pub fn count(&mut self, reason: DropReason, from: SocketAddr, now: Instant) {
+    pub fn count(&mut self, reason: DropReason, from: Remote, now: Instant) {
         self.counts[reason as usize] += 1;
         if let Some(held) = self.log.allow(reason.as_str(), now) {
             tracing::debug!(%from, reason = reason.as_str(), similar_not_logged = held, "datagram dropped");
         }
     }
 
-    pub fn rebind_refused(&mut self, to: SocketAddr, now: Instant) {
+    pub fn rebind_refused(&mut self, to: Remote, now: Instant) {
         self.rebind_refused += 1;
         if let Some(held) = self.log.allow("rebind_refused", now) {
             tracing::debug!(addr = %to, similar_not_logged = held, "address owned by another live connection: not rebound");
@@ -173,14 +176,14 @@ struct Owner<K> {
 #[derive(Debug)]
 struct Check<K> {
     key: K,
-    to: SocketAddr,
+    to: Remote,
     sent: Instant,
 }
 
 #[derive(Debug)]
 struct Conn {
     ufrag: String,
-    addrs: Vec<SocketAddr>,
+    addrs: Vec<Remote>,
 }
 
 /// The demultiplexer of one UDP port. `K` names a connection.
@@ -188,7 +191,7 @@ struct Conn {
 pub struct Demux<K> {
     ufrags: HashMap<String, K>,
     conns: HashMap<K, Conn>,
-    addrs: HashMap<SocketAddr, Owner<K>>,
+    addrs: HashMap<Remote, Owner<K>>,
     checks: HashMap<[u8; 12], Check<K>>,
 }
 
@@ -258,7 +261,7 @@ impl<K: Copy + Eq + Hash> Demux<K> {
     }
 
     /// Where an incoming datagram goes.
-    pub fn route(&mut self, data: &[u8], from: SocketAddr, now: Instant) -> Result<K, DropReason> {
+    pub fn route(&mut self, data: &[u8], from: Remote, now: Instant) -> Result<K, DropReason> {
         let Some(&first) = data.first() else {
             return Err(DropReason::Empty);
         };
@@ -301,7 +304,7 @@ impl<K: Copy + Eq + Hash> Demux<K> {
         self.owner(from, now).ok_or(DropReason::UnknownAddress)
     }
 
-    fn owner(&mut self, from: SocketAddr, now: Instant) -> Option<K> {
+    fn owner(&mut self, from: Remote, now: Instant) -> Option<K> {
         let o = self.addrs.get_mut(&from)?;
         o.last_seen = now;
         Some(o.key)
@@ -310,7 +313,7 @@ impl<K: Copy + Eq + Hash> Demux<K> {
     /// A connection sends `data` to `to`: remember its checks; a Binding success (sent only
     /// for a check whose MESSAGE-INTEGRITY verified) or any non-STUN datagram (DTLS, SRTP: only
     /// sent on a validated pair) claims the address for it.
-    pub fn on_send(&mut self, key: K, data: &[u8], to: SocketAddr, now: Instant) -> Claim {
+    pub fn on_send(&mut self, key: K, data: &[u8], to: Remote, now: Instant) -> Claim {
         let validated = match data {
             [b0, ..] if *b0 < 4 => {
                 let Some(stun) = Stun::parse(data) else {
@@ -361,7 +364,7 @@ impl<K: Copy + Eq + Hash> Demux<K> {
         Claim::Claimed
     }
 
-    fn remember_check(&mut self, key: K, transaction: [u8; 12], to: SocketAddr, now: Instant) {
+    fn remember_check(&mut self, key: K, transaction: [u8; 12], to: Remote, now: Instant) {
         if self.checks.len() >= MAX_CHECKS {
             self.expire(now);
             if self.checks.len() >= MAX_CHECKS {
@@ -379,7 +382,7 @@ impl<K: Copy + Eq + Hash> Demux<K> {
     }
 
     /// The addresses a connection owns.
-    pub fn addrs_of(&self, key: K) -> &[SocketAddr] {
+    pub fn addrs_of(&self, key: K) -> &[Remote] {
         self.conns.get(&key).map_or(&[], |c| c.addrs.as_slice())
     }
 
@@ -507,6 +510,7 @@ pub fn stun_username(data: &[u8]) -> Option<&str> {
 #[allow(clippy::disallowed_methods, clippy::disallowed_types)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     const REQUEST: u16 = 0x0001;
     const SUCCESS: u16 = 0x0101;
@@ -531,8 +535,8 @@ mod tests {
         m
     }
 
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], port))
+    fn addr(port: u16) -> Remote {
+        Remote::udp(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
     const DTLS: &[u8] = &[22, 254, 253, 0, 0];
@@ -543,6 +547,29 @@ mod tests {
         d.register(1, "srv1");
         d.register(2, "srv2");
         (d, Instant::now())
+    }
+
+    #[test]
+    fn a_udp_and_a_tcp_address_with_the_same_ip_and_port_are_two_addresses() {
+        let (mut d, now) = setup();
+        let udp = addr(9000);
+        let tcp = Remote::tcp(udp.addr);
+        // Connection 1's client over UDP, connection 2's over TCP, from the same IP and port:
+        // each claims its own, neither is refused.
+        assert_eq!(d.on_send(1, DTLS, udp, now), Claim::Claimed);
+        assert_eq!(d.on_send(2, DTLS, tcp, now), Claim::Claimed);
+        assert_eq!(d.route(SRTP, udp, now), Ok(1));
+        assert_eq!(d.route(SRTP, tcp, now), Ok(2));
+        // A check sent over TCP is answered over TCP, not from the UDP address.
+        d.on_send(2, &stun(REQUEST, 5, Some("client:srv2")), tcp, now);
+        assert_eq!(
+            d.route(&stun(SUCCESS, 5, None), udp, now),
+            Err(DropReason::ResponseFromOtherAddress)
+        );
+        assert_eq!(d.route(&stun(SUCCESS, 5, None), tcp, now), Ok(2));
+        d.release(2);
+        assert_eq!(d.route(SRTP, udp, now), Ok(1));
+        assert_eq!(d.route(SRTP, tcp, now), Err(DropReason::UnknownAddress));
     }
 
     #[test]

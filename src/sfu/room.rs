@@ -27,7 +27,6 @@ use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
 use rustc_hash::FxHashMap;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -177,7 +176,7 @@ pub(super) struct Pc {
     pub(super) remote_candidates: usize,
     /// The client's latest nominating check (USE-CANDIDATE) that `rtc` has not answered yet
     /// (it answers only once its own check of the pair succeeded), and where it came from.
-    pub(super) pending_nomination: Option<(SocketAddr, BytesMut)>,
+    pub(super) pending_nomination: Option<(Remote, BytesMut)>,
     /// The client asked for an ICE restart of this (subscriber) connection: the next offer
     /// carries new credentials.
     pub(super) restart_wanted: bool,

@@ -23,7 +23,7 @@ use plaza::sfu::demux::{self, Demux};
 use plaza::sfu::egress::{self, Egress, Outgoing, SrtpKeys};
 use plaza::sfu::ingress::Ingress;
 use plaza::sfu::rewrite::{Rewriter, SrcPacket, Vp8Munger};
-use plaza::sfu::{data, red, sdpcheck, vp8};
+use plaza::sfu::{Remote, data, red, sdpcheck, vp8};
 use plaza::signal::{self, ClientMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
@@ -292,8 +292,12 @@ fn fuzz_stun() {
     let mut demux: Demux<u32> = Demux::new();
     demux.register(1, "srv1");
     demux.register(2, "srv2");
-    let addrs: Vec<SocketAddr> = (0..4)
-        .map(|i| SocketAddr::from(([10, 0, 0, i], 5000 + u16::from(i))))
+    // Two clients, each at one address over UDP and the same address over TCP.
+    let addrs: Vec<Remote> = (0..4)
+        .map(|i| Remote {
+            addr: SocketAddr::from(([10, 0, 0, i / 2], 5000 + u16::from(i / 2))),
+            tcp: i % 2 == 1,
+        })
         .collect();
     let mut n = 0u64;
     let (mut bindings, mut routed) = (0u64, 0u64);
