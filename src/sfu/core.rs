@@ -1003,10 +1003,7 @@ impl<T: Transmit> Sfu<T> {
         };
         let mut data_sent = false;
         while let Some(out) = pc.rtc.poll_write() {
-            let to = Remote {
-                addr: out.transport.peer_addr,
-                tcp: out.transport.transport_protocol == TransportProtocol::TCP,
-            };
+            let to = Remote::of(&out.transport);
             // Checks are remembered (their responses are routed back here); a Binding success
             // or DTLS/SRTP claims the address for this connection, unless another live
             // connection owns it.
@@ -3998,11 +3995,7 @@ impl<T: Transmit> Sfu<T> {
         {
             let _ = pc.rtc.close();
             while let Some(out) = pc.rtc.poll_write() {
-                let to = Remote {
-                    addr: out.transport.peer_addr,
-                    tcp: out.transport.transport_protocol == TransportProtocol::TCP,
-                };
-                self.tx.send(out.message, to, None);
+                self.tx.send(out.message, Remote::of(&out.transport), None);
             }
             self.demux.release(PcKey { part, kind });
         }

@@ -74,6 +74,14 @@ impl Remote {
     pub const fn tcp(addr: SocketAddr) -> Self {
         Remote { addr, tcp: true }
     }
+
+    /// Where `rtc` sends a datagram (or whence it came).
+    pub fn of(t: &rtc::shared::TransportContext) -> Self {
+        Remote {
+            addr: t.peer_addr,
+            tcp: t.transport_protocol == rtc::shared::TransportProtocol::TCP,
+        }
+    }
 }
 
 impl std::fmt::Display for Remote {
