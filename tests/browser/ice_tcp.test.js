@@ -1,11 +1,23 @@
-// ICE over TCP in Chromium: with UDP to Plaza's media ports dropped (iptables, inside the
-// loopback-only network namespace of scripts/browser-tests.sh), a publisher and a viewer still
-// join over Plaza's passive TCP candidates, the viewer decodes video, and getStats() shows TCP
-// on the selected candidate pairs. Join → first decoded frame is measured over UDP (before the
-// block) and over TCP, and both are printed.
+// ICE over TCP in Chromium and Firefox: with UDP to Plaza's media ports dropped (iptables,
+// inside the loopback-only network namespace of scripts/browser-tests.sh), a publisher and a
+// viewer still join over Plaza's passive TCP candidates, the viewer decodes video, and
+// getStats() shows TCP on the selected candidate pairs. Join → first decoded frame is measured
+// over UDP (before the block) and over TCP, and both are printed. Then a Firefox host and a
+// Chromium viewer do the same over TCP, both ways (Firefox's own ICE-TCP and framing).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchParticipant, joinViaUrl, waitFor, remoteStats, waitForMediaFrom, loopbackOnly, blockUdpToPlaza } from './harness.js';
+import {
+  startServer,
+  launchParticipant,
+  launchFirefoxParticipant,
+  joinViaUrl,
+  waitFor,
+  remoteStats,
+  waitForMediaFrom,
+  loopbackOnly,
+  blockUdpToPlaza,
+  selectedCandidatePairs,
+} from './harness.js';
 
 // Its own ports (UDP and TCP 7902, 7903, …), so that it never meets another test file's server.
 const PORT = 7900;
@@ -143,5 +155,33 @@ describe('ICE-TCP when UDP is blocked', { timeout: 300_000 }, () => {
     assert.ok(tcp.frames_out - before.ice_tcp.frames_out > 100, `media went out over TCP: ${JSON.stringify(tcp)}`);
     console.log(`# join → first decoded frame: UDP ${udpMs} ms, TCP (UDP blocked) ${ms} ms`);
     console.log(`# server ice_tcp: ${JSON.stringify(tcp)}`);
+    await closeAll();
+  });
+
+  it('with UDP dropped: a Firefox host and a Chromium viewer exchange media over TCP', async () => {
+    if (!block) blockUdp();
+    const room = `fox-tcp-${Date.now()}`;
+    const before = await (await fetch(`${server.url}/healthz`)).json();
+    const fox = await launchFirefoxParticipant(`${room}-fox`);
+    open.add(fox);
+    await joinViaUrl(fox, server.url, room, 'fox');
+    const chrome = await participant(`${room}-chrome`);
+    await joinViaUrl(chrome, server.url, room, 'chrome');
+    // Both publish (the demo page publishes camera and microphone): each decodes the other.
+    await Promise.all([waitForMediaFrom(chrome, 'fox'), waitForMediaFrom(fox, 'chrome')]);
+    for (const p of [fox, chrome]) {
+      const pairs = await selectedCandidatePairs(p);
+      for (const side of ['publisher', 'subscriber']) {
+        const pair = pairs[side];
+        assert.ok(pair, `${p.label}: a selected ${side} pair: ${JSON.stringify(pairs)}`);
+        assert.equal(pair.local.protocol, 'tcp', `${p.label} ${side}: ${JSON.stringify(pair)}`);
+        assert.equal(pair.remote.protocol, 'tcp', `${p.label} ${side}: ${JSON.stringify(pair)}`);
+      }
+      console.log(`# ${p.label} selected pairs: ${JSON.stringify(pairs)}`);
+    }
+    const after = await (await fetch(`${server.url}/healthz`)).json();
+    assert.ok(after.ice_tcp.open >= 4, `two TCP connections each: ${JSON.stringify(after.ice_tcp)}`);
+    assert.ok(after.ice_tcp.frames_in - before.ice_tcp.frames_in > 100, `media came in over TCP: ${JSON.stringify(after.ice_tcp)}`);
+    assert.ok(after.ice_tcp.frames_out - before.ice_tcp.frames_out > 100, `media went out over TCP: ${JSON.stringify(after.ice_tcp)}`);
   });
 });
