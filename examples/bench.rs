@@ -60,6 +60,7 @@ use common::measure::{
     self, ClientTotals, Measured, Recorder, ServerSource, Summary, WindowStats, now_us, summarize,
     wait_http_ok,
 };
+use common::media;
 use common::{Channel, Peer, PeerOptions};
 use futures_util::StreamExt;
 use plaza::signal::TrackKind;
@@ -98,6 +99,11 @@ struct Args {
     /// Livestream host publishes simulcast video (Plaza; Janus gets the plain track).
     #[arg(long)]
     simulcast: bool,
+    /// Publishers spread each frame's packets at this multiple of the clip's bitrate, as a
+    /// browser's pacer does (libwebrtc's factor is 2.5); 0: a frame's packets all at once,
+    /// the largest burst the server can get.
+    #[arg(long, default_value_t = 0.0, value_name = "FACTOR")]
+    publisher_pacing: f64,
     /// Measured seconds per point.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -213,6 +219,15 @@ enum ViewerKind {
 struct Pinning {
     server: Vec<usize>,
     generator: Vec<usize>,
+}
+
+/// How the publishers send a frame's packets (`--publisher-pacing`).
+fn pacing(args: &Args) -> media::Pacing {
+    if args.publisher_pacing > 0.0 {
+        media::Pacing::Rate(args.publisher_pacing)
+    } else {
+        media::Pacing::Burst
+    }
 }
 
 fn pinning(args: &Args) -> Result<Option<Pinning>> {
@@ -759,12 +774,14 @@ async fn run_plaza(
             keep_recent_packets: 0,
             max_kept_messages: 1,
             bind_ip: args.client_ip.to_string(),
+            pacing: pacing(args),
             ..PeerOptions::simulcast_publisher()
         }
     } else {
         PeerOptions {
             publish_audio: true,
             publish_video: video,
+            pacing: pacing(args),
             ..base.clone()
         }
     };
@@ -939,6 +956,7 @@ async fn run_plaza_light(
             keep_recent_packets: 0,
             max_kept_messages: 1,
             bind_ip: args.client_ip.to_string(),
+            pacing: pacing(args),
             ..PeerOptions::simulcast_publisher()
         }
     } else {
@@ -950,6 +968,7 @@ async fn run_plaza_light(
             publish_video: video,
             auto_subscribe: (sc == Scenario::Meeting).then_some(false),
             bind_ip: args.client_ip.to_string(),
+            pacing: pacing(args),
             ..PeerOptions::default()
         }
     };
@@ -1255,6 +1274,7 @@ async fn run_janus(
         publish_video: publish && video,
         timeout: t,
         bind_ip: ip.clone(),
+        pacing: pacing(args),
         ..JanusOptions::new(&server.ws_url, room)
     };
     let mut peers: Vec<Arc<JanusPeer>> = Vec::new();
@@ -1961,8 +1981,14 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
             || "host steal time not available".to_owned(),
             |v| format!("host steal time ≤ {v:.1} % per point"),
         );
+        let pacing_text = match pacing(&args) {
+            media::Pacing::Burst => "publishers send each frame's packets at once".to_owned(),
+            media::Pacing::Rate(f) => {
+                format!("publishers pace each frame's packets at {f} × the clip's bitrate")
+            }
+        };
         let footer = format!(
-            "{date} {time} UTC · {} × {} · git {} ({}) · {pin_text} · {} s per point · 1-min \
+            "{date} {time} UTC · {} × {} · git {} ({}) · {pin_text} · {} s per point · {pacing_text} · 1-min \
              load before each point: {} · {steal_text}",
             machine["nproc"],
             machine["cpu_model"].as_str().unwrap_or("?"),

@@ -582,6 +582,8 @@ pub struct JanusOptions {
     /// setup, ICE between a 127.0.0.1 socket and Janus's 127.0.10.1 never completes, while
     /// both ends on 127.0.10.1 work (see bench/README.md).
     pub bind_ip: String,
+    /// How a published frame's packets leave (see [`media::Pacing`]).
+    pub pacing: media::Pacing,
 }
 
 impl JanusOptions {
@@ -595,6 +597,7 @@ impl JanusOptions {
             video_file: media::default_video_file(),
             timeout: Duration::from_secs(10),
             bind_ip: "127.0.0.1".to_owned(),
+            pacing: media::Pacing::Burst,
         }
     }
 }
@@ -740,6 +743,7 @@ impl JanusPeer {
             let pacer = tokio::spawn(media::run_pacer(
                 packetizer,
                 lt.clip.frame_interval,
+                self.opts.pacing,
                 Sink(lt.track.clone()),
                 lt.control.clone(),
                 || {},

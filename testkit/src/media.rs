@@ -3,7 +3,8 @@
 //! Nothing is encoded at run time. A clip is parsed once (and cached per path), then played in a
 //! loop by a [`FrameCursor`] whose RTP timestamps keep running across the loop boundary, turned
 //! into RTP packets by a [`MediaPacketizer`] (webrtc-rs's packetizer and payloaders), and paced at
-//! the frame rate by [`run_pacer`] on a tokio interval.
+//! the frame rate by [`run_pacer`] on a tokio interval: a frame's packets all at once, or spread
+//! at a multiple of the clip's bitrate as a browser's pacer sends them ([`Pacing`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -473,6 +474,11 @@ impl MediaPacketizer {
     /// Lets one frame's time pass without sending it (a paused encoder): the clip and the RTP
     /// timestamp advance, sequence numbers and picture ids do not (nothing was sent, so the
     /// receiver must see no gap).
+    /// The clip it plays.
+    pub fn clip(&self) -> &Arc<Clip> {
+        self.cursor.clip()
+    }
+
     pub fn skip_frame(&mut self) {
         let samples = self.cursor.next_frame(false).samples;
         self.packetizer.skip_samples(samples);
@@ -559,15 +565,48 @@ impl PacerControl {
     }
 }
 
-/// Sends one frame per tick, forever (until the task is aborted).
-/// `on_progress` is called after every tick, paused or not (to wake waiters).
+/// How a frame's packets leave within its frame interval.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Pacing {
+    /// All at once, at the frame's tick: the largest burst a receiver can get.
+    #[default]
+    Burst,
+    /// Spread at this multiple of the clip's average bitrate, as a browser's pacer sends
+    /// (libwebrtc's pacing factor is 2.5): a packet leaves when the frame's bytes before it
+    /// would have left at that rate, counted from the frame's tick. Timers have a resolution
+    /// of about a millisecond, so packets due within one leave together.
+    Rate(f64),
+}
+
+impl Pacing {
+    /// Bytes per second at which `clip`'s frames leave (`None`: all at once).
+    pub fn bytes_per_second(self, clip: &Clip) -> Option<f64> {
+        let Pacing::Rate(factor) = self else {
+            return None;
+        };
+        let bytes: usize = clip.frames.iter().map(|f| f.data.len()).sum();
+        let secs = clip.frame_interval.as_secs_f64() * clip.frames.len() as f64;
+        (factor > 0.0 && bytes > 0 && secs > 0.0).then(|| factor * bytes as f64 / secs)
+    }
+
+    /// When a packet is due after its frame's tick: once the `before` bytes ahead of it in the
+    /// frame have left at `rate` bytes per second.
+    pub fn due(rate: f64, before: usize) -> Duration {
+        Duration::from_secs_f64(before as f64 / rate)
+    }
+}
+
+/// Sends one frame per tick, forever (until the task is aborted), its packets as `pacing`
+/// says. `on_progress` is called after every tick, paused or not (to wake waiters).
 pub async fn run_pacer<S: PacketSink>(
     mut packetizer: MediaPacketizer,
     interval: Duration,
+    pacing: Pacing,
     sink: S,
     control: Arc<PacerControl>,
     on_progress: impl Fn() + Send + 'static,
 ) {
+    let rate = pacing.bytes_per_second(packetizer.clip());
     let mut ticker = tokio::time::interval(interval);
     // Burst (the default) catches up after a stall, so the average rate matches the RTP clock.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -577,7 +616,7 @@ pub async fn run_pacer<S: PacketSink>(
         .unwrap_or_else(|e| e.into_inner())
         .started_at = Some(Instant::now());
     loop {
-        ticker.tick().await;
+        let tick = ticker.tick().await;
         if control.is_paused() {
             // A keyframe request waits for the resume (which starts with a keyframe anyway).
             packetizer.skip_frame();
@@ -599,6 +638,12 @@ pub async fn run_pacer<S: PacketSink>(
         let mut error = None;
         for p in packets {
             let len = p.payload.len() as u64;
+            if let Some(rate) = rate {
+                let due = tick + Pacing::due(rate, bytes as usize);
+                if due > tokio::time::Instant::now() {
+                    tokio::time::sleep_until(due).await;
+                }
+            }
             match sink.write(p).await {
                 Ok(()) => {
                     sent += 1;
@@ -837,12 +882,25 @@ mod tests {
         tokio::sync::mpsc::UnboundedReceiver<rtp::Packet>,
         tokio::sync::mpsc::UnboundedReceiver<()>,
     ) {
+        start_paced(clip, control, Pacing::Burst)
+    }
+
+    fn start_paced(
+        clip: Arc<Clip>,
+        control: Arc<PacerControl>,
+        pacing: Pacing,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::sync::mpsc::UnboundedReceiver<rtp::Packet>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (tick_tx, ticks) = tokio::sync::mpsc::unbounded_channel();
         let packetizer = MediaPacketizer::new(clip.clone(), 9, 111).unwrap();
         let task = tokio::spawn(run_pacer(
             packetizer,
             clip.frame_interval,
+            pacing,
             ChannelSink(tx),
             control,
             move || {
@@ -920,5 +978,56 @@ mod tests {
         let c = control.counters();
         assert_eq!((c.keyframes, c.keyframe_requests), (2, 1));
         task.abort();
+    }
+
+    /// Each packet of the clip's first frame: when it arrived after the first, and its size.
+    async fn first_frame(pacing: Pacing) -> Vec<(Duration, usize)> {
+        let control = Arc::new(PacerControl::default());
+        let (task, mut rx, _ticks) = start_paced(video(), control, pacing);
+        let mut seen = Vec::new();
+        let mut t0 = None;
+        loop {
+            let p = next(&mut rx).await;
+            let t0 = *t0.get_or_insert_with(Instant::now);
+            seen.push((t0.elapsed(), p.payload.len()));
+            if p.header.marker {
+                break;
+            }
+        }
+        task.abort();
+        seen
+    }
+
+    #[test]
+    fn a_paced_packet_is_due_when_the_bytes_before_it_have_left_at_the_rate() {
+        let clip = video();
+        let bytes: usize = clip.frames.iter().map(|f| f.data.len()).sum();
+        let secs = clip.frame_interval.as_secs_f64() * clip.frames.len() as f64;
+        let rate = Pacing::Rate(2.5).bytes_per_second(&clip).unwrap();
+        assert!((rate - 2.5 * bytes as f64 / secs).abs() < 1e-6);
+        assert_eq!(Pacing::due(rate, 0), Duration::ZERO);
+        assert_eq!(Pacing::due(1000.0, 2500), Duration::from_millis(2500));
+        assert_eq!(Pacing::Burst.bytes_per_second(&clip), None);
+        assert_eq!(Pacing::Rate(0.0).bytes_per_second(&clip), None);
+    }
+
+    #[tokio::test]
+    async fn a_paced_frame_is_spread_and_a_burst_is_not() {
+        let burst = first_frame(Pacing::Burst).await;
+        assert!(burst.len() >= 3, "a keyframe of several packets: {burst:?}");
+        let paced = first_frame(Pacing::Rate(2.5)).await;
+        assert_eq!(paced.len(), burst.len());
+        // Timers never fire early: each packet left no sooner than it was due after the first.
+        let rate = Pacing::Rate(2.5).bytes_per_second(&video()).unwrap();
+        let mut before = 0;
+        for (i, &(at, len)) in paced.iter().enumerate() {
+            if i > 0 {
+                let due = Pacing::due(rate, before) - Pacing::due(rate, paced[0].1);
+                assert!(at >= due, "packet {i} at {at:?}, due {due:?}: {paced:?}");
+            }
+            before += len;
+        }
+        let last = paced.last().unwrap().0;
+        assert!(last >= Duration::from_millis(10), "spread: {paced:?}");
     }
 }

@@ -67,7 +67,7 @@ use super::keyframe::{
     keyframe_request_ssrcs,
 };
 use super::media::{
-    self, Clip, MediaPacketizer, PacerControl, PacketSink, SendCounters, run_pacer,
+    self, Clip, MediaPacketizer, PacerControl, Pacing, PacketSink, SendCounters, run_pacer,
 };
 use super::recv::{LayerChange, RemoteTrackStats};
 use super::relay::{self, Relay, RelayStats};
@@ -127,6 +127,9 @@ pub struct PeerOptions {
     /// Rewrites the first publish offer's SDP before it is sent (to act as another client
     /// would, e.g. one that sends no `a=msid`). The local description keeps the original.
     pub munge_publish_offer: Option<fn(&str) -> String>,
+    /// How each published encoding's frames leave: all of a frame's packets at once (the
+    /// default), or spread as a browser's pacer sends them.
+    pub pacing: Pacing,
 }
 
 /// The layers of a simulcast video track.
@@ -187,6 +190,7 @@ impl Default for PeerOptions {
             pli_policy: PliPolicy::Off,
             skip_video_packet: None,
             munge_publish_offer: None,
+            pacing: Pacing::Burst,
         }
     }
 }
@@ -1752,6 +1756,7 @@ async fn start_media(
     tracks: Vec<LocalTrack>,
     t: Duration,
     skip_video_packet: Option<u64>,
+    pacing: Pacing,
 ) {
     let connected = |s: &State| {
         (s.pc_state.get(&PcTarget::Publisher) == Some(&RTCPeerConnectionState::Connected))
@@ -1829,6 +1834,7 @@ async fn start_media(
             shared.spawn(run_pacer(
                 packetizer,
                 layer.clip.frame_interval,
+                pacing,
                 sink,
                 layer.control.clone(),
                 progress,
@@ -2171,6 +2177,7 @@ impl Peer {
                 local_tracks.clone(),
                 t,
                 opts.skip_video_packet,
+                opts.pacing,
             ));
             publisher = Some(pc);
         }

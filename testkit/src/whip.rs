@@ -673,6 +673,7 @@ impl WhipPublisher {
                 let task = tokio::spawn(run_pacer(
                     packetizer,
                     clip.frame_interval,
+                    media::Pacing::Burst,
                     sink,
                     control.clone(),
                     move || {
