@@ -26,7 +26,7 @@
 //! generator costs less per packet than the server; `--knee` steps the livestream's viewer
 //! count until loss or the forwarded rate gives way; `--server-workers 1,2` and `--server-arg`
 //! change the server's command line. Light-viewer results go to
-//! `<date>-<commit>-light-viewer-<scenario>….{json,md,svg}`.
+//! `<date>-<commit>-light-viewer-<scenario>….{json,md,svg}` (`-paced` with `--publisher-pacing`).
 //!
 //! `--viewer-protocols ws,whep` (livestream, light viewers) runs every point once per viewer
 //! protocol: WebSocket subscribers, or WHEP viewers (`LightViewer::connect_whep`: `POST
@@ -2015,11 +2015,14 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
         readme.push('\n');
         if !args.no_write {
             std::fs::create_dir_all(&args.out)?;
-            let suffix = if args.simulcast && sc == Scenario::Livestream {
-                "-simulcast"
+            let mut suffix = if args.simulcast && sc == Scenario::Livestream {
+                "-simulcast".to_owned()
             } else {
-                ""
+                String::new()
             };
+            if pacing(&args) != media::Pacing::Burst {
+                suffix.push_str("-paced");
+            }
             let base = if args.viewer == ViewerKind::Light && sc != Scenario::Audio {
                 args.out.join(format!(
                     "{date}-{}-light-viewer-{}{suffix}{}",
