@@ -99,11 +99,6 @@ struct Args {
     /// Livestream host publishes simulcast video (Plaza; Janus gets the plain track).
     #[arg(long)]
     simulcast: bool,
-    /// Publishers spread each frame's packets at this multiple of the clip's bitrate, as a
-    /// browser's pacer does (libwebrtc's factor is 2.5); 0: a frame's packets all at once,
-    /// the largest burst the server can get.
-    #[arg(long, default_value_t = 0.0, value_name = "FACTOR")]
-    publisher_pacing: f64,
     /// Measured seconds per point.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -223,11 +218,7 @@ struct Pinning {
 
 /// How the publishers send a frame's packets (`--publisher-pacing`).
 fn pacing(args: &Args) -> media::Pacing {
-    if args.publisher_pacing > 0.0 {
-        media::Pacing::Rate(args.publisher_pacing)
-    } else {
-        media::Pacing::Burst
-    }
+    args.peer.pacing()
 }
 
 fn pinning(args: &Args) -> Result<Option<Pinning>> {

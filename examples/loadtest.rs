@@ -41,6 +41,9 @@
 //! downgrade after the cut (and to upgrade after the restore); keyframe requests each publisher
 //! layer received (count and per minute).
 //!
+//! Publishers send each frame's packets at once by default; `--publisher-pacing 2.5` spreads
+//! them at 2.5 × the clip's bitrate, as a browser's pacer does (`media::Pacing`).
+//!
 //! ```text
 //! cargo run --release --example loadtest -- --publishers 1 --subscribers 10 --simulcast \
 //!     --switch-every 2 --duration 20 --json switch.json
@@ -369,6 +372,7 @@ async fn run(args: Args) -> Result<bool> {
         timeout,
         keep_recent_packets: 0,
         max_kept_messages: 1,
+        pacing: args.peer.pacing(),
         ..PeerOptions::default()
     };
     if let Some(v) = &args.video {

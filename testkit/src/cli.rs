@@ -29,9 +29,23 @@ pub struct PeerArgs {
     #[arg(long, env = "PLAZA_API_SECRET", hide_env_values = true)]
     #[serde(skip)]
     pub api_secret: Option<Secret>,
+    /// Publishers spread each frame's packets at this multiple of the clip's bitrate, as a
+    /// browser's pacer does (libwebrtc's factor is 2.5); 0: a frame's packets all at once, the
+    /// largest burst a server can get.
+    #[arg(long, default_value_t = 0.0, value_name = "FACTOR")]
+    pub publisher_pacing: f64,
 }
 
 impl PeerArgs {
+    /// How publishers send a frame's packets (`--publisher-pacing`).
+    pub fn pacing(&self) -> crate::media::Pacing {
+        if self.publisher_pacing > 0.0 {
+            crate::media::Pacing::Rate(self.publisher_pacing)
+        } else {
+            crate::media::Pacing::Burst
+        }
+    }
+
     /// Sign this process's tokens with `--api-key`/`--api-secret` (if given); call before the
     /// first peer joins.
     pub fn install_signing_key(&self) -> anyhow::Result<()> {

@@ -471,14 +471,14 @@ impl MediaPacketizer {
         Ok((packets, keyframe))
     }
 
-    /// Lets one frame's time pass without sending it (a paused encoder): the clip and the RTP
-    /// timestamp advance, sequence numbers and picture ids do not (nothing was sent, so the
-    /// receiver must see no gap).
     /// The clip it plays.
     pub fn clip(&self) -> &Arc<Clip> {
         self.cursor.clip()
     }
 
+    /// Lets one frame's time pass without sending it (a paused encoder): the clip and the RTP
+    /// timestamp advance, sequence numbers and picture ids do not (nothing was sent, so the
+    /// receiver must see no gap).
     pub fn skip_frame(&mut self) {
         let samples = self.cursor.next_frame(false).samples;
         self.packetizer.skip_samples(samples);
@@ -1029,5 +1029,9 @@ mod tests {
         }
         let last = paced.last().unwrap().0;
         assert!(last >= Duration::from_millis(10), "spread: {paced:?}");
+        assert!(
+            burst.last().unwrap().0 < last,
+            "burst {burst:?}, paced {paced:?}"
+        );
     }
 }
