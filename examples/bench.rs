@@ -216,11 +216,6 @@ struct Pinning {
     generator: Vec<usize>,
 }
 
-/// How the publishers send a frame's packets (`--publisher-pacing`).
-fn pacing(args: &Args) -> media::Pacing {
-    args.peer.pacing()
-}
-
 fn pinning(args: &Args) -> Result<Option<Pinning>> {
     if args.no_pin {
         return Ok(None);
@@ -765,14 +760,14 @@ async fn run_plaza(
             keep_recent_packets: 0,
             max_kept_messages: 1,
             bind_ip: args.client_ip.to_string(),
-            pacing: pacing(args),
+            pacing: args.peer.pacing(),
             ..PeerOptions::simulcast_publisher()
         }
     } else {
         PeerOptions {
             publish_audio: true,
             publish_video: video,
-            pacing: pacing(args),
+            pacing: args.peer.pacing(),
             ..base.clone()
         }
     };
@@ -947,7 +942,7 @@ async fn run_plaza_light(
             keep_recent_packets: 0,
             max_kept_messages: 1,
             bind_ip: args.client_ip.to_string(),
-            pacing: pacing(args),
+            pacing: args.peer.pacing(),
             ..PeerOptions::simulcast_publisher()
         }
     } else {
@@ -959,7 +954,7 @@ async fn run_plaza_light(
             publish_video: video,
             auto_subscribe: (sc == Scenario::Meeting).then_some(false),
             bind_ip: args.client_ip.to_string(),
-            pacing: pacing(args),
+            pacing: args.peer.pacing(),
             ..PeerOptions::default()
         }
     };
@@ -1265,7 +1260,7 @@ async fn run_janus(
         publish_video: publish && video,
         timeout: t,
         bind_ip: ip.clone(),
-        pacing: pacing(args),
+        pacing: args.peer.pacing(),
         ..JanusOptions::new(&server.ws_url, room)
     };
     let mut peers: Vec<Arc<JanusPeer>> = Vec::new();
@@ -1972,7 +1967,7 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
             || "host steal time not available".to_owned(),
             |v| format!("host steal time ≤ {v:.1} % per point"),
         );
-        let pacing_text = match pacing(&args) {
+        let pacing_text = match args.peer.pacing() {
             media::Pacing::Burst => "publishers send each frame's packets at once".to_owned(),
             media::Pacing::Rate(f) => {
                 format!("publishers pace each frame's packets at {f} × the clip's bitrate")
@@ -2011,7 +2006,7 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
             } else {
                 String::new()
             };
-            if pacing(&args) != media::Pacing::Burst {
+            if args.peer.pacing() != media::Pacing::Burst {
                 suffix.push_str("-paced");
             }
             let base = if args.viewer == ViewerKind::Light && sc != Scenario::Audio {

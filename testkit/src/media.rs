@@ -635,15 +635,19 @@ pub async fn run_pacer<S: PacketSink>(
         };
         let mut sent = 0u64;
         let mut bytes = 0u64;
+        // The frame's bytes ahead of the next packet, sent or not (pacing spaces packets by
+        // what the frame holds, whatever the sink did with them).
+        let mut ahead = 0usize;
         let mut error = None;
         for p in packets {
             let len = p.payload.len() as u64;
             if let Some(rate) = rate {
-                let due = tick + Pacing::due(rate, bytes as usize);
+                let due = tick + Pacing::due(rate, ahead);
                 if due > tokio::time::Instant::now() {
                     tokio::time::sleep_until(due).await;
                 }
             }
+            ahead += p.payload.len();
             match sink.write(p).await {
                 Ok(()) => {
                     sent += 1;
