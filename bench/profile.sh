@@ -6,7 +6,8 @@
 #   PUBLISHERS=1 SUBSCRIBERS=40 NAME=livestream bench/profile.sh
 #   FREQ=2000 bench/profile.sh             # sample at 2 kHz (default 499 Hz)
 #
-# Needs `perf` (apt-get install -y linux-perf) and a release build (cargo build --release --bins
+# Needs `perf` (apt-get install -y linux-perf), the server built with debug information
+# (cargo build --profile profiling --bin plaza) and the load tester (cargo build --release
 # --example loadtest). Ports 17890/17892 by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ UDP_PORT=${UDP_PORT:-17892}
 out="bench/results/$(date -u +%F)-profile-$NAME.txt"
 data=/tmp/plaza-perf-$NAME.data   # kept for `perf report -i`
 
-target/release/plaza --port "$PORT" --udp-port "$UDP_PORT" --log-level warn &
+target/profiling/plaza --port "$PORT" --udp-port "$UDP_PORT" --log-level warn &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 sleep 1

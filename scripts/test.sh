@@ -15,8 +15,11 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --release -- -D warnings
 
-step "build (release)"
-cargo build --release --workspace --all-targets
+# What the tests run: the server, the unit and integration tests, and the load tester (the
+# browser and foreign-client tests start it). The other examples and the criterion benchmarks
+# are compiled by clippy above (`--all-targets`), not built again here.
+step "build (release): server, tests, load tester"
+cargo build --release --workspace --bins --tests --example loadtest
 
 step "unit + integration tests"
 # tests/integration/prometheus.rs reads the monitoring YAML under docker/ with PyYAML.
@@ -30,9 +33,9 @@ fi
 # nextest runs each test in its own process; the `cargo test` fallback runs all the
 # integration tests (one binary, tests/integration/) in one process, two at a time.
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --release --workspace --no-fail-fast --test-threads 2
+  cargo nextest run --release --workspace --lib --bins --tests --no-fail-fast --test-threads 2
 else
-  cargo test --release --workspace --no-fail-fast -- --test-threads 2
+  cargo test --release --workspace --lib --bins --tests --no-fail-fast -- --test-threads 2
 fi
 
 step "browser end-to-end tests (headless Chromium and Firefox, loopback-only network namespace)"

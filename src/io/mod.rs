@@ -3,7 +3,8 @@
 //! The SFU core ([`crate::sfu::Sfu`]) is a state machine that never touches a socket, a
 //! runtime or the clock. This module gives it the real world: it owns the media UDP socket
 //! and the command channel from signaling, reads `Instant::now()` once per turn, sleeps until
-//! the core's next deadline, and hands the datagrams the core produces to the kernel in
+//! the core's next deadline, reads datagrams in `recvmmsg` batches, each with the time the
+//! kernel received it ([`recv`]), and hands the datagrams the core produces to the kernel in
 //! `sendmmsg` batches ([`udp`]). With ICE-TCP on, each shard also accepts ICE over TCP on its
 //! own port ([`tcp`]): frames from a connection reach the core as datagrams from the client's
 //! address, and what the core sends to that address goes back over the connection. The
@@ -12,6 +13,7 @@
 // The driver reads the clock, once per turn, and hands `now` to the core.
 #![allow(clippy::disallowed_methods)]
 
+pub mod recv;
 pub mod tcp;
 pub mod udp;
 
@@ -20,6 +22,7 @@ use crate::sfu::latency::LatencyHistogram;
 use crate::sfu::pipe::{Lane, NodePipe, PipeBatch, PipeMsg, REMOTE_BASE, RemoteBatch, ShardId};
 use crate::sfu::{Command, CoreStats, Flow, Remote, Sfu, SfuError, SfuHandle, Transmit};
 use bytes::BytesMut;
+use recv::{Clocks, RecvBatch};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 use tcp::{TcpConns, TcpEvent};
@@ -32,8 +35,6 @@ use udp::OutQueue;
 /// usual default, ~208 KB, loses datagrams of everyone during a flood).
 pub const UDP_BUFFER_DEFAULT: usize = 8 << 20;
 
-/// Largest datagram read.
-const MAX_DATAGRAM: usize = 1500;
 /// How many datagrams to take from the socket per wakeup before serving other work.
 const RECV_BATCH: usize = 64;
 /// Capacity of the command channel from signaling.
@@ -260,6 +261,12 @@ fn spawn_shard(
     if let Err(e) = set_dont_fragment(&socket) {
         warn!(shard, "media socket: could not set IP_MTU_DISCOVER: {e}");
     }
+    if let Err(e) = recv::enable_timestamps(&socket) {
+        warn!(
+            shard,
+            "media socket: could not set SO_TIMESTAMPNS (packets count as received when read): {e}"
+        );
+    }
     if rcv < config.udp_buffer {
         warn!(
             shard,
@@ -313,6 +320,7 @@ fn spawn_shard(
                             accept_after: None,
                             tcp_tx,
                             tcp_rx,
+                            batch: RecvBatch::new(RECV_BATCH),
                         }
                         .run()
                         .await;
@@ -479,6 +487,8 @@ struct Driver {
     accept_after: Option<tokio::time::Instant>,
     tcp_tx: mpsc::Sender<TcpEvent>,
     tcp_rx: mpsc::Receiver<TcpEvent>,
+    /// The buffers datagrams are read into, a batch at a time.
+    batch: RecvBatch,
 }
 
 /// The next connection on `listener`, not before `after`; never, without a listener.
@@ -501,7 +511,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Driver {
     async fn run(mut self) {
-        let mut buf = vec![0u8; MAX_DATAGRAM * 2];
         loop {
             let next = self.sfu.poll_timeout().map(|d| d.at);
             let tcp_next = self.sfu.transmit().tcp.next_deadline();
@@ -525,7 +534,7 @@ impl Driver {
                         Some(cmd) => {
                             let stop = self.serve_commands(cmd);
                             if stop.is_none() {
-                                self.serve_datagrams(&mut buf);
+                                self.serve_datagrams();
                             }
                             stop
                         }
@@ -546,13 +555,10 @@ impl Driver {
                     self.serve_pipes();
                     None
                 }
-                res = self.sfu.transmit().socket.recv_from(&mut buf) => {
+                res = self.sfu.transmit().socket.readable() => {
                     match res {
-                        Ok((n, from)) => {
-                            self.sfu.handle_datagram(Instant::now(), from, &buf[..n]);
-                            // Take what else is already queued, bounded.
-                            self.serve_datagrams(&mut buf);
-                        }
+                        // What is queued, bounded.
+                        Ok(()) => self.serve_datagrams(),
                         Err(e) => debug!("udp recv error: {e}"),
                     }
                     match self.rx.try_recv() {
@@ -707,14 +713,25 @@ impl Driver {
         }
     }
 
-    /// Datagrams already queued on the socket, up to one batch.
-    fn serve_datagrams(&mut self, buf: &mut [u8]) {
-        let now = Instant::now();
-        for _ in 1..RECV_BATCH {
-            match self.sfu.transmit().socket.try_recv_from(buf) {
-                Ok((n, from)) => self.sfu.handle_datagram(now, from, &buf[..n]),
-                Err(_) => break,
+    /// Datagrams already queued on the socket, up to one batch, each handed to the core with
+    /// the time the kernel received it.
+    fn serve_datagrams(&mut self) {
+        match self.batch.recv(&self.sfu.transmit().socket, RECV_BATCH) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                debug!("udp recv error: {e}");
+                return;
             }
+        }
+        let clocks = Clocks {
+            now: Instant::now(),
+            wall: SystemTime::now(),
+        };
+        for d in self.batch.datagrams() {
+            let received = clocks.received(d.stamp);
+            self.sfu
+                .handle_received(clocks.now, received, d.from, d.data);
         }
     }
 }

@@ -52,7 +52,7 @@ pub fn latency_kind(datagram: &[u8]) -> usize {
 #[derive(Debug)]
 pub struct OutQueue {
     queue: Vec<(BytesMut, SocketAddr)>,
-    /// When the packet each queued RTP datagram carries was read from the socket (`None` for
+    /// When the kernel received the packet each queued RTP datagram carries (`None` for
     /// everything else), parallel to `queue`.
     origins: Vec<Option<Instant>>,
     /// Buffers whose datagrams have been sent, emptied, for the next ones (at most [`SPARE`],

@@ -578,9 +578,22 @@ impl<T: Transmit> Sfu<T> {
 
     /// A datagram from the network.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.handle_received(now, now, from, data);
+    }
+
+    /// A datagram the kernel received at `received` (no later than `now`), read from the
+    /// media socket at `now`. A media packet's in-core latency counts from `received`, and
+    /// so does its arrival in the transport-wide feedback to its publisher.
+    pub fn handle_received(
+        &mut self,
+        now: Instant,
+        received: Instant,
+        from: SocketAddr,
+        data: &[u8],
+    ) {
         self.advance(now);
         self.stats.udp_datagrams_in += 1;
-        self.feed_datagram(now, data, Remote::udp(from));
+        self.feed_datagram(now, received.min(self.now), data, Remote::udp(from));
     }
 
     /// A frame read from the ICE-TCP connection of `from` (RFC 4571 framing removed): handled
@@ -588,7 +601,7 @@ impl<T: Transmit> Sfu<T> {
     pub fn handle_tcp_frame(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         self.advance(now);
         self.stats.udp_datagrams_in += 1;
-        self.feed_datagram(now, data, Remote::tcp(from));
+        self.feed_datagram(now, now, data, Remote::tcp(from));
     }
 
     /// The time [`Sfu::poll_timeout`] named has come (or passed): fire everything due.
@@ -753,7 +766,7 @@ impl<T: Transmit> Sfu<T> {
     // ---------------------------------------------------------------- UDP in
 
     /// Route a datagram to the connection it belongs to (also used to replay early ones).
-    fn feed_datagram(&mut self, now: Instant, data: &[u8], remote: Remote) {
+    fn feed_datagram(&mut self, now: Instant, received: Instant, data: &[u8], remote: Remote) {
         let from = remote.addr;
         // See `demux` for the rules: STUN requests by the server ufrag, responses by the check
         // they answer, everything else only from addresses the connection validated.
@@ -792,7 +805,7 @@ impl<T: Transmit> Sfu<T> {
                     if egress::is_rtcp(data) {
                         ing.on_rtcp(now, data).map(|()| None)
                     } else {
-                        ing.on_rtp(now, data).map(Some)
+                        ing.on_rtp(received, data).map(Some)
                     }
                 });
             match res {
@@ -808,7 +821,7 @@ impl<T: Transmit> Sfu<T> {
                             audio_level,
                             ..
                         }) => {
-                            self.forward_rtp(key.part, &track, packet, now, audio_level);
+                            self.forward_rtp(key.part, &track, packet, received, audio_level);
                             return;
                         }
                         // SSRC not bound yet: `rtc` binds it (below).
@@ -3832,7 +3845,7 @@ impl<T: Transmit> Sfu<T> {
                 let again = p.sub_needs_offer;
                 let early = std::mem::take(&mut p.sub.early);
                 for (from, at, data) in early {
-                    self.feed_datagram(at, &data, from);
+                    self.feed_datagram(at, at, &data, from);
                 }
                 self.refresh_downtracks(part);
                 if again {

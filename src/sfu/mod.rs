@@ -97,8 +97,8 @@ impl std::fmt::Display for Remote {
 /// Where the core's datagrams go: the driver's batched UDP socket (and its ICE-TCP
 /// connections), or a simulated network.
 pub trait Transmit {
-    /// A datagram for `to`. `origin`: for forwarded media, when its source packet reached the
-    /// core (the in-core latency is measured from it when the datagram leaves).
+    /// A datagram for `to`. `origin`: for forwarded media, when the kernel received its source
+    /// packet (the in-core latency is measured from it when the datagram leaves).
     fn send(&mut self, data: BytesMut, to: Remote, origin: Option<Instant>);
 
     /// An empty buffer for the next datagram: a sink may hand back one it has sent from, so

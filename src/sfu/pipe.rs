@@ -132,8 +132,8 @@ pub enum PipeMsg {
     /// (remove it, mute its chat or one of its tracks). The sender checked the grant.
     Admin { op: super::admin::AdminOp },
     /// One media packet of a relayed track (header extensions already removed), of simulcast
-    /// layer `layer` (its index in the track's layer list). `origin`: when it reached the
-    /// publisher's shard (in-core latency is measured from there).
+    /// layer `layer` (its index in the track's layer list). `origin`: when the publisher's
+    /// shard received it (in-core latency is measured from there).
     Rtp {
         relay: RelayId,
         layer: u8,

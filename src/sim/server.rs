@@ -8,17 +8,22 @@
 //! "port" and seed, their pipe batches carried by the network (see [`super::Net::set_shards`]).
 
 use super::net::{Net, Node, NodeId, Output};
+use crate::sfu::latency::LatencyHistogram;
 use crate::sfu::pipe::{Lane, PipeMsg, ShardId};
 use crate::sfu::{Command, CoreConfig, CoreStats, Remote, Sfu, Transmit};
 use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Collects what the core sends until the node drains it.
 #[derive(Debug, Default)]
 pub struct SimTransmit {
-    queue: Vec<(BytesMut, SocketAddr)>,
+    /// Datagrams the core sent this turn, with the origin of the forwarded ones.
+    queue: Vec<(BytesMut, SocketAddr, Option<Instant>)>,
+    /// The in-core latency of the forwarded datagrams (origin → the end of the turn that
+    /// sent them), as the real driver records it when it hands them to the kernel.
+    pub in_core: LatencyHistogram,
     /// Datagrams the core has sent.
     pub sent: u64,
     /// Forwarded packets (those with an `origin`).
@@ -49,7 +54,7 @@ impl Transmit for SimTransmit {
                 self.forwarded_after_same_address += 1;
             }
         }
-        self.queue.push((data, to));
+        self.queue.push((data, to, origin));
     }
 
     fn pipe(&mut self, to: ShardId, lane: Lane, msgs: Vec<PipeMsg>) {
@@ -67,6 +72,10 @@ impl Transmit for SimTransmit {
 pub struct SfuNode {
     pub sfu: Sfu<SimTransmit>,
     pub addr: SocketAddr,
+    /// How long each datagram waited in the server's socket before the core read it (a
+    /// busy core): the core is handed it as received that long before the network delivered
+    /// it, as the real driver hands it the kernel's receive stamp. Zero by default.
+    pub socket_wait: Duration,
     /// How often each timeout reason fired (by its `Debug` text).
     pub timeouts: BTreeMap<String, u64>,
     dirty: bool,
@@ -99,6 +108,7 @@ impl SfuNode {
         SfuNode {
             sfu,
             addr,
+            socket_wait: Duration::ZERO,
             timeouts: BTreeMap::new(),
             dirty: true,
         }
@@ -169,7 +179,8 @@ impl Node for SfuNode {
     }
 
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, _to: SocketAddr, data: BytesMut) {
-        self.sfu.handle_datagram(now, from, &data);
+        let received = now.checked_sub(self.socket_wait).unwrap_or(now);
+        self.sfu.handle_received(now, received, from, &data);
         self.dirty = true;
     }
 
@@ -209,7 +220,10 @@ impl Node for SfuNode {
         let tx = self.sfu.transmit();
         tx.forwarded_this_turn = 0;
         tx.last_forwarded_to = None;
-        for (data, to) in tx.queue.drain(..) {
+        for (data, to, origin) in tx.queue.drain(..) {
+            if let Some(origin) = origin {
+                tx.in_core.record(now.saturating_duration_since(origin), 1);
+            }
             out.datagrams.push((self.addr, to, data));
         }
         out.pipes.append(&mut tx.pipes);

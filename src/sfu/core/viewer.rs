@@ -172,7 +172,7 @@ impl<T: Transmit> Sfu<T> {
         let early = std::mem::take(&mut p.sub.early);
         self.send_to(part, ServerMessage::PublishAnswer { sdp });
         for (from, at, data) in early {
-            self.feed_datagram(at, &data, from);
+            self.feed_datagram(at, at, &data, from);
         }
         if first {
             info!("viewer negotiated");

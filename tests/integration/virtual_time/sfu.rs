@@ -194,6 +194,35 @@ fn media_flows_through_the_sfu() {
     );
 }
 
+/// A forwarded packet's in-core latency counts from when the server received it, not from
+/// when the core read it: a packet that waited in the socket (the core busy with the ones
+/// before it) counts that wait, as the driver hands the core the kernel's receive stamp. In
+/// virtual time the core itself takes no time, so the latency is the wait, to the bucket.
+#[test]
+fn in_core_latency_counts_the_wait_in_the_socket() {
+    for wait in [Duration::ZERO, Duration::from_millis(3)] {
+        let mut s = Sim::new(1);
+        let server = s.server;
+        s.net.node::<SfuNode>(server).socket_wait = wait;
+        let alice = s.client(1, "alice", MediaSpec::audio_video());
+        let bob = s.client(2, "bob", MediaSpec::none());
+        let video = s.track(bob, alice, TrackKind::Video);
+        s.net.run_for(Duration::from_secs(3));
+        s.no_errors(&[alice, bob]);
+        let v = s.rx(bob, &video.id);
+        assert!(v.packets.len() > 50, "video packets: {}", v.packets.len());
+        let h = &s.net.node::<SfuNode>(server).sfu.transmit().in_core;
+        assert!(h.count() > 100, "forwarded: {}", h.count());
+        let (low, high) = (h.quantile_us(0.01).unwrap(), h.quantile_us(1.0).unwrap());
+        let want = wait.as_micros() as u64;
+        // The histogram's buckets are 1/8 of a power of two wide.
+        assert!(
+            low >= want && high <= want + want / 8,
+            "socket wait {wait:?}: in-core latency {low}..{high} µs"
+        );
+    }
+}
+
 /// Simulcast: low, then high, then low again. Every switch happens at a keyframe of the
 /// target layer, on the subscriber's one SSRC, with no gap or jump in sequence numbers,
 /// timestamps and picture ids.
