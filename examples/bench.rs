@@ -1992,7 +1992,7 @@ async fn run(args: Args, pins: Option<Pinning>) -> Result<bool> {
              CPU time (all threads, /proc/&lt;pid&gt;) ÷ packets forwarded (Plaza: its \
              `rtp_packets_forwarded` counter; Janus: packets the subscribers received). Latency = \
              publisher `write_rtp` → subscriber track delivery of the same packet, both \
-             webrtc-rs stacks included. In-core = socket read → sendmmsg of the forwarded \
+             webrtc-rs stacks included. In-core = the kernel's receive stamp → sendmmsg of the forwarded \
              packet inside Plaza, from its own histogram (Janus exports none). CPU wait = time the server's / load generator's \
              threads were runnable but waited for a core, % of the window (a busy shared \
              machine shows here). ⚠ = the point had failures (see the JSON).</sub>\n"

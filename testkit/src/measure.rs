@@ -501,7 +501,7 @@ pub struct WindowStats {
     /// of the window (summed over threads): how much the rest of the machine held them back.
     pub server_cpu_wait_percent: Option<f64>,
     pub generator_cpu_wait_percent: Option<f64>,
-    /// Time forwarded packets spent inside the server (socket read → handed to the kernel),
+    /// Time forwarded packets spent inside the server (kernel receive stamp → handed to the kernel),
     /// from the server's own histogram over the window (Plaza only), µs.
     pub server_forward_latency_us: Option<InCoreLatency>,
     /// Each core shard's share of the packets forwarded in the window, % (Plaza with
@@ -1118,7 +1118,7 @@ impl Measured {
         }
         if let Some(l) = w.server_forward_latency_us {
             println!(
-                "server in-core latency (socket read → sendmmsg, from /stats): p50 {} p90 {} \
+                "server in-core latency (kernel receive stamp → sendmmsg, from /stats): p50 {} p90 {} \
                  p99 {} max {} µs",
                 l.p50, l.p90, l.p99, l.max
             );
