@@ -15,6 +15,9 @@
 //!   delivery into the receiving socket, and waking its thread, run in the sender's system
 //!   call, so they are included); `udp/sendmmsg_64_unwoken`: the same with no thread waiting
 //!   on the sockets (they are emptied every millisecond), so no wake-up is paid;
+//!   `udp/sendmmsg_64_unwoken_stamped`: the same with the receiving sockets asking for the
+//!   kernel's receive stamps (`SO_TIMESTAMPNS`, which each shard's media socket sets): what
+//!   stamping every received datagram adds;
 //! - `srtp/*`: SRTP protect (server → subscriber) and unprotect (publisher → server) with both
 //!   negotiated profiles, AEAD-AES-128-GCM (webrtc-rs peers) and AES-CM-128-HMAC-SHA1-80
 //!   (Chromium unless offered GCM only), for a 1100-byte video and a 100-byte audio payload.
@@ -558,6 +561,26 @@ fn bench_udp(c: &mut C) {
     // The same sends when no thread waits on the receiving sockets: one thread empties them
     // every millisecond without blocking, so the kernel queues each datagram but wakes nobody.
     // That is closer to a real network, where the receiving side runs on another machine.
+    // `_stamped`: the receiving sockets ask for the kernel's receive stamps, as each shard's
+    // media socket does (`SO_TIMESTAMPNS`), which has the kernel stamp every datagram the
+    // host receives, here on loopback inside the sender's system call.
+    for (name, stamped) in [
+        ("sendmmsg_64_unwoken", false),
+        ("sendmmsg_64_unwoken_stamped", true),
+    ] {
+        bench_udp_unwoken(c, &tx, &data, &mut latency, name, stamped);
+    }
+}
+
+/// See `bench_udp`.
+fn bench_udp_unwoken(
+    c: &mut C,
+    tx: &tokio::net::UdpSocket,
+    data: &BytesMut,
+    latency: &mut [LatencyHistogram; 2],
+    name: &str,
+    stamped: bool,
+) {
     let mut g = c.benchmark_group("udp");
     g.measurement_time(Duration::from_secs(3));
     let rxs: Vec<std::net::UdpSocket> = (0..8)
@@ -565,6 +588,9 @@ fn bench_udp(c: &mut C) {
             let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
             s.set_nonblocking(true).expect("nonblocking");
             set_recv_buffer(&s, 4 << 20);
+            if stamped {
+                plaza::io::recv::enable_timestamps(&s).expect("SO_TIMESTAMPNS");
+            }
             s
         })
         .collect();
@@ -583,13 +609,13 @@ fn bench_udp(c: &mut C) {
         })
     };
     g.throughput(Throughput::Elements(64));
-    g.bench_function("sendmmsg_64_unwoken", |b| {
+    g.bench_function(name, |b| {
         b.iter(|| {
             let mut q = OutQueue::new();
             for i in 0..64 {
                 q.push(data.clone(), addrs[i % addrs.len()], None);
             }
-            black_box(q.send(&tx, &mut latency))
+            black_box(q.send(tx, latency))
         })
     });
     g.finish();
