@@ -32,7 +32,8 @@ pub struct Datagram<'a> {
 /// The buffers one batch is read into, reused from batch to batch.
 pub struct RecvBatch {
     data: Vec<u8>,
-    lens: Vec<usize>,
+    /// Per datagram read: its slot in `data` and its length.
+    lens: Vec<(usize, usize)>,
     froms: Vec<SocketAddr>,
     stamps: Vec<Option<SystemTime>>,
     #[cfg(target_os = "linux")]
@@ -82,7 +83,7 @@ impl RecvBatch {
             for i in 0..max {
                 match socket.try_recv_from(&mut self.data[i * SLOT..(i + 1) * SLOT]) {
                     Ok((n, from)) => {
-                        self.lens.push(n);
+                        self.lens.push((i, n));
                         self.froms.push(from);
                         self.stamps.push(None);
                     }
@@ -96,16 +97,13 @@ impl RecvBatch {
 
     /// The datagrams the last [`RecvBatch::recv`] read, in the order they arrived.
     pub fn datagrams(&self) -> impl Iterator<Item = Datagram<'_>> {
-        self.lens
-            .iter()
-            .zip(&self.froms)
-            .zip(&self.stamps)
-            .enumerate()
-            .map(|(i, ((&len, &from), &stamp))| Datagram {
-                data: &self.data[i * SLOT..i * SLOT + len],
+        self.lens.iter().zip(&self.froms).zip(&self.stamps).map(
+            |((&(slot, len), &from), &stamp)| Datagram {
+                data: &self.data[slot * SLOT..slot * SLOT + len],
                 from,
                 stamp,
-            })
+            },
+        )
     }
 }
 
@@ -198,7 +196,7 @@ mod linux {
             &mut self,
             socket: &UdpSocket,
             data: &mut [u8],
-            lens: &mut Vec<usize>,
+            lens: &mut Vec<(usize, usize)>,
             froms: &mut Vec<SocketAddr>,
             stamps: &mut Vec<Option<SystemTime>>,
         ) -> std::io::Result<usize> {
@@ -247,7 +245,7 @@ mod linux {
                     // (Not an IP sender: nothing a UDP socket of ours receives.)
                     continue;
                 };
-                lens.push((h.msg_len as usize).min(SLOT));
+                lens.push((i, (h.msg_len as usize).min(SLOT)));
                 froms.push(from);
                 stamps.push(stamp(&h.msg_hdr));
             }
