@@ -45,23 +45,44 @@ const PIPE_QUEUE: usize = 1024;
 /// How many pipe batches to take per wakeup before serving other work.
 const PIPE_BATCHES_PER_TURN: usize = 16;
 
+/// Set a socket option that takes a `c_int` (`setsockopt(2)`).
+#[allow(unsafe_code)] // setsockopt(2); see the SAFETY comment
+pub fn set_int_option(
+    socket: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: the fd is a valid socket for the duration of the call (`socket` is borrowed);
+    // the option value is a c_int of the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Ask for `bytes` of receive and send buffer on `socket`: first past the system maximum
 /// (`SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`), else up to it. Returns what the kernel
 /// granted (it reports twice the usable size).
-#[allow(unsafe_code)] // setsockopt(2), getsockopt(2); see the SAFETY comments
+#[allow(unsafe_code)] // getsockopt(2); see the SAFETY comment
 pub fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize, usize) {
     use std::os::fd::AsRawFd;
     let fd = socket.as_raw_fd();
     let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     let set = |force, plain| {
-        // SAFETY: `fd` is a valid socket for the duration of the call; the option value is a
-        // c_int, as both options take.
-        unsafe {
-            let v = &want as *const libc::c_int as *const libc::c_void;
-            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            if libc::setsockopt(fd, libc::SOL_SOCKET, force, v, len) != 0 {
-                libc::setsockopt(fd, libc::SOL_SOCKET, plain, v, len);
-            }
+        // (What the kernel granted is read back below, whichever worked.)
+        if set_int_option(socket, libc::SOL_SOCKET, force, want).is_err() {
+            let _ = set_int_option(socket, libc::SOL_SOCKET, plain, want);
         }
     };
     set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
@@ -69,7 +90,8 @@ pub fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize,
     let get = |opt| {
         let mut v: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: as above; `v` and `len` are valid for writes.
+        // SAFETY: `fd` is a valid socket for the duration of the call; `v` and `len` are
+        // valid for writes, `len` the size of the c_int both options read back.
         unsafe {
             libc::getsockopt(
                 fd,
@@ -92,29 +114,16 @@ pub fn set_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) -> (usize,
 /// bytes) is forwarded as it came, and a path narrower than it drops it instead of fragmenting
 /// it (NATs and firewalls often drop the fragments anyway). An IPv6 socket is left alone: IPv6
 /// routers never fragment.
-#[allow(unsafe_code)] // setsockopt(2); see the SAFETY comment
 pub fn set_dont_fragment(socket: &std::net::UdpSocket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     if !socket.local_addr()?.is_ipv4() {
         return Ok(());
     }
-    let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
-    // SAFETY: the fd is a valid socket for the duration of the call; the option value is a
-    // c_int, as IP_MTU_DISCOVER takes.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            &probe as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    set_int_option(
+        socket,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_PROBE,
+    )
 }
 
 /// The CPUs this process may run on, in order (empty if the kernel does not say).
@@ -731,7 +740,7 @@ impl Driver {
         for d in self.batch.datagrams() {
             let received = clocks.received(d.stamp);
             self.sfu
-                .handle_received(clocks.now, received, d.from, d.data);
+                .handle_datagram(clocks.now, received, d.from, d.data);
         }
     }
 }

@@ -109,25 +109,8 @@ impl RecvBatch {
 
 /// Ask the kernel to stamp each datagram `socket` receives (`SO_TIMESTAMPNS`).
 #[cfg(target_os = "linux")]
-#[allow(unsafe_code)] // setsockopt(2); see the SAFETY comment
 pub fn enable_timestamps(socket: &std::net::UdpSocket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: the fd is a valid socket for the call; the option takes a c_int.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    super::set_int_option(socket, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -157,6 +140,9 @@ impl Clocks {
         }
     }
 }
+
+#[cfg(target_os = "linux")]
+pub use linux::socket_addr;
 
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)] // recvmmsg(2) and the control messages; see the SAFETY comments
@@ -274,8 +260,12 @@ mod linux {
         None
     }
 
-    /// The sender's address `recvmmsg` wrote (`len` bytes of `storage`).
-    fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    /// The address a receive call wrote into `storage` (`len` bytes of it): IPv4 or IPv6,
+    /// `None` for anything else or a length too short for its family.
+    pub fn socket_addr(
+        storage: &libc::sockaddr_storage,
+        len: libc::socklen_t,
+    ) -> Option<SocketAddr> {
         let len = len as usize;
         match libc::c_int::from(storage.ss_family) {
             libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {

@@ -576,15 +576,11 @@ impl<T: Transmit> Sfu<T> {
         Flow::Continue
     }
 
-    /// A datagram from the network.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        self.handle_received(now, now, from, data);
-    }
-
-    /// A datagram the kernel received at `received` (no later than `now`), read from the
-    /// media socket at `now`. A media packet's in-core latency counts from `received`, and
-    /// so does its arrival in the transport-wide feedback to its publisher.
-    pub fn handle_received(
+    /// A datagram from the network, which the kernel received at `received` (no later than
+    /// `now`; `now` itself where nothing says otherwise) and the driver read at `now`. A media
+    /// packet's in-core latency counts from `received`, and so does its arrival in the
+    /// transport-wide feedback to its publisher.
+    pub fn handle_datagram(
         &mut self,
         now: Instant,
         received: Instant,

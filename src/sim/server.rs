@@ -180,7 +180,7 @@ impl Node for SfuNode {
 
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, _to: SocketAddr, data: BytesMut) {
         let received = now.checked_sub(self.socket_wait).unwrap_or(now);
-        self.sfu.handle_received(now, received, from, &data);
+        self.sfu.handle_datagram(now, received, from, &data);
         self.dirty = true;
     }
 

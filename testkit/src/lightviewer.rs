@@ -40,7 +40,7 @@
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -402,17 +402,9 @@ fn take_runs_whole(sock: &StdUdpSocket) {
     set_int_option(sock, libc::SOL_UDP, libc::UDP_GRO, 1);
 }
 
+/// Best effort: a refused option leaves the kernel's default (the counts stay right).
 fn set_int_option(sock: &StdUdpSocket, level: libc::c_int, name: libc::c_int, v: libc::c_int) {
-    // SAFETY: a valid socket descriptor and a c_int option value of the right size.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    let _ = plaza::io::set_int_option(sock, level, name, v);
 }
 
 /// Room for one control message carrying an int (`CMSG_SPACE(4)`: 24 bytes on 64-bit
@@ -521,26 +513,7 @@ impl Batch {
     }
 
     fn addr(&self, i: usize) -> Option<SocketAddr> {
-        let a = &self.addrs[i];
-        match i32::from(a.ss_family) {
-            libc::AF_INET => {
-                // SAFETY: ss_family says this storage holds a sockaddr_in.
-                let v4: &libc::sockaddr_in = unsafe { &*(a as *const _ as *const _) };
-                Some(SocketAddr::new(
-                    IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))),
-                    u16::from_be(v4.sin_port),
-                ))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: ss_family says this storage holds a sockaddr_in6.
-                let v6: &libc::sockaddr_in6 = unsafe { &*(a as *const _ as *const _) };
-                Some(SocketAddr::new(
-                    IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)),
-                    u16::from_be(v6.sin6_port),
-                ))
-            }
-            _ => None,
-        }
+        plaza::io::recv::socket_addr(&self.addrs[i], self.msgs[i].msg_hdr.msg_namelen)
     }
 }
 

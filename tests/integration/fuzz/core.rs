@@ -362,7 +362,7 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                     m[i] ^= u.u8();
                 }
                 let before = sfu.transmit().sent;
-                sfu.handle_datagram(now, from, &m);
+                sfu.handle_datagram(now, now, from, &m);
                 sfu.end_turn(now);
                 if signed && sfu.transmit().sent > before {
                     reach.stun_answered += 1;
@@ -375,7 +375,7 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                     ctx.addrs[u.below(ctx.addrs.len())]
                 };
                 let d = u.bytes_long(1500);
-                sfu.handle_datagram(now, from, d);
+                sfu.handle_datagram(now, now, from, d);
             }
             x if x == Op::Template as u8 => {
                 let from = ctx.addrs[u.below(ctx.addrs.len())];
@@ -384,7 +384,7 @@ fn program(data: &[u8], ctx: &Ctx, run: u64, reach: &mut Reach) {
                     let i = u.below(d.len());
                     d[i] ^= u.u8();
                 }
-                sfu.handle_datagram(now, from, &d);
+                sfu.handle_datagram(now, now, from, &d);
             }
             x if x == Op::Time as u8 => {
                 now = match (u.bool(), sfu.poll_timeout()) {
