@@ -303,6 +303,7 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         forward_dropped,
         udp_datagrams_in,
         udp_datagrams_ignored,
+        ice_tcp_frames_ignored,
         udp_dropped,
         limits_hit,
         log_lines_suppressed,
@@ -362,7 +363,7 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
         "Tracks published",
         *published_tracks,
     )?;
-    let counters: [(&str, &str, u64); 48] = [
+    let counters: [(&str, &str, u64); 49] = [
         (
             "plaza_rtp_packets_in",
             "RTP packets received from publishers",
@@ -387,6 +388,11 @@ fn encode_core(o: &mut Out<'_, '_>, s: &CoreStats) -> fmt::Result {
             "plaza_udp_datagrams_ignored",
             "UDP datagrams read and not given to any connection",
             *udp_datagrams_ignored,
+        ),
+        (
+            "plaza_ice_tcp_frames_ignored",
+            "ICE-TCP frames read and not given to any connection",
+            *ice_tcp_frames_ignored,
         ),
         (
             "plaza_udp_datagrams_out",

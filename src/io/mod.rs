@@ -706,12 +706,12 @@ impl Driver {
 
     fn serve_tcp_event(&mut self, ev: TcpEvent) {
         match ev {
-            TcpEvent::Frame { peer, data } => {
+            TcpEvent::Frame { peer, data, read } => {
                 // Frames still queued from a connection closed since are dropped.
                 if !self.sfu.transmit().tcp.count_frame_in(peer) {
                     return;
                 }
-                self.sfu.handle_tcp_frame(Instant::now(), peer, &data);
+                self.sfu.handle_tcp_frame(Instant::now(), read, peer, &data);
             }
             TcpEvent::Closed { peer, id, why } => {
                 if self.sfu.transmit().tcp.closed(peer, id, why) {

@@ -141,8 +141,12 @@ pub enum CloseReason {
 /// From a connection's reader to the driver.
 #[derive(Debug)]
 pub enum TcpEvent {
-    /// One unframed packet from `peer`.
-    Frame { peer: SocketAddr, data: BytesMut },
+    /// One unframed packet from `peer`, and when the reader had it.
+    Frame {
+        peer: SocketAddr,
+        data: BytesMut,
+        read: Instant,
+    },
     /// The reader of connection `id` stopped.
     Closed {
         peer: SocketAddr,
@@ -337,6 +341,10 @@ async fn read_loop(
             Ok(Ok(0) | Err(_)) => return CloseReason::Closed,
             Ok(Ok(n)) => n,
         };
+        // The frames' origin for the in-core latency: a shard busy with other work reads
+        // them from the channel later.
+        #[allow(clippy::disallowed_methods)] // the reader, not the core: it stamps what it read
+        let read_at = Instant::now();
         deframer.extend(&buf[..n]);
         loop {
             match deframer.next_frame() {
@@ -346,7 +354,12 @@ async fn read_loop(
                     }
                     // Waits while the driver is behind: the client's TCP window closes, as
                     // its sending rate deserves.
-                    if events.send(TcpEvent::Frame { peer, data }).await.is_err() {
+                    let frame = TcpEvent::Frame {
+                        peer,
+                        data,
+                        read: read_at,
+                    };
+                    if events.send(frame).await.is_err() {
                         return CloseReason::Closed;
                     }
                 }

@@ -594,10 +594,26 @@ impl<T: Transmit> Sfu<T> {
 
     /// A frame read from the ICE-TCP connection of `from` (RFC 4571 framing removed): handled
     /// as a datagram of that connection's.
-    pub fn handle_tcp_frame(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+    /// `received`: when the connection's reader had the frame (its origin for the in-core
+    /// latency, as a datagram's receive stamp is).
+    pub fn handle_tcp_frame(
+        &mut self,
+        now: Instant,
+        received: Instant,
+        from: SocketAddr,
+        data: &[u8],
+    ) {
         self.advance(now);
-        self.stats.udp_datagrams_in += 1;
-        self.feed_datagram(now, now, data, Remote::tcp(from));
+        self.feed_datagram(now, received.min(self.now), data, Remote::tcp(from));
+    }
+
+    /// A datagram (or ICE-TCP frame) from `remote` read and given to no connection: counted.
+    fn count_ignored(&mut self, remote: Remote) {
+        if remote.tcp {
+            self.stats.ice_tcp_frames_ignored += 1;
+        } else {
+            self.stats.udp_datagrams_ignored += 1;
+        }
     }
 
     /// The time [`Sfu::poll_timeout`] named has come (or passed): fire everything due.
@@ -769,7 +785,7 @@ impl<T: Transmit> Sfu<T> {
         let key = match self.demux.route(data, remote, now) {
             Ok(key) => key,
             Err(reason) => {
-                self.stats.udp_datagrams_ignored += 1;
+                self.count_ignored(remote);
                 self.drops.count(reason, remote, now);
                 return;
             }
@@ -780,7 +796,7 @@ impl<T: Transmit> Sfu<T> {
                 match egress.on_rtcp(now, data) {
                     Ok(fb) => self.on_subscriber_feedback(key.part, fb, now),
                     Err(e) => {
-                        self.stats.udp_datagrams_ignored += 1;
+                        self.count_ignored(remote);
                         trace!(%from, "subscriber RTCP rejected: {e}");
                     }
                 }
@@ -825,7 +841,7 @@ impl<T: Transmit> Sfu<T> {
                     }
                 }
                 Some(Err(e)) => {
-                    self.stats.udp_datagrams_ignored += 1;
+                    self.count_ignored(remote);
                     trace!(%from, "publisher SRTP rejected: {e}");
                     return;
                 }
@@ -834,7 +850,7 @@ impl<T: Transmit> Sfu<T> {
         let (local_addr, protocol) = if remote.tcp {
             // (A connection closed since leaves nothing to answer over.)
             let Some(&local) = self.ice_tcp.peers.get(&from) else {
-                self.stats.udp_datagrams_ignored += 1;
+                self.count_ignored(remote);
                 return;
             };
             (local, TransportProtocol::TCP)
@@ -846,7 +862,7 @@ impl<T: Transmit> Sfu<T> {
             )
         };
         let Some(pc) = self.pc_mut(key) else {
-            self.stats.udp_datagrams_ignored += 1;
+            self.count_ignored(remote);
             return;
         };
         if pc.rtc.remote_description().is_none() {
@@ -894,7 +910,7 @@ impl<T: Transmit> Sfu<T> {
         match res {
             Ok(()) => {}
             Err(e) => {
-                self.stats.udp_datagrams_ignored += 1;
+                self.count_ignored(remote);
                 trace!(%from, "datagram rejected: {e}");
             }
         }
@@ -4266,5 +4282,34 @@ mod tests {
         assert!(validate_name("room", "a\nb").is_err());
         assert!(validate_name("room", &"x".repeat(129)).is_err());
         assert!(validate_name("room", "demo").is_ok());
+    }
+
+    /// ICE-TCP frames are counted by the connection table (`IceTcpStats::frames_in`), not as
+    /// UDP datagrams; those the core gives to no connection count apart from the UDP
+    /// datagrams it ignores, and out of the UDP drop reasons.
+    #[test]
+    fn ice_tcp_frames_are_not_counted_as_udp_datagrams() {
+        struct Nowhere;
+        impl Transmit for Nowhere {
+            fn send(&mut self, _data: BytesMut, _to: Remote, _origin: Option<Instant>) {}
+        }
+        let t0 = Instant::now();
+        let server: SocketAddr = "127.0.0.1:7882".parse().unwrap();
+        let config = crate::sim::server::sim_config(server.ip());
+        let mut sfu = Sfu::new(config, server, 1, t0, Nowhere);
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        // SRTP-looking, from an address no connection validated: dropped by the demux.
+        let data = b"\x80\x60\x00\x01 not from a known address";
+        for _ in 0..3 {
+            sfu.handle_datagram(t0, t0, peer, data);
+        }
+        for _ in 0..2 {
+            sfu.handle_tcp_frame(t0, t0, peer, data);
+        }
+        let s = sfu.stats();
+        assert_eq!(s.udp_datagrams_in, 3);
+        assert_eq!(s.udp_datagrams_ignored, 3);
+        assert_eq!(s.ice_tcp_frames_ignored, 2);
+        assert_eq!(s.udp_dropped.unknown_address, 3, "{:?}", s.udp_dropped);
     }
 }

@@ -128,7 +128,9 @@ impl UdpDrops {
 
 impl DropCounters {
     pub fn count(&mut self, reason: DropReason, from: Remote, now: Instant) {
-        self.counts[reason as usize] += 1;
+        if !from.tcp {
+            self.counts[reason as usize] += 1;
+        }
         if let Some(held) = self.log.allow(reason.as_str(), now) {
             tracing::debug!(%from, reason = reason.as_str(), similar_not_logged = held, "datagram dropped");
         }

@@ -345,9 +345,13 @@ pub struct CoreStats {
     /// Packets of a track not forwarded to one of its subscribers, by reason (most are
     /// simulcast layers the subscriber does not receive).
     pub forward_dropped: forward::ForwardDrops,
+    /// UDP datagrams read from the media socket (ICE-TCP frames count in
+    /// `IceTcpStats::frames_in`).
     pub udp_datagrams_in: u64,
     pub udp_datagrams_ignored: u64,
-    /// Datagrams the demux could not give to any connection, by reason (part of
+    /// ICE-TCP frames read and not given to any connection.
+    pub ice_tcp_frames_ignored: u64,
+    /// UDP datagrams the demux could not give to any connection, by reason (part of
     /// `udp_datagrams_ignored`), and refused address re-bindings.
     pub udp_dropped: demux::UdpDrops,
     /// Per-participant caps hit.
@@ -508,6 +512,7 @@ impl CoreStats {
             forward_dropped,
             udp_datagrams_in,
             udp_datagrams_ignored,
+            ice_tcp_frames_ignored,
             udp_dropped,
             limits_hit,
             log_lines_suppressed,
@@ -564,6 +569,7 @@ impl CoreStats {
         self.rtp_packets_dropped += rtp_packets_dropped;
         self.udp_datagrams_in += udp_datagrams_in;
         self.udp_datagrams_ignored += udp_datagrams_ignored;
+        self.ice_tcp_frames_ignored += ice_tcp_frames_ignored;
         self.udp_datagrams_out += udp_datagrams_out;
         self.udp_datagrams_out_dropped += udp_datagrams_out_dropped;
         self.udp_send_calls += udp_send_calls;
