@@ -840,6 +840,7 @@ mod tests {
                     is_text: true,
                     framed: Bytes::from(vec![i as u8; 5000]),
                     to: crate::sfu::timeline::Audience::All,
+                    origin: Instant::now(),
                 }
             } else {
                 PipeMsg::TrackClose { relay: i }

@@ -891,6 +891,7 @@ impl<T: Transmit> Sfu<T> {
                 message: data,
             })
         };
+        pc.read_origin = Some(pc.read_origin.map_or(received, |o| o.min(received)));
         let mut res = read(pc, BytesMut::from(data));
         if res.is_ok() && stun == Some(BindingKind::Success) {
             // The answer to the server's own (triggered) check of this pair: the pair has
@@ -990,11 +991,13 @@ impl<T: Transmit> Sfu<T> {
             let Some(ev) = pc.rtc.poll_event() else { break };
             self.handle_pc_event(key, ev);
         }
-        // 3. Application messages.
+        // 3. Application messages, which came in the datagrams handed over since the last
+        //    time (a message completed by a later datagram counts from that one's stamp).
+        let origin = self.pc_mut(key).and_then(|pc| pc.read_origin.take());
         loop {
             let Some(pc) = self.pc_mut(key) else { return };
             let Some(msg) = pc.rtc.poll_read() else { break };
-            self.handle_pc_message(key, msg);
+            self.handle_pc_message(key, msg, origin);
         }
         // 4. What they produced, and the next timer.
         self.flush(key);
@@ -1152,7 +1155,8 @@ impl<T: Transmit> Sfu<T> {
         }
     }
 
-    fn handle_pc_message(&mut self, key: PcKey, msg: TaggedRTCMessage) {
+    /// `origin`: the earliest receive stamp of the datagrams `msg` may have come in.
+    fn handle_pc_message(&mut self, key: PcKey, msg: TaggedRTCMessage, origin: Option<Instant>) {
         match msg.message {
             RTCMessage::RtpPacket(_, packet) if key.kind == PcKind::Publisher => {
                 // Tagged with the client's track id, which need not be unique (no msid, or the
@@ -1168,7 +1172,8 @@ impl<T: Transmit> Sfu<T> {
                 self.bind_ingress(key.part, &tid, ssrc);
             }
             RTCMessage::DataChannelMessage(id, m) if key.kind == PcKind::Subscriber => {
-                self.relay_data(key.part, id, m.is_string, &m.data, msg.now);
+                let origin = origin.map_or(msg.now, |o| o.min(msg.now));
+                self.relay_data(key.part, id, m.is_string, &m.data, msg.now, origin);
             }
             _ => {}
         }
@@ -2153,6 +2158,7 @@ impl<T: Transmit> Sfu<T> {
         is_text: bool,
         msg: &[u8],
         now: Instant,
+        origin: Instant,
     ) {
         let Some(p) = part_mut!(self, part) else {
             return;
@@ -2254,12 +2260,16 @@ impl<T: Transmit> Sfu<T> {
             sseq: inbound.sseq,
             ack: inbound.ack,
             event: None,
+            origin,
         };
         self.submit(part.room, msg, now);
     }
 
     /// A framed data-channel message to participants of this shard, on their channel `label`;
-    /// how many it was handed to (those whose channel is open).
+    /// how many it was handed to (those whose channel is open). `origin`: where its relay
+    /// latency counts from (the kernel's receive stamp of a relayed message; `now` for what
+    /// the server itself sends, and for what waited for a channel to open).
+    #[allow(clippy::too_many_arguments)]
     fn deliver_data(
         &mut self,
         targets: &[PartKey],
@@ -2267,6 +2277,7 @@ impl<T: Transmit> Sfu<T> {
         is_text: bool,
         framed: &Bytes,
         now: Instant,
+        origin: Instant,
     ) -> usize {
         let mut delivered = 0;
         for &t in targets {
@@ -2295,7 +2306,8 @@ impl<T: Transmit> Sfu<T> {
                 Ok(()) => {
                     delivered += 1;
                     self.stats.data_messages_relayed += 1;
-                    tp.sub.data_origin.get_or_insert(now);
+                    let o = &mut tp.sub.data_origin;
+                    *o = Some(o.map_or(origin, |o| o.min(origin)));
                     self.mark_dirty(PcKey {
                         part: t,
                         kind: PcKind::Subscriber,
@@ -2392,7 +2404,8 @@ impl<T: Transmit> Sfu<T> {
                 is_text,
                 framed,
                 to,
-            } => self.on_pipe_data(&room, &sender, channel, is_text, framed, &to),
+                origin,
+            } => self.on_pipe_data(&room, &sender, channel, is_text, framed, &to, origin),
             // (Sequenced here even if this shard thinks another is the room's home: the
             // sender takes this one for it, and passing it on could go round in circles.)
             PipeMsg::Submit { room, msg } => {
@@ -2948,6 +2961,7 @@ impl<T: Transmit> Sfu<T> {
             pending_nomination: None,
             restart_wanted: false,
             data_origin: None,
+            read_origin: None,
         })
     }
 

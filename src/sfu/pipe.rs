@@ -163,6 +163,8 @@ pub enum PipeMsg {
         is_text: bool,
         framed: Bytes,
         to: Audience,
+        /// Its origin for the relay latency (see [`Submitted::origin`]).
+        origin: Instant,
     },
     /// (To the room's home.) Participant `participant_id` (on the sender) asks for the
     /// room's `chat` history after `since`; `events`: it gets room events.
@@ -222,6 +224,10 @@ pub struct Submitted {
     pub ack: bool,
     /// A room event (from the server, on `chat`, for those that asked for events): its name.
     pub event: Option<&'static str>,
+    /// When the datagrams that carried it reached the server (the kernel's receive stamp);
+    /// its origin for the relay latency. A message from another node counts from its arrival
+    /// on this one.
+    pub origin: Instant,
 }
 
 /// Which of a shard's two queues a batch goes through.

@@ -181,9 +181,12 @@ pub(super) struct Pc {
     /// carries new credentials.
     pub(super) restart_wanted: bool,
     /// A relayed data-channel message was handed to this connection's channel in this turn,
-    /// taken at this time: the DTLS datagrams it flushes carry it as their origin (the relay
-    /// latency in `/stats` and `/metrics`).
+    /// with this origin (the earliest, if several): the DTLS datagrams it flushes carry it
+    /// (the relay latency in `/stats` and `/metrics`).
     pub(super) data_origin: Option<Instant>,
+    /// The earliest receive stamp of the datagrams handed to its `rtc` since its application
+    /// messages were last read: the origin of the data-channel messages it delivers then.
+    pub(super) read_origin: Option<Instant>,
 }
 
 /// At most this many early datagrams are kept per peer connection.

@@ -24,6 +24,8 @@ pub struct SimTransmit {
     /// The in-core latency of the forwarded datagrams (origin → the end of the turn that
     /// sent them), as the real driver records it when it hands them to the kernel.
     pub in_core: LatencyHistogram,
+    /// The same for relayed data-channel messages (the DTLS records that carry them).
+    pub data_relay: LatencyHistogram,
     /// Datagrams the core has sent.
     pub sent: u64,
     /// Forwarded packets (those with an `origin`).
@@ -222,7 +224,11 @@ impl Node for SfuNode {
         tx.last_forwarded_to = None;
         for (data, to, origin) in tx.queue.drain(..) {
             if let Some(origin) = origin {
-                tx.in_core.record(now.saturating_duration_since(origin), 1);
+                let h = match crate::io::udp::latency_kind(&data) {
+                    0 => &mut tx.in_core,
+                    _ => &mut tx.data_relay,
+                };
+                h.record(now.saturating_duration_since(origin), 1);
             }
             out.datagrams.push((self.addr, to, data));
         }

@@ -832,6 +832,7 @@ fn fuzz_link() {
             is_text: true,
             framed: Bytes::from_static(b"{\"from\":\"PA_1\"}\nhi"),
             to: plaza::sfu::timeline::Audience::Only(vec!["PA_2".into()]),
+            origin: now,
         }),
         encode(PipeMsg::Needed {
             relay: 3,

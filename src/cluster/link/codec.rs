@@ -8,8 +8,8 @@
 //! ```
 //!
 //! All integers are big-endian. A message's length is given by the frame that carries it
-//! (see the parent module). `PipeMsg::Rtp::origin` is not sent: the receiver stamps the
-//! packet with its own arrival time. The `&'static str` fields (a data channel's label, a
+//! (see the parent module). The origins of `PipeMsg::Rtp`, `PipeMsg::Data` and `Submitted`
+//! are not sent: the receiver stamps each with its own arrival time. The `&'static str` fields (a data channel's label, a
 //! room event's name) travel as strings and map back to a closed set of known values; an
 //! unknown one is a decode error. Decoding never panics: every read is bounds-checked and
 //! every failure is a [`CodecError`].
@@ -128,7 +128,8 @@ pub fn encode(m: &LinkMsg, out: &mut Vec<u8>) -> Result<(), CodecError> {
     Ok(())
 }
 
-/// The message in `b` (exactly); an RTP packet's `origin` is `now`.
+/// The message in `b` (exactly); an RTP packet's and a data-channel message's `origin` is
+/// `now`.
 pub fn decode(b: &[u8], now: Instant) -> Result<LinkMsg, CodecError> {
     if b.len() > MAX_MESSAGE {
         return Err(CodecError::TooLarge(b.len()));
@@ -157,7 +158,7 @@ pub fn decode(b: &[u8], now: Instant) -> Result<LinkMsg, CodecError> {
         }
         KIND_CONTROL => serde_json::from_slice::<Wire>(r.0)
             .map_err(|e| CodecError::Control(e.to_string()))?
-            .into_msg()?,
+            .into_msg(now)?,
         k => return Err(CodecError::UnknownKind(k)),
     };
     Ok(LinkMsg {
@@ -454,6 +455,7 @@ impl Wire {
                 is_text,
                 framed,
                 to,
+                origin: _,
             } => Wire::Data {
                 room,
                 from,
@@ -509,7 +511,8 @@ impl Wire {
         }
     }
 
-    fn into_msg(self) -> Result<PipeMsg, CodecError> {
+    /// The message, with `now` as the origin of a data-channel message's relay latency.
+    fn into_msg(self, now: Instant) -> Result<PipeMsg, CodecError> {
         Ok(match self {
             Wire::Hello {
                 room,
@@ -586,6 +589,7 @@ impl Wire {
                     sseq: msg.sseq,
                     ack: msg.ack,
                     event: event(msg.event)?,
+                    origin: now,
                 },
             },
             Wire::Data {
@@ -602,6 +606,7 @@ impl Wire {
                 is_text,
                 framed,
                 to,
+                origin: now,
             },
             Wire::History {
                 room,
@@ -869,6 +874,7 @@ pub(crate) mod arbitrary {
                     sseq: opt(r, |r| r.random()),
                     ack: r.random_bool(0.5),
                     event: event_name(r),
+                    origin: now,
                 },
             },
             12 => PipeMsg::Data {
@@ -882,6 +888,7 @@ pub(crate) mod arbitrary {
                 is_text: r.random_bool(0.5),
                 framed: bytes(r, 300),
                 to: audience(r),
+                origin: now,
             },
             13 => PipeMsg::History {
                 room,

@@ -151,6 +151,7 @@ impl<T: Transmit> Sfu<T> {
                     sseq: None,
                     ack: false,
                     event: None,
+                    origin: self.now,
                 };
                 let now = self.now;
                 self.submit(rk, msg, now);
@@ -329,6 +330,7 @@ impl<T: Transmit> Sfu<T> {
                 sseq: None,
                 ack: false,
                 event: Some("permissions_changed"),
+                origin: self.now,
             };
             let now = self.now;
             self.submit(part.room, msg, now);

@@ -55,7 +55,7 @@ impl<T: Transmit> Sfu<T> {
         let Some(room) = self.rooms.get_mut(&rk) else {
             return;
         };
-        let lane = msg.lane;
+        let (lane, origin) = (msg.lane, msg.origin.min(now));
         let t = &mut room.timeline;
         if let Some(sseq) = msg.sseq {
             let seen = t
@@ -118,6 +118,7 @@ impl<T: Transmit> Sfu<T> {
                 entry.is_text,
                 framed,
                 now,
+                origin,
             );
         }
         if msg.ack
@@ -170,11 +171,12 @@ impl<T: Transmit> Sfu<T> {
             true,
             framed,
             now,
+            now,
         );
     }
 
     /// A stamped message to its receivers here (all that `to` includes but the sender) and
-    /// to the room's other shards that host any.
+    /// to the room's other shards that host any; `origin`: its origin for the relay latency.
     #[allow(clippy::too_many_arguments)]
     fn deliver_live(
         &mut self,
@@ -185,6 +187,7 @@ impl<T: Transmit> Sfu<T> {
         is_text: bool,
         framed: Bytes,
         now: Instant,
+        origin: Instant,
     ) {
         let Some(room) = self.rooms.get(&rk) else {
             return;
@@ -207,10 +210,11 @@ impl<T: Transmit> Sfu<T> {
                     is_text,
                     framed: framed.clone(),
                     to: to.clone(),
+                    origin,
                 },
             );
         }
-        self.deliver_data(&targets, lane.label(), is_text, &framed, now);
+        self.deliver_data(&targets, lane.label(), is_text, &framed, now, origin);
     }
 
     /// Where participant `pid` of the room is: here, or on another shard (with the room's
@@ -239,7 +243,7 @@ impl<T: Transmit> Sfu<T> {
     ) {
         match self.locate(rk, pid) {
             Some(Located::Here(k)) => {
-                self.deliver_data(&[k], lane.label(), is_text, &framed, now);
+                self.deliver_data(&[k], lane.label(), is_text, &framed, now, now);
             }
             Some(Located::Shard(shard, room)) => self.pipe_out.push(
                 shard,
@@ -250,6 +254,7 @@ impl<T: Transmit> Sfu<T> {
                     is_text,
                     framed,
                     to: Audience::Only(vec![pid.to_owned()]),
+                    origin: now,
                 },
             ),
             None => {}
@@ -419,12 +424,13 @@ impl<T: Transmit> Sfu<T> {
             .collect();
         for (m, batch) in batches {
             for b in batch {
-                self.deliver_data(&[m], Lane::Input.label(), false, &b, now);
+                self.deliver_data(&[m], Lane::Input.label(), false, &b, now, now);
             }
         }
     }
 
     /// A stamped message from the room's home, for participants here.
+    #[allow(clippy::too_many_arguments)] // the fields of `PipeMsg::Data`
     pub(super) fn on_pipe_data(
         &mut self,
         room: &str,
@@ -433,6 +439,7 @@ impl<T: Transmit> Sfu<T> {
         is_text: bool,
         framed: Bytes,
         to: &Audience,
+        origin: Instant,
     ) {
         let Some(&rk) = self.room_keys.get(room) else {
             return;
@@ -443,7 +450,7 @@ impl<T: Transmit> Sfu<T> {
         let targets = receivers(r, from, to);
         trace!(from = %from, n = targets.len(), "data from another shard");
         let now = self.now;
-        self.deliver_data(&targets, channel, is_text, &framed, now);
+        self.deliver_data(&targets, channel, is_text, &framed, now, origin.min(now));
     }
 
     /// The channel `label` of `part` opened: what waited for it goes out, in order.
@@ -459,7 +466,7 @@ impl<T: Transmit> Sfu<T> {
             debug!(participant = %p.pid, channel = label, n = waiting.len(), "delivering what waited for the channel");
         }
         for (is_text, msg) in waiting {
-            self.deliver_data(&[part], label, is_text, &msg, now);
+            self.deliver_data(&[part], label, is_text, &msg, now, now);
         }
     }
 
