@@ -353,6 +353,18 @@ fn size_and_rate_limits_give_the_documented_errors() {
     );
 }
 
+/// `from` sends messages `0`, `1`, … `n - 1` (text, to everyone), on `chat` and `input` in
+/// turn, 50 ms apart; then the network runs one more second.
+fn send_numbered(s: &mut Sim, from: NodeId, n: usize) {
+    for i in 0..n {
+        let label = if i % 2 == 0 { "chat" } else { "input" };
+        s.c(from)
+            .send_data(label, true, envelope(&[], format!("{i}").as_bytes()));
+        s.net.run_for(Duration::from_millis(50));
+    }
+    s.net.run_for(Duration::from_secs(1));
+}
+
 /// On 20 ms sender→server and 20 ms server→receiver links, chat arrives 40 ms after it was
 /// sent in virtual time (the server relays in the turn it receives), and `input` too.
 #[test]
@@ -367,13 +379,7 @@ fn relay_latency_is_the_path_delay() {
     s.wait_channels(&[alice, bob], T);
     let pa = s.pid(alice);
     const N: usize = 20;
-    for i in 0..N {
-        let label = if i % 2 == 0 { "chat" } else { "input" };
-        s.c(alice)
-            .send_data(label, true, envelope(&[], format!("{i}").as_bytes()));
-        s.net.run_for(Duration::from_millis(50));
-    }
-    s.net.run_for(Duration::from_secs(1));
+    send_numbered(&mut s, alice, N);
     let sent = s.c(alice).data_sent.clone();
     let got = s.c(bob).data_received();
     assert_eq!(sent.len(), N);
@@ -410,13 +416,7 @@ fn relay_latency_counts_the_wait_in_the_socket() {
         let bob = s.client(2, "bob", "a", MediaSpec::none());
         s.wait_channels(&[alice, bob], T);
         const N: usize = 20;
-        for i in 0..N {
-            let label = if i % 2 == 0 { "chat" } else { "input" };
-            s.c(alice)
-                .send_data(label, true, envelope(&[], format!("{i}").as_bytes()));
-            s.net.run_for(Duration::from_millis(50));
-        }
-        s.net.run_for(Duration::from_secs(1));
+        send_numbered(&mut s, alice, N);
         assert_eq!(s.c(bob).data_received().len(), N, "all arrive");
         let h = &s.net.node::<SfuNode>(server).sfu.transmit().data_relay;
         assert!(h.count() >= N as u64, "relayed records: {}", h.count());
